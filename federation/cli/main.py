@@ -1,0 +1,57 @@
+"""The `meshfed` command. Each command group lives in its own module and registers itself here.
+
+Usage errors exit 64 (sysexits EX_USAGE), like kubectl's habits extended with BSD's code, so that
+scripts can tell "you called it wrong" (64) from "it found problems" (1) and "it failed" (2).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from federation.cli.output import EXIT_USAGE
+
+# Modules that define a `register(group)` function. Order is the order in `meshfed --help`.
+COMMAND_MODULES = (
+    "federation.cli.fleet",   # validate, plan
+)
+
+
+class MeshfedGroup(click.Group):
+    def main(self, *args, **kwargs):  # type: ignore[no-untyped-def,override]
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelp as e:
+            click.echo(e.ctx.get_help() if e.ctx else str(e))
+            sys.exit(0)
+        except click.UsageError as e:
+            e.show()
+            sys.exit(EXIT_USAGE)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(130)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(EXIT_USAGE if e.exit_code == 2 else e.exit_code)
+
+
+@click.group(cls=MeshfedGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="meshfed")
+def cli() -> None:
+    """meshfed federates Kubernetes clusters into one zero-trust mesh, driven from Git."""
+
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(_name).register(cli)
+
+
+def main() -> None:
+    cli.main(prog_name="meshfed")
+
+
+if __name__ == "__main__":
+    main()

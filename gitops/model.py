@@ -1,0 +1,366 @@
+"""The fleet repo's internal model: frozen, validated, free of pydantic.
+
+The boundary (`gitops.schema`) parses YAML into pydantic models and converts them into these
+dataclasses; everything downstream (the federation core, the controller, the lab) sees only
+these. Durations are seconds (`*_s`), percentages are 0..100 integers, names are the exact
+strings from the repo. Every object carries `pos`, the file:line:col of its `metadata`, and
+`field_pos` maps dotted field paths (``spec.trafficPolicy.outlierDetection.interval``) to their
+positions so later stages (core, identity, controller) can point at the line that set a policy.
+
+Invariants (checked by `gitops.validate`, relied on downstream):
+- names are unique per kind (and per namespace where namespaced);
+- every reference (cluster, trust domain, service, network) resolves inside the snapshot;
+- a `ConfigSnapshot` is immutable and stamped with the commit it was read from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from types import MappingProxyType
+from typing import NewType
+
+from gitops.problems import SourcePos
+
+ClusterName = NewType("ClusterName", str)
+NetworkName = NewType("NetworkName", str)
+TrustDomainName = NewType("TrustDomainName", str)
+
+API_GROUP = "meshfed.dev"
+API_VERSION = "meshfed.dev/v1alpha1"
+ISTIO_NETWORKING_VERSIONS = ("networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3")
+ISTIO_SECURITY_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
+GATEWAY_API_VERSIONS = ("gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1", "gateway.networking.k8s.io/v1alpha2")
+
+HBONE_PORT = 15008
+# Envoy's outlier-detection defaults (envoy.config.cluster.v3.OutlierDetection).
+ENVOY_DEFAULT_CONSECUTIVE_5XX = 5
+ENVOY_DEFAULT_INTERVAL_S = 10.0
+ENVOY_DEFAULT_BASE_EJECTION_S = 30.0
+ENVOY_DEFAULT_MAX_EJECTION_S = 300.0
+ENVOY_DEFAULT_MAX_EJECTION_PERCENT = 10
+
+
+def _frozen_map(d: Mapping[str, SourcePos] | None = None) -> Mapping[str, SourcePos]:
+    return MappingProxyType(dict(d or {}))
+
+
+class PartitionMode(str, Enum):
+    """What to do with a cluster's endpoints when its lease expires (the controller lost sight of it)."""
+
+    FREEZE = "Freeze"      # keep serving the last observed endpoints (outlier detection still applies)
+    WITHDRAW = "Withdraw"  # stop routing to them until a fresh full observation arrives
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionPolicy:
+    lease_ttl_s: float = 30.0
+    mode: PartitionMode = PartitionMode.FREEZE
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierDetection:
+    """Istio DestinationRule trafficPolicy.outlierDetection, Envoy semantics.
+
+    `consecutive_gateway_errors` counts connect failures/resets/timeouts (what an L4 proxy sees);
+    `consecutive_5xx_errors` includes them (Envoy: gateway errors are a subset of 5xx).
+    `None` means "not set" (for 5xx: Envoy default 5; for the others: disabled).
+    """
+
+    consecutive_5xx_errors: int | None = ENVOY_DEFAULT_CONSECUTIVE_5XX
+    consecutive_gateway_errors: int | None = None
+    consecutive_local_origin_failures: int | None = None
+    split_external_local_origin_errors: bool = False
+    interval_s: float = ENVOY_DEFAULT_INTERVAL_S
+    base_ejection_time_s: float = ENVOY_DEFAULT_BASE_EJECTION_S
+    max_ejection_time_s: float = ENVOY_DEFAULT_MAX_EJECTION_S
+    max_ejection_percent: int = ENVOY_DEFAULT_MAX_EJECTION_PERCENT
+    min_health_percent: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class FailoverRule:
+    """localityLbSetting.failover: traffic from `from_region` fails over to `to_region`."""
+
+    from_region: str
+    to_region: str
+
+
+@dataclass(frozen=True, slots=True)
+class DistributeRule:
+    """localityLbSetting.distribute: `from_locality` ("region/zone/*") sends weights to localities."""
+
+    from_locality: str
+    to: Mapping[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class LocalityLbSetting:
+    """Exactly one of the three modes is non-empty (validated)."""
+
+    enabled: bool = True
+    failover_priority: tuple[str, ...] = ()
+    failover: tuple[FailoverRule, ...] = ()
+    distribute: tuple[DistributeRule, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficPolicy:
+    outlier_detection: OutlierDetection | None = None
+    locality_lb: LocalityLbSetting | None = None
+    connect_timeout_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Federation:
+    name: str
+    mesh_id: str
+    clusterset_domain: str = "clusterset.local"
+    reconcile_interval_s: float = 10.0
+    git_poll_interval_s: float = 15.0
+    partition: PartitionPolicy = PartitionPolicy()
+    default_traffic_policy: TrafficPolicy | None = None
+    pos: SourcePos = SourcePos("federation.yaml")
+    field_pos: Mapping[str, SourcePos] = field(default_factory=_frozen_map)
+
+
+class ClusterApiKind(str, Enum):
+    KUBECONFIG = "Kubeconfig"  # a context in a kubeconfig file (kind, real clusters)
+    LAB = "Lab"                # the local lab's emulated API server (context lab-<cluster>)
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterApi:
+    kind: ClusterApiKind
+    context: str
+    kubeconfig: str | None = None  # path; None = $KUBECONFIG / ~/.kube/config
+
+
+@dataclass(frozen=True, slots=True)
+class EastWestGateway:
+    address: str  # IP on the WAN (shared network between clusters) or DNS name
+    port: int = HBONE_PORT
+
+
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    name: ClusterName
+    network: NetworkName
+    region: str
+    zone: str
+    trust_domain: TrustDomainName
+    api: ClusterApi
+    east_west_gateway: EastWestGateway | None
+    pod_cidrs: tuple[str, ...] = ()
+    service_cidrs: tuple[str, ...] = ()
+    labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    pos: SourcePos = SourcePos("")
+    field_pos: Mapping[str, SourcePos] = field(default_factory=_frozen_map)
+
+
+class CaMode(str, Enum):
+    MANAGED = "Managed"    # meshfed holds the root keys in its state directory
+    EXTERNAL = "External"  # an external CA; the repo holds its public bundle (SPIFFE bundle JSON)
+
+
+@dataclass(frozen=True, slots=True)
+class CaRoot:
+    """One root of a managed CA. Staged rotation is expressed as the list of roots over commits:
+    publish (add a non-signing root), switch (move `signing`), retire (drop the old root)."""
+
+    name: str
+    signing: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CaSpec:
+    mode: CaMode = CaMode.MANAGED
+    roots: tuple[CaRoot, ...] = (CaRoot("root-1", True),)
+    bundle_file: str | None = None     # EXTERNAL: repo-relative path of a SPIFFE bundle
+    workload_cert_ttl_s: float = 24 * 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class TrustDomain:
+    name: TrustDomainName
+    federates_with: tuple[TrustDomainName, ...] = ()
+    ca: CaSpec = CaSpec()
+    pos: SourcePos = SourcePos("")
+    field_pos: Mapping[str, SourcePos] = field(default_factory=_frozen_map)
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePort:
+    name: str
+    port: int
+    target_port: int
+    app_protocol: str = "tcp"
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceKey:
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class GlobalService:
+    namespace: str
+    name: str
+    export_from: tuple[ClusterName, ...]
+    ports: tuple[ServicePort, ...]
+    service_account: str
+    hostname: str  # <name>.<namespace>.svc.<clusterset domain>
+    traffic_policy: TrafficPolicy | None = None  # inline policy; a DestinationRule overrides it
+    pos: SourcePos = SourcePos("")
+    field_pos: Mapping[str, SourcePos] = field(default_factory=_frozen_map)
+
+    @property
+    def key(self) -> ServiceKey:
+        return ServiceKey(self.namespace, self.name)
+
+
+class DemoBehaviour(str, Enum):
+    HEALTHY = "Healthy"
+    ERROR_503 = "Error503"
+    SLOW = "Slow"
+    HANG = "Hang"
+
+
+@dataclass(frozen=True, slots=True)
+class LabNode:
+    name: str
+    zone: str | None = None  # defaults to the cluster's zone
+
+
+@dataclass(frozen=True, slots=True)
+class LabWorkload:
+    namespace: str
+    name: str                      # app label / deployment name
+    service: str | None            # the GlobalService (same namespace) it backs, if any
+    replicas: int
+    nodes: tuple[str, ...]         # placement, round-robin over these; empty = all nodes
+    service_account: str
+    port: int = 8080
+    behaviour: DemoBehaviour = DemoBehaviour.HEALTHY
+    role: str = "server"           # "server" (demo echo) or "client" (load generator)
+
+
+@dataclass(frozen=True, slots=True)
+class LabCluster:
+    cluster: ClusterName
+    nodes: tuple[LabNode, ...]
+    workloads: tuple[LabWorkload, ...]
+    pos: SourcePos = SourcePos("")
+    field_pos: Mapping[str, SourcePos] = field(default_factory=_frozen_map)
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationRule:
+    namespace: str
+    name: str
+    host: str  # FQDN: <svc>.<ns>.svc.clusterset.local (or the short cluster.local form)
+    traffic_policy: TrafficPolicy
+    api_version: str = ISTIO_NETWORKING_VERSIONS[0]
+    pos: SourcePos = SourcePos("")
+    field_pos: Mapping[str, SourcePos] = field(default_factory=_frozen_map)
+
+
+class AuthzAction(str, Enum):
+    ALLOW = "ALLOW"
+    DENY = "DENY"
+
+
+@dataclass(frozen=True, slots=True)
+class AuthzSource:
+    principals: tuple[str, ...] = ()
+    not_principals: tuple[str, ...] = ()
+    namespaces: tuple[str, ...] = ()
+    not_namespaces: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AuthzRule:
+    """One rule: matches when any `from_` source matches (or none given) and the port matches."""
+
+    from_: tuple[AuthzSource, ...] = ()
+    ports: tuple[int, ...] = ()
+    not_ports: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorizationPolicy:
+    namespace: str
+    name: str
+    action: AuthzAction
+    rules: tuple[AuthzRule, ...]
+    selector: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    api_version: str = ISTIO_SECURITY_VERSIONS[0]
+    pos: SourcePos = SourcePos("")
+    field_pos: Mapping[str, SourcePos] = field(default_factory=_frozen_map)
+
+
+@dataclass(frozen=True, slots=True)
+class BackendRef:
+    name: str
+    namespace: str
+    port: int | None
+    weight: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Gateway API TCPRoute/HTTPRoute attached to a Service (GAMMA): weighted backends."""
+
+    kind: str  # "TCPRoute" | "HTTPRoute"
+    namespace: str
+    name: str
+    parent_service: ServiceKey
+    backends: tuple[BackendRef, ...]
+    api_version: str = GATEWAY_API_VERSIONS[0]
+    pos: SourcePos = SourcePos("")
+    field_pos: Mapping[str, SourcePos] = field(default_factory=_frozen_map)
+
+
+@dataclass(frozen=True, slots=True)
+class Revision:
+    sha: str      # full 40-hex commit; "WORKTREE" for an uncommitted directory
+    subject: str  # first line of the commit message
+
+    @property
+    def short(self) -> str:
+        return self.sha[:8]
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigSnapshot:
+    """The fleet repo at one revision, validated. Immutable; compare revisions, not contents."""
+
+    revision: Revision
+    federation: Federation
+    clusters: Mapping[str, Cluster]
+    trust_domains: Mapping[str, TrustDomain]
+    services: Mapping[ServiceKey, GlobalService]
+    lab_clusters: Mapping[str, LabCluster]
+    destination_rules: Mapping[ServiceKey, DestinationRule]  # keyed by the service the host names
+    authorization_policies: tuple[AuthorizationPolicy, ...]
+    routes: tuple[Route, ...]
+    # repo-relative path -> git blob sha (or content sha256 for worktrees): lets the controller
+    # re-parse only what a commit changed.
+    file_digests: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    def traffic_policy_for(self, key: ServiceKey) -> tuple[TrafficPolicy | None, SourcePos | None]:
+        """Effective policy for a service, and where it came from: DestinationRule > inline > default."""
+        dr = self.destination_rules.get(key)
+        if dr is not None:
+            return dr.traffic_policy, dr.pos
+        svc = self.services.get(key)
+        if svc is not None and svc.traffic_policy is not None:
+            return svc.traffic_policy, svc.pos
+        if self.federation.default_traffic_policy is not None:
+            return self.federation.default_traffic_policy, self.federation.pos
+        return None, None

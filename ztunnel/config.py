@@ -1,0 +1,365 @@
+"""ProxyConfig: everything one ztunnel (node mode) or east-west gateway needs. The contract between
+the federation controller (which renders it) and the data plane (which applies it).
+
+Modelled on Istio's workload API (istio.workload.Workload / Service / Authorization): resources
+are addressed by a stable key, so a config can travel whole (standalone file, full resync) or as
+a delta (`ConfigDelta`: upserts and removals by key) stamped `(epoch, revision, version)`.
+
+Pure data, no I/O: `to_dict`/`from_dict` give the JSON form used in files and on the wire.
+`from_dict` validates each resource on its own so that a bad resource rejects itself and the rest
+applies (ztunnel's per-resource rejection): see `parse_resources`.
+
+Invariants:
+- `version` increases by one for every config a controller epoch sends to a proxy;
+- a proxy applies `(epoch, version)` only if it is greater than what it has (lexicographic);
+- endpoint `tier` 0 is the most preferred; tiers are dense from 0 within a service view.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from enum import Enum
+from typing import Any
+
+
+class ProxyMode(str, Enum):
+    NODE = "node"
+    GATEWAY = "gateway"
+
+
+@dataclass(frozen=True, slots=True)
+class Stamp:
+    """Which controller epoch, which Git revision and which per-proxy version produced a config."""
+
+    epoch: int
+    revision: str
+    version: int
+
+    def newer_than(self, other: Stamp | None) -> bool:
+        return other is None or (self.epoch, self.version) > (other.epoch, other.version)
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """A pod (or the gateway itself). `uid` = "<cluster>/<namespace>/<pod name>"."""
+
+    uid: str
+    name: str
+    namespace: str
+    cluster: str
+    network: str
+    node: str
+    address: str            # pod IP
+    identity: str           # spiffe://<td>/ns/<ns>/sa/<sa>
+    service_account: str
+    region: str = ""
+    zone: str = ""
+    node_address: str = ""  # the node ztunnel's HBONE address (same network); "" if remote
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return self.uid
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierPolicy:
+    """The data plane's copy of a DestinationRule's outlierDetection (see gitops.model)."""
+
+    consecutive_5xx_errors: int | None = 5
+    consecutive_gateway_errors: int | None = None
+    consecutive_local_origin_failures: int | None = None
+    interval_s: float = 10.0
+    base_ejection_time_s: float = 30.0
+    max_ejection_time_s: float = 300.0
+    max_ejection_percent: int = 10
+    min_health_percent: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One backend of a service as seen from this proxy.
+
+    Same network: dial `address:port` through HBONE to the node at `hbone_address`.
+    Other network: `gateway` is the east-west gateway "ip:15008"; the inner tunnel's authority is
+    `<service hostname>:<port>` and the gateway picks the pod (double HBONE).
+    """
+
+    workload_uid: str
+    cluster: str
+    network: str
+    address: str         # pod IP ("" when only reachable through a gateway by hostname)
+    port: int            # target port on the pod
+    hbone_address: str   # "ip:15008" of the destination node ztunnel ("" when via gateway)
+    gateway: str = ""    # "ip:15008" of the destination network's east-west gateway
+    identity: str = ""
+    tier: int = 0
+    weight: int = 1
+    healthy: bool = True  # the controller's global view (aggregated ejections, partitions)
+    region: str = ""
+    zone: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePortMap:
+    port: int
+    target_port: int
+    app_protocol: str = "tcp"
+
+
+@dataclass(frozen=True, slots=True)
+class WeightedBackend:
+    """Gateway API backendRef weights: a fraction of the service's traffic goes to `hostname`."""
+
+    hostname: str
+    weight: int
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    hostname: str                     # <name>.<ns>.svc.clusterset.local
+    namespace: str
+    name: str
+    vip: str                          # virtual IP the app dials; "" when only reachable by name
+    ports: tuple[ServicePortMap, ...]
+    endpoints: tuple[Endpoint, ...]
+    subject_alt_names: tuple[str, ...] = ()  # identities a backend may present
+    outlier: OutlierPolicy | None = None
+    connect_timeout_s: float = 1.0
+    routes: tuple[WeightedBackend, ...] = ()  # non-empty: split to these services by weight
+    policy_source: str = ""           # "policies/shop/checkout.yaml@<sha>" for explainability
+
+    @property
+    def key(self) -> str:
+        return self.hostname
+
+
+@dataclass(frozen=True, slots=True)
+class AuthzMatch:
+    principals: tuple[str, ...] = ()
+    not_principals: tuple[str, ...] = ()
+    namespaces: tuple[str, ...] = ()
+    not_namespaces: tuple[str, ...] = ()
+    ports: tuple[int, ...] = ()
+    not_ports: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Authorization:
+    """An L4 AuthorizationPolicy scoped to a namespace (and optionally workloads by label)."""
+
+    name: str
+    namespace: str
+    action: str  # "ALLOW" | "DENY"
+    rules: tuple[AuthzMatch, ...]
+    selector: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class TrustBundle:
+    """PEM roots of one trust domain, as published in its SPIFFE bundle."""
+
+    trust_domain: str
+    roots_pem: tuple[str, ...]
+    sequence: int = 0
+
+    @property
+    def key(self) -> str:
+        return self.trust_domain
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    proxy_id: str               # "ztunnel/<cluster>/<node>" or "gateway/<cluster>"
+    mode: ProxyMode
+    cluster: str
+    network: str
+    trust_domain: str
+    stamp: Stamp
+    workloads: tuple[Workload, ...] = ()
+    services: tuple[Service, ...] = ()
+    authorizations: tuple[Authorization, ...] = ()
+    bundles: tuple[TrustBundle, ...] = ()
+    # identities this proxy may present (node: workloads scheduled on it; gateway: its own)
+    local_identities: tuple[str, ...] = ()
+
+
+# --- JSON form ---------------------------------------------------------------------------------
+
+RESOURCE_TYPES: dict[str, type[Any]] = {
+    "workloads": Workload,
+    "services": Service,
+    "authorizations": Authorization,
+    "bundles": TrustBundle,
+}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def resource_to_dict(resource: Any) -> dict[str, Any]:
+    return _jsonable(asdict(resource))  # type: ignore[no-any-return]
+
+
+class ResourceError(ValueError):
+    """One resource failed to parse; carries its key (if known) so the proxy can report a NACK detail."""
+
+    def __init__(self, kind: str, key: str, reason: str) -> None:
+        super().__init__(f"{kind} {key or '<no key>'}: {reason}")
+        self.kind, self.key, self.reason = kind, key, reason
+
+
+def _build(cls: type[Any], data: Mapping[str, Any]) -> Any:
+    """Build a frozen dataclass from its dict form, converting nested tuples of dataclasses."""
+    if not isinstance(data, Mapping):
+        raise TypeError(f"expected an object, got {type(data).__name__}")
+    known = {f for f in cls.__dataclass_fields__}
+    unknown = set(data) - known
+    if unknown:
+        raise TypeError(f"unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        kwargs[name] = _convert_field(cls, name, value)
+    return cls(**kwargs)
+
+
+_NESTED: dict[tuple[type[Any], str], type[Any]] = {
+    (Service, "ports"): ServicePortMap,
+    (Service, "endpoints"): Endpoint,
+    (Service, "routes"): WeightedBackend,
+    (Authorization, "rules"): AuthzMatch,
+}
+
+
+def _convert_field(cls: type[Any], name: str, value: Any) -> Any:
+    nested = _NESTED.get((cls, name))
+    if nested is not None:
+        return tuple(_build(nested, v) for v in value)
+    if cls is Service and name == "outlier":
+        return None if value is None else _build(OutlierPolicy, value)
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, dict):
+        return dict(value)
+    return value
+
+
+def parse_resources(kind: str, items: Iterable[Mapping[str, Any]]) -> tuple[list[Any], list[ResourceError]]:
+    """Parse each resource on its own: good ones are returned, bad ones reported, never fatal."""
+    cls = RESOURCE_TYPES[kind]
+    good: list[Any] = []
+    bad: list[ResourceError] = []
+    for item in items:
+        key = ""
+        if isinstance(item, Mapping):
+            key = str(item.get("uid") or item.get("hostname") or item.get("trust_domain")
+                      or f"{item.get('namespace', '')}/{item.get('name', '')}")
+        try:
+            good.append(_build(cls, item))
+        except (TypeError, ValueError) as e:
+            bad.append(ResourceError(kind, key, str(e)))
+    return good, bad
+
+
+def proxy_config_to_dict(cfg: ProxyConfig) -> dict[str, Any]:
+    return {
+        "proxy_id": cfg.proxy_id,
+        "mode": cfg.mode.value,
+        "cluster": cfg.cluster,
+        "network": cfg.network,
+        "trust_domain": cfg.trust_domain,
+        "stamp": asdict(cfg.stamp),
+        "local_identities": list(cfg.local_identities),
+        **{kind: [resource_to_dict(r) for r in getattr(cfg, kind)] for kind in RESOURCE_TYPES},
+    }
+
+
+def proxy_config_from_dict(data: Mapping[str, Any]) -> tuple[ProxyConfig, list[ResourceError]]:
+    """Parse a whole config; resources that fail are left out and returned as errors."""
+    errors: list[ResourceError] = []
+    parsed: dict[str, tuple[Any, ...]] = {}
+    for kind in RESOURCE_TYPES:
+        good, bad = parse_resources(kind, data.get(kind, []))
+        parsed[kind] = tuple(good)
+        errors.extend(bad)
+    cfg = ProxyConfig(
+        proxy_id=str(data["proxy_id"]),
+        mode=ProxyMode(data["mode"]),
+        cluster=str(data["cluster"]),
+        network=str(data["network"]),
+        trust_domain=str(data["trust_domain"]),
+        stamp=Stamp(**data["stamp"]),
+        local_identities=tuple(data.get("local_identities", ())),
+        **parsed,
+    )
+    return cfg, errors
+
+
+# --- deltas ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigDelta:
+    """What changed between two configs of one proxy: resources upserted and keys removed, per kind."""
+
+    proxy_id: str
+    stamp: Stamp
+    base_version: int  # the version this delta applies on top of (0 = full state)
+    upserts: Mapping[str, tuple[Any, ...]]
+    removals: Mapping[str, tuple[str, ...]]
+    local_identities: tuple[str, ...] | None = None  # None = unchanged
+
+    @property
+    def empty(self) -> bool:
+        return not any(self.upserts.values()) and not any(self.removals.values()) and self.local_identities is None
+
+
+def diff_configs(old: ProxyConfig | None, new: ProxyConfig) -> ConfigDelta:
+    """The delta that turns `old` into `new` (a full-state delta when `old` is None)."""
+    upserts: dict[str, tuple[Any, ...]] = {}
+    removals: dict[str, tuple[str, ...]] = {}
+    for kind in RESOURCE_TYPES:
+        new_items = {r.key: r for r in getattr(new, kind)}
+        old_items = {r.key: r for r in getattr(old, kind)} if old is not None else {}
+        upserts[kind] = tuple(r for k, r in sorted(new_items.items()) if old_items.get(k) != r)
+        removals[kind] = tuple(sorted(k for k in old_items if k not in new_items))
+    ids = None if old is not None and old.local_identities == new.local_identities else new.local_identities
+    return ConfigDelta(new.proxy_id, new.stamp, old.stamp.version if old is not None else 0, upserts, removals, ids)
+
+
+def apply_delta(old: ProxyConfig | None, delta: ConfigDelta, template: ProxyConfig | None = None) -> ProxyConfig:
+    """Apply a delta. A full-state delta (base_version 0) needs `template` for the proxy's header
+    fields when `old` is None. Raises ValueError when the delta does not apply to `old`."""
+    base = old if old is not None else template
+    if base is None:
+        raise ValueError("a delta needs either the previous config or a template for a full state")
+    if delta.base_version != 0 and (old is None or old.stamp.version != delta.base_version):
+        have = old.stamp.version if old is not None else None
+        raise ValueError(f"delta is based on version {delta.base_version}, proxy has {have}; resync needed")
+    kwargs: dict[str, Any] = {}
+    for kind in RESOURCE_TYPES:
+        items = {} if delta.base_version == 0 else {r.key: r for r in getattr(base, kind)}
+        for key in delta.removals.get(kind, ()):
+            items.pop(key, None)
+        for r in delta.upserts.get(kind, ()):
+            items[r.key] = r
+        kwargs[kind] = tuple(items[k] for k in sorted(items))
+    ids = base.local_identities if delta.local_identities is None else delta.local_identities
+    return replace(base, stamp=delta.stamp, local_identities=ids, **kwargs)
+
+
+def canonical(cfg: ProxyConfig) -> ProxyConfig:
+    """Resources sorted by key: two configs with the same content compare equal."""
+    return replace(cfg, **{kind: tuple(sorted(getattr(cfg, kind), key=lambda r: r.key)) for kind in RESOURCE_TYPES})
