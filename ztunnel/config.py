@@ -362,4 +362,7 @@ def apply_delta(old: ProxyConfig | None, delta: ConfigDelta, template: ProxyConf
 
 def canonical(cfg: ProxyConfig) -> ProxyConfig:
     """Resources sorted by key: two configs with the same content compare equal."""
-    return replace(cfg, **{kind: tuple(sorted(getattr(cfg, kind), key=lambda r: r.key)) for kind in RESOURCE_TYPES})
+    resources: dict[str, Any] = {
+        kind: tuple(sorted(getattr(cfg, kind), key=lambda r: r.key)) for kind in RESOURCE_TYPES
+    }
+    return replace(cfg, **resources)

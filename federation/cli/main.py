@@ -20,10 +20,11 @@ COMMAND_MODULES = (
 
 
 class MeshfedGroup(click.Group):
-    def main(self, *args, **kwargs):  # type: ignore[no-untyped-def,override]
+    def run(self, args: list[str] | None = None) -> None:
+        """Like click's standalone mode, but usage errors exit 64 instead of 2 (2 = could not complete)."""
         try:
-            return super().main(*args, standalone_mode=False, **kwargs)
-        except click.exceptions.NoArgsIsHelp as e:
+            self.main(args=args, prog_name="meshfed", standalone_mode=False)
+        except click.exceptions.NoArgsIsHelpError as e:
             click.echo(e.ctx.get_help() if e.ctx else str(e))
             sys.exit(0)
         except click.UsageError as e:
@@ -50,7 +51,7 @@ for _name in COMMAND_MODULES:
 
 
 def main() -> None:
-    cli.main(prog_name="meshfed")
+    cli.run()
 
 
 if __name__ == "__main__":

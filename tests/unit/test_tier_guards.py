@@ -8,7 +8,7 @@ from tests.unit.conftest import UnitTierViolation
 def test_ray_init_is_forbidden_in_unit_tier() -> None:
     import ray
 
-    with pytest.raises(UnitTierViolation, match="ray.init"):
+    with pytest.raises(UnitTierViolation, match=r"ray\.init"):
         ray.init()
 
 
