@@ -1,0 +1,214 @@
+"""`meshfed lab`: the local lab (network namespaces in a private sandbox) — up, status, down, faults.
+
+The work is done by `clusters.local.lab.LabRunner`; this module only parses arguments, loads the
+fleet repo (the topology comes from its Cluster and LabCluster objects) and prints.
+The state directory defaults to $MESHFED_LAB_DIR or /tmp/meshfed-lab; `lab.json` in it describes
+what runs where, `kubeconfig` has one context per lab cluster (`kubectl --context lab-east …`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from federation.cli.output import (
+    EXIT_FAILED,
+    EXIT_PROBLEMS,
+    EXIT_USAGE,
+    emit_data,
+    fail,
+    output_option,
+    stdout,
+    table,
+)
+
+DEFAULT_STATE_DIR = "/tmp/meshfed-lab"
+DEFAULT_FLEET = "examples/fleet"
+
+
+def _state_dir(value: str | None) -> Path:
+    return Path(value or os.environ.get("MESHFED_LAB_DIR") or DEFAULT_STATE_DIR)
+
+
+state_dir_option = click.option("--state-dir", "state_dir", default=None, metavar="DIR",
+                                help=f"lab state directory (default $MESHFED_LAB_DIR or {DEFAULT_STATE_DIR})")
+
+
+def _runner(state_dir: str | None, **opts: Any) -> Any:
+    from clusters.local.lab import LabError, LabOptions, LabRunner
+
+    try:
+        return LabRunner(LabOptions(_state_dir(state_dir), **opts))
+    except LabError as e:
+        fail(str(e), code=EXIT_USAGE)
+
+
+def _lab_error() -> type[Exception]:
+    from clusters.local.lab import LabError
+
+    return LabError
+
+
+@click.group("lab")
+def lab() -> None:
+    """Run the federation on this machine: clusters as network namespaces in a private sandbox."""
+
+
+@lab.command("up")
+@click.option("--fleet", "fleet", default=DEFAULT_FLEET, show_default=True, type=click.Path(file_okay=False),
+              help="fleet repo directory (its Cluster and LabCluster objects give the topology)")
+@state_dir_option
+@click.option("--no-ztunnel", is_flag=True, help="do not start node ztunnels and gateways")
+@click.option("--no-controller", is_flag=True, help="do not start the controller")
+@output_option()
+def up(fleet: str, state_dir: str | None, no_ztunnel: bool, no_controller: bool, output: str) -> None:
+    """Build the lab from the fleet repo and leave it running."""
+    import gitops
+    from clusters.local.sandbox import SandboxUnavailable
+    from clusters.local.topology import PlanError
+    from gitops.problems import FleetError
+
+    path = Path(fleet)
+    if not path.is_dir():
+        fail(f"fleet directory {path} does not exist", hint="pass --fleet PATH (e.g. examples/fleet)", code=EXIT_USAGE)
+    try:
+        snapshot = gitops.load_worktree(path)
+    except FleetError as e:
+        fail(f"the fleet repo has problems: {e}", hint=f"run `meshfed validate {path}`", code=EXIT_PROBLEMS)
+    runner = _runner(state_dir, ztunnel="off" if no_ztunnel else "auto",
+                     controller="off" if no_controller else "auto")
+    try:
+        state = runner.up_from_snapshot(snapshot, path)
+    except PlanError as e:
+        fail(f"cannot lay out the lab: {e}", code=EXIT_PROBLEMS)
+    except (SandboxUnavailable, _lab_error()) as e:
+        fail(str(e), code=EXIT_FAILED)
+    if output in ("json", "yaml"):
+        emit_data(state, output)
+        return
+    _print_summary(state)
+    click.echo(f"\nlab up in {state.get('up_wall_s')} s (inside the sandbox: {state['timings'].get('total_s')} s, "
+               f"network {state['timings'].get('2_network_s')} s)")
+    click.echo(f"kubeconfig: {state['kubeconfig']}    fleet repo: {state.get('git_url') or '-'}")
+
+
+def _print_summary(state: dict[str, Any], wide: bool = False) -> None:
+    out = stdout()
+    rows = []
+    for c in state.get("clusters", []):
+        gw = c.get("gateway") or {}
+        ready = sum(1 for p in c["pods"] if p["state"] == "running")
+        rows.append([c["name"], c["network"], c["pod_cidr"], len(c["nodes"]), f"{ready}/{len(c['pods'])}",
+                     gw.get("wan_address", "-"), c["context"], c["api_url"]])
+    out.print(table(["CLUSTER", "NETWORK", "POD CIDR", "NODES", "PODS", "GATEWAY", "CONTEXT", "API"], rows))
+    if wide:
+        prow = [[c["name"], p["namespace"], p["name"], p["node"], p["address"], p["state"], p["pid"] or "-"]
+                for c in state.get("clusters", []) for p in c["pods"]]
+        out.print()
+        out.print(table(["CLUSTER", "NAMESPACE", "POD", "NODE", "IP", "STATE", "PID"], prow))
+    feats = state.get("features", {})
+    if feats:
+        click.echo("\n" + "  ".join(f"{k}: {v}" for k, v in feats.items()))
+    if state.get("faults"):
+        click.echo("active faults: " + "; ".join(f"{f['kind']} {f['target']} {' '.join(f['names'])}"
+                                                  for f in state["faults"]))
+
+
+@lab.command("status")
+@state_dir_option
+@output_option()
+def status(state_dir: str | None, output: str) -> None:
+    """What runs where in the lab (live, from its supervisor)."""
+    runner = _runner(state_dir)
+    try:
+        answer = runner.status()
+    except _lab_error() as e:
+        fail(str(e), code=EXIT_FAILED)
+    if output in ("json", "yaml"):
+        emit_data(answer["lab"], output)
+        return
+    _print_summary(answer["lab"], wide=output == "wide")
+
+
+@lab.command("down")
+@state_dir_option
+def down(state_dir: str | None) -> None:
+    """Stop the lab: every namespace, link and process of it goes away."""
+    report = _runner(state_dir).down()
+    if not report["ok"]:
+        fail(f"the lab sandbox (pid {report['sandbox_pid']}) did not exit", code=EXIT_FAILED)
+    click.echo("lab down" + ("" if report["graceful"] else " (no supervisor answered; swept leftovers)"))
+
+
+@lab.command("fault", context_settings={"ignore_unknown_options": False})
+@click.argument("kind", type=click.Choice(["kill", "stop", "cont", "partition", "blackhole", "latency",
+                                           "link-down", "heal"]))
+@click.argument("target", type=click.Choice(["pod", "node", "gateway", "wan", "controller", "all"]),
+                required=False, default=None)
+@click.argument("names", nargs=-1)
+@click.option("--mode", type=click.Choice(["drop", "reject"]), default="drop", show_default=True,
+              help="partition: drop (silent, timeouts) or reject (fast, resets)")
+@click.option("--ms", "delay_ms", type=float, default=50.0, show_default=True, help="latency: added delay each way")
+@state_dir_option
+def fault(kind: str, target: str | None, names: tuple[str, ...], mode: str, delay_ms: float,
+          state_dir: str | None) -> None:
+    """Inject or heal a fault.
+
+    \b
+    meshfed lab fault kill pod east/shop/checkout-*
+    meshfed lab fault partition wan east west --mode drop
+    meshfed lab fault latency gateway west --ms 30
+    meshfed lab fault stop controller
+    meshfed lab fault heal            (everything)   |   heal pod east/shop/checkout-*
+    """
+    runner = _runner(state_dir)
+    try:
+        if kind == "heal":
+            res = runner.heal(None if target in (None, "all") else target, names)
+            for line in res["healed"] or ["nothing to heal"]:
+                click.echo(f"healed: {line}")
+            return
+        if target is None:
+            fail("name a target: pod, node, gateway, wan or controller", code=EXIT_USAGE)
+        res = runner.fault(kind, target, names, mode, delay_ms)
+    except _lab_error() as e:
+        fail(str(e), code=EXIT_FAILED)
+    click.echo(f"{kind} {target} {' '.join(names)}: {len(res['applied'])} step(s) applied")
+
+
+@lab.command("behaviour")
+@click.argument("pod")
+@click.argument("mode", type=click.Choice(["Healthy", "Error503", "Slow", "Hang"], case_sensitive=False))
+@state_dir_option
+def behaviour(pod: str, mode: str, state_dir: str | None) -> None:
+    """Switch a demo server's behaviour: POD is CLUSTER/NAMESPACE/NAME."""
+    parts = pod.split("/")
+    if len(parts) != 3:
+        fail(f"pod {pod!r}: write CLUSTER/NAMESPACE/NAME", code=EXIT_USAGE)
+    try:
+        _runner(state_dir).behaviour(parts[0], parts[2], mode, parts[1])
+    except _lab_error() as e:
+        fail(str(e), code=EXIT_FAILED)
+    click.echo(f"{pod}: {mode}")
+
+
+@lab.command("exec", context_settings={"ignore_unknown_options": True})
+@click.argument("where")
+@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
+@state_dir_option
+def exec_(where: str, argv: tuple[str, ...], state_dir: str | None) -> None:
+    """Run a command in a lab namespace: WHERE is pod:C/NS/NAME, node:C/NODE, gateway:C or root."""
+    try:
+        res = _runner(state_dir).exec(where, argv)
+    except _lab_error() as e:
+        fail(str(e), code=EXIT_FAILED)
+    click.echo(res["stdout"], nl=False)
+    click.echo(res["stderr"], nl=False, err=True)
+    raise SystemExit(res["returncode"])
+
+
+def register(group: click.Group) -> None:
+    group.add_command(lab)

@@ -1,0 +1,271 @@
+"""The lab tier: a real three-cluster lab in a sandbox (root). One lab per module, torn down at the end.
+
+What is proven here: the topology (connectivity inside a cluster, no route between clusters
+except through a gateway, pods off the WAN), the emulated APIs following the processes (the lab
+plays kubelet), hosts files, faults (kill → Failed/not ready, silent partition → timeouts, heal),
+behaviour switching, the fleet repo over Git with push detection, and that `down` leaves nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clusters.local.lab import LabOptions, LabRunner
+from clusters.local.topology import plan_lab
+from tests.unit.lab.fleet_fixture import fleet
+
+REPO = Path(__file__).resolve().parents[2]
+PY = sys.executable
+
+FORWARDER = r"""
+import asyncio, sys
+lh, lp, th, tp = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+async def pump(r, w):
+    while d := await r.read(65536):
+        w.write(d); await w.drain()
+    w.close()
+async def handle(r, w):
+    ur, uw = await asyncio.open_connection(th, tp)
+    await asyncio.gather(pump(r, uw), pump(ur, w))
+async def main():
+    s = await asyncio.start_server(handle, lh, lp)
+    async with s: await s.serve_forever()
+asyncio.run(main())
+"""
+
+GET = r"""
+import json, socket, sys, time
+host, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+t0 = time.monotonic()
+try:
+    s = socket.create_connection((host, port), timeout=timeout)
+    s.sendall(b"GET /t HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    print(json.dumps({"status": int(head.split()[1]), "body": json.loads(body), "s": time.monotonic() - t0}))
+except Exception as e:
+    print(json.dumps({"error": type(e).__name__ + ": " + str(e), "s": time.monotonic() - t0}))
+"""
+
+
+def _lab_processes(state_dir: Path) -> list[int]:
+    """PIDs on this machine whose command line mentions the lab's state directory."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if str(state_dir).encode() in (d / "cmdline").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LabRunner, dict[str, Any]]]:
+    state_dir = Path("/tmp") / f"mf-labtest-{os.getpid()}"
+    runner = LabRunner(LabOptions(state_dir, ztunnel="off", controller="off"))
+    clusters, labs, services = fleet()
+    t0 = time.monotonic()
+    state = runner.up(plan_lab(clusters, labs, services), REPO / "examples" / "fleet",
+                      {n: c.api.context for n, c in clusters.items()})
+    state["measured_up_s"] = time.monotonic() - t0
+    print(f"\nlab bring-up: {state['measured_up_s']:.2f} s wall; inside: {json.dumps(state['timings'])}")
+    try:
+        yield runner, state
+    finally:
+        runner.down()
+        subprocess.run(["rm", "-rf", str(state_dir)], check=False)
+
+
+def get(runner: LabRunner, where: str, host: str, port: int = 8080, timeout_s: float = 2.0) -> dict[str, Any]:
+    res = runner.exec(where, [PY, "-c", GET, host, str(port), str(timeout_s)], timeout_s=timeout_s + 10)
+    assert res["returncode"] == 0, res["stderr"]
+    out: dict[str, Any] = json.loads(res["stdout"])
+    return out
+
+
+def pod_ip(state: dict[str, Any], cluster: str, pod: str) -> str:
+    c = next(c for c in state["clusters"] if c["name"] == cluster)
+    return str(next(p["address"] for p in c["pods"] if p["name"] == pod))
+
+
+def test_bring_up_is_ready_and_fast(lab: tuple[LabRunner, dict[str, Any]]) -> None:
+    _, state = lab
+    assert state["phase"] == "Ready"
+    assert state["timings"]["2_network_s"] < 5.0
+    assert all(p["state"] == "running" for c in state["clusters"] for p in c["pods"])
+
+
+def test_pods_reach_each_other_inside_a_cluster_across_nodes(lab: tuple[LabRunner, dict[str, Any]]) -> None:
+    runner, state = lab
+    r = get(runner, "pod:east/shop/frontend-0", pod_ip(state, "east", "checkout-1"))  # node-1 -> node-2
+    assert r["status"] == 200, r
+    assert r["body"]["cluster"] == "east" and r["body"]["pod"] == "checkout-1" and r["body"]["node"] == "node-2"
+
+
+def test_no_route_between_cluster_networks(lab: tuple[LabRunner, dict[str, Any]]) -> None:
+    runner, state = lab
+    west_pod = pod_ip(state, "west", "checkout-0")
+    for where in ("pod:east/shop/frontend-0", "node:east/node-1", "gateway:east"):
+        r = get(runner, where, west_pod, timeout_s=1.0)
+        assert "error" in r, (where, r)
+    # unreachable, not a timeout: there is no route at all
+    assert get(runner, "node:east/node-1", west_pod, timeout_s=1.0)["s"] < 0.9
+
+
+def test_only_the_gateway_path_crosses_clusters(lab: tuple[LabRunner, dict[str, Any]]) -> None:
+    """A plain forwarder on west's gateway stands in for the east-west gateway process."""
+    runner, state = lab
+    west = next(c for c in state["clusters"] if c["name"] == "west")
+    gw = west["gateway"]
+    runner.spawn("fwd", "gateway:west", [PY, "-c", FORWARDER, gw["wan_address"], "15008",
+                                         pod_ip(state, "west", "checkout-0"), "8080"])
+    try:
+        deadline = time.monotonic() + 5
+        while True:
+            r = get(runner, "node:east/node-1", gw["wan_address"], 15008, timeout_s=1.0)
+            if "status" in r or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert r.get("status") == 200, r
+        assert r["body"]["cluster"] == "west"
+        # a pod cannot use the WAN directly, and only HBONE's port is forwarded
+        assert "error" in get(runner, "pod:east/shop/frontend-0", gw["wan_address"], 15008, timeout_s=1.0)
+    finally:
+        runner.reap("fwd")
+
+
+def test_hosts_files_resolve_clusterset_names_to_the_service_vip(lab: tuple[LabRunner, dict[str, Any]]) -> None:
+    runner, state = lab
+    res = runner.exec("pod:west/shop/frontend-0",
+                      [PY, "-c", "import socket;print(socket.gethostbyname('checkout.shop.svc.clusterset.local'))"])
+    west = next(c for c in state["clusters"] if c["name"] == "west")
+    vip = next(s["cluster_ip"] for s in west["services"] if s["name"] == "checkout")
+    assert res["stdout"].strip() == vip
+
+
+def _api_objects(state: dict[str, Any], cluster: str, path: str) -> list[dict[str, Any]]:
+    import urllib.request
+
+    c = next(c for c in state["clusters"] if c["name"] == cluster)
+    with urllib.request.urlopen(c["api_url"] + path, timeout=5) as resp:  # via the host portal
+        return list(json.loads(resp.read())["items"])
+
+
+def _ready_in_api(state: dict[str, Any], cluster: str, pod: str) -> tuple[str, bool]:
+    pods = {p["metadata"]["name"]: p for p in _api_objects(state, cluster, "/api/v1/pods")}
+    slices = _api_objects(state, cluster, "/apis/discovery.k8s.io/v1/endpointslices")
+    ep = next(e for s in slices for e in s["endpoints"] if e["targetRef"]["name"] == pod)
+    return pods[pod]["status"]["phase"], bool(ep["conditions"]["ready"])
+
+
+def _wait_for(fn: Any, expected: Any, timeout_s: float = 5.0) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        if fn() == expected:
+            return time.monotonic() - t0
+        time.sleep(0.05)
+    raise AssertionError(f"never saw {expected!r}; last {fn()!r}")
+
+
+def test_the_api_follows_a_killed_and_healed_pod(lab: tuple[LabRunner, dict[str, Any]]) -> None:
+    runner, state = lab
+    assert _ready_in_api(state, "south", "checkout-0") == ("Running", True)
+    runner.fault("kill", "pod", ["south/shop/checkout-0"])
+    took_s = _wait_for(lambda: _ready_in_api(state, "south", "checkout-0"), ("Failed", False))
+    print(f"\nkill -> Pod Failed and endpoint not ready in the API after {took_s * 1000:.0f} ms")
+    assert "error" in get(runner, "pod:south/shop/frontend-0", pod_ip(state, "south", "checkout-0"), timeout_s=1.0)
+    runner.heal("pod", ["south/shop/checkout-0"])
+    _wait_for(lambda: _ready_in_api(state, "south", "checkout-0"), ("Running", True))
+    assert get(runner, "pod:south/shop/frontend-0", pod_ip(state, "south", "checkout-0"))["status"] == 200
+
+
+def test_silent_partition_times_out_and_heals(lab: tuple[LabRunner, dict[str, Any]]) -> None:
+    runner, state = lab
+    target = pod_ip(state, "west", "cart-1")
+    runner.fault("partition", "pod", ["west/shop/cart-1"], mode="drop")
+    r = get(runner, "pod:west/shop/frontend-0", target, timeout_s=0.5)
+    assert "timed out" in r.get("error", "") or "TimeoutError" in r.get("error", ""), r
+    runner.heal()
+    assert get(runner, "pod:west/shop/frontend-0", target)["status"] == 200
+    runner.fault("partition", "pod", ["west/shop/cart-1"], mode="reject")
+    r = get(runner, "pod:west/shop/frontend-0", target, timeout_s=1.0)
+    assert "Refused" in r.get("error", "") and r["s"] < 0.5, r
+    runner.heal()
+
+
+def test_behaviour_switches_to_503_and_back(lab: tuple[LabRunner, dict[str, Any]]) -> None:
+    runner, state = lab
+    ip = pod_ip(state, "east", "cart-0")
+    runner.behaviour("east", "cart-0", "Error503", "shop")
+    assert get(runner, "pod:east/shop/frontend-0", ip)["status"] == 503
+    runner.behaviour("east", "cart-0", "Healthy", "shop")
+    assert get(runner, "pod:east/shop/frontend-0", ip)["status"] == 200
+
+
+def test_fleet_repo_clone_and_push_over_git(lab: tuple[LabRunner, dict[str, Any]], tmp_path: Path) -> None:
+    runner, state = lab
+    url = state["git_url"]
+    work = tmp_path / "fleet"
+    env = dict(os.environ, GIT_TERMINAL_PROMPT="0")
+    subprocess.run(["git", "clone", "-q", url, str(work)], check=True, env=env, timeout=30)
+    assert (work / "federation.yaml").exists()
+    (work / "NOTE.md").write_text("lab push test\n")
+    git = ["git", "-C", str(work), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "test push"], check=True)
+    subprocess.run([*git, "push", "-q", "origin", "HEAD"], check=True, env=env, timeout=30)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    pushes = runner.status()["lab"]["git_pushes"]
+    assert pushes and head in pushes[-1]["refs"].values()
+
+
+def test_down_leaves_no_namespace_link_or_process(tmp_path: Path) -> None:
+    """A separate small lab, so the check runs even if the module lab is still in use."""
+    state_dir = Path("/tmp") / f"mf-labdown-{os.getpid()}"
+    runner = LabRunner(LabOptions(state_dir, ztunnel="off", controller="off", portal=False))
+    clusters, labs, services = fleet(1, 1)
+    state = runner.up(plan_lab(clusters, labs, services), None)
+    box = json.loads((state_dir / "sandbox.json").read_text())
+    assert _lab_processes(state_dir), "the lab should be running"
+    report = runner.down()
+    assert report["ok"] and report["graceful"]
+    assert not Path(f"/proc/{box['pid']}").exists() or "Z" in Path(f"/proc/{box['pid']}/stat").read_text().split()[2]
+    assert _lab_processes(state_dir) == []
+    host_netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not any(ns in host_netns for ns in state["netns"])
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    assert "br-wan" not in links and "br-mgmt" not in links
+    assert not (state_dir / "control.sock").exists()
+    subprocess.run(["rm", "-rf", str(state_dir)], check=False)
+
+
+def test_a_crashed_lab_is_swept(tmp_path: Path) -> None:
+    """SIGKILL the sandbox: every lab process dies with it, and sweep removes the leftovers."""
+    state_dir = Path("/tmp") / f"mf-labcrash-{os.getpid()}"
+    runner = LabRunner(LabOptions(state_dir, ztunnel="off", controller="off", portal=False))
+    clusters, labs, services = fleet(1, 1)
+    runner.up(plan_lab(clusters, labs, services), None)
+    box = json.loads((state_dir / "sandbox.json").read_text())
+    os.kill(box["pid"], 9)
+    deadline = time.monotonic() + 5
+    while _lab_processes(state_dir) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _lab_processes(state_dir) == []
+    assert (state_dir / "control.sock").exists()  # the leftover the sweeper must remove
+    report = runner.down()
+    assert not report["graceful"]
+    assert not (state_dir / "control.sock").exists()
+    subprocess.run(["rm", "-rf", str(state_dir)], check=False)

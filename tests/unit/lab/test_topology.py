@@ -1,0 +1,180 @@
+"""The lab's address plan and build actions are pure: these tests check the layout the lab relies on."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from clusters.local.faults import FaultError, FaultRequest, Rule, Signal, plan_fault
+from clusters.local.topology import (
+    FORBIDDEN_NET,
+    MAX_IFNAME,
+    AddAddress,
+    AddBridge,
+    AddRoute,
+    AddVeth,
+    Iptables,
+    PlanError,
+    capture_rules,
+    plan_lab,
+)
+from gitops.model import EastWestGateway
+from tests.unit.lab.fleet_fixture import fleet
+
+
+@pytest.fixture(scope="module")
+def plan():  # type: ignore[no-untyped-def]
+    c, lab, svcs = fleet()
+    return plan_lab(c, lab, svcs)
+
+
+def test_every_cluster_gets_nodes_pods_and_gateway_from_its_own_ranges(plan) -> None:  # type: ignore[no-untyped-def]
+    for c in plan.clusters:
+        pod_net = ipaddress.ip_network(c.pod_cidr)
+        assert c.gateway is not None
+        assert ipaddress.ip_address(c.gateway.cluster_address) in ipaddress.ip_network(c.node_cidr)
+        for n in c.nodes:
+            assert ipaddress.ip_address(n.address) in ipaddress.ip_network(c.node_cidr)
+            assert ipaddress.ip_network(n.pod_cidr).subnet_of(pod_net)  # type: ignore[arg-type]
+        for p in c.pods:
+            node = c.node(p.node)
+            assert ipaddress.ip_address(p.address) in ipaddress.ip_network(node.pod_cidr)
+            assert p.gateway == node.pod_gateway
+
+
+def test_addresses_are_unique_and_never_in_the_reserved_range(plan) -> None:  # type: ignore[no-untyped-def]
+    addrs = [a.cidr.split("/")[0] for a in plan.actions if isinstance(a, AddAddress)]
+    mgmt = [a for a in addrs if a.startswith("100.64.")]
+    assert len(set(addrs)) == len(addrs), "an address is assigned twice"
+    assert len(mgmt) == len(set(mgmt))
+    assert not any(ipaddress.ip_address(a) in FORBIDDEN_NET for a in addrs)
+
+
+def test_no_namespace_routes_to_another_clusters_pods(plan) -> None:  # type: ignore[no-untyped-def]
+    owner = {ns: c for c in plan.clusters for ns in
+             [n.netns for n in c.nodes] + [p.netns for p in c.pods] + ([c.gateway.netns] if c.gateway else [])}
+    for a in plan.actions:
+        if isinstance(a, AddRoute) and a.netns and a.dst != "default":
+            dst = ipaddress.ip_network(a.dst)
+            for other in plan.clusters:
+                if other is not owner[a.netns]:
+                    assert not dst.overlaps(ipaddress.ip_network(other.pod_cidr)), (a, other.name)
+
+
+def test_the_gateway_forwards_only_hbone_from_its_cluster_network(plan) -> None:  # type: ignore[no-untyped-def]
+    for c in plan.clusters:
+        assert c.gateway is not None
+        rules = [a.args for a in plan.actions if isinstance(a, Iptables) and a.netns == c.gateway.netns]
+        assert ("-P", "FORWARD", "DROP") in rules
+        accepts = [r for r in rules if r[:2] == ("-A", "FORWARD") and r[-1] == "ACCEPT" and "--ctstate" not in r]
+        assert accepts == [("-A", "FORWARD", "-i", "eth0", "-o", "wan0", "-s", c.node_cidr, "-d", plan.wan_cidr,
+                            "-p", "tcp", "--dport", "15008", "-j", "ACCEPT")]
+
+
+def test_interface_names_fit_the_kernel_limit(plan) -> None:  # type: ignore[no-untyped-def]
+    for a in plan.actions:
+        if isinstance(a, AddVeth):
+            assert len(a.name) <= MAX_IFNAME and len(a.peer) <= MAX_IFNAME
+        if isinstance(a, AddBridge):
+            assert len(a.name) <= MAX_IFNAME
+
+
+def test_hosts_files_name_the_service_vips_of_their_cluster(plan) -> None:  # type: ignore[no-untyped-def]
+    east = plan.cluster("east")
+    text = plan.hosts[("east", "shop")]
+    vip = next(v for v in east.services if v.name == "checkout")
+    assert f"{vip.cluster_ip} checkout.shop.svc.clusterset.local" in text
+    assert ipaddress.ip_address(vip.cluster_ip) in ipaddress.ip_network(east.service_cidr)
+    # same sequence in every cluster: the n-th service gets .10+n of that cluster's service range
+    for c in plan.clusters:
+        assert [v.name for v in c.services] == [v.name for v in east.services]
+
+
+def test_capture_redirects_pod_tcp_but_not_traffic_to_the_node_itself(plan) -> None:  # type: ignore[no-untyped-def]
+    node = plan.cluster("west").node("node-1")
+    rules = [r.args for r in capture_rules(node)]
+    assert ("-t", "nat", "-A", "MESHFED_OUTBOUND", "-d", node.pod_gateway, "-j", "RETURN") in rules
+    assert rules[-1] == ("-t", "nat", "-A", "PREROUTING", "-i", "cbr0", "-p", "tcp", "-j", "MESHFED_OUTBOUND")
+    assert ("-t", "nat", "-A", "MESHFED_OUTBOUND", "-p", "tcp", "-j", "REDIRECT", "--to-ports", "15001") in rules
+
+
+def test_plan_is_deterministic() -> None:
+    a, b = (plan_lab(*fleet()) for _ in range(2))
+    assert a.actions == b.actions
+
+
+@pytest.mark.parametrize("mutation, message", [
+    (lambda c: replace(c, pod_cidrs=("10.255.0.0/16",)), "10.255.0.0/16"),
+    (lambda c: replace(c, pod_cidrs=("10.20.0.0/16",)), "overlaps"),
+    (lambda c: replace(c, east_west_gateway=EastWestGateway("192.168.1.1")), "not on the lab WAN"),
+    (lambda c: replace(c, east_west_gateway=EastWestGateway("172.30.0.12")), "both use gateway"),
+    (lambda c: replace(c, pod_cidrs=("10.10.0.0/24",)), "too small"),
+])
+def test_bad_layouts_are_refused_with_the_fix(mutation, message) -> None:  # type: ignore[no-untyped-def]
+    clusters, labs, svcs = fleet()
+    clusters = dict(clusters)
+    clusters["east"] = mutation(clusters["east"])
+    with pytest.raises(PlanError, match=message):
+        plan_lab(clusters, labs, svcs)
+
+
+def test_unknown_node_placement_is_refused() -> None:
+    clusters, labs, svcs = fleet()
+    labs = dict(labs)
+    wl = replace(labs["east"].workloads[0], nodes=("node-9",))
+    labs["east"] = replace(labs["east"], workloads=(wl,))
+    with pytest.raises(PlanError, match="unknown node 'node-9'"):
+        plan_lab(clusters, labs, svcs)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n_clusters=st.integers(1, 6), nodes=st.integers(1, 4))
+def test_any_size_lays_out_without_collisions(n_clusters: int, nodes: int) -> None:
+    plan = plan_lab(*fleet(n_clusters, nodes))
+    assert len(plan.clusters) == n_clusters
+    assert len(set(plan.netns_names)) == len(plan.netns_names)
+    pods = [p.address for c in plan.clusters for p in c.pods]
+    assert len(set(pods)) == len(pods)
+
+
+# --- faults (pure planning) --------------------------------------------------------------------
+
+
+def test_killing_a_node_takes_its_pods_with_it(plan) -> None:  # type: ignore[no-untyped-def]
+    steps = plan_fault(plan, FaultRequest("kill", "node", ("east/node-1",)))
+    keys = {s.process for s in steps if isinstance(s, Signal)}
+    on_node = {f"pod:{p.key}" for p in plan.cluster("east").pods if p.node == "node-1"}
+    assert keys == {"ztunnel:east/node-1"} | on_node
+
+
+@pytest.mark.parametrize("mode, verdict", [("drop", "DROP"), ("reject", "REJECT")])
+def test_partitioning_pods_by_glob_cuts_both_directions(plan, mode, verdict) -> None:  # type: ignore[no-untyped-def]
+    steps = plan_fault(plan, FaultRequest("partition", "pod", ("east/shop/checkout-*",), mode))
+    pods = [p for p in plan.cluster("east").pods if p.name.startswith("checkout-") and "v2" not in p.name]
+    for p in pods:
+        node_ns = plan.cluster("east").node(p.node).netns
+        mine = [s for s in steps if isinstance(s, Rule) and s.netns == node_ns and p.address in s.args]
+        assert any("-d" in s.args and verdict in s.args for s in mine)
+        assert any("-s" in s.args and verdict in s.args for s in mine)
+
+
+def test_wan_partition_is_symmetric(plan) -> None:  # type: ignore[no-untyped-def]
+    steps = plan_fault(plan, FaultRequest("partition", "wan", ("east", "west")))
+    east, west = plan.cluster("east").gateway, plan.cluster("west").gateway
+    assert east is not None and west is not None
+    assert {s.netns for s in steps if isinstance(s, Rule)} == {east.netns, west.netns}
+
+
+@pytest.mark.parametrize("req, message", [
+    (FaultRequest("kill", "pod", ("nowhere/x",)), "no pod matches"),
+    (FaultRequest("kill", "wan", ("east", "west")), "apply to processes"),
+    (FaultRequest("explode", "pod", ("east/x",)), "unknown fault"),
+    (FaultRequest("partition", "pod", ("east/shop/checkout-0",), mode="maybe"), "drop .* or reject"),
+])
+def test_impossible_faults_say_why(plan, req, message) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(FaultError, match=message):
+        plan_fault(plan, req)
