@@ -1,0 +1,101 @@
+"""Cross-network through an east-west gateway (double HBONE), on loopback.
+
+east client → ztunnel A ─outer HBONE (pooled)→ west gateway ─raw bytes→ ztunnel W1 → server.
+The inner mTLS runs end to end between A (as the client's identity) and W1: the destination checks
+the *client's* identity (authorization there), and the gateway never sees the plaintext."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.integration import dataplane_topology as topo
+from ztunnel.config import Authorization, AuthzMatch, ProxyMode
+from ztunnel.gateway import GatewayProxy
+from ztunnel.node import Credentials, NodeProxy, ProxyOptions
+from ztunnel.state import ProxyState
+
+pytestmark = pytest.mark.timeout(60)
+
+EAST, WEST = "east.mesh", "west.mesh"
+CLIENT = topo.Pod("east", "a", "client", "127.55.3.101", topo.ident(EAST, "default", "client"), node_address="127.55.3.11")
+SERVER = topo.Pod("west", "w1", "server", "127.55.4.102", topo.ident(WEST, "default", "server"), node_address="127.55.4.12")
+GW_IP = "127.55.4.250"
+GW_ID = topo.ident(WEST, "istio-system", "eastwest")
+HOST = "echo.default.svc.clusterset.local"
+VIP = "127.55.201.1"
+
+
+def _opts(ip: str, port: int) -> ProxyOptions:
+    return ProxyOptions(hbone_host=ip, hbone_port=port, socks_host=ip, socks_port=0, handshake_timeout_s=1.0)
+
+
+async def build(deny_client: bool = False) -> tuple[NodeProxy, GatewayProxy, NodeProxy, topo.EchoServer]:
+    echo = await topo.EchoServer(SERVER.address, prefix=b"west:").start()
+    port = topo.free_port(GW_IP)
+    wl = [CLIENT.workload(), SERVER.workload()]
+    local_ep = topo.endpoint(SERVER, echo.port, port)
+    remote_ep = topo.endpoint(SERVER, echo.port, port, via_gateway=f"{GW_IP}:{port}")
+    east_svc = topo.service(HOST, VIP, 80, echo.port, [remote_ep], sans=[SERVER.identity])
+    west_svc = topo.service(HOST, "", 80, echo.port, [local_ep], sans=[SERVER.identity])
+    rule = AuthzMatch(principals=(CLIENT.identity,))
+    pol = Authorization("only-east-client", "default", "DENY" if deny_client else "ALLOW", (rule,))
+    ca = topo.proxy_config("ztunnel/east/a", "east", EAST, workloads=wl, services=[east_svc],
+                           bundles=[EAST, WEST], local_identities=[CLIENT.identity])
+    cg = topo.proxy_config("gateway/west", "west", WEST, mode=ProxyMode.GATEWAY, services=[west_svc],
+                           bundles=[EAST, WEST], local_identities=[GW_ID])
+    cw = topo.proxy_config("ztunnel/west/w1", "west", WEST, workloads=wl, services=[west_svc],
+                           authorizations=[pol], bundles=[EAST, WEST], local_identities=[SERVER.identity])
+    proxies = []
+    for cfg, ip, cls, ident in ((ca, CLIENT.node_address, NodeProxy, CLIENT.identity),
+                                (cg, GW_IP, GatewayProxy, GW_ID),
+                                (cw, SERVER.node_address, NodeProxy, SERVER.identity)):
+        st = ProxyState()
+        assert st.apply(cfg).applied
+        p = cls(st, Credentials({ident: topo.svid(ident)}), _opts(ip, port))
+        await p.start()
+        proxies.append(p)
+    a, g, w = proxies
+    return a, g, w, echo  # type: ignore[return-value]
+
+
+async def _roundtrip(a: NodeProxy, payload: bytes) -> bytes:
+    r, w = await topo.socks_connect((CLIENT.node_address, a.opts.socks_port), VIP, 80, CLIENT.address)
+    w.write(payload)
+    w.write_eof()
+    data = await asyncio.wait_for(r.read(), 5)
+    w.close()
+    return data
+
+
+async def test_double_hbone_end_to_end_identity() -> None:
+    a, g, w, echo = await build()
+    try:
+        assert await _roundtrip(a, b"hello") == b"west:hello"
+        big = b"z" * 2_000_000
+        assert (await _roundtrip(a, big)).replace(b"west:", b"") == big  # echo prefixes each read
+        assert await _roundtrip(a, b"again") == b"west:again"
+        assert a.pool.count() == 1                     # one pooled outer tunnel to the gateway
+        dest = w.telemetry.render().decode()
+        # the destination saw the *client's* identity (end-to-end mTLS), not the gateway's
+        assert f'source_principal="{CLIENT.identity}"' in dest
+        assert GW_ID not in dest
+        gw = g.telemetry.render().decode()
+        assert f'source_principal="{CLIENT.identity}"' in gw   # outer tunnel: the client's identity too
+    finally:
+        for p in (a, g, w):
+            await p.drain(0.1)
+        await echo.close()
+
+
+async def test_destination_authorization_applies_through_the_gateway() -> None:
+    a, g, w, echo = await build(deny_client=True)
+    try:
+        with pytest.raises(ConnectionRefusedError):
+            await _roundtrip(a, b"hello")
+        assert echo.accepted == 0
+    finally:
+        for p in (a, g, w):
+            await p.drain(0.1)
+        await echo.close()

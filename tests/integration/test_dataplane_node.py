@@ -1,0 +1,258 @@
+"""Node-to-node HBONE on loopback: app → ztunnel A → (mTLS HBONE) → ztunnel B → app.
+
+Proxies run in this test's event loop (real sockets, real TLS); the subprocess variants live in
+test_dataplane_process.py."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+
+import pytest
+
+from tests.integration import dataplane_topology as topo
+from ztunnel.config import Authorization, AuthzMatch, OutlierPolicy, ProxyConfig
+from ztunnel.hbone import HboneSettings
+from ztunnel.node import Credentials, NodeProxy, ProxyOptions
+from ztunnel.state import ProxyState
+
+pytestmark = pytest.mark.timeout(60)
+
+TD = "east.mesh"
+CLIENT = topo.Pod("east", "a", "client", "127.55.1.101", topo.ident(TD, "default", "client"), node_address="127.55.1.11")
+SERVER = topo.Pod("east", "b", "server", "127.55.1.102", topo.ident(TD, "default", "server"), node_address="127.55.1.12")
+SERVER2 = topo.Pod("east", "c", "server2", "127.55.1.103", topo.ident(TD, "default", "server"), node_address="127.55.1.13")
+HOST = "echo.default.svc.clusterset.local"
+VIP = "127.55.200.1"
+
+
+@dataclass
+class Mesh:
+    a: NodeProxy
+    b: NodeProxy
+    echo: topo.EchoServer
+    hbone_port: int
+
+    @property
+    def socks(self) -> tuple[str, int]:
+        return (CLIENT.node_address, self.a.opts.socks_port)
+
+
+def start_node(cfg: ProxyConfig, node_ip: str, hbone_port: int, svids: dict[str, tuple[bytes, bytes]],
+               **opts: object) -> NodeProxy:
+    st = ProxyState()
+    assert st.apply(cfg).applied
+    o = ProxyOptions(hbone_host=node_ip, hbone_port=hbone_port, socks_host=node_ip, socks_port=0,
+                     handshake_timeout_s=1.0, **opts)  # type: ignore[arg-type]
+    return NodeProxy(st, Credentials(svids), o)
+
+
+def configs(echo_port: int, hbone_port: int, *, authz: tuple[Authorization, ...] = (),
+            bundles: tuple[str, ...] = (TD,), endpoints: tuple[topo.Pod, ...] = (SERVER,),
+            outlier: OutlierPolicy | None = None) -> tuple[ProxyConfig, ProxyConfig]:
+    pods = [CLIENT, SERVER, SERVER2]
+    svc = topo.service(HOST, VIP, 80, echo_port, [topo.endpoint(p, echo_port, hbone_port) for p in endpoints],
+                       sans=[SERVER.identity], outlier=outlier)
+    wl = [p.workload() for p in pods]
+    a = topo.proxy_config("ztunnel/east/a", "east", TD, workloads=wl, services=[svc], bundles=bundles,
+                          local_identities=[CLIENT.identity])
+    b = topo.proxy_config("ztunnel/east/b", "east", TD, workloads=wl, services=[svc], authorizations=authz,
+                          bundles=bundles, local_identities=[SERVER.identity])
+    return a, b
+
+
+@pytest.fixture
+async def mesh() -> AsyncIterator[Mesh]:
+    echo = await topo.EchoServer(SERVER.address).start()
+    port = topo.free_port(CLIENT.node_address)
+    ca, cb = configs(echo.port, port)
+    a = start_node(ca, CLIENT.node_address, port, {CLIENT.identity: topo.svid(CLIENT.identity)})
+    b = start_node(cb, SERVER.node_address, port, {SERVER.identity: topo.svid(SERVER.identity)})
+    await a.start()
+    await b.start()
+    yield Mesh(a, b, echo, port)
+    await a.drain(0.1)
+    await b.drain(0.1)
+    await echo.close()
+
+
+async def roundtrip(m: Mesh, dest: str = VIP, port: int = 80, payload: bytes = b"ping") -> bytes:
+    r, w = await topo.socks_connect(m.socks, dest, port, CLIENT.address)
+    w.write(payload)
+    w.write_eof()
+    data = await asyncio.wait_for(r.read(), 3)
+    w.close()
+    return data
+
+
+async def test_client_reaches_server_through_two_ztunnels(mesh: Mesh) -> None:
+    assert await roundtrip(mesh) == b"ping"
+    assert await roundtrip(mesh, HOST) == b"ping"                      # by hostname too
+    assert await roundtrip(mesh, SERVER.address, mesh.echo.port) == b"ping"  # by pod IP
+    big = bytes(range(256)) * 20_000                                      # 5 MB: windows, back-pressure
+    assert await roundtrip(mesh, payload=big) == big
+    assert mesh.a.pool.count() == 1                                       # one pooled session A→B
+    metrics = mesh.b.telemetry.render().decode()
+    assert 'istio_tcp_connections_opened_total{connection_security_policy="mutual_tls"' in metrics
+    assert f'source_principal="{CLIENT.identity}"' in metrics
+    assert "_created" not in metrics
+
+
+async def test_half_close_is_clean(mesh: Mesh) -> None:
+    r, w = await topo.socks_connect(mesh.socks, VIP, 80, CLIENT.address)
+    w.write(b"abc")
+    await w.drain()
+    assert await asyncio.wait_for(r.readexactly(3), 3) == b"abc"
+    w.write_eof()                      # client half-closes; server echoes EOF back
+    assert await asyncio.wait_for(r.read(), 3) == b""
+    w.close()
+
+
+async def test_backend_killed_mid_stream_is_a_reset_for_the_client(mesh: Mesh) -> None:
+    r, w = await topo.socks_connect(mesh.socks, VIP, 80, CLIENT.address)
+    w.write(b"hello")
+    assert await asyncio.wait_for(r.readexactly(5), 3) == b"hello"
+    mesh.echo.kill_connections()
+    with pytest.raises(ConnectionResetError):
+        for _ in range(50):
+            data = await asyncio.wait_for(r.read(1024), 3)
+            assert data != b"", "clean EOF: the reset was turned into a close"
+            w.write(b"x")
+    w.close()
+
+
+@pytest.mark.parametrize(("action", "rule", "allowed"), [
+    ("ALLOW", AuthzMatch(principals=(CLIENT.identity,)), True),
+    ("ALLOW", AuthzMatch(principals=("east.mesh/ns/default/sa/other",)), False),
+    ("ALLOW", AuthzMatch(namespaces=("default",)), True),
+    ("DENY", AuthzMatch(namespaces=("default",)), False),
+    ("DENY", AuthzMatch(ports=(1,)), True),
+])
+async def test_authorization(action: str, rule: AuthzMatch, allowed: bool) -> None:
+    echo = await topo.EchoServer(SERVER.address).start()
+    port = topo.free_port(CLIENT.node_address)
+    pol = Authorization(name="p", namespace="default", action=action, rules=(rule,))
+    ca, cb = configs(echo.port, port, authz=(pol,))
+    a = start_node(ca, CLIENT.node_address, port, {CLIENT.identity: topo.svid(CLIENT.identity)})
+    b = start_node(cb, SERVER.node_address, port, {SERVER.identity: topo.svid(SERVER.identity)})
+    await a.start()
+    await b.start()
+    m = Mesh(a, b, echo, port)
+    try:
+        if allowed:
+            assert await roundtrip(m) == b"ping"
+        else:
+            with pytest.raises(ConnectionRefusedError) as ei:
+                await roundtrip(m)
+            assert ei.value.args[0] == 2      # SOCKS "not allowed by ruleset"
+            assert 'meshfed_connections_refused_total{reason="denied",reporter="destination"} 1.0' in b.telemetry.render().decode()
+    finally:
+        await a.drain(0.1)
+        await b.drain(0.1)
+        await echo.close()
+
+
+@pytest.mark.parametrize("case", ["wrong_identity", "unknown_trust_domain", "forged_by_other_td"])
+async def test_peers_that_fail_verification_are_refused(case: str) -> None:
+    """The destination must present the expected identity; a client with a certificate from an
+    unknown trust domain, or one trust domain's CA minting another's identity, never gets in."""
+    echo = await topo.EchoServer(SERVER.address).start()
+    port = topo.free_port(CLIENT.node_address)
+    ca, cb = configs(echo.port, port, bundles=(TD, "west.mesh"))
+    client_svid = topo.svid(CLIENT.identity)
+    server_svid = topo.svid(SERVER.identity)
+    if case == "wrong_identity":     # B presents some other valid identity of the trust domain
+        other = topo.ident(TD, "default", "impostor")
+        cb = replace(cb, local_identities=(other,))
+        b_svids = {other: topo.svid(other)}
+        a_svids = {CLIENT.identity: client_svid}
+    elif case == "unknown_trust_domain":  # A's identity comes from a trust domain B has no bundle for
+        north = topo.ident("north.mesh", "default", "client")
+        ca = replace(ca, local_identities=(north,), bundles=(*ca.bundles, topo.bundle("north.mesh")),
+                     workloads=tuple(replace(w, identity=north) if w.name == "client" else w for w in ca.workloads))
+        a_svids = {north: topo.svid(north)}
+        b_svids = {SERVER.identity: server_svid}
+    else:                           # west's CA mints an east identity: must be caught as a forgery
+        a_svids = {CLIENT.identity: topo.svid(CLIENT.identity, td="west.mesh")}
+        b_svids = {SERVER.identity: server_svid}
+    a = start_node(ca, CLIENT.node_address, port, a_svids)
+    b = start_node(cb, SERVER.node_address, port, b_svids)
+    await a.start()
+    await b.start()
+    try:
+        with pytest.raises(ConnectionRefusedError):
+            await roundtrip(Mesh(a, b, echo, port))
+        assert echo.accepted == 0
+    finally:
+        await a.drain(0.1)
+        await b.drain(0.1)
+        await echo.close()
+
+
+async def test_dead_endpoint_is_retried_elsewhere_ejected_and_unejected() -> None:
+    """Two endpoints; one backend is dead. Every connection succeeds (connect retry), the dead one is
+    ejected after `consecutive_5xx_errors` failures and comes back after the ejection time."""
+    live = await topo.EchoServer(SERVER.address, prefix=b"live:").start()
+    port = topo.free_port(CLIENT.node_address)
+    dead_port = topo.free_port(SERVER2.address)  # nothing listens there: connection refused
+    policy = OutlierPolicy(consecutive_5xx_errors=2, base_ejection_time_s=0.6, max_ejection_percent=100,
+                           interval_s=0.2)
+    ca, cb = configs(live.port, port, endpoints=(SERVER, SERVER2), outlier=policy)
+    svc = ca.services[0]
+    eps = (topo.endpoint(SERVER, live.port, port), topo.endpoint(SERVER2, dead_port, port))
+    svc = replace(svc, endpoints=eps, subject_alt_names=(SERVER.identity,))
+    ca = replace(ca, services=(svc,))
+    cc = replace(cb, proxy_id="ztunnel/east/c", services=(svc,))
+    cb = replace(cb, services=(svc,))
+    a = start_node(ca, CLIENT.node_address, port, {CLIENT.identity: topo.svid(CLIENT.identity)})
+    b = start_node(cb, SERVER.node_address, port, {SERVER.identity: topo.svid(SERVER.identity)})
+    c = start_node(cc, SERVER2.node_address, port, {SERVER.identity: topo.svid(SERVER.identity)})
+    for p in (a, b, c):
+        await p.start()
+    m = Mesh(a, b, live, port)
+    try:
+        for _ in range(8):
+            assert await roundtrip(m) == b"live:ping"   # never a failed connection
+        ejected = a.ejected(HOST)
+        assert ejected == {SERVER2.workload().uid}
+        metrics = a.telemetry.render().decode()
+        assert "meshfed_endpoint_ejections_total" in metrics and 'outcome="ConnectFailure"' in metrics
+        await asyncio.sleep(0.7)
+        assert a.ejected(HOST) == frozenset()         # back after the ejection time
+    finally:
+        for p in (a, b, c):
+            await p.drain(0.1)
+        await live.close()
+
+
+async def test_connect_to_own_port_is_refused(mesh: Mesh) -> None:
+    with pytest.raises(ConnectionRefusedError):
+        await roundtrip(mesh, SERVER.node_address, mesh.hbone_port)
+
+
+async def test_rapid_reset_peer_does_not_starve_others(mesh: Mesh) -> None:
+    """A peer that opens and cancels streams in a loop gets GOAWAY; other clients keep working."""
+    sess = await mesh.a.dial_hbone(f"{SERVER.node_address}:{mesh.hbone_port}", CLIENT.identity,
+                                   "", None, 1.0)
+    for _ in range(400):
+        if not sess.usable:
+            break
+        st = sess.open_stream(f"{SERVER.address}:{mesh.echo.port}")
+        st.reset()
+    await asyncio.wait_for(sess.closed, 3)
+    assert await roundtrip(mesh) == b"ping"
+
+
+async def test_slowloris_handshake_is_cut_and_others_are_served(mesh: Mesh) -> None:
+    slow = []
+    for _ in range(5):   # TCP connections that never speak TLS
+        slow.append(await asyncio.open_connection(SERVER.node_address, mesh.hbone_port))
+    assert await roundtrip(mesh) == b"ping"
+    r, _w = slow[0]
+    assert await asyncio.wait_for(r.read(), 3) == b""   # closed after the handshake timeout (1 s)
+    for _, w in slow:
+        w.close()
+
+
+_ = HboneSettings

@@ -1,0 +1,139 @@
+"""Run a ztunnel (node mode) or east-west gateway standalone.
+
+    python -m ztunnel --config proxy.json --cert-dir certs/ --state-dir /var/lib/meshfed/ztunnel \\
+        --hbone 0.0.0.0:15008 --socks 127.0.0.1:15080 --admin 127.0.0.1:15021
+
+- The mode (node/gateway) comes from the config. `--config` is optional when `--state-dir` holds a
+  persisted last good config: a restart with the controller (or the file) absent serves from it.
+- `--cert-dir` holds one SVID per local identity: `<td>_ns_<ns>_sa_<sa>.crt.pem` (chain) and
+  `.key.pem` (0600).
+- SIGTERM/SIGINT: drain (stop accepting, GOAWAY, let connections finish until `--drain-timeout-s`,
+  then close). SIGHUP: reload `--config`.
+- Health and outcome reports go to an injectable sink (`HealthSink`); standalone it is the JSON
+  log. The controller client replaces it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+from ztunnel.admin import AdminServer, Telemetry
+from ztunnel.config import ProxyMode, proxy_config_to_dict
+from ztunnel.gateway import GatewayProxy
+from ztunnel.node import Credentials, HealthSink, NodeProxy, ProxyBase, ProxyOptions
+from ztunnel.state import ProxyState, load_config_file, parse_host_port
+
+
+def cert_file_names(identity: str) -> tuple[str, str]:
+    slug = identity.removeprefix("spiffe://").replace("/", "_")
+    return f"{slug}.crt.pem", f"{slug}.key.pem"
+
+
+def load_cert_dir(cert_dir: Path, identities: tuple[str, ...]) -> dict[str, tuple[bytes, bytes]]:
+    out: dict[str, tuple[bytes, bytes]] = {}
+    for identity in identities:
+        crt, key = cert_file_names(identity)
+        if (cert_dir / crt).exists() and (cert_dir / key).exists():
+            mode = (cert_dir / key).stat().st_mode & 0o077
+            if mode:
+                raise SystemExit(f"{cert_dir / key} is readable by group/others (mode {oct(mode)}); chmod 600 it")
+            out[identity] = ((cert_dir / crt).read_bytes(), (cert_dir / key).read_bytes())
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ztunnel", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", type=Path, help="ProxyConfig file (JSON or YAML)")
+    p.add_argument("--cert-dir", type=Path, required=True)
+    p.add_argument("--state-dir", type=Path, help="where the last good config is persisted")
+    p.add_argument("--hbone", default="0.0.0.0:15008")
+    p.add_argument("--socks", default="127.0.0.1:15080", help="SOCKS5 outbound listener ('' disables)")
+    p.add_argument("--transparent", default="", help="outbound capture listener for iptables REDIRECT")
+    p.add_argument("--admin", default="127.0.0.1:15021")
+    p.add_argument("--drain-timeout-s", type=float, default=10.0)
+    p.add_argument("--handshake-timeout-s", type=float, default=5.0)
+    p.add_argument("--access-log", choices=("stderr", "off"), default="stderr")
+    return p
+
+
+async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int:
+    state = ProxyState(args.state_dir / "last-good-config.json" if args.state_dir else None)
+    source = "file"
+    if args.config is not None and args.config.exists():
+        result = state.apply_dict(load_config_file(args.config))
+    else:
+        result = state.load_persisted()  # type: ignore[assignment]
+        source = "persisted"
+    if result is None or state.config is None:
+        why = result.reason if result is not None else "no --config and nothing persisted"
+        print(f"ztunnel: no usable config ({why}); pass --config FILE", file=sys.stderr)
+        return 2
+    cfg = state.config
+    telemetry = Telemetry(cfg.proxy_id, sys.stderr if args.access_log == "stderr" else None)
+    telemetry.log(kind="config", source=source, applied=result.applied, reason=result.reason,
+                  rejected=[str(e) for e in result.rejected])
+    identities = cfg.local_identities or tuple(sorted({w.identity for w in cfg.workloads if w.node == cfg.proxy_id.rsplit('/', 1)[-1]}))
+    creds = Credentials(load_cert_dir(args.cert_dir, identities))
+    if not creds.identities:
+        print(f"ztunnel: no certificate in {args.cert_dir} for any of {', '.join(identities) or 'no identities'}",
+              file=sys.stderr)
+        return 2
+    hb_host, hb_port = parse_host_port(args.hbone)
+    socks_host, socks_port = parse_host_port(args.socks) if args.socks else (None, 0)
+    tr_host, tr_port = parse_host_port(args.transparent) if args.transparent else (None, 0)
+    opts = ProxyOptions(hbone_host=hb_host, hbone_port=hb_port, socks_host=socks_host, socks_port=socks_port,
+                        transparent_host=tr_host, transparent_port=tr_port,
+                        handshake_timeout_s=args.handshake_timeout_s, drain_timeout_s=args.drain_timeout_s)
+    cls: type[ProxyBase] = GatewayProxy if cfg.mode is ProxyMode.GATEWAY else NodeProxy
+    proxy = cls(state, creds, opts, telemetry, health)
+    await proxy.start()  # type: ignore[attr-defined]
+    admin_host, admin_port = parse_host_port(args.admin)
+    admin = AdminServer(admin_host, admin_port, telemetry=telemetry,
+                        ready=lambda: (proxy.ready.is_set(), "ready" if proxy.ready.is_set() else "not ready"),
+                        config_dump=lambda: {
+                            "config": proxy_config_to_dict(state.config) if state.config else None,
+                            "rejected": [str(e) for e in state.last_rejected],
+                            "ejected": {s: sorted(proxy.ejected(s)) for s in proxy.detectors},
+                            "sessions": {"pooled": proxy.pool.count(), "inbound": len(proxy.inbound_sessions)},
+                        })
+    await admin.start()
+    telemetry.log(kind="listening", hbone=f"{hb_host}:{proxy.opts.hbone_port}",
+                  socks=f"{socks_host}:{proxy.opts.socks_port}" if socks_host else "",
+                  admin=f"{admin_host}:{admin.port}", pid=os.getpid())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    def reload() -> None:
+        if args.config is not None and args.config.exists():
+            r = state.apply_dict(load_config_file(args.config))
+            proxy.on_config_applied()
+            telemetry.log(kind="config", source="file", applied=r.applied, reason=r.reason,
+                          rejected=[str(e) for e in r.rejected])
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    await stop.wait()
+    telemetry.log(kind="draining", timeout_s=args.drain_timeout_s)
+    await proxy.drain(args.drain_timeout_s)
+    await admin.close()
+    telemetry.log(kind="stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        import uvloop  # type: ignore[import-not-found,unused-ignore]  # optional, faster loop
+    except ImportError:
+        return asyncio.run(run(args))
+    return uvloop.run(run(args))  # type: ignore[no-any-return]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Operations surface of a proxy: Prometheus metrics (Istio names), JSON access logs, admin HTTP.
+
+Metrics use Istio's data-plane names and labels so existing dashboards work:
+`istio_tcp_connections_opened_total`, `istio_tcp_connections_closed_total`,
+`istio_tcp_sent_bytes_total`, `istio_tcp_received_bytes_total`, labelled `reporter`
+(source|destination), `source_workload`, `source_principal`, `destination_service`,
+`destination_principal`, `source_cluster`, `destination_cluster`, `connection_security_policy`.
+Label values come from config (workloads, services, identities), never from peers' free text, so
+cardinality is bounded by the config. Outlier detection adds `meshfed_endpoint_ejections_total`,
+`meshfed_endpoint_ejected` (gauge) and `meshfed_endpoint_outcomes_total` per endpoint of a service.
+Each proxy gets its own `CollectorRegistry` (several proxies can share a test process);
+`_created` series are disabled (prometheus-client adds them by default).
+
+Byte counters are added when a connection closes (not per chunk: the relay hot path stays free of
+metric calls). The admin server is a deliberately tiny HTTP/1.0 GET responder on asyncio, bound
+to a loopback address only (refused otherwise): `/ready`, `/config_dump`, `/metrics`, `/healthz`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+prometheus_client.disable_created_metrics()
+
+ISTIO_LABELS = ("reporter", "source_workload", "source_principal", "destination_service",
+                "destination_principal", "source_cluster", "destination_cluster",
+                "connection_security_policy")
+
+
+@dataclass(frozen=True, slots=True)
+class ConnLabels:
+    reporter: str
+    source_workload: str = "unknown"
+    source_principal: str = "unknown"
+    destination_service: str = "unknown"
+    destination_principal: str = "unknown"
+    source_cluster: str = "unknown"
+    destination_cluster: str = "unknown"
+    connection_security_policy: str = "mutual_tls"
+
+    def values(self) -> tuple[str, ...]:
+        return (self.reporter, self.source_workload, self.source_principal, self.destination_service,
+                self.destination_principal, self.source_cluster, self.destination_cluster,
+                self.connection_security_policy)
+
+
+class Telemetry:
+    """Metrics and access log of one proxy."""
+
+    def __init__(self, proxy_id: str, access_log: TextIO | None = None) -> None:
+        self.proxy_id = proxy_id
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.opened = Counter("istio_tcp_connections_opened", "TCP connections opened", ISTIO_LABELS, registry=r)
+        self.closed = Counter("istio_tcp_connections_closed", "TCP connections closed", ISTIO_LABELS, registry=r)
+        self.sent = Counter("istio_tcp_sent_bytes", "Bytes sent to the destination", ISTIO_LABELS, registry=r)
+        self.received = Counter("istio_tcp_received_bytes", "Bytes received from the destination",
+                                ISTIO_LABELS, registry=r)
+        self.ejections = Counter("meshfed_endpoint_ejections", "Outlier ejections enforced by this proxy",
+                                 ("destination_service", "endpoint", "reason"), registry=r)
+        self.ejected = Gauge("meshfed_endpoint_ejected", "1 while this proxy has the endpoint ejected",
+                             ("destination_service", "endpoint"), registry=r)
+        self.outcomes = Counter("meshfed_endpoint_outcomes", "Connection outcomes per endpoint",
+                                ("destination_service", "endpoint", "outcome"), registry=r)
+        self.refused = Counter("meshfed_connections_refused", "Connections refused by the proxy",
+                               ("reporter", "reason"), registry=r)
+        self.access_log = access_log
+
+    def conn_opened(self, labels: ConnLabels) -> None:
+        self.opened.labels(*labels.values()).inc()
+
+    def conn_closed(self, labels: ConnLabels, sent_bytes: int, received_bytes: int) -> None:
+        v = labels.values()
+        self.closed.labels(*v).inc()
+        if sent_bytes:
+            self.sent.labels(*v).inc(sent_bytes)
+        if received_bytes:
+            self.received.labels(*v).inc(received_bytes)
+
+    def endpoint_outcome(self, service: str, endpoint: str, outcome: str) -> None:
+        self.outcomes.labels(service, endpoint, outcome).inc()
+
+    def endpoint_ejected(self, service: str, endpoint: str, reason: str) -> None:
+        self.ejections.labels(service, endpoint, reason).inc()
+        self.ejected.labels(service, endpoint).set(1)
+
+    def endpoint_unejected(self, service: str, endpoint: str) -> None:
+        self.ejected.labels(service, endpoint).set(0)
+
+    def refusal(self, reporter: str, reason_code: str) -> None:
+        self.refused.labels(reporter, reason_code).inc()
+
+    def log(self, **fields: Any) -> None:
+        """One JSON object per line: a connection's summary or a proxy event."""
+        if self.access_log is None:
+            return
+        fields.setdefault("ts", round(time.time(), 6))
+        fields.setdefault("proxy", self.proxy_id)
+        try:
+            self.access_log.write(json.dumps(fields, separators=(",", ":"), default=str) + "\n")
+            self.access_log.flush()
+        except (OSError, ValueError):
+            pass
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)  # type: ignore[no-any-return]
+
+
+def stderr_log() -> TextIO:
+    return sys.stderr
+
+
+class AdminServer:
+    """GET-only admin endpoints on a loopback address."""
+
+    def __init__(self, host: str, port: int, *, ready: Callable[[], tuple[bool, str]],
+                 config_dump: Callable[[], dict[str, Any]], telemetry: Telemetry) -> None:
+        if not ipaddress.ip_address(host).is_loopback:
+            raise ValueError(f"admin address {host} is not loopback; the admin port exposes config and must "
+                             "stay local (use 127.0.0.1)")
+        self.host, self.port = host, port
+        self._ready = ready
+        self._config_dump = config_dump
+        self._telemetry = telemetry
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, self.host, self.port)
+        sock = self.server.sockets[0]
+        self.port = sock.getsockname()[1]
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5.0)
+            while (await asyncio.wait_for(reader.readline(), 5.0)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = line.decode("latin-1").split()
+            path = parts[1].split("?")[0] if len(parts) >= 2 else "/"
+            status, ctype, body = self.route(parts[0] if parts else "", path)
+            writer.write(f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                         "Connection: close\r\n\r\n".encode() + body)
+            await writer.drain()
+        except (TimeoutError, OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    def route(self, method: str, path: str) -> tuple[str, str, bytes]:
+        if method != "GET":
+            return "405 Method Not Allowed", "text/plain", b"GET only\n"
+        if path in ("/ready", "/healthz/ready"):
+            ok, why = self._ready()
+            return ("200 OK" if ok else "503 Service Unavailable"), "text/plain", (why + "\n").encode()
+        if path == "/healthz":
+            return "200 OK", "text/plain", b"ok\n"
+        if path == "/config_dump":
+            return "200 OK", "application/json", json.dumps(self._config_dump(), indent=1, default=str).encode()
+        if path == "/metrics":
+            return "200 OK", prometheus_client.CONTENT_TYPE_LATEST, self._telemetry.render()
+        return "404 Not Found", "text/plain", b"endpoints: /ready /healthz /config_dump /metrics\n"
