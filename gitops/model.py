@@ -157,6 +157,9 @@ class Cluster:
     labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     pos: SourcePos = SourcePos("")
     field_pos: Mapping[str, SourcePos] = field(default_factory=_frozen_map)
+    # The CA this cluster's workloads get certificates from, when it declares one (spec.ca);
+    # None = its trust domain's CA. Validation requires it to equal the trust domain's CA.
+    ca: CaSpec | None = None
 
 
 class CaMode(str, Enum):

@@ -1,0 +1,123 @@
+"""`meshfed validate` and `meshfed plan`: the fleet repo as a reviewer sees it.
+
+Both are thin: reading and validation live in `gitops`, the diff in `gitops.plan.diff_snapshots`.
+Exit codes follow ARCHITECTURE.md: validate 0 valid / 1 problems / 2 could not read; plan 0 no
+change / 1 changes / 2 could not complete; usage errors 64. Problems go to stdout (they are the
+command's result); failures to read go to stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+import gitops
+from federation.cli.output import (
+    EXIT_OK,
+    EXIT_PROBLEMS,
+    emit_data,
+    fail,
+    output_option,
+)
+from gitops.plan import ChangeAction, PlanResult, diff_snapshots
+from gitops.problems import FleetError, Problem, RepoAccessError, Severity
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = "-" if value is None else str(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _print_problems(problems: list[Problem]) -> None:
+    for p in problems:
+        click.echo(p.render())
+
+
+@click.command("validate")
+@click.argument("path", default=".", type=click.Path(file_okay=False))
+@click.option("--revision", "revision", default=None, metavar="REF",
+              help="validate this commit of the Git repository at PATH instead of the working tree")
+@output_option(formats=("table", "json", "yaml"))
+def validate_cmd(path: str, revision: str | None, output: str) -> None:
+    """Validate a fleet repo (working tree, or a commit with --revision)."""
+    try:
+        result = gitops.load(path, revision)
+    except RepoAccessError as e:
+        fail(str(e), hint="check the path (and --revision)")
+    problems = sorted(result.problems, key=lambda p: (p.pos.file, p.pos.line, p.pos.col, p.code))
+    errors = [p for p in problems if p.severity is Severity.ERROR]
+    if output in ("json", "yaml"):
+        rev = result.snapshot.revision.sha if result.snapshot else (revision or "WORKTREE")
+        emit_data({"valid": not errors, "revision": rev, "errors": len(errors),
+                   "warnings": len(problems) - len(errors), "problems": [p.as_dict() for p in problems]}, output)
+    else:
+        _print_problems(problems)
+        if result.snapshot is not None:
+            s = result.snapshot
+            summary = (f"{len(s.clusters)} clusters, {len(s.trust_domains)} trust domains, {len(s.services)} "
+                       f"services, {len(s.destination_rules)} destination rules, "
+                       f"{len(s.authorization_policies)} authorization policies, {len(s.routes)} routes, "
+                       f"{len(s.lab_clusters)} lab clusters")
+            warn = f" ({len(problems)} warnings)" if problems else ""
+            click.echo(f"valid{warn}: {path} @ {s.revision.short} — {summary}")
+        else:
+            click.echo(f"invalid: {len(errors)} errors, {len(problems) - len(errors)} warnings", err=True)
+    sys.exit(EXIT_PROBLEMS if errors else EXIT_OK)
+
+
+@click.command("plan")
+@click.argument("path", default=".", type=click.Path(file_okay=False))
+@click.option("--from", "from_ref", required=True, metavar="REF", help="the revision in force (e.g. origin/main)")
+@click.option("--to", "to_ref", required=True, metavar="REF",
+              help="the revision to push (a commit, or WORKTREE for uncommitted files)")
+@output_option(formats=("table", "json", "yaml"))
+def plan_cmd(path: str, from_ref: str, to_ref: str, output: str) -> None:
+    """Show what moving the fleet from one revision to another would change."""
+    old = _load_or_fail(path, from_ref)
+    new = _load_or_fail(path, to_ref)
+    result = diff_snapshots(old, new)
+    if output in ("json", "yaml"):
+        emit_data(result.as_dict(), output)
+    else:
+        _print_plan(result)
+    sys.exit(EXIT_PROBLEMS if result.changed else EXIT_OK)
+
+
+def _load_or_fail(path: str, ref: str) -> gitops.ConfigSnapshot:
+    try:
+        if ref == "WORKTREE":
+            return gitops.load_worktree(path)
+        return gitops.load_revision(path, ref)
+    except RepoAccessError as e:
+        fail(str(e), hint="check the path and both revisions")
+    except FleetError as e:
+        _print_problems(list(e.problems))
+        fail(f"the fleet repo does not validate at {ref}: {len(e.problems)} errors",
+             hint=f"fix them, or see: meshfed validate {path} --revision {ref}")
+
+
+_SIGN = {ChangeAction.ADDED: "+", ChangeAction.REMOVED: "-", ChangeAction.CHANGED: "~"}
+
+
+def _print_plan(result: PlanResult) -> None:
+    """Terraform-like text: one line per object (+ added, - removed, ~ changed), then its fields."""
+    click.echo(f"plan {result.old_revision.short} ({result.old_revision.subject}) -> "
+               f"{result.new_revision.short} ({result.new_revision.subject})")
+    if not result.changes:
+        click.echo("no changes")
+        return
+    for c in result.changes:
+        click.echo(f"{_SIGN[c.action]} {c.obj} ({c.pos.file})")
+        for f in c.fields:
+            click.echo(f"    {f.path}: {_short(f.old)} -> {_short(f.new)}")
+    counts = {a: sum(1 for c in result.changes if c.action is a) for a in ChangeAction}
+    click.echo(f"{counts[ChangeAction.ADDED]} to add, {counts[ChangeAction.CHANGED]} to change, "
+               f"{counts[ChangeAction.REMOVED]} to remove")
+
+
+def register(group: click.Group) -> None:
+    group.add_command(validate_cmd)
+    group.add_command(plan_cmd)
+

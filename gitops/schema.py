@@ -1,0 +1,835 @@
+"""The boundary: YAML documents -> pydantic models (strict, extra='forbid') -> `gitops.model`.
+
+Pydantic stays here. Every model is strict (no "8080" -> 8080, no "yes" -> True) and forbids
+unknown fields; each pydantic error is translated into a `Problem` with the file:line:col of the
+offending key and a stable code. For an unknown field the message lists the supported fields and
+the closest match ("did you mean"); for a field that exists upstream in Istio / Gateway API but
+that meshfed does not implement, the code is MF0108 and the message says so, so that a pasted
+upstream object never has a field silently ignored.
+
+Field names follow the upstream APIs (Istio, Kubernetes MCS, Gateway API): camelCase, with the
+upstream spellings of the irregular ones (`consecutive5xxErrors`, `podCIDRs`, `meshID`).
+
+meshfed's own kinds, as YAML (all under apiVersion meshfed.dev/v1alpha1):
+
+    Federation   spec: meshID, clustersetDomain, reconcileInterval, gitPollInterval,
+                       partition{leaseTTL, mode: Freeze|Withdraw}, defaultTrafficPolicy
+    Cluster      metadata.labels; spec: network, locality{region, zone}, trustDomain,
+                       api{kind: Lab|Kubeconfig, context, kubeconfig}, eastWestGateway{address, port},
+                       podCIDRs, serviceCIDRs, ca (optional: the CA this cluster's workloads use,
+                       must equal its trust domain's)
+    TrustDomain  spec: federatesWith, ca{mode: Managed|External, roots[{name, signing}],
+                       bundleFile, workloadCertTTL}
+    GlobalService metadata.namespace; spec: exportFrom, serviceAccount,
+                       ports[{name, port, targetPort, appProtocol}], hostname, trafficPolicy
+    LabCluster   spec: nodes[{name, zone}], workloads[{name, namespace, service, role, replicas,
+                       nodes, serviceAccount, port, behaviour}]
+
+`trafficPolicy` everywhere is the Istio DestinationRule subset (outlierDetection,
+loadBalancer.localityLbSetting, connectionPool.tcp.connectTimeout) plus meshfed's
+`outlierDetection.maxEjectionTime` (Envoy's max_ejection_time; Istio does not expose it).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Annotated, Any, ClassVar, Literal, Union
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+)
+from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
+
+from gitops import model as m
+from gitops.codes import problem
+from gitops.problems import ObjectRef, Problem, SourcePos
+from gitops.yamldoc import Doc, Path
+
+# --------------------------------------------------------------------------------------------
+# value types
+
+_DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)(h|ms|m|s|us|µs|ns))+$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(h|ms|m|s|us|µs|ns)")
+_UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+
+
+def parse_duration_s(text: str) -> float:
+    """Istio/Go duration text -> seconds. Raises ValueError with a usable message."""
+    if not _DURATION_RE.match(text):
+        raise ValueError(f"{text!r} is not a duration; write a number with a unit, e.g. 500ms, 5s, 1m30s, 2h")
+    return sum(float(n) * _UNIT_S[u] for n, u in _DURATION_PART.findall(text))
+
+
+def _duration(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, str):
+        raise PydanticCustomError("MF0104", "durations are strings with a unit, e.g. '5s' (got {value!r})",
+                                  {"value": v})
+    try:
+        return parse_duration_s(v)
+    except ValueError as e:
+        raise PydanticCustomError("MF0104", str(e)) from None
+
+
+def _port(v: int) -> int:
+    if not 1 <= v <= 65535:
+        raise PydanticCustomError("MF0105", "port {value} is out of range 1..65535", {"value": v})
+    return v
+
+
+def _percent(v: int) -> int:
+    if not 0 <= v <= 100:
+        raise PydanticCustomError("MF0508", "{value} is not a percentage in 0..100", {"value": v})
+    return v
+
+
+def _non_negative(v: int) -> int:
+    if v < 0:
+        raise PydanticCustomError("MF0102", "{value} must not be negative", {"value": v})
+    return v
+
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def _dns_label(v: str) -> str:
+    if not _DNS_LABEL.match(v):
+        raise PydanticCustomError(
+            "MF0106", "{value!r} is not a DNS-1123 label (lower-case letters, digits and '-', "
+            "at most 63 characters, alphanumeric at both ends)", {"value": v})
+    return v
+
+
+Duration = Annotated[float, BeforeValidator(_duration)]
+Port = Annotated[int, AfterValidator(_port)]
+Percent = Annotated[int, AfterValidator(_percent)]
+Count = Annotated[int, AfterValidator(_non_negative)]
+DnsLabel = Annotated[str, AfterValidator(_dns_label)]
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, alias_generator=to_camel,
+                              populate_by_name=False, frozen=True)
+    # Fields that exist in the upstream API but that meshfed does not implement (-> MF0108).
+    upstream_unsupported: ClassVar[frozenset[str]] = frozenset()
+
+
+# --------------------------------------------------------------------------------------------
+# shared: metadata and traffic policy (Istio DestinationRule subset)
+
+class Metadata(_Base):
+    name: str
+    namespace: DnsLabel | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    upstream_unsupported = frozenset({"uid", "resourceVersion", "generation", "creationTimestamp",
+                                      "ownerReferences", "finalizers", "managedFields", "generateName",
+                                      "deletionTimestamp"})
+
+
+class OutlierDetectionS(_Base):
+    consecutive_5xx_errors: Count | None = Field(None, alias="consecutive5xxErrors")
+    consecutive_gateway_errors: Count | None = None
+    consecutive_local_origin_failures: Count | None = None
+    split_external_local_origin_errors: bool = False
+    interval: Duration = m.ENVOY_DEFAULT_INTERVAL_S
+    base_ejection_time: Duration = m.ENVOY_DEFAULT_BASE_EJECTION_S
+    max_ejection_time: Duration = m.ENVOY_DEFAULT_MAX_EJECTION_S
+    max_ejection_percent: Percent = m.ENVOY_DEFAULT_MAX_EJECTION_PERCENT
+    min_health_percent: Percent = 0
+    upstream_unsupported = frozenset({"consecutiveErrors"})
+
+
+class FailoverS(_Base):
+    from_: str = Field(alias="from")
+    to: str
+
+
+class DistributeS(_Base):
+    from_: str = Field(alias="from")
+    to: dict[str, int]
+
+
+class LocalityLbSettingS(_Base):
+    enabled: bool = True
+    failover_priority: list[str] = Field(default_factory=list)
+    failover: list[FailoverS] = Field(default_factory=list)
+    distribute: list[DistributeS] = Field(default_factory=list)
+
+
+class LoadBalancerS(_Base):
+    locality_lb_setting: LocalityLbSettingS | None = None
+    upstream_unsupported = frozenset({"simple", "consistentHash", "warmupDurationSecs", "warmup"})
+
+
+class TcpSettingsS(_Base):
+    connect_timeout: Duration | None = None
+    upstream_unsupported = frozenset({"maxConnections", "tcpKeepalive", "maxConnectionDuration", "idleTimeout"})
+
+
+class ConnectionPoolS(_Base):
+    tcp: TcpSettingsS | None = None
+    upstream_unsupported = frozenset({"http"})
+
+
+class TrafficPolicyS(_Base):
+    outlier_detection: OutlierDetectionS | None = None
+    load_balancer: LoadBalancerS | None = None
+    connection_pool: ConnectionPoolS | None = None
+    upstream_unsupported = frozenset({"tls", "portLevelSettings", "tunnel", "proxyProtocol"})
+
+
+# --------------------------------------------------------------------------------------------
+# meshfed.dev/v1alpha1 kinds
+
+class PartitionS(_Base):
+    lease_ttl: Duration = Field(30.0, alias="leaseTTL")
+    mode: Literal["Freeze", "Withdraw"] = "Freeze"
+
+
+class FederationSpec(_Base):
+    mesh_id: str = Field(alias="meshID")
+    clusterset_domain: str = "clusterset.local"
+    reconcile_interval: Duration = 10.0
+    git_poll_interval: Duration = 15.0
+    partition: PartitionS = Field(default_factory=lambda: PartitionS.model_validate({}))
+    default_traffic_policy: TrafficPolicyS | None = None
+
+
+class LocalityS(_Base):
+    region: str
+    zone: str
+
+
+class ClusterApiS(_Base):
+    kind: Literal["Lab", "Kubeconfig"]
+    context: str
+    kubeconfig: str | None = None
+
+
+class GatewayS(_Base):
+    address: str
+    port: Port = m.HBONE_PORT
+
+
+class CaRootS(_Base):
+    name: str
+    signing: bool = False
+
+
+class CaS(_Base):
+    mode: Literal["Managed", "External"] = "Managed"
+    roots: list[CaRootS] | None = None
+    bundle_file: str | None = None
+    workload_cert_ttl: Duration = Field(24 * 3600.0, alias="workloadCertTTL")
+
+
+class ClusterSpec(_Base):
+    network: DnsLabel
+    locality: LocalityS
+    trust_domain: str
+    api: ClusterApiS
+    east_west_gateway: GatewayS | None = None
+    pod_cidrs: list[str] = Field(default_factory=list, alias="podCIDRs")
+    service_cidrs: list[str] = Field(default_factory=list, alias="serviceCIDRs")
+    ca: CaS | None = None
+
+
+class TrustDomainSpec(_Base):
+    federates_with: list[str] = Field(default_factory=list)
+    ca: CaS = Field(default_factory=lambda: CaS.model_validate({}))
+
+
+class ServicePortS(_Base):
+    name: str
+    port: Port
+    target_port: Port | None = None
+    app_protocol: str = "tcp"
+    upstream_unsupported = frozenset({"protocol", "nodePort"})
+
+
+class GlobalServiceSpec(_Base):
+    export_from: list[str]
+    service_account: str
+    ports: list[ServicePortS]
+    hostname: str | None = None
+    traffic_policy: TrafficPolicyS | None = None
+
+
+class LabNodeS(_Base):
+    name: DnsLabel
+    zone: str | None = None
+
+
+class LabWorkloadS(_Base):
+    name: DnsLabel
+    namespace: DnsLabel
+    service: str | None = None
+    role: Literal["server", "client"] = "server"
+    replicas: Annotated[int, AfterValidator(_non_negative)] = 1
+    nodes: list[str] = Field(default_factory=list)
+    service_account: str
+    port: Port = 8080
+    behaviour: Literal["Healthy", "Error503", "Slow", "Hang"] = "Healthy"
+
+
+class LabClusterSpec(_Base):
+    nodes: list[LabNodeS]
+    workloads: list[LabWorkloadS] = Field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# upstream kinds
+
+class DestinationRuleSpec(_Base):
+    host: str
+    traffic_policy: TrafficPolicyS | None = None
+    upstream_unsupported = frozenset({"subsets", "exportTo", "workloadSelector"})
+
+
+class SourceS(_Base):
+    principals: list[str] = Field(default_factory=list)
+    not_principals: list[str] = Field(default_factory=list)
+    namespaces: list[str] = Field(default_factory=list)
+    not_namespaces: list[str] = Field(default_factory=list)
+    upstream_unsupported = frozenset({"requestPrincipals", "notRequestPrincipals", "ipBlocks", "notIpBlocks",
+                                      "remoteIpBlocks", "notRemoteIpBlocks", "serviceAccounts",
+                                      "notServiceAccounts"})
+
+
+class FromS(_Base):
+    source: SourceS
+
+
+class OperationS(_Base):
+    ports: list[str] = Field(default_factory=list)
+    not_ports: list[str] = Field(default_factory=list)
+    upstream_unsupported = frozenset({"hosts", "notHosts", "methods", "notMethods", "paths", "notPaths"})
+
+
+class ToS(_Base):
+    operation: OperationS
+
+
+class AuthzRuleS(_Base):
+    from_: list[FromS] = Field(default_factory=list, alias="from")
+    to: list[ToS] = Field(default_factory=list)
+    upstream_unsupported = frozenset({"when"})
+
+
+class SelectorS(_Base):
+    match_labels: dict[str, str] = Field(default_factory=dict)
+
+
+class AuthorizationPolicySpec(_Base):
+    selector: SelectorS | None = None
+    action: Literal["ALLOW", "DENY"] = "ALLOW"
+    rules: list[AuthzRuleS] = Field(default_factory=list)
+    upstream_unsupported = frozenset({"provider", "targetRef", "targetRefs"})
+
+
+class ParentRefS(_Base):
+    group: str | None = None
+    kind: str | None = None
+    name: str
+    namespace: str | None = None
+    port: Port | None = None
+    upstream_unsupported = frozenset({"sectionName"})
+
+
+class BackendRefS(_Base):
+    group: str | None = None
+    kind: str | None = None
+    name: str
+    namespace: str | None = None
+    port: Port | None = None
+    weight: Annotated[int, AfterValidator(_non_negative)] = 1
+    upstream_unsupported = frozenset({"filters"})
+
+
+class RouteRuleS(_Base):
+    backend_refs: list[BackendRefS]
+    upstream_unsupported = frozenset({"matches", "filters", "timeouts", "retry", "sessionPersistence", "name"})
+
+
+class RouteSpec(_Base):
+    parent_refs: list[ParentRefS]
+    rules: list[RouteRuleS]
+    upstream_unsupported = frozenset({"hostnames", "useDefaultGateways"})
+
+
+# --------------------------------------------------------------------------------------------
+# kinds: (apiVersions, kind) -> spec model, namespaced?
+
+@dataclass(frozen=True, slots=True)
+class KindInfo:
+    kind: str
+    api_versions: tuple[str, ...]
+    spec: type[_Base]
+    namespaced: bool
+
+
+KINDS: dict[str, KindInfo] = {k.kind: k for k in (
+    KindInfo("Federation", (m.API_VERSION,), FederationSpec, False),
+    KindInfo("Cluster", (m.API_VERSION,), ClusterSpec, False),
+    KindInfo("TrustDomain", (m.API_VERSION,), TrustDomainSpec, False),
+    KindInfo("GlobalService", (m.API_VERSION,), GlobalServiceSpec, True),
+    KindInfo("LabCluster", (m.API_VERSION,), LabClusterSpec, False),
+    KindInfo("DestinationRule", m.ISTIO_NETWORKING_VERSIONS, DestinationRuleSpec, True),
+    KindInfo("AuthorizationPolicy", m.ISTIO_SECURITY_VERSIONS, AuthorizationPolicySpec, True),
+    KindInfo("HTTPRoute", m.GATEWAY_API_VERSIONS, RouteSpec, True),
+    KindInfo("TCPRoute", ("gateway.networking.k8s.io/v1alpha2",), RouteSpec, True),
+)}
+
+
+def accepted_kinds() -> str:
+    return ", ".join(f"{k.api_versions[0]}/{k.kind}" for k in KINDS.values())
+
+
+FleetObject = (m.Federation | m.Cluster | m.TrustDomain | m.GlobalService | m.LabCluster
+               | m.DestinationRule | m.AuthorizationPolicy | m.Route)
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """One file's object: what it is (kind/name/namespace as written) and its model form."""
+
+    kind: str
+    name: str
+    namespace: str | None
+    obj: FleetObject
+
+
+def object_ref(kind: str, name: str, namespace: str | None) -> ObjectRef:
+    return ObjectRef(kind, name, namespace)
+
+
+# --------------------------------------------------------------------------------------------
+# pydantic error -> Problem
+
+
+def _unwrap(tp: Any) -> Any:
+    """Strip Annotated / Optional wrappers."""
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin in (Union, types.UnionType):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            tp = args[0] if len(args) == 1 else tp
+            if len(args) != 1:
+                return tp
+        else:
+            return tp
+
+
+def _model_at(root: type[BaseModel], loc: tuple[str | int, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that holds the field at `loc` (loc given by aliases)."""
+    tp: Any = root
+    for part in loc:
+        tp = _unwrap(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            fld = next((f for n, f in tp.model_fields.items() if (f.alias or n) == part), None)
+            if fld is None:
+                return None
+            tp = fld.annotation
+        elif typing.get_origin(tp) in (list, tuple):
+            tp = typing.get_args(tp)[0]
+        elif typing.get_origin(tp) is dict:
+            tp = typing.get_args(tp)[1]
+        else:
+            return None
+    tp = _unwrap(tp)
+    return tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
+
+
+def _aliases(model: type[BaseModel]) -> list[str]:
+    return [f.alias or n for n, f in model.model_fields.items()]
+
+
+def did_you_mean(word: str, choices: list[str]) -> str | None:
+    lowered = {c.lower(): c for c in choices}
+    if word.lower() in lowered:
+        return lowered[word.lower()]
+    close = difflib.get_close_matches(word.lower(), list(lowered), n=1, cutoff=0.6)
+    return lowered[close[0]] if close else None
+
+
+def _dotted(loc: tuple[str | int, ...]) -> str:
+    out = ""
+    for p in loc:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+_DEFAULT_HINT = "write a value of the type and range this field takes (see the message)"
+_HINTS = {
+    "MF0104": "write a number with a unit, e.g. 500ms, 5s, 1m30s, 2h",
+    "MF0105": "use a port in 1..65535",
+    "MF0106": "use lower-case letters, digits and '-', e.g. net-east",
+    "MF0508": "use a percentage in 0..100",
+    "int_type": "write an unquoted whole number, e.g. 2 (not \"2\")",
+    "int_from_float": "write a whole number",
+    "string_type": "quote the value so it stays a string",
+    "bool_type": "write true or false (YAML 1.2: yes/no/on/off are strings)",
+    "literal_error": "use one of the listed values exactly (case matters)",
+    "list_type": "write a list (items starting with '- ')",
+    "dict_type": "write a mapping (key: value lines)",
+    "model_type": "write a mapping (key: value lines)",
+}
+
+
+def _errors_to_problems(doc: Doc, root: type[BaseModel], err: ValidationError, ref: ObjectRef,
+                        prefix: tuple[str, ...]) -> list[Problem]:
+    probs: list[Problem] = []
+    for e in err.errors():
+        loc = prefix + tuple(e["loc"])
+        etype = e["type"]
+        where = _dotted(loc)
+        if etype == "extra_forbidden":
+            parent = _model_at(root, loc[:-1])
+            key = str(loc[-1])
+            supported = _aliases(parent) if parent else []
+            if parent is not None and key in getattr(parent, "upstream_unsupported", frozenset()):
+                probs.append(problem(
+                    "MF0108", f"field {where!r} is not supported by meshfed", doc.pos(loc), obj=ref,
+                    hint=f"remove it; supported here: {', '.join(supported)}"))
+                continue
+            guess = did_you_mean(key, supported)
+            hint = (f"did you mean {guess!r}? " if guess else "") + f"supported here: {', '.join(supported)}"
+            probs.append(problem("MF0101", f"unknown field {where!r}", doc.pos(loc), hint=hint, obj=ref))
+        elif etype == "missing":
+            probs.append(problem("MF0103", f"missing required field {where!r}", doc.pos(loc[:-1]), obj=ref,
+                                 hint=f"add '{loc[-1]}' under {_dotted(loc[:-1]) or 'the top level'}"))
+        else:
+            code = etype if etype.startswith("MF") else "MF0102"
+            msg = e["msg"].removeprefix("Value error, ")
+            got = e.get("input")
+            shown = "" if isinstance(got, dict | list) or etype.startswith("MF") else f" (got {got!r})"
+            probs.append(problem(code, f"{where}: {msg}{shown}", doc.value_at(loc), obj=ref,
+                                 hint=_HINTS.get(code) or _HINTS.get(etype) or _DEFAULT_HINT))
+    return probs
+
+
+# --------------------------------------------------------------------------------------------
+# document -> model
+
+
+def _field_pos(doc: Doc) -> Mapping[str, SourcePos]:
+    fp = {_dotted(p): pos for p, pos in doc.key_pos.items()}
+    for p, pos in doc.value_pos.items():
+        if p and isinstance(p[-1], int):
+            fp[_dotted(p)] = pos
+    return MappingProxyType(fp)
+
+
+def parse_object(doc: Doc) -> tuple[Parsed | None, list[Problem]]:
+    """Validate one document's envelope and spec and convert it to the internal model."""
+    data = doc.data
+    top = SourcePos(doc.file, 1, 1)
+    if not isinstance(data, dict):
+        return None, [problem("MF0007", "the file must hold one mapping with apiVersion, kind, metadata and spec",
+                              doc.value_at(()))]
+    kind = data.get("kind")
+    api = data.get("apiVersion")
+    if not isinstance(kind, str) or kind not in KINDS:
+        guess = did_you_mean(str(kind), list(KINDS)) if isinstance(kind, str) else None
+        return None, [problem("MF0008", f"unknown kind {kind!r}", doc.value_at(("kind",)) if "kind" in data else top,
+                              hint=(f"did you mean {guess!r}? " if guess else "") + f"accepted: {accepted_kinds()}")]
+    info = KINDS[kind]
+    if api not in info.api_versions:
+        return None, [problem("MF0008", f"apiVersion {api!r} is not accepted for kind {kind}",
+                              doc.value_at(("apiVersion",)) if "apiVersion" in data else top,
+                              hint=f"use one of: {', '.join(info.api_versions)}")]
+    envelope = {"apiVersion", "kind", "metadata", "spec"}
+    probs: list[Problem] = []
+    for key in data:
+        if key not in envelope:
+            if key == "status":
+                probs.append(problem("MF0108", "'status' is written by controllers, not kept in the fleet repo",
+                                     doc.pos((key,)), hint="remove the status block"))
+                continue
+            guess = did_you_mean(key, sorted(envelope))
+            probs.append(problem("MF0101", f"unknown field {key!r}", doc.pos((key,)),
+                                 hint=(f"did you mean {guess!r}? " if guess else "")
+                                 + "supported here: apiVersion, kind, metadata, spec"))
+    for key in ("metadata", "spec"):
+        if key not in data:
+            probs.append(problem("MF0103", f"missing required field {key!r}", top, hint=f"add a '{key}:' block"))
+    if probs:
+        return None, probs
+
+    meta_data = data["metadata"]
+    name = meta_data.get("name") if isinstance(meta_data, dict) else None
+    ns = meta_data.get("namespace") if isinstance(meta_data, dict) else None
+    ref = object_ref(kind, str(name), ns if isinstance(ns, str) else None)
+    meta: Metadata | None = None
+    spec: Any = None
+    try:
+        meta = Metadata.model_validate(meta_data)
+    except ValidationError as e:
+        probs += _errors_to_problems(doc, _Wrap.for_meta(), e, ref, ("metadata",))
+    try:
+        spec = info.spec.model_validate(data["spec"])
+    except ValidationError as e:
+        probs += _errors_to_problems(doc, _Wrap.for_spec(info.spec), e, ref, ("spec",))
+    if probs or meta is None:
+        return None, probs
+    if info.namespaced and not meta.namespace:
+        return None, [problem("MF0103", f"{kind} is namespaced: metadata.namespace is required",
+                              doc.pos(("metadata",)), obj=ref, hint="add 'namespace: <ns>' under metadata")]
+    if not info.namespaced and meta.namespace:
+        return None, [problem("MF0101", f"{kind} is not namespaced: remove metadata.namespace",
+                              doc.pos(("metadata", "namespace")), obj=ref,
+                              hint="supported under metadata here: name, labels, annotations")]
+    ctx = _Ctx(doc, ref, _field_pos(doc), doc.pos(("metadata",)))
+    converted, more = _CONVERT[kind](ctx, meta, spec)
+    if converted is None:
+        return None, more
+    return Parsed(kind, meta.name, meta.namespace, converted), more
+
+
+class _Wrap:
+    """Root models whose single field is `metadata` / `spec`, so error locs become document paths."""
+
+    _cache: ClassVar[dict[tuple[str, type[BaseModel]], type[BaseModel]]] = {}
+
+    @classmethod
+    def for_meta(cls) -> type[BaseModel]:
+        return cls._make("metadata", Metadata)
+
+    @classmethod
+    def for_spec(cls, spec: type[_Base]) -> type[BaseModel]:
+        return cls._make("spec", spec)
+
+    @classmethod
+    def _make(cls, key: str, inner: type[BaseModel]) -> type[BaseModel]:
+        if (key, inner) not in cls._cache:
+            cls._cache[(key, inner)] = create_model(  # type: ignore[call-overload]
+                f"Root_{key}_{inner.__name__}", **{key: (inner, ...)})
+        return cls._cache[(key, inner)]
+
+
+@dataclass(frozen=True, slots=True)
+class _Ctx:
+    doc: Doc
+    ref: ObjectRef
+    field_pos: Mapping[str, SourcePos]
+    pos: SourcePos
+
+    def at(self, dotted: str) -> SourcePos:
+        return find_pos(self.field_pos, dotted, self.pos)
+
+
+_TRIM = re.compile(r"(\.[^.\[]+|\[\d+\])$")
+
+
+def find_pos(field_pos: Mapping[str, SourcePos], dotted: str, default: SourcePos) -> SourcePos:
+    """Position of `dotted` (e.g. spec.ports[0].port) or of its nearest recorded ancestor."""
+    while dotted:
+        p = field_pos.get(dotted)
+        if p is not None:
+            return p
+        trimmed = _TRIM.sub("", dotted)
+        if trimmed == dotted:
+            break
+        dotted = trimmed
+    return default
+
+
+def _traffic_policy(tp: TrafficPolicyS | None) -> m.TrafficPolicy | None:
+    if tp is None:
+        return None
+    od = None
+    if tp.outlier_detection is not None:
+        o = tp.outlier_detection
+        od = m.OutlierDetection(
+            consecutive_5xx_errors=o.consecutive_5xx_errors if o.consecutive_5xx_errors is not None
+            else m.ENVOY_DEFAULT_CONSECUTIVE_5XX,
+            consecutive_gateway_errors=o.consecutive_gateway_errors,
+            consecutive_local_origin_failures=o.consecutive_local_origin_failures,
+            split_external_local_origin_errors=o.split_external_local_origin_errors,
+            interval_s=o.interval, base_ejection_time_s=o.base_ejection_time,
+            max_ejection_time_s=o.max_ejection_time, max_ejection_percent=o.max_ejection_percent,
+            min_health_percent=o.min_health_percent)
+    lb = None
+    if tp.load_balancer is not None and tp.load_balancer.locality_lb_setting is not None:
+        s = tp.load_balancer.locality_lb_setting
+        lb = m.LocalityLbSetting(
+            enabled=s.enabled, failover_priority=tuple(s.failover_priority),
+            failover=tuple(m.FailoverRule(f.from_, f.to) for f in s.failover),
+            distribute=tuple(m.DistributeRule(d.from_, MappingProxyType(dict(d.to))) for d in s.distribute))
+    timeout = tp.connection_pool.tcp.connect_timeout if tp.connection_pool and tp.connection_pool.tcp else None
+    return m.TrafficPolicy(outlier_detection=od, locality_lb=lb, connect_timeout_s=timeout)
+
+
+def _ca(c: CaS) -> m.CaSpec:
+    roots = tuple(m.CaRoot(r.name, r.signing) for r in c.roots) if c.roots is not None else m.CaSpec().roots
+    return m.CaSpec(mode=m.CaMode(c.mode), roots=roots, bundle_file=c.bundle_file,
+                    workload_cert_ttl_s=c.workload_cert_ttl)
+
+
+Converted = tuple[FleetObject | None, list[Problem]]
+
+
+def _conv_federation(ctx: _Ctx, meta: Metadata, s: FederationSpec) -> Converted:
+    return m.Federation(
+        name=meta.name, mesh_id=s.mesh_id, clusterset_domain=s.clusterset_domain,
+        reconcile_interval_s=s.reconcile_interval, git_poll_interval_s=s.git_poll_interval,
+        partition=m.PartitionPolicy(lease_ttl_s=s.partition.lease_ttl, mode=m.PartitionMode(s.partition.mode)),
+        default_traffic_policy=_traffic_policy(s.default_traffic_policy), pos=ctx.pos,
+        field_pos=ctx.field_pos), []
+
+
+def _conv_cluster(ctx: _Ctx, meta: Metadata, s: ClusterSpec) -> Converted:
+    gw = m.EastWestGateway(s.east_west_gateway.address, s.east_west_gateway.port) if s.east_west_gateway else None
+    return m.Cluster(
+        name=m.ClusterName(meta.name), network=m.NetworkName(s.network), region=s.locality.region,
+        zone=s.locality.zone, trust_domain=m.TrustDomainName(s.trust_domain),
+        api=m.ClusterApi(m.ClusterApiKind(s.api.kind), s.api.context, s.api.kubeconfig),
+        east_west_gateway=gw, pod_cidrs=tuple(s.pod_cidrs), service_cidrs=tuple(s.service_cidrs),
+        labels=MappingProxyType(dict(meta.labels)), ca=_ca(s.ca) if s.ca else None,
+        pos=ctx.pos, field_pos=ctx.field_pos), []
+
+
+def _conv_trust(ctx: _Ctx, meta: Metadata, s: TrustDomainSpec) -> Converted:
+    return m.TrustDomain(
+        name=m.TrustDomainName(meta.name), federates_with=tuple(m.TrustDomainName(t) for t in s.federates_with),
+        ca=_ca(s.ca), pos=ctx.pos, field_pos=ctx.field_pos), []
+
+
+def _conv_service(ctx: _Ctx, meta: Metadata, s: GlobalServiceSpec) -> Converted:
+    ns = meta.namespace or ""
+    ports = tuple(m.ServicePort(p.name, p.port, p.target_port or p.port, p.app_protocol) for p in s.ports)
+    # The hostname needs the Federation's clustersetDomain: validate.py checks an explicit one and
+    # `finish_services` fills in the default.
+    return m.GlobalService(
+        namespace=ns, name=meta.name, export_from=tuple(m.ClusterName(c) for c in s.export_from), ports=ports,
+        service_account=s.service_account, hostname=s.hostname or "",
+        traffic_policy=_traffic_policy(s.traffic_policy), pos=ctx.pos, field_pos=ctx.field_pos), []
+
+
+def _conv_lab(ctx: _Ctx, meta: Metadata, s: LabClusterSpec) -> Converted:
+    return m.LabCluster(
+        cluster=m.ClusterName(meta.name), nodes=tuple(m.LabNode(n.name, n.zone) for n in s.nodes),
+        workloads=tuple(m.LabWorkload(
+            namespace=w.namespace, name=w.name, service=w.service, replicas=w.replicas, nodes=tuple(w.nodes),
+            service_account=w.service_account, port=w.port, behaviour=m.DemoBehaviour(w.behaviour), role=w.role)
+            for w in s.workloads),
+        pos=ctx.pos, field_pos=ctx.field_pos), []
+
+
+def _conv_dr(ctx: _Ctx, meta: Metadata, s: DestinationRuleSpec) -> Converted:
+    api = ctx.doc.data["apiVersion"]
+    return m.DestinationRule(
+        namespace=meta.namespace or "", name=meta.name, host=s.host,
+        traffic_policy=_traffic_policy(s.traffic_policy) or m.TrafficPolicy(), api_version=api,
+        pos=ctx.pos, field_pos=ctx.field_pos), []
+
+
+def _ports(ctx: _Ctx, values: list[str], where: str) -> tuple[tuple[int, ...], list[Problem]]:
+    out: list[int] = []
+    probs: list[Problem] = []
+    for i, v in enumerate(values):
+        if not v.isdigit() or not 1 <= int(v) <= 65535:
+            probs.append(problem("MF0105", f"{where}[{i}]: {v!r} is not a port in 1..65535",
+                                 ctx.at(f"{where}[{i}]"), obj=ctx.ref, hint="ports are written as strings: \"8080\""))
+        else:
+            out.append(int(v))
+    return tuple(out), probs
+
+
+def _conv_authz(ctx: _Ctx, meta: Metadata, s: AuthorizationPolicySpec) -> Converted:
+    rules: list[m.AuthzRule] = []
+    probs: list[Problem] = []
+    for ri, r in enumerate(s.rules):
+        sources = tuple(m.AuthzSource(tuple(f.source.principals), tuple(f.source.not_principals),
+                                      tuple(f.source.namespaces), tuple(f.source.not_namespaces)) for f in r.from_)
+        ops = r.to or [ToS.model_validate({"operation": {}})]
+        for ti, t in enumerate(ops):
+            base = f"spec.rules[{ri}].to[{ti}].operation"
+            ports, p1 = _ports(ctx, t.operation.ports, base + ".ports")
+            not_ports, p2 = _ports(ctx, t.operation.not_ports, base + ".notPorts")
+            probs += p1 + p2
+            rules.append(m.AuthzRule(from_=sources, ports=ports, not_ports=not_ports))
+    if probs:
+        return None, probs
+    api = ctx.doc.data["apiVersion"]
+    selector = MappingProxyType(dict(s.selector.match_labels)) if s.selector else MappingProxyType({})
+    return m.AuthorizationPolicy(
+        namespace=meta.namespace or "", name=meta.name, action=m.AuthzAction(s.action), rules=tuple(rules),
+        selector=selector, api_version=api, pos=ctx.pos, field_pos=ctx.field_pos), []
+
+
+def _conv_route(ctx: _Ctx, meta: Metadata, s: RouteSpec) -> Converted:
+    ns = meta.namespace or ""
+    kind = ctx.ref.kind
+    if len(s.parent_refs) != 1:
+        return None, [problem("MF0108", f"spec.parentRefs: meshfed supports exactly one parent (a Service), got "
+                              f"{len(s.parent_refs)}", ctx.at("spec.parentRefs"), obj=ctx.ref,
+                              hint="write one route per Service")]
+    parent = s.parent_refs[0]
+    if (parent.kind or "Gateway") != "Service" or (parent.group or "") not in ("", "core"):
+        return None, [problem("MF0108", f"spec.parentRefs[0]: only GAMMA parents (group \"\", kind Service) are "
+                              f"supported, got kind {parent.kind or 'Gateway'!r}", ctx.at("spec.parentRefs[0]"),
+                              obj=ctx.ref, hint="set parentRefs[0].group: \"\" and kind: Service")]
+    if len(s.rules) != 1:
+        return None, [problem("MF0108", f"spec.rules: meshfed supports exactly one rule (no matches), got "
+                              f"{len(s.rules)}", ctx.at("spec.rules"), obj=ctx.ref,
+                              hint="merge the backendRefs into one rule")]
+    backends: list[m.BackendRef] = []
+    for i, b in enumerate(s.rules[0].backend_refs):
+        if (b.kind or "Service") != "Service" or (b.group or "") not in ("", "core"):
+            return None, [problem("MF0108", f"spec.rules[0].backendRefs[{i}]: only Service backends are supported",
+                                  ctx.at(f"spec.rules[0].backendRefs[{i}]"), obj=ctx.ref,
+                                  hint="remove group/kind or set kind: Service")]
+        backends.append(m.BackendRef(b.name, b.namespace or ns, b.port, b.weight))
+    api = ctx.doc.data["apiVersion"]
+    return m.Route(kind=kind, namespace=ns, name=meta.name,
+                   parent_service=m.ServiceKey(parent.namespace or ns, parent.name), backends=tuple(backends),
+                   api_version=api, pos=ctx.pos, field_pos=ctx.field_pos), []
+
+
+_CONVERT: dict[str, Callable[[_Ctx, Metadata, Any], Converted]] = {
+    "Federation": _conv_federation,
+    "Cluster": _conv_cluster,
+    "TrustDomain": _conv_trust,
+    "GlobalService": _conv_service,
+    "LabCluster": _conv_lab,
+    "DestinationRule": _conv_dr,
+    "AuthorizationPolicy": _conv_authz,
+    "HTTPRoute": _conv_route,
+    "TCPRoute": _conv_route,
+}
+
+
+def kind_of(obj: FleetObject) -> str:
+    if isinstance(obj, m.Route):
+        return obj.kind
+    return type(obj).__name__
+
+
+def ref_of(obj: FleetObject) -> ObjectRef:
+    """ObjectRef for any model object (used by validation and plan)."""
+    kind = kind_of(obj)
+    if isinstance(obj, m.LabCluster):
+        return ObjectRef(kind, obj.cluster)
+    if isinstance(obj, m.GlobalService | m.DestinationRule | m.AuthorizationPolicy | m.Route):
+        return ObjectRef(kind, obj.name, obj.namespace)
+    return ObjectRef(kind, obj.name)
+
+
+__all__ = ["KINDS", "FleetObject", "Parsed", "Path", "did_you_mean", "kind_of", "parse_duration_s",
+           "parse_object", "ref_of"]

@@ -1,0 +1,593 @@
+"""Semantic validation: checks across objects, after each file parsed on its own.
+
+`check_objects(objects, all_paths)` is a pure function of the parsed objects (and the set of paths
+in the tree, for referenced files); it returns every problem it finds rather than stopping at the
+first, so `meshfed validate` shows a whole review's worth at once. Each check names the object,
+the file:line:col of the field at fault (from the object's `field_pos`), the cause and the fix.
+
+Decisions recorded here (they are also in `gitops.codes`):
+
+- Pool size for maxEjectionPercent (MF0505): the sum of `replicas` of the server workloads that
+  back the service in the LabClusters of its exportFrom clusters. Envoy ejects a host only while
+  `(ejected + 1) * 100 / pool <= maxEjectionPercent`, so at least one host can be ejected iff
+  `pool * maxEjectionPercent >= 100`. Fleets without LabClusters have no declared pool: skipped.
+- Locality failover needs outlier detection in the *same* traffic policy (a DestinationRule
+  replaces the service's inline policy and the federation default wholesale, as in Istio).
+- failover rules may be mutual (us-east -> us-west and back is the common backup pair); a region
+  failing over to itself or two rules for one region are cycles/ambiguities (MF0502).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import unicodedata
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from gitops import model as m
+from gitops.codes import problem
+from gitops.problems import Problem, SourcePos
+from gitops.schema import FleetObject, did_you_mean, find_pos, kind_of, ref_of
+
+RESERVED_NET = ipaddress.ip_network("10.255.0.0/16")  # the lab's management network
+TOPOLOGY_KEYS = {
+    "topology.istio.io/network": "network",
+    "topology.kubernetes.io/region": "region",
+    "topology.kubernetes.io/zone": "zone",
+    "topology.istio.io/subzone": "subzone",
+    "topology.istio.io/cluster": "cluster",
+}
+_TD_CHARS = re.compile(r"^[a-z0-9._-]+$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+
+
+def spiffe_trust_domain_error(name: str) -> str | None:
+    """Why `name` is not a valid SPIFFE trust domain, or None. Upper case is rejected, not folded."""
+    if not name:
+        return "a trust domain name must not be empty"
+    if len(name.encode()) > 255:
+        return f"is {len(name.encode())} bytes; a SPIFFE trust domain is at most 255 bytes"
+    if "://" in name:
+        return "contains a scheme; write the bare trust domain (no spiffe://)"
+    if ":" in name:
+        return "contains a port; a SPIFFE trust domain has no port"
+    if any(c.isupper() for c in name):
+        return "contains upper-case letters; SPIFFE trust domains are lower case (not folded silently)"
+    if not _TD_CHARS.match(name):
+        bad = sorted({c for c in name if not re.match(r"[a-z0-9._-]", c)})
+        return f"contains characters not allowed in a SPIFFE trust domain: {''.join(bad)!r}"
+    return None
+
+
+def resolve_host(host: str, namespace: str, clusterset_domain: str) -> m.ServiceKey | None:
+    """A DestinationRule host -> the service it names (FQDN in the clusterset or cluster domain,
+    `<svc>.<ns>`, or a short name relative to the rule's namespace, as Istio resolves them)."""
+    for suffix in (f".svc.{clusterset_domain}", ".svc.cluster.local", ".svc"):
+        if host.endswith(suffix):
+            parts = host[: -len(suffix)].split(".")
+            return m.ServiceKey(parts[1], parts[0]) if len(parts) == 2 else None
+    parts = host.split(".")
+    if len(parts) == 1:
+        return m.ServiceKey(namespace, parts[0])
+    if len(parts) == 2:
+        return m.ServiceKey(parts[1], parts[0])
+    return None
+
+
+def normalised(name: str) -> str:
+    return unicodedata.normalize("NFKC", name).casefold()
+
+
+@dataclass
+class _Fleet:
+    """Indexes over the parsed objects; built once, read by every check."""
+
+    federation: m.Federation | None
+    clusters: dict[str, m.Cluster]
+    trust: dict[str, m.TrustDomain]
+    services: dict[m.ServiceKey, m.GlobalService]
+    labs: dict[str, m.LabCluster]
+    drs: list[m.DestinationRule]
+    authz: list[m.AuthorizationPolicy]
+    routes: list[m.Route]
+    broken: frozenset[tuple[str, str, str]] = frozenset()
+
+    def failed(self, kind: str, name: str, namespace: str = "") -> bool:
+        """Was an object of this identity written but unparseable (already reported)?"""
+        return (kind, namespace, name) in self.broken
+
+    @property
+    def domain(self) -> str:
+        return self.federation.clusterset_domain if self.federation else "clusterset.local"
+
+    def regions(self) -> set[str]:
+        return {c.region for c in self.clusters.values()}
+
+
+class _Out:
+    def __init__(self) -> None:
+        self.problems: list[Problem] = []
+
+    def add(self, code: str, obj: FleetObject, field: str, message: str, hint: str = "") -> None:
+        self.problems.append(problem(code, message, at(obj, field), hint=hint, obj=ref_of(obj)))
+
+
+def at(obj: FleetObject, field: str) -> SourcePos:
+    fp: Mapping[str, SourcePos] = obj.field_pos
+    return find_pos(fp, field, obj.pos) if field else obj.pos
+
+
+def check_objects(objects: Sequence[FleetObject], all_paths: Iterable[str] = (),
+                  broken: frozenset[tuple[str, str, str]] = frozenset()) -> list[Problem]:
+    """Every cross-object problem. `broken` holds (kind, namespace, name) of objects whose files
+    failed to parse: references to them are not reported again as unknown."""
+    out = _Out()
+    paths = set(all_paths)
+    _check_duplicates(objects, out)
+    feds = [o for o in objects if isinstance(o, m.Federation)]
+    if not feds:
+        out.problems.append(problem("MF0011", "the fleet repo has no Federation", SourcePos("federation.yaml"),
+                                    hint="add federation.yaml with kind: Federation at the repository root"))
+    fleet = _Fleet(
+        federation=feds[0] if feds else None,
+        clusters={o.name: o for o in objects if isinstance(o, m.Cluster)},
+        trust={o.name: o for o in objects if isinstance(o, m.TrustDomain)},
+        services={o.key: o for o in objects if isinstance(o, m.GlobalService)},
+        labs={o.cluster: o for o in objects if isinstance(o, m.LabCluster)},
+        drs=[o for o in objects if isinstance(o, m.DestinationRule)],
+        authz=[o for o in objects if isinstance(o, m.AuthorizationPolicy)],
+        routes=[o for o in objects if isinstance(o, m.Route)],
+        broken=broken,
+    )
+    for t in fleet.trust.values():
+        _check_trust_domain(t, fleet, paths, out)
+    _check_clusters(fleet, out)
+    for s in fleet.services.values():
+        _check_service(s, fleet, out)
+    _check_destination_rules(fleet, out)
+    if fleet.federation and fleet.federation.default_traffic_policy:
+        covered = {k for k, s in fleet.services.items() if s.traffic_policy is not None}
+        covered |= {k for d in fleet.drs if (k := resolve_host(d.host, d.namespace, fleet.domain))}
+        pool_services = [s for k, s in fleet.services.items() if k not in covered]
+        _check_traffic_policy(fleet.federation, "spec.defaultTrafficPolicy", fleet.federation.default_traffic_policy,
+                              pool_services, fleet, out)
+    for a in fleet.authz:
+        _check_authz(a, fleet, out)
+    _check_routes(fleet, out)
+    for lab in fleet.labs.values():
+        _check_lab(lab, fleet, out)
+    return out.problems
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def _identity(obj: FleetObject) -> tuple[str, str, str]:
+    r = ref_of(obj)
+    return kind_of(obj), r.namespace or "", r.name
+
+
+def _check_duplicates(objects: Sequence[FleetObject], out: _Out) -> None:
+    seen: dict[tuple[str, str, str], FleetObject] = {}
+    for o in objects:
+        kind, ns, name = _identity(o)
+        key = (kind, normalised(ns), normalised(name))
+        first = seen.get(key)
+        if first is None:
+            seen[key] = o
+            continue
+        same = _identity(first) == (kind, ns, name)
+        how = "" if same else f" (equal to {ref_of(first)} after case folding / Unicode normalisation)"
+        if kind == "Federation":
+            out.problems.append(problem("MF0011", f"a second Federation {name!r}; the fleet repo has exactly one",
+                                        o.pos, obj=ref_of(o), hint=f"remove it; the Federation is at {first.pos}"))
+            continue
+        out.add("MF0201", o, "metadata.name", f"duplicate {kind} name {name!r}{how}; first defined at {first.pos}",
+                hint="rename or remove one of them")
+
+
+def _check_trust_domain(t: m.TrustDomain, fleet: _Fleet, paths: set[str], out: _Out) -> None:
+    why = spiffe_trust_domain_error(t.name)
+    if why:
+        out.add("MF0401", t, "metadata.name", f"trust domain {t.name!r} {why}",
+                hint="use a lower-case DNS-like name such as east.mesh.local")
+    seen: set[str] = set()
+    for i, other in enumerate(t.federates_with):
+        field = f"spec.federatesWith[{i}]"
+        if other == t.name:
+            out.add("MF0403", t, field, f"trust domain {t.name!r} federates with itself",
+                    hint="remove it: a trust domain always trusts its own bundle")
+        elif other in seen:
+            out.add("MF0403", t, field, f"{other!r} is listed twice in federatesWith", hint="remove the repeat")
+        elif other not in fleet.trust and not fleet.failed("TrustDomain", other):
+            guess = did_you_mean(other, list(fleet.trust))
+            out.add("MF0203", t, field, f"federatesWith names unknown trust domain {other!r}",
+                    hint=(f"did you mean {guess!r}? " if guess else "") + f"add trust/{other}.yaml or fix the name")
+        seen.add(other)
+    ca = t.ca
+    if ca.mode is m.CaMode.EXTERNAL:
+        if not ca.bundle_file:
+            out.add("MF0403", t, "spec.ca.mode", "an External CA needs spec.ca.bundleFile (its SPIFFE bundle)",
+                    hint="add bundleFile: trust/bundles/<domain>.json and commit the bundle")
+        elif ca.bundle_file.startswith("/") or ".." in ca.bundle_file.split("/"):
+            out.add("MF0006", t, "spec.ca.bundleFile", f"bundleFile {ca.bundle_file!r} leaves the repository",
+                    hint="use a path relative to the repository root, without '..'")
+        elif ca.bundle_file not in paths:
+            out.add("MF0012", t, "spec.ca.bundleFile", f"bundleFile {ca.bundle_file!r} is not in the repository",
+                    hint="commit the bundle file or fix the path")
+    else:
+        signing = [r for r in ca.roots if r.signing]
+        if len(signing) != 1:
+            out.add("MF0403", t, "spec.ca.roots", f"a Managed CA needs exactly one signing root, has {len(signing)}",
+                    hint="set signing: true on exactly one root (rotate by moving it between commits)")
+        names = [r.name for r in ca.roots]
+        if len(set(names)) != len(names):
+            out.add("MF0201", t, "spec.ca.roots", "CA root names repeat", hint="give each root its own name")
+
+
+def _nets(c: m.Cluster, out: _Out) -> list[tuple[str, ipaddress.IPv4Network | ipaddress.IPv6Network]]:
+    nets: list[tuple[str, ipaddress.IPv4Network | ipaddress.IPv6Network]] = []
+    for attr, field in (("pod_cidrs", "spec.podCIDRs"), ("service_cidrs", "spec.serviceCIDRs")):
+        for i, text in enumerate(getattr(c, attr)):
+            f = f"{field}[{i}]"
+            try:
+                net = ipaddress.ip_network(text, strict=True)
+            except ValueError as e:
+                out.add("MF0301", c, f, f"{text!r} is not a valid CIDR: {e}",
+                        hint="write a network address with its prefix, e.g. 10.10.0.0/16 (host bits zero)")
+                continue
+            if net.version == RESERVED_NET.version and net.overlaps(RESERVED_NET):  # type: ignore[arg-type]
+                out.add("MF0301", c, f, f"{text} overlaps 10.255.0.0/16, reserved for meshfed's lab management network",
+                        hint="pick another range")
+                continue
+            nets.append((f, net))
+    return nets
+
+
+def _check_clusters(fleet: _Fleet, out: _Out) -> None:
+    by_network: dict[str, list[tuple[m.Cluster, str, ipaddress.IPv4Network | ipaddress.IPv6Network]]] = defaultdict(list)
+    gateways: dict[tuple[str, int], m.Cluster] = {}
+    td_ca: dict[str, tuple[m.Cluster, m.CaSpec]] = {}
+    for c in fleet.clusters.values():
+        if not _DNS_LABEL.match(c.name):
+            out.add("MF0106", c, "metadata.name", f"cluster name {c.name!r} is not a DNS-1123 label",
+                    hint="use lower-case letters, digits and '-'")
+        nets = _nets(c, out)
+        for i, (f1, n1) in enumerate(nets):
+            for f2, n2 in nets[i + 1:]:
+                if n1.version == n2.version and n1.overlaps(n2):  # type: ignore[arg-type]
+                    out.add("MF0302", c, f2, f"{n2} overlaps {n1} ({f1}) in the same cluster",
+                            hint="pod and service ranges must be disjoint")
+        for f, net in nets:
+            for other, _f2, n2 in by_network[c.network]:
+                if net.version == n2.version and net.overlaps(n2):  # type: ignore[arg-type]
+                    out.add("MF0302", c, f, f"{net} overlaps {n2} of cluster {other.name!r} ({other.pos.file}) on "
+                            f"network {c.network!r}",
+                            hint="clusters on one network need disjoint ranges; give them different ranges or put "
+                                 "them on different networks")
+        by_network[c.network].extend((c, f, n) for f, n in nets)
+        if c.trust_domain not in fleet.trust and not fleet.failed("TrustDomain", c.trust_domain):
+            guess = did_you_mean(c.trust_domain, list(fleet.trust))
+            out.add("MF0203", c, "spec.trustDomain", f"cluster {c.name!r} uses unknown trust domain {c.trust_domain!r}",
+                    hint=(f"did you mean {guess!r}? " if guess else "") + f"add trust/{c.trust_domain}.yaml or fix the name")
+        elif c.trust_domain in fleet.trust:
+            td = fleet.trust[c.trust_domain]
+            effective = c.ca or td.ca
+            if c.ca is not None and not _same_ca(c.ca, td.ca):
+                out.add("MF0402", c, "spec.ca", f"cluster {c.name!r} declares a CA for trust domain {td.name!r} that "
+                        f"differs from the trust domain's own CA ({td.pos.file})",
+                        hint=f"remove spec.ca to use {td.name}'s CA, or give {c.name} its own trust domain")
+            prior = td_ca.get(td.name)
+            if prior is not None and not _same_ca(prior[1], effective):
+                out.add("MF0402", c, "spec.trustDomain", f"cluster {c.name!r} claims trust domain {td.name!r} of "
+                        f"cluster {prior[0].name!r} with a different CA",
+                        hint=f"give {c.name} its own trust domain and federate it with {td.name}")
+            td_ca.setdefault(td.name, (c, effective))
+        gw = c.east_west_gateway
+        if gw is not None:
+            if not _is_address(gw.address):
+                out.add("MF0301", c, "spec.eastWestGateway.address",
+                        f"{gw.address!r} is neither an IP address nor a DNS name", hint="e.g. 172.30.0.11")
+            key = (gw.address, gw.port)
+            if key in gateways:
+                out.add("MF0303", c, "spec.eastWestGateway.address", f"east-west gateway {gw.address}:{gw.port} is "
+                        f"also cluster {gateways[key].name!r}'s", hint="each cluster needs its own gateway address")
+            gateways.setdefault(key, c)
+
+
+def _same_ca(a: m.CaSpec, b: m.CaSpec) -> bool:
+    if a.mode != b.mode:
+        return False
+    if a.mode is m.CaMode.EXTERNAL:
+        return a.bundle_file == b.bundle_file
+    return a.roots == b.roots
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return bool(_HOSTNAME.match(text))
+
+
+def _check_service(s: m.GlobalService, fleet: _Fleet, out: _Out) -> None:
+    if not _DNS_LABEL.match(s.name):
+        out.add("MF0106", s, "metadata.name", f"service name {s.name!r} is not a DNS-1123 label",
+                hint="use lower-case letters, digits and '-'")
+    if not s.export_from:
+        out.add("MF0205", s, "spec.exportFrom", f"service {s.key} is exported from no cluster",
+                hint="list the clusters that serve it under spec.exportFrom")
+    seen: set[str] = set()
+    for i, c in enumerate(s.export_from):
+        field = f"spec.exportFrom[{i}]"
+        if c in seen:
+            out.add("MF0205", s, field, f"cluster {c!r} is listed twice in exportFrom", hint="remove the repeat")
+        elif c not in fleet.clusters and not fleet.failed("Cluster", c):
+            guess = did_you_mean(c, list(fleet.clusters))
+            out.add("MF0202", s, field, f"exportFrom names unknown cluster {c!r}",
+                    hint=(f"did you mean {guess!r}? " if guess else "") + f"add clusters/{c}.yaml or fix the name")
+        seen.add(c)
+    ports: dict[int, int] = {}
+    names: dict[str, int] = {}
+    for i, p in enumerate(s.ports):
+        if p.port in ports:
+            out.add("MF0102", s, f"spec.ports[{i}].port", f"port {p.port} is declared twice (ports[{ports[p.port]}])",
+                    hint="each service port once")
+        if p.name in names:
+            out.add("MF0102", s, f"spec.ports[{i}].name", f"port name {p.name!r} is used twice", hint="rename one")
+        ports.setdefault(p.port, i)
+        names.setdefault(p.name, i)
+    expected = f"{s.name}.{s.namespace}.svc.{fleet.domain}"
+    if "spec.hostname" in s.field_pos and s.hostname != expected:
+        out.add("MF0107", s, "spec.hostname", f"hostname {s.hostname!r} does not match the service",
+                hint=f"use {expected!r} or leave hostname out")
+    if s.traffic_policy is not None:
+        _check_traffic_policy(s, "spec.trafficPolicy", s.traffic_policy, [s], fleet, out)
+
+
+def _check_destination_rules(fleet: _Fleet, out: _Out) -> None:
+    seen: dict[m.ServiceKey, m.DestinationRule] = {}
+    for d in fleet.drs:
+        key = resolve_host(d.host, d.namespace, fleet.domain)
+        svc = fleet.services.get(key) if key else None
+        if key is not None and svc is None and fleet.failed("GlobalService", key.name, key.namespace):
+            pass  # its file failed to parse; that error is already reported
+        elif key is None or svc is None:
+            choices = [s.hostname or f"{s.name}.{s.namespace}.svc.{fleet.domain}" for s in fleet.services.values()]
+            guess = did_you_mean(d.host, choices)
+            out.add("MF0204", d, "spec.host", f"host {d.host!r} names no GlobalService",
+                    hint=(f"did you mean {guess!r}? " if guess else "")
+                    + "hosts are <service>.<namespace>.svc." + fleet.domain)
+        else:
+            if key in seen:
+                out.add("MF0509", d, "spec.host", f"service {key} already has DestinationRule "
+                        f"{seen[key].namespace}/{seen[key].name} ({seen[key].pos})", hint="merge the two rules")
+            seen.setdefault(key, d)
+        _check_traffic_policy(d, "spec.trafficPolicy", d.traffic_policy, [svc] if svc else [], fleet, out)
+
+
+def pool_size(svc: m.GlobalService, fleet_labs: Mapping[str, m.LabCluster]) -> int | None:
+    """Hosts behind a service in the declared lab topology, or None if no exportFrom cluster has
+    a LabCluster (a real fleet: the pool is not declared in the repo)."""
+    labs = [fleet_labs[c] for c in svc.export_from if c in fleet_labs]
+    if not labs:
+        return None
+    return sum(w.replicas for lab in labs for w in lab.workloads
+               if w.role == "server" and w.service == svc.name and w.namespace == svc.namespace)
+
+
+def _check_traffic_policy(owner: FleetObject, base: str, tp: m.TrafficPolicy, services: Sequence[m.GlobalService],
+                          fleet: _Fleet, out: _Out) -> None:
+    od = tp.outlier_detection
+    odf = f"{base}.outlierDetection"
+    if od is not None:
+        if od.interval_s <= 0:
+            out.add("MF0501", owner, f"{odf}.interval", "interval must be longer than zero",
+                    hint="e.g. interval: 5s")
+        if od.base_ejection_time_s <= 0:
+            out.add("MF0501", owner, f"{odf}.baseEjectionTime", "baseEjectionTime must be longer than zero",
+                    hint="e.g. baseEjectionTime: 15s")
+        if od.max_ejection_time_s < od.base_ejection_time_s:
+            out.add("MF0501", owner, f"{odf}.maxEjectionTime",
+                    f"maxEjectionTime ({od.max_ejection_time_s:g}s) is shorter than baseEjectionTime "
+                    f"({od.base_ejection_time_s:g}s)",
+                    hint="maxEjectionTime caps the growing ejection time; make it at least baseEjectionTime")
+        for svc in services:
+            pool = pool_size(svc, fleet.labs)
+            if not pool:
+                continue  # no declared pool (not a lab fleet) or no hosts (MF0603 says so)
+            if pool * od.max_ejection_percent < 100:
+                need = -(-100 // pool)
+                where = f"{odf}.maxEjectionPercent"
+                out.add("MF0505", owner, where,
+                        f"maxEjectionPercent {od.max_ejection_percent}% cannot eject even one of the {pool} host(s) "
+                        f"of {svc.key} (Envoy ejects only while (ejected+1)/pool <= maxEjectionPercent)",
+                        hint=f"set maxEjectionPercent to at least {min(need, 100)} (100 allows ejecting every host)")
+    lb = tp.locality_lb
+    if lb is None:
+        return
+    lbf = f"{base}.loadBalancer.localityLbSetting"
+    modes = [n for n, v in (("failoverPriority", lb.failover_priority), ("failover", lb.failover),
+                            ("distribute", lb.distribute)) if v]
+    if len(modes) > 1:
+        out.add("MF0506", owner, f"{lbf}.{modes[1]}", f"localityLbSetting sets {' and '.join(modes)}",
+                hint="keep exactly one of failoverPriority, failover and distribute")
+    if lb.enabled and not lb.distribute and od is None:
+        out.add("MF0504", owner, lbf, "locality failover is configured without outlierDetection in the same "
+                "traffic policy: no endpoint is ever ejected, so failover would never trigger",
+                hint=f"add {odf} (e.g. consecutiveGatewayErrors: 3, interval: 5s, baseEjectionTime: 15s)")
+    regions = fleet.regions()
+    networks: set[str] = {c.network for c in fleet.clusters.values()}
+    zones = {c.zone for c in fleet.clusters.values()}
+    label_keys = {k for c in fleet.clusters.values() for k in c.labels}
+    known_values: dict[str, set[str]] = {"network": networks, "region": regions, "zone": zones,
+                                         "cluster": set(fleet.clusters)}
+    seen_keys: dict[str, int] = {}
+    for i, entry in enumerate(lb.failover_priority):
+        field = f"{lbf}.failoverPriority[{i}]"
+        key, _, value = entry.partition("=")
+        if key in seen_keys:
+            out.add("MF0502", owner, field, f"failoverPriority repeats {key!r} (already entry {seen_keys[key]}): "
+                    "the later level can never be reached", hint="list each label once")
+        seen_keys.setdefault(key, i)
+        if key not in TOPOLOGY_KEYS and key not in label_keys:
+            guess = did_you_mean(key, [*TOPOLOGY_KEYS, *label_keys])
+            out.add("MF0503", owner, field, f"failoverPriority label {key!r} is neither a topology label nor a "
+                    "label of any cluster", hint=(f"did you mean {guess!r}? " if guess else "")
+                    + "supported: " + ", ".join(TOPOLOGY_KEYS))
+        elif value and key in TOPOLOGY_KEYS and TOPOLOGY_KEYS[key] in known_values:
+            what = TOPOLOGY_KEYS[key]
+            if value not in known_values[what]:
+                guess = did_you_mean(value, sorted(known_values[what]))
+                out.add("MF0503", owner, field, f"failoverPriority {entry!r} names unknown {what} {value!r}",
+                        hint=(f"did you mean {guess!r}? " if guess else "")
+                        + f"known: {', '.join(sorted(known_values[what]))}")
+    targets: dict[str, tuple[str, int]] = {}
+    for i, rule in enumerate(lb.failover):
+        field = f"{lbf}.failover[{i}]"
+        for attr, region in (("from", rule.from_region), ("to", rule.to_region)):
+            if region not in regions:
+                guess = did_you_mean(region, sorted(regions))
+                out.add("MF0503", owner, f"{field}.{attr}", f"failover {attr} unknown region {region!r}",
+                        hint=(f"did you mean {guess!r}? " if guess else "") + f"regions: {', '.join(sorted(regions))}")
+        if rule.from_region == rule.to_region:
+            out.add("MF0502", owner, field, f"failover from {rule.from_region!r} to itself is a cycle",
+                    hint="fail over to another region")
+        prior = targets.get(rule.from_region)
+        if prior is not None and prior[0] != rule.to_region:
+            out.add("MF0502", owner, field, f"region {rule.from_region!r} fails over to {prior[0]!r} "
+                    f"(failover[{prior[1]}]) and to {rule.to_region!r}", hint="one target per 'from' region")
+        targets.setdefault(rule.from_region, (rule.to_region, i))
+    for i, dist in enumerate(lb.distribute):
+        field = f"{lbf}.distribute[{i}]"
+        total = sum(dist.to.values())
+        if total != 100:
+            out.add("MF0507", owner, f"{field}.to", f"distribute weights from {dist.from_locality!r} sum to {total}, "
+                    "not 100", hint="make the weights add up to 100")
+        for loc in (dist.from_locality, *dist.to):
+            region = loc.split("/")[0]
+            if region != "*" and region not in regions:
+                out.add("MF0503", owner, field, f"distribute locality {loc!r} names unknown region {region!r}",
+                        hint=f"regions: {', '.join(sorted(regions))}")
+
+
+def _check_authz(a: m.AuthorizationPolicy, fleet: _Fleet, out: _Out) -> None:
+    # rules were expanded per `to` operation; positions point at the rule's from list
+    for ri, rule in enumerate(a.rules):
+        for si, src in enumerate(rule.from_):
+            for attr, lst in (("principals", src.principals), ("notPrincipals", src.not_principals)):
+                for pi, pr in enumerate(lst):
+                    field = _authz_field(a, pr, attr, ri, si, pi)
+                    why = _principal_error(pr)
+                    if why:
+                        out.add("MF0404", a, field, f"principal {pr!r} {why}",
+                                hint="write '<trust-domain>/ns/<namespace>/sa/<service-account>', e.g. "
+                                     "east.mesh.local/ns/shop/sa/frontend")
+                        continue
+                    td = pr.split("/")[0]
+                    if "*" not in td and td not in fleet.trust and not fleet.failed("TrustDomain", td):
+                        guess = did_you_mean(td, list(fleet.trust))
+                        out.add("MF0203", a, field, f"principal {pr!r} names unknown trust domain {td!r}",
+                                hint=(f"did you mean {guess!r}? " if guess else "")
+                                + "a principal from an unknown trust domain can never match")
+
+
+def _authz_field(a: m.AuthorizationPolicy, principal: str, attr: str, ri: int, si: int, pi: int) -> str:
+    """Find the written position of a principal (rules may have been expanded per operation)."""
+    for dotted, _pos in a.field_pos.items():
+        if dotted.endswith(f".source.{attr}[{pi}]") and f"from[{si}]" in dotted:
+            return dotted
+    return f"spec.rules[{ri}].from[{si}].source.{attr}[{pi}]"
+
+
+def _principal_error(p: str) -> str | None:
+    if p == "*":
+        return None
+    if p.startswith("spiffe://"):
+        return "starts with spiffe://; Istio principals omit the scheme"
+    parts = p.split("/")
+    if len(parts) != 5 or parts[1] != "ns" or parts[3] != "sa":
+        if p.startswith("*") or p.endswith("*"):
+            return None
+        return "is not of the form <trust-domain>/ns/<namespace>/sa/<account>"
+    if "*" not in parts[0]:
+        why = spiffe_trust_domain_error(parts[0])
+        if why:
+            return f"has trust domain that {why}"
+    return None
+
+
+def _check_routes(fleet: _Fleet, out: _Out) -> None:
+    parents: dict[m.ServiceKey, m.Route] = {}
+    for r in fleet.routes:
+        if r.parent_service not in fleet.services and not fleet.failed(
+                "GlobalService", r.parent_service.name, r.parent_service.namespace):
+            out.add("MF0204", r, "spec.parentRefs[0].name", f"parent service {r.parent_service} is not a GlobalService",
+                    hint=_svc_hint(r.parent_service, fleet))
+        elif r.parent_service in parents:
+            first = parents[r.parent_service]
+            out.add("MF0509", r, "spec.parentRefs[0]", f"service {r.parent_service} already has route "
+                    f"{first.kind} {first.namespace}/{first.name} ({first.pos})", hint="merge the two routes")
+        parents.setdefault(r.parent_service, r)
+        for i, b in enumerate(r.backends):
+            key = m.ServiceKey(b.namespace, b.name)
+            if key not in fleet.services and not fleet.failed("GlobalService", key.name, key.namespace):
+                out.add("MF0204", r, f"spec.rules[0].backendRefs[{i}].name", f"backend {key} is not a GlobalService",
+                        hint=_svc_hint(key, fleet))
+        if r.backends and sum(b.weight for b in r.backends) == 0:
+            out.add("MF0507", r, "spec.rules[0].backendRefs", "all backend weights are 0: the route sends nothing",
+                    hint="give at least one backend a positive weight")
+
+
+def _svc_hint(key: m.ServiceKey, fleet: _Fleet) -> str:
+    same_ns = [s.name for s in fleet.services if s.namespace == key.namespace]
+    guess = did_you_mean(key.name, same_ns)
+    return (f"did you mean {guess!r}? " if guess else "") + f"add services/{key.namespace}/{key.name}.yaml or fix the name"
+
+
+def _check_lab(lab: m.LabCluster, fleet: _Fleet, out: _Out) -> None:
+    cluster = fleet.clusters.get(lab.cluster)
+    if cluster is None and not fleet.failed("Cluster", lab.cluster):
+        guess = did_you_mean(lab.cluster, list(fleet.clusters))
+        out.add("MF0202", lab, "metadata.name", f"LabCluster for unknown cluster {lab.cluster!r}",
+                hint=(f"did you mean {guess!r}? " if guess else "") + f"add clusters/{lab.cluster}.yaml")
+    nodes: dict[str, int] = {}
+    for i, n in enumerate(lab.nodes):
+        if n.name in nodes:
+            out.add("MF0201", lab, f"spec.nodes[{i}].name", f"node {n.name!r} is declared twice", hint="rename one")
+        nodes.setdefault(n.name, i)
+    seen: dict[tuple[str, str], int] = {}
+    backed: set[m.ServiceKey] = set()
+    for i, w in enumerate(lab.workloads):
+        base = f"spec.workloads[{i}]"
+        if (w.namespace, w.name) in seen:
+            out.add("MF0201", lab, f"{base}.name", f"workload {w.namespace}/{w.name} is declared twice",
+                    hint="rename one")
+        seen.setdefault((w.namespace, w.name), i)
+        for j, node in enumerate(w.nodes):
+            if node not in nodes:
+                guess = did_you_mean(node, list(nodes))
+                out.add("MF0601", lab, f"{base}.nodes[{j}]", f"workload {w.name!r} is placed on unknown node {node!r}",
+                        hint=(f"did you mean {guess!r}? " if guess else "") + f"nodes: {', '.join(nodes)}")
+        if w.service is None:
+            continue
+        key = m.ServiceKey(w.namespace, w.service)
+        svc = fleet.services.get(key)
+        if svc is None:
+            if fleet.failed("GlobalService", key.name, key.namespace):
+                continue
+            out.add("MF0204", lab, f"{base}.service", f"workload {w.name!r} backs unknown service {key}",
+                    hint=_svc_hint(key, fleet))
+        elif w.role == "server":
+            backed.add(key)
+            if lab.cluster not in svc.export_from:
+                out.add("MF0602", lab, f"{base}.service", f"workload {w.name!r} backs {key}, which is not exported "
+                        f"from {lab.cluster!r}", hint=f"add {lab.cluster} to {key}'s exportFrom")
+    for key, svc in fleet.services.items():
+        if lab.cluster in svc.export_from and key not in backed:
+            out.add("MF0603", lab, "spec.workloads", f"{key} is exported from {lab.cluster!r} but no server workload "
+                    "in this LabCluster backs it", hint=f"add a workload with service: {svc.name}")
