@@ -127,6 +127,12 @@ _CODES = (
     Code("MF0404", "invalid principal",
          "AuthorizationPolicy principals are '<trust-domain>/ns/<namespace>/sa/<account>' (or '*' "
          "patterns), as in Istio."),
+    Code("MF0405", "one-sided federation",
+         "Trust domain A lists B in federatesWith but B does not list A: federation is explicit and must "
+         "be declared on both sides (reported by the federation core's trust graph)."),
+    Code("MF0406", "route to an untrusted cluster",
+         "A client cluster would be routed to endpoints whose identities its trust domain does not "
+         "accept; found when the trust graph is built, not at handshake time."),
     # --- MF05xx traffic policy ----------------------------------------------------------------
     Code("MF0501", "ejection durations make no sense",
          "interval and baseEjectionTime must be positive and maxEjectionTime must not be shorter "

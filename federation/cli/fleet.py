@@ -9,6 +9,8 @@ command's result); failures to read go to stderr.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import click
@@ -77,7 +79,7 @@ def plan_cmd(path: str, from_ref: str, to_ref: str, output: str) -> None:
     """Show what moving the fleet from one revision to another would change."""
     old = _load_or_fail(path, from_ref)
     new = _load_or_fail(path, to_ref)
-    result = diff_snapshots(old, new)
+    result = _with_effects(diff_snapshots(old, new), old, new)
     if output in ("json", "yaml"):
         emit_data(result.as_dict(), output)
     else:
@@ -98,6 +100,45 @@ def _load_or_fail(path: str, ref: str) -> gitops.ConfigSnapshot:
              hint=f"fix them, or see: meshfed validate {path} --revision {ref}")
 
 
+def _with_effects(result: PlanResult, old: gitops.ConfigSnapshot, new: gitops.ConfigSnapshot) -> PlanResult:
+    """Add what the change does to the mesh: tiers, access, gateways and proxies, per cluster.
+
+    Offline, the observation is what the LabCluster objects declare (the same model `explain`
+    uses); an unchanged mesh adds no effect, so a comment-only commit still plans as "no changes".
+    """
+    from federation.offline import offline_observations
+    from federation.planning import plan_effects
+
+    observations = {o.cluster: o for o in offline_observations(old)}
+    observations.update({o.cluster: o for o in offline_observations(new)})
+    effects = plan_effects(old, new, observations.values())
+    touched = {c: e for c, e in effects["clusters"].items() if any(e.values())}
+    if not touched:
+        return result
+    return replace(result, effects=tuple({"cluster": c, **e} for c, e in sorted(touched.items())))
+
+
+_EFFECT_LINES: tuple[tuple[str, Callable[[dict[str, Any]], str]], ...] = (
+    ("tier_changes", lambda e: f"{e['endpoint']} for {e['service']} from zone {e['client_zone']}: "
+                               f"tier {e['old_tier']} -> {e['new_tier']}"),
+    ("access_changes", lambda e: f"{e['identity']} {e['change']} access to {e['service']}"),
+    ("gateways_touched", lambda e: f"{e['proxy']} {e['change']}"),
+    ("proxies_changed", lambda e: f"{e['proxy']} {e['change']}"
+                                  + (f" ({', '.join(e['services'])})" if e.get("services") else "")),
+)
+
+
+def _print_effects(result: PlanResult) -> None:
+    if not result.effects:
+        return
+    click.echo("effects on the mesh (offline, from the LabCluster workloads):")
+    for effect in result.effects:
+        click.echo(f"  cluster {effect['cluster']}:")
+        for kind, line in _EFFECT_LINES:
+            for e in effect.get(kind, ()):
+                click.echo(f"    {kind.replace('_', ' ')}: {line(e)}")
+
+
 _SIGN = {ChangeAction.ADDED: "+", ChangeAction.REMOVED: "-", ChangeAction.CHANGED: "~"}
 
 
@@ -112,6 +153,7 @@ def _print_plan(result: PlanResult) -> None:
         click.echo(f"{_SIGN[c.action]} {c.obj} ({c.pos.file})")
         for f in c.fields:
             click.echo(f"    {f.path}: {_short(f.old)} -> {_short(f.new)}")
+    _print_effects(result)
     counts = {a: sum(1 for c in result.changes if c.action is a) for a in ChangeAction}
     click.echo(f"{counts[ChangeAction.ADDED]} to add, {counts[ChangeAction.CHANGED]} to change, "
                f"{counts[ChangeAction.REMOVED]} to remove")

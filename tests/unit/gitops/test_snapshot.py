@@ -39,7 +39,7 @@ def test_example_snapshot_contents() -> None:
     od = tp.outlier_detection
     assert (od.consecutive_gateway_errors, od.consecutive_5xx_errors, od.interval_s, od.base_ejection_time_s,
             od.max_ejection_percent) == (3, 5, 5.0, 15.0, 100)
-    assert tp.locality_lb.failover_priority == ("topology.istio.io/network", "topology.kubernetes.io/region")
+    assert tp.locality_lb.failover_priority == ("topology.kubernetes.io/region", "topology.istio.io/network")
     # positions of fields survive into the model
     assert str(s.destination_rules[checkout.key].field_pos["spec.trafficPolicy.outlierDetection.interval"]) == \
         "policies/shop/checkout.yaml:12:7"
@@ -56,8 +56,8 @@ def test_example_snapshot_contents() -> None:
     assert where_v2 is not None and where_v2.file == "federation.yaml"
 
 
-def _order_from(s: m.ConfigSnapshot, source: str) -> list[str]:
-    """Failover order by failoverPriority labels: clusters matching more leading labels come first."""
+def _tiers_from(s: m.ConfigSnapshot, source: str) -> dict[str, int]:
+    """Istio failoverPriority tiers: tier = number of leading labels that do NOT all match the source."""
     src = s.clusters[source]
     tp, _ = s.traffic_policy_for(m.ServiceKey("shop", "checkout"))
     assert tp is not None and tp.locality_lb is not None
@@ -65,18 +65,20 @@ def _order_from(s: m.ConfigSnapshot, source: str) -> list[str]:
     def label(c: m.Cluster, key: str) -> str:
         return {"topology.istio.io/network": c.network, "topology.kubernetes.io/region": c.region}[key]
 
-    def tier(c: m.Cluster) -> int:
+    def matched(c: m.Cluster) -> int:
         n = 0
         for key in tp.locality_lb.failover_priority:
             if label(c, key) != label(src, key):
                 break
             n += 1
-        return -n
-    return sorted(s.clusters, key=lambda name: tier(s.clusters[name]))
+        return n
+    labels = len(tp.locality_lb.failover_priority)
+    return {name: labels - matched(c) for name, c in s.clusters.items()}
 
 
-def test_example_failover_order_from_east_is_east_south_west() -> None:
-    assert _order_from(gitops.load_worktree(EXAMPLE), "east") == ["east", "south", "west"]
+def test_example_failover_tiers_from_east_are_east_south_west() -> None:
+    # three distinct tiers: a sort that merely happens to be alphabetical would not pass
+    assert _tiers_from(gitops.load_worktree(EXAMPLE), "east") == {"east": 0, "south": 1, "west": 2}
 
 
 def test_yaml_12_keeps_norway_and_sexagesimal_as_strings() -> None:
