@@ -16,6 +16,10 @@ from federation.cli.output import EXIT_USAGE
 # Modules that define a `register(group)` function. Order is the order in `meshfed --help`.
 COMMAND_MODULES = (
     "federation.cli.fleet",   # validate, plan
+    "federation.cli.lab",     # lab up|status|down|fault
+    "federation.cli.trust",   # trust
+    "federation.cli.core",    # explain, graph
+    "federation.cli.ops",     # controller run, status, clusters, services, endpoints, failover, check
 )
 
 

@@ -1,0 +1,221 @@
+"""Operator commands against a running controller: `meshfed controller run`, `status`, `clusters`,
+`services`, `endpoints`, `failover history`, `check`.
+
+Every read command fetches the controller's status API (`--controller URL`, or
+$MESHFED_CONTROLLER, default http://127.0.0.1:15014) and prints the same JSON objects with
+`-o json|yaml`, or a table. Exit codes: 0 ok; 1 the answer contains problems (a failed revision,
+proxies not synced, a failing check); 2 the controller could not be reached; 64 usage.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+import click
+
+from federation.cli.output import EXIT_OK, EXIT_PROBLEMS, emit_data, fail, output_option, stdout, table
+
+DEFAULT_CONTROLLER = "http://127.0.0.1:15014"
+ENV_CONTROLLER = "MESHFED_CONTROLLER"
+
+
+def controller_option(f: Any) -> Any:
+    return click.option("--controller", "controller", envvar=ENV_CONTROLLER, default=DEFAULT_CONTROLLER,
+                        show_default=True, help=f"status API of the controller (or ${ENV_CONTROLLER})")(f)
+
+
+def fetch(controller: str, path: str, **params: Any) -> Any:
+    q = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
+    url = controller.rstrip("/") + path + (f"?{q}" if q else "")
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        fail(f"controller answered {e.code} for {path}: {e.read()[:200]!r}")
+    except (urllib.error.URLError, OSError) as e:
+        fail(f"cannot reach the controller at {controller}: {getattr(e, 'reason', e)}",
+             hint=f"is `meshfed controller run` running? pass --controller URL or set ${ENV_CONTROLLER}")
+
+
+def parse_duration_s(text: str) -> float:
+    """`90s`, `15m`, `2h`, `1d`, `1h30m` -> seconds."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
+    if not parts or "".join(n + u for n, u in parts) != text.strip():
+        raise click.BadParameter(f"{text!r} is not a duration; use e.g. 90s, 15m, 2h, 1d")
+    return sum(float(n) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[u] for n, u in parts)
+
+
+def _short(sha: str | None) -> str:
+    return (sha or "")[:8]
+
+
+def _age(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    s = max(0.0, time.time() - float(ts))
+    return f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}m" if s < 7200 else f"{s / 3600:.0f}h"
+
+
+def register(group: click.Group) -> None:
+    @group.group("controller")
+    def controller() -> None:
+        """Run the federation controller."""
+
+    @controller.command("run")
+    @click.option("--repo", required=True, help="fleet repo: a path or a Git URL")
+    @click.option("--branch", default="main", show_default=True)
+    @click.option("--state-dir", default=".meshfed", show_default=True, help="sqlite records and CA keys (0600)")
+    @click.option("--listen", default="127.0.0.1:15010", show_default=True, help="gRPC config/CA/health")
+    @click.option("--status-listen", default="127.0.0.1:15014", show_default=True, help="status API and /metrics")
+    @click.option("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
+    @click.option("--kubeconfig", default=None, help="kubeconfig for the clusters' contexts (default $KUBECONFIG)")
+    @click.option("--insecure", is_flag=True, help="plaintext gRPC trusting proxy ids: loopback tests only")
+    @click.option("--git-poll-interval", "git_poll_s", type=float, default=None,
+                  help="seconds; default: the Federation's gitPollInterval")
+    def run(repo: str, branch: str, state_dir: str, listen: str, status_listen: str, ray_address: str | None,
+            kubeconfig: str | None, insecure: bool, git_poll_s: float | None) -> None:
+        """Follow the fleet repo, watch every cluster, push config to every proxy."""
+        if insecure and not listen.startswith(("127.", "localhost", "[::1]")):
+            fail("--insecure serves plaintext gRPC: only on a loopback --listen address", code=64)
+        from federation.ray_host import ControllerOptions
+        from federation.ray_host import run as run_controller
+
+        run_controller(ControllerOptions(repo=repo, branch=branch, state_dir=state_dir, listen=listen,
+                                         status_listen=status_listen, ray_address=ray_address,
+                                         kubeconfig=kubeconfig, insecure=insecure, git_poll_interval_s=git_poll_s))
+
+    @group.command("status")
+    @controller_option
+    @output_option()
+    def status(controller: str, output: str) -> None:
+        """Desired and applied revision, clusters, per-proxy sync, active failovers, problems."""
+        st = fetch(controller, "/api/v1/status")
+        problems = bool(st.get("problems")) or any(p.get("sync") != "SYNCED" for p in st.get("proxies", []))
+        if output in ("json", "yaml"):
+            emit_data(st, output)
+            raise SystemExit(EXIT_PROBLEMS if problems else EXIT_OK)
+        out = stdout()
+        d, a = st.get("desired") or {}, st.get("applied") or {}
+        out.print(f"desired revision: {_short(d.get('revision'))} {d.get('subject', '')}"
+                  f"{'' if d.get('ok', True) else '  (FAILED)'}", markup=False)
+        out.print(f"applied revision: {_short(a.get('revision'))} {a.get('subject', '')}", markup=False)
+        out.print(f"controller epoch: {(st.get('controller') or {}).get('epoch')}", markup=False)
+        rows = [(n, "up" if c.get("up") else "DOWN", _short(c.get("applied_revision")), c.get("endpoints", 0),
+                 f"{c.get('lease_remaining_s', 0)}s") for n, c in sorted((st.get("clusters") or {}).items())]
+        out.print(table(["CLUSTER", "LEASE", "APPLIED", "ENDPOINTS", "LEASE LEFT"], rows))
+        width = None if output == "wide" else 60
+        prow = [(p["proxy"], p["sync"], _short(p.get("acked_revision")), p.get("acked_version", ""),
+                 str(p.get("last_nack") or "")[:width]) for p in st.get("proxies", [])]
+        out.print(table(["PROXY", "SYNC", "REVISION", "VERSION", "LAST NACK"], prow))
+        if st.get("unhealthy_endpoints"):
+            out.print("globally ejected: " + ", ".join(st["unhealthy_endpoints"]), markup=False)
+        for p in st.get("problems", []):
+            out.print(f"[{p.get('code')}] {p.get('file', '')}:{p.get('line', '')} {p.get('message')}", markup=False)
+            if p.get("hint"):
+                out.print(f"  hint: {p['hint']}", markup=False)
+        raise SystemExit(EXIT_PROBLEMS if problems else EXIT_OK)
+
+    @group.command("clusters")
+    @controller_option
+    @output_option()
+    def clusters(controller: str, output: str) -> None:
+        """Clusters: API, lease, discovered endpoints."""
+        data = fetch(controller, "/api/v1/clusters")
+        if output in ("json", "yaml"):
+            emit_data(data, output)
+        else:
+            cols = ["CLUSTER", "UP", "API", "CONTEXT", "NODES", "SERVICES", "ENDPOINTS", "READY", "LEASE LEFT"]
+            rows: list[tuple[Any, ...]] = [
+                (n, "yes" if c.get("up") else "NO", c.get("api"), c.get("context"), c.get("nodes"), c.get("services"),
+                 c.get("endpoints"), c.get("ready_endpoints"), f"{c.get('lease_remaining_s')}s")
+                for n, c in sorted(data.items())]
+            if output == "wide":
+                cols.append("LAST ERROR")
+                rows = [(*r, data[r[0]].get("last_error") or "") for r in rows]
+            stdout().print(table(cols, rows))
+        raise SystemExit(EXIT_PROBLEMS if any(not c.get("up") for c in data.values()) else EXIT_OK)
+
+    @group.command("services")
+    @controller_option
+    @output_option()
+    def services(controller: str, output: str) -> None:
+        """Global services and their endpoints per cluster."""
+        data = fetch(controller, "/api/v1/services")
+        if output in ("json", "yaml"):
+            emit_data(data, output)
+            return
+        rows = [(s["service"], s["hostname"], ",".join(s["export_from"]),
+                 " ".join(f"{c}={v['ready']}/{v['endpoints']}" for c, v in sorted(s["clusters"].items())),
+                 s.get("policy_source", "")) for s in data]
+        stdout().print(table(["SERVICE", "HOSTNAME", "EXPORTED FROM", "READY/ENDPOINTS", "POLICY"], rows))
+
+    @group.command("endpoints")
+    @click.argument("service")
+    @click.option("--from", "from_cluster", default=None, help="as seen by proxies in this cluster")
+    @controller_option
+    @output_option()
+    def endpoints(service: str, from_cluster: str | None, controller: str, output: str) -> None:
+        """A service's endpoints (tier, weight, health) as a cluster's proxies see them."""
+        data = fetch(controller, "/api/v1/endpoints", service=service, **{"from": from_cluster})
+        if "error" in data:
+            fail(data["error"], hint="`meshfed services` lists the services; `meshfed clusters` the clusters",
+                 code=EXIT_PROBLEMS)
+        if output in ("json", "yaml"):
+            emit_data(data, output)
+            return
+        stdout().print(f"{data['service']} from {data['from']} (as {data['viewer']}, revision "
+                       f"{_short(data['revision'])})", markup=False)
+        rows = [(e["workload"], e["cluster"], e["tier"], e["weight"], "yes" if e["healthy"] else "NO", e["via"])
+                for e in data["endpoints"]]
+        stdout().print(table(["WORKLOAD", "CLUSTER", "TIER", "WEIGHT", "HEALTHY", "VIA"], rows))
+
+    @group.group("failover")
+    def failover() -> None:
+        """Failover events recorded by the controller."""
+
+    @failover.command("history")
+    @click.argument("service", required=False)
+    @click.option("--since", "since", default=None, help="only events newer than this (e.g. 15m, 2h, 1d)")
+    @controller_option
+    @output_option()
+    def history(service: str | None, since: str | None, controller: str, output: str) -> None:
+        """Each event with its trigger, the policy file and the commit that set it."""
+        since_s = time.time() - parse_duration_s(since) if since else None
+        data = fetch(controller, "/api/v1/failover-history", service=service, since_s=since_s)
+        if output in ("json", "yaml"):
+            emit_data(data, output)
+            return
+        rows = [(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["at_s"])), e["service"], e["kind"],
+                 e["from_cluster"], e["to_cluster"], e["trigger"], e["policy_file"], _short(e["revision"]))
+                for e in data]
+        stdout().print(table(["TIME", "SERVICE", "EVENT", "FROM", "TO", "TRIGGER", "POLICY", "COMMIT"], rows))
+
+    @group.command("check")
+    @controller_option
+    @output_option()
+    def check(controller: str, output: str) -> None:
+        """Grouped pass/fail checks; each failure with a cause and a hint."""
+        data = fetch(controller, "/api/v1/check")
+        failed = [c for c in data if not c["ok"]]
+        if output in ("json", "yaml"):
+            emit_data(data, output)
+        else:
+            out = stdout()
+            group_name = None
+            for c in data:
+                if c["group"] != group_name:
+                    group_name = c["group"]
+                    out.print(f"{group_name}:", markup=False)
+                out.print(f"  {'PASS' if c['ok'] else 'FAIL'}  {c['check']}", markup=False)
+                if not c["ok"]:
+                    out.print(f"        cause: {c['cause']}", markup=False)
+                    out.print(f"        hint:  {c['hint']}", markup=False)
+            out.print(f"{len(data) - len(failed)} passed, {len(failed)} failed", markup=False)
+        raise SystemExit(EXIT_PROBLEMS if failed else EXIT_OK)
+

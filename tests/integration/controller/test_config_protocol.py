@@ -1,0 +1,138 @@
+"""The config protocol end to end on loopback: ConfigServer + real XdsClients (simulated proxies)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import pytest
+
+from benchmarks.simproxy import MemorySink, SimProxy, make_config
+from federation.grpc_server import ConfigDistributor, ConfigServer, SyncState, wait_until
+from ztunnel.config import Stamp
+
+
+@pytest.fixture()
+async def server() -> AsyncIterator[ConfigServer]:
+    srv = ConfigServer(ConfigDistributor(epoch=3), insecure=True, write_timeout_s=1.0)
+    await srv.start("127.0.0.1:0")
+    yield srv
+    await srv.stop(0)
+
+
+def target(srv: ConfigServer) -> str:
+    return f"127.0.0.1:{srv.port}"
+
+
+async def test_push_reaches_every_proxy_and_acks(server: ConfigServer) -> None:
+    ids = [f"ztunnel/a/n{i}" for i in range(5)]
+    proxies = [SimProxy(p, target(server)).start() for p in ids]
+    try:
+        server.dist.set_desired({p: make_config(p, "rev1") for p in ids})
+        assert await wait_until(lambda: all(x.revision == "rev1" for x in proxies), 5)
+        assert await wait_until(lambda: server.dist.counts()["SYNCED"] == 5, 2)
+        # a one-service change travels as a delta and bumps the version by one
+        server.dist.set_desired({p: make_config(p, "rev2", services=2) for p in ids})
+        assert await wait_until(lambda: all(x.revision == "rev2" for x in proxies), 5)
+        st = proxies[0].sub.current
+        assert st is not None and st.stamp == Stamp(3, "rev2", 2) and len(st.services) == 2
+    finally:
+        for x in proxies:
+            await x.stop()
+
+
+async def test_nack_keeps_previous_version_and_is_reported(server: ConfigServer) -> None:
+    bad = MemorySink(reject=lambda c: ["service svc1 uses an unknown port"] if len(c.services) > 1 else [])
+    good = SimProxy("ztunnel/a/good", target(server)).start()
+    nacker = SimProxy("ztunnel/a/bad", target(server), sink=bad).start()
+    try:
+        server.dist.set_desired({p: make_config(p, "rev1") for p in ("ztunnel/a/good", "ztunnel/a/bad")})
+        assert await wait_until(lambda: good.revision == nacker.revision == "rev1", 5)
+        server.dist.set_desired({p: make_config(p, "rev2", services=2) for p in ("ztunnel/a/good", "ztunnel/a/bad")})
+        assert await wait_until(lambda: server.dist.sessions["ztunnel/a/bad"].nacks == 1, 5)
+        assert good.revision == "rev2" and nacker.revision == "rev1"
+        st = {s["proxy"]: s for s in server.dist.status()}
+        assert st["ztunnel/a/bad"]["sync"] == SyncState.STALE.value
+        assert "unknown port" in st["ztunnel/a/bad"]["last_nack"]
+        assert st["ztunnel/a/good"]["sync"] == "SYNCED"
+        # the same content is not re-sent in a loop
+        await asyncio.sleep(0.2)
+        assert server.dist.sessions["ztunnel/a/bad"].pushes == 2
+    finally:
+        await good.stop()
+        await nacker.stop()
+
+
+async def test_stale_epoch_controller_is_refused() -> None:
+    old = ConfigServer(ConfigDistributor(epoch=2), insecure=True)
+    await old.start("127.0.0.1:0")
+    newer = make_config("ztunnel/a/n1", "rev9")
+    newer = replace(newer, stamp=Stamp(5, "rev9", 7))
+    proxy = SimProxy("ztunnel/a/n1", f"127.0.0.1:{old.port}", current=newer).start()
+    try:
+        old.dist.set_desired({"ztunnel/a/n1": make_config("ztunnel/a/n1", "rev-old")})
+        assert await wait_until(lambda: old.dist.stale_epoch_refusals >= 1, 5)
+        assert await wait_until(lambda: "split brain" in proxy.client.last_error, 2), proxy.client.last_error
+        assert proxy.client.stale_controller
+        assert proxy.revision == "rev9"  # kept what it runs
+    finally:
+        await proxy.stop()
+        await old.stop(0)
+
+
+async def test_slow_proxy_does_not_delay_others(server: ConfigServer) -> None:
+    slow = SimProxy("ztunnel/a/slow", target(server), sink=MemorySink(apply_delay_s=1.5)).start()
+    fast = [SimProxy(f"ztunnel/a/f{i}", target(server)).start() for i in range(10)]
+    try:
+        ids = ["ztunnel/a/slow"] + [f.proxy_id for f in fast]
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        server.dist.set_desired({p: make_config(p, "rev1") for p in ids})
+        assert await wait_until(lambda: all(f.revision == "rev1" for f in fast), 3)
+        assert loop.time() - t0 < 1.0
+        assert slow.sink.current is None and slow.revision == ""
+        assert await wait_until(lambda: slow.revision == "rev1", 5)
+    finally:
+        for x in [slow, *fast]:
+            await x.stop()
+
+
+async def test_partitioned_proxy_keeps_config_and_converges_after_return() -> None:
+    srv = ConfigServer(ConfigDistributor(epoch=1), insecure=True)
+    port = await srv.start("127.0.0.1:0")
+    proxy = SimProxy("ztunnel/a/n1", f"127.0.0.1:{port}").start()
+    try:
+        srv.dist.set_desired({"ztunnel/a/n1": make_config("ztunnel/a/n1", "rev1")})
+        assert await wait_until(lambda: proxy.revision == "rev1", 5)
+        await srv.stop(0)  # the controller goes away
+        await asyncio.sleep(0.3)
+        assert proxy.revision == "rev1" and proxy.sink.current is not None  # keeps serving its config
+        srv2 = ConfigServer(ConfigDistributor(epoch=2), insecure=True)
+        await srv2.start(f"127.0.0.1:{port}")
+        srv2.dist.set_desired({"ztunnel/a/n1": make_config("ztunnel/a/n1", "rev2", services=3)})
+        assert await wait_until(lambda: proxy.revision == "rev2", 10)
+        cur = proxy.sub.current
+        assert cur is not None and cur.stamp.epoch == 2 and len(cur.services) == 3
+        await srv2.stop(0)
+    finally:
+        await proxy.stop()
+
+
+async def test_oversize_config_is_split_or_refused() -> None:
+    srv = ConfigServer(ConfigDistributor(epoch=1, max_message_bytes=64 * 1024), insecure=True)
+    await srv.start("127.0.0.1:0")
+    proxy = SimProxy("ztunnel/a/n1", f"127.0.0.1:{srv.port}").start()
+    try:
+        # 40 services x 20 endpoints ~ 200 KB: split into several chunks of one nonce
+        srv.dist.set_desired({"ztunnel/a/n1": make_config("ztunnel/a/n1", "big", services=40, endpoints_per_service=20)})
+        assert await wait_until(lambda: proxy.revision == "big", 5)
+        assert proxy.sub.current is not None and len(proxy.sub.current.services) == 40
+        # one service bigger than a whole message cannot be split: refused with a clear error
+        srv.dist.set_desired({"ztunnel/a/n1": make_config("ztunnel/a/n1", "huge", services=1, endpoints_per_service=2000)})
+        assert await wait_until(lambda: "message limit" in srv.dist.sessions["ztunnel/a/n1"].oversize_error, 3)
+        assert proxy.revision == "big"
+        assert srv.dist.status()[0]["sync"] == "STALE"
+    finally:
+        await proxy.stop()
+        await srv.stop(0)

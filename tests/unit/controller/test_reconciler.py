@@ -1,0 +1,166 @@
+"""Reconciler, debounce, health aggregation and the status store, driven with explicit `now_s`."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from clusters.observation import ClusterObservation, EndpointInfo
+from federation.reconciler import Debouncer, Outcome, OutlierAggregator, Reconciler, RenderInput, RenderOutput
+from federation.store import Store
+from gitops.model import ConfigSnapshot, Federation, Revision
+from ztunnel.config import ProxyConfig, ProxyMode, Stamp
+
+
+def snap(sha: str, subject: str = "msg") -> ConfigSnapshot:
+    return ConfigSnapshot(revision=Revision(sha, subject), federation=Federation("f", "mesh"), clusters={},
+                          trust_domains={}, services={}, lab_clusters={}, destination_rules={},
+                          authorization_policies=(), routes=())
+
+
+def obs(cluster: str, pods: list[str], at: float = 0.0) -> ClusterObservation:
+    return ClusterObservation(cluster, at, True, endpoints=tuple(
+        EndpointInfo("shop", "checkout", p, "10.0.0.1", "n1", "sa") for p in pods))
+
+
+def fake_render(inp: RenderInput) -> RenderOutput:
+    """One proxy per cluster; its workloads-count is carried in the network name (test-only)."""
+    if inp.snapshot.revision.subject == "explode":
+        raise RuntimeError("renderer blew up")
+    out = {}
+    for c, o in inp.observations.items():
+        healthy = [e for e in o.endpoints if ("checkout", f"{c}/{e.pod}") not in inp.unhealthy]
+        out[f"ztunnel/{c}/n1"] = ProxyConfig(f"ztunnel/{c}/n1", ProxyMode.NODE, c, f"n{len(healthy)}", "td",
+                                             Stamp(0, inp.snapshot.revision.sha, 0))
+    return RenderOutput(out)
+
+
+class Pushes:
+    def __init__(self) -> None:
+        self.calls: list[dict[str, ProxyConfig]] = []
+
+    def __call__(self, configs: object) -> None:
+        self.calls.append(dict(configs))  # type: ignore[call-overload]
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> Store:
+    return Store.in_state_dir(tmp_path / "state")
+
+
+def test_burst_of_changes_becomes_one_push(store: Store) -> None:
+    pushes = Pushes()
+    r = Reconciler(fake_render, pushes, store)
+    r.on_snapshot(snap("a" * 40), now_s=0.0)
+    for i in range(50):  # 50 endpoint changes within 50 ms
+        r.on_observation(obs("east", [f"p{j}" for j in range(i + 1)]), now_s=0.001 * i)
+    assert not r.reconcile(now_s=0.1)          # still within 100 ms of the last change
+    assert r.reconcile(now_s=0.15)
+    assert len(pushes.calls) == 1 and pushes.calls[0]["ztunnel/east/n1"].network == "n50"
+    assert not r.reconcile(now_s=1.0)          # nothing new
+
+
+def test_debounce_is_bounded_by_max_delay() -> None:
+    d = Debouncer(after_s=0.1, max_s=10.0)
+    t = 0.0
+    while t < 12.0:
+        d.note(t)
+        if d.due(t + 0.05):
+            break
+        t += 0.05
+    assert d.deadline_s() == pytest.approx(10.0)
+
+
+@given(st.lists(st.floats(min_value=0, max_value=100, allow_nan=False), min_size=1, max_size=30))
+def test_debounce_deadline_never_exceeds_max_after_first(times: list[float]) -> None:
+    d = Debouncer(after_s=0.1, max_s=10.0)
+    times = sorted(times)
+    for t in times:
+        d.note(t)
+    deadline = d.deadline_s()
+    assert deadline is not None
+    assert deadline <= times[0] + 10.0 and deadline <= times[-1] + 0.1
+
+
+def test_bad_commit_keeps_last_applied_and_reports(store: Store) -> None:
+    pushes = Pushes()
+    r = Reconciler(fake_render, pushes, store)
+    r.on_snapshot(snap("a" * 40, "good"), now_s=0)
+    r.on_observation(obs("east", ["p1"]), now_s=0)
+    r.reconcile(now_s=1)
+    r.on_fleet_error("b" * 40, "broken", [{"code": "MF0102", "message": "unknown field", "hint": "remove it"}], now_s=2)
+    r.on_snapshot(snap("c" * 40, "explode"), now_s=3)
+    r.reconcile(now_s=4)
+    assert len(pushes.calls) == 1
+    st_ = r.status()
+    assert st_["applied"]["revision"] == "a" * 40
+    assert st_["desired"]["revision"] == "c" * 40 and st_["desired"]["ok"] is False
+    assert "renderer blew up" in st_["problems"][0]["message"]
+    assert store.last_applied().sha == "a" * 40  # type: ignore[union-attr]
+    assert store.last_attempted().sha == "c" * 40  # type: ignore[union-attr]
+    # a restarted reconciler reads both back
+    r2 = Reconciler(fake_render, Pushes(), store)
+    assert r2.status()["applied"]["revision"] == "a" * 40 and r2.status()["desired"]["ok"] is False
+
+
+def test_complete_observation_prunes_and_partial_upserts() -> None:
+    pushes = Pushes()
+    r = Reconciler(fake_render, pushes)
+    r.on_snapshot(snap("a" * 40), now_s=0)
+    r.on_observation(obs("east", ["p1", "p2", "p3"]), now_s=0)
+    r.reconcile(now_s=1)
+    part = replace(obs("east", ["p4"]), complete=False, removed_endpoints=(("shop", "checkout", "p1"),))
+    r.on_observation(part, now_s=2)
+    assert {e.pod for e in r.observations["east"].endpoints} == {"p2", "p3", "p4"}
+    r.on_observation(obs("east", ["p2"]), now_s=3)  # e.g. after a controller restart: fresh LIST
+    assert {e.pod for e in r.observations["east"].endpoints} == {"p2"}
+
+
+@pytest.mark.parametrize(("ejecting", "observers", "unhealthy"), [
+    (0, 3, False), (1, 3, False), (2, 3, True), (3, 3, True), (1, 2, True), (1, 1, True),
+])
+def test_global_outlier_needs_a_quorum_of_observers(ejecting: int, observers: int, unhealthy: bool) -> None:
+    agg = OutlierAggregator(quorum_fraction=0.5, min_observers=1, report_ttl_s=30)
+    for i in range(observers):
+        agg.report(f"ztunnel/west/n{i}", [Outcome("checkout", "east/p1", "east", 0, 5, i < ejecting)], now_s=0)
+    assert (("checkout", "east/p1") in agg.unhealthy(now_s=1)) is unhealthy
+
+
+def test_reports_expire() -> None:
+    agg = OutlierAggregator(report_ttl_s=10)
+    agg.report("ztunnel/west/n0", [Outcome("checkout", "east/p1", "east", 0, 5, True)], now_s=0)
+    assert agg.unhealthy(now_s=5) and not agg.unhealthy(now_s=11)
+
+
+def test_health_reports_trigger_a_push_marking_endpoints_unhealthy() -> None:
+    pushes = Pushes()
+    r = Reconciler(fake_render, pushes)
+    r.on_snapshot(snap("a" * 40), now_s=0)
+    r.on_observation(obs("east", ["p1", "p2"]), now_s=0)
+    r.reconcile(now_s=1)
+    for i in range(3):
+        r.on_health(f"ztunnel/west/n{i}", [Outcome("checkout", "east/p1", "east", 0, 7, True)], now_s=2)
+    assert r.reconcile(now_s=2.2)
+    assert pushes.calls[-1]["ztunnel/east/n1"].network == "n1"
+    assert r.status()["unhealthy_endpoints"] == ["checkout east/p1"]
+
+
+def test_store_epoch_grows_and_failover_history_filters(store: Store) -> None:
+    e1, e2 = store.bump_epoch(), store.bump_epoch()
+    assert e2 == e1 + 1
+    store.record_failover("checkout.shop", "FailedOver", from_cluster="east", to_cluster="west",
+                          trigger="EndpointEjected east/shop/p1", policy_file="policies/checkout.yaml:4:3",
+                          revision="a" * 40, at_s=100)
+    store.record_failover("cart.shop", "FailedOver", at_s=200)
+    assert [f.service for f in store.failover_history()] == ["checkout.shop", "cart.shop"]
+    assert [f.service for f in store.failover_history(since_s=150)] == ["cart.shop"]
+    assert store.failover_history("checkout.shop")[0].policy_file == "policies/checkout.yaml:4:3"
+    store.record_acks([("ztunnel/a/n1", 2, 5, "a" * 40)])
+    store.record_nack("ztunnel/a/n1", "bad port")
+    acks = store.proxy_acks()["ztunnel/a/n1"]
+    assert acks["version"] == 5 and acks["last_nack"] == "bad port"
+    assert oct(Path(store.path).stat().st_mode & 0o777) == "0o600"

@@ -1,0 +1,442 @@
+"""The proxy side of the meshfed config protocol (gRPC, delta-xDS style): subscribe, apply, ACK/NACK.
+
+Three layers, decide-then-act:
+
+1. The codec (`encode_delta` / `decode_delta`): a `ConfigDelta` <-> protobuf `ConfigResponse`
+   chunks. Each resource travels as its JSON form (`ztunnel.config.resource_to_dict`), the same
+   form as standalone config files. A delta larger than `max_message_bytes` is split into chunks
+   that share one nonce; a single resource larger than the limit is refused with `OversizeError`
+   naming it. The controller (`federation.grpc_server`) uses the same codec.
+2. `Subscription`, a sans-IO state machine: responses in, (request to send, config to apply) out.
+   Rules: a response older than or equal to what the proxy runs is NACKed and never applied;
+   a response from an older controller epoch is refused (`StaleControllerError`: split brain);
+   a delta whose base is not our version is NACKed with "resync" so the controller sends full
+   state; a resource that fails to parse, or that the data plane rejects, NACKs the whole
+   response and the proxy stays on its previous version (last known good).
+3. `XdsClient`, the asyncio adapter: connects, sends the hello with what it runs, pumps responses
+   through the subscription into a `ConfigSink` (the data plane's apply hook), reconnects with
+   exponential backoff and jitter, and streams health reports from a `HealthSource`.
+
+Invariants of `Subscription`: `current` only ever moves to a strictly newer (epoch, version);
+`current` is never replaced by a config that failed to parse or that the sink rejected; it moves
+only on `commit()`, after the data plane has applied the config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ztunnel.config import (
+    RESOURCE_TYPES,
+    ConfigDelta,
+    ProxyConfig,
+    ProxyMode,
+    Stamp,
+    apply_delta,
+    parse_resources,
+    resource_to_dict,
+)
+from ztunnel.proto import meshfed_pb2 as pb
+
+CONFIG_METHOD = "/meshfed.v1alpha1.ConfigDiscovery/StreamConfig"
+CERT_METHOD = "/meshfed.v1alpha1.CertificateAuthority/SignCertificate"
+HEALTH_METHOD = "/meshfed.v1alpha1.HealthReporting/ReportHealth"
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's default receive limit
+PROXY_ID_METADATA = "x-meshfed-proxy-id"      # insecure (loopback test) mode only
+_CHUNK_OVERHEAD_BYTES = 4096                  # header, stamp, nonce, identities
+
+
+class OversizeError(ValueError):
+    """One resource is larger than a whole message may be; splitting cannot help."""
+
+
+class StaleControllerError(RuntimeError):
+    """The controller's epoch is older than the one this proxy follows (another controller is newer)."""
+
+
+# --- codec ------------------------------------------------------------------------------------
+
+
+def stamp_to_pb(s: Stamp | None) -> Any:
+    return pb.Stamp() if s is None else pb.Stamp(epoch=s.epoch, revision=s.revision, version=s.version)
+
+
+def stamp_from_pb(m: Any) -> Stamp | None:
+    if m is None or (m.epoch == 0 and m.version == 0 and not m.revision):
+        return None
+    return Stamp(int(m.epoch), str(m.revision), int(m.version))
+
+
+def header_to_pb(cfg: ProxyConfig) -> Any:
+    return pb.ProxyHeader(proxy_id=cfg.proxy_id, mode=cfg.mode.value, cluster=cfg.cluster,
+                          network=cfg.network, trust_domain=cfg.trust_domain)
+
+
+def template_from_header(h: Any) -> ProxyConfig:
+    """An empty config carrying a proxy's header fields (what a full-state delta applies onto)."""
+    return ProxyConfig(proxy_id=h.proxy_id, mode=ProxyMode(h.mode or "node"), cluster=h.cluster,
+                       network=h.network, trust_domain=h.trust_domain, stamp=Stamp(0, "", 0))
+
+
+class _BodyCache:
+    """JSON bodies of resources by object identity. Renderers share resource objects between
+    proxies (one Service view per locality), so a push to N proxies encodes each resource once.
+    Entries hold the resource itself, so an id is never reused while its entry lives."""
+
+    def __init__(self, max_entries: int = 200_000) -> None:
+        self.max_entries = max_entries
+        self._d: dict[int, tuple[Any, bytes]] = {}
+
+    def body(self, r: Any) -> bytes:
+        hit = self._d.get(id(r))
+        if hit is not None and hit[0] is r:
+            return hit[1]
+        body = json.dumps(resource_to_dict(r), separators=(",", ":")).encode()
+        if len(self._d) >= self.max_entries:
+            self._d.clear()
+        self._d[id(r)] = (r, body)
+        return body
+
+
+_BODIES = _BodyCache()
+
+
+def encode_delta(delta: ConfigDelta, header: ProxyConfig, nonce: str,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[Any]:
+    """Split a delta into as few `ConfigResponse` messages as fit `max_message_bytes` each."""
+    budget = max_message_bytes - _CHUNK_OVERHEAD_BYTES
+    items: list[tuple[int, Any, bool]] = []  # (size, message, is_upsert)
+    for kind in RESOURCE_TYPES:
+        for r in delta.upserts.get(kind, ()):
+            body = _BODIES.body(r)
+            msg = pb.Resource(type=kind, key=r.key, body=body)
+            size = len(body) + len(r.key) + 16
+            if size > budget:
+                raise OversizeError(
+                    f"{kind} {r.key} of proxy {delta.proxy_id} is {size / 1048576:.1f} MiB, over the "
+                    f"{max_message_bytes / 1048576:.1f} MiB message limit; raise the controller's "
+                    f"--max-message-bytes (and the proxy's) or split the service")
+            items.append((size, msg, True))
+        for key in delta.removals.get(kind, ()):
+            items.append((len(key) + 16, pb.RemovedResource(type=kind, key=key), False))
+    chunks: list[list[tuple[int, Any, bool]]] = [[]]
+    used = 0
+    for item in items:
+        if chunks[-1] and used + item[0] > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(item)
+        used += item[0]
+    out = []
+    for i, chunk in enumerate(chunks):
+        m = pb.ConfigResponse(stamp=stamp_to_pb(delta.stamp), base_version=delta.base_version, nonce=nonce,
+                              chunk=i, chunks=len(chunks), proxy=header_to_pb(header))
+        m.upserts.extend(x[1] for x in chunk if x[2])
+        m.removals.extend(x[1] for x in chunk if not x[2])
+        if i == 0 and delta.local_identities is not None:
+            m.identities_set = True
+            m.local_identities.extend(delta.local_identities)
+        out.append(m)
+    return out
+
+
+@dataclass
+class DecodedDelta:
+    delta: ConfigDelta
+    header: Any
+    rejected: list[str] = field(default_factory=list)  # "<type>/<key>: reason"
+
+
+def decode_delta(chunks: Sequence[Any]) -> DecodedDelta:
+    """Join the chunks of one nonce into a ConfigDelta; resources that do not parse are listed."""
+    first = chunks[0]
+    stamp = stamp_from_pb(first.stamp) or Stamp(0, "", 0)
+    raw: dict[str, list[Any]] = {k: [] for k in RESOURCE_TYPES}
+    removals: dict[str, list[str]] = {k: [] for k in RESOURCE_TYPES}
+    rejected: list[str] = []
+    identities: tuple[str, ...] | None = None
+    for c in chunks:
+        if c.identities_set:
+            identities = tuple(c.local_identities)
+        for r in c.upserts:
+            if r.type not in RESOURCE_TYPES:
+                rejected.append(f"{r.type}/{r.key}: unknown resource type")
+                continue
+            try:
+                raw[r.type].append(json.loads(r.body))
+            except ValueError as e:
+                rejected.append(f"{r.type}/{r.key}: body is not JSON ({e})")
+        for rm in c.removals:
+            if rm.type in removals:
+                removals[rm.type].append(rm.key)
+    upserts: dict[str, tuple[Any, ...]] = {}
+    for kind, items in raw.items():
+        good, bad = parse_resources(kind, items)
+        upserts[kind] = tuple(good)
+        rejected.extend(f"{kind}/{e.key}: {e.reason}" for e in bad)
+    delta = ConfigDelta(proxy_id=first.proxy.proxy_id, stamp=stamp, base_version=int(first.base_version),
+                        upserts=upserts, removals={k: tuple(v) for k, v in removals.items()},
+                        local_identities=identities)
+    return DecodedDelta(delta, first.proxy, rejected)
+
+
+# --- the sans-IO subscription -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What handling one response decided: the request to send back, and the config to run."""
+
+    reply: Any | None                    # ConfigRequest (ACK/NACK), None while chunks are pending
+    apply: ProxyConfig | None = None     # a new config to hand to the data plane
+    error: str = ""                      # NACK reason
+    stale_controller: bool = False
+
+
+class Subscription:
+    """One proxy's view of the protocol. Feed it responses; it says what to ACK and what to apply."""
+
+    def __init__(self, header: ProxyConfig, current: ProxyConfig | None = None) -> None:
+        self.header = header        # proxy_id, mode, cluster, network, trust domain
+        self.current = current      # last good config (e.g. loaded from disk at start)
+        self._pending: list[Any] = []
+        self.acks = 0
+        self.nacks = 0
+        self.last_error = ""
+
+    @property
+    def have(self) -> Stamp | None:
+        return self.current.stamp if self.current is not None else None
+
+    def hello(self) -> Any:
+        return pb.ConfigRequest(proxy=header_to_pb(self.header), have=stamp_to_pb(self.have))
+
+    def _reply(self, nonce: str, error: str, rejected: Sequence[str] = ()) -> Any:
+        req = pb.ConfigRequest(response_nonce=nonce, nack=True, error_detail=error, applied=stamp_to_pb(self.have))
+        req.rejected_keys.extend(r.split(":", 1)[0] for r in rejected)
+        self.nacks += 1
+        self.last_error = error
+        return req
+
+    def on_response(self, resp: Any, validate: Callable[[ProxyConfig], list[str]] | None = None) -> Outcome:
+        """Handle one response (chunk). `validate(config)` lets the data plane reject resources
+        before the config becomes current (returns error strings; empty = accept)."""
+        if self._pending and self._pending[0].nonce != resp.nonce:
+            self._pending = []  # a new nonce supersedes an unfinished one
+        self._pending.append(resp)
+        if len(self._pending) < max(1, resp.chunks):
+            return Outcome(None)
+        chunks, self._pending = sorted(self._pending, key=lambda c: c.chunk), []
+        decoded = decode_delta(chunks)
+        stamp, have = decoded.delta.stamp, self.have
+        if have is not None and stamp.epoch < have.epoch:
+            err = (f"controller epoch {stamp.epoch} is older than epoch {have.epoch} this proxy follows: "
+                   f"another controller is newer (split brain); refusing its config")
+            return Outcome(self._reply(resp.nonce, err), error=err, stale_controller=True)
+        if not stamp.newer_than(have):
+            err = f"version {stamp.epoch}.{stamp.version} is not newer than {have.epoch}.{have.version} (have)" if have else "empty stamp"
+            return Outcome(self._reply(resp.nonce, err), error=err)
+        if decoded.rejected:
+            err = "rejected resources: " + "; ".join(decoded.rejected[:20])
+            return Outcome(self._reply(resp.nonce, err, decoded.rejected), error=err)
+        try:
+            cfg = apply_delta(self.current, decoded.delta, template_from_header(decoded.header))
+        except ValueError as e:
+            err = f"resync: {e}"
+            return Outcome(self._reply(resp.nonce, err), error=err)
+        problems = validate(cfg) if validate is not None else []
+        if problems:
+            err = "data plane rejected: " + "; ".join(problems[:20])
+            return Outcome(self._reply(resp.nonce, err, problems), error=err)
+        self.acks += 1
+        ack = pb.ConfigRequest(response_nonce=resp.nonce, applied=stamp_to_pb(cfg.stamp))
+        return Outcome(ack, apply=cfg)
+
+    def commit(self, cfg: ProxyConfig) -> None:
+        """The data plane runs `cfg` now: it becomes the base of the next delta."""
+        self.current = cfg
+
+    def fail_apply(self, nonce: str, error: str) -> Any:
+        """The data plane could not run a config it had accepted: NACK instead of the ACK."""
+        self.acks -= 1
+        return self._reply(nonce, f"data plane failed to apply: {error}")
+
+
+# --- the asyncio adapter ----------------------------------------------------------------------
+
+
+class ConfigSink(Protocol):
+    """The data plane's side: validate a config (errors = reject, keep the old one), then run it."""
+
+    def validate(self, config: ProxyConfig) -> list[str]: ...
+
+    async def apply(self, config: ProxyConfig) -> None: ...
+
+
+class HealthSource(Protocol):
+    """The data plane's local outlier detection, drained into reports every `health_interval_s`."""
+
+    def drain_outcomes(self) -> list[Any]: ...  # list of pb.EndpointOutcome
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with full jitter (decide here; the client sleeps)."""
+
+    initial_s: float = 0.1
+    max_s: float = 5.0
+    attempt: int = 0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def next_delay_s(self) -> float:
+        cap = min(self.max_s, self.initial_s * (2 ** self.attempt))
+        self.attempt += 1
+        return self.rng.uniform(cap / 2, cap)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class XdsClient:
+    """Keeps one proxy subscribed to a controller. `run()` until `stop()`; never raises on I/O.
+
+    `channel_factory()` returns a fresh `grpc.aio.Channel` (secure with the proxy's SVID, or
+    insecure for loopback tests); `metadata` is sent on every call (insecure mode: the proxy id).
+    """
+
+    def __init__(self, subscription: Subscription, sink: ConfigSink,
+                 channel_factory: Callable[[], Any], metadata: Sequence[tuple[str, str]] = (),
+                 health: HealthSource | None = None, health_interval_s: float = 1.0,
+                 backoff: Backoff | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        self.sub, self.sink, self.channel_factory = subscription, sink, channel_factory
+        self.metadata = tuple(metadata)
+        self.health, self.health_interval_s = health, health_interval_s
+        self.backoff = backoff or Backoff()
+        self.max_message_bytes = max_message_bytes
+        self.connected = asyncio.Event()
+        self.applied = asyncio.Event()  # set after every applied config
+        self.last_error = ""
+        self.stale_controller = False
+        self._stop = asyncio.Event()
+        self.connects = 0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await self._session()
+                self.backoff.reset()
+            except Exception as e:  # any transport error: back off and reconnect
+                self.last_error = describe_error(e)
+                if "split brain" in self.last_error:
+                    self.stale_controller = True
+            self.connected.clear()
+            if self._stop.is_set():
+                break
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.backoff.next_delay_s())
+
+    async def _session(self) -> None:
+        channel = self.channel_factory()
+        try:
+            call = channel.stream_stream(CONFIG_METHOD, request_serializer=pb.ConfigRequest.SerializeToString,
+                                         response_deserializer=pb.ConfigResponse.FromString)(
+                metadata=self.metadata)
+            await call.write(self.sub.hello())
+            self.connects += 1
+            self.connected.set()
+            async with asyncio.TaskGroup() as tg:
+                stopper = tg.create_task(self._stop.wait())
+                health = tg.create_task(self._health_loop(channel)) if self.health is not None else None
+                try:
+                    while True:
+                        read = asyncio.ensure_future(call.read())
+                        done, _ = await asyncio.wait({read, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                        if stopper in done:
+                            read.cancel()
+                            call.cancel()
+                            return
+                        resp = read.result()
+                        if resp is None or resp is _eof():
+                            raise ConnectionError("controller closed the config stream")
+                        await self._handle(call, resp)
+                finally:
+                    stopper.cancel()
+                    if health is not None:
+                        health.cancel()
+        finally:
+            await channel.close()
+
+    async def _handle(self, call: Any, resp: Any) -> None:
+        outcome = self.sub.on_response(resp, self.sink.validate)
+        reply = outcome.reply
+        if outcome.apply is not None:
+            try:
+                await self.sink.apply(outcome.apply)
+                self.sub.commit(outcome.apply)
+            except Exception as e:  # the data plane keeps its previous config
+                reply = self.sub.fail_apply(resp.nonce, describe_error(e))
+                outcome = Outcome(reply, error=reply.error_detail)
+        if reply is not None:
+            await call.write(reply)
+        if outcome.apply is not None:
+            self.applied.set()
+        if outcome.error:
+            self.last_error = outcome.error
+        if outcome.stale_controller:
+            self.stale_controller = True
+            call.cancel()
+            raise StaleControllerError(outcome.error)
+
+    async def _health_loop(self, channel: Any) -> None:
+        assert self.health is not None
+        call = channel.stream_unary(HEALTH_METHOD, request_serializer=pb.HealthReport.SerializeToString,
+                                    response_deserializer=pb.HealthSummary.FromString)(metadata=self.metadata)
+        try:
+            while True:
+                await asyncio.sleep(self.health_interval_s)
+                outcomes = self.health.drain_outcomes()
+                if outcomes:
+                    report = pb.HealthReport(proxy_id=self.sub.header.proxy_id, sent_at_s=time.time())
+                    report.outcomes.extend(outcomes)
+                    await call.write(report)
+        finally:
+            call.cancel()
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for status: the root cause out of exception groups, gRPC code and details."""
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:
+        e = e.exceptions[0]
+    code, details = getattr(e, "code", None), getattr(e, "details", None)
+    if callable(code) and callable(details):
+        c = code()
+        return f"{getattr(c, 'name', c)}: {details()}"
+    return f"{type(e).__name__}: {e}"
+
+
+def _eof() -> Any:
+    import grpc.aio
+
+    return grpc.aio.EOF
+
+
+async def request_certificate(channel: Any, proxy_id: str, csr_pem: bytes, bootstrap_token: str = "",
+                              ttl_s: int = 0, metadata: Sequence[tuple[str, str]] = (),
+                              timeout_s: float = 5.0) -> Any:
+    """CSR in, SVID out (`CertificateResponse`). The private key never leaves the caller."""
+    call: Callable[..., Awaitable[Any]] = channel.unary_unary(
+        CERT_METHOD, request_serializer=pb.CertificateRequest.SerializeToString,
+        response_deserializer=pb.CertificateResponse.FromString)
+    return await call(pb.CertificateRequest(proxy_id=proxy_id, csr_pem=csr_pem, bootstrap_token=bootstrap_token,
+                                            ttl_s=ttl_s), metadata=tuple(metadata), timeout=timeout_s)
