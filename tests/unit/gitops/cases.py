@@ -95,26 +95,26 @@ CASES: list[Case] = [
     ("failover-priority-repeated", (("replace", DR, "          - topology.kubernetes.io/region\n",
                                      "          - topology.kubernetes.io/region\n          - topology.istio.io/network\n"),),
      "MF0502", "policies/shop/checkout.yaml:22:13", 1),
-    ("failover-to-itself", (("replace", DR, "        failoverPriority:\n          - topology.istio.io/network\n"
-                             "          - topology.kubernetes.io/region\n",
+    ("failover-to-itself", (("replace", DR, "        failoverPriority:\n          - topology.kubernetes.io/region\n"
+                             "          - topology.istio.io/network\n",
                              "        failover:\n          - from: us-east\n            to: us-east\n"),), "MF0502", "policies/shop/checkout.yaml:20:13", 1),
-    ("failover-unknown-cluster", (("replace", DR, "          - topology.kubernetes.io/region\n",
+    ("failover-unknown-cluster", (("replace", DR, "          - topology.istio.io/network\n",
                                    "          - topology.istio.io/cluster=nowhere\n"),), "MF0503", "policies/shop/checkout.yaml:21:13", 1),
-    ("failover-unknown-region", (("replace", DR, "        failoverPriority:\n          - topology.istio.io/network\n"
-                                  "          - topology.kubernetes.io/region\n",
+    ("failover-unknown-region", (("replace", DR, "        failoverPriority:\n          - topology.kubernetes.io/region\n"
+                                  "          - topology.istio.io/network\n",
                                   "        failover:\n          - from: us-east\n            to: eu-west\n"),),
      "MF0503", "policies/shop/checkout.yaml:21:13", 1),
     ("failover-without-outlier-detection", (("replace", DR, "    outlierDetection:\n      consecutiveGatewayErrors: 3\n"
                                              "      consecutive5xxErrors: 5\n      interval: 5s\n"
                                              "      baseEjectionTime: 15s\n" + OD, ""),), "MF0504", "policies/shop/checkout.yaml:10:7", 1),
     ("max-ejection-percent-too-small", (("replace", DR, OD, "      maxEjectionPercent: 10\n"),), "MF0505", "policies/shop/checkout.yaml:14:7", 1),
-    ("two-locality-modes", (("replace", DR, "          - topology.kubernetes.io/region\n",
-                             "          - topology.kubernetes.io/region\n        failover:\n"
+    ("two-locality-modes", (("replace", DR, "          - topology.istio.io/network\n",
+                             "          - topology.istio.io/network\n        failover:\n"
                              "          - from: us-east\n            to: us-west\n"),), "MF0506", "policies/shop/checkout.yaml:22:9", 1),
     ("route-weights-zero", (("replace", ROUTE, "weight: 90", "weight: 0"), ("replace", ROUTE, "weight: 10", "weight: 0")),
      "MF0507", "policies/shop/checkout-canary.yaml:14:7", 1),
-    ("distribute-not-100", (("replace", DR, "        failoverPriority:\n          - topology.istio.io/network\n"
-                             "          - topology.kubernetes.io/region\n",
+    ("distribute-not-100", (("replace", DR, "        failoverPriority:\n          - topology.kubernetes.io/region\n"
+                             "          - topology.istio.io/network\n",
                              "        distribute:\n          - from: us-east/*\n            to:\n"
                              "              us-east/*: 80\n              us-west/*: 10\n"),), "MF0507", "policies/shop/checkout.yaml:21:13", 1),
     ("percent-out-of-range", (("replace", DR, OD, "      maxEjectionPercent: 150\n"),), "MF0508", "policies/shop/checkout.yaml:14:27", 1),
