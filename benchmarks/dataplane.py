@@ -1,7 +1,7 @@
 """Data-plane benchmark: raw TCP, raw TLS, an HAProxy mTLS pair, a ztunnel pair, and the
 double-HBONE gateway path, side by side in one run, on loopback.
 
-    python -m benchmarks.dataplane [--quick]
+    python -m benchmarks.dataplane [--quick] [--rounds 3] [--profile DIR]
 
 Per path: `gbps` (one stream, median of runs), `rr_1k_us_p50`/`rr_1k_us_p99` (1 KB request,
 1 KB response on an open connection), `conn_us_p50` (new connection + first byte back; for the
@@ -9,7 +9,15 @@ ztunnel paths this includes the SOCKS5 exchange the application does). The echo/
 in its own process; proxies run as real processes (`python -m ztunnel`, `haproxy`); the client is
 blocking sockets in this process. Also: proxy RSS idle and per endpoint in config (a node loaded
 with 5000 extra endpoints), and the framer micro-benchmark (our HBONE framer vs the `h2` library,
-in memory). The last line of output is one JSON object.
+in memory). The last line of output is one JSON object; its `summary` holds the ratios against
+HAProxy's pair (`ztunnel_pair_added_latency_ratio`, `ztunnel_pair_throughput_ratio`,
+`ztunnel_gateway_conn_ratio`) and the RSS figures, next to the targets of issue 5.
+
+The machine is shared, so every path is measured once per *round*, rounds interleaved, and each
+figure is the median over rounds; a ratio is computed within a round (against HAProxy measured
+minutes apart from it, not an hour) and the median of those is reported. `--profile DIR` runs
+`py-spy record` on the proxies during the last round's phases (rr / conn / bulk) and prints the top
+functions by self time.
 """
 
 from __future__ import annotations
@@ -112,35 +120,102 @@ def recv_exact(s: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def measure(connect_echo: Any, connect_sink: Any, quick: bool) -> dict[str, float]:
+class Profiler:
+    """`py-spy record` on the proxies during one phase of a measurement (--profile DIR)."""
+
+    def __init__(self, out_dir: Path | None, pids: dict[str, int]) -> None:
+        self.out_dir, self.pids = out_dir, pids
+        self.procs: list[tuple[Path, subprocess.Popen[bytes]]] = []
+
+    def start(self, phase: str) -> None:
+        if self.out_dir is None:
+            return
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        for name, pid in self.pids.items():
+            out = self.out_dir / f"{phase}-{name}.txt"
+            p = subprocess.Popen([spy, "record", "--format", "raw", "--rate", "250", "--nonblocking",
+                                  "-o", str(out), "-p", str(pid)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.procs.append((out, p))
+        time.sleep(0.5)  # py-spy attaches
+
+    def stop(self) -> None:
+        for _, p in self.procs:
+            p.send_signal(signal.SIGINT)
+        for _, p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.procs.clear()
+
+
+def top_functions(raw: Path, n: int = 12) -> list[tuple[str, float, float]]:
+    """(function, self %, inclusive %) from a py-spy raw (collapsed stacks) file, by self time."""
+    self_n: dict[str, int] = {}
+    incl_n: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count_s = line.rpartition(" ")
+        if not stack or not count_s.isdigit():
+            continue
+        count = int(count_s)
+        frames = [_short_frame(f) for f in stack.split(";")]
+        if frames and frames[0].startswith(("process ", "thread ")):
+            frames = frames[1:]
+        if not frames:
+            continue
+        total += count
+        self_n[frames[-1]] = self_n.get(frames[-1], 0) + count
+        for f in set(frames):
+            incl_n[f] = incl_n.get(f, 0) + count
+    ranked = sorted(self_n.items(), key=lambda kv: -kv[1])[:n]
+    return [(f, round(100 * c / max(1, total), 1), round(100 * incl_n[f] / max(1, total), 1)) for f, c in ranked]
+
+
+def _short_frame(frame: str) -> str:
+    """`func (/path/to/mod.py:123)` → `func (mod.py)`."""
+    name, sep, where = frame.partition(" (")
+    if not sep:
+        return frame
+    return f"{name} ({where.split(':')[0].rsplit('/', 1)[-1]})"
+
+
+def measure(connect_echo: Any, connect_sink: Any, quick: bool, prof: Profiler | None = None) -> dict[str, float]:
+    prof = prof or Profiler(None, {})
     # request/response 1 KB
+    prof.start("rr")
     s = connect_echo()
     msg = b"x" * 1024
     for _ in range(50):
         s.sendall(msg)
         recv_exact(s, 1024)
     lat = []
-    for _ in range(300 if quick else 2000):
+    for _ in range(300 if quick else 1000):
         t0 = time.perf_counter()
         s.sendall(msg)
         recv_exact(s, 1024)
         lat.append(time.perf_counter() - t0)
     s.close()
+    prof.stop()
     lat.sort()
     # new connection + first byte
+    prof.start("conn")
     conn = []
-    for _ in range(30 if quick else 150):
+    for _ in range(30 if quick else 80):
         t0 = time.perf_counter()
         c = connect_echo()
         c.sendall(b"!")
         recv_exact(c, 1)
         conn.append(time.perf_counter() - t0)
         c.close()
+    prof.stop()
     # throughput, single stream
-    total = (64 if quick else 256) * 1024 * 1024
+    prof.start("bulk")
+    total = (64 if quick else 128) * 1024 * 1024
     chunk = b"\0" * (256 * 1024)
     runs = []
-    for _ in range(2 if quick else 3):
+    for _ in range(2):
         c = connect_sink()
         t0 = time.perf_counter()
         c.sendall(total.to_bytes(8, "big"))
@@ -154,6 +229,7 @@ def measure(connect_echo: Any, connect_sink: Any, quick: bool) -> dict[str, floa
         if int(reply or b"0") != total:
             raise RuntimeError(f"sink got {reply!r}, expected {total}")
         runs.append(total * 8 / dt / 1e9)
+    prof.stop()
     return {
         "gbps": round(statistics.median(runs), 3),
         "rr_1k_us_p50": round(lat[len(lat) // 2] * 1e6, 1),
@@ -234,15 +310,39 @@ def framer_microbench() -> dict[str, float]:
     return {"ours_mb_s": round(ours, 1), "h2_mb_s": round(theirs, 1), "ratio": round(ours / theirs, 2)}
 
 
+def _median_metrics(runs: list[dict[str, float]]) -> dict[str, float]:
+    keys = runs[0].keys()
+    return {k: round(statistics.median(r[k] for r in runs), 1 if "us" in k else 3) for k in keys}
+
+
+def ratios(hp: dict[str, float], raw: dict[str, float], z: dict[str, float]) -> dict[str, float]:
+    """A path against HAProxy's pair measured in the same round: throughput, *added* latency (over
+    raw TCP), new-connection time."""
+    return {
+        "gbps_ratio": z["gbps"] / hp["gbps"],
+        "added_p50_ratio": (z["rr_1k_us_p50"] - raw["rr_1k_us_p50"]) / max(1.0, hp["rr_1k_us_p50"] - raw["rr_1k_us_p50"]),
+        "conn_ratio": z["conn_us_p50"] / hp["conn_us_p50"],
+    }
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
+    ap = argparse.ArgumentParser(description="data-plane benchmark; the last line of output is one JSON object")
+    ap.add_argument("--quick", action="store_true", help="fewer samples, one round (a smoke run, ~20 s)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="interleaved rounds over all paths; figures are medians over rounds (default 3)")
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="directory: py-spy record the ztunnels during each phase and print the top functions")
+    ap.add_argument("--logs", type=Path, default=None, help="directory: keep the ztunnels' access logs there")
     ap.add_argument("--serve", nargs=7, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.logs:
+        args.logs.mkdir(parents=True, exist_ok=True)
     if args.serve:
         h, e, k, t, cert, key, ca_ = args.serve
         serve(h, int(e), int(k), int(t), cert, key, ca_)
         return
+    rounds = 1 if args.quick else max(1, args.rounds)
+    t_start = time.monotonic()
     sys.path.insert(0, str(ROOT))
     from federation.ca import TrustDomainCA
     from tests.integration import dataplane_topology as topo
@@ -250,44 +350,46 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="meshfed-bench-"))
     procs: list[subprocess.Popen[bytes]] = []
+    per_round: dict[str, list[dict[str, float]]] = {}
+    extra: dict[str, dict[str, Any]] = {}
     results: dict[str, Any] = {}
     try:
         td = "east.mesh"
         ca = TrustDomainCA.create(td)
         (tmp / "ca.pem").write_bytes(ca.roots_pem())
-        pems = {}
         for name in ("server", "client", "hap1", "hap2"):
             iss = ca.issue_svid(f"spiffe://{td}/ns/bench/sa/{name}")
             (tmp / f"{name}.crt").write_bytes(iss.chain_pem)
             (tmp / f"{name}.key").write_bytes(iss.key_pem)
             (tmp / f"{name}.pem").write_bytes(iss.chain_pem + iss.key_pem)
-            pems[name] = iss
         srv_ip = "127.56.0.100"
         echo_p, sink_p = _free_port(srv_ip), _free_port(srv_ip)
-        tls_p = 47113  # tls echo; tls_p + 1: tls sink
+        tls_p = _free_port(srv_ip)  # tls echo; tls_p + 1: tls sink (an address of its own: free)
         sp = subprocess.Popen([sys.executable, "-m", "benchmarks.dataplane", "--serve", srv_ip, str(echo_p),
                                str(sink_p), str(tls_p), str(tmp / "server.crt"), str(tmp / "server.key"),
                                str(tmp / "ca.pem")], cwd=ROOT, stdout=subprocess.PIPE)
         procs.append(sp)
         assert sp.stdout is not None and sp.stdout.readline().strip() == b"ready"
 
-        def tcp(port: int) -> Any:
+        def tcp(host: str, port: int) -> Any:
             def f() -> socket.socket:
-                s = socket.create_connection((srv_ip, port))
+                s = socket.create_connection((host, port))
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 return s
             return f
 
-        results["raw_tcp"] = measure(tcp(echo_p), tcp(sink_p), args.quick)
         cctx = ssl.create_default_context(cafile=str(tmp / "ca.pem"))
         cctx.check_hostname = False
         cctx.load_cert_chain(str(tmp / "client.crt"), str(tmp / "client.key"))
 
         def tls(port: int) -> Any:
-            return lambda: cctx.wrap_socket(tcp(port)())
+            return lambda: cctx.wrap_socket(tcp(srv_ip, port)())
 
-        results["raw_tls"] = measure(tls(tls_p), tls(tls_p + 1), args.quick)
-        # haproxy pair: plain → TLS → plain
+        paths: dict[str, tuple[Any, Any]] = {
+            "raw_tcp": (tcp(srv_ip, echo_p), tcp(srv_ip, sink_p)),
+            "raw_tls": (tls(tls_p), tls(tls_p + 1)),
+        }
+        # haproxy pair: plain → TLS → plain (HAProxy's default 16 KiB buffers, like for like with TLS)
         if shutil.which("haproxy"):
             h1, h2ip = "127.56.0.1", "127.56.0.2"
             p1, p2, p1s, p2s = _free_port(h1), _free_port(h2ip), _free_port(h1), _free_port(h2ip)
@@ -326,15 +428,10 @@ listen sink
                 procs.append(p)
                 hap.append(p)
             time.sleep(0.5)
-
-            def hp(port: int) -> Any:
-                def f() -> socket.socket:
-                    s = socket.create_connection((h1, port))
-                    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    return s
-                return f
-            results["haproxy_pair"] = measure(hp(p1), hp(p1s), args.quick)
-            results["haproxy_pair"]["rss_kb_idle"] = rss_kb(hap[0].pid)
+            paths["haproxy_pair"] = (tcp(h1, p1), tcp(h1, p1s))
+            extra["haproxy_pair"] = {"rss_kb_idle": rss_kb(hap[0].pid)}
+        else:
+            print("haproxy not installed (scripts/setup-system.sh installs it): no ratios", file=sys.stderr)
         # ztunnel pair and gateway
         client_pod = topo.Pod("east", "a", "client", "127.56.1.101", f"spiffe://{td}/ns/bench/sa/client",
                               node_address="127.56.1.11")
@@ -343,8 +440,8 @@ listen sink
         gw_ip = "127.56.1.250"
         hb = _free_port(gw_ip)
         wl = [client_pod.workload(), server_pod.workload()]
-        svcs = []
-        remote = []
+        svcs: list[Any] = []
+        remote: list[Any] = []
         for name, port in (("echo", echo_p), ("sink", sink_p)):
             host = f"{name}.bench.svc.clusterset.local"
             ep = topo.endpoint(server_pod, port, hb)
@@ -375,8 +472,9 @@ listen sink
             admin[k] = _free_port("127.0.0.1")
             cmd = [sys.executable, "-m", "ztunnel", "--config", str(tmp / f"{k}.json"), "--cert-dir", str(d),
                    "--hbone", f"{ips[k]}:{hb}", "--socks", f"{ips[k]}:{socks_port}" if k == "a" else "",
-                   "--admin", f"127.0.0.1:{admin[k]}", "--access-log", "off"]
-            p = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                   "--admin", f"127.0.0.1:{admin[k]}", "--access-log", "stderr" if args.logs else "off"]
+            log = (args.logs / f"ztunnel-{k}.log").open("wb") if args.logs else subprocess.DEVNULL
+            p = subprocess.Popen(cmd, cwd=ROOT, stderr=log, env={**os.environ, "PYTHONPATH": str(ROOT)})
             procs.append(p)
             zt[k] = p
         for k in zt:
@@ -387,39 +485,69 @@ listen sink
         def zs(vip: str, port: int) -> Any:
             return lambda: socks_open((ips["a"], socks_port), vip, port, client_pod.address)
 
-        results["ztunnel_pair"] = measure(zs("127.56.3.1", echo_p), zs("127.56.3.2", sink_p), args.quick)
-        results["ztunnel_pair"]["rss_kb_idle"] = idle_rss
-        results["ztunnel_gateway"] = measure(zs("127.56.2.1", echo_p), zs("127.56.2.2", sink_p), args.quick)
-        results["ztunnel_gateway"]["rss_kb_idle_gateway"] = rss_kb(zt["g"].pid)
-        # per-endpoint RSS: a node with 5000 endpoints more in config
-        n_eps = 5000
+        paths["ztunnel_pair"] = (zs("127.56.3.1", echo_p), zs("127.56.3.2", sink_p))
+        paths["ztunnel_gateway"] = (zs("127.56.2.1", echo_p), zs("127.56.2.2", sink_p))
+        profilers = {
+            "ztunnel_pair": Profiler(args.profile and args.profile / "pair", {"a": zt["a"].pid, "b": zt["b"].pid}),
+            "ztunnel_gateway": Profiler(args.profile and args.profile / "gateway",
+                                        {"a": zt["a"].pid, "g": zt["g"].pid, "b": zt["b"].pid}),
+        }
+        for d_ in (args.profile / "pair", args.profile / "gateway") if args.profile else ():
+            d_.mkdir(parents=True, exist_ok=True)
+        # interleaved rounds: every path once per round, so load from other users hits all alike
+        for r in range(rounds):
+            for name, (echo_c, sink_c) in paths.items():
+                prof = profilers.get(name) if r == rounds - 1 else None
+                per_round.setdefault(name, []).append(measure(echo_c, sink_c, args.quick, prof))
+        extra["ztunnel_pair"] = {"rss_kb_idle": idle_rss}
+        extra["ztunnel_gateway"] = {"rss_kb_idle_gateway": rss_kb(zt["g"].pid)}
+        for name, runs in per_round.items():
+            results[name] = {**_median_metrics(runs), **extra.get(name, {})}
+        # per-endpoint RSS: two fresh node processes started side by side, one with the benchmark's
+        # config and one with N endpoints more; the difference of their RSS divided by N (fresh
+        # processes on both sides: the traffic-carrying node's heap is not a baseline)
+        n_eps = 10_000
         big = dataclasses.replace(svcs_a[0], hostname="big.bench.svc.clusterset.local", vip="127.56.4.1",
                                   endpoints=tuple(dataclasses.replace(svcs_a[0].endpoints[0],
                                                                       workload_uid=f"east/bench/p{i}",
                                                                       address=f"127.57.{i // 250}.{i % 250 + 1}")
                                                   for i in range(n_eps)))
         topo.write_config(tmp / "big.json", dataclasses.replace(cfg_a, services=(*cfg_a.services, big)))
-        adm = _free_port("127.0.0.1")
-        p = subprocess.Popen([sys.executable, "-m", "ztunnel", "--config", str(tmp / "big.json"), "--cert-dir",
-                              str(tmp / "a"), "--hbone", f"127.56.1.21:{hb}", "--socks", "",
-                              "--admin", f"127.0.0.1:{adm}", "--access-log", "off"], cwd=ROOT,
-                             stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        procs.append(p)
-        wait_admin(adm, p)
+        rss_procs: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+        for label, cfg_file, hb_ip in (("small", tmp / "a.json", "127.56.1.22"), ("big", tmp / "big.json", "127.56.1.21")):
+            adm = _free_port("127.0.0.1")
+            p = subprocess.Popen([sys.executable, "-m", "ztunnel", "--config", str(cfg_file), "--cert-dir",
+                                  str(tmp / "a"), "--hbone", f"{hb_ip}:{hb}", "--socks", "",
+                                  "--admin", f"127.0.0.1:{adm}", "--access-log", "off"], cwd=ROOT,
+                                 stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            procs.append(p)
+            rss_procs[label] = (p, adm)
+        for p, adm in rss_procs.values():
+            wait_admin(adm, p)
         time.sleep(0.3)
-        results["rss"] = {"ztunnel_idle_kb": idle_rss,
-                          "bytes_per_endpoint": round((rss_kb(p.pid) - idle_rss) * 1024 / n_eps)}
+        small_kb, big_kb = rss_kb(rss_procs["small"][0].pid), rss_kb(rss_procs["big"][0].pid)
+        results["rss"] = {"ztunnel_idle_kb": small_kb, "node_a_before_traffic_kb": idle_rss,
+                          "endpoints_added": n_eps, "ztunnel_big_kb": big_kb,
+                          "bytes_per_endpoint": round((big_kb - small_kb) * 1024 / n_eps)}
         results["framer"] = framer_microbench()
-        hp_ = results.get("haproxy_pair")
-        if hp_:
-            raw = results["raw_tcp"]["rr_1k_us_p50"]
+        if "haproxy_pair" in per_round:
             for k in ("ztunnel_pair", "ztunnel_gateway"):
-                z = results[k]
-                z["vs_haproxy"] = {
-                    "gbps_ratio": round(z["gbps"] / hp_["gbps"], 2),
-                    "added_p50_ratio": round((z["rr_1k_us_p50"] - raw) / max(1e-9, hp_["rr_1k_us_p50"] - raw), 2),
-                    "conn_ratio": round(z["conn_us_p50"] / hp_["conn_us_p50"], 2),
-                }
+                rs = [ratios(h, raw, z) for h, raw, z in zip(per_round["haproxy_pair"], per_round["raw_tcp"],
+                                                             per_round[k], strict=True)]
+                results[k]["vs_haproxy"] = {m: round(statistics.median(x[m] for x in rs), 2) for m in rs[0]}
+            pair, gw = results["ztunnel_pair"]["vs_haproxy"], results["ztunnel_gateway"]["vs_haproxy"]
+            results["summary"] = {
+                "ztunnel_pair_added_latency_ratio": pair["added_p50_ratio"],
+                "ztunnel_pair_throughput_ratio": pair["gbps_ratio"],
+                "ztunnel_gateway_conn_ratio": gw["conn_ratio"],
+                "ztunnel_pair_conn_ratio": pair["conn_ratio"],
+                "ztunnel_rss_idle_mb": round(results["rss"]["ztunnel_idle_kb"] / 1024, 1),
+                "ztunnel_rss_bytes_per_endpoint": results["rss"]["bytes_per_endpoint"],
+                "targets": {"added_latency_ratio_max": 2.0, "throughput_ratio_min": 0.6, "gateway_conn_ratio_max": 1.5,
+                            "rss_idle_mb_max": 40, "rss_bytes_per_endpoint_max": 400},
+                "rounds": rounds,
+                "wall_s": round(time.monotonic() - t_start, 1),
+            }
     finally:
         for p in procs:
             if p.poll() is None:
@@ -430,6 +558,15 @@ listen sink
             except subprocess.TimeoutExpired:
                 p.kill()
         shutil.rmtree(tmp, ignore_errors=True)
+    if args.profile:
+        prof_out: dict[str, Any] = {}
+        for f in sorted(args.profile.glob("*/*.txt")):
+            top = top_functions(f)
+            prof_out[f"{f.parent.name}/{f.stem}"] = top
+            print(f"--- profile {f.parent.name}/{f.stem} (self %, inclusive %)", file=sys.stderr)
+            for fn, self_pct, incl in top:
+                print(f"  {self_pct:5.1f} {incl:5.1f}  {fn}", file=sys.stderr)
+        results["profile_top"] = {k: v[:5] for k, v in prof_out.items()}
     for k, v in results.items():
         print(f"{k:16s} {v}", file=sys.stderr)
     print(json.dumps(results))

@@ -17,6 +17,7 @@ Invariants:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
@@ -70,6 +71,7 @@ class OutlierPolicy:
     consecutive_5xx_errors: int | None = 5
     consecutive_gateway_errors: int | None = None
     consecutive_local_origin_failures: int | None = None
+    split_external_local_origin_errors: bool = False
     interval_s: float = 10.0
     base_ejection_time_s: float = 30.0
     max_ejection_time_s: float = 300.0
@@ -187,6 +189,11 @@ class ProxyConfig:
     bundles: tuple[TrustBundle, ...] = ()
     # identities this proxy may present (node: workloads scheduled on it; gateway: its own)
     local_identities: tuple[str, ...] = ()
+    # the other trust domains `trust_domain` federates with (its federatesWith). Empty: every trust
+    # domain whose bundle is in `bundles` is accepted (the controller sends only trusted bundles);
+    # non-empty: a peer of a trust domain outside it (and not the local one) is refused even when its
+    # bundle is present (`not_federated`).
+    federated_trust_domains: tuple[str, ...] = ()
 
 
 # --- JSON form ---------------------------------------------------------------------------------
@@ -230,9 +237,23 @@ def _build(cls: type[Any], data: Mapping[str, Any]) -> Any:
     if unknown:
         raise TypeError(f"unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
     kwargs: dict[str, Any] = {}
+    repeated = _REPEATED_FIELDS.get(cls, ())
     for name, value in data.items():
-        kwargs[name] = _convert_field(cls, name, value)
+        if name in repeated and type(value) is str:
+            kwargs[name] = sys.intern(value)
+        else:
+            kwargs[name] = _convert_field(cls, name, value)
     return cls(**kwargs)
+
+
+# Fields whose values repeat across thousands of resources (the same cluster, node, gateway,
+# identity...): interned at parse time so a proxy holds each once (a JSON parser makes a new string
+# per occurrence). Unique values (uids, pod IPs) are not interned: that would only add a table entry.
+_REPEATED_FIELDS: dict[type[Any], frozenset[str]] = {
+    Endpoint: frozenset({"cluster", "network", "hbone_address", "gateway", "identity", "region", "zone"}),
+    Workload: frozenset({"namespace", "cluster", "network", "node", "identity", "service_account", "region", "zone",
+                         "node_address"}),
+}
 
 
 _NESTED: dict[tuple[type[Any], str], type[Any]] = {
@@ -246,7 +267,7 @@ _NESTED: dict[tuple[type[Any], str], type[Any]] = {
 def _convert_field(cls: type[Any], name: str, value: Any) -> Any:
     nested = _NESTED.get((cls, name))
     if nested is not None:
-        return tuple(_build(nested, v) for v in value)
+        return tuple(v if type(v) is nested else _build(nested, v) for v in value)
     if cls is Service and name == "outlier":
         return None if value is None else _build(OutlierPolicy, value)
     if isinstance(value, list):
@@ -262,6 +283,9 @@ def parse_resources(kind: str, items: Iterable[Mapping[str, Any]]) -> tuple[list
     good: list[Any] = []
     bad: list[ResourceError] = []
     for item in items:
+        if type(item) is cls:  # already built while decoding (`eager_object_hook`)
+            good.append(item)
+            continue
         key = ""
         if isinstance(item, Mapping):
             key = str(item.get("uid") or item.get("hostname") or item.get("trust_domain")
@@ -273,6 +297,33 @@ def parse_resources(kind: str, items: Iterable[Mapping[str, Any]]) -> tuple[list
     return good, bad
 
 
+def _field_sets(cls: type[Any]) -> tuple[frozenset[str], frozenset[str]]:
+    from dataclasses import MISSING, fields
+    every = [f for f in fields(cls)]
+    required = frozenset(f.name for f in every if f.default is MISSING and f.default_factory is MISSING)
+    return required, frozenset(f.name for f in every)
+
+
+_EAGER: tuple[tuple[type[Any], frozenset[str], frozenset[str]], ...] = tuple(
+    (cls, *_field_sets(cls)) for cls in (Endpoint, Workload))
+
+
+def eager_object_hook(obj: dict[str, Any]) -> Any:
+    """A `json.loads(object_hook=...)` that builds Endpoints and Workloads (the resources that come
+    by the thousand) the moment their JSON object is decoded, instead of after the whole document
+    is a tree of dicts: a big config is then never held twice, and the heap is not left fragmented
+    at the size of that transient peak (a proxy's RSS stays near its peak). An object that does
+    not build is returned as is, so the normal path rejects exactly that resource, with its reason."""
+    keys = obj.keys()
+    for cls, required, known in _EAGER:
+        if required <= keys and keys <= known:
+            try:
+                return _build(cls, obj)
+            except (TypeError, ValueError):
+                return obj
+    return obj
+
+
 def proxy_config_to_dict(cfg: ProxyConfig) -> dict[str, Any]:
     return {
         "proxy_id": cfg.proxy_id,
@@ -282,6 +333,7 @@ def proxy_config_to_dict(cfg: ProxyConfig) -> dict[str, Any]:
         "trust_domain": cfg.trust_domain,
         "stamp": asdict(cfg.stamp),
         "local_identities": list(cfg.local_identities),
+        **({"federated_trust_domains": list(cfg.federated_trust_domains)} if cfg.federated_trust_domains else {}),
         **{kind: [resource_to_dict(r) for r in getattr(cfg, kind)] for kind in RESOURCE_TYPES},
     }
 
@@ -302,6 +354,7 @@ def proxy_config_from_dict(data: Mapping[str, Any]) -> tuple[ProxyConfig, list[R
         trust_domain=str(data["trust_domain"]),
         stamp=Stamp(**data["stamp"]),
         local_identities=tuple(data.get("local_identities", ())),
+        federated_trust_domains=tuple(data.get("federated_trust_domains", ())),
         **parsed,
     )
     return cfg, errors

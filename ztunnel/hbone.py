@@ -284,14 +284,15 @@ class HboneConnection:
     Usage: `initiate(now_s)`, then feed bytes with `receive_data(data, now_s)` (returns events), send
     what `data_to_send()` returns, call `handle_timer(now_s)` at `next_timer_s()`.
 
-    Invariants: `_out` only ever holds whole frames; a stream id is in `_streams` iff it is not
+    Invariants: `_out` only ever holds whole frames (a DATA frame may be two consecutive entries,
+    header then a memoryview of immutable payload, joined by `data_to_send`); a stream id is in `_streams` iff it is not
     CLOSED; `_conn_send_window` and every stream's `send_window` never go negative by our sending.
     """
 
     def __init__(self, role: Role, settings: HboneSettings | None = None) -> None:
         self.role = role
         self.settings = settings or HboneSettings()
-        self._out: list[bytes] = []
+        self._out: list[bytes | memoryview] = []
         self._in = bytearray()
         self._preface_pending = role is Role.SERVER
         self._streams: dict[int, _Stream] = {}
@@ -319,6 +320,9 @@ class HboneConnection:
         self._goaway_received = False
         self.closed = False
         self.terminated: ConnectionTerminated | None = None
+        # ids of streams closed since the adapter last looked (it forgets its per-stream objects)
+        self.closed_stream_ids: list[int] = []
+        self._borrowed = False  # while parsing: DATA events may hold views into the read (see receive_data)
 
     # --- public API ----------------------------------------------------------------------------
 
@@ -344,9 +348,13 @@ class HboneConnection:
     def data_to_send(self) -> bytes:
         if not self._out:
             return b""
-        out = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+        out = b"".join(self._out) if len(self._out) > 1 else bytes(self._out[0])
         self._out.clear()
         return out
+
+    @property
+    def goaway_sent(self) -> bool:
+        return self._goaway_sent
 
     @property
     def open_stream_count(self) -> int:
@@ -401,11 +409,34 @@ class HboneConnection:
         st = self._streams.get(stream_id)
         if st is None or st.state not in (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE) or st.pending_end:
             raise HboneError(f"stream {stream_id} cannot send (state {self.stream_state(stream_id).value})")
+        if data and not st.pending and type(data) is bytes:
+            data = self._send_direct(st, data)
         if data:
             st.pending += data
         if end_stream:
             st.pending_end = True
         self._flush_stream(st)
+
+    def _send_direct(self, st: _Stream, data: bytes) -> memoryview | bytes:
+        """Fast path while nothing is queued: frame straight out of the caller's (immutable) bytes,
+        header and payload as two `_out` entries joined once by `data_to_send`: one copy fewer than
+        going through the stream buffer. Returns what the windows did not allow (to be queued)."""
+        mv = memoryview(data)
+        chunk_limit = min(self._peer_max_frame, DATA_CHUNK_BYTES)
+        out = self._out
+        pack = _HDR.pack
+        sid = st.stream_id
+        pos, end = 0, len(mv)
+        while pos < end:
+            allowed = min(end - pos, st.send_window, self._conn_send_window, chunk_limit)
+            if allowed <= 0:
+                break
+            out.append(pack(allowed >> 16, allowed & 0xFFFF, DATA, 0, sid))
+            out.append(mv[pos:pos + allowed])  # joined by data_to_send
+            pos += allowed
+            st.send_window -= allowed
+            self._conn_send_window -= allowed
+        return mv[pos:] if pos else data
 
     def end_stream(self, stream_id: int) -> None:
         self.send_data(stream_id, b"", end_stream=True)
@@ -486,17 +517,21 @@ class HboneConnection:
             buf: bytes | bytearray | memoryview = self._in
         else:
             buf = data
+        # DATA payloads may stay views into `buf` only if nothing will mutate it: an immutable read
+        self._borrowed = type(buf) is bytes
         try:
             consumed = self._parse(buf, events, now_s)
         except _ConnectionError as e:
             self.close(e.code, e.reason)
             events.append(self._terminate(e.code, e.reason, remote=False))
             self._in.clear()
-            return events
+            return _own_data(events) if self._borrowed else events
         if buf is self._in:
             del self._in[:consumed]
         elif consumed < len(buf):
             self._in += memoryview(buf)[consumed:]
+        if self._borrowed or len(events) > 1:
+            events = _own_data(events)
         return events
 
     # --- internals: sending ----------------------------------------------------------------------
@@ -556,7 +591,8 @@ class HboneConnection:
 
     def _close_stream(self, st: _Stream) -> None:
         st.state = StreamState.CLOSED
-        self._streams.pop(st.stream_id, None)
+        if self._streams.pop(st.stream_id, None) is not None:
+            self.closed_stream_ids.append(st.stream_id)
         self._recently_closed[st.stream_id] = None
         if len(self._recently_closed) > _CLOSED_MEMORY:
             del self._recently_closed[next(iter(self._recently_closed))]
@@ -647,7 +683,8 @@ class HboneConnection:
             events.append(StreamReset(sid, ErrorCode.FLOW_CONTROL_ERROR, remote=False))
             return
         if payload or flow:
-            events.append(DataReceived(sid, bytes(payload), flow))
+            # a view into the caller's immutable read when possible; `_own_data` copies each run once
+            events.append(DataReceived(sid, payload if self._borrowed else bytes(payload), flow))  # type: ignore[arg-type]
         if flags & FLAG_END_STREAM:
             self._recv_end(st, events)
 
@@ -868,6 +905,36 @@ class HboneConnection:
         else:
             self.terminated = ConnectionTerminated(code, last_sid, reason, remote=True)
             events.append(self.terminated)
+
+
+def _own_data(events: list[Event]) -> list[Event]:
+    """Consecutive DATA of one stream become one DataReceived: a relay then writes 256 KiB to its
+    socket in one call instead of sixteen 16 KiB ones (measured: the receiving side of a bulk
+    transfer spent ~40% of its time in per-frame socket writes). Payloads that are still views into
+    the read buffer are copied here, once per run (the join), so every event owns `bytes`."""
+    out: list[Event] = []
+    run: list[DataReceived] = []
+
+    def close_run() -> None:
+        if len(run) == 1:
+            ev = run[0]
+            out.append(ev if type(ev.data) is bytes else DataReceived(ev.stream_id, bytes(ev.data),
+                                                                          ev.flow_controlled_bytes))
+        elif run:
+            out.append(DataReceived(run[0].stream_id, b"".join(e.data for e in run),
+                                    sum(e.flow_controlled_bytes for e in run)))
+        run.clear()
+
+    for ev in events:
+        if type(ev) is DataReceived:
+            if run and run[0].stream_id != ev.stream_id:
+                close_run()
+            run.append(ev)
+        else:
+            close_run()
+            out.append(ev)
+    close_run()
+    return out
 
 
 def frames_of(data: bytes) -> Iterable[tuple[int, int, int, bytes]]:

@@ -13,14 +13,19 @@ is written with one `transport.write` per batch. No task per connection on the d
   pauses reading its socket while the stream's send buffer is above `HIGH_WATER_BYTES`.
   Half-close maps to END_STREAM and back; a reset maps to RST_STREAM and back — the socket is aborted
   with SO_LINGER 0 so the application sees ECONNRESET, never a clean close.
-- `StreamTransport` — an `asyncio.Transport` over a stream, so `loop.start_tls` can run the inner
-  mTLS of a double-HBONE tunnel inside an outer pooled tunnel.
+- `StreamTransport` — an `asyncio.Transport` over a stream, so a `tlsproto.TlsAdapter` can run the
+  inner mTLS of a double-HBONE tunnel inside an outer pooled tunnel.
+- Lifecycle: streams the framer closed are forgotten after each read (`_reap`), and a session
+  that sent or received GOAWAY closes its transport when its last stream is gone. A handler that
+  raises resets its own stream only (`stream_failed`): one dead backend socket never takes a
+  pooled tunnel, and every other connection in it, down.
 - `Socks5Handshake` — sans-IO SOCKS5 (no auth, CONNECT) for the outbound fallback listener.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import socket
 import struct
@@ -87,14 +92,18 @@ class HboneStream:
         h = self.handler
         if h is None:
             self._backlog.append((kind, arg, n))
-        elif kind == "data":
-            h.on_data(arg, n)
-        elif kind == "end":
-            h.on_end()
-        elif kind == "reset":
-            h.on_reset(arg)
-        elif kind == "writable":
-            h.on_writable()
+            return
+        try:
+            if kind == "data":
+                h.on_data(arg, n)
+            elif kind == "end":
+                h.on_end()
+            elif kind == "reset":
+                h.on_reset(arg)
+            elif kind == "writable":
+                h.on_writable()
+        except Exception as e:  # one stream's failure must never take the (pooled) session down
+            self.session.stream_failed(self, kind, e)
 
     # --- writing -------------------------------------------------------------------------------
 
@@ -151,7 +160,8 @@ class HboneSession(asyncio.Protocol):
     def __init__(self, role: Role, loop: asyncio.AbstractEventLoop, settings: HboneSettings | None = None,
                  on_connect: ConnectCallback | None = None,
                  on_closed: Callable[[HboneSession], None] | None = None,
-                 on_made: Callable[[HboneSession], bool] | None = None) -> None:
+                 on_made: Callable[[HboneSession], bool] | None = None,
+                 on_ready: Callable[[HboneSession], None] | None = None) -> None:
         self.loop = loop
         self.conn = HboneConnection(role, settings)
         self.streams: dict[int, HboneStream] = {}
@@ -161,7 +171,11 @@ class HboneSession(asyncio.Protocol):
         self._on_connect = on_connect
         self._on_closed = on_closed
         self._on_made = on_made
+        self._on_ready = on_ready  # after the preface is queued: open the first stream in the same write
         self._timer: asyncio.TimerHandle | None = None
+        self.stream_errors = 0
+        self.last_stream_error = ""
+        self._in_receive = False
         self.closed = loop.create_future()
         self.last_idle_s = now_s()
 
@@ -173,10 +187,20 @@ class HboneSession(asyncio.Protocol):
             transport.abort()  # type: ignore[attr-defined]
             return
         self.conn.initiate(now_s())
+        if self._on_ready is not None:
+            self._on_ready(self)
         self.flush()
         self._arm_timer()
 
     def data_received(self, data: bytes) -> None:
+        self._in_receive = True
+        try:
+            self._receive(data)
+        finally:
+            self._in_receive = False
+        self._reap()
+
+    def _receive(self, data: bytes) -> None:
         events = self.conn.receive_data(data, now_s())
         streams = self.streams
         for ev in events:
@@ -229,7 +253,19 @@ class HboneSession(asyncio.Protocol):
                     self._close_transport()
                     return
         self.flush()
-        if self.conn.terminated is not None and not self.streams:
+
+    def _reap(self) -> None:
+        """Forget streams the framer closed (both halves ended, reset, refused); once a closing
+        session (GOAWAY sent or received) has none left, close its transport. Deferred while
+        events of one read are being delivered: a stream must get all its events first."""
+        if self._in_receive:
+            return
+        ids = self.conn.closed_stream_ids
+        if ids:
+            for sid in ids:
+                self.streams.pop(sid, None)
+            ids.clear()
+        if not self.streams and (self.conn.goaway_sent or self.conn.terminated is not None):
             self._close_transport()
 
     def eof_received(self) -> bool | None:
@@ -246,6 +282,17 @@ class HboneSession(asyncio.Protocol):
 
     # --- API -------------------------------------------------------------------------------------
 
+    def stream_failed(self, stream: HboneStream, kind: str, exc: Exception) -> None:
+        """A stream's handler raised on `kind`: reset that stream (the peer sees INTERNAL_ERROR) and
+        tell the handler it is gone; every other stream of the session carries on."""
+        self.stream_errors += 1
+        self.last_stream_error = f"{kind}: {exc!r}"
+        handler, stream.handler = stream.handler, None
+        stream.reset(ErrorCode.INTERNAL_ERROR)
+        if handler is not None and kind != "reset":
+            with contextlib.suppress(Exception):  # it is failing already; the reset is what matters
+                handler.on_reset(ErrorCode.INTERNAL_ERROR)
+
     @property
     def usable(self) -> bool:
         return self.transport is not None and not self.transport.is_closing() and self.conn.accepting_streams
@@ -261,13 +308,14 @@ class HboneSession(asyncio.Protocol):
         data = self.conn.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)  # type: ignore[attr-defined]
+        if self.conn.closed_stream_ids and not self._in_receive:
+            self._reap()
 
     def drain(self, reason: str = "draining") -> None:
         """Graceful: GOAWAY(NO_ERROR); open streams finish; the transport closes when none remain."""
         self.conn.close(ErrorCode.NO_ERROR, reason)
         self.flush()
-        if not self.streams:
-            self._close_transport()
+        self._reap()
 
     def abort(self) -> None:
         self._fail_all(ErrorCode.CANCEL)
@@ -425,7 +473,12 @@ class PlainRelay(asyncio.Protocol):
         self._got_end = True
         t = self.transport
         if t is not None and not t.is_closing() and t.can_write_eof():
-            t.write_eof()
+            try:
+                t.write_eof()
+            except OSError as e:  # the socket is already gone (ENOTCONN): its connection_lost follows
+                self.stats.error = f"half-close failed: {e}"
+                abort_with_reset(t)
+                return
         self._maybe_finish()
 
     def on_reset(self, error_code: int) -> None:
@@ -456,7 +509,7 @@ class PlainRelay(asyncio.Protocol):
 
 
 class StreamTransport(asyncio.Transport):
-    """An asyncio transport whose bytes travel in an HBONE stream (for inner TLS via start_tls)."""
+    """An asyncio transport whose bytes travel in an HBONE stream (for the inner TLS of double HBONE)."""
 
     _start_tls_compatible = True
 

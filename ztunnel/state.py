@@ -19,10 +19,11 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from ztunnel.bundle import load_pem_certificates
 from ztunnel.config import (
+    RESOURCE_TYPES,
     Authorization,
     Endpoint,
     ProxyConfig,
@@ -31,8 +32,10 @@ from ztunnel.config import (
     Service,
     TrustBundle,
     Workload,
+    eager_object_hook,
     proxy_config_from_dict,
     proxy_config_to_dict,
+    resource_to_dict,
 )
 from ztunnel.identity import IdentityError, SpiffeId, check_trust_domain
 
@@ -157,6 +160,24 @@ class Indexes:
     workloads_by_address: dict[str, Workload] = field(default_factory=dict)
     local_workloads_by_address: dict[str, Workload] = field(default_factory=dict)
     workloads_by_uid: dict[str, Workload] = field(default_factory=dict)
+    # first workload presenting an identity (source labels of inbound connections)
+    workloads_by_identity: dict[str, Workload] = field(default_factory=dict)
+    # hostname of the first service a *local* workload is an endpoint of (destination_service label)
+    service_of_local_workload: dict[str, str] = field(default_factory=dict)
+    services: tuple[Service, ...] = ()
+    # pod IP -> an endpoint with an HBONE address (dialing a pod IP directly); built on first use,
+    # so a node that never dials pod IPs pays no memory per remote endpoint for it
+    _endpoints_by_address: dict[str, Endpoint] | None = None
+
+    def find_endpoint_by_address(self, address: str) -> Endpoint | None:
+        table = self._endpoints_by_address
+        if table is None:
+            table = self._endpoints_by_address = {}
+            for s in self.services:
+                for e in s.endpoints:
+                    if e.address and e.hbone_address:
+                        table.setdefault(e.address, e)
+        return table.get(address)
 
 
 def node_name(cfg: ProxyConfig) -> str:
@@ -170,6 +191,7 @@ def build_indexes(cfg: ProxyConfig) -> Indexes:
     for w in cfg.workloads:
         ix.workloads_by_address[w.address] = w
         ix.workloads_by_uid[w.uid] = w
+        ix.workloads_by_identity.setdefault(w.identity, w)
         if cfg.mode is ProxyMode.NODE and w.cluster == cfg.cluster and w.node == node:
             ix.local_workloads_by_address[w.address] = w
     for s in cfg.services:
@@ -177,6 +199,12 @@ def build_indexes(cfg: ProxyConfig) -> Indexes:
         if s.vip:
             for p in s.ports:
                 ix.services_by_vip[(s.vip, p.port)] = s
+        local = ix.local_workloads_by_address
+        if local:
+            for e in s.endpoints:
+                if e.address in local:
+                    ix.service_of_local_workload.setdefault(e.workload_uid, s.hostname)
+    ix.services = cfg.services
     return ix
 
 
@@ -196,6 +224,8 @@ class ProxyState:
             return ApplyResult(False, f"stamp {cfg.stamp} is not newer than applied {self.config.stamp}; ignored")
         try:
             check_trust_domain(cfg.trust_domain)
+            for td in cfg.federated_trust_domains:
+                check_trust_domain(td)
         except IdentityError as e:
             return ApplyResult(False, f"config header unusable, kept the previous config: {e}")
         clean, errors = validate_config(cfg)
@@ -218,7 +248,7 @@ class ProxyState:
         if self.persist_path is None or not self.persist_path.exists():
             return None
         try:
-            data = json.loads(self.persist_path.read_text())
+            data = json.loads(self.persist_path.read_text(), object_hook=eager_object_hook)
         except (OSError, ValueError) as e:
             return ApplyResult(False, f"persisted config {self.persist_path} unreadable ({e}); waiting for the controller")
         return self.apply_dict(data)
@@ -230,10 +260,27 @@ class ProxyState:
         tmp = self.persist_path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump(proxy_config_to_dict(cfg), f)
+            write_config_json(cfg, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.persist_path)
+
+
+def write_config_json(cfg: ProxyConfig, f: TextIO) -> None:
+    """`proxy_config_to_dict(cfg)` as JSON, written one resource at a time: a config with tens of
+    thousands of endpoints never exists twice in memory as dicts (transient peaks fragment the heap,
+    and a proxy's RSS stays at its peak)."""
+    empty: dict[str, Any] = {kind: () for kind in RESOURCE_TYPES}
+    header = proxy_config_to_dict(replace(cfg, **empty))
+    f.write(json.dumps({k: v for k, v in header.items() if k not in RESOURCE_TYPES})[:-1])
+    for kind in RESOURCE_TYPES:
+        f.write(f', "{kind}": [')
+        for i, r in enumerate(getattr(cfg, kind)):
+            if i:
+                f.write(", ")
+            f.write(json.dumps(resource_to_dict(r)))
+        f.write("]")
+    f.write("}")
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
@@ -244,7 +291,7 @@ def load_config_file(path: Path) -> dict[str, Any]:
 
         data = YAML(typ="safe").load(text)
     else:
-        data = json.loads(text)
+        data = json.loads(text, object_hook=eager_object_hook)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a ProxyConfig file holds one object")
     return data

@@ -7,6 +7,7 @@ the *client's* identity (authorization there), and the gateway never sees the pl
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
@@ -31,10 +32,13 @@ def _opts(ip: str, port: int) -> ProxyOptions:
     return ProxyOptions(hbone_host=ip, hbone_port=port, socks_host=ip, socks_port=0, handshake_timeout_s=1.0)
 
 
-async def build(deny_client: bool = False) -> tuple[NodeProxy, GatewayProxy, NodeProxy, topo.EchoServer]:
+async def build(deny_client: bool = False, proxy_v2: bool = False,
+                ) -> tuple[NodeProxy, GatewayProxy, NodeProxy, topo.EchoServer]:
     echo = await topo.EchoServer(SERVER.address, prefix=b"west:").start()
     port = topo.free_port(GW_IP)
-    wl = [CLIENT.workload(), SERVER.workload()]
+    server = dataclasses.replace(SERVER, labels={"networking.meshfed.dev/inbound-proxy-protocol": "v2"}) \
+        if proxy_v2 else SERVER
+    wl = [CLIENT.workload(), server.workload()]
     local_ep = topo.endpoint(SERVER, echo.port, port)
     remote_ep = topo.endpoint(SERVER, echo.port, port, via_gateway=f"{GW_IP}:{port}")
     east_svc = topo.service(HOST, VIP, 80, echo.port, [remote_ep], sans=[SERVER.identity])
@@ -64,7 +68,7 @@ async def _roundtrip(a: NodeProxy, payload: bytes) -> bytes:
     r, w = await topo.socks_connect((CLIENT.node_address, a.opts.socks_port), VIP, 80, CLIENT.address)
     w.write(payload)
     w.write_eof()
-    data = await asyncio.wait_for(r.read(), 5)
+    data = await asyncio.wait_for(r.read(), 20)  # generous: the machine running CI is shared
     w.close()
     return data
 
@@ -95,6 +99,48 @@ async def test_destination_authorization_applies_through_the_gateway() -> None:
         with pytest.raises(ConnectionRefusedError):
             await _roundtrip(a, b"hello")
         assert echo.accepted == 0
+    finally:
+        for p in (a, g, w):
+            await p.drain(0.1)
+        await echo.close()
+
+
+async def test_proxy_v2_header_carries_the_clients_identity_through_the_gateway() -> None:
+    """Through double HBONE the destination's PROXY v2 header names the *client* (end-to-end mTLS),
+    never the gateway."""
+    from clusters.local.demo_server import parse_proxy_v2
+
+    a, g, w, echo = await build(proxy_v2=True)
+    try:
+        data = (await _roundtrip(a, b"hi")).replace(b"west:", b"")
+        n = int.from_bytes(data[14:16], "big")
+        info = parse_proxy_v2(data[:16], data[16:16 + n])
+        assert info.peer_identity == CLIENT.identity
+        assert info.source.startswith(CLIENT.address + ":")
+        assert data[16 + n:] == b"hi"
+    finally:
+        for p in (a, g, w):
+            await p.drain(0.1)
+        await echo.close()
+
+
+async def test_finished_connections_release_everything_along_the_path() -> None:
+    """After a connection ends, the gateway's relay, the destination's inner session and both ends'
+    per-stream state are gone; only the pooled outer tunnel stays (regression: inner sessions and
+    gateway relays used to linger until drain, and stream tables grew with every connection)."""
+    a, g, w, echo = await build()
+    try:
+        for i in range(5):
+            assert await _roundtrip(a, b"n%d" % i) == b"west:n%d" % i
+        for _ in range(100):
+            if not g.relays and not w.inbound_sessions and not a.relays:
+                break
+            await asyncio.sleep(0.02)
+        assert (len(g.relays), len(w.inbound_sessions), len(a.relays)) == (0, 0, 0)
+        (outer,) = a.pool.all()
+        assert outer.usable and not outer.streams and outer.conn.open_stream_count == 0
+        (gw_side,) = g.inbound_sessions
+        assert not gw_side.streams
     finally:
         for p in (a, g, w):
             await p.drain(0.1)

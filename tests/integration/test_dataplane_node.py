@@ -93,10 +93,45 @@ async def test_client_reaches_server_through_two_ztunnels(mesh: Mesh) -> None:
     big = bytes(range(256)) * 20_000                                      # 5 MB: windows, back-pressure
     assert await roundtrip(mesh, payload=big) == big
     assert mesh.a.pool.count() == 1                                       # one pooled session A→B
+    for _ in range(100):                                                  # and no per-stream leftovers
+        if not mesh.a.relays and not mesh.b.relays and all(not s.streams for s in mesh.b.inbound_sessions):
+            break
+        await asyncio.sleep(0.02)
+    assert all(not s.streams for s in mesh.b.inbound_sessions)
+    assert all(not s.streams for s in mesh.a.pool.all())
     metrics = mesh.b.telemetry.render().decode()
     assert 'istio_tcp_connections_opened_total{connection_security_policy="mutual_tls"' in metrics
     assert f'source_principal="{CLIENT.identity}"' in metrics
     assert "_created" not in metrics
+
+
+async def test_labelled_pod_gets_proxy_v2_header_with_verified_identity() -> None:
+    """A pod labelled `networking.meshfed.dev/inbound-proxy-protocol: v2` receives a PROXY v2 header
+    with the caller's verified SPIFFE ID (TLV 0xD0) before the tunnel bytes; parsed here with the lab
+    demo server's own parser (an independent reader of the format)."""
+    from clusters.local.demo_server import PROXY_LABEL, parse_proxy_v2
+
+    echo = await topo.EchoServer(SERVER.address).start()
+    port = topo.free_port(CLIENT.node_address)
+    ca, cb = configs(echo.port, port)
+    labelled = tuple(replace(w, labels={PROXY_LABEL: "v2"}) if w.name == "server" else w for w in cb.workloads)
+    cb = replace(cb, workloads=labelled)
+    a = start_node(ca, CLIENT.node_address, port, {CLIENT.identity: topo.svid(CLIENT.identity)})
+    b = start_node(cb, SERVER.node_address, port, {SERVER.identity: topo.svid(SERVER.identity)})
+    await a.start()
+    await b.start()
+    try:
+        data = await roundtrip(Mesh(a, b, echo, port))
+        n = int.from_bytes(data[14:16], "big")
+        info = parse_proxy_v2(data[:16], data[16:16 + n])
+        assert info.peer_identity == CLIENT.identity
+        assert info.source.startswith(CLIENT.address + ":")
+        assert info.destination == f"{SERVER.address}:{echo.port}"
+        assert data[16 + n:] == b"ping"
+    finally:
+        await a.drain(0.1)
+        await b.drain(0.1)
+        await echo.close()
 
 
 async def test_half_close_is_clean(mesh: Mesh) -> None:
@@ -184,6 +219,51 @@ async def test_peers_that_fail_verification_are_refused(case: str) -> None:
         with pytest.raises(ConnectionRefusedError):
             await roundtrip(Mesh(a, b, echo, port))
         assert echo.accepted == 0
+    finally:
+        await a.drain(0.1)
+        await b.drain(0.1)
+        await echo.close()
+
+
+@pytest.mark.parametrize(("case", "allowed"), [
+    ("bundle_absent", False),               # B was never sent north's bundle: TLS first gate refuses
+    ("present_but_not_federated", False),   # bundle present, east federates with west only
+    ("present_and_federated", True),        # east federates with north: accepted
+])
+async def test_unfederated_peers_are_refused(case: str, allowed: bool) -> None:
+    """The controller sends a proxy only the bundles of trust domains it trusts; when a bundle is there
+    but ProxyConfig says the local trust domain does not federate with it, the peer is still refused."""
+    echo = await topo.EchoServer(SERVER.address).start()
+    port = topo.free_port(CLIENT.node_address)
+    ca, cb = configs(echo.port, port, bundles=(TD, "north.mesh"))
+    north = topo.ident("north.mesh", "default", "client")
+    ca = replace(ca, local_identities=(north,),
+                 workloads=tuple(replace(w, identity=north) if w.name == "client" else w for w in ca.workloads))
+    cb = replace(cb, workloads=ca.workloads)
+    if case == "bundle_absent":
+        cb = replace(cb, bundles=(topo.bundle(TD),))
+    elif case == "present_but_not_federated":
+        cb = replace(cb, federated_trust_domains=("west.mesh",))
+    else:
+        cb = replace(cb, federated_trust_domains=("north.mesh",))
+    a = start_node(ca, CLIENT.node_address, port, {north: topo.svid(north)})
+    b = start_node(cb, SERVER.node_address, port, {SERVER.identity: topo.svid(SERVER.identity)})
+    await a.start()
+    await b.start()
+    try:
+        m = Mesh(a, b, echo, port)
+        metrics = ""
+        if allowed:
+            assert await roundtrip(m) == b"ping"
+            assert f'source_principal="{north}"' in b.telemetry.render().decode()
+        else:
+            with pytest.raises(ConnectionRefusedError):
+                await roundtrip(m)
+            assert echo.accepted == 0
+            metrics = b.telemetry.render().decode()
+            assert "istio_tcp_connections_opened_total{" not in metrics
+        if case == "present_but_not_federated":
+            assert 'meshfed_connections_refused_total{reason="peer_not_federated",reporter="destination"}' in metrics
     finally:
         await a.drain(0.1)
         await b.drain(0.1)

@@ -259,3 +259,37 @@ def test_garbage_instead_of_preface_is_a_protocol_error() -> None:
     ev = s.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 0.0)
     assert isinstance(ev[-1], ConnectionTerminated) and ev[-1].error_code == ErrorCode.PROTOCOL_ERROR
     assert "preface" in ev[-1].reason
+
+
+def test_data_events_own_their_bytes_and_runs_are_merged() -> None:
+    """Consecutive DATA frames of a stream arrive as one DataReceived holding `bytes` (not views
+    into the read buffer), whatever the read boundaries; flow-control credit adds up."""
+    from ztunnel.hbone import DATA_CHUNK_BYTES, DataReceived, HboneConnection, Role
+
+    c, s = HboneConnection(Role.CLIENT), HboneConnection(Role.SERVER)
+    c.initiate(0.0)
+    s.initiate(0.0)
+    s.receive_data(c.data_to_send(), 0.0)
+    c.receive_data(s.data_to_send(), 0.0)
+    s.receive_data(c.data_to_send(), 0.0)
+    sid = c.open_stream("10.0.0.1:80")
+    s.receive_data(c.data_to_send(), 0.0)
+    s.respond(sid, 200)
+    c.receive_data(s.data_to_send(), 0.0)
+    payload = bytes(range(256)) * (3 * DATA_CHUNK_BYTES // 256 + 7)   # > 3 frames
+    c.send_data(sid, payload)
+    wire = c.data_to_send()
+    for cut in (len(wire), 5000, 16_393):
+        got = b""
+        flow = 0
+        n_events = 0
+        for piece in (wire[:cut], wire[cut:]):
+            for ev in s.receive_data(piece, 0.0):
+                assert isinstance(ev, DataReceived) and type(ev.data) is bytes
+                got += ev.data
+                flow += ev.flow_controlled_bytes
+                n_events += 1
+        assert got == payload and flow == len(payload)
+        assert n_events <= 2          # one per read, not one per frame
+        c.send_data(sid, payload)
+        wire = c.data_to_send()

@@ -1,0 +1,223 @@
+"""The proxy's config state: per-resource rejection, never going back in (epoch, version), and the
+persisted last good config a restart serves from."""
+
+from __future__ import annotations
+
+import json
+import stat
+from dataclasses import replace
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from federation.ca import TrustDomainCA
+from ztunnel.config import (
+    Authorization,
+    AuthzMatch,
+    Endpoint,
+    ProxyConfig,
+    ProxyMode,
+    Service,
+    ServicePortMap,
+    Stamp,
+    TrustBundle,
+    Workload,
+    proxy_config_to_dict,
+)
+from ztunnel.state import ProxyState, build_indexes, parse_host_port, validate_config
+
+TD = "east.mesh"
+ID = f"spiffe://{TD}/ns/shop/sa/cart"
+
+
+@cache
+def good_bundle() -> TrustBundle:
+    return TrustDomainCA.create(TD).trust_bundle()
+
+
+def workload(name: str = "cart-1", address: str = "10.1.0.5", node: str = "n1", **kw: Any) -> Workload:
+    return Workload(uid=f"east/shop/{name}", name=name, namespace="shop", cluster="east", network="east",
+                    node=node, address=address, identity=ID, service_account="cart", node_address="10.0.0.1",
+                    **kw)
+
+
+def endpoint(uid: str = "east/shop/cart-1", **kw: Any) -> Endpoint:
+    base: dict[str, Any] = dict(workload_uid=uid, cluster="east", network="east", address="10.1.0.5", port=8080,
+                                hbone_address="10.0.0.1:15008", identity=ID)
+    base.update(kw)
+    return Endpoint(**base)
+
+
+def service(hostname: str = "cart.shop.svc.clusterset.local", **kw: Any) -> Service:
+    base: dict[str, Any] = dict(hostname=hostname, namespace="shop", name=hostname.split(".")[0], vip="10.96.0.5",
+                                ports=(ServicePortMap(80, 8080),), endpoints=(endpoint(),))
+    base.update(kw)
+    return Service(**base)
+
+
+def config(version: int = 1, epoch: int = 1, **kw: Any) -> ProxyConfig:
+    base: dict[str, Any] = dict(proxy_id="ztunnel/east/n1", mode=ProxyMode.NODE, cluster="east", network="east",
+                                trust_domain=TD, stamp=Stamp(epoch, "sha", version), workloads=(workload(),),
+                                services=(service(),), bundles=(good_bundle(),))
+    base.update(kw)
+    return ProxyConfig(**base)
+
+
+# --- per-resource rejection -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("kind", "bad", "fragment"), [
+    ("workloads", workload("bad", address="not-an-ip"), "not an IP"),
+    ("workloads", replace(workload("bad2", address="10.1.0.9"), identity="spiffe://east.mesh/oops"), ""),
+    ("services", service("nop.shop.svc.clusterset.local", ports=()), "no ports"),
+    ("services", service("badep.shop.svc.clusterset.local", endpoints=(endpoint(port=0),)), "outside 1..65535"),
+    ("services", service("nowhere.shop.svc.clusterset.local",
+                         endpoints=(endpoint(hbone_address="", gateway=""),)), "needs hbone_address"),
+    ("services", service("slow.shop.svc.clusterset.local", connect_timeout_s=0), "must be > 0"),
+    ("services", service("vip.shop.svc.clusterset.local", vip="10.96.0.999"), "not an IP"),
+    ("authorizations", Authorization("audit", "shop", "AUDIT", (AuthzMatch(),)), "not ALLOW or DENY"),
+    ("authorizations", Authorization("port", "shop", "DENY", (AuthzMatch(ports=(70000,)),)), "outside"),
+    ("bundles", TrustBundle("west.mesh", ()), "no roots"),
+    ("bundles", TrustBundle("West.Mesh", good_bundle().roots_pem), ""),
+    ("bundles", TrustBundle("west.mesh", ("-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n",)), ""),
+])
+def test_a_bad_resource_rejects_itself_and_the_rest_applies(kind: str, bad: Any, fragment: str) -> None:
+    cfg = config()
+    changes: dict[str, Any] = {kind: (*getattr(cfg, kind), bad)}
+    mixed = replace(cfg, **changes)
+    st = ProxyState()
+    result = st.apply(mixed)
+    assert result.applied
+    assert [(e.kind, e.key) for e in result.rejected] == [(kind, bad.key)]
+    assert fragment in result.rejected[0].reason
+    assert st.config is not None
+    assert getattr(st.config, kind) == getattr(cfg, kind)      # the good ones are all there
+    for other in ("workloads", "services", "authorizations", "bundles"):
+        if other != kind:
+            assert getattr(st.config, other) == getattr(cfg, other)
+
+
+def test_parse_errors_from_the_wire_form_reject_only_their_resource() -> None:
+    data = proxy_config_to_dict(config())
+    data["services"].append({"hostname": "typo.shop.svc.clusterset.local", "namspace": "shop"})
+    data["workloads"].append("not an object")
+    st = ProxyState()
+    result = st.apply_dict(data)
+    assert result.applied
+    assert sorted(e.kind for e in result.rejected) == ["services", "workloads"]
+    assert any("namspace" in e.reason for e in result.rejected)
+    assert st.config is not None and len(st.config.services) == 1 and len(st.config.workloads) == 1
+
+
+def test_validate_config_is_pure() -> None:
+    cfg = config(services=(service(), service("x.shop.svc.clusterset.local", ports=())))
+    clean, errors = validate_config(cfg)
+    assert len(clean.services) == 1 and len(errors) == 1
+    assert len(cfg.services) == 2  # input untouched
+
+
+# --- never go back ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("first", "second", "applied"), [
+    ((1, 5), (1, 6), True),
+    ((1, 5), (1, 5), False),   # same version: not newer
+    ((1, 5), (1, 4), False),   # older version
+    ((2, 1), (1, 9), False),   # older epoch wins over a higher version
+    ((1, 9), (2, 1), True),    # a new controller epoch restarts versions
+])
+def test_never_apply_an_older_epoch_version(first: tuple[int, int], second: tuple[int, int], applied: bool) -> None:
+    st = ProxyState()
+    assert st.apply(config(epoch=first[0], version=first[1])).applied
+    newer = config(epoch=second[0], version=second[1], services=())
+    result = st.apply(newer)
+    assert result.applied is applied
+    assert st.config is not None
+    assert st.config.stamp == (newer.stamp if applied else Stamp(first[0], "sha", first[1]))
+    assert st.last_attempted_version == second[1]  # attempted is tracked apart from applied
+
+
+@pytest.mark.parametrize("header", [
+    {"trust_domain": "Not A Domain"},
+    {"federated_trust_domains": ("ok.mesh", "UPPER.mesh")},
+])
+def test_an_unusable_header_keeps_the_previous_config(header: dict[str, Any]) -> None:
+    st = ProxyState()
+    st.apply(config(version=1))
+    result = st.apply(replace(config(version=2), **header))
+    assert not result.applied and "kept the previous config" in result.reason
+    assert st.config is not None and st.config.stamp.version == 1
+
+
+def test_a_wire_config_without_header_fields_is_refused_whole() -> None:
+    st = ProxyState()
+    st.apply(config(version=1))
+    result = st.apply_dict({"services": []})
+    assert not result.applied and st.config is not None and st.config.stamp.version == 1
+
+
+# --- persistence --------------------------------------------------------------------------------
+
+
+def test_last_good_config_is_persisted_0600_and_reloaded(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "last-good-config.json"
+    st = ProxyState(path)
+    cfg = config(version=3, federated_trust_domains=("west.mesh",),
+                 authorizations=(Authorization("a", "shop", "ALLOW", (AuthzMatch(ports=(80,)),)),))
+    assert st.apply(cfg).applied
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert not path.with_suffix(".tmp").exists()
+    # a bad config afterwards (refused whole) does not overwrite the last good one
+    st.apply(replace(config(version=4), trust_domain="BAD"))
+    restarted = ProxyState(path)
+    result = restarted.load_persisted()
+    assert result is not None and result.applied
+    assert restarted.config == st.config == cfg
+
+
+def test_persisted_config_holds_only_the_accepted_resources(tmp_path: Path) -> None:
+    path = tmp_path / "last-good-config.json"
+    st = ProxyState(path)
+    st.apply(config(services=(service(), service("x.shop.svc.clusterset.local", ports=()))))
+    data = json.loads(path.read_text())
+    assert [s["hostname"] for s in data["services"]] == ["cart.shop.svc.clusterset.local"]
+
+
+def test_no_persisted_config_or_unreadable_one(tmp_path: Path) -> None:
+    assert ProxyState(tmp_path / "absent.json").load_persisted() is None
+    assert ProxyState(None).load_persisted() is None
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    result = ProxyState(broken).load_persisted()
+    assert result is not None and not result.applied and "unreadable" in result.reason
+
+
+# --- indexes ------------------------------------------------------------------------------------
+
+
+def test_indexes_find_services_workloads_and_local_pods() -> None:
+    remote = workload("cart-2", address="10.1.1.5", node="n2")
+    ix = build_indexes(config(workloads=(workload(), remote)))
+    assert ix.services_by_vip[("10.96.0.5", 80)].hostname == "cart.shop.svc.clusterset.local"
+    assert set(ix.local_workloads_by_address) == {"10.1.0.5"}      # only pods on node n1
+    assert ix.workloads_by_identity[ID].name == "cart-1"
+    assert ix.service_of_local_workload == {"east/shop/cart-1": "cart.shop.svc.clusterset.local"}
+    found = ix.find_endpoint_by_address("10.1.0.5")
+    assert found is not None and found.hbone_address == "10.0.0.1:15008"
+    assert ix.find_endpoint_by_address("10.9.9.9") is None
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("10.0.0.5:15008", ("10.0.0.5", 15008)), ("[fd00::1]:80", ("fd00::1", 80)),
+    ("svc.ns.svc.clusterset.local:8080", ("svc.ns.svc.clusterset.local", 8080)),
+])
+def test_parse_host_port(text: str, expected: tuple[str, int]) -> None:
+    assert parse_host_port(text) == expected
+
+
+@pytest.mark.parametrize("text", ["10.0.0.5", ":80", "host:http", "host:0", "host:70000"])
+def test_parse_host_port_refuses_with_the_fix(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_host_port(text)
