@@ -245,6 +245,25 @@ def build_observation(
                 labels=_labels(pod),
             )
             endpoints.setdefault(info.key, info)
+    # Pods that back no Service are workloads too (clients such as a frontend): their node's
+    # ztunnel must know them to give their outbound connections an identity (Istio's ambient
+    # Workload resources cover every pod). They join the graph with service "".
+    served = {(i.namespace, i.pod) for i in endpoints.values()}
+    for (ns, pod_name), pod in sorted(pods.items()):
+        status, pod_spec = pod.get("status") or {}, pod.get("spec") or {}
+        address = str(status.get("podIP") or "")
+        if ((ns, pod_name) in served or not ns_ok(ns) or not address or pod_spec.get("hostNetwork")
+                or status.get("phase", "Running") != "Running"):
+            continue
+        node_name = str(pod_spec.get("nodeName") or "")
+        node = nodes.get(node_name)
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+        info = EndpointInfo(
+            namespace=ns, service="", pod=pod_name, address=address, node=node_name,
+            service_account=str(pod_spec.get("serviceAccountName") or pod_spec.get("serviceAccount") or "default"),
+            ready=ready, serving=ready, zone=node.zone if node else "", labels=_labels(pod),
+        )
+        endpoints.setdefault(info.key, info)
     return ClusterObservation(
         cluster=cluster, observed_at_s=now_s, complete=complete, nodes=tuple(nodes.values()),
         services=tuple(services.values()), endpoints=tuple(endpoints[k] for k in sorted(endpoints)),

@@ -145,6 +145,9 @@ class EndpointGraph:
         self._state: dict[str, ClusterState] = {}
         self._by_service: dict[tuple[str, str], dict[str, dict[EndpointKey, EndpointNode]]] = {}
         self._by_node: dict[tuple[str, str], dict[EndpointKey, EndpointNode]] = {}
+        # (cluster, namespace, name) -> the Service's clusterIP in that cluster: what its apps dial
+        # (hosts files / DNS), so the proxies of that cluster render it as the service's VIP.
+        self.cluster_ips: dict[tuple[str, str, str], str] = {}
         self._load_snapshot(snapshot)
 
     # --- snapshot ---------------------------------------------------------------------------
@@ -250,6 +253,12 @@ class EndpointGraph:
             if any(n not in state.nodes for n in new_nodes):
                 node_set_changed.add(obs.cluster)
             state.nodes.update(new_nodes)
+        for svc_info in obs.services:
+            ip_key = (obs.cluster, svc_info.namespace, svc_info.name)
+            if self.cluster_ips.get(ip_key, "") != svc_info.cluster_ip:
+                self.cluster_ips[ip_key] = svc_info.cluster_ip
+                if (svc_info.namespace, svc_info.name) in self._skeys:
+                    touched_services.add((svc_info.namespace, svc_info.name))
         # A node's address or locality moved: re-place its endpoints.
         if changed_nodes:
             for key, ep in list(state.endpoints.items()):

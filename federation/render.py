@@ -52,6 +52,7 @@ from ztunnel.config import (
     TrustBundle,
     WeightedBackend,
     Workload,
+    diff_configs,
 )
 
 VIP_NETWORK = ipaddress.IPv4Network("240.240.0.0/16")
@@ -122,7 +123,7 @@ class Renderer:
         self.bundle_roots = dict(bundle_roots or {})
         self._proxies: dict[str, _ProxyState] = {}
         self._class_services: dict[Locality, dict[str, Service]] = {}
-        self._by_view_id: dict[int, Service] = {}
+        self._by_view_id: dict[tuple[int, str], Service] = {}
         self._prepare()
 
     # --- static parts (per snapshot) ----------------------------------------------------------
@@ -162,10 +163,13 @@ class Renderer:
 
     # --- pieces -------------------------------------------------------------------------------
 
-    def _service(self, key: ServiceKey, endpoints: tuple[Endpoint, ...]) -> Service:
+    def _service(self, key: ServiceKey, endpoints: tuple[Endpoint, ...], cluster: str = "") -> Service:
+        """`cluster`: the viewer's; its apps dial the Service's clusterIP there (hosts files, DNS), so
+        that is the VIP its proxies capture; the allocated VIP when the cluster has no such Service."""
         policy = self.engine.policies[key]
+        vip = self.engine.graph.cluster_ips.get((cluster, key.namespace, key.name)) or self.vips[policy.hostname]
         return Service(
-            hostname=policy.hostname, namespace=key.namespace, name=key.name, vip=self.vips[policy.hostname],
+            hostname=policy.hostname, namespace=key.namespace, name=key.name, vip=vip,
             ports=self._ports[key], endpoints=endpoints,
             subject_alt_names=tuple(sorted({e.identity for e in endpoints})),
             outlier=policy.outlier, connect_timeout_s=policy.connect_timeout_s,
@@ -176,15 +180,15 @@ class Renderer:
         if spec.mode is ProxyMode.GATEWAY:
             if spec.cluster not in self.engine.graph.exported_from(key):
                 return None
-            return self._service(key, self.engine.gateway_endpoints(key, spec.cluster))
-        return self._service(key, self.engine.view(key, spec.locality).endpoints)
+            return self._service(key, self.engine.gateway_endpoints(key, spec.cluster), spec.cluster)
+        return self._service(key, self.engine.view(key, spec.locality).endpoints, spec.cluster)
 
     def _view_service(self, key: ServiceKey, loc: Locality) -> Service:
         """The Service resource for a node locality; localities with the same view share it."""
         view = self.engine.view(key, loc)
-        svc = self._by_view_id.get(view.view_id)
+        svc = self._by_view_id.get((view.view_id, loc.cluster))
         if svc is None:
-            svc = self._by_view_id[view.view_id] = self._service(key, view.endpoints)
+            svc = self._by_view_id[(view.view_id, loc.cluster)] = self._service(key, view.endpoints, loc.cluster)
         return svc
 
     def _workloads(self, spec: ProxySpec) -> tuple[list[Workload], tuple[str, ...], list[Authorization]]:
@@ -281,10 +285,16 @@ class Renderer:
         """Re-render what the engine marked dirty and the nodes `change` names; return one delta
         per proxy whose config changed."""
         if change is not None and change.node_set_changed:
-            before = set(self._proxies)
+            # A re-render of everything: new proxies get their full state, existing ones whose
+            # content changed (a cluster's first nodes add its endpoints to every other cluster's
+            # views) the delta from what they had.
+            old = {pid: self.config(pid) for pid in self._proxies}
             self.render_all()
-            after = set(self._proxies)
+            before, after = set(old), set(self._proxies)
             full = {pid: self._full_delta(pid) for pid in sorted(after - before)}
+            for pid in sorted(after & before):
+                if self._proxies[pid].version != old[pid].stamp.version:
+                    full[pid] = diff_configs(old[pid], self.config(pid))
             return RenderUpdate(full, tuple(sorted(after - before)), tuple(sorted(before - after)))
         dirty = self.engine.take_dirty()
         upserts: dict[str, dict[str, list[object]]] = {}

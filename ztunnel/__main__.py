@@ -21,12 +21,16 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ztunnel.admin import AdminServer, Telemetry
 from ztunnel.config import ProxyMode, proxy_config_to_dict
 from ztunnel.gateway import GatewayProxy
 from ztunnel.node import Credentials, HealthSink, NodeProxy, ProxyBase, ProxyOptions
-from ztunnel.state import ProxyState, load_config_file, parse_host_port
+from ztunnel.state import ApplyResult, ProxyState, load_config_file, parse_host_port
+
+if TYPE_CHECKING:  # controller mode only: gRPC/protobuf cost ~5 MB RSS, standalone proxies skip them
+    from ztunnel.controlplane import ControllerLink
 
 
 def cert_file_names(identity: str) -> tuple[str, str]:
@@ -58,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout-s", type=float, default=10.0)
     p.add_argument("--handshake-timeout-s", type=float, default=5.0)
     p.add_argument("--access-log", choices=("stderr", "off"), default="stderr")
+    c = p.add_argument_group("controller mode (config, certificates and health through the controller)")
+    c.add_argument("--controller", default="", help="HOST:PORT of the controller's gRPC services")
+    c.add_argument("--bootstrap", default="", help="HOST:PORT of the controller's bootstrap port (first certificate)")
+    c.add_argument("--proxy-id", default="", help="ztunnel/<cluster>/<node> or gateway/<cluster>")
+    c.add_argument("--trust-domain", default="", help="trust domain of this proxy's cluster")
+    c.add_argument("--bootstrap-token-file", type=Path, help="the cluster's bootstrap token (first certificate)")
+    c.add_argument("--controller-roots", type=Path, help="PEM roots of the controller's serving certificate")
     return p
 
 
@@ -69,6 +80,12 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
     else:
         result = state.load_persisted()  # type: ignore[assignment]
         source = "persisted"
+    link: ControllerLink | None = None
+    link_tasks: list[asyncio.Task[Any]] = []
+    link_creds = Credentials({})
+    if args.controller:
+        link, link_tasks = await _join(args, state, link_creds)
+        result, source = ApplyResult(True, "from the controller"), "controller"
     if result is None or state.config is None:
         why = result.reason if result is not None else "no --config and nothing persisted"
         print(f"ztunnel: no usable config ({why}); pass --config FILE", file=sys.stderr)
@@ -78,7 +95,10 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
     telemetry.log(kind="config", source=source, applied=result.applied, reason=result.reason,
                   rejected=[str(e) for e in result.rejected])
     identities = cfg.local_identities or tuple(sorted({w.identity for w in cfg.workloads if w.node == cfg.proxy_id.rsplit('/', 1)[-1]}))
-    creds = Credentials(load_cert_dir(args.cert_dir, identities))
+    creds = link_creds if link is not None else Credentials(load_cert_dir(args.cert_dir, identities))
+    if link is not None:
+        link.health.counter = telemetry.outcomes
+        health = health or link.health
     if not creds.identities:
         print(f"ztunnel: no certificate in {args.cert_dir} for any of {', '.join(identities) or 'no identities'}",
               file=sys.stderr)
@@ -91,6 +111,8 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
                         handshake_timeout_s=args.handshake_timeout_s, drain_timeout_s=args.drain_timeout_s)
     cls: type[ProxyBase] = GatewayProxy if cfg.mode is ProxyMode.GATEWAY else NodeProxy
     proxy = cls(state, creds, opts, telemetry, health)
+    if link is not None:
+        link.sink.target = proxy
     await proxy.start()  # type: ignore[attr-defined]
     admin_host, admin_port = parse_host_port(args.admin)
     admin = AdminServer(admin_host, admin_port, telemetry=telemetry,
@@ -102,6 +124,7 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
                             "sessions": {"pooled": proxy.pool.count(), "inbound": len(proxy.inbound_sessions)},
                         })
     await admin.start()
+    _release_startup_heap()
     telemetry.log(kind="listening", hbone=f"{hb_host}:{proxy.opts.hbone_port}",
                   socks=f"{socks_host}:{proxy.opts.socks_port}" if socks_host else "",
                   admin=f"{admin_host}:{admin.port}", pid=os.getpid())
@@ -120,10 +143,37 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
     loop.add_signal_handler(signal.SIGHUP, reload)
     await stop.wait()
     telemetry.log(kind="draining", timeout_s=args.drain_timeout_s)
+    for t in link_tasks:
+        t.cancel()
     await proxy.drain(args.drain_timeout_s)
     await admin.close()
     telemetry.log(kind="stopped")
     return 0
+
+
+async def _join(args: argparse.Namespace, state: ProxyState,
+                creds: Credentials) -> tuple[ControllerLink, list[asyncio.Task[Any]]]:
+    """Controller mode: bootstrap, subscribe, wait for a config and its certificates (ztunnel.controlplane)."""
+    from ztunnel.controlplane import LinkOptions, join_controller
+    if not (args.proxy_id and args.trust_domain and args.controller_roots and args.bootstrap):
+        raise SystemExit("--controller needs --bootstrap, --proxy-id, --trust-domain and --controller-roots")
+    log = Telemetry(args.proxy_id, sys.stderr if args.access_log == "stderr" else None).log
+    opts = LinkOptions(args.controller, args.bootstrap, args.proxy_id, args.trust_domain, args.bootstrap_token_file,
+                       args.controller_roots)
+    return await join_controller(opts, state, creds, log)
+
+
+def _release_startup_heap() -> None:
+    """Hand the heap that start-up used transiently (config parsing, imports) back to the OS:
+    glibc keeps freed pages otherwise, and a node proxy's idle RSS is a budget (issue 5: <= 40 MB)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,6 +64,10 @@ KUBECONFIG_FILE = "kubeconfig"
 RUN_DIR = "/run/meshfed"  # sandbox-private tmpfs: pod control sockets
 CONTROLLER_GRPC_PORT = 15012
 CONTROLLER_HTTP_PORT = 15014
+CONTROLLER_BOOTSTRAP_PORT = 15013  # certificate service without client auth: a proxy's first SVID
+CONTROLLER_DIR = "controller"      # the controller's state directory inside the lab's
+BOOTSTRAP_TOKENS_FILE = "bootstrap-tokens.json"  # cluster -> token; the controller keeps what it finds
+CONTROLLER_ROOTS_FILE = "controller-roots.pem"   # written by the controller at start
 ZTUNNEL_ADMIN_PORT = 15021
 MAX_SOCKET_PATH = 100
 
@@ -153,6 +157,35 @@ def _module_available(name: str) -> bool:
 def _help_flags(argv: Sequence[str]) -> str:
     r = subprocess.run([*argv, "--help"], capture_output=True, text=True, timeout=60, check=False)
     return r.stdout + r.stderr if r.returncode == 0 else ""
+
+
+def proxy_argv(base: Sequence[str], proxy_id: str, proxy_dir: Path, socks_host: str, flags: str,
+               *, with_config: bool, trust_domain: str = "", controller_dir: Path | None = None) -> list[str]:
+    """The command line of one lab proxy (pure; `flags` is `python -m ztunnel --help`'s text).
+
+    The lab's conventions: HBONE on 0.0.0.0:15008, admin on 127.0.0.1:15021 (inside the proxy's own
+    namespace), and for node ztunnels SOCKS5 on the pod-bridge address :15080 plus the transparent
+    listener :15001 that the node's iptables REDIRECT (`topology.capture_rules`) sends pod TCP to.
+    tests/lab/test_dataplane_capture.py runs a real ztunnel with this argv."""
+    argv = [*base, "--cert-dir", str(proxy_dir / "certs"), "--state-dir", str(proxy_dir / "state"),
+            "--hbone", f"0.0.0.0:{HBONE_PORT}", "--admin", f"127.0.0.1:{ZTUNNEL_ADMIN_PORT}"]
+    if with_config:
+        argv += ["--config", str(proxy_dir / "config.json")]
+    elif "--controller" in flags:
+        # controller mode only without a rendered config: a proxy given a config file runs standalone
+        # (ztunnel's --controller also wants --bootstrap/--trust-domain/--controller-roots)
+        argv += ["--controller", f"{CONTROLLER_MGMT_ADDRESS}:{CONTROLLER_GRPC_PORT}"]
+    if "--bootstrap-token-file" in flags and controller_dir is not None:
+        argv += ["--bootstrap", f"{CONTROLLER_MGMT_ADDRESS}:{CONTROLLER_BOOTSTRAP_PORT}",
+                 "--bootstrap-token-file", str(proxy_dir / "bootstrap-token"), "--trust-domain", trust_domain,
+                 "--controller-roots", str(controller_dir / CONTROLLER_ROOTS_FILE)]
+    if "--proxy-id" in flags:
+        argv += ["--proxy-id", proxy_id]
+    if proxy_id.startswith("ztunnel/"):
+        argv += ["--socks", f"{socks_host}:{SOCKS5_PORT}", "--transparent", f"0.0.0.0:{OUTBOUND_CAPTURE_PORT}"]
+    elif "--socks" in flags:
+        argv += ["--socks", ""]
+    return argv
 
 
 class Supervisor:
@@ -389,18 +422,11 @@ class Supervisor:
             if not cfg.exists() and not controller_mode:
                 continue
             (d / "certs").mkdir(parents=True, exist_ok=True)
-            argv = [*base, "--cert-dir", str(d / "certs"), "--state-dir", str(d / "state"),
-                    "--hbone", f"0.0.0.0:{HBONE_PORT}", "--admin", f"127.0.0.1:{ZTUNNEL_ADMIN_PORT}"]
-            if cfg.exists():
-                argv += ["--config", str(cfg)]
+            cluster = self.plan.cluster(proxy_id.split("/")[1])
             if controller_mode:
-                argv += ["--controller", f"{CONTROLLER_MGMT_ADDRESS}:{CONTROLLER_GRPC_PORT}"]
-            if "--proxy-id" in flags:
-                argv += ["--proxy-id", proxy_id]
-            if proxy_id.startswith("ztunnel/"):
-                argv += ["--socks", f"{socks}:{SOCKS5_PORT}", "--transparent", f"0.0.0.0:{OUTBOUND_CAPTURE_PORT}"]
-            elif "--socks" in flags:
-                argv += ["--socks", ""]
+                self._write_bootstrap_token(cluster.name, d)
+            argv = proxy_argv(base, proxy_id, d, socks, flags, with_config=cfg.exists(),
+                              trust_domain=cluster.trust_domain, controller_dir=self.state_dir / CONTROLLER_DIR)
             mp = ManagedProcess(key, netns, argv, self.logs / f"{proxy_id.replace('/', '-')}.log")
             self.procs[key] = mp
             mp.start()
@@ -423,19 +449,44 @@ class Supervisor:
                 done.append(key)
         return done
 
+    def _bootstrap_tokens(self) -> dict[str, str]:
+        """One bootstrap token per cluster, in the controller's state directory (0600), created
+        before any proxy starts; the controller keeps the tokens it finds there."""
+        d = self.state_dir / CONTROLLER_DIR
+        d.mkdir(mode=0o700, exist_ok=True)
+        path = d / BOOTSTRAP_TOKENS_FILE
+        tokens: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+        missing = [c.name for c in self.plan.clusters if c.name not in tokens]
+        if missing:
+            import secrets
+
+            tokens.update({c: secrets.token_urlsafe(24) for c in missing})
+            fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(tokens, f, indent=1, sort_keys=True)
+            os.replace(path.with_suffix(".tmp"), path)
+        return tokens
+
+    def _write_bootstrap_token(self, cluster: str, proxy_dir: Path) -> None:
+        fd = os.open(proxy_dir / "bootstrap-token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self._bootstrap_tokens()[cluster] + "\n")
+
     def _start_controller(self) -> None:
         want = self.meta.get("controller", "auto")
         base = [sys.executable, "-m", "federation.cli.main"]
         if want == "off":
             self.features["controller"] = "off"
             return
-        if not _module_available("federation.controller") or "run" not in _help_flags([*base, "controller"]):
+        if not _module_available("federation.ray_host") or "run" not in _help_flags([*base, "controller"]):
             self.features["controller"] = "not installed (no `meshfed controller run`)"
             return
         flags = _help_flags([*base, "controller", "run"])
-        opts = {"--fleet": self.git.url if self.git else str(self.meta.get("fleet_dir", "")),
+        repo = self.git.url if self.git else str(self.meta.get("fleet_dir", ""))
+        opts = {"--repo": repo, "--fleet": repo,
+                "--bootstrap-listen": f"0.0.0.0:{CONTROLLER_BOOTSTRAP_PORT}",
                 "--kubeconfig": str(self.state_dir / KUBECONFIG_FILE),
-                "--state-dir": str(self.state_dir / "controller"),
+                "--state-dir": str(self.state_dir / CONTROLLER_DIR),
                 "--grpc-listen": f"0.0.0.0:{CONTROLLER_GRPC_PORT}",
                 "--listen": f"0.0.0.0:{CONTROLLER_GRPC_PORT}",
                 "--http-listen": f"0.0.0.0:{CONTROLLER_HTTP_PORT}",
@@ -846,6 +897,9 @@ class LabRunner:
         sandbox.sweep(sd)
         for stale in (sandbox.STATE_FILE, KUBECONFIG_FILE):
             (sd / stale).unlink(missing_ok=True)
+        for stale_dir in (CONTROLLER_DIR, "proxies"):  # a new lab is a new mesh: new CAs, epochs, configs
+            if (sd / stale_dir).exists():
+                shutil.rmtree(sd / stale_dir)
         (sd / PLAN_FILE).write_bytes(pickle.dumps(plan))
         (sd / "request.json").write_text(json.dumps({
             "fleet_dir": str(fleet_dir.resolve()) if fleet_dir else "", "contexts": dict(contexts or {}),

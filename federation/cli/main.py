@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "federation.cli.trust",   # trust
     "federation.cli.core",    # explain, graph
     "federation.cli.ops",     # controller run, status, clusters, services, endpoints, failover, check
+    "federation.cli.demo",    # demo
 )
 
 

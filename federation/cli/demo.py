@@ -1,0 +1,203 @@
+"""`meshfed demo`: the whole story on this machine, in one command (and `make demo`).
+
+1. build the three-cluster lab from the fleet repo (network namespaces, emulated API servers,
+   demo pods, node ztunnels, east-west gateways) and start the controller;
+2. show `meshfed status` converged: every proxy SYNCED at the fleet's revision;
+3. steady open-loop traffic from the frontend of every cluster to checkout; show who serves it
+   and that every hop is mTLS with the expected identities (the echo reports the caller's
+   verified SPIFFE ID, including across clusters through the east-west gateways);
+4. `git push` a policy change to the lab's Git server and show the new revision SYNCED on every
+   proxy, and the proxies running the new policy;
+5. kill checkout's backends in the first cluster and show its traffic fail over to the next one
+   in priority order; restore them and show failback;
+6. print the measured figures (federation.chaos) and write the report (federation.report);
+7. tear everything down unless --keep.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from federation.cli.output import EXIT_FAILED, EXIT_USAGE, fail
+
+DEFAULT_STATE_DIR = "/tmp/meshfed-demo"
+LOAD_RATE_PER_S = {"first": 25.0, "other": 10.0}
+FAULT_HOLD_S = 8.0
+FAILBACK_WAIT_S = 25.0
+
+
+def _say(text: str = "") -> None:
+    click.echo(text)
+
+
+def _step(n: int, title: str) -> None:
+    _say("")
+    _say(click.style(f"── {n}. {title}", bold=True))
+
+
+def _ms(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.0f} ms"
+
+
+def _print_status(url: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "federation.cli.main", "status", "--controller", url],
+                       capture_output=True, text=True, timeout=60, check=False)
+    _say(r.stdout.rstrip())
+
+
+def run_demo(fleet: Path, state_dir: Path, out_dir: Path, keep: bool) -> int:
+    from clusters.local.lab import LabError
+    from clusters.local.sandbox import SandboxUnavailable
+    from federation.chaos import summarize
+    from federation.demo import (
+        SERVICE_HOST,
+        DemoError,
+        LabFederation,
+        between,
+        first_served_by,
+        replace_in,
+        served_summary,
+    )
+    from federation.report import write_report
+
+    fed = LabFederation(fleet, state_dir)
+    t_start = time.monotonic()
+    try:
+        _step(1, f"build the lab from {fleet} and start the controller")
+        lab = fed.up()
+        _say(f"lab up in {lab.get('up_wall_s', 0):.1f} s: clusters {', '.join(fed.clusters)}; "
+             f"{fed.proxy_count()} proxies; kubeconfig {lab.get('kubeconfig')} "
+             f"(try `kubectl --kubeconfig {lab.get('kubeconfig')} --context lab-east get pods -A`)")
+        _say(f"fleet repo served at {lab.get('git_url')}; controller status API at {fed.controller_url}")
+
+        _step(2, "wait for the controller to converge: every proxy SYNCED at the fleet's revision")
+        st, took_s = fed.wait_converged(timeout_s=180)
+        _say(f"converged {took_s:.1f} s after the lab came up (Ray start, discovery, CSRs, first push)")
+        _print_status(fed.controller_url)
+        first = fed.clusters[0]
+        priority = {c: fed.tiers(c) for c in fed.clusters}
+        for c in fed.clusters:
+            _say(f"failover order from {c}: {' → '.join(priority[c])}")
+
+        _step(3, f"steady traffic from each cluster's frontend to {SERVICE_HOST}")
+        for c in fed.clusters:
+            fed.start_load(c, LOAD_RATE_PER_S["first" if c == first else "other"])
+        time.sleep(4.0)
+        t_now = time.time()
+        for c in fed.clusters:
+            recs = between(fed.records(c), t_now - 3.0, t_now)
+            _say(f"from {c}: {served_summary(recs)} (last 3 s)")
+        _say("one request from each frontend (the echo reports the caller's verified identity):")
+        for c in fed.clusters:
+            a = fed.ask(fed.client_pod(c))
+            _say(f"  {c} frontend → served by {a.get('cluster')}/{a.get('pod')}, caller identity "
+                 f"{a.get('peer_identity') or a.get('error')}")
+
+        _step(4, "git push a policy change: faster outlier detection for checkout")
+        rev_before = (st.get("desired") or {}).get("revision", "")
+
+        def edit(wt: Path) -> str:
+            dr = wt / "policies" / "shop" / "checkout.yaml"
+            replace_in(dr, "consecutiveGatewayErrors: 3", "consecutiveGatewayErrors: 2")
+            replace_in(dr, "baseEjectionTime: 15s", "baseEjectionTime: 5s")
+            return "checkout: eject after 2 gateway errors, for 5s"
+
+        t_push = time.monotonic()
+        sha = fed.push(edit)
+        _say(f"pushed {sha[:8]} (was {rev_before[:8]}) to the lab's Git server")
+        st, _ = fed.wait_converged(timeout_s=90, revision=sha)
+        _say(f"revision {sha[:8]} SYNCED on all {len(st['proxies'])} proxies "
+             f"{time.monotonic() - t_push:.1f} s after the push")
+        _print_status(fed.controller_url)
+        node = f"node:{first}/{fed.lab['clusters'][0]['nodes'][0]['name']}"
+        for svc in fed.proxy_config(node)["config"]["services"]:
+            if svc["hostname"] == SERVICE_HOST:
+                _say(f"{node.split(':', 1)[1]} ztunnel now runs outlier policy {svc.get('outlier')}")
+
+        _step(5, f"kill checkout's backends in {first}; then restore them")
+        pods = f"{first}/shop/checkout-[0-9]*"
+        time.sleep(2.0)
+        f_ev = fed.fault("kill", "pod", [pods], label="kill", cluster=first)
+        _say(f"killed {pods}")
+        time.sleep(FAULT_HOLD_S)
+        during = between(fed.records(first), f_ev["at_s"], time.time())
+        _say(f"from {first} during the fault: {served_summary(during)}")
+        a = fed.ask(fed.client_pod(first))
+        _say(f"  a request from {first} now: served by {a.get('cluster')}/{a.get('pod')}, caller identity "
+             f"{a.get('peer_identity') or a.get('error')} (end-to-end mTLS through both gateways)")
+        h_ev = fed.heal("pod", [pods], label="kill", cluster=first, fault_target=pods)
+        _say(f"restored {pods}; waiting for failback")
+        deadline = time.time() + FAILBACK_WAIT_S
+        while time.time() < deadline:
+            back = first_served_by(fed.records(first), first, h_ev["at_s"])
+            if back is not None and time.time() - back > 3.0:
+                break
+            time.sleep(0.5)
+        time.sleep(2.0)
+
+        _step(6, "figures")
+        records = {c: fed.stop_load(c) for c in fed.clusters}
+        figures = {c: summarize(records[c], fed.events, priority[c], c) for c in fed.clusters}
+        fig = figures[first]
+        _say(f"client {first} (priority {' → '.join(priority[first])}), fault: kill checkout in {first}")
+        _say(f"  time to detect:      {_ms(fig.time_to_detect_ms)}")
+        _say(f"  time to shift:       {_ms(fig.time_to_shift_ms)} (to {fig.shift_cluster})")
+        _say(f"  failed before shift: {fig.failed_before_shift} failed, "
+             f"{fig.indeterminate_before_shift} indeterminate")
+        _say(f"  time to failback:    {_ms(fig.time_to_failback_ms)}")
+        _say(f"  flaps:               {fig.flaps}")
+        _say(f"  requests:            {fig.requests} ({fig.failed_requests} failed, "
+             f"{fig.indeterminate_requests} indeterminate, {fig.ok_pct or 0:.1f}% ok)")
+        for name in ("time_to_detect_ms", "time_to_shift_ms", "time_to_failback_ms"):
+            if fig.reason(name):
+                _say(f"  ({name}: {fig.reason(name)})")
+        for c in fed.clusters[1:]:
+            f2 = figures[c]
+            _say(f"client {c}: {f2.requests} requests, {f2.failed_requests} failed, "
+                 f"{f2.indeterminate_requests} indeterminate, served by "
+                 f"{served_summary(records[c]).split(';')[0]}")
+        paths = write_report(out_dir, f"meshfed demo: kill checkout in {first}", figures, records, fed.events)
+        _say("")
+        _say(f"report: {paths.markdown}, {paths.timeline_png}, {paths.figures_json}")
+        _say(f"the whole story took {time.monotonic() - t_start:.0f} s")
+        return 0
+    except (DemoError, LabError, SandboxUnavailable) as e:
+        _say(click.style(f"demo failed: {e}", fg="red"))
+        return EXIT_FAILED
+    finally:
+        if keep:
+            _say(f"lab left running (--keep): state in {state_dir}; `meshfed lab down --state-dir {state_dir}` "
+                 f"removes it; `meshfed status --controller {_url_or(fed)}`")
+        elif fed.runner is not None:
+            res = fed.down()
+            _say(f"lab torn down ({'clean' if res.get('ok') else 'forced'})")
+
+
+def _url_or(fed: Any) -> str:
+    try:
+        return str(fed.controller_url)
+    except Exception:
+        return "<see lab.json>"
+
+
+def register(group: click.Group) -> None:
+    @group.command("demo")
+    @click.option("--fleet", default="examples/fleet", show_default=True, type=click.Path(file_okay=False),
+                  help="fleet repo directory (its Cluster and LabCluster objects give the lab)")
+    @click.option("--keep", is_flag=True, help="leave the lab running for exploration")
+    @click.option("--out", "out", default=None, metavar="DIR",
+                  help="report directory (default ./out/demo-<timestamp>/)")
+    @click.option("--state-dir", default=DEFAULT_STATE_DIR, show_default=True, help="the lab's state directory")
+    def demo(fleet: str, keep: bool, out: str | None, state_dir: str) -> None:
+        """Build a three-cluster lab, converge, push a policy, fail over and back, report the figures."""
+        if not Path(fleet).is_dir():
+            fail(f"fleet directory {fleet} does not exist", hint="run from the repository root or pass --fleet",
+                 code=EXIT_USAGE)
+        out_dir = Path(out or f"out/demo-{time.strftime('%Y%m%d-%H%M%S')}")
+        raise SystemExit(run_demo(Path(fleet), Path(state_dir), out_dir, keep))
