@@ -14,7 +14,12 @@ caveats:
   the caller asks for `replace=True` (lists inside an object cannot shrink through a merge);
 - its URL parser cannot read `/api/v1/namespaces[/NAME]` (it takes "namespaces" as the start of
   a namespaced path and fails): `_namespaces_rewrite` maps those paths onto a private
-  cluster-scoped resource before kmock parses them, so Namespaces list and watch like the rest.
+  cluster-scoped resource before kmock parses them, so Namespaces list and watch like the rest;
+- its discovery documents (`/api`, `/api/v1`, `/apis`, `/apis/<group>/<version>`) leave out
+  `namespaced`, `verbs`, the singular kind and a proper `groupVersion`, and its lists carry no
+  `kind`/`apiVersion`, so kubectl says "the server doesn't have a resource type": we answer
+  discovery ourselves from `_RESOURCES` (`discovery_document`) and stamp `<Kind>List` on lists,
+  so `kubectl get pods|services|nodes|namespaces|endpointslices` works against the emulator.
 
 `write_kubeconfig()` produces a kubeconfig whose context (`lab-<cluster>` by convention) points
 at the server, which is how `ClusterApi(kind=LAB, context=...)` reaches it.
@@ -27,6 +32,7 @@ import itertools
 import json
 import os
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -60,6 +66,44 @@ def object_path(api_version: str, kind: str, namespace: str | None, name: str | 
 
 
 _NS_PRIVATE = "/apis/emulated.meshfed.dev/v1/namespaceobjects"
+_SHORT_NAMES = {"namespaces": ["ns"], "nodes": ["no"], "pods": ["po"], "services": ["svc"]}
+_VERBS = ["create", "delete", "get", "list", "patch", "watch"]  # what kmock serves
+
+
+def discovery_document(path: str) -> dict[str, Any] | None:
+    """The discovery answer kubectl and client-go expect for `path`, or None when it is not a
+    discovery path. Built from `_RESOURCES`, so only kinds we serve are advertised."""
+    p = "/" + path.strip("/")
+    if p == "/api":
+        return {"kind": "APIVersions", "apiVersion": "v1", "versions": ["v1"],
+                "serverAddressByClientCIDRs": []}
+    groups: dict[str, list[tuple[str, str, bool, str]]] = {}
+    for (api_version, kind), (prefix, plural, namespaced) in _RESOURCES.items():
+        groups.setdefault(api_version, []).append((prefix, plural, namespaced, kind))
+    if p == "/apis":
+        named = sorted(gv for gv in groups if "/" in gv)
+        return {"kind": "APIGroupList", "apiVersion": "v1", "groups": [
+            {"name": gv.split("/")[0], "versions": [{"groupVersion": gv, "version": gv.split("/")[1]}],
+             "preferredVersion": {"groupVersion": gv, "version": gv.split("/")[1]}} for gv in named]}
+    for gv, entries in groups.items():
+        if p == entries[0][0]:
+            return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": [
+                {"name": plural, "singularName": kind.lower(), "namespaced": namespaced, "kind": kind,
+                 "verbs": _VERBS, "shortNames": _SHORT_NAMES.get(plural, [])}
+                for _prefix, plural, namespaced, kind in sorted(entries)]}
+    return None
+
+
+def _list_kind(path: str) -> tuple[str, str] | None:
+    """(apiVersion, "<Kind>List") when `path` is a collection of a served kind, else None."""
+    parts = "/" + path.strip("/")
+    for (api_version, kind), (prefix, plural, namespaced) in _RESOURCES.items():
+        if not parts.startswith(prefix + "/"):
+            continue
+        rest = parts[len(prefix) + 1:].split("/")
+        if rest == [plural] or (namespaced and len(rest) == 3 and rest[0] == "namespaces" and rest[2] == plural):
+            return api_version, f"{kind}List"
+    return None
 
 
 def _namespaces_rewrite(path: str) -> str | None:
@@ -71,15 +115,32 @@ def _namespaces_rewrite(path: str) -> str | None:
 
 
 def _server_cls_with_namespaces() -> Any:
+    from aiohttp import web
     from aiohttp.test_utils import RawTestServer
 
     def make(handler: Any, **kw: Any) -> Any:
         async def wrapped(raw_request: Any) -> Any:
-            new_path = _namespaces_rewrite(raw_request.path)
+            path = raw_request.path
+            if raw_request.method == "GET":
+                doc = discovery_document(path)
+                if doc is not None:
+                    return web.json_response(doc)
+            list_kind = _list_kind(path) if raw_request.method == "GET" and \
+                raw_request.query.get("watch") not in ("true", "1") else None
+            new_path = _namespaces_rewrite(path)
             if new_path is not None:
                 query = raw_request.query_string
                 raw_request = raw_request.clone(rel_url=new_path + (f"?{query}" if query else ""))
-            return await handler(raw_request)
+            resp = await handler(raw_request)
+            if list_kind is not None and isinstance(resp, web.Response) and isinstance(resp.body, bytes):
+                try:
+                    body = json.loads(resp.body)
+                except ValueError:
+                    return resp
+                if isinstance(body, dict) and "items" in body and not body.get("kind"):
+                    body["apiVersion"], body["kind"] = list_kind
+                    return web.json_response(body, status=resp.status)
+            return resp
 
         return RawTestServer(wrapped, **kw)
 
@@ -205,6 +266,7 @@ class EmulatedApiServer:
         if not name:
             raise ApiServerError(f"{obj.get('kind')} without metadata.name")
         meta["resourceVersion"] = str(next(self._rv))
+        meta.setdefault("creationTimestamp", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         body = {**obj, "metadata": meta}
         api_version, kind = str(obj.get("apiVersion", "v1")), str(obj.get("kind"))
         path = object_path(api_version, kind, namespace, name)

@@ -18,9 +18,13 @@ Split decide-then-act:
   `write_timeout_s` is disconnected and resyncs when it returns.
 
 Identity: with TLS, a proxy's SPIFFE ID comes from its client certificate and `authorize` decides
-whether that identity may act as the proxy id it names; the first certificate is requested with a
-bootstrap token (mTLS is optional at the TLS layer so that the certificate service can serve
-proxies without one; the config and health services refuse peers without a certificate).
+whether that identity may act as the proxy id it names (`ProxyAuthorizer`: only the proxy's own
+identity, `ztunnel.xds.proxy_spiffe_id`, in its cluster's trust domain). The main port requires a
+client certificate (grpcio can only require one or not ask at all); the first certificate is
+requested with a bootstrap token on a second, server-authenticated port that serves the same
+services, where the config and health services refuse every peer for want of a certificate.
+The serving certificate carries the DNS name `ztunnel.xds.CONTROLLER_TLS_NAME` for clients to
+verify (SVIDs have no host name; see `secure_channel`).
 `insecure=True` (loopback tests and benchmarks only) trusts the proxy id in the request.
 
 Split brain: a proxy that already follows a newer epoch than ours is refused with
@@ -45,6 +49,7 @@ from ztunnel.xds import (
     PROXY_ID_METADATA,
     OversizeError,
     encode_delta,
+    proxy_spiffe_id,
     stamp_from_pb,
 )
 
@@ -310,8 +315,9 @@ def proxy_cluster(proxy_id: str) -> str:
 
 @dataclass
 class ProxyAuthorizer:
-    """May identity X act as proxy P? Yes when X is in the trust domain of P's cluster and in the
-    proxies' namespace (`spiffe://<td>/ns/<proxy_namespace>/sa/...`)."""
+    """May identity X act as proxy P? Only when X is P's own identity in the trust domain of P's
+    cluster (`ztunnel.xds.proxy_spiffe_id`): another proxy's certificate, a workload's, or one of
+    another trust domain cannot subscribe as P."""
 
     cluster_trust_domains: dict[str, str] = field(default_factory=dict)
     proxy_namespace: str = "meshfed-system"
@@ -322,10 +328,13 @@ class ProxyAuthorizer:
         td = self.cluster_trust_domains.get(cluster)
         if td is None:
             return f"proxy {proxy_id} names cluster {cluster!r}, which is not in the fleet repo"
-        want = f"spiffe://{td}/ns/{self.proxy_namespace}/"
-        if not identity.startswith(want):
-            return (f"identity {identity or '<none>'} may not act as proxy {proxy_id}: expected an identity "
-                    f"under {want} (the trust domain of cluster {cluster})")
+        try:
+            want = proxy_spiffe_id(td, proxy_id)
+        except ValueError as e:
+            return str(e)
+        if identity != want:
+            return (f"identity {identity or '<none>'} may not act as proxy {proxy_id}: only {want} may "
+                    f"(the proxy's own identity in {td}, the trust domain of cluster {cluster})")
         return ""
 
 
@@ -349,14 +358,18 @@ class ConfigServer:
         self.write_timeout_s = write_timeout_s
         self._server: Any = None
         self.port = 0
+        self.bootstrap_port = 0
         self.health_reports = 0
         self.slow_disconnects = 0
         self._streams: dict[str, asyncio.Task[Any]] = {}
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    async def start(self, listen: str = "127.0.0.1:0", tls: tuple[bytes, bytes, bytes] | None = None) -> int:
-        """Listen on `listen` ("host:port"); `tls` = (server key PEM, server chain PEM, client roots PEM)."""
+    async def start(self, listen: str = "127.0.0.1:0", tls: tuple[bytes, bytes, bytes] | None = None,
+                    bootstrap_listen: str | None = None) -> int:
+        """Listen on `listen` ("host:port"); `tls` = (server key PEM, server chain PEM, client roots PEM).
+        With TLS, `bootstrap_listen` adds the port without client authentication where proxies
+        get their first certificate with a bootstrap token (`bootstrap_port`)."""
         import grpc
 
         if tls is None and not self.insecure:
@@ -385,8 +398,13 @@ class ConfigServer:
             self.port = self._server.add_insecure_port(listen)
         else:
             key, chain, roots = tls
-            creds = grpc.ssl_server_credentials([(key, chain)], root_certificates=roots, require_client_auth=False)
+            creds = grpc.ssl_server_credentials([(key, chain)], root_certificates=roots, require_client_auth=True)
             self.port = self._server.add_secure_port(listen, creds)
+            if bootstrap_listen is not None:
+                self.bootstrap_port = self._server.add_secure_port(
+                    bootstrap_listen, grpc.ssl_server_credentials([(key, chain)]))
+                if self.bootstrap_port == 0:
+                    raise OSError(f"cannot listen on {bootstrap_listen} (bootstrap): address in use or not local")
         if self.port == 0:
             raise OSError(f"cannot listen on {listen}: address in use or not local")
         await self._server.start()

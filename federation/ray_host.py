@@ -54,6 +54,8 @@ from ztunnel.xds import decode_delta, encode_delta, template_from_header
 
 UNLIMITED_BYTES = 1 << 40
 PROXY_NAMESPACE = "meshfed-system"
+BOOTSTRAP_TOKENS_FILE = "bootstrap-tokens.json"   # cluster -> token (0600): hand to that cluster's proxies
+CONTROLLER_ROOTS_FILE = "controller-roots.pem"    # public: what proxies verify the controller with
 
 
 # --- bytes framing ------------------------------------------------------------------------------
@@ -82,6 +84,7 @@ class ControllerOptions:
     state_dir: str = ".meshfed"
     listen: str = "127.0.0.1:15010"
     status_listen: str = "127.0.0.1:15014"
+    bootstrap_listen: str | None = None    # certificate service without client auth; None: listen host, any port
     ray_address: str | None = None
     kubeconfig: str | None = None
     insecure: bool = False                 # plaintext gRPC, proxy ids trusted: loopback tests only
@@ -114,26 +117,54 @@ class ConfigServerHost:
         self.reconciler: Any = None
         self.cas: dict[str, Any] = {}
         self.cluster_tds: dict[str, str] = {}
+        self.trust_domains: dict[str, Any] = {}
         self._acks: list[tuple[str, int, int, str]] = []
         self._nacks: list[tuple[str, str]] = []
         self.recent_latencies_s: list[float] = []
         self.trigger_to_ack_s: list[float] = []
         self._flusher: asyncio.Task[None] | None = None
 
-    async def start(self, listen: str, reconciler: Any) -> int:
+    async def start(self, listen: str, reconciler: Any, bootstrap_listen: str | None = None) -> tuple[int, int]:
+        """(config port, bootstrap port); the bootstrap port is 0 without TLS. Idempotent: a second
+        call (two supervisors racing after a restart) returns the ports of the running server."""
+        if self.server.port:
+            return self.server.port, self.server.bootstrap_port
         self.reconciler = reconciler
         tls = None if self.insecure else self._server_tls()
-        port = await self.server.start(listen, tls)
+        if tls is not None and bootstrap_listen is None:
+            bootstrap_listen = listen.rsplit(":", 1)[0] + ":0"
+        port = await self.server.start(listen, tls, bootstrap_listen if tls is not None else None)
         self._flusher = asyncio.ensure_future(self._flush_loop())
-        return port
+        return port, self.server.bootstrap_port
 
     def _server_tls(self) -> tuple[bytes, bytes, bytes] | None:
+        from ztunnel.xds import CONTROLLER_TLS_NAME
+
         if not self.cas:
             raise RuntimeError("TLS needs a CA: call ensure_cas first (no trust domain in the fleet repo?)")
         td = sorted(self.cas)[0]
-        svid = self.cas[td].issue_svid(f"spiffe://{td}/ns/{PROXY_NAMESPACE}/sa/meshfed-controller")
-        roots = b"".join(ca.roots_pem() for ca in self.cas.values())
-        return svid.key_pem, svid.chain_pem, roots
+        svid = self.cas[td].issue_svid(f"spiffe://{td}/ns/{PROXY_NAMESPACE}/sa/meshfed-controller",
+                                       dns_names=[CONTROLLER_TLS_NAME])
+        return svid.key_pem, svid.chain_pem, self._roots_pem()
+
+    def _roots_pem(self) -> bytes:
+        return b"".join(self.cas[td].roots_pem() for td in sorted(self.cas))
+
+    def _ensure_bootstrap(self, clusters: list[str]) -> None:
+        """One bootstrap token per cluster in `<state>/bootstrap-tokens.json` (0600), kept across
+        restarts, and the roots proxies verify the controller with in `controller-roots.pem`."""
+        import secrets
+
+        path = Path(self.state_dir) / BOOTSTRAP_TOKENS_FILE
+        tokens: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+        if any(c not in tokens for c in clusters):
+            tokens = {**tokens, **{c: secrets.token_urlsafe(24) for c in clusters if c not in tokens}}
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(tokens, indent=1, sort_keys=True))
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, path)
+        self.server.bootstrap_tokens = {t: c for c, t in tokens.items() if c in clusters}
+        (Path(self.state_dir) / CONTROLLER_ROOTS_FILE).write_bytes(self._roots_pem())
 
     # -- CA -----------------------------------------------------------------------------------
 
@@ -146,6 +177,7 @@ class ConfigServerHost:
         snap = decode_snapshot(blob)
         cadir = CaStateDir(self.state_dir)
         self.cluster_tds = {name: str(c.trust_domain) for name, c in snap.clusters.items()}
+        self.trust_domains = dict(snap.trust_domains)
         out: dict[str, tuple[str, ...]] = {}
         for name, td in sorted(snap.trust_domains.items()):
             ca = cadir.load_or_create(td)
@@ -156,6 +188,7 @@ class ConfigServerHost:
             for cert in ca.authorities:
                 self.store.record_ca_root(name, cert.subject.rfc4514_string(), cert.fingerprint(SHA256()).hex(),
                                           cert.not_valid_after_utc.timestamp())
+        self._ensure_bootstrap(sorted(self.cluster_tds))
         return out
 
     def _authorize(self, proxy_id: str, identity: str) -> str:
@@ -167,18 +200,19 @@ class ConfigServerHost:
         from cryptography import x509
 
         from federation.ca import CsrDenied, Entitlement
+        from ztunnel.xds import proxy_spiffe_id
 
         td = self.cluster_tds.get(who.cluster)
         ca = self.cas.get(td or "")
         if ca is None:
             raise PermissionError(f"proxy {who.proxy_id}: cluster {who.cluster!r} has no CA here "
                                   f"(unknown cluster or external CA)")
+        own = proxy_spiffe_id(str(td), who.proxy_id)
         desired = self.dist.sessions.get(who.proxy_id)
         allowed = set(desired.desired.local_identities) if desired and desired.desired else set()
-        kind = "gateway" if who.proxy_id.startswith("gateway/") else "ztunnel"
-        allowed.add(f"spiffe://{td}/ns/{PROXY_NAMESPACE}/sa/{kind}")
+        allowed.add(own)
         if who.bootstrap:  # a bootstrap token buys the proxy's own identity only
-            allowed = {f"spiffe://{td}/ns/{PROXY_NAMESPACE}/sa/{kind}"}
+            allowed = {own}
         try:
             chain = ca.issue_from_csr(csr_pem, entitlement=Entitlement.of(who.proxy_id, allowed),
                                       ttl_s=ttl_s or None)
@@ -234,7 +268,8 @@ class ConfigServerHost:
     def status(self) -> bytes:
         st = self.dist.status()
         return json.dumps({
-            "epoch": self.epoch, "port": self.server.port, "counts": self.dist.counts(), "proxies": st,
+            "epoch": self.epoch, "port": self.server.port, "bootstrap_port": self.server.bootstrap_port,
+            "counts": self.dist.counts(), "proxies": st,
             "pushes": sum(p["pushes"] for p in st), "acks": sum(p["acks"] for p in st),
             "nacks": sum(p["nacks"] for p in st), "stale_epoch_refusals": self.dist.stale_epoch_refusals,
             "health_reports": self.server.health_reports, "slow_disconnects": self.server.slow_disconnects,
@@ -249,6 +284,18 @@ class ConfigServerHost:
 
     def trust(self) -> list[dict[str, Any]]:
         return self.store.ca_roots()
+
+    def trust_view(self) -> bytes:
+        """`meshfed trust --controller`: the offline view's data, fed with the live CAs' material."""
+        from federation.cli.trust import TrustMaterial, build_trust_view
+
+        materials = {td: TrustMaterial(bundle=ca.bundle(), named_roots={r.name: r.cert for r in ca.roots},
+                                       source="controller")
+                     for td, ca in self.cas.items()}
+        for td in set(self.trust_domains) - set(materials):
+            materials[td] = TrustMaterial(source="controller (external CA: its bundle is read from the repo; "
+                                                 "run `meshfed trust PATH` for it)")
+        return json.dumps(build_trust_view(self.trust_domains, materials, time.time())).encode()
 
 
 class ReconcilerHost:
@@ -342,6 +389,15 @@ class ReconcilerHost:
     def missing_inputs(self) -> bool:
         return self.rec.snapshot is None and self.rec.pending_snapshot is None
 
+    def snapshot_blob(self) -> bytes:
+        with self._lock:
+            return encode_snapshot(self.rec.snapshot) if self.rec.snapshot is not None else b""
+
+    def resync(self) -> None:
+        """Send every config in full (the config server restarted and knows none)."""
+        with self._lock:
+            self._resync()
+
     # -- queries ------------------------------------------------------------------------------------
 
     def status(self) -> bytes:
@@ -395,6 +451,30 @@ class ReconcilerHost:
                                        "weight": e.weight, "healthy": e.healthy, "zone": e.zone}
                                       for e in svc.endpoints]}).encode()
             return json.dumps({"error": f"service {service} is not in the config of {cfg.proxy_id}"}).encode()
+
+    def explain(self, service: str, from_cluster: str, zone: str | None) -> bytes:
+        """`meshfed explain --controller`: the core's explain on the live engine (observations,
+        leases, local ejections), plus the endpoints the health-report quorum ejected for everyone."""
+        from federation.explain import ExplainError, explain_service
+
+        with self._lock:
+            engine = self.render.engine
+            if engine is None:
+                return json.dumps({"error": "the controller has not rendered a revision yet; see `meshfed status`",
+                                   "usage": False}).encode()
+            try:
+                data = explain_service(engine, service, from_cluster, zone)
+            except ExplainError as e:
+                return json.dumps({"error": str(e), "usage": True}).encode()
+            quorum = sorted(uid for host, uid in self.rec.unhealthy if host == data["service"])
+        for tier in data["tiers"]:
+            for group in tier["groups"]:
+                for ep in group["endpoints"]:
+                    ep["globally_ejected"] = ep["uid"] in quorum
+                    ep["healthy"] = ep["healthy"] and not ep["globally_ejected"]
+        data["globally_ejected"] = quorum
+        data["live"] = True
+        return json.dumps(data, default=str).encode()
 
     def stop(self) -> None:
         self._stop.set()
@@ -512,6 +592,9 @@ class Controller:
         self._stop = threading.Event()
         self.status_server: Any = None
         self.port = 0
+        self.bootstrap_port = 0
+        self.config_server_restarts = 0
+        self._revive_lock = threading.Lock()
         self._store: Store | None = None
 
     def start(self) -> Controller:
@@ -526,7 +609,8 @@ class Controller:
             snap = GitSource(str(self.opts.repo), self.opts.branch, self.state_dir).poll(time.time())
             if not isinstance(snap, FleetFailure) and snap is not None:
                 ray.get(self.config_server.ensure_cas.remote(encode_snapshot(snap)))
-        self.port = int(ray.get(self.config_server.start.remote(self.opts.listen, self.reconciler)))
+        self.port, self.bootstrap_port = (int(p) for p in ray.get(self.config_server.start.remote(
+            self.opts.listen, self.reconciler, self.opts.bootstrap_listen)))
         self.git = GitSourceActor.remote(str(self.opts.repo), self.opts.branch, self.state_dir, self.reconciler,
                                          self.opts.git_poll_interval_s)
         from federation.status_api import StatusServer
@@ -550,6 +634,9 @@ class Controller:
     def refresh(self) -> dict[str, Any]:
         rec = json.loads(ray.get(self.reconciler.status.remote(), timeout=10))
         cs = json.loads(ray.get(self.config_server.status.remote(), timeout=10))
+        if not cs.get("port") and self.port:
+            with self._revive_lock:
+                cs = self._revive_config_server()
         self._ensure_agents(rec.get("fleet_clusters", {}))
         if ray.get(self.reconciler.missing_inputs.remote()):
             self.git.resend.remote()
@@ -566,6 +653,23 @@ class Controller:
         with self._cache_lock:
             self._cache = st
         return st
+
+    def _revive_config_server(self) -> dict[str, Any]:
+        """Ray restarted the config server actor (its __init__ ran again: a new epoch from the
+        store, no CAs loaded, not listening). Give it the CAs of the applied revision (keys come
+        back from the state directory), the same ports, and the reconciler's configs in full."""
+        cs = dict(json.loads(ray.get(self.config_server.status.remote(), timeout=10)))
+        if cs.get("port"):
+            return cs  # revived by the other caller while we waited for the lock
+        blob = ray.get(self.reconciler.snapshot_blob.remote(), timeout=30)
+        if blob:
+            ray.get(self.config_server.ensure_cas.remote(blob), timeout=30)
+        host = self.opts.listen.rsplit(":", 1)[0]
+        boot = f"{host}:{self.bootstrap_port}" if self.bootstrap_port else self.opts.bootstrap_listen
+        ray.get(self.config_server.start.remote(f"{host}:{self.port}", self.reconciler, boot), timeout=30)
+        ray.get(self.reconciler.resync.remote(), timeout=30)
+        self.config_server_restarts += 1
+        return dict(json.loads(ray.get(self.config_server.status.remote(), timeout=10)))
 
     def _ensure_agents(self, fleet_clusters: dict[str, Any]) -> None:
         for name, c in fleet_clusters.items():
@@ -593,7 +697,8 @@ class Controller:
             clusters[name] = {**r, **{k: a.get(k) for k in ("up", "lease_remaining_s", "last_error", "api", "context")},
                               "applied_revision": rec.get("applied", {}).get("revision", "")}
         return {
-            "controller": {"epoch": cs.get("epoch"), "config_port": cs.get("port"), "state_dir": self.state_dir},
+            "controller": {"epoch": cs.get("epoch"), "config_port": cs.get("port"),
+                           "bootstrap_port": cs.get("bootstrap_port"), "state_dir": self.state_dir},
             "git": git,
             "desired": rec.get("desired"), "applied": rec.get("applied"),
             "problems": rec.get("problems", []), "render_problems": rec.get("render_problems", []),
@@ -628,6 +733,12 @@ class Controller:
     def trust(self) -> list[dict[str, Any]]:
         assert self._store is not None
         return self._store.ca_roots()
+
+    def trust_view(self) -> dict[str, Any]:
+        return dict(json.loads(ray.get(self.config_server.trust_view.remote(), timeout=10)))
+
+    def explain(self, service: str, from_cluster: str, zone: str | None) -> dict[str, Any]:
+        return dict(json.loads(ray.get(self.reconciler.explain.remote(service, from_cluster, zone), timeout=10)))
 
     def checks(self) -> list[dict[str, Any]]:
         return build_checks(self.status())
@@ -695,7 +806,8 @@ def run(opts: ControllerOptions) -> None:  # pragma: no cover - the CLI entry po
     import signal
 
     ctl = Controller(opts).start()
-    print(f"meshfed controller: config gRPC on {opts.listen.rsplit(':', 1)[0]}:{ctl.port}, "
+    print(f"meshfed controller: config gRPC on {opts.listen.rsplit(':', 1)[0]}:{ctl.port} (bootstrap port "
+          f"{ctl.bootstrap_port or '-'}), "
           f"status on {ctl.status_server.url}, state in {ctl.state_dir}", flush=True)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())

@@ -16,7 +16,11 @@ with the last good result (the control loop never dies on one bad step):
   2. aggregate proxy health reports into the global outlier state;
   3. render every proxy's config (a failure keeps the last good configs and is reported);
   4. checkpoint: record the revision attempt (applied only when rendering succeeded);
-  5. push the configs that changed (the config server diffs and versions them per proxy);
+  5. push the configs that changed (the config server diffs and versions them per proxy) —
+     once warm: after a (re)start nothing is pushed until every cluster of the snapshot has sent a
+     complete observation (a fresh LIST), or `warmup_max_s` has passed. Proxies still run the
+     configs of the previous controller; a render from a partial view would withdraw the
+     endpoints of the clusters not listed yet (istiod likewise waits for its informers' sync);
   6. record events (failovers) in the store.
 
 Flux semantics: `last_attempted` is the newest revision we tried (with its problems);
@@ -44,6 +48,7 @@ from ztunnel.config import ProxyConfig
 
 DEBOUNCE_AFTER_S = 0.1
 DEBOUNCE_MAX_S = 10.0
+WARMUP_MAX_S = 30.0
 
 
 # --- debounce -----------------------------------------------------------------------------------
@@ -124,6 +129,14 @@ class OutlierAggregator:
                 out.add(key)
         return frozenset(out)
 
+    def describe(self, key: tuple[str, str], now_s: float) -> str:
+        """Why `key` is (or is not) globally unhealthy: the vote, for the failover history."""
+        fresh = [ej for ej, at in self.views.get(key, {}).values() if now_s - at <= self.report_ttl_s]
+        failed = self.totals.get(key, [0, 0])[1]
+        return (f"health reports: {sum(fresh)} of {len(fresh)} proxies observing {key[1]} eject it "
+                f"(quorum {self.quorum_fraction:.0%}, at least {self.min_observers}; {failed} failed requests "
+                f"reported)")
+
 
 # --- render contract -----------------------------------------------------------------------------
 
@@ -135,6 +148,7 @@ class RenderInput:
     leases: Mapping[str, float]                      # cluster -> last successful watch (wall clock s)
     unhealthy: frozenset[tuple[str, str]]            # (service hostname, workload uid) ejected globally
     now_s: float
+    health_triggers: Mapping[tuple[str, str], str] = field(default_factory=dict)  # why, per newly unhealthy
 
 
 @dataclass(frozen=True)
@@ -161,8 +175,11 @@ class Reconciler:
 
     def __init__(self, render: RenderFn, push: PushFn, store: Any = None,
                  debounce: Debouncer | None = None, aggregator: OutlierAggregator | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, warmup_max_s: float = WARMUP_MAX_S) -> None:
         self.render, self.push, self.store = render, push, store
+        self.warmup_max_s = warmup_max_s
+        self.started_s: float | None = None   # first input seen (clock of the callers)
+        self.warm = False
         self.debounce = debounce or Debouncer()
         self.aggregator = aggregator or OutlierAggregator()
         self.clock = clock
@@ -248,8 +265,10 @@ class Reconciler:
         # 2. aggregate health
         unhealthy = self._guard("aggregate", lambda: self.aggregator.unhealthy(now), self.unhealthy, now)
         # 3. render
+        triggers = {k: self.aggregator.describe(k, now) for k in unhealthy - self.unhealthy}
         out = self._guard("render", lambda: self.render(RenderInput(snapshot, dict(self.observations),
-                                                                     dict(self.leases), unhealthy, now)), None, now)
+                                                                     dict(self.leases), unhealthy, now, triggers)),
+                          None, now)
         if out is None:
             if self.pending_snapshot is not None:
                 rev = self.pending_snapshot.revision
@@ -270,7 +289,10 @@ class Reconciler:
                 self._guard("checkpoint", lambda: self.store.record_attempt(rev.sha, rev.subject, ok=True, at_s=now),
                             None, now)
         self.render_problems = list(out.problems)
-        # 5. push what changed
+        # 5. push what changed (once warm: see the module docstring)
+        if not self._warm_up(snapshot, now):
+            self.debounce.note(now)  # come back when more observations may have arrived
+            return True
         changed = {pid: cfg for pid, cfg in out.configs.items() if self.configs.get(pid) != cfg}
         self.configs = dict(out.configs)
         if changed:
@@ -282,6 +304,14 @@ class Reconciler:
         self.last_duration_s = time.perf_counter() - started
         self.durations_s = ([*self.durations_s, self.last_duration_s])[-200:]
         return True
+
+    def _warm_up(self, snapshot: ConfigSnapshot, now_s: float) -> bool:
+        if not self.warm:
+            if self.started_s is None:
+                self.started_s = now_s
+            listed = all(c in self.observations and self.observations[c].complete for c in snapshot.clusters)
+            self.warm = listed or now_s - self.started_s >= self.warmup_max_s
+        return self.warm
 
     def _guard(self, step: str, fn: Callable[[], Any], fallback: Any, now_s: float) -> Any:
         try:
@@ -302,7 +332,7 @@ class Reconciler:
             prov = d.get("provenance") or {}
             self.store.record_failover(
                 str(d.get("service") or d.get("cluster") or ""), kind,
-                from_cluster=str(d.get("source") or d.get("cluster") or ""),
+                from_cluster=str(d.get("source") or d.get("cluster") or str(d.get("endpoint") or "").split("/")[0]),
                 to_cluster=",".join(d.get("to_clusters") or ()) if isinstance(d.get("to_clusters"), (list, tuple)) else "",
                 trigger=str(prov.get("trigger", "")), policy_file=str(prov.get("file", "")),
                 revision=str(prov.get("commit", "")), detail=d, at_s=float(d.get("at_s") or self.clock()))
@@ -332,6 +362,7 @@ class Reconciler:
             "last_reconcile_ms": round(self.last_duration_s * 1000, 3),
             "unhealthy_endpoints": sorted(f"{s} {e}" for s, e in self.unhealthy),
             "proxies_rendered": len(self.configs),
+            "warm": self.warm,
         }
 
 
@@ -361,7 +392,9 @@ class CoreRender:
     changed (a new snapshot rebuilds them; an observation that is the same object as last time is
     skipped), so an endpoint change re-renders only the services it touched. The global outlier
     state from `OutlierAggregator` is applied last: endpoints ejected by a quorum of observers are
-    rendered `healthy=False` for every proxy.
+    rendered `healthy=False` for every proxy, and each change of that set becomes an event
+    (`EndpointEjected` with reason `HealthReportQuorum`, or `EndpointUnejected`) carrying the vote
+    as its trigger and the service's policy (object, file:line, commit) as its provenance.
     """
 
     def __init__(self, bundle_roots: Callable[[ConfigSnapshot], Mapping[str, tuple[str, ...]]] | None = None) -> None:
@@ -371,6 +404,12 @@ class CoreRender:
         self._renderer: Any = None
         self._seen: dict[str, ClusterObservation] = {}
         self._configs: dict[str, ProxyConfig] = {}
+        self._unhealthy: frozenset[tuple[str, str]] = frozenset()
+
+    @property
+    def engine(self) -> Any:
+        """The live FailoverEngine of the last render (None before the first): for explain."""
+        return self._engine
 
     def __call__(self, inp: RenderInput) -> RenderOutput:
         from federation.failover import FailoverEngine
@@ -407,10 +446,28 @@ class CoreRender:
                 self._configs.pop(pid, None)
             for pid in set(upd.deltas) | set(upd.added):
                 self._configs[pid] = self._renderer.config(pid)
+        events.extend(self._quorum_events(inp))
         configs = self._configs
         if inp.unhealthy:
             configs = {pid: _mark_unhealthy(cfg, inp.unhealthy) for pid, cfg in configs.items()}
         return RenderOutput(configs, events, problems)
+
+    def _quorum_events(self, inp: RenderInput) -> list[Any]:
+        from federation.events import EndpointEjected, EndpointUnejected, Provenance
+
+        events: list[Any] = []
+        for host, uid in sorted(inp.unhealthy ^ self._unhealthy):
+            key = self._engine.graph.hostnames.get(host)
+            if (host, uid) in inp.unhealthy:
+                trigger = inp.health_triggers.get((host, uid), f"health reports: a quorum of proxies ejects {uid}")
+                prov = self._engine._provenance(trigger, key) if key is not None else Provenance(trigger)
+                events.append(EndpointEjected(host, uid, "HealthReportQuorum", 1, 0.0, True, inp.now_s, prov))
+            else:
+                trigger = f"health reports: the quorum no longer ejects {uid}"
+                prov = self._engine._provenance(trigger, key) if key is not None else Provenance(trigger)
+                events.append(EndpointUnejected(host, uid, inp.now_s, 0.0, prov))
+        self._unhealthy = inp.unhealthy
+        return events
 
 
 def _mark_unhealthy(cfg: ProxyConfig, unhealthy: frozenset[tuple[str, str]]) -> ProxyConfig:

@@ -13,6 +13,8 @@ Routes (GET):
   /api/v1/failover-history?service=S&since_s=T
   /api/v1/check                       grouped pass/fail checks with cause and hint
   /api/v1/trust                       CA roots and expiry
+  /api/v1/trust-view                  `meshfed trust` data from the live CAs (who trusts whom, problems)
+  /api/v1/explain?service=S&from=C&zone=Z   `meshfed explain` on the live engine
   /metrics                            meshfed_* metrics (prometheus text format)
 """
 
@@ -41,6 +43,10 @@ class StatusSource(Protocol):
 
     def trust(self) -> list[dict[str, Any]]: ...
 
+    def trust_view(self) -> dict[str, Any]: ...
+
+    def explain(self, service: str, from_cluster: str, zone: str | None) -> dict[str, Any]: ...
+
 
 class NotFound(LookupError):
     pass
@@ -59,6 +65,9 @@ class StatusServer:
             "/api/v1/failover-history": lambda q: source.failover_history(_one(q, "service"), _float(_one(q, "since_s"))),
             "/api/v1/check": lambda q: source.checks(),
             "/api/v1/trust": lambda q: source.trust(),
+            "/api/v1/trust-view": lambda q: source.trust_view(),
+            "/api/v1/explain": lambda q: source.explain(_one(q, "service") or "", _one(q, "from") or "",
+                                                        _one(q, "zone")),
         }
         registry = self.registry
 
@@ -86,6 +95,21 @@ class StatusServer:
                     self._send(200, json.dumps(data, default=str).encode(), "application/json")
                 except NotFound as e:
                     self._send(404, json.dumps({"error": str(e)}).encode(), "application/json")
+                except Exception as e:
+                    self._send(500, json.dumps({"error": f"{type(e).__name__}: {e}"}).encode(), "application/json")
+
+            def do_POST(self) -> None:
+                """POST /api/v1/reconcile: a push landed (a Git server's hook): fetch the branch now."""
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    self.rfile.read(length)
+                trigger = getattr(source, "trigger_git", None)
+                if urlparse(self.path).path.rstrip("/") != "/api/v1/reconcile" or trigger is None:
+                    self._send(404, json.dumps({"error": "POST only /api/v1/reconcile"}).encode(), "application/json")
+                    return
+                try:
+                    trigger()
+                    self._send(202, b'{"triggered": true}', "application/json")
                 except Exception as e:
                     self._send(500, json.dumps({"error": f"{type(e).__name__}: {e}"}).encode(), "application/json")
 

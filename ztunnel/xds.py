@@ -16,6 +16,11 @@ Three layers, decide-then-act:
 3. `XdsClient`, the asyncio adapter: connects, sends the hello with what it runs, pumps responses
    through the subscription into a `ConfigSink` (the data plane's apply hook), reconnects with
    exponential backoff and jitter, and streams health reports from a `HealthSource`.
+4. Identity: a proxy's own SPIFFE ID names it (`proxy_spiffe_id`); `bootstrap_svid` gets the
+   first certificate with the cluster's bootstrap token over server-authenticated TLS (the
+   controller's bootstrap port), `Svid.channel_factory` then gives mTLS channels for `XdsClient`.
+   Channels verify the controller as `CONTROLLER_TLS_NAME` (`grpc.ssl_target_name_override`),
+   because SVIDs carry no DNS name.
 
 Invariants of `Subscription`: `current` only ever moves to a strictly newer (epoch, version);
 `current` is never replaced by a config that failed to parse or that the sink rejected; it moves
@@ -50,6 +55,11 @@ CERT_METHOD = "/meshfed.v1alpha1.CertificateAuthority/SignCertificate"
 HEALTH_METHOD = "/meshfed.v1alpha1.HealthReporting/ReportHealth"
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's default receive limit
 PROXY_ID_METADATA = "x-meshfed-proxy-id"      # insecure (loopback test) mode only
+PROXY_NAMESPACE = "meshfed-system"            # where proxies' own identities live
+# The controller's serving certificate carries this DNS name next to its SPIFFE ID: gRPC clients
+# verify a host name and cannot match a URI SAN, so they dial the controller's address and
+# override the name to verify (`grpc.ssl_target_name_override`), as Istio's istiod.istio-system.svc.
+CONTROLLER_TLS_NAME = "meshfed-controller.meshfed-system"
 _CHUNK_OVERHEAD_BYTES = 4096                  # header, stamp, nonce, identities
 
 
@@ -429,6 +439,76 @@ def _eof() -> Any:
     import grpc.aio
 
     return grpc.aio.EOF
+
+
+# --- identity on the config protocol ----------------------------------------------------------
+
+
+def proxy_spiffe_id(trust_domain: str, proxy_id: str) -> str:
+    """The identity a proxy presents to the controller; it names the proxy, so a proxy can
+    subscribe as itself only: `ztunnel/east/node-1` in east.mesh.local ->
+    `spiffe://east.mesh.local/ns/meshfed-system/sa/ztunnel.east.node-1`."""
+    parts = proxy_id.split("/")
+    if len(parts) < 2 or not all(parts):
+        raise ValueError(f"proxy id {proxy_id!r} is not <kind>/<cluster>[/<node>]")
+    return f"spiffe://{trust_domain}/ns/{PROXY_NAMESPACE}/sa/{'.'.join(parts)}"
+
+
+def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                    target_name: str = CONTROLLER_TLS_NAME) -> list[tuple[str, Any]]:
+    return [("grpc.max_receive_message_length", max_message_bytes + 65536),
+            ("grpc.max_send_message_length", max_message_bytes + 65536),
+            ("grpc.ssl_target_name_override", target_name)]
+
+
+def secure_channel(target: str, roots_pem: bytes, key_pem: bytes | None = None, chain_pem: bytes | None = None,
+                   target_name: str = CONTROLLER_TLS_NAME,
+                   max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Any:
+    """A TLS channel to the controller at `target` ("host:port"), verified against `roots_pem`
+    under the name `target_name`; with `key_pem`/`chain_pem` (the proxy's SVID) it is mTLS.
+    Without them it only reaches the certificate service (on the controller's bootstrap port)."""
+    import grpc
+    import grpc.aio
+
+    creds = grpc.ssl_channel_credentials(root_certificates=roots_pem, private_key=key_pem,
+                                         certificate_chain=chain_pem)
+    return grpc.aio.secure_channel(target, creds, options=channel_options(max_message_bytes, target_name))
+
+
+@dataclass(frozen=True)
+class Svid:
+    """A proxy's certificate for the config protocol; the key was generated here and never sent."""
+
+    identity: str
+    key_pem: bytes = field(repr=False)
+    chain_pem: bytes
+    roots_pem: bytes
+    expires_at_s: float
+
+    def channel_factory(self, target: str, target_name: str = CONTROLLER_TLS_NAME,
+                        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Callable[[], Any]:
+        """For `XdsClient(channel_factory=...)`: a fresh mTLS channel per (re)connect."""
+        return lambda: secure_channel(target, self.roots_pem, self.key_pem, self.chain_pem, target_name,
+                                      max_message_bytes)
+
+
+async def bootstrap_svid(bootstrap_target: str, proxy_id: str, trust_domain: str, roots_pem: bytes, token: str,
+                         target_name: str = CONTROLLER_TLS_NAME, ttl_s: int = 0, timeout_s: float = 5.0) -> Svid:
+    """The first certificate: a CSR for `proxy_spiffe_id(...)` with the cluster's bootstrap token,
+    over server-authenticated TLS to the controller's bootstrap port. Raises grpc's AioRpcError
+    (UNAUTHENTICATED for a wrong token, PERMISSION_DENIED for a proxy of another cluster)."""
+    from ztunnel.certmanager import generate_key_and_csr
+
+    identity = proxy_spiffe_id(trust_domain, proxy_id)
+    kc = generate_key_and_csr(identity)
+    channel = secure_channel(bootstrap_target, roots_pem, target_name=target_name)
+    try:
+        resp = await request_certificate(channel, proxy_id, kc.csr_pem, bootstrap_token=token, ttl_s=ttl_s,
+                                         timeout_s=timeout_s)
+    finally:
+        await channel.close()
+    return Svid(identity, kc.key_pem, b"".join(resp.cert_chain_pem), b"".join(resp.roots_pem),
+                float(resp.expires_at_s))
 
 
 async def request_certificate(channel: Any, proxy_id: str, csr_pem: bytes, bootstrap_token: str = "",

@@ -36,21 +36,37 @@ def _engine(path: str) -> FailoverEngine:
 
 @click.command("explain")
 @click.argument("service")
-@click.argument("path", default=".", type=click.Path(file_okay=False))
+@click.argument("path", default=None, required=False, type=click.Path(file_okay=False))
 @click.option("--from", "from_cluster", required=True, metavar="CLUSTER", help="the client's cluster")
 @click.option("--zone", default=None, help="the client's zone (default: the cluster's first node)")
+@click.option("--controller", default=None, envvar="MESHFED_CONTROLLER",
+              help="explain live from this controller's status API (or $MESHFED_CONTROLLER) when no PATH is given")
 @output_option(formats=("table", "json", "yaml"))
-def explain_cmd(service: str, path: str, from_cluster: str, zone: str | None, output: str) -> None:
-    """Explain how a client in CLUSTER reaches SERVICE: tiers, endpoints, health, shares, and why."""
-    engine = _engine(path)
-    try:
-        data = explain_service(engine, service, from_cluster, zone)
-    except ExplainError as e:
-        fail(str(e), hint="meshfed graph PATH lists services and clusters", code=EXIT_USAGE)
+def explain_cmd(service: str, path: str | None, from_cluster: str, zone: str | None, controller: str | None,
+                output: str) -> None:
+    """Explain how a client in CLUSTER reaches SERVICE: tiers, endpoints, health, shares, and why.
+
+    Offline on the fleet repo at PATH (default "."), or live with --controller and no PATH."""
+    if path is None and controller:
+        from federation.cli.ops import fetch
+
+        data = fetch(controller, "/api/v1/explain", service=service, zone=zone, **{"from": from_cluster})
+        if "error" in data:
+            fail(data["error"], hint="`meshfed services` lists the services, `meshfed clusters` the clusters",
+                 code=EXIT_USAGE if data.get("usage") else EXIT_PROBLEMS)
+    else:
+        engine = _engine(path or ".")
+        try:
+            data = explain_service(engine, service, from_cluster, zone)
+        except ExplainError as e:
+            fail(str(e), hint="meshfed graph PATH lists services and clusters", code=EXIT_USAGE)
     if output in ("json", "yaml"):
         emit_data(data, output)
     else:
         click.echo(explain_text(data))
+        if data.get("globally_ejected"):
+            click.echo("ejected for everyone (quorum of proxies' health reports): "
+                       + ", ".join(data["globally_ejected"]))
     nothing = not any(g["endpoints"] for t in data["tiers"] for g in t["groups"])
     sys.exit(EXIT_PROBLEMS if data["problems"] or nothing else EXIT_OK)
 

@@ -73,13 +73,16 @@ def register(group: click.Group) -> None:
     @click.option("--state-dir", default=".meshfed", show_default=True, help="sqlite records and CA keys (0600)")
     @click.option("--listen", default="127.0.0.1:15010", show_default=True, help="gRPC config/CA/health")
     @click.option("--status-listen", default="127.0.0.1:15014", show_default=True, help="status API and /metrics")
+    @click.option("--bootstrap-listen", default=None,
+                  help="certificate service for proxies' first certificate (bootstrap token, no client "
+                       "certificate); default: the --listen host, any free port (shown in status)")
     @click.option("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
     @click.option("--kubeconfig", default=None, help="kubeconfig for the clusters' contexts (default $KUBECONFIG)")
     @click.option("--insecure", is_flag=True, help="plaintext gRPC trusting proxy ids: loopback tests only")
     @click.option("--git-poll-interval", "git_poll_s", type=float, default=None,
                   help="seconds; default: the Federation's gitPollInterval")
-    def run(repo: str, branch: str, state_dir: str, listen: str, status_listen: str, ray_address: str | None,
-            kubeconfig: str | None, insecure: bool, git_poll_s: float | None) -> None:
+    def run(repo: str, branch: str, state_dir: str, listen: str, status_listen: str, bootstrap_listen: str | None,
+            ray_address: str | None, kubeconfig: str | None, insecure: bool, git_poll_s: float | None) -> None:
         """Follow the fleet repo, watch every cluster, push config to every proxy."""
         if insecure and not listen.startswith(("127.", "localhost", "[::1]")):
             fail("--insecure serves plaintext gRPC: only on a loopback --listen address", code=64)
@@ -87,7 +90,8 @@ def register(group: click.Group) -> None:
         from federation.ray_host import run as run_controller
 
         run_controller(ControllerOptions(repo=repo, branch=branch, state_dir=state_dir, listen=listen,
-                                         status_listen=status_listen, ray_address=ray_address,
+                                         status_listen=status_listen, bootstrap_listen=bootstrap_listen,
+                                         ray_address=ray_address,
                                          kubeconfig=kubeconfig, insecure=insecure, git_poll_interval_s=git_poll_s))
 
     @group.command("status")

@@ -181,12 +181,24 @@ def render_trust_view(view: Mapping[str, Any], output: str) -> None:
 
 
 @click.command("trust")
-@click.argument("path", default=".", type=click.Path(file_okay=False))
+@click.argument("path", default=None, required=False, type=click.Path(file_okay=False))
 @click.option("--state-dir", "state_dir", default=None, type=click.Path(file_okay=False),
               help="the controller's state directory, to show managed roots (certificates only)")
+@click.option("--controller", default=None, envvar="MESHFED_CONTROLLER",
+              help="read the live CAs from this controller's status API (or $MESHFED_CONTROLLER) when no PATH "
+                   "is given")
 @output_option()
-def trust_cmd(path: str, state_dir: str | None, output: str) -> None:
-    """Trust domains, bundle sequences and fingerprints, not-after dates, who trusts whom."""
+def trust_cmd(path: str | None, state_dir: str | None, controller: str | None, output: str) -> None:
+    """Trust domains, bundle sequences and fingerprints, not-after dates, who trusts whom.
+
+    Offline on the fleet repo at PATH (default "."), or live with --controller and no PATH."""
+    if path is None and controller:
+        from federation.cli.ops import fetch
+
+        live = fetch(controller, "/api/v1/trust-view")
+        render_trust_view(live, output)
+        sys.exit(EXIT_PROBLEMS if live["problems"] else EXIT_OK)
+    path = path or "."
     try:
         snapshot = gitops.load_worktree(path)
     except FleetError as e:

@@ -134,7 +134,7 @@ async def test_ca_refuses_foreign_csr(fleet_repo: Path, tmp_path: Path,
     import grpc.aio
 
     from ztunnel.certmanager import generate_key_and_csr
-    from ztunnel.xds import request_certificate
+    from ztunnel.xds import proxy_spiffe_id, request_certificate
 
     _servers, kubeconfig = emulated_clusters
     port = free_port()
@@ -142,7 +142,7 @@ async def test_ca_refuses_foreign_csr(fleet_repo: Path, tmp_path: Path,
     try:
         await rendered_proxies(ctl)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-            own = generate_key_and_csr("spiffe://east.mesh.local/ns/meshfed-system/sa/ztunnel")
+            own = generate_key_and_csr(proxy_spiffe_id("east.mesh.local", "ztunnel/east/node-1"))
             resp = await request_certificate(ch, "ztunnel/east/node-1", own.csr_pem)
             assert resp.cert_chain_pem and resp.roots_pem
             foreign = generate_key_and_csr("spiffe://west.mesh.local/ns/shop/sa/checkout")

@@ -123,3 +123,22 @@ def test_distributor_refuses_proxy_from_newer_epoch() -> None:
     s = d.attach(PID, Stamp(2, "r", 7))  # same epoch (e.g. reconnect): versions continue above 7
     s.set_desired(make_config(PID, "r9", services=2), 0)
     assert d.build(s) and s.in_flight is not None and s.in_flight.config.stamp.version == 8
+
+
+@pytest.mark.parametrize(("proxy_id", "identity", "allowed"), [
+    ("ztunnel/east/node-1", "spiffe://east.td/ns/meshfed-system/sa/ztunnel.east.node-1", True),
+    ("gateway/east", "spiffe://east.td/ns/meshfed-system/sa/gateway.east", True),
+    ("ztunnel/east/node-1", "spiffe://east.td/ns/meshfed-system/sa/ztunnel.east.node-2", False),  # another proxy
+    ("ztunnel/east/node-1", "spiffe://west.td/ns/meshfed-system/sa/ztunnel.east.node-1", False),  # other domain
+    ("ztunnel/east/node-1", "spiffe://east.td/ns/shop/sa/ztunnel.east.node-1", False),            # a workload
+    ("ztunnel/east/node-1", "", False),                                                           # no certificate
+    ("ztunnel/north/node-1", "spiffe://east.td/ns/meshfed-system/sa/ztunnel.north.node-1", False),  # unknown cluster
+    ("ztunnel", "spiffe://east.td/ns/meshfed-system/sa/ztunnel", False),                          # malformed id
+])
+def test_proxy_may_act_only_as_itself(proxy_id: str, identity: str, allowed: bool) -> None:
+    from federation.grpc_server import ProxyAuthorizer
+
+    reason = ProxyAuthorizer({"east": "east.td", "west": "west.td"})(proxy_id, identity)
+    assert (reason == "") is allowed, reason
+    if not allowed:
+        assert proxy_id.split("/")[-1] in reason or "not in the fleet repo" in reason or "kind" in reason

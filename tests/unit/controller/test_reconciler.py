@@ -164,3 +164,26 @@ def test_store_epoch_grows_and_failover_history_filters(store: Store) -> None:
     acks = store.proxy_acks()["ztunnel/a/n1"]
     assert acks["version"] == 5 and acks["last_nack"] == "bad port"
     assert oct(Path(store.path).stat().st_mode & 0o777) == "0o600"
+
+
+@pytest.mark.parametrize(("listed", "at_s", "pushed"), [
+    (("east",), 1.0, False),            # west not listed yet: a push would withdraw its endpoints
+    (("east", "west"), 1.0, True),      # every cluster listed: warm
+    (("east",), 11.0, True),            # warm-up bounded: west may be down for good
+])
+def test_no_push_until_every_cluster_is_listed_after_a_start(listed: tuple[str, ...], at_s: float,
+                                                             pushed: bool) -> None:
+    from dataclasses import replace
+
+    pushes = Pushes()
+    r = Reconciler(fake_render, pushes, warmup_max_s=10.0)
+    s = replace(snap("a" * 40), clusters={"east": object(), "west": object()})  # type: ignore[dict-item]
+    r.on_snapshot(s, now_s=0.0)
+    r.on_observation(obs("east", ["p1"]), now_s=0.0)
+    r.reconcile(now_s=0.5)
+    for c in listed[1:]:
+        r.on_observation(obs(c, ["p1"]), now_s=0.6)
+    r.reconcile(now_s=at_s, force=True)
+    assert bool(pushes.calls) is pushed and r.warm is pushed
+    if pushed:
+        assert set(pushes.calls[0]) == {f"ztunnel/{c}/n1" for c in listed}

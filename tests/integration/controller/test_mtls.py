@@ -1,0 +1,167 @@
+"""mTLS on the config protocol, on loopback: bootstrap token -> SVID -> subscription, and refusals.
+
+The controller's config server (`federation.ray_host.ConfigServerHost`, a plain class; no Ray
+needed here) runs with TLS and the CAs of the example fleet. Simulated proxies are real
+`XdsClient`s over `ztunnel.xds.secure_channel` (target-name override: the controller's
+certificate carries the DNS name `CONTROLLER_TLS_NAME`, the proxies' SVIDs none).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+
+import gitops
+from benchmarks.simproxy import SimProxy, make_config
+from federation.agents import encode_snapshot
+from federation.ca import TrustDomainCA
+from federation.ray_host import BOOTSTRAP_TOKENS_FILE, CONTROLLER_ROOTS_FILE, ConfigServerHost
+from ztunnel.certmanager import generate_key_and_csr
+from ztunnel.proto import meshfed_pb2 as pb
+from ztunnel.xds import (
+    CONFIG_METHOD,
+    HEALTH_METHOD,
+    Svid,
+    bootstrap_svid,
+    proxy_spiffe_id,
+    request_certificate,
+    secure_channel,
+)
+
+EXAMPLE_FLEET = Path(__file__).resolve().parents[3] / "examples" / "fleet"
+EAST_TD = "east.mesh.local"
+
+
+class Ctl:
+    def __init__(self, host: ConfigServerHost, state: Path) -> None:
+        self.host = host
+        self.target = f"127.0.0.1:{host.server.port}"
+        self.bootstrap = f"127.0.0.1:{host.server.bootstrap_port}"
+        self.tokens: dict[str, str] = json.loads((state / BOOTSTRAP_TOKENS_FILE).read_text())
+        self.roots = (state / CONTROLLER_ROOTS_FILE).read_bytes()
+        assert (state / BOOTSTRAP_TOKENS_FILE).stat().st_mode & 0o077 == 0
+
+    async def svid(self, proxy_id: str, cluster: str = "east", td: str = EAST_TD) -> Svid:
+        return await bootstrap_svid(self.bootstrap, proxy_id, td, self.roots, self.tokens[cluster])
+
+
+@pytest.fixture()
+async def ctl(tmp_path: Path) -> AsyncIterator[Ctl]:
+    state = tmp_path / "state"
+    host = ConfigServerHost(str(state), insecure=False)
+    host.ensure_cas(encode_snapshot(gitops.load_worktree(EXAMPLE_FLEET)))
+    await host.start("127.0.0.1:0", reconciler=None)
+    try:
+        yield Ctl(host, state)
+    finally:
+        await host.server.stop(0)
+
+
+async def first_response(channel: Any, proxy_id: str, timeout_s: float = 5.0) -> Any:
+    """Open a config stream as `proxy_id` and read one response (raises AioRpcError on refusal)."""
+    call = channel.stream_stream(CONFIG_METHOD, request_serializer=pb.ConfigRequest.SerializeToString,
+                                 response_deserializer=pb.ConfigResponse.FromString)(timeout=timeout_s)
+    await call.write(pb.ConfigRequest(proxy=pb.ProxyHeader(proxy_id=proxy_id, cluster="east")))
+    try:
+        return await call.read()
+    finally:
+        call.cancel()
+
+
+async def refused(coro: Any) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await coro
+    return err.value
+
+
+async def test_bootstrap_then_subscribe_over_mtls(ctl: Ctl) -> None:
+    pid = "ztunnel/east/node-1"
+    svid = await ctl.svid(pid)
+    assert svid.identity == proxy_spiffe_id(EAST_TD, pid) == \
+        "spiffe://east.mesh.local/ns/meshfed-system/sa/ztunnel.east.node-1"
+    assert svid.chain_pem.startswith(b"-----BEGIN CERTIFICATE") and svid.roots_pem
+    ctl.host.dist.set_desired({pid: make_config(pid, "rev1", cluster="east")})
+    proxy = SimProxy(pid, ctl.target, cluster="east", channel_factory=svid.channel_factory(ctl.target)).start()
+    try:
+        from federation.grpc_server import wait_until
+
+        assert await wait_until(lambda: proxy.revision == "rev1", 10), proxy.client.last_error
+        st = {s["proxy"]: s for s in ctl.host.dist.status()}[pid]
+        assert st["sync"] == "SYNCED" and st["identity"] == svid.identity
+        # renewal over mTLS: the proxy's own identity, no token needed
+        kc = generate_key_and_csr(svid.identity)
+        async with svid.channel_factory(ctl.target)() as ch:
+            resp = await request_certificate(ch, pid, kc.csr_pem)
+        assert resp.cert_chain_pem
+    finally:
+        await proxy.stop()
+
+
+async def test_another_proxys_identity_is_refused(ctl: Ctl) -> None:
+    node2 = await ctl.svid("ztunnel/east/node-2")
+    ctl.host.dist.set_desired({"ztunnel/east/node-2": make_config("ztunnel/east/node-2", "rev1", cluster="east")})
+    async with node2.channel_factory(ctl.target)() as ch:
+        own = await first_response(ch, "ztunnel/east/node-2")  # its own id: served
+        assert own.stamp.revision == "rev1"
+        err = await refused(first_response(ch, "ztunnel/east/node-1"))
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "ztunnel.east.node-1" in (err.details() or "")
+        # nor may it report health in another proxy's name
+        call = ch.stream_unary(HEALTH_METHOD, request_serializer=pb.HealthReport.SerializeToString,
+                               response_deserializer=pb.HealthSummary.FromString)(timeout=5)
+        await call.write(pb.HealthReport(proxy_id="ztunnel/east/node-1"))
+        await call.done_writing()
+        err = await refused(call)
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert ctl.host.server.health_reports == 0
+
+
+async def test_identity_minted_by_another_federated_domain_is_refused(ctl: Ctl) -> None:
+    # west's CA (trusted at the TLS layer: west is in the fleet) mints a look-alike of east's proxy
+    fake = ctl.host.cas["west.mesh.local"].issue_svid(
+        "spiffe://west.mesh.local/ns/meshfed-system/sa/ztunnel.east.node-1")
+    async with secure_channel(ctl.target, ctl.roots, fake.key_pem, fake.chain_pem) as ch:
+        err = await refused(first_response(ch, "ztunnel/east/node-1"))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "east.mesh.local" in (err.details() or "")
+
+
+async def test_identity_of_an_unfederated_trust_domain_is_refused(ctl: Ctl) -> None:
+    evil = TrustDomainCA.create("evil.example")
+    fake = evil.issue_svid("spiffe://evil.example/ns/meshfed-system/sa/ztunnel.east.node-1")
+    async with secure_channel(ctl.target, ctl.roots, fake.key_pem, fake.chain_pem) as ch:
+        err = await refused(first_response(ch, "ztunnel/east/node-1"))
+    assert err.code() == grpc.StatusCode.UNAVAILABLE  # the handshake fails: no fleet root signed it
+
+
+async def test_no_certificate_is_refused(ctl: Ctl) -> None:
+    async with secure_channel(ctl.target, ctl.roots) as ch:  # main port: client certificate required
+        err = await refused(first_response(ch, "ztunnel/east/node-1"))
+    assert err.code() == grpc.StatusCode.UNAVAILABLE
+    async with secure_channel(ctl.bootstrap, ctl.roots) as ch:  # bootstrap port: certificates only
+        err = await refused(first_response(ch, "ztunnel/east/node-1"))
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "bootstrap token" in (err.details() or "")
+
+
+async def test_bootstrap_token_rules(ctl: Ctl) -> None:
+    pid = "ztunnel/east/node-1"
+    err = await refused(bootstrap_svid(ctl.bootstrap, pid, EAST_TD, ctl.roots, "not-the-token"))
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+    # west's token cannot buy certificates for east's proxies
+    err = await refused(bootstrap_svid(ctl.bootstrap, pid, EAST_TD, ctl.roots, ctl.tokens["west"]))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    # a token buys the proxy's own identity only, not a workload's or another proxy's
+    for identity in ("spiffe://east.mesh.local/ns/shop/sa/checkout",
+                     proxy_spiffe_id(EAST_TD, "ztunnel/east/node-2")):
+        kc = generate_key_and_csr(identity)
+        async with secure_channel(ctl.bootstrap, ctl.roots) as ch:
+            err = await refused(request_certificate(ch, pid, kc.csr_pem, bootstrap_token=ctl.tokens["east"]))
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED, identity
+        assert "not entitled" in (err.details() or "")
