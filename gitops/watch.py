@@ -116,6 +116,9 @@ class BranchWatch:
         rev = head.revision
         if self.last_applied_revision is not None and rev.sha == self.last_applied_revision.sha:
             decision = Decision(DecisionKind.SKIP, rev, "up to date")
+            # the head is the applied revision again (fetch recovered, bad commit reverted): an
+            # earlier error no longer describes the branch
+            self.last_attempted_revision, self.last_error, self.last_problems = rev, None, ()
         elif (not retry_failed and self.last_error is not None and self.last_attempted_revision is not None
               and rev.sha == self.last_attempted_revision.sha):
             decision = Decision(DecisionKind.SKIP, rev, f"already rejected: {self.last_error}")

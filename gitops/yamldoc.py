@@ -94,7 +94,9 @@ def _scalar(node: ScalarNode) -> Any:
             return int(s, 16)
         if s.lower().startswith(("0o", "+0o", "-0o")):
             return int(s.replace("o", "").replace("O", ""), 8)
-        return int(s)
+        if s.lstrip("+-").lower().startswith("0b"):
+            return v  # binary is YAML 1.1 only; ruamel still tags it int
+        return int(s)  # ValueError past sys.get_int_max_str_digits(): _walk reports it
     if tag == _CORE + "float":
         s = v.lower().replace("_", "")
         if s in (".nan",):
@@ -105,6 +107,17 @@ def _scalar(node: ScalarNode) -> Any:
             return -math.inf
         return float(s)
     return v  # timestamps etc. are not part of the 1.2 core schema: keep the text
+
+
+def _scalar_at(file: str, node: ScalarNode) -> Any:
+    """`_scalar`, with a number Python refuses to convert (more digits than
+    `sys.get_int_max_str_digits()`) reported at its position instead of raised."""
+    try:
+        return _scalar(node)
+    except ValueError as e:
+        raise _Reject(problem("MF0004", f"number {node.value[:20]!r}… cannot be read: {e}",
+                              _mark_pos(file, node.start_mark),
+                              hint="a fleet value is never this long; quote it if it is meant as text")) from e
 
 
 def parse_yaml(file: str, raw: bytes) -> tuple[Doc | None, list[Problem]]:
@@ -167,7 +180,7 @@ def _walk(doc: Doc, node: Node, path: Path, depth: int, seen: set[int]) -> Any:
                               hint="remove the tag; quote the value if it should be a string"))
     doc.value_pos[path] = pos
     if isinstance(node, ScalarNode):
-        return _scalar(node)
+        return _scalar_at(doc.file, node)
     if isinstance(node, SequenceNode):
         return [_walk(doc, item, (*path, i), depth + 1, seen) for i, item in enumerate(node.value)]
     if isinstance(node, MappingNode):
@@ -180,7 +193,7 @@ def _walk(doc: Doc, node: Node, path: Path, depth: int, seen: set[int]) -> Any:
             if _tag(knode) == _CORE + "merge" or (knode.value == "<<" and not knode.style):
                 raise _Reject(problem("MF0003", "merge keys ('<<') are not allowed", kpos,
                                       hint="write the merged fields out"))
-            key = str(_scalar(knode)) if _tag(knode) != _CORE + "str" else knode.value
+            key = str(_scalar_at(doc.file, knode)) if _tag(knode) != _CORE + "str" else knode.value
             if key in out:
                 first = doc.key_pos[(*path, key)]
                 raise _Reject(problem("MF0002", f"duplicate key {key!r} (first at line {first.line})", kpos,

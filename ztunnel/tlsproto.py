@@ -29,6 +29,11 @@ import ssl
 from typing import Any
 
 READ_BYTES = 256 * 1024
+# Ciphertext we may hold for a peer that does not read. A legitimate HBONE peer bounds what we send
+# with its flow-control windows (16 MiB per connection by default); beyond this, the peer is
+# flooding us with frames that need answers (PING, SETTINGS) or granting windows it never drains,
+# and the connection is aborted rather than let the buffer grow without bound.
+MAX_UNSENT_BYTES = 64 * 1024 * 1024
 
 
 class TlsTransport(asyncio.Transport):
@@ -226,8 +231,15 @@ class TlsAdapter(asyncio.Protocol):
             self._flush()
 
     def _flush(self) -> None:
-        if self._outgoing.pending and self.raw is not None and not self.raw.is_closing():
-            self.raw.write(self._outgoing.read())  # type: ignore[attr-defined]
+        raw = self.raw
+        if self._outgoing.pending and raw is not None and not raw.is_closing():
+            raw.write(self._outgoing.read())  # type: ignore[attr-defined]
+            if (self._app_connected and isinstance(raw, asyncio.WriteTransport)
+                    and raw.get_write_buffer_size() > MAX_UNSENT_BYTES):
+                # not from inside the app's own call stack: let it finish, then tear down
+                self.loop.call_soon(self._abort_with, ConnectionError(
+                    f"peer has not read {raw.get_write_buffer_size()} bytes we sent (limit {MAX_UNSENT_BYTES}); "
+                    "it is stalled or flooding us with frames that need answers — connection aborted"))
 
     # --- closing -----------------------------------------------------------------------------------
 

@@ -45,7 +45,8 @@ def test_example_snapshot_contents() -> None:
         "policies/shop/checkout.yaml:12:7"
     (route,) = s.routes
     assert [(b.name, b.weight) for b in route.backends] == [("checkout", 90), ("checkout-v2", 10)]
-    (authz,) = s.authorization_policies
+    authz, authz_v2 = sorted(s.authorization_policies, key=lambda a: a.name)  # checkout, checkout-v2 (canary)
+    assert (authz.name, authz_v2.name) == ("checkout-allow-frontend", "checkout-v2-allow-frontend")
     assert authz.rules[0].ports == (8080,)
     assert len(authz.rules[0].from_[0].principals) == 3
     lab = s.lab_clusters["east"]
@@ -111,7 +112,7 @@ def test_json_documents_parse_to_the_same_data(value: dict[str, object]) -> None
 def test_reuse_reparses_only_changed_files(fleet_copy: MakeFleet) -> None:
     root = fleet_copy()
     first = build_snapshot(read_worktree(root))
-    assert first.snapshot is not None and len(first.reparsed) == 16
+    assert first.snapshot is not None and len(first.reparsed) == 17
     p = root / "services/shop/cart.yaml"
     p.write_text(p.read_text().replace("maxEjectionPercent: 50", "maxEjectionPercent: 75"))
     second = build_snapshot(read_worktree(root, first.snapshot.file_digests), first.snapshot)
@@ -153,3 +154,13 @@ def test_snapshot_is_immutable() -> None:
         pass
     else:  # pragma: no cover
         raise AssertionError("snapshot mappings must be read-only")
+
+
+def test_binary_literal_stays_text_and_huge_integer_is_a_problem_not_a_crash() -> None:
+    # YAML 1.2 core has no 0b literals (ruamel still tags them int); a 5000-digit integer exceeds
+    # Python's int-from-str limit and used to escape parse_yaml as a bare ValueError.
+    doc, probs = parse_yaml("x.yaml", b"a: 0b101\n")
+    assert probs == [] and doc is not None and doc.data == {"a": "0b101"}
+    doc, probs = parse_yaml("x.yaml", b"a: 1\nb: " + b"9" * 5000 + b"\n")
+    assert doc is None and [p.code for p in probs] == ["MF0004"]
+    assert str(probs[0].pos) == "x.yaml:2:4"

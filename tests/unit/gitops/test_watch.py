@@ -74,3 +74,19 @@ def test_transitions_outside_the_table_raise() -> None:
         w.begin_check(0)
     w.fetch_failed("network down")
     assert w.phase is WatchPhase.IDLE and w.last_error == "network down"
+
+
+def test_error_clears_when_the_head_is_the_applied_revision_again() -> None:
+    """A fetch failure (or a bad commit that was reverted) must not stay reported once the branch
+    head is back at the applied revision: last_error is None iff attempted == applied."""
+    w = BranchWatch()
+    _check(w, 0, A, ff=None)
+    w.loaded(A)
+    w.begin_check(100)
+    w.fetch_failed("network down")
+    assert _check(w, 200, A) is DecisionKind.SKIP
+    assert (w.last_attempted_revision, w.last_error) == (A, None)
+    assert _check(w, 300, B) is DecisionKind.LOAD
+    w.rejected(B, "MF0505 ...")
+    assert _check(w, 400, A, ff=False) is DecisionKind.SKIP  # B reverted by a force-push back to A
+    assert (w.last_attempted_revision, w.last_error, w.last_problems) == (A, None, ())

@@ -1,0 +1,85 @@
+"""TlsAdapter over in-memory transports: a peer that stops reading cannot make us buffer without bound."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from federation.ca import TrustDomainCA
+from ztunnel import tls, tlsproto
+from ztunnel.verify import TrustStore
+
+TD = "east.mesh"
+
+
+class PipeTransport(asyncio.Transport):
+    """Delivers writes to `peer` on the next loop turn; with `stalled`, holds them (a peer not reading)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self.loop = loop
+        self.peer: asyncio.Protocol | None = None
+        self.stalled = False
+        self.held = 0
+        self.closing = False
+        self.aborted = False
+
+    def write(self, data: Any) -> None:
+        if self.stalled:
+            self.held += len(data)
+        elif self.peer is not None:
+            self.loop.call_soon(self.peer.data_received, bytes(data))
+
+    def get_write_buffer_size(self) -> int:
+        return self.held
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = self.aborted = True
+
+
+class Echo(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.lost: list[Exception | None] = []
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[attr-defined]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.append(exc)
+
+
+async def test_a_peer_that_stops_reading_is_cut_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tlsproto, "MAX_UNSENT_BYTES", 256 * 1024)
+    loop = asyncio.get_running_loop()
+    ca = TrustDomainCA.create(TD)
+    store = TrustStore.from_bundles(ca.trust_bundle())
+    srv, cli = ca.issue_svid(f"spiffe://{TD}/ns/a/sa/srv"), ca.issue_svid(f"spiffe://{TD}/ns/a/sa/cli")
+    server_app, client_app = Echo(), Echo()
+    server = tlsproto.TlsAdapter(loop, tls.server_context(srv.chain_pem, srv.key_pem, store), server_app,
+                                 server_side=True)
+    client = tlsproto.TlsAdapter(loop, tls.client_context(cli.chain_pem, cli.key_pem, store), client_app,
+                                 server_side=False)
+    to_server, to_client = PipeTransport(loop), PipeTransport(loop)
+    to_server.peer, to_client.peer = server, client
+    server.connection_made(to_client)
+    client.connection_made(to_server)
+    await asyncio.wait_for(asyncio.gather(server.handshake, client.handshake), 5)
+    client_app.data_received = lambda data: None  # type: ignore[method-assign]  # the client reads nothing…
+    to_client.stalled = True                      # …and its socket buffer is full
+    for _ in range(40):                           # 40 × 16 KiB echoed back = 640 KiB unsent
+        client.transport.write(b"x" * 16384)
+        await asyncio.sleep(0)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert to_client.aborted, f"server still holds {to_client.held} unsent bytes for a stalled peer"
+    assert to_client.held < 2 * tlsproto.MAX_UNSENT_BYTES
+    assert server_app.lost and isinstance(server_app.lost[0], ConnectionError)
