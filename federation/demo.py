@@ -283,3 +283,61 @@ def first_served_by(records: Sequence[Mapping[str, Any]], cluster: str, after_s:
         if float(r.get("start_s", 0.0)) >= after_s and r.get("outcome") == "ok" and r.get("cluster") == cluster:
             return float(r["start_s"])
     return None
+
+
+# --- the canary split ---------------------------------------------------------------------------
+
+CANARY_WORKLOAD = "checkout-v2"   # the canary of checkout (policies/shop/checkout-canary.yaml)
+CANARY_ROUTE = "policies/shop/checkout-canary.yaml"
+
+
+def workload_of(pod: str) -> str:
+    """'checkout-v2-0' → 'checkout-v2'; 'checkout-1' → 'checkout' (the lab names pods <workload>-<n>)."""
+    head, sep, tail = pod.rpartition("-")
+    return head if sep and tail.isdigit() else pod
+
+
+def backend_split(records: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """Ok requests per serving workload (which backend service of a route answered)."""
+    out: dict[str, int] = {}
+    for r in records:
+        if r.get("outcome") == "ok" and r.get("pod"):
+            w = workload_of(str(r["pod"]))
+            out[w] = out.get(w, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def split_summary(records: Sequence[Mapping[str, Any]]) -> str:
+    """'checkout 68 (91%), checkout-v2 7 (9%)' for a slice of load records."""
+    split = backend_split(records)
+    total = sum(split.values())
+    if not total:
+        return "no request served"
+    return ", ".join(f"{w} {n} ({100.0 * n / total:.0f}%)" for w, n in split.items())
+
+
+def without_canary(records: Sequence[Mapping[str, Any]], canary: str = CANARY_WORKLOAD) -> list[Mapping[str, Any]]:
+    """The records of the failover story: requests the canary served are left out. The canary runs
+    in one cluster and a fault on checkout's pods does not touch it, so its share would look like
+    the faulted cluster still serving (the priority order names clusters, and the canary's answers
+    carry its cluster). Failed and indeterminate requests stay: they did not reach the canary."""
+    return [r for r in records if not (r.get("outcome") == "ok" and workload_of(str(r.get("pod", ""))) == canary)]
+
+
+def set_canary_weights(worktree: Path, stable: int, canary: int) -> None:
+    """Edit the HTTPRoute's two backendRef weights (checkout, checkout-v2) in a fleet worktree."""
+    path = worktree / CANARY_ROUTE
+    lines = path.read_text().splitlines(keepends=True)
+    names = {"checkout": stable, CANARY_WORKLOAD: canary}
+    current = ""
+    changed: set[str] = set()
+    for i, line in enumerate(lines):
+        s = line.strip()
+        if s.startswith("- name:"):
+            current = s.split(":", 1)[1].strip()
+        elif s.startswith("weight:") and current in names:
+            lines[i] = line[: line.index("weight:")] + f"weight: {names[current]}\n"
+            changed.add(current)
+    if changed != set(names):
+        raise DemoError(f"{path}: expected backendRefs {sorted(names)} with weights, found {sorted(changed)}")
+    path.write_text("".join(lines))

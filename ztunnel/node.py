@@ -3,6 +3,8 @@
 Outbound (an application on this node connects somewhere):
   capture (transparent REDIRECT + SO_ORIGINAL_DST, or the SOCKS5 fallback on 15080)
   → `plan_outbound` (pure: which service/workload, which identity, which endpoints)
+  → a service with Gateway API route weights: `ztunnel.routing.decide_route` (pure) draws the
+    backend service per connection and orders fallbacks; the rest runs on that backend's endpoints
   → `connect_with_retry`: pick an endpoint (tiers/weights, skipping ejected), open HBONE —
     direct to the destination node's :15008, or through the destination network's east-west gateway
     (outer tunnel pooled per gateway and source identity; inner mTLS tunnel end-to-end, not pooled).
@@ -60,6 +62,7 @@ from ztunnel.relay import (
     abort_with_reset,
     original_destination,
 )
+from ztunnel.routing import decide_route, usable_endpoints
 from ztunnel.state import Indexes, ProxyState, parse_host_port
 from ztunnel.tls import client_context, server_context, verify_connection
 from ztunnel.tlsproto import TlsAdapter
@@ -205,8 +208,6 @@ def plan_outbound(cfg: ProxyConfig, ix: Any, host: str, port: int, is_hostname: 
             return OutboundPlan(svc, (), port, port, svc.hostname,
                                 refused=f"service {svc.hostname} has no port {port} (ports: "
                                         f"{', '.join(str(p.port) for p in svc.ports)})")
-        if svc.routes:
-            return OutboundPlan(svc, svc.endpoints, port, pm.target_port, svc.hostname)
         return OutboundPlan(svc, svc.endpoints, port, pm.target_port, svc.hostname)
     if not is_hostname:
         e = ix.find_endpoint_by_address(host)  # a pod IP that is an endpoint of a service
@@ -727,15 +728,16 @@ class NodeProxy(ProxyBase):
             cap.refuse(plan.refused, 4)
             return
         started = mono_s()
+        route: dict[str, str] = {}
         try:
-            stream, ep = await self.connect_with_retry(src, plan)
+            stream, ep, plan, route = await self.connect_routed(src, plan)
         except (ConnectFailed, TunnelRefused) as e:
             reason = e.reason if isinstance(e, TunnelRefused) else str(e)
             self.telemetry.log(kind="access", direction="outbound", src=src.identity, dst=plan.description,
                                status=getattr(e, "status", 503), reason=reason)
             cap.refuse(reason, 2 if isinstance(e, TunnelRefused) and e.status == 403 else 5)
             return
-        svc_name = plan.service.hostname if plan.service else "unknown"
+        svc_name = plan.service.hostname if plan.service else "unknown"  # the backend actually used
         labels = ConnLabels(reporter="source", source_workload=src.name, source_principal=src.identity,
                             destination_service=svc_name,
                             destination_principal=stream.session.peer_identity or ep.identity or "unknown",
@@ -748,7 +750,7 @@ class NodeProxy(ProxyBase):
             if stats.reset_by_peer and stats.bytes_to_plain == 0:
                 self.record_outcome(svc_name, ep.workload_uid, Outcome.RESET_BEFORE_RESPONSE)
             self.telemetry.log(kind="access", direction="outbound", src=src.identity, dst=plan.description,
-                               endpoint=ep.workload_uid, via=ep.gateway or ep.hbone_address,
+                               endpoint=ep.workload_uid, via=ep.gateway or ep.hbone_address, **route,
                                bytes_sent=stats.bytes_from_plain, bytes_received=stats.bytes_to_plain,
                                reset=stats.reset, duration_ms=round((mono_s() - started) * 1000, 3))
             inner = getattr(stream, "inner_session", None)
@@ -757,6 +759,44 @@ class NodeProxy(ProxyBase):
 
         cap.start_relay(stream, done)
         self.relays.add(cap.relay)
+
+    async def connect_routed(self, src: Workload, plan: OutboundPlan
+                             ) -> tuple[HboneStream, Endpoint, OutboundPlan, dict[str, str]]:
+        """Connect for `plan`; when its service has route weights, to a backend service drawn by
+        weight (`ztunnel.routing.decide_route`), falling back to the other backends when the drawn
+        one has no usable endpoint or every connect to it failed. Returns the stream, the endpoint,
+        the plan actually used (its service is the backend: metrics and outlier counters are its)
+        and access-log fields naming the route, the backend and any fallback."""
+        svc = plan.service
+        if svc is None or not svc.routes:
+            stream, ep = await self.connect_with_retry(src, plan)
+            return stream, ep, plan, {}
+        ix = self.state.indexes
+        usable = {}
+        for b in svc.routes:
+            backend = svc if b.hostname == svc.hostname else ix.services_by_host.get(b.hostname)
+            if backend is not None:
+                usable[b.hostname] = usable_endpoints(backend, self.ejected(b.hostname))
+        decision = decide_route(svc, plan.port, ix.services_by_host, self.rand(), usable)
+        if decision.refused:
+            raise ConnectFailed(decision.refused)
+        failures: list[str] = []
+        for target in decision.order:
+            backend = target.service
+            sub = OutboundPlan(backend, backend.endpoints, target.port, target.target_port,
+                               f"{backend.hostname} (route of {svc.hostname})")
+            try:
+                stream, ep = await self.connect_with_retry(src, sub)
+            except ConnectFailed as e:
+                failures.append(f"{backend.hostname}: {e}")
+                continue
+            route = {"route": svc.hostname, "backend": backend.hostname}
+            if backend.hostname != decision.drawn:
+                why = decision.why_not(decision.drawn) or "; ".join(failures) or "unusable"
+                route["fallback_from"] = decision.drawn
+                route["fallback_reason"] = why
+            return stream, ep, sub, route
+        raise ConnectFailed(f"no backend of {svc.hostname}'s route could be reached: " + " | ".join(failures))
 
     async def connect_with_retry(self, src: Workload, plan: OutboundPlan) -> tuple[HboneStream, Endpoint]:
         svc = plan.service

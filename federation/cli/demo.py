@@ -6,10 +6,13 @@
 3. steady open-loop traffic from the frontend of every cluster to checkout; show who serves it
    and that every hop is mTLS with the expected identities (the echo reports the caller's
    verified SPIFFE ID, including across clusters through the east-west gateways);
-4. `git push` a policy change to the lab's Git server and show the new revision SYNCED on every
-   proxy, and the proxies running the new policy;
+4. `git push` a policy change to the lab's Git server — the canary split of checkout from 90/10
+   to 50/50 (HTTPRoute weights) and faster outlier detection — show the new revision SYNCED on
+   every proxy, the proxies running the new policy, and the split measured on the first cluster's
+   traffic (which pod answered: checkout-N or checkout-v2-0) before and after the push;
 5. kill checkout's backends in the first cluster and show its traffic fail over to the next one
-   in priority order; restore them and show failback;
+   in priority order; restore them and show failback (the canary's share is left out of these
+   figures: it runs in the first cluster and the fault does not touch it);
 6. print the measured figures (federation.chaos) and write the report (federation.report);
 7. tear everything down unless --keep.
 """
@@ -30,6 +33,7 @@ DEFAULT_STATE_DIR = "/tmp/meshfed-demo"
 LOAD_RATE_PER_S = {"first": 25.0, "other": 10.0}
 FAULT_HOLD_S = 8.0
 FAILBACK_WAIT_S = 25.0
+SPLIT_WINDOW_S = 4.0   # how much of the first cluster's traffic the canary split is counted over
 
 
 def _say(text: str = "") -> None:
@@ -56,6 +60,7 @@ def run_demo(fleet: Path, state_dir: Path, out_dir: Path, keep: bool) -> int:
     from clusters.local.sandbox import SandboxUnavailable
     from federation.chaos import summarize
     from federation.demo import (
+        CANARY_WORKLOAD,
         SERVICE_HOST,
         DemoError,
         LabFederation,
@@ -63,6 +68,10 @@ def run_demo(fleet: Path, state_dir: Path, out_dir: Path, keep: bool) -> int:
         first_served_by,
         replace_in,
         served_summary,
+        set_canary_weights,
+        split_summary,
+        without_canary,
+        workload_of,
     )
     from federation.report import write_report
 
@@ -99,14 +108,17 @@ def run_demo(fleet: Path, state_dir: Path, out_dir: Path, keep: bool) -> int:
             _say(f"  {c} frontend → served by {a.get('cluster')}/{a.get('pod')}, caller identity "
                  f"{a.get('peer_identity') or a.get('error')}")
 
-        _step(4, "git push a policy change: faster outlier detection for checkout")
+        _step(4, "git push a policy change: checkout's canary from 10% to 50%, faster outlier detection")
         rev_before = (st.get("desired") or {}).get("revision", "")
+        t_wall = time.time()
+        split_before = split_summary(between(fed.records(first), t_wall - SPLIT_WINDOW_S, t_wall))
 
         def edit(wt: Path) -> str:
+            set_canary_weights(wt, 50, 50)
             dr = wt / "policies" / "shop" / "checkout.yaml"
             replace_in(dr, "consecutiveGatewayErrors: 3", "consecutiveGatewayErrors: 2")
             replace_in(dr, "baseEjectionTime: 15s", "baseEjectionTime: 5s")
-            return "checkout: eject after 2 gateway errors, for 5s"
+            return "checkout: canary checkout-v2 at 50%; eject after 2 gateway errors, for 5s"
 
         t_push = time.monotonic()
         sha = fed.push(edit)
@@ -119,6 +131,14 @@ def run_demo(fleet: Path, state_dir: Path, out_dir: Path, keep: bool) -> int:
         for svc in fed.proxy_config(node)["config"]["services"]:
             if svc["hostname"] == SERVICE_HOST:
                 _say(f"{node.split(':', 1)[1]} ztunnel now runs outlier policy {svc.get('outlier')}")
+                split = ", ".join(f"{b['hostname']} {b['weight']}" for b in svc.get("routes", []))
+                _say(f"  and route weights {split}")
+        t_synced = time.time()
+        time.sleep(SPLIT_WINDOW_S)
+        split_after = split_summary(between(fed.records(first), t_synced, t_synced + SPLIT_WINDOW_S))
+        _say(f"canary split of {first}'s traffic to checkout (which pod answered, {SPLIT_WINDOW_S:.0f} s each):")
+        _say(f"  before the push: {split_before}")
+        _say(f"  after the push:  {split_after}")
 
         _step(5, f"kill checkout's backends in {first}; then restore them")
         pods = f"{first}/shop/checkout-[0-9]*"
@@ -127,8 +147,12 @@ def run_demo(fleet: Path, state_dir: Path, out_dir: Path, keep: bool) -> int:
         _say(f"killed {pods}")
         time.sleep(FAULT_HOLD_S)
         during = between(fed.records(first), f_ev["at_s"], time.time())
-        _say(f"from {first} during the fault: {served_summary(during)}")
-        a = fed.ask(fed.client_pod(first))
+        _say(f"from {first} during the fault: {served_summary(without_canary(during))} "
+             f"(+ {len(during) - len(without_canary(during))} served by the canary in {first}, untouched)")
+        for _ in range(5):  # one that checkout served, not the canary (its share stays in {first})
+            a = fed.ask(fed.client_pod(first))
+            if workload_of(str(a.get("pod", ""))) != CANARY_WORKLOAD:
+                break
         _say(f"  a request from {first} now: served by {a.get('cluster')}/{a.get('pod')}, caller identity "
              f"{a.get('peer_identity') or a.get('error')} (end-to-end mTLS through both gateways)")
         h_ev = fed.heal("pod", [pods], label="kill", cluster=first, fault_target=pods)
@@ -142,10 +166,14 @@ def run_demo(fleet: Path, state_dir: Path, out_dir: Path, keep: bool) -> int:
         time.sleep(2.0)
 
         _step(6, "figures")
-        records = {c: fed.stop_load(c) for c in fed.clusters}
+        # the canary's requests are left out: they are served in the first cluster, which the fault
+        # does not touch there, and would read as "not failed over" (see `without_canary`)
+        raw = {c: fed.stop_load(c) for c in fed.clusters}
+        records = {c: without_canary(raw[c]) for c in fed.clusters}
         figures = {c: summarize(records[c], fed.events, priority[c], c) for c in fed.clusters}
         fig = figures[first]
-        _say(f"client {first} (priority {' → '.join(priority[first])}), fault: kill checkout in {first}")
+        _say(f"client {first} (priority {' → '.join(priority[first])}), fault: kill checkout in {first} "
+             "(requests served by the canary left out)")
         _say(f"  time to detect:      {_ms(fig.time_to_detect_ms)}")
         _say(f"  time to shift:       {_ms(fig.time_to_shift_ms)} (to {fig.shift_cluster})")
         _say(f"  failed before shift: {fig.failed_before_shift} failed, "
@@ -161,8 +189,10 @@ def run_demo(fleet: Path, state_dir: Path, out_dir: Path, keep: bool) -> int:
             f2 = figures[c]
             _say(f"client {c}: {f2.requests} requests, {f2.failed_requests} failed, "
                  f"{f2.indeterminate_requests} indeterminate, served by "
-                 f"{served_summary(records[c]).split(';')[0]}")
-        paths = write_report(out_dir, f"meshfed demo: kill checkout in {first}", figures, records, fed.events)
+                 f"{served_summary(records[c]).split(';')[0]} "
+                 f"(+ {len(raw[c]) - len(records[c])} by the canary)")
+        paths = write_report(out_dir, f"meshfed demo: kill checkout in {first} (canary's requests left out)",
+                             figures, records, fed.events)
         _say("")
         _say(f"report: {paths.markdown}, {paths.timeline_png}, {paths.figures_json}")
         _say(f"the whole story took {time.monotonic() - t_start:.0f} s")

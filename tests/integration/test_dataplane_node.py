@@ -336,3 +336,74 @@ async def test_slowloris_handshake_is_cut_and_others_are_served(mesh: Mesh) -> N
 
 
 _ = HboneSettings
+
+
+HOST_V2 = "echo-v2.default.svc.clusterset.local"
+
+
+async def test_route_weights_split_connections_between_backend_services_and_fall_back() -> None:
+    """`echo` routed 50/50 to itself and `echo-v2` (a canary on another node): connections split by
+    weight, metrics and access log name the backend used; with the canary dead, every connection
+    falls back to `echo` and the access log says so."""
+    import io
+    import json
+    import random
+
+    from ztunnel.admin import Telemetry
+    from ztunnel.config import WeightedBackend
+
+    v1 = await topo.EchoServer(SERVER.address, prefix=b"v1:").start()
+    v2 = await topo.EchoServer(SERVER2.address, prefix=b"v2:").start()
+    port = topo.free_port(CLIENT.node_address)
+    ca, cb = configs(v1.port, port)
+    canary = topo.service(HOST_V2, "127.55.200.2", 80, v2.port, [topo.endpoint(SERVER2, v2.port, port)],
+                          sans=[SERVER2.identity],
+                          outlier=OutlierPolicy(consecutive_5xx_errors=2, base_ejection_time_s=30.0,
+                                                max_ejection_percent=100))
+    routed = replace(ca.services[0], routes=(WeightedBackend(HOST, 50), WeightedBackend(HOST_V2, 50)))
+    ca = replace(ca, services=(routed, canary))
+    cb = replace(cb, services=(ca.services[0], canary))
+    cc = replace(cb, proxy_id="ztunnel/east/c", local_identities=(SERVER2.identity,))
+    log = io.StringIO()
+    st = ProxyState()
+    assert st.apply(ca).applied
+    a = NodeProxy(st, Credentials({CLIENT.identity: topo.svid(CLIENT.identity)}),
+                  ProxyOptions(hbone_host=CLIENT.node_address, hbone_port=port, socks_host=CLIENT.node_address,
+                               socks_port=0, handshake_timeout_s=1.0),
+                  telemetry=Telemetry("ztunnel/east/a", log), rand=random.Random(5).random)
+    b = start_node(cb, SERVER.node_address, port, {SERVER.identity: topo.svid(SERVER.identity)})
+    c = start_node(cc, SERVER2.node_address, port, {SERVER2.identity: topo.svid(SERVER2.identity)})
+    for p in (a, b, c):
+        await p.start()
+    m = Mesh(a, b, v1, port)
+    try:
+        n = 60
+        answers = [await roundtrip(m) for _ in range(n)]
+        assert set(answers) == {b"v1:ping", b"v2:ping"}
+        share_v2 = answers.count(b"v2:ping") / n
+        assert 0.3 <= share_v2 <= 0.7, share_v2   # 50/50 (seeded: deterministic, 5 sd is ±0.32)
+        metrics = a.telemetry.render().decode()
+        opened = {ln.split("destination_service=\"")[1].split("\"")[0]: float(ln.rsplit(" ", 1)[1])
+                  for ln in metrics.splitlines()
+                  if ln.startswith("istio_tcp_connections_opened_total{") and 'reporter="source"' in ln}
+        assert opened == {HOST: answers.count(b"v1:ping"), HOST_V2: answers.count(b"v2:ping")}
+
+        await v2.close()   # the canary dies: its connects are refused, then it is ejected
+        log.seek(0)
+        log.truncate()
+        answers = [await roundtrip(m) for _ in range(20)]
+        assert answers == [b"v1:ping"] * 20   # never a failed connection
+        access = [json.loads(ln) for ln in log.getvalue().splitlines()]
+        done = [r for r in access if r.get("kind") == "access" and "bytes_sent" in r]
+        assert {r["backend"] for r in done} == {HOST} and {r["route"] for r in done} == {HOST}
+        fell_back = [r for r in done if r.get("fallback_from") == HOST_V2]
+        assert fell_back, done[:3]
+        reasons = " ".join(r["fallback_reason"] for r in fell_back)
+        assert "could not reach" in reasons          # before the ejection: its connects failed
+        assert "no usable endpoint" in reasons       # after it: not even tried
+        assert a.ejected(HOST_V2) == {SERVER2.workload().uid}
+    finally:
+        for p in (a, b, c):
+            await p.drain(0.1)
+        await v1.close()
+        await v2.close()

@@ -37,7 +37,8 @@ def start_controller(repo: Path, state: Path, kubeconfig: Path, port: int) -> Co
         watch_timeout_s=5)).start()
 
 
-async def rendered_proxies(ctl: Controller, want: int = 9, timeout_s: float = 30) -> list[str]:
+async def rendered_proxies(ctl: Controller, want: int = 9, timeout_s: float = 90) -> list[str]:
+    # generous: Ray start-up plus the reconciler's warm-up (a full LIST from every cluster) on a busy 2-core CI
     ok = await wait_until(lambda: len(ctl.refresh().get("proxies", [])) >= want, timeout_s, 0.2)
     assert ok, ctl.refresh()
     return [p["proxy"] for p in ctl.status()["proxies"]]
