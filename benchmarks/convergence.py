@@ -1,18 +1,38 @@
-"""Convergence of the config push path: trigger -> every simulated proxy has ACKed.
+"""Convergence of the config push path: trigger -> every affected proxy has ACKed.
 
-`python -m benchmarks.convergence [--proxies 100,1000] [--rounds 10]` prints progress lines and,
-as its last line, one JSON object: per proxy count, `commit_to_all_acked_ms_p50/p99`,
-`endpoint_change_to_all_acked_ms_p50/p99`, `controller_rss_mib`, and a full resync of 100k
-endpoints to one proxy.
+`python -m benchmarks.convergence [--proxies 100,1000] [--rounds 10] [--renderer core|synthetic]`
+prints progress lines and, as its last line, one JSON object: per proxy count (`runs`),
+`commit_to_all_acked_ms_p50/p99`, `endpoint_change_to_all_acked_ms_p50/p99`,
+`controller_rss_mib`, and (`resync`) a full resync of 100k endpoints to one proxy. p50 is the
+median over `--rounds` rounds; the top-level keys repeat the first size's figures.
 
 What runs: the controller side in this process — `Reconciler` (debounce 100 ms / 10 s, as istiod)
-pushing into the `ConfigDistributor` of a real gRPC `ConfigServer` on loopback; the proxies are
-real `ztunnel.xds.XdsClient`s (protobuf decode, delta apply, ACK) in a separate process, so the
-controller's figures are not shared with the clients' CPU time on the same event loop.
+with the real core renderer (`federation.reconciler.CoreRender`: graph, failover engine, render)
+pushing into the `ConfigDistributor` of a real gRPC `ConfigServer` on loopback.
+
+The fleet (`--renderer core`, the default): `benchmarks.graph.synthetic` with `--clusters`
+clusters of N nodes, one ztunnel per node and one east-west gateway per cluster, so that
+clusters × (nodes + 1) = proxies (100 = 10 × (9 + 1), 1,000 = 10 × (99 + 1)); `--services`
+global services with `--endpoints-per-service` endpoints spread over 3 exporting clusters; every
+cluster its own trust domain, federated with the others. A "commit" is a new revision that
+exports one more service (the service's endpoints were already discovered): the core rebuilds
+and re-renders everything, and every proxy gets the new service. An "endpoint change" is one
+endpoint of `svc0` flipping readiness (a partial observation): the core re-renders the views it
+touches, and every proxy that sees the service gets a delta. `--renderer synthetic` keeps the
+older stand-in: every proxy sees every service of one cluster, rendered without the core.
+
+The proxies: by default `benchmarks.simproxy.LiteProxy`s (the protocol's rules over resources
+kept as bytes, one connection each, all on one event loop) in `--proxy-workers` separate
+processes, so that the figures are the controller's rather than the simulated data planes' (they
+share the 2 cores); `--client xds` runs real `ztunnel.xds.XdsClient`s instead.
+
 The clock starts when the trigger arrives at the reconciler (a new snapshot for a "commit", a
-new observation for an "endpoint change") and stops at the last ACK; the 100 ms debounce is
-included. Rendering is a synthetic renderer (every proxy sees every service), because the
-point here is distribution; Git (~4 ms per diff) and the core's render are measured elsewhere.
+new observation for an "endpoint change") and stops at the last ACK of a proxy whose desired
+content changed; the 100 ms debounce is included. Git (~4 ms per diff) is measured elsewhere.
+
+The full resync: one real `XdsClient` proxy goes from nothing to a config of 100 services with
+100k endpoints; `full_resync_ms` is the trigger to its ACK (the proxy parses every endpoint),
+`full_resync_encode_ms` the controller's share (diff and encode of the push).
 """
 
 from __future__ import annotations
@@ -21,20 +41,28 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import replace
+from types import MappingProxyType
 from typing import Any
 
-from benchmarks.simproxy import SimProxy, header
+from benchmarks.graph import synthetic
+from benchmarks.simproxy import SimProxy, header, run_lite_fleet
 from clusters.observation import ClusterObservation, EndpointInfo
-from federation.grpc_server import AckEvent, ConfigDistributor, ConfigServer, wait_until
-from federation.reconciler import Debouncer, Reconciler, RenderInput, RenderOutput
+from federation.grpc_server import AckEvent, ConfigDistributor, ConfigServer, SyncState, wait_until
+from federation.reconciler import CoreRender, Debouncer, Reconciler, RenderFn, RenderInput, RenderOutput
 from gitops.model import ConfigSnapshot, Federation, Revision
-from ztunnel.config import Endpoint, Service, ServicePortMap, Stamp
+from ztunnel.config import Endpoint, ProxyConfig, Service, ServicePortMap, Stamp
 
 CLUSTER = "a"
+EXPORTS_PER_SERVICE = 3
+
+
+# --- the synthetic stand-in renderer ------------------------------------------------------------
 
 
 def snapshot(sha: str, services: int) -> ConfigSnapshot:
@@ -68,6 +96,89 @@ def observation(svc_endpoints: dict[str, int], now_s: float) -> ClusterObservati
     return ClusterObservation(CLUSTER, now_s, True, endpoints=tuple(eps))
 
 
+# --- scenarios: what a commit and an endpoint change are -----------------------------------------
+
+
+class Scenario:
+    """A fleet, its renderer, and the inputs of each round."""
+
+    ids: list[str]
+    render: RenderFn
+
+    def initial(self, rec: Reconciler, now_s: float) -> None:
+        raise NotImplementedError
+
+    def commit(self, rec: Reconciler, r: int, now_s: float) -> None:
+        raise NotImplementedError
+
+    def endpoint_change(self, rec: Reconciler, r: int, now_s: float) -> None:
+        raise NotImplementedError
+
+
+class CoreScenario(Scenario):
+    """`benchmarks.graph.synthetic` sized to `proxies`, rendered by the core (see the docstring)."""
+
+    def __init__(self, proxies: int, clusters: int, services: int, endpoints_per_service: int, rounds: int) -> None:
+        clusters = max(1, min(clusters, proxies // 2))
+        nodes = proxies // clusters - 1
+        if nodes < 1 or clusters * (nodes + 1) != proxies:
+            raise SystemExit(f"--proxies {proxies} is not --clusters {clusters} x (nodes + 1 gateway); "
+                             f"pick a multiple of {clusters}")
+        total = services + rounds
+        self.services = services
+        self.full, obs = synthetic(clusters, total, total * endpoints_per_service, nodes,
+                                   min(EXPORTS_PER_SERVICE, clusters))
+        self.observations = obs
+        self.keys = list(self.full.services)
+        self.ids = [f"ztunnel/{o.cluster}/{n.name}" for o in obs for n in o.nodes] + \
+                   [f"gateway/{c}" for c in self.full.clusters]
+        self.render = CoreRender()
+        # the endpoint that flips: svc0's first endpoint in the first cluster that has one
+        svc0 = self.keys[0]
+        self.flip_obs, self.flip_ep = next((o, e) for o in obs for e in o.endpoints
+                                           if (e.namespace, e.service) == (svc0.namespace, svc0.name))
+
+    def _snapshot(self, r: int) -> ConfigSnapshot:
+        svcs = {k: self.full.services[k] for k in self.keys[:self.services + r]}
+        return replace(self.full, revision=Revision(f"{r:040d}", f"export {self.keys[self.services + r - 1]}"
+                                                    if r else "initial"), services=MappingProxyType(svcs))
+
+    def initial(self, rec: Reconciler, now_s: float) -> None:
+        for o in self.observations:
+            rec.on_observation(o, now_s)
+        rec.on_snapshot(self._snapshot(0), now_s)
+
+    def commit(self, rec: Reconciler, r: int, now_s: float) -> None:
+        rec.on_snapshot(self._snapshot(r), now_s)
+
+    def endpoint_change(self, rec: Reconciler, r: int, now_s: float) -> None:
+        e = replace(self.flip_ep, ready=r % 2 == 0)  # odd rounds: not ready; even: ready again
+        rec.on_observation(ClusterObservation(self.flip_obs.cluster, time.time(), False, endpoints=(e,)), now_s)
+
+
+class SyntheticScenario(Scenario):
+    def __init__(self, proxies: int, services: int) -> None:
+        self.ids = [f"ztunnel/{CLUSTER}/node-{i}" for i in range(proxies)]
+        self.render = SyntheticRender(self.ids)
+        self.services = services
+        self.eps = {f"svc{i}": 3 for i in range(services)}
+
+    def initial(self, rec: Reconciler, now_s: float) -> None:
+        rec.on_observation(observation(self.eps, time.time()), now_s)
+        rec.on_snapshot(snapshot("rev-0", self.services), now_s)
+
+    def commit(self, rec: Reconciler, r: int, now_s: float) -> None:
+        self.last = r
+        rec.on_snapshot(snapshot(f"rev-{r}", self.services + r), now_s)
+
+    def endpoint_change(self, rec: Reconciler, r: int, now_s: float) -> None:
+        self.eps["svc0"] = 3 + r  # an endpoint appears in one service
+        rec.on_observation(observation(self.eps, time.time()), now_s)
+
+
+# --- the controller side ------------------------------------------------------------------------
+
+
 def rss_mib() -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -83,36 +194,54 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
-async def run_proxies(target: str, ids: list[str]) -> None:
-    proxies = [SimProxy(p, target).start() for p in ids]
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_reader(sys.stdin.fileno(), stop.set)  # parent closes stdin to stop us
-    await stop.wait()
-    for p in proxies:
-        p.client.stop()
-    await asyncio.gather(*(p.task for p in proxies if p.task), return_exceptions=True)
-
-
 class Bench:
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.ids = [f"ztunnel/{CLUSTER}/node-{i}" for i in range(n)]
+    """Counts, per trigger, the proxies whose desired content changed, and stops the clock when
+    the last of them has ACKed it (event-driven: no polling over all sessions)."""
+
+    def __init__(self, scenario: Scenario) -> None:
+        self.scenario = scenario
         self.dist = ConfigDistributor(epoch=1, clock=time.monotonic)
         self.server = ConfigServer(self.dist, insecure=True, write_timeout_s=10)
-        self.acked: dict[str, set[str]] = {}
-        self.done_at: dict[str, float] = {}
         self.dist.listeners.append(self._on_ack)
-        self.rec = Reconciler(SyntheticRender(self.ids), self.dist.set_desired, None, Debouncer(0.1, 10.0),
-                              clock=time.monotonic)
+        self.rec = Reconciler(scenario.render, self._push, None, Debouncer(0.1, 10.0), clock=time.monotonic)
+        self.pending: set[str] = set()
+        self.affected = 0
+        self.pushed = False
+        self.done = asyncio.Event()
+        self.done_at_s = 0.0
+
+    def _push(self, changed: Mapping[str, ProxyConfig]) -> None:
+        before = {pid: s.desired_content if (s := self.dist.sessions.get(pid)) else None for pid in changed}
+        self.dist.set_desired(changed)
+        moved = {pid for pid in changed if self.dist.sessions[pid].desired_content is not before[pid]}
+        self.pending |= moved
+        self.affected += len(moved)
+        self.pushed = True
+        self._check()
 
     def _on_ack(self, ev: AckEvent) -> None:
-        if ev.nack:
-            return
-        s = self.acked.setdefault(ev.stamp.revision, set())
-        s.add(ev.proxy_id)
-        if len(s) == self.n:
-            self.done_at[ev.stamp.revision] = time.monotonic()
+        if not ev.nack and ev.proxy_id in self.pending and self.dist.sessions[ev.proxy_id].sync is SyncState.SYNCED:
+            self.pending.discard(ev.proxy_id)
+            self._check()
+
+    def _check(self) -> None:
+        if self.pushed and not self.pending and not self.done.is_set():
+            self.done_at_s = time.monotonic()
+            self.done.set()
+
+    async def converge(self, trigger: Callable[[float], None], timeout_s: float = 60) -> tuple[float, int]:
+        """(ms from trigger to the last ACK, proxies affected)."""
+        self.pending.clear()
+        self.pushed, self.affected = False, 0
+        self.done.clear()
+        t0 = time.monotonic()
+        trigger(t0)
+        try:
+            await asyncio.wait_for(self.done.wait(), timeout_s)
+        except TimeoutError:
+            raise AssertionError(f"{len(self.pending)} proxies did not ACK within {timeout_s} s: "
+                                 f"{sorted(self.pending)[:5]} ... counts {self.dist.counts()}") from None
+        return (self.done_at_s - t0) * 1000, self.affected
 
     async def reconcile_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -121,59 +250,72 @@ class Bench:
             if self.rec.due(time.monotonic()):
                 self.rec.reconcile(time.monotonic())
 
-    async def wait_all(self, rev: str, timeout_s: float = 30) -> bool:
-        return await wait_until(lambda: rev in self.done_at, timeout_s, 0.001)
 
-
-def spawn_proxy_workers(port: int, chunks: list[list[str]]) -> list[subprocess.Popen[bytes]]:
+def spawn_proxy_workers(port: int, chunks: list[list[str]], client: str) -> list[subprocess.Popen[bytes]]:
     return [subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.convergence", "--serve-proxies", f"127.0.0.1:{port}", *chunk],
+        [sys.executable, "-m", "benchmarks.convergence", "--serve-proxies", client, f"127.0.0.1:{port}", *chunk],
         stdin=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.getcwd()}) for chunk in chunks]
 
 
-async def bench(n: int, rounds: int, services: int) -> dict[str, Any]:
-    b = Bench(n)
+async def serve_proxies(client: str, target: str, ids: list[str]) -> None:
+    """A worker process: run `ids` until the parent closes our stdin."""
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_reader(sys.stdin.fileno(), stop.set)
+    if client == "lite":
+        await run_lite_fleet(target, ids, stop)
+        return
+    proxies = [SimProxy(p, target, p.split("/")[1]).start() for p in ids]
+    await stop.wait()
+    for p in proxies:
+        p.client.stop()
+    await asyncio.gather(*(p.task for p in proxies if p.task), return_exceptions=True)
+
+
+def cpu_s(who: int) -> float:
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+
+
+async def bench(scenario: Scenario, rounds: int, client: str = "lite", workers: int = 1) -> dict[str, Any]:
+    b = Bench(scenario)
+    n = len(scenario.ids)
     port = await b.server.start("127.0.0.1:0")
-    workers = max(1, min(4, n // 250))
-    procs = spawn_proxy_workers(port, [b.ids[w::workers] for w in range(workers)])
+    workers = max(1, min(workers, n))
+    procs = spawn_proxy_workers(port, [scenario.ids[w::workers] for w in range(workers)], client)
     stop = asyncio.Event()
     loop_task = asyncio.ensure_future(b.reconcile_loop(stop))
     try:
-        eps = {f"svc{i}": 3 for i in range(services)}
-        b.rec.on_observation(observation(eps, time.time()), time.monotonic())
-        b.rec.on_snapshot(snapshot("rev-0", services), time.monotonic())
-        assert await wait_until(lambda: b.dist.counts()["SYNCED"] == n, 120, 0.05), b.dist.counts()
-        print(f"# {n} proxies connected and synced", file=sys.stderr, flush=True)
-        commit_ms, change_ms = [], []
-        for r in range(1, rounds + 1):
-            rev = f"rev-{r}"  # a one-service commit: the service list grows by one
-            t0 = time.monotonic()
-            b.rec.on_snapshot(snapshot(rev, services + r), t0)
-            assert await b.wait_all(rev), f"{rev}: {len(b.acked.get(rev, ()))}/{n} acked"
-            commit_ms.append((b.done_at[rev] - t0) * 1000)
+        t0 = time.monotonic()
+        _, synced = await b.converge(lambda now: scenario.initial(b.rec, now), 180)
+        print(f"# {n} proxies connected and synced ({synced} configs) in {time.monotonic() - t0:.1f} s",
+              file=sys.stderr, flush=True)
+        cpu0 = cpu_s(resource.RUSAGE_SELF)
+        commit_ms, change_ms, commit_n, change_n, render_ms = [], [], [], [], []
+        for r in range(1, rounds + 1):  # a one-service commit
+            ms, affected = await b.converge(lambda now: scenario.commit(b.rec, r, now))  # noqa: B023
+            commit_ms.append(ms)
+            commit_n.append(affected)
+            render_ms.append(b.rec.last_duration_s * 1000)
             await asyncio.sleep(0.05)
-        for r in range(1, rounds + 1):
-            eps["svc0"] = 3 + r  # an endpoint appears in one service
-            t0 = time.monotonic()
-            b.rec.on_observation(observation(eps, time.time()), t0)
-            rev = f"rev-{rounds}"
-            before = len(b.done_at)
-            # same revision, new content: wait for every proxy's ACK of the new version
-            target = {p: b.dist.sessions[p].version + 1 for p in b.ids}
-            ok = await wait_until(lambda: all(b.dist.sessions[p].acked_stamp is not None and
-                                              b.dist.sessions[p].acked_stamp.version >= target[p]  # type: ignore[union-attr]  # noqa: B023
-                                              for p in b.ids), 30, 0.001)
-            assert ok and before == len(b.done_at)
-            change_ms.append((time.monotonic() - t0) * 1000)
+        for r in range(1, rounds + 1):  # one endpoint flips readiness
+            ms, affected = await b.converge(lambda now: scenario.endpoint_change(b.rec, r, now))  # noqa: B023
+            change_ms.append(ms)
+            change_n.append(affected)
             await asyncio.sleep(0.05)
+        cpu = cpu_s(resource.RUSAGE_SELF) - cpu0
         return {
-            "proxies": n, "rounds": rounds, "services": services + rounds,
+            "proxies": n, "rounds": rounds, "client": client,
             "commit_to_all_acked_ms_p50": round(pct(commit_ms, 0.5), 1),
             "commit_to_all_acked_ms_p99": round(pct(commit_ms, 0.99), 1),
+            "commit_proxies_acked": int(pct([float(x) for x in commit_n], 0.5)),
+            "commit_reconcile_ms_p50": round(pct(render_ms, 0.5), 1),
             "endpoint_change_to_all_acked_ms_p50": round(pct(change_ms, 0.5), 1),
             "endpoint_change_to_all_acked_ms_p99": round(pct(change_ms, 0.99), 1),
+            "endpoint_change_proxies_acked": int(pct([float(x) for x in change_n], 0.5)),
             "debounce_ms": 100,
+            "controller_cpu_ms_per_round": round(cpu * 1000 / (2 * rounds), 1),
             "controller_rss_mib": round(rss_mib(), 1),
+            "shared_segments": {"hits": b.dist.segments.hits, "misses": b.dist.segments.misses},
         }
     finally:
         stop.set()
@@ -191,24 +333,37 @@ async def bench(n: int, rounds: int, services: int) -> dict[str, Any]:
 
 async def full_resync(endpoints: int = 100_000) -> dict[str, Any]:
     """One proxy, from nothing to a config of `endpoints` endpoints (100 services)."""
+    pid = "ztunnel/a/big"
     dist = ConfigDistributor(epoch=1, clock=time.monotonic)
     server = ConfigServer(dist, insecure=True, write_timeout_s=30)
     port = await server.start("127.0.0.1:0")
-    proxy = SimProxy("ztunnel/a/big", f"127.0.0.1:{port}").start()
+    proxy = SimProxy(pid, f"127.0.0.1:{port}").start()
     try:
-        await wait_until(lambda: "ztunnel/a/big" in dist.sessions and dist.sessions["ztunnel/a/big"].connected, 10)
+        await wait_until(lambda: pid in dist.sessions and dist.sessions[pid].connected, 10)
         per = endpoints // 100
-        render = SyntheticRender(["ztunnel/a/big"])
+        render = SyntheticRender([pid])
         obs = observation({f"svc{i}": per for i in range(100)}, time.time())
         t_render = time.perf_counter()
-        cfg = render(RenderInput(snapshot("big", 100), {CLUSTER: obs}, {}, frozenset(), 0.0)).configs["ztunnel/a/big"]
+        cfg = render(RenderInput(snapshot("big", 100), {CLUSTER: obs}, {}, frozenset(), 0.0)).configs[pid]
         render_ms = (time.perf_counter() - t_render) * 1000
+        encode_s: list[float] = []
+        build = dist.build
+
+        def timed_build(s: Any) -> list[bytes]:
+            t = time.perf_counter()
+            try:
+                return build(s)
+            finally:
+                encode_s.append(time.perf_counter() - t)
+
+        dist.build = timed_build  # type: ignore[method-assign]
         t0 = time.monotonic()
-        dist.set_desired({"ztunnel/a/big": cfg})
-        ok = await wait_until(lambda: proxy.revision == "big" and dist.sessions["ztunnel/a/big"].acks == 1, 120, 0.005)
+        dist.set_desired({pid: cfg})
+        ok = await wait_until(lambda: proxy.revision == "big" and dist.sessions[pid].acks == 1, 120, 0.005)
         assert ok
         ms = (time.monotonic() - t0) * 1000
         return {"full_resync_endpoints": endpoints, "full_resync_ms": round(ms, 1),
+                "full_resync_encode_ms": round(max(encode_s, default=0.0) * 1000, 1),
                 "full_resync_render_ms": round(render_ms, 1),
                 "controller_plus_proxy_rss_mib": round(rss_mib(), 1)}
     finally:
@@ -219,24 +374,33 @@ async def full_resync(endpoints: int = 100_000) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--proxies", default="100,1000")
-    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=10, help="rounds per figure (p50 = their median)")
+    ap.add_argument("--renderer", choices=("core", "synthetic"), default="core")
+    ap.add_argument("--clusters", type=int, default=10, help="core renderer: clusters of the fleet")
     ap.add_argument("--services", type=int, default=20)
-    ap.add_argument("--resync-endpoints", type=int, default=100_000)
+    ap.add_argument("--endpoints-per-service", type=int, default=10, help="core renderer")
+    ap.add_argument("--client", choices=("lite", "xds"), default="lite", help="simulated proxies (see docstring)")
+    ap.add_argument("--proxy-workers", type=int, default=1, help="processes running the simulated proxies")
+    ap.add_argument("--resync-endpoints", type=int, default=100_000, help="0: skip the full resync")
     ap.add_argument("--serve-proxies", nargs="+", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_proxies:
-        asyncio.run(run_proxies(args.serve_proxies[0], args.serve_proxies[1:]))
+        asyncio.run(serve_proxies(args.serve_proxies[0], args.serve_proxies[1], args.serve_proxies[2:]))
         return
-    results: dict[str, Any] = {"benchmark": "convergence", "runs": []}
+    results: dict[str, Any] = {"benchmark": "convergence", "renderer": args.renderer, "runs": []}
     for n in [int(x) for x in args.proxies.split(",")]:
-        r = asyncio.run(bench(n, args.rounds, args.services))
+        scenario: Scenario = (CoreScenario(n, args.clusters, args.services, args.endpoints_per_service, args.rounds)
+                              if args.renderer == "core" else SyntheticScenario(n, args.services))
+        r = asyncio.run(bench(scenario, args.rounds, args.client, args.proxy_workers))
         print(json.dumps(r), file=sys.stderr, flush=True)
         results["runs"].append(r)
     if args.resync_endpoints:
         results["resync"] = asyncio.run(full_resync(args.resync_endpoints))
+        print(json.dumps(results["resync"]), file=sys.stderr, flush=True)
     first = results["runs"][0] if results["runs"] else {}
     results.update({k: first.get(k) for k in ("proxies", "commit_to_all_acked_ms_p50", "commit_to_all_acked_ms_p99",
-                                              "endpoint_change_to_all_acked_ms_p50", "controller_rss_mib")})
+                                              "endpoint_change_to_all_acked_ms_p50",
+                                              "endpoint_change_to_all_acked_ms_p99", "controller_rss_mib")})
     results["median_of"] = args.rounds
     print(json.dumps(results))
 

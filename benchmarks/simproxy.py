@@ -1,20 +1,40 @@
-"""Simulated proxies: real `ztunnel.xds.XdsClient`s with an in-memory data plane.
+"""Simulated proxies: real `ztunnel.xds.XdsClient`s with an in-memory data plane, and lite ones.
 
 Used by the controller integration tests and the convergence benchmark. A `MemorySink` keeps the
 applied config, can be told to reject (NACK) or to be slow, and records when each revision was
 applied; a `SimProxy` bundles a subscription, a sink and a client on a loopback channel.
+
+`LiteProxy` is for measuring the controller with a thousand proxies on a 2-core machine, where
+the simulated clients share the CPU with the controller: it speaks the same protocol with the same
+rules (chunks joined by nonce, older or stale-epoch versions NACKed, a delta on the wrong base
+NACKed with "resync", ACK carrying the applied stamp), and keeps each resource as its wire bytes
+instead of parsing it into the data plane's objects. Many of them share one event loop
+(`run_lite_fleet`), each on its own channel (its own connection, as real proxies), reading with
+`async for` (no task per message). Measured at 1,000 proxies: the XdsClient fleet used about as
+much CPU as the controller did; the lite fleet a fraction of it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ztunnel.config import Endpoint, ProxyConfig, ProxyMode, Service, ServicePortMap, Stamp
-from ztunnel.xds import PROXY_ID_METADATA, Backoff, Subscription, XdsClient
+from ztunnel.proto import meshfed_pb2 as pb
+from ztunnel.xds import (
+    CONFIG_METHOD,
+    PROXY_ID_METADATA,
+    Backoff,
+    Subscription,
+    XdsClient,
+    header_to_pb,
+    stamp_from_pb,
+    stamp_to_pb,
+)
 
 
 @dataclass
@@ -90,3 +110,93 @@ class SimProxy:
     @property
     def revision(self) -> str:
         return self.sub.current.stamp.revision if self.sub.current else ""
+
+
+class LiteProxy:
+    """The protocol rules of `ztunnel.xds.Subscription` over resources kept as wire bytes.
+
+    Invariants: `stamp` only moves to a strictly newer (epoch, version); a delta applies only on
+    the version it names as its base (0 = full state); a refused response changes nothing."""
+
+    def __init__(self, proxy_id: str, cluster: str = "a") -> None:
+        self.proxy_id = proxy_id
+        self.hello = pb.ConfigRequest(proxy=header_to_pb(header(proxy_id, cluster)))
+        self.stamp: Stamp | None = None
+        self.resources: dict[tuple[str, str], bytes] = {}
+        self.acks = self.nacks = 0
+        self._pending: list[Any] = []
+
+    def on_response(self, resp: Any) -> Any | None:
+        """The ACK/NACK to send for a response chunk (None while chunks of its nonce are missing)."""
+        if self._pending and self._pending[0].nonce != resp.nonce:
+            self._pending = []
+        self._pending.append(resp)
+        if len(self._pending) < max(1, resp.chunks):
+            return None
+        chunks, self._pending = self._pending, []
+        stamp, have = stamp_from_pb(resp.stamp) or Stamp(0, "", 0), self.stamp
+        if have is not None and (stamp.epoch, stamp.version) <= (have.epoch, have.version):
+            return self._nack(resp.nonce, f"version {stamp.epoch}.{stamp.version} is not newer than "
+                                          f"{have.epoch}.{have.version} (have)")
+        base = int(chunks[0].base_version)
+        if base != 0 and (have is None or have.version != base):
+            return self._nack(resp.nonce, f"resync: delta is based on version {base}, proxy has "
+                                          f"{have.version if have else None}")
+        if base == 0:
+            self.resources = {}
+        for c in chunks:
+            for rm in c.removals:
+                self.resources.pop((rm.type, rm.key), None)
+            for r in c.upserts:
+                self.resources[(r.type, r.key)] = r.body
+        self.stamp = stamp
+        self.acks += 1
+        return pb.ConfigRequest(response_nonce=resp.nonce, applied=resp.stamp)
+
+    def _nack(self, nonce: str, error: str) -> Any:
+        self.nacks += 1
+        return pb.ConfigRequest(response_nonce=nonce, nack=True, error_detail=error, applied=stamp_to_pb(self.stamp))
+
+    async def run(self, channel: Any) -> None:
+        """One subscription on `channel` until cancelled or the stream ends; ACKs inline."""
+        call = channel.stream_stream(CONFIG_METHOD, request_serializer=pb.ConfigRequest.SerializeToString,
+                                     response_deserializer=pb.ConfigResponse.FromString)(
+            metadata=((PROXY_ID_METADATA, self.proxy_id),))
+        hello = pb.ConfigRequest()
+        hello.CopyFrom(self.hello)
+        if self.stamp is not None:
+            hello.have.CopyFrom(stamp_to_pb(self.stamp))
+        await call.write(hello)
+        async for resp in call:
+            reply = self.on_response(resp)
+            if reply is not None:
+                await call.write(reply)
+
+
+async def run_lite_fleet(target: str, proxy_ids: list[str], stop: asyncio.Event,
+                         max_message_bytes: int = 4 * 1024 * 1024) -> list[LiteProxy]:
+    """Run one LiteProxy per id on this event loop, each on its own channel, reconnecting after
+    0.1 s when a stream ends, until `stop` is set."""
+    import grpc.aio
+
+    opts = [("grpc.max_receive_message_length", max_message_bytes + 65536)]
+    proxies = [LiteProxy(pid, pid.split("/")[1] if pid.count("/") >= 1 else "a") for pid in proxy_ids]
+
+    async def keep(p: LiteProxy) -> None:
+        while not stop.is_set():
+            channel = grpc.aio.insecure_channel(target, options=opts)
+            try:
+                await p.run(channel)
+            except Exception:  # a lost stream: reconnect, as a proxy would
+                pass
+            finally:
+                await channel.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.1)
+
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(keep(p)) for p in proxies]
+        await stop.wait()
+        for t in tasks:
+            t.cancel()
+    return proxies

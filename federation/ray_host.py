@@ -113,7 +113,7 @@ class ConfigServerHost:
         self.dist.listeners.append(self._on_ack)
         self.insecure = insecure
         self.server = ConfigServer(self.dist, signer=self, on_health=self._on_health, insecure=insecure,
-                                   authorize=self._authorize)
+                                   authorize=self._authorize, verify_peer=self._verify_client)
         self.reconciler: Any = None
         self.cas: dict[str, Any] = {}
         self.cluster_tds: dict[str, str] = {}
@@ -147,6 +147,20 @@ class ConfigServerHost:
                                        dns_names=[CONTROLLER_TLS_NAME])
         return svid.key_pem, svid.chain_pem, self._roots_pem()
 
+    def _verify_client(self, leaf_pem: bytes) -> str:
+        """Trust-domain-bound verification of a proxy's client certificate against our own CAs."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        from ztunnel.verify import PeerVerificationError, TrustStore
+
+        store = TrustStore.from_bundles(*(ca.trust_bundle() for ca in self.cas.values()))
+        der = x509.load_pem_x509_certificate(leaf_pem).public_bytes(Encoding.DER)
+        try:
+            return str(store.verify_peer(der, time.time()))
+        except PeerVerificationError as e:
+            raise PermissionError(e.reason) from e
+
     def _roots_pem(self) -> bytes:
         return b"".join(self.cas[td].roots_pem() for td in sorted(self.cas))
 
@@ -155,14 +169,14 @@ class ConfigServerHost:
         restarts, and the roots proxies verify the controller with in `controller-roots.pem`."""
         import secrets
 
+        from federation.ca import _write_private
+
         path = Path(self.state_dir) / BOOTSTRAP_TOKENS_FILE
         tokens: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
         if any(c not in tokens for c in clusters):
             tokens = {**tokens, **{c: secrets.token_urlsafe(24) for c in clusters if c not in tokens}}
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(tokens, indent=1, sort_keys=True))
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, path)
+            # 0600 from creation on, never through a planted symlink (as the CA keys are written)
+            _write_private(path, json.dumps(tokens, indent=1, sort_keys=True).encode())
         self.server.bootstrap_tokens = {t: c for c, t in tokens.items() if c in clusters}
         (Path(self.state_dir) / CONTROLLER_ROOTS_FILE).write_bytes(self._roots_pem())
 

@@ -212,7 +212,14 @@ class Renderer:
         return workloads, identities, authz
 
     def _bundles(self, cluster: str) -> list[TrustBundle]:
-        return [TrustBundle(td, self.bundle_roots.get(td, ())) for td in self.engine.trust.bundle_set(cluster)]
+        # one list per cluster and snapshot (the trust graph is the snapshot's): the cluster's
+        # proxies share the TrustBundle objects, which the config server then compares by identity
+        cache: dict[str, list[TrustBundle]] = self.__dict__.setdefault("_bundle_cache", {})
+        got = cache.get(cluster)
+        if got is None:
+            got = cache[cluster] = [TrustBundle(td, self.bundle_roots.get(td, ()))
+                                    for td in self.engine.trust.bundle_set(cluster)]
+        return got
 
     # --- full render --------------------------------------------------------------------------
 

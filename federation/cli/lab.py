@@ -115,6 +115,10 @@ def _print_summary(state: dict[str, Any], wide: bool = False) -> None:
     if state.get("faults"):
         click.echo("active faults: " + "; ".join(f"{f['kind']} {f['target']} {' '.join(f['names'])}"
                                                   for f in state["faults"]))
+    port = (state.get("ports") or {}).get("controller-http-host")
+    if port:
+        url = f"http://127.0.0.1:{port}"
+        click.echo(f"controller status API: {url}   (export MESHFED_CONTROLLER={url}; then meshfed status)")
 
 
 @lab.command("status")

@@ -132,6 +132,32 @@ async def test_identity_minted_by_another_federated_domain_is_refused(ctl: Ctl) 
     assert "east.mesh.local" in (err.details() or "")
 
 
+async def test_pooled_ca_forgery_of_another_trust_domains_proxy_is_refused(ctl: Ctl) -> None:
+    """West's CA mints east's proxy identity. The TLS layer accepts it (gRPC checks the chain
+    against the pooled roots of every fleet CA); the trust-domain-bound check must not."""
+    import time
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from ztunnel.identity import SpiffeId
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    forged_id = SpiffeId.parse("spiffe://east.mesh.local/ns/meshfed-system/sa/ztunnel.east.node-1")
+    leaf = ctl.host.cas["west.mesh.local"]._sign_leaf(forged_id, key.public_key(), time.time(), None)
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    ctl.host.dist.set_desired({"ztunnel/east/node-1": make_config("ztunnel/east/node-1", "rev1", cluster="east")})
+    async with secure_channel(ctl.target, ctl.roots, key_pem, leaf) as ch:
+        err = await refused(first_response(ch, "ztunnel/east/node-1"))
+        assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "forgery" in (err.details() or "") or "east.mesh.local" in (err.details() or "")
+        # nor can it renew "its" certificate with the forged identity
+        kc = generate_key_and_csr(str(forged_id))
+        err = await refused(request_certificate(ch, "ztunnel/east/node-1", kc.csr_pem))
+        assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
 async def test_identity_of_an_unfederated_trust_domain_is_refused(ctl: Ctl) -> None:
     evil = TrustDomainCA.create("evil.example")
     fake = evil.issue_svid("spiffe://evil.example/ns/meshfed-system/sa/ztunnel.east.node-1")
