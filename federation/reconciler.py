@@ -427,6 +427,7 @@ class CoreRender:
             self._renderer = Renderer(self._engine, 1, roots)
             self._revision, self._seen = inp.snapshot.revision.sha, {}
         change = GraphChange()
+        observed: list[str] = []
         for cluster, obs in sorted(inp.observations.items()):
             if self._seen.get(cluster) is obs:
                 continue
@@ -437,7 +438,13 @@ class CoreRender:
             change = change.merge(c)
             events.extend(evs)
             self._seen[cluster] = obs
+            observed.append(cluster)
         events.extend(self._engine.tick(inp.now_s))
+        # FailedOver / FailedBack: re-evaluate the tier shares of what changed (everything on a new
+        # revision, which sets the baseline the next evaluation compares with)
+        to_evaluate = set(self._engine.policies) if rebuilt else set(change.services)
+        trigger = ("discovery: new observation from " + ", ".join(observed)) if observed else "reconcile"
+        events.extend(self._failover_events(to_evaluate, inp.now_s, trigger))
         if rebuilt:
             self._configs = dict(self._renderer.render_all())
         else:
@@ -451,6 +458,21 @@ class CoreRender:
         if inp.unhealthy:
             configs = {pid: _mark_unhealthy(cfg, inp.unhealthy) for pid, cfg in configs.items()}
         return RenderOutput(configs, events, problems)
+
+    def _failover_events(self, services: set[Any], now_s: float, trigger: str) -> list[Any]:
+        """Ask the engine, per client locality that has a node proxy, whether each service's tier 0
+        stopped (FailedOver) or resumed (FailedBack) taking all of that locality's traffic."""
+        if not services:
+            return []
+        localities = sorted({spec.locality for spec in self._renderer.proxy_specs()
+                             if spec.mode.value == "node"}, key=repr)
+        events: list[Any] = []
+        for key in sorted(services, key=str):
+            if key not in self._engine.policies:
+                continue
+            views = [self._engine.view(key, loc) for loc in localities]
+            events.extend(self._engine.evaluate(key, views, now_s, trigger))
+        return events
 
     def _quorum_events(self, inp: RenderInput) -> list[Any]:
         from federation.events import EndpointEjected, EndpointUnejected, Provenance

@@ -203,8 +203,9 @@ class Store:
         where: list[str] = []
         args: list[Any] = []
         if service:
-            where.append("service = ?")
-            args.append(service)
+            # as the CLI takes it elsewhere: "checkout", "shop/checkout" or the full hostname
+            where.append("(service = ? OR service LIKE ? ESCAPE '\\')")
+            args.extend([service, _hostname_pattern(service)])
         if since_s is not None:
             where.append("at_s >= ?")
             args.append(since_s)
@@ -227,3 +228,12 @@ class Store:
                            "ORDER BY trust_domain, root_name")
         return [{"trust_domain": r[0], "root": r[1], "fingerprint": r[2], "not_after_s": r[3], "key_path": r[4],
                  "signing": bool(r[5])} for r in rows]
+
+
+def _hostname_pattern(service: str) -> str:
+    """SQL LIKE pattern for a service named "name" or "namespace/name": <name>.<ns>.svc.<domain>."""
+    def esc(part: str) -> str:
+        return part.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+    namespace, _, name = service.rpartition("/")
+    return f"{esc(name)}.{esc(namespace) if namespace else '%'}.svc.%"

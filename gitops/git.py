@@ -156,8 +156,10 @@ def is_ancestor(repo: str | os.PathLike[str], old_sha: str, new_sha: str) -> boo
 
 def verify_commit(repo: str | os.PathLike[str], sha: str, gnupg_home: str | None = None,
                   allowed_signers_file: str | None = None) -> tuple[bool, str]:
-    """`git verify-commit` against configured keys: a GnuPG home and/or an SSH allowed-signers file.
-    Returns (ok, git's explanation)."""
+    """`git verify-commit` against configured keys: a GnuPG home (OpenPGP signatures) and/or an SSH
+    allowed-signers file (`gpg.ssh.allowedSignersFile`, lines `<principal> namespaces="git"
+    <public key>`). Git decides; on refusal the explanation says why in words (no signature, a key
+    that is not configured, a bad/expired/revoked signature) and what to do about it."""
     env = dict(os.environ)
     if gnupg_home:
         env["GNUPGHOME"] = gnupg_home
@@ -166,12 +168,39 @@ def verify_commit(repo: str | os.PathLike[str], sha: str, gnupg_home: str | None
         args = ["-c", f"gpg.ssh.allowedSignersFile={allowed_signers_file}"]
     with _repo(repo) as r:
         c = _commit(r, sha)
-        cmd = ["git", *args, "verify-commit", "--raw", c.hexsha]
         try:
-            r.git.execute(cmd, env=env, with_extended_output=True, kill_after_timeout=GIT_TIMEOUT_S)
+            r.git.execute(["git", *args, "verify-commit", c.hexsha], env=env, with_extended_output=True,
+                          kill_after_timeout=GIT_TIMEOUT_S)
             return True, "good signature"
         except git.GitCommandError as e:
-            return False, _git_err(e) or "no valid signature"
+            said = " ".join((e.stderr or "").replace("stderr: ", "").strip("'\n ").split())
+        try:
+            shown = r.git.execute(["git", *args, "show", "-s", "--format=%G?%n%GK", c.hexsha], env=env,
+                                  kill_after_timeout=GIT_TIMEOUT_S)
+        except git.GitCommandError:
+            shown = ""
+        status, _, key = str(shown).partition("\n")
+        return False, _signature_problem(status.strip(), key.strip(), said, gnupg_home, allowed_signers_file)
+
+
+def _signature_problem(status: str, key: str, said: str, gnupg_home: str | None,
+                       allowed_signers_file: str | None) -> str:
+    """Words for git's `%G?` signature status."""
+    configured = " and ".join(f"{what} {where}" for what, where in (
+        ("GnuPG home", gnupg_home), ("allowed-signers file", allowed_signers_file)) if where) \
+        or "no keys (configure a GnuPG home or an SSH allowed-signers file)"
+    untrusted = (f"it is signed by key {key or '(unknown)'}, which is not among the configured keys "
+                 f"({configured}); add the key there if its owner may change the fleet")
+    text = {
+        "N": "it has no signature; sign it (`git commit -S`, or `git commit --amend -S` before pushing)",
+        "U": untrusted,
+        "E": untrusted,
+        "B": "its signature is bad (the commit or the signature was altered)",
+        "X": f"its signature by key {key} has expired",
+        "Y": f"it is signed by key {key}, which has expired",
+        "R": f"it is signed by key {key}, which has been revoked",
+    }.get(status, "its signature did not verify")
+    return f"{text} (git: {said})" if said and status != "N" else text
 
 
 def sync_mirror(url: str, mirror_dir: str, branch: str) -> m.Revision:

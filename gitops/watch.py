@@ -12,7 +12,12 @@ table:
   poll; a new head (or an explicit trigger) is.
 - Non-fast-forward history (force-push, rollback by reset) is refused unless allowed: an
   operator must opt in to move the fleet backwards.
-- Signed commits can be required; the follower runs `git verify-commit` against configured keys.
+- Signed commits can be required (`BranchWatch.require_signed`); the follower runs
+  `git verify-commit` on each new head against the keys it is given: `gnupg_home` (a GnuPG home
+  holding the trusted OpenPGP public keys) and/or `allowed_signers_file` (an SSH allowed-signers
+  file, lines `<principal> namespaces="git" ssh-ed25519 AAAA...`, as for
+  `gpg.ssh.allowedSignersFile`). An unsigned head, or one signed by a key not among them, is
+  refused with an error naming the key and the configured key source.
 
 States and transitions (anything else raises `InvalidTransition`):
 
@@ -171,8 +176,8 @@ class BranchFollower:
     repo: str
     branch: str = "main"
     mirror_dir: str | None = None     # for URLs: a local bare mirror kept across polls
-    gnupg_home: str | None = None
-    allowed_signers_file: str | None = None
+    gnupg_home: str | None = None     # require_signed: GnuPG home with the trusted OpenPGP keys
+    allowed_signers_file: str | None = None  # require_signed: SSH allowed-signers file (trusted keys)
     watch: BranchWatch = field(default_factory=BranchWatch)
     snapshot: ConfigSnapshot | None = None
 

@@ -27,8 +27,13 @@ def output_option(default: str = "table", formats: Sequence[str] = OUTPUT_FORMAT
                         show_default=True, help="output format")
 
 
+# Like kubectl: when stdout is not a terminal (a pipe, a file, CI logs), print tables at full
+# width instead of wrapping cells to an assumed 80 columns, so `| grep` sees whole rows.
+PIPE_WIDTH = 240
+
+
 def stdout() -> Console:
-    return Console(soft_wrap=True, highlight=False)
+    return Console(soft_wrap=True, highlight=False, width=None if sys.stdout.isatty() else PIPE_WIDTH)
 
 
 def stderr() -> Console:

@@ -1,0 +1,35 @@
+"""`meshfed failover history SERVICE` takes the service the way the rest of the CLI does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from federation.store import Store
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store.in_state_dir(tmp_path / "state")
+    for at_s, host in enumerate(("checkout.shop.svc.clusterset.local", "checkout-v2.shop.svc.clusterset.local",
+                                 "checkout.other.svc.clusterset.local", "cart.shop.svc.clusterset.local")):
+        s.record_failover(host, "FailedOver", from_cluster="east", to_cluster="south", at_s=float(at_s))
+    return s
+
+
+@pytest.mark.parametrize("query, expected", [
+    ("checkout", ["checkout.shop.svc.clusterset.local", "checkout.other.svc.clusterset.local"]),
+    ("shop/checkout", ["checkout.shop.svc.clusterset.local"]),
+    ("checkout.shop.svc.clusterset.local", ["checkout.shop.svc.clusterset.local"]),
+    ("checkout-v2", ["checkout-v2.shop.svc.clusterset.local"]),
+    ("check%", []),      # LIKE wildcards in the query are literal
+    ("checkou_", []),
+    ("shop/cart", ["cart.shop.svc.clusterset.local"]),
+])
+def test_history_filter_by_name_namespace_name_or_hostname(store: Store, query: str, expected: list[str]) -> None:
+    assert [r.service for r in store.failover_history(query)] == expected
+
+
+def test_history_since(store: Store) -> None:
+    assert [r.service for r in store.failover_history(since_s=3.0)] == ["cart.shop.svc.clusterset.local"]
