@@ -145,6 +145,7 @@ class ConfigServerHost:
         td = sorted(self.cas)[0]
         svid = self.cas[td].issue_svid(f"spiffe://{td}/ns/{PROXY_NAMESPACE}/sa/meshfed-controller",
                                        dns_names=[CONTROLLER_TLS_NAME])
+        self._record_leaf(td, self.cas[td], svid.not_after_s)  # proxies verify it: a live leaf of its root
         return svid.key_pem, svid.chain_pem, self._roots_pem()
 
     def _verify_client(self, leaf_pem: bytes) -> str:
@@ -233,7 +234,17 @@ class ConfigServerHost:
         except CsrDenied as e:
             raise PermissionError(str(e)) from e
         leaf = x509.load_pem_x509_certificate(chain)
-        return [chain], [ca.roots_pem()], leaf.not_valid_after_utc.timestamp()
+        not_after_s = leaf.not_valid_after_utc.timestamp()
+        # before the chain leaves: a leaf we could not record could later be broken by retiring its root
+        self._record_leaf(str(td), ca, not_after_s)
+        return [chain], [ca.roots_pem()], not_after_s
+
+    def _record_leaf(self, td: str, ca: Any, not_after_s: float) -> None:
+        """Staged rotation's input: the latest not-after per (trust domain, signing root name). A
+        plug-in CA has no named signing root; its leaves count against its (only) root, which is
+        what a switch between Managed and External checks."""
+        root = ca.signing_root or (ca.roots[0].name if ca.roots else "")
+        self.store.record_leaf_issued(td, root, not_after_s)
 
     # -- config ---------------------------------------------------------------------------------
 
@@ -382,6 +393,11 @@ class ReconcilerHost:
             self.rec.on_snapshot(decode_snapshot(blob), time.time())
         self._wake.set()
 
+    def on_fallback_snapshot(self, blob: bytes) -> None:
+        with self._lock:
+            self.rec.on_fallback_snapshot(decode_snapshot(blob))
+        self._wake.set()
+
     def on_fleet_error(self, sha: str, subject: str, problems_json: str) -> None:
         with self._lock:
             self.rec.on_fleet_error(sha, subject, json.loads(problems_json), time.time())
@@ -497,8 +513,10 @@ class ReconcilerHost:
 
 class GitSourceHost:
     def __init__(self, repo: str, branch: str, state_dir: str, reconciler: Any, poll_interval_s: float | None) -> None:
-        applied = Store.in_state_dir(state_dir).last_applied()
+        self.store = Store.in_state_dir(state_dir)
+        applied = self.store.last_applied()
         self.source = GitSource(repo, branch, state_dir, fallback_sha=applied.sha if applied else None)
+        self._first_snapshot = True
         if poll_interval_s is not None:
             self.source.follower.watch.poll_interval_s = poll_interval_s
         self.poll_override_s = poll_interval_s
@@ -534,7 +552,17 @@ class GitSourceHost:
         if isinstance(got, FleetFailure):
             ray.get(self.reconciler.on_fleet_error.remote(got.sha, got.subject, json.dumps(list(got.problems))))
         elif got is not None:
+            if self._first_snapshot:
+                self._first_snapshot = False
+                self._send_fallback_if_gated(got)
             ray.get(self.reconciler.on_snapshot.remote(encode_snapshot(got)))
+
+    def _send_fallback_if_gated(self, head: ConfigSnapshot) -> None:
+        """A (re)started reconciler has no applied snapshot: if the head is an unsafe rotation, give
+        it the last applied revision first (see `last_applied_if_gated`)."""
+        fallback = last_applied_if_gated(self.source, self.store, head, time.time())
+        if fallback is not None:
+            ray.get(self.reconciler.on_fallback_snapshot.remote(encode_snapshot(fallback)))
 
     def trigger(self) -> None:
         self.source.trigger()
@@ -542,6 +570,7 @@ class GitSourceHost:
 
     def resend(self) -> None:
         if self.source.snapshot is not None:
+            self._send_fallback_if_gated(self.source.snapshot)
             ray.get(self.reconciler.on_snapshot.remote(encode_snapshot(self.source.snapshot)))
 
     def status(self) -> dict[str, Any]:
@@ -570,6 +599,26 @@ class ClusterAgentHost:
 
     def stop(self) -> None:
         self.agent.stop()
+
+
+def last_applied_if_gated(source: GitSource, store: Store, head: ConfigSnapshot, now_s: float) -> ConfigSnapshot | None:
+    """After a (re)start: the last applied revision, reloaded from Git, when the reconciler's commit
+    gate will reject the branch head (an unsafe CA root rotation). Without it a restarted controller
+    would have nothing to serve (the head is rejected, and unlike an invalid commit the Git source
+    sees nothing wrong with it) and would load the head's CAs at start, switching the signer."""
+    from federation.rotation_gate import ca_spec_from_dict, gate_commit
+    from gitops import FleetError, RepoAccessError, load_revision
+
+    specs, applied = store.applied_ca_specs(), store.last_applied()
+    if not specs or applied is None or source.worktree or applied.sha in (head.revision.sha, "WORKTREE"):
+        return None
+    previous = {td: ca_spec_from_dict(d) for td, d in specs.items()}
+    if not gate_commit(previous, head, store.leaf_not_after, now_s):
+        return None
+    try:
+        return load_revision(source.follower._local(), applied.sha)
+    except (FleetError, RepoAccessError):
+        return None
 
 
 _RESTART = {"max_restarts": -1, "max_task_retries": 0}
@@ -620,8 +669,11 @@ class Controller:
                                                  self.config_server)
         if not self.opts.insecure:
             # TLS needs the CAs before the server starts: load the fleet once here, synchronously.
-            snap = GitSource(str(self.opts.repo), self.opts.branch, self.state_dir).poll(time.time())
+            # Never the CAs of a head the commit gate will reject: that would switch the signer.
+            source = GitSource(str(self.opts.repo), self.opts.branch, self.state_dir)
+            snap = source.poll(time.time())
             if not isinstance(snap, FleetFailure) and snap is not None:
+                snap = last_applied_if_gated(source, self._store, snap, time.time()) or snap
                 ray.get(self.config_server.ensure_cas.remote(encode_snapshot(snap)))
         self.port, self.bootstrap_port = (int(p) for p in ray.get(self.config_server.start.remote(
             self.opts.listen, self.reconciler, self.opts.bootstrap_listen)))

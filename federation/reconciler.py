@@ -13,15 +13,22 @@ PILOT_DEBOUNCE_MAX), so a burst of endpoint changes becomes one push.
 with the last good result (the control loop never dies on one bad step):
 
   1. take the pending inputs (snapshot, observations, leases);
-  2. aggregate proxy health reports into the global outlier state;
-  3. render every proxy's config (a failure keeps the last good configs and is reported);
-  4. checkpoint: record the revision attempt (applied only when rendering succeeded);
-  5. push the configs that changed (the config server diffs and versions them per proxy) —
+  2. gate a new commit before anything of it takes effect: staged CA root rotation
+     (`federation.rotation_gate`) compares its CA specs with the applied ones and the leaves the CA
+     issued; a commit that skips a stage or would invalidate live certificates is rejected like an
+     invalid commit (problem MF0407) and the last applied snapshot is rendered instead. Rendering
+     is what loads the CAs (`CoreRender.bundle_roots` -> the config server's `ensure_cas`), so a
+     rejected commit never switches the signer;
+  3. aggregate proxy health reports into the global outlier state;
+  4. render every proxy's config (a failure keeps the last good configs and is reported);
+  5. checkpoint: record the revision attempt (applied only when rendering succeeded) and the
+     applied CA specs (the gate's reference, also after a restart);
+  6. push the configs that changed (the config server diffs and versions them per proxy) —
      once warm: after a (re)start nothing is pushed until every cluster of the snapshot has sent a
      complete observation (a fresh LIST), or `warmup_max_s` has passed. Proxies still run the
      configs of the previous controller; a render from a partial view would withdraw the
      endpoints of the clusters not listed yet (istiod likewise waits for its informers' sync);
-  6. record events (failovers) in the store.
+  7. record events (failovers) in the store.
 
 Flux semantics: `last_attempted` is the newest revision we tried (with its problems);
 `last_applied` the newest that rendered and was pushed. A bad commit leaves every proxy on the
@@ -42,7 +49,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clusters.observation import ClusterObservation
-from gitops.model import ConfigSnapshot
+from federation.rotation_gate import ca_spec_from_dict, ca_spec_to_dict, ca_specs_of, gate_commit
+from gitops.model import CaSpec, ConfigSnapshot
 from gitops.problems import Problem
 from ztunnel.config import ProxyConfig
 
@@ -199,6 +207,7 @@ class Reconciler:
         self.pushed_proxies = 0
         self.unhealthy: frozenset[tuple[str, str]] = frozenset()
         self.events: list[Any] = []
+        self.applied_ca: dict[str, CaSpec] = {}              # CA specs of the applied revision (the gate's reference)
         self._recover_from_store()
 
     def _recover_from_store(self) -> None:
@@ -211,12 +220,22 @@ class Reconciler:
             self.problems = list(att.problems)
         if app is not None:
             self.applied = {"revision": app.sha, "subject": app.subject, "at_s": app.attempted_at_s}
+        specs = self.store.applied_ca_specs()
+        if specs:
+            self.applied_ca = {td: ca_spec_from_dict(d) for td, d in specs.items()}
 
     # --- inputs (cheap; mark dirty) -------------------------------------------------------------
 
     def on_snapshot(self, snapshot: ConfigSnapshot, now_s: float | None = None) -> None:
         self.pending_snapshot = snapshot
         self.debounce.note(self.clock() if now_s is None else now_s)
+
+    def on_fallback_snapshot(self, snapshot: ConfigSnapshot) -> None:
+        """The last applied revision, reloaded from Git after a restart because the branch head was
+        rejected: adopt it as the last known good (no attempt recorded) when none is in memory, so
+        the proxies keep being served while the head stays the failed "desired" revision."""
+        if self.snapshot is None:
+            self.snapshot = snapshot
 
     def on_fleet_error(self, sha: str, subject: str, problems: Sequence[Problem | dict[str, Any]],
                        now_s: float | None = None) -> None:
@@ -262,9 +281,14 @@ class Reconciler:
         snapshot = self.pending_snapshot or self.snapshot
         if snapshot is None:
             return True  # nothing to render until the first good snapshot arrives
-        # 2. aggregate health
+        # 2. gate the new commit (staged CA root rotation) before anything of it is applied
+        if self.pending_snapshot is not None and not self._gate(self.pending_snapshot, now):
+            snapshot = self.snapshot
+            if snapshot is None:
+                return True
+        # 3. aggregate health
         unhealthy = self._guard("aggregate", lambda: self.aggregator.unhealthy(now), self.unhealthy, now)
-        # 3. render
+        # 4. render
         triggers = {k: self.aggregator.describe(k, now) for k in unhealthy - self.unhealthy}
         out = self._guard("render", lambda: self.render(RenderInput(snapshot, dict(self.observations),
                                                                      dict(self.leases), unhealthy, now, triggers)),
@@ -277,19 +301,20 @@ class Reconciler:
                                                                     "the proxies keep the last applied revision"}], now)
                 self.pending_snapshot = None
             return True
-        # 4. checkpoint the revision
+        # 5. checkpoint the revision
         self.unhealthy = unhealthy
         if self.pending_snapshot is not None:
-            rev = self.pending_snapshot.revision
-            self.snapshot, self.pending_snapshot = self.pending_snapshot, None
+            applied = self.pending_snapshot
+            rev = applied.revision
+            self.snapshot, self.pending_snapshot = applied, None
             self.attempted = {"revision": rev.sha, "subject": rev.subject, "ok": True, "at_s": now}
             self.applied = {"revision": rev.sha, "subject": rev.subject, "at_s": now}
             self.problems = []
+            self.applied_ca = ca_specs_of(applied)
             if self.store is not None:
-                self._guard("checkpoint", lambda: self.store.record_attempt(rev.sha, rev.subject, ok=True, at_s=now),
-                            None, now)
+                self._guard("checkpoint", lambda: self._checkpoint(rev.sha, rev.subject, applied, now), None, now)
         self.render_problems = list(out.problems)
-        # 5. push what changed (once warm: see the module docstring)
+        # 6. push what changed (once warm: see the module docstring)
         if not self._warm_up(snapshot, now):
             self.debounce.note(now)  # come back when more observations may have arrived
             return True
@@ -298,12 +323,38 @@ class Reconciler:
         if changed:
             self._guard("push", lambda: self.push(changed), None, now)
             self.pushed_proxies += len(changed)
-        # 6. events
+        # 7. events
         if out.events:
             self._guard("events", lambda: self._record_events(out.events), None, now)
         self.last_duration_s = time.perf_counter() - started
         self.durations_s = ([*self.durations_s, self.last_duration_s])[-200:]
         return True
+
+    def _gate(self, candidate: ConfigSnapshot, now_s: float) -> bool:
+        """Step 2. False (and the commit recorded as a failed attempt) when it must not be applied.
+        Fails closed: if the check itself cannot run (e.g. the store is unreadable), the commit is
+        rejected with that error, since applying it might switch or drop a root unsafely."""
+        def live(td: str) -> Mapping[str, float]:
+            return dict(self.store.leaf_not_after(td)) if self.store is not None else {}
+
+        problems: Any = self._guard("gate", lambda: [p.as_dict() for p in gate_commit(self.applied_ca, candidate,
+                                                                                         live, now_s)], None, now_s)
+        if problems is None:
+            problems = [{"code": "MF-GATE", "message": "could not check the CA root rotation of this commit: "
+                                                       + self.failures[-1].error,
+                         "hint": "check the controller's state directory (controller.sqlite); the proxies keep "
+                                 "the last applied revision, push again or restart the controller to retry"}]
+        if not problems:
+            return True
+        rev = candidate.revision
+        self.pending_snapshot = None
+        self.on_fleet_error(rev.sha, rev.subject, problems, now_s)
+        return False
+
+    def _checkpoint(self, sha: str, subject: str, snapshot: ConfigSnapshot, now_s: float) -> None:
+        assert self.store is not None
+        self.store.record_attempt(sha, subject, ok=True, at_s=now_s)
+        self.store.record_applied_ca_specs({td: ca_spec_to_dict(spec) for td, spec in ca_specs_of(snapshot).items()})
 
     def _warm_up(self, snapshot: ConfigSnapshot, now_s: float) -> bool:
         if not self.warm:

@@ -4,7 +4,11 @@ What survives a controller (or actor) restart lives here: the controller epoch (
 start: the split-brain fence), revisions attempted and applied (Flux's lastAttemptedRevision vs
 lastAppliedRevision, with the problems of a failed attempt), per-proxy acknowledged versions and
 NACKs, the failover history, and CA metadata (the keys themselves are 0600 files next to it,
-written by the CA; only their fingerprints and expiry are recorded here).
+written by the CA; only their fingerprints and expiry are recorded here). For staged root
+rotation (`federation.rotation`) the store also keeps, per (trust domain, root name), the latest
+not-after of every leaf that root signed (`record_leaf_issued`, one upsert keeping the max) and
+the CA specs of the last applied revision (`applied_ca_specs`): the commit gate compares a new
+commit with those, so a restarted controller cannot be talked into skipping a stage.
 
 Everything else (observations, rendered configs) is recomputed after a restart from a fresh LIST
 of every cluster and the Git revision: that is what prunes endpoints removed while we were down.
@@ -45,6 +49,11 @@ CREATE INDEX IF NOT EXISTS failover_by_service ON failover_events (service, at_s
 CREATE TABLE IF NOT EXISTS ca_meta (
     trust_domain TEXT NOT NULL, root_name TEXT NOT NULL, fingerprint TEXT NOT NULL,
     not_after_s REAL NOT NULL, key_path TEXT NOT NULL DEFAULT '', signing INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (trust_domain, root_name));
+CREATE TABLE IF NOT EXISTS ca_leaves (
+    trust_domain TEXT NOT NULL, root_name TEXT NOT NULL,  -- the CaSpec root that signed (spec.ca.roots[].name)
+    max_not_after_s REAL NOT NULL,     -- the latest not-after of any leaf that root signed
+    issued INTEGER NOT NULL DEFAULT 0, last_issued_at_s REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (trust_domain, root_name));
 """
 
@@ -228,6 +237,35 @@ class Store:
                            "ORDER BY trust_domain, root_name")
         return [{"trust_domain": r[0], "root": r[1], "fingerprint": r[2], "not_after_s": r[3], "key_path": r[4],
                  "signing": bool(r[5])} for r in rows]
+
+
+    # --- leaves issued, for staged root rotation ---------------------------------------------------
+
+    def record_leaf_issued(self, trust_domain: str, root_name: str, not_after_s: float,
+                           at_s: float | None = None) -> None:
+        """One leaf signed by `root_name` of `trust_domain`: keep the latest not-after (an upsert)."""
+        now = at_s if at_s is not None else time.time()
+        with self._tx() as db:
+            db.execute("INSERT INTO ca_leaves(trust_domain, root_name, max_not_after_s, issued, last_issued_at_s) "
+                       "VALUES (?,?,?,1,?) ON CONFLICT(trust_domain, root_name) DO UPDATE SET "
+                       "max_not_after_s=max(max_not_after_s, excluded.max_not_after_s), issued=issued+1, "
+                       "last_issued_at_s=excluded.last_issued_at_s",
+                       (trust_domain, root_name, not_after_s, now))
+
+    def leaf_not_after(self, trust_domain: str) -> dict[str, float]:
+        """Root name -> latest not-after of the leaves it signed, for one trust domain."""
+        rows = self._query("SELECT root_name, max_not_after_s FROM ca_leaves WHERE trust_domain=?", (trust_domain,))
+        return {str(r[0]): float(r[1]) for r in rows}
+
+    def record_applied_ca_specs(self, specs: dict[str, Any]) -> None:
+        """The CA specs (JSON-able, see `federation.rotation.ca_spec_to_dict`) of the applied revision."""
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('applied_ca_specs', ?)",
+                       (json.dumps(specs, sort_keys=True),))
+
+    def applied_ca_specs(self) -> dict[str, Any] | None:
+        rows = self._query("SELECT value FROM meta WHERE key='applied_ca_specs'")
+        return dict(json.loads(rows[0][0])) if rows else None
 
 
 def _hostname_pattern(service: str) -> str:

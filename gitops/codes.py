@@ -133,6 +133,11 @@ _CODES = (
     Code("MF0406", "route to an untrusted cluster",
          "A client cluster would be routed to endpoints whose identities its trust domain does not "
          "accept; found when the trust graph is built, not at handshake time."),
+    Code("MF0407", "unsafe CA root rotation",
+         "A commit changes a managed CA's roots in a way that skips a stage of the staged rotation "
+         "(publish the new root, switch the signer, retire the old root) or retires a root whose leaves "
+         "are still live. Reported by the controller, which knows the applied revision and the leaves it "
+         "issued; the commit is rejected and the last applied revision stays in force."),
     # --- MF05xx traffic policy ----------------------------------------------------------------
     Code("MF0501", "ejection durations make no sense",
          "interval and baseEjectionTime must be positive and maxEjectionTime must not be shorter "
