@@ -163,11 +163,16 @@ class Renderer:
 
     # --- pieces -------------------------------------------------------------------------------
 
-    def _service(self, key: ServiceKey, endpoints: tuple[Endpoint, ...], cluster: str = "") -> Service:
-        """`cluster`: the viewer's; its apps dial the Service's clusterIP there (hosts files, DNS), so
-        that is the VIP its proxies capture; the allocated VIP when the cluster has no such Service."""
+    def _vip(self, key: ServiceKey, cluster: str) -> str:
+        """The viewer cluster's apps dial the Service's clusterIP there (hosts files, DNS), so that
+        is the VIP its proxies capture; the allocated VIP when the cluster has no such Service."""
+        return (self.engine.graph.cluster_ips.get((cluster, key.namespace, key.name))
+                or self.vips[self.engine.policies[key].hostname])
+
+    def _service(self, key: ServiceKey, endpoints: tuple[Endpoint, ...], cluster: str = "",
+                 vip: str | None = None) -> Service:
         policy = self.engine.policies[key]
-        vip = self.engine.graph.cluster_ips.get((cluster, key.namespace, key.name)) or self.vips[policy.hostname]
+        vip = vip if vip is not None else self._vip(key, cluster)
         return Service(
             hostname=policy.hostname, namespace=key.namespace, name=key.name, vip=vip,
             ports=self._ports[key], endpoints=endpoints,
@@ -186,9 +191,10 @@ class Renderer:
     def _view_service(self, key: ServiceKey, loc: Locality) -> Service:
         """The Service resource for a node locality; localities with the same view share it."""
         view = self.engine.view(key, loc)
-        svc = self._by_view_id.get((view.view_id, loc.cluster))
+        vip = self._vip(key, loc.cluster)  # share across clusters unless their clusterIPs differ
+        svc = self._by_view_id.get((view.view_id, vip))
         if svc is None:
-            svc = self._by_view_id[(view.view_id, loc.cluster)] = self._service(key, view.endpoints, loc.cluster)
+            svc = self._by_view_id[(view.view_id, vip)] = self._service(key, view.endpoints, vip=vip)
         return svc
 
     def _workloads(self, spec: ProxySpec) -> tuple[list[Workload], tuple[str, ...], list[Authorization]]:
