@@ -49,10 +49,15 @@ def _ms(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.0f} ms"
 
 
-def _print_status(url: str) -> None:
-    r = subprocess.run([sys.executable, "-m", "federation.cli.main", "status", "--controller", url],
+def _print_cli(url: str, *args: str) -> None:
+    """Show what an operator would see: `meshfed ARGS --controller URL`, run as the real CLI."""
+    r = subprocess.run([sys.executable, "-m", "federation.cli.main", *args, "--controller", url],
                        capture_output=True, text=True, timeout=60, check=False)
     _say(r.stdout.rstrip())
+
+
+def _print_status(url: str) -> None:
+    _print_cli(url, "status")
 
 
 def run_demo(fleet: Path, state_dir: Path, out_dir: Path, keep: bool) -> int:
@@ -191,6 +196,9 @@ def run_demo(fleet: Path, state_dir: Path, out_dir: Path, keep: bool) -> int:
                  f"{f2.indeterminate_requests} indeterminate, served by "
                  f"{served_summary(records[c]).split(';')[0]} "
                  f"(+ {len(raw[c]) - len(records[c])} by the canary)")
+        _say("")
+        _say("the controller's record of it (`meshfed failover history checkout`):")
+        _print_cli(fed.controller_url, "failover", "history", "checkout")
         paths = write_report(out_dir, f"meshfed demo: kill checkout in {first} (canary's requests left out)",
                              figures, records, fed.events)
         _say("")

@@ -238,9 +238,24 @@ def _failover(fed: LabFederation, kind: str, mode: str, label: str, hold_s: floa
 
 
 def test_backends_killed_in_east_fail_over_to_south_and_back(fed: LabFederation) -> None:
+    since_s = time.time()
     fig = _failover(fed, "kill", "drop", "kill")
     # a crash is a fast failure (resets): the ztunnel retries the next endpoint at once
     assert (fig.failed_before_shift or 0) + (fig.indeterminate_before_shift or 0) <= 3
+    # the controller saw it too (the pods went not-ready) and kept the story, with its provenance
+    deadline = time.monotonic() + 30.0
+    kinds: list[tuple[str, str, str]] = []
+    while time.monotonic() < deadline:
+        history = fed.api(f"/api/v1/failover-history?service=shop/checkout&since_s={since_s}")
+        kinds = [(e["kind"], e["from_cluster"], e["to_cluster"]) for e in history]
+        if ("FailedBack", "east", "") in kinds:
+            break
+        time.sleep(1.0)
+    _print(f"kill: failover history {kinds}")
+    assert ("FailedOver", "east", "south") in kinds, kinds
+    assert ("FailedBack", "east", "") in kinds, kinds
+    over = next(e for e in history if e["kind"] == "FailedOver")
+    assert over["policy_file"].startswith("policies/shop/checkout.yaml") and len(over["revision"]) == 40
 
 
 def test_backends_cut_off_silently_in_east_fail_over_to_south_and_back(fed: LabFederation) -> None:
