@@ -414,6 +414,7 @@ class Reconciler:
             "unhealthy_endpoints": sorted(f"{s} {e}" for s, e in self.unhealthy),
             "proxies_rendered": len(self.configs),
             "warm": self.warm,
+            "active_failovers": [r.as_dict() for r in self.store.active_failovers()] if self.store else [],
         }
 
 

@@ -117,6 +117,14 @@ def register(group: click.Group) -> None:
         prow = [(p["proxy"], p["sync"], _short(p.get("acked_revision")), p.get("acked_version", ""),
                  str(p.get("last_nack") or "")[:width]) for p in st.get("proxies", [])]
         out.print(table(["PROXY", "SYNC", "REVISION", "VERSION", "LAST NACK"], prow))
+        active = st.get("active_failovers") or []
+        if active:
+            out.print(table(["ACTIVE FAILOVER", "FROM", "TO", "SINCE", "TRIGGER", "POLICY", "COMMIT"], [
+                (f["service"], f["from_cluster"], f["to_cluster"],
+                 time.strftime("%H:%M:%S", time.localtime(f["at_s"])), f["trigger"], f["policy_file"],
+                 _short(f["revision"])) for f in active]))
+        else:
+            out.print("active failovers: none", markup=False)
         if st.get("unhealthy_endpoints"):
             out.print("globally ejected: " + ", ".join(st["unhealthy_endpoints"]), markup=False)
         for p in st.get("problems", []):

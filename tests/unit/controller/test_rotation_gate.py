@@ -49,6 +49,9 @@ class FakeStore:
         self.ca_specs: dict[str, Any] | None = None
         self.broken = False
 
+    def active_failovers(self) -> list[Any]:
+        return []
+
     def record_attempt(self, sha: str, subject: str, ok: bool, problems: Sequence[dict[str, Any]] = (),
                        at_s: float | None = None) -> None:
         self.attempts.append(RevisionRecord(sha, subject, at_s or 0.0, "applied" if ok else "failed",

@@ -33,3 +33,22 @@ def test_history_filter_by_name_namespace_name_or_hostname(store: Store, query: 
 
 def test_history_since(store: Store) -> None:
     assert [r.service for r in store.failover_history(since_s=3.0)] == ["cart.shop.svc.clusterset.local"]
+
+
+def test_active_failovers_are_the_ones_not_yet_failed_back(tmp_path: Path) -> None:
+    s = Store.in_state_dir(tmp_path / "state")
+    host = "checkout.shop.svc.clusterset.local"
+    s.record_failover(host, "FailedOver", from_cluster="east", to_cluster="south", at_s=1.0)
+    s.record_failover(host, "FailedOver", from_cluster="west", to_cluster="east", at_s=2.0)
+    s.record_failover(host, "EndpointEjected", from_cluster="east", at_s=2.5)  # not a failover transition
+    s.record_failover(host, "FailedBack", from_cluster="east", at_s=3.0)
+    assert [(r.from_cluster, r.to_cluster) for r in s.active_failovers()] == [("west", "east")]
+    s.record_failover(host, "FailedOver", from_cluster="east", to_cluster="west", at_s=4.0)
+    assert [(r.from_cluster, r.to_cluster) for r in s.active_failovers()] == [("west", "east"), ("east", "west")]
+
+
+def test_history_keeps_the_newest_when_limited(tmp_path: Path) -> None:
+    s = Store.in_state_dir(tmp_path / "state")
+    for i in range(10):
+        s.record_failover(f"s{i}.ns.svc.clusterset.local", "FailedOver", at_s=float(i))
+    assert [r.at_s for r in s.failover_history(limit=3)] == [7.0, 8.0, 9.0]
