@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import socket
 import ssl
@@ -558,13 +559,10 @@ class ProxyBase:
 
     # --- outbound HBONE client -----------------------------------------------------------------
 
-    async def dial_hbone(self, address: str, src_identity: str, sni: str, expected: tuple[str, ...] | None,
-                         timeout_s: float) -> HboneSession:
-        loop = asyncio.get_running_loop()
-        host, port = parse_host_port(address)
-        ctx = self.creds.client_ctx(src_identity)
-        failure: list[PeerVerificationError] = []
-
+    def _verifying(self, expected: tuple[str, ...] | None,
+                   failure: list[PeerVerificationError]) -> Callable[[HboneSession], bool]:
+        """The `on_made` check of a client HBONE session: verify the peer (trust-domain-bound, against
+        the expected identities) once TLS is up; a refusal is kept in `failure` for the caller."""
         def made(session: HboneSession) -> bool:
             assert session.transport is not None
             try:
@@ -574,6 +572,15 @@ class ProxyBase:
                 return False
             session.peer_identity = str(sid)
             return True
+        return made
+
+    async def dial_hbone(self, address: str, src_identity: str, sni: str, expected: tuple[str, ...] | None,
+                         timeout_s: float) -> HboneSession:
+        loop = asyncio.get_running_loop()
+        host, port = parse_host_port(address)
+        ctx = self.creds.client_ctx(src_identity)
+        failure: list[PeerVerificationError] = []
+        made = self._verifying(expected, failure)
 
         session = HboneSession(Role.CLIENT, loop, self.opts.hbone, on_made=made)
         session.local_identity = src_identity
@@ -867,19 +874,10 @@ class NodeProxy(ProxyBase):
         gw_key = ("gateway", ep.gateway, src.identity)
         outer = await self.pool.get(gw_key, lambda: self.dial_hbone(ep.gateway, src.identity, "", None, timeout_s))
         started = mono_s()
-        ostream = outer.open_stream(authority, headers)
+        ostream = outer.open_stream(authority, headers, flush=False)  # leaves with the ClientHello
         loop = asyncio.get_running_loop()
         failure: list[PeerVerificationError] = []
-
-        def made(session: HboneSession) -> bool:
-            assert session.transport is not None
-            try:
-                sid = self.verify_peer(session.transport.get_extra_info("ssl_object"), expected)
-            except PeerVerificationError as e:
-                failure.append(e)
-                return False
-            session.peer_identity = str(sid)
-            return True
+        made = self._verifying(expected, failure)
 
         opened: list[HboneStream] = []
 
@@ -894,7 +892,8 @@ class NodeProxy(ProxyBase):
                              server_hostname=sni, handshake_timeout_s=timeout_s)
         transport = StreamTransport(ostream)
         transport.set_protocol(adapter)
-        adapter.connection_made(transport)  # sends the ClientHello right behind the CONNECT
+        adapter.connection_made(transport)  # the ClientHello: flushes the CONNECT with it, one write
+        outer.flush()
         transport.resume_reading()
 
         def outer_answered(fut: asyncio.Future[Any]) -> None:
@@ -930,8 +929,10 @@ class NodeProxy(ProxyBase):
         return stream
 
 
+@functools.lru_cache(maxsize=8)
 def _replace_hbone(s: HboneSettings) -> HboneSettings:
-    """Inner tunnels carry one stream: no keep-alive pings (the outer session has them)."""
+    """Inner tunnels carry one stream: no keep-alive pings (the outer session has them). Cached:
+    `dataclasses.replace` was a visible per-connection cost on the double-HBONE path."""
     from dataclasses import replace
     return replace(s, ping_interval_s=None)
 

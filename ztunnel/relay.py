@@ -193,12 +193,17 @@ class HboneSession(asyncio.Protocol):
         self._arm_timer()
 
     def data_received(self, data: bytes) -> None:
+        # Whatever handling this read makes anyone write to this session (answers, window updates,
+        # data a handler sends back, an inner session's bytes closing down inside one of our
+        # streams) leaves in one transport write at the end: one TLS record, one syscall, and one
+        # wake-up of the peer instead of one per frame.
         self._in_receive = True
         try:
             self._receive(data)
         finally:
             self._in_receive = False
         self._reap()
+        self._write_out()
 
     def _receive(self, data: bytes) -> None:
         events = self.conn.receive_data(data, now_s())
@@ -248,11 +253,10 @@ class HboneSession(asyncio.Protocol):
             elif t is hbone.ConnectionTerminated:
                 assert isinstance(ev, hbone.ConnectionTerminated)
                 if ev.error_code != ErrorCode.NO_ERROR:
-                    self.flush()
+                    self._write_out()
                     self._fail_all(ev.error_code)
                     self._close_transport()
                     return
-        self.flush()
 
     def _reap(self) -> None:
         """Forget streams the framer closed (both halves ended, reset, refused); once a closing
@@ -297,19 +301,29 @@ class HboneSession(asyncio.Protocol):
     def usable(self) -> bool:
         return self.transport is not None and not self.transport.is_closing() and self.conn.accepting_streams
 
-    def open_stream(self, authority: str, headers: tuple[tuple[str, str], ...] = ()) -> HboneStream:
+    def open_stream(self, authority: str, headers: tuple[tuple[str, str], ...] = (),
+                    flush: bool = True) -> HboneStream:
+        """Open a tunnel. `flush=False` leaves the CONNECT queued, to leave with whatever the caller
+        writes next (double HBONE: the inner ClientHello) in one TLS record and one socket write."""
         sid = self.conn.open_stream(authority, headers)
         st = HboneStream(self, sid, authority, headers)
         self.streams[sid] = st
-        self.flush()
+        if flush:
+            self.flush()
         return st
 
     def flush(self) -> None:
+        """Write what the framer has queued; inside `data_received`, deferred to its end (one write)."""
+        if self._in_receive:
+            return
+        self._write_out()
+        if self.conn.closed_stream_ids:
+            self._reap()
+
+    def _write_out(self) -> None:
         data = self.conn.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)  # type: ignore[attr-defined]
-        if self.conn.closed_stream_ids and not self._in_receive:
-            self._reap()
 
     def drain(self, reason: str = "draining") -> None:
         """Graceful: GOAWAY(NO_ERROR); open streams finish; the transport closes when none remain."""
@@ -333,6 +347,7 @@ class HboneSession(asyncio.Protocol):
 
     def _close_transport(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
+            self._write_out()  # a GOAWAY or answers queued during this read go before the close
             self.transport.close()
 
     def _arm_timer(self) -> None:

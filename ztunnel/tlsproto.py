@@ -104,7 +104,7 @@ class TlsAdapter(asyncio.Protocol):
         self._handshake_timeout_s = handshake_timeout_s
         self._timer: asyncio.TimerHandle | None = None
         self._app_connected = False
-        self._in_connection_made = False
+        self._holding = False  # writes wait for one flush at the end of the handshake's last step
         self.closing = False
         self._lost = False
 
@@ -162,16 +162,19 @@ class TlsAdapter(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self._app_connected = True
-        self._in_connection_made = True
+        # our last handshake flight, what the app writes at once, and its answers to application
+        # data that came with the peer's last flight leave in one write (e.g. a server's SETTINGS
+        # and its ACK of the client's SETTINGS: one message through a gateway instead of two)
+        self._holding = True
         try:
             self.app.connection_made(self.transport)
+            if not self.handshake.done():
+                self.handshake.set_result(None)
+            if self._incoming.pending and not self.closing:
+                self._read_app()  # application data that came with the handshake's last flight
         finally:
-            self._in_connection_made = False
-        self._flush()  # our last handshake flight and what the app wrote at once leave in one write
-        if not self.handshake.done():
-            self.handshake.set_result(None)
-        if self._incoming.pending and not self.closing:
-            self._read_app()  # application data that came with the handshake's last flight
+            self._holding = False
+        self._flush()
 
     def _handshake_timed_out(self) -> None:
         self._timer = None
@@ -190,7 +193,8 @@ class TlsAdapter(asyncio.Protocol):
 
     def _read_app(self) -> None:
         chunks: list[bytes] = []
-        read = self.sslobj.read
+        sslobj, incoming = self.sslobj, self._incoming
+        read = sslobj.read
         eof = False
         error: Exception | None = None
         while True:
@@ -208,9 +212,11 @@ class TlsAdapter(asyncio.Protocol):
                 eof = True
                 break
             chunks.append(chunk)
+            if not incoming.pending and not sslobj.pending():
+                break  # everything buffered is consumed: skip the SSLWantReadError another read raises
         if chunks:
             self.app.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
-        if self._outgoing.pending:
+        if self._outgoing.pending and not self._holding:
             self._flush()
         if error is not None:
             self._flush()
@@ -227,7 +233,7 @@ class TlsAdapter(asyncio.Protocol):
         while view:
             n = self.sslobj.write(view)
             view = view[n:]
-        if not self._in_connection_made:
+        if not self._holding:
             self._flush()
 
     def _flush(self) -> None:
