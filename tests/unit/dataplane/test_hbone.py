@@ -264,18 +264,10 @@ def test_garbage_instead_of_preface_is_a_protocol_error() -> None:
 def test_data_events_own_their_bytes_and_runs_are_merged() -> None:
     """Consecutive DATA frames of a stream arrive as one DataReceived holding `bytes` (not views
     into the read buffer), whatever the read boundaries; flow-control credit adds up."""
-    from ztunnel.hbone import DATA_CHUNK_BYTES, DataReceived, HboneConnection, Role
+    from ztunnel.hbone import DATA_CHUNK_BYTES
 
-    c, s = HboneConnection(Role.CLIENT), HboneConnection(Role.SERVER)
-    c.initiate(0.0)
-    s.initiate(0.0)
-    s.receive_data(c.data_to_send(), 0.0)
-    c.receive_data(s.data_to_send(), 0.0)
-    s.receive_data(c.data_to_send(), 0.0)
-    sid = c.open_stream("10.0.0.1:80")
-    s.receive_data(c.data_to_send(), 0.0)
-    s.respond(sid, 200)
-    c.receive_data(s.data_to_send(), 0.0)
+    c, s = pair()
+    sid = open_tunnel(c, s)
     payload = bytes(range(256)) * (3 * DATA_CHUNK_BYTES // 256 + 7)   # > 3 frames
     c.send_data(sid, payload)
     wire = c.data_to_send()
