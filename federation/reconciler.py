@@ -52,7 +52,7 @@ from clusters.observation import ClusterObservation
 from federation.rotation_gate import ca_spec_from_dict, ca_spec_to_dict, ca_specs_of, gate_commit
 from gitops.model import CaSpec, ConfigSnapshot
 from gitops.problems import Problem
-from ztunnel.config import ProxyConfig
+from ztunnel.config import ProxyConfig, ProxyMode
 
 DEBOUNCE_AFTER_S = 0.1
 DEBOUNCE_MAX_S = 10.0
@@ -517,7 +517,7 @@ class CoreRender:
         if not services:
             return []
         localities = sorted({spec.locality for spec in self._renderer.proxy_specs()
-                             if spec.mode.value == "node"}, key=repr)
+                             if spec.mode is ProxyMode.NODE}, key=repr)
         events: list[Any] = []
         for key in sorted(services, key=str):
             if key not in self._engine.policies:

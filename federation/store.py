@@ -219,22 +219,17 @@ class Store:
             where.append("at_s >= ?")
             args.append(since_s)
         # the newest `limit` events, oldest first (a long-running controller has more than anyone reads)
-        sql = ("SELECT at_s, service, kind, from_cluster, to_cluster, trigger, policy_file, revision, detail "
-               "FROM failover_events" + (" WHERE " + " AND ".join(where) if where else "")
+        sql = (_FAILOVER_SELECT + (" WHERE " + " AND ".join(where) if where else "")
                + " ORDER BY at_s DESC, id DESC LIMIT ?")
-        rows = self._query(sql, [*args, limit])
-        return [FailoverRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], json.loads(r[8]))
-                for r in reversed(rows)]
+        return [_failover_record(r) for r in reversed(self._query(sql, [*args, limit]))]
 
     def active_failovers(self) -> list[FailoverRecord]:
         """Per (service, client cluster), the last FailedOver not yet followed by a FailedBack."""
-        sql = ("SELECT at_s, service, kind, from_cluster, to_cluster, trigger, policy_file, revision, detail "
-               "FROM failover_events f WHERE kind = 'FailedOver' AND id = ("
+        sql = (_FAILOVER_SELECT + " f WHERE kind = 'FailedOver' AND id = ("
                "  SELECT MAX(id) FROM failover_events g WHERE g.service = f.service"
                "  AND g.from_cluster = f.from_cluster AND g.kind IN ('FailedOver', 'FailedBack'))"
                " ORDER BY at_s, id")
-        rows = self._query(sql, [])
-        return [FailoverRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], json.loads(r[8])) for r in rows]
+        return [_failover_record(r) for r in self._query(sql, [])]
 
     # --- CA metadata ---------------------------------------------------------------------------
 
@@ -278,6 +273,14 @@ class Store:
     def applied_ca_specs(self) -> dict[str, Any] | None:
         rows = self._query("SELECT value FROM meta WHERE key='applied_ca_specs'")
         return dict(json.loads(rows[0][0])) if rows else None
+
+
+_FAILOVER_SELECT = ("SELECT at_s, service, kind, from_cluster, to_cluster, trigger, policy_file, revision, detail "
+                    "FROM failover_events")
+
+
+def _failover_record(r: Any) -> FailoverRecord:
+    return FailoverRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], json.loads(r[8]))
 
 
 def _hostname_pattern(service: str) -> str:
