@@ -21,7 +21,7 @@ demo: venv system
 	$(BIN)/meshfed demo
 
 lint: venv
-	$(BIN)/ruff check gitops federation ztunnel clusters tests benchmarks
+	$(BIN)/ruff check gitops federation ztunnel clusters chaos tests benchmarks
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

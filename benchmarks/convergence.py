@@ -7,7 +7,7 @@ prints progress lines and, as its last line, one JSON object: per proxy count (`
 median over `--rounds` rounds; the top-level keys repeat the first size's figures.
 
 What runs: the controller side in this process — `Reconciler` (debounce 100 ms / 10 s, as istiod)
-with the real core renderer (`federation.reconciler.CoreRender`: graph, failover engine, render)
+with the real core renderer (`federation.controller.reconciler.CoreRender`: graph, failover engine, render)
 pushing into the `ConfigDistributor` of a real gRPC `ConfigServer` on loopback.
 
 The fleet (`--renderer core`, the default): `benchmarks.graph.synthetic` with `--clusters`
@@ -24,7 +24,7 @@ older stand-in: every proxy sees every service of one cluster, rendered without 
 The proxies: by default `benchmarks.simproxy.LiteProxy`s (the protocol's rules over resources
 kept as bytes, one connection each, all on one event loop) in `--proxy-workers` separate
 processes, so that the figures are the controller's rather than the simulated data planes' (they
-share the 2 cores); `--client xds` runs real `ztunnel.xds.XdsClient`s instead.
+share the 2 cores); `--client xds` runs real `ztunnel.xds.client.XdsClient`s instead.
 
 The clock starts when the trigger arrives at the reconciler (a new snapshot for a "commit", a
 new observation for an "endpoint change") and stops at the last ACK of a proxy whose desired
@@ -52,11 +52,18 @@ from typing import Any
 
 from benchmarks.graph import synthetic
 from benchmarks.simproxy import SimProxy, header, run_lite_fleet
-from clusters.observation import ClusterObservation, EndpointInfo
-from federation.grpc_server import AckEvent, ConfigDistributor, ConfigServer, SyncState, wait_until
-from federation.reconciler import CoreRender, Debouncer, Reconciler, RenderFn, RenderInput, RenderOutput
+from clusters.kube.observation import ClusterObservation, EndpointInfo
+from federation.controller.reconciler import (
+    CoreRender,
+    Debouncer,
+    Reconciler,
+    RenderFn,
+    RenderInput,
+    RenderOutput,
+)
+from federation.server.grpc_services import AckEvent, ConfigDistributor, ConfigServer, SyncState, wait_until
 from gitops.model import ConfigSnapshot, Federation, Revision
-from ztunnel.config import Endpoint, ProxyConfig, Service, ServicePortMap, Stamp
+from ztunnel.api.config import Endpoint, ProxyConfig, Service, ServicePortMap, Stamp
 
 CLUSTER = "a"
 EXPORTS_PER_SERVICE = 3

@@ -265,7 +265,7 @@ def framer_microbench() -> dict[str, float]:
     import h2.config
     import h2.connection
 
-    from ztunnel.hbone import DataReceived, HboneConnection, Role
+    from ztunnel.hbone.framer import DataReceived, HboneConnection, Role
 
     payload = b"\0" * 16_384
     n = 2000
@@ -344,9 +344,9 @@ def main() -> None:
     rounds = 1 if args.quick else max(1, args.rounds)
     t_start = time.monotonic()
     sys.path.insert(0, str(ROOT))
-    from federation.ca import TrustDomainCA
+    from federation.controller.ca import TrustDomainCA
     from tests.integration import dataplane_topology as topo
-    from ztunnel.config import ProxyMode
+    from ztunnel.api.config import ProxyMode
 
     tmp = Path(tempfile.mkdtemp(prefix="meshfed-bench-"))
     procs: list[subprocess.Popen[bytes]] = []

@@ -29,11 +29,11 @@ import sys
 import time
 from types import MappingProxyType
 
-from clusters.observation import ClusterObservation, EndpointInfo, NodeInfo, ServicePortInfo
-from federation.failover import FailoverEngine
-from federation.graph import EndpointGraph
-from federation.render import Renderer
-from federation.trust_graph import TrustGraph
+from clusters.kube.observation import ClusterObservation, EndpointInfo, NodeInfo, ServicePortInfo
+from federation.core.failover import FailoverEngine
+from federation.core.graph import EndpointGraph
+from federation.core.render import Renderer
+from federation.core.trust_graph import TrustGraph
 from gitops.model import (
     Cluster,
     ClusterApi,

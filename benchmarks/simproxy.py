@@ -1,4 +1,4 @@
-"""Simulated proxies: real `ztunnel.xds.XdsClient`s with an in-memory data plane, and lite ones.
+"""Simulated proxies: real `ztunnel.xds.client.XdsClient`s with an in-memory data plane, and lite ones.
 
 Used by the controller integration tests and the convergence benchmark. A `MemorySink` keeps the
 applied config, can be told to reject (NACK) or to be slow, and records when each revision was
@@ -23,18 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ztunnel.config import Endpoint, ProxyConfig, ProxyMode, Service, ServicePortMap, Stamp
-from ztunnel.proto import meshfed_pb2 as pb
-from ztunnel.xds import (
-    CONFIG_METHOD,
-    PROXY_ID_METADATA,
-    Backoff,
-    Subscription,
-    XdsClient,
-    header_to_pb,
-    stamp_from_pb,
-    stamp_to_pb,
-)
+from ztunnel.api.codec import CONFIG_METHOD, PROXY_ID_METADATA, header_to_pb, stamp_from_pb, stamp_to_pb
+from ztunnel.api.config import Endpoint, ProxyConfig, ProxyMode, Service, ServicePortMap, Stamp
+from ztunnel.api.proto import meshfed_pb2 as pb
+from ztunnel.xds.client import Backoff, Subscription, XdsClient
 
 
 @dataclass
@@ -113,7 +105,7 @@ class SimProxy:
 
 
 class LiteProxy:
-    """The protocol rules of `ztunnel.xds.Subscription` over resources kept as wire bytes.
+    """The protocol rules of `ztunnel.xds.client.Subscription` over resources kept as wire bytes.
 
     Invariants: `stamp` only moves to a strictly newer (epoch, version); a delta applies only on
     the version it names as its base (0 = full state); a refused response changes nothing."""

@@ -23,14 +23,14 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ztunnel.admin import AdminServer, Telemetry
-from ztunnel.config import ProxyMode, proxy_config_to_dict
-from ztunnel.gateway import GatewayProxy
-from ztunnel.node import Credentials, HealthSink, NodeProxy, ProxyBase, ProxyOptions
-from ztunnel.state import ApplyResult, ProxyState, load_config_file, parse_host_port
+from ztunnel.api.config import ProxyMode, proxy_config_to_dict
+from ztunnel.proxy.admin import AdminServer, Telemetry
+from ztunnel.proxy.gateway import GatewayProxy
+from ztunnel.proxy.node import Credentials, HealthSink, NodeProxy, ProxyBase, ProxyOptions
+from ztunnel.xds.state import ApplyResult, ProxyState, load_config_file, parse_host_port
 
 if TYPE_CHECKING:  # controller mode only: gRPC/protobuf cost ~5 MB RSS, standalone proxies skip them
-    from ztunnel.controlplane import ControllerLink
+    from ztunnel.xds.controlplane import ControllerLink
 
 
 def cert_file_names(identity: str) -> tuple[str, str]:
@@ -153,8 +153,8 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
 
 async def _join(args: argparse.Namespace, state: ProxyState,
                 creds: Credentials) -> tuple[ControllerLink, list[asyncio.Task[Any]]]:
-    """Controller mode: bootstrap, subscribe, wait for a config and its certificates (ztunnel.controlplane)."""
-    from ztunnel.controlplane import LinkOptions, join_controller
+    """Controller mode: bootstrap, subscribe, wait for a config and its certificates (ztunnel.xds.controlplane)."""
+    from ztunnel.xds.controlplane import LinkOptions, join_controller
     if not (args.proxy_id and args.trust_domain and args.controller_roots and args.bootstrap):
         raise SystemExit("--controller needs --bootstrap, --proxy-id, --trust-domain and --controller-roots")
     log = Telemetry(args.proxy_id, sys.stderr if args.access_log == "stderr" else None).log

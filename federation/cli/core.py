@@ -1,7 +1,7 @@
 """`meshfed explain` and `meshfed graph`: the federation core, offline, on a fleet repo.
 
 Both load the working tree at PATH (`gitops.load_worktree`), stand the declared LabClusters in for
-discovery (`federation.offline`), build the graph, trust graph and failover engine, and print.
+discovery (`federation.core.offline`), build the graph, trust graph and failover engine, and print.
 Exit codes: 0 ok, 1 the answer contains problems (explain: untrusted routes or nothing to route
 to), 2 could not complete (unreadable or invalid repo), 64 usage (unknown service or cluster).
 """
@@ -15,9 +15,9 @@ import click
 
 import gitops
 from federation.cli.output import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, emit_data, fail, output_option
-from federation.explain import ExplainError, explain_service, explain_text
-from federation.failover import FailoverEngine, build_engine
-from federation.offline import offline_observations
+from federation.core.explain import ExplainError, explain_service, explain_text
+from federation.core.failover import FailoverEngine, build_engine
+from federation.core.offline import offline_observations
 from gitops.problems import FleetError, RepoAccessError
 
 

@@ -13,7 +13,7 @@
 5. kill checkout's backends in the first cluster and show its traffic fail over to the next one
    in priority order; restore them and show failback (the canary's share is left out of these
    figures: it runs in the first cluster and the fault does not touch it);
-6. print the measured figures (federation.chaos) and write the report (federation.report);
+6. print the measured figures (chaos.analysis) and write the report (chaos.report);
 7. tear everything down unless --keep.
 """
 
@@ -61,10 +61,8 @@ def _print_status(url: str) -> None:
 
 
 def run_demo(fleet: Path, state_dir: Path, out_dir: Path, keep: bool) -> int:
-    from clusters.local.lab import LabError
-    from clusters.local.sandbox import SandboxUnavailable
-    from federation.chaos import summarize
-    from federation.demo import (
+    from chaos.analysis import summarize
+    from chaos.demo import (
         CANARY_WORKLOAD,
         SERVICE_HOST,
         DemoError,
@@ -78,7 +76,9 @@ def run_demo(fleet: Path, state_dir: Path, out_dir: Path, keep: bool) -> int:
         without_canary,
         workload_of,
     )
-    from federation.report import write_report
+    from chaos.report import write_report
+    from clusters.lab.sandbox import SandboxUnavailable
+    from clusters.lab.supervisor import LabError
 
     fed = LabFederation(fleet, state_dir)
     t_start = time.monotonic()

@@ -106,8 +106,8 @@ def _with_effects(result: PlanResult, old: gitops.ConfigSnapshot, new: gitops.Co
     Offline, the observation is what the LabCluster objects declare (the same model `explain`
     uses); an unchanged mesh adds no effect, so a comment-only commit still plans as "no changes".
     """
-    from federation.offline import offline_observations
-    from federation.planning import plan_effects
+    from federation.core.offline import offline_observations
+    from federation.core.planning import plan_effects
 
     observations = {o.cluster: o for o in offline_observations(old)}
     observations.update({o.cluster: o for o in offline_observations(new)})

@@ -1,6 +1,6 @@
 """`meshfed lab`: the local lab (network namespaces in a private sandbox) — up, status, down, faults.
 
-The work is done by `clusters.local.lab.LabRunner`; this module only parses arguments, loads the
+The work is done by `clusters.lab.supervisor.LabRunner`; this module only parses arguments, loads the
 fleet repo (the topology comes from its Cluster and LabCluster objects) and prints.
 The state directory defaults to $MESHFED_LAB_DIR or /tmp/meshfed-lab; `lab.json` in it describes
 what runs where, `kubeconfig` has one context per lab cluster (`kubectl --context lab-east …`).
@@ -38,7 +38,7 @@ state_dir_option = click.option("--state-dir", "state_dir", default=None, metava
 
 
 def _runner(state_dir: str | None, **opts: Any) -> Any:
-    from clusters.local.lab import LabError, LabOptions, LabRunner
+    from clusters.lab.supervisor import LabError, LabOptions, LabRunner
 
     try:
         return LabRunner(LabOptions(_state_dir(state_dir), **opts))
@@ -47,7 +47,7 @@ def _runner(state_dir: str | None, **opts: Any) -> Any:
 
 
 def _lab_error() -> type[Exception]:
-    from clusters.local.lab import LabError
+    from clusters.lab.supervisor import LabError
 
     return LabError
 
@@ -67,8 +67,8 @@ def lab() -> None:
 def up(fleet: str, state_dir: str | None, no_ztunnel: bool, no_controller: bool, output: str) -> None:
     """Build the lab from the fleet repo and leave it running."""
     import gitops
-    from clusters.local.sandbox import SandboxUnavailable
-    from clusters.local.topology import PlanError
+    from clusters.lab.sandbox import SandboxUnavailable
+    from clusters.lab.topology import PlanError
     from gitops.problems import FleetError
 
     path = Path(fleet)

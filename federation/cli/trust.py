@@ -31,7 +31,7 @@ import gitops
 from federation.cli.output import EXIT_OK, EXIT_PROBLEMS, emit_data, fail, output_option, stdout, table
 from gitops.model import CaMode, TrustDomain
 from gitops.problems import FleetError, RepoAccessError
-from ztunnel.bundle import BundleError, SpiffeBundle, fingerprint_sha256, parse_bundle
+from ztunnel.api.bundle import BundleError, SpiffeBundle, fingerprint_sha256, parse_bundle
 
 EXPIRY_WARNING_S = 30 * 24 * 3600.0
 

@@ -1,7 +1,7 @@
 """Test topology for the data plane on loopback: trust domains, workloads, services, configs.
 
 Addresses live in 127.55.0.0/16 (all loopback): nodes 127.55.<cluster>.1x, pods 127.55.<cluster>.1xx,
-gateways 127.55.<cluster>.250. Certificates come from federation.ca (tests may import it)."""
+gateways 127.55.<cluster>.250. Certificates come from federation.controller.ca (tests may import it)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from federation.ca import TrustDomainCA
-from ztunnel.config import (
+from federation.controller.ca import TrustDomainCA
+from ztunnel.api.config import (
     Authorization,
     Endpoint,
     OutlierPolicy,
@@ -49,7 +49,7 @@ def svid(identity: str, td: str | None = None) -> tuple[bytes, bytes]:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from ztunnel.identity import SpiffeId
+    from ztunnel.api.identity import SpiffeId
     key = ec.generate_private_key(ec.SECP256R1())
     chain = ca(td)._sign_leaf(SpiffeId.parse(identity), key.public_key(), time.time(), None)
     key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,

@@ -12,10 +12,10 @@ import dataclasses
 import pytest
 
 from tests.integration import dataplane_topology as topo
-from ztunnel.config import Authorization, AuthzMatch, ProxyMode
-from ztunnel.gateway import GatewayProxy
-from ztunnel.node import Credentials, NodeProxy, ProxyOptions
-from ztunnel.state import ProxyState
+from ztunnel.api.config import Authorization, AuthzMatch, ProxyMode
+from ztunnel.proxy.gateway import GatewayProxy
+from ztunnel.proxy.node import Credentials, NodeProxy, ProxyOptions
+from ztunnel.xds.state import ProxyState
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -108,7 +108,7 @@ async def test_destination_authorization_applies_through_the_gateway() -> None:
 async def test_proxy_v2_header_carries_the_clients_identity_through_the_gateway() -> None:
     """Through double HBONE the destination's PROXY v2 header names the *client* (end-to-end mTLS),
     never the gateway."""
-    from clusters.local.demo_server import parse_proxy_v2
+    from clusters.lab.demo_server import parse_proxy_v2
 
     a, g, w, echo = await build(proxy_v2=True)
     try:

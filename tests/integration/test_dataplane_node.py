@@ -12,10 +12,10 @@ from dataclasses import dataclass, replace
 import pytest
 
 from tests.integration import dataplane_topology as topo
-from ztunnel.config import Authorization, AuthzMatch, OutlierPolicy, ProxyConfig
-from ztunnel.hbone import HboneSettings
-from ztunnel.node import Credentials, NodeProxy, ProxyOptions
-from ztunnel.state import ProxyState
+from ztunnel.api.config import Authorization, AuthzMatch, OutlierPolicy, ProxyConfig
+from ztunnel.hbone.framer import HboneSettings
+from ztunnel.proxy.node import Credentials, NodeProxy, ProxyOptions
+from ztunnel.xds.state import ProxyState
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -109,7 +109,7 @@ async def test_labelled_pod_gets_proxy_v2_header_with_verified_identity() -> Non
     """A pod labelled `networking.meshfed.dev/inbound-proxy-protocol: v2` receives a PROXY v2 header
     with the caller's verified SPIFFE ID (TLV 0xD0) before the tunnel bytes; parsed here with the lab
     demo server's own parser (an independent reader of the format)."""
-    from clusters.local.demo_server import PROXY_LABEL, parse_proxy_v2
+    from clusters.lab.demo_server import PROXY_LABEL, parse_proxy_v2
 
     echo = await topo.EchoServer(SERVER.address).start()
     port = topo.free_port(CLIENT.node_address)
@@ -349,8 +349,8 @@ async def test_route_weights_split_connections_between_backend_services_and_fall
     import json
     import random
 
-    from ztunnel.admin import Telemetry
-    from ztunnel.config import WeightedBackend
+    from ztunnel.api.config import WeightedBackend
+    from ztunnel.proxy.admin import Telemetry
 
     v1 = await topo.EchoServer(SERVER.address, prefix=b"v1:").start()
     v2 = await topo.EchoServer(SERVER2.address, prefix=b"v2:").start()

@@ -4,7 +4,7 @@ once at the trust-domain check (bundle known, no federatesWith edge).
 
 The peers are this file run as a program (`python -m tests.integration.test_mtls_handshake
 server|client DIR …`): each loads its SVID, key and trust configuration from DIR, builds the
-`ztunnel.tls` contexts and reports what happened as JSON lines on stdout.
+`ztunnel.identity.tls` contexts and reports what happened as JSON lines on stdout.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ IDS = {EAST: f"spiffe://{EAST}/ns/shop/sa/api", WEST: f"spiffe://{WEST}/ns/web/s
 # --- the peer program --------------------------------------------------------------------------
 
 def _load_peer(d: Path) -> tuple[bytes, bytes, Any, str]:
-    from ztunnel.bundle import parse_bundle
-    from ztunnel.verify import TrustStore
+    from ztunnel.api.bundle import parse_bundle
+    from ztunnel.api.verify import TrustStore
 
     cfg = json.loads((d / "trust.json").read_text())
     bundles = {td: list(parse_bundle((d / f).read_bytes(), td).authorities) for td, f in cfg["bundles"].items()}
@@ -44,8 +44,8 @@ def _say(**event: Any) -> None:
 
 
 def serve(d: Path, count: int) -> None:
-    from ztunnel import tls
-    from ztunnel.verify import PeerVerificationError
+    from ztunnel.api.verify import PeerVerificationError
+    from ztunnel.identity import tls
 
     chain, key, store, local = _load_peer(d)
     ctx = tls.server_context(chain, key, store)
@@ -70,8 +70,8 @@ def serve(d: Path, count: int) -> None:
 
 
 def dial(d: Path, port: int, expected: str) -> int:
-    from ztunnel import tls
-    from ztunnel.verify import PeerVerificationError
+    from ztunnel.api.verify import PeerVerificationError
+    from ztunnel.identity import tls
 
     chain, key, store, local = _load_peer(d)
     ctx = tls.client_context(chain, key, store)
@@ -97,7 +97,7 @@ def dial(d: Path, port: int, expected: str) -> int:
 
 def _write_peer(base: Path, name: str, svid: Any, local: str, bundles: dict[str, Any],
                 federated: dict[str, list[str]]) -> Path:
-    from ztunnel.bundle import emit_bundle
+    from ztunnel.api.bundle import emit_bundle
 
     d = base / name
     d.mkdir(mode=0o700)
@@ -123,7 +123,7 @@ def _events(out: str) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def peers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from federation.ca import TrustDomainCA
+    from federation.controller.ca import TrustDomainCA
 
     now = time.time()
     cas = {td: TrustDomainCA.create(td, now_s=now - 3600) for td in (EAST, WEST, SOUTH)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from federation.status_api import MAX_POST_BODY_BYTES, StatusServer
+from federation.server.status_api import MAX_POST_BODY_BYTES, StatusServer
 
 
 class Source:

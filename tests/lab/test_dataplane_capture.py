@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from clusters.local.demo_server import PROXY_LABEL
-from clusters.local.lab import proxy_argv
-from clusters.local.topology import NetnsName, NodePlan, capture_rules, run_iptables
+from clusters.lab.demo_server import PROXY_LABEL
+from clusters.lab.supervisor import proxy_argv
+from clusters.lab.topology import NetnsName, NodePlan, capture_rules, run_iptables
 from tests.integration import dataplane_topology as topo
 
 pytestmark = pytest.mark.timeout(120)
@@ -150,7 +150,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         logs["pod"] = tmp / "pod-b.log"
         with open(logs["pod"], "wb") as log:
             procs["pod"] = subprocess.Popen(
-                ["ip", "netns", "exec", NS["pb"], sys.executable, "-m", "clusters.local.demo_server",
+                ["ip", "netns", "exec", NS["pb"], sys.executable, "-m", "clusters.lab.demo_server",
                  "--cluster", "lab", "--namespace", "shop", "--pod", "server", "--node", "nb",
                  "--address", POD_B, "--port", str(APP_PORT)],
                 cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)

@@ -32,8 +32,8 @@ from typing import Any
 
 import pytest
 
-from federation.chaos import ChaosFigures, summarize
-from federation.demo import (
+from chaos.analysis import ChaosFigures, summarize
+from chaos.demo import (
     CANARY_WORKLOAD,
     LabFederation,
     backend_split,
@@ -57,7 +57,7 @@ def _print(*parts: Any) -> None:
 
 @pytest.fixture(scope="module")
 def fed() -> Iterator[LabFederation]:
-    from clusters.local.lab import LabError
+    from clusters.lab.supervisor import LabError
 
     f = LabFederation(REPO / "examples" / "fleet", STATE_DIR)
     try:

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from clusters.local.lab import LabOptions, LabRunner
-from clusters.local.topology import plan_lab
+from clusters.lab.supervisor import LabOptions, LabRunner
+from clusters.lab.topology import plan_lab
 from tests.unit.lab.fleet_fixture import fleet
 
 REPO = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from clusters.apiserver import EmulatedApiServer, objects_from_observation
+from clusters.lab.apiserver import EmulatedApiServer, objects_from_observation
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 EXAMPLE_FLEET = REPO_ROOT / "examples" / "fleet"
@@ -20,7 +20,7 @@ CLUSTERS = ("east", "west", "south")
 
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
-    from federation.ray_host import init_ray
+    from federation.ray.actors import init_ray
 
     os.environ.setdefault("RAY_USE_UVLOOP", "0")
     init_ray(None, num_cpus=2)
@@ -57,7 +57,7 @@ def free_port() -> int:
 def emulated_clusters(tmp_path: Path, fleet_repo: Path) -> Iterator[tuple[dict[str, EmulatedApiServer], Path]]:
     """One emulated API server per example cluster, seeded from the lab model; a kubeconfig for all."""
     import gitops
-    from federation.offline import offline_observations
+    from federation.core.offline import offline_observations
 
     snap = gitops.load_worktree(fleet_repo)
     kubeconfig = tmp_path / "kubeconfig"

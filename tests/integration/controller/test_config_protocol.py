@@ -9,8 +9,8 @@ from dataclasses import replace
 import pytest
 
 from benchmarks.simproxy import MemorySink, SimProxy, make_config
-from federation.grpc_server import ConfigDistributor, ConfigServer, SyncState, wait_until
-from ztunnel.config import Stamp
+from federation.server.grpc_services import ConfigDistributor, ConfigServer, SyncState, wait_until
+from ztunnel.api.config import Stamp
 
 
 @pytest.fixture()

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from benchmarks.simproxy import MemorySink, SimProxy
-from clusters.apiserver import EmulatedApiServer
-from federation.grpc_server import wait_until
-from federation.ray_host import Controller, ControllerOptions
+from clusters.lab.apiserver import EmulatedApiServer
+from federation.ray.actors import Controller, ControllerOptions
+from federation.server.grpc_services import wait_until
 from tests.integration.controller.conftest import free_port, git
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -134,8 +134,8 @@ async def test_ca_refuses_foreign_csr(fleet_repo: Path, tmp_path: Path,
                                       emulated_clusters: tuple[dict[str, EmulatedApiServer], Path]) -> None:
     import grpc.aio
 
-    from ztunnel.certmanager import generate_key_and_csr
-    from ztunnel.xds import proxy_spiffe_id, request_certificate
+    from ztunnel.api.identity import generate_key_and_csr, proxy_spiffe_id
+    from ztunnel.xds.client import request_certificate
 
     _servers, kubeconfig = emulated_clusters
     port = free_port()

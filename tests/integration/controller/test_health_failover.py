@@ -17,12 +17,12 @@ import pytest
 from click.testing import CliRunner
 
 from benchmarks.simproxy import SimProxy
-from clusters.apiserver import EmulatedApiServer
+from clusters.lab.apiserver import EmulatedApiServer
 from federation.cli.main import cli
-from federation.grpc_server import wait_until
+from federation.server.grpc_services import wait_until
 from tests.integration.controller.conftest import free_port, git
 from tests.integration.controller.test_controller import rendered_proxies, start_controller
-from ztunnel.proto import meshfed_pb2 as pb
+from ztunnel.api.proto import meshfed_pb2 as pb
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

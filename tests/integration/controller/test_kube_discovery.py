@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from clusters.apiserver import EmulatedApiServer
-from clusters.kube import KubeDiscovery
-from clusters.observation import ClusterObservation
+from clusters.kube.discovery import KubeDiscovery
+from clusters.kube.observation import ClusterObservation
+from clusters.lab.apiserver import EmulatedApiServer
 from tests.integration.controller import kobjects as k
 
 
@@ -81,7 +81,7 @@ def test_watch_sees_changes_and_deletions(apiserver: EmulatedApiServer, tmp_path
 
 
 def test_unreachable_context_names_the_fix(tmp_path: Path) -> None:
-    from clusters.kube import DiscoveryError
+    from clusters.kube.discovery import DiscoveryError
 
     with pytest.raises(DiscoveryError, match="lab-missing"):
         KubeDiscovery("a", str(tmp_path / "nope"), "lab-missing").list_all()

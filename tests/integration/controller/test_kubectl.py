@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from clusters.apiserver import EmulatedApiServer
+from clusters.lab.apiserver import EmulatedApiServer
 from tests.integration.controller import kobjects as k
 
 KUBECTL = shutil.which("kubectl")

@@ -1,8 +1,8 @@
 """mTLS on the config protocol, on loopback: bootstrap token -> SVID -> subscription, and refusals.
 
-The controller's config server (`federation.ray_host.ConfigServerHost`, a plain class; no Ray
+The controller's config server (`federation.ray.actors.ConfigServerHost`, a plain class; no Ray
 needed here) runs with TLS and the CAs of the example fleet. Simulated proxies are real
-`XdsClient`s over `ztunnel.xds.secure_channel` (target-name override: the controller's
+`XdsClient`s over `ztunnel.xds.client.secure_channel` (target-name override: the controller's
 certificate carries the DNS name `CONTROLLER_TLS_NAME`, the proxies' SVIDs none).
 """
 
@@ -19,20 +19,13 @@ import pytest
 
 import gitops
 from benchmarks.simproxy import SimProxy, make_config
-from federation.agents import encode_snapshot
-from federation.ca import TrustDomainCA
-from federation.ray_host import BOOTSTRAP_TOKENS_FILE, CONTROLLER_ROOTS_FILE, ConfigServerHost
-from ztunnel.certmanager import generate_key_and_csr
-from ztunnel.proto import meshfed_pb2 as pb
-from ztunnel.xds import (
-    CONFIG_METHOD,
-    HEALTH_METHOD,
-    Svid,
-    bootstrap_svid,
-    proxy_spiffe_id,
-    request_certificate,
-    secure_channel,
-)
+from federation.controller.ca import TrustDomainCA
+from federation.controller.sources import encode_snapshot
+from federation.ray.actors import BOOTSTRAP_TOKENS_FILE, CONTROLLER_ROOTS_FILE, ConfigServerHost
+from ztunnel.api.codec import CONFIG_METHOD, HEALTH_METHOD
+from ztunnel.api.identity import generate_key_and_csr, proxy_spiffe_id
+from ztunnel.api.proto import meshfed_pb2 as pb
+from ztunnel.xds.client import Svid, bootstrap_svid, request_certificate, secure_channel
 
 EXAMPLE_FLEET = Path(__file__).resolve().parents[3] / "examples" / "fleet"
 EAST_TD = "east.mesh.local"
@@ -89,7 +82,7 @@ async def test_bootstrap_then_subscribe_over_mtls(ctl: Ctl) -> None:
     ctl.host.dist.set_desired({pid: make_config(pid, "rev1", cluster="east")})
     proxy = SimProxy(pid, ctl.target, cluster="east", channel_factory=svid.channel_factory(ctl.target)).start()
     try:
-        from federation.grpc_server import wait_until
+        from federation.server.grpc_services import wait_until
 
         assert await wait_until(lambda: proxy.revision == "rev1", 10), proxy.client.last_error
         st = {s["proxy"]: s for s in ctl.host.dist.status()}[pid]
@@ -140,7 +133,7 @@ async def test_pooled_ca_forgery_of_another_trust_domains_proxy_is_refused(ctl: 
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from ztunnel.identity import SpiffeId
+    from ztunnel.api.identity import SpiffeId
 
     key = ec.generate_private_key(ec.SECP256R1())
     forged_id = SpiffeId.parse("spiffe://east.mesh.local/ns/meshfed-system/sa/ztunnel.east.node-1")

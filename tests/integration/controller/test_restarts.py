@@ -21,14 +21,14 @@ import ray
 from click.testing import CliRunner
 
 from benchmarks.simproxy import SimProxy
-from clusters.apiserver import EmulatedApiServer
+from clusters.lab.apiserver import EmulatedApiServer
 from federation.cli.main import cli
-from federation.grpc_server import wait_until
-from federation.store import Store
+from federation.controller.store import Store
+from federation.server.grpc_services import wait_until
 from tests.integration.controller.conftest import free_port, git
 from tests.integration.controller.test_controller import rendered_proxies, start_controller
-from ztunnel.certmanager import generate_key_and_csr
-from ztunnel.xds import proxy_spiffe_id, request_certificate
+from ztunnel.api.identity import generate_key_and_csr, proxy_spiffe_id
+from ztunnel.xds.client import request_certificate
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

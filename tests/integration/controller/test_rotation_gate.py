@@ -2,7 +2,7 @@
 
 `ConfigServerHost` (CA in the state directory, `sign()` from CSRs, the sqlite store) and the
 `Reconciler` with the real `CoreRender` whose `bundle_roots` loads the CAs, wired as
-`federation.ray_host.ReconcilerHost` wires them (there through Ray calls, here directly). The
+`federation.ray.actors.ReconcilerHost` wires them (there through Ray calls, here directly). The
 example fleet is committed stage by stage; unsafe commits are rejected with MF0407, never load
 their CAs (no key for a skipped root, no signer switch), and show up in `meshfed check`'s view.
 """
@@ -17,14 +17,13 @@ import pytest
 from cryptography import x509
 
 import gitops
-from federation.agents import encode_snapshot
-from federation.grpc_server import Requester
-from federation.ray_host import ConfigServerHost, build_checks
-from federation.reconciler import CoreRender, Reconciler
-from federation.rotation import DEFAULT_RETIRE_MARGIN_S
+from federation.controller.reconciler import CoreRender, Reconciler
+from federation.controller.sources import encode_snapshot
+from federation.core.rotation import DEFAULT_RETIRE_MARGIN_S
+from federation.ray.actors import ConfigServerHost, build_checks
+from federation.server.grpc_services import Requester
 from gitops.model import CaRoot, CaSpec, ConfigSnapshot, Revision
-from ztunnel.certmanager import generate_key_and_csr
-from ztunnel.xds import proxy_spiffe_id
+from ztunnel.api.identity import generate_key_and_csr, proxy_spiffe_id
 
 from .conftest import EXAMPLE_FLEET
 
@@ -133,10 +132,10 @@ def test_rotation_stages_through_config_server_and_reconciler(base: ConfigSnapsh
 def test_a_restart_on_an_unsafe_head_serves_the_last_applied_revision(fleet_repo: Path, tmp_path: Path) -> None:
     """`last_applied_if_gated`: what the Git source and the driver use after a restart, so that a
     rejected head neither leaves the reconciler without a snapshot nor loads its CAs at start."""
-    from federation.agents import GitSource
-    from federation.ray_host import last_applied_if_gated
-    from federation.rotation_gate import ca_spec_to_dict, ca_specs_of
-    from federation.store import Store
+    from federation.controller.sources import GitSource
+    from federation.controller.store import Store
+    from federation.core.rotation_gate import ca_spec_to_dict, ca_specs_of
+    from federation.ray.actors import last_applied_if_gated
 
     from .conftest import git
 

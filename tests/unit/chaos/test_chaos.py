@@ -1,4 +1,4 @@
-"""federation.chaos figures and federation.report, on synthetic open-loop request sequences.
+"""chaos.analysis figures and chaos.report, on synthetic open-loop request sequences.
 
 Requests are due every 10 ms from T0 (100 req/s); the fault is injected at T0 + 0.495 s, i.e. 5 ms
 before request #50 starts, so "first request after the fault" figures come out at 5 ms + k·10 ms.
@@ -15,8 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clusters.local.loadgen import Outcome
-from federation.chaos import (
+from chaos.analysis import (
     PHASE_AFTER,
     PHASE_BEFORE,
     PHASE_DURING,
@@ -27,8 +26,9 @@ from federation.chaos import (
     records_from_jsonl,
     summarize,
 )
-from federation.chaos import TimelineEvent as Ev
-from federation.report import render_markdown, write_report
+from chaos.analysis import TimelineEvent as Ev
+from chaos.report import render_markdown, write_report
+from clusters.lab.loadgen import Outcome
 
 T0 = 1_000.0
 STEP_S = 0.010

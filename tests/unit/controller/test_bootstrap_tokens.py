@@ -8,7 +8,7 @@ import stat
 from pathlib import Path
 from types import SimpleNamespace
 
-from federation.ray_host import BOOTSTRAP_TOKENS_FILE, CONTROLLER_ROOTS_FILE, ConfigServerHost
+from federation.ray.actors import BOOTSTRAP_TOKENS_FILE, CONTROLLER_ROOTS_FILE, ConfigServerHost
 
 
 def test_tokens_are_written_privately_and_not_through_a_planted_temp_symlink(tmp_path: Path) -> None:

@@ -8,10 +8,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import gitops
-from clusters.observation import ClusterObservation
-from federation.events import FailedBack, FailedOver
-from federation.offline import offline_observations
-from federation.reconciler import CoreRender, RenderInput
+from clusters.kube.observation import ClusterObservation
+from federation.controller.reconciler import CoreRender, RenderInput
+from federation.core.events import FailedBack, FailedOver
+from federation.core.offline import offline_observations
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "fleet"
 CHECKOUT = "checkout.shop.svc.clusterset.local"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from clusters.apiserver import objects_from_observation
-from clusters.kube import KINDS, ClusterCache, LabelSelector
-from clusters.observation import ClusterObservation, EndpointInfo, NodeInfo, ServiceInfo, ServicePortInfo
+from clusters.kube.discovery import KINDS, ClusterCache, LabelSelector
+from clusters.kube.observation import ClusterObservation, EndpointInfo, NodeInfo, ServiceInfo, ServicePortInfo
+from clusters.lab.apiserver import objects_from_observation
 
 
 @pytest.mark.parametrize(("selector", "labels", "match"), [

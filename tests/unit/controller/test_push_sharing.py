@@ -11,10 +11,11 @@ from dataclasses import replace
 import pytest
 
 from benchmarks.simproxy import make_config
-from federation.grpc_server import ConfigDistributor, ConfigServer, SyncState
-from ztunnel.config import Stamp, Workload, canonical, diff_configs
-from ztunnel.proto import meshfed_pb2 as pb
-from ztunnel.xds import Subscription, decode_delta, encode_delta
+from federation.server.grpc_services import ConfigDistributor, ConfigServer, SyncState
+from ztunnel.api.codec import decode_delta, encode_delta
+from ztunnel.api.config import Stamp, Workload, canonical, diff_configs
+from ztunnel.api.proto import meshfed_pb2 as pb
+from ztunnel.xds.client import Subscription
 
 
 def _ack(d: ConfigDistributor, pid: str) -> None:

@@ -9,11 +9,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from clusters.observation import ClusterObservation, EndpointInfo
-from federation.reconciler import Debouncer, Outcome, OutlierAggregator, Reconciler, RenderInput, RenderOutput
-from federation.store import Store
+from clusters.kube.observation import ClusterObservation, EndpointInfo
+from federation.controller.reconciler import (
+    Debouncer,
+    Outcome,
+    OutlierAggregator,
+    Reconciler,
+    RenderInput,
+    RenderOutput,
+)
+from federation.controller.store import Store
 from gitops.model import ConfigSnapshot, Federation, Revision
-from ztunnel.config import ProxyConfig, ProxyMode, Stamp
+from ztunnel.api.config import ProxyConfig, ProxyMode, Stamp
 
 
 def snap(sha: str, subject: str = "msg") -> ConfigSnapshot:

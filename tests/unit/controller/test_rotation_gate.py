@@ -13,14 +13,14 @@ from typing import Any
 
 import pytest
 
-from federation.reconciler import Reconciler, RenderInput, RenderOutput
-from federation.rotation import DEFAULT_RETIRE_MARGIN_S
-from federation.rotation_gate import ca_spec_from_dict, ca_spec_to_dict, decide_commit, gate_commit
-from federation.store import RevisionRecord, Store
+from federation.controller.reconciler import Reconciler, RenderInput, RenderOutput
+from federation.controller.store import RevisionRecord, Store
+from federation.core.rotation import DEFAULT_RETIRE_MARGIN_S
+from federation.core.rotation_gate import ca_spec_from_dict, ca_spec_to_dict, decide_commit, gate_commit
 from gitops.codes import CATALOGUE
 from gitops.model import CaMode, CaRoot, CaSpec, ConfigSnapshot, Federation, Revision, TrustDomain
 from gitops.problems import SourcePos
-from ztunnel.config import ProxyConfig, ProxyMode, Stamp
+from ztunnel.api.config import ProxyConfig, ProxyMode, Stamp
 
 TD = "east.mesh.local"
 HOUR_S = 3600.0
@@ -41,7 +41,7 @@ def snap(sha: str, spec: CaSpec, *, other: CaSpec | None = None) -> ConfigSnapsh
 
 
 class FakeStore:
-    """The parts of `federation.store.Store` the reconciler uses, in memory."""
+    """The parts of `federation.controller.store.Store` the reconciler uses, in memory."""
 
     def __init__(self) -> None:
         self.attempts: list[RevisionRecord] = []

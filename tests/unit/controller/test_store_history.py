@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from federation.store import Store
+from federation.controller.store import Store
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from types import MappingProxyType
 
-from clusters.observation import ClusterObservation, EndpointInfo, NodeInfo
+from clusters.kube.observation import ClusterObservation, EndpointInfo, NodeInfo
 from gitops.model import (
     AuthorizationPolicy,
     AuthzAction,

@@ -11,13 +11,13 @@ from click.testing import CliRunner
 
 from federation.cli.core import graph_data, graph_dot, graph_mermaid
 from federation.cli.main import cli
-from federation.explain import ExplainError, explain_service, explain_text, resolve_service
-from federation.failover import build_engine
-from federation.offline import offline_observations
-from federation.planning import authz_allows, plan_effects
+from federation.core.explain import ExplainError, explain_service, explain_text, resolve_service
+from federation.core.failover import build_engine
+from federation.core.offline import offline_observations
+from federation.core.planning import authz_allows, plan_effects
 from gitops.model import AuthorizationPolicy, AuthzAction, AuthzRule, AuthzSource, TrafficPolicy
 from tests.unit.core import factory as f
-from ztunnel.outlier import Outcome
+from ztunnel.api.outlier import Outcome
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples" / "fleet"
 CHECKOUT_HOST = "checkout.shop.svc.clusterset.local"

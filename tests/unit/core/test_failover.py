@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from clusters.observation import EndpointInfo
-from federation.events import (
+from clusters.kube.observation import EndpointInfo
+from federation.core.events import (
     ClusterFenced,
     ClusterLeaseExpired,
     ClusterRecovered,
@@ -14,7 +14,7 @@ from federation.events import (
     FailedBack,
     FailedOver,
 )
-from federation.failover import (
+from federation.core.failover import (
     FailoverEngine,
     InvalidLeaseTransition,
     LeaseEvent,
@@ -25,10 +25,10 @@ from federation.failover import (
     build_engine,
     next_lease_state,
 )
-from federation.offline import offline_observations
+from federation.core.offline import offline_observations
 from gitops.model import PartitionMode, TrafficPolicy
 from tests.unit.core import factory as f
-from ztunnel.outlier import Outcome
+from ztunnel.api.outlier import Outcome
 
 NET = "topology.istio.io/network"
 CLU = "topology.istio.io/cluster"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from clusters.observation import NodeInfo
-from federation.graph import EndpointGraph, UnknownCluster, spiffe_id
-from federation.offline import observation_from_lab, offline_observations
-from federation.trust_graph import TrustGraph, identity_trust_domain
+from clusters.kube.observation import NodeInfo
+from federation.core.graph import EndpointGraph, UnknownCluster, spiffe_id
+from federation.core.offline import observation_from_lab, offline_observations
+from federation.core.trust_graph import TrustGraph, identity_trust_domain
 from tests.unit.core import factory as f
 
 NODES = (NodeInfo("node-1", "10.10.0.1", zone="us-east-1a"), NodeInfo("node-2", "10.10.0.2", zone="us-east-1c"))

@@ -1,4 +1,4 @@
-"""ztunnel.lb: Envoy's priority load, panic, and deterministic endpoint picking."""
+"""ztunnel.api.lb: Envoy's priority load, panic, and deterministic endpoint picking."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ztunnel.lb import (
+from ztunnel.api.lb import (
     TierHealth,
     choose_endpoint,
     pick_endpoint,

@@ -1,11 +1,11 @@
-"""ztunnel.outlier: Envoy's consecutive-error outlier detection as a state machine."""
+"""ztunnel.api.outlier: Envoy's consecutive-error outlier detection as a state machine."""
 
 from __future__ import annotations
 
 import pytest
 
-from ztunnel.config import OutlierPolicy
-from ztunnel.outlier import (
+from ztunnel.api.config import OutlierPolicy
+from ztunnel.api.outlier import (
     EjectReason,
     EndpointEjected,
     EndpointUnejected,

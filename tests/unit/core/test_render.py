@@ -12,12 +12,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clusters.observation import ClusterObservation, EndpointInfo
-from federation.failover import build_engine
-from federation.offline import offline_observations
-from federation.render import Renderer, allocate_vips, render_configs
+from clusters.kube.observation import ClusterObservation, EndpointInfo
+from federation.core.failover import build_engine
+from federation.core.offline import offline_observations
+from federation.core.render import Renderer, allocate_vips, render_configs
 from tests.unit.core import factory as f
-from ztunnel.config import (
+from ztunnel.api.config import (
     ProxyConfig,
     ProxyMode,
     apply_delta,
@@ -26,7 +26,7 @@ from ztunnel.config import (
     proxy_config_from_dict,
     proxy_config_to_dict,
 )
-from ztunnel.outlier import Outcome
+from ztunnel.api.outlier import Outcome
 
 GOLDEN = Path(__file__).parent / "golden"
 CHECKOUT_HOST = "checkout.shop.svc.clusterset.local"

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from federation.failover import build_engine
-from federation.offline import offline_observations
-from federation.render import render_configs
+from federation.core.failover import build_engine
+from federation.core.offline import offline_observations
+from federation.core.render import render_configs
 from gitops.model import BackendRef
 from tests.unit.core import factory as f
-from ztunnel.config import ProxyMode, WeightedBackend
+from ztunnel.api.config import ProxyMode, WeightedBackend
 
 CHECKOUT = "checkout.shop.svc.clusterset.local"
 CHECKOUT_V2 = "checkout-v2.shop.svc.clusterset.local"

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ztunnel import authz
-from ztunnel.config import Authorization, AuthzMatch
+from ztunnel.api import authz
+from ztunnel.api.config import Authorization, AuthzMatch
 
 CALLER = "spiffe://east.mesh/ns/shop/sa/frontend"
 OTHER = "spiffe://east.mesh/ns/ops/sa/debug"

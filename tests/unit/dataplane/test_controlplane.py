@@ -1,4 +1,4 @@
-"""ztunnel.controlplane: the pure parts of a proxy's link to the controller (no sockets here; the
+"""ztunnel.xds.controlplane: the pure parts of a proxy's link to the controller (no sockets here; the
 lab tier runs the whole thing in tests/lab/test_e2e.py)."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from ztunnel.config import ProxyConfig, ProxyMode, Stamp, Workload
-from ztunnel.controlplane import ControllerSink, HealthReporter, header_for
-from ztunnel.outlier import EjectReason, EndpointEjected, EndpointUnejected
-from ztunnel.state import ProxyState
+from ztunnel.api.config import ProxyConfig, ProxyMode, Stamp, Workload
+from ztunnel.api.outlier import EjectReason, EndpointEjected, EndpointUnejected
+from ztunnel.xds.controlplane import ControllerSink, HealthReporter, header_for
+from ztunnel.xds.state import ProxyState
 
 EP = "east/shop/checkout-0"
 SVC = "checkout.shop.svc.clusterset.local"

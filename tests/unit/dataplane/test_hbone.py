@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ztunnel import hbone
-from ztunnel.hbone import (
+from ztunnel.hbone import framer as hbone
+from ztunnel.hbone.framer import (
     ConnectionTerminated,
     ConnectRequested,
     DataReceived,
@@ -264,7 +264,7 @@ def test_garbage_instead_of_preface_is_a_protocol_error() -> None:
 def test_data_events_own_their_bytes_and_runs_are_merged() -> None:
     """Consecutive DATA frames of a stream arrive as one DataReceived holding `bytes` (not views
     into the read buffer), whatever the read boundaries; flow-control credit adds up."""
-    from ztunnel.hbone import DATA_CHUNK_BYTES
+    from ztunnel.hbone.framer import DATA_CHUNK_BYTES
 
     c, s = pair()
     sid = open_tunnel(c, s)

@@ -11,7 +11,7 @@ import h2.connection
 import h2.events
 import h2.settings
 
-from ztunnel.hbone import (
+from ztunnel.hbone.framer import (
     ConnectRequested,
     DataReceived,
     ErrorCode,

@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from ztunnel.hbone import ErrorCode, Role
-from ztunnel.relay import HboneSession, HboneStream
+from ztunnel.hbone.framer import ErrorCode, Role
+from ztunnel.proxy.relay import HboneSession, HboneStream
 
 
 class MemTransport(asyncio.Transport):

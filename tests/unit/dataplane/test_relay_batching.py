@@ -7,9 +7,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from ztunnel import hbone
-from ztunnel.hbone import FLAG_ACK, HEADERS, PREFACE, SETTINGS, HboneConnection, Role
-from ztunnel.relay import HboneSession, HboneStream
+from ztunnel.hbone import framer as hbone
+from ztunnel.hbone.framer import FLAG_ACK, HEADERS, PREFACE, SETTINGS, HboneConnection, Role
+from ztunnel.proxy.relay import HboneSession, HboneStream
 
 
 class Recorder(asyncio.Transport):

@@ -1,4 +1,4 @@
-"""The pure route decision (`ztunnel.routing`): weighted draw, zero weights, fallback, refusals."""
+"""The pure route decision (`ztunnel.proxy.routing`): weighted draw, zero weights, fallback, refusals."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ztunnel.config import Endpoint, Service, ServicePortMap, WeightedBackend
-from ztunnel.routing import decide_route, draw_backend, usable_endpoints
+from ztunnel.api.config import Endpoint, Service, ServicePortMap, WeightedBackend
+from ztunnel.proxy.routing import decide_route, draw_backend, usable_endpoints
 
 V1 = "checkout.shop.svc.clusterset.local"
 V2 = "checkout-v2.shop.svc.clusterset.local"

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from clusters.local.demo_server import parse_proxy_v2
-from ztunnel import proxyproto
-from ztunnel.relay import Socks5Error, Socks5Handshake, Socks5Request, parse_sockaddr_in
+from clusters.lab.demo_server import parse_proxy_v2
+from ztunnel.proxy import proxyproto
+from ztunnel.proxy.relay import Socks5Error, Socks5Handshake, Socks5Request, parse_sockaddr_in
 
 GREETING = b"\x05\x01\x00"
 

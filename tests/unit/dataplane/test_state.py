@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from federation.ca import TrustDomainCA
-from ztunnel.config import (
+from federation.controller.ca import TrustDomainCA
+from ztunnel.api.config import (
     Authorization,
     AuthzMatch,
     Endpoint,
@@ -26,7 +26,7 @@ from ztunnel.config import (
     Workload,
     proxy_config_to_dict,
 )
-from ztunnel.state import ProxyState, build_indexes, parse_host_port, validate_config
+from ztunnel.xds.state import ProxyState, build_indexes, parse_host_port, validate_config
 
 TD = "east.mesh"
 ID = f"spiffe://{TD}/ns/shop/sa/cart"

@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 
-from federation.ca import TrustDomainCA
-from ztunnel import tls, tlsproto
-from ztunnel.verify import TrustStore
+from federation.controller.ca import TrustDomainCA
+from ztunnel.api.verify import TrustStore
+from ztunnel.identity import tls
+from ztunnel.identity import tls_transport as tlsproto
 
 TD = "east.mesh"
 

@@ -53,10 +53,10 @@ def test_bad_input(fleet_copy: MakeFleet, case_id: str, edits: tuple[object, ...
 
 def test_every_code_in_the_catalogue_is_exercised() -> None:
     exercised = {c[2] for c in CASES} | {"MF0013"}  # MF0013: test_too_many_files
-    # emitted by the federation core's trust graph (federation/trust_graph.py), which needs the
+    # emitted by the federation core's trust graph (federation/core/trust_graph.py), which needs the
     # whole graph; exercised in tests/unit/core/test_graph.py and test_failover.py
     exercised |= {"MF0405", "MF0406"}
-    # emitted by the controller's commit gate (federation/rotation_gate.py), which needs the applied
+    # emitted by the controller's commit gate (federation/core/rotation_gate.py), which needs the applied
     # revision and the leaves issued; exercised in tests/unit/controller/test_rotation_gate.py
     exercised |= {"MF0407"}
     assert set(CATALOGUE) == exercised

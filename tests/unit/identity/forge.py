@@ -1,5 +1,5 @@
 """Hand-made certificates for negative tests: every field of a leaf is a parameter, so each test
-breaks exactly one rule. Positive paths use `federation.ca.TrustDomainCA` itself."""
+breaks exactly one rule. Positive paths use `federation.controller.ca.TrustDomainCA` itself."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from federation.ca import RootKey
+from federation.controller.ca import RootKey
 
 NOW_S = 1_800_000_000.0  # a fixed "now" (2027-01-15) so tests never read the clock
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from federation.ca import TrustDomainCA, generate_root
+from federation.controller.ca import TrustDomainCA, generate_root
 from tests.unit.identity.forge import NOW_S, leaf
-from ztunnel.bundle import (
+from ztunnel.api.bundle import (
     BundleError,
     SpiffeBundle,
     accept_update,

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from federation.ca import (
+from federation.controller.ca import (
     CaError,
     CaPermissionError,
     CaStateDir,
@@ -23,8 +23,8 @@ from federation.ca import (
 )
 from gitops.model import CaMode, CaRoot, CaSpec, TrustDomain, TrustDomainName
 from tests.unit.identity.forge import NOW_S, dt, key_pem
-from ztunnel.bundle import load_pem_certificates
-from ztunnel.certmanager import generate_key_and_csr
+from ztunnel.api.bundle import load_pem_certificates
+from ztunnel.api.identity import generate_key_and_csr
 
 EAST = "east.mesh"
 API = f"spiffe://{EAST}/ns/shop/sa/api"

@@ -7,15 +7,15 @@ import random
 
 import pytest
 
-from federation.ca import Entitlement, TrustDomainCA
+from federation.controller.ca import Entitlement, TrustDomainCA
 from tests.unit.identity.forge import NOW_S
-from ztunnel.certmanager import (
+from ztunnel.api.identity import SpiffeId
+from ztunnel.identity.certmanager import (
     CertificateUnavailableError,
     CertManager,
     CertState,
     generate_key_and_csr,
 )
-from ztunnel.identity import SpiffeId
 
 API = "spiffe://east.mesh/ns/shop/sa/api"
 WEB = "spiffe://east.mesh/ns/shop/sa/web"

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ztunnel.identity import IdentityError, SpiffeId, check_trust_domain, is_trust_domain
+from ztunnel.api.identity import IdentityError, SpiffeId, check_trust_domain, is_trust_domain
 
 
 def test_parse_fields_and_round_trip() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from federation.ca import TrustDomainCA
-from federation.rotation import RotationStage, decide_rotation
+from federation.controller.ca import TrustDomainCA
+from federation.core.rotation import RotationStage, decide_rotation
 from gitops.model import CaMode, CaRoot, CaSpec
 from tests.unit.identity.forge import NOW_S
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from federation.ca import CaStateDir, TrustDomainCA
 from federation.cli.main import cli
 from federation.cli.trust import TrustMaterial, build_trust_view
+from federation.controller.ca import CaStateDir, TrustDomainCA
 from gitops.model import CaMode, CaRoot, CaSpec, TrustDomain, TrustDomainName
 from tests.unit.identity.forge import NOW_S
-from ztunnel.bundle import emit_bundle
+from ztunnel.api.bundle import emit_bundle
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "fleet"
 

@@ -1,5 +1,5 @@
 """Trust-domain-bound peer verification: every rule of `TrustStore.verify_peer`, and the pooled-CA
-forgery through a real (in-memory) TLS handshake with the contexts of `ztunnel.tls`."""
+forgery through a real (in-memory) TLS handshake with the contexts of `ztunnel.identity.tls`."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from federation.ca import TrustDomainCA, generate_root
+from federation.controller.ca import TrustDomainCA, generate_root
 from tests.unit.identity.forge import NOW_S, der, key_pem, key_usage, leaf, pem
-from ztunnel import tls
-from ztunnel.bundle import load_pem_certificates
-from ztunnel.verify import PeerVerificationError, TrustStore
+from ztunnel.api.bundle import load_pem_certificates
+from ztunnel.api.verify import PeerVerificationError, TrustStore
+from ztunnel.identity import tls
 
 EAST, WEST, SOUTH = "east.mesh", "west.mesh", "south.mesh"
 API = f"spiffe://{EAST}/ns/shop/sa/api"

@@ -1,4 +1,4 @@
-"""The demo's canary helpers (federation.demo): which backend served, the split, the failover filter,
+"""The demo's canary helpers (chaos.demo): which backend served, the split, the failover filter,
 and the weight edit of the fleet repo's HTTPRoute."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import gitops
-from federation.demo import (
+from chaos.demo import (
     CANARY_ROUTE,
     DemoError,
     backend_split,

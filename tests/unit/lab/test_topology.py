@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clusters.local.faults import FaultError, FaultRequest, Rule, Signal, plan_fault
-from clusters.local.topology import (
+from clusters.lab.faults import FaultError, FaultRequest, Rule, Signal, plan_fault
+from clusters.lab.topology import (
     FORBIDDEN_NET,
     MAX_IFNAME,
     AddAddress,

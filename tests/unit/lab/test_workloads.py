@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from clusters.local.demo_server import ProxyHeaderError, build_proxy_v2, parse_proxy_v2
-from clusters.local.kubelet import NodeState, PodPhase, PodState, desired_objects
-from clusters.local.loadgen import FAIL, INDETERMINATE, OK, classify
-from clusters.local.topology import plan_lab
+from clusters.lab.demo_server import ProxyHeaderError, build_proxy_v2, parse_proxy_v2
+from clusters.lab.kubelet import NodeState, PodPhase, PodState, desired_objects
+from clusters.lab.loadgen import FAIL, INDETERMINATE, OK, classify
+from clusters.lab.topology import plan_lab
 from tests.unit.lab.fleet_fixture import fleet
 
 

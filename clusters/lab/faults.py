@@ -1,0 +1,311 @@
+"""Faults for the lab: decided from the plan (pure), applied and undone by the supervisor.
+
+`plan_fault()` turns a request ("partition pod east/shop/checkout-*") into `FaultStep`s: signals
+for processes, iptables rules in a dedicated chain (`MESHFED-FAULT`, hooked into INPUT, OUTPUT and
+FORWARD of the namespaces it touches), blackhole routes, link state, and latency proxies. Each
+step knows its own undo, so `heal` is exact: it removes what was added and nothing else.
+
+Kinds of fault, and what a client sees:
+- kill (SIGKILL): fast failure — connection refused/reset at once;
+- stop/cont (SIGSTOP/SIGCONT): gray failure — connections open, nothing answers;
+- partition --mode drop: silent loss — connects time out; --mode reject: TCP resets at once;
+- blackhole: a /32 blackhole route — the sender's connect fails locally (EINVAL);
+- link-down: the veth in the sandbox root is set down (node or gateway off the network);
+- latency: a transparent user-space relay adds `delay_ms` in each direction (`tc netem` does not
+  work on these kernels). It finds the original destination with SO_ORIGINAL_DST and marks its own
+  connections (SO_MARK `LATENCY_MARK`) so the redirect rule lets them through.
+
+Targets: `pod CLUSTER/NS/NAME` (fnmatch globs allowed), `node CLUSTER/NODE`, `gateway CLUSTER`,
+`wan CLUSTER_A CLUSTER_B` (the WAN path between two clusters' gateways), `controller`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fnmatch
+import socket
+import struct
+from dataclasses import dataclass
+
+from clusters.lab.topology import MGMT_BRIDGE, ROOT_NS, LabPlan, NetnsName, PodPlan
+
+FAULT_CHAIN = "MESHFED-FAULT"
+LATENCY_MARK = 0x4D46
+SO_ORIGINAL_DST = 80
+SO_MARK = 36
+TARGET_KINDS = ("pod", "node", "gateway", "wan", "controller")
+FAULT_KINDS = ("kill", "stop", "cont", "partition", "blackhole", "latency", "link-down")
+
+
+class FaultError(ValueError):
+    """A fault request names nothing in the lab, or an impossible combination."""
+
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    process: str  # supervisor process key: "pod:<c>/<ns>/<name>", "ztunnel:<c>/<node>", "gateway:<c>", "controller"
+    signal: str   # "KILL" | "STOP" | "CONT"
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    netns: NetnsName
+    args: tuple[str, ...]  # rule spec appended to MESHFED-FAULT (filter) or a nat chain
+    table: str = "filter"
+    chain: str = FAULT_CHAIN
+
+
+@dataclass(frozen=True, slots=True)
+class Blackhole:
+    netns: NetnsName
+    cidr: str
+
+
+@dataclass(frozen=True, slots=True)
+class LinkDown:
+    netns: NetnsName
+    dev: str
+
+
+@dataclass(frozen=True, slots=True)
+class Latency:
+    netns: NetnsName
+    destination: str  # IP whose TCP traffic goes through the relay
+    delay_ms: float
+    from_ifaces: tuple[str, ...] = ()  # also capture forwarded traffic arriving on these
+
+
+FaultStep = Signal | Rule | Blackhole | LinkDown | Latency
+
+
+@dataclass(frozen=True, slots=True)
+class FaultRequest:
+    kind: str
+    target: str            # one of TARGET_KINDS
+    names: tuple[str, ...]
+    mode: str = "drop"     # partition: drop | reject
+    delay_ms: float = 0.0
+
+
+def find_pods(plan: LabPlan, pattern: str) -> list[PodPlan]:
+    """`CLUSTER/NS/NAME` or `CLUSTER/NAME`, with globs; at least one pod must match."""
+    parts = pattern.split("/")
+    if len(parts) not in (2, 3):
+        raise FaultError(f"pod target {pattern!r}: write CLUSTER/NAMESPACE/POD (globs allowed), "
+                         "e.g. east/shop/checkout-*")
+    cl = parts[0]
+    ns, name = (parts[1], parts[2]) if len(parts) == 3 else ("*", parts[1])
+    found = [p for c in plan.clusters if fnmatch.fnmatchcase(c.name, cl) for p in c.pods
+             if fnmatch.fnmatchcase(p.namespace, ns) and fnmatch.fnmatchcase(p.name, name)]
+    if not found:
+        known = ", ".join(f"{p.cluster}/{p.namespace}/{p.name}" for c in plan.clusters for p in c.pods)
+        raise FaultError(f"no pod matches {pattern!r}; pods: {known}")
+    return found
+
+
+def _drop(netns: NetnsName, match: tuple[str, ...], mode: str) -> list[Rule]:
+    if mode == "reject":
+        return [Rule(netns, (*match, "-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset")),
+                Rule(netns, (*match, "-j", "REJECT"))]
+    if mode != "drop":
+        raise FaultError(f"partition mode {mode!r}: use drop (silent, timeouts) or reject (fast, resets)")
+    return [Rule(netns, (*match, "-j", "DROP"))]
+
+
+def plan_fault(plan: LabPlan, req: FaultRequest) -> list[FaultStep]:
+    if req.kind not in FAULT_KINDS:
+        raise FaultError(f"unknown fault {req.kind!r}; one of {', '.join(FAULT_KINDS)}")
+    if req.target not in TARGET_KINDS:
+        raise FaultError(f"unknown target kind {req.target!r}; one of {', '.join(TARGET_KINDS)}")
+    sig = {"kill": "KILL", "stop": "STOP", "cont": "CONT"}.get(req.kind)
+    steps: list[FaultStep] = []
+
+    def need(n: int) -> None:
+        if len(req.names) != n:
+            raise FaultError(f"{req.kind} {req.target} takes {n} name(s), got {list(req.names)}")
+
+    if req.target == "pod":
+        if not req.names:
+            raise FaultError("name at least one pod: CLUSTER/NAMESPACE/POD")
+        pods = [p for pat in req.names for p in find_pods(plan, pat)]
+        for p in pods:
+            node = plan.cluster(p.cluster).node(p.node)
+            if sig:
+                steps.append(Signal(f"pod:{p.key}", sig))
+            elif req.kind == "partition":
+                steps += _drop(node.netns, ("-d", p.address), req.mode) + _drop(node.netns, ("-s", p.address), req.mode)
+            elif req.kind == "blackhole":
+                steps.append(Blackhole(node.netns, f"{p.address}/32"))
+            elif req.kind == "latency":
+                steps.append(Latency(node.netns, p.address, req.delay_ms, ("eth0",)))
+            elif req.kind == "link-down":
+                steps.append(LinkDown(node.netns, p.host_ifname))
+        return steps
+    if req.target == "node":
+        need(1)
+        cl_name, _, node_name = req.names[0].partition("/")
+        cl = plan.cluster(cl_name)
+        node = cl.node(node_name)
+        if sig:
+            # A node going down takes its pods with it.
+            steps.append(Signal(f"ztunnel:{cl.name}/{node.name}", sig))
+            steps += [Signal(f"pod:{p.key}", sig) for p in cl.pods if p.node == node.name]
+        elif req.kind == "partition":
+            steps += _drop(node.netns, ("-i", "eth0"), req.mode) + _drop(node.netns, ("-o", "eth0"), req.mode)
+        elif req.kind == "link-down":
+            steps.append(LinkDown(ROOT_NS, node.uplink_root_ifname))
+        elif req.kind == "blackhole":
+            steps += [Blackhole(other.netns, node.pod_cidr) for other in cl.nodes if other is not node]
+        else:
+            raise FaultError("latency on a node: target its pods (pod CLUSTER/NS/*) or the WAN instead")
+        return steps
+    if req.target == "gateway":
+        need(1)
+        gw = plan.cluster(req.names[0]).gateway
+        if gw is None:
+            raise FaultError(f"cluster {req.names[0]} has no east-west gateway")
+        if sig:
+            steps.append(Signal(f"gateway:{gw.cluster}", sig))
+        elif req.kind == "partition":
+            steps += _drop(gw.netns, ("-i", "wan0"), req.mode) + _drop(gw.netns, ("-o", "wan0"), req.mode)
+        elif req.kind == "link-down":
+            steps.append(LinkDown(ROOT_NS, gw.wan_root_ifname))
+        elif req.kind == "blackhole":
+            for c in plan.clusters:
+                if c.name != gw.cluster and c.gateway is not None:
+                    steps.append(Blackhole(c.gateway.netns, f"{gw.wan_address}/32"))
+                    steps += [Blackhole(n.netns, f"{gw.wan_address}/32") for n in c.nodes]
+        else:
+            steps.append(Latency(gw.netns, "0.0.0.0/0", req.delay_ms, ("eth0",)))
+        return steps
+    if req.target == "wan":
+        need(2)
+        a, b = plan.cluster(req.names[0]).gateway, plan.cluster(req.names[1]).gateway
+        if a is None or b is None:
+            raise FaultError("both clusters of a WAN fault need an east-west gateway")
+        if sig:
+            raise FaultError("kill/stop/cont apply to processes: target a gateway, not the WAN")
+        for here, there in ((a, b), (b, a)):
+            if req.kind == "partition":
+                steps += _drop(here.netns, ("-d", there.wan_address), req.mode)
+                steps += _drop(here.netns, ("-s", there.wan_address), req.mode)
+            elif req.kind == "blackhole":
+                steps.append(Blackhole(here.netns, f"{there.wan_address}/32"))
+            elif req.kind == "latency":
+                steps.append(Latency(here.netns, there.wan_address, req.delay_ms, ("eth0",)))
+            else:
+                raise FaultError("link-down on a WAN path: take a gateway's link down instead")
+        return steps
+    # controller
+    if sig:
+        return [Signal("controller", sig)]
+    if req.kind == "partition":
+        steps += _drop(ROOT_NS, ("-i", MGMT_BRIDGE), req.mode) + _drop(ROOT_NS, ("-o", MGMT_BRIDGE), req.mode)
+        return steps
+    if req.kind == "link-down":
+        return [LinkDown(ROOT_NS, MGMT_BRIDGE)]
+    raise FaultError(f"{req.kind} does not apply to the controller; use kill, stop, partition or link-down")
+
+
+def hook_chain_rules() -> tuple[tuple[str, ...], ...]:
+    """iptables invocations that create MESHFED-FAULT and hook it (idempotence is the caller's)."""
+    # RSTs always pass: a REJECT's own reset leaves through OUTPUT and must not be caught by the
+    # partition it reports (with DROP nothing ever gets far enough to be reset).
+    return (("-N", FAULT_CHAIN), ("-A", FAULT_CHAIN, "-p", "tcp", "--tcp-flags", "RST", "RST", "-j", "RETURN"),
+            ("-I", "INPUT", "-j", FAULT_CHAIN), ("-I", "OUTPUT", "-j", FAULT_CHAIN),
+            ("-I", "FORWARD", "-j", FAULT_CHAIN))
+
+
+def latency_rules(step: Latency, port: int) -> tuple[tuple[str, ...], ...]:
+    """nat rules that send TCP for `step.destination` to the relay on `port` (its own traffic excepted)."""
+    dst = () if step.destination == "0.0.0.0/0" else ("-d", step.destination)
+    rules: list[tuple[str, ...]] = [("-t", "nat", "-A", "OUTPUT", *dst, "-p", "tcp", "-m", "mark", "!", "--mark",
+                                     str(LATENCY_MARK), "-j", "REDIRECT", "--to-ports", str(port))]
+    for iface in step.from_ifaces:
+        rules.append(("-t", "nat", "-A", "PREROUTING", "-i", iface, *dst, "-p", "tcp",
+                      "-j", "REDIRECT", "--to-ports", str(port)))
+    return tuple(rules)
+
+
+# --- the latency relay (a process started in the target namespace) ------------------------------
+
+
+def original_destination(sock: socket.socket) -> tuple[str, int]:
+    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    port = struct.unpack("!H", raw[2:4])[0]
+    return socket.inet_ntoa(raw[4:8]), port
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay_s: float) -> None:
+    """Forward chunks in order, each `delay_s` after it arrived (a delay line, not a rate limit)."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+    async def deliver() -> None:
+        while True:
+            due, data = await queue.get()
+            wait = due - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if not data:
+                with contextlib.suppress(OSError):
+                    writer.write_eof()
+                return
+            writer.write(data)
+            await writer.drain()
+
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(deliver())
+        while True:
+            try:
+                data = await reader.read(65536)
+            except OSError:
+                data = b""
+            queue.put_nowait((loop.time() + delay_s, data))
+            if not data:
+                break
+
+
+async def serve_latency(port: int, delay_ms: float) -> None:
+    delay_s = delay_ms / 1000.0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        try:
+            host, dport = original_destination(sock)
+            out = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            out.setsockopt(socket.SOL_SOCKET, SO_MARK, LATENCY_MARK)
+            out.setblocking(False)
+            await asyncio.sleep(delay_s)  # the SYN's one-way delay
+            await asyncio.get_running_loop().sock_connect(out, (host, dport))
+            ur, uw = await asyncio.open_connection(sock=out)
+        except OSError:
+            writer.close()
+            return
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(_pump(reader, uw, delay_s))
+                tg.create_task(_pump(ur, writer, delay_s))
+        except* OSError:
+            pass
+        finally:
+            uw.close()
+            writer.close()
+
+    server = await asyncio.start_server(handle, "0.0.0.0", port, reuse_address=True)
+    async with server:
+        await server.serve_forever()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="transparent TCP delay line (lab latency fault)")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--delay-ms", type=float, required=True)
+    a = ap.parse_args(argv)
+    asyncio.run(serve_latency(a.port, a.delay_ms))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,560 @@
+"""The reconciler: fleet snapshot + cluster observations + proxy health -> one ProxyConfig per proxy.
+
+A plain class (Ray hosts it in `federation.ray.actors`; tests drive it directly with `now_s`). It
+never does I/O itself: rendering is an injected function (the core's `federation.core.render`), the
+push is an injected callback (the config server), durable records go to `federation.controller.store`.
+
+Inputs arrive at any time (`on_snapshot`, `on_fleet_error`, `on_observation`, `on_health`) and
+only mark the state dirty; `Debouncer` decides when to reconcile: 100 ms after the last change,
+but no later than 10 s after the first unhandled one (Istio's PILOT_DEBOUNCE_AFTER /
+PILOT_DEBOUNCE_MAX), so a burst of endpoint changes becomes one push.
+
+`reconcile(now_s)` runs numbered, guarded steps; a failing step is recorded and the loop goes on
+with the last good result (the control loop never dies on one bad step):
+
+  1. take the pending inputs (snapshot, observations, leases);
+  2. gate a new commit before anything of it takes effect: staged CA root rotation
+     (`federation.core.rotation_gate`) compares its CA specs with the applied ones and the leaves the CA
+     issued; a commit that skips a stage or would invalidate live certificates is rejected like an
+     invalid commit (problem MF0407) and the last applied snapshot is rendered instead. Rendering
+     is what loads the CAs (`CoreRender.bundle_roots` -> the config server's `ensure_cas`), so a
+     rejected commit never switches the signer;
+  3. aggregate proxy health reports into the global outlier state;
+  4. render every proxy's config (a failure keeps the last good configs and is reported);
+  5. checkpoint: record the revision attempt (applied only when rendering succeeded) and the
+     applied CA specs (the gate's reference, also after a restart);
+  6. push the configs that changed (the config server diffs and versions them per proxy) —
+     once warm: after a (re)start nothing is pushed until every cluster of the snapshot has sent a
+     complete observation (a fresh LIST), or `warmup_max_s` has passed. Proxies still run the
+     configs of the previous controller; a render from a partial view would withdraw the
+     endpoints of the clusters not listed yet (istiod likewise waits for its informers' sync);
+  7. record events (failovers) in the store.
+
+Flux semantics: `last_attempted` is the newest revision we tried (with its problems);
+`last_applied` the newest that rendered and was pushed. A bad commit leaves every proxy on the
+last applied revision.
+
+Health aggregation (`OutlierAggregator`): each proxy reports, per (service, endpoint), whether its
+local outlier detection ejects it. An endpoint is globally unhealthy when at least
+`quorum_fraction` of the observers that reported on it within `report_ttl_s` eject it (and at
+least `min_observers` do): a service's endpoints in cluster B ejected by most observers are then
+marked unhealthy for everyone, while a single confused proxy cannot eject for the whole mesh.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from clusters.kube.observation import ClusterObservation
+from federation.core.rotation_gate import ca_spec_from_dict, ca_spec_to_dict, ca_specs_of, gate_commit
+from gitops.model import CaSpec, ConfigSnapshot
+from gitops.problems import Problem
+from ztunnel.api.config import ProxyConfig, ProxyMode
+
+DEBOUNCE_AFTER_S = 0.1
+DEBOUNCE_MAX_S = 10.0
+WARMUP_MAX_S = 30.0
+
+
+# --- debounce -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Debouncer:
+    """Quiet period `after_s` since the last change, bounded by `max_s` since the first one."""
+
+    after_s: float = DEBOUNCE_AFTER_S
+    max_s: float = DEBOUNCE_MAX_S
+    first_s: float | None = None
+    last_s: float | None = None
+    changes: int = 0
+
+    def note(self, now_s: float) -> None:
+        if self.first_s is None:
+            self.first_s = now_s
+        self.last_s = now_s
+        self.changes += 1
+
+    def deadline_s(self) -> float | None:
+        if self.first_s is None or self.last_s is None:
+            return None
+        return min(self.last_s + self.after_s, self.first_s + self.max_s)
+
+    def due(self, now_s: float) -> bool:
+        d = self.deadline_s()
+        return d is not None and now_s >= d
+
+    def take(self) -> int:
+        n, self.first_s, self.last_s, self.changes = self.changes, None, None, 0
+        return n
+
+
+# --- health aggregation ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One proxy's report on one endpoint of one service."""
+
+    service: str        # hostname
+    endpoint: str       # workload uid
+    cluster: str
+    ok: int
+    failed: int
+    ejected: bool
+
+
+@dataclass
+class OutlierAggregator:
+    quorum_fraction: float = 0.5
+    min_observers: int = 1
+    report_ttl_s: float = 30.0
+    # (service, endpoint) -> observer proxy id -> (ejected, reported_at_s)
+    views: dict[tuple[str, str], dict[str, tuple[bool, float]]] = field(default_factory=dict)
+    totals: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # [ok, failed]
+
+    def report(self, proxy_id: str, outcomes: Sequence[Outcome], now_s: float) -> None:
+        for o in outcomes:
+            key = (o.service, o.endpoint)
+            self.views.setdefault(key, {})[proxy_id] = (o.ejected, now_s)
+            t = self.totals.setdefault(key, [0, 0])
+            t[0] += o.ok
+            t[1] += o.failed
+
+    def unhealthy(self, now_s: float) -> frozenset[tuple[str, str]]:
+        out = set()
+        for key, observers in list(self.views.items()):
+            fresh = {p: v for p, v in observers.items() if now_s - v[1] <= self.report_ttl_s}
+            if not fresh:
+                del self.views[key]
+                continue
+            self.views[key] = fresh
+            ejecting = sum(1 for ej, _ in fresh.values() if ej)
+            if ejecting >= self.min_observers and ejecting >= self.quorum_fraction * len(fresh):
+                out.add(key)
+        return frozenset(out)
+
+    def describe(self, key: tuple[str, str], now_s: float) -> str:
+        """Why `key` is (or is not) globally unhealthy: the vote, for the failover history."""
+        fresh = [ej for ej, at in self.views.get(key, {}).values() if now_s - at <= self.report_ttl_s]
+        failed = self.totals.get(key, [0, 0])[1]
+        return (f"health reports: {sum(fresh)} of {len(fresh)} proxies observing {key[1]} eject it "
+                f"(quorum {self.quorum_fraction:.0%}, at least {self.min_observers}; {failed} failed requests "
+                f"reported)")
+
+
+# --- render contract -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RenderInput:
+    snapshot: ConfigSnapshot
+    observations: Mapping[str, ClusterObservation]
+    leases: Mapping[str, float]                      # cluster -> last successful watch (wall clock s)
+    unhealthy: frozenset[tuple[str, str]]            # (service hostname, workload uid) ejected globally
+    now_s: float
+    health_triggers: Mapping[tuple[str, str], str] = field(default_factory=dict)  # why, per newly unhealthy
+
+
+@dataclass(frozen=True)
+class RenderOutput:
+    configs: Mapping[str, ProxyConfig]
+    events: Sequence[Any] = ()                       # federation.core.events objects
+    problems: Sequence[str] = ()                     # non-fatal, shown in status
+
+
+RenderFn = Callable[[RenderInput], RenderOutput]
+PushFn = Callable[[Mapping[str, ProxyConfig]], None]
+
+
+@dataclass
+class StepFailure:
+    step: str
+    error: str
+    at_s: float
+
+
+class Reconciler:
+    """Invariants: `configs` is the last good render (what proxies should run); it changes only when
+    a render succeeds; `applied_revision` names the snapshot that produced it."""
+
+    def __init__(self, render: RenderFn, push: PushFn, store: Any = None,
+                 debounce: Debouncer | None = None, aggregator: OutlierAggregator | None = None,
+                 clock: Callable[[], float] = time.time, warmup_max_s: float = WARMUP_MAX_S) -> None:
+        self.render, self.push, self.store = render, push, store
+        self.warmup_max_s = warmup_max_s
+        self.started_s: float | None = None   # first input seen (clock of the callers)
+        self.warm = False
+        self.debounce = debounce or Debouncer()
+        self.aggregator = aggregator or OutlierAggregator()
+        self.clock = clock
+        self.snapshot: ConfigSnapshot | None = None          # last applied (good) snapshot
+        self.pending_snapshot: ConfigSnapshot | None = None
+        self.observations: dict[str, ClusterObservation] = {}
+        self.leases: dict[str, float] = {}
+        self.configs: dict[str, ProxyConfig] = {}
+        self.attempted: dict[str, Any] = {}                  # revision, subject, ok, problems
+        self.applied: dict[str, Any] = {}
+        self.problems: list[dict[str, Any]] = []             # of the last attempt
+        self.render_problems: list[str] = []
+        self.failures: list[StepFailure] = []
+        self.reconciles = 0
+        self.last_duration_s = 0.0
+        self.durations_s: list[float] = []
+        self.pushed_proxies = 0
+        self.unhealthy: frozenset[tuple[str, str]] = frozenset()
+        self.events: list[Any] = []
+        self.applied_ca: dict[str, CaSpec] = {}              # CA specs of the applied revision (the gate's reference)
+        self._recover_from_store()
+
+    def _recover_from_store(self) -> None:
+        if self.store is None:
+            return
+        att, app = self.store.last_attempted(), self.store.last_applied()
+        if att is not None:
+            self.attempted = {"revision": att.sha, "subject": att.subject, "ok": att.outcome == "applied",
+                              "at_s": att.attempted_at_s}
+            self.problems = list(att.problems)
+        if app is not None:
+            self.applied = {"revision": app.sha, "subject": app.subject, "at_s": app.attempted_at_s}
+        specs = self.store.applied_ca_specs()
+        if specs:
+            self.applied_ca = {td: ca_spec_from_dict(d) for td, d in specs.items()}
+
+    # --- inputs (cheap; mark dirty) -------------------------------------------------------------
+
+    def on_snapshot(self, snapshot: ConfigSnapshot, now_s: float | None = None) -> None:
+        self.pending_snapshot = snapshot
+        self.debounce.note(self.clock() if now_s is None else now_s)
+
+    def on_fallback_snapshot(self, snapshot: ConfigSnapshot) -> None:
+        """The last applied revision, reloaded from Git after a restart because the branch head was
+        rejected: adopt it as the last known good (no attempt recorded) when none is in memory, so
+        the proxies keep being served while the head stays the failed "desired" revision."""
+        if self.snapshot is None:
+            self.snapshot = snapshot
+
+    def on_fleet_error(self, sha: str, subject: str, problems: Sequence[Problem | dict[str, Any]],
+                       now_s: float | None = None) -> None:
+        """A revision that failed to load/validate: recorded as attempted, nothing is pushed."""
+        now = self.clock() if now_s is None else now_s
+        plist = [p.as_dict() if isinstance(p, Problem) else dict(p) for p in problems]
+        self.attempted = {"revision": sha, "subject": subject, "ok": False, "at_s": now}
+        self.problems = plist
+        if self.store is not None:
+            self.store.record_attempt(sha, subject, ok=False, problems=plist, at_s=now)
+
+    def on_observation(self, obs: ClusterObservation, now_s: float | None = None) -> None:
+        prev = self.observations.get(obs.cluster)
+        if prev is not None and not obs.complete:
+            obs = _merge_partial(prev, obs)
+        self.observations[obs.cluster] = obs
+        self.leases[obs.cluster] = obs.observed_at_s
+        self.debounce.note(self.clock() if now_s is None else now_s)
+
+    def on_lease(self, cluster: str, last_success_s: float) -> None:
+        self.leases[cluster] = last_success_s
+
+    def on_health(self, proxy_id: str, outcomes: Sequence[Outcome], now_s: float | None = None) -> None:
+        now = self.clock() if now_s is None else now_s
+        self.aggregator.report(proxy_id, outcomes, now)
+        if self.aggregator.unhealthy(now) != self.unhealthy:
+            self.debounce.note(now)
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    def due(self, now_s: float) -> bool:
+        return self.debounce.due(now_s)
+
+    def reconcile(self, now_s: float | None = None, force: bool = False) -> bool:
+        """Run the steps if debounced changes are due (or `force`). True when it ran."""
+        now = self.clock() if now_s is None else now_s
+        if not force and not self.debounce.due(now):
+            return False
+        started = time.perf_counter()
+        self.debounce.take()
+        self.reconciles += 1
+        # 1. take inputs
+        snapshot = self.pending_snapshot or self.snapshot
+        if snapshot is None:
+            return True  # nothing to render until the first good snapshot arrives
+        # 2. gate the new commit (staged CA root rotation) before anything of it is applied
+        if self.pending_snapshot is not None and not self._gate(self.pending_snapshot, now):
+            snapshot = self.snapshot
+            if snapshot is None:
+                return True
+        # 3. aggregate health
+        unhealthy = self._guard("aggregate", lambda: self.aggregator.unhealthy(now), self.unhealthy, now)
+        # 4. render
+        triggers = {k: self.aggregator.describe(k, now) for k in unhealthy - self.unhealthy}
+        out = self._guard("render", lambda: self.render(RenderInput(snapshot, dict(self.observations),
+                                                                     dict(self.leases), unhealthy, now, triggers)),
+                          None, now)
+        if out is None:
+            if self.pending_snapshot is not None:
+                rev = self.pending_snapshot.revision
+                self.on_fleet_error(rev.sha, rev.subject, [{"code": "MF-RENDER", "message": self.failures[-1].error,
+                                                            "hint": "a controller bug or an unsupported combination; "
+                                                                    "the proxies keep the last applied revision"}], now)
+                self.pending_snapshot = None
+            return True
+        # 5. checkpoint the revision
+        self.unhealthy = unhealthy
+        if self.pending_snapshot is not None:
+            applied = self.pending_snapshot
+            rev = applied.revision
+            self.snapshot, self.pending_snapshot = applied, None
+            self.attempted = {"revision": rev.sha, "subject": rev.subject, "ok": True, "at_s": now}
+            self.applied = {"revision": rev.sha, "subject": rev.subject, "at_s": now}
+            self.problems = []
+            self.applied_ca = ca_specs_of(applied)
+            if self.store is not None:
+                self._guard("checkpoint", lambda: self._checkpoint(rev.sha, rev.subject, applied, now), None, now)
+        self.render_problems = list(out.problems)
+        # 6. push what changed (once warm: see the module docstring)
+        if not self._warm_up(snapshot, now):
+            self.debounce.note(now)  # come back when more observations may have arrived
+            return True
+        changed = {pid: cfg for pid, cfg in out.configs.items() if self.configs.get(pid) != cfg}
+        self.configs = dict(out.configs)
+        if changed:
+            self._guard("push", lambda: self.push(changed), None, now)
+            self.pushed_proxies += len(changed)
+        # 7. events
+        if out.events:
+            self._guard("events", lambda: self._record_events(out.events), None, now)
+        self.last_duration_s = time.perf_counter() - started
+        self.durations_s = ([*self.durations_s, self.last_duration_s])[-200:]
+        return True
+
+    def _gate(self, candidate: ConfigSnapshot, now_s: float) -> bool:
+        """Step 2. False (and the commit recorded as a failed attempt) when it must not be applied.
+        Fails closed: if the check itself cannot run (e.g. the store is unreadable), the commit is
+        rejected with that error, since applying it might switch or drop a root unsafely."""
+        def live(td: str) -> Mapping[str, float]:
+            return dict(self.store.leaf_not_after(td)) if self.store is not None else {}
+
+        problems: Any = self._guard("gate", lambda: [p.as_dict() for p in gate_commit(self.applied_ca, candidate,
+                                                                                         live, now_s)], None, now_s)
+        if problems is None:
+            problems = [{"code": "MF-GATE", "message": "could not check the CA root rotation of this commit: "
+                                                       + self.failures[-1].error,
+                         "hint": "check the controller's state directory (controller.sqlite); the proxies keep "
+                                 "the last applied revision, push again or restart the controller to retry"}]
+        if not problems:
+            return True
+        rev = candidate.revision
+        self.pending_snapshot = None
+        self.on_fleet_error(rev.sha, rev.subject, problems, now_s)
+        return False
+
+    def _checkpoint(self, sha: str, subject: str, snapshot: ConfigSnapshot, now_s: float) -> None:
+        assert self.store is not None
+        self.store.record_attempt(sha, subject, ok=True, at_s=now_s)
+        self.store.record_applied_ca_specs({td: ca_spec_to_dict(spec) for td, spec in ca_specs_of(snapshot).items()})
+
+    def _warm_up(self, snapshot: ConfigSnapshot, now_s: float) -> bool:
+        if not self.warm:
+            if self.started_s is None:
+                self.started_s = now_s
+            listed = all(c in self.observations and self.observations[c].complete for c in snapshot.clusters)
+            self.warm = listed or now_s - self.started_s >= self.warmup_max_s
+        return self.warm
+
+    def _guard(self, step: str, fn: Callable[[], Any], fallback: Any, now_s: float) -> Any:
+        try:
+            return fn()
+        except Exception as e:
+            self.failures = ([*self.failures, StepFailure(step, f"{type(e).__name__}: {e}", now_s)])[-50:]
+            return fallback
+
+    def _record_events(self, events: Sequence[Any]) -> None:
+        from federation.core.events import event_to_dict
+
+        self.events = (self.events + list(events))[-500:]
+        if self.store is None:
+            return
+        for ev in events:
+            d = event_to_dict(ev)
+            kind = str(d.get("kind") or type(ev).__name__)
+            prov = d.get("provenance") or {}
+            self.store.record_failover(
+                str(d.get("service") or d.get("cluster") or ""), kind,
+                from_cluster=str(d.get("source") or d.get("cluster") or str(d.get("endpoint") or "").split("/")[0]),
+                to_cluster=",".join(d.get("to_clusters") or ()) if isinstance(d.get("to_clusters"), (list, tuple)) else "",
+                trigger=str(prov.get("trigger", "")), policy_file=str(prov.get("file", "")),
+                revision=str(prov.get("commit", "")), detail=d, at_s=float(d.get("at_s") or self.clock()))
+
+    # --- status ----------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        clusters = {}
+        for name in sorted(set(self.observations) | set(self.leases)):
+            obs = self.observations.get(name)
+            clusters[name] = {
+                "lease_renewed_at_s": self.leases.get(name),
+                "complete": bool(obs and obs.complete),
+                "nodes": len(obs.nodes) if obs else 0,
+                "services": len(obs.services) if obs else 0,
+                "endpoints": len(obs.endpoints) if obs else 0,
+                "ready_endpoints": sum(1 for e in obs.endpoints if e.ready) if obs else 0,
+            }
+        return {
+            "desired": self.attempted,
+            "applied": self.applied,
+            "problems": self.problems,
+            "render_problems": self.render_problems,
+            "step_failures": [f.__dict__ for f in self.failures[-10:]],
+            "clusters": clusters,
+            "reconciles": self.reconciles,
+            "last_reconcile_ms": round(self.last_duration_s * 1000, 3),
+            "unhealthy_endpoints": sorted(f"{s} {e}" for s, e in self.unhealthy),
+            "proxies_rendered": len(self.configs),
+            "warm": self.warm,
+            "active_failovers": [r.as_dict() for r in self.store.active_failovers()] if self.store else [],
+        }
+
+
+def _merge_partial(prev: ClusterObservation, part: ClusterObservation) -> ClusterObservation:
+    """Upsert a partial observation into the previous one (see `clusters.kube.observation`)."""
+    from dataclasses import replace
+
+    eps = {e.key: e for e in prev.endpoints}
+    for k in part.removed_endpoints:
+        eps.pop(k, None)
+    for e in part.endpoints:
+        eps[e.key] = e
+    nodes = {n.name: n for n in prev.nodes} | {n.name: n for n in part.nodes}
+    svcs = {(s.namespace, s.name): s for s in prev.services} | {(s.namespace, s.name): s for s in part.services}
+    return replace(prev, observed_at_s=part.observed_at_s, nodes=tuple(nodes.values()),
+                   services=tuple(svcs.values()), endpoints=tuple(eps[k] for k in sorted(eps)),
+                   resource_version=part.resource_version)
+
+
+# --- the core as a RenderFn -------------------------------------------------------------------------
+
+
+class CoreRender:
+    """Adapter from `RenderInput` to the federation core (graph, failover engine, renderer).
+
+    Stateful on purpose: the graph, engine and renderer are kept across calls and fed only what
+    changed (a new snapshot rebuilds them; an observation that is the same object as last time is
+    skipped), so an endpoint change re-renders only the services it touched. The global outlier
+    state from `OutlierAggregator` is applied last: endpoints ejected by a quorum of observers are
+    rendered `healthy=False` for every proxy, and each change of that set becomes an event
+    (`EndpointEjected` with reason `HealthReportQuorum`, or `EndpointUnejected`) carrying the vote
+    as its trigger and the service's policy (object, file:line, commit) as its provenance.
+    """
+
+    def __init__(self, bundle_roots: Callable[[ConfigSnapshot], Mapping[str, tuple[str, ...]]] | None = None) -> None:
+        self.bundle_roots = bundle_roots
+        self._revision = ""
+        self._engine: Any = None
+        self._renderer: Any = None
+        self._seen: dict[str, ClusterObservation] = {}
+        self._configs: dict[str, ProxyConfig] = {}
+        self._unhealthy: frozenset[tuple[str, str]] = frozenset()
+
+    @property
+    def engine(self) -> Any:
+        """The live FailoverEngine of the last render (None before the first): for explain."""
+        return self._engine
+
+    def __call__(self, inp: RenderInput) -> RenderOutput:
+        from federation.core.failover import FailoverEngine
+        from federation.core.graph import EndpointGraph, GraphChange
+        from federation.core.render import Renderer
+        from federation.core.trust_graph import TrustGraph
+
+        events: list[Any] = []
+        problems: list[str] = []
+        rebuilt = inp.snapshot.revision.sha != self._revision or self._engine is None
+        if rebuilt:
+            graph = EndpointGraph(inp.snapshot)
+            self._engine = FailoverEngine(inp.snapshot, graph, TrustGraph(inp.snapshot))
+            roots = self.bundle_roots(inp.snapshot) if self.bundle_roots else {}
+            self._renderer = Renderer(self._engine, 1, roots)
+            self._revision, self._seen = inp.snapshot.revision.sha, {}
+        change = GraphChange()
+        observed: list[str] = []
+        for cluster, obs in sorted(inp.observations.items()):
+            if self._seen.get(cluster) is obs:
+                continue
+            if cluster not in inp.snapshot.clusters:
+                problems.append(f"cluster {cluster} is observed but not in the fleet repo")
+                continue
+            c, evs = self._engine.observe(obs)
+            change = change.merge(c)
+            events.extend(evs)
+            self._seen[cluster] = obs
+            observed.append(cluster)
+        events.extend(self._engine.tick(inp.now_s))
+        # FailedOver / FailedBack: re-evaluate the tier shares of what changed (everything on a new
+        # revision, which sets the baseline the next evaluation compares with)
+        to_evaluate = set(self._engine.policies) if rebuilt else set(change.services)
+        trigger = ("discovery: new observation from " + ", ".join(observed)) if observed else "reconcile"
+        events.extend(self._failover_events(to_evaluate, inp.now_s, trigger))
+        if rebuilt:
+            self._configs = dict(self._renderer.render_all())
+        else:
+            upd = self._renderer.update(change)
+            for pid in upd.removed:
+                self._configs.pop(pid, None)
+            for pid in set(upd.deltas) | set(upd.added):
+                self._configs[pid] = self._renderer.config(pid)
+        events.extend(self._quorum_events(inp))
+        configs = self._configs
+        if inp.unhealthy:
+            configs = {pid: _mark_unhealthy(cfg, inp.unhealthy) for pid, cfg in configs.items()}
+        return RenderOutput(configs, events, problems)
+
+    def _failover_events(self, services: set[Any], now_s: float, trigger: str) -> list[Any]:
+        """Ask the engine, per client locality that has a node proxy, whether each service's tier 0
+        stopped (FailedOver) or resumed (FailedBack) taking all of that locality's traffic."""
+        if not services:
+            return []
+        localities = sorted({spec.locality for spec in self._renderer.proxy_specs()
+                             if spec.mode is ProxyMode.NODE}, key=repr)
+        events: list[Any] = []
+        for key in sorted(services, key=str):
+            if key not in self._engine.policies:
+                continue
+            views = [self._engine.view(key, loc) for loc in localities]
+            events.extend(self._engine.evaluate(key, views, now_s, trigger))
+        return events
+
+    def _quorum_events(self, inp: RenderInput) -> list[Any]:
+        from federation.core.events import EndpointEjected, EndpointUnejected, Provenance
+
+        events: list[Any] = []
+        for host, uid in sorted(inp.unhealthy ^ self._unhealthy):
+            key = self._engine.graph.hostnames.get(host)
+            if (host, uid) in inp.unhealthy:
+                trigger = inp.health_triggers.get((host, uid), f"health reports: a quorum of proxies ejects {uid}")
+                prov = self._engine._provenance(trigger, key) if key is not None else Provenance(trigger)
+                events.append(EndpointEjected(host, uid, "HealthReportQuorum", 1, 0.0, True, inp.now_s, prov))
+            else:
+                trigger = f"health reports: the quorum no longer ejects {uid}"
+                prov = self._engine._provenance(trigger, key) if key is not None else Provenance(trigger)
+                events.append(EndpointUnejected(host, uid, inp.now_s, 0.0, prov))
+        self._unhealthy = inp.unhealthy
+        return events
+
+
+def _mark_unhealthy(cfg: ProxyConfig, unhealthy: frozenset[tuple[str, str]]) -> ProxyConfig:
+    from dataclasses import replace
+
+    services = []
+    touched = False
+    for svc in cfg.services:
+        if any((svc.hostname, e.workload_uid) in unhealthy for e in svc.endpoints):
+            eps = tuple(replace(e, healthy=False) if (svc.hostname, e.workload_uid) in unhealthy else e
+                        for e in svc.endpoints)
+            services.append(replace(svc, endpoints=eps))
+            touched = True
+        else:
+            services.append(svc)
+    return replace(cfg, services=tuple(services)) if touched else cfg

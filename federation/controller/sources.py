@@ -1,0 +1,261 @@
+"""Plain classes for the controller's inputs: the Git source and one agent per cluster.
+
+Ray hosts them (`federation.ray.actors`), tests drive them directly. Both hand their results to a
+callback as *bytes* (`encode_*` / `decode_*` below): between Ray actors a pickled object graph
+costs far more per hop than the same data as one bytes object, and bytes make the hop explicit.
+
+- `GitSource` follows a branch with `gitops.watch.BranchFollower` (a directory that is not a Git
+  repository is followed as a worktree, revision "WORKTREE"). It reports a good snapshot, or the
+  problems of a bad revision (Flux: last attempted vs last applied lives in the watch and in the
+  reconciler). The loader re-parses only the files a commit changed (it gets the last good
+  snapshot back).
+- `ClusterAgent` owns discovery for one cluster (`clusters.kube.discovery.KubeDiscovery`, the real
+  kubernetes client against a kind cluster or the lab's emulated API server) and its *lease*:
+  renewed by every successful LIST or watch event, valid for the federation's partition
+  `lease_ttl_s`. Sending is latest-wins: while one observation is on its way, newer ones replace
+  each other, so a burst costs one hop, not one per event.
+"""
+
+from __future__ import annotations
+
+import copyreg
+import pickle
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from clusters.kube.observation import ClusterObservation
+from gitops.model import ClusterApiKind, ConfigSnapshot
+
+# --- bytes at the actor boundary -----------------------------------------------------------------
+# pickle is used only between our own processes (same code, same trust); never for input from a
+# network peer. Snapshots hold read-only maps (MappingProxyType), which plain pickle refuses:
+# they travel as their dict and come back read-only.
+
+
+def readonly_map(d: dict[Any, Any]) -> MappingProxyType[Any, Any]:
+    return MappingProxyType(d)
+
+
+copyreg.pickle(MappingProxyType, lambda m: (readonly_map, (dict(m),)))
+
+
+def encode_snapshot(s: ConfigSnapshot) -> bytes:
+    return pickle.dumps(s, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def decode_snapshot(b: bytes) -> ConfigSnapshot:
+    s = pickle.loads(b)
+    assert isinstance(s, ConfigSnapshot)
+    return s
+
+
+def encode_observation(o: ClusterObservation) -> bytes:
+    return pickle.dumps(o, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def decode_observation(b: bytes) -> ClusterObservation:
+    o = pickle.loads(b)
+    assert isinstance(o, ClusterObservation)
+    return o
+
+
+# --- Git -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FleetFailure:
+    sha: str
+    subject: str
+    problems: tuple[dict[str, Any], ...]
+
+
+class GitSource:
+    """Follows the fleet repo. `poll(now_s)` returns a new snapshot, a failure, or None."""
+
+    def __init__(self, repo: str, branch: str = "main", state_dir: str | None = None,
+                 fallback_sha: str | None = None) -> None:
+        from gitops.watch import BranchFollower, default_mirror_dir
+
+        self.repo, self.branch = repo, branch
+        is_url = "://" in repo or repo.startswith("git@")
+        self.worktree = not is_url and not (Path(repo) / ".git").exists() and not (Path(repo) / "HEAD").exists()
+        mirror = default_mirror_dir(state_dir, "fleet") if (is_url and state_dir) else None
+        self.follower = BranchFollower(repo, branch, mirror_dir=mirror)
+        self.snapshot: ConfigSnapshot | None = None
+        self._reported_failure: tuple[str, str] | None = None
+        self._next_worktree_poll_s = 0.0
+        self.last_error = ""
+        # After a restart the branch head may be a bad commit: serve the last applied revision
+        # (from the store) until a good head arrives, as a controller that never stopped would.
+        self.fallback_sha = fallback_sha if fallback_sha and fallback_sha != "WORKTREE" else None
+
+    def trigger(self) -> None:
+        """Check now (e.g. a webhook or `meshfed` asked)."""
+        self.follower.watch.trigger()
+        self._next_worktree_poll_s = 0.0
+
+    def poll(self, now_s: float) -> ConfigSnapshot | FleetFailure | None:
+        if self.worktree:
+            return self._poll_worktree(now_s)
+        snap = self.follower.poll(now_s)
+        if snap is not None:
+            self.snapshot, self.last_error = snap, ""
+            return snap
+        w = self.follower.watch
+        rev = w.last_attempted_revision
+        if self.snapshot is None and self.fallback_sha and w.last_error and self._reported_failure is not None:
+            return self._load_fallback()
+        if w.last_error and rev is not None and (rev.sha, w.last_error) != self._reported_failure:
+            self._reported_failure = (rev.sha, w.last_error)
+            self.last_error = w.last_error
+            problems = tuple(p.as_dict() for p in w.last_problems) or (
+                {"code": "MF-GIT", "message": w.last_error, "hint": "check the repository and branch"},)
+            return FleetFailure(rev.sha, rev.subject, problems)
+        return None
+
+    def _load_fallback(self) -> ConfigSnapshot | FleetFailure | None:
+        from gitops import FleetError, RepoAccessError, load_revision
+
+        sha, self.fallback_sha = self.fallback_sha, None
+        assert sha is not None
+        try:
+            snap = load_revision(self.follower._local(), sha)
+        except (FleetError, RepoAccessError) as e:
+            self.last_error = f"last applied revision {sha[:8]} cannot be loaded either: {e}"
+            return None
+        self.snapshot = self.follower.snapshot = snap
+        self.follower.watch.last_applied_revision = snap.revision
+        return snap
+
+    def _poll_worktree(self, now_s: float) -> ConfigSnapshot | FleetFailure | None:
+        from gitops import FleetError, RepoAccessError, load_worktree
+
+        if now_s < self._next_worktree_poll_s:
+            return None
+        interval = self.snapshot.federation.git_poll_interval_s if self.snapshot else 2.0
+        self._next_worktree_poll_s = now_s + min(interval, 2.0)
+        try:
+            snap = load_worktree(self.repo, self.snapshot)
+        except (FleetError, RepoAccessError) as e:
+            problems = tuple(p.as_dict() for p in getattr(e, "problems", ())) or (
+                {"code": "MF-REPO", "message": str(e), "hint": "check --repo"},)
+            key = ("WORKTREE", str(e))
+            if key == self._reported_failure:
+                return None
+            self._reported_failure = key
+            self.last_error = str(e)
+            return FleetFailure("WORKTREE", "uncommitted worktree", problems)
+        if self.snapshot is not None and dict(snap.file_digests) == dict(self.snapshot.file_digests):
+            return None
+        self.snapshot, self._reported_failure, self.last_error = snap, None, ""
+        return snap
+
+    def status(self) -> dict[str, Any]:
+        w = self.follower.watch
+        return {
+            "repo": self.repo, "branch": self.branch, "worktree": self.worktree,
+            "last_applied": w.last_applied_revision.sha if w.last_applied_revision else
+            (self.snapshot.revision.sha if self.snapshot else ""),
+            "last_attempted": w.last_attempted_revision.sha if w.last_attempted_revision else "",
+            "last_error": self.last_error or (w.last_error or ""),
+        }
+
+
+# --- clusters --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Lease:
+    """Renewed by successful watches; valid for `ttl_s` after the last renewal (wall clock)."""
+
+    ttl_s: float
+    renewed_at_s: float | None = None
+
+    def renew(self, now_s: float) -> None:
+        self.renewed_at_s = now_s
+
+    def valid(self, now_s: float) -> bool:
+        return self.renewed_at_s is not None and now_s - self.renewed_at_s <= self.ttl_s
+
+    def remaining_s(self, now_s: float) -> float:
+        return 0.0 if self.renewed_at_s is None else max(0.0, self.ttl_s - (now_s - self.renewed_at_s))
+
+
+class ClusterAgent:
+    """Discovery + lease for one cluster. `start(send)` calls `send(bytes)` with encoded observations."""
+
+    def __init__(self, cluster: str, kubeconfig: str | None, context: str, api_kind: str = ClusterApiKind.KUBECONFIG.value,
+                 lease_ttl_s: float = 30.0, namespace_selector: str = "", watch_timeout_s: int = 30,
+                 clock: Callable[[], float] = time.time) -> None:
+        from clusters.kube.discovery import KubeDiscovery
+
+        self.cluster, self.api_kind = cluster, api_kind
+        self.clock = clock
+        self.discovery = KubeDiscovery(cluster, kubeconfig, context, namespace_selector=namespace_selector,
+                                       watch_timeout_s=watch_timeout_s, clock=clock)
+        self.lease = Lease(lease_ttl_s)
+        self._send: Callable[[bytes], None] | None = None
+        self._latest: ClusterObservation | None = None
+        self._cv = threading.Condition()
+        self._sender: threading.Thread | None = None
+        self._stopped = False
+        self.sent = 0
+
+    def start(self, send: Callable[[bytes], None]) -> None:
+        self._send = send
+        self._sender = threading.Thread(target=self._send_loop, name=f"agent-{self.cluster}", daemon=True)
+        self._sender.start()
+        self.discovery.start(self._on_change)
+
+    def _on_change(self, obs: ClusterObservation) -> None:
+        self.lease.renew(self.clock())
+        with self._cv:
+            self._latest = obs
+            self._cv.notify()
+
+    def _send_loop(self) -> None:
+        while True:
+            with self._cv:
+                while self._latest is None and not self._stopped:
+                    self._cv.wait(1.0)
+                if self._stopped:
+                    return
+                obs, self._latest = self._latest, None
+            assert self._send is not None and obs is not None
+            try:
+                self._send(encode_observation(obs))
+                self.sent += 1
+            except Exception:  # the reconciler restarts; the next change or resync re-sends
+                with self._cv:
+                    if self._latest is None:
+                        self._latest = obs
+                time.sleep(0.5)
+
+    def renew_from_discovery(self) -> bool:
+        """Renew the lease from the watch threads' last success (they also renew on quiet streams)."""
+        last = self.discovery.last_success_s
+        if last is not None and (self.lease.renewed_at_s is None or last > self.lease.renewed_at_s):
+            self.lease.renew(last)
+        return self.lease.valid(self.clock())
+
+    def stop(self) -> None:
+        self.discovery.stop()
+        with self._cv:
+            self._stopped = True
+            self._cv.notify()
+
+    def status(self) -> dict[str, Any]:
+        now = self.clock()
+        self.renew_from_discovery()
+        obs = self.discovery.observation()
+        return {
+            "cluster": self.cluster, "api": self.api_kind, "context": self.discovery.context,
+            "up": self.lease.valid(now), "lease_remaining_s": round(self.lease.remaining_s(now), 1),
+            "lease_renewed_at_s": self.lease.renewed_at_s, "complete": obs.complete,
+            "endpoints": len(obs.endpoints), "last_error": self.discovery.last_error,
+        }

@@ -1,0 +1,292 @@
+"""The controller's durable records: one sqlite file in the state directory.
+
+What survives a controller (or actor) restart lives here: the controller epoch (bumped on every
+start: the split-brain fence), revisions attempted and applied (Flux's lastAttemptedRevision vs
+lastAppliedRevision, with the problems of a failed attempt), per-proxy acknowledged versions and
+NACKs, the failover history, and CA metadata (the keys themselves are 0600 files next to it,
+written by the CA; only their fingerprints and expiry are recorded here). For staged root
+rotation (`federation.core.rotation`) the store also keeps, per (trust domain, root name), the latest
+not-after of every leaf that root signed (`record_leaf_issued`, one upsert keeping the max) and
+the CA specs of the last applied revision (`applied_ca_specs`): the commit gate compares a new
+commit with those, so a restarted controller cannot be talked into skipping a stage.
+
+Everything else (observations, rendered configs) is recomputed after a restart from a fresh LIST
+of every cluster and the Git revision: that is what prunes endpoints removed while we were down.
+
+sqlite in WAL mode, one connection guarded by a lock (actors call in from several threads).
+Timestamps are wall-clock seconds (`*_s`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS revisions (
+    sha TEXT NOT NULL, subject TEXT NOT NULL, attempted_at_s REAL NOT NULL,
+    outcome TEXT NOT NULL,             -- 'applied' | 'failed'
+    problems TEXT NOT NULL DEFAULT '[]',  -- JSON list of Problem.as_dict()
+    PRIMARY KEY (sha, attempted_at_s));
+CREATE TABLE IF NOT EXISTS proxy_acks (
+    proxy_id TEXT PRIMARY KEY, epoch INTEGER NOT NULL, version INTEGER NOT NULL, revision TEXT NOT NULL,
+    acked_at_s REAL NOT NULL, last_nack TEXT NOT NULL DEFAULT '', nack_at_s REAL);
+CREATE TABLE IF NOT EXISTS failover_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at_s REAL NOT NULL, service TEXT NOT NULL, kind TEXT NOT NULL,
+    from_cluster TEXT NOT NULL DEFAULT '', to_cluster TEXT NOT NULL DEFAULT '',
+    trigger TEXT NOT NULL DEFAULT '', policy_file TEXT NOT NULL DEFAULT '', revision TEXT NOT NULL DEFAULT '',
+    detail TEXT NOT NULL DEFAULT '{}');
+CREATE INDEX IF NOT EXISTS failover_by_service ON failover_events (service, at_s);
+CREATE TABLE IF NOT EXISTS ca_meta (
+    trust_domain TEXT NOT NULL, root_name TEXT NOT NULL, fingerprint TEXT NOT NULL,
+    not_after_s REAL NOT NULL, key_path TEXT NOT NULL DEFAULT '', signing INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (trust_domain, root_name));
+CREATE TABLE IF NOT EXISTS ca_leaves (
+    trust_domain TEXT NOT NULL, root_name TEXT NOT NULL,  -- the CaSpec root that signed (spec.ca.roots[].name)
+    max_not_after_s REAL NOT NULL,     -- the latest not-after of any leaf that root signed
+    issued INTEGER NOT NULL DEFAULT 0, last_issued_at_s REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (trust_domain, root_name));
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class RevisionRecord:
+    sha: str
+    subject: str
+    attempted_at_s: float
+    outcome: str
+    problems: tuple[dict[str, Any], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class FailoverRecord:
+    at_s: float
+    service: str
+    kind: str
+    from_cluster: str
+    to_cluster: str
+    trigger: str
+    policy_file: str
+    revision: str
+    detail: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"at_s": self.at_s, "service": self.service, "kind": self.kind, "from_cluster": self.from_cluster,
+                "to_cluster": self.to_cluster, "trigger": self.trigger, "policy_file": self.policy_file,
+                "revision": self.revision, "detail": self.detail}
+
+
+class Store:
+    """Invariants: `bump_epoch()` returns a value greater than any it returned before for this
+    file; `last_applied()` is never a revision whose attempt failed."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+        os.chmod(self.path, 0o600)
+
+    @classmethod
+    def in_state_dir(cls, state_dir: str | os.PathLike[str]) -> Store:
+        d = Path(state_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        os.chmod(d, 0o700)
+        return cls(d / "controller.sqlite")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return list(self._db.execute(sql, tuple(args)).fetchall())
+
+    # --- epoch ------------------------------------------------------------------------------------
+
+    def bump_epoch(self) -> int:
+        with self._tx() as db:
+            row = db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()
+            epoch = (int(row[0]) if row else 0) + 1
+            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('epoch', ?)", (str(epoch),))
+        return epoch
+
+    def epoch(self) -> int:
+        rows = self._query("SELECT value FROM meta WHERE key='epoch'")
+        return int(rows[0][0]) if rows else 0
+
+    # --- revisions ----------------------------------------------------------------------------------
+
+    def record_attempt(self, sha: str, subject: str, ok: bool, problems: Sequence[dict[str, Any]] = (),
+                       at_s: float | None = None) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO revisions VALUES (?,?,?,?,?)",
+                       (sha, subject, at_s if at_s is not None else time.time(), "applied" if ok else "failed",
+                        json.dumps(list(problems), default=str)))
+
+    def _revision(self, where: str) -> RevisionRecord | None:
+        rows = self._query(f"SELECT sha, subject, attempted_at_s, outcome, problems FROM revisions {where} "
+                           "ORDER BY attempted_at_s DESC, rowid DESC LIMIT 1")
+        if not rows:
+            return None
+        sha, subject, at, outcome, problems = rows[0]
+        return RevisionRecord(sha, subject, at, outcome, tuple(json.loads(problems)))
+
+    def last_attempted(self) -> RevisionRecord | None:
+        return self._revision("")
+
+    def last_applied(self) -> RevisionRecord | None:
+        return self._revision("WHERE outcome='applied'")
+
+    def revisions(self, limit: int = 20) -> list[RevisionRecord]:
+        rows = self._query("SELECT sha, subject, attempted_at_s, outcome, problems FROM revisions "
+                           "ORDER BY attempted_at_s DESC, rowid DESC LIMIT ?", (limit,))
+        return [RevisionRecord(r[0], r[1], r[2], r[3], tuple(json.loads(r[4]))) for r in rows]
+
+    # --- proxies ------------------------------------------------------------------------------------
+
+    def record_ack(self, proxy_id: str, epoch: int, version: int, revision: str, at_s: float | None = None) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO proxy_acks(proxy_id, epoch, version, revision, acked_at_s) VALUES (?,?,?,?,?) "
+                       "ON CONFLICT(proxy_id) DO UPDATE SET epoch=excluded.epoch, version=excluded.version, "
+                       "revision=excluded.revision, acked_at_s=excluded.acked_at_s, last_nack=''",
+                       (proxy_id, epoch, version, revision, at_s if at_s is not None else time.time()))
+
+    def record_acks(self, acks: Sequence[tuple[str, int, int, str]], at_s: float | None = None) -> None:
+        """Batch form of `record_ack` (one transaction for a whole push)."""
+        now = at_s if at_s is not None else time.time()
+        with self._tx() as db:
+            db.executemany("INSERT INTO proxy_acks(proxy_id, epoch, version, revision, acked_at_s) VALUES (?,?,?,?,?) "
+                           "ON CONFLICT(proxy_id) DO UPDATE SET epoch=excluded.epoch, version=excluded.version, "
+                           "revision=excluded.revision, acked_at_s=excluded.acked_at_s, last_nack=''",
+                           [(p, e, v, r, now) for p, e, v, r in acks])
+
+    def record_nack(self, proxy_id: str, error: str, at_s: float | None = None) -> None:
+        now = at_s if at_s is not None else time.time()
+        with self._tx() as db:
+            db.execute("INSERT INTO proxy_acks(proxy_id, epoch, version, revision, acked_at_s, last_nack, nack_at_s) "
+                       "VALUES (?,0,0,'',0,?,?) ON CONFLICT(proxy_id) DO UPDATE SET last_nack=excluded.last_nack, "
+                       "nack_at_s=excluded.nack_at_s", (proxy_id, error, now))
+
+    def proxy_acks(self) -> dict[str, dict[str, Any]]:
+        rows = self._query("SELECT proxy_id, epoch, version, revision, acked_at_s, last_nack FROM proxy_acks")
+        return {r[0]: {"epoch": r[1], "version": r[2], "revision": r[3], "acked_at_s": r[4], "last_nack": r[5]}
+                for r in rows}
+
+    # --- failover history ---------------------------------------------------------------------------
+
+    def record_failover(self, service: str, kind: str, *, from_cluster: str = "", to_cluster: str = "",
+                        trigger: str = "", policy_file: str = "", revision: str = "",
+                        detail: dict[str, Any] | None = None, at_s: float | None = None) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO failover_events(at_s, service, kind, from_cluster, to_cluster, trigger, "
+                       "policy_file, revision, detail) VALUES (?,?,?,?,?,?,?,?,?)",
+                       (at_s if at_s is not None else time.time(), service, kind, from_cluster, to_cluster,
+                        trigger, policy_file, revision, json.dumps(detail or {}, default=str)))
+
+    def failover_history(self, service: str | None = None, since_s: float | None = None,
+                         limit: int = 500) -> list[FailoverRecord]:
+        where: list[str] = []
+        args: list[Any] = []
+        if service:
+            # as the CLI takes it elsewhere: "checkout", "shop/checkout" or the full hostname
+            where.append("(service = ? OR service LIKE ? ESCAPE '\\')")
+            args.extend([service, _hostname_pattern(service)])
+        if since_s is not None:
+            where.append("at_s >= ?")
+            args.append(since_s)
+        # the newest `limit` events, oldest first (a long-running controller has more than anyone reads)
+        sql = (_FAILOVER_SELECT + (" WHERE " + " AND ".join(where) if where else "")
+               + " ORDER BY at_s DESC, id DESC LIMIT ?")
+        return [_failover_record(r) for r in reversed(self._query(sql, [*args, limit]))]
+
+    def active_failovers(self) -> list[FailoverRecord]:
+        """Per (service, client cluster), the last FailedOver not yet followed by a FailedBack."""
+        sql = (_FAILOVER_SELECT + " f WHERE kind = 'FailedOver' AND id = ("
+               "  SELECT MAX(id) FROM failover_events g WHERE g.service = f.service"
+               "  AND g.from_cluster = f.from_cluster AND g.kind IN ('FailedOver', 'FailedBack'))"
+               " ORDER BY at_s, id")
+        return [_failover_record(r) for r in self._query(sql, [])]
+
+    # --- CA metadata ---------------------------------------------------------------------------
+
+    def record_ca_root(self, trust_domain: str, root_name: str, fingerprint: str, not_after_s: float,
+                       key_path: str = "", signing: bool = False) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO ca_meta VALUES (?,?,?,?,?,?)",
+                       (trust_domain, root_name, fingerprint, not_after_s, key_path, int(signing)))
+
+    def ca_roots(self) -> list[dict[str, Any]]:
+        rows = self._query("SELECT trust_domain, root_name, fingerprint, not_after_s, key_path, signing FROM ca_meta "
+                           "ORDER BY trust_domain, root_name")
+        return [{"trust_domain": r[0], "root": r[1], "fingerprint": r[2], "not_after_s": r[3], "key_path": r[4],
+                 "signing": bool(r[5])} for r in rows]
+
+
+    # --- leaves issued, for staged root rotation ---------------------------------------------------
+
+    def record_leaf_issued(self, trust_domain: str, root_name: str, not_after_s: float,
+                           at_s: float | None = None) -> None:
+        """One leaf signed by `root_name` of `trust_domain`: keep the latest not-after (an upsert)."""
+        now = at_s if at_s is not None else time.time()
+        with self._tx() as db:
+            db.execute("INSERT INTO ca_leaves(trust_domain, root_name, max_not_after_s, issued, last_issued_at_s) "
+                       "VALUES (?,?,?,1,?) ON CONFLICT(trust_domain, root_name) DO UPDATE SET "
+                       "max_not_after_s=max(max_not_after_s, excluded.max_not_after_s), issued=issued+1, "
+                       "last_issued_at_s=excluded.last_issued_at_s",
+                       (trust_domain, root_name, not_after_s, now))
+
+    def leaf_not_after(self, trust_domain: str) -> dict[str, float]:
+        """Root name -> latest not-after of the leaves it signed, for one trust domain."""
+        rows = self._query("SELECT root_name, max_not_after_s FROM ca_leaves WHERE trust_domain=?", (trust_domain,))
+        return {str(r[0]): float(r[1]) for r in rows}
+
+    def record_applied_ca_specs(self, specs: dict[str, Any]) -> None:
+        """The CA specs (JSON-able, see `federation.core.rotation.ca_spec_to_dict`) of the applied revision."""
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('applied_ca_specs', ?)",
+                       (json.dumps(specs, sort_keys=True),))
+
+    def applied_ca_specs(self) -> dict[str, Any] | None:
+        rows = self._query("SELECT value FROM meta WHERE key='applied_ca_specs'")
+        return dict(json.loads(rows[0][0])) if rows else None
+
+
+_FAILOVER_SELECT = ("SELECT at_s, service, kind, from_cluster, to_cluster, trigger, policy_file, revision, detail "
+                    "FROM failover_events")
+
+
+def _failover_record(r: Any) -> FailoverRecord:
+    return FailoverRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], json.loads(r[8]))
+
+
+def _hostname_pattern(service: str) -> str:
+    """SQL LIKE pattern for a service named "name" or "namespace/name": <name>.<ns>.svc.<domain>."""
+    def esc(part: str) -> str:
+        return part.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+    namespace, _, name = service.rpartition("/")
+    return f"{esc(name)}.{esc(namespace) if namespace else '%'}.svc.%"

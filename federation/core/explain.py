@@ -1,0 +1,206 @@
+"""Explain: for a client in one cluster, how traffic to one service is spread, and why.
+
+`explain_service` returns plain data (for `-o json|yaml`) built from the same `ServiceView` the
+renderer puts into that client's ProxyConfig, so what it says is what the proxies do: the policy
+in force (object, file:line, commit), the tiers in order with the rule that put each endpoint
+group there, every endpoint with its health (ready, ejected, and for a remote cluster the pods
+behind its gateway), the share each tier gets (Envoy's priority load: health × 1.4 spilled in
+order, panic when normalized health is below the threshold), the clusters left out and why, the
+route split, and trust problems that concern this client.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from federation.core.failover import FailoverEngine, Locality, priority_reason
+from federation.core.trust_graph import CODE_UNTRUSTED_ROUTE
+from gitops.model import ServiceKey
+
+
+class ExplainError(LookupError):
+    """The service or cluster named does not exist; the message lists what does."""
+
+
+def resolve_service(engine: FailoverEngine, name: str) -> ServiceKey:
+    """Accept a hostname, `namespace/name`, `name.namespace`, or a unique `name`."""
+    graph = engine.graph
+    if name in graph.hostnames:
+        return graph.hostnames[name]
+    if "/" in name:
+        ns, _, svc = name.partition("/")
+        key = ServiceKey(ns, svc)
+        if key in graph.services:
+            return key
+    parts = name.split(".")
+    if len(parts) >= 2 and ServiceKey(parts[1], parts[0]) in graph.services:
+        return ServiceKey(parts[1], parts[0])
+    matches = [k for k in graph.services if k.name == name]
+    if len(matches) == 1:
+        return matches[0]
+    known = ", ".join(str(k) for k in graph.services) or "none"
+    if len(matches) > 1:
+        raise ExplainError(f"service name {name!r} is ambiguous ({', '.join(map(str, matches))}); "
+                           f"give it as namespace/name")
+    raise ExplainError(f"no global service {name!r} in the fleet repo (known: {known})")
+
+
+def client_locality(engine: FailoverEngine, cluster: str, zone: str | None = None) -> Locality:
+    graph = engine.graph
+    if cluster not in graph.clusters:
+        raise ExplainError(f"no cluster {cluster!r} in the fleet repo (known: {', '.join(graph.clusters)})")
+    cv = graph.clusters[cluster]
+    nodes = sorted(graph.nodes_of(cluster).values(), key=lambda n: n.name)
+    if zone is not None:
+        nodes = [n for n in nodes if (n.zone or cv.zone) == zone] or []
+        if not nodes and zone != cv.zone:
+            zones = sorted({n.zone or cv.zone for n in graph.nodes_of(cluster).values()} | {cv.zone})
+            raise ExplainError(f"cluster {cluster} has no node in zone {zone!r} (zones: {', '.join(zones)})")
+    if nodes:
+        n = nodes[0]
+        labels = tuple(sorted((k, v) for k, v in n.labels.items() if k in engine.relevant_labels))
+        return Locality(cv.network, cluster, n.region or cv.region, n.zone or cv.zone, labels)
+    return Locality(cv.network, cluster, cv.region, zone or cv.zone)
+
+
+def explain_service(engine: FailoverEngine, service: str, from_cluster: str,
+                    zone: str | None = None) -> dict[str, Any]:
+    key = resolve_service(engine, service)
+    source = client_locality(engine, from_cluster, zone)
+    policy = engine.policies[key]
+    view = engine.view(key, source)
+    load = view.load(policy.panic_threshold_pct)
+    det = engine.detector(key)
+    ejected = engine.ejected(key)
+    tiers: list[dict[str, Any]] = []
+    for piece, tier in zip(view.pieces, view.tier_of_piece, strict=True):
+        while len(tiers) <= tier:
+            t = len(tiers)
+            tiers.append({
+                "tier": t,
+                "share": round(load.shares[t], 4) if t < len(load.shares) else 0.0,
+                "health_pct": round(load.health_pct[t], 1) if t < len(load.health_pct) else 0.0,
+                "panic": bool(load.panic[t]) if t < len(load.panic) else False,
+                "raw_priority": piece.raw,
+                "groups": [],
+            })
+        eps = [e for e in view.endpoints if e.tier == tier and e.cluster == piece.cluster
+               and (e.gateway != "") == piece.via_gateway]
+        members = []
+        for m in piece.members:
+            members.append({
+                "pod": m.uid, "address": m.address, "node": m.node, "zone": m.zone, "ready": m.ready,
+                "ejected": m.uid in ejected,
+                "healthy": m.ready and m.uid not in ejected,
+            })
+        tiers[tier]["groups"].append({
+            "cluster": piece.cluster,
+            "network": piece.locality.network,
+            "locality": f"{piece.locality.region}/{piece.locality.zone}",
+            "path": "via east-west gateway " + eps[0].gateway if piece.via_gateway and eps else "direct (same network)",
+            "why": priority_reason(policy, source, piece.locality, piece.raw),
+            "endpoints": [{"uid": e.workload_uid, "healthy": e.healthy, "weight": e.weight,
+                           "ejected": e.workload_uid in ejected, "identity": e.identity} for e in eps],
+            "pods": members,
+        })
+    trust_problems = [p.as_dict() for p in engine.trust.route_problems()
+                      if p.code == CODE_UNTRUSTED_ROUTE and p.obj is not None
+                      and p.obj.name == key.name and p.obj.namespace == key.namespace
+                      and f"cluster {from_cluster} " in p.message]
+    od = policy.outlier
+    return {
+        "service": policy.hostname,
+        "from": {"cluster": source.cluster, "network": source.network, "region": source.region,
+                 "zone": source.zone},
+        "revision": engine.snapshot.revision.sha,
+        "policy": {
+            "object": policy.policy_ref or "(none: defaults)",
+            "file": str(policy.source) if policy.source else "",
+            "mode": policy.mode.value,
+            "failover_priority": list(policy.locality.failover_priority) if policy.locality else [],
+            "failover": [f"{r.from_region}->{r.to_region}" for r in policy.locality.failover] if policy.locality else [],
+            "outlier_detection": None if od is None else {
+                "consecutive_5xx_errors": od.consecutive_5xx_errors,
+                "consecutive_gateway_errors": od.consecutive_gateway_errors,
+                "base_ejection_time_s": od.base_ejection_time_s,
+                "max_ejection_percent": od.max_ejection_percent,
+            },
+            "panic_threshold_pct": policy.panic_threshold_pct,
+            "overprovisioning_factor": 1.4,
+        },
+        "shares_rule": ("tier health = min(100, 1.4 × healthy/total); tiers take min(remaining, health) in "
+                        "order; scaled up when the sum is below 100; a tier below the panic threshold "
+                        "uses all its hosts"),
+        "total_panic": load.total_panic,
+        "tiers": tiers,
+        "excluded": [{"cluster": c, "why": why} for c, why in view.excluded],
+        "ejections": {
+            "active": sorted(ejected),
+            "detected": det.stats.detected_total if det is not None else 0,
+            "enforced": det.stats.enforced_total if det is not None else 0,
+            "overflow": det.stats.overflow if det is not None else 0,
+        },
+        "routes": _routes(engine, key),
+        "problems": trust_problems,
+    }
+
+
+def _routes(engine: FailoverEngine, key: ServiceKey) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for r in engine.snapshot.routes:
+        if r.parent_service != key:
+            continue
+        for b in r.backends:
+            svc = engine.graph.services.get(ServiceKey(b.namespace, b.name))
+            out.append({"route": f"{r.kind} {r.namespace}/{r.name}", "file": str(r.pos),
+                        "to": svc.hostname if svc is not None else f"{b.name}.{b.namespace}", "weight": b.weight})
+    return out
+
+
+def explain_text(data: dict[str, Any]) -> str:
+    """The human form of `explain_service` (what `meshfed explain` prints by default)."""
+    out: list[str] = []
+    src = data["from"]
+    pol = data["policy"]
+    out.append(f"{data['service']} from {src['cluster']} ({src['network']}, {src['region']}/{src['zone']}) "
+               f"@ {data['revision'][:12]}")
+    where = f" ({pol['file']})" if pol["file"] else ""
+    out.append(f"policy: {pol['object']}{where}; mode {pol['mode']}"
+               + (f" [{', '.join(pol['failover_priority'])}]" if pol["failover_priority"] else "")
+               + (f" [{', '.join(pol['failover'])}]" if pol["failover"] else ""))
+    od = pol["outlier_detection"]
+    if od is not None:
+        out.append(f"outlier detection: consecutive5xx {od['consecutive_5xx_errors']}, consecutiveGateway "
+                   f"{od['consecutive_gateway_errors']}, base ejection {od['base_ejection_time_s']:g}s, "
+                   f"maxEjectionPercent {od['max_ejection_percent']}; panic threshold "
+                   f"{pol['panic_threshold_pct']:g}%")
+    else:
+        out.append("outlier detection: none (nothing is ever ejected; no locality failover)")
+    for t in data["tiers"]:
+        panic = " PANIC (all hosts)" if t["panic"] else ""
+        out.append(f"tier {t['tier']}: {t['share'] * 100:.1f}% of traffic (health {t['health_pct']:g}%){panic}")
+        for g in t["groups"]:
+            out.append(f"  {g['cluster']} [{g['network']} {g['locality']}] {g['path']}")
+            out.append(f"    why: {g['why']}")
+            for e in g["endpoints"]:
+                state = "healthy" if e["healthy"] else ("EJECTED" if e["ejected"] else "unhealthy")
+                out.append(f"    - {e['uid']} weight {e['weight']} {state}")
+            if g["path"] != "direct (same network)":
+                for p in g["pods"]:
+                    state = "ready" if p["ready"] else "not ready"
+                    state += ", ejected" if p["ejected"] else ""
+                    out.append(f"        · {p['pod']} {p['address']} ({state})")
+    if data["total_panic"]:
+        out.append("every tier is in panic: traffic is spread over all hosts by count")
+    for ex in data["excluded"]:
+        out.append(f"left out: {ex['cluster']}: {ex['why']}")
+    ej = data["ejections"]
+    if ej["detected"] or ej["active"]:
+        out.append(f"ejections: active {', '.join(ej['active']) or 'none'}; detected {ej['detected']}, "
+                   f"enforced {ej['enforced']}, over maxEjectionPercent {ej['overflow']}")
+    if data["routes"]:
+        out.append("route split: " + ", ".join(f"{r['to']} {r['weight']}" for r in data["routes"]))
+    for p in data["problems"]:
+        out.append(f"problem [{p['code']}] {p['message']}")
+    out.append(f"shares: {data['shares_rule']}")
+    return "\n".join(out)

@@ -1,0 +1,157 @@
+"""The status API: HTTP JSON (the same objects `meshfed ... -o json` prints) and /metrics.
+
+Stdlib `http.server` on a thread: the API is read-only, small and polled by people and
+Prometheus, so a framework would add nothing. Every handler reads from a `StatusSource` (the
+controller's aggregated status, refreshed from the actors), so a slow actor never blocks a
+request beyond the source's own cache.
+
+Routes (GET):
+  /api/v1/status                      desired/applied revision, clusters, proxies, problems
+  /api/v1/clusters                    per cluster: lease, up, endpoints
+  /api/v1/services                    global services and their endpoint counts per cluster
+  /api/v1/endpoints?service=S&from=C  a service's endpoints as proxies in cluster C see them
+  /api/v1/failover-history?service=S&since_s=T
+  /api/v1/check                       grouped pass/fail checks with cause and hint
+  /api/v1/trust                       CA roots and expiry
+  /api/v1/trust-view                  `meshfed trust` data from the live CAs (who trusts whom, problems)
+  /api/v1/explain?service=S&from=C&zone=Z   `meshfed explain` on the live engine
+  /metrics                            meshfed_* metrics (prometheus text format)
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Protocol
+from urllib.parse import parse_qs, urlparse
+
+from federation.server import metrics
+
+
+class StatusSource(Protocol):
+    def status(self) -> dict[str, Any]: ...
+
+    def services(self) -> list[dict[str, Any]]: ...
+
+    def endpoints(self, service: str, from_cluster: str | None) -> dict[str, Any]: ...
+
+    def failover_history(self, service: str | None, since_s: float | None) -> list[dict[str, Any]]: ...
+
+    def checks(self) -> list[dict[str, Any]]: ...
+
+    def trust(self) -> list[dict[str, Any]]: ...
+
+    def trust_view(self) -> dict[str, Any]: ...
+
+    def explain(self, service: str, from_cluster: str, zone: str | None) -> dict[str, Any]: ...
+
+
+class NotFound(LookupError):
+    pass
+
+
+MAX_POST_BODY_BYTES = 64 * 1024   # the reconcile trigger needs no body; a Git hook may send a small one
+REQUEST_TIMEOUT_S = 10.0           # a client that stalls mid-request does not hold a thread forever
+
+
+class StatusServer:
+    def __init__(self, source: StatusSource, listen: str = "127.0.0.1:0") -> None:
+        host, _, port = listen.rpartition(":")
+        self.source = source
+        self.registry = metrics.make_registry(source.status)
+        routes: dict[str, Callable[[dict[str, list[str]]], Any]] = {
+            "/api/v1/status": lambda q: source.status(),
+            "/api/v1/clusters": lambda q: source.status().get("clusters", {}),
+            "/api/v1/services": lambda q: source.services(),
+            "/api/v1/endpoints": lambda q: source.endpoints(_one(q, "service") or "", _one(q, "from")),
+            "/api/v1/failover-history": lambda q: source.failover_history(_one(q, "service"), _float(_one(q, "since_s"))),
+            "/api/v1/check": lambda q: source.checks(),
+            "/api/v1/trust": lambda q: source.trust(),
+            "/api/v1/trust-view": lambda q: source.trust_view(),
+            "/api/v1/explain": lambda q: source.explain(_one(q, "service") or "", _one(q, "from") or "",
+                                                        _one(q, "zone")),
+        }
+        registry = self.registry
+
+        class Handler(BaseHTTPRequestHandler):
+            timeout = REQUEST_TIMEOUT_S
+
+            def log_message(self, *_a: Any) -> None:  # quiet: the controller logs what matters
+                pass
+
+            def _send(self, code: int, body: bytes, ctype: str) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                url = urlparse(self.path)
+                try:
+                    if url.path == "/metrics":
+                        self._send(200, metrics.render(registry), metrics.CONTENT_TYPE)
+                        return
+                    fn = routes.get(url.path.rstrip("/"))
+                    if fn is None:
+                        raise NotFound(f"no such path {url.path}; see /api/v1/status")
+                    data = fn(parse_qs(url.query))
+                    self._send(200, json.dumps(data, default=str).encode(), "application/json")
+                except NotFound as e:
+                    self._send(404, json.dumps({"error": str(e)}).encode(), "application/json")
+                except Exception as e:
+                    self._send(500, json.dumps({"error": f"{type(e).__name__}: {e}"}).encode(), "application/json")
+
+            def do_POST(self) -> None:
+                """POST /api/v1/reconcile: a push landed (a Git server's hook): fetch the branch now."""
+                try:
+                    length = int(self.headers.get("Content-Length") or 0)
+                except ValueError:
+                    length = -1
+                if not 0 <= length <= MAX_POST_BODY_BYTES:
+                    self.close_connection = True
+                    self._send(413, json.dumps({"error": f"request body must be 0..{MAX_POST_BODY_BYTES} bytes "
+                                                         "(POST /api/v1/reconcile needs none)"}).encode(),
+                               "application/json")
+                    return
+                if length:
+                    self.rfile.read(length)
+                trigger = getattr(source, "trigger_git", None)
+                if urlparse(self.path).path.rstrip("/") != "/api/v1/reconcile" or trigger is None:
+                    self._send(404, json.dumps({"error": "POST only /api/v1/reconcile"}).encode(), "application/json")
+                    return
+                try:
+                    trigger()
+                    self._send(202, b'{"triggered": true}', "application/json")
+                except Exception as e:
+                    self._send(500, json.dumps({"error": f"{type(e).__name__}: {e}"}).encode(), "application/json")
+
+        self.httpd = ThreadingHTTPServer((host or "127.0.0.1", int(port or 0)), Handler)
+        self.httpd.daemon_threads = True
+        self.port = int(self.httpd.server_address[1])
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host = self.httpd.server_address[0]
+        return f"http://{host!s}:{self.port}"
+
+    def start(self) -> StatusServer:
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="status-api", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _float(v: str | None) -> float | None:
+    return float(v) if v else None
+
+
+def _one(q: dict[str, list[str]], key: str) -> str | None:
+    v = q.get(key)
+    return v[0] if v else None

@@ -1,0 +1,175 @@
+"""SPIFFE identities of meshfed workloads: `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+
+One typed id, `SpiffeId`, with a strict `parse` and a `str` that round-trips exactly
+(`str(SpiffeId.parse(s)) == s` for every accepted `s`). Strict on purpose: an identity is compared
+as a string by authorization policies and by the verifier, so two spellings of "the same" identity
+must never both be accepted. In particular:
+
+- the trust domain must already be lowercase (py-spiffe folds case silently; we reject, because a
+  policy written for `spiffe://east.mesh/...` must not match a certificate naming `East.Mesh`);
+- no port, no userinfo, no percent-encoding, no query or fragment;
+- the trust domain is at most 255 bytes (SPIFFE-ID spec), the whole id at most 2048 bytes;
+- the path is exactly `/ns/<ns>/sa/<sa>`: the bare trust-domain id (`spiffe://td`, the "root
+  path") names a trust domain, not a workload, and is never a valid SVID identity here.
+
+Segments use the SPIFFE path alphabet (letters, digits, `.`, `-`, `_`), are non-empty and are
+never `.` or `..`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+SPIFFE_SCHEME = "spiffe"
+MAX_TRUST_DOMAIN_BYTES = 255
+MAX_SPIFFE_ID_BYTES = 2048
+
+_TRUST_DOMAIN_RE = re.compile(r"[a-z0-9._-]+")
+_SEGMENT_RE = re.compile(r"[A-Za-z0-9._-]+")
+
+
+class IdentityError(ValueError):
+    """A string is not a valid meshfed SPIFFE ID (or trust domain); the message says why and how to fix it."""
+
+
+def check_trust_domain(name: str) -> str:
+    """Return `name` if it is a valid SPIFFE trust domain name, else raise `IdentityError`."""
+    if not name:
+        raise IdentityError("trust domain is empty; use a DNS-like name such as 'east.mesh'")
+    if len(name.encode("utf-8")) > MAX_TRUST_DOMAIN_BYTES:
+        raise IdentityError(
+            f"trust domain {name[:40]!r}… is {len(name.encode('utf-8'))} bytes; SPIFFE allows at most "
+            f"{MAX_TRUST_DOMAIN_BYTES}")
+    if ":" in name:
+        raise IdentityError(
+            f"trust domain {name!r} contains ':'; a trust domain has no port or userinfo — drop the ':…' part")
+    if "@" in name:
+        raise IdentityError(f"trust domain {name!r} contains '@'; a trust domain has no userinfo")
+    if name != name.lower():
+        raise IdentityError(
+            f"trust domain {name!r} has uppercase letters; SPIFFE trust domains are lowercase — "
+            f"write {name.lower()!r} (meshfed never folds case silently)")
+    if not _TRUST_DOMAIN_RE.fullmatch(name):
+        raise IdentityError(
+            f"trust domain {name!r} has characters outside [a-z0-9.-_]; use a DNS-like name such as 'east.mesh'")
+    return name
+
+
+def is_trust_domain(name: str) -> bool:
+    try:
+        check_trust_domain(name)
+    except IdentityError:
+        return False
+    return True
+
+
+def _check_segment(what: str, value: str, whole: str) -> None:
+    if value in ("", ".", ".."):
+        raise IdentityError(f"{whole!r}: {what} segment {value!r} is empty or a dot segment")
+    if not _SEGMENT_RE.fullmatch(value):
+        raise IdentityError(
+            f"{whole!r}: {what} {value!r} has characters outside [A-Za-z0-9.-_] (no percent-encoding)")
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class SpiffeId:
+    """A workload identity. Build with `SpiffeId.parse(s)` or `SpiffeId(td, ns, sa)` (validated too)."""
+
+    trust_domain: str
+    namespace: str
+    service_account: str
+
+    def __post_init__(self) -> None:
+        check_trust_domain(self.trust_domain)
+        whole = f"{SPIFFE_SCHEME}://{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
+        _check_segment("namespace", self.namespace, whole)
+        _check_segment("service account", self.service_account, whole)
+        if len(whole.encode("utf-8")) > MAX_SPIFFE_ID_BYTES:
+            raise IdentityError(f"SPIFFE ID is longer than {MAX_SPIFFE_ID_BYTES} bytes")
+
+    @classmethod
+    def parse(cls, s: str) -> SpiffeId:
+        """Parse `spiffe://<td>/ns/<ns>/sa/<sa>` strictly (see the module docstring)."""
+        if not isinstance(s, str):
+            raise IdentityError(f"SPIFFE ID must be a string, got {type(s).__name__}")
+        if len(s.encode("utf-8")) > MAX_SPIFFE_ID_BYTES:
+            raise IdentityError(f"SPIFFE ID is longer than {MAX_SPIFFE_ID_BYTES} bytes")
+        prefix = f"{SPIFFE_SCHEME}://"
+        if not s.startswith(prefix):
+            scheme = s.split(":", 1)[0] if ":" in s else ""
+            if scheme.lower() == SPIFFE_SCHEME:
+                raise IdentityError(f"{s!r}: the scheme must be lowercase 'spiffe://'")
+            raise IdentityError(
+                f"{s!r} is not a SPIFFE ID: expected 'spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>'")
+        rest = s[len(prefix):]
+        for bad, what in (("?", "a query"), ("#", "a fragment"), ("%", "percent-encoding")):
+            if bad in rest:
+                raise IdentityError(f"{s!r}: a SPIFFE ID has no {what}")
+        td, slash, path = rest.partition("/")
+        check_trust_domain(td)
+        if not slash or not path:
+            raise IdentityError(
+                f"{s!r} names the trust domain itself (root path), not a workload; "
+                "a workload identity is 'spiffe://<td>/ns/<namespace>/sa/<service-account>'")
+        parts = path.split("/")
+        if len(parts) != 4 or parts[0] != "ns" or parts[2] != "sa":
+            raise IdentityError(
+                f"{s!r}: the path must be '/ns/<namespace>/sa/<service-account>' (Istio/meshfed convention), "
+                f"got '/{path}'")
+        return cls(td, parts[1], parts[3])
+
+    def __str__(self) -> str:
+        return f"{SPIFFE_SCHEME}://{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
+
+    @property
+    def trust_domain_id(self) -> str:
+        """`spiffe://<td>`: the id of the trust domain itself."""
+        return f"{SPIFFE_SCHEME}://{self.trust_domain}"
+
+
+# --- the identities of the control plane -------------------------------------------------------
+
+PROXY_NAMESPACE = "meshfed-system"            # where proxies' own identities live
+# The controller's serving certificate carries this DNS name next to its SPIFFE ID: gRPC clients
+# verify a host name and cannot match a URI SAN, so they dial the controller's address and
+# override the name to verify (`grpc.ssl_target_name_override`), as Istio's istiod.istio-system.svc.
+CONTROLLER_TLS_NAME = "meshfed-controller.meshfed-system"
+
+
+def proxy_spiffe_id(trust_domain: str, proxy_id: str) -> str:
+    """The identity a proxy presents to the controller; it names the proxy, so a proxy can
+    subscribe as itself only: `ztunnel/east/node-1` in east.mesh.local ->
+    `spiffe://east.mesh.local/ns/meshfed-system/sa/ztunnel.east.node-1`."""
+    parts = proxy_id.split("/")
+    if len(parts) < 2 or not all(parts):
+        raise ValueError(f"proxy id {proxy_id!r} is not <kind>/<cluster>[/<node>]")
+    return f"spiffe://{trust_domain}/ns/{PROXY_NAMESPACE}/sa/{'.'.join(parts)}"
+
+
+# --- keys and certificate requests ---------------------------------------------------------------
+
+
+class KeyAndCsr(NamedTuple):
+    key_pem: bytes  # PKCS#8, unencrypted: stays in this process
+    csr_pem: bytes
+
+
+def generate_key_and_csr(identity: SpiffeId | str) -> KeyAndCsr:
+    """A fresh ECDSA P-256 key and a CSR carrying exactly one URI SAN, the identity."""
+    sid = identity if isinstance(identity, SpiffeId) else SpiffeId.parse(identity)
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(sid))]), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return KeyAndCsr(key_pem, csr.public_bytes(serialization.Encoding.PEM))
