@@ -1,0 +1,3 @@
+"""Chaos failover experiments: request records in, figures and reports out (`analysis`, `report`), and
+the lab federation driver the demo and experiments use (`demo`).
+"""

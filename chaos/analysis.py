@@ -64,8 +64,8 @@ class ChaosInputError(ValueError):
     """The records, timeline or priority cannot be analysed; the message says what to fix."""
 
 
-class OutcomeLike(Protocol):
-    """What we need of a load-generator record (`clusters.lab.loadgen.Outcome` fits)."""
+class RequestLike(Protocol):
+    """What we need of a load-generator record (`clusters.lab.loadgen.RequestResult` fits)."""
 
     @property
     def seq(self) -> int: ...
@@ -98,8 +98,8 @@ class RequestRecord:
         return self.outcome == OK
 
     @classmethod
-    def coerce(cls, raw: OutcomeLike | Mapping[str, Any]) -> RequestRecord:
-        """From a loadgen JSON object (a mapping) or an `Outcome`-like object."""
+    def coerce(cls, raw: RequestLike | Mapping[str, Any]) -> RequestRecord:
+        """From a loadgen JSON object (a mapping) or a `RequestResult`-like object."""
         if isinstance(raw, RequestRecord):
             return raw
         try:
@@ -322,7 +322,7 @@ def _ms(a_s: float, b_s: float) -> float:
     return round((b_s - a_s) * 1000.0, 3)
 
 
-def summarize(records: Iterable[OutcomeLike | Mapping[str, Any]],
+def summarize(records: Iterable[RequestLike | Mapping[str, Any]],
               timeline: Iterable[TimelineEvent | Mapping[str, Any]],
               priority: Sequence[str], client: str, *,
               run_length: int = DEFAULT_RUN_LENGTH, fault_index: int = 0) -> ChaosFigures:

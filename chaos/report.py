@@ -32,7 +32,7 @@ from chaos.analysis import (
     PHASES,
     POLICY_PUSHED,
     ChaosFigures,
-    OutcomeLike,
+    RequestLike,
     RequestRecord,
     TimelineEvent,
 )
@@ -67,7 +67,7 @@ class ReportPaths:
     figures_json: Path
 
 
-RecordsIn = Sequence[OutcomeLike | Mapping[str, Any]]
+RecordsIn = Sequence[RequestLike | Mapping[str, Any]]
 
 
 def _fmt(value: Any, unit: str) -> str:

@@ -33,7 +33,8 @@ ISTIO_NETWORKING_VERSIONS = ("networking.istio.io/v1", "networking.istio.io/v1be
 ISTIO_SECURITY_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
 GATEWAY_API_VERSIONS = ("gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1", "gateway.networking.k8s.io/v1alpha2")
 
-HBONE_PORT = 15008
+# The HBONE port (ztunnel.api.ports.HBONE_PORT; gitops imports nothing of ours, a test pins them equal)
+DEFAULT_EAST_WEST_GATEWAY_PORT = 15008
 # Envoy's outlier-detection defaults (envoy.config.cluster.v3.OutlierDetection).
 ENVOY_DEFAULT_CONSECUTIVE_5XX = 5
 ENVOY_DEFAULT_INTERVAL_S = 10.0
@@ -140,7 +141,7 @@ class ClusterApi:
 @dataclass(frozen=True, slots=True)
 class EastWestGateway:
     address: str  # IP on the WAN (shared network between clusters) or DNS name
-    port: int = HBONE_PORT
+    port: int = DEFAULT_EAST_WEST_GATEWAY_PORT
 
 
 @dataclass(frozen=True, slots=True)

@@ -221,7 +221,7 @@ class ClusterApiS(_Base):
 
 class GatewayS(_Base):
     address: str
-    port: Port = m.HBONE_PORT
+    port: Port = m.DEFAULT_EAST_WEST_GATEWAY_PORT
 
 
 class CaRootS(_Base):

@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 from ztunnel.api.config import ProxyMode, proxy_config_to_dict
 from ztunnel.proxy.admin import AdminServer, Telemetry
+from ztunnel.proxy.base import Credentials, HealthSink, ProxyBase, ProxyOptions
 from ztunnel.proxy.gateway import GatewayProxy
-from ztunnel.proxy.node import Credentials, HealthSink, NodeProxy, ProxyBase, ProxyOptions
+from ztunnel.proxy.node import NodeProxy
 from ztunnel.xds.state import ApplyResult, ProxyState, load_config_file, parse_host_port
 
 if TYPE_CHECKING:  # controller mode only: gRPC/protobuf cost ~5 MB RSS, standalone proxies skip them

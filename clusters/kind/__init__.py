@@ -1,0 +1,2 @@
+"""kind clusters (Docker): the same processes as the lab, installed as Kubernetes manifests.
+"""

@@ -1,5 +1,3 @@
-"""The local lab: clusters as network namespaces inside a private `unshare` sandbox.
-
-topology (pure address plan + `ip` executor), sandbox, kubelet, demo_server, loadgen, faults,
-gitserver, portal and lab (LabRunner on the host side, Supervisor inside the sandbox).
+"""The local lab: the fleet's clusters in Linux network namespaces inside a private sandbox, with
+real processes, an emulated Kubernetes API per cluster, faults, and a control socket.
 """

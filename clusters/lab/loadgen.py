@@ -33,7 +33,7 @@ OK, FAIL, INDETERMINATE = "ok", "fail", "indeterminate"
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
+class RequestResult:
     seq: int
     start_s: float         # wall clock when the request was due
     latency_ms: float
@@ -72,7 +72,7 @@ async def _socks5_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWr
 
 
 async def one_request(seq: int, host: str, port: int, path: str, timeout_s: float,
-                      socks: tuple[str, int] | None = None) -> Outcome:
+                      socks: tuple[str, int] | None = None) -> RequestResult:
     due = time.time()
     t0 = time.monotonic()
     connected = sent = False
@@ -109,7 +109,7 @@ async def one_request(seq: int, host: str, port: int, path: str, timeout_s: floa
     finally:
         if writer is not None:
             writer.close()
-    return Outcome(
+    return RequestResult(
         seq=seq, start_s=due, latency_ms=(time.monotonic() - t0) * 1000.0,
         outcome=classify(connected, sent, status, error), status=status,
         cluster=str(body.get("cluster", "")), pod=str(body.get("pod", "")),

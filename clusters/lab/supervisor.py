@@ -45,10 +45,7 @@ from clusters.lab import sandbox
 from clusters.lab.kubelet import Kubelet, NodeState, PodPhase, PodState
 from clusters.lab.topology import (
     CONTROLLER_MGMT_ADDRESS,
-    HBONE_PORT,
-    OUTBOUND_CAPTURE_PORT,
     ROOT_NS,
-    SOCKS5_PORT,
     ClusterPlan,
     LabPlan,
     NetnsName,
@@ -58,6 +55,7 @@ from clusters.lab.topology import (
     plan_lab,
     run_iptables,
 )
+from ztunnel.api.ports import ADMIN_PORT, HBONE_PORT, OUTBOUND_CAPTURE_PORT, SOCKS5_PORT
 
 PLAN_FILE = "plan.pickle"
 KUBECONFIG_FILE = "kubeconfig"
@@ -68,7 +66,6 @@ CONTROLLER_BOOTSTRAP_PORT = 15013  # certificate service without client auth: a 
 CONTROLLER_DIR = "controller"      # the controller's state directory inside the lab's
 BOOTSTRAP_TOKENS_FILE = "bootstrap-tokens.json"  # cluster -> token; the controller keeps what it finds
 CONTROLLER_ROOTS_FILE = "controller-roots.pem"   # written by the controller at start
-ZTUNNEL_ADMIN_PORT = 15021
 MAX_SOCKET_PATH = 100
 
 
@@ -168,7 +165,7 @@ def proxy_argv(base: Sequence[str], proxy_id: str, proxy_dir: Path, socks_host: 
     listener :15001 that the node's iptables REDIRECT (`topology.capture_rules`) sends pod TCP to.
     tests/lab/test_dataplane_capture.py runs a real ztunnel with this argv."""
     argv = [*base, "--cert-dir", str(proxy_dir / "certs"), "--state-dir", str(proxy_dir / "state"),
-            "--hbone", f"0.0.0.0:{HBONE_PORT}", "--admin", f"127.0.0.1:{ZTUNNEL_ADMIN_PORT}"]
+            "--hbone", f"0.0.0.0:{HBONE_PORT}", "--admin", f"127.0.0.1:{ADMIN_PORT}"]
     if with_config:
         argv += ["--config", str(proxy_dir / "config.json")]
     elif "--controller" in flags:

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import NewType
 
 from gitops.model import Cluster, DemoBehaviour, GlobalService, LabCluster, ServiceKey
+from ztunnel.api.ports import HBONE_PORT, OUTBOUND_CAPTURE_PORT
 
 NetnsName = NewType("NetnsName", str)
 
@@ -49,9 +50,6 @@ MGMT_BRIDGE = "br-mgmt"
 DEFAULT_WAN_CIDR = "172.30.0.0/24"
 MGMT_CIDR = "100.64.0.0/16"  # RFC 6598 shared space: disjoint from pod/service/WAN ranges
 CONTROLLER_MGMT_ADDRESS = "100.64.0.1"
-HBONE_PORT = 15008
-OUTBOUND_CAPTURE_PORT = 15001  # where the node ztunnel accepts redirected outbound connections
-SOCKS5_PORT = 15080
 FORBIDDEN_NET = ipaddress.ip_network("10.255.0.0/16")  # reserved on the dev machines: never used
 MAX_IFNAME = 15
 

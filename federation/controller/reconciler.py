@@ -96,7 +96,7 @@ class Debouncer:
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
+class EndpointReport:
     """One proxy's report on one endpoint of one service."""
 
     service: str        # hostname
@@ -116,7 +116,7 @@ class OutlierAggregator:
     views: dict[tuple[str, str], dict[str, tuple[bool, float]]] = field(default_factory=dict)
     totals: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # [ok, failed]
 
-    def report(self, proxy_id: str, outcomes: Sequence[Outcome], now_s: float) -> None:
+    def report(self, proxy_id: str, outcomes: Sequence[EndpointReport], now_s: float) -> None:
         for o in outcomes:
             key = (o.service, o.endpoint)
             self.views.setdefault(key, {})[proxy_id] = (o.ejected, now_s)
@@ -258,7 +258,7 @@ class Reconciler:
     def on_lease(self, cluster: str, last_success_s: float) -> None:
         self.leases[cluster] = last_success_s
 
-    def on_health(self, proxy_id: str, outcomes: Sequence[Outcome], now_s: float | None = None) -> None:
+    def on_health(self, proxy_id: str, outcomes: Sequence[EndpointReport], now_s: float | None = None) -> None:
         now = self.clock() if now_s is None else now_s
         self.aggregator.report(proxy_id, outcomes, now)
         if self.aggregator.unhealthy(now) != self.unhealthy:

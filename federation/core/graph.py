@@ -33,8 +33,8 @@ from types import MappingProxyType
 
 from clusters.kube.observation import ClusterObservation, EndpointInfo, NodeInfo
 from gitops.model import Cluster, ConfigSnapshot, GlobalService, ServiceKey
+from ztunnel.api.ports import HBONE_PORT
 
-HBONE_PORT = 15008
 EMPTY_LABELS: Mapping[str, str] = MappingProxyType({})
 
 EndpointKey = tuple[str, str, str]  # (namespace, service, pod), as ClusterObservation keys them

@@ -37,7 +37,7 @@ from typing import Any
 
 import ray
 
-from federation.controller.reconciler import CoreRender, Debouncer, Outcome, Reconciler
+from federation.controller.reconciler import CoreRender, Debouncer, EndpointReport, Reconciler
 from federation.controller.sources import (
     ClusterAgent,
     FleetFailure,
@@ -410,7 +410,7 @@ class ReconcilerHost:
 
     def on_health(self, proxy_id: str, blob: bytes) -> None:
         report = pb.HealthReport.FromString(blob)
-        outcomes = [Outcome(o.service, o.workload_uid, o.cluster, int(o.ok), int(o.failed), bool(o.ejected))
+        outcomes = [EndpointReport(o.service, o.workload_uid, o.cluster, int(o.ok), int(o.failed), bool(o.ejected))
                     for o in report.outcomes]
         with self._lock:
             self.rec.on_health(proxy_id, outcomes, time.time())

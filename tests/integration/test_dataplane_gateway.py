@@ -13,8 +13,9 @@ import pytest
 
 from tests.integration import dataplane_topology as topo
 from ztunnel.api.config import Authorization, AuthzMatch, ProxyMode
+from ztunnel.proxy.base import Credentials, ProxyOptions
 from ztunnel.proxy.gateway import GatewayProxy
-from ztunnel.proxy.node import Credentials, NodeProxy, ProxyOptions
+from ztunnel.proxy.node import NodeProxy
 from ztunnel.xds.state import ProxyState
 
 pytestmark = pytest.mark.timeout(60)

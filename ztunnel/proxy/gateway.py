@@ -19,7 +19,7 @@ from ztunnel.api.config import Endpoint, ProxyMode
 from ztunnel.api.lb import choose_endpoint
 from ztunnel.api.outlier import Outcome
 from ztunnel.proxy.admin import ConnLabels
-from ztunnel.proxy.node import ProxyBase, _replace, mono_s
+from ztunnel.proxy.base import ProxyBase, mono_s, with_options
 from ztunnel.proxy.relay import HboneSession, HboneStream, PlainRelay, RelayStats
 from ztunnel.xds.state import parse_host_port
 
@@ -114,4 +114,4 @@ def _chain(relay: PlainRelay, relays: set[PlainRelay],
     return call
 
 
-__all__ = ["GatewayProxy", "_replace"]
+__all__ = ["GatewayProxy", "with_options"]

@@ -64,7 +64,7 @@ class StaleControllerError(RuntimeError):
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
+class ResponseDecision:
     """What handling one response decided: the request to send back, and the config to run."""
 
     reply: Any | None                    # ConfigRequest (ACK/NACK), None while chunks are pending
@@ -98,39 +98,39 @@ class Subscription:
         self.last_error = error
         return req
 
-    def on_response(self, resp: Any, validate: Callable[[ProxyConfig], list[str]] | None = None) -> Outcome:
+    def on_response(self, resp: Any, validate: Callable[[ProxyConfig], list[str]] | None = None) -> ResponseDecision:
         """Handle one response (chunk). `validate(config)` lets the data plane reject resources
         before the config becomes current (returns error strings; empty = accept)."""
         if self._pending and self._pending[0].nonce != resp.nonce:
             self._pending = []  # a new nonce supersedes an unfinished one
         self._pending.append(resp)
         if len(self._pending) < max(1, resp.chunks):
-            return Outcome(None)
+            return ResponseDecision(None)
         chunks, self._pending = sorted(self._pending, key=lambda c: c.chunk), []
         decoded = decode_delta(chunks)
         stamp, have = decoded.delta.stamp, self.have
         if have is not None and stamp.epoch < have.epoch:
             err = (f"controller epoch {stamp.epoch} is older than epoch {have.epoch} this proxy follows: "
                    f"another controller is newer (split brain); refusing its config")
-            return Outcome(self._reply(resp.nonce, err), error=err, stale_controller=True)
+            return ResponseDecision(self._reply(resp.nonce, err), error=err, stale_controller=True)
         if not stamp.newer_than(have):
             err = f"version {stamp.epoch}.{stamp.version} is not newer than {have.epoch}.{have.version} (have)" if have else "empty stamp"
-            return Outcome(self._reply(resp.nonce, err), error=err)
+            return ResponseDecision(self._reply(resp.nonce, err), error=err)
         if decoded.rejected:
             err = "rejected resources: " + "; ".join(decoded.rejected[:20])
-            return Outcome(self._reply(resp.nonce, err, decoded.rejected), error=err)
+            return ResponseDecision(self._reply(resp.nonce, err, decoded.rejected), error=err)
         try:
             cfg = apply_delta(self.current, decoded.delta, template_from_header(decoded.header))
         except ValueError as e:
             err = f"resync: {e}"
-            return Outcome(self._reply(resp.nonce, err), error=err)
+            return ResponseDecision(self._reply(resp.nonce, err), error=err)
         problems = validate(cfg) if validate is not None else []
         if problems:
             err = "data plane rejected: " + "; ".join(problems[:20])
-            return Outcome(self._reply(resp.nonce, err, problems), error=err)
+            return ResponseDecision(self._reply(resp.nonce, err, problems), error=err)
         self.acks += 1
         ack = pb.ConfigRequest(response_nonce=resp.nonce, applied=stamp_to_pb(cfg.stamp))
-        return Outcome(ack, apply=cfg)
+        return ResponseDecision(ack, apply=cfg)
 
     def commit(self, cfg: ProxyConfig) -> None:
         """The data plane runs `cfg` now: it becomes the base of the next delta."""
@@ -259,7 +259,7 @@ class XdsClient:
                 self.sub.commit(outcome.apply)
             except Exception as e:  # the data plane keeps its previous config
                 reply = self.sub.fail_apply(resp.nonce, describe_error(e))
-                outcome = Outcome(reply, error=reply.error_detail)
+                outcome = ResponseDecision(reply, error=reply.error_detail)
         if reply is not None:
             await call.write(reply)
         if outcome.apply is not None:

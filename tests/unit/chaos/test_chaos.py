@@ -28,7 +28,7 @@ from chaos.analysis import (
 )
 from chaos.analysis import TimelineEvent as Ev
 from chaos.report import render_markdown, write_report
-from clusters.lab.loadgen import Outcome
+from clusters.lab.loadgen import RequestResult
 
 T0 = 1_000.0
 STEP_S = 0.010
@@ -182,7 +182,7 @@ def test_phases_and_served_by() -> None:
 
 def test_accepts_loadgen_outcomes_and_jsonl() -> None:
     raw, events, _ = CASES["crash, two failures then shift"]
-    outcomes = [Outcome(**r) for r in raw]
+    outcomes = [RequestResult(**r) for r in raw]
     lines = [json.dumps(asdict(o)) for o in outcomes] + [""]
     a = summarize(outcomes, events, PRIORITY, "east")
     b = summarize(records_from_jsonl(lines), [Ev.coerce(e) for e in events], PRIORITY, "east")

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from clusters.kube.observation import ClusterObservation, EndpointInfo
 from federation.controller.reconciler import (
     Debouncer,
-    Outcome,
+    EndpointReport,
     OutlierAggregator,
     Reconciler,
     RenderInput,
@@ -133,13 +133,13 @@ def test_complete_observation_prunes_and_partial_upserts() -> None:
 def test_global_outlier_needs_a_quorum_of_observers(ejecting: int, observers: int, unhealthy: bool) -> None:
     agg = OutlierAggregator(quorum_fraction=0.5, min_observers=1, report_ttl_s=30)
     for i in range(observers):
-        agg.report(f"ztunnel/west/n{i}", [Outcome("checkout", "east/p1", "east", 0, 5, i < ejecting)], now_s=0)
+        agg.report(f"ztunnel/west/n{i}", [EndpointReport("checkout", "east/p1", "east", 0, 5, i < ejecting)], now_s=0)
     assert (("checkout", "east/p1") in agg.unhealthy(now_s=1)) is unhealthy
 
 
 def test_reports_expire() -> None:
     agg = OutlierAggregator(report_ttl_s=10)
-    agg.report("ztunnel/west/n0", [Outcome("checkout", "east/p1", "east", 0, 5, True)], now_s=0)
+    agg.report("ztunnel/west/n0", [EndpointReport("checkout", "east/p1", "east", 0, 5, True)], now_s=0)
     assert agg.unhealthy(now_s=5) and not agg.unhealthy(now_s=11)
 
 
@@ -150,7 +150,7 @@ def test_health_reports_trigger_a_push_marking_endpoints_unhealthy() -> None:
     r.on_observation(obs("east", ["p1", "p2"]), now_s=0)
     r.reconcile(now_s=1)
     for i in range(3):
-        r.on_health(f"ztunnel/west/n{i}", [Outcome("checkout", "east/p1", "east", 0, 7, True)], now_s=2)
+        r.on_health(f"ztunnel/west/n{i}", [EndpointReport("checkout", "east/p1", "east", 0, 7, True)], now_s=2)
     assert r.reconcile(now_s=2.2)
     assert pushes.calls[-1]["ztunnel/east/n1"].network == "n1"
     assert r.status()["unhealthy_endpoints"] == ["checkout east/p1"]

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from clusters.lab.demo_server import parse_proxy_v2
 from ztunnel.proxy import proxyproto
-from ztunnel.proxy.relay import Socks5Error, Socks5Handshake, Socks5Request, parse_sockaddr_in
+from ztunnel.proxy.capture import parse_sockaddr_in
+from ztunnel.proxy.socks5 import Socks5Error, Socks5Handshake, Socks5Request
 
 GREETING = b"\x05\x01\x00"
 

@@ -1,0 +1,528 @@
+"""What the node proxy and the east-west gateway share: options, credentials, the HBONE listener,
+pooled outbound sessions, outlier detection and health reporting, drain.
+
+`ProxyBase` owns the lifetime of one proxy process's listeners and sessions: `start()` binds and
+sets the ready signal, `drain()` stops accepting and waits (bounded) for open tunnels, then
+closes. Subclasses decide what an inbound tunnel is for (`NodeProxy`: a local pod;
+`GatewayProxy`: another HBONE hop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from cryptography import x509
+
+from ztunnel.api import authz
+from ztunnel.api.config import ProxyConfig, ProxyMode
+from ztunnel.api.identity import SpiffeId
+from ztunnel.api.outlier import EndpointEjected, EndpointUnejected, Outcome, OutlierDetector
+from ztunnel.api.ports import HBONE_PORT, OUTBOUND_CAPTURE_PORT, SOCKS5_PORT
+from ztunnel.api.verify import PeerVerificationError, TrustStore
+from ztunnel.hbone.framer import ErrorCode, HboneSettings, Role
+from ztunnel.identity.tls import client_context, server_context, verify_connection
+from ztunnel.identity.tls_transport import TlsAdapter
+from ztunnel.proxy.admin import ConnLabels, Telemetry
+from ztunnel.proxy.plan import sni_for_identity
+from ztunnel.proxy.relay import (
+    HboneSession,
+    HboneStream,
+    PlainRelay,
+    RelayStats,
+    abort_with_reset,
+)
+from ztunnel.xds.state import ProxyState, parse_host_port
+
+REASON_HEADER = "x-meshfed-reason"
+VERIFY_CACHE_S = 60.0        # how long a verified peer certificate is taken as verified
+VERIFY_CACHE_ENTRIES = 4096
+SOURCE_HEADER = "x-meshfed-source"
+
+
+def wall_s() -> float:
+    return time.time()
+
+
+def mono_s() -> float:
+    return time.monotonic()
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyOptions:
+    hbone_host: str = "0.0.0.0"
+    hbone_port: int = HBONE_PORT
+    socks_host: str | None = "127.0.0.1"
+    socks_port: int = SOCKS5_PORT
+    transparent_host: str | None = None      # outbound capture listener (iptables REDIRECT target)
+    transparent_port: int = OUTBOUND_CAPTURE_PORT
+    handshake_timeout_s: float = 5.0
+    first_stream_timeout_s: float = 10.0     # an inbound connection must open a tunnel by then
+    max_conns_per_peer: int = 256            # inbound connections per peer IP
+    drain_timeout_s: float = 10.0
+    hbone: HboneSettings = field(default_factory=HboneSettings)
+    root_namespace: str = authz.ROOT_NAMESPACE
+
+
+class Credentials:
+    """Certificates this proxy may present, per identity, and TLS contexts built from them."""
+
+    def __init__(self, svids: dict[str, tuple[bytes, bytes]]) -> None:
+        self._svids = dict(svids)  # identity -> (chain pem, key pem)
+        self._client: dict[str, ssl.SSLContext] = {}
+        self._server: dict[str, ssl.SSLContext] = {}
+        self._store: TrustStore | None = None
+
+    @property
+    def identities(self) -> tuple[str, ...]:
+        return tuple(sorted(self._svids))
+
+    def set_store(self, store: TrustStore) -> None:
+        self._store = store
+        self._client.clear()
+        self._server.clear()
+
+    @property
+    def store(self) -> TrustStore:
+        if self._store is None:
+            raise PeerVerificationError("no trust bundles configured yet; the proxy cannot verify any peer",
+                                        "no_bundles")
+        return self._store
+
+    def has(self, identity: str) -> bool:
+        return identity in self._svids
+
+    def put(self, identity: str, chain_pem: bytes, key_pem: bytes) -> None:
+        """Add or replace one SVID (controller mode: issued or rotated); new handshakes use it."""
+        if self._svids.get(identity) == (chain_pem, key_pem):
+            return
+        self._svids[identity] = (chain_pem, key_pem)
+        self._client.pop(identity, None)
+        self._server.pop(identity, None)
+
+    def client_ctx(self, identity: str) -> ssl.SSLContext:
+        ctx = self._client.get(identity)
+        if ctx is None:
+            if identity not in self._svids:
+                raise PeerVerificationError(f"no certificate for {identity} on this proxy (is the workload "
+                                            "scheduled here and its certificate issued?)", "no_certificate")
+            chain, key = self._svids[identity]
+            ctx = self._client[identity] = client_context(chain, key, self.store)
+        return ctx
+
+    def server_ctx(self, identity: str) -> ssl.SSLContext:
+        ctx = self._server.get(identity)
+        if ctx is None:
+            chain, key = self._svids[identity]
+            ctx = self._server[identity] = server_context(chain, key, self.store)
+        return ctx
+
+
+class HealthSink(Protocol):
+    """Where outcome counters and ejections go upward (the controller client implements it)."""
+
+    def report(self, proxy_id: str, event: EndpointEjected | EndpointUnejected | dict[str, Any]) -> None: ...
+
+
+class LogHealthSink:
+    def __init__(self, telemetry: Telemetry) -> None:
+        self._t = telemetry
+
+    def report(self, proxy_id: str, event: EndpointEjected | EndpointUnejected | dict[str, Any]) -> None:
+        if isinstance(event, dict):
+            self._t.log(kind="health", **event)
+        else:
+            self._t.log(kind=type(event).__name__, **{k: getattr(event, k) for k in event.__slots__})
+
+
+class ConnectFailed(Exception):
+    """No endpoint could be reached before the deadline; the message lists what was tried."""
+
+
+class SessionPool:
+    """Client HBONE sessions by key; a new one is dialed when none is usable. Concurrent callers
+    for the same key share one dial."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[Any, list[HboneSession]] = {}
+        self._dialing: dict[Any, asyncio.Future[HboneSession]] = {}
+
+    async def get(self, key: Any, dial: Callable[[], Awaitable[HboneSession]]) -> HboneSession:
+        for s in self._sessions.get(key, ()):
+            if s.usable:
+                return s
+        pending = self._dialing.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[HboneSession] = asyncio.get_running_loop().create_future()
+        self._dialing[key] = fut
+        try:
+            s = await dial()
+        except BaseException as e:
+            fut.set_exception(e)
+            fut.exception()  # mark retrieved
+            raise
+        finally:
+            self._dialing.pop(key, None)
+        fut.set_result(s)
+        self._sessions.setdefault(key, []).append(s)
+        s.closed.add_done_callback(lambda _f: self._discard(key, s))
+        return s
+
+    def _discard(self, key: Any, s: HboneSession) -> None:
+        lst = self._sessions.get(key)
+        if lst and s in lst:
+            lst.remove(s)
+            if not lst:
+                del self._sessions[key]
+
+    def all(self) -> list[HboneSession]:
+        return [s for lst in self._sessions.values() for s in lst]
+
+    def count(self) -> int:
+        return sum(len(v) for v in self._sessions.values())
+
+
+class ProxyBase:
+    """State, credentials, inbound HBONE server, client pool, outlier detectors, drain."""
+
+    mode: ProxyMode = ProxyMode.NODE
+
+    def __init__(self, state: ProxyState, creds: Credentials, options: ProxyOptions | None = None,
+                 telemetry: Telemetry | None = None, health: HealthSink | None = None,
+                 rand: Callable[[], float] = random.random) -> None:
+        self.state = state
+        self.creds = creds
+        self.opts = options or ProxyOptions()
+        cfg = state.config
+        self.telemetry = telemetry or Telemetry(cfg.proxy_id if cfg else "proxy")
+        self.health: HealthSink = health or LogHealthSink(self.telemetry)
+        self.rand = rand
+        self.pool = SessionPool()
+        self.detectors: dict[str, OutlierDetector] = {}
+        self.servers: list[asyncio.Server] = []
+        self.inbound_sessions: set[HboneSession] = set()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.relays: set[PlainRelay] = set()
+        self._per_peer: dict[str, int] = {}
+        self.own_addresses: list[tuple[str, int]] = []
+        self.ready = asyncio.Event()
+        self.draining = False
+        self._bundles_seen: tuple[Any, ...] | None = None
+        self._verified: dict[bytes, tuple[TrustStore, SpiffeId, float]] = {}
+        self.on_config_applied()
+
+    # --- config ----------------------------------------------------------------------------------
+
+    @property
+    def cfg(self) -> ProxyConfig:
+        if self.state.config is None:
+            raise RuntimeError("no config applied yet")
+        return self.state.config
+
+    def on_config_applied(self) -> None:
+        cfg = self.state.config
+        if cfg is None:
+            return
+        trust_key = (cfg.bundles, cfg.trust_domain, cfg.federated_trust_domains)
+        if trust_key != self._bundles_seen:
+            self._bundles_seen = trust_key
+            federated = {cfg.trust_domain: cfg.federated_trust_domains} if cfg.federated_trust_domains else None
+            self.creds.set_store(TrustStore.from_bundles(cfg.bundles, federated=federated))
+        for svc in cfg.services:
+            keys = [e.workload_uid for e in svc.endpoints]
+            if svc.outlier is not None:
+                det = self.detectors.get(svc.hostname)
+                if det is None or det.policy != svc.outlier:
+                    det = self.detectors[svc.hostname] = OutlierDetector(svc.outlier)
+                det.set_pool(keys)
+            else:
+                self.detectors.pop(svc.hostname, None)
+
+    # --- peer verification ------------------------------------------------------------------------
+
+    def verify_peer(self, ssl_obj: Any, expected: tuple[str, ...] | None) -> SpiffeId:
+        """`verify_connection` with a small cache of positive results, keyed by the peer's DER bytes
+        and the trust store (a new config builds a new store, which empties the cache in effect).
+
+        Every new inner tunnel of a double-HBONE connection is a full handshake with the same peer
+        certificate; re-parsing and re-verifying its signature cost ~0.3-0.6 ms per side here. A hit
+        is honoured for at most `VERIFY_CACHE_S` and never past the leaf's notAfter; the expected
+        identity is checked on every call (a miss there goes through the full check, which raises
+        the proper `wrong_identity`)."""
+        der = ssl_obj.getpeercert(binary_form=True) if ssl_obj is not None else None
+        store = self.creds.store
+        now = wall_s()
+        if der:
+            hit = self._verified.get(der)
+            if hit is not None and hit[0] is store and now < hit[2] and (expected is None or str(hit[1]) in expected):
+                return hit[1]
+        sid = verify_connection(ssl_obj, store, now, expected=expected, local_trust_domain=self.cfg.trust_domain)
+        if der:
+            if len(self._verified) >= VERIFY_CACHE_ENTRIES:
+                self._verified.clear()
+            not_after = x509.load_der_x509_certificate(der).not_valid_after_utc.timestamp()
+            self._verified[der] = (store, sid, min(now + VERIFY_CACHE_S, not_after))
+        return sid
+
+    # --- task ownership --------------------------------------------------------------------------
+
+    def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.telemetry.log(kind="task_error", error=repr(task.exception()))
+
+    # --- inbound HBONE server ----------------------------------------------------------------------
+
+    def _sni_callback(self, sslobj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> int | None:
+        identity = self.identity_for_sni(server_name)
+        if identity is None:
+            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        try:
+            sslobj.context = self.creds.server_ctx(identity)
+        except (PeerVerificationError, ValueError, ssl.SSLError):
+            return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
+        return None
+
+    def identity_for_sni(self, server_name: str | None) -> str | None:
+        ids = self.creds.identities
+        if not ids:
+            return None
+        if server_name:
+            for i in ids:
+                if sni_for_identity(i) == server_name:
+                    return i
+            svc = self.state.indexes.services_by_host.get(server_name)
+            if svc is not None:
+                local = self.state.indexes.local_workloads_by_address
+                for e in svc.endpoints:
+                    w = local.get(e.address)
+                    if w is not None and self.creds.has(w.identity):
+                        return w.identity
+        return ids[0]
+
+    def _server_context(self) -> ssl.SSLContext:
+        ids = self.creds.identities
+        if not ids:
+            raise RuntimeError("no local identity has a certificate; pass --cert-dir with the proxy's SVIDs")
+        base = server_context(*self.creds._svids[ids[0]], self.creds.store)
+        base.sni_callback = self._sni_callback
+        return base
+
+    async def start_inbound(self) -> None:
+        loop = asyncio.get_running_loop()
+        ctx = self._server_context()
+
+        def accepted() -> TlsAdapter:
+            session = HboneSession(Role.SERVER, loop, self.opts.hbone, on_connect=self._on_connect,
+                                   on_made=self._inbound_made, on_closed=self._inbound_closed)
+            return TlsAdapter(loop, ctx, session, server_side=True, handshake_timeout_s=self.opts.handshake_timeout_s)
+
+        srv = await loop.create_server(accepted, self.opts.hbone_host, self.opts.hbone_port, reuse_address=True,
+                                       backlog=1024)
+        self.servers.append(srv)
+        addr = srv.sockets[0].getsockname()
+        self.opts = with_options(self.opts, hbone_port=addr[1])
+        self.own_addresses.append((addr[0], addr[1]))
+
+    def _inbound_made(self, session: HboneSession) -> bool:
+        assert session.transport is not None
+        peer_ip = (session.transport.get_extra_info("peername") or ("?", 0))[0]
+        if self.draining:
+            return False
+        n = self._per_peer.get(peer_ip, 0)
+        if n >= self.opts.max_conns_per_peer:
+            self.telemetry.refusal("destination", "per_peer_cap")
+            self.telemetry.log(kind="refused", peer=peer_ip, reason=f"over {self.opts.max_conns_per_peer} "
+                               "connections from this peer")
+            return False
+        ssl_obj = session.transport.get_extra_info("ssl_object")
+        try:
+            sid = self.verify_peer(ssl_obj, None)
+        except PeerVerificationError as e:
+            self.telemetry.refusal("destination", f"peer_{e.code}")
+            self.telemetry.log(kind="refused", peer=peer_ip, reason=str(e), code=e.code)
+            return False
+        session.peer_identity = str(sid)
+        session.peer_ip = peer_ip  # type: ignore[attr-defined]
+        self._per_peer[peer_ip] = n + 1
+        self.inbound_sessions.add(session)
+        loop = session.loop
+        loop.call_later(self.opts.first_stream_timeout_s, self._idle_check, session)
+        return True
+
+    def _idle_check(self, session: HboneSession) -> None:
+        if not session.conn._highest_peer_stream and session.transport is not None:
+            self.telemetry.log(kind="refused", peer=getattr(session, "peer_ip", "?"),
+                               reason=f"no tunnel opened within {self.opts.first_stream_timeout_s:g}s")
+            session.abort()
+
+    def _inbound_closed(self, session: HboneSession) -> None:
+        if session in self.inbound_sessions:
+            self.inbound_sessions.discard(session)
+            ip = getattr(session, "peer_ip", "")
+            n = self._per_peer.get(ip, 0) - 1
+            if n <= 0:
+                self._per_peer.pop(ip, None)
+            else:
+                self._per_peer[ip] = n
+
+    def _on_connect(self, session: HboneSession, stream: HboneStream) -> None:
+        if self.draining:
+            stream.respond(503, "proxy is draining")
+            return
+        self.spawn(self.handle_inbound(session, stream))
+
+    async def handle_inbound(self, session: HboneSession, stream: HboneStream) -> None:
+        raise NotImplementedError
+
+    async def connect_and_relay(self, stream: HboneStream, target: tuple[str, int], timeout_s: float,
+                                labels: ConnLabels, log: dict[str, Any], preamble: bytes = b"") -> bool:
+        """Dial `target`, answer the CONNECT (200 or 503 with the reason) and relay. True on success.
+        `preamble` (a PROXY v2 header) is written to the target before any tunnel byte."""
+        loop = asyncio.get_running_loop()
+        started = mono_s()
+
+        def done(stats: RelayStats) -> None:
+            self.relays.discard(relay)
+            self.telemetry.conn_closed(labels, stats.bytes_to_plain, stats.bytes_from_plain)
+            self.telemetry.log(kind="access", **log, bytes_sent=stats.bytes_to_plain,
+                               bytes_received=stats.bytes_from_plain, reset=stats.reset,
+                               duration_ms=round((mono_s() - started) * 1000, 3), error=stats.error)
+
+        relay = PlainRelay(None, done)
+        try:
+            await asyncio.wait_for(loop.create_connection(lambda: relay, *target), timeout_s)
+        except (OSError, TimeoutError) as e:
+            reason = (f"connect to {target[0]}:{target[1]} failed: "
+                      f"{'timed out' if isinstance(e, TimeoutError) else e.strerror or e!r}")
+            self.telemetry.refusal(labels.reporter, "upstream_connect_failed")
+            self.telemetry.log(kind="access", **log, status=503, reason=reason)
+            with contextlib.suppress(Exception):
+                stream.respond(503, reason)
+            return False
+        if stream.session.conn.stream_state(stream.stream_id).value == "closed":
+            abort_with_reset(relay.transport)  # type: ignore[arg-type]
+            return False
+        self.relays.add(relay)
+        self.telemetry.conn_opened(labels)
+        if preamble and relay.transport is not None:
+            relay.transport.write(preamble)
+        stream.respond(200)
+        relay.bind(stream)
+        return True
+
+    # --- outbound HBONE client -----------------------------------------------------------------
+
+    def _verifying(self, expected: tuple[str, ...] | None,
+                   failure: list[PeerVerificationError]) -> Callable[[HboneSession], bool]:
+        """The `on_made` check of a client HBONE session: verify the peer (trust-domain-bound, against
+        the expected identities) once TLS is up; a refusal is kept in `failure` for the caller."""
+        def made(session: HboneSession) -> bool:
+            assert session.transport is not None
+            try:
+                sid = self.verify_peer(session.transport.get_extra_info("ssl_object"), expected)
+            except PeerVerificationError as e:
+                failure.append(e)
+                return False
+            session.peer_identity = str(sid)
+            return True
+        return made
+
+    async def dial_hbone(self, address: str, src_identity: str, sni: str, expected: tuple[str, ...] | None,
+                         timeout_s: float) -> HboneSession:
+        loop = asyncio.get_running_loop()
+        host, port = parse_host_port(address)
+        ctx = self.creds.client_ctx(src_identity)
+        failure: list[PeerVerificationError] = []
+        made = self._verifying(expected, failure)
+
+        session = HboneSession(Role.CLIENT, loop, self.opts.hbone, on_made=made)
+        session.local_identity = src_identity
+        adapter = TlsAdapter(loop, ctx, session, server_side=False, server_hostname=sni, handshake_timeout_s=timeout_s)
+        started = mono_s()
+        await asyncio.wait_for(loop.create_connection(lambda: adapter, host, port), timeout_s)
+        try:
+            await asyncio.wait_for(asyncio.shield(adapter.handshake), max(0.001, timeout_s - (mono_s() - started)))
+        except BaseException:
+            adapter.abort()
+            raise
+        if failure:
+            raise failure[0]
+        return session
+
+    async def open_tunnel(self, session: HboneSession, authority: str, headers: tuple[tuple[str, str], ...],
+                          timeout_s: float) -> HboneStream:
+        stream = session.open_stream(authority, headers)
+        try:
+            await asyncio.wait_for(asyncio.shield(stream.response), timeout_s)
+        except TimeoutError:
+            stream.reset(ErrorCode.CANCEL)
+            raise
+        return stream
+
+    # --- drain -----------------------------------------------------------------------------------
+
+    async def drain(self, timeout_s: float | None = None) -> None:
+        """Stop accepting, GOAWAY every session, let connections finish until the deadline, then close."""
+        self.draining = True
+        self.ready.clear()
+        for srv in self.servers:
+            srv.close()
+        for s in list(self.inbound_sessions) + self.pool.all():
+            s.drain("proxy is draining")
+        deadline = mono_s() + (self.opts.drain_timeout_s if timeout_s is None else timeout_s)
+        while (self.relays or self.inbound_sessions) and mono_s() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)  # polling a few sets at 50 Hz during drain only
+        for r in list(self.relays):
+            if r.transport is not None:
+                abort_with_reset(r.transport)
+        for s in list(self.inbound_sessions) + self.pool.all():
+            s.abort()
+        for t in list(self.tasks):
+            t.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    # --- outlier reporting -----------------------------------------------------------------------
+
+    def record_outcome(self, service: str, endpoint: str, outcome: Outcome) -> None:
+        self.telemetry.endpoint_outcome(service, endpoint, outcome.value)
+        det = self.detectors.get(service)
+        if det is None:
+            return
+        for ev in det.record(endpoint, outcome, mono_s()):
+            self._outlier_event(service, ev)
+
+    def _outlier_event(self, service: str, ev: EndpointEjected | EndpointUnejected) -> None:
+        if isinstance(ev, EndpointEjected):
+            if ev.enforced:
+                self.telemetry.endpoint_ejected(service, ev.key, ev.reason.value)
+        else:
+            self.telemetry.endpoint_unejected(service, ev.key)
+        self.health.report(self.cfg.proxy_id, ev)
+
+    def ejected(self, service: str) -> frozenset[str]:
+        det = self.detectors.get(service)
+        if det is None:
+            return frozenset()
+        for ev in det.tick(mono_s()):
+            self._outlier_event(service, ev)
+        return det.ejected_keys(mono_s())
+
+
+def with_options(opts: ProxyOptions, **kw: Any) -> ProxyOptions:
+    from dataclasses import replace
+    return replace(opts, **kw)
