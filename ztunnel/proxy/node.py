@@ -68,7 +68,6 @@ from ztunnel.proxy.routing import decide_route, usable_endpoints
 from ztunnel.xds.state import Indexes
 
 
-
 class NodeProxy(ProxyBase):
     mode = ProxyMode.NODE
 
