@@ -19,8 +19,6 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,97 +27,10 @@ from cryptography import x509
 
 import gitops
 from federation.cli.output import EXIT_OK, EXIT_PROBLEMS, emit_data, fail, output_option, stdout, table
+from federation.core.trust_view import TrustMaterial, build_trust_view
 from gitops.model import CaMode, TrustDomain
 from gitops.problems import FleetError, RepoAccessError
-from ztunnel.api.bundle import BundleError, SpiffeBundle, fingerprint_sha256, parse_bundle
-
-EXPIRY_WARNING_S = 30 * 24 * 3600.0
-
-
-@dataclass(frozen=True, slots=True)
-class TrustMaterial:
-    """What is known about one trust domain's public keys, wherever it came from."""
-
-    bundle: SpiffeBundle | None = None
-    named_roots: Mapping[str, x509.Certificate] = field(default_factory=dict)  # root name -> certificate
-    source: str = ""   # "repo:trust/x.bundle.json", "state:/var/lib/meshfed/ca/x", "controller:URL"
-    error: str = ""    # why the material could not be read
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _root_row(name: str | None, signing: bool | None, cert: x509.Certificate | None, now_s: float,
-              problems: list[str], td: str) -> dict[str, Any]:
-    row: dict[str, Any] = {"name": name, "signing": signing, "fingerprint": None, "notAfter": None,
-                           "expiresIn_s": None, "subject": None}
-    if cert is not None:
-        na = cert.not_valid_after_utc.timestamp()
-        row.update(fingerprint=fingerprint_sha256(cert), notAfter=_iso(na), expiresIn_s=round(na - now_s),
-                   subject=cert.subject.rfc4514_string())
-        label = name or row["subject"]
-        if na <= now_s:
-            problems.append(f"{td}: root {label} expired at {_iso(na)}; rotate it (publish, switch, retire)")
-        elif na - now_s < EXPIRY_WARNING_S:
-            problems.append(f"{td}: root {label} expires {_iso(na)} (in {(na - now_s) / 86400:.0f} days); "
-                            "start a staged rotation now")
-    return row
-
-
-def build_trust_view(trust_domains: Mapping[str, TrustDomain], materials: Mapping[str, TrustMaterial],
-                     now_s: float) -> dict[str, Any]:
-    """Plain data (JSON-able) describing the trust graph; `problems` lists what would break mTLS."""
-    problems: list[str] = []
-    names = sorted(trust_domains)
-    trusted_by: dict[str, list[str]] = {n: [] for n in names}
-    for n in names:
-        for peer in trust_domains[n].federates_with:
-            if peer in trusted_by:
-                trusted_by[peer].append(n)
-    domains: list[dict[str, Any]] = []
-    edges: list[dict[str, Any]] = []
-    for n in names:
-        td = trust_domains[n]
-        mat = materials.get(n, TrustMaterial())
-        roots: list[dict[str, Any]] = []
-        fps_named: set[str] = set()
-        if td.ca.mode is CaMode.MANAGED:
-            for spec_root in td.ca.roots:
-                cert = mat.named_roots.get(spec_root.name)
-                roots.append(_root_row(spec_root.name, spec_root.signing, cert, now_s, problems, n))
-                if cert is not None:
-                    fps_named.add(fingerprint_sha256(cert))
-                elif mat.named_roots:
-                    problems.append(f"{n}: root {spec_root.name} is in the repo but not in the CA state yet "
-                                    "(the controller creates it on its next reconcile)")
-        if mat.bundle is not None:
-            for cert in mat.bundle.authorities:
-                if fingerprint_sha256(cert) not in fps_named:
-                    roots.append(_root_row(None, None, cert, now_s, problems, n))
-        if mat.error:
-            problems.append(f"{n}: {mat.error}")
-        for peer in td.federates_with:
-            mutual = peer in trust_domains and n in trust_domains[peer].federates_with
-            edges.append({"from": n, "to": peer, "mutual": mutual})
-            if peer not in trust_domains:
-                problems.append(f"{n} federates with {peer}, which is not a TrustDomain in this repo")
-            elif not mutual:
-                problems.append(
-                    f"{n} trusts {peer} but {peer} does not trust {n}: mutual TLS between them fails in both "
-                    f"directions; add {n} to federatesWith of {peer} (or remove the edge)")
-        domains.append({
-            "name": n,
-            "caMode": td.ca.mode.value,
-            "workloadCertTTL_s": td.ca.workload_cert_ttl_s,
-            "bundleSequence": mat.bundle.sequence if mat.bundle is not None else None,
-            "bundleRefreshHint_s": mat.bundle.refresh_hint_s if mat.bundle is not None else None,
-            "bundleSource": mat.source or None,
-            "roots": roots,
-            "trusts": [n, *td.federates_with],
-            "trustedBy": [n, *sorted(trusted_by[n])],
-        })
-    return {"trustDomains": domains, "edges": edges, "problems": problems}
+from ztunnel.api.bundle import BundleError, parse_bundle
 
 
 def materials_from_files(repo: Path, trust_domains: Mapping[str, TrustDomain],

@@ -62,6 +62,7 @@ from ztunnel.api.bundle import (
 )
 from ztunnel.api.config import TrustBundle
 from ztunnel.api.identity import IdentityError, SpiffeId, check_trust_domain, generate_key_and_csr
+from ztunnel.api.secret_files import write_secret
 
 DEFAULT_WORKLOAD_TTL_S = 24 * 3600.0
 DEFAULT_ROOT_TTL_S = 10 * 365 * 24 * 3600.0
@@ -414,22 +415,6 @@ def _check_owned_private(path: Path, *, want_dir: bool) -> None:
         _refuse(path, f"has mode {mode:04o} (group/other access)", f"run: chmod {want[1:]} {path}")
 
 
-def _write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        os.unlink(tmp)
-    except FileNotFoundError:
-        pass
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    try:
-        os.fchmod(fd, mode)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 def _mkdir_private(path: Path) -> None:
     if not path.exists():
         path.mkdir(mode=0o700)
@@ -491,9 +476,9 @@ class CaStateDir:
         d = self._td_dir(trust_domain)
         _check_root_name(root.name)
         if root.key is not None:
-            _write_private(d / f"{root.name}.key.pem", root.key.private_bytes(
+            write_secret(d / f"{root.name}.key.pem", root.key.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-        _write_private(d / f"{root.name}.cert.pem", root.cert.public_bytes(serialization.Encoding.PEM))
+        write_secret(d / f"{root.name}.cert.pem", root.cert.public_bytes(serialization.Encoding.PEM))
 
     def load_or_create(self, td: TrustDomain, *, now_s: float | None = None,
                        root_ttl_s: float = DEFAULT_ROOT_TTL_S) -> TrustDomainCA | None:
@@ -533,7 +518,7 @@ class CaStateDir:
             if not ca.bundle(sequence).same_authorities(previous):
                 sequence += 1
         bundle = ca.bundle(sequence, refresh_hint_s)
-        _write_private(self._td_dir(ca.trust_domain) / "bundle.json", emit_bundle(bundle).encode("utf-8"))
+        write_secret(self._td_dir(ca.trust_domain) / "bundle.json", emit_bundle(bundle).encode("utf-8"))
         return bundle
 
     def read_bundle(self, trust_domain: str) -> SpiffeBundle | None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from gitops.model import ConfigSnapshot, ServiceKey
+from gitops.model import ConfigSnapshot, ServiceKey, TrustDomain
 from gitops.problems import ObjectRef, Problem, Severity, SourcePos
 
 CODE_ONE_SIDED = "MF0405"
@@ -33,6 +33,34 @@ class TrustEdge:
     a: str
     b: str
     mutual: bool
+
+
+@dataclass(frozen=True, slots=True)
+class FederationListing:
+    """One `federatesWith` entry as declared: `source` lists `peer`."""
+
+    source: str
+    peer: str
+    mutual: bool        # the peer lists `source` back
+    known_peer: bool    # the peer is a TrustDomain of this repo
+
+
+def federation_listings(trust_domains: Mapping[str, TrustDomain]) -> list[FederationListing]:
+    """Every federatesWith entry of the repo, in name order: the one reading of the trust edges that
+    the graph, validation and `meshfed trust` share."""
+    out: list[FederationListing] = []
+    for a in sorted(trust_domains):
+        for b in trust_domains[a].federates_with:
+            known = b in trust_domains
+            out.append(FederationListing(a, b, known and a in trust_domains[b].federates_with, known))
+    return out
+
+
+def one_sided_message(a: str, b: str) -> tuple[str, str]:
+    """(message, hint) for `a` listing `b` without `b` listing `a`."""
+    return (f"trust domain {a} federates with {b}, but {b} does not federate with {a}; mutual TLS needs "
+            f"both sides, so no identity crosses this edge",
+            f"add {a} to spec.federatesWith in trust/{b}.yaml, or remove {b} here")
 
 
 class TrustGraph:
@@ -96,20 +124,13 @@ class TrustGraph:
 
     def federation_problems(self) -> list[Problem]:
         problems: list[Problem] = []
-        for a in self.domains:
-            td = self.snapshot.trust_domains[a]
-            for b in sorted(self._listed[a]):
-                if b in self._listed and a not in self._listed[b]:
-                    pos = td.field_pos.get("spec.federatesWith", td.pos)
-                    problems.append(Problem(
-                        CODE_ONE_SIDED,
-                        f"trust domain {a} federates with {b}, but {b} does not federate with {a}; "
-                        f"mutual TLS needs both sides, so no identity crosses this edge",
-                        pos,
-                        hint=f"add {a} to spec.federatesWith in trust/{b}.yaml, or remove {b} here",
-                        obj=ObjectRef("TrustDomain", a),
-                        severity=Severity.WARNING,
-                    ))
+        for listing in federation_listings(self.snapshot.trust_domains):
+            if listing.known_peer and not listing.mutual:
+                td = self.snapshot.trust_domains[listing.source]
+                message, hint = one_sided_message(listing.source, listing.peer)
+                problems.append(Problem(CODE_ONE_SIDED, message, td.field_pos.get("spec.federatesWith", td.pos),
+                                        hint=hint, obj=ObjectRef("TrustDomain", listing.source),
+                                        severity=Severity.WARNING))
         return problems
 
     def route_problems(self, exported: Mapping[ServiceKey, Iterable[str]] | None = None) -> list[Problem]:

@@ -170,14 +170,14 @@ class ConfigServerHost:
         restarts, and the roots proxies verify the controller with in `controller-roots.pem`."""
         import secrets
 
-        from federation.controller.ca import _write_private
+        from ztunnel.api.secret_files import write_secret
 
         path = Path(self.state_dir) / BOOTSTRAP_TOKENS_FILE
         tokens: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
         if any(c not in tokens for c in clusters):
             tokens = {**tokens, **{c: secrets.token_urlsafe(24) for c in clusters if c not in tokens}}
             # 0600 from creation on, never through a planted symlink (as the CA keys are written)
-            _write_private(path, json.dumps(tokens, indent=1, sort_keys=True).encode())
+            write_secret(path, json.dumps(tokens, indent=1, sort_keys=True).encode())
         self.server.bootstrap_tokens = {t: c for c, t in tokens.items() if c in clusters}
         (Path(self.state_dir) / CONTROLLER_ROOTS_FILE).write_bytes(self._roots_pem())
 
@@ -312,7 +312,7 @@ class ConfigServerHost:
 
     def trust_view(self) -> bytes:
         """`meshfed trust --controller`: the offline view's data, fed with the live CAs' material."""
-        from federation.cli.trust import TrustMaterial, build_trust_view
+        from federation.core.trust_view import TrustMaterial, build_trust_view
 
         materials = {td: TrustMaterial(bundle=ca.bundle(), named_roots={r.name: r.cert for r in ca.roots},
                                        source="controller")

@@ -13,9 +13,9 @@ Rules (ztunnel's `state.rs` updater, Flux's lastApplied vs lastAttempted):
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,6 +38,7 @@ from ztunnel.api.config import (
     resource_to_dict,
 )
 from ztunnel.api.identity import IdentityError, SpiffeId, check_trust_domain
+from ztunnel.api.secret_files import make_private_dir, secret_writer
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
@@ -256,14 +257,12 @@ class ProxyState:
     def _persist(self, cfg: ProxyConfig) -> None:
         if self.persist_path is None:
             return
-        self.persist_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.persist_path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            write_config_json(cfg, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.persist_path)
+        make_private_dir(self.persist_path.parent)
+        with secret_writer(self.persist_path) as raw:
+            text = io.TextIOWrapper(raw, encoding="utf-8")
+            write_config_json(cfg, text)
+            text.flush()
+            text.detach()  # the writer owns `raw`: it fsyncs and renames it into place
 
 
 def write_config_json(cfg: ProxyConfig, f: TextIO) -> None:

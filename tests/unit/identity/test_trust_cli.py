@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from federation.cli.main import cli
-from federation.cli.trust import TrustMaterial, build_trust_view
+from federation.core.trust_view import TrustMaterial, build_trust_view
 from federation.controller.ca import CaStateDir, TrustDomainCA
 from gitops.model import CaMode, CaRoot, CaSpec, TrustDomain, TrustDomainName
 from tests.unit.identity.forge import NOW_S
@@ -33,7 +33,7 @@ def test_view_flags_one_way_federation_unknown_peer_and_expiring_root() -> None:
     assert a["roots"][0]["fingerprint"].count(":") == 31
     assert view["trustDomains"][1]["trustedBy"] == ["b.mesh", "a.mesh"]
     text = "\n".join(view["problems"])
-    assert "b.mesh does not trust a.mesh" in text
+    assert "but b.mesh does not federate with a.mesh" in text and "add a.mesh to spec.federatesWith" in text
     assert "ghost.mesh, which is not a TrustDomain" in text
     assert "expires" in text and "staged rotation" in text
     assert {"from": "a.mesh", "to": "b.mesh", "mutual": False} in view["edges"]
