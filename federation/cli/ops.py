@@ -94,6 +94,23 @@ def register(group: click.Group) -> None:
                                          ray_address=ray_address,
                                          kubeconfig=kubeconfig, insecure=insecure, git_poll_interval_s=git_poll_s))
 
+    @controller.command("bootstrap-token")
+    @click.option("--state-dir", default=".meshfed", show_default=True, help="the controller's state directory")
+    @click.option("--proxy-id", required=True, help="ztunnel/<cluster>/<node> or gateway/<cluster>")
+    def bootstrap_token(state_dir: str, proxy_id: str) -> None:
+        """Print the bootstrap token a proxy presents for its first certificate (created if needed).
+
+        Like `kubeadm token create`: give the token to the proxy (its --bootstrap-token-file, 0600);
+        it buys that proxy's own identity only. The controller keeps the tokens it finds."""
+        from federation.controller.bootstrap import BootstrapTokenError, BootstrapTokens
+
+        try:
+            click.echo(BootstrapTokens(state_dir).token_for_proxy(proxy_id))
+        except ValueError as e:
+            fail(str(e), "e.g. --proxy-id ztunnel/east/node-1", code=64)
+        except (BootstrapTokenError, OSError) as e:
+            fail(str(e))
+
     @group.command("status")
     @controller_option
     @output_option()

@@ -37,6 +37,7 @@ from typing import Any
 
 import ray
 
+from federation.controller.bootstrap import BootstrapTokens
 from federation.controller.reconciler import CoreRender, Debouncer, EndpointReport, Reconciler
 from federation.controller.sources import (
     ClusterAgent,
@@ -54,7 +55,6 @@ from ztunnel.api.proto import meshfed_pb2 as pb
 
 UNLIMITED_BYTES = 1 << 40
 PROXY_NAMESPACE = "meshfed-system"
-BOOTSTRAP_TOKENS_FILE = "bootstrap-tokens.json"   # cluster -> token (0600): hand to that cluster's proxies
 CONTROLLER_ROOTS_FILE = "controller-roots.pem"    # public: what proxies verify the controller with
 
 
@@ -112,7 +112,9 @@ class ConfigServerHost:
         self.dist = ConfigDistributor(self.epoch)
         self.dist.listeners.append(self._on_ack)
         self.insecure = insecure
+        self.bootstrap = BootstrapTokens(state_dir)
         self.server = ConfigServer(self.dist, signer=self, on_health=self._on_health, insecure=insecure,
+                                   bootstrap_cluster=self.bootstrap.cluster_for,
                                    authorize=self._authorize, verify_peer=self._verify_client)
         self.reconciler: Any = None
         self.cas: dict[str, Any] = {}
@@ -166,19 +168,9 @@ class ConfigServerHost:
         return b"".join(self.cas[td].roots_pem() for td in sorted(self.cas))
 
     def _ensure_bootstrap(self, clusters: list[str]) -> None:
-        """One bootstrap token per cluster in `<state>/bootstrap-tokens.json` (0600), kept across
-        restarts, and the roots proxies verify the controller with in `controller-roots.pem`."""
-        import secrets
-
-        from ztunnel.api.secret_files import write_secret
-
-        path = Path(self.state_dir) / BOOTSTRAP_TOKENS_FILE
-        tokens: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
-        if any(c not in tokens for c in clusters):
-            tokens = {**tokens, **{c: secrets.token_urlsafe(24) for c in clusters if c not in tokens}}
-            # 0600 from creation on, never through a planted symlink (as the CA keys are written)
-            write_secret(path, json.dumps(tokens, indent=1, sort_keys=True).encode())
-        self.server.bootstrap_tokens = {t: c for c, t in tokens.items() if c in clusters}
+        """Bootstrap tokens for the fleet's clusters (kept across restarts), and the roots proxies
+        verify the controller with in `controller-roots.pem`."""
+        self.bootstrap.ensure(clusters)
         (Path(self.state_dir) / CONTROLLER_ROOTS_FILE).write_bytes(self._roots_pem())
 
     # -- CA -----------------------------------------------------------------------------------

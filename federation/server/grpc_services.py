@@ -472,6 +472,10 @@ def proxy_cluster(proxy_id: str) -> str:
     return parts[1] if len(parts) >= 2 else ""
 
 
+def no_bootstrap(_token: str) -> str | None:
+    return None
+
+
 @dataclass
 class ProxyAuthorizer:
     """May identity X act as proxy P? Only when X is P's own identity in the trust domain of P's
@@ -506,7 +510,7 @@ class ConfigServer:
     def __init__(self, distributor: ConfigDistributor, *, signer: Signer | None = None,
                  on_health: HealthCallback | None = None,
                  authorize: Callable[[str, str], str] | None = None,
-                 bootstrap_tokens: Mapping[str, str] | None = None,  # token -> cluster
+                 bootstrap_cluster: Callable[[str], str | None] = no_bootstrap,  # token -> cluster
                  verify_peer: Callable[[bytes], str] | None = None,
                  insecure: bool = False, write_timeout_s: float = 5.0) -> None:
         # `verify_peer(client leaf PEM) -> SPIFFE ID` must bind the leaf's issuer to the trust
@@ -517,7 +521,7 @@ class ConfigServer:
         self.signer = signer
         self.on_health = on_health
         self.authorize = authorize or (lambda _p, _i: "")
-        self.bootstrap_tokens = dict(bootstrap_tokens or {})
+        self.bootstrap_cluster = bootstrap_cluster  # constant-time check (federation.controller.bootstrap)
         self.insecure = insecure
         self.write_timeout_s = write_timeout_s
         self._server: Any = None
@@ -721,7 +725,7 @@ class ConfigServer:
         cluster = ""
         bootstrap = False
         if not identity:
-            cluster = self.bootstrap_tokens.get(req.bootstrap_token, "")
+            cluster = self.bootstrap_cluster(req.bootstrap_token) or ""
             if not cluster and not self.insecure:
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                                     "neither a client certificate nor a valid bootstrap token; use the token "

@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from federation.cli.main import cli
-from federation.core.trust_view import TrustMaterial, build_trust_view
 from federation.controller.ca import CaStateDir, TrustDomainCA
+from federation.core.trust_view import TrustMaterial, build_trust_view
 from gitops.model import CaMode, CaRoot, CaSpec, TrustDomain, TrustDomainName
 from tests.unit.identity.forge import NOW_S
 from ztunnel.api.bundle import emit_bundle
