@@ -21,60 +21,25 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
-from fnmatch import fnmatchcase
 from typing import Any
 
 from clusters.kube.observation import ClusterObservation
 from federation.core.failover import FailoverEngine, build_engine
-from federation.core.render import Renderer
+from federation.core.render import Renderer, authorization_of
 from federation.core.trust_graph import identity_trust_domain
-from gitops.model import AuthorizationPolicy, AuthzAction, AuthzSource, ConfigSnapshot
+from gitops.model import AuthorizationPolicy, ConfigSnapshot
+from ztunnel.api.authz import evaluate, peer_from_identity
 from ztunnel.api.config import ProxyConfig, ProxyMode, diff_configs
-
-
-def _principal_matches(pattern: str, identity: str) -> bool:
-    """Istio principals: `td/ns/x/sa/y`, with `*` as prefix/suffix (or the whole) wildcard."""
-    bare = identity.removeprefix("spiffe://")
-    return fnmatchcase(bare, pattern.removeprefix("spiffe://"))
-
-
-def _namespace_of(identity: str) -> str:
-    parts = identity.removeprefix("spiffe://").split("/")
-    return parts[2] if len(parts) >= 5 and parts[1] == "ns" else ""
-
-
-def _source_matches(src: AuthzSource, identity: str) -> bool:
-    ns = _namespace_of(identity)
-    if src.principals and not any(_principal_matches(p, identity) for p in src.principals):
-        return False
-    if any(_principal_matches(p, identity) for p in src.not_principals):
-        return False
-    if src.namespaces and not any(fnmatchcase(ns, n) for n in src.namespaces):
-        return False
-    return not any(fnmatchcase(ns, n) for n in src.not_namespaces)
-
-
-def _policy_matches(p: AuthorizationPolicy, identity: str, port: int) -> bool:
-    for rule in p.rules:
-        if rule.ports and port not in rule.ports:
-            continue
-        if port in rule.not_ports:
-            continue
-        if not rule.from_ or any(_source_matches(s, identity) for s in rule.from_):
-            return True
-    return False
 
 
 def authz_allows(policies: Sequence[AuthorizationPolicy], namespace: str, labels: dict[str, str],
                  identity: str, port: int) -> bool:
-    """Istio's L4 evaluation for one workload: a matching DENY denies; if any ALLOW policy applies
-    to the workload one of them must match; otherwise allowed."""
-    applicable = [p for p in policies if p.namespace == namespace
-                  and all(labels.get(k) == v for k, v in p.selector.items())]
-    if any(p.action is AuthzAction.DENY and _policy_matches(p, identity, port) for p in applicable):
-        return False
-    allows = [p for p in applicable if p.action is AuthzAction.ALLOW]
-    return not allows or any(_policy_matches(p, identity, port) for p in allows)
+    """The decision a destination proxy would take: the policies rendered exactly as the renderer
+    pushes them (`authorization_of`) and evaluated by the data plane's own evaluator
+    (`ztunnel.api.authz.evaluate`), so a plan can never predict "allow" where the proxy denies."""
+    decision = evaluate([authorization_of(p) for p in policies], peer=peer_from_identity(identity),
+                        dest_namespace=namespace, dest_labels=labels, port=port)
+    return decision.allowed
 
 
 def _identities(engine: FailoverEngine) -> dict[tuple[str, str, str], str]:

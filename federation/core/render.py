@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from federation.core.failover import FailoverEngine, Locality
 from federation.core.graph import EndpointNode, GraphChange, gateway_identity
 from gitops.model import AuthorizationPolicy, ServiceKey
+from ztunnel.api.authz import applies_to
 from ztunnel.api.config import (
     RESOURCE_TYPES,
     Authorization,
@@ -212,9 +213,8 @@ class Renderer:
             for uid, ep in sorted(pods.items())
         ]
         identities = tuple(sorted({w.identity for w in workloads}))
-        authz = [a for a in self._authz
-                 if any(w.namespace == a.namespace and all(w.labels.get(k) == v for k, v in a.selector.items())
-                        for w in workloads)]
+        # who a policy applies to is the evaluator's decision (root-namespace policies are mesh-wide)
+        authz = [a for a in self._authz if any(applies_to(a, w.namespace, w.labels) for w in workloads)]
         return workloads, identities, authz
 
     def _bundles(self, cluster: str) -> list[TrustBundle]:
