@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -16,6 +15,7 @@ from clusters.kube.observation import ClusterObservation, EndpointInfo
 from federation.core.failover import build_engine
 from federation.core.offline import offline_observations
 from federation.core.render import Renderer, allocate_vips, render_configs
+from tests.golden import assert_golden
 from tests.unit.core import factory as f
 from ztunnel.api.config import (
     ProxyConfig,
@@ -33,11 +33,7 @@ CHECKOUT_HOST = "checkout.shop.svc.clusterset.local"
 
 
 def golden(name: str, data: object) -> None:
-    path = GOLDEN / name
-    text = json.dumps(data, indent=1, sort_keys=True) + "\n"
-    if os.environ.get("UPDATE_GOLDEN") == "1" or not path.exists():
-        path.write_text(text)
-    assert json.loads(path.read_text()) == json.loads(text), f"{name} differs; UPDATE_GOLDEN=1 to accept"
+    assert_golden(GOLDEN / name, data)
 
 
 def test_golden_fleet_render() -> None:
