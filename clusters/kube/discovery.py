@@ -354,6 +354,24 @@ class KubeDiscovery:
         with self._lock:
             return self.cache.observation(self._clock(), str(self.cache.generation))
 
+    def probe(self) -> float:
+        """A cheap request (`GET /version`) whose success renews a quiet cluster's lease: a lease must
+        not depend on watch churn. Returns the time of success; raises DiscoveryError otherwise."""
+        from kubernetes import client
+
+        try:
+            client.VersionApi(self._client()).get_code(_request_timeout=self.request_timeout_s)
+        except DiscoveryError:
+            raise
+        except Exception as e:
+            self.last_error = f"GET /version failed: {e}"
+            raise DiscoveryError(f"cluster {self.cluster}: the API server behind context {self.context!r} does not "
+                                 f"answer ({e}); is it reachable?") from e
+        with self._lock:
+            now = self._clock()
+            self.last_success_s = now
+        return now
+
     def watch_kind_once(self, kind: str, on_change: Callable[[], None]) -> None:
         """LIST then WATCH `kind` until the server ends the watch or `stop()` is called."""
         from kubernetes import watch
@@ -363,9 +381,14 @@ class KubeDiscovery:
         w = watch.Watch()
         try:
             for ev in w.stream(self._list_fn(kind), timeout_seconds=self.watch_timeout_s,
-                               _request_timeout=self.watch_timeout_s + 5, deserialize=False):
+                               _request_timeout=self.watch_timeout_s + 5, deserialize=False,
+                               allow_watch_bookmarks=True):
                 if self._stop.is_set():
                     break
+                if ev.get("type") == "BOOKMARK":  # the server's "still here" on a quiet watch
+                    with self._lock:
+                        self.last_success_s = self._clock()
+                    continue
                 raw = ev.get("raw_object") or ev.get("object")
                 if not isinstance(raw, Mapping):
                     continue

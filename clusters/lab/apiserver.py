@@ -68,12 +68,17 @@ def object_path(api_version: str, kind: str, namespace: str | None, name: str | 
 _NS_PRIVATE = "/apis/emulated.meshfed.dev/v1/namespaceobjects"
 _SHORT_NAMES = {"namespaces": ["ns"], "nodes": ["no"], "pods": ["po"], "services": ["svc"]}
 _VERBS = ["create", "delete", "get", "list", "patch", "watch"]  # what kmock serves
+# The Kubernetes version the emulated API server says it is (the version kubectl and kind pin)
+VERSION_INFO = {"major": "1", "minor": "33", "gitVersion": "v1.33.1-meshfed-emulated", "platform": "linux/amd64",
+                "gitCommit": "", "gitTreeState": "clean", "buildDate": "", "goVersion": "", "compiler": "gc"}
 
 
 def discovery_document(path: str) -> dict[str, Any] | None:
     """The discovery answer kubectl and client-go expect for `path`, or None when it is not a
     discovery path. Built from `_RESOURCES`, so only kinds we serve are advertised."""
     p = "/" + path.strip("/")
+    if p == "/version":  # what `kubectl version` and discovery heartbeats read
+        return dict(VERSION_INFO)
     if p == "/api":
         return {"kind": "APIVersions", "apiVersion": "v1", "versions": ["v1"],
                 "serverAddressByClientCIDRs": []}

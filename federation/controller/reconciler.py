@@ -256,7 +256,9 @@ class Reconciler:
         self.debounce.note(self.clock() if now_s is None else now_s)
 
     def on_lease(self, cluster: str, last_success_s: float) -> None:
-        self.leases[cluster] = last_success_s
+        """A cluster agent's heartbeat: its API answered at `last_success_s` (no render needed: the
+        periodic tick applies it before expiring leases)."""
+        self.leases[cluster] = max(last_success_s, self.leases.get(cluster, last_success_s))
 
     def on_health(self, proxy_id: str, outcomes: Sequence[EndpointReport], now_s: float | None = None) -> None:
         now = self.clock() if now_s is None else now_s
@@ -491,6 +493,9 @@ class CoreRender:
             events.extend(evs)
             self._seen[cluster] = obs
             observed.append(cluster)
+        for cluster, last_success_s in sorted(inp.leases.items()):
+            if cluster in inp.snapshot.clusters:
+                self._engine.renew_lease(cluster, last_success_s)  # heartbeats of quiet clusters
         events.extend(self._engine.tick(inp.now_s))
         # FailedOver / FailedBack: re-evaluate the tier shares of what changed (everything on a new
         # revision, which sets the baseline the next evaluation compares with)

@@ -187,11 +187,20 @@ class Lease:
 
 
 class ClusterAgent:
-    """Discovery + lease for one cluster. `start(send)` calls `send(bytes)` with encoded observations."""
+    """Discovery + lease for one cluster. `start(send, send_lease)` calls `send(bytes)` with encoded
+    observations and `send_lease(cluster, last_success_s)` with heartbeats.
+
+    The lease must not depend on watch churn: a quiet cluster produces no events, and a watch that
+    ends without change produces no observation. So a heartbeat thread runs every `ttl/3`: when no
+    request has succeeded for that long it sends a cheap one (`KubeDiscovery.probe`, GET /version),
+    then reports the last success to the reconciler (`send_lease`), which keeps the failover
+    engine's lease Live. When the agent's lease had lapsed and the API answers again, it sends a
+    complete observation: recovering an Expired (or Fenced) lease takes a complete view, not a ping.
+    """
 
     def __init__(self, cluster: str, kubeconfig: str | None, context: str, api_kind: str = ClusterApiKind.KUBECONFIG.value,
                  lease_ttl_s: float = 30.0, namespace_selector: str = "", watch_timeout_s: int = 30,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, heartbeat_interval_s: float | None = None) -> None:
         from clusters.kube.discovery import KubeDiscovery
 
         self.cluster, self.api_kind = cluster, api_kind
@@ -199,24 +208,68 @@ class ClusterAgent:
         self.discovery = KubeDiscovery(cluster, kubeconfig, context, namespace_selector=namespace_selector,
                                        watch_timeout_s=watch_timeout_s, clock=clock)
         self.lease = Lease(lease_ttl_s)
+        # 0 turns the heartbeat off (what a quiet cluster did before it existed: see the tests)
+        self.heartbeat_interval_s = lease_ttl_s / 3 if heartbeat_interval_s is None else heartbeat_interval_s
         self._send: Callable[[bytes], None] | None = None
+        self._send_lease: Callable[[str, float], None] | None = None
         self._latest: ClusterObservation | None = None
         self._cv = threading.Condition()
         self._sender: threading.Thread | None = None
+        self._heartbeat: threading.Thread | None = None
+        self._stop_heartbeat = threading.Event()
         self._stopped = False
         self.sent = 0
+        self.heartbeats = 0
+        self.probes = 0
 
-    def start(self, send: Callable[[bytes], None]) -> None:
+    def start(self, send: Callable[[bytes], None], send_lease: Callable[[str, float], None] | None = None) -> None:
         self._send = send
+        self._send_lease = send_lease
         self._sender = threading.Thread(target=self._send_loop, name=f"agent-{self.cluster}", daemon=True)
         self._sender.start()
         self.discovery.start(self._on_change)
+        if self.heartbeat_interval_s > 0:
+            self._heartbeat = threading.Thread(target=self._heartbeat_loop, name=f"lease-{self.cluster}", daemon=True)
+            self._heartbeat.start()
 
     def _on_change(self, obs: ClusterObservation) -> None:
         self.lease.renew(self.clock())
         with self._cv:
             self._latest = obs
             self._cv.notify()
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop_heartbeat.wait(self.heartbeat_interval_s):
+            try:
+                self.heartbeat_once()
+            except Exception as e:  # never let the heartbeat die; the lease (and status) tell the rest
+                self.discovery.last_error = f"heartbeat: {type(e).__name__}: {e}"
+
+    def heartbeat_once(self) -> None:
+        """Probe if nothing succeeded for an interval, renew, report; resend a complete view after a lapse."""
+        from clusters.kube.discovery import DiscoveryError
+
+        now = self.clock()
+        lapsed = not self.lease.valid(now)
+        last = self.discovery.last_success_s
+        if last is None or now - last >= self.heartbeat_interval_s:
+            try:
+                self.discovery.probe()
+                self.probes += 1
+            except DiscoveryError:
+                return  # the API does not answer: let the lease run out
+        self.renew_from_discovery()
+        renewed = self.lease.renewed_at_s
+        if renewed is None:
+            return
+        if lapsed and self.lease.valid(self.clock()):
+            with self._cv:
+                if self._latest is None:
+                    self._latest = self.discovery.observation()
+                    self._cv.notify()
+        if self._send_lease is not None:
+            self._send_lease(self.cluster, renewed)
+            self.heartbeats += 1
 
     def _send_loop(self) -> None:
         while True:
@@ -244,6 +297,7 @@ class ClusterAgent:
         return self.lease.valid(self.clock())
 
     def stop(self) -> None:
+        self._stop_heartbeat.set()
         self.discovery.stop()
         with self._cv:
             self._stopped = True

@@ -484,6 +484,15 @@ class FailoverEngine:
             self._invalidate(key)
         return change, events
 
+    def renew_lease(self, cluster: str, at_s: float) -> None:
+        """A heartbeat: the cluster's API answered at `at_s` although nothing changed. Keeps a Live
+        lease alive; an Expired or Fenced lease recovers only with a complete observation."""
+        lease = self._leases.get(cluster)
+        if lease is None or lease.state is not LeaseState.LIVE:
+            return
+        if lease.last_seen_s is None or at_s > lease.last_seen_s:
+            lease.last_seen_s = at_s
+
     def _services_in(self, cluster: str) -> set[ServiceKey]:
         return {k for k in self.graph.services if self.graph.endpoints_in(k, cluster)}
 

@@ -408,6 +408,10 @@ class ReconcilerHost:
             self.rec.on_health(proxy_id, outcomes, time.time())
         self._wake.set()
 
+    def on_lease(self, cluster: str, last_success_s: float) -> None:
+        with self._lock:
+            self.rec.on_lease(cluster, last_success_s)
+
     def missing_inputs(self) -> bool:
         return self.rec.snapshot is None and self.rec.pending_snapshot is None
 
@@ -575,10 +579,13 @@ class ClusterAgentHost:
         self.reconciler = reconciler
         self.args = (cluster, kubeconfig, context, api_kind, lease_ttl_s, watch_timeout_s)
         self.agent = ClusterAgent(cluster, kubeconfig, context, api_kind, lease_ttl_s, watch_timeout_s=watch_timeout_s)
-        self.agent.start(self._send)
+        self.agent.start(self._send, self._send_lease)
 
     def _send(self, blob: bytes) -> None:
         ray.get(self.reconciler.on_observation.remote(blob))
+
+    def _send_lease(self, cluster: str, last_success_s: float) -> None:
+        ray.get(self.reconciler.on_lease.remote(cluster, last_success_s))
 
     def resend(self) -> None:
         """Re-LIST everything (a restarted reconciler needs a complete observation)."""
