@@ -181,7 +181,8 @@ class BranchFollower:
     watch: BranchWatch = field(default_factory=BranchWatch)
     snapshot: ConfigSnapshot | None = None
 
-    def _local(self) -> str:
+    def local_repo(self) -> str:
+        """The repository to read revisions from: the local mirror of a URL, or the path itself."""
         return self.mirror_dir if self.mirror_dir else self.repo
 
     def poll(self, now: float) -> ConfigSnapshot | None:
@@ -201,10 +202,10 @@ class BranchFollower:
                 head = _git.resolve_revision(self.repo, f"refs/heads/{self.branch}")
             ff = None
             if w.last_applied_revision is not None and head.sha != w.last_applied_revision.sha:
-                ff = _git.is_ancestor(self._local(), w.last_applied_revision.sha, head.sha)
+                ff = _git.is_ancestor(self.local_repo(), w.last_applied_revision.sha, head.sha)
             sig_ok, detail = (None, "")
             if w.require_signed:
-                sig_ok, detail = _git.verify_commit(self._local(), head.sha, self.gnupg_home,
+                sig_ok, detail = _git.verify_commit(self.local_repo(), head.sha, self.gnupg_home,
                                                     self.allowed_signers_file)
         except RepoAccessError as e:
             w.fetch_failed(str(e))
@@ -213,7 +214,7 @@ class BranchFollower:
         if decision.kind is not DecisionKind.LOAD:
             return None
         try:
-            result = load(self._local(), head.sha, self.snapshot)
+            result = load(self.local_repo(), head.sha, self.snapshot)
         except RepoAccessError as e:
             w.rejected(head, str(e))
             return None

@@ -124,7 +124,7 @@ class GitSource:
         sha, self.fallback_sha = self.fallback_sha, None
         assert sha is not None
         try:
-            snap = load_revision(self.follower._local(), sha)
+            snap = load_revision(self.follower.local_repo(), sha)
         except (FleetError, RepoAccessError) as e:
             self.last_error = f"last applied revision {sha[:8]} cannot be loaded either: {e}"
             return None

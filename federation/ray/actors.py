@@ -615,7 +615,7 @@ def last_applied_if_gated(source: GitSource, store: Store, head: ConfigSnapshot,
     if not gate_commit(previous, head, store.leaf_not_after, now_s):
         return None
     try:
-        return load_revision(source.follower._local(), applied.sha)
+        return load_revision(source.follower.local_repo(), applied.sha)
     except (FleetError, RepoAccessError):
         return None
 
