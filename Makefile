@@ -3,16 +3,27 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
+LOCK_FLAGS ?= --upgrade
 
-.PHONY: venv system demo test unit lint bench clean
+.PHONY: venv lock system demo test unit lint bench clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Installs exactly what requirements.lock pins, every file checked against its hash; meshfed itself
+# is installed editable on top, built with the locked setuptools (no unpinned build isolation).
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --require-hashes -r $(LOCK)
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# Refresh the lock after editing pyproject.toml (or to take new releases): review the diff, commit it.
+lock:
+	test -x $(BIN)/uv || $(BIN)/pip install -q uv
+	$(BIN)/uv pip compile pyproject.toml scripts/lock-build.in --extra dev --generate-hashes \
+		--python-version 3.11 --python-platform x86_64-unknown-linux-gnu \
+		--custom-compile-command "make lock" -o $(LOCK) $(LOCK_FLAGS)
 
 system:
 	bash scripts/setup-system.sh

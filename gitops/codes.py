@@ -91,6 +91,10 @@ _CODES = (
     Code("MF0108", "field not supported by meshfed",
          "The field exists upstream (Istio / Gateway API) but meshfed does not implement it; "
          "the message lists what is supported."),
+    Code("MF0109", "number out of range",
+         "Every duration and count has a range that makes sense for it (a lease TTL of a second to "
+         "an hour, a workload certificate of a minute to 90 days, ...); values outside it, including "
+         "ones too large to represent, are rejected here instead of misbehaving at run time."),
     # --- MF02xx references and uniqueness ---------------------------------------------------
     Code("MF0201", "duplicate name",
          "Two objects of the same kind have the same name (also after case folding and Unicode "

@@ -61,14 +61,14 @@ from gitops.yamldoc import Doc, Path
 # --------------------------------------------------------------------------------------------
 # value types
 
-_DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)(h|ms|m|s|us|µs|ns))+$")
+_DURATION_RE = re.compile(r"(?:(\d+(?:\.\d+)?)(h|ms|m|s|us|µs|ns))+")  # fullmatch: no "5s\n"
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(h|ms|m|s|us|µs|ns)")
 _UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
 
 
 def parse_duration_s(text: str) -> float:
     """Istio/Go duration text -> seconds. Raises ValueError with a usable message."""
-    if not _DURATION_RE.match(text):
+    if not _DURATION_RE.fullmatch(text):
         raise ValueError(f"{text!r} is not a duration; write a number with a unit, e.g. 500ms, 5s, 1m30s, 2h")
     return sum(float(n) * _UNIT_S[u] for n, u in _DURATION_PART.findall(text))
 
@@ -101,11 +101,47 @@ def _non_negative(v: int) -> int:
     return v
 
 
-_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+def _fmt_s(v: float) -> str:
+    for unit, size in (("h", 3600.0), ("m", 60.0), ("s", 1.0), ("ms", 1e-3)):
+        if v >= size and v / size == int(v / size):
+            return f"{int(v / size)}{unit}"
+    return f"{v:g}s"
+
+
+def _duration_within(min_s: float, max_s: float) -> Any:
+    def check(v: float) -> float:
+        if not (min_s <= v <= max_s):  # also catches inf and nan (a duration of 10^400 seconds)
+            shown = "more than can be represented" if v != v or v == float("inf") else _fmt_s(v)
+            raise PydanticCustomError("MF0109", "duration {value} is out of range {lo}..{hi}",
+                                      {"value": shown, "lo": _fmt_s(min_s), "hi": _fmt_s(max_s)})
+        return v
+    return AfterValidator(check)
+
+
+def _int_within(min_v: int, max_v: int) -> Any:
+    def check(v: int) -> int:
+        if v < 0 <= min_v:
+            raise PydanticCustomError("MF0102", "{value} must not be negative", {"value": v})
+        if not (min_v <= v <= max_v):
+            raise PydanticCustomError("MF0109", "{value} is out of range {lo}..{hi}", {"value": v, "lo": min_v, "hi": max_v})
+        return v
+    return AfterValidator(check)
+
+
+def DurationIn(min_s: float, max_s: float) -> Any:  # noqa: N802 - reads as a type in field declarations
+    """A Go/Istio duration string, bounded to what makes sense for the field."""
+    return Annotated[float, BeforeValidator(_duration), _duration_within(min_s, max_s)]
+
+
+def CountIn(min_v: int, max_v: int) -> Any:  # noqa: N802
+    return Annotated[int, _int_within(min_v, max_v)]
+
+
+_DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")  # fullmatch
 
 
 def _dns_label(v: str) -> str:
-    if not _DNS_LABEL.match(v):
+    if not _DNS_LABEL.fullmatch(v):
         raise PydanticCustomError(
             "MF0106", "{value!r} is not a DNS-1123 label (lower-case letters, digits and '-', "
             "at most 63 characters, alphanumeric at both ends)", {"value": v})
@@ -115,7 +151,7 @@ def _dns_label(v: str) -> str:
 Duration = Annotated[float, BeforeValidator(_duration)]
 Port = Annotated[int, AfterValidator(_port)]
 Percent = Annotated[int, AfterValidator(_percent)]
-Count = Annotated[int, AfterValidator(_non_negative)]
+Count = Annotated[int, _int_within(0, 1_000_000)]   # consecutive-error thresholds and the like
 DnsLabel = Annotated[str, AfterValidator(_dns_label)]
 
 
@@ -144,9 +180,9 @@ class OutlierDetectionS(_Base):
     consecutive_gateway_errors: Count | None = None
     consecutive_local_origin_failures: Count | None = None
     split_external_local_origin_errors: bool = False
-    interval: Duration = m.ENVOY_DEFAULT_INTERVAL_S
-    base_ejection_time: Duration = m.ENVOY_DEFAULT_BASE_EJECTION_S
-    max_ejection_time: Duration = m.ENVOY_DEFAULT_MAX_EJECTION_S
+    interval: DurationIn(0.001, 3600.0) = m.ENVOY_DEFAULT_INTERVAL_S  # type: ignore[valid-type]
+    base_ejection_time: DurationIn(0.001, 3600.0) = m.ENVOY_DEFAULT_BASE_EJECTION_S  # type: ignore[valid-type]
+    max_ejection_time: DurationIn(0.001, 86400.0) = m.ENVOY_DEFAULT_MAX_EJECTION_S  # type: ignore[valid-type]
     max_ejection_percent: Percent = m.ENVOY_DEFAULT_MAX_EJECTION_PERCENT
     min_health_percent: Percent = 0
     upstream_unsupported = frozenset({"consecutiveErrors"})
@@ -159,7 +195,7 @@ class FailoverS(_Base):
 
 class DistributeS(_Base):
     from_: str = Field(alias="from")
-    to: dict[str, int]
+    to: dict[str, CountIn(0, 100)]  # type: ignore[valid-type]
 
 
 class LocalityLbSettingS(_Base):
@@ -175,7 +211,7 @@ class LoadBalancerS(_Base):
 
 
 class TcpSettingsS(_Base):
-    connect_timeout: Duration | None = None
+    connect_timeout: DurationIn(0.001, 300.0) | None = None  # type: ignore[valid-type]
     upstream_unsupported = frozenset({"maxConnections", "tcpKeepalive", "maxConnectionDuration", "idleTimeout"})
 
 
@@ -195,15 +231,15 @@ class TrafficPolicyS(_Base):
 # meshfed.dev/v1alpha1 kinds
 
 class PartitionS(_Base):
-    lease_ttl: Duration = Field(30.0, alias="leaseTTL")
+    lease_ttl: DurationIn(1.0, 3600.0) = Field(30.0, alias="leaseTTL")  # type: ignore[valid-type]
     mode: Literal["Freeze", "Withdraw"] = "Freeze"
 
 
 class FederationSpec(_Base):
     mesh_id: str = Field(alias="meshID")
     clusterset_domain: str = "clusterset.local"
-    reconcile_interval: Duration = 10.0
-    git_poll_interval: Duration = 15.0
+    reconcile_interval: DurationIn(0.1, 3600.0) = 10.0  # type: ignore[valid-type]
+    git_poll_interval: DurationIn(1.0, 86400.0) = 15.0  # type: ignore[valid-type]
     partition: PartitionS = Field(default_factory=lambda: PartitionS.model_validate({}))
     default_traffic_policy: TrafficPolicyS | None = None
 
@@ -233,7 +269,7 @@ class CaS(_Base):
     mode: Literal["Managed", "External"] = "Managed"
     roots: list[CaRootS] | None = None
     bundle_file: str | None = None
-    workload_cert_ttl: Duration = Field(24 * 3600.0, alias="workloadCertTTL")
+    workload_cert_ttl: DurationIn(60.0, 90 * 86400.0) = Field(24 * 3600.0, alias="workloadCertTTL")  # type: ignore[valid-type]
 
 
 class ClusterSpec(_Base):
@@ -278,7 +314,7 @@ class LabWorkloadS(_Base):
     namespace: DnsLabel
     service: str | None = None
     role: Literal["server", "client"] = "server"
-    replicas: Annotated[int, AfterValidator(_non_negative)] = 1
+    replicas: CountIn(0, 1000) = 1  # type: ignore[valid-type]
     nodes: list[str] = Field(default_factory=list)
     service_account: str
     port: Port = 8080
@@ -355,7 +391,7 @@ class BackendRefS(_Base):
     name: str
     namespace: str | None = None
     port: Port | None = None
-    weight: Annotated[int, AfterValidator(_non_negative)] = 1
+    weight: CountIn(0, 1_000_000) = 1  # type: ignore[valid-type]  # Gateway API's maximum
     upstream_unsupported = frozenset({"filters"})
 
 
@@ -480,6 +516,7 @@ _HINTS = {
     "MF0105": "use a port in 1..65535",
     "MF0106": "use lower-case letters, digits and '-', e.g. net-east",
     "MF0508": "use a percentage in 0..100",
+    "MF0109": "use a value inside the range the message gives",
     "int_type": "write an unquoted whole number, e.g. 2 (not \"2\")",
     "int_from_float": "write a whole number",
     "string_type": "quote the value so it stays a string",

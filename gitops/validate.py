@@ -39,9 +39,9 @@ TOPOLOGY_KEYS = {
     "topology.istio.io/subzone": "subzone",
     "topology.istio.io/cluster": "cluster",
 }
-_TD_CHARS = re.compile(r"^[a-z0-9._-]+$")
-_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+_TD_CHARS = re.compile(r"[a-z0-9._-]+")  # patterns here are used with fullmatch: "$" lets "x\n" through
+_DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_HOSTNAME = re.compile(r"(?=.{1,253}\Z)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
 
 
 def spiffe_trust_domain_error(name: str) -> str | None:
@@ -56,7 +56,7 @@ def spiffe_trust_domain_error(name: str) -> str | None:
         return "contains a port; a SPIFFE trust domain has no port"
     if any(c.isupper() for c in name):
         return "contains upper-case letters; SPIFFE trust domains are lower case (not folded silently)"
-    if not _TD_CHARS.match(name):
+    if not _TD_CHARS.fullmatch(name):
         bad = sorted({c for c in name if not re.match(r"[a-z0-9._-]", c)})
         return f"contains characters not allowed in a SPIFFE trust domain: {''.join(bad)!r}"
     return None
@@ -252,7 +252,7 @@ def _check_clusters(fleet: _Fleet, out: _Out) -> None:
     gateways: dict[tuple[str, int], m.Cluster] = {}
     td_ca: dict[str, tuple[m.Cluster, m.CaSpec]] = {}
     for c in fleet.clusters.values():
-        if not _DNS_LABEL.match(c.name):
+        if not _DNS_LABEL.fullmatch(c.name):
             out.add("MF0106", c, "metadata.name", f"cluster name {c.name!r} is not a DNS-1123 label",
                     hint="use lower-case letters, digits and '-'")
         nets = _nets(c, out)
@@ -311,11 +311,11 @@ def _is_address(text: str) -> bool:
         ipaddress.ip_address(text)
         return True
     except ValueError:
-        return bool(_HOSTNAME.match(text))
+        return bool(_HOSTNAME.fullmatch(text))
 
 
 def _check_service(s: m.GlobalService, fleet: _Fleet, out: _Out) -> None:
-    if not _DNS_LABEL.match(s.name):
+    if not _DNS_LABEL.fullmatch(s.name):
         out.add("MF0106", s, "metadata.name", f"service name {s.name!r} is not a DNS-1123 label",
                 hint="use lower-case letters, digits and '-'")
     if not s.export_from:
