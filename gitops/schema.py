@@ -128,12 +128,12 @@ def _int_within(min_v: int, max_v: int) -> Any:
     return AfterValidator(check)
 
 
-def DurationIn(min_s: float, max_s: float) -> Any:  # noqa: N802 - reads as a type in field declarations
+def DurationIn(min_s: float, max_s: float) -> Any:
     """A Go/Istio duration string, bounded to what makes sense for the field."""
     return Annotated[float, BeforeValidator(_duration), _duration_within(min_s, max_s)]
 
 
-def CountIn(min_v: int, max_v: int) -> Any:  # noqa: N802
+def CountIn(min_v: int, max_v: int) -> Any:
     return Annotated[int, _int_within(min_v, max_v)]
 
 
