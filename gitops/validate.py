@@ -7,10 +7,14 @@ the file:line:col of the field at fault (from the object's `field_pos`), the cau
 
 Decisions recorded here (they are also in `gitops.codes`):
 
-- Pool size for maxEjectionPercent (MF0505): the sum of `replicas` of the server workloads that
-  back the service in the LabClusters of its exportFrom clusters. Envoy ejects a host only while
-  `(ejected + 1) * 100 / pool <= maxEjectionPercent`, so at least one host can be ejected iff
-  `pool * maxEjectionPercent >= 100`. Fleets without LabClusters have no declared pool: skipped.
+- Pool size for maxEjectionPercent (MF0505): the pool a *node proxy* balances over, which is
+  its view of the service, not the service's replica count: the pods of the exporting clusters on
+  the proxy's own network (reached directly) plus one entry per exporting cluster on another
+  network behind an east-west gateway (reached through it, ejected as a whole). Pod counts come
+  from the `replicas` of the server workloads in the LabClusters. Envoy ejects a host only while
+  `(ejected + 1) * 100 / pool <= maxEjectionPercent`, so a proxy can eject at least one host iff
+  `pool * maxEjectionPercent >= 100`; the check takes the smallest pool of any cluster's proxies
+  and names that cluster. Fleets without LabClusters have no declared pool: skipped.
 - Locality failover needs outlier detection in the *same* traffic policy (a DestinationRule
   replaces the service's inline policy and the federation default wholesale, as in Istio).
 - failover rules may be mutual (us-east -> us-west and back is the common backup pair); a region
@@ -371,13 +375,38 @@ def _check_destination_rules(fleet: _Fleet, out: _Out) -> None:
 
 
 def pool_size(svc: m.GlobalService, fleet_labs: Mapping[str, m.LabCluster]) -> int | None:
-    """Hosts behind a service in the declared lab topology, or None if no exportFrom cluster has
+    """Pods behind a service in the declared lab topology, or None if no exportFrom cluster has
     a LabCluster (a real fleet: the pool is not declared in the repo)."""
     labs = [fleet_labs[c] for c in svc.export_from if c in fleet_labs]
     if not labs:
         return None
-    return sum(w.replicas for lab in labs for w in lab.workloads
+    return sum(_pods_in(svc, lab) for lab in labs)
+
+
+def _pods_in(svc: m.GlobalService, lab: m.LabCluster) -> int:
+    return sum(w.replicas for w in lab.workloads
                if w.role == "server" and w.service == svc.name and w.namespace == svc.namespace)
+
+
+def proxy_pools(svc: m.GlobalService, clusters: Mapping[str, m.Cluster],
+                fleet_labs: Mapping[str, m.LabCluster]) -> dict[str, int] | None:
+    """Per client cluster, the size of the pool its node proxies balance `svc` over (see the module
+    docstring), or None when the pool is not declared (no LabCluster behind the service)."""
+    if pool_size(svc, fleet_labs) is None:
+        return None
+    out: dict[str, int] = {}
+    for client, c in clusters.items():
+        size = 0
+        for server in svc.export_from:
+            s = clusters.get(server)
+            if s is None:
+                continue
+            if s.network == c.network:
+                size += _pods_in(svc, fleet_labs[server]) if server in fleet_labs else 0
+            elif s.east_west_gateway is not None:
+                size += 1  # the whole remote cluster is one entry behind its gateway
+        out[client] = size
+    return out
 
 
 def _check_traffic_policy(owner: FleetObject, base: str, tp: m.TrafficPolicy, services: Sequence[m.GlobalService],
@@ -397,15 +426,19 @@ def _check_traffic_policy(owner: FleetObject, base: str, tp: m.TrafficPolicy, se
                     f"({od.base_ejection_time_s:g}s)",
                     hint="maxEjectionTime caps the growing ejection time; make it at least baseEjectionTime")
         for svc in services:
-            pool = pool_size(svc, fleet.labs)
-            if not pool:
+            pools = proxy_pools(svc, fleet.clusters, fleet.labs)
+            sized = {c: n for c, n in (pools or {}).items() if n > 0}
+            if not sized:
                 continue  # no declared pool (not a lab fleet) or no hosts (MF0603 says so)
+            client, pool = min(sized.items(), key=lambda kv: (kv[1], kv[0]))
             if pool * od.max_ejection_percent < 100:
                 need = -(-100 // pool)
                 where = f"{odf}.maxEjectionPercent"
                 out.add("MF0505", owner, where,
                         f"maxEjectionPercent {od.max_ejection_percent}% cannot eject even one of the {pool} host(s) "
-                        f"of {svc.key} (Envoy ejects only while (ejected+1)/pool <= maxEjectionPercent)",
+                        f"a proxy in cluster {client} balances {svc.key} over (its pods on network "
+                        f"{fleet.clusters[client].network} plus one per remote gateway; Envoy ejects only while "
+                        f"(ejected+1)/pool <= maxEjectionPercent)",
                         hint=f"set maxEjectionPercent to at least {min(need, 100)} (100 allows ejecting every host)")
     lb = tp.locality_lb
     if lb is None:

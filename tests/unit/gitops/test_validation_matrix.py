@@ -80,11 +80,13 @@ def test_max_ejection_percent_hint_names_the_smallest_working_value(fleet_copy: 
     root = fleet_copy(("replace", DR, "maxEjectionPercent: 100", "maxEjectionPercent: 10"))
     (p,) = gitops.validate_tree(root)
     assert p.code == "MF0505"
-    assert "6 host(s)" in p.message  # 2 checkout replicas in each of the three lab clusters
-    assert "at least 17" in p.hint   # 6 * 17 >= 100
+    # a node proxy's pool is its view: the 2 checkout pods of its own network plus one entry for
+    # each of the 2 remote clusters behind their gateways (not the 6 replicas of the fleet)
+    assert "4 host(s)" in p.message and "a proxy in cluster east" in p.message
+    assert "at least 25" in p.hint   # 4 * 25 >= 100
 
 
-@pytest.mark.parametrize(("percent", "ok"), [(16, False), (17, True), (100, True)])
+@pytest.mark.parametrize(("percent", "ok"), [(16, False), (17, False), (24, False), (25, True), (100, True)])
 def test_max_ejection_percent_boundary(fleet_copy: MakeFleet, percent: int, ok: bool) -> None:
     root = fleet_copy(("replace", DR, "maxEjectionPercent: 100", f"maxEjectionPercent: {percent}"))
     assert (gitops.validate_tree(root) == []) is ok
