@@ -63,10 +63,7 @@ def explain_cmd(service: str, path: str | None, from_cluster: str, zone: str | N
     if output in ("json", "yaml"):
         emit_data(data, output)
     else:
-        click.echo(explain_text(data))
-        if data.get("globally_ejected"):
-            click.echo("ejected for everyone (quorum of proxies' health reports): "
-                       + ", ".join(data["globally_ejected"]))
+        click.echo(explain_text(data))  # quorum ejections come from the engine (explain_service)
     nothing = not any(g["endpoints"] for t in data["tiers"] for g in t["groups"])
     sys.exit(EXIT_PROBLEMS if data["problems"] or nothing else EXIT_OK)
 

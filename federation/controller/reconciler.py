@@ -19,8 +19,10 @@ with the last good result (the control loop never dies on one bad step):
      invalid commit (problem MF0407) and the last applied snapshot is rendered instead. Rendering
      is what loads the CAs (`CoreRender.bundle_roots` -> the config server's `ensure_cas`), so a
      rejected commit never switches the signer;
-  3. aggregate proxy health reports into the global outlier state;
-  4. render every proxy's config (a failure keeps the last good configs and is reported);
+  3. take the verdict of the proxies' health reports (`federation.core.health`);
+  4. render every proxy's config (a failure keeps the last good configs and is reported): the
+     render hands the verdict to the failover engine, which ejects and unejects endpoints, and
+     evaluates failover, from it;
   5. checkpoint: record the revision attempt (applied only when rendering succeeded) and the
      applied CA specs (the gate's reference, also after a restart);
   6. push the configs that changed (the config server diffs and versions them per proxy) —
@@ -34,11 +36,12 @@ Flux semantics: `last_attempted` is the newest revision we tried (with its probl
 `last_applied` the newest that rendered and was pushed. A bad commit leaves every proxy on the
 last applied revision.
 
-Health aggregation (`OutlierAggregator`): each proxy reports, per (service, endpoint), whether its
-local outlier detection ejects it. An endpoint is globally unhealthy when at least
-`quorum_fraction` of the observers that reported on it within `report_ttl_s` eject it (and at
-least `min_observers` do): a service's endpoints in cluster B ejected by most observers are then
-marked unhealthy for everyone, while a single confused proxy cannot eject for the whole mesh.
+Health: each proxy reports, per (service, endpoint), whether its local outlier detection ejects
+it (`on_health`). The vote (`federation.core.health.HealthAggregator`: a quorum of fresh
+observers) gives the verdict; the failover engine (`federation.core.failover`) is the one place
+ejection state lives and the verdict is one of its inputs: endpoints a quorum ejects are unhealthy
+in every proxy's view, their ejection and the failover it causes are events with provenance, and
+explain shows them. `unhealthy` is the last verdict the render applied.
 """
 
 from __future__ import annotations
@@ -49,6 +52,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clusters.kube.observation import ClusterObservation
+from federation.core.health import (
+    EndpointReport as EndpointReport,  # re-exported: federation.ray imports it here
+)
+from federation.core.health import HealthAggregator, HealthKey, HealthVerdict
 from federation.core.rotation_gate import ca_spec_from_dict, ca_spec_to_dict, ca_specs_of, gate_commit
 from gitops.model import CaSpec, ConfigSnapshot
 from gitops.problems import Problem
@@ -92,60 +99,6 @@ class Debouncer:
         return n
 
 
-# --- health aggregation ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class EndpointReport:
-    """One proxy's report on one endpoint of one service."""
-
-    service: str        # hostname
-    endpoint: str       # workload uid
-    cluster: str
-    ok: int
-    failed: int
-    ejected: bool
-
-
-@dataclass
-class OutlierAggregator:
-    quorum_fraction: float = 0.5
-    min_observers: int = 1
-    report_ttl_s: float = 30.0
-    # (service, endpoint) -> observer proxy id -> (ejected, reported_at_s)
-    views: dict[tuple[str, str], dict[str, tuple[bool, float]]] = field(default_factory=dict)
-    totals: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # [ok, failed]
-
-    def report(self, proxy_id: str, outcomes: Sequence[EndpointReport], now_s: float) -> None:
-        for o in outcomes:
-            key = (o.service, o.endpoint)
-            self.views.setdefault(key, {})[proxy_id] = (o.ejected, now_s)
-            t = self.totals.setdefault(key, [0, 0])
-            t[0] += o.ok
-            t[1] += o.failed
-
-    def unhealthy(self, now_s: float) -> frozenset[tuple[str, str]]:
-        out = set()
-        for key, observers in list(self.views.items()):
-            fresh = {p: v for p, v in observers.items() if now_s - v[1] <= self.report_ttl_s}
-            if not fresh:
-                del self.views[key]
-                continue
-            self.views[key] = fresh
-            ejecting = sum(1 for ej, _ in fresh.values() if ej)
-            if ejecting >= self.min_observers and ejecting >= self.quorum_fraction * len(fresh):
-                out.add(key)
-        return frozenset(out)
-
-    def describe(self, key: tuple[str, str], now_s: float) -> str:
-        """Why `key` is (or is not) globally unhealthy: the vote, for the failover history."""
-        fresh = [ej for ej, at in self.views.get(key, {}).values() if now_s - at <= self.report_ttl_s]
-        failed = self.totals.get(key, [0, 0])[1]
-        return (f"health reports: {sum(fresh)} of {len(fresh)} proxies observing {key[1]} eject it "
-                f"(quorum {self.quorum_fraction:.0%}, at least {self.min_observers}; {failed} failed requests "
-                f"reported)")
-
-
 # --- render contract -----------------------------------------------------------------------------
 
 
@@ -154,9 +107,9 @@ class RenderInput:
     snapshot: ConfigSnapshot
     observations: Mapping[str, ClusterObservation]
     leases: Mapping[str, float]                      # cluster -> last successful watch (wall clock s)
-    unhealthy: frozenset[tuple[str, str]]            # (service hostname, workload uid) ejected globally
+    unhealthy: frozenset[HealthKey]                  # the health verdict: (hostname, workload uid) a quorum ejects
     now_s: float
-    health_triggers: Mapping[tuple[str, str], str] = field(default_factory=dict)  # why, per newly unhealthy
+    health_triggers: Mapping[HealthKey, str] = field(default_factory=dict)  # the vote in words, per key that may change
 
 
 @dataclass(frozen=True)
@@ -182,14 +135,14 @@ class Reconciler:
     a render succeeds; `applied_revision` names the snapshot that produced it."""
 
     def __init__(self, render: RenderFn, push: PushFn, store: Any = None,
-                 debounce: Debouncer | None = None, aggregator: OutlierAggregator | None = None,
+                 debounce: Debouncer | None = None, aggregator: HealthAggregator | None = None,
                  clock: Callable[[], float] = time.time, warmup_max_s: float = WARMUP_MAX_S) -> None:
         self.render, self.push, self.store = render, push, store
         self.warmup_max_s = warmup_max_s
         self.started_s: float | None = None   # first input seen (clock of the callers)
         self.warm = False
         self.debounce = debounce or Debouncer()
-        self.aggregator = aggregator or OutlierAggregator()
+        self.aggregator = aggregator or HealthAggregator()
         self.clock = clock
         self.snapshot: ConfigSnapshot | None = None          # last applied (good) snapshot
         self.pending_snapshot: ConfigSnapshot | None = None
@@ -205,7 +158,7 @@ class Reconciler:
         self.last_duration_s = 0.0
         self.durations_s: list[float] = []
         self.pushed_proxies = 0
-        self.unhealthy: frozenset[tuple[str, str]] = frozenset()
+        self.unhealthy: frozenset[HealthKey] = frozenset()   # the last verdict the render applied
         self.events: list[Any] = []
         self.applied_ca: dict[str, CaSpec] = {}              # CA specs of the applied revision (the gate's reference)
         self._recover_from_store()
@@ -288,12 +241,14 @@ class Reconciler:
             snapshot = self.snapshot
             if snapshot is None:
                 return True
-        # 3. aggregate health
-        unhealthy = self._guard("aggregate", lambda: self.aggregator.unhealthy(now), self.unhealthy, now)
-        # 4. render
-        triggers = {k: self.aggregator.describe(k, now) for k in unhealthy - self.unhealthy}
+        # 3. the health verdict (described for what it ejects and for what it may stop ejecting)
+        verdict: HealthVerdict = self._guard("aggregate", lambda: self.aggregator.verdict(now, also=self.unhealthy),
+                                             HealthVerdict(self.unhealthy), now)
+        unhealthy = verdict.unhealthy
+        # 4. render (the engine applies the verdict)
         out = self._guard("render", lambda: self.render(RenderInput(snapshot, dict(self.observations),
-                                                                     dict(self.leases), unhealthy, now, triggers)),
+                                                                     dict(self.leases), unhealthy, now,
+                                                                     verdict.triggers)),
                           None, now)
         if out is None:
             if self.pending_snapshot is not None:
@@ -443,12 +398,14 @@ class CoreRender:
     """Adapter from `RenderInput` to the federation core (graph, failover engine, renderer).
 
     Stateful on purpose: the graph, engine and renderer are kept across calls and fed only what
-    changed (a new snapshot rebuilds them; an observation that is the same object as last time is
-    skipped), so an endpoint change re-renders only the services it touched. The global outlier
-    state from `OutlierAggregator` is applied last: endpoints ejected by a quorum of observers are
-    rendered `healthy=False` for every proxy, and each change of that set becomes an event
-    (`EndpointEjected` with reason `HealthReportQuorum`, or `EndpointUnejected`) carrying the vote
-    as its trigger and the service's policy (object, file:line, commit) as its provenance.
+    changed (a new snapshot rebuilds them, carrying the engine's ejections over; an observation
+    that is the same object as last time is skipped), so an endpoint change re-renders only the
+    services it touched. The health verdict is an input of the engine like an observation: the
+    engine ejects and unejects endpoints (`EndpointEjected`/`EndpointUnejected`, reason
+    `HealthReportQuorum`, the vote as trigger, the service's policy object, file:line and commit
+    as provenance), renders them `healthy=False` for everyone, and the same tier evaluation that
+    turns readiness changes into FailedOver/FailedBack sees them: a silent cut, where pods stay
+    ready, fails over and back like a crash.
     """
 
     def __init__(self, bundle_roots: Callable[[ConfigSnapshot], Mapping[str, tuple[str, ...]]] | None = None) -> None:
@@ -458,7 +415,6 @@ class CoreRender:
         self._renderer: Any = None
         self._seen: dict[str, ClusterObservation] = {}
         self._configs: dict[str, ProxyConfig] = {}
-        self._unhealthy: frozenset[tuple[str, str]] = frozenset()
 
     @property
     def engine(self) -> Any:
@@ -474,6 +430,7 @@ class CoreRender:
         events: list[Any] = []
         problems: list[str] = []
         rebuilt = inp.snapshot.revision.sha != self._revision or self._engine is None
+        previous = self._engine if rebuilt else None
         if rebuilt:
             graph = EndpointGraph(inp.snapshot)
             self._engine = FailoverEngine(inp.snapshot, graph, TrustGraph(inp.snapshot))
@@ -493,15 +450,27 @@ class CoreRender:
             events.extend(evs)
             self._seen[cluster] = obs
             observed.append(cluster)
+        if previous is not None:
+            # a new revision: the proxies' vote has not changed, and must not be announced again
+            self._engine.restore_ejections(previous)
         for cluster, last_success_s in sorted(inp.leases.items()):
             if cluster in inp.snapshot.clusters:
                 self._engine.renew_lease(cluster, last_success_s)  # heartbeats of quiet clusters
         events.extend(self._engine.tick(inp.now_s))
+        health_changed, health_events = self._engine.apply_health_verdict(inp.unhealthy, inp.now_s,
+                                                                          inp.health_triggers)
+        events.extend(health_events)
         # FailedOver / FailedBack: re-evaluate the tier shares of what changed (everything on a new
-        # revision, which sets the baseline the next evaluation compares with)
-        to_evaluate = set(self._engine.policies) if rebuilt else set(change.services)
-        trigger = ("discovery: new observation from " + ", ".join(observed)) if observed else "reconcile"
-        events.extend(self._failover_events(to_evaluate, inp.now_s, trigger))
+        # revision, which sets the baseline the next evaluation compares with), naming the cause
+        triggers: dict[Any, list[str]] = {}
+        if observed:
+            for key in change.services:
+                triggers.setdefault(key, []).append("discovery: new observation from " + ", ".join(observed))
+        for key in health_changed:
+            triggers.setdefault(key, []).extend(_health_trigger(health_events, self._engine.policies[key].hostname))
+        to_evaluate = set(self._engine.policies) if rebuilt else set(change.services) | health_changed
+        events.extend(self._failover_events(to_evaluate, inp.now_s,
+                                            {k: "; ".join(v) for k, v in triggers.items()}))
         if rebuilt:
             self._configs = dict(self._renderer.render_all())
         else:
@@ -510,13 +479,9 @@ class CoreRender:
                 self._configs.pop(pid, None)
             for pid in set(upd.deltas) | set(upd.added):
                 self._configs[pid] = self._renderer.config(pid)
-        events.extend(self._quorum_events(inp))
-        configs = self._configs
-        if inp.unhealthy:
-            configs = {pid: _mark_unhealthy(cfg, inp.unhealthy) for pid, cfg in configs.items()}
-        return RenderOutput(configs, events, problems)
+        return RenderOutput(self._configs, events, problems)
 
-    def _failover_events(self, services: set[Any], now_s: float, trigger: str) -> list[Any]:
+    def _failover_events(self, services: set[Any], now_s: float, triggers: Mapping[Any, str]) -> list[Any]:
         """Ask the engine, per client locality that has a node proxy, whether each service's tier 0
         stopped (FailedOver) or resumed (FailedBack) taking all of that locality's traffic."""
         if not services:
@@ -528,38 +493,17 @@ class CoreRender:
             if key not in self._engine.policies:
                 continue
             views = [self._engine.view(key, loc) for loc in localities]
-            events.extend(self._engine.evaluate(key, views, now_s, trigger))
-        return events
-
-    def _quorum_events(self, inp: RenderInput) -> list[Any]:
-        from federation.core.events import EndpointEjected, EndpointUnejected, Provenance
-
-        events: list[Any] = []
-        for host, uid in sorted(inp.unhealthy ^ self._unhealthy):
-            key = self._engine.graph.hostnames.get(host)
-            if (host, uid) in inp.unhealthy:
-                trigger = inp.health_triggers.get((host, uid), f"health reports: a quorum of proxies ejects {uid}")
-                prov = self._engine._provenance(trigger, key) if key is not None else Provenance(trigger)
-                events.append(EndpointEjected(host, uid, "HealthReportQuorum", 1, 0.0, True, inp.now_s, prov))
-            else:
-                trigger = f"health reports: the quorum no longer ejects {uid}"
-                prov = self._engine._provenance(trigger, key) if key is not None else Provenance(trigger)
-                events.append(EndpointUnejected(host, uid, inp.now_s, 0.0, prov))
-        self._unhealthy = inp.unhealthy
+            events.extend(self._engine.evaluate(key, views, now_s, triggers.get(key) or "reconcile"))
         return events
 
 
-def _mark_unhealthy(cfg: ProxyConfig, unhealthy: frozenset[tuple[str, str]]) -> ProxyConfig:
-    from dataclasses import replace
-
-    services = []
-    touched = False
-    for svc in cfg.services:
-        if any((svc.hostname, e.workload_uid) in unhealthy for e in svc.endpoints):
-            eps = tuple(replace(e, healthy=False) if (svc.hostname, e.workload_uid) in unhealthy else e
-                        for e in svc.endpoints)
-            services.append(replace(svc, endpoints=eps))
-            touched = True
-        else:
-            services.append(svc)
-    return replace(cfg, services=tuple(services)) if touched else cfg
+def _health_trigger(events: Sequence[Any], hostname: str) -> list[str]:
+    """`EndpointEjected east/shop/checkout-0, east/shop/checkout-1 (HealthReportQuorum)`: what the
+    verdict changed for one service, as the trigger of the failover it causes."""
+    out = []
+    for kind in ("EndpointEjected", "EndpointUnejected"):
+        evs = [ev for ev in events if type(ev).__name__ == kind and ev.service == hostname]
+        if evs:
+            reason = f" ({evs[0].reason})" if kind == "EndpointEjected" else ""
+            out.append(f"{kind} {', '.join(ev.endpoint for ev in evs)}{reason}")
+    return out

@@ -1,6 +1,7 @@
 """Pure decisions of the federation: no I/O, no clocks (`now_s` is an argument), no Ray, no gRPC.
 
-graph (global endpoints) → failover (outlier state, priority tiers, leases: the one place ejection
-state lives) → render (one ProxyConfig per proxy, deltas). trust_graph decides who federates with
+graph (global endpoints) → failover (ejections, priority tiers, leases: the one place ejection
+state lives, fed by observations and by health's verdict, the vote over the proxies' health
+reports) → render (one ProxyConfig per proxy, deltas). trust_graph decides who federates with
 whom; explain and planning answer operators' questions from the same objects the renderer uses.
 """

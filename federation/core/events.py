@@ -26,21 +26,24 @@ class Provenance:
 
 @dataclass(frozen=True, slots=True)
 class EndpointEjected:
-    """The controller's aggregated outlier detector ejected (or, over maxEjectionPercent, only
-    detected) a backend of a service."""
+    """The failover engine ejected a backend of a service: a quorum of the proxies' health reports
+    ejects it (reason `HealthReportQuorum`; the trigger is the vote). It counts as unhealthy in
+    every view until `EndpointUnejected`."""
 
     service: str          # hostname
-    endpoint: str         # workload uid
+    endpoint: str         # workload uid (a pod, or `<cluster>/<ns>/<svc>@gateway`)
     reason: str
-    ejection_count: int
-    until_s: float
-    enforced: bool
+    ejection_count: int   # times this endpoint was ejected, this one included
+    until_s: float        # 0: no fixed end (the vote lifts it)
+    enforced: bool        # routing obeys it (the proxies apply maxEjectionPercent locally)
     at_s: float
     provenance: Provenance = field(default_factory=lambda: Provenance(""))
 
 
 @dataclass(frozen=True, slots=True)
 class EndpointUnejected:
+    """The health verdict no longer ejects the endpoint: it is healthy again if it is ready."""
+
     service: str
     endpoint: str
     at_s: float

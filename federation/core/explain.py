@@ -3,17 +3,19 @@
 `explain_service` returns plain data (for `-o json|yaml`) built from the same `ServiceView` the
 renderer puts into that client's ProxyConfig, so what it says is what the proxies do: the policy
 in force (object, file:line, commit), the tiers in order with the rule that put each endpoint
-group there, every endpoint with its health (ready, ejected, and for a remote cluster the pods
-behind its gateway), the share each tier gets (Envoy's priority load: health × 1.4 spilled in
+group there, every endpoint with its health (ready; ejected, with the reason and the vote that
+ejected it, straight from the engine's ejection state; and for a remote cluster the pods behind its
+gateway), the share each tier gets (Envoy's priority load: health × 1.4 spilled in
 order, panic when normalized health is below the threshold), the clusters left out and why, the
 route split, and trust problems that concern this client.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from federation.core.failover import FailoverEngine, Locality, priority_reason
+from federation.core.failover import Ejection, FailoverEngine, Locality, priority_reason
 from federation.core.trust_graph import CODE_UNTRUSTED_ROUTE
 from gitops.model import ServiceKey
 
@@ -70,8 +72,7 @@ def explain_service(engine: FailoverEngine, service: str, from_cluster: str,
     policy = engine.policies[key]
     view = engine.view(key, source)
     load = view.load(policy.panic_threshold_pct)
-    det = engine.detector(key)
-    ejected = engine.ejected(key)
+    ejected = engine.ejections(key)
     tiers: list[dict[str, Any]] = []
     for piece, tier in zip(view.pieces, view.tier_of_piece, strict=True):
         while len(tiers) <= tier:
@@ -90,7 +91,7 @@ def explain_service(engine: FailoverEngine, service: str, from_cluster: str,
         for m in piece.members:
             members.append({
                 "pod": m.uid, "address": m.address, "node": m.node, "zone": m.zone, "ready": m.ready,
-                "ejected": m.uid in ejected,
+                **_ejection_fields(ejected, m.uid),
                 "healthy": m.ready and m.uid not in ejected,
             })
         tiers[tier]["groups"].append({
@@ -100,7 +101,7 @@ def explain_service(engine: FailoverEngine, service: str, from_cluster: str,
             "path": "via east-west gateway " + eps[0].gateway if piece.via_gateway and eps else "direct (same network)",
             "why": priority_reason(policy, source, piece.locality, piece.raw),
             "endpoints": [{"uid": e.workload_uid, "healthy": e.healthy, "weight": e.weight,
-                           "ejected": e.workload_uid in ejected, "identity": e.identity} for e in eps],
+                           **_ejection_fields(ejected, e.workload_uid), "identity": e.identity} for e in eps],
             "pods": members,
         })
     trust_problems = [p.as_dict() for p in engine.trust.route_problems()
@@ -136,13 +137,17 @@ def explain_service(engine: FailoverEngine, service: str, from_cluster: str,
         "excluded": [{"cluster": c, "why": why} for c, why in view.excluded],
         "ejections": {
             "active": sorted(ejected),
-            "detected": det.stats.detected_total if det is not None else 0,
-            "enforced": det.stats.enforced_total if det is not None else 0,
-            "overflow": det.stats.overflow if det is not None else 0,
+            "endpoints": [{"uid": uid, "reason": ej.reason.value, "since_s": ej.since_s, "trigger": ej.trigger,
+                           "count": ej.count} for uid, ej in sorted(ejected.items())],
         },
         "routes": _routes(engine, key),
         "problems": trust_problems,
     }
+
+
+def _ejection_fields(ejected: Mapping[str, Ejection], uid: str) -> dict[str, Any]:
+    ej = ejected.get(uid)
+    return {"ejected": ej is not None, "reason": ej.reason.value if ej is not None else ""}
 
 
 def _routes(engine: FailoverEngine, key: ServiceKey) -> list[dict[str, Any]]:
@@ -183,7 +188,7 @@ def explain_text(data: dict[str, Any]) -> str:
             out.append(f"  {g['cluster']} [{g['network']} {g['locality']}] {g['path']}")
             out.append(f"    why: {g['why']}")
             for e in g["endpoints"]:
-                state = "healthy" if e["healthy"] else ("EJECTED" if e["ejected"] else "unhealthy")
+                state = "healthy" if e["healthy"] else (f"EJECTED ({e['reason']})" if e["ejected"] else "unhealthy")
                 out.append(f"    - {e['uid']} weight {e['weight']} {state}")
             if g["path"] != "direct (same network)":
                 for p in g["pods"]:
@@ -194,10 +199,11 @@ def explain_text(data: dict[str, Any]) -> str:
         out.append("every tier is in panic: traffic is spread over all hosts by count")
     for ex in data["excluded"]:
         out.append(f"left out: {ex['cluster']}: {ex['why']}")
-    ej = data["ejections"]
-    if ej["detected"] or ej["active"]:
-        out.append(f"ejections: active {', '.join(ej['active']) or 'none'}; detected {ej['detected']}, "
-                   f"enforced {ej['enforced']}, over maxEjectionPercent {ej['overflow']}")
+    quorum = [e["uid"] for e in data["ejections"]["endpoints"] if e["reason"] == "HealthReportQuorum"]
+    if quorum:
+        out.append("ejected for everyone (quorum of proxies' health reports): " + ", ".join(quorum))
+    for e in data["ejections"]["endpoints"]:
+        out.append(f"  {e['uid']}: {e['trigger']}")
     if data["routes"]:
         out.append("route split: " + ", ".join(f"{r['to']} {r['weight']}" for r in data["routes"]))
     for p in data["problems"]:

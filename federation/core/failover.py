@@ -1,5 +1,6 @@
-"""The failover engine: priority tiers per (client locality, service), aggregated outlier detection,
-partition policy with fencing, and the events that explain every decision.
+"""The failover engine: priority tiers per (client locality, service), the one ejection state (fed by
+the proxies' health verdict), partition policy with fencing, and the events that explain every
+decision.
 
 Tiers (Istio/Envoy semantics). For a client in locality `source` and a service with policy P:
 
@@ -25,9 +26,14 @@ picks the pod), so each remote cluster appears as one aggregate endpoint
 capacity) and which is healthy while any of them is. Endpoints whose cluster the client does not
 trust (see `trust_graph`), remote clusters without a gateway and withdrawn clusters are left out.
 
-Health = ready ∧ not ejected by the controller's aggregated outlier detector. Shares per tier come
-from `ztunnel.api.lb.priority_load` (overprovisioning 1.4; panic threshold = the DestinationRule's
-`minHealthPercent` when outlier detection is configured, as Istio sets it, Envoy's 50 otherwise).
+Health = ready ∧ not ejected. The engine is the one place ejection state lives: the proxies'
+outlier detectors vote (`federation.core.health`), and the verdict comes in through
+`apply_health_verdict`, which ejects and unejects endpoints here (reason `HealthReportQuorum`) and
+says so in events with the service's provenance. An ejected endpoint counts as unhealthy in tier
+health exactly as a not-ready one does, so a silent cut (pods stay ready, every connection times
+out) fails over and back like a crash. Shares per tier come from `ztunnel.api.lb.priority_load`
+(overprovisioning 1.4; panic threshold = the DestinationRule's `minHealthPercent` when outlier
+detection is configured, as Istio sets it, Envoy's 50 otherwise).
 
 Partition policy, per cluster, as an explicit state machine (see `LeaseState`):
 LIVE —lease expired→ EXPIRED —partial observation→ FENCED —complete observation→ LIVE
@@ -39,7 +45,7 @@ endpoints come back only with a fresh complete observation (so a stale half-view
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import NamedTuple
@@ -57,6 +63,7 @@ from federation.core.events import (
     Provenance,
 )
 from federation.core.graph import EndpointGraph, EndpointNode, GraphChange
+from federation.core.health import HealthKey
 from federation.core.trust_graph import TrustGraph
 from gitops.model import (
     ConfigSnapshot,
@@ -68,8 +75,6 @@ from gitops.model import (
 from gitops.problems import SourcePos
 from ztunnel.api.config import Endpoint, OutlierPolicy
 from ztunnel.api.lb import PriorityLoad, TierHealth, priority_load
-from ztunnel.api.outlier import EndpointEjected as OutlierEjected
-from ztunnel.api.outlier import HostState, Outcome, OutlierDetector
 
 LABEL_NETWORK = "topology.istio.io/network"
 LABEL_CLUSTER = "topology.istio.io/cluster"
@@ -320,6 +325,30 @@ class Lease:
     ever_seen: bool = False
 
 
+# --- ejections --------------------------------------------------------------------------------
+
+
+class EjectionReason(str, Enum):
+    """Why the engine ejects an endpoint. (One reason today: the controller runs no outlier
+    detector of its own; the proxies detect and the quorum of their reports decides.)"""
+
+    HEALTH_REPORT_QUORUM = "HealthReportQuorum"
+
+
+@dataclass(frozen=True, slots=True)
+class Ejection:
+    """An endpoint the engine holds ejected: unhealthy in every view until the verdict lifts it."""
+
+    reason: EjectionReason
+    since_s: float
+    trigger: str          # the vote, in words (`HealthAggregator.describe`)
+    count: int            # times this endpoint was ejected (1 = first time), while it stays known
+
+
+DEFAULT_EJECT_TRIGGER = "health reports: a quorum of proxies ejects {uid}"
+DEFAULT_UNEJECT_TRIGGER = "health reports: the quorum no longer ejects {uid}"
+
+
 # --- views ------------------------------------------------------------------------------------
 
 
@@ -394,7 +423,11 @@ class FailoverEngine:
     """Owns the decision state (ejections, leases) and builds views from the graph.
 
     Invariants:
-    - one `OutlierDetector` per service hostname whose pool is the service's endpoint uids;
+    - `_ejections` is the one ejection state of the controller: per service hostname of the
+      fleet, the endpoints held ejected; an endpoint enters it only while the graph knows it (a
+      pod of the service, or a remote cluster's gateway aggregate), so peers' reports cannot grow
+      it beyond the graph; it changes only in `apply_health_verdict` (and loses services the
+      fleet drops in `set_snapshot`);
     - `dirty` collects services whose views may have changed since the last `take_dirty`;
     - views are a pure function of (graph, trust, policies, ejection state, lease state).
     """
@@ -404,7 +437,8 @@ class FailoverEngine:
         self.trust = trust
         self.snapshot = snapshot
         self.policies: dict[ServiceKey, ServicePolicy] = {}
-        self._detectors: dict[str, OutlierDetector] = {}
+        self._ejections: dict[str, dict[str, Ejection]] = {}     # hostname -> uid -> ejection
+        self._ejection_counts: dict[HealthKey, int] = {}
         self._leases: dict[str, Lease] = {c: Lease() for c in graph.clusters}
         self._cache: dict[ServiceKey, _ServiceCache] = {}
         self._rank_tables: dict[tuple[int, int], dict[int, int | None]] = {}
@@ -429,12 +463,10 @@ class FailoverEngine:
             lb.partition("=")[0] for p in self.policies.values() if p.locality is not None
             for lb in p.locality.failover_priority if lb.partition("=")[0] not in TOPOLOGY_LABELS)
         live_hosts = {p.hostname for p in self.policies.values()}
-        for host in [h for h in self._detectors if h not in live_hosts]:
-            del self._detectors[host]
-        for p in self.policies.values():
-            det = self._detectors.get(p.hostname)
-            if det is not None and (p.outlier is None or det.policy != p.outlier):
-                del self._detectors[p.hostname]  # policy changed: start afresh with the new thresholds
+        for host in [h for h in self._ejections if h not in live_hosts]:
+            del self._ejections[host]  # the service left the fleet: nothing routes to it any more
+        for hk in [hk for hk in self._ejection_counts if hk[0] not in live_hosts]:
+            del self._ejection_counts[hk]
         for c in self.graph.clusters:
             self._leases.setdefault(c, Lease())
         for c in [c for c in self._leases if c not in self.graph.clusters]:
@@ -506,7 +538,8 @@ class FailoverEngine:
         return self.mode() is PartitionMode.FREEZE
 
     def tick(self, now_s: float) -> list[CoreEvent]:
-        """Expire leases and ejections at `now_s`."""
+        """Expire leases at `now_s`. (Ejections do not expire on a timer here: the vote lifts them
+        when its reports stop ejecting, or age out after their TTL.)"""
         events: list[CoreEvent] = []
         ttl_s = self.snapshot.federation.partition.lease_ttl_s
         for cluster in sorted(self._leases):
@@ -524,82 +557,105 @@ class FailoverEngine:
                     len(self.graph.cluster_state(cluster).endpoints),
                     self._provenance(f"no observation from {cluster} for {now_s - lease.last_seen_s:.1f}s "
                                      f"(leaseTTL {ttl_s:g}s)")))
-        for key, policy in self.policies.items():
-            det = self._detectors.get(policy.hostname)
-            if det is None:
-                continue
-            for ev in det.tick(now_s):
-                self._invalidate(key)
-                if isinstance(ev, OutlierEjected):  # pragma: no cover - tick only un-ejects
-                    continue
-                events.append(EndpointUnejected(policy.hostname, ev.key, ev.at_s, ev.ejected_for_s,
-                                                self._provenance(f"ejection of {ev.key} expired", key)))
         return events
 
-    # --- outlier detection --------------------------------------------------------------------
+    # --- ejections (fed by the proxies' health verdict) ----------------------------------------
 
-    def _detector(self, key: ServiceKey) -> OutlierDetector | None:
-        policy = self.policies[key]
-        if policy.outlier is None:
-            return None
-        det = self._detectors.get(policy.hostname)
-        if det is None:
-            det = self._detectors[policy.hostname] = OutlierDetector(policy.outlier)
-            det.set_pool(self._pool(key))
-        return det
-
-    def _pool(self, key: ServiceKey) -> list[str]:
-        """Pods of the service, plus one aggregate per remote cluster with a gateway (clients in
-        other networks report outcomes against the aggregate)."""
-        pool = [ep.uid for eps in self.graph.endpoints_of(key).values() for ep in eps.values()]
-        pool.extend(aggregate_uid(c, key) for c, eps in self.graph.endpoints_of(key).items()
+    def _pool(self, key: ServiceKey) -> set[str]:
+        """The uids an ejection of service `key` can name: its pods, plus one aggregate per remote
+        cluster with a gateway (clients in other networks report against the aggregate)."""
+        pool = {ep.uid for eps in self.graph.endpoints_of(key).values() for ep in eps.values()}
+        pool.update(aggregate_uid(c, key) for c, eps in self.graph.endpoints_of(key).items()
                     if eps and self.graph.clusters[c].gateway)
         return pool
 
-    def record_outcome(self, hostname: str, endpoint_uid: str, outcome: Outcome,
-                       now_s: float) -> list[CoreEvent]:
-        """A proxy reported the outcome of using `endpoint_uid` (a pod uid, or a gateway aggregate)."""
-        key = self.graph.hostnames.get(hostname)
-        if key is None:
-            raise KeyError(f"no global service with hostname {hostname!r}")
-        det = self._detector(key)
-        if det is None:
-            return []
-        events: list[CoreEvent] = []
-        for ev in det.record(endpoint_uid, outcome, now_s):
-            self._invalidate(key)
-            if isinstance(ev, OutlierEjected):
-                events.append(EndpointEjected(
-                    hostname, ev.key, ev.reason.value, ev.ejection_count, ev.until_s, ev.enforced, ev.at_s,
-                    self._provenance(f"{ev.consecutive} consecutive {ev.reason.value} on {ev.key}", key)))
-            else:
-                events.append(EndpointUnejected(hostname, ev.key, ev.at_s, ev.ejected_for_s,
-                                                self._provenance(f"ejection of {ev.key} expired", key)))
-        return events
+    def apply_health_verdict(self, unhealthy: Collection[HealthKey], now_s: float,
+                             triggers: Mapping[HealthKey, str] | None = None,
+                             ) -> tuple[set[ServiceKey], list[CoreEvent]]:
+        """Make the ejection state what the vote says (`federation.core.health`): eject the
+        endpoints in `unhealthy` that are not ejected yet, uneject those it no longer names.
 
-    def is_ejected(self, key: ServiceKey, uid: str) -> bool:
-        det = self._detectors.get(self.policies[key].hostname) if key in self.policies else None
-        return det is not None and det.state_of(uid) is HostState.EJECTED
+        `triggers` says why, per key (the vote in words); it becomes the events' trigger, next to
+        the service's policy object, file:line and commit. Keys the engine cannot route are left
+        out: services the fleet does not define, and endpoints the graph does not know (yet: the
+        verdict is applied on every reconcile, so an endpoint observed later is ejected then).
+        Returns the services whose views changed (for the tier evaluation that yields
+        FailedOver/FailedBack) and the events: per service, ejections before unejections, by uid."""
+        triggers = triggers or {}
+        wanted: dict[str, set[str]] = {}
+        for host, uid in unhealthy:
+            if host in self.graph.hostnames:
+                wanted.setdefault(host, set()).add(uid)
+        touched: set[ServiceKey] = set()
+        events: list[CoreEvent] = []
+        for host in sorted(wanted.keys() | self._ejections.keys()):
+            key = self.graph.hostnames[host]
+            current = self._ejections.get(host, {})
+            want = wanted.get(host, set())
+            new = want - current.keys()
+            if new:
+                new &= self._pool(key)
+            gone = current.keys() - want
+            if not new and not gone:
+                continue
+            for uid in sorted(new):
+                hk = (host, uid)
+                trigger = triggers.get(hk) or DEFAULT_EJECT_TRIGGER.format(uid=uid)
+                count = self._ejection_counts[hk] = self._ejection_counts.get(hk, 0) + 1
+                current[uid] = Ejection(EjectionReason.HEALTH_REPORT_QUORUM, now_s, trigger, count)
+                events.append(EndpointEjected(host, uid, EjectionReason.HEALTH_REPORT_QUORUM.value, count, 0.0,
+                                              True, now_s, self._provenance(trigger, key)))
+            for uid in sorted(gone):
+                ej = current.pop(uid)
+                trigger = triggers.get((host, uid)) or DEFAULT_UNEJECT_TRIGGER.format(uid=uid)
+                events.append(EndpointUnejected(host, uid, now_s, now_s - ej.since_s,
+                                                self._provenance(trigger, key)))
+            if current:
+                self._ejections[host] = current
+            else:
+                self._ejections.pop(host, None)
+            touched.add(key)
+            self._invalidate(key)
+            pool = self._pool(key)  # forget the counts of endpoints that left the graph
+            for hk in [hk for hk in self._ejection_counts
+                       if hk[0] == host and hk[1] not in pool and hk[1] not in current]:
+                del self._ejection_counts[hk]
+        return touched, events
+
+    def restore_ejections(self, other: FailoverEngine) -> None:
+        """Take over `other`'s ejection state, without events: a new revision rebuilds the engine,
+        but what the proxies vote has not changed. What this engine cannot route (services the
+        new revision drops, endpoints its graph does not know) is left behind, as
+        `apply_health_verdict` would leave it out."""
+        for host, ejections in other._ejections.items():
+            key = self.graph.hostnames.get(host)
+            if key is None:
+                continue
+            pool = self._pool(key)
+            kept = {uid: ej for uid, ej in ejections.items() if uid in pool}
+            if kept:
+                self._ejections[host] = kept
+                self._invalidate(key)
+        self._ejection_counts.update((hk, n) for hk, n in other._ejection_counts.items()
+                                     if hk[0] in self.graph.hostnames)
+
+    def ejections(self, key: ServiceKey) -> Mapping[str, Ejection]:
+        """The endpoints of service `key` held ejected (uid -> why): views, explain, status."""
+        policy = self.policies.get(key)
+        return self._ejections.get(policy.hostname, {}) if policy is not None else {}
 
     def ejected(self, key: ServiceKey) -> frozenset[str]:
-        det = self._detectors.get(self.policies[key].hostname)
-        if det is None:
-            return frozenset()
-        return frozenset(k for k in self._pool(key) if det.state_of(k) is HostState.EJECTED)
+        return frozenset(self.ejections(key))
 
-    def detector(self, key: ServiceKey) -> OutlierDetector | None:
-        return self._detectors.get(self.policies[key].hostname)
+    def ejected_endpoints(self) -> frozenset[HealthKey]:
+        """Every (service hostname, uid) held ejected."""
+        return frozenset((host, uid) for host, ejs in self._ejections.items() for uid in ejs)
 
     # --- views --------------------------------------------------------------------------------
 
     def _invalidate(self, key: ServiceKey) -> None:
         self._cache.pop(key, None)
         self.dirty.add(key)
-        det = self._detectors.get(self.policies[key].hostname) if key in self.policies else None
-        if det is not None:
-            pool = self._pool(key)
-            if len(pool) != det.pool_size:
-                det.set_pool(pool)
 
     def take_dirty(self) -> set[ServiceKey]:
         out, self.dirty = self.dirty, set()
@@ -721,30 +777,31 @@ class FailoverEngine:
         view_sig = tuple(sig)
         hit = cache.views.get(view_sig)
         if hit is None:
-            det = self._detectors.get(policy.hostname)
+            ejected = self.ejections(key)
             endpoints: list[Endpoint] = []
             cached_eps = cache.endpoints
             for p, ck in zip(pieces, view_sig, strict=True):
                 cached = cached_eps.get(ck)
                 if cached is None:
-                    cached = cached_eps[ck] = self._endpoints_for(key, p, ck[1], ck[2], det)
+                    cached = cached_eps[ck] = self._endpoints_for(key, p, ck[1], ck[2], ejected)
                 endpoints.extend(cached)
             self._view_ids += 1
             hit = cache.views[view_sig] = (self._view_ids, tuple(endpoints))
         return ServiceView(policy.hostname, source, hit[1], tuple(pieces), tuple(tiers), tuple(excluded), hit[0])
 
     def _endpoints_for(self, key: ServiceKey, p: Piece, tier: int, weight: int,
-                       det: OutlierDetector | None) -> tuple[Endpoint, ...]:
-        ejected = det.state_of if det is not None else None
+                       ejected: Mapping[str, Ejection]) -> tuple[Endpoint, ...]:
+        """Health = ready and not ejected; a gateway aggregate is healthy while it is not ejected
+        itself and any of its pods is healthy (its weight: how many are)."""
 
         def ok(ep: EndpointNode) -> bool:
-            return ep.ready and (ejected is None or ejected(ep.uid) is not HostState.EJECTED)
+            return ep.ready and ep.uid not in ejected
 
         if p.via_gateway:
             cv = self.graph.clusters[p.cluster]
             uid = aggregate_uid(p.cluster, key)
             healthy_n = sum(1 for m in p.members if ok(m))
-            agg_ok = healthy_n > 0 and (ejected is None or ejected(uid) is not HostState.EJECTED)
+            agg_ok = healthy_n > 0 and uid not in ejected
             first = p.members[0]
             return (Endpoint(
                 workload_uid=uid, cluster=p.cluster, network=cv.network, address="", port=first.port,
@@ -752,7 +809,7 @@ class FailoverEngine:
                 weight=weight or (healthy_n or len(p.members)), healthy=agg_ok,
                 region=cv.region, zone=cv.zone),)
         w = weight or 1
-        if ejected is None:
+        if not ejected:
             return tuple(Endpoint(m.uid, m.cluster, m.network, m.address, m.port, m.hbone_address, "",
                                   m.identity, tier, w, m.ready, m.region, m.zone) for m in p.members)
         return tuple(Endpoint(m.uid, m.cluster, m.network, m.address, m.port, m.hbone_address, "",
@@ -765,7 +822,7 @@ class FailoverEngine:
         ck = ("gateway", cluster)
         cached = cache.endpoints.get(ck)
         if cached is None:
-            det = self._detectors.get(self.policies[key].hostname)
+            ejected = self.ejections(key)
             out: list[Endpoint] = []
             for entry in cache.clusters:
                 if entry.cluster != cluster:
@@ -774,7 +831,7 @@ class FailoverEngine:
                     part = cache.endpoints.get((slot, 0, 0))
                     if part is None:
                         part = cache.endpoints[(slot, 0, 0)] = self._endpoints_for(
-                            key, Piece(0, sort_key, False, cluster, loc, members, None, slot), 0, 0, det)
+                            key, Piece(0, sort_key, False, cluster, loc, members, None, slot), 0, 0, ejected)
                     out.extend(part)
             cached = cache.endpoints[ck] = tuple(sorted(out, key=lambda e: e.workload_uid))
         return cached

@@ -14,7 +14,10 @@ run in file order and each leaves the lab healthy for the next. What is proven:
 - backends killed in east (fast failure: resets) and, separately, silently cut off (iptables
   DROP: timeouts) → east's traffic is served by south, the next cluster in priority order, with
   failures bounded to the detection window; failback after healing. The measured figures are
-  printed (`-s` shows them), not asserted tightly: timings on a shared 2-core machine are noisy;
+  printed (`-s` shows them), not asserted tightly: timings on a shared 2-core machine are noisy.
+  Both are in the controller's failover history (FailedOver, FailedBack, with policy file and
+  commit) — the silent cut too, where the pods stay ready and only the proxies' health reports
+  (a quorum ejecting east's checkout) tell the failover engine;
 - with the controller killed, traffic keeps flowing on the proxies' last applied config
   (10 s here rather than the issue's 30 s: nothing in the data path ages on that scale — the
   certificates live 24 h and nothing else expires — so 10 s proves the same and saves 20 s);
@@ -23,8 +26,10 @@ run in file order and each leaves the lab healthy for the next. What is proven:
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -258,10 +263,50 @@ def test_backends_killed_in_east_fail_over_to_south_and_back(fed: LabFederation)
     assert over["policy_file"].startswith("policies/shop/checkout.yaml") and len(over["revision"]) == 40
 
 
+def _history_until_failback(fed: LabFederation, since_s: float, timeout_s: float = 30.0) -> list[dict[str, Any]]:
+    """The controller's failover history of checkout since `since_s`, once it records east's failback."""
+    deadline = time.monotonic() + timeout_s
+    history: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        history = fed.api(f"/api/v1/failover-history?service=shop/checkout&since_s={since_s}")
+        if any(e["kind"] == "FailedBack" and e["from_cluster"] == "east" for e in history):
+            break
+        time.sleep(1.0)
+    return history
+
+
 def test_backends_cut_off_silently_in_east_fail_over_to_south_and_back(fed: LabFederation) -> None:
+    since_s = time.time()
     fig = _failover(fed, "partition", "drop", "silent cut", strict=False)
     # a silent cut costs at most the requests that waited out the connect timeout before ejection
     assert (fig.failed_before_shift or 0) <= 2 * 40
+    # The pods stayed ready: only the proxies' health reports saw the cut. Their quorum ejects
+    # east's checkout in the failover engine, which records the failover and the failback.
+    history = _history_until_failback(fed, since_s)
+    kinds = [(e["kind"], e["from_cluster"], e["to_cluster"]) for e in history]
+    _print(f"silent cut: failover history {kinds}")
+    ejected = [e for e in history if e["kind"] == "EndpointEjected" and e["from_cluster"] == "east"]
+    assert ejected and all(e["detail"]["reason"] == "HealthReportQuorum" and e["trigger"].startswith("health reports:")
+                           for e in ejected), ejected[:3]
+    over = next((e for e in history if (e["kind"], e["from_cluster"], e["to_cluster"]) == ("FailedOver", "east", "south")),
+                None)
+    assert over is not None, kinds
+    back = next((e for e in history if (e["kind"], e["from_cluster"]) == ("FailedBack", "east")
+                 and e["at_s"] >= over["at_s"]), None)
+    assert back is not None, kinds
+    assert history.index(ejected[0]) < history.index(over)           # the ejection caused it ...
+    assert "HealthReportQuorum" in over["trigger"], over             # ... not a readiness change
+    assert "EndpointUnejected" in back["trigger"], back
+    revision = fed.status()["applied"]["revision"]  # type: ignore[index]
+    for e in (ejected[0], over, back):
+        assert e["policy_file"].startswith("policies/shop/checkout.yaml:") and e["revision"] == revision, e
+    # ... and `meshfed failover history` shows the same
+    r = subprocess.run([sys.executable, "-m", "federation.cli.main", "failover", "history", "checkout",
+                        "--since", "10m", "-o", "json", "--controller", fed.controller_url],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    cli_kinds = {(e["kind"], e["from_cluster"], e["to_cluster"]) for e in json.loads(r.stdout)}
+    assert {("FailedOver", "east", "south"), ("FailedBack", "east", "")} <= cli_kinds, cli_kinds
 
 
 def test_traffic_keeps_flowing_while_the_controller_is_down(fed: LabFederation) -> None:

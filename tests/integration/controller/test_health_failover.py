@@ -1,8 +1,8 @@
 """Health reports end to end, and the live operator views, on the controller with Ray.
 
 Simulated proxies in east and south report, through the health stream, that they eject the
-endpoints of `checkout` in west. A quorum of observers (2 of 3) makes the reconciler mark them
-unhealthy for every proxy, including those that never reported and west's own; the push carries
+endpoints of `checkout` in west. A quorum of observers (2 of 3) makes the failover engine eject
+them, unhealthy for every proxy, including those that never reported; the push carries
 it; `meshfed failover history` shows the event with its trigger (the vote), the policy file and
 the commit; `meshfed explain --controller` and `meshfed trust --controller` answer live.
 """
@@ -110,10 +110,11 @@ async def test_quorum_of_health_reports_ejects_for_everyone(
         # live explain and trust
         res = cli_run(url, "explain", "checkout", "--from", "east", "-o", "json")
         data = json.loads(res.output)
-        assert data["live"] and data["globally_ejected"] == uids
+        # the ejection comes from the engine's own state (explain_service), not from a patch
+        assert data["live"] and data["ejections"]["active"] == uids
         west_eps = [e for t in data["tiers"] for g in t["groups"] if g["cluster"] == B for e in g["endpoints"]]
-        assert west_eps and all(e["globally_ejected"] and not e["healthy"] for e in west_eps
-                                if e["uid"] in uids)
+        assert west_eps and all(e["ejected"] and e["reason"] == "HealthReportQuorum" and not e["healthy"]
+                                for e in west_eps if e["uid"] in uids)
         assert "ejected for everyone" in cli_run(url, "explain", "checkout", "--from", "east").output
         bad = CliRunner().invoke(cli, ["explain", "nosuch", "--from", "east", "--controller", url])
         assert bad.exit_code == 64 and "nosuch" in bad.output

@@ -1,4 +1,5 @@
-"""Reconciler, debounce, health aggregation and the status store, driven with explicit `now_s`."""
+"""Reconciler, debounce, health reports and the status store, driven with explicit `now_s`.
+(The vote itself is tested in tests/unit/core/test_health.py.)"""
 
 from __future__ import annotations
 
@@ -12,13 +13,12 @@ from hypothesis import strategies as st
 from clusters.kube.observation import ClusterObservation, EndpointInfo
 from federation.controller.reconciler import (
     Debouncer,
-    EndpointReport,
-    OutlierAggregator,
     Reconciler,
     RenderInput,
     RenderOutput,
 )
 from federation.controller.store import Store
+from federation.core.health import EndpointReport
 from gitops.model import ConfigSnapshot, Federation, Revision
 from ztunnel.api.config import ProxyConfig, ProxyMode, Stamp
 
@@ -125,22 +125,6 @@ def test_complete_observation_prunes_and_partial_upserts() -> None:
     assert {e.pod for e in r.observations["east"].endpoints} == {"p2", "p3", "p4"}
     r.on_observation(obs("east", ["p2"]), now_s=3)  # e.g. after a controller restart: fresh LIST
     assert {e.pod for e in r.observations["east"].endpoints} == {"p2"}
-
-
-@pytest.mark.parametrize(("ejecting", "observers", "unhealthy"), [
-    (0, 3, False), (1, 3, False), (2, 3, True), (3, 3, True), (1, 2, True), (1, 1, True),
-])
-def test_global_outlier_needs_a_quorum_of_observers(ejecting: int, observers: int, unhealthy: bool) -> None:
-    agg = OutlierAggregator(quorum_fraction=0.5, min_observers=1, report_ttl_s=30)
-    for i in range(observers):
-        agg.report(f"ztunnel/west/n{i}", [EndpointReport("checkout", "east/p1", "east", 0, 5, i < ejecting)], now_s=0)
-    assert (("checkout", "east/p1") in agg.unhealthy(now_s=1)) is unhealthy
-
-
-def test_reports_expire() -> None:
-    agg = OutlierAggregator(report_ttl_s=10)
-    agg.report("ztunnel/west/n0", [EndpointReport("checkout", "east/p1", "east", 0, 5, True)], now_s=0)
-    assert agg.unhealthy(now_s=5) and not agg.unhealthy(now_s=11)
 
 
 def test_health_reports_trigger_a_push_marking_endpoints_unhealthy() -> None:

@@ -17,7 +17,6 @@ from federation.core.offline import offline_observations
 from federation.core.planning import authz_allows, plan_effects
 from gitops.model import AuthorizationPolicy, AuthzAction, AuthzRule, AuthzSource, TrafficPolicy
 from tests.unit.core import factory as f
-from ztunnel.api.outlier import Outcome
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples" / "fleet"
 CHECKOUT_HOST = "checkout.shop.svc.clusterset.local"
@@ -42,8 +41,8 @@ def test_resolve_errors_list_what_exists() -> None:
 
 def test_explain_tiers_shares_and_why() -> None:
     e = engine()
-    for _ in range(3):
-        e.record_outcome(CHECKOUT_HOST, "east/shop/checkout-0", Outcome.CONNECT_FAILURE, 1.0)
+    e.apply_health_verdict({(CHECKOUT_HOST, "east/shop/checkout-0")}, 1.0,
+                           {(CHECKOUT_HOST, "east/shop/checkout-0"): "health reports: 2 of 2 proxies …"})
     data = explain_service(e, "checkout", "east")
     assert data["policy"]["object"] == "DestinationRule shop/checkout"
     assert data["policy"]["file"] == "policies/shop/checkout.yaml:3:1"
@@ -54,8 +53,17 @@ def test_explain_tiers_shares_and_why() -> None:
     assert [g["cluster"] for g in t1["groups"]] == ["south", "west"]
     assert "differs at topology.istio.io/network" in t1["groups"][0]["why"]
     assert data["ejections"]["active"] == ["east/shop/checkout-0"]
+    # the ejection comes from the engine, with its reason and the vote
+    [ep0, ep1] = t0["groups"][0]["endpoints"]
+    assert (ep0["uid"], ep0["ejected"], ep0["reason"], ep0["healthy"]) == (
+        "east/shop/checkout-0", True, "HealthReportQuorum", False)
+    assert (ep1["ejected"], ep1["reason"], ep1["healthy"]) == (False, "", True)
+    assert data["ejections"]["endpoints"] == [{"uid": "east/shop/checkout-0", "reason": "HealthReportQuorum",
+                                               "since_s": 1.0, "trigger": "health reports: 2 of 2 proxies …",
+                                               "count": 1}]
     text = explain_text(data)
-    assert "tier 0: 70.0% of traffic" in text and "EJECTED" in text and "route split" in text
+    assert "tier 0: 70.0% of traffic" in text and "EJECTED (HealthReportQuorum)" in text and "route split" in text
+    assert "ejected for everyone (quorum of proxies' health reports): east/shop/checkout-0" in text
 
 
 def test_plan_failover_priority_change_moves_tiers() -> None:

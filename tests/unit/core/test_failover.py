@@ -1,4 +1,5 @@
-"""Failover engine: tier assignment, ejections -> FailedOver/FailedBack, partition freeze/withdraw."""
+"""Failover engine: tier assignment, health-verdict ejections -> FailedOver/FailedBack, partition
+freeze/withdraw."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from federation.core.events import (
     FailedOver,
 )
 from federation.core.failover import (
+    EjectionReason,
     FailoverEngine,
     InvalidLeaseTransition,
     LeaseEvent,
@@ -28,7 +30,6 @@ from federation.core.failover import (
 from federation.core.offline import offline_observations
 from gitops.model import PartitionMode, TrafficPolicy
 from tests.unit.core import factory as f
-from ztunnel.api.outlier import Outcome
 
 NET = "topology.istio.io/network"
 CLU = "topology.istio.io/cluster"
@@ -122,12 +123,20 @@ def test_untrusted_cluster_is_left_out_and_reported() -> None:
     assert any("cluster east" in p.message and "west" in p.message for p in e.trust.route_problems())
 
 
+CHECKOUT_HOST = "checkout.shop.svc.clusterset.local"
+
+
+def quorum(e: FailoverEngine, cluster: str) -> frozenset[tuple[str, str]]:
+    """The health verdict that ejects every checkout pod of `cluster` (what a quorum of proxies
+    reports in a crash or a silent cut)."""
+    return frozenset((CHECKOUT_HOST, ep.uid) for ep in e.graph.endpoints_in(f.CHECKOUT, cluster).values())
+
+
 def eject_cluster(e: FailoverEngine, cluster: str, now_s: float) -> list[object]:
-    events: list[object] = []
-    for uid in sorted(ep.uid for ep in e.graph.endpoints_in(f.CHECKOUT, cluster).values()):
-        for _ in range(3):  # consecutiveGatewayErrors 3
-            events.extend(e.record_outcome("checkout.shop.svc.clusterset.local", uid, Outcome.CONNECT_FAILURE, now_s))
-    return events
+    unhealthy = quorum(e, cluster)
+    changed, events = e.apply_health_verdict(unhealthy, now_s, {k: f"vote on {k[1]}" for k in unhealthy})
+    assert changed == ({f.CHECKOUT} if unhealthy else set())
+    return list(events)
 
 
 def test_ejections_fail_over_and_back_with_provenance() -> None:
@@ -137,40 +146,107 @@ def test_ejections_fail_over_and_back_with_provenance() -> None:
     events = eject_cluster(e, "east", 1.0)
     ejected = [ev for ev in events if isinstance(ev, EndpointEjected)]
     assert [ev.endpoint for ev in ejected] == ["east/shop/checkout-0", "east/shop/checkout-1"]
-    assert all(ev.enforced and ev.until_s == 16.0 for ev in ejected)
+    # a quorum ejection has no fixed end (the vote lifts it); routing obeys it
+    assert all(ev.enforced and ev.until_s == 0.0 and ev.ejection_count == 1 for ev in ejected)
+    assert {ev.reason for ev in ejected} == {"HealthReportQuorum"}
     prov = ejected[0].provenance
     assert (prov.policy, prov.file, prov.commit) == ("DestinationRule shop/checkout",
                                                       "policies/shop/checkout.yaml:3:1", f.SHA)
-    assert "ConsecutiveGatewayErrors" in prov.trigger
+    assert prov.trigger == "vote on east/shop/checkout-0"
     view = e.view(f.CHECKOUT, east)
     assert [ep.healthy for ep in view.endpoints if ep.cluster == "east"] == [False, False]
     assert view.load(e.policies[f.CHECKOUT].panic_threshold_pct).shares == pytest.approx((0.0, 1.0))
     [over] = e.evaluate(f.CHECKOUT, [view], 1.0, "EndpointEjected east/shop/checkout-1")
     assert isinstance(over, FailedOver)
     assert over.to_clusters == ("south", "west") and over.provenance.commit == f.SHA
-    un = e.tick(16.0)
+    assert e.tick(16.0) == []                      # no timer: ejections last until the vote lifts them
+    changed, un = e.apply_health_verdict(frozenset(), 16.0)
+    assert changed == {f.CHECKOUT}
     assert [type(ev) for ev in un] == [EndpointUnejected, EndpointUnejected]
+    assert all(isinstance(ev, EndpointUnejected) and ev.ejected_for_s == 15.0 for ev in un)
+    assert un[0].provenance.trigger == "health reports: the quorum no longer ejects east/shop/checkout-0"
     [back] = e.evaluate(f.CHECKOUT, [e.view(f.CHECKOUT, east)], 16.0, "ejection expired")
     assert isinstance(back, FailedBack) and back.shares == (1.0, 0.0)
 
 
-@pytest.mark.parametrize("replicas, max_pct, enforced", [
-    # pool = checkout pods in 3 clusters + 3 gateway aggregates: 9 with 2 replicas, 18 with 5
-    (2, 100, 2),
-    (2, 50, 2),
-    (2, 20, 1),     # 1/9 = 11 % ok, 2/9 = 22 % > 20 %
-    (2, 10, 0),     # the trap: 1/9 > 10 %, nothing is ever ejected
-    (5, 10, 1),     # 1/18 ok, 2/18 > 10 %
+def test_one_ejected_pod_spills_by_priority_load() -> None:
+    e = engine_for()
+    east = src(e, "east")
+    e.evaluate(f.CHECKOUT, [e.view(f.CHECKOUT, east)], 0.0, "baseline")
+    e.apply_health_verdict({(CHECKOUT_HOST, "east/shop/checkout-0")}, 1.0)
+    view = e.view(f.CHECKOUT, east)
+    # Envoy: tier 0 health = 1.4 × 1/2 = 70 %, the rest spills to tier 1 — as a not-ready pod would
+    assert view.load(e.policies[f.CHECKOUT].panic_threshold_pct).shares == pytest.approx((0.7, 0.3))
+    [over] = e.evaluate(f.CHECKOUT, [view], 1.0, "EndpointEjected east/shop/checkout-0")
+    assert isinstance(over, FailedOver) and over.shares == pytest.approx((0.7, 0.3))
+
+
+def test_an_ejection_counts_like_not_ready() -> None:
+    """The same view, whether east's pods are ejected by the vote or not ready in the API."""
+    ejected = engine_for()
+    eject_cluster(ejected, "east", 1.0)
+    snap = f.fleet()
+    obs = [o if o.cluster != "east" else
+           o.__class__(**{**{s: getattr(o, s) for s in o.__slots__},
+                          "endpoints": tuple(flip(i, i.service != "checkout") for i in o.endpoints)})
+           for o in offline_observations(snap)]
+    not_ready = build_engine(snap, obs)
+    for source in ("east", "south", "west"):
+        a = ejected.view(f.CHECKOUT, src(ejected, source))
+        b = not_ready.view(f.CHECKOUT, src(not_ready, source))
+        assert [(x.workload_uid, x.tier, x.weight, x.healthy) for x in a.endpoints] == \
+               [(x.workload_uid, x.tier, x.weight, x.healthy) for x in b.endpoints], source
+
+
+def test_the_verdict_is_applied_idempotently_and_counts_repeat_ejections() -> None:
+    e = engine_for()
+    key = (CHECKOUT_HOST, "east/shop/checkout-0")
+    _, first = e.apply_health_verdict({key}, 1.0)
+    assert [type(ev) for ev in first] == [EndpointEjected]
+    assert e.apply_health_verdict({key}, 2.0) == (set(), [])      # same verdict: nothing new
+    assert e.ejections(f.CHECKOUT)["east/shop/checkout-0"].since_s == 1.0
+    e.apply_health_verdict(frozenset(), 3.0)
+    _, again = e.apply_health_verdict({key}, 4.0)
+    assert isinstance(again[0], EndpointEjected) and again[0].ejection_count == 2
+    ej = e.ejections(f.CHECKOUT)["east/shop/checkout-0"]
+    assert ej.reason is EjectionReason.HEALTH_REPORT_QUORUM and ej.count == 2 and ej.since_s == 4.0
+
+
+@pytest.mark.parametrize("key", [
+    ("nosuch.shop.svc.clusterset.local", "east/shop/checkout-0"),   # a service the fleet does not define
+    (CHECKOUT_HOST, "east/shop/checkout-9"),                        # a pod the graph does not know
+    (CHECKOUT_HOST, "east/shop/cart-0"),                            # a pod of another service
+    (CHECKOUT_HOST, "north/shop/checkout@gateway"),                 # no such cluster
 ])
-def test_max_ejection_percent_on_the_service_pool(replicas: int, max_pct: int, enforced: int) -> None:
-    e = engine_for(TrafficPolicy(outlier_detection=f.outlier(max_ejection_percent=max_pct),
-                                 locality_lb=f.locality((NET, REG))), replicas={"checkout": replicas})
-    events = eject_cluster(e, "east", 1.0)
-    got = [ev for ev in events if isinstance(ev, EndpointEjected)]
-    assert sum(ev.enforced for ev in got) == enforced
-    assert len(got) == replicas  # every one was detected
-    det = e.detector(f.CHECKOUT)
-    assert det is not None and det.stats.overflow == replicas - enforced
+def test_what_the_engine_cannot_route_is_left_out(key: tuple[str, str]) -> None:
+    e = engine_for()
+    assert e.apply_health_verdict({key}, 1.0) == (set(), [])
+    assert e.ejected_endpoints() == frozenset()
+
+
+def test_a_remote_clusters_gateway_aggregate_can_be_ejected() -> None:
+    """Clients in other networks report against `<cluster>/<ns>/<svc>@gateway`."""
+    e = engine_for()
+    west_agg = aggregate_uid("west", f.CHECKOUT)
+    _, [ev] = e.apply_health_verdict({(CHECKOUT_HOST, west_agg)}, 1.0)
+    assert isinstance(ev, EndpointEjected) and ev.endpoint == west_agg
+    remote = next(x for x in e.view(f.CHECKOUT, src(e, "east")).endpoints if x.workload_uid == west_agg)
+    assert not remote.healthy
+    # the pods behind it are not ejected: west's own gateway still routes to them
+    assert all(x.healthy for x in e.gateway_endpoints(f.CHECKOUT, "west"))
+
+
+def test_ejections_survive_a_rebuild_without_events_and_die_with_their_service() -> None:
+    e = engine_for()
+    eject_cluster(e, "east", 1.0)
+    snap = f.fleet(sha="b" * 40)
+    fresh = build_engine(snap, offline_observations(snap))
+    fresh.restore_ejections(e)
+    assert fresh.ejected(f.CHECKOUT) == {"east/shop/checkout-0", "east/shop/checkout-1"}
+    assert fresh.apply_health_verdict(quorum(fresh, "east"), 2.0) == (set(), [])
+    gone = build_engine(f.fleet(clusters=f.CLUSTERS[1:]), offline_observations(f.fleet(clusters=f.CLUSTERS[1:])))
+    gone.restore_ejections(e)
+    assert gone.ejected_endpoints() == frozenset()   # east left the fleet: nothing to eject
 
 
 def test_panic_routes_to_all_hosts_of_a_tier() -> None:

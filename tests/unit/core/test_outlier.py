@@ -191,6 +191,26 @@ def test_max_ejection_percent(pool: int, pct: int, enforced: int) -> None:
     assert all(not e.enforced for e in events if isinstance(e, EndpointEjected) and e.key not in d.ejected_keys(0.0))
 
 
+@pytest.mark.parametrize("pool, failing, pct, enforced", [
+    # a service's pool as a client sees it: its pods in 3 clusters + 3 gateway aggregates, 9 with
+    # 2 replicas, 18 with 5; one cluster's pods fail
+    (9, 2, 100, 2),
+    (9, 2, 50, 2),
+    (9, 2, 20, 1),     # 1/9 = 11 % ok, 2/9 = 22 % > 20 %
+    (9, 2, 10, 0),     # the trap: 1/9 > 10 %, nothing is ever ejected
+    (18, 5, 10, 1),    # 1/18 ok, 2/18 > 10 %
+])
+def test_max_ejection_percent_when_part_of_the_pool_fails(pool: int, failing: int, pct: int, enforced: int) -> None:
+    d = OutlierDetector(OutlierPolicy(consecutive_gateway_errors=3, max_ejection_percent=pct))
+    keys = [f"h{i}" for i in range(pool)]
+    d.set_pool(keys)
+    events = [e for k in keys[:failing] for _ in range(3) for e in d.record(k, Outcome.CONNECT_FAILURE, 1.0)]
+    got = [e for e in events if isinstance(e, EndpointEjected)]
+    assert sum(e.enforced for e in got) == enforced
+    assert len(got) == failing  # every one was detected
+    assert d.stats.overflow == failing - enforced
+
+
 def test_expired_ejection_frees_budget_for_the_next() -> None:
     d = OutlierDetector(OutlierPolicy(consecutive_5xx_errors=1, max_ejection_percent=50))
     d.set_pool(["a", "b"])

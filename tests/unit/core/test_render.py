@@ -26,7 +26,6 @@ from ztunnel.api.config import (
     proxy_config_from_dict,
     proxy_config_to_dict,
 )
-from ztunnel.api.outlier import Outcome
 
 GOLDEN = Path(__file__).parent / "golden"
 CHECKOUT_HOST = "checkout.shop.svc.clusterset.local"
@@ -51,8 +50,7 @@ def test_golden_fleet_render() -> None:
 def test_golden_after_ejection() -> None:
     snap = f.fleet()
     e = build_engine(snap, offline_observations(snap))
-    for _ in range(3):
-        e.record_outcome(CHECKOUT_HOST, "east/shop/checkout-0", Outcome.TIMEOUT, 1.0)
+    e.apply_health_verdict({(CHECKOUT_HOST, "east/shop/checkout-0")}, 1.0)  # a quorum of proxies ejects it
     cfg = render_configs(e)["ztunnel/south/node-1"]
     svc = next(s for s in cfg.services if s.hostname == CHECKOUT_HOST)
     golden("south-node-1-checkout-after-ejection.json", proxy_config_to_dict(replace(cfg, services=(svc,))))
@@ -116,6 +114,7 @@ step = st.one_of(
     st.tuples(st.just("remove"), st.integers(0, 1000)),
     st.tuples(st.just("add"), st.integers(0, 1000)),
     st.tuples(st.just("fail"), st.integers(0, 1000)),
+    st.tuples(st.just("heal"), st.integers(0, 1000)),
     st.tuples(st.just("tick"), st.integers(0, 40)),
     st.tuples(st.just("move"), st.integers(0, 1000)),
 )
@@ -129,6 +128,7 @@ def test_deltas_apply_to_the_old_config_and_match_a_full_render(steps: list[tupl
     r = Renderer(e)
     current = dict(r.render_all())
     now = 0.0
+    verdict: set[tuple[str, str]] = set()   # what a quorum of proxies ejects
     for kind, n in steps:
         now += 1.0
         clusters = sorted(e.graph.clusters)
@@ -153,8 +153,11 @@ def test_deltas_apply_to_the_old_config_and_match_a_full_render(steps: list[tupl
             change, _ = e.observe(ClusterObservation(cluster, now, False, (), (), (replace(info, node=other,
                                                                                           ready=ep.ready),)))
         elif kind == "fail" and ep.service == "checkout":
-            for _ in range(3):
-                e.record_outcome(CHECKOUT_HOST, ep.uid, Outcome.CONNECT_FAILURE, now)
+            verdict.add((CHECKOUT_HOST, ep.uid if n % 3 else f"{ep.cluster}/shop/checkout@gateway"))
+            e.apply_health_verdict(verdict, now)
+        elif kind == "heal" and verdict:
+            verdict.discard(sorted(verdict)[n % len(verdict)])
+            e.apply_health_verdict(verdict, now)
         elif kind == "tick":
             now += n
             e.tick(now)
