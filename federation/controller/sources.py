@@ -1,8 +1,7 @@
 """Plain classes for the controller's inputs: the Git source and one agent per cluster.
 
-Ray hosts them (`federation.ray.actors`), tests drive them directly. Both hand their results to a
-callback as *bytes* (`encode_*` / `decode_*` below): between Ray actors a pickled object graph
-costs far more per hop than the same data as one bytes object, and bytes make the hop explicit.
+Ray hosts them (`federation.ray.actors`; the Git source through `git_feed.GitFeed`), tests drive
+them directly. An agent hands its observations to a callback as *bytes* (`federation.controller.wire`).
 
 - `GitSource` follows a branch with `gitops.watch.BranchFollower` (a directory that is not a Git
   repository is followed as a worktree, revision "WORKTREE"). It reports a good snapshot, or the
@@ -18,51 +17,16 @@ costs far more per hop than the same data as one bytes object, and bytes make th
 
 from __future__ import annotations
 
-import copyreg
-import pickle
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 from clusters.kube.observation import ClusterObservation
+from federation.controller.wire import encode_observation
 from gitops.model import ClusterApiKind, ConfigSnapshot
-
-# --- bytes at the actor boundary -----------------------------------------------------------------
-# pickle is used only between our own processes (same code, same trust); never for input from a
-# network peer. Snapshots hold read-only maps (MappingProxyType), which plain pickle refuses:
-# they travel as their dict and come back read-only.
-
-
-def readonly_map(d: dict[Any, Any]) -> MappingProxyType[Any, Any]:
-    return MappingProxyType(d)
-
-
-copyreg.pickle(MappingProxyType, lambda m: (readonly_map, (dict(m),)))
-
-
-def encode_snapshot(s: ConfigSnapshot) -> bytes:
-    return pickle.dumps(s, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def decode_snapshot(b: bytes) -> ConfigSnapshot:
-    s = pickle.loads(b)
-    assert isinstance(s, ConfigSnapshot)
-    return s
-
-
-def encode_observation(o: ClusterObservation) -> bytes:
-    return pickle.dumps(o, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def decode_observation(b: bytes) -> ClusterObservation:
-    o = pickle.loads(b)
-    assert isinstance(o, ClusterObservation)
-    return o
-
 
 # --- Git -----------------------------------------------------------------------------------------
 
@@ -235,6 +199,11 @@ class ClusterAgent:
                     if self._latest is None:
                         self._latest = obs
                 time.sleep(0.5)
+
+    def relist(self) -> None:
+        """LIST everything again and send it now (a restarted reconciler needs a complete observation)."""
+        assert self._send is not None, "start() the agent first"
+        self._send(encode_observation(self.discovery.list_all()))
 
     def renew_from_discovery(self) -> bool:
         """Renew the lease from the watch threads' last success (they also renew on quiet streams)."""
