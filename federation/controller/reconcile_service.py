@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from federation.controller import queries
-from federation.controller.reconciler import CoreRender, Debouncer, EndpointReport, Reconciler
+from federation.controller.reconciler import CoreRender, Debouncer, EndpointReport, Reconciler, RenderFn
 from federation.controller.wire import encode_config_deltas
 from gitops.model import ConfigSnapshot
 from ztunnel.api.config import ProxyConfig
@@ -68,12 +68,14 @@ class DeltaOutbox:
 class ReconcileService:
     def __init__(self, store: Any, push_deltas: PushDeltas, bundle_roots: BundleRoots | None = None,
                  debounce_after_s: float = 0.1, debounce_max_s: float = 10.0,
-                 clock: Callable[[], float] = time.time, tick_interval_s: float = TICK_INTERVAL_S) -> None:
+                 clock: Callable[[], float] = time.time, tick_interval_s: float = TICK_INTERVAL_S,
+                 render: RenderFn | None = None) -> None:
+        """`render` defaults to the core (`CoreRender`, which loads the CAs through `bundle_roots`)."""
         self.clock = clock
         self.tick_interval_s = tick_interval_s
         self._lock = threading.RLock()
         self.outbox = DeltaOutbox(push_deltas)
-        self.render = CoreRender(bundle_roots=bundle_roots)
+        self.render: RenderFn = render if render is not None else CoreRender(bundle_roots=bundle_roots)
         self.rec = Reconciler(self.render, self._push, store, Debouncer(debounce_after_s, debounce_max_s),
                               clock=clock)
         self.ejections_detected = 0
@@ -191,4 +193,5 @@ class ReconcileService:
 
     def explain(self, service: str, from_cluster: str, zone: str | None) -> dict[str, Any]:
         with self._lock:
-            return queries.explain(self.render.engine, self.rec.unhealthy, service, from_cluster, zone)
+            engine = getattr(self.render, "engine", None)  # the live FailoverEngine of CoreRender
+            return queries.explain(engine, self.rec.unhealthy, service, from_cluster, zone)

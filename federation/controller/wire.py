@@ -112,7 +112,7 @@ def decode_config_deltas(blob: bytes) -> list[ProxyDelta]:
     for raw in unpack(blob):
         msg = pb.ConfigResponse.FromString(raw)
         dec = decode_delta([msg])
-        remove = dec.delta.base_version == 0 and not dec.delta.upserts and msg.nonce == REMOVE_NONCE
+        remove = dec.delta.base_version == 0 and not any(dec.delta.upserts.values()) and msg.nonce == REMOVE_NONCE
         out.append(ProxyDelta(dec.delta.proxy_id, dec.delta, template_from_header(dec.header), remove))
     return out
 
