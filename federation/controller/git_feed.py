@@ -61,6 +61,19 @@ def last_applied_if_gated(source: GitSource, store: AppliedRecords, head: Config
         return None
 
 
+def snapshot_for_cas(repo: str, branch: str, state_dir: str, store: AppliedRecords,
+                     now_s: float) -> ConfigSnapshot | None:
+    """The revision whose CAs a starting controller loads before it serves TLS: the branch head,
+    or the last applied revision when the commit gate will reject the head (loading the head's
+    CAs would switch the signer). None when the head does not load (the reconciler loads the CAs
+    once a good revision arrives)."""
+    source = GitSource(repo, branch, state_dir)
+    head = source.poll(now_s)
+    if head is None or isinstance(head, FleetFailure):
+        return None
+    return last_applied_if_gated(source, store, head, now_s) or head
+
+
 class GitFeed:
     """Invariant: the sink sees at most one `on_fallback_snapshot` per (re)start, before the
     first snapshot of the head."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,6 +148,34 @@ class Lease:
 
     def remaining_s(self, now_s: float) -> float:
         return 0.0 if self.renewed_at_s is None else max(0.0, self.ttl_s - (now_s - self.renewed_at_s))
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSpec:
+    """What an agent is started with; a change of any field means a new agent."""
+
+    cluster: str
+    kubeconfig: str | None
+    context: str
+    api_kind: str
+    lease_ttl_s: float
+    watch_timeout_s: int
+
+    def args(self) -> tuple[str, str | None, str, str, float, int]:
+        return (self.cluster, self.kubeconfig, self.context, self.api_kind, self.lease_ttl_s, self.watch_timeout_s)
+
+
+def agent_specs(fleet_clusters: Mapping[str, Mapping[str, Any]], default_kubeconfig: str | None,
+                watch_timeout_s: int | None = None) -> dict[str, AgentSpec]:
+    """One agent per cluster of the applied revision (`queries.fleet_clusters`). A watch is
+    restarted at least three times per lease unless `watch_timeout_s` says otherwise, so a quiet
+    but healthy cluster renews its lease."""
+    out = {}
+    for name, c in fleet_clusters.items():
+        ttl_s = float(c["lease_ttl_s"])
+        out[name] = AgentSpec(name, c.get("kubeconfig") or default_kubeconfig, c["context"], c["api_kind"], ttl_s,
+                              watch_timeout_s or max(2, int(ttl_s / 3)))
+    return out
 
 
 class ClusterAgent:

@@ -30,9 +30,9 @@ from typing import Any
 import ray
 
 from federation.controller.checks import build_checks
-from federation.controller.git_feed import last_applied_if_gated
+from federation.controller.git_feed import snapshot_for_cas
 from federation.controller.queries import assemble_status
-from federation.controller.sources import FleetFailure, GitSource
+from federation.controller.sources import AgentSpec, agent_specs
 from federation.controller.wire import decode_json, encode_snapshot
 from federation.ray.actors import ClusterAgentActor, ConfigServerActor, GitSourceActor, ReconcilerActor
 from federation.ray.placement import Placement, current_node_id, state_owner_options
@@ -78,7 +78,7 @@ class Controller:
         self.state_dir = str(Path(opts.state_dir).resolve())
         self.kubeconfig = opts.kubeconfig or os.environ.get("KUBECONFIG")
         self.agents: dict[str, Any] = {}
-        self.agent_specs: dict[str, tuple[Any, ...]] = {}
+        self.agent_specs: dict[str, AgentSpec] = {}
         self._cache: dict[str, Any] = {}
         self._cache_lock = threading.Lock()
         self._stop = threading.Event()
@@ -100,12 +100,9 @@ class Controller:
         self.reconciler = ReconcilerActor.options(**place.options("reconciler")).remote(
             self.opts.debounce_after_s, self.opts.debounce_max_s, self.config_server)
         if not self.opts.insecure:
-            # TLS needs the CAs before the server starts: load the fleet once here, synchronously.
-            # Never the CAs of a head the commit gate will reject: that would switch the signer.
-            source = GitSource(str(self.opts.repo), self.opts.branch, self.state_dir)
-            snap = source.poll(time.time())
-            if not isinstance(snap, FleetFailure) and snap is not None:
-                snap = last_applied_if_gated(source, self._store, snap, time.time()) or snap
+            # TLS needs the CAs before the server starts: load the fleet once here, synchronously
+            snap = snapshot_for_cas(str(self.opts.repo), self.opts.branch, self.state_dir, self._store, time.time())
+            if snap is not None:
                 ray.get(self.config_server.ensure_cas.remote(encode_snapshot(snap)))
         self.port, self.bootstrap_port = (int(p) for p in ray.get(self.config_server.start.remote(
             self.opts.listen, self.reconciler, self.opts.bootstrap_listen)))
@@ -174,19 +171,17 @@ class Controller:
         return dict(decode_json(ray.get(self.config_server.status.remote(), timeout=10)))
 
     def _ensure_agents(self, fleet_clusters: dict[str, Any]) -> None:
-        for name, c in fleet_clusters.items():
-            wt = self.opts.watch_timeout_s or max(2, int(float(c["lease_ttl_s"]) / 3))
-            spec = (name, c.get("kubeconfig") or self.kubeconfig, c["context"], c["api_kind"],
-                    float(c["lease_ttl_s"]), wt)
+        wanted = agent_specs(fleet_clusters, self.kubeconfig, self.opts.watch_timeout_s)
+        for name, spec in wanted.items():
             if self.agent_specs.get(name) != spec:
                 old = self.agents.pop(name, None)
                 if old is not None:
                     old.stop.remote()
                     ray.kill(old)
                 self.agents[name] = ClusterAgentActor.options(**self.opts.placement.options("agent")).remote(
-                    *spec, self.reconciler)
+                    *spec.args(), self.reconciler)
                 self.agent_specs[name] = spec
-        for name in set(self.agents) - set(fleet_clusters):
+        for name in set(self.agents) - set(wanted):
             a = self.agents.pop(name)
             self.agent_specs.pop(name, None)
             a.stop.remote()

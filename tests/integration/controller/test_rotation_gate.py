@@ -133,7 +133,7 @@ def test_rotation_stages_through_config_server_and_reconciler(base: ConfigSnapsh
 def test_a_restart_on_an_unsafe_head_serves_the_last_applied_revision(fleet_repo: Path, tmp_path: Path) -> None:
     """`last_applied_if_gated`: what the Git source and the driver use after a restart, so that a
     rejected head neither leaves the reconciler without a snapshot nor loads its CAs at start."""
-    from federation.controller.git_feed import last_applied_if_gated
+    from federation.controller.git_feed import last_applied_if_gated, snapshot_for_cas
     from federation.controller.sources import GitSource
     from federation.controller.store import Store
     from federation.core.rotation_gate import ca_spec_to_dict, ca_specs_of
@@ -150,6 +150,8 @@ def test_a_restart_on_an_unsafe_head_serves_the_last_applied_revision(fleet_repo
     head = source.poll(2.0)
     assert isinstance(head, ConfigSnapshot) and head.revision.sha == good.revision.sha
     assert last_applied_if_gated(source, store, head, 2.0) is None      # the applied revision itself
+    first = snapshot_for_cas(str(fleet_repo), "main", str(state), store, 2.0)   # what a starting driver loads
+    assert first is not None and first.revision.sha == good.revision.sha
 
     trust = fleet_repo / "trust" / f"{TD}.yaml"
     trust.write_text(trust.read_text().replace("- name: root-1\n        signing: true",
@@ -162,3 +164,6 @@ def test_a_restart_on_an_unsafe_head_serves_the_last_applied_revision(fleet_repo
     fallback = last_applied_if_gated(source, store, head, 3.0)
     assert fallback is not None and fallback.revision.sha == good.revision.sha
     assert fallback.trust_domains[TD].ca == ca("root-1", signing="root-1")
+    # a driver starting on that head loads the CAs of the last applied revision, not the head's
+    start = snapshot_for_cas(str(fleet_repo), "main", str(state), store, 3.0)
+    assert start is not None and start.revision.sha == good.revision.sha

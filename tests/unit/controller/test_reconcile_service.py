@@ -115,6 +115,21 @@ def test_resync_sends_every_config_in_full() -> None:
     assert {p: d.base_version for p, d in sent.deltas(1).items()} == {"ztunnel/a/n1": 0}
 
 
+# --- agents --------------------------------------------------------------------------------------
+
+
+def test_agent_specs_follow_the_fleet_and_restart_watches_within_a_lease() -> None:
+    from federation.controller.sources import AgentSpec, agent_specs
+
+    fleet_clusters = {"east": {"kubeconfig": None, "context": "lab-east", "api_kind": "kubeconfig", "lease_ttl_s": 30.0},
+                      "west": {"kubeconfig": "/w", "context": "lab-west", "api_kind": "kubeconfig", "lease_ttl_s": 3.0}}
+    specs = agent_specs(fleet_clusters, "/default")
+    assert specs["east"] == AgentSpec("east", "/default", "lab-east", "kubeconfig", 30.0, 10)
+    assert specs["west"].kubeconfig == "/w" and specs["west"].watch_timeout_s == 2   # never below 2 s
+    assert agent_specs(fleet_clusters, None, watch_timeout_s=5)["east"].watch_timeout_s == 5
+    assert specs["east"].args() == ("east", "/default", "lab-east", "kubeconfig", 30.0, 10)
+
+
 # --- Git feed --------------------------------------------------------------------------------------
 
 
