@@ -53,6 +53,7 @@ from typing import Any
 from benchmarks.graph import synthetic
 from benchmarks.simproxy import SimProxy, header, run_lite_fleet
 from clusters.kube.observation import ClusterObservation, EndpointInfo
+from federation.controller.distributor import AckEvent, ConfigDistributor, SyncState
 from federation.controller.reconciler import (
     CoreRender,
     Debouncer,
@@ -61,7 +62,7 @@ from federation.controller.reconciler import (
     RenderInput,
     RenderOutput,
 )
-from federation.server.grpc_services import AckEvent, ConfigDistributor, ConfigServer, SyncState, wait_until
+from federation.server.grpc_services import ConfigServer, wait_until
 from gitops.model import ConfigSnapshot, Federation, Revision
 from ztunnel.api.config import Endpoint, ProxyConfig, Service, ServicePortMap, Stamp
 

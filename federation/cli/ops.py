@@ -86,8 +86,8 @@ def register(group: click.Group) -> None:
         """Follow the fleet repo, watch every cluster, push config to every proxy."""
         if insecure and not listen.startswith(("127.", "localhost", "[::1]")):
             fail("--insecure serves plaintext gRPC: only on a loopback --listen address", code=64)
-        from federation.ray.actors import ControllerOptions
-        from federation.ray.actors import run as run_controller
+        from federation.ray.driver import ControllerOptions
+        from federation.ray.driver import run as run_controller
 
         run_controller(ControllerOptions(repo=repo, branch=branch, state_dir=state_dir, listen=listen,
                                          status_listen=status_listen, bootstrap_listen=bootstrap_listen,

@@ -1,8 +1,15 @@
 """The controller's behaviour as plain Python classes, testable without Ray.
 
-The reconcile loop (`reconciler`), its inputs (`sources`: the Git source and the cluster agents),
-certificate signing policy and CA storage (`signing`, `ca`), bootstrap credentials (`bootstrap`,
-their one owner and writer), the config distributor (per-proxy desired/ACKed state), status
-queries and checks, and the sqlite store. `federation.ray` hosts these classes as actors;
-`federation.server` exposes them over gRPC and HTTP.
+- `reconciler` (the reconcile loop's steps) driven by `reconcile_service` (its thread, the delta
+  outbox to the config service, the queries it answers);
+- its inputs: `sources` (the Git source, one agent per cluster) and `git_feed` (following the
+  branch, fallback after a restart on a bad head);
+- `config_service`, the state owner: the `store` (sqlite), the CAs (`ca`) behind the signing
+  policy (`signing`: CSR entitlement, who may act as which proxy), bootstrap credentials
+  (`bootstrap`, their one owner and writer), and the `distributor` (per-proxy desired/ACKed
+  state, versions);
+- `queries` (status document, services, endpoints, explain, trust view) and `checks`;
+- `wire`: every encoding used between the parts when they run as separate actors.
+
+`federation.ray` hosts these classes as actors; `federation.server` exposes them over gRPC and HTTP.
 """

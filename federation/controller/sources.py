@@ -1,8 +1,7 @@
 """Plain classes for the controller's inputs: the Git source and one agent per cluster.
 
-Ray hosts them (`federation.ray.actors`), tests drive them directly. Both hand their results to a
-callback as *bytes* (`encode_*` / `decode_*` below): between Ray actors a pickled object graph
-costs far more per hop than the same data as one bytes object, and bytes make the hop explicit.
+Ray hosts them (`federation.ray.actors`; the Git source through `git_feed.GitFeed`), tests drive
+them directly. An agent hands its observations to a callback as *bytes* (`federation.controller.wire`).
 
 - `GitSource` follows a branch with `gitops.watch.BranchFollower` (a directory that is not a Git
   repository is followed as a worktree, revision "WORKTREE"). It reports a good snapshot, or the
@@ -18,51 +17,16 @@ costs far more per hop than the same data as one bytes object, and bytes make th
 
 from __future__ import annotations
 
-import copyreg
-import pickle
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 from clusters.kube.observation import ClusterObservation
+from federation.controller.wire import encode_observation
 from gitops.model import ClusterApiKind, ConfigSnapshot
-
-# --- bytes at the actor boundary -----------------------------------------------------------------
-# pickle is used only between our own processes (same code, same trust); never for input from a
-# network peer. Snapshots hold read-only maps (MappingProxyType), which plain pickle refuses:
-# they travel as their dict and come back read-only.
-
-
-def readonly_map(d: dict[Any, Any]) -> MappingProxyType[Any, Any]:
-    return MappingProxyType(d)
-
-
-copyreg.pickle(MappingProxyType, lambda m: (readonly_map, (dict(m),)))
-
-
-def encode_snapshot(s: ConfigSnapshot) -> bytes:
-    return pickle.dumps(s, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def decode_snapshot(b: bytes) -> ConfigSnapshot:
-    s = pickle.loads(b)
-    assert isinstance(s, ConfigSnapshot)
-    return s
-
-
-def encode_observation(o: ClusterObservation) -> bytes:
-    return pickle.dumps(o, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def decode_observation(b: bytes) -> ClusterObservation:
-    o = pickle.loads(b)
-    assert isinstance(o, ClusterObservation)
-    return o
-
 
 # --- Git -----------------------------------------------------------------------------------------
 
@@ -186,6 +150,34 @@ class Lease:
         return 0.0 if self.renewed_at_s is None else max(0.0, self.ttl_s - (now_s - self.renewed_at_s))
 
 
+@dataclass(frozen=True, slots=True)
+class AgentSpec:
+    """What an agent is started with; a change of any field means a new agent."""
+
+    cluster: str
+    kubeconfig: str | None
+    context: str
+    api_kind: str
+    lease_ttl_s: float
+    watch_timeout_s: int
+
+    def args(self) -> tuple[str, str | None, str, str, float, int]:
+        return (self.cluster, self.kubeconfig, self.context, self.api_kind, self.lease_ttl_s, self.watch_timeout_s)
+
+
+def agent_specs(fleet_clusters: Mapping[str, Mapping[str, Any]], default_kubeconfig: str | None,
+                watch_timeout_s: int | None = None) -> dict[str, AgentSpec]:
+    """One agent per cluster of the applied revision (`queries.fleet_clusters`). A watch is
+    restarted at least three times per lease unless `watch_timeout_s` says otherwise, so a quiet
+    but healthy cluster renews its lease."""
+    out = {}
+    for name, c in fleet_clusters.items():
+        ttl_s = float(c["lease_ttl_s"])
+        out[name] = AgentSpec(name, c.get("kubeconfig") or default_kubeconfig, c["context"], c["api_kind"], ttl_s,
+                              watch_timeout_s or max(2, int(ttl_s / 3)))
+    return out
+
+
 class ClusterAgent:
     """Discovery + lease for one cluster. `start(send, send_lease)` calls `send(bytes)` with encoded
     observations and `send_lease(cluster, last_success_s)` with heartbeats.
@@ -288,6 +280,11 @@ class ClusterAgent:
                     if self._latest is None:
                         self._latest = obs
                 time.sleep(0.5)
+
+    def relist(self) -> None:
+        """LIST everything again and send it now (a restarted reconciler needs a complete observation)."""
+        assert self._send is not None, "start() the agent first"
+        self._send(encode_observation(self.discovery.list_all()))
 
     def renew_from_discovery(self) -> bool:
         """Renew the lease from the watch threads' last success (they also renew on quiet streams)."""

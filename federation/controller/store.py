@@ -223,6 +223,10 @@ class Store:
                + " ORDER BY at_s DESC, id DESC LIMIT ?")
         return [_failover_record(r) for r in reversed(self._query(sql, [*args, limit]))]
 
+    def failover_count(self) -> int:
+        rows = self._query("SELECT COUNT(*) FROM failover_events")
+        return int(rows[0][0])
+
     def active_failovers(self) -> list[FailoverRecord]:
         """Per (service, client cluster), the last FailedOver not yet followed by a FailedBack."""
         sql = (_FAILOVER_SELECT + " f WHERE kind = 'FailedOver' AND id = ("

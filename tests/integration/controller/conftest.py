@@ -20,7 +20,7 @@ CLUSTERS = ("east", "west", "south")
 
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
-    from federation.ray.actors import init_ray
+    from federation.ray.driver import init_ray
 
     os.environ.setdefault("RAY_USE_UVLOOP", "0")
     init_ray(None, num_cpus=2)

@@ -9,7 +9,8 @@ from dataclasses import replace
 import pytest
 
 from benchmarks.simproxy import MemorySink, SimProxy, make_config
-from federation.server.grpc_services import ConfigDistributor, ConfigServer, SyncState, wait_until
+from federation.controller.distributor import ConfigDistributor, SyncState
+from federation.server.grpc_services import ConfigServer, wait_until
 from ztunnel.api.config import Stamp
 
 

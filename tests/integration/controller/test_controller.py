@@ -13,7 +13,7 @@ import pytest
 
 from benchmarks.simproxy import MemorySink, SimProxy
 from clusters.lab.apiserver import EmulatedApiServer
-from federation.ray.actors import Controller, ControllerOptions
+from federation.ray.driver import Controller, ControllerOptions
 from federation.server.grpc_services import wait_until
 from tests.integration.controller.conftest import free_port, git
 

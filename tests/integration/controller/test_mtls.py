@@ -1,7 +1,8 @@
 """mTLS on the config protocol, on loopback: bootstrap token -> SVID -> subscription, and refusals.
 
-The controller's config server (`federation.ray.actors.ConfigServerHost`, a plain class; no Ray
-needed here) runs with TLS and the CAs of the example fleet. Simulated proxies are real
+The controller's config service (`federation.controller.config_service.ConfigService`, a plain
+class; no Ray needed here) is served by its gRPC adapter (`federation.server.grpc_services`) with
+TLS and the CAs of the example fleet. Simulated proxies are real
 `XdsClient`s over `ztunnel.xds.client.secure_channel` (target-name override: the controller's
 certificate carries the DNS name `CONTROLLER_TLS_NAME`, the proxies' SVIDs none).
 """
@@ -19,9 +20,10 @@ import pytest
 
 import gitops
 from benchmarks.simproxy import SimProxy, make_config
+from federation.controller.bootstrap import BOOTSTRAP_TOKENS_FILE
 from federation.controller.ca import TrustDomainCA
-from federation.controller.sources import encode_snapshot
-from federation.ray.actors import BOOTSTRAP_TOKENS_FILE, CONTROLLER_ROOTS_FILE, ConfigServerHost
+from federation.controller.config_service import CONTROLLER_ROOTS_FILE, ConfigService
+from federation.server.grpc_services import ConfigServer, config_server_for, serve
 from ztunnel.api.codec import CONFIG_METHOD, HEALTH_METHOD
 from ztunnel.api.identity import generate_key_and_csr, proxy_spiffe_id
 from ztunnel.api.proto import meshfed_pb2 as pb
@@ -32,10 +34,10 @@ EAST_TD = "east.mesh.local"
 
 
 class Ctl:
-    def __init__(self, host: ConfigServerHost, state: Path) -> None:
-        self.host = host
-        self.target = f"127.0.0.1:{host.server.port}"
-        self.bootstrap = f"127.0.0.1:{host.server.bootstrap_port}"
+    def __init__(self, service: ConfigService, server: ConfigServer, state: Path) -> None:
+        self.service, self.server = service, server
+        self.target = f"127.0.0.1:{server.port}"
+        self.bootstrap = f"127.0.0.1:{server.bootstrap_port}"
         self.tokens: dict[str, str] = json.loads((state / BOOTSTRAP_TOKENS_FILE).read_text())
         self.roots = (state / CONTROLLER_ROOTS_FILE).read_bytes()
         assert (state / BOOTSTRAP_TOKENS_FILE).stat().st_mode & 0o077 == 0
@@ -47,13 +49,15 @@ class Ctl:
 @pytest.fixture()
 async def ctl(tmp_path: Path) -> AsyncIterator[Ctl]:
     state = tmp_path / "state"
-    host = ConfigServerHost(str(state), insecure=False)
-    host.ensure_cas(encode_snapshot(gitops.load_worktree(EXAMPLE_FLEET)))
-    await host.start("127.0.0.1:0", reconciler=None)
+    service = ConfigService(state, insecure=False)
+    service.ensure_cas(gitops.load_worktree(EXAMPLE_FLEET))
+    server = config_server_for(service)
+    await serve(service, server, "127.0.0.1:0")
     try:
-        yield Ctl(host, state)
+        yield Ctl(service, server, state)
     finally:
-        await host.server.stop(0)
+        await server.stop(0)
+        await service.stop()
 
 
 async def first_response(channel: Any, proxy_id: str, timeout_s: float = 5.0) -> Any:
@@ -79,13 +83,13 @@ async def test_bootstrap_then_subscribe_over_mtls(ctl: Ctl) -> None:
     assert svid.identity == proxy_spiffe_id(EAST_TD, pid) == \
         "spiffe://east.mesh.local/ns/meshfed-system/sa/ztunnel.east.node-1"
     assert svid.chain_pem.startswith(b"-----BEGIN CERTIFICATE") and svid.roots_pem
-    ctl.host.dist.set_desired({pid: make_config(pid, "rev1", cluster="east")})
+    ctl.service.dist.set_desired({pid: make_config(pid, "rev1", cluster="east")})
     proxy = SimProxy(pid, ctl.target, cluster="east", channel_factory=svid.channel_factory(ctl.target)).start()
     try:
         from federation.server.grpc_services import wait_until
 
         assert await wait_until(lambda: proxy.revision == "rev1", 10), proxy.client.last_error
-        st = {s["proxy"]: s for s in ctl.host.dist.status()}[pid]
+        st = {s["proxy"]: s for s in ctl.service.dist.status()}[pid]
         assert st["sync"] == "SYNCED" and st["identity"] == svid.identity
         # renewal over mTLS: the proxy's own identity, no token needed
         kc = generate_key_and_csr(svid.identity)
@@ -98,7 +102,7 @@ async def test_bootstrap_then_subscribe_over_mtls(ctl: Ctl) -> None:
 
 async def test_another_proxys_identity_is_refused(ctl: Ctl) -> None:
     node2 = await ctl.svid("ztunnel/east/node-2")
-    ctl.host.dist.set_desired({"ztunnel/east/node-2": make_config("ztunnel/east/node-2", "rev1", cluster="east")})
+    ctl.service.dist.set_desired({"ztunnel/east/node-2": make_config("ztunnel/east/node-2", "rev1", cluster="east")})
     async with node2.channel_factory(ctl.target)() as ch:
         own = await first_response(ch, "ztunnel/east/node-2")  # its own id: served
         assert own.stamp.revision == "rev1"
@@ -112,12 +116,12 @@ async def test_another_proxys_identity_is_refused(ctl: Ctl) -> None:
         await call.done_writing()
         err = await refused(call)
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert ctl.host.server.health_reports == 0
+    assert ctl.server.health_reports == 0
 
 
 async def test_identity_minted_by_another_federated_domain_is_refused(ctl: Ctl) -> None:
     # west's CA (trusted at the TLS layer: west is in the fleet) mints a look-alike of east's proxy
-    fake = ctl.host.cas["west.mesh.local"].issue_svid(
+    fake = ctl.service.signing.cas["west.mesh.local"].issue_svid(
         "spiffe://west.mesh.local/ns/meshfed-system/sa/ztunnel.east.node-1")
     async with secure_channel(ctl.target, ctl.roots, fake.key_pem, fake.chain_pem) as ch:
         err = await refused(first_response(ch, "ztunnel/east/node-1"))
@@ -137,10 +141,10 @@ async def test_pooled_ca_forgery_of_another_trust_domains_proxy_is_refused(ctl: 
 
     key = ec.generate_private_key(ec.SECP256R1())
     forged_id = SpiffeId.parse("spiffe://east.mesh.local/ns/meshfed-system/sa/ztunnel.east.node-1")
-    leaf = ctl.host.cas["west.mesh.local"]._sign_leaf(forged_id, key.public_key(), time.time(), None)
+    leaf = ctl.service.signing.cas["west.mesh.local"]._sign_leaf(forged_id, key.public_key(), time.time(), None)
     key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
-    ctl.host.dist.set_desired({"ztunnel/east/node-1": make_config("ztunnel/east/node-1", "rev1", cluster="east")})
+    ctl.service.dist.set_desired({"ztunnel/east/node-1": make_config("ztunnel/east/node-1", "rev1", cluster="east")})
     async with secure_channel(ctl.target, ctl.roots, key_pem, leaf) as ch:
         err = await refused(first_response(ch, "ztunnel/east/node-1"))
         assert err.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from benchmarks.simproxy import make_config
-from federation.server.grpc_services import ConfigDistributor, ProxySession, StaleEpochError, SyncState
+from federation.controller.distributor import ConfigDistributor, ProxySession, StaleEpochError, SyncState
 from ztunnel.api.codec import OversizeError, decode_delta, encode_delta
 from ztunnel.api.config import Stamp, canonical, diff_configs
 from ztunnel.xds.client import Subscription
@@ -137,7 +137,7 @@ def test_distributor_refuses_proxy_from_newer_epoch() -> None:
     ("ztunnel", "spiffe://east.td/ns/meshfed-system/sa/ztunnel", False),                          # malformed id
 ])
 def test_proxy_may_act_only_as_itself(proxy_id: str, identity: str, allowed: bool) -> None:
-    from federation.server.grpc_services import ProxyAuthorizer
+    from federation.controller.signing import ProxyAuthorizer
 
     reason = ProxyAuthorizer({"east": "east.td", "west": "west.td"})(proxy_id, identity)
     assert (reason == "") is allowed, reason

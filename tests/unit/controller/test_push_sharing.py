@@ -11,7 +11,8 @@ from dataclasses import replace
 import pytest
 
 from benchmarks.simproxy import make_config
-from federation.server.grpc_services import ConfigDistributor, ConfigServer, SyncState
+from federation.controller.distributor import ConfigDistributor, SyncState
+from federation.server.grpc_services import ConfigServer
 from ztunnel.api.codec import decode_delta, encode_delta
 from ztunnel.api.config import Stamp, Workload, canonical, diff_configs
 from ztunnel.api.proto import meshfed_pb2 as pb

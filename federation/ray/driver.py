@@ -1,0 +1,261 @@
+"""The driver: `meshfed controller run`. Joins a Ray cluster (`--ray-address`) or starts a local
+one (the embedded default; dashboard off, few CPUs), creates the actors (`federation.ray.actors`)
+and supervises them:
+
+- the config server (the state owner) on this process's node (`federation.ray.placement`); the
+  reconciler, the Git source and one agent per cluster of the applied revision wherever the
+  placement puts them;
+- every `status_interval_s`: the status of each actor, assembled into one document
+  (`federation.controller.queries.assemble_status`) that the status API and /metrics
+  (`federation.server.status_api`) serve from a cache;
+- an agent per cluster of the applied revision, replaced when its spec changes, stopped when the
+  cluster leaves the fleet;
+- a reconciler that restarted and has no inputs gets them again (the snapshot, and a fresh LIST
+  from every agent); a config server that restarted (it is not listening) is revived: the CAs of
+  the applied revision, the same ports, and the reconciler's configs in full.
+
+The driver opens nothing in the state directory either: what it reads from the store goes
+through the state owner (`RemoteStore`).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from federation.controller.checks import build_checks
+from federation.controller.git_feed import snapshot_for_cas
+from federation.controller.queries import assemble_status
+from federation.controller.sources import AgentSpec, agent_specs
+from federation.controller.wire import decode_json, encode_snapshot
+from federation.ray.actors import ClusterAgentActor, ConfigServerActor, GitSourceActor, ReconcilerActor
+from federation.ray.placement import Placement, current_node_id, state_owner_options
+from federation.ray.remote import RemoteStore
+
+
+@dataclass
+class ControllerOptions:
+    repo: str
+    branch: str = "main"
+    state_dir: str = ".meshfed"
+    listen: str = "127.0.0.1:15010"
+    status_listen: str = "127.0.0.1:15014"
+    bootstrap_listen: str | None = None    # certificate service without client auth; None: listen host, any port
+    ray_address: str | None = None
+    kubeconfig: str | None = None
+    insecure: bool = False                 # plaintext gRPC, proxy ids trusted: loopback tests only
+    git_poll_interval_s: float | None = None
+    debounce_after_s: float = 0.1
+    debounce_max_s: float = 10.0
+    watch_timeout_s: int | None = None
+    status_interval_s: float = 0.5
+    num_cpus: int = 2
+    placement: Placement = field(default_factory=Placement)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def init_ray(address: str | None, num_cpus: int = 2) -> None:
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USE_UVLOOP", "0")
+    if address:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+class Controller:
+    """The `meshfed controller run` process: creates and supervises the actors, serves status."""
+
+    def __init__(self, opts: ControllerOptions) -> None:
+        self.opts = opts
+        self.state_dir = str(Path(opts.state_dir).resolve())
+        self.kubeconfig = opts.kubeconfig or os.environ.get("KUBECONFIG")
+        self.agents: dict[str, Any] = {}
+        self.agent_specs: dict[str, AgentSpec] = {}
+        self._cache: dict[str, Any] = {}
+        self._cache_lock = threading.Lock()
+        self._stop = threading.Event()
+        self.status_server: Any = None
+        self.port = 0
+        self.bootstrap_port = 0
+        self.config_server_restarts = 0
+        self.state_node = ""
+        self._revive_lock = threading.Lock()
+        self._store: RemoteStore | None = None
+
+    def start(self) -> Controller:
+        init_ray(self.opts.ray_address, self.opts.num_cpus)
+        place = self.opts.placement
+        self.state_node = current_node_id()
+        self.config_server = ConfigServerActor.options(**state_owner_options(self.state_node)).remote(
+            self.state_dir, self.opts.insecure)
+        self._store = RemoteStore(self.config_server)
+        self.reconciler = ReconcilerActor.options(**place.options("reconciler")).remote(
+            self.opts.debounce_after_s, self.opts.debounce_max_s, self.config_server)
+        if not self.opts.insecure:
+            # TLS needs the CAs before the server starts: load the fleet once here, synchronously
+            snap = snapshot_for_cas(str(self.opts.repo), self.opts.branch, self.state_dir, self._store, time.time())
+            if snap is not None:
+                ray.get(self.config_server.ensure_cas.remote(encode_snapshot(snap)))
+        self.port, self.bootstrap_port = (int(p) for p in ray.get(self.config_server.start.remote(
+            self.opts.listen, self.reconciler, self.opts.bootstrap_listen)))
+        self.git = GitSourceActor.options(**place.options("git")).remote(
+            str(self.opts.repo), self.opts.branch, self.state_dir, self.reconciler, self.config_server,
+            self.opts.git_poll_interval_s)
+        from federation.server.status_api import StatusServer
+
+        self.status_server = StatusServer(self, self.opts.status_listen).start()
+        self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
+        self._supervisor.start()
+        return self
+
+    # -- supervision -------------------------------------------------------------------------------
+
+    def _supervise(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.refresh()
+            except Exception as e:  # actors restarting: try again next round
+                with self._cache_lock:
+                    self._cache["supervisor_error"] = f"{type(e).__name__}: {e}"
+            self._stop.wait(self.opts.status_interval_s)
+
+    def refresh(self) -> dict[str, Any]:
+        rec = decode_json(ray.get(self.reconciler.status.remote(), timeout=10))
+        cs = decode_json(ray.get(self.config_server.status.remote(), timeout=10))
+        if not cs.get("port") and self.port:
+            with self._revive_lock:
+                cs = self._revive_config_server()
+        self._ensure_agents(rec.get("fleet_clusters", {}))
+        if ray.get(self.reconciler.missing_inputs.remote()):
+            self.git.resend.remote()
+            for a in self.agents.values():
+                a.resend.remote()
+        agent_st = {}
+        for name, a in list(self.agents.items()):
+            try:
+                agent_st[name] = ray.get(a.status.remote(), timeout=5)
+            except Exception as e:
+                agent_st[name] = {"cluster": name, "up": False, "last_error": str(e)}
+        git = ray.get(self.git.status.remote(), timeout=10)
+        assert self._store is not None
+        st = assemble_status(rec, cs, agent_st, git, state_dir=self.state_dir,
+                             failover_events=self._store.failover_count(), trust=self._store.ca_roots(),
+                             now_s=time.time(), state_node=self.state_node)
+        with self._cache_lock:
+            self._cache = st
+        return st
+
+    def _revive_config_server(self) -> dict[str, Any]:
+        """Ray restarted the config server actor (its __init__ ran again: a new epoch from the
+        store, no CAs loaded, not listening). Give it the CAs of the applied revision (keys come
+        back from the state directory), the same ports, and the reconciler's configs in full."""
+        cs = dict(decode_json(ray.get(self.config_server.status.remote(), timeout=10)))
+        if cs.get("port"):
+            return cs  # revived by the other caller while we waited for the lock
+        blob = ray.get(self.reconciler.snapshot_blob.remote(), timeout=30)
+        if blob:
+            ray.get(self.config_server.ensure_cas.remote(blob), timeout=30)
+        host = self.opts.listen.rsplit(":", 1)[0]
+        boot = f"{host}:{self.bootstrap_port}" if self.bootstrap_port else self.opts.bootstrap_listen
+        ray.get(self.config_server.start.remote(f"{host}:{self.port}", self.reconciler, boot), timeout=30)
+        ray.get(self.reconciler.resync.remote(), timeout=30)
+        self.config_server_restarts += 1
+        return dict(decode_json(ray.get(self.config_server.status.remote(), timeout=10)))
+
+    def _ensure_agents(self, fleet_clusters: dict[str, Any]) -> None:
+        wanted = agent_specs(fleet_clusters, self.kubeconfig, self.opts.watch_timeout_s)
+        for name, spec in wanted.items():
+            if self.agent_specs.get(name) != spec:
+                old = self.agents.pop(name, None)
+                if old is not None:
+                    old.stop.remote()
+                    ray.kill(old)
+                self.agents[name] = ClusterAgentActor.options(**self.opts.placement.options("agent")).remote(
+                    *spec.args(), self.reconciler)
+                self.agent_specs[name] = spec
+        for name in set(self.agents) - set(wanted):
+            a = self.agents.pop(name)
+            self.agent_specs.pop(name, None)
+            a.stop.remote()
+            ray.kill(a)
+
+    def placement(self) -> dict[str, dict[str, Any]]:
+        """Role (or `agent/<cluster>`) -> the pid and node id of its actor, asked of each actor."""
+        handles = {"config_server": self.config_server, "reconciler": self.reconciler, "git": self.git,
+                   **{f"agent/{name}": a for name, a in self.agents.items()}}
+        return {role: dict(ray.get(h.where.remote(), timeout=10)) for role, h in handles.items()}
+
+    # -- StatusSource ------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        with self._cache_lock:
+            if self._cache:
+                return dict(self._cache)
+        return self.refresh()
+
+    def services(self) -> list[dict[str, Any]]:
+        return list(decode_json(ray.get(self.reconciler.services.remote(), timeout=10)))
+
+    def endpoints(self, service: str, from_cluster: str | None) -> dict[str, Any]:
+        return dict(decode_json(ray.get(self.reconciler.endpoints.remote(service, from_cluster), timeout=10)))
+
+    def failover_history(self, service: str | None, since_s: float | None) -> list[dict[str, Any]]:
+        assert self._store is not None
+        return [r.as_dict() for r in self._store.failover_history(service, since_s)]
+
+    def trust(self) -> list[dict[str, Any]]:
+        assert self._store is not None
+        return self._store.ca_roots()
+
+    def trust_view(self) -> dict[str, Any]:
+        return dict(decode_json(ray.get(self.config_server.trust_view.remote(), timeout=10)))
+
+    def explain(self, service: str, from_cluster: str, zone: str | None) -> dict[str, Any]:
+        return dict(decode_json(ray.get(self.reconciler.explain.remote(service, from_cluster, zone), timeout=10)))
+
+    def checks(self) -> list[dict[str, Any]]:
+        return build_checks(self.status(), time.time())
+
+    # -- control -------------------------------------------------------------------------------------
+
+    def trigger_git(self) -> None:
+        ray.get(self.git.trigger.remote())
+
+    def trigger_to_ack(self, clear: bool = False) -> list[float]:
+        return list(ray.get(self.config_server.trigger_to_ack.remote(clear)))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.status_server is not None:
+            self.status_server.stop()
+        for a in self.agents.values():
+            try:
+                ray.get(a.stop.remote(), timeout=2)
+            except Exception:
+                pass
+            ray.kill(a)
+        for h in (self.git, self.reconciler, self.config_server):
+            ray.kill(h)
+        self.agents.clear()
+
+
+def run(opts: ControllerOptions) -> None:  # pragma: no cover - the CLI entry point
+    import signal
+
+    ctl = Controller(opts).start()
+    print(f"meshfed controller: config gRPC on {opts.listen.rsplit(':', 1)[0]}:{ctl.port} (bootstrap port "
+          f"{ctl.bootstrap_port or '-'}), "
+          f"status on {ctl.status_server.url}, state in {ctl.state_dir} (node {ctl.state_node[:12]})", flush=True)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    done.wait()
+    ctl.stop()

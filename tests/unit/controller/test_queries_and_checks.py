@@ -1,0 +1,104 @@
+"""Operators' queries shaped from live objects (services, endpoints, explain, the status document)
+and the checks `meshfed check` runs over that document, with `now_s` passed in."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from benchmarks.simproxy import make_config
+from federation.controller import queries
+from federation.controller.checks import ROOT_EXPIRY_WARNING_S, build_checks
+from tests.unit.core.factory import endpoint, fleet, observation
+
+CONFIGS = {"ztunnel/a/n1": make_config("ztunnel/a/n1", "rev1", services=2, cluster="a"),
+           "ztunnel/b/n1": make_config("ztunnel/b/n1", "rev1", services=1, cluster="b"),
+           "gateway/a": make_config("gateway/a", "rev1", cluster="a")}
+
+
+def test_services_count_endpoints_per_cluster() -> None:
+    obs = {"east": observation("east", [endpoint("shop", "checkout", "c1", "10.1.0.1", "n1"),
+                                        endpoint("shop", "checkout", "c2", "10.1.0.2", "n1", ready=False)]),
+           "west": observation("west", [endpoint("shop", "cart", "k1", "10.2.0.1", "n1")])}
+    out = {s["service"]: s for s in queries.services(fleet(), obs)}
+    assert out["shop/checkout"]["clusters"] == {"east": {"endpoints": 2, "ready": 1}}
+    assert out["shop/cart"]["clusters"] == {"west": {"endpoints": 1, "ready": 1}}
+    assert out["shop/checkout"]["policy_source"].startswith("policies/shop/checkout.yaml")
+    assert queries.services(None, obs) == []
+
+
+@pytest.mark.parametrize("name", ["svc1.ns1.svc.clusterset.local", "ns1/svc1", "svc1.ns1", "svc1"])
+def test_endpoints_as_the_first_node_proxy_of_a_cluster_sees_them(name: str) -> None:
+    out = queries.endpoints(CONFIGS, name, "a")
+    assert out["service"] == "svc1.ns1.svc.clusterset.local" and out["viewer"] == "ztunnel/a/n1"
+    assert [e["workload"] for e in out["endpoints"]] == ["a/ns1/pod-0", "a/ns1/pod-1"]
+
+
+def test_endpoints_errors_name_what_is_missing() -> None:
+    assert "no node proxy rendered for cluster 'c'" in queries.endpoints(CONFIGS, "svc0", "c")["error"]
+    assert "not in the config of ztunnel/b/n1" in queries.endpoints(CONFIGS, "ns1/svc1", "b")["error"]
+
+
+def test_explain_shows_the_quorum_ejection_from_the_engine_itself() -> None:
+    """No patching after the fact: the vote's verdict is an input of the engine, and explain reads it."""
+    from federation.core.failover import build_engine
+    from federation.core.offline import offline_observations
+    from tests.unit.core import factory as f
+
+    snap = f.fleet()
+    engine = build_engine(snap, offline_observations(snap))
+    host = "checkout.shop.svc.clusterset.local"
+    victim = next(ep.uid for ep in engine.graph.endpoints_in(f.CHECKOUT, "east").values())
+    engine.apply_health_verdict({(host, victim)}, 10.0, {(host, victim): "health reports: 3 of 3 proxies eject it"})
+    data = queries.explain(engine, host, "east", None)
+    eps = {e["uid"]: e for tier in data["tiers"] for g in tier["groups"] for e in g["endpoints"]}
+    assert data["live"] is True and "globally_ejected" not in data
+    assert eps[victim]["ejected"] is True and eps[victim]["reason"] == "HealthReportQuorum"
+    assert eps[victim]["healthy"] is False
+    assert all(e["healthy"] for uid, e in eps.items() if uid != victim and e.get("ready", True))
+
+
+def test_explain_before_the_first_render_and_on_a_bad_question(monkeypatch: pytest.MonkeyPatch) -> None:
+    import federation.core.explain as core_explain
+
+    assert queries.explain(None, "x", "a", None)["usage"] is False
+
+    def refuse(*_a: Any) -> Any:
+        raise core_explain.ExplainError("no service x")
+
+    monkeypatch.setattr(core_explain, "explain_service", refuse)
+    assert queries.explain(object(), "x", "a", None) == {"error": "no service x", "usage": True}
+
+
+def test_the_status_document_joins_the_parts() -> None:
+    rec = {"fleet_clusters": {"east": {}, "west": {}}, "applied": {"revision": "abc"},
+           "clusters": {"east": {"endpoints": 4}}, "desired": {"revision": "abc", "ok": True}}
+    cs = {"epoch": 3, "port": 15010, "bootstrap_port": 0, "proxies": [{"proxy": "p", "sync": "SYNCED"}]}
+    agents = {"east": {"up": True, "lease_remaining_s": 9.0, "context": "lab-east", "ignored": 1}}
+    st = queries.assemble_status(rec, cs, agents, {"repo": "r"}, state_dir="/s", failover_events=2, trust=[],
+                                 now_s=100.0, state_node="node-a")
+    assert st["controller"] == {"epoch": 3, "config_port": 15010, "bootstrap_port": 0, "state_dir": "/s",
+                                "state_node": "node-a"}
+    assert st["clusters"]["east"] == {"endpoints": 4, "up": True, "lease_remaining_s": 9.0, "last_error": None,
+                                      "api": None, "context": "lab-east", "applied_revision": "abc"}
+    assert st["clusters"]["west"]["up"] is None and "proxies" not in st["config_server"]
+    assert st["proxies"] == cs["proxies"] and st["failover_events"] == 2 and st["at_s"] == 100.0
+
+
+@pytest.mark.parametrize(("left_s", "ok"), [(ROOT_EXPIRY_WARNING_S + 60, True), (ROOT_EXPIRY_WARNING_S - 60, False)])
+def test_a_root_close_to_expiry_fails_its_check(left_s: float, ok: bool) -> None:
+    now = 1_000_000.0
+    st = {"trust": [{"trust_domain": "east.mesh.local", "root": "CN=root-1", "not_after_s": now + left_s}]}
+    (check,) = [c for c in build_checks(st, now) if c["group"] == "trust"]
+    assert check["ok"] is ok
+    assert (check["hint"] == "") is ok and ("expires in" in check["cause"]) is not ok
+
+
+def test_checks_name_the_unsynced_proxies_and_split_brain() -> None:
+    st = {"proxies": [{"proxy": "ztunnel/a/n1", "sync": "STALE", "last_nack": "bad route"},
+                      {"proxy": "ztunnel/a/n2", "sync": "SYNCED"}],
+          "config_server": {"stale_epoch_refusals": 2}}
+    checks = {c["check"]: c for c in build_checks(st, 0.0)}
+    assert "1 of 2 not synced: ztunnel/a/n1 STALE (bad route)" in checks["all proxies synced"]["cause"]
+    assert not checks["no split brain"]["ok"] and "stop this one" in checks["no split brain"]["hint"]

@@ -1,0 +1,196 @@
+"""The reconciler's process without Ray or threads: `step(now_s)` decides when to reconcile, the
+outbox sends only differences (everything again on "resync"), and the Git feed's delivery order."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import pytest
+
+from benchmarks.simproxy import make_config
+from federation.controller.git_feed import GitFeed
+from federation.controller.reconcile_service import IDLE_WAIT_S, DeltaOutbox, ReconcileService
+from federation.controller.reconciler import RenderInput, RenderOutput
+from federation.controller.sources import FleetFailure
+from federation.controller.wire import decode_config_deltas
+from gitops.model import ConfigSnapshot, Federation, Revision
+from ztunnel.api.config import ProxyConfig, Stamp
+
+
+def snap(sha: str) -> ConfigSnapshot:
+    return ConfigSnapshot(revision=Revision(sha, "msg"), federation=Federation("f", "mesh"), clusters={},
+                          trust_domains={}, services={}, lab_clusters={}, destination_rules={},
+                          authorization_policies=(), routes=())
+
+
+def cfg(pid: str, rev: str, version: int, services: int = 2) -> ProxyConfig:
+    return replace(make_config(pid, rev, services=services), stamp=Stamp(1, rev, version))
+
+
+class Sent:
+    """The config service's side of the outbox: records blobs, answers as told."""
+
+    def __init__(self, answers: Sequence[str] = ()) -> None:
+        self.blobs: list[bytes] = []
+        self.answers = list(answers)
+
+    def __call__(self, blob: bytes) -> str:
+        self.blobs.append(blob)
+        return self.answers.pop(0) if self.answers else "ok"
+
+    def deltas(self, i: int) -> dict[str, Any]:
+        return {d.proxy_id: d.delta for d in decode_config_deltas(self.blobs[i])}
+
+
+def test_the_outbox_sends_differences_and_everything_on_resync() -> None:
+    sent = Sent(answers=["ok", "ok", "resync"])
+    box = DeltaOutbox(sent)
+    a1, b1 = cfg("ztunnel/a/n1", "r1", 1), cfg("ztunnel/a/n2", "r1", 1)
+    box.push({"ztunnel/a/n1": a1, "ztunnel/a/n2": b1}, {"ztunnel/a/n1": a1, "ztunnel/a/n2": b1})
+    assert {p: d.base_version for p, d in sent.deltas(0).items()} == {"ztunnel/a/n1": 0, "ztunnel/a/n2": 0}
+    a2 = cfg("ztunnel/a/n1", "r2", 2, services=3)
+    box.push({"ztunnel/a/n1": a2}, {"ztunnel/a/n1": a2, "ztunnel/a/n2": b1})
+    (delta,) = sent.deltas(1).values()
+    assert delta.base_version == 1 and sum(len(v) for v in delta.upserts.values()) == 1   # svc2 only
+    # the service lost its state ("resync"): everything current, in full; n2 is no longer rendered
+    a3 = cfg("ztunnel/a/n1", "r3", 3, services=1)
+    box.push({"ztunnel/a/n1": a3}, {"ztunnel/a/n1": a3})
+    assert len(sent.blobs) == 4 and box.resyncs == 1
+    assert {p: d.base_version for p, d in sent.deltas(3).items()} == {"ztunnel/a/n1": 0}
+    assert box.last_sent == {"ztunnel/a/n1": a3}
+
+
+@dataclass
+class EndpointEjected:   # the name the service counts (federation.core.events.EndpointEjected)
+    enforced: bool
+
+
+class Render:
+    """One node proxy; its version follows the number of renders."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.events: list[Any] = []
+
+    def __call__(self, inp: RenderInput) -> RenderOutput:
+        self.calls += 1
+        out = RenderOutput({"ztunnel/a/n1": cfg("ztunnel/a/n1", inp.snapshot.revision.sha, 1)}, self.events)
+        self.events = []
+        return out
+
+
+def service(now: list[float], sent: Sent, render: Render) -> ReconcileService:
+    return ReconcileService(None, sent, debounce_after_s=0.1, debounce_max_s=10.0, clock=lambda: now[0],
+                            tick_interval_s=1.0, render=render)
+
+
+def test_step_reconciles_when_due_and_ticks_when_idle() -> None:
+    now, sent, render = [100.0], Sent(), Render()
+    svc = service(now, sent, render)
+    assert svc.wait_s(100.0) == IDLE_WAIT_S and svc.missing_inputs()
+    assert not svc.step(100.0)                           # nothing to do yet
+    svc.on_snapshot(snap("a" * 40))
+    assert svc.wait_s(100.0) == pytest.approx(0.1) and not svc.missing_inputs()
+    assert not svc.step(100.05)                          # debouncing
+    assert svc.step(100.1) and render.calls == 1 and len(sent.blobs) == 1
+    assert svc.snapshot() is not None
+    assert not svc.step(100.9)                           # idle, not yet a tick
+    render.events = [EndpointEjected(True), EndpointEjected(False)]
+    assert svc.step(102.0) and render.calls == 2         # a tick: leases and ejections expire with time
+    assert len(sent.blobs) == 1                          # the same content: nothing pushed
+    assert (svc.ejections_detected, svc.ejections_enforced) == (2, 1) and svc.rec.events == []
+    st = svc.status()
+    assert st["applied"]["revision"] == "a" * 40 and st["fleet_clusters"] == {}
+    assert st["ejections_detected"] == 2 and st["reconciles"] == 2
+
+
+def test_resync_sends_every_config_in_full() -> None:
+    now, sent, render = [0.0], Sent(), Render()
+    svc = service(now, sent, render)
+    svc.on_snapshot(snap("b" * 40))
+    svc.step(1.0)
+    svc.resync()
+    assert {p: d.base_version for p, d in sent.deltas(1).items()} == {"ztunnel/a/n1": 0}
+
+
+# --- agents --------------------------------------------------------------------------------------
+
+
+def test_agent_specs_follow_the_fleet_and_restart_watches_within_a_lease() -> None:
+    from federation.controller.sources import AgentSpec, agent_specs
+
+    fleet_clusters = {"east": {"kubeconfig": None, "context": "lab-east", "api_kind": "kubeconfig", "lease_ttl_s": 30.0},
+                      "west": {"kubeconfig": "/w", "context": "lab-west", "api_kind": "kubeconfig", "lease_ttl_s": 3.0}}
+    specs = agent_specs(fleet_clusters, "/default")
+    assert specs["east"] == AgentSpec("east", "/default", "lab-east", "kubeconfig", 30.0, 10)
+    assert specs["west"].kubeconfig == "/w" and specs["west"].watch_timeout_s == 2   # never below 2 s
+    assert agent_specs(fleet_clusters, None, watch_timeout_s=5)["east"].watch_timeout_s == 5
+    assert specs["east"].args() == ("east", "/default", "lab-east", "kubeconfig", 30.0, 10)
+
+
+# --- Git feed --------------------------------------------------------------------------------------
+
+
+class Watch:
+    poll_interval_s = 30.0
+
+
+class Follower:
+    def __init__(self) -> None:
+        self.watch = Watch()
+
+
+class Source:
+    """Stands in for `GitSource`: hands out what it is given, one result per poll."""
+
+    def __init__(self, results: list[Any]) -> None:
+        self.results = results
+        self.snapshot: ConfigSnapshot | None = None
+        self.worktree = False
+        self.follower = Follower()
+        self.last_error = ""
+
+    def poll(self, _now_s: float) -> Any:
+        got = self.results.pop(0) if self.results else None
+        if isinstance(got, ConfigSnapshot) and got.revision.sha != "f" * 40:
+            self.snapshot = got
+        return got
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.got: list[tuple[str, str]] = []
+
+    def on_snapshot(self, snap: ConfigSnapshot) -> None:
+        self.got.append(("snapshot", snap.revision.sha[:1]))
+
+    def on_fallback_snapshot(self, snap: ConfigSnapshot) -> None:
+        self.got.append(("fallback", snap.revision.sha[:1]))
+
+    def on_fleet_error(self, sha: str, _subject: str, problems: Sequence[dict[str, Any]]) -> None:
+        self.got.append(("error", sha[:1]))
+
+
+class NoRecords:
+    def last_applied(self) -> None:
+        return None
+
+    def applied_ca_specs(self) -> None:
+        return None
+
+    def leaf_not_after(self, _td: str) -> dict[str, float]:
+        return {}
+
+
+def test_the_git_feed_delivers_a_fallback_before_the_failure_of_the_head() -> None:
+    # after a restart on a bad head: the failure first from Git, then the last applied revision
+    failure = FleetFailure("e" * 40, "bad", ({"code": "MF0001", "message": "bad"},))
+    source, sink = Source([failure, snap("a" * 40)]), Sink()
+    feed = GitFeed(source, NoRecords(), sink, poll_interval_s=5.0)  # type: ignore[arg-type]
+    assert source.follower.watch.poll_interval_s == 5.0
+    feed.poll_once()
+    assert sink.got == [("snapshot", "a"), ("error", "e")]
+    feed.resend()
+    assert sink.got[-1] == ("snapshot", "a")

@@ -1,0 +1,119 @@
+"""The signing policy as a plain class: CSR entitlement (bootstrap token vs mTLS), who may act as
+which proxy, trust-domain-bound client verification, and the leaves recorded for staged rotation."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from federation.controller.signing import Requester, SigningPolicy, cluster_named_by
+from federation.controller.store import Store
+from tests.unit.core.factory import fleet
+from ztunnel.api.identity import SpiffeId, generate_key_and_csr, proxy_spiffe_id
+
+EAST_TD = "east.mesh.local"
+NODE1 = "ztunnel/east/node-1"
+OWN = proxy_spiffe_id(EAST_TD, NODE1)
+NODE2 = proxy_spiffe_id(EAST_TD, "ztunnel/east/node-2")
+CHECKOUT = "spiffe://east.mesh.local/ns/shop/sa/checkout"      # rendered on node-1
+CART = "spiffe://east.mesh.local/ns/shop/sa/cart"              # not rendered on node-1
+WEST_CHECKOUT = "spiffe://west.mesh.local/ns/shop/sa/checkout"
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> Store:
+    return Store.in_state_dir(tmp_path / "state")
+
+
+@pytest.fixture()
+def policy(tmp_path: Path, store: Store) -> SigningPolicy:
+    rendered = {NODE1: (CHECKOUT,)}
+    p = SigningPolicy(tmp_path / "state", store, lambda pid: rendered.get(pid, ()))
+    p.load_cas(fleet())
+    return p
+
+
+def san(chain_pem: bytes) -> str:
+    leaf = x509.load_pem_x509_certificate(chain_pem)
+    return str(leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+               .get_values_for_type(x509.UniformResourceIdentifier)[0])
+
+
+@pytest.mark.parametrize(("bootstrap", "identity", "allowed"), [
+    (True, OWN, True),              # a token buys the proxy's own identity ...
+    (True, CHECKOUT, False),        # ... only: not the workloads it will serve
+    (True, NODE2, False),
+    (False, OWN, True),             # over mTLS: its own identity ...
+    (False, CHECKOUT, True),        # ... and its rendered workloads' identities
+    (False, CART, False),           # not a workload it does not serve
+    (False, NODE2, False),          # not another proxy
+    (False, WEST_CHECKOUT, False),  # not another trust domain's
+])
+def test_csr_entitlement(policy: SigningPolicy, bootstrap: bool, identity: str, allowed: bool) -> None:
+    who = Requester(NODE1, "" if bootstrap else OWN, bootstrap, "east")
+    csr = generate_key_and_csr(identity).csr_pem
+    if allowed:
+        chain, roots, not_after_s = policy.sign(who, csr, 3600.0)
+        assert san(chain[0]) == identity and roots == [policy.cas[EAST_TD].roots_pem()]
+        assert not_after_s > time.time() + 3000
+    else:
+        with pytest.raises(PermissionError, match=r"not entitled|trust domain"):
+            policy.sign(who, csr, 3600.0)
+
+
+def test_a_cluster_without_a_ca_here_is_refused_with_the_reason(policy: SigningPolicy) -> None:
+    with pytest.raises(PermissionError, match="cluster 'north' has no CA here"):
+        policy.sign(Requester("ztunnel/north/node-1", "", True, "north"), generate_key_and_csr(OWN).csr_pem, 0)
+
+
+def test_every_leaf_is_recorded_against_its_signing_root(policy: SigningPolicy, store: Store) -> None:
+    assert store.leaf_not_after(EAST_TD) == {}
+    _chain, _roots, first = policy.sign(Requester(NODE1, "", True, "east"), generate_key_and_csr(OWN).csr_pem, 600.0)
+    root = policy.cas[EAST_TD].signing_root
+    assert store.leaf_not_after(EAST_TD) == {root: first}
+    _chain, _roots, later = policy.sign(Requester(NODE1, OWN, False, "east"), generate_key_and_csr(OWN).csr_pem, 7200.0)
+    assert later > first and store.leaf_not_after(EAST_TD) == {root: later}   # the latest not-after wins
+    assert {r["trust_domain"] for r in store.ca_roots()} == {EAST_TD, "west.mesh.local", "south.mesh.local"}
+
+
+def test_the_serving_certificate_is_a_recorded_leaf_with_the_controller_name(policy: SigningPolicy,
+                                                                              store: Store) -> None:
+    from ztunnel.api.identity import CONTROLLER_TLS_NAME
+
+    key, chain, roots = policy.server_tls()
+    assert b"PRIVATE KEY" in key and roots == policy.roots_pem()
+    leaf = x509.load_pem_x509_certificate(chain)
+    names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert CONTROLLER_TLS_NAME in names.get_values_for_type(x509.DNSName)
+    assert store.leaf_not_after(EAST_TD)  # the first trust domain's root signed it
+
+
+def test_server_tls_without_a_ca_says_what_is_missing(tmp_path: Path, store: Store) -> None:
+    with pytest.raises(RuntimeError, match="load the fleet's CAs first"):
+        SigningPolicy(tmp_path / "state", store).server_tls()
+
+
+def test_client_verification_is_bound_to_the_trust_domain(policy: SigningPolicy) -> None:
+    own = policy.cas[EAST_TD].issue_svid(OWN)
+    assert policy.verify_client(own.chain_pem) == OWN
+    # west's CA mints east's identity: the pooled roots would accept it, the bound check must not
+    key = ec.generate_private_key(ec.SECP256R1())
+    forged = policy.cas["west.mesh.local"]._sign_leaf(SpiffeId.parse(OWN), key.public_key(), time.time(), None)
+    with pytest.raises(PermissionError):
+        policy.verify_client(forged)
+
+
+def test_authorize_uses_the_loaded_fleets_clusters(policy: SigningPolicy) -> None:
+    assert policy.authorize(NODE1, OWN) == ""
+    assert "may not act as proxy" in policy.authorize(NODE1, NODE2)
+    assert "not in the fleet repo" in policy.authorize("ztunnel/north/node-1", OWN)
+
+
+@pytest.mark.parametrize(("proxy_id", "cluster"), [("ztunnel/east/node-1", "east"), ("gateway/west", "west"),
+                                                    ("ztunnel", ""), ("", "")])
+def test_cluster_named_by(proxy_id: str, cluster: str) -> None:
+    assert cluster_named_by(proxy_id) == cluster
