@@ -123,7 +123,7 @@ class ReconcileService:
                 ran = self.rec.reconcile(now_s, force=True)
             if ran:
                 self._count_events()
-            self._last_run_s = now_s if self.rec.reconciles else self._last_run_s
+                self._last_run_s = now_s  # only a run restarts the idle clock: waking is not running
             return ran
 
     def _count_events(self) -> None:

@@ -106,6 +106,20 @@ def test_step_reconciles_when_due_and_ticks_when_idle() -> None:
     assert st["ejections_detected"] == 2 and st["reconciles"] == 2
 
 
+def test_idle_ticks_happen_when_the_loop_wakes_more_often_than_the_tick_interval() -> None:
+    """The loop wakes every IDLE_WAIT_S (0.5 s) with nothing to do; the core must still be ticked
+    every tick_interval_s (1 s) so that leases and ejections expire without input."""
+    now, sent, render = [100.0], Sent(), Render()
+    svc = service(now, sent, render)
+    svc.on_snapshot(snap("a" * 40))
+    assert svc.step(100.1) and render.calls == 1
+    t = 100.1
+    for _ in range(10):                                  # 5 s of idle wake-ups every 0.5 s
+        t += IDLE_WAIT_S
+        svc.step(t)
+    assert render.calls >= 1 + 4                         # at least one tick per second
+
+
 def test_resync_sends_every_config_in_full() -> None:
     now, sent, render = [0.0], Sent(), Render()
     svc = service(now, sent, render)
