@@ -1,6 +1,6 @@
 """The main job's moving parts: a running lab federation driven from the host, step by step.
 
-`LabFederation` wraps `clusters.lab.supervisor.LabRunner` with what the demo (`meshfed demo`) and the
+`LabFederation` wraps `clusters.lab.runner.LabRunner` with what the demo (`meshfed demo`) and the
 lab-tier end-to-end tests need: bring the lab up from a fleet directory, reach the controller's
 status API through the lab's host portal, wait for convergence (every proxy SYNCED at the desired
 revision), ask the global service from a cluster's client pod (curl inside the pod's namespace:
@@ -60,7 +60,7 @@ class LabFederation:
 
     def up(self, up_timeout_s: float = 120.0) -> dict[str, Any]:
         import gitops
-        from clusters.lab.supervisor import LabOptions, LabRunner
+        from clusters.lab.runner import LabOptions, LabRunner
 
         snap = gitops.load_worktree(self.fleet_dir)
         self.runner = LabRunner(LabOptions(self.state_dir, up_timeout_s=up_timeout_s))
@@ -69,7 +69,7 @@ class LabFederation:
 
     def attach(self) -> None:
         """Use a lab that is already running in `state_dir`."""
-        from clusters.lab.supervisor import LabOptions, LabRunner
+        from clusters.lab.runner import LabOptions, LabRunner
 
         self.runner = LabRunner(LabOptions(self.state_dir))
         self.lab = self.runner.status()["lab"]
@@ -155,9 +155,9 @@ class LabFederation:
         """HTTP GET from inside a lab namespace: (status, body, error)."""
         r = self.runner.exec(where, [sys.executable, "-c", _GET, url, str(timeout_s)], timeout_s=timeout_s + 10)
         try:
-            res = json.loads(r["stdout"])
+            res = json.loads(r.stdout)
         except ValueError:
-            return 0, "", (r["stderr"].strip().splitlines() or [f"exit {r['returncode']}"])[-1]
+            return 0, "", (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
         return int(res["status"]), str(res["body"]), str(res["error"])
 
     def ask(self, where: str, url: str = SERVICE_URL, timeout_s: float = 5.0) -> dict[str, Any]:
