@@ -27,6 +27,7 @@ import json
 import os
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -188,8 +189,10 @@ def test_a_pushed_policy_reaches_every_proxy(fed: LabFederation) -> None:
     _print(f"push {sha[:8]} SYNCED on every proxy after {time.monotonic() - t0:.2f} s")
     assert sha != before["desired"]["revision"]
     assert {p["acked_revision"] for p in st["proxies"]} == {sha}
-    r = subprocess.run([str(REPO / ".venv/bin/meshfed"), "status", "--controller", fed.controller_url],
-                       capture_output=True, text=True, timeout=60, check=False)
+    # `meshfed` of this checkout, wherever its virtualenv lives (a worktree has none of its own)
+    r = subprocess.run([sys.executable, "-m", "federation.cli.main", "status", "--controller", fed.controller_url],
+                       capture_output=True, text=True, timeout=60, check=False,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count(sha[:8]) >= 9 + 2
     svc = next(s for s in fed.proxy_config("node:east/node-1")["config"]["services"]
