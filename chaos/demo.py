@@ -8,7 +8,8 @@ the pod dials `checkout.shop.svc.clusterset.local`, the node's iptables hand the
 ztunnel), run the open-loop load generator in client pods, `git push` a change to the lab's Git
 server, inject and heal faults, and record a timeline on the same wall clock as the load.
 
-Only adapters live here (subprocess for `git`, HTTP for the status API, the lab's control socket);
+Only adapters live here (subprocess for `git`, HTTP for the status API, the lab's runner: its control
+socket, and `LabRunner.exec` entering the lab's namespaces);
 the figures come from `chaos.analysis` (pure) and the report from `chaos.report`.
 """
 

@@ -167,18 +167,18 @@ def exec_interactive(box: SandboxRef, netns: NetnsName, argv: Sequence[str], *, 
     sys.stderr.flush()
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores these; the command must not inherit that
         signal.signal(sig, signal.SIG_DFL)
-    if plan.mode is Stdio.PTY:
-        os._exit(_relay_pty(cmd, plan.pass_stdin))
-    if plan.mode is Stdio.PIPES:
-        os._exit(_relay_pipes(cmd, plan.pass_stdin))
-    if not plan.pass_stdin:
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.close(null)
     try:
+        if plan.mode is Stdio.PTY:
+            os._exit(_relay_pty(cmd, plan.pass_stdin))
+        if plan.mode is Stdio.PIPES:
+            os._exit(_relay_pipes(cmd, plan.pass_stdin))
+        if not plan.pass_stdin:
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.close(null)
         os.execvp(cmd[0], cmd)
     except OSError as e:
-        print(f"cannot run {cmd[0]}: {e} (install util-linux)", file=sys.stderr)
+        print(f"cannot run {cmd[0]}: {e} (nsenter, setpriv and setsid come with util-linux)", file=sys.stderr)
         os._exit(2)
 
 

@@ -59,6 +59,10 @@ JOB_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ
 
 
 class Supervisor:
+    """Invariants: every process the lab starts is in `procs`; each part guards its own state, so
+    the supervisor holds no lock across requests; `lab.json` says Ready only after bring-up
+    finished and the control socket is bound, and Down once everything is stopped."""
+
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
         self.plan: LabPlan = pickle.loads((state_dir / PLAN_FILE).read_bytes())
@@ -68,8 +72,9 @@ class Supervisor:
         self.targets = exec_targets(self.plan)
         self.procs = ProcessTable()
         self.faults = FaultInjector(self.plan, self.procs, self.log_dir)
-        self.data_plane = DataPlane(state_dir, self.plan, self.procs, self.log_dir,
-                                    with_controller=self.request.get("controller", "auto") != "off")
+        # proxies join the controller only when there is one (it needs a fleet repo to follow)
+        with_controller = self.request.get("controller", "auto") != "off" and bool(self.request.get("fleet_dir"))
+        self.data_plane = DataPlane(state_dir, self.plan, self.procs, self.log_dir, with_controller=with_controller)
         self.bring_up = BringUp(state_dir, self.plan, self.request, self.procs, self.data_plane,
                                 self.faults.node_is_down, self.stop)
         self.control = ControlServer(state_dir / sandbox.CONTROL_SOCKET, self.handle)
