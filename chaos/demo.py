@@ -1,6 +1,6 @@
 """The main job's moving parts: a running lab federation driven from the host, step by step.
 
-`LabFederation` wraps `clusters.lab.supervisor.LabRunner` with what the demo (`meshfed demo`) and the
+`LabFederation` wraps `clusters.lab.runner.LabRunner` with what the demo (`meshfed demo`) and the
 lab-tier end-to-end tests need: bring the lab up from a fleet directory, reach the controller's
 status API through the lab's host portal, wait for convergence (every proxy SYNCED at the desired
 revision), ask the global service from a cluster's client pod (curl inside the pod's namespace:
@@ -8,7 +8,8 @@ the pod dials `checkout.shop.svc.clusterset.local`, the node's iptables hand the
 ztunnel), run the open-loop load generator in client pods, `git push` a change to the lab's Git
 server, inject and heal faults, and record a timeline on the same wall clock as the load.
 
-Only adapters live here (subprocess for `git`, HTTP for the status API, the lab's control socket);
+Only adapters live here (subprocess for `git`, HTTP for the status API, the lab's runner: its control
+socket, and `LabRunner.exec` entering the lab's namespaces);
 the figures come from `chaos.analysis` (pure) and the report from `chaos.report`.
 """
 
@@ -60,7 +61,7 @@ class LabFederation:
 
     def up(self, up_timeout_s: float = 120.0) -> dict[str, Any]:
         import gitops
-        from clusters.lab.supervisor import LabOptions, LabRunner
+        from clusters.lab.runner import LabOptions, LabRunner
 
         snap = gitops.load_worktree(self.fleet_dir)
         self.runner = LabRunner(LabOptions(self.state_dir, up_timeout_s=up_timeout_s))
@@ -69,7 +70,7 @@ class LabFederation:
 
     def attach(self) -> None:
         """Use a lab that is already running in `state_dir`."""
-        from clusters.lab.supervisor import LabOptions, LabRunner
+        from clusters.lab.runner import LabOptions, LabRunner
 
         self.runner = LabRunner(LabOptions(self.state_dir))
         self.lab = self.runner.status()["lab"]
@@ -155,9 +156,9 @@ class LabFederation:
         """HTTP GET from inside a lab namespace: (status, body, error)."""
         r = self.runner.exec(where, [sys.executable, "-c", _GET, url, str(timeout_s)], timeout_s=timeout_s + 10)
         try:
-            res = json.loads(r["stdout"])
+            res = json.loads(r.stdout)
         except ValueError:
-            return 0, "", (r["stderr"].strip().splitlines() or [f"exit {r['returncode']}"])[-1]
+            return 0, "", (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
         return int(res["status"]), str(res["body"]), str(res["error"])
 
     def ask(self, where: str, url: str = SERVICE_URL, timeout_s: float = 5.0) -> dict[str, Any]:

@@ -39,6 +39,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ztunnel.api.secret_files import read_secret, write_secret
+
 # (apiVersion, kind) -> (URL prefix, plural, namespaced)
 _RESOURCES: dict[tuple[str, str], tuple[str, str, bool]] = {
     ("v1", "Namespace"): ("/api/v1", "namespaces", False),
@@ -238,18 +240,16 @@ class EmulatedApiServer:
         }
 
     def write_kubeconfig(self, path: str | os.PathLike[str], context: str) -> Path:
-        """Write (or merge into) a kubeconfig file so that `context` points at this server."""
+        """Write (or merge into) a kubeconfig file so that `context` points at this server.
+
+        A kubeconfig carries credentials: it is read and written as a secret (0600, atomic, never
+        through a link; `ztunnel.api.secret_files`)."""
         p = Path(path)
-        mine = self.kubeconfig(context)
-        data: dict[str, Any] = {"apiVersion": "v1", "kind": "Config", "clusters": [], "users": [], "contexts": []}
-        if p.exists():
+        existing: dict[str, Any] = {}
+        if p.exists() or p.is_symlink():
             # kubeconfig is YAML, and JSON is YAML: we only ever write JSON here.
-            data = json.loads(p.read_text() or "{}")
-        for section in ("clusters", "users", "contexts"):
-            data[section] = [e for e in data.get(section, []) if e.get("name") != context] + mine[section]
-        data.setdefault("current-context", context)
-        p.write_text(json.dumps(data, indent=1))
-        os.chmod(p, 0o600)
+            existing = json.loads(read_secret(p) or b"{}")
+        write_secret(p, json.dumps(merge_kubeconfig(existing, self.kubeconfig(context)), indent=1).encode())
         return p
 
     # --- objects ----------------------------------------------------------------------------------
@@ -297,6 +297,18 @@ class EmulatedApiServer:
     def list(self, api_version: str, kind: str) -> list[dict[str, Any]]:
         prefix, plural, _ = _RESOURCES[(api_version, kind)]
         return list(self._request("GET", f"{prefix}/{plural}").get("items", []))
+
+
+def merge_kubeconfig(base: Mapping[str, Any], mine: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with the clusters, users and contexts of `mine` added (same names replaced); the
+    current context stays `base`'s if it has one (pure)."""
+    out: dict[str, Any] = {"apiVersion": "v1", "kind": "Config", **base}
+    for section in ("clusters", "users", "contexts"):
+        names = {e.get("name") for e in mine.get(section, [])}
+        out[section] = [e for e in base.get(section, []) if e.get("name") not in names] + list(mine.get(section, []))
+    if not out.get("current-context"):
+        out["current-context"] = mine.get("current-context", "")
+    return out
 
 
 def main() -> None:  # pragma: no cover - exercised by the lab

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from clusters.lab.topology import ClusterPlan, NodePlan, PodPlan, ServiceVip
 
 ZONE_LABEL = "topology.kubernetes.io/zone"
+MAX_TRANSITIONS = 1000  # kept for `lab status` (the last 20 are shown): bounded, the lab may run for days
 REGION_LABEL = "topology.kubernetes.io/region"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 MANAGED_BY = "endpointslice.meshfed.dev/lab"
@@ -182,6 +183,7 @@ class Kubelet:
                 continue
             if key in self._written:
                 self.transitions.append((time.time(), key, _summary(obj)))
+                del self.transitions[:-MAX_TRANSITIONS]
             self._written[key] = text
             n += 1
         self.writes += n

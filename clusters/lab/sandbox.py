@@ -6,9 +6,13 @@ The supervisor is re-executed as
 
 so the lab gets its own network stack (nothing it does can reach the machine's interfaces), its
 own mount table (a private tmpfs on /run/netns and /etc/netns: named namespaces and per-namespace
-hosts files never appear on the host) and its own PID namespace (the supervisor is PID 1: when it
-dies, the kernel kills every process of the lab). `--kill-child` makes `unshare` take the
-supervisor down with it, so killing the one `unshare` process ends the lab even after a crash.
+hosts files never appear on the host) and its own PID namespace (PID 1 is the lab's init, which
+runs the supervisor as its child, `clusters.lab.processes.run_as_init`: when init dies, the kernel
+kills every process of the lab). `--kill-child` makes `unshare` take init down with it, so killing
+the one `unshare` process ends the lab even after a crash.
+
+The host enters a running lab through that `unshare` process (`clusters.lab.nsexec`): it is itself
+in the lab's network and mount namespaces, and its `pid_for_children` is the lab's PID namespace.
 
 As root this just works. As another user we add `--user --map-root-user` when unprivileged user
 namespaces are allowed (`kernel.unprivileged_userns_clone`, `user.max_user_namespaces`); if not,
@@ -128,10 +132,6 @@ def prepare_mounts() -> None:
     for d in ("/run/netns", "/etc/netns"):
         os.makedirs(d, exist_ok=True)
         subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755,size=16m", f"meshfed-{Path(d).name}", d], check=True)
-
-
-def inside_sandbox() -> bool:
-    return os.getpid() == 1 and os.environ.get(HOST_NETNS_FD_ENV) is not None
 
 
 # --- process identity (never kill by name) ---------------------------------------------------------

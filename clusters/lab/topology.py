@@ -559,6 +559,10 @@ def run_iptables(netns: NetnsName, args: Sequence[str]) -> None:
     _run([*base, "iptables", "-w", *args])
 
 
+def run_ip(netns: NetnsName, *args: str) -> None:
+    _run(["ip", *(["-n", netns] if netns else []), *args])
+
+
 def set_sysctl(netns: NetnsName, key: str, value: str) -> None:
     from clusters.lab.netns import in_netns
 

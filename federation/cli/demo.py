@@ -77,8 +77,8 @@ def run_demo(fleet: Path, state_dir: Path, out_dir: Path, keep: bool) -> int:
         workload_of,
     )
     from chaos.report import write_report
+    from clusters.lab.layout import LabError
     from clusters.lab.sandbox import SandboxUnavailable
-    from clusters.lab.supervisor import LabError
 
     fed = LabFederation(fleet, state_dir)
     t_start = time.monotonic()

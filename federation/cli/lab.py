@@ -1,7 +1,8 @@
 """`meshfed lab`: the local lab (network namespaces in a private sandbox) — up, status, down, faults.
 
-The work is done by `clusters.lab.supervisor.LabRunner`; this module only parses arguments, loads the
-fleet repo (the topology comes from its Cluster and LabCluster objects) and prints.
+The work is done by `clusters.lab.runner.LabRunner`; this module only parses arguments, loads the
+fleet repo (the topology comes from its Cluster and LabCluster objects) and prints. `lab exec`
+enters the sandbox from this process and becomes the command (`clusters.lab.nsexec`).
 The state directory defaults to $MESHFED_LAB_DIR or /tmp/meshfed-lab; `lab.json` in it describes
 what runs where, `kubeconfig` has one context per lab cluster (`kubectl --context lab-east …`).
 """
@@ -38,7 +39,8 @@ state_dir_option = click.option("--state-dir", "state_dir", default=None, metava
 
 
 def _runner(state_dir: str | None, **opts: Any) -> Any:
-    from clusters.lab.supervisor import LabError, LabOptions, LabRunner
+    from clusters.lab.layout import LabError
+    from clusters.lab.runner import LabOptions, LabRunner
 
     try:
         return LabRunner(LabOptions(_state_dir(state_dir), **opts))
@@ -47,7 +49,7 @@ def _runner(state_dir: str | None, **opts: Any) -> Any:
 
 
 def _lab_error() -> type[Exception]:
-    from clusters.lab.supervisor import LabError
+    from clusters.lab.layout import LabError
 
     return LabError
 
@@ -199,19 +201,29 @@ def behaviour(pod: str, mode: str, state_dir: str | None) -> None:
     click.echo(f"{pod}: {mode}")
 
 
-@lab.command("exec", context_settings={"ignore_unknown_options": True})
+@lab.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("-i", "--stdin", "stdin", is_flag=True, help="pass stdin to the command (else it reads nothing)")
+@click.option("-t", "--tty", "tty", is_flag=True, help="give the command this terminal (-it: an interactive shell)")
+@state_dir_option
 @click.argument("where")
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
-@state_dir_option
-def exec_(where: str, argv: tuple[str, ...], state_dir: str | None) -> None:
-    """Run a command in a lab namespace: WHERE is pod:C/NS/NAME, node:C/NODE, gateway:C or root."""
+def exec_(stdin: bool, tty: bool, state_dir: str | None, where: str, argv: tuple[str, ...]) -> None:
+    """Run a command in a lab namespace, like `kubectl exec`: output streams, exit status is the command's.
+
+    \b
+    WHERE is pod:CLUSTER/NAMESPACE/POD, node:CLUSTER/NODE, gateway:CLUSTER or root.
+    Options go before WHERE; everything after it is the command (a leading `--` is optional).
+    meshfed lab exec pod:east/shop/frontend-0 -- curl -s checkout.shop.svc.clusterset.local
+    meshfed lab exec -it node:east/node-1 sh
+    """
+    command = list(argv[1:] if argv and argv[0] == "--" else argv)
+    if not command:
+        fail("name a command to run after WHERE", hint="e.g. meshfed lab exec pod:east/shop/frontend-0 -- sh",
+             code=EXIT_USAGE)
     try:
-        res = _runner(state_dir).exec(where, argv)
+        _runner(state_dir).exec_interactive(where, command, stdin=stdin, tty=tty)
     except _lab_error() as e:
         fail(str(e), code=EXIT_FAILED)
-    click.echo(res["stdout"], nl=False)
-    click.echo(res["stderr"], nl=False, err=True)
-    raise SystemExit(res["returncode"])
 
 
 def register(group: click.Group) -> None:

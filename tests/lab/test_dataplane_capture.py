@@ -3,8 +3,8 @@
     pod-a (client) ──veth──► node-a: iptables REDIRECT (the lab's `capture_rules`) → ztunnel :15001
         (SO_ORIGINAL_DST recovers the VIP) ──HBONE mTLS :15008──► node-b: ztunnel → pod-b (demo server)
 
-Both ztunnels run as `python -m ztunnel` with exactly the argv the lab builds (`lab.proxy_argv`),
-so a mismatch between the lab's flags and the proxy's CLI fails here. The destination pod carries
+Both ztunnels run as `python -m ztunnel` with exactly the argv the lab builds
+(`clusters.lab.commands.proxy_argv`), so a mismatch between the lab's flags and the proxy's CLI fails here. The destination pod carries
 the PROXY v2 label, so the demo server reports the *verified* caller identity it got in TLV 0xD0.
 The VIP the client dials exists nowhere on the network: only the capture can answer it.
 """
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from clusters.lab.commands import proxy_argv
 from clusters.lab.demo_server import PROXY_LABEL
-from clusters.lab.supervisor import proxy_argv
 from clusters.lab.topology import NetnsName, NodePlan, capture_rules, run_iptables
 from tests.integration import dataplane_topology as topo
 
@@ -135,13 +135,12 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
                                                  bundles=[TD], local_identities=[SERVER.identity]),
                                SERVER.identity, NS["nb"], CBR_B),
         }
-        flags = sh(sys.executable, "-m", "ztunnel", "--help").stdout
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         for proxy_id, (cfg, identity, ns, cbr) in cfgs.items():
             d = tmp / proxy_id.replace("/", "_")
             topo.write_cert_dir(d / "certs", {identity: topo.svid(identity)})
             topo.write_config(d / "config.json", replace(cfg, network="lab"))
-            argv = proxy_argv([sys.executable, "-m", "ztunnel"], proxy_id, d, cbr, flags, with_config=True)
+            argv = proxy_argv([sys.executable], proxy_id, d, cbr, standalone=True)
             assert "--controller" not in argv  # a rendered config means standalone
             logs[proxy_id] = tmp / f"{proxy_id.replace('/', '-')}.log"
             with open(logs[proxy_id], "wb") as log:

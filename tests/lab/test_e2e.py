@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -62,7 +63,7 @@ def _print(*parts: Any) -> None:
 
 @pytest.fixture(scope="module")
 def fed() -> Iterator[LabFederation]:
-    from clusters.lab.supervisor import LabError
+    from clusters.lab.layout import LabError
 
     f = LabFederation(REPO / "examples" / "fleet", STATE_DIR)
     try:
@@ -102,6 +103,22 @@ def test_every_proxy_is_synced_at_the_fleet_revision(fed: LabFederation) -> None
     assert len(st["proxies"]) == fed.proxy_count() == 9
     assert {p["sync"] for p in st["proxies"]} == {"SYNCED"}
     assert {p["acked_revision"] for p in st["proxies"]} == {desired}
+
+
+def test_each_proxy_was_given_its_token_by_the_controllers_command(fed: LabFederation) -> None:
+    """The controller's module is the one writer of bootstrap-tokens.json; the lab only wrote each
+    proxy's own token file (0600, a regular file), with what `meshfed controller bootstrap-token`
+    printed; and the kubeconfig (credentials) is 0600 too."""
+    sd = fed.state_dir
+    tokens = json.loads((sd / "controller" / "bootstrap-tokens.json").read_text())
+    dirs = sorted((sd / "proxies").iterdir())
+    assert len(dirs) == fed.proxy_count()
+    for d in dirs:
+        st = os.lstat(d / "bootstrap-token")
+        assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600, d
+        cluster = d.name.split("_")[1]  # ztunnel_<cluster>_<node> | gateway_<cluster>
+        assert (d / "bootstrap-token").read_text().strip() == tokens[cluster]
+    assert stat.S_IMODE(os.stat(sd / "kubeconfig").st_mode) == 0o600
 
 
 def test_each_cluster_reaches_checkout_in_every_other_cluster_with_end_to_end_mtls(fed: LabFederation) -> None:
@@ -175,8 +192,10 @@ def test_a_pushed_policy_reaches_every_proxy(fed: LabFederation) -> None:
     _print(f"push {sha[:8]} SYNCED on every proxy after {time.monotonic() - t0:.2f} s")
     assert sha != before["desired"]["revision"]
     assert {p["acked_revision"] for p in st["proxies"]} == {sha}
-    r = subprocess.run([str(REPO / ".venv/bin/meshfed"), "status", "--controller", fed.controller_url],
-                       capture_output=True, text=True, timeout=60, check=False)
+    # `meshfed` of this checkout, wherever its virtualenv lives (a worktree has none of its own)
+    r = subprocess.run([sys.executable, "-m", "federation.cli.main", "status", "--controller", fed.controller_url],
+                       capture_output=True, text=True, timeout=60, check=False,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count(sha[:8]) >= 9 + 2
     svc = next(s for s in fed.proxy_config("node:east/node-1")["config"]["services"]

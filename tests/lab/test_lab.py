@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from clusters.lab.supervisor import LabOptions, LabRunner
+from clusters.lab.runner import LabOptions, LabRunner
 from clusters.lab.topology import plan_lab
 from tests.unit.lab.fleet_fixture import fleet
 
@@ -91,8 +91,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LabRunner, d
 
 def get(runner: LabRunner, where: str, host: str, port: int = 8080, timeout_s: float = 2.0) -> dict[str, Any]:
     res = runner.exec(where, [PY, "-c", GET, host, str(port), str(timeout_s)], timeout_s=timeout_s + 10)
-    assert res["returncode"] == 0, res["stderr"]
-    out: dict[str, Any] = json.loads(res["stdout"])
+    assert res.returncode == 0, res.stderr
+    out: dict[str, Any] = json.loads(res.stdout)
     return out
 
 
@@ -153,7 +153,7 @@ def test_hosts_files_resolve_clusterset_names_to_the_service_vip(lab: tuple[LabR
                       [PY, "-c", "import socket;print(socket.gethostbyname('checkout.shop.svc.clusterset.local'))"])
     west = next(c for c in state["clusters"] if c["name"] == "west")
     vip = next(s["cluster_ip"] for s in west["services"] if s["name"] == "checkout")
-    assert res["stdout"].strip() == vip
+    assert res.stdout.strip() == vip
 
 
 def _api_objects(state: dict[str, Any], cluster: str, path: str) -> list[dict[str, Any]]:

@@ -1,0 +1,122 @@
+"""The command lines of what the lab runs, decided from the plan (pure).
+
+The lab calls the commands this installation ships with their real flags: `python -m ztunnel`
+(`ztunnel/__main__.py`), `meshfed controller run` and `meshfed controller bootstrap-token`
+(`federation/cli/ops.py`, run as `python -m federation.cli.main` because `clusters` may not import
+`federation`), the demo server and the latency relay. Nothing here asks a command what it accepts:
+a flag that does not exist is a bug that tests/unit/lab/test_commands.py catches by parsing each
+argv with the command's own parser.
+
+The lab's conventions for proxies: HBONE on 0.0.0.0:15008, admin on 127.0.0.1:15021 (inside the
+proxy's own namespace), and for node ztunnels SOCKS5 on the pod-bridge address :15080 plus the
+transparent listener :15001 that the node's iptables REDIRECT (`topology.capture_rules`) sends pod
+TCP to. A proxy with a rendered `config.json` runs standalone; without one it joins the controller
+(first certificate with its bootstrap token, then config over gRPC).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from clusters.lab.layout import (
+    BOOTSTRAP_TOKEN_FILE,
+    CONTROLLER_BOOTSTRAP_PORT,
+    CONTROLLER_GRPC_PORT,
+    CONTROLLER_HTTP_PORT,
+    CONTROLLER_ROOTS_FILE,
+)
+from clusters.lab.topology import CONTROLLER_MGMT_ADDRESS, LabPlan, NetnsName, PodPlan
+from ztunnel.api.ports import ADMIN_PORT, HBONE_PORT, OUTBOUND_CAPTURE_PORT, SOCKS5_PORT
+
+MESHFED = ("-m", "federation.cli.main")   # `meshfed` without relying on the console script's path
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySpec:
+    """One proxy of the plan: a node ztunnel or a cluster's east-west gateway."""
+
+    proxy_id: str       # ztunnel/<cluster>/<node> | gateway/<cluster>
+    cluster: str
+    trust_domain: str
+    netns: NetnsName
+    socks_host: str     # node ztunnels: the pod bridge address; gateways: ""
+
+    @property
+    def key(self) -> str:
+        """The supervisor's process key (`ztunnel:east/node-1`, `gateway:east`), as faults name it."""
+        kind, _, rest = self.proxy_id.partition("/")
+        return f"{kind}:{rest}"
+
+    @property
+    def is_node(self) -> bool:
+        return self.proxy_id.startswith("ztunnel/")
+
+    @property
+    def log_name(self) -> str:
+        return self.proxy_id.replace("/", "-") + ".log"
+
+
+def proxy_specs(plan: LabPlan) -> list[ProxySpec]:
+    out: list[ProxySpec] = []
+    for c in plan.clusters:
+        out += [ProxySpec(f"ztunnel/{c.name}/{n.name}", c.name, c.trust_domain, n.netns, n.pod_gateway)
+                for n in c.nodes]
+        if c.gateway is not None:
+            out.append(ProxySpec(f"gateway/{c.name}", c.name, c.trust_domain, c.gateway.netns, ""))
+    return out
+
+
+def proxy_argv(python: Sequence[str], proxy_id: str, proxy_dir: Path, socks_host: str, *, standalone: bool,
+               trust_domain: str = "", controller_dir: Path | None = None) -> list[str]:
+    """`python -m ztunnel …` for one lab proxy.
+
+    standalone: the proxy serves `proxy_dir/config.json` (written by whoever rendered it) with the
+    certificates in `proxy_dir/certs`. Otherwise it joins the controller on the management network
+    and needs `trust_domain` and `controller_dir` (where the controller writes its serving roots).
+    tests/lab/test_dataplane_capture.py runs a real ztunnel with this argv."""
+    argv = [*python, "-m", "ztunnel", "--cert-dir", str(proxy_dir / "certs"), "--state-dir", str(proxy_dir / "state"),
+            "--hbone", f"0.0.0.0:{HBONE_PORT}", "--admin", f"127.0.0.1:{ADMIN_PORT}", "--proxy-id", proxy_id]
+    if standalone:
+        argv += ["--config", str(proxy_dir / "config.json")]
+    else:
+        if controller_dir is None or not trust_domain:
+            raise ValueError(f"{proxy_id}: a proxy that joins the controller needs its trust domain and the "
+                             "controller's state directory (or a config.json to run standalone)")
+        argv += ["--controller", f"{CONTROLLER_MGMT_ADDRESS}:{CONTROLLER_GRPC_PORT}",
+                 "--bootstrap", f"{CONTROLLER_MGMT_ADDRESS}:{CONTROLLER_BOOTSTRAP_PORT}",
+                 "--bootstrap-token-file", str(proxy_dir / BOOTSTRAP_TOKEN_FILE), "--trust-domain", trust_domain,
+                 "--controller-roots", str(controller_dir / CONTROLLER_ROOTS_FILE)]
+    if proxy_id.startswith("ztunnel/"):
+        argv += ["--socks", f"{socks_host}:{SOCKS5_PORT}", "--transparent", f"0.0.0.0:{OUTBOUND_CAPTURE_PORT}"]
+    else:
+        argv += ["--socks", ""]  # a gateway has no local clients
+    return argv
+
+
+def controller_argv(python: Sequence[str], repo: str, state_dir: Path, kubeconfig: Path) -> list[str]:
+    """`meshfed controller run …` in the sandbox root: gRPC, bootstrap and status on every address
+    (the management bridge for proxies, loopback for the host portal)."""
+    return [*python, *MESHFED, "controller", "run", "--repo", repo, "--state-dir", str(state_dir),
+            "--listen", f"0.0.0.0:{CONTROLLER_GRPC_PORT}",
+            "--bootstrap-listen", f"0.0.0.0:{CONTROLLER_BOOTSTRAP_PORT}",
+            "--status-listen", f"0.0.0.0:{CONTROLLER_HTTP_PORT}",
+            "--kubeconfig", str(kubeconfig)]
+
+
+def bootstrap_token_argv(python: Sequence[str], controller_dir: Path, proxy_id: str) -> list[str]:
+    """`meshfed controller bootstrap-token …`: prints the token `proxy_id` presents (the controller's
+    bootstrap module creates and owns the tokens file; the lab only asks)."""
+    return [*python, *MESHFED, "controller", "bootstrap-token", "--state-dir", str(controller_dir),
+            "--proxy-id", proxy_id]
+
+
+def pod_argv(python: Sequence[str], p: PodPlan, control_socket: str) -> list[str]:
+    return [*python, "-m", "clusters.lab.demo_server", "--cluster", p.cluster, "--namespace", p.namespace,
+            "--pod", p.name, "--node", p.node, "--address", p.address, "--port", str(p.port),
+            "--behaviour", p.behaviour.value, "--control", control_socket]
+
+
+def latency_relay_argv(python: Sequence[str], port: int, delay_ms: float) -> list[str]:
+    return [*python, "-m", "clusters.lab.faults", "--port", str(port), "--delay-ms", str(delay_ms)]

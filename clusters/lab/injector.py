@@ -1,0 +1,229 @@
+"""Fault injection: carry out the steps `clusters.lab.faults.plan_fault` decides, and undo them.
+
+`plan_fault` (pure) says what a fault is; this module is the one place that acts on it: signals to
+the lab's processes, iptables rules in the MESHFED-FAULT chain, blackhole routes, link state, and
+latency relays. Every applied step is remembered with what its undo needs, so `heal` removes
+exactly what was added.
+
+Invariants: a fault is either applied whole or not at all (a step that fails rolls back the ones
+before it); `active` lists applied faults in order; the lock guards only that bookkeeping, never a
+command, so a slow fault (a relay starting, a process being waited for) does not hold up status,
+another fault on something else, or a heal.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from clusters.lab import faults as F
+from clusters.lab.commands import latency_relay_argv
+from clusters.lab.layout import LabError
+from clusters.lab.netns import in_netns
+from clusters.lab.processes import ManagedProcess, ProcessTable
+from clusters.lab.topology import LabPlan, NetnsName, run_ip, run_iptables
+
+LATENCY_FIRST_PORT = 15099   # relays listen on 15099, 15100, … in the namespace they delay
+RELAY_READY_TIMEOUT_S = 5.0
+OPTIONAL_PROCESSES = ("ztunnel:", "gateway:", "controller")  # absent when the lab runs without them
+
+
+@dataclass(frozen=True, slots=True)
+class AppliedStep:
+    step: F.FaultStep
+    relay: ManagedProcess | None = None              # Latency: the relay it started
+    relay_rules: tuple[tuple[str, ...], ...] = ()    # Latency: the nat rules that feed it
+
+
+@dataclass(frozen=True, slots=True)
+class AppliedFault:
+    request: F.FaultRequest
+    steps: tuple[AppliedStep, ...]
+
+    def matches(self, target: str | None, names: Sequence[str]) -> bool:
+        return not target or (self.request.target == target and (not names or tuple(names) == self.request.names))
+
+
+class FaultInjector:
+    def __init__(self, plan: LabPlan, procs: ProcessTable, log_dir: Path) -> None:
+        self.plan = plan
+        self.procs = procs
+        self.log_dir = log_dir
+        self._lock = threading.Lock()
+        self._hook_lock = threading.Lock()
+        self._active: list[AppliedFault] = []
+        self._hooked: set[str] = set()
+        self._nodes_down: dict[tuple[str, str], int] = {}   # (cluster, node) -> faults holding it down
+        self._ports = itertools.count(LATENCY_FIRST_PORT)
+
+    # --- queries ---------------------------------------------------------------------------------
+
+    def active(self) -> list[F.FaultRequest]:
+        with self._lock:
+            return [a.request for a in self._active]
+
+    def node_is_down(self, cluster: str, node: str) -> bool:
+        return self._nodes_down.get((cluster, node), 0) > 0
+
+    # --- apply -----------------------------------------------------------------------------------
+
+    def apply(self, req: F.FaultRequest) -> list[str]:
+        try:
+            steps = F.plan_fault(self.plan, req)
+        except KeyError as e:  # plan lookups name what exists
+            raise F.FaultError(str(e.args[0])) from None
+        done: list[AppliedStep] = []
+        for st in steps:
+            try:
+                done.append(self._do(st))
+            except Exception as e:
+                for applied in reversed(done):
+                    try:
+                        self._undo(applied)
+                    except Exception as undo_error:  # report, keep rolling back
+                        print(f"fault rollback: could not undo {applied.step!r}: {undo_error}", file=sys.stderr)
+                raise LabError(f"{req.kind} {req.target} {' '.join(req.names)}: step {st!r} failed ({e}); "
+                               "nothing of this fault stays applied") from None
+        node = self._node_of(req)
+        with self._lock:
+            if node is not None:
+                self._nodes_down[node] = self._nodes_down.get(node, 0) + 1
+            if req.kind != "cont":
+                self._active.append(AppliedFault(req, tuple(done)))
+        return [repr(a.step) for a in done]
+
+    @staticmethod
+    def _node_of(req: F.FaultRequest) -> tuple[str, str] | None:
+        if req.target == "node" and req.kind in ("kill", "stop", "partition", "link-down"):
+            cluster, _, node = req.names[0].partition("/")
+            return cluster, node
+        return None
+
+    def _do(self, st: F.FaultStep) -> AppliedStep:
+        if isinstance(st, F.Signal):
+            self._signal(st)
+        elif isinstance(st, F.Rule):
+            self._hook(st.netns)
+            run_iptables(st.netns, ("-t", st.table, "-A", st.chain, *st.args))
+        elif isinstance(st, F.Blackhole):
+            run_ip(st.netns, "route", "add", "blackhole", st.cidr)
+        elif isinstance(st, F.LinkDown):
+            run_ip(st.netns, "link", "set", st.dev, "down")
+        elif isinstance(st, F.Latency):
+            return self._start_latency(st)
+        return AppliedStep(st)
+
+    def _signal(self, st: F.Signal) -> None:
+        mp = self.procs.get(st.process)
+        if mp is None:
+            if st.process.startswith(OPTIONAL_PROCESSES):
+                return  # not running in this lab (started with --no-ztunnel / --no-controller)
+            raise F.FaultError(f"no process {st.process} in this lab")
+        if st.signal == "KILL":
+            mp.kill()
+        elif st.signal == "STOP":
+            mp.pause()
+        else:
+            mp.resume()
+
+    def _hook(self, netns: NetnsName) -> None:
+        with self._hook_lock:  # the chain is created once per namespace
+            if netns in self._hooked:
+                return
+            for args in F.hook_chain_rules():
+                run_iptables(netns, args)
+            self._hooked.add(netns)
+
+    def _start_latency(self, st: F.Latency) -> AppliedStep:
+        with self._lock:
+            port = next(self._ports)
+        mp = ManagedProcess(f"latency:{st.netns or 'root'}:{port}", st.netns,
+                            latency_relay_argv([sys.executable], port, st.delay_ms), self.log_dir / "latency.log")
+        self.procs.put(mp)
+        mp.start()
+        rules = F.latency_rules(st, port)
+        added: list[tuple[str, ...]] = []
+        try:
+            _wait_listening(st.netns, port, mp, RELAY_READY_TIMEOUT_S)
+            for args in rules:
+                run_iptables(st.netns, args)
+                added.append(args)
+        except Exception:
+            for args in reversed(added):
+                run_iptables(st.netns, _deleting(args))
+            self.procs.pop(mp.key)
+            mp.terminate()
+            raise
+        return AppliedStep(st, mp, rules)
+
+    # --- heal ------------------------------------------------------------------------------------
+
+    def heal(self, target: str | None = None, names: Sequence[str] = ()) -> list[str]:
+        """Undo faults (all, or those on `target` `names`) and restart what they killed."""
+        with self._lock:
+            chosen = [a for a in self._active if a.matches(target, names)]
+            self._active = [a for a in self._active if not a.matches(target, names)]
+        healed: list[str] = []
+        for fault in chosen:
+            for applied in reversed(fault.steps):
+                try:
+                    self._undo(applied)
+                except Exception as e:  # keep healing the rest; report what failed
+                    healed.append(f"could not undo {applied.step!r}: {e}")
+            node = self._node_of(fault.request)
+            if node is not None:
+                with self._lock:
+                    self._nodes_down[node] = max(0, self._nodes_down.get(node, 0) - 1)
+            r = fault.request
+            healed.append(f"{r.kind} {r.target} {' '.join(r.names)}")
+        return healed
+
+    def _undo(self, applied: AppliedStep) -> None:
+        st = applied.step
+        if isinstance(st, F.Signal):
+            mp = self.procs.get(st.process)
+            if mp is None:
+                return
+            if not mp.alive():
+                mp.start()
+            elif st.signal == "STOP":
+                mp.resume()
+        elif isinstance(st, F.Rule):
+            run_iptables(st.netns, ("-t", st.table, "-D", st.chain, *st.args))
+        elif isinstance(st, F.Blackhole):
+            run_ip(st.netns, "route", "del", "blackhole", st.cidr)
+        elif isinstance(st, F.LinkDown):
+            run_ip(st.netns, "link", "set", st.dev, "up")
+        elif isinstance(st, F.Latency):
+            for args in applied.relay_rules:
+                run_iptables(st.netns, _deleting(args))
+            if applied.relay is not None:
+                self.procs.pop(applied.relay.key)
+                applied.relay.terminate()
+
+
+def _deleting(rule: Sequence[str]) -> tuple[str, ...]:
+    return tuple("-D" if a == "-A" else a for a in rule)
+
+
+def _wait_listening(netns: NetnsName, port: int, mp: ManagedProcess, timeout_s: float) -> None:
+    """Until the relay accepts on `port` in `netns` (a connection it closes at once: no original
+    destination). `in_netns` switches this thread only."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with in_netns(netns), socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, F.SO_MARK, F.LATENCY_MARK)  # not caught by another relay's rule
+            s.settimeout(0.2)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        if not mp.alive():
+            raise LabError(f"the latency relay exited at start; see {mp.log}")
+        if time.monotonic() > deadline:
+            raise LabError(f"the latency relay did not listen on :{port} within {timeout_s:.0f} s; see {mp.log}")
+        time.sleep(0.02)
