@@ -18,7 +18,8 @@ import pytest
 
 from clusters.lab.apiserver import EmulatedApiServer
 from federation.controller.reconciler import CoreRender, Reconciler
-from federation.controller.sources import ClusterAgent, decode_observation
+from federation.controller.sources import ClusterAgent
+from federation.controller.wire import decode_observation
 from federation.core.events import ClusterLeaseExpired
 from federation.core.failover import LeaseState
 from tests.integration.controller import kobjects as k
