@@ -73,17 +73,17 @@ class ExecResult:
 
 def find_sandbox(state_dir: Path) -> SandboxRef:
     """The running lab's sandbox, or a LabError that says how to get one."""
-    box = sandbox._read_json(state_dir / sandbox.SANDBOX_FILE)
+    box = sandbox.read_json(state_dir / sandbox.SANDBOX_FILE)
     pid, ticks = box.get("pid"), box.get("start_ticks")
     if not isinstance(pid, int) or not sandbox.is_same_process(pid, ticks if isinstance(ticks, int) else None) \
-            or sandbox._is_zombie(pid):
+            or sandbox.is_zombie(pid):
         raise LabError(f"no lab is running in {state_dir}; start one with `meshfed lab up --state-dir {state_dir}`")
     return SandboxRef(pid, bool(box.get("user_namespace", False)))
 
 
 def find_target(state_dir: Path, where: str) -> NetnsName:
     """The namespace of `where` in the running lab (from the targets the supervisor publishes)."""
-    state = sandbox._read_json(state_dir / sandbox.STATE_FILE)
+    state = sandbox.read_json(state_dir / sandbox.STATE_FILE)
     if state.get("phase") != "Ready":
         raise LabError(f"the lab in {state_dir} is not ready (phase {state.get('phase') or 'unknown'}); "
                        "see `meshfed lab status`")

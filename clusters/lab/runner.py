@@ -118,10 +118,10 @@ class LabRunner:
         raise LabError(f"the lab did not become ready within {self.opts.up_timeout_s:.0f} s\n{_tail(sd / 'lab.log')}")
 
     def _read_state(self) -> dict[str, Any]:
-        return dict(sandbox._read_json(self.state_dir / sandbox.STATE_FILE))
+        return dict(sandbox.read_json(self.state_dir / sandbox.STATE_FILE))
 
     def _kill(self, pid: int) -> None:
-        box = sandbox._read_json(self.state_dir / sandbox.SANDBOX_FILE)
+        box = sandbox.read_json(self.state_dir / sandbox.SANDBOX_FILE)
         ticks = box.get("start_ticks")
         sandbox.kill_sandbox(pid, ticks if isinstance(ticks, int) else None)
 
@@ -174,7 +174,7 @@ class LabRunner:
 
     def down(self, timeout_s: float = 10.0) -> dict[str, Any]:
         """Stop the lab; afterwards no process, namespace or link of it remains."""
-        box = sandbox._read_json(self.state_dir / sandbox.SANDBOX_FILE)
+        box = sandbox.read_json(self.state_dir / sandbox.SANDBOX_FILE)
         pid, ticks = box.get("pid"), box.get("start_ticks")
         asked = False
         try:
@@ -187,7 +187,7 @@ class LabRunner:
             t_ticks = ticks if isinstance(ticks, int) else None
             deadline = time.monotonic() + (timeout_s if asked else 0.0)
             while time.monotonic() < deadline and sandbox.is_same_process(pid, t_ticks) \
-                    and not sandbox._is_zombie(pid):
+                    and not sandbox.is_zombie(pid):
                 try:
                     if os.waitpid(pid, os.WNOHANG)[0] == pid:
                         break

@@ -167,13 +167,13 @@ def kill_sandbox(pid: int, start_ticks: int | None, grace_s: float = 3.0) -> boo
                     return True
             except ChildProcessError:
                 pass
-            if not is_same_process(pid, start_ticks) or _is_zombie(pid):
+            if not is_same_process(pid, start_ticks) or is_zombie(pid):
                 return True
             time.sleep(0.02)
     return not is_same_process(pid, start_ticks)
 
 
-def _is_zombie(pid: int) -> bool:
+def is_zombie(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
@@ -196,8 +196,8 @@ def sweep(state_dir: Path) -> SweepReport:
     removed: list[str] = []
     netns_removed: list[str] = []
     state_path = state_dir / STATE_FILE
-    state = _read_json(state_path)
-    box = _read_json(state_dir / SANDBOX_FILE)
+    state = read_json(state_path)
+    box = read_json(state_dir / SANDBOX_FILE)
     pid, ticks = box.get("pid"), box.get("start_ticks")
     if isinstance(pid, int) and is_same_process(pid, ticks if isinstance(ticks, int) else None):
         kill_sandbox(pid, ticks if isinstance(ticks, int) else None)
@@ -226,7 +226,7 @@ def sweep(state_dir: Path) -> SweepReport:
     return SweepReport(killed, tuple(removed), tuple(netns_removed))
 
 
-def _read_json(path: Path) -> dict[str, object]:
+def read_json(path: Path) -> dict[str, object]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
