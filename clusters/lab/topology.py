@@ -113,6 +113,7 @@ class GatewayPlan:
     cluster_root_ifname: str
     wan_root_ifname: str
     mgmt_root_ifname: str
+    address_from_cluster: bool = False  # the fleet left eastWestGateway.address out: the lab's "LB" gave it
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +283,16 @@ def service_vips(services: Iterable[GlobalService], service_net: ipaddress.IPv4N
     )
 
 
+def lb_address(wan: ipaddress.IPv4Network, cluster_index: int, explicit: set[str]) -> ipaddress.IPv4Address:
+    """The WAN address the lab's load balancer gives cluster `cluster_index`'s gateway Service when
+    the fleet leaves eastWestGateway.address out: counted down from the top of the WAN, skipping
+    addresses the fleet names explicitly (deterministic: the same fleet, the same address)."""
+    candidates = [a for a in reversed(list(wan.hosts())) if str(a) not in explicit]
+    if cluster_index > len(candidates) or cluster_index > wan.num_addresses // 2:
+        raise PlanError(f"the lab WAN {wan} has no free address left for another gateway; use a larger WAN")
+    return candidates[cluster_index - 1]
+
+
 def hosts_text(cluster: ClusterPlan, namespace: str) -> str:
     """/etc/hosts for pods of `namespace` in `cluster`: clusterset, cluster-local and short names."""
     lines = ["127.0.0.1 localhost", "::1 localhost"]
@@ -326,6 +337,8 @@ def plan_lab(
         LinkUp(ROOT_NS, "lo"),
     ]
     wan_taken: dict[str, str] = {}
+    explicit_wan = {str(c.east_west_gateway.address) for c in clusters.values()
+                    if c.east_west_gateway is not None and c.east_west_gateway.address is not None}
     for ci, name in enumerate(names, start=1):
         cl, lab = clusters[name], lab_clusters[name]
         if not lab.nodes:
@@ -372,7 +385,11 @@ def plan_lab(
 
         gw: GatewayPlan | None = None
         if cl.east_west_gateway is not None:
-            wan_addr = ipaddress.ip_address(cl.east_west_gateway.address)
+            from_cluster = cl.east_west_gateway.address is None
+            # No address in the fleet: the lab plays the cluster's load balancer and hands one out
+            # (published in the gateway Service's status, where discovery reads it, as on kind).
+            wan_addr = (lb_address(wan, ci, explicit_wan) if cl.east_west_gateway.address is None
+                        else ipaddress.ip_address(cl.east_west_gateway.address))
             if wan_addr not in wan:
                 raise PlanError(f"cluster {name}: eastWestGateway.address {wan_addr} is not on the lab WAN {wan}; "
                                 f"use an address in {wan}")
@@ -383,6 +400,7 @@ def plan_lab(
             gw = GatewayPlan(
                 cluster=name, netns=gns, cluster_address=str(node_net.network_address + 2),
                 wan_address=str(wan_addr), wan_prefix_len=wan.prefixlen, port=cl.east_west_gateway.port,
+                address_from_cluster=from_cluster,
                 mgmt_address=str(mgmt.network_address + (ci << 8) + 2),
                 cluster_root_ifname=_check_ifname(f"c{ci}g"), wan_root_ifname=_check_ifname(f"c{ci}w"),
                 mgmt_root_ifname=_check_ifname(f"c{ci}gm"),

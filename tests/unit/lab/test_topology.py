@@ -178,3 +178,25 @@ def test_wan_partition_is_symmetric(plan) -> None:  # type: ignore[no-untyped-de
 def test_impossible_faults_say_why(plan, req, message) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(FaultError, match=message):
         plan_fault(plan, req)
+
+
+def test_a_gateway_without_address_gets_one_from_the_lab_s_load_balancer() -> None:
+    """The lab plays the cloud LB for clusters whose fleet leaves eastWestGateway.address out: an
+    address from the top of the WAN, never one the fleet names, the same on every run; the kubelet
+    publishes it in the gateway Service's status, where discovery reads it."""
+    from clusters.lab.kubelet import desired_objects
+
+    c, lab, svcs = fleet()
+    c = {**c, "west": replace(c["west"], east_west_gateway=EastWestGateway(None))}
+    p = plan_lab(c, lab, svcs)
+    west = p.cluster("west")
+    assert west.gateway is not None and west.gateway.address_from_cluster
+    assert west.gateway.wan_address == "172.30.0.252"  # west sorts 3rd: the 3rd host address from the top (.254 down)
+    assert not p.cluster("east").gateway.address_from_cluster  # type: ignore[union-attr]
+    assert plan_lab(c, lab, svcs).cluster("west").gateway == west.gateway
+    objs = desired_objects(west, {}, {})
+    svc = objs["Service/meshfed-system/eastwest-gateway"]
+    assert svc["spec"]["type"] == "LoadBalancer"
+    assert svc["status"]["loadBalancer"]["ingress"] == [{"ip": "172.30.0.252", "ipMode": "VIP"}]
+    assert objs["Namespace//shop"]["metadata"]["labels"] == {"istio.io/dataplane-mode": "ambient"}
+    assert "labels" not in objs["Namespace//meshfed-system"]["metadata"]  # meshfed's own: never enrolled
