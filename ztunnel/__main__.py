@@ -7,6 +7,9 @@
   persisted last good config: a restart with the controller (or the file) absent serves from it.
 - `--cert-dir` holds one SVID per local identity: `<td>_ns_<ns>_sa_<sa>.crt.pem` (chain) and
   `.key.pem` (0600).
+- `--capture` (node mode): the proxy programs the node's capture rules itself and keeps them equal
+  to its enrolled pods (`ztunnel.proxy.capture_rules`): the lab's nodes and the kind DaemonSet run
+  the same code.
 - SIGTERM/SIGINT: drain (stop accepting, GOAWAY, let connections finish until `--drain-timeout-s`,
   then close). SIGHUP: reload `--config`.
 - Health and outcome reports go to an injectable sink (`HealthSink`); standalone it is the JSON
@@ -31,6 +34,7 @@ from ztunnel.proxy.node import NodeProxy
 from ztunnel.xds.state import ApplyResult, ProxyState, load_config_file, parse_host_port
 
 if TYPE_CHECKING:  # controller mode only: gRPC/protobuf cost ~5 MB RSS, standalone proxies skip them
+    from ztunnel.proxy.capture_rules import CaptureSync
     from ztunnel.xds.controlplane import ControllerLink
 
 
@@ -59,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hbone", default="0.0.0.0:15008")
     p.add_argument("--socks", default="127.0.0.1:15080", help="SOCKS5 outbound listener ('' disables)")
     p.add_argument("--transparent", default="", help="outbound capture listener for iptables REDIRECT")
+    p.add_argument("--capture", action="store_true",
+                   help="node mode: program the capture rules in this network namespace (iptables nat: this "
+                        "node's enrolled pods -> --transparent) and keep them in line with the config's "
+                        "workloads (ztunnel.proxy.capture_rules); needs CAP_NET_ADMIN")
     p.add_argument("--admin", default="127.0.0.1:15021")
     p.add_argument("--drain-timeout-s", type=float, default=10.0)
     p.add_argument("--handshake-timeout-s", type=float, default=5.0)
@@ -114,6 +122,7 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
     proxy = cls(state, creds, opts, telemetry, health)
     if link is not None:
         link.sink.target = proxy
+    capture = _start_capture(args, cfg.mode, proxy, telemetry) if args.capture else None
     await proxy.start()  # type: ignore[attr-defined]
     admin_host, admin_port = parse_host_port(args.admin)
     admin = AdminServer(admin_host, admin_port, telemetry=telemetry,
@@ -123,6 +132,7 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
                             "rejected": [str(e) for e in state.last_rejected],
                             "ejected": {s: sorted(proxy.ejected(s)) for s in proxy.detectors},
                             "sessions": {"pooled": proxy.pool.count(), "inbound": len(proxy.inbound_sessions)},
+                            "capture": capture.as_dict() if capture is not None else None,
                         })
     await admin.start()
     _release_startup_heap()
@@ -147,6 +157,8 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
     for t in link_tasks:
         t.cancel()
     await proxy.drain(args.drain_timeout_s)
+    if capture is not None:
+        capture.stop()  # the rules stay: captured pods are refused until a proxy serves them again
     await admin.close()
     telemetry.log(kind="stopped")
     return 0
@@ -162,6 +174,22 @@ async def _join(args: argparse.Namespace, state: ProxyState,
     opts = LinkOptions(args.controller, args.bootstrap, args.proxy_id, args.trust_domain, args.bootstrap_token_file,
                        args.controller_roots)
     return await join_controller(opts, state, creds, log)
+
+
+def _start_capture(args: argparse.Namespace, mode: ProxyMode, proxy: ProxyBase, telemetry: Telemetry) -> CaptureSync:
+    """--capture: install the chains, then let every applied config set which pods are captured."""
+    from ztunnel.proxy.capture_rules import CaptureError, CaptureSync, IptablesCapture, enrolled_addresses
+
+    if mode is not ProxyMode.NODE or not args.transparent:
+        raise SystemExit("--capture is for node proxies with a --transparent listener (the REDIRECT target)")
+    capture = IptablesCapture(parse_host_port(args.transparent)[1])
+    try:
+        capture.install()
+    except CaptureError as e:
+        raise SystemExit(f"ztunnel: {e}") from None
+    sync = CaptureSync(capture, telemetry.log)
+    proxy.add_config_listener(lambda cfg: sync.update(enrolled_addresses(cfg)))
+    return sync
 
 
 def _release_startup_heap() -> None:

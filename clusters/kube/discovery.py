@@ -299,7 +299,7 @@ def load_balancer_address(raw: Mapping[str, Any] | None) -> str:
 # --- the I/O half -------------------------------------------------------------------------------
 
 
-def _api_client(kubeconfig: str | None, context: str) -> Any:
+def api_client(kubeconfig: str | None, context: str) -> Any:
     from kubernetes import client, config  # the only import of kubernetes for reading
 
     try:
@@ -353,7 +353,7 @@ class KubeDiscovery:
 
     def _client(self) -> Any:
         if self._api is None:
-            self._api = _api_client(self.kubeconfig, self.context)
+            self._api = api_client(self.kubeconfig, self.context)
         return self._api
 
     def _list_fn(self, kind: str) -> Callable[..., Any]:

@@ -9,8 +9,9 @@ argv with the command's own parser.
 
 The lab's conventions for proxies: HBONE on 0.0.0.0:15008, admin on 127.0.0.1:15021 (inside the
 proxy's own namespace), and for node ztunnels SOCKS5 on the pod-bridge address :15080 plus the
-transparent listener :15001 that the node's iptables REDIRECT (`topology.capture_rules`) sends pod
-TCP to. A proxy with a rendered `config.json` runs standalone; without one it joins the controller
+transparent listener :15001 with `--capture`: the proxy programs the node namespace's iptables
+itself (`ztunnel.proxy.capture_rules`, the same code the kind DaemonSet runs) so that its enrolled
+pods' TCP is redirected to it. A proxy with a rendered `config.json` runs standalone; without one it joins the controller
 (first certificate with its bootstrap token, then config over gRPC).
 """
 
@@ -89,7 +90,8 @@ def proxy_argv(python: Sequence[str], proxy_id: str, proxy_dir: Path, socks_host
                  "--bootstrap-token-file", str(proxy_dir / BOOTSTRAP_TOKEN_FILE), "--trust-domain", trust_domain,
                  "--controller-roots", str(controller_dir / CONTROLLER_ROOTS_FILE)]
     if proxy_id.startswith("ztunnel/"):
-        argv += ["--socks", f"{socks_host}:{SOCKS5_PORT}", "--transparent", f"0.0.0.0:{OUTBOUND_CAPTURE_PORT}"]
+        argv += ["--socks", f"{socks_host}:{SOCKS5_PORT}", "--transparent", f"0.0.0.0:{OUTBOUND_CAPTURE_PORT}",
+                 "--capture"]
     else:
         argv += ["--socks", ""]  # a gateway has no local clients
     return argv

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import NewType
 
 from gitops.model import Cluster, DemoBehaviour, GlobalService, LabCluster, ServiceKey
-from ztunnel.api.ports import HBONE_PORT, OUTBOUND_CAPTURE_PORT
+from ztunnel.api.ports import HBONE_PORT
 
 NetnsName = NewType("NetnsName", str)
 
@@ -488,22 +488,6 @@ def plan_lab(
     }
     return LabPlan(clusters=tuple(plans), wan_cidr=str(wan), mgmt_cidr=str(mgmt),
                    controller_address=CONTROLLER_MGMT_ADDRESS, actions=tuple(actions), hosts=hosts)
-
-
-def capture_rules(node: NodePlan) -> tuple[Iptables, ...]:
-    """istio-cni-style transparent capture in a node namespace: TCP from its pods goes to ztunnel.
-
-    Everything a pod sends over TCP (except to its own node, e.g. the SOCKS5 port) is redirected to
-    the node ztunnel's outbound port, which recovers the destination with SO_ORIGINAL_DST.
-    """
-    return (
-        Iptables(node.netns, ("-t", "nat", "-N", "MESHFED_OUTBOUND")),
-        Iptables(node.netns, ("-t", "nat", "-A", "MESHFED_OUTBOUND", "-d", node.pod_gateway, "-j", "RETURN")),
-        Iptables(node.netns, ("-t", "nat", "-A", "MESHFED_OUTBOUND", "-d", node.address, "-j", "RETURN")),
-        Iptables(node.netns, ("-t", "nat", "-A", "MESHFED_OUTBOUND", "-p", "tcp",
-                              "-j", "REDIRECT", "--to-ports", str(OUTBOUND_CAPTURE_PORT))),
-        Iptables(node.netns, ("-t", "nat", "-A", "PREROUTING", "-i", "cbr0", "-p", "tcp", "-j", "MESHFED_OUTBOUND")),
-    )
 
 
 # --- execution (the one place that runs `ip`) ---------------------------------------------------

@@ -227,9 +227,16 @@ def register(group: click.Group) -> None:
 
     @group.command("check")
     @controller_option
+    @click.option("--pre", is_flag=True, help="before anything exists: what this machine lacks for --provider")
+    @click.option("--provider", type=click.Choice(["kind"]), default="kind", show_default=True,
+                  help="--pre: the provider to check for")
+    @click.option("--fleet", default=None, type=click.Path(file_okay=False),
+                  help="--pre: also check this fleet (contexts, subnets free on this machine)")
     @output_option()
-    def check(controller: str, output: str) -> None:
-        """Grouped pass/fail checks; each failure with a cause and a hint."""
+    def check(controller: str, pre: bool, provider: str, fleet: str | None, output: str) -> None:
+        """Grouped pass/fail checks; each failure with a cause and a hint (--pre: this machine, for kind)."""
+        if pre:
+            _preflight(fleet, output)
         data = fetch(controller, "/api/v1/check")
         failed = [c for c in data if not c["ok"]]
         if output in ("json", "yaml"):
@@ -248,3 +255,18 @@ def register(group: click.Group) -> None:
             out.print(f"{len(data) - len(failed)} passed, {len(failed)} failed", markup=False)
         raise SystemExit(EXIT_PROBLEMS if failed else EXIT_OK)
 
+
+def _preflight(fleet: str | None, output: str) -> None:
+    """`meshfed check --pre --provider kind`: exit 0 when kind can run here, 1 with the fixes otherwise."""
+    from clusters.kind import preflight
+    from federation.cli.kind import load_fleet
+
+    checks = preflight.evaluate(preflight.probe(), load_fleet(fleet) if fleet else None)
+    bad = preflight.failed(checks)
+    if output in ("json", "yaml"):
+        emit_data([c.as_dict() for c in checks], output)
+    else:
+        click.echo("kind preflight (nothing is created):")
+        click.echo(preflight.report(checks))
+        click.echo(f"{len(checks) - len(bad)} passed, {len(bad)} failed")
+    raise SystemExit(EXIT_PROBLEMS if bad else EXIT_OK)

@@ -19,7 +19,6 @@ from clusters.lab.topology import (
     AddVeth,
     Iptables,
     PlanError,
-    capture_rules,
     plan_lab,
 )
 from gitops.model import EastWestGateway
@@ -92,14 +91,6 @@ def test_hosts_files_name_the_service_vips_of_their_cluster(plan) -> None:  # ty
     # same sequence in every cluster: the n-th service gets .10+n of that cluster's service range
     for c in plan.clusters:
         assert [v.name for v in c.services] == [v.name for v in east.services]
-
-
-def test_capture_redirects_pod_tcp_but_not_traffic_to_the_node_itself(plan) -> None:  # type: ignore[no-untyped-def]
-    node = plan.cluster("west").node("node-1")
-    rules = [r.args for r in capture_rules(node)]
-    assert ("-t", "nat", "-A", "MESHFED_OUTBOUND", "-d", node.pod_gateway, "-j", "RETURN") in rules
-    assert rules[-1] == ("-t", "nat", "-A", "PREROUTING", "-i", "cbr0", "-p", "tcp", "-j", "MESHFED_OUTBOUND")
-    assert ("-t", "nat", "-A", "MESHFED_OUTBOUND", "-p", "tcp", "-j", "REDIRECT", "--to-ports", "15001") in rules
 
 
 def test_plan_is_deterministic() -> None:
