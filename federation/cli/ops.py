@@ -78,11 +78,15 @@ def register(group: click.Group) -> None:
                        "certificate); default: the --listen host, any free port (shown in status)")
     @click.option("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
     @click.option("--kubeconfig", default=None, help="kubeconfig for the clusters' contexts (default $KUBECONFIG)")
+    @click.option("--in-cluster", "in_cluster", default=None, metavar="CLUSTER",
+                  help="running in a pod of this fleet cluster: reach it through the pod's service account "
+                       "(the others through --kubeconfig contexts)")
     @click.option("--insecure", is_flag=True, help="plaintext gRPC trusting proxy ids: loopback tests only")
     @click.option("--git-poll-interval", "git_poll_s", type=float, default=None,
                   help="seconds; default: the Federation's gitPollInterval")
     def run(repo: str, branch: str, state_dir: str, listen: str, status_listen: str, bootstrap_listen: str | None,
-            ray_address: str | None, kubeconfig: str | None, insecure: bool, git_poll_s: float | None) -> None:
+            ray_address: str | None, kubeconfig: str | None, in_cluster: str | None, insecure: bool,
+            git_poll_s: float | None) -> None:
         """Follow the fleet repo, watch every cluster, push config to every proxy."""
         if insecure and not listen.startswith(("127.", "localhost", "[::1]")):
             fail("--insecure serves plaintext gRPC: only on a loopback --listen address", code=64)
@@ -92,7 +96,8 @@ def register(group: click.Group) -> None:
         run_controller(ControllerOptions(repo=repo, branch=branch, state_dir=state_dir, listen=listen,
                                          status_listen=status_listen, bootstrap_listen=bootstrap_listen,
                                          ray_address=ray_address,
-                                         kubeconfig=kubeconfig, insecure=insecure, git_poll_interval_s=git_poll_s))
+                                         kubeconfig=kubeconfig, in_cluster=in_cluster, insecure=insecure,
+                                         git_poll_interval_s=git_poll_s))
 
     @controller.command("bootstrap-token")
     @click.option("--state-dir", default=".meshfed", show_default=True, help="the controller's state directory")
