@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -166,7 +167,7 @@ def test_a_wan_partition_drops_both_ways_in_the_node_containers() -> None:
 
 
 def test_what_does_not_map_says_what_does() -> None:
-    with pytest.raises(KindPlanError, match="on kind: kill|stop pod"):
+    with pytest.raises(KindPlanError, match=re.escape("on kind: kill|stop pod")):
         plan_fault(SNAP, OPTS, FACTS, "latency", "gateway", ("east",))
     with pytest.raises(KindPlanError, match="no workload"):
         plan_fault(SNAP, OPTS, FACTS, "kill", "pod", ("east/shop/nothing-*",))
