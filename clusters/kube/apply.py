@@ -81,10 +81,15 @@ def apply_objects(kubeconfig: str | None, context: str, objects: Iterable[Mappin
     api = api_client(kubeconfig, context)
     done: list[Applied] = []
 
-    def call(method: str, url: str, body: Any, content_type: str, query: list[tuple[str, str]] | None = None) -> None:
-        api.call_api(url, method, query_params=query or [], body=body,
-                     header_params={"Content-Type": content_type, "Accept": "application/json"},
-                     auth_settings=["BearerToken"], _preload_content=False, _request_timeout=timeout_s)
+    def call(method: str, path: str, body: Any, content_type: str, query: list[tuple[str, str]] | None = None) -> None:
+        # the generated client's three steps (serialize with auth, send, check), for any path
+        m, url, headers, data, _post = api.param_serialize(
+            method=method, resource_path=path, query_params=query or [], body=body,
+            header_params={"Content-Type": content_type, "Accept": "application/json"}, auth_settings=["BearerToken"])
+        resp = api.call_api(m, url, header_params=headers, body=data, _request_timeout=timeout_s)
+        resp.read()
+        if not 200 <= resp.status < 300:
+            raise ApiException(http_resp=resp)
 
     for obj in objects:
         collection, url = object_url(obj)
@@ -92,7 +97,7 @@ def apply_objects(kubeconfig: str | None, context: str, objects: Iterable[Mappin
         ident = (str(obj.get("kind")), str(meta.get("namespace") or ""), str(meta.get("name")))
         try:
             try:
-                call("PATCH", url, json.dumps(obj), "application/apply-patch+yaml",
+                call("PATCH", url, json.dumps(obj), "application/apply-patch+yaml",  # JSON is YAML
                      [("fieldManager", FIELD_MANAGER), ("force", "true")])
                 done.append(Applied(*ident, "applied"))
                 continue
@@ -109,7 +114,7 @@ def apply_objects(kubeconfig: str | None, context: str, objects: Iterable[Mappin
                 done.append(Applied(*ident, "merged"))
         except ApiException as e:
             raise ApplyError(f"{ident[0]} {'/'.join(p for p in ident[1:] if p)} through context {context!r}: "
-                             f"HTTP {e.status} {e.reason}: {(e.body or b'')[:300]!r}") from e
+                             f"HTTP {e.status} {e.reason}: {str(e.body or '')[:300]}") from e
         except DiscoveryError:
             raise
         except Exception as e:  # connection refused, TLS, timeouts
