@@ -432,10 +432,13 @@ class CoreRender:
         rebuilt = inp.snapshot.revision.sha != self._revision or self._engine is None
         previous = self._engine if rebuilt else None
         if rebuilt:
+            # build everything first, then switch at once: a failure half-way (the CA roots come
+            # over a Ray call) must not leave a new engine next to the old renderer
             graph = EndpointGraph(inp.snapshot)
-            self._engine = FailoverEngine(inp.snapshot, graph, TrustGraph(inp.snapshot))
+            engine = FailoverEngine(inp.snapshot, graph, TrustGraph(inp.snapshot))
             roots = self.bundle_roots(inp.snapshot) if self.bundle_roots else {}
-            self._renderer = Renderer(self._engine, 1, roots)
+            renderer = Renderer(engine, 1, roots)
+            self._engine, self._renderer = engine, renderer   # (until here the previous pair stays whole)
             self._revision, self._seen = inp.snapshot.revision.sha, {}
         change = GraphChange()
         observed: list[str] = []
