@@ -211,7 +211,7 @@ class Reconciler:
     def on_lease(self, cluster: str, last_success_s: float) -> None:
         """A cluster agent's heartbeat: its API answered at `last_success_s` (no render needed: the
         periodic tick applies it before expiring leases)."""
-        self.leases[cluster] = max(last_success_s, self.leases.get(cluster, last_success_s))
+        self.leases[cluster] = last_success_s
 
     def on_health(self, proxy_id: str, outcomes: Sequence[EndpointReport], now_s: float | None = None) -> None:
         now = self.clock() if now_s is None else now_s
