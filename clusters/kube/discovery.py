@@ -348,6 +348,8 @@ class KubeDiscovery:
         self.resumes = 0      # watches started from a resourceVersion without a LIST
         self.expired = 0      # 410 Gone answers (resourceVersion too old): each costs a re-LIST
         self.bookmarks = 0
+        # kind -> why its last LIST/WATCH failed; cleared by a LIST (a failed watch always re-lists)
+        self.failing: dict[str, str] = {}
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
 
@@ -391,7 +393,14 @@ class KubeDiscovery:
             self._rv[kind] = str((body.get("metadata") or {}).get("resourceVersion") or "") or None
             self.last_success_s = self._clock()
             self.lists += 1
+            self.failing.pop(kind, None)
         return changed
+
+    def failing_kinds(self) -> dict[str, str]:
+        """Kinds whose last LIST or WATCH failed (kind -> error): an API that answers `/version` but
+        refuses EndpointSlices is not a cluster we can see, and must not keep its lease."""
+        with self._lock:
+            return dict(self.failing)
 
     def list_all(self) -> ClusterObservation:
         """A fresh, complete observation (LIST of every kind)."""
@@ -495,6 +504,8 @@ class KubeDiscovery:
                     self.watch_kind_once(kind, lambda: on_change(self.observation()))
                 except Exception as e:  # keep watching: the lease (in the agent) tells the rest
                     self.last_error = str(e)
+                    with self._lock:
+                        self.failing[kind] = str(e)
                     self._stop.wait(retry_s)
 
         for kind in KINDS:

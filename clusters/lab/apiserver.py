@@ -426,6 +426,9 @@ def _server_cls(journal: Journal, state: _ServerState) -> Any:
     def make(handler: Any, **kw: Any) -> Any:
         async def wrapped(raw_request: Any) -> Any:
             path, method = raw_request.path, raw_request.method
+            for prefix, status in list(state.refusals.items()):
+                if path.startswith(prefix):  # an injected fault: this part of the API refuses
+                    return fail(status, "Forbidden" if status == 403 else "Refused", f"{path} refused (fault injected)")
             if method == "GET":
                 doc = discovery_document(path) or openapi_v3(path)
                 if doc is not None:
@@ -460,8 +463,9 @@ def _server_cls(journal: Journal, state: _ServerState) -> Any:
 class _ServerState:
     """Shared by the server's handlers, on its event loop."""
 
-    def __init__(self, bookmark_interval_s: float) -> None:
+    def __init__(self, bookmark_interval_s: float, refusals: dict[str, int] | None = None) -> None:
         self.bookmark_interval_s = bookmark_interval_s
+        self.refusals = refusals if refusals is not None else {}  # path prefix -> status (injected faults)
         self.changed = asyncio.Condition()
         self.write_lock = asyncio.Lock()
         self.stopping = False
@@ -487,6 +491,7 @@ class EmulatedApiServer:
         self._url = ""
         self.bookmark_interval_s = bookmark_interval_s
         self.journal = Journal(max_journal_events)  # read it only through HTTP while running
+        self._refusals: dict[str, int] = {}   # path prefix -> HTTP status (faults; read by the request wrapper)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -510,7 +515,7 @@ class EmulatedApiServer:
             kwargs: dict[str, Any] = {"host": self._host}
             if self._port is not None:
                 kwargs["port"] = self._port
-            self._state = _ServerState(self.bookmark_interval_s)
+            self._state = _ServerState(self.bookmark_interval_s, self._refusals)
             kwargs["server_cls"] = _server_cls(self.journal, self._state)
             async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator, **kwargs) as srv:
                 self._url = f"http://{self._host}:{srv.port}"
@@ -538,6 +543,17 @@ class EmulatedApiServer:
                 pass
         self._thread.join(timeout_s)
         self._thread = None
+
+    def refuse(self, path_prefix: str, status: int = 403) -> None:
+        """Answer every request under `path_prefix` with `status` (e.g. RBAC taking away
+        EndpointSlices: `refuse("/apis/discovery.k8s.io")`) until `allow`."""
+        self._refusals[path_prefix] = status
+
+    def allow(self, path_prefix: str | None = None) -> None:
+        if path_prefix is None:
+            self._refusals.clear()
+        else:
+            self._refusals.pop(path_prefix, None)
 
     def __enter__(self) -> EmulatedApiServer:
         return self.start()
