@@ -373,10 +373,21 @@ class KubeDiscovery:
         return fns[kind]
 
     def _call(self, kind: str, **kw: Any) -> Any:
-        """LIST or WATCH `kind`; Namespaces with the enrollment selector, evaluated by the server."""
+        """LIST or WATCH `kind`; Namespaces with the enrollment selector, evaluated by the server.
+        Raises ApiException for an answer that is not 2xx (the raw response the client hands back
+        with _preload_content=False is not checked: a 403 Status body would read as "no items")."""
+        from kubernetes.client.exceptions import ApiException
+
         if kind == "namespaces" and self.cache.namespace_selector.text:
             kw["label_selector"] = self.cache.namespace_selector.text
-        return self._list_fn(kind)(_preload_content=False, **kw)
+        resp = self._list_fn(kind)(_preload_content=False, **kw)
+        status = getattr(resp, "status", 200)
+        if isinstance(status, int) and not 200 <= status < 300:
+            try:
+                raise ApiException(http_resp=resp)
+            finally:
+                resp.close()
+        return resp
 
     def list_kind(self, kind: str) -> bool:
         try:
@@ -454,6 +465,12 @@ class KubeDiscovery:
             if e.status == HTTP_GONE:
                 self._expire(kind)
                 return
+            with self._lock:  # refused (403, 5xx…): see it again from a LIST once it answers
+                self._rv[kind] = None
+            raise
+        except BaseException:
+            with self._lock:
+                self._rv[kind] = None
             raise
         try:
             for line in iter_resp_lines(resp):

@@ -215,3 +215,25 @@ def test_unlabelling_a_namespace_removes_it_from_discovery_and_relabelling_bring
         assert disc.lists == 5  # all of it through the watch (DELETED, then ADDED), no re-LIST
     finally:
         disc.stop()
+
+
+def test_a_refused_kind_is_an_error_never_an_empty_list(apiserver: EmulatedApiServer, tmp_path: Path) -> None:
+    """With the raw responses discovery reads (no client-side decoding), a 403 Status body must not
+    read as "no EndpointSlices" (that would withdraw every endpoint of a cluster that merely lost
+    RBAC), and a watch refused after a resume starts over with a LIST once it answers again."""
+    from clusters.kube.discovery import DiscoveryError
+
+    seed(apiserver)
+    disc = discovery(apiserver, tmp_path, watch_timeout_s=1)
+    disc.list_all()
+    apiserver.refuse("/apis/discovery.k8s.io")
+    with pytest.raises(DiscoveryError, match="403"):
+        disc.list_kind("endpointslices")
+    assert len(disc.observation().endpoints) == 3   # the cache kept what it saw
+    with pytest.raises(Exception, match="403"):
+        disc.watch_kind_once("endpointslices", lambda: None)
+    assert disc.resource_version("endpointslices") is None
+    apiserver.allow()
+    lists = disc.lists
+    disc.watch_kind_once("endpointslices", lambda: None)
+    assert disc.lists == lists + 1 and disc.resource_version("endpointslices") is not None
