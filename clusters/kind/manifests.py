@@ -24,7 +24,7 @@ What a member cluster gets (`member_objects`):
                                    omitted, whatever the LB gives (discovery reads the status)
 
 No shared secret anywhere: each proxy presents a projected ServiceAccount token (audience
-`meshfed`, expiring, rotated by the kubelet) for its first certificate, which the controller
+`meshfed-controller`, expiring, rotated by the kubelet) for its first certificate, which the controller
 checks with a TokenReview against this cluster, bound to the node the pod runs on.
 
 The controller runs outside the clusters (kubeconfig contexts; the proxies dial
@@ -59,7 +59,7 @@ CONTROLLER = "meshfed-controller"
 DISCOVERY_ROLE = "meshfed-discovery"
 ROOTS_CONFIGMAP = "meshfed-controller-roots"
 REMOTE_KUBECONFIGS_SECRET = "meshfed-remote-kubeconfigs"
-TOKEN_AUDIENCE = "meshfed"
+TOKEN_AUDIENCE = "meshfed-controller"            # what the controller's TokenReview asks for
 TOKEN_EXPIRATION_S = 3600                      # the kubelet rotates it at 80 % of its life
 TOKEN_DIR = "/var/run/secrets/meshfed"
 TOKEN_PATH = f"{TOKEN_DIR}/token"
@@ -72,7 +72,10 @@ LAB_NODE_LABEL = "meshfed.dev/lab-node"        # which LabCluster node a kind wo
 NONROOT_UID = 65532
 PART_OF = {"app.kubernetes.io/part-of": "meshfed"}
 
-# The proxy's flag for the file holding the token of its first certificate request.
+# The proxy's flag for the file holding the token of its first certificate request. The projected
+# ServiceAccount token is read through the bootstrap-token path until the proxy has a flag of its
+# own for it (the credentials work names it --sa-token-file, re-read at every request): then only
+# this constant changes.
 TOKEN_FILE_FLAG = "--bootstrap-token-file"
 
 

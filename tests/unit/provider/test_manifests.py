@@ -115,7 +115,7 @@ def test_no_shared_secret_each_proxy_presents_its_own_projected_token() -> None:
         assert pod["automountServiceAccountToken"] is False   # only the audience-bound token is mounted
         [projected] = [v["projected"] for v in pod["volumes"] if "projected" in v]
         [token] = [s["serviceAccountToken"] for s in projected["sources"] if "serviceAccountToken" in s]
-        assert token["audience"] == "meshfed" and token["expirationSeconds"] == 3600
+        assert token["audience"] == "meshfed-controller" and token["expirationSeconds"] == 3600
         assert not any("secret" in v for v in pod["volumes"])
         args = pod["containers"][0]["args"]
         assert args[args.index("--bootstrap-token-file") + 1] == "/var/run/secrets/meshfed/token"
