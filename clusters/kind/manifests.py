@@ -40,6 +40,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from clusters.kind.plan import LAB_NODE_LABEL  # which LabCluster node a kind worker plays
 from clusters.kube.observation import GATEWAY_SERVICE, MESH_NAMESPACE
 from gitops.model import (
     AMBIENT_LABEL,
@@ -68,7 +69,6 @@ CONTROLLER_GRPC_PORT, CONTROLLER_BOOTSTRAP_PORT, CONTROLLER_HTTP_PORT = 15012, 1
 DEFAULT_CONTROLLER = f"{CONTROLLER}.{MESH_NAMESPACE}.svc:{CONTROLLER_GRPC_PORT}"
 DEFAULT_BOOTSTRAP = f"{CONTROLLER}.{MESH_NAMESPACE}.svc:{CONTROLLER_BOOTSTRAP_PORT}"
 PROXY_PROTOCOL_LABEL = "networking.meshfed.dev/inbound-proxy-protocol"  # clusters.lab.demo_server.PROXY_LABEL
-LAB_NODE_LABEL = "meshfed.dev/lab-node"        # which LabCluster node a kind worker plays
 NONROOT_UID = 65532
 PART_OF = {"app.kubernetes.io/part-of": "meshfed"}
 

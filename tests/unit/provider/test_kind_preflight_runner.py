@@ -140,3 +140,13 @@ def test_check_pre_reports_and_exits_1(tmp_path: Path) -> None:
                                  "-o", "json"], env={"PATH": str(tmp_path)})
     assert r.exit_code == 1
     assert '"check": "docker on PATH"' in r.output and '"ok": false' in r.output
+
+
+def test_image_build_is_docker_build_then_kind_load_per_cluster() -> None:
+    r = CliRunner().invoke(cli, ["image", "build", "--dry-run", "--fleet", str(REPO / "examples" / "fleet-kind")])
+    assert r.exit_code == 0, r.output
+    lines = [line.strip() for line in r.output.splitlines() if line.startswith("    ")]
+    assert lines[0].startswith("docker build -t meshfed/meshfed:0.1.0 -f ") and lines[0].endswith(str(REPO))
+    assert lines[1:] == [f"kind load docker-image meshfed/meshfed:0.1.0 --name {c}" for c in ("east", "south", "west")]
+    bad = CliRunner().invoke(cli, ["image", "build", "--dry-run", "--tag", "meshfed/meshfed:latest"])
+    assert bad.exit_code == 64 and "give a version" in bad.output
