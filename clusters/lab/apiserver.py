@@ -310,9 +310,14 @@ class Journal:
         """The watch events after version `rv` as a selecting watcher sees them. Raises Gone."""
         if rv < self.oldest_rv - 1:
             raise Gone(f"too old resource version: {rv} ({self.oldest_rv - 1})")
+        newer: list[JournalEvent] = []
+        for ev in reversed(self.events):  # newest first, stopping at the watcher's version: O(new events)
+            if ev.rv <= rv:
+                break
+            newer.append(ev)
         out: list[tuple[int, str, dict[str, Any]]] = []
-        for ev in self.events:
-            if ev.rv <= rv or ev.resource != resource or (namespace is not None and ev.key[0] != namespace):
+        for ev in reversed(newer):
+            if ev.resource != resource or (namespace is not None and ev.key[0] != namespace):
                 continue
             was, now = _selected(ev.prev, labels, fields), _selected(ev.obj, labels, fields)
             if ev.type == "DELETED":
