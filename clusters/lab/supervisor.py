@@ -188,6 +188,7 @@ class Supervisor:
             clusters.append({
                 "name": c.name, "network": c.network, "trust_domain": c.trust_domain, "bridge": c.bridge,
                 "pod_cidr": c.pod_cidr, "node_cidr": c.node_cidr, "service_cidr": c.service_cidr,
+                "dns_address": c.dns_address,
                 "context": contexts.get(c.name, f"lab-{c.name}"),
                 "api_url": svc.apis[c.name].url if c.name in svc.apis else "",
                 "gateway": None if c.gateway is None else {**asdict(c.gateway), "pid": procs.pid(f"gateway:{c.name}")},
