@@ -39,8 +39,8 @@ from ztunnel.dns.answer import (
     Drop,
     Forward,
     Reply,
+    ReplyCache,
     Unanswered,
-    decide,
     failure_reply,
     upstream_reply,
 )
@@ -134,6 +134,7 @@ class DnsServer:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
         self._udp_pending = 0
+        self._replies = ReplyCache()
 
     async def start(self, host: str, port: int) -> int:
         """Bind UDP and TCP on `host:port` (port 0: one free port for both); returns the port."""
@@ -169,8 +170,8 @@ class DnsServer:
 
     def _decide(self, query: bytes, over_tcp: bool) -> Reply | Forward | Drop:
         o = self.options
-        d = decide(query, self.table(), over_tcp=over_tcp, has_upstream=bool(o.upstreams),
-                   unanswered=o.unanswered, ttl_s=o.ttl_s)
+        d = self._replies.decide(query, self.table(), over_tcp=over_tcp, has_upstream=bool(o.upstreams),
+                                 unanswered=o.unanswered, ttl_s=o.ttl_s)
         self._count(d)
         return d
 

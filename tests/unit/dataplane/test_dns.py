@@ -27,6 +27,7 @@ from ztunnel.dns.answer import (
     Drop,
     Forward,
     Reply,
+    ReplyCache,
     Unanswered,
     decide,
     failure_reply,
@@ -198,6 +199,39 @@ def test_a_reply_that_is_not_for_the_query_is_ignored() -> None:
         assert upstream_reply(fwd, bad, over_tcp=False) is None
     fail = dns.message.from_wire(failure_reply(fwd, over_tcp=False).wire)
     assert fail.rcode() == dns.rcode.SERVFAIL and fail.id == q.id
+
+
+# --- the reply cache --------------------------------------------------------------------------------
+
+
+def test_the_reply_cache_answers_a_repeated_question_with_the_new_id() -> None:
+    cache = ReplyCache(max_entries=2)
+    q1 = dns.message.make_query("checkout.shop.svc.clusterset.local.", "A")
+    first = cache.decide(q1.to_wire(), TABLE, over_tcp=False, has_upstream=False)
+    q2 = dns.message.make_query("checkout.shop.svc.clusterset.local.", "A")
+    q2.id = (q1.id + 1) % 65536
+    again = cache.decide(q2.to_wire(), TABLE, over_tcp=False, has_upstream=False)
+    assert cache.hits == 1 and isinstance(first, Reply) and isinstance(again, Reply)
+    direct = decide(q2.to_wire(), TABLE, over_tcp=False, has_upstream=False)
+    assert isinstance(direct, Reply) and again.wire == direct.wire  # byte for byte what decide says
+    assert dns.message.from_wire(again.wire).id == q2.id
+
+
+def test_the_reply_cache_follows_the_table_is_bounded_and_never_holds_forwards() -> None:
+    cache = ReplyCache(max_entries=2)
+    q = dns.message.make_query("checkout.shop.svc.clusterset.local.", "A").to_wire()
+    cache.decide(q, TABLE, over_tcp=False, has_upstream=True)
+    moved = DnsTable({"checkout.shop.svc.clusterset.local": ("10.96.0.99",)})
+    r = cache.decide(q, moved, over_tcp=False, has_upstream=True)
+    assert isinstance(r, Reply) and addresses(dns.message.from_wire(r.wire)) == ["10.96.0.99"] and cache.hits == 0
+    for name in ("a.example.", "b.example.", "c.example."):
+        d = cache.decide(dns.message.make_query(name, "A").to_wire(), moved, over_tcp=False, has_upstream=True)
+        assert isinstance(d, Forward)
+    assert len(cache) == 1
+    for name in ("a.example.", "b.example.", "c.example."):
+        cache.decide(dns.message.make_query(name, "A").to_wire(), moved, over_tcp=False, has_upstream=False)
+    assert len(cache) == 2, "least recently used evicted"
+    assert isinstance(cache.decide(b"\x01\x02", moved, over_tcp=False, has_upstream=False), Drop)
 
 
 # --- malformed input -----------------------------------------------------------------------------
