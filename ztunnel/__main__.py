@@ -131,6 +131,8 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
         link.sink.target = proxy
     await proxy.start()  # type: ignore[attr-defined]
     dns_server = await _start_dns(args, state, telemetry) if cfg.mode is ProxyMode.NODE and args.dns else None
+    if args.dns and dns_server is None:
+        telemetry.log(kind="dns", ignored=f"--dns {args.dns}: a gateway serves no DNS (node proxies answer their pods)")
     admin_host, admin_port = parse_host_port(args.admin)
     admin = AdminServer(admin_host, admin_port, telemetry=telemetry,
                         ready=lambda: (proxy.ready.is_set(), "ready" if proxy.ready.is_set() else "not ready"),
@@ -192,7 +194,9 @@ async def _start_dns(args: argparse.Namespace, state: ProxyState, telemetry: Tel
 
 
 def table_of(state: ProxyState) -> Callable[[], DnsTable]:
-    """The DNS table of the config `state` holds, rebuilt only when that config object changes."""
+    """The DNS table of the config `state` holds: looked at again only when that config object
+    changes, and the same table object while the names and VIPs are the same (most deltas move
+    endpoints only), so the DNS reply cache survives them."""
     from ztunnel.dns.answer import EMPTY_TABLE, DnsTable
 
     built: list[Any] = [None, EMPTY_TABLE]
@@ -200,7 +204,8 @@ def table_of(state: ProxyState) -> Callable[[], DnsTable]:
     def current() -> DnsTable:
         cfg = state.config
         if cfg is not built[0]:
-            built[:] = [cfg, DnsTable.from_services(cfg.services) if cfg is not None else EMPTY_TABLE]
+            table = DnsTable.from_services(cfg.services) if cfg is not None else EMPTY_TABLE
+            built[:] = [cfg, built[1] if table == built[1] else table]
         return built[1]  # type: ignore[no-any-return]
     return current
 

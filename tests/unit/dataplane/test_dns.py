@@ -283,6 +283,26 @@ def test_upstreams_come_from_flags_or_resolv_conf(tmp_path: Path) -> None:
         upstreams_from_flags(["resolv.conf"], tmp_path / "missing")
 
 
+def test_the_proxys_table_follows_its_config_and_survives_endpoint_only_deltas() -> None:
+    from dataclasses import replace
+
+    from ztunnel.api.config import ProxyConfig, ProxyMode, Stamp
+    from ztunnel.xds.state import ProxyState
+
+    state = ProxyState()
+    table = ztunnel_main.table_of(state)
+    assert table().addresses == {}
+    base = ProxyConfig("ztunnel/east/n1", ProxyMode.NODE, "east", "east", "east.mesh", Stamp(1, "a", 1),
+                       services=(svc("checkout", VIP),))
+    assert state.apply(base).applied
+    first = table()
+    assert first.addresses["checkout.shop.svc.clusterset.local"] == (VIP,)
+    assert state.apply(replace(base, stamp=Stamp(1, "a", 2), services=(replace(base.services[0], connect_timeout_s=2.0),))).applied
+    assert table() is first, "same names and VIPs: the same table (the reply cache stays warm)"
+    assert state.apply(replace(base, stamp=Stamp(1, "a", 3), services=(svc("checkout", "10.96.0.99"),))).applied
+    assert table().addresses["checkout.shop.svc.clusterset.local"] == ("10.96.0.99",)
+
+
 def test_the_proxy_commands_dns_defaults_are_the_modules() -> None:
     args = ztunnel_main.build_parser().parse_args(["--cert-dir", "x"])
     assert args.dns == "" and args.dns_ttl_s == DEFAULT_TTL_S
