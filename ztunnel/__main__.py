@@ -186,7 +186,7 @@ async def _start_dns(args: argparse.Namespace, state: ProxyState, telemetry: Tel
         host, port = parse_host_port(args.dns)
     except (DnsConfigError, ValueError) as e:
         raise SystemExit(f"ztunnel: --dns: {e}") from None
-    server = DnsServer(table_of(state), opts, telemetry.log)
+    server = DnsServer(table_of(state), opts, telemetry.log, telemetry.dns_query)
     await server.start(host, port)
     telemetry.log(kind="dns", listening=f"{host}:{server.port}", upstreams=[f"{h}:{p}" for h, p in opts.upstreams],
                   unanswered=opts.unanswered.value)

@@ -179,10 +179,15 @@ async def test_a_large_forwarded_answer_is_truncated_over_udp_and_whole_over_tcp
 
 
 async def test_without_an_upstream_unknown_names_get_the_configured_answer(servers: list[DnsServer]) -> None:
-    nx = await start(servers, unanswered=Unanswered.NXDOMAIN)
+    counted: list[str] = []
+    nx = DnsServer(lambda: TABLE, DnsOptions(unanswered=Unanswered.NXDOMAIN), count=counted.append)
+    await nx.start(LO, 0)
+    servers.append(nx)
     sf = await start(servers, unanswered=Unanswered.SERVFAIL)
     assert (await udp(nx, "www.example.")).rcode() == dns.rcode.NXDOMAIN
     assert (await tcp(sf, "www.example.")).rcode() == dns.rcode.SERVFAIL
+    assert (await udp(nx, "checkout.shop.svc.clusterset.local.")).answer
+    assert counted == ["unanswered", "mesh"], "each query counted once, by outcome (the metric)"
 
 
 async def test_a_dead_upstream_is_skipped_and_none_answering_is_servfail(servers: list[DnsServer],

@@ -275,3 +275,8 @@ def test_a_pod_resolves_a_global_name_through_its_nodes_dns_responder_and_calls_
                             "print(urllib.request.urlopen('http://127.0.0.1:15021/config_dump', timeout=3)"
                             ".read().decode())").stdout)
     assert dump["dns"]["stats"]["mesh"] >= 3 and dump["dns"]["upstreams"] == []
+    metrics = in_ns(NS["na"], sys.executable, "-c",
+                    "import urllib.request\n"
+                    "print(urllib.request.urlopen('http://127.0.0.1:15021/metrics', timeout=3).read().decode())").stdout
+    mesh = [ln for ln in metrics.splitlines() if ln.startswith('meshfed_dns_queries_total{outcome="mesh"}')]
+    assert mesh and float(mesh[0].split()[-1]) >= 3, metrics[-2000:]

@@ -122,10 +122,11 @@ def upstreams_from_flags(values: list[str] | None, resolv_conf: Path = RESOLV_CO
 
 class DnsServer:
     def __init__(self, table: Callable[[], DnsTable], options: DnsOptions,
-                 log: Callable[..., None] | None = None) -> None:
+                 log: Callable[..., None] | None = None, count: Callable[[str], None] | None = None) -> None:
         self.table = table
         self.options = options
         self.log = log or (lambda **_: None)
+        self.count = count or (lambda _outcome: None)  # metrics: meshfed_dns_queries_total{outcome}
         self.stats: Counter[str] = Counter()
         self.ready = asyncio.Event()
         self.port = 0
@@ -175,13 +176,17 @@ class DnsServer:
         self._count(d)
         return d
 
+    def _note(self, outcome: str) -> None:
+        self.stats[outcome] += 1
+        self.count(outcome)
+
     def _count(self, d: Reply | Forward | Drop) -> None:
         if isinstance(d, Reply):
-            self.stats[d.outcome] += 1
+            self._note(d.outcome)
             if d.truncated:
-                self.stats["truncated"] += 1
+                self._note("truncated")
         else:
-            self.stats["forwarded" if isinstance(d, Forward) else "dropped"] += 1
+            self._note("forwarded" if isinstance(d, Forward) else "dropped")
 
     # --- UDP ------------------------------------------------------------------------------------
 
@@ -192,7 +197,7 @@ class DnsServer:
         elif isinstance(d, Forward):
             if self._udp_pending >= self.options.max_inflight:
                 r = failure_reply(d, over_tcp=False)
-                self.stats["overloaded"] += 1
+                self._note("overloaded")
                 self._send_udp(r.wire, addr)
                 return
             self._udp_pending += 1
@@ -213,7 +218,7 @@ class DnsServer:
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if len(self._writers) >= self.options.max_tcp_connections:
-            self.stats["tcp_refused"] += 1
+            self._note("tcp_refused")
             writer.close()
             return
         task = asyncio.current_task()
@@ -257,10 +262,10 @@ class DnsServer:
                 errors.append(f"{host}:{port}: {type(e).__name__} {e}".strip())
                 continue
             if reply is not None:
-                self.stats["upstream_truncated" if reply.truncated else "upstream_answered"] += 1
+                self._note("upstream_truncated" if reply.truncated else "upstream_answered")
                 return reply
             errors.append(f"{host}:{port}: a reply that does not answer the query")
-        self.stats["servfail"] += 1
+        self._note("servfail")
         if self.stats["servfail"] & (self.stats["servfail"] - 1) == 0:  # the 1st, 2nd, 4th, 8th… failure
             self.log(kind="dns_upstream_failed", failures=self.stats["servfail"], errors=errors[-3:],
                      hint="check --dns-upstream (or the nameservers in /etc/resolv.conf) is reachable from the node")
