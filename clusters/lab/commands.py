@@ -69,12 +69,16 @@ def proxy_specs(plan: LabPlan) -> list[ProxySpec]:
 
 
 def proxy_argv(python: Sequence[str], proxy_id: str, proxy_dir: Path, socks_host: str, *, standalone: bool,
-               trust_domain: str = "", controller_dir: Path | None = None) -> list[str]:
+               trust_domain: str = "", controller_dir: Path | None = None,
+               dns_unanswered: str = "nxdomain") -> list[str]:
     """`python -m ztunnel …` for one lab proxy.
 
     standalone: the proxy serves `proxy_dir/config.json` (written by whoever rendered it) with the
     certificates in `proxy_dir/certs`. Otherwise it joins the controller on the management network
     and needs `trust_domain` and `controller_dir` (where the controller writes its serving roots).
+    Node ztunnels answer their pods' DNS; the lab has no kube-dns and no internet, so a name the
+    mesh does not know gets `dns_unanswered` (nxdomain, as a resolver for which nothing else exists,
+    or servfail, as one that reaches nobody: `meshfed lab up --dns-unanswered`).
     tests/lab/test_dataplane_capture.py runs a real ztunnel with this argv."""
     argv = [*python, "-m", "ztunnel", "--cert-dir", str(proxy_dir / "certs"), "--state-dir", str(proxy_dir / "state"),
             "--hbone", f"0.0.0.0:{HBONE_PORT}", "--admin", f"127.0.0.1:{ADMIN_PORT}", "--proxy-id", proxy_id]
@@ -90,9 +94,9 @@ def proxy_argv(python: Sequence[str], proxy_id: str, proxy_dir: Path, socks_host
                  "--controller-roots", str(controller_dir / CONTROLLER_ROOTS_FILE)]
     if proxy_id.startswith("ztunnel/"):
         argv += ["--socks", f"{socks_host}:{SOCKS5_PORT}", "--transparent", f"0.0.0.0:{OUTBOUND_CAPTURE_PORT}",
-                 # pods' DNS, captured by the node (topology.capture_rules); the lab has no kube-dns
-                 # and no internet, so names the mesh does not know are NXDOMAIN, as there
-                 "--dns", f"{socks_host}:{DNS_CAPTURE_PORT}", "--dns-upstream", "none", "--dns-unanswered", "nxdomain"]
+                 # pods' DNS, captured by the node (topology.capture_rules)
+                 "--dns", f"{socks_host}:{DNS_CAPTURE_PORT}", "--dns-upstream", "none",
+                 "--dns-unanswered", dns_unanswered]
     else:
         argv += ["--socks", ""]  # a gateway has no local clients
     return argv

@@ -74,7 +74,8 @@ class Supervisor:
         self.faults = FaultInjector(self.plan, self.procs, self.log_dir)
         # proxies join the controller only when there is one (it needs a fleet repo to follow)
         with_controller = self.request.get("controller", "auto") != "off" and bool(self.request.get("fleet_dir"))
-        self.data_plane = DataPlane(state_dir, self.plan, self.procs, self.log_dir, with_controller=with_controller)
+        self.data_plane = DataPlane(state_dir, self.plan, self.procs, self.log_dir, with_controller=with_controller,
+                                    dns_unanswered=str(self.request.get("dns_unanswered", "nxdomain")))
         self.bring_up = BringUp(state_dir, self.plan, self.request, self.procs, self.data_plane,
                                 self.faults.node_is_down, self.stop)
         self.control = ControlServer(state_dir / sandbox.CONTROL_SOCKET, self.handle)
