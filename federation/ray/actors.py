@@ -104,8 +104,8 @@ class ReconcilerHost:
     def on_health(self, proxy_id: str, blob: bytes) -> None:
         self.service.on_health(proxy_id, decode_health_report(blob))
 
-    def on_lease(self, cluster: str, last_success_s: float) -> None:
-        self.service.on_lease(cluster, last_success_s)
+    def on_lease(self, cluster: str, age_s: float) -> None:
+        self.service.on_lease(cluster, age_s)
 
     def missing_inputs(self) -> bool:
         return self.service.missing_inputs()
