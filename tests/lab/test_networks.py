@@ -42,7 +42,8 @@ from chaos.demo import LabFederation
 pytestmark = pytest.mark.timeout(900)
 
 REPO = Path(__file__).resolve().parents[2]
-STATE_DIR = Path(os.environ.get("MESHFED_NETWORKS_STATE_DIR", f"/tmp/meshfed-networks-{os.getpid()}"))
+# another run may own /tmp/meshfed-networks: MESHFED_NETWORKS_STATE_DIR picks another (logs stay there)
+STATE_DIR = Path(os.environ.get("MESHFED_NETWORKS_STATE_DIR", "/tmp/meshfed-networks"))
 KIND_PODS, KIND_SERVICES = "10.244.0.0/16", "10.96.0.0/12"
 SERVICE = "checkout.shop.svc.clusterset.local"
 CHECKOUT_PODS = "{}/shop/checkout-[0-9]*"
@@ -136,7 +137,6 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabFederation]:
         yield f
     finally:
         f.down()
-        shutil.rmtree(STATE_DIR, ignore_errors=True)
 
 
 def cluster(fed: LabFederation, name: str) -> dict[str, Any]:
