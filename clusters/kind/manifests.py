@@ -18,7 +18,8 @@ What a member cluster gets (`member_objects`):
   ConfigMap meshfed-controller-roots   the controller's serving roots (PEM), for the proxies
   DaemonSet ztunnel                the node proxy: hostNetwork (its HBONE port is the node's
                                    InternalIP:15008, what discovery reports), NET_ADMIN + NET_RAW for
-                                   iptables, the node's xtables lock shared with kube-proxy
+                                   iptables, the node's xtables lock shared with kube-proxy; it
+                                   captures its enrolled pods' TCP and DNS and answers global names
   Deployment + Service             the east-west gateway, type LoadBalancer on 15008; its address is
     eastwest-gateway               the fleet's eastWestGateway.address (as loadBalancerIP) or, when
                                    omitted, whatever the LB gives (discovery reads the status)
@@ -51,7 +52,7 @@ from gitops.model import (
     LabCluster,
     LabWorkload,
 )
-from ztunnel.api.ports import ADMIN_PORT, HBONE_PORT, OUTBOUND_CAPTURE_PORT
+from ztunnel.api.ports import ADMIN_PORT, DNS_CAPTURE_PORT, HBONE_PORT, OUTBOUND_CAPTURE_PORT
 
 VERSION = "0.1.0"
 DEFAULT_IMAGE = f"meshfed/meshfed:{VERSION}"   # built by `meshfed image build`, loaded into each kind cluster
@@ -141,7 +142,11 @@ def _proxy_args(proxy_id: str, cluster: Cluster, opts: InstallOptions, node: boo
             "--bootstrap", _host_port(opts.bootstrap, "--bootstrap"),
             TOKEN_FILE_FLAG, TOKEN_PATH, "--controller-roots", ROOTS_PATH]
     if node:
-        return [*args, "--socks", "", "--transparent", f"0.0.0.0:{OUTBOUND_CAPTURE_PORT}", "--capture"]
+        # DNS: the enrolled pods' udp/tcp 53 is redirected (REDIRECT: to the address of the interface
+        # it came in on, the pod's veth) to the responder on every address; names the mesh does not
+        # know go to the cluster's DNS (the container's resolv.conf, dnsPolicy ClusterFirstWithHostNet)
+        return [*args, "--socks", "", "--transparent", f"0.0.0.0:{OUTBOUND_CAPTURE_PORT}", "--capture",
+                "--dns", f"0.0.0.0:{DNS_CAPTURE_PORT}", "--dns-upstream", "resolv.conf"]
     return [*args, "--socks", ""]
 
 

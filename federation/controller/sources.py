@@ -17,8 +17,12 @@ them directly. An agent hands its observations to a callback as *bytes* (`federa
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,14 +45,20 @@ class FleetFailure:
 class GitSource:
     """Follows the fleet repo. `poll(now_s)` returns a new snapshot, a failure, or None."""
 
-    def __init__(self, repo: str, branch: str = "main", state_dir: str | None = None,
-                 fallback_sha: str | None = None) -> None:
-        from gitops.watch import BranchFollower, default_mirror_dir
+    def __init__(self, repo: str, branch: str = "main", fallback_sha: str | None = None) -> None:
+        from gitops.watch import BranchFollower
 
         self.repo, self.branch = repo, branch
         is_url = "://" in repo or repo.startswith("git@")
         self.worktree = not is_url and not (Path(repo) / ".git").exists() and not (Path(repo) / "HEAD").exists()
-        mirror = default_mirror_dir(state_dir, "fleet") if (is_url and state_dir) else None
+        mirror = None
+        if is_url:
+            # the bare mirror of a URL is a cache, not state: the Git source may run on any Ray node
+            # and only the state owner's node holds the state directory. A private temporary
+            # directory per source (0700), removed with it; fleet repos are small to fetch again.
+            tmp = tempfile.mkdtemp(prefix="meshfed-fleet-mirror-")
+            weakref.finalize(self, shutil.rmtree, tmp, True)
+            mirror = os.path.join(tmp, "fleet.git")
         self.follower = BranchFollower(repo, branch, mirror_dir=mirror)
         self.snapshot: ConfigSnapshot | None = None
         self._reported_failure: tuple[str, str] | None = None

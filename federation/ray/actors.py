@@ -137,9 +137,9 @@ class ReconcilerHost:
 
 
 class GitSourceHost:
-    def __init__(self, repo: str, branch: str, state_dir: str, reconciler: Any, config_server: Any,
+    def __init__(self, repo: str, branch: str, reconciler: Any, config_server: Any,
                  poll_interval_s: float | None) -> None:
-        self.feed = GitFeed.following(repo, branch, state_dir, RemoteStore(config_server),
+        self.feed = GitFeed.following(repo, branch, RemoteStore(config_server),
                                       RemoteReconciler(reconciler), poll_interval_s).start()
 
     def trigger(self) -> None:

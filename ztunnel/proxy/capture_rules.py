@@ -10,12 +10,16 @@ in a namespace the Cluster's namespaceSelector matches (default `istio.io/datapl
 so labelling or un-labelling a namespace reaches the node as a config push and takes effect for
 new connections without restarting any pod.
 
-    nat PREROUTING   -p tcp -j MESHFED_PODS                      (first rule: before kube-proxy's)
-    MESHFED_PODS     -s <pod>/32 -p tcp -j MESHFED_OUTBOUND      (one per enrolled pod on the node)
-    MESHFED_OUTBOUND -m addrtype --dst-type LOCAL -j RETURN      (the node itself: SOCKS5, HBONE, admin)
+    nat PREROUTING   -j MESHFED_PODS                             (first rule: before kube-proxy's)
+    MESHFED_PODS     -s <pod>/32 -j MESHFED_OUTBOUND             (one per enrolled pod on the node)
+    MESHFED_OUTBOUND -p udp --dport 53 -j REDIRECT --to-ports 15053   (with --dns: the pod's DNS,
+                     -p tcp --dport 53 -j REDIRECT --to-ports 15053    whatever the nameserver, as istio-cni)
+                     -m addrtype --dst-type LOCAL -j RETURN      (the node itself: SOCKS5, HBONE, admin)
                      -p tcp -j REDIRECT --to-ports 15001         (the proxy's transparent listener)
 
-The proxy recovers the destination with SO_ORIGINAL_DST (`ztunnel.proxy.capture`).
+The proxy recovers the destination with SO_ORIGINAL_DST (`ztunnel.proxy.capture`); its DNS
+responder (`ztunnel.dns`) answers the mesh's global names. A pod that is not enrolled keeps the
+cluster's own DNS and talks to the network directly.
 
 Decide, then act: `outbound_script` and `pods_script` are pure (iptables-restore text; a declared
 chain is flushed and refilled in one commit, so a pod is never half-captured); `IptablesCapture`
@@ -38,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ztunnel.api.config import ProxyConfig, ProxyMode
-from ztunnel.api.ports import OUTBOUND_CAPTURE_PORT
+from ztunnel.api.ports import DNS_PORT, OUTBOUND_CAPTURE_PORT
 
 OUTBOUND_CHAIN = "MESHFED_OUTBOUND"
 PODS_CHAIN = "MESHFED_PODS"
@@ -78,13 +82,18 @@ def enrolled_addresses(cfg: ProxyConfig) -> frozenset[str]:
     return frozenset(out)
 
 
-def outbound_script(port: int = OUTBOUND_CAPTURE_PORT) -> str:
-    """iptables-restore input (--noflush) that (re)writes the redirect chain."""
-    if not 1 <= port <= 65535:
-        raise ValueError(f"capture port {port} is out of range 1..65535")
+def outbound_script(port: int = OUTBOUND_CAPTURE_PORT, dns_port: int | None = None) -> str:
+    """iptables-restore input (--noflush) that (re)writes the redirect chain; with `dns_port`, the
+    enrolled pods' DNS (udp and tcp 53) goes to the proxy's DNS responder first."""
+    for p in (port, dns_port):
+        if p is not None and not 1 <= p <= 65535:
+            raise ValueError(f"capture port {p} is out of range 1..65535")
+    dns = [f"-A {OUTBOUND_CHAIN} -p {proto} --dport {DNS_PORT} -j REDIRECT --to-ports {dns_port}"
+           for proto in ("udp", "tcp")] if dns_port is not None else []
     return "\n".join([
         "*nat",
         f":{OUTBOUND_CHAIN} - [0:0]",
+        *dns,
         f"-A {OUTBOUND_CHAIN} -m addrtype --dst-type LOCAL -j RETURN",
         f"-A {OUTBOUND_CHAIN} -p tcp -j REDIRECT --to-ports {port}",
         "COMMIT", ""])
@@ -96,10 +105,10 @@ def pods_script(addresses: Iterable[str]) -> str:
     if len(pods) > MAX_CAPTURED_PODS:
         raise ValueError(f"{len(pods)} pods to capture on one node; at most {MAX_CAPTURED_PODS}")
     return "\n".join(["*nat", f":{PODS_CHAIN} - [0:0]",
-                      *(f"-A {PODS_CHAIN} -s {a}/32 -p tcp -j {OUTBOUND_CHAIN}" for a in pods), "COMMIT", ""])
+                      *(f"-A {PODS_CHAIN} -s {a}/32 -j {OUTBOUND_CHAIN}" for a in pods), "COMMIT", ""])
 
 
-JUMP = ("-t", "nat", "PREROUTING", "-p", "tcp", "-j", PODS_CHAIN)
+JUMP = ("-t", "nat", "PREROUTING", "-j", PODS_CHAIN)
 
 
 def choose_backend(legacy_rules: int | None, nft_rules: int | None) -> str:
@@ -133,8 +142,8 @@ class IptablesCapture:
     """Runs the scripts with one iptables backend in the current network namespace."""
 
     def __init__(self, port: int = OUTBOUND_CAPTURE_PORT, run: Runner = run_command,
-                 backend: str | None = None) -> None:
-        self.port = port
+                 backend: str | None = None, dns_port: int | None = None) -> None:
+        self.port, self.dns_port = port, dns_port
         self.run = run
         self.backend = backend or self._detect()
 
@@ -157,7 +166,7 @@ class IptablesCapture:
         r = self.run([self.backend, "-w", "-t", "nat", "-N", PODS_CHAIN], None)
         if r.returncode != 0 and "exists" not in r.stderr:
             self._check(r, f"{self.backend} -t nat -N {PODS_CHAIN}")
-        self._check(self.run([f"{self.backend}-restore", "-w", "--noflush"], outbound_script(self.port)),
+        self._check(self.run([f"{self.backend}-restore", "-w", "--noflush"], outbound_script(self.port, self.dns_port)),
                     f"{self.backend}-restore (the {OUTBOUND_CHAIN} chain)")
         table, chain, *rule = JUMP[1:]
         if self.run([self.backend, "-w", "-t", table, "-C", chain, *rule], None).returncode != 0:

@@ -46,12 +46,22 @@ def test_the_redirect_chain_skips_the_node_itself_and_redirects_tcp_to_the_trans
         outbound_script(0)
 
 
+def test_enrolled_pods_dns_goes_to_the_node_proxy_before_anything_else() -> None:
+    """udp and tcp 53 from an enrolled pod, to whatever nameserver, go to the DNS responder (15053)
+    — before the TCP capture, which would otherwise take tcp/53 to the outbound port (moved here
+    with the rules from the lab's topology: the DNS work put them there first)."""
+    lines = outbound_script(15001, dns_port=15053).splitlines()
+    assert lines[2:4] == ["-A MESHFED_OUTBOUND -p udp --dport 53 -j REDIRECT --to-ports 15053",
+                          "-A MESHFED_OUTBOUND -p tcp --dport 53 -j REDIRECT --to-ports 15053"]
+    assert lines.index("-A MESHFED_OUTBOUND -p tcp -j REDIRECT --to-ports 15001") > 3
+
+
 def test_the_pod_chain_names_exactly_the_enrolled_pods_in_one_commit() -> None:
     text = pods_script(["10.10.2.11", "10.10.1.12", "10.10.1.12"])
     assert text.splitlines() == [
         "*nat", ":MESHFED_PODS - [0:0]",   # declared: flushed and refilled atomically
-        "-A MESHFED_PODS -s 10.10.1.12/32 -p tcp -j MESHFED_OUTBOUND",
-        "-A MESHFED_PODS -s 10.10.2.11/32 -p tcp -j MESHFED_OUTBOUND",
+        "-A MESHFED_PODS -s 10.10.1.12/32 -j MESHFED_OUTBOUND",   # every protocol: udp/53 too
+        "-A MESHFED_PODS -s 10.10.2.11/32 -j MESHFED_OUTBOUND",
         "COMMIT"]
     assert pods_script([]).splitlines() == ["*nat", ":MESHFED_PODS - [0:0]", "COMMIT"]  # nobody enrolled
     with pytest.raises(ValueError):
@@ -104,7 +114,7 @@ def test_install_creates_chains_keeps_an_existing_pod_chain_and_hooks_in_first()
     assert argvs[0] == ("iptables-nft", "-w", "-t", "nat", "-N", "MESHFED_PODS")  # "exists" is fine
     assert argvs[1] == ("iptables-nft-restore", "-w", "--noflush")
     assert ":MESHFED_PODS" not in str(fake.calls[3][1])   # a restarted proxy keeps the pods it captured
-    assert argvs[-1] == ("iptables-nft", "-w", "-t", "nat", "-I", "PREROUTING", "1", "-p", "tcp", "-j", "MESHFED_PODS")
+    assert argvs[-1] == ("iptables-nft", "-w", "-t", "nat", "-I", "PREROUTING", "1", "-j", "MESHFED_PODS")
     fake.calls.clear()
     fake.jump_present = True
     cap.install()  # idempotent: the jump is not added twice

@@ -138,6 +138,7 @@ def test_the_node_proxy_is_the_lab_s_process_with_capture_on_the_host_network() 
     assert c["securityContext"]["privileged"] is False and c["securityContext"]["allowPrivilegeEscalation"] is False
     a = ztunnel(c["args"])
     assert a.capture and a.transparent == "0.0.0.0:15001" and a.hbone == "0.0.0.0:15008"
+    assert a.dns == "0.0.0.0:15053" and a.dns_upstream == ["resolv.conf"]   # the lab's DNS path, kube-dns upstream
     assert a.proxy_id == "ztunnel/east/east-worker" and a.trust_domain == "east.mesh.local"
     assert a.controller == "172.18.0.1:15012" and a.bootstrap == "172.18.0.1:15013"
     assert {m["mountPath"] for m in c["volumeMounts"]} >= {"/run/xtables.lock"}  # kube-proxy's lock, shared
