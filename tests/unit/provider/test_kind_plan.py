@@ -171,3 +171,20 @@ def test_what_does_not_map_says_what_does() -> None:
         plan_fault(SNAP, OPTS, FACTS, "latency", "gateway", ("east",))
     with pytest.raises(KindPlanError, match="no workload"):
         plan_fault(SNAP, OPTS, FACTS, "kill", "pod", ("east/shop/nothing-*",))
+
+
+def test_the_kind_fleet_is_the_lab_fleet_with_kind_contexts_and_gateway_addresses_from_the_cluster() -> None:
+    """examples/fleet-kind must not drift from examples/fleet: same files, and in clusters/ only the
+    API context and the gateway address differ."""
+    import re as _re
+
+    lab_root, kind_root = REPO / "examples" / "fleet", REPO / "examples" / "fleet-kind"
+    lab_files = sorted(p.relative_to(lab_root) for p in lab_root.rglob("*.yaml"))
+    assert lab_files == sorted(p.relative_to(kind_root) for p in kind_root.rglob("*.yaml"))
+    for rel in lab_files:
+        want = (lab_root / rel).read_text()
+        if rel.parts[0] == "clusters":
+            name = rel.stem
+            want = want.replace(f"    kind: Lab\n    context: lab-{name}\n", f"    kind: Kubeconfig\n    context: kind-{name}\n")
+            want = _re.sub(r"    address: [0-9.]+\n", "", want)
+        assert (kind_root / rel).read_text() == want, rel
