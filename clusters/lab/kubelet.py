@@ -14,6 +14,7 @@ per cluster is fixed by the plan, only their conditions change.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -26,6 +27,7 @@ from clusters.lab.topology import ClusterPlan, GatewayPlan, NodePlan, PodPlan, S
 from gitops.model import AMBIENT_LABEL, AMBIENT_VALUE
 
 ZONE_LABEL = "topology.kubernetes.io/zone"
+log = logging.getLogger(__name__)
 MAX_TRANSITIONS = 1000  # kept for `lab status` (the last 20 are shown): bounded, the lab may run for days
 REGION_LABEL = "topology.kubernetes.io/region"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
@@ -209,6 +211,7 @@ class Kubelet:
             if key in self._written:
                 self.transitions.append((time.time(), key, _summary(obj)))
                 del self.transitions[:-MAX_TRANSITIONS]
+                log.info("cluster %s: %s now %s", self.cluster.name, key, _summary(obj))
             self._written[key] = text
             n += 1
         self.writes += n

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -58,6 +59,8 @@ from ztunnel.api.codec import (
 )
 from ztunnel.api.config import RESOURCE_TYPES, ProxyConfig, Stamp, diff_configs
 from ztunnel.api.proto import meshfed_pb2 as pb
+
+log = logging.getLogger(__name__)
 
 _KINDS = tuple(RESOURCE_TYPES)
 assert _KINDS == ("workloads", "services", "authorizations", "bundles"), "content_of follows this order"
@@ -359,12 +362,25 @@ class ConfigDistributor:
     def attach(self, proxy_id: str, have: Stamp | None) -> ProxySession:
         if have is not None and have.epoch > self.epoch:
             self.stale_epoch_refusals += 1
-            raise StaleEpochError(
+            err = StaleEpochError(
                 f"this controller's epoch {self.epoch} is older than epoch {have.epoch} that proxy {proxy_id} "
                 f"already follows: another controller is newer (split brain); stop this one or remove its state")
+            log.error("%s", err, extra={"fields": {"event": "StaleEpochRefused", "proxy": proxy_id}})
+            raise err
         s = self.session(proxy_id)
         s.attach(have)
+        runs = f"runs {have.epoch}.{have.version} of revision {have.revision[:8]}" if have is not None else "runs nothing yet"
+        log.info("proxy %s connected (%s)", proxy_id, runs,
+                 extra={"fields": {"event": "ProxyConnected", "proxy": proxy_id,
+                                   "revision": have.revision if have is not None else ""}})
         return s
+
+    def detach(self, s: ProxySession) -> None:
+        """The proxy's stream ended."""
+        if s.connected:
+            log.info("proxy %s disconnected (%s)", s.proxy_id, s.sync.value,
+                     extra={"fields": {"event": "ProxyDisconnected", "proxy": s.proxy_id, "sync": s.sync.value}})
+        s.detach()
 
     def build(self, s: ProxySession) -> list[bytes]:
         """Decide the next push of a session and encode it: serialized `ConfigResponse`s, one per
@@ -396,6 +412,8 @@ class ConfigDistributor:
         try:  # over one message: let the codec split it (or refuse a resource that cannot fit)
             msgs = encode_delta(diff_configs(old, new), new, push.nonce, self.max_message_bytes)
         except OversizeError as e:
+            log.warning("config for %s not sent: %s", s.proxy_id, e,
+                        extra={"fields": {"event": "ConfigOversize", "proxy": s.proxy_id}})
             s.in_flight, s.oversize_error = None, str(e)
             s.nacked_content = push.content  # do not retry the same content
             return []

@@ -21,6 +21,7 @@ the state owner over Ray; tests pass plain objects.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +33,8 @@ from federation.controller.reconciler import CoreRender, Debouncer, EndpointRepo
 from federation.controller.wire import encode_config_deltas
 from gitops.model import ConfigSnapshot
 from ztunnel.api.config import ProxyConfig
+
+log = logging.getLogger(__name__)
 
 TICK_INTERVAL_S = 1.0
 IDLE_WAIT_S = 0.5
@@ -61,6 +64,8 @@ class DeltaOutbox:
 
     def resync(self, current: Mapping[str, ProxyConfig]) -> None:
         self.resyncs += 1
+        log.info("sending all %d proxy configs in full to the config service (resync #%d)", len(current),
+                 self.resyncs)
         blob = encode_config_deltas((None, cfg) for cfg in current.values())
         self.last_sent = dict(current)
         self.send(blob)

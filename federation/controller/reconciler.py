@@ -46,6 +46,7 @@ explain shows them. `unhealthy` is the last verdict the render applied.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +65,8 @@ from ztunnel.api.config import ProxyConfig, ProxyMode
 DEBOUNCE_AFTER_S = 0.1
 DEBOUNCE_MAX_S = 10.0
 WARMUP_MAX_S = 30.0
+
+log = logging.getLogger(__name__)
 
 
 # --- debounce -----------------------------------------------------------------------------------
@@ -197,11 +200,23 @@ class Reconciler:
         plist = [p.as_dict() if isinstance(p, Problem) else dict(p) for p in problems]
         self.attempted = {"revision": sha, "subject": subject, "ok": False, "at_s": now}
         self.problems = plist
+        kept = str(self.applied.get("revision") or "")[:8] or "none yet"
+        log.warning("commit %s rejected (%s): %d problem(s): %s; proxies keep revision %s", sha[:8], subject,
+                    len(plist), "; ".join(f"[{p.get('code')}] {p.get('message')}" for p in plist[:3]), kept,
+                    extra={"fields": {"event": "CommitRejected", "revision": sha, "subject": subject,
+                                      "problems": [f"{p.get('code')} {p.get('file', '')}:{p.get('line', '')} "
+                                                   f"{p.get('message')}" for p in plist[:10]],
+                                      "applied_revision": self.applied.get("revision", "")}})
         if self.store is not None:
             self.store.record_attempt(sha, subject, ok=False, problems=plist, at_s=now)
 
     def on_observation(self, obs: ClusterObservation, now_s: float | None = None) -> None:
         prev = self.observations.get(obs.cluster)
+        if prev is None and obs.complete:
+            log.info("cluster %s up: first complete observation (%d nodes, %d services, %d endpoints)", obs.cluster,
+                     len(obs.nodes), len(obs.services), len(obs.endpoints),
+                     extra={"fields": {"event": "ClusterUp", "cluster": obs.cluster, "nodes": len(obs.nodes),
+                                       "services": len(obs.services), "endpoints": len(obs.endpoints)}})
         if prev is not None and not obs.complete:
             obs = _merge_partial(prev, obs)
         self.observations[obs.cluster] = obs
@@ -270,6 +285,9 @@ class Reconciler:
             self.applied_ca = ca_specs_of(applied)
             if self.store is not None:
                 self._guard("checkpoint", lambda: self._checkpoint(rev.sha, rev.subject, applied, now), None, now)
+            log.info("commit %s applied (%s): %d proxy configs rendered", rev.sha[:8], rev.subject,
+                     len(out.configs), extra={"fields": {"event": "CommitApplied", "revision": rev.sha,
+                                                         "subject": rev.subject, "proxies": len(out.configs)}})
         self.render_problems = list(out.problems)
         # 6. push what changed (once warm: see the module docstring)
         if not self._warm_up(snapshot, now):
@@ -278,6 +296,7 @@ class Reconciler:
         changed = {pid: cfg for pid, cfg in out.configs.items() if self.configs.get(pid) != cfg}
         self.configs = dict(out.configs)
         if changed:
+            log.debug("reconcile %d: %d of %d proxy configs changed", self.reconciles, len(changed), len(out.configs))
             self._guard("push", lambda: self.push(changed), None, now)
             self.pushed_proxies += len(changed)
         # 7. events
@@ -319,6 +338,10 @@ class Reconciler:
                 self.started_s = now_s
             listed = all(c in self.observations and self.observations[c].complete for c in snapshot.clusters)
             self.warm = listed or now_s - self.started_s >= self.warmup_max_s
+            if self.warm:
+                missing = sorted(c for c in snapshot.clusters if c not in self.observations)
+                log.info("warm: %s; pushing configs", "every cluster listed" if listed else
+                         f"waited {self.warmup_max_s:.0f} s, still missing {', '.join(missing)}")
         return self.warm
 
     def _guard(self, step: str, fn: Callable[[], Any], fallback: Any, now_s: float) -> Any:
@@ -326,12 +349,17 @@ class Reconciler:
             return fn()
         except Exception as e:
             self.failures = ([*self.failures, StepFailure(step, f"{type(e).__name__}: {e}", now_s)])[-50:]
+            log.warning("reconcile step %s failed, keeping the last good result: %s: %s", step, type(e).__name__, e,
+                        exc_info=log.isEnabledFor(logging.DEBUG),
+                        extra={"fields": {"event": "ReconcileStepFailed", "step": step}})
             return fallback
 
     def _record_events(self, events: Sequence[Any]) -> None:
         from federation.core.events import event_to_dict
 
         self.events = (self.events + list(events))[-500:]
+        for ev in events:
+            log_core_event(ev)
         if self.store is None:
             return
         for ev in events:
@@ -373,6 +401,53 @@ class Reconciler:
             "warm": self.warm,
             "active_failovers": [r.as_dict() for r in self.store.active_failovers()] if self.store else [],
         }
+
+
+# The core's events as log lines: what changed, why (the trigger), under which policy and commit.
+_EVENT_LEVELS = {"FailedOver": logging.WARNING, "ClusterLeaseExpired": logging.WARNING,
+                 "ClusterFenced": logging.WARNING}
+
+
+def describe_event(ev: Any) -> str:
+    """One sentence per core event (`federation.core.events`), for the log."""
+    kind = type(ev).__name__
+    if kind == "EndpointEjected":
+        until = f" until +{ev.until_s - ev.at_s:.0f}s" if ev.until_s else ""
+        return (f"endpoint {ev.endpoint} of {ev.service} ejected ({ev.reason}, ejection #{ev.ejection_count}"
+                f"{'' if ev.enforced else ', not enforced: maxEjectionPercent'}){until}")
+    if kind == "EndpointUnejected":
+        return f"endpoint {ev.endpoint} of {ev.service} back in rotation after {ev.ejected_for_s:.1f}s"
+    if kind == "FailedOver":
+        return (f"{ev.service} from {ev.source} failed over to {', '.join(ev.to_clusters) or '?'} "
+                f"(tier shares {list(ev.previous_shares)} -> {list(ev.shares)})")
+    if kind == "FailedBack":
+        return f"{ev.service} from {ev.source} failed back to its own tier (shares {list(ev.shares)})"
+    if kind == "ClusterLeaseExpired":
+        return (f"cluster {ev.cluster} expired: no answer from its API for the lease TTL; {ev.mode} "
+                f"{ev.endpoints} endpoints")
+    if kind == "ClusterFenced":
+        return f"cluster {ev.cluster} fenced: it answered again, its endpoints wait for a complete list"
+    if kind == "ClusterRecovered":
+        return f"cluster {ev.cluster} up again: a complete list lifted the fence ({ev.endpoints} endpoints)"
+    return kind
+
+
+def log_core_event(ev: Any) -> None:
+    from federation.core.events import event_to_dict
+
+    kind = type(ev).__name__
+    level = _EVENT_LEVELS.get(kind, logging.INFO)
+    if not log.isEnabledFor(level):
+        return
+    d = event_to_dict(ev)
+    prov = d.pop("provenance", None) or {}
+    d.pop("type", None)
+    why = f"; trigger: {prov.get('trigger')}" if prov.get("trigger") else ""
+    where = f"; policy {prov.get('policy')} {prov.get('file')}".rstrip() if prov.get("policy") else ""
+    commit = f" @ {str(prov.get('commit'))[:8]}" if prov.get("commit") else ""
+    log.log(level, describe_event(ev) + why + where + commit,
+            extra={"fields": {"event": kind, **d, "trigger": prov.get("trigger", ""), "policy": prov.get("policy", ""),
+                              "policy_file": prov.get("file", ""), "revision": prov.get("commit", "")}})
 
 
 def _merge_partial(prev: ClusterObservation, part: ClusterObservation) -> ClusterObservation:

@@ -20,6 +20,7 @@ through the state owner (`RemoteStore`).
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -43,6 +44,9 @@ from federation.ray.placement import (
     state_owner_options,
 )
 from federation.ray.remote import RemoteStore
+from ztunnel.api import logsetup
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -67,14 +71,37 @@ class ControllerOptions:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def setup_worker_logging() -> None:
+    """Ray's worker_process_setup_hook: each worker logs like the controller that started it."""
+    logsetup.configure_from_env()
+
+
+def _logging_options() -> dict[str, Any]:
+    """When this process configured meshfed logging (`meshfed controller run`), its actors log the
+    same way and their lines come to this process's stderr (one log for the whole controller);
+    otherwise (tests sharing one Ray) workers keep Ray's defaults and nothing is forwarded."""
+    current = logsetup.current()
+    if current is None:
+        return {"log_to_driver": False}
+    level, fmt = current
+    # Ray's own lines in this process (start-up, warnings) through our handler, in our format
+    ray_logger = logging.getLogger("ray")
+    ray_logger.handlers.clear()
+    ray_logger.propagate = True
+    return {"log_to_driver": True,
+            "runtime_env": {"env_vars": {logsetup.ENV_LEVEL: level, logsetup.ENV_FORMAT: fmt},
+                            "worker_process_setup_hook": setup_worker_logging}}
+
+
 def init_ray(address: str | None, num_cpus: int = 2) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USE_UVLOOP", "0")
+    opts = _logging_options()
     if address:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        ray.init(address=address, include_dashboard=False, **opts)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **opts)
 
 
 class Controller:
@@ -126,12 +153,20 @@ class Controller:
     # -- supervision -------------------------------------------------------------------------------
 
     def _supervise(self) -> None:
+        failing = ""
         while not self._stop.is_set():
             try:
                 self.refresh()
+                if failing:
+                    log.info("status refresh works again")
+                    failing = ""
             except Exception as e:  # actors restarting: try again next round
                 with self._cache_lock:
                     self._cache["supervisor_error"] = f"{type(e).__name__}: {e}"
+                if f"{type(e).__name__}: {e}" != failing:
+                    failing = f"{type(e).__name__}: {e}"
+                    log.warning("status refresh failed (an actor restarting?), retrying every %.1f s: %s",
+                                self.opts.status_interval_s, failing)
             self._stop.wait(self.opts.status_interval_s)
 
     def refresh(self) -> dict[str, Any]:
@@ -167,6 +202,9 @@ class Controller:
         cs = dict(decode_json(ray.get(self.config_server.status.remote(), timeout=10)))
         if cs.get("port"):
             return cs  # revived by the other caller while we waited for the lock
+        log.warning("the config server restarted (not listening): reviving it on ports %d/%d with the applied "
+                    "revision's CAs and every config in full", self.port, self.bootstrap_port,
+                    extra={"fields": {"event": "ConfigServerRevived"}})
         blob = ray.get(self.reconciler.snapshot_blob.remote(), timeout=30)
         if blob:
             ray.get(self.config_server.ensure_cas.remote(blob), timeout=30)
@@ -186,11 +224,14 @@ class Controller:
                 if old is not None:
                     old.stop.remote()
                     ray.kill(old)
+                log.info("cluster %s: %s discovery agent (context %s)", name,
+                         "starting its" if old is None else "replacing its (spec changed)", spec.context)
                 prefer = agent_node(name, list(wanted), nodes)
                 self.agents[name] = ClusterAgentActor.options(**self.opts.placement.options("agent", prefer)).remote(
                     *spec.args(), self.reconciler)
                 self.agent_specs[name] = spec
         for name in set(self.agents) - set(wanted):
+            log.info("cluster %s left the fleet: stopping its discovery agent", name)
             a = self.agents.pop(name)
             self.agent_specs.pop(name, None)
             a.stop.remote()
@@ -260,11 +301,14 @@ def run(opts: ControllerOptions) -> None:  # pragma: no cover - the CLI entry po
     import signal
 
     ctl = Controller(opts).start()
-    print(f"meshfed controller: config gRPC on {opts.listen.rsplit(':', 1)[0]}:{ctl.port} (bootstrap port "
-          f"{ctl.bootstrap_port or '-'}), "
-          f"status on {ctl.status_server.url}, state in {ctl.state_dir} (node {ctl.state_node[:12]})", flush=True)
+    grpc_at = f"{opts.listen.rsplit(':', 1)[0]}:{ctl.port}"
+    log.info("meshfed controller: config gRPC on %s (bootstrap port %s), status on %s, state in %s (node %s)",
+             grpc_at, ctl.bootstrap_port or "-", ctl.status_server.url, ctl.state_dir, ctl.state_node[:12],
+             extra={"fields": {"event": "ControllerStarted", "grpc": grpc_at, "bootstrap_port": ctl.bootstrap_port,
+                               "status_url": ctl.status_server.url, "state_dir": ctl.state_dir}})
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
     done.wait()
+    log.info("meshfed controller: stopping")
     ctl.stop()

@@ -21,7 +21,10 @@ Routes (GET):
 from __future__ import annotations
 
 import json
+import logging
+import re
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
@@ -52,6 +55,23 @@ class NotFound(LookupError):
     pass
 
 
+# Request log: writes (POST) and every answer >= 400 at INFO, successful reads at DEBUG: a console
+# or a `watch meshfed status` polls every second, and one line per poll would bury the state
+# changes an operator reads the log for. `--log-level debug` shows every request.
+access_log = logging.getLogger("federation.server.status_api.access")
+_SECRET_QUERY = re.compile(r"(?i)((?:^|&)[^=&]*(?:token|secret|password|key)[^=&]*=)[^&]*")
+
+
+def request_log_level(method: str, status: int) -> int:
+    return logging.INFO if method != "GET" or status >= 400 else logging.DEBUG
+
+
+def loggable_path(path: str) -> str:
+    """The request path with the values of secret-looking query parameters masked."""
+    base, sep, query = path.partition("?")
+    return base + sep + _SECRET_QUERY.sub(r"\1[REDACTED]", query) if sep else base
+
+
 MAX_POST_BODY_BYTES = 64 * 1024   # the reconcile trigger needs no body; a Git hook may send a small one
 REQUEST_TIMEOUT_S = 10.0           # a client that stalls mid-request does not hold a thread forever
 
@@ -77,9 +97,28 @@ class StatusServer:
 
         class Handler(BaseHTTPRequestHandler):
             timeout = REQUEST_TIMEOUT_S
+            _started_s = 0.0
 
-            def log_message(self, *_a: Any) -> None:  # quiet: the controller logs what matters
-                pass
+            def parse_request(self) -> bool:
+                self._started_s = time.monotonic()
+                return super().parse_request()
+
+            def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+                status = int(code) if str(code).isdigit() else 0
+                level = request_log_level(self.command or "", status)
+                if not access_log.isEnabledFor(level):
+                    return
+                took_ms = (time.monotonic() - self._started_s) * 1000 if self._started_s else 0.0
+                path = loggable_path(self.path or "")
+                access_log.log(level, "%s %s %s %s bytes %.1f ms from %s", self.command, path, code, size, took_ms,
+                               self.client_address[0],
+                               extra={"fields": {"event": "HttpRequest", "method": self.command, "path": path,
+                                                 "status": status, "bytes": size, "duration_ms": round(took_ms, 2),
+                                                 "client": self.client_address[0]}})
+
+            def log_message(self, format: str, *args: Any) -> None:
+                # what the stdlib reports besides requests (malformed requests, timeouts)
+                access_log.info("%s: %s", self.client_address[0], format % args)
 
             def _send(self, code: int, body: bytes, ctype: str) -> None:
                 self.send_response(code)

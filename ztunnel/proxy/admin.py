@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -32,6 +33,13 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 prometheus_client.disable_created_metrics()
+
+log = logging.getLogger(__name__)
+# One line per connection (and per refused connection): DEBUG, never INFO (a busy proxy would log
+# thousands a second); `python -m ztunnel --access-log stderr` writes them as JSON lines regardless
+# of the level, like Envoy's access log.
+access_log = logging.getLogger("ztunnel.access")
+PER_CONNECTION_KINDS = frozenset({"access", "refused"})
 
 ISTIO_LABELS = ("reporter", "source_workload", "source_principal", "destination_service",
                 "destination_principal", "source_cluster", "destination_cluster",
@@ -108,11 +116,19 @@ class Telemetry:
         self.refused.labels(reporter, reason_code).inc()
 
     def log(self, **fields: Any) -> None:
-        """One JSON object per line: a connection's summary or a proxy event."""
-        if self.access_log is None:
-            return
+        """A connection's summary (or a proxy event): to the access log stream when there is one (one
+        JSON object per line), and to the `logging` tree (connections at DEBUG on `ztunnel.access`)."""
         fields.setdefault("ts", round(time.time(), 6))
         fields.setdefault("proxy", self.proxy_id)
+        per_conn = fields.get("kind") in PER_CONNECTION_KINDS
+        logger, level = (access_log, logging.DEBUG) if per_conn else (log, logging.INFO)
+        if logger.isEnabledFor(level):
+            from ztunnel.api.logsetup import render_kv
+
+            logger.log(level, f"{fields.get('kind', 'event')}: {render_kv(fields, ('kind', 'ts'))}",
+                       extra={"fields": fields})
+        if self.access_log is None:
+            return
         try:
             self.access_log.write(json.dumps(fields, separators=(",", ":"), default=str) + "\n")
             self.access_log.flush()

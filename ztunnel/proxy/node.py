@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import ssl
 from typing import Any
 
@@ -66,6 +67,8 @@ from ztunnel.proxy.relay import (
 )
 from ztunnel.proxy.routing import decide_route, usable_endpoints
 from ztunnel.xds.state import Indexes
+
+log = logging.getLogger(__name__)
 
 
 class NodeProxy(ProxyBase):
@@ -242,7 +245,8 @@ class NodeProxy(ProxyBase):
                 continue
             except Exception as e:  # a bug must cost one endpoint attempt, not hang the client
                 errors.append(f"{ep.workload_uid}: internal error {e!r}")
-                self.telemetry.log(kind="internal_error", endpoint=ep.workload_uid, error=repr(e))
+                log.error("internal error dialing %s (a bug; the client tries the next endpoint): %r",
+                          ep.workload_uid, e, exc_info=True)
                 self.record_outcome(name, ep.workload_uid, Outcome.LOCAL_ORIGIN_FAILURE)
                 continue
             self.record_outcome(name, ep.workload_uid, Outcome.SUCCESS)
