@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import platform
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -27,6 +28,7 @@ from clusters.lab.topology import ClusterPlan, GatewayPlan, NodePlan, PodPlan, S
 from gitops.model import AMBIENT_LABEL, AMBIENT_VALUE
 
 ZONE_LABEL = "topology.kubernetes.io/zone"
+LAB_KUBELET_VERSION = "v1.31.0-meshfed-lab"   # the Kubernetes API version the emulated server models
 log = logging.getLogger(__name__)
 MAX_TRANSITIONS = 1000  # kept for `lab status` (the last 20 are shown): bounded, the lab may run for days
 REGION_LABEL = "topology.kubernetes.io/region"
@@ -70,6 +72,10 @@ def node_object(node: NodePlan, state: NodeState, cluster: ClusterPlan) -> dict[
                           {"type": "Hostname", "address": node.name}],
             "conditions": [{"type": "Ready", "status": "True" if state.ready else "False",
                             "reason": "KubeletReady" if state.ready else "NodeDown"}],
+            # what `kubectl get nodes -o wide` shows (VERSION, OS-IMAGE, ...): say what the node is
+            "nodeInfo": {"kubeletVersion": LAB_KUBELET_VERSION, "osImage": "meshfed lab (network namespace)",
+                         "kernelVersion": platform.release(), "containerRuntimeVersion": "meshfed-lab://process",
+                         "operatingSystem": "linux", "architecture": platform.machine()},
         },
     }
 
