@@ -150,6 +150,7 @@ class Reconciler:
         self.snapshot: ConfigSnapshot | None = None          # last applied (good) snapshot
         self.pending_snapshot: ConfigSnapshot | None = None
         self.observations: dict[str, ClusterObservation] = {}
+        self.listed_clusters: set[str] = set()   # clusters whose first complete observation came (logged)
         self.leases: dict[str, float] = {}
         self.configs: dict[str, ProxyConfig] = {}
         self.attempted: dict[str, Any] = {}                  # revision, subject, ok, problems
@@ -212,7 +213,9 @@ class Reconciler:
 
     def on_observation(self, obs: ClusterObservation, now_s: float | None = None) -> None:
         prev = self.observations.get(obs.cluster)
-        if prev is None and obs.complete:
+        if obs.complete and obs.cluster not in self.listed_clusters:
+            # an agent may send partial observations (a kind's watch) before its first complete LIST
+            self.listed_clusters.add(obs.cluster)
             log.info("cluster %s up: first complete observation (%d nodes, %d services, %d endpoints)", obs.cluster,
                      len(obs.nodes), len(obs.services), len(obs.endpoints),
                      extra={"fields": {"event": "ClusterUp", "cluster": obs.cluster, "nodes": len(obs.nodes),
