@@ -45,6 +45,10 @@ ENV_FORMAT = "MESHFED_LOG_FORMAT"
 QUIET_LIBRARIES = ("h2", "hpack", "hyperframe", "urllib3", "kubernetes", "aiohttp.access", "aiohttp.server",
                    "asyncio", "grpc", "git", "filelock", "kmock")
 
+# Loggers whose warnings repeat what our own code reports once: urllib3 warns on every retry of
+# every request to an API server that is down (the discovery logs the failure once per error).
+RETRY_NOISE = ("urllib3.connectionpool",)
+
 _ENVELOPE = ("ts", "level", "logger", "msg")
 
 _SECRET_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
@@ -163,6 +167,8 @@ def configure(level: str = "info", fmt: str = "text", stream: TextIO | None = No
     root.setLevel(numeric)
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
+    for name in RETRY_NOISE:
+        logging.getLogger(name).setLevel(max(numeric, logging.ERROR))
     logging.captureWarnings(True)
     global _current
     _current = (lvl, form)

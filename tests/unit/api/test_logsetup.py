@@ -93,10 +93,11 @@ def test_without_a_stream_it_follows_the_current_stderr(monkeypatch: pytest.Monk
     assert "to the stderr of now" in swapped.getvalue()
 
 
-def test_chatty_libraries_stay_at_warning_even_at_debug() -> None:
+def test_chatty_libraries_stay_at_warning_and_retries_at_error_even_at_debug() -> None:
     buf = io.StringIO()
     logsetup.configure("debug", "text", buf)
     logging.getLogger("h2.connection").debug("frame")
+    logging.getLogger("urllib3.connectionpool").warning("Retrying (Retry(total=2)) after connection broken")
     logging.getLogger("federation.x").debug("ours")
     assert [ln.split()[-1] for ln in lines(buf)] == ["ours"]
 
