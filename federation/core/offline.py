@@ -9,9 +9,12 @@ complete `ClusterObservation` per cluster, deterministic (same repo -> same name
   `nodes` (all nodes when empty); pods on node i get `<pod CIDR base>.<i>.<10 + n>` in placement
   order, so each node owns a /24 of the cluster's pod CIDR;
 - a cluster without a pod CIDR gets one from 10.64.0.0/10 derived from its name (stable);
-- pods carry the label `app: <workload>` (what AuthorizationPolicy selectors match), are ready,
-  and back their workload's service; a client workload (no service) becomes an `EndpointInfo` with
-  `service=""`: a workload of its node that backs nothing (the graph's convention).
+- pods carry the label `app: <workload>` (what AuthorizationPolicy selectors match) and the
+  workload's extra `labels`, are ready, and back their workload's service; a client workload (no
+  service) becomes an `EndpointInfo` with `service=""`: a workload of its node that backs nothing
+  (the graph's convention);
+- every Gateway (waypoint or ingress) that runs in the cluster has one ready pod on the cluster's
+  first node, after the workloads' pods (`gitops.model.gateway_pod_name`), as the lab places it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,15 @@ import hashlib
 import ipaddress
 
 from clusters.kube.observation import ClusterObservation, EndpointInfo, NodeInfo, ServiceInfo, ServicePortInfo
-from gitops.model import Cluster, ConfigSnapshot, LabCluster, ServiceKey
+from gitops.model import (
+    Cluster,
+    ConfigSnapshot,
+    LabCluster,
+    ServiceKey,
+    gateway_pod_labels,
+    gateway_pod_name,
+    gateway_service_account,
+)
 
 FALLBACK_POD_SPACE = ipaddress.IPv4Network("10.64.0.0/10")
 
@@ -75,8 +86,17 @@ def observation_from_lab(snapshot: ConfigSnapshot, lab: LabCluster, observed_at_
             endpoints.append(EndpointInfo(
                 namespace=w.namespace, service=w.service or "", pod=f"{w.name}-{i}",
                 address=_addr(base, node_index[node], host), node=node, service_account=w.service_account,
-                ports=ports, zone=zone_of[node], labels={"app": w.name},
+                ports=ports, zone=zone_of[node], labels={"app": w.name, **w.labels},
             ))
+    first = all_nodes[0] if all_nodes else ""
+    for gw in snapshot.gateways.values():
+        if first and gw.runs_in(lab.cluster):
+            host = next_host[first]
+            next_host[first] = host + 1
+            endpoints.append(EndpointInfo(
+                namespace=gw.namespace, service="", pod=gateway_pod_name(gw), address=_addr(base, node_index[first], host),
+                node=first, service_account=gateway_service_account(gw), zone=zone_of[first],
+                labels=gateway_pod_labels(gw)))
     return ClusterObservation(cluster=lab.cluster, observed_at_s=observed_at_s, complete=True,
                               nodes=nodes, services=tuple(services), endpoints=tuple(endpoints),
                               resource_version="offline")
