@@ -1,9 +1,9 @@
-"""Run a ztunnel (node mode) or east-west gateway standalone.
+"""Run a ztunnel (node mode), an east-west gateway, a waypoint or an ingress gateway standalone.
 
     python -m ztunnel --config proxy.json --cert-dir certs/ --state-dir /var/lib/meshfed/ztunnel \\
         --hbone 0.0.0.0:15008 --socks 127.0.0.1:15080 --admin 127.0.0.1:15021
 
-- The mode (node/gateway) comes from the config. `--config` is optional when `--state-dir` holds a
+- The mode (node, gateway, waypoint, ingress) comes from the config. `--config` is optional when `--state-dir` holds a
   persisted last good config: a restart with the controller (or the file) absent serves from it.
 - `--cert-dir` holds one SVID per local identity: `<td>_ns_<ns>_sa_<sa>.crt.pem` (chain) and
   `.key.pem` (0600).
@@ -28,6 +28,7 @@ from ztunnel.proxy.admin import AdminServer, Telemetry
 from ztunnel.proxy.base import Credentials, HealthSink, ProxyBase, ProxyOptions
 from ztunnel.proxy.gateway import GatewayProxy
 from ztunnel.proxy.node import NodeProxy
+from ztunnel.proxy.waypoint import L7Proxy
 from ztunnel.xds.state import ApplyResult, ProxyState, load_config_file, parse_host_port
 
 if TYPE_CHECKING:  # controller mode only: gRPC/protobuf cost ~5 MB RSS, standalone proxies skip them
@@ -66,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = p.add_argument_group("controller mode (config, certificates and health through the controller)")
     c.add_argument("--controller", default="", help="HOST:PORT of the controller's gRPC services")
     c.add_argument("--bootstrap", default="", help="HOST:PORT of the controller's bootstrap port (first certificate)")
-    c.add_argument("--proxy-id", default="", help="ztunnel/<cluster>/<node> or gateway/<cluster>")
+    c.add_argument("--proxy-id", default="", help="ztunnel/<cluster>/<node>, gateway/<cluster>, "
+                   "waypoint/<cluster>/<ns>/<name> or ingress/<cluster>/<ns>/<name>")
     c.add_argument("--trust-domain", default="", help="trust domain of this proxy's cluster")
     c.add_argument("--bootstrap-token-file", type=Path, help="the cluster's bootstrap token (first certificate)")
     c.add_argument("--controller-roots", type=Path, help="PEM roots of the controller's serving certificate")
@@ -110,7 +112,8 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
     opts = ProxyOptions(hbone_host=hb_host, hbone_port=hb_port, socks_host=socks_host, socks_port=socks_port,
                         transparent_host=tr_host, transparent_port=tr_port,
                         handshake_timeout_s=args.handshake_timeout_s, drain_timeout_s=args.drain_timeout_s)
-    cls: type[ProxyBase] = GatewayProxy if cfg.mode is ProxyMode.GATEWAY else NodeProxy
+    cls: type[ProxyBase] = {ProxyMode.GATEWAY: GatewayProxy, ProxyMode.WAYPOINT: L7Proxy,
+                            ProxyMode.INGRESS: L7Proxy}.get(cfg.mode, NodeProxy)
     proxy = cls(state, creds, opts, telemetry, health)
     if link is not None:
         link.sink.target = proxy
@@ -123,6 +126,7 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
                             "rejected": [str(e) for e in state.last_rejected],
                             "ejected": {s: sorted(proxy.ejected(s)) for s in proxy.detectors},
                             "sessions": {"pooled": proxy.pool.count(), "inbound": len(proxy.inbound_sessions)},
+                            **({"l7": proxy.status()} if isinstance(proxy, L7Proxy) else {}),
                         })
     await admin.start()
     _release_startup_heap()

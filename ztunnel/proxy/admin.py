@@ -74,6 +74,8 @@ class Telemetry:
                                 ("destination_service", "endpoint", "outcome"), registry=r)
         self.refused = Counter("meshfed_connections_refused", "Connections refused by the proxy",
                                ("reporter", "reason"), registry=r)
+        self.requests = Counter("istio_requests", "HTTP requests served by a waypoint or gateway",
+                                ("reporter", "source_principal", "destination_service", "response_code"), registry=r)
         self.access_log = access_log
 
     def conn_opened(self, labels: ConnLabels) -> None:
@@ -96,6 +98,9 @@ class Telemetry:
 
     def endpoint_unejected(self, service: str, endpoint: str) -> None:
         self.ejected.labels(service, endpoint).set(0)
+
+    def request_done(self, reporter: str, source_principal: str, destination_service: str, status: int) -> None:
+        self.requests.labels(reporter, source_principal, destination_service, str(status)).inc()
 
     def refusal(self, reporter: str, reason_code: str) -> None:
         self.refused.labels(reporter, reason_code).inc()

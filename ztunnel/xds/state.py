@@ -166,6 +166,9 @@ class Indexes:
     # hostname of the first service a *local* workload is an endpoint of (destination_service label)
     service_of_local_workload: dict[str, str] = field(default_factory=dict)
     services: tuple[Service, ...] = ()
+    # identities of the waypoints that local workloads' services go through: the peers whose
+    # `x-meshfed-caller` a destination ztunnel believes (ztunnel.proxy.node.caller_identity)
+    trusted_waypoints: frozenset[str] = frozenset()
     # pod IP -> an endpoint with an HBONE address (dialing a pod IP directly); built on first use,
     # so a node that never dials pod IPs pays no memory per remote endpoint for it
     _endpoints_by_address: dict[str, Endpoint] | None = None
@@ -188,6 +191,7 @@ def node_name(cfg: ProxyConfig) -> str:
 
 def build_indexes(cfg: ProxyConfig) -> Indexes:
     ix = Indexes()
+    waypoints: set[str] = set()
     node = node_name(cfg)
     for w in cfg.workloads:
         ix.workloads_by_address[w.address] = w
@@ -205,7 +209,10 @@ def build_indexes(cfg: ProxyConfig) -> Indexes:
             for e in s.endpoints:
                 if e.address in local:
                     ix.service_of_local_workload.setdefault(e.workload_uid, s.hostname)
+                    if s.waypoint is not None:
+                        waypoints.update(s.waypoint.identities)
     ix.services = cfg.services
+    ix.trusted_waypoints = frozenset(waypoints)
     return ix
 
 

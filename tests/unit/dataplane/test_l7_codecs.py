@@ -41,9 +41,9 @@ def test_pipelined_requests_wait_for_the_first_response() -> None:
     raw = b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n"
     [first] = server.receive(raw)
     assert isinstance(first, RequestReady) and first.head.target == "/1"
-    assert server.receive(b"") == []          # paused until answered
+    assert server.pending() == []          # paused until answered
     server.respond(200, (), b"1")
-    [second] = server.receive(b"")
+    [second] = server.pending()
     assert isinstance(second, RequestReady) and second.head.target == "/2"
 
 

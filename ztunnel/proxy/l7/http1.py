@@ -93,6 +93,10 @@ class Http1Server:
         self.conn.receive_data(data)
         return self._events()
 
+    def pending(self) -> list[ServerEvent]:
+        """After a response: the next request already buffered (pipelined), if any."""
+        return [] if self._failed else self._events()
+
     def _events(self) -> list[ServerEvent]:
         out: list[ServerEvent] = []
         while not self.awaiting_response:
@@ -132,8 +136,8 @@ class Http1Server:
         return out
 
     def respond(self, status: int, headers: Headers, body: bytes, close: bool = False) -> bytes:
-        """The bytes of one whole response; afterwards the next request (if any) may be read with
-        `receive(b"")`. `close`: ask the client to close (after errors)."""
+        """The bytes of one whole response; afterwards the next request (if any) is read with
+        `pending()`. `close`: ask the client to close (after errors)."""
         hs = [(k, v) for k, v in forwardable(headers)]
         hs.append(("content-length", str(len(body))))
         if close:

@@ -17,7 +17,8 @@ HTTPRoute's `retry` (Gateway API) replaces the count (`attempts`), the retriable
 - every attempt's outcome feeds outlier detection (`outlier_outcome`) with Envoy's definitions:
   502/503/504 are gateway errors (and 5xx), other 5xx are 5xx only, a connect failure, a reset
   before the response or a timeout are local-origin failures; a request the proxy refused for lack
-  of connections (connectionPool overflow) says nothing about the host and is not counted.
+  of connections (connectionPool overflow), or one the destination's ztunnel refused by policy (403),
+  says nothing about the host's health and is not counted.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Failure(str, Enum):
     RESET = "reset"                  # the tunnel or the upstream connection broke before the response
     TIMEOUT = "timeout"              # per-try (backendRequest) or overall timeout
     OVERFLOW = "overflow"            # connectionPool limits: the proxy did not try at all
+    DENIED = "denied"                # the destination's ztunnel refused the tunnel (L4 policy)
 
 
 def outlier_outcome(status: int | None, failure: Failure | None) -> Outcome | None:
@@ -46,7 +48,7 @@ def outlier_outcome(status: int | None, failure: Failure | None) -> Outcome | No
         return Outcome.RESET_BEFORE_RESPONSE
     if failure is Failure.TIMEOUT:
         return Outcome.TIMEOUT
-    if failure is Failure.OVERFLOW or status is None:
+    if failure in (Failure.OVERFLOW, Failure.DENIED) or status is None:
         return None
     if status in (502, 503, 504):
         return Outcome.HTTP_GATEWAY_ERROR
