@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout-s", type=float, default=10.0)
     p.add_argument("--handshake-timeout-s", type=float, default=5.0)
     p.add_argument("--access-log", choices=("stderr", "off"), default="stderr")
+    p.add_argument("--ready-file", type=Path, help="created once the proxy serves, removed when it drains "
+                   "(what a pod's readiness probe reads where the admin port is out of reach)")
     c = p.add_argument_group("controller mode (config, certificates and health through the controller)")
     c.add_argument("--controller", default="", help="HOST:PORT of the controller's gRPC services")
     c.add_argument("--bootstrap", default="", help="HOST:PORT of the controller's bootstrap port (first certificate)")
@@ -76,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int:
+    if args.ready_file is not None:
+        args.ready_file.unlink(missing_ok=True)  # a previous run's: not ready until this one serves
     state = ProxyState(args.state_dir / "last-good-config.json" if args.state_dir else None)
     source = "file"
     if args.config is not None and args.config.exists():
@@ -129,6 +133,9 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
                             **({"l7": proxy.status()} if isinstance(proxy, L7Proxy) else {}),
                         })
     await admin.start()
+    if args.ready_file is not None:
+        args.ready_file.parent.mkdir(parents=True, exist_ok=True)
+        args.ready_file.write_text(f"{os.getpid()}\n")
     _release_startup_heap()
     telemetry.log(kind="listening", hbone=f"{hb_host}:{proxy.opts.hbone_port}",
                   socks=f"{socks_host}:{proxy.opts.socks_port}" if socks_host else "",
@@ -148,6 +155,8 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
     loop.add_signal_handler(signal.SIGHUP, reload)
     await stop.wait()
     telemetry.log(kind="draining", timeout_s=args.drain_timeout_s)
+    if args.ready_file is not None:
+        args.ready_file.unlink(missing_ok=True)
     for t in link_tasks:
         t.cancel()
     await proxy.drain(args.drain_timeout_s)

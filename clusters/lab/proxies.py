@@ -88,7 +88,9 @@ class DataPlane:
         mp.start()
         if spec.is_node and spec.netns not in self._captured:
             cluster, node = spec.proxy_id.split("/")[1:]
-            for rule in capture_rules(self.plan.cluster(cluster).node(node)):
+            c = self.plan.cluster(cluster)
+            exempt = [p.address for p in c.proxy_pods(node)]  # waypoints and ingress pods are not captured
+            for rule in capture_rules(c.node(node), exempt):
                 run_iptables(rule.netns, rule.args)
             self._captured.add(spec.netns)
 
