@@ -126,7 +126,10 @@ class LabFederation:
                         f"see {self.state_dir}/logs/controller.log and the proxies' logs there")
 
     def proxy_count(self) -> int:
-        return sum(len(c["nodes"]) + (1 if c.get("gateway") else 0) for c in self.lab.get("clusters", []))
+        """Node ztunnels, east-west gateways, and the waypoints and ingress gateways that run as pods."""
+        return sum(len(c["nodes"]) + (1 if c.get("gateway") else 0)
+                   + sum(1 for p in c.get("pods", []) if p.get("role") in ("waypoint", "ingress"))
+                   for c in self.lab.get("clusters", []))
 
     def tiers(self, cluster: str, service: str = SERVICE_HOST) -> list[str]:
         """Clusters in the order `cluster`'s proxies fail over (from the rendered endpoints)."""

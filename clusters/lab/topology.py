@@ -499,6 +499,18 @@ def plan_lab(
                     AddAddress(pod.netns, "eth0", f"{pod.address}/{pod.prefix_len}"), LinkUp(pod.netns, "eth0"),
                     AddRoute(pod.netns, "default", via=pod.gateway),
                 ]
+        # Proxy pods (waypoints, ingress gateways) join the controller like node ztunnels do: a /32
+        # management leg with one host route to it (no transit), besides their pod network.
+        for k, pod in enumerate((p for p in pods if p.is_proxy), start=1):
+            if 100 + k > 250:
+                raise PlanError(f"cluster {name}: more than 150 waypoint/ingress pods")
+            mg = _check_ifname(f"c{ci}x{k}m")
+            mgmt_address = str(mgmt.network_address + (ci << 8) + 100 + k)
+            actions += [
+                AddVeth(ROOT_NS, mg, pod.netns, "mgmt0"), SetMaster(ROOT_NS, mg, MGMT_BRIDGE), LinkUp(ROOT_NS, mg),
+                AddAddress(pod.netns, "mgmt0", f"{mgmt_address}/32"), LinkUp(pod.netns, "mgmt0"),
+                AddRoute(pod.netns, f"{CONTROLLER_MGMT_ADDRESS}/32", dev="mgmt0"),
+            ]
         if gw is not None:
             for pod in (p for p in pods if p.is_proxy):
                 # a waypoint reaches remote endpoints through their gateways itself, like a node

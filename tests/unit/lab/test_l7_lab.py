@@ -64,6 +64,19 @@ def test_proxy_pods_are_not_captured_and_reach_the_wan_hbone_port() -> None:
     assert not any(f"{client.address}/32" in a for a in edge)
 
 
+def test_proxy_pods_have_a_management_leg_to_the_controller_only() -> None:
+    from clusters.lab.topology import CONTROLLER_MGMT_ADDRESS, AddAddress, AddRoute
+
+    _, p = plan()
+    for c in p.clusters:
+        for pod in c.proxy_pods():
+            routes = [a for a in p.actions if isinstance(a, AddRoute) and a.netns == pod.netns]
+            assert sorted((r.dst, r.via, r.dev) for r in routes) == sorted(
+                [("default", pod.gateway, None), (f"{CONTROLLER_MGMT_ADDRESS}/32", None, "mgmt0")])
+            [leg] = [a for a in p.actions if isinstance(a, AddAddress) and a.netns == pod.netns and a.dev == "mgmt0"]
+            assert leg.cidr.endswith("/32")
+
+
 def test_proxy_pods_run_the_proxy_not_the_demo_server(tmp_path: Path) -> None:
     from ztunnel.__main__ import build_parser
 
