@@ -139,8 +139,7 @@ class LogHealthSink:
     def report(self, proxy_id: str, event: EndpointEjected | EndpointUnejected | dict[str, Any]) -> None:
         if isinstance(event, dict):
             self._t.log(kind="health", **event)
-        else:
-            self._t.log(kind=type(event).__name__, **{k: getattr(event, k) for k in event.__slots__})
+        # ejection events are in the access log already (`ProxyBase._outlier_event`)
 
 
 class ConnectFailed(Exception):
@@ -592,6 +591,8 @@ class ProxyBase:
                 self.telemetry.endpoint_ejected(service, ev.key, ev.reason.value)
         else:
             self.telemetry.endpoint_unejected(service, ev.key)
+        # in the access log whatever the health sink (the controller's reporter logs nothing)
+        self.telemetry.log(kind=type(ev).__name__, service=service, **{k: getattr(ev, k) for k in ev.__slots__})
         self.health.report(self.cfg.proxy_id, ev)
 
     def ejected(self, service: str) -> frozenset[str]:

@@ -271,11 +271,18 @@ class UpstreamConn:
         loop = asyncio.get_running_loop()
         self.future = fut = loop.create_future()
         self.stream.write(self.h1.request(head, body))
+        # a timer that settles the future, not asyncio.wait_for (a task and a shield per request)
+        timer = loop.call_later(timeout_s, self._timed_out) if timeout_s is not None else None
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout_s)
-        except TimeoutError:
+            return await fut
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _timed_out(self) -> None:
+        if self.future is not None and not self.future.done():
+            self.future.set_result(retry.Failure.TIMEOUT)
             self.abort()
-            return retry.Failure.TIMEOUT
 
     def _settle(self, value: ResponseReady | retry.Failure) -> None:
         if self.future is not None and not self.future.done():

@@ -60,6 +60,7 @@ class L7Index:
     listeners_by_port: dict[int, Listener] = field(default_factory=dict)
     pools: dict[str, InferencePool] = field(default_factory=dict)
     authorizations: tuple[Authorization, ...] = ()
+    targeted: frozenset[str] = frozenset()                  # every target some policy names
 
     @classmethod
     def build(cls, cfg: ProxyConfig) -> L7Index:
@@ -71,11 +72,12 @@ class L7Index:
             if s.vip:
                 for p in s.ports:
                     ix.services_by_vip[(s.vip, p.port)] = s
-        ix.routes = cfg.http_routes
+        ix.routes = tuple(sorted(cfg.http_routes, key=lambda r: r.key))
         ix.routed_parents = frozenset(p for r in cfg.http_routes for p in r.parents)
         ix.listeners_by_port = {x.port: x for x in cfg.listeners}
         ix.pools = {p.key: p for p in cfg.inference_pools}
         ix.authorizations = cfg.authorizations
+        ix.targeted = frozenset(t for a in cfg.authorizations for t in a.targets)
         return ix
 
     def service_at(self, host: str, port: int) -> Service | None:
@@ -135,10 +137,14 @@ def _targets(ix: L7Index, arrival: Arrival) -> list[str]:
 
 def plan_request(ix: L7Index, arrival: Arrival, peer: authz.Peer, req: RequestHead, rand: float) -> Forward | Refuse:
     port = arrival.port or (arrival.listener.port if arrival.listener is not None else 0)
-    decision = authz.evaluate_request(
-        ix.authorizations, peer=peer, targets=_targets(ix, arrival), port=port,
-        request=authz.Request(req.method, req.path, req.host,
-                              {k: v for k, v in ((k, req.header(k) or "") for k, _ in req.headers)}))
+    targets = _targets(ix, arrival)
+    decision = authz.Decision(True, "allowed: no policy applies")
+    if ix.targeted.intersection(targets):  # (no policy for these targets: nothing to evaluate)
+        headers: dict[str, str] = {}
+        for k, v in req.headers:
+            headers[k] = f"{headers[k]},{v}" if k in headers else v
+        decision = authz.evaluate_request(ix.authorizations, peer=peer, targets=targets, port=port,
+                                          request=authz.Request(req.method, req.path, req.host, headers))
     if not decision.allowed:
         return Refuse(403, decision.reason, decision.policy, RBAC_DENIED_BODY)
     if arrival.service is not None:

@@ -158,7 +158,7 @@ def select_rule(routes: Iterable[HttpRoute], parents: Sequence[str], req: Reques
     docstring); None when no rule matches (the proxy answers 404)."""
     wanted = set(parents)
     best: tuple[tuple[object, ...], RuleChoice] | None = None
-    for route in sorted(routes, key=lambda r: r.key):
+    for route in routes:  # in key order (L7Index keeps them sorted): the tie-break is the first
         if not wanted.intersection(route.parents):
             continue
         gateway_parent = any(p.startswith("Gateway/") for p in route.parents)
