@@ -297,7 +297,7 @@ def main() -> None:
                     "rps": summary["rps_ratio"] >= 0.5},
             "limits": ("the waypoint chain is three single-threaded Python processes (asyncio, one core each at "
                        "most) against three HAProxies in C; per request the waypoint parses and writes HTTP/1.1 "
-                       "twice with h11 and frames HBONE twice, and every hop pays a TLS record in and out; on this "
+                       "twice (llhttp) and frames HBONE twice, and every hop pays a TLS record in and out; on this "
                        "2-core machine the clients, the server and all six proxies share the two cores, so "
                        "requests/s measures the sum of per-request CPU of the chain"),
             "clients": args.clients, "seconds": seconds, "rounds": rounds, "latency_requests": n_lat,

@@ -98,7 +98,7 @@ class Sink:
 class Downstream:
     """One downstream connection: HTTP/1.1 or h2c, requests handed to the proxy, answers written.
 
-    Invariants: HTTP/1.1 requests are answered in order, one at a time (h11 pauses on the next);
+    Invariants: HTTP/1.1 requests are answered in order, one at a time (the codec hands out the next only then);
     h2c streams are served concurrently; once closed nothing more is written."""
 
     def __init__(self, proxy: L7Proxy, sink: Sink, ctx: Context) -> None:
@@ -302,7 +302,9 @@ class UpstreamConn:
 
     def on_end(self) -> None:
         self.closed = True
-        self.h1.receive(b"")
+        for ev in self.h1.receive(b""):  # a response delimited by the end of the connection completes here
+            if isinstance(ev, ResponseReady):
+                self._settle(ev)
         self._settle(retry.Failure.RESET)
 
     def on_reset(self, error_code: int) -> None:

@@ -1,4 +1,4 @@
-"""HTTP/1.1 (h11) and h2c (h2) codecs of the L7 engine, pumped in memory (no sockets)."""
+"""HTTP/1.1 (llhttp via httptools) and h2c (h2) codecs of the L7 engine, pumped in memory (no sockets)."""
 
 from __future__ import annotations
 
@@ -108,3 +108,44 @@ def test_h2c_prior_knowledge_concurrent_streams() -> None:
         if isinstance(ev, h2.events.DataReceived):
             got[ev.stream_id] = got.get(ev.stream_id, b"") + ev.data
     assert status == {1: "200", 3: "200"} and got[1] == b"one" and got[3] == big
+
+
+def test_smuggling_large_heads_and_pipelining_floods_are_refused() -> None:
+    [smuggle] = Http1Server().receive(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n"
+                                      b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    assert isinstance(smuggle, ProtocolFailure) and smuggle.status == 400
+    [big] = Http1Server().receive(b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n")
+    assert isinstance(big, ProtocolFailure) and big.status == 431
+    server = Http1Server()
+    events = server.receive(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n" * 40)
+    assert isinstance(events[0], RequestReady)
+    seen = [events[0]]
+    while True:
+        server.respond(200, (), b"")
+        nxt = server.pending()
+        if not nxt:
+            break
+        seen += nxt
+    assert sum(isinstance(e, RequestReady) for e in seen) == 32 and isinstance(seen[-1], ProtocolFailure)
+    assert seen[-1].status == 429
+
+
+def test_chunked_request_body_and_head_response_and_no_header_injection() -> None:
+    [ev] = Http1Server().receive(b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                 b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+    assert isinstance(ev, RequestReady) and ev.body == b"abcde"
+    client = Http1Client()
+    client.request(RequestHead("HEAD", "/", "a"), b"")
+    [resp] = client.receive(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+    assert isinstance(resp, ResponseReady) and resp.status == 200 and resp.body == b"" and not client.reusable
+    out = Http1Server().respond(200, (("x-evil", "a\r\nset-cookie: x=1"), ("bad name", "v"), ("x-ok", "1")), b"")
+    assert b"set-cookie" not in out and b"bad name" not in out and b"x-ok: 1" in out
+
+
+def test_response_delimited_by_close() -> None:
+    client = Http1Client()
+    client.request(RequestHead("GET", "/", "a"), b"")
+    assert client.receive(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\npartial ") == []
+    assert client.receive(b"body") == []
+    [resp] = client.receive(b"")
+    assert isinstance(resp, ResponseReady) and resp.body == b"partial body" and not client.reusable

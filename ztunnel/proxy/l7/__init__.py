@@ -9,6 +9,6 @@ Pure decisions, no sockets, no clock (time and randomness are arguments):
   pool      connectionPool accounting: upstream connections, pending requests, requests per connection
   picker    the built-in inference endpoint picker: least queue among the pods serving the model
   engine    one request's plan: route, authorization (`ztunnel.api.authz`, the one evaluator), backend
-  http1     HTTP/1.1 on both sides through h11 (sans-IO)
+  http1     HTTP/1.1 on both sides: llhttp (httptools) parses, sans-IO
   h2c       HTTP/2 prior knowledge downstream through h2 (sans-IO)
 """
