@@ -269,7 +269,8 @@ class UpstreamConn:
 
     async def exchange(self, head: RequestHead, body: bytes, timeout_s: float | None) -> ResponseReady | retry.Failure:
         loop = asyncio.get_running_loop()
-        self.future = fut = loop.create_future()
+        fut: asyncio.Future[ResponseReady | retry.Failure] = loop.create_future()
+        self.future = fut
         self.stream.write(self.h1.request(head, body))
         # a timer that settles the future, not asyncio.wait_for (a task and a shield per request)
         timer = loop.call_later(timeout_s, self._timed_out) if timeout_s is not None else None
