@@ -150,7 +150,7 @@ class EndpointGraph:
         # pods labelled gateway.networking.k8s.io/gateway-name (waypoints, ingress gateways)
         self._gateway_pods: dict[GatewayPodsKey, dict[EndpointKey, EndpointNode]] = {}
         # (cluster, namespace, name) -> the Service's clusterIP in that cluster: what its apps dial
-        # (hosts files / DNS), so the proxies of that cluster render it as the service's VIP.
+        # (the node proxies' DNS answers with it), so the proxies of that cluster render it as the service's VIP.
         self.cluster_ips: dict[tuple[str, str, str], str] = {}
         self._load_snapshot(snapshot)
 

@@ -107,13 +107,13 @@ class Controller:
             self.opts.debounce_after_s, self.opts.debounce_max_s, self.config_server)
         if not self.opts.insecure:
             # TLS needs the CAs before the server starts: load the fleet once here, synchronously
-            snap = snapshot_for_cas(str(self.opts.repo), self.opts.branch, self.state_dir, self._store, time.time())
+            snap = snapshot_for_cas(str(self.opts.repo), self.opts.branch, self._store, time.time())
             if snap is not None:
                 ray.get(self.config_server.ensure_cas.remote(encode_snapshot(snap)))
         self.port, self.bootstrap_port = (int(p) for p in ray.get(self.config_server.start.remote(
             self.opts.listen, self.reconciler, self.opts.bootstrap_listen)))
         self.git = GitSourceActor.options(**place.options("git")).remote(
-            str(self.opts.repo), self.opts.branch, self.state_dir, self.reconciler, self.config_server,
+            str(self.opts.repo), self.opts.branch, self.reconciler, self.config_server,
             self.opts.git_poll_interval_s)
         from federation.server.status_api import StatusServer
 

@@ -7,7 +7,8 @@ Metrics use Istio's data-plane names and labels so existing dashboards work:
 `destination_principal`, `source_cluster`, `destination_cluster`, `connection_security_policy`.
 Label values come from config (workloads, services, identities), never from peers' free text, so
 cardinality is bounded by the config. Outlier detection adds `meshfed_endpoint_ejections_total`,
-`meshfed_endpoint_ejected` (gauge) and `meshfed_endpoint_outcomes_total` per endpoint of a service.
+`meshfed_endpoint_ejected` (gauge) and `meshfed_endpoint_outcomes_total` per endpoint of a service;
+the DNS responder `meshfed_dns_queries_total` by outcome (a fixed set).
 Each proxy gets its own `CollectorRegistry` (several proxies can share a test process);
 `_created` series are disabled (prometheus-client adds them by default).
 
@@ -76,6 +77,9 @@ class Telemetry:
                                ("reporter", "reason"), registry=r)
         self.requests = Counter("istio_requests", "HTTP requests served by a waypoint or gateway",
                                 ("reporter", "source_principal", "destination_service", "response_code"), registry=r)
+        self.dns = Counter("meshfed_dns_queries", "DNS queries of pods, by what the node proxy did with them "
+                           "(mesh, nodata, unanswered, forwarded, upstream_answered, servfail, truncated, ...)",
+                           ("outcome",), registry=r)
         self.access_log = access_log
 
     def conn_opened(self, labels: ConnLabels) -> None:
@@ -101,6 +105,8 @@ class Telemetry:
 
     def request_done(self, reporter: str, source_principal: str, destination_service: str, status: int) -> None:
         self.requests.labels(reporter, source_principal, destination_service, str(status)).inc()
+    def dns_query(self, outcome: str) -> None:
+        self.dns.labels(outcome).inc()
 
     def refusal(self, reporter: str, reason_code: str) -> None:
         self.refused.labels(reporter, reason_code).inc()
