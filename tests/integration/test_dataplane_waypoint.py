@@ -303,3 +303,23 @@ async def test_filters_reach_the_pod_and_retries_off_let_503_through() -> None:
         assert [r["attempts"] for r in m.requests_logged() if r.get("status") == 503] == [1]
     finally:
         await stop_mesh(m)
+
+
+async def test_idle_upstream_connections_to_removed_endpoints_are_closed() -> None:
+    hbone = topo.free_port(CLIENT.node_address)
+    m = await start_mesh(hbone, pool=ConnectionPoolPolicy(max_connections=4))
+    try:
+        c = await Client.open(m)
+        for _ in range(4):
+            assert (await c.request())[0] == 200
+        c.close()
+        assert m.wp.budgets[HOST].active >= 1 and any(k[0].startswith(f"east/{NS}/checkout-") for k in m.wp.idle)
+        _a, _b, cw = configs(hbone, pool=ConnectionPoolPolicy(max_connections=4))
+        gone = replace(cw, stamp=replace(cw.stamp, version=2), services=tuple(
+            replace(s, endpoints=()) if s.hostname == HOST else s for s in cw.services))
+        assert m.wp.state.apply(gone).applied
+        m.wp.on_config_applied()
+        assert not any(k[0].startswith(f"east/{NS}/checkout-") and "v2" not in k[0] for k in m.wp.idle)
+        assert m.wp.budgets[HOST].active == 0
+    finally:
+        await stop_mesh(m)

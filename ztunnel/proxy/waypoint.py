@@ -66,6 +66,7 @@ SCRAPE_INTERVAL_S = 0.25
 SCRAPE_TIMEOUT_S = 1.0
 DEFAULT_CONNECT_TIMEOUT_S = 1.0
 MAX_IDLE_PER_KEY = 16
+MAX_DOWNSTREAM_CONNECTIONS = 4096  # open connections on an ingress gateway's listeners, all together
 SCRAPER = "~metrics-scraper"  # the caller of the picker's metrics requests (no caller header is sent)
 
 
@@ -234,10 +235,17 @@ class TcpDownstream(asyncio.Protocol):
     def __init__(self, proxy: L7Proxy, listener: Listener) -> None:
         self.proxy, self.listener = proxy, listener
         self.conn: Downstream | None = None
+        self.counted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         t = transport
+        if self.proxy.downstream_connections >= MAX_DOWNSTREAM_CONNECTIONS:
+            self.proxy.telemetry.refusal("gateway", "too_many_connections")
+            t.abort()  # bounded: an ingress listener faces clients outside the mesh
+            return
+        self.proxy.downstream_connections += 1
+        self.counted = True
         self.conn = Downstream(self.proxy, Sink(t.write, t.close, t.abort), Context(Arrival(listener=self.listener), ""))
 
     def data_received(self, data: bytes) -> None:
@@ -252,6 +260,9 @@ class TcpDownstream(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.conn is not None:
             self.conn.closed = True
+        if self.counted:
+            self.counted = False
+            self.proxy.downstream_connections -= 1
 
 
 # --- upstream ------------------------------------------------------------------------------------
@@ -350,6 +361,7 @@ class L7Proxy(ProxyBase):
         self.metrics: dict[str, picker.PodMetrics] = {}
         self.in_flight: dict[str, int] = {}
         self.listener_servers: dict[int, asyncio.Server] = {}
+        self.downstream_connections = 0
         self.requests_served = 0
         super().__init__(*args, **kwargs)
         self.mode = self.cfg.mode if self.state.config is not None else ProxyMode.WAYPOINT
@@ -371,6 +383,15 @@ class L7Proxy(ProxyBase):
                 b.policy = policy
         if self.listener_servers or self.ready.is_set():
             self.spawn(self._sync_listeners())
+        # idle upstream connections to endpoints the config no longer has: closed, not kept forever
+        live = {e.workload_uid for s in cfg.services for e in s.endpoints}
+        live |= {e.workload_uid for p in cfg.inference_pools for e in p.endpoints}
+        for key in [k for k in self.idle if k[0] not in live]:
+            for conn in self.idle.pop(key):
+                if key[1] == SCRAPER:
+                    conn.close()  # the scraper's connections hold no budget slot
+                else:
+                    self._closed(conn, conn.service)
 
     @property
     def own_identity(self) -> str:
