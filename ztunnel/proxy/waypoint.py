@@ -42,7 +42,7 @@ from typing import Any
 
 from ztunnel.api import authz
 from ztunnel.api.config import Endpoint, InferencePool, Listener, ProxyMode
-from ztunnel.api.lb import choose_endpoint
+from ztunnel.api.lb import choose_endpoint, pick_endpoint, priority_load, tier_health
 from ztunnel.api.verify import PeerVerificationError
 from ztunnel.proxy.base import SOURCE_HEADER, ProxyBase, mono_s
 from ztunnel.proxy.l7 import picker, retry
@@ -77,6 +77,12 @@ class Context:
     arrival: Arrival
     caller: str          # verified SPIFFE id of the caller ("" at an ingress gateway)
     source_uid: str = ""  # the calling workload, as its ztunnel named it
+    peer: authz.Peer = authz.Peer("", "")
+
+    @classmethod
+    def of(cls, arrival: Arrival, caller: str, source_uid: str = "") -> Context:
+        """The authorization peer is computed once per connection, not per request."""
+        return cls(arrival, caller, source_uid, authz.peer_from_identity(caller))
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,7 +252,8 @@ class TcpDownstream(asyncio.Protocol):
             return
         self.proxy.downstream_connections += 1
         self.counted = True
-        self.conn = Downstream(self.proxy, Sink(t.write, t.close, t.abort), Context(Arrival(listener=self.listener), ""))
+        self.conn = Downstream(self.proxy, Sink(t.write, t.close, t.abort),
+                               Context.of(Arrival(listener=self.listener), ""))
 
     def data_received(self, data: bytes) -> None:
         if self.conn is not None:
@@ -363,6 +370,8 @@ class L7Proxy(ProxyBase):
         self.listener_servers: dict[int, asyncio.Server] = {}
         self.downstream_connections = 0
         self.requests_served = 0
+        # (endpoints tuple id, ejected set) -> (the tuple, tier shares, panic): `ztunnel.api.lb`'s loads
+        self._loads: dict[tuple[int, frozenset[str]], tuple[Any, tuple[float, ...], tuple[bool, ...]]] = {}
         super().__init__(*args, **kwargs)
         self.mode = self.cfg.mode if self.state.config is not None else ProxyMode.WAYPOINT
 
@@ -440,7 +449,7 @@ class L7Proxy(ProxyBase):
             stream.respond(404, reason)
             return
         source = next((v for k, v in stream.headers if k == SOURCE_HEADER), "")
-        ctx = Context(Arrival(svc, port), session.peer_identity, source)
+        ctx = Context.of(Arrival(svc, port), session.peer_identity, source)
         stream.respond(200)
         stream.attach(TunnelDownstream(self, stream, ctx))
 
@@ -448,27 +457,32 @@ class L7Proxy(ProxyBase):
 
     async def handle_request(self, ctx: Context, head: RequestHead, body: bytes) -> Reply:
         started = mono_s()
-        peer = authz.peer_from_identity(ctx.caller)
-        plan = plan_request(self.l7, ctx.arrival, peer, head, self.rand())
+        plan = plan_request(self.l7, ctx.arrival, ctx.peer, head, self.rand())
         where = (ctx.arrival.service.hostname if ctx.arrival.service is not None
                  else ctx.arrival.listener.key if ctx.arrival.listener is not None else "")
-        log: dict[str, Any] = {"kind": "request", "src": ctx.caller or "unauthenticated", "method": head.method,
-                               "path": head.path, "host": head.host, "to": where}
+        logging = self.telemetry.access_log is not None
+        log: dict[str, Any] = {}
+        if logging:
+            log = {"kind": "request", "src": ctx.caller or "unauthenticated", "method": head.method,
+                   "path": head.path, "host": head.host, "to": where}
         if isinstance(plan, Refuse):
             self._count(ctx, where, plan.status)
-            self.telemetry.log(**log, status=plan.status, reason=plan.reason, policy=plan.policy,
-                               duration_ms=round((mono_s() - started) * 1000, 3))
+            if logging:
+                self.telemetry.log(**log, status=plan.status, reason=plan.reason, policy=plan.policy,
+                                   duration_ms=round((mono_s() - started) * 1000, 3))
             return Reply(plan.status, (("content-type", "text/plain"),), plan.body or plan.reason.encode())
-        log.update(route=plan.route_name, backend=plan.backend.target)
-        if plan.allowed_by:
-            log["policy"] = plan.allowed_by
+        if logging:
+            log.update(route=plan.route_name, backend=plan.backend.target)
+            if plan.allowed_by:
+                log["policy"] = plan.allowed_by
         reply, attempts = await self._forward(ctx, plan, body, log)
         if plan.response_headers is not None:
             reply = Reply(reply.status, modify_headers(reply.headers, plan.response_headers), reply.body)
         self._count(ctx, plan.backend.target, reply.status)
         self.requests_served += 1
-        self.telemetry.log(**log, status=reply.status, attempts=attempts,
-                           duration_ms=round((mono_s() - started) * 1000, 3))
+        if logging:
+            self.telemetry.log(**log, status=reply.status, attempts=attempts,
+                               duration_ms=round((mono_s() - started) * 1000, 3))
         return reply
 
     def _count(self, ctx: Context, dest: str, status: int) -> None:
@@ -531,6 +545,16 @@ class L7Proxy(ProxyBase):
         svc = plan.service
         assert svc is not None
         ejected = self.ejected(svc.hostname)
+        if not tried:  # the first try: the tier loads of this view and ejection set, computed once
+            key = (id(svc.endpoints), ejected)
+            load = self._loads.get(key)
+            if load is None or load[0] is not svc.endpoints:
+                if len(self._loads) > 1024:
+                    self._loads.clear()
+                lp = priority_load(tier_health(svc.endpoints, ejected))
+                load = self._loads[key] = (svc.endpoints, lp.shares, lp.panic)
+            return (pick_endpoint(svc.endpoints, load[1], ejected, self.rand(), load[2]),
+                    f"no endpoint of {svc.hostname} is healthy and not ejected")
         ep = choose_endpoint(svc.endpoints, ejected, self.rand(), exclude=frozenset(tried))
         if ep is None and tried:  # every host tried once: Envoy's previous_hosts gives up the exclusion
             ep = choose_endpoint(svc.endpoints, ejected, self.rand())
