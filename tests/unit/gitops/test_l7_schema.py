@@ -212,3 +212,21 @@ def test_listener_from_another_namespace_needs_allowed_routes(fleet: Path) -> No
         '{group: "", kind: Service, name: checkout, port: 80}', "{name: ai-gateway, namespace: ai-serving}")
         + "    - backendRefs: [{name: checkout, port: 80}]\n")
     assert any(p.code == "MF0513" and "own namespace only" in p.message for p in gitops.validate_tree(fleet))
+
+
+def test_a_service_label_picks_its_own_waypoint_or_opts_out(fleet: Path) -> None:
+    checkout = fleet / "services/shop/checkout.yaml"
+    checkout.write_text(checkout.read_text().replace("  namespace: shop\n", "  namespace: shop\n  labels:\n"
+                                                     "    istio.io/use-waypoint: none\n", 1))
+    v2 = fleet / "services/shop/checkout-v2.yaml"
+    v2.write_text(v2.read_text().replace("  namespace: shop\n", "  namespace: shop\n  labels:\n"
+                                         "    istio.io/use-waypoint: special\n", 1))
+    _write(fleet, "policies/shop/special.yaml", (fleet / "policies/shop/waypoint.yaml").read_text()
+           .replace("name: waypoint", "name: special"))
+    [p] = [p for p in gitops.validate_tree(fleet) if p.code == "MF0511"]     # the canary route now needs one
+    assert "but shop/checkout has no waypoint" in p.message
+    (fleet / "policies/shop/checkout-canary.yaml").unlink()
+    snap = gitops.load_worktree(fleet)
+    assert snap.waypoint_for(m.ServiceKey("shop", "checkout")) is None      # opted out of the namespace's
+    special = snap.waypoint_for(m.ServiceKey("shop", "checkout-v2"))
+    assert special is not None and special.name == "special"                 # its own, per service
