@@ -9,6 +9,8 @@ complete `ClusterObservation` per cluster, deterministic (same repo -> same name
   `nodes` (all nodes when empty); pods on node i get `<pod CIDR base>.<i>.<10 + n>` in placement
   order, so each node owns a /24 of the cluster's pod CIDR;
 - a cluster without a pod CIDR gets one from 10.64.0.0/10 derived from its name (stable);
+- a gateway whose address the fleet leaves out (it comes from the cluster) gets the placeholder
+  `<cluster>.address-from-cluster.invalid`, which explain and plan show as "address from the cluster";
 - pods carry the label `app: <workload>` (what AuthorizationPolicy selectors match) and the
   workload's extra `labels`, are ready, and back their workload's service; a client workload (no
   service) becomes an `EndpointInfo` with `service=""`: a workload of its node that backs nothing
@@ -23,6 +25,7 @@ import hashlib
 import ipaddress
 
 from clusters.kube.observation import ClusterObservation, EndpointInfo, NodeInfo, ServiceInfo, ServicePortInfo
+from federation.core.graph import OFFLINE_GATEWAY_SUFFIX
 from gitops.model import (
     Cluster,
     ConfigSnapshot,
@@ -89,17 +92,20 @@ def observation_from_lab(snapshot: ConfigSnapshot, lab: LabCluster, observed_at_
                 ports=ports, zone=zone_of[node], labels={"app": w.name, **w.labels},
             ))
     first = all_nodes[0] if all_nodes else ""
-    for gw in snapshot.gateways.values():
-        if first and gw.runs_in(lab.cluster):
+    for g in snapshot.gateways.values():
+        if first and g.runs_in(lab.cluster):
             host = next_host[first]
             next_host[first] = host + 1
             endpoints.append(EndpointInfo(
-                namespace=gw.namespace, service="", pod=gateway_pod_name(gw), address=_addr(base, node_index[first], host),
-                node=first, service_account=gateway_service_account(gw), zone=zone_of[first],
-                labels=gateway_pod_labels(gw)))
+                namespace=g.namespace, service="", pod=gateway_pod_name(g), address=_addr(base, node_index[first], host),
+                node=first, service_account=gateway_service_account(g), zone=zone_of[first],
+                labels=gateway_pod_labels(g)))
+    gw = cluster.east_west_gateway
     return ClusterObservation(cluster=lab.cluster, observed_at_s=observed_at_s, complete=True,
                               nodes=nodes, services=tuple(services), endpoints=tuple(endpoints),
-                              resource_version="offline")
+                              resource_version="offline",
+                              gateway_address=f"{lab.cluster}{OFFLINE_GATEWAY_SUFFIX}"
+                              if gw is not None and gw.address is None else "")
 
 
 def offline_observations(snapshot: ConfigSnapshot, observed_at_s: float = 0.0) -> list[ClusterObservation]:
