@@ -94,7 +94,7 @@ class LabRunner:
     def up_from_snapshot(self, snapshot: Any, fleet_dir: Path | None,
                          on_progress: ProgressFn | None = None) -> dict[str, Any]:
         t0 = time.monotonic()
-        plan = plan_lab(snapshot.clusters, snapshot.lab_clusters, snapshot.services)
+        plan = plan_lab(snapshot.clusters, snapshot.lab_clusters, snapshot.services, gateways=snapshot.gateways)
         contexts = {n: c.api.context for n, c in snapshot.clusters.items()}
         if on_progress is not None:
             on_progress({"title": "plan", "s": time.monotonic() - t0,

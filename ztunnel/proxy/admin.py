@@ -35,9 +35,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 prometheus_client.disable_created_metrics()
 
 log = logging.getLogger(__name__)
-# One line per connection (and per refused connection): DEBUG, never INFO (a busy proxy would log
-# thousands a second); `python -m ztunnel --access-log stderr` writes them as JSON lines regardless
-# of the level, like Envoy's access log.
+# Without an access log stream (`--access-log off`), one line per connection (and per refused
+# connection) at DEBUG, never INFO (a busy proxy would log thousands a second).
 access_log = logging.getLogger("ztunnel.access")
 PER_CONNECTION_KINDS = frozenset({"access", "refused"})
 
@@ -83,10 +82,15 @@ class Telemetry:
                                 ("destination_service", "endpoint", "outcome"), registry=r)
         self.refused = Counter("meshfed_connections_refused", "Connections refused by the proxy",
                                ("reporter", "reason"), registry=r)
+        self.requests = Counter("istio_requests", "HTTP requests served by a waypoint or gateway",
+                                ("reporter", "source_principal", "destination_service", "response_code"), registry=r)
         self.dns = Counter("meshfed_dns_queries", "DNS queries of pods, by what the node proxy did with them "
                            "(mesh, nodata, unanswered, forwarded, upstream_answered, servfail, truncated, ...)",
                            ("outcome",), registry=r)
         self.access_log = access_log
+        # labelled children by label values (bounded like the label values: by the config)
+        self._request_children: dict[tuple[str, str, str, int], Any] = {}
+        self._outcome_children: dict[tuple[str, str, str], Any] = {}
 
     def conn_opened(self, labels: ConnLabels) -> None:
         self.opened.labels(*labels.values()).inc()
@@ -100,7 +104,11 @@ class Telemetry:
             self.received.labels(*v).inc(received_bytes)
 
     def endpoint_outcome(self, service: str, endpoint: str, outcome: str) -> None:
-        self.outcomes.labels(service, endpoint, outcome).inc()
+        key = (service, endpoint, outcome)
+        child = self._outcome_children.get(key)
+        if child is None:
+            child = self._outcome_children[key] = self.outcomes.labels(service, endpoint, outcome)
+        child.inc()
 
     def endpoint_ejected(self, service: str, endpoint: str, reason: str) -> None:
         self.ejections.labels(service, endpoint, reason).inc()
@@ -109,6 +117,13 @@ class Telemetry:
     def endpoint_unejected(self, service: str, endpoint: str) -> None:
         self.ejected.labels(service, endpoint).set(0)
 
+    def request_done(self, reporter: str, source_principal: str, destination_service: str, status: int) -> None:
+        key = (reporter, source_principal, destination_service, status)
+        child = self._request_children.get(key)
+        if child is None:  # labels() validates and locks: once per label set, not per request
+            child = self._request_children[key] = self.requests.labels(reporter, source_principal,
+                                                                       destination_service, str(status))
+        child.inc()
     def dns_query(self, outcome: str) -> None:
         self.dns.labels(outcome).inc()
 
@@ -116,10 +131,19 @@ class Telemetry:
         self.refused.labels(reporter, reason_code).inc()
 
     def log(self, **fields: Any) -> None:
-        """A connection's summary (or a proxy event): to the access log stream when there is one (one
-        JSON object per line), and to the `logging` tree (connections at DEBUG on `ztunnel.access`)."""
+        """A connection's summary (or a proxy event such as an ejection): one JSON object per line on
+        the access log stream when there is one (`--access-log stderr`, Envoy's access log), else to
+        the `logging` tree (connections at DEBUG on `ztunnel.access`, events at INFO): never both,
+        so no line is written twice to the same stderr."""
         fields.setdefault("ts", round(time.time(), 6))
         fields.setdefault("proxy", self.proxy_id)
+        if self.access_log is not None:
+            try:
+                self.access_log.write(json.dumps(fields, separators=(",", ":"), default=str) + "\n")
+                self.access_log.flush()
+            except (OSError, ValueError):
+                pass
+            return
         per_conn = fields.get("kind") in PER_CONNECTION_KINDS
         logger, level = (access_log, logging.DEBUG) if per_conn else (log, logging.INFO)
         if logger.isEnabledFor(level):
@@ -127,13 +151,6 @@ class Telemetry:
 
             logger.log(level, f"{fields.get('kind', 'event')}: {render_kv(fields, ('kind', 'ts'))}",
                        extra={"fields": fields})
-        if self.access_log is None:
-            return
-        try:
-            self.access_log.write(json.dumps(fields, separators=(",", ":"), default=str) + "\n")
-            self.access_log.flush()
-        except (OSError, ValueError):
-            pass
 
     def render(self) -> bytes:
         return generate_latest(self.registry)  # type: ignore[no-any-return]

@@ -1,6 +1,6 @@
 """`python -m ztunnel` logs through the one set-up (issue 15): --log-level/--log-format, the
-environment as the default (how the lab and the DaemonSet hand it down), connections only at
-DEBUG on `ztunnel.access`."""
+environment as the default (how the lab and the DaemonSet hand it down); connections go to the
+access log stream, or without one at DEBUG on `ztunnel.access`."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def test_flags_and_their_defaults_from_the_environment(monkeypatch: pytest.Monke
     monkeypatch.delenv(logsetup.ENV_LEVEL, raising=False)
     monkeypatch.delenv(logsetup.ENV_FORMAT, raising=False)
     a = build_parser().parse_args(BASE)
-    assert (a.log_level, a.log_format, a.access_log) == ("info", "text", "off")
+    assert (a.log_level, a.log_format, a.access_log) == ("info", "text", "stderr")
     monkeypatch.setenv(logsetup.ENV_LEVEL, "debug")
     monkeypatch.setenv(logsetup.ENV_FORMAT, "json")
     a = build_parser().parse_args(BASE)
@@ -46,9 +46,12 @@ def test_connections_are_debug_events_are_info() -> None:
     assert last["logger"] == "ztunnel.access" and last["level"] == "DEBUG" and last["bytes_sent"] == 10
 
 
-def test_the_access_log_stream_still_gets_every_connection() -> None:
-    stream = io.StringIO()
-    logsetup.configure("warning", "text", io.StringIO())
-    Telemetry("p", stream).log(kind="access", backend="b")
-    assert json.loads(stream.getvalue())["backend"] == "b"
-    assert logging.getLogger("ztunnel.access").isEnabledFor(logging.DEBUG) is False
+def test_the_access_log_stream_gets_every_connection_and_the_log_none_of_them() -> None:
+    stream, logged = io.StringIO(), io.StringIO()
+    logsetup.configure("debug", "json", logged)
+    t = Telemetry("p", stream)
+    t.log(kind="access", backend="b")
+    t.log(kind="EndpointEjected", service="s", key="k")
+    assert [json.loads(ln)["kind"] for ln in stream.getvalue().splitlines()] == ["access", "EndpointEjected"]
+    assert logged.getvalue() == ""   # one stderr, one line per record: not the same record twice
+    assert logging.getLogger("ztunnel.access").isEnabledFor(logging.DEBUG)
