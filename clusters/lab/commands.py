@@ -118,5 +118,18 @@ def pod_argv(python: Sequence[str], p: PodPlan, control_socket: str) -> list[str
             "--behaviour", p.behaviour.value, "--control", control_socket]
 
 
+FAKETIME_LIBRARIES = ("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
+                      "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1",
+                      "/usr/lib/faketime/libfaketimeMT.so.1", "/usr/local/lib/faketime/libfaketimeMT.so.1")
+
+
+def skewed_argv(argv: Sequence[str], skew_s: float, library: str) -> list[str]:
+    """`argv` run with its wall clock moved by `skew_s`: libfaketime preloaded through `env`, which
+    execs (the `faketime` command forks, and killing it would leave the skewed process running).
+    The monotonic clock is left alone: asyncio's timers, timeouts and backoffs keep real time, as
+    they would on a node whose NTP is off. The MT build: our processes have threads."""
+    return ["env", f"LD_PRELOAD={library}", f"FAKETIME={skew_s:+.0f}", "FAKETIME_DONT_FAKE_MONOTONIC=1", *argv]
+
+
 def latency_relay_argv(python: Sequence[str], port: int, delay_ms: float) -> list[str]:
     return [*python, "-m", "clusters.lab.faults", "--port", str(port), "--delay-ms", str(delay_ms)]

@@ -1,9 +1,10 @@
 """Fault injection: carry out the steps `clusters.lab.faults.plan_fault` decides, and undo them.
 
 `plan_fault` (pure) says what a fault is; this module is the one place that acts on it: signals to
-the lab's processes, iptables rules in the MESHFED-FAULT chain, blackhole routes, link state, and
-latency relays. Every applied step is remembered with what its undo needs, so `heal` removes
-exactly what was added.
+the lab's processes, iptables rules in the MESHFED-FAULT chain, blackhole routes, link state,
+latency relays, `tc` shaping, processes restarted under `faketime`, and demo-server behaviours.
+Every applied step is remembered with what its undo needs, so `heal` removes exactly what was
+added.
 
 Invariants: a fault is either applied whole or not at all (a step that fails rolls back the ones
 before it); `active` lists applied faults in order; the lock guards only that bookkeeping, never a
@@ -14,20 +15,22 @@ another fault on something else, or a heal.
 from __future__ import annotations
 
 import itertools
+import os
 import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from clusters.lab import faults as F
-from clusters.lab.commands import latency_relay_argv
+from clusters.lab.commands import FAKETIME_LIBRARIES, latency_relay_argv, skewed_argv
 from clusters.lab.layout import LabError
 from clusters.lab.netns import in_netns
+from clusters.lab.pods import set_behaviour
 from clusters.lab.processes import ManagedProcess, ProcessTable
-from clusters.lab.topology import LabPlan, NetnsName, run_ip, run_iptables
+from clusters.lab.topology import LabPlan, NetnsName, run_ip, run_iptables, run_tc
 
 LATENCY_FIRST_PORT = 15099   # relays listen on 15099, 15100, … in the namespace they delay
 RELAY_READY_TIMEOUT_S = 5.0
@@ -39,6 +42,7 @@ class AppliedStep:
     step: F.FaultStep
     relay: ManagedProcess | None = None              # Latency: the relay it started
     relay_rules: tuple[tuple[str, ...], ...] = ()    # Latency: the nat rules that feed it
+    original_argv: tuple[str, ...] = ()              # ClockSkew: how the process ran before
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,15 +50,19 @@ class AppliedFault:
     request: F.FaultRequest
     steps: tuple[AppliedStep, ...]
 
-    def matches(self, target: str | None, names: Sequence[str]) -> bool:
-        return not target or (self.request.target == target and (not names or tuple(names) == self.request.names))
+    def matches(self, target: str | None, names: Sequence[str], kind: str | None = None) -> bool:
+        return not target or (self.request.target == target and (not names or tuple(names) == self.request.names)
+                              and (not kind or kind == self.request.kind))
 
 
 class FaultInjector:
-    def __init__(self, plan: LabPlan, procs: ProcessTable, log_dir: Path) -> None:
+    def __init__(self, plan: LabPlan, procs: ProcessTable, log_dir: Path,
+                 api_ports: Callable[[], Mapping[str, int]] = dict) -> None:
         self.plan = plan
         self.procs = procs
         self.log_dir = log_dir
+        self.api_ports = api_ports   # the emulated API servers' ports, known once bring-up started them
+        self._shaped: set[tuple[str, str]] = set()   # (netns, dev) with a shaping root qdisc of ours
         self._lock = threading.Lock()
         self._hook_lock = threading.Lock()
         self._active: list[AppliedFault] = []
@@ -75,7 +83,7 @@ class FaultInjector:
 
     def apply(self, req: F.FaultRequest) -> list[str]:
         try:
-            steps = F.plan_fault(self.plan, req)
+            steps = F.plan_fault(self.plan, req, self.api_ports())
         except KeyError as e:  # plan lookups name what exists
             raise F.FaultError(str(e.args[0])) from None
         done: list[AppliedStep] = []
@@ -117,7 +125,57 @@ class FaultInjector:
             run_ip(st.netns, "link", "set", st.dev, "down")
         elif isinstance(st, F.Latency):
             return self._start_latency(st)
+        elif isinstance(st, F.Shape):
+            self._shape(st)
+        elif isinstance(st, F.ClockSkew):
+            return AppliedStep(st, original_argv=tuple(self._restart(st.process, st.skew_s)))
+        elif isinstance(st, F.SetBehaviour):
+            self._behave(st, st.behaviour)
         return AppliedStep(st)
+
+    def _shape(self, st: F.Shape) -> None:
+        key = (st.netns, st.dev)
+        with self._lock:
+            if key in self._shaped:
+                raise F.FaultError(f"{st.dev} in {st.netns or 'the sandbox root'} is already shaped by another "
+                                   "bandwidth fault; heal that one first")
+            self._shaped.add(key)
+        try:
+            for args in st.commands:
+                run_tc(st.netns, args)
+        except Exception:
+            self._unshape(st)
+            raise
+
+    def _unshape(self, st: F.Shape) -> None:
+        try:
+            run_tc(st.netns, ("qdisc", "del", "dev", st.dev, "root"))
+        finally:
+            with self._lock:
+                self._shaped.discard((st.netns, st.dev))
+
+    def _restart(self, key: str, skew_s: float, argv: Sequence[str] | None = None) -> list[str]:
+        """Restart process `key`: under faketime moved by `skew_s`, or (skew 0) with `argv`. Returns
+        the argv it ran with before."""
+        mp = self.procs.get(key)
+        if mp is None or not mp.alive():
+            raise F.FaultError(f"{key} is not running (killed by another fault?); heal that first")
+        library = next((p for p in FAKETIME_LIBRARIES if os.path.exists(p)), None)
+        if skew_s and library is None:
+            raise F.FaultError("clock-skew needs libfaketime (Debian package faketime; `make system`); looked in "
+                               + ", ".join(FAKETIME_LIBRARIES))
+        before = list(mp.argv)
+        new_argv = skewed_argv(before, skew_s, library or "") if skew_s else list(argv or before)
+        mp.terminate()
+        fresh = ManagedProcess(key, mp.netns, new_argv, mp.log)
+        self.procs.put(fresh)
+        fresh.start()
+        return before
+
+    def _behave(self, st: F.SetBehaviour, behaviour: str) -> None:
+        code, body = set_behaviour(self.plan.pod(st.cluster, st.pod, st.namespace), behaviour)
+        if code != 200:
+            raise F.FaultError(f"{st.cluster}/{st.namespace}/{st.pod} refused behaviour {behaviour}: {body}")
 
     def _signal(self, st: F.Signal) -> None:
         mp = self.procs.get(st.process)
@@ -164,11 +222,11 @@ class FaultInjector:
 
     # --- heal ------------------------------------------------------------------------------------
 
-    def heal(self, target: str | None = None, names: Sequence[str] = ()) -> list[str]:
-        """Undo faults (all, or those on `target` `names`) and restart what they killed."""
+    def heal(self, target: str | None = None, names: Sequence[str] = (), kind: str | None = None) -> list[str]:
+        """Undo faults (all, or those on `target` `names`, of `kind` if given) and restart what they killed."""
         with self._lock:
-            chosen = [a for a in self._active if a.matches(target, names)]
-            self._active = [a for a in self._active if not a.matches(target, names)]
+            chosen = [a for a in self._active if a.matches(target, names, kind)]
+            self._active = [a for a in self._active if not a.matches(target, names, kind)]
         healed: list[str] = []
         for fault in chosen:
             for applied in reversed(fault.steps):
@@ -206,6 +264,16 @@ class FaultInjector:
             if applied.relay is not None:
                 self.procs.pop(applied.relay.key)
                 applied.relay.terminate()
+        elif isinstance(st, F.Shape):
+            self._unshape(st)
+        elif isinstance(st, F.ClockSkew):
+            mp = self.procs.get(st.process)
+            if mp is not None and mp.alive():
+                self._restart(st.process, 0.0, applied.original_argv)
+            elif mp is not None:  # killed meanwhile: whoever heals that starts the real-clock argv
+                mp.argv = list(applied.original_argv)
+        elif isinstance(st, F.SetBehaviour):
+            self._behave(st, st.restore)
 
 
 def _deleting(rule: Sequence[str]) -> tuple[str, ...]:
