@@ -30,6 +30,7 @@ to the end); for an experiment that declares `expectedFailure`, a failure is `xf
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -75,6 +76,7 @@ class RunOptions:
     keep: bool = False
     provider: str = "lab"
     converge_timeout_s: float = CONVERGE_TIMEOUT_S
+    per_experiment_dirs: bool = True   # reports in out_dir/<name>/ (False: out_dir itself, one experiment)
 
 
 @dataclass
@@ -91,6 +93,7 @@ class ExperimentResult:
     timeline: list[dict[str, Any]] = field(default_factory=list)
     priorities: dict[str, list[str]] = field(default_factory=dict)
     records: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    load: tuple[float, float] = (0.0, 0.0)   # the host's 1-minute load average at start and end
 
     @property
     def ok(self) -> bool:
@@ -225,7 +228,9 @@ class Engine:
     # --- one experiment ----------------------------------------------------------------------------
 
     def run_one(self, fed: LabFederation, fleet: Fleet, exp: Experiment) -> ExperimentResult:
-        res = ExperimentResult(exp, started_at_s=self.clock(), out_dir=self.opts.out_dir / exp.name)
+        out = self.opts.out_dir / exp.name if self.opts.per_experiment_dirs else self.opts.out_dir
+        res = ExperimentResult(exp, started_at_s=self.clock(), out_dir=out,
+                               load=(_load(), 0.0))
         self.narrator.experiment_start(exp)
         fed.events.clear()
         base_sha = self._base_sha = fed.head()
@@ -273,6 +278,7 @@ class Engine:
         except (OSError, ValueError, DemoError) as err:
             res.error = f"could not collect the results: {err}"
         res.verdicts = verdicts
+        res.load = (res.load[0], _load())
         res.status = _status(exp, res)
         res.duration_s = self.clock() - res.started_at_s
         try:
@@ -329,7 +335,7 @@ class Engine:
         p = st.push
         assert p is not None
         if p.restore:
-            sha = fed.restore(self._base(fed), p.message)
+            sha = fed.restore(self._base_sha, p.message)
             if sha is None:
                 return Verdict("", "push", "restore", "nothing to restore", True, (), st.pos), "nothing to restore"
         else:
@@ -355,9 +361,6 @@ class Engine:
         fed.note(PUSH_APPLIED, target="fleet repo", detail=f"{sha[:8]} SYNCED on every proxy")
         return (Verdict("", "push", f"{p.message!r} {want}", "applied, SYNCED on every proxy", p.expect_applied, (),
                         st.pos), f"pushed {sha[:8]}: applied, SYNCED on every proxy")
-
-    def _base(self, fed: LabFederation) -> str:
-        return self._base_sha
 
     # --- traffic and the steady state ------------------------------------------------------------
 
@@ -465,15 +468,29 @@ class Engine:
                                                run_length=exp.run_length) for c, r in recs.items()}
         paths = write_report(out, f"{exp.name}: {exp.description}", figures, recs, res.timeline,
                              verdicts=res.verdicts, status=res.status, error=res.error,
-                             notes=_notes(exp))
+                             notes=[*_notes(exp), _host_note(res.load)])
         out.mkdir(parents=True, exist_ok=True)
         (out / "verdicts.json").write_text(json.dumps({
             "experiment": exp.name, "file": exp.file, "status": res.status, "error": res.error,
-            "duration_s": round(res.duration_s, 3), "priorities": res.priorities,
+            "duration_s": round(res.duration_s, 3), "priorities": res.priorities, "load_average": list(res.load),
             "verdicts": [v.as_dict() for v in res.verdicts]}, indent=2) + "\n")
         for client, rs in res.records.items():  # the raw evidence, every request
             (out / f"requests-{client}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
         return paths
+
+
+def _load() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        return 0.0
+
+
+def _host_note(load: tuple[float, float]) -> str:
+    """Timings are the host's as much as the mesh's: say how busy it was (every proxy is a Python
+    process on the same CPUs as everything else)."""
+    return (f"Host: load average {load[0]:.1f} at the start and {load[1]:.1f} at the end on {os.cpu_count()} CPU(s); "
+            "on a busy machine, handshakes and relays queue for CPU and timings stretch.")
 
 
 def _notes(exp: Experiment) -> list[str]:

@@ -161,7 +161,7 @@ class TrafficS(_Base):
     rate: RatePerS = 20.0
     connections: Literal["New", "KeepAlive"] = "New"
     max_requests_per_connection: CountIn(1, 100_000) = 100  # type: ignore[valid-type]
-    timeout: DurationIn(0.05, 60.0) = 2.0  # type: ignore[valid-type]
+    timeout: DurationIn(0.05, 60.0) = 3.0  # type: ignore[valid-type]
     ignore_workloads: list[DnsLabel] = Field(default_factory=list)
 
 

@@ -41,8 +41,9 @@ def _load(paths: Sequence[str], fleet: str | None, suite: str | None, only: Sequ
     loaded = load_experiments(paths)
     fleet_dir = Path(fleet) if fleet else None
     exps = [with_fleet(e, fleet_dir) for e in loaded.experiments]
-    if suite:
-        exps = [e for e in exps if suite in e.suites]
+    if suite:  # a file named on the command line always runs; --suite selects among directories' files
+        named = {str(Path(p)) for p in paths if Path(p).is_file()}
+        exps = [e for e in exps if suite in e.suites or str(Path(e.file)) in named]
     if only:
         unknown = sorted(set(only) - {e.name for e in exps})
         if unknown:
@@ -62,7 +63,8 @@ paths_argument = click.argument("paths", nargs=-1, required=True, type=click.Pat
 fleet_option = click.option("--fleet", "fleet", default=None, type=click.Path(file_okay=False), metavar="DIR",
                             help="run every experiment against this fleet repo (instead of each spec.fleet)")
 suite_option = click.option("--suite", "suite", default=None, metavar="NAME",
-                            help="only experiments labelled chaos.meshfed.dev/suite=NAME (e.g. ci)")
+                            help="of the experiments in the directories given, only those labelled "
+                                 "chaos.meshfed.dev/suite=NAME (e.g. ci); files named explicitly always run")
 
 
 @click.group("chaos")

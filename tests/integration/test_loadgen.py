@@ -70,7 +70,7 @@ async def test_requests_on_kept_connections_to_a_backend_that_stops_answering_ar
         server: tuple[Counted, int, asyncio.Server]) -> None:
     """A backend that hangs under kept connections: a request written on one gets no answer —
     indeterminate (it may have been served), never counted ok, and says why."""
-    srv, port, s = server
+    srv, port, _ = server
     out = io.StringIO()
 
     async def kill_midway() -> None:

@@ -71,7 +71,7 @@ def _queued(a: ClusterAgent) -> bool:
 
 
 def test_a_quiet_healthy_cluster_only_heartbeats(agent: tuple[ClusterAgent, FakeDiscovery, list[float], list[float]]) -> None:
-    a, d, clock, leases = agent
+    a, _, clock, leases = agent
     for _ in range(10):
         clock[0] += a.heartbeat_interval_s
         a.heartbeat_once()
@@ -99,7 +99,7 @@ def test_a_probe_that_blocks_across_the_outage_does_not_hide_it(
         agent: tuple[ClusterAgent, FakeDiscovery, list[float], list[float]]) -> None:
     """The heartbeat starts while the lease is still valid; its probe hangs for longer than a TTL
     (the API server came back meanwhile) and succeeds: the reconciler heard nothing for that long."""
-    a, d, clock, leases = agent
+    a, d, clock, _ = agent
     clock[0] += a.heartbeat_interval_s
     d.probe_takes_s = TTL_S + 2.0
     a.heartbeat_once()
