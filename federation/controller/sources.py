@@ -17,8 +17,12 @@ them directly. An agent hands its observations to a callback as *bytes* (`federa
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,14 +45,20 @@ class FleetFailure:
 class GitSource:
     """Follows the fleet repo. `poll(now_s)` returns a new snapshot, a failure, or None."""
 
-    def __init__(self, repo: str, branch: str = "main", state_dir: str | None = None,
-                 fallback_sha: str | None = None) -> None:
-        from gitops.watch import BranchFollower, default_mirror_dir
+    def __init__(self, repo: str, branch: str = "main", fallback_sha: str | None = None) -> None:
+        from gitops.watch import BranchFollower
 
         self.repo, self.branch = repo, branch
         is_url = "://" in repo or repo.startswith("git@")
         self.worktree = not is_url and not (Path(repo) / ".git").exists() and not (Path(repo) / "HEAD").exists()
-        mirror = default_mirror_dir(state_dir, "fleet") if (is_url and state_dir) else None
+        mirror = None
+        if is_url:
+            # the bare mirror of a URL is a cache, not state: the Git source may run on any Ray node
+            # and only the state owner's node holds the state directory. A private temporary
+            # directory per source (0700), removed with it; fleet repos are small to fetch again.
+            tmp = tempfile.mkdtemp(prefix="meshfed-fleet-mirror-")
+            weakref.finalize(self, shutil.rmtree, tmp, True)
+            mirror = os.path.join(tmp, "fleet.git")
         self.follower = BranchFollower(repo, branch, mirror_dir=mirror)
         self.snapshot: ConfigSnapshot | None = None
         self._reported_failure: tuple[str, str] | None = None
@@ -180,7 +190,7 @@ def agent_specs(fleet_clusters: Mapping[str, Mapping[str, Any]], default_kubecon
 
 class ClusterAgent:
     """Discovery + lease for one cluster. `start(send, send_lease)` calls `send(bytes)` with encoded
-    observations and `send_lease(cluster, last_success_s)` with heartbeats.
+    observations and `send_lease(cluster, age_s)` with heartbeats (how long ago the API last answered).
 
     The lease must not depend on watch churn: a quiet cluster produces no events, and a watch that
     ends without change produces no observation. So a heartbeat thread runs every `ttl/3`: when no
@@ -188,11 +198,12 @@ class ClusterAgent:
     then reports the last success to the reconciler (`send_lease`), which keeps the failover
     engine's lease Live. When the API answers again after the reconciler has heard nothing for most
     of a TTL (`told_s`: the latest success it was told of, by heartbeat or observation), the agent
-    sends a complete observation: recovering an Expired (or Fenced) lease takes a complete view,
-    not a ping. That decision rests on what the reconciler was told, not on the agent's own lease at
-    some instant: a probe that blocked across the outage, or a status read, must not hide the lapse
-    (the engine would stay Expired — under Withdraw, the cluster withdrawn — until something in the
-    cluster changed).
+    LISTs everything and sends that complete observation: recovering an Expired (or Fenced) lease
+    takes a complete, fresh view, not a ping. That decision rests on what the reconciler was told,
+    not on the agent's own lease at some instant: a probe that blocked across the outage, or a
+    status read, must not hide the lapse (the engine would stay Expired — under Withdraw, the
+    cluster withdrawn — until something in the cluster changed; found by a chaos experiment,
+    examples/chaos/api-outage-withdraw.yaml).
     """
 
     RESEND_AFTER_TTL_FRACTION = 0.8  # resending a complete view is harmless: err on that side
@@ -221,7 +232,7 @@ class ClusterAgent:
         self.heartbeats = 0
         self.probes = 0
         self.resends = 0
-        self.told_s: float | None = None  # latest API success the reconciler has been told of
+        self.told_s: float | None = None  # latest API success the reconciler has been told of (agent's clock)
 
     def start(self, send: Callable[[bytes], None], send_lease: Callable[[str, float], None] | None = None) -> None:
         self._send = send
@@ -251,6 +262,8 @@ class ClusterAgent:
         from clusters.kube.discovery import DiscoveryError
 
         now = self.clock()
+        if self.discovery.failing_kinds():
+            return  # a kind we cannot list or watch: we do not see the cluster; let the lease run out
         last = self.discovery.last_success_s
         if last is None or now - last >= self.heartbeat_interval_s:
             try:
@@ -258,21 +271,23 @@ class ClusterAgent:
                 self.probes += 1
             except DiscoveryError:
                 return  # the API does not answer: let the lease run out
+        told = self.told_s
+        if told is None or self.clock() - told >= self.RESEND_AFTER_TTL_FRACTION * self.lease.ttl_s:
+            # the reconciler may have expired the lease: recovering takes a complete, fresh view
+            # (a LIST of every kind), not the cache
+            try:
+                obs = self.discovery.list_all()
+            except DiscoveryError:
+                return
+            self._on_change(obs)
+            self.resends += 1
         self.renew_from_discovery()
         renewed = self.lease.renewed_at_s
         if renewed is None:
             return
-        now = self.clock()
-        told = self.told_s
-        if (told is None or now - told >= self.RESEND_AFTER_TTL_FRACTION * self.lease.ttl_s) \
-                and self.lease.valid(now):
-            with self._cv:
-                if self._latest is None:
-                    self._latest = self.discovery.observation()
-                    self.resends += 1
-                    self._cv.notify()
         if self._send_lease is not None:
-            self._send_lease(self.cluster, renewed)
+            # an age, not a timestamp: the reconciler may run on another node with another clock
+            self._send_lease(self.cluster, max(0.0, self.clock() - renewed))
             self.heartbeats += 1
             self._told(renewed)
 
@@ -320,10 +335,8 @@ class ClusterAgent:
             self._cv.notify()
 
     def status(self) -> dict[str, Any]:
-        """What the lease would say if renewed now — without renewing it. Only the heartbeat renews
-        from discovery: it must see a lapse to resend the complete view that ends it (a status read
-        that renewed in between left the failover engine Expired, i.e. withdrawn, until the
-        cluster happened to change)."""
+        """What the lease would say if renewed now — without renewing it (only the heartbeat renews
+        from discovery)."""
         now = self.clock()
         last = self.discovery.last_success_s
         renewed = self.lease.renewed_at_s

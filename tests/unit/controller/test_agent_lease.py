@@ -46,9 +46,19 @@ class FakeDiscovery:
         return self.clock[0]
 
     def observation(self) -> ClusterObservation:
-        self.listed.append(self.clock[0])
         return ClusterObservation(cluster="east", observed_at_s=self.clock[0], complete=True, nodes=(), services=(),
                                   endpoints=())
+
+    def list_all(self) -> ClusterObservation:
+        """A fresh LIST of every kind (what recovering a lapsed lease takes)."""
+        if not self.up:
+            raise DiscoveryError("cluster east: the API server does not answer")
+        self.listed.append(self.clock[0])
+        self.last_success_s = self.clock[0]
+        return self.observation()
+
+    def failing_kinds(self) -> list[str]:
+        return []
 
 
 @pytest.fixture()
@@ -58,7 +68,7 @@ def agent() -> tuple[ClusterAgent, FakeDiscovery, list[float], list[float]]:
     d = FakeDiscovery(clock)
     a.discovery = d  # type: ignore[assignment]
     leases: list[float] = []
-    a._send_lease = lambda _cluster, at_s: leases.append(at_s)
+    a._send_lease = lambda _cluster, age_s: leases.append(age_s)
     # the start: the first LIST went out as an observation
     d.last_success_s = clock[0]
     a.lease.renew(clock[0])
@@ -92,7 +102,7 @@ def test_after_an_outage_longer_than_the_ttl_a_complete_view_is_resent(
     a.status()                               # someone reads the status before the next heartbeat
     a.heartbeat_once()
     assert _queued(a), "the reconciler would stay Expired: no complete view was resent"
-    assert a._latest is not None and a._latest.complete
+    assert a._latest is not None and a._latest.complete and d.listed, "a fresh LIST, not the cache"
 
 
 def test_a_probe_that_blocks_across_the_outage_does_not_hide_it(
