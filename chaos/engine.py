@@ -188,7 +188,12 @@ class Engine:
                 continue
             try:
                 for e in exps:
-                    res = self.run_one(fed, fleet, e)
+                    try:
+                        res = self.run_one(fed, fleet, e)
+                    except Exception as err:  # one experiment's surprise must not lose the others' results
+                        res = ExperimentResult(e, ERROR, error=f"{type(err).__name__}: {err} (a bug in the chaos "
+                                               "engine or the lab: see the lab's logs in the state directory)",
+                                               started_at_s=self.clock())
                     results.append(res)
                     self.narrator.result(fed, res)
             finally:
@@ -233,7 +238,18 @@ class Engine:
                                load=(_load(), 0.0))
         self.narrator.experiment_start(exp)
         fed.events.clear()
-        base_sha = self._base_sha = fed.head()
+        try:  # start from a converged mesh (a controller restarted by the experiment before may still be coming up)
+            fed.wait_converged(timeout_s=self.opts.converge_timeout_s)
+        except DemoError as err:
+            res.error = f"the mesh did not converge before the experiment: {err}"
+            res.status = ERROR
+            res.duration_s = self.clock() - res.started_at_s
+            return res
+        try:
+            base_sha = self._base_sha = fed.head()
+        except (DemoError, OSError) as err:
+            res.error, res.status = f"cannot read the lab's fleet repo: {err}", ERROR
+            return res
         logs = {lm.source: fed.log_path(lm.source) for e in exp.expect for lm in e.logs_include}
         offsets = {s: (p.stat().st_size if p.exists() else 0) for s, p in logs.items()}
         active: dict[str, FaultSpec] = {}
@@ -262,8 +278,9 @@ class Engine:
                 verdicts += after
                 self.narrator.steady_state(fed, exp, after, "after")
             t_end = self.clock()
-        except (ExperimentError, LabError, DemoError, OSError) as err:
-            res.error = f"{type(err).__name__}: {err}" if isinstance(err, OSError) else str(err)
+        except (ExperimentError, LabError, DemoError, OSError, ValueError) as err:
+            res.error = str(err) if isinstance(err, ExperimentError | LabError | DemoError) else \
+                f"{type(err).__name__}: {err}"
             t_end = self.clock()
         finally:
             cleanup_error = self._clean_up(fed, exp, base_sha, active)
@@ -410,6 +427,11 @@ class Engine:
             fed.runner.heal()   # anything else (a fault half-applied when a step failed)
         except (ExperimentError, LabError) as err:
             first = first or f"clean-up: {err}"
+        if any(s.fault is not None and s.fault.target == "controller" for s in exp.method):
+            try:  # a restarted controller answers (and re-converges) only after Ray is up again
+                fed.wait_converged(timeout_s=self.opts.converge_timeout_s)
+            except DemoError as err:
+                first = first or f"clean-up: the controller did not come back: {err}"
         for t in exp.traffic:
             try:
                 fed.stop_load(t.client)
@@ -427,7 +449,8 @@ class Engine:
 
     def _verdicts(self, fed: LabFederation, exp: Experiment, res: ExperimentResult, t0: float, t_end: float,
                   logs: dict[str, Path], offsets: dict[str, int]) -> list[Verdict]:
-        events = [e for e in fed.failover_events(t0 - 1.0) if t0 <= float(e.get("at_s", 0.0)) <= t_end + 1.0]
+        events = [e for e in _retrying(lambda: fed.failover_events(t0 - 1.0), self.sleep)
+                  if t0 <= float(e.get("at_s", 0.0)) <= t_end + 1.0]
         texts = {s: _read_from(p, offsets.get(s, 0)) for s, p in logs.items()}
         out: list[Verdict] = []
         runs = self.client_runs(exp, res, t0, t_end)
@@ -491,6 +514,19 @@ def _host_note(load: tuple[float, float]) -> str:
     process on the same CPUs as everything else)."""
     return (f"Host: load average {load[0]:.1f} at the start and {load[1]:.1f} at the end on {os.cpu_count()} CPU(s); "
             "on a busy machine, handshakes and relays queue for CPU and timings stretch.")
+
+
+def _retrying(fn: Callable[[], list[dict[str, Any]]], sleep: Callable[[float], None],
+              attempts: int = 30) -> list[dict[str, Any]]:
+    """The controller's status API, asked again while it is not answering (restarting)."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except (OSError, ValueError):
+            if i == attempts - 1:
+                raise
+            sleep(2.0)
+    return []
 
 
 def _notes(exp: Experiment) -> list[str]:

@@ -209,8 +209,8 @@ def test_a_crash_runs_in_order_passes_and_reports(env: tuple[Engine, FakeFed, li
     engine, fed, _, fleet = env
     res = engine.run_one(fed, fleet, experiment(CRASH))  # type: ignore[arg-type]
     assert res.status == "passed", [v.message() for v in res.failed] or res.error
-    assert fed.calls == ["load east", "fault kill pod east/shop/checkout-*", "heal pod east/shop/checkout-*",
-                         "heal all", "stop east"]    # no push: nothing to restore
+    assert fed.calls == ["converged None", "load east", "fault kill pod east/shop/checkout-*",
+                         "heal pod east/shop/checkout-*", "heal all", "stop east"]   # no push: nothing to restore
     names = [v.name for v in res.verdicts]
     assert names[:2] == ["steadyState (before)", "steadyState (after)"]
     assert {"failoverWithin", "failbackWithin", "maxFailed", "servedBy", "eventsInclude"} <= set(names)
@@ -296,3 +296,23 @@ def test_expected_failures(env: tuple[Engine, FakeFed, list[float], Any], expect
 def test_the_kind_provider_says_what_to_use_instead(tmp_path: Path) -> None:
     with pytest.raises(ProviderUnavailable, match="--provider lab"):
         Engine(RunOptions(out_dir=tmp_path, state_dir=tmp_path, provider="kind"))
+
+
+def test_after_a_controller_fault_clean_up_waits_for_the_mesh_to_converge_again(
+        env: tuple[Engine, FakeFed, list[float], Any]) -> None:
+    """A restarted controller answers only once Ray is up again: results (its failover history) and
+    the next experiment must wait for it."""
+    engine, fed, _, fleet = env
+    body = """\
+  method:
+    - id: ctl
+      fault: {kind: kill, target: controller}
+    - pause: 3s
+    - heal: ctl
+  expect:
+    - client: east
+      maxFailed: 0
+"""
+    res = engine.run_one(fed, fleet, experiment(body))  # type: ignore[arg-type]
+    assert res.status == "passed", [v.message() for v in res.failed] or res.error
+    assert fed.calls[-3:] == ["heal all", "converged None", "stop east"]
