@@ -257,3 +257,31 @@ def write_report(out_dir: Path | str, title: str, figures_by_client: Mapping[str
         data.update(status=status, error=error, verdicts=[v.as_dict() for v in verdicts or ()])
     paths.figures_json.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return paths
+
+
+def summary_markdown(results: Sequence[tuple[str, str, str, Sequence[Verdict]]], header: str = "") -> str:
+    """One run's results: (experiment, status, error, verdicts) each → a compact table (one row per
+    experiment: its expectations, what was measured, pass) and the full one (one row per
+    expectation). Steady-state checks are folded into the compact row's status. Pure."""
+    out = [header, ""] if header else []
+    out += ["| experiment | expectation | measured | pass |", "|---|---|---|---|"]
+    for name, status, error, verdicts in results:
+        judged = [v for v in verdicts if not v.name.startswith("steadyState")]
+        steady = [v for v in verdicts if v.name.startswith("steadyState")]
+        exp_txt = "; ".join(f"{v.client + ' ' if v.client else ''}{v.name} {v.expected}" for v in judged)
+        got = "; ".join(v.measured for v in judged)
+        if steady and not all(v.ok for v in steady):
+            got = "; ".join(f"{v.name}: {v.measured}" for v in steady if not v.ok) + (f"; {got}" if got else "")
+        if error:
+            got = f"error: {error}"
+        verdict = {"passed": "yes", "xfail": "expected failure", "xpass": "yes (declared expected failure)"}.get(
+            status, f"**no** ({status})")
+        out.append(f"| {name} | {_cell(exp_txt) or '—'} | {_cell(got) or '—'} | {verdict} |")
+    out += ["", "<details><summary>every expectation</summary>", "",
+            "| experiment | client | expectation | expected | measured | pass |", "|---|---|---|---|---|---|"]
+    for name, _status, _error, verdicts in results:
+        for v in verdicts:
+            out.append(f"| {name} | {v.client or '—'} | {v.name} | {_cell(v.expected)} | {_cell(v.measured)} | "
+                       f"{'yes' if v.ok else '**no**'} |")
+    out += ["", "</details>", ""]
+    return "\n".join(out)

@@ -670,6 +670,12 @@ def _convert(doc: Doc, meta: Metadata, s: ChaosExperimentSpec, ref: ObjectRef) -
         if e.served_by is not None and not e.served_by:
             probs.append(problem("MF0705", f"{where}.servedBy is empty", ctx.at(f"{where}.servedBy"), obj=ref,
                                  hint="list the clusters in the order they should serve, e.g. [east, south, east]"))
+        alternatives = {frozenset(x.split("|")) for x in e.served_by or ()}
+        shared = sorted({c for a in alternatives for b in alternatives if a != b for c in a & b})
+        if shared:
+            probs.append(problem("MF0705", f"{where}.servedBy names {', '.join(shared)} in two different alternatives: "
+                                 "a request served there could belong to either", ctx.at(f"{where}.servedBy"),
+                                 obj=ref, hint="write each cluster always alone or always in the same 'a|b' group"))
         expectations.append(Expectation(
             client=e.client, pos=ctx.at(where), fault=e.fault, failover_within_s=e.failover_within,
             failback_within_s=e.failback_within, max_failed=e.max_failed, min_failed=e.min_failed,

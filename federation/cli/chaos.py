@@ -156,6 +156,7 @@ def run_cmd(paths: tuple[str, ...], provider: str, junit: str | None, out: str |
     """Run experiments: steady state, faults, pushes; verdicts, reports and JUnit."""
     from chaos.engine import Engine, Narrator, ProviderUnavailable, RunOptions
     from chaos.junit import to_xml
+    from chaos.report import summary_markdown
     from gitops.problems import Severity
 
     exps, problems = _load(paths, fleet, suite, only)
@@ -181,13 +182,17 @@ def run_cmd(paths: tuple[str, ...], provider: str, junit: str | None, out: str |
     if junit:
         Path(junit).parent.mkdir(parents=True, exist_ok=True)
         Path(junit).write_text(to_xml([r.case() for r in results]))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.md").write_text(summary_markdown(
+        [(r.experiment.name, r.status, r.error, r.verdicts) for r in results],
+        f"`meshfed chaos run {' '.join(paths)}` — {time.strftime('%Y-%m-%d %H:%M')}"))
     click.echo("")
     rows = [[r.experiment.name, r.status.upper(), f"{r.duration_s:.0f}s",
              escape("; ".join(v.message() for v in r.failed)[:300] or r.error[:300] or "-")] for r in results]
     stdout().print(table(["EXPERIMENT", "RESULT", "TIME", "WHAT DID NOT HOLD"], rows))
     counts = {s: sum(r.status == s for r in results) for s in ("passed", "failed", "error", "xfail", "xpass")}
     click.echo(f"{len(results)} experiment(s) in {time.monotonic() - t0:.0f} s: "
-               + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + f"; reports in {out_dir}"
+               + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + f"; reports in {out_dir} (summary.md)"
                + (f"; JUnit {junit}" if junit else ""))
     if counts["error"]:
         sys.exit(EXIT_FAILED)

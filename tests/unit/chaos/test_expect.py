@@ -203,3 +203,20 @@ def test_junit_xml_parses_and_says_what_failed() -> None:
     assert skipped is not None and skipped.attrib["message"] == "expected failure: L4 cannot see it"
     out = tc["crash-broken"].find("system-out")
     assert out is not None and "report: out/crash-broken/report.md" in (out.text or "")
+
+
+def test_the_run_summary_has_a_row_per_experiment_and_per_expectation() -> None:
+    from chaos.report import summary_markdown
+
+    ok = verdicts(expect(max_flaps=0, served_by=(("east",), ("south",), ("east",))))
+    bad = verdicts(expect(max_failed=0))
+    steady = [Verdict("east", "steadyState (before)", ">= 99% ok by east over 3s", "50.0% ok by east of 60", False)]
+    md = summary_markdown([("crash", "passed", "", ok), ("broken", "failed", "", bad),
+                           ("starved", "failed", "", steady), ("lab", "error", "the lab did not come up", [])], "run")
+    rows = [ln for ln in md.splitlines() if ln.startswith("| ")]
+    assert rows[1] == ("| crash | east maxFlaps <= 0; east servedBy [east, south, east] | 0; [east, south, east] "
+                       "| yes |")
+    assert rows[2] == "| broken | east maxFailed <= 0 | 2 | **no** (failed) |"
+    assert "steadyState (before): 50.0% ok by east of 60" in rows[3]
+    assert rows[4] == "| lab | — | error: the lab did not come up | **no** (error) |"
+    assert "| broken | east | maxFailed | <= 0 | 2 | **no** |" in md

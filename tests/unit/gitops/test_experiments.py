@@ -130,6 +130,8 @@ CASES = [
     ("failover without a fault", GOOD.split("  method:")[0] + "  method:\n    - pause: 1s\n  expect:\n"
      "    - client: east\n      failoverWithin: 1s\n", "MF0705", "33:7"),
     ("a bad servedBy element", _replace("[east, south|west, east]", "[east, South, east]"), "MF0102", "47:24"),
+    ("servedBy with overlapping alternatives", _replace("[east, south|west, east]", "[east, south|west, west]"),
+     "MF0705", "47:7"),
     ("not an experiment", _replace("kind: ChaosExperiment", "kind: Experiment"), "MF0008", "2:7"),
 ]
 
