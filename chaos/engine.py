@@ -314,12 +314,13 @@ class Engine:
         if st.fault is not None:
             f = st.fault
             req = fault_request(f)
-            fed.note(FAULT_INJECTED, fault=f"{st.id}: {f.kind}", target=_target(f), cluster=_cluster(f))
             try:
                 fed.runner.fault(req.kind, req.target, req.names, req.mode, req.delay_ms, rate_kbit=req.rate_kbit,
                                  skew_s=req.skew_s, behaviour=req.behaviour)
             except LabError as err:
                 raise ExperimentError(f"{st.pos}: fault {st.id} ({f.describe()}) could not be applied: {err}") from None
+            # noted once in force: a restart under faketime takes a second or two to apply
+            fed.note(FAULT_INJECTED, fault=f"{st.id}: {f.kind}", target=_target(f), cluster=_cluster(f))
             active[st.id] = f
             info = f"injected {f.describe()}"
         elif st.kind == "heal":
@@ -340,11 +341,11 @@ class Engine:
             f = active.pop(fid, None)
             if f is None:
                 continue
-            fed.note(FAULT_HEALED, fault=f"{fid}: {f.kind}", target=_target(f), cluster=_cluster(f), detail=why)
             try:
                 fed.runner.heal(f.target, f.names, f.kind)
             except LabError as err:
                 raise ExperimentError(f"heal of {fid} ({f.describe()}) failed: {err}") from None
+            fed.note(FAULT_HEALED, fault=f"{fid}: {f.kind}", target=_target(f), cluster=_cluster(f), detail=why)
             healed.append(f"{fid} ({f.describe()})")
         return "healed " + ", ".join(healed) if healed else "nothing to heal"
 

@@ -297,6 +297,8 @@ def check_expectation(e: Expectation, run: ClientRun, t0: float, events: Sequenc
         ev += [f"  {s.label()} from t={s.first_start_s - t0:+.3f}s (seq {s.first_seq}, {s.requests} ok requests, "
                f"served by {', '.join(s.clusters)})" for s in segs] or ["  none: no run of ok requests at all"]
         out.append(Verdict(c, "servedBy", _fmt_alts(e.served_by), _fmt_alts(seen), ok, tuple(ev), at("servedBy")))
+    if e.served_during_fault or e.not_served_during_fault:
+        out += _pods_during_fault(e, fig, recs, t0, at)
     for i, m in enumerate(e.events_include):
         hits = [x for x in events if event_matches(m, x)]
         kinds = Counter(str(x.get("kind")) for x in events)
@@ -311,6 +313,29 @@ def check_expectation(e: Expectation, run: ClientRun, t0: float, events: Sequenc
                            tuple(describe_event(x, t0) for x in hits[:MAX_EVIDENCE]), at(f"eventsExclude[{i}]")))
     for i, lm in enumerate(e.logs_include):
         out.append(_check_log(c, lm, logs, at(f"logsInclude[{i}]")))
+    return out
+
+
+def _pods_during_fault(e: Expectation, fig: ChaosFigures, recs: Sequence[Record], t0: float,
+                       at: Any) -> list[Verdict]:
+    """Which pods answered between the fault and its heal (ok requests, by `cluster/pod`)."""
+    if fig.fault_at_s is None:
+        return [Verdict(e.client, name, ", ".join(pods), "n/a", False, (f"why n/a: {fig.reason('time_to_detect_ms')}",),
+                        at(name)) for name, pods in (("servedDuringFault", e.served_during_fault),
+                                                     ("notServedDuringFault", e.not_served_during_fault)) if pods]
+    lo, hi = fig.fault_at_s, fig.heal_at_s if fig.heal_at_s is not None else float("inf")
+    during = [r for r in recs if lo <= float(r.get("start_s", 0.0)) < hi and r.get("outcome") == OK]
+    by_pod = Counter(f"{r.get('cluster')}/{r.get('pod')}" for r in during)
+    window = (f"while {fig.fault} lasted (t={lo - t0:+.3f}s to "
+              + (f"t={hi - t0:+.3f}s)" if hi != float("inf") else "the end)"))
+    seen = "ok answers by pod " + window + ": " + (", ".join(f"{p} {n}" for p, n in by_pod.most_common()) or "none")
+    out = []
+    for pod in e.served_during_fault:
+        out.append(Verdict(e.client, "servedDuringFault", pod, f"{by_pod.get(pod, 0)} ok answers", by_pod.get(pod, 0) > 0,
+                           (seen,), at("servedDuringFault")))
+    for pod in e.not_served_during_fault:
+        out.append(Verdict(e.client, "notServedDuringFault", pod, f"{by_pod.get(pod, 0)} ok answers",
+                           by_pod.get(pod, 0) == 0, (seen,), at("notServedDuringFault")))
     return out
 
 

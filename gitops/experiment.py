@@ -32,6 +32,7 @@ LitmusChaos (probes as SLOs):
           fault: NAME               # the fault the figures refer to (default: the first)
           failoverWithin, failbackWithin, maxFailed, minFailed, maxIndeterminate, maxFlaps, minOkPercent,
           servedBy: [east, south, west|north, east]
+          servedDuringFault / notServedDuringFault: [CLUSTER/POD]   # who answered while the fault lasted
           eventsInclude / eventsExclude: [{kind, from, to, policy, service}]
           logsInclude: [{source: ztunnel/east/node-2 | gateway/south | controller, contains: TEXT}]
 
@@ -237,6 +238,8 @@ class ExpectationS(_Base):
     max_flaps: CountIn(0, 100_000) | None = None  # type: ignore[valid-type]
     min_ok_percent: PercentF | None = None
     served_by: list[ServedByElement] | None = None
+    served_during_fault: list[str] = Field(default_factory=list)
+    not_served_during_fault: list[str] = Field(default_factory=list)
     events_include: list[EventMatchS] = Field(default_factory=list)
     events_exclude: list[EventMatchS] = Field(default_factory=list)
     logs_include: list[LogMatchS] = Field(default_factory=list)
@@ -380,6 +383,8 @@ class Expectation:
     max_flaps: int | None = None
     min_ok_percent: float | None = None
     served_by: tuple[tuple[str, ...], ...] | None = None   # each element: the clusters it accepts
+    served_during_fault: tuple[str, ...] = ()      # CLUSTER/POD that answered while the fault lasted
+    not_served_during_fault: tuple[str, ...] = ()  # CLUSTER/POD that answered nothing while it lasted
     events_include: tuple[EventMatch, ...] = ()
     events_exclude: tuple[EventMatch, ...] = ()
     logs_include: tuple[LogMatch, ...] = ()
@@ -670,6 +675,16 @@ def _convert(doc: Doc, meta: Metadata, s: ChaosExperimentSpec, ref: ObjectRef) -
         if e.served_by is not None and not e.served_by:
             probs.append(problem("MF0705", f"{where}.servedBy is empty", ctx.at(f"{where}.servedBy"), obj=ref,
                                  hint="list the clusters in the order they should serve, e.g. [east, south, east]"))
+        for field_name, pods in (("servedDuringFault", e.served_during_fault),
+                                 ("notServedDuringFault", e.not_served_during_fault)):
+            for j, pod in enumerate(pods):
+                if pod.count("/") != 1 or not all(pod.split("/")):
+                    probs.append(problem("MF0102", f"{where}.{field_name}[{j}]: {pod!r} is not CLUSTER/POD",
+                                         ctx.at(f"{where}.{field_name}[{j}]"), obj=ref,
+                                         hint="e.g. east/checkout-1 (the pod that answers, as the echo names it)"))
+            if pods and not method_faults:
+                probs.append(problem("MF0705", f"{where}.{field_name}: the method injects no fault", ctx.at(where),
+                                     obj=ref, hint="add a fault step, or drop this expectation"))
         alternatives = {frozenset(x.split("|")) for x in e.served_by or ()}
         shared = sorted({c for a in alternatives for b in alternatives if a != b for c in a & b})
         if shared:
@@ -682,6 +697,7 @@ def _convert(doc: Doc, meta: Metadata, s: ChaosExperimentSpec, ref: ObjectRef) -
             max_indeterminate=e.max_indeterminate,
             max_flaps=e.max_flaps, min_ok_percent=e.min_ok_percent,
             served_by=tuple(tuple(x.split("|")) for x in e.served_by) if e.served_by else None,
+            served_during_fault=tuple(e.served_during_fault), not_served_during_fault=tuple(e.not_served_during_fault),
             events_include=tuple(_event(x) for x in e.events_include),
             events_exclude=tuple(_event(x) for x in e.events_exclude),
             logs_include=tuple(LogMatch(x.source, x.contains) for x in e.logs_include),

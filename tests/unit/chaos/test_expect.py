@@ -220,3 +220,16 @@ def test_the_run_summary_has_a_row_per_experiment_and_per_expectation() -> None:
     assert "steadyState (before): 50.0% ok by east of 60" in rows[3]
     assert rows[4] == "| lab | — | error: the lab did not come up | **no** (error) |"
     assert "| broken | east | maxFailed | <= 0 | 2 | **no** |" in md
+
+
+def test_which_pods_answered_while_the_fault_lasted() -> None:
+    recs = build((100, "ok", "east"), (200, "ok", "east"), (100, "ok", "east"))
+    for r in recs[100:300]:
+        r["pod"] = "checkout-1" if r["seq"] % 2 else "checkout-0"
+    e = expect(served_during_fault=("east/checkout-1",), not_served_during_fault=("east/checkout-9",))
+    served, not_served = verdicts(e, recs)
+    assert served.ok and served.measured == "100 ok answers"
+    assert not_served.ok and "east/checkout-0 100, east/checkout-1 100" in served.evidence[0]
+    e = expect(not_served_during_fault=("east/checkout-1",))
+    (v,) = verdicts(e, recs)
+    assert not v.ok and v.measured == "100 ok answers" and "t=+4.000s to t=+12.000s" in v.evidence[0]
