@@ -200,6 +200,7 @@ def _narrator() -> Any:
 
 
 def run_demo(fleet: Path, experiment: Path, state_dir: Path, out_dir: Path, keep: bool) -> int:
+    from chaos.demo import DemoError
     from chaos.engine import Engine, RunOptions
     from chaos.validate import load_fleet, validate, with_fleet
     from clusters.lab.layout import LabError
@@ -223,7 +224,7 @@ def run_demo(fleet: Path, experiment: Path, state_dir: Path, out_dir: Path, keep
         res = engine.run_one(fed, fleet_obj, exps[0])
         engine.narrator.result(fed, res)
         return EXIT_OK if res.ok else (EXIT_FAILED if res.status == "error" else EXIT_PROBLEMS)
-    except (LabError, SandboxUnavailable) as e:
+    except (LabError, SandboxUnavailable, DemoError) as e:
         _say(click.style(f"demo failed: {e}", fg="red"))
         return EXIT_FAILED
     finally:
