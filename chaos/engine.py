@@ -258,6 +258,7 @@ class Engine:
         try:
             for st in exp.setup:
                 verdicts += self._step(fed, exp, st, active)
+            self._await_leases(fed, exp)
             for t in exp.traffic:
                 self._start_traffic(fed, fleet, t)
             before = self._await_steady(fed, exp, "before")
@@ -379,6 +380,21 @@ class Engine:
         fed.note(PUSH_APPLIED, target="fleet repo", detail=f"{sha[:8]} SYNCED on every proxy")
         return (Verdict("", "push", f"{p.message!r} {want}", "applied, SYNCED on every proxy", p.expect_applied, (),
                         st.pos), f"pushed {sha[:8]}: applied, SYNCED on every proxy")
+
+    def _await_leases(self, fed: LabFederation, exp: Experiment) -> None:
+        """Every cluster observed (no lease left Expired or Fenced) before the steady state is judged:
+        a setup push that shortens the lease TTL expires every lease at once for a few seconds, and
+        an experiment must not start from that."""
+        deadline = self.clock() + exp.settle_timeout_s
+        while True:
+            down = expired_clusters(_retrying(lambda: fed.failover_events(0.0), self.sleep))
+            if not down:
+                return
+            if self.clock() >= deadline:
+                raise ExperimentError(f"the controller still has {', '.join(down)} expired or fenced "
+                                      f"{exp.settle_timeout_s:g} s into the experiment (settleTimeout): the "
+                                      "experiment would not start from an observed mesh")
+            self.sleep(POLL_S)
 
     # --- traffic and the steady state ------------------------------------------------------------
 
@@ -515,6 +531,21 @@ def _host_note(load: tuple[float, float]) -> str:
     process on the same CPUs as everything else)."""
     return (f"Host: load average {load[0]:.1f} at the start and {load[1]:.1f} at the end on {os.cpu_count()} CPU(s); "
             "on a busy machine, handshakes and relays queue for CPU and timings stretch.")
+
+
+LEASE_EVENTS = {"ClusterLeaseExpired": False, "ClusterFenced": False, "ClusterRecovered": True}
+
+
+def expired_clusters(events: Sequence[dict[str, Any]]) -> list[str]:
+    """Clusters whose latest lease event (in the failover history) leaves them unobserved. Pure."""
+    last: dict[str, tuple[float, bool]] = {}
+    for e in events:
+        kind = str(e.get("kind"))
+        if kind in LEASE_EVENTS:
+            c, at = str(e.get("from_cluster") or e.get("service")), float(e.get("at_s", 0.0))
+            if c not in last or at >= last[c][0]:
+                last[c] = (at, LEASE_EVENTS[kind])
+    return sorted(c for c, (_, live) in last.items() if not live)
 
 
 def _retrying(fn: Callable[[], list[dict[str, Any]]], sleep: Callable[[float], None],

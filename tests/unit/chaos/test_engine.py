@@ -316,3 +316,35 @@ def test_after_a_controller_fault_clean_up_waits_for_the_mesh_to_converge_again(
     res = engine.run_one(fed, fleet, experiment(body))  # type: ignore[arg-type]
     assert res.status == "passed", [v.message() for v in res.failed] or res.error
     assert fed.calls[-3:] == ["heal all", "converged None", "stop east"]
+
+
+def test_a_cluster_whose_latest_lease_event_is_an_expiry_is_still_unobserved() -> None:
+    from chaos.engine import expired_clusters
+
+    events = [{"kind": "ClusterLeaseExpired", "from_cluster": "east", "at_s": 1.0},
+              {"kind": "ClusterLeaseExpired", "from_cluster": "south", "at_s": 1.0},
+              {"kind": "FailedOver", "from_cluster": "east", "at_s": 1.5},
+              {"kind": "ClusterRecovered", "from_cluster": "south", "at_s": 2.0},
+              {"kind": "ClusterFenced", "from_cluster": "west", "at_s": 3.0}]
+    assert expired_clusters(events) == ["east", "west"]
+    assert expired_clusters([*events, {"kind": "ClusterRecovered", "from_cluster": "east", "at_s": 4.0},
+                             {"kind": "ClusterRecovered", "from_cluster": "west", "at_s": 4.0}]) == []
+
+
+def test_setup_waits_until_every_cluster_is_observed_again(env: tuple[Engine, FakeFed, list[float], Any]) -> None:
+    """The setup push that shortens the lease TTL expires every lease for a few seconds: the steady
+    state is judged only once the controller has recovered them."""
+    engine, fed, clock, fleet = env
+    t_recovered = clock[0] + 4.0
+    events = [{"kind": "ClusterLeaseExpired", "from_cluster": "east", "at_s": clock[0]}]
+    fed.failover_events = lambda since: events + (  # type: ignore[method-assign]
+        [{"kind": "ClusterRecovered", "from_cluster": "east", "at_s": t_recovered}] if clock[0] >= t_recovered else [])
+    res = engine.run_one(fed, fleet, experiment("""  method:
+    - pause: 1s
+""", extra="""  setup:
+    - push:
+        message: lease TTL 10s
+        edits: [{file: federation.yaml, replace: "leaseTTL: 30s", with: "leaseTTL: 10s"}]
+"""))  # type: ignore[arg-type]
+    assert res.status == "passed", res.error or [v.message() for v in res.failed]
+    assert fed.loads["east"][0] >= t_recovered      # traffic (and the steady state) only after the recovery
