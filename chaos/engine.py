@@ -94,6 +94,7 @@ class ExperimentResult:
     priorities: dict[str, list[str]] = field(default_factory=dict)
     records: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     load: tuple[float, float] = (0.0, 0.0)   # the host's 1-minute load average at start and end
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -258,7 +259,7 @@ class Engine:
         try:
             for st in exp.setup:
                 verdicts += self._step(fed, exp, st, active)
-            self._await_leases(fed, exp)
+            res.notes += self._await_clean_start(fed, exp)
             for t in exp.traffic:
                 self._start_traffic(fed, fleet, t)
             before = self._await_steady(fed, exp, "before")
@@ -329,6 +330,12 @@ class Engine:
         elif st.push is not None:
             verdict, info = self._push(fed, exp, st)
             verdicts.append(verdict)
+        elif st.kind == "untilSteady":
+            t0 = self.clock()
+            held = self._until_steady(fed, exp, st.pause_s)
+            info = (f"steady again after {self.clock() - t0:.1f} s" if held else
+                    f"not steady after {st.pause_s:g} s; going on")
+            fed.note(STEP_EVENT, target="steady state", detail=info)
         else:
             self.sleep(st.pause_s)
         self.narrator.step_done(fed, exp, st, info)
@@ -381,19 +388,25 @@ class Engine:
         return (Verdict("", "push", f"{p.message!r} {want}", "applied, SYNCED on every proxy", p.expect_applied, (),
                         st.pos), f"pushed {sha[:8]}: applied, SYNCED on every proxy")
 
-    def _await_leases(self, fed: LabFederation, exp: Experiment) -> None:
-        """Every cluster observed (no lease left Expired or Fenced) before the steady state is judged:
-        a setup push that shortens the lease TTL expires every lease at once for a few seconds, and
-        an experiment must not start from that."""
+    def _await_clean_start(self, fed: LabFederation, exp: Experiment) -> list[str]:
+        """Before the steady state is judged: every cluster observed (no lease left Expired or Fenced:
+        a setup push that shortens the lease TTL expires every lease at once for a few seconds) and
+        no endpoint ejected in the controller's view (an ejection an earlier experiment caused lasts
+        base × times ejected, and would steer this one's failover). Notes for the report when the
+        ejections outlast settleTimeout (a fleet may have endpoints that are simply broken)."""
         deadline = self.clock() + exp.settle_timeout_s
         while True:
             down = expired_clusters(_retrying(lambda: fed.failover_events(0.0), self.sleep))
-            if not down:
-                return
+            unhealthy = sorted((fed.status() or {}).get("unhealthy_endpoints") or [])
+            if not down and not unhealthy:
+                return []
             if self.clock() >= deadline:
-                raise ExperimentError(f"the controller still has {', '.join(down)} expired or fenced "
-                                      f"{exp.settle_timeout_s:g} s into the experiment (settleTimeout): the "
-                                      "experiment would not start from an observed mesh")
+                if down:
+                    raise ExperimentError(f"the controller still has {', '.join(down)} expired or fenced "
+                                          f"{exp.settle_timeout_s:g} s into the experiment (settleTimeout): the "
+                                          "experiment would not start from an observed mesh")
+                return [f"Started with endpoints the controller still counted unhealthy after settleTimeout: "
+                        f"{', '.join(unhealthy)}"]
             self.sleep(POLL_S)
 
     # --- traffic and the steady state ------------------------------------------------------------
@@ -417,6 +430,16 @@ class Engine:
             min_n = max(1, int(t.rate_per_s * exp.hypothesis.window_s * 0.5))
             out.append(check_hypothesis(t.client, window, exp.hypothesis, when, min_n))
         return out
+
+    def _until_steady(self, fed: LabFederation, exp: Experiment, limit_s: float) -> bool:
+        """Wait (at most `limit_s`) until a whole fresh window holds the hypothesis; whether it did."""
+        first_full = self.clock() + exp.hypothesis.window_s + max(t.timeout_s for t in exp.traffic)
+        deadline = self.clock() + limit_s
+        while self.clock() < deadline:
+            if self.clock() >= first_full and all(v.ok for v in self._steady_verdicts(fed, exp, "during")):
+                return True
+            self.sleep(POLL_S)
+        return False
 
     def _await_steady(self, fed: LabFederation, exp: Experiment, when: str) -> list[Verdict]:
         first_full = self.clock() + exp.hypothesis.window_s + max(t.timeout_s for t in exp.traffic)
@@ -508,7 +531,7 @@ class Engine:
                                                run_length=exp.run_length) for c, r in recs.items()}
         paths = write_report(out, f"{exp.name}: {exp.description}", figures, recs, res.timeline,
                              verdicts=res.verdicts, status=res.status, error=res.error,
-                             notes=[*_notes(exp), _host_note(res.load)])
+                             notes=[*_notes(exp), *res.notes, _host_note(res.load)])
         out.mkdir(parents=True, exist_ok=True)
         (out / "verdicts.json").write_text(json.dumps({
             "experiment": exp.name, "file": exp.file, "status": res.status, "error": res.error,

@@ -27,6 +27,7 @@ LitmusChaos (probes as SLOs):
         - push: {message, edits: [{file, replace, with}] | patch: DIFF | restore: true,
                  expect: Applied|Rejected, timeout}
         - pause: DURATION
+        - untilSteady: DURATION  # until the hypothesis holds again (at most DURATION), e.g. between heals
       expect:
         - client: CLUSTER
           fault: NAME               # the fault the figures refer to (default: the first)
@@ -85,7 +86,8 @@ FAULT_KINDS = ("kill", "stop", "partition", "blackhole", "latency", "link-down",
 TARGET_KINDS = ("pod", "node", "gateway", "wan", "controller", "api")
 BEHAVIOURS = ("Error503", "Slow", "Hang", "Healthy")
 HEAL_ALL = "all"
-STEP_KINDS = ("fault", "heal", "push", "pause")
+STEP_KINDS = ("fault", "heal", "push", "pause", "untilSteady")
+_STEP_ATTRS = ("fault", "heal", "push", "pause", "until_steady")
 _FAULT_PARAMS = {"latency": "delay", "bandwidth": "rate", "clock-skew": "skew", "behaviour": "behaviour"}
 
 
@@ -102,7 +104,7 @@ MAX_SKEW_S = 400 * 86400.0
 def _rate_kbit(v: Any) -> float:
     if not isinstance(v, str) or not _RATE.fullmatch(v):
         raise PydanticCustomError("MF0102", "a rate is a number with a unit of kbit, mbit or gbit per second, "
-                                  "e.g. 256kbit (got {value!r})", {"value": v})
+                                  "e.g. 256kbit (got {value})", {"value": repr(v)})
     n, unit = _RATE.fullmatch(v).groups()  # type: ignore[union-attr]
     kbit = float(n) * _RATE_KBIT[unit]
     if not MIN_RATE_KBIT <= kbit <= MAX_RATE_KBIT:
@@ -113,7 +115,7 @@ def _rate_kbit(v: Any) -> float:
 def _signed_duration_s(v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, str) or not v:
         raise PydanticCustomError("MF0104", "a skew is a duration with an optional sign, e.g. '2m' or '-1h' "
-                                  "(got {value!r})", {"value": v})
+                                  "(got {value})", {"value": repr(v)})
     sign = -1.0 if v[0] == "-" else 1.0
     try:
         s = sign * parse_duration_s(v[1:] if v[0] in "+-" else v)
@@ -139,8 +141,8 @@ def _rate_per_s(v: float) -> float:
 def _served_by_element(v: str) -> str:
     parts = v.split("|")
     if not all(re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", p) for p in parts):
-        raise PydanticCustomError("MF0102", "{value!r}: write a cluster name, or alternatives as 'west|north'",
-                                  {"value": v})
+        raise PydanticCustomError("MF0102", "{value}: write a cluster name, or alternatives as 'west|north'",
+                                  {"value": repr(v)})
     return v
 
 
@@ -211,6 +213,7 @@ class StepS(_Base):
     heal: str | None = None
     push: PushS | None = None
     pause: DurationIn(0.0, 3600.0) | None = None  # type: ignore[valid-type]
+    until_steady: DurationIn(0.5, 3600.0) | None = None  # type: ignore[valid-type]
 
 
 class EventMatchS(_Base):
@@ -324,13 +327,13 @@ class PushSpec:
 
 @dataclass(frozen=True, slots=True)
 class Step:
-    kind: str                    # fault | heal | push | pause
+    kind: str                    # fault | heal | push | pause | untilSteady
     pos: SourcePos
     id: str = ""                 # fault: its id (default "fault-<n>", n counted from 1 in the method)
     fault: FaultSpec | None = None
     heal: str = ""               # a fault id or "all"
     push: PushSpec | None = None
-    pause_s: float = 0.0
+    pause_s: float = 0.0         # pause: how long; untilSteady: the longest it waits
 
     def describe(self) -> str:
         if self.fault is not None:
@@ -340,6 +343,8 @@ class Step:
         if self.push is not None:
             what = "restore the fleet repo" if self.push.restore else self.push.message
             return f"push ({what}; expect {'Applied' if self.push.expect_applied else 'Rejected'})"
+        if self.kind == "untilSteady":
+            return f"until the steady state holds again (at most {self.pause_s:g}s)"
         return f"pause {self.pause_s:g}s"
 
 
@@ -527,11 +532,12 @@ def parse_experiment(file: str, data: bytes) -> tuple[Experiment | None, list[Pr
 
 def _step(ctx: _Ctx, where: str, s: StepS, n_fault: int) -> tuple[Step | None, list[Problem]]:
     pos = ctx.at(where)
-    given = [k for k in STEP_KINDS if getattr(s, k) is not None]
+    given = [k for k, attr in zip(STEP_KINDS, _STEP_ATTRS, strict=True) if getattr(s, attr) is not None]
     if len(given) != 1:
         what = "nothing" if not given else " and ".join(given)
         return None, [problem("MF0702", f"{where} does {what}", pos, obj=ctx.ref,
-                              hint="write one of fault, heal, push or pause per step (add steps for more)")]
+                              hint="write one of fault, heal, push, pause or untilSteady per step (add steps for "
+                                   "more)")]
     kind = given[0]
     if s.id is not None and kind != "fault":
         return None, [problem("MF0702", f"{where}: only a fault step takes an id (this one is a {kind})",
@@ -583,6 +589,8 @@ def _step(ctx: _Ctx, where: str, s: StepS, n_fault: int) -> tuple[Step | None, l
                                   hint="replace: the exact text to change (it must occur once in the file)")]
         return Step("push", pos, push=PushSpec(p.message.strip() or "restore the fleet repo", edits, p.patch,
                                                 p.restore, p.expect == "Applied", p.timeout)), []
+    if s.until_steady is not None:
+        return Step("untilSteady", pos, pause_s=float(s.until_steady)), []
     return Step("pause", pos, pause_s=float(s.pause or 0.0)), []
 
 

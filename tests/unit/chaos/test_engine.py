@@ -348,3 +348,29 @@ def test_setup_waits_until_every_cluster_is_observed_again(env: tuple[Engine, Fa
 """))  # type: ignore[arg-type]
     assert res.status == "passed", res.error or [v.message() for v in res.failed]
     assert fed.loads["east"][0] >= t_recovered      # traffic (and the steady state) only after the recovery
+
+
+def test_until_steady_waits_for_the_hypothesis_then_goes_on(env: tuple[Engine, FakeFed, list[float], Any]) -> None:
+    engine, fed, _, fleet = env
+    body = CRASH.replace("    - heal: crash\n", "    - heal: crash\n    - untilSteady: 30s\n    - pause: 1s\n")
+    res = engine.run_one(fed, fleet, experiment(body))  # type: ignore[arg-type]
+    assert res.status == "passed", res.error or [v.message() for v in res.failed]
+    heal = next(e for e in res.timeline if e["kind"] == "fault_healed")
+    (step,) = [e for e in res.timeline if e["kind"] == "step"]
+    # back home 1 s after the heal, then a whole window (2 s) of it, judged one timeout (1 s) later
+    assert 4.0 <= step["at_s"] - heal["at_s"] <= 5.0 and step["detail"].startswith("steady again after")
+
+
+def test_a_start_waits_for_ejections_an_earlier_experiment_left(env: tuple[Engine, FakeFed, list[float], Any]) -> None:
+    engine, fed, clock, fleet = env
+    t_clear = clock[0] + 3.0
+    fed.status = lambda: {"unhealthy_endpoints": [] if clock[0] >= t_clear else  # type: ignore[method-assign]
+                          ["checkout.shop.svc.clusterset.local south/shop/checkout@gateway"]}
+    res = engine.run_one(fed, fleet, experiment(CRASH))  # type: ignore[arg-type]
+    assert res.status == "passed" and fed.loads["east"][0] >= t_clear and not res.notes
+    fed2 = FakeFed(clock)
+    fed2.status = lambda: {"unhealthy_endpoints": ["checkout.shop.svc.clusterset.local west/shop/checkout-0"]}  # type: ignore[method-assign]
+    res = engine.run_one(fed2, fleet, experiment(CRASH))  # type: ignore[arg-type]
+    assert res.notes == ["Started with endpoints the controller still counted unhealthy after settleTimeout: "
+                         "checkout.shop.svc.clusterset.local west/shop/checkout-0"]
+    assert res.report is not None and res.notes[0] in res.report.markdown.read_text()

@@ -52,6 +52,7 @@ spec:
     - fault: {kind: latency, target: wan, names: [east, south], delay: 150ms}
     - fault: {kind: clock-skew, target: node, names: [east/node-2], skew: -2m}
     - heal: crash
+    - untilSteady: 30s
     - heal: all
   expect:
     - client: east
@@ -90,11 +91,12 @@ def test_a_full_experiment_reads_into_the_model() -> None:
     assert [s.kind for s in exp.setup] == ["push"] and exp.setup[0].push is not None
     assert exp.setup[0].push.edits[0].with_ == "leaseTTL: 10s" and exp.setup[0].push.expect_applied
     kinds = [s.kind for s in exp.method]
-    assert kinds == ["fault", "pause", "fault", "fault", "heal", "heal"]
+    assert kinds == ["fault", "pause", "fault", "fault", "heal", "untilSteady", "heal"]
+    assert exp.method[5].pause_s == 30.0
     assert [s.id for s in exp.faults] == ["crash", "fault-2", "fault-3"]   # default ids count faults
     assert exp.method[2].fault is not None and exp.method[2].fault.delay_ms == 150.0
     assert exp.method[3].fault is not None and exp.method[3].fault.skew_s == -120.0
-    assert exp.method[5].heal == HEAL_ALL
+    assert exp.method[6].heal == HEAL_ALL
     (e,) = exp.expect
     assert (e.failover_within_s, e.failback_within_s, e.max_failed, e.min_failed) == (2.0, 15.0, 3, 0)
     assert e.served_by == (("east",), ("south", "west"), ("east",))
@@ -109,7 +111,7 @@ def _replace(old: str, new: str) -> str:
 
 # (case, file text, code, "line:col")
 CASES = [
-    ("unknown field, with a guess", _replace("      failoverWithin: 2s", "      failoverWitin: 2s"), "MF0101", "40:7"),
+    ("unknown field, with a guess", _replace("      failoverWithin: 2s", "      failoverWitin: 2s"), "MF0101", "41:7"),
     ("wrong type", _replace("rate: 25", 'rate: "25"'), "MF0102", "16:15"),
     ("missing description", _replace("  description: >-\n    checkout in east crashes;\n    east fails over\n", ""),
      "MF0103", "7:1"),
@@ -126,12 +128,12 @@ CASES = [
     ("a push with edits and restore", _replace("        message: shorter lease", "        message: shorter lease\n"
                                                "        restore: true"), "MF0704", "24:7"),
     ("expectation of a client without traffic", _replace("  - client: east", "  - client: west"), "MF0705",
-     "39:7"),
+     "40:7"),
     ("failover without a fault", GOOD.split("  method:")[0] + "  method:\n    - pause: 1s\n  expect:\n"
      "    - client: east\n      failoverWithin: 1s\n", "MF0705", "33:7"),
-    ("a bad servedBy element", _replace("[east, south|west, east]", "[east, South, east]"), "MF0102", "47:24"),
+    ("a bad servedBy element", _replace("[east, south|west, east]", "[east, South, east]"), "MF0102", "48:24"),
     ("servedBy with overlapping alternatives", _replace("[east, south|west, east]", "[east, south|west, west]"),
-     "MF0705", "47:7"),
+     "MF0705", "48:7"),
     ("not an experiment", _replace("kind: ChaosExperiment", "kind: Experiment"), "MF0008", "2:7"),
 ]
 
@@ -143,6 +145,14 @@ def test_bad_input(case: str, text: str, code: str, loc: str) -> None:
     assert exp is None and hits, f"{case}: expected {code}, got {[p.render() for p in probs]}"  # type: ignore[attr-defined]
     assert str(hits[0].pos) == f"chaos/crash.yaml:{loc}", hits[0].render()  # type: ignore[attr-defined]
     assert hits[0].message and hits[0].hint, "every problem says the cause and the fix"  # type: ignore[attr-defined]
+
+
+def test_messages_quote_the_value_they_refuse() -> None:
+    """pydantic message templates do not apply !r: the value is quoted before it goes in."""
+    _, probs = parse(_replace("[east, south|west, east]", "[east, South, east]"))
+    assert "'South': write a cluster name" in probs[0].message  # type: ignore[attr-defined]
+    _, probs = parse(_replace("pause: 8s", "pause: 8"))
+    assert "(got 8)" in probs[0].message and "{value" not in probs[0].message  # type: ignore[attr-defined]
 
 
 def test_duplicate_names_across_files(tmp_path: Path) -> None:
@@ -181,3 +191,14 @@ def test_a_chaos_experiment_among_the_mesh_config_is_misplaced(tmp_path: Path) -
     (fleet / "chaos").mkdir()
     (fleet / "chaos" / "crash.yaml").write_text(GOOD)
     assert gitops.validate_tree(fleet) == []     # the fleet loader does not read chaos/
+
+
+def test_fleet_messages_quote_the_value_too(tmp_path: Path) -> None:
+    """The same template fix in the fleet schema (found writing experiments: '{value!r}' was printed)."""
+    fleet = tmp_path / "fleet"
+    shutil.copytree(REPO / "examples" / "fleet", fleet)
+    p = fleet / "clusters" / "east.yaml"
+    p.write_text(p.read_text().replace("network: net-east", "network: Net_East"))
+    (prob,) = [x for x in gitops.validate_tree(fleet) if x.code == "MF0106"]
+    assert prob.message.endswith("'Net_East' is not a DNS-1123 label (lower-case letters, digits and '-', at most "
+                                 "63 characters, alphanumeric at both ends)")
