@@ -7,9 +7,14 @@ Every applied step is remembered with what its undo needs, so `heal` removes exa
 added.
 
 Invariants: a fault is either applied whole or not at all (a step that fails rolls back the ones
-before it); `active` lists applied faults in order; the lock guards only that bookkeeping, never a
-command, so a slow fault (a relay starting, a process being waited for) does not hold up status,
-another fault on something else, or a heal.
+before it, every one of them even when one undo fails); `active` lists applied faults in order; the
+lock guards only that bookkeeping, never a command, so a slow fault (a relay starting, a process
+being waited for) does not hold up status, another fault on something else, or a heal.
+
+Overlapping faults compose: healing one restores only what no other active fault still holds. A
+pod killed by `kill pod` and again by `kill node` stays down until both are healed; a link two
+faults took down comes up with the last of them; a demo server's behaviour falls back to the one
+another active fault set (`signal_undo` and `still_held` decide, from the faults left active).
 """
 
 from __future__ import annotations
@@ -140,11 +145,17 @@ class FaultInjector:
                 raise F.FaultError(f"{st.dev} in {st.netns or 'the sandbox root'} is already shaped by another "
                                    "bandwidth fault; heal that one first")
             self._shaped.add(key)
+        ran = 0
         try:
             for args in st.commands:
                 run_tc(st.netns, args)
+                ran += 1
         except Exception:
-            self._unshape(st)
+            if ran:   # our root qdisc is in: removing it takes the classes and filters with it
+                self._unshape(st)
+            else:     # the root qdisc add failed (another's qdisc is there?): nothing of ours to remove
+                with self._lock:
+                    self._shaped.discard((st.netns, st.dev))
             raise
 
     def _unshape(self, st: F.Shape) -> None:
@@ -203,27 +214,44 @@ class FaultInjector:
             port = next(self._ports)
         mp = ManagedProcess(f"latency:{st.netns or 'root'}:{port}", st.netns,
                             latency_relay_argv([sys.executable], port, st.delay_ms), self.log_dir / "latency.log")
-        self.procs.put(mp)
-        mp.start()
         rules = F.latency_rules(st, port)
         added: list[tuple[str, ...]] = []
+        self.procs.put(mp)
         try:
+            mp.start()
             _wait_listening(st.netns, port, mp, RELAY_READY_TIMEOUT_S)
             for args in rules:
                 run_iptables(st.netns, args)
                 added.append(args)
-        except Exception:
-            for args in reversed(added):
-                run_iptables(st.netns, _deleting(args))
-            self.procs.pop(mp.key)
-            mp.terminate()
+        except Exception as e:
+            try:
+                self._stop_latency(st.netns, mp, tuple(added))
+            except LabError as leftover:   # the fault's own error first; what stayed behind after it
+                raise LabError(f"{e}; and its rollback: {leftover}") from None
             raise
         return AppliedStep(st, mp, rules)
+
+    def _stop_latency(self, netns: NetnsName, relay: ManagedProcess | None, rules: Sequence[tuple[str, ...]]) -> None:
+        """Remove a relay's redirect rules (newest first) and stop it. Every rule is tried and the relay
+        always stopped, so one rule that will not go does not leave the others and a running relay
+        behind; what could not be removed is named in the error."""
+        failed: list[str] = []
+        for args in reversed(rules):
+            try:
+                run_iptables(netns, _deleting(args))
+            except Exception as e:
+                failed.append(f"{' '.join(args)} ({e})")
+        if relay is not None:
+            self.procs.pop(relay.key)
+            relay.terminate()
+        if failed:
+            raise LabError(f"latency rules left in {netns or 'the sandbox root'}: " + "; ".join(failed))
 
     # --- heal ------------------------------------------------------------------------------------
 
     def heal(self, target: str | None = None, names: Sequence[str] = (), kind: str | None = None) -> list[str]:
-        """Undo faults (all, or those on `target` `names`, of `kind` if given) and restart what they killed."""
+        """Undo faults (all, or those on `target` `names`, of `kind` if given) and restart what they
+        killed, unless a fault still active holds it too (that fault's heal restores it)."""
         with self._lock:
             chosen = [a for a in self._active if a.matches(target, names, kind)]
             self._active = [a for a in self._active if not a.matches(target, names, kind)]
@@ -242,28 +270,34 @@ class FaultInjector:
             healed.append(f"{r.kind} {r.target} {' '.join(r.names)}")
         return healed
 
+    def _others(self) -> list[F.FaultStep]:
+        """The steps of the faults still active (the one being healed or rolled back is not among
+        them: heal takes it out of `active` first, a rolled-back fault never got in)."""
+        with self._lock:
+            return [a.step for fault in self._active for a in fault.steps]
+
     def _undo(self, applied: AppliedStep) -> None:
         st = applied.step
         if isinstance(st, F.Signal):
             mp = self.procs.get(st.process)
             if mp is None:
                 return
-            if not mp.alive():
+            action = signal_undo(st, self._others(), alive=mp.alive())
+            if action in ("start", "start-paused"):
                 mp.start()
-            elif st.signal == "STOP":
+            if action == "start-paused":
+                mp.pause()
+            elif action == "resume":
                 mp.resume()
         elif isinstance(st, F.Rule):
             run_iptables(st.netns, ("-t", st.table, "-D", st.chain, *st.args))
         elif isinstance(st, F.Blackhole):
             run_ip(st.netns, "route", "del", "blackhole", st.cidr)
         elif isinstance(st, F.LinkDown):
-            run_ip(st.netns, "link", "set", st.dev, "up")
+            if not still_held(st, self._others()):
+                run_ip(st.netns, "link", "set", st.dev, "up")
         elif isinstance(st, F.Latency):
-            for args in applied.relay_rules:
-                run_iptables(st.netns, _deleting(args))
-            if applied.relay is not None:
-                self.procs.pop(applied.relay.key)
-                applied.relay.terminate()
+            self._stop_latency(st.netns, applied.relay, applied.relay_rules)
         elif isinstance(st, F.Shape):
             self._unshape(st)
         elif isinstance(st, F.ClockSkew):
@@ -273,7 +307,28 @@ class FaultInjector:
             elif mp is not None:  # killed meanwhile: whoever heals that starts the real-clock argv
                 mp.argv = list(applied.original_argv)
         elif isinstance(st, F.SetBehaviour):
-            self._behave(st, st.restore)
+            later = [o for o in self._others() if isinstance(o, F.SetBehaviour)
+                     and (o.cluster, o.namespace, o.pod) == (st.cluster, st.namespace, st.pod)]
+            self._behave(st, later[-1].behaviour if later else st.restore)
+
+
+def signal_undo(step: F.Signal, others: Sequence[F.FaultStep], *, alive: bool) -> str:
+    """What healing `step` does to its process, given the steps of the faults still active:
+    "start", "start-paused" (killed by this fault, another still holds it stopped), "resume" or
+    "none" (another fault still holds it down: its heal brings it back)."""
+    held = {o.signal for o in others if isinstance(o, F.Signal) and o.process == step.process} & {"KILL", "STOP"}
+    if "KILL" in held:
+        return "none"
+    if "STOP" in held:
+        return "start-paused" if not alive else "none"
+    if not alive:
+        return "start"
+    return "resume" if step.signal == "STOP" else "none"
+
+
+def still_held(step: F.LinkDown, others: Sequence[F.FaultStep]) -> bool:
+    """Whether another active fault holds the same link down."""
+    return any(isinstance(o, F.LinkDown) and (o.netns, o.dev) == (step.netns, step.dev) for o in others)
 
 
 def _deleting(rule: Sequence[str]) -> tuple[str, ...]:
