@@ -158,10 +158,11 @@ class Engine:
                  clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep) -> None:
         if options.provider != "lab":
             raise ProviderUnavailable(
-                f"provider {options.provider!r} is not available in this build: the kind provider "
-                "(clusters/kind) has no cluster driver yet, so faults cannot be injected there. Run the same "
-                "experiments with --provider lab (network namespaces on this machine); the README's fault "
-                "table says how each fault maps onto kind")
+                f"chaos experiments do not run on {options.provider!r} yet: kind clusters come up and take the "
+                "faults that map (`meshfed lab up|fault --provider kind`), but the engine's traffic, leases and "
+                "logs are read from the lab's own processes. Run them with --provider lab (network namespaces "
+                "on this machine); `meshfed chaos validate --provider kind PATH` says which experiments' faults "
+                "map onto kind")
         self.opts = options
         self._base_sha = ""
         self.narrator = narrator or Narrator()

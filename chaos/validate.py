@@ -177,6 +177,37 @@ def check_against(exp: Experiment, fleet: Fleet) -> list[Problem]:
     return out
 
 
+KIND_FAULTS = "kill|stop pod, kill|stop gateway, kill|stop|cont node, partition wan A B, kill|stop controller"
+
+
+def kind_gaps(exp: Experiment, fleet: Fleet) -> list[str]:
+    """The faults of `exp` that have no kind equivalent, each with kind's own reason (empty: every
+    fault maps). Asked of `clusters.kind.plan.plan_fault` (pure), the planner `meshfed lab fault
+    --provider kind` uses, with placeholder node addresses (the plan only needs the names kind gives
+    the nodes: <cluster>-worker, <cluster>-worker2, …), so the answer is kind's, decided in one place."""
+    from clusters.kind.plan import KindFacts, KindOptions, KindPlanError
+    from clusters.kind.plan import plan_fault as plan_kind_fault
+
+    nodes = {c.name: {f"{c.name}-control-plane": "192.0.2.1",
+                      **{f"{c.name}-worker{i + 1 if i else ''}": f"192.0.2.{i + 2}" for i in range(len(c.nodes))}}
+             for c in fleet.plan.clusters}
+    opts = KindOptions(state_dir=Path("/nonexistent"), fleet_dir=fleet.path, repo_dir=Path("/nonexistent"))
+    facts = KindFacts(network="192.0.2.0/24", gateway="192.0.2.254", node_addresses=nodes)
+    gaps = []
+    for st in (*exp.setup, *exp.method):
+        f = st.fault
+        if f is None:
+            continue
+        try:
+            plan_kind_fault(fleet.snapshot, opts, facts, f.kind, f.target, f.names)
+        except KindPlanError as e:
+            gaps.append(f"{st.id} ({f.describe()}): {str(e).split('; on kind:')[0]}")   # the list: KIND_FAULTS
+            continue
+        if f.kind == "partition" and f.mode == "reject":
+            gaps.append(f"{st.id} ({f.describe()}): kind drops (its partition has no reject mode)")
+    return gaps
+
+
 def check_pushes(exp: Experiment, fleet_dir: Path, ref: ObjectRef) -> list[Problem]:
     """Replay the experiment's pushes on the fleet's files: every edit and patch must apply."""
     steps = [s for s in (*exp.setup, *exp.method) if s.push is not None]

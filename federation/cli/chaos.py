@@ -75,23 +75,54 @@ def chaos() -> None:
 @chaos.command("validate")
 @paths_argument
 @fleet_option
+@click.option("--provider", type=click.Choice(["lab", "kind"]), default="lab", show_default=True,
+              help="kind: also say, per experiment, which of its faults have no kind equivalent")
 @output_option(formats=("table", "json", "yaml"))
-def validate_cmd(paths: tuple[str, ...], fleet: str | None, output: str) -> None:
+def validate_cmd(paths: tuple[str, ...], fleet: str | None, provider: str, output: str) -> None:
     """Check experiment files, and each against its fleet repo and lab (nothing is run)."""
     from gitops.problems import Severity
 
     exps, problems = _load(paths, fleet, None, ())
     errors = [p for p in problems if p.severity is Severity.ERROR]
+    kind = _kind_gaps(exps) if provider == "kind" and not errors else None
     if output in ("json", "yaml"):
         emit_data({"valid": not errors, "experiments": [e.name for e in exps],
-                   "problems": [p.as_dict() for p in problems]}, output)
+                   "problems": [p.as_dict() for p in problems]}
+                  | ({"kind": {name: {"maps": not gaps, "gaps": gaps} for name, gaps in kind.items()}}
+                     if kind is not None else {}), output)
     else:
         _print_problems(problems)
         if errors:
             click.echo(f"invalid: {len(errors)} errors in {len(exps)} experiment(s) read", err=True)
         else:
             click.echo(f"valid: {len(exps)} experiment(s): {', '.join(e.name for e in exps)}")
+        if kind is not None:
+            _print_kind(kind)
     sys.exit(EXIT_PROBLEMS if errors else EXIT_OK)
+
+
+def _kind_gaps(exps: Sequence[Any]) -> dict[str, list[str]]:
+    """Experiment name -> its faults with no kind equivalent (kind's planner decides)."""
+    from chaos.validate import kind_gaps, load_fleet
+
+    fleets: dict[str, Any] = {}
+    out: dict[str, list[str]] = {}
+    for e in exps:
+        if e.fleet_dir not in fleets:
+            fleets[e.fleet_dir] = load_fleet(Path(e.fleet_dir))[0]
+        out[e.name] = kind_gaps(e, fleets[e.fleet_dir])   # validated: the fleet loads
+    return out
+
+
+def _print_kind(kind: dict[str, list[str]]) -> None:
+    from chaos.validate import KIND_FAULTS
+
+    maps = [n for n, gaps in kind.items() if not gaps]
+    click.echo(f"on kind, every fault maps for {len(maps)} of {len(kind)}: {', '.join(maps) or 'none'}")
+    for name, gaps in kind.items():
+        for g in gaps:
+            click.echo(f"  {name}: {g}")
+    click.echo(f"  (kind has: {KIND_FAULTS})")
 
 
 @chaos.command("list")

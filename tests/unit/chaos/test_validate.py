@@ -142,3 +142,40 @@ def test_cli_run_refuses_what_does_not_validate_and_an_unavailable_provider(tmp_
     assert res.exit_code == 1 and "nothing was run" in res.output
     res = runner.invoke(cli, ["chaos", "run", str(write(tmp_path, "")), "--provider", "kind"])
     assert res.exit_code == 2 and "--provider lab" in res.output
+
+
+@pytest.mark.parametrize(("fault", "gap"), [
+    ('{kind: kill, target: pod, names: ["east/shop/checkout-*"]}', None),          # kind: delete the pods
+    ("{kind: stop, target: gateway, names: [south]}", None),                        # kind: scale it to 0
+    ("{kind: partition, target: wan, names: [east, south]}", None),                 # kind: iptables in nodes
+    ("{kind: stop, target: node, names: [east/node-2]}", None),                     # kind: docker pause
+    ("{kind: partition, target: api, names: [east]}", "`partition api` has no kind equivalent"),
+    ('{kind: behaviour, target: pod, names: ["east/shop/checkout-0"], behaviour: Hang}', "`behaviour pod`"),
+    ("{kind: partition, target: wan, names: [east, south], mode: reject}", "kind drops"),
+])
+def test_kind_gaps_are_kinds_own_planner_s_answer(tmp_path: Path, fault: str, gap: str | None) -> None:
+    from chaos.validate import kind_gaps, load_fleet
+
+    body = BASE.format(fleet=FLEET).replace('{kind: kill, target: pod, names: ["east/shop/checkout-*"]}', fault)
+    (tmp_path / "probe.yaml").write_text(body)
+    res = load_experiments([tmp_path / "probe.yaml"])
+    assert res.problems == (), [p.render() for p in res.problems]
+    fleet, probs = load_fleet(FLEET)
+    assert fleet is not None, probs
+    gaps = kind_gaps(res.experiments[0], fleet)
+    if gap is None:
+        assert gaps == []
+    else:
+        assert len(gaps) == 1 and gaps[0].startswith("f (") and gap in gaps[0], gaps
+
+
+def test_cli_validate_on_kind_names_the_experiments_that_map() -> None:
+    res = CliRunner().invoke(cli, ["chaos", "validate", "--provider", "kind", str(REPO / "examples" / "chaos"),
+                                   "-o", "json"])
+    assert res.exit_code == 0, res.output
+    kind = json.loads(res.output)["kind"]
+    assert kind["backend-crash"] == {"maps": True, "gaps": []}
+    assert not kind["api-outage-freeze"]["maps"] and "partition api" in kind["api-outage-freeze"]["gaps"][0]
+    res = CliRunner().invoke(cli, ["chaos", "validate", "--provider", "kind", str(REPO / "examples" / "chaos")])
+    assert res.exit_code == 0 and "on kind, every fault maps for " in res.output
+    assert "  clock-skew-2m: skew (clock-skew node east/node-2 +120s): `clock-skew node` has no kind" in res.output
