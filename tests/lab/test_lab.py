@@ -359,3 +359,29 @@ def test_behaviour_fault_heals_back_to_what_the_lab_declared(lab: tuple[LabRunne
     finally:
         runner.heal("pod", ["east/shop/cart-1"], "behaviour")
     assert get(runner, "pod:east/shop/frontend-0", ip)["status"] == 200
+
+
+def test_overlapping_kills_compose_heal_restarts_only_what_no_other_fault_holds(
+        lab: tuple[LabRunner, dict[str, Any]]) -> None:
+    """checkout-1 runs on west's node-2: killed by a pod fault and by a node fault, it stays down until
+    both are healed (the attacker review: healing one fault restarted what the other still held)."""
+    runner, state = lab
+    ip = pod_ip(state, "west", "checkout-1")
+    runner.fault("kill", "pod", ["west/shop/checkout-1"])
+    runner.fault("kill", "node", ["west/node-2"])
+    try:
+        runner.heal("pod", ["west/shop/checkout-1"])
+        assert _pod_state(runner, "west", "checkout-1") == "dead"   # the node fault still holds it down
+        assert "error" in get(runner, "pod:west/shop/frontend-0", ip, timeout_s=1.0)
+        assert _ready_in_api(state, "west", "checkout-1")[1] is False
+    finally:
+        runner.heal("node", ["west/node-2"])
+    assert _pod_state(runner, "west", "checkout-1") == "running"
+    _wait_for(lambda: _ready_in_api(state, "west", "checkout-1"), ("Running", True), timeout_s=30.0)
+    assert get(runner, "pod:west/shop/frontend-0", ip)["status"] == 200
+
+
+def _pod_state(runner: LabRunner, cluster: str, pod: str) -> str:
+    """The supervisor's word for a pod's process: running, stopped, dead or absent."""
+    c = next(c for c in runner.status()["lab"]["clusters"] if c["name"] == cluster)
+    return str(next(p["state"] for p in c["pods"] if p["name"] == pod))
