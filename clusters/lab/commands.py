@@ -136,9 +136,12 @@ FAKETIME_LIBRARIES = ("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
 def skewed_argv(argv: Sequence[str], skew_s: float, library: str) -> list[str]:
     """`argv` run with its wall clock moved by `skew_s`: libfaketime preloaded through `env`, which
     execs (the `faketime` command forks, and killing it would leave the skewed process running).
-    The monotonic clock is left alone: asyncio's timers, timeouts and backoffs keep real time, as
-    they would on a node whose NTP is off. The MT build: our processes have threads."""
-    return ["env", f"LD_PRELOAD={library}", f"FAKETIME={skew_s:+.0f}", "FAKETIME_DONT_FAKE_MONOTONIC=1", *argv]
+    The monotonic clock moves by the same constant, which timers, timeouts and backoffs never see
+    (they take differences). Not FAKETIME_DONT_FAKE_MONOTONIC: with it, Python's time.sleep (an
+    absolute clock_nanosleep on the monotonic clock) fails with EINVAL, and the node proxy's capture
+    set-up (subprocess with a timeout) crashed at start. A negative skew must leave the monotonic
+    clock above zero (`faults.check_skew`). The MT build: our processes have threads."""
+    return ["env", f"LD_PRELOAD={library}", f"FAKETIME={skew_s:+.0f}", *argv]
 
 
 def latency_relay_argv(python: Sequence[str], port: int, delay_ms: float) -> list[str]:

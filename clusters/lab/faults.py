@@ -177,6 +177,19 @@ def htb_to(dev: str, destination: str, rate_kbit: float) -> tuple[tuple[str, ...
              "dst", f"{destination}/32", "flowid", "1:2"))
 
 
+SKEW_MONOTONIC_MARGIN_S = 60.0   # what a skewed process's monotonic clock keeps above zero
+
+
+def check_skew(skew_s: float, monotonic_now_s: float) -> None:
+    """libfaketime moves the monotonic clock with the wall clock (see `commands.skewed_argv`); a
+    negative skew larger than this host's monotonic clock (about its uptime) would take it below
+    zero, where a process's sleeps and timers hang. Refuse that with the largest skew that fits."""
+    if skew_s < 0 and monotonic_now_s + skew_s < SKEW_MONOTONIC_MARGIN_S:
+        fits = max(0, int(monotonic_now_s - SKEW_MONOTONIC_MARGIN_S))
+        raise FaultError(f"clock-skew {skew_s:+.0f} s would move the process's monotonic clock below zero (this "
+                         f"host's reads {monotonic_now_s:.0f} s); on this host skew back at most -{fits} s")
+
+
 def _check_params(req: FaultRequest) -> None:
     """The parameters a kind needs, present and sane (the CLI and experiment files both come here)."""
     if req.kind == "latency" and not 0 < req.delay_ms <= 10_000:

@@ -175,6 +175,7 @@ class FaultInjector:
         if skew_s and library is None:
             raise F.FaultError("clock-skew needs libfaketime (Debian package faketime; `make system`); looked in "
                                + ", ".join(FAKETIME_LIBRARIES))
+        F.check_skew(skew_s, time.monotonic())
         before = list(mp.argv)
         new_argv = skewed_argv(before, skew_s, library or "") if skew_s else list(argv or before)
         mp.terminate()
@@ -304,8 +305,15 @@ class FaultInjector:
             mp = self.procs.get(st.process)
             if mp is not None and mp.alive():
                 self._restart(st.process, 0.0, applied.original_argv)
-            elif mp is not None:  # killed meanwhile: whoever heals that starts the real-clock argv
-                mp.argv = list(applied.original_argv)
+            elif mp is not None:
+                mp.argv = list(applied.original_argv)   # the real clock, whoever starts it
+                # died under the skew by itself (no other fault holds it down): start it, or heal
+                # would leave it dead
+                action = signal_undo(F.Signal(st.process, "KILL"), self._others(), alive=False)
+                if action in ("start", "start-paused"):
+                    mp.start()
+                if action == "start-paused":
+                    mp.pause()
         elif isinstance(st, F.SetBehaviour):
             later = [o for o in self._others() if isinstance(o, F.SetBehaviour)
                      and (o.cluster, o.namespace, o.pod) == (st.cluster, st.namespace, st.pod)]

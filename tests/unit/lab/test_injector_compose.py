@@ -295,3 +295,37 @@ def test_a_shaping_fault_failing_after_its_qdisc_removes_that_qdisc(
         inj.apply(F.FaultRequest("bandwidth", "wan", ("east", "west"), rate_kbit=256))
     deleted = [(ns, a) for ns, a in host.tc if a[:2] == ("qdisc", "del")]
     assert sorted(deleted) == sorted((s.netns, ("qdisc", "del", "dev", s.dev, "root")) for s in shapes)
+
+
+@pytest.fixture
+def faketime(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    lib = tmp_path / "libfaketimeMT.so.1"
+    lib.write_bytes(b"")
+    monkeypatch.setattr(I, "FAKETIME_LIBRARIES", (str(lib),))
+
+
+@pytest.mark.parametrize("also_killed", [False, True])
+def test_a_process_that_died_under_its_skew_is_started_on_the_real_clock_at_heal(
+        plan: LabPlan, host: FakeHost, faketime: None, tmp_path: Path, also_killed: bool) -> None:
+    """The lab run that found it: the node proxy crashed at start under libfaketime; heal only reset
+    its argv, and east/node-2 stayed without a proxy for the rest of the run."""
+    inj, procs = injector(plan, tmp_path)
+    key = "ztunnel:east/node-2"
+    original = procs.get(key)
+    assert original is not None
+    real_argv = list(original.argv)
+    inj.apply(F.FaultRequest("clock-skew", "node", ("east/node-2",), skew_s=120))
+    skewed = procs.get(key)
+    assert skewed is not None and skewed.argv[:3] == ["env", f"LD_PRELOAD={tmp_path / 'libfaketimeMT.so.1'}",
+                                                       "FAKETIME=+120"]
+    assert isinstance(skewed, FakeProcess)
+    skewed.up = False                      # it crashed under the skew
+    if also_killed:
+        inj.apply(F.FaultRequest("kill", "node", ("east/node-2",)))
+    inj.heal("node", ("east/node-2",), "clock-skew")
+    now = procs.get(key)
+    assert now is not None and now.argv == real_argv
+    assert now.alive() is (not also_killed)   # a kill still active keeps it down; its heal starts it
+    if also_killed:
+        inj.heal()
+        assert now.alive() and now.argv == real_argv

@@ -82,10 +82,10 @@ def test_clock_skew_restarts_one_process(plan: LabPlan, req: FaultRequest, key: 
     assert step == F.ClockSkew(key, req.skew_s)
 
 
-def test_skewed_argv_moves_only_the_wall_clock_and_execs() -> None:
+def test_skewed_argv_moves_the_clocks_by_a_constant_and_execs() -> None:
     argv = skewed_argv(["python", "-m", "ztunnel"], -90.4, "/lib/libfaketimeMT.so.1")
     # env execs the command (the faketime wrapper forks: killing it would leave the skewed process)
-    assert argv == ["env", "LD_PRELOAD=/lib/libfaketimeMT.so.1", "FAKETIME=-90", "FAKETIME_DONT_FAKE_MONOTONIC=1",
+    assert argv == ["env", "LD_PRELOAD=/lib/libfaketimeMT.so.1", "FAKETIME=-90",
                     "python", "-m", "ztunnel"]
 
 
@@ -118,3 +118,15 @@ def test_experiment_files_and_the_lab_share_one_vocabulary() -> None:
     assert set(X.BEHAVIOURS) == set(F.BEHAVIOURS)
     from clusters.lab.demo_server import BEHAVIOURS as SERVER
     assert set(F.BEHAVIOURS) == set(SERVER)
+
+
+@pytest.mark.parametrize(("skew_s", "monotonic_s", "ok"), [
+    (120, 5.0, True), (-3600, 14_000.0, True), (-3600, 3_000.0, False), (-3600, 3_650.0, False),
+])
+def test_a_negative_skew_must_leave_the_monotonic_clock_above_zero(skew_s: float, monotonic_s: float,
+                                                                   ok: bool) -> None:
+    if ok:
+        F.check_skew(skew_s, monotonic_s)
+    else:
+        with pytest.raises(FaultError, match=r"monotonic clock .* at most -\d+ s"):
+            F.check_skew(skew_s, monotonic_s)
