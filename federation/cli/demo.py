@@ -60,6 +60,10 @@ def _print_cli(url: str, *args: str) -> None:
     _say(r.stdout.rstrip())
 
 
+def _print_status(url: str) -> None:
+    _print_cli(url, "status")
+
+
 def _narrator() -> Any:
     """The demo's narrator (built lazily: the chaos engine is imported only when the demo runs)."""
     from chaos.demo import CANARY_WORKLOAD, SERVICE_HOST, between, served_summary, split_summary, workload_of
@@ -90,7 +94,7 @@ def _narrator() -> Any:
 
         def converged(self, fed: Any, took_s: float) -> None:
             _say(f"converged {took_s:.1f} s after the lab came up (Ray start, discovery, CSRs, first push)")
-            _print_cli(fed.controller_url, "status")
+            _print_status(fed.controller_url)
             for c in fed.clusters:
                 _say(f"failover order from {c}: {' → '.join(fed.tiers(c))}")
 
@@ -149,7 +153,7 @@ def _narrator() -> Any:
             if step.push is not None and not step.push.restore:
                 self.synced_at_s = time.time()
                 _say(f"{info} (was {self.rev_before[:8]})")
-                _print_cli(fed.controller_url, "status")
+                _print_status(fed.controller_url)
                 node = f"node:{self.first}/{fed.lab['clusters'][0]['nodes'][0]['name']}"
                 for svc in fed.proxy_config(node)["config"]["services"]:
                     if svc["hostname"] == SERVICE_HOST:
@@ -245,19 +249,28 @@ def _url_or(fed: Any) -> str:
 
 def register(group: click.Group) -> None:
     @group.command("demo")
-    @click.option("--fleet", default="examples/fleet", show_default=True, type=click.Path(file_okay=False),
-                  help="fleet repo directory (its Cluster and LabCluster objects give the lab)")
+    @click.option("--scenario", type=click.Choice(["failover", "waypoint"]), default="failover", show_default=True,
+                  help="failover: the three-cluster L4 story (a chaos experiment); waypoint: L7 (canary per "
+                       "request, request-level DENY, 503 ejection and failover through waypoints, the ingress "
+                       "Gateway, inference)")
+    @click.option("--fleet", default=None, type=click.Path(file_okay=False),
+                  help="fleet repo directory (default examples/fleet, or examples/l7 for --scenario waypoint)")
     @click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True, type=click.Path(dir_okay=False),
-                  help="the chaos experiment the story runs")
+                  help="failover: the chaos experiment the story runs")
     @click.option("--keep", is_flag=True, help="leave the lab running for exploration")
     @click.option("--out", "out", default=None, metavar="DIR",
                   help="report directory (default ./out/demo-<timestamp>/)")
     @click.option("--state-dir", default=DEFAULT_STATE_DIR, show_default=True, help="the lab's state directory")
-    def demo(fleet: str, experiment: str, keep: bool, out: str | None, state_dir: str) -> None:
-        """Build a three-cluster lab, converge, push a policy, fail over and back, report the figures."""
+    def demo(scenario: str, fleet: str | None, experiment: str, keep: bool, out: str | None, state_dir: str) -> None:
+        """Build a lab, converge, and tell one story: fail over and back (default), or the waypoints'."""
+        fleet = fleet or ("examples/l7" if scenario == "waypoint" else "examples/fleet")
         if not Path(fleet).is_dir():
             fail(f"fleet directory {fleet} does not exist", hint="run from the repository root or pass --fleet",
                  code=EXIT_USAGE)
+        if scenario == "waypoint":
+            from federation.cli.demo_waypoint import run_waypoint_demo
+
+            raise SystemExit(run_waypoint_demo(Path(fleet), Path(state_dir), keep))
         if not Path(experiment).is_file():
             fail(f"experiment {experiment} does not exist", hint="run from the repository root or pass --experiment",
                  code=EXIT_USAGE)

@@ -108,7 +108,7 @@ def test_a_patch_is_checked_with_git_apply(tmp_path: Path) -> None:
           --- a/policies/shop/checkout.yaml
           +++ b/policies/shop/checkout.yaml
           @@ -11,3 +11,3 @@
-                 consecutive5xxErrors: 5
+                 # consecutive5xxErrors needs a waypoint to see HTTP status (MF0510); Envoy's default 5 applies
           -      interval: 5s
           +      interval: 2s
                  baseEjectionTime: 5s
