@@ -171,6 +171,13 @@ _CODES = (
     Code("MF0509", "policy for one service declared twice",
          "Two DestinationRules name the same host, or two routes attach to the same service; "
          "meshfed would have to pick one, so it refuses both."),
+    Code("MF0510", "commit removes too much of the fleet",
+         "The commit removes more than spec.removal.maxClusterPercent of the clusters or "
+         "spec.removal.maxEndpointPercent of the global endpoints (default 50 % each) and the "
+         "Federation does not name those removals under spec.removal.intended. Reported by the "
+         "controller (against the applied revision and the live endpoints) and by `meshfed plan` "
+         "(against --from, with the LabCluster endpoints); the controller refuses the commit and the "
+         "last applied revision stays in force."),
     # --- MF06xx lab ---------------------------------------------------------------------------
     Code("MF0601", "lab workload placed on an unknown node",
          "A LabCluster workload's nodes must be among the LabCluster's nodes."),

@@ -11,24 +11,34 @@ live state.
 Inputs (`on_snapshot`, `on_observation`, `on_health`, ...) only mark the reconciler dirty and wake
 the thread. Everything the reconciler touches goes through one lock: inputs, `step` and queries.
 
-`DeltaOutbox` keeps, per proxy, the config it last sent to the config service and sends only
-differences (`wire.encode_config_deltas`). When the service answers "resync" (it restarted and
-holds nothing, or our idea of its base is wrong) the outbox sends every config in full.
+`DeltaOutbox` keeps, per proxy, the config the config service accepted and sends only
+differences (`wire.encode_config_deltas`), and a removal for a proxy no longer rendered (the
+service forgets it). A send that raises changes nothing of that record (the reconciler retries
+with backoff); when the service answers "resync" (it restarted and holds nothing, or our idea of
+its base is wrong) the outbox sends every config in full.
 
-The store, the push and the CAs' roots are injected: `federation.ray` passes adapters that reach
-the state owner over Ray; tests pass plain objects.
+The store, the push, the rollout facts, the cluster operations and the CAs' roots are injected:
+`federation.ray` passes adapters that reach the state owner over Ray; tests pass plain objects.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from federation.controller import queries
-from federation.controller.reconciler import CoreRender, Debouncer, EndpointReport, Reconciler, RenderFn
-from federation.controller.wire import encode_config_deltas
+from federation.controller.reconciler import (
+    ClusterOps,
+    CoreRender,
+    Debouncer,
+    EndpointReport,
+    Reconciler,
+    RenderFn,
+    RolloutFn,
+)
+from federation.controller.wire import encode_config_deltas, encode_removals
 from gitops.model import ConfigSnapshot
 from ztunnel.api.config import ProxyConfig
 
@@ -40,36 +50,43 @@ BundleRoots = Callable[[ConfigSnapshot], Mapping[str, tuple[str, ...]]]
 
 
 class DeltaOutbox:
-    """Invariant: `last_sent[p]` is what the config service was last sent for proxy p (it holds
-    that config unless it answered "resync")."""
+    """Invariant: `last_sent[p]` is what the config service accepted for proxy p (it holds that
+    config unless it restarted since, which its "resync" answer reveals)."""
 
     def __init__(self, send: PushDeltas) -> None:
         self.send = send
         self.last_sent: dict[str, ProxyConfig] = {}
         self.resyncs = 0
 
-    def push(self, changed: Mapping[str, ProxyConfig], current: Mapping[str, ProxyConfig]) -> None:
-        """Send `changed` as deltas from what was last sent; `current` is every rendered config
-        (proxies no longer in it are dropped from the outbox; a resync sends all of it)."""
+    def push(self, changed: Mapping[str, ProxyConfig]) -> None:
+        """Send `changed` as deltas from what was last sent. Raises if the service did not take
+        them (nothing recorded: the caller retries); on "resync" sends everything in full."""
         blob = encode_config_deltas((self.last_sent.get(pid), cfg) for pid, cfg in changed.items())
+        answer = self.send(blob)
+        if answer == "resync":
+            self.resync({**self.last_sent, **changed})
+            return
         self.last_sent.update(changed)
-        for pid in set(self.last_sent) - set(current):
-            del self.last_sent[pid]
-        if self.send(blob) == "resync":
-            self.resync(current)
+
+    def remove(self, proxy_ids: Collection[str]) -> None:
+        """The proxies are no longer rendered: the service forgets them."""
+        self.send(encode_removals(proxy_ids, self.last_sent))
+        for pid in proxy_ids:
+            self.last_sent.pop(pid, None)
 
     def resync(self, current: Mapping[str, ProxyConfig]) -> None:
         self.resyncs += 1
         blob = encode_config_deltas((None, cfg) for cfg in current.values())
-        self.last_sent = dict(current)
         self.send(blob)
+        self.last_sent = dict(current)
 
 
 class ReconcileService:
     def __init__(self, store: Any, push_deltas: PushDeltas, bundle_roots: BundleRoots | None = None,
                  debounce_after_s: float = 0.1, debounce_max_s: float = 10.0,
                  clock: Callable[[], float] = time.time, tick_interval_s: float = TICK_INTERVAL_S,
-                 render: RenderFn | None = None) -> None:
+                 render: RenderFn | None = None, rollout: RolloutFn | None = None,
+                 cluster_ops: ClusterOps | None = None) -> None:
         """`render` defaults to the core (`CoreRender`, which loads the CAs through `bundle_roots`)."""
         self.clock = clock
         self.tick_interval_s = tick_interval_s
@@ -77,7 +94,7 @@ class ReconcileService:
         self.outbox = DeltaOutbox(push_deltas)
         self.render: RenderFn = render if render is not None else CoreRender(bundle_roots=bundle_roots)
         self.rec = Reconciler(self.render, self._push, store, Debouncer(debounce_after_s, debounce_max_s),
-                              clock=clock)
+                              clock=clock, forget=self.outbox.remove, rollout=rollout, cluster_ops=cluster_ops)
         self.ejections_detected = 0
         self.ejections_enforced = 0
         self._last_run_s = 0.0
@@ -86,7 +103,7 @@ class ReconcileService:
         self._thread: threading.Thread | None = None
 
     def _push(self, changed: Mapping[str, ProxyConfig]) -> None:
-        self.outbox.push(changed, self.rec.configs)
+        self.outbox.push(changed)
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -102,8 +119,8 @@ class ReconcileService:
 
     def wait_s(self, now_s: float) -> float:
         """How long the loop may sleep before the next `step` (inputs wake it earlier)."""
-        deadline = self.rec.debounce.deadline_s()
-        return IDLE_WAIT_S if deadline is None else max(0.0, deadline - now_s)
+        deadline = self.rec.deadline_s()
+        return IDLE_WAIT_S if deadline is None else min(IDLE_WAIT_S, max(0.0, deadline - now_s))
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -175,7 +192,7 @@ class ReconcileService:
     def resync(self) -> None:
         """Send every config in full (the config service restarted and knows none)."""
         with self._lock:
-            self.outbox.resync(self.rec.configs)
+            self.outbox.resync(self.rec.delivered)
 
     # --- queries -----------------------------------------------------------------------------
 
@@ -185,7 +202,7 @@ class ReconcileService:
             st["durations_s"] = self.rec.durations_s[-200:]
             st["step_failures_total"] = len(self.rec.failures)
             st["ejections_detected"], st["ejections_enforced"] = self.ejections_detected, self.ejections_enforced
-            st["fleet_clusters"] = queries.fleet_clusters(self.rec.snapshot)
+            st["fleet_clusters"] = self.rec.fleet_clusters()
             return st
 
     def services(self) -> list[dict[str, Any]]:

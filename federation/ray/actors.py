@@ -31,6 +31,7 @@ from federation.controller.config_service import ConfigService
 from federation.controller.git_feed import GitFeed
 from federation.controller.reconcile_service import ReconcileService
 from federation.controller.sources import ClusterAgent
+from federation.controller.statelock import StateDirLock
 from federation.controller.wire import (
     decode_health_report,
     decode_json,
@@ -45,10 +46,14 @@ from federation.server.grpc_services import config_server_for, serve
 
 
 class ConfigServerHost:
-    """The state owner. The CA refuses to be pickled: keys stay in this process."""
+    """The state owner. The CA refuses to be pickled: keys stay in this process. It takes the state
+    directory's lock before anything else (waiting while another process holds it: the driver
+    already refused or waited as a standby, so this waits only out a restarting predecessor)."""
 
-    def __init__(self, state_dir: str, insecure: bool) -> None:
-        self.service = ConfigService(state_dir, insecure)
+    def __init__(self, state_dir: str, insecure: bool, history_retention_s: float | None = None) -> None:
+        lock = StateDirLock(state_dir)
+        lock.acquire(wait=True)
+        self.service = ConfigService(state_dir, insecure, lock=lock, history_retention_s=history_retention_s)
         self.server = config_server_for(self.service, on_health=self._forward_health)
         self.reconciler: Any = None
 
@@ -66,6 +71,15 @@ class ConfigServerHost:
 
     def apply_deltas(self, blob: bytes) -> str:
         return self.service.apply_deltas(blob)
+
+    def rollout(self, revision: str, proxy_ids: list[str]) -> list[dict[str, Any]]:
+        return self.service.rollout(revision, proxy_ids)
+
+    def set_draining(self, clusters: dict[str, str]) -> None:
+        self.service.set_draining(clusters)
+
+    def remove_cluster(self, cluster: str, why: str) -> list[str]:
+        return self.service.remove_cluster(cluster, why)
 
     def status(self) -> bytes:
         return encode_json(self.service.status(self.server.counters()))
@@ -87,7 +101,8 @@ class ReconcilerHost:
     def __init__(self, debounce_after_s: float, debounce_max_s: float, config_server: Any) -> None:
         out = RemoteConfigServer(config_server)
         self.service = ReconcileService(RemoteStore(config_server), out.push_deltas, out.bundle_roots,
-                                        debounce_after_s, debounce_max_s).start()
+                                        debounce_after_s, debounce_max_s, rollout=out.rollout,
+                                        cluster_ops=out).start()
 
     def on_snapshot(self, blob: bytes) -> None:
         self.service.on_snapshot(decode_snapshot(blob))

@@ -37,7 +37,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from federation.controller.distributor import ConfigDistributor, StaleEpochError
+from federation.controller.distributor import ConfigDistributor, ProxyRemovedError, StaleEpochError
 from federation.controller.signing import Requester, Signer, cluster_named_by
 from ztunnel.api.codec import PROXY_ID_METADATA, stamp_from_pb
 from ztunnel.api.proto import meshfed_pb2 as pb
@@ -154,15 +154,20 @@ class ConfigServer:
         """Disconnect proxies that do not drain their stream: a write pending for longer than
         `write_timeout_s` cancels that stream's writer, which ends the stream (the proxy resyncs
         when it returns). One periodic sweep instead of a timer per write (measured: the per-write
-        `asyncio.timeout` was the largest Python cost of a push after encoding was shared)."""
+        `asyncio.timeout` was the largest Python cost of a push after encoding was shared). The
+        same sweep ticks the distributor: pushes unanswered too long fail, and the streams of
+        failed pushes whose backoff is over are woken to retry."""
         while True:
-            await asyncio.sleep(self.write_timeout_s / 4)
+            await asyncio.sleep(min(self.write_timeout_s / 4, 1.0))
             now = time.monotonic()
             for task, (started_s, _proxy_id) in list(self._writes.items()):
                 if now - started_s > self.write_timeout_s:
                     del self._writes[task]
                     self.slow_disconnects += 1
                     task.cancel()
+            for session in self.dist.tick():
+                if session.wake is not None:
+                    session.wake.set()
 
     async def stop(self, grace_s: float = 1.0) -> None:
         if self._watchdog is not None:
@@ -236,6 +241,9 @@ class ConfigServer:
         except StaleEpochError as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
             raise  # unreachable: abort raises
+        except ProxyRemovedError as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+            raise
         old = self._streams.get(proxy_id)
         if old is not None and old is not asyncio.current_task():
             old.cancel()  # a proxy has one stream; the newest wins
@@ -257,6 +265,8 @@ class ConfigServer:
             while True:
                 await session.wake.wait()
                 session.wake.clear()
+                if session.removed:
+                    return  # forgotten (no longer rendered): end the stream
                 for msg in self.dist.build(session):
                     # the write deadline is enforced by `_write_watchdog` (one timer for all streams)
                     self._writes[me_w] = (time.monotonic(), proxy_id)
@@ -276,7 +286,7 @@ class ConfigServer:
             self._writes.pop(wr, None)
             if self._streams.get(proxy_id) is me:
                 del self._streams[proxy_id]
-                session.detach()
+                self.dist.detach(session)
 
     # --- certificates --------------------------------------------------------------------------
 

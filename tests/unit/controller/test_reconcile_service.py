@@ -45,21 +45,46 @@ class Sent:
 
 
 def test_the_outbox_sends_differences_and_everything_on_resync() -> None:
-    sent = Sent(answers=["ok", "ok", "resync"])
+    sent = Sent(answers=["ok", "ok", "ok", "resync"])
     box = DeltaOutbox(sent)
     a1, b1 = cfg("ztunnel/a/n1", "r1", 1), cfg("ztunnel/a/n2", "r1", 1)
-    box.push({"ztunnel/a/n1": a1, "ztunnel/a/n2": b1}, {"ztunnel/a/n1": a1, "ztunnel/a/n2": b1})
+    box.push({"ztunnel/a/n1": a1, "ztunnel/a/n2": b1})
     assert {p: d.base_version for p, d in sent.deltas(0).items()} == {"ztunnel/a/n1": 0, "ztunnel/a/n2": 0}
     a2 = cfg("ztunnel/a/n1", "r2", 2, services=3)
-    box.push({"ztunnel/a/n1": a2}, {"ztunnel/a/n1": a2, "ztunnel/a/n2": b1})
+    box.push({"ztunnel/a/n1": a2})
     (delta,) = sent.deltas(1).values()
     assert delta.base_version == 1 and sum(len(v) for v in delta.upserts.values()) == 1   # svc2 only
-    # the service lost its state ("resync"): everything current, in full; n2 is no longer rendered
+    # n2 is no longer rendered: the service is told to forget it
+    box.remove(["ztunnel/a/n2"])
+    assert [(d.proxy_id, d.remove) for d in decode_config_deltas(sent.blobs[2])] == [("ztunnel/a/n2", True)]
+    # the service lost its state ("resync"): everything current, in full
     a3 = cfg("ztunnel/a/n1", "r3", 3, services=1)
-    box.push({"ztunnel/a/n1": a3}, {"ztunnel/a/n1": a3})
-    assert len(sent.blobs) == 4 and box.resyncs == 1
-    assert {p: d.base_version for p, d in sent.deltas(3).items()} == {"ztunnel/a/n1": 0}
+    box.push({"ztunnel/a/n1": a3})
+    assert len(sent.blobs) == 5 and box.resyncs == 1
+    assert {p: d.base_version for p, d in sent.deltas(4).items()} == {"ztunnel/a/n1": 0}
     assert box.last_sent == {"ztunnel/a/n1": a3}
+
+
+def test_a_send_that_fails_records_nothing_so_the_retry_sends_the_same_delta() -> None:
+    """Issue 11 item 7: the outbox recorded a config as sent before sending it, so a failed send was
+    lost and the next delta was computed from a base the service never had."""
+    sent = Sent()
+    box = DeltaOutbox(sent)
+    a1 = cfg("ztunnel/a/n1", "r1", 1)
+    box.push({"ztunnel/a/n1": a1})
+    a2 = cfg("ztunnel/a/n1", "r2", 2, services=3)
+
+    def broken(_blob: bytes) -> str:
+        raise ConnectionError("config service restarting")
+
+    box.send = broken
+    with pytest.raises(ConnectionError):
+        box.push({"ztunnel/a/n1": a2})
+    assert box.last_sent == {"ztunnel/a/n1": a1}
+    box.send = sent
+    box.push({"ztunnel/a/n1": a2})
+    (delta,) = sent.deltas(1).values()
+    assert delta.base_version == 1 and box.last_sent == {"ztunnel/a/n1": a2}
 
 
 @dataclass
