@@ -190,9 +190,11 @@ class ReconcileService:
             return self.rec.snapshot
 
     def resync(self) -> None:
-        """Send every config in full (the config service restarted and knows none)."""
+        """Send every config in full, and the clusters still draining (the config service
+        restarted and knows none of them)."""
         with self._lock:
             self.outbox.resync(self.rec.delivered)
+            self.rec.restore_cluster_ops(self.clock())
 
     # --- queries -----------------------------------------------------------------------------
 

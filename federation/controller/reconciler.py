@@ -14,27 +14,37 @@ with the last good result (the control loop never dies on one bad step):
 
   1. take the pending inputs (snapshot, observations, leases);
   2. gate a new commit before anything of it takes effect: staged CA root rotation
-     (`federation.core.rotation_gate`) compares its CA specs with the applied ones and the leaves the CA
-     issued; a commit that skips a stage or would invalidate live certificates is rejected like an
-     invalid commit (problem MF0407) and the last applied snapshot is rendered instead. Rendering
-     is what loads the CAs (`CoreRender.bundle_roots` -> the config server's `ensure_cas`), so a
-     rejected commit never switches the signer;
+     (`federation.core.rotation_gate`) compares its CA specs with the *applied* ones and the leaves
+     the CA issued; a commit that skips a stage or would invalidate live certificates is rejected
+     like an invalid commit (problem MF0407) and the last rendered snapshot stays — unless it is
+     safe once the revision still *applying* is applied: then it waits for that. The removal
+     guard (`federation.core.removal`, MF0510) refuses a commit that removes too much of the fleet.
+     Rendering is what loads the CAs (`CoreRender.bundle_roots` -> the config server's
+     `ensure_cas`), so a rejected commit never switches the signer. Clusters the commit removes
+     start draining (their proxies stay authorized: `ClusterOps.set_draining`);
   3. take the verdict of the proxies' health reports (`federation.core.health`);
   4. render every proxy's config (a failure keeps the last good configs and is reported): the
      render hands the verdict to the failover engine, which ejects and unejects endpoints, and
-     evaluates failover, from it;
-  5. checkpoint: record the revision attempt (applied only when rendering succeeded) and the
-     applied CA specs (the gate's reference, also after a restart);
-  6. push the configs that changed (the config server diffs and versions them per proxy) —
-     once warm: after a (re)start nothing is pushed until every cluster of the snapshot has sent a
-     complete observation (a fresh LIST), or `warmup_max_s` has passed. Proxies still run the
-     configs of the previous controller; a render from a partial view would withdraw the
-     endpoints of the clusters not listed yet (istiod likewise waits for its informers' sync);
-  7. record events (failovers) in the store.
+     evaluates failover, from it; draining clusters are not rendered (every other proxy's view
+     loses them);
+  5. checkpoint: record the attempt — *applying* until the proxies ACK it;
+  6. deliver the configs that changed to the config service, and removals of proxies no longer
+     rendered (the config service diffs and versions them per proxy) — once warm: after a
+     (re)start nothing is pushed until every cluster of the snapshot has sent a complete
+     observation (a fresh LIST), or `warmup_max_s` has passed. Proxies still run the configs of
+     the previous controller; a render from a partial view would withdraw the endpoints of the
+     clusters not listed yet (istiod likewise waits for its informers' sync). A delivery that
+     fails is retried with backoff (`due` turns true again), never dropped;
+  7. rollout: ask the config service which rendered proxies run the applying revision; when the
+     quorum is reached (`federation.core.rollout`) it becomes the applied revision, its CA specs
+     the gate's reference, and drains of clusters it no longer has are withdrawn;
+  8. drains whose withdrawal is applied and whose grace is over: the cluster is removed (its
+     proxies forgotten, its credentials revoked, its agent stopped by the driver);
+  9. record events (failovers, drains) in the store.
 
 Flux semantics: `last_attempted` is the newest revision we tried (with its problems);
-`last_applied` the newest that rendered and was pushed. A bad commit leaves every proxy on the
-last applied revision.
+`last_applied` the newest that rendered, was delivered and was ACKed by the proxies' quorum. A
+bad commit leaves every proxy on the last applied revision.
 
 Health: each proxy reports, per (service, endpoint), whether its local outlier detection ejects
 it (`on_health`). The vote (`federation.core.health.HealthAggregator`: a quorum of fresh
@@ -486,6 +496,11 @@ class Reconciler:
         if hasattr(self.store, "record_applied_clusters"):
             self.store.record_applied_clusters(sorted(snapshot.clusters))
         self._save_drains(now_s)
+
+    def restore_cluster_ops(self, now_s: float) -> None:
+        """The config service restarted: tell it again which clusters are draining."""
+        if self.drains:
+            self._call_cluster_ops("drains", lambda ops: ops.set_draining(self._draining_tds()), now_s)
 
     def _draining_tds(self) -> dict[str, str]:
         return {c: d.trust_domain for c, d in self.drains.items()}

@@ -70,7 +70,7 @@ class ControllerOptions:
 
 
 log = logging.getLogger("meshfed.controller")
-CLAIM_GRACE_S = 3.0          # a predecessor's state owner that is still exiting
+CLAIM_GRACE_S = 10.0         # a predecessor's state owner that is still exiting
 RELEASE_WAIT_S = 10.0        # stop() waits this long for the state owner to let the lock go
 
 

@@ -36,6 +36,9 @@ class StatusCollector:
             info.add_metric(["desired", str(desired.get("revision", "")), str(bool(desired.get("ok"))).lower()], 1)
         if applied:
             info.add_metric(["applied", str(applied.get("revision", "")), "true"], 1)
+        applying = st.get("applying") or {}
+        if applying:
+            info.add_metric(["applying", str(applying.get("revision", "")), "true"], 1)
         yield info
         yield _gauge("meshfed_fleet_problems", "Problems of the last attempted revision", len(st.get("problems") or []))
 
@@ -66,10 +69,16 @@ class StatusCollector:
                      len(rec.get("unhealthy_endpoints") or []))
 
         cs = st.get("config_server") or {}
+        # from the assembled list: a proxy whose newest config is undelivered is not SYNCED here either
+        counts = {state: 0 for state in (cs.get("counts") or {"SYNCED": 0, "STALE": 0, "NOT SENT": 0})}
+        for p in st.get("proxies") or []:
+            counts[p.get("sync", "")] = counts.get(p.get("sync", ""), 0) + 1
         sync = GaugeMetricFamily("meshfed_proxy_sync", "Proxies by sync state", labels=["state"])
-        for state, n in sorted((cs.get("counts") or {}).items()):
+        for state, n in sorted(counts.items()):
             sync.add_metric([state], n)
         yield sync
+        yield _gauge("meshfed_configs_undelivered", "Rendered configs the config service has not accepted yet",
+                     int(rec.get("undelivered") or 0))
         per = GaugeMetricFamily("meshfed_proxy_synced", "1 when the proxy runs the desired config",
                                 labels=["proxy"])
         for p in st.get("proxies") or []:

@@ -180,3 +180,15 @@ def test_a_restarted_reconciler_resumes_a_drain(w: Wired, tmp_path: Path) -> Non
     (d,) = again.status()["draining"]
     assert d["cluster"] == "south" and d["withdrawn_at_s"] is not None
     assert again.status()["fleet_clusters"]["south"]["draining"] is True
+
+
+def test_a_restarted_config_service_is_told_again_which_clusters_drain(w: Wired, tmp_path: Path) -> None:
+    w.commit(WITHOUT_SOUTH)
+    fresh = ConfigService(tmp_path / "state", clock=lambda: w.now)        # the state owner restarted
+    w.svc.rec.cluster_ops = fresh
+    w.svc.outbox.send = fresh.apply_deltas
+    w.svc.resync()
+    south_node = "ztunnel/south/node-1"
+    fresh.ensure_cas(WITHOUT_SOUTH)
+    assert fresh.signing.authorize(south_node, proxy_spiffe_id("south.mesh.local", south_node)) == ""
+    assert fresh.bootstrap.cluster_for(w.cs.bootstrap._by_cluster["south"]) == "south"

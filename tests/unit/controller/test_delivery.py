@@ -167,3 +167,20 @@ def test_backoff_doubles_is_capped_and_spread_per_proxy(proxy_id: str) -> None:
     assert all(b == pytest.approx(2 * a) for a, b in itertools.pairwise(delays[:6]))
     assert max(delays) <= RETRY_MAX_S and delays[-1] >= RETRY_MAX_S / 2
     assert len({retry_delay_s(p, 1) for p in ("ztunnel/a/n1", "ztunnel/a/n2", "ztunnel/a/n3")}) == 3
+
+
+def test_metrics_count_sync_states_as_status_shows_them() -> None:
+    from federation.server import metrics
+
+    dist = ConfigDistributor(epoch=1, clock=lambda: 0.0)
+    dist.set_desired({PID: make_config(PID, "a" * 40)})
+    s = dist.attach(PID, None)
+    push = s.next_push(0.0, itertools.count())
+    assert push is not None
+    s.on_reply(push.nonce, False, "", 0.0)
+    cs = {"proxies": dist.status(), "counts": dist.counts()}
+    rec = {"undelivered_proxies": [PID], "undelivered": 1, "delivery": {"last_error": "down"}}
+    st = queries.assemble_status(rec, cs, {}, {}, state_dir="/s", failover_events=0, trust=[], now_s=0.0)
+    text = metrics.render(metrics.make_registry(lambda: st)).decode()
+    assert 'meshfed_proxy_sync{state="SYNCED"} 0.0' in text and 'meshfed_proxy_sync{state="STALE"} 1.0' in text
+    assert "meshfed_configs_undelivered 1.0" in text
