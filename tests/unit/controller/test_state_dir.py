@@ -176,3 +176,20 @@ def test_the_controller_roots_file_is_replaced_atomically(tmp_path: Path) -> Non
     roots.symlink_to(elsewhere)
     svc.ensure_cas(fleet())
     assert elsewhere.read_bytes() == b"untouched" and not roots.is_symlink()
+
+
+def test_meshfed_controller_run_refuses_a_state_dir_in_use_before_starting_anything(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI path: refused with the holder's pid and host, exit 2, and Ray never started (the
+    unit tier's guard would fail the test if `ray.init` were called)."""
+    from click.testing import CliRunner
+
+    import federation.ray.driver as driver
+    from federation.cli.main import cli
+
+    monkeypatch.setattr(driver, "CLAIM_GRACE_S", 0.2)
+    me = StateDirLock(tmp_path).acquire(wait=False)
+    out = CliRunner().invoke(cli, ["controller", "run", "--repo", str(tmp_path / "fleet"), "--state-dir", str(tmp_path),
+                                   "--insecure"])
+    assert out.exit_code == 2, out.output
+    assert f"is in use by controller pid {me.pid} on host {me.host}" in out.output and "--standby" in out.output
