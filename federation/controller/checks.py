@@ -10,6 +10,7 @@ from typing import Any
 
 ROOT_EXPIRY_WARNING_S = 30 * 86400.0
 ORPHAN_GRACE_S = 60.0   # a fresh state directory no proxy has acknowledged for this long looks like a lost one
+LOOP_STALL_S = 30.0     # the reconcile loop completes a step at least every 0.5 s when healthy
 
 
 def build_checks(st: Mapping[str, Any], now_s: float) -> list[dict[str, Any]]:
@@ -62,6 +63,16 @@ def build_checks(st: Mapping[str, Any], now_s: float) -> list[dict[str, Any]]:
             f"revision {str(waiting.get('revision', ''))[:8]} waits for {str(waiting.get('behind', ''))[:8]} to be "
             "applied: its CA root rotation is safe only after that stage reached the proxies",
             "nothing to do unless the revision ahead stays unacknowledged (see the check above)")
+    loop = rec.get("loop")
+    if loop is not None:
+        last_s = loop.get("last_step_at_s") or loop.get("started_at_s")
+        idle_s = now_s - float(last_s) if last_s is not None else 0.0
+        add("controller", "reconcile loop running", bool(loop.get("alive")) and idle_s < LOOP_STALL_S,
+            (f"the reconcile loop has not completed a step for {idle_s:.0f} s" if loop.get("alive")
+             else "the reconcile loop's thread is not running")
+            + f" ({loop.get('failures_total', 0)} failed steps; last: {loop.get('last_error') or '-'})",
+            "proxies keep their configs but no change reaches them; the reconciler's log has the failing "
+            "step's traceback; restart the controller if it does not recover")
     delivery = rec.get("delivery") or {}
     add("controller", "configs delivered to the config service", not (rec.get("undelivered") and delivery.get("failures")),
         f"{rec.get('undelivered')} proxies' configs not delivered after {delivery.get('failures')} attempts: "

@@ -8,8 +8,14 @@ live state.
 - otherwise, once every `tick_interval_s` while a snapshot is applied, reconcile anyway: leases
   and ejections expire with time, not with input, so the core must be ticked.
 
-Inputs (`on_snapshot`, `on_observation`, `on_health`, ...) only mark the reconciler dirty and wake
-the thread. Everything the reconciler touches goes through one lock: inputs, `step` and queries.
+Inputs (`on_snapshot`, `on_fleet_error`, `on_observation`, `on_health`, ...) only mark the
+reconciler dirty and wake the thread. Everything the reconciler touches goes through one lock:
+inputs, `step` and queries.
+
+The thread never dies of a step: one that raises is counted, logged (rate-limited) and the loop
+goes on after `LOOP_FAILURE_BACKOFF_S`. `last_step_at_s` moves only when a step completes (the
+loop completes one at least every `IDLE_WAIT_S`), so a loop that is stuck or failing every turn
+shows in status as an old `last_step_at_s`, which `meshfed check` reports (`checks.LOOP_STALL_S`).
 
 `DeltaOutbox` keeps, per proxy, the config the config service accepted and sends only
 differences (`wire.encode_config_deltas`), and a removal for a proxy no longer rendered (the
@@ -23,6 +29,7 @@ The store, the push, the rollout facts, the cluster operations and the CAs' root
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -45,6 +52,10 @@ from ztunnel.api.config import ProxyConfig
 
 TICK_INTERVAL_S = 1.0
 IDLE_WAIT_S = 0.5
+LOOP_FAILURE_BACKOFF_S = 1.0     # after a step raised: do not spin on a failure that repeats
+LOOP_LOG_EVERY_S = 30.0          # a failure that repeats is logged at most this often
+
+log = logging.getLogger("meshfed.controller")
 
 PushDeltas = Callable[[bytes], str]                                  # blob -> "ok" | "resync"
 BundleRoots = Callable[[ConfigSnapshot], Mapping[str, tuple[str, ...]]]
@@ -99,6 +110,11 @@ class ReconcileService:
         self.ejections_detected = 0
         self.ejections_enforced = 0
         self._last_run_s = 0.0
+        self.started_at_s: float | None = None
+        self.last_step_at_s: float | None = None   # the end of the last step that completed
+        self.loop_failures = 0
+        self.last_loop_error = ""
+        self._last_loop_log_s = -LOOP_LOG_EVERY_S
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -110,6 +126,7 @@ class ReconcileService:
 
     def start(self) -> ReconcileService:
         if self._thread is None:
+            self.started_at_s = self.clock()
             self._thread = threading.Thread(target=self._loop, name="reconcile", daemon=True)
             self._thread.start()
         return self
@@ -125,9 +142,33 @@ class ReconcileService:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            if not self.turn():
+                self._stop.wait(LOOP_FAILURE_BACKOFF_S)
+
+    def turn(self) -> bool:
+        """One turn of the loop: wait for an input or the next deadline, then `step`. False when
+        it raised: the failure is counted and logged, never propagated (the loop must not die)."""
+        try:
             self._wake.wait(self.wait_s(self.clock()))
             self._wake.clear()
             self.step(self.clock())
+        except Exception as e:
+            self.loop_failures += 1
+            self.last_loop_error = f"{type(e).__name__}: {e}"
+            now = time.monotonic()
+            if now - self._last_loop_log_s >= LOOP_LOG_EVERY_S:
+                self._last_loop_log_s = now
+                log.exception("meshfed controller: a reconcile step failed (%d failures so far); the loop goes on",
+                              self.loop_failures)
+            return False
+        self.last_step_at_s = self.clock()
+        return True
+
+    def loop_status(self) -> dict[str, Any]:
+        """Whether the loop runs, and when it last completed a step (`checks`: a stalled loop)."""
+        alive = self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
+        return {"alive": alive, "started_at_s": self.started_at_s, "last_step_at_s": self.last_step_at_s,
+                "failures_total": self.loop_failures, "last_error": self.last_loop_error}
 
     def step(self, now_s: float) -> bool:
         """Reconcile if due, or tick the core if idle for `tick_interval_s`. True when it ran."""
@@ -166,6 +207,7 @@ class ReconcileService:
     def on_fleet_error(self, sha: str, subject: str, problems: Sequence[dict[str, Any]]) -> None:
         with self._lock:
             self.rec.on_fleet_error(sha, subject, problems, self.clock())
+        self._wake.set()   # like every input: the loop re-evaluates now, not at its next timeout
 
     def on_observation(self, obs: Any) -> None:
         with self._lock:
@@ -187,8 +229,10 @@ class ReconcileService:
             self.rec.on_lease(cluster, self.clock() - max(0.0, age_s))
 
     def missing_inputs(self) -> bool:
-        """True after a (re)start until a snapshot arrived: the driver then re-sends the inputs."""
-        return self.rec.snapshot is None and self.rec.pending_snapshot is None
+        """True after a (re)start until a snapshot arrived: the driver then re-sends the inputs.
+        Read under the lock: `step` moves the pending snapshot to the applied one."""
+        with self._lock:
+            return self.rec.snapshot is None and self.rec.pending_snapshot is None
 
     def snapshot(self) -> ConfigSnapshot | None:
         with self._lock:
@@ -210,6 +254,7 @@ class ReconcileService:
             st["step_failures_total"] = len(self.rec.failures)
             st["ejections_detected"], st["ejections_enforced"] = self.ejections_detected, self.ejections_enforced
             st["fleet_clusters"] = self.rec.fleet_clusters()
+            st["loop"] = self.loop_status()
             return st
 
     def services(self) -> list[dict[str, Any]]:

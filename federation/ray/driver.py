@@ -79,6 +79,10 @@ class ControllerOptions:
 log = logging.getLogger("meshfed.controller")
 CLAIM_GRACE_S = 10.0         # a predecessor's state owner that is still exiting
 RELEASE_WAIT_S = 10.0        # stop() waits this long for the state owner to let the lock go
+# every ray.get here has a timeout: an actor that hangs must not hang the driver (its supervisor
+# keeps the last status, which then shows the hang: see checks.LOOP_STALL_S)
+CALL_TIMEOUT_S = 10.0        # queries and triggers
+START_TIMEOUT_S = 120.0      # the first calls: actor creation, the state directory's lock, new CA roots
 
 
 def claim_state_dir(state_dir: str, standby: bool) -> None:
@@ -141,9 +145,9 @@ class Controller:
             # TLS needs the CAs before the server starts: load the fleet once here, synchronously
             snap = snapshot_for_cas(str(self.opts.repo), self.opts.branch, self._store, time.time())
             if snap is not None:
-                ray.get(self.config_server.ensure_cas.remote(encode_snapshot(snap)))
+                ray.get(self.config_server.ensure_cas.remote(encode_snapshot(snap)), timeout=START_TIMEOUT_S)
         self.port, self.bootstrap_port = (int(p) for p in ray.get(self.config_server.start.remote(
-            self.opts.listen, self.reconciler, self.opts.bootstrap_listen)))
+            self.opts.listen, self.reconciler, self.opts.bootstrap_listen), timeout=START_TIMEOUT_S))
         state = decode_json(ray.get(self.config_server.status.remote(), timeout=30)).get("state") or {}
         if state.get("created_now"):  # the state owner found the directory empty: say what that means
             log.warning("meshfed controller: %s", state.get("message", ""))
@@ -176,7 +180,7 @@ class Controller:
             with self._revive_lock:
                 cs = self._revive_config_server()
         self._ensure_agents(rec.get("fleet_clusters", {}))
-        if ray.get(self.reconciler.missing_inputs.remote()):
+        if ray.get(self.reconciler.missing_inputs.remote(), timeout=CALL_TIMEOUT_S):
             self.git.resend.remote()
             for a in self.agents.values():
                 a.resend.remote()
@@ -284,10 +288,10 @@ class Controller:
     # -- control -------------------------------------------------------------------------------------
 
     def trigger_git(self) -> None:
-        ray.get(self.git.trigger.remote())
+        ray.get(self.git.trigger.remote(), timeout=CALL_TIMEOUT_S)
 
     def trigger_to_ack(self, clear: bool = False) -> list[float]:
-        return list(ray.get(self.config_server.trigger_to_ack.remote(clear)))
+        return list(ray.get(self.config_server.trigger_to_ack.remote(clear), timeout=CALL_TIMEOUT_S))
 
     def stop(self) -> None:
         self._stop.set()
