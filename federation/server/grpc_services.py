@@ -93,6 +93,7 @@ class ConfigServer:
         self._streams: dict[str, asyncio.Task[Any]] = {}
         self._writes: dict[asyncio.Future[Any], tuple[float, str]] = {}  # writer -> (write started, proxy)
         self._watchdog: asyncio.Task[None] | None = None
+        self.starting = asyncio.Lock()   # `serve` is idempotent under concurrent calls
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -128,22 +129,34 @@ class ConfigServer:
                     self._health, request_deserializer=pb.HealthReport.FromString,
                     response_serializer=pb.HealthSummary.SerializeToString)}),
         ))
+        # `port` and `bootstrap_port` are published (they are what status, the driver and `serve`'s
+        # idempotence read as "listening") only once every listener bound and the server started:
+        # a failed bootstrap bind must not leave a port that looks served
+        bootstrap_port = 0
         if tls is None:
-            self.port = self._server.add_insecure_port(listen)
+            port = self._server.add_insecure_port(listen)
         else:
             key, chain, roots = tls
             creds = grpc.ssl_server_credentials([(key, chain)], root_certificates=roots, require_client_auth=True)
-            self.port = self._server.add_secure_port(listen, creds)
+            port = self._server.add_secure_port(listen, creds)
             if bootstrap_listen is not None:
-                self.bootstrap_port = self._server.add_secure_port(
+                bootstrap_port = self._server.add_secure_port(
                     bootstrap_listen, grpc.ssl_server_credentials([(key, chain)]))
-                if self.bootstrap_port == 0:
+                if bootstrap_port == 0:
+                    await self._abandon()
                     raise OSError(f"cannot listen on {bootstrap_listen} (bootstrap): address in use or not local")
-        if self.port == 0:
+        if port == 0:
+            await self._abandon()
             raise OSError(f"cannot listen on {listen}: address in use or not local")
         await self._server.start()
+        self.port, self.bootstrap_port = int(port), int(bootstrap_port)
         self._watchdog = asyncio.ensure_future(self._write_watchdog())
-        return int(self.port)
+        return self.port
+
+    async def _abandon(self) -> None:
+        """A start that failed: let go of the listeners already bound."""
+        server, self._server = self._server, None
+        await server.stop(0)
 
     def counters(self) -> dict[str, int]:
         """What the transport knows, for the config service's status."""
@@ -360,14 +373,15 @@ async def serve(service: ConfigService, server: ConfigServer, listen: str,
     bootstrap port on the listen host (any port) unless given, and the service's ACK flusher.
     (config port, bootstrap port); the bootstrap port is 0 without TLS. Idempotent: a second
     call (two supervisors racing after a restart) returns the ports of the running server."""
-    if server.port:
+    async with server.starting:   # a racing second call waits for the first, then sees its ports
+        if server.port:
+            return server.port, server.bootstrap_port
+        tls = None if service.insecure else service.signing.server_tls()
+        if tls is not None and bootstrap_listen is None:
+            bootstrap_listen = listen.rsplit(":", 1)[0] + ":0"
+        await server.start(listen, tls, bootstrap_listen if tls is not None else None)
+        service.start_flushing()
         return server.port, server.bootstrap_port
-    tls = None if service.insecure else service.signing.server_tls()
-    if tls is not None and bootstrap_listen is None:
-        bootstrap_listen = listen.rsplit(":", 1)[0] + ":0"
-    await server.start(listen, tls, bootstrap_listen if tls is not None else None)
-    service.start_flushing()
-    return server.port, server.bootstrap_port
 
 
 async def wait_until(pred: Callable[[], bool], timeout_s: float, interval_s: float = 0.005) -> bool:
