@@ -142,9 +142,17 @@ class ConfigService:
 
     def remove_cluster(self, cluster: str, why: str) -> list[str]:
         """The drain of `cluster` is over: forget its proxies (sessions, streams, records) and
-        revoke its bootstrap credentials. Returns the proxies forgotten."""
+        revoke its bootstrap credentials. Returns the proxies forgotten. In two parts for the
+        host: `forget_cluster_sessions` on the event loop (the distributor is the loop's),
+        `forget_cluster_records` on a worker thread (sqlite and files)."""
+        return self.forget_cluster_records(cluster, self.forget_cluster_sessions(cluster, why), why)
+
+    def forget_cluster_sessions(self, cluster: str, why: str) -> list[str]:
         self.signing.draining_tds.pop(cluster, None)
-        forgotten = self.dist.forget_cluster(cluster, why)
+        return self.dist.forget_cluster(cluster, why)
+
+    def forget_cluster_records(self, cluster: str, forgotten: Iterable[str], why: str) -> list[str]:
+        forgotten = list(forgotten)
         gone = [p for p in self.store.proxy_acks() if p.split("/")[1:2] == [cluster]]
         self.store.forget_proxies(sorted(set(gone) | set(forgotten)))
         self.bootstrap.revoke([cluster])
@@ -286,9 +294,15 @@ class ConfigService:
 
     # --- queries ------------------------------------------------------------------------------
 
-    def status(self, transport: Mapping[str, Any]) -> dict[str, Any]:
+    def disk_facts(self) -> dict[str, Any]:
+        """What status reads from the state directory (sqlite, the lock file): the host gathers it
+        on a worker thread and passes it to `status`, which then touches memory only."""
+        return {"ever_acked": self.store.ever_acked(), "lock": self._lock_holder()}
+
+    def status(self, transport: Mapping[str, Any], disk: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The service's status; `transport` adds what the gRPC server knows (port, bootstrap_port,
-        health_reports, slow_disconnects)."""
+        health_reports, slow_disconnects); `disk`: `disk_facts()` (read here when not given)."""
+        disk = self.disk_facts() if disk is None else disk
         st = self.dist.status()
         return {
             "epoch": self.epoch, "port": transport.get("port", 0), "bootstrap_port": transport.get("bootstrap_port", 0),
@@ -299,8 +313,8 @@ class ConfigService:
             "slow_disconnects": transport.get("slow_disconnects", 0),
             "ack_flush_failures": self.flush_failures, "last_ack_flush_error": self.last_flush_error,
             "recent_ack_latencies_s": list(self.recent_latencies_s)[-200:],
-            "lock": self._lock_holder(),
-            "state": self.state_status(),
+            "lock": disk["lock"],
+            "state": self.state_status(bool(disk["ever_acked"])),
             "history": {"retention_s": self.retention_s, "last_prune_s": self.last_prune_s, "pruned": dict(self.pruned)},
             "forgotten": [{"proxy": p, "why": why, "at_s": at} for p, (why, at) in list(self.dist.forgotten.items())[-20:]],
         }
@@ -309,11 +323,12 @@ class ConfigService:
         holder = self.lock.holder() if self.lock is not None else None
         return holder.as_dict() if holder is not None else None
 
-    def state_status(self) -> dict[str, Any]:
+    def state_status(self, ever_acked_in_store: bool | None = None) -> dict[str, Any]:
         """Where this controller's state came from, and whether the fleet looks orphaned by a lost
         state directory (the inputs of `checks`)."""
+        stored = self.store.ever_acked() if ever_acked_in_store is None else ever_acked_in_store
         return {**self.origin, "fresh": self.origin["origin"] == ORIGIN_FRESH, "created_now": self.store.created,
-                "ever_acked": self.store.ever_acked() or any(s.acks for s in self.dist.sessions.values()),
+                "ever_acked": stored or any(s.acks for s in self.dist.sessions.values()),
                 "foreign_epoch_proxies": len(self.dist.foreign_hellos),
                 "foreign_epoch_examples": list(self.dist.foreign_hellos)[-5:],
                 "message": fresh_state_message(self.state_dir)}
