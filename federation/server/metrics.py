@@ -50,6 +50,12 @@ class StatusCollector:
         yield h
         yield _counter("meshfed_reconcile_step_failures_total", "Guarded reconcile steps that failed",
                        rec.get("step_failures_total", 0))
+        loop = rec.get("loop") or {}
+        yield _counter("meshfed_reconcile_loop_failures_total", "Reconcile loop turns that raised (the loop went on)",
+                       loop.get("failures_total", 0))
+        # a timestamp, not an age: alert on `time() - meshfed_reconcile_last_step_timestamp_seconds > 30`
+        yield _gauge("meshfed_reconcile_last_step_timestamp_seconds", "When the reconcile loop last completed a step",
+                     float(loop.get("last_step_at_s") or 0.0))
 
         up = GaugeMetricFamily("meshfed_cluster_up", "1 when the cluster's lease is valid", labels=["cluster"])
         lease = GaugeMetricFamily("meshfed_cluster_lease_remaining_seconds", "Seconds left on the cluster's lease",

@@ -225,6 +225,15 @@ def test_meshfed_check_reports_a_stalled_or_dead_reconcile_loop(loop: dict[str, 
                                   or "not running" in check["cause"])
 
 
+def test_metrics_expose_the_loop_s_failures_and_last_step() -> None:
+    from federation.server import metrics
+
+    st = {"reconciler": {"loop": {"alive": True, "last_step_at_s": 1234.5, "failures_total": 3}}}
+    text = metrics.render(metrics.make_registry(lambda: st)).decode()
+    assert "meshfed_reconcile_loop_failures_total 3.0" in text
+    assert "meshfed_reconcile_last_step_timestamp_seconds 1234.5" in text
+
+
 def test_a_fleet_error_wakes_the_loop() -> None:
     """Review note (e): every input wakes the loop; a failed revision did not."""
     now, sent, render = [0.0], Sent(), Render()
