@@ -18,7 +18,7 @@ with the last good result (the control loop never dies on one bad step):
      the CA issued; a commit that skips a stage or would invalidate live certificates is rejected
      like an invalid commit (problem MF0407) and the last rendered snapshot stays — unless it is
      safe once the revision still *applying* is applied: then it waits for that. The removal
-     guard (`federation.core.removal`, MF0510) refuses a commit that removes too much of the fleet.
+     guard (`federation.core.removal`, MF0516) refuses a commit that removes too much of the fleet.
      Rendering is what loads the CAs (`CoreRender.bundle_roots` -> the config server's
      `ensure_cas`), so a rejected commit never switches the signer. Clusters the commit removes
      start draining (their proxies stay authorized: `ClusterOps.set_draining`);

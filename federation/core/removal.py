@@ -1,6 +1,6 @@
 """Clusters leaving the fleet: the removal guard and the two-phase drain. Pure; `now_s` passed in.
 
-**The guard** (`guard_removal`, problem MF0510). A commit that deletes more of the fleet than
+**The guard** (`guard_removal`, problem MF0516). A commit that deletes more of the fleet than
 `spec.removal.maxClusterPercent` of the clusters or `spec.removal.maxEndpointPercent` of the
 global endpoints (default 50 % each) is refused like an invalid commit: the last applied revision
 stays in force. What the commit names under `spec.removal.intended` (clusters by name, services
@@ -43,7 +43,7 @@ from gitops.model import ConfigSnapshot, ServiceKey
 from gitops.problems import ObjectRef, Problem
 from gitops.schema import find_pos
 
-REMOVAL_CODE = "MF0510"
+REMOVAL_CODE = "MF0516"
 
 GlobalEndpoint = tuple[str, str, str]   # (namespace/service, cluster, pod)
 
@@ -108,7 +108,7 @@ REMOVAL_HINT = ("if this is intended, name what the commit removes in federation
 
 def guard_removal(old: ConfigSnapshot, new: ConfigSnapshot,
                   observations: Iterable[ClusterObservation]) -> list[Problem]:
-    """MF0510 problems when `new` removes more of `old` than its Federation allows (see above)."""
+    """MF0516 problems when `new` removes more of `old` than its Federation allows (see above)."""
     a = assess_removal(old, new, observations)
     fed = new.federation
     pos = find_pos(fed.field_pos, "spec.removal", fed.pos)

@@ -51,17 +51,17 @@ def _remove_clusters(repo: Path, *clusters: str) -> None:  # noqa: F811
 
 def test_plan_shows_that_the_controller_would_refuse_a_commit_that_removes_too_much(repo: Path) -> None:  # noqa: F811
     """Issue 11 item 19: deleting west's and south's files removes 2 of 3 clusters (and most global
-    endpoints): the plan says the controller refuses it (MF0510), naming the files and the fix."""
+    endpoints): the plan says the controller refuses it (MF0516), naming the files and the fix."""
     _remove_clusters(repo, "west", "south")
     commit(repo, "drop west and south")
     out = meshfed("plan", str(repo), "--from", "HEAD~1", "--to", "HEAD", "-o", "json")
     assert out.returncode == 1, out.stderr
     plan = json.loads(out.stdout)
-    assert plan["refused"] is True and {p["code"] for p in plan["refusals"]} == {"MF0510"}
+    assert plan["refused"] is True and {p["code"] for p in plan["refusals"]} == {"MF0516"}
     assert any("2 of 3 clusters" in p["message"] and "clusters/west.yaml" in p["message"] for p in plan["refusals"])
     text = meshfed("plan", str(repo), "--from", "HEAD~1", "--to", "HEAD")
     assert "REFUSED: the controller would not apply this revision" in text.stdout
-    assert "[MF0510]" in text.stdout and "spec.removal.intended" in text.stdout
+    assert "[MF0516]" in text.stdout and "spec.removal.intended" in text.stdout
 
     # the Federation says it is intended: planned like any other change
     edit(repo, "federation.yaml", "  partition:\n",

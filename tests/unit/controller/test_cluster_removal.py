@@ -133,7 +133,7 @@ def test_a_commit_that_removes_too_much_is_refused_and_nothing_changes(w: Wired)
     w.commit(fleet(clusters=CLUSTERS[:1], sha="c" * 40))               # west and south: 2 of 3 clusters
     st = w.svc.status()
     assert st["desired"]["revision"] == "c" * 40 and st["desired"]["ok"] is False
-    assert {p["code"] for p in st["problems"]} == {"MF0510"}
+    assert {p["code"] for p in st["problems"]} == {"MF0516"}
     assert any("2 of 3 clusters" in p["message"] for p in st["problems"])
     assert st["applied"]["revision"] == "a" * 40 and st["draining"] == []
     assert set(st["fleet_clusters"]) == {"east", "west", "south"}

@@ -1,4 +1,4 @@
-"""Issue 11 item 19 (the core): the removal guard (MF0510) and the drain state machine, as tables."""
+"""Issue 11 item 19 (the core): the removal guard (MF0516) and the drain state machine, as tables."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def test_global_endpoints_are_the_exported_backends_of_global_services() -> None
 def test_the_guard(gone: tuple[str, ...], policy: dict[str, object], codes: list[str]) -> None:
     new = without(*gone, **policy)
     problems = guard_removal(OLD, new, ALL_OBS)  # type: ignore[arg-type]
-    assert [p.code for p in problems] == ["MF0510"] * len(codes)
+    assert [p.code for p in problems] == ["MF0516"] * len(codes)
     for p, what in zip(problems, codes, strict=True):
         assert what in p.message and "spec.removal" in p.hint and p.obj is not None
         assert p.obj.kind == "Federation"
@@ -64,7 +64,7 @@ def test_removing_a_service_counts_its_endpoints_unless_named() -> None:
     new = replace(old, services=svcs, revision=replace(old.revision, sha="c" * 40))
     a = assess_removal(old, new, ALL_OBS)
     assert (a.removed_endpoints, a.unintended_endpoints, a.endpoints_before) == (6, 6, 11)
-    assert [p.code for p in guard_removal(old, new, ALL_OBS)] == ["MF0510"]
+    assert [p.code for p in guard_removal(old, new, ALL_OBS)] == ["MF0516"]
     named = replace(new, federation=replace(new.federation, removal=RemovalPolicy(intended_services=("shop/checkout",))))
     assert guard_removal(old, named, ALL_OBS) == []
 

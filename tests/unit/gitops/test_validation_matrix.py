@@ -60,8 +60,8 @@ def test_every_code_in_the_catalogue_is_exercised() -> None:
     # revision and the leaves issued; exercised in tests/unit/controller/test_rotation_gate.py
     exercised |= {"MF0407"}
     # the removal guard (federation/core/removal.py) compares a commit with the applied revision;
-    # exercised in tests/unit/core/test_removal.py and by `meshfed plan` in tests/unit/gitops/test_plan.py
-    exercised |= {"MF0510"}
+    # exercised in tests/unit/core/test_removal.py and by `meshfed plan` in tests/integration/test_plan_effects.py
+    exercised |= {"MF0516"}
     assert set(CATALOGUE) == exercised
 
 
