@@ -119,12 +119,14 @@ def proxy_argv(python: Sequence[str], proxy_id: str, proxy_dir: Path, socks_host
 
 def controller_argv(python: Sequence[str], repo: str, state_dir: Path, kubeconfig: Path) -> list[str]:
     """`meshfed controller run …` in the sandbox root: gRPC, bootstrap and status on every address
-    (the management bridge for proxies, loopback for the host portal)."""
+    (the management bridge for proxies, loopback for the host portal). `--standby`: a controller
+    the lab restarts after a fault waits for its killed predecessor's processes to let the state
+    directory go instead of refusing to start."""
     return [*python, *MESHFED, "controller", "run", "--repo", repo, "--state-dir", str(state_dir),
             "--listen", f"0.0.0.0:{CONTROLLER_GRPC_PORT}",
             "--bootstrap-listen", f"0.0.0.0:{CONTROLLER_BOOTSTRAP_PORT}",
             "--status-listen", f"0.0.0.0:{CONTROLLER_HTTP_PORT}",
-            "--kubeconfig", str(kubeconfig)]
+            "--kubeconfig", str(kubeconfig), "--standby"]
 
 
 def bootstrap_token_argv(python: Sequence[str], controller_dir: Path, proxy_id: str) -> list[str]:
