@@ -32,6 +32,7 @@ import ray
 from federation.controller.checks import build_checks
 from federation.controller.git_feed import snapshot_for_cas
 from federation.controller.queries import assemble_status
+from federation.controller.queries import revisions as revision_rows
 from federation.controller.sources import AgentSpec, agent_specs
 from federation.controller.wire import decode_json, encode_snapshot
 from federation.ray.actors import ClusterAgentActor, ConfigServerActor, GitSourceActor, ReconcilerActor
@@ -231,6 +232,13 @@ class Controller:
 
     def checks(self) -> list[dict[str, Any]]:
         return build_checks(self.status(), time.time())
+
+    def graph(self) -> dict[str, Any]:
+        return dict(decode_json(ray.get(self.reconciler.graph.remote(), timeout=10)))
+
+    def revisions(self, sha: str | None, limit: int) -> list[dict[str, Any]]:
+        assert self._store is not None
+        return revision_rows(self._store.revisions(limit, sha))
 
     # -- control -------------------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ STORE_CALL_TIMEOUT_S = 30.0
 STORE_METHODS = frozenset({
     "last_attempted", "last_applied", "record_attempt", "applied_ca_specs", "record_applied_ca_specs",
     "leaf_not_after", "record_failover", "failover_history", "failover_count", "active_failovers", "ca_roots",
+    "revisions",
 })
 
 
@@ -72,6 +73,9 @@ class RemoteStore:
     def failover_history(self, service: str | None = None, since_s: float | None = None,
                          limit: int = 500) -> list[FailoverRecord]:
         return list(self._call("failover_history", service, since_s, limit))
+
+    def revisions(self, limit: int = 20, sha: str | None = None) -> list[RevisionRecord]:
+        return list(self._call("revisions", limit, sha))
 
     def failover_count(self) -> int:
         return int(self._call("failover_count"))
