@@ -269,7 +269,8 @@ def run(opts: ControllerOptions) -> None:  # pragma: no cover - the CLI entry po
     ctl = Controller(opts).start()
     print(f"meshfed controller: config gRPC on {opts.listen.rsplit(':', 1)[0]}:{ctl.port} (bootstrap port "
           f"{ctl.bootstrap_port or '-'}), "
-          f"status on {ctl.status_server.url}, state in {ctl.state_dir} (node {ctl.state_node[:12]})", flush=True)
+          f"status on {ctl.status_server.url} (web console {ctl.status_server.url}/console/), "
+          f"state in {ctl.state_dir} (node {ctl.state_node[:12]})", flush=True)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())

@@ -246,9 +246,10 @@ def revision_panel(st: Any) -> Html:
                        id="validation-problems"))
     if st.get("render_problems"):
         parts.append(h("ul", [h("li", str(p)) for p in st["render_problems"]], class_="problems"))
-    git = st.get("git") or {}
-    if git.get("last_error"):
-        parts.append(h("p", f"Git: {git['last_error']}", class_="bad"))
+    git_error = str((st.get("git") or {}).get("last_error") or "")
+    # the Git source also reports a commit that does not validate: shown above as its problems
+    if git_error and not any(str(p.get("message") or "\0") in git_error for p in st.get("problems") or []):
+        parts.append(h("p", f"Git: {git_error}", class_="bad", id="git-error"))
     active = (st.get("reconciler") or {}).get("active_failovers") or []
     if active:
         parts.append(h("p", f"active failovers: {len(active)}", class_="bad"))
@@ -331,7 +332,8 @@ def timeline_panel(history: Any) -> Html:
                       h("td", str(prov.get("policy") or ""), h("br"),
                         h("span", str(e.get("policy_file") or ""), class_="where")),
                       h("td", commit_link(str(e.get("revision") or ""))),
-                      class_="event", data_kind=str(e.get("kind") or ""), data_service=str(e.get("service") or "")))
+                      class_="event", data_kind=str(e.get("kind") or ""), data_service=str(e.get("service") or ""),
+                      data_at_s=f"{float(e.get('at_s') or 0):.3f}"))
     return h("table", h("thead", h("tr", [h("th", t) for t in ("time (UTC)", "service", "event", "from", "to",
                                                                 "trigger", "policy", "commit")])),
              h("tbody", rows), class_="grid", id="timeline")

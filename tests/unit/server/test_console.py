@@ -149,6 +149,13 @@ def test_a_rejected_commit_shows_its_problems_and_what_stays_applied() -> None:
     assert "REJECTED" not in ok and "validation-problems" not in ok and "active failovers: none" in ok
 
 
+def test_a_git_error_is_shown_unless_it_is_the_rejected_commit_again() -> None:
+    again = "Error [MF0101] services/shop/cart.yaml:4:7 unknown field 'spec.bogus'"
+    assert "git-error" not in c.revision_panel(status(git={"last_error": again}))
+    unreachable = c.revision_panel(status(git={"last_error": "GitCommandError: could not read from remote"}))
+    assert 'id="git-error">Git: GitCommandError: could not read from remote<' in unreachable
+
+
 def test_active_failovers_are_listed() -> None:
     st = status(reconciler={"active_failovers": [{"service": CHECKOUT_HOST, "from_cluster": "east",
                                                  "to_cluster": "south", "at_s": NOW}]})
