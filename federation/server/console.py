@@ -2,10 +2,10 @@
 
 Design (why it looks like this):
 
-- **No build toolchain.** One static page (`static/console.html` is rendered by `shell()`), one
-  stylesheet, our own ~80 lines of JS (`static/console.js`: the token and the connection state)
-  and htmx 2 vendored as a file (`static/NOTICE.md`: version, sha256, licence). Every panel is
-  HTML rendered here from the same objects the JSON API serves; htmx swaps it in.
+- **No build toolchain.** One page without data (`shell()`), one stylesheet, our own ~80 lines
+  of JS (`static/console.js`: the token and the connection state) and htmx 2 vendored as a file
+  (`static/NOTICE.md`: version, sha256, licence). Every panel is HTML rendered here from the
+  same objects the JSON API serves; htmx swaps it in.
 - **Live by polling, once a second.** A hidden poller GETs `/console/live`, whose answer holds
   every live panel as an out-of-band swap (one consistent snapshot per tick, one request).
   Polling rather than server-sent events: `EventSource` cannot send an `Authorization` header,
@@ -121,7 +121,7 @@ class Console:
         graph = _try(self.source.graph)
         history = _try(lambda: self.source.failover_history(None, None))
         return join([
-            h("div", revision_bar(st, now_s), id="revision-bar", hx_swap_oob="true"),
+            h("div", revision_bar(st), id="revision-bar", hx_swap_oob="true"),
             h("section", _panel("Federation graph", lambda: graph_panel(graph)), id="panel-graph",
               class_="panel wide", hx_swap_oob="true"),
             h("section", _panel("Revision", lambda: revision_panel(st)), id="panel-revision", class_="panel",
@@ -211,7 +211,7 @@ def commit_link(sha: str) -> Html:
              title=f"commit {sha}: show its subject")
 
 
-def revision_bar(st: Any, now_s: float) -> Html:
+def revision_bar(st: Any) -> Html:
     if _error(st):
         return h("span", f"controller unreachable: {st['error']}", class_="bad")
     d, a = st.get("desired") or {}, st.get("applied") or {}

@@ -219,3 +219,20 @@ def test_console_with_a_status_api_that_wants_a_token(source: Source, tmp_path: 
     finally:
         srv.stop()
     assert any(ok for _, ok in seen) and not any(ok for p, ok in seen if p != f"Bearer {TOKEN}")
+
+
+def test_console_says_when_the_controller_is_gone_and_picks_up_again(source: Source, tmp_path: Path) -> None:
+    srv = StatusServer(source, "127.0.0.1:0").start()
+    port = srv.port
+    with browser_page(tmp_path) as page:
+        page.goto(srv.url + "/console/")
+        page.wait_for_selector("#conn.live", timeout=10_000)
+        srv.stop()
+        page.wait_for_selector("#conn.down", timeout=5_000)
+        assert page.inner_text("#conn") == "cannot reach the controller (retrying)"
+        assert page.locator("svg.graph g.cluster").count() == 3        # the last picture stays
+        srv = StatusServer(source, f"127.0.0.1:{port}").start()          # back on the same address
+        try:
+            page.wait_for_selector("#conn.live", timeout=5_000)
+        finally:
+            srv.stop()

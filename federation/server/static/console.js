@@ -45,6 +45,12 @@
   document.addEventListener("htmx:responseError", function (evt) {
     var xhr = evt.detail.xhr;
     if (xhr && xhr.status === 401) {
+      var config = evt.detail.requestConfig || {};
+      var sent = (config.headers || {})["Authorization"] || "";
+      var current = sessionStorage.getItem(KEY);
+      if (current && sent !== "Bearer " + current) {
+        return;   // the answer to a request sent before this token was given: try the token first
+      }
       sessionStorage.removeItem(KEY);
       setConn("auth", "needs the status API token");
       byId("auth").hidden = false;

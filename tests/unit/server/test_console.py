@@ -110,7 +110,7 @@ def test_builder_escapes_text_and_attribute_values_but_not_its_own_markup() -> N
     lambda: c.revision_panel(status(desired={"revision": "b" * 40, "subject": EVIL, "ok": False},
                                     problems=[{"code": EVIL, "file": EVIL, "line": 1, "message": EVIL, "hint": EVIL}],
                                     render_problems=[EVIL], git={"last_error": EVIL})),
-    lambda: c.revision_bar(status(controller={"epoch": EVIL}), NOW),
+    lambda: c.revision_bar(status(controller={"epoch": EVIL})),
     lambda: c.clusters_panel(status(clusters={EVIL: {"up": False, "last_error": EVIL}}), {"error": EVIL}),
     lambda: c.proxies_panel(status(proxies=[{"proxy": EVIL, "sync": EVIL, "acked_version": EVIL,
                                              "last_nack": EVIL}])),
