@@ -121,6 +121,12 @@ def server(source: Source) -> Iterator[StatusServer]:
         srv.stop()
 
 
+def expect(locator: Any) -> Any:
+    from playwright.sync_api import expect as playwright_expect
+
+    return playwright_expect(locator)
+
+
 def _problems(page: Any) -> list[str]:
     """Console errors worth failing for: CSP violations, script errors, failed loads."""
     return [m for m in page.meshfed_messages if m.startswith(("error", "pageerror"))]
@@ -156,9 +162,10 @@ def test_console_shows_the_federation_live_and_escapes_what_others_wrote(
         shown_after_s = time.monotonic() - t0
         assert shown_after_s < 3.0, shown_after_s
         edge = page.locator(f'svg.graph .service-edge[data-service="{CHECKOUT}"][data-cluster=east]')
-        assert edge.get_attribute("data-health") == "down"
+        # (expect retries: a poll may replace the element between finding and reading it)
+        expect(edge).to_have_attribute("data-health", "down")
         # computed style: the stylesheet (not an inline style) colours the dead edge red
-        assert edge.locator("line").evaluate("e => getComputedStyle(e).stroke") == "rgb(198, 40, 40)"
+        expect(edge.locator("line")).to_have_css("stroke", "rgb(198, 40, 40)")
         screenshot(page, tmp_path, "console-failover")
 
         # the explain form: tiers and shares from the same engine

@@ -129,8 +129,8 @@ def test_the_console_follows_a_failover(fed: LabFederation, tmp_path: Path) -> N
             assert "policies/shop/checkout.yaml" in cells[6] and "DestinationRule shop/checkout" in cells[6]
             page.wait_for_selector(f'svg.graph .edge.failover[data-from=east][data-to=south][data-service="{CHECKOUT}"]',
                                    timeout=5_000)
-            edge = page.locator(f'svg.graph .service-edge[data-service="{CHECKOUT}"][data-cluster=east]')
-            assert edge.get_attribute("data-health") == "down"
+            page.locator(f'svg.graph .service-edge[data-service="{CHECKOUT}"][data-cluster=east][data-health=down]'
+                         ).wait_for(timeout=5_000)
             page.wait_for_selector("#active-failovers li", timeout=5_000)
 
             tiers = _explain(page, "checkout", "east")
