@@ -369,6 +369,19 @@ def explain_result(data: Any) -> Html:
                f"; mode {pol.get('mode')}",
                f" [{', '.join(pol.get('failover_priority') or [])}]" if pol.get("failover_priority") else "",
                class_="muted")
+    # what `meshfed explain` says besides the tiers (federation.core.explain.explain_text), in the same words
+    name, host, pool, waypoint = (data.get("name") or {}, pol.get("host") or {}, pol.get("connection_pool") or {},
+                                  data.get("waypoint") or {})
+    about = [
+        h("p", f"name: {name['asked']} matched as {name.get('matched')}", class_="muted", id="explain-name")
+        if name.get("asked") and name["asked"] != data.get("service") else None,
+        h("p", f"policy host: {host.get('written')} ({host.get('matched')})", class_="muted", id="explain-host")
+        if host else None,
+        h("p", "connection pool: " + ", ".join(f"{k} {v}" for k, v in pool.items() if v is not None), class_="muted",
+          id="explain-pool") if pool else None,
+        h("p", f"waypoint: {waypoint.get('gateway')} ({waypoint.get('file')}): {waypoint.get('note')}",
+          id="explain-waypoint", data_gateway=str(waypoint.get("gateway") or "")) if waypoint else None,
+    ]
     tiers = []
     for t in data.get("tiers") or []:
         groups = []
@@ -387,11 +400,16 @@ def explain_result(data: Any) -> Html:
                        h("strong", " PANIC", class_="bad") if t.get("panic") else None,
                        h("ul", groups), class_="tier-row", data_tier=str(t.get("tier")), data_share=f"{share:.1f}"))
     extra = [h("p", f"left out: {x.get('cluster')}: {x.get('why')}", class_="muted") for x in data.get("excluded") or []]
-    routes = data.get("routes") or []
-    if routes:
-        extra.append(h("p", "route split: " + ", ".join(f"{r.get('to')} {r.get('weight')}" for r in routes)))
+    rules: dict[str, list[Mapping[str, Any]]] = {}
+    for r in data.get("routes") or []:
+        rules.setdefault(str(r.get("rule") or ""), []).append(r)
+    for rule, backends in rules.items():   # an L4 route splits connections; a waypoint's rules split requests
+        per = str(backends[0].get("per") or "connection")
+        extra.append(h("p", f"route split{' (rule ' + rule + ')' if rule else ''}, per {per}: "
+                            + ", ".join(f"{r.get('to')} {r.get('weight')}" for r in backends),
+                       class_="route-split", data_rule=rule, data_per=per))
     extra.extend(h("p", f"[{p.get('code')}] {p.get('message')}", class_="bad") for p in data.get("problems") or [])
-    return join([head, policy, h("ol", tiers, class_="tiers", id="explain-tiers"), extra])
+    return join([head, policy, *about, h("ol", tiers, class_="tiers", id="explain-tiers"), extra])
 
 
 # --- the page and its files -----------------------------------------------------------------------

@@ -218,6 +218,30 @@ def test_explain_form_answer_and_its_inputs() -> None:
     assert 'class="error"' in bad and "no global service" in bad
 
 
+def test_explain_says_what_the_cli_says_about_waypoints_pools_hosts_and_per_request_splits() -> None:
+    import gitops
+
+    snap = gitops.load_worktree(Path(__file__).resolve().parents[3] / "examples" / "l7")
+    l7 = build_engine(snap, offline_observations(snap))
+    out = c.explain_result(explain_service(l7, "checkout", "east", None))
+    assert 'id="explain-name">name: checkout matched as ' in out
+    assert "policy host: checkout.shop.svc.clusterset.local (clusterset name" in out
+    assert "connection pool: max_connections 64, http1_max_pending_requests 256" in out
+    assert re.search(r'id="explain-waypoint" data-gateway="shop/waypoint">waypoint: shop/waypoint '
+                     r'\(policies/shop/waypoint.yaml:4:1\)', out)
+    splits = re.findall(r'class="route-split" data-rule="([^"]*)" data-per="([^"]*)">([^<]*)<', out)
+    assert splits == [("pinned", "request", "route split (rule pinned), per request: "
+                                             "checkout-v2.shop.svc.clusterset.local 1"),
+                      ("split", "request", "route split (rule split), per request: "
+                                           "checkout.shop.svc.clusterset.local 80, checkout-v2.shop.svc.clusterset.local 20")]
+    # an L4 route (no waypoint) splits connections, under no rule name; what a service lacks is not shown
+    l4 = c.explain_result(explain_service(engine(), CHECKOUT_HOST, "east", None))
+    assert 'data-rule="" data-per="connection">route split, per connection: ' in l4
+    assert not any(x in l4 for x in ("explain-name", "explain-pool", "explain-waypoint"))
+    assert EVIL_ESCAPED in c.explain_result({"service": "s", "name": {"asked": EVIL, "matched": EVIL},
+                                             "waypoint": {"gateway": EVIL, "file": "f", "note": "n"}})
+
+
 def test_commit_click_through_validates_the_sha_before_asking() -> None:
     src = Source()
     con = c.Console(src)
