@@ -88,7 +88,8 @@ def run_demo(fleet: Path, state_dir: Path, out_dir: Path, keep: bool) -> int:
         _say(f"lab up in {lab.get('up_wall_s', 0):.1f} s: clusters {', '.join(fed.clusters)}; "
              f"{fed.proxy_count()} proxies; kubeconfig {lab.get('kubeconfig')} "
              f"(try `kubectl --kubeconfig {lab.get('kubeconfig')} --context lab-east get pods -A`)")
-        _say(f"fleet repo served at {lab.get('git_url')}; controller status API at {fed.controller_url}")
+        _say(f"fleet repo served at {lab.get('git_url')}; controller status API at {fed.controller_url}, "
+             f"web console at {fed.controller_url}/console/")
 
         _step(2, "wait for the controller to converge: every proxy SYNCED at the fleet's revision")
         st, took_s = fed.wait_converged(timeout_s=180)
