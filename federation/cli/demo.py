@@ -89,7 +89,8 @@ def _narrator() -> Any:
             _say(f"lab up in {lab.get('up_wall_s', 0):.1f} s: clusters {', '.join(fed.clusters)}; "
                  f"{fed.proxy_count()} proxies; kubeconfig {lab.get('kubeconfig')} "
                  f"(try `kubectl --kubeconfig {lab.get('kubeconfig')} --context lab-{fed.clusters[0]} get pods -A`)")
-            _say(f"fleet repo served at {lab.get('git_url')}; controller status API at {fed.controller_url}")
+            _say(f"fleet repo served at {lab.get('git_url')}; controller status API at {fed.controller_url}, "
+                 f"web console at {fed.controller_url}/console/")
             _step(2, "wait for the controller to converge: every proxy SYNCED at the fleet's revision")
 
         def converged(self, fed: Any, took_s: float) -> None:

@@ -169,6 +169,7 @@ def _print_summary(state: dict[str, Any], wide: bool = False) -> None:
     if port:
         url = f"http://127.0.0.1:{port}"
         click.echo(f"controller status API: {url}   (export MESHFED_CONTROLLER={url}; then meshfed status)")
+        click.echo(f"web console: {url}/console/")
 
 
 @lab.command("status")

@@ -6,7 +6,7 @@ caller holds whatever lock guards the objects it passes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from clusters.kube.observation import ClusterObservation
@@ -67,6 +67,23 @@ def explain(engine: Any, service: str, from_cluster: str, zone: str | None) -> d
         return {"error": str(e), "usage": True}
     data["live"] = True
     return data
+
+
+def graph(engine: Any) -> dict[str, Any]:
+    """`/api/v1/graph` (what `meshfed graph` exports, and the console draws) from the live engine:
+    leases, ejections and failover state as the controller holds them now."""
+    from federation.core.graph_view import graph_data
+
+    if engine is None:
+        return {"error": "the controller has not rendered a revision yet; see `meshfed status`"}
+    return graph_data(engine)
+
+
+def revisions(records: Sequence[Any]) -> list[dict[str, Any]]:
+    """`/api/v1/revisions`: revision attempts (`store.RevisionRecord`), newest first, with the
+    validation problems of a rejected one."""
+    return [{"revision": r.sha, "subject": r.subject, "attempted_at_s": r.attempted_at_s,
+             "ok": r.outcome == "applied", "problems": list(r.problems)} for r in records]
 
 
 def fleet_clusters(snap: ConfigSnapshot | None) -> dict[str, dict[str, Any]]:

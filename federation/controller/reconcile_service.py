@@ -269,3 +269,7 @@ class ReconcileService:
         with self._lock:
             engine = getattr(self.render, "engine", None)  # the live FailoverEngine of CoreRender
             return queries.explain(engine, service, from_cluster, zone)
+
+    def graph(self) -> dict[str, Any]:
+        with self._lock:
+            return queries.graph(getattr(self.render, "engine", None))

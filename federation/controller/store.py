@@ -230,9 +230,16 @@ class Store:
     def last_applied(self) -> RevisionRecord | None:
         return self._revision("WHERE outcome='applied'")
 
-    def revisions(self, limit: int = 20) -> list[RevisionRecord]:
-        rows = self._query("SELECT sha, subject, attempted_at_s, outcome, problems FROM revisions "
-                           "ORDER BY attempted_at_s DESC, rowid DESC LIMIT ?", (limit,))
+    def revisions(self, limit: int = 20, sha: str | None = None) -> list[RevisionRecord]:
+        """The newest `limit` attempts, newest first; with `sha` (a full SHA or a prefix of at least
+        4 hex digits) only the attempts of that commit."""
+        where, args = "", []
+        if sha is not None:
+            if not is_sha_prefix(sha):
+                raise ValueError(f"{sha!r} is not a commit SHA (4 to 40 hex digits)")
+            where, args = "WHERE sha LIKE ? ", [sha.lower() + "%"]
+        rows = self._query(f"SELECT sha, subject, attempted_at_s, outcome, problems FROM revisions {where}"
+                           "ORDER BY attempted_at_s DESC, rowid DESC LIMIT ?", (*args, limit))
         return [RevisionRecord(r[0], r[1], r[2], r[3], tuple(json.loads(r[4]))) for r in rows]
 
     def revision_count(self) -> int:
@@ -401,6 +408,14 @@ class Store:
     def drains(self) -> list[dict[str, Any]]:
         raw = self._meta("drains")
         return list(json.loads(raw)) if raw else []
+
+
+_SHA_DIGITS = frozenset("0123456789abcdef")
+
+
+def is_sha_prefix(text: str) -> bool:
+    """4 to 40 hex digits: safe inside a LIKE pattern (no wildcard can hide in it)."""
+    return 4 <= len(text) <= 40 and set(text.lower()) <= _SHA_DIGITS
 
 
 _FAILOVER_SELECT = ("SELECT at_s, service, kind, from_cluster, to_cluster, trigger, policy_file, revision, detail "

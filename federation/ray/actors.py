@@ -160,6 +160,9 @@ class ReconcilerHost:
     def explain(self, service: str, from_cluster: str, zone: str | None) -> bytes:
         return encode_json(self.service.explain(service, from_cluster, zone))
 
+    def graph(self) -> bytes:
+        return encode_json(self.service.graph())
+
     def where(self) -> dict[str, Any]:
         return placement.here()
 

@@ -38,6 +38,7 @@ import ray
 from federation.controller.checks import build_checks
 from federation.controller.git_feed import snapshot_for_cas
 from federation.controller.queries import assemble_status
+from federation.controller.queries import revisions as revision_rows
 from federation.controller.sources import AgentSpec, agent_specs
 from federation.controller.statelock import LockHolder, StateDirLock, read_holder
 from federation.controller.wire import decode_json, encode_snapshot
@@ -285,6 +286,13 @@ class Controller:
     def checks(self) -> list[dict[str, Any]]:
         return build_checks(self.status(), time.time())
 
+    def graph(self) -> dict[str, Any]:
+        return dict(decode_json(ray.get(self.reconciler.graph.remote(), timeout=10)))
+
+    def revisions(self, sha: str | None, limit: int) -> list[dict[str, Any]]:
+        assert self._store is not None
+        return revision_rows(self._store.revisions(limit, sha))
+
     # -- control -------------------------------------------------------------------------------------
 
     def trigger_git(self) -> None:
@@ -323,7 +331,8 @@ def run(opts: ControllerOptions) -> None:  # pragma: no cover - the CLI entry po
     ctl = Controller(opts).start()
     print(f"meshfed controller: config gRPC on {opts.listen.rsplit(':', 1)[0]}:{ctl.port} (bootstrap port "
           f"{ctl.bootstrap_port or '-'}), "
-          f"status on {ctl.status_server.url}, state in {ctl.state_dir} (node {ctl.state_node[:12]})", flush=True)
+          f"status on {ctl.status_server.url} (web console {ctl.status_server.url}/console/), "
+          f"state in {ctl.state_dir} (node {ctl.state_node[:12]})", flush=True)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())

@@ -30,6 +30,7 @@ STORE_METHODS = frozenset({
     "last_attempted", "last_applied", "record_attempt", "mark_applied", "applied_ca_specs", "record_applied_ca_specs",
     "applied_clusters", "record_applied_clusters", "drains", "record_drains",
     "leaf_not_after", "record_failover", "failover_history", "failover_count", "active_failovers", "ca_roots",
+    "revisions",
 })
 
 
@@ -90,6 +91,9 @@ class RemoteStore:
     def failover_history(self, service: str | None = None, since_s: float | None = None,
                          limit: int = 500) -> list[FailoverRecord]:
         return list(self._call("failover_history", service, since_s, limit))
+
+    def revisions(self, limit: int = 20, sha: str | None = None) -> list[RevisionRecord]:
+        return list(self._call("revisions", limit, sha))
 
     def failover_count(self) -> int:
         return int(self._call("failover_count"))

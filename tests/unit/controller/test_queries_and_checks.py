@@ -113,3 +113,13 @@ def test_insecure_mode_only_on_literal_loopback(listen: str, loopback: bool) -> 
     from federation.cli.ops import is_loopback_listen
 
     assert is_loopback_listen(listen) is loopback
+
+
+def test_revisions_carry_the_problems_of_a_rejected_commit() -> None:
+    from federation.controller.store import RevisionRecord
+
+    rows = queries.revisions([RevisionRecord("b" * 40, "break cart", 2.0, "failed", ({"code": "MF0101"},)),
+                              RevisionRecord("a" * 40, "canary", 1.0, "applied", ())])
+    assert rows == [{"revision": "b" * 40, "subject": "break cart", "attempted_at_s": 2.0, "ok": False,
+                     "problems": [{"code": "MF0101"}]},
+                    {"revision": "a" * 40, "subject": "canary", "attempted_at_s": 1.0, "ok": True, "problems": []}]
