@@ -80,8 +80,8 @@ def parse_duration_s(text: str) -> float:
 
 def _duration(v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, str):
-        raise PydanticCustomError("MF0104", "durations are strings with a unit, e.g. '5s' (got {value!r})",
-                                  {"value": v})
+        raise PydanticCustomError("MF0104", "durations are strings with a unit, e.g. '5s' (got {value})",
+                                  {"value": repr(v)})  # templates take no !r: quote here
     try:
         return parse_duration_s(v)
     except ValueError as e:
@@ -148,8 +148,8 @@ _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")  # fullmatch
 def _dns_label(v: str) -> str:
     if not _DNS_LABEL.fullmatch(v):
         raise PydanticCustomError(
-            "MF0106", "{value!r} is not a DNS-1123 label (lower-case letters, digits and '-', "
-            "at most 63 characters, alphanumeric at both ends)", {"value": v})
+            "MF0106", "{value} is not a DNS-1123 label (lower-case letters, digits and '-', "
+            "at most 63 characters, alphanumeric at both ends)", {"value": repr(v)})
     return v
 
 

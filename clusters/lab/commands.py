@@ -146,5 +146,21 @@ def pod_argv(python: Sequence[str], p: PodPlan, control_socket: str) -> list[str
     return argv
 
 
+FAKETIME_LIBRARIES = ("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
+                      "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1",
+                      "/usr/lib/faketime/libfaketimeMT.so.1", "/usr/local/lib/faketime/libfaketimeMT.so.1")
+
+
+def skewed_argv(argv: Sequence[str], skew_s: float, library: str) -> list[str]:
+    """`argv` run with its wall clock moved by `skew_s`: libfaketime preloaded through `env`, which
+    execs (the `faketime` command forks, and killing it would leave the skewed process running).
+    The monotonic clock moves by the same constant, which timers, timeouts and backoffs never see
+    (they take differences). Not FAKETIME_DONT_FAKE_MONOTONIC: with it, Python's time.sleep (an
+    absolute clock_nanosleep on the monotonic clock) fails with EINVAL, and the node proxy's capture
+    set-up (subprocess with a timeout) crashed at start. A negative skew must leave the monotonic
+    clock above zero (`faults.check_skew`). The MT build: our processes have threads."""
+    return ["env", f"LD_PRELOAD={library}", f"FAKETIME={skew_s:+.0f}", *argv]
+
+
 def latency_relay_argv(python: Sequence[str], port: int, delay_ms: float) -> list[str]:
     return [*python, "-m", "clusters.lab.faults", "--port", str(port), "--delay-ms", str(delay_ms)]
