@@ -34,6 +34,7 @@ COMMAND_MODULES = (
     "federation.cli.ops",     # controller run, status, clusters, services, endpoints, failover, check
     "federation.cli.demo",    # demo
     "federation.cli.completion",  # completion bash|zsh|fish
+    "federation.cli.chaos",   # chaos run|list|validate
 )
 
 

@@ -2,12 +2,13 @@
 
 The real command in a subprocess (a Ray job of its own: the workers' lines reach its stderr),
 against three emulated clusters and simulated proxies over gRPC, driven through: the first
-commit applied, clusters up, configs pushed and ACKed (summarised, not one line per proxy),
-proxies SYNCED, a NACK, east's endpoints ejected by a quorum of health reports and the failover
-that follows for east's clients, a rejected commit, a staged CA root rotation (root added, signing root switched), a
-cluster whose API stops answering until its lease expires, and the reconcile trigger's request
-log. Every line written through `logging` is one JSON object; the only other lines are Ray's C++ core
-(glog, outside Python's logging); no secret appears in any of them.
+commit accepted (applying), clusters up, configs pushed and ACKed (summarised, not one line per
+proxy), proxies SYNCED and the commit applied on their ACKs, a NACK, east's endpoints ejected by a
+quorum of health reports and the failover that follows for east's clients, a rejected commit, a
+staged CA root rotation (root added, signing root switched), a cluster whose API stops answering
+until its lease expires, and the reconcile trigger's request log. Every line written through
+`logging` is one JSON object; the only other lines are Ray's C++ core (glog, outside Python's
+logging); no secret appears in any of them.
 """
 
 from __future__ import annotations
@@ -135,8 +136,10 @@ async def test_controller_run_logs_each_state_change_as_json(
     try:
         started = await log.wait("ControllerStarted", proc, 120)
         assert started["level"] == "INFO" and started["logger"] == "federation.ray.driver"
-        applied = await log.wait("CommitApplied", proc)
-        assert applied["revision"] == first and applied["logger"] == "federation.controller.reconciler"
+        # accepted and rendered: "applying" until the proxies' ACKs reach the quorum (issue 11 part B)
+        applying = await log.wait("CommitApplying", proc)
+        assert applying["revision"] == first and applying["logger"] == "federation.controller.reconciler"
+        assert log.events("CommitApplied") == []        # no proxy has connected: nothing ACKed yet
         for c in ("east", "west", "south"):
             await log.wait("ClusterUp", proc, where=lambda r, c=c: r["cluster"] == c)
 
@@ -165,6 +168,8 @@ async def test_controller_run_logs_each_state_change_as_json(
         synced = await log.wait("ProxiesSynced", proc, 60)
         assert synced["count"] == 9 and synced["revision"] == first
         assert len(log.events("ConfigAcked")) < 9   # summarised: not one line per proxy
+        applied = await log.wait("CommitApplied", proc, 30)
+        assert applied["revision"] == first and applied["logger"] == "federation.controller.reconciler"
 
         # a quorum of health reports ejects east's own checkout endpoints for everyone ...
         ejected = await log.wait("EndpointEjected", proc, 60)
@@ -179,6 +184,8 @@ async def test_controller_run_logs_each_state_change_as_json(
         (fleet_repo / "services/shop/checkout-v3.yaml").write_text(svc.replace("checkout-v2", "checkout-v3"))
         second = _commit(fleet_repo, "add checkout-v3")
         _post(status + "/api/v1/reconcile")
+        await log.wait("CommitApplying", proc, where=lambda r: r["revision"] == second)
+        # one NACK of south's three proxies: two ACKs are still a quorum there
         await log.wait("CommitApplied", proc, where=lambda r: r["revision"] == second)
         await log.wait("ConfigPushed", proc, where=lambda r: second[:8] in r["revisions"])
         nack = await log.wait("ConfigNacked", proc, 30)

@@ -122,6 +122,44 @@ def test_the_fleet_defaults_to_here_then_to_the_environment(argv: list[str], tmp
     assert r.exit_code == 0, r.output
 
 
+def test_lab_fault_passes_the_chaos_faults_options_and_the_kind_fleet_defaults_like_everywhere(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Merging issue 13 into issue 15: `lab fault` keeps main's --kbit/--skew-s/--behaviour (they
+    reach the runner) and its --fleet is the common one ($MESHFED_FLEET for --provider kind)."""
+    calls: list[tuple[Any, ...]] = []
+
+    class Runner:
+        def fault(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            calls.append((args, kwargs))
+            return {"applied": ["one"]}
+
+    monkeypatch.setattr("federation.cli.lab._runner", lambda _state_dir: Runner())
+    r = CliRunner().invoke(cli, ["lab", "fault", "bandwidth", "wan", "east", "south", "--kbit", "128",
+                                 "--skew-s", "-30", "--behaviour", "Hang"])
+    assert r.exit_code == 0, r.output
+    (args, kwargs), = calls
+    assert args[:3] == ("bandwidth", "wan", ("east", "south"))
+    assert kwargs == {"rate_kbit": 128.0, "skew_s": -30.0, "behaviour": "Hang"}
+
+    kinds: list[str] = []
+
+    class Kind:
+        def fault(self, _snap: Any, *args: Any) -> list[str]:
+            return ["paused"]
+
+    def kind(_state_dir: str | None, fleet: str, dry_run: bool = False) -> Kind:
+        kinds.append(fleet)
+        return Kind()
+
+    monkeypatch.setattr("federation.cli.lab._kind", kind)
+    monkeypatch.setattr("federation.cli.kind.load_fleet", lambda fleet: None)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MESHFED_FLEET", str(FLEET))
+    r = CliRunner().invoke(cli, ["lab", "fault", "stop", "node", "east/node-1", "--provider", "kind"])
+    assert r.exit_code == 0, r.output
+    assert kinds == [str(FLEET)] and "1 step(s) applied" in r.output
+
+
 def test_two_different_fleets_are_refused() -> None:
     r = CliRunner().invoke(cli, ["validate", str(FLEET), "--fleet", str(REPO / "examples" / "broken")])
     assert r.exit_code == EXIT_USAGE and "give one of them" in r.output

@@ -79,9 +79,10 @@ def test_the_status_document_joins_the_parts() -> None:
     st = queries.assemble_status(rec, cs, agents, {"repo": "r"}, state_dir="/s", failover_events=2, trust=[],
                                  now_s=100.0, state_node="node-a")
     assert st["controller"] == {"epoch": 3, "config_port": 15010, "bootstrap_port": 0, "state_dir": "/s",
-                                "state_node": "node-a"}
+                                "state_node": "node-a", "lock": None, "state": {}}
     assert st["clusters"]["east"] == {"endpoints": 4, "up": True, "lease_remaining_s": 9.0, "last_error": None,
-                                      "api": None, "context": "lab-east", "applied_revision": "abc"}
+                                      "api": None, "context": "lab-east", "applied_revision": "abc",
+                                      "draining": False}
     assert st["clusters"]["west"]["up"] is None and "proxies" not in st["config_server"]
     assert st["proxies"] == cs["proxies"] and st["failover_events"] == 2 and st["at_s"] == 100.0
 
@@ -114,10 +115,15 @@ def test_insecure_mode_only_on_literal_loopback(listen: str, loopback: bool) -> 
     assert is_loopback_listen(listen) is loopback
 
 
+# main's controller checks (issue 11 part B) in their passing state: the lock held, a live loop
+LOCKED = {"controller": {"state_dir": "/var/lib/meshfed", "lock": {"pid": 7, "host": "ctl-0"}},
+          "reconciler": {"loop": {"alive": True, "last_step_at_s": 0.0, "failures_total": 0}}}
+
+
 def test_a_rejected_commit_fails_one_check_not_reachability() -> None:
     """Issue 15: a rejected commit was reported twice, once as "repository reachable: FAIL" with the
     validation error as its cause although the repository had been read."""
-    st = {"desired": {"revision": "0123456789abcdef", "ok": False},
+    st = {**LOCKED, "desired": {"revision": "0123456789abcdef", "ok": False},
           "problems": [{"code": "MF0101", "message": "unknown field spec.bogus"}],
           "git": {"last_error": "1 error(s) in revision 01234567", "fetch_error": ""}}
     checks = {c["check"]: c for c in build_checks(st, 0.0)}
@@ -128,10 +134,20 @@ def test_a_rejected_commit_fails_one_check_not_reachability() -> None:
 
 
 def test_an_unreachable_repository_fails_reachability_once() -> None:
-    st = {"desired": {"revision": "0123456789abcdef", "ok": False},
+    st = {**LOCKED, "desired": {"revision": "0123456789abcdef", "ok": False},
           "problems": [{"code": "MF-GIT", "message": "fatal: could not read from remote repository"}],
           "git": {"last_error": "fatal: could not read from remote repository",
                   "fetch_error": "fatal: could not read from remote repository"}}
     failed = [c for c in build_checks(st, 0.0) if not c["ok"]]
     assert [c["check"] for c in failed] == ["repository reachable"]
     assert "could not read" in failed[0]["cause"] and "proxies keep the last applied revision" in failed[0]["hint"]
+
+
+def test_revisions_carry_the_problems_of_a_rejected_commit() -> None:
+    from federation.controller.store import RevisionRecord
+
+    rows = queries.revisions([RevisionRecord("b" * 40, "break cart", 2.0, "failed", ({"code": "MF0101"},)),
+                              RevisionRecord("a" * 40, "canary", 1.0, "applied", ())])
+    assert rows == [{"revision": "b" * 40, "subject": "break cart", "attempted_at_s": 2.0, "ok": False,
+                     "problems": [{"code": "MF0101"}]},
+                    {"revision": "a" * 40, "subject": "canary", "attempted_at_s": 1.0, "ok": True, "problems": []}]
