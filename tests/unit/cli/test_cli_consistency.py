@@ -19,7 +19,7 @@ from federation.cli.output import EXIT_PROBLEMS, EXIT_USAGE, Progress, find_flee
 REPO = Path(__file__).resolve().parents[3]
 FLEET = REPO / "examples" / "fleet"
 READ_COMMANDS = ("validate", "plan", "explain", "graph", "trust", "status", "clusters", "services", "endpoints",
-                 "failover history", "check", "lab status")
+                 "failover history", "check", "lab status", "chaos validate", "chaos list")
 
 
 def _commands(cmd: click.Command = cli, path: tuple[str, ...] = ()) -> dict[str, click.Command]:
