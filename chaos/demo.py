@@ -143,14 +143,18 @@ class LabFederation:
         return [c["name"] for c in self.lab.get("clusters", [])]
 
     def client_pod(self, cluster: str, service_account: str | None = None) -> str:
-        for c in self.lab.get("clusters", []):
-            if c["name"] != cluster:
-                continue
-            for p in c["pods"]:
-                if p["role"] == "client" and (service_account is None or p["service_account"] == service_account):
-                    return f"pod:{cluster}/{p['namespace']}/{p['name']}"
-        raise DemoError(f"cluster {cluster} has no client pod"
-                        f"{' with service account ' + service_account if service_account else ''}")
+        pods = self.client_pods(cluster, service_account)
+        if not pods:
+            raise DemoError(f"cluster {cluster} has no client pod"
+                            f"{' with service account ' + service_account if service_account else ''}")
+        return pods[0]
+
+    def client_pods(self, cluster: str, service_account: str | None = None) -> list[str]:
+        """Every client pod of `cluster` (`pod:C/NS/NAME`), in the lab's order."""
+        return [f"pod:{cluster}/{p['namespace']}/{p['name']}"
+                for c in self.lab.get("clusters", []) if c["name"] == cluster
+                for p in c["pods"]
+                if p["role"] == "client" and (service_account is None or p["service_account"] == service_account)]
 
     def _get(self, where: str, url: str, timeout_s: float) -> tuple[int, str, str]:
         """HTTP GET from inside a lab namespace: (status, body, error)."""
@@ -183,14 +187,18 @@ class LabFederation:
 
     # --- load -------------------------------------------------------------------------------------
 
-    def start_load(self, cluster: str, rate_per_s: float, timeout_s: float = 2.0) -> Path:
-        out = self.state_dir / "demo" / f"load-{cluster}.jsonl"
+    def start_load(self, cluster: str, rate_per_s: float, timeout_s: float = 2.0, pod: str | None = None,
+                   name: str | None = None) -> Path:
+        """Open-loop load from `pod` (default: the cluster's first client pod), recorded under
+        `name` (default: the cluster) for `records`/`stop_load`."""
+        name = name or cluster
+        out = self.state_dir / "demo" / f"load-{name}.jsonl"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.unlink(missing_ok=True)
-        self.runner.spawn(f"load-{cluster}", self.client_pod(cluster),
+        self.runner.spawn(f"load-{name}", pod or self.client_pod(cluster),
                           [sys.executable, "-m", "clusters.lab.loadgen", SERVICE_URL, "--rate", str(rate_per_s),
                            "--timeout-s", str(timeout_s), "--out", str(out)])
-        self.loads[cluster] = out
+        self.loads[name] = out
         return out
 
     def records(self, cluster: str) -> list[dict[str, Any]]:
