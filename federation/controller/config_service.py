@@ -156,7 +156,7 @@ class ConfigService:
 
     def status(self, transport: Mapping[str, Any]) -> dict[str, Any]:
         """The service's status; `transport` adds what the gRPC server knows (port, bootstrap_port,
-        health_reports, slow_disconnects)."""
+        health_reports, health_reports_dropped, slow_disconnects)."""
         st = self.dist.status()
         return {
             "epoch": self.epoch, "port": transport.get("port", 0), "bootstrap_port": transport.get("bootstrap_port", 0),
@@ -164,6 +164,7 @@ class ConfigService:
             "pushes": sum(p["pushes"] for p in st), "acks": sum(p["acks"] for p in st),
             "nacks": sum(p["nacks"] for p in st), "stale_epoch_refusals": self.dist.stale_epoch_refusals,
             "health_reports": transport.get("health_reports", 0),
+            "health_reports_dropped": transport.get("health_reports_dropped", 0),
             "slow_disconnects": transport.get("slow_disconnects", 0),
             "ack_flush_failures": self.flush_failures, "last_ack_flush_error": self.last_flush_error,
             "recent_ack_latencies_s": list(self.recent_latencies_s)[-200:],
