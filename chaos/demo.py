@@ -249,7 +249,12 @@ class LabFederation:
             _git(["-C", str(wt), "commit", "-qam", message], env)
             sha = _git(["-C", str(wt), "rev-parse", "HEAD"], env).strip()
             self.note("policy_pushed", target="fleet repo", detail=f"{message} @{sha[:8]}")
-            _git(["-C", str(wt), "push", "-q", "origin", "HEAD"], env)
+            # the lab's Git server takes pushes with its credentials only (a 0600 file it wrote)
+            from clusters.lab.gitserver import credential_helper_args
+
+            creds = self.lab.get("git_credentials_file") or ""
+            helper = credential_helper_args(creds) if creds else []
+            _git(["-C", str(wt), *helper, "push", "-q", "origin", "HEAD"], env)
         return sha
 
 

@@ -2,7 +2,7 @@
 
 It holds everything that must live in one process on one node: the sqlite store
 (`controller.sqlite`), the CA keys (`signing.SigningPolicy`, which never lets a CA be pickled),
-the bootstrap tokens, and the `distributor.ConfigDistributor` with every proxy's desired and
+the bootstrap tokens, the status API's token, and the `distributor.ConfigDistributor` with every proxy's desired and
 acknowledged config. `federation.ray` pins the actor hosting it to the driver's node and gives
 the other actors the store through it; `federation.server.grpc_services.ConfigServer` serves
 its distributor and signing policy to proxies.
@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from federation.controller.api_token import ensure_api_token
 from federation.controller.bootstrap import BootstrapTokens
 from federation.controller.distributor import AckEvent, ConfigDistributor
 from federation.controller.signing import SigningPolicy
@@ -72,6 +73,11 @@ class ConfigService:
         self._flusher: asyncio.Task[None] | None = None
 
     # --- CAs and credentials --------------------------------------------------------------------
+
+    def status_api_token(self) -> str:
+        """The status API's bearer token (`api_token`): created 0600 in the state directory on
+        first use, the same across restarts."""
+        return ensure_api_token(self.state_dir)
 
     def ensure_cas(self, snap: ConfigSnapshot) -> dict[str, tuple[str, ...]]:
         """Load or create the CA of every trust domain of a snapshot; the bootstrap tokens of its

@@ -30,7 +30,7 @@ import ray
 from federation.controller.config_service import ConfigService
 from federation.controller.git_feed import GitFeed
 from federation.controller.reconcile_service import ReconcileService
-from federation.controller.sources import ClusterAgent
+from federation.controller.sources import ClusterAgent, GitPolicy
 from federation.controller.wire import (
     decode_health_report,
     decode_json,
@@ -63,6 +63,9 @@ class ConfigServerHost:
 
     def ensure_cas(self, blob: bytes) -> dict[str, tuple[str, ...]]:
         return self.service.ensure_cas(decode_snapshot(blob))
+
+    def status_api_token(self) -> str:
+        return self.service.status_api_token()
 
     def apply_deltas(self, blob: bytes) -> str:
         return self.service.apply_deltas(blob)
@@ -138,9 +141,9 @@ class ReconcilerHost:
 
 class GitSourceHost:
     def __init__(self, repo: str, branch: str, state_dir: str, reconciler: Any, config_server: Any,
-                 poll_interval_s: float | None) -> None:
+                 poll_interval_s: float | None, policy: GitPolicy | None = None) -> None:
         self.feed = GitFeed.following(repo, branch, state_dir, RemoteStore(config_server),
-                                      RemoteReconciler(reconciler), poll_interval_s).start()
+                                      RemoteReconciler(reconciler), poll_interval_s, policy).start()
 
     def trigger(self) -> None:
         self.feed.trigger()
