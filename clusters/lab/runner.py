@@ -39,6 +39,7 @@ from clusters.lab.layout import (
 )
 from clusters.lab.nsexec import ExecResult
 from clusters.lab.topology import LabPlan, plan_lab
+from ztunnel.api.secret_files import SecretFileError, make_private_dir
 
 UP_POLL_S = 0.05
 
@@ -64,6 +65,10 @@ class LabRunner:
         if len(str(self.state_dir / sandbox.CONTROL_SOCKET)) > MAX_SOCKET_PATH:
             raise LabError(f"state directory {self.state_dir} is too long for a Unix socket path; "
                            "use a shorter --state-dir (e.g. /tmp/meshfed-lab)")
+        try:
+            sandbox.check_state_dir(self.state_dir)
+        except sandbox.SandboxUnavailable as e:
+            raise LabError(str(e)) from None
 
     # --- up -------------------------------------------------------------------------------------
 
@@ -74,7 +79,10 @@ class LabRunner:
 
     def up(self, plan: LabPlan, fleet_dir: Path | None = None, contexts: Mapping[str, str] | None = None) -> dict[str, Any]:
         sd = self.state_dir
-        sd.mkdir(parents=True, exist_ok=True)
+        try:
+            make_private_dir(sd)  # 0700, ours: a shared /tmp must not let another user plant state
+        except SecretFileError as e:
+            raise LabError(f"unsafe lab state directory: {e}") from None
         if (sd / sandbox.CONTROL_SOCKET).exists():
             try:
                 control_request(sd, {"op": "status"}, 2.0)

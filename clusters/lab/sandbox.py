@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -147,8 +148,18 @@ def process_start_ticks(pid: int) -> int | None:
 
 
 def is_same_process(pid: int, start_ticks: int | None) -> bool:
+    """Is `pid` still the process we recorded? Only with its recorded start time, and only if it is
+    ours: a state file naming any pid without its start ticks (or someone else's process) must not
+    make us signal it or enter its namespaces."""
+    if start_ticks is None:
+        return False
     ticks = process_start_ticks(pid)
-    return ticks is not None and (start_ticks is None or ticks == start_ticks)
+    if ticks is None or ticks != start_ticks:
+        return False
+    try:
+        return os.stat(f"/proc/{pid}").st_uid == os.geteuid()
+    except OSError:
+        return False
 
 
 def kill_sandbox(pid: int, start_ticks: int | None, grace_s: float = 3.0) -> bool:
@@ -236,3 +247,22 @@ def read_json(path: Path) -> dict[str, object]:
 
 def python_argv(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
+
+
+def check_state_dir(state_dir: Path) -> None:
+    """An existing lab state directory must be a real directory of ours that nobody else can write:
+    it holds the sandbox's pid (which we signal and enter as root), the plan we unpickle and the
+    credentials we hand to proxies. Raises SandboxUnavailable naming the fix."""
+    try:
+        st = os.lstat(state_dir)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        raise SandboxUnavailable(f"{state_dir} is not a directory (a link or a file); remove it or choose another "
+                                 f"--state-dir")
+    if st.st_uid != os.geteuid():
+        raise SandboxUnavailable(f"{state_dir} belongs to uid {st.st_uid}, not to you ({os.geteuid()}): another user "
+                                 f"could plant a lab state there; remove it or choose another --state-dir")
+    if stat.S_IMODE(st.st_mode) & 0o022:
+        raise SandboxUnavailable(f"{state_dir} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+                                 f"run: chmod 700 {state_dir}")

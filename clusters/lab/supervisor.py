@@ -106,8 +106,12 @@ class Supervisor:
         server.start()
         try:
             while not self.stop.wait(STATE_WRITE_INTERVAL_S):
-                self.write_state()
+                try:
+                    self.write_state()
+                except Exception:  # e.g. a full disk: keep serving; the next write may succeed
+                    traceback.print_exc()
         finally:
+            self.stop.set()  # whatever ended the loop, the accept thread must end too
             server.join()
             self.shut_down()
             self._mark_down()

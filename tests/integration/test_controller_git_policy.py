@@ -59,7 +59,7 @@ def options_from_cli(monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[int, 
 
 
 def feed_for(opts: ControllerOptions, sink: Sink) -> GitFeed:
-    return GitFeed.following(opts.repo, opts.branch, opts.state_dir, NoRecords(), sink, poll_interval_s=3600,
+    return GitFeed.following(opts.repo, opts.branch, NoRecords(), sink, poll_interval_s=3600,
                              policy=opts.git_policy)
 
 
@@ -87,7 +87,7 @@ def test_require_signed_commits_from_the_command_line(tmp_path: Path, monkeypatc
     assert sink.errors and sink.errors[-1][0] == unsigned and "not signed by a trusted key" in sink.errors[-1][1]
     assert feed.status()["require_signed_commits"] is True
     # a restarting controller does not load its CAs from the unsigned head either
-    assert snapshot_for_cas(opts.repo, opts.branch, opts.state_dir, NoRecords(), 0.0, opts.git_policy) is None
+    assert snapshot_for_cas(opts.repo, opts.branch, NoRecords(), 0.0, opts.git_policy) is None
 
     # without the flag the same head is applied: the flag is what refuses it
     code, out, plain = options_from_cli(monkeypatch, "--repo", str(repo), "--state-dir", str(tmp_path / "s2"))

@@ -102,3 +102,13 @@ def test_checks_name_the_unsynced_proxies_and_split_brain() -> None:
     checks = {c["check"]: c for c in build_checks(st, 0.0)}
     assert "1 of 2 not synced: ztunnel/a/n1 STALE (bad route)" in checks["all proxies synced"]["cause"]
     assert not checks["no split brain"]["ok"] and "stop this one" in checks["no split brain"]["hint"]
+
+
+@pytest.mark.parametrize(("listen", "loopback"), [
+    ("127.0.0.1:15010", True), ("127.9.9.9:1", True), ("[::1]:15010", True), ("localhost:15010", True),
+    ("localhost.evil.com:15010", False), ("127.example.com:1", False), ("0.0.0.0:15010", False), ("10.0.0.1:1", False),
+])
+def test_insecure_mode_only_on_literal_loopback(listen: str, loopback: bool) -> None:
+    from federation.cli.ops import is_loopback_listen
+
+    assert is_loopback_listen(listen) is loopback
