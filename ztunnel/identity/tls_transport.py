@@ -56,7 +56,7 @@ WRITE_HIGH_WATER_BYTES = 2 * 1024 * 1024
 WRITE_LOW_WATER_BYTES = 512 * 1024
 # What a peer may send before the handshake completes (its flights are a few KiB: a hello, a
 # certificate chain, a Finished, and the application data that may ride with the last flight).
-MAX_HANDSHAKE_BYTES = 256 * 1024
+MAX_HANDSHAKE_BYTES = 64 * 1024
 
 
 class TlsTransport(asyncio.Transport):

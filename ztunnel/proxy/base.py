@@ -80,8 +80,11 @@ class ProxyOptions:
     first_stream_timeout_s: float = 10.0     # an inbound connection must open a tunnel by then
     max_conns_per_peer: int = 256            # established inbound connections per peer IP
     max_inbound_conns: int = 4096            # established inbound connections in total
-    max_handshakes_per_peer: int = 32        # inbound TLS (and SOCKS5) handshakes in flight per peer IP
-    max_handshakes_total: int = 512          # ... in total
+    # inbound TLS (and SOCKS5) handshakes in flight per peer IP, and in total. Not lower than the
+    # per-peer connection cap: a node sees every cross-network client's inner handshake come from
+    # its cluster's east-west gateway, one address (measured in the lab: 32 refused a busy gateway)
+    max_handshakes_per_peer: int = 256
+    max_handshakes_total: int = 1024
     max_unsent_bytes: int = 8 * 1024 * 1024  # ciphertext a peer leaves unread before we cut it off
     drain_timeout_s: float = 10.0
     hbone: HboneSettings = field(default_factory=HboneSettings)
