@@ -7,6 +7,9 @@
   persisted last good config: a restart with the controller (or the file) absent serves from it.
 - `--cert-dir` holds one SVID per local identity: `<td>_ns_<ns>_sa_<sa>.crt.pem` (chain) and
   `.key.pem` (0600).
+- `--capture` (node mode): the proxy programs the node's capture rules itself and keeps them equal
+  to its enrolled pods (`ztunnel.proxy.capture_rules`): the lab's nodes and the kind DaemonSet run
+  the same code.
 - SIGTERM/SIGINT: drain (stop accepting, GOAWAY, let connections finish until `--drain-timeout-s`,
   then close). SIGHUP: reload `--config`.
 - Health and outcome reports go to an injectable sink (`HealthSink`); standalone it is the JSON
@@ -20,6 +23,7 @@ import asyncio
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +35,13 @@ from ztunnel.proxy.node import NodeProxy
 from ztunnel.xds.state import ApplyResult, ProxyState, load_config_file, parse_host_port
 
 if TYPE_CHECKING:  # controller mode only: gRPC/protobuf cost ~5 MB RSS, standalone proxies skip them
+    from ztunnel.dns.answer import DnsTable  # with --dns only: dnspython costs ~1.5 MB RSS
+    from ztunnel.dns.server import DnsServer
+    from ztunnel.proxy.capture_rules import CaptureSync
     from ztunnel.xds.controlplane import ControllerLink
+
+DNS_UNANSWERED = ("servfail", "nxdomain")  # ztunnel.dns.answer.Unanswered (pinned by a unit test)
+DNS_TTL_S = 30                             # ztunnel.dns.answer.DEFAULT_TTL_S (pinned by a unit test)
 
 
 def cert_file_names(identity: str) -> tuple[str, str]:
@@ -59,10 +69,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hbone", default="0.0.0.0:15008")
     p.add_argument("--socks", default="127.0.0.1:15080", help="SOCKS5 outbound listener ('' disables)")
     p.add_argument("--transparent", default="", help="outbound capture listener for iptables REDIRECT")
+    p.add_argument("--capture", action="store_true",
+                   help="node mode: program the capture rules in this network namespace (iptables nat: this "
+                        "node's enrolled pods -> --transparent) and keep them in line with the config's "
+                        "workloads (ztunnel.proxy.capture_rules); needs CAP_NET_ADMIN")
     p.add_argument("--admin", default="127.0.0.1:15021")
     p.add_argument("--drain-timeout-s", type=float, default=10.0)
     p.add_argument("--handshake-timeout-s", type=float, default=5.0)
     p.add_argument("--access-log", choices=("stderr", "off"), default="stderr")
+    d = p.add_argument_group("DNS for global names (node mode; pods' udp/tcp 53 redirected here by iptables)")
+    d.add_argument("--dns", default="", help="HOST:PORT of the DNS responder, e.g. the pod bridge address :15053 "
+                   "('' disables)")
+    d.add_argument("--dns-upstream", action="append", metavar="IP[:PORT]|resolv.conf|none",
+                   help="where names the mesh does not know are forwarded (repeatable; default: the nameservers "
+                        "of /etc/resolv.conf)")
+    d.add_argument("--dns-unanswered", choices=DNS_UNANSWERED, default=DNS_UNANSWERED[0],
+                   help="the answer for a name the mesh does not know when there is no upstream")
+    d.add_argument("--dns-ttl-s", type=int, default=DNS_TTL_S, help="TTL of the answers for global names")
     c = p.add_argument_group("controller mode (config, certificates and health through the controller)")
     c.add_argument("--controller", default="", help="HOST:PORT of the controller's gRPC services")
     c.add_argument("--bootstrap", default="", help="HOST:PORT of the controller's bootstrap port (first certificate)")
@@ -114,7 +137,11 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
     proxy = cls(state, creds, opts, telemetry, health)
     if link is not None:
         link.sink.target = proxy
+    capture = _start_capture(args, cfg.mode, proxy, telemetry) if args.capture else None
     await proxy.start()  # type: ignore[attr-defined]
+    dns_server = await _start_dns(args, state, telemetry) if cfg.mode is ProxyMode.NODE and args.dns else None
+    if args.dns and dns_server is None:
+        telemetry.log(kind="dns", ignored=f"--dns {args.dns}: a gateway serves no DNS (node proxies answer their pods)")
     admin_host, admin_port = parse_host_port(args.admin)
     admin = AdminServer(admin_host, admin_port, telemetry=telemetry,
                         ready=lambda: (proxy.ready.is_set(), "ready" if proxy.ready.is_set() else "not ready"),
@@ -123,6 +150,10 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
                             "rejected": [str(e) for e in state.last_rejected],
                             "ejected": {s: sorted(proxy.ejected(s)) for s in proxy.detectors},
                             "sessions": {"pooled": proxy.pool.count(), "inbound": len(proxy.inbound_sessions)},
+                            "capture": capture.as_dict() if capture is not None else None,
+                            **({"dns": {"port": dns_server.port, "upstreams": [f"{h}:{p}" for h, p in
+                                                                               dns_server.options.upstreams],
+                                        "stats": dict(dns_server.stats)}} if dns_server is not None else {}),
                         })
     await admin.start()
     _release_startup_heap()
@@ -146,10 +177,49 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
     telemetry.log(kind="draining", timeout_s=args.drain_timeout_s)
     for t in link_tasks:
         t.cancel()
+    if dns_server is not None:
+        await dns_server.close()
     await proxy.drain(args.drain_timeout_s)
+    if capture is not None:
+        capture.stop()  # the rules stay: captured pods are refused until a proxy serves them again
     await admin.close()
     telemetry.log(kind="stopped")
     return 0
+
+
+async def _start_dns(args: argparse.Namespace, state: ProxyState, telemetry: Telemetry) -> DnsServer:
+    """The DNS responder for global names, answering from whatever config `state` holds now."""
+    from ztunnel.dns.answer import Unanswered
+    from ztunnel.dns.server import DnsConfigError, DnsOptions, DnsServer, upstreams_from_flags
+
+    try:
+        opts = DnsOptions(upstreams=upstreams_from_flags(args.dns_upstream), unanswered=Unanswered(args.dns_unanswered),
+                          ttl_s=args.dns_ttl_s)
+        host, port = parse_host_port(args.dns)
+    except (DnsConfigError, ValueError) as e:
+        raise SystemExit(f"ztunnel: --dns: {e}") from None
+    server = DnsServer(table_of(state), opts, telemetry.log, telemetry.dns_query)
+    await server.start(host, port)
+    telemetry.log(kind="dns", listening=f"{host}:{server.port}", upstreams=[f"{h}:{p}" for h, p in opts.upstreams],
+                  unanswered=opts.unanswered.value)
+    return server
+
+
+def table_of(state: ProxyState) -> Callable[[], DnsTable]:
+    """The DNS table of the config `state` holds: looked at again only when that config object
+    changes, and the same table object while the names and VIPs are the same (most deltas move
+    endpoints only), so the DNS reply cache survives them."""
+    from ztunnel.dns.answer import EMPTY_TABLE, DnsTable
+
+    built: list[Any] = [None, EMPTY_TABLE]
+
+    def current() -> DnsTable:
+        cfg = state.config
+        if cfg is not built[0]:
+            table = DnsTable.from_services(cfg.services) if cfg is not None else EMPTY_TABLE
+            built[:] = [cfg, built[1] if table == built[1] else table]
+        return built[1]  # type: ignore[no-any-return]
+    return current
 
 
 async def _join(args: argparse.Namespace, state: ProxyState,
@@ -162,6 +232,23 @@ async def _join(args: argparse.Namespace, state: ProxyState,
     opts = LinkOptions(args.controller, args.bootstrap, args.proxy_id, args.trust_domain, args.bootstrap_token_file,
                        args.controller_roots)
     return await join_controller(opts, state, creds, log)
+
+
+def _start_capture(args: argparse.Namespace, mode: ProxyMode, proxy: ProxyBase, telemetry: Telemetry) -> CaptureSync:
+    """--capture: install the chains, then let every applied config set which pods are captured."""
+    from ztunnel.proxy.capture_rules import CaptureError, CaptureSync, IptablesCapture, enrolled_addresses
+
+    if mode is not ProxyMode.NODE or not args.transparent:
+        raise SystemExit("--capture is for node proxies with a --transparent listener (the REDIRECT target)")
+    dns_port = parse_host_port(args.dns)[1] if args.dns else None  # pods' DNS to our responder
+    capture = IptablesCapture(parse_host_port(args.transparent)[1], dns_port=dns_port)
+    try:
+        capture.install()
+    except CaptureError as e:
+        raise SystemExit(f"ztunnel: {e}") from None
+    sync = CaptureSync(capture, telemetry.log)
+    proxy.add_config_listener(lambda cfg: sync.update(enrolled_addresses(cfg)))
+    return sync
 
 
 def _release_startup_heap() -> None:

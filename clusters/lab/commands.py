@@ -9,8 +9,10 @@ argv with the command's own parser.
 
 The lab's conventions for proxies: HBONE on 0.0.0.0:15008, admin on 127.0.0.1:15021 (inside the
 proxy's own namespace), and for node ztunnels SOCKS5 on the pod-bridge address :15080 plus the
-transparent listener :15001 that the node's iptables REDIRECT (`topology.capture_rules`) sends pod
-TCP to. A proxy with a rendered `config.json` runs standalone; without one it joins the controller
+transparent listener :15001 and the DNS responder on the pod-bridge address :15053, with
+`--capture`: the proxy programs the node namespace's iptables itself (`ztunnel.proxy.capture_rules`,
+the same code the kind DaemonSet runs) so that its enrolled pods' TCP is redirected to :15001 and
+their DNS (udp/tcp 53) to :15053. A proxy with a rendered `config.json` runs standalone; without one it joins the controller
 (first certificate with its bootstrap token, then config over gRPC).
 """
 
@@ -28,7 +30,7 @@ from clusters.lab.layout import (
     CONTROLLER_ROOTS_FILE,
 )
 from clusters.lab.topology import CONTROLLER_MGMT_ADDRESS, LabPlan, NetnsName, PodPlan
-from ztunnel.api.ports import ADMIN_PORT, HBONE_PORT, OUTBOUND_CAPTURE_PORT, SOCKS5_PORT
+from ztunnel.api.ports import ADMIN_PORT, DNS_CAPTURE_PORT, HBONE_PORT, OUTBOUND_CAPTURE_PORT, SOCKS5_PORT
 
 MESHFED = ("-m", "federation.cli.main")   # `meshfed` without relying on the console script's path
 
@@ -69,12 +71,16 @@ def proxy_specs(plan: LabPlan) -> list[ProxySpec]:
 
 
 def proxy_argv(python: Sequence[str], proxy_id: str, proxy_dir: Path, socks_host: str, *, standalone: bool,
-               trust_domain: str = "", controller_dir: Path | None = None) -> list[str]:
+               trust_domain: str = "", controller_dir: Path | None = None,
+               dns_unanswered: str = "nxdomain") -> list[str]:
     """`python -m ztunnel …` for one lab proxy.
 
     standalone: the proxy serves `proxy_dir/config.json` (written by whoever rendered it) with the
     certificates in `proxy_dir/certs`. Otherwise it joins the controller on the management network
     and needs `trust_domain` and `controller_dir` (where the controller writes its serving roots).
+    Node ztunnels answer their pods' DNS; the lab has no kube-dns and no internet, so a name the
+    mesh does not know gets `dns_unanswered` (nxdomain, as a resolver for which nothing else exists,
+    or servfail, as one that reaches nobody: `meshfed lab up --dns-unanswered`).
     tests/lab/test_dataplane_capture.py runs a real ztunnel with this argv."""
     argv = [*python, "-m", "ztunnel", "--cert-dir", str(proxy_dir / "certs"), "--state-dir", str(proxy_dir / "state"),
             "--hbone", f"0.0.0.0:{HBONE_PORT}", "--admin", f"127.0.0.1:{ADMIN_PORT}", "--proxy-id", proxy_id]
@@ -89,7 +95,11 @@ def proxy_argv(python: Sequence[str], proxy_id: str, proxy_dir: Path, socks_host
                  "--bootstrap-token-file", str(proxy_dir / BOOTSTRAP_TOKEN_FILE), "--trust-domain", trust_domain,
                  "--controller-roots", str(controller_dir / CONTROLLER_ROOTS_FILE)]
     if proxy_id.startswith("ztunnel/"):
-        argv += ["--socks", f"{socks_host}:{SOCKS5_PORT}", "--transparent", f"0.0.0.0:{OUTBOUND_CAPTURE_PORT}"]
+        argv += ["--socks", f"{socks_host}:{SOCKS5_PORT}", "--transparent", f"0.0.0.0:{OUTBOUND_CAPTURE_PORT}",
+                 "--capture",
+                 # pods' DNS, captured by the node's rules (the proxy's --capture) for its enrolled pods
+                 "--dns", f"{socks_host}:{DNS_CAPTURE_PORT}", "--dns-upstream", "none",
+                 "--dns-unanswered", dns_unanswered]
     else:
         argv += ["--socks", ""]  # a gateway has no local clients
     return argv

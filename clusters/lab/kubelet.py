@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
 
-from clusters.lab.topology import ClusterPlan, NodePlan, PodPlan, ServiceVip
+from clusters.kube.observation import GATEWAY_SERVICE, MESH_NAMESPACE
+from clusters.lab.topology import ClusterPlan, GatewayPlan, NodePlan, PodPlan, ServiceVip
+from gitops.model import AMBIENT_LABEL, AMBIENT_VALUE
 
 ZONE_LABEL = "topology.kubernetes.io/zone"
 MAX_TRANSITIONS = 1000  # kept for `lab status` (the last 20 are shown): bounded, the lab may run for days
@@ -129,13 +131,36 @@ def endpoint_slice_object(vip: ServiceVip, cluster: ClusterPlan, states: Mapping
     }
 
 
+def gateway_service_object(gw: GatewayPlan) -> dict[str, Any]:
+    """The east-west gateway's Service as a cloud (or MetalLB) leaves it: type LoadBalancer on the
+    HBONE port, its address in status.loadBalancer.ingress (the lab's WAN leg plays the LB)."""
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": GATEWAY_SERVICE, "namespace": MESH_NAMESPACE,
+                     "labels": {"app.kubernetes.io/name": GATEWAY_SERVICE, "app.kubernetes.io/part-of": "meshfed"}},
+        "spec": {"type": "LoadBalancer", "selector": {"app.kubernetes.io/name": GATEWAY_SERVICE},
+                 "ports": [{"name": "tls-hbone", "port": gw.port, "targetPort": gw.port, "protocol": "TCP"}]},
+        "status": {"loadBalancer": {"ingress": [{"ip": gw.wan_address, "ipMode": "VIP"}]}},
+    }
+
+
 def desired_objects(cluster: ClusterPlan, pod_states: Mapping[str, PodState],
                     node_states: Mapping[str, NodeState]) -> dict[str, dict[str, Any]]:
-    """Every API object of a lab cluster, keyed "Kind/namespace/name" (pure)."""
+    """Every API object of a lab cluster, keyed "Kind/namespace/name" (pure).
+
+    The workloads' namespaces are written enrolled (`istio.io/dataplane-mode=ambient`) once; a
+    label changed later (`kubectl label ns shop istio.io/dataplane-mode-`) stays: the kubelet
+    rewrites an object only when what it wants changes, and it never wants a namespace's labels
+    to change."""
     objs: dict[str, dict[str, Any]] = {}
     namespaces = sorted({p.namespace for p in cluster.pods} | {v.namespace for v in cluster.services})
     for ns in namespaces:
-        objs[f"Namespace//{ns}"] = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}
+        objs[f"Namespace//{ns}"] = {"apiVersion": "v1", "kind": "Namespace",
+                                    "metadata": {"name": ns, "labels": {AMBIENT_LABEL: AMBIENT_VALUE}}}
+    if cluster.gateway is not None:
+        objs[f"Namespace//{MESH_NAMESPACE}"] = {"apiVersion": "v1", "kind": "Namespace",
+                                                "metadata": {"name": MESH_NAMESPACE}}
+        objs[f"Service/{MESH_NAMESPACE}/{GATEWAY_SERVICE}"] = gateway_service_object(cluster.gateway)
     for n in cluster.nodes:
         objs[f"Node//{n.name}"] = node_object(n, node_states.get(n.name, NodeState(True)), cluster)
     for v in cluster.services:

@@ -29,7 +29,7 @@ from pathlib import Path
 from clusters.lab.commands import ProxySpec, bootstrap_token_argv, proxy_argv, proxy_specs
 from clusters.lab.layout import BOOTSTRAP_TOKEN_FILE, CONTROLLER_DIR, LabError, proxy_dir
 from clusters.lab.processes import ManagedProcess, ProcessTable
-from clusters.lab.topology import LabPlan, NetnsName, capture_rules, run_iptables
+from clusters.lab.topology import LabPlan
 from ztunnel.api.secret_files import make_private_dir, write_secret
 
 TOKEN_COMMAND_TIMEOUT_S = 60.0
@@ -39,15 +39,15 @@ MAX_TOKEN_CHARS = 512
 
 class DataPlane:
     def __init__(self, state_dir: Path, plan: LabPlan, procs: ProcessTable, log_dir: Path, *,
-                 with_controller: bool) -> None:
+                 with_controller: bool, dns_unanswered: str = "nxdomain") -> None:
         self.state_dir = state_dir
         self.plan = plan
         self.procs = procs
         self.log_dir = log_dir
         self.with_controller = with_controller
+        self.dns_unanswered = dns_unanswered
         self.specs = proxy_specs(plan)
         self._start_lock = threading.Lock()
-        self._captured: set[NetnsName] = set()
 
     @property
     def controller_dir(self) -> Path:
@@ -80,17 +80,13 @@ class DataPlane:
     def _start_one(self, spec: ProxySpec, d: Path, standalone: bool) -> None:
         make_private_dir(d / "certs")
         argv = proxy_argv([sys.executable], spec.proxy_id, d, spec.socks_host, standalone=standalone,
-                          trust_domain=spec.trust_domain, controller_dir=self.controller_dir)
+                          trust_domain=spec.trust_domain, controller_dir=self.controller_dir,
+                          dns_unanswered=self.dns_unanswered)
         mp = ManagedProcess(spec.key, spec.netns, argv, self.log_dir / spec.log_name)
         old = self.procs.put(mp)
         if old is not None:
             old.terminate()
-        mp.start()
-        if spec.is_node and spec.netns not in self._captured:
-            cluster, node = spec.proxy_id.split("/")[1:]
-            for rule in capture_rules(self.plan.cluster(cluster).node(node)):
-                run_iptables(rule.netns, rule.args)
-            self._captured.add(spec.netns)
+        mp.start()  # a node proxy programs its namespace's capture rules itself (--capture)
 
     def _provision_token(self, spec: ProxySpec, d: Path) -> None:
         """Ask the controller's command for this proxy's token; write the proxy's token file (0600)."""

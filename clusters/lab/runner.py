@@ -52,6 +52,7 @@ class LabOptions:
     portal: bool = True
     ready_timeout_s: float = 30.0
     up_timeout_s: float = 90.0
+    dns_unanswered: str = "nxdomain"  # what node ztunnels answer for names the mesh does not know
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -101,7 +102,8 @@ class LabRunner:
         (sd / REQUEST_FILE).write_text(json.dumps({
             "fleet_dir": str(fleet_dir.resolve()) if fleet_dir else "", "contexts": dict(contexts or {}),
             "ztunnel": self.opts.ztunnel, "controller": self.opts.controller, "portal": self.opts.portal,
-            "ready_timeout_s": self.opts.ready_timeout_s, **self.opts.extra}))
+            "ready_timeout_s": self.opts.ready_timeout_s, "dns_unanswered": self.opts.dns_unanswered,
+            **self.opts.extra}))
         if fleet_dir is not None and (sd / "git").exists():
             shutil.rmtree(sd / "git")
         t0 = time.monotonic()

@@ -6,7 +6,7 @@ The supervisor is re-executed as
 
 so the lab gets its own network stack (nothing it does can reach the machine's interfaces), its
 own mount table (a private tmpfs on /run/netns and /etc/netns: named namespaces and per-namespace
-hosts files never appear on the host) and its own PID namespace (PID 1 is the lab's init, which
+resolv.conf files never appear on the host) and its own PID namespace (PID 1 is the lab's init, which
 runs the supervisor as its child, `clusters.lab.processes.run_as_init`: when init dies, the kernel
 kills every process of the lab). `--kill-child` makes `unshare` take init down with it, so killing
 the one `unshare` process ends the lab even after a crash.
@@ -129,7 +129,7 @@ def spawn(argv: Sequence[str], log_path: Path, support: SandboxSupport | None = 
 
 
 def prepare_mounts() -> None:
-    """Inside the sandbox (PID 1): private tmpfs for named namespaces and per-namespace hosts files."""
+    """Inside the sandbox (PID 1): private tmpfs for named namespaces and per-namespace /etc files (pods' resolv.conf)."""
     for d in ("/run/netns", "/etc/netns"):
         os.makedirs(d, exist_ok=True)
         subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755,size=16m", f"meshfed-{Path(d).name}", d], check=True)

@@ -10,6 +10,7 @@ cardinality is bounded by the config. Outlier detection adds `meshfed_endpoint_e
 `meshfed_endpoint_ejected` (gauge) and `meshfed_endpoint_outcomes_total` per endpoint of a service;
 those series are removed when their endpoint leaves the config (`retain_endpoints`), so a proxy
 that runs for months through pod churn keeps only the series of endpoints it can still reach.
+The DNS responder counts `meshfed_dns_queries_total` by outcome (a fixed set).
 Each proxy gets its own `CollectorRegistry` (several proxies can share a test process);
 `_created` series are disabled (prometheus-client adds them by default).
 
@@ -76,6 +77,9 @@ class Telemetry:
                                 ("destination_service", "endpoint", "outcome"), registry=r)
         self.refused = Counter("meshfed_connections_refused", "Connections refused by the proxy",
                                ("reporter", "reason"), registry=r)
+        self.dns = Counter("meshfed_dns_queries", "DNS queries of pods, by what the node proxy did with them "
+                           "(mesh, nodata, unanswered, forwarded, upstream_answered, servfail, truncated, ...)",
+                           ("outcome",), registry=r)
         self.access_log = access_log
         # (service, endpoint) -> the per-endpoint series it has: (metric, label values)
         self._endpoint_series: dict[tuple[str, str], set[tuple[Any, tuple[str, ...]]]] = {}
@@ -119,6 +123,9 @@ class Telemetry:
     def endpoint_unejected(self, service: str, endpoint: str) -> None:
         self.ejected.labels(service, endpoint).set(0)
         self._note(service, endpoint, self.ejected, (service, endpoint))
+
+    def dns_query(self, outcome: str) -> None:
+        self.dns.labels(outcome).inc()
 
     def refusal(self, reporter: str, reason_code: str) -> None:
         self.refused.labels(reporter, reason_code).inc()

@@ -277,7 +277,15 @@ class ProxyBase:
         self.draining = False
         self._bundles_seen: tuple[Any, ...] | None = None
         self._verified: dict[bytes, tuple[TrustStore, SpiffeId, float]] = {}
+        # called with each applied config (e.g. the capture rules follow the node's workloads)
+        self.config_listeners: list[Callable[[ProxyConfig], None]] = []
         self.on_config_applied()
+
+    def add_config_listener(self, listener: Callable[[ProxyConfig], None]) -> None:
+        """Call `listener(config)` now (if there is a config) and after every applied config."""
+        self.config_listeners.append(listener)
+        if self.state.config is not None:
+            listener(self.state.config)
 
     # --- config ----------------------------------------------------------------------------------
 
@@ -311,6 +319,8 @@ class ProxyBase:
             del self.detectors[host]
         self.telemetry.retain_endpoints(live)
         self.health.retain_endpoints(live)
+        for listener in self.config_listeners:
+            listener(cfg)
 
     # --- peer verification ------------------------------------------------------------------------
 
@@ -373,10 +383,8 @@ class ProxyBase:
                     return i
             svc = self.state.indexes.services_by_host.get(server_name)
             if svc is not None:
-                local = self.state.indexes.local_workloads_by_address
-                for e in svc.endpoints:
-                    w = local.get(e.address)
-                    if w is not None and self.creds.has(w.identity):
+                for w, _ in self.state.indexes.local_endpoints(svc):
+                    if self.creds.has(w.identity):
                         return w.identity
         return ids[0]
 
