@@ -475,7 +475,9 @@ def test_lab_down_leaves_nothing_behind(fed: LabFederation) -> None:
                 cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            if str(fed.state_dir) in cmd and "pytest" not in cmd:
+            # this lab's directory exactly: /tmp/meshfed-e2e must not match a colleague's /tmp/meshfed-e2e-x
+            sd = str(fed.state_dir)
+            if "pytest" not in cmd and any(t == sd or t.startswith(sd + "/") for t in cmd.split()):
                 leftovers.append(f"{p.name}: {cmd[:120]}")
     assert not leftovers, leftovers
     netns = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
