@@ -24,6 +24,8 @@ Routes (GET):
   /api/v1/trust-view                  `meshfed trust` data from the live CAs (who trusts whom, problems)
   /api/v1/explain?service=S&from=C&zone=Z   `meshfed explain` on the live engine
   /metrics                            meshfed_* metrics (prometheus text format)
+  /healthz                            200 "ok" while the server answers; never needs the token (a
+                                      kubelet's probe has none) and says nothing about the fleet
 Routes (POST, with the token):
   /api/v1/reconcile                   a push landed (a Git hook): check the branch now
 """
@@ -172,6 +174,9 @@ class StatusServer:
 
             def _get(self) -> None:
                 url = urlparse(self.path)
+                if url.path == "/healthz":
+                    self._send(200, b"ok\n", "text/plain; charset=utf-8")
+                    return
                 if not self._authorized() and read_needs_token:
                     self._refuse("this status API is not on loopback: send the controller's token "
                                  f"(Authorization: Bearer <{STATUS_API_TOKEN_FILE}>; meshfed --token-file)")

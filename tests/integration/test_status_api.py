@@ -133,6 +133,27 @@ def test_beyond_loopback_everything_needs_the_token() -> None:
         srv.stop()
 
 
+def test_the_in_cluster_controllers_readiness_probe_needs_no_token() -> None:
+    """The in-cluster controller serves status on 0.0.0.0 (so: the token for everything); the
+    kubelet's probe has no token, so it probes /healthz, which says nothing about the fleet."""
+    import gitops
+    from clusters.kind.manifests import controller_objects
+
+    snap = gitops.load_worktree(Path(__file__).resolve().parents[2] / "examples" / "fleet")
+    deploy = next(o for o in controller_objects(snap, "east", "https://git.example/fleet.git")
+                  if o["kind"] == "Deployment")
+    container = deploy["spec"]["template"]["spec"]["containers"][0]
+    listen = container["args"][container["args"].index("--status-listen") + 1]
+    probe = container["readinessProbe"]["httpGet"]
+    assert listen.startswith("0.0.0.0:") and probe["port"] == int(listen.rsplit(":", 1)[1])
+    srv = StatusServer(Source(), "0.0.0.0:0", token=TOKEN, log=lambda e: None).start()
+    try:
+        assert _get(srv.port, probe["path"]) == (200, b"ok\n")
+        assert _get(srv.port, "/api/v1/status")[0] == 401   # the rest still needs the token
+    finally:
+        srv.stop()
+
+
 def test_the_cli_sends_the_token_from_its_file(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
