@@ -126,7 +126,10 @@ class LabFederation:
                         f"see {self.state_dir}/logs/controller.log and the proxies' logs there")
 
     def proxy_count(self) -> int:
-        return sum(len(c["nodes"]) + (1 if c.get("gateway") else 0) for c in self.lab.get("clusters", []))
+        """Node ztunnels, east-west gateways, and the waypoints and ingress gateways that run as pods."""
+        return sum(len(c["nodes"]) + (1 if c.get("gateway") else 0)
+                   + sum(1 for p in c.get("pods", []) if p.get("role") in ("waypoint", "ingress"))
+                   for c in self.lab.get("clusters", []))
 
     def tiers(self, cluster: str, service: str = SERVICE_HOST) -> list[str]:
         """Clusters in the order `cluster`'s proxies fail over (from the rendered endpoints)."""
@@ -187,18 +190,18 @@ class LabFederation:
 
     # --- load -------------------------------------------------------------------------------------
 
-    def start_load(self, cluster: str, rate_per_s: float, timeout_s: float = 2.0, pod: str | None = None,
-                   name: str | None = None) -> Path:
-        """Open-loop load from `pod` (default: the cluster's first client pod), recorded under
-        `name` (default: the cluster) for `records`/`stop_load`."""
-        name = name or cluster
-        out = self.state_dir / "demo" / f"load-{name}.jsonl"
+    def start_load(self, cluster: str, rate_per_s: float, timeout_s: float = 2.0, url: str = SERVICE_URL,
+                   name: str = "", pod: str | None = None) -> Path:
+        """Open-loop load from `pod` (default: `cluster`'s first client pod) to `url`; `name` tells
+        several loads of one cluster apart (records, stop_load take it; default: the cluster's name)."""
+        key = name or cluster
+        out = self.state_dir / "demo" / f"load-{key}.jsonl"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.unlink(missing_ok=True)
-        self.runner.spawn(f"load-{name}", pod or self.client_pod(cluster),
-                          [sys.executable, "-m", "clusters.lab.loadgen", SERVICE_URL, "--rate", str(rate_per_s),
+        self.runner.spawn(f"load-{key}", pod or self.client_pod(cluster),
+                          [sys.executable, "-m", "clusters.lab.loadgen", url, "--rate", str(rate_per_s),
                            "--timeout-s", str(timeout_s), "--out", str(out)])
-        self.loads[name] = out
+        self.loads[key] = out
         return out
 
     def records(self, cluster: str) -> list[dict[str, Any]]:
@@ -336,6 +339,12 @@ def without_canary(records: Sequence[Mapping[str, Any]], canary: str = CANARY_WO
     the faulted cluster still serving (the priority order names clusters, and the canary's answers
     carry its cluster). Failed and indeterminate requests stay: they did not reach the canary."""
     return [r for r in records if not (r.get("outcome") == "ok" and workload_of(str(r.get("pod", ""))) == canary)]
+
+
+def failed_back_at(records: Sequence[Mapping[str, Any]], cluster: str, after_s: float) -> float | None:
+    """When `cluster`'s own (non-canary) backends served again after `after_s`: the canary kept
+    serving there through the fault, so its answers say nothing about failback."""
+    return first_served_by(without_canary(records), cluster, after_s)
 
 
 def set_canary_weights(worktree: Path, stable: int, canary: int) -> None:

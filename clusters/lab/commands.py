@@ -28,6 +28,7 @@ from clusters.lab.layout import (
     CONTROLLER_GRPC_PORT,
     CONTROLLER_HTTP_PORT,
     CONTROLLER_ROOTS_FILE,
+    RUN_DIR,
 )
 from clusters.lab.topology import CONTROLLER_MGMT_ADDRESS, LabPlan, NetnsName, PodPlan
 from ztunnel.api.ports import ADMIN_PORT, DNS_CAPTURE_PORT, HBONE_PORT, OUTBOUND_CAPTURE_PORT, SOCKS5_PORT
@@ -39,7 +40,7 @@ MESHFED = ("-m", "federation.cli.main")   # `meshfed` without relying on the con
 class ProxySpec:
     """One proxy of the plan: a node ztunnel or a cluster's east-west gateway."""
 
-    proxy_id: str       # ztunnel/<cluster>/<node> | gateway/<cluster>
+    proxy_id: str       # ztunnel/<cluster>/<node> | gateway/<cluster> | waypoint|ingress/<cluster>/<ns>/<name>
     cluster: str
     trust_domain: str
     netns: NetnsName
@@ -61,13 +62,22 @@ class ProxySpec:
 
 
 def proxy_specs(plan: LabPlan) -> list[ProxySpec]:
+    """Node ztunnels, east-west gateways, and the proxies that run as pods (waypoints, ingress
+    gateways: in their pod's namespace)."""
     out: list[ProxySpec] = []
     for c in plan.clusters:
         out += [ProxySpec(f"ztunnel/{c.name}/{n.name}", c.name, c.trust_domain, n.netns, n.pod_gateway)
                 for n in c.nodes]
         if c.gateway is not None:
             out.append(ProxySpec(f"gateway/{c.name}", c.name, c.trust_domain, c.gateway.netns, ""))
+        out += [ProxySpec(p.proxy_id, c.name, c.trust_domain, p.netns, "") for p in c.proxy_pods()]
     return out
+
+
+def ready_file(proxy_id: str) -> str:
+    """Where a proxy running as a pod says it is ready (the sandbox-private RUN_DIR): what the
+    kubelet reports as the pod's readiness."""
+    return f"{RUN_DIR}/{proxy_id.replace('/', '.')}.ready"
 
 
 def proxy_argv(python: Sequence[str], proxy_id: str, proxy_dir: Path, socks_host: str, *, standalone: bool,
@@ -101,7 +111,9 @@ def proxy_argv(python: Sequence[str], proxy_id: str, proxy_dir: Path, socks_host
                  "--dns", f"{socks_host}:{DNS_CAPTURE_PORT}", "--dns-upstream", "none",
                  "--dns-unanswered", dns_unanswered]
     else:
-        argv += ["--socks", ""]  # a gateway has no local clients
+        argv += ["--socks", ""]  # a gateway, waypoint or ingress gateway has no local clients
+    if proxy_id.startswith(("waypoint/", "ingress/")):
+        argv += ["--ready-file", ready_file(proxy_id)]
     return argv
 
 
@@ -124,9 +136,13 @@ def bootstrap_token_argv(python: Sequence[str], controller_dir: Path, proxy_id: 
 
 
 def pod_argv(python: Sequence[str], p: PodPlan, control_socket: str) -> list[str]:
-    return [*python, "-m", "clusters.lab.demo_server", "--cluster", p.cluster, "--namespace", p.namespace,
+    argv = [*python, "-m", "clusters.lab.demo_server", "--cluster", p.cluster, "--namespace", p.namespace,
             "--pod", p.name, "--node", p.node, "--address", p.address, "--port", str(p.port),
             "--behaviour", p.behaviour.value, "--control", control_socket]
+    if p.model is not None:
+        argv += ["--model", p.model.name, "--model-latency-ms", f"{p.model.latency_s * 1000:g}",
+                 "--model-concurrency", str(p.model.concurrency)]
+    return argv
 
 
 def latency_relay_argv(python: Sequence[str], port: int, delay_ms: float) -> list[str]:

@@ -183,7 +183,8 @@ def register(group: click.Group) -> None:
 
     @controller.command("bootstrap-token")
     @click.option("--state-dir", default=".meshfed", show_default=True, help="the controller's state directory")
-    @click.option("--proxy-id", required=True, help="ztunnel/<cluster>/<node> or gateway/<cluster>")
+    @click.option("--proxy-id", required=True, help="ztunnel/<cluster>/<node>, gateway/<cluster>, "
+                  "waypoint/<cluster>/<ns>/<name> or ingress/<cluster>/<ns>/<name>")
     def bootstrap_token(state_dir: str, proxy_id: str) -> None:
         """Print the bootstrap token a proxy presents for its first certificate (created if needed).
 

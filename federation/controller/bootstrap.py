@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+from ztunnel.api.identity import parse_proxy_id
 from ztunnel.api.secret_files import SecretFileError, make_private_dir, read_secret, write_secret
 
 BOOTSTRAP_TOKENS_FILE = "bootstrap-tokens.json"   # cluster -> token (0600): hand to that cluster's proxies
@@ -38,11 +39,8 @@ class BootstrapTokenError(RuntimeError):
 
 
 def proxy_cluster(proxy_id: str) -> str:
-    """`ztunnel/east/node-1` and `gateway/east` -> `east`."""
-    parts = proxy_id.split("/")
-    if len(parts) < 2 or parts[0] not in ("ztunnel", "gateway") or not all(parts):
-        raise ValueError(f"proxy id {proxy_id!r} is not ztunnel/<cluster>/<node> or gateway/<cluster>")
-    return parts[1]
+    """`ztunnel/east/node-1`, `gateway/east`, `waypoint/east/shop/waypoint` -> `east`."""
+    return parse_proxy_id(proxy_id)[1]
 
 
 class BootstrapTokens:

@@ -142,6 +142,24 @@ PROXY_NAMESPACE = "meshfed-system"            # where proxies' own identities li
 CONTROLLER_TLS_NAME = "meshfed-controller.meshfed-system"
 
 
+# Proxy ids: the kind, then the cluster, then what names the proxy within it.
+PROXY_ID_SHAPES = {
+    "ztunnel": "ztunnel/<cluster>/<node>",
+    "gateway": "gateway/<cluster>",
+    "waypoint": "waypoint/<cluster>/<namespace>/<name>",
+    "ingress": "ingress/<cluster>/<namespace>/<name>",
+}
+_PROXY_ID_PARTS = {"ztunnel": 3, "gateway": 2, "waypoint": 4, "ingress": 4}
+
+
+def parse_proxy_id(proxy_id: str) -> tuple[str, str]:
+    """(kind, cluster) of a proxy id; ValueError naming the accepted shapes otherwise."""
+    parts = proxy_id.split("/")
+    if not parts or parts[0] not in _PROXY_ID_PARTS or len(parts) != _PROXY_ID_PARTS[parts[0]] or not all(parts):
+        raise ValueError(f"proxy id {proxy_id!r} is not one of: {', '.join(PROXY_ID_SHAPES.values())}")
+    return parts[0], parts[1]
+
+
 def proxy_spiffe_id(trust_domain: str, proxy_id: str) -> str:
     """The identity a proxy presents to the controller; it names the proxy, so a proxy can
     subscribe as itself only: `ztunnel/east/node-1` in east.mesh.local ->

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ztunnel.api.config import ProxyConfig, ProxyMode, Stamp
-from ztunnel.api.identity import IdentityError, check_trust_domain, proxy_spiffe_id
+from ztunnel.api.identity import IdentityError, check_trust_domain, parse_proxy_id, proxy_spiffe_id
 from ztunnel.api.outlier import EndpointEjected, EndpointUnejected
 from ztunnel.api.proto import meshfed_pb2 as pb
 from ztunnel.identity.certmanager import CertManager
@@ -51,11 +51,10 @@ class ControllerUnavailable(RuntimeError):
 
 def header_for(proxy_id: str, trust_domain: str, network: str = "") -> ProxyConfig:
     """The hello's header: mode and cluster follow from the proxy id (`ztunnel/<c>/<node>`, `gateway/<c>`)."""
-    parts = proxy_id.split("/")
-    if len(parts) < 2 or parts[0] not in ("ztunnel", "gateway"):
-        raise ValueError(f"proxy id {proxy_id!r}: use ztunnel/<cluster>/<node> or gateway/<cluster>")
-    mode = ProxyMode.GATEWAY if parts[0] == "gateway" else ProxyMode.NODE
-    return ProxyConfig(proxy_id=proxy_id, mode=mode, cluster=parts[1], network=network,
+    kind, cluster = parse_proxy_id(proxy_id)
+    mode = {"gateway": ProxyMode.GATEWAY, "waypoint": ProxyMode.WAYPOINT,
+            "ingress": ProxyMode.INGRESS}.get(kind, ProxyMode.NODE)
+    return ProxyConfig(proxy_id=proxy_id, mode=mode, cluster=cluster, network=network,
                        trust_domain=trust_domain, stamp=Stamp(0, "", 0))
 
 

@@ -64,8 +64,13 @@ def test_per_endpoint_series_and_state_leave_with_the_endpoint() -> None:
     assert gone not in health._service_of and gone not in health.ejected_until_mono_s
     assert all(k[1] != gone for k in health._last)
     assert gone not in proxy.detectors[HOST].ejected_keys(0.0)
+    # a pod that comes back (same uid) is counted again: no cached child of a removed series
+    assert st.apply(config(p0, p1, version=3)).applied
+    proxy.on_config_applied()
+    proxy.record_outcome(HOST, gone, Outcome.CONNECT_FAILURE)
+    assert [line for line in series_of(telemetry, gone) if line.startswith("meshfed_endpoint_outcomes_total")]
     # and a service that leaves takes its detector with it
-    assert st.apply(replace(config(p0, version=3), services=())).applied
+    assert st.apply(replace(config(p0, version=4), services=())).applied
     proxy.on_config_applied()
     assert proxy.detectors == {} and series_of(telemetry, p0.workload().uid) == []
 
