@@ -193,6 +193,13 @@ _CODES = (
     Code("MF0515", "inference pool problem",
          "An InferencePool selects no model-server pods in any lab cluster, or targets a port they do not serve.",
          Severity.WARNING),
+    Code("MF0516", "commit removes too much of the fleet",
+         "The commit removes more than spec.removal.maxClusterPercent of the clusters or "
+         "spec.removal.maxEndpointPercent of the global endpoints (default 50 % each) and the "
+         "Federation does not name those removals under spec.removal.intended. Reported by the "
+         "controller (against the applied revision and the live endpoints) and by `meshfed plan` "
+         "(against --from, with the LabCluster endpoints); the controller refuses the commit and the "
+         "last applied revision stays in force."),
     # --- MF06xx lab ---------------------------------------------------------------------------
     Code("MF0601", "lab workload placed on an unknown node",
          "A LabCluster workload's nodes must be among the LabCluster's nodes."),

@@ -66,6 +66,19 @@ class BootstrapTokens:
         self._by_cluster = {c: tokens[c] for c in wanted}
         return dict(self._by_cluster)
 
+    def revoke(self, clusters: Iterable[str]) -> list[str]:
+        """Remove the tokens of `clusters` (they left the fleet): the file and the checks forget
+        them. Returns the clusters whose token was removed."""
+        gone = set(clusters)
+        with self._locked():
+            tokens = self._read()
+            removed = sorted(gone & set(tokens))
+            if removed:
+                write_secret(self.path, json.dumps({c: t for c, t in tokens.items() if c not in gone}, indent=1,
+                                                   sort_keys=True).encode())
+        self._by_cluster = {c: t for c, t in self._by_cluster.items() if c not in gone}
+        return removed
+
     def token_for_proxy(self, proxy_id: str) -> str:
         """The token a proxy presents (created if its cluster has none yet)."""
         cluster = proxy_cluster(proxy_id)

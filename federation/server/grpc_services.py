@@ -49,7 +49,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from federation.controller.distributor import ConfigDistributor, StaleEpochError
+from federation.controller.distributor import ConfigDistributor, ProxyRemovedError, StaleEpochError
 from federation.controller.signing import Requester, Signer, cluster_named_by
 from ztunnel.api.codec import PROXY_ID_METADATA, stamp_from_pb
 from ztunnel.api.proto import meshfed_pb2 as pb
@@ -138,6 +138,7 @@ class ConfigServer:
         self._streams: dict[str, asyncio.Task[Any]] = {}
         self._writes: dict[asyncio.Future[Any], tuple[float, str]] = {}  # writer -> (write started, proxy)
         self._watchdog: asyncio.Task[None] | None = None
+        self.starting = asyncio.Lock()   # `serve` is idempotent under concurrent calls
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -171,22 +172,34 @@ class ConfigServer:
                     self._health, request_deserializer=pb.HealthReport.FromString,
                     response_serializer=pb.HealthSummary.SerializeToString)}),
         ))
+        # `port` and `bootstrap_port` are published (they are what status, the driver and `serve`'s
+        # idempotence read as "listening") only once every listener bound and the server started:
+        # a failed bootstrap bind must not leave a port that looks served
+        bootstrap_port = 0
         if tls is None:
-            self.port = self._server.add_insecure_port(listen)
+            port = self._server.add_insecure_port(listen)
         else:
             key, chain, roots = tls
             creds = grpc.ssl_server_credentials([(key, chain)], root_certificates=roots, require_client_auth=True)
-            self.port = self._server.add_secure_port(listen, creds)
+            port = self._server.add_secure_port(listen, creds)
             if bootstrap_listen is not None:
-                self.bootstrap_port = self._server.add_secure_port(
+                bootstrap_port = self._server.add_secure_port(
                     bootstrap_listen, grpc.ssl_server_credentials([(key, chain)]))
-                if self.bootstrap_port == 0:
+                if bootstrap_port == 0:
+                    await self._abandon()
                     raise OSError(f"cannot listen on {bootstrap_listen} (bootstrap): address in use or not local")
-        if self.port == 0:
+        if port == 0:
+            await self._abandon()
             raise OSError(f"cannot listen on {listen}: address in use or not local")
         await self._server.start()
+        self.port, self.bootstrap_port = int(port), int(bootstrap_port)
         self._watchdog = asyncio.ensure_future(self._write_watchdog())
-        return int(self.port)
+        return self.port
+
+    async def _abandon(self) -> None:
+        """A start that failed: let go of the listeners already bound."""
+        server, self._server = self._server, None
+        await server.stop(0)
 
     def counters(self) -> dict[str, int]:
         """What the transport knows, for the config service's status."""
@@ -197,15 +210,20 @@ class ConfigServer:
         """Disconnect proxies that do not drain their stream: a write pending for longer than
         `write_timeout_s` cancels that stream's writer, which ends the stream (the proxy resyncs
         when it returns). One periodic sweep instead of a timer per write (measured: the per-write
-        `asyncio.timeout` was the largest Python cost of a push after encoding was shared)."""
+        `asyncio.timeout` was the largest Python cost of a push after encoding was shared). The
+        same sweep ticks the distributor: pushes unanswered too long fail, and the streams of
+        failed pushes whose backoff is over are woken to retry."""
         while True:
-            await asyncio.sleep(self.write_timeout_s / 4)
+            await asyncio.sleep(min(self.write_timeout_s / 4, 1.0))
             now = time.monotonic()
             for task, (started_s, _proxy_id) in list(self._writes.items()):
                 if now - started_s > self.write_timeout_s:
                     del self._writes[task]
                     self.slow_disconnects += 1
                     task.cancel()
+            for session in self.dist.tick():
+                if session.wake is not None:
+                    session.wake.set()
 
     async def stop(self, grace_s: float = 1.0) -> None:
         if self._watchdog is not None:
@@ -279,6 +297,9 @@ class ConfigServer:
         except StaleEpochError as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
             raise  # unreachable: abort raises
+        except ProxyRemovedError as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+            raise
         old = self._streams.get(proxy_id)
         if old is not None and old is not asyncio.current_task():
             old.cancel()  # a proxy has one stream; the newest wins
@@ -300,6 +321,8 @@ class ConfigServer:
             while True:
                 await session.wake.wait()
                 session.wake.clear()
+                if session.removed:
+                    return  # forgotten (no longer rendered): end the stream
                 for msg in self.dist.build(session):
                     # the write deadline is enforced by `_write_watchdog` (one timer for all streams)
                     self._writes[me_w] = (time.monotonic(), proxy_id)
@@ -319,7 +342,7 @@ class ConfigServer:
             self._writes.pop(wr, None)
             if self._streams.get(proxy_id) is me:
                 del self._streams[proxy_id]
-                session.detach()
+                self.dist.detach(session)
 
     # --- certificates --------------------------------------------------------------------------
 
@@ -421,14 +444,15 @@ async def serve(service: ConfigService, server: ConfigServer, listen: str,
     bootstrap port on the listen host (any port) unless given, and the service's ACK flusher.
     (config port, bootstrap port); the bootstrap port is 0 without TLS. Idempotent: a second
     call (two supervisors racing after a restart) returns the ports of the running server."""
-    if server.port:
+    async with server.starting:   # a racing second call waits for the first, then sees its ports
+        if server.port:
+            return server.port, server.bootstrap_port
+        tls = None if service.insecure else service.signing.server_tls()
+        if tls is not None and bootstrap_listen is None:
+            bootstrap_listen = listen.rsplit(":", 1)[0] + ":0"
+        await server.start(listen, tls, bootstrap_listen if tls is not None else None)
+        service.start_flushing()
         return server.port, server.bootstrap_port
-    tls = None if service.insecure else service.signing.server_tls()
-    if tls is not None and bootstrap_listen is None:
-        bootstrap_listen = listen.rsplit(":", 1)[0] + ":0"
-    await server.start(listen, tls, bootstrap_listen if tls is not None else None)
-    service.start_flushing()
-    return server.port, server.bootstrap_port
 
 
 async def wait_until(pred: Callable[[], bool], timeout_s: float, interval_s: float = 0.005) -> bool:

@@ -188,3 +188,35 @@ async def test_bootstrap_token_rules(ctl: Ctl) -> None:
             err = await refused(request_certificate(ch, pid, kc.csr_pem, bootstrap_token=ctl.tokens["east"]))
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED, identity
         assert "not entitled" in (err.details() or "")
+
+
+async def test_ports_are_published_only_once_every_listener_bound(tmp_path: Path) -> None:
+    """Review note (c): the config port was published before the bootstrap listener bound, so a
+    failed bootstrap bind left a port that status, the driver and `serve` took for "listening"
+    (a later `serve` returned it without ever starting the server)."""
+    import asyncio
+    import socket
+
+    service = ConfigService(tmp_path / "state", insecure=False)
+    service.ensure_cas(gitops.load_worktree(EXAMPLE_FLEET))
+    server = config_server_for(service)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        with pytest.raises((OSError, RuntimeError)):
+            await serve(service, server, "127.0.0.1:0", f"127.0.0.1:{busy}")
+    assert (server.port, server.bootstrap_port) == (0, 0) and server.counters()["port"] == 0
+    try:
+        # a retry serves both; a racing second call waits for it and returns the same ports
+        first, second = await asyncio.gather(serve(service, server, "127.0.0.1:0", "127.0.0.1:0"),
+                                             serve(service, server, "127.0.0.1:0", "127.0.0.1:0"))
+        assert first == second == (server.port, server.bootstrap_port) and all(first)
+        tokens = json.loads((tmp_path / "state" / BOOTSTRAP_TOKENS_FILE).read_text())
+        roots = (tmp_path / "state" / CONTROLLER_ROOTS_FILE).read_bytes()
+        svid = await bootstrap_svid(f"127.0.0.1:{server.bootstrap_port}", "ztunnel/east/node-1", EAST_TD, roots,
+                                    tokens["east"])
+        assert svid.identity == proxy_spiffe_id(EAST_TD, "ztunnel/east/node-1")
+    finally:
+        await server.stop(0)
+        await service.stop()

@@ -79,9 +79,10 @@ def test_the_status_document_joins_the_parts() -> None:
     st = queries.assemble_status(rec, cs, agents, {"repo": "r"}, state_dir="/s", failover_events=2, trust=[],
                                  now_s=100.0, state_node="node-a")
     assert st["controller"] == {"epoch": 3, "config_port": 15010, "bootstrap_port": 0, "state_dir": "/s",
-                                "state_node": "node-a"}
+                                "state_node": "node-a", "lock": None, "state": {}}
     assert st["clusters"]["east"] == {"endpoints": 4, "up": True, "lease_remaining_s": 9.0, "last_error": None,
-                                      "api": None, "context": "lab-east", "applied_revision": "abc"}
+                                      "api": None, "context": "lab-east", "applied_revision": "abc",
+                                      "draining": False}
     assert st["clusters"]["west"]["up"] is None and "proxies" not in st["config_server"]
     assert st["proxies"] == cs["proxies"] and st["failover_events"] == 2 and st["at_s"] == 100.0
 

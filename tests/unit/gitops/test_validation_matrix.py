@@ -59,6 +59,9 @@ def test_every_code_in_the_catalogue_is_exercised() -> None:
     # emitted by the controller's commit gate (federation/core/rotation_gate.py), which needs the applied
     # revision and the leaves issued; exercised in tests/unit/controller/test_rotation_gate.py
     exercised |= {"MF0407"}
+    # the removal guard (federation/core/removal.py) compares a commit with the applied revision;
+    # exercised in tests/unit/core/test_removal.py and by `meshfed plan` in tests/integration/test_plan_effects.py
+    exercised |= {"MF0516"}
     assert set(CATALOGUE) == exercised
 
 

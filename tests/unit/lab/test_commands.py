@@ -109,6 +109,7 @@ def test_the_controller_runs_with_flags_meshfed_controller_run_defines(tmp_path:
     assert p["status_listen"] == f"127.0.0.1:{CONTROLLER_HTTP_PORT}"
     assert p["kubeconfig"] == str(tmp_path / "kubeconfig")
     assert p["insecure"] is False
+    assert p["standby"] is True     # a restarted lab controller waits for its killed predecessor
 
 
 def test_the_lab_and_the_controller_agree_on_the_token_file_name() -> None:
