@@ -16,6 +16,7 @@ import click
 
 import gitops
 from federation.cli.completion import complete_clusters, complete_services
+from federation.cli.ops import token_file_option
 from federation.cli.output import (
     EXIT_OK,
     EXIT_PROBLEMS,
@@ -56,6 +57,7 @@ def _engine(path: str) -> FailoverEngine:
 @click.option("--zone", default=None, help="the client's zone (default: the cluster's first node)")
 @click.option("--controller", default=None, envvar="MESHFED_CONTROLLER",
               help="explain live from this controller's status API (or $MESHFED_CONTROLLER) when no PATH is given")
+@token_file_option
 @output_option()
 def explain_cmd(service: str, path: str | None, fleet: str | None, from_cluster: str, zone: str | None,
                 controller: str | None, output: str) -> None:

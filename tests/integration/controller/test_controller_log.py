@@ -94,8 +94,10 @@ def _commit(repo: Path, message: str) -> str:
     return git(repo, "rev-parse", "HEAD")
 
 
-def _post(url: str) -> None:
-    urllib.request.urlopen(urllib.request.Request(url, method="POST", data=b""), timeout=10).read()
+def _post(url: str, token_file: Path) -> None:
+    """A Git hook's announcement; writes need the controller's token (issue 11 part C)."""
+    headers = {"Authorization": f"Bearer {token_file.read_text().strip()}"}
+    urllib.request.urlopen(urllib.request.Request(url, method="POST", data=b"", headers=headers), timeout=10).read()
 
 
 def _get(url: str) -> Any:
@@ -118,6 +120,7 @@ async def test_controller_run_logs_each_state_change_as_json(
     first = _commit(fleet_repo, "short lease for the test")
     port, status_port = free_port(), free_port()
     status = f"http://127.0.0.1:{status_port}"
+    token_file = tmp_path / "state" / "status-api-token"   # written 0600 by the state owner
     log_path = tmp_path / "controller.log"
     import ray
 
@@ -183,7 +186,7 @@ async def test_controller_run_logs_each_state_change_as_json(
         svc = (fleet_repo / "services/shop/checkout-v2.yaml").read_text()
         (fleet_repo / "services/shop/checkout-v3.yaml").write_text(svc.replace("checkout-v2", "checkout-v3"))
         second = _commit(fleet_repo, "add checkout-v3")
-        _post(status + "/api/v1/reconcile")
+        _post(status + "/api/v1/reconcile", token_file)
         await log.wait("CommitApplying", proc, where=lambda r: r["revision"] == second)
         # one NACK of south's three proxies: two ACKs are still a quorum there
         await log.wait("CommitApplied", proc, where=lambda r: r["revision"] == second)
@@ -192,12 +195,13 @@ async def test_controller_run_logs_each_state_change_as_json(
         assert nack["proxy"] == nacker and "unsupported appProtocol" in nack["error"] and nack["level"] == "WARNING"
         request = await log.wait("HttpRequest", proc, 10, where=lambda r: r["method"] == "POST")
         assert request["path"] == "/api/v1/reconcile" and request["status"] == 202   # accepted: fetch now
+        assert request["authenticated"] is True and request["level"] == "INFO"
 
         # a rejected commit: a new root that signs before it was published (MF0407)
         trust = fleet_repo / "trust" / f"{TD}.yaml"
         trust.write_text(_trust("root-2", "root-1", "root-2"))
         bad = _commit(fleet_repo, "switch to root-2 at once")
-        _post(status + "/api/v1/reconcile")
+        _post(status + "/api/v1/reconcile", token_file)
         rejected = await log.wait("CommitRejected", proc, 30)
         assert rejected["revision"] == bad and rejected["level"] == "WARNING"
         assert any("MF0407" in p for p in rejected["problems"]) and rejected["applied_revision"] == second
@@ -205,12 +209,12 @@ async def test_controller_run_logs_each_state_change_as_json(
         # a staged rotation: publish root-2, then sign with it
         trust.write_text(_trust("root-1", "root-1", "root-2"))
         _commit(fleet_repo, "publish root-2")
-        _post(status + "/api/v1/reconcile")
+        _post(status + "/api/v1/reconcile", token_file)
         added = await log.wait("CaRootsChanged", proc, 30)
         assert added["trust_domain"] == TD and added["added"] == ["root-2"]
         trust.write_text(_trust("root-2", "root-1", "root-2"))
         _commit(fleet_repo, "sign with root-2")
-        _post(status + "/api/v1/reconcile")
+        _post(status + "/api/v1/reconcile", token_file)
         rotated = await log.wait("SigningRootRotated", proc, 30)
         assert (rotated["previous_root"], rotated["signing_root"]) == ("root-1", "root-2")
 
@@ -226,6 +230,7 @@ async def test_controller_run_logs_each_state_change_as_json(
         # nothing secret, ever: no private key, no bootstrap token
         text = log_path.read_text()
         assert "PRIVATE KEY-----" not in text
+        assert token_file.read_text().strip() not in text       # the status API's token
         tokens = json.loads((tmp_path / "state" / "bootstrap-tokens.json").read_text()) \
             if (tmp_path / "state" / "bootstrap-tokens.json").exists() else {}
         for value in (tokens.values() if isinstance(tokens, dict) else []):
