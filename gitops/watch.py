@@ -92,6 +92,7 @@ class BranchWatch:
     last_attempted_revision: Revision | None = None
     last_error: str | None = None
     last_problems: tuple[Problem, ...] = ()
+    last_fetch_error: str | None = None   # the last check could not read the branch (None once one could)
     next_poll_at: float = 0.0
     trigger_pending: bool = False
     history: list[str] = field(default_factory=list)
@@ -118,6 +119,7 @@ class BranchWatch:
     # --- what the follower observed ---------------------------------------------------------
     def observe_head(self, head: HeadObservation, retry_failed: bool = False) -> Decision:
         rev = head.revision
+        self.last_fetch_error = None  # the branch was read: the repository is reachable
         if self.last_applied_revision is not None and rev.sha == self.last_applied_revision.sha:
             decision = Decision(DecisionKind.SKIP, rev, "up to date")
             # the head is the applied revision again (fetch recovered, bad commit reverted): an
@@ -142,7 +144,7 @@ class BranchWatch:
 
     def fetch_failed(self, error: str) -> None:
         self._go("fetch_failed")
-        self.last_error = error
+        self.last_error = self.last_fetch_error = error
         self.history.append(f"fetch failed: {error}")
 
     def loaded(self, rev: Revision, poll_interval_s: float | None = None) -> None:

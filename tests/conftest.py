@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 missing = _docker_engine_missing()
                 if missing:
                     item.add_marker(pytest.mark.skip(reason=f"kind tier needs Docker: {missing}"))
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """A test that runs a CLI command configures logging (root level, the meshfed handler, and the
+    $MESHFED_LOG_FORMAT a command hands to the processes it starts): undo it after each test."""
+    import logging
+
+    from ztunnel.api import logsetup
+
+    root = logging.getLogger()
+    level = root.level
+    env_format = os.environ.get(logsetup.ENV_FORMAT)
+    yield
+    logsetup.reset()
+    root.setLevel(level)
+    if env_format is None:
+        os.environ.pop(logsetup.ENV_FORMAT, None)
+    else:
+        os.environ[logsetup.ENV_FORMAT] = env_format

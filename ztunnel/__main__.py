@@ -12,14 +12,20 @@
   the same code.
 - SIGTERM/SIGINT: drain (stop accepting, GOAWAY, let connections finish until `--drain-timeout-s`,
   then close). SIGHUP: reload `--config`.
-- Health and outcome reports go to an injectable sink (`HealthSink`); standalone it is the JSON
-  log. The controller client replaces it.
+- Health and outcome reports go to an injectable sink (`HealthSink`); standalone it is the log.
+  The controller client replaces it.
+- Logging (`ztunnel.api.logsetup`, the same set-up as `meshfed`): `--log-level` (default info:
+  config applied, controller connected/lost, certificates, ejections), `--log-format text|json`,
+  or $MESHFED_LOG_LEVEL / $MESHFED_LOG_FORMAT. Connections and ejections go to the access log
+  (`--access-log stderr`, the default: JSON lines whatever the level); with `off`, connections are
+  logged at debug (logger `ztunnel.access`) and ejections at info.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -27,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ztunnel.api import logsetup
 from ztunnel.api.config import ProxyMode, proxy_config_to_dict
 from ztunnel.proxy.admin import AdminServer, Telemetry
 from ztunnel.proxy.base import Credentials, HealthSink, ProxyBase, ProxyOptions
@@ -43,6 +50,9 @@ if TYPE_CHECKING:  # controller mode only: gRPC/protobuf cost ~5 MB RSS, standal
 
 DNS_UNANSWERED = ("servfail", "nxdomain")  # ztunnel.dns.answer.Unanswered (pinned by a unit test)
 DNS_TTL_S = 30                             # ztunnel.dns.answer.DEFAULT_TTL_S (pinned by a unit test)
+
+log = logging.getLogger(__name__)
+emit = logsetup.event_log(log)   # the proxy's own events: `<kind>: k=v ...` (fields in JSON)
 
 
 def cert_file_names(identity: str) -> tuple[str, str]:
@@ -77,9 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin", default="127.0.0.1:15021")
     p.add_argument("--drain-timeout-s", type=float, default=10.0)
     p.add_argument("--handshake-timeout-s", type=float, default=5.0)
-    p.add_argument("--access-log", choices=("stderr", "off"), default="stderr")
+    p.add_argument("--access-log", choices=("stderr", "off"), default="stderr",
+                   help="one JSON line per connection (and per ejection) on stderr, Envoy's access log; off: "
+                        "connections go to the log at --log-level debug")
     p.add_argument("--ready-file", type=Path, help="created once the proxy serves, removed when it drains "
                    "(what a pod's readiness probe reads where the admin port is out of reach)")
+    env_level = os.environ.get(logsetup.ENV_LEVEL, "").lower()
+    env_format = os.environ.get(logsetup.ENV_FORMAT, "").lower()
+    p.add_argument("--log-level", choices=logsetup.LEVELS, type=str.lower,
+                   default=env_level if env_level in logsetup.LEVELS else "info",
+                   help=f"default info, or ${logsetup.ENV_LEVEL}")
+    p.add_argument("--log-format", choices=logsetup.FORMATS, type=str.lower,
+                   default=env_format if env_format in logsetup.FORMATS else "text",
+                   help=f"text or json (one object per line); default text, or ${logsetup.ENV_FORMAT}")
     d = p.add_argument_group("DNS for global names (node mode; pods' udp/tcp 53 redirected here by iptables)")
     d.add_argument("--dns", default="", help="HOST:PORT of the DNS responder, e.g. the pod bridge address :15053 "
                    "('' disables)")
@@ -118,20 +138,19 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
         result, source = ApplyResult(True, "from the controller"), "controller"
     if result is None or state.config is None:
         why = result.reason if result is not None else "no --config and nothing persisted"
-        print(f"ztunnel: no usable config ({why}); pass --config FILE", file=sys.stderr)
+        log.error("no usable config (%s); pass --config FILE", why)
         return 2
     cfg = state.config
     telemetry = Telemetry(cfg.proxy_id, sys.stderr if args.access_log == "stderr" else None)
-    telemetry.log(kind="config", source=source, applied=result.applied, reason=result.reason,
-                  rejected=[str(e) for e in result.rejected])
+    emit(kind="config", source=source, applied=result.applied, reason=result.reason,
+         rejected=[str(e) for e in result.rejected])
     identities = cfg.local_identities or tuple(sorted({w.identity for w in cfg.workloads if w.node == cfg.proxy_id.rsplit('/', 1)[-1]}))
     creds = link_creds if link is not None else Credentials(load_cert_dir(args.cert_dir, identities))
     if link is not None:
         link.health.counter = telemetry.outcomes
         health = health or link.health
     if not creds.identities:
-        print(f"ztunnel: no certificate in {args.cert_dir} for any of {', '.join(identities) or 'no identities'}",
-              file=sys.stderr)
+        log.error("no certificate in %s for any of %s", args.cert_dir, ", ".join(identities) or "no identities")
         return 2
     hb_host, hb_port = parse_host_port(args.hbone)
     socks_host, socks_port = parse_host_port(args.socks) if args.socks else (None, 0)
@@ -147,7 +166,7 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
     await proxy.start()  # type: ignore[attr-defined]
     dns_server = await _start_dns(args, state, telemetry) if cfg.mode is ProxyMode.NODE and args.dns else None
     if args.dns and dns_server is None:
-        telemetry.log(kind="dns", ignored=f"--dns {args.dns}: a gateway serves no DNS (node proxies answer their pods)")
+        emit(kind="dns", ignored=f"--dns {args.dns}: a gateway serves no DNS (node proxies answer their pods)")
     # Capture last: its REDIRECT rules send pods' TCP and DNS to listeners that must already be bound,
     # else a pod's first lookups and connections meet a closed port while the proxy starts.
     capture = _start_capture(args, cfg.mode, proxy, telemetry) if args.capture else None
@@ -170,9 +189,9 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
         args.ready_file.parent.mkdir(parents=True, exist_ok=True)
         args.ready_file.write_text(f"{os.getpid()}\n")
     _release_startup_heap()
-    telemetry.log(kind="listening", hbone=f"{hb_host}:{proxy.opts.hbone_port}",
-                  socks=f"{socks_host}:{proxy.opts.socks_port}" if socks_host else "",
-                  admin=f"{admin_host}:{admin.port}", pid=os.getpid())
+    emit(kind="listening", proxy=cfg.proxy_id, hbone=f"{hb_host}:{proxy.opts.hbone_port}",
+         socks=f"{socks_host}:{proxy.opts.socks_port}" if socks_host else "",
+         admin=f"{admin_host}:{admin.port}", pid=os.getpid())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -182,12 +201,12 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
         if args.config is not None and args.config.exists():
             r = state.apply_dict(load_config_file(args.config))
             proxy.on_config_applied()
-            telemetry.log(kind="config", source="file", applied=r.applied, reason=r.reason,
-                          rejected=[str(e) for e in r.rejected])
+            emit(kind="config", source="file", applied=r.applied, reason=r.reason,
+                 rejected=[str(e) for e in r.rejected])
 
     loop.add_signal_handler(signal.SIGHUP, reload)
     await stop.wait()
-    telemetry.log(kind="draining", timeout_s=args.drain_timeout_s)
+    emit(kind="draining", timeout_s=args.drain_timeout_s)
     if args.ready_file is not None:
         args.ready_file.unlink(missing_ok=True)
     for t in link_tasks:
@@ -198,7 +217,7 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
     if capture is not None:
         capture.stop()  # the rules stay: captured pods are refused until a proxy serves them again
     await admin.close()
-    telemetry.log(kind="stopped")
+    emit(kind="stopped")
     return 0
 
 
@@ -213,10 +232,10 @@ async def _start_dns(args: argparse.Namespace, state: ProxyState, telemetry: Tel
         host, port = parse_host_port(args.dns)
     except (DnsConfigError, ValueError) as e:
         raise SystemExit(f"ztunnel: --dns: {e}") from None
-    server = DnsServer(table_of(state), opts, telemetry.log, telemetry.dns_query)
+    server = DnsServer(table_of(state), opts, count=telemetry.dns_query)
     await server.start(host, port)
-    telemetry.log(kind="dns", listening=f"{host}:{server.port}", upstreams=[f"{h}:{p}" for h, p in opts.upstreams],
-                  unanswered=opts.unanswered.value)
+    emit(kind="dns", listening=f"{host}:{server.port}", upstreams=[f"{h}:{p}" for h, p in opts.upstreams],
+         unanswered=opts.unanswered.value)
     return server
 
 
@@ -243,10 +262,9 @@ async def _join(args: argparse.Namespace, state: ProxyState,
     from ztunnel.xds.controlplane import LinkOptions, join_controller
     if not (args.proxy_id and args.trust_domain and args.controller_roots and args.bootstrap):
         raise SystemExit("--controller needs --bootstrap, --proxy-id, --trust-domain and --controller-roots")
-    log = Telemetry(args.proxy_id, sys.stderr if args.access_log == "stderr" else None).log
     opts = LinkOptions(args.controller, args.bootstrap, args.proxy_id, args.trust_domain, args.bootstrap_token_file,
                        args.controller_roots)
-    return await join_controller(opts, state, creds, log)
+    return await join_controller(opts, state, creds)
 
 
 def _start_capture(args: argparse.Namespace, mode: ProxyMode, proxy: ProxyBase, telemetry: Telemetry) -> CaptureSync:
@@ -261,7 +279,7 @@ def _start_capture(args: argparse.Namespace, mode: ProxyMode, proxy: ProxyBase, 
         capture.install()
     except CaptureError as e:
         raise SystemExit(f"ztunnel: {e}") from None
-    sync = CaptureSync(capture, telemetry.log)
+    sync = CaptureSync(capture)
     proxy.add_config_listener(lambda cfg: sync.update(enrolled_addresses(cfg)))
     return sync
 
@@ -281,6 +299,7 @@ def _release_startup_heap() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logsetup.configure(args.log_level, args.log_format)
     try:
         import uvloop  # type: ignore[import-not-found,unused-ignore]  # optional, faster loop
     except ImportError:

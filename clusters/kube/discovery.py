@@ -29,6 +29,7 @@ dual-stack Service's IPv6 slice names the same pods again).
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -53,6 +54,8 @@ ZONE_LABEL = "topology.kubernetes.io/zone"
 ObjKey = tuple[str, str]  # (namespace or "", name)
 IN_CLUSTER_CONTEXT = "@in-cluster"  # the context name for "this pod's own cluster" (service account)
 HTTP_GONE = 410
+
+log = logging.getLogger(__name__)
 
 
 class DiscoveryError(RuntimeError):
@@ -508,6 +511,7 @@ class KubeDiscovery:
             resp.release_conn()
 
     def _expire(self, kind: str) -> None:
+        log.debug("cluster %s: watch of %s expired (410 Gone): listing again", self.cluster, kind)
         with self._lock:
             self._rv[kind] = None
             self.expired += 1
@@ -522,7 +526,11 @@ class KubeDiscovery:
                 except Exception as e:  # keep watching: the lease (in the agent) tells the rest
                     self.last_error = str(e)
                     with self._lock:
+                        first = self.failing.get(kind) != str(e)
                         self.failing[kind] = str(e)
+                    # once per distinct error, not once per retry (the agent logs the lease's side)
+                    log.log(logging.INFO if first else logging.DEBUG, "cluster %s: watch of %s failed, retrying "
+                            "every %.0f s: %s", self.cluster, kind, retry_s, e)
                     self._stop.wait(retry_s)
 
         for kind in KINDS:

@@ -28,6 +28,9 @@ patches, answers 404/409); reads are served from our `Journal` of what the write
 - its discovery documents (`/api`, `/api/v1`, `/apis`, `/apis/<group>/<version>`) leave out
   `namespaced`, `verbs`, the singular kind and a proper `groupVersion`, and its lists carry no
   `kind`/`apiVersion`: we answer discovery ourselves from `_RESOURCES` (`discovery_document`);
+- `kubectl get` asks for `application/json;as=Table;g=meta.k8s.io`: pods, nodes, services and
+  endpointslices are answered as a Table with the columns of a real cluster (`clusters.lab.tables`;
+  READY, STATUS, IP, NODE for pods), other kinds with the plain list (kubectl shows NAME and AGE);
 - kubectl apply validates objects; it skips its client-side validation (which needs OpenAPI v2)
   when the server's OpenAPI v3 says the PATCH of a kind takes `fieldValidation`: `openapi_v3`
   says so for every served kind (the emulator does not validate fields: the unit tests check the
@@ -57,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from clusters.kube.discovery import LabelSelector
+from clusters.lab import tables
 from gitops.model import AMBIENT_LABEL, AMBIENT_VALUE
 from ztunnel.api.secret_files import read_secret, write_secret
 
@@ -348,19 +352,27 @@ def _server_cls(journal: Journal, state: _ServerState) -> Any:
             labels, fields = LabelSelector(q.get("labelSelector", "")), _field_selector(q.get("fieldSelector", ""))
         except ValueError as e:
             return fail(400, "BadRequest", str(e))
-        if target.name is not None and q.get("watch") not in ("true", "1"):
+        watching = q.get("watch") in ("true", "1")
+        as_table = not watching and tables.wants_table(raw_request.headers.get("Accept", ""))
+        api_version, kind = target.resource
+        if target.name is not None and not watching:
             obj = journal.get(target.resource, (target.namespace or "", target.name))
             if obj is None:
                 return fail(404, "NotFound", f'{target.resource[1].lower()}s "{target.name}" not found')
-            return web.json_response(obj)
+            doc = tables.table(kind, [obj], time.time(), str(journal.rv), q.get("includeObject", "Metadata")) \
+                if as_table else None
+            return web.json_response(doc if doc is not None else obj)
         if target.name is not None:
             fields = [*fields, ("metadata.name", target.name, True)]
-        if q.get("watch") in ("true", "1"):
+        if watching:
             return await watch(raw_request, target, labels, fields)
-        api_version, kind = target.resource
+        items = journal.select(target.resource, target.namespace, labels, fields)
+        if as_table:  # kubectl get: the columns a real cluster shows (kinds without a printer: the list)
+            doc = tables.table(kind, items, time.time(), str(journal.rv), q.get("includeObject", "Metadata"))
+            if doc is not None:
+                return web.json_response(doc)
         return web.json_response({"apiVersion": api_version, "kind": f"{kind}List",
-                                  "metadata": {"resourceVersion": str(journal.rv)},
-                                  "items": journal.select(target.resource, target.namespace, labels, fields)})
+                                  "metadata": {"resourceVersion": str(journal.rv)}, "items": items})
 
     async def watch(raw_request: Any, target: Target, labels: LabelSelector,
                     fields: list[tuple[str, str, bool]]) -> Any:

@@ -18,6 +18,7 @@ plan, never by probing what the installed commands accept.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -56,6 +57,17 @@ if TYPE_CHECKING:  # heavy (kmock, dulwich): imported by the steps that need the
 
 KUBELET_INTERVAL_S = 0.1
 MAX_PUSH_RECORDS = 100
+
+log = logging.getLogger(__name__)
+
+# What each step builds, as `meshfed lab up` prints it (keys are the `timings` names in lab.json)
+STEP_TITLES = {
+    "1_mounts_s": "private mounts", "2_network_s": "network", "3_resolv_conf_s": "resolv.conf per pod",
+    "4_api_servers_s": "emulated API servers", "5_pods_s": "pods", "6_kubelets_s": "kubelets",
+    "7_git_s": "Git server", "8_ztunnels_s": "node ztunnels and gateways", "9_controller_s": "controller",
+    "10_pods_ready_s": "pods ready",
+}
+StepCallback = Callable[[str, float, str], None]   # (timings key, seconds, what it built)
 
 
 def notify_controller(url: str, token_file: Path, refs: Mapping[str, str], timeout_s: float = 2.0) -> dict[str, Any]:
@@ -101,7 +113,9 @@ class LabServices:
 
 class BringUp:
     def __init__(self, state_dir: Path, plan: LabPlan, request: Mapping[str, Any], procs: ProcessTable,
-                 data_plane: DataPlane, node_is_down: Callable[[str, str], bool], stop: threading.Event) -> None:
+                 data_plane: DataPlane, node_is_down: Callable[[str, str], bool], stop: threading.Event,
+                 on_step: StepCallback | None = None) -> None:
+        self.on_step = on_step
         self.state_dir = state_dir
         self.plan = plan
         self.request = request
@@ -121,6 +135,10 @@ class BringUp:
             now = time.monotonic()
             timings[name] = round(now - t, 4)
             t = now
+            detail = self.describe_step(name)
+            log.info("bring-up %s: %s (%.2f s)", STEP_TITLES.get(name, name), detail, timings[name])
+            if self.on_step is not None:
+                self.on_step(name, timings[name], detail)
 
         self._mounts()
         step("1_mounts_s")
@@ -145,6 +163,25 @@ class BringUp:
         step("10_pods_ready_s")
         timings["total_s"] = round(time.monotonic() - t_start, 4)
         return self.services
+
+    def describe_step(self, name: str) -> str:
+        """What step `name` built, in a few words (for the progress lines and the log)."""
+        plan, features = self.plan, self.services.features
+        pods = sum(len(c.pods) for c in plan.clusters)
+        nodes = sum(len(c.nodes) for c in plan.clusters)
+        return {
+            "1_mounts_s": "/run/netns, /etc/netns and a tmpfs for pod sockets",
+            "2_network_s": f"{len(plan.clusters)} clusters, {nodes} nodes, {len(plan.netns_names)} namespaces",
+            "3_resolv_conf_s": f"{pods} pods",
+            "4_api_servers_s": f"{len(self.services.apis)} servers, kubeconfig contexts "
+                               + ", ".join(str(c) for c in self.request.get("contexts", {}).values()),
+            "5_pods_s": f"{pods} demo processes started",
+            "6_kubelets_s": f"{len(self.services.kubelets)} kubelets writing Nodes, Pods, EndpointSlices",
+            "7_git_s": features.get("git", ""),
+            "8_ztunnels_s": features.get("ztunnel", ""),
+            "9_controller_s": features.get("controller", ""),
+            "10_pods_ready_s": f"{pods} pods ready and the API says so",
+        }.get(name, "")
 
     # --- 1-5 ---------------------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ another active fault set (`signal_undo` and `still_held` decide, from the faults
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import socket
 import sys
@@ -36,6 +37,8 @@ from clusters.lab.netns import in_netns
 from clusters.lab.pods import set_behaviour
 from clusters.lab.processes import ManagedProcess, ProcessTable
 from clusters.lab.topology import LabPlan, NetnsName, run_ip, run_iptables, run_tc
+
+log = logging.getLogger(__name__)
 
 LATENCY_FIRST_PORT = 15099   # relays listen on 15099, 15100, … in the namespace they delay
 RELAY_READY_TIMEOUT_S = 5.0
@@ -100,7 +103,7 @@ class FaultInjector:
                     try:
                         self._undo(applied)
                     except Exception as undo_error:  # report, keep rolling back
-                        print(f"fault rollback: could not undo {applied.step!r}: {undo_error}", file=sys.stderr)
+                        log.error("fault rollback: could not undo %r: %s", applied.step, undo_error)
                 raise LabError(f"{req.kind} {req.target} {' '.join(req.names)}: step {st!r} failed ({e}); "
                                "nothing of this fault stays applied") from None
         node = self._node_of(req)
@@ -109,6 +112,9 @@ class FaultInjector:
                 self._nodes_down[node] = self._nodes_down.get(node, 0) + 1
             if req.kind != "cont":
                 self._active.append(AppliedFault(req, tuple(done)))
+        log.info("fault applied: %s %s %s (%d steps)", req.kind, req.target, " ".join(req.names), len(done),
+                 extra={"fields": {"event": "FaultApplied", "kind": req.kind, "target": req.target,
+                                   "names": list(req.names)}})
         return [repr(a.step) for a in done]
 
     @staticmethod
@@ -269,6 +275,9 @@ class FaultInjector:
                     self._nodes_down[node] = max(0, self._nodes_down.get(node, 0) - 1)
             r = fault.request
             healed.append(f"{r.kind} {r.target} {' '.join(r.names)}")
+            log.info("fault healed: %s %s %s", r.kind, r.target, " ".join(r.names),
+                     extra={"fields": {"event": "FaultHealed", "kind": r.kind, "target": r.target,
+                                       "names": list(r.names)}})
         return healed
 
     def _others(self) -> list[F.FaultStep]:

@@ -14,6 +14,8 @@ per cluster is fixed by the plan, only their conditions change.
 from __future__ import annotations
 
 import json
+import logging
+import platform
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -26,6 +28,8 @@ from clusters.lab.topology import ClusterPlan, GatewayPlan, NodePlan, PodPlan, S
 from gitops.model import AMBIENT_LABEL, AMBIENT_VALUE
 
 ZONE_LABEL = "topology.kubernetes.io/zone"
+LAB_KUBELET_VERSION = "v1.31.0-meshfed-lab"   # the Kubernetes API version the emulated server models
+log = logging.getLogger(__name__)
 MAX_TRANSITIONS = 1000  # kept for `lab status` (the last 20 are shown): bounded, the lab may run for days
 REGION_LABEL = "topology.kubernetes.io/region"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
@@ -68,6 +72,10 @@ def node_object(node: NodePlan, state: NodeState, cluster: ClusterPlan) -> dict[
                           {"type": "Hostname", "address": node.name}],
             "conditions": [{"type": "Ready", "status": "True" if state.ready else "False",
                             "reason": "KubeletReady" if state.ready else "NodeDown"}],
+            # what `kubectl get nodes -o wide` shows (VERSION, OS-IMAGE, ...): say what the node is
+            "nodeInfo": {"kubeletVersion": LAB_KUBELET_VERSION, "osImage": "meshfed lab (network namespace)",
+                         "kernelVersion": platform.release(), "containerRuntimeVersion": "meshfed-lab://process",
+                         "operatingSystem": "linux", "architecture": platform.machine()},
         },
     }
 
@@ -209,6 +217,7 @@ class Kubelet:
             if key in self._written:
                 self.transitions.append((time.time(), key, _summary(obj)))
                 del self.transitions[:-MAX_TRANSITIONS]
+                log.info("cluster %s: %s now %s", self.cluster.name, key, _summary(obj))
             self._written[key] = text
             n += 1
         self.writes += n

@@ -21,7 +21,7 @@ import os
 import pickle
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,24 @@ from clusters.lab.topology import LabPlan, plan_lab
 from ztunnel.api.secret_files import SecretFileError, make_private_dir
 
 UP_POLL_S = 0.05
+
+# `on_progress` receives one dict per finished step: {"title", "s" (seconds), "detail"}
+ProgressFn = Callable[[Mapping[str, Any]], None]
+
+
+def relay_steps(on_progress: ProgressFn) -> Callable[[Mapping[str, Any]], None]:
+    """A function of lab.json's successive contents that hands each bring-up step the supervisor
+    published (`steps`, while Starting and once Ready) to `on_progress` once, in order."""
+    reported = 0
+
+    def relay(state: Mapping[str, Any]) -> None:
+        nonlocal reported
+        steps = state.get("steps") if state.get("phase") in ("Starting", "Ready") else None
+        if isinstance(steps, list):
+            for st in steps[reported:]:
+                on_progress(st)
+            reported = max(reported, len(steps))
+    return relay
 
 
 @dataclass
@@ -73,12 +91,20 @@ class LabRunner:
 
     # --- up -------------------------------------------------------------------------------------
 
-    def up_from_snapshot(self, snapshot: Any, fleet_dir: Path | None) -> dict[str, Any]:
+    def up_from_snapshot(self, snapshot: Any, fleet_dir: Path | None,
+                         on_progress: ProgressFn | None = None) -> dict[str, Any]:
+        t0 = time.monotonic()
         plan = plan_lab(snapshot.clusters, snapshot.lab_clusters, snapshot.services, gateways=snapshot.gateways)
         contexts = {n: c.api.context for n, c in snapshot.clusters.items()}
-        return self.up(plan, fleet_dir, contexts)
+        if on_progress is not None:
+            on_progress({"title": "plan", "s": time.monotonic() - t0,
+                         "detail": f"{len(plan.clusters)} clusters, {len(plan.netns_names)} namespaces"})
+        return self.up(plan, fleet_dir, contexts, on_progress)
 
-    def up(self, plan: LabPlan, fleet_dir: Path | None = None, contexts: Mapping[str, str] | None = None) -> dict[str, Any]:
+    def up(self, plan: LabPlan, fleet_dir: Path | None = None, contexts: Mapping[str, str] | None = None,
+           on_progress: ProgressFn | None = None) -> dict[str, Any]:
+        """Start the lab and wait until it is Ready; `on_progress` hears of each bring-up step as the
+        supervisor finishes it (it publishes them in lab.json while phase is Starting)."""
         sd = self.state_dir
         try:
             make_private_dir(sd)  # 0700, ours: a shared /tmp must not let another user plant state
@@ -112,10 +138,16 @@ class LabRunner:
         (sd / sandbox.SANDBOX_FILE).write_text(json.dumps({
             "pid": proc.pid, "start_ticks": sandbox.process_start_ticks(proc.pid), "started_at_s": time.time(),
             "user_namespace": not support.as_root}))
+        if on_progress is not None:
+            on_progress({"title": "sandbox", "s": time.monotonic() - t0,
+                         "detail": f"unshare --net --mount --pid, supervisor pid {proc.pid}"})
         deadline = t0 + self.opts.up_timeout_s
+        relay = relay_steps(on_progress) if on_progress is not None else None
         while time.monotonic() < deadline:
             state = self._read_state()
             phase = state.get("phase")
+            if relay is not None:
+                relay(state)
             if phase == "Ready" and (sd / sandbox.CONTROL_SOCKET).exists():
                 state["up_wall_s"] = round(time.monotonic() - t0, 3)
                 return state
@@ -186,16 +218,25 @@ class LabRunner:
 
     # --- down -------------------------------------------------------------------------------------
 
-    def down(self, timeout_s: float = 10.0) -> dict[str, Any]:
-        """Stop the lab; afterwards no process, namespace or link of it remains."""
+    def down(self, timeout_s: float = 10.0, on_progress: ProgressFn | None = None) -> dict[str, Any]:
+        """Stop the lab; afterwards no process, namespace or link of it remains. `on_progress`
+        hears of each step: the request to the supervisor, the sandbox's exit, the sweep."""
+        def progress(title: str, since: float, detail: str) -> None:
+            if on_progress is not None:
+                on_progress({"title": title, "s": time.monotonic() - since, "detail": detail})
+
         box = sandbox.read_json(self.state_dir / sandbox.SANDBOX_FILE)
         pid, ticks = box.get("pid"), box.get("start_ticks")
         asked = False
+        t = time.monotonic()
         try:
             control_request(self.state_dir, {"op": "down"}, 5.0)
             asked = True
         except LabError:
             pass
+        progress("stop requested", t, "the supervisor stops every process it started" if asked else
+                 "no supervisor answered (a crashed lab): killing the sandbox")
+        t = time.monotonic()
         gone = True
         if isinstance(pid, int):
             t_ticks = ticks if isinstance(ticks, int) else None
@@ -209,7 +250,12 @@ class LabRunner:
                     pass
                 time.sleep(UP_POLL_S)
             gone = sandbox.kill_sandbox(pid, t_ticks)
+        progress("sandbox exited" if gone else "sandbox still running", t,
+                 "no sandbox was recorded" if not isinstance(pid, int) else
+                 f"pid {pid}: its namespaces, links and mounts went with it" if gone else f"pid {pid} did not exit")
+        t = time.monotonic()
         report = sandbox.sweep(self.state_dir)
+        progress("swept", t, f"{len(report.removed_files)} files, {len(report.removed_netns)} namespaces left over")
         return {"ok": gone, "graceful": asked, "sandbox_pid": pid, "swept": asdict(report)}
 
 

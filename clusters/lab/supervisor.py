@@ -76,8 +76,9 @@ class Supervisor:
         with_controller = self.request.get("controller", "auto") != "off" and bool(self.request.get("fleet_dir"))
         self.data_plane = DataPlane(state_dir, self.plan, self.procs, self.log_dir, with_controller=with_controller,
                                     dns_unanswered=str(self.request.get("dns_unanswered", "nxdomain")))
+        self.steps: list[dict[str, Any]] = []   # bring-up steps done so far (`meshfed lab up` prints them)
         self.bring_up = BringUp(state_dir, self.plan, self.request, self.procs, self.data_plane,
-                                self.faults.node_is_down, self.stop)
+                                self.faults.node_is_down, self.stop, on_step=self._on_step)
         self.control = ControlServer(state_dir / sandbox.CONTROL_SOCKET, self.handle)
         self._ops: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "status": self._status, "fault": self._fault, "heal": self._heal, "behaviour": self._behaviour,
@@ -121,6 +122,16 @@ class Supervisor:
             self.shut_down()
             self._mark_down()
         return 0
+
+    def _on_step(self, name: str, seconds: float, detail: str) -> None:
+        """A bring-up step finished: publish it (phase Starting) for the host to show as progress."""
+        from clusters.lab.bringup import STEP_TITLES
+
+        self.steps.append({"step": name, "title": STEP_TITLES.get(name, name), "s": seconds, "detail": detail})
+        try:
+            self.write_state("Starting")
+        except OSError:  # progress is best effort; Ready is written (and checked) after bring-up
+            pass
 
     def shut_down(self) -> None:
         self.stop.set()
@@ -222,7 +233,7 @@ class Supervisor:
             "wan_cidr": self.plan.wan_cidr, "mgmt_cidr": self.plan.mgmt_cidr,
             "netns": list(self.plan.netns_names), "targets": self.targets, "ports": dict(svc.ports),
             "ports_note": "api-<cluster>, git: the same port on the host loopback (portal)",
-            "features": dict(svc.features), "timings": dict(svc.timings),
+            "features": dict(svc.features), "timings": dict(svc.timings), "steps": list(self.steps),
             "faults": [asdict(r) for r in self.faults.active()],
             "clusters": clusters,
         }
@@ -231,7 +242,7 @@ class Supervisor:
         if phase == "Ready":
             data = self.describe()
         else:
-            data = {"phase": phase, "error": error, "timings": self.services.timings,
+            data = {"phase": phase, "error": error, "timings": self.services.timings, "steps": list(self.steps),
                     "netns": list(self.plan.netns_names)}
         tmp = self.state_dir / (sandbox.STATE_FILE + ".tmp")
         tmp.write_text(json.dumps(data, indent=1, default=str))
@@ -268,6 +279,9 @@ def main(argv: list[str] | None = None) -> None:
             print("supervise runs as PID 1 of the lab sandbox; use `meshfed lab up`", file=sys.stderr)
             sys.exit(64)
         state_dir = Path(a.state_dir)
+        from ztunnel.api import logsetup
+
+        logsetup.configure_from_env()   # lab.log: the level and format `meshfed lab up` was given
         sys.exit(run_as_init(lambda: supervise(state_dir)))
 
 

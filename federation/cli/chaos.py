@@ -77,9 +77,10 @@ def chaos() -> None:
 @fleet_option
 @click.option("--provider", type=click.Choice(["lab", "kind"]), default="lab", show_default=True,
               help="kind: also say, per experiment, which of its faults have no kind equivalent")
-@output_option(formats=("table", "json", "yaml"))
+@output_option()
 def validate_cmd(paths: tuple[str, ...], fleet: str | None, provider: str, output: str) -> None:
     """Check experiment files, and each against its fleet repo and lab (nothing is run)."""
+    # -o wide is the table: problems are printed whole either way (like `meshfed validate`)
     from gitops.problems import Severity
 
     exps, problems = _load(paths, fleet, None, ())

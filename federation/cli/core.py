@@ -3,7 +3,8 @@
 Both load the working tree at PATH (`gitops.load_worktree`), stand the declared LabClusters in for
 discovery (`federation.core.offline`), build the graph, trust graph and failover engine, and print.
 Exit codes: 0 ok, 1 the answer contains problems (explain: untrusted routes or nothing to route
-to), 2 could not complete (unreadable or invalid repo), 64 usage (unknown service or cluster).
+to; an unknown service or cluster), 2 could not complete (unreadable or invalid repo), 64 usage.
+The fleet repo is PATH or --fleet (default: $MESHFED_FLEET, else "." when it holds federation.yaml).
 """
 
 from __future__ import annotations
@@ -14,8 +15,19 @@ from typing import Any
 import click
 
 import gitops
+from federation.cli.completion import complete_clusters, complete_services
 from federation.cli.ops import token_file_option
-from federation.cli.output import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, emit_data, fail, output_option
+from federation.cli.output import (
+    EXIT_OK,
+    EXIT_PROBLEMS,
+    emit_data,
+    fail,
+    fleet_from,
+    fleet_option,
+    output_option,
+    stdout,
+    table,
+)
 from federation.core.explain import ExplainError, explain_service, explain_text
 from federation.core.failover import FailoverEngine, build_engine
 from federation.core.graph_view import graph_data
@@ -37,36 +49,40 @@ def _engine(path: str) -> FailoverEngine:
 
 
 @click.command("explain")
-@click.argument("service")
+@click.argument("service", shell_complete=complete_services)
 @click.argument("path", default=None, required=False, type=click.Path(file_okay=False))
-@click.option("--from", "from_cluster", required=True, metavar="CLUSTER", help="the client's cluster")
+@fleet_option()
+@click.option("--from", "from_cluster", required=True, metavar="CLUSTER", help="the client's cluster",
+              shell_complete=complete_clusters)
 @click.option("--zone", default=None, help="the client's zone (default: the cluster's first node)")
 @click.option("--controller", default=None, envvar="MESHFED_CONTROLLER",
               help="explain live from this controller's status API (or $MESHFED_CONTROLLER) when no PATH is given")
 @token_file_option
-@output_option(formats=("table", "json", "yaml"))
-def explain_cmd(service: str, path: str | None, from_cluster: str, zone: str | None, controller: str | None,
-                output: str) -> None:
+@output_option()
+def explain_cmd(service: str, path: str | None, fleet: str | None, from_cluster: str, zone: str | None,
+                controller: str | None, output: str) -> None:
     """Explain how a client in CLUSTER reaches SERVICE: tiers, endpoints, health, shares, and why.
 
-    Offline on the fleet repo at PATH (default "."), or live with --controller and no PATH."""
-    if path is None and controller:
+    Offline on the fleet repo at PATH or --fleet, or live with --controller and neither.
+    An unknown service or cluster is a problem found (exit 1)."""
+    if path is None and fleet is None and controller:
         from federation.cli.ops import fetch
 
         data = fetch(controller, "/api/v1/explain", service=service, zone=zone, **{"from": from_cluster})
         if "error" in data:
             fail(data["error"], hint="`meshfed services` lists the services, `meshfed clusters` the clusters",
-                 code=EXIT_USAGE if data.get("usage") else EXIT_PROBLEMS)
+                 code=EXIT_PROBLEMS)
     else:
-        engine = _engine(path or ".")
+        root = fleet_from(path, fleet)
+        engine = _engine(str(root))
         try:
             data = explain_service(engine, service, from_cluster, zone)
         except ExplainError as e:
-            fail(str(e), hint="meshfed graph PATH lists services and clusters", code=EXIT_USAGE)
+            fail(str(e), hint=f"`meshfed graph {root} -o table` lists the services and clusters", code=EXIT_PROBLEMS)
     if output in ("json", "yaml"):
         emit_data(data, output)
     else:
-        click.echo(explain_text(data))  # quorum ejections come from the engine (explain_service)
+        click.echo(explain_text(data, wide=output == "wide"))  # quorum ejections come from the engine
     nothing = not any(g["endpoints"] for t in data["tiers"] for g in t["groups"])
     sys.exit(EXIT_PROBLEMS if data["problems"] or nothing else EXIT_OK)
 
@@ -143,18 +159,53 @@ def graph_mermaid(data: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _graph_format(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if value is not None:
+        click.echo("warning: --format is deprecated: use -o (e.g. meshfed graph -o dot)", err=True)
+    return value
+
+
+def graph_table(data: dict[str, Any], wide: bool) -> None:
+    """Clusters, then services with their ready endpoints per cluster (wide: nodes and endpoints)."""
+    out = stdout()
+    cols = ["CLUSTER", "NETWORK", "REGION", "ZONE", "TRUST DOMAIN", "GATEWAY", "NODES"]
+    rows: list[list[Any]] = [[c["name"], c["network"], c["region"], c["zone"], c["trust_domain"], c["gateway"] or "-",
+                              ", ".join(n["name"] for n in c["nodes"]) if wide else len(c["nodes"])]
+                             for c in data["clusters"]]
+    out.print(table(cols, rows))
+    out.print()
+    srows = []
+    for s in data["services"]:
+        per = " ".join(f"{pc['cluster']}={sum(1 for e in pc['endpoints'] if e['ready'])}/{len(pc['endpoints'])}"
+                       for pc in s["clusters"])
+        row = [s["name"], s["hostname"], ",".join(s["export_from"]) or "-", per or "-"]
+        if wide:
+            row.append(" ".join(f"{e['uid']}@{e['address']}" for pc in s["clusters"] for e in pc["endpoints"]))
+        srows.append(row)
+    out.print(table(["SERVICE", "HOSTNAME", "EXPORTED FROM", "READY/ENDPOINTS", *(["ENDPOINTS"] if wide else [])],
+                    srows))
+
+
 @click.command("graph")
-@click.argument("path", default=".", type=click.Path(file_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["json", "dot", "mermaid"]), default="json", show_default=True)
-def graph_cmd(path: str, fmt: str) -> None:
-    """Export the global graph (clusters, networks, gateways, trust, services, endpoints)."""
-    data = graph_data(_engine(path))
-    if fmt == "json":
-        emit_data(data, "json")
-    elif fmt == "dot":
+@click.argument("path", default=None, required=False, type=click.Path(file_okay=False))
+@fleet_option()
+@output_option(default="json", formats=("json", "yaml", "dot", "mermaid", "table", "wide"))
+@click.option("--format", "fmt", type=click.Choice(["json", "dot", "mermaid"]), default=None, hidden=True,
+              callback=_graph_format, help="deprecated: use -o")
+def graph_cmd(path: str | None, fleet: str | None, output: str, fmt: str | None) -> None:
+    """Export the global graph (clusters, networks, gateways, trust, services, endpoints).
+
+    -o json (default) or yaml for tools, dot (Graphviz) or mermaid to draw it, table or wide to read it."""
+    output = fmt or output
+    data = graph_data(_engine(str(fleet_from(path, fleet))))
+    if output in ("json", "yaml"):
+        emit_data(data, output)
+    elif output == "dot":
         click.echo(graph_dot(data))
-    else:
+    elif output == "mermaid":
         click.echo(graph_mermaid(data))
+    else:
+        graph_table(data, wide=output == "wide")
 
 
 def register(group: click.Group) -> None:

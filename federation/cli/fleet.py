@@ -21,29 +21,42 @@ from federation.cli.output import (
     EXIT_PROBLEMS,
     emit_data,
     fail,
+    fleet_from,
+    fleet_option,
     output_option,
 )
 from gitops.plan import ChangeAction, PlanResult, diff_snapshots
 from gitops.problems import FleetError, Problem, RepoAccessError, Severity
 
 
-def _short(value: Any, width: int = 60) -> str:
+def _short(value: Any, width: int | None = 60) -> str:
     text = "-" if value is None else str(value)
-    return text if len(text) <= width else text[: width - 1] + "…"
+    return text if width is None or len(text) <= width else text[: width - 1] + "…"
 
 
-def _print_problems(problems: list[Problem]) -> None:
+def _print_problems(problems: list[Problem], wide: bool = False) -> None:
+    """Each problem as `Error [CODE] (object) file:line:col message` + hint; wide adds what the
+    code means (the catalogue's title and explanation, `gitops.codes`)."""
+    from gitops.codes import CATALOGUE
+
     for p in problems:
         click.echo(p.render())
+        code = CATALOGUE.get(p.code) if wide else None
+        if code is not None:
+            click.echo(f"  {p.code} {code.title}: {code.doc}")
 
 
 @click.command("validate")
-@click.argument("path", default=".", type=click.Path(file_okay=False))
+@click.argument("path", default=None, required=False, type=click.Path(file_okay=False))
+@fleet_option()
 @click.option("--revision", "revision", default=None, metavar="REF",
               help="validate this commit of the Git repository at PATH instead of the working tree")
-@output_option(formats=("table", "json", "yaml"))
-def validate_cmd(path: str, revision: str | None, output: str) -> None:
-    """Validate a fleet repo (working tree, or a commit with --revision)."""
+@output_option()
+def validate_cmd(path: str | None, fleet: str | None, revision: str | None, output: str) -> None:
+    """Validate a fleet repo (working tree, or a commit with --revision).
+
+    PATH (or --fleet) is the fleet repo; -o wide adds what each problem code means."""
+    path = str(fleet_from(path, fleet))
     try:
         result = gitops.load(path, revision)
     except RepoAccessError as e:
@@ -55,7 +68,7 @@ def validate_cmd(path: str, revision: str | None, output: str) -> None:
         emit_data({"valid": not errors, "revision": rev, "errors": len(errors),
                    "warnings": len(problems) - len(errors), "problems": [p.as_dict() for p in problems]}, output)
     else:
-        _print_problems(problems)
+        _print_problems(problems, wide=output == "wide")
         if result.snapshot is not None:
             s = result.snapshot
             summary = (f"{len(s.clusters)} clusters, {len(s.trust_domains)} trust domains, {len(s.services)} "
@@ -74,20 +87,22 @@ def validate_cmd(path: str, revision: str | None, output: str) -> None:
 
 
 @click.command("plan")
-@click.argument("path", default=".", type=click.Path(file_okay=False))
+@click.argument("path", default=None, required=False, type=click.Path(file_okay=False))
+@fleet_option("the fleet's Git repository")
 @click.option("--from", "from_ref", required=True, metavar="REF", help="the revision in force (e.g. origin/main)")
 @click.option("--to", "to_ref", required=True, metavar="REF",
               help="the revision to push (a commit, or WORKTREE for uncommitted files)")
-@output_option(formats=("table", "json", "yaml"))
-def plan_cmd(path: str, from_ref: str, to_ref: str, output: str) -> None:
-    """Show what moving the fleet from one revision to another would change."""
+@output_option()
+def plan_cmd(path: str | None, fleet: str | None, from_ref: str, to_ref: str, output: str) -> None:
+    """Show what moving the fleet from one revision to another would change (-o wide: values in full)."""
+    path = str(fleet_from(path, fleet))
     old = _load_or_fail(path, from_ref)
     new = _load_or_fail(path, to_ref)
     result = _with_refusals(_with_effects(diff_snapshots(old, new), old, new), old, new)
     if output in ("json", "yaml"):
         emit_data(result.as_dict(), output)
     else:
-        _print_plan(result)
+        _print_plan(result, width=None if output == "wide" else 60)
     sys.exit(EXIT_PROBLEMS if result.changed or result.refused else EXIT_OK)
 
 
@@ -160,7 +175,7 @@ def _print_effects(result: PlanResult) -> None:
 _SIGN = {ChangeAction.ADDED: "+", ChangeAction.REMOVED: "-", ChangeAction.CHANGED: "~"}
 
 
-def _print_plan(result: PlanResult) -> None:
+def _print_plan(result: PlanResult, width: int | None = 60) -> None:
     """Terraform-like text: one line per object (+ added, - removed, ~ changed), then its fields."""
     click.echo(f"plan {result.old_revision.short} ({result.old_revision.subject}) -> "
                f"{result.new_revision.short} ({result.new_revision.subject})")
@@ -170,7 +185,7 @@ def _print_plan(result: PlanResult) -> None:
     for c in result.changes:
         click.echo(f"{_SIGN[c.action]} {c.obj} ({c.pos.file})")
         for f in c.fields:
-            click.echo(f"    {f.path}: {_short(f.old)} -> {_short(f.new)}")
+            click.echo(f"    {f.path}: {_short(f.old, width)} -> {_short(f.new, width)}")
     _print_effects(result)
     counts = {a: sum(1 for c in result.changes if c.action is a) for a in ChangeAction}
     click.echo(f"{counts[ChangeAction.ADDED]} to add, {counts[ChangeAction.CHANGED]} to change, "

@@ -18,18 +18,20 @@ from typing import Any
 
 import click
 
-from federation.cli.output import EXIT_FAILED, EXIT_PROBLEMS, EXIT_USAGE, fail
+from federation.cli.output import EXIT_FAILED, EXIT_PROBLEMS, EXIT_USAGE, fail, fleet_option, resolve_fleet
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def load_fleet(fleet: str) -> Any:
+def load_fleet(fleet: str | None) -> Any:
+    """The fleet at `fleet` (--fleet), or where `resolve_fleet` finds it; exits on problems."""
     import gitops
     from gitops.problems import FleetError
 
-    path = Path(fleet)
+    path = resolve_fleet(fleet)
     if not path.is_dir():
-        fail(f"fleet directory {path} does not exist", hint="pass --fleet PATH", code=EXIT_USAGE)
+        fail(f"fleet directory {path} does not exist", hint="pass --fleet DIR (a fleet repo: it holds federation.yaml)",
+             code=EXIT_FAILED)
     try:
         return gitops.load_worktree(path)
     except FleetError as e:
@@ -39,7 +41,7 @@ def load_fleet(fleet: str) -> Any:
 def register(group: click.Group) -> None:
     @group.command("install")
     @click.option("--context", "context", required=True, help="the cluster's kubeconfig context (its spec.api.context)")
-    @click.option("--fleet", default="examples/fleet", show_default=True, type=click.Path(file_okay=False))
+    @fleet_option()
     @click.option("--kubeconfig", default=None, help="kubeconfig file (default $KUBECONFIG / ~/.kube/config)")
     @click.option("--print", "print_only", is_flag=True, help="print the YAML instead of applying it")
     @click.option("--image", default=None, help="meshfed image (default meshfed/meshfed:<version>)")
@@ -53,7 +55,7 @@ def register(group: click.Group) -> None:
     @click.option("--with-controller", is_flag=True,
                   help="also run the controller in this cluster (`controller run --in-cluster`)")
     @click.option("--repo", default="", help="--with-controller: the fleet repo's Git URL the controller follows")
-    def install(context: str, fleet: str, kubeconfig: str | None, print_only: bool, image: str | None,
+    def install(context: str, fleet: str | None, kubeconfig: str | None, print_only: bool, image: str | None,
                 controller: str | None, bootstrap: str | None, roots: str | None, workloads: bool,
                 with_controller: bool, repo: str) -> None:
         """Install meshfed into the member cluster behind CONTEXT: namespace, RBAC, the node proxy
@@ -82,6 +84,9 @@ def register(group: click.Group) -> None:
             opts = replace(opts, controller_roots_pem=Path(roots).read_text())
         try:
             cluster = cluster_for_context(snapshot, context)
+        except ManifestError as e:  # an unknown name: a problem found, not a usage error
+            fail(str(e), hint="meshfed graph --fleet DIR -o table lists the clusters", code=EXIT_PROBLEMS)
+        try:
             if workloads:
                 objects = workload_objects(snapshot, cluster.name, opts)
             else:

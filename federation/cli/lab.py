@@ -4,30 +4,39 @@ The work is done by `clusters.lab.runner.LabRunner`; this module only parses arg
 fleet repo (the topology comes from its Cluster and LabCluster objects) and prints. `lab exec`
 enters the sandbox from this process and becomes the command (`clusters.lab.nsexec`).
 The state directory defaults to $MESHFED_LAB_DIR or /tmp/meshfed-lab; `lab.json` in it describes
-what runs where, `kubeconfig` has one context per lab cluster (`kubectl --context lab-east …`).
+what runs where, `kubeconfig` has one context per lab cluster (`kubectl --context lab-east …`),
+`logs/` has every process's log (`meshfed lab logs`). `lab up` and `lab down` print a progress line
+per step on stderr (`federation.cli.output.Progress`).
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import click
+from click.shell_completion import CompletionItem
 
 from federation.cli.output import (
     EXIT_FAILED,
     EXIT_PROBLEMS,
     EXIT_USAGE,
+    Progress,
     emit_data,
     fail,
+    find_fleet,
+    fleet_option,
     output_option,
+    resolve_fleet,
     stdout,
     table,
 )
 
 DEFAULT_STATE_DIR = "/tmp/meshfed-lab"
-DEFAULT_FLEET = "examples/fleet"
 DEFAULT_KIND_FLEET = "examples/fleet-kind"   # contexts kind-<cluster>, gateway addresses from MetalLB
 
 
@@ -77,12 +86,12 @@ def _kind(state_dir: str | None, fleet: str, dry_run: bool = False) -> Any:
     return KindProvider(opts, dry_run=dry_run)
 
 
-def _kind_up(fleet: str, state_dir: str | None, dry_run: bool, output: str) -> None:
+def _kind_up(fleet: str | None, state_dir: str | None, dry_run: bool, output: str) -> None:
     from clusters.kind.runner import KindError
     from federation.cli.kind import load_fleet
 
     snapshot = load_fleet(fleet)
-    provider = _kind(state_dir, fleet, dry_run)
+    provider = _kind(state_dir, str(resolve_fleet(fleet)), dry_run)
     try:
         summary = provider.up(snapshot)
     except KindError as e:
@@ -99,8 +108,7 @@ def _kind_up(fleet: str, state_dir: str | None, dry_run: bool, output: str) -> N
 
 
 @lab.command("up")
-@click.option("--fleet", "fleet", default=DEFAULT_FLEET, show_default=True, type=click.Path(file_okay=False),
-              help="fleet repo directory (its Cluster and LabCluster objects give the topology)")
+@fleet_option("fleet repo directory (its Cluster and LabCluster objects give the topology)")
 @state_dir_option
 @provider_option
 @click.option("--no-ztunnel", is_flag=True, help="do not start node ztunnels and gateways")
@@ -110,28 +118,34 @@ def _kind_up(fleet: str, state_dir: str | None, dry_run: bool, output: str) -> N
                    "kube-dns and no internet to forward it to)")
 @click.option("--dry-run", is_flag=True, help="kind: print the commands instead of running them")
 @output_option()
-def up(fleet: str, state_dir: str | None, provider: str, no_ztunnel: bool, no_controller: bool, dns_unanswered: str,
-       dry_run: bool, output: str) -> None:
-    """Build the lab from the fleet repo and leave it running (--provider kind: kind clusters)."""
+def up(fleet: str | None, state_dir: str | None, provider: str, no_ztunnel: bool, no_controller: bool,
+       dns_unanswered: str, dry_run: bool, output: str) -> None:
+    """Build the lab from the fleet repo and leave it running (--provider kind: kind clusters).
+
+    Progress goes to stderr: one line per step, with what it built and how long it took."""
     import gitops
     from clusters.lab.sandbox import SandboxUnavailable
     from clusters.lab.topology import PlanError
     from gitops.problems import FleetError
 
     if provider == "kind":
-        _kind_up(DEFAULT_KIND_FLEET if fleet == DEFAULT_FLEET else fleet, state_dir, dry_run, output)
+        _kind_up(fleet, state_dir, dry_run, output)
         return
-    path = Path(fleet)
+    path = resolve_fleet(fleet)
     if not path.is_dir():
-        fail(f"fleet directory {path} does not exist", hint="pass --fleet PATH (e.g. examples/fleet)", code=EXIT_USAGE)
+        fail(f"fleet directory {path} does not exist", hint="pass --fleet DIR (e.g. examples/fleet)", code=EXIT_FAILED)
+    progress = Progress("lab up", f"building the lab from {path} in {_state_dir(state_dir)}")
     try:
-        snapshot = gitops.load_worktree(path)
+        with progress.step("fleet repo loaded"):
+            snapshot = gitops.load_worktree(path)
     except FleetError as e:
         fail(f"the fleet repo has problems: {e}", hint=f"run `meshfed validate {path}`", code=EXIT_PROBLEMS)
+    progress.note(f"clusters {', '.join(sorted(snapshot.clusters))}; "
+                  f"{sum(len(lc.nodes) for lc in snapshot.lab_clusters.values())} nodes")
     runner = _runner(state_dir, ztunnel="off" if no_ztunnel else "auto",
                      controller="off" if no_controller else "auto", dns_unanswered=dns_unanswered)
     try:
-        state = runner.up_from_snapshot(snapshot, path)
+        state = runner.up_from_snapshot(snapshot, path, on_progress=_progress_step(progress))
     except PlanError as e:
         fail(f"cannot lay out the lab: {e}", code=EXIT_PROBLEMS)
     except (SandboxUnavailable, _lab_error()) as e:
@@ -139,10 +153,15 @@ def up(fleet: str, state_dir: str | None, provider: str, no_ztunnel: bool, no_co
     if output in ("json", "yaml"):
         emit_data(state, output)
         return
+    progress.finish(f"lab up (inside the sandbox: {state['timings'].get('total_s')} s)")
     _print_summary(state)
-    click.echo(f"\nlab up in {state.get('up_wall_s')} s (inside the sandbox: {state['timings'].get('total_s')} s, "
-               f"network {state['timings'].get('2_network_s')} s)")
     click.echo(f"kubeconfig: {state['kubeconfig']}    fleet repo: {state.get('git_url') or '-'}")
+
+
+def _progress_step(progress: Progress) -> Any:
+    def on_step(step: Mapping[str, Any]) -> None:
+        progress.done(str(step.get("title", "")), float(step.get("s") or 0.0), str(step.get("detail") or ""))
+    return on_step
 
 
 def _print_summary(state: dict[str, Any], wide: bool = False) -> None:
@@ -202,10 +221,11 @@ def down(state_dir: str | None, provider: str) -> None:
             fail(str(e), code=EXIT_FAILED)
         click.echo("kind lab down: " + (", ".join(removed) or "nothing recorded"))
         return
-    report = _runner(state_dir).down()
+    progress = Progress("lab down", f"stopping the lab in {_state_dir(state_dir)}")
+    report = _runner(state_dir).down(on_progress=_progress_step(progress))
     if not report["ok"]:
         fail(f"the lab sandbox (pid {report['sandbox_pid']}) did not exit", code=EXIT_FAILED)
-    click.echo("lab down" + ("" if report["graceful"] else " (no supervisor answered; swept leftovers)"))
+    progress.finish("lab down" + ("" if report["graceful"] else " (no supervisor answered; swept leftovers)"))
 
 
 @lab.command("fault", context_settings={"ignore_unknown_options": False})
@@ -225,10 +245,9 @@ def down(state_dir: str | None, provider: str) -> None:
               default="Error503", show_default=True, help="behaviour: what the demo server does")
 @state_dir_option
 @provider_option
-@click.option("--fleet", "fleet", default=DEFAULT_FLEET, show_default=True, type=click.Path(file_okay=False),
-              help="kind: the fleet the lab was made from (pod names, replicas)")
+@fleet_option("kind: the fleet the lab was made from (pod names, replicas)")
 def fault(kind: str, target: str | None, names: tuple[str, ...], mode: str, delay_ms: float, rate_kbit: float,
-          skew_s: float, behaviour: str, state_dir: str | None, provider: str, fleet: str) -> None:
+          skew_s: float, behaviour: str, state_dir: str | None, provider: str, fleet: str | None) -> None:
     """Inject or heal a fault.
 
     \b
@@ -244,7 +263,7 @@ def fault(kind: str, target: str | None, names: tuple[str, ...], mode: str, dela
     meshfed lab fault stop node east/node-1 --provider kind      (docker pause)
     """
     if provider == "kind":
-        _kind_fault(kind, target, names, state_dir, DEFAULT_KIND_FLEET if fleet == DEFAULT_FLEET else fleet)
+        _kind_fault(kind, target, names, state_dir, fleet)
         return
     runner = _runner(state_dir)
     try:
@@ -262,11 +281,13 @@ def fault(kind: str, target: str | None, names: tuple[str, ...], mode: str, dela
     click.echo(f"{kind} {target} {' '.join(names)}: {len(res['applied'])} step(s) applied")
 
 
-def _kind_fault(kind: str, target: str | None, names: tuple[str, ...], state_dir: str | None, fleet: str) -> None:
+def _kind_fault(kind: str, target: str | None, names: tuple[str, ...], state_dir: str | None,
+                fleet: str | None) -> None:
     from clusters.kind.runner import KindError
     from federation.cli.kind import load_fleet
 
-    provider = _kind(state_dir, fleet)
+    # heal replays the commands the faults recorded: it needs no fleet repo
+    provider = _kind(state_dir, str(find_fleet(fleet)[0] or "." if kind == "heal" else resolve_fleet(fleet)))
     try:
         if kind == "heal":
             for line in provider.heal() or ["nothing to heal"]:
@@ -319,6 +340,77 @@ def exec_(stdin: bool, tty: bool, state_dir: str | None, where: str, argv: tuple
         _runner(state_dir).exec_interactive(where, command, stdin=stdin, tty=tty)
     except _lab_error() as e:
         fail(str(e), code=EXIT_FAILED)
+
+
+def _complete_logs(ctx: click.Context, _param: click.Parameter, incomplete: str) -> list[CompletionItem]:
+    try:
+        from clusters.lab.logs import log_files
+
+        names = log_files(_state_dir(ctx.params.get("state_dir")))
+        return [CompletionItem(n) for n in names if n.startswith(incomplete)]
+    except Exception:  # a completion never breaks the shell
+        return []
+
+
+@lab.command("logs")
+@click.argument("processes", nargs=-1, metavar="[PROCESS]...", shell_complete=_complete_logs)
+@click.option("-f", "--follow", is_flag=True, help="keep printing what the processes write (Ctrl-C ends)")
+@click.option("--tail", "tail", type=int, default=None, metavar="N",
+              help="lines from the end of each log first (default: all of one log, 10 of each of several; "
+                   "-1: all)")
+@click.option("--list", "list_only", is_flag=True, help="list the logs (name, size, last write) instead")
+@state_dir_option
+def logs(processes: tuple[str, ...], follow: bool, tail: int | None, list_only: bool, state_dir: str | None) -> None:
+    """Print (and with -f follow) the logs of the lab's processes, like `kubectl logs`.
+
+    \b
+    PROCESS: supervisor, controller, ztunnel:east/node-1 (or ztunnel/east/node-1), gateway:east,
+    pod:east/shop/checkout-0, job:NAME, or a glob (pod:east/*). None: every log, each line
+    prefixed with its process. Logs stay after `lab down` until the next `lab up`.
+    \b
+    meshfed lab logs controller -f
+    meshfed lab logs 'ztunnel:east/*' --tail 50
+    """
+    from clusters.lab.logs import LogFollower, log_files, select, tail_lines
+
+    sd = _state_dir(state_dir)
+    files = log_files(sd)
+    if not files:
+        fail(f"no lab logs in {sd}", hint="start a lab with `meshfed lab up`, or pass --state-dir", code=EXIT_FAILED)
+    try:
+        chosen = select(files, processes)
+    except _lab_error() as e:
+        fail(str(e), hint="meshfed lab logs --list", code=EXIT_PROBLEMS)
+    if list_only:
+        rows = [(n, p.stat().st_size, time.strftime("%H:%M:%S", time.localtime(p.stat().st_mtime)), str(p))
+                for n, p in chosen.items()]
+        stdout().print(table(["PROCESS", "BYTES", "LAST WRITE", "FILE"], rows))
+        return
+    prefixed = len(chosen) > 1
+    width = max(len(n) for n in chosen)
+
+    def emit(name: str, line: str) -> None:
+        click.echo(f"{name:<{width}} | {line}" if prefixed else line)
+
+    def current() -> Mapping[str, Path]:
+        try:
+            return select(log_files(sd), processes) if processes else log_files(sd)
+        except _lab_error():  # e.g. between a `lab down` and the next `lab up`
+            return {}
+
+    follower = LogFollower(current)
+    follower.poll()  # where following starts: each tail below ends exactly there (no line lost or repeated)
+    n = tail if tail is not None else (10 if prefixed else -1)
+    for name, path in chosen.items():
+        for line in tail_lines(path, n, follower.offset(name)):
+            emit(name, line)
+    if not follow:
+        return
+    sys.stdout.flush()
+    try:
+        follower.follow(emit, lambda: False, time.sleep)
+    except KeyboardInterrupt:
+        pass
 
 
 def register(group: click.Group) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import click
 
+from federation.cli.completion import complete_clusters, complete_services
 from federation.cli.output import EXIT_OK, EXIT_PROBLEMS, emit_data, fail, output_option, stdout, table
 
 DEFAULT_CONTROLLER = "http://127.0.0.1:15014"
@@ -346,8 +347,9 @@ def register(group: click.Group) -> None:
         stdout().print(table(["SERVICE", "HOSTNAME", "EXPORTED FROM", "READY/ENDPOINTS", "POLICY"], rows))
 
     @group.command("endpoints")
-    @click.argument("service")
-    @click.option("--from", "from_cluster", default=None, help="as seen by proxies in this cluster")
+    @click.argument("service", shell_complete=complete_services)
+    @click.option("--from", "from_cluster", default=None, help="as seen by proxies in this cluster",
+                  shell_complete=complete_clusters)
     @controller_option
     @output_option()
     def endpoints(service: str, from_cluster: str | None, controller: str, output: str) -> None:
@@ -370,7 +372,7 @@ def register(group: click.Group) -> None:
         """Failover events recorded by the controller."""
 
     @failover.command("history")
-    @click.argument("service", required=False)
+    @click.argument("service", required=False, shell_complete=complete_services)
     @click.option("--since", "since", default=None, help="only events newer than this (e.g. 15m, 2h, 1d)")
     @controller_option
     @output_option()

@@ -27,7 +27,17 @@ from cryptography import x509
 
 import gitops
 from federation.cli.ops import token_file_option
-from federation.cli.output import EXIT_OK, EXIT_PROBLEMS, emit_data, fail, output_option, stdout, table
+from federation.cli.output import (
+    EXIT_OK,
+    EXIT_PROBLEMS,
+    emit_data,
+    fail,
+    fleet_from,
+    fleet_option,
+    output_option,
+    stdout,
+    table,
+)
 from federation.core.trust_view import TrustMaterial, build_trust_view
 from gitops.model import CaMode, TrustDomain
 from gitops.problems import FleetError, RepoAccessError
@@ -94,6 +104,7 @@ def render_trust_view(view: Mapping[str, Any], output: str) -> None:
 
 @click.command("trust")
 @click.argument("path", default=None, required=False, type=click.Path(file_okay=False))
+@fleet_option()
 @click.option("--state-dir", "state_dir", default=None, type=click.Path(file_okay=False),
               help="the controller's state directory, to show managed roots (certificates only)")
 @click.option("--controller", default=None, envvar="MESHFED_CONTROLLER",
@@ -101,17 +112,18 @@ def render_trust_view(view: Mapping[str, Any], output: str) -> None:
                    "is given")
 @token_file_option
 @output_option()
-def trust_cmd(path: str | None, state_dir: str | None, controller: str | None, output: str) -> None:
+def trust_cmd(path: str | None, fleet: str | None, state_dir: str | None, controller: str | None,
+              output: str) -> None:
     """Trust domains, bundle sequences and fingerprints, not-after dates, who trusts whom.
 
-    Offline on the fleet repo at PATH (default "."), or live with --controller and no PATH."""
-    if path is None and controller:
+    Offline on the fleet repo at PATH or --fleet, or live with --controller and neither."""
+    if path is None and fleet is None and controller:
         from federation.cli.ops import fetch
 
         live = fetch(controller, "/api/v1/trust-view")
         render_trust_view(live, output)
         sys.exit(EXIT_PROBLEMS if live["problems"] else EXIT_OK)
-    path = path or "."
+    path = str(fleet_from(path, fleet))
     try:
         snapshot = gitops.load_worktree(path)
     except FleetError as e:

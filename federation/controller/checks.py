@@ -45,10 +45,18 @@ def build_checks(st: Mapping[str, Any], now_s: float) -> list[dict[str, Any]]:
         f"controller whose state directory this one does not have",
         "if that state directory was lost, restore its latest backup (`meshfed controller restore`) so that "
         "certificates and credentials stay valid; the proxies re-sync with this controller either way")
+    # One failure, one check: a rejected commit fails "last revision applied" (the repository was
+    # read, so it is reachable); a repository that cannot be read fails "repository reachable" (and
+    # the failed attempt it records, problem MF-GIT, is not reported a second time).
     desired = st.get("desired") or {}
-    add("fleet", "last revision applied", bool(desired) and desired.get("ok", False) is True,
+    git = st.get("git") or {}
+    fetch_error = str(git.get("fetch_error") or "")
+    problems = list(st.get("problems") or [])
+    only_unreachable = bool(fetch_error) and bool(problems) and all(p.get("code") == "MF-GIT" for p in problems)
+    add("fleet", "last revision applied",
+        bool(desired) and (desired.get("ok", False) is True or only_unreachable),
         f"revision {str(desired.get('revision', ''))[:8]} failed: " + "; ".join(
-            f"[{p.get('code')}] {p.get('message')}" for p in st.get("problems", [])[:3]),
+            f"[{p.get('code')}] {p.get('message')}" for p in problems[:3]),
         "run `meshfed validate` on the fleet repo and push a fix; proxies keep the last applied revision")
     applying = st.get("applying") or {}
     add("fleet", "rendered revision acknowledged by the proxies", not applying.get("overdue"),
@@ -78,9 +86,9 @@ def build_checks(st: Mapping[str, Any], now_s: float) -> list[dict[str, Any]]:
         f"{rec.get('undelivered')} proxies' configs not delivered after {delivery.get('failures')} attempts: "
         f"{delivery.get('last_error')}",
         "the config service (state owner) is restarting or failing; the reconciler retries with backoff")
-    git = st.get("git") or {}
-    add("fleet", "repository reachable", not git.get("last_error"), str(git.get("last_error")),
-        "check --repo/--branch and credentials")
+    add("fleet", "repository reachable", not fetch_error, fetch_error,
+        "check --repo/--branch, the network path to the Git server and credentials; proxies keep the last "
+        "applied revision")
     for name, c in sorted((st.get("clusters") or {}).items()):
         add("clusters", f"{name} lease", bool(c.get("up")), c.get("last_error") or "no successful watch within the lease",
             f"check that the API server of {name} (context {c.get('context')}) is reachable")

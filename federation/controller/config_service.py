@@ -62,8 +62,15 @@ PRUNE_INTERVAL_S = 600.0
 FLUSH_LOG_EVERY_S = 30.0
 RECENT_ACK_LATENCIES = 500
 TRIGGER_TO_ACK_SAMPLES = 5000
+LOGGED_PROXY_NAMES = 10        # a log line names at most this many proxies, then "and N more"
 
-log = logging.getLogger("meshfed.controller")
+log = logging.getLogger(__name__)
+
+
+def _names(proxies: list[str]) -> str:
+    shown = ", ".join(proxies[:LOGGED_PROXY_NAMES])
+    return shown + (f" and {len(proxies) - LOGGED_PROXY_NAMES} more" if len(proxies) > LOGGED_PROXY_NAMES else "")
+
 
 
 def fresh_state_message(state_dir: str) -> str:
@@ -113,6 +120,8 @@ class ConfigService:
         self._seq = itertools.count(1)
         self._acks: dict[str, tuple[int, tuple[str, int, int, str]]] = {}   # proxy -> (seq, ack record)
         self._nacks: dict[str, tuple[int, str]] = {}                        # proxy -> (seq, error)
+        self._acks_to_log: dict[str, str] = {}                              # proxy -> revision (per flush)
+        self._synced_revision = ""                                         # all proxies SYNCED at it (logged)
         self.flush_failures = 0
         self.last_flush_error = ""
         self.recent_latencies_s: deque[float] = deque(maxlen=RECENT_ACK_LATENCIES)
@@ -209,8 +218,16 @@ class ConfigService:
             try:
                 changed[d.proxy_id] = apply_delta(base, d.delta, d.template)
             except ValueError:
+                log.info("a config delta does not apply to what this service holds (restarted?): asking the "
+                         "reconciler for every config in full")
                 return "resync"
-        self.dist.set_desired(changed)
+        woken = self.dist.set_desired(changed)
+        if woken:
+            revs = sorted({c.stamp.revision[:8] for c in changed.values()})
+            names = sorted(changed)
+            log.info("pushing new config (revision %s) to %d proxies: %s", ", ".join(revs), woken, _names(names),
+                     extra={"fields": {"event": "ConfigPushed", "revisions": revs, "proxies": names[:100],
+                                       "count": woken}})
         return "ok"
 
     # --- acknowledgements ------------------------------------------------------------------------
@@ -219,8 +236,13 @@ class ConfigService:
         seq = next(self._seq)
         if ev.nack:
             self._nacks[ev.proxy_id] = (seq, ev.error)
+            log.warning("proxy %s NACKed version %d.%d of revision %s: %s (it keeps running its previous config)",
+                        ev.proxy_id, ev.stamp.epoch, ev.stamp.version, ev.stamp.revision[:8], ev.error,
+                        extra={"fields": {"event": "ConfigNacked", "proxy": ev.proxy_id, "revision": ev.stamp.revision,
+                                          "version": f"{ev.stamp.epoch}.{ev.stamp.version}", "error": ev.error}})
         else:
             self._acks[ev.proxy_id] = (seq, (ev.proxy_id, ev.stamp.epoch, ev.stamp.version, ev.stamp.revision))
+            self._acks_to_log[ev.proxy_id] = ev.stamp.revision
         self.recent_latencies_s.append(ev.latency_s)
         self.trigger_to_ack_s.append(ev.trigger_to_ack_s)
 
@@ -228,6 +250,7 @@ class ConfigService:
         """Write the pending ACKs and NACKs: each proxy's latest ACK, then its NACK if that came
         later (so a NACK after an ACK shows, and an ACK after a NACK clears it). Safe on a worker
         thread: the pending maps are swapped, never iterated while the loop adds to them."""
+        self._log_acks()
         acks, self._acks = self._acks, {}
         nacks, self._nacks = self._nacks, {}
         try:
@@ -272,6 +295,30 @@ class ConfigService:
             return
         for k, v in deleted.items():
             self.pruned[k] = self.pruned.get(k, 0) + v
+
+    def _log_acks(self) -> None:
+        """One line per revision for the ACKs since the last flush (not one per proxy), and one when
+        every proxy is SYNCED at the same revision."""
+        pending, self._acks_to_log = self._acks_to_log, {}
+        by_rev: dict[str, list[str]] = {}
+        for pid, rev in pending.items():
+            by_rev.setdefault(rev, []).append(pid)
+        for rev, pids in sorted(by_rev.items()):
+            pids.sort()
+            log.info("%d proxies ACKed revision %s: %s", len(pids), rev[:8], _names(pids),
+                     extra={"fields": {"event": "ConfigAcked", "revision": rev, "proxies": pids[:100],
+                                       "count": len(pids)}})
+        if not pending:
+            return
+        sessions = list(self.dist.sessions.values())
+        revs = {s.desired.stamp.revision for s in sessions if s.desired is not None}
+        synced = all(s.sync.value == "SYNCED" for s in sessions)
+        if synced and len(revs) == 1 and sessions:
+            rev = next(iter(revs))
+            if rev != self._synced_revision:
+                self._synced_revision = rev
+                log.info("all %d proxies SYNCED at revision %s", len(sessions), rev[:8],
+                         extra={"fields": {"event": "ProxiesSynced", "revision": rev, "count": len(sessions)}})
 
     def start_flushing(self) -> None:
         """Flush every `flush_interval_s` on the running event loop (idempotent)."""

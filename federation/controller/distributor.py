@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 import zlib
 from collections import OrderedDict
@@ -76,6 +77,8 @@ from ztunnel.api.codec import (
 )
 from ztunnel.api.config import RESOURCE_TYPES, ProxyConfig, Stamp, diff_configs
 from ztunnel.api.proto import meshfed_pb2 as pb
+
+log = logging.getLogger(__name__)
 
 _KINDS = tuple(RESOURCE_TYPES)
 
@@ -459,9 +462,11 @@ class ConfigDistributor:
     def attach(self, proxy_id: str, have: Stamp | None) -> ProxySession:
         if have is not None and have.epoch > self.epoch:
             self.stale_epoch_refusals += 1
-            raise StaleEpochError(
+            err = StaleEpochError(
                 f"this controller's epoch {self.epoch} is older than epoch {have.epoch} that proxy {proxy_id} "
                 f"already follows: another controller is newer (split brain); stop this one or remove its state")
+            log.error("%s", err, extra={"fields": {"event": "StaleEpochRefused", "proxy": proxy_id}})
+            raise err
         gone = self.forgotten.get(proxy_id)
         s0 = self.sessions.get(proxy_id)
         if gone is not None and (s0 is None or s0.desired is None):
@@ -474,11 +479,18 @@ class ConfigDistributor:
                 self.foreign_hellos.popitem(last=False)
         s = self.session(proxy_id)
         s.attach(have)
+        runs = f"runs {have.epoch}.{have.version} of revision {have.revision[:8]}" if have is not None else "runs nothing yet"
+        log.info("proxy %s connected (%s)", proxy_id, runs,
+                 extra={"fields": {"event": "ProxyConnected", "proxy": proxy_id,
+                                   "revision": have.revision if have is not None else ""}})
         return s
 
     def detach(self, s: ProxySession) -> None:
         """The stream ended. A session with nothing to remember (removed, or never given a config)
         goes away with it."""
+        if s.connected:
+            log.info("proxy %s disconnected (%s)", s.proxy_id, s.sync.value,
+                     extra={"fields": {"event": "ProxyDisconnected", "proxy": s.proxy_id, "sync": s.sync.value}})
         s.detach()
         if (s.removed or s.desired is None) and self.sessions.get(s.proxy_id) is s:
             del self.sessions[s.proxy_id]
@@ -525,6 +537,8 @@ class ConfigDistributor:
         try:  # over one message: let the codec split it (or refuse a resource that cannot fit)
             msgs = encode_delta(diff_configs(old, new), new, push.nonce, self.max_message_bytes)
         except OversizeError as e:
+            log.warning("config for %s not sent: %s", s.proxy_id, e,
+                        extra={"fields": {"event": "ConfigOversize", "proxy": s.proxy_id}})
             s.in_flight, s.oversize_error = None, str(e)
             s.nacked_content = push.content  # do not retry the same content: it cannot fit
             s.retry_at_s, s.last_failure = float("inf"), f"oversize: {e}"

@@ -11,6 +11,7 @@ nothing to serve.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +22,8 @@ from gitops.model import ConfigSnapshot
 
 POLL_WAKE_S = 0.2
 
+
+log = logging.getLogger(__name__)
 
 class FleetSink(Protocol):
     def on_snapshot(self, snap: ConfigSnapshot) -> None: ...
@@ -119,6 +122,8 @@ class GitFeed:
                 self.poll_once()
             except Exception as e:  # keep following; the status shows the error
                 self.source.last_error = f"{type(e).__name__}: {e}"
+                log.warning("following the fleet repo failed (retrying): %s", self.source.last_error,
+                            exc_info=log.isEnabledFor(logging.DEBUG))
             self._wake.wait(POLL_WAKE_S)
             self._wake.clear()
 

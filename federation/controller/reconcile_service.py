@@ -50,12 +50,13 @@ from federation.controller.wire import encode_config_deltas, encode_removals
 from gitops.model import ConfigSnapshot
 from ztunnel.api.config import ProxyConfig
 
+log = logging.getLogger(__name__)
+
 TICK_INTERVAL_S = 1.0
 IDLE_WAIT_S = 0.5
 LOOP_FAILURE_BACKOFF_S = 1.0     # after a step raised: do not spin on a failure that repeats
 LOOP_LOG_EVERY_S = 30.0          # a failure that repeats is logged at most this often
 
-log = logging.getLogger("meshfed.controller")
 
 PushDeltas = Callable[[bytes], str]                                  # blob -> "ok" | "resync"
 BundleRoots = Callable[[ConfigSnapshot], Mapping[str, tuple[str, ...]]]
@@ -88,6 +89,8 @@ class DeltaOutbox:
 
     def resync(self, current: Mapping[str, ProxyConfig]) -> None:
         self.resyncs += 1
+        log.info("sending all %d proxy configs in full to the config service (resync #%d)", len(current),
+                 self.resyncs)
         blob = encode_config_deltas((None, cfg) for cfg in current.values())
         self.send(blob)
         self.last_sent = dict(current)

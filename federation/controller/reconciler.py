@@ -57,6 +57,7 @@ provenance, and explain shows them. `unhealthy` is the last verdict the render a
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -88,6 +89,8 @@ WARMUP_MAX_S = 30.0
 DELIVERY_RETRY_INITIAL_S = 0.2
 DELIVERY_RETRY_MAX_S = 10.0
 MAX_LISTED_UNDELIVERED = 100
+
+log = logging.getLogger(__name__)
 
 
 # --- debounce -----------------------------------------------------------------------------------
@@ -206,6 +209,7 @@ class Reconciler:
         self.snapshot: ConfigSnapshot | None = None          # last rendered (good) snapshot
         self.pending_snapshot: ConfigSnapshot | None = None
         self.observations: dict[str, ClusterObservation] = {}
+        self.listed_clusters: set[str] = set()   # clusters whose first complete observation came (logged)
         self.leases: dict[str, float] = {}
         self.configs: dict[str, ProxyConfig] = {}
         self.delivered: dict[str, ProxyConfig] = {}
@@ -272,11 +276,25 @@ class Reconciler:
         plist = [p.as_dict() if isinstance(p, Problem) else dict(p) for p in problems]
         self.attempted = {"revision": sha, "subject": subject, "ok": False, "at_s": now}
         self.problems = plist
+        kept = str(self.applied.get("revision") or "")[:8] or "none yet"
+        log.warning("commit %s rejected (%s): %d problem(s): %s; proxies keep revision %s", sha[:8], subject,
+                    len(plist), "; ".join(f"[{p.get('code')}] {p.get('message')}" for p in plist[:3]), kept,
+                    extra={"fields": {"event": "CommitRejected", "revision": sha, "subject": subject,
+                                      "problems": [f"{p.get('code')} {p.get('file', '')}:{p.get('line', '')} "
+                                                   f"{p.get('message')}" for p in plist[:10]],
+                                      "applied_revision": self.applied.get("revision", "")}})
         if self.store is not None:
             self.store.record_attempt(sha, subject, ok=False, problems=plist, at_s=now)
 
     def on_observation(self, obs: ClusterObservation, now_s: float | None = None) -> None:
         prev = self.observations.get(obs.cluster)
+        if obs.complete and obs.cluster not in self.listed_clusters:
+            # an agent may send partial observations (a kind's watch) before its first complete LIST
+            self.listed_clusters.add(obs.cluster)
+            log.info("cluster %s up: first complete observation (%d nodes, %d services, %d endpoints)", obs.cluster,
+                     len(obs.nodes), len(obs.services), len(obs.endpoints),
+                     extra={"fields": {"event": "ClusterUp", "cluster": obs.cluster, "nodes": len(obs.nodes),
+                                       "services": len(obs.services), "endpoints": len(obs.endpoints)}})
         if prev is not None and not obs.complete:
             obs = _merge_partial(prev, obs)
         self.observations[obs.cluster] = obs
@@ -394,6 +412,10 @@ class Reconciler:
                 self._guard("checkpoint", lambda: self.store.record_attempt(rev.sha, rev.subject, ok=True, at_s=now,
                                                                             **extra), None, now)
                 self._save_drains(now)
+            log.info("commit %s accepted (%s): %d proxy configs rendered; applying until the proxies ACK it",
+                     rev.sha[:8], rev.subject, len(out.configs),
+                     extra={"fields": {"event": "CommitApplying", "revision": rev.sha, "subject": rev.subject,
+                                       "proxies": len(out.configs)}})
         self.render_problems = list(out.problems)
         # 6. deliver what changed to the config service (once warm: see the module docstring)
         if not self._warm_up(snapshot, now):
@@ -434,6 +456,12 @@ class Reconciler:
             ahead = ca_specs_of(self.applying.snapshot)
             overdue = self.rollout_decision is not None and self.rollout_decision.overdue
             if not overdue and not self._guard("gate", lambda: gate_commit(ahead, candidate, live, now_s), [0], now_s):
+                if self.waiting.get("revision") != candidate.revision.sha:
+                    log.info("commit %s (%s) waits for %s to be applied: its CA root rotation is safe only after "
+                             "that revision reached the proxies", candidate.revision.sha[:8],
+                             candidate.revision.subject, self.applying.revision[:8],
+                             extra={"fields": {"event": "CommitWaiting", "revision": candidate.revision.sha,
+                                               "behind": self.applying.revision}})
                 self.waiting = {"revision": candidate.revision.sha, "subject": candidate.revision.subject,
                                 "behind": self.applying.revision, "since_s": self.waiting.get("since_s", now_s)}
                 return "waiting"
@@ -462,6 +490,8 @@ class Reconciler:
             return
         try:
             if changed:
+                log.debug("reconcile %d: delivering %d of %d proxy configs", self.reconciles, len(changed),
+                          len(self.configs))
                 self.push(changed)
                 self.delivered.update(changed)
                 self.pushed_proxies += len(changed)
@@ -493,14 +523,25 @@ class Reconciler:
         facts: Any = self._guard("rollout", lambda: self.rollout(a.revision, sorted(self.configs)), None, now_s)  # type: ignore[misc]
         if facts is None:
             return
-        self.rollout_decision = decide_rollout(a.revision, facts, a.since_s, now_s, self.apply_timeout_s)
-        if self.rollout_decision.applied:
+        was_overdue = self.rollout_decision is not None and self.rollout_decision.overdue
+        self.rollout_decision = d = decide_rollout(a.revision, facts, a.since_s, now_s, self.apply_timeout_s)
+        if d.overdue and not was_overdue:
+            log.warning("commit %s still applying after %.0f s: pending %s; NACKed by %s; the applied revision stays "
+                        "%s", a.revision[:8], now_s - a.since_s, ", ".join(d.pending) or "-",
+                        ", ".join(d.nacked) or "-", str(self.applied.get("revision") or "")[:8] or "none yet",
+                        extra={"fields": {"event": "RolloutOverdue", "revision": a.revision,
+                                          "pending": list(d.pending), "nacked": list(d.nacked)}})
+        if d.applied:
             self._mark_applied(a, now_s)
 
     def _mark_applied(self, a: Applying, now_s: float) -> None:
         rev = a.snapshot.revision
         self.applying, self.rollout_decision = None, None
         self.applied = {"revision": rev.sha, "subject": rev.subject, "at_s": now_s}
+        log.info("commit %s applied (%s): %s, %d proxy configs", rev.sha[:8], rev.subject,
+                 "the proxies' ACKs reached the quorum" if self.rollout is not None else "delivered",
+                 len(self.configs), extra={"fields": {"event": "CommitApplied", "revision": rev.sha,
+                                                      "subject": rev.subject, "proxies": len(self.configs)}})
         self.applied_ca = ca_specs_of(a.snapshot)
         self.drains = mark_withdrawn(self.drains, a.snapshot, now_s)
         if self.store is not None:
@@ -573,6 +614,10 @@ class Reconciler:
                 self.started_s = now_s
             listed = all(c in self.observations and self.observations[c].complete for c in snapshot.clusters)
             self.warm = listed or now_s - self.started_s >= self.warmup_max_s
+            if self.warm:
+                missing = sorted(c for c in snapshot.clusters if c not in self.observations)
+                log.info("warm: %s; pushing configs", "every cluster listed" if listed else
+                         f"waited {self.warmup_max_s:.0f} s, still missing {', '.join(missing)}")
         return self.warm
 
     def _guard(self, step: str, fn: Callable[[], Any], fallback: Any, now_s: float) -> Any:
@@ -580,12 +625,17 @@ class Reconciler:
             return fn()
         except Exception as e:
             self.failures = ([*self.failures, StepFailure(step, f"{type(e).__name__}: {e}", now_s)])[-50:]
+            log.warning("reconcile step %s failed, keeping the last good result: %s: %s", step, type(e).__name__, e,
+                        exc_info=log.isEnabledFor(logging.DEBUG),
+                        extra={"fields": {"event": "ReconcileStepFailed", "step": step}})
             return fallback
 
     def _record_events(self, events: Sequence[Any]) -> None:
         from federation.core.events import event_to_dict
 
         self.events = (self.events + list(events))[-500:]
+        for ev in events:
+            log_core_event(ev)
         if self.store is None:
             return
         for ev in events:
@@ -655,6 +705,59 @@ class Reconciler:
             "warm": self.warm,
             "active_failovers": [r.as_dict() for r in self.store.active_failovers()] if self.store else [],
         }
+
+
+# The core's events as log lines: what changed, why (the trigger), under which policy and commit.
+_EVENT_LEVELS = {"FailedOver": logging.WARNING, "ClusterLeaseExpired": logging.WARNING,
+                 "ClusterFenced": logging.WARNING}
+
+
+def describe_event(ev: Any) -> str:
+    """One sentence per core event (`federation.core.events`), for the log."""
+    kind = type(ev).__name__
+    if kind == "EndpointEjected":
+        until = f" until +{ev.until_s - ev.at_s:.0f}s" if ev.until_s else ""
+        return (f"endpoint {ev.endpoint} of {ev.service} ejected ({ev.reason}, ejection #{ev.ejection_count}"
+                f"{'' if ev.enforced else ', not enforced: maxEjectionPercent'}){until}")
+    if kind == "EndpointUnejected":
+        return f"endpoint {ev.endpoint} of {ev.service} back in rotation after {ev.ejected_for_s:.1f}s"
+    if kind == "FailedOver":
+        return (f"{ev.service} from {ev.source} failed over to {', '.join(ev.to_clusters) or '?'} "
+                f"(tier shares {list(ev.previous_shares)} -> {list(ev.shares)})")
+    if kind == "FailedBack":
+        return f"{ev.service} from {ev.source} failed back to its own tier (shares {list(ev.shares)})"
+    if kind == "ClusterLeaseExpired":
+        return (f"cluster {ev.cluster} expired: no answer from its API for the lease TTL; {ev.mode} "
+                f"{ev.endpoints} endpoints")
+    if kind == "ClusterFenced":
+        return f"cluster {ev.cluster} fenced: it answered again, its endpoints wait for a complete list"
+    if kind == "ClusterRecovered":
+        return f"cluster {ev.cluster} up again: a complete list lifted the fence ({ev.endpoints} endpoints)"
+    if kind == "ClusterDraining":
+        return (f"cluster {ev.cluster} draining: withdrawn from every proxy's view, removed {ev.grace_s:.0f} s after "
+                f"the proxies ACK that")
+    if kind == "ClusterRemoved":
+        return (f"cluster {ev.cluster} removed after draining {ev.drained_for_s:.0f} s: {len(ev.proxies_forgotten)} "
+                f"proxies forgotten, its credentials revoked, its agent stopped")
+    return kind
+
+
+def log_core_event(ev: Any) -> None:
+    from federation.core.events import event_to_dict
+
+    kind = type(ev).__name__
+    level = _EVENT_LEVELS.get(kind, logging.INFO)
+    if not log.isEnabledFor(level):
+        return
+    d = event_to_dict(ev)
+    prov = d.pop("provenance", None) or {}
+    d.pop("type", None)
+    why = f"; trigger: {prov.get('trigger')}" if prov.get("trigger") else ""
+    where = f"; policy {prov.get('policy')} {prov.get('file')}".rstrip() if prov.get("policy") else ""
+    commit = f" @ {str(prov.get('commit'))[:8]}" if prov.get("commit") else ""
+    log.log(level, describe_event(ev) + why + where + commit,
+            extra={"fields": {"event": kind, **d, "trigger": prov.get("trigger", ""), "policy": prov.get("policy", ""),
+                              "policy_file": prov.get("file", ""), "revision": prov.get("commit", "")}})
 
 
 def _merge_partial(prev: ClusterObservation, part: ClusterObservation) -> ClusterObservation:

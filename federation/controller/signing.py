@@ -26,6 +26,7 @@ owner; see `federation.ray.placement`).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ from typing import Any, Protocol
 
 from gitops.model import ConfigSnapshot, TrustDomain
 from ztunnel.api.identity import PROXY_NAMESPACE, proxy_spiffe_id
+
+log = logging.getLogger(__name__)
 
 
 def cluster_named_by(proxy_id: str) -> str:
@@ -131,6 +134,8 @@ class SigningPolicy:
             out[name] = tuple(c for c in ca.trust_bundle().roots_pem)
         # all or nothing: a failure above leaves the previous revision's CAs and cluster map in force;
         # trust domains the snapshot no longer has stop signing
+        for name, ca in sorted(cas.items()):
+            _log_ca_change(name, self.cas.get(name), ca)
         self.cas = cas
         self.cluster_tds = {name: str(c.trust_domain) for name, c in snap.clusters.items()}
         self.trust_domains = dict(snap.trust_domains)
@@ -198,6 +203,13 @@ class SigningPolicy:
         not_after_s = leaf.not_valid_after_utc.timestamp()
         # before the chain leaves: a leaf we could not record could later be broken by retiring its root
         self.record_leaf(td, ca, not_after_s)
+        ids = _san_uris(leaf)
+        how = "bootstrap token" if who.bootstrap else "its own certificate"
+        log.info("certificate issued to %s (%s) for %s, valid %.0f s, signed by %s/%s", who.proxy_id, how,
+                 ", ".join(ids), not_after_s - self.clock(), td, ca.signing_root or "plug-in CA",
+                 extra={"fields": {"event": "CertificateIssued", "proxy": who.proxy_id, "identities": ids,
+                                   "not_after_s": round(not_after_s, 3), "trust_domain": td,
+                                   "root": ca.signing_root or "", "renewal": not who.bootstrap}})
         return [chain], [ca.roots_pem()], not_after_s
 
     def record_leaf(self, td: str, ca: Any, not_after_s: float) -> None:
@@ -219,3 +231,36 @@ class SigningPolicy:
                                        dns_names=[CONTROLLER_TLS_NAME])
         self.record_leaf(td, self.cas[td], svid.not_after_s)  # proxies verify it: a live leaf of its root
         return svid.key_pem, svid.chain_pem, self.roots_pem()
+
+
+def _san_uris(cert: Any) -> list[str]:
+    from cryptography import x509
+
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [str(u) for u in san.get_values_for_type(x509.UniformResourceIdentifier)]
+
+
+def _log_ca_change(trust_domain: str, before: Any, after: Any) -> None:
+    """A CA loaded for the first time, a root added or retired, the signing root switched: the
+    steps of a staged root rotation, each as one log line."""
+    roots = [r.name for r in after.roots]
+    fields = {"trust_domain": trust_domain, "roots": roots, "signing_root": after.signing_root or ""}
+    if before is None:
+        log.info("CA of %s loaded: roots %s, signing with %s", trust_domain, ", ".join(roots) or "(plug-in)",
+                 after.signing_root or "the plug-in intermediate", extra={"fields": {"event": "CaLoaded", **fields}})
+        return
+    old_roots = [r.name for r in before.roots]
+    added, retired = sorted(set(roots) - set(old_roots)), sorted(set(old_roots) - set(roots))
+    if added or retired:
+        log.info("CA roots of %s changed: %s%s (now %s)", trust_domain,
+                 f"added {', '.join(added)}" if added else "", f" retired {', '.join(retired)}" if retired else "",
+                 ", ".join(roots), extra={"fields": {"event": "CaRootsChanged", "added": added, "retired": retired,
+                                                     **fields}})
+    if before.signing_root != after.signing_root:
+        log.info("certificate rotation: %s now signs with root %s (was %s); proxies get leaves of the new root "
+                 "as they renew", trust_domain, after.signing_root, before.signing_root,
+                 extra={"fields": {"event": "SigningRootRotated", "previous_root": before.signing_root or "",
+                                   **fields}})

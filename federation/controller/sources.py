@@ -17,6 +17,7 @@ them directly. An agent hands its observations to a callback as *bytes* (`federa
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -31,6 +32,8 @@ from typing import Any
 from clusters.kube.observation import ClusterObservation
 from federation.controller.wire import encode_observation
 from gitops.model import ClusterApiKind, ConfigSnapshot
+
+log = logging.getLogger(__name__)
 
 # --- Git -----------------------------------------------------------------------------------------
 
@@ -99,6 +102,8 @@ class GitSource:
         self._reported_failure: tuple[str, str] | None = None
         self._next_worktree_poll_s = 0.0
         self.last_error = ""
+        self.worktree_access_error = ""   # worktree mode: the directory could not be read
+        self._logged_fetch_error = ""
         # After a restart the branch head may be a bad commit: serve the last applied revision
         # (from the store) until a good head arrives, as a controller that never stopped would.
         self.fallback_sha = fallback_sha if fallback_sha and fallback_sha != "WORKTREE" else None
@@ -112,7 +117,9 @@ class GitSource:
         if self.worktree:
             return self._poll_worktree(now_s)
         snap = self.follower.poll(now_s)
+        self._log_reachability(self.follower.watch.last_fetch_error or "")
         if snap is not None:
+            log.debug("fleet revision %s loaded from %s (%s)", snap.revision.short, self.repo, self.branch)
             self.snapshot, self.last_error = snap, ""
             return snap
         w = self.follower.watch
@@ -126,6 +133,19 @@ class GitSource:
                 {"code": "MF-GIT", "message": w.last_error, "hint": "check the repository and branch"},)
             return FleetFailure(rev.sha, rev.subject, problems)
         return None
+
+    def _log_reachability(self, fetch_error: str) -> None:
+        """One line when the repository stops answering (or says something new), one when it is back."""
+        if fetch_error == self._logged_fetch_error:
+            return
+        if fetch_error:
+            log.warning("fleet repo %s (branch %s) cannot be read: %s; proxies keep the last applied revision",
+                        self.repo, self.branch, fetch_error,
+                        extra={"fields": {"event": "RepositoryUnreachable", "repo": self.repo, "error": fetch_error}})
+        else:
+            log.info("fleet repo %s (branch %s) can be read again", self.repo, self.branch,
+                     extra={"fields": {"event": "RepositoryReachable", "repo": self.repo}})
+        self._logged_fetch_error = fetch_error
 
     def _load_fallback(self) -> ConfigSnapshot | FleetFailure | None:
         from gitops import FleetError, RepoAccessError, load_revision
@@ -150,7 +170,10 @@ class GitSource:
         self._next_worktree_poll_s = now_s + min(interval, 2.0)
         try:
             snap = load_worktree(self.repo, self.snapshot)
+            self.worktree_access_error = ""
         except (FleetError, RepoAccessError) as e:
+            self.worktree_access_error = str(e) if isinstance(e, RepoAccessError) else ""
+            self._log_reachability(self.worktree_access_error)
             problems = tuple(p.as_dict() for p in getattr(e, "problems", ())) or (
                 {"code": "MF-REPO", "message": str(e), "hint": "check --repo"},)
             key = ("WORKTREE", str(e))
@@ -159,6 +182,7 @@ class GitSource:
             self._reported_failure = key
             self.last_error = str(e)
             return FleetFailure("WORKTREE", "uncommitted worktree", problems)
+        self._log_reachability("")
         if self.snapshot is not None and dict(snap.file_digests) == dict(self.snapshot.file_digests):
             return None
         self.snapshot, self._reported_failure, self.last_error = snap, None, ""
@@ -172,6 +196,9 @@ class GitSource:
             (self.snapshot.revision.sha if self.snapshot else ""),
             "last_attempted": w.last_attempted_revision.sha if w.last_attempted_revision else "",
             "last_error": self.last_error or (w.last_error or ""),
+            # reachability apart from rejections: `meshfed check` must not report a rejected
+            # commit as an unreachable repository
+            "fetch_error": self.worktree_access_error if self.worktree else (w.last_fetch_error or ""),
         }
 
 
@@ -273,6 +300,7 @@ class ClusterAgent:
         self.sent = 0
         self.heartbeats = 0
         self.probes = 0
+        self._answering: bool | None = None   # what the log last said about the API (None: nothing yet)
         self.resends = 0
         self.told_s: float | None = None  # latest API success the reconciler has been told of (agent's clock)
 
@@ -304,17 +332,24 @@ class ClusterAgent:
         from clusters.kube.discovery import DiscoveryError
 
         now = self.clock()
-        if self.discovery.failing_kinds():
+        failing = self.discovery.failing_kinds()
+        if failing:
+            self._note_api(False, "cannot list or watch " + "; ".join(f"{k}: {e}" for k, e in sorted(failing.items())))
             return  # a kind we cannot list or watch: we do not see the cluster; let the lease run out
         last = self.discovery.last_success_s
         if last is None or now - last >= self.heartbeat_interval_s:
             try:
                 self.discovery.probe()
                 self.probes += 1
-            except DiscoveryError:
+            except DiscoveryError as e:
+                self._note_api(False, str(e))
                 return  # the API does not answer: let the lease run out
+        self._note_api(True, "")
         told = self.told_s
         if told is None or self.clock() - told >= self.RESEND_AFTER_TTL_FRACTION * self.lease.ttl_s:
+            if told is not None:
+                log.info("cluster %s: nothing told to the reconciler for %.0f s (its lease may have lapsed); "
+                         "sending a complete list to recover it", self.cluster, self.clock() - told)
             # the reconciler may have expired the lease: recovering takes a complete, fresh view
             # (a LIST of every kind), not the cache
             try:
@@ -337,6 +372,21 @@ class ClusterAgent:
         with self._cv:
             if self.told_s is None or at_s > self.told_s:
                 self.told_s = at_s
+
+    def _note_api(self, answering: bool, why: str) -> None:
+        """Log the API's transitions (not every heartbeat): unreachable once, back once."""
+        if answering == self._answering:
+            return
+        if not answering:
+            left = self.lease.remaining_s(self.clock())
+            log.warning("cluster %s: API server %s not usable: %s; the lease runs out in %.0f s", self.cluster,
+                        self.discovery.context, why, left,
+                        extra={"fields": {"event": "ClusterApiUnreachable", "cluster": self.cluster, "error": why,
+                                          "lease_remaining_s": round(left, 1)}})
+        elif self._answering is False:
+            log.info("cluster %s: API server %s answers again", self.cluster, self.discovery.context,
+                     extra={"fields": {"event": "ClusterApiReachable", "cluster": self.cluster}})
+        self._answering = answering
 
     def _send_loop(self) -> None:
         while True:

@@ -200,8 +200,9 @@ def _routes(engine: FailoverEngine, key: ServiceKey) -> list[dict[str, Any]]:
     return out
 
 
-def explain_text(data: dict[str, Any]) -> str:
-    """The human form of `explain_service` (what `meshfed explain` prints by default)."""
+def explain_text(data: dict[str, Any], wide: bool = False) -> str:
+    """The human form of `explain_service` (what `meshfed explain` prints by default); `wide`
+    (`-o wide`) adds each endpoint's SPIFFE identity."""
     out: list[str] = []
     src = data["from"]
     pol = data["policy"]
@@ -237,7 +238,8 @@ def explain_text(data: dict[str, Any]) -> str:
             out.append(f"    why: {g['why']}")
             for e in g["endpoints"]:
                 state = "healthy" if e["healthy"] else (f"EJECTED ({e['reason']})" if e["ejected"] else "unhealthy")
-                out.append(f"    - {e['uid']} weight {e['weight']} {state}")
+                ident = f" {e['identity']}" if wide and e.get("identity") else ""
+                out.append(f"    - {e['uid']} weight {e['weight']} {state}{ident}")
             if g["path"] != "direct (same network)":
                 for p in g["pods"]:
                     state = "ready" if p["ready"] else "not ready"

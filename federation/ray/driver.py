@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -51,6 +50,9 @@ from federation.ray.placement import (
     state_owner_options,
 )
 from federation.ray.remote import RemoteStore
+from ztunnel.api import logsetup
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,7 +80,28 @@ class ControllerOptions:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-log = logging.getLogger("meshfed.controller")
+def setup_worker_logging() -> None:
+    """Ray's worker_process_setup_hook: each worker logs like the controller that started it."""
+    logsetup.configure_from_env()
+
+
+def _logging_options() -> dict[str, Any]:
+    """When this process configured meshfed logging (`meshfed controller run`), its actors log the
+    same way and their lines come to this process's stderr (one log for the whole controller);
+    otherwise (tests sharing one Ray) workers keep Ray's defaults and nothing is forwarded."""
+    current = logsetup.current()
+    if current is None:
+        return {"log_to_driver": False}
+    level, fmt = current
+    # Ray's own lines in this process (start-up, warnings) through our handler, in our format
+    ray_logger = logging.getLogger("ray")
+    ray_logger.handlers.clear()
+    ray_logger.propagate = True
+    return {"log_to_driver": True,
+            "runtime_env": {"env_vars": {logsetup.ENV_LEVEL: level, logsetup.ENV_FORMAT: fmt},
+                            "worker_process_setup_hook": setup_worker_logging}}
+
+
 CLAIM_GRACE_S = 10.0         # a predecessor's state owner that is still exiting
 RELEASE_WAIT_S = 10.0        # stop() waits this long for the state owner to let the lock go
 # every ray.get here has a timeout: an actor that hangs must not hang the driver (its supervisor
@@ -94,8 +117,6 @@ def claim_state_dir(state_dir: str, standby: bool) -> None:
         who = holder.describe() if holder is not None else "another process"
         log.warning("meshfed controller: standby: state directory %s is held by controller %s; taking over when "
                     "it exits", state_dir, who)
-        print(f"meshfed controller: standby: {state_dir} is held by controller {who}; waiting to take over",
-              file=sys.stderr, flush=True)
 
     probe = StateDirLock(state_dir)
     probe.acquire(wait=standby, on_wait=waiting, refuse_after_s=CLAIM_GRACE_S)
@@ -106,10 +127,11 @@ def init_ray(address: str | None, num_cpus: int = 2) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USE_UVLOOP", "0")
+    opts = _logging_options()
     if address:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        ray.init(address=address, include_dashboard=False, **opts)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **opts)
 
 
 class Controller:
@@ -154,7 +176,6 @@ class Controller:
         state = decode_json(ray.get(self.config_server.status.remote(), timeout=30)).get("state") or {}
         if state.get("created_now"):  # the state owner found the directory empty: say what that means
             log.warning("meshfed controller: %s", state.get("message", ""))
-            print(f"meshfed controller: {state.get('message', '')}", file=sys.stderr, flush=True)
         self.git = GitSourceActor.options(**place.options("git")).remote(
             str(self.opts.repo), self.opts.branch, self.reconciler, self.config_server,
             self.opts.git_poll_interval_s, self.opts.git_policy)
@@ -170,12 +191,20 @@ class Controller:
     # -- supervision -------------------------------------------------------------------------------
 
     def _supervise(self) -> None:
+        failing = ""
         while not self._stop.is_set():
             try:
                 self.refresh()
+                if failing:
+                    log.info("status refresh works again")
+                    failing = ""
             except Exception as e:  # actors restarting: try again next round
                 with self._cache_lock:
                     self._cache["supervisor_error"] = f"{type(e).__name__}: {e}"
+                if f"{type(e).__name__}: {e}" != failing:
+                    failing = f"{type(e).__name__}: {e}"
+                    log.warning("status refresh failed (an actor restarting?), retrying every %.1f s: %s",
+                                self.opts.status_interval_s, failing)
             self._stop.wait(self.opts.status_interval_s)
 
     def refresh(self) -> dict[str, Any]:
@@ -210,9 +239,8 @@ class Controller:
         for c in build_checks(st, time.time()):
             if c["group"] == "state" and not c["ok"] and c["check"] not in self._logged:
                 self._logged.add(c["check"])
-                log.error("meshfed controller: %s: %s; %s", c["check"], c["cause"], c["hint"])
-                print(f"meshfed controller: {c['check']}: {c['cause']}\n  what to do: {c['hint']}", file=sys.stderr,
-                      flush=True)
+                log.error("meshfed controller: %s: %s; what to do: %s", c["check"], c["cause"], c["hint"],
+                          extra={"fields": {"event": "StateCheckFailed", "check": c["check"]}})
 
     def _revive_config_server(self) -> dict[str, Any]:
         """Ray restarted the config server actor (its __init__ ran again: a new epoch from the
@@ -221,6 +249,9 @@ class Controller:
         cs = dict(decode_json(ray.get(self.config_server.status.remote(), timeout=10)))
         if cs.get("port"):
             return cs  # revived by the other caller while we waited for the lock
+        log.warning("the config server restarted (not listening): reviving it on ports %d/%d with the applied "
+                    "revision's CAs and every config in full", self.port, self.bootstrap_port,
+                    extra={"fields": {"event": "ConfigServerRevived"}})
         blob = ray.get(self.reconciler.snapshot_blob.remote(), timeout=30)
         if blob:
             ray.get(self.config_server.ensure_cas.remote(blob), timeout=30)
@@ -240,11 +271,14 @@ class Controller:
                 if old is not None:
                     old.stop.remote()
                     ray.kill(old)
+                log.info("cluster %s: %s discovery agent (context %s)", name,
+                         "starting its" if old is None else "replacing its (spec changed)", spec.context)
                 prefer = agent_node(name, list(wanted), nodes)
                 self.agents[name] = ClusterAgentActor.options(**self.opts.placement.options("agent", prefer)).remote(
                     *spec.args(), self.reconciler)
                 self.agent_specs[name] = spec
         for name in set(self.agents) - set(wanted):
+            log.info("cluster %s left the fleet: stopping its discovery agent", name)
             a = self.agents.pop(name)
             self.agent_specs.pop(name, None)
             a.stop.remote()
@@ -330,24 +364,25 @@ class Controller:
 
 
 def run(opts: ControllerOptions) -> None:  # pragma: no cover - the CLI entry point
-    import logging
     import signal
-    import sys
 
     from federation.controller.api_token import STATUS_API_TOKEN_FILE
 
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
-    logging.getLogger("meshfed").addHandler(handler)
-    logging.getLogger("meshfed").setLevel(logging.INFO)   # the status API's request log
+    # the status API's request log is `federation.server.status_api.access`, set up with every other
+    # logger by `logsetup` (the command's --log-level/--log-format)
     ctl = Controller(opts).start()
-    print(f"meshfed controller: config gRPC on {opts.listen.rsplit(':', 1)[0]}:{ctl.port} (bootstrap port "
-          f"{ctl.bootstrap_port or '-'}), "
-          f"status on {ctl.status_server.url} (web console {ctl.status_server.url}/console/; "
-          f"token: {Path(ctl.state_dir) / STATUS_API_TOKEN_FILE}), "
-          f"state in {ctl.state_dir} (node {ctl.state_node[:12]})", flush=True)
+    grpc_at = f"{opts.listen.rsplit(':', 1)[0]}:{ctl.port}"
+    console_url = f"{ctl.status_server.url}/console/"
+    token_file = str(Path(ctl.state_dir) / STATUS_API_TOKEN_FILE)
+    log.info("meshfed controller: config gRPC on %s (bootstrap port %s), status on %s (web console %s; token: %s), "
+             "state in %s (node %s)", grpc_at, ctl.bootstrap_port or "-", ctl.status_server.url, console_url,
+             token_file, ctl.state_dir, ctl.state_node[:12],
+             extra={"fields": {"event": "ControllerStarted", "grpc": grpc_at, "bootstrap_port": ctl.bootstrap_port,
+                               "status_url": ctl.status_server.url, "console_url": console_url,
+                               "token_file": token_file, "state_dir": ctl.state_dir}})
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
     done.wait()
+    log.info("meshfed controller: stopping")
     ctl.stop()

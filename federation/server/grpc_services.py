@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -56,6 +57,15 @@ from ztunnel.api.proto import meshfed_pb2 as pb
 
 if TYPE_CHECKING:
     from federation.controller.config_service import ConfigService
+
+log = logging.getLogger(__name__)
+
+
+def _denied(proxy_id: str, why: str) -> str:
+    """Log a refused certificate request (the requester learns why from the gRPC status)."""
+    log.warning("certificate request for proxy %s refused: %s", proxy_id, why,
+                extra={"fields": {"event": "CertificateRefused", "proxy": proxy_id, "reason": why}})
+    return why
 
 
 def spiffe_id_from_pem(cert_pem: bytes) -> str:
@@ -359,26 +369,26 @@ class ConfigServer:
         if not identity:
             cluster = self.bootstrap_cluster(req.bootstrap_token) or ""
             if not cluster and not self.insecure:
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                    "neither a client certificate nor a valid bootstrap token; use the token "
-                                    "from the controller's state directory (bootstrap-tokens.json)")
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, _denied(
+                    req.proxy_id, "neither a client certificate nor a valid bootstrap token; use the token "
+                                  "from the controller's state directory (bootstrap-tokens.json)"))
             bootstrap = True
             if cluster and cluster_named_by(req.proxy_id) != cluster:
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                    f"the bootstrap token of cluster {cluster} cannot request certificates "
-                                    f"for proxy {req.proxy_id}")
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, _denied(
+                    req.proxy_id, f"the bootstrap token of cluster {cluster} cannot request certificates "
+                                  f"for proxy {req.proxy_id}"))
         else:
             reason = self.authorize(req.proxy_id, identity)
             if reason:
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, _denied(req.proxy_id, reason))
         who = Requester(req.proxy_id, identity, bootstrap, cluster or cluster_named_by(req.proxy_id))
         try:
             chain, roots, expires = signer.sign(who, bytes(req.csr_pem), float(req.ttl_s or 0))
         except PermissionError as e:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, _denied(req.proxy_id, str(e)))
             raise
         except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _denied(req.proxy_id, str(e)))
             raise
         resp = pb.CertificateResponse(expires_at_s=expires)
         resp.cert_chain_pem.extend(chain)

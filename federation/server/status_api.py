@@ -42,6 +42,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -52,8 +53,6 @@ from urllib.parse import parse_qs, urlparse
 from federation.controller.api_token import STATUS_API_TOKEN_FILE, token_matches
 from federation.server import metrics
 from federation.server.console import Console, Page, is_console_path, is_public
-
-LOG = logging.getLogger("meshfed.status_api")
 
 
 class StatusSource(Protocol):
@@ -87,6 +86,25 @@ class NotFound(LookupError):
 
 
 MAX_REVISIONS = 200
+
+
+# Request log: writes (POST) and every answer >= 400 at INFO, successful reads at DEBUG: a console
+# or a `watch meshfed status` polls every second, and one line per poll would bury the state
+# changes an operator reads the log for. `--log-level debug` shows every request.
+access_log = logging.getLogger("federation.server.status_api.access")
+_SECRET_QUERY = re.compile(r"(?i)((?:^|&)[^=&]*(?:token|secret|password|key)[^=&]*=)[^&]*")
+
+
+def request_log_level(method: str, status: int) -> int:
+    return logging.INFO if method != "GET" or status >= 400 else logging.DEBUG
+
+
+def loggable_path(path: str) -> str:
+    """The request path with the values of secret-looking query parameters masked."""
+    base, sep, query = path.partition("?")
+    return base + sep + _SECRET_QUERY.sub(r"\1[REDACTED]", query) if sep else base
+
+
 MAX_POST_BODY_BYTES = 64 * 1024   # the reconcile trigger needs no body; a Git hook may send a small one
 REQUEST_TIMEOUT_S = 10.0           # a client that stalls mid-request does not hold a thread forever
 
@@ -101,7 +119,15 @@ def is_loopback(host: str) -> bool:
 
 
 def _log_request(entry: dict[str, Any]) -> None:
-    LOG.info(json.dumps(entry, separators=(",", ":")))
+    """The default request log: one line per request on `access_log`, its fields as the event's."""
+    level = request_log_level(str(entry.get("method") or ""), int(entry.get("status") or 0))
+    if not access_log.isEnabledFor(level):
+        return
+    target = str(entry.get("path", "")) + (f"?{entry['query']}" if entry.get("query") else "")
+    access_log.log(level, "%s %s %s %.1f ms from %s%s", entry.get("method"), target, entry.get("status"),
+                   float(entry.get("ms") or 0.0), entry.get("client"),
+                   " (authenticated)" if entry.get("authenticated") else "",
+                   extra={"fields": {"event": "HttpRequest", **{k: v for k, v in entry.items() if k != "ts"}}})
 
 
 class StatusServer:
@@ -146,8 +172,12 @@ class StatusServer:
             _authenticated = False
             _started = 0.0
 
-            def log_message(self, *_a: Any) -> None:  # replaced by `_log` (one structured line per request)
-                pass
+            def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+                pass  # `_log` writes one structured line per request, with what it knows (authenticated)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                # what the stdlib reports besides requests (malformed requests, timeouts)
+                access_log.info("%s: %s", self.client_address[0], format % args)
 
             def _send(self, code: int, body: bytes, ctype: str, extra: Mapping[str, str] | None = None) -> None:
                 self._status = code
@@ -174,10 +204,14 @@ class StatusServer:
             def _log(self) -> None:
                 server.requests += 1
                 try:
-                    log_fn({"ts": round(time.time(), 3), "method": self.command, "path": urlparse(self.path).path,
-                            "status": self._status, "client": self.client_address[0],
-                            "authenticated": self._authenticated,
-                            "ms": round((time.perf_counter() - self._started) * 1000, 2)})
+                    url = urlparse(self.path)
+                    entry = {"ts": round(time.time(), 3), "method": self.command, "path": url.path,
+                             "status": self._status, "client": self.client_address[0],
+                             "authenticated": self._authenticated,
+                             "ms": round((time.perf_counter() - self._started) * 1000, 2)}
+                    if url.query:   # secret-looking values masked (`loggable_path`)
+                        entry["query"] = loggable_path(f"?{url.query}")[1:]
+                    log_fn(entry)
                 except Exception:
                     pass  # logging must never break a request
 

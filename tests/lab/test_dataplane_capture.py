@@ -152,7 +152,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
                                                  bundles=[TD], local_identities=[SERVER.identity]),
                                SERVER.identity, NS["nb"], CBR_B),
         }
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        # the test reads the "listening" event (a log line: JSON with this format) and the outbound
+        # connection's access-log line from the proxies' stderr
+        env = {**os.environ, "PYTHONPATH": str(REPO), "MESHFED_LOG_FORMAT": "json"}
         for proxy_id, (cfg, identity, ns, cbr) in cfgs.items():
             d = tmp / proxy_id.replace("/", "_")
             topo.write_cert_dir(d / "certs", {identity: topo.svid(identity)})

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ from ztunnel.dns.answer import (
 
 RESOLV_CONF = Path("/etc/resolv.conf")
 MAX_NAMESERVERS = 3          # glibc reads at most three (MAXNS)
+
+logger = logging.getLogger(__name__)
 
 
 class DnsConfigError(ValueError):
@@ -125,7 +128,11 @@ class DnsServer:
                  log: Callable[..., None] | None = None, count: Callable[[str], None] | None = None) -> None:
         self.table = table
         self.options = options
-        self.log = log or (lambda **_: None)
+        if log is None:
+            from ztunnel.api.logsetup import event_log
+
+            log = event_log(logger, lambda f: logging.WARNING if "failed" in str(f.get("kind")) else logging.INFO)
+        self.log = log
         self.count = count or (lambda _outcome: None)  # metrics: meshfed_dns_queries_total{outcome}
         self.stats: Counter[str] = Counter()
         self.ready = asyncio.Event()

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -48,6 +49,8 @@ DEFAULT_JITTER_FRACTION = 0.1
 RETRY_INITIAL_S = 1.0
 RETRY_MAX_S = 60.0
 SIGN_TIMEOUT_S = 10.0
+
+log = logging.getLogger(__name__)
 
 
 class CertState(str, enum.Enum):
@@ -206,12 +209,19 @@ class CertManager:
             entry.last_error = f"{type(e).__name__}: {e}"
             if entry.failing_since_s is None:
                 entry.failing_since_s = now
+            log.log(logging.WARNING if entry.failures == 1 or entry.cert is not None else logging.DEBUG,
+                    "certificate for %s not signed (attempt %d): %s", entry.identity, entry.failures, entry.last_error)
             backoff = min(RETRY_MAX_S, RETRY_INITIAL_S * 2 ** (entry.failures - 1))
             entry.next_attempt_s = now + backoff * self._rng.uniform(0.5, 1.0)
             fut.set_exception(e)
             fut.exception()  # mark retrieved: waiters re-raise it, nobody is left with a warning
             raise
         else:
+            rotated = entry.cert is not None
+            log.info("certificate %s for %s: valid until %s, renewal at %s", "rotated" if rotated else "issued",
+                     entry.identity, _iso(na), _iso(cert.refresh_at_s),
+                     extra={"fields": {"event": "CertificateRotated" if rotated else "CertificateIssued",
+                                       "identity": str(entry.identity), "not_after_s": round(na, 3)}})
             if self._entries.get(entry.identity) is entry:  # not forgotten meanwhile
                 entry.cert = cert
             entry.failures, entry.last_error, entry.failing_since_s = 0, "", None
@@ -265,6 +275,10 @@ class CertManager:
                 await asyncio.wait_for(self._wake.wait(), delay)
             except TimeoutError:
                 pass
+
+
+def _iso(ts_s: float) -> str:
+    return datetime.fromtimestamp(ts_s, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _sid(identity: SpiffeId | str) -> SpiffeId:

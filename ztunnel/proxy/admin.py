@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -34,6 +35,12 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 prometheus_client.disable_created_metrics()
+
+log = logging.getLogger(__name__)
+# Without an access log stream (`--access-log off`), one line per connection (and per refused
+# connection) at DEBUG, never INFO (a busy proxy would log thousands a second).
+access_log = logging.getLogger("ztunnel.access")
+PER_CONNECTION_KINDS = frozenset({"access", "refused"})
 
 ISTIO_LABELS = ("reporter", "source_workload", "source_principal", "destination_service",
                 "destination_principal", "source_cluster", "destination_cluster",
@@ -151,16 +158,26 @@ class Telemetry:
         self.refused.labels(reporter, reason_code).inc()
 
     def log(self, **fields: Any) -> None:
-        """One JSON object per line: a connection's summary or a proxy event."""
-        if self.access_log is None:
-            return
+        """A connection's summary (or a proxy event such as an ejection): one JSON object per line on
+        the access log stream when there is one (`--access-log stderr`, Envoy's access log), else to
+        the `logging` tree (connections at DEBUG on `ztunnel.access`, events at INFO): never both,
+        so no line is written twice to the same stderr."""
         fields.setdefault("ts", round(time.time(), 6))
         fields.setdefault("proxy", self.proxy_id)
-        try:
-            self.access_log.write(json.dumps(fields, separators=(",", ":"), default=str) + "\n")
-            self.access_log.flush()
-        except (OSError, ValueError):
-            pass
+        if self.access_log is not None:
+            try:
+                self.access_log.write(json.dumps(fields, separators=(",", ":"), default=str) + "\n")
+                self.access_log.flush()
+            except (OSError, ValueError):
+                pass
+            return
+        per_conn = fields.get("kind") in PER_CONNECTION_KINDS
+        logger, level = (access_log, logging.DEBUG) if per_conn else (log, logging.INFO)
+        if logger.isEnabledFor(level):
+            from ztunnel.api.logsetup import render_kv
+
+            logger.log(level, f"{fields.get('kind', 'event')}: {render_kv(fields, ('kind', 'ts'))}",
+                       extra={"fields": fields})
 
     def render(self) -> bytes:
         return generate_latest(self.registry)  # type: ignore[no-any-return]

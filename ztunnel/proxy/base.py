@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import random
 import ssl
 import time
@@ -55,6 +56,8 @@ from ztunnel.proxy.relay import (
     abort_with_reset,
 )
 from ztunnel.xds.state import ProxyState, parse_host_port
+
+log = logging.getLogger(__name__)
 
 REASON_HEADER = "x-meshfed-reason"
 VERIFY_CACHE_S = 60.0        # how long a verified peer certificate is taken as verified
@@ -157,13 +160,15 @@ class HealthSink(Protocol):
 
 
 class LogHealthSink:
+    """Standalone proxies' sink: the log (ejections themselves are logged where they happen,
+    `ProxyBase._outlier_event`; this adds the periodic outcome counters at DEBUG)."""
+
     def __init__(self, telemetry: Telemetry) -> None:
         self._t = telemetry
 
     def report(self, proxy_id: str, event: EndpointEjected | EndpointUnejected | dict[str, Any]) -> None:
-        if isinstance(event, dict):
-            self._t.log(kind="health", **event)
-        # ejection events are in the access log already (`ProxyBase._outlier_event`)
+        if isinstance(event, dict) and log.isEnabledFor(logging.DEBUG):
+            log.debug("health report of %s: %s", proxy_id, event, extra={"fields": {"kind": "health", **event}})
 
     def retain_endpoints(self, live: set[tuple[str, str]]) -> None:
         pass  # keeps nothing per endpoint
@@ -360,7 +365,8 @@ class ProxyBase:
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self.tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            self.telemetry.log(kind="task_error", error=repr(task.exception()))
+            log.warning("a proxy task failed: %r", task.exception(),
+                        extra={"fields": {"kind": "task_error", "error": repr(task.exception())}})
 
     # --- inbound HBONE server ----------------------------------------------------------------------
 
@@ -695,6 +701,12 @@ class ProxyBase:
         if isinstance(ev, EndpointEjected):
             if ev.enforced:
                 self.telemetry.endpoint_ejected(service, ev.key, ev.reason.value)
+            log.info("ejected %s from %s: %s after %d consecutive failures, for %.1f s (ejection #%d)%s", ev.key,
+                     service, ev.reason.value, ev.consecutive, ev.until_s - ev.at_s, ev.ejection_count,
+                     "" if ev.enforced else "; not enforced: maxEjectionPercent keeps it in rotation",
+                     extra={"fields": {"event": "EndpointEjected", "service": service, "endpoint": ev.key,
+                                       "reason": ev.reason.value, "enforced": ev.enforced,
+                                       "ejection_count": ev.ejection_count}})
         else:
             self.telemetry.endpoint_unejected(service, ev.key)
         # in the access log whatever the health sink (the controller's reporter logs nothing)

@@ -35,6 +35,7 @@ Kubernetes' iptables-wrapper decides, so our rules sit next to kube-proxy's.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import subprocess
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -50,6 +51,8 @@ MAX_CAPTURED_PODS = 10_000      # a node holds ~110 pods (kubelet's default); re
 IPTABLES_TIMEOUT_S = 30.0
 
 Runner = Callable[[Sequence[str], str | None], "CommandResult"]
+
+logger = logging.getLogger(__name__)
 
 
 class CaptureError(RuntimeError):
@@ -195,7 +198,11 @@ class CaptureSync:
 
     def __init__(self, capture: IptablesCapture, log: Callable[..., None] | None = None, retry_s: float = 1.0) -> None:
         self.capture = capture
-        self.log = log or (lambda **_kw: None)
+        if log is None:
+            from ztunnel.api.logsetup import event_log
+
+            log = event_log(logger, lambda f: logging.INFO if f.get("applied", True) else logging.WARNING)
+        self.log = log
         self.retry_s = retry_s
         self.status = CaptureStatus()
         self._cv = threading.Condition()

@@ -34,6 +34,7 @@ pod reads are a PROXY v2 header carrying the verified peer identity (`ztunnel.pr
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from typing import Any
 
@@ -62,6 +63,8 @@ from ztunnel.proxy.relay import (
 )
 from ztunnel.proxy.routing import decide_route, usable_endpoints
 from ztunnel.xds.state import Indexes
+
+log = logging.getLogger(__name__)
 
 
 class NodeProxy(ProxyBase):
@@ -318,7 +321,8 @@ class NodeProxy(ProxyBase):
                 continue
             except Exception as e:  # a bug must cost one endpoint attempt, not hang the client
                 errors.append(f"{ep.workload_uid}: internal error {e!r}")
-                self.telemetry.log(kind="internal_error", endpoint=ep.workload_uid, error=repr(e))
+                log.error("internal error dialing %s (a bug; the client tries the next endpoint): %r",
+                          ep.workload_uid, e, exc_info=True)
                 self.record_outcome(name, ep.workload_uid, Outcome.LOCAL_ORIGIN_FAILURE)
                 continue
             self.record_outcome(name, ep.workload_uid, Outcome.SUCCESS)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -59,6 +60,8 @@ from ztunnel.api.config import (
 )
 from ztunnel.api.identity import CONTROLLER_TLS_NAME, proxy_spiffe_id
 from ztunnel.api.proto import meshfed_pb2 as pb
+
+log = logging.getLogger(__name__)
 
 
 class StaleControllerError(RuntimeError):
@@ -210,6 +213,7 @@ class XdsClient:
         self._stop.set()
 
     async def run(self) -> None:
+        lost = ""   # what the log last said about the stream ("" = connected or never tried)
         while not self._stop.is_set():
             try:
                 await self._session()
@@ -218,6 +222,11 @@ class XdsClient:
                 self.last_error = describe_error(e)
                 if "split brain" in self.last_error:
                     self.stale_controller = True
+                if self.last_error != lost:   # once per distinct error, not once per retry
+                    lost = self.last_error
+                    log.warning("config stream to the controller lost (%s); serving the last applied config, "
+                                "reconnecting with backoff", lost,
+                                extra={"fields": {"event": "ControllerLost", "error": lost}})
             self.connected.clear()
             if self._stop.is_set():
                 break
@@ -233,6 +242,11 @@ class XdsClient:
             await call.write(self.sub.hello())
             self.connects += 1
             self.connected.set()
+            have = self.sub.have
+            log.log(logging.INFO if self.connects == 1 or self.last_error else logging.DEBUG,
+                    "config stream to the controller open (connection %d, running %s)", self.connects,
+                    f"{have.epoch}.{have.version} of revision {have.revision[:8]}" if have is not None else "nothing yet",
+                    extra={"fields": {"event": "ControllerConnected"}})
             async with asyncio.TaskGroup() as tg:
                 stopper = tg.create_task(self._stop.wait())
                 health = tg.create_task(self._health_loop(channel)) if self.health is not None else None
@@ -267,6 +281,10 @@ class XdsClient:
                 outcome = ResponseDecision(reply, error=reply.error_detail)
         if reply is not None:
             await call.write(reply)
+            if reply.nack:
+                log.warning("NACK sent for the controller's push: %s (keeping %s)", reply.error_detail,
+                            "the previous config" if self.sub.current is not None else "no config",
+                            extra={"fields": {"event": "ConfigNacked", "error": reply.error_detail}})
         if outcome.apply is not None:
             self.applied.set()
         if outcome.error:

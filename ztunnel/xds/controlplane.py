@@ -28,8 +28,9 @@ certificates until they expire, and `XdsClient` reconnects with backoff.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -43,6 +44,12 @@ from ztunnel.xds.client import Subscription, XdsClient, describe_error, request_
 from ztunnel.xds.state import ProxyState
 
 OK_OUTCOMES = frozenset({"Success", "ConnectSuccess"})
+
+logger = logging.getLogger(__name__)   # `log` is the name of the event callable below
+
+
+def _level(fields: Mapping[str, Any]) -> int:
+    return logging.WARNING if str(fields.get("event", "")).endswith(("failed", "pending")) else logging.INFO
 
 
 class ControllerUnavailable(RuntimeError):
@@ -205,12 +212,14 @@ class ControllerLink:
     """Owns the channels, the cert manager and the xDS client of one proxy."""
 
     def __init__(self, opts: LinkOptions, state: ProxyState, creds: CredentialTarget,
-                 health: HealthReporter, log: Callable[..., None]) -> None:
+                 health: HealthReporter, log: Callable[..., None] | None = None) -> None:
+        from ztunnel.api.logsetup import event_log
+
         self.opts = opts
         self.state = state
         self.creds = creds
         self.health = health
-        self.log = log
+        self.log = log if log is not None else event_log(logger, _level)
         self.own = proxy_spiffe_id(opts.trust_domain, opts.proxy_id)
         self._roots = b""
         self._own_cert: tuple[bytes, bytes] | None = None   # (chain, key) of the proxy's own SVID
@@ -297,13 +306,14 @@ class ControllerLink:
 
 
 async def join_controller(opts: LinkOptions, state: ProxyState, creds: CredentialTarget,
-                          log: Callable[..., None]) -> tuple[ControllerLink, list[asyncio.Task[Any]]]:
+                          log: Callable[..., None] | None = None) -> tuple[ControllerLink, list[asyncio.Task[Any]]]:
     """Bootstrap, subscribe, and return once the proxy has a config and its certificates.
 
     With a persisted last good config the proxy needs only its certificates (the controller may
     have nothing new to push); without one it waits for the first push. The returned tasks (xDS
     client, rotation) belong to the caller, which cancels them at shutdown."""
     link = ControllerLink(opts, state, creds, HealthReporter(), log)
+    emit = link.log
     await link.bootstrap()
     client = link.subscribe()
     tasks = [asyncio.ensure_future(client.run()), asyncio.ensure_future(link.rotate())]
@@ -316,7 +326,7 @@ async def join_controller(opts: LinkOptions, state: ProxyState, creds: Credentia
                 await link.sink.ensure_certificates(state.config)
                 return link, tasks
             except Exception as e:  # not entitled yet (the controller has not rendered us): retry
-                log(kind="controller", event="certificates_pending", error=describe_error(e))
+                emit(kind="controller", event="certificates_pending", error=describe_error(e))
         try:
             await asyncio.wait_for(link.sink.first_applied.wait(), delay_s)
         except TimeoutError:

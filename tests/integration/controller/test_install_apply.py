@@ -30,7 +30,8 @@ def api(tmp_path: Path) -> Iterator[tuple[EmulatedApiServer, Path]]:
 
 
 def meshfed(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # the fleet as every command takes it (--fleet, else $MESHFED_FLEET, else "." if it is one)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MESHFED_FLEET": str(REPO / "examples" / "fleet")}
     return subprocess.run([sys.executable, "-m", "federation.cli.main", *args], capture_output=True, text=True,
                           input=stdin, env=env, cwd=REPO, timeout=120, check=False)
 

@@ -140,7 +140,7 @@ async def test_a_controller_rebuilt_from_a_backup_is_accepted_and_its_proxies_re
 async def test_a_controller_rebuilt_from_nothing_says_what_to_do_and_proxies_keep_serving(
         lost_state: Fleet, caplog: pytest.LogCaptureFixture) -> None:
     f = lost_state
-    with caplog.at_level(logging.WARNING, logger="meshfed.controller"):
+    with caplog.at_level(logging.WARNING, logger="federation"):
         c = await start(f.state, f.port)
     try:
         logged = [r.getMessage() for r in caplog.records if "was empty" in r.getMessage()]

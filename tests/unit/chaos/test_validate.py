@@ -124,6 +124,8 @@ def test_cli_validate_and_list(tmp_path: Path) -> None:
     res = runner.invoke(cli, ["chaos", "validate", str(REPO / "examples" / "chaos")])
     assert res.exit_code == 0, res.output
     assert res.output.startswith("valid: ") and "backend-crash" in res.output
+    wide = runner.invoke(cli, ["chaos", "validate", str(REPO / "examples" / "chaos"), "-o", "wide"])
+    assert (wide.exit_code, wide.output) == (0, res.output)       # -o like every read command; wide is the table
     bad = write(tmp_path, "", "servedBy: [east, south, east]", "servedBy: [east, mars, east]")
     res = runner.invoke(cli, ["chaos", "validate", str(bad)])
     assert res.exit_code == 1 and "[MF0706]" in res.output and "probe.yaml:25:7" in res.output

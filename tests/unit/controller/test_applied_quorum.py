@@ -8,8 +8,11 @@ the rollout facts (`federation.core.rollout`), with explicit `now_s`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
+
+import pytest
 
 from federation.controller.reconciler import Reconciler
 from federation.controller.store import Store
@@ -128,3 +131,46 @@ def test_a_restart_while_applying_keeps_the_previous_applied_revision(tmp_path: 
     st = again.status()
     assert st["applied"]["revision"] == sha("a") and st["desired"]["revision"] == sha("b")
     assert st["desired"]["ok"] is True and again.applied_ca == {TD: ca("root-1", signing="root-1")}
+
+
+def test_the_rollout_logs_each_state_change_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 15 with issue 11 part B: "accepted" (rendered, applying) and "applied" (the ACK quorum)
+    are two log lines; a commit held behind a revision still applying, and an overdue rollout, are
+    logged once each, not at every reconcile."""
+    caplog.set_level(logging.INFO, logger="federation.controller.reconciler")
+
+    def events(kind: str) -> list[logging.LogRecord]:
+        return [rec for rec in caplog.records if getattr(rec, "fields", {}).get("event") == kind]
+
+    r, _store, _render, _pushes, proxies = make(tmp_path)
+    commit(r, sha("a"), ca("root-1", signing="root-1"), 0.0)
+    (applying,) = events("CommitApplying")
+    assert applying.fields["revision"] == sha("a") and "applying until the proxies ACK it" in applying.getMessage()  # type: ignore[attr-defined]
+    assert events("CommitApplied") == []                              # pushed, not ACKed
+    proxies.acked.add(sha("a"))
+    r.reconcile(now_s=1.0, force=True)
+    (applied,) = events("CommitApplied")
+    assert applied.fields["revision"] == sha("a") and "ACKs reached the quorum" in applied.getMessage()  # type: ignore[attr-defined]
+
+    commit(r, sha("b"), ca("root-1", "root-2", signing="root-1"), 10.0)   # publish root-2: not ACKed
+    commit(r, sha("c"), ca("root-1", "root-2", signing="root-2"), 11.0)   # switch: waits for b
+    r.reconcile(now_s=12.0, force=True)
+    r.reconcile(now_s=13.0, force=True)
+    (waiting,) = events("CommitWaiting")
+    assert waiting.fields == {"event": "CommitWaiting", "revision": sha("c"), "behind": sha("b")}  # type: ignore[attr-defined]
+    assert events("RolloutOverdue") == []
+    r.reconcile(now_s=71.0, force=True)
+    r.reconcile(now_s=80.0, force=True)
+    (overdue,) = events("RolloutOverdue")
+    assert overdue.levelno == logging.WARNING and overdue.fields["pending"] == [PID]  # type: ignore[attr-defined]
+    assert f"the applied revision stays {sha('a')[:8]}" in overdue.getMessage()
+
+
+def test_cluster_removal_events_read_as_sentences() -> None:
+    from federation.controller.reconciler import describe_event
+    from federation.core.removal import ClusterDraining, ClusterRemoved
+
+    assert describe_event(ClusterDraining("south", 5.0, 60.0)) == (
+        "cluster south draining: withdrawn from every proxy's view, removed 60 s after the proxies ACK that")
+    assert describe_event(ClusterRemoved("south", 70.0, 65.0, ("gateway/south", "ztunnel/south/node-1"))) == (
+        "cluster south removed after draining 65 s: 2 proxies forgotten, its credentials revoked, its agent stopped")

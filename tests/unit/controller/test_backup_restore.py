@@ -177,7 +177,7 @@ def test_proxies_that_followed_a_lost_controller_are_reported(tmp_path: Path) ->
 
 
 def test_a_fresh_state_directory_is_logged_with_what_to_do(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("WARNING", logger="meshfed.controller"):
+    with caplog.at_level("WARNING", logger="federation.controller.config_service"):
         ConfigService(tmp_path / "state")
         ConfigService(tmp_path / "state")          # the same directory again: no longer fresh, not logged
     msgs = [r.getMessage() for r in caplog.records if "was empty" in r.getMessage()]

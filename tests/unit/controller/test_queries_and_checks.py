@@ -115,6 +115,34 @@ def test_insecure_mode_only_on_literal_loopback(listen: str, loopback: bool) -> 
     assert is_loopback_listen(listen) is loopback
 
 
+# main's controller checks (issue 11 part B) in their passing state: the lock held, a live loop
+LOCKED = {"controller": {"state_dir": "/var/lib/meshfed", "lock": {"pid": 7, "host": "ctl-0"}},
+          "reconciler": {"loop": {"alive": True, "last_step_at_s": 0.0, "failures_total": 0}}}
+
+
+def test_a_rejected_commit_fails_one_check_not_reachability() -> None:
+    """Issue 15: a rejected commit was reported twice, once as "repository reachable: FAIL" with the
+    validation error as its cause although the repository had been read."""
+    st = {**LOCKED, "desired": {"revision": "0123456789abcdef", "ok": False},
+          "problems": [{"code": "MF0101", "message": "unknown field spec.bogus"}],
+          "git": {"last_error": "1 error(s) in revision 01234567", "fetch_error": ""}}
+    checks = {c["check"]: c for c in build_checks(st, 0.0)}
+    assert checks["repository reachable"]["ok"] is True and checks["repository reachable"]["cause"] == ""
+    applied = checks["last revision applied"]
+    assert applied["ok"] is False and "[MF0101] unknown field spec.bogus" in applied["cause"]
+    assert [c["check"] for c in build_checks(st, 0.0) if not c["ok"]] == ["last revision applied"]
+
+
+def test_an_unreachable_repository_fails_reachability_once() -> None:
+    st = {**LOCKED, "desired": {"revision": "0123456789abcdef", "ok": False},
+          "problems": [{"code": "MF-GIT", "message": "fatal: could not read from remote repository"}],
+          "git": {"last_error": "fatal: could not read from remote repository",
+                  "fetch_error": "fatal: could not read from remote repository"}}
+    failed = [c for c in build_checks(st, 0.0) if not c["ok"]]
+    assert [c["check"] for c in failed] == ["repository reachable"]
+    assert "could not read" in failed[0]["cause"] and "proxies keep the last applied revision" in failed[0]["hint"]
+
+
 def test_revisions_carry_the_problems_of_a_rejected_commit() -> None:
     from federation.controller.store import RevisionRecord
 

@@ -175,7 +175,7 @@ def test_a_step_that_raises_is_counted_and_logged_and_the_next_turn_runs(
     monkeypatch.setattr(svc.rec, "due", due)
     svc.on_snapshot(snap("a" * 40))                       # wakes the loop: turn() does not wait
     now[0] = 100.2
-    with caplog.at_level("ERROR", logger="meshfed.controller"):
+    with caplog.at_level("ERROR", logger="federation.controller.reconcile_service"):
         assert not svc.turn()
     assert (svc.loop_failures, svc.last_step_at_s) == (1, None) and "disk I/O error" in svc.last_loop_error
     assert "a reconcile step failed" in caplog.text

@@ -206,3 +206,31 @@ def test_no_push_until_every_cluster_is_listed_after_a_start(listed: tuple[str, 
     assert bool(pushes.calls) is pushed and r.warm is pushed
     if pushed:
         assert set(pushes.calls[0]) == {f"ztunnel/{c}/n1" for c in listed}
+
+
+def test_state_changes_are_logged_once_each(caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 15: commit applied / rejected and cluster up are INFO/WARNING lines with an `event`
+    field; a cluster is "up" at its first complete observation, even after partial ones."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="federation.controller.reconciler")
+    r = Reconciler(fake_render, Pushes())
+    r.on_snapshot(snap("a" * 40, "good"), now_s=0)
+    r.on_observation(replace(obs("east", ["p1"]), complete=False), now_s=0)   # a watch's partial first
+    r.on_observation(obs("east", ["p1"]), now_s=0)
+    r.on_observation(obs("east", ["p1", "p2"]), now_s=0.5)                   # not "up" a second time
+    r.reconcile(now_s=1)
+    r.on_fleet_error("b" * 40, "broken", [{"code": "MF0102", "message": "unknown field", "file": "x.yaml",
+                                           "line": 3}], now_s=2)
+
+    def events(kind: str) -> list[logging.LogRecord]:
+        return [rec for rec in caplog.records if getattr(rec, "fields", {}).get("event") == kind]
+
+    (up,) = events("ClusterUp")
+    assert up.levelno == logging.INFO and up.fields["cluster"] == "east"  # type: ignore[attr-defined]
+    (applied,) = events("CommitApplied")
+    assert applied.fields["revision"] == "a" * 40 and "commit aaaaaaaa applied (good)" in applied.getMessage()  # type: ignore[attr-defined]
+    (rejected,) = events("CommitRejected")
+    assert rejected.levelno == logging.WARNING
+    assert "[MF0102] unknown field" in rejected.getMessage() and "proxies keep revision aaaaaaaa" in rejected.getMessage()
+    assert rejected.fields["problems"] == ["MF0102 x.yaml:3 unknown field"]  # type: ignore[attr-defined]

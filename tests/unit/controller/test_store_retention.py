@@ -48,7 +48,7 @@ async def test_the_flusher_survives_a_locked_database_without_blocking_the_event
             ticks += 1
 
     beat = asyncio.ensure_future(heartbeat())
-    with caplog.at_level("WARNING", logger="meshfed.controller"):
+    with caplog.at_level("WARNING", logger="federation.controller.config_service"):
         svc.start_flushing()
         svc.on_ack(ack("ztunnel/a/n1", 1))
         t0 = time.monotonic()

@@ -145,7 +145,10 @@ def test_cli_explain_and_graph_on_examples() -> None:
     res = runner.invoke(cli, ["explain", "checkout", str(EXAMPLES), "--from", "east"])
     assert res.exit_code == 0 and "tier 0: 100.0% of traffic" in res.output
     res = runner.invoke(cli, ["explain", "nope", str(EXAMPLES), "--from", "east"])
-    assert res.exit_code == 64
+    assert res.exit_code == 1  # an unknown service is a problem found, not a usage error (issue 15)
     for fmt, head in (("json", "{"), ("dot", "digraph"), ("mermaid", "flowchart")):
-        res = runner.invoke(cli, ["graph", str(EXAMPLES), "--format", fmt])
-        assert res.exit_code == 0 and res.output.startswith(head), res.output
+        res = runner.invoke(cli, ["graph", str(EXAMPLES), "-o", fmt])
+        assert res.exit_code == 0 and res.stdout.startswith(head), res.output
+    # the old spelling still works, with a deprecation note on stderr
+    res = runner.invoke(cli, ["graph", str(EXAMPLES), "--format", "dot"])
+    assert res.exit_code == 0 and res.stdout.startswith("digraph") and "deprecated" in res.stderr

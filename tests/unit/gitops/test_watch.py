@@ -90,3 +90,19 @@ def test_error_clears_when_the_head_is_the_applied_revision_again() -> None:
     w.rejected(B, "MF0505 ...")
     assert _check(w, 400, A, ff=False) is DecisionKind.SKIP  # B reverted by a force-push back to A
     assert (w.last_attempted_revision, w.last_error, w.last_problems) == (A, None, ())
+
+
+def test_fetch_errors_are_kept_apart_from_rejections() -> None:
+    """`last_fetch_error` says whether the repository could be read; a rejected commit leaves it
+    None (`meshfed check` must not call the repository unreachable because a commit is invalid)."""
+    w = BranchWatch()
+    _check(w, 0, A, ff=None)
+    w.loaded(A)
+    _check(w, 100, B)
+    w.rejected(B, "MF0505 ...")
+    assert w.last_error == "MF0505 ..." and w.last_fetch_error is None
+    w.begin_check(200)
+    w.fetch_failed("network down")
+    assert w.last_fetch_error == "network down"
+    _check(w, 300, B)   # the branch was read again: reachable, whatever the commit's verdict
+    assert w.last_fetch_error is None

@@ -190,7 +190,7 @@ def test_an_unknown_context_lists_the_fleet_s_contexts() -> None:
         cluster_for_context(FLEETS["fleet"], "kind-nowhere")
     r = CliRunner().invoke(cli, ["install", "--context", "kind-nowhere", "--fleet", str(REPO / "examples" / "fleet"),
                                  "--print"])
-    assert r.exit_code == 64
+    assert r.exit_code == 1  # an unknown name is a problem found (exit 1), not a usage error (issue 15)
 
 
 # --- the fleet's Gateways (waypoints, ingress gateways); moved from tests/unit/lab/test_kind_waypoint.py
