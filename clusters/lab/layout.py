@@ -27,7 +27,10 @@ LOG_DIR = "logs"
 PROXIES_DIR = "proxies"             # proxies/<id>/{config.json,certs/,state/,bootstrap-token}
 CONTROLLER_DIR = "controller"       # the controller's --state-dir (it owns what is inside)
 CONTROLLER_ROOTS_FILE = "controller-roots.pem"  # written there by the controller at start
+STATUS_API_TOKEN_FILE = "status-api-token"      # there too, 0600: the status API's bearer token
 BOOTSTRAP_TOKEN_FILE = "bootstrap-token"        # in a proxy's directory, 0600
+GIT_DIR = "git"                     # the fleet repo the lab serves (fleet.git) and ...
+GIT_CREDENTIALS_FILE = "credentials"  # ... in it, 0600: who may push (git credential-store format)
 MAX_SOCKET_PATH = 100               # sun_path is 108 bytes; leave room
 
 # --- inside the sandbox -------------------------------------------------------------------------
