@@ -109,6 +109,9 @@ async def test_commit_bad_commit_nack_and_restart_pruning(
         assert token_file.stat().st_mode & 0o077 == 0
         assert http_post(f"{ctl.status_server.url}/api/v1/reconcile", token_file.read_text().strip()) == 202
         assert await wait_until(lambda: (ctl.refresh().get("desired") or {}).get("revision") == bad, 20)
+        # "applied" follows the proxies' ACK quorum for the second commit, which may still be arriving;
+        # the bad commit must never become it
+        assert await wait_until(lambda: (ctl.refresh().get("applied") or {}).get("revision") == second, 30)
         st = http_json(f"{ctl.status_server.url}/api/v1/status")
         assert st["desired"]["ok"] is False and st["applied"]["revision"] == second
         assert st["problems"] and all(p["code"] for p in st["problems"])
