@@ -198,6 +198,7 @@ class Kubelet:
         self._written: dict[str, str] = {}
         self.writes = 0
         self.passes = 0
+        self.failed_passes = 0  # passes that raised (see `run`)
         self.last_error = ""
         self.transitions: list[tuple[float, str, str]] = []  # (time, object key, summary)
 
@@ -225,8 +226,16 @@ class Kubelet:
         return n
 
     def run(self, stop: threading.Event, interval_s: float = 0.1) -> None:
+        """Sync every `interval_s` until `stop`. A pass that raises (a probe or an object that
+        breaks) is counted in `failed_passes` and `last_error` and the loop goes on: a dead
+        kubelet thread would freeze its cluster's API at whatever it said last (a killed pod
+        never Ready again, for every later experiment in that lab) with nothing saying so."""
         while not stop.is_set():
-            self.sync()
+            try:
+                self.sync()
+            except Exception as e:
+                self.failed_passes += 1
+                self.last_error = f"sync pass failed: {type(e).__name__}: {e}"
             stop.wait(interval_s)
 
 

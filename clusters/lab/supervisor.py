@@ -153,7 +153,8 @@ class Supervisor:
 
     def _status(self, _req: dict[str, Any]) -> dict[str, Any]:
         return {"ok": True, "lab": self.describe(),
-                "kubelets": {n: {"writes": k.writes, "last_error": k.last_error,
+                "kubelets": {n: {"writes": k.writes, "passes": k.passes, "failed_passes": k.failed_passes,
+                                 "last_error": k.last_error,
                                  "transitions": k.transitions[-MAX_TRANSITIONS_SHOWN:]}
                              for n, k in self.services.kubelets.items()}}
 

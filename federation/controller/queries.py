@@ -97,6 +97,11 @@ def fleet_clusters(snap: ConfigSnapshot | None) -> dict[str, dict[str, Any]]:
             for name, c in snap.clusters.items()}
 
 
+# What a cluster agent says of its observation channel (`ClusterAgent.status`), shown per cluster
+AGENT_CHANNEL_KEYS = ("observed_ready_endpoints", "observations_sent", "last_sent_s", "send_in_flight_s",
+                      "observation_pending")
+
+
 def assemble_status(rec: Mapping[str, Any], cs: Mapping[str, Any], agents: Mapping[str, Mapping[str, Any]],
                     git: Mapping[str, Any], *, state_dir: str, failover_events: int,
                     trust: list[dict[str, Any]], now_s: float, state_node: str = "") -> dict[str, Any]:
@@ -113,6 +118,9 @@ def assemble_status(rec: Mapping[str, Any], cs: Mapping[str, Any], agents: Mappi
         clusters[name] = {**r, **{k: a.get(k) for k in ("up", "lease_remaining_s", "last_error", "api", "context")},
                           "applied_revision": rec.get("applied", {}).get("revision", ""),
                           "draining": bool(rec.get("fleet_clusters", {}).get(name, {}).get("draining"))}
+        channel = {k: a[k] for k in AGENT_CHANNEL_KEYS if k in a}
+        if channel:  # the agent's own view and sends, next to the reconciler's (`ready_endpoints`)
+            clusters[name]["agent"] = channel
     undelivered = set(rec.get("undelivered_proxies") or ())
     why = (rec.get("delivery") or {}).get("last_error") or "waiting for the next push"
     proxies = []

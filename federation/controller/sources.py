@@ -303,6 +303,10 @@ class ClusterAgent:
         self._answering: bool | None = None   # what the log last said about the API (None: nothing yet)
         self.resends = 0
         self.told_s: float | None = None  # latest API success the reconciler has been told of (agent's clock)
+        # the observation channel, for status: a send that never returns shows as a growing
+        # `send_in_flight_s` while heartbeats (another call) keep the lease alive
+        self.sending_since_s: float | None = None
+        self.last_sent_s: float | None = None
 
     def start(self, send: Callable[[bytes], None], send_lease: Callable[[str, float], None] | None = None) -> None:
         self._send = send
@@ -397,15 +401,19 @@ class ClusterAgent:
                     return
                 obs, self._latest = self._latest, None
             assert self._send is not None and obs is not None
+            self.sending_since_s = self.clock()
             try:
                 self._send(encode_observation(obs))
                 self.sent += 1
+                self.last_sent_s = self.clock()
                 self._told(obs.observed_at_s)
             except Exception:  # the reconciler restarts; the next change or resync re-sends
                 with self._cv:
                     if self._latest is None:
                         self._latest = obs
                 time.sleep(0.5)
+            finally:
+                self.sending_since_s = None
 
     def relist(self) -> None:
         """LIST everything again and send it now (a restarted reconciler needs a complete observation)."""
@@ -441,4 +449,10 @@ class ClusterAgent:
             "up": view.valid(now), "lease_remaining_s": round(view.remaining_s(now), 1),
             "lease_renewed_at_s": renewed, "complete": obs.complete,
             "endpoints": len(obs.endpoints), "last_error": self.discovery.last_error,
+            # what this agent sees and has sent, next to what the reconciler applied (`meshfed
+            # status`): a controller that lags its agent names the layer that lost the change
+            "observed_ready_endpoints": sum(1 for e in obs.endpoints if e.ready),
+            "observations_sent": self.sent, "last_sent_s": self.last_sent_s,
+            "send_in_flight_s": round(now - self.sending_since_s, 1) if self.sending_since_s is not None else 0.0,
+            "observation_pending": self._latest is not None,
         }

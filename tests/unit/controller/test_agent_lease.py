@@ -13,6 +13,8 @@ Pure: the agent's discovery is a fake and the clock is a variable; no thread, no
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass, field
 
 import pytest
@@ -124,3 +126,41 @@ def test_status_reads_do_not_renew_the_lease(agent: tuple[ClusterAgent, FakeDisc
     st = a.status()
     assert st["up"] and st["lease_renewed_at_s"] == d.last_success_s   # what a renewal would say ...
     assert a.lease.renewed_at_s == renewed                             # ... without renewing
+
+
+def test_status_shows_a_send_that_does_not_return(
+        agent: tuple[ClusterAgent, FakeDiscovery, list[float], list[float]]) -> None:
+    """The gateway-crash stall (README, "What the experiments found"): east's lease stayed Live while
+    the controller never applied east's healed pods. A send stuck in flight must show in the
+    status, next to what the agent itself sees, so the layer that lost the change has a name."""
+    a, _, clock, _ = agent
+    release, entered = threading.Event(), threading.Event()
+    sent: list[bytes] = []
+
+    def send(blob: bytes) -> None:
+        entered.set()
+        release.wait(5.0)
+        sent.append(blob)
+
+    a._send = send
+    sender = threading.Thread(target=a._send_loop, daemon=True)
+    sender.start()
+    a._on_change(a.discovery.observation())
+    assert entered.wait(5.0)
+    clock[0] += 12.5
+    st = a.status()
+    assert st["send_in_flight_s"] == 12.5 and st["observations_sent"] == 0
+    a._on_change(a.discovery.observation())       # a newer view waits behind the stuck send
+    assert a.status()["observation_pending"] is True
+    release.set()
+    for _ in range(100):
+        if a.sent == 2:
+            break
+        time.sleep(0.05)
+    with a._cv:                                    # end the sender (the fake discovery has no watches to stop)
+        a._stopped = True
+        a._cv.notify()
+    sender.join(5.0)
+    st = a.status()
+    assert len(sent) == 2 and st["observations_sent"] == 2 and st["send_in_flight_s"] == 0.0
+    assert st["last_sent_s"] == clock[0] and st["observed_ready_endpoints"] == 0

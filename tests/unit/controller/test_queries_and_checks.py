@@ -87,6 +87,18 @@ def test_the_status_document_joins_the_parts() -> None:
     assert st["proxies"] == cs["proxies"] and st["failover_events"] == 2 and st["at_s"] == 100.0
 
 
+def test_the_status_shows_each_agent_channel_next_to_the_reconciler_view() -> None:
+    """East's agent sees 2 ready endpoints and has a send stuck for 40 s; the reconciler applied 0."""
+    rec = {"fleet_clusters": {"east": {}}, "clusters": {"east": {"endpoints": 2, "ready_endpoints": 0}}}
+    agents = {"east": {"up": True, "observed_ready_endpoints": 2, "observations_sent": 7, "last_sent_s": 50.0,
+                       "send_in_flight_s": 40.0, "observation_pending": True}}
+    st = queries.assemble_status(rec, {}, agents, {}, state_dir="/s", failover_events=0, trust=[], now_s=100.0)
+    east = st["clusters"]["east"]
+    assert east["ready_endpoints"] == 0 and east["agent"] == {
+        "observed_ready_endpoints": 2, "observations_sent": 7, "last_sent_s": 50.0, "send_in_flight_s": 40.0,
+        "observation_pending": True}
+
+
 @pytest.mark.parametrize(("left_s", "ok"), [(ROOT_EXPIRY_WARNING_S + 60, True), (ROOT_EXPIRY_WARNING_S - 60, False)])
 def test_a_root_close_to_expiry_fails_its_check(left_s: float, ok: bool) -> None:
     now = 1_000_000.0

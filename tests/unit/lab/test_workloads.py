@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Mapping
+from typing import Any
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from clusters.lab.demo_server import ProxyHeaderError, build_proxy_v2, parse_proxy_v2
-from clusters.lab.kubelet import NodeState, PodPhase, PodState, desired_objects
+from clusters.lab.kubelet import Kubelet, NodeState, PodPhase, PodState, desired_objects
 from clusters.lab.loadgen import FAIL, INDETERMINATE, OK, classify
 from clusters.lab.topology import plan_lab
 from tests.unit.lab.fleet_fixture import fleet
@@ -58,3 +62,36 @@ def test_kubelet_objects_follow_process_state() -> None:
     assert svc["spec"]["clusterIP"] == next(v.cluster_ip for v in east.services if v.name == "checkout")
     # namespaces come first: the emulator needs them before namespaced objects
     assert next(iter(objs)).startswith("Namespace/")
+
+
+def test_a_kubelet_pass_that_raises_does_not_end_the_kubelet() -> None:
+    """A probe that raises once (a pod racing its own restart) must not kill the kubelet thread:
+    the cluster's API would keep saying whatever it said last (a healed pod never Ready again)."""
+    plan = plan_lab(*fleet())
+    east = plan.cluster("east")
+    written: list[dict[str, Any]] = []
+
+    class Api:
+        def apply(self, obj: Mapping[str, Any], replace: bool = False) -> dict[str, Any]:
+            written.append(dict(obj))
+            return dict(obj)
+
+    stop = threading.Event()
+    calls = [0]
+
+    def probe_pods() -> dict[str, PodState]:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise RuntimeError("probe raced a restart")
+        if calls[0] >= 3:
+            stop.set()
+        return {p.key: PodState(PodPhase.RUNNING, True) for p in east.pods}
+
+    k = Kubelet(east, Api(), probe_pods, lambda: {n.name: NodeState(True) for n in east.nodes})
+    t = threading.Thread(target=k.run, args=(stop, 0.001), daemon=True)
+    t.start()
+    t.join(5.0)
+    assert not t.is_alive() and calls[0] >= 3, "the kubelet loop ended at the first failed pass"
+    assert k.failed_passes == 1 and "probe raced a restart" in k.last_error
+    slices = [o for o in written if o["kind"] == "EndpointSlice"]
+    assert slices and all(e["conditions"]["ready"] for s in slices for e in s["endpoints"])
