@@ -117,3 +117,13 @@ def test_authorize_uses_the_loaded_fleets_clusters(policy: SigningPolicy) -> Non
                                                     ("ztunnel", ""), ("", "")])
 def test_cluster_named_by(proxy_id: str, cluster: str) -> None:
     assert cluster_named_by(proxy_id) == cluster
+
+
+def test_a_csr_asking_for_2_to_the_32_seconds_gets_the_workload_cert_ttl(policy: SigningPolicy) -> None:
+    """The proto's ttl_s is a uint32: the most a proxy can ask for is ~136 years; it gets the trust
+    domain's workloadCertTTL (24 h in the example fleet), not a leaf as old as the root."""
+    who = Requester(NODE1, OWN, False, "east")
+    before = time.time()
+    _chain, _roots, not_after_s = policy.sign(who, generate_key_and_csr(OWN).csr_pem, float(2 ** 32 - 1))
+    ttl_s = policy.trust_domains[EAST_TD].ca.workload_cert_ttl_s
+    assert before + ttl_s - 5 <= not_after_s <= time.time() + ttl_s + 5
