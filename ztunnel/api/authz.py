@@ -17,6 +17,19 @@ an ALLOW or DENY policy with no rules matches nothing (Istio: an ALLOW with no r
 `*` is allowed as a whole value, as a prefix (`*/ns/shop/sa/*` is two wildcards: each `*` matches any
 run of characters) or a suffix, as in Istio.
 
+Source namespaces across trust domains. A namespace name means something only inside its trust
+domain: `shop` in west.mesh.local is not `shop` in east.mesh.local (another cluster, another
+team). Istio has one trust domain per mesh, so its `namespaces: [shop]` never had to say which;
+here it must, and the rule is:
+
+- `namespaces: [shop]` (a bare name, wildcards allowed) matches peers in namespace `shop` of the
+  *destination's own* trust domain only;
+- `namespaces: [west.mesh.local/ns/shop]` matches `shop` of west.mesh.local: the principal syntax
+  cut after the namespace, so a policy that means another trust domain says so the way its
+  `principals` would; `*/ns/shop` is `shop` of any trust domain (the old, federation-blind match).
+
+The same holds for `notNamespaces`. `principals` already name their trust domain and are unchanged.
+
 The decision carries a reason naming the policy, so a refused connection can tell the client (and
 the access log) why.
 """
@@ -38,6 +51,12 @@ class Peer:
 
     principal: str   # spiffe://td/ns/x/sa/y, or "" for a plaintext peer
     namespace: str
+    trust_domain: str = ""
+
+    @property
+    def qualified_namespace(self) -> str:
+        """`<td>/ns/<namespace>`: what a trust-domain-qualified `namespaces` entry is matched against."""
+        return f"{self.trust_domain}/ns/{self.namespace}" if self.namespace else ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,8 +69,9 @@ class Decision:
 def peer_from_identity(identity: str) -> Peer:
     """Peer of a SPIFFE id string; the namespace is the `/ns/<ns>/` segment."""
     parts = identity.removeprefix("spiffe://").split("/")
-    ns = parts[2] if len(parts) >= 5 and parts[1] == "ns" else ""
-    return Peer(identity, ns)
+    if len(parts) >= 5 and parts[1] == "ns":
+        return Peer(identity, parts[2], parts[0])
+    return Peer(identity, "")
 
 
 def _istio_principal(principal: str) -> str:
@@ -75,14 +95,29 @@ def _principal_match(patterns: Iterable[str], principal: str) -> bool:
     return any(_match_value(_istio_principal(p), short) for p in patterns) if short else False
 
 
-def rule_matches(rule: AuthzMatch, peer: Peer, port: int) -> bool:
+def namespace_matches(pattern: str, peer: Peer, local_trust_domain: str) -> bool:
+    """One `namespaces` entry against a peer: a bare name means the local trust domain's namespace,
+    `<td>/ns/<namespace>` (wildcards allowed) names the trust domain (see the module docstring)."""
+    if not peer.namespace:
+        return False
+    if "/" in pattern:
+        return _match_value(pattern, peer.qualified_namespace)
+    return peer.trust_domain == local_trust_domain and _match_value(pattern, peer.namespace)
+
+
+def _any_namespace(patterns: Iterable[str], peer: Peer, local_trust_domain: str) -> bool:
+    return any(namespace_matches(p, peer, local_trust_domain) for p in patterns)
+
+
+def rule_matches(rule: AuthzMatch, peer: Peer, port: int, local_trust_domain: str) -> bool:
+    """`local_trust_domain`: the destination's, against which bare namespace names are read."""
     if rule.principals and not _principal_match(rule.principals, peer.principal):
         return False
     if rule.not_principals and _principal_match(rule.not_principals, peer.principal):
         return False
-    if rule.namespaces and not _any(rule.namespaces, peer.namespace):
+    if rule.namespaces and not _any_namespace(rule.namespaces, peer, local_trust_domain):
         return False
-    if rule.not_namespaces and _any(rule.not_namespaces, peer.namespace):
+    if rule.not_namespaces and _any_namespace(rule.not_namespaces, peer, local_trust_domain):
         return False
     if rule.ports and port not in rule.ports:
         return False
@@ -97,16 +132,18 @@ def applies_to(policy: Authorization, namespace: str, labels: Mapping[str, str],
 
 
 def evaluate(policies: Iterable[Authorization], *, peer: Peer, dest_namespace: str,
-             dest_labels: Mapping[str, str], port: int, root_namespace: str = ROOT_NAMESPACE) -> Decision:
-    """DENY first, then ALLOW, then allow by default. Pure; `policies` may be in any order."""
+             dest_labels: Mapping[str, str], port: int, local_trust_domain: str,
+             root_namespace: str = ROOT_NAMESPACE) -> Decision:
+    """DENY first, then ALLOW, then allow by default. Pure; `policies` may be in any order.
+    `local_trust_domain` is the destination's (bare `namespaces` entries name its namespaces)."""
     applicable = sorted((p for p in policies if applies_to(p, dest_namespace, dest_labels, root_namespace)),
                         key=lambda p: p.key)
     for p in applicable:
-        if p.action == "DENY" and any(rule_matches(r, peer, port) for r in p.rules):
+        if p.action == "DENY" and any(rule_matches(r, peer, port, local_trust_domain) for r in p.rules):
             return Decision(False, f"denied by DENY policy {p.key}", p.key)
     allows = [p for p in applicable if p.action == "ALLOW"]
     for p in allows:
-        if any(rule_matches(r, peer, port) for r in p.rules):
+        if any(rule_matches(r, peer, port, local_trust_domain) for r in p.rules):
             return Decision(True, f"allowed by ALLOW policy {p.key}", p.key)
     if allows:
         names = ", ".join(p.key for p in allows)

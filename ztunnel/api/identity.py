@@ -136,10 +136,33 @@ class SpiffeId:
 # --- the identities of the control plane -------------------------------------------------------
 
 PROXY_NAMESPACE = "meshfed-system"            # where proxies' own identities live
+# The Kubernetes service accounts the proxies run as (the DaemonSet's and the gateway Deployment's),
+# in PROXY_NAMESPACE: a projected token of one of them is what a proxy bootstraps with, and the
+# gateway's is also the identity it presents on HBONE (`gateway_spiffe_id`).
+NODE_PROXY_SERVICE_ACCOUNT = "ztunnel"
+GATEWAY_SERVICE_ACCOUNT = "eastwest-gateway"
+CONTROLLER_SERVICE_ACCOUNT = "meshfed-controller"
 # The controller's serving certificate carries this DNS name next to its SPIFFE ID: gRPC clients
 # verify a host name and cannot match a URI SAN, so they dial the controller's address and
 # override the name to verify (`grpc.ssl_target_name_override`), as Istio's istiod.istio-system.svc.
 CONTROLLER_TLS_NAME = "meshfed-controller.meshfed-system"
+
+
+def gateway_spiffe_id(trust_domain: str) -> str:
+    """The identity an east-west gateway presents on HBONE, and what a client verifies the outer
+    tunnel against: `spiffe://<td>/ns/meshfed-system/sa/eastwest-gateway`."""
+    return str(SpiffeId(trust_domain, PROXY_NAMESPACE, GATEWAY_SERVICE_ACCOUNT))
+
+
+def proxy_service_account(proxy_id: str) -> str:
+    """The service account a proxy's pod runs as (`ztunnel/...` -> ztunnel, `gateway/...` ->
+    eastwest-gateway); ValueError for an id of neither kind."""
+    kind = proxy_id.split("/", 1)[0]
+    if kind == "ztunnel":
+        return NODE_PROXY_SERVICE_ACCOUNT
+    if kind == "gateway":
+        return GATEWAY_SERVICE_ACCOUNT
+    raise ValueError(f"proxy id {proxy_id!r} is not ztunnel/<cluster>/<node> or gateway/<cluster>")
 
 
 def proxy_spiffe_id(trust_domain: str, proxy_id: str) -> str:

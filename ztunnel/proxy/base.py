@@ -441,8 +441,13 @@ class ProxyBase:
             return True
         return made
 
-    async def dial_hbone(self, address: str, src_identity: str, sni: str, expected: tuple[str, ...] | None,
+    async def dial_hbone(self, address: str, src_identity: str, sni: str, expected: tuple[str, ...],
                          timeout_s: float) -> HboneSession:
+        """An HBONE session to `address` as `src_identity`, verified against `expected`: an outbound
+        dial always knows whom it wants (no expected identity would accept any federated peer)."""
+        if not expected:
+            raise PeerVerificationError(f"refusing to dial {address} without an expected peer identity",
+                                        "no_expected_identity")
         loop = asyncio.get_running_loop()
         host, port = parse_host_port(address)
         ctx = self.creds.client_ctx(src_identity)

@@ -252,12 +252,27 @@ class NodeProxy(ProxyBase):
         raise ConnectFailed(f"could not reach {plan.description} after {len(tried)} endpoint(s): "
                             + "; ".join(errors[-3:]))
 
-    def _expected(self, plan: OutboundPlan, ep: Endpoint) -> tuple[str, ...] | None:
+    def _expected(self, plan: OutboundPlan, ep: Endpoint) -> tuple[str, ...]:
+        """Whom the destination must prove to be. An endpoint that names no identity (and a service
+        without subjectAltNames) is refused rather than dialled: with nothing expected, any peer
+        of any federated trust domain would pass the handshake as that endpoint."""
         if ep.identity:
             return (ep.identity,)
         if plan.service is not None and plan.service.subject_alt_names:
             return plan.service.subject_alt_names
-        return None
+        raise PeerVerificationError(
+            f"endpoint {ep.workload_uid} of {plan.description} has no identity to verify (and the service no "
+            "subjectAltNames); refusing to connect rather than accept any peer — check the controller's "
+            "rendering of that endpoint", "no_expected_identity")
+
+    @staticmethod
+    def _gateway_expected(ep: Endpoint) -> tuple[str, ...]:
+        if not ep.gateway_identity:
+            raise PeerVerificationError(
+                f"endpoint {ep.workload_uid} is reached through gateway {ep.gateway}, but the config names no "
+                "gateway identity to verify the outer tunnel against; refusing to dial it (a config from an "
+                "older controller? it re-renders on its next push)", "no_expected_identity")
+        return (ep.gateway_identity,)
 
     async def _attempt(self, src: Workload, plan: OutboundPlan, ep: Endpoint, timeout_s: float) -> HboneStream:
         expected = self._expected(plan, ep)
@@ -275,8 +290,10 @@ class NodeProxy(ProxyBase):
         # aborts the inner handshake and is raised as the refusal it is.
         assert plan.service is not None
         authority = f"{plan.service.hostname}:{plan.port}"
-        gw_key = ("gateway", ep.gateway, src.identity)
-        outer = await self.pool.get(gw_key, lambda: self.dial_hbone(ep.gateway, src.identity, "", None, timeout_s))
+        gw_expected = self._gateway_expected(ep)
+        gw_key = ("gateway", ep.gateway, src.identity, gw_expected)
+        outer = await self.pool.get(gw_key, lambda: self.dial_hbone(ep.gateway, src.identity, "", gw_expected,
+                                                                    timeout_s))
         started = mono_s()
         ostream = outer.open_stream(authority, headers, flush=False)  # leaves with the ClientHello
         loop = asyncio.get_running_loop()
