@@ -1,6 +1,7 @@
 """Kubernetes discovery: Namespaces, Nodes, Pods, Services and EndpointSlices into ClusterObservation.
 
-The only module that imports `kubernetes`. Split in two halves, decide-then-act:
+With `clusters.kube.auth` (TokenReview), the only modules that import `kubernetes`. Split in two
+halves, decide-then-act:
 
 - `ClusterCache` is pure: it holds the raw JSON objects of one cluster by kind, applies watch
   events (`apply_event`) or whole listings (`replace_kind`), and turns them into a
@@ -275,7 +276,7 @@ def build_observation(
 
 
 def _api_client(kubeconfig: str | None, context: str) -> Any:
-    from kubernetes import config  # the only import of kubernetes in the code base
+    from kubernetes import config  # kubernetes is imported in clusters.kube only (discovery, auth)
 
     try:
         return config.new_client_from_config(config_file=kubeconfig, context=context)

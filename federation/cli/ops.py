@@ -97,17 +97,26 @@ def register(group: click.Group) -> None:
     @controller.command("bootstrap-token")
     @click.option("--state-dir", default=".meshfed", show_default=True, help="the controller's state directory")
     @click.option("--proxy-id", required=True, help="ztunnel/<cluster>/<node> or gateway/<cluster>")
-    def bootstrap_token(state_dir: str, proxy_id: str) -> None:
-        """Print the bootstrap token a proxy presents for its first certificate (created if needed).
+    @click.option("--ttl", "ttl", default="1h", show_default=True,
+                  help="how long the token may wait for its first use (e.g. 30m, 2h; at most 168h)")
+    def bootstrap_token(state_dir: str, proxy_id: str, ttl: str) -> None:
+        """Print a new bootstrap token for one hand-provisioned proxy (replacing an unused one).
 
-        Like `kubeadm token create`: give the token to the proxy (its --bootstrap-token-file, 0600);
-        it buys that proxy's own identity only. The controller keeps the tokens it finds."""
+        Like `kubeadm token create`: give the token to the proxy (its --bootstrap-token-file, 0600).
+        It buys that proxy's own identity only, once: the first certificate uses it up, and it
+        expires after --ttl if unused. Proxies on Kubernetes (and in the lab) need none: they
+        bootstrap with their pod's ServiceAccount token."""
         from federation.controller.bootstrap import BootstrapTokenError, BootstrapTokens
+        from gitops.schema import parse_duration_s
 
         try:
-            click.echo(BootstrapTokens(state_dir).token_for_proxy(proxy_id))
+            ttl_s = parse_duration_s(ttl)
         except ValueError as e:
-            fail(str(e), "e.g. --proxy-id ztunnel/east/node-1", code=64)
+            fail(f"--ttl {ttl!r}: {e}", "e.g. --ttl 30m or --ttl 2h", code=64)
+        try:
+            click.echo(BootstrapTokens(state_dir).create(proxy_id, ttl_s))
+        except ValueError as e:
+            fail(str(e), "e.g. --proxy-id ztunnel/east/node-1 --ttl 1h", code=64)
         except (BootstrapTokenError, OSError) as e:
             fail(str(e))
 

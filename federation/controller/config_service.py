@@ -2,8 +2,9 @@
 
 It holds everything that must live in one process on one node: the sqlite store
 (`controller.sqlite`), the CA keys (`signing.SigningPolicy`, which never lets a CA be pickled),
-the bootstrap tokens, and the `distributor.ConfigDistributor` with every proxy's desired and
-acknowledged config. `federation.ray` pins the actor hosting it to the driver's node and gives
+the bootstrap tokens, the TokenReview clients of the clusters (`clusters.kube.auth`, one per cluster
+of the applied fleet: a proxy's ServiceAccount token is reviewed by its own cluster only), and the
+`distributor.ConfigDistributor` with every proxy's desired and acknowledged config. `federation.ray` pins the actor hosting it to the driver's node and gives
 the other actors the store through it; `federation.server.grpc_services.ConfigServer` serves
 its distributor and signing policy to proxies.
 
@@ -17,7 +18,14 @@ its distributor and signing policy to proxies.
   1,000 proxies costs one write, not 1,000. A failed write is counted and retried with the next
   batch; the flusher never dies of it.
 - **Status**: the distributor's per-proxy sync states and counters plus what the transport
-  reports (ports, health reports, slow disconnects).
+  reports (ports, health reports, slow disconnects), and the serving certificates' expiry.
+- **Serving certificates** (`signing.ServingCertificates`): checked every `SERVING_CHECK_MAX_S`
+  (sooner when due) and whenever the CAs are (re)loaded; re-issued at half-life or when the CA
+  material changed. The gRPC adapter swaps them in for new handshakes; open streams keep theirs.
+- **Trust anchors for proxies**: `roots/<trust-domain>.pem`, the authorities a proxy of that trust
+  domain verifies the controller with before it has learnt them over the wire (in Kubernetes: the
+  ConfigMap a proxy mounts, as Istio's istio-ca-root-cert); `controller-roots.pem` pools every
+  CA's, for tools.
 """
 
 from __future__ import annotations
@@ -33,14 +41,22 @@ from typing import Any
 
 from federation.controller.bootstrap import BootstrapTokens
 from federation.controller.distributor import AckEvent, ConfigDistributor
-from federation.controller.signing import SigningPolicy
+from federation.controller.signing import (
+    TOKEN_AUDIENCE,
+    BootstrapVerdict,
+    SigningPolicy,
+    check_service_account,
+    cluster_named_by,
+)
 from federation.controller.store import Store
 from federation.controller.wire import decode_config_deltas
 from gitops.model import ConfigSnapshot
 from ztunnel.api.config import ProxyConfig, apply_delta
 
-CONTROLLER_ROOTS_FILE = "controller-roots.pem"    # public: what proxies verify the controller with
+CONTROLLER_ROOTS_FILE = "controller-roots.pem"    # public: every CA's authorities, pooled (tools)
+TRUST_ANCHORS_DIR = "roots"                       # public: roots/<td>.pem, a proxy's first trust anchor
 FLUSH_INTERVAL_S = 0.2
+SERVING_CHECK_MAX_S = 60.0
 RECENT_ACK_LATENCIES = 500
 TRIGGER_TO_ACK_SAMPLES = 5000
 
@@ -51,16 +67,23 @@ class ConfigService:
     proxy; a CA's keys never leave `signing`."""
 
     def __init__(self, state_dir: str | Path, insecure: bool = False, store: Store | None = None,
-                 clock: Callable[[], float] = time.time, flush_interval_s: float = FLUSH_INTERVAL_S) -> None:
+                 clock: Callable[[], float] = time.time, flush_interval_s: float = FLUSH_INTERVAL_S,
+                 kubeconfig: str | None = None, token_reviewer: Callable[..., Any] | None = None) -> None:
         self.state_dir = str(state_dir)
         self.insecure = insecure
         self.clock = clock
+        # cluster -> (kubeconfig, context) of the applied fleet, and a TokenReview client per cluster
+        # (`token_reviewer(cluster, kubeconfig, context)` makes one; tests give a fake)
+        self.kubeconfig = kubeconfig
+        self._reviewer_factory = token_reviewer
+        self._cluster_apis: dict[str, tuple[str | None, str]] = {}
+        self._reviewers: dict[str, tuple[tuple[str | None, str], Any]] = {}
         self.flush_interval_s = flush_interval_s
         self.store = store if store is not None else Store.in_state_dir(self.state_dir)
         self.epoch = self.store.bump_epoch()
         self.dist = ConfigDistributor(self.epoch)
         self.dist.listeners.append(self.on_ack)
-        self.bootstrap = BootstrapTokens(self.state_dir)
+        self.bootstrap = BootstrapTokens(self.state_dir, clock)
         self.signing = SigningPolicy(self.state_dir, self.store, self._rendered_identities, clock)
         self._seq = itertools.count(1)
         self._acks: dict[str, tuple[int, tuple[str, int, int, str]]] = {}   # proxy -> (seq, ack record)
@@ -70,6 +93,8 @@ class ConfigService:
         self.recent_latencies_s: deque[float] = deque(maxlen=RECENT_ACK_LATENCIES)
         self.trigger_to_ack_s: deque[float] = deque(maxlen=TRIGGER_TO_ACK_SAMPLES)
         self._flusher: asyncio.Task[None] | None = None
+        self._renewer: asyncio.Task[None] | None = None
+        self.last_serving_renewal = ""
 
     # --- CAs and credentials --------------------------------------------------------------------
 
@@ -78,9 +103,91 @@ class ConfigService:
         clusters (kept across restarts) and the roots proxies verify the controller with
         (`controller-roots.pem`). Returns PEM roots per trust domain."""
         out = self.signing.load_cas(snap)
-        self.bootstrap.ensure(sorted(self.signing.cluster_tds))
-        (Path(self.state_dir) / CONTROLLER_ROOTS_FILE).write_bytes(self.signing.roots_pem())
+        self.bootstrap.prune()
+        self._cluster_apis = {name: (c.api.kubeconfig or self.kubeconfig, c.api.context)
+                              for name, c in snap.clusters.items()}
+        self._write_trust_anchors()
+        self.renew_serving_certificates()  # a rotated root: new handshakes get a chain proxies trust
         return out
+
+    def _write_trust_anchors(self) -> None:
+        """Public, but written atomically like secrets: a proxy never reads a torn roots file."""
+        from ztunnel.api.secret_files import write_secret
+
+        state = Path(self.state_dir)
+        write_secret(state / CONTROLLER_ROOTS_FILE, self.signing.roots_pem(), mode=0o644)
+        anchors = state / TRUST_ANCHORS_DIR
+        anchors.mkdir(mode=0o755, exist_ok=True)  # write_secret refuses it if it is a link
+        for td, ca in sorted(self.signing.cas.items()):
+            write_secret(anchors / f"{td}.pem", ca.roots_pem(), mode=0o644)
+
+    def renew_serving_certificates(self, now_s: float | None = None) -> str:
+        """Re-issue the controller's certificates if due (`signing.ServingCertificates.due`); why."""
+        why = self.signing.renew_serving_if_due(self.clock() if now_s is None else now_s)
+        if why:
+            self.last_serving_renewal = why
+        return why
+
+    def start_renewing(self) -> None:
+        """Check the serving certificates on the running event loop (idempotent)."""
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.ensure_future(self._renew_loop())
+
+    async def _renew_loop(self) -> None:
+        while True:
+            try:
+                self.renew_serving_certificates()
+                left_s = self.signing.serving().renew_at_s - self.clock()
+            except Exception as e:  # a CA that cannot sign now: say so in status, try again
+                self.last_serving_renewal = f"failed: {type(e).__name__}: {e}"
+                left_s = SERVING_CHECK_MAX_S
+            await asyncio.sleep(min(SERVING_CHECK_MAX_S, max(1.0, left_s)))
+
+    # --- bootstrap credentials ------------------------------------------------------------------
+
+    def _reviewer(self, cluster: str) -> Any:
+        spec = self._cluster_apis.get(cluster)
+        if spec is None:
+            return None
+        have = self._reviewers.get(cluster)
+        if have is None or have[0] != spec:
+            if self._reviewer_factory is not None:
+                reviewer = self._reviewer_factory(cluster, *spec)
+            else:
+                from clusters.kube.auth import TokenReviewer
+
+                reviewer = TokenReviewer(cluster, *spec)
+            have = self._reviewers[cluster] = (spec, reviewer)
+        return have[1]
+
+    def authenticate_bootstrap(self, proxy_id: str, service_account_token: str, bootstrap_token: str) -> BootstrapVerdict:
+        """May these credentials buy `proxy_id` its own certificate? A ServiceAccount token is
+        reviewed by the proxy's own cluster (blocking: an HTTP request; the gRPC adapter calls this
+        in a thread), then judged by `signing.check_service_account`; a bootstrap token is checked
+        against the tokens file (`consume_bootstrap` uses it up once a certificate was issued)."""
+        if service_account_token:
+            from clusters.kube.discovery import DiscoveryError
+
+            cluster = cluster_named_by(proxy_id)
+            reviewer = self._reviewer(cluster)
+            if reviewer is None:
+                return BootstrapVerdict("permission_denied", f"proxy {proxy_id} names cluster {cluster!r}, which is "
+                                        "not in the applied fleet", "service account token")
+            try:
+                review = reviewer.review(service_account_token, [TOKEN_AUDIENCE])
+            except DiscoveryError as e:
+                return BootstrapVerdict("unavailable", str(e), "service account token")
+            return check_service_account(proxy_id, review)
+        if bootstrap_token:
+            why = self.bootstrap.check(bootstrap_token, proxy_id)
+            return BootstrapVerdict("unauthenticated" if why else "", why, "bootstrap token")
+        return BootstrapVerdict("unauthenticated", "no client certificate and no bootstrap credential: a proxy's first "
+                                "certificate needs its pod's ServiceAccount token or a bootstrap token "
+                                "(`meshfed controller bootstrap-token`)")
+
+    def consume_bootstrap(self, proxy_id: str, bootstrap_token: str) -> bool:
+        """Use up a bootstrap token that just obtained a certificate; False if another request used it first."""
+        return self.bootstrap.consume(bootstrap_token, proxy_id)
 
     def _rendered_identities(self, proxy_id: str) -> tuple[str, ...]:
         s = self.dist.sessions.get(proxy_id)
@@ -145,11 +252,12 @@ class ConfigService:
             self.flush()
 
     async def stop(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
-            self._flusher = None
+        for task in (self._flusher, self._renewer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._flusher = self._renewer = None
         self.flush()
 
     # --- queries ------------------------------------------------------------------------------
@@ -165,9 +273,19 @@ class ConfigService:
             "nacks": sum(p["nacks"] for p in st), "stale_epoch_refusals": self.dist.stale_epoch_refusals,
             "health_reports": transport.get("health_reports", 0),
             "slow_disconnects": transport.get("slow_disconnects", 0),
+            "displacements_refused": transport.get("displacements_refused", 0),
             "ack_flush_failures": self.flush_failures, "last_ack_flush_error": self.last_flush_error,
             "recent_ack_latencies_s": list(self.recent_latencies_s)[-200:],
+            "serving_certificate": self._serving_status(),
         }
+
+    def _serving_status(self) -> dict[str, Any]:
+        cur = self.signing.current_serving
+        if cur is None:
+            return {}
+        return {"identities": list(cur.identities), "not_after_s": cur.not_after_s, "renew_at_s": cur.renew_at_s,
+                "generation": cur.generation, "renewals": self.signing.serving_renewals,
+                "last_renewal": self.last_serving_renewal}
 
     def trigger_to_ack(self, clear: bool = False) -> list[float]:
         out = list(self.trigger_to_ack_s)

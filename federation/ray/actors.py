@@ -47,8 +47,9 @@ from federation.server.grpc_services import config_server_for, serve
 class ConfigServerHost:
     """The state owner. The CA refuses to be pickled: keys stay in this process."""
 
-    def __init__(self, state_dir: str, insecure: bool) -> None:
-        self.service = ConfigService(state_dir, insecure)
+    def __init__(self, state_dir: str, insecure: bool, kubeconfig: str | None = None) -> None:
+        # kubeconfig: for the TokenReviews of proxies' ServiceAccount tokens (each in its own cluster)
+        self.service = ConfigService(state_dir, insecure, kubeconfig=kubeconfig)
         self.server = config_server_for(self.service, on_health=self._forward_health)
         self.reconciler: Any = None
 

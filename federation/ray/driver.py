@@ -95,7 +95,7 @@ class Controller:
         place = self.opts.placement
         self.state_node = current_node_id()
         self.config_server = ConfigServerActor.options(**state_owner_options(self.state_node)).remote(
-            self.state_dir, self.opts.insecure)
+            self.state_dir, self.opts.insecure, self.kubeconfig)
         self._store = RemoteStore(self.config_server)
         self.reconciler = ReconcilerActor.options(**place.options("reconciler")).remote(
             self.opts.debounce_after_s, self.opts.debounce_max_s, self.config_server)

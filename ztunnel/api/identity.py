@@ -142,10 +142,26 @@ PROXY_NAMESPACE = "meshfed-system"            # where proxies' own identities li
 NODE_PROXY_SERVICE_ACCOUNT = "ztunnel"
 GATEWAY_SERVICE_ACCOUNT = "eastwest-gateway"
 CONTROLLER_SERVICE_ACCOUNT = "meshfed-controller"
-# The controller's serving certificate carries this DNS name next to its SPIFFE ID: gRPC clients
-# verify a host name and cannot match a URI SAN, so they dial the controller's address and
-# override the name to verify (`grpc.ssl_target_name_override`), as Istio's istiod.istio-system.svc.
+# The audience of a proxy's projected ServiceAccount token (the pod spec's serviceAccountToken
+# `audience`): the controller's TokenReview asks for it, so a token minted for anything else (the
+# API server's default audience, another service) does not bootstrap a proxy.
+CONTROLLER_TOKEN_AUDIENCE = "meshfed-controller"
+# The controller serves one certificate per trust domain: `controller_spiffe_id(td)`, plus the DNS
+# name `controller_tls_name(td)` that a proxy of that trust domain sends as SNI to get it (gRPC
+# picks the certificate by SNI). The proxy then verifies the SPIFFE ID against its own trust
+# domain's bundle; the DNS name selects, it does not authenticate (an organisation's PKI may
+# well issue that name to anyone).
 CONTROLLER_TLS_NAME = "meshfed-controller.meshfed-system"
+
+
+def controller_spiffe_id(trust_domain: str) -> str:
+    """The controller's identity in `trust_domain`, the one proxies of that domain pin."""
+    return str(SpiffeId(trust_domain, PROXY_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT))
+
+
+def controller_tls_name(trust_domain: str) -> str:
+    """The TLS server name (SNI, DNS SAN) of the controller's certificate for `trust_domain`."""
+    return f"{CONTROLLER_TLS_NAME}.{check_trust_domain(trust_domain)}"
 
 
 def gateway_spiffe_id(trust_domain: str) -> str:

@@ -16,11 +16,10 @@ Three layers, decide-then-act:
 3. `XdsClient`, the asyncio adapter: connects, sends the hello with what it runs, pumps responses
    through the subscription into a `ConfigSink` (the data plane's apply hook), reconnects with
    exponential backoff and jitter, and streams health reports from a `HealthSource`.
-4. Identity: a proxy's own SPIFFE ID names it (`proxy_spiffe_id`); `bootstrap_svid` gets the
-   first certificate with the cluster's bootstrap token over server-authenticated TLS (the
-   controller's bootstrap port), `Svid.channel_factory` then gives mTLS channels for `XdsClient`.
-   Channels verify the controller as `CONTROLLER_TLS_NAME` (`grpc.ssl_target_name_override`),
-   because SVIDs carry no DNS name.
+4. Identity: a proxy's own SPIFFE ID names it (`proxy_spiffe_id`). Proxies reach the controller
+   through `ztunnel.xds.channel` (TLS made by the proxy, the controller's SPIFFE ID pinned against
+   the proxy's own trust domain's roots). `secure_channel` is gRPC's own TLS, which checks only a
+   DNS name against a root pool: kept for tests and tools that play a client, never for proxies.
 
 Invariants of `Subscription`: `current` only ever moves to a strictly newer (epoch, version);
 `current` is never replaced by a config that failed to parse or that the sink rejected; it moves
@@ -188,8 +187,10 @@ class XdsClient:
                  channel_factory: Callable[[], Any], metadata: Sequence[tuple[str, str]] = (),
                  health: HealthSource | None = None, health_interval_s: float = 1.0,
                  backoff: Backoff | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 on_error: Callable[[BaseException], None] | None = None) -> None:
         self.sub, self.sink, self.channel_factory = subscription, sink, channel_factory
+        self.on_error = on_error  # told of every session that ended in an error (e.g. UNAUTHENTICATED)
         self.metadata = tuple(metadata)
         self.health, self.health_interval_s = health, health_interval_s
         self.backoff = backoff or Backoff()
@@ -213,6 +214,8 @@ class XdsClient:
                 self.last_error = describe_error(e)
                 if "split brain" in self.last_error:
                     self.stale_controller = True
+                if self.on_error is not None:
+                    self.on_error(e)
             self.connected.clear()
             if self._stop.is_set():
                 break
@@ -342,19 +345,21 @@ class Svid:
                                       max_message_bytes)
 
 
-async def bootstrap_svid(bootstrap_target: str, proxy_id: str, trust_domain: str, roots_pem: bytes, token: str,
-                         target_name: str = CONTROLLER_TLS_NAME, ttl_s: int = 0, timeout_s: float = 5.0) -> Svid:
-    """The first certificate: a CSR for `proxy_spiffe_id(...)` with the cluster's bootstrap token,
-    over server-authenticated TLS to the controller's bootstrap port. Raises grpc's AioRpcError
-    (UNAUTHENTICATED for a wrong token, PERMISSION_DENIED for a proxy of another cluster)."""
-    from ztunnel.api.identity import generate_key_and_csr
+async def bootstrap_svid(bootstrap_target: str, proxy_id: str, trust_domain: str, roots_pem: bytes, token: str = "",
+                         target_name: str = "", ttl_s: int = 0, timeout_s: float = 5.0,
+                         service_account_token: str = "") -> Svid:
+    """The first certificate (tests and tools): a CSR for `proxy_spiffe_id(...)` with a bootstrap
+    token or a service account token, over server-authenticated TLS to the controller's bootstrap
+    port (`target_name` defaults to the trust domain's `controller_tls_name`). Raises grpc's
+    AioRpcError (UNAUTHENTICATED for a wrong credential, PERMISSION_DENIED for another proxy's)."""
+    from ztunnel.api.identity import controller_tls_name, generate_key_and_csr
 
     identity = proxy_spiffe_id(trust_domain, proxy_id)
     kc = generate_key_and_csr(identity)
-    channel = secure_channel(bootstrap_target, roots_pem, target_name=target_name)
+    channel = secure_channel(bootstrap_target, roots_pem, target_name=target_name or controller_tls_name(trust_domain))
     try:
         resp = await request_certificate(channel, proxy_id, kc.csr_pem, bootstrap_token=token, ttl_s=ttl_s,
-                                         timeout_s=timeout_s)
+                                         timeout_s=timeout_s, service_account_token=service_account_token)
     finally:
         await channel.close()
     return Svid(identity, kc.key_pem, b"".join(resp.cert_chain_pem), b"".join(resp.roots_pem),
@@ -363,10 +368,11 @@ async def bootstrap_svid(bootstrap_target: str, proxy_id: str, trust_domain: str
 
 async def request_certificate(channel: Any, proxy_id: str, csr_pem: bytes, bootstrap_token: str = "",
                               ttl_s: int = 0, metadata: Sequence[tuple[str, str]] = (),
-                              timeout_s: float = 5.0) -> Any:
+                              timeout_s: float = 5.0, service_account_token: str = "") -> Any:
     """CSR in, SVID out (`CertificateResponse`). The private key never leaves the caller."""
     call: Callable[..., Awaitable[Any]] = channel.unary_unary(
         CERT_METHOD, request_serializer=pb.CertificateRequest.SerializeToString,
         response_deserializer=pb.CertificateResponse.FromString)
     return await call(pb.CertificateRequest(proxy_id=proxy_id, csr_pem=csr_pem, bootstrap_token=bootstrap_token,
-                                            ttl_s=ttl_s), metadata=tuple(metadata), timeout=timeout_s)
+                                            ttl_s=ttl_s, service_account_token=service_account_token),
+                      metadata=tuple(metadata), timeout=timeout_s)
