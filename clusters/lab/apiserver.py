@@ -19,7 +19,11 @@ caveats:
   `namespaced`, `verbs`, the singular kind and a proper `groupVersion`, and its lists carry no
   `kind`/`apiVersion`, so kubectl says "the server doesn't have a resource type": we answer
   discovery ourselves from `_RESOURCES` (`discovery_document`) and stamp `<Kind>List` on lists,
-  so `kubectl get pods|services|nodes|namespaces|endpointslices` works against the emulator.
+  so `kubectl get pods|services|nodes|namespaces|endpointslices` works against the emulator;
+- it has no authentication API: TokenRequest (`POST .../serviceaccounts/<sa>/token`) and
+  TokenReview (`POST /apis/authentication.k8s.io/v1/tokenreviews`) are answered here by a
+  `clusters.lab.tokens.TokenAuthority` with a key of this server's own, against the Pods it stores,
+  so proxies bootstrap with projected ServiceAccount tokens in the lab as on Kubernetes.
 
 `write_kubeconfig()` produces a kubeconfig whose context (`lab-<cluster>` by convention) points
 at the server, which is how `ClusterApi(kind=LAB, context=...)` reaches it.
@@ -31,14 +35,17 @@ import asyncio
 import itertools
 import json
 import os
+import re
+import secrets
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from clusters.lab.tokens import TokenAuthority
 from ztunnel.api.secret_files import read_secret, write_secret
 
 # (apiVersion, kind) -> (URL prefix, plural, namespaced)
@@ -121,13 +128,80 @@ def _namespaces_rewrite(path: str) -> str | None:
     return None
 
 
-def _server_cls_with_namespaces() -> Any:
+async def _answer_tokens(raw_request: Any, tokens: TokenAuthority) -> Any:
+    """TokenRequest and TokenReview (see `clusters.lab.tokens`), or None for any other request.
+    Pods are looked up with a GET to this very server, like every other read (a request whose body
+    was read cannot be handed on to kmock)."""
+    import aiohttp
+    from aiohttp import web
+
+    from clusters.lab.tokens import TOKEN_REQUEST_PATH, TOKEN_REVIEW_PATH, TokenRequestError
+
+    path = "/" + raw_request.path.strip("/")
+    request_match = TOKEN_REQUEST_PATH.fullmatch(path)
+    if raw_request.method != "POST" or (request_match is None and path != TOKEN_REVIEW_PATH):
+        return None
+    try:
+        body = json.loads(await raw_request.read() or b"{}")
+    except ValueError:
+        return web.json_response({"kind": "Status", "status": "Failure", "message": "body is not JSON",
+                                  "code": 400}, status=400)
+    pods: dict[tuple[str, str], Any] = {}
+    wanted = _pods_named(body, request_match)
+    if wanted:
+        origin = str(raw_request.url.origin())
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+            for ns, name in wanted:
+                async with http.get(f"{origin}/api/v1/namespaces/{ns}/pods/{name}") as got:
+                    if got.status == 200:
+                        pods[(ns, name)] = await got.json(content_type=None)
+
+    def find_pod(ns: str, name: str) -> Any:
+        return pods.get((ns, name))
+
+    if request_match is not None:
+        try:
+            answer = tokens.token_request(request_match.group(1), request_match.group(2), body, find_pod)
+        except TokenRequestError as e:
+            return web.json_response({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": str(e),
+                                      "code": e.status}, status=e.status)
+        return web.json_response(answer, status=201)
+    return web.json_response(tokens.token_review(body, find_pod), status=201)
+
+
+def _pods_named(body: Any, request_match: Any) -> list[tuple[str, str]]:
+    """The pods a token request binds to, or the pod a reviewed token claims (read unverified
+    here only to know which pod to fetch; the review verifies the token before trusting it)."""
+    from clusters.lab.tokens import claims_unverified
+
+    spec = body.get("spec") or {} if isinstance(body, dict) else {}
+    if request_match is not None:
+        ref = spec.get("boundObjectRef") or {}
+        return [(request_match.group(1), str(ref.get("name")))] if ref.get("kind") == "Pod" and ref.get("name") else []
+    k8s = claims_unverified(str(spec.get("token") or "")).get("kubernetes.io") or {}
+    pod = k8s.get("pod") or {}
+    ns, name = str(k8s.get("namespace") or ""), str(pod.get("name") or "")
+    return [(ns, name)] if _is_name(ns) and _is_name(name) else []
+
+
+_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
+
+
+def _is_name(text: str) -> bool:
+    return bool(_NAME.fullmatch(text))
+
+
+def _server_cls_with_namespaces(tokens: TokenAuthority | None = None) -> Any:
     from aiohttp import web
     from aiohttp.test_utils import RawTestServer
 
     def make(handler: Any, **kw: Any) -> Any:
         async def wrapped(raw_request: Any) -> Any:
             path = raw_request.path
+            if tokens is not None:
+                answered = await _answer_tokens(raw_request, tokens)
+                if answered is not None:
+                    return answered
             if raw_request.method == "GET":
                 doc = discovery_document(path)
                 if doc is not None:
@@ -161,8 +235,11 @@ class EmulatedApiServer:
     that watchers see ADDED/MODIFIED/DELETED events exactly as a real client's writes would cause.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int | None = None) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self._host, self._port = host, port
+        # this server's ServiceAccount token signer (its own key: other servers' tokens do not verify)
+        self.tokens = TokenAuthority(f"https://kubernetes.default.svc/emulated/{secrets.token_hex(6)}", clock=clock)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -193,7 +270,7 @@ class EmulatedApiServer:
             kwargs: dict[str, Any] = {"host": self._host}
             if self._port is not None:
                 kwargs["port"] = self._port
-            kwargs["server_cls"] = _server_cls_with_namespaces()
+            kwargs["server_cls"] = _server_cls_with_namespaces(self.tokens)
             async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator, **kwargs) as srv:
                 self._url = f"http://{self._host}:{srv.port}"
                 self._ready.set()
@@ -286,6 +363,20 @@ class EmulatedApiServer:
         if exists:
             return self._request("PATCH", path, body)
         return self._request("POST", object_path(api_version, kind, namespace), body)
+
+    def request_token(self, namespace: str, service_account: str, pod: str, audiences: list[str],
+                      expiration_s: int = 3600) -> tuple[str, float]:
+        """TokenRequest, as a kubelet makes it for a pod's projected token: (token, expires at, epoch s).
+        Goes through HTTP like every write, so what it exercises is what a client would."""
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                "spec": {"audiences": audiences, "expirationSeconds": expiration_s,
+                         "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": pod}}}
+        answer = self._request("POST", f"/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token", body)
+        status = answer.get("status") or {}
+        token = str(status.get("token") or "")
+        if not token:
+            raise ApiServerError(f"TokenRequest for {namespace}/{service_account} (pod {pod}) returned no token")
+        return token, self.tokens.expiry_of(token)
 
     def delete(self, api_version: str, kind: str, namespace: str | None, name: str) -> None:
         self._request("DELETE", object_path(api_version, kind, namespace, name))

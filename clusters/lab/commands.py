@@ -1,9 +1,9 @@
 """The command lines of what the lab runs, decided from the plan (pure).
 
 The lab calls the commands this installation ships with their real flags: `python -m ztunnel`
-(`ztunnel/__main__.py`), `meshfed controller run` and `meshfed controller bootstrap-token`
-(`federation/cli/ops.py`, run as `python -m federation.cli.main` because `clusters` may not import
-`federation`), the demo server and the latency relay. Nothing here asks a command what it accepts:
+(`ztunnel/__main__.py`), `meshfed controller run` (`federation/cli/ops.py`, run as
+`python -m federation.cli.main` because `clusters` may not import `federation`), the demo server
+and the latency relay. Nothing here asks a command what it accepts:
 a flag that does not exist is a bug that tests/unit/lab/test_commands.py catches by parsing each
 argv with the command's own parser.
 
@@ -11,7 +11,9 @@ The lab's conventions for proxies: HBONE on 0.0.0.0:15008, admin on 127.0.0.1:15
 proxy's own namespace), and for node ztunnels SOCKS5 on the pod-bridge address :15080 plus the
 transparent listener :15001 that the node's iptables REDIRECT (`topology.capture_rules`) sends pod
 TCP to. A proxy with a rendered `config.json` runs standalone; without one it joins the controller
-(first certificate with its bootstrap token, then config over gRPC).
+(first certificate with its pod's projected ServiceAccount token, which the lab's kubelet keeps
+fresh in the proxy's directory, then config over gRPC), verifying the controller with its trust
+domain's roots (`roots/<td>.pem` in the controller's state directory).
 """
 
 from __future__ import annotations
@@ -21,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clusters.lab.layout import (
-    BOOTSTRAP_TOKEN_FILE,
     CONTROLLER_BOOTSTRAP_PORT,
     CONTROLLER_GRPC_PORT,
     CONTROLLER_HTTP_PORT,
-    CONTROLLER_ROOTS_FILE,
+    SA_TOKEN_FILE,
+    TRUST_ANCHORS_DIR,
 )
 from clusters.lab.topology import CONTROLLER_MGMT_ADDRESS, LabPlan, NetnsName, PodPlan
 from ztunnel.api.ports import ADMIN_PORT, HBONE_PORT, OUTBOUND_CAPTURE_PORT, SOCKS5_PORT
@@ -74,7 +76,9 @@ def proxy_argv(python: Sequence[str], proxy_id: str, proxy_dir: Path, socks_host
 
     standalone: the proxy serves `proxy_dir/config.json` (written by whoever rendered it) with the
     certificates in `proxy_dir/certs`. Otherwise it joins the controller on the management network
-    and needs `trust_domain` and `controller_dir` (where the controller writes its serving roots).
+    and needs `trust_domain` and `controller_dir` (where the controller writes its trust domain's
+    roots); it bootstraps with the projected token in `proxy_dir/sa-token` and keeps its keys and
+    certificates in `proxy_dir/state` across restarts.
     tests/lab/test_dataplane_capture.py runs a real ztunnel with this argv."""
     argv = [*python, "-m", "ztunnel", "--cert-dir", str(proxy_dir / "certs"), "--state-dir", str(proxy_dir / "state"),
             "--hbone", f"0.0.0.0:{HBONE_PORT}", "--admin", f"127.0.0.1:{ADMIN_PORT}", "--proxy-id", proxy_id]
@@ -86,8 +90,8 @@ def proxy_argv(python: Sequence[str], proxy_id: str, proxy_dir: Path, socks_host
                              "controller's state directory (or a config.json to run standalone)")
         argv += ["--controller", f"{CONTROLLER_MGMT_ADDRESS}:{CONTROLLER_GRPC_PORT}",
                  "--bootstrap", f"{CONTROLLER_MGMT_ADDRESS}:{CONTROLLER_BOOTSTRAP_PORT}",
-                 "--bootstrap-token-file", str(proxy_dir / BOOTSTRAP_TOKEN_FILE), "--trust-domain", trust_domain,
-                 "--controller-roots", str(controller_dir / CONTROLLER_ROOTS_FILE)]
+                 "--sa-token-file", str(proxy_dir / SA_TOKEN_FILE), "--trust-domain", trust_domain,
+                 "--controller-roots", str(controller_dir / TRUST_ANCHORS_DIR / f"{trust_domain}.pem")]
     if proxy_id.startswith("ztunnel/"):
         argv += ["--socks", f"{socks_host}:{SOCKS5_PORT}", "--transparent", f"0.0.0.0:{OUTBOUND_CAPTURE_PORT}"]
     else:
@@ -103,13 +107,6 @@ def controller_argv(python: Sequence[str], repo: str, state_dir: Path, kubeconfi
             "--bootstrap-listen", f"0.0.0.0:{CONTROLLER_BOOTSTRAP_PORT}",
             "--status-listen", f"0.0.0.0:{CONTROLLER_HTTP_PORT}",
             "--kubeconfig", str(kubeconfig)]
-
-
-def bootstrap_token_argv(python: Sequence[str], controller_dir: Path, proxy_id: str) -> list[str]:
-    """`meshfed controller bootstrap-token …`: prints the token `proxy_id` presents (the controller's
-    bootstrap module creates and owns the tokens file; the lab only asks)."""
-    return [*python, *MESHFED, "controller", "bootstrap-token", "--state-dir", str(controller_dir),
-            "--proxy-id", proxy_id]
 
 
 def pod_argv(python: Sequence[str], p: PodPlan, control_socket: str) -> list[str]:

@@ -9,6 +9,14 @@ Split as everywhere here: `desired_objects()` is pure (plan + observed states â†
 objects), `Kubelet.sync()` compares them with what it last wrote and writes only the changes.
 Lists are never shrunk through a merge (the emulator's patches are plain merges): the set of pods
 per cluster is fixed by the plan, only their conditions change.
+
+The proxies are pods too, as the DaemonSet and the gateway Deployment run them on Kubernetes
+(`proxy_pod_objects`: `meshfed-system/ztunnel-<node>`, host network, on its node, as service
+account `ztunnel`; `meshfed-system/eastwest-gateway` as `eastwest-gateway`), and like a kubelet the
+lab keeps each one's projected ServiceAccount token in the proxy's directory (`TokenProjector`):
+requested from the cluster's API server (TokenRequest, audience `meshfed-controller`, bound to the
+pod), refreshed when older than 80 % of its life (the kubelet's rule), written 0600 and atomically.
+That token is how a lab proxy bootstraps with the controller: no shared secret.
 """
 
 from __future__ import annotations
@@ -16,12 +24,21 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any, Protocol
 
+from clusters.lab.layout import proxy_pod_name
 from clusters.lab.topology import ClusterPlan, NodePlan, PodPlan, ServiceVip
+from ztunnel.api.identity import (
+    CONTROLLER_TOKEN_AUDIENCE,
+    GATEWAY_SERVICE_ACCOUNT,
+    NODE_PROXY_SERVICE_ACCOUNT,
+    PROXY_NAMESPACE,
+)
+from ztunnel.api.secret_files import make_private_dir, write_secret
 
 ZONE_LABEL = "topology.kubernetes.io/zone"
 MAX_TRANSITIONS = 1000  # kept for `lab status` (the last 20 are shown): bounded, the lab may run for days
@@ -29,6 +46,10 @@ REGION_LABEL = "topology.kubernetes.io/region"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 MANAGED_BY = "endpointslice.meshfed.dev/lab"
 PROXY_PROTOCOL_LABEL = "networking.meshfed.dev/inbound-proxy-protocol"
+PROJECTED_TOKEN_EXPIRATION_S = 3600   # the kubelet's default for projected tokens
+TOKEN_REFRESH_FRACTION = 0.8          # ... refreshed when older than 80 % of that (or 24 h)
+TOKEN_REFRESH_MAX_AGE_S = 86400.0
+TOKEN_RETRY_S = 2.0
 
 
 class PodPhase(str, Enum):
@@ -129,11 +150,39 @@ def endpoint_slice_object(vip: ServiceVip, cluster: ClusterPlan, states: Mapping
     }
 
 
+def proxy_ids(cluster: ClusterPlan) -> list[str]:
+    """The proxies of a lab cluster: a node proxy per node, and its gateway if it has one."""
+    return [f"ztunnel/{cluster.name}/{n.name}" for n in cluster.nodes] + (
+        [f"gateway/{cluster.name}"] if cluster.gateway is not None else [])
+
+
+def proxy_pod_objects(cluster: ClusterPlan) -> list[dict[str, Any]]:
+    """The Pods the proxies run as (see the module docstring). Discovery leaves them out: the node
+    proxies use the host network and the gateway pod has no pod address of the mesh."""
+    out = []
+    for pid in proxy_ids(cluster):
+        name = proxy_pod_name(pid)
+        node = pid.split("/")[2] if pid.startswith("ztunnel/") else ""
+        spec: dict[str, Any] = {
+            "serviceAccountName": NODE_PROXY_SERVICE_ACCOUNT if node else GATEWAY_SERVICE_ACCOUNT,
+            "containers": [{"name": "istio-proxy" if node else "gateway", "image": "meshfed.dev/lab/ztunnel"}]}
+        if node:
+            spec.update(nodeName=node, hostNetwork=True)
+        out.append({"apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": name, "namespace": PROXY_NAMESPACE,
+                                 "labels": {"app": "ztunnel" if node else "eastwest-gateway"},
+                                 "uid": f"lab-{cluster.name}-{PROXY_NAMESPACE}-{name}"},
+                    "spec": spec, "status": {"phase": "Running"}})
+    return out
+
+
 def desired_objects(cluster: ClusterPlan, pod_states: Mapping[str, PodState],
                     node_states: Mapping[str, NodeState]) -> dict[str, dict[str, Any]]:
     """Every API object of a lab cluster, keyed "Kind/namespace/name" (pure)."""
     objs: dict[str, dict[str, Any]] = {}
-    namespaces = sorted({p.namespace for p in cluster.pods} | {v.namespace for v in cluster.services})
+    proxies = proxy_pod_objects(cluster)
+    namespaces = sorted({p.namespace for p in cluster.pods} | {v.namespace for v in cluster.services}
+                        | ({PROXY_NAMESPACE} if proxies else set()))
     for ns in namespaces:
         objs[f"Namespace//{ns}"] = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}
     for n in cluster.nodes:
@@ -145,7 +194,87 @@ def desired_objects(cluster: ClusterPlan, pod_states: Mapping[str, PodState],
         objs[f"Pod/{p.namespace}/{p.name}"] = pod_object(p, cluster.node(p.node), st)
     for v in cluster.services:
         objs[f"EndpointSlice/{v.namespace}/{v.name}-lab"] = endpoint_slice_object(v, cluster, pod_states)
+    for proxy in proxies:
+        objs[f"Pod/{PROXY_NAMESPACE}/{proxy['metadata']['name']}"] = proxy
     return objs
+
+
+# --- projected ServiceAccount tokens --------------------------------------------------------------
+
+
+class TokenRequester(Protocol):
+    def request_token(self, namespace: str, service_account: str, pod: str, audiences: list[str],
+                      expiration_s: int = PROJECTED_TOKEN_EXPIRATION_S) -> tuple[str, float]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectedVolume:
+    """One pod's projected serviceAccountToken volume: where the token goes and whose it is."""
+
+    pod: str
+    service_account: str
+    path: Path
+    namespace: str = PROXY_NAMESPACE
+    audience: str = CONTROLLER_TOKEN_AUDIENCE
+
+
+def token_refresh_due(now_s: float, issued_at_s: float | None, expires_at_s: float) -> bool:
+    """The kubelet's rule: a projected token is replaced once it is older than 80 % of its
+    lifetime or 24 h (pure)."""
+    if issued_at_s is None:
+        return True
+    lifetime_s = max(0.0, expires_at_s - issued_at_s)
+    return now_s >= issued_at_s + min(TOKEN_REFRESH_FRACTION * lifetime_s, TOKEN_REFRESH_MAX_AGE_S)
+
+
+def proxy_volumes(cluster: ClusterPlan, token_path: Callable[[str], Path]) -> list[ProjectedVolume]:
+    """The projected token of every proxy of `cluster`; `token_path(proxy id)` says where it goes."""
+    return [ProjectedVolume(proxy_pod_name(pid), NODE_PROXY_SERVICE_ACCOUNT if pid.startswith("ztunnel/")
+                            else GATEWAY_SERVICE_ACCOUNT, token_path(pid)) for pid in proxy_ids(cluster)]
+
+
+class TokenProjector:
+    """Keeps the projected tokens of some pods fresh on disk.
+
+    Invariants: a token file is only ever replaced whole (write_secret: 0600, atomic, not through
+    a link); a failed request leaves the previous token in place and is retried after
+    `TOKEN_RETRY_S`; at most one request per volume per `sync`."""
+
+    def __init__(self, api: TokenRequester, volumes: Sequence[ProjectedVolume],
+                 clock: Callable[[], float] = time.time,
+                 expiration_s: int = PROJECTED_TOKEN_EXPIRATION_S) -> None:
+        self.api = api
+        self.volumes = tuple(volumes)
+        self.clock = clock
+        self.expiration_s = expiration_s
+        self._issued: dict[Path, tuple[float, float]] = {}     # path -> (issued at, expires at)
+        self._retry_at: dict[Path, float] = {}
+        self.requests = 0
+        self.last_error = ""
+
+    def sync(self) -> int:
+        """Request and write every token that is due; how many were written."""
+        written = 0
+        for v in self.volumes:
+            now = self.clock()
+            issued = self._issued.get(v.path)
+            if not token_refresh_due(now, issued[0] if issued else None, issued[1] if issued else 0.0):
+                continue
+            if now < self._retry_at.get(v.path, 0.0):
+                continue
+            try:
+                self.requests += 1
+                token, expires_at_s = self.api.request_token(v.namespace, v.service_account, v.pod, [v.audience],
+                                                             self.expiration_s)
+                make_private_dir(v.path.parent)
+                write_secret(v.path, (token + "\n").encode())
+            except Exception as e:  # the API server may be restarting: keep the old token, retry soon
+                self.last_error = f"token for {v.namespace}/{v.pod}: {e}"
+                self._retry_at[v.path] = now + TOKEN_RETRY_S
+                continue
+            self._issued[v.path] = (now, expires_at_s)
+            written += 1
+        return written
 
 
 class Kubelet:
@@ -158,9 +287,11 @@ class Kubelet:
 
     def __init__(self, cluster: ClusterPlan, api: ObjectWriter,
                  probe_pods: Callable[[], Mapping[str, PodState]],
-                 probe_nodes: Callable[[], Mapping[str, NodeState]]) -> None:
+                 probe_nodes: Callable[[], Mapping[str, NodeState]],
+                 tokens: TokenProjector | None = None) -> None:
         self.cluster = cluster
         self.api = api
+        self.tokens = tokens   # the proxies' projected tokens, refreshed after the objects are written
         self._probe_pods, self._probe_nodes = probe_pods, probe_nodes
         self._written: dict[str, str] = {}
         self.writes = 0
@@ -188,6 +319,8 @@ class Kubelet:
             n += 1
         self.writes += n
         self.passes += 1
+        if self.tokens is not None:
+            self.tokens.sync()
         return n
 
     def run(self, stop: threading.Event, interval_s: float = 0.1) -> None:

@@ -24,10 +24,10 @@ PLAN_FILE = "plan.pickle"           # the plan, written by `up` before the sandb
 REQUEST_FILE = "request.json"       # options of this `up` (fleet dir, contexts, what to start)
 KUBECONFIG_FILE = "kubeconfig"      # one context per lab cluster (0600: it carries credentials)
 LOG_DIR = "logs"
-PROXIES_DIR = "proxies"             # proxies/<id>/{config.json,certs/,state/,bootstrap-token}
+PROXIES_DIR = "proxies"             # proxies/<id>/{config.json,certs/,state/,sa-token}
 CONTROLLER_DIR = "controller"       # the controller's --state-dir (it owns what is inside)
-CONTROLLER_ROOTS_FILE = "controller-roots.pem"  # written there by the controller at start
-BOOTSTRAP_TOKEN_FILE = "bootstrap-token"        # in a proxy's directory, 0600
+TRUST_ANCHORS_DIR = "roots"         # there: roots/<trust-domain>.pem, written by the controller at start
+SA_TOKEN_FILE = "sa-token"          # in a proxy's directory, 0600: its pod's projected ServiceAccount token
 MAX_SOCKET_PATH = 100               # sun_path is 108 bytes; leave room
 
 # --- inside the sandbox -------------------------------------------------------------------------
@@ -48,6 +48,18 @@ class LabError(RuntimeError):
 def proxy_dir(state_dir: Path, proxy_id: str) -> Path:
     """`ztunnel/east/node-1` -> <state>/proxies/ztunnel_east_node-1."""
     return state_dir / PROXIES_DIR / proxy_id.replace("/", "_")
+
+
+def proxy_pod_name(proxy_id: str) -> str:
+    """The Pod a lab proxy runs as in its cluster's API (namespace meshfed-system), the way the
+    DaemonSet and the gateway Deployment would run it: `ztunnel/east/node-1` -> `ztunnel-node-1`,
+    `gateway/east` -> `eastwest-gateway`. Its projected token is bound to that pod."""
+    parts = proxy_id.split("/")
+    if parts[0] == "ztunnel" and len(parts) == 3:
+        return f"ztunnel-{parts[2]}"
+    if parts[0] == "gateway" and len(parts) == 2:
+        return "eastwest-gateway"
+    raise LabError(f"proxy id {proxy_id!r} is not ztunnel/<cluster>/<node> or gateway/<cluster>")
 
 
 # --- exec targets -------------------------------------------------------------------------------
