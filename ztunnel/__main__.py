@@ -68,8 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--bootstrap", default="", help="HOST:PORT of the controller's bootstrap port (first certificate)")
     c.add_argument("--proxy-id", default="", help="ztunnel/<cluster>/<node> or gateway/<cluster>")
     c.add_argument("--trust-domain", default="", help="trust domain of this proxy's cluster")
-    c.add_argument("--bootstrap-token-file", type=Path, help="the cluster's bootstrap token (first certificate)")
-    c.add_argument("--controller-roots", type=Path, help="PEM roots of the controller's serving certificate")
+    c.add_argument("--sa-token-file", type=Path,
+                   help="the pod's projected ServiceAccount token (audience meshfed-controller), re-read at every "
+                        "bootstrap: how a proxy on Kubernetes gets its first certificate")
+    c.add_argument("--bootstrap-token-file", type=Path,
+                   help="a single-use token for this proxy id (`meshfed controller bootstrap-token`), for proxies "
+                        "provisioned by hand")
+    c.add_argument("--controller-roots", type=Path,
+                   help="PEM roots of this proxy's trust domain, to verify the controller with until it sends "
+                        "newer ones (the controller writes roots/<trust-domain>.pem in its state directory)")
     return p
 
 
@@ -146,6 +153,8 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
     telemetry.log(kind="draining", timeout_s=args.drain_timeout_s)
     for t in link_tasks:
         t.cancel()
+    if link is not None:
+        await link.close()
     await proxy.drain(args.drain_timeout_s)
     await admin.close()
     telemetry.log(kind="stopped")
@@ -158,9 +167,14 @@ async def _join(args: argparse.Namespace, state: ProxyState,
     from ztunnel.xds.controlplane import LinkOptions, join_controller
     if not (args.proxy_id and args.trust_domain and args.controller_roots and args.bootstrap):
         raise SystemExit("--controller needs --bootstrap, --proxy-id, --trust-domain and --controller-roots")
+    if not (args.sa_token_file or args.bootstrap_token_file):
+        raise SystemExit("--controller needs a bootstrap credential: --sa-token-file (the pod's projected "
+                         "ServiceAccount token) or --bootstrap-token-file (`meshfed controller bootstrap-token`)")
     log = Telemetry(args.proxy_id, sys.stderr if args.access_log == "stderr" else None).log
+    # keys and certificates survive a restart in the state directory (see ztunnel.xds.controlplane)
+    credentials = args.state_dir / "credentials.json" if args.state_dir else None
     opts = LinkOptions(args.controller, args.bootstrap, args.proxy_id, args.trust_domain, args.bootstrap_token_file,
-                       args.controller_roots)
+                       args.controller_roots, sa_token_file=args.sa_token_file, credentials_file=credentials)
     return await join_controller(opts, state, creds, log)
 
 
