@@ -74,7 +74,7 @@ def register(group: click.Group) -> None:
     @click.option("--listen", default="127.0.0.1:15010", show_default=True, help="gRPC config/CA/health")
     @click.option("--status-listen", default="127.0.0.1:15014", show_default=True, help="status API and /metrics")
     @click.option("--bootstrap-listen", default=None,
-                  help="certificate service for proxies' first certificate (bootstrap token, no client "
+                  help="certificate service for proxies' first certificate (bootstrap credential, no client "
                        "certificate); default: the --listen host, any free port (shown in status)")
     @click.option("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
     @click.option("--kubeconfig", default=None, help="kubeconfig for the clusters' contexts (default $KUBECONFIG)")

@@ -99,9 +99,10 @@ class ConfigService:
     # --- CAs and credentials --------------------------------------------------------------------
 
     def ensure_cas(self, snap: ConfigSnapshot) -> dict[str, tuple[str, ...]]:
-        """Load or create the CA of every trust domain of a snapshot; the bootstrap tokens of its
-        clusters (kept across restarts) and the roots proxies verify the controller with
-        (`controller-roots.pem`). Returns PEM roots per trust domain."""
+        """Load or create the CA of every trust domain of a snapshot (expired bootstrap tokens are
+        pruned); remember each cluster's API for TokenReviews; write the roots proxies verify the
+        controller with (`roots/<td>.pem`, and `controller-roots.pem` pooled); re-issue the serving
+        certificates if the CA material changed. Returns PEM roots per trust domain."""
         out = self.signing.load_cas(snap)
         self.bootstrap.prune()
         self._cluster_apis = {name: (c.api.kubeconfig or self.kubeconfig, c.api.context)

@@ -270,7 +270,7 @@ class SigningPolicy:
         """What `who` may have certified: its own identity; plus, over mTLS only, the identities of
         the workloads its rendered config lists."""
         own = proxy_spiffe_id(trust_domain, who.proxy_id)
-        if who.bootstrap:  # a bootstrap token buys the proxy's own identity only
+        if who.bootstrap:  # a bootstrap credential buys the proxy's own identity only
             return {own}
         return {own, *self.rendered_identities(who.proxy_id)}
 

@@ -317,9 +317,10 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
 def secure_channel(target: str, roots_pem: bytes, key_pem: bytes | None = None, chain_pem: bytes | None = None,
                    target_name: str = CONTROLLER_TLS_NAME,
                    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Any:
-    """A TLS channel to the controller at `target` ("host:port"), verified against `roots_pem`
-    under the name `target_name`; with `key_pem`/`chain_pem` (the proxy's SVID) it is mTLS.
-    Without them it only reaches the certificate service (on the controller's bootstrap port)."""
+    """gRPC's own TLS channel to the controller at `target` ("host:port"), verified against
+    `roots_pem` under the DNS name `target_name` (use `controller_tls_name(td)`: the controller
+    serves one certificate per trust domain by SNI); with `key_pem`/`chain_pem` it is mTLS. Tests
+    and tools only: it cannot pin the controller's SPIFFE ID (proxies use `ztunnel.xds.channel`)."""
     import grpc
     import grpc.aio
 

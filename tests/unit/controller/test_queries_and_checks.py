@@ -102,3 +102,12 @@ def test_checks_name_the_unsynced_proxies_and_split_brain() -> None:
     checks = {c["check"]: c for c in build_checks(st, 0.0)}
     assert "1 of 2 not synced: ztunnel/a/n1 STALE (bad route)" in checks["all proxies synced"]["cause"]
     assert not checks["no split brain"]["ok"] and "stop this one" in checks["no split brain"]["hint"]
+
+
+@pytest.mark.parametrize(("now_s", "ok"), [(1000.0, True), (1599.0, True), (1700.0, False), (2100.0, False)])
+def test_meshfed_check_reports_a_serving_certificate_that_is_not_being_renewed(now_s: float, ok: bool) -> None:
+    st = {"config_server": {"serving_certificate": {"not_after_s": 2000.0, "renew_at_s": 1000.0,
+                                                    "last_renewal": "failed: CaError: expired"}}}
+    (check,) = [c for c in build_checks(st, now_s) if c["check"] == "serving certificates renewed in time"]
+    assert check["ok"] is ok
+    assert ok or "failed: CaError" in check["cause"]
