@@ -61,8 +61,8 @@ from gitops.yamldoc import Doc, Path
 # --------------------------------------------------------------------------------------------
 # value types
 
-_DURATION_RE = re.compile(r"(?:(\d+(?:\.\d+)?)(h|ms|m|s|us|µs|ns))+")  # fullmatch: no "5s\n"
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(h|ms|m|s|us|µs|ns)")
+_DURATION_RE = re.compile(r"(?:([0-9]+(?:\.[0-9]+)?)(h|ms|m|s|us|µs|ns))+")  # fullmatch: no "5s\n"; ASCII digits only
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(h|ms|m|s|us|µs|ns)")
 _UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
 
 

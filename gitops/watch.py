@@ -29,7 +29,6 @@ States and transitions (anything else raises `InvalidTransition`):
 from __future__ import annotations
 
 import enum
-import os
 from dataclasses import dataclass, field
 
 from gitops.model import ConfigSnapshot, Revision
@@ -226,6 +225,3 @@ class BranchFollower:
         w.loaded(head, result.snapshot.federation.git_poll_interval_s)
         return result.snapshot
 
-
-def default_mirror_dir(state_dir: str, name: str) -> str:
-    return os.path.join(state_dir, "git", f"{name}.git")

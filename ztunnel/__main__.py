@@ -20,6 +20,7 @@ import asyncio
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +32,12 @@ from ztunnel.proxy.node import NodeProxy
 from ztunnel.xds.state import ApplyResult, ProxyState, load_config_file, parse_host_port
 
 if TYPE_CHECKING:  # controller mode only: gRPC/protobuf cost ~5 MB RSS, standalone proxies skip them
+    from ztunnel.dns.answer import DnsTable  # with --dns only: dnspython costs ~1.5 MB RSS
+    from ztunnel.dns.server import DnsServer
     from ztunnel.xds.controlplane import ControllerLink
+
+DNS_UNANSWERED = ("servfail", "nxdomain")  # ztunnel.dns.answer.Unanswered (pinned by a unit test)
+DNS_TTL_S = 30                             # ztunnel.dns.answer.DEFAULT_TTL_S (pinned by a unit test)
 
 
 def cert_file_names(identity: str) -> tuple[str, str]:
@@ -63,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout-s", type=float, default=10.0)
     p.add_argument("--handshake-timeout-s", type=float, default=5.0)
     p.add_argument("--access-log", choices=("stderr", "off"), default="stderr")
+    d = p.add_argument_group("DNS for global names (node mode; pods' udp/tcp 53 redirected here by iptables)")
+    d.add_argument("--dns", default="", help="HOST:PORT of the DNS responder, e.g. the pod bridge address :15053 "
+                   "('' disables)")
+    d.add_argument("--dns-upstream", action="append", metavar="IP[:PORT]|resolv.conf|none",
+                   help="where names the mesh does not know are forwarded (repeatable; default: the nameservers "
+                        "of /etc/resolv.conf)")
+    d.add_argument("--dns-unanswered", choices=DNS_UNANSWERED, default=DNS_UNANSWERED[0],
+                   help="the answer for a name the mesh does not know when there is no upstream")
+    d.add_argument("--dns-ttl-s", type=int, default=DNS_TTL_S, help="TTL of the answers for global names")
     c = p.add_argument_group("controller mode (config, certificates and health through the controller)")
     c.add_argument("--controller", default="", help="HOST:PORT of the controller's gRPC services")
     c.add_argument("--bootstrap", default="", help="HOST:PORT of the controller's bootstrap port (first certificate)")
@@ -122,6 +137,9 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
     if link is not None:
         link.sink.target = proxy
     await proxy.start()  # type: ignore[attr-defined]
+    dns_server = await _start_dns(args, state, telemetry) if cfg.mode is ProxyMode.NODE and args.dns else None
+    if args.dns and dns_server is None:
+        telemetry.log(kind="dns", ignored=f"--dns {args.dns}: a gateway serves no DNS (node proxies answer their pods)")
     admin_host, admin_port = parse_host_port(args.admin)
     admin = AdminServer(admin_host, admin_port, telemetry=telemetry,
                         ready=lambda: (proxy.ready.is_set(), "ready" if proxy.ready.is_set() else "not ready"),
@@ -130,6 +148,9 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
                             "rejected": [str(e) for e in state.last_rejected],
                             "ejected": {s: sorted(proxy.ejected(s)) for s in proxy.detectors},
                             "sessions": {"pooled": proxy.pool.count(), "inbound": len(proxy.inbound_sessions)},
+                            **({"dns": {"port": dns_server.port, "upstreams": [f"{h}:{p}" for h, p in
+                                                                               dns_server.options.upstreams],
+                                        "stats": dict(dns_server.stats)}} if dns_server is not None else {}),
                         })
     await admin.start()
     _release_startup_heap()
@@ -155,10 +176,47 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
         t.cancel()
     if link is not None:
         await link.close()
+    if dns_server is not None:
+        await dns_server.close()
     await proxy.drain(args.drain_timeout_s)
     await admin.close()
     telemetry.log(kind="stopped")
     return 0
+
+
+async def _start_dns(args: argparse.Namespace, state: ProxyState, telemetry: Telemetry) -> DnsServer:
+    """The DNS responder for global names, answering from whatever config `state` holds now."""
+    from ztunnel.dns.answer import Unanswered
+    from ztunnel.dns.server import DnsConfigError, DnsOptions, DnsServer, upstreams_from_flags
+
+    try:
+        opts = DnsOptions(upstreams=upstreams_from_flags(args.dns_upstream), unanswered=Unanswered(args.dns_unanswered),
+                          ttl_s=args.dns_ttl_s)
+        host, port = parse_host_port(args.dns)
+    except (DnsConfigError, ValueError) as e:
+        raise SystemExit(f"ztunnel: --dns: {e}") from None
+    server = DnsServer(table_of(state), opts, telemetry.log, telemetry.dns_query)
+    await server.start(host, port)
+    telemetry.log(kind="dns", listening=f"{host}:{server.port}", upstreams=[f"{h}:{p}" for h, p in opts.upstreams],
+                  unanswered=opts.unanswered.value)
+    return server
+
+
+def table_of(state: ProxyState) -> Callable[[], DnsTable]:
+    """The DNS table of the config `state` holds: looked at again only when that config object
+    changes, and the same table object while the names and VIPs are the same (most deltas move
+    endpoints only), so the DNS reply cache survives them."""
+    from ztunnel.dns.answer import EMPTY_TABLE, DnsTable
+
+    built: list[Any] = [None, EMPTY_TABLE]
+
+    def current() -> DnsTable:
+        cfg = state.config
+        if cfg is not built[0]:
+            table = DnsTable.from_services(cfg.services) if cfg is not None else EMPTY_TABLE
+            built[:] = [cfg, built[1] if table == built[1] else table]
+        return built[1]  # type: ignore[no-any-return]
+    return current
 
 
 async def _join(args: argparse.Namespace, state: ProxyState,

@@ -308,6 +308,7 @@ class KubeDiscovery:
         self._api: Any = None
         self.last_success_s: float | None = None
         self.last_error: str = ""
+        self.failing: dict[str, str] = {}   # kind -> why its last LIST/WATCH failed (cleared by a LIST)
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
 
@@ -343,7 +344,14 @@ class KubeDiscovery:
         with self._lock:
             changed = self.cache.replace_kind(kind, body.get("items") or [])
             self.last_success_s = self._clock()
+            self.failing.pop(kind, None)
         return changed
+
+    def failing_kinds(self) -> dict[str, str]:
+        """Kinds whose last LIST or WATCH failed (kind -> error): an API that answers `/version` but
+        refuses EndpointSlices is not a cluster we can see, and must not keep its lease."""
+        with self._lock:
+            return dict(self.failing)
 
     def list_all(self) -> ClusterObservation:
         """A fresh, complete observation (LIST of every kind)."""
@@ -410,6 +418,8 @@ class KubeDiscovery:
                     self.watch_kind_once(kind, lambda: on_change(self.observation()))
                 except Exception as e:  # keep watching: the lease (in the agent) tells the rest
                     self.last_error = str(e)
+                    with self._lock:
+                        self.failing[kind] = str(e)
                     self._stop.wait(retry_s)
 
         for kind in KINDS:

@@ -191,13 +191,21 @@ def _is_name(text: str) -> bool:
     return bool(_NAME.fullmatch(text))
 
 
-def _server_cls_with_namespaces(tokens: TokenAuthority | None = None) -> Any:
+def _server_cls_with_namespaces(refusals: dict[str, int] | None = None,
+                                tokens: TokenAuthority | None = None) -> Any:
     from aiohttp import web
     from aiohttp.test_utils import RawTestServer
+
+    refused = refusals if refusals is not None else {}
 
     def make(handler: Any, **kw: Any) -> Any:
         async def wrapped(raw_request: Any) -> Any:
             path = raw_request.path
+            for prefix, status in list(refused.items()):
+                if path.startswith(prefix):  # an injected fault: this part of the API refuses
+                    return web.json_response({"apiVersion": "v1", "kind": "Status", "status": "Failure",
+                                              "code": status, "reason": "Forbidden" if status == 403 else "Refused",
+                                              "message": f"{path} refused (fault injected)"}, status=status)
             if tokens is not None:
                 answered = await _answer_tokens(raw_request, tokens)
                 if answered is not None:
@@ -247,6 +255,7 @@ class EmulatedApiServer:
         self._error: BaseException | None = None
         self._url = ""
         self._rv = itertools.count(1)
+        self._refusals: dict[str, int] = {}   # path prefix -> HTTP status (faults; read by the request wrapper)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -270,7 +279,7 @@ class EmulatedApiServer:
             kwargs: dict[str, Any] = {"host": self._host}
             if self._port is not None:
                 kwargs["port"] = self._port
-            kwargs["server_cls"] = _server_cls_with_namespaces(self.tokens)
+            kwargs["server_cls"] = _server_cls_with_namespaces(self._refusals, self.tokens)
             async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator, **kwargs) as srv:
                 self._url = f"http://{self._host}:{srv.port}"
                 self._ready.set()
@@ -291,6 +300,17 @@ class EmulatedApiServer:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(timeout_s)
         self._thread = None
+
+    def refuse(self, path_prefix: str, status: int = 403) -> None:
+        """Answer every request under `path_prefix` with `status` (e.g. RBAC taking away
+        EndpointSlices: `refuse("/apis/discovery.k8s.io")`) until `allow`."""
+        self._refusals[path_prefix] = status
+
+    def allow(self, path_prefix: str | None = None) -> None:
+        if path_prefix is None:
+            self._refusals.clear()
+        else:
+            self._refusals.pop(path_prefix, None)
 
     def __enter__(self) -> EmulatedApiServer:
         return self.start()

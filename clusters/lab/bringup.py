@@ -3,7 +3,7 @@
      1 private mounts (/run/netns, /etc/netns, RUN_DIR)     6 kubelets (the API follows the processes;
                                                               proxies' projected ServiceAccount tokens)
      2 the network (`topology.execute` of the plan)         7 Git server for the fleet repo
-     3 hosts files per pod namespace                        8 node ztunnels and gateways
+     3 resolv.conf per pod (kubelet's)                      8 node ztunnels and gateways
      4 one emulated API server per cluster + kubeconfig     9 the controller
        (and the host portal's doors to them)               10 wait until every pod is ready, and the
      5 pods (demo servers)                                     API says so
@@ -104,8 +104,8 @@ class BringUp:
         step("1_mounts_s")
         execute(self.plan.actions)
         step("2_network_s")
-        self._hosts_files()
-        step("3_hosts_s")
+        self._resolv_confs()
+        step("3_resolv_conf_s")
         self._portal()
         self._api_servers()
         step("4_api_servers_s")
@@ -132,12 +132,15 @@ class BringUp:
         os.makedirs(RUN_DIR, exist_ok=True)
         subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755,size=16m", "meshfed-run", RUN_DIR], check=True)
 
-    def _hosts_files(self) -> None:
+    def _resolv_confs(self) -> None:
+        """Each pod's /etc/resolv.conf, as kubelet writes it (`ip netns exec` binds
+        /etc/netns/<ns>/resolv.conf over /etc/resolv.conf): names go to the cluster DNS address,
+        which the node captures for its ztunnel's DNS responder. No hosts files."""
         for c in self.plan.clusters:
             for p in c.pods:
                 d = Path("/etc/netns") / p.netns
                 d.mkdir(parents=True, exist_ok=True)
-                (d / "hosts").write_text(self.plan.hosts[(c.name, p.namespace)])
+                (d / "resolv.conf").write_text(self.plan.resolv_confs[(c.name, p.namespace)])
 
     def _portal(self) -> None:
         fd_s = os.environ.get(sandbox.HOST_NETNS_FD_ENV)

@@ -10,10 +10,11 @@ argv with the command's own parser.
 The lab's conventions for proxies: HBONE on 0.0.0.0:15008, admin on 127.0.0.1:15021 (inside the
 proxy's own namespace), and for node ztunnels SOCKS5 on the pod-bridge address :15080 plus the
 transparent listener :15001 that the node's iptables REDIRECT (`topology.capture_rules`) sends pod
-TCP to. A proxy with a rendered `config.json` runs standalone; without one it joins the controller
-(first certificate with its pod's projected ServiceAccount token, which the lab's kubelet keeps
-fresh in the proxy's directory, then config over gRPC), verifying the controller with its trust
-domain's roots (`roots/<td>.pem` in the controller's state directory).
+TCP to, and the DNS responder on the pod-bridge address :15053 that pods' DNS is redirected to. A
+proxy with a rendered `config.json` runs standalone; without one it joins the controller (first
+certificate with its pod's projected ServiceAccount token, which the lab's kubelet keeps fresh in
+the proxy's directory, then config over gRPC), verifying the controller with its trust domain's
+roots (`roots/<td>.pem` in the controller's state directory).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from clusters.lab.layout import (
     TRUST_ANCHORS_DIR,
 )
 from clusters.lab.topology import CONTROLLER_MGMT_ADDRESS, LabPlan, NetnsName, PodPlan
-from ztunnel.api.ports import ADMIN_PORT, HBONE_PORT, OUTBOUND_CAPTURE_PORT, SOCKS5_PORT
+from ztunnel.api.ports import ADMIN_PORT, DNS_CAPTURE_PORT, HBONE_PORT, OUTBOUND_CAPTURE_PORT, SOCKS5_PORT
 
 MESHFED = ("-m", "federation.cli.main")   # `meshfed` without relying on the console script's path
 
@@ -71,7 +72,8 @@ def proxy_specs(plan: LabPlan) -> list[ProxySpec]:
 
 
 def proxy_argv(python: Sequence[str], proxy_id: str, proxy_dir: Path, socks_host: str, *, standalone: bool,
-               trust_domain: str = "", controller_dir: Path | None = None) -> list[str]:
+               trust_domain: str = "", controller_dir: Path | None = None,
+               dns_unanswered: str = "nxdomain") -> list[str]:
     """`python -m ztunnel …` for one lab proxy.
 
     standalone: the proxy serves `proxy_dir/config.json` (written by whoever rendered it) with the
@@ -79,6 +81,9 @@ def proxy_argv(python: Sequence[str], proxy_id: str, proxy_dir: Path, socks_host
     and needs `trust_domain` and `controller_dir` (where the controller writes its trust domain's
     roots); it bootstraps with the projected token in `proxy_dir/sa-token` and keeps its keys and
     certificates in `proxy_dir/state` across restarts.
+    Node ztunnels answer their pods' DNS; the lab has no kube-dns and no internet, so a name the
+    mesh does not know gets `dns_unanswered` (nxdomain, as a resolver for which nothing else exists,
+    or servfail, as one that reaches nobody: `meshfed lab up --dns-unanswered`).
     tests/lab/test_dataplane_capture.py runs a real ztunnel with this argv."""
     argv = [*python, "-m", "ztunnel", "--cert-dir", str(proxy_dir / "certs"), "--state-dir", str(proxy_dir / "state"),
             "--hbone", f"0.0.0.0:{HBONE_PORT}", "--admin", f"127.0.0.1:{ADMIN_PORT}", "--proxy-id", proxy_id]
@@ -93,7 +98,10 @@ def proxy_argv(python: Sequence[str], proxy_id: str, proxy_dir: Path, socks_host
                  "--sa-token-file", str(proxy_dir / SA_TOKEN_FILE), "--trust-domain", trust_domain,
                  "--controller-roots", str(controller_dir / TRUST_ANCHORS_DIR / f"{trust_domain}.pem")]
     if proxy_id.startswith("ztunnel/"):
-        argv += ["--socks", f"{socks_host}:{SOCKS5_PORT}", "--transparent", f"0.0.0.0:{OUTBOUND_CAPTURE_PORT}"]
+        argv += ["--socks", f"{socks_host}:{SOCKS5_PORT}", "--transparent", f"0.0.0.0:{OUTBOUND_CAPTURE_PORT}",
+                 # pods' DNS, captured by the node (topology.capture_rules)
+                 "--dns", f"{socks_host}:{DNS_CAPTURE_PORT}", "--dns-upstream", "none",
+                 "--dns-unanswered", dns_unanswered]
     else:
         argv += ["--socks", ""]  # a gateway has no local clients
     return argv

@@ -20,6 +20,7 @@ import json
 import os
 import socket
 import threading
+import time
 import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -67,7 +68,7 @@ class ControlServer:
                 except TimeoutError:
                     continue
                 if not self._slots.acquire(blocking=False):
-                    threading.Thread(target=self._refuse, args=(conn,), daemon=True).start()
+                    self._refuse(conn)  # inline and non-blocking: a flood of refusals costs no threads
                     continue
                 threading.Thread(target=self._serve_one, args=(conn,), name="lab-control", daemon=True).start()
         finally:
@@ -76,7 +77,12 @@ class ControlServer:
 
     def _refuse(self, conn: socket.socket) -> None:
         with conn:
-            _send(conn, {"ok": False, "error": f"the lab is busy ({MAX_IN_FLIGHT} requests in flight); retry"})
+            conn.setblocking(False)
+            try:
+                conn.send(json.dumps({"ok": False, "error": f"the lab is busy ({MAX_IN_FLIGHT} requests in "
+                                                             f"flight); retry"}).encode())
+            except OSError:
+                pass  # a client that cannot take a few bytes now gets the closed connection as its answer
 
     def _serve_one(self, conn: socket.socket) -> None:
         try:
@@ -99,9 +105,18 @@ class ControlServer:
 
 
 def _read_request(conn: socket.socket) -> dict[str, Any]:
-    conn.settimeout(REQUEST_READ_TIMEOUT_S)
+    # one deadline for the whole request: a per-recv timeout would let a client that trickles a
+    # byte at a time hold one of the few slots indefinitely
+    deadline = time.monotonic() + REQUEST_READ_TIMEOUT_S
     data = b""
-    while chunk := conn.recv(65536):
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ValueError(f"the request did not arrive within {REQUEST_READ_TIMEOUT_S:g} s")
+        conn.settimeout(left)
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
         data += chunk
         if len(data) > MAX_REQUEST_BYTES:
             raise ValueError(f"more than {MAX_REQUEST_BYTES} bytes")

@@ -73,6 +73,10 @@ class ExecResult:
 
 def find_sandbox(state_dir: Path) -> SandboxRef:
     """The running lab's sandbox, or a LabError that says how to get one."""
+    try:
+        sandbox.check_state_dir(state_dir)
+    except sandbox.SandboxUnavailable as e:
+        raise LabError(str(e)) from None
     box = sandbox.read_json(state_dir / sandbox.SANDBOX_FILE)
     pid, ticks = box.get("pid"), box.get("start_ticks")
     if not isinstance(pid, int) or not sandbox.is_same_process(pid, ticks if isinstance(ticks, int) else None) \

@@ -29,12 +29,13 @@ from ztunnel.api.secret_files import make_private_dir
 
 class DataPlane:
     def __init__(self, state_dir: Path, plan: LabPlan, procs: ProcessTable, log_dir: Path, *,
-                 with_controller: bool) -> None:
+                 with_controller: bool, dns_unanswered: str = "nxdomain") -> None:
         self.state_dir = state_dir
         self.plan = plan
         self.procs = procs
         self.log_dir = log_dir
         self.with_controller = with_controller
+        self.dns_unanswered = dns_unanswered
         self.specs = proxy_specs(plan)
         self._start_lock = threading.Lock()
         self._captured: set[NetnsName] = set()
@@ -66,7 +67,8 @@ class DataPlane:
     def _start_one(self, spec: ProxySpec, d: Path, standalone: bool) -> None:
         make_private_dir(d / "certs")
         argv = proxy_argv([sys.executable], spec.proxy_id, d, spec.socks_host, standalone=standalone,
-                          trust_domain=spec.trust_domain, controller_dir=self.controller_dir)
+                          trust_domain=spec.trust_domain, controller_dir=self.controller_dir,
+                          dns_unanswered=self.dns_unanswered)
         mp = ManagedProcess(spec.key, spec.netns, argv, self.log_dir / spec.log_name)
         old = self.procs.put(mp)
         if old is not None:

@@ -39,6 +39,7 @@ from clusters.lab.layout import (
 )
 from clusters.lab.nsexec import ExecResult
 from clusters.lab.topology import LabPlan, plan_lab
+from ztunnel.api.secret_files import SecretFileError, make_private_dir
 
 UP_POLL_S = 0.05
 
@@ -51,6 +52,7 @@ class LabOptions:
     portal: bool = True
     ready_timeout_s: float = 30.0
     up_timeout_s: float = 90.0
+    dns_unanswered: str = "nxdomain"  # what node ztunnels answer for names the mesh does not know
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -64,6 +66,10 @@ class LabRunner:
         if len(str(self.state_dir / sandbox.CONTROL_SOCKET)) > MAX_SOCKET_PATH:
             raise LabError(f"state directory {self.state_dir} is too long for a Unix socket path; "
                            "use a shorter --state-dir (e.g. /tmp/meshfed-lab)")
+        try:
+            sandbox.check_state_dir(self.state_dir)
+        except sandbox.SandboxUnavailable as e:
+            raise LabError(str(e)) from None
 
     # --- up -------------------------------------------------------------------------------------
 
@@ -74,7 +80,10 @@ class LabRunner:
 
     def up(self, plan: LabPlan, fleet_dir: Path | None = None, contexts: Mapping[str, str] | None = None) -> dict[str, Any]:
         sd = self.state_dir
-        sd.mkdir(parents=True, exist_ok=True)
+        try:
+            make_private_dir(sd)  # 0700, ours: a shared /tmp must not let another user plant state
+        except SecretFileError as e:
+            raise LabError(f"unsafe lab state directory: {e}") from None
         if (sd / sandbox.CONTROL_SOCKET).exists():
             try:
                 control_request(sd, {"op": "status"}, 2.0)
@@ -93,7 +102,8 @@ class LabRunner:
         (sd / REQUEST_FILE).write_text(json.dumps({
             "fleet_dir": str(fleet_dir.resolve()) if fleet_dir else "", "contexts": dict(contexts or {}),
             "ztunnel": self.opts.ztunnel, "controller": self.opts.controller, "portal": self.opts.portal,
-            "ready_timeout_s": self.opts.ready_timeout_s, **self.opts.extra}))
+            "ready_timeout_s": self.opts.ready_timeout_s, "dns_unanswered": self.opts.dns_unanswered,
+            **self.opts.extra}))
         if fleet_dir is not None and (sd / "git").exists():
             shutil.rmtree(sd / "git")
         t0 = time.monotonic()

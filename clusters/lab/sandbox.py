@@ -6,7 +6,7 @@ The supervisor is re-executed as
 
 so the lab gets its own network stack (nothing it does can reach the machine's interfaces), its
 own mount table (a private tmpfs on /run/netns and /etc/netns: named namespaces and per-namespace
-hosts files never appear on the host) and its own PID namespace (PID 1 is the lab's init, which
+resolv.conf files never appear on the host) and its own PID namespace (PID 1 is the lab's init, which
 runs the supervisor as its child, `clusters.lab.processes.run_as_init`: when init dies, the kernel
 kills every process of the lab). `--kill-child` makes `unshare` take init down with it, so killing
 the one `unshare` process ends the lab even after a crash.
@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -128,7 +129,7 @@ def spawn(argv: Sequence[str], log_path: Path, support: SandboxSupport | None = 
 
 
 def prepare_mounts() -> None:
-    """Inside the sandbox (PID 1): private tmpfs for named namespaces and per-namespace hosts files."""
+    """Inside the sandbox (PID 1): private tmpfs for named namespaces and per-namespace /etc files (pods' resolv.conf)."""
     for d in ("/run/netns", "/etc/netns"):
         os.makedirs(d, exist_ok=True)
         subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755,size=16m", f"meshfed-{Path(d).name}", d], check=True)
@@ -147,8 +148,18 @@ def process_start_ticks(pid: int) -> int | None:
 
 
 def is_same_process(pid: int, start_ticks: int | None) -> bool:
+    """Is `pid` still the process we recorded? Only with its recorded start time, and only if it is
+    ours: a state file naming any pid without its start ticks (or someone else's process) must not
+    make us signal it or enter its namespaces."""
+    if start_ticks is None:
+        return False
     ticks = process_start_ticks(pid)
-    return ticks is not None and (start_ticks is None or ticks == start_ticks)
+    if ticks is None or ticks != start_ticks:
+        return False
+    try:
+        return os.stat(f"/proc/{pid}").st_uid == os.geteuid()
+    except OSError:
+        return False
 
 
 def kill_sandbox(pid: int, start_ticks: int | None, grace_s: float = 3.0) -> bool:
@@ -236,3 +247,22 @@ def read_json(path: Path) -> dict[str, object]:
 
 def python_argv(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
+
+
+def check_state_dir(state_dir: Path) -> None:
+    """An existing lab state directory must be a real directory of ours that nobody else can write:
+    it holds the sandbox's pid (which we signal and enter as root), the plan we unpickle and the
+    credentials we hand to proxies. Raises SandboxUnavailable naming the fix."""
+    try:
+        st = os.lstat(state_dir)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        raise SandboxUnavailable(f"{state_dir} is not a directory (a link or a file); remove it or choose another "
+                                 f"--state-dir")
+    if st.st_uid != os.geteuid():
+        raise SandboxUnavailable(f"{state_dir} belongs to uid {st.st_uid}, not to you ({os.geteuid()}): another user "
+                                 f"could plant a lab state there; remove it or choose another --state-dir")
+    if stat.S_IMODE(st.st_mode) & 0o022:
+        raise SandboxUnavailable(f"{state_dir} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+                                 f"run: chmod 700 {state_dir}")

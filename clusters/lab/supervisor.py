@@ -74,7 +74,8 @@ class Supervisor:
         self.faults = FaultInjector(self.plan, self.procs, self.log_dir)
         # proxies join the controller only when there is one (it needs a fleet repo to follow)
         with_controller = self.request.get("controller", "auto") != "off" and bool(self.request.get("fleet_dir"))
-        self.data_plane = DataPlane(state_dir, self.plan, self.procs, self.log_dir, with_controller=with_controller)
+        self.data_plane = DataPlane(state_dir, self.plan, self.procs, self.log_dir, with_controller=with_controller,
+                                    dns_unanswered=str(self.request.get("dns_unanswered", "nxdomain")))
         self.bring_up = BringUp(state_dir, self.plan, self.request, self.procs, self.data_plane,
                                 self.faults.node_is_down, self.stop)
         self.control = ControlServer(state_dir / sandbox.CONTROL_SOCKET, self.handle)
@@ -106,8 +107,12 @@ class Supervisor:
         server.start()
         try:
             while not self.stop.wait(STATE_WRITE_INTERVAL_S):
-                self.write_state()
+                try:
+                    self.write_state()
+                except Exception:  # e.g. a full disk: keep serving; the next write may succeed
+                    traceback.print_exc()
         finally:
+            self.stop.set()  # whatever ended the loop, the accept thread must end too
             server.join()
             self.shut_down()
             self._mark_down()
@@ -188,6 +193,7 @@ class Supervisor:
             clusters.append({
                 "name": c.name, "network": c.network, "trust_domain": c.trust_domain, "bridge": c.bridge,
                 "pod_cidr": c.pod_cidr, "node_cidr": c.node_cidr, "service_cidr": c.service_cidr,
+                "dns_address": c.dns_address,
                 "context": contexts.get(c.name, f"lab-{c.name}"),
                 "api_url": svc.apis[c.name].url if c.name in svc.apis else "",
                 "gateway": None if c.gateway is None else {**asdict(c.gateway), "pid": procs.pid(f"gateway:{c.name}")},

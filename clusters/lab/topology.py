@@ -18,13 +18,27 @@ Shape of the lab (all inside the sandbox's own network stack):
 Address plan per cluster, from its first pod CIDR (at least a /16 is needed: one /24 per node):
 the first /24 is the cluster (node) network — gateway .2, node k at .(10+k); node k's pods live in
 the k-th /24 behind it (so a node going down takes its pods with it). Service cluster IPs come
-from the first service CIDR (or the pod CIDR's last /24), one per global service in sorted order,
-the same in every cluster so the hosts files and the API agree.
+from the first service CIDR (or the pod CIDR's last /24): .10 is the cluster DNS (kube-dns, as
+kind numbers it), then one per global service in sorted order from .11, the same sequence in
+every cluster.
+
+Networks (the Cluster's `network`), as Istio multi-network and single-network multicluster see them:
+- clusters on *different* networks may use the same pod and service CIDRs (kind gives every
+  cluster 10.244.0.0/16 and 10.96.0.0/12): each network is its own bridge and namespaces, the WAN
+  and the gateways never see a pod address, and the mesh keys endpoints by (network, address);
+- clusters on the *same* network share one bridge (kind's docker network), need disjoint ranges,
+  and get routes to each other's node networks (on-link) and pod CIDRs (via the owning node), as
+  Istio's kind CI adds them between clusters of one network — and only between those.
+
+DNS: a pod's resolv.conf (what kubelet writes for dnsPolicy ClusterFirst) names the cluster DNS
+address; the node's capture rules send its udp/tcp 53 to the node ztunnel's DNS responder, which
+answers the mesh's global names and, in the lab (no kube-dns, no internet), NXDOMAIN for the rest.
+No hosts files.
 
 Isolation invariants (the lab's point, checked by the lab tests):
 - the sandbox root ns never forwards (ip_forward=0) and has no address on cluster or WAN bridges;
-- a node forwards only between its pods and its cluster network; no namespace has a route to
-  another cluster's pod CIDR;
+- a node forwards only between its pods and its network; no namespace has a route to the pod CIDR
+  of a cluster on another network;
 - a node reaches the WAN only through its cluster's gateway namespace, which forwards nothing but
   TCP to the WAN's HBONE port (15008) from its own cluster network, masqueraded to its WAN address;
 - management legs are /32 with a single host route to the controller: they carry no transit.
@@ -40,7 +54,7 @@ from dataclasses import dataclass, field
 from typing import NewType
 
 from gitops.model import Cluster, DemoBehaviour, GlobalService, LabCluster, ServiceKey
-from ztunnel.api.ports import HBONE_PORT, OUTBOUND_CAPTURE_PORT
+from ztunnel.api.ports import DNS_CAPTURE_PORT, DNS_PORT, HBONE_PORT, OUTBOUND_CAPTURE_PORT
 
 NetnsName = NewType("NetnsName", str)
 
@@ -51,6 +65,9 @@ DEFAULT_WAN_CIDR = "172.30.0.0/24"
 MGMT_CIDR = "100.64.0.0/16"  # RFC 6598 shared space: disjoint from pod/service/WAN ranges
 CONTROLLER_MGMT_ADDRESS = "100.64.0.1"
 FORBIDDEN_NET = ipaddress.ip_network("10.255.0.0/16")  # reserved on the dev machines: never used
+CLUSTER_DNS_OFFSET = 10   # kube-dns at .10 of the service CIDR (kind: 10.96.0.10)
+FIRST_SERVICE_OFFSET = 11
+CLUSTER_DOMAIN = "cluster.local"
 MAX_IFNAME = 15
 
 
@@ -136,6 +153,7 @@ class ClusterPlan:
     pod_cidr: str
     node_cidr: str           # the cluster network (first /24 of the pod CIDR)
     service_cidr: str
+    dns_address: str         # the cluster DNS Service address pods' resolv.conf names (captured)
     nodes: tuple[NodePlan, ...]
     pods: tuple[PodPlan, ...]
     gateway: GatewayPlan | None
@@ -223,7 +241,8 @@ class LabPlan:
     mgmt_cidr: str
     controller_address: str
     actions: tuple[Action, ...] = field(repr=False)
-    hosts: Mapping[tuple[str, str], str] = field(repr=False, default_factory=dict)  # (cluster, ns) -> hosts text
+    # (cluster, namespace) -> the resolv.conf of pods there (written as the pods' /etc/resolv.conf)
+    resolv_confs: Mapping[tuple[str, str], str] = field(repr=False, default_factory=dict)
 
     def cluster(self, name: str) -> ClusterPlan:
         for c in self.clusters:
@@ -264,33 +283,27 @@ def _check_ifname(name: str) -> str:
 
 
 def service_vips(services: Iterable[GlobalService], service_net: ipaddress.IPv4Network) -> tuple[ServiceVip, ...]:
-    """One cluster IP per global service, in sorted (namespace, name) order from .10 of the range.
-
-    Every cluster gets the same sequence from its own service CIDR, so a hosts file and the
-    cluster's Service objects always agree on the address of `checkout.shop.svc.clusterset.local`.
-    """
+    """One cluster IP per global service, in sorted (namespace, name) order from .11 of the range
+    (.10 is the cluster DNS). Every cluster gets the same sequence from its own service CIDR."""
     ordered = sorted(services, key=lambda s: (s.namespace, s.name))
-    if len(ordered) + 10 >= service_net.num_addresses:
+    if len(ordered) + FIRST_SERVICE_OFFSET >= service_net.num_addresses:
         raise PlanError(f"service CIDR {service_net} is too small for {len(ordered)} services")
     return tuple(
         ServiceVip(
             namespace=s.namespace, name=s.name, hostname=s.hostname,
-            cluster_ip=str(service_net.network_address + 10 + i),
+            cluster_ip=str(service_net.network_address + FIRST_SERVICE_OFFSET + i),
             ports=tuple((p.name, p.port, p.target_port) for p in s.ports),
         )
         for i, s in enumerate(ordered)
     )
 
 
-def hosts_text(cluster: ClusterPlan, namespace: str) -> str:
-    """/etc/hosts for pods of `namespace` in `cluster`: clusterset, cluster-local and short names."""
-    lines = ["127.0.0.1 localhost", "::1 localhost"]
-    for v in cluster.services:
-        names = [v.hostname, f"{v.name}.{v.namespace}.svc.cluster.local", f"{v.name}.{v.namespace}"]
-        if v.namespace == namespace:
-            names.append(v.name)
-        lines.append(f"{v.cluster_ip} {' '.join(names)}")
-    return "\n".join(lines) + "\n"
+def resolv_conf_text(cluster: ClusterPlan, namespace: str) -> str:
+    """/etc/resolv.conf of a pod in `namespace`, as kubelet writes it for dnsPolicy ClusterFirst:
+    the cluster DNS Service, the namespace's search list and ndots:5. Global names
+    (`<svc>.<ns>.svc.clusterset.local`) resolve through the node's DNS capture, not through a file."""
+    search = f"{namespace}.svc.{CLUSTER_DOMAIN} svc.{CLUSTER_DOMAIN} {CLUSTER_DOMAIN}"
+    return f"search {search}\nnameserver {cluster.dns_address}\noptions ndots:5\n"
 
 
 def plan_lab(
@@ -309,13 +322,23 @@ def plan_lab(
     for n in names:
         if n not in clusters:
             raise PlanError(f"LabCluster {n} has no matching Cluster; add clusters/{n}.yaml")
-    used: list[tuple[ipaddress.IPv4Network, str]] = [(wan, "WAN"), (mgmt, "management")]
+    # Ranges every network sees (WAN, management) vs ranges only one network sees (its clusters'
+    # pods and services): clusters on different networks may share ranges, as kind's defaults do.
+    shared: list[tuple[ipaddress.IPv4Network, str]] = [(wan, "WAN"), (mgmt, "management")]
+    per_network: dict[str, list[tuple[ipaddress.IPv4Network, str]]] = {}
 
-    def claim(net: ipaddress.IPv4Network, what: str) -> None:
-        for other, owner in used:
+    def claim(net: ipaddress.IPv4Network, what: str, network: str) -> None:
+        mine = per_network.setdefault(network, [])
+        for other, owner in shared + mine:
             if net.overlaps(other):
-                raise PlanError(f"{what} {net} overlaps {owner} {other}; give each cluster distinct ranges")
-        used.append((net, what))
+                fix = ("clusters on one network need distinct ranges (or put them on different networks)"
+                       if other not in (wan, mgmt) else "pick a range outside it")
+                raise PlanError(f"{what} {net} overlaps {owner} {other}; {fix}")
+        mine.append((net, what))
+
+    # Clusters of one network share the bridge of the first of them (sorted by name): one L2
+    # segment, like kind's docker network.
+    network_bridge: dict[str, str] = {}
 
     plans: list[ClusterPlan] = []
     actions: list[Action] = [
@@ -334,16 +357,19 @@ def plan_lab(
         if pod_net.prefixlen > 23 or len(lab.nodes) + 1 > 2 ** (24 - pod_net.prefixlen):
             raise PlanError(f"cluster {name}: pod CIDR {pod_net} is too small for {len(lab.nodes)} nodes "
                             f"(one /24 for the cluster network plus one /24 per node)")
-        claim(pod_net, f"cluster {name} pod CIDR")
+        claim(pod_net, f"cluster {name} pod CIDR", cl.network)
         subnets = pod_net.subnets(new_prefix=24)
         node_net = next(subnets)
         if cl.service_cidrs:
             svc_net = _net(cl.service_cidrs[0], f"cluster {name} service CIDR")
-            claim(svc_net, f"cluster {name} service CIDR")
+            claim(svc_net, f"cluster {name} service CIDR", cl.network)
         else:
             svc_net = list(pod_net.subnets(new_prefix=24))[-1]
-        bridge = _check_ifname(f"br-{name}" if len(f"br-{name}") <= MAX_IFNAME else f"br-c{ci}")
-        actions += [AddBridge(ROOT_NS, bridge), LinkUp(ROOT_NS, bridge)]
+        bridge = network_bridge.get(cl.network, "")
+        if not bridge:
+            bridge = _check_ifname(f"br-{name}" if len(f"br-{name}") <= MAX_IFNAME else f"br-c{ci}")
+            network_bridge[cl.network] = bridge
+            actions += [AddBridge(ROOT_NS, bridge), LinkUp(ROOT_NS, bridge)]
 
         nodes: list[NodePlan] = []
         for ni, ln in enumerate(lab.nodes, start=1):
@@ -460,25 +486,50 @@ def plan_lab(
         plans.append(ClusterPlan(
             name=name, index=ci, network=cl.network, region=cl.region, zone=cl.zone,
             trust_domain=cl.trust_domain, bridge=bridge, pod_cidr=str(pod_net), node_cidr=str(node_net),
-            service_cidr=str(svc_net), nodes=tuple(nodes), pods=tuple(pods), gateway=gw,
-            services=service_vips(svcs, svc_net),
+            service_cidr=str(svc_net), dns_address=str(svc_net.network_address + CLUSTER_DNS_OFFSET),
+            nodes=tuple(nodes), pods=tuple(pods), gateway=gw, services=service_vips(svcs, svc_net),
         ))
-    hosts = {
-        (c.name, ns): hosts_text(c, ns)
+    actions += same_network_routes(plans)
+    resolv = {
+        (c.name, ns): resolv_conf_text(c, ns)
         for c in plans
         for ns in sorted({p.namespace for p in c.pods} | {v.namespace for v in c.services})
     }
     return LabPlan(clusters=tuple(plans), wan_cidr=str(wan), mgmt_cidr=str(mgmt),
-                   controller_address=CONTROLLER_MGMT_ADDRESS, actions=tuple(actions), hosts=hosts)
+                   controller_address=CONTROLLER_MGMT_ADDRESS, actions=tuple(actions), resolv_confs=resolv)
+
+
+def same_network_routes(clusters: Sequence[ClusterPlan]) -> list[Action]:
+    """Single-network multicluster: every node reaches the nodes of the other clusters on its
+    network (their node network is on the shared bridge: an on-link route) and their pods (via the
+    node that owns them) — what Istio's kind CI adds with `ip route add <podCIDR> via <node IP>`
+    between clusters of one network, and only between those. Clusters on other networks get no
+    route at all: only their gateways are reachable, over the WAN."""
+    out: list[Action] = []
+    for me in clusters:
+        peers = [c for c in clusters if c.network == me.network and c.name != me.name]
+        for node in me.nodes:
+            for peer in peers:
+                out.append(AddRoute(node.netns, peer.node_cidr, dev="eth0"))
+                out += [AddRoute(node.netns, n.pod_cidr, via=n.address) for n in peer.nodes]
+    return out
 
 
 def capture_rules(node: NodePlan) -> tuple[Iptables, ...]:
     """istio-cni-style transparent capture in a node namespace: TCP from its pods goes to ztunnel.
 
     Everything a pod sends over TCP (except to its own node, e.g. the SOCKS5 port) is redirected to
-    the node ztunnel's outbound port, which recovers the destination with SO_ORIGINAL_DST.
+    the node ztunnel's outbound port, which recovers the destination with SO_ORIGINAL_DST. DNS
+    (udp and tcp 53, whatever the nameserver) goes to the node ztunnel's DNS responder first, as
+    istio-cni's `-p udp --dport 53 -j REDIRECT --to-port 15053`.
     """
     return (
+        Iptables(node.netns, ("-t", "nat", "-N", "MESHFED_DNS")),
+        Iptables(node.netns, ("-t", "nat", "-A", "MESHFED_DNS", "-p", "udp", "--dport", str(DNS_PORT),
+                              "-j", "REDIRECT", "--to-ports", str(DNS_CAPTURE_PORT))),
+        Iptables(node.netns, ("-t", "nat", "-A", "MESHFED_DNS", "-p", "tcp", "--dport", str(DNS_PORT),
+                              "-j", "REDIRECT", "--to-ports", str(DNS_CAPTURE_PORT))),
+        Iptables(node.netns, ("-t", "nat", "-A", "PREROUTING", "-i", "cbr0", "-j", "MESHFED_DNS")),
         Iptables(node.netns, ("-t", "nat", "-N", "MESHFED_OUTBOUND")),
         Iptables(node.netns, ("-t", "nat", "-A", "MESHFED_OUTBOUND", "-d", node.pod_gateway, "-j", "RETURN")),
         Iptables(node.netns, ("-t", "nat", "-A", "MESHFED_OUTBOUND", "-d", node.address, "-j", "RETURN")),

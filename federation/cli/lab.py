@@ -65,8 +65,12 @@ def lab() -> None:
 @state_dir_option
 @click.option("--no-ztunnel", is_flag=True, help="do not start node ztunnels and gateways")
 @click.option("--no-controller", is_flag=True, help="do not start the controller")
+@click.option("--dns-unanswered", type=click.Choice(["nxdomain", "servfail"]), default="nxdomain", show_default=True,
+              help="what the node ztunnels' DNS answers for a name the mesh does not know (the lab has no "
+                   "kube-dns and no internet to forward it to)")
 @output_option()
-def up(fleet: str, state_dir: str | None, no_ztunnel: bool, no_controller: bool, output: str) -> None:
+def up(fleet: str, state_dir: str | None, no_ztunnel: bool, no_controller: bool, dns_unanswered: str,
+       output: str) -> None:
     """Build the lab from the fleet repo and leave it running."""
     import gitops
     from clusters.lab.sandbox import SandboxUnavailable
@@ -81,7 +85,7 @@ def up(fleet: str, state_dir: str | None, no_ztunnel: bool, no_controller: bool,
     except FleetError as e:
         fail(f"the fleet repo has problems: {e}", hint=f"run `meshfed validate {path}`", code=EXIT_PROBLEMS)
     runner = _runner(state_dir, ztunnel="off" if no_ztunnel else "auto",
-                     controller="off" if no_controller else "auto")
+                     controller="off" if no_controller else "auto", dns_unanswered=dns_unanswered)
     try:
         state = runner.up_from_snapshot(snapshot, path)
     except PlanError as e:

@@ -62,6 +62,19 @@ def _age(ts: float | None) -> str:
     return f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}m" if s < 7200 else f"{s / 3600:.0f}h"
 
 
+def is_loopback_listen(listen: str) -> bool:
+    """`host:port` names a loopback address literally (no name resolution: `localhost.evil.com` is not)."""
+    import ipaddress
+
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def register(group: click.Group) -> None:
     @group.group("controller")
     def controller() -> None:
@@ -84,8 +97,9 @@ def register(group: click.Group) -> None:
     def run(repo: str, branch: str, state_dir: str, listen: str, status_listen: str, bootstrap_listen: str | None,
             ray_address: str | None, kubeconfig: str | None, insecure: bool, git_poll_s: float | None) -> None:
         """Follow the fleet repo, watch every cluster, push config to every proxy."""
-        if insecure and not listen.startswith(("127.", "localhost", "[::1]")):
-            fail("--insecure serves plaintext gRPC: only on a loopback --listen address", code=64)
+        if insecure and not is_loopback_listen(listen):
+            fail("--insecure serves plaintext gRPC: only on a loopback --listen address (127.0.0.0/8 or [::1])",
+                 code=64)
         from federation.ray.driver import ControllerOptions
         from federation.ray.driver import run as run_controller
 

@@ -61,13 +61,12 @@ def last_applied_if_gated(source: GitSource, store: AppliedRecords, head: Config
         return None
 
 
-def snapshot_for_cas(repo: str, branch: str, state_dir: str, store: AppliedRecords,
-                     now_s: float) -> ConfigSnapshot | None:
+def snapshot_for_cas(repo: str, branch: str, store: AppliedRecords, now_s: float) -> ConfigSnapshot | None:
     """The revision whose CAs a starting controller loads before it serves TLS: the branch head,
     or the last applied revision when the commit gate will reject the head (loading the head's
     CAs would switch the signer). None when the head does not load (the reconciler loads the CAs
     once a good revision arrives)."""
-    source = GitSource(repo, branch, state_dir)
+    source = GitSource(repo, branch)
     head = source.poll(now_s)
     if head is None or isinstance(head, FleetFailure):
         return None
@@ -90,12 +89,12 @@ class GitFeed:
         self._thread: threading.Thread | None = None
 
     @classmethod
-    def following(cls, repo: str, branch: str, state_dir: str, store: AppliedRecords, sink: FleetSink,
+    def following(cls, repo: str, branch: str, store: AppliedRecords, sink: FleetSink,
                   poll_interval_s: float | None = None) -> GitFeed:
         """A feed for `repo`/`branch` that, after a restart, falls back to the store's last
         applied revision while the head is bad."""
         applied = store.last_applied()
-        source = GitSource(repo, branch, state_dir, fallback_sha=applied.sha if applied else None)
+        source = GitSource(repo, branch, fallback_sha=applied.sha if applied else None)
         return cls(source, store, sink, poll_interval_s)
 
     def start(self) -> GitFeed:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from federation.controller import queries
@@ -151,7 +152,10 @@ class ReconcileService:
 
     def on_observation(self, obs: Any) -> None:
         with self._lock:
-            self.rec.on_observation(obs, self.clock())
+            # leases are judged on this clock: stamp the observation on receipt, not with the
+            # agent's node clock (an agent sends as soon as it sees a change)
+            now = self.clock()
+            self.rec.on_observation(replace(obs, observed_at_s=now), now)
         self._wake.set()
 
     def on_health(self, proxy_id: str, outcomes: Sequence[EndpointReport]) -> None:
@@ -159,10 +163,11 @@ class ReconcileService:
             self.rec.on_health(proxy_id, outcomes, self.clock())
         self._wake.set()
 
-    def on_lease(self, cluster: str, last_success_s: float) -> None:
-        """A cluster agent's heartbeat: applied by the next tick (no render needed on its own)."""
+    def on_lease(self, cluster: str, age_s: float) -> None:
+        """A cluster agent's heartbeat, "the API answered `age_s` ago", stamped with this clock (agents
+        run on other nodes with other clocks); applied by the next tick (no render on its own)."""
         with self._lock:
-            self.rec.on_lease(cluster, last_success_s)
+            self.rec.on_lease(cluster, self.clock() - max(0.0, age_s))
 
     def missing_inputs(self) -> bool:
         """True after a (re)start until a snapshot arrived: the driver then re-sends the inputs."""

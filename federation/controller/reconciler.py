@@ -211,7 +211,7 @@ class Reconciler:
     def on_lease(self, cluster: str, last_success_s: float) -> None:
         """A cluster agent's heartbeat: its API answered at `last_success_s` (no render needed: the
         periodic tick applies it before expiring leases)."""
-        self.leases[cluster] = max(last_success_s, self.leases.get(cluster, last_success_s))
+        self.leases[cluster] = last_success_s
 
     def on_health(self, proxy_id: str, outcomes: Sequence[EndpointReport], now_s: float | None = None) -> None:
         now = self.clock() if now_s is None else now_s
@@ -432,10 +432,13 @@ class CoreRender:
         rebuilt = inp.snapshot.revision.sha != self._revision or self._engine is None
         previous = self._engine if rebuilt else None
         if rebuilt:
+            # build everything first, then switch at once: a failure half-way (the CA roots come
+            # over a Ray call) must not leave a new engine next to the old renderer
             graph = EndpointGraph(inp.snapshot)
-            self._engine = FailoverEngine(inp.snapshot, graph, TrustGraph(inp.snapshot))
+            engine = FailoverEngine(inp.snapshot, graph, TrustGraph(inp.snapshot))
             roots = self.bundle_roots(inp.snapshot) if self.bundle_roots else {}
-            self._renderer = Renderer(self._engine, 1, roots)
+            renderer = Renderer(engine, 1, roots)
+            self._engine, self._renderer = engine, renderer   # (until here the previous pair stays whole)
             self._revision, self._seen = inp.snapshot.revision.sha, {}
         change = GraphChange()
         observed: list[str] = []

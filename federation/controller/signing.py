@@ -226,15 +226,20 @@ class SigningPolicy:
         from federation.controller.ca import CaStateDir
 
         cadir = CaStateDir(self.state_dir)
-        self.cluster_tds = {name: str(c.trust_domain) for name, c in snap.clusters.items()}
-        self.trust_domains = dict(snap.trust_domains)
+        cas: dict[str, Any] = {}
         out: dict[str, tuple[str, ...]] = {}
         for name, td in sorted(snap.trust_domains.items()):
             ca = cadir.load_or_create(td)
             if ca is None:
                 continue
-            self.cas[name] = ca
+            cas[name] = ca
             out[name] = tuple(c for c in ca.trust_bundle().roots_pem)
+        # all or nothing: a failure above leaves the previous revision's CAs and cluster map in force;
+        # trust domains the snapshot no longer has stop signing
+        self.cas = cas
+        self.cluster_tds = {name: str(c.trust_domain) for name, c in snap.clusters.items()}
+        self.trust_domains = dict(snap.trust_domains)
+        for name, ca in sorted(cas.items()):
             for cert in ca.authorities:
                 self.ledger.record_ca_root(name, cert.subject.rfc4514_string(), cert.fingerprint(SHA256()).hex(),
                                            cert.not_valid_after_utc.timestamp())

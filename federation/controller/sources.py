@@ -17,8 +17,12 @@ them directly. An agent hands its observations to a callback as *bytes* (`federa
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,14 +45,20 @@ class FleetFailure:
 class GitSource:
     """Follows the fleet repo. `poll(now_s)` returns a new snapshot, a failure, or None."""
 
-    def __init__(self, repo: str, branch: str = "main", state_dir: str | None = None,
-                 fallback_sha: str | None = None) -> None:
-        from gitops.watch import BranchFollower, default_mirror_dir
+    def __init__(self, repo: str, branch: str = "main", fallback_sha: str | None = None) -> None:
+        from gitops.watch import BranchFollower
 
         self.repo, self.branch = repo, branch
         is_url = "://" in repo or repo.startswith("git@")
         self.worktree = not is_url and not (Path(repo) / ".git").exists() and not (Path(repo) / "HEAD").exists()
-        mirror = default_mirror_dir(state_dir, "fleet") if (is_url and state_dir) else None
+        mirror = None
+        if is_url:
+            # the bare mirror of a URL is a cache, not state: the Git source may run on any Ray node
+            # and only the state owner's node holds the state directory. A private temporary
+            # directory per source (0700), removed with it; fleet repos are small to fetch again.
+            tmp = tempfile.mkdtemp(prefix="meshfed-fleet-mirror-")
+            weakref.finalize(self, shutil.rmtree, tmp, True)
+            mirror = os.path.join(tmp, "fleet.git")
         self.follower = BranchFollower(repo, branch, mirror_dir=mirror)
         self.snapshot: ConfigSnapshot | None = None
         self._reported_failure: tuple[str, str] | None = None
@@ -180,7 +190,7 @@ def agent_specs(fleet_clusters: Mapping[str, Mapping[str, Any]], default_kubecon
 
 class ClusterAgent:
     """Discovery + lease for one cluster. `start(send, send_lease)` calls `send(bytes)` with encoded
-    observations and `send_lease(cluster, last_success_s)` with heartbeats.
+    observations and `send_lease(cluster, age_s)` with heartbeats (how long ago the API last answered).
 
     The lease must not depend on watch churn: a quiet cluster produces no events, and a watch that
     ends without change produces no observation. So a heartbeat thread runs every `ttl/3`: when no
@@ -243,6 +253,8 @@ class ClusterAgent:
 
         now = self.clock()
         lapsed = not self.lease.valid(now)
+        if self.discovery.failing_kinds():
+            return  # a kind we cannot list or watch: we do not see the cluster; let the lease run out
         last = self.discovery.last_success_s
         if last is None or now - last >= self.heartbeat_interval_s:
             try:
@@ -250,17 +262,20 @@ class ClusterAgent:
                 self.probes += 1
             except DiscoveryError:
                 return  # the API does not answer: let the lease run out
+        if lapsed:
+            # recovering takes a complete, fresh view (a LIST of every kind), not the cache
+            try:
+                obs = self.discovery.list_all()
+            except DiscoveryError:
+                return
+            self._on_change(obs)
         self.renew_from_discovery()
         renewed = self.lease.renewed_at_s
         if renewed is None:
             return
-        if lapsed and self.lease.valid(self.clock()):
-            with self._cv:
-                if self._latest is None:
-                    self._latest = self.discovery.observation()
-                    self._cv.notify()
         if self._send_lease is not None:
-            self._send_lease(self.cluster, renewed)
+            # an age, not a timestamp: the reconciler may run on another node with another clock
+            self._send_lease(self.cluster, max(0.0, self.clock() - renewed))
             self.heartbeats += 1
 
     def _send_loop(self) -> None:

@@ -148,7 +148,7 @@ class EndpointGraph:
         self._by_service: dict[tuple[str, str], dict[str, dict[EndpointKey, EndpointNode]]] = {}
         self._by_node: dict[tuple[str, str], dict[EndpointKey, EndpointNode]] = {}
         # (cluster, namespace, name) -> the Service's clusterIP in that cluster: what its apps dial
-        # (hosts files / DNS), so the proxies of that cluster render it as the service's VIP.
+        # (the node proxies' DNS answers with it), so the proxies of that cluster render it as the service's VIP.
         self.cluster_ips: dict[tuple[str, str, str], str] = {}
         self._load_snapshot(snapshot)
 

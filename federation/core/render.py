@@ -165,7 +165,7 @@ class Renderer:
     # --- pieces -------------------------------------------------------------------------------
 
     def _vip(self, key: ServiceKey, cluster: str) -> str:
-        """The viewer cluster's apps dial the Service's clusterIP there (hosts files, DNS), so that
+        """The viewer cluster's apps dial the Service's clusterIP there (through the DNS responder of its node proxy), so that
         is the VIP its proxies capture; the allocated VIP when the cluster has no such Service."""
         return (self.engine.graph.cluster_ips.get((cluster, key.namespace, key.name))
                 or self.vips[self.engine.policies[key].hostname])

@@ -105,8 +105,8 @@ class ReconcilerHost:
     def on_health(self, proxy_id: str, blob: bytes) -> None:
         self.service.on_health(proxy_id, decode_health_report(blob))
 
-    def on_lease(self, cluster: str, last_success_s: float) -> None:
-        self.service.on_lease(cluster, last_success_s)
+    def on_lease(self, cluster: str, age_s: float) -> None:
+        self.service.on_lease(cluster, age_s)
 
     def missing_inputs(self) -> bool:
         return self.service.missing_inputs()
@@ -138,9 +138,9 @@ class ReconcilerHost:
 
 
 class GitSourceHost:
-    def __init__(self, repo: str, branch: str, state_dir: str, reconciler: Any, config_server: Any,
+    def __init__(self, repo: str, branch: str, reconciler: Any, config_server: Any,
                  poll_interval_s: float | None) -> None:
-        self.feed = GitFeed.following(repo, branch, state_dir, RemoteStore(config_server),
+        self.feed = GitFeed.following(repo, branch, RemoteStore(config_server),
                                       RemoteReconciler(reconciler), poll_interval_s).start()
 
     def trigger(self) -> None:

@@ -35,7 +35,13 @@ from federation.controller.queries import assemble_status
 from federation.controller.sources import AgentSpec, agent_specs
 from federation.controller.wire import decode_json, encode_snapshot
 from federation.ray.actors import ClusterAgentActor, ConfigServerActor, GitSourceActor, ReconcilerActor
-from federation.ray.placement import Placement, current_node_id, state_owner_options
+from federation.ray.placement import (
+    Placement,
+    agent_node,
+    alive_node_ids,
+    current_node_id,
+    state_owner_options,
+)
 from federation.ray.remote import RemoteStore
 
 
@@ -101,13 +107,13 @@ class Controller:
             self.opts.debounce_after_s, self.opts.debounce_max_s, self.config_server)
         if not self.opts.insecure:
             # TLS needs the CAs before the server starts: load the fleet once here, synchronously
-            snap = snapshot_for_cas(str(self.opts.repo), self.opts.branch, self.state_dir, self._store, time.time())
+            snap = snapshot_for_cas(str(self.opts.repo), self.opts.branch, self._store, time.time())
             if snap is not None:
                 ray.get(self.config_server.ensure_cas.remote(encode_snapshot(snap)))
         self.port, self.bootstrap_port = (int(p) for p in ray.get(self.config_server.start.remote(
             self.opts.listen, self.reconciler, self.opts.bootstrap_listen)))
         self.git = GitSourceActor.options(**place.options("git")).remote(
-            str(self.opts.repo), self.opts.branch, self.state_dir, self.reconciler, self.config_server,
+            str(self.opts.repo), self.opts.branch, self.reconciler, self.config_server,
             self.opts.git_poll_interval_s)
         from federation.server.status_api import StatusServer
 
@@ -172,13 +178,15 @@ class Controller:
 
     def _ensure_agents(self, fleet_clusters: dict[str, Any]) -> None:
         wanted = agent_specs(fleet_clusters, self.kubeconfig, self.opts.watch_timeout_s)
+        nodes = alive_node_ids() if any(self.agent_specs.get(n) != s for n, s in wanted.items()) else []
         for name, spec in wanted.items():
             if self.agent_specs.get(name) != spec:
                 old = self.agents.pop(name, None)
                 if old is not None:
                     old.stop.remote()
                     ray.kill(old)
-                self.agents[name] = ClusterAgentActor.options(**self.opts.placement.options("agent")).remote(
+                prefer = agent_node(name, list(wanted), nodes)
+                self.agents[name] = ClusterAgentActor.options(**self.opts.placement.options("agent", prefer)).remote(
                     *spec.args(), self.reconciler)
                 self.agent_specs[name] = spec
         for name in set(self.agents) - set(wanted):

@@ -7,9 +7,13 @@ and the actor stays pending rather than starting empty elsewhere). Nothing else 
 directory: the reconciler, the Git source and the driver reach the store through the owner
 (`federation.ray.remote.RemoteStore`).
 
-Every other actor may run anywhere. By default they are spread over the cluster's nodes
-(`SPREAD`: discovery and rendering load off the driver's node); `Placement.resources` pins a role
-to nodes offering a custom resource instead (`{"reconciler": {"big-node": 0.01}}`).
+Every other actor may run anywhere. By default the reconciler and the Git source are spread
+(`SPREAD`, best effort) and the cluster agents are dealt round-robin over the alive nodes with a
+*soft* node affinity (`agent_node`): Ray's SPREAD puts zero-CPU actors wherever it likes — all on
+one node, seen in CI — while the agents are exactly the load worth spreading (one watch set per
+cluster), and a soft affinity still lets Ray place an agent elsewhere when its node goes away.
+`Placement.resources` pins a role to nodes offering a custom resource instead
+(`{"reconciler": {"big-node": 0.01}}`).
 """
 
 from __future__ import annotations
@@ -51,9 +55,25 @@ class Placement:
             raise ValueError(f"placement for unknown role(s) {sorted(unknown)}: the roles are {', '.join(ROLES)} "
                              f"(the state owner is always pinned to the driver's node)")
 
-    def options(self, role: str) -> dict[str, Any]:
+    def options(self, role: str, node_id: str | None = None) -> dict[str, Any]:
+        """Actor options for `role`; `node_id` (agents: `agent_node`) is a soft preference."""
         assert role in ROLES, role
         wanted = self.resources.get(role)
         if wanted:
             return {"resources": dict(wanted)}
+        if node_id is not None:
+            return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node_id, soft=True)}
         return {"scheduling_strategy": "SPREAD"}
+
+
+def agent_node(cluster: str, clusters: list[str], node_ids: list[str]) -> str | None:
+    """The node an agent should prefer: clusters in name order dealt over the alive nodes in id
+    order (pure; stable while the fleet and the nodes stay the same)."""
+    if not node_ids or cluster not in clusters:
+        return None
+    nodes = sorted(node_ids)
+    return nodes[sorted(clusters).index(cluster) % len(nodes)]
+
+
+def alive_node_ids() -> list[str]:
+    return [str(n["NodeID"]) for n in ray.nodes() if n.get("Alive")]

@@ -101,9 +101,9 @@ class RemoteReconciler:
     def on_observation(self, blob: bytes) -> None:
         ray.get(self.handle.on_observation.remote(blob))
 
-    def on_lease(self, cluster: str, last_success_s: float) -> None:
-        """A cluster agent's heartbeat (see `ClusterAgent`)."""
-        ray.get(self.handle.on_lease.remote(cluster, last_success_s))
+    def on_lease(self, cluster: str, age_s: float) -> None:
+        """A cluster agent's heartbeat (see `ClusterAgent`): the API answered `age_s` ago."""
+        ray.get(self.handle.on_lease.remote(cluster, age_s))
 
 
 class RemoteConfigServer:

@@ -7,12 +7,17 @@ Both ztunnels run as `python -m ztunnel` with exactly the argv the lab builds
 (`clusters.lab.commands.proxy_argv`), so a mismatch between the lab's flags and the proxy's CLI fails here. The destination pod carries
 the PROXY v2 label, so the demo server reports the *verified* caller identity it got in TLV 0xD0.
 The VIP the client dials exists nowhere on the network: only the capture can answer it.
+
+DNS takes the same path: the client pod's resolv.conf (as kubelet writes it) names a nameserver
+that exists nowhere either; the node's capture rules send its udp/tcp 53 to node-a's ztunnel DNS
+responder, which answers the global name with the VIP. The pod has no hosts file entry for it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -44,6 +49,8 @@ CLIENT = topo.Pod("lab", "na", "client", POD_A, topo.ident(TD, "shop", "client")
 SERVER = topo.Pod("lab", "nb", "server", POD_B, topo.ident(TD, "shop", "server"), namespace="shop",
                   node_address=NODE_B, labels={PROXY_LABEL: "v2"})
 HOST = "demo.shop.svc.clusterset.local"
+NAMESERVER = "10.77.100.53"  # the "cluster DNS" in the pod's resolv.conf: nothing listens there
+RESOLV_CONF = f"search shop.svc.cluster.local svc.cluster.local cluster.local\nnameserver {NAMESERVER}\noptions ndots:5\n"
 
 GET = r"""
 import json, socket, sys
@@ -78,6 +85,7 @@ def veth(a_ns: str, a_if: str, a_cidr: str, b_ns: str, b_if: str, b_cidr: str) -
 def cleanup_netns() -> None:
     for ns in NS.values():
         sh("ip", "netns", "del", ns, check=False)
+        shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
 
 
 @dataclass
@@ -110,6 +118,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         for ns in NS.values():
             sh("ip", "netns", "add", ns)
             sh("ip", "-n", ns, "link", "set", "lo", "up")
+        # the client pod's resolver, as kubelet writes it (`ip netns exec` binds it over /etc/resolv.conf)
+        (Path("/etc/netns") / NS["pa"]).mkdir(parents=True, exist_ok=True)
+        (Path("/etc/netns") / NS["pa"] / "resolv.conf").write_text(RESOLV_CONF)
         # the node side of the pod link is named cbr0, as the lab's bridge, so capture_rules apply as is
         veth(NS["pa"], "eth0", f"{POD_A}/24", NS["na"], "cbr0", f"{CBR_A}/24")
         veth(NS["na"], "eth1", f"{NODE_A}/24", NS["nb"], "eth1", f"{NODE_B}/24")
@@ -221,3 +232,51 @@ def test_admin_listens_on_loopback_inside_the_node(lab: Lab) -> None:
               "import urllib.request\n"
               "print(urllib.request.urlopen('http://127.0.0.1:15021/ready', timeout=3).read().decode())")
     assert r.stdout.strip() == "ready"
+
+
+DNS_PROBE = r"""
+import json, socket, sys
+import dns.flags, dns.message, dns.query, dns.rcode
+host, ns = sys.argv[1], sys.argv[2]
+out = {"hosts_mentions_it": host in open("/etc/hosts").read(), "resolv_conf": open("/etc/resolv.conf").read(),
+       "getaddrinfo": sorted({a[4][0] for a in socket.getaddrinfo(host, 80, proto=socket.IPPROTO_TCP)})}
+try:
+    socket.getaddrinfo("nothing.example", 80)
+    out["unknown"] = "resolved"
+except socket.gaierror as e:
+    out["unknown"] = e.errno == socket.EAI_NONAME
+for transport, ask in (("udp", dns.query.udp), ("tcp", dns.query.tcp)):
+    a = ask(dns.message.make_query(host + ".", "A"), ns, timeout=5)
+    aaaa = ask(dns.message.make_query(host + ".", "AAAA"), ns, timeout=5)
+    nx = ask(dns.message.make_query("nothing.example.", "A"), ns, timeout=5)
+    out[transport] = {"a": [r.to_text() for rr in a.answer for r in rr], "ttl": a.answer[0].ttl if a.answer else None,
+                      "aa": bool(a.flags & dns.flags.AA), "aaaa_rcode": dns.rcode.to_text(aaaa.rcode()),
+                      "aaaa_answers": len(aaaa.answer), "unknown_rcode": dns.rcode.to_text(nx.rcode())}
+print(json.dumps(out))
+"""
+
+
+def test_a_pod_resolves_a_global_name_through_its_nodes_dns_responder_and_calls_it(lab: Lab) -> None:
+    r = in_ns(NS["pa"], sys.executable, "-c", DNS_PROBE, HOST, NAMESERVER)
+    got = json.loads(r.stdout)
+    assert got["resolv_conf"] == RESOLV_CONF and not got["hosts_mentions_it"], "DNS, not a hosts file"
+    assert got["getaddrinfo"] == [VIP]
+    assert got["unknown"] is True, "a name the mesh does not know: NXDOMAIN in the lab (no upstream)"
+    for transport in ("udp", "tcp"):
+        assert got[transport] == {"a": [VIP], "ttl": 30, "aa": True, "aaaa_rcode": "NOERROR", "aaaa_answers": 0,
+                                  "unknown_rcode": "NXDOMAIN"}, transport
+    # and the name is callable: resolved by DNS, captured by iptables, carried over HBONE
+    answer = get_from_pod(HOST, 80)
+    body = answer["body"]
+    assert isinstance(body, dict)
+    assert answer["status"] == 200 and body["pod"] == "server" and body["peer_identity"] == CLIENT.identity
+    dump = json.loads(in_ns(NS["na"], sys.executable, "-c",
+                            "import urllib.request\n"
+                            "print(urllib.request.urlopen('http://127.0.0.1:15021/config_dump', timeout=3)"
+                            ".read().decode())").stdout)
+    assert dump["dns"]["stats"]["mesh"] >= 3 and dump["dns"]["upstreams"] == []
+    metrics = in_ns(NS["na"], sys.executable, "-c",
+                    "import urllib.request\n"
+                    "print(urllib.request.urlopen('http://127.0.0.1:15021/metrics', timeout=3).read().decode())").stdout
+    mesh = [ln for ln in metrics.splitlines() if ln.startswith('meshfed_dns_queries_total{outcome="mesh"}')]
+    assert mesh and float(mesh[0].split()[-1]) >= 3, metrics[-2000:]

@@ -4,6 +4,9 @@ One lab for the module (module-scoped fixture, ~1 min to converge on the 2-core 
 run in file order and each leaves the lab healthy for the next. What is proven:
 
 - every proxy gets certificates and config from the controller and reports SYNCED;
+- each cluster's frontend resolves checkout.shop.svc.clusterset.local through its node ztunnel's
+  DNS responder (kubelet's resolv.conf, no hosts file) to its cluster's VIP; every request below
+  dials that name, so every one of them resolves it that way;
 - a request from each cluster reaches checkout in every other cluster through the east-west
   gateways with end-to-end mTLS: the echo reports the caller's SPIFFE ID in its own trust domain;
 - the AuthorizationPolicy (only frontend may call checkout) refuses a caller with another
@@ -107,6 +110,32 @@ def test_every_proxy_is_synced_at_the_fleet_revision(fed: LabFederation) -> None
     assert len(st["proxies"]) == fed.proxy_count() == 9
     assert {p["sync"] for p in st["proxies"]} == {"SYNCED"}
     assert {p["acked_revision"] for p in st["proxies"]} == {desired}
+
+
+DNS_PROBE = r"""
+import json, socket, sys
+import dns.message, dns.query, dns.rcode
+host = sys.argv[1]
+ns = next(l.split()[1] for l in open("/etc/resolv.conf") if l.startswith("nameserver"))
+a = dns.query.udp(dns.message.make_query(host + ".", "A"), ns, timeout=5)
+aaaa = dns.query.tcp(dns.message.make_query(host + ".", "AAAA"), ns, timeout=5)
+print(json.dumps({"resolved": socket.gethostbyname(host), "hosts_file_has_it": host in open("/etc/hosts").read(),
+                  "a": [r.to_text() for rr in a.answer for r in rr], "ttl": [rr.ttl for rr in a.answer],
+                  "aaaa": [dns.rcode.to_text(aaaa.rcode()), len(aaaa.answer)]}))
+"""
+
+
+def test_each_frontend_resolves_the_global_name_through_its_nodes_dns_responder(fed: LabFederation) -> None:
+    from chaos.demo import SERVICE_HOST
+
+    for c in fed.clusters:
+        lab_cluster = next(x for x in fed.lab["clusters"] if x["name"] == c)
+        vip = next(s["cluster_ip"] for s in lab_cluster["services"] if s["name"] == "checkout")
+        res = fed.runner.exec(fed.client_pod(c), [sys.executable, "-c", DNS_PROBE, SERVICE_HOST])
+        got = json.loads(res.stdout)
+        assert got == {"resolved": vip, "hosts_file_has_it": False, "a": [vip], "ttl": [30], "aaaa": ["NOERROR", 0]}, c
+    dump = fed.proxy_config("node:east/node-1")  # the frontend's node: it answered
+    assert dump["dns"]["stats"]["mesh"] >= 2 and dump["dns"]["upstreams"] == []
 
 
 def test_each_proxy_bootstrapped_with_its_own_pods_service_account_token(fed: LabFederation) -> None:

@@ -2,7 +2,7 @@
 
 What is proven here: the topology (connectivity inside a cluster, no route between clusters
 except through a gateway, pods off the WAN), the emulated APIs following the processes (the lab
-plays kubelet), hosts files, faults (kill → Failed/not ready, silent partition → timeouts, heal),
+plays kubelet), pods' resolv.conf (no hosts files), faults (kill → Failed/not ready, silent partition → timeouts, heal),
 behaviour switching, the fleet repo over Git with push detection, and that `down` leaves nothing.
 """
 
@@ -147,13 +147,18 @@ def test_only_the_gateway_path_crosses_clusters(lab: tuple[LabRunner, dict[str, 
         runner.reap("fwd")
 
 
-def test_hosts_files_resolve_clusterset_names_to_the_service_vip(lab: tuple[LabRunner, dict[str, Any]]) -> None:
+def test_pods_get_kubelets_resolv_conf_and_no_hosts_file(lab: tuple[LabRunner, dict[str, Any]]) -> None:
+    """Global names resolve through DNS (the node ztunnel's responder, proven in test_e2e and
+    test_dataplane_capture), never through a hosts file: a pod's /etc/hosts knows none of them,
+    and its resolver is the cluster DNS address of the service range (.10) with kubelet's search list."""
     runner, state = lab
     res = runner.exec("pod:west/shop/frontend-0",
-                      [PY, "-c", "import socket;print(socket.gethostbyname('checkout.shop.svc.clusterset.local'))"])
+                      [PY, "-c", "print(open('/etc/resolv.conf').read() + '---' + open('/etc/hosts').read())"])
+    resolv, _, hosts = res.stdout.partition("---")
     west = next(c for c in state["clusters"] if c["name"] == "west")
-    vip = next(s["cluster_ip"] for s in west["services"] if s["name"] == "checkout")
-    assert res.stdout.strip() == vip
+    assert resolv.splitlines() == ["search shop.svc.cluster.local svc.cluster.local cluster.local",
+                                   f"nameserver {west['dns_address']}", "options ndots:5"]
+    assert "clusterset.local" not in hosts and "svc.cluster.local" not in hosts
 
 
 def _api_objects(state: dict[str, Any], cluster: str, path: str) -> list[dict[str, Any]]:

@@ -36,7 +36,7 @@ the access log) why.
 
 from __future__ import annotations
 
-import fnmatch
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -78,21 +78,20 @@ def _istio_principal(principal: str) -> str:
     return principal.removeprefix("spiffe://")
 
 
-def _match_value(pattern: str, value: str) -> bool:
+def match_value(pattern: str, value: str) -> bool:
+    """Istio's string match: `*` is the only wildcard (a run of any characters); everything else,
+    `?` and `[` included, is literal."""
     if pattern == "*":
         return bool(value)
     if "*" in pattern:
-        return fnmatch.fnmatchcase(value, pattern.replace("[", "[[]"))
+        literal = [re.escape(part) for part in pattern.split("*")]
+        return re.fullmatch(".*".join(literal), value, re.DOTALL) is not None
     return pattern == value
-
-
-def _any(patterns: Iterable[str], value: str) -> bool:
-    return any(_match_value(p, value) for p in patterns)
 
 
 def _principal_match(patterns: Iterable[str], principal: str) -> bool:
     short = _istio_principal(principal)
-    return any(_match_value(_istio_principal(p), short) for p in patterns) if short else False
+    return any(match_value(_istio_principal(p), short) for p in patterns) if short else False
 
 
 def namespace_matches(pattern: str, peer: Peer, local_trust_domain: str) -> bool:
@@ -101,8 +100,8 @@ def namespace_matches(pattern: str, peer: Peer, local_trust_domain: str) -> bool
     if not peer.namespace:
         return False
     if "/" in pattern:
-        return _match_value(pattern, peer.qualified_namespace)
-    return peer.trust_domain == local_trust_domain and _match_value(pattern, peer.namespace)
+        return match_value(pattern, peer.qualified_namespace)
+    return peer.trust_domain == local_trust_domain and match_value(pattern, peer.namespace)
 
 
 def _any_namespace(patterns: Iterable[str], peer: Peer, local_trust_domain: str) -> bool:

@@ -19,6 +19,7 @@ fix. Secrets are bounded in size so a huge file cannot exhaust memory.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import stat
@@ -50,7 +51,11 @@ def secret_writer(path: str | os.PathLike[str], mode: int = 0o600) -> Iterator[B
     tmp = parent / f".{target.name}.{secrets.token_hex(8)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
-        os.fchmod(fd, mode)  # the umask may have masked the creation mode
+        try:
+            os.fchmod(fd, mode)  # the umask may have masked the creation mode
+        except BaseException:
+            os.close(fd)
+            raise
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -66,9 +71,10 @@ def read_secret(path: str | os.PathLike[str], max_bytes: int = MAX_SECRET_BYTES)
     """The content of a secret file written by `write_secret` (or an operator, as carefully)."""
     p = Path(path)
     try:
-        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO planted at the name must not block the reader (regular files ignore it)
+        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as e:
-        if e.errno == 40:  # ELOOP: the final component is a symlink
+        if e.errno == errno.ELOOP:  # the final component is a symlink
             raise SecretFileError(f"{p} is a symlink; secrets are read from regular files only: "
                                   f"replace the link with the file itself") from None
         raise
@@ -106,7 +112,12 @@ def make_private_dir(path: str | os.PathLike[str]) -> Path:
     st = os.lstat(p)
     if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
         raise SecretFileError(f"{p} must be a real directory, not a link or a file; move it away")
-    if stat.S_IMODE(st.st_mode) & 0o077 and st.st_uid == os.geteuid():
+    if st.st_uid != os.geteuid():
+        # someone else's directory (e.g. pre-created in a shared /tmp): whatever we write or read
+        # there, they control — refuse rather than tighten it
+        raise SecretFileError(f"{p} is owned by uid {st.st_uid}, not {os.geteuid()}; remove it or choose "
+                              f"another directory")
+    if stat.S_IMODE(st.st_mode) & 0o077:
         os.chmod(p, 0o700)
     return p
 

@@ -7,7 +7,8 @@ Metrics use Istio's data-plane names and labels so existing dashboards work:
 `destination_principal`, `source_cluster`, `destination_cluster`, `connection_security_policy`.
 Label values come from config (workloads, services, identities), never from peers' free text, so
 cardinality is bounded by the config. Outlier detection adds `meshfed_endpoint_ejections_total`,
-`meshfed_endpoint_ejected` (gauge) and `meshfed_endpoint_outcomes_total` per endpoint of a service.
+`meshfed_endpoint_ejected` (gauge) and `meshfed_endpoint_outcomes_total` per endpoint of a service;
+the DNS responder `meshfed_dns_queries_total` by outcome (a fixed set).
 Each proxy gets its own `CollectorRegistry` (several proxies can share a test process);
 `_created` series are disabled (prometheus-client adds them by default).
 
@@ -74,6 +75,9 @@ class Telemetry:
                                 ("destination_service", "endpoint", "outcome"), registry=r)
         self.refused = Counter("meshfed_connections_refused", "Connections refused by the proxy",
                                ("reporter", "reason"), registry=r)
+        self.dns = Counter("meshfed_dns_queries", "DNS queries of pods, by what the node proxy did with them "
+                           "(mesh, nodata, unanswered, forwarded, upstream_answered, servfail, truncated, ...)",
+                           ("outcome",), registry=r)
         self.access_log = access_log
 
     def conn_opened(self, labels: ConnLabels) -> None:
@@ -96,6 +100,9 @@ class Telemetry:
 
     def endpoint_unejected(self, service: str, endpoint: str) -> None:
         self.ejected.labels(service, endpoint).set(0)
+
+    def dns_query(self, outcome: str) -> None:
+        self.dns.labels(outcome).inc()
 
     def refusal(self, reporter: str, reason_code: str) -> None:
         self.refused.labels(reporter, reason_code).inc()

@@ -306,10 +306,8 @@ class ProxyBase:
                     return i
             svc = self.state.indexes.services_by_host.get(server_name)
             if svc is not None:
-                local = self.state.indexes.local_workloads_by_address
-                for e in svc.endpoints:
-                    w = local.get(e.address)
-                    if w is not None and self.creds.has(w.identity):
+                for w, _ in self.state.indexes.local_endpoints(svc):
+                    if self.creds.has(w.identity):
                         return w.identity
         return ids[0]
 

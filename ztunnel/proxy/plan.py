@@ -94,8 +94,7 @@ def plan_inbound(cfg: ProxyConfig, ix: Any, authority: str, peer_identity: str,
         pm = next((p for p in svc.ports if p.port == port), None)
         if pm is None:
             return InboundPlan(None, None, 404, f"service {host} has no port {port}")
-        local = [(ix.local_workloads_by_address[e.address], e.port) for e in svc.endpoints
-                 if e.address in ix.local_workloads_by_address]
+        local = [(w, e.port) for w, e in ix.local_endpoints(svc)]
         if not local:
             return InboundPlan(None, None, 503, f"no endpoint of {host} on this node")
         w, target_port = (pick or (lambda xs: xs[0]))(local)

@@ -154,20 +154,28 @@ class ApplyResult:
 
 @dataclass(slots=True)
 class Indexes:
-    """Lookups the proxies do per connection, rebuilt on every apply."""
+    """Lookups the proxies do per connection, rebuilt on every apply.
 
+    An IP address names a workload only within a network: clusters on different networks may use
+    the same pod CIDRs (kind gives every cluster 10.244.0.0/16), as in Istio multi-network. So the
+    address-keyed tables hold only what this proxy can reach by address — the workloads and
+    endpoints of its own network (and its own node's pods) — and an endpoint is matched to a local
+    workload by its uid, never by its address."""
+
+    network: str = ""
     services_by_vip: dict[tuple[str, int], Service] = field(default_factory=dict)
     services_by_host: dict[str, Service] = field(default_factory=dict)
-    workloads_by_address: dict[str, Workload] = field(default_factory=dict)
+    workloads_by_address: dict[str, Workload] = field(default_factory=dict)   # this network's
     local_workloads_by_address: dict[str, Workload] = field(default_factory=dict)
+    local_workloads_by_uid: dict[str, Workload] = field(default_factory=dict)
     workloads_by_uid: dict[str, Workload] = field(default_factory=dict)
     # first workload presenting an identity (source labels of inbound connections)
     workloads_by_identity: dict[str, Workload] = field(default_factory=dict)
     # hostname of the first service a *local* workload is an endpoint of (destination_service label)
     service_of_local_workload: dict[str, str] = field(default_factory=dict)
     services: tuple[Service, ...] = ()
-    # pod IP -> an endpoint with an HBONE address (dialing a pod IP directly); built on first use,
-    # so a node that never dials pod IPs pays no memory per remote endpoint for it
+    # pod IP -> an endpoint of this network with an HBONE address (dialing a pod IP directly); built
+    # on first use, so a node that never dials pod IPs pays no memory per remote endpoint for it
     _endpoints_by_address: dict[str, Endpoint] | None = None
 
     def find_endpoint_by_address(self, address: str) -> Endpoint | None:
@@ -176,9 +184,14 @@ class Indexes:
             table = self._endpoints_by_address = {}
             for s in self.services:
                 for e in s.endpoints:
-                    if e.address and e.hbone_address:
+                    if e.address and e.hbone_address and e.network == self.network:
                         table.setdefault(e.address, e)
         return table.get(address)
+
+    def local_endpoints(self, svc: Service) -> list[tuple[Workload, Endpoint]]:
+        """The endpoints of `svc` that are pods on this node (by workload uid)."""
+        local = self.local_workloads_by_uid
+        return [(local[e.workload_uid], e) for e in svc.endpoints if e.workload_uid in local]
 
 
 def node_name(cfg: ProxyConfig) -> str:
@@ -187,24 +200,25 @@ def node_name(cfg: ProxyConfig) -> str:
 
 
 def build_indexes(cfg: ProxyConfig) -> Indexes:
-    ix = Indexes()
+    ix = Indexes(network=cfg.network)
     node = node_name(cfg)
     for w in cfg.workloads:
-        ix.workloads_by_address[w.address] = w
+        local = cfg.mode is ProxyMode.NODE and w.cluster == cfg.cluster and w.node == node
+        if local or w.network == cfg.network:
+            ix.workloads_by_address[w.address] = w
         ix.workloads_by_uid[w.uid] = w
         ix.workloads_by_identity.setdefault(w.identity, w)
-        if cfg.mode is ProxyMode.NODE and w.cluster == cfg.cluster and w.node == node:
+        if local:
             ix.local_workloads_by_address[w.address] = w
+            ix.local_workloads_by_uid[w.uid] = w
     for s in cfg.services:
         ix.services_by_host[s.hostname] = s
         if s.vip:
             for p in s.ports:
                 ix.services_by_vip[(s.vip, p.port)] = s
-        local = ix.local_workloads_by_address
-        if local:
-            for e in s.endpoints:
-                if e.address in local:
-                    ix.service_of_local_workload.setdefault(e.workload_uid, s.hostname)
+        if ix.local_workloads_by_uid:
+            for _, e in ix.local_endpoints(s):
+                ix.service_of_local_workload.setdefault(e.workload_uid, s.hostname)
     ix.services = cfg.services
     return ix
 

@@ -50,7 +50,7 @@ def run_quiet(kubeconfig: Path, heartbeat_interval_s: float | None, duration_s: 
     agent = ClusterAgent("east", str(kubeconfig), "lab-east", lease_ttl_s=TTL_S, watch_timeout_s=int(TTL_S),
                          heartbeat_interval_s=heartbeat_interval_s)
     agent.start(lambda blob: rec.on_observation(decode_observation(blob), time.time()),
-                lambda cluster, at_s: rec.on_lease(cluster, at_s))
+                lambda cluster, age_s: rec.on_lease(cluster, time.time() - age_s))
     try:
         deadline = time.monotonic() + duration_s
         while time.monotonic() < deadline:
@@ -87,7 +87,7 @@ def test_a_silent_api_server_still_expires(east_api: tuple[EmulatedApiServer, Pa
     rec.on_snapshot(snap, time.time())
     agent = ClusterAgent("east", str(kubeconfig), "lab-east", lease_ttl_s=TTL_S, watch_timeout_s=int(TTL_S))
     agent.start(lambda blob: rec.on_observation(decode_observation(blob), time.time()),
-                lambda cluster, at_s: rec.on_lease(cluster, at_s))
+                lambda cluster, age_s: rec.on_lease(cluster, time.time() - age_s))
     events: list[Any] = []
     try:
         deadline = time.monotonic() + 10
@@ -105,3 +105,37 @@ def test_a_silent_api_server_still_expires(east_api: tuple[EmulatedApiServer, Pa
     finally:
         agent.stop()
     assert render.engine.lease_state("east") is LeaseState.EXPIRED
+
+
+def test_an_api_that_answers_version_but_refuses_a_kind_loses_the_lease(east_api: tuple[EmulatedApiServer, Path]) -> None:
+    """Review finding: the heartbeat must not renew a cluster whose EndpointSlices we can no longer
+    see (RBAC taken away) just because `GET /version` still answers."""
+    srv, kubeconfig = east_api
+    snap = f.fleet(clusters=f.CLUSTERS[:1], lease_ttl_s=TTL_S)
+    render = CoreRender()
+    rec = Reconciler(render, push=lambda _configs: None, warmup_max_s=0.0)
+    rec.on_snapshot(snap, time.time())
+    agent = ClusterAgent("east", str(kubeconfig), "lab-east", lease_ttl_s=TTL_S, watch_timeout_s=1)
+    agent.start(lambda blob: rec.on_observation(decode_observation(blob), time.time()),
+                lambda cluster, age_s: rec.on_lease(cluster, time.time() - age_s))
+    try:
+        deadline = time.monotonic() + 10
+        while render.engine is None or "east" not in rec.observations:
+            assert time.monotonic() < deadline, "no observation from the emulated API"
+            rec.reconcile(time.time(), force=True)
+            time.sleep(0.05)
+        srv.refuse("/apis/discovery.k8s.io")
+        deadline = time.monotonic() + 4 * TTL_S
+        while time.monotonic() < deadline and render.engine.lease_state("east") is LeaseState.LIVE:
+            rec.reconcile(time.time(), force=True)
+            time.sleep(0.1)
+        assert render.engine.lease_state("east") is LeaseState.EXPIRED
+        assert "endpointslices" in agent.discovery.failing_kinds()
+        srv.allow()
+        deadline = time.monotonic() + 4 * TTL_S      # and it comes back with a fresh, complete LIST
+        while time.monotonic() < deadline and render.engine.lease_state("east") is not LeaseState.LIVE:
+            rec.reconcile(time.time(), force=True)
+            time.sleep(0.1)
+        assert render.engine.lease_state("east") is LeaseState.LIVE
+    finally:
+        agent.stop()

@@ -146,18 +146,18 @@ def test_a_restart_on_an_unsafe_head_serves_the_last_applied_revision(fleet_repo
     store.record_attempt(good.revision.sha, good.revision.subject, ok=True, at_s=1.0)
     store.record_applied_ca_specs({td: ca_spec_to_dict(s) for td, s in ca_specs_of(good).items()})
 
-    source = GitSource(str(fleet_repo), "main", str(state))
+    source = GitSource(str(fleet_repo), "main")
     head = source.poll(2.0)
     assert isinstance(head, ConfigSnapshot) and head.revision.sha == good.revision.sha
     assert last_applied_if_gated(source, store, head, 2.0) is None      # the applied revision itself
-    first = snapshot_for_cas(str(fleet_repo), "main", str(state), store, 2.0)   # what a starting driver loads
+    first = snapshot_for_cas(str(fleet_repo), "main", store, 2.0)   # what a starting driver loads
     assert first is not None and first.revision.sha == good.revision.sha
 
     trust = fleet_repo / "trust" / f"{TD}.yaml"
     trust.write_text(trust.read_text().replace("- name: root-1\n        signing: true",
                                                "- name: root-2\n        signing: true"))
     git(fleet_repo, "commit", "-q", "-am", "rotate east in one step")
-    source = GitSource(str(fleet_repo), "main", str(state))             # a restarted Git source
+    source = GitSource(str(fleet_repo), "main")             # a restarted Git source
     head = source.poll(3.0)
     assert isinstance(head, ConfigSnapshot) and head.revision.sha != good.revision.sha
     assert head.trust_domains[TD].ca == ca("root-2", signing="root-2")
@@ -165,5 +165,5 @@ def test_a_restart_on_an_unsafe_head_serves_the_last_applied_revision(fleet_repo
     assert fallback is not None and fallback.revision.sha == good.revision.sha
     assert fallback.trust_domains[TD].ca == ca("root-1", signing="root-1")
     # a driver starting on that head loads the CAs of the last applied revision, not the head's
-    start = snapshot_for_cas(str(fleet_repo), "main", str(state), store, 3.0)
+    start = snapshot_for_cas(str(fleet_repo), "main", store, 3.0)
     assert start is not None and start.revision.sha == good.revision.sha

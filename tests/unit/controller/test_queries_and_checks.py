@@ -111,3 +111,13 @@ def test_meshfed_check_reports_a_serving_certificate_that_is_not_being_renewed(n
     (check,) = [c for c in build_checks(st, now_s) if c["check"] == "serving certificates renewed in time"]
     assert check["ok"] is ok
     assert ok or "failed: CaError" in check["cause"]
+
+
+@pytest.mark.parametrize(("listen", "loopback"), [
+    ("127.0.0.1:15010", True), ("127.9.9.9:1", True), ("[::1]:15010", True), ("localhost:15010", True),
+    ("localhost.evil.com:15010", False), ("127.example.com:1", False), ("0.0.0.0:15010", False), ("10.0.0.1:1", False),
+])
+def test_insecure_mode_only_on_literal_loopback(listen: str, loopback: bool) -> None:
+    from federation.cli.ops import is_loopback_listen
+
+    assert is_loopback_listen(listen) is loopback

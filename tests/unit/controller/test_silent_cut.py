@@ -175,3 +175,36 @@ def test_a_new_commit_during_the_cut_neither_reannounces_nor_forgets_the_ejectio
     back = checkout_events(r, mark)
     assert [type(ev).__name__ for ev in back] == ["EndpointUnejected", "EndpointUnejected", "FailedBack"]
     assert all(ev.provenance.commit == "f" * 40 for ev in back)  # type: ignore[attr-defined]
+
+
+def test_a_failed_rebuild_does_not_leave_a_new_engine_beside_the_old_renderer() -> None:
+    """Review finding: CoreRender swapped in the new revision's engine before fetching the CA roots
+    (a Ray call); when that call failed, the old revision kept rendering with the old renderer while
+    ejections and observations went to the new engine — a silent cut then never reached the configs."""
+    from dataclasses import replace
+
+    snap = gitops.load_worktree(EXAMPLE)
+    fail_for = {"b" * 40}
+
+    def roots(s: object) -> dict[str, tuple[str, ...]]:
+        sha = s.revision.sha  # type: ignore[attr-defined]
+        if sha in fail_for:
+            fail_for.discard(sha)
+            raise ConnectionError("config server restarting")
+        return {}
+
+    render, pushes = CoreRender(bundle_roots=roots), Pushes()
+    r = Reconciler(render, pushes)
+    r.on_snapshot(snap, now_s=0.0)
+    for obs in offline_observations(snap, observed_at_s=0.0):
+        r.on_observation(obs, now_s=0.0)
+    assert r.reconcile(now_s=1.0)
+    r.on_snapshot(replace(snap, revision=replace(snap.revision, sha="b" * 40)), now_s=1.5)
+    assert r.reconcile(now_s=2.0)                      # the render fails: the old revision keeps serving
+    assert r.failures and r.failures[-1].step == "render" and r.applied["revision"] == snap.revision.sha
+    for pid in OBSERVERS:                              # the silent cut, during the old revision
+        r.on_health(pid, report(ejected=True), now_s=3.0)
+    assert r.reconcile(now_s=3.2)
+    assert health_in(pushes.last, "ztunnel/east/node-1") == dict.fromkeys(EAST_PODS, False)
+    assert any(isinstance(ev, FailedOver) and ev.service == CHECKOUT for ev in r.events)
+    assert render.engine is not None and render.engine.snapshot.revision.sha == snap.revision.sha

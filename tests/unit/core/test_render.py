@@ -83,6 +83,28 @@ def test_node_and_gateway_contents() -> None:
     assert all(ep.cluster == "west" and ep.tier == 0 and ep.gateway == "" for s in gw.services for ep in s.endpoints)
 
 
+def test_identical_pod_ranges_on_other_networks_never_meet_in_a_proxys_config() -> None:
+    """kind gives every cluster 10.244.0.0/16: with east, west and south all on it (three networks),
+    a node proxy's config holds addresses of its own network only (other networks are one
+    aggregate per cluster, reached through that cluster's gateway, with no address), so no address
+    in it is ambiguous; a gateway routes to its own cluster's pods only."""
+    kind = tuple((n, net, region, zone, gw, "10.244.0.0/16") for n, net, region, zone, gw, _ in f.CLUSTERS)
+    snap = f.fleet(clusters=kind)
+    obs = offline_observations(snap)
+    assert len({e.address for o in obs for e in o.endpoints}) < sum(len(o.endpoints) for o in obs)  # they collide
+    configs = render_configs(build_engine(snap, obs))
+    for pid, cfg in configs.items():
+        for svc in cfg.services:
+            for ep in svc.endpoints:
+                if ep.network != cfg.network:
+                    assert ep.address == "" and ep.gateway and ep.workload_uid.startswith(f"{ep.cluster}/"), (pid, ep)
+                elif cfg.mode is ProxyMode.GATEWAY:
+                    assert ep.cluster == cfg.cluster, (pid, ep)
+            own = [ep.address for ep in svc.endpoints if ep.address]
+            assert len(own) == len(set(own)), (pid, svc.hostname, own)
+        assert all(w.network == cfg.network for w in cfg.workloads), pid
+
+
 def test_vips_are_stable_distinct_and_in_range() -> None:
     hosts = [f"svc{i}.ns.svc.clusterset.local" for i in range(3000)]
     a = allocate_vips(hosts)

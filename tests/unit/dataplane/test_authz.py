@@ -134,3 +134,14 @@ def test_peer_namespace_comes_from_the_identity() -> None:
        st.sampled_from([22, 8080, 9090]), st.sampled_from([CALLER, OTHER]))
 def test_decision_does_not_depend_on_policy_order(policies: list[Authorization], port: int, who: str) -> None:
     assert decide(policies, who, port) == decide(sorted(policies, key=lambda p: p.key), who, port)
+
+
+@pytest.mark.parametrize(("pattern", "value", "matches"), [
+    ("*/ns/shop/sa/fr?ntend", "east.mesh/ns/shop/sa/frontend", False),   # `?` is literal, as in Istio
+    ("*/ns/shop/sa/[f]rontend", "east.mesh/ns/shop/sa/frontend", False),  # so is `[`
+    ("*/ns/shop/sa/fr?ntend", "east.mesh/ns/shop/sa/fr?ntend", True),
+    ("east.*/ns/shop/sa/*", "east.mesh/ns/shop/sa/frontend", True),
+    ("*", "", False),
+])
+def test_only_star_is_a_wildcard(pattern: str, value: str, matches: bool) -> None:
+    assert authz.match_value(pattern, value) is matches

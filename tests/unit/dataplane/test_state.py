@@ -209,6 +209,33 @@ def test_indexes_find_services_workloads_and_local_pods() -> None:
     assert ix.find_endpoint_by_address("10.9.9.9") is None
 
 
+def test_an_address_names_a_workload_only_within_its_network() -> None:
+    """Clusters on different networks may share pod CIDRs (kind's defaults): a pod of another
+    network with the same IP as a local pod is neither that pod nor reachable by its IP here."""
+    twin = "10.1.0.5"  # the local cart-1's address, reused by a pod of west (network west)
+    west_pod = Workload(uid="west/shop/cart-0", name="cart-0", namespace="shop", cluster="west", network="west",
+                        node="n1", address=twin, identity="spiffe://west.mesh/ns/shop/sa/cart",
+                        service_account="cart")
+    west_ep = endpoint("west/shop/cart-0", cluster="west", network="west", address=twin,
+                       hbone_address="10.0.0.1:15008", identity="spiffe://west.mesh/ns/shop/sa/cart")
+    other = service("other.shop.svc.clusterset.local", vip="10.96.0.6", endpoints=(west_ep,))
+    cfg = config(workloads=(workload(), west_pod), services=(other, service()))
+    ix = build_indexes(cfg)
+    assert ix.workloads_by_address[twin].uid == "east/shop/cart-1"
+    assert ix.local_workloads_by_uid.keys() == {"east/shop/cart-1"}
+    # the local pod backs cart only: west's endpoint of `other` is not it, though its address is equal
+    assert ix.service_of_local_workload == {"east/shop/cart-1": "cart.shop.svc.clusterset.local"}
+    assert ix.local_endpoints(other) == []
+    found = ix.find_endpoint_by_address(twin)
+    assert found is not None and found.workload_uid == "east/shop/cart-1"
+    # an inbound tunnel for `other` finds no local endpoint (before: the local cart-1 by its address)
+    from ztunnel.proxy.plan import plan_inbound
+    plan = plan_inbound(cfg, ix, "other.shop.svc.clusterset.local:80", ID, ())
+    assert plan.status == 503 and plan.target is None
+    ok = plan_inbound(cfg, ix, "cart.shop.svc.clusterset.local:80", ID, ())
+    assert ok.target == (twin, 8080)
+
+
 @pytest.mark.parametrize(("text", "expected"), [
     ("10.0.0.5:15008", ("10.0.0.5", 15008)), ("[fd00::1]:80", ("fd00::1", 80)),
     ("svc.ns.svc.clusterset.local:8080", ("svc.ns.svc.clusterset.local", 8080)),

@@ -62,6 +62,17 @@ def test_a_standalone_node_ztunnel_serves_its_config_with_capture_and_socks(tmp_
     assert a.proxy_id == "ztunnel/east/node-1"
 
 
+def test_a_node_ztunnel_answers_its_pods_dns_on_the_pod_bridge(tmp_path: Path) -> None:
+    """Where the capture sends pods' DNS (the pod bridge address, 15053); the lab has no kube-dns and
+    no internet, so unknown names are NXDOMAIN rather than forwarded; gateways serve no DNS."""
+    a = ztunnel_args(proxy_argv(PY, "ztunnel/east/node-1", tmp_path, "10.10.1.1", standalone=True))
+    assert a.dns == "10.10.1.1:15053"
+    assert a.dns_upstream == ["none"] and a.dns_unanswered == "nxdomain"
+    assert ztunnel_args(proxy_argv(PY, "gateway/east", tmp_path, "", standalone=True)).dns == ""
+    servfail = proxy_argv(PY, "ztunnel/east/node-1", tmp_path, "10.10.1.1", standalone=True, dns_unanswered="servfail")
+    assert ztunnel_args(servfail).dns_unanswered == "servfail"  # `meshfed lab up --dns-unanswered servfail`
+
+
 def test_a_node_ztunnel_without_config_joins_the_controller(tmp_path: Path) -> None:
     ctl = tmp_path / "controller"
     a = ztunnel_args(proxy_argv(PY, "ztunnel/east/node-1", tmp_path, "10.10.1.1", standalone=False,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -23,7 +24,7 @@ from clusters.lab.topology import (
     plan_lab,
 )
 from gitops.model import EastWestGateway
-from tests.unit.lab.fleet_fixture import fleet
+from tests.unit.lab.fleet_fixture import cluster, fleet
 
 
 @pytest.fixture(scope="module")
@@ -83,13 +84,20 @@ def test_interface_names_fit_the_kernel_limit(plan) -> None:  # type: ignore[no-
             assert len(a.name) <= MAX_IFNAME
 
 
-def test_hosts_files_name_the_service_vips_of_their_cluster(plan) -> None:  # type: ignore[no-untyped-def]
+def test_pods_resolve_through_the_cluster_dns_address_not_a_hosts_file(plan) -> None:  # type: ignore[no-untyped-def]
+    """Kubelet's resolv.conf (dnsPolicy ClusterFirst) per pod namespace: the cluster DNS at .10 of
+    the service range (kind's 10.96.0.10), the namespace's search list, ndots:5. The VIPs the
+    Service objects carry start at .11, in the same order in every cluster."""
+    assert not hasattr(plan, "hosts")
     east = plan.cluster("east")
-    text = plan.hosts[("east", "shop")]
+    text = plan.resolv_confs[("east", "shop")]
+    svc_net = ipaddress.ip_network(east.service_cidr)
+    assert east.dns_address == str(svc_net.network_address + 10)
+    assert text.splitlines() == ["search shop.svc.cluster.local svc.cluster.local cluster.local",
+                                 f"nameserver {east.dns_address}", "options ndots:5"]
     vip = next(v for v in east.services if v.name == "checkout")
-    assert f"{vip.cluster_ip} checkout.shop.svc.clusterset.local" in text
-    assert ipaddress.ip_address(vip.cluster_ip) in ipaddress.ip_network(east.service_cidr)
-    # same sequence in every cluster: the n-th service gets .10+n of that cluster's service range
+    assert ipaddress.ip_address(vip.cluster_ip) in svc_net and vip.cluster_ip != east.dns_address
+    assert east.services[0].cluster_ip == str(svc_net.network_address + 11)
     for c in plan.clusters:
         assert [v.name for v in c.services] == [v.name for v in east.services]
 
@@ -102,6 +110,18 @@ def test_capture_redirects_pod_tcp_but_not_traffic_to_the_node_itself(plan) -> N
     assert ("-t", "nat", "-A", "MESHFED_OUTBOUND", "-p", "tcp", "-j", "REDIRECT", "--to-ports", "15001") in rules
 
 
+def test_capture_sends_pod_dns_to_the_node_proxy_before_anything_else(plan) -> None:  # type: ignore[no-untyped-def]
+    """udp and tcp 53 from pods, to whatever nameserver, go to the DNS responder (15053) — jumped to
+    before the TCP capture, which would otherwise take tcp/53 to the outbound port."""
+    rules = [r.args for r in capture_rules(plan.cluster("west").node("node-1"))]
+    for proto in ("udp", "tcp"):
+        assert ("-t", "nat", "-A", "MESHFED_DNS", "-p", proto, "--dport", "53", "-j", "REDIRECT",
+                "--to-ports", "15053") in rules
+    jumps = [r for r in rules if r[:4] == ("-t", "nat", "-A", "PREROUTING")]
+    assert jumps[0] == ("-t", "nat", "-A", "PREROUTING", "-i", "cbr0", "-j", "MESHFED_DNS")
+    assert rules.index(("-t", "nat", "-N", "MESHFED_DNS")) < rules.index(jumps[0])
+
+
 def test_plan_is_deterministic() -> None:
     a, b = (plan_lab(*fleet()) for _ in range(2))
     assert a.actions == b.actions
@@ -109,7 +129,11 @@ def test_plan_is_deterministic() -> None:
 
 @pytest.mark.parametrize("mutation, message", [
     (lambda c: replace(c, pod_cidrs=("10.255.0.0/16",)), "10.255.0.0/16"),
-    (lambda c: replace(c, pod_cidrs=("10.20.0.0/16",)), "overlaps"),
+    # west's range on west's network: one network needs distinct ranges
+    (lambda c: replace(c, pod_cidrs=("10.20.0.0/16",), network="net-west"), "on one network need distinct"),
+    (lambda c: replace(c, service_cidrs=("10.20.0.0/16",), network="net-west"), "on one network need distinct"),
+    (lambda c: replace(c, pod_cidrs=("172.30.0.0/16",)), "overlaps WAN"),
+    (lambda c: replace(c, pod_cidrs=("100.64.0.0/16",)), "overlaps management"),
     (lambda c: replace(c, east_west_gateway=EastWestGateway("192.168.1.1")), "not on the lab WAN"),
     (lambda c: replace(c, east_west_gateway=EastWestGateway("172.30.0.12")), "both use gateway"),
     (lambda c: replace(c, pod_cidrs=("10.10.0.0/24",)), "too small"),
@@ -120,6 +144,63 @@ def test_bad_layouts_are_refused_with_the_fix(mutation, message) -> None:  # typ
     clusters["east"] = mutation(clusters["east"])
     with pytest.raises(PlanError, match=message):
         plan_lab(clusters, labs, svcs)
+
+
+def _kind_defaults(shared: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict[str, Any], dict[Any, Any]]:
+    """The fixture fleet with kind's default ranges in every cluster (each on its own network), plus
+    a fourth cluster `fra` on east's network with its own ranges when `shared` names it."""
+    clusters, labs, svcs = fleet()
+    out = {n: replace(c, pod_cidrs=("10.244.0.0/16",), service_cidrs=("10.96.0.0/12",)) for n, c in clusters.items()}
+    labs = dict(labs)
+    if "fra" in shared:
+        c, lab = cluster("fra", 40, 14, "eu-central")
+        out["fra"], labs["fra"] = replace(c, network=out["east"].network), lab
+    return out, labs, dict(svcs)
+
+
+def test_identical_ranges_on_different_networks_are_laid_out_apart() -> None:
+    plan = plan_lab(*_kind_defaults())
+    assert {c.pod_cidr for c in plan.clusters} == {"10.244.0.0/16"}
+    assert {c.dns_address for c in plan.clusters} == {"10.96.0.10"}
+    assert len({c.bridge for c in plan.clusters}) == 3, "each network its own L2 segment"
+    # the same node and pod addresses in every cluster, in namespaces of their own
+    assert len({n.address for c in plan.clusters for n in c.nodes}) == 2
+    assert len(set(plan.netns_names)) == len(plan.netns_names)
+    # what is shared stays unique: management legs and gateways' WAN addresses
+    mgmt = [a.cidr for a in plan.actions if isinstance(a, AddAddress) and a.cidr.startswith("100.64.")]
+    assert len(mgmt) == len(set(mgmt))
+    assert len({c.gateway.wan_address for c in plan.clusters if c.gateway}) == 3
+    # and no namespace routes anywhere but its own cluster (there is nothing else to reach)
+    owner = {ns: c for c in plan.clusters for ns in [n.netns for n in c.nodes] + [p.netns for p in c.pods]}
+    for a in plan.actions:
+        if isinstance(a, AddRoute) and a.netns in owner and a.dst not in ("default", plan.wan_cidr):
+            assert a.dst.startswith(("10.244.", "100.64.0.1/")), a
+
+
+def test_clusters_on_one_network_share_a_bridge_and_route_to_each_others_pods_only() -> None:
+    plan = plan_lab(*_kind_defaults(shared=("fra",)))
+    east, fra, west = plan.cluster("east"), plan.cluster("fra"), plan.cluster("west")
+    assert east.network == fra.network and east.bridge == fra.bridge != west.bridge
+    bridges = [a.name for a in plan.actions if isinstance(a, AddBridge) and not a.netns]
+    assert bridges.count(east.bridge) == 1
+
+    def routes(ns: str) -> dict[str, AddRoute]:
+        return {a.dst: a for a in plan.actions if isinstance(a, AddRoute) and a.netns == ns}
+
+    for me, peer in ((east, fra), (fra, east)):
+        for node in me.nodes:
+            r = routes(node.netns)
+            assert r[peer.node_cidr] == AddRoute(node.netns, peer.node_cidr, dev="eth0")  # on the shared bridge
+            for pn in peer.nodes:
+                assert r[pn.pod_cidr].via == pn.address
+    for node in west.nodes:  # another network: nothing of east or fra
+        assert not ({east.node_cidr, fra.node_cidr, fra.pod_cidr} & set(routes(node.netns)))
+    for c in (east, fra):  # nothing of west's (identical) ranges is routed off the node network either
+        for node in c.nodes:
+            assert all(ipaddress.ip_network(d).subnet_of(ipaddress.ip_network(c.pod_cidr))  # type: ignore[arg-type]
+                       or ipaddress.ip_network(d).subnet_of(ipaddress.ip_network(plan.cluster("fra" if c is east
+                                                                                            else "east").pod_cidr))
+                       for d in routes(node.netns) if d not in ("default", plan.wan_cidr, "100.64.0.1/32"))
 
 
 def test_unknown_node_placement_is_refused() -> None:
