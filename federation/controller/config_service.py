@@ -57,6 +57,7 @@ CONTROLLER_ROOTS_FILE = "controller-roots.pem"    # public: every CA's authoriti
 TRUST_ANCHORS_DIR = "roots"                       # public: roots/<td>.pem, a proxy's first trust anchor
 FLUSH_INTERVAL_S = 0.2
 SERVING_CHECK_MAX_S = 60.0
+MAX_SA_TOKEN_CHARS = 16 * 1024
 RECENT_ACK_LATENCIES = 500
 TRIGGER_TO_ACK_SAMPLES = 5000
 
@@ -169,6 +170,10 @@ class ConfigService:
         if service_account_token:
             from clusters.kube.discovery import DiscoveryError
 
+            if service_account_token.count(".") != 2 or len(service_account_token) > MAX_SA_TOKEN_CHARS:
+                # not even shaped like a ServiceAccount token (a JWT): no reason to bother the API server
+                return BootstrapVerdict("unauthenticated", "the ServiceAccount token is not a JWT",
+                                        "service account token")
             cluster = cluster_named_by(proxy_id)
             reviewer = self._reviewer(cluster)
             if reviewer is None:

@@ -89,6 +89,30 @@ class CredentialTarget(Protocol):
 
     def put(self, identity: str, chain_pem: bytes, key_pem: bytes) -> None: ...
 
+    def has(self, identity: str) -> bool: ...
+
+
+def issued_by_bundle(chain_pem: bytes, cfg: ProxyConfig, trust_domain: str) -> bool:
+    """Whether the leaf of `chain_pem` is signed directly by an authority of `trust_domain`'s bundle
+    in `cfg` (True when the config carries no bundle for it: nothing to judge by)."""
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+
+    from ztunnel.api.bundle import load_pem_certificates
+
+    authorities = [c for b in cfg.bundles if b.trust_domain == trust_domain for pem in b.roots_pem
+                   for c in load_pem_certificates(pem)]
+    if not authorities:
+        return True
+    leaf = x509.load_pem_x509_certificate(chain_pem)
+    for ca in authorities:
+        try:
+            leaf.verify_directly_issued_by(ca)
+            return True
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+    return False
+
 
 class ConfigTarget(Protocol):
     def on_config_applied(self) -> None: ...
@@ -181,6 +205,12 @@ class ControllerSink:
 
     async def ensure_certificates(self, cfg: ProxyConfig) -> None:
         wanted = self.identities_for(cfg)
+        for identity in wanted:
+            # a certificate whose issuer the trust domain no longer publishes (a retired root, a
+            # controller rebuilt with new CAs) verifies nowhere: get a new one now, not at half-life
+            held = self.certs.find_certificate(identity)
+            if held is not None and not issued_by_bundle(held.chain_pem, cfg, cfg.trust_domain):
+                self.certs.forget(identity)
         certs = await asyncio.gather(*(self.certs.fetch_certificate(i) for i in wanted))
         for c in certs:
             self.creds.put(str(c.identity), c.chain_pem, c.key_pem)
@@ -483,7 +513,7 @@ class ControllerLink:
                     self.log(kind="controller", event="renewal_failed", identity=str(sid), error=err)
             for sid in self.certs.identities:
                 c = self.certs.find_certificate(sid)
-                if c is not None and (str(sid) != self.own or self.creds_has(self.own)):
+                if c is not None and (str(sid) != self.own or self.creds.has(self.own)):
                     self.creds.put(str(sid), c.chain_pem, c.key_pem)
             self.persist()
             nxt = self.certs.next_due_s()
@@ -497,9 +527,6 @@ class ControllerLink:
         """Re-check the certificates now instead of at the next planned time (a clock that jumped)."""
         self._kick.set()
 
-    def creds_has(self, identity: str) -> bool:
-        has = getattr(self.creds, "has", None)
-        return bool(has(identity)) if callable(has) else False
 
 
 async def join_controller(opts: LinkOptions, state: ProxyState, creds: CredentialTarget,
@@ -516,6 +543,13 @@ async def join_controller(opts: LinkOptions, state: ProxyState, creds: Credentia
     await link.start()
     link.restore_credentials()
     tasks = [asyncio.ensure_future(link.run()), asyncio.ensure_future(link.rotate())]
+
+    def stopped(t: asyncio.Task[Any]) -> None:  # after start-up nobody awaits them: say why one ended
+        if not t.cancelled() and t.exception() is not None:
+            log(kind="controller", event="link_stopped", error=describe_error(t.exception()))  # type: ignore[arg-type]
+
+    for t in tasks:
+        t.add_done_callback(stopped)
     delay_s = 0.2
     while True:
         if link.sink.first_applied.is_set():

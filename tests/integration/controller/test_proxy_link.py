@@ -365,6 +365,15 @@ async def test_a_staged_root_rotation_does_not_cut_the_proxy_off(world: World) -
         world.desire("rev4", seed=3)
         assert await wait_until(lambda: world.synced("rev4"), 30), link.main.last_error
         assert link.bootstraps >= 2
+        # and the workload's certificate, from the retired root, was replaced with the new config,
+        # not left to serve (unverifiable) until its half-life
+        from cryptography import x509
+
+        root2 = next(r.cert for r in world.service.signing.cas[EAST_TD].roots if r.name == "root-2")
+        for identity in (link.own, CHECKOUT):
+            held = link.certs.find_certificate(identity)
+            assert held is not None
+            x509.load_pem_x509_certificate(held.chain_pem).verify_directly_issued_by(root2)
     finally:
         await leave(link, tasks)
 

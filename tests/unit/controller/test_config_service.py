@@ -135,10 +135,15 @@ def test_loading_cas_writes_the_controller_roots_and_no_shared_bootstrap_secret(
     assert not svc.authenticate_bootstrap("ztunnel/east/node-2", "", made).ok
 
 
+def jwt(payload: str) -> str:
+    return f"h.{payload}.s"
+
+
 class FakeReviewer:
     """A cluster's TokenReview: a token `<cluster>:<sa>@<node>` is accepted by that cluster only."""
 
     made: ClassVar[list[tuple[str, str | None, str]]] = []
+    reviewed: ClassVar[int] = 0
 
     def __init__(self, cluster: str, kubeconfig: str | None, context: str) -> None:
         self.cluster = cluster
@@ -149,6 +154,8 @@ class FakeReviewer:
         from clusters.kube.discovery import DiscoveryError
 
         assert audiences == ["meshfed-controller"]
+        FakeReviewer.reviewed += 1
+        token = token.split(".")[1]   # what the fake "JWT" carries: "<cluster>:<sa>@<node>"
         if token == "api-down":
             raise DiscoveryError(f"cluster {self.cluster}: connection refused")
         who, _, node = token.partition("@")   # "<cluster>:<sa>@<node>": a token only its own cluster accepts
@@ -178,7 +185,7 @@ def test_service_account_tokens_are_reviewed_by_the_proxys_own_cluster(tmp_path:
                                                                        code: str) -> None:
     svc = ConfigService(tmp_path, kubeconfig="/kc", token_reviewer=FakeReviewer)
     svc.ensure_cas(fleet())
-    verdict = svc.authenticate_bootstrap(proxy_id, token, "")
+    verdict = svc.authenticate_bootstrap(proxy_id, jwt(token), "")
     assert verdict.code == code, verdict.reason
     assert verdict.credential == "service account token"
 
@@ -188,9 +195,18 @@ def test_one_token_reviewer_per_cluster_from_its_api_spec(tmp_path: Path) -> Non
     svc = ConfigService(tmp_path, kubeconfig="/kc", token_reviewer=FakeReviewer)
     svc.ensure_cas(fleet())
     for _ in range(3):
-        svc.authenticate_bootstrap("ztunnel/east/node-1", "east:ztunnel@node-1", "")
-    svc.authenticate_bootstrap("ztunnel/west/node-1", "west:ztunnel@node-1", "")
+        svc.authenticate_bootstrap("ztunnel/east/node-1", jwt("east:ztunnel@node-1"), "")
+    svc.authenticate_bootstrap("ztunnel/west/node-1", jwt("west:ztunnel@node-1"), "")
     assert FakeReviewer.made == [("east", "/kc", "lab-east"), ("west", "/kc", "lab-west")]
+
+
+def test_what_is_not_shaped_like_a_service_account_token_never_reaches_the_api_server(tmp_path: Path) -> None:
+    svc = ConfigService(tmp_path, kubeconfig="/kc", token_reviewer=FakeReviewer)
+    svc.ensure_cas(fleet())
+    before = FakeReviewer.reviewed
+    for junk in ("east:ztunnel@node-1", "a.b", "x." * 9000 + "y"):
+        assert svc.authenticate_bootstrap("ztunnel/east/node-1", junk, "").code == "unauthenticated"
+    assert FakeReviewer.reviewed == before
 
 
 def test_no_credential_at_all_is_unauthenticated_with_the_fix(tmp_path: Path) -> None:
