@@ -168,6 +168,7 @@ class ControllerBridge:
         self.connections = 0
         self.refused_peers = 0          # local connections from another process
         self.verification_failures = 0
+        self.rejections = 0             # connections the controller refused our certificate on
         self.last_error = ""
         self.last_peer = ""
 
@@ -227,35 +228,68 @@ class ControllerBridge:
                 self.last_error = f"controller at {self.target} failed verification: {e.reason}"
                 return
             self.last_peer = str(peer)
-            await self._pipe_both(local_r, local_w, remote_r, remote)
+            await self._pipe_both(local_r, local_w, remote_r, remote, presented=svid is not None)
         except (OSError, TimeoutError, ssl.SSLError, ValueError) as e:
             self.last_error = f"{self.target}: {type(e).__name__}: {e}"
-            if rejected_our_certificate(e) and self.on_rejected is not None:
-                self.on_rejected(self.last_error)
+            if rejected_our_certificate(e):
+                self._rejected(self.last_error)
         finally:
             for w in (local_w, remote_w):
                 if w is not None:
                     w.close()
 
-    async def _pipe_both(self, local_r: asyncio.StreamReader, local_w: asyncio.StreamWriter,
-                         remote_r: asyncio.StreamReader, remote_w: asyncio.StreamWriter) -> None:
-        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            while data := await r.read(PIPE_CHUNK_BYTES):
-                w.write(data)
-                await w.drain()
-            with contextlib.suppress(OSError, RuntimeError, NotImplementedError):
-                if w.can_write_eof():
-                    w.write_eof()
+    def _rejected(self, why: str) -> None:
+        self.last_error = why
+        self.rejections += 1
+        if self.on_rejected is not None:
+            self.on_rejected(why)
 
-        up = asyncio.ensure_future(pipe(local_r, remote_w))
-        down = asyncio.ensure_future(pipe(remote_r, local_w))
+    async def _pipe_both(self, local_r: asyncio.StreamReader, local_w: asyncio.StreamWriter,
+                         remote_r: asyncio.StreamReader, remote_w: asyncio.StreamWriter, *, presented: bool) -> None:
+        """Forward both ways until both ends are done.
+
+        With TLS 1.3 a server refuses a client certificate after our side of the handshake is done,
+        and its alert often does not survive the close (a reset instead). A gRPC server always
+        speaks first (its SETTINGS), so when the controller's side ends — EOF or a connection error
+        — before a single byte came, and we `presented` a certificate, it refused that certificate:
+        said at once (`on_rejected`), not when our side is closed too."""
+        received = 0
+
+        def remote_ended() -> None:
+            if presented and not received:
+                self._rejected(f"{self.target} closed the connection right after the handshake, before a "
+                               "byte: it refused our certificate")
+
+        async def upward() -> None:
+            while data := await local_r.read(PIPE_CHUNK_BYTES):
+                remote_w.write(data)
+                await remote_w.drain()
+            with contextlib.suppress(OSError, RuntimeError, NotImplementedError):
+                remote_w.write_eof()
+
+        async def downward() -> None:
+            nonlocal received
+            try:
+                while data := await remote_r.read(PIPE_CHUNK_BYTES):
+                    received += len(data)
+                    local_w.write(data)
+                    await local_w.drain()
+            except ssl.SSLError:
+                raise          # an alert: the caller reads it
+            except OSError:
+                remote_ended()
+                raise
+            remote_ended()
+            with contextlib.suppress(OSError, RuntimeError, NotImplementedError):
+                local_w.write_eof()
+
+        up, down = asyncio.ensure_future(upward()), asyncio.ensure_future(downward())
         try:
             done, _pending = await asyncio.wait({up, down}, return_when=asyncio.FIRST_EXCEPTION)
             for t in done:
                 err = t.exception()
                 if err is not None:
                     raise err
-            await asyncio.gather(up, down)
         finally:
             for t in (up, down):
                 t.cancel()

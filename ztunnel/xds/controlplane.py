@@ -375,15 +375,31 @@ class ControllerLink:
         is_own = [str(u) for u in san.get_values_for_type(x509.UniformResourceIdentifier)] == [self.own]
         if not is_own and self._own_svid() is None:
             await self.certs.fetch_certificate(self.own)
-        if not is_own or (self._own_svid() is not None and not self._own_refused):
+        if not is_own:
+            return await self._sign_over_mtls(csr_pem)
+        # the own identity: over mTLS with the current certificate first, unless it is expired or
+        # was refused; then the bootstrap credential; and if that fails after a refusal (which may
+        # have been a hiccup), mTLS after all: a proxy never gives up a path it still has
+        mtls_first = self._own_svid() is not None and not self._own_refused
+        attempts = ["mtls", "bootstrap"] if mtls_first else ["bootstrap", "mtls"]
+        if self._own_svid() is None:
+            attempts = ["bootstrap"]
+        for i, how in enumerate(attempts):
             try:
-                async with self.main.channel() as channel:
-                    return self._accept(await request_certificate(channel, self.opts.proxy_id, csr_pem))
+                return await (self._sign_over_mtls(csr_pem) if how == "mtls" else self._bootstrap(csr_pem))
             except Exception as e:
-                if not is_own or not any(self.bootstrap_credential()):
+                if i + 1 == len(attempts):
                     raise
-                self.log(kind="controller", event="renewal_over_mtls_failed", error=describe_error(e),
-                         next="bootstrap credential")
+                self.log(kind="controller", event="own_certificate_attempt_failed", path=how, error=describe_error(e))
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    async def _sign_over_mtls(self, csr_pem: bytes) -> bytes:
+        async with self.main.channel() as channel:
+            chain = self._accept(await request_certificate(channel, self.opts.proxy_id, csr_pem))
+        self._own_refused = False   # the controller knows our certificate after all
+        return chain
+
+    async def _bootstrap(self, csr_pem: bytes) -> bytes:
         sa_token, token = self.bootstrap_credential()
         if not (sa_token or token):
             raise ControllerUnavailable(
