@@ -140,8 +140,58 @@ class ClusterApi:
 
 @dataclass(frozen=True, slots=True)
 class EastWestGateway:
-    address: str  # IP on the WAN (shared network between clusters) or DNS name
+    # IP on the WAN (shared network between clusters) or DNS name; None: the address comes from the
+    # cluster (the gateway Service's status.loadBalancer.ingress, read by discovery), as on kind.
+    address: str | None
     port: int = DEFAULT_EAST_WEST_GATEWAY_PORT
+
+
+# Ambient enrollment (Istio's label): only namespaces a Cluster's namespaceSelector matches are
+# discovered and captured.
+AMBIENT_LABEL = "istio.io/dataplane-mode"
+AMBIENT_VALUE = "ambient"
+
+
+class SelectorOperator(str, Enum):
+    IN = "In"
+    NOT_IN = "NotIn"
+    EXISTS = "Exists"
+    DOES_NOT_EXIST = "DoesNotExist"
+
+
+@dataclass(frozen=True, slots=True)
+class LabelRequirement:
+    """One `matchExpressions` entry of a Kubernetes LabelSelector."""
+
+    key: str
+    operator: SelectorOperator
+    values: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceSelector:
+    """A Kubernetes LabelSelector over Namespace labels. Empty (no labels, no expressions) matches
+    every namespace, as in Kubernetes."""
+
+    match_labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    match_expressions: tuple[LabelRequirement, ...] = ()
+
+    def query(self) -> str:
+        """The selector in the API's `labelSelector` query grammar (what kubectl -l takes)."""
+        terms = [f"{k}={v}" for k, v in sorted(self.match_labels.items())]
+        for r in self.match_expressions:
+            if r.operator is SelectorOperator.IN:
+                terms.append(f"{r.key} in ({','.join(r.values)})")
+            elif r.operator is SelectorOperator.NOT_IN:
+                terms.append(f"{r.key} notin ({','.join(r.values)})")
+            elif r.operator is SelectorOperator.EXISTS:
+                terms.append(r.key)
+            else:
+                terms.append(f"!{r.key}")
+        return ",".join(terms)
+
+
+DEFAULT_NAMESPACE_SELECTOR = NamespaceSelector(MappingProxyType({AMBIENT_LABEL: AMBIENT_VALUE}))
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +211,8 @@ class Cluster:
     # The CA this cluster's workloads get certificates from, when it declares one (spec.ca);
     # None = its trust domain's CA. Validation requires it to equal the trust domain's CA.
     ca: CaSpec | None = None
+    # Which namespaces are in the mesh (discovered, captured): spec.namespaceSelector.
+    namespace_selector: NamespaceSelector = DEFAULT_NAMESPACE_SELECTOR
 
 
 class CaMode(str, Enum):

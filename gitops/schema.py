@@ -15,9 +15,12 @@ meshfed's own kinds, as YAML (all under apiVersion meshfed.dev/v1alpha1):
     Federation   spec: meshID, clustersetDomain, reconcileInterval, gitPollInterval,
                        partition{leaseTTL, mode: Freeze|Withdraw}, defaultTrafficPolicy
     Cluster      metadata.labels; spec: network, locality{region, zone}, trustDomain,
-                       api{kind: Lab|Kubeconfig, context, kubeconfig}, eastWestGateway{address, port},
-                       podCIDRs, serviceCIDRs, ca (optional: the CA this cluster's workloads use,
-                       must equal its trust domain's)
+                       api{kind: Lab|Kubeconfig, context, kubeconfig}, eastWestGateway{address, port}
+                       (address optional: omitted, it comes from the gateway Service's load
+                       balancer status), podCIDRs, serviceCIDRs, ca (optional: the CA this
+                       cluster's workloads use, must equal its trust domain's), namespaceSelector
+                       {matchLabels, matchExpressions} (enrolled namespaces; default
+                       istio.io/dataplane-mode=ambient, {} = all)
     TrustDomain  spec: federatesWith, ca{mode: Managed|External, roots[{name, signing}],
                        bundleFile, workloadCertTTL}
     GlobalService metadata.namespace; spec: exportFrom, serviceAccount,
@@ -256,8 +259,31 @@ class ClusterApiS(_Base):
 
 
 class GatewayS(_Base):
-    address: str
+    address: str | None = None  # omitted: from the gateway Service's status.loadBalancer.ingress
     port: Port = m.DEFAULT_EAST_WEST_GATEWAY_PORT
+
+
+def _label_requirement(v: Any) -> Any:
+    # In/NotIn need values, Exists/DoesNotExist take none (as the Kubernetes API server checks).
+    if isinstance(v, LabelRequirementS):
+        has_values = bool(v.values)
+        if v.operator in ("In", "NotIn") and not has_values:
+            raise PydanticCustomError("MF0102", "operator {op} needs at least one value", {"op": v.operator})
+        if v.operator in ("Exists", "DoesNotExist") and has_values:
+            raise PydanticCustomError("MF0102", "operator {op} takes no values", {"op": v.operator})
+    return v
+
+
+class LabelRequirementS(_Base):
+    key: str
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: list[str] = Field(default_factory=list)
+
+
+class NamespaceSelectorS(_Base):
+    match_labels: dict[str, str] = Field(default_factory=dict)
+    match_expressions: list[Annotated[LabelRequirementS, AfterValidator(_label_requirement)]] = Field(
+        default_factory=list)
 
 
 class CaRootS(_Base):
@@ -281,6 +307,8 @@ class ClusterSpec(_Base):
     pod_cidrs: list[str] = Field(default_factory=list, alias="podCIDRs")
     service_cidrs: list[str] = Field(default_factory=list, alias="serviceCIDRs")
     ca: CaS | None = None
+    # Ambient enrollment; omitted: namespaces labelled istio.io/dataplane-mode=ambient; {}: all.
+    namespace_selector: NamespaceSelectorS | None = None
 
 
 class TrustDomainSpec(_Base):
@@ -730,6 +758,14 @@ def _conv_federation(ctx: _Ctx, meta: Metadata, s: FederationSpec) -> Converted:
         field_pos=ctx.field_pos), []
 
 
+def _namespace_selector(s: NamespaceSelectorS | None) -> m.NamespaceSelector:
+    if s is None:
+        return m.DEFAULT_NAMESPACE_SELECTOR
+    return m.NamespaceSelector(
+        MappingProxyType(dict(s.match_labels)),
+        tuple(m.LabelRequirement(r.key, m.SelectorOperator(r.operator), tuple(r.values)) for r in s.match_expressions))
+
+
 def _conv_cluster(ctx: _Ctx, meta: Metadata, s: ClusterSpec) -> Converted:
     gw = m.EastWestGateway(s.east_west_gateway.address, s.east_west_gateway.port) if s.east_west_gateway else None
     return m.Cluster(
@@ -738,6 +774,7 @@ def _conv_cluster(ctx: _Ctx, meta: Metadata, s: ClusterSpec) -> Converted:
         api=m.ClusterApi(m.ClusterApiKind(s.api.kind), s.api.context, s.api.kubeconfig),
         east_west_gateway=gw, pod_cidrs=tuple(s.pod_cidrs), service_cidrs=tuple(s.service_cidrs),
         labels=MappingProxyType(dict(meta.labels)), ca=_ca(s.ca) if s.ca else None,
+        namespace_selector=_namespace_selector(s.namespace_selector),
         pos=ctx.pos, field_pos=ctx.field_pos), []
 
 

@@ -291,7 +291,7 @@ def _check_clusters(fleet: _Fleet, out: _Out) -> None:
                         hint=f"give {c.name} its own trust domain and federate it with {td.name}")
             td_ca.setdefault(td.name, (c, effective))
         gw = c.east_west_gateway
-        if gw is not None:
+        if gw is not None and gw.address is not None:  # None: the address comes from the cluster
             if not _is_address(gw.address):
                 out.add("MF0301", c, "spec.eastWestGateway.address",
                         f"{gw.address!r} is neither an IP address nor a DNS name", hint="e.g. 172.30.0.11")

@@ -7,6 +7,9 @@
   persisted last good config: a restart with the controller (or the file) absent serves from it.
 - `--cert-dir` holds one SVID per local identity: `<td>_ns_<ns>_sa_<sa>.crt.pem` (chain) and
   `.key.pem` (0600).
+- `--capture` (node mode): the proxy programs the node's capture rules itself and keeps them equal
+  to its enrolled pods (`ztunnel.proxy.capture_rules`): the lab's nodes and the kind DaemonSet run
+  the same code.
 - SIGTERM/SIGINT: drain (stop accepting, GOAWAY, let connections finish until `--drain-timeout-s`,
   then close). SIGHUP: reload `--config`.
 - Health and outcome reports go to an injectable sink (`HealthSink`); standalone it is the JSON
@@ -34,6 +37,7 @@ from ztunnel.xds.state import ApplyResult, ProxyState, load_config_file, parse_h
 if TYPE_CHECKING:  # controller mode only: gRPC/protobuf cost ~5 MB RSS, standalone proxies skip them
     from ztunnel.dns.answer import DnsTable  # with --dns only: dnspython costs ~1.5 MB RSS
     from ztunnel.dns.server import DnsServer
+    from ztunnel.proxy.capture_rules import CaptureSync
     from ztunnel.xds.controlplane import ControllerLink
 
 DNS_UNANSWERED = ("servfail", "nxdomain")  # ztunnel.dns.answer.Unanswered (pinned by a unit test)
@@ -65,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hbone", default="0.0.0.0:15008")
     p.add_argument("--socks", default="127.0.0.1:15080", help="SOCKS5 outbound listener ('' disables)")
     p.add_argument("--transparent", default="", help="outbound capture listener for iptables REDIRECT")
+    p.add_argument("--capture", action="store_true",
+                   help="node mode: program the capture rules in this network namespace (iptables nat: this "
+                        "node's enrolled pods -> --transparent) and keep them in line with the config's "
+                        "workloads (ztunnel.proxy.capture_rules); needs CAP_NET_ADMIN")
     p.add_argument("--admin", default="127.0.0.1:15021")
     p.add_argument("--drain-timeout-s", type=float, default=10.0)
     p.add_argument("--handshake-timeout-s", type=float, default=5.0)
@@ -136,6 +144,7 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
     proxy = cls(state, creds, opts, telemetry, health)
     if link is not None:
         link.sink.target = proxy
+    capture = _start_capture(args, cfg.mode, proxy, telemetry) if args.capture else None
     await proxy.start()  # type: ignore[attr-defined]
     dns_server = await _start_dns(args, state, telemetry) if cfg.mode is ProxyMode.NODE and args.dns else None
     if args.dns and dns_server is None:
@@ -148,6 +157,7 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
                             "rejected": [str(e) for e in state.last_rejected],
                             "ejected": {s: sorted(proxy.ejected(s)) for s in proxy.detectors},
                             "sessions": {"pooled": proxy.pool.count(), "inbound": len(proxy.inbound_sessions)},
+                            "capture": capture.as_dict() if capture is not None else None,
                             **({"dns": {"port": dns_server.port, "upstreams": [f"{h}:{p}" for h, p in
                                                                                dns_server.options.upstreams],
                                         "stats": dict(dns_server.stats)}} if dns_server is not None else {}),
@@ -179,6 +189,8 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
     if dns_server is not None:
         await dns_server.close()
     await proxy.drain(args.drain_timeout_s)
+    if capture is not None:
+        capture.stop()  # the rules stay: captured pods are refused until a proxy serves them again
     await admin.close()
     telemetry.log(kind="stopped")
     return 0
@@ -234,6 +246,23 @@ async def _join(args: argparse.Namespace, state: ProxyState,
     opts = LinkOptions(args.controller, args.bootstrap, args.proxy_id, args.trust_domain, args.bootstrap_token_file,
                        args.controller_roots, sa_token_file=args.sa_token_file, credentials_file=credentials)
     return await join_controller(opts, state, creds, log)
+
+
+def _start_capture(args: argparse.Namespace, mode: ProxyMode, proxy: ProxyBase, telemetry: Telemetry) -> CaptureSync:
+    """--capture: install the chains, then let every applied config set which pods are captured."""
+    from ztunnel.proxy.capture_rules import CaptureError, CaptureSync, IptablesCapture, enrolled_addresses
+
+    if mode is not ProxyMode.NODE or not args.transparent:
+        raise SystemExit("--capture is for node proxies with a --transparent listener (the REDIRECT target)")
+    dns_port = parse_host_port(args.dns)[1] if args.dns else None  # pods' DNS to our responder
+    capture = IptablesCapture(parse_host_port(args.transparent)[1], dns_port=dns_port)
+    try:
+        capture.install()
+    except CaptureError as e:
+        raise SystemExit(f"ztunnel: {e}") from None
+    sync = CaptureSync(capture, telemetry.log)
+    proxy.add_config_listener(lambda cfg: sync.update(enrolled_addresses(cfg)))
+    return sync
 
 
 def _release_startup_heap() -> None:

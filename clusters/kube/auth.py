@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from clusters.kube.discovery import DiscoveryError, _api_client
+from clusters.kube.discovery import DiscoveryError, api_client
 
 POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
 POD_UID_EXTRA = "authentication.kubernetes.io/pod-uid"
@@ -67,7 +67,7 @@ class TokenReviewer:
         if not token or len(token) > MAX_TOKEN_CHARS:
             return TokenReviewResult(False, error=f"token is empty or longer than {MAX_TOKEN_CHARS} characters")
         if self._api is None:
-            self._api = _api_client(self.kubeconfig, self.context)
+            self._api = api_client(self.kubeconfig, self.context)
         body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
                 "spec": {"token": token, "audiences": list(audiences)}}
         try:

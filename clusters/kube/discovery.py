@@ -1,21 +1,29 @@
 """Kubernetes discovery: Namespaces, Nodes, Pods, Services and EndpointSlices into ClusterObservation.
 
-With `clusters.kube.auth` (TokenReview), the only modules that import `kubernetes`. Split in two
-halves, decide-then-act:
+The only module that reads clusters through `kubernetes` (`clusters.kube.apply` writes them,
+`clusters.kube.auth` asks for TokenReviews). Split in two halves, decide-then-act:
 
 - `ClusterCache` is pure: it holds the raw JSON objects of one cluster by kind, applies watch
   events (`apply_event`) or whole listings (`replace_kind`), and turns them into a
-  `ClusterObservation` (`observation(now_s)`). Label selectors are evaluated here, on our side,
-  because the emulated API server ignores them (and because one selector language for lab and
-  kind keeps behaviour identical).
-- `KubeDiscovery` does the I/O with the real client from a kubeconfig context: LIST each kind
-  into the cache, then WATCH it; when a watch ends (server timeout, network error), it re-LISTs
-  before watching again. Re-listing is what makes deletions that happened while we were not
-  watching visible (the emulator has no resourceVersion to resume from, and a real server may
-  answer 410 Gone) — each successful LIST makes the next observation `complete`.
+  `ClusterObservation` (`observation(now_s)`). Label selectors are evaluated here too: the
+  namespace selector is also sent to the server (Namespaces are listed and watched with it), but
+  which Pods, Services and EndpointSlices belong to an enrolled namespace is a join only we can do.
+- `KubeDiscovery` does the I/O with the real client from a kubeconfig context (or the pod's own
+  service account, `IN_CLUSTER_CONTEXT`): LIST each kind into the cache, then WATCH it from the
+  list's resourceVersion with bookmarks, as client-go's reflector does. When a watch ends (server
+  timeout) it resumes from the last resourceVersion it saw (an event's or a bookmark's) without
+  re-listing; when the server answers 410 Gone (the version was compacted away), or the watch
+  failed, it re-LISTs: that is what makes deletions that happened while we were not watching
+  visible. Each successful LIST makes the next observation `complete`.
+
+Enrollment (ambient): only namespaces the Cluster's namespaceSelector matches (default
+`istio.io/dataplane-mode=ambient`) contribute services and workloads. meshfed's own namespace is
+never enrolled, but its east-west gateway Service is read for the gateway's load-balancer address
+(`ClusterObservation.gateway_address`; a Cluster without eastWestGateway.address is reached there).
 
 Endpoints are joined here (EndpointSlice endpoint -> its Pod -> its Node) so the core never joins
-Pods itself (see `clusters.kube.observation`).
+Pods itself (see `clusters.kube.observation`). Only IPv4 slices are read (the graph is IPv4; a
+dual-stack Service's IPv6 slice names the same pods again).
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clusters.kube.observation import (
+    GATEWAY_SERVICE,
+    MESH_NAMESPACE,
     ClusterObservation,
     EndpointInfo,
     NodeInfo,
@@ -41,6 +51,8 @@ REGION_LABEL = "topology.kubernetes.io/region"
 ZONE_LABEL = "topology.kubernetes.io/zone"
 
 ObjKey = tuple[str, str]  # (namespace or "", name)
+IN_CLUSTER_CONTEXT = "@in-cluster"  # the context name for "this pod's own cluster" (service account)
+HTTP_GONE = 410
 
 
 class DiscoveryError(RuntimeError):
@@ -205,6 +217,7 @@ def build_observation(
         return raw is not None and namespace_selector.matches(_labels(raw))
 
     nodes = {k[1]: _node_info(v) for k, v in sorted(objects.get("nodes", {}).items())}
+    gateway_address = load_balancer_address(objects.get("services", {}).get((MESH_NAMESPACE, GATEWAY_SERVICE)))
     services: dict[ObjKey, ServiceInfo] = {}
     for key, raw in sorted(objects.get("services", {}).items()):
         if ns_ok(key[0]) and service_selector.matches(_labels(raw)):
@@ -213,7 +226,7 @@ def build_observation(
     endpoints: dict[tuple[str, str, str], EndpointInfo] = {}
     for (ns, _slice), raw in sorted(objects.get("endpointslices", {}).items()):
         svc_name = _labels(raw).get(SERVICE_NAME_LABEL)
-        if svc_name is None or (ns, svc_name) not in services:
+        if svc_name is None or (ns, svc_name) not in services or raw.get("addressType", "IPv4") != "IPv4":
             continue
         svc = services[(ns, svc_name)]
         by_name = {p.name: p for p in svc.ports}
@@ -268,19 +281,38 @@ def build_observation(
     return ClusterObservation(
         cluster=cluster, observed_at_s=now_s, complete=complete, nodes=tuple(nodes.values()),
         services=tuple(services.values()), endpoints=tuple(endpoints[k] for k in sorted(endpoints)),
-        resource_version=resource_version,
+        resource_version=resource_version, gateway_address=gateway_address,
     )
+
+
+def load_balancer_address(raw: Mapping[str, Any] | None) -> str:
+    """The first `status.loadBalancer.ingress` entry's ip (or hostname) of a LoadBalancer Service."""
+    if not raw or (raw.get("spec") or {}).get("type") != "LoadBalancer":
+        return ""
+    for ingress in ((raw.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []:
+        address = str(ingress.get("ip") or ingress.get("hostname") or "")
+        if address:
+            return address
+    return ""
 
 
 # --- the I/O half -------------------------------------------------------------------------------
 
 
-def _api_client(kubeconfig: str | None, context: str) -> Any:
-    from kubernetes import config  # kubernetes is imported in clusters.kube only (discovery, auth)
+def api_client(kubeconfig: str | None, context: str) -> Any:
+    from kubernetes import client, config  # the only import of kubernetes for reading
 
     try:
+        if context == IN_CLUSTER_CONTEXT:
+            cfg = client.Configuration()
+            config.load_incluster_config(client_configuration=cfg)
+            return client.ApiClient(cfg)
         return config.new_client_from_config(config_file=kubeconfig, context=context)
     except Exception as e:  # the client raises ConfigException, FileNotFoundError, ...
+        if context == IN_CLUSTER_CONTEXT:
+            raise DiscoveryError(
+                f"cannot use the pod's service account ({e}): `--in-cluster` works only inside a pod "
+                f"with a mounted service account token; outside, give the cluster a kubeconfig context") from e
         where = kubeconfig or "$KUBECONFIG / ~/.kube/config"
         raise DiscoveryError(
             f"cannot load kubeconfig context {context!r} from {where}: {e}; "
@@ -293,7 +325,10 @@ class KubeDiscovery:
 
     `on_change(observation)` is called from watch threads after every effective change (callers
     debounce; see `federation.controller.reconciler`). `last_success_s` is the wall clock of the last
-    successful LIST or watch event, the basis of the cluster's lease.
+    successful LIST, watch event or bookmark, the basis of the cluster's lease.
+
+    Invariant: `_rv[kind]` is the resourceVersion the cache holds `kind` at (from its LIST and every
+    event or bookmark since), or None when the next watch must start with a LIST.
     """
 
     def __init__(self, cluster: str, kubeconfig: str | None, context: str,
@@ -306,15 +341,21 @@ class KubeDiscovery:
         self._clock = clock
         self._lock = threading.Lock()
         self._api: Any = None
+        self._rv: dict[str, str | None] = {k: None for k in KINDS}
         self.last_success_s: float | None = None
         self.last_error: str = ""
-        self.failing: dict[str, str] = {}   # kind -> why its last LIST/WATCH failed (cleared by a LIST)
+        self.lists = 0        # LIST requests that succeeded (a resumed watch does not list)
+        self.resumes = 0      # watches started from a resourceVersion without a LIST
+        self.expired = 0      # 410 Gone answers (resourceVersion too old): each costs a re-LIST
+        self.bookmarks = 0
+        # kind -> why its last LIST/WATCH failed; cleared by a LIST (a failed watch always re-lists)
+        self.failing: dict[str, str] = {}
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
 
     def _client(self) -> Any:
         if self._api is None:
-            self._api = _api_client(self.kubeconfig, self.context)
+            self._api = api_client(self.kubeconfig, self.context)
         return self._api
 
     def _list_fn(self, kind: str) -> Callable[..., Any]:
@@ -331,9 +372,26 @@ class KubeDiscovery:
         }
         return fns[kind]
 
+    def _call(self, kind: str, **kw: Any) -> Any:
+        """LIST or WATCH `kind`; Namespaces with the enrollment selector, evaluated by the server.
+        Raises ApiException for an answer that is not 2xx (the raw response the client hands back
+        with _preload_content=False is not checked: a 403 Status body would read as "no items")."""
+        from kubernetes.client.exceptions import ApiException
+
+        if kind == "namespaces" and self.cache.namespace_selector.text:
+            kw["label_selector"] = self.cache.namespace_selector.text
+        resp = self._list_fn(kind)(_preload_content=False, **kw)
+        status = getattr(resp, "status", 200)
+        if isinstance(status, int) and not 200 <= status < 300:
+            try:
+                raise ApiException(http_resp=resp)
+            finally:
+                resp.close()
+        return resp
+
     def list_kind(self, kind: str) -> bool:
         try:
-            resp = self._list_fn(kind)(_preload_content=False, _request_timeout=self.request_timeout_s)
+            resp = self._call(kind, _request_timeout=self.request_timeout_s)
             body = json.loads(resp.data)
         except DiscoveryError:
             raise
@@ -343,7 +401,9 @@ class KubeDiscovery:
                                  f"is the API server reachable?") from e
         with self._lock:
             changed = self.cache.replace_kind(kind, body.get("items") or [])
+            self._rv[kind] = str((body.get("metadata") or {}).get("resourceVersion") or "") or None
             self.last_success_s = self._clock()
+            self.lists += 1
             self.failing.pop(kind, None)
         return changed
 
@@ -362,6 +422,10 @@ class KubeDiscovery:
     def observation(self) -> ClusterObservation:
         with self._lock:
             return self.cache.observation(self._clock(), str(self.cache.generation))
+
+    def resource_version(self, kind: str) -> str | None:
+        with self._lock:
+            return self._rv[kind]
 
     def probe(self) -> float:
         """A cheap request (`GET /version`) whose success renews a quiet cluster's lease: a lease must
@@ -382,35 +446,74 @@ class KubeDiscovery:
         return now
 
     def watch_kind_once(self, kind: str, on_change: Callable[[], None]) -> None:
-        """LIST then WATCH `kind` until the server ends the watch or `stop()` is called."""
-        from kubernetes import watch
+        """WATCH `kind` from where the cache is (LIST first when it has no resourceVersion) until the
+        server ends the watch, answers 410 Gone, or `stop()` is called."""
+        from kubernetes.client.exceptions import ApiException
+        from kubernetes.watch.watch import iter_resp_lines
 
-        if self.list_kind(kind):
-            on_change()
-        w = watch.Watch()
+        rv = self.resource_version(kind)
+        if rv is None:
+            if self.list_kind(kind):
+                on_change()
+            rv = self.resource_version(kind)
+        else:
+            self.resumes += 1
         try:
-            for ev in w.stream(self._list_fn(kind), timeout_seconds=self.watch_timeout_s,
-                               _request_timeout=self.watch_timeout_s + 5, deserialize=False,
-                               allow_watch_bookmarks=True):
+            resp = self._call(kind, watch=True, resource_version=rv or None, allow_watch_bookmarks=True,
+                              timeout_seconds=self.watch_timeout_s, _request_timeout=self.watch_timeout_s + 5)
+        except ApiException as e:
+            if e.status == HTTP_GONE:
+                self._expire(kind)
+                return
+            with self._lock:  # refused (403, 5xx…): see it again from a LIST once it answers
+                self._rv[kind] = None
+            raise
+        except BaseException:
+            with self._lock:
+                self._rv[kind] = None
+            raise
+        try:
+            for line in iter_resp_lines(resp):
                 if self._stop.is_set():
                     break
-                if ev.get("type") == "BOOKMARK":  # the server's "still here" on a quiet watch
-                    with self._lock:
-                        self.last_success_s = self._clock()
+                if not line.strip():
                     continue
-                raw = ev.get("raw_object") or ev.get("object")
+                ev = json.loads(line)
+                kind_of_event = str(ev.get("type"))
+                raw = ev.get("object")
                 if not isinstance(raw, Mapping):
                     continue
+                if kind_of_event == "ERROR":
+                    if raw.get("code") == HTTP_GONE:
+                        self._expire(kind)
+                        return
+                    raise DiscoveryError(f"cluster {self.cluster}: watch of {kind} failed: {raw.get('message')}")
+                new_rv = str((raw.get("metadata") or {}).get("resourceVersion") or "") or None
                 with self._lock:
-                    changed = self.cache.apply_event(kind, str(ev.get("type")), raw)
                     self.last_success_s = self._clock()
+                    if new_rv is not None:
+                        self._rv[kind] = new_rv
+                    if kind_of_event == "BOOKMARK":  # the server's "still here, now at version X"
+                        self.bookmarks += 1
+                        continue
+                    changed = self.cache.apply_event(kind, kind_of_event, raw)
                 if changed:
                     on_change()
+        except BaseException:
+            with self._lock:  # where the stream broke is unknown: start over with a LIST
+                self._rv[kind] = None
+            raise
         finally:
-            w.stop()
+            resp.close()
+            resp.release_conn()
+
+    def _expire(self, kind: str) -> None:
+        with self._lock:
+            self._rv[kind] = None
+            self.expired += 1
 
     def start(self, on_change: Callable[[ClusterObservation], None], retry_s: float = 1.0) -> None:
-        """One daemon thread per kind: LIST+WATCH forever, re-listing after every watch ends."""
+        """One daemon thread per kind: LIST+WATCH forever, resuming each watch where the last ended."""
 
         def loop(kind: str) -> None:
             while not self._stop.is_set():

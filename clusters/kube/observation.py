@@ -19,6 +19,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+# Where meshfed's own objects live in a member cluster (clusters.kind.manifests installs them; the
+# lab's kubelet writes the same): never enrolled, read by discovery for the gateway's address.
+MESH_NAMESPACE = "meshfed-system"
+GATEWAY_SERVICE = "eastwest-gateway"   # type LoadBalancer, port 15008; also the gateway's service account
+
 
 @dataclass(frozen=True, slots=True)
 class NodeInfo:
@@ -78,5 +83,8 @@ class ClusterObservation:
     nodes: tuple[NodeInfo, ...] = ()
     services: tuple[ServiceInfo, ...] = ()
     endpoints: tuple[EndpointInfo, ...] = ()
-    resource_version: str = ""    # opaque; for logs (the emulated API server does not keep one)
+    resource_version: str = ""    # opaque; for logs
     removed_endpoints: tuple[tuple[str, str, str], ...] = ()  # partial observations only
+    # The east-west gateway Service's load-balancer address (status.loadBalancer.ingress[0].ip or
+    # .hostname), "" while it has none: where a Cluster without eastWestGateway.address is reached.
+    gateway_address: str = ""

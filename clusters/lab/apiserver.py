@@ -1,29 +1,43 @@
 """The emulated Kubernetes API server: kmock's KubernetesEmulator behind one small adapter.
 
-The lab and the integration tests need something the *real* `kubernetes` client can list and
-watch, so that discovery (`clusters.kube.discovery`) is the same code for lab, kind and real clusters.
-kmock 0.8 is an in-memory API server over aiohttp; this module is the only one that imports it,
-runs it on its own event loop in a daemon thread (callers are synchronous), and papers over its
-caveats:
+The lab and the integration tests need something the *real* `kubernetes` client and kubectl can
+list, watch and apply to, so that discovery (`clusters.kube.discovery`) and `meshfed install` are
+the same code for lab, kind and real clusters. kmock 0.8 is an in-memory API server over aiohttp;
+this module is the only one that imports it, runs it on its own event loop in a daemon thread
+(callers are synchronous), and papers over its caveats. Writes go to kmock (it stores, merges
+patches, answers 404/409); reads are served from our `Journal` of what the writes produced:
 
-- an object's namespace is not filled in from the URL: `apply()` writes `metadata.namespace`;
-- `resourceVersion` is a placeholder: we stamp `metadata.resourceVersion` with our own counter so
-  logs can tell versions apart (discovery never relies on it);
-- label selectors are ignored: filtering happens in `clusters.kube.discovery`;
-- patches are plain merges: `apply()` replaces an object by deleting and re-creating it when
-  the caller asks for `replace=True` (lists inside an object cannot shrink through a merge);
+- `resourceVersion`: kmock keeps a placeholder. Every write that kmock accepts is recorded in the
+  journal with the next number of one server-wide counter, stamped on the object as Kubernetes
+  does; lists carry the counter in `metadata.resourceVersion`;
+- watches follow Kubernetes: from `resourceVersion` N they replay the journal's events after N
+  (410 Gone as an ERROR event when N is older than the journal keeps, like a compacted etcd), from
+  "" or "0" they start with ADDED for every current object; `allowWatchBookmarks` adds a BOOKMARK
+  every `bookmark_interval_s`; `timeoutSeconds` ends the stream;
+- label selectors (`labelSelector`, kubectl's grammar) are evaluated by the server, on lists and on
+  watches, where an object that stops matching is seen as DELETED and one that starts matching as
+  ADDED (what a real API server sends); `fieldSelector` supports metadata.name/metadata.namespace;
+- an object's namespace is filled in from the URL; `uid` and `creationTimestamp` are set at
+  creation and kept across patches;
+- patches are plain merges (a strategic merge patch is stored as a merge): `apply()` replaces an
+  object by deleting and re-creating it when the caller asks for `replace=True`; PUT is refused
+  with a hint (kubectl apply and the client's patch calls never PUT);
 - its URL parser cannot read `/api/v1/namespaces[/NAME]` (it takes "namespaces" as the start of
-  a namespaced path and fails): `_namespaces_rewrite` maps those paths onto a private
-  cluster-scoped resource before kmock parses them, so Namespaces list and watch like the rest;
+  a namespaced path and fails): `_namespaces_rewrite` maps those writes onto a private
+  cluster-scoped resource before kmock parses them;
 - its discovery documents (`/api`, `/api/v1`, `/apis`, `/apis/<group>/<version>`) leave out
   `namespaced`, `verbs`, the singular kind and a proper `groupVersion`, and its lists carry no
-  `kind`/`apiVersion`, so kubectl says "the server doesn't have a resource type": we answer
-  discovery ourselves from `_RESOURCES` (`discovery_document`) and stamp `<Kind>List` on lists,
-  so `kubectl get pods|services|nodes|namespaces|endpointslices` works against the emulator;
-- it has no authentication API: TokenRequest (`POST .../serviceaccounts/<sa>/token`) and
-  TokenReview (`POST /apis/authentication.k8s.io/v1/tokenreviews`) are answered here by a
-  `clusters.lab.tokens.TokenAuthority` with a key of this server's own, against the Pods it stores,
-  so proxies bootstrap with projected ServiceAccount tokens in the lab as on Kubernetes.
+  `kind`/`apiVersion`: we answer discovery ourselves from `_RESOURCES` (`discovery_document`);
+- kubectl apply validates objects; it skips its client-side validation (which needs OpenAPI v2)
+  when the server's OpenAPI v3 says the PATCH of a kind takes `fieldValidation`: `openapi_v3`
+  says so for every served kind (the emulator does not validate fields: the unit tests check the
+  manifests against the real schemas with kubernetes-validate).
+
+Only kinds in `_RESOURCES` are served (the rest answer 404 with the list of what is); and, as a real
+API server does for ServiceAccount tokens, TokenRequest (`POST .../serviceaccounts/<sa>/token`) and
+TokenReview (`POST /apis/authentication.k8s.io/v1/tokenreviews`), answered by this server's
+`clusters.lab.tokens.TokenAuthority` (its own key) against the Pods and ServiceAccounts it stores,
+so proxies bootstrap with projected ServiceAccount tokens in the lab as on Kubernetes.
 
 `write_kubeconfig()` produces a kubeconfig whose context (`lab-<cluster>` by convention) points
 at the server, which is how `ClusterApi(kind=LAB, context=...)` reaches it.
@@ -32,20 +46,24 @@ at the server, which is how `ClusterApi(kind=LAB, context=...)` reaches it.
 from __future__ import annotations
 
 import asyncio
-import itertools
+import collections
 import json
 import os
-import re
 import secrets
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clusters.kube.discovery import LabelSelector
 from clusters.lab.tokens import TokenAuthority
+from gitops.model import AMBIENT_LABEL, AMBIENT_VALUE
 from ztunnel.api.secret_files import read_secret, write_secret
 
 # (apiVersion, kind) -> (URL prefix, plural, namespaced)
@@ -54,8 +72,22 @@ _RESOURCES: dict[tuple[str, str], tuple[str, str, bool]] = {
     ("v1", "Node"): ("/api/v1", "nodes", False),
     ("v1", "Pod"): ("/api/v1", "pods", True),
     ("v1", "Service"): ("/api/v1", "services", True),
+    ("v1", "ServiceAccount"): ("/api/v1", "serviceaccounts", True),
+    ("v1", "ConfigMap"): ("/api/v1", "configmaps", True),
     ("discovery.k8s.io/v1", "EndpointSlice"): ("/apis/discovery.k8s.io/v1", "endpointslices", True),
+    ("apps/v1", "DaemonSet"): ("/apis/apps/v1", "daemonsets", True),
+    ("apps/v1", "Deployment"): ("/apis/apps/v1", "deployments", True),
+    ("rbac.authorization.k8s.io/v1", "ClusterRole"): ("/apis/rbac.authorization.k8s.io/v1", "clusterroles", False),
+    ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"):
+        ("/apis/rbac.authorization.k8s.io/v1", "clusterrolebindings", False),
+    ("rbac.authorization.k8s.io/v1", "Role"): ("/apis/rbac.authorization.k8s.io/v1", "roles", True),
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"): ("/apis/rbac.authorization.k8s.io/v1", "rolebindings", True),
 }
+
+MAX_JOURNAL_EVENTS = 10_000        # events kept for watches to resume from (older: 410 Gone)
+DEFAULT_BOOKMARK_INTERVAL_S = 5.0  # a real API server sends one about every minute
+MAX_WATCH_TIMEOUT_S = 3600
+HTTP_GONE = 410
 
 
 class ApiServerError(RuntimeError):
@@ -75,11 +107,19 @@ def object_path(api_version: str, kind: str, namespace: str | None, name: str | 
 
 
 _NS_PRIVATE = "/apis/emulated.meshfed.dev/v1/namespaceobjects"
-_SHORT_NAMES = {"namespaces": ["ns"], "nodes": ["no"], "pods": ["po"], "services": ["svc"]}
-_VERBS = ["create", "delete", "get", "list", "patch", "watch"]  # what kmock serves
+_SHORT_NAMES = {"namespaces": ["ns"], "nodes": ["no"], "pods": ["po"], "services": ["svc"],
+                "serviceaccounts": ["sa"], "configmaps": ["cm"], "daemonsets": ["ds"], "deployments": ["deploy"]}
+_VERBS = ["create", "delete", "get", "list", "patch", "watch"]  # what we serve
 # The Kubernetes version the emulated API server says it is (the version kubectl and kind pin)
 VERSION_INFO = {"major": "1", "minor": "33", "gitVersion": "v1.33.1-meshfed-emulated", "platform": "linux/amd64",
                 "gitCommit": "", "gitTreeState": "clean", "buildDate": "", "goVersion": "", "compiler": "gc"}
+
+
+def _group_versions() -> dict[str, list[tuple[str, str, bool, str]]]:
+    groups: dict[str, list[tuple[str, str, bool, str]]] = {}
+    for (api_version, kind), (prefix, plural, namespaced) in _RESOURCES.items():
+        groups.setdefault(api_version, []).append((prefix, plural, namespaced, kind))
+    return groups
 
 
 def discovery_document(path: str) -> dict[str, Any] | None:
@@ -91,9 +131,7 @@ def discovery_document(path: str) -> dict[str, Any] | None:
     if p == "/api":
         return {"kind": "APIVersions", "apiVersion": "v1", "versions": ["v1"],
                 "serverAddressByClientCIDRs": []}
-    groups: dict[str, list[tuple[str, str, bool, str]]] = {}
-    for (api_version, kind), (prefix, plural, namespaced) in _RESOURCES.items():
-        groups.setdefault(api_version, []).append((prefix, plural, namespaced, kind))
+    groups = _group_versions()
     if p == "/apis":
         named = sorted(gv for gv in groups if "/" in gv)
         return {"kind": "APIGroupList", "apiVersion": "v1", "groups": [
@@ -105,18 +143,36 @@ def discovery_document(path: str) -> dict[str, Any] | None:
                 {"name": plural, "singularName": kind.lower(), "namespaced": namespaced, "kind": kind,
                  "verbs": _VERBS, "shortNames": _SHORT_NAMES.get(plural, [])}
                 for _prefix, plural, namespaced, kind in sorted(entries)]}
+        if "/" in gv and p == "/apis/" + gv.split("/")[0]:
+            group, version = gv.split("/")
+            return {"kind": "APIGroup", "apiVersion": "v1", "name": group,
+                    "versions": [{"groupVersion": gv, "version": version}],
+                    "preferredVersion": {"groupVersion": gv, "version": version}}
     return None
 
 
-def _list_kind(path: str) -> tuple[str, str] | None:
-    """(apiVersion, "<Kind>List") when `path` is a collection of a served kind, else None."""
-    parts = "/" + path.strip("/")
-    for (api_version, kind), (prefix, plural, namespaced) in _RESOURCES.items():
-        if not parts.startswith(prefix + "/"):
+def openapi_v3(path: str) -> dict[str, Any] | None:
+    """`/openapi/v3` (the index) and `/openapi/v3/<group-version>`: just enough for kubectl to know
+    that every served kind's PATCH takes `fieldValidation` (so kubectl apply leaves validation to
+    the server instead of downloading OpenAPI v2). No schemas: the emulator checks no fields."""
+    p = "/" + path.strip("/")
+    groups = _group_versions()
+    if p == "/openapi/v3":
+        return {"paths": {entries[0][0].lstrip("/"): {"serverRelativeURL": f"/openapi/v3{entries[0][0]}?hash=emulated"}
+                          for entries in groups.values()}}
+    for gv, entries in groups.items():
+        if p != "/openapi/v3" + entries[0][0]:
             continue
-        rest = parts[len(prefix) + 1:].split("/")
-        if rest == [plural] or (namespaced and len(rest) == 3 and rest[0] == "namespaces" and rest[2] == plural):
-            return api_version, f"{kind}List"
+        group, _, version = gv.rpartition("/")
+        paths: dict[str, Any] = {}
+        for prefix, plural, namespaced, kind in entries:
+            item = f"{prefix}/namespaces/{{namespace}}/{plural}/{{name}}" if namespaced else f"{prefix}/{plural}/{{name}}"
+            paths[item] = {"patch": {
+                "x-kubernetes-group-version-kind": {"group": group, "version": version, "kind": kind},
+                "parameters": [{"name": "fieldValidation", "in": "query", "schema": {"type": "string"}},
+                               {"name": "fieldManager", "in": "query", "schema": {"type": "string"}}]}}
+        return {"openapi": "3.0.0", "info": {"title": "Kubernetes (meshfed emulated)", "version": VERSION_INFO["gitVersion"]},
+                "paths": paths, "components": {"schemas": {}}}
     return None
 
 
@@ -128,11 +184,166 @@ def _namespaces_rewrite(path: str) -> str | None:
     return None
 
 
-async def _answer_tokens(raw_request: Any, tokens: TokenAuthority) -> Any:
+# --- requests of served kinds ---------------------------------------------------------------------
+
+
+ResourceKey = tuple[str, str]  # (apiVersion, kind)
+ObjKey = tuple[str, str]       # (namespace or "", name)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """What a request path names: a served kind, in a namespace (or all), maybe one object."""
+
+    resource: ResourceKey
+    namespaced: bool
+    namespace: str | None
+    name: str | None
+    subresource: str | None = None
+
+
+def parse_target(path: str) -> Target | None:
+    """`/api/v1/namespaces/shop/pods/x` -> Target(("v1","Pod"), True, "shop", "x"); None when the
+    path names no served kind."""
+    p = "/" + path.strip("/")
+    for key, (prefix, plural, namespaced) in _RESOURCES.items():
+        if not p.startswith(prefix + "/"):
+            continue
+        rest = p[len(prefix) + 1:].split("/")
+        ns: str | None = None
+        if namespaced and len(rest) >= 3 and rest[0] == "namespaces" and rest[2] == plural:
+            ns, rest = rest[1], rest[2:]
+        if not rest or rest[0] != plural or len(rest) > 3:
+            continue
+        if plural == "namespaces" and ns is None and len(rest) >= 3:
+            continue  # /api/v1/namespaces/<ns>/<plural>: a namespaced kind, not a Namespace
+        return Target(key, namespaced, ns, rest[1] if len(rest) > 1 else None, rest[2] if len(rest) > 2 else None)
+    return None
+
+
+def _field_selector(text: str) -> list[tuple[str, str, bool]]:
+    """`metadata.name=x,metadata.namespace!=y` -> [(field, value, equal)]; other fields refused."""
+    out = []
+    for term in filter(None, (t.strip() for t in text.split(","))):
+        equal = "!=" not in term
+        field_name, _, value = term.replace("!=", "=").replace("==", "=").partition("=")
+        if field_name not in ("metadata.name", "metadata.namespace"):
+            raise ValueError(f"field selector {field_name!r} is not supported here (metadata.name, metadata.namespace)")
+        out.append((field_name, value, equal))
+    return out
+
+
+def _meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    return obj.get("metadata") or {}
+
+
+def _selected(obj: Mapping[str, Any] | None, labels: LabelSelector, fields: list[tuple[str, str, bool]]) -> bool:
+    if obj is None:
+        return False
+    meta = _meta(obj)
+    if not labels.matches({str(k): str(v) for k, v in (meta.get("labels") or {}).items()}):
+        return False
+    return all((str(meta.get(f.split(".")[1]) or "") == v) == eq for f, v, eq in fields)
+
+
+class Gone(Exception):
+    """A watch asked for a resourceVersion older than the journal keeps."""
+
+
+@dataclass(frozen=True, slots=True)
+class JournalEvent:
+    rv: int
+    resource: ResourceKey
+    key: ObjKey
+    type: str                            # ADDED | MODIFIED | DELETED
+    obj: Mapping[str, Any]               # after (for DELETED: the last state)
+    prev: Mapping[str, Any] | None       # before (None for ADDED)
+
+
+class Journal:
+    """Every accepted write, versioned: the read side of the emulator (pure; one event loop uses it).
+
+    Invariants: `rv` is the version of the newest event and what a list reports; `objects` is the
+    state after applying every event; `events` holds the newest `max_events` events in order, so
+    a watch from version N can be served iff N >= `oldest_rv - 1`.
+    """
+
+    def __init__(self, max_events: int = MAX_JOURNAL_EVENTS) -> None:
+        self.rv = 0
+        self.objects: dict[ResourceKey, dict[ObjKey, dict[str, Any]]] = {}
+        self.events: collections.deque[JournalEvent] = collections.deque(maxlen=max_events)
+
+    @property
+    def oldest_rv(self) -> int:
+        return self.events[0].rv if self.events else self.rv + 1
+
+    def record(self, resource: ResourceKey, type_: str, obj: Mapping[str, Any], namespace: str | None) -> dict[str, Any]:
+        """Journal what a write produced; returns the object as readers will see it."""
+        meta = dict(_meta(obj))
+        if namespace and not meta.get("namespace"):
+            meta["namespace"] = namespace
+        key = (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
+        bucket = self.objects.setdefault(resource, {})
+        prev = bucket.get(key)
+        if type_ == "ADDED" or prev is None:
+            meta.setdefault("uid", str(uuid.uuid4()))
+            meta.setdefault("creationTimestamp", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        else:  # kmock's patched object lacks what only we added
+            for k in ("uid", "creationTimestamp"):
+                meta.setdefault(k, _meta(prev).get(k))
+        self.rv += 1
+        meta["resourceVersion"] = str(self.rv)
+        api_version, kind = resource
+        stored = {**obj, "apiVersion": api_version, "kind": kind, "metadata": meta}
+        if type_ == "DELETED":
+            bucket.pop(key, None)
+        else:
+            bucket[key] = stored
+        self.events.append(JournalEvent(self.rv, resource, key, type_, stored, prev))
+        return stored
+
+    def get(self, resource: ResourceKey, key: ObjKey) -> dict[str, Any] | None:
+        return self.objects.get(resource, {}).get(key)
+
+    def select(self, resource: ResourceKey, namespace: str | None, labels: LabelSelector,
+               fields: list[tuple[str, str, bool]]) -> list[dict[str, Any]]:
+        """The current objects a list (or a watch from "now") returns."""
+        return [o for k, o in sorted(self.objects.get(resource, {}).items())
+                if (namespace is None or k[0] == namespace) and _selected(o, labels, fields)]
+
+    def since(self, resource: ResourceKey, rv: int, namespace: str | None, labels: LabelSelector,
+              fields: list[tuple[str, str, bool]]) -> list[tuple[int, str, dict[str, Any]]]:
+        """The watch events after version `rv` as a selecting watcher sees them. Raises Gone."""
+        if rv < self.oldest_rv - 1:
+            raise Gone(f"too old resource version: {rv} ({self.oldest_rv - 1})")
+        newer: list[JournalEvent] = []
+        for ev in reversed(self.events):  # newest first, stopping at the watcher's version: O(new events)
+            if ev.rv <= rv:
+                break
+            newer.append(ev)
+        out: list[tuple[int, str, dict[str, Any]]] = []
+        for ev in reversed(newer):
+            if ev.resource != resource or (namespace is not None and ev.key[0] != namespace):
+                continue
+            was, now = _selected(ev.prev, labels, fields), _selected(ev.obj, labels, fields)
+            if ev.type == "DELETED":
+                if was or now:
+                    out.append((ev.rv, "DELETED", dict(ev.obj)))
+            elif now:
+                out.append((ev.rv, "MODIFIED" if was else "ADDED", dict(ev.obj)))
+            elif was:  # stopped matching: gone for this watcher
+                out.append((ev.rv, "DELETED", dict(ev.obj)))
+        return out
+
+
+def _status(code: int, reason: str, message: str) -> dict[str, Any]:
+    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
+            "reason": reason, "code": code}
+
+
+async def _answer_tokens(raw_request: Any, journal: Journal, tokens: TokenAuthority) -> Any:
     """TokenRequest and TokenReview (see `clusters.lab.tokens`), or None for any other request.
-    Pods are looked up with a GET to this very server, like every other read (a request whose body
-    was read cannot be handed on to kmock)."""
-    import aiohttp
+    Pods and ServiceAccounts are read from the journal, like every other read."""
     from aiohttp import web
 
     from clusters.lab.tokens import TOKEN_REQUEST_PATH, TOKEN_REVIEW_PATH, TokenRequestError
@@ -143,97 +354,171 @@ async def _answer_tokens(raw_request: Any, tokens: TokenAuthority) -> Any:
         return None
     try:
         body = json.loads(await raw_request.read() or b"{}")
+        if not isinstance(body, dict):
+            raise ValueError("not an object")
     except ValueError:
-        return web.json_response({"kind": "Status", "status": "Failure", "message": "body is not JSON",
-                                  "code": 400}, status=400)
-    pods: dict[tuple[str, str], Any] = {}
-    wanted = _pods_named(body, request_match)
-    if wanted:
-        origin = str(raw_request.url.origin())
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
-            for ns, name in wanted:
-                async with http.get(f"{origin}/api/v1/namespaces/{ns}/pods/{name}") as got:
-                    if got.status == 200:
-                        pods[(ns, name)] = await got.json(content_type=None)
+        return web.json_response(_status(400, "BadRequest", "the body is not a JSON object"), status=400)
 
     def find_pod(ns: str, name: str) -> Any:
-        return pods.get((ns, name))
+        return journal.get(("v1", "Pod"), (ns, name))
 
-    if request_match is not None:
-        try:
-            answer = tokens.token_request(request_match.group(1), request_match.group(2), body, find_pod)
-        except TokenRequestError as e:
-            return web.json_response({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": str(e),
-                                      "code": e.status}, status=e.status)
-        return web.json_response(answer, status=201)
-    return web.json_response(tokens.token_review(body, find_pod), status=201)
-
-
-def _pods_named(body: Any, request_match: Any) -> list[tuple[str, str]]:
-    """The pods a token request binds to, or the pod a reviewed token claims (read unverified
-    here only to know which pod to fetch; the review verifies the token before trusting it)."""
-    from clusters.lab.tokens import claims_unverified
-
-    spec = body.get("spec") or {} if isinstance(body, dict) else {}
-    if request_match is not None:
-        ref = spec.get("boundObjectRef") or {}
-        return [(request_match.group(1), str(ref.get("name")))] if ref.get("kind") == "Pod" and ref.get("name") else []
-    k8s = claims_unverified(str(spec.get("token") or "")).get("kubernetes.io") or {}
-    pod = k8s.get("pod") or {}
-    ns, name = str(k8s.get("namespace") or ""), str(pod.get("name") or "")
-    return [(ns, name)] if _is_name(ns) and _is_name(name) else []
+    if request_match is None:
+        return web.json_response(tokens.token_review(body, find_pod), status=201)
+    ns, sa = request_match.group(1), request_match.group(2)
+    if journal.get(("v1", "ServiceAccount"), (ns, sa)) is None:
+        return web.json_response(_status(404, "NotFound", f'serviceaccounts "{sa}" not found'), status=404)
+    try:
+        return web.json_response(tokens.token_request(ns, sa, body, find_pod), status=201)
+    except TokenRequestError as e:
+        return web.json_response(_status(e.status, "Invalid" if e.status == 422 else "BadRequest", str(e)),
+                                 status=e.status)
 
 
-_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
-
-
-def _is_name(text: str) -> bool:
-    return bool(_NAME.fullmatch(text))
-
-
-def _server_cls_with_namespaces(refusals: dict[str, int] | None = None,
-                                tokens: TokenAuthority | None = None) -> Any:
+def _server_cls(journal: Journal, state: _ServerState) -> Any:
     from aiohttp import web
     from aiohttp.test_utils import RawTestServer
 
-    refused = refusals if refusals is not None else {}
+    def fail(code: int, reason: str, message: str) -> Any:
+        return web.json_response(_status(code, reason, message), status=code)
+
+    async def read(raw_request: Any, target: Target) -> Any:
+        q = raw_request.query
+        try:
+            labels, fields = LabelSelector(q.get("labelSelector", "")), _field_selector(q.get("fieldSelector", ""))
+        except ValueError as e:
+            return fail(400, "BadRequest", str(e))
+        if target.name is not None and q.get("watch") not in ("true", "1"):
+            obj = journal.get(target.resource, (target.namespace or "", target.name))
+            if obj is None:
+                return fail(404, "NotFound", f'{target.resource[1].lower()}s "{target.name}" not found')
+            return web.json_response(obj)
+        if target.name is not None:
+            fields = [*fields, ("metadata.name", target.name, True)]
+        if q.get("watch") in ("true", "1"):
+            return await watch(raw_request, target, labels, fields)
+        api_version, kind = target.resource
+        return web.json_response({"apiVersion": api_version, "kind": f"{kind}List",
+                                  "metadata": {"resourceVersion": str(journal.rv)},
+                                  "items": journal.select(target.resource, target.namespace, labels, fields)})
+
+    async def watch(raw_request: Any, target: Target, labels: LabelSelector,
+                    fields: list[tuple[str, str, bool]]) -> Any:
+        q = raw_request.query
+        try:
+            timeout_s = min(float(q.get("timeoutSeconds") or MAX_WATCH_TIMEOUT_S), MAX_WATCH_TIMEOUT_S)
+            start_rv = q.get("resourceVersion") or ""
+            rv = int(start_rv) if start_rv not in ("", "0") else None
+        except ValueError:
+            return fail(400, "BadRequest", f"resourceVersion {q.get('resourceVersion')!r} is not a version")
+        bookmarks = q.get("allowWatchBookmarks") in ("true", "1")
+        resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+        await resp.prepare(raw_request)
+        api_version, kind = target.resource
+        deadline = time.monotonic() + timeout_s
+
+        async def send(type_: str, obj: Mapping[str, Any]) -> None:
+            await resp.write(json.dumps({"type": type_, "object": obj}).encode() + b"\n")
+
+        if rv is None:  # start from now, with the current state as ADDED
+            for obj in journal.select(target.resource, target.namespace, labels, fields):
+                await send("ADDED", obj)
+            rv = journal.rv
+        next_bookmark = time.monotonic() + state.bookmark_interval_s
+        while not state.stopping:
+            try:
+                events = journal.since(target.resource, rv, target.namespace, labels, fields)
+            except Gone as e:
+                await send("ERROR", _status(HTTP_GONE, "Expired", str(e)))
+                break
+            for ev_rv, type_, obj in events:
+                await send(type_, obj)
+                rv = ev_rv
+            rv = max(rv, journal.rv)  # nothing of ours in between: the watcher is at the head
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            if bookmarks and now >= next_bookmark:
+                await send("BOOKMARK", {"apiVersion": api_version, "kind": kind,
+                                        "metadata": {"resourceVersion": str(rv)}})
+                next_bookmark = now + state.bookmark_interval_s
+            wake = min(deadline, next_bookmark if bookmarks else deadline) - now
+            async with state.changed:
+                try:
+                    await asyncio.wait_for(state.changed.wait(), timeout=max(0.01, wake))
+                except TimeoutError:
+                    pass
+        return resp
+
+    async def record_write(raw_request: Any, target: Target, resp: Any) -> Any:
+        if not isinstance(resp, web.Response) or not 200 <= resp.status < 300 or not isinstance(resp.body, bytes):
+            return resp
+        try:
+            obj = json.loads(resp.body)
+        except ValueError:
+            return resp
+        if not isinstance(obj, dict) or not _meta(obj).get("name"):
+            return resp
+        type_ = {"POST": "ADDED", "PATCH": "MODIFIED", "DELETE": "DELETED"}[raw_request.method]
+        if type_ == "MODIFIED" and _meta(obj).get("deletionTimestamp") is None and \
+                journal.get(target.resource, (target.namespace or "", str(_meta(obj)["name"]))) is None:
+            type_ = "ADDED"
+        stored = journal.record(target.resource, type_, obj, target.namespace)
+        async with state.changed:
+            state.changed.notify_all()
+        return web.json_response(stored, status=resp.status)
 
     def make(handler: Any, **kw: Any) -> Any:
         async def wrapped(raw_request: Any) -> Any:
-            path = raw_request.path
-            for prefix, status in list(refused.items()):
+            path, method = raw_request.path, raw_request.method
+            for prefix, status in list(state.refusals.items()):
                 if path.startswith(prefix):  # an injected fault: this part of the API refuses
-                    return web.json_response({"apiVersion": "v1", "kind": "Status", "status": "Failure",
-                                              "code": status, "reason": "Forbidden" if status == 403 else "Refused",
-                                              "message": f"{path} refused (fault injected)"}, status=status)
-            if tokens is not None:
-                answered = await _answer_tokens(raw_request, tokens)
+                    return fail(status, "Forbidden" if status == 403 else "Refused", f"{path} refused (fault injected)")
+            if state.tokens is not None:
+                answered = await _answer_tokens(raw_request, journal, state.tokens)
                 if answered is not None:
                     return answered
-            if raw_request.method == "GET":
-                doc = discovery_document(path)
+            if method == "GET":
+                doc = discovery_document(path) or openapi_v3(path)
                 if doc is not None:
                     return web.json_response(doc)
-            list_kind = _list_kind(path) if raw_request.method == "GET" and \
-                raw_request.query.get("watch") not in ("true", "1") else None
+            target = parse_target(path)
+            if target is None:
+                if path.startswith(("/api/", "/apis/")):
+                    known = ", ".join(sorted(p for _, p, _ in _RESOURCES.values()))
+                    return fail(404, "NotFound", f"the emulated API server does not serve {path}; it serves: {known}")
+                return await handler(raw_request)
+            if target.subresource is not None:
+                return fail(404, "NotFound", f"subresource {target.subresource!r} is not served by the emulated API server")
+            if method == "GET":
+                return await read(raw_request, target)
+            if method == "PUT":
+                return fail(405, "MethodNotAllowed", "the emulated API server does not take PUT (replace); use "
+                            "`kubectl apply` or a patch")
+            if method not in ("POST", "PATCH", "DELETE"):
+                return fail(405, "MethodNotAllowed", f"{method} is not served")
             new_path = _namespaces_rewrite(path)
             if new_path is not None:
                 query = raw_request.query_string
                 raw_request = raw_request.clone(rel_url=new_path + (f"?{query}" if query else ""))
-            resp = await handler(raw_request)
-            if list_kind is not None and isinstance(resp, web.Response) and isinstance(resp.body, bytes):
-                try:
-                    body = json.loads(resp.body)
-                except ValueError:
-                    return resp
-                if isinstance(body, dict) and "items" in body and not body.get("kind"):
-                    body["apiVersion"], body["kind"] = list_kind
-                    return web.json_response(body, status=resp.status)
-            return resp
+            async with state.write_lock:  # one write at a time: journal order = kmock's order
+                return await record_write(raw_request, target, await handler(raw_request))
 
         return RawTestServer(wrapped, **kw)
 
     return make
+
+
+class _ServerState:
+    """Shared by the server's handlers, on its event loop."""
+
+    def __init__(self, bookmark_interval_s: float, refusals: dict[str, int] | None = None,
+                 tokens: TokenAuthority | None = None) -> None:
+        self.bookmark_interval_s = bookmark_interval_s
+        self.tokens = tokens  # ServiceAccount tokens: TokenRequest, TokenReview
+        self.refusals = refusals if refusals is not None else {}  # path prefix -> status (injected faults)
+        self.changed = asyncio.Condition()
+        self.write_lock = asyncio.Lock()
+        self.stopping = False
 
 
 class EmulatedApiServer:
@@ -243,7 +528,9 @@ class EmulatedApiServer:
     that watchers see ADDED/MODIFIED/DELETED events exactly as a real client's writes would cause.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int | None = None,
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None, *,
+                 bookmark_interval_s: float = DEFAULT_BOOKMARK_INTERVAL_S,
+                 max_journal_events: int = MAX_JOURNAL_EVENTS,
                  clock: Callable[[], float] = time.time) -> None:
         self._host, self._port = host, port
         # this server's ServiceAccount token signer (its own key: other servers' tokens do not verify)
@@ -251,10 +538,12 @@ class EmulatedApiServer:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
+        self._state: _ServerState | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._url = ""
-        self._rv = itertools.count(1)
+        self.bookmark_interval_s = bookmark_interval_s
+        self.journal = Journal(max_journal_events)  # read it only through HTTP while running
         self._refusals: dict[str, int] = {}   # path prefix -> HTTP status (faults; read by the request wrapper)
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -279,11 +568,15 @@ class EmulatedApiServer:
             kwargs: dict[str, Any] = {"host": self._host}
             if self._port is not None:
                 kwargs["port"] = self._port
-            kwargs["server_cls"] = _server_cls_with_namespaces(self._refusals, self.tokens)
+            self._state = _ServerState(self.bookmark_interval_s, self._refusals, self.tokens)
+            kwargs["server_cls"] = _server_cls(self.journal, self._state)
             async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator, **kwargs) as srv:
                 self._url = f"http://{self._host}:{srv.port}"
                 self._ready.set()
                 await self._stop.wait()
+                self._state.stopping = True  # open watches end instead of holding the server
+                async with self._state.changed:
+                    self._state.changed.notify_all()
 
         try:
             asyncio.run(serve())
@@ -297,7 +590,10 @@ class EmulatedApiServer:
         if self._thread is None:
             return
         if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
+            try:
+                self._loop.call_soon_threadsafe(self._stop.set)
+            except RuntimeError:  # the loop already ended (the server failed)
+                pass
         self._thread.join(timeout_s)
         self._thread = None
 
@@ -367,8 +663,7 @@ class EmulatedApiServer:
         name, namespace = meta.get("name"), meta.get("namespace")
         if not name:
             raise ApiServerError(f"{obj.get('kind')} without metadata.name")
-        meta["resourceVersion"] = str(next(self._rv))
-        meta.setdefault("creationTimestamp", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        meta.pop("resourceVersion", None)  # the server's to set
         body = {**obj, "metadata": meta}
         api_version, kind = str(obj.get("apiVersion", "v1")), str(obj.get("kind"))
         path = object_path(api_version, kind, namespace, name)
@@ -405,9 +700,13 @@ class EmulatedApiServer:
         for obj in objects:
             self.apply(obj, replace=True)
 
-    def list(self, api_version: str, kind: str) -> list[dict[str, Any]]:
+    def list(self, api_version: str, kind: str, label_selector: str = "") -> list[dict[str, Any]]:
         prefix, plural, _ = _RESOURCES[(api_version, kind)]
-        return list(self._request("GET", f"{prefix}/{plural}").get("items", []))
+        query = f"?labelSelector={urllib.parse.quote(label_selector)}" if label_selector else ""
+        return list(self._request("GET", f"{prefix}/{plural}{query}").get("items", []))
+
+    def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict[str, Any]:
+        return self._request("GET", object_path(api_version, kind, namespace, name))
 
 
 def merge_kubeconfig(base: Mapping[str, Any], mine: Mapping[str, Any]) -> dict[str, Any]:
@@ -464,7 +763,9 @@ def objects_from_observation(obs: Any) -> list[dict[str, Any]]:
                     "status": {"addresses": [{"type": "InternalIP", "address": n.address}],
                                "conditions": [{"type": "Ready", "status": "True" if n.ready else "False"}]}})
     namespaces = sorted({s.namespace for s in obs.services} | {e.namespace for e in obs.endpoints})
-    out.extend({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}} for ns in namespaces)
+    # Enrolled in the mesh (a Cluster's default namespaceSelector), as the lab's namespaces are.
+    out.extend({"apiVersion": "v1", "kind": "Namespace",
+                "metadata": {"name": ns, "labels": {AMBIENT_LABEL: AMBIENT_VALUE}}} for ns in namespaces)
     for s in obs.services:
         out.append({"apiVersion": "v1", "kind": "Service",
                     "metadata": {"name": s.name, "namespace": s.namespace, "labels": dict(s.labels)},

@@ -9,12 +9,13 @@ argv with the command's own parser.
 
 The lab's conventions for proxies: HBONE on 0.0.0.0:15008, admin on 127.0.0.1:15021 (inside the
 proxy's own namespace), and for node ztunnels SOCKS5 on the pod-bridge address :15080 plus the
-transparent listener :15001 that the node's iptables REDIRECT (`topology.capture_rules`) sends pod
-TCP to, and the DNS responder on the pod-bridge address :15053 that pods' DNS is redirected to. A
-proxy with a rendered `config.json` runs standalone; without one it joins the controller (first
-certificate with its pod's projected ServiceAccount token, which the lab's kubelet keeps fresh in
-the proxy's directory, then config over gRPC), verifying the controller with its trust domain's
-roots (`roots/<td>.pem` in the controller's state directory).
+transparent listener :15001 and the DNS responder on the pod-bridge address :15053, with
+`--capture`: the proxy programs the node namespace's iptables itself (`ztunnel.proxy.capture_rules`,
+the same code the kind DaemonSet runs) so that its enrolled pods' TCP is redirected to :15001 and
+their DNS (udp/tcp 53) to :15053. A proxy with a rendered `config.json` runs standalone; without
+one it joins the controller (first certificate with its pod's projected ServiceAccount token, which
+the lab's kubelet keeps fresh in the proxy's directory, then config over gRPC), verifying the
+controller with its trust domain's roots (`roots/<td>.pem` in the controller's state directory).
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ def proxy_argv(python: Sequence[str], proxy_id: str, proxy_dir: Path, socks_host
                  "--controller-roots", str(controller_dir / TRUST_ANCHORS_DIR / f"{trust_domain}.pem")]
     if proxy_id.startswith("ztunnel/"):
         argv += ["--socks", f"{socks_host}:{SOCKS5_PORT}", "--transparent", f"0.0.0.0:{OUTBOUND_CAPTURE_PORT}",
-                 # pods' DNS, captured by the node (topology.capture_rules)
+                 "--capture",
+                 # pods' DNS, captured by the node's rules (the proxy's --capture) for its enrolled pods
                  "--dns", f"{socks_host}:{DNS_CAPTURE_PORT}", "--dns-upstream", "none",
                  "--dns-unanswered", dns_unanswered]
     else:

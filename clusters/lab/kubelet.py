@@ -12,11 +12,12 @@ per cluster is fixed by the plan, only their conditions change.
 
 The proxies are pods too, as the DaemonSet and the gateway Deployment run them on Kubernetes
 (`proxy_pod_objects`: `meshfed-system/ztunnel-<node>`, host network, on its node, as service
-account `ztunnel`; `meshfed-system/eastwest-gateway` as `eastwest-gateway`), and like a kubelet the
-lab keeps each one's projected ServiceAccount token in the proxy's directory (`TokenProjector`):
-requested from the cluster's API server (TokenRequest, audience `meshfed-controller`, bound to the
-pod), refreshed when older than 80 % of its life (the kubelet's rule), written 0600 and atomically.
-That token is how a lab proxy bootstraps with the controller: no shared secret.
+account `ztunnel`; `meshfed-system/eastwest-gateway` as `eastwest-gateway`, the pod the gateway
+Service selects), and like a kubelet the lab keeps each one's projected ServiceAccount token in the
+proxy's directory (`TokenProjector`): requested from the cluster's API server (TokenRequest,
+audience `meshfed-controller`, bound to the pod), refreshed when older than 80 % of its life (the
+kubelet's rule), written 0600 and atomically. That token is how a lab proxy bootstraps with the
+controller: no shared secret.
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
 
+from clusters.kube.observation import GATEWAY_SERVICE, MESH_NAMESPACE
 from clusters.lab.layout import proxy_pod_name
-from clusters.lab.topology import ClusterPlan, NodePlan, PodPlan, ServiceVip
+from clusters.lab.topology import ClusterPlan, GatewayPlan, NodePlan, PodPlan, ServiceVip
+from gitops.model import AMBIENT_LABEL, AMBIENT_VALUE
 from ztunnel.api.identity import (
     CONTROLLER_TOKEN_AUDIENCE,
     GATEWAY_SERVICE_ACCOUNT,
     NODE_PROXY_SERVICE_ACCOUNT,
-    PROXY_NAMESPACE,
 )
 from ztunnel.api.secret_files import make_private_dir, write_secret
 
@@ -150,6 +152,19 @@ def endpoint_slice_object(vip: ServiceVip, cluster: ClusterPlan, states: Mapping
     }
 
 
+def gateway_service_object(gw: GatewayPlan) -> dict[str, Any]:
+    """The east-west gateway's Service as a cloud (or MetalLB) leaves it: type LoadBalancer on the
+    HBONE port, its address in status.loadBalancer.ingress (the lab's WAN leg plays the LB)."""
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": GATEWAY_SERVICE, "namespace": MESH_NAMESPACE,
+                     "labels": {"app.kubernetes.io/name": GATEWAY_SERVICE, "app.kubernetes.io/part-of": "meshfed"}},
+        "spec": {"type": "LoadBalancer", "selector": {"app.kubernetes.io/name": GATEWAY_SERVICE},
+                 "ports": [{"name": "tls-hbone", "port": gw.port, "targetPort": gw.port, "protocol": "TCP"}]},
+        "status": {"loadBalancer": {"ingress": [{"ip": gw.wan_address, "ipMode": "VIP"}]}},
+    }
+
+
 def proxy_ids(cluster: ClusterPlan) -> list[str]:
     """The proxies of a lab cluster: a node proxy per node, and its gateway if it has one."""
     return [f"ztunnel/{cluster.name}/{n.name}" for n in cluster.nodes] + (
@@ -157,34 +172,47 @@ def proxy_ids(cluster: ClusterPlan) -> list[str]:
 
 
 def proxy_pod_objects(cluster: ClusterPlan) -> list[dict[str, Any]]:
-    """The Pods the proxies run as (see the module docstring). Discovery leaves them out: the node
-    proxies use the host network and the gateway pod has no pod address of the mesh."""
-    out = []
-    for pid in proxy_ids(cluster):
+    """The ServiceAccounts and Pods the proxies run as (see the module docstring). Discovery leaves
+    the pods out: node proxies use the host network, the gateway pod has no mesh pod address."""
+    ids = proxy_ids(cluster)
+    accounts = sorted({NODE_PROXY_SERVICE_ACCOUNT if p.startswith("ztunnel/") else GATEWAY_SERVICE_ACCOUNT for p in ids})
+    out: list[dict[str, Any]] = [{"apiVersion": "v1", "kind": "ServiceAccount",
+                                  "metadata": {"name": sa, "namespace": MESH_NAMESPACE}} for sa in accounts]
+    for pid in ids:
         name = proxy_pod_name(pid)
         node = pid.split("/")[2] if pid.startswith("ztunnel/") else ""
         spec: dict[str, Any] = {
             "serviceAccountName": NODE_PROXY_SERVICE_ACCOUNT if node else GATEWAY_SERVICE_ACCOUNT,
-            "containers": [{"name": "istio-proxy" if node else "gateway", "image": "meshfed.dev/lab/ztunnel"}]}
+            "containers": [{"name": "ztunnel" if node else GATEWAY_SERVICE, "image": "meshfed.dev/lab/ztunnel"}]}
         if node:
             spec.update(nodeName=node, hostNetwork=True)
         out.append({"apiVersion": "v1", "kind": "Pod",
-                    "metadata": {"name": name, "namespace": PROXY_NAMESPACE,
-                                 "labels": {"app": "ztunnel" if node else "eastwest-gateway"},
-                                 "uid": f"lab-{cluster.name}-{PROXY_NAMESPACE}-{name}"},
+                    "metadata": {"name": name, "namespace": MESH_NAMESPACE,
+                                 "labels": {"app.kubernetes.io/name": "ztunnel" if node else GATEWAY_SERVICE},
+                                 "uid": f"lab-{cluster.name}-{MESH_NAMESPACE}-{name}"},
                     "spec": spec, "status": {"phase": "Running"}})
     return out
 
 
 def desired_objects(cluster: ClusterPlan, pod_states: Mapping[str, PodState],
                     node_states: Mapping[str, NodeState]) -> dict[str, dict[str, Any]]:
-    """Every API object of a lab cluster, keyed "Kind/namespace/name" (pure)."""
+    """Every API object of a lab cluster, keyed "Kind/namespace/name" (pure).
+
+    The workloads' namespaces are written enrolled (`istio.io/dataplane-mode=ambient`) once; a
+    label changed later (`kubectl label ns shop istio.io/dataplane-mode-`) stays: the kubelet
+    rewrites an object only when what it wants changes, and it never wants a namespace's labels
+    to change."""
     objs: dict[str, dict[str, Any]] = {}
-    proxies = proxy_pod_objects(cluster)
-    namespaces = sorted({p.namespace for p in cluster.pods} | {v.namespace for v in cluster.services}
-                        | ({PROXY_NAMESPACE} if proxies else set()))
+    namespaces = sorted({p.namespace for p in cluster.pods} | {v.namespace for v in cluster.services})
     for ns in namespaces:
-        objs[f"Namespace//{ns}"] = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}
+        objs[f"Namespace//{ns}"] = {"apiVersion": "v1", "kind": "Namespace",
+                                    "metadata": {"name": ns, "labels": {AMBIENT_LABEL: AMBIENT_VALUE}}}
+    proxies = proxy_pod_objects(cluster)
+    if cluster.gateway is not None or proxies:
+        objs[f"Namespace//{MESH_NAMESPACE}"] = {"apiVersion": "v1", "kind": "Namespace",
+                                                "metadata": {"name": MESH_NAMESPACE}}
+    if cluster.gateway is not None:
+        objs[f"Service/{MESH_NAMESPACE}/{GATEWAY_SERVICE}"] = gateway_service_object(cluster.gateway)
     for n in cluster.nodes:
         objs[f"Node//{n.name}"] = node_object(n, node_states.get(n.name, NodeState(True)), cluster)
     for v in cluster.services:
@@ -194,8 +222,8 @@ def desired_objects(cluster: ClusterPlan, pod_states: Mapping[str, PodState],
         objs[f"Pod/{p.namespace}/{p.name}"] = pod_object(p, cluster.node(p.node), st)
     for v in cluster.services:
         objs[f"EndpointSlice/{v.namespace}/{v.name}-lab"] = endpoint_slice_object(v, cluster, pod_states)
-    for proxy in proxies:
-        objs[f"Pod/{PROXY_NAMESPACE}/{proxy['metadata']['name']}"] = proxy
+    for obj in proxies:  # service accounts first, then the pods that run as them
+        objs[f"{obj['kind']}/{MESH_NAMESPACE}/{obj['metadata']['name']}"] = obj
     return objs
 
 
@@ -214,7 +242,7 @@ class ProjectedVolume:
     pod: str
     service_account: str
     path: Path
-    namespace: str = PROXY_NAMESPACE
+    namespace: str = MESH_NAMESPACE
     audience: str = CONTROLLER_TOKEN_AUDIENCE
 
 

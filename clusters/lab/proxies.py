@@ -23,7 +23,7 @@ from pathlib import Path
 from clusters.lab.commands import ProxySpec, proxy_argv, proxy_specs
 from clusters.lab.layout import CONTROLLER_DIR, SA_TOKEN_FILE, proxy_dir
 from clusters.lab.processes import ManagedProcess, ProcessTable
-from clusters.lab.topology import LabPlan, NetnsName, capture_rules, run_iptables
+from clusters.lab.topology import LabPlan
 from ztunnel.api.secret_files import make_private_dir
 
 
@@ -38,7 +38,6 @@ class DataPlane:
         self.dns_unanswered = dns_unanswered
         self.specs = proxy_specs(plan)
         self._start_lock = threading.Lock()
-        self._captured: set[NetnsName] = set()
 
     @property
     def controller_dir(self) -> Path:
@@ -73,12 +72,7 @@ class DataPlane:
         old = self.procs.put(mp)
         if old is not None:
             old.terminate()
-        mp.start()
-        if spec.is_node and spec.netns not in self._captured:
-            cluster, node = spec.proxy_id.split("/")[1:]
-            for rule in capture_rules(self.plan.cluster(cluster).node(node)):
-                run_iptables(rule.netns, rule.args)
-            self._captured.add(spec.netns)
+        mp.start()  # a node proxy programs its namespace's capture rules itself (--capture)
 
     def token_path(self, proxy_id: str) -> Path:
         """Where the kubelet projects `proxy_id`'s ServiceAccount token (its --sa-token-file)."""

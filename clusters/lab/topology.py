@@ -31,9 +31,10 @@ Networks (the Cluster's `network`), as Istio multi-network and single-network mu
   Istio's kind CI adds them between clusters of one network — and only between those.
 
 DNS: a pod's resolv.conf (what kubelet writes for dnsPolicy ClusterFirst) names the cluster DNS
-address; the node's capture rules send its udp/tcp 53 to the node ztunnel's DNS responder, which
-answers the mesh's global names and, in the lab (no kube-dns, no internet), NXDOMAIN for the rest.
-No hosts files.
+address; the node's capture rules (programmed by the node ztunnel itself, `--capture`, for its
+enrolled pods: `ztunnel.proxy.capture_rules`) send its udp/tcp 53 to the node ztunnel's DNS
+responder, which answers the mesh's global names and, in the lab (no kube-dns, no internet),
+NXDOMAIN for the rest. No hosts files.
 
 Isolation invariants (the lab's point, checked by the lab tests):
 - the sandbox root ns never forwards (ip_forward=0) and has no address on cluster or WAN bridges;
@@ -54,7 +55,7 @@ from dataclasses import dataclass, field
 from typing import NewType
 
 from gitops.model import Cluster, DemoBehaviour, GlobalService, LabCluster, ServiceKey
-from ztunnel.api.ports import DNS_CAPTURE_PORT, DNS_PORT, HBONE_PORT, OUTBOUND_CAPTURE_PORT
+from ztunnel.api.ports import HBONE_PORT
 
 NetnsName = NewType("NetnsName", str)
 
@@ -130,6 +131,7 @@ class GatewayPlan:
     cluster_root_ifname: str
     wan_root_ifname: str
     mgmt_root_ifname: str
+    address_from_cluster: bool = False  # the fleet left eastWestGateway.address out: the lab's "LB" gave it
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,6 +300,16 @@ def service_vips(services: Iterable[GlobalService], service_net: ipaddress.IPv4N
     )
 
 
+def lb_address(wan: ipaddress.IPv4Network, cluster_index: int, explicit: set[str]) -> ipaddress.IPv4Address:
+    """The WAN address the lab's load balancer gives cluster `cluster_index`'s gateway Service when
+    the fleet leaves eastWestGateway.address out: counted down from the top of the WAN, skipping
+    addresses the fleet names explicitly (deterministic: the same fleet, the same address)."""
+    candidates = [a for a in reversed(list(wan.hosts())) if str(a) not in explicit]
+    if cluster_index > len(candidates) or cluster_index > wan.num_addresses // 2:
+        raise PlanError(f"the lab WAN {wan} has no free address left for another gateway; use a larger WAN")
+    return candidates[cluster_index - 1]
+
+
 def resolv_conf_text(cluster: ClusterPlan, namespace: str) -> str:
     """/etc/resolv.conf of a pod in `namespace`, as kubelet writes it for dnsPolicy ClusterFirst:
     the cluster DNS Service, the namespace's search list and ndots:5. Global names
@@ -349,6 +361,8 @@ def plan_lab(
         LinkUp(ROOT_NS, "lo"),
     ]
     wan_taken: dict[str, str] = {}
+    explicit_wan = {str(c.east_west_gateway.address) for c in clusters.values()
+                    if c.east_west_gateway is not None and c.east_west_gateway.address is not None}
     for ci, name in enumerate(names, start=1):
         cl, lab = clusters[name], lab_clusters[name]
         if not lab.nodes:
@@ -398,7 +412,11 @@ def plan_lab(
 
         gw: GatewayPlan | None = None
         if cl.east_west_gateway is not None:
-            wan_addr = ipaddress.ip_address(cl.east_west_gateway.address)
+            from_cluster = cl.east_west_gateway.address is None
+            # No address in the fleet: the lab plays the cluster's load balancer and hands one out
+            # (published in the gateway Service's status, where discovery reads it, as on kind).
+            wan_addr = (lb_address(wan, ci, explicit_wan) if cl.east_west_gateway.address is None
+                        else ipaddress.ip_address(cl.east_west_gateway.address))
             if wan_addr not in wan:
                 raise PlanError(f"cluster {name}: eastWestGateway.address {wan_addr} is not on the lab WAN {wan}; "
                                 f"use an address in {wan}")
@@ -409,6 +427,7 @@ def plan_lab(
             gw = GatewayPlan(
                 cluster=name, netns=gns, cluster_address=str(node_net.network_address + 2),
                 wan_address=str(wan_addr), wan_prefix_len=wan.prefixlen, port=cl.east_west_gateway.port,
+                address_from_cluster=from_cluster,
                 mgmt_address=str(mgmt.network_address + (ci << 8) + 2),
                 cluster_root_ifname=_check_ifname(f"c{ci}g"), wan_root_ifname=_check_ifname(f"c{ci}w"),
                 mgmt_root_ifname=_check_ifname(f"c{ci}gm"),
@@ -513,30 +532,6 @@ def same_network_routes(clusters: Sequence[ClusterPlan]) -> list[Action]:
                 out.append(AddRoute(node.netns, peer.node_cidr, dev="eth0"))
                 out += [AddRoute(node.netns, n.pod_cidr, via=n.address) for n in peer.nodes]
     return out
-
-
-def capture_rules(node: NodePlan) -> tuple[Iptables, ...]:
-    """istio-cni-style transparent capture in a node namespace: TCP from its pods goes to ztunnel.
-
-    Everything a pod sends over TCP (except to its own node, e.g. the SOCKS5 port) is redirected to
-    the node ztunnel's outbound port, which recovers the destination with SO_ORIGINAL_DST. DNS
-    (udp and tcp 53, whatever the nameserver) goes to the node ztunnel's DNS responder first, as
-    istio-cni's `-p udp --dport 53 -j REDIRECT --to-port 15053`.
-    """
-    return (
-        Iptables(node.netns, ("-t", "nat", "-N", "MESHFED_DNS")),
-        Iptables(node.netns, ("-t", "nat", "-A", "MESHFED_DNS", "-p", "udp", "--dport", str(DNS_PORT),
-                              "-j", "REDIRECT", "--to-ports", str(DNS_CAPTURE_PORT))),
-        Iptables(node.netns, ("-t", "nat", "-A", "MESHFED_DNS", "-p", "tcp", "--dport", str(DNS_PORT),
-                              "-j", "REDIRECT", "--to-ports", str(DNS_CAPTURE_PORT))),
-        Iptables(node.netns, ("-t", "nat", "-A", "PREROUTING", "-i", "cbr0", "-j", "MESHFED_DNS")),
-        Iptables(node.netns, ("-t", "nat", "-N", "MESHFED_OUTBOUND")),
-        Iptables(node.netns, ("-t", "nat", "-A", "MESHFED_OUTBOUND", "-d", node.pod_gateway, "-j", "RETURN")),
-        Iptables(node.netns, ("-t", "nat", "-A", "MESHFED_OUTBOUND", "-d", node.address, "-j", "RETURN")),
-        Iptables(node.netns, ("-t", "nat", "-A", "MESHFED_OUTBOUND", "-p", "tcp",
-                              "-j", "REDIRECT", "--to-ports", str(OUTBOUND_CAPTURE_PORT))),
-        Iptables(node.netns, ("-t", "nat", "-A", "PREROUTING", "-i", "cbr0", "-p", "tcp", "-j", "MESHFED_OUTBOUND")),
-    )
 
 
 # --- execution (the one place that runs `ip`) ---------------------------------------------------

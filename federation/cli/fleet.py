@@ -122,7 +122,8 @@ _EFFECT_LINES: tuple[tuple[str, Callable[[dict[str, Any]], str]], ...] = (
     ("tier_changes", lambda e: f"{e['endpoint']} for {e['service']} from zone {e['client_zone']}: "
                                f"tier {e['old_tier']} -> {e['new_tier']}"),
     ("access_changes", lambda e: f"{e['identity']} {e['change']} access to {e['service']}"),
-    ("gateways_touched", lambda e: f"{e['proxy']} {e['change']}"),
+    ("gateways_touched", lambda e: f"{e['proxy']} {e['change']}"
+                                   + (f" {e['old']} -> {e['new']}" if e["change"] == "address" else "")),
     ("proxies_changed", lambda e: f"{e['proxy']} {e['change']}"
                                   + (f" ({', '.join(e['services'])})" if e.get("services") else "")),
 )

@@ -28,6 +28,7 @@ from federation.cli.output import (
 
 DEFAULT_STATE_DIR = "/tmp/meshfed-lab"
 DEFAULT_FLEET = "examples/fleet"
+DEFAULT_KIND_FLEET = "examples/fleet-kind"   # contexts kind-<cluster>, gateway addresses from MetalLB
 
 
 def _state_dir(value: str | None) -> Path:
@@ -59,24 +60,67 @@ def lab() -> None:
     """Run the federation on this machine: clusters as network namespaces in a private sandbox."""
 
 
+provider_option = click.option(
+    "--provider", type=click.Choice(["lab", "kind"]), default="lab", show_default=True,
+    help="lab: network namespaces on this machine; kind: kind clusters in Docker (clusters.kind)")
+
+
+def _kind(state_dir: str | None, fleet: str, dry_run: bool = False) -> Any:
+    from clusters.kind.plan import KindOptions
+    from clusters.kind.provider import KindProvider, default_state_dir
+
+    sd = Path(state_dir) if state_dir else default_state_dir()
+    import sys
+
+    opts = KindOptions(state_dir=sd.resolve(), fleet_dir=Path(fleet).resolve(),
+                       repo_dir=Path(__file__).resolve().parents[2], python=(sys.executable,))
+    return KindProvider(opts, dry_run=dry_run)
+
+
+def _kind_up(fleet: str, state_dir: str | None, dry_run: bool, output: str) -> None:
+    from clusters.kind.runner import KindError
+    from federation.cli.kind import load_fleet
+
+    snapshot = load_fleet(fleet)
+    provider = _kind(state_dir, fleet, dry_run)
+    try:
+        summary = provider.up(snapshot)
+    except KindError as e:
+        fail(str(e), hint="`meshfed check --pre --provider kind` lists what is missing; `meshfed lab down "
+                          "--provider kind` removes what was created", code=EXIT_FAILED)
+    if output in ("json", "yaml"):
+        emit_data(summary, output)
+        return
+    if summary.get("dry_run"):
+        click.echo("dry run: the cluster plan above; the install plan needs the kind network's facts")
+        return
+    click.echo(f"kind lab up: contexts {', '.join(summary['contexts'])} in {summary['kubeconfig']}")
+    click.echo(f"controller status API: {summary['controller_status']}   (export MESHFED_CONTROLLER=...; meshfed status)")
+
+
 @lab.command("up")
 @click.option("--fleet", "fleet", default=DEFAULT_FLEET, show_default=True, type=click.Path(file_okay=False),
               help="fleet repo directory (its Cluster and LabCluster objects give the topology)")
 @state_dir_option
+@provider_option
 @click.option("--no-ztunnel", is_flag=True, help="do not start node ztunnels and gateways")
 @click.option("--no-controller", is_flag=True, help="do not start the controller")
 @click.option("--dns-unanswered", type=click.Choice(["nxdomain", "servfail"]), default="nxdomain", show_default=True,
               help="what the node ztunnels' DNS answers for a name the mesh does not know (the lab has no "
                    "kube-dns and no internet to forward it to)")
+@click.option("--dry-run", is_flag=True, help="kind: print the commands instead of running them")
 @output_option()
-def up(fleet: str, state_dir: str | None, no_ztunnel: bool, no_controller: bool, dns_unanswered: str,
-       output: str) -> None:
-    """Build the lab from the fleet repo and leave it running."""
+def up(fleet: str, state_dir: str | None, provider: str, no_ztunnel: bool, no_controller: bool, dns_unanswered: str,
+       dry_run: bool, output: str) -> None:
+    """Build the lab from the fleet repo and leave it running (--provider kind: kind clusters)."""
     import gitops
     from clusters.lab.sandbox import SandboxUnavailable
     from clusters.lab.topology import PlanError
     from gitops.problems import FleetError
 
+    if provider == "kind":
+        _kind_up(DEFAULT_KIND_FLEET if fleet == DEFAULT_FLEET else fleet, state_dir, dry_run, output)
+        return
     path = Path(fleet)
     if not path.is_dir():
         fail(f"fleet directory {path} does not exist", hint="pass --fleet PATH (e.g. examples/fleet)", code=EXIT_USAGE)
@@ -145,8 +189,18 @@ def status(state_dir: str | None, output: str) -> None:
 
 @lab.command("down")
 @state_dir_option
-def down(state_dir: str | None) -> None:
-    """Stop the lab: every namespace, link and process of it goes away."""
+@provider_option
+def down(state_dir: str | None, provider: str) -> None:
+    """Stop the lab: every namespace, link and process of it goes away (kind: what `up` created)."""
+    if provider == "kind":
+        from clusters.kind.runner import KindError
+
+        try:
+            removed = _kind(state_dir, DEFAULT_KIND_FLEET).down()
+        except KindError as e:
+            fail(str(e), code=EXIT_FAILED)
+        click.echo("kind lab down: " + (", ".join(removed) or "nothing recorded"))
+        return
     report = _runner(state_dir).down()
     if not report["ok"]:
         fail(f"the lab sandbox (pid {report['sandbox_pid']}) did not exit", code=EXIT_FAILED)
@@ -163,8 +217,11 @@ def down(state_dir: str | None) -> None:
               help="partition: drop (silent, timeouts) or reject (fast, resets)")
 @click.option("--ms", "delay_ms", type=float, default=50.0, show_default=True, help="latency: added delay each way")
 @state_dir_option
+@provider_option
+@click.option("--fleet", "fleet", default=DEFAULT_FLEET, show_default=True, type=click.Path(file_okay=False),
+              help="kind: the fleet the lab was made from (pod names, replicas)")
 def fault(kind: str, target: str | None, names: tuple[str, ...], mode: str, delay_ms: float,
-          state_dir: str | None) -> None:
+          state_dir: str | None, provider: str, fleet: str) -> None:
     """Inject or heal a fault.
 
     \b
@@ -173,7 +230,11 @@ def fault(kind: str, target: str | None, names: tuple[str, ...], mode: str, dela
     meshfed lab fault latency gateway west --ms 30
     meshfed lab fault stop controller
     meshfed lab fault heal            (everything)   |   heal pod east/shop/checkout-*
+    meshfed lab fault stop node east/node-1 --provider kind      (docker pause)
     """
+    if provider == "kind":
+        _kind_fault(kind, target, names, state_dir, DEFAULT_KIND_FLEET if fleet == DEFAULT_FLEET else fleet)
+        return
     runner = _runner(state_dir)
     try:
         if kind == "heal":
@@ -187,6 +248,24 @@ def fault(kind: str, target: str | None, names: tuple[str, ...], mode: str, dela
     except _lab_error() as e:
         fail(str(e), code=EXIT_FAILED)
     click.echo(f"{kind} {target} {' '.join(names)}: {len(res['applied'])} step(s) applied")
+
+
+def _kind_fault(kind: str, target: str | None, names: tuple[str, ...], state_dir: str | None, fleet: str) -> None:
+    from clusters.kind.runner import KindError
+    from federation.cli.kind import load_fleet
+
+    provider = _kind(state_dir, fleet)
+    try:
+        if kind == "heal":
+            for line in provider.heal() or ["nothing to heal"]:
+                click.echo(f"healed: {line}")
+            return
+        if target is None:
+            fail("name a target: pod, node, gateway, wan or controller", code=EXIT_USAGE)
+        steps = provider.fault(load_fleet(fleet), kind, target, names)
+    except KindError as e:
+        fail(str(e), code=EXIT_FAILED)
+    click.echo(f"{kind} {target} {' '.join(names)}: {len(steps)} step(s) applied")
 
 
 @lab.command("behaviour")

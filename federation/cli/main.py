@@ -16,7 +16,8 @@ from federation.cli.output import EXIT_USAGE
 # Modules that define a `register(group)` function. Order is the order in `meshfed --help`.
 COMMAND_MODULES = (
     "federation.cli.fleet",   # validate, plan
-    "federation.cli.lab",     # lab up|status|down|fault
+    "federation.cli.lab",     # lab up|status|down|fault (--provider lab|kind)
+    "federation.cli.kind",    # install, image build
     "federation.cli.trust",   # trust
     "federation.cli.core",    # explain, graph
     "federation.cli.ops",     # controller run, status, clusters, services, endpoints, failover, check

@@ -91,11 +91,15 @@ def register(group: click.Group) -> None:
                        "certificate); default: the --listen host, any free port (shown in status)")
     @click.option("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
     @click.option("--kubeconfig", default=None, help="kubeconfig for the clusters' contexts (default $KUBECONFIG)")
+    @click.option("--in-cluster", "in_cluster", default=None, metavar="CLUSTER",
+                  help="running in a pod of this fleet cluster: reach it through the pod's service account "
+                       "(the others through --kubeconfig contexts)")
     @click.option("--insecure", is_flag=True, help="plaintext gRPC trusting proxy ids: loopback tests only")
     @click.option("--git-poll-interval", "git_poll_s", type=float, default=None,
                   help="seconds; default: the Federation's gitPollInterval")
     def run(repo: str, branch: str, state_dir: str, listen: str, status_listen: str, bootstrap_listen: str | None,
-            ray_address: str | None, kubeconfig: str | None, insecure: bool, git_poll_s: float | None) -> None:
+            ray_address: str | None, kubeconfig: str | None, in_cluster: str | None, insecure: bool,
+            git_poll_s: float | None) -> None:
         """Follow the fleet repo, watch every cluster, push config to every proxy."""
         if insecure and not is_loopback_listen(listen):
             fail("--insecure serves plaintext gRPC: only on a loopback --listen address (127.0.0.0/8 or [::1])",
@@ -106,7 +110,8 @@ def register(group: click.Group) -> None:
         run_controller(ControllerOptions(repo=repo, branch=branch, state_dir=state_dir, listen=listen,
                                          status_listen=status_listen, bootstrap_listen=bootstrap_listen,
                                          ray_address=ray_address,
-                                         kubeconfig=kubeconfig, insecure=insecure, git_poll_interval_s=git_poll_s))
+                                         kubeconfig=kubeconfig, in_cluster=in_cluster, insecure=insecure,
+                                         git_poll_interval_s=git_poll_s))
 
     @controller.command("bootstrap-token")
     @click.option("--state-dir", default=".meshfed", show_default=True, help="the controller's state directory")
@@ -250,9 +255,16 @@ def register(group: click.Group) -> None:
 
     @group.command("check")
     @controller_option
+    @click.option("--pre", is_flag=True, help="before anything exists: what this machine lacks for --provider")
+    @click.option("--provider", type=click.Choice(["kind"]), default="kind", show_default=True,
+                  help="--pre: the provider to check for")
+    @click.option("--fleet", default=None, type=click.Path(file_okay=False),
+                  help="--pre: also check this fleet (contexts, subnets free on this machine)")
     @output_option()
-    def check(controller: str, output: str) -> None:
-        """Grouped pass/fail checks; each failure with a cause and a hint."""
+    def check(controller: str, pre: bool, provider: str, fleet: str | None, output: str) -> None:
+        """Grouped pass/fail checks; each failure with a cause and a hint (--pre: this machine, for kind)."""
+        if pre:
+            _preflight(fleet, output)
         data = fetch(controller, "/api/v1/check")
         failed = [c for c in data if not c["ok"]]
         if output in ("json", "yaml"):
@@ -271,3 +283,18 @@ def register(group: click.Group) -> None:
             out.print(f"{len(data) - len(failed)} passed, {len(failed)} failed", markup=False)
         raise SystemExit(EXIT_PROBLEMS if failed else EXIT_OK)
 
+
+def _preflight(fleet: str | None, output: str) -> None:
+    """`meshfed check --pre --provider kind`: exit 0 when kind can run here, 1 with the fixes otherwise."""
+    from clusters.kind import preflight
+    from federation.cli.kind import load_fleet
+
+    checks = preflight.evaluate(preflight.probe(), load_fleet(fleet) if fleet else None)
+    bad = preflight.failed(checks)
+    if output in ("json", "yaml"):
+        emit_data([c.as_dict() for c in checks], output)
+    else:
+        click.echo("kind preflight (nothing is created):")
+        click.echo(preflight.report(checks))
+        click.echo(f"{len(checks) - len(bad)} passed, {len(bad)} failed")
+    raise SystemExit(EXIT_PROBLEMS if bad else EXIT_OK)

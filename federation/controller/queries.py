@@ -75,7 +75,8 @@ def fleet_clusters(snap: ConfigSnapshot | None) -> dict[str, dict[str, Any]]:
         return {}
     return {name: {"api_kind": c.api.kind.value, "context": c.api.context, "kubeconfig": c.api.kubeconfig,
                    "trust_domain": str(c.trust_domain), "network": str(c.network),
-                   "lease_ttl_s": snap.federation.partition.lease_ttl_s}
+                   "lease_ttl_s": snap.federation.partition.lease_ttl_s,
+                   "namespace_selector": c.namespace_selector.query()}
             for name, c in snap.clusters.items()}
 
 

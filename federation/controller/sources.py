@@ -170,21 +170,28 @@ class AgentSpec:
     api_kind: str
     lease_ttl_s: float
     watch_timeout_s: int
+    namespace_selector: str = ""  # enrolled namespaces (kubectl grammar); "" = all
 
-    def args(self) -> tuple[str, str | None, str, str, float, int]:
-        return (self.cluster, self.kubeconfig, self.context, self.api_kind, self.lease_ttl_s, self.watch_timeout_s)
+    def args(self) -> tuple[str, str | None, str, str, float, int, str]:
+        return (self.cluster, self.kubeconfig, self.context, self.api_kind, self.lease_ttl_s, self.watch_timeout_s,
+                self.namespace_selector)
 
 
 def agent_specs(fleet_clusters: Mapping[str, Mapping[str, Any]], default_kubeconfig: str | None,
-                watch_timeout_s: int | None = None) -> dict[str, AgentSpec]:
+                watch_timeout_s: int | None = None, in_cluster: str | None = None) -> dict[str, AgentSpec]:
     """One agent per cluster of the applied revision (`queries.fleet_clusters`). A watch is
     restarted at least three times per lease unless `watch_timeout_s` says otherwise, so a quiet
-    but healthy cluster renews its lease."""
+    but healthy cluster renews its lease. `in_cluster` names the cluster the controller runs in
+    (`controller run --in-cluster CLUSTER`): its agent uses the pod's service account, not a context."""
+    from clusters.kube.discovery import IN_CLUSTER_CONTEXT
+
     out = {}
     for name, c in fleet_clusters.items():
         ttl_s = float(c["lease_ttl_s"])
-        out[name] = AgentSpec(name, c.get("kubeconfig") or default_kubeconfig, c["context"], c["api_kind"], ttl_s,
-                              watch_timeout_s or max(2, int(ttl_s / 3)))
+        here = name == in_cluster
+        out[name] = AgentSpec(name, None if here else (c.get("kubeconfig") or default_kubeconfig),
+                              IN_CLUSTER_CONTEXT if here else c["context"], c["api_kind"], ttl_s,
+                              watch_timeout_s or max(2, int(ttl_s / 3)), str(c.get("namespace_selector", "")))
     return out
 
 

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from federation.core.failover import Ejection, FailoverEngine, Locality, priority_reason
+from federation.core.graph import describe_gateway
 from federation.core.trust_graph import CODE_UNTRUSTED_ROUTE
 from gitops.model import ServiceKey
 
@@ -98,7 +99,8 @@ def explain_service(engine: FailoverEngine, service: str, from_cluster: str,
             "cluster": piece.cluster,
             "network": piece.locality.network,
             "locality": f"{piece.locality.region}/{piece.locality.zone}",
-            "path": "via east-west gateway " + eps[0].gateway if piece.via_gateway and eps else "direct (same network)",
+            "path": "via east-west gateway " + describe_gateway(engine.graph.clusters[piece.cluster])
+            if piece.via_gateway and eps else "direct (same network)",
             "why": priority_reason(policy, source, piece.locality, piece.raw),
             "endpoints": [{"uid": e.workload_uid, "healthy": e.healthy, "weight": e.weight,
                            **_ejection_fields(ejected, e.workload_uid), "identity": e.identity} for e in eps],

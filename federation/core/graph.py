@@ -39,6 +39,10 @@ from ztunnel.api.ports import HBONE_PORT
 EMPTY_LABELS: Mapping[str, str] = MappingProxyType({})
 
 EndpointKey = tuple[str, str, str]  # (namespace, service, pod), as ClusterObservation keys them
+# What offline observations (`federation.core.offline`) report as the load-balancer address of a
+# gateway whose address only the cluster knows: a reserved name (RFC 2606) that explain prints
+# as "address from the cluster"; never pushed to a proxy (offline views are not).
+OFFLINE_GATEWAY_SUFFIX = ".address-from-cluster.invalid"
 
 
 def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
@@ -87,8 +91,32 @@ class ClusterView:
     region: str
     zone: str
     trust_domain: str
-    gateway: str  # "ip:port" of its east-west gateway, "" if it has none
+    gateway: str  # "ip:port" of its east-west gateway, "" if it has none (or none is known yet)
     spec: Cluster
+    # the fleet leaves eastWestGateway.address out: `gateway` is what discovery read from the
+    # gateway Service's load-balancer status ("" until the cluster reports one)
+    gateway_from_cluster: bool = False
+
+
+def describe_gateway(cv: ClusterView) -> str:
+    """The gateway's address for people: "host:port", with "(address from the cluster)" when the
+    fleet left it out, or just that phrase when no cluster told us yet (offline: plan, explain)."""
+    if not cv.gateway_from_cluster:
+        return cv.gateway
+    if not cv.gateway or cv.gateway.rsplit(":", 1)[0].endswith(OFFLINE_GATEWAY_SUFFIX):
+        return "(address from the cluster)"
+    return f"{cv.gateway} (address from the cluster)"
+
+
+def gateway_view(c: Cluster, observed_address: str) -> tuple[str, bool]:
+    """(the gateway's "host:port" or "", whether its address comes from the cluster)."""
+    gw = c.east_west_gateway
+    if gw is None:
+        return "", False
+    if gw.address is not None:
+        return f"{gw.address}:{gw.port}", False
+    host = f"[{observed_address}]" if ":" in observed_address else observed_address
+    return (f"{host}:{gw.port}" if observed_address else ""), True
 
 
 @dataclass(slots=True)
@@ -150,20 +178,15 @@ class EndpointGraph:
         # (cluster, namespace, name) -> the Service's clusterIP in that cluster: what its apps dial
         # (the node proxies' DNS answers with it), so the proxies of that cluster render it as the service's VIP.
         self.cluster_ips: dict[tuple[str, str, str], str] = {}
+        # cluster -> the load-balancer address its last observation reported for its gateway Service
+        self.observed_gateways: dict[str, str] = {}
         self._load_snapshot(snapshot)
 
     # --- snapshot ---------------------------------------------------------------------------
 
     def _load_snapshot(self, snapshot: ConfigSnapshot) -> None:
         self.snapshot = snapshot
-        self.clusters = {
-            name: ClusterView(
-                name=name, network=c.network, region=c.region, zone=c.zone, trust_domain=c.trust_domain,
-                gateway=f"{c.east_west_gateway.address}:{c.east_west_gateway.port}" if c.east_west_gateway else "",
-                spec=c,
-            )
-            for name, c in sorted(snapshot.clusters.items())
-        }
+        self.clusters = {name: self._view(name, c) for name, c in sorted(snapshot.clusters.items())}
         self.services = dict(sorted(snapshot.services.items(), key=lambda kv: (kv[0].namespace, kv[0].name)))
         self.hostnames = {s.hostname: k for k, s in self.services.items()}
         self._exported = {k: frozenset(s.export_from) for k, s in self.services.items()}
@@ -172,6 +195,11 @@ class EndpointGraph:
         self._identities = {}
         for name in self.clusters:
             self._state.setdefault(name, ClusterState())
+
+    def _view(self, name: str, c: Cluster) -> ClusterView:
+        gateway, from_cluster = gateway_view(c, self.observed_gateways.get(name, ""))
+        return ClusterView(name=name, network=c.network, region=c.region, zone=c.zone, trust_domain=c.trust_domain,
+                           gateway=gateway, spec=c, gateway_from_cluster=from_cluster)
 
     def set_snapshot(self, snapshot: ConfigSnapshot) -> GraphChange:
         """Adopt a new fleet revision: re-place every endpoint (trust domains, networks, exports may
@@ -242,6 +270,16 @@ class EndpointGraph:
         touched_services: set[tuple[str, str]] = set()
         touched_nodes: set[tuple[str, str]] = set()
         node_set_changed: set[str] = set()
+
+        if (obs.complete or obs.gateway_address) and self.observed_gateways.get(obs.cluster, "") != obs.gateway_address:
+            # A gateway address from the cluster appeared or moved: every remote view of every
+            # service goes through it, so everything is touched (rare: an LB address is sticky).
+            self.observed_gateways[obs.cluster] = obs.gateway_address
+            view = self._view(obs.cluster, self.clusters[obs.cluster].spec)
+            if view != self.clusters[obs.cluster]:
+                self.clusters[obs.cluster] = view
+                touched_services.update(self._skeys)
+                node_set_changed.update(self.clusters)
 
         new_nodes = {n.name: n for n in obs.nodes}
         if obs.complete:

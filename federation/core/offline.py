@@ -9,6 +9,8 @@ complete `ClusterObservation` per cluster, deterministic (same repo -> same name
   `nodes` (all nodes when empty); pods on node i get `<pod CIDR base>.<i>.<10 + n>` in placement
   order, so each node owns a /24 of the cluster's pod CIDR;
 - a cluster without a pod CIDR gets one from 10.64.0.0/10 derived from its name (stable);
+- a gateway whose address the fleet leaves out (it comes from the cluster) gets the placeholder
+  `<cluster>.address-from-cluster.invalid`, which explain and plan show as "address from the cluster";
 - pods carry the label `app: <workload>` (what AuthorizationPolicy selectors match), are ready,
   and back their workload's service; a client workload (no service) becomes an `EndpointInfo` with
   `service=""`: a workload of its node that backs nothing (the graph's convention).
@@ -20,6 +22,7 @@ import hashlib
 import ipaddress
 
 from clusters.kube.observation import ClusterObservation, EndpointInfo, NodeInfo, ServiceInfo, ServicePortInfo
+from federation.core.graph import OFFLINE_GATEWAY_SUFFIX
 from gitops.model import Cluster, ConfigSnapshot, LabCluster, ServiceKey
 
 FALLBACK_POD_SPACE = ipaddress.IPv4Network("10.64.0.0/10")
@@ -77,9 +80,12 @@ def observation_from_lab(snapshot: ConfigSnapshot, lab: LabCluster, observed_at_
                 address=_addr(base, node_index[node], host), node=node, service_account=w.service_account,
                 ports=ports, zone=zone_of[node], labels={"app": w.name},
             ))
+    gw = cluster.east_west_gateway
     return ClusterObservation(cluster=lab.cluster, observed_at_s=observed_at_s, complete=True,
                               nodes=nodes, services=tuple(services), endpoints=tuple(endpoints),
-                              resource_version="offline")
+                              resource_version="offline",
+                              gateway_address=f"{lab.cluster}{OFFLINE_GATEWAY_SUFFIX}"
+                              if gw is not None and gw.address is None else "")
 
 
 def offline_observations(snapshot: ConfigSnapshot, observed_at_s: float = 0.0) -> list[ClusterObservation]:

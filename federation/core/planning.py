@@ -25,6 +25,7 @@ from typing import Any
 
 from clusters.kube.observation import ClusterObservation
 from federation.core.failover import FailoverEngine, build_engine
+from federation.core.graph import describe_gateway
 from federation.core.render import Renderer, authorization_of
 from federation.core.trust_graph import identity_trust_domain
 from gitops.model import AuthorizationPolicy, ConfigSnapshot
@@ -165,7 +166,8 @@ def plan_effects(old_snapshot: ConfigSnapshot, new_snapshot: ConfigSnapshot,
         oc, nc = old.graph.clusters.get(c), new.graph.clusters.get(c)
         if oc is not None and nc is not None and oc.gateway != nc.gateway:
             per_cluster[c]["gateways_touched"].append(
-                {"proxy": f"gateway/{c}", "change": "address", "old": oc.gateway, "new": nc.gateway})
+                {"proxy": f"gateway/{c}", "change": "address", "old": describe_gateway(oc),
+                 "new": describe_gateway(nc)})
     summary = {
         "tier_changes": sum(len(v["tier_changes"]) for v in per_cluster.values()),
         "access_changes": sum(len(v["access_changes"]) for v in per_cluster.values()),

@@ -161,8 +161,9 @@ class GitSourceHost:
 
 class ClusterAgentHost:
     def __init__(self, cluster: str, kubeconfig: str | None, context: str, api_kind: str, lease_ttl_s: float,
-                 watch_timeout_s: int, reconciler: Any) -> None:
-        self.agent = ClusterAgent(cluster, kubeconfig, context, api_kind, lease_ttl_s, watch_timeout_s=watch_timeout_s)
+                 watch_timeout_s: int, namespace_selector: str, reconciler: Any) -> None:
+        self.agent = ClusterAgent(cluster, kubeconfig, context, api_kind, lease_ttl_s,
+                                  namespace_selector=namespace_selector, watch_timeout_s=watch_timeout_s)
         remote = RemoteReconciler(reconciler)
         self.agent.start(remote.on_observation, remote.on_lease)
 

@@ -55,6 +55,7 @@ class ControllerOptions:
     bootstrap_listen: str | None = None    # certificate service without client auth; None: listen host, any port
     ray_address: str | None = None
     kubeconfig: str | None = None
+    in_cluster: str | None = None          # the fleet cluster this controller runs in (its service account)
     insecure: bool = False                 # plaintext gRPC, proxy ids trusted: loopback tests only
     git_poll_interval_s: float | None = None
     debounce_after_s: float = 0.1
@@ -177,7 +178,7 @@ class Controller:
         return dict(decode_json(ray.get(self.config_server.status.remote(), timeout=10)))
 
     def _ensure_agents(self, fleet_clusters: dict[str, Any]) -> None:
-        wanted = agent_specs(fleet_clusters, self.kubeconfig, self.opts.watch_timeout_s)
+        wanted = agent_specs(fleet_clusters, self.kubeconfig, self.opts.watch_timeout_s, self.opts.in_cluster)
         nodes = alive_node_ids() if any(self.agent_specs.get(n) != s for n, s in wanted.items()) else []
         for name, spec in wanted.items():
             if self.agent_specs.get(name) != spec:

@@ -1,10 +1,13 @@
 """Transparent capture end to end, in network namespaces this test creates (root).
 
-    pod-a (client) ──veth──► node-a: iptables REDIRECT (the lab's `capture_rules`) → ztunnel :15001
+    pod-a (client) ──veth──► node-a: iptables REDIRECT (programmed by the ztunnel, `--capture`) → ztunnel :15001
         (SO_ORIGINAL_DST recovers the VIP) ──HBONE mTLS :15008──► node-b: ztunnel → pod-b (demo server)
 
 Both ztunnels run as `python -m ztunnel` with exactly the argv the lab builds
-(`clusters.lab.commands.proxy_argv`), so a mismatch between the lab's flags and the proxy's CLI fails here. The destination pod carries
+(`clusters.lab.commands.proxy_argv`), so a mismatch between the lab's flags and the proxy's CLI
+fails here; with `--capture` each installs the capture rules of its own node namespace
+(`ztunnel.proxy.capture_rules`, what the kind DaemonSet runs too) and captures only the pods its
+config names as this node's workloads (enrolled). The destination pod carries
 the PROXY v2 label, so the demo server reports the *verified* caller identity it got in TLV 0xD0.
 The VIP the client dials exists nowhere on the network: only the capture can answer it.
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -29,8 +33,8 @@ import pytest
 
 from clusters.lab.commands import proxy_argv
 from clusters.lab.demo_server import PROXY_LABEL
-from clusters.lab.topology import NetnsName, NodePlan, capture_rules, run_iptables
 from tests.integration import dataplane_topology as topo
+from ztunnel.api.config import ProxyConfig, Workload
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -92,6 +96,7 @@ def cleanup_netns() -> None:
 class Lab:
     procs: dict[str, subprocess.Popen[bytes]]
     logs: dict[str, Path]
+    configs: dict[str, tuple[Path, object]]  # proxy id -> (config.json, the ProxyConfig written there)
 
 
 def wait_for_log(path: Path, needle: str, proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
@@ -114,6 +119,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     tmp = tmp_path_factory.mktemp("capture")
     procs: dict[str, subprocess.Popen[bytes]] = {}
     logs: dict[str, Path] = {}
+    written: dict[str, tuple[Path, object]] = {}
     try:
         for ns in NS.values():
             sh("ip", "netns", "add", ns)
@@ -121,17 +127,17 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         # the client pod's resolver, as kubelet writes it (`ip netns exec` binds it over /etc/resolv.conf)
         (Path("/etc/netns") / NS["pa"]).mkdir(parents=True, exist_ok=True)
         (Path("/etc/netns") / NS["pa"] / "resolv.conf").write_text(RESOLV_CONF)
-        # the node side of the pod link is named cbr0, as the lab's bridge, so capture_rules apply as is
+        # the node side of the pod link is named cbr0, as the lab's bridge
         veth(NS["pa"], "eth0", f"{POD_A}/24", NS["na"], "cbr0", f"{CBR_A}/24")
         veth(NS["na"], "eth1", f"{NODE_A}/24", NS["nb"], "eth1", f"{NODE_B}/24")
         veth(NS["pb"], "eth0", f"{POD_B}/24", NS["nb"], "cbr0", f"{CBR_B}/24")
         sh("ip", "-n", NS["pa"], "route", "add", "default", "via", CBR_A)
         sh("ip", "-n", NS["pb"], "route", "add", "default", "via", CBR_B)
-        node_a = NodePlan(cluster="lab", name="na", index=1, zone="", region="", netns=NetnsName(NS["na"]),
-                          address=NODE_A, pod_cidr="10.77.1.0/24", pod_gateway=CBR_A, mgmt_address="",
-                          uplink_root_ifname="", mgmt_root_ifname="")
-        for rule in capture_rules(node_a):
-            run_iptables(rule.netns, rule.args)
+        # the nodes route each other's pods (a pod that is not captured goes there directly)
+        sh("ip", "-n", NS["na"], "route", "add", "10.77.2.0/24", "via", NODE_B)
+        sh("ip", "-n", NS["nb"], "route", "add", "10.77.1.0/24", "via", NODE_A)
+        for ns in (NS["na"], NS["nb"]):
+            in_ns(ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
 
         # config and certificates, laid out the way the lab expects (proxies/<id>/config.json, certs/)
         hbone = 15008
@@ -151,8 +157,10 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
             d = tmp / proxy_id.replace("/", "_")
             topo.write_cert_dir(d / "certs", {identity: topo.svid(identity)})
             topo.write_config(d / "config.json", replace(cfg, network="lab"))
+            written[proxy_id] = (d / "config.json", replace(cfg, network="lab"))
             argv = proxy_argv([sys.executable], proxy_id, d, cbr, standalone=True)
             assert "--controller" not in argv  # a rendered config means standalone
+            assert "--capture" in argv         # the node proxy programs its own capture
             logs[proxy_id] = tmp / f"{proxy_id.replace('/', '-')}.log"
             with open(logs[proxy_id], "wb") as log:
                 procs[proxy_id] = subprocess.Popen(["ip", "netns", "exec", ns, *argv], cwd=REPO, env=env,
@@ -172,7 +180,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
                     check=False).returncode != 0:
             assert time.monotonic() < deadline, "demo server never listened"
             time.sleep(0.1)
-        yield Lab(procs, logs)
+        yield Lab(procs, logs, written)
     finally:
         for p in procs.values():
             if p.poll() is None:
@@ -280,3 +288,48 @@ def test_a_pod_resolves_a_global_name_through_its_nodes_dns_responder_and_calls_
                     "print(urllib.request.urlopen('http://127.0.0.1:15021/metrics', timeout=3).read().decode())").stdout
     mesh = [ln for ln in metrics.splitlines() if ln.startswith('meshfed_dns_queries_total{outcome="mesh"}')]
     assert mesh and float(mesh[0].split()[-1]) >= 3, metrics[-2000:]
+
+
+def captured_pods(ns: str) -> set[str]:
+    rules = in_ns(ns, "iptables", "-w", "-t", "nat", "-S", "MESHFED_PODS").stdout.splitlines()
+    return {r.split()[3].removesuffix("/32") for r in rules if r.startswith("-A MESHFED_PODS -s ")}
+
+
+def wait_captured(ns: str, pods: set[str], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while captured_pods(ns) != pods:
+        assert time.monotonic() < deadline, f"captured {captured_pods(ns)}, wanted {pods}"
+        time.sleep(0.05)
+
+
+def test_the_proxy_installed_the_capture_for_its_enrolled_pods_only(lab: Lab) -> None:
+    assert captured_pods(NS["na"]) == {POD_A}
+    assert captured_pods(NS["nb"]) == {POD_B}
+    prerouting = in_ns(NS["na"], "iptables", "-w", "-t", "nat", "-S", "PREROUTING").stdout.splitlines()
+    assert prerouting[1] == "-A PREROUTING -j MESHFED_PODS"   # first: before anything else
+    outbound = in_ns(NS["na"], "iptables", "-w", "-t", "nat", "-S", "MESHFED_OUTBOUND").stdout.splitlines()
+    assert "-A MESHFED_OUTBOUND -p udp -m udp --dport 53 -j REDIRECT --to-ports 15053" in outbound  # --dns given
+
+
+def test_a_pod_that_leaves_the_mesh_is_no_longer_captured_and_comes_back_without_a_restart(lab: Lab) -> None:
+    """Un-enrolling = the pod is no longer one of the node's workloads in its config (the controller
+    drops it when its namespace loses the ambient label): the next config removes its capture and
+    its connections go out directly; the config that names it again captures it again. The client
+    process (the pod) is never restarted."""
+    path, cfg = lab.configs["ztunnel/lab/na"]
+    assert isinstance(cfg, ProxyConfig)
+
+    def push(version: int, workloads: tuple[Workload, ...]) -> None:  # a proxy applies only newer stamps
+        topo.write_config(path, replace(cfg, workloads=workloads, stamp=replace(cfg.stamp, version=version)))
+        lab.procs["ztunnel/lab/na"].send_signal(signal.SIGHUP)
+
+    try:
+        push(2, tuple(w for w in cfg.workloads if w.address != POD_A))
+        wait_captured(NS["na"], set())
+        body = get_from_pod(POD_B, APP_PORT)["body"]
+        assert isinstance(body, dict) and not body["peer_identity"]    # plain TCP, straight to the pod
+    finally:
+        push(3, cfg.workloads)
+    wait_captured(NS["na"], {POD_A})
+    body = get_from_pod(POD_B, APP_PORT)["body"]
+    assert isinstance(body, dict) and body["peer_identity"] == CLIENT.identity   # through the mesh again

@@ -21,6 +21,9 @@ run in file order and each leaves the lab healthy for the next. What is proven:
   Both are in the controller's failover history (FailedOver, FailedBack, with policy file and
   commit) — the silent cut too, where the pods stay ready and only the proxies' health reports
   (a quorum ejecting east's checkout) tell the failover engine;
+- un-labelling `shop` in east with kubectl stops its pods' capture (their traffic goes out
+  directly) and labelling it again restores it, without restarting a pod; `meshfed install
+  --context lab-east --print | kubectl apply -f -` against the lab's API succeeds;
 - with the controller killed, traffic keeps flowing on the proxies' last applied config
   (10 s here rather than the issue's 30 s: nothing in the data path ages on that scale — the
   certificates live 24 h and nothing else expires — so 10 s proves the same and saves 20 s);
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -371,6 +375,73 @@ def test_backends_cut_off_silently_in_east_fail_over_to_south_and_back(fed: LabF
     assert r.returncode == 0, r.stdout + r.stderr
     cli_kinds = {(e["kind"], e["from_cluster"], e["to_cluster"]) for e in json.loads(r.stdout)}
     assert {("FailedOver", "east", "south"), ("FailedBack", "east", "")} <= cli_kinds, cli_kinds
+
+
+def _kubectl(fed: LabFederation, *args: str, stdin: str | None = None) -> str:
+    r = subprocess.run(["kubectl", "--kubeconfig", str(fed.state_dir / "kubeconfig"), "--context", "lab-east", *args],
+                       input=stdin, capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0, f"kubectl {' '.join(args)}: {r.stderr}"
+    return r.stdout
+
+
+def _pod(fed: LabFederation, cluster: str, name: str) -> dict[str, Any]:
+    c = next(c for c in fed.lab["clusters"] if c["name"] == cluster)
+    return dict(next(p for p in c["pods"] if p["name"] == name))
+
+
+def _captured(fed: LabFederation, node: str) -> set[str]:
+    return set((fed.proxy_config(node).get("capture") or {}).get("pods") or ())
+
+
+def _wait(cond: Any, what: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"not within {timeout_s:.0f} s: {what}"
+        time.sleep(0.3)
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not on PATH")
+def test_unlabelling_a_namespace_stops_its_capture_and_relabelling_restores_it(fed: LabFederation) -> None:
+    """Enrollment end to end, no pod restarted: `kubectl label ns shop istio.io/dataplane-mode-`
+    against lab-east's API -> east's discovery no longer sees shop (the server-side selector of its
+    Namespace watch says DELETED) -> the controller drops shop's workloads from east's configs ->
+    node-1's proxy removes frontend-0 from its capture chain -> frontend-0's connection to a pod on
+    node-2 goes out directly (the echo sees no mesh identity). Labelling it again reverses each step."""
+    frontend, target = _pod(fed, "east", "frontend-0"), _pod(fed, "east", "checkout-1")
+    assert frontend["node"] == "node-1" and target["node"] == "node-2"  # routed, so node-1's PREROUTING sees it
+    url = f"http://{target['address']}:8080/"
+    who = "pod:east/shop/frontend-0"
+    assert frontend["address"] in _captured(fed, "node:east/node-1")
+    assert fed.ask(who, url).get("peer_identity") == "spiffe://east.mesh.local/ns/shop/sa/frontend"
+    try:
+        _kubectl(fed, "label", "namespace", "shop", "istio.io/dataplane-mode-")
+        _wait(lambda: frontend["address"] not in _captured(fed, "node:east/node-1"), "frontend-0 left the capture")
+        plain = fed.ask(who, url)
+        _print("after un-labelling shop in east:", plain)
+        assert plain.get("pod") == "checkout-1" and not plain.get("peer_identity"), plain
+    finally:
+        _kubectl(fed, "label", "--overwrite", "namespace", "shop", "istio.io/dataplane-mode=ambient")
+    _wait(lambda: frontend["address"] in _captured(fed, "node:east/node-1"), "frontend-0 captured again")
+    _wait(lambda: fed.ask(who, url).get("peer_identity") == "spiffe://east.mesh.local/ns/shop/sa/frontend",
+          "frontend-0 through the mesh again")
+    assert _served_by(fed, "east", "east").get("cluster") == "east"
+    fed.wait_converged(timeout_s=60)
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not on PATH")
+def test_install_print_applies_to_the_lab_s_api_with_kubectl(fed: LabFederation) -> None:
+    printed = subprocess.run([sys.executable, "-m", "federation.cli.main", "install", "--context", "lab-east",
+                              "--fleet", str(REPO / "examples" / "fleet"), "--print"],
+                             capture_output=True, text=True, timeout=60, check=False, cwd=REPO)
+    assert printed.returncode == 0, printed.stderr
+    out = _kubectl(fed, "apply", "-f", "-", stdin=printed.stdout)
+    assert "daemonset.apps/ztunnel created" in out, out
+    ds = json.loads(_kubectl(fed, "get", "daemonset", "ztunnel", "-n", "meshfed-system", "-o", "json"))
+    assert ds["spec"]["template"]["spec"]["hostNetwork"] is True
+    svc = json.loads(_kubectl(fed, "get", "service", "eastwest-gateway", "-n", "meshfed-system", "-o", "json"))
+    assert svc["spec"]["type"] == "LoadBalancer"
+    assert svc["status"]["loadBalancer"]["ingress"][0]["ip"] == "172.30.0.11"  # the lab's LB status, kept
+    fed.wait_converged(timeout_s=30)  # the mesh did not notice
 
 
 def test_traffic_keeps_flowing_while_the_controller_is_down(fed: LabFederation) -> None:

@@ -216,7 +216,15 @@ class ProxyBase:
         self.draining = False
         self._bundles_seen: tuple[Any, ...] | None = None
         self._verified: dict[bytes, tuple[TrustStore, SpiffeId, float]] = {}
+        # called with each applied config (e.g. the capture rules follow the node's workloads)
+        self.config_listeners: list[Callable[[ProxyConfig], None]] = []
         self.on_config_applied()
+
+    def add_config_listener(self, listener: Callable[[ProxyConfig], None]) -> None:
+        """Call `listener(config)` now (if there is a config) and after every applied config."""
+        self.config_listeners.append(listener)
+        if self.state.config is not None:
+            listener(self.state.config)
 
     # --- config ----------------------------------------------------------------------------------
 
@@ -244,6 +252,8 @@ class ProxyBase:
                 det.set_pool(keys)
             else:
                 self.detectors.pop(svc.hostname, None)
+        for listener in self.config_listeners:
+            listener(cfg)
 
     # --- peer verification ------------------------------------------------------------------------
 

@@ -62,6 +62,7 @@ class Clock:
 def proxy_pods(api: EmulatedApiServer) -> None:
     """What the DaemonSet and the gateway Deployment would have created (see clusters.lab.kubelet)."""
     api.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "meshfed-system"}})
+    api.apply({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "ztunnel", "namespace": "meshfed-system"}})
     for node in ("node-1", "node-2"):
         api.apply({"apiVersion": "v1", "kind": "Pod",
                    "metadata": {"name": f"ztunnel-{node}", "namespace": "meshfed-system", "uid": f"uid-{node}"},

@@ -141,7 +141,43 @@ def test_agent_specs_follow_the_fleet_and_restart_watches_within_a_lease() -> No
     assert specs["east"] == AgentSpec("east", "/default", "lab-east", "kubeconfig", 30.0, 10)
     assert specs["west"].kubeconfig == "/w" and specs["west"].watch_timeout_s == 2   # never below 2 s
     assert agent_specs(fleet_clusters, None, watch_timeout_s=5)["east"].watch_timeout_s == 5
-    assert specs["east"].args() == ("east", "/default", "lab-east", "kubeconfig", 30.0, 10)
+    assert specs["east"].args() == ("east", "/default", "lab-east", "kubeconfig", 30.0, 10, "")
+
+
+def test_the_namespace_selector_goes_from_the_fleet_to_the_agent_s_discovery() -> None:
+    """Enrollment end to end on the controller's side: Cluster.spec.namespaceSelector (default
+    istio.io/dataplane-mode=ambient) -> fleet_clusters -> AgentSpec -> ClusterAgent -> the discovery
+    cache and the server-side selector of its Namespace watch."""
+    import dataclasses
+    from types import MappingProxyType
+
+    from federation.controller.queries import fleet_clusters
+    from federation.controller.sources import ClusterAgent, agent_specs
+    from gitops import load_worktree
+    from gitops.model import LabelRequirement, NamespaceSelector, SelectorOperator
+    from tests.unit.controller.test_core_render_events import EXAMPLE as EXAMPLE_FLEET
+
+    snap = load_worktree(EXAMPLE_FLEET)
+    custom = NamespaceSelector(MappingProxyType({"mesh": "on"}),
+                               (LabelRequirement("tier", SelectorOperator.NOT_IN, ("db", "cache")),))
+    snap = dataclasses.replace(snap, clusters={**snap.clusters,
+                                               "west": dataclasses.replace(snap.clusters["west"], namespace_selector=custom)})
+    specs = agent_specs(fleet_clusters(snap), None)
+    assert specs["east"].namespace_selector == "istio.io/dataplane-mode=ambient"
+    assert specs["west"].namespace_selector == "mesh=on,tier notin (db,cache)"
+    agent = ClusterAgent(*specs["west"].args()[:4], namespace_selector=specs["west"].namespace_selector)
+    assert agent.discovery.cache.namespace_selector.text == "mesh=on,tier notin (db,cache)"
+
+
+def test_in_cluster_uses_the_pod_s_service_account_for_its_own_cluster_only() -> None:
+    from clusters.kube.discovery import IN_CLUSTER_CONTEXT
+    from federation.controller.sources import agent_specs
+
+    fleet_clusters = {"east": {"kubeconfig": None, "context": "kind-east", "api_kind": "Kubeconfig", "lease_ttl_s": 30.0},
+                      "west": {"kubeconfig": None, "context": "kind-west", "api_kind": "Kubeconfig", "lease_ttl_s": 30.0}}
+    specs = agent_specs(fleet_clusters, "/etc/meshfed/kubeconfig/kubeconfig", in_cluster="east")
+    assert (specs["east"].context, specs["east"].kubeconfig) == (IN_CLUSTER_CONTEXT, None)
+    assert (specs["west"].context, specs["west"].kubeconfig) == ("kind-west", "/etc/meshfed/kubeconfig/kubeconfig")
 
 
 # --- Git feed --------------------------------------------------------------------------------------

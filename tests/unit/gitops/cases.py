@@ -65,6 +65,12 @@ CASES: list[Case] = [
     ("upstream-unsupported", (("replace", DR, "  trafficPolicy:\n", "  trafficPolicy:\n    tls:\n      mode: ISTIO_MUTUAL\n"),),
      "MF0108", "policies/shop/checkout.yaml:9:5", 1),
     ("route-gateway-parent", (("replace", ROUTE, "kind: Service", "kind: Gateway"),), "MF0108", "policies/shop/checkout-canary.yaml:9:7", 1),
+    ("selector-in-without-values", (("replace", EAST, "  podCIDRs:", "  namespaceSelector:\n    matchExpressions:\n"
+                                     "      - key: mesh\n        operator: In\n  podCIDRs:"),),
+     "MF0102", "clusters/east.yaml:21:9", 1),
+    ("selector-bad-operator", (("replace", EAST, "  podCIDRs:", "  namespaceSelector:\n    matchExpressions:\n"
+                                "      - key: mesh\n        operator: Exist\n  podCIDRs:"),),
+     "MF0102", "clusters/east.yaml:22:19", 1),
     # --- references and uniqueness
     ("duplicate-name-casefold", (("write", "policies/shop/more/Checkout.yaml",
                                   "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n"

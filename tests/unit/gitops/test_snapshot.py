@@ -164,3 +164,23 @@ def test_binary_literal_stays_text_and_huge_integer_is_a_problem_not_a_crash() -
     doc, probs = parse_yaml("x.yaml", b"a: 1\nb: " + b"9" * 5000 + b"\n")
     assert doc is None and [p.code for p in probs] == ["MF0004"]
     assert str(probs[0].pos) == "x.yaml:2:4"
+
+
+def test_gateway_address_may_come_from_the_cluster_and_enrollment_is_per_cluster(fleet_copy: MakeFleet) -> None:
+    """eastWestGateway without address (kind: the LB gives it) loads; namespaceSelector defaults to
+    Istio's ambient label, takes a Kubernetes LabelSelector, and `{}` enrolls every namespace."""
+    from gitops.model import AMBIENT_LABEL
+
+    root = fleet_copy(
+        ("replace", "clusters/east.yaml", "    address: 172.30.0.11\n", ""),
+        ("replace", "clusters/west.yaml", "  podCIDRs:", "  namespaceSelector:\n    matchLabels:\n      mesh: \"on\"\n"
+         "    matchExpressions:\n      - key: tier\n        operator: NotIn\n        values: [db]\n"
+         "      - key: legacy\n        operator: DoesNotExist\n  podCIDRs:"),
+        ("replace", "clusters/south.yaml", "  podCIDRs:", "  namespaceSelector: {}\n  podCIDRs:"))
+    snap = gitops.load_worktree(root)
+    east, west, south = (snap.clusters[n] for n in ("east", "west", "south"))
+    assert east.east_west_gateway is not None and east.east_west_gateway.address is None
+    assert east.east_west_gateway.port == 15008
+    assert east.namespace_selector.query() == f"{AMBIENT_LABEL}=ambient"
+    assert west.namespace_selector.query() == "mesh=on,tier notin (db),!legacy"
+    assert south.namespace_selector.query() == ""

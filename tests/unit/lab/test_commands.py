@@ -60,6 +60,7 @@ def test_a_standalone_node_ztunnel_serves_its_config_with_capture_and_socks(tmp_
     assert a.socks == "10.10.1.1:15080" and a.transparent == "0.0.0.0:15001"
     assert a.controller == "" and a.bootstrap == ""  # a rendered config means standalone
     assert a.proxy_id == "ztunnel/east/node-1"
+    assert a.capture is True  # the proxy programs the node's capture rules (ztunnel.proxy.capture_rules)
 
 
 def test_a_node_ztunnel_answers_its_pods_dns_on_the_pod_bridge(tmp_path: Path) -> None:
@@ -91,7 +92,7 @@ def test_a_node_ztunnel_without_config_joins_the_controller(tmp_path: Path) -> N
 
 def test_a_gateway_has_no_socks_listener_and_no_capture(tmp_path: Path) -> None:
     a = ztunnel_args(proxy_argv(PY, "gateway/east", tmp_path, "", standalone=True))
-    assert a.socks == "" and a.transparent == ""
+    assert a.socks == "" and a.transparent == "" and a.capture is False
 
 
 def test_joining_the_controller_needs_its_directory_and_trust_domain(tmp_path: Path) -> None:

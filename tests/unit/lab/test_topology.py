@@ -20,7 +20,6 @@ from clusters.lab.topology import (
     AddVeth,
     Iptables,
     PlanError,
-    capture_rules,
     plan_lab,
 )
 from gitops.model import EastWestGateway
@@ -100,26 +99,6 @@ def test_pods_resolve_through_the_cluster_dns_address_not_a_hosts_file(plan) -> 
     assert east.services[0].cluster_ip == str(svc_net.network_address + 11)
     for c in plan.clusters:
         assert [v.name for v in c.services] == [v.name for v in east.services]
-
-
-def test_capture_redirects_pod_tcp_but_not_traffic_to_the_node_itself(plan) -> None:  # type: ignore[no-untyped-def]
-    node = plan.cluster("west").node("node-1")
-    rules = [r.args for r in capture_rules(node)]
-    assert ("-t", "nat", "-A", "MESHFED_OUTBOUND", "-d", node.pod_gateway, "-j", "RETURN") in rules
-    assert rules[-1] == ("-t", "nat", "-A", "PREROUTING", "-i", "cbr0", "-p", "tcp", "-j", "MESHFED_OUTBOUND")
-    assert ("-t", "nat", "-A", "MESHFED_OUTBOUND", "-p", "tcp", "-j", "REDIRECT", "--to-ports", "15001") in rules
-
-
-def test_capture_sends_pod_dns_to_the_node_proxy_before_anything_else(plan) -> None:  # type: ignore[no-untyped-def]
-    """udp and tcp 53 from pods, to whatever nameserver, go to the DNS responder (15053) — jumped to
-    before the TCP capture, which would otherwise take tcp/53 to the outbound port."""
-    rules = [r.args for r in capture_rules(plan.cluster("west").node("node-1"))]
-    for proto in ("udp", "tcp"):
-        assert ("-t", "nat", "-A", "MESHFED_DNS", "-p", proto, "--dport", "53", "-j", "REDIRECT",
-                "--to-ports", "15053") in rules
-    jumps = [r for r in rules if r[:4] == ("-t", "nat", "-A", "PREROUTING")]
-    assert jumps[0] == ("-t", "nat", "-A", "PREROUTING", "-i", "cbr0", "-j", "MESHFED_DNS")
-    assert rules.index(("-t", "nat", "-N", "MESHFED_DNS")) < rules.index(jumps[0])
 
 
 def test_plan_is_deterministic() -> None:
@@ -259,3 +238,25 @@ def test_wan_partition_is_symmetric(plan) -> None:  # type: ignore[no-untyped-de
 def test_impossible_faults_say_why(plan, req, message) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(FaultError, match=message):
         plan_fault(plan, req)
+
+
+def test_a_gateway_without_address_gets_one_from_the_lab_s_load_balancer() -> None:
+    """The lab plays the cloud LB for clusters whose fleet leaves eastWestGateway.address out: an
+    address from the top of the WAN, never one the fleet names, the same on every run; the kubelet
+    publishes it in the gateway Service's status, where discovery reads it."""
+    from clusters.lab.kubelet import desired_objects
+
+    c, lab, svcs = fleet()
+    c = {**c, "west": replace(c["west"], east_west_gateway=EastWestGateway(None))}
+    p = plan_lab(c, lab, svcs)
+    west = p.cluster("west")
+    assert west.gateway is not None and west.gateway.address_from_cluster
+    assert west.gateway.wan_address == "172.30.0.252"  # west sorts 3rd: the 3rd host address from the top (.254 down)
+    assert not p.cluster("east").gateway.address_from_cluster  # type: ignore[union-attr]
+    assert plan_lab(c, lab, svcs).cluster("west").gateway == west.gateway
+    objs = desired_objects(west, {}, {})
+    svc = objs["Service/meshfed-system/eastwest-gateway"]
+    assert svc["spec"]["type"] == "LoadBalancer"
+    assert svc["status"]["loadBalancer"]["ingress"] == [{"ip": "172.30.0.252", "ipMode": "VIP"}]
+    assert objs["Namespace//shop"]["metadata"]["labels"] == {"istio.io/dataplane-mode": "ambient"}
+    assert "labels" not in objs["Namespace//meshfed-system"]["metadata"]  # meshfed's own: never enrolled
