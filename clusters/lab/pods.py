@@ -58,4 +58,9 @@ def unix_http(path: str, method: str, url: str, timeout_s: float) -> tuple[int, 
     finally:
         s.close()
     head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), body.decode(errors="replace")
+    parts = head.split(b" ", 2)
+    if len(parts) < 2 or not parts[1].isdigit():
+        # a pod dying mid-answer closes the socket with nothing (or half a status line) sent: that
+        # is "not ready", not a crash of whoever asked (the kubelet's probe thread)
+        raise ConnectionError(f"no HTTP answer on {path} ({len(data)} bytes)")
+    return int(parts[1]), body.decode(errors="replace")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from clusters.lab.layout import LabError, exec_targets, proxy_dir, resolve_target
@@ -44,3 +46,29 @@ def test_proxy_dirs_are_flat_under_proxies(tmp_path: object) -> None:
     from pathlib import Path
 
     assert proxy_dir(Path("/s"), "ztunnel/east/node-1") == Path("/s/proxies/ztunnel_east_node-1")
+
+
+def test_a_pod_that_dies_mid_answer_is_not_ready_not_a_crash(tmp_path: Path) -> None:
+    """Review finding: an empty answer from a dying pod raised IndexError in the kubelet's probe
+    thread, which then stopped updating readiness for the whole cluster."""
+    import socket
+    import threading
+
+    from clusters.lab.pods import unix_http
+
+    path = str(tmp_path / "pod.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+
+    def die() -> None:
+        conn, _ = srv.accept()
+        conn.recv(1024)
+        conn.close()   # no status line at all
+
+    t = threading.Thread(target=die)
+    t.start()
+    with pytest.raises(OSError, match="no HTTP answer"):
+        unix_http(path, "GET", "/healthz", 2.0)
+    t.join()
+    srv.close()
