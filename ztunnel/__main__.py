@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ztunnel.api.config import ProxyMode, proxy_config_to_dict
+from ztunnel.api.identity import ProxyId
 from ztunnel.proxy.admin import AdminServer, Telemetry
 from ztunnel.proxy.base import Credentials, HealthSink, ProxyBase, ProxyOptions
 from ztunnel.proxy.gateway import GatewayProxy
@@ -125,7 +126,7 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
     telemetry = Telemetry(cfg.proxy_id, sys.stderr if args.access_log == "stderr" else None)
     telemetry.log(kind="config", source=source, applied=result.applied, reason=result.reason,
                   rejected=[str(e) for e in result.rejected])
-    identities = cfg.local_identities or tuple(sorted({w.identity for w in cfg.workloads if w.node == cfg.proxy_id.rsplit('/', 1)[-1]}))
+    identities = cfg.local_identities or tuple(sorted({w.identity for w in cfg.workloads if w.node == ProxyId.parse(cfg.proxy_id).node}))
     creds = link_creds if link is not None else Credentials(load_cert_dir(args.cert_dir, identities))
     if link is not None:
         link.health.counter = telemetry.outcomes

@@ -32,6 +32,7 @@ from clusters.lab.layout import (
     TRUST_ANCHORS_DIR,
 )
 from clusters.lab.topology import CONTROLLER_MGMT_ADDRESS, LabPlan, NetnsName, PodPlan
+from ztunnel.api.identity import ProxyId
 from ztunnel.api.ports import ADMIN_PORT, DNS_CAPTURE_PORT, HBONE_PORT, OUTBOUND_CAPTURE_PORT, SOCKS5_PORT
 
 MESHFED = ("-m", "federation.cli.main")   # `meshfed` without relying on the console script's path
@@ -55,7 +56,7 @@ class ProxySpec:
 
     @property
     def is_node(self) -> bool:
-        return self.proxy_id.startswith("ztunnel/")
+        return ProxyId.parse(self.proxy_id).is_node
 
     @property
     def log_name(self) -> str:
@@ -65,10 +66,10 @@ class ProxySpec:
 def proxy_specs(plan: LabPlan) -> list[ProxySpec]:
     out: list[ProxySpec] = []
     for c in plan.clusters:
-        out += [ProxySpec(f"ztunnel/{c.name}/{n.name}", c.name, c.trust_domain, n.netns, n.pod_gateway)
+        out += [ProxySpec(str(ProxyId.node_proxy(c.name, n.name)), c.name, c.trust_domain, n.netns, n.pod_gateway)
                 for n in c.nodes]
         if c.gateway is not None:
-            out.append(ProxySpec(f"gateway/{c.name}", c.name, c.trust_domain, c.gateway.netns, ""))
+            out.append(ProxySpec(str(ProxyId.gateway(c.name)), c.name, c.trust_domain, c.gateway.netns, ""))
     return out
 
 
@@ -98,7 +99,7 @@ def proxy_argv(python: Sequence[str], proxy_id: str, proxy_dir: Path, socks_host
                  "--bootstrap", f"{CONTROLLER_MGMT_ADDRESS}:{CONTROLLER_BOOTSTRAP_PORT}",
                  "--sa-token-file", str(proxy_dir / SA_TOKEN_FILE), "--trust-domain", trust_domain,
                  "--controller-roots", str(controller_dir / TRUST_ANCHORS_DIR / f"{trust_domain}.pem")]
-    if proxy_id.startswith("ztunnel/"):
+    if ProxyId.parse(proxy_id).is_node:
         argv += ["--socks", f"{socks_host}:{SOCKS5_PORT}", "--transparent", f"0.0.0.0:{OUTBOUND_CAPTURE_PORT}",
                  "--capture",
                  # pods' DNS, captured by the node's rules (the proxy's --capture) for its enrolled pods

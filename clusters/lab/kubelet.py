@@ -35,11 +35,7 @@ from clusters.kube.observation import GATEWAY_SERVICE, MESH_NAMESPACE
 from clusters.lab.layout import proxy_pod_name
 from clusters.lab.topology import ClusterPlan, GatewayPlan, NodePlan, PodPlan, ServiceVip
 from gitops.model import AMBIENT_LABEL, AMBIENT_VALUE
-from ztunnel.api.identity import (
-    CONTROLLER_TOKEN_AUDIENCE,
-    GATEWAY_SERVICE_ACCOUNT,
-    NODE_PROXY_SERVICE_ACCOUNT,
-)
+from ztunnel.api.identity import CONTROLLER_TOKEN_AUDIENCE, ProxyId
 from ztunnel.api.secret_files import make_private_dir, write_secret
 
 ZONE_LABEL = "topology.kubernetes.io/zone"
@@ -167,22 +163,23 @@ def gateway_service_object(gw: GatewayPlan) -> dict[str, Any]:
 
 def proxy_ids(cluster: ClusterPlan) -> list[str]:
     """The proxies of a lab cluster: a node proxy per node, and its gateway if it has one."""
-    return [f"ztunnel/{cluster.name}/{n.name}" for n in cluster.nodes] + (
-        [f"gateway/{cluster.name}"] if cluster.gateway is not None else [])
+    return [str(ProxyId.node_proxy(cluster.name, n.name)) for n in cluster.nodes] + (
+        [str(ProxyId.gateway(cluster.name))] if cluster.gateway is not None else [])
 
 
 def proxy_pod_objects(cluster: ClusterPlan) -> list[dict[str, Any]]:
     """The ServiceAccounts and Pods the proxies run as (see the module docstring). Discovery leaves
     the pods out: node proxies use the host network, the gateway pod has no mesh pod address."""
     ids = proxy_ids(cluster)
-    accounts = sorted({NODE_PROXY_SERVICE_ACCOUNT if p.startswith("ztunnel/") else GATEWAY_SERVICE_ACCOUNT for p in ids})
+    accounts = sorted({ProxyId.parse(p).service_account for p in ids})
     out: list[dict[str, Any]] = [{"apiVersion": "v1", "kind": "ServiceAccount",
                                   "metadata": {"name": sa, "namespace": MESH_NAMESPACE}} for sa in accounts]
     for pid in ids:
         name = proxy_pod_name(pid)
-        node = pid.split("/")[2] if pid.startswith("ztunnel/") else ""
+        parsed = ProxyId.parse(pid)
+        node = parsed.node
         spec: dict[str, Any] = {
-            "serviceAccountName": NODE_PROXY_SERVICE_ACCOUNT if node else GATEWAY_SERVICE_ACCOUNT,
+            "serviceAccountName": parsed.service_account,
             "containers": [{"name": "ztunnel" if node else GATEWAY_SERVICE, "image": "meshfed.dev/lab/ztunnel"}]}
         if node:
             spec.update(nodeName=node, hostNetwork=True)
@@ -257,8 +254,8 @@ def token_refresh_due(now_s: float, issued_at_s: float | None, expires_at_s: flo
 
 def proxy_volumes(cluster: ClusterPlan, token_path: Callable[[str], Path]) -> list[ProjectedVolume]:
     """The projected token of every proxy of `cluster`; `token_path(proxy id)` says where it goes."""
-    return [ProjectedVolume(proxy_pod_name(pid), NODE_PROXY_SERVICE_ACCOUNT if pid.startswith("ztunnel/")
-                            else GATEWAY_SERVICE_ACCOUNT, token_path(pid)) for pid in proxy_ids(cluster)]
+    return [ProjectedVolume(proxy_pod_name(pid), ProxyId.parse(pid).service_account, token_path(pid))
+            for pid in proxy_ids(cluster)]
 
 
 class TokenProjector:

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from clusters.lab.topology import ROOT_NS, LabPlan, NetnsName
+from ztunnel.api.identity import IdentityError, ProxyId
 
 # --- the state directory ------------------------------------------------------------------------
 
@@ -54,12 +55,11 @@ def proxy_pod_name(proxy_id: str) -> str:
     """The Pod a lab proxy runs as in its cluster's API (namespace meshfed-system), the way the
     DaemonSet and the gateway Deployment would run it: `ztunnel/east/node-1` -> `ztunnel-node-1`,
     `gateway/east` -> `eastwest-gateway`. Its projected token is bound to that pod."""
-    parts = proxy_id.split("/")
-    if parts[0] == "ztunnel" and len(parts) == 3:
-        return f"ztunnel-{parts[2]}"
-    if parts[0] == "gateway" and len(parts) == 2:
-        return "eastwest-gateway"
-    raise LabError(f"proxy id {proxy_id!r} is not ztunnel/<cluster>/<node> or gateway/<cluster>")
+    try:
+        pid = ProxyId.parse(proxy_id)
+    except IdentityError as e:
+        raise LabError(str(e)) from None
+    return f"ztunnel-{pid.node}" if pid.is_node else "eastwest-gateway"
 
 
 # --- exec targets -------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ztunnel.api.identity import ProxyId
 from ztunnel.api.secret_files import SecretFileError, make_private_dir, read_secret, write_secret
 
 BOOTSTRAP_TOKENS_FILE = "bootstrap-tokens.json"   # proxy id -> digest, expiry (0600)
@@ -55,11 +56,7 @@ class BootstrapTokenError(RuntimeError):
 
 def proxy_cluster(proxy_id: str) -> str:
     """`ztunnel/east/node-1` and `gateway/east` -> `east`."""
-    parts = proxy_id.split("/")
-    shape = {"ztunnel": 3, "gateway": 2}.get(parts[0])
-    if shape is None or len(parts) != shape or not all(parts):
-        raise ValueError(f"proxy id {proxy_id!r} is not ztunnel/<cluster>/<node> or gateway/<cluster>")
-    return parts[1]
+    return ProxyId.parse(proxy_id).cluster   # IdentityError (a ValueError) names the shape
 
 
 def _digest(token: str) -> str:

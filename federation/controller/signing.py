@@ -46,9 +46,10 @@ from gitops.model import ConfigSnapshot, TrustDomain
 from ztunnel.api.identity import (
     CONTROLLER_TOKEN_AUDIENCE,
     PROXY_NAMESPACE,
+    IdentityError,
+    ProxyId,
     controller_spiffe_id,
     controller_tls_name,
-    proxy_service_account,
     proxy_spiffe_id,
 )
 
@@ -58,8 +59,10 @@ SERVING_RENEW_FRACTION = 0.5   # re-issue the controller's certificates at half 
 def cluster_named_by(proxy_id: str) -> str:
     """The cluster a proxy id names (`ztunnel/<cluster>/<node>`, `gateway/<cluster>`); "" when it
     names none (the authorizer then refuses it: no cluster "" is in the fleet)."""
-    parts = proxy_id.split("/")
-    return parts[1] if len(parts) >= 2 else ""
+    try:
+        return ProxyId.parse(proxy_id).cluster
+    except IdentityError:
+        return ""
 
 
 TOKEN_AUDIENCE = CONTROLLER_TOKEN_AUDIENCE  # a proxy's projected token must be for us (ztunnel.api.identity)
@@ -104,9 +107,10 @@ def check_service_account(proxy_id: str, review: TokenReviewResult, audience: st
         return BootstrapVerdict("unauthenticated", f"the ServiceAccount token is for {', '.join(review.audiences)}, "
                                 f"not {audience!r} (set the projected token's audience)", what)
     try:
-        sa = proxy_service_account(proxy_id)
-    except ValueError as e:
+        pid = ProxyId.parse(proxy_id)
+    except IdentityError as e:
         return BootstrapVerdict("permission_denied", str(e), what)
+    sa = pid.service_account
     want = f"system:serviceaccount:{PROXY_NAMESPACE}:{sa}"
     if review.username != want:
         return BootstrapVerdict("permission_denied", f"the token is {review.username or 'nobody'}'s; proxy "
@@ -115,8 +119,8 @@ def check_service_account(proxy_id: str, review: TokenReviewResult, audience: st
     if len(pods) != 1:
         return BootstrapVerdict("permission_denied", "the token is not bound to a pod (mount a projected "
                                 "serviceAccountToken volume, not a Secret)", what)
-    if proxy_id.startswith("ztunnel/"):
-        node = proxy_id.split("/")[2]
+    if pid.is_node:
+        node = pid.node
         nodes = list(review.extra.get(NODE_NAME_EXTRA, ()))
         if nodes != [node]:
             return BootstrapVerdict("permission_denied", f"the token was issued to pod {pods[0]} on node "

@@ -170,25 +170,101 @@ def gateway_spiffe_id(trust_domain: str) -> str:
     return str(SpiffeId(trust_domain, PROXY_NAMESPACE, GATEWAY_SERVICE_ACCOUNT))
 
 
+# --- proxy ids ----------------------------------------------------------------------------------
+#
+# A proxy id names one proxy of the fleet: `ztunnel/<cluster>/<node>` (a node proxy) or
+# `gateway/<cluster>` (a cluster's east-west gateway). It is what a CSR is entitled by, what a
+# bootstrap token is scoped to, what a ServiceAccount token's node claim is checked against and what
+# status reports, so it has one strict parser (`ProxyId.parse`) used by every place that builds or
+# reads one: two spellings must never name the same proxy, and one id must never be read as two
+# different proxies by two readers (a loose `split("/")` here and `rsplit` there did exactly that:
+# `ztunnel/east/a/b` was node `a` to one and `b` to another).
+#
+# The cluster is a DNS label (the fleet's Cluster names are validated as such); the node is a
+# Kubernetes node name (a DNS subdomain: lowercase labels joined by dots). Because the cluster has
+# no dot, the proxy's SPIFFE service account `ztunnel.<cluster>.<node>` / `gateway.<cluster>` is
+# injective too: `ztunnel/a/b.c` and a would-be `ztunnel/a.b/c` cannot both exist.
+
+_DNS_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_DNS_SUBDOMAIN_MAX = 253
+PROXY_ID_USAGE = ("a proxy id is 'ztunnel/<cluster>/<node>' (a node proxy) or 'gateway/<cluster>' (an east-west "
+                  "gateway), with <cluster> a DNS label and <node> a Kubernetes node name (lowercase)")
+
+
+def _is_dns_subdomain(name: str) -> bool:
+    return 0 < len(name) <= _DNS_SUBDOMAIN_MAX and all(_DNS_LABEL_RE.fullmatch(p) for p in name.split("."))
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ProxyId:
+    """One proxy: `ProxyId.parse("ztunnel/east/node-1")` or `ProxyId.node_proxy("east", "node-1")`.
+    `str()` round-trips exactly; construction validates (IdentityError, a ValueError, naming the
+    expected shape)."""
+
+    kind: str        # "ztunnel" | "gateway"
+    cluster: str     # DNS label
+    node: str = ""   # the node a node proxy runs on; "" for a gateway
+
+    def __post_init__(self) -> None:
+        shown = "/".join(p for p in (self.kind, self.cluster, self.node) if p)
+        if self.kind not in ("ztunnel", "gateway"):
+            raise IdentityError(f"proxy id {shown!r}: unknown kind {self.kind!r}; {PROXY_ID_USAGE}")
+        if not _DNS_LABEL_RE.fullmatch(self.cluster):
+            raise IdentityError(f"proxy id {shown!r}: cluster {self.cluster!r} is not a DNS label; {PROXY_ID_USAGE}")
+        if self.kind == "ztunnel" and not _is_dns_subdomain(self.node):
+            raise IdentityError(f"proxy id {shown!r}: node {self.node!r} is not a Kubernetes node name; "
+                                f"{PROXY_ID_USAGE}")
+        if self.kind == "gateway" and self.node:
+            raise IdentityError(f"proxy id {shown!r}: a gateway names no node; {PROXY_ID_USAGE}")
+
+    @classmethod
+    def node_proxy(cls, cluster: str, node: str) -> ProxyId:
+        return cls("ztunnel", cluster, node)
+
+    @classmethod
+    def gateway(cls, cluster: str) -> ProxyId:
+        return cls("gateway", cluster)
+
+    @classmethod
+    def parse(cls, s: str) -> ProxyId:
+        """The proxy `s` names, or IdentityError: exactly two or three '/'-separated parts, nothing else."""
+        if not isinstance(s, str):
+            raise IdentityError(f"proxy id must be a string, got {type(s).__name__}")
+        parts = s.split("/")
+        if parts[0] == "ztunnel" and len(parts) == 3:
+            return cls(parts[0], parts[1], parts[2])
+        if parts[0] == "gateway" and len(parts) == 2:
+            return cls(parts[0], parts[1])
+        raise IdentityError(f"proxy id {s[:80]!r} is malformed; {PROXY_ID_USAGE}")
+
+    def __str__(self) -> str:
+        return f"{self.kind}/{self.cluster}/{self.node}" if self.is_node else f"gateway/{self.cluster}"
+
+    @property
+    def is_node(self) -> bool:
+        return self.kind == "ztunnel"
+
+    @property
+    def service_account(self) -> str:
+        """The Kubernetes service account the proxy's pod runs as (in PROXY_NAMESPACE)."""
+        return NODE_PROXY_SERVICE_ACCOUNT if self.is_node else GATEWAY_SERVICE_ACCOUNT
+
+    def spiffe_id(self, trust_domain: str) -> str:
+        """The identity the proxy presents to the controller (see `proxy_spiffe_id`)."""
+        return str(SpiffeId(trust_domain, PROXY_NAMESPACE, str(self).replace("/", ".")))
+
+
 def proxy_service_account(proxy_id: str) -> str:
     """The service account a proxy's pod runs as (`ztunnel/...` -> ztunnel, `gateway/...` ->
-    eastwest-gateway); ValueError for an id of neither kind."""
-    kind = proxy_id.split("/", 1)[0]
-    if kind == "ztunnel":
-        return NODE_PROXY_SERVICE_ACCOUNT
-    if kind == "gateway":
-        return GATEWAY_SERVICE_ACCOUNT
-    raise ValueError(f"proxy id {proxy_id!r} is not ztunnel/<cluster>/<node> or gateway/<cluster>")
+    eastwest-gateway); ValueError (IdentityError) for anything `ProxyId.parse` refuses."""
+    return ProxyId.parse(proxy_id).service_account
 
 
 def proxy_spiffe_id(trust_domain: str, proxy_id: str) -> str:
     """The identity a proxy presents to the controller; it names the proxy, so a proxy can
     subscribe as itself only: `ztunnel/east/node-1` in east.mesh.local ->
-    `spiffe://east.mesh.local/ns/meshfed-system/sa/ztunnel.east.node-1`."""
-    parts = proxy_id.split("/")
-    if len(parts) < 2 or not all(parts):
-        raise ValueError(f"proxy id {proxy_id!r} is not <kind>/<cluster>[/<node>]")
-    return f"spiffe://{trust_domain}/ns/{PROXY_NAMESPACE}/sa/{'.'.join(parts)}"
+    `spiffe://east.mesh.local/ns/meshfed-system/sa/ztunnel.east.node-1` (injective: see ProxyId)."""
+    return ProxyId.parse(proxy_id).spiffe_id(trust_domain)
 
 
 # --- keys and certificate requests ---------------------------------------------------------------

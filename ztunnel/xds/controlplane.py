@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ztunnel.api.config import ProxyConfig, ProxyMode, Stamp
-from ztunnel.api.identity import IdentityError, check_trust_domain, proxy_spiffe_id
+from ztunnel.api.identity import IdentityError, ProxyId, check_trust_domain, proxy_spiffe_id
 from ztunnel.api.outlier import EndpointEjected, EndpointUnejected
 from ztunnel.api.proto import meshfed_pb2 as pb
 from ztunnel.api.secret_files import SecretFileError, make_private_dir, read_secret, write_secret
@@ -76,11 +76,9 @@ class ControllerUnavailable(RuntimeError):
 
 def header_for(proxy_id: str, trust_domain: str, network: str = "") -> ProxyConfig:
     """The hello's header: mode and cluster follow from the proxy id (`ztunnel/<c>/<node>`, `gateway/<c>`)."""
-    parts = proxy_id.split("/")
-    if len(parts) < 2 or parts[0] not in ("ztunnel", "gateway"):
-        raise ValueError(f"proxy id {proxy_id!r}: use ztunnel/<cluster>/<node> or gateway/<cluster>")
-    mode = ProxyMode.GATEWAY if parts[0] == "gateway" else ProxyMode.NODE
-    return ProxyConfig(proxy_id=proxy_id, mode=mode, cluster=parts[1], network=network,
+    pid = ProxyId.parse(proxy_id)   # IdentityError (a ValueError) names the shape
+    mode = ProxyMode.NODE if pid.is_node else ProxyMode.GATEWAY
+    return ProxyConfig(proxy_id=str(pid), mode=mode, cluster=pid.cluster, network=network,
                        trust_domain=trust_domain, stamp=Stamp(0, "", 0))
 
 
@@ -193,7 +191,7 @@ class ControllerSink:
 
     def identities_for(self, cfg: ProxyConfig) -> tuple[str, ...]:
         ids = cfg.local_identities or tuple(sorted({w.identity for w in cfg.workloads
-                                                    if w.node == cfg.proxy_id.rsplit("/", 1)[-1]}))
+                                                    if w.node == ProxyId.parse(cfg.proxy_id).node}))
         return ids or (self.own,)  # a node with no workloads still serves HBONE as itself
 
     def validate(self, config: ProxyConfig) -> list[str]:

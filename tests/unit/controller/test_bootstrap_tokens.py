@@ -125,6 +125,8 @@ def test_the_command_prints_a_new_token_for_one_proxy(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("args", "needle"), [
     (["--proxy-id", "east"], "ztunnel/<cluster>/<node>"),
     (["--proxy-id", "ztunnel/east"], "ztunnel/<cluster>/<node>"),
+    (["--proxy-id", "ztunnel/east/Node-1"], "ztunnel/<cluster>/<node>"),   # one spelling per proxy
+    (["--proxy-id", "ztunnel/east/node_1"], "Kubernetes node name"),
     (["--proxy-id", NODE1, "--ttl", "forever"], "--ttl"),
     (["--proxy-id", NODE1, "--ttl", "200h"], "7 days"),
 ])

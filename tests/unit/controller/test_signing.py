@@ -158,7 +158,9 @@ def test_authorize_uses_the_loaded_fleets_clusters(policy: SigningPolicy) -> Non
 
 
 @pytest.mark.parametrize(("proxy_id", "cluster"), [("ztunnel/east/node-1", "east"), ("gateway/west", "west"),
-                                                    ("ztunnel", ""), ("", "")])
+                                                    ("ztunnel", ""), ("", ""),
+                                                    # read one way here and another elsewhere: no cluster
+                                                    ("ztunnel/east/node-1/x", ""), ("ztunnel/East/node-1", "")])
 def test_cluster_named_by(proxy_id: str, cluster: str) -> None:
     assert cluster_named_by(proxy_id) == cluster
 
