@@ -417,6 +417,35 @@ async def test_a_restart_while_the_controller_is_down_serves_from_persisted_cred
         await leave(link2, tasks2)
 
 
+async def test_a_restart_five_minutes_into_a_controller_outage_serves_from_persisted_credentials(
+        world: World) -> None:
+    """Issue 11 item 21's 5-minute outage, in injected time: the certificates live an hour here (the
+    fleet's default is a day; this fixture's two minutes would expire inside the outage), the
+    proxy's and controller's clock jumps 5 minutes while the controller is down, and the restarted
+    proxy serves its pod's identity at once from what it persisted, without bootstrapping (it could
+    not: no controller)."""
+    for ca in world.service.signing.cas.values():
+        ca.workload_ttl_s = 3600.0
+    world.desire("rev1")
+    opts = world.options(sa_token=world.sa_token())
+    link, tasks, _creds = await joined(world, opts)
+    assert await wait_until(lambda: world.synced("rev1"), 10)
+    await leave(link, tasks)
+    await world.server.stop(0)                                   # the controller goes down ...
+    world.clock.offset_s = 5 * 60.0                              # ... for five minutes ...
+    assert opts.credentials_file is not None
+    restarted = ProxyState(opts.credentials_file.parent / "last-good.json")
+    assert restarted.load_persisted() is not None               # its last good config, from disk
+    t0 = time.monotonic()
+    link2, tasks2, creds2 = await joined(world, opts, restarted)  # ... and the node restarts in it
+    try:
+        assert time.monotonic() - t0 < 5.0
+        assert creds2.has(CHECKOUT) and set(link2.restored) == {link2.own, CHECKOUT}
+        assert link2.bootstraps == 0
+    finally:
+        await leave(link2, tasks2)
+
+
 async def test_persisted_credentials_past_their_expiry_are_not_used(world: World) -> None:
     world.desire("rev1")
     opts = world.options(sa_token=world.sa_token())
