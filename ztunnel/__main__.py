@@ -62,6 +62,16 @@ def load_cert_dir(cert_dir: Path, identities: tuple[str, ...]) -> dict[str, tupl
     return out
 
 
+def _proxy_id(s: str) -> str:
+    """--proxy-id, checked by the one parser of proxy ids (so a typo fails here, not at the controller)."""
+    if not s:
+        return s   # the default: not in controller mode
+    try:
+        return str(ProxyId.parse(s))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ztunnel", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", type=Path, help="ProxyConfig file (JSON or YAML)")
@@ -90,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = p.add_argument_group("controller mode (config, certificates and health through the controller)")
     c.add_argument("--controller", default="", help="HOST:PORT of the controller's gRPC services")
     c.add_argument("--bootstrap", default="", help="HOST:PORT of the controller's bootstrap port (first certificate)")
-    c.add_argument("--proxy-id", default="", help="ztunnel/<cluster>/<node> or gateway/<cluster>")
+    c.add_argument("--proxy-id", default="", type=_proxy_id, help="ztunnel/<cluster>/<node> or gateway/<cluster>")
     c.add_argument("--trust-domain", default="", help="trust domain of this proxy's cluster")
     c.add_argument("--sa-token-file", type=Path,
                    help="the pod's projected ServiceAccount token (audience meshfed-controller), re-read at every "
@@ -126,7 +136,12 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
     telemetry = Telemetry(cfg.proxy_id, sys.stderr if args.access_log == "stderr" else None)
     telemetry.log(kind="config", source=source, applied=result.applied, reason=result.reason,
                   rejected=[str(e) for e in result.rejected])
-    identities = cfg.local_identities or tuple(sorted({w.identity for w in cfg.workloads if w.node == ProxyId.parse(cfg.proxy_id).node}))
+    try:
+        node = ProxyId.parse(cfg.proxy_id).node
+    except ValueError as e:
+        print(f"ztunnel: the config's proxy_id is not a proxy id: {e}", file=sys.stderr)
+        return 2
+    identities = cfg.local_identities or tuple(sorted({w.identity for w in cfg.workloads if w.node == node}))
     creds = link_creds if link is not None else Credentials(load_cert_dir(args.cert_dir, identities))
     if link is not None:
         link.health.counter = telemetry.outcomes

@@ -106,3 +106,13 @@ def test_readers_agree_on_a_valid_id() -> None:
     gw = ProxyConfig(proxy_id="gateway/east", mode=ProxyMode.GATEWAY, cluster="east", network="",
                      trust_domain="east.mesh.local", stamp=Stamp(0, "", 0))
     assert node_name(gw) == ""   # a gateway runs on no node of ours (it was read as node "east")
+
+
+def test_the_proxy_refuses_a_malformed_proxy_id_at_its_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from ztunnel.__main__ import build_parser
+
+    base = ["--cert-dir", "/nonexistent"]
+    assert build_parser().parse_args([*base, "--proxy-id", "gateway/east"]).proxy_id == "gateway/east"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*base, "--proxy-id", "ztunnel/east/Node-1"])
+    assert "argument --proxy-id: proxy id 'ztunnel/east/Node-1'" in capsys.readouterr().err
