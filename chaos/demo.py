@@ -325,6 +325,12 @@ def without_canary(records: Sequence[Mapping[str, Any]], canary: str = CANARY_WO
     return [r for r in records if not (r.get("outcome") == "ok" and workload_of(str(r.get("pod", ""))) == canary)]
 
 
+def failed_back_at(records: Sequence[Mapping[str, Any]], cluster: str, after_s: float) -> float | None:
+    """When `cluster`'s own (non-canary) backends served again after `after_s`: the canary kept
+    serving there through the fault, so its answers say nothing about failback."""
+    return first_served_by(without_canary(records), cluster, after_s)
+
+
 def set_canary_weights(worktree: Path, stable: int, canary: int) -> None:
     """Edit the HTTPRoute's two backendRef weights (checkout, checkout-v2) in a fleet worktree."""
     path = worktree / CANARY_ROUTE

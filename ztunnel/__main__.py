@@ -160,11 +160,13 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
     proxy = cls(state, creds, opts, telemetry, health)
     if link is not None:
         link.sink.target = proxy
-    capture = _start_capture(args, cfg.mode, proxy, telemetry) if args.capture else None
     await proxy.start()  # type: ignore[attr-defined]
     dns_server = await _start_dns(args, state, telemetry) if cfg.mode is ProxyMode.NODE and args.dns else None
     if args.dns and dns_server is None:
         telemetry.log(kind="dns", ignored=f"--dns {args.dns}: a gateway serves no DNS (node proxies answer their pods)")
+    # Capture last: its REDIRECT rules send pods' TCP and DNS to listeners that must already be bound,
+    # else a pod's first lookups and connections meet a closed port while the proxy starts.
+    capture = _start_capture(args, cfg.mode, proxy, telemetry) if args.capture else None
     admin_host, admin_port = parse_host_port(args.admin)
     admin = AdminServer(admin_host, admin_port, telemetry=telemetry,
                         ready=lambda: (proxy.ready.is_set(), "ready" if proxy.ready.is_set() else "not ready"),

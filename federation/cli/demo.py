@@ -68,7 +68,7 @@ def run_demo(fleet: Path, state_dir: Path, out_dir: Path, keep: bool) -> int:
         DemoError,
         LabFederation,
         between,
-        first_served_by,
+        failed_back_at,
         replace_in,
         served_summary,
         set_canary_weights,
@@ -164,7 +164,7 @@ def run_demo(fleet: Path, state_dir: Path, out_dir: Path, keep: bool) -> int:
         _say(f"restored {pods}; waiting for failback")
         deadline = time.time() + FAILBACK_WAIT_S
         while time.time() < deadline:
-            back = first_served_by(fed.records(first), first, h_ev["at_s"])
+            back = failed_back_at(fed.records(first), first, h_ev["at_s"])
             if back is not None and time.time() - back > 3.0:
                 break
             time.sleep(0.5)

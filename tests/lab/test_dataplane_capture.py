@@ -311,6 +311,14 @@ def test_the_proxy_installed_the_capture_for_its_enrolled_pods_only(lab: Lab) ->
     assert "-A MESHFED_OUTBOUND -p udp -m udp --dport 53 -j REDIRECT --to-ports 15053" in outbound  # --dns given
 
 
+def test_the_capture_is_installed_only_after_the_listeners_it_redirects_to(lab: Lab) -> None:
+    """A REDIRECT to a port nobody listens on yet fails a pod's first lookups while the proxy starts."""
+    records = [json.loads(line) for line in lab.logs["ztunnel/lab/na"].read_text().splitlines() if line.startswith("{")]
+    order = [r["kind"] for r in records if r.get("kind") in ("dns", "capture") and "ignored" not in r]
+    assert "dns" in order and "capture" in order, order
+    assert order.index("dns") < order.index("capture"), order
+
+
 def test_a_pod_that_leaves_the_mesh_is_no_longer_captured_and_comes_back_without_a_restart(lab: Lab) -> None:
     """Un-enrolling = the pod is no longer one of the node's workloads in its config (the controller
     drops it when its namespace loses the ambient label): the next config removes its capture and

@@ -13,6 +13,7 @@ from chaos.demo import (
     CANARY_ROUTE,
     DemoError,
     backend_split,
+    failed_back_at,
     set_canary_weights,
     split_summary,
     without_canary,
@@ -46,6 +47,16 @@ def test_split_counts_ok_requests_by_serving_workload() -> None:
 def test_the_failover_records_leave_out_only_what_the_canary_served() -> None:
     kept = without_canary(RECORDS)
     assert [r["pod"] for r in kept] == ["checkout-0", "checkout-1", ""]
+
+
+def test_failback_is_the_first_answer_of_the_clusters_own_backends_not_the_canarys() -> None:
+    timeline = [
+        {"start_s": 10.0, "outcome": "ok", "cluster": "east", "pod": "checkout-v2-0"},   # canary: never left
+        {"start_s": 11.0, "outcome": "ok", "cluster": "south", "pod": "checkout-0"},
+        {"start_s": 12.0, "outcome": "ok", "cluster": "east", "pod": "checkout-1"},      # failback
+    ]
+    assert failed_back_at(timeline, "east", 9.0) == 12.0
+    assert failed_back_at(timeline, "east", 12.5) is None
 
 
 def test_set_canary_weights_edits_the_route_and_it_still_validates(tmp_path: Path) -> None:
