@@ -126,7 +126,10 @@ class LabFederation:
                         f"see {self.state_dir}/logs/controller.log and the proxies' logs there")
 
     def proxy_count(self) -> int:
-        return sum(len(c["nodes"]) + (1 if c.get("gateway") else 0) for c in self.lab.get("clusters", []))
+        """Node ztunnels, east-west gateways, and the waypoints and ingress gateways that run as pods."""
+        return sum(len(c["nodes"]) + (1 if c.get("gateway") else 0)
+                   + sum(1 for p in c.get("pods", []) if p.get("role") in ("waypoint", "ingress"))
+                   for c in self.lab.get("clusters", []))
 
     def tiers(self, cluster: str, service: str = SERVICE_HOST) -> list[str]:
         """Clusters in the order `cluster`'s proxies fail over (from the rendered endpoints)."""
@@ -183,14 +186,18 @@ class LabFederation:
 
     # --- load -------------------------------------------------------------------------------------
 
-    def start_load(self, cluster: str, rate_per_s: float, timeout_s: float = 2.0) -> Path:
-        out = self.state_dir / "demo" / f"load-{cluster}.jsonl"
+    def start_load(self, cluster: str, rate_per_s: float, timeout_s: float = 2.0, url: str = SERVICE_URL,
+                   name: str = "") -> Path:
+        """Open-loop load from `cluster`'s client pod to `url`; `name` tells several loads of one
+        cluster apart (records, stop_load take it; default: the cluster's name)."""
+        key = name or cluster
+        out = self.state_dir / "demo" / f"load-{key}.jsonl"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.unlink(missing_ok=True)
-        self.runner.spawn(f"load-{cluster}", self.client_pod(cluster),
-                          [sys.executable, "-m", "clusters.lab.loadgen", SERVICE_URL, "--rate", str(rate_per_s),
+        self.runner.spawn(f"load-{key}", self.client_pod(cluster),
+                          [sys.executable, "-m", "clusters.lab.loadgen", url, "--rate", str(rate_per_s),
                            "--timeout-s", str(timeout_s), "--out", str(out)])
-        self.loads[cluster] = out
+        self.loads[key] = out
         return out
 
     def records(self, cluster: str) -> list[dict[str, Any]]:

@@ -173,6 +173,28 @@ _CODES = (
     Code("MF0509", "policy for one service declared twice",
          "Two DestinationRules name the same host, or two routes attach to the same service; "
          "meshfed would have to pick one, so it refuses both."),
+    Code("MF0510", "5xx outlier detection without a waypoint",
+         "consecutive5xxErrors counts HTTP 5xx answers, which only an L7 proxy sees. Without a waypoint "
+         "(istio.io/use-waypoint on the Service or its Namespace) the node ztunnels see connections only: "
+         "local connect failures count, a backend answering 503 never does.", Severity.WARNING),
+    Code("MF0511", "request-level route on a service without a waypoint",
+         "matches, filters, timeouts, retries, several rules and InferencePool backends are applied per "
+         "request by a waypoint; a node ztunnel applies only backendRef weights, per connection. Enroll the "
+         "Service (or its Namespace) in a waypoint, or keep one rule of weighted Service backends."),
+    Code("MF0512", "request-level authorization that no L7 proxy enforces",
+         "methods, paths, hosts and `when` conditions are seen only by a waypoint or an ingress gateway. A "
+         "policy enforced by ztunnel (selector, or no targetRefs) cannot evaluate them: as Istio does, its ALLOW "
+         "rules with request fields never match and its DENY rules with request fields match every connection. "
+         "Target the Service behind a waypoint (targetRefs), or the Gateway.", Severity.WARNING),
+    Code("MF0513", "unknown Gateway, waypoint, listener or InferencePool",
+         "A reference names a Gateway (a waypoint or an ingress gateway), a listener (sectionName) or an "
+         "InferencePool that the fleet repo does not declare, or a Gateway of the wrong kind."),
+    Code("MF0514", "invalid match or filter",
+         "A route match or filter value is invalid: a path that does not start with '/', a regular expression "
+         "that does not compile, or a ReplacePrefixMatch rewrite without a PathPrefix match."),
+    Code("MF0515", "inference pool problem",
+         "An InferencePool selects no model-server pods in any lab cluster, or targets a port they do not serve.",
+         Severity.WARNING),
     # --- MF06xx lab ---------------------------------------------------------------------------
     Code("MF0601", "lab workload placed on an unknown node",
          "A LabCluster workload's nodes must be among the LabCluster's nodes."),

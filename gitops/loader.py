@@ -13,7 +13,8 @@ identifies it. Only what a commit changed is parsed again; cross-object validati
 the whole set (it is cheap next to YAML parsing).
 
 Layout (MF0009/MF0010): federation.yaml; clusters/<name>.yaml; trust/<domain>.yaml;
-services/<namespace>/<name>.yaml; policies/<namespace>/**/<name>.yaml; lab/<cluster>.yaml.
+services/<namespace>/<name>.yaml; policies/<namespace>/**/<name>.yaml (DestinationRules,
+AuthorizationPolicies, routes, Gateways, InferencePools); lab/<cluster>.yaml; namespaces/<name>.yaml.
 `.yml` is accepted like `.yaml`. Files outside these directories are not fleet files and are
 ignored (README, CI configuration, bundles).
 """
@@ -37,7 +38,7 @@ from gitops.schema import FleetObject, Parsed, parse_object, ref_of
 from gitops.validate import check_objects, resolve_host
 from gitops.yamldoc import parse_yaml
 
-LAYOUT_DIRS = ("clusters", "trust", "services", "policies", "lab")
+LAYOUT_DIRS = ("clusters", "trust", "services", "policies", "lab", "namespaces")
 YAML_SUFFIXES = (".yaml", ".yml")
 MAX_FILES = 5000
 WORKTREE = "WORKTREE"
@@ -53,6 +54,10 @@ HOME_OF = {
     "AuthorizationPolicy": "policies",
     "HTTPRoute": "policies",
     "TCPRoute": "policies",
+    "GRPCRoute": "policies",
+    "Gateway": "policies",
+    "InferencePool": "policies",
+    "Namespace": "namespaces",
 }
 
 
@@ -114,7 +119,7 @@ def layout_problems(path: str, parsed: Parsed) -> list[Problem]:
         return [problem("MF0009", f"{parsed.kind} does not belong in {parts[0]}/", pos, obj=ref,
                         hint=f"move it to {expected}")]
     shape_ok = {
-        "clusters": len(parts) == 2, "trust": len(parts) == 2, "lab": len(parts) == 2,
+        "clusters": len(parts) == 2, "trust": len(parts) == 2, "lab": len(parts) == 2, "namespaces": len(parts) == 2,
         "services": len(parts) == 3, "policies": len(parts) >= 3,
     }[home]
     if not shape_ok:
@@ -184,7 +189,7 @@ def _identity_from_path(path: str) -> tuple[str, str, str] | None:
     """What the layout says a file holds, for a file too broken to tell us itself."""
     parts = path.split("/")
     stem = _stem(parts[-1])
-    kind = {"clusters": "Cluster", "trust": "TrustDomain", "lab": "LabCluster"}.get(parts[0])
+    kind = {"clusters": "Cluster", "trust": "TrustDomain", "lab": "LabCluster", "namespaces": "Namespace"}.get(parts[0])
     if kind and len(parts) == 2:
         return (kind, "", stem)
     if parts[0] == "services" and len(parts) == 3:
@@ -197,7 +202,8 @@ def objects_by_file(snapshot: m.ConfigSnapshot) -> dict[str, FleetObject]:
     objs: list[FleetObject] = [snapshot.federation, *snapshot.clusters.values(), *snapshot.trust_domains.values(),
                                *snapshot.services.values(), *snapshot.lab_clusters.values(),
                                *snapshot.destination_rules.values(), *snapshot.authorization_policies,
-                               *snapshot.routes]
+                               *snapshot.routes, *snapshot.namespaces.values(), *snapshot.gateways.values(),
+                               *snapshot.inference_pools.values()]
     return {o.pos.file: o for o in objs}
 
 
@@ -272,6 +278,11 @@ def _assemble(tree: TreeRead, objects: list[FleetObject]) -> m.ConfigSnapshot:
         authorization_policies=tuple(o for o in ordered(m.AuthorizationPolicy) if isinstance(o, m.AuthorizationPolicy)),
         routes=tuple(o for o in ordered(m.Route) if isinstance(o, m.Route)),
         file_digests=MappingProxyType({p: f.digest for p, f in tree.files.items()}),
+        namespaces=MappingProxyType({o.name: o for o in objects if isinstance(o, m.Namespace)}),
+        gateways=MappingProxyType({o.key: o for o in sorted((o for o in objects if isinstance(o, m.Gateway)),
+                                                               key=lambda g: (g.namespace, g.name))}),
+        inference_pools=MappingProxyType({o.key: o for o in sorted(
+            (o for o in objects if isinstance(o, m.InferencePool)), key=lambda g: (g.namespace, g.name))}),
     )
 
 

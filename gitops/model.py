@@ -32,6 +32,16 @@ API_VERSION = "meshfed.dev/v1alpha1"
 ISTIO_NETWORKING_VERSIONS = ("networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3")
 ISTIO_SECURITY_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
 GATEWAY_API_VERSIONS = ("gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1", "gateway.networking.k8s.io/v1alpha2")
+INFERENCE_API_VERSIONS = ("inference.networking.k8s.io/v1",)
+INFERENCE_GROUP = "inference.networking.k8s.io"
+# Istio ambient's labels: a Namespace or Service with `istio.io/use-waypoint: <gateway name>` sends
+# its traffic through that waypoint (a Gateway of class istio-waypoint in the same namespace);
+# "none" on a Service opts it out of its namespace's waypoint.
+USE_WAYPOINT_LABEL = "istio.io/use-waypoint"
+WAYPOINT_CLASS = "istio-waypoint"
+# On a Gateway: the clusters that run it (comma-separated names; absent = every cluster).
+CLUSTERS_ANNOTATION = "meshfed.dev/clusters"
+GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 
 # The HBONE port (ztunnel.api.ports.HBONE_PORT; gitops imports nothing of ours, a test pins them equal)
 DEFAULT_EAST_WEST_GATEWAY_PORT = 15008
@@ -107,10 +117,20 @@ class LocalityLbSetting:
 
 
 @dataclass(frozen=True, slots=True)
+class ConnectionPool:
+    """DestinationRule trafficPolicy.connectionPool limits (None = not set: unlimited, as Istio)."""
+
+    max_connections: int | None = None              # tcp.maxConnections
+    http1_max_pending_requests: int | None = None   # http.http1MaxPendingRequests
+    max_requests_per_connection: int | None = None  # http.maxRequestsPerConnection (0 = unlimited)
+
+
+@dataclass(frozen=True, slots=True)
 class TrafficPolicy:
     outlier_detection: OutlierDetection | None = None
     locality_lb: LocalityLbSetting | None = None
     connect_timeout_s: float | None = None
+    connection_pool: ConnectionPool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +294,75 @@ class GlobalService:
     traffic_policy: TrafficPolicy | None = None  # inline policy; a DestinationRule overrides it
     pos: SourcePos = SourcePos("")
     field_pos: Mapping[str, SourcePos] = field(default_factory=_frozen_map)
+    labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def key(self) -> ServiceKey:
+        return ServiceKey(self.namespace, self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class Namespace:
+    """A Kubernetes Namespace as the fleet declares it: only its labels matter (`istio.io/use-waypoint`)."""
+
+    name: str
+    labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    pos: SourcePos = SourcePos("")
+    field_pos: Mapping[str, SourcePos] = field(default_factory=_frozen_map)
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayListener:
+    name: str
+    port: int
+    protocol: str                 # HTTP (ingress) | HBONE (waypoint)
+    hostname: str = ""
+    allowed_from: str = "Same"    # allowedRoutes.namespaces.from: routes of the Gateway's namespace, or All
+
+
+@dataclass(frozen=True, slots=True)
+class Gateway:
+    """A Gateway API Gateway: a waypoint (class istio-waypoint, an HBONE listener on 15008) or an
+    ingress gateway (any other class; HTTP listeners). One runs in each cluster of `clusters`
+    (empty: every cluster of the fleet)."""
+
+    namespace: str
+    name: str
+    gateway_class: str
+    listeners: tuple[GatewayListener, ...]
+    clusters: tuple[str, ...] = ()
+    waypoint_for: str = "service"     # istio.io/waypoint-for
+    labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    api_version: str = GATEWAY_API_VERSIONS[0]
+    pos: SourcePos = SourcePos("")
+    field_pos: Mapping[str, SourcePos] = field(default_factory=_frozen_map)
+
+    @property
+    def is_waypoint(self) -> bool:
+        return self.gateway_class == WAYPOINT_CLASS
+
+    @property
+    def key(self) -> ServiceKey:
+        return ServiceKey(self.namespace, self.name)
+
+    def runs_in(self, cluster: str) -> bool:
+        return not self.clusters or cluster in self.clusters
+
+
+@dataclass(frozen=True, slots=True)
+class InferencePool:
+    """Gateway API Inference Extension v1 InferencePool: model-server pods chosen by an endpoint picker."""
+
+    namespace: str
+    name: str
+    selector: Mapping[str, str]
+    target_ports: tuple[int, ...]
+    picker_name: str
+    picker_port: int | None = None
+    failure_mode: str = "FailClose"      # FailOpen | FailClose
+    api_version: str = INFERENCE_API_VERSIONS[0]
+    pos: SourcePos = SourcePos("")
+    field_pos: Mapping[str, SourcePos] = field(default_factory=_frozen_map)
 
     @property
     def key(self) -> ServiceKey:
@@ -304,6 +393,17 @@ class LabWorkload:
     port: int = 8080
     behaviour: DemoBehaviour = DemoBehaviour.HEALTHY
     role: str = "server"           # "server" (demo echo) or "client" (load generator)
+    labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # extra pod labels
+    model: LabModel | None = None  # a model server (OpenAI-style /v1/completions) instead of the echo
+
+
+@dataclass(frozen=True, slots=True)
+class LabModel:
+    """The demo server's model-server mode: which model it serves and how fast."""
+
+    name: str
+    latency_s: float = 0.05        # per request, while it holds one of `concurrency` slots
+    concurrency: int = 1           # requests served at once; the rest wait (the queue the picker reads)
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,12 +440,43 @@ class AuthzSource:
 
 
 @dataclass(frozen=True, slots=True)
+class AuthzWhen:
+    """`when: [{key: request.headers[x], values, notValues}]`."""
+
+    key: str
+    values: tuple[str, ...] = ()
+    not_values: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class AuthzRule:
-    """One rule: matches when any `from_` source matches (or none given) and the port matches."""
+    """One rule: matches when any `from_` source matches (or none given) and the operation (port;
+    methods, paths, hosts: request level) and every `when` condition match."""
 
     from_: tuple[AuthzSource, ...] = ()
     ports: tuple[int, ...] = ()
     not_ports: tuple[int, ...] = ()
+    methods: tuple[str, ...] = ()
+    not_methods: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+    not_paths: tuple[str, ...] = ()
+    hosts: tuple[str, ...] = ()
+    not_hosts: tuple[str, ...] = ()
+    when: tuple[AuthzWhen, ...] = ()
+
+    @property
+    def request_level(self) -> bool:
+        return bool(self.methods or self.not_methods or self.paths or self.not_paths or self.hosts
+                    or self.not_hosts or self.when)
+
+
+@dataclass(frozen=True, slots=True)
+class TargetRef:
+    """targetRefs entry of an AuthorizationPolicy (Istio ambient): Service or Gateway."""
+
+    kind: str
+    name: str
+    group: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,6 +489,11 @@ class AuthorizationPolicy:
     api_version: str = ISTIO_SECURITY_VERSIONS[0]
     pos: SourcePos = SourcePos("")
     field_pos: Mapping[str, SourcePos] = field(default_factory=_frozen_map)
+    target_refs: tuple[TargetRef, ...] = ()
+
+    @property
+    def request_level(self) -> bool:
+        return any(r.request_level for r in self.rules)
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,20 +502,88 @@ class BackendRef:
     namespace: str
     port: int | None
     weight: int = 1
+    kind: str = "Service"          # Service | InferencePool
+
+
+@dataclass(frozen=True, slots=True)
+class ParentRef:
+    kind: str                      # Service (GAMMA) | Gateway
+    namespace: str
+    name: str
+    port: int | None = None
+    section: str = ""              # a Gateway listener name ("" = every listener)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    """One HTTPRoute `matches[]` entry (GRPCRoute matches are turned into this form)."""
+
+    path_type: str = ""            # Exact | PathPrefix | RegularExpression ("" = any path)
+    path: str = ""
+    headers: tuple[tuple[str, str, str], ...] = ()    # (type, name, value)
+    query: tuple[tuple[str, str, str], ...] = ()      # (type, name, value)
+    method: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderFilter:
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRetry:
+    attempts: int | None = None
+    codes: tuple[int, ...] = ()
+    backoff_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRule:
+    name: str = ""
+    matches: tuple[RouteMatch, ...] = ()
+    backends: tuple[BackendRef, ...] = ()
+    request_headers: HeaderFilter | None = None
+    response_headers: HeaderFilter | None = None
+    rewrite_hostname: str = ""
+    rewrite_path_type: str = ""    # ReplaceFullPath | ReplacePrefixMatch
+    rewrite_path: str = ""
+    timeout_s: float | None = None
+    backend_timeout_s: float | None = None
+    retry: RouteRetry | None = None
+
+    @property
+    def request_level(self) -> bool:
+        """Does the rule need an L7 proxy (anything but plain weighted Service backends)?"""
+        return bool(self.matches or self.request_headers or self.response_headers or self.rewrite_hostname
+                    or self.rewrite_path_type or self.timeout_s is not None or self.backend_timeout_s is not None
+                    or self.retry is not None or any(b.kind != "Service" for b in self.backends))
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """Gateway API TCPRoute/HTTPRoute attached to a Service (GAMMA): weighted backends."""
+    """Gateway API TCPRoute/HTTPRoute/GRPCRoute attached to a Service (GAMMA) or to Gateways.
 
-    kind: str  # "TCPRoute" | "HTTPRoute"
+    `parent_service` and `backends` are the L4 reading (a Service parent and its first rule's
+    Service backends: what a node ztunnel applies per connection when no waypoint is involved);
+    `parents` and `rules` are the whole route, as a waypoint or an ingress gateway applies it."""
+
+    kind: str  # "TCPRoute" | "HTTPRoute" | "GRPCRoute"
     namespace: str
     name: str
-    parent_service: ServiceKey
+    parent_service: ServiceKey | None
     backends: tuple[BackendRef, ...]
     api_version: str = GATEWAY_API_VERSIONS[0]
     pos: SourcePos = SourcePos("")
     field_pos: Mapping[str, SourcePos] = field(default_factory=_frozen_map)
+    parents: tuple[ParentRef, ...] = ()
+    rules: tuple[RouteRule, ...] = ()
+    hostnames: tuple[str, ...] = ()
+
+    @property
+    def request_level(self) -> bool:
+        return len(self.rules) > 1 or any(r.request_level for r in self.rules) or self.kind == "GRPCRoute"
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,6 +612,16 @@ class ConfigSnapshot:
     # repo-relative path -> git blob sha (or content sha256 for worktrees): lets the controller
     # re-parse only what a commit changed.
     file_digests: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    namespaces: Mapping[str, Namespace] = field(default_factory=lambda: MappingProxyType({}))
+    gateways: Mapping[ServiceKey, Gateway] = field(default_factory=lambda: MappingProxyType({}))
+    inference_pools: Mapping[ServiceKey, InferencePool] = field(default_factory=lambda: MappingProxyType({}))
+
+    def waypoint_for(self, key: ServiceKey) -> Gateway | None:
+        """The waypoint a service's traffic goes through (see `waypoint_of`)."""
+        svc = self.services.get(key)
+        if svc is None:
+            return None
+        return waypoint_of(svc, self.namespaces.get(key.namespace), self.gateways)
 
     def traffic_policy_for(self, key: ServiceKey) -> tuple[TrafficPolicy | None, SourcePos | None]:
         """Effective policy for a service, and where it came from: DestinationRule > inline > default."""
@@ -420,3 +634,40 @@ class ConfigSnapshot:
         if self.federation.default_traffic_policy is not None:
             return self.federation.default_traffic_policy, self.federation.pos
         return None, None
+
+
+def waypoint_name(svc: GlobalService, namespace: Namespace | None) -> str:
+    """The waypoint name a service asks for: its own `istio.io/use-waypoint` label, else its
+    namespace's; "" for none (a Service labelled "none" opts out of its namespace's waypoint)."""
+    name = svc.labels.get(USE_WAYPOINT_LABEL)
+    if name is None and namespace is not None:
+        name = namespace.labels.get(USE_WAYPOINT_LABEL)
+    return "" if name in (None, "", "none") else str(name)
+
+
+def waypoint_of(svc: GlobalService, namespace: Namespace | None,
+                gateways: Mapping[ServiceKey, Gateway]) -> Gateway | None:
+    """The waypoint Gateway (same namespace, class istio-waypoint) `svc` uses, or None."""
+    name = waypoint_name(svc, namespace)
+    if not name:
+        return None
+    gw = gateways.get(ServiceKey(svc.namespace, name))
+    return gw if gw is not None and gw.is_waypoint and gw.waypoint_for in ("service", "all") else None
+
+
+def gateway_service_account(gw: Gateway) -> str:
+    """The service account a Gateway's pods run as: a waypoint's is the Gateway's name (what
+    `istioctl waypoint apply` deploys), an ingress gateway's `<name>-istio` (Istio's deployment
+    controller)."""
+    return gw.name if gw.is_waypoint else f"{gw.name}-istio"
+
+
+def gateway_pod_name(gw: Gateway, index: int = 0) -> str:
+    """The lab's (and the offline model's) name for a Gateway's pod in a cluster."""
+    return f"{gateway_service_account(gw)}-{index}"
+
+
+def gateway_pod_labels(gw: Gateway) -> dict[str, str]:
+    """Labels of a Gateway's pods: the gateway name (how discovery finds a waypoint's or ingress
+    gateway's addresses, as Istio labels them) and no ambient capture (they are proxies)."""
+    return {GATEWAY_NAME_LABEL: gw.name, "istio.io/dataplane-mode": "none"}

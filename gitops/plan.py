@@ -19,6 +19,8 @@ from gitops.problems import ObjectRef, SourcePos
 from gitops.schema import FleetObject, ref_of
 
 _SKIP = {"pos", "field_pos"}
+# Fields derived from others (a Route's L4 reading repeats its first rule): shown once, where written.
+_DERIVED: dict[type[Any], frozenset[str]] = {m.Route: frozenset({"parent_service", "backends"})}
 
 
 class ChangeAction(str, enum.Enum):
@@ -71,7 +73,9 @@ class PlanResult:
 def to_plain(value: Any) -> Any:
     """Model values -> JSON-like data (dataclasses to dicts without positions, enums to values)."""
     if is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_plain(getattr(value, f.name)) for f in fields(value) if f.name not in _SKIP}
+        derived = _DERIVED.get(type(value), frozenset())
+        return {f.name: to_plain(getattr(value, f.name)) for f in fields(value)
+                if f.name not in _SKIP and f.name not in derived}
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, Mapping):

@@ -213,14 +213,25 @@ class LoadBalancerS(_Base):
     upstream_unsupported = frozenset({"simple", "consistentHash", "warmupDurationSecs", "warmup"})
 
 
+MAX_UINT32 = 2**32 - 1
+
+
 class TcpSettingsS(_Base):
     connect_timeout: DurationIn(0.001, 300.0) | None = None  # type: ignore[valid-type]
-    upstream_unsupported = frozenset({"maxConnections", "tcpKeepalive", "maxConnectionDuration", "idleTimeout"})
+    max_connections: CountIn(1, MAX_UINT32) | None = None  # type: ignore[valid-type]
+    upstream_unsupported = frozenset({"tcpKeepalive", "maxConnectionDuration", "idleTimeout"})
+
+
+class HttpSettingsS(_Base):
+    http1_max_pending_requests: CountIn(1, MAX_UINT32) | None = Field(None, alias="http1MaxPendingRequests")  # type: ignore[valid-type]
+    max_requests_per_connection: CountIn(0, MAX_UINT32) | None = None  # type: ignore[valid-type]
+    upstream_unsupported = frozenset({"http2MaxRequests", "maxRetries", "idleTimeout", "h2UpgradePolicy",
+                                      "useClientProtocol", "maxConcurrentStreams"})
 
 
 class ConnectionPoolS(_Base):
     tcp: TcpSettingsS | None = None
-    upstream_unsupported = frozenset({"http"})
+    http: HttpSettingsS | None = None
 
 
 class TrafficPolicyS(_Base):
@@ -347,6 +358,14 @@ class LabWorkloadS(_Base):
     service_account: str
     port: Port = 8080
     behaviour: Literal["Healthy", "Error503", "Slow", "Hang"] = "Healthy"
+    labels: dict[str, str] = Field(default_factory=dict)
+    model: LabModelS | None = None
+
+
+class LabModelS(_Base):
+    name: str
+    latency: DurationIn(0.0, 60.0) = 0.05  # type: ignore[valid-type]
+    concurrency: CountIn(1, 1000) = 1  # type: ignore[valid-type]
 
 
 class LabClusterSpec(_Base):
@@ -380,28 +399,46 @@ class FromS(_Base):
 class OperationS(_Base):
     ports: list[str] = Field(default_factory=list)
     not_ports: list[str] = Field(default_factory=list)
-    upstream_unsupported = frozenset({"hosts", "notHosts", "methods", "notMethods", "paths", "notPaths"})
+    methods: list[str] = Field(default_factory=list)
+    not_methods: list[str] = Field(default_factory=list)
+    paths: list[str] = Field(default_factory=list)
+    not_paths: list[str] = Field(default_factory=list)
+    hosts: list[str] = Field(default_factory=list)
+    not_hosts: list[str] = Field(default_factory=list)
 
 
 class ToS(_Base):
     operation: OperationS
 
 
+class ConditionS(_Base):
+    key: str
+    values: list[str] = Field(default_factory=list)
+    not_values: list[str] = Field(default_factory=list)
+
+
 class AuthzRuleS(_Base):
     from_: list[FromS] = Field(default_factory=list, alias="from")
     to: list[ToS] = Field(default_factory=list)
-    upstream_unsupported = frozenset({"when"})
+    when: list[ConditionS] = Field(default_factory=list)
 
 
 class SelectorS(_Base):
     match_labels: dict[str, str] = Field(default_factory=dict)
 
 
+class PolicyTargetRefS(_Base):
+    group: str | None = None
+    kind: str
+    name: str
+
+
 class AuthorizationPolicySpec(_Base):
     selector: SelectorS | None = None
+    target_refs: list[PolicyTargetRefS] = Field(default_factory=list)
     action: Literal["ALLOW", "DENY"] = "ALLOW"
     rules: list[AuthzRuleS] = Field(default_factory=list)
-    upstream_unsupported = frozenset({"provider", "targetRef", "targetRefs"})
+    upstream_unsupported = frozenset({"provider", "targetRef"})
 
 
 class ParentRefS(_Base):
@@ -410,7 +447,7 @@ class ParentRefS(_Base):
     name: str
     namespace: str | None = None
     port: Port | None = None
-    upstream_unsupported = frozenset({"sectionName"})
+    section_name: str | None = None
 
 
 class BackendRefS(_Base):
@@ -423,15 +460,163 @@ class BackendRefS(_Base):
     upstream_unsupported = frozenset({"filters"})
 
 
-class RouteRuleS(_Base):
+class TcpRouteRuleS(_Base):
     backend_refs: list[BackendRefS]
-    upstream_unsupported = frozenset({"matches", "filters", "timeouts", "retry", "sessionPersistence", "name"})
+    upstream_unsupported = frozenset({"name"})
+
+
+class TcpRouteSpec(_Base):
+    parent_refs: list[ParentRefS]
+    rules: list[TcpRouteRuleS]
+    upstream_unsupported = frozenset({"useDefaultGateways"})
+
+
+class PathMatchS(_Base):
+    type: Literal["Exact", "PathPrefix", "RegularExpression"] = "PathPrefix"
+    value: str = "/"
+
+
+class NamedMatchS(_Base):
+    type: Literal["Exact", "RegularExpression"] = "Exact"
+    name: str
+    value: str
+
+
+class HttpMatchS(_Base):
+    path: PathMatchS | None = None
+    headers: list[NamedMatchS] = Field(default_factory=list)
+    query_params: list[NamedMatchS] = Field(default_factory=list)
+    method: Literal["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"] | None = None
+
+
+class HeaderValueS(_Base):
+    name: str
+    value: str
+
+
+class HeaderModifierS(_Base):
+    set: list[HeaderValueS] = Field(default_factory=list)
+    add: list[HeaderValueS] = Field(default_factory=list)
+    remove: list[str] = Field(default_factory=list)
+
+
+class PathModifierS(_Base):
+    type: Literal["ReplaceFullPath", "ReplacePrefixMatch"]
+    replace_full_path: str | None = None
+    replace_prefix_match: str | None = None
+
+
+class UrlRewriteS(_Base):
+    hostname: str | None = None
+    path: PathModifierS | None = None
+
+
+class RouteFilterS(_Base):
+    type: str
+    request_header_modifier: HeaderModifierS | None = None
+    response_header_modifier: HeaderModifierS | None = None
+    url_rewrite: UrlRewriteS | None = Field(None, alias="urlRewrite")
+    upstream_unsupported = frozenset({"requestRedirect", "requestMirror", "extensionRef", "cors", "externalAuth"})
+
+
+class TimeoutsS(_Base):
+    request: DurationIn(0.0, 86400.0) | None = None  # type: ignore[valid-type]
+    backend_request: DurationIn(0.0, 86400.0) | None = None  # type: ignore[valid-type]
+
+
+class RetryS(_Base):
+    codes: list[CountIn(400, 599)] = Field(default_factory=list)  # type: ignore[valid-type]
+    attempts: CountIn(0, 100) | None = None  # type: ignore[valid-type]
+    backoff: DurationIn(0.0, 60.0) | None = None  # type: ignore[valid-type]
+
+
+class RouteRuleS(_Base):
+    name: str | None = None
+    matches: list[HttpMatchS] = Field(default_factory=list)
+    filters: list[RouteFilterS] = Field(default_factory=list)
+    backend_refs: list[BackendRefS] = Field(default_factory=list)
+    timeouts: TimeoutsS | None = None
+    retry: RetryS | None = None
+    upstream_unsupported = frozenset({"sessionPersistence"})
 
 
 class RouteSpec(_Base):
     parent_refs: list[ParentRefS]
+    hostnames: list[str] = Field(default_factory=list)
     rules: list[RouteRuleS]
-    upstream_unsupported = frozenset({"hostnames", "useDefaultGateways"})
+    upstream_unsupported = frozenset({"useDefaultGateways"})
+
+
+class GrpcMethodMatchS(_Base):
+    type: Literal["Exact", "RegularExpression"] = "Exact"
+    service: str | None = None
+    method: str | None = None
+
+
+class GrpcMatchS(_Base):
+    method: GrpcMethodMatchS | None = None
+    headers: list[NamedMatchS] = Field(default_factory=list)
+
+
+class GrpcRuleS(_Base):
+    name: str | None = None
+    matches: list[GrpcMatchS] = Field(default_factory=list)
+    filters: list[RouteFilterS] = Field(default_factory=list)
+    backend_refs: list[BackendRefS] = Field(default_factory=list)
+    upstream_unsupported = frozenset({"sessionPersistence"})
+
+
+class GrpcRouteSpec(_Base):
+    parent_refs: list[ParentRefS]
+    hostnames: list[str] = Field(default_factory=list)
+    rules: list[GrpcRuleS]
+
+
+class AllowedNamespacesS(_Base):
+    from_: Literal["Same", "All"] = Field("Same", alias="from")
+    upstream_unsupported = frozenset({"selector"})
+
+
+class AllowedRoutesS(_Base):
+    namespaces: AllowedNamespacesS | None = None
+    upstream_unsupported = frozenset({"kinds"})
+
+
+class ListenerS(_Base):
+    name: str
+    port: Port
+    protocol: str
+    hostname: str | None = None
+    allowed_routes: AllowedRoutesS | None = None
+    upstream_unsupported = frozenset({"tls"})
+
+
+class GatewaySpec(_Base):
+    gateway_class_name: str
+    listeners: list[ListenerS]
+    upstream_unsupported = frozenset({"addresses", "infrastructure", "backendTLS", "allowedListeners"})
+
+
+class NamespaceSpec(_Base):
+    upstream_unsupported = frozenset({"finalizers"})
+
+
+class TargetPortS(_Base):
+    number: Port
+
+
+class EndpointPickerRefS(_Base):
+    group: str | None = None
+    kind: str | None = None
+    name: str
+    port: TargetPortS | None = None
+    failure_mode: Literal["FailOpen", "FailClose"] = "FailClose"
+
+
+class InferencePoolSpec(_Base):
+    selector: SelectorS
+    target_ports: list[TargetPortS]
+    endpoint_picker_ref: EndpointPickerRefS
 
 
 # --------------------------------------------------------------------------------------------
@@ -454,8 +639,14 @@ KINDS: dict[str, KindInfo] = {k.kind: k for k in (
     KindInfo("DestinationRule", m.ISTIO_NETWORKING_VERSIONS, DestinationRuleSpec, True),
     KindInfo("AuthorizationPolicy", m.ISTIO_SECURITY_VERSIONS, AuthorizationPolicySpec, True),
     KindInfo("HTTPRoute", m.GATEWAY_API_VERSIONS, RouteSpec, True),
-    KindInfo("TCPRoute", ("gateway.networking.k8s.io/v1alpha2",), RouteSpec, True),
+    KindInfo("TCPRoute", ("gateway.networking.k8s.io/v1alpha2",), TcpRouteSpec, True),
+    KindInfo("GRPCRoute", m.GATEWAY_API_VERSIONS, GrpcRouteSpec, True),
+    KindInfo("Gateway", m.GATEWAY_API_VERSIONS, GatewaySpec, True),
+    KindInfo("InferencePool", m.INFERENCE_API_VERSIONS, InferencePoolSpec, True),
+    KindInfo("Namespace", ("v1",), NamespaceSpec, False),
 )}
+# Kinds whose `spec` may be left out (Kubernetes Namespaces usually have none).
+SPEC_OPTIONAL = frozenset({"Namespace"})
 
 
 def accepted_kinds() -> str:
@@ -463,7 +654,8 @@ def accepted_kinds() -> str:
 
 
 FleetObject = (m.Federation | m.Cluster | m.TrustDomain | m.GlobalService | m.LabCluster
-               | m.DestinationRule | m.AuthorizationPolicy | m.Route)
+               | m.DestinationRule | m.AuthorizationPolicy | m.Route | m.Namespace | m.Gateway
+               | m.InferencePool)
 
 
 @dataclass(frozen=True, slots=True)
@@ -631,7 +823,7 @@ def parse_object(doc: Doc) -> tuple[Parsed | None, list[Problem]]:
                                  hint=(f"did you mean {guess!r}? " if guess else "")
                                  + "supported here: apiVersion, kind, metadata, spec"))
     for key in ("metadata", "spec"):
-        if key not in data:
+        if key not in data and not (key == "spec" and kind in SPEC_OPTIONAL):
             probs.append(problem("MF0103", f"missing required field {key!r}", top, hint=f"add a '{key}:' block"))
     if probs:
         return None, probs
@@ -639,6 +831,8 @@ def parse_object(doc: Doc) -> tuple[Parsed | None, list[Problem]]:
     meta_data = data["metadata"]
     name = meta_data.get("name") if isinstance(meta_data, dict) else None
     ns = meta_data.get("namespace") if isinstance(meta_data, dict) else None
+    if info.namespaced and ns is None:
+        ns = namespace_from_path(doc.file)
     ref = object_ref(kind, str(name), ns if isinstance(ns, str) else None)
     meta: Metadata | None = None
     spec: Any = None
@@ -647,11 +841,14 @@ def parse_object(doc: Doc) -> tuple[Parsed | None, list[Problem]]:
     except ValidationError as e:
         probs += _errors_to_problems(doc, _Wrap.for_meta(), e, ref, ("metadata",))
     try:
-        spec = info.spec.model_validate(data["spec"])
+        spec = info.spec.model_validate(data.get("spec") or {})
     except ValidationError as e:
         probs += _errors_to_problems(doc, _Wrap.for_spec(info.spec), e, ref, ("spec",))
     if probs or meta is None:
         return None, probs
+    if info.namespaced and not meta.namespace and isinstance(ns, str) and ns:
+        # Pasted as `kubectl apply -n <ns>` would take it: the namespace directory names it.
+        meta = meta.model_copy(update={"namespace": ns})
     if info.namespaced and not meta.namespace:
         return None, [problem("MF0103", f"{kind} is namespaced: metadata.namespace is required",
                               doc.pos(("metadata",)), obj=ref, hint="add 'namespace: <ns>' under metadata")]
@@ -664,6 +861,15 @@ def parse_object(doc: Doc) -> tuple[Parsed | None, list[Problem]]:
     if converted is None:
         return None, more
     return Parsed(kind, meta.name, meta.namespace, converted), more
+
+
+def namespace_from_path(path: str) -> str | None:
+    """services/<ns>/… and policies/<ns>/…: the namespace an object without metadata.namespace is
+    in, the way `kubectl apply -n <ns>` would place it (so upstream examples paste unchanged)."""
+    parts = path.split("/")
+    if len(parts) >= 3 and parts[0] in ("services", "policies") and _DNS_LABEL.fullmatch(parts[1]):
+        return parts[1]
+    return None
 
 
 class _Wrap:
@@ -736,8 +942,15 @@ def _traffic_policy(tp: TrafficPolicyS | None) -> m.TrafficPolicy | None:
             enabled=s.enabled, failover_priority=tuple(s.failover_priority),
             failover=tuple(m.FailoverRule(f.from_, f.to) for f in s.failover),
             distribute=tuple(m.DistributeRule(d.from_, MappingProxyType(dict(d.to))) for d in s.distribute))
-    timeout = tp.connection_pool.tcp.connect_timeout if tp.connection_pool and tp.connection_pool.tcp else None
-    return m.TrafficPolicy(outlier_detection=od, locality_lb=lb, connect_timeout_s=timeout)
+    cp = tp.connection_pool
+    timeout = cp.tcp.connect_timeout if cp and cp.tcp else None
+    pool = None
+    if cp is not None and ((cp.tcp and cp.tcp.max_connections is not None) or cp.http is not None):
+        pool = m.ConnectionPool(
+            max_connections=cp.tcp.max_connections if cp.tcp else None,
+            http1_max_pending_requests=cp.http.http1_max_pending_requests if cp.http else None,
+            max_requests_per_connection=cp.http.max_requests_per_connection if cp.http else None)
+    return m.TrafficPolicy(outlier_detection=od, locality_lb=lb, connect_timeout_s=timeout, connection_pool=pool)
 
 
 def _ca(c: CaS) -> m.CaSpec:
@@ -792,7 +1005,8 @@ def _conv_service(ctx: _Ctx, meta: Metadata, s: GlobalServiceSpec) -> Converted:
     return m.GlobalService(
         namespace=ns, name=meta.name, export_from=tuple(m.ClusterName(c) for c in s.export_from), ports=ports,
         service_account=s.service_account, hostname=s.hostname or "",
-        traffic_policy=_traffic_policy(s.traffic_policy), pos=ctx.pos, field_pos=ctx.field_pos), []
+        traffic_policy=_traffic_policy(s.traffic_policy), pos=ctx.pos, field_pos=ctx.field_pos,
+        labels=MappingProxyType(dict(meta.labels))), []
 
 
 def _conv_lab(ctx: _Ctx, meta: Metadata, s: LabClusterSpec) -> Converted:
@@ -800,7 +1014,9 @@ def _conv_lab(ctx: _Ctx, meta: Metadata, s: LabClusterSpec) -> Converted:
         cluster=m.ClusterName(meta.name), nodes=tuple(m.LabNode(n.name, n.zone) for n in s.nodes),
         workloads=tuple(m.LabWorkload(
             namespace=w.namespace, name=w.name, service=w.service, replicas=w.replicas, nodes=tuple(w.nodes),
-            service_account=w.service_account, port=w.port, behaviour=m.DemoBehaviour(w.behaviour), role=w.role)
+            service_account=w.service_account, port=w.port, behaviour=m.DemoBehaviour(w.behaviour), role=w.role,
+            labels=MappingProxyType(dict(w.labels)),
+            model=m.LabModel(w.model.name, w.model.latency, w.model.concurrency) if w.model else None)
             for w in s.workloads),
         pos=ctx.pos, field_pos=ctx.field_pos), []
 
@@ -831,49 +1047,284 @@ def _conv_authz(ctx: _Ctx, meta: Metadata, s: AuthorizationPolicySpec) -> Conver
     for ri, r in enumerate(s.rules):
         sources = tuple(m.AuthzSource(tuple(f.source.principals), tuple(f.source.not_principals),
                                       tuple(f.source.namespaces), tuple(f.source.not_namespaces)) for f in r.from_)
+        when: list[m.AuthzWhen] = []
+        for wi, c in enumerate(r.when):
+            if not _WHEN_KEY.fullmatch(c.key):
+                probs.append(problem("MF0108", f"spec.rules[{ri}].when[{wi}].key {c.key!r} is not supported by meshfed",
+                                     ctx.at(f"spec.rules[{ri}].when[{wi}].key"), obj=ctx.ref,
+                                     hint="supported: request.headers[<name>]"))
+                continue
+            if not c.values and not c.not_values:
+                probs.append(problem("MF0103", f"spec.rules[{ri}].when[{wi}] needs values or notValues",
+                                     ctx.at(f"spec.rules[{ri}].when[{wi}]"), obj=ctx.ref,
+                                     hint="add values: [...] (or notValues)"))
+                continue
+            when.append(m.AuthzWhen(c.key, tuple(c.values), tuple(c.not_values)))
         ops = r.to or [ToS.model_validate({"operation": {}})]
         for ti, t in enumerate(ops):
             base = f"spec.rules[{ri}].to[{ti}].operation"
             ports, p1 = _ports(ctx, t.operation.ports, base + ".ports")
             not_ports, p2 = _ports(ctx, t.operation.not_ports, base + ".notPorts")
             probs += p1 + p2
-            rules.append(m.AuthzRule(from_=sources, ports=ports, not_ports=not_ports))
+            o = t.operation
+            for attr in ("paths", "not_paths"):
+                for pi, path in enumerate(getattr(o, attr)):
+                    if not (path.startswith("/") or path.startswith("*") or path == ""):
+                        field = f"{base}.{'notPaths' if attr == 'not_paths' else 'paths'}[{pi}]"
+                        probs.append(problem("MF0102", f"{field}: {path!r} is not a path", ctx.at(field), obj=ctx.ref,
+                                             hint="paths start with '/' (a '*' prefix or suffix is a wildcard)"))
+            rules.append(m.AuthzRule(from_=sources, ports=ports, not_ports=not_ports,
+                                     methods=tuple(o.methods), not_methods=tuple(o.not_methods),
+                                     paths=tuple(o.paths), not_paths=tuple(o.not_paths), hosts=tuple(o.hosts),
+                                     not_hosts=tuple(o.not_hosts), when=tuple(when)))
+    targets: list[m.TargetRef] = []
+    for i, tr in enumerate(s.target_refs):
+        group = tr.group or ""
+        if (tr.kind, group) not in (("Service", ""), ("Service", "core"), ("Gateway", "gateway.networking.k8s.io")):
+            probs.append(problem("MF0108", f"spec.targetRefs[{i}]: kind {tr.kind!r} (group {group!r}) is not supported",
+                                 ctx.at(f"spec.targetRefs[{i}]"), obj=ctx.ref,
+                                 hint="target a Service (group \"\") or a Gateway (group gateway.networking.k8s.io)"))
+            continue
+        targets.append(m.TargetRef(tr.kind, tr.name, group))
+    if targets and s.selector is not None:
+        probs.append(problem("MF0102", "spec: selector and targetRefs are mutually exclusive (Istio)",
+                             ctx.at("spec.targetRefs"), obj=ctx.ref,
+                             hint="keep targetRefs to have the waypoint or gateway enforce the policy"))
     if probs:
         return None, probs
     api = ctx.doc.data["apiVersion"]
     selector = MappingProxyType(dict(s.selector.match_labels)) if s.selector else MappingProxyType({})
     return m.AuthorizationPolicy(
         namespace=meta.namespace or "", name=meta.name, action=m.AuthzAction(s.action), rules=tuple(rules),
-        selector=selector, api_version=api, pos=ctx.pos, field_pos=ctx.field_pos), []
+        selector=selector, api_version=api, pos=ctx.pos, field_pos=ctx.field_pos, target_refs=tuple(targets)), []
 
 
-def _conv_route(ctx: _Ctx, meta: Metadata, s: RouteSpec) -> Converted:
+_WHEN_KEY = re.compile(r"request\.headers\[[A-Za-z0-9!#$%&'*+.^_`|~-]+\]")
+_CORE_GROUPS = ("", "core")
+
+
+def _parent(ctx: _Ctx, i: int, p: ParentRefS, ns: str) -> m.ParentRef | Problem:
+    kind = p.kind or "Gateway"
+    group = p.group if p.group is not None else ("" if kind == "Service" else "gateway.networking.k8s.io")
+    where = f"spec.parentRefs[{i}]"
+    if kind == "Service" and group in _CORE_GROUPS:
+        if p.section_name:
+            return problem("MF0108", f"{where}.sectionName on a Service parent is not supported", ctx.at(where),
+                           obj=ctx.ref, hint="use port to pick the Service port")
+        return m.ParentRef("Service", p.namespace or ns, p.name, p.port)
+    if kind == "Gateway" and group == "gateway.networking.k8s.io":
+        return m.ParentRef("Gateway", p.namespace or ns, p.name, p.port, p.section_name or "")
+    return problem("MF0108", f"{where}: parent kind {kind!r} (group {group!r}) is not supported", ctx.at(where),
+                   obj=ctx.ref, hint="attach to a Service (group \"\", kind Service) or a Gateway")
+
+
+def _backend(ctx: _Ctx, where: str, b: BackendRefS, ns: str, allow_pools: bool) -> m.BackendRef | Problem:
+    kind = b.kind or "Service"
+    group = b.group or ""
+    if kind == "Service" and group in _CORE_GROUPS:
+        return m.BackendRef(b.name, b.namespace or ns, b.port, b.weight)
+    if allow_pools and kind == "InferencePool" and group == m.INFERENCE_GROUP:
+        if b.namespace and b.namespace != ns:
+            return problem("MF0108", f"{where}: an InferencePool backend must be in the route's namespace",
+                           ctx.at(where), obj=ctx.ref, hint="remove namespace")
+        return m.BackendRef(b.name, ns, b.port, b.weight, kind="InferencePool")
+    supported = "Service" + (f" or InferencePool (group {m.INFERENCE_GROUP})" if allow_pools else "")
+    return problem("MF0108", f"{where}: backend kind {kind!r} (group {group!r}) is not supported", ctx.at(where),
+                   obj=ctx.ref, hint=f"use kind {supported}")
+
+
+def _header_filter(h: HeaderModifierS) -> m.HeaderFilter:
+    return m.HeaderFilter(tuple((x.name, x.value) for x in h.set), tuple((x.name, x.value) for x in h.add),
+                          tuple(h.remove))
+
+
+def _filters(ctx: _Ctx, base: str, filters: list[RouteFilterS], grpc: bool) -> tuple[dict[str, Any], list[Problem]]:
+    out: dict[str, Any] = {}
+    probs: list[Problem] = []
+    kinds = {"RequestHeaderModifier": "request_header_modifier", "ResponseHeaderModifier": "response_header_modifier"}
+    if not grpc:
+        kinds["URLRewrite"] = "url_rewrite"
+    for i, f in enumerate(filters):
+        where = f"{base}.filters[{i}]"
+        attr = kinds.get(f.type)
+        if attr is None:
+            probs.append(problem("MF0108", f"{where}: filter type {f.type!r} is not supported by meshfed", ctx.at(where),
+                                 obj=ctx.ref, hint=f"supported: {', '.join(kinds)}"))
+            continue
+        value = getattr(f, attr)
+        others = [a for a in ("request_header_modifier", "response_header_modifier", "url_rewrite")
+                  if a != attr and getattr(f, a) is not None]
+        if value is None or others:
+            probs.append(problem("MF0102", f"{where}: type {f.type} needs exactly its own field ({to_camel(attr)})",
+                                 ctx.at(where), obj=ctx.ref, hint=f"write {to_camel(attr)}: under type: {f.type}"))
+            continue
+        if attr in out:
+            probs.append(problem("MF0102", f"{where}: a second {f.type} filter in one rule", ctx.at(where),
+                                 obj=ctx.ref, hint="merge the two filters"))
+            continue
+        out[attr] = value
+    return out, probs
+
+
+def _conv_route(ctx: _Ctx, meta: Metadata, s: Any) -> Converted:
     ns = meta.namespace or ""
     kind = ctx.ref.kind
-    if len(s.parent_refs) != 1:
-        return None, [problem("MF0108", f"spec.parentRefs: meshfed supports exactly one parent (a Service), got "
-                              f"{len(s.parent_refs)}", ctx.at("spec.parentRefs"), obj=ctx.ref,
-                              hint="write one route per Service")]
-    parent = s.parent_refs[0]
-    if (parent.kind or "Gateway") != "Service" or (parent.group or "") not in ("", "core"):
-        return None, [problem("MF0108", f"spec.parentRefs[0]: only GAMMA parents (group \"\", kind Service) are "
-                              f"supported, got kind {parent.kind or 'Gateway'!r}", ctx.at("spec.parentRefs[0]"),
-                              obj=ctx.ref, hint="set parentRefs[0].group: \"\" and kind: Service")]
-    if len(s.rules) != 1:
-        return None, [problem("MF0108", f"spec.rules: meshfed supports exactly one rule (no matches), got "
-                              f"{len(s.rules)}", ctx.at("spec.rules"), obj=ctx.ref,
-                              hint="merge the backendRefs into one rule")]
-    backends: list[m.BackendRef] = []
-    for i, b in enumerate(s.rules[0].backend_refs):
-        if (b.kind or "Service") != "Service" or (b.group or "") not in ("", "core"):
-            return None, [problem("MF0108", f"spec.rules[0].backendRefs[{i}]: only Service backends are supported",
-                                  ctx.at(f"spec.rules[0].backendRefs[{i}]"), obj=ctx.ref,
-                                  hint="remove group/kind or set kind: Service")]
-        backends.append(m.BackendRef(b.name, b.namespace or ns, b.port, b.weight))
+    probs: list[Problem] = []
+    if not s.parent_refs:
+        return None, [problem("MF0103", "spec.parentRefs: a route needs a parent (a Service or a Gateway)",
+                              ctx.at("spec.parentRefs"), obj=ctx.ref, hint="add a parentRefs entry")]
+    parents: list[m.ParentRef] = []
+    for i, p in enumerate(s.parent_refs):
+        got = _parent(ctx, i, p, ns)
+        if isinstance(got, Problem):
+            probs.append(got)
+        else:
+            parents.append(got)
+    if kind == "TCPRoute" and any(p.kind != "Service" for p in parents):
+        probs.append(problem("MF0108", "spec.parentRefs: a TCPRoute attaches to a Service only (GAMMA)",
+                             ctx.at("spec.parentRefs"), obj=ctx.ref, hint="set group: \"\" and kind: Service"))
+    if len({p.kind for p in parents}) > 1:
+        probs.append(problem("MF0108", "spec.parentRefs: mixing Service and Gateway parents in one route is not "
+                             "supported", ctx.at("spec.parentRefs"), obj=ctx.ref, hint="write one route per kind of parent"))
+    if len([p for p in parents if p.kind == "Service"]) > 1:
+        probs.append(problem("MF0108", "spec.parentRefs: meshfed attaches a route to one Service", ctx.at("spec.parentRefs"),
+                             obj=ctx.ref, hint="write one route per Service"))
+    if kind == "TCPRoute" and len(s.rules) != 1:
+        probs.append(problem("MF0108", f"spec.rules: a TCPRoute has exactly one rule here, got {len(s.rules)}",
+                             ctx.at("spec.rules"), obj=ctx.ref, hint="merge the backendRefs into one rule"))
+    rules: list[m.RouteRule] = []
+    for ri, r in enumerate(s.rules):
+        base = f"spec.rules[{ri}]"
+        backends: list[m.BackendRef] = []
+        for bi, b in enumerate(r.backend_refs):
+            got_b = _backend(ctx, f"{base}.backendRefs[{bi}]", b, ns, allow_pools=kind == "HTTPRoute")
+            if isinstance(got_b, Problem):
+                probs.append(got_b)
+            else:
+                backends.append(got_b)
+        if kind == "TCPRoute":
+            rules.append(m.RouteRule(backends=tuple(backends)))
+            continue
+        grpc = kind == "GRPCRoute"
+        filt, fp = _filters(ctx, base, r.filters, grpc)
+        probs += fp
+        matches = tuple(_grpc_match(mt) for mt in r.matches) if grpc else tuple(_http_match(mt) for mt in r.matches)
+        rw: UrlRewriteS | None = filt.get("url_rewrite")
+        rw_type = rw_path = ""
+        if rw is not None and rw.path is not None:
+            rw_type = rw.path.type
+            rw_path = (rw.path.replace_full_path if rw_type == "ReplaceFullPath" else rw.path.replace_prefix_match) or ""
+            if not rw_path.startswith("/"):
+                probs.append(problem("MF0514", f"{base}: URLRewrite {rw_type} needs a path starting with '/'",
+                                     ctx.at(f"{base}.filters"), obj=ctx.ref,
+                                     hint=f"set {'replaceFullPath' if rw_type == 'ReplaceFullPath' else 'replacePrefixMatch'}: /…"))
+        t = getattr(r, "timeouts", None)
+        retry = getattr(r, "retry", None)
+        rules.append(m.RouteRule(
+            name=r.name or "", matches=matches, backends=tuple(backends),
+            request_headers=_header_filter(filt["request_header_modifier"]) if "request_header_modifier" in filt else None,
+            response_headers=_header_filter(filt["response_header_modifier"]) if "response_header_modifier" in filt else None,
+            rewrite_hostname=(rw.hostname or "") if rw is not None else "", rewrite_path_type=rw_type,
+            rewrite_path=rw_path,
+            timeout_s=t.request if t is not None else None,
+            backend_timeout_s=t.backend_request if t is not None else None,
+            retry=m.RouteRetry(retry.attempts, tuple(retry.codes), retry.backoff) if retry is not None else None))
+    if probs:
+        return None, probs
+    service_parent = next((p for p in parents if p.kind == "Service"), None)
+    first = rules[0].backends if rules else ()
     api = ctx.doc.data["apiVersion"]
     return m.Route(kind=kind, namespace=ns, name=meta.name,
-                   parent_service=m.ServiceKey(parent.namespace or ns, parent.name), backends=tuple(backends),
-                   api_version=api, pos=ctx.pos, field_pos=ctx.field_pos), []
+                   parent_service=m.ServiceKey(service_parent.namespace, service_parent.name) if service_parent else None,
+                   backends=tuple(b for b in first if b.kind == "Service"), api_version=api, pos=ctx.pos,
+                   field_pos=ctx.field_pos, parents=tuple(parents), rules=tuple(rules),
+                   hostnames=tuple(getattr(s, "hostnames", ()))), []
+
+
+def _http_match(mt: HttpMatchS) -> m.RouteMatch:
+    return m.RouteMatch(
+        path_type=mt.path.type if mt.path else "", path=mt.path.value if mt.path else "",
+        headers=tuple((h.type, h.name.lower(), h.value) for h in mt.headers),
+        query=tuple((q.type, q.name, q.value) for q in mt.query_params), method=mt.method or "")
+
+
+def _grpc_match(mt: GrpcMatchS) -> m.RouteMatch:
+    """GRPCRoute method matches as HTTP/2 paths (`/<service>/<method>`, always POST)."""
+    headers = tuple((h.type, h.name.lower(), h.value) for h in mt.headers)
+    mm = mt.method
+    if mm is None or (not mm.service and not mm.method):
+        return m.RouteMatch(headers=headers, method="POST")
+    if mm.type == "Exact":
+        if mm.service and mm.method:
+            return m.RouteMatch("Exact", f"/{mm.service}/{mm.method}", headers, (), "POST")
+        if mm.service:
+            return m.RouteMatch("PathPrefix", f"/{mm.service}", headers, (), "POST")
+        return m.RouteMatch("RegularExpression", f"/[^/]+/{re.escape(mm.method or '')}", headers, (), "POST")
+    return m.RouteMatch("RegularExpression", f"/{mm.service or '[^/]+'}/{mm.method or '[^/]+'}", headers, (), "POST")
+
+
+def _conv_namespace(ctx: _Ctx, meta: Metadata, s: NamespaceSpec) -> Converted:
+    return m.Namespace(name=meta.name, labels=MappingProxyType(dict(meta.labels)), pos=ctx.pos,
+                       field_pos=ctx.field_pos), []
+
+
+def _conv_gateway(ctx: _Ctx, meta: Metadata, s: GatewaySpec) -> Converted:
+    probs: list[Problem] = []
+    listeners: list[m.GatewayListener] = []
+    waypoint = s.gateway_class_name == m.WAYPOINT_CLASS
+    for i, lst in enumerate(s.listeners):
+        want = ("HBONE",) if waypoint else ("HTTP",)
+        if lst.protocol not in want:
+            probs.append(problem("MF0108", f"spec.listeners[{i}].protocol {lst.protocol!r} is not supported for a "
+                                 f"{'waypoint' if waypoint else 'gateway'}", ctx.at(f"spec.listeners[{i}].protocol"),
+                                 obj=ctx.ref, hint=f"use protocol: {want[0]}"
+                                 + ("" if waypoint else " (HTTPS/TLS/TCP listeners are not implemented)")))
+        if waypoint and lst.port != m.DEFAULT_EAST_WEST_GATEWAY_PORT:
+            probs.append(problem("MF0102", f"spec.listeners[{i}].port: a waypoint listens for HBONE on "
+                                 f"{m.DEFAULT_EAST_WEST_GATEWAY_PORT}", ctx.at(f"spec.listeners[{i}].port"), obj=ctx.ref,
+                                 hint=f"port: {m.DEFAULT_EAST_WEST_GATEWAY_PORT}"))
+        allowed = lst.allowed_routes.namespaces.from_ if lst.allowed_routes and lst.allowed_routes.namespaces else "Same"
+        listeners.append(m.GatewayListener(lst.name, lst.port, lst.protocol, lst.hostname or "", allowed))
+    seen: dict[int, str] = {}
+    for i, lst2 in enumerate(listeners):
+        if lst2.port in seen and not waypoint:
+            probs.append(problem("MF0102", f"spec.listeners[{i}]: port {lst2.port} is also listener {seen[lst2.port]!r}'s",
+                                 ctx.at(f"spec.listeners[{i}].port"), obj=ctx.ref,
+                                 hint="one listener per port (hostnames on one port are not implemented)"))
+        seen.setdefault(lst2.port, lst2.name)
+    clusters_text = meta.annotations.get(m.CLUSTERS_ANNOTATION, "")
+    clusters = tuple(c.strip() for c in clusters_text.split(",") if c.strip())
+    waypoint_for = meta.labels.get("istio.io/waypoint-for", "service")
+    if waypoint and waypoint_for not in ("service", "all"):
+        probs.append(problem("MF0108", f"metadata.labels: istio.io/waypoint-for {waypoint_for!r} is not supported",
+                             ctx.at("metadata.labels"), obj=ctx.ref, hint="use service (the default) or all"))
+    if probs:
+        return None, probs
+    return m.Gateway(namespace=meta.namespace or "", name=meta.name, gateway_class=s.gateway_class_name,
+                     listeners=tuple(listeners), clusters=clusters, waypoint_for=waypoint_for,
+                     labels=MappingProxyType(dict(meta.labels)), api_version=ctx.doc.data["apiVersion"],
+                     pos=ctx.pos, field_pos=ctx.field_pos), []
+
+
+def _conv_pool(ctx: _Ctx, meta: Metadata, s: InferencePoolSpec) -> Converted:
+    probs: list[Problem] = []
+    if not s.selector.match_labels:
+        probs.append(problem("MF0103", "spec.selector.matchLabels: an InferencePool selects its model servers by label",
+                             ctx.at("spec.selector"), obj=ctx.ref, hint="add matchLabels, e.g. app: vllm"))
+    if not s.target_ports:
+        probs.append(problem("MF0103", "spec.targetPorts: at least one port the model servers listen on",
+                             ctx.at("spec.targetPorts"), obj=ctx.ref, hint="add targetPorts: [{number: 8000}]"))
+    ref = s.endpoint_picker_ref
+    if (ref.kind or "Service") != "Service" or (ref.group or "") not in _CORE_GROUPS:
+        probs.append(problem("MF0108", "spec.endpointPickerRef: only a Service reference is supported",
+                             ctx.at("spec.endpointPickerRef"), obj=ctx.ref, hint="remove group/kind"))
+    if probs:
+        return None, probs
+    return m.InferencePool(namespace=meta.namespace or "", name=meta.name,
+                           selector=MappingProxyType(dict(s.selector.match_labels)),
+                           target_ports=tuple(p.number for p in s.target_ports), picker_name=ref.name,
+                           picker_port=ref.port.number if ref.port else None, failure_mode=ref.failure_mode,
+                           api_version=ctx.doc.data["apiVersion"], pos=ctx.pos, field_pos=ctx.field_pos), []
 
 
 _CONVERT: dict[str, Callable[[_Ctx, Metadata, Any], Converted]] = {
@@ -886,6 +1337,10 @@ _CONVERT: dict[str, Callable[[_Ctx, Metadata, Any], Converted]] = {
     "AuthorizationPolicy": _conv_authz,
     "HTTPRoute": _conv_route,
     "TCPRoute": _conv_route,
+    "GRPCRoute": _conv_route,
+    "Namespace": _conv_namespace,
+    "Gateway": _conv_gateway,
+    "InferencePool": _conv_pool,
 }
 
 
@@ -900,7 +1355,8 @@ def ref_of(obj: FleetObject) -> ObjectRef:
     kind = kind_of(obj)
     if isinstance(obj, m.LabCluster):
         return ObjectRef(kind, obj.cluster)
-    if isinstance(obj, m.GlobalService | m.DestinationRule | m.AuthorizationPolicy | m.Route):
+    if isinstance(obj, m.GlobalService | m.DestinationRule | m.AuthorizationPolicy | m.Route | m.Gateway
+                  | m.InferencePool):
         return ObjectRef(kind, obj.name, obj.namespace)
     return ObjectRef(kind, obj.name)
 

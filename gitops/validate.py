@@ -29,6 +29,7 @@ import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from dataclasses import field as dc_field
 
 from gitops import model as m
 from gitops.codes import problem
@@ -69,15 +70,27 @@ def spiffe_trust_domain_error(name: str) -> str | None:
 def resolve_host(host: str, namespace: str, clusterset_domain: str) -> m.ServiceKey | None:
     """A DestinationRule host -> the service it names (FQDN in the clusterset or cluster domain,
     `<svc>.<ns>`, or a short name relative to the rule's namespace, as Istio resolves them)."""
-    for suffix in (f".svc.{clusterset_domain}", ".svc.cluster.local", ".svc"):
+    got = host_match(host, namespace, clusterset_domain)
+    return got[0] if got is not None else None
+
+
+def host_match(host: str, namespace: str, clusterset_domain: str) -> tuple[m.ServiceKey, str] | None:
+    """`resolve_host` and which form of the name matched, in words (explain says it).
+
+    Istio's namespace sameness: a global service is the same service in every cluster, so its
+    cluster-local name `<svc>.<ns>.svc.cluster.local` names it as well as the clusterset one."""
+    for suffix, how in ((f".svc.{clusterset_domain}", f"clusterset name (.svc.{clusterset_domain})"),
+                        (".svc.cluster.local", "cluster-local name (.svc.cluster.local): namespace sameness, "
+                                               "the same service in every cluster"),
+                        (".svc", "short in-cluster name (<svc>.<ns>.svc)")):
         if host.endswith(suffix):
             parts = host[: -len(suffix)].split(".")
-            return m.ServiceKey(parts[1], parts[0]) if len(parts) == 2 else None
+            return (m.ServiceKey(parts[1], parts[0]), how) if len(parts) == 2 else None
     parts = host.split(".")
     if len(parts) == 1:
-        return m.ServiceKey(namespace, parts[0])
+        return m.ServiceKey(namespace, parts[0]), f"short name relative to namespace {namespace}"
     if len(parts) == 2:
-        return m.ServiceKey(parts[1], parts[0])
+        return m.ServiceKey(parts[1], parts[0]), "<svc>.<ns> name"
     return None
 
 
@@ -98,6 +111,13 @@ class _Fleet:
     authz: list[m.AuthorizationPolicy]
     routes: list[m.Route]
     broken: frozenset[tuple[str, str, str]] = frozenset()
+    namespaces: dict[str, m.Namespace] = dc_field(default_factory=dict)
+    gateways: dict[m.ServiceKey, m.Gateway] = dc_field(default_factory=dict)
+    pools: dict[m.ServiceKey, m.InferencePool] = dc_field(default_factory=dict)
+
+    def waypoint_of(self, key: m.ServiceKey) -> m.Gateway | None:
+        svc = self.services.get(key)
+        return m.waypoint_of(svc, self.namespaces.get(key.namespace), self.gateways) if svc is not None else None
 
     def failed(self, kind: str, name: str, namespace: str = "") -> bool:
         """Was an object of this identity written but unparseable (already reported)?"""
@@ -145,6 +165,9 @@ def check_objects(objects: Sequence[FleetObject], all_paths: Iterable[str] = (),
         authz=[o for o in objects if isinstance(o, m.AuthorizationPolicy)],
         routes=[o for o in objects if isinstance(o, m.Route)],
         broken=broken,
+        namespaces={o.name: o for o in objects if isinstance(o, m.Namespace)},
+        gateways={o.key: o for o in objects if isinstance(o, m.Gateway)},
+        pools={o.key: o for o in objects if isinstance(o, m.InferencePool)},
     )
     for t in fleet.trust.values():
         _check_trust_domain(t, fleet, paths, out)
@@ -160,7 +183,10 @@ def check_objects(objects: Sequence[FleetObject], all_paths: Iterable[str] = (),
                               pool_services, fleet, out)
     for a in fleet.authz:
         _check_authz(a, fleet, out)
+    _check_waypoints(fleet, out)
+    _check_gateways(fleet, out)
     _check_routes(fleet, out)
+    _check_pools(fleet, out)
     for lab in fleet.labs.values():
         _check_lab(lab, fleet, out)
     return out.problems
@@ -413,6 +439,15 @@ def _check_traffic_policy(owner: FleetObject, base: str, tp: m.TrafficPolicy, se
                           fleet: _Fleet, out: _Out) -> None:
     od = tp.outlier_detection
     odf = f"{base}.outlierDetection"
+    if od is not None and f"{odf}.consecutive5xxErrors" in owner.field_pos and (od.consecutive_5xx_errors or 0) > 0:
+        blind = sorted(str(s.key) for s in services if fleet.waypoint_of(s.key) is None)
+        if blind:
+            out.add("MF0510", owner, f"{odf}.consecutive5xxErrors",
+                    f"consecutive5xxErrors counts HTTP 5xx answers, but {', '.join(blind)} "
+                    f"{'has' if len(blind) == 1 else 'have'} no waypoint: the node ztunnels see connections only, "
+                    "so a backend answering 503 is never ejected (connect failures still count)",
+                    hint="label the Service or its Namespace istio.io/use-waypoint: <waypoint> and add that "
+                         "Gateway (gatewayClassName: istio-waypoint); or use consecutiveGatewayErrors")
     if od is not None:
         if od.interval_s <= 0:
             out.add("MF0501", owner, f"{odf}.interval", "interval must be longer than zero",
@@ -509,6 +544,7 @@ def _check_traffic_policy(owner: FleetObject, base: str, tp: m.TrafficPolicy, se
 
 
 def _check_authz(a: m.AuthorizationPolicy, fleet: _Fleet, out: _Out) -> None:
+    _check_authz_targets(a, fleet, out)
     # rules were expanded per `to` operation; positions point at the rule's from list
     for ri, rule in enumerate(a.rules):
         for si, src in enumerate(rule.from_):
@@ -535,6 +571,72 @@ def _check_authz(a: m.AuthorizationPolicy, fleet: _Fleet, out: _Out) -> None:
                                 hint="write a namespace of the destination's own trust domain ('shop'), or "
                                      "'<trust-domain>/ns/<namespace>' for another's ('west.mesh.local/ns/shop'; "
                                      "'*/ns/shop' for any trust domain)")
+
+
+def _check_authz_targets(a: m.AuthorizationPolicy, fleet: _Fleet, out: _Out) -> None:
+    """targetRefs name what exists, and request-level rules land on an L7 proxy (MF0512)."""
+    for i, t in enumerate(a.target_refs):
+        field_ = f"spec.targetRefs[{i}].name"
+        if t.kind == "Service":
+            key = m.ServiceKey(a.namespace, t.name)
+            if key not in fleet.services:
+                if not fleet.failed("GlobalService", t.name, a.namespace):
+                    out.add("MF0204", a, field_, f"targetRefs names unknown service {key}", hint=_svc_hint(key, fleet))
+                continue
+            if fleet.waypoint_of(key) is None:
+                out.add("MF0512", a, field_, f"{key} has no waypoint: no L7 proxy enforces this policy for it",
+                        hint=f"enroll {key} in a waypoint (label istio.io/use-waypoint), or target a Gateway")
+        else:
+            gw = fleet.gateways.get(m.ServiceKey(a.namespace, t.name))
+            if gw is None:
+                out.add("MF0513", a, field_, f"targetRefs names unknown Gateway {a.namespace}/{t.name}",
+                        hint=_gateway_hint(a.namespace, t.name, fleet))
+    if a.request_level and not a.target_refs:
+        out.add("MF0512", a, "spec.rules", f"{a.action.value} policy {a.namespace}/{a.name} uses request fields "
+                "(methods, paths, hosts or when) but is enforced by ztunnel (selector, no targetRefs), which sees "
+                "connections only: " + ("its rules with request fields never match" if a.action is m.AuthzAction.ALLOW
+                                        else "its rules with request fields match every connection (fail closed)"),
+                hint="add targetRefs: [{kind: Service, group: \"\", name: <service>}] for a service behind a waypoint")
+
+
+def _gateway_hint(ns: str, name: str, fleet: _Fleet) -> str:
+    same = [g.name for g in fleet.gateways.values() if g.namespace == ns]
+    guess = did_you_mean(name, same)
+    return (f"did you mean {guess!r}? " if guess else "") + f"add policies/{ns}/{name}.yaml (kind: Gateway)"
+
+
+def _check_waypoints(fleet: _Fleet, out: _Out) -> None:
+    """`istio.io/use-waypoint` names a waypoint Gateway of the same namespace."""
+    holders: list[tuple[FleetObject, str, str]] = [(n, n.name, "metadata.labels") for n in fleet.namespaces.values()]
+    holders += [(s, s.namespace, "metadata.labels") for s in fleet.services.values()]
+    for obj, ns, field_ in holders:
+        labels: Mapping[str, str] = obj.labels  # type: ignore[union-attr]
+        name = labels.get(m.USE_WAYPOINT_LABEL)
+        if name in (None, "", "none"):
+            continue
+        gw = fleet.gateways.get(m.ServiceKey(ns, str(name)))
+        if gw is None:
+            if not fleet.failed("Gateway", str(name), ns):
+                out.add("MF0513", obj, field_, f"{m.USE_WAYPOINT_LABEL}: {name} names no Gateway in namespace {ns}",
+                        hint=_gateway_hint(ns, str(name), fleet) + f" with gatewayClassName: {m.WAYPOINT_CLASS}")
+        elif not gw.is_waypoint:
+            out.add("MF0513", obj, field_, f"{m.USE_WAYPOINT_LABEL}: {name} names Gateway {ns}/{name} of class "
+                    f"{gw.gateway_class!r}, not a waypoint", hint=f"use a Gateway with gatewayClassName: {m.WAYPOINT_CLASS}")
+        elif gw.waypoint_for not in ("service", "all"):
+            out.add("MF0513", obj, field_, f"waypoint {ns}/{name} is not for services (istio.io/waypoint-for: "
+                    f"{gw.waypoint_for})", hint="label the Gateway istio.io/waypoint-for: service")
+
+
+def _check_gateways(fleet: _Fleet, out: _Out) -> None:
+    for gw in fleet.gateways.values():
+        for c in gw.clusters:
+            if c not in fleet.clusters and not fleet.failed("Cluster", c):
+                guess = did_you_mean(c, list(fleet.clusters))
+                out.add("MF0202", gw, "metadata.annotations", f"{m.CLUSTERS_ANNOTATION} names unknown cluster {c!r}",
+                        hint=(f"did you mean {guess!r}? " if guess else "") + f"clusters: {', '.join(fleet.clusters)}")
+        if not gw.listeners:
+            out.add("MF0103", gw, "spec.listeners", f"Gateway {gw.namespace}/{gw.name} has no listener",
+                    hint="add a listener, e.g. {name: http, port: 80, protocol: HTTP}")
 
 
 def _authz_field(a: m.AuthorizationPolicy, principal: str, attr: str, ri: int, si: int, pi: int) -> str:
@@ -580,23 +682,102 @@ def _principal_error(p: str) -> str | None:
 def _check_routes(fleet: _Fleet, out: _Out) -> None:
     parents: dict[m.ServiceKey, m.Route] = {}
     for r in fleet.routes:
-        if r.parent_service not in fleet.services and not fleet.failed(
-                "GlobalService", r.parent_service.name, r.parent_service.namespace):
-            out.add("MF0204", r, "spec.parentRefs[0].name", f"parent service {r.parent_service} is not a GlobalService",
-                    hint=_svc_hint(r.parent_service, fleet))
-        elif r.parent_service in parents:
-            first = parents[r.parent_service]
-            out.add("MF0509", r, "spec.parentRefs[0]", f"service {r.parent_service} already has route "
-                    f"{first.kind} {first.namespace}/{first.name} ({first.pos})", hint="merge the two routes")
-        parents.setdefault(r.parent_service, r)
-        for i, b in enumerate(r.backends):
-            key = m.ServiceKey(b.namespace, b.name)
-            if key not in fleet.services and not fleet.failed("GlobalService", key.name, key.namespace):
-                out.add("MF0204", r, f"spec.rules[0].backendRefs[{i}].name", f"backend {key} is not a GlobalService",
-                        hint=_svc_hint(key, fleet))
-        if r.backends and sum(b.weight for b in r.backends) == 0:
-            out.add("MF0507", r, "spec.rules[0].backendRefs", "all backend weights are 0: the route sends nothing",
-                    hint="give at least one backend a positive weight")
+        for pi, p in enumerate(r.parents):
+            where = f"spec.parentRefs[{pi}]"
+            if p.kind == "Service":
+                key = m.ServiceKey(p.namespace, p.name)
+                if key not in fleet.services:
+                    if not fleet.failed("GlobalService", p.name, p.namespace):
+                        out.add("MF0204", r, f"{where}.name", f"parent service {key} is not a GlobalService",
+                                hint=_svc_hint(key, fleet))
+                    continue
+                if key in parents:
+                    first = parents[key]
+                    out.add("MF0509", r, where, f"service {key} already has route "
+                            f"{first.kind} {first.namespace}/{first.name} ({first.pos})", hint="merge the two routes")
+                parents.setdefault(key, r)
+                if r.request_level and fleet.waypoint_of(key) is None:
+                    out.add("MF0511", r, "spec.rules", f"{r.kind} {r.namespace}/{r.name} needs per-request routing "
+                            f"(matches, filters, timeouts, retries, several rules or InferencePool backends), but {key} "
+                            "has no waypoint: a node ztunnel applies only backend weights, per connection",
+                            hint=f"label {key} (or namespace {key.namespace}) istio.io/use-waypoint: <waypoint> and "
+                                 "add that Gateway, or reduce the route to one rule of weighted backendRefs")
+            else:
+                gw = fleet.gateways.get(m.ServiceKey(p.namespace, p.name))
+                if gw is None:
+                    if not fleet.failed("Gateway", p.name, p.namespace):
+                        out.add("MF0513", r, f"{where}.name", f"parent Gateway {p.namespace}/{p.name} does not exist",
+                                hint=_gateway_hint(p.namespace, p.name, fleet))
+                    continue
+                if gw.is_waypoint:
+                    out.add("MF0513", r, where, f"parent {p.namespace}/{p.name} is a waypoint; routes for traffic "
+                            "through a waypoint attach to the Service (GAMMA)",
+                            hint="set parentRefs to {group: \"\", kind: Service, name: <service>}")
+                    continue
+                listeners = [x for x in gw.listeners if (not p.section or x.name == p.section)
+                             and (p.port is None or x.port == p.port)]
+                if not listeners:
+                    out.add("MF0513", r, where, f"Gateway {p.namespace}/{p.name} has no listener "
+                            f"{p.section or ''}{' port ' + str(p.port) if p.port else ''}".rstrip(),
+                            hint=f"listeners: {', '.join(f'{x.name} ({x.port})' for x in gw.listeners)}")
+                elif r.namespace != gw.namespace and all(x.allowed_from != "All" for x in listeners):
+                    out.add("MF0513", r, where, f"Gateway {p.namespace}/{p.name} accepts routes from its own namespace "
+                            f"only, and this route is in {r.namespace}",
+                            hint="set allowedRoutes: {namespaces: {from: All}} on the listener, or move the route")
+        for ri, rule in enumerate(r.rules):
+            base = f"spec.rules[{ri}]"
+            for i, b in enumerate(rule.backends):
+                field_ = f"{base}.backendRefs[{i}].name"
+                if b.kind == "InferencePool":
+                    if m.ServiceKey(b.namespace, b.name) not in fleet.pools and not fleet.failed(
+                            "InferencePool", b.name, b.namespace):
+                        out.add("MF0513", r, field_, f"backend InferencePool {b.namespace}/{b.name} does not exist",
+                                hint=f"add policies/{b.namespace}/{b.name}.yaml (kind: InferencePool)")
+                    continue
+                key = m.ServiceKey(b.namespace, b.name)
+                if key not in fleet.services and not fleet.failed("GlobalService", key.name, key.namespace):
+                    out.add("MF0204", r, field_, f"backend {key} is not a GlobalService", hint=_svc_hint(key, fleet))
+            if rule.backends and sum(b.weight for b in rule.backends) == 0:
+                out.add("MF0507", r, f"{base}.backendRefs", "all backend weights are 0: the route sends nothing",
+                        hint="give at least one backend a positive weight")
+            _check_matches(r, base, rule, out)
+
+
+def _check_matches(r: m.Route, base: str, rule: m.RouteRule, out: _Out) -> None:
+    for mi, mt in enumerate(rule.matches):
+        where = f"{base}.matches[{mi}]"
+        if mt.path_type in ("Exact", "PathPrefix") and not mt.path.startswith("/"):
+            out.add("MF0514", r, f"{where}.path.value", f"path {mt.path!r} does not start with '/'",
+                    hint="write an absolute path, e.g. /v1/completions")
+        regexes = [(f"{where}.path.value", mt.path)] if mt.path_type == "RegularExpression" else []
+        regexes += [(f"{where}.headers", v) for t, _n, v in mt.headers if t == "RegularExpression"]
+        regexes += [(f"{where}.queryParams", v) for t, _n, v in mt.query if t == "RegularExpression"]
+        for field_, pattern in regexes:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                out.add("MF0514", r, field_, f"regular expression {pattern!r} does not compile: {e}",
+                        hint="write a Python/RE2-compatible expression (matched against the whole value)")
+    if rule.rewrite_path_type == "ReplacePrefixMatch" and (
+            not rule.matches or any(mt.path_type != "PathPrefix" for mt in rule.matches)):
+        out.add("MF0514", r, f"{base}.filters", "URLRewrite ReplacePrefixMatch needs every match of the rule to be a "
+                "PathPrefix match (Gateway API)", hint="add matches: [{path: {type: PathPrefix, value: /…}}]")
+
+
+def _check_pools(fleet: _Fleet, out: _Out) -> None:
+    if not fleet.labs:
+        return
+    for pool in fleet.pools.values():
+        ports = {w.port for lab in fleet.labs.values() for w in lab.workloads
+                 if w.namespace == pool.namespace and w.role == "server"
+                 and all(({"app": w.name, **w.labels}).get(k) == v for k, v in pool.selector.items())}
+        if not ports:
+            out.add("MF0515", pool, "spec.selector", f"InferencePool {pool.namespace}/{pool.name} selects no "
+                    f"model-server workload of any LabCluster (matchLabels {dict(pool.selector)})",
+                    hint="label the model-server workloads (labels: …) or fix matchLabels")
+        elif not ports & set(pool.target_ports):
+            out.add("MF0515", pool, "spec.targetPorts", f"the selected workloads listen on {sorted(ports)}, not on "
+                    f"{list(pool.target_ports)}", hint=f"targetPorts: [{{number: {min(ports)}}}]")
 
 
 def _svc_hint(key: m.ServiceKey, fleet: _Fleet) -> str:

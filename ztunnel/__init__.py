@@ -6,5 +6,6 @@
   hbone     sans-IO HTTP/2 CONNECT framer
   identity  certificate manager and TLS adapters
   xds       control-plane client, config state, persisted last good config
-  proxy     node and gateway proxies, relay, routing, capture, SOCKS5, admin
+  proxy     node and gateway proxies, the L7 proxy (waypoint, ingress gateway) and its engine (l7),
+            relay, routing, capture, SOCKS5, admin
 """

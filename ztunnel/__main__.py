@@ -1,9 +1,9 @@
-"""Run a ztunnel (node mode) or east-west gateway standalone.
+"""Run a ztunnel (node mode), an east-west gateway, a waypoint or an ingress gateway standalone.
 
     python -m ztunnel --config proxy.json --cert-dir certs/ --state-dir /var/lib/meshfed/ztunnel \\
         --hbone 0.0.0.0:15008 --socks 127.0.0.1:15080 --admin 127.0.0.1:15021
 
-- The mode (node/gateway) comes from the config. `--config` is optional when `--state-dir` holds a
+- The mode (node, gateway, waypoint, ingress) comes from the config. `--config` is optional when `--state-dir` holds a
   persisted last good config: a restart with the controller (or the file) absent serves from it.
 - `--cert-dir` holds one SVID per local identity: `<td>_ns_<ns>_sa_<sa>.crt.pem` (chain) and
   `.key.pem` (0600).
@@ -33,6 +33,7 @@ from ztunnel.proxy.admin import AdminServer, Telemetry
 from ztunnel.proxy.base import Credentials, HealthSink, ProxyBase, ProxyOptions
 from ztunnel.proxy.gateway import GatewayProxy
 from ztunnel.proxy.node import NodeProxy
+from ztunnel.proxy.waypoint import L7Proxy
 from ztunnel.xds.state import ApplyResult, ProxyState, load_config_file, parse_host_port
 
 if TYPE_CHECKING:  # controller mode only: gRPC/protobuf cost ~5 MB RSS, standalone proxies skip them
@@ -88,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout-s", type=float, default=10.0)
     p.add_argument("--handshake-timeout-s", type=float, default=5.0)
     p.add_argument("--access-log", choices=("stderr", "off"), default="stderr")
+    p.add_argument("--ready-file", type=Path, help="created once the proxy serves, removed when it drains "
+                   "(what a pod's readiness probe reads where the admin port is out of reach)")
     d = p.add_argument_group("DNS for global names (node mode; pods' udp/tcp 53 redirected here by iptables)")
     d.add_argument("--dns", default="", help="HOST:PORT of the DNS responder, e.g. the pod bridge address :15053 "
                    "('' disables)")
@@ -100,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = p.add_argument_group("controller mode (config, certificates and health through the controller)")
     c.add_argument("--controller", default="", help="HOST:PORT of the controller's gRPC services")
     c.add_argument("--bootstrap", default="", help="HOST:PORT of the controller's bootstrap port (first certificate)")
-    c.add_argument("--proxy-id", default="", type=_proxy_id, help="ztunnel/<cluster>/<node> or gateway/<cluster>")
+    c.add_argument("--proxy-id", default="", type=_proxy_id, help="ztunnel/<cluster>/<node>, gateway/<cluster>, "
+                   "waypoint/<cluster>/<ns>/<name> or ingress/<cluster>/<ns>/<name>")
     c.add_argument("--trust-domain", default="", help="trust domain of this proxy's cluster")
     c.add_argument("--sa-token-file", type=Path,
                    help="the pod's projected ServiceAccount token (audience meshfed-controller), re-read at every "
@@ -115,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int:
+    if args.ready_file is not None:
+        args.ready_file.unlink(missing_ok=True)  # a previous run's: not ready until this one serves
     state = ProxyState(args.state_dir / "last-good-config.json" if args.state_dir else None)
     source = "file"
     if args.config is not None and args.config.exists():
@@ -156,7 +162,8 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
     opts = ProxyOptions(hbone_host=hb_host, hbone_port=hb_port, socks_host=socks_host, socks_port=socks_port,
                         transparent_host=tr_host, transparent_port=tr_port,
                         handshake_timeout_s=args.handshake_timeout_s, drain_timeout_s=args.drain_timeout_s)
-    cls: type[ProxyBase] = GatewayProxy if cfg.mode is ProxyMode.GATEWAY else NodeProxy
+    cls: type[ProxyBase] = {ProxyMode.GATEWAY: GatewayProxy, ProxyMode.WAYPOINT: L7Proxy,
+                            ProxyMode.INGRESS: L7Proxy}.get(cfg.mode, NodeProxy)
     proxy = cls(state, creds, opts, telemetry, health)
     if link is not None:
         link.sink.target = proxy
@@ -175,12 +182,16 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
                             "rejected": [str(e) for e in state.last_rejected],
                             "ejected": {s: sorted(proxy.ejected(s)) for s in proxy.detectors},
                             "sessions": {"pooled": proxy.pool.count(), "inbound": len(proxy.inbound_sessions)},
+                            **({"l7": proxy.status()} if isinstance(proxy, L7Proxy) else {}),
                             "capture": capture.as_dict() if capture is not None else None,
                             **({"dns": {"port": dns_server.port, "upstreams": [f"{h}:{p}" for h, p in
                                                                                dns_server.options.upstreams],
                                         "stats": dict(dns_server.stats)}} if dns_server is not None else {}),
                         })
     await admin.start()
+    if args.ready_file is not None:
+        args.ready_file.parent.mkdir(parents=True, exist_ok=True)
+        args.ready_file.write_text(f"{os.getpid()}\n")
     _release_startup_heap()
     telemetry.log(kind="listening", hbone=f"{hb_host}:{proxy.opts.hbone_port}",
                   socks=f"{socks_host}:{proxy.opts.socks_port}" if socks_host else "",
@@ -200,6 +211,8 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
     loop.add_signal_handler(signal.SIGHUP, reload)
     await stop.wait()
     telemetry.log(kind="draining", timeout_s=args.drain_timeout_s)
+    if args.ready_file is not None:
+        args.ready_file.unlink(missing_ok=True)
     for t in link_tasks:
         t.cancel()
     if link is not None:

@@ -24,6 +24,12 @@ What a member cluster gets (`member_objects`):
   Deployment + Service             the east-west gateway, type LoadBalancer on 15008; its address is
     eastwest-gateway               the fleet's eastWestGateway.address (as loadBalancerIP) or, when
                                    omitted, whatever the LB gives (discovery reads the status)
+  per fleet Gateway running here   (`l7_gateway_objects`) what Istio's gateway controller deploys: the
+                                   Gateway's namespace (enrolled, so discovery sees its pods), the
+                                   roots ConfigMap there, ServiceAccount `<name>` (waypoint) or
+                                   `<name>-istio` (ingress), a Deployment running the lab's waypoint
+                                   or ingress proxy, and a Service: a waypoint's on 15008 (HBONE), an
+                                   ingress gateway's LoadBalancer `<name>-istio` with its listeners
 
 No shared secret anywhere: each proxy presents a projected ServiceAccount token (audience
 `meshfed-controller`, expiring, rotated by the kubelet) for its first certificate, which the controller
@@ -47,11 +53,15 @@ from clusters.kube.observation import GATEWAY_SERVICE, MESH_NAMESPACE
 from gitops.model import (
     AMBIENT_LABEL,
     AMBIENT_VALUE,
+    GATEWAY_NAME_LABEL,
     Cluster,
     ClusterName,
     ConfigSnapshot,
+    Gateway,
     LabCluster,
     LabWorkload,
+    gateway_pod_labels,
+    gateway_service_account,
 )
 from ztunnel.api.ports import ADMIN_PORT, DNS_CAPTURE_PORT, HBONE_PORT, OUTBOUND_CAPTURE_PORT
 
@@ -275,7 +285,106 @@ def member_objects(snapshot: ConfigSnapshot, cluster_name: str, opts: InstallOpt
     roots = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(ROOTS_CONFIGMAP),
              "data": {"roots.pem": opts.controller_roots_pem}}
     return [namespace, *accounts, *discovery_rbac(), roots, node_proxy_daemonset(cluster, opts),
-            *gateway_objects(cluster, opts)]
+            *gateway_objects(cluster, opts), *l7_gateway_objects(snapshot, cluster_name, opts)]
+
+
+# --- the fleet's Gateways: waypoints and ingress gateways -------------------------------------------
+
+# Where a waypoint or ingress proxy writes that it serves (`--ready-file`: it has its first config
+# and its listeners are bound); the exec probe reads it, the admin port stays on loopback.
+GATEWAY_READY_FILE = "/tmp/meshfed-ready"
+
+
+def _enrolled_namespace(name: str) -> dict[str, Any]:
+    """An application namespace, enrolled in ambient. One definition for the workloads' and the
+    Gateways' namespaces: `meshfed` applies both with one field manager, so two renderings of the
+    same namespace with different labels would take the label away at every other apply."""
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": {AMBIENT_LABEL: AMBIENT_VALUE}}}
+
+
+def l7_proxy_id(gw: Gateway, cluster: str) -> str:
+    """How the proxy joins the controller: the prefix tells it (and the render) waypoint or ingress."""
+    return f"{'waypoint' if gw.is_waypoint else 'ingress'}/{cluster}/{gw.namespace}/{gw.name}"
+
+
+def _l7_gateway(gw: Gateway, cluster: Cluster, opts: InstallOptions) -> list[dict[str, Any]]:
+    sa = gateway_service_account(gw)
+    pod_labels = gateway_pod_labels(gw)   # gateway-name (discovery finds its pods) + dataplane-mode none
+    ports = ([{"name": "tls-hbone", "containerPort": HBONE_PORT, "protocol": "TCP"}] if gw.is_waypoint else
+             [{"name": x.name, "containerPort": x.port, "protocol": "TCP"} for x in gw.listeners])
+    container = _container(
+        "proxy", opts,
+        [*_proxy_args(l7_proxy_id(gw, cluster.name), cluster, opts, node=False), "--ready-file", GATEWAY_READY_FILE],
+        ports=ports,
+        securityContext={"privileged": False, "allowPrivilegeEscalation": False, "runAsNonRoot": True,
+                         "runAsUser": NONROOT_UID, "runAsGroup": NONROOT_UID, "readOnlyRootFilesystem": True,
+                         "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}},
+        readinessProbe={"exec": {"command": ["test", "-f", GATEWAY_READY_FILE]}, "periodSeconds": 2,
+                        "failureThreshold": 3},
+        resources={"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}},
+        volumeMounts=[{"name": "meshfed-credentials", "mountPath": TOKEN_DIR, "readOnly": True},
+                      {"name": "certs", "mountPath": "/var/lib/meshfed/certs"},
+                      {"name": "state", "mountPath": "/var/lib/meshfed/state"},
+                      {"name": "tmp", "mountPath": "/tmp"}])
+    pod_security: dict[str, Any] = {"runAsNonRoot": True, "fsGroup": NONROOT_UID}
+    if any(x.port < 1024 for x in gw.listeners) and not gw.is_waypoint:
+        # an ingress listener on :80 as a non-root user without NET_BIND_SERVICE: a namespaced,
+        # "safe" sysctl (Kubernetes >= 1.22), what Istio's gateway deployments set
+        pod_security["sysctls"] = [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "0"}]
+    meta_labels = {"app.kubernetes.io/name": gw.name, GATEWAY_NAME_LABEL: gw.name}
+    deployment = {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(gw.name, gw.namespace, meta_labels),
+        "spec": {
+            "replicas": 1, "selector": {"matchLabels": {GATEWAY_NAME_LABEL: gw.name}},
+            "template": {
+                "metadata": {"labels": {**PART_OF, **pod_labels}},
+                "spec": {
+                    "serviceAccountName": sa, "automountServiceAccountToken": False,
+                    "securityContext": pod_security,
+                    "containers": [container],
+                    "volumes": [_projected_credentials(opts),
+                                {"name": "certs", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
+                                {"name": "state", "emptyDir": {"sizeLimit": "16Mi"}},
+                                {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}],
+                },
+            },
+        },
+    }
+    if gw.is_waypoint:  # what `istioctl waypoint apply` creates: node ztunnels dial it on 15008
+        service = {"apiVersion": "v1", "kind": "Service", "metadata": _meta(gw.name, gw.namespace, meta_labels),
+                   "spec": {"type": "ClusterIP", "selector": {GATEWAY_NAME_LABEL: gw.name},
+                            "ports": [{"name": "tls-hbone", "port": HBONE_PORT, "targetPort": HBONE_PORT,
+                                       "protocol": "TCP"}]}}
+    else:               # Istio's ingress deployment: `<name>-istio`, a LoadBalancer with the listeners
+        service = {"apiVersion": "v1", "kind": "Service", "metadata": _meta(sa, gw.namespace, meta_labels),
+                   "spec": {"type": "LoadBalancer", "selector": {GATEWAY_NAME_LABEL: gw.name},
+                            "ports": [{"name": x.name, "port": x.port, "targetPort": x.port, "protocol": "TCP"}
+                                      for x in gw.listeners]}}
+    account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(sa, gw.namespace),
+               "automountServiceAccountToken": False}
+    return [account, deployment, service]
+
+
+def l7_gateway_objects(snapshot: ConfigSnapshot, cluster_name: str, opts: InstallOptions = InstallOptions()
+                       ) -> list[dict[str, Any]]:
+    """Every fleet Gateway (waypoint or ingress) that runs in `cluster_name` (`meshfed.dev/clusters`,
+    default every cluster), in apply order: each Gateway namespace once (enrolled: discovery only
+    reads enrolled namespaces, and a waypoint's pods are found there by their gateway-name label;
+    the pods themselves opt out of capture), the controller's roots in it (a projected volume reads
+    ConfigMaps of its own namespace only), then the Gateways' objects."""
+    if cluster_name not in snapshot.clusters:
+        raise ManifestError(f"no Cluster {cluster_name!r} in the fleet; clusters: {', '.join(sorted(snapshot.clusters))}")
+    cluster = snapshot.clusters[cluster_name]
+    gateways = sorted((g for g in snapshot.gateways.values() if g.runs_in(cluster_name)),
+                      key=lambda g: (g.namespace, g.name))
+    out: list[dict[str, Any]] = []
+    for ns in sorted({g.namespace for g in gateways}):
+        out += [_enrolled_namespace(ns),
+                {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(ROOTS_CONFIGMAP, ns),
+                 "data": {"roots.pem": opts.controller_roots_pem}}]
+    for g in gateways:
+        out += _l7_gateway(g, cluster, opts)
+    return out
 
 
 # --- a controller inside a cluster ------------------------------------------------------------------
@@ -336,7 +445,9 @@ def controller_objects(snapshot: ConfigSnapshot, cluster_name: str, repo: str, o
 
 def _workload_deployment(cluster: Cluster, w: LabWorkload, opts: InstallOptions) -> dict[str, Any]:
     labels = {"app": w.name, **({"service": w.service} if w.service else {})}
-    pod_labels = {**labels, **({PROXY_PROTOCOL_LABEL: "v2"} if w.role == "server" else {})}
+    # the workload's own labels (an InferencePool's selector) on its pods, not in the Deployment's
+    # selector (immutable once created)
+    pod_labels = {**w.labels, **labels, **({PROXY_PROTOCOL_LABEL: "v2"} if w.role == "server" else {})}
     env = [{"name": n, "valueFrom": {"fieldRef": {"fieldPath": p}}}
            for n, p in (("POD_NAME", "metadata.name"), ("NODE_NAME", "spec.nodeName"), ("POD_IP", "status.podIP"))]
     spec: dict[str, Any] = {
@@ -347,7 +458,10 @@ def _workload_deployment(cluster: Cluster, w: LabWorkload, opts: InstallOptions)
             "command": ["python", "-m", "clusters.lab.demo_server"],
             "args": ["--cluster", str(cluster.name), "--namespace", w.namespace, "--pod", "$(POD_NAME)",
                      "--node", "$(NODE_NAME)", "--address", "$(POD_IP)", "--port", str(w.port),
-                     "--behaviour", w.behaviour.value],
+                     "--behaviour", w.behaviour.value,
+                     # a model server (an InferencePool's pods): the lab's flags (clusters.lab.commands.pod_argv)
+                     *(["--model", w.model.name, "--model-latency-ms", f"{w.model.latency_s * 1000:g}",
+                        "--model-concurrency", str(w.model.concurrency)] if w.model is not None else [])],
             "env": env,
             "ports": [{"name": "http", "containerPort": w.port, "protocol": "TCP"}],
             "readinessProbe": {"tcpSocket": {"port": w.port}, "periodSeconds": 1, "failureThreshold": 2},
@@ -377,9 +491,7 @@ def workload_objects(snapshot: ConfigSnapshot, cluster_name: str, opts: InstallO
     cluster = snapshot.clusters[cluster_name]
     workloads = lab.workloads if lab is not None else ()
     namespaces = sorted({w.namespace for w in workloads} | {s.namespace for s in snapshot.services.values()})
-    out: list[dict[str, Any]] = [
-        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": {AMBIENT_LABEL: AMBIENT_VALUE}}}
-        for ns in namespaces]
+    out: list[dict[str, Any]] = [_enrolled_namespace(ns) for ns in namespaces]
     accounts = sorted({(w.namespace, w.service_account) for w in workloads})
     out += [{"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": sa, "namespace": ns}}
             for ns, sa in accounts]

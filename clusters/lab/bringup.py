@@ -6,7 +6,8 @@
      3 resolv.conf per pod (kubelet's)                      8 node ztunnels and gateways
      4 one emulated API server per cluster + kubeconfig     9 the controller
        (and the host portal's doors to them)               10 wait until every pod is ready, and the
-     5 pods (demo servers)                                     API says so
+     5 pods (demo servers; waypoint and ingress pods are     API says so
+       proxies, started in 8)
 A step that fails raises: the supervisor reports phase Failed with the error and shuts down what
 the steps before it started (`LabServices.stop` and the process table).
 
@@ -185,6 +186,8 @@ class BringUp:
     def _pods(self) -> None:
         for c in self.plan.clusters:
             for p in c.pods:
+                if p.is_proxy:
+                    continue  # waypoints and ingress gateways are proxies: the data plane starts them (8)
                 mp = ManagedProcess(pod_key(p), p.netns, pod_argv([sys.executable], p, pod_socket(p)),
                                     self.log_dir / f"pod-{p.cluster}.{p.namespace}.{p.name}.log")
                 self.procs.put(mp)
@@ -282,7 +285,7 @@ class BringUp:
 
     def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        pending = [p for c in self.plan.clusters for p in c.pods]
+        pending = [p for c in self.plan.clusters for p in c.pods if not p.is_proxy]  # proxies wait for config
         while pending and time.monotonic() < deadline:
             pending = [p for p in pending if not probe_pod(self.procs, p, 0.5).ready]
             if pending:

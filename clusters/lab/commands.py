@@ -28,6 +28,7 @@ from clusters.lab.layout import (
     CONTROLLER_BOOTSTRAP_PORT,
     CONTROLLER_GRPC_PORT,
     CONTROLLER_HTTP_PORT,
+    RUN_DIR,
     SA_TOKEN_FILE,
     TRUST_ANCHORS_DIR,
 )
@@ -35,6 +36,7 @@ from clusters.lab.topology import CONTROLLER_MGMT_ADDRESS, LabPlan, NetnsName, P
 from ztunnel.api.identity import ProxyId
 from ztunnel.api.ports import ADMIN_PORT, DNS_CAPTURE_PORT, HBONE_PORT, OUTBOUND_CAPTURE_PORT, SOCKS5_PORT
 
+BOOTSTRAP_TOKEN_FILE = "bootstrap-token"   # an L7 proxy pod's single-use token (0600, in its proxy dir)
 MESHFED = ("-m", "federation.cli.main")   # `meshfed` without relying on the console script's path
 
 
@@ -42,7 +44,7 @@ MESHFED = ("-m", "federation.cli.main")   # `meshfed` without relying on the con
 class ProxySpec:
     """One proxy of the plan: a node ztunnel or a cluster's east-west gateway."""
 
-    proxy_id: str       # ztunnel/<cluster>/<node> | gateway/<cluster>
+    proxy_id: str       # ztunnel/<cluster>/<node> | gateway/<cluster> | waypoint|ingress/<cluster>/<ns>/<name>
     cluster: str
     trust_domain: str
     netns: NetnsName
@@ -64,13 +66,22 @@ class ProxySpec:
 
 
 def proxy_specs(plan: LabPlan) -> list[ProxySpec]:
+    """Node ztunnels, east-west gateways, and the proxies that run as pods (waypoints, ingress
+    gateways: in their pod's namespace)."""
     out: list[ProxySpec] = []
     for c in plan.clusters:
         out += [ProxySpec(str(ProxyId.node_proxy(c.name, n.name)), c.name, c.trust_domain, n.netns, n.pod_gateway)
                 for n in c.nodes]
         if c.gateway is not None:
             out.append(ProxySpec(str(ProxyId.gateway(c.name)), c.name, c.trust_domain, c.gateway.netns, ""))
+        out += [ProxySpec(p.proxy_id, c.name, c.trust_domain, p.netns, "") for p in c.proxy_pods()]
     return out
+
+
+def ready_file(proxy_id: str) -> str:
+    """Where a proxy running as a pod says it is ready (the sandbox-private RUN_DIR): what the
+    kubelet reports as the pod's readiness."""
+    return f"{RUN_DIR}/{proxy_id.replace('/', '.')}.ready"
 
 
 def proxy_argv(python: Sequence[str], proxy_id: str, proxy_dir: Path, socks_host: str, *, standalone: bool,
@@ -95,9 +106,14 @@ def proxy_argv(python: Sequence[str], proxy_id: str, proxy_dir: Path, socks_host
         if controller_dir is None or not trust_domain:
             raise ValueError(f"{proxy_id}: a proxy that joins the controller needs its trust domain and the "
                              "controller's state directory (or a config.json to run standalone)")
+        # node proxies and gateways bootstrap with their pod's projected ServiceAccount token (the
+        # lab's kubelet keeps it fresh); a waypoint's or ingress's pod, whose ServiceAccount the
+        # fleet names freely, with a single-use token for its proxy id (`lab_bootstrap_token`)
+        credential = (["--sa-token-file", str(proxy_dir / SA_TOKEN_FILE)] if ProxyId.parse(proxy_id).kind
+                      in ("ztunnel", "gateway") else ["--bootstrap-token-file", str(proxy_dir / BOOTSTRAP_TOKEN_FILE)])
         argv += ["--controller", f"{CONTROLLER_MGMT_ADDRESS}:{CONTROLLER_GRPC_PORT}",
                  "--bootstrap", f"{CONTROLLER_MGMT_ADDRESS}:{CONTROLLER_BOOTSTRAP_PORT}",
-                 "--sa-token-file", str(proxy_dir / SA_TOKEN_FILE), "--trust-domain", trust_domain,
+                 *credential, "--trust-domain", trust_domain,
                  "--controller-roots", str(controller_dir / TRUST_ANCHORS_DIR / f"{trust_domain}.pem")]
     if ProxyId.parse(proxy_id).is_node:
         argv += ["--socks", f"{socks_host}:{SOCKS5_PORT}", "--transparent", f"0.0.0.0:{OUTBOUND_CAPTURE_PORT}",
@@ -106,7 +122,9 @@ def proxy_argv(python: Sequence[str], proxy_id: str, proxy_dir: Path, socks_host
                  "--dns", f"{socks_host}:{DNS_CAPTURE_PORT}", "--dns-upstream", "none",
                  "--dns-unanswered", dns_unanswered]
     else:
-        argv += ["--socks", ""]  # a gateway has no local clients
+        argv += ["--socks", ""]  # a gateway, waypoint or ingress gateway has no local clients
+    if proxy_id.startswith(("waypoint/", "ingress/")):
+        argv += ["--ready-file", ready_file(proxy_id)]
     return argv
 
 
@@ -121,9 +139,13 @@ def controller_argv(python: Sequence[str], repo: str, state_dir: Path, kubeconfi
 
 
 def pod_argv(python: Sequence[str], p: PodPlan, control_socket: str) -> list[str]:
-    return [*python, "-m", "clusters.lab.demo_server", "--cluster", p.cluster, "--namespace", p.namespace,
+    argv = [*python, "-m", "clusters.lab.demo_server", "--cluster", p.cluster, "--namespace", p.namespace,
             "--pod", p.name, "--node", p.node, "--address", p.address, "--port", str(p.port),
             "--behaviour", p.behaviour.value, "--control", control_socket]
+    if p.model is not None:
+        argv += ["--model", p.model.name, "--model-latency-ms", f"{p.model.latency_s * 1000:g}",
+                 "--model-concurrency", str(p.model.concurrency)]
+    return argv
 
 
 def latency_relay_argv(python: Sequence[str], port: int, delay_ms: float) -> list[str]:

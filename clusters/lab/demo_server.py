@@ -8,6 +8,15 @@ header is optional (a connection that does not start with the v2 signature is pl
 identity is reported as ""), so the server also works with no mesh at all. Pods that want the
 header carry the label `networking.meshfed.dev/inbound-proxy-protocol: v2` (see `PROXY_LABEL`).
 
+Model-server mode (`--model NAME`): an OpenAI-style model server for the inference demo.
+`POST /v1/completions` and `/v1/chat/completions` take a JSON body; a request naming another model
+gets 404; requests are served `--model-concurrency` at a time, each taking `--model-latency-ms`,
+the rest wait in a queue; `GET /metrics` reports that queue the way vLLM does
+(`vllm:num_requests_waiting`, `vllm:num_requests_running`, labelled `model_name`) plus
+`meshfed_model_info{model=...} 1`, which meshfed's endpoint picker reads.
+
+Every echo answer carries the request's headers too, so a test can see what a waypoint changed.
+
 Behaviour is switchable at run time (healthy, 503, slow, hang) through a control endpoint: a tiny
 HTTP server on a Unix socket in the lab's state directory (`GET /healthz`, `GET /behaviour`,
 `PUT /behaviour/<Mode>`). A Unix socket crosses network namespaces, so the lab's kubelet can probe
@@ -89,13 +98,19 @@ class DemoServer:
     """Invariants: `behaviour` is one of BEHAVIOURS; `ready` is set once the data port listens."""
 
     def __init__(self, cluster: str, namespace: str, pod: str, node: str, behaviour: str = "Healthy",
-                 slow_ms: float = 500.0) -> None:
+                 slow_ms: float = 500.0, model: str = "", model_latency_ms: float = 50.0,
+                 model_concurrency: int = 1) -> None:
         self.cluster, self.namespace, self.pod, self.node = cluster, namespace, pod, node
         self.behaviour = behaviour
         self.slow_ms = slow_ms
         self.ready = asyncio.Event()
         self.served = 0
         self.address = ""
+        self.model = model
+        self.model_latency_ms = model_latency_ms
+        self._slots = asyncio.Semaphore(max(1, model_concurrency))
+        self.waiting = 0
+        self.running = 0
 
     def set_behaviour(self, mode: str) -> None:
         for b in BEHAVIOURS:
@@ -120,13 +135,16 @@ class DemoServer:
                 identity, peer_addr = info.peer_identity, info.source or peer_addr
                 prefix = b""
             while True:
-                request = await _read_request(reader, prefix)
+                request = await read_request(reader, prefix)
                 prefix = b""
                 if request is None:
                     return
-                method, path, keep_alive = request
-                await self._respond(writer, method, path, identity, peer_addr, keep_alive)
-                if not keep_alive:
+                if self.model and (request.path.startswith("/v1/") or request.path == "/metrics"):
+                    await self._model(writer, request, identity)
+                else:
+                    await self._respond(writer, request.method, request.path, identity, peer_addr,
+                                        request.keep_alive, request.headers)
+                if not request.keep_alive:
                     return
         except (asyncio.IncompleteReadError, ConnectionError, ProxyHeaderError, ValueError):
             return
@@ -136,7 +154,7 @@ class DemoServer:
                 await writer.wait_closed()
 
     async def _respond(self, writer: asyncio.StreamWriter, method: str, path: str, identity: str,
-                       peer_addr: str, keep_alive: bool) -> None:
+                       peer_addr: str, keep_alive: bool, headers: dict[str, str] | None = None) -> None:
         behaviour = self.behaviour
         if behaviour == "Hang":
             await asyncio.Event().wait()  # never answers; the caller times out (or gives up)
@@ -148,6 +166,7 @@ class DemoServer:
             "cluster": self.cluster, "namespace": self.namespace, "pod": self.pod, "node": self.node,
             "address": self.address, "peer_identity": identity, "peer_address": peer_addr,
             "method": method, "path": path, "behaviour": behaviour, "served_at_s": time.time(),
+            "headers": headers or {},
         }).encode()
         reason = "OK" if status == 200 else "Service Unavailable"
         head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
@@ -156,12 +175,61 @@ class DemoServer:
         writer.write(head.encode() + body)
         await writer.drain()
 
+    async def _model(self, writer: asyncio.StreamWriter, request: Request, identity: str) -> None:
+        """The model-server endpoints (see the module docstring)."""
+        if request.path == "/metrics":
+            label = f'model_name="{self.model}"'
+            text = (f"# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{{{label}}} {self.waiting}\n"
+                    f"# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{{{label}}} {self.running}\n"
+                    f'meshfed_model_info{{model="{self.model}"}} 1\n')
+            _write(writer, 200, text.encode(), request.keep_alive, "text/plain; version=0.0.4")
+            await writer.drain()
+            return
+        if self.behaviour == "Error503":
+            _write(writer, 503, b'{"error": "unavailable"}', request.keep_alive)
+            await writer.drain()
+            return
+        try:
+            data = json.loads(request.body or b"{}")
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            _write(writer, 400, b'{"error": "the body must be a JSON object"}', request.keep_alive)
+            await writer.drain()
+            return
+        asked = str(data.get("model") or self.model)
+        if asked != self.model:
+            _write(writer, 404, json.dumps({"error": f"model {asked} not found; this server serves {self.model}"})
+                   .encode(), request.keep_alive)
+            await writer.drain()
+            return
+        self.waiting += 1
+        try:
+            async with self._slots:
+                self.waiting -= 1
+                self.running += 1
+                try:
+                    await asyncio.sleep(self.model_latency_ms / 1000.0)
+                finally:
+                    self.running -= 1
+        except BaseException:
+            raise
+        self.served += 1
+        body = json.dumps({
+            "id": f"cmpl-{self.pod}-{self.served}", "object": "text_completion", "model": self.model,
+            "choices": [{"index": 0, "text": f"hello from {self.model}", "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 4, "total_tokens": 5},
+            "cluster": self.cluster, "pod": self.pod, "peer_identity": identity,
+        }).encode()
+        _write(writer, 200, body, request.keep_alive)
+        await writer.drain()
+
     async def handle_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            request = await _read_request(reader)
-            if request is None:
+            req = await read_request(reader)
+            if req is None:
                 return
-            method, path, _ = request
+            method, path = req.method, req.path
             code, payload = 200, dict[str, object]()
             if path == "/healthz":
                 code = 200 if self.ready.is_set() else 503
@@ -188,8 +256,20 @@ class DemoServer:
             writer.close()
 
 
-async def _read_request(reader: asyncio.StreamReader, prefix: bytes = b"") -> tuple[str, str, bool] | None:
-    """Read one HTTP/1.1 request head (and skip its body); None at a clean end of stream."""
+@dataclass(frozen=True, slots=True)
+class Request:
+    method: str
+    path: str
+    keep_alive: bool
+    headers: dict[str, str]
+    body: bytes
+
+
+MAX_BODY_BYTES = 1 << 20
+
+
+async def read_request(reader: asyncio.StreamReader, prefix: bytes = b"") -> Request | None:
+    """Read one HTTP/1.1 request (head and body, bounded); None at a clean end of stream."""
     try:
         head = prefix + await reader.readuntil(b"\r\n\r\n")
     except asyncio.IncompleteReadError as e:
@@ -203,21 +283,30 @@ async def _read_request(reader: asyncio.StreamReader, prefix: bytes = b"") -> tu
     if len(parts) != 3:
         raise ValueError("bad request line")
     method, path, version = parts
-    headers = {}
+    headers: dict[str, str] = {}
     for line in lines[1:]:
         if ":" in line:
             k, v = line.split(":", 1)
             headers[k.strip().lower()] = v.strip()
     length = int(headers.get("content-length", "0") or 0)
-    if length:
-        await reader.readexactly(length)
+    if length > MAX_BODY_BYTES:
+        raise ValueError("request body too large")
+    body = await reader.readexactly(length) if length else b""
     conn = headers.get("connection", "").lower()
     keep_alive = conn != "close" if version == "HTTP/1.1" else conn == "keep-alive"
-    return method, path, keep_alive
+    return Request(method, path, keep_alive, headers, body)
+
+
+def _write(writer: asyncio.StreamWriter, status: int, body: bytes, keep_alive: bool,
+           content_type: str = "application/json") -> None:
+    reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 503: "Service Unavailable"}.get(status, "X")
+    writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+                 f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n".encode() + body)
 
 
 async def serve(args: argparse.Namespace) -> None:
-    server = DemoServer(args.cluster, args.namespace, args.pod, args.node, args.behaviour, args.slow_ms)
+    server = DemoServer(args.cluster, args.namespace, args.pod, args.node, args.behaviour, args.slow_ms,
+                        args.model, args.model_latency_ms, args.model_concurrency)
     server.address = args.address
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -251,6 +340,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--behaviour", default="Healthy", choices=BEHAVIOURS)
     ap.add_argument("--slow-ms", type=float, default=500.0)
     ap.add_argument("--control", default="", help="Unix socket path of the control endpoint")
+    ap.add_argument("--model", default="", help="serve this model (OpenAI-style /v1/completions) instead of echoing")
+    ap.add_argument("--model-latency-ms", type=float, default=50.0, help="time each completion takes")
+    ap.add_argument("--model-concurrency", type=int, default=1, help="completions served at once; others queue")
     asyncio.run(serve(ap.parse_args(argv)))
 
 

@@ -7,8 +7,10 @@ server's behaviour there, without entering the pod's network namespace.
 
 from __future__ import annotations
 
+import os
 import socket
 
+from clusters.lab.commands import ready_file
 from clusters.lab.kubelet import PodPhase, PodState
 from clusters.lab.layout import RUN_DIR
 from clusters.lab.processes import ProcessTable
@@ -18,6 +20,10 @@ MAX_ANSWER_BYTES = 1 << 20
 
 
 def pod_key(p: PodPlan) -> str:
+    """The process-table key of a pod's process: a proxy pod's is its proxy's (`waypoint:east/shop/waypoint`)."""
+    if p.is_proxy:
+        kind, _, rest = p.proxy_id.partition("/")
+        return f"{kind}:{rest}"
     return f"pod:{p.key}"
 
 
@@ -33,6 +39,8 @@ def probe_pod(procs: ProcessTable, p: PodPlan, timeout_s: float = 0.3) -> PodSta
         return PodState(PodPhase.FAILED, False, mp.pid)
     if mp.stopped:
         return PodState(PodPhase.RUNNING, False, mp.pid)
+    if p.is_proxy:  # a waypoint or ingress proxy: ready once it serves (it writes its ready file)
+        return PodState(PodPhase.RUNNING, os.path.exists(ready_file(p.proxy_id)), mp.pid)
     try:
         code, _ = unix_http(pod_socket(p), "GET", "/healthz", timeout_s)
         ready = code == 200

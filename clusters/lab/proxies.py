@@ -16,15 +16,19 @@ another `start`, never other requests.
 from __future__ import annotations
 
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
 
-from clusters.lab.commands import ProxySpec, proxy_argv, proxy_specs
-from clusters.lab.layout import CONTROLLER_DIR, SA_TOKEN_FILE, proxy_dir
+from clusters.lab.commands import BOOTSTRAP_TOKEN_FILE, MESHFED, ProxySpec, proxy_argv, proxy_specs
+from clusters.lab.layout import CONTROLLER_DIR, SA_TOKEN_FILE, LabError, proxy_dir
 from clusters.lab.processes import ManagedProcess, ProcessTable
 from clusters.lab.topology import LabPlan
-from ztunnel.api.secret_files import make_private_dir
+from ztunnel.api.identity import ProxyId
+from ztunnel.api.secret_files import make_private_dir, write_secret
+
+LAB_BOOTSTRAP_TOKEN_TTL = "1h"   # the command's default: long enough for a slow lab's first certificate
 
 
 class DataPlane:
@@ -65,6 +69,17 @@ class DataPlane:
 
     def _start_one(self, spec: ProxySpec, d: Path, standalone: bool) -> None:
         make_private_dir(d / "certs")
+        if not standalone and ProxyId.parse(spec.proxy_id).kind not in ("ztunnel", "gateway"):
+            # what an operator does for a hand-provisioned proxy (`meshfed controller bootstrap-token`):
+            # a fresh single-use token for this proxy id, replacing an unused one; a restart while
+            # its persisted certificate is valid does not need it
+            # through the command, as an operator would (a cluster provider never imports the controller)
+            out = subprocess.run([sys.executable, *MESHFED, "controller", "bootstrap-token", "--state-dir",
+                                  str(self.controller_dir), "--proxy-id", spec.proxy_id, "--ttl", LAB_BOOTSTRAP_TOKEN_TTL],
+                                 capture_output=True, text=True, timeout=60, check=False)
+            if out.returncode != 0:
+                raise LabError(f"{spec.proxy_id}: `meshfed controller bootstrap-token` failed: {out.stderr.strip()}")
+            write_secret(d / BOOTSTRAP_TOKEN_FILE, out.stdout.strip().encode())
         argv = proxy_argv([sys.executable], spec.proxy_id, d, spec.socks_host, standalone=standalone,
                           trust_domain=spec.trust_domain, controller_dir=self.controller_dir,
                           dns_unanswered=self.dns_unanswered)

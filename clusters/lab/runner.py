@@ -74,7 +74,7 @@ class LabRunner:
     # --- up -------------------------------------------------------------------------------------
 
     def up_from_snapshot(self, snapshot: Any, fleet_dir: Path | None) -> dict[str, Any]:
-        plan = plan_lab(snapshot.clusters, snapshot.lab_clusters, snapshot.services)
+        plan = plan_lab(snapshot.clusters, snapshot.lab_clusters, snapshot.services, gateways=snapshot.gateways)
         contexts = {n: c.api.context for n, c in snapshot.clusters.items()}
         return self.up(plan, fleet_dir, contexts)
 

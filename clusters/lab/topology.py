@@ -54,7 +54,19 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NewType
 
-from gitops.model import Cluster, DemoBehaviour, GlobalService, LabCluster, ServiceKey
+from gitops.model import (
+    Cluster,
+    DemoBehaviour,
+    Gateway,
+    GlobalService,
+    LabCluster,
+    LabModel,
+    LabWorkload,
+    ServiceKey,
+    gateway_pod_labels,
+    gateway_pod_name,
+    gateway_service_account,
+)
 from ztunnel.api.ports import HBONE_PORT
 
 NetnsName = NewType("NetnsName", str)
@@ -94,13 +106,25 @@ class PodPlan:
     service: str | None      # GlobalService name (same namespace) it backs
     service_account: str
     port: int
-    role: str                # "server" | "client"
+    role: str                # "server" | "client" | "waypoint" | "ingress"
     behaviour: DemoBehaviour
     labels: Mapping[str, str]
+    model: LabModel | None = None   # a server in model-server mode
 
     @property
     def key(self) -> str:
         return f"{self.cluster}/{self.namespace}/{self.name}"
+
+    @property
+    def is_proxy(self) -> bool:
+        """A waypoint's or ingress gateway's pod: it runs `python -m ztunnel`, is not captured, and
+        its node's ztunnel does not speak for it."""
+        return self.role in ("waypoint", "ingress")
+
+    @property
+    def proxy_id(self) -> str:
+        """`waypoint/<cluster>/<ns>/<gateway>` (the workload of a proxy pod is its Gateway's name)."""
+        return f"{self.role}/{self.cluster}/{self.namespace}/{self.workload}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +190,10 @@ class ClusterPlan:
             if n.name == name:
                 return n
         raise KeyError(f"cluster {self.name} has no node {name!r}; nodes: {[n.name for n in self.nodes]}")
+
+    def proxy_pods(self, node: str | None = None) -> tuple[PodPlan, ...]:
+        """The waypoint and ingress pods (of one node, or all)."""
+        return tuple(p for p in self.pods if p.is_proxy and (node is None or p.node == node))
 
 
 # --- actions -----------------------------------------------------------------------------------
@@ -323,8 +351,16 @@ def plan_lab(
     lab_clusters: Mapping[str, LabCluster],
     services: Mapping[ServiceKey, GlobalService] | None = None,
     wan_cidr: str = DEFAULT_WAN_CIDR,
+    gateways: Mapping[ServiceKey, Gateway] | None = None,
 ) -> LabPlan:
-    """Lay out every lab cluster (the ones with a `LabCluster`); pure and deterministic."""
+    """Lay out every lab cluster (the ones with a `LabCluster`); pure and deterministic.
+
+    Each Gateway of the fleet (a waypoint, an ingress gateway) that runs in a lab cluster gets one
+    pod there, on the cluster's first node, after the workloads' pods (`gitops.model.gateway_pod_name`,
+    its service account and labels, as `federation.core.offline` models it). Such a pod runs a
+    proxy: its node does not capture its traffic, and its cluster's east-west gateway lets it reach
+    the WAN's HBONE port, as a node may (a waypoint reaches remote endpoints through the remote
+    gateways itself)."""
     if not lab_clusters:
         raise PlanError("the fleet has no LabCluster objects: add lab/<cluster>.yaml to describe the lab")
     wan = _net(wan_cidr, "WAN")
@@ -464,11 +500,13 @@ def plan_lab(
             if gw is not None:
                 actions.append(AddRoute(me.netns, str(wan), via=gw.cluster_address))
 
-        # Pods, round-robin over their workload's nodes.
+        # Pods, round-robin over their workload's nodes; then the Gateways' pods on the first node.
         pods: list[PodPlan] = []
         per_node: dict[str, int] = {n.name: 0 for n in nodes}
         seen: set[tuple[str, str]] = set()
-        for wl in lab.workloads:
+        workloads: list[LabWorkload | _GatewayWorkload] = [*lab.workloads,
+                                                           *_gateway_workloads(gateways or {}, name, nodes[0].name)]
+        for wl in workloads:
             placement = list(wl.nodes) or [n.name for n in nodes]
             for nn in placement:
                 if nn not in per_node:
@@ -481,18 +519,22 @@ def plan_lab(
                 pod_net24 = ipaddress.ip_network(node.pod_cidr)
                 if slot + 10 >= pod_net24.num_addresses - 1:
                     raise PlanError(f"node {name}/{node.name} has more pods than its /24 holds")
-                pod_name = f"{wl.name}-{r}"
+                proxy = wl.role in ("waypoint", "ingress")
+                pod_name = f"{wl.service_account if proxy else wl.name}-{r}"
                 if (wl.namespace, pod_name) in seen:
                     raise PlanError(f"LabCluster {name}: two pods named {wl.namespace}/{pod_name}")
                 seen.add((wl.namespace, pod_name))
                 host_if = _check_ifname(f"p{slot}")
+                labels: dict[str, str] = (dict(wl.labels) if proxy else
+                                          {"app": wl.name, **({"service": wl.service} if wl.service else {}),
+                                           **wl.labels})
                 pod = PodPlan(
                     cluster=name, namespace=wl.namespace, name=pod_name, workload=wl.name, node=node.name,
                     netns=NetnsName(f"{name}.{wl.namespace}.{pod_name}"),
                     address=str(pod_net24.network_address + 10 + slot), prefix_len=pod_net24.prefixlen,
                     gateway=node.pod_gateway, host_ifname=host_if, service=wl.service,
                     service_account=wl.service_account, port=wl.port, role=wl.role, behaviour=wl.behaviour,
-                    labels={"app": wl.name, **({"service": wl.service} if wl.service else {})},
+                    labels=labels, model=wl.model,
                 )
                 pods.append(pod)
                 actions += [
@@ -501,6 +543,27 @@ def plan_lab(
                     SetMaster(node.netns, host_if, "cbr0"), LinkUp(node.netns, host_if),
                     AddAddress(pod.netns, "eth0", f"{pod.address}/{pod.prefix_len}"), LinkUp(pod.netns, "eth0"),
                     AddRoute(pod.netns, "default", via=pod.gateway),
+                ]
+        # Proxy pods (waypoints, ingress gateways) join the controller like node ztunnels do: a /32
+        # management leg with one host route to it (no transit), besides their pod network.
+        for k, pod in enumerate((p for p in pods if p.is_proxy), start=1):
+            if 100 + k > 250:
+                raise PlanError(f"cluster {name}: more than 150 waypoint/ingress pods")
+            mg = _check_ifname(f"c{ci}x{k}m")
+            mgmt_address = str(mgmt.network_address + (ci << 8) + 100 + k)
+            actions += [
+                AddVeth(ROOT_NS, mg, pod.netns, "mgmt0"), SetMaster(ROOT_NS, mg, MGMT_BRIDGE), LinkUp(ROOT_NS, mg),
+                AddAddress(pod.netns, "mgmt0", f"{mgmt_address}/32"), LinkUp(pod.netns, "mgmt0"),
+                AddRoute(pod.netns, f"{CONTROLLER_MGMT_ADDRESS}/32", dev="mgmt0"),
+            ]
+        if gw is not None:
+            for pod in (p for p in pods if p.is_proxy):
+                # a waypoint reaches remote endpoints through their gateways itself, like a node
+                actions += [
+                    Iptables(gw.netns, ("-A", "FORWARD", "-i", "eth0", "-o", "wan0", "-s", f"{pod.address}/32",
+                                        "-d", str(wan), "-p", "tcp", "--dport", str(HBONE_PORT), "-j", "ACCEPT")),
+                    Iptables(gw.netns, ("-t", "nat", "-A", "POSTROUTING", "-o", "wan0", "-s", f"{pod.address}/32",
+                                        "-j", "SNAT", "--to-source", gw.wan_address)),
                 ]
         plans.append(ClusterPlan(
             name=name, index=ci, network=cl.network, region=cl.region, zone=cl.zone,
@@ -531,6 +594,36 @@ def same_network_routes(clusters: Sequence[ClusterPlan]) -> list[Action]:
             for peer in peers:
                 out.append(AddRoute(node.netns, peer.node_cidr, dev="eth0"))
                 out += [AddRoute(node.netns, n.pod_cidr, via=n.address) for n in peer.nodes]
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class _GatewayWorkload:
+    """A Gateway's pod, in the shape of a LabWorkload for the placement loop."""
+
+    namespace: str
+    name: str
+    service: str | None
+    replicas: int
+    nodes: tuple[str, ...]
+    service_account: str
+    port: int
+    behaviour: DemoBehaviour
+    role: str
+    labels: Mapping[str, str]
+    model: LabModel | None = None
+
+
+def _gateway_workloads(gateways: Mapping[ServiceKey, Gateway], cluster: str, first_node: str) -> list[_GatewayWorkload]:
+    out = []
+    for gw in sorted(gateways.values(), key=lambda g: (g.namespace, g.name)):
+        if not gw.runs_in(cluster):
+            continue
+        port = gw.listeners[0].port if gw.listeners else HBONE_PORT
+        assert gateway_pod_name(gw) == f"{gateway_service_account(gw)}-0"
+        out.append(_GatewayWorkload(gw.namespace, gw.name, None, 1, (first_node,), gateway_service_account(gw), port,
+                                    DemoBehaviour.HEALTHY, "waypoint" if gw.is_waypoint else "ingress",
+                                    gateway_pod_labels(gw)))
     return out
 
 

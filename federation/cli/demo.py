@@ -226,16 +226,24 @@ def _url_or(fed: Any) -> str:
 
 def register(group: click.Group) -> None:
     @group.command("demo")
-    @click.option("--fleet", default="examples/fleet", show_default=True, type=click.Path(file_okay=False),
-                  help="fleet repo directory (its Cluster and LabCluster objects give the lab)")
+    @click.option("--scenario", type=click.Choice(["failover", "waypoint"]), default="failover", show_default=True,
+                  help="failover: the three-cluster L4 story; waypoint: L7 (canary per request, request-level "
+                       "DENY, 503 ejection and failover through waypoints, the ingress Gateway, inference)")
+    @click.option("--fleet", default=None, type=click.Path(file_okay=False),
+                  help="fleet repo directory (default examples/fleet, or examples/l7 for --scenario waypoint)")
     @click.option("--keep", is_flag=True, help="leave the lab running for exploration")
     @click.option("--out", "out", default=None, metavar="DIR",
                   help="report directory (default ./out/demo-<timestamp>/)")
     @click.option("--state-dir", default=DEFAULT_STATE_DIR, show_default=True, help="the lab's state directory")
-    def demo(fleet: str, keep: bool, out: str | None, state_dir: str) -> None:
-        """Build a three-cluster lab, converge, push a policy, fail over and back, report the figures."""
+    def demo(scenario: str, fleet: str | None, keep: bool, out: str | None, state_dir: str) -> None:
+        """Build a lab, converge, and tell one story: fail over and back (default), or the waypoints'."""
+        fleet = fleet or ("examples/l7" if scenario == "waypoint" else "examples/fleet")
         if not Path(fleet).is_dir():
             fail(f"fleet directory {fleet} does not exist", hint="run from the repository root or pass --fleet",
                  code=EXIT_USAGE)
+        if scenario == "waypoint":
+            from federation.cli.demo_waypoint import run_waypoint_demo
+
+            raise SystemExit(run_waypoint_demo(Path(fleet), Path(state_dir), keep))
         out_dir = Path(out or f"out/demo-{time.strftime('%Y%m%d-%H%M%S')}")
         raise SystemExit(run_demo(Path(fleet), Path(state_dir), out_dir, keep))

@@ -62,6 +62,10 @@ def validate_cmd(path: str, revision: str | None, output: str) -> None:
                        f"services, {len(s.destination_rules)} destination rules, "
                        f"{len(s.authorization_policies)} authorization policies, {len(s.routes)} routes, "
                        f"{len(s.lab_clusters)} lab clusters")
+            waypoints = sum(1 for g in s.gateways.values() if g.is_waypoint)
+            if s.gateways or s.inference_pools:  # (L7 objects: said only where a fleet has them)
+                summary += (f", {waypoints} waypoints, {len(s.gateways) - waypoints} gateways, "
+                            f"{len(s.inference_pools)} inference pools")
             warn = f" ({len(problems)} warnings)" if problems else ""
             click.echo(f"valid{warn}: {path} @ {s.revision.short} — {summary}")
         else:

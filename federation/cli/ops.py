@@ -115,7 +115,8 @@ def register(group: click.Group) -> None:
 
     @controller.command("bootstrap-token")
     @click.option("--state-dir", default=".meshfed", show_default=True, help="the controller's state directory")
-    @click.option("--proxy-id", required=True, help="ztunnel/<cluster>/<node> or gateway/<cluster>")
+    @click.option("--proxy-id", required=True, help="ztunnel/<cluster>/<node>, gateway/<cluster>, "
+                  "waypoint/<cluster>/<ns>/<name> or ingress/<cluster>/<ns>/<name>")
     @click.option("--ttl", "ttl", default="1h", show_default=True,
                   help="how long the token may wait for its first use (e.g. 30m, 2h; at most 168h)")
     def bootstrap_token(state_dir: str, proxy_id: str, ttl: str) -> None:

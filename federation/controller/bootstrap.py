@@ -55,8 +55,8 @@ class BootstrapTokenError(RuntimeError):
 
 
 def proxy_cluster(proxy_id: str) -> str:
-    """`ztunnel/east/node-1` and `gateway/east` -> `east`."""
-    return ProxyId.parse(proxy_id).cluster   # IdentityError (a ValueError) names the shape
+    """`ztunnel/east/node-1`, `gateway/east`, `waypoint/east/shop/waypoint` -> `east`."""
+    return ProxyId.parse(proxy_id).cluster   # IdentityError (a ValueError) names the shapes
 
 
 def _digest(token: str) -> str:

@@ -60,7 +60,6 @@ from ztunnel.api.config import RESOURCE_TYPES, ProxyConfig, Stamp, diff_configs
 from ztunnel.api.proto import meshfed_pb2 as pb
 
 _KINDS = tuple(RESOURCE_TYPES)
-assert _KINDS == ("workloads", "services", "authorizations", "bundles"), "content_of follows this order"
 
 
 class SyncState(str, Enum):
@@ -120,12 +119,12 @@ Content = tuple[Any, ...]
 def content_of(cfg: ProxyConfig) -> Content:
     """Everything of a config but its stamp, as a tuple that compares element by element, with
     each resource tuple canonicalised (`_CANON`): proxies that share a view share one tuple."""
-    return (_CANON(cfg.workloads), _CANON(cfg.services), _CANON(cfg.authorizations), _CANON(cfg.bundles),
+    return (*(_CANON(getattr(cfg, kind)) for kind in _KINDS),
             cfg.local_identities, cfg.federated_trust_domains, cfg.proxy_id, cfg.mode, cfg.cluster, cfg.network,
             cfg.trust_domain)
 
 
-_RESOURCE_SLOTS = 4  # the first elements of a Content are canonical resource tuples
+_RESOURCE_SLOTS = len(_KINDS)  # the first elements of a Content are canonical resource tuples
 
 
 def _same(a: Content | None, b: Content | None) -> bool:

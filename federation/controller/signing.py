@@ -110,8 +110,7 @@ def check_service_account(proxy_id: str, review: TokenReviewResult, audience: st
         pid = ProxyId.parse(proxy_id)
     except IdentityError as e:
         return BootstrapVerdict("permission_denied", str(e), what)
-    sa = pid.service_account
-    want = f"system:serviceaccount:{PROXY_NAMESPACE}:{sa}"
+    want = f"system:serviceaccount:{pid.service_account_namespace}:{pid.service_account}"
     if review.username != want:
         return BootstrapVerdict("permission_denied", f"the token is {review.username or 'nobody'}'s; proxy "
                                 f"{proxy_id} runs as {want}", what)

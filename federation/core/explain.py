@@ -18,7 +18,8 @@ from typing import Any
 from federation.core.failover import Ejection, FailoverEngine, Locality, priority_reason
 from federation.core.graph import describe_gateway
 from federation.core.trust_graph import CODE_UNTRUSTED_ROUTE
-from gitops.model import ServiceKey
+from gitops.model import RouteRule, ServiceKey
+from gitops.validate import host_match
 
 
 class ExplainError(LookupError):
@@ -27,14 +28,29 @@ class ExplainError(LookupError):
 
 def resolve_service(engine: FailoverEngine, name: str) -> ServiceKey:
     """Accept a hostname, `namespace/name`, `name.namespace`, or a unique `name`."""
+    return resolve_service_named(engine, name)[0]
+
+
+def resolve_service_named(engine: FailoverEngine, name: str) -> tuple[ServiceKey, str]:
+    """`resolve_service`, and which form of the name matched, in words: the clusterset hostname,
+    Istio's namespace sameness (`<svc>.<ns>.svc.cluster.local` names the global service), ..."""
     graph = engine.graph
     if name in graph.hostnames:
-        return graph.hostnames[name]
+        return graph.hostnames[name], "the service's hostname"
+    if "." in name and "/" not in name:
+        got = host_match(name, "", engine.snapshot.federation.clusterset_domain)
+        if got is not None and got[0] in graph.services:
+            return got
     if "/" in name:
         ns, _, svc = name.partition("/")
         key = ServiceKey(ns, svc)
         if key in graph.services:
-            return key
+            return key, "namespace/name"
+    return _resolve_short(engine, name), "a unique service name"
+
+
+def _resolve_short(engine: FailoverEngine, name: str) -> ServiceKey:
+    graph = engine.graph
     parts = name.split(".")
     if len(parts) >= 2 and ServiceKey(parts[1], parts[0]) in graph.services:
         return ServiceKey(parts[1], parts[0])
@@ -68,7 +84,7 @@ def client_locality(engine: FailoverEngine, cluster: str, zone: str | None = Non
 
 def explain_service(engine: FailoverEngine, service: str, from_cluster: str,
                     zone: str | None = None) -> dict[str, Any]:
-    key = resolve_service(engine, service)
+    key, matched = resolve_service_named(engine, service)
     source = client_locality(engine, from_cluster, zone)
     policy = engine.policies[key]
     view = engine.view(key, source)
@@ -111,8 +127,14 @@ def explain_service(engine: FailoverEngine, service: str, from_cluster: str,
                       and p.obj.name == key.name and p.obj.namespace == key.namespace
                       and f"cluster {from_cluster} " in p.message]
     od = policy.outlier
+    snap = engine.snapshot
+    dr = snap.destination_rules.get(key)
+    dr_host = host_match(dr.host, dr.namespace, snap.federation.clusterset_domain) if dr is not None else None
+    waypoint = snap.waypoint_for(key)
+    cp = policy.connection_pool
     return {
         "service": policy.hostname,
+        "name": {"asked": service, "matched": matched},
         "from": {"cluster": source.cluster, "network": source.network, "region": source.region,
                  "zone": source.zone},
         "revision": engine.snapshot.revision.sha,
@@ -130,7 +152,15 @@ def explain_service(engine: FailoverEngine, service: str, from_cluster: str,
             },
             "panic_threshold_pct": policy.panic_threshold_pct,
             "overprovisioning_factor": 1.4,
+            "host": {"written": dr.host, "matched": dr_host[1]} if dr is not None and dr_host is not None else None,
+            "connection_pool": None if cp is None else {
+                "max_connections": cp.max_connections, "http1_max_pending_requests": cp.http1_max_pending_requests,
+                "max_requests_per_connection": cp.max_requests_per_connection},
         },
+        "waypoint": None if waypoint is None else {
+            "gateway": f"{waypoint.namespace}/{waypoint.name}", "file": str(waypoint.pos),
+            "note": "node ztunnels send this service's traffic to the waypoint of their own cluster; routes, "
+                    "request-level policies and 5xx outlier detection apply there, per request"},
         "shares_rule": ("tier health = min(100, 1.4 × healthy/total); tiers take min(remaining, health) in "
                         "order; scaled up when the sum is below 100; a tier below the panic threshold "
                         "uses all its hosts"),
@@ -153,14 +183,20 @@ def _ejection_fields(ejected: Mapping[str, Ejection], uid: str) -> dict[str, Any
 
 
 def _routes(engine: FailoverEngine, key: ServiceKey) -> list[dict[str, Any]]:
+    """Every backend of every rule of the routes attached to the service (rule "" for an L4 route,
+    applied per connection; named or numbered rules of an L7 route, applied per request)."""
     out: list[dict[str, Any]] = []
+    per_request = engine.snapshot.waypoint_for(key) is not None
     for r in engine.snapshot.routes:
         if r.parent_service != key:
             continue
-        for b in r.backends:
-            svc = engine.graph.services.get(ServiceKey(b.namespace, b.name))
-            out.append({"route": f"{r.kind} {r.namespace}/{r.name}", "file": str(r.pos),
-                        "to": svc.hostname if svc is not None else f"{b.name}.{b.namespace}", "weight": b.weight})
+        for ri, rule in enumerate(r.rules or (RouteRule(backends=r.backends),)):
+            for b in rule.backends:
+                svc = engine.graph.services.get(ServiceKey(b.namespace, b.name)) if b.kind == "Service" else None
+                target = svc.hostname if svc is not None else f"{b.kind} {b.namespace}/{b.name}"
+                out.append({"route": f"{r.kind} {r.namespace}/{r.name}", "file": str(r.pos),
+                            "rule": (rule.name or str(ri)) if per_request else "", "to": target,
+                            "weight": b.weight, "per": "request" if per_request else "connection"})
     return out
 
 
@@ -171,10 +207,20 @@ def explain_text(data: dict[str, Any]) -> str:
     pol = data["policy"]
     out.append(f"{data['service']} from {src['cluster']} ({src['network']}, {src['region']}/{src['zone']}) "
                f"@ {data['revision'][:12]}")
+    name = data.get("name") or {}
+    if name.get("asked") and name["asked"] != data["service"]:
+        out.append(f"name: {name['asked']} matched as {name['matched']}")
     where = f" ({pol['file']})" if pol["file"] else ""
     out.append(f"policy: {pol['object']}{where}; mode {pol['mode']}"
                + (f" [{', '.join(pol['failover_priority'])}]" if pol["failover_priority"] else "")
                + (f" [{', '.join(pol['failover'])}]" if pol["failover"] else ""))
+    if pol.get("host"):
+        out.append(f"policy host: {pol['host']['written']} ({pol['host']['matched']})")
+    if pol.get("connection_pool"):
+        cp = pol["connection_pool"]
+        out.append("connection pool: " + ", ".join(f"{k} {v}" for k, v in cp.items() if v is not None))
+    if data.get("waypoint"):
+        out.append(f"waypoint: {data['waypoint']['gateway']} ({data['waypoint']['file']}): {data['waypoint']['note']}")
     od = pol["outlier_detection"]
     if od is not None:
         out.append(f"outlier detection: consecutive5xx {od['consecutive_5xx_errors']}, consecutiveGateway "
@@ -207,7 +253,12 @@ def explain_text(data: dict[str, Any]) -> str:
     for e in data["ejections"]["endpoints"]:
         out.append(f"  {e['uid']}: {e['trigger']}")
     if data["routes"]:
-        out.append("route split: " + ", ".join(f"{r['to']} {r['weight']}" for r in data["routes"]))
+        per = data["routes"][0].get("per", "connection")
+        rules: dict[str, list[str]] = {}
+        for r in data["routes"]:
+            rules.setdefault(r.get("rule", ""), []).append(f"{r['to']} {r['weight']}")
+        for rule, parts in rules.items():
+            out.append(f"route split{' (rule ' + rule + ')' if rule else ''}, per {per}: " + ", ".join(parts))
     for p in data["problems"]:
         out.append(f"problem [{p['code']}] {p['message']}")
     out.append(f"shares: {data['shares_rule']}")

@@ -73,7 +73,7 @@ from gitops.model import (
     ServiceKey,
 )
 from gitops.problems import SourcePos
-from ztunnel.api.config import Endpoint, OutlierPolicy
+from ztunnel.api.config import ConnectionPoolPolicy, Endpoint, OutlierPolicy
 from ztunnel.api.lb import PriorityLoad, TierHealth, priority_load
 
 LABEL_NETWORK = "topology.istio.io/network"
@@ -124,6 +124,7 @@ class ServicePolicy:
     policy_ref: str          # "DestinationRule shop/checkout" / "GlobalService shop/cart" / "Federation x"
     source: SourcePos | None
     commit: str
+    connection_pool: ConnectionPoolPolicy | None = None
 
     @property
     def signature(self) -> tuple[object, ...]:
@@ -165,7 +166,10 @@ def resolve_policy(snapshot: ConfigSnapshot, key: ServiceKey) -> ServicePolicy:
         mode = TierMode.LOCALITY_FAILOVER
     panic = float(od.min_health_percent) if od is not None else ENVOY_PANIC_THRESHOLD_PCT
     timeout = tp.connect_timeout_s if tp is not None and tp.connect_timeout_s is not None else DEFAULT_CONNECT_TIMEOUT_S
-    return ServicePolicy(key, svc.hostname, mode, loc, outlier, panic, timeout, ref, pos, snapshot.revision.sha)
+    cp = tp.connection_pool if tp is not None else None
+    pool = ConnectionPoolPolicy(cp.max_connections, cp.http1_max_pending_requests,
+                                cp.max_requests_per_connection) if cp is not None else None
+    return ServicePolicy(key, svc.hostname, mode, loc, outlier, panic, timeout, ref, pos, snapshot.revision.sha, pool)
 
 
 # --- localities and ranking -------------------------------------------------------------------

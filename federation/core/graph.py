@@ -32,13 +32,14 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from clusters.kube.observation import ClusterObservation, EndpointInfo, NodeInfo
-from gitops.model import Cluster, ConfigSnapshot, GlobalService, ServiceKey
+from gitops.model import GATEWAY_NAME_LABEL, Cluster, ConfigSnapshot, GlobalService, ServiceKey
 from ztunnel.api.identity import gateway_spiffe_id
 from ztunnel.api.ports import HBONE_PORT
 
 EMPTY_LABELS: Mapping[str, str] = MappingProxyType({})
 
 EndpointKey = tuple[str, str, str]  # (namespace, service, pod), as ClusterObservation keys them
+GatewayPodsKey = tuple[str, str, str]  # (cluster, namespace, gateway name): pods of a waypoint or ingress
 # What offline observations (`federation.core.offline`) report as the load-balancer address of a
 # gateway whose address only the cluster knows: a reserved name (RFC 2606) that explain prints
 # as "address from the cluster"; never pushed to a proxy (offline views are not).
@@ -134,13 +135,14 @@ class GraphChange:
     services: frozenset[ServiceKey] = frozenset()
     nodes: frozenset[tuple[str, str]] = frozenset()      # (cluster, node)
     node_set_changed: frozenset[str] = frozenset()        # clusters whose list of nodes changed
+    gateways: frozenset[GatewayPodsKey] = frozenset()     # waypoints/ingress gateways whose pods changed
 
     def __bool__(self) -> bool:
-        return bool(self.services or self.nodes or self.node_set_changed)
+        return bool(self.services or self.nodes or self.node_set_changed or self.gateways)
 
     def merge(self, other: GraphChange) -> GraphChange:
         return GraphChange(self.services | other.services, self.nodes | other.nodes,
-                           self.node_set_changed | other.node_set_changed)
+                           self.node_set_changed | other.node_set_changed, self.gateways | other.gateways)
 
 
 def same_workload(a: EndpointNode, b: EndpointNode) -> bool:
@@ -175,6 +177,8 @@ class EndpointGraph:
         self._state: dict[str, ClusterState] = {}
         self._by_service: dict[tuple[str, str], dict[str, dict[EndpointKey, EndpointNode]]] = {}
         self._by_node: dict[tuple[str, str], dict[EndpointKey, EndpointNode]] = {}
+        # pods labelled gateway.networking.k8s.io/gateway-name (waypoints, ingress gateways)
+        self._gateway_pods: dict[GatewayPodsKey, dict[EndpointKey, EndpointNode]] = {}
         # (cluster, namespace, name) -> the Service's clusterIP in that cluster: what its apps dial
         # (the node proxies' DNS answers with it), so the proxies of that cluster render it as the service's VIP.
         self.cluster_ips: dict[tuple[str, str, str], str] = {}
@@ -209,6 +213,7 @@ class EndpointGraph:
             del self._state[name]
         self._by_service = {}
         self._by_node = {}
+        self._gateway_pods = {}
         for cluster, state in self._state.items():
             old = state.endpoints
             state.endpoints = {}
@@ -256,6 +261,20 @@ class EndpointGraph:
     def workloads_on(self, cluster: str, node: str) -> Mapping[EndpointKey, EndpointNode]:
         return self._by_node.get((cluster, node), {})
 
+    def gateway_pods(self, cluster: str, namespace: str, name: str) -> Mapping[EndpointKey, EndpointNode]:
+        """The pods of waypoint or ingress gateway `namespace/name` in `cluster` (Istio labels them
+        `gateway.networking.k8s.io/gateway-name`), ready or not."""
+        return self._gateway_pods.get((cluster, namespace, name), {})
+
+    def endpoints_in_namespace(self, cluster: str, namespace: str) -> list[EndpointNode]:
+        """Every pod of `namespace` in `cluster` (service endpoints and plain workloads), one entry
+        per pod (a pod behind several services is listed once), by uid."""
+        seen: dict[str, EndpointNode] = {}
+        for ep in self._state[cluster].endpoints.values() if cluster in self._state else ():
+            if ep.namespace == namespace:
+                seen.setdefault(ep.uid, ep)
+        return [seen[u] for u in sorted(seen)]
+
     def endpoint_count(self) -> int:
         return sum(len(s.endpoints) for s in self._state.values())
 
@@ -270,6 +289,7 @@ class EndpointGraph:
         touched_services: set[tuple[str, str]] = set()
         touched_nodes: set[tuple[str, str]] = set()
         node_set_changed: set[str] = set()
+        gw_before = self._gateway_snapshot(obs.cluster)
 
         if (obs.complete or obs.gateway_address) and self.observed_gateways.get(obs.cluster, "") != obs.gateway_address:
             # A gateway address from the cluster appeared or moved: every remote view of every
@@ -329,8 +349,15 @@ class EndpointGraph:
             gone = [k for k in obs.removed_endpoints if k in state.endpoints]
         for key in gone:
             self._remove(obs.cluster, key, touched_services, touched_nodes)
+        gw_after = self._gateway_snapshot(obs.cluster)
+        gateways = frozenset(k for k in gw_before.keys() | gw_after.keys() if gw_before.get(k) != gw_after.get(k))
         return GraphChange(frozenset(self._skeys[t] for t in touched_services), frozenset(touched_nodes),
-                           frozenset(node_set_changed))
+                           frozenset(node_set_changed), gateways)
+
+    def _gateway_snapshot(self, cluster: str) -> dict[GatewayPodsKey, tuple[tuple[str, str, bool], ...]]:
+        """What the renderer reads of a cluster's gateway pods (uid, HBONE address, readiness)."""
+        return {k: tuple(sorted((e.uid, e.address, e.ready) for e in v.values()))
+                for k, v in self._gateway_pods.items() if k[0] == cluster}
 
     # --- internals --------------------------------------------------------------------------
 
@@ -384,6 +411,9 @@ class EndpointGraph:
              services: set[tuple[str, str]] | None = None, nodes: set[tuple[str, str]] | None = None) -> None:
         self._state[cluster].endpoints[key] = ep
         self._by_node.setdefault((cluster, ep.node), {})[key] = ep
+        gw_name = ep.labels.get(GATEWAY_NAME_LABEL)
+        if gw_name:
+            self._gateway_pods.setdefault((cluster, ep.namespace, gw_name), {})[key] = ep
         if nodes is not None:
             nodes.add((cluster, ep.node))
         if ep.service:
@@ -396,6 +426,14 @@ class EndpointGraph:
     def _remove(self, cluster: str, key: EndpointKey, services: set[tuple[str, str]],
                 nodes: set[tuple[str, str]]) -> None:
         ep = self._state[cluster].endpoints.pop(key)
+        gw_name = ep.labels.get(GATEWAY_NAME_LABEL)
+        if gw_name:
+            gk = (cluster, ep.namespace, gw_name)
+            pods = self._gateway_pods.get(gk)
+            if pods is not None:
+                pods.pop(key, None)
+                if not pods:
+                    del self._gateway_pods[gk]
         on_node = self._by_node.get((cluster, ep.node))
         if on_node is not None:
             on_node.pop(key, None)

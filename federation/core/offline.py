@@ -11,9 +11,12 @@ complete `ClusterObservation` per cluster, deterministic (same repo -> same name
 - a cluster without a pod CIDR gets one from 10.64.0.0/10 derived from its name (stable);
 - a gateway whose address the fleet leaves out (it comes from the cluster) gets the placeholder
   `<cluster>.address-from-cluster.invalid`, which explain and plan show as "address from the cluster";
-- pods carry the label `app: <workload>` (what AuthorizationPolicy selectors match), are ready,
-  and back their workload's service; a client workload (no service) becomes an `EndpointInfo` with
-  `service=""`: a workload of its node that backs nothing (the graph's convention).
+- pods carry the label `app: <workload>` (what AuthorizationPolicy selectors match) and the
+  workload's extra `labels`, are ready, and back their workload's service; a client workload (no
+  service) becomes an `EndpointInfo` with `service=""`: a workload of its node that backs nothing
+  (the graph's convention);
+- every Gateway (waypoint or ingress) that runs in the cluster has one ready pod on the cluster's
+  first node, after the workloads' pods (`gitops.model.gateway_pod_name`), as the lab places it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,15 @@ import ipaddress
 
 from clusters.kube.observation import ClusterObservation, EndpointInfo, NodeInfo, ServiceInfo, ServicePortInfo
 from federation.core.graph import OFFLINE_GATEWAY_SUFFIX
-from gitops.model import Cluster, ConfigSnapshot, LabCluster, ServiceKey
+from gitops.model import (
+    Cluster,
+    ConfigSnapshot,
+    LabCluster,
+    ServiceKey,
+    gateway_pod_labels,
+    gateway_pod_name,
+    gateway_service_account,
+)
 
 FALLBACK_POD_SPACE = ipaddress.IPv4Network("10.64.0.0/10")
 
@@ -78,8 +89,17 @@ def observation_from_lab(snapshot: ConfigSnapshot, lab: LabCluster, observed_at_
             endpoints.append(EndpointInfo(
                 namespace=w.namespace, service=w.service or "", pod=f"{w.name}-{i}",
                 address=_addr(base, node_index[node], host), node=node, service_account=w.service_account,
-                ports=ports, zone=zone_of[node], labels={"app": w.name},
+                ports=ports, zone=zone_of[node], labels={"app": w.name, **w.labels},
             ))
+    first = all_nodes[0] if all_nodes else ""
+    for g in snapshot.gateways.values():
+        if first and g.runs_in(lab.cluster):
+            host = next_host[first]
+            next_host[first] = host + 1
+            endpoints.append(EndpointInfo(
+                namespace=g.namespace, service="", pod=gateway_pod_name(g), address=_addr(base, node_index[first], host),
+                node=first, service_account=gateway_service_account(g), zone=zone_of[first],
+                labels=gateway_pod_labels(g)))
     gw = cluster.east_west_gateway
     return ClusterObservation(cluster=lab.cluster, observed_at_s=observed_at_s, complete=True,
                               nodes=nodes, services=tuple(services), endpoints=tuple(endpoints),

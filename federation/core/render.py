@@ -35,22 +35,28 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from federation.core import render_l7
 from federation.core.failover import FailoverEngine, Locality
 from federation.core.graph import EndpointNode, GraphChange, gateway_identity
-from gitops.model import AuthorizationPolicy, ServiceKey
-from ztunnel.api.authz import applies_to
+from gitops.model import GATEWAY_NAME_LABEL, AuthorizationPolicy, Gateway, ServiceKey
+from ztunnel.api.authz import applies_to, applies_to_target
 from ztunnel.api.config import (
     RESOURCE_TYPES,
     Authorization,
+    AuthzCondition,
     AuthzMatch,
     ConfigDelta,
     Endpoint,
+    HttpRoute,
+    InferencePool,
+    Listener,
     ProxyConfig,
     ProxyMode,
     Service,
     ServicePortMap,
     Stamp,
     TrustBundle,
+    WaypointRef,
     WeightedBackend,
     Workload,
     diff_configs,
@@ -77,17 +83,23 @@ def allocate_vips(hostnames: Iterable[str]) -> dict[str, str]:
 
 
 def authorization_of(p: AuthorizationPolicy) -> Authorization:
-    """AuthorizationPolicy -> L4 Authorization: each (rule, source) becomes one match; a rule
-    without sources is one match on its ports alone (ALLOW: any match allows)."""
+    """AuthorizationPolicy -> Authorization: each (rule, source) becomes one match; a rule
+    without sources is one match on its operation alone (ALLOW: any match allows). `targetRefs`
+    become "Service/<ns>/<name>" / "Gateway/<ns>/<name>" targets (enforced by an L7 proxy)."""
     matches: list[AuthzMatch] = []
     for rule in p.rules:
+        op = {"ports": rule.ports, "not_ports": rule.not_ports, "methods": rule.methods,
+              "not_methods": rule.not_methods, "paths": rule.paths, "not_paths": rule.not_paths,
+              "hosts": rule.hosts, "not_hosts": rule.not_hosts,
+              "when": tuple(AuthzCondition(w.key, w.values, w.not_values) for w in rule.when)}
         sources = rule.from_ or ()
         if not sources:
-            matches.append(AuthzMatch(ports=rule.ports, not_ports=rule.not_ports))
+            matches.append(AuthzMatch(**op))  # type: ignore[arg-type]
         for s in sources:
             matches.append(AuthzMatch(s.principals, s.not_principals, s.namespaces, s.not_namespaces,
-                                      rule.ports, rule.not_ports))
-    return Authorization(p.name, p.namespace, p.action.value, tuple(matches), dict(p.selector))
+                                      **op))  # type: ignore[arg-type]
+    targets = tuple(f"{t.kind}/{p.namespace}/{t.name}" for t in p.target_refs)
+    return Authorization(p.name, p.namespace, p.action.value, tuple(matches), dict(p.selector), targets)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +109,12 @@ class ProxySpec:
     cluster: str
     node: str            # "" for a gateway
     locality: Locality
+    gateway: Gateway | None = None  # waypoint / ingress: the Gateway object it serves
+
+    @property
+    def shares_views(self) -> bool:
+        """Node proxies and L7 proxies get the per-locality service views (east-west gateways do not)."""
+        return self.mode is not ProxyMode.GATEWAY
 
 
 @dataclass(slots=True)
@@ -125,7 +143,7 @@ class Renderer:
         self.bundle_roots = dict(bundle_roots or {})
         self._proxies: dict[str, _ProxyState] = {}
         self._class_services: dict[Locality, dict[str, Service]] = {}
-        self._by_view_id: dict[tuple[int, str], Service] = {}
+        self._by_view_id: dict[tuple[int, str, WaypointRef | None], Service] = {}
         self._prepare()
 
     # --- static parts (per snapshot) ----------------------------------------------------------
@@ -143,11 +161,21 @@ class Renderer:
                 target = snap.services.get(ServiceKey(b.namespace, b.name))
                 if target is not None:
                     backends.append(WeightedBackend(target.hostname, b.weight))
-            if backends and r.parent_service in snap.services:
-                self._routes[r.parent_service] = tuple(backends)
+            # a service behind a waypoint is split per request there, not per connection here
+            parent = r.parent_service
+            if backends and parent is not None and parent in snap.services and snap.waypoint_for(parent) is None:
+                self._routes[parent] = tuple(backends)
         self._authz = sorted((authorization_of(p) for p in snap.authorization_policies), key=lambda a: a.key)
         self._ports = {k: tuple(ServicePortMap(p.port, p.target_port, p.app_protocol) for p in s.ports)
                        for k, s in graph.services.items()}
+        # L7: which services go through which waypoint; each L7 proxy's routes (static per snapshot)
+        self._waypoint_of: dict[ServiceKey, Gateway] = {}
+        for k in graph.services:
+            gw = snap.waypoint_for(k)
+            if gw is not None:
+                self._waypoint_of[k] = gw
+        self._l7_routes: dict[ServiceKey, tuple[HttpRoute, ...]] = {
+            gk: render_l7.routes_for(gw, snap) for gk, gw in snap.gateways.items()}
 
     def proxy_specs(self) -> list[ProxySpec]:
         graph = self.engine.graph
@@ -161,6 +189,10 @@ class Renderer:
             if cv.gateway:
                 out.append(ProxySpec(str(ProxyId.gateway(name)), ProxyMode.GATEWAY, name, "",
                                      Locality(cv.network, name, cv.region, cv.zone)))
+            for gw in self.engine.snapshot.gateways.values():
+                if gw.runs_in(name):
+                    out.append(ProxySpec(render_l7.l7_proxy_id(gw, name), render_l7.l7_mode(gw), name, "",
+                                         Locality(cv.network, name, cv.region, cv.zone), gw))
         return out
 
     # --- pieces -------------------------------------------------------------------------------
@@ -171,8 +203,12 @@ class Renderer:
         return (self.engine.graph.cluster_ips.get((cluster, key.namespace, key.name))
                 or self.vips[self.engine.policies[key].hostname])
 
+    def _waypoint(self, key: ServiceKey, cluster: str) -> WaypointRef | None:
+        gw = self._waypoint_of.get(key)
+        return render_l7.waypoint_ref(gw, cluster, self.engine.graph) if gw is not None else None
+
     def _service(self, key: ServiceKey, endpoints: tuple[Endpoint, ...], cluster: str = "",
-                 vip: str | None = None) -> Service:
+                 vip: str | None = None, waypoint: WaypointRef | None = None) -> Service:
         policy = self.engine.policies[key]
         vip = vip if vip is not None else self._vip(key, cluster)
         return Service(
@@ -181,6 +217,8 @@ class Renderer:
             subject_alt_names=tuple(sorted({e.identity for e in endpoints})),
             outlier=policy.outlier, connect_timeout_s=policy.connect_timeout_s,
             routes=self._routes.get(key, ()), policy_source=policy.source_text,
+            waypoint=waypoint if waypoint is not None else (self._waypoint(key, cluster) if cluster else None),
+            connection_pool=policy.connection_pool,
         )
 
     def service_for(self, key: ServiceKey, spec: ProxySpec) -> Service | None:
@@ -194,19 +232,31 @@ class Renderer:
         """The Service resource for a node locality; localities with the same view share it."""
         view = self.engine.view(key, loc)
         vip = self._vip(key, loc.cluster)  # share across clusters unless their clusterIPs differ
-        svc = self._by_view_id.get((view.view_id, vip))
+        waypoint = self._waypoint(key, loc.cluster)  # each cluster has its own waypoint pods
+        svc = self._by_view_id.get((view.view_id, vip, waypoint))
         if svc is None:
-            svc = self._by_view_id[(view.view_id, vip)] = self._service(key, view.endpoints, vip=vip)
+            svc = self._by_view_id[(view.view_id, vip, waypoint)] = self._service(key, view.endpoints, vip=vip,
+                                                                                  waypoint=waypoint)
         return svc
 
     def _workloads(self, spec: ProxySpec) -> tuple[list[Workload], tuple[str, ...], list[Authorization]]:
         if spec.mode is ProxyMode.GATEWAY:
             td = self.engine.graph.clusters[spec.cluster].trust_domain
             return [], (gateway_identity(td),), []
+        if spec.gateway is not None:  # waypoint or ingress: its own identity, the policies it enforces
+            gw = spec.gateway
+            td = self.engine.graph.clusters[spec.cluster].trust_domain
+            targets = {f"Gateway/{gw.namespace}/{gw.name}"}
+            if gw.is_waypoint:
+                targets |= {f"Service/{k.namespace}/{k.name}" for k, w in self._waypoint_of.items() if w.key == gw.key}
+            authz = [a for a in self._authz if any(applies_to_target(a, t) for t in targets)]
+            return [], (render_l7.gateway_identity_of(gw, td),), authz
         graph = self.engine.graph
         pods: dict[str, EndpointNode] = {}
         for ep in graph.workloads_on(spec.cluster, spec.node).values():
-            pods.setdefault(ep.uid, ep)
+            # waypoint and ingress pods are not captured: they are proxies, with their own identity
+            if GATEWAY_NAME_LABEL not in ep.labels:
+                pods.setdefault(ep.uid, ep)
         workloads = [
             Workload(uid=ep.uid, name=ep.pod, namespace=ep.namespace, cluster=ep.cluster, network=ep.network,
                      node=ep.node, address=ep.address, identity=ep.identity, service_account=ep.service_account,
@@ -217,6 +267,18 @@ class Renderer:
         # who a policy applies to is the evaluator's decision (root-namespace policies are mesh-wide)
         authz = [a for a in self._authz if any(applies_to(a, w.namespace, w.labels) for w in workloads)]
         return workloads, identities, authz
+
+    def _l7(self, spec: ProxySpec) -> tuple[tuple[HttpRoute, ...], tuple[Listener, ...], tuple[InferencePool, ...]]:
+        """An L7 proxy's routes, listeners and inference pools (empty for the others)."""
+        gw = spec.gateway
+        if gw is None:
+            return (), (), ()
+        routes = self._l7_routes.get(gw.key, ())
+        snap = self.engine.snapshot
+        pools = tuple(render_l7.pool_of(snap.inference_pools[ServiceKey(*k.split("/", 1))], spec.cluster,
+                                        self.engine.graph)
+                      for k in render_l7.pools_for(routes) if ServiceKey(*k.split("/", 1)) in snap.inference_pools)
+        return routes, render_l7.listeners_of(gw), pools
 
     def _bundles(self, cluster: str) -> list[TrustBundle]:
         # one list per cluster and snapshot (the trust graph is the snapshot's): the cluster's
@@ -245,7 +307,7 @@ class Renderer:
         keys = [(h, self.engine.graph.hostnames[h]) for h in self.hostnames]
         for spec in specs:
             services: dict[str, object]
-            if spec.mode is ProxyMode.NODE:
+            if spec.shares_views:
                 per_class = self._class_services.get(spec.locality.class_key)
                 if per_class is None:
                     per_class = self._class_services[spec.locality.class_key] = {
@@ -258,11 +320,15 @@ class Renderer:
                     if svc is not None:
                         services[svc.hostname] = svc
             workloads, identities, authz = self._workloads(spec)
+            routes, listeners, pools = self._l7(spec)
             resources: dict[str, dict[str, object]] = {
                 "workloads": {w.key: w for w in workloads},
                 "services": services,
                 "authorizations": {a.key: a for a in authz},
                 "bundles": {b.key: b for b in self._bundles(spec.cluster)},
+                "http_routes": {r.key: r for r in routes},
+                "listeners": {x.key: x for x in listeners},
+                "inference_pools": {p.key: p for p in pools},
             }
             state = self._proxies.get(spec.proxy_id)
             if state is None:
@@ -311,12 +377,28 @@ class Renderer:
                     full[pid] = diff_configs(old[pid], self.config(pid))
             return RenderUpdate(full, tuple(sorted(after - before)), tuple(sorted(before - after)))
         dirty = self.engine.take_dirty()
+        removals_early: dict[str, dict[str, list[str]]] = {}
+        if change is not None and change.gateways:
+            # a waypoint's pods came, went or changed readiness: the services that use it carry
+            # its addresses in every view of that cluster
+            moved = {(c, ns, name) for c, ns, name in change.gateways}
+            dirty |= {k for k, gw in self._waypoint_of.items()
+                      if any((c, gw.namespace, gw.name) in moved for c in self.engine.graph.clusters)}
         upserts: dict[str, dict[str, list[object]]] = {}
         ids_changed: dict[str, tuple[str, ...]] = {}
         by_class: dict[Locality, list[_ProxyState]] = {}
         for state in self._proxies.values():
-            if state.spec.mode is ProxyMode.NODE:
+            if state.spec.shares_views:
                 by_class.setdefault(state.spec.locality.class_key, []).append(state)
+            if state.spec.gateway is not None and change is not None:
+                # inference pools follow their pods (readiness, placement): recomputed, sent if changed
+                pools = {p.key: p for p in self._l7(state.spec)[2]}
+                if pools != state.resources["inference_pools"]:
+                    upserts.setdefault(state.spec.proxy_id, {})["inference_pools"] = [
+                        p for k, p in pools.items() if state.resources["inference_pools"].get(k) != p]
+                    gone_pools = [k for k in state.resources["inference_pools"] if k not in pools]
+                    if gone_pools:
+                        removals_early.setdefault(state.spec.proxy_id, {})["inference_pools"] = gone_pools
         for key in sorted(dirty, key=str):
             host = self.engine.policies[key].hostname
             for ck, members in by_class.items():
@@ -335,7 +417,7 @@ class Renderer:
                 svc = self.service_for(key, gw_state.spec)
                 if svc is not None and gw_state.resources["services"].get(host) != svc:
                     upserts.setdefault(pid, {}).setdefault("services", []).append(svc)
-        removals: dict[str, dict[str, list[str]]] = {}
+        removals: dict[str, dict[str, list[str]]] = removals_early
         for cluster, node in sorted(change.nodes if change is not None else ()):
             pid = str(ProxyId.node_proxy(cluster, node))
             node_state = self._proxies.get(pid)

@@ -434,3 +434,41 @@ async def test_an_endpoint_without_identity_is_refused_not_dialled_as_anyone() -
         await a.drain(0.1)
         await b.drain(0.1)
         await echo.close()
+
+
+async def test_connection_pool_max_connections_at_l4() -> None:
+    """DestinationRule connectionPool.tcp.maxConnections on a service without a waypoint: the node
+    ztunnel keeps at most that many of its outbound connections to the service open; one more is
+    refused (SOCKS reply 5), and a slot freed by a closed connection is usable again."""
+    from ztunnel.api.config import ConnectionPoolPolicy
+
+    echo = await topo.EchoServer(SERVER.address).start()
+    port = topo.free_port(CLIENT.node_address)
+    ca, cb = configs(echo.port, port)
+    ca = replace(ca, services=tuple(replace(s, connection_pool=ConnectionPoolPolicy(max_connections=2))
+                                    for s in ca.services))
+    a = start_node(ca, CLIENT.node_address, port, {CLIENT.identity: topo.svid(CLIENT.identity)})
+    b = start_node(cb, SERVER.node_address, port, {SERVER.identity: topo.svid(SERVER.identity)})
+    await a.start()
+    await b.start()
+    m = Mesh(a, b, echo, port)
+    try:
+        held = [await topo.socks_connect(m.socks, VIP, 80, CLIENT.address) for _ in range(2)]
+        with pytest.raises(ConnectionRefusedError):
+            await topo.socks_connect(m.socks, VIP, 80, CLIENT.address)
+        assert a.telemetry.refused.labels("source", "connection_pool_overflow")._value.get() == 1
+        r0, w0 = held[0]
+        w0.write_eof()
+        await asyncio.wait_for(r0.read(), 3)
+        w0.close()
+        for _ in range(100):
+            if a.active_by_service.get(HOST, 0) < 2:
+                break
+            await asyncio.sleep(0.02)
+        assert await roundtrip(m) == b"ping"          # the freed slot serves a new connection
+        for _r, w in held[1:]:
+            w.close()
+    finally:
+        await a.drain(0.1)
+        await b.drain(0.1)
+        await echo.close()

@@ -25,8 +25,10 @@ from typing import Any
 
 
 class ProxyMode(str, Enum):
-    NODE = "node"
-    GATEWAY = "gateway"
+    NODE = "node"          # per-node ztunnel: L4, HBONE
+    GATEWAY = "gateway"    # east-west gateway: double HBONE, never sees plaintext
+    WAYPOINT = "waypoint"  # per-namespace (or per-service) L7 proxy: HBONE in, HTTP routing, HBONE out
+    INGRESS = "ingress"    # a Gateway API Gateway's HTTP listeners: plain HTTP in, the same L7 engine
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +124,38 @@ class WeightedBackend:
 
 
 @dataclass(frozen=True, slots=True)
+class ConnectionPoolPolicy:
+    """DestinationRule trafficPolicy.connectionPool (Istio names; None = Istio's default, unlimited).
+
+    `max_connections` caps the connections one proxy holds to the service's backends at once (a
+    node ztunnel: its open outbound connections to the service; a waypoint or ingress: its upstream
+    HTTP/1.1 connections); `http1_max_pending_requests` caps the requests an L7 proxy queues waiting
+    for one of them; `max_requests_per_connection` closes an upstream connection after that many
+    requests (0 or None: no limit)."""
+
+    max_connections: int | None = None
+    http1_max_pending_requests: int | None = None
+    max_requests_per_connection: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WaypointRef:
+    """The waypoint a service's traffic must go through (`istio.io/use-waypoint`).
+
+    `addresses` are the HBONE addresses ("ip:15008") of the waypoint's ready pods in the viewing
+    proxy's own cluster (empty: none is ready there, and the node proxy refuses rather than skip the
+    L7 policy); `identity` is what they present there. `identities` lists the waypoint's identities
+    in every cluster: a destination ztunnel takes the caller identity a waypoint forwards
+    (`x-meshfed-caller`) only from one of these."""
+
+    name: str
+    namespace: str
+    identity: str
+    addresses: tuple[str, ...] = ()
+    identities: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Service:
     hostname: str                     # <name>.<ns>.svc.clusterset.local
     namespace: str
@@ -134,10 +168,21 @@ class Service:
     connect_timeout_s: float = 1.0
     routes: tuple[WeightedBackend, ...] = ()  # non-empty: split to these services by weight
     policy_source: str = ""           # "policies/shop/checkout.yaml@<sha>" for explainability
+    waypoint: WaypointRef | None = None         # L7: node proxies send this service's traffic there
+    connection_pool: ConnectionPoolPolicy | None = None
 
     @property
     def key(self) -> str:
         return self.hostname
+
+
+@dataclass(frozen=True, slots=True)
+class AuthzCondition:
+    """`when: [{key: request.headers[x-user], values: [...], notValues: [...]}]` (Istio)."""
+
+    key: str
+    values: tuple[str, ...] = ()
+    not_values: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,17 +193,176 @@ class AuthzMatch:
     not_namespaces: tuple[str, ...] = ()
     ports: tuple[int, ...] = ()
     not_ports: tuple[int, ...] = ()
+    # request-level (L7) fields: only a waypoint or an ingress gateway sees them (ztunnel.api.authz)
+    methods: tuple[str, ...] = ()
+    not_methods: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+    not_paths: tuple[str, ...] = ()
+    hosts: tuple[str, ...] = ()
+    not_hosts: tuple[str, ...] = ()
+    when: tuple[AuthzCondition, ...] = ()
+
+    @property
+    def request_level(self) -> bool:
+        return bool(self.methods or self.not_methods or self.paths or self.not_paths or self.hosts
+                    or self.not_hosts or self.when)
 
 
 @dataclass(frozen=True, slots=True)
 class Authorization:
-    """An L4 AuthorizationPolicy scoped to a namespace (and optionally workloads by label)."""
+    """An AuthorizationPolicy scoped to a namespace: by workload labels (`selector`, enforced by the
+    destination's ztunnel) or by `targets` ("Service/<ns>/<name>" or "Gateway/<ns>/<name>",
+    Istio ambient's targetRefs: enforced by the waypoint or ingress gateway that serves them)."""
 
     name: str
     namespace: str
     action: str  # "ALLOW" | "DENY"
     rules: tuple[AuthzMatch, ...]
     selector: Mapping[str, str] = field(default_factory=dict)
+    targets: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+# --- L7: routes, listeners, inference pools (waypoint and ingress proxies only) -------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StringMatch:
+    """A Gateway API match value: `Exact`, `PathPrefix` (paths), `RegularExpression` (full match)."""
+
+    kind: str
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class NamedMatch:
+    """A header or query-parameter match (`name` is lower-cased for headers)."""
+
+    name: str
+    value: str
+    kind: str = "Exact"
+
+
+@dataclass(frozen=True, slots=True)
+class HttpMatch:
+    """One `matches[]` entry: every field it sets must match (empty = any)."""
+
+    path: StringMatch | None = None
+    headers: tuple[NamedMatch, ...] = ()
+    query: tuple[NamedMatch, ...] = ()
+    method: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    name: str
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderModifier:
+    """RequestHeaderModifier / ResponseHeaderModifier: set (replace), add (append), remove."""
+
+    set: tuple[Header, ...] = ()
+    add: tuple[Header, ...] = ()
+    remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class UrlRewrite:
+    """URLRewrite: `hostname` replaces Host; `path_kind` ReplaceFullPath | ReplacePrefixMatch."""
+
+    hostname: str = ""
+    path_kind: str = ""
+    path: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class HttpBackend:
+    """A backendRef: `kind` Service (`target` = its hostname) or InferencePool (`target` = ns/name)."""
+
+    kind: str
+    target: str
+    port: int
+    weight: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Istio's retry semantics for a route rule (see ztunnel.proxy.l7.retry): up to `attempts`
+    retries on connect failure, reset before the response, or a status in `codes`, each on another
+    host when there is one, after an exponential backoff from `backoff_s` (jittered)."""
+
+    attempts: int = 2
+    codes: tuple[int, ...] = (503,)
+    backoff_s: float = 0.025
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRouteRule:
+    name: str = ""
+    matches: tuple[HttpMatch, ...] = ()
+    request_headers: HeaderModifier | None = None
+    response_headers: HeaderModifier | None = None
+    rewrite: UrlRewrite | None = None
+    backends: tuple[HttpBackend, ...] = ()
+    timeout_s: float | None = None          # timeouts.request: the whole request, retries included
+    backend_timeout_s: float | None = None  # timeouts.backendRequest: one try
+    retry: RetryPolicy | None = None        # None: Istio's default (RetryPolicy())
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRoute:
+    """An HTTPRoute (or GRPCRoute, as HTTP matches on POST /<service>/<method>) as an L7 proxy
+    applies it. `parents`: "Service/<hostname>:<port>" (GAMMA; port 0 = every port) or
+    "Gateway/<ns>/<name>/<listener>" (listener "" = every listener). `hostnames` apply to Gateway
+    parents (empty: any host)."""
+
+    namespace: str
+    name: str
+    kind: str
+    parents: tuple[str, ...]
+    rules: tuple[HttpRouteRule, ...]
+    hostnames: tuple[str, ...] = ()
+    source: str = ""          # "policies/shop/route.yaml@<sha>"
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """One HTTP listener of an ingress Gateway."""
+
+    gateway: str      # <ns>/<name>
+    name: str
+    port: int
+    protocol: str = "HTTP"
+    hostname: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.gateway}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class InferencePool:
+    """Gateway API Inference Extension v1 InferencePool, resolved for one L7 proxy: the selected
+    pods of its own cluster (`endpoints`, port = the first target port), and how the endpoint
+    picker behaves when it cannot decide (`failure_mode`: FailOpen picks any ready pod, FailClose
+    answers 503)."""
+
+    namespace: str
+    name: str
+    target_ports: tuple[int, ...]
+    endpoints: tuple[Endpoint, ...] = ()
+    picker: str = ""            # endpointPickerRef.name (meshfed serves it with its built-in picker)
+    failure_mode: str = "FailClose"
+    metrics_path: str = "/metrics"
 
     @property
     def key(self) -> str:
@@ -180,7 +384,7 @@ class TrustBundle:
 
 @dataclass(frozen=True, slots=True)
 class ProxyConfig:
-    proxy_id: str               # "ztunnel/<cluster>/<node>" or "gateway/<cluster>"
+    proxy_id: str               # "ztunnel/<cluster>/<node>", "gateway/<cluster>", "waypoint|ingress/<cluster>/<ns>/<name>"
     mode: ProxyMode
     cluster: str
     network: str
@@ -197,6 +401,10 @@ class ProxyConfig:
     # non-empty: a peer of a trust domain outside it (and not the local one) is refused even when its
     # bundle is present (`not_federated`).
     federated_trust_domains: tuple[str, ...] = ()
+    # L7 proxies only (waypoint, ingress)
+    http_routes: tuple[HttpRoute, ...] = ()
+    listeners: tuple[Listener, ...] = ()
+    inference_pools: tuple[InferencePool, ...] = ()
 
 
 # --- JSON form ---------------------------------------------------------------------------------
@@ -206,7 +414,13 @@ RESOURCE_TYPES: dict[str, type[Any]] = {
     "services": Service,
     "authorizations": Authorization,
     "bundles": TrustBundle,
+    "http_routes": HttpRoute,
+    "listeners": Listener,
+    "inference_pools": InferencePool,
 }
+# Kinds only L7 proxies carry: left out of a config's JSON form while empty, so a node proxy's or a
+# gateway's config (and the golden files that pin them) reads as before L7 existed.
+L7_RESOURCE_TYPES = ("http_routes", "listeners", "inference_pools")
 
 
 def _jsonable(value: Any) -> Any:
@@ -286,20 +500,43 @@ _REPEATED_FIELDS: dict[type[Any], frozenset[str]] = {
 }
 
 
+# tuple-of-dataclass fields and single (optional) dataclass fields, by (class, field)
 _NESTED: dict[tuple[type[Any], str], type[Any]] = {
     (Service, "ports"): ServicePortMap,
     (Service, "endpoints"): Endpoint,
     (Service, "routes"): WeightedBackend,
     (Authorization, "rules"): AuthzMatch,
+    (AuthzMatch, "when"): AuthzCondition,
+    (HttpMatch, "headers"): NamedMatch,
+    (HttpMatch, "query"): NamedMatch,
+    (HeaderModifier, "set"): Header,
+    (HeaderModifier, "add"): Header,
+    (HttpRouteRule, "matches"): HttpMatch,
+    (HttpRouteRule, "backends"): HttpBackend,
+    (HttpRoute, "rules"): HttpRouteRule,
+    (InferencePool, "endpoints"): Endpoint,
+}
+_ONE: dict[tuple[type[Any], str], type[Any]] = {
+    (Service, "outlier"): OutlierPolicy,
+    (Service, "waypoint"): WaypointRef,
+    (Service, "connection_pool"): ConnectionPoolPolicy,
+    (HttpMatch, "path"): StringMatch,
+    (HttpRouteRule, "request_headers"): HeaderModifier,
+    (HttpRouteRule, "response_headers"): HeaderModifier,
+    (HttpRouteRule, "rewrite"): UrlRewrite,
+    (HttpRouteRule, "retry"): RetryPolicy,
 }
 
 
 def _convert_field(cls: type[Any], name: str, value: Any) -> Any:
     nested = _NESTED.get((cls, name))
     if nested is not None:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{name}: expected a list, got {type(value).__name__}")
         return tuple(v if type(v) is nested else _build(nested, v) for v in value)
-    if cls is Service and name == "outlier":
-        return None if value is None else _build(OutlierPolicy, value)
+    one = _ONE.get((cls, name))
+    if one is not None:
+        return None if value is None or type(value) is one else _build(one, value)
     if isinstance(value, list):
         return tuple(value)
     if isinstance(value, dict):
@@ -364,7 +601,8 @@ def proxy_config_to_dict(cfg: ProxyConfig) -> dict[str, Any]:
         "stamp": asdict(cfg.stamp),
         "local_identities": list(cfg.local_identities),
         **({"federated_trust_domains": list(cfg.federated_trust_domains)} if cfg.federated_trust_domains else {}),
-        **{kind: [resource_to_dict(r) for r in getattr(cfg, kind)] for kind in RESOURCE_TYPES},
+        **{kind: [resource_to_dict(r) for r in getattr(cfg, kind)] for kind in RESOURCE_TYPES
+           if kind not in L7_RESOURCE_TYPES or getattr(cfg, kind)},
     }
 
 
@@ -452,4 +690,6 @@ def canonical(cfg: ProxyConfig) -> ProxyConfig:
 
 
 # Resources whose fields are all scalars (str, int, float, bool, None): `_plain` copies them as is.
-_FLAT: frozenset[type[Any]] = frozenset({Endpoint, ServicePortMap, WeightedBackend, OutlierPolicy, Stamp})
+_FLAT: frozenset[type[Any]] = frozenset({Endpoint, ServicePortMap, WeightedBackend, OutlierPolicy, Stamp,
+                                         ConnectionPoolPolicy, StringMatch, NamedMatch, Header, UrlRewrite,
+                                         HttpBackend, Listener})

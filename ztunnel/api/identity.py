@@ -172,23 +172,32 @@ def gateway_spiffe_id(trust_domain: str) -> str:
 
 # --- proxy ids ----------------------------------------------------------------------------------
 #
-# A proxy id names one proxy of the fleet: `ztunnel/<cluster>/<node>` (a node proxy) or
-# `gateway/<cluster>` (a cluster's east-west gateway). It is what a CSR is entitled by, what a
-# bootstrap token is scoped to, what a ServiceAccount token's node claim is checked against and what
-# status reports, so it has one strict parser (`ProxyId.parse`) used by every place that builds or
-# reads one: two spellings must never name the same proxy, and one id must never be read as two
-# different proxies by two readers (a loose `split("/")` here and `rsplit` there did exactly that:
-# `ztunnel/east/a/b` was node `a` to one and `b` to another).
+# A proxy id names one proxy of the fleet: `ztunnel/<cluster>/<node>` (a node proxy),
+# `gateway/<cluster>` (a cluster's east-west gateway), `waypoint/<cluster>/<namespace>/<name>` and
+# `ingress/<cluster>/<namespace>/<name>` (the L7 proxies of a Gateway). It is what a CSR is entitled
+# by, what a bootstrap token is scoped to, what a ServiceAccount token's node claim is checked
+# against and what status reports, so it has one strict parser (`ProxyId.parse`) used by every place
+# that builds or reads one: two spellings must never name the same proxy, and one id must never be
+# read as two different proxies by two readers (a loose `split("/")` here and `rsplit` there did
+# exactly that: `ztunnel/east/a/b` was node `a` to one and `b` to another).
 #
-# The cluster is a DNS label (the fleet's Cluster names are validated as such); the node is a
-# Kubernetes node name (a DNS subdomain: lowercase labels joined by dots). Because the cluster has
-# no dot, the proxy's SPIFFE service account `ztunnel.<cluster>.<node>` / `gateway.<cluster>` is
-# injective too: `ztunnel/a/b.c` and a would-be `ztunnel/a.b/c` cannot both exist.
+# The cluster and a namespace are DNS labels (the fleet validates them as such); a node and a
+# Gateway's name are Kubernetes object names (DNS subdomains: lowercase labels joined by dots).
+# Because the cluster and the namespace have no dot, the proxy's SPIFFE service account
+# (`ztunnel.<cluster>.<node>`, `gateway.<cluster>`, `waypoint.<cluster>.<ns>.<name>`) is injective
+# too: `ztunnel/a/b.c` and a would-be `ztunnel/a.b/c` cannot both exist.
 
 _DNS_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _DNS_SUBDOMAIN_MAX = 253
-PROXY_ID_USAGE = ("a proxy id is 'ztunnel/<cluster>/<node>' (a node proxy) or 'gateway/<cluster>' (an east-west "
-                  "gateway), with <cluster> a DNS label and <node> a Kubernetes node name (lowercase)")
+PROXY_ID_SHAPES = {
+    "ztunnel": "ztunnel/<cluster>/<node>",
+    "gateway": "gateway/<cluster>",
+    "waypoint": "waypoint/<cluster>/<namespace>/<name>",
+    "ingress": "ingress/<cluster>/<namespace>/<name>",
+}
+_PROXY_ID_PARTS = {"ztunnel": 3, "gateway": 2, "waypoint": 4, "ingress": 4}
+PROXY_ID_USAGE = (f"a proxy id is one of {', '.join(PROXY_ID_SHAPES.values())}, with <cluster> and <namespace> "
+                  "DNS labels and <node>/<name> Kubernetes names (lowercase)")
 
 
 def _is_dns_subdomain(name: str) -> bool:
@@ -199,23 +208,32 @@ def _is_dns_subdomain(name: str) -> bool:
 class ProxyId:
     """One proxy: `ProxyId.parse("ztunnel/east/node-1")` or `ProxyId.node_proxy("east", "node-1")`.
     `str()` round-trips exactly; construction validates (IdentityError, a ValueError, naming the
-    expected shape)."""
+    accepted shapes)."""
 
-    kind: str        # "ztunnel" | "gateway"
-    cluster: str     # DNS label
-    node: str = ""   # the node a node proxy runs on; "" for a gateway
+    kind: str            # "ztunnel" | "gateway" | "waypoint" | "ingress"
+    cluster: str         # DNS label
+    node: str = ""       # the node a node proxy runs on; "" otherwise
+    namespace: str = ""  # a waypoint's or ingress's Gateway namespace; "" otherwise
+    name: str = ""       # that Gateway's name; "" otherwise
 
     def __post_init__(self) -> None:
-        shown = "/".join(p for p in (self.kind, self.cluster, self.node) if p)
-        if self.kind not in ("ztunnel", "gateway"):
+        shown = "/".join(p for p in (self.kind, self.cluster, self.node, self.namespace, self.name) if p)
+        if self.kind not in _PROXY_ID_PARTS:
             raise IdentityError(f"proxy id {shown!r}: unknown kind {self.kind!r}; {PROXY_ID_USAGE}")
         if not _DNS_LABEL_RE.fullmatch(self.cluster):
             raise IdentityError(f"proxy id {shown!r}: cluster {self.cluster!r} is not a DNS label; {PROXY_ID_USAGE}")
-        if self.kind == "ztunnel" and not _is_dns_subdomain(self.node):
-            raise IdentityError(f"proxy id {shown!r}: node {self.node!r} is not a Kubernetes node name; "
+        l7 = self.kind in ("waypoint", "ingress")
+        if (self.kind == "ztunnel") != bool(self.node):
+            raise IdentityError(f"proxy id {shown!r}: only a node proxy names a node; {PROXY_ID_USAGE}")
+        if self.node and not _is_dns_subdomain(self.node):
+            raise IdentityError(f"proxy id {shown!r}: node {self.node!r} is not a Kubernetes node name; {PROXY_ID_USAGE}")
+        if l7 != bool(self.namespace) or l7 != bool(self.name):
+            raise IdentityError(f"proxy id {shown!r}: only a waypoint or ingress names a namespace and a name; "
                                 f"{PROXY_ID_USAGE}")
-        if self.kind == "gateway" and self.node:
-            raise IdentityError(f"proxy id {shown!r}: a gateway names no node; {PROXY_ID_USAGE}")
+        if self.namespace and not _DNS_LABEL_RE.fullmatch(self.namespace):
+            raise IdentityError(f"proxy id {shown!r}: namespace {self.namespace!r} is not a DNS label; {PROXY_ID_USAGE}")
+        if self.name and not _is_dns_subdomain(self.name):
+            raise IdentityError(f"proxy id {shown!r}: name {self.name!r} is not a Kubernetes name; {PROXY_ID_USAGE}")
 
     @classmethod
     def node_proxy(cls, cluster: str, node: str) -> ProxyId:
@@ -227,18 +245,20 @@ class ProxyId:
 
     @classmethod
     def parse(cls, s: str) -> ProxyId:
-        """The proxy `s` names, or IdentityError: exactly two or three '/'-separated parts, nothing else."""
+        """The proxy `s` names, or IdentityError: exactly the parts its kind has, nothing else."""
         if not isinstance(s, str):
             raise IdentityError(f"proxy id must be a string, got {type(s).__name__}")
         parts = s.split("/")
-        if parts[0] == "ztunnel" and len(parts) == 3:
-            return cls(parts[0], parts[1], parts[2])
-        if parts[0] == "gateway" and len(parts) == 2:
+        if parts[0] not in _PROXY_ID_PARTS or len(parts) != _PROXY_ID_PARTS[parts[0]]:
+            raise IdentityError(f"proxy id {s[:80]!r} is malformed; {PROXY_ID_USAGE}")
+        if parts[0] == "ztunnel":
+            return cls(parts[0], parts[1], node=parts[2])
+        if parts[0] == "gateway":
             return cls(parts[0], parts[1])
-        raise IdentityError(f"proxy id {s[:80]!r} is malformed; {PROXY_ID_USAGE}")
+        return cls(parts[0], parts[1], namespace=parts[2], name=parts[3])
 
     def __str__(self) -> str:
-        return f"{self.kind}/{self.cluster}/{self.node}" if self.is_node else f"gateway/{self.cluster}"
+        return "/".join(p for p in (self.kind, self.cluster, self.node, self.namespace, self.name) if p)
 
     @property
     def is_node(self) -> bool:
@@ -246,17 +266,33 @@ class ProxyId:
 
     @property
     def service_account(self) -> str:
-        """The Kubernetes service account the proxy's pod runs as (in PROXY_NAMESPACE)."""
-        return NODE_PROXY_SERVICE_ACCOUNT if self.is_node else GATEWAY_SERVICE_ACCOUNT
+        """The Kubernetes service account the proxy's pod runs as (in `service_account_namespace`):
+        the DaemonSet's, the east-west gateway's, or (as Istio's gateway controller deploys them) the
+        Gateway's name for a waypoint and `<name>-istio` for an ingress gateway."""
+        if self.kind == "ztunnel":
+            return NODE_PROXY_SERVICE_ACCOUNT
+        if self.kind == "gateway":
+            return GATEWAY_SERVICE_ACCOUNT
+        return self.name if self.kind == "waypoint" else f"{self.name}-istio"
+
+    @property
+    def service_account_namespace(self) -> str:
+        return self.namespace or PROXY_NAMESPACE
 
     def spiffe_id(self, trust_domain: str) -> str:
         """The identity the proxy presents to the controller (see `proxy_spiffe_id`)."""
         return str(SpiffeId(trust_domain, PROXY_NAMESPACE, str(self).replace("/", ".")))
 
 
+def parse_proxy_id(proxy_id: str) -> tuple[str, str]:
+    """(kind, cluster) of a proxy id (`ProxyId.parse`); ValueError naming the accepted shapes."""
+    pid = ProxyId.parse(proxy_id)
+    return pid.kind, pid.cluster
+
+
 def proxy_service_account(proxy_id: str) -> str:
-    """The service account a proxy's pod runs as (`ztunnel/...` -> ztunnel, `gateway/...` ->
-    eastwest-gateway); ValueError (IdentityError) for anything `ProxyId.parse` refuses."""
+    """The service account a proxy's pod runs as; ValueError (IdentityError) for anything
+    `ProxyId.parse` refuses."""
     return ProxyId.parse(proxy_id).service_account
 
 

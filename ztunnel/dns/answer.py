@@ -48,6 +48,7 @@ import dns.rrset
 from ztunnel.api.config import Service
 
 MCS_ZONE = "clusterset.local"     # the MCS DNS spec's zone, whatever the Federation's clustersetDomain
+CLUSTER_ZONE = "cluster.local"    # Kubernetes' own zone: a global service's name in every cluster
 DEFAULT_TTL_S = 30                # ztunnel's DNS proxy answers with 30 s too
 CLASSIC_UDP_PAYLOAD = 512         # RFC 1035: a UDP reply without EDNS0
 MAX_UDP_PAYLOAD = 1232            # DNS flag day 2020: never more over UDP, whatever the client offers
@@ -73,12 +74,16 @@ class DnsTable:
 
     @staticmethod
     def from_services(services: Iterable[Service]) -> DnsTable:
-        """Every global service under its hostname (`<svc>.<ns>.svc.<clustersetDomain>`) and under
+        """Every global service under its hostname (`<svc>.<ns>.svc.<clustersetDomain>`), under
         the MCS name `<svc>.<ns>.svc.clusterset.local` (the same name when the domain is the
-        default). A service without a VIP is still a known name (NODATA, not NXDOMAIN)."""
+        default), and under its cluster-local name `<svc>.<ns>.svc.cluster.local`: Istio's
+        namespace sameness, a service of the same name and namespace in every cluster is one
+        service (what a DestinationRule host like the Istio guide's names, and what apps written for
+        one cluster dial). A service without a VIP is still a known name (NODATA, not NXDOMAIN)."""
         out: dict[str, list[str]] = {}
         for s in services:
-            for name in {s.hostname.lower().rstrip("."), f"{s.name}.{s.namespace}.svc.{MCS_ZONE}".lower()}:
+            for name in {s.hostname.lower().rstrip("."), f"{s.name}.{s.namespace}.svc.{MCS_ZONE}".lower(),
+                         f"{s.name}.{s.namespace}.svc.{CLUSTER_ZONE}".lower()}:
                 vips = out.setdefault(name, [])
                 if s.vip and s.vip not in vips:
                     vips.append(s.vip)

@@ -75,10 +75,15 @@ class Telemetry:
                                 ("destination_service", "endpoint", "outcome"), registry=r)
         self.refused = Counter("meshfed_connections_refused", "Connections refused by the proxy",
                                ("reporter", "reason"), registry=r)
+        self.requests = Counter("istio_requests", "HTTP requests served by a waypoint or gateway",
+                                ("reporter", "source_principal", "destination_service", "response_code"), registry=r)
         self.dns = Counter("meshfed_dns_queries", "DNS queries of pods, by what the node proxy did with them "
                            "(mesh, nodata, unanswered, forwarded, upstream_answered, servfail, truncated, ...)",
                            ("outcome",), registry=r)
         self.access_log = access_log
+        # labelled children by label values (bounded like the label values: by the config)
+        self._request_children: dict[tuple[str, str, str, int], Any] = {}
+        self._outcome_children: dict[tuple[str, str, str], Any] = {}
 
     def conn_opened(self, labels: ConnLabels) -> None:
         self.opened.labels(*labels.values()).inc()
@@ -92,7 +97,11 @@ class Telemetry:
             self.received.labels(*v).inc(received_bytes)
 
     def endpoint_outcome(self, service: str, endpoint: str, outcome: str) -> None:
-        self.outcomes.labels(service, endpoint, outcome).inc()
+        key = (service, endpoint, outcome)
+        child = self._outcome_children.get(key)
+        if child is None:
+            child = self._outcome_children[key] = self.outcomes.labels(service, endpoint, outcome)
+        child.inc()
 
     def endpoint_ejected(self, service: str, endpoint: str, reason: str) -> None:
         self.ejections.labels(service, endpoint, reason).inc()
@@ -101,6 +110,13 @@ class Telemetry:
     def endpoint_unejected(self, service: str, endpoint: str) -> None:
         self.ejected.labels(service, endpoint).set(0)
 
+    def request_done(self, reporter: str, source_principal: str, destination_service: str, status: int) -> None:
+        key = (reporter, source_principal, destination_service, status)
+        child = self._request_children.get(key)
+        if child is None:  # labels() validates and locks: once per label set, not per request
+            child = self._request_children[key] = self.requests.labels(reporter, source_principal,
+                                                                       destination_service, str(status))
+        child.inc()
     def dns_query(self, outcome: str) -> None:
         self.dns.labels(outcome).inc()
 

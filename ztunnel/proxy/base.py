@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import ssl
 import time
@@ -21,7 +22,7 @@ from typing import Any, Protocol
 from cryptography import x509
 
 from ztunnel.api import authz
-from ztunnel.api.config import ProxyConfig, ProxyMode
+from ztunnel.api.config import Endpoint, ProxyConfig, ProxyMode
 from ztunnel.api.identity import SpiffeId
 from ztunnel.api.outlier import EndpointEjected, EndpointUnejected, Outcome, OutlierDetector
 from ztunnel.api.ports import HBONE_PORT, OUTBOUND_CAPTURE_PORT, SOCKS5_PORT
@@ -36,6 +37,7 @@ from ztunnel.proxy.relay import (
     HboneStream,
     PlainRelay,
     RelayStats,
+    StreamTransport,
     abort_with_reset,
 )
 from ztunnel.xds.state import ProxyState, parse_host_port
@@ -137,8 +139,7 @@ class LogHealthSink:
     def report(self, proxy_id: str, event: EndpointEjected | EndpointUnejected | dict[str, Any]) -> None:
         if isinstance(event, dict):
             self._t.log(kind="health", **event)
-        else:
-            self._t.log(kind=type(event).__name__, **{k: getattr(event, k) for k in event.__slots__})
+        # ejection events are in the access log already (`ProxyBase._outlier_event`)
 
 
 class ConnectFailed(Exception):
@@ -476,6 +477,102 @@ class ProxyBase:
             raise failure[0]
         return session
 
+    @staticmethod
+    def _gateway_expected(ep: Endpoint) -> tuple[str, ...]:
+        if not ep.gateway_identity:
+            raise PeerVerificationError(
+                f"endpoint {ep.workload_uid} is reached through gateway {ep.gateway}, but the config names no "
+                "gateway identity to verify the outer tunnel against; refusing to dial it (a config from an "
+                "older controller? it re-renders on its next push)", "no_expected_identity")
+        return (ep.gateway_identity,)
+
+    async def open_to_endpoint(self, src_identity: str, headers: tuple[tuple[str, str], ...], hostname: str,
+                               port: int, ep: Endpoint, expected: tuple[str, ...] | None,
+                               timeout_s: float) -> HboneStream:
+        """A tunnel to `ep` as `src_identity`: direct HBONE to the destination node (sessions pooled
+        per source identity, node and destination identity, as ztunnel pools them), or double HBONE
+        through the destination network's east-west gateway (the outer tunnel's authority is
+        `hostname:port`, the service the gateway routes; the inner mTLS is end to end). `headers`
+        travel on the CONNECT (the source workload; at a waypoint, also the caller's identity).
+        `expected`: whom the destination must prove to be; without it the endpoint is refused, not
+        dialled (any federated peer would pass as it)."""
+        if not expected:
+            raise PeerVerificationError(f"endpoint {ep.workload_uid} has no identity to verify; refusing to connect "
+                                        "rather than accept any peer", "no_expected_identity")
+        if not ep.gateway:
+            key = ("direct", ep.hbone_address, src_identity, ep.identity)
+            sni = sni_for_identity(ep.identity) if ep.identity else ""
+            session = await self.pool.get(key, lambda: self.dial_hbone(ep.hbone_address, src_identity, sni,
+                                                                       expected, timeout_s))
+            return await self.open_tunnel(session, f"{ep.address}:{ep.port}", headers, timeout_s)
+        # double HBONE: outer pooled tunnel to the gateway, inner end-to-end mTLS + HBONE.
+        # The inner ClientHello is sent right behind the outer CONNECT, without waiting for the
+        # gateway's 200 (the gateway keeps early DATA in the stream until it has dialed the node):
+        # one round trip through the gateway fewer per new connection. A refusal by the gateway
+        # aborts the inner handshake and is raised as the refusal it is.
+        authority = f"{hostname}:{port}"
+        # the outer tunnel is verified against the gateway's own identity (rendered per endpoint):
+        # dialled with nothing expected, anyone at the gateway's address would carry our traffic
+        gw_expected = self._gateway_expected(ep)
+        gw_key = ("gateway", ep.gateway, src_identity, gw_expected)
+        outer = await self.pool.get(gw_key, lambda: self.dial_hbone(ep.gateway, src_identity, "", gw_expected,
+                                                                    timeout_s))
+        started = mono_s()
+        ostream = outer.open_stream(authority, headers, flush=False)  # leaves with the ClientHello
+        loop = asyncio.get_running_loop()
+        failure: list[PeerVerificationError] = []
+        made = self._verifying(expected, failure)
+
+        opened: list[HboneStream] = []
+
+        def ready(session: HboneSession) -> None:
+            opened.append(session.open_stream(authority, headers))
+
+        # preface, SETTINGS and the CONNECT leave with the client's Finished, in one write
+        inner = HboneSession(Role.CLIENT, loop, _replace_hbone(self.opts.hbone), on_made=made, on_ready=ready)
+        inner.local_identity = src_identity
+        sni = sni_for_identity(ep.identity) if ep.identity else hostname
+        adapter = TlsAdapter(loop, self.creds.client_ctx(src_identity), inner, server_side=False,
+                             server_hostname=sni, handshake_timeout_s=timeout_s)
+        transport = StreamTransport(ostream)
+        transport.set_protocol(adapter)
+        adapter.connection_made(transport)  # the ClientHello: flushes the CONNECT with it, one write
+        outer.flush()
+        transport.resume_reading()
+
+        def outer_answered(fut: asyncio.Future[Any]) -> None:
+            if fut.cancelled() or fut.exception() is not None:
+                adapter.abort()  # refused or reset by the gateway: stop the inner handshake now
+
+        ostream.response.add_done_callback(outer_answered)
+
+        async def handshake() -> None:
+            await asyncio.shield(adapter.handshake)
+            await ostream.response  # arrived before the server's first byte (same stream, in order)
+
+        try:
+            await asyncio.wait_for(handshake(), max(0.001, timeout_s - (mono_s() - started)))
+        except BaseException as e:
+            adapter.abort()
+            resp = ostream.response
+            if resp.done() and not resp.cancelled() and resp.exception() is not None and e is not resp.exception():
+                raise resp.exception() from e  # type: ignore[misc]  # the gateway's refusal explains it
+            if isinstance(e, TimeoutError):
+                ostream.reset(ErrorCode.CANCEL)
+            raise
+        if failure or not opened:
+            adapter.abort()
+            raise failure[0] if failure else ConnectionResetError("inner HBONE session closed before its tunnel opened")
+        stream = opened[0]
+        try:
+            await asyncio.wait_for(asyncio.shield(stream.response), max(0.001, timeout_s - (mono_s() - started)))
+        except BaseException:
+            adapter.abort()
+            raise
+        stream.inner_session = inner  # type: ignore[attr-defined]
+        return stream
+
+
     async def open_tunnel(self, session: HboneSession, authority: str, headers: tuple[tuple[str, str], ...],
                           timeout_s: float) -> HboneStream:
         stream = session.open_stream(authority, headers)
@@ -525,6 +622,8 @@ class ProxyBase:
                 self.telemetry.endpoint_ejected(service, ev.key, ev.reason.value)
         else:
             self.telemetry.endpoint_unejected(service, ev.key)
+        # in the access log whatever the health sink (the controller's reporter logs nothing)
+        self.telemetry.log(kind=type(ev).__name__, service=service, **{k: getattr(ev, k) for k in ev.__slots__})
         self.health.report(self.cfg.proxy_id, ev)
 
     def ejected(self, service: str) -> frozenset[str]:
@@ -534,6 +633,14 @@ class ProxyBase:
         for ev in det.tick(mono_s()):
             self._outlier_event(service, ev)
         return det.ejected_keys(mono_s())
+
+
+@functools.lru_cache(maxsize=8)
+def _replace_hbone(s: HboneSettings) -> HboneSettings:
+    """Inner tunnels carry one stream: no keep-alive pings (the outer session has them). Cached:
+    `dataclasses.replace` was a visible per-connection cost on the double-HBONE path."""
+    from dataclasses import replace
+    return replace(s, ping_interval_s=None)
 
 
 def with_options(opts: ProxyOptions, **kw: Any) -> ProxyOptions:

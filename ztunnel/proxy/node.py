@@ -34,17 +34,14 @@ pod reads are a PROXY v2 header carrying the verified peer identity (`ztunnel.pr
 from __future__ import annotations
 
 import asyncio
-import functools
 import ssl
 from typing import Any
 
 from ztunnel.api import authz
-from ztunnel.api.config import Endpoint, ProxyMode, Workload
+from ztunnel.api.config import Endpoint, ProxyMode, WaypointRef, Workload
 from ztunnel.api.lb import choose_endpoint
 from ztunnel.api.outlier import Outcome
 from ztunnel.api.verify import PeerVerificationError
-from ztunnel.hbone.framer import ErrorCode, HboneSettings, Role
-from ztunnel.identity.tls_transport import TlsAdapter
 from ztunnel.proxy import proxyproto
 from ztunnel.proxy.admin import ConnLabels
 from ztunnel.proxy.base import (
@@ -60,7 +57,6 @@ from ztunnel.proxy.relay import (
     HboneSession,
     HboneStream,
     RelayStats,
-    StreamTransport,
     TunnelRefused,
     TunnelReset,
 )
@@ -70,6 +66,10 @@ from ztunnel.xds.state import Indexes
 
 class NodeProxy(ProxyBase):
     mode = ProxyMode.NODE
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.active_by_service: dict[str, int] = {}  # open outbound connections per service (connectionPool)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -96,21 +96,23 @@ class NodeProxy(ProxyBase):
 
     async def handle_inbound(self, session: HboneSession, stream: HboneStream) -> None:
         cfg, ix = self.cfg, self.state.indexes
-        plan = plan_inbound(cfg, ix, stream.authority, session.peer_identity, self.own_addresses,
+        identity, forwarded_by = caller_identity(ix, session.peer_identity, stream.headers)
+        plan = plan_inbound(cfg, ix, stream.authority, identity, self.own_addresses,
                             self.opts.root_namespace, pick=lambda xs: xs[int(self.rand() * len(xs)) % len(xs)])
-        peer = authz.peer_from_identity(session.peer_identity)
-        src_w = _source_workload(ix, stream.headers, session.peer_identity)
+        peer = authz.peer_from_identity(identity)
+        src_w = _source_workload(ix, stream.headers, identity)
         labels = ConnLabels(
             reporter="destination",
             source_workload=src_w.name if src_w else "unknown",
-            source_principal=session.peer_identity,
+            source_principal=identity,
             destination_service=ix.service_of_local_workload.get(plan.workload.uid, "unknown")
             if plan.workload else "unknown",
             destination_principal=plan.workload.identity if plan.workload else "unknown",
             source_cluster=src_w.cluster if src_w else "unknown",
             destination_cluster=cfg.cluster)
-        log = {"direction": "inbound", "src": session.peer_identity, "src_ns": peer.namespace,
-               "authority": stream.authority, "policy": plan.policy}
+        log = {"direction": "inbound", "src": identity, "src_ns": peer.namespace,
+               "authority": stream.authority, "policy": plan.policy,
+               **({"via_waypoint": forwarded_by} if forwarded_by else {})}
         if plan.target is None:
             self.telemetry.refusal("destination", "denied" if plan.status == 403 else f"status_{plan.status}")
             self.telemetry.log(kind="access", **log, status=plan.status, reason=plan.reason)
@@ -119,7 +121,7 @@ class NodeProxy(ProxyBase):
         preamble = b""
         if plan.workload is not None and proxyproto.wants_proxy_v2(plan.workload.labels):
             src_addr = (src_w.address, 0) if src_w is not None else (getattr(session, "peer_ip", ""), 0)
-            preamble = proxyproto.build_header(src_addr, plan.target, session.peer_identity)
+            preamble = proxyproto.build_header(src_addr, plan.target, identity)
         await self.connect_and_relay(stream, plan.target, 5.0, labels, log, preamble)
 
     # outbound ---------------------------------------------------------------------------------
@@ -140,6 +142,17 @@ class NodeProxy(ProxyBase):
             return
         started = mono_s()
         route: dict[str, str] = {}
+        cap_key = self._claim_connection(plan)
+        if cap_key is None:
+            svc0 = plan.service
+            limit = svc0.connection_pool.max_connections if svc0 and svc0.connection_pool else 0
+            reason = (f"{plan.description}: connectionPool.tcp.maxConnections {limit} reached on this proxy "
+                      "(DestinationRule): connection refused")
+            self.telemetry.refusal("source", "connection_pool_overflow")
+            self.telemetry.log(kind="access", direction="outbound", src=src.identity, dst=plan.description,
+                               status=503, reason=reason)
+            cap.refuse(reason, 5)
+            return
         try:
             stream, ep, plan, route = await self.connect_routed(src, plan)
         except (ConnectFailed, TunnelRefused) as e:
@@ -147,6 +160,7 @@ class NodeProxy(ProxyBase):
             self.telemetry.log(kind="access", direction="outbound", src=src.identity, dst=plan.description,
                                status=getattr(e, "status", 503), reason=reason)
             cap.refuse(reason, 2 if isinstance(e, TunnelRefused) and e.status == 403 else 5)
+            self._release_connection(cap_key)
             return
         svc_name = plan.service.hostname if plan.service else "unknown"  # the backend actually used
         labels = ConnLabels(reporter="source", source_workload=src.name, source_principal=src.identity,
@@ -157,8 +171,9 @@ class NodeProxy(ProxyBase):
 
         def done(stats: RelayStats) -> None:
             self.relays.discard(cap.relay)
+            self._release_connection(cap_key)
             self.telemetry.conn_closed(labels, stats.bytes_from_plain, stats.bytes_to_plain)
-            if stats.reset_by_peer and stats.bytes_to_plain == 0:
+            if stats.reset_by_peer and stats.bytes_to_plain == 0 and "waypoint" not in route:
                 self.record_outcome(svc_name, ep.workload_uid, Outcome.RESET_BEFORE_RESPONSE)
             self.telemetry.log(kind="access", direction="outbound", src=src.identity, dst=plan.description,
                                endpoint=ep.workload_uid, via=ep.gateway or ep.hbone_address, **route,
@@ -179,6 +194,9 @@ class NodeProxy(ProxyBase):
         the plan actually used (its service is the backend: metrics and outlier counters are its)
         and access-log fields naming the route, the backend and any fallback."""
         svc = plan.service
+        if svc is not None and svc.waypoint is not None:
+            stream, ep, route = await self.connect_waypoint(src, plan, svc.waypoint)
+            return stream, ep, plan, route
         if svc is None or not svc.routes:
             stream, ep = await self.connect_with_retry(src, plan)
             return stream, ep, plan, {}
@@ -208,6 +226,64 @@ class NodeProxy(ProxyBase):
                 route["fallback_reason"] = why
             return stream, ep, sub, route
         raise ConnectFailed(f"no backend of {svc.hostname}'s route could be reached: " + " | ".join(failures))
+
+    async def connect_waypoint(self, src: Workload, plan: OutboundPlan, wp: WaypointRef
+                               ) -> tuple[HboneStream, Endpoint, dict[str, str]]:
+        """Send a service's connection to its waypoint in this cluster (`istio.io/use-waypoint`):
+        HBONE to a ready waypoint pod, as the source workload, expecting the waypoint's identity;
+        the tunnel's authority names the service, the waypoint does the rest per request. No ready
+        waypoint pod means a refusal, never a direct connection that would skip its L7 policy."""
+        svc = plan.service
+        assert svc is not None
+        name = f"{wp.namespace}/{wp.name}"
+        if not wp.addresses:
+            raise ConnectFailed(f"{svc.hostname} goes through waypoint {name}, which has no ready pod in cluster "
+                                f"{self.cfg.cluster} (is it running? `meshfed status` shows waypoint/"
+                                f"{self.cfg.cluster}/{name}); refused rather than skipping its policy")
+        timeout_s = svc.connect_timeout_s
+        start = int(self.rand() * len(wp.addresses)) % len(wp.addresses)
+        order = wp.addresses[start:] + wp.addresses[:start]
+        errors: list[str] = []
+        for addr in order:
+            ep = Endpoint(workload_uid=f"waypoint:{addr}", cluster=self.cfg.cluster, network=self.cfg.network,
+                          address="", port=plan.port, hbone_address=addr, identity=wp.identity)
+            try:
+                key = ("direct", addr, src.identity, wp.identity)
+                session = await self.pool.get(key, lambda addr=addr: self.dial_hbone(  # type: ignore[misc]
+                    addr, src.identity, sni_for_identity(wp.identity), (wp.identity,), timeout_s))
+                stream = await self.open_tunnel(session, f"{svc.hostname}:{plan.port}",
+                                                ((SOURCE_HEADER, src.uid),), timeout_s)
+            except TunnelRefused:
+                raise  # the waypoint decided (no such service there): do not try another
+            except (OSError, TimeoutError, TunnelReset, PeerVerificationError, ssl.SSLError, ConnectionError) as e:
+                errors.append(f"{addr}: {e!r}")
+                continue
+            return stream, ep, {"waypoint": name, "via": addr}
+        raise ConnectFailed(f"could not reach waypoint {name} for {svc.hostname}: " + "; ".join(errors[-3:]))
+
+    def _claim_connection(self, plan: OutboundPlan) -> str | None:
+        """Count an outbound connection against its service's connectionPool.tcp.maxConnections
+        (for services without a waypoint: a waypoint enforces the limit on its upstream side).
+        Returns the key to release, "" when not limited, None when the limit is reached."""
+        svc = plan.service
+        if svc is None or svc.waypoint is not None or svc.connection_pool is None:
+            return ""
+        limit = svc.connection_pool.max_connections
+        if not limit:
+            return ""
+        n = self.active_by_service.get(svc.hostname, 0)
+        if n >= limit:
+            return None
+        self.active_by_service[svc.hostname] = n + 1
+        return svc.hostname
+
+    def _release_connection(self, key: str | None) -> None:
+        if key:
+            n = self.active_by_service.get(key, 0) - 1
+            if n > 0:
+                self.active_by_service[key] = n
+            else:
+                self.active_by_service.pop(key, None)
 
     async def connect_with_retry(self, src: Workload, plan: OutboundPlan) -> tuple[HboneStream, Endpoint]:
         svc = plan.service
@@ -265,97 +341,27 @@ class NodeProxy(ProxyBase):
             "subjectAltNames); refusing to connect rather than accept any peer — check the controller's "
             "rendering of that endpoint", "no_expected_identity")
 
-    @staticmethod
-    def _gateway_expected(ep: Endpoint) -> tuple[str, ...]:
-        if not ep.gateway_identity:
-            raise PeerVerificationError(
-                f"endpoint {ep.workload_uid} is reached through gateway {ep.gateway}, but the config names no "
-                "gateway identity to verify the outer tunnel against; refusing to dial it (a config from an "
-                "older controller? it re-renders on its next push)", "no_expected_identity")
-        return (ep.gateway_identity,)
-
     async def _attempt(self, src: Workload, plan: OutboundPlan, ep: Endpoint, timeout_s: float) -> HboneStream:
-        expected = self._expected(plan, ep)
-        headers = ((SOURCE_HEADER, src.uid),)
-        if not ep.gateway:
-            key = ("direct", ep.hbone_address, src.identity, ep.identity)
-            sni = sni_for_identity(ep.identity) if ep.identity else ""
-            session = await self.pool.get(key, lambda: self.dial_hbone(ep.hbone_address, src.identity, sni,
-                                                                       expected, timeout_s))
-            return await self.open_tunnel(session, f"{ep.address}:{ep.port}", headers, timeout_s)
-        # double HBONE: outer pooled tunnel to the gateway, inner end-to-end mTLS + HBONE.
-        # The inner ClientHello is sent right behind the outer CONNECT, without waiting for the
-        # gateway's 200 (the gateway keeps early DATA in the stream until it has dialed the node):
-        # one round trip through the gateway fewer per new connection. A refusal by the gateway
-        # aborts the inner handshake and is raised as the refusal it is.
-        assert plan.service is not None
-        authority = f"{plan.service.hostname}:{plan.port}"
-        gw_expected = self._gateway_expected(ep)
-        gw_key = ("gateway", ep.gateway, src.identity, gw_expected)
-        outer = await self.pool.get(gw_key, lambda: self.dial_hbone(ep.gateway, src.identity, "", gw_expected,
-                                                                    timeout_s))
-        started = mono_s()
-        ostream = outer.open_stream(authority, headers, flush=False)  # leaves with the ClientHello
-        loop = asyncio.get_running_loop()
-        failure: list[PeerVerificationError] = []
-        made = self._verifying(expected, failure)
-
-        opened: list[HboneStream] = []
-
-        def ready(session: HboneSession) -> None:
-            opened.append(session.open_stream(authority, headers))
-
-        # preface, SETTINGS and the CONNECT leave with the client's Finished, in one write
-        inner = HboneSession(Role.CLIENT, loop, _replace_hbone(self.opts.hbone), on_made=made, on_ready=ready)
-        inner.local_identity = src.identity
-        sni = sni_for_identity(ep.identity) if ep.identity else plan.service.hostname
-        adapter = TlsAdapter(loop, self.creds.client_ctx(src.identity), inner, server_side=False,
-                             server_hostname=sni, handshake_timeout_s=timeout_s)
-        transport = StreamTransport(ostream)
-        transport.set_protocol(adapter)
-        adapter.connection_made(transport)  # the ClientHello: flushes the CONNECT with it, one write
-        outer.flush()
-        transport.resume_reading()
-
-        def outer_answered(fut: asyncio.Future[Any]) -> None:
-            if fut.cancelled() or fut.exception() is not None:
-                adapter.abort()  # refused or reset by the gateway: stop the inner handshake now
-
-        ostream.response.add_done_callback(outer_answered)
-
-        async def handshake() -> None:
-            await asyncio.shield(adapter.handshake)
-            await ostream.response  # arrived before the server's first byte (same stream, in order)
-
-        try:
-            await asyncio.wait_for(handshake(), max(0.001, timeout_s - (mono_s() - started)))
-        except BaseException as e:
-            adapter.abort()
-            resp = ostream.response
-            if resp.done() and not resp.cancelled() and resp.exception() is not None and e is not resp.exception():
-                raise resp.exception() from e  # type: ignore[misc]  # the gateway's refusal explains it
-            if isinstance(e, TimeoutError):
-                ostream.reset(ErrorCode.CANCEL)
-            raise
-        if failure or not opened:
-            adapter.abort()
-            raise failure[0] if failure else ConnectionResetError("inner HBONE session closed before its tunnel opened")
-        stream = opened[0]
-        try:
-            await asyncio.wait_for(asyncio.shield(stream.response), max(0.001, timeout_s - (mono_s() - started)))
-        except BaseException:
-            adapter.abort()
-            raise
-        stream.inner_session = inner  # type: ignore[attr-defined]
-        return stream
+        assert plan.service is not None or not ep.gateway
+        hostname = plan.service.hostname if plan.service is not None else ""
+        return await self.open_to_endpoint(src.identity, ((SOURCE_HEADER, src.uid),), hostname, plan.port, ep,
+                                           self._expected(plan, ep), timeout_s)
 
 
-@functools.lru_cache(maxsize=8)
-def _replace_hbone(s: HboneSettings) -> HboneSettings:
-    """Inner tunnels carry one stream: no keep-alive pings (the outer session has them). Cached:
-    `dataclasses.replace` was a visible per-connection cost on the double-HBONE path."""
-    from dataclasses import replace
-    return replace(s, ping_interval_s=None)
+CALLER_HEADER = "x-meshfed-caller"
+
+
+def caller_identity(ix: Indexes, peer_identity: str, headers: tuple[tuple[str, str], ...]) -> tuple[str, str]:
+    """(the identity to authorize and hand the pod, the waypoint that forwarded it or "").
+
+    A waypoint forwards a caller's request as itself (its own mTLS identity) and names the caller
+    in `x-meshfed-caller`: the caller's verified identity, checked by the waypoint's own mTLS with
+    the caller's ztunnel. The header is believed only from a waypoint that a local workload's
+    service goes through (`Indexes.trusted_waypoints`); from anyone else it is ignored."""
+    if peer_identity not in ix.trusted_waypoints:
+        return peer_identity, ""
+    caller = next((v for k, v in headers if k == CALLER_HEADER), "")
+    return (caller, peer_identity) if caller else (peer_identity, "")
 
 
 def _source_workload(ix: Indexes, headers: tuple[tuple[str, str], ...], identity: str) -> Workload | None:

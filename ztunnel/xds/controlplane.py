@@ -76,8 +76,9 @@ class ControllerUnavailable(RuntimeError):
 
 def header_for(proxy_id: str, trust_domain: str, network: str = "") -> ProxyConfig:
     """The hello's header: mode and cluster follow from the proxy id (`ztunnel/<c>/<node>`, `gateway/<c>`)."""
-    pid = ProxyId.parse(proxy_id)   # IdentityError (a ValueError) names the shape
-    mode = ProxyMode.NODE if pid.is_node else ProxyMode.GATEWAY
+    pid = ProxyId.parse(proxy_id)   # IdentityError (a ValueError) names the shapes
+    mode = {"gateway": ProxyMode.GATEWAY, "waypoint": ProxyMode.WAYPOINT,
+            "ingress": ProxyMode.INGRESS}.get(pid.kind, ProxyMode.NODE)
     return ProxyConfig(proxy_id=str(pid), mode=mode, cluster=pid.cluster, network=network,
                        trust_domain=trust_domain, stamp=Stamp(0, "", 0))
 

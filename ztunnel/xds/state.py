@@ -174,6 +174,9 @@ class Indexes:
     # hostname of the first service a *local* workload is an endpoint of (destination_service label)
     service_of_local_workload: dict[str, str] = field(default_factory=dict)
     services: tuple[Service, ...] = ()
+    # identities of the waypoints that local workloads' services go through: the peers whose
+    # `x-meshfed-caller` a destination ztunnel believes (ztunnel.proxy.node.caller_identity)
+    trusted_waypoints: frozenset[str] = frozenset()
     # pod IP -> an endpoint of this network with an HBONE address (dialing a pod IP directly); built
     # on first use, so a node that never dials pod IPs pays no memory per remote endpoint for it
     _endpoints_by_address: dict[str, Endpoint] | None = None
@@ -202,6 +205,7 @@ def node_name(cfg: ProxyConfig) -> str:
 
 def build_indexes(cfg: ProxyConfig) -> Indexes:
     ix = Indexes(network=cfg.network)
+    waypoints: set[str] = set()
     node = node_name(cfg)
     for w in cfg.workloads:
         local = cfg.mode is ProxyMode.NODE and w.cluster == cfg.cluster and w.node == node
@@ -220,7 +224,10 @@ def build_indexes(cfg: ProxyConfig) -> Indexes:
         if ix.local_workloads_by_uid:
             for _, e in ix.local_endpoints(s):
                 ix.service_of_local_workload.setdefault(e.workload_uid, s.hostname)
+                if s.waypoint is not None:
+                    waypoints.update(s.waypoint.identities)
     ix.services = cfg.services
+    ix.trusted_waypoints = frozenset(waypoints)
     return ix
 
 

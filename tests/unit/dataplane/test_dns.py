@@ -308,3 +308,16 @@ def test_the_proxy_commands_dns_defaults_are_the_modules() -> None:
     assert args.dns == "" and args.dns_ttl_s == DEFAULT_TTL_S
     assert args.dns_unanswered == Unanswered.SERVFAIL.value
     assert set(ztunnel_main.DNS_UNANSWERED) == {u.value for u in Unanswered}
+
+
+def test_a_global_service_answers_under_its_cluster_local_name_too() -> None:
+    """Namespace sameness: `<svc>.<ns>.svc.cluster.local` is the global service in every cluster (the
+    Istio guide's DestinationRule host); the apps' own search domain finds it as written."""
+    r, d = ask("checkout.shop.svc.cluster.local.")
+    assert d.outcome == "mesh" and addresses(r) == [VIP]
+    r, d = ask("cart.shop.svc.cluster.local.")  # a custom clusterset domain: the cluster-local name still works
+    assert addresses(r) == ["10.96.0.12"]
+    # a cluster-local name that is no global service is the cluster's DNS's (forwarded upstream)
+    q = dns.message.make_query("other.shop.svc.cluster.local.", "A")
+    assert isinstance(decide(q.to_wire(), TABLE, over_tcp=False, has_upstream=True, unanswered=Unanswered.SERVFAIL,
+                             ttl_s=DEFAULT_TTL_S), Forward)

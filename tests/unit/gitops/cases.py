@@ -18,6 +18,20 @@ AUTHZ = "policies/shop/checkout-allow-frontend.yaml"
 LAB_EAST = "lab/east.yaml"
 LAB_SOUTH = "lab/south.yaml"
 OD = "      maxEjectionPercent: 100\n"
+C5 = "      # consecutive5xxErrors needs a waypoint to see HTTP status (MF0510); Envoy's default 5 applies\n"
+NS_SHOP = "namespaces/shop.yaml"
+WAYPOINT = "policies/shop/waypoint.yaml"
+# Enroll namespace shop in a waypoint: the edits L7 cases start from.
+WITH_WAYPOINT: tuple[Edit, ...] = (
+    ("write", NS_SHOP, "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n  labels:\n"
+                       "    istio.io/use-waypoint: waypoint\n"),
+    ("write", WAYPOINT, "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: waypoint\n"
+                        "  namespace: shop\nspec:\n  gatewayClassName: istio-waypoint\n  listeners:\n"
+                        "    - name: mesh\n      port: 15008\n      protocol: HBONE\n"),
+)
+ROUTE_L7 = ("replace", ROUTE, "  rules:\n    - backendRefs:\n",
+            "  rules:\n    - matches:\n        - path:\n            type: PathPrefix\n            value: /api\n"
+            "      backendRefs:\n")
 
 Case = tuple[str, tuple[Edit, ...], str, str, int]
 
@@ -121,7 +135,8 @@ CASES: list[Case] = [
                                   "        failover:\n          - from: us-east\n            to: eu-west\n"),),
      "MF0503", "policies/shop/checkout.yaml:21:13", 1),
     ("failover-without-outlier-detection", (("replace", DR, "    outlierDetection:\n      consecutiveGatewayErrors: 3\n"
-                                             "      consecutive5xxErrors: 5\n      interval: 5s\n"
+                                             "      # consecutive5xxErrors needs a waypoint to see HTTP status (MF0510); Envoy's default 5 applies\n"
+                                             "      interval: 5s\n"
                                              "      baseEjectionTime: 15s\n" + OD, ""),), "MF0504", "policies/shop/checkout.yaml:10:7", 1),
     ("max-ejection-percent-too-small", (("replace", DR, OD, "      maxEjectionPercent: 10\n"),), "MF0505", "policies/shop/checkout.yaml:14:7", 1),
     ("two-locality-modes", (("replace", DR, "          - topology.istio.io/network\n",
@@ -140,6 +155,23 @@ CASES: list[Case] = [
                                  "    - kind: Service\n      group: \"\"\n      name: checkout\n  rules:\n"
                                  "    - backendRefs:\n        - name: checkout\n          port: 80\n"),),
      "MF0509", "policies/shop/checkout-other.yaml:8:7", 1),
+    # --- L7: waypoints, request-level routes and authorization, gateways, inference pools
+    ("5xx-without-waypoint", (("replace", DR, C5, "      consecutive5xxErrors: 5\n"),), "MF0510",
+     "policies/shop/checkout.yaml:11:7", 0),
+    ("l7-route-without-waypoint", (ROUTE_L7,), "MF0511", "policies/shop/checkout-canary.yaml:13:3", 1),
+    ("l7-authz-without-targetrefs", (("replace", AUTHZ, "            ports:\n", "            methods: [GET]\n"
+                                      "            ports:\n"),), "MF0512", "policies/shop/checkout-allow-frontend.yaml:12:3", 0),
+    ("use-waypoint-unknown", (("write", NS_SHOP, "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n"
+                               "  labels:\n    istio.io/use-waypoint: waypont\n"),), "MF0513", "namespaces/shop.yaml:5:3", 1),
+    ("route-bad-path", (*WITH_WAYPOINT, ("replace", ROUTE, "  rules:\n    - backendRefs:\n",
+                                         "  rules:\n    - matches:\n        - path:\n            type: Exact\n"
+                                         "            value: api\n      backendRefs:\n")),
+     "MF0514", "policies/shop/checkout-canary.yaml:17:13", 1),
+    ("pool-selects-nothing", (("write", "policies/shop/pool.yaml",
+                               "apiVersion: inference.networking.k8s.io/v1\nkind: InferencePool\nmetadata:\n"
+                               "  name: pool\nspec:\n  selector:\n    matchLabels:\n      app: vllm\n"
+                               "  targetPorts:\n    - number: 8000\n  endpointPickerRef:\n    name: epp\n"
+                               "    port:\n      number: 9002\n"),), "MF0515", "policies/shop/pool.yaml:6:3", 0),
     # --- lab
     ("lab-unknown-node", (("replace", LAB_EAST, "nodes: [node-2]", "nodes: [node-3]"),), "MF0601", "lab/east.yaml:30:15", 1),
     ("lab-backs-unexported-service", (("replace", LAB_SOUTH, "    - name: frontend\n",

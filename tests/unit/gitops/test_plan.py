@@ -39,7 +39,7 @@ def test_changed_field_added_and_removed_objects(fleet_copy: MakeFleet) -> None:
     }
     route = by[(ChangeAction.CHANGED, "HTTPRoute shop/checkout-canary")]
     assert [(f.path, f.old, f.new) for f in route.fields] == [
-        ("backends[0].weight", 90, 50), ("backends[1].weight", 10, 50)]
+        ("rules[0].backends[0].weight", 90, 50), ("rules[0].backends[1].weight", 10, 50)]
     data = result.as_dict()
     assert data["changes"][0]["action"] in {"added", "removed", "changed"}
 

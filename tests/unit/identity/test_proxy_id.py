@@ -17,7 +17,8 @@ from ztunnel.xds.controlplane import header_for
 from ztunnel.xds.state import node_name
 
 VALID = ["ztunnel/east/node-1", "gateway/west", "ztunnel/east/ip-10-0-0-1.ec2.internal", "ztunnel/a/b.c",
-         "ztunnel/a/b", "gateway/a", "ztunnel/a-b/c", "ztunnel/0/0"]
+         "ztunnel/a/b", "gateway/a", "ztunnel/a-b/c", "ztunnel/0/0",
+         "waypoint/east/shop/waypoint", "ingress/east/shop/gw", "waypoint/east/shop/a.b"]
 
 MALFORMED = [
     "", "ztunnel", "gateway", "ztunnel/east", "ztunnel/east/",      # too few parts
@@ -29,6 +30,8 @@ MALFORMED = [
     "ztunnel/east/node-1\n", " ztunnel/east/node-1", "gateway/east ",  # whitespace, trailing newline
     "ztunnel/east/node_1", "ztunnel/east/-node", "ztunnel/east/node.", "ztunnel/east/a..b",
     "ztunnel/east/..", "ztunnel/east/%2e", "gateway/" + "a" * 64,
+    "waypoint/east/shop", "waypoint/east/shop/w/x", "waypoint/east/Shop/w", "waypoint/east/s.x/w",  # L7 proxies
+    "ingress/east//gw", "waypoint/east/shop/W",
 ]
 
 
@@ -36,13 +39,13 @@ MALFORMED = [
 def test_a_valid_proxy_id_round_trips_exactly(s: str) -> None:
     pid = ProxyId.parse(s)
     assert str(pid) == s
-    assert pid.is_node == s.startswith("ztunnel/")
+    assert pid.is_node == s.startswith("ztunnel/") and pid.kind == s.split("/")[0]
     assert SpiffeId.parse(pid.spiffe_id("east.mesh.local"))   # always a valid identity
 
 
 @pytest.mark.parametrize("s", MALFORMED)
 def test_anything_else_is_refused_with_the_expected_form(s: str) -> None:
-    with pytest.raises(IdentityError, match=r"ztunnel/<cluster>/<node>.*gateway/<cluster>"):
+    with pytest.raises(IdentityError, match=r"ztunnel/<cluster>/<node>, gateway/<cluster>, waypoint/"):
         ProxyId.parse(s)
 
 
@@ -116,3 +119,10 @@ def test_the_proxy_refuses_a_malformed_proxy_id_at_its_command_line(capsys: pyte
     with pytest.raises(SystemExit):
         build_parser().parse_args([*base, "--proxy-id", "ztunnel/east/Node-1"])
     assert "argument --proxy-id: proxy id 'ztunnel/east/Node-1'" in capsys.readouterr().err
+
+
+def test_an_l7_proxy_runs_as_its_gateway_s_service_account_in_its_namespace() -> None:
+    wp, ing = ProxyId.parse("waypoint/east/shop/wp"), ProxyId.parse("ingress/east/shop/gw")
+    assert (wp.service_account_namespace, wp.service_account) == ("shop", "wp")        # as Istio deploys them
+    assert (ing.service_account_namespace, ing.service_account) == ("shop", "gw-istio")
+    assert ProxyId.parse("ztunnel/east/n").service_account_namespace == "meshfed-system"

@@ -15,20 +15,23 @@ from click.testing import CliRunner
 import gitops
 from clusters.kind.manifests import (
     DEFAULT_IMAGE,
+    GATEWAY_READY_FILE,
     TOKEN_PATH,
     InstallOptions,
     ManifestError,
     cluster_for_context,
     controller_objects,
+    l7_gateway_objects,
     member_objects,
     to_yaml,
     workload_objects,
 )
 from clusters.kind.plan import KUBERNETES_VERSION, metallb_objects
 from federation.cli.main import cli
+from gitops.model import GATEWAY_NAME_LABEL
 
 REPO = Path(__file__).resolve().parents[3]
-FLEETS = {name: gitops.load_worktree(REPO / "examples" / name) for name in ("fleet", "fleet-kind")}
+FLEETS = {name: gitops.load_worktree(REPO / "examples" / name) for name in ("fleet", "fleet-kind", "l7")}
 ROOTS = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 
 
@@ -192,3 +195,89 @@ def test_an_unknown_context_lists_the_fleet_s_contexts() -> None:
     r = CliRunner().invoke(cli, ["install", "--context", "kind-nowhere", "--fleet", str(REPO / "examples" / "fleet"),
                                  "--print"])
     assert r.exit_code == 64
+
+
+# --- the fleet's Gateways (waypoints, ingress gateways); moved from tests/unit/lab/test_kind_waypoint.py
+# when the objects moved into this module (its assertions kept, in-pod paths are main's) ----------------
+
+
+def test_l7_gateway_objects_per_gateway_and_cluster() -> None:
+    from ztunnel.__main__ import build_parser
+
+    snap = FLEETS["l7"]
+    east = l7_gateway_objects(snap, "east")
+    west = l7_gateway_objects(snap, "west")
+    kinds = sorted((o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"]) for o in east)
+    assert ("Deployment", "ai-serving", "ai-gateway") in kinds and ("Service", "ai-serving", "ai-gateway-istio") in kinds
+    assert ("Deployment", "shop", "waypoint") in kinds and ("ServiceAccount", "shop", "waypoint") in kinds
+    assert ("ServiceAccount", "ai-serving", "ai-gateway-istio") in kinds
+    assert not any(o["metadata"].get("namespace") == "ai-serving" for o in west)  # ai-gateway runs in east only
+    dep = next(o for o in west if o["kind"] == "Deployment" and o["metadata"]["namespace"] == "shop")
+    pod = dep["spec"]["template"]
+    assert pod["metadata"]["labels"][GATEWAY_NAME_LABEL] == "waypoint"
+    assert pod["metadata"]["labels"]["istio.io/dataplane-mode"] == "none"
+    assert pod["spec"]["serviceAccountName"] == "waypoint"
+    [c] = pod["spec"]["containers"]
+    assert c["command"] == ["python", "-m", "ztunnel"]
+    args = build_parser().parse_args(c["args"])
+    assert args.proxy_id == "waypoint/west/shop/waypoint" and args.trust_domain == "west.mesh.local"
+    assert str(args.ready_file) == GATEWAY_READY_FILE and args.socks == "" and not args.capture
+    assert c["readinessProbe"]["exec"]["command"] == ["test", "-f", GATEWAY_READY_FILE]
+    wp_svc = next(o for o in west if o["kind"] == "Service" and o["metadata"]["namespace"] == "shop")
+    assert wp_svc["spec"]["type"] == "ClusterIP" and [p["port"] for p in wp_svc["spec"]["ports"]] == [15008]
+    svc = next(o for o in east if o["kind"] == "Service" and o["metadata"]["name"] == "ai-gateway-istio")
+    assert svc["spec"]["type"] == "LoadBalancer" and [p["port"] for p in svc["spec"]["ports"]] == [80]
+    ing = next(o for o in east if o["kind"] == "Deployment" and o["metadata"]["name"] == "ai-gateway")
+    ing_pod = ing["spec"]["template"]["spec"]
+    assert build_parser().parse_args(ing_pod["containers"][0]["args"]).proxy_id == "ingress/east/ai-serving/ai-gateway"
+    # :80 as a non-root user: the unprivileged-port sysctl, no capability added
+    assert ing_pod["securityContext"]["sysctls"] == [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "0"}]
+    assert ing_pod["containers"][0]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert "sysctls" not in pod["spec"]["securityContext"]
+    with pytest.raises(ManifestError, match="no Cluster 'north'"):
+        l7_gateway_objects(snap, "north")
+
+
+def test_member_objects_carry_the_gateways_with_their_namespace_roots_and_projected_token() -> None:
+    snap = FLEETS["l7"]
+    objs = member_objects(snap, "east", InstallOptions(controller_roots_pem=ROOTS))
+    assert objs[-len(l7_gateway_objects(snap, "east")):] == l7_gateway_objects(snap, "east",
+                                                                               InstallOptions(controller_roots_pem=ROOTS))
+    where = {(o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"]): i for i, o in enumerate(objs)}
+    for ns in ("shop", "my-app", "ai-serving"):
+        # the namespace and its roots come before the Deployment that mounts them
+        assert where[("Namespace", "", ns)] < where[("ConfigMap", ns, "meshfed-controller-roots")]
+        assert where[("ConfigMap", ns, "meshfed-controller-roots")] < min(
+            i for (k, n, _), i in where.items() if k == "Deployment" and n == ns)
+        assert objs[where[("ConfigMap", ns, "meshfed-controller-roots")]]["data"] == {"roots.pem": ROOTS}
+    dep = objs[where[("Deployment", "shop", "waypoint")]]["spec"]["template"]["spec"]
+    assert dep["automountServiceAccountToken"] is False
+    [projected] = [v["projected"] for v in dep["volumes"] if "projected" in v]
+    [token] = [x["serviceAccountToken"] for x in projected["sources"] if "serviceAccountToken" in x]
+    assert token["audience"] == "meshfed-controller"
+    # a fleet without Gateways gets none of this
+    assert not l7_gateway_objects(FLEETS["fleet"], "east")
+
+
+def test_a_gateway_namespace_is_rendered_as_the_workloads_render_it() -> None:
+    """One field manager applies both lists: a namespace rendered twice with different labels would
+    lose its ambient label (and its pods' discovery) at every other apply."""
+    snap = FLEETS["l7"]
+    member = {o["metadata"]["name"]: o for o in member_objects(snap, "east") if o["kind"] == "Namespace"}
+    workloads = {o["metadata"]["name"]: o for o in workload_objects(snap, "east") if o["kind"] == "Namespace"}
+    shared = (member.keys() & workloads.keys())
+    assert shared >= {"shop", "ai-serving"}
+    for ns in shared:
+        assert member[ns] == workloads[ns]
+        assert member[ns]["metadata"]["labels"]["istio.io/dataplane-mode"] == "ambient"
+
+
+def test_model_server_workloads_run_the_demo_server_in_model_mode_with_the_pool_s_labels() -> None:
+    w = by_kind(workload_objects(FLEETS["l7"], "east"))
+    dep = w[("Deployment", "llm-model-v1")]["spec"]
+    assert dep["template"]["metadata"]["labels"]["pool"] == "llm"     # what the InferencePool selects
+    assert "pool" not in dep["selector"]["matchLabels"]
+    args = dep["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--model") + 1] == "llm-model-v1"
+    assert args[args.index("--model-latency-ms") + 1] == "20"
+    assert args[args.index("--model-concurrency") + 1] == "1"
