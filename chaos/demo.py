@@ -186,17 +186,21 @@ class LabFederation:
 
     # --- load -------------------------------------------------------------------------------------
 
-    def start_load(self, cluster: str, rate_per_s: float, timeout_s: float = 2.0, url: str = SERVICE_URL,
-                   name: str = "") -> Path:
-        """Open-loop load from `cluster`'s client pod to `url`; `name` tells several loads of one
-        cluster apart (records, stop_load take it; default: the cluster's name)."""
+    def start_load(self, cluster: str, rate_per_s: float, timeout_s: float = 2.0, *, url: str = SERVICE_URL,
+                   pod: str | None = None, keep_alive_max_requests: int = 0, name: str = "") -> Path:
+        """Open-loop load from `cluster`'s client pod (or `pod`, CLUSTER/NS/NAME) to `url`; the
+        records go to a JSONL file (returned). `keep_alive_max_requests` > 0 reuses connections;
+        `name` tells several loads of one cluster apart (records, stop_load take it; default: the
+        cluster's name)."""
         key = name or cluster
         out = self.state_dir / "demo" / f"load-{key}.jsonl"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.unlink(missing_ok=True)
-        self.runner.spawn(f"load-{key}", self.client_pod(cluster),
-                          [sys.executable, "-m", "clusters.lab.loadgen", url, "--rate", str(rate_per_s),
-                           "--timeout-s", str(timeout_s), "--out", str(out)])
+        argv = [sys.executable, "-m", "clusters.lab.loadgen", url, "--rate", str(rate_per_s),
+                "--timeout-s", str(timeout_s), "--out", str(out)]
+        if keep_alive_max_requests > 0:
+            argv += ["--keep-alive", "--max-requests-per-connection", str(keep_alive_max_requests)]
+        self.runner.spawn(f"load-{key}", f"pod:{pod}" if pod else self.client_pod(cluster), argv)
         self.loads[key] = out
         return out
 
@@ -234,22 +238,76 @@ class LabFederation:
     # --- git --------------------------------------------------------------------------------------
 
     def push(self, edit: Callable[[Path], str]) -> str:
-        """Clone the lab's fleet repo, apply `edit(worktree)` (returns the commit message), push."""
+        """Clone the lab's fleet repo, apply `edit(worktree)` (returns the commit message), push.
+        Files the edit adds or removes are committed too. Returns the pushed commit."""
+        sha = self._push(edit)
+        if sha is None:
+            raise DemoError("the edit changed nothing in the fleet repo; nothing was pushed")
+        return sha
+
+    def restore(self, base_sha: str, message: str) -> str | None:
+        """Push a commit whose tree is `base_sha`'s (undo everything pushed since); None when the
+        repo's tree already is that one (nothing pushed)."""
+        def edit(wt: Path) -> str:
+            _git(["-C", str(wt), "read-tree", "--reset", "-u", base_sha], self._git_env())
+            return message
+
+        return self._push(edit)
+
+    def head(self) -> str:
+        """The commit the lab's fleet repo's default branch points at."""
         url = self.lab.get("git_url")
         if not url:
             raise DemoError("the lab serves no Git repository (was it started with a fleet directory?)")
-        env = {**os.environ, "GIT_AUTHOR_NAME": "meshfed demo", "GIT_AUTHOR_EMAIL": "demo@meshfed.invalid",
-               "GIT_COMMITTER_NAME": "meshfed demo", "GIT_COMMITTER_EMAIL": "demo@meshfed.invalid",
-               "GIT_TERMINAL_PROMPT": "0"}
+        out = _git(["ls-remote", url, "HEAD"], self._git_env()).split()
+        if not out:
+            raise DemoError(f"the lab's fleet repo {url} has no HEAD")
+        return out[0]
+
+    @staticmethod
+    def _git_env() -> dict[str, str]:
+        return {**os.environ, "GIT_AUTHOR_NAME": "meshfed demo", "GIT_AUTHOR_EMAIL": "demo@meshfed.invalid",
+                "GIT_COMMITTER_NAME": "meshfed demo", "GIT_COMMITTER_EMAIL": "demo@meshfed.invalid",
+                "GIT_TERMINAL_PROMPT": "0"}
+
+    def _push(self, edit: Callable[[Path], str]) -> str | None:
+        url = self.lab.get("git_url")
+        if not url:
+            raise DemoError("the lab serves no Git repository (was it started with a fleet directory?)")
+        env = self._git_env()
         with tempfile.TemporaryDirectory(prefix="meshfed-push-") as tmp:
             wt = Path(tmp) / "fleet"
             _git(["clone", "-q", url, str(wt)], env)
             message = edit(wt)
-            _git(["-C", str(wt), "commit", "-qam", message], env)
+            _git(["-C", str(wt), "add", "-A"], env)
+            if not _git(["-C", str(wt), "status", "--porcelain"], env).strip():
+                return None
+            _git(["-C", str(wt), "commit", "-qm", message], env)
             sha = _git(["-C", str(wt), "rev-parse", "HEAD"], env).strip()
             self.note("policy_pushed", target="fleet repo", detail=f"{message} @{sha[:8]}")
             _git(["-C", str(wt), "push", "-q", "origin", "HEAD"], env)
         return sha
+
+    def wait_attempted(self, sha: str, timeout_s: float = 60.0) -> dict[str, Any]:
+        """Until the controller has attempted `sha` (applied it or rejected it); its status then."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            st = self.status()
+            if st is not None and (st.get("desired") or {}).get("revision") == sha:
+                return st
+            time.sleep(0.25)
+        raise DemoError(f"the controller did not attempt {sha[:8]} within {timeout_s:.0f} s; see "
+                        f"{self.state_dir}/logs/controller.log")
+
+    def failover_events(self, since_s: float) -> list[dict[str, Any]]:
+        """The controller's failover history (every kind of event, every service) since `since_s`."""
+        data = self.api(f"/api/v1/failover-history?since_s={since_s}")
+        return [dict(e) for e in data] if isinstance(data, list) else []
+
+    def log_path(self, source: str) -> Path:
+        """The log of `controller`, `ztunnel/<cluster>/<node>` or `gateway/<cluster>`."""
+        name = "controller.log" if source == "controller" else source.replace("/", "-") + ".log"
+        return self.state_dir / "logs" / name
 
 
 def _git(args: list[str], env: Mapping[str, str]) -> str:

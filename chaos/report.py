@@ -3,9 +3,11 @@
 This is the one place that writes report files; the numbers come from `chaos.analysis` (pure) and
 are only formatted here. Layout of `out_dir`:
 
-- `report.md` — the story (every timeline event and each client's detect / shift / failback moments,
-  as seconds since the start of the run), the figures table (one column per client), requests per
-  phase and who served them, and why any figure could not be determined;
+- `report.md` — for an experiment first its verdict and every expectation (expected, measured,
+  evidence for the ones that failed), then the story (every timeline event and each client's
+  detect / shift / failback moments, as seconds since the start of the run), the figures table (one
+  column per client), requests per phase and who served them, and why any figure could not be
+  determined;
 - `timeline.png` — one panel per client: x = seconds since start, y = the cluster that served each
   request (colored points, in priority order), failed requests as red crosses and indeterminate
   ones as orange crosses (on their cluster's row when known, else on a "no answer" row), vertical
@@ -22,7 +24,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chaos.analysis import (
     FAIL,
@@ -37,9 +39,13 @@ from chaos.analysis import (
     TimelineEvent,
 )
 
+if TYPE_CHECKING:
+    from chaos.expect import Verdict
+
 NO_ANSWER_ROW = "no answer"
 EVENT_STYLE = {FAULT_INJECTED: ("tab:red", "--"), FAULT_HEALED: ("tab:green", "--"),
-               POLICY_PUSHED: ("tab:blue", ":")}
+               POLICY_PUSHED: ("tab:blue", ":"), "push_applied": ("tab:blue", "-."),
+               "push_rejected": ("tab:orange", "-.")}
 # Cluster colors avoid red / green / blue / orange, which mark failures and events.
 CLUSTER_COLORS = ("tab:purple", "tab:cyan", "tab:brown", "tab:olive", "tab:pink", "tab:gray",
                   "black", "gold")
@@ -106,11 +112,42 @@ def _story(figures_by_client: Mapping[str, ChaosFigures], events: Sequence[Timel
     return sorted(steps, key=lambda s: s[0])
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def render_verdicts(verdicts: Sequence[Verdict], status: str, error: str, notes: Sequence[str]) -> list[str]:
+    """The experiment's outcome: status, every expectation, evidence for the failed ones."""
+    out = [f"**Result: {status.upper()}**" + (f" — {error}" if error else ""), ""]
+    out += [f"> {n}" for n in notes]
+    if notes:
+        out.append("")
+    if verdicts:
+        out += ["## Expectations", "", "| client | expectation | expected | measured | pass | written at |",
+                "|---|---|---|---|---|---|"]
+        for v in verdicts:
+            expected, measured = _cell(v.expected), _cell(v.measured)
+            passed = "yes" if v.ok else "**no**"
+            out.append(f"| {v.client or '—'} | {v.name} | {expected} | {measured} | {passed} | {v.pos or ''} |")
+        failed = [v for v in verdicts if not v.ok and v.evidence]
+        if failed:
+            out += ["", "### Evidence for what did not hold", ""]
+            for v in failed:
+                out.append(f"- **{v.title}** — measured {v.measured}")
+                out += [f"  - `{line.strip()}`" for line in v.evidence]
+        out.append("")
+    return out
+
+
 def render_markdown(title: str, figures_by_client: Mapping[str, ChaosFigures],
-                    events: Sequence[TimelineEvent], t0: float, png_name: str) -> str:
+                    events: Sequence[TimelineEvent], t0: float, png_name: str,
+                    verdicts: Sequence[Verdict] | None = None, status: str = "", error: str = "",
+                    notes: Sequence[str] = ()) -> str:
     """The report text (pure; `write_report` writes it)."""
     clients = list(figures_by_client)
     out = [f"# {title}", ""]
+    if status:
+        out += render_verdicts(verdicts or (), status, error, notes)
     out += ["## Story", "", "| t (s) | step |", "|---:|---|"]
     out += [f"| {t:+.3f} | {text} |" for t, text in _story(figures_by_client, events, t0)]
     out += ["", "## Figures", ""]
@@ -133,11 +170,11 @@ def render_markdown(title: str, figures_by_client: Mapping[str, ChaosFigures],
             out.append(f"| {c} | {p.phase} | {p.requests} | {_fmt(p.ok_pct, '%')} | {p.failed} | "
                        f"{p.indeterminate} | {served} |")
     why = [(c, name, r) for c, f in figures_by_client.items() for name, r in f.reasons]
-    notes = [(c, n) for c, f in figures_by_client.items() for n in f.notes]
-    if why or notes:
+    figure_notes = [(c, n) for c, f in figures_by_client.items() for n in f.notes]
+    if why or figure_notes:
         out += ["", "## Not determined, and notes", ""]
         out += [f"- {c}: `{name}` n/a — {r}" for c, name, r in why]
-        out += [f"- {c}: {n}" for c, n in notes]
+        out += [f"- {c}: {n}" for c, n in figure_notes]
     out += ["", "## Timeline", "", f"![which cluster served each request]({png_name})", ""]
     return "\n".join(out)
 
@@ -198,8 +235,11 @@ def render_png(path: Path, title: str, figures_by_client: Mapping[str, ChaosFigu
 
 def write_report(out_dir: Path | str, title: str, figures_by_client: Mapping[str, ChaosFigures],
                  records_by_client: Mapping[str, RecordsIn],
-                 timeline: Iterable[TimelineEvent | Mapping[str, Any]]) -> ReportPaths:
-    """Write report.md, timeline.png and figures.json into `out_dir` (created if missing)."""
+                 timeline: Iterable[TimelineEvent | Mapping[str, Any]], *,
+                 verdicts: Sequence[Verdict] | None = None, status: str = "", error: str = "",
+                 notes: Sequence[str] = ()) -> ReportPaths:
+    """Write report.md, timeline.png and figures.json into `out_dir` (created if missing); with a
+    `status` (an experiment's), the report opens with its verdicts."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     events = sorted((TimelineEvent.coerce(e) for e in timeline), key=lambda e: e.at_s)
@@ -209,9 +249,39 @@ def write_report(out_dir: Path | str, title: str, figures_by_client: Mapping[str
     paths = ReportPaths(markdown=out / "report.md", timeline_png=out / "timeline.png",
                         figures_json=out / "figures.json")
     render_png(paths.timeline_png, title, figures_by_client, recs, events, t0)
-    paths.markdown.write_text(render_markdown(title, figures_by_client, events, t0, paths.timeline_png.name),
-                              encoding="utf-8")
-    paths.figures_json.write_text(json.dumps({"title": title, "t0_s": t0, "phases": list(PHASES),
-                                              "clients": {c: f.as_dict() for c, f in figures_by_client.items()}},
-                                             indent=2) + "\n", encoding="utf-8")
+    paths.markdown.write_text(render_markdown(title, figures_by_client, events, t0, paths.timeline_png.name,
+                                              verdicts, status, error, notes), encoding="utf-8")
+    data: dict[str, Any] = {"title": title, "t0_s": t0, "phases": list(PHASES),
+                            "clients": {c: f.as_dict() for c, f in figures_by_client.items()}}
+    if status:
+        data.update(status=status, error=error, verdicts=[v.as_dict() for v in verdicts or ()])
+    paths.figures_json.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return paths
+
+
+def summary_markdown(results: Sequence[tuple[str, str, str, Sequence[Verdict]]], header: str = "") -> str:
+    """One run's results: (experiment, status, error, verdicts) each → a compact table (one row per
+    experiment: its expectations, what was measured, pass) and the full one (one row per
+    expectation). Steady-state checks are folded into the compact row's status. Pure."""
+    out = [header, ""] if header else []
+    out += ["| experiment | expectation | measured | pass |", "|---|---|---|---|"]
+    for name, status, error, verdicts in results:
+        judged = [v for v in verdicts if not v.name.startswith("steadyState")]
+        steady = [v for v in verdicts if v.name.startswith("steadyState")]
+        exp_txt = "; ".join(f"{v.client + ' ' if v.client else ''}{v.name} {v.expected}" for v in judged)
+        got = "; ".join(v.measured for v in judged)
+        if steady and not all(v.ok for v in steady):
+            got = "; ".join(f"{v.name}: {v.measured}" for v in steady if not v.ok) + (f"; {got}" if got else "")
+        if error:
+            got = f"error: {error}"
+        verdict = {"passed": "yes", "xfail": "expected failure", "xpass": "yes (declared expected failure)"}.get(
+            status, f"**no** ({status})")
+        out.append(f"| {name} | {_cell(exp_txt) or '—'} | {_cell(got) or '—'} | {verdict} |")
+    out += ["", "<details><summary>every expectation</summary>", "",
+            "| experiment | client | expectation | expected | measured | pass |", "|---|---|---|---|---|---|"]
+    for name, _status, _error, verdicts in results:
+        for v in verdicts:
+            out.append(f"| {name} | {v.client or '—'} | {v.name} | {_cell(v.expected)} | {_cell(v.measured)} | "
+                       f"{'yes' if v.ok else '**no**'} |")
+    out += ["", "</details>", ""]
+    return "\n".join(out)

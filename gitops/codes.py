@@ -10,6 +10,7 @@ retire a code leave it in the catalogue marked retired. Ranges:
 - MF04xx  identity and trust
 - MF05xx  traffic policy: outlier detection, locality failover, weights
 - MF06xx  the local lab topology
+- MF07xx  chaos experiments (ChaosExperiment files, outside the mesh config)
 
 `problem(code, ...)` is the only way the rest of `gitops` creates a Problem, so every emitted code
 is guaranteed to be in this catalogue (a unit test also checks that every code is emitted by at
@@ -58,7 +59,8 @@ _CODES = (
          "Objects live at fixed places: federation.yaml, clusters/<name>.yaml, "
          "trust/<domain>.yaml, services/<namespace>/<name>.yaml, policies/<namespace>/**/<name>.yaml, "
          "lab/<cluster>.yaml. A kind in another kind's directory, or a YAML file outside these "
-         "directories, is an error."),
+         "directories, is an error. ChaosExperiment files are not mesh configuration: they live in "
+         "the fleet repo's chaos/ directory (which the controller never reads) or anywhere else."),
     Code("MF0010", "path disagrees with the object's name",
          "The file name (and namespace directory) must match metadata.name (and "
          "metadata.namespace), so that a path always tells which object it holds."),
@@ -195,6 +197,13 @@ _CODES = (
     Code("MF0515", "inference pool problem",
          "An InferencePool selects no model-server pods in any lab cluster, or targets a port they do not serve.",
          Severity.WARNING),
+    Code("MF0516", "commit removes too much of the fleet",
+         "The commit removes more than spec.removal.maxClusterPercent of the clusters or "
+         "spec.removal.maxEndpointPercent of the global endpoints (default 50 % each) and the "
+         "Federation does not name those removals under spec.removal.intended. Reported by the "
+         "controller (against the applied revision and the live endpoints) and by `meshfed plan` "
+         "(against --from, with the LabCluster endpoints); the controller refuses the commit and the "
+         "last applied revision stays in force."),
     # --- MF06xx lab ---------------------------------------------------------------------------
     Code("MF0601", "lab workload placed on an unknown node",
          "A LabCluster workload's nodes must be among the LabCluster's nodes."),
@@ -204,6 +213,34 @@ _CODES = (
     Code("MF0603", "exported service has no lab workload",
          "A service is exported from a lab cluster that runs no server workload for it; the "
          "export would have no endpoints there.", Severity.WARNING),
+    # --- MF07xx chaos experiments (kind ChaosExperiment; gitops.experiment, chaos.validate) -------
+    Code("MF0701", "fault does not apply",
+         "A fault step lacks the parameter its kind needs (latency: delay, bandwidth: rate, clock-skew: "
+         "skew, behaviour: behaviour), carries one its kind ignores, or names a target the lab cannot "
+         "fault that way (the lab's own fault planner is asked, so the message is the lab's)."),
+    Code("MF0702", "a step does not do exactly one thing",
+         "Each step of setup and method is one of fault, heal, push or pause; a step with none or "
+         "several of them is ambiguous about order."),
+    Code("MF0703", "unknown or repeated fault id",
+         "heal and an expectation's `fault` name a fault step by its id; the id must belong to a fault "
+         "injected earlier in the method, and ids are unique within an experiment."),
+    Code("MF0704", "push does not apply to the fleet repo",
+         "An edit's `replace` text must occur exactly once in the file at that point of the experiment "
+         "(edits of earlier pushes applied), the file must exist, and a patch must apply with `git apply`. "
+         "A push does exactly one of edits, patch and restore."),
+    Code("MF0705", "expectation cannot be measured",
+         "failoverWithin needs a fault, failbackWithin a heal after it, every expectation a client "
+         "that sends traffic, and servedBy at least one cluster."),
+    Code("MF0706", "unknown cluster, workload or log in an experiment",
+         "Clusters named by traffic, expectations and events must be clusters of the experiment's "
+         "fleet; traffic comes from a client workload of that cluster's LabCluster; logs are read from "
+         "a proxy of the lab (ztunnel/<cluster>/<node>, gateway/<cluster>) or the controller."),
+    Code("MF0707", "the experiment's fleet repo cannot be used",
+         "spec.fleet names the fleet repo the lab is built from (relative to the experiment file); it "
+         "must be a directory with a federation.yaml that validates."),
+    Code("MF0708", "experiment name not unique",
+         "Two experiments of one run have the same metadata.name; reports are written per name, so one "
+         "would overwrite the other."),
 )
 
 CATALOGUE: dict[str, Code] = {c.code: c for c in _CODES}

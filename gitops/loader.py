@@ -39,6 +39,7 @@ from gitops.validate import check_objects, resolve_host
 from gitops.yamldoc import parse_yaml
 
 LAYOUT_DIRS = ("clusters", "trust", "services", "policies", "lab", "namespaces")
+CHAOS_KIND = "ChaosExperiment"  # gitops.experiment.KIND; lives in chaos/ or elsewhere, never in LAYOUT_DIRS
 YAML_SUFFIXES = (".yaml", ".yml")
 MAX_FILES = 5000
 WORKTREE = "WORKTREE"
@@ -153,6 +154,11 @@ def parse_file(path: str, data: bytes) -> tuple[FleetObject | None, list[Problem
     doc, probs = parse_yaml(path, data)
     if doc is None:
         return None, probs, _identity_from_path(path)
+    if isinstance(doc.data, dict) and doc.data.get("kind") == CHAOS_KIND:
+        # an experiment is not mesh configuration: the controller must not read it with the fleet
+        return None, [problem("MF0009", f"{path} is a {CHAOS_KIND}, which is not mesh configuration",
+                              SourcePos(path, 1, 1), hint=f"move it to chaos/{path.rsplit('/', 1)[-1]} (the "
+                              "fleet loader does not read chaos/) or to a directory of its own")], None
     parsed, probs = parse_object(doc)
     if parsed is None:
         d: dict[str, Any] = doc.data if isinstance(doc.data, dict) else {}

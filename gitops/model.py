@@ -70,6 +70,26 @@ class PartitionPolicy:
     mode: PartitionMode = PartitionMode.FREEZE
 
 
+DEFAULT_HISTORY_RETENTION_S = 30 * 86400.0
+DEFAULT_DRAIN_GRACE_S = 60.0
+DEFAULT_MAX_REMOVAL_PERCENT = 50
+
+
+@dataclass(frozen=True, slots=True)
+class RemovalPolicy:
+    """How clusters leave the fleet (`spec.removal`): a removed cluster is drained — withdrawn from
+    every proxy's view — and keeps its agent and credentials for `drain_grace_s` after that; a
+    commit that removes more than `max_cluster_percent` of the clusters or `max_endpoint_percent`
+    of the global endpoints is refused (MF0516) unless what it removes is named in `intended_*`
+    (clusters by name, services as "namespace/name")."""
+
+    drain_grace_s: float = DEFAULT_DRAIN_GRACE_S
+    max_cluster_percent: int = DEFAULT_MAX_REMOVAL_PERCENT
+    max_endpoint_percent: int = DEFAULT_MAX_REMOVAL_PERCENT
+    intended_clusters: tuple[str, ...] = ()
+    intended_services: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True, slots=True)
 class OutlierDetection:
     """Istio DestinationRule trafficPolicy.outlierDetection, Envoy semantics.
@@ -142,6 +162,8 @@ class Federation:
     git_poll_interval_s: float = 15.0
     partition: PartitionPolicy = PartitionPolicy()
     default_traffic_policy: TrafficPolicy | None = None
+    history_retention_s: float = DEFAULT_HISTORY_RETENTION_S   # the controller's revisions and events
+    removal: RemovalPolicy = RemovalPolicy()
     pos: SourcePos = SourcePos("federation.yaml")
     field_pos: Mapping[str, SourcePos] = field(default_factory=_frozen_map)
 

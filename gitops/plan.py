@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from gitops import model as m
-from gitops.problems import ObjectRef, SourcePos
+from gitops.problems import ObjectRef, Problem, SourcePos
 from gitops.schema import FleetObject, ref_of
 
 _SKIP = {"pos", "field_pos"}
@@ -58,16 +58,24 @@ class PlanResult:
     changes: tuple[ObjectChange, ...]
     # Later issues add derived effects (endpoints, routes, identities, gateways) here.
     effects: tuple[Mapping[str, Any], ...] = field(default=())
+    # Problems for which the controller would refuse to apply the new revision (e.g. MF0516, a
+    # commit that removes too much of the fleet), computed by the federation core.
+    refusals: tuple[Problem, ...] = field(default=())
 
     @property
     def changed(self) -> bool:
         return bool(self.changes) or bool(self.effects)
 
+    @property
+    def refused(self) -> bool:
+        return bool(self.refusals)
+
     def as_dict(self) -> dict[str, Any]:
         return {"from": {"sha": self.old_revision.sha, "subject": self.old_revision.subject},
                 "to": {"sha": self.new_revision.sha, "subject": self.new_revision.subject},
                 "changes": [c.as_dict() for c in self.changes],
-                "effects": [dict(e) for e in self.effects]}
+                "effects": [dict(e) for e in self.effects],
+                "refused": self.refused, "refusals": [p.as_dict() for p in self.refusals]}
 
 
 def to_plain(value: Any) -> Any:

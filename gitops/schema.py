@@ -13,7 +13,9 @@ upstream spellings of the irregular ones (`consecutive5xxErrors`, `podCIDRs`, `m
 meshfed's own kinds, as YAML (all under apiVersion meshfed.dev/v1alpha1):
 
     Federation   spec: meshID, clustersetDomain, reconcileInterval, gitPollInterval,
-                       partition{leaseTTL, mode: Freeze|Withdraw}, defaultTrafficPolicy
+                       partition{leaseTTL, mode: Freeze|Withdraw}, defaultTrafficPolicy,
+                       historyRetention, removal{drainGrace, maxClusterPercent, maxEndpointPercent,
+                       intended{clusters, services}}
     Cluster      metadata.labels; spec: network, locality{region, zone}, trustDomain,
                        api{kind: Lab|Kubeconfig, context, kubeconfig}, eastWestGateway{address, port}
                        (address optional: omitted, it comes from the gateway Service's load
@@ -78,8 +80,8 @@ def parse_duration_s(text: str) -> float:
 
 def _duration(v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, str):
-        raise PydanticCustomError("MF0104", "durations are strings with a unit, e.g. '5s' (got {value!r})",
-                                  {"value": v})
+        raise PydanticCustomError("MF0104", "durations are strings with a unit, e.g. '5s' (got {value})",
+                                  {"value": repr(v)})  # templates take no !r: quote here
     try:
         return parse_duration_s(v)
     except ValueError as e:
@@ -146,12 +148,20 @@ _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")  # fullmatch
 def _dns_label(v: str) -> str:
     if not _DNS_LABEL.fullmatch(v):
         raise PydanticCustomError(
-            "MF0106", "{value!r} is not a DNS-1123 label (lower-case letters, digits and '-', "
-            "at most 63 characters, alphanumeric at both ends)", {"value": v})
+            "MF0106", "{value} is not a DNS-1123 label (lower-case letters, digits and '-', "
+            "at most 63 characters, alphanumeric at both ends)", {"value": repr(v)})
+    return v
+
+
+def _service_ref(v: str) -> str:
+    ns, _, name = v.partition("/")
+    if not (_DNS_LABEL.fullmatch(ns) and _DNS_LABEL.fullmatch(name)):
+        raise PydanticCustomError("MF0102", "{value!r} does not name a service as namespace/name", {"value": v})
     return v
 
 
 Duration = Annotated[float, BeforeValidator(_duration)]
+ServiceRef = Annotated[str, AfterValidator(_service_ref)]
 Port = Annotated[int, AfterValidator(_port)]
 Percent = Annotated[int, AfterValidator(_percent)]
 Count = Annotated[int, _int_within(0, 1_000_000)]   # consecutive-error thresholds and the like
@@ -249,6 +259,18 @@ class PartitionS(_Base):
     mode: Literal["Freeze", "Withdraw"] = "Freeze"
 
 
+class IntendedRemovalsS(_Base):
+    clusters: list[DnsLabel] = Field(default_factory=list)
+    services: list[ServiceRef] = Field(default_factory=list)      # "namespace/name"
+
+
+class RemovalS(_Base):
+    drain_grace: DurationIn(0.0, 86400.0) = m.DEFAULT_DRAIN_GRACE_S  # type: ignore[valid-type]
+    max_cluster_percent: Percent = m.DEFAULT_MAX_REMOVAL_PERCENT
+    max_endpoint_percent: Percent = m.DEFAULT_MAX_REMOVAL_PERCENT
+    intended: IntendedRemovalsS = Field(default_factory=lambda: IntendedRemovalsS.model_validate({}))
+
+
 class FederationSpec(_Base):
     mesh_id: str = Field(alias="meshID")
     clusterset_domain: str = "clusterset.local"
@@ -256,6 +278,8 @@ class FederationSpec(_Base):
     git_poll_interval: DurationIn(1.0, 86400.0) = 15.0  # type: ignore[valid-type]
     partition: PartitionS = Field(default_factory=lambda: PartitionS.model_validate({}))
     default_traffic_policy: TrafficPolicyS | None = None
+    history_retention: DurationIn(3600.0, 3650 * 86400.0) = m.DEFAULT_HISTORY_RETENTION_S  # type: ignore[valid-type]
+    removal: RemovalS = Field(default_factory=lambda: RemovalS.model_validate({}))
 
 
 class LocalityS(_Base):
@@ -967,8 +991,13 @@ def _conv_federation(ctx: _Ctx, meta: Metadata, s: FederationSpec) -> Converted:
         name=meta.name, mesh_id=s.mesh_id, clusterset_domain=s.clusterset_domain,
         reconcile_interval_s=s.reconcile_interval, git_poll_interval_s=s.git_poll_interval,
         partition=m.PartitionPolicy(lease_ttl_s=s.partition.lease_ttl, mode=m.PartitionMode(s.partition.mode)),
-        default_traffic_policy=_traffic_policy(s.default_traffic_policy), pos=ctx.pos,
-        field_pos=ctx.field_pos), []
+        default_traffic_policy=_traffic_policy(s.default_traffic_policy),
+        history_retention_s=s.history_retention,
+        removal=m.RemovalPolicy(drain_grace_s=s.removal.drain_grace, max_cluster_percent=s.removal.max_cluster_percent,
+                                max_endpoint_percent=s.removal.max_endpoint_percent,
+                                intended_clusters=tuple(s.removal.intended.clusters),
+                                intended_services=tuple(s.removal.intended.services)),
+        pos=ctx.pos, field_pos=ctx.field_pos), []
 
 
 def _namespace_selector(s: NamespaceSelectorS | None) -> m.NamespaceSelector:

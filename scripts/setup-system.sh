@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the system packages meshfed's lab, faults and benchmarks use.
+# Installs the system packages meshfed's lab, faults, benchmarks and browser tests use.
 # Idempotent: does nothing when every tool is already present. Needs root (or sudo) on Debian/Ubuntu.
 set -euo pipefail
 
@@ -12,6 +12,10 @@ command -v faketime >/dev/null 2>&1  || need+=(faketime)
 command -v unshare >/dev/null 2>&1   || need+=(util-linux)
 command -v nsenter >/dev/null 2>&1   || need+=(util-linux)
 command -v openssl >/dev/null 2>&1   || need+=(openssl)
+# the web console's browser tests: Playwright (PyPI) drives Debian's Chromium (its own browser
+# download is not used); DejaVu for legible screenshots
+command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || need+=(chromium)
+[ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0

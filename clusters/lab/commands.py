@@ -130,12 +130,14 @@ def proxy_argv(python: Sequence[str], proxy_id: str, proxy_dir: Path, socks_host
 
 def controller_argv(python: Sequence[str], repo: str, state_dir: Path, kubeconfig: Path) -> list[str]:
     """`meshfed controller run …` in the sandbox root: gRPC, bootstrap and status on every address
-    (the management bridge for proxies, loopback for the host portal)."""
+    (the management bridge for proxies, loopback for the host portal). `--standby`: a controller
+    the lab restarts after a fault waits for its killed predecessor's processes to let the state
+    directory go instead of refusing to start."""
     return [*python, *MESHFED, "controller", "run", "--repo", repo, "--state-dir", str(state_dir),
             "--listen", f"0.0.0.0:{CONTROLLER_GRPC_PORT}",
             "--bootstrap-listen", f"0.0.0.0:{CONTROLLER_BOOTSTRAP_PORT}",
             "--status-listen", f"0.0.0.0:{CONTROLLER_HTTP_PORT}",
-            "--kubeconfig", str(kubeconfig)]
+            "--kubeconfig", str(kubeconfig), "--standby"]
 
 
 def pod_argv(python: Sequence[str], p: PodPlan, control_socket: str) -> list[str]:
@@ -146,6 +148,22 @@ def pod_argv(python: Sequence[str], p: PodPlan, control_socket: str) -> list[str
         argv += ["--model", p.model.name, "--model-latency-ms", f"{p.model.latency_s * 1000:g}",
                  "--model-concurrency", str(p.model.concurrency)]
     return argv
+
+
+FAKETIME_LIBRARIES = ("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
+                      "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1",
+                      "/usr/lib/faketime/libfaketimeMT.so.1", "/usr/local/lib/faketime/libfaketimeMT.so.1")
+
+
+def skewed_argv(argv: Sequence[str], skew_s: float, library: str) -> list[str]:
+    """`argv` run with its wall clock moved by `skew_s`: libfaketime preloaded through `env`, which
+    execs (the `faketime` command forks, and killing it would leave the skewed process running).
+    The monotonic clock moves by the same constant, which timers, timeouts and backoffs never see
+    (they take differences). Not FAKETIME_DONT_FAKE_MONOTONIC: with it, Python's time.sleep (an
+    absolute clock_nanosleep on the monotonic clock) fails with EINVAL, and the node proxy's capture
+    set-up (subprocess with a timeout) crashed at start. A negative skew must leave the monotonic
+    clock above zero (`faults.check_skew`). The MT build: our processes have threads."""
+    return ["env", f"LD_PRELOAD={library}", f"FAKETIME={skew_s:+.0f}", *argv]
 
 
 def latency_relay_argv(python: Sequence[str], port: int, delay_ms: float) -> list[str]:

@@ -1,33 +1,41 @@
 """Fault injection: carry out the steps `clusters.lab.faults.plan_fault` decides, and undo them.
 
 `plan_fault` (pure) says what a fault is; this module is the one place that acts on it: signals to
-the lab's processes, iptables rules in the MESHFED-FAULT chain, blackhole routes, link state, and
-latency relays. Every applied step is remembered with what its undo needs, so `heal` removes
-exactly what was added.
+the lab's processes, iptables rules in the MESHFED-FAULT chain, blackhole routes, link state,
+latency relays, `tc` shaping, processes restarted under `faketime`, and demo-server behaviours.
+Every applied step is remembered with what its undo needs, so `heal` removes exactly what was
+added.
 
 Invariants: a fault is either applied whole or not at all (a step that fails rolls back the ones
-before it); `active` lists applied faults in order; the lock guards only that bookkeeping, never a
-command, so a slow fault (a relay starting, a process being waited for) does not hold up status,
-another fault on something else, or a heal.
+before it, every one of them even when one undo fails); `active` lists applied faults in order; the
+lock guards only that bookkeeping, never a command, so a slow fault (a relay starting, a process
+being waited for) does not hold up status, another fault on something else, or a heal.
+
+Overlapping faults compose: healing one restores only what no other active fault still holds. A
+pod killed by `kill pod` and again by `kill node` stays down until both are healed; a link two
+faults took down comes up with the last of them; a demo server's behaviour falls back to the one
+another active fault set (`signal_undo` and `still_held` decide, from the faults left active).
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from clusters.lab import faults as F
-from clusters.lab.commands import latency_relay_argv
+from clusters.lab.commands import FAKETIME_LIBRARIES, latency_relay_argv, skewed_argv
 from clusters.lab.layout import LabError
 from clusters.lab.netns import in_netns
+from clusters.lab.pods import set_behaviour
 from clusters.lab.processes import ManagedProcess, ProcessTable
-from clusters.lab.topology import LabPlan, NetnsName, run_ip, run_iptables
+from clusters.lab.topology import LabPlan, NetnsName, run_ip, run_iptables, run_tc
 
 LATENCY_FIRST_PORT = 15099   # relays listen on 15099, 15100, … in the namespace they delay
 RELAY_READY_TIMEOUT_S = 5.0
@@ -39,6 +47,7 @@ class AppliedStep:
     step: F.FaultStep
     relay: ManagedProcess | None = None              # Latency: the relay it started
     relay_rules: tuple[tuple[str, ...], ...] = ()    # Latency: the nat rules that feed it
+    original_argv: tuple[str, ...] = ()              # ClockSkew: how the process ran before
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,15 +55,19 @@ class AppliedFault:
     request: F.FaultRequest
     steps: tuple[AppliedStep, ...]
 
-    def matches(self, target: str | None, names: Sequence[str]) -> bool:
-        return not target or (self.request.target == target and (not names or tuple(names) == self.request.names))
+    def matches(self, target: str | None, names: Sequence[str], kind: str | None = None) -> bool:
+        return not target or (self.request.target == target and (not names or tuple(names) == self.request.names)
+                              and (not kind or kind == self.request.kind))
 
 
 class FaultInjector:
-    def __init__(self, plan: LabPlan, procs: ProcessTable, log_dir: Path) -> None:
+    def __init__(self, plan: LabPlan, procs: ProcessTable, log_dir: Path,
+                 api_ports: Callable[[], Mapping[str, int]] = dict) -> None:
         self.plan = plan
         self.procs = procs
         self.log_dir = log_dir
+        self.api_ports = api_ports   # the emulated API servers' ports, known once bring-up started them
+        self._shaped: set[tuple[str, str]] = set()   # (netns, dev) with a shaping root qdisc of ours
         self._lock = threading.Lock()
         self._hook_lock = threading.Lock()
         self._active: list[AppliedFault] = []
@@ -75,7 +88,7 @@ class FaultInjector:
 
     def apply(self, req: F.FaultRequest) -> list[str]:
         try:
-            steps = F.plan_fault(self.plan, req)
+            steps = F.plan_fault(self.plan, req, self.api_ports())
         except KeyError as e:  # plan lookups name what exists
             raise F.FaultError(str(e.args[0])) from None
         done: list[AppliedStep] = []
@@ -117,7 +130,64 @@ class FaultInjector:
             run_ip(st.netns, "link", "set", st.dev, "down")
         elif isinstance(st, F.Latency):
             return self._start_latency(st)
+        elif isinstance(st, F.Shape):
+            self._shape(st)
+        elif isinstance(st, F.ClockSkew):
+            return AppliedStep(st, original_argv=tuple(self._restart(st.process, st.skew_s)))
+        elif isinstance(st, F.SetBehaviour):
+            self._behave(st, st.behaviour)
         return AppliedStep(st)
+
+    def _shape(self, st: F.Shape) -> None:
+        key = (st.netns, st.dev)
+        with self._lock:
+            if key in self._shaped:
+                raise F.FaultError(f"{st.dev} in {st.netns or 'the sandbox root'} is already shaped by another "
+                                   "bandwidth fault; heal that one first")
+            self._shaped.add(key)
+        ran = 0
+        try:
+            for args in st.commands:
+                run_tc(st.netns, args)
+                ran += 1
+        except Exception:
+            if ran:   # our root qdisc is in: removing it takes the classes and filters with it
+                self._unshape(st)
+            else:     # the root qdisc add failed (another's qdisc is there?): nothing of ours to remove
+                with self._lock:
+                    self._shaped.discard((st.netns, st.dev))
+            raise
+
+    def _unshape(self, st: F.Shape) -> None:
+        try:
+            run_tc(st.netns, ("qdisc", "del", "dev", st.dev, "root"))
+        finally:
+            with self._lock:
+                self._shaped.discard((st.netns, st.dev))
+
+    def _restart(self, key: str, skew_s: float, argv: Sequence[str] | None = None) -> list[str]:
+        """Restart process `key`: under faketime moved by `skew_s`, or (skew 0) with `argv`. Returns
+        the argv it ran with before."""
+        mp = self.procs.get(key)
+        if mp is None or not mp.alive():
+            raise F.FaultError(f"{key} is not running (killed by another fault?); heal that first")
+        library = next((p for p in FAKETIME_LIBRARIES if os.path.exists(p)), None)
+        if skew_s and library is None:
+            raise F.FaultError("clock-skew needs libfaketime (Debian package faketime; `make system`); looked in "
+                               + ", ".join(FAKETIME_LIBRARIES))
+        F.check_skew(skew_s, time.monotonic())
+        before = list(mp.argv)
+        new_argv = skewed_argv(before, skew_s, library or "") if skew_s else list(argv or before)
+        mp.terminate()
+        fresh = ManagedProcess(key, mp.netns, new_argv, mp.log)
+        self.procs.put(fresh)
+        fresh.start()
+        return before
+
+    def _behave(self, st: F.SetBehaviour, behaviour: str) -> None:
+        code, body = set_behaviour(self.plan.pod(st.cluster, st.pod, st.namespace), behaviour)
+        if code != 200:
+            raise F.FaultError(f"{st.cluster}/{st.namespace}/{st.pod} refused behaviour {behaviour}: {body}")
 
     def _signal(self, st: F.Signal) -> None:
         mp = self.procs.get(st.process)
@@ -145,30 +215,47 @@ class FaultInjector:
             port = next(self._ports)
         mp = ManagedProcess(f"latency:{st.netns or 'root'}:{port}", st.netns,
                             latency_relay_argv([sys.executable], port, st.delay_ms), self.log_dir / "latency.log")
-        self.procs.put(mp)
-        mp.start()
         rules = F.latency_rules(st, port)
         added: list[tuple[str, ...]] = []
+        self.procs.put(mp)
         try:
+            mp.start()
             _wait_listening(st.netns, port, mp, RELAY_READY_TIMEOUT_S)
             for args in rules:
                 run_iptables(st.netns, args)
                 added.append(args)
-        except Exception:
-            for args in reversed(added):
-                run_iptables(st.netns, _deleting(args))
-            self.procs.pop(mp.key)
-            mp.terminate()
+        except Exception as e:
+            try:
+                self._stop_latency(st.netns, mp, tuple(added))
+            except LabError as leftover:   # the fault's own error first; what stayed behind after it
+                raise LabError(f"{e}; and its rollback: {leftover}") from None
             raise
         return AppliedStep(st, mp, rules)
 
+    def _stop_latency(self, netns: NetnsName, relay: ManagedProcess | None, rules: Sequence[tuple[str, ...]]) -> None:
+        """Remove a relay's redirect rules (newest first) and stop it. Every rule is tried and the relay
+        always stopped, so one rule that will not go does not leave the others and a running relay
+        behind; what could not be removed is named in the error."""
+        failed: list[str] = []
+        for args in reversed(rules):
+            try:
+                run_iptables(netns, _deleting(args))
+            except Exception as e:
+                failed.append(f"{' '.join(args)} ({e})")
+        if relay is not None:
+            self.procs.pop(relay.key)
+            relay.terminate()
+        if failed:
+            raise LabError(f"latency rules left in {netns or 'the sandbox root'}: " + "; ".join(failed))
+
     # --- heal ------------------------------------------------------------------------------------
 
-    def heal(self, target: str | None = None, names: Sequence[str] = ()) -> list[str]:
-        """Undo faults (all, or those on `target` `names`) and restart what they killed."""
+    def heal(self, target: str | None = None, names: Sequence[str] = (), kind: str | None = None) -> list[str]:
+        """Undo faults (all, or those on `target` `names`, of `kind` if given) and restart what they
+        killed, unless a fault still active holds it too (that fault's heal restores it)."""
         with self._lock:
-            chosen = [a for a in self._active if a.matches(target, names)]
-            self._active = [a for a in self._active if not a.matches(target, names)]
+            chosen = [a for a in self._active if a.matches(target, names, kind)]
+            self._active = [a for a in self._active if not a.matches(target, names, kind)]
         healed: list[str] = []
         for fault in chosen:
             for applied in reversed(fault.steps):
@@ -184,28 +271,72 @@ class FaultInjector:
             healed.append(f"{r.kind} {r.target} {' '.join(r.names)}")
         return healed
 
+    def _others(self) -> list[F.FaultStep]:
+        """The steps of the faults still active (the one being healed or rolled back is not among
+        them: heal takes it out of `active` first, a rolled-back fault never got in)."""
+        with self._lock:
+            return [a.step for fault in self._active for a in fault.steps]
+
     def _undo(self, applied: AppliedStep) -> None:
         st = applied.step
         if isinstance(st, F.Signal):
             mp = self.procs.get(st.process)
             if mp is None:
                 return
-            if not mp.alive():
+            action = signal_undo(st, self._others(), alive=mp.alive())
+            if action in ("start", "start-paused"):
                 mp.start()
-            elif st.signal == "STOP":
+            if action == "start-paused":
+                mp.pause()
+            elif action == "resume":
                 mp.resume()
         elif isinstance(st, F.Rule):
             run_iptables(st.netns, ("-t", st.table, "-D", st.chain, *st.args))
         elif isinstance(st, F.Blackhole):
             run_ip(st.netns, "route", "del", "blackhole", st.cidr)
         elif isinstance(st, F.LinkDown):
-            run_ip(st.netns, "link", "set", st.dev, "up")
+            if not still_held(st, self._others()):
+                run_ip(st.netns, "link", "set", st.dev, "up")
         elif isinstance(st, F.Latency):
-            for args in applied.relay_rules:
-                run_iptables(st.netns, _deleting(args))
-            if applied.relay is not None:
-                self.procs.pop(applied.relay.key)
-                applied.relay.terminate()
+            self._stop_latency(st.netns, applied.relay, applied.relay_rules)
+        elif isinstance(st, F.Shape):
+            self._unshape(st)
+        elif isinstance(st, F.ClockSkew):
+            mp = self.procs.get(st.process)
+            if mp is not None and mp.alive():
+                self._restart(st.process, 0.0, applied.original_argv)
+            elif mp is not None:
+                mp.argv = list(applied.original_argv)   # the real clock, whoever starts it
+                # died under the skew by itself (no other fault holds it down): start it, or heal
+                # would leave it dead
+                action = signal_undo(F.Signal(st.process, "KILL"), self._others(), alive=False)
+                if action in ("start", "start-paused"):
+                    mp.start()
+                if action == "start-paused":
+                    mp.pause()
+        elif isinstance(st, F.SetBehaviour):
+            later = [o for o in self._others() if isinstance(o, F.SetBehaviour)
+                     and (o.cluster, o.namespace, o.pod) == (st.cluster, st.namespace, st.pod)]
+            self._behave(st, later[-1].behaviour if later else st.restore)
+
+
+def signal_undo(step: F.Signal, others: Sequence[F.FaultStep], *, alive: bool) -> str:
+    """What healing `step` does to its process, given the steps of the faults still active:
+    "start", "start-paused" (killed by this fault, another still holds it stopped), "resume" or
+    "none" (another fault still holds it down: its heal brings it back)."""
+    held = {o.signal for o in others if isinstance(o, F.Signal) and o.process == step.process} & {"KILL", "STOP"}
+    if "KILL" in held:
+        return "none"
+    if "STOP" in held:
+        return "start-paused" if not alive else "none"
+    if not alive:
+        return "start"
+    return "resume" if step.signal == "STOP" else "none"
+
+
+def still_held(step: F.LinkDown, others: Sequence[F.FaultStep]) -> bool:
+    """Whether another active fault holds the same link down."""
+    return any(isinstance(o, F.LinkDown) and (o.netns, o.dev) == (step.netns, step.dev) for o in others)
 
 
 def _deleting(rule: Sequence[str]) -> tuple[str, ...]:

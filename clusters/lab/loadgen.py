@@ -2,8 +2,13 @@
 
 Open loop means request i starts at `t0 + i / rate` whether or not earlier ones finished, so a
 stalled backend shows up as failures and latency instead of silently slowing the generator down
-(the coordinated-omission trap of closed-loop tools). Each request uses a *new* connection: that
-is what failover figures are about ("new connections served by the next cluster").
+(the coordinated-omission trap of closed-loop tools). By default each request uses a *new*
+connection: that is what failover figures are about ("new connections served by the next
+cluster"). With `--keep-alive` requests reuse idle HTTP/1.1 connections (a pool that grows with
+concurrency), each retired after `--max-requests-per-connection` requests, the way a client's
+connection pool behaves: an L4 mesh pins a kept connection to the backend it was opened to, so
+failover and failback happen as connections break or retire (`reused` says which requests rode
+an old connection).
 
 Outcomes, as the chaos figures count them:
 - `ok`: a complete 2xx response;
@@ -43,6 +48,7 @@ class RequestResult:
     pod: str = ""
     peer_identity: str = ""
     error: str = ""
+    reused: bool = False   # sent on a connection an earlier request opened (--keep-alive)
 
 
 def classify(connected: bool, request_sent: bool, status: int, error: str) -> str:
@@ -71,35 +77,88 @@ async def _socks5_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWr
     await reader.readexactly(skip + 2)
 
 
+@dataclass
+class Conn:
+    """An open HTTP/1.1 connection and how many requests it carried."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    requests: int = 0
+
+
+class Pool:
+    """Idle keep-alive connections (LIFO, like most client pools). Invariants: a connection is
+    either idle here or used by exactly one request; a connection that saw an error, a
+    `Connection: close` or its `max_requests`-th request is closed, never returned."""
+
+    def __init__(self, max_requests: int) -> None:
+        self.max_requests = max_requests
+        self.idle: list[Conn] = []
+
+    def take(self) -> Conn | None:
+        while self.idle:
+            c = self.idle.pop()
+            if not c.writer.is_closing() and not c.reader.at_eof():
+                return c
+            c.writer.close()
+        return None
+
+    def give_back(self, c: Conn, keep: bool) -> None:
+        if keep and c.requests < self.max_requests and not c.writer.is_closing():
+            self.idle.append(c)
+        else:
+            c.writer.close()
+
+    def close(self) -> None:
+        for c in self.idle:
+            c.writer.close()
+        self.idle.clear()
+
+
+async def _open(host: str, port: int, socks: tuple[str, int] | None) -> Conn:
+    if socks:
+        reader, writer = await asyncio.open_connection(*socks)
+        await _socks5_connect(reader, writer, host, port)
+    else:
+        reader, writer = await asyncio.open_connection(host, port, family=socket.AF_INET)
+    return Conn(reader, writer)
+
+
 async def one_request(seq: int, host: str, port: int, path: str, timeout_s: float,
-                      socks: tuple[str, int] | None = None) -> RequestResult:
+                      socks: tuple[str, int] | None = None, pool: Pool | None = None) -> RequestResult:
     due = time.time()
     t0 = time.monotonic()
-    connected = sent = False
+    connected = sent = reused = False
     status = 0
     error = ""
     body: dict[str, object] = {}
-    writer: asyncio.StreamWriter | None = None
+    conn: Conn | None = pool.take() if pool is not None else None
+    keep = False
     try:
         async with asyncio.timeout(timeout_s):
-            if socks:
-                reader, writer = await asyncio.open_connection(*socks)
-                await _socks5_connect(reader, writer, host, port)
+            if conn is None:
+                conn = await _open(host, port, socks)
             else:
-                reader, writer = await asyncio.open_connection(host, port, family=socket.AF_INET)
+                reused = True
             connected = True
-            writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-            await writer.drain()
+            conn.requests += 1
+            header = "keep-alive" if pool is not None else "close"
+            conn.writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: {header}\r\n\r\n".encode())
+            await conn.writer.drain()
             sent = True
-            head = await reader.readuntil(b"\r\n\r\n")
+            head = await conn.reader.readuntil(b"\r\n\r\n")
             status_line = head.split(b"\r\n", 1)[0].split(b" ")
             code = int(status_line[1])
             length = 0
+            closing = False
             for line in head.split(b"\r\n")[1:]:
                 if line.lower().startswith(b"content-length:"):
                     length = int(line.split(b":", 1)[1])
-            raw = await reader.readexactly(length) if length else b""
+                elif line.lower().replace(b" ", b"") == b"connection:close":
+                    closing = True
+            raw = await conn.reader.readexactly(length) if length else b""
             status = code
+            keep = pool is not None and not closing
             with contextlib.suppress(ValueError):
                 body = json.loads(raw or b"{}")
     except TimeoutError:
@@ -107,19 +166,25 @@ async def one_request(seq: int, host: str, port: int, path: str, timeout_s: floa
     except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as e:
         error = type(e).__name__ + (f": {e}" if str(e) else "")
     finally:
-        if writer is not None:
-            writer.close()
+        if conn is not None:
+            if pool is not None:
+                pool.give_back(conn, keep and not error)
+            else:
+                conn.writer.close()
     return RequestResult(
         seq=seq, start_s=due, latency_ms=(time.monotonic() - t0) * 1000.0,
         outcome=classify(connected, sent, status, error), status=status,
         cluster=str(body.get("cluster", "")), pod=str(body.get("pod", "")),
-        peer_identity=str(body.get("peer_identity", "")), error=error,
+        peer_identity=str(body.get("peer_identity", "")), error=error, reused=reused,
     )
 
 
 async def run(host: str, port: int, rate_per_s: float, duration_s: float, out: IO[str], path: str = "/",
-              timeout_s: float = 2.0, socks: tuple[str, int] | None = None) -> int:
-    """Fire requests open-loop until `duration_s` (<= 0: until SIGTERM); returns requests fired."""
+              timeout_s: float = 2.0, socks: tuple[str, int] | None = None,
+              keep_alive_max_requests: int = 0) -> int:
+    """Fire requests open-loop until `duration_s` (<= 0: until SIGTERM); returns requests fired.
+    `keep_alive_max_requests` > 0 reuses connections, each for at most that many requests."""
+    pool = Pool(keep_alive_max_requests) if keep_alive_max_requests > 0 else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -141,12 +206,14 @@ async def run(host: str, port: int, rate_per_s: float, duration_s: float, out: I
                     break
 
             async def fire(n: int) -> None:
-                o = await one_request(n, host, port, path, timeout_s, socks)
+                o = await one_request(n, host, port, path, timeout_s, socks, pool)
                 out.write(json.dumps(asdict(o)) + "\n")
                 out.flush()
 
             tg.create_task(fire(seq))
             seq += 1
+    if pool is not None:
+        pool.close()
     return seq
 
 
@@ -158,6 +225,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--timeout-s", type=float, default=2.0)
     ap.add_argument("--out", default="-", help="JSONL file (default stdout)")
     ap.add_argument("--socks", default="", help="HOST:PORT of a SOCKS5 proxy (the node ztunnel's :15080)")
+    ap.add_argument("--keep-alive", action="store_true", help="reuse connections (default: one per request)")
+    ap.add_argument("--max-requests-per-connection", type=int, default=100,
+                    help="with --keep-alive: retire a connection after this many requests")
     a = ap.parse_args(argv)
     rest = a.url.split("://", 1)[-1]
     hostport, _, path = rest.partition("/")
@@ -168,7 +238,8 @@ def main(argv: list[str] | None = None) -> None:
         socks = (sh, int(sp))
     out = sys.stdout if a.out == "-" else open(a.out, "a", buffering=1)  # noqa: SIM115
     try:
-        asyncio.run(run(host, int(port_s or 80), a.rate, a.duration_s, out, "/" + path, a.timeout_s, socks))
+        asyncio.run(run(host, int(port_s or 80), a.rate, a.duration_s, out, "/" + path, a.timeout_s, socks,
+                        a.max_requests_per_connection if a.keep_alive else 0))
     finally:
         if out is not sys.stdout:
             out.close()

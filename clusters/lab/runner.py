@@ -141,12 +141,16 @@ class LabRunner:
         return control_request(self.state_dir, {"op": "status"})
 
     def fault(self, kind: str, target: str, names: Sequence[str], mode: str = "drop",
-              delay_ms: float = 0.0) -> dict[str, Any]:
+              delay_ms: float = 0.0, *, rate_kbit: float = 0.0, skew_s: float = 0.0,
+              behaviour: str = "") -> dict[str, Any]:
+        # a restart under faketime waits for the old process to drain: allow for it
         return control_request(self.state_dir, {"op": "fault", "kind": kind, "target": target, "names": list(names),
-                                                "mode": mode, "delay_ms": delay_ms})
+                                                "mode": mode, "delay_ms": delay_ms, "rate_kbit": rate_kbit,
+                                                "skew_s": skew_s, "behaviour": behaviour}, 60.0)
 
-    def heal(self, target: str | None = None, names: Sequence[str] = ()) -> dict[str, Any]:
-        return control_request(self.state_dir, {"op": "heal", "target": target, "names": list(names)})
+    def heal(self, target: str | None = None, names: Sequence[str] = (), kind: str | None = None) -> dict[str, Any]:
+        return control_request(self.state_dir, {"op": "heal", "target": target, "names": list(names), "kind": kind},
+                               60.0)
 
     def spawn(self, name: str, where: str, argv: Sequence[str]) -> dict[str, Any]:
         """Start a supervised background process (`job:NAME`) in `where`; its log is logs/job-NAME.log."""

@@ -71,7 +71,7 @@ class Supervisor:
         self.stop = threading.Event()
         self.targets = exec_targets(self.plan)
         self.procs = ProcessTable()
-        self.faults = FaultInjector(self.plan, self.procs, self.log_dir)
+        self.faults = FaultInjector(self.plan, self.procs, self.log_dir, api_ports=self._api_ports)
         # proxies join the controller only when there is one (it needs a fleet repo to follow)
         with_controller = self.request.get("controller", "auto") != "off" and bool(self.request.get("fleet_dir"))
         self.data_plane = DataPlane(state_dir, self.plan, self.procs, self.log_dir, with_controller=with_controller,
@@ -90,6 +90,10 @@ class Supervisor:
     @property
     def services(self) -> LabServices:
         return self.bring_up.services
+
+    def _api_ports(self) -> dict[str, int]:
+        return {c: p for c, p in ((k.removeprefix("api-"), v) for k, v in self.services.ports.items()
+                                  if k.startswith("api-"))}
 
     # --- running ------------------------------------------------------------------------------------
 
@@ -144,11 +148,14 @@ class Supervisor:
 
     def _fault(self, req: dict[str, Any]) -> dict[str, Any]:
         fr = F.FaultRequest(str(req["kind"]), str(req["target"]), tuple(map(str, req.get("names", ()))),
-                            str(req.get("mode", "drop")), float(req.get("delay_ms", 0.0)))
+                            str(req.get("mode", "drop")), float(req.get("delay_ms", 0.0)),
+                            float(req.get("rate_kbit", 0.0)), float(req.get("skew_s", 0.0)),
+                            str(req.get("behaviour", "")))
         return {"ok": True, "applied": self.faults.apply(fr)}
 
     def _heal(self, req: dict[str, Any]) -> dict[str, Any]:
-        return {"ok": True, "healed": self.faults.heal(req.get("target"), tuple(req.get("names") or ()))}
+        return {"ok": True, "healed": self.faults.heal(req.get("target"), tuple(req.get("names") or ()),
+                                                       req.get("kind") or None)}
 
     def _behaviour(self, req: dict[str, Any]) -> dict[str, Any]:
         p = self.plan.pod(req["cluster"], req["pod"], req.get("namespace"))

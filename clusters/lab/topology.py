@@ -698,6 +698,11 @@ def run_iptables(netns: NetnsName, args: Sequence[str]) -> None:
     _run([*base, "iptables", "-w", *args])
 
 
+def run_tc(netns: NetnsName, args: Sequence[str]) -> None:
+    base = ["ip", "netns", "exec", netns] if netns else []
+    _run([*base, "tc", *args])
+
+
 def run_ip(netns: NetnsName, *args: str) -> None:
     _run(["ip", *(["-n", netns] if netns else []), *args])
 

@@ -17,6 +17,7 @@ import gitops
 from federation.cli.output import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, emit_data, fail, output_option
 from federation.core.explain import ExplainError, explain_service, explain_text
 from federation.core.failover import FailoverEngine, build_engine
+from federation.core.graph_view import graph_data
 from federation.core.offline import offline_observations
 from gitops.problems import FleetError, RepoAccessError
 
@@ -68,37 +69,14 @@ def explain_cmd(service: str, path: str | None, from_cluster: str, zone: str | N
     sys.exit(EXIT_PROBLEMS if data["problems"] or nothing else EXIT_OK)
 
 
-def graph_data(engine: FailoverEngine) -> dict[str, Any]:
-    """The global graph as plain data: networks, clusters (gateway, nodes), trust edges, services
-    with their endpoints per cluster."""
-    graph = engine.graph
-    clusters = []
-    for name, cv in graph.clusters.items():
-        clusters.append({
-            "name": name, "network": cv.network, "region": cv.region, "zone": cv.zone,
-            "trust_domain": cv.trust_domain, "gateway": cv.gateway or None,
-            "lease": engine.lease_state(name).value,
-            "nodes": [{"name": n.name, "address": n.address, "zone": n.zone}
-                      for n in sorted(graph.nodes_of(name).values(), key=lambda n: n.name)],
-        })
-    services = []
-    for key, svc in graph.services.items():
-        per_cluster = []
-        for cluster, eps in sorted(graph.endpoints_of(key).items()):
-            per_cluster.append({
-                "cluster": cluster,
-                "endpoints": [{"uid": e.uid, "address": e.address, "node": e.node, "ready": e.ready,
-                               "identity": e.identity} for e in sorted(eps.values(), key=lambda e: e.uid)],
-            })
-        services.append({"name": str(key), "hostname": svc.hostname, "export_from": list(svc.export_from),
-                         "policy": engine.policies[key].policy_ref, "clusters": per_cluster})
-    return {
-        "revision": engine.snapshot.revision.sha,
-        "networks": {n: cs for n, cs in sorted(graph.networks().items())},
-        "clusters": clusters,
-        "trust": [{"from": e.a, "to": e.b, "mutual": e.mutual} for e in engine.trust.edges()],
-        "services": services,
-    }
+# the console's palette (federation/server/static/console.css) in the exports
+HEALTH_COLOUR = {"healthy": "#2e7d32", "degraded": "#ef6c00", "down": "#c62828", "empty": "#9e9e9e"}
+FAILOVER_COLOUR = "#6a1b9a"
+
+
+def _health_label(pc: dict[str, Any]) -> str:
+    ejected = " (gateway ejected)" if pc.get("gateway_ejected") else ""
+    return f"{pc['healthy']}/{len(pc['endpoints'])} healthy{ejected}"
 
 
 def _id(*parts: str) -> str:
@@ -118,9 +96,12 @@ def graph_dot(data: dict[str, Any]) -> str:
     for s in data["services"]:
         out.append(f"  {_id('s', s['name'])} [shape=ellipse, label=\"{s['hostname']}\"];")
         for pc in s["clusters"]:
-            ready = sum(1 for e in pc["endpoints"] if e["ready"])
             out.append(f"  {_id('s', s['name'])} -> {_id('c', pc['cluster'])} "
-                       f"[label=\"{ready}/{len(pc['endpoints'])} ready\"];")
+                       f"[label=\"{_health_label(pc)}\", color=\"{HEALTH_COLOUR[pc['health']]}\"];")
+    for fo in data["failovers"]:
+        for to in fo["to"]:
+            out.append(f"  {_id('c', fo['from'])} -> {_id('c', to)} [label=\"{fo['service']} failed over\", "
+                       f"color=\"{FAILOVER_COLOUR}\", style=bold, constraint=false];")
     tds = {c["trust_domain"]: c["name"] for c in data["clusters"]}
     for e in data["trust"]:
         if e["from"] in tds and e["to"] in tds:
@@ -140,16 +121,23 @@ def graph_mermaid(data: dict[str, Any]) -> str:
             out.append(f"    {_id('c', c['name'])}[\"{c['name']}<br/>{c['region']}/{c['zone']}"
                        f"<br/>{c['trust_domain']}{gw}\"]")
         out.append("  end")
+    links: list[str] = []   # linkStyle takes a link's index in the order links are written
     for s in data["services"]:
         out.append(f"  {_id('s', s['name'])}([\"{s['hostname']}\"])")
         for pc in s["clusters"]:
-            ready = sum(1 for e in pc["endpoints"] if e["ready"])
-            out.append(f"  {_id('s', s['name'])} -->|{ready}/{len(pc['endpoints'])} ready| {_id('c', pc['cluster'])}")
+            out.append(f"  {_id('s', s['name'])} -->|{_health_label(pc)}| {_id('c', pc['cluster'])}")
+            links.append(HEALTH_COLOUR[pc["health"]])
+    for fo in data["failovers"]:
+        for to in fo["to"]:
+            out.append(f"  {_id('c', fo['from'])} ==>|{fo['service']} failed over| {_id('c', to)}")
+            links.append(FAILOVER_COLOUR)
     tds = {c["trust_domain"]: c["name"] for c in data["clusters"]}
     for e in data["trust"]:
         if e["from"] in tds and e["to"] in tds:
             arrow = "<-.->" if e["mutual"] else "-.-x"
             out.append(f"  {_id('c', tds[e['from']])} {arrow}|trust| {_id('c', tds[e['to']])}")
+            links.append("" if e["mutual"] else HEALTH_COLOUR["down"])
+    out.extend(f"  linkStyle {i} stroke:{colour}" for i, colour in enumerate(links) if colour)
     return "\n".join(out)
 
 

@@ -83,12 +83,12 @@ def plan_cmd(path: str, from_ref: str, to_ref: str, output: str) -> None:
     """Show what moving the fleet from one revision to another would change."""
     old = _load_or_fail(path, from_ref)
     new = _load_or_fail(path, to_ref)
-    result = _with_effects(diff_snapshots(old, new), old, new)
+    result = _with_refusals(_with_effects(diff_snapshots(old, new), old, new), old, new)
     if output in ("json", "yaml"):
         emit_data(result.as_dict(), output)
     else:
         _print_plan(result)
-    sys.exit(EXIT_PROBLEMS if result.changed else EXIT_OK)
+    sys.exit(EXIT_PROBLEMS if result.changed or result.refused else EXIT_OK)
 
 
 def _load_or_fail(path: str, ref: str) -> gitops.ConfigSnapshot:
@@ -104,18 +104,31 @@ def _load_or_fail(path: str, ref: str) -> gitops.ConfigSnapshot:
              hint=f"fix them, or see: meshfed validate {path} --revision {ref}")
 
 
+def _offline_observations(old: gitops.ConfigSnapshot, new: gitops.ConfigSnapshot) -> list[Any]:
+    from federation.core.offline import offline_observations
+
+    observations = {o.cluster: o for o in offline_observations(old)}
+    observations.update({o.cluster: o for o in offline_observations(new)})
+    return list(observations.values())
+
+
+def _with_refusals(result: PlanResult, old: gitops.ConfigSnapshot, new: gitops.ConfigSnapshot) -> PlanResult:
+    """What the controller would refuse (the same removal guard, over the LabCluster endpoints)."""
+    from federation.core.removal import guard_removal
+
+    refusals = guard_removal(old, new, _offline_observations(old, new))
+    return replace(result, refusals=tuple(refusals)) if refusals else result
+
+
 def _with_effects(result: PlanResult, old: gitops.ConfigSnapshot, new: gitops.ConfigSnapshot) -> PlanResult:
     """Add what the change does to the mesh: tiers, access, gateways and proxies, per cluster.
 
     Offline, the observation is what the LabCluster objects declare (the same model `explain`
     uses); an unchanged mesh adds no effect, so a comment-only commit still plans as "no changes".
     """
-    from federation.core.offline import offline_observations
     from federation.core.planning import plan_effects
 
-    observations = {o.cluster: o for o in offline_observations(old)}
-    observations.update({o.cluster: o for o in offline_observations(new)})
-    effects = plan_effects(old, new, observations.values())
+    effects = plan_effects(old, new, _offline_observations(old, new))
     touched = {c: e for c, e in effects["clusters"].items() if any(e.values())}
     if not touched:
         return result
@@ -162,6 +175,9 @@ def _print_plan(result: PlanResult) -> None:
     counts = {a: sum(1 for c in result.changes if c.action is a) for a in ChangeAction}
     click.echo(f"{counts[ChangeAction.ADDED]} to add, {counts[ChangeAction.CHANGED]} to change, "
                f"{counts[ChangeAction.REMOVED]} to remove")
+    if result.refusals:
+        click.echo("REFUSED: the controller would not apply this revision (the last applied one stays in force):")
+        _print_problems(list(result.refusals))
 
 
 def register(group: click.Group) -> None:

@@ -169,6 +169,7 @@ def _print_summary(state: dict[str, Any], wide: bool = False) -> None:
     if port:
         url = f"http://127.0.0.1:{port}"
         click.echo(f"controller status API: {url}   (export MESHFED_CONTROLLER={url}; then meshfed status)")
+        click.echo(f"web console: {url}/console/")
 
 
 @lab.command("status")
@@ -209,25 +210,35 @@ def down(state_dir: str | None, provider: str) -> None:
 
 @lab.command("fault", context_settings={"ignore_unknown_options": False})
 @click.argument("kind", type=click.Choice(["kill", "stop", "cont", "partition", "blackhole", "latency",
-                                           "link-down", "heal"]))
-@click.argument("target", type=click.Choice(["pod", "node", "gateway", "wan", "controller", "all"]),
+                                           "link-down", "bandwidth", "clock-skew", "behaviour", "heal"]))
+@click.argument("target", type=click.Choice(["pod", "node", "gateway", "wan", "controller", "api", "all"]),
                 required=False, default=None)
 @click.argument("names", nargs=-1)
 @click.option("--mode", type=click.Choice(["drop", "reject"]), default="drop", show_default=True,
               help="partition: drop (silent, timeouts) or reject (fast, resets)")
 @click.option("--ms", "delay_ms", type=float, default=50.0, show_default=True, help="latency: added delay each way")
+@click.option("--kbit", "rate_kbit", type=float, default=256.0, show_default=True,
+              help="bandwidth: the cap in kbit/s")
+@click.option("--skew-s", "skew_s", type=float, default=120.0, show_default=True,
+              help="clock-skew: seconds the process's wall clock is moved (negative: back)")
+@click.option("--behaviour", "behaviour", type=click.Choice(["Error503", "Slow", "Hang", "Healthy"]),
+              default="Error503", show_default=True, help="behaviour: what the demo server does")
 @state_dir_option
 @provider_option
 @click.option("--fleet", "fleet", default=DEFAULT_FLEET, show_default=True, type=click.Path(file_okay=False),
               help="kind: the fleet the lab was made from (pod names, replicas)")
-def fault(kind: str, target: str | None, names: tuple[str, ...], mode: str, delay_ms: float,
-          state_dir: str | None, provider: str, fleet: str) -> None:
+def fault(kind: str, target: str | None, names: tuple[str, ...], mode: str, delay_ms: float, rate_kbit: float,
+          skew_s: float, behaviour: str, state_dir: str | None, provider: str, fleet: str) -> None:
     """Inject or heal a fault.
 
     \b
     meshfed lab fault kill pod east/shop/checkout-*
     meshfed lab fault partition wan east west --mode drop
+    meshfed lab fault partition api east            (east's API server stops answering)
     meshfed lab fault latency gateway west --ms 30
+    meshfed lab fault bandwidth wan east south --kbit 128
+    meshfed lab fault clock-skew node east/node-2 --skew-s 120
+    meshfed lab fault behaviour pod east/shop/checkout-0 --behaviour Hang
     meshfed lab fault stop controller
     meshfed lab fault heal            (everything)   |   heal pod east/shop/checkout-*
     meshfed lab fault stop node east/node-1 --provider kind      (docker pause)
@@ -243,8 +254,9 @@ def fault(kind: str, target: str | None, names: tuple[str, ...], mode: str, dela
                 click.echo(f"healed: {line}")
             return
         if target is None:
-            fail("name a target: pod, node, gateway, wan or controller", code=EXIT_USAGE)
-        res = runner.fault(kind, target, names, mode, delay_ms)
+            fail("name a target: pod, node, gateway, wan, controller or api", code=EXIT_USAGE)
+        res = runner.fault(kind, target, names, mode, delay_ms, rate_kbit=rate_kbit, skew_s=skew_s,
+                           behaviour=behaviour)
     except _lab_error() as e:
         fail(str(e), code=EXIT_FAILED)
     click.echo(f"{kind} {target} {' '.join(names)}: {len(res['applied'])} step(s) applied")

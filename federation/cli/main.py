@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "federation.cli.core",    # explain, graph
     "federation.cli.ops",     # controller run, status, clusters, services, endpoints, failover, check
     "federation.cli.demo",    # demo
+    "federation.cli.chaos",   # chaos run|list|validate
 )
 
 

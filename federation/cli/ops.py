@@ -97,21 +97,82 @@ def register(group: click.Group) -> None:
     @click.option("--insecure", is_flag=True, help="plaintext gRPC trusting proxy ids: loopback tests only")
     @click.option("--git-poll-interval", "git_poll_s", type=float, default=None,
                   help="seconds; default: the Federation's gitPollInterval")
+    @click.option("--standby", is_flag=True,
+                  help="if another controller holds --state-dir, wait and take over when it exits (default: refuse)")
+    @click.option("--history-retention", "retention", default=None, metavar="DURATION",
+                  help="keep revisions and failover events this long (e.g. 30d); default: the Federation's "
+                       "historyRetention (30d)")
     def run(repo: str, branch: str, state_dir: str, listen: str, status_listen: str, bootstrap_listen: str | None,
             ray_address: str | None, kubeconfig: str | None, in_cluster: str | None, insecure: bool,
-            git_poll_s: float | None) -> None:
+            git_poll_s: float | None, standby: bool, retention: str | None) -> None:
         """Follow the fleet repo, watch every cluster, push config to every proxy."""
         if insecure and not is_loopback_listen(listen):
             fail("--insecure serves plaintext gRPC: only on a loopback --listen address (127.0.0.0/8 or [::1])",
                  code=64)
+        retention_s = parse_duration_s(retention) if retention else None
+        if retention_s is not None and retention_s < 3600:
+            fail(f"--history-retention {retention} is less than an hour: the controller needs its recent "
+                 "revisions and active failovers", hint="e.g. --history-retention 7d", code=64)
+        from federation.controller.statelock import StateDirLocked
         from federation.ray.driver import ControllerOptions
         from federation.ray.driver import run as run_controller
 
-        run_controller(ControllerOptions(repo=repo, branch=branch, state_dir=state_dir, listen=listen,
-                                         status_listen=status_listen, bootstrap_listen=bootstrap_listen,
-                                         ray_address=ray_address,
-                                         kubeconfig=kubeconfig, in_cluster=in_cluster, insecure=insecure,
-                                         git_poll_interval_s=git_poll_s))
+        try:
+            run_controller(ControllerOptions(repo=repo, branch=branch, state_dir=state_dir, listen=listen,
+                                             status_listen=status_listen, bootstrap_listen=bootstrap_listen,
+                                             ray_address=ray_address, kubeconfig=kubeconfig, in_cluster=in_cluster,
+                                             insecure=insecure,
+                                             git_poll_interval_s=git_poll_s, standby=standby,
+                                             history_retention_s=retention_s))
+        except StateDirLocked as e:
+            fail(str(e))
+
+    @controller.command("backup")
+    @click.option("--state-dir", default=".meshfed", show_default=True, help="the controller's state directory")
+    @click.option("--out", "out", default=None, metavar="FILE",
+                  help="archive to write (0600); default: meshfed-backup-<time>.tar.gz in the current directory")
+    @output_option(formats=("table", "json", "yaml"))
+    def backup(state_dir: str, out: str | None, output: str) -> None:
+        """Archive the CA keys, the store and the credentials of a state directory (works while the
+        controller runs). Keep it safe: it holds the CA private keys."""
+        from federation.controller.backup import BackupError, create_backup
+
+        path = out or time.strftime("meshfed-backup-%Y%m%d-%H%M%S.tar.gz")
+        try:
+            summary = create_backup(state_dir, path)
+        except (BackupError, OSError) as e:
+            fail(str(e))
+        if output in ("json", "yaml"):
+            emit_data(summary.as_dict(), output)
+            return
+        click.echo(f"wrote {summary.path} (0600): {summary.files} files, {summary.bytes} bytes, trust domains "
+                   f"{', '.join(summary.trust_domains) or '-'}, epoch {summary.epoch}")
+        click.echo("it holds the CA private keys: store it like them; restore with "
+                   f"`meshfed controller restore --state-dir DIR {summary.path}`")
+
+    @controller.command("restore")
+    @click.argument("archive", type=click.Path(exists=True, dir_okay=False))
+    @click.option("--state-dir", default=".meshfed", show_default=True, help="the state directory to restore into")
+    @click.option("--force", is_flag=True,
+                  help="replace a non-empty state directory (it is kept next to it as <dir>.replaced-<time>)")
+    @output_option(formats=("table", "json", "yaml"))
+    def restore(archive: str, state_dir: str, force: bool, output: str) -> None:
+        """Restore a state directory from `meshfed controller backup` (refuses one a controller uses)."""
+        from federation.controller.backup import BackupError, restore_backup
+
+        try:
+            done = restore_backup(archive, state_dir, force=force)
+        except (BackupError, OSError) as e:
+            fail(str(e))
+        if output in ("json", "yaml"):
+            emit_data(done, output)
+            return
+        click.echo(f"restored {done['files']} files into {done['state_dir']} (trust domains "
+                   f"{', '.join(done['trust_domains']) or '-'}; backup taken "
+                   f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(done['backup_created_at_s']))})")
+        if done["moved_aside"]:
+            click.echo(f"the previous contents are in {done['moved_aside']}")
+        click.echo("start the controller on it: its proxies re-sync with the same CA roots and credentials")
 
     @controller.command("bootstrap-token")
     @click.option("--state-dir", default=".meshfed", show_default=True, help="the controller's state directory")
@@ -155,14 +216,26 @@ def register(group: click.Group) -> None:
         out.print(f"desired revision: {_short(d.get('revision'))} {d.get('subject', '')}"
                   f"{'' if d.get('ok', True) else '  (FAILED)'}", markup=False)
         out.print(f"applied revision: {_short(a.get('revision'))} {a.get('subject', '')}", markup=False)
-        out.print(f"controller epoch: {(st.get('controller') or {}).get('epoch')}", markup=False)
+        ctl = st.get("controller") or {}
+        lock = ctl.get("lock") or {}
+        out.print(f"controller epoch: {ctl.get('epoch')}"
+                  + (f" (state directory locked by pid {lock.get('pid')} on {lock.get('host')})" if lock else ""),
+                  markup=False)
+        applying = st.get("applying") or {}
+        if applying:
+            out.print(f"applying revision: {_short(applying.get('revision'))} {applying.get('subject', '')} "
+                      f"(pending: {', '.join(applying.get('pending') or []) or '-'}; NACKed: "
+                      f"{', '.join(applying.get('nacked') or []) or '-'})", markup=False)
+        for d in st.get("draining") or []:
+            out.print(f"draining cluster: {d['cluster']} (removed by {_short(d.get('revision'))}; "
+                      f"{'withdrawn' if d.get('withdrawn_at_s') is not None else 'withdrawing'})", markup=False)
         rows = [(n, "up" if c.get("up") else "DOWN", _short(c.get("applied_revision")), c.get("endpoints", 0),
                  f"{c.get('lease_remaining_s', 0)}s") for n, c in sorted((st.get("clusters") or {}).items())]
         out.print(table(["CLUSTER", "LEASE", "APPLIED", "ENDPOINTS", "LEASE LEFT"], rows))
         width = None if output == "wide" else 60
         prow = [(p["proxy"], p["sync"], _short(p.get("acked_revision")), p.get("acked_version", ""),
-                 str(p.get("last_nack") or "")[:width]) for p in st.get("proxies", [])]
-        out.print(table(["PROXY", "SYNC", "REVISION", "VERSION", "LAST NACK"], prow))
+                 str(p.get("last_nack") or p.get("last_failure") or "")[:width]) for p in st.get("proxies", [])]
+        out.print(table(["PROXY", "SYNC", "REVISION", "VERSION", "LAST NACK / FAILURE"], prow))
         active = st.get("active_failovers") or []
         if active:
             out.print(table(["ACTIVE FAILOVER", "FROM", "TO", "SINCE", "TRIGGER", "POLICY", "COMMIT"], [

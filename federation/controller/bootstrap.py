@@ -11,7 +11,8 @@ bare-metal gateway) gets one of these instead, like `kubeadm token create`:
 A token is bound to one proxy id (it buys that proxy's own identity and nothing else), short-lived
 (1 h by default, at most `MAX_TTL_S`), and single-use: it is consumed by the first certificate it
 obtains (a proxy then renews over mTLS, and after a long outage with the projected token or a new
-one). Creating a token for a proxy replaces any unused one it had. The file keeps only SHA-256
+one). Creating a token for a proxy replaces any unused one it had; when a cluster leaves the fleet
+(the end of its drain, `federation.core.removal`) the unused tokens of its proxies are revoked. The file keeps only SHA-256
 digests of tokens (a copy of the file buys nothing), each proxy's latest, pruned of expired ones, so
 it is bounded by the number of proxies; presented tokens are compared in constant time
 (`hmac.compare_digest` of the digests). Writes are serialized by an exclusive lock on
@@ -32,7 +33,7 @@ import math
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,13 @@ class BootstrapTokenError(RuntimeError):
 def proxy_cluster(proxy_id: str) -> str:
     """`ztunnel/east/node-1`, `gateway/east`, `waypoint/east/shop/waypoint` -> `east`."""
     return ProxyId.parse(proxy_id).cluster   # IdentityError (a ValueError) names the shapes
+
+
+def _cluster_or_none(proxy_id: str) -> str | None:
+    try:
+        return proxy_cluster(proxy_id)
+    except ValueError:
+        return None   # never written by `create`; such an entry can buy nothing anyway
 
 
 def _digest(token: str) -> str:
@@ -111,6 +119,20 @@ class BootstrapTokens:
             if len(live) != len(records) or (self.path.exists() and not self._is_current_format()):
                 self._write(live)
             return len(records) - len(live)
+
+    def revoke(self, clusters: Iterable[str]) -> list[str]:
+        """Remove the unused tokens of the proxies of `clusters` (they left the fleet): those proxies
+        can no longer obtain a first certificate (expired tokens go too). Returns the proxy ids
+        whose live token was removed."""
+        gone = set(clusters)
+        with self._locked():
+            records = self._read()
+            theirs = {p for p in records if _cluster_or_none(p) in gone}
+            if not theirs:
+                return []
+            live = self._live(records, self.clock())
+            self._write({p: r for p, r in live.items() if p not in theirs})
+        return sorted(theirs & set(live))
 
     # --- checking ------------------------------------------------------------------------------
 

@@ -23,9 +23,17 @@ serverAuth+clientAuth, NotBefore backdated `backdate_s` for clock skew, TTL the 
 `workloadCertTTL` (24 h by default): a request may ask for less, never for more, and never beyond
 the issuer's own not-after.
 
-Key storage (`CaStateDir`): `<state>/ca/<trust-domain>/<root>.key.pem`, files 0600 in 0700
-directories owned by the controller's user. Opening the directory refuses to proceed when
-anything is looser (or a symlink, or owned by someone else): the controller must not start.
+Key storage (`CaStateDir`): `<state>/ca/<trust-domain>/<root>.keypair.pem`, the root's private
+key and its certificate in one file, written as one unit (`ztunnel.api.secret_files`: atomic,
+0600, fsynced with its directory) and create-once: a root is never overwritten, so two writers
+racing to create it (the state directory's lock, `federation.controller.statelock`, should make
+that impossible) end up with the same root. Loading checks that the key belongs to the
+certificate and refuses with the way out when it does not. `<root>.cert.pem` next to it is a
+public copy of the certificate for readers that must not open keys (`meshfed trust`); a state
+directory from before the pair files (`<root>.key.pem` + `<root>.cert.pem`) is loaded, checked
+the same way, and converted. Files are 0600 in 0700 directories owned by the controller's user.
+Opening the directory refuses to proceed when anything is looser (or a symlink, or owned by
+someone else): the controller must not start.
 Private keys are never logged (`repr` omits them) and a CA object refuses to be pickled, so it
 cannot end up in Ray's object store or on the wire by accident.
 """
@@ -63,7 +71,7 @@ from ztunnel.api.bundle import (
 )
 from ztunnel.api.config import TrustBundle
 from ztunnel.api.identity import IdentityError, SpiffeId, check_trust_domain, generate_key_and_csr
-from ztunnel.api.secret_files import write_secret
+from ztunnel.api.secret_files import SecretFileError, fsync_dir, read_secret, write_secret
 
 DEFAULT_WORKLOAD_TTL_S = 24 * 3600.0
 DEFAULT_ROOT_TTL_S = 10 * 365 * 24 * 3600.0
@@ -423,7 +431,45 @@ def _mkdir_private(path: Path) -> None:
     if not path.exists():
         path.mkdir(mode=0o700)
         os.chmod(path, 0o700)  # mkdir's mode is masked by umask; be explicit
+        fsync_dir(path.parent)  # the new directory survives a crash with what is written into it
     _check_owned_private(path, want_dir=True)
+
+
+PAIR_SUFFIX = ".keypair.pem"
+CERT_SUFFIX = ".cert.pem"
+KEY_SUFFIX = ".key.pem"
+
+
+def _public_der(key: object) -> bytes:
+    return bytes(key.public_bytes(serialization.Encoding.DER,  # type: ignore[attr-defined]
+                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
+def _read_private(path: Path) -> bytes:
+    try:
+        return read_secret(path)
+    except SecretFileError as e:
+        raise CaPermissionError(f"refusing to use CA key storage: {e}") from None
+
+
+def _load_key(raw: bytes, path: Path) -> CaPrivateKey:
+    try:
+        key = serialization.load_pem_private_key(raw, None)
+    except (ValueError, TypeError) as e:
+        raise CaError(f"{path}: no readable private key ({e}); restore the state directory from a backup "
+                      "(`meshfed controller restore`)") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise CaError(f"{path}: unsupported key type {type(key).__name__}")
+    return key
+
+
+def _check_pair(key: CaPrivateKey, cert: x509.Certificate, path: Path) -> None:
+    if _public_der(key.public_key()) != _public_der(cert.public_key()):
+        raise CaError(
+            f"{path}: the private key does not belong to the root certificate (a torn write, or two controllers "
+            f"created this root at once). Restore the state directory from a backup (`meshfed controller "
+            f"restore`); if no certificate this root signed is in use any more, remove the root's files to "
+            f"have a new one created")
 
 
 class CaStateDir:
@@ -448,7 +494,7 @@ class CaStateDir:
         for td_dir in sorted(self.ca_dir.iterdir()):
             _check_owned_private(td_dir, want_dir=True)
             for f in sorted(td_dir.iterdir()):
-                if f.name.endswith(".key.pem") or f.name.endswith(".tmp"):
+                if f.name.endswith((KEY_SUFFIX, PAIR_SUFFIX, ".tmp")):
                     _check_owned_private(f, want_dir=False)
 
     def _td_dir(self, trust_domain: str) -> Path:
@@ -458,31 +504,55 @@ class CaStateDir:
         return d
 
     def load_roots(self, trust_domain: str) -> dict[str, RootKey]:
+        """Every root stored for `trust_domain`, each key checked against its certificate."""
         d = self.ca_dir / check_trust_domain(trust_domain)
         roots: dict[str, RootKey] = {}
         if not d.exists():
             return roots
-        for cert_path in sorted(d.glob("*.cert.pem")):
-            name = cert_path.name[: -len(".cert.pem")]
-            key_path = d / f"{name}.key.pem"
+        for pair_path in sorted(d.glob("*" + PAIR_SUFFIX)):
+            name = pair_path.name[: -len(PAIR_SUFFIX)]
+            raw = _read_private(pair_path)
+            try:
+                cert = x509.load_pem_x509_certificate(raw)
+            except ValueError as e:
+                raise CaError(f"{pair_path}: no readable certificate ({e}); restore the state directory from a "
+                              "backup (`meshfed controller restore`)") from None
+            pair_key = _load_key(raw, pair_path)
+            _check_pair(pair_key, cert, pair_path)
+            roots[name] = RootKey(name, cert, pair_key)
+        for cert_path in sorted(d.glob("*" + CERT_SUFFIX)):
+            name = cert_path.name[: -len(CERT_SUFFIX)]
+            if name in roots:
+                continue
+            # written before the pair files: a key and a certificate in separate files
             cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-            key = None
+            key_path = d / f"{name}{KEY_SUFFIX}"
+            key: CaPrivateKey | None = None
             if key_path.exists():
-                _check_owned_private(key_path, want_dir=False)
-                loaded = serialization.load_pem_private_key(key_path.read_bytes(), None)
-                if not isinstance(loaded, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
-                    raise CaError(f"{key_path}: unsupported key type")
-                key = loaded
+                key = _load_key(_read_private(key_path), key_path)
+                _check_pair(key, cert, key_path)
             roots[name] = RootKey(name, cert, key)
+            if key is not None:
+                self.save_root(trust_domain, roots[name])  # convert: the pair file from now on
         return roots
 
-    def save_root(self, trust_domain: str, root: RootKey) -> None:
+    def save_root(self, trust_domain: str, root: RootKey) -> RootKey:
+        """Store a root as one unit, create-once: if the root already exists (another writer won a
+        race), that one is kept and returned."""
         d = self._td_dir(trust_domain)
         _check_root_name(root.name)
+        cert_pem = root.cert.public_bytes(serialization.Encoding.PEM)
         if root.key is not None:
-            write_secret(d / f"{root.name}.key.pem", root.key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-        write_secret(d / f"{root.name}.cert.pem", root.cert.public_bytes(serialization.Encoding.PEM))
+            key_pem = root.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                             serialization.NoEncryption())
+            try:
+                write_secret(d / f"{root.name}{PAIR_SUFFIX}", key_pem + cert_pem, exclusive=True)
+            except FileExistsError:
+                kept = self.load_roots(trust_domain).get(root.name)
+                if kept is not None and kept.key is not None:
+                    root, cert_pem = kept, kept.cert.public_bytes(serialization.Encoding.PEM)
+        write_secret(d / f"{root.name}{CERT_SUFFIX}", cert_pem)  # the public copy (`meshfed trust`)
+        return root
 
     def load_or_create(self, td: TrustDomain, *, now_s: float | None = None,
                        root_ttl_s: float = DEFAULT_ROOT_TTL_S) -> TrustDomainCA | None:
@@ -498,7 +568,7 @@ class CaStateDir:
                 return None
             _check_owned_private(files[2], want_dir=False)
             return TrustDomainCA.from_plugin(name, root_cert_pem=files[0].read_bytes(),
-                                             ca_cert_pem=files[1].read_bytes(), ca_key_pem=files[2].read_bytes(),
+                                             ca_cert_pem=files[1].read_bytes(), ca_key_pem=_read_private(files[2]),
                                              now_s=now_s, workload_ttl_s=td.ca.workload_cert_ttl_s)
         have = self.load_roots(name)
         roots: list[RootKey] = []
@@ -506,8 +576,7 @@ class CaStateDir:
         for spec_root in td.ca.roots:
             root = have.get(spec_root.name)
             if root is None:
-                root = generate_root(name, spec_root.name, now_s=now_s, ttl_s=root_ttl_s)
-                self.save_root(name, root)
+                root = self.save_root(name, generate_root(name, spec_root.name, now_s=now_s, ttl_s=root_ttl_s))
             roots.append(root)
             if spec_root.signing:
                 signing = spec_root.name

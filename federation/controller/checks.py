@@ -10,6 +10,8 @@ from typing import Any
 
 ROOT_EXPIRY_WARNING_S = 30 * 86400.0
 SERVING_RENEWAL_GRACE_S = 600.0   # the renewal loop checks at least every minute
+ORPHAN_GRACE_S = 60.0   # a fresh state directory no proxy has acknowledged for this long looks like a lost one
+LOOP_STALL_S = 30.0     # the reconcile loop completes a step at least every 0.5 s when healthy
 
 
 def build_checks(st: Mapping[str, Any], now_s: float) -> list[dict[str, Any]]:
@@ -20,17 +22,73 @@ def build_checks(st: Mapping[str, Any], now_s: float) -> list[dict[str, Any]]:
         checks.append({"group": group, "check": name, "ok": ok, "cause": "" if ok else cause,
                        "hint": "" if ok else hint})
 
+    ctl = st.get("controller") or {}
+    lock = ctl.get("lock")
+    if lock:
+        add("controller", f"state directory {ctl.get('state_dir', '')} locked by this controller (pid {lock.get('pid')} "
+            f"on host {lock.get('host')})", True)
+    else:
+        add("controller", "state directory locked by this controller", False,
+            f"the state owner holds no lock on {ctl.get('state_dir', '')}",
+            "another controller could start on the same state directory; restart this one")
+    state = ctl.get("state") or {}
+    rec = st.get("reconciler") or {}
+    age_s = now_s - float(state.get("created_at_s") or now_s)
+    add("state", "proxies have connected to this controller's state",
+        not (state.get("fresh") and not state.get("ever_acked") and rec.get("proxies_rendered")
+             and age_s >= ORPHAN_GRACE_S),
+        f"no proxy has acknowledged a config in the {age_s / 60:.0f} minutes since this controller found its state "
+        f"directory empty and created new CA roots: a fleet that ran before cannot verify this controller",
+        str(state.get("message", "")))
+    add("state", "proxies follow this controller's state", not state.get("foreign_epoch_proxies"),
+        f"{state.get('foreign_epoch_proxies')} proxies (e.g. {', '.join(state.get('foreign_epoch_examples') or [])}) "
+        f"ran a config of an epoch older than this state's first ({state.get('first_epoch')}): they followed a "
+        f"controller whose state directory this one does not have",
+        "if that state directory was lost, restore its latest backup (`meshfed controller restore`) so that "
+        "certificates and credentials stay valid; the proxies re-sync with this controller either way")
     desired = st.get("desired") or {}
     add("fleet", "last revision applied", bool(desired) and desired.get("ok", False) is True,
         f"revision {str(desired.get('revision', ''))[:8]} failed: " + "; ".join(
             f"[{p.get('code')}] {p.get('message')}" for p in st.get("problems", [])[:3]),
         "run `meshfed validate` on the fleet repo and push a fix; proxies keep the last applied revision")
+    applying = st.get("applying") or {}
+    add("fleet", "rendered revision acknowledged by the proxies", not applying.get("overdue"),
+        f"revision {str(applying.get('revision', ''))[:8]} is still applying after {applying.get('timeout_s')} s: "
+        f"pending {', '.join(applying.get('pending') or []) or '-'}; NACKed by "
+        f"{', '.join(applying.get('nacked') or []) or '-'}",
+        "a proxy that does not answer is retried with backoff; a NACK names what the proxy refused (`meshfed "
+        "status -o wide`). Until the quorum ACKs, the applied revision (and the CA rotation gate) stays where it is")
+    waiting = st.get("waiting") or {}
+    if waiting:
+        add("fleet", "no commit waiting", False,
+            f"revision {str(waiting.get('revision', ''))[:8]} waits for {str(waiting.get('behind', ''))[:8]} to be "
+            "applied: its CA root rotation is safe only after that stage reached the proxies",
+            "nothing to do unless the revision ahead stays unacknowledged (see the check above)")
+    loop = rec.get("loop")
+    if loop is not None:
+        last_s = loop.get("last_step_at_s") or loop.get("started_at_s")
+        idle_s = now_s - float(last_s) if last_s is not None else 0.0
+        add("controller", "reconcile loop running", bool(loop.get("alive")) and idle_s < LOOP_STALL_S,
+            (f"the reconcile loop has not completed a step for {idle_s:.0f} s" if loop.get("alive")
+             else "the reconcile loop's thread is not running")
+            + f" ({loop.get('failures_total', 0)} failed steps; last: {loop.get('last_error') or '-'})",
+            "proxies keep their configs but no change reaches them; the reconciler's log has the failing "
+            "step's traceback; restart the controller if it does not recover")
+    delivery = rec.get("delivery") or {}
+    add("controller", "configs delivered to the config service", not (rec.get("undelivered") and delivery.get("failures")),
+        f"{rec.get('undelivered')} proxies' configs not delivered after {delivery.get('failures')} attempts: "
+        f"{delivery.get('last_error')}",
+        "the config service (state owner) is restarting or failing; the reconciler retries with backoff")
     git = st.get("git") or {}
     add("fleet", "repository reachable", not git.get("last_error"), str(git.get("last_error")),
         "check --repo/--branch and credentials")
     for name, c in sorted((st.get("clusters") or {}).items()):
         add("clusters", f"{name} lease", bool(c.get("up")), c.get("last_error") or "no successful watch within the lease",
             f"check that the API server of {name} (context {c.get('context')}) is reachable")
+    for d in st.get("draining") or []:
+        left = (f"removed {max(0.0, float(d['withdrawn_at_s']) + float(d['grace_s']) - now_s):.0f} s from now"
+                if d.get("withdrawn_at_s") is not None else "removed once the proxies ACK the revision without it")
+        add("clusters", f"{d['cluster']} draining (removed by {str(d.get('revision', ''))[:8]}; {left})", True)
     proxies = st.get("proxies") or []
     stale = [p for p in proxies if p.get("sync") != "SYNCED"]
     add("proxies", "all proxies synced", not stale,

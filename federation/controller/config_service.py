@@ -12,13 +12,28 @@ its distributor and signing policy to proxies.
   controller) fences the previous one (see the distributor's split-brain rule). A fresh service
   knows no desired configs; its first `apply_deltas` from an unknown base answers "resync" and
   the reconciler sends everything in full.
+- **The state directory** is this service's alone: the host takes its lock
+  (`federation.controller.statelock`) before constructing it and hands it over; status names the
+  holder. A state directory this service found empty (the store's origin `fresh`) is logged as
+  such, with what to do if it replaces a lost one (`meshfed controller restore`).
 - **ACK/NACK records**: the distributor reports each settled push; the service keeps the latest
   ACK and the latest NACK per proxy (bounded by the number of proxies, however fast they reply)
   and writes them to the store every `flush_interval_s` in one transaction, so a push wave to
-  1,000 proxies costs one write, not 1,000. A failed write is counted and retried with the next
-  batch; the flusher never dies of it.
+  1,000 proxies costs one write, not 1,000. The write runs on a worker thread, never on the event
+  loop that serves the proxies' streams (a busy database waits up to the store's busy timeout).
+  A failed write ("database is locked", a full disk) is counted, logged (rate-limited) and retried
+  with the next batch; the flusher never dies of it.
+- **Retention**: every `prune_interval_s` the flusher also prunes the store's history older than
+  the retention (the Federation's `historyRetention`, or the `--history-retention` override).
+- **Rollout**: `rollout(revision, proxies)` reports, per rendered proxy, whether it runs the
+  revision (the facts `federation.core.rollout` decides "applied" from).
+- **Cluster removal** (`federation.core.removal`): `set_draining` keeps a removed cluster's
+  proxies authorized while it drains (their unused bootstrap tokens stay valid, its API still
+  reviews their ServiceAccount tokens); `remove_cluster` forgets its proxies, their records and
+  its bootstrap credentials (the unused tokens of its proxies, its TokenReview client).
 - **Status**: the distributor's per-proxy sync states and counters plus what the transport
-  reports (ports, health reports, slow disconnects), and the serving certificates' expiry.
+  reports (ports, health reports, slow disconnects), the lock holder, the state's origin, history,
+  and the serving certificates' expiry.
 - **Serving certificates** (`signing.ServingCertificates`): checked every `SERVING_CHECK_MAX_S`
   (sooner when due) and whenever the CAs are (re)loaded; re-issued at half-life or when the CA
   material changed. The gRPC adapter swaps them in for new handshakes; open streams keep theirs.
@@ -33,14 +48,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from federation.controller.bootstrap import BootstrapTokens
-from federation.controller.distributor import AckEvent, ConfigDistributor
+from federation.controller.distributor import AckEvent, ConfigDistributor, SyncState
 from federation.controller.signing import (
     TOKEN_AUDIENCE,
     BootstrapVerdict,
@@ -48,18 +64,35 @@ from federation.controller.signing import (
     check_service_account,
     cluster_named_by,
 )
-from federation.controller.store import Store
+from federation.controller.statelock import StateDirLock
+from federation.controller.store import DEFAULT_RETENTION_S, ORIGIN_FRESH, Store
 from federation.controller.wire import decode_config_deltas
 from gitops.model import ConfigSnapshot
 from ztunnel.api.config import ProxyConfig, apply_delta
+from ztunnel.api.secret_files import write_secret
 
 CONTROLLER_ROOTS_FILE = "controller-roots.pem"    # public: every CA's authorities, pooled (tools)
 TRUST_ANCHORS_DIR = "roots"                       # public: roots/<td>.pem, a proxy's first trust anchor
 FLUSH_INTERVAL_S = 0.2
 SERVING_CHECK_MAX_S = 60.0
 MAX_SA_TOKEN_CHARS = 16 * 1024
+PRUNE_INTERVAL_S = 600.0
+FLUSH_LOG_EVERY_S = 30.0
 RECENT_ACK_LATENCIES = 500
 TRIGGER_TO_ACK_SAMPLES = 5000
+
+log = logging.getLogger("meshfed.controller")
+
+
+def fresh_state_message(state_dir: str) -> str:
+    """What a controller that found its state directory empty tells the operator."""
+    return (f"the state directory {state_dir} was empty: this controller created new CA roots, a new store and "
+            f"new bootstrap credentials. If proxies ran against an earlier controller (its state directory was "
+            f"lost), they cannot verify this one and keep serving their last good config: stop this controller "
+            f"and run `meshfed controller restore --state-dir {state_dir} BACKUP` with the latest `meshfed "
+            f"controller backup`; without a backup, give every proxy its trust domain's new roots ({state_dir}/"
+            f"{TRUST_ANCHORS_DIR}/<trust-domain>.pem) and restart it (on Kubernetes it bootstraps with its "
+            f"ServiceAccount token; a proxy provisioned by hand needs `meshfed controller bootstrap-token`)")
 
 
 class ConfigService:
@@ -69,7 +102,12 @@ class ConfigService:
 
     def __init__(self, state_dir: str | Path, insecure: bool = False, store: Store | None = None,
                  clock: Callable[[], float] = time.time, flush_interval_s: float = FLUSH_INTERVAL_S,
-                 kubeconfig: str | None = None, token_reviewer: Callable[..., Any] | None = None) -> None:
+                 lock: StateDirLock | None = None, history_retention_s: float | None = None,
+                 prune_interval_s: float = PRUNE_INTERVAL_S, kubeconfig: str | None = None,
+                 token_reviewer: Callable[..., Any] | None = None) -> None:
+        """`lock`: the state directory's lock, held (the host takes it first); `history_retention_s`
+        overrides the Federation's `historyRetention`; `kubeconfig`: where the clusters' contexts are
+        (for the TokenReviews of proxies' ServiceAccount tokens)."""
         self.state_dir = str(state_dir)
         self.insecure = insecure
         self.clock = clock
@@ -80,10 +118,23 @@ class ConfigService:
         self._cluster_apis: dict[str, tuple[str | None, str]] = {}
         self._reviewers: dict[str, tuple[tuple[str | None, str], Any]] = {}
         self.flush_interval_s = flush_interval_s
-        self.store = store if store is not None else Store.in_state_dir(self.state_dir)
-        self.epoch = self.store.bump_epoch()
+        self.lock = lock
+        self.store = store if store is not None else Store.in_state_dir(self.state_dir, clock=clock)
+        self.epoch = self.store.bump_epoch(clock())
+        self.origin = self.store.origin()
         self.dist = ConfigDistributor(self.epoch)
+        self.dist.first_epoch = self.origin["first_epoch"] or self.epoch
         self.dist.listeners.append(self.on_ack)
+        self.retention_override_s = history_retention_s
+        self.retention_s = history_retention_s or DEFAULT_RETENTION_S
+        self.prune_interval_s = prune_interval_s
+        self.last_prune_s = 0.0
+        self.pruned: dict[str, int] = {}
+        self.flushes = 0
+        self._flush_failing = False
+        self._last_flush_log_s = -FLUSH_LOG_EVERY_S
+        if self.store.created:
+            log.warning("meshfed controller: %s", fresh_state_message(self.state_dir))
         self.bootstrap = BootstrapTokens(self.state_dir, clock)
         self.signing = SigningPolicy(self.state_dir, self.store, self._rendered_identities, clock)
         self._seq = itertools.count(1)
@@ -106,16 +157,74 @@ class ConfigService:
         certificates if the CA material changed. Returns PEM roots per trust domain."""
         out = self.signing.load_cas(snap)
         self.bootstrap.prune()
-        self._cluster_apis = {name: (c.api.kubeconfig or self.kubeconfig, c.api.context)
-                              for name, c in snap.clusters.items()}
+        # a draining cluster is no longer in the snapshot, but its proxies may still bootstrap with
+        # their ServiceAccount token (reviewed by that cluster) until its drain is over
+        self._cluster_apis = {**{c: a for c, a in self._cluster_apis.items() if c in self.signing.draining_tds},
+                              **{name: (c.api.kubeconfig or self.kubeconfig, c.api.context)
+                                 for name, c in snap.clusters.items()}}
         self._write_trust_anchors()
         self.renew_serving_certificates()  # a rotated root: new handshakes get a chain proxies trust
+        if self.retention_override_s is None:
+            self.retention_s = snap.federation.history_retention_s
+        return out
+
+    # --- cluster removal ------------------------------------------------------------------------
+
+    def set_draining(self, clusters: Mapping[str, str]) -> None:
+        """Clusters (-> trust domain) removed from the fleet but still draining: their proxies
+        stay authorized, and their unused bootstrap tokens valid (`federation.core.removal`)."""
+        self.signing.draining_tds = dict(clusters)
+
+    def remove_cluster(self, cluster: str, why: str) -> list[str]:
+        """The drain of `cluster` is over: forget its proxies (sessions, streams, records) and
+        revoke its bootstrap credentials (its proxies' unused tokens; its API is no longer asked
+        to review ServiceAccount tokens). Returns the proxies forgotten. In two parts for the
+        host: `forget_cluster_sessions` on the event loop (the distributor is the loop's),
+        `forget_cluster_records` on a worker thread (sqlite and files)."""
+        return self.forget_cluster_records(cluster, self.forget_cluster_sessions(cluster, why), why)
+
+    def forget_cluster_sessions(self, cluster: str, why: str) -> list[str]:
+        self.signing.draining_tds.pop(cluster, None)
+        if cluster not in self.signing.cluster_tds:   # (re-added meanwhile: it is a member again)
+            self._cluster_apis.pop(cluster, None)
+            self._reviewers.pop(cluster, None)
+        return self.dist.forget_cluster(cluster, why)
+
+    def forget_cluster_records(self, cluster: str, forgotten: Iterable[str], why: str) -> list[str]:
+        forgotten = list(forgotten)
+        gone = [p for p in self.store.proxy_acks() if p.split("/")[1:2] == [cluster]]
+        self.store.forget_proxies(sorted(set(gone) | set(forgotten)))
+        revoked = self.bootstrap.revoke([cluster])
+        log.info("meshfed controller: cluster %s removed: forgot %d proxies, revoked %d unused bootstrap tokens (%s)",
+                 cluster, len(forgotten), len(revoked), why)
+        return sorted(set(gone) | set(forgotten))
+
+    # --- rollout --------------------------------------------------------------------------------
+
+    def rollout(self, revision: str, proxy_ids: Iterable[str]) -> list[dict[str, Any]]:
+        """Per rendered proxy: its cluster, whether it is connected, and whether it runs `revision`
+        ("acked"), refused it ("nacked"), has it on the way ("pending") or has another revision
+        as desired ("other"): the facts of `federation.core.rollout.decide_rollout`."""
+        out = []
+        for pid in proxy_ids:
+            s = self.dist.sessions.get(pid)
+            cluster = pid.split("/")[1] if pid.count("/") >= 1 else ""
+            if s is None or s.desired is None:
+                out.append({"proxy": pid, "cluster": cluster, "connected": bool(s and s.connected), "state": "other"})
+                continue
+            if s.desired.stamp.revision != revision:
+                state = "other"
+            elif s.sync is SyncState.SYNCED:
+                state = "acked"
+            elif s.in_flight is None and s.nacked_content is not None and s.nacked_content is s.desired_content:
+                state = "nacked"
+            else:
+                state = "pending"
+            out.append({"proxy": pid, "cluster": cluster, "connected": s.connected, "state": state})
         return out
 
     def _write_trust_anchors(self) -> None:
         """Public, but written atomically like secrets: a proxy never reads a torn roots file."""
-        from ztunnel.api.secret_files import write_secret
-
         state = Path(self.state_dir)
         write_secret(state / CONTROLLER_ROOTS_FILE, self.signing.roots_pem(), mode=0o644)
         anchors = state / TRUST_ANCHORS_DIR
@@ -232,7 +341,8 @@ class ConfigService:
 
     def flush(self) -> None:
         """Write the pending ACKs and NACKs: each proxy's latest ACK, then its NACK if that came
-        later (so a NACK after an ACK shows, and an ACK after a NACK clears it)."""
+        later (so a NACK after an ACK shows, and an ACK after a NACK clears it). Safe on a worker
+        thread: the pending maps are swapped, never iterated while the loop adds to them."""
         acks, self._acks = self._acks, {}
         nacks, self._nacks = self._nacks, {}
         try:
@@ -244,8 +354,39 @@ class ConfigService:
         except Exception as e:  # keep them for the next round, unless newer replies replaced them
             self.flush_failures += 1
             self.last_flush_error = f"{type(e).__name__}: {e}"
+            self._flush_failing = True
             self._acks = {**acks, **self._acks}
             self._nacks = {**nacks, **self._nacks}
+            now = time.monotonic()
+            if now - self._last_flush_log_s >= FLUSH_LOG_EVERY_S:
+                self._last_flush_log_s = now
+                log.warning("meshfed controller: could not record %d ACK/NACK records in %s (%s); retrying with "
+                            "the next batch (%d failures so far)", len(acks) + len(nacks), self.store.path,
+                            self.last_flush_error, self.flush_failures)
+            return
+        if acks or nacks:
+            self.flushes += 1
+            if self._flush_failing:
+                log.warning("meshfed controller: ACK/NACK records written again (%d failures so far, last: %s)",
+                            self.flush_failures, self.last_flush_error)
+                self._flush_failing = False
+
+    def prune_due(self) -> bool:
+        return self.clock() - self.last_prune_s >= self.prune_interval_s
+
+    def prune(self) -> None:
+        """Delete history older than the retention (see the store); failures are logged and retried
+        at the next interval."""
+        now = self.clock()
+        self.last_prune_s = now
+        try:
+            deleted = self.store.prune(now, self.retention_s)
+        except Exception as e:
+            log.warning("meshfed controller: pruning the history in %s failed (%s: %s); retrying in %.0f s",
+                        self.store.path, type(e).__name__, e, self.prune_interval_s)
+            return
+        for k, v in deleted.items():
+            self.pruned[k] = self.pruned.get(k, 0) + v
 
     def start_flushing(self) -> None:
         """Flush every `flush_interval_s` on the running event loop (idempotent)."""
@@ -253,9 +394,16 @@ class ConfigService:
             self._flusher = asyncio.ensure_future(self._flush_loop())
 
     async def _flush_loop(self) -> None:
+        """Never dies: each round is guarded, the writes run on a worker thread."""
         while True:
             await asyncio.sleep(self.flush_interval_s)
-            self.flush()
+            try:
+                await asyncio.to_thread(self.flush)
+                if self.prune_due():
+                    await asyncio.to_thread(self.prune)
+            except Exception as e:  # pragma: no cover - flush and prune catch their own; belt and braces
+                self.flush_failures += 1
+                self.last_flush_error = f"{type(e).__name__}: {e}"
 
     async def stop(self) -> None:
         for task in (self._flusher, self._renewer):
@@ -268,9 +416,15 @@ class ConfigService:
 
     # --- queries ------------------------------------------------------------------------------
 
-    def status(self, transport: Mapping[str, Any]) -> dict[str, Any]:
+    def disk_facts(self) -> dict[str, Any]:
+        """What status reads from the state directory (sqlite, the lock file): the host gathers it
+        on a worker thread and passes it to `status`, which then touches memory only."""
+        return {"ever_acked": self.store.ever_acked(), "lock": self._lock_holder()}
+
+    def status(self, transport: Mapping[str, Any], disk: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The service's status; `transport` adds what the gRPC server knows (port, bootstrap_port,
-        health_reports, slow_disconnects)."""
+        health_reports, slow_disconnects); `disk`: `disk_facts()` (read here when not given)."""
+        disk = self.disk_facts() if disk is None else disk
         st = self.dist.status()
         return {
             "epoch": self.epoch, "port": transport.get("port", 0), "bootstrap_port": transport.get("bootstrap_port", 0),
@@ -282,6 +436,10 @@ class ConfigService:
             "displacements_refused": transport.get("displacements_refused", 0),
             "ack_flush_failures": self.flush_failures, "last_ack_flush_error": self.last_flush_error,
             "recent_ack_latencies_s": list(self.recent_latencies_s)[-200:],
+            "lock": disk["lock"],
+            "state": self.state_status(bool(disk["ever_acked"])),
+            "history": {"retention_s": self.retention_s, "last_prune_s": self.last_prune_s, "pruned": dict(self.pruned)},
+            "forgotten": [{"proxy": p, "why": why, "at_s": at} for p, (why, at) in list(self.dist.forgotten.items())[-20:]],
             "serving_certificate": self._serving_status(),
         }
 
@@ -292,6 +450,20 @@ class ConfigService:
         return {"identities": list(cur.identities), "not_after_s": cur.not_after_s, "renew_at_s": cur.renew_at_s,
                 "generation": cur.generation, "renewals": self.signing.serving_renewals,
                 "last_renewal": self.last_serving_renewal}
+
+    def _lock_holder(self) -> dict[str, Any] | None:
+        holder = self.lock.holder() if self.lock is not None else None
+        return holder.as_dict() if holder is not None else None
+
+    def state_status(self, ever_acked_in_store: bool | None = None) -> dict[str, Any]:
+        """Where this controller's state came from, and whether the fleet looks orphaned by a lost
+        state directory (the inputs of `checks`)."""
+        stored = self.store.ever_acked() if ever_acked_in_store is None else ever_acked_in_store
+        return {**self.origin, "fresh": self.origin["origin"] == ORIGIN_FRESH, "created_now": self.store.created,
+                "ever_acked": stored or any(s.acks for s in self.dist.sessions.values()),
+                "foreign_epoch_proxies": len(self.dist.foreign_hellos),
+                "foreign_epoch_examples": list(self.dist.foreign_hellos)[-5:],
+                "message": fresh_state_message(self.state_dir)}
 
     def trigger_to_ack(self, clear: bool = False) -> list[float]:
         out = list(self.trigger_to_ack_s)

@@ -9,7 +9,23 @@ Split decide-then-act (the gRPC adapter is `federation.server.grpc_services.Conf
   proxy has (a full state when we do not know), stamped `(epoch, revision, version + 1)`.
   At most one push is in flight per proxy, and a new desired config replaces an unsent one:
   the per-stream queue is bounded to one element by construction (latest wins, coalescing
-  bursts), and a NACKed content is not re-sent until the desired content changes.
+  bursts).
+- **Retries.** A push that fails is retried, with exponential backoff per proxy (`retry_delay_s`:
+  1 s doubling to 5 min, each proxy offset by a fixed fraction of its id so that a fleet that
+  NACKed together does not retry together): a NACK (the proxy may have failed for a moment, e.g.
+  fetching its certificates), or no reply within `ack_timeout_s` (then we no longer know what the
+  proxy runs, and the retry is a full state). A new desired content resets the backoff and is
+  sent at once. Only a config too large for the protocol (`OversizeError`) is not retried: it
+  waits for a change. `tick(now_s)` finds the sessions due and the adapter wakes their streams.
+- **SYNCED** means the proxy ACKed the latest desired content (the same content under a newer
+  revision needs no push and counts as that revision); anything else is STALE, or NOT SENT
+  before anything was sent. Whether the desired config itself is the latest the reconciler
+  rendered is the reconciler's to say (its undelivered configs, joined in
+  `federation.controller.queries.assemble_status`).
+- **Forgetting.** A proxy no longer rendered (its node or cluster left the fleet) is forgotten:
+  a disconnected session is dropped, a connected one is marked removed and its stream closed;
+  `forgotten` remembers why (bounded) and a forgotten proxy that reconnects gets no session
+  (`ProxyRemovedError`) until it is rendered again.
 - `ConfigDistributor` holds the sessions, the controller `epoch`, and the counters the status
   API and metrics read. `set_desired()` is O(changed proxies) and never waits on a proxy.
   `build()` encodes a push straight to wire bytes, and shares the work between proxies (see
@@ -42,6 +58,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from enum import Enum
@@ -60,6 +78,19 @@ from ztunnel.api.config import RESOURCE_TYPES, ProxyConfig, Stamp, diff_configs
 from ztunnel.api.proto import meshfed_pb2 as pb
 
 _KINDS = tuple(RESOURCE_TYPES)
+
+
+ACK_TIMEOUT_S = 30.0
+RETRY_INITIAL_S = 1.0
+RETRY_MAX_S = 300.0
+MAX_FORGOTTEN = 1000
+
+
+def retry_delay_s(proxy_id: str, failures: int) -> float:
+    """Backoff after `failures` consecutive failed pushes: 1 s doubling to 5 min, scaled by a
+    fixed per-proxy factor in [0.5, 1) (spreads a fleet's retries without randomness)."""
+    cap = min(RETRY_MAX_S, RETRY_INITIAL_S * 2.0 ** max(0, failures - 1))
+    return float(cap * (0.5 + (zlib.crc32(proxy_id.encode()) % 1000) / 2000))
 
 
 class SyncState(str, Enum):
@@ -177,6 +208,12 @@ class ProxySession:
     last_ack_latency_s: float = 0.0
     wake: asyncio.Event | None = None
     peer_identity: str = ""
+    failures: int = 0                       # consecutive failed pushes of the desired content
+    retry_at_s: float = 0.0                 # when the failed content is sent again (0: not waiting)
+    last_failure: str = ""
+    retries: int = 0
+    ack_timeouts: int = 0
+    removed: bool = False                   # forgotten while connected: the stream is being closed
 
     # --- decisions ---------------------------------------------------------------------------
 
@@ -188,6 +225,7 @@ class ProxySession:
                 self.desired = cfg  # same content, newer revision: nothing to push
             return False
         self.desired, self.desired_content, self.desired_at_s = cfg, content, now_s
+        self.failures, self.retry_at_s = 0, 0.0  # new content: no backoff
         return True
 
     def attach(self, have: Stamp | None) -> None:
@@ -205,14 +243,41 @@ class ProxySession:
         self.connected = False
         self.in_flight = None
 
+    def _failed(self, now_s: float, why: str) -> None:
+        self.failures += 1
+        self.last_failure = why
+        self.retry_at_s = now_s + retry_delay_s(self.proxy_id, self.failures)
+
+    def check_ack_timeout(self, now_s: float, ack_timeout_s: float = ACK_TIMEOUT_S) -> bool:
+        """A push unanswered for `ack_timeout_s` failed: we no longer know what the proxy runs, so
+        the retry (after the backoff) is a full state. True when it timed out now."""
+        push = self.in_flight
+        if push is None or now_s - push.sent_at_s < ack_timeout_s:
+            return False
+        self.in_flight = None
+        self.acked = self.acked_content = None
+        self.ack_timeouts += 1
+        self._failed(now_s, f"no ACK/NACK within {ack_timeout_s:.0f} s for version {push.config.stamp.version}")
+        return True
+
+    def retry_due(self, now_s: float) -> bool:
+        return self.retry_at_s > 0 and now_s >= self.retry_at_s and self.connected and self.in_flight is None
+
     def next_push(self, now_s: float, nonces: Iterable[int]) -> PushRecord | None:
-        if not self.connected or self.in_flight is not None or self.desired is None:
+        if not self.connected or self.in_flight is not None or self.desired is None or self.removed:
             return None
         want = self.desired_content
         if self.acked is not None and _same(self.acked_content, want):
             return None
+        if self.retry_at_s and now_s < self.retry_at_s:
+            return None  # a failed push of this content: wait for the backoff (a new content resets it)
         if self.nacked_content is not None and _same(self.nacked_content, want):
-            return None  # the proxy refused exactly this; wait for a change
+            if self.retry_at_s == 0:
+                return None
+            self.retries += 1  # the proxy refused exactly this: try again now that the backoff passed
+        elif self.retry_at_s:
+            self.retries += 1
+        self.retry_at_s = 0.0
         self.version += 1
         cfg = replace(self.desired, stamp=Stamp(self.epoch, self.desired.stamp.revision, self.version))
         self.in_flight = PushRecord(f"{self.epoch}-{next(iter(nonces))}", cfg, now_s, self.desired_at_s,
@@ -235,10 +300,12 @@ class ProxySession:
                 self.acked = self.acked_content = None  # our idea of its base was wrong: full state next
             else:
                 self.nacked_content = push.content
+                self._failed(now_s, f"NACK: {error}")
         else:
             self.acks += 1
             self.acked, self.acked_content, self.acked_stamp = push.config, push.content, push.config.stamp
             self.nacked_content, self.last_nack = None, ""
+            self.failures, self.retry_at_s, self.last_failure = 0, 0.0, ""
         return push
 
     @property
@@ -249,7 +316,7 @@ class ProxySession:
             return SyncState.SYNCED
         return SyncState.STALE
 
-    def status(self) -> dict[str, Any]:
+    def status(self, now_s: float | None = None) -> dict[str, Any]:
         st = self.acked_stamp
         return {
             "proxy": self.proxy_id,
@@ -262,11 +329,19 @@ class ProxySession:
             "last_nack": self.last_nack or self.oversize_error,
             "last_ack_latency_ms": round(self.last_ack_latency_s * 1000, 2),
             "identity": self.peer_identity,
+            "failures": self.failures, "retries": self.retries, "ack_timeouts": self.ack_timeouts,
+            "last_failure": self.last_failure,
+            "retry_in_s": (round(max(0.0, self.retry_at_s - now_s), 1)
+                           if self.retry_at_s and now_s is not None and self.retry_at_s != float("inf") else None),
         }
 
 
 class StaleEpochError(RuntimeError):
     pass
+
+
+class ProxyRemovedError(RuntimeError):
+    """The proxy was forgotten (it is no longer rendered); the message says why."""
 
 
 @dataclass
@@ -331,6 +406,10 @@ class ConfigDistributor:
         self.stale_epoch_refusals = 0
         self.listeners: list[Callable[[AckEvent], None]] = []
         self.segments = _SegmentCache()
+        self.ack_timeout_s = ACK_TIMEOUT_S
+        self.forgotten: OrderedDict[str, tuple[str, float]] = OrderedDict()   # proxy -> (why, when), bounded
+        self.first_epoch = epoch          # the first epoch of this state: older hellos followed another controller
+        self.foreign_hellos: OrderedDict[str, int] = OrderedDict()           # proxy -> the older epoch it ran
 
     def session(self, proxy_id: str) -> ProxySession:
         s = self.sessions.get(proxy_id)
@@ -342,18 +421,40 @@ class ConfigDistributor:
         """Update desired configs; wake the streams whose content changed. Returns how many."""
         now, changed = self.clock(), 0
         for pid, cfg in configs.items():
+            self.forgotten.pop(pid, None)  # rendered again
             s = self.session(pid)
+            s.removed = False
             if s.set_desired(cfg, now):
                 changed += 1
                 if s.wake is not None:
                     s.wake.set()
         return changed
 
-    def forget(self, proxy_ids: Iterable[str]) -> None:
+    def forget(self, proxy_ids: Iterable[str], why: str = "no longer rendered") -> list[str]:
+        """Forget proxies that are no longer rendered: a disconnected session goes now, a connected
+        one is marked removed and its stream woken to close. Returns the ids forgotten."""
+        out = []
+        now = self.clock()
         for pid in proxy_ids:
             s = self.sessions.get(pid)
-            if s is not None and not s.connected:
+            if s is None:
+                continue
+            out.append(pid)
+            self.forgotten[pid] = (why, now)
+            self.forgotten.move_to_end(pid)
+            while len(self.forgotten) > MAX_FORGOTTEN:
+                self.forgotten.popitem(last=False)
+            if s.connected:
+                s.removed, s.desired, s.desired_content = True, None, None
+                if s.wake is not None:
+                    s.wake.set()
+            else:
                 del self.sessions[pid]
+        return out
+
+    def forget_cluster(self, cluster: str, why: str) -> list[str]:
+        """Forget every proxy of `cluster` (`ztunnel/<cluster>/...`, `gateway/<cluster>`)."""
+        return self.forget([p for p in self.sessions if p.split("/")[1:2] == [cluster]], why)
 
     def attach(self, proxy_id: str, have: Stamp | None) -> ProxySession:
         if have is not None and have.epoch > self.epoch:
@@ -361,9 +462,38 @@ class ConfigDistributor:
             raise StaleEpochError(
                 f"this controller's epoch {self.epoch} is older than epoch {have.epoch} that proxy {proxy_id} "
                 f"already follows: another controller is newer (split brain); stop this one or remove its state")
+        gone = self.forgotten.get(proxy_id)
+        s0 = self.sessions.get(proxy_id)
+        if gone is not None and (s0 is None or s0.desired is None):
+            raise ProxyRemovedError(f"proxy {proxy_id} was removed from the mesh ({gone[0]}); this controller has "
+                                    f"no config for it: stop it, or add its node/cluster back to the fleet repo")
+        if have is not None and 0 < have.epoch < self.first_epoch:
+            self.foreign_hellos[proxy_id] = have.epoch
+            self.foreign_hellos.move_to_end(proxy_id)
+            while len(self.foreign_hellos) > MAX_FORGOTTEN:
+                self.foreign_hellos.popitem(last=False)
         s = self.session(proxy_id)
         s.attach(have)
         return s
+
+    def detach(self, s: ProxySession) -> None:
+        """The stream ended. A session with nothing to remember (removed, or never given a config)
+        goes away with it."""
+        s.detach()
+        if (s.removed or s.desired is None) and self.sessions.get(s.proxy_id) is s:
+            del self.sessions[s.proxy_id]
+
+    def tick(self, now_s: float | None = None) -> list[ProxySession]:
+        """Time passes: pushes unanswered for `ack_timeout_s` fail; sessions whose retry is due are
+        returned (the adapter wakes their streams)."""
+        now = self.clock() if now_s is None else now_s
+        due = []
+        for s in self.sessions.values():
+            if s.in_flight is not None:
+                s.check_ack_timeout(now, self.ack_timeout_s)
+            if s.retry_due(now):
+                due.append(s)
+        return due
 
     def build(self, s: ProxySession) -> list[bytes]:
         """Decide the next push of a session and encode it: serialized `ConfigResponse`s, one per
@@ -396,7 +526,8 @@ class ConfigDistributor:
             msgs = encode_delta(diff_configs(old, new), new, push.nonce, self.max_message_bytes)
         except OversizeError as e:
             s.in_flight, s.oversize_error = None, str(e)
-            s.nacked_content = push.content  # do not retry the same content
+            s.nacked_content = push.content  # do not retry the same content: it cannot fit
+            s.retry_at_s, s.last_failure = float("inf"), f"oversize: {e}"
             return []
         s.oversize_error = ""
         return [m.SerializeToString() for m in msgs]
@@ -411,7 +542,8 @@ class ConfigDistributor:
             listener(ev)
 
     def status(self) -> list[dict[str, Any]]:
-        return [self.sessions[p].status() for p in sorted(self.sessions)]
+        now = self.clock()
+        return [self.sessions[p].status(now) for p in sorted(self.sessions)]
 
     def counts(self) -> dict[str, int]:
         out = {s.value: 0 for s in SyncState}

@@ -43,17 +43,21 @@ class AppliedRecords(Protocol):
 def last_applied_if_gated(source: GitSource, store: AppliedRecords, head: ConfigSnapshot,
                           now_s: float) -> ConfigSnapshot | None:
     """After a (re)start: the last applied revision, reloaded from Git, when the reconciler's commit
-    gate will reject the branch head (an unsafe CA root rotation). Without it a restarted controller
-    would have nothing to serve (the head is rejected, and unlike an invalid commit the Git source
-    sees nothing wrong with it) and would load the head's CAs at start, switching the signer."""
+    gate will reject the branch head (an unsafe CA root rotation), or when the head removes a
+    cluster of the last applied revision (the reconciler judges the removal against it, and drains
+    the cluster instead of dropping it). Without it a restarted controller would have nothing to
+    serve (the head is rejected, and unlike an invalid commit the Git source sees nothing wrong
+    with it) and would load the head's CAs at start, switching the signer."""
     from federation.core.rotation_gate import ca_spec_from_dict, gate_commit
     from gitops import FleetError, RepoAccessError, load_revision
 
     specs, applied = store.applied_ca_specs(), store.last_applied()
-    if not specs or applied is None or source.worktree or applied.sha in (head.revision.sha, "WORKTREE"):
+    if applied is None or source.worktree or applied.sha in (head.revision.sha, "WORKTREE"):
         return None
-    previous = {td: ca_spec_from_dict(d) for td, d in specs.items()}
-    if not gate_commit(previous, head, store.leaf_not_after, now_s):
+    applied_clusters: list[str] = getattr(store, "applied_clusters", lambda: None)() or []
+    removes = bool(set(applied_clusters) - set(head.clusters))
+    previous = {td: ca_spec_from_dict(d) for td, d in (specs or {}).items()}
+    if not removes and (not specs or not gate_commit(previous, head, store.leaf_not_after, now_s)):
         return None
     try:
         return load_revision(source.follower.local_repo(), applied.sha)

@@ -6,7 +6,7 @@ caller holds whatever lock guards the objects it passes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from clusters.kube.observation import ClusterObservation
@@ -69,6 +69,23 @@ def explain(engine: Any, service: str, from_cluster: str, zone: str | None) -> d
     return data
 
 
+def graph(engine: Any) -> dict[str, Any]:
+    """`/api/v1/graph` (what `meshfed graph` exports, and the console draws) from the live engine:
+    leases, ejections and failover state as the controller holds them now."""
+    from federation.core.graph_view import graph_data
+
+    if engine is None:
+        return {"error": "the controller has not rendered a revision yet; see `meshfed status`"}
+    return graph_data(engine)
+
+
+def revisions(records: Sequence[Any]) -> list[dict[str, Any]]:
+    """`/api/v1/revisions`: revision attempts (`store.RevisionRecord`), newest first, with the
+    validation problems of a rejected one."""
+    return [{"revision": r.sha, "subject": r.subject, "attempted_at_s": r.attempted_at_s,
+             "ok": r.outcome == "applied", "problems": list(r.problems)} for r in records]
+
+
 def fleet_clusters(snap: ConfigSnapshot | None) -> dict[str, dict[str, Any]]:
     """Per cluster of the applied snapshot, what the driver needs to run its agent."""
     if snap is None:
@@ -85,21 +102,42 @@ def assemble_status(rec: Mapping[str, Any], cs: Mapping[str, Any], agents: Mappi
                     trust: list[dict[str, Any]], now_s: float, state_node: str = "") -> dict[str, Any]:
     """The status document (`meshfed status -o json`, `/api/v1/status`) from the reconciler's,
     the config service's, each agent's and the Git source's status. `state_node`: the id of the
-    node whose state directory holds the store and the CA keys (where the state owner runs)."""
+    node whose state directory holds the store and the CA keys (where the state owner runs).
+
+    A proxy is SYNCED only when it ACKed the latest config the reconciler rendered for it: one
+    whose newest config has not reached the config service yet (a failed push waiting for its
+    retry) is STALE there, and a rendered proxy the config service does not know yet is NOT SENT."""
     clusters = {}
     for name in sorted(set(rec.get("fleet_clusters", {})) | set(agents)):
         a, r = agents.get(name, {}), rec.get("clusters", {}).get(name, {})
         clusters[name] = {**r, **{k: a.get(k) for k in ("up", "lease_remaining_s", "last_error", "api", "context")},
-                          "applied_revision": rec.get("applied", {}).get("revision", "")}
+                          "applied_revision": rec.get("applied", {}).get("revision", ""),
+                          "draining": bool(rec.get("fleet_clusters", {}).get(name, {}).get("draining"))}
+    undelivered = set(rec.get("undelivered_proxies") or ())
+    why = (rec.get("delivery") or {}).get("last_error") or "waiting for the next push"
+    proxies = []
+    for p in cs.get("proxies", []):
+        if p["proxy"] in undelivered:
+            undelivered.discard(p["proxy"])
+            p = {**p, "sync": "STALE" if p["sync"] == "SYNCED" else p["sync"],
+                 "last_failure": f"its newest config has not reached the config service: {why}"}
+        proxies.append(p)
+    for pid in sorted(undelivered):
+        proxies.append({"proxy": pid, "sync": "NOT SENT", "connected": False, "desired_revision": "",
+                        "acked_revision": "", "acked_version": "", "last_nack": "",
+                        "last_failure": f"not delivered to the config service yet: {why}"})
     return {
         "controller": {"epoch": cs.get("epoch"), "config_port": cs.get("port"),
                        "bootstrap_port": cs.get("bootstrap_port"), "state_dir": state_dir,
-                       "state_node": state_node},  # the node holding the store and CA keys
+                       "state_node": state_node,  # the node holding the store and CA keys
+                       "lock": cs.get("lock"), "state": cs.get("state") or {}},
         "git": dict(git),
-        "desired": rec.get("desired"), "applied": rec.get("applied"),
+        "desired": rec.get("desired"), "applied": rec.get("applied"), "applying": rec.get("applying"),
+        "waiting": rec.get("waiting"),
         "problems": rec.get("problems", []), "render_problems": rec.get("render_problems", []),
         "clusters": clusters,
-        "proxies": cs.get("proxies", []),
+        "draining": rec.get("draining", []), "removed_clusters": rec.get("removed_clusters", []),
+        "proxies": proxies,
         "config_server": {k: v for k, v in cs.items() if k != "proxies"},
         "reconciler": dict(rec),
         "unhealthy_endpoints": rec.get("unhealthy_endpoints", []),

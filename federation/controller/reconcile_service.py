@@ -8,69 +8,97 @@ live state.
 - otherwise, once every `tick_interval_s` while a snapshot is applied, reconcile anyway: leases
   and ejections expire with time, not with input, so the core must be ticked.
 
-Inputs (`on_snapshot`, `on_observation`, `on_health`, ...) only mark the reconciler dirty and wake
-the thread. Everything the reconciler touches goes through one lock: inputs, `step` and queries.
+Inputs (`on_snapshot`, `on_fleet_error`, `on_observation`, `on_health`, ...) only mark the
+reconciler dirty and wake the thread. Everything the reconciler touches goes through one lock:
+inputs, `step` and queries.
 
-`DeltaOutbox` keeps, per proxy, the config it last sent to the config service and sends only
-differences (`wire.encode_config_deltas`). When the service answers "resync" (it restarted and
-holds nothing, or our idea of its base is wrong) the outbox sends every config in full.
+The thread never dies of a step: one that raises is counted, logged (rate-limited) and the loop
+goes on after `LOOP_FAILURE_BACKOFF_S`. `last_step_at_s` moves only when a step completes (the
+loop completes one at least every `IDLE_WAIT_S`), so a loop that is stuck or failing every turn
+shows in status as an old `last_step_at_s`, which `meshfed check` reports (`checks.LOOP_STALL_S`).
 
-The store, the push and the CAs' roots are injected: `federation.ray` passes adapters that reach
-the state owner over Ray; tests pass plain objects.
+`DeltaOutbox` keeps, per proxy, the config the config service accepted and sends only
+differences (`wire.encode_config_deltas`), and a removal for a proxy no longer rendered (the
+service forgets it). A send that raises changes nothing of that record (the reconciler retries
+with backoff); when the service answers "resync" (it restarted and holds nothing, or our idea of
+its base is wrong) the outbox sends every config in full.
+
+The store, the push, the rollout facts, the cluster operations and the CAs' roots are injected:
+`federation.ray` passes adapters that reach the state owner over Ray; tests pass plain objects.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
 from federation.controller import queries
-from federation.controller.reconciler import CoreRender, Debouncer, EndpointReport, Reconciler, RenderFn
-from federation.controller.wire import encode_config_deltas
+from federation.controller.reconciler import (
+    ClusterOps,
+    CoreRender,
+    Debouncer,
+    EndpointReport,
+    Reconciler,
+    RenderFn,
+    RolloutFn,
+)
+from federation.controller.wire import encode_config_deltas, encode_removals
 from gitops.model import ConfigSnapshot
 from ztunnel.api.config import ProxyConfig
 
 TICK_INTERVAL_S = 1.0
 IDLE_WAIT_S = 0.5
+LOOP_FAILURE_BACKOFF_S = 1.0     # after a step raised: do not spin on a failure that repeats
+LOOP_LOG_EVERY_S = 30.0          # a failure that repeats is logged at most this often
+
+log = logging.getLogger("meshfed.controller")
 
 PushDeltas = Callable[[bytes], str]                                  # blob -> "ok" | "resync"
 BundleRoots = Callable[[ConfigSnapshot], Mapping[str, tuple[str, ...]]]
 
 
 class DeltaOutbox:
-    """Invariant: `last_sent[p]` is what the config service was last sent for proxy p (it holds
-    that config unless it answered "resync")."""
+    """Invariant: `last_sent[p]` is what the config service accepted for proxy p (it holds that
+    config unless it restarted since, which its "resync" answer reveals)."""
 
     def __init__(self, send: PushDeltas) -> None:
         self.send = send
         self.last_sent: dict[str, ProxyConfig] = {}
         self.resyncs = 0
 
-    def push(self, changed: Mapping[str, ProxyConfig], current: Mapping[str, ProxyConfig]) -> None:
-        """Send `changed` as deltas from what was last sent; `current` is every rendered config
-        (proxies no longer in it are dropped from the outbox; a resync sends all of it)."""
+    def push(self, changed: Mapping[str, ProxyConfig]) -> None:
+        """Send `changed` as deltas from what was last sent. Raises if the service did not take
+        them (nothing recorded: the caller retries); on "resync" sends everything in full."""
         blob = encode_config_deltas((self.last_sent.get(pid), cfg) for pid, cfg in changed.items())
+        answer = self.send(blob)
+        if answer == "resync":
+            self.resync({**self.last_sent, **changed})
+            return
         self.last_sent.update(changed)
-        for pid in set(self.last_sent) - set(current):
-            del self.last_sent[pid]
-        if self.send(blob) == "resync":
-            self.resync(current)
+
+    def remove(self, proxy_ids: Collection[str]) -> None:
+        """The proxies are no longer rendered: the service forgets them."""
+        self.send(encode_removals(proxy_ids, self.last_sent))
+        for pid in proxy_ids:
+            self.last_sent.pop(pid, None)
 
     def resync(self, current: Mapping[str, ProxyConfig]) -> None:
         self.resyncs += 1
         blob = encode_config_deltas((None, cfg) for cfg in current.values())
-        self.last_sent = dict(current)
         self.send(blob)
+        self.last_sent = dict(current)
 
 
 class ReconcileService:
     def __init__(self, store: Any, push_deltas: PushDeltas, bundle_roots: BundleRoots | None = None,
                  debounce_after_s: float = 0.1, debounce_max_s: float = 10.0,
                  clock: Callable[[], float] = time.time, tick_interval_s: float = TICK_INTERVAL_S,
-                 render: RenderFn | None = None) -> None:
+                 render: RenderFn | None = None, rollout: RolloutFn | None = None,
+                 cluster_ops: ClusterOps | None = None) -> None:
         """`render` defaults to the core (`CoreRender`, which loads the CAs through `bundle_roots`)."""
         self.clock = clock
         self.tick_interval_s = tick_interval_s
@@ -78,21 +106,27 @@ class ReconcileService:
         self.outbox = DeltaOutbox(push_deltas)
         self.render: RenderFn = render if render is not None else CoreRender(bundle_roots=bundle_roots)
         self.rec = Reconciler(self.render, self._push, store, Debouncer(debounce_after_s, debounce_max_s),
-                              clock=clock)
+                              clock=clock, forget=self.outbox.remove, rollout=rollout, cluster_ops=cluster_ops)
         self.ejections_detected = 0
         self.ejections_enforced = 0
         self._last_run_s = 0.0
+        self.started_at_s: float | None = None
+        self.last_step_at_s: float | None = None   # the end of the last step that completed
+        self.loop_failures = 0
+        self.last_loop_error = ""
+        self._last_loop_log_s = -LOOP_LOG_EVERY_S
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _push(self, changed: Mapping[str, ProxyConfig]) -> None:
-        self.outbox.push(changed, self.rec.configs)
+        self.outbox.push(changed)
 
     # --- the loop ---------------------------------------------------------------------------
 
     def start(self) -> ReconcileService:
         if self._thread is None:
+            self.started_at_s = self.clock()
             self._thread = threading.Thread(target=self._loop, name="reconcile", daemon=True)
             self._thread.start()
         return self
@@ -103,14 +137,38 @@ class ReconcileService:
 
     def wait_s(self, now_s: float) -> float:
         """How long the loop may sleep before the next `step` (inputs wake it earlier)."""
-        deadline = self.rec.debounce.deadline_s()
-        return IDLE_WAIT_S if deadline is None else max(0.0, deadline - now_s)
+        deadline = self.rec.deadline_s()
+        return IDLE_WAIT_S if deadline is None else min(IDLE_WAIT_S, max(0.0, deadline - now_s))
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            if not self.turn():
+                self._stop.wait(LOOP_FAILURE_BACKOFF_S)
+
+    def turn(self) -> bool:
+        """One turn of the loop: wait for an input or the next deadline, then `step`. False when
+        it raised: the failure is counted and logged, never propagated (the loop must not die)."""
+        try:
             self._wake.wait(self.wait_s(self.clock()))
             self._wake.clear()
             self.step(self.clock())
+        except Exception as e:
+            self.loop_failures += 1
+            self.last_loop_error = f"{type(e).__name__}: {e}"
+            now = time.monotonic()
+            if now - self._last_loop_log_s >= LOOP_LOG_EVERY_S:
+                self._last_loop_log_s = now
+                log.exception("meshfed controller: a reconcile step failed (%d failures so far); the loop goes on",
+                              self.loop_failures)
+            return False
+        self.last_step_at_s = self.clock()
+        return True
+
+    def loop_status(self) -> dict[str, Any]:
+        """Whether the loop runs, and when it last completed a step (`checks`: a stalled loop)."""
+        alive = self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
+        return {"alive": alive, "started_at_s": self.started_at_s, "last_step_at_s": self.last_step_at_s,
+                "failures_total": self.loop_failures, "last_error": self.last_loop_error}
 
     def step(self, now_s: float) -> bool:
         """Reconcile if due, or tick the core if idle for `tick_interval_s`. True when it ran."""
@@ -149,6 +207,7 @@ class ReconcileService:
     def on_fleet_error(self, sha: str, subject: str, problems: Sequence[dict[str, Any]]) -> None:
         with self._lock:
             self.rec.on_fleet_error(sha, subject, problems, self.clock())
+        self._wake.set()   # like every input: the loop re-evaluates now, not at its next timeout
 
     def on_observation(self, obs: Any) -> None:
         with self._lock:
@@ -170,17 +229,21 @@ class ReconcileService:
             self.rec.on_lease(cluster, self.clock() - max(0.0, age_s))
 
     def missing_inputs(self) -> bool:
-        """True after a (re)start until a snapshot arrived: the driver then re-sends the inputs."""
-        return self.rec.snapshot is None and self.rec.pending_snapshot is None
+        """True after a (re)start until a snapshot arrived: the driver then re-sends the inputs.
+        Read under the lock: `step` moves the pending snapshot to the applied one."""
+        with self._lock:
+            return self.rec.snapshot is None and self.rec.pending_snapshot is None
 
     def snapshot(self) -> ConfigSnapshot | None:
         with self._lock:
             return self.rec.snapshot
 
     def resync(self) -> None:
-        """Send every config in full (the config service restarted and knows none)."""
+        """Send every config in full, and the clusters still draining (the config service
+        restarted and knows none of them)."""
         with self._lock:
-            self.outbox.resync(self.rec.configs)
+            self.outbox.resync(self.rec.delivered)
+            self.rec.restore_cluster_ops(self.clock())
 
     # --- queries -----------------------------------------------------------------------------
 
@@ -190,7 +253,8 @@ class ReconcileService:
             st["durations_s"] = self.rec.durations_s[-200:]
             st["step_failures_total"] = len(self.rec.failures)
             st["ejections_detected"], st["ejections_enforced"] = self.ejections_detected, self.ejections_enforced
-            st["fleet_clusters"] = queries.fleet_clusters(self.rec.snapshot)
+            st["fleet_clusters"] = self.rec.fleet_clusters()
+            st["loop"] = self.loop_status()
             return st
 
     def services(self) -> list[dict[str, Any]]:
@@ -205,3 +269,7 @@ class ReconcileService:
         with self._lock:
             engine = getattr(self.render, "engine", None)  # the live FailoverEngine of CoreRender
             return queries.explain(engine, service, from_cluster, zone)
+
+    def graph(self) -> dict[str, Any]:
+        with self._lock:
+            return queries.graph(getattr(self.render, "engine", None))

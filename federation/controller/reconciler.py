@@ -14,27 +14,37 @@ with the last good result (the control loop never dies on one bad step):
 
   1. take the pending inputs (snapshot, observations, leases);
   2. gate a new commit before anything of it takes effect: staged CA root rotation
-     (`federation.core.rotation_gate`) compares its CA specs with the applied ones and the leaves the CA
-     issued; a commit that skips a stage or would invalidate live certificates is rejected like an
-     invalid commit (problem MF0407) and the last applied snapshot is rendered instead. Rendering
-     is what loads the CAs (`CoreRender.bundle_roots` -> the config server's `ensure_cas`), so a
-     rejected commit never switches the signer;
+     (`federation.core.rotation_gate`) compares its CA specs with the *applied* ones and the leaves
+     the CA issued; a commit that skips a stage or would invalidate live certificates is rejected
+     like an invalid commit (problem MF0407) and the last rendered snapshot stays — unless it is
+     safe once the revision still *applying* is applied: then it waits for that. The removal
+     guard (`federation.core.removal`, MF0516) refuses a commit that removes too much of the fleet.
+     Rendering is what loads the CAs (`CoreRender.bundle_roots` -> the config server's
+     `ensure_cas`), so a rejected commit never switches the signer. Clusters the commit removes
+     start draining (their proxies stay authorized: `ClusterOps.set_draining`);
   3. take the verdict of the proxies' health reports (`federation.core.health`);
   4. render every proxy's config (a failure keeps the last good configs and is reported): the
      render hands the verdict to the failover engine, which ejects and unejects endpoints, and
-     evaluates failover, from it;
-  5. checkpoint: record the revision attempt (applied only when rendering succeeded) and the
-     applied CA specs (the gate's reference, also after a restart);
-  6. push the configs that changed (the config server diffs and versions them per proxy) —
-     once warm: after a (re)start nothing is pushed until every cluster of the snapshot has sent a
-     complete observation (a fresh LIST), or `warmup_max_s` has passed. Proxies still run the
-     configs of the previous controller; a render from a partial view would withdraw the
-     endpoints of the clusters not listed yet (istiod likewise waits for its informers' sync);
-  7. record events (failovers) in the store.
+     evaluates failover, from it; draining clusters are not rendered (every other proxy's view
+     loses them);
+  5. checkpoint: record the attempt — *applying* until the proxies ACK it;
+  6. deliver the configs that changed to the config service, and removals of proxies no longer
+     rendered (the config service diffs and versions them per proxy) — once warm: after a
+     (re)start nothing is pushed until every cluster of the snapshot has sent a complete
+     observation (a fresh LIST), or `warmup_max_s` has passed. Proxies still run the configs of
+     the previous controller; a render from a partial view would withdraw the endpoints of the
+     clusters not listed yet (istiod likewise waits for its informers' sync). A delivery that
+     fails is retried with backoff (`due` turns true again), never dropped;
+  7. rollout: ask the config service which rendered proxies run the applying revision; when the
+     quorum is reached (`federation.core.rollout`) it becomes the applied revision, its CA specs
+     the gate's reference, and drains of clusters it no longer has are withdrawn;
+  8. drains whose withdrawal is applied and whose grace is over: the cluster is removed (its
+     proxies forgotten, its credentials revoked, its agent stopped by the driver);
+  9. record events (failovers, drains) in the store.
 
 Flux semantics: `last_attempted` is the newest revision we tried (with its problems);
-`last_applied` the newest that rendered and was pushed. A bad commit leaves every proxy on the
-last applied revision.
+`last_applied` the newest that rendered, was delivered and was ACKed by the proxies' quorum. A
+bad commit leaves every proxy on the last applied revision.
 
 Health: each proxy reports, per (service, endpoint), whether its local outlier detection ejects
 it (`on_health`). The vote (`federation.core.health.HealthAggregator`: a quorum of fresh
@@ -47,15 +57,25 @@ explain shows them. `unhealthy` is the last verdict the render applied.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from clusters.kube.observation import ClusterObservation
+from federation.controller import queries
 from federation.core.health import (
     EndpointReport as EndpointReport,  # re-exported: federation.ray imports it here
 )
 from federation.core.health import HealthAggregator, HealthKey, HealthVerdict
+from federation.core.removal import (
+    Drain,
+    guard_removal,
+    mark_withdrawn,
+    removed_event,
+    start_drains,
+    step_drains,
+)
+from federation.core.rollout import APPLY_TIMEOUT_S, ProxyRollout, RolloutDecision, decide_rollout
 from federation.core.rotation_gate import ca_spec_from_dict, ca_spec_to_dict, ca_specs_of, gate_commit
 from gitops.model import CaSpec, ConfigSnapshot
 from gitops.problems import Problem
@@ -64,6 +84,9 @@ from ztunnel.api.config import ProxyConfig, ProxyMode
 DEBOUNCE_AFTER_S = 0.1
 DEBOUNCE_MAX_S = 10.0
 WARMUP_MAX_S = 30.0
+DELIVERY_RETRY_INITIAL_S = 0.2
+DELIVERY_RETRY_MAX_S = 10.0
+MAX_LISTED_UNDELIVERED = 100
 
 
 # --- debounce -----------------------------------------------------------------------------------
@@ -120,7 +143,17 @@ class RenderOutput:
 
 
 RenderFn = Callable[[RenderInput], RenderOutput]
-PushFn = Callable[[Mapping[str, ProxyConfig]], None]
+PushFn = Callable[[Mapping[str, ProxyConfig]], None]          # raises when the config service did not take them
+ForgetFn = Callable[[Collection[str]], None]                  # proxies no longer rendered
+RolloutFn = Callable[[str, Sequence[str]], Sequence[ProxyRollout]]   # revision, rendered proxies -> facts
+
+
+class ClusterOps(Protocol):
+    """What the config service does for a cluster leaving the fleet (`federation.core.removal`)."""
+
+    def set_draining(self, clusters: Mapping[str, str]) -> None: ...
+
+    def remove_cluster(self, cluster: str, why: str) -> Sequence[str]: ...
 
 
 @dataclass
@@ -130,27 +163,59 @@ class StepFailure:
     at_s: float
 
 
+@dataclass
+class Applying:
+    """A revision that rendered and was handed to the config service, until its rollout quorum."""
+
+    snapshot: ConfigSnapshot
+    since_s: float
+
+    @property
+    def revision(self) -> str:
+        return self.snapshot.revision.sha
+
+
+def _cluster_of(proxy_id: str) -> str:
+    parts = proxy_id.split("/")
+    return parts[1] if len(parts) >= 2 else ""
+
+
 class Reconciler:
     """Invariants: `configs` is the last good render (what proxies should run); it changes only when
-    a render succeeds; `applied_revision` names the snapshot that produced it."""
+    a render succeeds. `delivered` is what the config service accepted of it (a failed push leaves
+    the difference undelivered and retries it with backoff). `applied` names the newest revision
+    whose rollout reached the quorum (`federation.core.rollout`); `applying` the rendered one
+    still waiting for it. `drains` are the clusters on their way out (`federation.core.removal`)."""
 
     def __init__(self, render: RenderFn, push: PushFn, store: Any = None,
                  debounce: Debouncer | None = None, aggregator: HealthAggregator | None = None,
-                 clock: Callable[[], float] = time.time, warmup_max_s: float = WARMUP_MAX_S) -> None:
+                 clock: Callable[[], float] = time.time, warmup_max_s: float = WARMUP_MAX_S, *,
+                 forget: ForgetFn | None = None, rollout: RolloutFn | None = None,
+                 cluster_ops: ClusterOps | None = None, apply_timeout_s: float = APPLY_TIMEOUT_S) -> None:
+        """`rollout` None: nobody to ask, a revision is applied once pushed (tests, benchmarks)."""
         self.render, self.push, self.store = render, push, store
+        self.forget, self.rollout, self.cluster_ops = forget, rollout, cluster_ops
+        self.apply_timeout_s = apply_timeout_s
         self.warmup_max_s = warmup_max_s
         self.started_s: float | None = None   # first input seen (clock of the callers)
         self.warm = False
         self.debounce = debounce or Debouncer()
         self.aggregator = aggregator or HealthAggregator()
         self.clock = clock
-        self.snapshot: ConfigSnapshot | None = None          # last applied (good) snapshot
+        self.snapshot: ConfigSnapshot | None = None          # last rendered (good) snapshot
         self.pending_snapshot: ConfigSnapshot | None = None
         self.observations: dict[str, ClusterObservation] = {}
         self.leases: dict[str, float] = {}
         self.configs: dict[str, ProxyConfig] = {}
+        self.delivered: dict[str, ProxyConfig] = {}
+        self.delivery_failures = 0
+        self.delivery_error = ""
+        self.delivery_retry_at_s: float | None = None
         self.attempted: dict[str, Any] = {}                  # revision, subject, ok, problems
         self.applied: dict[str, Any] = {}
+        self.applying: Applying | None = None
+        self.rollout_decision: RolloutDecision | None = None
+        self.waiting: dict[str, Any] = {}                    # a commit held until the applying one is applied
         self.problems: list[dict[str, Any]] = []             # of the last attempt
         self.render_problems: list[str] = []
         self.failures: list[StepFailure] = []
@@ -161,6 +226,8 @@ class Reconciler:
         self.unhealthy: frozenset[HealthKey] = frozenset()   # the last verdict the render applied
         self.events: list[Any] = []
         self.applied_ca: dict[str, CaSpec] = {}              # CA specs of the applied revision (the gate's reference)
+        self.drains: dict[str, Drain] = {}
+        self.removed_clusters: list[dict[str, Any]] = []     # the last few drains that finished
         self._recover_from_store()
 
     def _recover_from_store(self) -> None:
@@ -168,7 +235,7 @@ class Reconciler:
             return
         att, app = self.store.last_attempted(), self.store.last_applied()
         if att is not None:
-            self.attempted = {"revision": att.sha, "subject": att.subject, "ok": att.outcome == "applied",
+            self.attempted = {"revision": att.sha, "subject": att.subject, "ok": att.outcome != "failed",
                               "at_s": att.attempted_at_s}
             self.problems = list(att.problems)
         if app is not None:
@@ -176,17 +243,23 @@ class Reconciler:
         specs = self.store.applied_ca_specs()
         if specs:
             self.applied_ca = {td: ca_spec_from_dict(d) for td, d in specs.items()}
+        drains = self.store.drains() if hasattr(self.store, "drains") else None
+        if drains:
+            self.drains = {d["cluster"]: Drain.from_dict(d) for d in drains}
+            self._call_cluster_ops("drains", lambda ops: ops.set_draining(self._draining_tds()), self.clock())
 
     # --- inputs (cheap; mark dirty) -------------------------------------------------------------
 
     def on_snapshot(self, snapshot: ConfigSnapshot, now_s: float | None = None) -> None:
         self.pending_snapshot = snapshot
+        self.waiting = {}
         self.debounce.note(self.clock() if now_s is None else now_s)
 
     def on_fallback_snapshot(self, snapshot: ConfigSnapshot) -> None:
-        """The last applied revision, reloaded from Git after a restart because the branch head was
-        rejected: adopt it as the last known good (no attempt recorded) when none is in memory, so
-        the proxies keep being served while the head stays the failed "desired" revision."""
+        """The last applied revision, reloaded from Git after a restart because the branch head
+        would be rejected or removes clusters: adopt it as the last known good (no attempt
+        recorded) when none is in memory, so the proxies keep being served while the head is
+        judged against it."""
         if self.snapshot is None:
             self.snapshot = snapshot
 
@@ -222,75 +295,111 @@ class Reconciler:
     # --- the loop --------------------------------------------------------------------------------
 
     def due(self, now_s: float) -> bool:
-        return self.debounce.due(now_s)
+        return self.debounce.due(now_s) or self._delivery_due(now_s)
+
+    def _delivery_due(self, now_s: float) -> bool:
+        return self.delivery_retry_at_s is not None and now_s >= self.delivery_retry_at_s
+
+    def deadline_s(self) -> float | None:
+        """When `due` turns true next without new input (the debounce, or a delivery retry)."""
+        times = [t for t in (self.debounce.deadline_s(), self.delivery_retry_at_s) if t is not None]
+        return min(times) if times else None
 
     def reconcile(self, now_s: float | None = None, force: bool = False) -> bool:
-        """Run the steps if debounced changes are due (or `force`). True when it ran."""
+        """Run the steps if debounced changes are due (or `force`). True when it ran. Only a
+        delivery retry due: deliver what is undelivered, nothing is rendered."""
         now = self.clock() if now_s is None else now_s
         if not force and not self.debounce.due(now):
-            return False
+            if not self._delivery_due(now):
+                return False
+            self._deliver(now)
+            self._advance_rollout(now)
+            return True
         started = time.perf_counter()
         self.debounce.take()
         self.reconciles += 1
+        events: list[Any] = []
         # 1. take inputs
-        snapshot = self.pending_snapshot or self.snapshot
-        if snapshot is None:
+        candidate = self.pending_snapshot
+        if candidate is None and self.snapshot is None:
             return True  # nothing to render until the first good snapshot arrives
-        # 2. gate the new commit (staged CA root rotation) before anything of it is applied
-        if self.pending_snapshot is not None and not self._gate(self.pending_snapshot, now):
-            snapshot = self.snapshot
-            if snapshot is None:
-                return True
+        # 2. gate the new commit (staged CA root rotation, removal guard) before anything of it is applied
+        if candidate is not None:
+            verdict_of_gate = self._gate(candidate, now)
+            if verdict_of_gate != "ok":
+                candidate = None
+                if self.snapshot is None:
+                    return True
+        snapshot = candidate or self.snapshot
+        assert snapshot is not None
+        drains_before = dict(self.drains)
+        if candidate is not None and self.snapshot is not None:
+            self.drains, drain_events = start_drains(self.snapshot, candidate, self.drains, now,
+                                                     queries.fleet_clusters(self.snapshot))
+            if drain_events:
+                events.extend(drain_events)
+                self._call_cluster_ops("drains", lambda ops: ops.set_draining(self._draining_tds()), now)
         # 3. the health verdict (described for what it ejects and for what it may stop ejecting)
         verdict: HealthVerdict = self._guard("aggregate", lambda: self.aggregator.verdict(now, also=self.unhealthy),
                                              HealthVerdict(self.unhealthy), now)
         unhealthy = verdict.unhealthy
-        # 4. render (the engine applies the verdict)
-        out = self._guard("render", lambda: self.render(RenderInput(snapshot, dict(self.observations),
-                                                                     dict(self.leases), unhealthy, now,
-                                                                     verdict.triggers)),
+        # 4. render (the engine applies the verdict); draining clusters' observations are not the fleet's
+        observed = {c: o for c, o in self.observations.items() if c not in self.drains}
+        out = self._guard("render", lambda: self.render(RenderInput(snapshot, observed, dict(self.leases),
+                                                                     unhealthy, now, verdict.triggers)),
                           None, now)
         if out is None:
-            if self.pending_snapshot is not None:
-                rev = self.pending_snapshot.revision
+            if candidate is not None:
+                rev = candidate.revision
                 self.on_fleet_error(rev.sha, rev.subject, [{"code": "MF-RENDER", "message": self.failures[-1].error,
                                                             "hint": "a controller bug or an unsupported combination; "
                                                                     "the proxies keep the last applied revision"}], now)
                 self.pending_snapshot = None
+                if self.drains != drains_before:
+                    self.drains = drains_before
+                    self._call_cluster_ops("drains", lambda ops: ops.set_draining(self._draining_tds()), now)
             return True
-        # 5. checkpoint the revision
+        # 5. checkpoint the revision: applying until the proxies ACK it (applied at once without `rollout`)
         self.unhealthy = unhealthy
-        if self.pending_snapshot is not None:
-            applied = self.pending_snapshot
-            rev = applied.revision
-            self.snapshot, self.pending_snapshot = applied, None
+        if candidate is not None:
+            rev = candidate.revision
+            self.snapshot, self.pending_snapshot = candidate, None
             self.attempted = {"revision": rev.sha, "subject": rev.subject, "ok": True, "at_s": now}
-            self.applied = {"revision": rev.sha, "subject": rev.subject, "at_s": now}
             self.problems = []
-            self.applied_ca = ca_specs_of(applied)
+            self.applying = Applying(candidate, now)
             if self.store is not None:
-                self._guard("checkpoint", lambda: self._checkpoint(rev.sha, rev.subject, applied, now), None, now)
+                # without `rollout` nobody will confirm it: recorded applied now, as a store without
+                # an "applying" state expects
+                extra = {"applying": True} if self.rollout is not None else {}
+                self._guard("checkpoint", lambda: self.store.record_attempt(rev.sha, rev.subject, ok=True, at_s=now,
+                                                                            **extra), None, now)
+                self._save_drains(now)
         self.render_problems = list(out.problems)
-        # 6. push what changed (once warm: see the module docstring)
+        # 6. deliver what changed to the config service (once warm: see the module docstring)
         if not self._warm_up(snapshot, now):
             self.debounce.note(now)  # come back when more observations may have arrived
             return True
-        changed = {pid: cfg for pid, cfg in out.configs.items() if self.configs.get(pid) != cfg}
         self.configs = dict(out.configs)
-        if changed:
-            self._guard("push", lambda: self.push(changed), None, now)
-            self.pushed_proxies += len(changed)
-        # 7. events
-        if out.events:
-            self._guard("events", lambda: self._record_events(out.events), None, now)
+        self._deliver(now)
+        # 7. the rollout: applied once the proxies' ACKs reach the quorum
+        self._advance_rollout(now)
+        # 8. drains whose withdrawal is applied and whose grace is over: forget the cluster
+        events.extend(self._finish_drains(now))
+        # 9. events
+        events.extend(out.events)
+        if events:
+            self._guard("events", lambda: self._record_events(events), None, now)
         self.last_duration_s = time.perf_counter() - started
         self.durations_s = ([*self.durations_s, self.last_duration_s])[-200:]
         return True
 
-    def _gate(self, candidate: ConfigSnapshot, now_s: float) -> bool:
-        """Step 2. False (and the commit recorded as a failed attempt) when it must not be applied.
-        Fails closed: if the check itself cannot run (e.g. the store is unreadable), the commit is
-        rejected with that error, since applying it might switch or drop a root unsafely."""
+    # --- steps ---------------------------------------------------------------------------------
+
+    def _gate(self, candidate: ConfigSnapshot, now_s: float) -> str:
+        """Step 2: "ok", "rejected" (recorded as a failed attempt) or "waiting" (the rotation is
+        safe once the revision being applied is applied: the candidate is held until then, or
+        rejected if that revision does not apply within the timeout). Fails closed: if a check
+        cannot run (e.g. the store is unreadable), the commit is rejected with that error."""
         def live(td: str) -> Mapping[str, float]:
             return dict(self.store.leaf_not_after(td)) if self.store is not None else {}
 
@@ -301,17 +410,142 @@ class Reconciler:
                                                        + self.failures[-1].error,
                          "hint": "check the controller's state directory (controller.sqlite); the proxies keep "
                                  "the last applied revision, push again or restart the controller to retry"}]
+        elif problems and self.applying is not None and self.applying.revision != candidate.revision.sha:
+            ahead = ca_specs_of(self.applying.snapshot)
+            overdue = self.rollout_decision is not None and self.rollout_decision.overdue
+            if not overdue and not self._guard("gate", lambda: gate_commit(ahead, candidate, live, now_s), [0], now_s):
+                self.waiting = {"revision": candidate.revision.sha, "subject": candidate.revision.subject,
+                                "behind": self.applying.revision, "since_s": self.waiting.get("since_s", now_s)}
+                return "waiting"
+        if not problems and self.snapshot is not None:
+            problems = [p.as_dict() for p in guard_removal(self.snapshot, candidate, self.observations.values())]
         if not problems:
-            return True
+            self.waiting = {}
+            return "ok"
         rev = candidate.revision
         self.pending_snapshot = None
+        self.waiting = {}
         self.on_fleet_error(rev.sha, rev.subject, problems, now_s)
-        return False
+        return "rejected"
 
-    def _checkpoint(self, sha: str, subject: str, snapshot: ConfigSnapshot, now_s: float) -> None:
+    def _deliver(self, now_s: float) -> None:
+        """Hand the config service what it does not have yet: changed configs, and removals of
+        proxies no longer rendered (a draining cluster's proxies keep theirs until it is removed).
+        A failure leaves them undelivered and retries after a backoff (any new render waits too)."""
+        changed = {pid: cfg for pid, cfg in self.configs.items() if self.delivered.get(pid) != cfg}
+        removed = sorted(pid for pid in self.delivered if pid not in self.configs
+                         and _cluster_of(pid) not in self.drains)
+        if not changed and not removed:
+            self.delivery_retry_at_s = None
+            return
+        if self.delivery_retry_at_s is not None and now_s < self.delivery_retry_at_s:
+            return
+        try:
+            if changed:
+                self.push(changed)
+                self.delivered.update(changed)
+                self.pushed_proxies += len(changed)
+            if removed and self.forget is not None:
+                self.forget(removed)
+            for pid in removed:
+                self.delivered.pop(pid, None)
+        except Exception as e:
+            self.delivery_failures += 1
+            self.delivery_error = f"{type(e).__name__}: {e}"
+            delay = min(DELIVERY_RETRY_MAX_S, DELIVERY_RETRY_INITIAL_S * 2 ** (self.delivery_failures - 1))
+            self.delivery_retry_at_s = now_s + delay
+            self.failures = ([*self.failures, StepFailure("push", self.delivery_error, now_s)])[-50:]
+            return
+        self.delivery_failures, self.delivery_retry_at_s = 0, None
+
+    def undelivered(self) -> list[str]:
+        return sorted({pid for pid, cfg in self.configs.items() if self.delivered.get(pid) != cfg}
+                      | {pid for pid in self.delivered if pid not in self.configs and _cluster_of(pid) not in self.drains})
+
+    def _advance_rollout(self, now_s: float) -> None:
+        a = self.applying
+        if a is None or not self.warm:
+            return
+        if self.rollout is None:  # nobody to ask: applied once the config service has it all
+            if not self.undelivered():
+                self._mark_applied(a, now_s)
+            return
+        facts: Any = self._guard("rollout", lambda: self.rollout(a.revision, sorted(self.configs)), None, now_s)  # type: ignore[misc]
+        if facts is None:
+            return
+        self.rollout_decision = decide_rollout(a.revision, facts, a.since_s, now_s, self.apply_timeout_s)
+        if self.rollout_decision.applied:
+            self._mark_applied(a, now_s)
+
+    def _mark_applied(self, a: Applying, now_s: float) -> None:
+        rev = a.snapshot.revision
+        self.applying, self.rollout_decision = None, None
+        self.applied = {"revision": rev.sha, "subject": rev.subject, "at_s": now_s}
+        self.applied_ca = ca_specs_of(a.snapshot)
+        self.drains = mark_withdrawn(self.drains, a.snapshot, now_s)
+        if self.store is not None:
+            self._guard("checkpoint", lambda: self._checkpoint_applied(a.snapshot, now_s), None, now_s)
+        if self.waiting:
+            self.debounce.note(now_s)  # the commit held behind this one: gate it again now
+
+    def _checkpoint_applied(self, snapshot: ConfigSnapshot, now_s: float) -> None:
         assert self.store is not None
-        self.store.record_attempt(sha, subject, ok=True, at_s=now_s)
+        if self.rollout is not None:
+            self.store.mark_applied(snapshot.revision.sha)
         self.store.record_applied_ca_specs({td: ca_spec_to_dict(spec) for td, spec in ca_specs_of(snapshot).items()})
+        if hasattr(self.store, "record_applied_clusters"):
+            self.store.record_applied_clusters(sorted(snapshot.clusters))
+        self._save_drains(now_s)
+
+    def restore_cluster_ops(self, now_s: float) -> None:
+        """The config service restarted: tell it again which clusters are draining."""
+        if self.drains:
+            self._call_cluster_ops("drains", lambda ops: ops.set_draining(self._draining_tds()), now_s)
+
+    def _draining_tds(self) -> dict[str, str]:
+        return {c: d.trust_domain for c, d in self.drains.items()}
+
+    def _save_drains(self, now_s: float) -> None:
+        if self.store is not None and hasattr(self.store, "record_drains"):
+            self._guard("checkpoint", lambda: self.store.record_drains([d.as_dict() for d in self.drains.values()]),
+                        None, now_s)
+
+    def _call_cluster_ops(self, step: str, fn: Callable[[ClusterOps], Any], now_s: float) -> Any:
+        if self.cluster_ops is None:
+            return None
+        ops: ClusterOps = self.cluster_ops
+        return self._guard(step, lambda: fn(ops), None, now_s)
+
+    def _finish_drains(self, now_s: float) -> list[Any]:
+        self.drains, done = step_drains(self.drains, now_s)
+        events: list[Any] = []
+        for d in done:
+            why = f"cluster {d.cluster} removed by commit {d.revision[:8]}"
+            mine = sorted(pid for pid in self.delivered if _cluster_of(pid) == d.cluster)
+            def remove(ops: ClusterOps, c: str = d.cluster, w: str = why) -> Sequence[str]:
+                return ops.remove_cluster(c, w)
+
+            forgotten = self._call_cluster_ops("drains", remove, now_s)
+            if forgotten is None:
+                if self.cluster_ops is not None:  # it failed: try again at the next run
+                    self.drains[d.cluster] = d
+                    continue
+                if mine and self.forget is not None:
+                    self._guard("drains", lambda m=mine: self.forget(m), None, now_s)  # type: ignore[misc]
+                forgotten = mine
+            for pid in mine:
+                self.delivered.pop(pid, None)
+            self.observations.pop(d.cluster, None)
+            self.leases.pop(d.cluster, None)
+            ev = removed_event(d, now_s, set(forgotten) | set(mine))
+            events.append(ev)
+            self.removed_clusters = [*self.removed_clusters, {"cluster": d.cluster, "at_s": now_s,
+                                                               "revision": d.revision,
+                                                               "proxies_forgotten": list(ev.proxies_forgotten)}][-10:]
+        if done:
+            self._call_cluster_ops("drains", lambda ops: ops.set_draining(self._draining_tds()), now_s)
+            self._save_drains(now_s)
+        return events
 
     def _warm_up(self, snapshot: ConfigSnapshot, now_s: float) -> bool:
         if not self.warm:
@@ -347,6 +581,14 @@ class Reconciler:
 
     # --- status ----------------------------------------------------------------------------------
 
+    def fleet_clusters(self) -> dict[str, dict[str, Any]]:
+        """The agents the driver runs: the clusters of the rendered revision and the draining ones."""
+        out = queries.fleet_clusters(self.snapshot)
+        for name, d in self.drains.items():
+            if d.agent and name not in out:
+                out[name] = {**d.agent, "draining": True}
+        return out
+
     def status(self) -> dict[str, Any]:
         clusters = {}
         for name in sorted(set(self.observations) | set(self.leases)):
@@ -358,10 +600,22 @@ class Reconciler:
                 "services": len(obs.services) if obs else 0,
                 "endpoints": len(obs.endpoints) if obs else 0,
                 "ready_endpoints": sum(1 for e in obs.endpoints if e.ready) if obs else 0,
+                "draining": name in self.drains,
             }
+        undelivered = self.undelivered()
+        now = self.clock()
+        applying: dict[str, Any] | None = None
+        if self.applying is not None:
+            rev = self.applying.snapshot.revision
+            applying = {"revision": rev.sha, "subject": rev.subject, "since_s": self.applying.since_s,
+                        "timeout_s": self.apply_timeout_s,
+                        **({k: v for k, v in self.rollout_decision.as_dict().items() if k != "revision"}
+                           if self.rollout_decision is not None else {})}
         return {
             "desired": self.attempted,
             "applied": self.applied,
+            "applying": applying,
+            "waiting": self.waiting or None,
             "problems": self.problems,
             "render_problems": self.render_problems,
             "step_failures": [f.__dict__ for f in self.failures[-10:]],
@@ -370,6 +624,13 @@ class Reconciler:
             "last_reconcile_ms": round(self.last_duration_s * 1000, 3),
             "unhealthy_endpoints": sorted(f"{s} {e}" for s, e in self.unhealthy),
             "proxies_rendered": len(self.configs),
+            "undelivered": len(undelivered),
+            "undelivered_proxies": undelivered[:MAX_LISTED_UNDELIVERED],
+            "delivery": {"failures": self.delivery_failures, "last_error": self.delivery_error,
+                         "retry_in_s": (round(max(0.0, self.delivery_retry_at_s - now), 2)
+                                        if self.delivery_retry_at_s is not None else None)},
+            "draining": [{**d.as_dict(), "withdrawn": d.withdrawn_at_s is not None} for d in self.drains.values()],
+            "removed_clusters": list(self.removed_clusters),
             "warm": self.warm,
             "active_failovers": [r.as_dict() for r in self.store.active_failovers()] if self.store else [],
         }

@@ -218,6 +218,9 @@ class SigningPolicy:
         self.trust_domains: dict[str, TrustDomain] = {}
         self._serving: ServingCertificates | None = None
         self.serving_renewals = 0
+        # clusters removed from the fleet but still draining (`federation.core.removal`): their
+        # proxies keep acting as themselves and renewing until the drain is over
+        self.draining_tds: dict[str, str] = {}
 
     # --- CAs -----------------------------------------------------------------------------------
 
@@ -253,9 +256,13 @@ class SigningPolicy:
 
     # --- who may act as whom ------------------------------------------------------------------
 
+    def member_tds(self) -> dict[str, str]:
+        """Cluster -> trust domain of every cluster whose proxies may act: members and draining."""
+        return {**self.draining_tds, **self.cluster_tds}
+
     def authorize(self, proxy_id: str, identity: str) -> str:
         """"" when `identity` may act as `proxy_id`, else the reason (see `ProxyAuthorizer`)."""
-        return ProxyAuthorizer(self.cluster_tds, PROXY_NAMESPACE)(proxy_id, identity)
+        return ProxyAuthorizer(self.member_tds(), PROXY_NAMESPACE)(proxy_id, identity)
 
     def verify_client(self, leaf_pem: bytes) -> str:
         """Trust-domain-bound verification of a proxy's client certificate against our own CAs:
@@ -287,7 +294,7 @@ class SigningPolicy:
 
         from federation.controller.ca import CsrDenied, Entitlement
 
-        td = self.cluster_tds.get(who.cluster)
+        td = self.member_tds().get(who.cluster)
         ca = self.cas.get(td or "")
         if td is None or ca is None:
             raise PermissionError(f"proxy {who.proxy_id}: cluster {who.cluster!r} has no CA here "

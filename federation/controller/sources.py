@@ -203,9 +203,17 @@ class ClusterAgent:
     ends without change produces no observation. So a heartbeat thread runs every `ttl/3`: when no
     request has succeeded for that long it sends a cheap one (`KubeDiscovery.probe`, GET /version),
     then reports the last success to the reconciler (`send_lease`), which keeps the failover
-    engine's lease Live. When the agent's lease had lapsed and the API answers again, it sends a
-    complete observation: recovering an Expired (or Fenced) lease takes a complete view, not a ping.
+    engine's lease Live. When the API answers again after the reconciler has heard nothing for most
+    of a TTL (`told_s`: the latest success it was told of, by heartbeat or observation), the agent
+    LISTs everything and sends that complete observation: recovering an Expired (or Fenced) lease
+    takes a complete, fresh view, not a ping. That decision rests on what the reconciler was told,
+    not on the agent's own lease at some instant: a probe that blocked across the outage, or a
+    status read, must not hide the lapse (the engine would stay Expired — under Withdraw, the
+    cluster withdrawn — until something in the cluster changed; found by a chaos experiment,
+    examples/chaos/api-outage-withdraw.yaml).
     """
+
+    RESEND_AFTER_TTL_FRACTION = 0.8  # resending a complete view is harmless: err on that side
 
     def __init__(self, cluster: str, kubeconfig: str | None, context: str, api_kind: str = ClusterApiKind.KUBECONFIG.value,
                  lease_ttl_s: float = 30.0, namespace_selector: str = "", watch_timeout_s: int = 30,
@@ -230,6 +238,8 @@ class ClusterAgent:
         self.sent = 0
         self.heartbeats = 0
         self.probes = 0
+        self.resends = 0
+        self.told_s: float | None = None  # latest API success the reconciler has been told of (agent's clock)
 
     def start(self, send: Callable[[bytes], None], send_lease: Callable[[str, float], None] | None = None) -> None:
         self._send = send
@@ -259,7 +269,6 @@ class ClusterAgent:
         from clusters.kube.discovery import DiscoveryError
 
         now = self.clock()
-        lapsed = not self.lease.valid(now)
         if self.discovery.failing_kinds():
             return  # a kind we cannot list or watch: we do not see the cluster; let the lease run out
         last = self.discovery.last_success_s
@@ -269,13 +278,16 @@ class ClusterAgent:
                 self.probes += 1
             except DiscoveryError:
                 return  # the API does not answer: let the lease run out
-        if lapsed:
-            # recovering takes a complete, fresh view (a LIST of every kind), not the cache
+        told = self.told_s
+        if told is None or self.clock() - told >= self.RESEND_AFTER_TTL_FRACTION * self.lease.ttl_s:
+            # the reconciler may have expired the lease: recovering takes a complete, fresh view
+            # (a LIST of every kind), not the cache
             try:
                 obs = self.discovery.list_all()
             except DiscoveryError:
                 return
             self._on_change(obs)
+            self.resends += 1
         self.renew_from_discovery()
         renewed = self.lease.renewed_at_s
         if renewed is None:
@@ -284,6 +296,12 @@ class ClusterAgent:
             # an age, not a timestamp: the reconciler may run on another node with another clock
             self._send_lease(self.cluster, max(0.0, self.clock() - renewed))
             self.heartbeats += 1
+            self._told(renewed)
+
+    def _told(self, at_s: float) -> None:
+        with self._cv:
+            if self.told_s is None or at_s > self.told_s:
+                self.told_s = at_s
 
     def _send_loop(self) -> None:
         while True:
@@ -297,6 +315,7 @@ class ClusterAgent:
             try:
                 self._send(encode_observation(obs))
                 self.sent += 1
+                self._told(obs.observed_at_s)
             except Exception:  # the reconciler restarts; the next change or resync re-sends
                 with self._cv:
                     if self._latest is None:
@@ -323,12 +342,18 @@ class ClusterAgent:
             self._cv.notify()
 
     def status(self) -> dict[str, Any]:
+        """What the lease would say if renewed now — without renewing it (only the heartbeat renews
+        from discovery)."""
         now = self.clock()
-        self.renew_from_discovery()
+        last = self.discovery.last_success_s
+        renewed = self.lease.renewed_at_s
+        if last is not None and (renewed is None or last > renewed):
+            renewed = last
+        view = Lease(self.lease.ttl_s, renewed)
         obs = self.discovery.observation()
         return {
             "cluster": self.cluster, "api": self.api_kind, "context": self.discovery.context,
-            "up": self.lease.valid(now), "lease_remaining_s": round(self.lease.remaining_s(now), 1),
-            "lease_renewed_at_s": self.lease.renewed_at_s, "complete": obs.complete,
+            "up": view.valid(now), "lease_remaining_s": round(view.remaining_s(now), 1),
+            "lease_renewed_at_s": renewed, "complete": obs.complete,
             "endpoints": len(obs.endpoints), "last_error": self.discovery.last_error,
         }

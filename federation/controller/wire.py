@@ -20,7 +20,7 @@ import copyreg
 import json
 import pickle
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -28,7 +28,7 @@ from typing import Any
 from clusters.kube.observation import ClusterObservation
 from federation.controller.reconciler import EndpointReport
 from gitops.model import ConfigSnapshot
-from ztunnel.api.codec import decode_delta, encode_delta, template_from_header
+from ztunnel.api.codec import decode_delta, encode_delta, header_to_pb, template_from_header
 from ztunnel.api.config import ConfigDelta, ProxyConfig, diff_configs
 from ztunnel.api.proto import meshfed_pb2 as pb
 
@@ -104,6 +104,16 @@ def encode_config_deltas(changes: Iterable[tuple[ProxyConfig | None, ProxyConfig
     msgs: list[bytes] = []
     for old, new in changes:
         msgs.extend(m.SerializeToString() for m in encode_delta(diff_configs(old, new), new, "", UNLIMITED_BYTES))
+    return pack(msgs)
+
+
+def encode_removals(proxy_ids: Iterable[str], known: Mapping[str, ProxyConfig]) -> bytes:
+    """One removal per proxy (an empty full state with nonce `REMOVE_NONCE`): the service forgets it."""
+    msgs = []
+    for pid in proxy_ids:
+        cfg = known.get(pid)
+        header = header_to_pb(cfg) if cfg is not None else pb.ProxyHeader(proxy_id=pid)
+        msgs.append(pb.ConfigResponse(nonce=REMOVE_NONCE, base_version=0, proxy=header).SerializeToString())
     return pack(msgs)
 
 

@@ -23,6 +23,7 @@ removed while we were down.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import ray
@@ -31,6 +32,7 @@ from federation.controller.config_service import ConfigService
 from federation.controller.git_feed import GitFeed
 from federation.controller.reconcile_service import ReconcileService
 from federation.controller.sources import ClusterAgent
+from federation.controller.statelock import StateDirLock
 from federation.controller.wire import (
     decode_health_report,
     decode_json,
@@ -45,13 +47,28 @@ from federation.server.grpc_services import config_server_for, serve
 
 
 class ConfigServerHost:
-    """The state owner. The CA refuses to be pickled: keys stay in this process."""
+    """The state owner. The CA refuses to be pickled: keys stay in this process. It takes the state
+    directory's lock before anything else (waiting while another process holds it: the driver
+    already refused or waited as a standby, so this waits only out a restarting predecessor).
 
-    def __init__(self, state_dir: str, insecure: bool, kubeconfig: str | None = None) -> None:
+    An async actor: Ray runs every method, sync ones included, on the one event loop that also
+    serves the proxies' gRPC streams. So whatever may block on the disk — sqlite (another writer
+    holds the database for up to the store's busy timeout), CA keys and certificates, credential
+    files — is an `async` method that runs that part on a worker thread (`asyncio.to_thread`);
+    those touching CA and credential files one at a time (`_files`). What stays synchronous touches
+    memory only, and the distributor (which is the loop's, unlocked) is only ever touched on the
+    loop. The store is safe on any thread (it serializes on its own lock)."""
+
+    def __init__(self, state_dir: str, insecure: bool, history_retention_s: float | None = None,
+                 kubeconfig: str | None = None) -> None:
+        lock = StateDirLock(state_dir)
+        lock.acquire(wait=True)
         # kubeconfig: for the TokenReviews of proxies' ServiceAccount tokens (each in its own cluster)
-        self.service = ConfigService(state_dir, insecure, kubeconfig=kubeconfig)
+        self.service = ConfigService(state_dir, insecure, lock=lock, history_retention_s=history_retention_s,
+                                     kubeconfig=kubeconfig)
         self.server = config_server_for(self.service, on_health=self._forward_health)
         self.reconciler: Any = None
+        self._files = asyncio.Lock()
 
     async def start(self, listen: str, reconciler: Any, bootstrap_listen: str | None = None) -> tuple[int, int]:
         """(config port, bootstrap port); see `federation.server.grpc_services.serve`."""
@@ -62,14 +79,29 @@ class ConfigServerHost:
         if self.reconciler is not None:
             self.reconciler.on_health.remote(proxy_id, report.SerializeToString())
 
-    def ensure_cas(self, blob: bytes) -> dict[str, tuple[str, ...]]:
-        return self.service.ensure_cas(decode_snapshot(blob))
+    async def ensure_cas(self, blob: bytes) -> dict[str, tuple[str, ...]]:
+        snap = decode_snapshot(blob)
+        async with self._files:   # CA keys, certificates, tokens, controller-roots.pem; the store
+            return await asyncio.to_thread(self.service.ensure_cas, snap)
 
     def apply_deltas(self, blob: bytes) -> str:
-        return self.service.apply_deltas(blob)
+        return self.service.apply_deltas(blob)          # memory (the distributor): on the loop
 
-    def status(self) -> bytes:
-        return encode_json(self.service.status(self.server.counters()))
+    def rollout(self, revision: str, proxy_ids: list[str]) -> list[dict[str, Any]]:
+        return self.service.rollout(revision, proxy_ids)  # memory (the distributor): on the loop
+
+    async def set_draining(self, clusters: dict[str, str]) -> None:
+        async with self._files:   # bootstrap credential files
+            await asyncio.to_thread(self.service.set_draining, clusters)
+
+    async def remove_cluster(self, cluster: str, why: str) -> list[str]:
+        forgotten = self.service.forget_cluster_sessions(cluster, why)   # the distributor: on the loop
+        async with self._files:   # the store's records and the bootstrap credentials
+            return await asyncio.to_thread(self.service.forget_cluster_records, cluster, forgotten, why)
+
+    async def status(self) -> bytes:
+        disk = await asyncio.to_thread(self.service.disk_facts)
+        return encode_json(self.service.status(self.server.counters(), disk))
 
     def trigger_to_ack(self, clear: bool = False) -> list[float]:
         return self.service.trigger_to_ack(clear)
@@ -77,8 +109,8 @@ class ConfigServerHost:
     def trust_view(self) -> bytes:
         return encode_json(self.service.trust_view())
 
-    def store_call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        return call_store(self.service.store, method, args, kwargs)
+    async def store_call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return await asyncio.to_thread(call_store, self.service.store, method, args, kwargs)
 
     def where(self) -> dict[str, Any]:
         return placement.here()
@@ -88,7 +120,8 @@ class ReconcilerHost:
     def __init__(self, debounce_after_s: float, debounce_max_s: float, config_server: Any) -> None:
         out = RemoteConfigServer(config_server)
         self.service = ReconcileService(RemoteStore(config_server), out.push_deltas, out.bundle_roots,
-                                        debounce_after_s, debounce_max_s).start()
+                                        debounce_after_s, debounce_max_s, rollout=out.rollout,
+                                        cluster_ops=out).start()
 
     def on_snapshot(self, blob: bytes) -> None:
         self.service.on_snapshot(decode_snapshot(blob))
@@ -129,6 +162,9 @@ class ReconcilerHost:
 
     def explain(self, service: str, from_cluster: str, zone: str | None) -> bytes:
         return encode_json(self.service.explain(service, from_cluster, zone))
+
+    def graph(self) -> bytes:
+        return encode_json(self.service.graph())
 
     def where(self) -> dict[str, Any]:
         return placement.here()

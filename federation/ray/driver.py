@@ -15,12 +15,18 @@ and supervises them:
   the applied revision, the same ports, and the reconciler's configs in full.
 
 The driver opens nothing in the state directory either: what it reads from the store goes
-through the state owner (`RemoteStore`).
+through the state owner (`RemoteStore`). Before it creates any actor it looks at the state
+directory's lock (`federation.controller.statelock`): held by another controller, it refuses with
+that controller's pid and host, or with `standby` waits until the lock is free and then takes
+over (the state owner actor takes the lock itself). It logs what `meshfed check` would say about
+a state directory that was found empty, and once when the fleet looks orphaned by a lost one.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,7 +38,9 @@ import ray
 from federation.controller.checks import build_checks
 from federation.controller.git_feed import snapshot_for_cas
 from federation.controller.queries import assemble_status
+from federation.controller.queries import revisions as revision_rows
 from federation.controller.sources import AgentSpec, agent_specs
+from federation.controller.statelock import LockHolder, StateDirLock, read_holder
 from federation.controller.wire import decode_json, encode_snapshot
 from federation.ray.actors import ClusterAgentActor, ConfigServerActor, GitSourceActor, ReconcilerActor
 from federation.ray.placement import (
@@ -64,7 +72,33 @@ class ControllerOptions:
     status_interval_s: float = 0.5
     num_cpus: int = 2
     placement: Placement = field(default_factory=Placement)
+    standby: bool = False                  # another controller holds the state directory: wait and take over
+    history_retention_s: float | None = None   # overrides the Federation's historyRetention
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+log = logging.getLogger("meshfed.controller")
+CLAIM_GRACE_S = 10.0         # a predecessor's state owner that is still exiting
+RELEASE_WAIT_S = 10.0        # stop() waits this long for the state owner to let the lock go
+# every ray.get here has a timeout: an actor that hangs must not hang the driver (its supervisor
+# keeps the last status, which then shows the hang: see checks.LOOP_STALL_S)
+CALL_TIMEOUT_S = 10.0        # queries and triggers
+START_TIMEOUT_S = 120.0      # the first calls: actor creation, the state directory's lock, new CA roots
+
+
+def claim_state_dir(state_dir: str, standby: bool) -> None:
+    """Refuse (StateDirLocked) or, as a standby, wait while another controller holds `state_dir`.
+    Probes with the lock itself and lets it go again: the state owner actor takes it for good."""
+    def waiting(holder: LockHolder | None) -> None:
+        who = holder.describe() if holder is not None else "another process"
+        log.warning("meshfed controller: standby: state directory %s is held by controller %s; taking over when "
+                    "it exits", state_dir, who)
+        print(f"meshfed controller: standby: {state_dir} is held by controller {who}; waiting to take over",
+              file=sys.stderr, flush=True)
+
+    probe = StateDirLock(state_dir)
+    probe.acquire(wait=standby, on_wait=waiting, refuse_after_s=CLAIM_GRACE_S)
+    probe.release()
 
 
 def init_ray(address: str | None, num_cpus: int = 2) -> None:
@@ -96,13 +130,15 @@ class Controller:
         self.state_node = ""
         self._revive_lock = threading.Lock()
         self._store: RemoteStore | None = None
+        self._logged: set[str] = set()
 
     def start(self) -> Controller:
+        claim_state_dir(self.state_dir, self.opts.standby)
         init_ray(self.opts.ray_address, self.opts.num_cpus)
         place = self.opts.placement
         self.state_node = current_node_id()
         self.config_server = ConfigServerActor.options(**state_owner_options(self.state_node)).remote(
-            self.state_dir, self.opts.insecure, self.kubeconfig)
+            self.state_dir, self.opts.insecure, self.opts.history_retention_s, self.kubeconfig)
         self._store = RemoteStore(self.config_server)
         self.reconciler = ReconcilerActor.options(**place.options("reconciler")).remote(
             self.opts.debounce_after_s, self.opts.debounce_max_s, self.config_server)
@@ -110,9 +146,13 @@ class Controller:
             # TLS needs the CAs before the server starts: load the fleet once here, synchronously
             snap = snapshot_for_cas(str(self.opts.repo), self.opts.branch, self._store, time.time())
             if snap is not None:
-                ray.get(self.config_server.ensure_cas.remote(encode_snapshot(snap)))
+                ray.get(self.config_server.ensure_cas.remote(encode_snapshot(snap)), timeout=START_TIMEOUT_S)
         self.port, self.bootstrap_port = (int(p) for p in ray.get(self.config_server.start.remote(
-            self.opts.listen, self.reconciler, self.opts.bootstrap_listen)))
+            self.opts.listen, self.reconciler, self.opts.bootstrap_listen), timeout=START_TIMEOUT_S))
+        state = decode_json(ray.get(self.config_server.status.remote(), timeout=30)).get("state") or {}
+        if state.get("created_now"):  # the state owner found the directory empty: say what that means
+            log.warning("meshfed controller: %s", state.get("message", ""))
+            print(f"meshfed controller: {state.get('message', '')}", file=sys.stderr, flush=True)
         self.git = GitSourceActor.options(**place.options("git")).remote(
             str(self.opts.repo), self.opts.branch, self.reconciler, self.config_server,
             self.opts.git_poll_interval_s)
@@ -141,7 +181,7 @@ class Controller:
             with self._revive_lock:
                 cs = self._revive_config_server()
         self._ensure_agents(rec.get("fleet_clusters", {}))
-        if ray.get(self.reconciler.missing_inputs.remote()):
+        if ray.get(self.reconciler.missing_inputs.remote(), timeout=CALL_TIMEOUT_S):
             self.git.resend.remote()
             for a in self.agents.values():
                 a.resend.remote()
@@ -158,7 +198,17 @@ class Controller:
                              now_s=time.time(), state_node=self.state_node)
         with self._cache_lock:
             self._cache = st
+        self._log_checks(st)
         return st
+
+    def _log_checks(self, st: dict[str, Any]) -> None:
+        """Log, once each, the checks that mean the operator must act on the controller's state."""
+        for c in build_checks(st, time.time()):
+            if c["group"] == "state" and not c["ok"] and c["check"] not in self._logged:
+                self._logged.add(c["check"])
+                log.error("meshfed controller: %s: %s; %s", c["check"], c["cause"], c["hint"])
+                print(f"meshfed controller: {c['check']}: {c['cause']}\n  what to do: {c['hint']}", file=sys.stderr,
+                      flush=True)
 
     def _revive_config_server(self) -> dict[str, Any]:
         """Ray restarted the config server actor (its __init__ ran again: a new epoch from the
@@ -195,6 +245,9 @@ class Controller:
             self.agent_specs.pop(name, None)
             a.stop.remote()
             ray.kill(a)
+
+    def lock_holder(self) -> LockHolder | None:
+        return read_holder(self.state_dir)
 
     def placement(self) -> dict[str, dict[str, Any]]:
         """Role (or `agent/<cluster>`) -> the pid and node id of its actor, asked of each actor."""
@@ -233,13 +286,20 @@ class Controller:
     def checks(self) -> list[dict[str, Any]]:
         return build_checks(self.status(), time.time())
 
+    def graph(self) -> dict[str, Any]:
+        return dict(decode_json(ray.get(self.reconciler.graph.remote(), timeout=10)))
+
+    def revisions(self, sha: str | None, limit: int) -> list[dict[str, Any]]:
+        assert self._store is not None
+        return revision_rows(self._store.revisions(limit, sha))
+
     # -- control -------------------------------------------------------------------------------------
 
     def trigger_git(self) -> None:
-        ray.get(self.git.trigger.remote())
+        ray.get(self.git.trigger.remote(), timeout=CALL_TIMEOUT_S)
 
     def trigger_to_ack(self, clear: bool = False) -> list[float]:
-        return list(ray.get(self.config_server.trigger_to_ack.remote(clear)))
+        return list(ray.get(self.config_server.trigger_to_ack.remote(clear), timeout=CALL_TIMEOUT_S))
 
     def stop(self) -> None:
         self._stop.set()
@@ -251,9 +311,18 @@ class Controller:
             except Exception:
                 pass
             ray.kill(a)
+        ours = read_holder(self.state_dir)
         for h in (self.git, self.reconciler, self.config_server):
             ray.kill(h)
         self.agents.clear()
+        # the state owner's process lets the lock go when it exits: wait for that, so that a
+        # controller started next on this state directory finds it free
+        deadline = time.monotonic() + RELEASE_WAIT_S
+        while ours is not None and time.monotonic() < deadline:
+            now_held = read_holder(self.state_dir)
+            if now_held is None or now_held.pid != ours.pid:
+                break
+            time.sleep(0.05)
 
 
 def run(opts: ControllerOptions) -> None:  # pragma: no cover - the CLI entry point
@@ -262,7 +331,8 @@ def run(opts: ControllerOptions) -> None:  # pragma: no cover - the CLI entry po
     ctl = Controller(opts).start()
     print(f"meshfed controller: config gRPC on {opts.listen.rsplit(':', 1)[0]}:{ctl.port} (bootstrap port "
           f"{ctl.bootstrap_port or '-'}), "
-          f"status on {ctl.status_server.url}, state in {ctl.state_dir} (node {ctl.state_node[:12]})", flush=True)
+          f"status on {ctl.status_server.url} (web console {ctl.status_server.url}/console/), "
+          f"state in {ctl.state_dir} (node {ctl.state_node[:12]})", flush=True)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())

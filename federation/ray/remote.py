@@ -19,14 +19,18 @@ import ray
 
 from federation.controller.store import FailoverRecord, RevisionRecord
 from federation.controller.wire import encode_json, encode_snapshot
+from federation.core.rollout import ProxyRollout, rollout_from_dict
 from gitops.model import ConfigSnapshot
 
 STORE_CALL_TIMEOUT_S = 30.0
+CONFIG_CALL_TIMEOUT_S = 30.0
 
 # what `RemoteStore` forwards; the owner refuses any other name
 STORE_METHODS = frozenset({
-    "last_attempted", "last_applied", "record_attempt", "applied_ca_specs", "record_applied_ca_specs",
+    "last_attempted", "last_applied", "record_attempt", "mark_applied", "applied_ca_specs", "record_applied_ca_specs",
+    "applied_clusters", "record_applied_clusters", "drains", "record_drains",
     "leaf_not_after", "record_failover", "failover_history", "failover_count", "active_failovers", "ca_roots",
+    "revisions",
 })
 
 
@@ -54,8 +58,23 @@ class RemoteStore:
         return self._call("last_applied")  # type: ignore[no-any-return]
 
     def record_attempt(self, sha: str, subject: str, ok: bool, problems: Sequence[dict[str, Any]] = (),
-                       at_s: float | None = None) -> None:
-        self._call("record_attempt", sha, subject, ok=ok, problems=list(problems), at_s=at_s)
+                       at_s: float | None = None, applying: bool = False) -> None:
+        self._call("record_attempt", sha, subject, ok=ok, problems=list(problems), at_s=at_s, applying=applying)
+
+    def mark_applied(self, sha: str) -> bool:
+        return bool(self._call("mark_applied", sha))
+
+    def applied_clusters(self) -> list[str] | None:
+        return self._call("applied_clusters")  # type: ignore[no-any-return]
+
+    def record_applied_clusters(self, clusters: Sequence[str]) -> None:
+        self._call("record_applied_clusters", list(clusters))
+
+    def drains(self) -> list[dict[str, Any]]:
+        return list(self._call("drains"))
+
+    def record_drains(self, drains: Sequence[dict[str, Any]]) -> None:
+        self._call("record_drains", list(drains))
 
     def applied_ca_specs(self) -> dict[str, Any] | None:
         return self._call("applied_ca_specs")  # type: ignore[no-any-return]
@@ -72,6 +91,9 @@ class RemoteStore:
     def failover_history(self, service: str | None = None, since_s: float | None = None,
                          limit: int = 500) -> list[FailoverRecord]:
         return list(self._call("failover_history", service, since_s, limit))
+
+    def revisions(self, limit: int = 20, sha: str | None = None) -> list[RevisionRecord]:
+        return list(self._call("revisions", limit, sha))
 
     def failover_count(self) -> int:
         return int(self._call("failover_count"))
@@ -113,7 +135,17 @@ class RemoteConfigServer:
         self.handle = handle
 
     def push_deltas(self, blob: bytes) -> str:
-        return str(ray.get(self.handle.apply_deltas.remote(blob)))
+        return str(ray.get(self.handle.apply_deltas.remote(blob), timeout=CONFIG_CALL_TIMEOUT_S))
 
     def bundle_roots(self, snap: ConfigSnapshot) -> Mapping[str, tuple[str, ...]]:
-        return dict(ray.get(self.handle.ensure_cas.remote(encode_snapshot(snap))))
+        return dict(ray.get(self.handle.ensure_cas.remote(encode_snapshot(snap)), timeout=CONFIG_CALL_TIMEOUT_S))
+
+    def rollout(self, revision: str, proxy_ids: Sequence[str]) -> list[ProxyRollout]:
+        facts = ray.get(self.handle.rollout.remote(revision, list(proxy_ids)), timeout=CONFIG_CALL_TIMEOUT_S)
+        return rollout_from_dict({"proxies": facts})
+
+    def set_draining(self, clusters: Mapping[str, str]) -> None:
+        ray.get(self.handle.set_draining.remote(dict(clusters)), timeout=CONFIG_CALL_TIMEOUT_S)
+
+    def remove_cluster(self, cluster: str, why: str) -> list[str]:
+        return list(ray.get(self.handle.remove_cluster.remote(cluster, why), timeout=CONFIG_CALL_TIMEOUT_S))

@@ -47,7 +47,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from federation.controller.distributor import ConfigDistributor, StaleEpochError
+from federation.controller.distributor import ConfigDistributor, ProxyRemovedError, StaleEpochError
 from federation.controller.signing import BootstrapVerdict, Requester, Signer, cluster_named_by
 from ztunnel.api.codec import PROXY_ID_METADATA, stamp_from_pb
 from ztunnel.api.proto import meshfed_pb2 as pb
@@ -152,6 +152,7 @@ class ConfigServer:
         self.displacements_refused = 0
         self._writes: dict[asyncio.Future[Any], tuple[float, str]] = {}  # writer -> (write started, proxy)
         self._watchdog: asyncio.Task[None] | None = None
+        self.starting = asyncio.Lock()   # `serve` is idempotent under concurrent calls
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -188,20 +189,32 @@ class ConfigServer:
                     self._health, request_deserializer=pb.HealthReport.FromString,
                     response_serializer=pb.HealthSummary.SerializeToString)}),
         ))
+        # `port` and `bootstrap_port` are published (they are what status, the driver and `serve`'s
+        # idempotence read as "listening") only once every listener bound and the server started:
+        # a failed bootstrap bind must not leave a port that looks served
+        bootstrap_port = 0
         if tls is None:
-            self.port = self._server.add_insecure_port(listen)
+            port = self._server.add_insecure_port(listen)
         else:
-            self.port = self._server.add_secure_port(listen, _dynamic_credentials(tls, require_client_auth=True))
+            port = self._server.add_secure_port(listen, _dynamic_credentials(tls, require_client_auth=True))
             if bootstrap_listen is not None:
-                self.bootstrap_port = self._server.add_secure_port(
+                bootstrap_port = self._server.add_secure_port(
                     bootstrap_listen, _dynamic_credentials(tls, require_client_auth=False))
-                if self.bootstrap_port == 0:
+                if bootstrap_port == 0:
+                    await self._abandon()
                     raise OSError(f"cannot listen on {bootstrap_listen} (bootstrap): address in use or not local")
-        if self.port == 0:
+        if port == 0:
+            await self._abandon()
             raise OSError(f"cannot listen on {listen}: address in use or not local")
         await self._server.start()
+        self.port, self.bootstrap_port = int(port), int(bootstrap_port)
         self._watchdog = asyncio.ensure_future(self._write_watchdog())
-        return int(self.port)
+        return self.port
+
+    async def _abandon(self) -> None:
+        """A start that failed: let go of the listeners already bound."""
+        server, self._server = self._server, None
+        await server.stop(0)
 
     def counters(self) -> dict[str, int]:
         """What the transport knows, for the config service's status."""
@@ -212,15 +225,20 @@ class ConfigServer:
         """Disconnect proxies that do not drain their stream: a write pending for longer than
         `write_timeout_s` cancels that stream's writer, which ends the stream (the proxy resyncs
         when it returns). One periodic sweep instead of a timer per write (measured: the per-write
-        `asyncio.timeout` was the largest Python cost of a push after encoding was shared)."""
+        `asyncio.timeout` was the largest Python cost of a push after encoding was shared). The
+        same sweep ticks the distributor: pushes unanswered too long fail, and the streams of
+        failed pushes whose backoff is over are woken to retry."""
         while True:
-            await asyncio.sleep(self.write_timeout_s / 4)
+            await asyncio.sleep(min(self.write_timeout_s / 4, 1.0))
             now = time.monotonic()
             for task, (started_s, _proxy_id) in list(self._writes.items()):
                 if now - started_s > self.write_timeout_s:
                     del self._writes[task]
                     self.slow_disconnects += 1
                     task.cancel()
+            for session in self.dist.tick():
+                if session.wake is not None:
+                    session.wake.set()
 
     async def stop(self, grace_s: float = 1.0) -> None:
         if self._watchdog is not None:
@@ -310,6 +328,9 @@ class ConfigServer:
         except StaleEpochError as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
             raise  # unreachable: abort raises
+        except ProxyRemovedError as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+            raise
         if old is not None and old is not me:
             old.cancel()  # the same certificate reconnecting: its previous connection is dead
         self._streams[proxy_id] = me
@@ -329,6 +350,8 @@ class ConfigServer:
             while True:
                 await session.wake.wait()
                 session.wake.clear()
+                if session.removed:
+                    return  # forgotten (no longer rendered): end the stream
                 for msg in self.dist.build(session):
                     # the write deadline is enforced by `_write_watchdog` (one timer for all streams)
                     self._writes[me_w] = (time.monotonic(), proxy_id)
@@ -349,7 +372,7 @@ class ConfigServer:
             if self._streams.get(proxy_id) is me:
                 del self._streams[proxy_id]
                 self._stream_certs.pop(proxy_id, None)
-                session.detach()
+                self.dist.detach(session)
 
     # --- certificates --------------------------------------------------------------------------
 
@@ -385,7 +408,8 @@ class ConfigServer:
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             raise
-        if token and not self.consume_bootstrap(req.proxy_id, token):
+        # the tokens file is locked and rewritten: off the event loop, like the state owner's other disk work
+        if token and not await asyncio.to_thread(self.consume_bootstrap, req.proxy_id, token):
             # another request used the token between our check and now: it buys one certificate
             await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                                 f"the bootstrap token of {req.proxy_id} was used already (tokens are single-use)")
@@ -427,16 +451,17 @@ async def serve(service: ConfigService, server: ConfigServer, listen: str,
     service's ACK flusher.
     (config port, bootstrap port); the bootstrap port is 0 without TLS. Idempotent: a second
     call (two supervisors racing after a restart) returns the ports of the running server."""
-    if server.port:
+    async with server.starting:   # a racing second call waits for the first, then sees its ports
+        if server.port:
+            return server.port, server.bootstrap_port
+        tls: TlsSource | None = None if service.insecure else service.signing.serving
+        if tls is not None and bootstrap_listen is None:
+            bootstrap_listen = listen.rsplit(":", 1)[0] + ":0"
+        await server.start(listen, tls, bootstrap_listen if tls is not None else None)
+        service.start_flushing()
+        if tls is not None:
+            service.start_renewing()
         return server.port, server.bootstrap_port
-    tls: TlsSource | None = None if service.insecure else service.signing.serving
-    if tls is not None and bootstrap_listen is None:
-        bootstrap_listen = listen.rsplit(":", 1)[0] + ":0"
-    await server.start(listen, tls, bootstrap_listen if tls is not None else None)
-    service.start_flushing()
-    if tls is not None:
-        service.start_renewing()
-    return server.port, server.bootstrap_port
 
 
 async def wait_until(pred: Callable[[], bool], timeout_s: float, interval_s: float = 0.005) -> bool:

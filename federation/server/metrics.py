@@ -36,6 +36,9 @@ class StatusCollector:
             info.add_metric(["desired", str(desired.get("revision", "")), str(bool(desired.get("ok"))).lower()], 1)
         if applied:
             info.add_metric(["applied", str(applied.get("revision", "")), "true"], 1)
+        applying = st.get("applying") or {}
+        if applying:
+            info.add_metric(["applying", str(applying.get("revision", "")), "true"], 1)
         yield info
         yield _gauge("meshfed_fleet_problems", "Problems of the last attempted revision", len(st.get("problems") or []))
 
@@ -47,6 +50,12 @@ class StatusCollector:
         yield h
         yield _counter("meshfed_reconcile_step_failures_total", "Guarded reconcile steps that failed",
                        rec.get("step_failures_total", 0))
+        loop = rec.get("loop") or {}
+        yield _counter("meshfed_reconcile_loop_failures_total", "Reconcile loop turns that raised (the loop went on)",
+                       loop.get("failures_total", 0))
+        # a timestamp, not an age: alert on `time() - meshfed_reconcile_last_step_timestamp_seconds > 30`
+        yield _gauge("meshfed_reconcile_last_step_timestamp_seconds", "When the reconcile loop last completed a step",
+                     float(loop.get("last_step_at_s") or 0.0))
 
         up = GaugeMetricFamily("meshfed_cluster_up", "1 when the cluster's lease is valid", labels=["cluster"])
         lease = GaugeMetricFamily("meshfed_cluster_lease_remaining_seconds", "Seconds left on the cluster's lease",
@@ -66,10 +75,16 @@ class StatusCollector:
                      len(rec.get("unhealthy_endpoints") or []))
 
         cs = st.get("config_server") or {}
+        # from the assembled list: a proxy whose newest config is undelivered is not SYNCED here either
+        counts = {state: 0 for state in (cs.get("counts") or {"SYNCED": 0, "STALE": 0, "NOT SENT": 0})}
+        for p in st.get("proxies") or []:
+            counts[p.get("sync", "")] = counts.get(p.get("sync", ""), 0) + 1
         sync = GaugeMetricFamily("meshfed_proxy_sync", "Proxies by sync state", labels=["state"])
-        for state, n in sorted((cs.get("counts") or {}).items()):
+        for state, n in sorted(counts.items()):
             sync.add_metric([state], n)
         yield sync
+        yield _gauge("meshfed_configs_undelivered", "Rendered configs the config service has not accepted yet",
+                     int(rec.get("undelivered") or 0))
         per = GaugeMetricFamily("meshfed_proxy_synced", "1 when the proxy runs the desired config",
                                 labels=["proxy"])
         for p in st.get("proxies") or []:

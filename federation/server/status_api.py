@@ -15,19 +15,29 @@ Routes (GET):
   /api/v1/trust                       CA roots and expiry
   /api/v1/trust-view                  `meshfed trust` data from the live CAs (who trusts whom, problems)
   /api/v1/explain?service=S&from=C&zone=Z   `meshfed explain` on the live engine
+  /api/v1/graph                       `meshfed graph` data from the live engine (health, failovers)
+  /api/v1/revisions?sha=SHA&limit=N   revision attempts, newest first, with a rejected one's problems
   /metrics                            meshfed_* metrics (prometheus text format)
+  /console/                           the web console (`federation.server.console`): HTML on this
+                                      listener; its page and static files are public (they hold no
+                                      data), its fragments are reads like the routes above
+
+Access: every read of the controller's state (the JSON routes, /metrics, the console's fragments)
+passes `authorize_read(headers)` when one is given (None: reads are open, as on loopback); a
+refusal is 401 with a `WWW-Authenticate: Bearer` challenge.
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlparse
 
 from federation.server import metrics
+from federation.server.console import Console, Page, is_console_path, is_public
 
 
 class StatusSource(Protocol):
@@ -47,20 +57,40 @@ class StatusSource(Protocol):
 
     def explain(self, service: str, from_cluster: str, zone: str | None) -> dict[str, Any]: ...
 
+    def graph(self) -> dict[str, Any]: ...
+
+    def revisions(self, sha: str | None, limit: int) -> list[dict[str, Any]]: ...
+
+
+class Headers(Protocol):
+    """A request's headers (case-insensitive lookup, as `http.server` gives them)."""
+
+    def get(self, name: str, /) -> str | None: ...
+
+
+ReadCheck = Callable[[Headers], bool]   # request headers -> may this client read?
+
+
+class BadRequest(ValueError):
+    pass
+
 
 class NotFound(LookupError):
     pass
 
 
+MAX_REVISIONS = 200
 MAX_POST_BODY_BYTES = 64 * 1024   # the reconcile trigger needs no body; a Git hook may send a small one
 REQUEST_TIMEOUT_S = 10.0           # a client that stalls mid-request does not hold a thread forever
 
 
 class StatusServer:
-    def __init__(self, source: StatusSource, listen: str = "127.0.0.1:0") -> None:
+    def __init__(self, source: StatusSource, listen: str = "127.0.0.1:0",
+                 authorize_read: ReadCheck | None = None) -> None:
         host, _, port = listen.rpartition(":")
         self.source = source
         self.registry = metrics.make_registry(source.status)
+        console = Console(source)
         routes: dict[str, Callable[[dict[str, list[str]]], Any]] = {
             "/api/v1/status": lambda q: source.status(),
             "/api/v1/clusters": lambda q: source.status().get("clusters", {}),
@@ -72,6 +102,8 @@ class StatusServer:
             "/api/v1/trust-view": lambda q: source.trust_view(),
             "/api/v1/explain": lambda q: source.explain(_one(q, "service") or "", _one(q, "from") or "",
                                                         _one(q, "zone")),
+            "/api/v1/graph": lambda q: source.graph(),
+            "/api/v1/revisions": lambda q: source.revisions(_sha(_one(q, "sha")), _limit(_one(q, "limit"))),
         }
         registry = self.registry
 
@@ -81,16 +113,30 @@ class StatusServer:
             def log_message(self, *_a: Any) -> None:  # quiet: the controller logs what matters
                 pass
 
-            def _send(self, code: int, body: bytes, ctype: str) -> None:
+            def _send(self, code: int, body: bytes, ctype: str, headers: Mapping[str, str] | None = None) -> None:
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
                 self.end_headers()
                 self.wfile.write(body)
 
             def do_GET(self) -> None:
                 url = urlparse(self.path)
+                path = url.path
+                if authorize_read is not None and not is_public(path) and not authorize_read(self.headers):
+                    self.close_connection = True
+                    self._send(401, json.dumps({"error": "this status API wants its token for reads: send "
+                                                         "Authorization: Bearer <token> (the console: open "
+                                                         "/console/#token=<token>)"}).encode(),
+                               "application/json", {"WWW-Authenticate": 'Bearer realm="meshfed"'})
+                    return
                 try:
+                    if is_console_path(path):
+                        page: Page = console.handle(path, parse_qs(url.query))
+                        self._send(page.status, page.body, page.content_type, page.headers)
+                        return
                     if url.path == "/metrics":
                         self._send(200, metrics.render(registry), metrics.CONTENT_TYPE)
                         return
@@ -101,6 +147,8 @@ class StatusServer:
                     self._send(200, json.dumps(data, default=str).encode(), "application/json")
                 except NotFound as e:
                     self._send(404, json.dumps({"error": str(e)}).encode(), "application/json")
+                except BadRequest as e:
+                    self._send(400, json.dumps({"error": str(e)}).encode(), "application/json")
                 except Exception as e:
                     self._send(500, json.dumps({"error": f"{type(e).__name__}: {e}"}).encode(), "application/json")
 
@@ -155,3 +203,21 @@ def _float(v: str | None) -> float | None:
 def _one(q: dict[str, list[str]], key: str) -> str | None:
     v = q.get(key)
     return v[0] if v else None
+
+
+def _sha(v: str | None) -> str | None:
+    if v is None:
+        return None
+    if not (4 <= len(v) <= 40 and all(ch in "0123456789abcdefABCDEF" for ch in v)):
+        raise BadRequest(f"sha={v!r} is not a commit SHA: give 4 to 40 hex digits")
+    return v.lower()
+
+
+def _limit(v: str | None) -> int:
+    try:
+        n = int(v) if v else 20
+    except ValueError:
+        raise BadRequest(f"limit={v!r} is not a number (1..{MAX_REVISIONS})") from None
+    if not 1 <= n <= MAX_REVISIONS:
+        raise BadRequest(f"limit={n} is out of range: 1..{MAX_REVISIONS}")
+    return n

@@ -274,3 +274,114 @@ def test_a_crashed_lab_is_swept(tmp_path: Path) -> None:
     assert not report["graceful"]
     assert not (state_dir / "control.sock").exists()
     subprocess.run(["rm", "-rf", str(state_dir)], check=False)
+
+
+# --- the faults chaos experiments added (their plans: tests/unit/lab/test_new_faults.py) --------------
+
+
+def test_api_outage_silences_one_clusters_api_and_heals(lab: tuple[LabRunner, dict[str, Any]]) -> None:
+    import urllib.error
+
+    _, state = lab
+    runner = lab[0]
+    assert _api_objects(state, "east", "/api/v1/nodes")
+    runner.fault("partition", "api", ["east"], mode="reject")
+    try:
+        with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+            _api_objects(state, "east", "/api/v1/nodes")        # refused (through the host portal)
+        assert _api_objects(state, "west", "/api/v1/nodes")     # only east's
+    finally:
+        runner.heal("api", ["east"])
+    assert _api_objects(state, "east", "/api/v1/nodes")
+    runner.fault("partition", "api", ["east"], mode="drop")
+    try:
+        t0 = time.monotonic()
+        with pytest.raises((urllib.error.URLError, TimeoutError, OSError)):
+            _api_objects(state, "east", "/api/v1/nodes")        # silence: the 5 s timeout runs out
+        assert time.monotonic() - t0 >= 4.0
+    finally:
+        runner.heal()
+
+
+def test_bandwidth_cap_installs_a_token_bucket_and_heal_removes_it(lab: tuple[LabRunner, dict[str, Any]]) -> None:
+    runner, _ = lab
+
+    def qdisc(where: str, dev: str) -> str:
+        return runner.exec(where, ["tc", "qdisc", "show", "dev", dev]).stdout
+
+    runner.fault("bandwidth", "gateway", ["south"], rate_kbit=256)
+    try:
+        assert "tbf" in qdisc("gateway:south", "wan0") and "256Kbit" in qdisc("gateway:south", "wan0")
+        with pytest.raises(Exception, match="already shaped"):   # one cap per device at a time
+            runner.fault("bandwidth", "wan", ["south", "east"], rate_kbit=64)
+    finally:
+        runner.heal("gateway", ["south"])
+    assert "tbf" not in qdisc("gateway:south", "wan0")
+    runner.fault("bandwidth", "wan", ["east", "west"], rate_kbit=128)
+    try:
+        shown = runner.exec("gateway:east", ["tc", "class", "show", "dev", "wan0"]).stdout
+        assert "htb" in shown and "128Kbit" in shown
+    finally:
+        runner.heal()
+    assert "htb" not in qdisc("gateway:east", "wan0")
+
+
+def test_clock_skew_restarts_one_process_with_its_clock_moved(lab: tuple[LabRunner, dict[str, Any]]) -> None:
+    """The demo server stamps its answers with its own wall clock (`served_at_s`)."""
+    runner, state = lab
+    ip = pod_ip(state, "west", "cart-0")
+    runner.fault("clock-skew", "pod", ["west/shop/cart-0"], skew_s=3600)
+    try:
+        deadline = time.monotonic() + 10
+        r = get(runner, "pod:west/shop/frontend-0", ip)
+        while "status" not in r and time.monotonic() < deadline:  # restarting
+            time.sleep(0.2)
+            r = get(runner, "pod:west/shop/frontend-0", ip)
+        assert abs(r["body"]["served_at_s"] - time.time() - 3600) < 30, r
+        other = get(runner, "pod:west/shop/frontend-0", pod_ip(state, "west", "cart-1"))
+        assert abs(other["body"]["served_at_s"] - time.time()) < 30     # the others keep real time
+    finally:
+        runner.heal()
+    deadline = time.monotonic() + 10
+    r = get(runner, "pod:west/shop/frontend-0", ip)
+    while "status" not in r and time.monotonic() < deadline:
+        time.sleep(0.2)
+        r = get(runner, "pod:west/shop/frontend-0", ip)
+    assert abs(r["body"]["served_at_s"] - time.time()) < 30, r
+
+
+def test_behaviour_fault_heals_back_to_what_the_lab_declared(lab: tuple[LabRunner, dict[str, Any]]) -> None:
+    runner, state = lab
+    ip = pod_ip(state, "east", "cart-1")
+    runner.fault("behaviour", "pod", ["east/shop/cart-1"], behaviour="Error503")
+    try:
+        assert get(runner, "pod:east/shop/frontend-0", ip)["status"] == 503
+    finally:
+        runner.heal("pod", ["east/shop/cart-1"], "behaviour")
+    assert get(runner, "pod:east/shop/frontend-0", ip)["status"] == 200
+
+
+def test_overlapping_kills_compose_heal_restarts_only_what_no_other_fault_holds(
+        lab: tuple[LabRunner, dict[str, Any]]) -> None:
+    """checkout-1 runs on west's node-2: killed by a pod fault and by a node fault, it stays down until
+    both are healed (the attacker review: healing one fault restarted what the other still held)."""
+    runner, state = lab
+    ip = pod_ip(state, "west", "checkout-1")
+    runner.fault("kill", "pod", ["west/shop/checkout-1"])
+    runner.fault("kill", "node", ["west/node-2"])
+    try:
+        runner.heal("pod", ["west/shop/checkout-1"])
+        assert _pod_state(runner, "west", "checkout-1") == "dead"   # the node fault still holds it down
+        assert "error" in get(runner, "pod:west/shop/frontend-0", ip, timeout_s=1.0)
+        assert _ready_in_api(state, "west", "checkout-1")[1] is False
+    finally:
+        runner.heal("node", ["west/node-2"])
+    assert _pod_state(runner, "west", "checkout-1") == "running"
+    _wait_for(lambda: _ready_in_api(state, "west", "checkout-1"), ("Running", True), timeout_s=30.0)
+    assert get(runner, "pod:west/shop/frontend-0", ip)["status"] == 200
+
+
+def _pod_state(runner: LabRunner, cluster: str, pod: str) -> str:
+    """The supervisor's word for a pod's process: running, stopped, dead or absent."""
+    c = next(c for c in runner.status()["lab"]["clusters"] if c["name"] == cluster)
+    return str(next(p["state"] for p in c["pods"] if p["name"] == pod))

@@ -10,7 +10,10 @@ they must all be written the same careful way:
 - never through a planted link: the temporary file is created with O_EXCL | O_NOFOLLOW under a
   random name (an attacker who can write the directory cannot pre-create or redirect it), and
   `rename` replaces a symlink at the target instead of following it;
-- with the final mode from the first byte (`0600` unless said otherwise), whatever the umask.
+- with the final mode from the first byte (`0600` unless said otherwise), whatever the umask;
+- optionally create-once (`exclusive=True`): the file is linked into place only if nothing is
+  there yet (`FileExistsError` otherwise), so two writers racing to create the same secret (a CA
+  key) cannot replace each other's: the loser reads the winner's.
 
 `read_secret` refuses what a careful writer would never have produced: a symlink, a non-regular
 file, a file readable by group/other, or one owned by someone else — with a message naming the
@@ -35,14 +38,15 @@ class SecretFileError(PermissionError):
     """A secret file or its directory is not safe to use; the message names the fix."""
 
 
-def write_secret(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:
-    """Replace `path` with `data` atomically, 0600 (or `mode`) from creation, never following links."""
-    with secret_writer(path, mode) as f:
+def write_secret(path: str | os.PathLike[str], data: bytes, mode: int = 0o600, exclusive: bool = False) -> None:
+    """Replace `path` with `data` atomically, 0600 (or `mode`) from creation, never following links.
+    `exclusive`: create it only if it does not exist (FileExistsError otherwise), never replace."""
+    with secret_writer(path, mode, exclusive) as f:
         f.write(data)
 
 
 @contextmanager
-def secret_writer(path: str | os.PathLike[str], mode: int = 0o600) -> Iterator[BinaryIO]:
+def secret_writer(path: str | os.PathLike[str], mode: int = 0o600, exclusive: bool = False) -> Iterator[BinaryIO]:
     """`write_secret` for content produced piece by piece (a large config streamed as JSON): the
     file appears at `path` only when the block ends without an exception."""
     target = Path(path)
@@ -60,7 +64,11 @@ def secret_writer(path: str | os.PathLike[str], mode: int = 0o600) -> Iterator[B
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, target)
+        if exclusive:
+            os.link(tmp, target, follow_symlinks=False)  # FileExistsError when something is there
+            tmp.unlink()
+        else:
+            os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

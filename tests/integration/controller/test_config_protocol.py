@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -63,6 +64,60 @@ async def test_nack_keeps_previous_version_and_is_reported(server: ConfigServer)
     finally:
         await good.stop()
         await nacker.stop()
+
+
+class FailsOnce(MemorySink):
+    """A data plane that cannot apply its first config (e.g. its certificates were not ready)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = 0
+
+    async def apply(self, config: Any) -> None:
+        if not self.failed:
+            self.failed += 1
+            raise OSError("certificate service unavailable")
+        await super().apply(config)
+
+
+async def test_a_transient_nack_is_retried_until_the_proxy_acks(server: ConfigServer) -> None:
+    """Issue 11 item 7: before, a NACKed content was never re-sent until the desired config
+    changed; a proxy that failed for a moment stayed STALE for good."""
+    sink = FailsOnce()
+    proxy = SimProxy("ztunnel/a/n1", target(server), sink=sink).start()
+    try:
+        server.dist.set_desired({"ztunnel/a/n1": make_config("ztunnel/a/n1", "rev1")})
+        assert await wait_until(lambda: server.dist.sessions["ztunnel/a/n1"].nacks == 1, 5)
+        assert server.dist.status()[0]["sync"] == "STALE" and server.dist.status()[0]["retry_in_s"] is not None
+        # no new desired config: the controller's own retry (after ~0.5-1 s of backoff) gets it through
+        assert await wait_until(lambda: proxy.revision == "rev1", 5)
+        assert await wait_until(lambda: server.dist.status()[0]["sync"] == "SYNCED", 2)
+        st = server.dist.status()[0]
+        assert st["retries"] == 1 and st["failures"] == 0 and sink.failed == 1
+    finally:
+        await proxy.stop()
+
+
+async def test_a_proxy_no_longer_rendered_is_forgotten_and_its_stream_closed(server: ConfigServer) -> None:
+    """The config service kept the sessions and status of proxies the reconciler stopped rendering
+    forever; now a removal closes a connected proxy's stream, its status goes, and it gets no new
+    session until it is rendered again."""
+    import grpc
+
+    gone = SimProxy("ztunnel/a/gone", target(server)).start()
+    try:
+        server.dist.set_desired({"ztunnel/a/gone": make_config("ztunnel/a/gone", "rev1")})
+        assert await wait_until(lambda: gone.revision == "rev1", 5)
+        assert server.dist.forget(["ztunnel/a/gone"], "node n2 left cluster a") == ["ztunnel/a/gone"]
+        assert await wait_until(lambda: "ztunnel/a/gone" not in server.dist.sessions, 5)
+        assert await wait_until(lambda: "NOT_FOUND" in gone.client.last_error, 5), gone.client.last_error
+        assert "removed from the mesh (node n2 left cluster a)" in gone.client.last_error
+        assert "ztunnel/a/gone" not in server.dist.sessions and gone.revision == "rev1"  # keeps what it ran
+        assert grpc.StatusCode.NOT_FOUND.name in gone.client.last_error
+        server.dist.set_desired({"ztunnel/a/gone": make_config("ztunnel/a/gone", "rev2", services=2)})
+        assert await wait_until(lambda: gone.revision == "rev2", 10)   # rendered again: served again
+    finally:
+        await gone.stop()
 
 
 async def test_stale_epoch_controller_is_refused() -> None:

@@ -95,6 +95,13 @@ async def test_commit_bad_commit_nack_and_restart_pruning(
         st = http_json(f"{ctl.status_server.url}/api/v1/status")
         assert st["desired"]["ok"] is False and st["applied"]["revision"] == second
         assert st["problems"] and all(p["code"] for p in st["problems"])
+        # the console's reads: the rejected attempt by SHA (through the state owner) and the live graph
+        [attempt] = http_json(f"{ctl.status_server.url}/api/v1/revisions?sha={bad[:12]}")
+        assert attempt["revision"] == bad and attempt["subject"] == "break cart" and attempt["ok"] is False
+        assert attempt["problems"] == st["problems"]
+        graph = http_json(f"{ctl.status_server.url}/api/v1/graph")
+        assert graph["revision"] == second and sorted(c["name"] for c in graph["clusters"]) == ["east", "south", "west"]
+        assert {pc["health"] for s in graph["services"] for pc in s["clusters"]} == {"healthy"}
         await asyncio.sleep(0.3)
         assert all(p.revision == second for p in others)
 

@@ -320,3 +320,35 @@ async def test_each_trust_domain_gets_its_own_controller_certificate_by_sni(ctl:
         roots = (state / TRUST_ANCHORS_DIR / f"{td}.pem").read_bytes()
         leaf = x509.load_der_x509_certificate(_served_certificate(ctl.target, roots, controller_tls_name(td)))
         assert peer_spiffe_ids(leaf) == [f"spiffe://{td}/ns/meshfed-system/sa/meshfed-controller"]
+
+
+async def test_ports_are_published_only_once_every_listener_bound(tmp_path: Path) -> None:
+    """Review note (c): the config port was published before the bootstrap listener bound, so a
+    failed bootstrap bind left a port that status, the driver and `serve` took for "listening"
+    (a later `serve` returned it without ever starting the server)."""
+    import asyncio
+    import socket
+
+    service = ConfigService(tmp_path / "state", insecure=False)
+    service.ensure_cas(gitops.load_worktree(EXAMPLE_FLEET))
+    server = config_server_for(service)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        with pytest.raises((OSError, RuntimeError)):
+            await serve(service, server, "127.0.0.1:0", f"127.0.0.1:{busy}")
+    assert (server.port, server.bootstrap_port) == (0, 0) and server.counters()["port"] == 0
+    try:
+        # a retry serves both; a racing second call waits for it and returns the same ports
+        first, second = await asyncio.gather(serve(service, server, "127.0.0.1:0", "127.0.0.1:0"),
+                                             serve(service, server, "127.0.0.1:0", "127.0.0.1:0"))
+        assert first == second == (server.port, server.bootstrap_port) and all(first)
+        token = service.bootstrap.create("ztunnel/east/node-1")
+        roots = (tmp_path / "state" / TRUST_ANCHORS_DIR / f"{EAST_TD}.pem").read_bytes()
+        svid = await bootstrap_svid(f"127.0.0.1:{server.bootstrap_port}", "ztunnel/east/node-1", EAST_TD, roots,
+                                    token)
+        assert svid.identity == proxy_spiffe_id(EAST_TD, "ztunnel/east/node-1")
+    finally:
+        await server.stop(0)
+        await service.stop()

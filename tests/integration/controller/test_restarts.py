@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -23,7 +24,10 @@ from click.testing import CliRunner
 from benchmarks.simproxy import SimProxy
 from clusters.lab.apiserver import EmulatedApiServer
 from federation.cli.main import cli
+from federation.controller.backup import create_backup, restore_backup
+from federation.controller.statelock import StateDirLocked, read_holder
 from federation.controller.store import Store
+from federation.ray.driver import Controller, ControllerOptions
 from federation.server.grpc_services import wait_until
 from tests.integration.controller.conftest import free_port, git
 from tests.integration.controller.test_controller import rendered_proxies, start_controller
@@ -47,10 +51,12 @@ async def test_second_controller_with_older_epoch_is_refused(
     proxies: list[SimProxy] = []
     try:
         await rendered_proxies(old)
-        # a second controller started later on the same state dir (the next epoch): the split brain
-        # an operator causes by starting a replacement while the old one still runs. (Two starting
-        # at the same instant also race to create the CA roots in that directory: not this test.)
-        new = start_controller(fleet_repo, state, kubeconfig, p_new)
+        # a second controller started later on a copy of the state dir (a newer epoch): the split
+        # brain an operator causes by restoring a backup elsewhere while the old one still runs. (On
+        # the same state dir the second one is refused: test_a_second_controller_on_one_state_dir...)
+        create_backup(state, tmp_path / "copy.tar.gz")
+        restore_backup(tmp_path / "copy.tar.gz", tmp_path / "state-copy")
+        new = start_controller(fleet_repo, tmp_path / "state-copy", kubeconfig, p_new)
         await rendered_proxies(new)
         e_old, e_new = old.status()["controller"]["epoch"], new.status()["controller"]["epoch"]
         assert e_new > e_old
@@ -88,6 +94,52 @@ async def test_second_controller_with_older_epoch_is_refused(
         old.stop()
         if new is not None:
             new.stop()
+
+
+async def test_a_second_controller_on_one_state_dir_is_refused_or_stands_by(
+        fleet_repo: Path, tmp_path: Path, emulated_clusters: tuple[dict[str, EmulatedApiServer], Path]) -> None:
+    """Issue 11 item 9: a second controller on the same state directory is refused with the holder's
+    pid and host; as a standby it waits and takes over when the holder exits; `meshfed check`
+    names the lock holder."""
+    import threading
+
+    _servers, kubeconfig = emulated_clusters
+    state = tmp_path / "state"
+    first = start_controller(fleet_repo, state, kubeconfig, free_port())
+    second: Controller | None = None
+    try:
+        await rendered_proxies(first)
+        owner_pid = first.placement()["config_server"]["pid"]
+        holder = read_holder(state)
+        assert holder is not None and holder.pid == owner_pid
+        with pytest.raises(StateDirLocked) as refused:
+            start_controller(fleet_repo, state, kubeconfig, free_port())
+        assert f"pid {owner_pid} on host {holder.host}" in str(refused.value) and "--standby" in str(refused.value)
+        check = CliRunner().invoke(cli, ["check", "--controller", first.status_server.url])
+        assert f"locked by this controller (pid {owner_pid} on host {holder.host})" in check.output
+        epoch = first.status()["controller"]["epoch"]
+
+        standby = Controller(ControllerOptions(
+            repo=str(fleet_repo), state_dir=str(state), listen=f"127.0.0.1:{free_port()}",
+            status_listen="127.0.0.1:0", kubeconfig=str(kubeconfig), insecure=True, git_poll_interval_s=3600,
+            status_interval_s=0.2, watch_timeout_s=5, standby=True))
+        started = threading.Event()
+        thread = threading.Thread(target=lambda: (standby.start(), started.set()), daemon=True)
+        thread.start()
+        await asyncio.sleep(2.0)
+        assert not started.is_set()                         # waits while the first one holds the state
+        first.stop()
+        assert await wait_until(started.is_set, 60, 0.1)    # and takes over when it exits
+        second = standby
+        await rendered_proxies(second)
+        new_holder = read_holder(state)
+        assert new_holder is not None and new_holder.pid == second.placement()["config_server"]["pid"] != owner_pid
+        assert second.status()["controller"]["epoch"] > epoch
+        assert second.status()["controller"]["lock"]["pid"] == new_holder.pid
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
 
 
 async def test_actor_restarts_keep_state(
@@ -138,18 +190,19 @@ async def test_actor_restarts_keep_state(
         assert {p.proxy_id: p.sub.current.stamp for p in proxies} == stamps  # type: ignore[union-attr]
         assert all(p["sync"] == "SYNCED" for p in ctl.refresh()["proxies"] if p["connected"])
 
-        # 2. the config server dies: a new epoch from the store, the same CA keys and ports
+        # 2. the config server dies: a newer epoch (time-based, above the store's), the same CA keys and ports
         ray.kill(ctl.config_server, no_restart=False)
         def new_epoch() -> bool:
             try:
-                return bool(ctl.refresh()["controller"]["epoch"] == epoch + 1)
+                return bool(ctl.refresh()["controller"]["epoch"] > epoch)
             except ray.exceptions.RayError:
                 return False
 
         t0 = time.monotonic()
         assert await wait_until(new_epoch, 30, 0.2)
         assert ctl.config_server_restarts == 1 and ctl.refresh()["controller"]["config_port"] == port
-        assert await wait_until(lambda: all(p.sub.current is not None and p.sub.current.stamp.epoch == epoch + 1
+        epoch2 = ctl.refresh()["controller"]["epoch"]
+        assert await wait_until(lambda: all(p.sub.current is not None and p.sub.current.stamp.epoch == epoch2
                                             and p.revision == head for p in proxies), 30), (
             [(p.proxy_id, p.sub.current.stamp if p.sub.current else None, p.client.last_error) for p in proxies],
             {k: v for k, v in ctl.refresh()["config_server"].items() if k != "recent_ack_latencies_s"},
@@ -162,7 +215,7 @@ async def test_actor_restarts_keep_state(
         assert resp.cert_chain_pem
         acked = Store.in_state_dir(state).proxy_acks()
         assert await wait_until(lambda: all(Store.in_state_dir(state).proxy_acks().get(p.proxy_id, {})
-                                            .get("epoch") == epoch + 1 for p in proxies), 5)
+                                            .get("epoch") == epoch2 for p in proxies), 5)
         assert set(acked) >= {p.proxy_id for p in proxies}
         hist = ctl.failover_history(None, None)
         assert any(e["trigger"] == "test" for e in hist)

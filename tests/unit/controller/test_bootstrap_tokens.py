@@ -91,6 +91,24 @@ def test_a_new_token_replaces_the_proxys_unused_one(tmp_path: Path) -> None:
     assert tokens.check(first, NODE1) != "" and tokens.check(second, NODE1) == ""
 
 
+def test_revoking_a_cluster_removes_the_unused_tokens_of_its_proxies_only(tmp_path: Path) -> None:
+    """Two-phase cluster removal, end: the removed cluster's proxies can no longer bootstrap with a
+    token made before (of any kind of proxy id); other clusters' tokens are untouched."""
+    clock = Clock()
+    tokens = BootstrapTokens(tmp_path, clock)
+    south = ["ztunnel/south/node-1", "gateway/south", "waypoint/south/shop/waypoint"]
+    made = {pid: tokens.create(pid) for pid in [*south, NODE1, "gateway/west"]}
+    expired = tokens.create("ztunnel/south/node-2", ttl_s=10)
+    clock.now_s += 11
+    assert sorted(tokens.revoke(["south", "north"])) == sorted(south)   # the expired one is not "revoked"...
+    for pid in south:
+        assert "not a valid bootstrap token" in tokens.check(made[pid], pid)
+    assert tokens.check(expired, "ztunnel/south/node-2")                # ...but gone with it
+    assert set(json.loads((tmp_path / BOOTSTRAP_TOKENS_FILE).read_text())["tokens"]) == {NODE1, "gateway/west"}
+    assert tokens.check(made[NODE1], NODE1) == "" and tokens.check(made["gateway/west"], "gateway/west") == ""
+    assert tokens.revoke(["south"]) == []
+
+
 @pytest.mark.parametrize("ttl_s", [0, -1, 8 * 86400, float("nan")])
 def test_a_token_lives_at_most_a_week(tmp_path: Path, ttl_s: float) -> None:
     with pytest.raises(ValueError, match="between 1 s and 7 days"):

@@ -294,3 +294,25 @@ def test_trigger_to_ack_samples(tmp_path: Path, clear: bool) -> None:
     svc.on_ack(ack(P1, 1))
     assert svc.trigger_to_ack(clear) == [0.02]
     assert svc.trigger_to_ack() == ([] if clear else [0.02])
+
+
+def test_rollout_facts_say_which_proxies_run_a_revision(tmp_path: Path) -> None:
+    """Issue 11 item 8: the facts the applied-quorum is decided from."""
+    import itertools
+
+    svc = ConfigService(tmp_path)
+    ids = ["ztunnel/a/acked", "ztunnel/a/nacked", "ztunnel/a/inflight", "ztunnel/a/away", "ztunnel/b/older"]
+    svc.dist.set_desired({p: make_config(p, "r2", services=2) for p in ids[:4]})
+    svc.dist.set_desired({"ztunnel/b/older": make_config("ztunnel/b/older", "r1")})
+    nonces = itertools.count()
+    for p in ("ztunnel/a/acked", "ztunnel/a/nacked", "ztunnel/a/inflight", "ztunnel/b/older"):
+        s = svc.dist.attach(p, None)
+        push = s.next_push(0.0, nonces)
+        assert push is not None
+        if p != "ztunnel/a/inflight":
+            s.on_reply(push.nonce, p == "ztunnel/a/nacked", "bad" if p == "ztunnel/a/nacked" else "", 0.0)
+    facts = {f["proxy"]: (f["cluster"], f["connected"], f["state"]) for f in svc.rollout("r2", [*ids, "ztunnel/a/new"])}
+    assert facts == {
+        "ztunnel/a/acked": ("a", True, "acked"), "ztunnel/a/nacked": ("a", True, "nacked"),
+        "ztunnel/a/inflight": ("a", True, "pending"), "ztunnel/a/away": ("a", False, "pending"),
+        "ztunnel/b/older": ("b", True, "other"), "ztunnel/a/new": ("a", False, "other")}

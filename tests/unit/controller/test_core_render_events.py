@@ -46,3 +46,29 @@ def test_backends_lost_in_east_record_failed_over_then_failed_back() -> None:
     observations["east"] = _with_checkout_ready(observations["east"], True, 4.0)
     back = [ev for ev in run(4.0) if isinstance(ev, FailedBack) and ev.service == CHECKOUT]
     assert {ev.source for ev in back} == {"east"}
+
+
+def test_the_live_graph_follows_the_engine_the_reconciler_renders_with() -> None:
+    """`/api/v1/graph` (the console's picture): the reconcile service reads the graph from the
+    engine its last render used — east's checkout down and its clients failed over to south."""
+    from federation.controller.reconcile_service import ReconcileService
+
+    snap = gitops.load_worktree(EXAMPLE)
+    obs = {o.cluster: o for o in offline_observations(snap, observed_at_s=0.0)}
+    now = [1.0]
+    svc = ReconcileService(None, lambda blob: "ok", clock=lambda: now[0], debounce_after_s=0.0)
+    assert "has not rendered" in svc.graph()["error"]
+    svc.on_snapshot(snap)
+    for o in obs.values():
+        svc.on_observation(o)
+    assert svc.step(now[0])
+    graph = svc.graph()
+    assert [c["name"] for c in graph["clusters"]] == ["east", "south", "west"] and graph["failovers"] == []
+    now[0] = 2.0
+    svc.on_observation(_with_checkout_ready(obs["east"], False, 2.0))
+    assert svc.step(now[0])
+    graph = svc.graph()
+    east = next(pc for s in graph["services"] if s["hostname"] == CHECKOUT for pc in s["clusters"]
+                if pc["cluster"] == "east")
+    assert east["health"] == "down"
+    assert [(fo["service"], fo["from"], fo["to"]) for fo in graph["failovers"]] == [(CHECKOUT, "east", ["south"])]

@@ -79,9 +79,10 @@ def test_the_status_document_joins_the_parts() -> None:
     st = queries.assemble_status(rec, cs, agents, {"repo": "r"}, state_dir="/s", failover_events=2, trust=[],
                                  now_s=100.0, state_node="node-a")
     assert st["controller"] == {"epoch": 3, "config_port": 15010, "bootstrap_port": 0, "state_dir": "/s",
-                                "state_node": "node-a"}
+                                "state_node": "node-a", "lock": None, "state": {}}
     assert st["clusters"]["east"] == {"endpoints": 4, "up": True, "lease_remaining_s": 9.0, "last_error": None,
-                                      "api": None, "context": "lab-east", "applied_revision": "abc"}
+                                      "api": None, "context": "lab-east", "applied_revision": "abc",
+                                      "draining": False}
     assert st["clusters"]["west"]["up"] is None and "proxies" not in st["config_server"]
     assert st["proxies"] == cs["proxies"] and st["failover_events"] == 2 and st["at_s"] == 100.0
 
@@ -121,3 +122,13 @@ def test_insecure_mode_only_on_literal_loopback(listen: str, loopback: bool) -> 
     from federation.cli.ops import is_loopback_listen
 
     assert is_loopback_listen(listen) is loopback
+
+
+def test_revisions_carry_the_problems_of_a_rejected_commit() -> None:
+    from federation.controller.store import RevisionRecord
+
+    rows = queries.revisions([RevisionRecord("b" * 40, "break cart", 2.0, "failed", ({"code": "MF0101"},)),
+                              RevisionRecord("a" * 40, "canary", 1.0, "applied", ())])
+    assert rows == [{"revision": "b" * 40, "subject": "break cart", "attempted_at_s": 2.0, "ok": False,
+                     "problems": [{"code": "MF0101"}]},
+                    {"revision": "a" * 40, "subject": "canary", "attempted_at_s": 1.0, "ok": True, "problems": []}]

@@ -3,6 +3,8 @@ outbox sends only differences (everything again on "resync"), and the Git feed's
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -10,6 +12,8 @@ from typing import Any
 import pytest
 
 from benchmarks.simproxy import make_config
+from federation.controller import reconcile_service
+from federation.controller.checks import LOOP_STALL_S, build_checks
 from federation.controller.git_feed import GitFeed
 from federation.controller.reconcile_service import IDLE_WAIT_S, DeltaOutbox, ReconcileService
 from federation.controller.reconciler import RenderInput, RenderOutput
@@ -45,21 +49,46 @@ class Sent:
 
 
 def test_the_outbox_sends_differences_and_everything_on_resync() -> None:
-    sent = Sent(answers=["ok", "ok", "resync"])
+    sent = Sent(answers=["ok", "ok", "ok", "resync"])
     box = DeltaOutbox(sent)
     a1, b1 = cfg("ztunnel/a/n1", "r1", 1), cfg("ztunnel/a/n2", "r1", 1)
-    box.push({"ztunnel/a/n1": a1, "ztunnel/a/n2": b1}, {"ztunnel/a/n1": a1, "ztunnel/a/n2": b1})
+    box.push({"ztunnel/a/n1": a1, "ztunnel/a/n2": b1})
     assert {p: d.base_version for p, d in sent.deltas(0).items()} == {"ztunnel/a/n1": 0, "ztunnel/a/n2": 0}
     a2 = cfg("ztunnel/a/n1", "r2", 2, services=3)
-    box.push({"ztunnel/a/n1": a2}, {"ztunnel/a/n1": a2, "ztunnel/a/n2": b1})
+    box.push({"ztunnel/a/n1": a2})
     (delta,) = sent.deltas(1).values()
     assert delta.base_version == 1 and sum(len(v) for v in delta.upserts.values()) == 1   # svc2 only
-    # the service lost its state ("resync"): everything current, in full; n2 is no longer rendered
+    # n2 is no longer rendered: the service is told to forget it
+    box.remove(["ztunnel/a/n2"])
+    assert [(d.proxy_id, d.remove) for d in decode_config_deltas(sent.blobs[2])] == [("ztunnel/a/n2", True)]
+    # the service lost its state ("resync"): everything current, in full
     a3 = cfg("ztunnel/a/n1", "r3", 3, services=1)
-    box.push({"ztunnel/a/n1": a3}, {"ztunnel/a/n1": a3})
-    assert len(sent.blobs) == 4 and box.resyncs == 1
-    assert {p: d.base_version for p, d in sent.deltas(3).items()} == {"ztunnel/a/n1": 0}
+    box.push({"ztunnel/a/n1": a3})
+    assert len(sent.blobs) == 5 and box.resyncs == 1
+    assert {p: d.base_version for p, d in sent.deltas(4).items()} == {"ztunnel/a/n1": 0}
     assert box.last_sent == {"ztunnel/a/n1": a3}
+
+
+def test_a_send_that_fails_records_nothing_so_the_retry_sends_the_same_delta() -> None:
+    """Issue 11 item 7: the outbox recorded a config as sent before sending it, so a failed send was
+    lost and the next delta was computed from a base the service never had."""
+    sent = Sent()
+    box = DeltaOutbox(sent)
+    a1 = cfg("ztunnel/a/n1", "r1", 1)
+    box.push({"ztunnel/a/n1": a1})
+    a2 = cfg("ztunnel/a/n1", "r2", 2, services=3)
+
+    def broken(_blob: bytes) -> str:
+        raise ConnectionError("config service restarting")
+
+    box.send = broken
+    with pytest.raises(ConnectionError):
+        box.push({"ztunnel/a/n1": a2})
+    assert box.last_sent == {"ztunnel/a/n1": a1}
+    box.send = sent
+    box.push({"ztunnel/a/n1": a2})
+    (delta,) = sent.deltas(1).values()
+    assert delta.base_version == 1 and box.last_sent == {"ztunnel/a/n1": a2}
 
 
 @dataclass
@@ -127,6 +156,106 @@ def test_resync_sends_every_config_in_full() -> None:
     svc.step(1.0)
     svc.resync()
     assert {p: d.base_version for p, d in sent.deltas(1).items()} == {"ztunnel/a/n1": 0}
+
+
+def test_a_step_that_raises_is_counted_and_logged_and_the_next_turn_runs(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Review note (b): an exception out of `step` ended the reconcile thread silently."""
+    now, sent, render = [100.0], Sent(), Render()
+    svc = service(now, sent, render)
+    real_due = svc.rec.due
+    calls: list[float] = []
+
+    def due(now_s: float) -> bool:
+        calls.append(now_s)
+        if len(calls) == 1:
+            raise RuntimeError("disk I/O error")
+        return real_due(now_s)
+
+    monkeypatch.setattr(svc.rec, "due", due)
+    svc.on_snapshot(snap("a" * 40))                       # wakes the loop: turn() does not wait
+    now[0] = 100.2
+    with caplog.at_level("ERROR", logger="meshfed.controller"):
+        assert not svc.turn()
+    assert (svc.loop_failures, svc.last_step_at_s) == (1, None) and "disk I/O error" in svc.last_loop_error
+    assert "a reconcile step failed" in caplog.text
+    svc.on_snapshot(snap("a" * 40))
+    now[0] = 100.4
+    assert svc.turn() and render.calls == 1 and svc.last_step_at_s == 100.4
+    loop = svc.status()["loop"]
+    assert loop["failures_total"] == 1 and loop["last_step_at_s"] == 100.4 and loop["alive"] is False  # not started
+
+
+def test_the_loop_thread_survives_a_step_that_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(reconcile_service, "LOOP_FAILURE_BACKOFF_S", 0.01)
+    sent, render = Sent(), Render()
+    svc = ReconcileService(None, sent, debounce_after_s=0.0, render=render)
+    real_step, boom = svc.step, [RuntimeError("boom")]
+
+    def step(now_s: float) -> bool:
+        if boom:
+            raise boom.pop()
+        return real_step(now_s)
+
+    monkeypatch.setattr(svc, "step", step)
+    svc.start()
+    try:
+        svc.on_snapshot(snap("a" * 40))
+        deadline = time.monotonic() + 10.0
+        while render.calls == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert render.calls >= 1 and svc.loop_failures == 1
+        assert svc.loop_status()["alive"] and svc.last_step_at_s is not None
+    finally:
+        svc.stop()
+
+
+@pytest.mark.parametrize(("loop", "ok"), [
+    ({"alive": True, "started_at_s": 900.0, "last_step_at_s": 999.5, "failures_total": 0, "last_error": ""}, True),
+    ({"alive": True, "started_at_s": 990.0, "last_step_at_s": None, "failures_total": 0, "last_error": ""}, True),
+    ({"alive": True, "started_at_s": 900.0, "last_step_at_s": 1000.0 - LOOP_STALL_S - 1, "failures_total": 40,
+      "last_error": "RuntimeError: disk I/O error"}, False),
+    ({"alive": False, "started_at_s": 900.0, "last_step_at_s": 999.5, "failures_total": 0, "last_error": ""}, False),
+])
+def test_meshfed_check_reports_a_stalled_or_dead_reconcile_loop(loop: dict[str, Any], ok: bool) -> None:
+    (check,) = [c for c in build_checks({"reconciler": {"loop": loop}}, 1000.0) if c["check"] == "reconcile loop running"]
+    assert check["ok"] is ok
+    if not ok:
+        assert check["hint"] and (("disk I/O error" in check["cause"] and "31 s" in check["cause"])
+                                  or "not running" in check["cause"])
+
+
+def test_metrics_expose_the_loop_s_failures_and_last_step() -> None:
+    from federation.server import metrics
+
+    st = {"reconciler": {"loop": {"alive": True, "last_step_at_s": 1234.5, "failures_total": 3}}}
+    text = metrics.render(metrics.make_registry(lambda: st)).decode()
+    assert "meshfed_reconcile_loop_failures_total 3.0" in text
+    assert "meshfed_reconcile_last_step_timestamp_seconds 1234.5" in text
+
+
+def test_a_fleet_error_wakes_the_loop() -> None:
+    """Review note (e): every input wakes the loop; a failed revision did not."""
+    now, sent, render = [0.0], Sent(), Render()
+    svc = service(now, sent, render)
+    assert not svc._wake.is_set()
+    svc.on_fleet_error("c" * 40, "broken", [{"code": "MF0001", "message": "bad"}])
+    assert svc._wake.is_set() and svc.status()["desired"]["ok"] is False
+
+
+def test_missing_inputs_is_read_under_the_lock() -> None:
+    """Review note (e): `missing_inputs` read the reconciler's snapshots without the lock `step`
+    changes them under."""
+    now, sent, render = [0.0], Sent(), Render()
+    svc = service(now, sent, render)
+    answers: list[bool] = []
+    with svc._lock:   # a step in progress
+        t = threading.Thread(target=lambda: answers.append(svc.missing_inputs()))
+        t.start()
+        t.join(0.2)
+        assert answers == []          # it waits for the step
+    t.join(5.0)
+    assert answers == [True]
 
 
 # --- agents --------------------------------------------------------------------------------------

@@ -141,7 +141,7 @@ def test_health_reports_trigger_a_push_marking_endpoints_unhealthy() -> None:
 
 
 def test_store_epoch_grows_and_failover_history_filters(store: Store) -> None:
-    e1, e2 = store.bump_epoch(), store.bump_epoch()
+    e1, e2 = store.bump_epoch(100.0), store.bump_epoch(100.0)   # the same instant: still one more
     assert e2 == e1 + 1
     store.record_failover("checkout.shop", "FailedOver", from_cluster="east", to_cluster="west",
                           trigger="EndpointEjected east/shop/p1", policy_file="policies/checkout.yaml:4:3",

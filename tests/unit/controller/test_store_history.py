@@ -52,3 +52,19 @@ def test_history_keeps_the_newest_when_limited(tmp_path: Path) -> None:
     for i in range(10):
         s.record_failover(f"s{i}.ns.svc.clusterset.local", "FailedOver", at_s=float(i))
     assert [r.at_s for r in s.failover_history(limit=3)] == [7.0, 8.0, 9.0]
+
+
+def test_revisions_by_sha_for_the_console_click_through(tmp_path: Path) -> None:
+    s = Store.in_state_dir(tmp_path / "state")
+    good, bad = "a1" * 20, "b2" * 20
+    s.record_attempt(good, "canary 50%", ok=True, at_s=1.0)
+    s.record_attempt(bad, "break cart", ok=False, problems=[{"code": "MF0101", "message": "unknown field"}], at_s=2.0)
+    s.record_attempt(good, "canary 50%", ok=True, at_s=3.0)      # attempted again after a restart
+    assert [(r.sha, r.attempted_at_s) for r in s.revisions()] == [(good, 3.0), (bad, 2.0), (good, 1.0)]
+    assert [r.attempted_at_s for r in s.revisions(sha=good)] == [3.0, 1.0]
+    [rejected] = s.revisions(sha=bad[:8].upper())                   # a short SHA, any case
+    assert rejected.outcome == "failed" and rejected.problems == ({"code": "MF0101", "message": "unknown field"},)
+    assert s.revisions(sha="c0ffee") == []
+    for not_a_sha in ("a1%", "a1_", "zz" * 4, "abc", "a" * 41):
+        with pytest.raises(ValueError, match="not a commit SHA"):
+            s.revisions(sha=not_a_sha)

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from federation.cli.core import graph_data, graph_dot, graph_mermaid
+from federation.cli.core import graph_dot, graph_mermaid
 from federation.cli.main import cli
 from federation.core.explain import ExplainError, explain_service, explain_text, resolve_service
 from federation.core.failover import build_engine
+from federation.core.graph_view import graph_data
 from federation.core.offline import offline_observations
 from federation.core.planning import authz_allows, plan_effects
 from gitops.model import AuthorizationPolicy, AuthzAction, AuthzRule, AuthzSource, TrafficPolicy

@@ -59,6 +59,12 @@ def test_every_code_in_the_catalogue_is_exercised() -> None:
     # emitted by the controller's commit gate (federation/core/rotation_gate.py), which needs the applied
     # revision and the leaves issued; exercised in tests/unit/controller/test_rotation_gate.py
     exercised |= {"MF0407"}
+    # chaos experiments (ChaosExperiment files): tests/unit/gitops/test_experiments.py (the file alone)
+    # and tests/unit/chaos/test_validate.py (against the fleet and its lab)
+    exercised |= {"MF0701", "MF0702", "MF0703", "MF0704", "MF0705", "MF0706", "MF0707", "MF0708"}
+    # the removal guard (federation/core/removal.py) compares a commit with the applied revision;
+    # exercised in tests/unit/core/test_removal.py and by `meshfed plan` in tests/integration/test_plan_effects.py
+    exercised |= {"MF0516"}
     assert set(CATALOGUE) == exercised
 
 

@@ -204,7 +204,7 @@ def test_state_dir_layout_and_modes(tmp_path: Path) -> None:
     assert ca is not None and ca.signing_root == "root-1"
     d = tmp_path / "state" / "ca" / EAST
     assert _mode(tmp_path / "state" / "ca") == 0o700 and _mode(d) == 0o700
-    assert _mode(d / "root-1.key.pem") == 0o600
+    assert _mode(d / "root-1.keypair.pem") == 0o600
     # reopening loads the same root instead of minting a new one
     again = CaStateDir(tmp_path / "state").load_or_create(_td(), now_s=NOW_S)
     assert again is not None and again.roots[0].cert == ca.roots[0].cert
@@ -218,7 +218,7 @@ def test_state_dir_layout_and_modes(tmp_path: Path) -> None:
 ])
 def test_refuses_to_start_with_loose_permissions(tmp_path: Path, target: str, mode: int, match: str) -> None:
     CaStateDir(tmp_path).load_or_create(_td(), now_s=NOW_S)
-    paths = {"key": tmp_path / "ca" / EAST / "root-1.key.pem", "td_dir": tmp_path / "ca" / EAST,
+    paths = {"key": tmp_path / "ca" / EAST / "root-1.keypair.pem", "td_dir": tmp_path / "ca" / EAST,
              "ca_dir": tmp_path / "ca"}
     os.chmod(paths[target], mode)
     with pytest.raises(CaPermissionError, match=match):
@@ -227,7 +227,7 @@ def test_refuses_to_start_with_loose_permissions(tmp_path: Path, target: str, mo
 
 def test_refuses_symlinked_key(tmp_path: Path) -> None:
     CaStateDir(tmp_path).load_or_create(_td(), now_s=NOW_S)
-    key = tmp_path / "ca" / EAST / "root-1.key.pem"
+    key = tmp_path / "ca" / EAST / "root-1.keypair.pem"
     real = tmp_path / "elsewhere.pem"
     key.rename(real)
     key.symlink_to(real)

@@ -110,6 +110,7 @@ def test_the_controller_runs_with_flags_meshfed_controller_run_defines(tmp_path:
     assert p["status_listen"] == f"0.0.0.0:{CONTROLLER_HTTP_PORT}"
     assert p["kubeconfig"] == str(tmp_path / "kubeconfig")
     assert p["insecure"] is False
+    assert p["standby"] is True     # a restarted lab controller waits for its killed predecessor
 
 
 def test_meshfed_controller_bootstrap_token_takes_a_proxy_id_and_a_ttl(tmp_path: Path) -> None:

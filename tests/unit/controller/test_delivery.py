@@ -1,0 +1,186 @@
+"""Issue 11 item 7: a push that fails is retried, and SYNCED means "ACKed the latest desired".
+
+Two places can fail: the reconciler's hand-over to the config service (a Ray call to a state
+owner that is restarting), and the config service's push to a proxy (a NACK, or no answer). Both
+are retried with backoff, driven here with explicit `now_s`; status never shows SYNCED for a
+proxy whose newest config has not reached it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+
+import pytest
+
+from benchmarks.simproxy import make_config
+from federation.controller import queries
+from federation.controller.distributor import (
+    ACK_TIMEOUT_S,
+    RETRY_MAX_S,
+    ConfigDistributor,
+    ProxySession,
+    SyncState,
+    retry_delay_s,
+)
+from federation.controller.reconciler import Reconciler, RenderInput, RenderOutput
+from gitops.model import ConfigSnapshot, Federation, Revision
+from ztunnel.api.config import ProxyConfig, Stamp
+
+PID = "ztunnel/a/n1"
+
+
+def snap(sha: str) -> ConfigSnapshot:
+    return ConfigSnapshot(revision=Revision(sha, "msg"), federation=Federation("f", "mesh"), clusters={},
+                          trust_domains={}, services={}, lab_clusters={}, destination_rules={},
+                          authorization_policies=(), routes=())
+
+
+def render(inp: RenderInput) -> RenderOutput:
+    services = 1 + ord(inp.snapshot.revision.sha[0]) - ord("a")   # a: 1 service, b: 2, ...
+    cfg = make_config(PID, inp.snapshot.revision.sha, services=services)
+    return RenderOutput({PID: cfg})
+
+
+class FlakyPush:
+    """The config service as the reconciler reaches it: fails while `down`, records what it took."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.taken: list[dict[str, ProxyConfig]] = []
+        self.attempts = 0
+
+    def __call__(self, configs: Mapping[str, ProxyConfig]) -> None:
+        self.attempts += 1
+        if self.down:
+            raise ConnectionError("the config server actor is restarting")
+        self.taken.append(dict(configs))
+
+
+def test_a_push_that_fails_is_retried_with_backoff_until_it_is_delivered() -> None:
+    push = FlakyPush()
+    clock = [2.1]
+    r = Reconciler(render, push, warmup_max_s=0.0, clock=lambda: clock[0])
+    r.on_snapshot(snap("a" * 40), now_s=0.0)
+    assert r.reconcile(now_s=1.0, force=True)
+    assert [c[PID].stamp.revision for c in push.taken] == ["a" * 40]
+
+    push.down = True
+    r.on_snapshot(snap("b" * 40), now_s=2.0)
+    assert r.reconcile(now_s=2.1)
+    st = r.status()
+    assert st["undelivered_proxies"] == [PID] and st["delivery"]["failures"] == 1
+    assert "restarting" in st["delivery"]["last_error"] and st["delivery"]["retry_in_s"] == pytest.approx(0.2)
+    # before the backoff is over nothing is attempted, however often the loop runs
+    attempts = push.attempts
+    assert not r.due(2.2) and r.reconcile(now_s=2.2, force=True) and push.attempts == attempts
+    # due again after the backoff: the retry fails and the backoff doubles
+    assert r.due(2.31) and r.reconcile(now_s=2.31)
+    clock[0] = 2.31
+    assert push.attempts == attempts + 1 and r.status()["delivery"]["retry_in_s"] == pytest.approx(0.4)
+    push.down = False
+    assert r.due(2.72) and r.reconcile(now_s=2.72)                 # no new input: only the retry
+    assert [c[PID].stamp.revision for c in push.taken] == ["a" * 40, "b" * 40]
+    st = r.status()
+    assert st["undelivered_proxies"] == [] and st["delivery"]["failures"] == 0 and not r.due(100.0)
+
+
+def test_status_never_shows_synced_for_a_proxy_whose_newest_config_is_undelivered() -> None:
+    """The config service's proxy ACKed revision a; the reconciler rendered b and could not hand it
+    over: the proxy is STALE, not SYNCED against the stale desired config."""
+    dist = ConfigDistributor(epoch=1, clock=lambda: 0.0)
+    dist.set_desired({PID: make_config(PID, "a" * 40)})
+    s = dist.attach(PID, None)
+    push = s.next_push(0.0, itertools.count())
+    assert push is not None
+    s.on_reply(push.nonce, False, "", 0.0)
+    assert s.sync is SyncState.SYNCED
+    rec = {"undelivered_proxies": [PID, "ztunnel/a/n2"], "delivery": {"last_error": "ConnectionError: down"}}
+    st = queries.assemble_status(rec, {"proxies": dist.status()}, {}, {}, state_dir="/s", failover_events=0, trust=[],
+                                 now_s=0.0)
+    by = {p["proxy"]: p for p in st["proxies"]}
+    assert by[PID]["sync"] == "STALE" and "ConnectionError: down" in by[PID]["last_failure"]
+    assert by["ztunnel/a/n2"]["sync"] == "NOT SENT"   # rendered, never reached the config service
+
+
+def sent(s: ProxySession, now_s: float, nonces: itertools.count[int]) -> str:
+    push = s.next_push(now_s, nonces)
+    assert push is not None
+    return push.nonce
+
+
+def test_a_nacked_push_is_retried_after_a_backoff_without_a_new_desired_config() -> None:
+    """Before: a NACKed content was never sent again until the desired content changed, so a proxy
+    that failed for a moment (e.g. fetching its certificates) stayed STALE forever."""
+    nonces = itertools.count()
+    s = ProxySession(PID, epoch=7)
+    s.set_desired(make_config(PID, "r1", services=2), 0.0)
+    s.attach(None)
+    n1 = sent(s, 0.0, nonces)
+    s.on_reply(n1, True, "data plane failed to apply: certificate service unavailable", 0.0)
+    assert s.sync is SyncState.STALE and s.failures == 1
+    delay = retry_delay_s(PID, 1)
+    assert 0.5 <= delay < 1.0
+    assert s.next_push(delay - 0.01, nonces) is None and not s.retry_due(delay - 0.01)
+    assert s.retry_due(delay)
+    n2 = sent(s, delay, nonces)
+    assert s.in_flight is not None and s.in_flight.config.stamp == Stamp(7, "r1", 2) and s.retries == 1
+    s.on_reply(n2, True, "still failing", delay)
+    assert s.failures == 2 and s.retry_at_s == pytest.approx(delay + retry_delay_s(PID, 2))
+    n3 = sent(s, s.retry_at_s, nonces)
+    s.on_reply(n3, False, "", s.retry_at_s)
+    assert s.sync is SyncState.SYNCED and s.failures == 0 and s.retry_at_s == 0.0
+
+
+def test_a_new_desired_config_is_sent_at_once_even_during_a_backoff() -> None:
+    nonces = itertools.count()
+    s = ProxySession(PID, epoch=1)
+    s.set_desired(make_config(PID, "r1"), 0.0)
+    s.attach(None)
+    s.on_reply(sent(s, 0.0, nonces), True, "bad", 0.0)
+    s.set_desired(make_config(PID, "r2", services=3), 0.1)
+    assert s.next_push(0.1, nonces) is not None and s.failures == 0
+
+
+def test_a_push_without_an_answer_times_out_and_the_retry_is_a_full_state() -> None:
+    d = ConfigDistributor(epoch=1, clock=lambda: 0.0)
+    d.set_desired({PID: make_config(PID, "r1")})
+    s = d.attach(PID, None)
+    s.on_reply(sent(s, 0.0, itertools.count()), False, "", 0.0)          # the proxy runs r1
+    d.set_desired({PID: make_config(PID, "r2", services=3)})
+    assert d.build(s) and s.in_flight is not None
+    assert d.tick(ACK_TIMEOUT_S - 1) == [] and s.in_flight is not None
+    assert d.tick(ACK_TIMEOUT_S + 1) == [] and s.in_flight is None     # timed out; backoff starts
+    assert s.ack_timeouts == 1 and s.acked is None                     # we no longer know what it runs
+    due_at = s.retry_at_s
+    assert d.tick(due_at) == [s]                                       # the adapter wakes its stream
+    d.clock = lambda: due_at
+    (msg,) = d.build(s)
+    from ztunnel.api.proto import meshfed_pb2 as pb
+
+    assert pb.ConfigResponse.FromString(msg).base_version == 0         # a full state
+
+
+@pytest.mark.parametrize("proxy_id", ["ztunnel/a/n1", "gateway/b", "ztunnel/c/node-42"])
+def test_backoff_doubles_is_capped_and_spread_per_proxy(proxy_id: str) -> None:
+    delays = [retry_delay_s(proxy_id, n) for n in range(1, 15)]
+    assert all(b == pytest.approx(2 * a) for a, b in itertools.pairwise(delays[:6]))
+    assert max(delays) <= RETRY_MAX_S and delays[-1] >= RETRY_MAX_S / 2
+    assert len({retry_delay_s(p, 1) for p in ("ztunnel/a/n1", "ztunnel/a/n2", "ztunnel/a/n3")}) == 3
+
+
+def test_metrics_count_sync_states_as_status_shows_them() -> None:
+    from federation.server import metrics
+
+    dist = ConfigDistributor(epoch=1, clock=lambda: 0.0)
+    dist.set_desired({PID: make_config(PID, "a" * 40)})
+    s = dist.attach(PID, None)
+    push = s.next_push(0.0, itertools.count())
+    assert push is not None
+    s.on_reply(push.nonce, False, "", 0.0)
+    cs = {"proxies": dist.status(), "counts": dist.counts()}
+    rec = {"undelivered_proxies": [PID], "undelivered": 1, "delivery": {"last_error": "down"}}
+    st = queries.assemble_status(rec, cs, {}, {}, state_dir="/s", failover_events=0, trust=[], now_s=0.0)
+    text = metrics.render(metrics.make_registry(lambda: st)).decode()
+    assert 'meshfed_proxy_sync{state="SYNCED"} 0.0' in text and 'meshfed_proxy_sync{state="STALE"} 1.0' in text
+    assert "meshfed_configs_undelivered 1.0" in text
