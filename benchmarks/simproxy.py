@@ -26,7 +26,7 @@ from typing import Any
 from ztunnel.api.codec import CONFIG_METHOD, PROXY_ID_METADATA, header_to_pb, stamp_from_pb, stamp_to_pb
 from ztunnel.api.config import Endpoint, ProxyConfig, ProxyMode, Service, ServicePortMap, Stamp
 from ztunnel.api.proto import meshfed_pb2 as pb
-from ztunnel.xds.client import Backoff, Subscription, XdsClient
+from ztunnel.xds.client import Backoff, Subscription, XdsClient, keepalive_options
 
 
 @dataclass
@@ -83,7 +83,7 @@ class SimProxy:
         self.proxy_id = proxy_id
         self.sink = sink or MemorySink()
         self.sub = Subscription(header(proxy_id, cluster), current)
-        opts = [("grpc.max_receive_message_length", max_message_bytes + 65536)]
+        opts = [("grpc.max_receive_message_length", max_message_bytes + 65536), *keepalive_options()]
         self.client = XdsClient(self.sub, self.sink,
                                 channel_factory or (lambda: grpc.aio.insecure_channel(target, options=opts)),
                                 metadata=[(PROXY_ID_METADATA, proxy_id)],

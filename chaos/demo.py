@@ -146,14 +146,18 @@ class LabFederation:
         return [c["name"] for c in self.lab.get("clusters", [])]
 
     def client_pod(self, cluster: str, service_account: str | None = None) -> str:
-        for c in self.lab.get("clusters", []):
-            if c["name"] != cluster:
-                continue
-            for p in c["pods"]:
-                if p["role"] == "client" and (service_account is None or p["service_account"] == service_account):
-                    return f"pod:{cluster}/{p['namespace']}/{p['name']}"
-        raise DemoError(f"cluster {cluster} has no client pod"
-                        f"{' with service account ' + service_account if service_account else ''}")
+        pods = self.client_pods(cluster, service_account)
+        if not pods:
+            raise DemoError(f"cluster {cluster} has no client pod"
+                            f"{' with service account ' + service_account if service_account else ''}")
+        return pods[0]
+
+    def client_pods(self, cluster: str, service_account: str | None = None) -> list[str]:
+        """Every client pod of `cluster` (`pod:C/NS/NAME`), in the lab's order."""
+        return [f"pod:{cluster}/{p['namespace']}/{p['name']}"
+                for c in self.lab.get("clusters", []) if c["name"] == cluster
+                for p in c["pods"]
+                if p["role"] == "client" and (service_account is None or p["service_account"] == service_account)]
 
     def _get(self, where: str, url: str, timeout_s: float) -> tuple[int, str, str]:
         """HTTP GET from inside a lab namespace: (status, body, error)."""
@@ -188,7 +192,7 @@ class LabFederation:
 
     def start_load(self, cluster: str, rate_per_s: float, timeout_s: float = 2.0, *, url: str = SERVICE_URL,
                    pod: str | None = None, keep_alive_max_requests: int = 0, name: str = "") -> Path:
-        """Open-loop load from `cluster`'s client pod (or `pod`, CLUSTER/NS/NAME) to `url`; the
+        """Open-loop load from `cluster`'s client pod (or `pod`: CLUSTER/NS/NAME or pod:CLUSTER/NS/NAME) to `url`; the
         records go to a JSONL file (returned). `keep_alive_max_requests` > 0 reuses connections;
         `name` tells several loads of one cluster apart (records, stop_load take it; default: the
         cluster's name)."""
@@ -200,7 +204,7 @@ class LabFederation:
                 "--timeout-s", str(timeout_s), "--out", str(out)]
         if keep_alive_max_requests > 0:
             argv += ["--keep-alive", "--max-requests-per-connection", str(keep_alive_max_requests)]
-        self.runner.spawn(f"load-{key}", f"pod:{pod}" if pod else self.client_pod(cluster), argv)
+        self.runner.spawn(f"load-{key}", (pod if pod.startswith("pod:") else f"pod:{pod}") if pod else self.client_pod(cluster), argv)
         self.loads[key] = out
         return out
 
@@ -285,7 +289,12 @@ class LabFederation:
             _git(["-C", str(wt), "commit", "-qm", message], env)
             sha = _git(["-C", str(wt), "rev-parse", "HEAD"], env).strip()
             self.note("policy_pushed", target="fleet repo", detail=f"{message} @{sha[:8]}")
-            _git(["-C", str(wt), "push", "-q", "origin", "HEAD"], env)
+            # the lab's Git server takes pushes with its credentials only (a 0600 file it wrote)
+            from clusters.lab.gitserver import credential_helper_args
+
+            creds = self.lab.get("git_credentials_file") or ""
+            helper = credential_helper_args(creds) if creds else []
+            _git(["-C", str(wt), *helper, "push", "-q", "origin", "HEAD"], env)
         return sha
 
     def wait_attempted(self, sha: str, timeout_s: float = 60.0) -> dict[str, Any]:

@@ -420,7 +420,8 @@ def controller_objects(snapshot: ConfigSnapshot, cluster_name: str, repo: str, o
                                    {"name": "http-status", "containerPort": CONTROLLER_HTTP_PORT}],
                          "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
                                              "seccompProfile": {"type": "RuntimeDefault"}},
-                         "readinessProbe": {"httpGet": {"path": "/api/v1/status", "port": CONTROLLER_HTTP_PORT},
+                         # /healthz: the status API off loopback wants its token for everything else
+                         "readinessProbe": {"httpGet": {"path": "/healthz", "port": CONTROLLER_HTTP_PORT},
                                             "periodSeconds": 5},
                          "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}},
                          "volumeMounts": [{"name": "state", "mountPath": "/var/lib/meshfed/controller"},

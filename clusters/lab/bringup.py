@@ -37,8 +37,11 @@ from clusters.lab.kubelet import Kubelet, NodeState, PodState, TokenProjector, p
 from clusters.lab.layout import (
     CONTROLLER_DIR,
     CONTROLLER_HTTP_PORT,
+    GIT_CREDENTIALS_FILE,
+    GIT_DIR,
     KUBECONFIG_FILE,
     RUN_DIR,
+    STATUS_API_TOKEN_FILE,
     LabError,
 )
 from clusters.lab.pods import pod_key, pod_socket, probe_pod
@@ -54,6 +57,25 @@ if TYPE_CHECKING:  # heavy (kmock, dulwich): imported by the steps that need the
 
 KUBELET_INTERVAL_S = 0.1
 MAX_PUSH_RECORDS = 100
+
+
+def notify_controller(url: str, token_file: Path, refs: Mapping[str, str], timeout_s: float = 2.0) -> dict[str, Any]:
+    """`POST /api/v1/reconcile` with the controller's bearer token (the file it wrote in its state
+    directory): {"controller_notified": True}, or False and the error."""
+    from ztunnel.api.secret_files import read_secret
+
+    try:
+        token = read_secret(token_file, max_bytes=4096).decode("ascii", "replace").strip()
+    except OSError as e:
+        return {"controller_notified": False, "error": f"no status API token to notify the controller with: {e}"}
+    req = urllib.request.Request(url.rstrip("/") + "/api/v1/reconcile", data=json.dumps({"refs": dict(refs)}).encode(),
+                                 method="POST", headers={"Content-Type": "application/json",
+                                                         "Authorization": f"Bearer {token}"})
+    try:
+        urllib.request.urlopen(req, timeout=timeout_s).close()
+    except OSError as e:
+        return {"controller_notified": False, "error": str(e)}
+    return {"controller_notified": True}
 
 
 @dataclass
@@ -219,12 +241,14 @@ class BringUp:
         if not fleet:
             self.services.features["git"] = "no fleet directory given"
             return
-        from clusters.lab.gitserver import GitServer, init_fleet_repo
+        from clusters.lab.gitserver import GitServer, init_fleet_repo, new_credentials, write_credentials
 
-        bare = self.state_dir / "git" / "fleet.git"
+        bare = self.state_dir / GIT_DIR / "fleet.git"
         head = init_fleet_repo(Path(fleet), bare)
         listener, port = self._door()
-        git = GitServer(bare, "127.0.0.1", port, on_push=self._on_push).start()
+        credentials = new_credentials()   # a new lab, new credentials: pushes need them (lab.json names the file)
+        git = GitServer(bare, "127.0.0.1", port, on_push=self._on_push, credentials=credentials).start()
+        write_credentials(self.git_credentials_file, git.url, credentials)
         self.services.git = git
         self.services.ports["git"] = git.port
         if listener is not None and self.services.portal is not None:
@@ -236,14 +260,8 @@ class BringUp:
         record: dict[str, Any] = {"at_s": time.time(), "refs": dict(refs), "controller_notified": False}
         ctl = self.procs.get("controller")
         if ctl is not None and ctl.alive():
-            req = urllib.request.Request(f"http://127.0.0.1:{CONTROLLER_HTTP_PORT}/api/v1/reconcile",
-                                         data=json.dumps({"refs": dict(refs)}).encode(), method="POST",
-                                         headers={"Content-Type": "application/json"})
-            try:
-                urllib.request.urlopen(req, timeout=2).close()
-                record["controller_notified"] = True
-            except OSError as e:
-                record["error"] = str(e)
+            record.update(notify_controller(f"http://127.0.0.1:{CONTROLLER_HTTP_PORT}",
+                                            self.state_dir / CONTROLLER_DIR / STATUS_API_TOKEN_FILE, refs))
         pushes = self.services.pushes
         pushes.append(record)
         del pushes[:-MAX_PUSH_RECORDS]
@@ -258,6 +276,10 @@ class BringUp:
         self.services.features["ztunnel"] = (
             f"running ({len(started)} started)" if started else
             "waiting for configs: write proxies/<id>/config.json + certs/ then `start-proxies`")
+
+    @property
+    def git_credentials_file(self) -> Path:
+        return self.state_dir / GIT_DIR / GIT_CREDENTIALS_FILE
 
     def repo(self) -> str:
         """What the controller follows: the lab's Git server, else the fleet directory."""

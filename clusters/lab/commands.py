@@ -129,14 +129,15 @@ def proxy_argv(python: Sequence[str], proxy_id: str, proxy_dir: Path, socks_host
 
 
 def controller_argv(python: Sequence[str], repo: str, state_dir: Path, kubeconfig: Path) -> list[str]:
-    """`meshfed controller run …` in the sandbox root: gRPC, bootstrap and status on every address
-    (the management bridge for proxies, loopback for the host portal). `--standby`: a controller
+    """`meshfed controller run …` in the sandbox root: gRPC and bootstrap on every address (the
+    management bridge for proxies), the status API on loopback only (the host portal and the Git
+    push hook reach it there; nothing in the lab's namespaces needs it). `--standby`: a controller
     the lab restarts after a fault waits for its killed predecessor's processes to let the state
     directory go instead of refusing to start."""
     return [*python, *MESHFED, "controller", "run", "--repo", repo, "--state-dir", str(state_dir),
             "--listen", f"0.0.0.0:{CONTROLLER_GRPC_PORT}",
             "--bootstrap-listen", f"0.0.0.0:{CONTROLLER_BOOTSTRAP_PORT}",
-            "--status-listen", f"0.0.0.0:{CONTROLLER_HTTP_PORT}",
+            "--status-listen", f"127.0.0.1:{CONTROLLER_HTTP_PORT}",
             "--kubeconfig", str(kubeconfig), "--standby"]
 
 

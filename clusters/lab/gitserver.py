@@ -5,13 +5,23 @@ the only one in the lab that imports dulwich. The server binds to a loopback (or
 address only. After a successful `git-receive-pack` (a push), `on_push(ref -> sha)` is called so
 the lab can trigger an immediate reconcile instead of waiting for the controller's poll.
 
+Pushes need credentials: HTTP basic auth (over loopback only), compared in constant time; a push
+without them is answered 401 with a `WWW-Authenticate: Basic` challenge, which is what makes `git`
+ask its credential helper. `write_credentials` writes them for `git`'s own `store` helper (one
+`http://user:password@host:port` line, 0600), so a push is
+`git -c credential.helper='store --file=<file>' push`. Clone and fetch stay anonymous: the
+controller follows the repository without credentials, as it would a read-only deploy URL.
+
 `init_fleet_repo()` turns a fleet directory into a bare repository with one commit (using the
 `git` CLI in a short-lived process), which is what the server serves and the controller follows.
 """
 
 from __future__ import annotations
 
+import base64
+import hmac
 import os
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -22,6 +32,28 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 PushCallback = Callable[[Mapping[str, str]], None]
+GIT_USER = "lab"
+
+
+def new_credentials() -> tuple[str, str]:
+    """(user, password) for the lab's Git server; URL-safe, so they fit a credential-store line."""
+    return GIT_USER, secrets.token_urlsafe(24)
+
+
+def write_credentials(path: Path, url: str, credentials: tuple[str, str]) -> None:
+    """The credentials as `git credential-store` reads them: 0600, written atomically."""
+    from urllib.parse import urlsplit
+
+    from ztunnel.api.secret_files import write_secret
+
+    parts = urlsplit(url)
+    user, password = credentials
+    write_secret(path, f"{parts.scheme}://{user}:{password}@{parts.netloc}\n".encode())
+
+
+def credential_helper_args(credentials_file: Path | str) -> list[str]:
+    """`git` arguments that make it answer the server's challenge from `credentials_file`."""
+    return ["-c", f"credential.helper=store --file={credentials_file}"]
 
 
 class GitServerError(RuntimeError):
@@ -83,10 +115,15 @@ class GitServer:
     """
 
     def __init__(self, bare_repo: Path, host: str = "127.0.0.1", port: int = 0, name: str = "fleet.git",
-                 on_push: PushCallback | None = None) -> None:
+                 on_push: PushCallback | None = None, credentials: tuple[str, str] | None = None) -> None:
+        if credentials is None:
+            raise ValueError("the lab's Git server takes pushes with credentials only: pass (user, password) "
+                             "(new_credentials())")
         self.bare_repo, self.host, self.port, self.name = bare_repo, host, port, name
         self.on_push = on_push
         self.pushes = 0
+        self.refused_pushes = 0
+        self._expected_auth = base64.b64encode(f"{credentials[0]}:{credentials[1]}".encode()).decode()
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -100,7 +137,16 @@ class GitServer:
         inner = make_wsgi_chain(backend)
 
         def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-            is_push = environ.get("PATH_INFO", "").endswith("/git-receive-pack") and environ.get("REQUEST_METHOD") == "POST"
+            path, query = environ.get("PATH_INFO", ""), environ.get("QUERY_STRING", "")
+            is_push = path.endswith("/git-receive-pack") and environ.get("REQUEST_METHOD") == "POST"
+            wants_push = is_push or (path.endswith("/info/refs") and "service=git-receive-pack" in query)
+            if wants_push and not self._authorized(environ.get("HTTP_AUTHORIZATION", "")):
+                self.refused_pushes += 1
+                why = b"pushing to the lab's fleet repo needs its credentials (lab.json: git_credentials_file)\n"
+                start_response("401 Unauthorized", [("WWW-Authenticate", 'Basic realm="meshfed lab"'),
+                                                    ("Content-Type", "text/plain"),
+                                                    ("Content-Length", str(len(why)))])
+                return [why]
             body = list(inner(environ, start_response))
             if is_push and self.on_push is not None:
                 with self._lock:
@@ -112,6 +158,10 @@ class GitServer:
             return body
 
         return app
+
+    def _authorized(self, header: str) -> bool:
+        scheme, _, value = header.partition(" ")
+        return scheme.lower() == "basic" and hmac.compare_digest(value.strip().encode(), self._expected_auth.encode())
 
     def start(self) -> GitServer:
         self._server = make_server(self.host, self.port, self._app(), handler_class=_QuietHandler)

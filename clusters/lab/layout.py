@@ -29,6 +29,9 @@ PROXIES_DIR = "proxies"             # proxies/<id>/{config.json,certs/,state/,sa
 CONTROLLER_DIR = "controller"       # the controller's --state-dir (it owns what is inside)
 TRUST_ANCHORS_DIR = "roots"         # there: roots/<trust-domain>.pem, written by the controller at start
 SA_TOKEN_FILE = "sa-token"          # in a proxy's directory, 0600: its pod's projected ServiceAccount token
+STATUS_API_TOKEN_FILE = "status-api-token"      # there too, 0600: the status API's bearer token
+GIT_DIR = "git"                     # the fleet repo the lab serves (fleet.git) and ...
+GIT_CREDENTIALS_FILE = "credentials"  # ... in it, 0600: who may push (git credential-store format)
 MAX_SOCKET_PATH = 100               # sun_path is 108 bytes; leave room
 
 # --- inside the sandbox -------------------------------------------------------------------------

@@ -216,6 +216,7 @@ class Supervisor:
             "phase": "Ready", "supervisor_pid": os.getpid(), "state_dir": str(self.state_dir),
             "kubeconfig": str(self.state_dir / KUBECONFIG_FILE),
             "git_url": svc.git.url if svc.git else "", "git_pushes": list(svc.pushes),
+            "git_credentials_file": str(self.bring_up.git_credentials_file) if svc.git else "",
             "controller": {"grpc": f"{CONTROLLER_MGMT_ADDRESS}:{CONTROLLER_GRPC_PORT}",
                            "pid": procs.pid("controller"), "state": procs.state("controller")},
             "wan_cidr": self.plan.wan_cidr, "mgmt_cidr": self.plan.mgmt_cidr,

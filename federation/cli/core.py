@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 import gitops
+from federation.cli.ops import token_file_option
 from federation.cli.output import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, emit_data, fail, output_option
 from federation.core.explain import ExplainError, explain_service, explain_text
 from federation.core.failover import FailoverEngine, build_engine
@@ -42,6 +43,7 @@ def _engine(path: str) -> FailoverEngine:
 @click.option("--zone", default=None, help="the client's zone (default: the cluster's first node)")
 @click.option("--controller", default=None, envvar="MESHFED_CONTROLLER",
               help="explain live from this controller's status API (or $MESHFED_CONTROLLER) when no PATH is given")
+@token_file_option
 @output_option(formats=("table", "json", "yaml"))
 def explain_cmd(service: str, path: str | None, from_cluster: str, zone: str | None, controller: str | None,
                 output: str) -> None:

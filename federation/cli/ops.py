@@ -3,7 +3,9 @@
 
 Every read command fetches the controller's status API (`--controller URL`, or
 $MESHFED_CONTROLLER, default http://127.0.0.1:15014) and prints the same JSON objects with
-`-o json|yaml`, or a table. Exit codes: 0 ok; 1 the answer contains problems (a failed revision,
+`-o json|yaml`, or a table. A controller whose status API listens on a non-loopback address
+wants its bearer token: `--token-file <state-dir>/status-api-token` (or
+$MESHFED_CONTROLLER_TOKEN_FILE); the file is read only when given. Exit codes: 0 ok; 1 the answer contains problems (a failed revision,
 proxies not synced, a failing check); 2 the controller could not be reached; 64 usage.
 """
 
@@ -23,24 +25,79 @@ from federation.cli.output import EXIT_OK, EXIT_PROBLEMS, emit_data, fail, outpu
 
 DEFAULT_CONTROLLER = "http://127.0.0.1:15014"
 ENV_CONTROLLER = "MESHFED_CONTROLLER"
+ENV_TOKEN_FILE = "MESHFED_CONTROLLER_TOKEN_FILE"
+_TOKEN_FILE_KEY = "meshfed.token_file"
+
+
+def _remember_token_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if value:
+        ctx.meta[_TOKEN_FILE_KEY] = value
+    return value
+
+
+def token_file_option(f: Any) -> Any:
+    """`--token-file` for commands that talk to the controller; `fetch` sends the token it holds."""
+    return click.option("--token-file", envvar=ENV_TOKEN_FILE, default=None, expose_value=False,
+                        callback=_remember_token_file, type=click.Path(dir_okay=False),
+                        help=f"the controller's status API token (<state-dir>/status-api-token, or "
+                             f"${ENV_TOKEN_FILE}): needed when its status API is not on loopback")(f)
 
 
 def controller_option(f: Any) -> Any:
-    return click.option("--controller", "controller", envvar=ENV_CONTROLLER, default=DEFAULT_CONTROLLER,
-                        show_default=True, help=f"status API of the controller (or ${ENV_CONTROLLER})")(f)
+    return token_file_option(click.option(
+        "--controller", "controller", envvar=ENV_CONTROLLER, default=DEFAULT_CONTROLLER,
+        show_default=True, help=f"status API of the controller (or ${ENV_CONTROLLER})")(f))
+
+
+def _auth_headers() -> dict[str, str]:
+    ctx = click.get_current_context(silent=True)
+    path = ctx.meta.get(_TOKEN_FILE_KEY) if ctx is not None else None
+    if not path:
+        return {}
+    from federation.controller.api_token import ApiTokenError, read_api_token
+
+    try:
+        return {"Authorization": f"Bearer {read_api_token(path)}"}
+    except (ApiTokenError, OSError) as e:
+        fail(f"cannot read the controller's token: {e}", hint="--token-file <controller state-dir>/status-api-token",
+             code=64)
 
 
 def fetch(controller: str, path: str, **params: Any) -> Any:
     q = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
     url = controller.rstrip("/") + path + (f"?{q}" if q else "")
+    req = urllib.request.Request(url, headers=_auth_headers())
     try:
-        with urllib.request.urlopen(url, timeout=10) as r:
+        with urllib.request.urlopen(req, timeout=10) as r:
             return json.loads(r.read())
     except urllib.error.HTTPError as e:
+        if e.code == 401:
+            fail(f"the controller at {controller} wants its token: {e.read()[:200].decode('utf-8', 'replace')}",
+                 hint=f"pass --token-file <controller state-dir>/status-api-token or set ${ENV_TOKEN_FILE}")
         fail(f"controller answered {e.code} for {path}: {e.read()[:200]!r}")
     except (urllib.error.URLError, OSError) as e:
         fail(f"cannot reach the controller at {controller}: {getattr(e, 'reason', e)}",
              hint=f"is `meshfed controller run` running? pass --controller URL or set ${ENV_CONTROLLER}")
+
+
+def git_policy(require_signed: bool, allowed_signers: str | None, gnupg_home: str | None,
+               allow_force_push: bool) -> Any:
+    """`controller run`'s Git flags as a `GitPolicy`; a usage error (64) names what is missing."""
+    from pathlib import Path
+
+    from federation.controller.sources import GitPolicy
+
+    if (allowed_signers or gnupg_home) and not require_signed:
+        fail("--allowed-signers/--gnupg-home name the keys of --require-signed-commits: add that flag", code=64)
+    for path, what in ((allowed_signers, "--allowed-signers file"), (gnupg_home, "--gnupg-home directory")):
+        if path and not Path(path).exists():
+            fail(f"{what} {path} does not exist", code=64)
+    try:
+        return GitPolicy(require_signed=require_signed, allow_force_push=allow_force_push,
+                         gnupg_home=str(Path(gnupg_home).resolve()) if gnupg_home else None,
+                         allowed_signers_file=str(Path(allowed_signers).resolve()) if allowed_signers else None)
+    except ValueError as e:
+        fail(str(e), code=64)
 
 
 def parse_duration_s(text: str) -> float:
@@ -97,6 +154,14 @@ def register(group: click.Group) -> None:
     @click.option("--insecure", is_flag=True, help="plaintext gRPC trusting proxy ids: loopback tests only")
     @click.option("--git-poll-interval", "git_poll_s", type=float, default=None,
                   help="seconds; default: the Federation's gitPollInterval")
+    @click.option("--require-signed-commits", is_flag=True,
+                  help="apply only branch heads signed by a trusted key (--allowed-signers and/or --gnupg-home)")
+    @click.option("--allowed-signers", "allowed_signers", default=None, type=click.Path(dir_okay=False),
+                  help="SSH allowed-signers file of the trusted keys (gpg.ssh.allowedSignersFile format)")
+    @click.option("--gnupg-home", "gnupg_home", default=None, type=click.Path(file_okay=False),
+                  help="GnuPG home holding the trusted OpenPGP keys")
+    @click.option("--allow-force-push", is_flag=True,
+                  help="accept a head that does not descend from the applied revision (history rewritten)")
     @click.option("--standby", is_flag=True,
                   help="if another controller holds --state-dir, wait and take over when it exits (default: refuse)")
     @click.option("--history-retention", "retention", default=None, metavar="DURATION",
@@ -104,7 +169,8 @@ def register(group: click.Group) -> None:
                        "historyRetention (30d)")
     def run(repo: str, branch: str, state_dir: str, listen: str, status_listen: str, bootstrap_listen: str | None,
             ray_address: str | None, kubeconfig: str | None, in_cluster: str | None, insecure: bool,
-            git_poll_s: float | None, standby: bool, retention: str | None) -> None:
+            git_poll_s: float | None, require_signed_commits: bool, allowed_signers: str | None,
+            gnupg_home: str | None, allow_force_push: bool, standby: bool, retention: str | None) -> None:
         """Follow the fleet repo, watch every cluster, push config to every proxy."""
         if insecure and not is_loopback_listen(listen):
             fail("--insecure serves plaintext gRPC: only on a loopback --listen address (127.0.0.0/8 or [::1])",
@@ -123,7 +189,9 @@ def register(group: click.Group) -> None:
                                              ray_address=ray_address, kubeconfig=kubeconfig, in_cluster=in_cluster,
                                              insecure=insecure,
                                              git_poll_interval_s=git_poll_s, standby=standby,
-                                             history_retention_s=retention_s))
+                                             history_retention_s=retention_s,
+                                             git_policy=git_policy(require_signed_commits, allowed_signers,
+                                                                   gnupg_home, allow_force_push)))
         except StateDirLocked as e:
             fail(str(e))
 

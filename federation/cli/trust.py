@@ -26,6 +26,7 @@ import click
 from cryptography import x509
 
 import gitops
+from federation.cli.ops import token_file_option
 from federation.cli.output import EXIT_OK, EXIT_PROBLEMS, emit_data, fail, output_option, stdout, table
 from federation.core.trust_view import TrustMaterial, build_trust_view
 from gitops.model import CaMode, TrustDomain
@@ -98,6 +99,7 @@ def render_trust_view(view: Mapping[str, Any], output: str) -> None:
 @click.option("--controller", default=None, envvar="MESHFED_CONTROLLER",
               help="read the live CAs from this controller's status API (or $MESHFED_CONTROLLER) when no PATH "
                    "is given")
+@token_file_option
 @output_option()
 def trust_cmd(path: str | None, state_dir: str | None, controller: str | None, output: str) -> None:
     """Trust domains, bundle sequences and fingerprints, not-after dates, who trusts whom.

@@ -2,9 +2,10 @@
 
 It holds everything that must live in one process on one node: the sqlite store
 (`controller.sqlite`), the CA keys (`signing.SigningPolicy`, which never lets a CA be pickled),
-the bootstrap tokens, the TokenReview clients of the clusters (`clusters.kube.auth`, one per cluster
-of the applied fleet: a proxy's ServiceAccount token is reviewed by its own cluster only), and the
-`distributor.ConfigDistributor` with every proxy's desired and acknowledged config. `federation.ray` pins the actor hosting it to the driver's node and gives
+the bootstrap tokens, the status API's token, the TokenReview clients of the clusters
+(`clusters.kube.auth`, one per cluster of the applied fleet: a proxy's ServiceAccount token is
+reviewed by its own cluster only), and the `distributor.ConfigDistributor` with every proxy's
+desired and acknowledged config. `federation.ray` pins the actor hosting it to the driver's node and gives
 the other actors the store through it; `federation.server.grpc_services.ConfigServer` serves
 its distributor and signing policy to proxies.
 
@@ -55,6 +56,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from federation.controller.api_token import ensure_api_token
 from federation.controller.bootstrap import BootstrapTokens
 from federation.controller.distributor import AckEvent, ConfigDistributor, SyncState
 from federation.controller.signing import (
@@ -149,6 +151,11 @@ class ConfigService:
         self.last_serving_renewal = ""
 
     # --- CAs and credentials --------------------------------------------------------------------
+
+    def status_api_token(self) -> str:
+        """The status API's bearer token (`api_token`): created 0600 in the state directory on
+        first use, the same across restarts."""
+        return ensure_api_token(self.state_dir)
 
     def ensure_cas(self, snap: ConfigSnapshot) -> dict[str, tuple[str, ...]]:
         """Load or create the CA of every trust domain of a snapshot (expired bootstrap tokens are
@@ -423,7 +430,7 @@ class ConfigService:
 
     def status(self, transport: Mapping[str, Any], disk: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The service's status; `transport` adds what the gRPC server knows (port, bootstrap_port,
-        health_reports, slow_disconnects); `disk`: `disk_facts()` (read here when not given)."""
+        health_reports, health_reports_dropped, slow_disconnects); `disk`: `disk_facts()` (read here when not given)."""
         disk = self.disk_facts() if disk is None else disk
         st = self.dist.status()
         return {
@@ -432,6 +439,7 @@ class ConfigService:
             "pushes": sum(p["pushes"] for p in st), "acks": sum(p["acks"] for p in st),
             "nacks": sum(p["nacks"] for p in st), "stale_epoch_refusals": self.dist.stale_epoch_refusals,
             "health_reports": transport.get("health_reports", 0),
+            "health_reports_dropped": transport.get("health_reports_dropped", 0),
             "slow_disconnects": transport.get("slow_disconnects", 0),
             "displacements_refused": transport.get("displacements_refused", 0),
             "ack_flush_failures": self.flush_failures, "last_ack_flush_error": self.last_flush_error,

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from federation.controller.sources import FleetFailure, GitSource
+from federation.controller.sources import FleetFailure, GitPolicy, GitSource
 from gitops.model import ConfigSnapshot
 
 POLL_WAKE_S = 0.2
@@ -65,12 +65,14 @@ def last_applied_if_gated(source: GitSource, store: AppliedRecords, head: Config
         return None
 
 
-def snapshot_for_cas(repo: str, branch: str, store: AppliedRecords, now_s: float) -> ConfigSnapshot | None:
+def snapshot_for_cas(repo: str, branch: str, store: AppliedRecords, now_s: float,
+                     policy: GitPolicy | None = None) -> ConfigSnapshot | None:
     """The revision whose CAs a starting controller loads before it serves TLS: the branch head,
     or the last applied revision when the commit gate will reject the head (loading the head's
-    CAs would switch the signer). None when the head does not load (the reconciler loads the CAs
-    once a good revision arrives)."""
-    source = GitSource(repo, branch)
+    CAs would switch the signer). None when the head does not load — or is refused by `policy`
+    (an unsigned head must not choose the CAs either) — and the reconciler loads the CAs once a
+    good revision arrives."""
+    source = GitSource(repo, branch, policy=policy)
     head = source.poll(now_s)
     if head is None or isinstance(head, FleetFailure):
         return None
@@ -94,11 +96,11 @@ class GitFeed:
 
     @classmethod
     def following(cls, repo: str, branch: str, store: AppliedRecords, sink: FleetSink,
-                  poll_interval_s: float | None = None) -> GitFeed:
+                  poll_interval_s: float | None = None, policy: GitPolicy | None = None) -> GitFeed:
         """A feed for `repo`/`branch` that, after a restart, falls back to the store's last
-        applied revision while the head is bad."""
+        applied revision while the head is bad; `policy` says which heads are acceptable."""
         applied = store.last_applied()
-        source = GitSource(repo, branch, fallback_sha=applied.sha if applied else None)
+        source = GitSource(repo, branch, fallback_sha=applied.sha if applied else None, policy=policy)
         return cls(source, store, sink, poll_interval_s)
 
     def start(self) -> GitFeed:

@@ -46,12 +46,13 @@ Flux semantics: `last_attempted` is the newest revision we tried (with its probl
 `last_applied` the newest that rendered, was delivered and was ACKed by the proxies' quorum. A
 bad commit leaves every proxy on the last applied revision.
 
-Health: each proxy reports, per (service, endpoint), whether its local outlier detection ejects
-it (`on_health`). The vote (`federation.core.health.HealthAggregator`: a quorum of fresh
-observers) gives the verdict; the failover engine (`federation.core.failover`) is the one place
-ejection state lives and the verdict is one of its inputs: endpoints a quorum ejects are unhealthy
-in every proxy's view, their ejection and the failover it causes are events with provenance, and
-explain shows them. `unhealthy` is the last verdict the render applied.
+Health: each proxy reports, per (service, endpoint), whether its local outlier detection ejects it
+(`on_health`). The vote (`federation.core.health.HealthAggregator`: a quorum of fresh observers,
+where an observer is a proxy whose rendered config routes to the endpoint — step 5 hands the vote
+every render's views) gives the verdict; the failover engine (`federation.core.failover`) is the
+one place ejection state lives and the verdict is one of its inputs: endpoints a quorum ejects are
+unhealthy in every proxy's view, their ejection and the failover it causes are events with
+provenance, and explain shows them. `unhealthy` is the last verdict the render applied.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ from federation.controller import queries
 from federation.core.health import (
     EndpointReport as EndpointReport,  # re-exported: federation.ray imports it here
 )
-from federation.core.health import HealthAggregator, HealthKey, HealthVerdict
+from federation.core.health import HealthAggregator, HealthKey, HealthVerdict, observable
 from federation.core.removal import (
     Drain,
     guard_removal,
@@ -226,6 +227,7 @@ class Reconciler:
         self.unhealthy: frozenset[HealthKey] = frozenset()   # the last verdict the render applied
         self.events: list[Any] = []
         self.applied_ca: dict[str, CaSpec] = {}              # CA specs of the applied revision (the gate's reference)
+        self._viewed: dict[str, ProxyConfig] = {}            # the configs the vote's views were taken from
         self.drains: dict[str, Drain] = {}
         self.removed_clusters: list[dict[str, Any]] = []     # the last few drains that finished
         self._recover_from_store()
@@ -287,10 +289,26 @@ class Reconciler:
         self.leases[cluster] = last_success_s
 
     def on_health(self, proxy_id: str, outcomes: Sequence[EndpointReport], now_s: float | None = None) -> None:
+        """`proxy_id` (authenticated by the config server) reports on the endpoints it dials. Only
+        reports on endpoints of its own rendered config count (see `federation.core.health`); a
+        report that changes the verdict of what it touched marks the state dirty (expiry is the
+        periodic tick's business)."""
         now = self.clock() if now_s is None else now_s
-        self.aggregator.report(proxy_id, outcomes, now)
-        if self.aggregator.unhealthy(now) != self.unhealthy:
+        touched = self.aggregator.report(proxy_id, outcomes, now)
+        if touched and self.aggregator.unhealthy_among(touched, now) != self.unhealthy.intersection(touched):
             self.debounce.note(now)
+
+    def _update_views(self, configs: Mapping[str, ProxyConfig]) -> None:
+        """Tell the vote what each proxy routes to (its rendered config): a proxy votes only on
+        those endpoints. Configs the render kept (the same object) are skipped."""
+        seen = self._viewed
+        for pid in [p for p in seen if p not in configs]:
+            del seen[pid]
+            self.aggregator.forget_proxy(pid)
+        for pid, cfg in configs.items():
+            if seen.get(pid) is not cfg:
+                seen[pid] = cfg
+                self.aggregator.set_view(pid, observable(cfg))
 
     # --- the loop --------------------------------------------------------------------------------
 
@@ -361,6 +379,8 @@ class Reconciler:
             return True
         # 5. checkpoint the revision: applying until the proxies ACK it (applied at once without `rollout`)
         self.unhealthy = unhealthy
+        # who may vote on what: the views just rendered
+        self._guard("views", lambda: self._update_views(out.configs), None, now)
         if candidate is not None:
             rev = candidate.revision
             self.snapshot, self.pending_snapshot = candidate, None
@@ -623,6 +643,7 @@ class Reconciler:
             "reconciles": self.reconciles,
             "last_reconcile_ms": round(self.last_duration_s * 1000, 3),
             "unhealthy_endpoints": sorted(f"{s} {e}" for s, e in self.unhealthy),
+            **self.aggregator.counters(),
             "proxies_rendered": len(self.configs),
             "undelivered": len(undelivered),
             "undelivered_proxies": undelivered[:MAX_LISTED_UNDELIVERED],

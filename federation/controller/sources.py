@@ -36,6 +36,34 @@ from gitops.model import ClusterApiKind, ConfigSnapshot
 
 
 @dataclass(frozen=True, slots=True)
+class GitPolicy:
+    """What the controller accepts from the fleet repo's branch (`meshfed controller run
+    --require-signed-commits --allowed-signers FILE | --gnupg-home DIR`, `--allow-force-push`):
+    unsigned heads, or heads signed by a key not among the configured ones, are refused when
+    signatures are required; a head that does not descend from the applied revision (a force
+    push, a reset) is refused unless force pushes are allowed. `gitops.watch` enforces both."""
+
+    require_signed: bool = False
+    allow_force_push: bool = False
+    gnupg_home: str | None = None            # trusted OpenPGP keys
+    allowed_signers_file: str | None = None  # trusted SSH keys (gpg.ssh.allowedSignersFile format)
+
+    def __post_init__(self) -> None:
+        if self.require_signed and not (self.gnupg_home or self.allowed_signers_file):
+            raise ValueError("signed commits are required but no trusted keys are named: give an SSH "
+                             "allowed-signers file (--allowed-signers) or a GnuPG home (--gnupg-home)")
+
+    def watch(self) -> Any:
+        from gitops.watch import BranchWatch
+
+        return BranchWatch(allow_non_fast_forward=self.allow_force_push, require_signed=self.require_signed)
+
+    def describe(self) -> dict[str, Any]:
+        return {"require_signed_commits": self.require_signed, "allow_force_push": self.allow_force_push,
+                "gnupg_home": self.gnupg_home or "", "allowed_signers_file": self.allowed_signers_file or ""}
+
+
+@dataclass(frozen=True, slots=True)
 class FleetFailure:
     sha: str
     subject: str
@@ -45,12 +73,17 @@ class FleetFailure:
 class GitSource:
     """Follows the fleet repo. `poll(now_s)` returns a new snapshot, a failure, or None."""
 
-    def __init__(self, repo: str, branch: str = "main", fallback_sha: str | None = None) -> None:
+    def __init__(self, repo: str, branch: str = "main", fallback_sha: str | None = None,
+                 policy: GitPolicy | None = None) -> None:
         from gitops.watch import BranchFollower
 
         self.repo, self.branch = repo, branch
+        self.policy = policy or GitPolicy()
         is_url = "://" in repo or repo.startswith("git@")
         self.worktree = not is_url and not (Path(repo) / ".git").exists() and not (Path(repo) / "HEAD").exists()
+        if self.worktree and self.policy.require_signed:
+            raise ValueError(f"{repo} is not a Git repository: signed commits cannot be required of a worktree "
+                             "(follow a repository, or drop --require-signed-commits)")
         mirror = None
         if is_url:
             # the bare mirror of a URL is a cache, not state: the Git source may run on any Ray node
@@ -59,7 +92,9 @@ class GitSource:
             tmp = tempfile.mkdtemp(prefix="meshfed-fleet-mirror-")
             weakref.finalize(self, shutil.rmtree, tmp, True)
             mirror = os.path.join(tmp, "fleet.git")
-        self.follower = BranchFollower(repo, branch, mirror_dir=mirror)
+        self.follower = BranchFollower(repo, branch, mirror_dir=mirror, gnupg_home=self.policy.gnupg_home,
+                                       allowed_signers_file=self.policy.allowed_signers_file,
+                                       watch=self.policy.watch())
         self.snapshot: ConfigSnapshot | None = None
         self._reported_failure: tuple[str, str] | None = None
         self._next_worktree_poll_s = 0.0
@@ -132,7 +167,7 @@ class GitSource:
     def status(self) -> dict[str, Any]:
         w = self.follower.watch
         return {
-            "repo": self.repo, "branch": self.branch, "worktree": self.worktree,
+            "repo": self.repo, "branch": self.branch, "worktree": self.worktree, **self.policy.describe(),
             "last_applied": w.last_applied_revision.sha if w.last_applied_revision else
             (self.snapshot.revision.sha if self.snapshot else ""),
             "last_attempted": w.last_attempted_revision.sha if w.last_attempted_revision else "",

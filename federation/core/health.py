@@ -2,15 +2,26 @@
 
 Every node proxy and gateway runs Envoy-style outlier detection on what it dials
 (`ztunnel.api.outlier`) and reports, per (service, endpoint), whether it currently ejects it
-(`EndpointReport`). One proxy's view is local: it knows only the endpoints it used, and a confused
-or partitioned proxy must not eject for the whole mesh. The vote here turns those local views
-into a global one:
+(`EndpointReport`). One proxy's view is local: it knows only the endpoints it used, and a confused,
+partitioned or compromised proxy (or whoever holds its credentials) must not eject for the whole
+mesh. The vote here turns those local views into a global one:
 
+- only an *observer* votes: a proxy whose rendered config contains the endpoint (`set_view`, fed by
+  the reconciler with what it rendered for that proxy). A report on anything else is dropped and
+  counted (`ignored_reports`): a proxy cannot vote on endpoints it never routes to;
 - an endpoint is globally unhealthy when at least `quorum_fraction` of the observers that reported
-  on it within `report_ttl_s` eject it, and at least `min_observers` of them do;
+  on it within `report_ttl_s` eject it, and at least `min_observers` of them do — or every
+  observer there is, when fewer than `min_observers` proxies route to it at all (then there is no
+  second opinion to be had: the only proxy that uses it is the only one it could hurt). With the
+  default of 2, a single proxy never ejects an endpoint that another proxy also routes to;
 - a report older than `report_ttl_s` no longer counts; an endpoint nobody reported on within the
   TTL is forgotten (healthy), so a proxy that goes away cannot pin an ejection;
 - `describe` gives the vote in words: the trigger of the ejection events.
+
+Bounded state: votes exist only for (endpoint, observer) pairs that are in some rendered config,
+one entry each (the latest report, with the failures reported while it stayed fresh); a view that
+shrinks or a proxy that leaves the render drops its votes at once, and expired votes are pruned by
+`unhealthy`. Nothing grows with the number or size of reports a peer sends.
 
 The verdict is an input of the failover engine (`FailoverEngine.apply_health_verdict`), the one
 place ejection state lives; this module decides nothing about routing. Pure: `now_s` is passed
@@ -21,6 +32,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+
+from ztunnel.api.config import ProxyConfig
 
 HealthKey = tuple[str, str]   # (service hostname, workload uid: a pod, or `<cluster>/<ns>/<svc>@gateway`)
 
@@ -46,45 +59,136 @@ class HealthVerdict:
     triggers: Mapping[HealthKey, str] = field(default_factory=dict)
 
 
+@dataclass(slots=True)
+class Vote:
+    """An observer's latest word on one endpoint: does it eject it, when it said so, and how many
+    failed requests it reported while its vote stayed fresh."""
+
+    ejected: bool
+    at_s: float
+    failed: int = 0
+
+    def fresh(self, now_s: float, ttl_s: float) -> bool:
+        return now_s - self.at_s <= ttl_s
+
+
+def observable(config: ProxyConfig) -> frozenset[HealthKey]:
+    """The (service, endpoint) keys a proxy may vote on: every endpoint its config routes to,
+    healthy or not (an ejected endpoint stays in the config, so its observers can clear it)."""
+    return frozenset((s.hostname, e.workload_uid) for s in config.services for e in s.endpoints)
+
+
 @dataclass
 class HealthAggregator:
-    """The vote. Invariant: `views` holds, per (service, endpoint), the latest report of each
-    observer; entries older than `report_ttl_s` are pruned whenever `unhealthy` runs."""
+    """The vote. Invariants: `views[key]` holds the latest `Vote` of each observer of `key`, and only
+    of proxies whose view (`set_view`) contains `key`; entries older than `report_ttl_s` are pruned
+    whenever `unhealthy` runs; `observers[key]` is the set of proxies whose view contains `key`."""
 
     quorum_fraction: float = 0.5
-    min_observers: int = 1
+    min_observers: int = 2
     report_ttl_s: float = 30.0
-    # (service, endpoint) -> observer proxy id -> (ejected, reported_at_s)
-    views: dict[HealthKey, dict[str, tuple[bool, float]]] = field(default_factory=dict)
-    totals: dict[HealthKey, list[int]] = field(default_factory=dict)  # [ok, failed]
+    # (service, endpoint) -> observer proxy id -> its latest vote
+    views: dict[HealthKey, dict[str, Vote]] = field(default_factory=dict)
+    # proxy id -> the keys its rendered config routes to; and the inverse index
+    proxy_views: dict[str, frozenset[HealthKey]] = field(default_factory=dict)
+    observers: dict[HealthKey, set[str]] = field(default_factory=dict)
+    ignored_reports: int = 0   # reports on endpoints outside the reporter's view (dropped)
 
-    def report(self, proxy_id: str, reports: Sequence[EndpointReport], now_s: float) -> None:
+    def __post_init__(self) -> None:
+        if not 0.0 < self.quorum_fraction <= 1.0:
+            raise ValueError(f"quorum_fraction {self.quorum_fraction} must be in (0, 1]")
+        if self.min_observers < 1:
+            raise ValueError(f"min_observers {self.min_observers} must be at least 1")
+
+    # --- who may vote -------------------------------------------------------------------------
+
+    def set_view(self, proxy_id: str, keys: Iterable[HealthKey]) -> None:
+        """`proxy_id`'s rendered config now routes to `keys`: it may vote on them and nothing else;
+        its votes on keys it no longer routes to are dropped."""
+        new = frozenset(keys)
+        old = self.proxy_views.get(proxy_id, frozenset())
+        if new == old:
+            return
+        for key in old - new:
+            self._unobserve(proxy_id, key)
+        for key in new - old:
+            self.observers.setdefault(key, set()).add(proxy_id)
+        if new:
+            self.proxy_views[proxy_id] = new
+        else:
+            self.proxy_views.pop(proxy_id, None)
+
+    def forget_proxy(self, proxy_id: str) -> None:
+        """The proxy left the render: it observes nothing any more."""
+        self.set_view(proxy_id, ())
+
+    def _unobserve(self, proxy_id: str, key: HealthKey) -> None:
+        obs = self.observers.get(key)
+        if obs is not None:
+            obs.discard(proxy_id)
+            if not obs:
+                del self.observers[key]
+        votes = self.views.get(key)
+        if votes is not None:
+            votes.pop(proxy_id, None)
+            if not votes:
+                del self.views[key]
+
+    # --- the vote -----------------------------------------------------------------------------
+
+    def report(self, proxy_id: str, reports: Sequence[EndpointReport], now_s: float) -> set[HealthKey]:
+        """Record `proxy_id`'s reports; returns the keys whose vote it touched. Reports on keys
+        outside its view are dropped (`ignored_reports`)."""
+        view = self.proxy_views.get(proxy_id, frozenset())
+        touched: set[HealthKey] = set()
         for o in reports:
             key = (o.service, o.endpoint)
-            self.views.setdefault(key, {})[proxy_id] = (o.ejected, now_s)
-            t = self.totals.setdefault(key, [0, 0])
-            t[0] += o.ok
-            t[1] += o.failed
+            if key not in view:
+                self.ignored_reports += 1
+                continue
+            votes = self.views.setdefault(key, {})
+            prev = votes.get(proxy_id)
+            failed = max(0, o.failed)
+            if prev is not None and prev.fresh(now_s, self.report_ttl_s):
+                failed += prev.failed
+            votes[proxy_id] = Vote(o.ejected, now_s, failed)
+            touched.add(key)
+        return touched
+
+    def needed(self, key: HealthKey) -> int:
+        """How many observers must eject `key`: `min_observers`, or every observer there is when
+        fewer proxies route to it (at least one)."""
+        return max(1, min(self.min_observers, len(self.observers.get(key, ()))))
+
+    def _fresh(self, key: HealthKey, now_s: float) -> list[Vote]:
+        return [v for v in self.views.get(key, {}).values() if v.fresh(now_s, self.report_ttl_s)]
+
+    def _ejects(self, key: HealthKey, fresh: Sequence[Vote]) -> bool:
+        ejecting = sum(1 for v in fresh if v.ejected)
+        return ejecting >= self.needed(key) and ejecting >= self.quorum_fraction * len(fresh)
 
     def unhealthy(self, now_s: float) -> frozenset[HealthKey]:
         out = set()
-        for key, observers in list(self.views.items()):
-            fresh = {p: v for p, v in observers.items() if now_s - v[1] <= self.report_ttl_s}
+        for key, votes in list(self.views.items()):
+            fresh = {p: v for p, v in votes.items() if v.fresh(now_s, self.report_ttl_s)}
             if not fresh:
                 del self.views[key]
                 continue
             self.views[key] = fresh
-            ejecting = sum(1 for ej, _ in fresh.values() if ej)
-            if ejecting >= self.min_observers and ejecting >= self.quorum_fraction * len(fresh):
+            if self._ejects(key, list(fresh.values())):
                 out.add(key)
         return frozenset(out)
 
+    def unhealthy_among(self, keys: Iterable[HealthKey], now_s: float) -> frozenset[HealthKey]:
+        """`unhealthy(now_s)` restricted to `keys` (no pruning): what one report may have changed."""
+        return frozenset(k for k in keys if self._ejects(k, self._fresh(k, now_s)))
+
     def describe(self, key: HealthKey, now_s: float) -> str:
         """Why `key` is (or is not) globally unhealthy: the vote, for the failover history."""
-        fresh = [ej for ej, at in self.views.get(key, {}).values() if now_s - at <= self.report_ttl_s]
-        failed = self.totals.get(key, [0, 0])[1]
-        return (f"health reports: {sum(fresh)} of {len(fresh)} proxies observing {key[1]} eject it "
-                f"(quorum {self.quorum_fraction:.0%}, at least {self.min_observers}; {failed} failed requests "
+        fresh = self._fresh(key, now_s)
+        failed = sum(v.failed for v in fresh)
+        return (f"health reports: {sum(v.ejected for v in fresh)} of {len(fresh)} proxies observing {key[1]} eject "
+                f"it (quorum {self.quorum_fraction:.0%}, at least {self.needed(key)}; {failed} failed requests "
                 f"reported)")
 
     def verdict(self, now_s: float, also: Iterable[HealthKey] = ()) -> HealthVerdict:
@@ -92,3 +196,9 @@ class HealthAggregator:
         the previous verdict's keys: an endpoint the quorum no longer ejects needs its trigger too)."""
         unhealthy = self.unhealthy(now_s)
         return HealthVerdict(unhealthy, {k: self.describe(k, now_s) for k in unhealthy.union(also)})
+
+    def counters(self) -> dict[str, int]:
+        """Sizes and drops, for status: the state is bounded by the rendered views."""
+        return {"health_votes": sum(len(v) for v in self.views.values()),
+                "health_observed_endpoints": len(self.observers),
+                "health_reports_ignored": self.ignored_reports}

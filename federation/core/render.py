@@ -253,7 +253,9 @@ class Renderer:
             return [], (render_l7.gateway_identity_of(gw, td),), authz
         graph = self.engine.graph
         pods: dict[str, EndpointNode] = {}
-        for ep in graph.workloads_on(spec.cluster, spec.node).values():
+        # a pod behind several services is one workload: take its first endpoint by key, never by
+        # arrival order (an incremental render and a full one must pick the same entry)
+        for _key, ep in sorted(graph.workloads_on(spec.cluster, spec.node).items()):
             # waypoint and ingress pods are not captured: they are proxies, with their own identity
             if GATEWAY_NAME_LABEL not in ep.labels:
                 pods.setdefault(ep.uid, ep)

@@ -31,7 +31,7 @@ import ray
 from federation.controller.config_service import ConfigService
 from federation.controller.git_feed import GitFeed
 from federation.controller.reconcile_service import ReconcileService
-from federation.controller.sources import ClusterAgent
+from federation.controller.sources import ClusterAgent, GitPolicy
 from federation.controller.statelock import StateDirLock
 from federation.controller.wire import (
     decode_health_report,
@@ -83,6 +83,10 @@ class ConfigServerHost:
         snap = decode_snapshot(blob)
         async with self._files:   # CA keys, certificates, tokens, controller-roots.pem; the store
             return await asyncio.to_thread(self.service.ensure_cas, snap)
+
+    async def status_api_token(self) -> str:
+        async with self._files:   # the token file (written once, 0600)
+            return await asyncio.to_thread(self.service.status_api_token)
 
     def apply_deltas(self, blob: bytes) -> str:
         return self.service.apply_deltas(blob)          # memory (the distributor): on the loop
@@ -175,9 +179,9 @@ class ReconcilerHost:
 
 class GitSourceHost:
     def __init__(self, repo: str, branch: str, reconciler: Any, config_server: Any,
-                 poll_interval_s: float | None) -> None:
+                 poll_interval_s: float | None, policy: GitPolicy | None = None) -> None:
         self.feed = GitFeed.following(repo, branch, RemoteStore(config_server),
-                                      RemoteReconciler(reconciler), poll_interval_s).start()
+                                      RemoteReconciler(reconciler), poll_interval_s, policy).start()
 
     def trigger(self) -> None:
         self.feed.trigger()

@@ -39,7 +39,7 @@ from federation.controller.checks import build_checks
 from federation.controller.git_feed import snapshot_for_cas
 from federation.controller.queries import assemble_status
 from federation.controller.queries import revisions as revision_rows
-from federation.controller.sources import AgentSpec, agent_specs
+from federation.controller.sources import AgentSpec, GitPolicy, agent_specs
 from federation.controller.statelock import LockHolder, StateDirLock, read_holder
 from federation.controller.wire import decode_json, encode_snapshot
 from federation.ray.actors import ClusterAgentActor, ConfigServerActor, GitSourceActor, ReconcilerActor
@@ -66,6 +66,7 @@ class ControllerOptions:
     in_cluster: str | None = None          # the fleet cluster this controller runs in (its service account)
     insecure: bool = False                 # plaintext gRPC, proxy ids trusted: loopback tests only
     git_poll_interval_s: float | None = None
+    git_policy: GitPolicy = field(default_factory=GitPolicy)   # signed commits, force pushes
     debounce_after_s: float = 0.1
     debounce_max_s: float = 10.0
     watch_timeout_s: int | None = None
@@ -144,7 +145,8 @@ class Controller:
             self.opts.debounce_after_s, self.opts.debounce_max_s, self.config_server)
         if not self.opts.insecure:
             # TLS needs the CAs before the server starts: load the fleet once here, synchronously
-            snap = snapshot_for_cas(str(self.opts.repo), self.opts.branch, self._store, time.time())
+            snap = snapshot_for_cas(str(self.opts.repo), self.opts.branch, self._store, time.time(),
+                                    self.opts.git_policy)
             if snap is not None:
                 ray.get(self.config_server.ensure_cas.remote(encode_snapshot(snap)), timeout=START_TIMEOUT_S)
         self.port, self.bootstrap_port = (int(p) for p in ray.get(self.config_server.start.remote(
@@ -155,10 +157,12 @@ class Controller:
             print(f"meshfed controller: {state.get('message', '')}", file=sys.stderr, flush=True)
         self.git = GitSourceActor.options(**place.options("git")).remote(
             str(self.opts.repo), self.opts.branch, self.reconciler, self.config_server,
-            self.opts.git_poll_interval_s)
+            self.opts.git_poll_interval_s, self.opts.git_policy)
         from federation.server.status_api import StatusServer
 
-        self.status_server = StatusServer(self, self.opts.status_listen).start()
+        # the state owner writes the token file (the driver opens nothing in the state directory)
+        token = str(ray.get(self.config_server.status_api_token.remote(), timeout=30))
+        self.status_server = StatusServer(self, self.opts.status_listen, token=token).start()
         self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
         self._supervisor.start()
         return self
@@ -326,12 +330,21 @@ class Controller:
 
 
 def run(opts: ControllerOptions) -> None:  # pragma: no cover - the CLI entry point
+    import logging
     import signal
+    import sys
 
+    from federation.controller.api_token import STATUS_API_TOKEN_FILE
+
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+    logging.getLogger("meshfed").addHandler(handler)
+    logging.getLogger("meshfed").setLevel(logging.INFO)   # the status API's request log
     ctl = Controller(opts).start()
     print(f"meshfed controller: config gRPC on {opts.listen.rsplit(':', 1)[0]}:{ctl.port} (bootstrap port "
           f"{ctl.bootstrap_port or '-'}), "
-          f"status on {ctl.status_server.url} (web console {ctl.status_server.url}/console/), "
+          f"status on {ctl.status_server.url} (web console {ctl.status_server.url}/console/; "
+          f"token: {Path(ctl.state_dir) / STATUS_API_TOKEN_FILE}), "
           f"state in {ctl.state_dir} (node {ctl.state_node[:12]})", flush=True)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())

@@ -12,7 +12,7 @@ Design (why it looks like this):
   and the stdlib server would hold a thread per open console.
 - **Same listener, same rules as the API.** The shell and static files hold no data and are
   public; every fragment is a read of the controller's state and passes the status API's read
-  check (`StatusServer(authorize_read=…)`). A token is handed to the page in the URL fragment
+  check (`StatusServer(token=…)`: needed off loopback or with `reads_need_token`). A token is handed to the page in the URL fragment
   (`/console/#token=…`, never sent to the server or written in its logs) or pasted when a
   fragment answers 401; console.js keeps it in sessionStorage and sends it as a Bearer header.
 - **Everything rendered is escaped** (`federation.server.html`): commit subjects, validation

@@ -36,6 +36,18 @@ for new connections while open streams keep the handshake they made, so a renewa
 
 Split brain: a proxy that already follows a newer epoch than ours is refused with
 FAILED_PRECONDITION (`StaleEpochError` from the distributor).
+
+Liveness and limits (`server_options`): HTTP/2 keepalive pings every `KEEPALIVE_TIME_MS` with
+`KEEPALIVE_TIMEOUT_MS` to answer, so a proxy whose link went silently dead (a middlebox that
+black-holes, a frozen VM) is detached within ~20 s and shows as not connected — the proxies ping
+the same way (`ztunnel.xds.client.channel_options`), and the server accepts their pings down to
+every `MIN_CLIENT_PING_INTERVAL_MS`. In-flight RPCs are capped server-wide
+(`max_concurrent_rpcs`: the excess gets RESOURCE_EXHAUSTED) and per connection
+(`MAX_STREAMS_PER_CONNECTION`; a proxy needs three); a TLS handshake must finish within
+`HANDSHAKE_TIMEOUT_MS`; a connection without any RPC for `MAX_CONNECTION_IDLE_MS` is closed.
+A health stream authenticates when it opens (the bootstrap port has no client certificate, so
+its health streams are refused at once), reports for one proxy only, and at most
+`MAX_HEALTH_REPORTS_PER_S` reports a second are taken (the excess is dropped and counted).
 """
 
 from __future__ import annotations
@@ -73,6 +85,34 @@ def no_bootstrap(_proxy_id: str, _sa_token: str, _token: str) -> BootstrapVerdic
 
 
 BootstrapCheck = Callable[[str, str, str], BootstrapVerdict]   # (proxy id, SA token, bootstrap token); may block
+
+
+KEEPALIVE_TIME_MS = 10_000             # ping a connection this often ...
+KEEPALIVE_TIMEOUT_MS = 10_000          # ... and drop it when the ping is not answered in time
+MIN_CLIENT_PING_INTERVAL_MS = 5_000    # proxies ping every 10 s; faster than this is abuse (GOAWAY)
+HANDSHAKE_TIMEOUT_MS = 10_000
+MAX_CONNECTION_IDLE_MS = 5 * 60_000    # no RPC on a connection for this long: close it
+MAX_STREAMS_PER_CONNECTION = 16        # a proxy uses three (config, health, certificates)
+MAX_CONCURRENT_RPCS = 10_000           # server-wide; the excess is refused with RESOURCE_EXHAUSTED
+MAX_HEALTH_REPORTS_PER_S = 10.0        # a proxy reports every second (tests: every 0.2 s)
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    """grpc.aio server options: message sizes, keepalive, handshake and idle limits (module doc).
+    A keepalive ping's ack deadline is `grpc.http2.ping_timeout_ms` in grpcio 1.85 (with
+    `keepalive_timeout_ms` alone a frozen link was not noticed within a minute)."""
+    return [("grpc.max_send_message_length", max_message_bytes + 65536),
+            ("grpc.max_receive_message_length", max_message_bytes + 65536),
+            ("grpc.so_reuseport", 0),
+            ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+            ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
+            ("grpc.http2.max_ping_strikes", 2),
+            ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
+            ("grpc.max_connection_idle_ms", MAX_CONNECTION_IDLE_MS),
+            ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION)]
 
 
 HealthCallback = Callable[[str, Any], None]  # (authenticated proxy id, pb.HealthReport)
@@ -129,7 +169,9 @@ class ConfigServer:
                  authenticate_bootstrap: BootstrapCheck = no_bootstrap,
                  consume_bootstrap: Callable[[str, str], bool] = lambda _p, _t: True,
                  verify_peer: Callable[[bytes], str] | None = None,
-                 insecure: bool = False, write_timeout_s: float = 5.0) -> None:
+                 insecure: bool = False, write_timeout_s: float = 5.0,
+                 max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS,
+                 max_health_reports_per_s: float = MAX_HEALTH_REPORTS_PER_S) -> None:
         # `verify_peer(client leaf PEM) -> SPIFFE ID` must bind the leaf's issuer to the trust
         # domain its SAN names (ztunnel.api.verify.TrustStore): gRPC only checks the chain against the
         # pooled roots of every CA, and with a pool trust domain A's CA could mint B's identities.
@@ -146,7 +188,10 @@ class ConfigServer:
         self.port = 0
         self.bootstrap_port = 0
         self.health_reports = 0
+        self.health_reports_dropped = 0   # over the per-stream rate
         self.slow_disconnects = 0
+        self.max_concurrent_rpcs = max_concurrent_rpcs
+        self.max_health_reports_per_s = max_health_reports_per_s
         self._streams: dict[str, asyncio.Task[Any]] = {}
         self._stream_certs: dict[str, str] = {}   # proxy -> SHA-256 of the client certificate of its stream
         self.displacements_refused = 0
@@ -169,10 +214,8 @@ class ConfigServer:
         if tls is not None and self.verify_peer is None:
             raise ValueError("a TLS config server needs verify_peer: a trust-domain-bound check of client "
                              "certificates (pooled roots alone let one trust domain's CA mint another's identities)")
-        opts = [("grpc.max_send_message_length", self.dist.max_message_bytes + 65536),
-                ("grpc.max_receive_message_length", self.dist.max_message_bytes + 65536),
-                ("grpc.so_reuseport", 0)]
-        self._server = grpc.aio.server(options=opts)
+        self._server = grpc.aio.server(options=server_options(self.dist.max_message_bytes),
+                                       maximum_concurrent_rpcs=self.max_concurrent_rpcs)
         handlers = {
             "StreamConfig": grpc.stream_stream_rpc_method_handler(
                 self._stream_config, request_deserializer=pb.ConfigRequest.FromString,
@@ -219,7 +262,8 @@ class ConfigServer:
     def counters(self) -> dict[str, int]:
         """What the transport knows, for the config service's status."""
         return {"port": self.port, "bootstrap_port": self.bootstrap_port, "health_reports": self.health_reports,
-                "slow_disconnects": self.slow_disconnects, "displacements_refused": self.displacements_refused}
+                "health_reports_dropped": self.health_reports_dropped, "slow_disconnects": self.slow_disconnects,
+                "displacements_refused": self.displacements_refused}
 
     async def _write_watchdog(self) -> None:
         """Disconnect proxies that do not drain their stream: a write pending for longer than
@@ -421,11 +465,39 @@ class ConfigServer:
     # --- health ----------------------------------------------------------------------------
 
     async def _health(self, request_iterator: Any, context: Any) -> Any:
+        """One proxy's health reports. The peer is authenticated before anything is read (no client
+        certificate: refused at once, as on the bootstrap port), every report must name the same
+        proxy, which the certificate may act as; reports beyond `max_health_reports_per_s` are
+        dropped (a token bucket per stream), so a flood costs the reconciler nothing."""
+        import grpc
+
+        if not self.insecure:
+            identity = await self._verified_peer_or_abort(context)
+            if not identity:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                    "health reports need the proxy's client certificate: report on the config "
+                                    "port (the bootstrap port serves first certificates only)")
         n = 0
+        proxy_id = ""
+        rate = self.max_health_reports_per_s
+        tokens, last_s = max(1.0, rate), time.monotonic()
         async for report in request_iterator:
             if not report.proxy_id:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a health report must name its proxy (proxy_id)")
+            if report.proxy_id != proxy_id:
+                if proxy_id:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"this health stream reports for {proxy_id}; open another for "
+                                        f"{report.proxy_id}")
+                await self._authenticate(context, report.proxy_id)
+                proxy_id = report.proxy_id
+            now = time.monotonic()
+            tokens = min(max(1.0, rate), tokens + (now - last_s) * rate)
+            last_s = now
+            if tokens < 1.0:
+                self.health_reports_dropped += 1
                 continue
-            await self._authenticate(context, report.proxy_id)
+            tokens -= 1.0
             n += 1
             self.health_reports += 1
             if self.on_health is not None:

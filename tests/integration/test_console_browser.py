@@ -8,7 +8,6 @@ Skips with the reason when Playwright or Chromium is missing (`make venv`, `make
 
 from __future__ import annotations
 
-import hmac
 import threading
 import time
 import urllib.error
@@ -24,7 +23,7 @@ from federation.core.explain import ExplainError, explain_service
 from federation.core.failover import FailoverEngine, build_engine
 from federation.core.graph_view import graph_data
 from federation.core.offline import offline_observations
-from federation.server.status_api import Headers, StatusServer
+from federation.server.status_api import StatusServer
 from tests.browser import browser_page, require_browser, screenshot
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "fleet"
@@ -191,15 +190,8 @@ def test_console_shows_the_federation_live_and_escapes_what_others_wrote(
 
 
 def test_console_with_a_status_api_that_wants_a_token(source: Source, tmp_path: Path) -> None:
-    seen: list[tuple[str | None, bool]] = []
-
-    def bearer(headers: Headers) -> bool:
-        presented = headers.get("Authorization") or ""
-        ok = hmac.compare_digest(presented.encode(), f"Bearer {TOKEN}".encode())
-        seen.append((presented, ok))
-        return ok
-
-    srv = StatusServer(source, "127.0.0.1:0", authorize_read=bearer).start()
+    seen: list[dict[str, object]] = []   # the status API's request log: who was authenticated
+    srv = StatusServer(source, "127.0.0.1:0", token=TOKEN, log=seen.append, reads_need_token=True).start()
     try:
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(srv.url + "/api/v1/status", timeout=5)
@@ -225,7 +217,9 @@ def test_console_with_a_status_api_that_wants_a_token(source: Source, tmp_path: 
             assert [m for m in _problems(page) if "401" not in m] == []
     finally:
         srv.stop()
-    assert any(ok for _, ok in seen) and not any(ok for p, ok in seen if p != f"Bearer {TOKEN}")
+    assert any(e["authenticated"] for e in seen)
+    assert all(e["authenticated"] for e in seen if e["status"] == 200 and str(e["path"]).startswith("/console/live"))
+    assert not any(e["authenticated"] for e in seen if e["status"] == 401)
 
 
 def test_console_says_when_the_controller_is_gone_and_picks_up_again(source: Source, tmp_path: Path) -> None:

@@ -262,12 +262,19 @@ def _failover(fed: LabFederation, kind: str, mode: str, label: str, hold_s: floa
     and at least 85% are served by south: when an ejection expires the proxy probes east again
     (Envoy semantics) and a request that meets the probe may wait out connect timeouts
     (indeterminate); the pods stay ready in the API, so only outlier detection sees the cut.
-    Requests the canary (checkout-v2, in east, untouched by the fault) served are left out."""
+    Requests the canary (checkout-v2, in east, untouched by the fault) served are left out.
+
+    The figures are those of east's first client pod (node-1); its second (node-2) adds 10 req/s,
+    so that two of the proxies that route to east's checkout see a fault: one proxy alone is never
+    a quorum for a global ejection (the health vote's promise)."""
     priority = fed.tiers("east")
     assert priority[:2] == ["east", "south"], priority
     fed.events.clear()
     pods = CHECKOUT_PODS.format("east")
     fed.start_load("east", 40.0, timeout_s=2.0)
+    second = fed.client_pods("east")[1:2]
+    for pod in second:
+        fed.start_load("east", 10.0, timeout_s=2.0, pod=pod, name="east-2")
     # Settle first: ejections from earlier tests (Envoy semantics: base × times ejected) must have
     # expired, or the baseline already spills to south.
     deadline = time.monotonic() + 60.0
@@ -286,6 +293,8 @@ def _failover(fed: LabFederation, kind: str, mode: str, label: str, hold_s: floa
             break
         time.sleep(0.5)
     records = without_canary(fed.stop_load("east"))
+    if second:
+        fed.stop_load("east-2")
     fig = summarize(records, fed.events, priority, "east")
     _print(f"{label}: detect {fig.time_to_detect_ms} ms, symptom {fig.time_to_symptom_ms} ms, shift "
            f"{fig.time_to_shift_ms} ms to {fig.shift_cluster}, failed before shift {fig.failed_before_shift}, "
@@ -524,7 +533,9 @@ def test_lab_down_leaves_nothing_behind(fed: LabFederation) -> None:
                 cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            if str(fed.state_dir) in cmd and "pytest" not in cmd:
+            # this lab's directory exactly: /tmp/meshfed-e2e must not match a colleague's /tmp/meshfed-e2e-x
+            sd = str(fed.state_dir)
+            if "pytest" not in cmd and any(t == sd or t.startswith(sd + "/") for t in cmd.split()):
                 leftovers.append(f"{p.name}: {cmd[:120]}")
     assert not leftovers, leftovers
     netns = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()

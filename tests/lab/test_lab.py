@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -231,7 +232,14 @@ def test_fleet_repo_clone_and_push_over_git(lab: tuple[LabRunner, dict[str, Any]
     git = ["git", "-C", str(work), "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run([*git, "add", "-A"], check=True)
     subprocess.run([*git, "commit", "-qm", "test push"], check=True)
-    subprocess.run([*git, "push", "-q", "origin", "HEAD"], check=True, env=env, timeout=30)
+    # without the lab's credentials the push is refused (401: git cannot answer the challenge)
+    anonymous = subprocess.run([*git, "push", "-q", "origin", "HEAD"], env=env, timeout=30, capture_output=True,
+                               text=True, check=False)
+    assert anonymous.returncode != 0 and "Username" in anonymous.stderr, anonymous.stderr
+    creds = Path(state["git_credentials_file"])
+    assert stat.S_IMODE(creds.stat().st_mode) == 0o600
+    subprocess.run([*git, "-c", f"credential.helper=store --file={creds}", "push", "-q", "origin", "HEAD"],
+                   check=True, env=env, timeout=30)
     head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     pushes = runner.status()["lab"]["git_pushes"]
     assert pushes and head in pushes[-1]["refs"].values()

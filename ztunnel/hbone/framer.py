@@ -26,8 +26,14 @@ Design notes:
 - Frames for streams that are already closed are dropped (DATA still returns its connection
   window), never a connection error: one stale stream must not take a pooled tunnel down.
 - Hardening: a cap on concurrent streams (excess refused with REFUSED_STREAM), a header-list size
-  limit, a rapid-reset limit (CVE-2023-44487: too many peer resets in a window → GOAWAY
-  ENHANCE_YOUR_CALM), keep-alive PINGs with a timeout.
+  limit, a rapid-reset limit, keep-alive PINGs with a timeout. The rapid-reset limit counts every
+  stream reset the peer causes, not only those it sends: its RST_STREAM (CVE-2023-44487) and the
+  resets we must send because of its frames (CVE-2025-8671 "MadeYouReset": a WINDOW_UPDATE of 0,
+  DATA past the stream window, DATA on a stream it already half-closed, a malformed or excess
+  CONNECT). Either way a stream slot is freed at once, so the concurrency cap alone never stops a
+  peer from opening (and making us dial) one backend per CONNECT: more than `rapid_reset_max` in
+  `rapid_reset_window_s` → GOAWAY ENHANCE_YOUR_CALM. And a CONNECT that is reset within the read
+  that announced it is never announced (`ConnectRequested` dropped): nothing to dial.
 
 Stream states follow RFC 9113 §5.1 reduced to CONNECT (`_TRANSITIONS`): OPEN → HALF_CLOSED_LOCAL /
 HALF_CLOSED_REMOTE → CLOSED, and any → CLOSED on reset or rejection.
@@ -153,7 +159,7 @@ class HboneSettings:
     max_concurrent_streams: int = 100                    # what we accept
     max_header_list_bytes: int = 16 * 1024
     header_table_bytes: int = 4096
-    rapid_reset_max: int = 200                           # peer resets allowed per window
+    rapid_reset_max: int = 200                           # peer-caused resets allowed per window
     rapid_reset_window_s: float = 1.0
     ping_interval_s: float | None = 30.0                 # keep-alive; None disables
     ping_timeout_s: float = 10.0
@@ -323,6 +329,7 @@ class HboneConnection:
         # ids of streams closed since the adapter last looked (it forgets its per-stream objects)
         self.closed_stream_ids: list[int] = []
         self._borrowed = False  # while parsing: DATA events may hold views into the read (see receive_data)
+        self._announced_in_batch = False  # a ConnectRequested was produced by the read being parsed
 
     # --- public API ----------------------------------------------------------------------------
 
@@ -369,8 +376,9 @@ class HboneConnection:
         return limit is None or len(self._streams) < limit
 
     def stream_state(self, stream_id: int) -> StreamState:
+        """CLOSED for a stream that ended, was reset or refused — or whose connection ended."""
         st = self._streams.get(stream_id)
-        return st.state if st is not None else StreamState.CLOSED
+        return st.state if st is not None and not self.closed else StreamState.CLOSED
 
     def buffered_bytes(self, stream_id: int) -> int:
         st = self._streams.get(stream_id)
@@ -525,14 +533,26 @@ class HboneConnection:
             self.close(e.code, e.reason)
             events.append(self._terminate(e.code, e.reason, remote=False))
             self._in.clear()
+            events = self._unannounce_cancelled(events)
             return _own_data(events) if self._borrowed else events
         if buf is self._in:
             del self._in[:consumed]
         elif consumed < len(buf):
             self._in += memoryview(buf)[consumed:]
+        if self._announced_in_batch:
+            events = self._unannounce_cancelled(events)
         if self._borrowed or len(events) > 1:
             events = _own_data(events)
         return events
+
+    def _unannounce_cancelled(self, events: list[Event]) -> list[Event]:
+        """Drop the `ConnectRequested` of streams that did not survive the read that opened them
+        (reset, or the whole connection ended): the application must not dial for them."""
+        self._announced_in_batch = False
+        if self.closed:
+            return [e for e in events if type(e) is not ConnectRequested]
+        streams = self._streams
+        return [e for e in events if type(e) is not ConnectRequested or e.stream_id in streams]  # type: ignore[union-attr]
 
     # --- internals: sending ----------------------------------------------------------------------
 
@@ -597,6 +617,24 @@ class HboneConnection:
         if len(self._recently_closed) > _CLOSED_MEMORY:
             del self._recently_closed[next(iter(self._recently_closed))]
 
+    def _count_reset(self, now_s: float, cause: str) -> None:
+        """A stream reset the peer caused (its RST_STREAM, or ours in answer to its frames): over
+        the limit in the window, the connection ends (server side: the side that dials for the peer)."""
+        if self.role is not Role.SERVER:
+            return
+        times = self._reset_times
+        times.append(now_s)
+        horizon = now_s - self.settings.rapid_reset_window_s
+        drop = 0
+        while drop < len(times) and times[drop] < horizon:
+            drop += 1
+        if drop:
+            del times[:drop]
+        if len(times) > self.settings.rapid_reset_max:
+            raise _ConnectionError(ErrorCode.ENHANCE_YOUR_CALM,
+                                   f"more than {self.settings.rapid_reset_max} stream resets in "
+                                   f"{self.settings.rapid_reset_window_s:g}s (rapid reset; last: {cause})")
+
     def _terminate(self, code: int, reason: str, remote: bool) -> ConnectionTerminated:
         if self.terminated is None:
             self.terminated = ConnectionTerminated(int(code), self._highest_peer_stream, reason, remote)
@@ -633,13 +671,13 @@ class HboneConnection:
             if self._headers_in_progress is not None and ftype != CONTINUATION:
                 raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "header block interrupted by another frame")
             if ftype == DATA:
-                self._on_data(mv[start:pos], flags, sid, events)
+                self._on_data(mv[start:pos], flags, sid, events, now_s)
             elif ftype == HEADERS:
                 self._on_headers(mv[start:pos], flags, sid, events, now_s)
             elif ftype == CONTINUATION:
-                self._on_continuation(mv[start:pos], flags, sid, events)
+                self._on_continuation(mv[start:pos], flags, sid, events, now_s)
             elif ftype == WINDOW_UPDATE:
-                self._on_window_update(mv[start:pos], sid, events)
+                self._on_window_update(mv[start:pos], sid, events, now_s)
             elif ftype == RST_STREAM:
                 self._on_rst(mv[start:pos], sid, events, now_s)
             elif ftype == SETTINGS:
@@ -653,7 +691,7 @@ class HboneConnection:
             # PRIORITY and unknown frame types are ignored (RFC 9113 §5.5)
         return pos
 
-    def _on_data(self, payload: memoryview, flags: int, sid: int, events: list[Event]) -> None:
+    def _on_data(self, payload: memoryview, flags: int, sid: int, events: list[Event], now_s: float) -> None:
         if sid == 0:
             raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "DATA on stream 0")
         flow = len(payload)
@@ -674,13 +712,17 @@ class HboneConnection:
             if st is not None:
                 self.reset_stream(sid, ErrorCode.STREAM_CLOSED)
                 events.append(StreamReset(sid, ErrorCode.STREAM_CLOSED, remote=False))
+                self._count_reset(now_s, "DATA on a stream the peer had half-closed")
             elif sid not in self._recently_closed:
                 self._frame(RST_STREAM, 0, sid, _U32.pack(ErrorCode.STREAM_CLOSED))
+                self._count_reset(now_s, "DATA on a stream that was never opened")
             return
         st.recv_window -= flow
         if st.recv_window < 0:
             self.reset_stream(sid, ErrorCode.FLOW_CONTROL_ERROR)
+            self.acknowledge_received_data(sid, flow)  # dropped: the connection window comes back
             events.append(StreamReset(sid, ErrorCode.FLOW_CONTROL_ERROR, remote=False))
+            self._count_reset(now_s, "DATA past the stream window")
             return
         if payload or flow:
             # a view into the caller's immutable read when possible; `_own_data` copies each run once
@@ -708,11 +750,12 @@ class HboneConnection:
         if flags & FLAG_PRIORITY:
             body = body[5:]
         if flags & FLAG_END_HEADERS:
-            self._on_header_block(sid, flags, bytes(body), events)
+            self._on_header_block(sid, flags, bytes(body), events, now_s)
         else:
             self._headers_in_progress = (sid, flags, bytearray(body))
 
-    def _on_continuation(self, payload: memoryview, flags: int, sid: int, events: list[Event]) -> None:
+    def _on_continuation(self, payload: memoryview, flags: int, sid: int, events: list[Event],
+                         now_s: float) -> None:
         hip = self._headers_in_progress
         if hip is None or hip[0] != sid:
             raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "unexpected CONTINUATION")
@@ -722,7 +765,7 @@ class HboneConnection:
                                    f"header block over {self.settings.max_header_list_bytes} bytes")
         if flags & FLAG_END_HEADERS:
             self._headers_in_progress = None
-            self._on_header_block(sid, hip[1], bytes(hip[2]), events)
+            self._on_header_block(sid, hip[1], bytes(hip[2]), events, now_s)
 
     def _decode(self, block: bytes) -> list[tuple[str, str]]:
         try:
@@ -734,7 +777,7 @@ class HboneConnection:
         except (hpack.HPACKError, UnicodeDecodeError) as e:
             raise _ConnectionError(ErrorCode.COMPRESSION_ERROR, f"bad header block: {e}") from e
 
-    def _on_header_block(self, sid: int, flags: int, block: bytes, events: list[Event]) -> None:
+    def _on_header_block(self, sid: int, flags: int, block: bytes, events: list[Event], now_s: float) -> None:
         headers = self._decode(block)  # always decode: the HPACK state is connection-wide
         end_stream = bool(flags & FLAG_END_STREAM)
         st = self._streams.get(sid)
@@ -755,6 +798,7 @@ class HboneConnection:
                 self._frame(RST_STREAM, 0, sid, _U32.pack(ErrorCode.REFUSED_STREAM))
                 self._recently_closed[sid] = None
                 events.append(StreamReset(sid, ErrorCode.REFUSED_STREAM, remote=False))
+                self._count_reset(now_s, "CONNECT over the concurrent-stream limit")
                 return
             pseudo = {k: v for k, v in headers if k.startswith(":")}
             problem = None
@@ -768,11 +812,13 @@ class HboneConnection:
                 self._frame(RST_STREAM, 0, sid, _U32.pack(ErrorCode.PROTOCOL_ERROR))
                 self._recently_closed[sid] = None
                 events.append(StreamReset(sid, ErrorCode.PROTOCOL_ERROR, remote=False))
+                self._count_reset(now_s, problem)
                 return
             st = _Stream(sid, send_window=self._peer_initial_window, recv_window=self.settings.stream_window_bytes)
             self._streams[sid] = st
             regular = tuple((k, v) for k, v in headers if not k.startswith(":"))
             events.append(ConnectRequested(sid, pseudo[":authority"], regular))
+            self._announced_in_batch = True
             return
         # client: a response (or trailers) on our stream
         if st is None:
@@ -800,7 +846,7 @@ class HboneConnection:
         if end_stream:
             self._recv_end(st, events)
 
-    def _on_window_update(self, payload: memoryview, sid: int, events: list[Event]) -> None:
+    def _on_window_update(self, payload: memoryview, sid: int, events: list[Event], now_s: float) -> None:
         if len(payload) != 4:
             raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "WINDOW_UPDATE must be 4 bytes")
         inc = _U32.unpack_from(payload)[0] & 0x7FFFFFFF
@@ -819,6 +865,7 @@ class HboneConnection:
         if inc == 0 or st.send_window > MAX_WINDOW_BYTES:
             self.reset_stream(sid, ErrorCode.FLOW_CONTROL_ERROR)
             events.append(StreamReset(sid, ErrorCode.FLOW_CONTROL_ERROR, remote=False))
+            self._count_reset(now_s, "WINDOW_UPDATE of 0" if inc == 0 else "stream window overflow")
             return
         if st.blocked and self._flush_stream(st):
             st.blocked = False
@@ -828,16 +875,7 @@ class HboneConnection:
         if sid == 0 or len(payload) != 4:
             raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "malformed RST_STREAM")
         code = _U32.unpack_from(payload)[0]
-        if self.role is Role.SERVER:
-            times = self._reset_times
-            times.append(now_s)
-            horizon = now_s - self.settings.rapid_reset_window_s
-            while times and times[0] < horizon:
-                times.pop(0)
-            if len(times) > self.settings.rapid_reset_max:
-                raise _ConnectionError(ErrorCode.ENHANCE_YOUR_CALM,
-                                       f"more than {self.settings.rapid_reset_max} stream resets in "
-                                       f"{self.settings.rapid_reset_window_s:g}s (rapid reset)")
+        self._count_reset(now_s, "RST_STREAM from the peer")
         st = self._streams.get(sid)
         if st is None:
             return

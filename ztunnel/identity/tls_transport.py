@@ -20,20 +20,43 @@ on both the request/response and the bulk paths. This adapter does only what HBO
 Close: `close()` sends close_notify and closes the raw transport; `abort()` drops it. A peer's
 close_notify or EOF is delivered as `eof_received` then `connection_lost(None)`; a TLS error after
 the handshake as `connection_lost(exc)`.
+
+Bounded memory per connection (a peer must not make us hold more than this, whatever it sends):
+- before the handshake completes: at most `MAX_HANDSHAKE_BYTES` of the peer's bytes wait in the
+  incoming BIO (a handshake flight is a few KiB; more is a peer streaming garbage), and the
+  handshake must finish within `handshake_timeout_s`. `admit(raw transport)` may refuse a
+  connection before any TLS work (the proxies' cap on handshakes in flight, per peer and in
+  total) and `on_handshake_over()` is called exactly once for an admitted connection, when its
+  handshake succeeded or failed;
+- after it: what the app writes for a peer that does not read. The raw transport's back-pressure
+  is passed to the app (`pause_writing`/`resume_writing`, so relays stop reading their sources),
+  and beyond `max_unsent_bytes` (default `MAX_UNSENT_BYTES`) the connection is aborted: that much
+  unread only happens when the peer floods us with frames that need answers (PING, SETTINGS) or
+  grants windows it never drains. Received plaintext is handed on at once (the app's flow
+  control bounds it: HBONE windows).
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 READ_BYTES = 256 * 1024
-# Ciphertext we may hold for a peer that does not read. A legitimate HBONE peer bounds what we send
-# with its flow-control windows (16 MiB per connection by default); beyond this, the peer is
-# flooding us with frames that need answers (PING, SETTINGS) or granting windows it never drains,
-# and the connection is aborted rather than let the buffer grow without bound.
-MAX_UNSENT_BYTES = 64 * 1024 * 1024
+# Ciphertext we may hold for a peer that does not read. The app is paused (`pause_writing`) once
+# the raw transport's buffer passes its high-water mark, so legitimate traffic leaves at most one
+# read per active stream behind it; beyond this, the peer is flooding us with frames that need
+# answers or granting windows it never drains, and the connection is aborted.
+MAX_UNSENT_BYTES = 8 * 1024 * 1024
+# The raw transport's write buffer marks: above HIGH the app is paused (`pause_writing`), below LOW
+# it resumes. asyncio's defaults (64/16 KiB) would pause a bulk relay after every read it makes
+# (measured: a third of the pair's throughput); a few reads' worth keeps the pipe full.
+WRITE_HIGH_WATER_BYTES = 2 * 1024 * 1024
+WRITE_LOW_WATER_BYTES = 512 * 1024
+# What a peer may send before the handshake completes (its flights are a few KiB: a hello, a
+# certificate chain, a Finished, and the application data that may ride with the last flight).
+MAX_HANDSHAKE_BYTES = 64 * 1024
 
 
 class TlsTransport(asyncio.Transport):
@@ -89,8 +112,16 @@ class TlsAdapter(asyncio.Protocol):
 
     def __init__(self, loop: asyncio.AbstractEventLoop, context: ssl.SSLContext, app: asyncio.Protocol, *,
                  server_side: bool, server_hostname: str | None = None,
-                 handshake_timeout_s: float = 10.0) -> None:
+                 handshake_timeout_s: float = 10.0,
+                 admit: Callable[[asyncio.BaseTransport], bool] | None = None,
+                 on_handshake_over: Callable[[], None] | None = None,
+                 max_unsent_bytes: int | None = None) -> None:
         self.loop = loop
+        self._admit = admit
+        self._on_handshake_over = on_handshake_over
+        self._admitted = False
+        self.max_unsent_bytes = MAX_UNSENT_BYTES if max_unsent_bytes is None else max_unsent_bytes
+        self._app_write_paused = False
         self.context = context
         self.app = app
         self._incoming = ssl.MemoryBIO()
@@ -112,6 +143,19 @@ class TlsAdapter(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.raw = transport
+        if self._admit is not None and not self._admit(transport):
+            self._lost = self.closing = True
+            if not self.handshake.done():
+                self.handshake.set_exception(ConnectionRefusedError("refused before the TLS handshake "
+                                                                    "(too many handshakes in flight)"))
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        self._admitted = True
+        if isinstance(transport, asyncio.WriteTransport):
+            try:
+                transport.set_write_buffer_limits(high=WRITE_HIGH_WATER_BYTES, low=WRITE_LOW_WATER_BYTES)
+            except NotImplementedError:
+                pass  # a transport without buffer marks (tests' in-memory pipes)
         self._timer = self.loop.call_later(self._handshake_timeout_s, self._handshake_timed_out)
         self._step_handshake()
 
@@ -122,8 +166,28 @@ class TlsAdapter(asyncio.Protocol):
         if not self._app_connected:
             self._step_handshake()
             if not self._app_connected:
+                if self._incoming.pending > MAX_HANDSHAKE_BYTES and not self.handshake.done():
+                    self._fail_handshake(ConnectionError(
+                        f"peer sent more than {MAX_HANDSHAKE_BYTES} bytes without completing the TLS "
+                        "handshake; is it speaking TLS?"))
                 return
         self._read_app()
+
+    # --- back-pressure from the raw transport, passed to the app ------------------------------------
+
+    def pause_writing(self) -> None:
+        if self._app_connected and not self._app_write_paused:
+            self._app_write_paused = True
+            pause = getattr(self.app, "pause_writing", None)
+            if pause is not None:
+                pause()
+
+    def resume_writing(self) -> None:
+        if self._app_write_paused:
+            self._app_write_paused = False
+            resume = getattr(self.app, "resume_writing", None)
+            if resume is not None:
+                resume()
 
     def eof_received(self) -> bool | None:
         if not self._app_connected:
@@ -162,6 +226,7 @@ class TlsAdapter(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self._app_connected = True
+        self._handshake_over()
         # our last handshake flight, what the app writes at once, and its answers to application
         # data that came with the peer's last flight leave in one write (e.g. a server's SETTINGS
         # and its ACK of the client's SETTINGS: one message through a gateway instead of two)
@@ -187,7 +252,14 @@ class TlsAdapter(asyncio.Protocol):
             self._timer = None
         if not self.handshake.done():
             self.handshake.set_exception(exc)
+        self._handshake_over()
         self.abort()
+
+    def _handshake_over(self) -> None:
+        if self._admitted:
+            self._admitted = False
+            if self._on_handshake_over is not None:
+                self._on_handshake_over()
 
     # --- data --------------------------------------------------------------------------------------
 
@@ -241,11 +313,12 @@ class TlsAdapter(asyncio.Protocol):
         if self._outgoing.pending and raw is not None and not raw.is_closing():
             raw.write(self._outgoing.read())  # type: ignore[attr-defined]
             if (self._app_connected and isinstance(raw, asyncio.WriteTransport)
-                    and raw.get_write_buffer_size() > MAX_UNSENT_BYTES):
+                    and raw.get_write_buffer_size() > self.max_unsent_bytes):
                 # not from inside the app's own call stack: let it finish, then tear down
                 self.loop.call_soon(self._abort_with, ConnectionError(
-                    f"peer has not read {raw.get_write_buffer_size()} bytes we sent (limit {MAX_UNSENT_BYTES}); "
-                    "it is stalled or flooding us with frames that need answers — connection aborted"))
+                    f"peer has not read {raw.get_write_buffer_size()} bytes we sent (limit "
+                    f"{self.max_unsent_bytes}); it is stalled or flooding us with frames that need answers — "
+                    "connection aborted"))
 
     # --- closing -----------------------------------------------------------------------------------
 

@@ -8,7 +8,9 @@ Metrics use Istio's data-plane names and labels so existing dashboards work:
 Label values come from config (workloads, services, identities), never from peers' free text, so
 cardinality is bounded by the config. Outlier detection adds `meshfed_endpoint_ejections_total`,
 `meshfed_endpoint_ejected` (gauge) and `meshfed_endpoint_outcomes_total` per endpoint of a service;
-the DNS responder `meshfed_dns_queries_total` by outcome (a fixed set).
+those series are removed when their endpoint leaves the config (`retain_endpoints`), so a proxy
+that runs for months through pod churn keeps only the series of endpoints it can still reach.
+The DNS responder counts `meshfed_dns_queries_total` by outcome (a fixed set).
 Each proxy gets its own `CollectorRegistry` (several proxies can share a test process);
 `_created` series are disabled (prometheus-client adds them by default).
 
@@ -84,6 +86,26 @@ class Telemetry:
         # labelled children by label values (bounded like the label values: by the config)
         self._request_children: dict[tuple[str, str, str, int], Any] = {}
         self._outcome_children: dict[tuple[str, str, str], Any] = {}
+        # (service, endpoint) -> the per-endpoint series it has: (metric, label values)
+        self._endpoint_series: dict[tuple[str, str], set[tuple[Any, tuple[str, ...]]]] = {}
+
+    def _note(self, service: str, endpoint: str, metric: Any, labels: tuple[str, ...]) -> None:
+        series = self._endpoint_series.get((service, endpoint))
+        if series is None:
+            series = self._endpoint_series[(service, endpoint)] = set()
+        series.add((metric, labels))
+
+    def retain_endpoints(self, live: set[tuple[str, str]]) -> None:
+        """Remove the per-endpoint series of every (service, endpoint) not in `live`, and the cached
+        children of those series (a cached child of a removed series would count unseen for ever)."""
+        for child_key in [k for k in self._outcome_children if (k[0], k[1]) not in live]:
+            del self._outcome_children[child_key]
+        for key in [k for k in self._endpoint_series if k not in live]:
+            for metric, labels in self._endpoint_series.pop(key):
+                try:
+                    metric.remove(*labels)
+                except KeyError:
+                    pass
 
     def conn_opened(self, labels: ConnLabels) -> None:
         self.opened.labels(*labels.values()).inc()
@@ -101,14 +123,18 @@ class Telemetry:
         child = self._outcome_children.get(key)
         if child is None:
             child = self._outcome_children[key] = self.outcomes.labels(service, endpoint, outcome)
+            self._note(service, endpoint, self.outcomes, key)
         child.inc()
 
     def endpoint_ejected(self, service: str, endpoint: str, reason: str) -> None:
         self.ejections.labels(service, endpoint, reason).inc()
         self.ejected.labels(service, endpoint).set(1)
+        self._note(service, endpoint, self.ejections, (service, endpoint, reason))
+        self._note(service, endpoint, self.ejected, (service, endpoint))
 
     def endpoint_unejected(self, service: str, endpoint: str) -> None:
         self.ejected.labels(service, endpoint).set(0)
+        self._note(service, endpoint, self.ejected, (service, endpoint))
 
     def request_done(self, reporter: str, source_principal: str, destination_service: str, status: int) -> None:
         key = (reporter, source_principal, destination_service, status)
@@ -117,6 +143,7 @@ class Telemetry:
             child = self._request_children[key] = self.requests.labels(reporter, source_principal,
                                                                        destination_service, str(status))
         child.inc()
+
     def dns_query(self, outcome: str) -> None:
         self.dns.labels(outcome).inc()
 
@@ -141,6 +168,10 @@ class Telemetry:
 
 def stderr_log() -> TextIO:
     return sys.stderr
+
+
+REQUEST_TIMEOUT_S = 5.0
+MAX_HEADER_LINES = 64
 
 
 class AdminServer:
@@ -169,17 +200,23 @@ class AdminServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            line = await asyncio.wait_for(reader.readline(), 5.0)
-            while (await asyncio.wait_for(reader.readline(), 5.0)) not in (b"\r\n", b"\n", b""):
-                pass
+            # the whole request head within REQUEST_TIMEOUT_S and MAX_HEADER_LINES lines (each line
+            # is bounded by the reader's 64 KiB limit): a client cannot hold the handler open
+            async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                line = await reader.readline()
+                for _ in range(MAX_HEADER_LINES):
+                    if await reader.readline() in (b"\r\n", b"\n", b""):
+                        break
+                else:
+                    return
             parts = line.decode("latin-1").split()
             path = parts[1].split("?")[0] if len(parts) >= 2 else "/"
             status, ctype, body = self.route(parts[0] if parts else "", path)
             writer.write(f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
                          "Connection: close\r\n\r\n".encode() + body)
             await writer.drain()
-        except (TimeoutError, OSError, asyncio.IncompleteReadError):
-            pass
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError):
+            pass  # ValueError: a line over the reader's limit
         finally:
             writer.close()
 

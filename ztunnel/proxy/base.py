@@ -5,6 +5,20 @@ pooled outbound sessions, outlier detection and health reporting, drain.
 sets the ready signal, `drain()` stops accepting and waits (bounded) for open tunnels, then
 closes. Subclasses decide what an inbound tunnel is for (`NodeProxy`: a local pod;
 `GatewayProxy`: another HBONE hop).
+
+What one peer can make a proxy hold is bounded (`ProxyOptions`), so memory does not grow with
+what peers send or how many sockets they open:
+- TLS handshakes in flight: `max_handshakes_per_peer` per peer IP and `max_handshakes_total`;
+  a connection over either cap is dropped before any TLS work, and a handshake that does not
+  finish within `handshake_timeout_s` is aborted (`HandshakeGate`, `TlsAdapter(admit=...)`);
+- established inbound connections: `max_conns_per_peer` per peer IP, `max_inbound_conns` in total;
+  one that opens no tunnel within `first_stream_timeout_s` is closed;
+- per connection: the receive windows (`hbone.connection_window_bytes`: what a peer may send
+  before we read it), at most `max_unsent_bytes` of ciphertext it does not read (with
+  back-pressure to the relays before that), one frame of partial input;
+- per outbound capture: `ztunnel.proxy.capture` (SOCKS5 handshake timeout, bounded early bytes);
+- metric label sets and outlier state per endpoint live as long as the endpoint is in the config
+  (`on_config_applied` removes them with the endpoint).
 """
 
 from __future__ import annotations
@@ -27,7 +41,7 @@ from ztunnel.api.identity import SpiffeId
 from ztunnel.api.outlier import EndpointEjected, EndpointUnejected, Outcome, OutlierDetector
 from ztunnel.api.ports import HBONE_PORT, OUTBOUND_CAPTURE_PORT, SOCKS5_PORT
 from ztunnel.api.verify import PeerVerificationError, TrustStore
-from ztunnel.hbone.framer import ErrorCode, HboneSettings, Role
+from ztunnel.hbone.framer import ErrorCode, HboneSettings, Role, StreamState
 from ztunnel.identity.tls import client_context, server_context, verify_connection
 from ztunnel.identity.tls_transport import TlsAdapter
 from ztunnel.proxy.admin import ConnLabels, Telemetry
@@ -64,9 +78,16 @@ class ProxyOptions:
     socks_port: int = SOCKS5_PORT
     transparent_host: str | None = None      # outbound capture listener (iptables REDIRECT target)
     transparent_port: int = OUTBOUND_CAPTURE_PORT
-    handshake_timeout_s: float = 5.0
+    handshake_timeout_s: float = 5.0         # TLS, and SOCKS5 greeting + request
     first_stream_timeout_s: float = 10.0     # an inbound connection must open a tunnel by then
-    max_conns_per_peer: int = 256            # inbound connections per peer IP
+    max_conns_per_peer: int = 256            # established inbound connections per peer IP
+    max_inbound_conns: int = 4096            # established inbound connections in total
+    # inbound TLS (and SOCKS5) handshakes in flight per peer IP, and in total. Not lower than the
+    # per-peer connection cap: a node sees every cross-network client's inner handshake come from
+    # its cluster's east-west gateway, one address (measured in the lab: 32 refused a busy gateway)
+    max_handshakes_per_peer: int = 256
+    max_handshakes_total: int = 1024
+    max_unsent_bytes: int = 8 * 1024 * 1024  # ciphertext a peer leaves unread before we cut it off
     drain_timeout_s: float = 10.0
     hbone: HboneSettings = field(default_factory=HboneSettings)
     root_namespace: str = authz.ROOT_NAMESPACE
@@ -131,6 +152,9 @@ class HealthSink(Protocol):
 
     def report(self, proxy_id: str, event: EndpointEjected | EndpointUnejected | dict[str, Any]) -> None: ...
 
+    def retain_endpoints(self, live: set[tuple[str, str]]) -> None:
+        """Forget what is kept per endpoint for (service, endpoint) pairs not in `live` (the config)."""
+
 
 class LogHealthSink:
     def __init__(self, telemetry: Telemetry) -> None:
@@ -141,9 +165,45 @@ class LogHealthSink:
             self._t.log(kind="health", **event)
         # ejection events are in the access log already (`ProxyBase._outlier_event`)
 
+    def retain_endpoints(self, live: set[tuple[str, str]]) -> None:
+        pass  # keeps nothing per endpoint
+
 
 class ConnectFailed(Exception):
     """No endpoint could be reached before the deadline; the message lists what was tried."""
+
+
+class HandshakeGate:
+    """Handshakes in flight, per peer IP and in total. `admit` before any work on a new connection
+    (False: drop it), `release` exactly once per admitted connection when its handshake is over.
+    Invariant: `per_peer` holds only peers with at least one handshake in flight; `total` is the
+    sum of its values."""
+
+    def __init__(self, per_peer_max: int, total_max: int) -> None:
+        self.per_peer_max, self.total_max = per_peer_max, total_max
+        self.per_peer: dict[str, int] = {}
+        self.total = 0
+
+    def admit(self, peer: str) -> str:
+        """"" when admitted, else why not (a refusal reason code)."""
+        if self.total >= self.total_max:
+            return "handshakes_total_cap"
+        n = self.per_peer.get(peer, 0)
+        if n >= self.per_peer_max:
+            return "handshakes_per_peer_cap"
+        self.per_peer[peer] = n + 1
+        self.total += 1
+        return ""
+
+    def release(self, peer: str) -> None:
+        n = self.per_peer.get(peer, 0)
+        if n <= 0:
+            return
+        self.total -= 1
+        if n == 1:
+            del self.per_peer[peer]
+        else:
+            self.per_peer[peer] = n - 1
 
 
 class SessionPool:
@@ -212,6 +272,7 @@ class ProxyBase:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.relays: set[PlainRelay] = set()
         self._per_peer: dict[str, int] = {}
+        self.handshakes = HandshakeGate(self.opts.max_handshakes_per_peer, self.opts.max_handshakes_total)
         self.own_addresses: list[tuple[str, int]] = []
         self.ready = asyncio.Event()
         self.draining = False
@@ -253,6 +314,12 @@ class ProxyBase:
                 det.set_pool(keys)
             else:
                 self.detectors.pop(svc.hostname, None)
+        # what belongs to services and endpoints that left the config goes with them
+        live = {(svc.hostname, e.workload_uid) for svc in cfg.services for e in svc.endpoints}
+        for host in set(self.detectors) - {svc.hostname for svc in cfg.services}:
+            del self.detectors[host]
+        self.telemetry.retain_endpoints(live)
+        self.health.retain_endpoints(live)
         for listener in self.config_listeners:
             listener(cfg)
 
@@ -337,7 +404,15 @@ class ProxyBase:
         def accepted() -> TlsAdapter:
             session = HboneSession(Role.SERVER, loop, self.opts.hbone, on_connect=self._on_connect,
                                    on_made=self._inbound_made, on_closed=self._inbound_closed)
-            return TlsAdapter(loop, ctx, session, server_side=True, handshake_timeout_s=self.opts.handshake_timeout_s)
+            peer: list[str] = []
+
+            def admit(transport: asyncio.BaseTransport) -> bool:
+                peer.append((transport.get_extra_info("peername") or ("?", 0))[0])
+                return self.admit_handshake(peer[0], "destination")
+
+            return TlsAdapter(loop, ctx, session, server_side=True, handshake_timeout_s=self.opts.handshake_timeout_s,
+                              admit=admit, on_handshake_over=lambda: self.handshakes.release(peer[0]),
+                              max_unsent_bytes=self.opts.max_unsent_bytes)
 
         srv = await loop.create_server(accepted, self.opts.hbone_host, self.opts.hbone_port, reuse_address=True,
                                        backlog=1024)
@@ -345,6 +420,21 @@ class ProxyBase:
         addr = srv.sockets[0].getsockname()
         self.opts = with_options(self.opts, hbone_port=addr[1])
         self.own_addresses.append((addr[0], addr[1]))
+
+    def admit_handshake(self, peer_ip: str, reporter: str) -> bool:
+        """A new connection from `peer_ip` may start its handshake (TLS, SOCKS5) unless too many
+        are in flight from it or in total; the caller releases `self.handshakes` when it is over."""
+        if self.draining:
+            return False
+        why = self.handshakes.admit(peer_ip)
+        if why:
+            self.telemetry.refusal(reporter, why)
+            self.telemetry.log(kind="refused", peer=peer_ip, reason=(
+                f"over {self.opts.max_handshakes_per_peer} handshakes in flight from this peer"
+                if why == "handshakes_per_peer_cap" else
+                f"over {self.opts.max_handshakes_total} handshakes in flight in total"))
+            return False
+        return True
 
     def _inbound_made(self, session: HboneSession) -> bool:
         assert session.transport is not None
@@ -356,6 +446,11 @@ class ProxyBase:
             self.telemetry.refusal("destination", "per_peer_cap")
             self.telemetry.log(kind="refused", peer=peer_ip, reason=f"over {self.opts.max_conns_per_peer} "
                                "connections from this peer")
+            return False
+        if len(self.inbound_sessions) >= self.opts.max_inbound_conns:
+            self.telemetry.refusal("destination", "total_cap")
+            self.telemetry.log(kind="refused", peer=peer_ip, reason=f"over {self.opts.max_inbound_conns} "
+                               "inbound connections in total")
             return False
         ssl_obj = session.transport.get_extra_info("ssl_object")
         try:
@@ -412,6 +507,8 @@ class ProxyBase:
                                duration_ms=round((mono_s() - started) * 1000, 3), error=stats.error)
 
         relay = PlainRelay(None, done)
+        if stream_gone(stream):
+            return False  # reset (or its connection ended) before we got to it: nothing to dial for
         try:
             await asyncio.wait_for(loop.create_connection(lambda: relay, *target), timeout_s)
         except (OSError, TimeoutError) as e:
@@ -422,7 +519,7 @@ class ProxyBase:
             with contextlib.suppress(Exception):
                 stream.respond(503, reason)
             return False
-        if stream.session.conn.stream_state(stream.stream_id).value == "closed":
+        if stream_gone(stream):
             abort_with_reset(relay.transport)  # type: ignore[arg-type]
             return False
         self.relays.add(relay)
@@ -465,7 +562,8 @@ class ProxyBase:
 
         session = HboneSession(Role.CLIENT, loop, self.opts.hbone, on_made=made)
         session.local_identity = src_identity
-        adapter = TlsAdapter(loop, ctx, session, server_side=False, server_hostname=sni, handshake_timeout_s=timeout_s)
+        adapter = TlsAdapter(loop, ctx, session, server_side=False, server_hostname=sni, handshake_timeout_s=timeout_s,
+                             max_unsent_bytes=self.opts.max_unsent_bytes)
         started = mono_s()
         await asyncio.wait_for(loop.create_connection(lambda: adapter, host, port), timeout_s)
         try:
@@ -633,6 +731,11 @@ class ProxyBase:
         for ev in det.tick(mono_s()):
             self._outlier_event(service, ev)
         return det.ejected_keys(mono_s())
+
+
+def stream_gone(stream: HboneStream) -> bool:
+    """The peer reset the tunnel (or its connection ended) while we were deciding or dialing."""
+    return stream.session.conn.stream_state(stream.stream_id) is StreamState.CLOSED
 
 
 @functools.lru_cache(maxsize=8)

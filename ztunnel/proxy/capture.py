@@ -3,8 +3,14 @@
 Two doors, one protocol: the transparent listener (iptables nat REDIRECT in the node's network
 namespace, as istio-cni programs it; the original destination comes back with SO_ORIGINAL_DST)
 and the explicit SOCKS5 listener for workloads that cannot be captured. `CaptureProtocol` reads
-the destination, buffers the application's early bytes (bounded) while the tunnel is set up, then
-hands the connection to a relay.
+the destination, buffers the application's early bytes while the tunnel is set up, then hands the
+connection to a relay.
+
+Bounded per connection, whatever the application does: a SOCKS5 client must finish its greeting
+and request within the proxy's `handshake_timeout_s` (else it is answered "general failure" and
+closed), SOCKS5 handshakes in flight are capped per source address and in total (the proxy's
+`HandshakeGate`, shared with inbound TLS), and the bytes sent ahead of the tunnel are held up to
+`relay.EARLY_BUFFER_BYTES` — beyond that the socket is simply not read until the tunnel is bound.
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ class CaptureProtocol(asyncio.Protocol):
         self.peer_ip = ""
         self.relay = PlainRelay()
         self._started = False
+        self._handshaking = False               # admitted by the proxy's handshake gate, not released
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -59,6 +67,13 @@ class CaptureProtocol(asyncio.Protocol):
             transport.abort()
             return
         self.relay.connection_made(transport)
+        if self.socks is not None:
+            if not self.proxy.admit_handshake(self.peer_ip, "source"):
+                transport.abort()
+                return
+            self._handshaking = True
+            self._timer = asyncio.get_running_loop().call_later(self.proxy.opts.handshake_timeout_s,
+                                                                self._handshake_timed_out)
         if self.socks is None:
             sock: socket.socket = transport.get_extra_info("socket")
             try:
@@ -73,7 +88,23 @@ class CaptureProtocol(asyncio.Protocol):
 
     def _begin(self, host: str, port: int, is_hostname: bool) -> None:
         self._started = True
+        self._handshake_over()
         self.proxy.spawn(self.proxy.handle_outbound(self, host, port, is_hostname))
+
+    def _handshake_over(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._handshaking:
+            self._handshaking = False
+            self.proxy.handshakes.release(self.peer_ip)
+
+    def _handshake_timed_out(self) -> None:
+        self._timer = None
+        if not self._started:
+            self.proxy.telemetry.refusal("source", "socks_handshake_timeout")
+            self.refuse(f"no SOCKS5 request within {self.proxy.opts.handshake_timeout_s:g}s", 1)
+        self._handshake_over()
 
     def data_received(self, data: bytes) -> None:
         if self.socks is not None and not self._started:
@@ -81,6 +112,7 @@ class CaptureProtocol(asyncio.Protocol):
                 reply, req, rest = self.socks.feed(data)
             except Socks5Error as e:
                 self.refuse(str(e), e.reply_code)
+                self._handshake_over()
                 return
             if reply and self.transport is not None:
                 self.transport.write(reply)
@@ -95,6 +127,7 @@ class CaptureProtocol(asyncio.Protocol):
         return self.relay.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._handshake_over()
         self.relay.connection_lost(exc)
 
     def pause_writing(self) -> None:

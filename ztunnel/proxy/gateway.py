@@ -19,7 +19,7 @@ from ztunnel.api.config import Endpoint, ProxyMode
 from ztunnel.api.lb import choose_endpoint
 from ztunnel.api.outlier import Outcome
 from ztunnel.proxy.admin import ConnLabels
-from ztunnel.proxy.base import ProxyBase, mono_s, with_options
+from ztunnel.proxy.base import ProxyBase, mono_s, stream_gone, with_options
 from ztunnel.proxy.relay import HboneSession, HboneStream, PlainRelay, RelayStats
 from ztunnel.xds.state import parse_host_port
 
@@ -60,6 +60,8 @@ class GatewayProxy(ProxyBase):
         loop = asyncio.get_running_loop()
         errors: list[str] = []
         while mono_s() < deadline:
+            if stream_gone(stream):
+                return  # the peer reset the tunnel (or its connection ended): dial nothing for it
             ep = choose_endpoint(endpoints, self.ejected(host), self.rand(), exclude=frozenset(tried))
             if ep is None:
                 break
@@ -87,7 +89,7 @@ class GatewayProxy(ProxyBase):
                 self.record_outcome(host, ep.workload_uid,
                                     Outcome.TIMEOUT if isinstance(e, TimeoutError) else Outcome.CONNECT_FAILURE)
                 continue
-            if stream.session.conn.stream_state(stream.stream_id).value == "closed":
+            if stream_gone(stream):
                 if relay.transport is not None:
                     relay.transport.abort()
                 return

@@ -10,7 +10,10 @@ is written with one `transport.write` per batch. No task per connection on the d
   server may speak first, right after the 200).
 - `PlainRelay` — a plain TCP socket bridged to a stream. Back-pressure both ways: it acknowledges
   received HBONE data only while its socket is writable (per-stream window = back-pressure), and
-  pauses reading its socket while the stream's send buffer is above `HIGH_WATER_BYTES`.
+  pauses reading its socket while the stream's send buffer is above `HIGH_WATER_BYTES` or the
+  session's own transport is (`HboneSession.write_paused`: the peer is not reading what we send).
+  Bytes that arrive before the tunnel is up are kept, up to `EARLY_BUFFER_BYTES`; beyond that
+  the socket is not read until the tunnel is bound.
   Half-close maps to END_STREAM and back; a reset maps to RST_STREAM and back — the socket is aborted
   with SO_LINGER 0 so the application sees ECONNRESET, never a clean close.
 - `StreamTransport` — an `asyncio.Transport` over a stream, so a `tlsproto.TlsAdapter` can run the
@@ -38,6 +41,7 @@ from ztunnel.hbone.framer import ErrorCode, HboneConnection, HboneSettings, Role
 
 HIGH_WATER_BYTES = 1024 * 1024
 READ_CHUNK_BYTES = 256 * 1024
+EARLY_BUFFER_BYTES = 256 * 1024   # an application's bytes held while its tunnel is being set up
 
 
 def now_s() -> float:
@@ -177,6 +181,7 @@ class HboneSession(asyncio.Protocol):
         self._in_receive = False
         self.closed = loop.create_future()
         self.last_idle_s = now_s()
+        self.write_paused = False  # our transport's buffer is above its high-water mark
 
     # --- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -273,6 +278,16 @@ class HboneSession(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         return None  # close
+
+    def pause_writing(self) -> None:
+        """Our transport holds more than its high-water mark: the peer is not reading. Sources
+        (relays) check `write_paused` and stop reading until `resume_writing`."""
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for st in list(self.streams.values()):
+            st._deliver("writable", None, 0)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
@@ -406,6 +421,7 @@ class PlainRelay(asyncio.Protocol):
         self._reading_paused = False
         self._done = False
         self._early: list[bytes] = []
+        self._early_bytes = 0
         self._early_eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -421,12 +437,13 @@ class PlainRelay(asyncio.Protocol):
     def bind(self, stream: HboneStream) -> None:
         """Attach the stream (after the tunnel was accepted); replays bytes that arrived early."""
         self.stream = stream
-        early, self._early = self._early, []
+        early, self._early, self._early_bytes = self._early, [], 0
         for chunk in early:
             self.data_received(chunk)
         if self._early_eof:
             self.eof_received()
         stream.attach(self)
+        self.on_writable()  # resume a socket paused while early bytes piled up (unless still busy)
 
     # --- plain socket side -----------------------------------------------------------------------
 
@@ -434,10 +451,15 @@ class PlainRelay(asyncio.Protocol):
         st = self.stream
         if st is None:
             self._early.append(data)
+            self._early_bytes += len(data)
+            if self._early_bytes > EARLY_BUFFER_BYTES and not self._reading_paused and self.transport is not None:
+                self._reading_paused = True   # resumed by `bind`
+                self.transport.pause_reading()
             return
         self.stats.bytes_from_plain += len(data)
         st.write(data)
-        if not self._reading_paused and st.buffered_bytes > HIGH_WATER_BYTES and self.transport is not None:
+        if not self._reading_paused and (st.buffered_bytes > HIGH_WATER_BYTES or st.session.write_paused) \
+                and self.transport is not None:
             self._reading_paused = True
             self.transport.pause_reading()
 
@@ -504,7 +526,9 @@ class PlainRelay(asyncio.Protocol):
         self._finish()
 
     def on_writable(self) -> None:
-        if self._reading_paused and self.transport is not None:
+        st = self.stream
+        if (self._reading_paused and self.transport is not None and st is not None
+                and st.buffered_bytes <= HIGH_WATER_BYTES and not st.session.write_paused):
             self._reading_paused = False
             self.transport.resume_reading()
 
@@ -533,6 +557,7 @@ class StreamTransport(asyncio.Transport):
         self._protocol: asyncio.BaseProtocol | None = None
         self._closing = False
         self._paused = False
+        self._writes_paused = False  # we told the protocol to stop writing (the outer stream is full)
         self._pending: list[tuple[str, Any, int]] = []
         stream.attach(self)
 
@@ -550,6 +575,14 @@ class StreamTransport(asyncio.Transport):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not self._closing:
             self._stream.write(bytes(data))
+            if not self._writes_paused and self._over_high_water():
+                self._writes_paused = True
+                pause = getattr(self._protocol, "pause_writing", None)
+                if pause is not None:
+                    pause()
+
+    def _over_high_water(self) -> bool:
+        return self._stream.buffered_bytes > HIGH_WATER_BYTES or self._stream.session.write_paused
 
     def write_eof(self) -> None:
         self._stream.write_eof()
@@ -598,7 +631,11 @@ class StreamTransport(asyncio.Transport):
         self._dispatch("reset", error_code, 0)
 
     def on_writable(self) -> None:
-        pass
+        if self._writes_paused and not self._over_high_water():
+            self._writes_paused = False
+            resume = getattr(self._protocol, "resume_writing", None)
+            if resume is not None:
+                resume()
 
     def _dispatch(self, kind: str, arg: Any, n: int) -> None:
         proto = self._protocol

@@ -3,6 +3,11 @@
 Sans-IO: `Socks5Handshake.feed(bytes)` returns what to send, the CONNECT request once complete, and
 the bytes the client sent after it. Method 0 (no authentication) and CONNECT only; anything else
 is answered with the RFC's reply code and refused.
+
+Bounded by construction: bytes are kept only while a message is incomplete, and a greeting is at
+most 257 bytes, a request at most 262, so the buffer never holds more than that plus one read;
+whatever follows the request is handed back at once (`capture` bounds it from there, and times
+out a client that never completes its request).
 """
 
 from __future__ import annotations

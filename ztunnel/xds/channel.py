@@ -183,9 +183,12 @@ class ControllerBridge:
 
         if self._server is None:
             raise RuntimeError("start() the bridge before asking it for channels")
+        from ztunnel.xds.client import keepalive_options
+
+        # the bridge relays HTTP/2 as is: keepalive pings reach the controller and tell a dead link
         opts = [("grpc.max_receive_message_length", max_message_bytes + 65536),
                 ("grpc.max_send_message_length", max_message_bytes + 65536),
-                ("grpc.default_authority", self.trust.server_name)]
+                ("grpc.default_authority", self.trust.server_name), *keepalive_options()]
         return grpc.aio.insecure_channel(f"unix-abstract:{self.name}", options=opts)
 
     async def close(self) -> None:

@@ -20,6 +20,11 @@ Three layers, decide-then-act:
    through `ztunnel.xds.channel` (TLS made by the proxy, the controller's SPIFFE ID pinned against
    the proxy's own trust domain's roots). `secure_channel` is gRPC's own TLS, which checks only a
    DNS name against a root pool: kept for tests and tools that play a client, never for proxies.
+5. Liveness: channels ping the controller every `KEEPALIVE_TIME_MS` (also with no call open) and
+   give up on a ping unanswered for `KEEPALIVE_TIMEOUT_MS`, so a link that silently stopped
+   forwarding fails the config stream within ~20 s and the client reconnects (with backoff),
+   instead of waiting on a dead TCP connection for as long as the kernel keeps it. The controller
+   accepts pings at this rate (`federation.server.grpc_services.MIN_CLIENT_PING_INTERVAL_MS`).
 
 Invariants of `Subscription`: `current` only ever moves to a strictly newer (epoch, version);
 `current` is never replaced by a config that failed to parse or that the sink rejected; it moves
@@ -307,11 +312,26 @@ def _eof() -> Any:
     return grpc.aio.EOF
 
 
+KEEPALIVE_TIME_MS = 10_000      # ping the controller this often ...
+KEEPALIVE_TIMEOUT_MS = 10_000   # ... and treat the link as dead when a ping is not answered in time
+
+
+def keepalive_options() -> list[tuple[str, Any]]:
+    """HTTP/2 keepalive for a channel to the controller (see the module docstring, point 5). The
+    ack deadline of a keepalive ping is `grpc.http2.ping_timeout_ms` in grpcio 1.85 (measured: with
+    `keepalive_timeout_ms` alone a frozen link went unnoticed for over a minute), so both are set."""
+    return [("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+            ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0)]
+
+
 def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                     target_name: str = CONTROLLER_TLS_NAME) -> list[tuple[str, Any]]:
     return [("grpc.max_receive_message_length", max_message_bytes + 65536),
             ("grpc.max_send_message_length", max_message_bytes + 65536),
-            ("grpc.ssl_target_name_override", target_name)]
+            ("grpc.ssl_target_name_override", target_name), *keepalive_options()]
 
 
 def secure_channel(target: str, roots_pem: bytes, key_pem: bytes | None = None, chain_pem: bytes | None = None,

@@ -142,6 +142,17 @@ class HealthReporter:
             self.ejected_until_mono_s.pop(event.key, None)
             self._changed.add(event.key)
 
+    def retain_endpoints(self, live: set[tuple[str, str]]) -> None:
+        """The config no longer routes to the endpoints outside `live`: forget them (their metric
+        series go too, `Telemetry.retain_endpoints`, so `_last` follows at the next drain)."""
+        uids = {ep for _svc, ep in live}
+        for ep in [e for e in self.ejected_until_mono_s if e not in uids]:
+            del self.ejected_until_mono_s[ep]
+        for ep in [e for e in self._service_of if e not in uids]:
+            del self._service_of[ep]
+        self._changed &= uids
+        self._last = {k: v for k, v in self._last.items() if (k[0], k[1]) in live}
+
     def _totals(self) -> dict[tuple[str, str, str], float]:
         out: dict[tuple[str, str, str], float] = {}
         if self.counter is None:

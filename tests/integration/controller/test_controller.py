@@ -30,6 +30,18 @@ def http_text(url: str) -> str:
         return str(r.read().decode())
 
 
+def http_post(url: str, token: str | None = None) -> int:
+    import urllib.error
+
+    req = urllib.request.Request(url, data=b"{}", method="POST",
+                                 headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+
+
 def start_controller(repo: Path, state: Path, kubeconfig: Path, port: int) -> Controller:
     return Controller(ControllerOptions(
         repo=str(repo), state_dir=str(state), listen=f"127.0.0.1:{port}", status_listen="127.0.0.1:0",
@@ -90,7 +102,12 @@ async def test_commit_bad_commit_nack_and_restart_pruning(
                                                            "metadata: {name: cart, namespace: shop}\nspec: {bogus: 1}\n")
         git(fleet_repo, "commit", "-q", "-am", "break cart")
         bad = git(fleet_repo, "rev-parse", "HEAD")
-        ctl.trigger_git()
+        # ... announced as a Git hook would: POST /api/v1/reconcile, which needs the controller's
+        # token (the file its state owner wrote, 0600)
+        assert http_post(f"{ctl.status_server.url}/api/v1/reconcile") == 401
+        token_file = tmp_path / "state" / "status-api-token"
+        assert token_file.stat().st_mode & 0o077 == 0
+        assert http_post(f"{ctl.status_server.url}/api/v1/reconcile", token_file.read_text().strip()) == 202
         assert await wait_until(lambda: (ctl.refresh().get("desired") or {}).get("revision") == bad, 20)
         st = http_json(f"{ctl.status_server.url}/api/v1/status")
         assert st["desired"]["ok"] is False and st["applied"]["revision"] == second

@@ -20,7 +20,7 @@ from federation.controller.reconciler import (
 from federation.controller.store import Store
 from federation.core.health import EndpointReport
 from gitops.model import ConfigSnapshot, Federation, Revision
-from ztunnel.api.config import ProxyConfig, ProxyMode, Stamp
+from ztunnel.api.config import Endpoint, ProxyConfig, ProxyMode, Service, Stamp
 
 
 def snap(sha: str, subject: str = "msg") -> ConfigSnapshot:
@@ -35,14 +35,18 @@ def obs(cluster: str, pods: list[str], at: float = 0.0) -> ClusterObservation:
 
 
 def fake_render(inp: RenderInput) -> RenderOutput:
-    """One proxy per cluster; its workloads-count is carried in the network name (test-only)."""
+    """One proxy per cluster; its workloads-count is carried in the network name (test-only).
+    Every proxy routes to every observed `checkout` endpoint (uid `<cluster>/<pod>`)."""
     if inp.snapshot.revision.subject == "explode":
         raise RuntimeError("renderer blew up")
     out = {}
+    eps = tuple(Endpoint(f"{c}/{e.pod}", c, c, e.address, 8080, "") for c, o in sorted(inp.observations.items())
+                for e in o.endpoints)
+    checkout = Service("checkout", "shop", "checkout", "", (), eps)
     for c, o in inp.observations.items():
         healthy = [e for e in o.endpoints if ("checkout", f"{c}/{e.pod}") not in inp.unhealthy]
         out[f"ztunnel/{c}/n1"] = ProxyConfig(f"ztunnel/{c}/n1", ProxyMode.NODE, c, f"n{len(healthy)}", "td",
-                                             Stamp(0, inp.snapshot.revision.sha, 0))
+                                             Stamp(0, inp.snapshot.revision.sha, 0), services=(checkout,))
     return RenderOutput(out)
 
 
@@ -132,12 +136,36 @@ def test_health_reports_trigger_a_push_marking_endpoints_unhealthy() -> None:
     r = Reconciler(fake_render, pushes)
     r.on_snapshot(snap("a" * 40), now_s=0)
     r.on_observation(obs("east", ["p1", "p2"]), now_s=0)
+    for c in ("west", "south", "north"):
+        r.on_observation(obs(c, []), now_s=0)
     r.reconcile(now_s=1)
-    for i in range(3):
-        r.on_health(f"ztunnel/west/n{i}", [EndpointReport("checkout", "east/p1", "east", 0, 7, True)], now_s=2)
+    for c in ("west", "south", "north"):  # every proxy's config routes to east/p1
+        r.on_health(f"ztunnel/{c}/n1", [EndpointReport("checkout", "east/p1", "east", 0, 7, True)], now_s=2)
     assert r.reconcile(now_s=2.2)
     assert pushes.calls[-1]["ztunnel/east/n1"].network == "n1"
     assert r.status()["unhealthy_endpoints"] == ["checkout east/p1"]
+
+
+def test_health_reports_count_only_from_proxies_that_route_to_the_endpoint() -> None:
+    """A proxy id the render never produced (a stray token holder, a proxy of a removed cluster)
+    reports east/p1 ejected, as often as it likes; one real observer joins in. Neither ejects it:
+    the stray reports are not votes, and one observer of four is not a quorum."""
+    pushes = Pushes()
+    r = Reconciler(fake_render, pushes)
+    r.on_snapshot(snap("a" * 40), now_s=0)
+    r.on_observation(obs("east", ["p1", "p2"]), now_s=0)
+    for c in ("west", "south", "north"):
+        r.on_observation(obs(c, []), now_s=0)
+    r.reconcile(now_s=1)
+    bad = [EndpointReport("checkout", "east/p1", "east", 0, 7, True)]
+    for i in range(50):
+        r.on_health(f"ztunnel/nowhere/n{i}", bad, now_s=2)
+    r.on_health("ztunnel/west/n1", bad, now_s=2)
+    r.reconcile(now_s=2.2, force=True)
+    st_ = r.status()
+    assert st_["unhealthy_endpoints"] == [] and st_["health_reports_ignored"] == 50
+    assert pushes.calls[-1]["ztunnel/east/n1"].network == "n2"   # both pods still healthy
+    assert set(r.aggregator.proxy_views) == {f"ztunnel/{c}/n1" for c in ("east", "west", "south", "north")}
 
 
 def test_store_epoch_grows_and_failover_history_filters(store: Store) -> None:

@@ -208,3 +208,31 @@ def test_a_failed_rebuild_does_not_leave_a_new_engine_beside_the_old_renderer() 
     assert health_in(pushes.last, "ztunnel/east/node-1") == dict.fromkeys(EAST_PODS, False)
     assert any(isinstance(ev, FailedOver) and ev.service == CHECKOUT for ev in r.events)
     assert render.engine is not None and render.engine.snapshot.revision.sha == snap.revision.sha
+
+
+def test_one_confused_proxy_cannot_eject_for_the_whole_mesh(tmp_path: Path) -> None:
+    """Health-report poisoning, on the real render: west's node proxies do not route to east's pods
+    (they reach east through its gateway), so their reports on them are not votes, however many;
+    one of east's observers alone is not a quorum either (three proxies route to the pods). Only a
+    second observer agreeing ejects them."""
+    snap = gitops.load_worktree(EXAMPLE)
+    render, pushes = CoreRender(), Pushes()
+    r = Reconciler(render, pushes)
+    r.on_snapshot(snap, now_s=0.0)
+    for obs in offline_observations(snap, observed_at_s=0.0):
+        r.on_observation(obs, now_s=0.0)
+    assert r.reconcile(now_s=1.0)
+    assert sorted(r.aggregator.observers[(CHECKOUT, EAST_PODS[0])]) == sorted(OBSERVERS)
+    mark = len(r.events)
+    for t in range(5):
+        for pid in ("ztunnel/west/node-1", "ztunnel/west/node-2", "gateway/west", "ztunnel/south/node-1"):
+            r.on_health(pid, report(ejected=True), now_s=2.0 + t)
+        r.on_health(OBSERVERS[0], report(ejected=True), now_s=2.0 + t)
+        r.reconcile(now_s=2.5 + t, force=True)
+    assert checkout_events(r, mark) == []
+    assert health_in(pushes.last, "ztunnel/east/node-2") == dict.fromkeys(EAST_PODS, True)
+    assert r.status()["health_reports_ignored"] == 5 * 4 * len(EAST_PODS)
+    r.on_health(OBSERVERS[2], report(ejected=True), now_s=8.0)   # east's gateway agrees
+    assert r.reconcile(now_s=8.2)
+    assert [type(ev).__name__ for ev in checkout_events(r, mark)] == ["EndpointEjected", "EndpointEjected",
+                                                                       "FailedOver"]

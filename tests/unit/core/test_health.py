@@ -1,45 +1,55 @@
 """The health vote (federation.core.health): a quorum of fresh observers ejects an endpoint for
-everyone; one confused proxy cannot; reports age out; the verdict says why in words."""
+everyone; one confused proxy cannot; only proxies whose config routes to an endpoint vote on it;
+reports age out; the state stays bounded; the verdict says why in words."""
 
 from __future__ import annotations
 
 import pytest
 
-from federation.core.health import EndpointReport, HealthAggregator, HealthVerdict
+from federation.core.health import EndpointReport, HealthAggregator, HealthKey, HealthVerdict
+
+P1: HealthKey = ("checkout", "east/p1")
+
+
+def observing(agg: HealthAggregator, n: int, keys: tuple[HealthKey, ...] = (P1,)) -> HealthAggregator:
+    """Proxies ztunnel/west/n0..n{n-1} route to `keys` (their rendered configs contain them)."""
+    for i in range(n):
+        agg.set_view(f"ztunnel/west/n{i}", keys)
+    return agg
 
 
 @pytest.mark.parametrize(("ejecting", "observers", "unhealthy"), [
     (0, 3, False), (1, 3, False), (2, 3, True), (3, 3, True), (1, 2, True), (1, 1, True),
 ])
 def test_global_outlier_needs_a_quorum_of_observers(ejecting: int, observers: int, unhealthy: bool) -> None:
-    agg = HealthAggregator(quorum_fraction=0.5, min_observers=1, report_ttl_s=30)
+    agg = observing(HealthAggregator(quorum_fraction=0.5, min_observers=1, report_ttl_s=30), observers)
     for i in range(observers):
         agg.report(f"ztunnel/west/n{i}", [EndpointReport("checkout", "east/p1", "east", 0, 5, i < ejecting)], now_s=0)
     assert (("checkout", "east/p1") in agg.unhealthy(now_s=1)) is unhealthy
 
 
 @pytest.mark.parametrize(("ejecting", "observers", "min_observers", "unhealthy"), [
-    (1, 1, 2, False),   # the only observer ejects, but one is not enough
+    (1, 1, 2, False),   # the only reporter ejects, but one is not enough (five proxies route to it)
     (2, 2, 2, True),
     (2, 4, 2, True),    # 2 of 4 = the 50 % quorum, and 2 observers
     (2, 5, 2, False),   # 2 of 5 < 50 %
 ])
 def test_min_observers(ejecting: int, observers: int, min_observers: int, unhealthy: bool) -> None:
-    agg = HealthAggregator(quorum_fraction=0.5, min_observers=min_observers, report_ttl_s=30)
+    agg = observing(HealthAggregator(quorum_fraction=0.5, min_observers=min_observers, report_ttl_s=30), 5)
     for i in range(observers):
         agg.report(f"ztunnel/west/n{i}", [EndpointReport("checkout", "east/p1", "east", 0, 5, i < ejecting)], now_s=0)
     assert (("checkout", "east/p1") in agg.unhealthy(now_s=1)) is unhealthy
 
 
 def test_reports_expire() -> None:
-    agg = HealthAggregator(report_ttl_s=10)
+    agg = observing(HealthAggregator(report_ttl_s=10), 1)
     agg.report("ztunnel/west/n0", [EndpointReport("checkout", "east/p1", "east", 0, 5, True)], now_s=0)
     assert agg.unhealthy(now_s=5) and not agg.unhealthy(now_s=11)
     assert agg.views == {}  # an endpoint nobody reported on within the TTL is forgotten
 
 
 def test_only_fresh_observers_count() -> None:
-    agg = HealthAggregator(quorum_fraction=0.5, report_ttl_s=10)
+    agg = observing(HealthAggregator(quorum_fraction=0.5, min_observers=1, report_ttl_s=10), 3)
     agg.report("ztunnel/west/n0", [EndpointReport("checkout", "east/p1", "east", 0, 5, False)], now_s=0)
     agg.report("ztunnel/west/n1", [EndpointReport("checkout", "east/p1", "east", 0, 5, False)], now_s=0)
     agg.report("ztunnel/west/n2", [EndpointReport("checkout", "east/p1", "east", 0, 5, True)], now_s=8)
@@ -48,7 +58,7 @@ def test_only_fresh_observers_count() -> None:
 
 
 def test_describe_gives_the_vote() -> None:
-    agg = HealthAggregator(quorum_fraction=0.5, min_observers=1, report_ttl_s=30)
+    agg = observing(HealthAggregator(quorum_fraction=0.5, min_observers=1, report_ttl_s=30), 3)
     agg.report("ztunnel/west/n0", [EndpointReport("checkout", "east/p1", "east", 1, 4, True)], now_s=0)
     agg.report("ztunnel/west/n1", [EndpointReport("checkout", "east/p1", "east", 2, 3, True)], now_s=0)
     agg.report("ztunnel/west/n2", [EndpointReport("checkout", "east/p1", "east", 9, 0, False)], now_s=0)
@@ -58,7 +68,7 @@ def test_describe_gives_the_vote() -> None:
 
 
 def test_verdict_describes_what_it_ejects_and_what_it_was_asked_about() -> None:
-    agg = HealthAggregator(report_ttl_s=30)
+    agg = observing(HealthAggregator(report_ttl_s=30), 1, (P1, ("checkout", "east/p2")))
     agg.report("ztunnel/west/n0", [EndpointReport("checkout", "east/p1", "east", 0, 5, True),
                                    EndpointReport("checkout", "east/p2", "east", 5, 0, False)], now_s=0)
     v = agg.verdict(now_s=1, also=[("checkout", "east/p2")])
@@ -67,3 +77,74 @@ def test_verdict_describes_what_it_ejects_and_what_it_was_asked_about() -> None:
     assert set(v.triggers) == {("checkout", "east/p1"), ("checkout", "east/p2")}
     assert v.triggers[("checkout", "east/p1")].startswith("health reports: 1 of 1 proxies observing east/p1")
     assert v.triggers[("checkout", "east/p2")].startswith("health reports: 0 of 1 proxies observing east/p2")
+
+
+# --- poisoning: who may vote, how many must agree, bounded state ---------------------------------
+
+
+def test_a_single_confused_proxy_cannot_eject_for_the_whole_mesh() -> None:
+    """The default vote: three proxies route to east/p1; one of them (confused, or whoever holds
+    its credentials) says it ejects it and nobody else reports. Not enough: it takes two."""
+    agg = observing(HealthAggregator(), 3)
+    agg.report("ztunnel/west/n0", [EndpointReport("checkout", "east/p1", "east", 0, 50, True)], now_s=0)
+    assert agg.unhealthy(now_s=1) == frozenset()
+    assert agg.describe(P1, now_s=1).startswith("health reports: 1 of 1 proxies observing east/p1 eject it "
+                                                "(quorum 50%, at least 2;")
+    # a second observer agrees: a real quorum
+    agg.report("ztunnel/west/n1", [EndpointReport("checkout", "east/p1", "east", 0, 9, True)], now_s=2)
+    assert agg.unhealthy(now_s=3) == {P1}
+
+
+def test_the_only_proxy_that_routes_to_an_endpoint_decides_alone() -> None:
+    """No second opinion exists: one observer's ejection is the whole vote (it hurts nobody else)."""
+    agg = observing(HealthAggregator(), 1)
+    agg.report("ztunnel/west/n0", [EndpointReport("checkout", "east/p1", "east", 0, 5, True)], now_s=0)
+    assert agg.unhealthy(now_s=1) == {P1}
+
+
+def test_reports_on_endpoints_outside_the_reporters_config_do_not_count() -> None:
+    agg = observing(HealthAggregator(), 3)
+    agg.set_view("ztunnel/south/n0", [("checkout", "south/p9")])
+    for pid in ("ztunnel/south/n0", "gateway/evil", "ztunnel/east/nobody"):  # none routes to east/p1
+        touched = agg.report(pid, [EndpointReport("checkout", "east/p1", "east", 0, 99, True)], now_s=0)
+        assert touched == set()
+    assert agg.unhealthy(now_s=1) == frozenset() and agg.views == {}
+    assert agg.ignored_reports == 3
+
+
+def test_state_is_bounded_by_the_rendered_views() -> None:
+    """A reporter flooding reports on endpoints it invents leaves nothing behind; a view that
+    shrinks, or a proxy that leaves the render, takes its votes with it."""
+    agg = observing(HealthAggregator(), 2, (P1, ("checkout", "east/p2")))
+    flood = [EndpointReport("checkout", f"east/x{i}", "east", 0, 1, True) for i in range(10_000)]
+    agg.report("ztunnel/west/n0", flood, now_s=0)
+    assert agg.views == {} and agg.ignored_reports == 10_000
+    for pid in ("ztunnel/west/n0", "ztunnel/west/n1"):
+        agg.report(pid, [EndpointReport("checkout", "east/p1", "east", 0, 5, True),
+                         EndpointReport("checkout", "east/p2", "east", 0, 5, True)], now_s=1)
+    assert agg.unhealthy(now_s=2) == {P1, ("checkout", "east/p2")}
+    assert agg.counters()["health_votes"] == 4
+    agg.set_view("ztunnel/west/n1", [P1])             # its config no longer routes to east/p2
+    assert set(agg.views[("checkout", "east/p2")]) == {"ztunnel/west/n0"}
+    assert agg.unhealthy(now_s=2) == {P1, ("checkout", "east/p2")}   # n0 is now its only observer
+    agg.forget_proxy("ztunnel/west/n0")
+    assert agg.unhealthy(now_s=2) == {P1}                           # n1 alone routes to p1 now
+    assert set(agg.proxy_views) == {"ztunnel/west/n1"} and set(agg.observers) == {P1}
+    agg.forget_proxy("ztunnel/west/n1")
+    assert agg.views == {} and agg.observers == {} and agg.proxy_views == {}
+
+
+def test_failed_counts_are_those_of_fresh_votes_only() -> None:
+    agg = observing(HealthAggregator(report_ttl_s=10), 1)
+    for t in (0, 1, 2):
+        agg.report("ztunnel/west/n0", [EndpointReport("checkout", "east/p1", "east", 0, 4, True)], now_s=t)
+    assert agg.describe(P1, now_s=3).endswith("12 failed requests reported)")
+    agg.report("ztunnel/west/n0", [EndpointReport("checkout", "east/p1", "east", 0, 1, True)], now_s=30)
+    assert agg.describe(P1, now_s=30).endswith("1 failed requests reported)")   # the stale total is gone
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="min_observers"):
+        HealthAggregator(min_observers=0)
+    with pytest.raises(ValueError, match="quorum_fraction"):
+        HealthAggregator(quorum_fraction=0.0)

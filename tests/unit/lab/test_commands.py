@@ -107,7 +107,8 @@ def test_the_controller_runs_with_flags_meshfed_controller_run_defines(tmp_path:
     assert p["state_dir"] == str(tmp_path / "controller")
     assert p["listen"] == f"0.0.0.0:{CONTROLLER_GRPC_PORT}"
     assert p["bootstrap_listen"] == f"0.0.0.0:{CONTROLLER_BOOTSTRAP_PORT}"
-    assert p["status_listen"] == f"0.0.0.0:{CONTROLLER_HTTP_PORT}"
+    # the status API stays on loopback (the portal and the push hook reach it there, with the token)
+    assert p["status_listen"] == f"127.0.0.1:{CONTROLLER_HTTP_PORT}"
     assert p["kubeconfig"] == str(tmp_path / "kubeconfig")
     assert p["insecure"] is False
     assert p["standby"] is True     # a restarted lab controller waits for its killed predecessor
@@ -119,6 +120,13 @@ def test_meshfed_controller_bootstrap_token_takes_a_proxy_id_and_a_ttl(tmp_path:
             str(tmp_path / "controller"), "--proxy-id", "gateway/east", "--ttl", "30m"]
     p = meshfed_params(argv, "controller", "bootstrap-token")
     assert p == {"state_dir": str(tmp_path / "controller"), "proxy_id": "gateway/east", "ttl": "30m"}
+
+
+def test_the_lab_and_the_controller_agree_on_the_token_file_name() -> None:
+    from clusters.lab.layout import STATUS_API_TOKEN_FILE
+    from federation.controller.api_token import STATUS_API_TOKEN_FILE as CONTROLLERS
+
+    assert STATUS_API_TOKEN_FILE == CONTROLLERS
 
 
 def test_pod_and_relay_argv_name_their_modules() -> None:
