@@ -438,6 +438,7 @@ listen sink
         server_pod = topo.Pod("east", "b", "server", srv_ip, f"spiffe://{td}/ns/bench/sa/server",
                               node_address="127.56.1.12")
         gw_ip = "127.56.1.250"
+        gw_id = f"spiffe://{td}/ns/bench/sa/gateway"
         hb = _free_port(gw_ip)
         wl = [client_pod.workload(), server_pod.workload()]
         svcs: list[Any] = []
@@ -447,7 +448,8 @@ listen sink
             ep = topo.endpoint(server_pod, port, hb)
             svcs.append(topo.service(host, "", port, port, [ep], sans=[server_pod.identity], connect_timeout_s=2))
             remote.append(topo.service(host, f"127.56.2.{len(remote) + 1}", port, port,
-                                       [topo.endpoint(server_pod, port, hb, via_gateway=f"{gw_ip}:{hb}")],
+                                       [topo.endpoint(server_pod, port, hb, via_gateway=f"{gw_ip}:{hb}",
+                                                      gateway_identity=gw_id)],
                                        sans=[server_pod.identity], connect_timeout_s=2))
         import dataclasses
         svcs_a = [dataclasses.replace(s_, vip=f"127.56.3.{i + 1}") for i, s_ in enumerate(svcs)]
@@ -456,7 +458,6 @@ listen sink
         cfg_a = dataclasses.replace(cfg_a, bundles=(ca.trust_bundle(),))
         cfg_b = dataclasses.replace(cfg_a, proxy_id="ztunnel/east/b", local_identities=(server_pod.identity,),
                                     services=tuple(svcs))
-        gw_id = f"spiffe://{td}/ns/bench/sa/gateway"
         cfg_g = dataclasses.replace(cfg_a, proxy_id="gateway/east", mode=ProxyMode.GATEWAY, workloads=(),
                                     services=tuple(svcs), local_identities=(gw_id,))
         ids = {"a": client_pod.identity, "b": server_pod.identity, "g": gw_id}

@@ -132,7 +132,9 @@ _CODES = (
          "bundle file, or a managed CA does not have exactly one signing root."),
     Code("MF0404", "invalid principal",
          "AuthorizationPolicy principals are '<trust-domain>/ns/<namespace>/sa/<account>' (or '*' "
-         "patterns), as in Istio."),
+         "patterns), as in Istio. Source namespaces are a namespace of the destination's own trust "
+         "domain ('shop'), or '<trust-domain>/ns/<namespace>' for another trust domain's ('*/ns/shop': "
+         "any trust domain's): a bare name never matches another trust domain's namespace of that name."),
     Code("MF0405", "one-sided federation",
          "Trust domain A lists B in federatesWith but B does not list A: federation is explicit and must "
          "be declared on both sides (reported by the federation core's trust graph)."),

@@ -563,6 +563,14 @@ def _check_authz(a: m.AuthorizationPolicy, fleet: _Fleet, out: _Out) -> None:
                         out.add("MF0203", a, field, f"principal {pr!r} names unknown trust domain {td!r}",
                                 hint=(f"did you mean {guess!r}? " if guess else "")
                                 + "a principal from an unknown trust domain can never match")
+            for attr, lst in (("namespaces", src.namespaces), ("notNamespaces", src.not_namespaces)):
+                for ni, ns in enumerate(lst):
+                    why = _source_namespace_error(ns)
+                    if why:
+                        out.add("MF0404", a, _authz_field(a, ns, attr, ri, si, ni), f"source namespace {ns!r} {why}",
+                                hint="write a namespace of the destination's own trust domain ('shop'), or "
+                                     "'<trust-domain>/ns/<namespace>' for another's ('west.mesh.local/ns/shop'; "
+                                     "'*/ns/shop' for any trust domain)")
 
 
 def _check_authz_targets(a: m.AuthorizationPolicy, fleet: _Fleet, out: _Out) -> None:
@@ -637,6 +645,21 @@ def _authz_field(a: m.AuthorizationPolicy, principal: str, attr: str, ri: int, s
         if dotted.endswith(f".source.{attr}[{pi}]") and f"from[{si}]" in dotted:
             return dotted
     return f"spec.rules[{ri}].from[{si}].source.{attr}[{pi}]"
+
+
+def _source_namespace_error(ns: str) -> str | None:
+    """A bare namespace (of the destination's trust domain) or `<td>/ns/<namespace>`; `*` allowed
+    (ztunnel.api.authz: a bare name never matches another trust domain's namespace)."""
+    parts = ns.split("/")
+    if len(parts) == 1:
+        return None if ns and (_DNS_LABEL.fullmatch(ns) or "*" in ns) else "is not a namespace name"
+    if len(parts) != 3 or parts[1] != "ns" or not parts[0] or not parts[2]:
+        return "is neither a namespace nor of the form <trust-domain>/ns/<namespace>"
+    if "*" not in parts[0]:
+        why = spiffe_trust_domain_error(parts[0])
+        if why:
+            return f"has trust domain that {why}"
+    return None
 
 
 def _principal_error(p: str) -> str | None:

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from ztunnel.api import logsetup
 from ztunnel.api.config import ProxyMode, proxy_config_to_dict
+from ztunnel.api.identity import ProxyId
 from ztunnel.proxy.admin import AdminServer, Telemetry
 from ztunnel.proxy.base import Credentials, HealthSink, ProxyBase, ProxyOptions
 from ztunnel.proxy.gateway import GatewayProxy
@@ -70,6 +71,16 @@ def load_cert_dir(cert_dir: Path, identities: tuple[str, ...]) -> dict[str, tupl
                 raise SystemExit(f"{cert_dir / key} is readable by group/others (mode {oct(mode)}); chmod 600 it")
             out[identity] = ((cert_dir / crt).read_bytes(), (cert_dir / key).read_bytes())
     return out
+
+
+def _proxy_id(s: str) -> str:
+    """--proxy-id, checked by the one parser of proxy ids (so a typo fails here, not at the controller)."""
+    if not s:
+        return s   # the default: not in controller mode
+    try:
+        return str(ProxyId.parse(s))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,11 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
     c = p.add_argument_group("controller mode (config, certificates and health through the controller)")
     c.add_argument("--controller", default="", help="HOST:PORT of the controller's gRPC services")
     c.add_argument("--bootstrap", default="", help="HOST:PORT of the controller's bootstrap port (first certificate)")
-    c.add_argument("--proxy-id", default="", help="ztunnel/<cluster>/<node>, gateway/<cluster>, "
+    c.add_argument("--proxy-id", default="", type=_proxy_id, help="ztunnel/<cluster>/<node>, gateway/<cluster>, "
                    "waypoint/<cluster>/<ns>/<name> or ingress/<cluster>/<ns>/<name>")
     c.add_argument("--trust-domain", default="", help="trust domain of this proxy's cluster")
-    c.add_argument("--bootstrap-token-file", type=Path, help="the cluster's bootstrap token (first certificate)")
-    c.add_argument("--controller-roots", type=Path, help="PEM roots of the controller's serving certificate")
+    c.add_argument("--sa-token-file", type=Path,
+                   help="the pod's projected ServiceAccount token (audience meshfed-controller), re-read at every "
+                        "bootstrap: how a proxy on Kubernetes gets its first certificate")
+    c.add_argument("--bootstrap-token-file", type=Path,
+                   help="a single-use token for this proxy id (`meshfed controller bootstrap-token`), for proxies "
+                        "provisioned by hand")
+    c.add_argument("--controller-roots", type=Path,
+                   help="PEM roots of this proxy's trust domain, to verify the controller with until it sends "
+                        "newer ones (the controller writes roots/<trust-domain>.pem in its state directory)")
     return p
 
 
@@ -144,7 +162,12 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
     telemetry = Telemetry(cfg.proxy_id, sys.stderr if args.access_log == "stderr" else None)
     emit(kind="config", source=source, applied=result.applied, reason=result.reason,
          rejected=[str(e) for e in result.rejected])
-    identities = cfg.local_identities or tuple(sorted({w.identity for w in cfg.workloads if w.node == cfg.proxy_id.rsplit('/', 1)[-1]}))
+    try:
+        node = ProxyId.parse(cfg.proxy_id).node
+    except ValueError as e:
+        print(f"ztunnel: the config's proxy_id is not a proxy id: {e}", file=sys.stderr)
+        return 2
+    identities = cfg.local_identities or tuple(sorted({w.identity for w in cfg.workloads if w.node == node}))
     creds = link_creds if link is not None else Credentials(load_cert_dir(args.cert_dir, identities))
     if link is not None:
         link.health.counter = telemetry.outcomes
@@ -211,6 +234,8 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
         args.ready_file.unlink(missing_ok=True)
     for t in link_tasks:
         t.cancel()
+    if link is not None:
+        await link.close()
     if dns_server is not None:
         await dns_server.close()
     await proxy.drain(args.drain_timeout_s)
@@ -262,8 +287,13 @@ async def _join(args: argparse.Namespace, state: ProxyState,
     from ztunnel.xds.controlplane import LinkOptions, join_controller
     if not (args.proxy_id and args.trust_domain and args.controller_roots and args.bootstrap):
         raise SystemExit("--controller needs --bootstrap, --proxy-id, --trust-domain and --controller-roots")
+    if not (args.sa_token_file or args.bootstrap_token_file):
+        raise SystemExit("--controller needs a bootstrap credential: --sa-token-file (the pod's projected "
+                         "ServiceAccount token) or --bootstrap-token-file (`meshfed controller bootstrap-token`)")
+    # keys and certificates survive a restart in the state directory (see ztunnel.xds.controlplane)
+    credentials = args.state_dir / "credentials.json" if args.state_dir else None
     opts = LinkOptions(args.controller, args.bootstrap, args.proxy_id, args.trust_domain, args.bootstrap_token_file,
-                       args.controller_roots)
+                       args.controller_roots, sa_token_file=args.sa_token_file, credentials_file=credentials)
     return await join_controller(opts, state, creds)
 
 

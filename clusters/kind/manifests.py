@@ -15,7 +15,8 @@ What a member cluster gets (`member_objects`):
                                    a kubeconfig minted with `kubectl create token`)
   ClusterRole meshfed-discovery    get/list/watch pods, services, endpointslices, nodes, namespaces;
   + binding                        create tokenreviews (the controller checks proxies' tokens)
-  ConfigMap meshfed-controller-roots   the controller's serving roots (PEM), for the proxies
+  ConfigMap meshfed-controller-roots   the roots of this cluster's trust domain (the controller's
+                                   roots/<td>.pem): what its proxies verify the controller with
   DaemonSet ztunnel                the node proxy: hostNetwork (its HBONE port is the node's
                                    InternalIP:15008, what discovery reports), NET_ADMIN + NET_RAW for
                                    iptables, the node's xtables lock shared with kube-proxy; it
@@ -83,11 +84,9 @@ PROXY_PROTOCOL_LABEL = "networking.meshfed.dev/inbound-proxy-protocol"  # cluste
 NONROOT_UID = 65532
 PART_OF = {"app.kubernetes.io/part-of": "meshfed"}
 
-# The proxy's flag for the file holding the token of its first certificate request. The projected
-# ServiceAccount token is read through the bootstrap-token path until the proxy has a flag of its
-# own for it (the credentials work names it --sa-token-file, re-read at every request): then only
-# this constant changes.
-TOKEN_FILE_FLAG = "--bootstrap-token-file"
+# The proxy's flag for its pod's projected ServiceAccount token, re-read at every bootstrap (the
+# kubelet rotates it); the controller reviews it with this cluster's TokenReview.
+TOKEN_FILE_FLAG = "--sa-token-file"
 
 
 class ManifestError(ValueError):
@@ -100,7 +99,7 @@ class InstallOptions:
     image_pull_policy: str = "IfNotPresent"   # kind-loaded images are not in any registry
     controller: str = DEFAULT_CONTROLLER      # HOST:PORT of the controller's gRPC services, as proxies reach it
     bootstrap: str = DEFAULT_BOOTSTRAP        # HOST:PORT of its certificate service for first certificates
-    controller_roots_pem: str = ""            # the controller's serving roots ("" = fill in later)
+    controller_roots_pem: str = ""            # the cluster's trust domain's roots ("" = fill in later)
     token_audience: str = TOKEN_AUDIENCE
     token_expiration_s: int = TOKEN_EXPIRATION_S
 

@@ -250,14 +250,17 @@ def plan_install(snapshot: ConfigSnapshot, opts: KindOptions, facts: KindFacts) 
          "--status-listen", f"127.0.0.1:{CONTROLLER_HTTP_PORT}"),
         "start the controller on this machine", background=True, log=str(opts.state_dir / "controller.log"),
         creates=("process", "controller")))
-    roots = controller_dir / "controller-roots.pem"
-    cmds.append(Command(("test", "-s", str(roots)), "wait for the controller's serving roots", retry_for_s=120))
+    # each cluster's proxies verify the controller against their own trust domain's roots only
+    roots = {n: controller_dir / "roots" / f"{snapshot.clusters[n].trust_domain}.pem" for n in names}  # type: ignore[index]
+    for path in sorted(set(roots.values())):
+        cmds.append(Command(("test", "-s", str(path)), f"wait for the controller's serving roots ({path.stem})",
+                            retry_for_s=120))
     for n in names:
         common = ("--fleet", str(opts.fleet_dir), "--context", context(n), "--kubeconfig", str(opts.kubeconfig),
                   "--image", opts.image)
         cmds += [
             Command((*meshfed, "install", *common, "--controller", f"{facts.gateway}:{CONTROLLER_GRPC_PORT}",
-                     "--bootstrap", f"{facts.gateway}:{CONTROLLER_BOOTSTRAP_PORT}", "--controller-roots", str(roots)),
+                     "--bootstrap", f"{facts.gateway}:{CONTROLLER_BOOTSTRAP_PORT}", "--controller-roots", str(roots[n])),
                     f"install meshfed in {n}"),
             Command((*meshfed, "install", *common, "--workloads"), f"deploy {n}'s LabCluster workloads"),
         ]

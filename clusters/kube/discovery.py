@@ -1,7 +1,7 @@
 """Kubernetes discovery: Namespaces, Nodes, Pods, Services and EndpointSlices into ClusterObservation.
 
-The only module that reads clusters through `kubernetes` (`clusters.kube.apply` writes them).
-Split in two halves, decide-then-act:
+The only module that reads clusters through `kubernetes` (`clusters.kube.apply` writes them,
+`clusters.kube.auth` asks for TokenReviews). Split in two halves, decide-then-act:
 
 - `ClusterCache` is pure: it holds the raw JSON objects of one cluster by kind, applies watch
   events (`apply_event`) or whole listings (`replace_kind`), and turns them into a

@@ -2,7 +2,8 @@
 real processes, an emulated Kubernetes API per cluster, faults, and a control socket.
 
 Pure decisions: `topology` (the plan), `faults.plan_fault`, `commands` (what the lab runs, with
-which flags), `layout` (state-directory names, ports, exec targets), `kubelet.desired_objects`.
+which flags), `layout` (state-directory names, ports, exec targets), `kubelet.desired_objects`,
+`tokens` (the emulated API server's ServiceAccount tokens: TokenRequest, TokenReview).
 
 Host side (where `meshfed lab` runs): `runner` (LabRunner, LabOptions), `nsexec` (exec by entering
 the sandbox's namespaces), `control` (the control socket's client), `sandbox` (unshare, sweep).

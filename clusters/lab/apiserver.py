@@ -36,7 +36,11 @@ patches, answers 404/409); reads are served from our `Journal` of what the write
   says so for every served kind (the emulator does not validate fields: the unit tests check the
   manifests against the real schemas with kubernetes-validate).
 
-Only kinds in `_RESOURCES` are served (the rest answer 404 with the list of what is).
+Only kinds in `_RESOURCES` are served (the rest answer 404 with the list of what is); and, as a real
+API server does for ServiceAccount tokens, TokenRequest (`POST .../serviceaccounts/<sa>/token`) and
+TokenReview (`POST /apis/authentication.k8s.io/v1/tokenreviews`), answered by this server's
+`clusters.lab.tokens.TokenAuthority` (its own key) against the Pods and ServiceAccounts it stores,
+so proxies bootstrap with projected ServiceAccount tokens in the lab as on Kubernetes.
 
 `write_kubeconfig()` produces a kubeconfig whose context (`lab-<cluster>` by convention) points
 at the server, which is how `ClusterApi(kind=LAB, context=...)` reaches it.
@@ -48,19 +52,21 @@ import asyncio
 import collections
 import json
 import os
+import secrets
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from clusters.kube.discovery import LabelSelector
 from clusters.lab import tables
+from clusters.lab.tokens import TokenAuthority
 from gitops.model import AMBIENT_LABEL, AMBIENT_VALUE
 from ztunnel.api.secret_files import read_secret, write_secret
 
@@ -339,6 +345,39 @@ def _status(code: int, reason: str, message: str) -> dict[str, Any]:
             "reason": reason, "code": code}
 
 
+async def _answer_tokens(raw_request: Any, journal: Journal, tokens: TokenAuthority) -> Any:
+    """TokenRequest and TokenReview (see `clusters.lab.tokens`), or None for any other request.
+    Pods and ServiceAccounts are read from the journal, like every other read."""
+    from aiohttp import web
+
+    from clusters.lab.tokens import TOKEN_REQUEST_PATH, TOKEN_REVIEW_PATH, TokenRequestError
+
+    path = "/" + raw_request.path.strip("/")
+    request_match = TOKEN_REQUEST_PATH.fullmatch(path)
+    if raw_request.method != "POST" or (request_match is None and path != TOKEN_REVIEW_PATH):
+        return None
+    try:
+        body = json.loads(await raw_request.read() or b"{}")
+        if not isinstance(body, dict):
+            raise ValueError("not an object")
+    except ValueError:
+        return web.json_response(_status(400, "BadRequest", "the body is not a JSON object"), status=400)
+
+    def find_pod(ns: str, name: str) -> Any:
+        return journal.get(("v1", "Pod"), (ns, name))
+
+    if request_match is None:
+        return web.json_response(tokens.token_review(body, find_pod), status=201)
+    ns, sa = request_match.group(1), request_match.group(2)
+    if journal.get(("v1", "ServiceAccount"), (ns, sa)) is None:
+        return web.json_response(_status(404, "NotFound", f'serviceaccounts "{sa}" not found'), status=404)
+    try:
+        return web.json_response(tokens.token_request(ns, sa, body, find_pod), status=201)
+    except TokenRequestError as e:
+        return web.json_response(_status(e.status, "Invalid" if e.status == 422 else "BadRequest", str(e)),
+                                 status=e.status)
+
+
 def _server_cls(journal: Journal, state: _ServerState) -> Any:
     from aiohttp import web
     from aiohttp.test_utils import RawTestServer
@@ -446,6 +485,10 @@ def _server_cls(journal: Journal, state: _ServerState) -> Any:
             for prefix, status in list(state.refusals.items()):
                 if path.startswith(prefix):  # an injected fault: this part of the API refuses
                     return fail(status, "Forbidden" if status == 403 else "Refused", f"{path} refused (fault injected)")
+            if state.tokens is not None:
+                answered = await _answer_tokens(raw_request, journal, state.tokens)
+                if answered is not None:
+                    return answered
             if method == "GET":
                 doc = discovery_document(path) or openapi_v3(path)
                 if doc is not None:
@@ -480,8 +523,10 @@ def _server_cls(journal: Journal, state: _ServerState) -> Any:
 class _ServerState:
     """Shared by the server's handlers, on its event loop."""
 
-    def __init__(self, bookmark_interval_s: float, refusals: dict[str, int] | None = None) -> None:
+    def __init__(self, bookmark_interval_s: float, refusals: dict[str, int] | None = None,
+                 tokens: TokenAuthority | None = None) -> None:
         self.bookmark_interval_s = bookmark_interval_s
+        self.tokens = tokens  # ServiceAccount tokens: TokenRequest, TokenReview
         self.refusals = refusals if refusals is not None else {}  # path prefix -> status (injected faults)
         self.changed = asyncio.Condition()
         self.write_lock = asyncio.Lock()
@@ -497,8 +542,11 @@ class EmulatedApiServer:
 
     def __init__(self, host: str = "127.0.0.1", port: int | None = None, *,
                  bookmark_interval_s: float = DEFAULT_BOOKMARK_INTERVAL_S,
-                 max_journal_events: int = MAX_JOURNAL_EVENTS) -> None:
+                 max_journal_events: int = MAX_JOURNAL_EVENTS,
+                 clock: Callable[[], float] = time.time) -> None:
         self._host, self._port = host, port
+        # this server's ServiceAccount token signer (its own key: other servers' tokens do not verify)
+        self.tokens = TokenAuthority(f"https://kubernetes.default.svc/emulated/{secrets.token_hex(6)}", clock=clock)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -532,7 +580,7 @@ class EmulatedApiServer:
             kwargs: dict[str, Any] = {"host": self._host}
             if self._port is not None:
                 kwargs["port"] = self._port
-            self._state = _ServerState(self.bookmark_interval_s, self._refusals)
+            self._state = _ServerState(self.bookmark_interval_s, self._refusals, self.tokens)
             kwargs["server_cls"] = _server_cls(self.journal, self._state)
             async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator, **kwargs) as srv:
                 self._url = f"http://{self._host}:{srv.port}"
@@ -642,6 +690,20 @@ class EmulatedApiServer:
         if exists:
             return self._request("PATCH", path, body)
         return self._request("POST", object_path(api_version, kind, namespace), body)
+
+    def request_token(self, namespace: str, service_account: str, pod: str, audiences: list[str],
+                      expiration_s: int = 3600) -> tuple[str, float]:
+        """TokenRequest, as a kubelet makes it for a pod's projected token: (token, expires at, epoch s).
+        Goes through HTTP like every write, so what it exercises is what a client would."""
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                "spec": {"audiences": audiences, "expirationSeconds": expiration_s,
+                         "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": pod}}}
+        answer = self._request("POST", f"/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token", body)
+        status = answer.get("status") or {}
+        token = str(status.get("token") or "")
+        if not token:
+            raise ApiServerError(f"TokenRequest for {namespace}/{service_account} (pod {pod}) returned no token")
+        return token, self.tokens.expiry_of(token)
 
     def delete(self, api_version: str, kind: str, namespace: str | None, name: str) -> None:
         self._request("DELETE", object_path(api_version, kind, namespace, name))

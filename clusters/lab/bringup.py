@@ -1,6 +1,7 @@
 """Bring-up: the lab's numbered steps, inside the sandbox, each timed (see `timings` in lab.json).
 
-     1 private mounts (/run/netns, /etc/netns, RUN_DIR)     6 kubelets (the API follows the processes)
+     1 private mounts (/run/netns, /etc/netns, RUN_DIR)     6 kubelets (the API follows the processes;
+                                                              proxies' projected ServiceAccount tokens)
      2 the network (`topology.execute` of the plan)         7 Git server for the fleet repo
      3 resolv.conf per pod (kubelet's)                      8 node ztunnels and gateways
      4 one emulated API server per cluster + kubeconfig     9 the controller
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from clusters.lab import sandbox
 from clusters.lab.commands import controller_argv, pod_argv
-from clusters.lab.kubelet import Kubelet, NodeState, PodState
+from clusters.lab.kubelet import Kubelet, NodeState, PodState, TokenProjector, proxy_volumes
 from clusters.lab.layout import (
     CONTROLLER_DIR,
     CONTROLLER_HTTP_PORT,
@@ -265,7 +266,9 @@ class BringUp:
                     out[n.name] = NodeState(not self.node_is_down(c.name, n.name) and (zt is None or zt.alive()))
                 return out
 
-            k = Kubelet(c, self.services.apis[c.name], pods, nodes)
+            api = self.services.apis[c.name]
+            tokens = TokenProjector(api, proxy_volumes(c, self.data_plane.token_path))
+            k = Kubelet(c, api, pods, nodes, tokens)
             self.services.kubelets[c.name] = k
             threading.Thread(target=k.run, args=(self.stop, KUBELET_INTERVAL_S), name=f"kubelet-{c.name}",
                              daemon=True).start()

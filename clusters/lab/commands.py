@@ -1,9 +1,9 @@
 """The command lines of what the lab runs, decided from the plan (pure).
 
 The lab calls the commands this installation ships with their real flags: `python -m ztunnel`
-(`ztunnel/__main__.py`), `meshfed controller run` and `meshfed controller bootstrap-token`
-(`federation/cli/ops.py`, run as `python -m federation.cli.main` because `clusters` may not import
-`federation`), the demo server and the latency relay. Nothing here asks a command what it accepts:
+(`ztunnel/__main__.py`), `meshfed controller run` (`federation/cli/ops.py`, run as
+`python -m federation.cli.main` because `clusters` may not import `federation`), the demo server
+and the latency relay. Nothing here asks a command what it accepts:
 a flag that does not exist is a bug that tests/unit/lab/test_commands.py catches by parsing each
 argv with the command's own parser.
 
@@ -12,8 +12,10 @@ proxy's own namespace), and for node ztunnels SOCKS5 on the pod-bridge address :
 transparent listener :15001 and the DNS responder on the pod-bridge address :15053, with
 `--capture`: the proxy programs the node namespace's iptables itself (`ztunnel.proxy.capture_rules`,
 the same code the kind DaemonSet runs) so that its enrolled pods' TCP is redirected to :15001 and
-their DNS (udp/tcp 53) to :15053. A proxy with a rendered `config.json` runs standalone; without one it joins the controller
-(first certificate with its bootstrap token, then config over gRPC).
+their DNS (udp/tcp 53) to :15053. A proxy with a rendered `config.json` runs standalone; without
+one it joins the controller (first certificate with its pod's projected ServiceAccount token, which
+the lab's kubelet keeps fresh in the proxy's directory, then config over gRPC), verifying the
+controller with its trust domain's roots (`roots/<td>.pem` in the controller's state directory).
 """
 
 from __future__ import annotations
@@ -23,16 +25,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clusters.lab.layout import (
-    BOOTSTRAP_TOKEN_FILE,
     CONTROLLER_BOOTSTRAP_PORT,
     CONTROLLER_GRPC_PORT,
     CONTROLLER_HTTP_PORT,
-    CONTROLLER_ROOTS_FILE,
     RUN_DIR,
+    SA_TOKEN_FILE,
+    TRUST_ANCHORS_DIR,
 )
 from clusters.lab.topology import CONTROLLER_MGMT_ADDRESS, LabPlan, NetnsName, PodPlan
+from ztunnel.api.identity import ProxyId
 from ztunnel.api.ports import ADMIN_PORT, DNS_CAPTURE_PORT, HBONE_PORT, OUTBOUND_CAPTURE_PORT, SOCKS5_PORT
 
+BOOTSTRAP_TOKEN_FILE = "bootstrap-token"   # an L7 proxy pod's single-use token (0600, in its proxy dir)
 MESHFED = ("-m", "federation.cli.main")   # `meshfed` without relying on the console script's path
 
 
@@ -54,7 +58,7 @@ class ProxySpec:
 
     @property
     def is_node(self) -> bool:
-        return self.proxy_id.startswith("ztunnel/")
+        return ProxyId.parse(self.proxy_id).is_node
 
     @property
     def log_name(self) -> str:
@@ -66,10 +70,10 @@ def proxy_specs(plan: LabPlan) -> list[ProxySpec]:
     gateways: in their pod's namespace)."""
     out: list[ProxySpec] = []
     for c in plan.clusters:
-        out += [ProxySpec(f"ztunnel/{c.name}/{n.name}", c.name, c.trust_domain, n.netns, n.pod_gateway)
+        out += [ProxySpec(str(ProxyId.node_proxy(c.name, n.name)), c.name, c.trust_domain, n.netns, n.pod_gateway)
                 for n in c.nodes]
         if c.gateway is not None:
-            out.append(ProxySpec(f"gateway/{c.name}", c.name, c.trust_domain, c.gateway.netns, ""))
+            out.append(ProxySpec(str(ProxyId.gateway(c.name)), c.name, c.trust_domain, c.gateway.netns, ""))
         out += [ProxySpec(p.proxy_id, c.name, c.trust_domain, p.netns, "") for p in c.proxy_pods()]
     return out
 
@@ -87,7 +91,9 @@ def proxy_argv(python: Sequence[str], proxy_id: str, proxy_dir: Path, socks_host
 
     standalone: the proxy serves `proxy_dir/config.json` (written by whoever rendered it) with the
     certificates in `proxy_dir/certs`. Otherwise it joins the controller on the management network
-    and needs `trust_domain` and `controller_dir` (where the controller writes its serving roots).
+    and needs `trust_domain` and `controller_dir` (where the controller writes its trust domain's
+    roots); it bootstraps with the projected token in `proxy_dir/sa-token` and keeps its keys and
+    certificates in `proxy_dir/state` across restarts.
     Node ztunnels answer their pods' DNS; the lab has no kube-dns and no internet, so a name the
     mesh does not know gets `dns_unanswered` (nxdomain, as a resolver for which nothing else exists,
     or servfail, as one that reaches nobody: `meshfed lab up --dns-unanswered`).
@@ -100,11 +106,16 @@ def proxy_argv(python: Sequence[str], proxy_id: str, proxy_dir: Path, socks_host
         if controller_dir is None or not trust_domain:
             raise ValueError(f"{proxy_id}: a proxy that joins the controller needs its trust domain and the "
                              "controller's state directory (or a config.json to run standalone)")
+        # node proxies and gateways bootstrap with their pod's projected ServiceAccount token (the
+        # lab's kubelet keeps it fresh); a waypoint's or ingress's pod, whose ServiceAccount the
+        # fleet names freely, with a single-use token for its proxy id (`lab_bootstrap_token`)
+        credential = (["--sa-token-file", str(proxy_dir / SA_TOKEN_FILE)] if ProxyId.parse(proxy_id).kind
+                      in ("ztunnel", "gateway") else ["--bootstrap-token-file", str(proxy_dir / BOOTSTRAP_TOKEN_FILE)])
         argv += ["--controller", f"{CONTROLLER_MGMT_ADDRESS}:{CONTROLLER_GRPC_PORT}",
                  "--bootstrap", f"{CONTROLLER_MGMT_ADDRESS}:{CONTROLLER_BOOTSTRAP_PORT}",
-                 "--bootstrap-token-file", str(proxy_dir / BOOTSTRAP_TOKEN_FILE), "--trust-domain", trust_domain,
-                 "--controller-roots", str(controller_dir / CONTROLLER_ROOTS_FILE)]
-    if proxy_id.startswith("ztunnel/"):
+                 *credential, "--trust-domain", trust_domain,
+                 "--controller-roots", str(controller_dir / TRUST_ANCHORS_DIR / f"{trust_domain}.pem")]
+    if ProxyId.parse(proxy_id).is_node:
         argv += ["--socks", f"{socks_host}:{SOCKS5_PORT}", "--transparent", f"0.0.0.0:{OUTBOUND_CAPTURE_PORT}",
                  "--capture",
                  # pods' DNS, captured by the node's rules (the proxy's --capture) for its enrolled pods
@@ -128,13 +139,6 @@ def controller_argv(python: Sequence[str], repo: str, state_dir: Path, kubeconfi
             "--bootstrap-listen", f"0.0.0.0:{CONTROLLER_BOOTSTRAP_PORT}",
             "--status-listen", f"127.0.0.1:{CONTROLLER_HTTP_PORT}",
             "--kubeconfig", str(kubeconfig), "--standby"]
-
-
-def bootstrap_token_argv(python: Sequence[str], controller_dir: Path, proxy_id: str) -> list[str]:
-    """`meshfed controller bootstrap-token …`: prints the token `proxy_id` presents (the controller's
-    bootstrap module creates and owns the tokens file; the lab only asks)."""
-    return [*python, *MESHFED, "controller", "bootstrap-token", "--state-dir", str(controller_dir),
-            "--proxy-id", proxy_id]
 
 
 def pod_argv(python: Sequence[str], p: PodPlan, control_socket: str) -> list[str]:

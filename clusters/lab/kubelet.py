@@ -9,6 +9,15 @@ Split as everywhere here: `desired_objects()` is pure (plan + observed states â†
 objects), `Kubelet.sync()` compares them with what it last wrote and writes only the changes.
 Lists are never shrunk through a merge (the emulator's patches are plain merges): the set of pods
 per cluster is fixed by the plan, only their conditions change.
+
+The proxies are pods too, as the DaemonSet and the gateway Deployment run them on Kubernetes
+(`proxy_pod_objects`: `meshfed-system/ztunnel-<node>`, host network, on its node, as service
+account `ztunnel`; `meshfed-system/eastwest-gateway` as `eastwest-gateway`, the pod the gateway
+Service selects), and like a kubelet the lab keeps each one's projected ServiceAccount token in the
+proxy's directory (`TokenProjector`): requested from the cluster's API server (TokenRequest,
+audience `meshfed-controller`, bound to the pod), refreshed when older than 80 % of its life (the
+kubelet's rule), written 0600 and atomically. That token is how a lab proxy bootstraps with the
+controller: no shared secret.
 """
 
 from __future__ import annotations
@@ -18,14 +27,18 @@ import logging
 import platform
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any, Protocol
 
 from clusters.kube.observation import GATEWAY_SERVICE, MESH_NAMESPACE
+from clusters.lab.layout import proxy_pod_name
 from clusters.lab.topology import ClusterPlan, GatewayPlan, NodePlan, PodPlan, ServiceVip
 from gitops.model import AMBIENT_LABEL, AMBIENT_VALUE
+from ztunnel.api.identity import CONTROLLER_TOKEN_AUDIENCE, ProxyId
+from ztunnel.api.secret_files import make_private_dir, write_secret
 
 ZONE_LABEL = "topology.kubernetes.io/zone"
 LAB_KUBELET_VERSION = "v1.31.0-meshfed-lab"   # the Kubernetes API version the emulated server models
@@ -35,6 +48,10 @@ REGION_LABEL = "topology.kubernetes.io/region"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 MANAGED_BY = "endpointslice.meshfed.dev/lab"
 PROXY_PROTOCOL_LABEL = "networking.meshfed.dev/inbound-proxy-protocol"
+PROJECTED_TOKEN_EXPIRATION_S = 3600   # the kubelet's default for projected tokens
+TOKEN_REFRESH_FRACTION = 0.8          # ... refreshed when older than 80 % of that (or 24 h)
+TOKEN_REFRESH_MAX_AGE_S = 86400.0
+TOKEN_RETRY_S = 2.0
 
 
 class PodPhase(str, Enum):
@@ -152,6 +169,36 @@ def gateway_service_object(gw: GatewayPlan) -> dict[str, Any]:
     }
 
 
+def proxy_ids(cluster: ClusterPlan) -> list[str]:
+    """The proxies of a lab cluster: a node proxy per node, and its gateway if it has one."""
+    return [str(ProxyId.node_proxy(cluster.name, n.name)) for n in cluster.nodes] + (
+        [str(ProxyId.gateway(cluster.name))] if cluster.gateway is not None else [])
+
+
+def proxy_pod_objects(cluster: ClusterPlan) -> list[dict[str, Any]]:
+    """The ServiceAccounts and Pods the proxies run as (see the module docstring). Discovery leaves
+    the pods out: node proxies use the host network, the gateway pod has no mesh pod address."""
+    ids = proxy_ids(cluster)
+    accounts = sorted({ProxyId.parse(p).service_account for p in ids})
+    out: list[dict[str, Any]] = [{"apiVersion": "v1", "kind": "ServiceAccount",
+                                  "metadata": {"name": sa, "namespace": MESH_NAMESPACE}} for sa in accounts]
+    for pid in ids:
+        name = proxy_pod_name(pid)
+        parsed = ProxyId.parse(pid)
+        node = parsed.node
+        spec: dict[str, Any] = {
+            "serviceAccountName": parsed.service_account,
+            "containers": [{"name": "ztunnel" if node else GATEWAY_SERVICE, "image": "meshfed.dev/lab/ztunnel"}]}
+        if node:
+            spec.update(nodeName=node, hostNetwork=True)
+        out.append({"apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": name, "namespace": MESH_NAMESPACE,
+                                 "labels": {"app.kubernetes.io/name": "ztunnel" if node else GATEWAY_SERVICE},
+                                 "uid": f"lab-{cluster.name}-{MESH_NAMESPACE}-{name}"},
+                    "spec": spec, "status": {"phase": "Running"}})
+    return out
+
+
 def desired_objects(cluster: ClusterPlan, pod_states: Mapping[str, PodState],
                     node_states: Mapping[str, NodeState]) -> dict[str, dict[str, Any]]:
     """Every API object of a lab cluster, keyed "Kind/namespace/name" (pure).
@@ -165,9 +212,11 @@ def desired_objects(cluster: ClusterPlan, pod_states: Mapping[str, PodState],
     for ns in namespaces:
         objs[f"Namespace//{ns}"] = {"apiVersion": "v1", "kind": "Namespace",
                                     "metadata": {"name": ns, "labels": {AMBIENT_LABEL: AMBIENT_VALUE}}}
-    if cluster.gateway is not None:
+    proxies = proxy_pod_objects(cluster)
+    if cluster.gateway is not None or proxies:
         objs[f"Namespace//{MESH_NAMESPACE}"] = {"apiVersion": "v1", "kind": "Namespace",
                                                 "metadata": {"name": MESH_NAMESPACE}}
+    if cluster.gateway is not None:
         objs[f"Service/{MESH_NAMESPACE}/{GATEWAY_SERVICE}"] = gateway_service_object(cluster.gateway)
     for n in cluster.nodes:
         objs[f"Node//{n.name}"] = node_object(n, node_states.get(n.name, NodeState(True)), cluster)
@@ -178,7 +227,87 @@ def desired_objects(cluster: ClusterPlan, pod_states: Mapping[str, PodState],
         objs[f"Pod/{p.namespace}/{p.name}"] = pod_object(p, cluster.node(p.node), st)
     for v in cluster.services:
         objs[f"EndpointSlice/{v.namespace}/{v.name}-lab"] = endpoint_slice_object(v, cluster, pod_states)
+    for obj in proxies:  # service accounts first, then the pods that run as them
+        objs[f"{obj['kind']}/{MESH_NAMESPACE}/{obj['metadata']['name']}"] = obj
     return objs
+
+
+# --- projected ServiceAccount tokens --------------------------------------------------------------
+
+
+class TokenRequester(Protocol):
+    def request_token(self, namespace: str, service_account: str, pod: str, audiences: list[str],
+                      expiration_s: int = PROJECTED_TOKEN_EXPIRATION_S) -> tuple[str, float]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectedVolume:
+    """One pod's projected serviceAccountToken volume: where the token goes and whose it is."""
+
+    pod: str
+    service_account: str
+    path: Path
+    namespace: str = MESH_NAMESPACE
+    audience: str = CONTROLLER_TOKEN_AUDIENCE
+
+
+def token_refresh_due(now_s: float, issued_at_s: float | None, expires_at_s: float) -> bool:
+    """The kubelet's rule: a projected token is replaced once it is older than 80 % of its
+    lifetime or 24 h (pure)."""
+    if issued_at_s is None:
+        return True
+    lifetime_s = max(0.0, expires_at_s - issued_at_s)
+    return now_s >= issued_at_s + min(TOKEN_REFRESH_FRACTION * lifetime_s, TOKEN_REFRESH_MAX_AGE_S)
+
+
+def proxy_volumes(cluster: ClusterPlan, token_path: Callable[[str], Path]) -> list[ProjectedVolume]:
+    """The projected token of every proxy of `cluster`; `token_path(proxy id)` says where it goes."""
+    return [ProjectedVolume(proxy_pod_name(pid), ProxyId.parse(pid).service_account, token_path(pid))
+            for pid in proxy_ids(cluster)]
+
+
+class TokenProjector:
+    """Keeps the projected tokens of some pods fresh on disk.
+
+    Invariants: a token file is only ever replaced whole (write_secret: 0600, atomic, not through
+    a link); a failed request leaves the previous token in place and is retried after
+    `TOKEN_RETRY_S`; at most one request per volume per `sync`."""
+
+    def __init__(self, api: TokenRequester, volumes: Sequence[ProjectedVolume],
+                 clock: Callable[[], float] = time.time,
+                 expiration_s: int = PROJECTED_TOKEN_EXPIRATION_S) -> None:
+        self.api = api
+        self.volumes = tuple(volumes)
+        self.clock = clock
+        self.expiration_s = expiration_s
+        self._issued: dict[Path, tuple[float, float]] = {}     # path -> (issued at, expires at)
+        self._retry_at: dict[Path, float] = {}
+        self.requests = 0
+        self.last_error = ""
+
+    def sync(self) -> int:
+        """Request and write every token that is due; how many were written."""
+        written = 0
+        for v in self.volumes:
+            now = self.clock()
+            issued = self._issued.get(v.path)
+            if not token_refresh_due(now, issued[0] if issued else None, issued[1] if issued else 0.0):
+                continue
+            if now < self._retry_at.get(v.path, 0.0):
+                continue
+            try:
+                self.requests += 1
+                token, expires_at_s = self.api.request_token(v.namespace, v.service_account, v.pod, [v.audience],
+                                                             self.expiration_s)
+                make_private_dir(v.path.parent)
+                write_secret(v.path, (token + "\n").encode())
+            except Exception as e:  # the API server may be restarting: keep the old token, retry soon
+                self.last_error = f"token for {v.namespace}/{v.pod}: {e}"
+                self._retry_at[v.path] = now + TOKEN_RETRY_S
+                continue
+            self._issued[v.path] = (now, expires_at_s)
+            written += 1
+        return written
 
 
 class Kubelet:
@@ -191,9 +320,11 @@ class Kubelet:
 
     def __init__(self, cluster: ClusterPlan, api: ObjectWriter,
                  probe_pods: Callable[[], Mapping[str, PodState]],
-                 probe_nodes: Callable[[], Mapping[str, NodeState]]) -> None:
+                 probe_nodes: Callable[[], Mapping[str, NodeState]],
+                 tokens: TokenProjector | None = None) -> None:
         self.cluster = cluster
         self.api = api
+        self.tokens = tokens   # the proxies' projected tokens, refreshed after the objects are written
         self._probe_pods, self._probe_nodes = probe_pods, probe_nodes
         self._written: dict[str, str] = {}
         self.writes = 0
@@ -223,6 +354,8 @@ class Kubelet:
             n += 1
         self.writes += n
         self.passes += 1
+        if self.tokens is not None:
+            self.tokens.sync()
         return n
 
     def run(self, stop: threading.Event, interval_s: float = 0.1) -> None:

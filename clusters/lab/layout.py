@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from clusters.lab.topology import ROOT_NS, LabPlan, NetnsName
+from ztunnel.api.identity import IdentityError, ProxyId
 
 # --- the state directory ------------------------------------------------------------------------
 
@@ -24,11 +25,11 @@ PLAN_FILE = "plan.pickle"           # the plan, written by `up` before the sandb
 REQUEST_FILE = "request.json"       # options of this `up` (fleet dir, contexts, what to start)
 KUBECONFIG_FILE = "kubeconfig"      # one context per lab cluster (0600: it carries credentials)
 LOG_DIR = "logs"
-PROXIES_DIR = "proxies"             # proxies/<id>/{config.json,certs/,state/,bootstrap-token}
+PROXIES_DIR = "proxies"             # proxies/<id>/{config.json,certs/,state/,sa-token}
 CONTROLLER_DIR = "controller"       # the controller's --state-dir (it owns what is inside)
-CONTROLLER_ROOTS_FILE = "controller-roots.pem"  # written there by the controller at start
+TRUST_ANCHORS_DIR = "roots"         # there: roots/<trust-domain>.pem, written by the controller at start
+SA_TOKEN_FILE = "sa-token"          # in a proxy's directory, 0600: its pod's projected ServiceAccount token
 STATUS_API_TOKEN_FILE = "status-api-token"      # there too, 0600: the status API's bearer token
-BOOTSTRAP_TOKEN_FILE = "bootstrap-token"        # in a proxy's directory, 0600
 GIT_DIR = "git"                     # the fleet repo the lab serves (fleet.git) and ...
 GIT_CREDENTIALS_FILE = "credentials"  # ... in it, 0600: who may push (git credential-store format)
 MAX_SOCKET_PATH = 100               # sun_path is 108 bytes; leave room
@@ -51,6 +52,17 @@ class LabError(RuntimeError):
 def proxy_dir(state_dir: Path, proxy_id: str) -> Path:
     """`ztunnel/east/node-1` -> <state>/proxies/ztunnel_east_node-1."""
     return state_dir / PROXIES_DIR / proxy_id.replace("/", "_")
+
+
+def proxy_pod_name(proxy_id: str) -> str:
+    """The Pod a lab proxy runs as in its cluster's API (namespace meshfed-system), the way the
+    DaemonSet and the gateway Deployment would run it: `ztunnel/east/node-1` -> `ztunnel-node-1`,
+    `gateway/east` -> `eastwest-gateway`. Its projected token is bound to that pod."""
+    try:
+        pid = ProxyId.parse(proxy_id)
+    except IdentityError as e:
+        raise LabError(str(e)) from None
+    return f"ztunnel-{pid.node}" if pid.is_node else "eastwest-gateway"
 
 
 # --- exec targets -------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ Two processes run the sandbox (see `run_as_init`):
     PID 2  the supervisor (threads: control requests, kubelets, API servers, portal).
 
 Why not one process: PID 1 inherits every orphan, and the supervisor's threads run
-`subprocess.run` (ip, iptables, bootstrap tokens) concurrently. A reaper in the same process would
+`subprocess.run` (ip, iptables) concurrently. A reaper in the same process would
 race them: `waitpid(-1)` can collect an `iptables` child before `subprocess` does, which then
 reports exit status 0 for a command that failed. With init apart, the supervisor's children are
 only the ones it started, and `subprocess` reaps each of its own.

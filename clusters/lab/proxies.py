@@ -3,12 +3,10 @@
 A proxy needs a ProxyConfig and its SVIDs. Either whoever renders them (the demo, a test, an
 operator) writes `proxies/<id>/config.json` and `proxies/<id>/certs/` in the state directory and
 calls `start-proxies` — the proxy then runs standalone — or, when the lab runs the controller, the
-proxy joins it: it gets its first certificate with its bootstrap token and its config over gRPC.
-
-Bootstrap tokens have one owner, the controller (`federation.controller.bootstrap`). The lab asks
-for each proxy's token with the command shipped for that (`meshfed controller bootstrap-token`,
-see `commands.bootstrap_token_argv`) and writes only the proxy's own token file, through
-`ztunnel.api.secret_files.write_secret` (atomic, 0600, never through a link).
+proxy joins it: it gets its first certificate with its pod's projected ServiceAccount token
+(`proxies/<id>/sa-token`, which the lab's kubelet requests from the cluster's API server and keeps
+fresh: `clusters.lab.kubelet.TokenProjector`) and its config over gRPC. No shared secret: the
+controller has the proxy's own cluster review the token, bound to the proxy's pod and node.
 
 Invariants: a proxy killed by a fault is not started again here (only heal restarts it); `start`
 runs one at a time (two concurrent calls would start the same proxy twice), which delays only
@@ -17,24 +15,20 @@ another `start`, never other requests.
 
 from __future__ import annotations
 
-import os
 import signal
-import stat
 import subprocess
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from clusters.lab.commands import ProxySpec, bootstrap_token_argv, proxy_argv, proxy_specs
-from clusters.lab.layout import BOOTSTRAP_TOKEN_FILE, CONTROLLER_DIR, LabError, proxy_dir
+from clusters.lab.commands import BOOTSTRAP_TOKEN_FILE, MESHFED, ProxySpec, proxy_argv, proxy_specs
+from clusters.lab.layout import CONTROLLER_DIR, SA_TOKEN_FILE, LabError, proxy_dir
 from clusters.lab.processes import ManagedProcess, ProcessTable
 from clusters.lab.topology import LabPlan
+from ztunnel.api.identity import ProxyId
 from ztunnel.api.secret_files import make_private_dir, write_secret
 
-TOKEN_COMMAND_TIMEOUT_S = 60.0
-TOKEN_FETCH_PARALLELISM = 4
-MAX_TOKEN_CHARS = 512
+LAB_BOOTSTRAP_TOKEN_TTL = "1h"   # the command's default: long enough for a slow lab's first certificate
 
 
 class DataPlane:
@@ -69,16 +63,23 @@ class DataPlane:
                 if not standalone and not self.with_controller:
                     continue  # nothing to serve yet
                 todo.append((spec, d, standalone))
-            joining = [(spec, d) for spec, d, standalone in todo if not standalone]
-            if joining:
-                with ThreadPoolExecutor(TOKEN_FETCH_PARALLELISM, thread_name_prefix="bootstrap-token") as pool:
-                    list(pool.map(lambda sd: self._provision_token(*sd), joining))
             for spec, d, standalone in todo:
                 self._start_one(spec, d, standalone)
             return [spec.proxy_id for spec, _, _ in todo]
 
     def _start_one(self, spec: ProxySpec, d: Path, standalone: bool) -> None:
         make_private_dir(d / "certs")
+        if not standalone and ProxyId.parse(spec.proxy_id).kind not in ("ztunnel", "gateway"):
+            # what an operator does for a hand-provisioned proxy (`meshfed controller bootstrap-token`):
+            # a fresh single-use token for this proxy id, replacing an unused one; a restart while
+            # its persisted certificate is valid does not need it
+            # through the command, as an operator would (a cluster provider never imports the controller)
+            out = subprocess.run([sys.executable, *MESHFED, "controller", "bootstrap-token", "--state-dir",
+                                  str(self.controller_dir), "--proxy-id", spec.proxy_id, "--ttl", LAB_BOOTSTRAP_TOKEN_TTL],
+                                 capture_output=True, text=True, timeout=60, check=False)
+            if out.returncode != 0:
+                raise LabError(f"{spec.proxy_id}: `meshfed controller bootstrap-token` failed: {out.stderr.strip()}")
+            write_secret(d / BOOTSTRAP_TOKEN_FILE, out.stdout.strip().encode())
         argv = proxy_argv([sys.executable], spec.proxy_id, d, spec.socks_host, standalone=standalone,
                           trust_domain=spec.trust_domain, controller_dir=self.controller_dir,
                           dns_unanswered=self.dns_unanswered)
@@ -88,26 +89,9 @@ class DataPlane:
             old.terminate()
         mp.start()  # a node proxy programs its namespace's capture rules itself (--capture)
 
-    def _provision_token(self, spec: ProxySpec, d: Path) -> None:
-        """Ask the controller's command for this proxy's token; write the proxy's token file (0600)."""
-        path = d / BOOTSTRAP_TOKEN_FILE
-        try:
-            if stat.S_ISREG(os.lstat(path).st_mode):
-                return  # a restarted proxy presents the token it was given
-        except FileNotFoundError:
-            pass  # anything else there (a planted link) is replaced below, never followed
-        make_private_dir(d)
-        argv = bootstrap_token_argv([sys.executable], self.controller_dir, spec.proxy_id)
-        try:
-            r = subprocess.run(argv, capture_output=True, text=True, timeout=TOKEN_COMMAND_TIMEOUT_S, check=False)
-        except subprocess.TimeoutExpired:
-            raise LabError(f"`meshfed controller bootstrap-token --proxy-id {spec.proxy_id}` did not answer within "
-                           f"{TOKEN_COMMAND_TIMEOUT_S:.0f} s (is {self.controller_dir} on a stuck filesystem?)") from None
-        token = r.stdout.strip()
-        if r.returncode != 0 or not token or len(token) > MAX_TOKEN_CHARS or any(c.isspace() for c in token):
-            raise LabError(f"`meshfed controller bootstrap-token --proxy-id {spec.proxy_id}` failed "
-                           f"(exit {r.returncode}): {r.stderr.strip()[-500:] or 'no token printed'}")
-        write_secret(path, (token + "\n").encode())
+    def token_path(self, proxy_id: str) -> Path:
+        """Where the kubelet projects `proxy_id`'s ServiceAccount token (its --sa-token-file)."""
+        return proxy_dir(self.state_dir, proxy_id) / SA_TOKEN_FILE
 
     def reload(self) -> list[str]:
         """SIGHUP every running proxy: it re-reads its --config (standalone mode)."""

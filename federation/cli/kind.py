@@ -2,7 +2,7 @@
 
     meshfed install --context kind-east --print | kubectl apply -f -
     meshfed install --context kind-east --controller 172.18.0.1:15012 --bootstrap 172.18.0.1:15013 \\
-        --controller-roots .meshfed/controller-roots.pem          (applies through the kubeconfig)
+        --controller-roots .meshfed/roots/east.mesh.local.pem     (applies through the kubeconfig)
     meshfed install --context kind-east --workloads --print       (the LabCluster's demo workloads)
     meshfed install --context kind-east --with-controller --repo https://git.example/fleet.git --print
     meshfed image build [--tag meshfed/meshfed:0.1.0] [--fleet DIR]   (docker build + kind load per cluster)
@@ -50,7 +50,8 @@ def register(group: click.Group) -> None:
     @click.option("--bootstrap", default=None, metavar="HOST:PORT",
                   help="the controller's certificate service for first certificates (default: in-cluster Service)")
     @click.option("--controller-roots", "roots", default=None, type=click.Path(dir_okay=False, exists=True),
-                  help="PEM of the controller's serving roots (its state dir's controller-roots.pem)")
+                  help="PEM roots of the cluster's trust domain, what its proxies verify the controller with "
+                       "(the controller's state dir's roots/<trust-domain>.pem)")
     @click.option("--workloads", is_flag=True, help="the LabCluster's demo workloads instead of meshfed itself")
     @click.option("--with-controller", is_flag=True,
                   help="also run the controller in this cluster (`controller run --in-cluster`)")

@@ -145,7 +145,7 @@ def register(group: click.Group) -> None:
     @click.option("--listen", default="127.0.0.1:15010", show_default=True, help="gRPC config/CA/health")
     @click.option("--status-listen", default="127.0.0.1:15014", show_default=True, help="status API and /metrics")
     @click.option("--bootstrap-listen", default=None,
-                  help="certificate service for proxies' first certificate (bootstrap token, no client "
+                  help="certificate service for proxies' first certificate (bootstrap credential, no client "
                        "certificate); default: the --listen host, any free port (shown in status)")
     @click.option("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
     @click.option("--kubeconfig", default=None, help="kubeconfig for the clusters' contexts (default $KUBECONFIG)")
@@ -247,17 +247,26 @@ def register(group: click.Group) -> None:
     @click.option("--state-dir", default=".meshfed", show_default=True, help="the controller's state directory")
     @click.option("--proxy-id", required=True, help="ztunnel/<cluster>/<node>, gateway/<cluster>, "
                   "waypoint/<cluster>/<ns>/<name> or ingress/<cluster>/<ns>/<name>")
-    def bootstrap_token(state_dir: str, proxy_id: str) -> None:
-        """Print the bootstrap token a proxy presents for its first certificate (created if needed).
+    @click.option("--ttl", "ttl", default="1h", show_default=True,
+                  help="how long the token may wait for its first use (e.g. 30m, 2h; at most 168h)")
+    def bootstrap_token(state_dir: str, proxy_id: str, ttl: str) -> None:
+        """Print a new bootstrap token for one hand-provisioned proxy (replacing an unused one).
 
-        Like `kubeadm token create`: give the token to the proxy (its --bootstrap-token-file, 0600);
-        it buys that proxy's own identity only. The controller keeps the tokens it finds."""
+        Like `kubeadm token create`: give the token to the proxy (its --bootstrap-token-file, 0600).
+        It buys that proxy's own identity only, once: the first certificate uses it up, and it
+        expires after --ttl if unused. Proxies on Kubernetes (and in the lab) need none: they
+        bootstrap with their pod's ServiceAccount token."""
         from federation.controller.bootstrap import BootstrapTokenError, BootstrapTokens
+        from gitops.schema import parse_duration_s
 
         try:
-            click.echo(BootstrapTokens(state_dir).token_for_proxy(proxy_id))
+            ttl_s = parse_duration_s(ttl)
         except ValueError as e:
-            fail(str(e), "e.g. --proxy-id ztunnel/east/node-1", code=64)
+            fail(f"--ttl {ttl!r}: {e}", "e.g. --ttl 30m or --ttl 2h", code=64)
+        try:
+            click.echo(BootstrapTokens(state_dir).create(proxy_id, ttl_s))
+        except ValueError as e:
+            fail(str(e), "e.g. --proxy-id ztunnel/east/node-1 --ttl 1h", code=64)
         except (BootstrapTokenError, OSError) as e:
             fail(str(e))
 

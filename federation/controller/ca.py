@@ -19,8 +19,9 @@ belongs to this CA's trust domain; the requester is entitled to it (a node proxy
 workloads scheduled on its node, a gateway only its own — the controller computes the
 `Entitlement`); the key is ECDSA P-256/P-384 or RSA >= 2048. The leaf: exactly that URI SAN
 (critical, empty subject), cA=false, keyUsage digitalSignature (critical), extendedKeyUsage
-serverAuth+clientAuth, NotBefore backdated `backdate_s` for clock skew, TTL 24 h by default and
-never beyond the issuer's own not-after.
+serverAuth+clientAuth, NotBefore backdated `backdate_s` for clock skew, TTL the trust domain's
+`workloadCertTTL` (24 h by default): a request may ask for less, never for more, and never beyond
+the issuer's own not-after.
 
 Key storage (`CaStateDir`): `<state>/ca/<trust-domain>/<root>.keypair.pem`, the root's private
 key and its certificate in one file, written as one unit (`ztunnel.api.secret_files`: atomic,
@@ -361,8 +362,11 @@ class TrustDomainCA:
         if self._signer_cert is None or self._signer_key is None:
             raise CaError(f"trust domain {self.trust_domain} has no signing key here (external CA without a "
                           "plug-in intermediate); its workloads must get certificates from that CA")
-        ttl = self.workload_ttl_s if ttl_s is None else ttl_s
-        if ttl <= 0:
+        # A requester may ask for less than the trust domain's workloadCertTTL, never for more: a
+        # CSR asking for 2^32 s would otherwise get a leaf as old as the root, which nobody could
+        # rotate away from (the staged rotation waits for the last leaf of a root to expire).
+        ttl = self.workload_ttl_s if ttl_s is None else min(ttl_s, self.workload_ttl_s)
+        if not ttl > 0:  # also NaN
             raise CaError("certificate TTL must be positive")
         signer_na = self._signer_cert.not_valid_after_utc.timestamp()
         if signer_na <= now_s:

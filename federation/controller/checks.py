@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 ROOT_EXPIRY_WARNING_S = 30 * 86400.0
+SERVING_RENEWAL_GRACE_S = 600.0   # the renewal loop checks at least every minute
 ORPHAN_GRACE_S = 60.0   # a fresh state directory no proxy has acknowledged for this long looks like a lost one
 LOOP_STALL_S = 30.0     # the reconcile loop completes a step at least every 0.5 s when healthy
 
@@ -106,6 +107,14 @@ def build_checks(st: Mapping[str, Any], now_s: float) -> list[dict[str, Any]]:
     add("controller", "no split brain", not cs.get("stale_epoch_refusals"),
         f"{cs.get('stale_epoch_refusals')} proxies follow a newer controller epoch",
         "another controller with a newer epoch is running: stop this one")
+    serving = cs.get("serving_certificate") or {}
+    if serving:
+        left_s = float(serving["not_after_s"]) - now_s
+        overdue_s = now_s - float(serving["renew_at_s"])
+        add("controller", "serving certificates renewed in time", left_s > 0 and overdue_s < SERVING_RENEWAL_GRACE_S,
+            f"they expire in {left_s:.0f} s and were due for renewal {overdue_s:.0f} s ago "
+            f"({serving.get('last_renewal') or 'no renewal attempted'})",
+            "the CA of a trust domain cannot sign (check `meshfed trust --controller` and the controller's log)")
     for r in st.get("trust") or []:
         left_s = float(r["not_after_s"]) - now_s
         add("trust", f"{r['trust_domain']} root {r['root'][:40]} valid > 30 days", left_s > ROOT_EXPIRY_WARNING_S,

@@ -2,8 +2,10 @@
 
 It holds everything that must live in one process on one node: the sqlite store
 (`controller.sqlite`), the CA keys (`signing.SigningPolicy`, which never lets a CA be pickled),
-the bootstrap tokens, the status API's token, and the `distributor.ConfigDistributor` with every proxy's desired and
-acknowledged config. `federation.ray` pins the actor hosting it to the driver's node and gives
+the bootstrap tokens, the status API's token, the TokenReview clients of the clusters
+(`clusters.kube.auth`, one per cluster of the applied fleet: a proxy's ServiceAccount token is
+reviewed by its own cluster only), and the `distributor.ConfigDistributor` with every proxy's
+desired and acknowledged config. `federation.ray` pins the actor hosting it to the driver's node and gives
 the other actors the store through it; `federation.server.grpc_services.ConfigServer` serves
 its distributor and signing policy to proxies.
 
@@ -27,10 +29,19 @@ its distributor and signing policy to proxies.
 - **Rollout**: `rollout(revision, proxies)` reports, per rendered proxy, whether it runs the
   revision (the facts `federation.core.rollout` decides "applied" from).
 - **Cluster removal** (`federation.core.removal`): `set_draining` keeps a removed cluster's
-  proxies authorized while it drains; `remove_cluster` forgets its proxies, their records and
-  its bootstrap credentials.
+  proxies authorized while it drains (their unused bootstrap tokens stay valid, its API still
+  reviews their ServiceAccount tokens); `remove_cluster` forgets its proxies, their records and
+  its bootstrap credentials (the unused tokens of its proxies, its TokenReview client).
 - **Status**: the distributor's per-proxy sync states and counters plus what the transport
-  reports (ports, health reports, slow disconnects), the lock holder, the state's origin, history.
+  reports (ports, health reports, slow disconnects), the lock holder, the state's origin, history,
+  and the serving certificates' expiry.
+- **Serving certificates** (`signing.ServingCertificates`): checked every `SERVING_CHECK_MAX_S`
+  (sooner when due) and whenever the CAs are (re)loaded; re-issued at half-life or when the CA
+  material changed. The gRPC adapter swaps them in for new handshakes; open streams keep theirs.
+- **Trust anchors for proxies**: `roots/<trust-domain>.pem`, the authorities a proxy of that trust
+  domain verifies the controller with before it has learnt them over the wire (in Kubernetes: the
+  ConfigMap a proxy mounts, as Istio's istio-ca-root-cert); `controller-roots.pem` pools every
+  CA's, for tools.
 """
 
 from __future__ import annotations
@@ -48,7 +59,13 @@ from typing import Any
 from federation.controller.api_token import ensure_api_token
 from federation.controller.bootstrap import BootstrapTokens
 from federation.controller.distributor import AckEvent, ConfigDistributor, SyncState
-from federation.controller.signing import SigningPolicy
+from federation.controller.signing import (
+    TOKEN_AUDIENCE,
+    BootstrapVerdict,
+    SigningPolicy,
+    check_service_account,
+    cluster_named_by,
+)
 from federation.controller.statelock import StateDirLock
 from federation.controller.store import DEFAULT_RETENTION_S, ORIGIN_FRESH, Store
 from federation.controller.wire import decode_config_deltas
@@ -56,8 +73,11 @@ from gitops.model import ConfigSnapshot
 from ztunnel.api.config import ProxyConfig, apply_delta
 from ztunnel.api.secret_files import write_secret
 
-CONTROLLER_ROOTS_FILE = "controller-roots.pem"    # public: what proxies verify the controller with
+CONTROLLER_ROOTS_FILE = "controller-roots.pem"    # public: every CA's authorities, pooled (tools)
+TRUST_ANCHORS_DIR = "roots"                       # public: roots/<td>.pem, a proxy's first trust anchor
 FLUSH_INTERVAL_S = 0.2
+SERVING_CHECK_MAX_S = 60.0
+MAX_SA_TOKEN_CHARS = 16 * 1024
 PRUNE_INTERVAL_S = 600.0
 FLUSH_LOG_EVERY_S = 30.0
 RECENT_ACK_LATENCIES = 500
@@ -79,8 +99,9 @@ def fresh_state_message(state_dir: str) -> str:
             f"new bootstrap credentials. If proxies ran against an earlier controller (its state directory was "
             f"lost), they cannot verify this one and keep serving their last good config: stop this controller "
             f"and run `meshfed controller restore --state-dir {state_dir} BACKUP` with the latest `meshfed "
-            f"controller backup`; without a backup, give every proxy the new roots ({state_dir}/"
-            f"{CONTROLLER_ROOTS_FILE}) and a new bootstrap credential and restart it")
+            f"controller backup`; without a backup, give every proxy its trust domain's new roots ({state_dir}/"
+            f"{TRUST_ANCHORS_DIR}/<trust-domain>.pem) and restart it (on Kubernetes it bootstraps with its "
+            f"ServiceAccount token; a proxy provisioned by hand needs `meshfed controller bootstrap-token`)")
 
 
 class ConfigService:
@@ -91,12 +112,20 @@ class ConfigService:
     def __init__(self, state_dir: str | Path, insecure: bool = False, store: Store | None = None,
                  clock: Callable[[], float] = time.time, flush_interval_s: float = FLUSH_INTERVAL_S,
                  lock: StateDirLock | None = None, history_retention_s: float | None = None,
-                 prune_interval_s: float = PRUNE_INTERVAL_S) -> None:
+                 prune_interval_s: float = PRUNE_INTERVAL_S, kubeconfig: str | None = None,
+                 token_reviewer: Callable[..., Any] | None = None) -> None:
         """`lock`: the state directory's lock, held (the host takes it first); `history_retention_s`
-        overrides the Federation's `historyRetention`."""
+        overrides the Federation's `historyRetention`; `kubeconfig`: where the clusters' contexts are
+        (for the TokenReviews of proxies' ServiceAccount tokens)."""
         self.state_dir = str(state_dir)
         self.insecure = insecure
         self.clock = clock
+        # cluster -> (kubeconfig, context) of the applied fleet, and a TokenReview client per cluster
+        # (`token_reviewer(cluster, kubeconfig, context)` makes one; tests give a fake)
+        self.kubeconfig = kubeconfig
+        self._reviewer_factory = token_reviewer
+        self._cluster_apis: dict[str, tuple[str | None, str]] = {}
+        self._reviewers: dict[str, tuple[tuple[str | None, str], Any]] = {}
         self.flush_interval_s = flush_interval_s
         self.lock = lock
         self.store = store if store is not None else Store.in_state_dir(self.state_dir, clock=clock)
@@ -115,7 +144,7 @@ class ConfigService:
         self._last_flush_log_s = -FLUSH_LOG_EVERY_S
         if self.store.created:
             log.warning("meshfed controller: %s", fresh_state_message(self.state_dir))
-        self.bootstrap = BootstrapTokens(self.state_dir)
+        self.bootstrap = BootstrapTokens(self.state_dir, clock)
         self.signing = SigningPolicy(self.state_dir, self.store, self._rendered_identities, clock)
         self._seq = itertools.count(1)
         self._acks: dict[str, tuple[int, tuple[str, int, int, str]]] = {}   # proxy -> (seq, ack record)
@@ -127,6 +156,8 @@ class ConfigService:
         self.recent_latencies_s: deque[float] = deque(maxlen=RECENT_ACK_LATENCIES)
         self.trigger_to_ack_s: deque[float] = deque(maxlen=TRIGGER_TO_ACK_SAMPLES)
         self._flusher: asyncio.Task[None] | None = None
+        self._renewer: asyncio.Task[None] | None = None
+        self.last_serving_renewal = ""
 
     # --- CAs and credentials --------------------------------------------------------------------
 
@@ -136,13 +167,19 @@ class ConfigService:
         return ensure_api_token(self.state_dir)
 
     def ensure_cas(self, snap: ConfigSnapshot) -> dict[str, tuple[str, ...]]:
-        """Load or create the CA of every trust domain of a snapshot; the bootstrap tokens of its
-        clusters (kept across restarts) and the roots proxies verify the controller with
-        (`controller-roots.pem`). Returns PEM roots per trust domain."""
+        """Load or create the CA of every trust domain of a snapshot (expired bootstrap tokens are
+        pruned); remember each cluster's API for TokenReviews; write the roots proxies verify the
+        controller with (`roots/<td>.pem`, and `controller-roots.pem` pooled); re-issue the serving
+        certificates if the CA material changed. Returns PEM roots per trust domain."""
         out = self.signing.load_cas(snap)
-        self.bootstrap.ensure(sorted(self.signing.member_tds()))
-        # public, but proxies read it while we write: atomic like a secret, readable by all
-        write_secret(Path(self.state_dir) / CONTROLLER_ROOTS_FILE, self.signing.roots_pem(), mode=0o644)
+        self.bootstrap.prune()
+        # a draining cluster is no longer in the snapshot, but its proxies may still bootstrap with
+        # their ServiceAccount token (reviewed by that cluster) until its drain is over
+        self._cluster_apis = {**{c: a for c, a in self._cluster_apis.items() if c in self.signing.draining_tds},
+                              **{name: (c.api.kubeconfig or self.kubeconfig, c.api.context)
+                                 for name, c in snap.clusters.items()}}
+        self._write_trust_anchors()
+        self.renew_serving_certificates()  # a rotated root: new handshakes get a chain proxies trust
         if self.retention_override_s is None:
             self.retention_s = snap.federation.history_retention_s
         return out
@@ -151,27 +188,31 @@ class ConfigService:
 
     def set_draining(self, clusters: Mapping[str, str]) -> None:
         """Clusters (-> trust domain) removed from the fleet but still draining: their proxies
-        stay authorized (`federation.core.removal`)."""
+        stay authorized, and their unused bootstrap tokens valid (`federation.core.removal`)."""
         self.signing.draining_tds = dict(clusters)
-        self.bootstrap.ensure(sorted(self.signing.member_tds()))   # their tokens stay valid while they drain
 
     def remove_cluster(self, cluster: str, why: str) -> list[str]:
         """The drain of `cluster` is over: forget its proxies (sessions, streams, records) and
-        revoke its bootstrap credentials. Returns the proxies forgotten. In two parts for the
+        revoke its bootstrap credentials (its proxies' unused tokens; its API is no longer asked
+        to review ServiceAccount tokens). Returns the proxies forgotten. In two parts for the
         host: `forget_cluster_sessions` on the event loop (the distributor is the loop's),
         `forget_cluster_records` on a worker thread (sqlite and files)."""
         return self.forget_cluster_records(cluster, self.forget_cluster_sessions(cluster, why), why)
 
     def forget_cluster_sessions(self, cluster: str, why: str) -> list[str]:
         self.signing.draining_tds.pop(cluster, None)
+        if cluster not in self.signing.cluster_tds:   # (re-added meanwhile: it is a member again)
+            self._cluster_apis.pop(cluster, None)
+            self._reviewers.pop(cluster, None)
         return self.dist.forget_cluster(cluster, why)
 
     def forget_cluster_records(self, cluster: str, forgotten: Iterable[str], why: str) -> list[str]:
         forgotten = list(forgotten)
         gone = [p for p in self.store.proxy_acks() if p.split("/")[1:2] == [cluster]]
         self.store.forget_proxies(sorted(set(gone) | set(forgotten)))
-        self.bootstrap.revoke([cluster])
-        log.info("meshfed controller: cluster %s removed: forgot %d proxies (%s)", cluster, len(forgotten), why)
+        revoked = self.bootstrap.revoke([cluster])
+        log.info("meshfed controller: cluster %s removed: forgot %d proxies, revoked %d unused bootstrap tokens (%s)",
+                 cluster, len(forgotten), len(revoked), why)
         return sorted(set(gone) | set(forgotten))
 
     # --- rollout --------------------------------------------------------------------------------
@@ -197,6 +238,87 @@ class ConfigService:
                 state = "pending"
             out.append({"proxy": pid, "cluster": cluster, "connected": s.connected, "state": state})
         return out
+
+    def _write_trust_anchors(self) -> None:
+        """Public, but written atomically like secrets: a proxy never reads a torn roots file."""
+        state = Path(self.state_dir)
+        write_secret(state / CONTROLLER_ROOTS_FILE, self.signing.roots_pem(), mode=0o644)
+        anchors = state / TRUST_ANCHORS_DIR
+        anchors.mkdir(mode=0o755, exist_ok=True)  # write_secret refuses it if it is a link
+        for td, ca in sorted(self.signing.cas.items()):
+            write_secret(anchors / f"{td}.pem", ca.roots_pem(), mode=0o644)
+
+    def renew_serving_certificates(self, now_s: float | None = None) -> str:
+        """Re-issue the controller's certificates if due (`signing.ServingCertificates.due`); why."""
+        why = self.signing.renew_serving_if_due(self.clock() if now_s is None else now_s)
+        if why:
+            self.last_serving_renewal = why
+        return why
+
+    def start_renewing(self) -> None:
+        """Check the serving certificates on the running event loop (idempotent)."""
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.ensure_future(self._renew_loop())
+
+    async def _renew_loop(self) -> None:
+        while True:
+            try:
+                self.renew_serving_certificates()
+                left_s = self.signing.serving().renew_at_s - self.clock()
+            except Exception as e:  # a CA that cannot sign now: say so in status, try again
+                self.last_serving_renewal = f"failed: {type(e).__name__}: {e}"
+                left_s = SERVING_CHECK_MAX_S
+            await asyncio.sleep(min(SERVING_CHECK_MAX_S, max(1.0, left_s)))
+
+    # --- bootstrap credentials ------------------------------------------------------------------
+
+    def _reviewer(self, cluster: str) -> Any:
+        spec = self._cluster_apis.get(cluster)
+        if spec is None:
+            return None
+        have = self._reviewers.get(cluster)
+        if have is None or have[0] != spec:
+            if self._reviewer_factory is not None:
+                reviewer = self._reviewer_factory(cluster, *spec)
+            else:
+                from clusters.kube.auth import TokenReviewer
+
+                reviewer = TokenReviewer(cluster, *spec)
+            have = self._reviewers[cluster] = (spec, reviewer)
+        return have[1]
+
+    def authenticate_bootstrap(self, proxy_id: str, service_account_token: str, bootstrap_token: str) -> BootstrapVerdict:
+        """May these credentials buy `proxy_id` its own certificate? A ServiceAccount token is
+        reviewed by the proxy's own cluster (blocking: an HTTP request; the gRPC adapter calls this
+        in a thread), then judged by `signing.check_service_account`; a bootstrap token is checked
+        against the tokens file (`consume_bootstrap` uses it up once a certificate was issued)."""
+        if service_account_token:
+            from clusters.kube.discovery import DiscoveryError
+
+            if service_account_token.count(".") != 2 or len(service_account_token) > MAX_SA_TOKEN_CHARS:
+                # not even shaped like a ServiceAccount token (a JWT): no reason to bother the API server
+                return BootstrapVerdict("unauthenticated", "the ServiceAccount token is not a JWT",
+                                        "service account token")
+            cluster = cluster_named_by(proxy_id)
+            reviewer = self._reviewer(cluster)
+            if reviewer is None:
+                return BootstrapVerdict("permission_denied", f"proxy {proxy_id} names cluster {cluster!r}, which is "
+                                        "not in the applied fleet", "service account token")
+            try:
+                review = reviewer.review(service_account_token, [TOKEN_AUDIENCE])
+            except DiscoveryError as e:
+                return BootstrapVerdict("unavailable", str(e), "service account token")
+            return check_service_account(proxy_id, review)
+        if bootstrap_token:
+            why = self.bootstrap.check(bootstrap_token, proxy_id)
+            return BootstrapVerdict("unauthenticated" if why else "", why, "bootstrap token")
+        return BootstrapVerdict("unauthenticated", "no client certificate and no bootstrap credential: a proxy's first "
+                                "certificate needs its pod's ServiceAccount token or a bootstrap token "
+                                "(`meshfed controller bootstrap-token`)")
+
+    def consume_bootstrap(self, proxy_id: str, bootstrap_token: str) -> bool:
+        """Use up a bootstrap token that just obtained a certificate; False if another request used it first."""
+        return self.bootstrap.consume(bootstrap_token, proxy_id)
 
     def _rendered_identities(self, proxy_id: str) -> tuple[str, ...]:
         s = self.dist.sessions.get(proxy_id)
@@ -338,11 +460,12 @@ class ConfigService:
                 self.last_flush_error = f"{type(e).__name__}: {e}"
 
     async def stop(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
-            self._flusher = None
+        for task in (self._flusher, self._renewer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._flusher = self._renewer = None
         self.flush()
 
     # --- queries ------------------------------------------------------------------------------
@@ -365,13 +488,23 @@ class ConfigService:
             "health_reports": transport.get("health_reports", 0),
             "health_reports_dropped": transport.get("health_reports_dropped", 0),
             "slow_disconnects": transport.get("slow_disconnects", 0),
+            "displacements_refused": transport.get("displacements_refused", 0),
             "ack_flush_failures": self.flush_failures, "last_ack_flush_error": self.last_flush_error,
             "recent_ack_latencies_s": list(self.recent_latencies_s)[-200:],
             "lock": disk["lock"],
             "state": self.state_status(bool(disk["ever_acked"])),
             "history": {"retention_s": self.retention_s, "last_prune_s": self.last_prune_s, "pruned": dict(self.pruned)},
             "forgotten": [{"proxy": p, "why": why, "at_s": at} for p, (why, at) in list(self.dist.forgotten.items())[-20:]],
+            "serving_certificate": self._serving_status(),
         }
+
+    def _serving_status(self) -> dict[str, Any]:
+        cur = self.signing.current_serving
+        if cur is None:
+            return {}
+        return {"identities": list(cur.identities), "not_after_s": cur.not_after_s, "renew_at_s": cur.renew_at_s,
+                "generation": cur.generation, "renewals": self.signing.serving_renewals,
+                "last_renewal": self.last_serving_renewal}
 
     def _lock_holder(self) -> dict[str, Any] | None:
         holder = self.lock.holder() if self.lock is not None else None

@@ -11,7 +11,7 @@ from typing import Any
 
 from clusters.kube.observation import ClusterObservation
 from gitops.model import ConfigSnapshot, TrustDomain
-from ztunnel.api.config import ProxyConfig
+from ztunnel.api.config import ProxyConfig, ProxyMode
 
 
 def services(snap: ConfigSnapshot | None, observations: Mapping[str, ClusterObservation]) -> list[dict[str, Any]]:
@@ -35,7 +35,7 @@ def services(snap: ConfigSnapshot | None, observations: Mapping[str, ClusterObse
 def endpoints(configs: Mapping[str, ProxyConfig], service: str, from_cluster: str | None) -> dict[str, Any]:
     """A service's endpoints as the first node proxy of `from_cluster` has them rendered. `service`
     is a hostname, `namespace/name` or `name[.namespace...]`."""
-    pids = sorted(p for p in configs if p.startswith("ztunnel/") and (from_cluster is None or
+    pids = sorted(p for p in configs if configs[p].mode is ProxyMode.NODE and (from_cluster is None or
                                                                      configs[p].cluster == from_cluster))
     if not pids:
         return {"error": f"no node proxy rendered for cluster {from_cluster!r}"}

@@ -7,8 +7,12 @@ keys in the state directory). `SigningPolicy` decides, the gRPC adapter
 - **CSR entitlement** (`sign`): a proxy authenticated by its client certificate may get its own
   identity (`ztunnel.api.identity.proxy_spiffe_id`, in its cluster's trust domain) plus the
   identities of the workloads in its rendered config (`local_identities`: it terminates mTLS for
-  them). A proxy authenticated by a **bootstrap token** gets its own identity only: a token is a
-  weaker credential, handed to every proxy of a cluster (`federation.controller.bootstrap`).
+  them). A proxy authenticated by a **bootstrap credential** gets its own identity only.
+- **Bootstrap credentials**, bound to one proxy each: its pod's projected ServiceAccount token,
+  which the controller has its own cluster review (`clusters.kube.auth`) and `check_service_account`
+  judges (the proxy's service account in meshfed-system, the controller's audience, a pod-bound
+  token, and for a node proxy the node its id names); or a hand-made token for that proxy id
+  (`federation.controller.bootstrap`: short-lived, single-use).
 - **Acting as a proxy** (`ProxyAuthorizer`): only the proxy's own identity in the trust domain of
   the cluster its id names may subscribe, report health or renew as that proxy.
 - **Client verification** (`verify_client`): trust-domain-bound — the leaf's issuer must be a
@@ -17,8 +21,13 @@ keys in the state directory). `SigningPolicy` decides, the gRPC adapter
 - **Leaves issued** (`record_leaf`): the latest not-after per (trust domain, signing root), the
   staged root rotation's input (`federation.core.rotation_gate`), recorded *before* a chain
   leaves: a leaf we could not record could later be broken by retiring its root.
-- **The controller's serving certificate** (`server_tls`): an SVID of the first trust domain with
-  the DNS name proxies verify (`CONTROLLER_TLS_NAME`), itself recorded as a live leaf.
+- **The controller's serving certificates** (`serving`, `renew_serving_if_due`): one per trust
+  domain whose CA runs here, `spiffe://<td>/ns/meshfed-system/sa/meshfed-controller` with the DNS
+  name `controller_tls_name(td)` that the proxies of that trust domain send as SNI, so each proxy
+  verifies the controller against its *own* trust domain's bundle (`ztunnel.xds.channel` pins the
+  SPIFFE ID; the DNS name only selects the certificate). Each is a live leaf (recorded). They are
+  re-issued at half their life and whenever the CA material changes (a root published, switched,
+  retired): the gRPC adapter hot-swaps them for new handshakes (`ServingCertificates.generation`).
 
 CA objects refuse to be pickled: they never leave the process that holds this policy (the state
 owner; see `federation.ray.placement`).
@@ -33,8 +42,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from clusters.kube.auth import NODE_NAME_EXTRA, POD_NAME_EXTRA, TokenReviewResult
 from gitops.model import ConfigSnapshot, TrustDomain
-from ztunnel.api.identity import PROXY_NAMESPACE, proxy_spiffe_id
+from ztunnel.api.identity import (
+    CONTROLLER_TOKEN_AUDIENCE,
+    PROXY_NAMESPACE,
+    IdentityError,
+    ProxyId,
+    controller_spiffe_id,
+    controller_tls_name,
+    proxy_spiffe_id,
+)
+
+SERVING_RENEW_FRACTION = 0.5   # re-issue the controller's certificates at half their life (as proxies do)
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +62,73 @@ log = logging.getLogger(__name__)
 def cluster_named_by(proxy_id: str) -> str:
     """The cluster a proxy id names (`ztunnel/<cluster>/<node>`, `gateway/<cluster>`); "" when it
     names none (the authorizer then refuses it: no cluster "" is in the fleet)."""
-    parts = proxy_id.split("/")
-    return parts[1] if len(parts) >= 2 else ""
+    try:
+        return ProxyId.parse(proxy_id).cluster
+    except IdentityError:
+        return ""
+
+
+TOKEN_AUDIENCE = CONTROLLER_TOKEN_AUDIENCE  # a proxy's projected token must be for us (ztunnel.api.identity)
 
 
 @dataclass(frozen=True, slots=True)
 class Requester:
     proxy_id: str
     identity: str        # SPIFFE ID from the client certificate ("" without one)
-    bootstrap: bool      # authenticated by a bootstrap token instead of a certificate
-    cluster: str = ""    # the cluster the bootstrap token belongs to
+    bootstrap: bool      # authenticated by a bootstrap credential instead of a certificate
+    cluster: str = ""    # the cluster the proxy id names
+
+
+@dataclass(frozen=True, slots=True)
+class BootstrapVerdict:
+    """Whether a bootstrap credential may buy a proxy's own certificate. `code`: "" (yes),
+    "unauthenticated" (not a valid credential), "permission_denied" (valid, but not this proxy's),
+    "unavailable" (the cluster could not be asked: retry later)."""
+
+    code: str = ""
+    reason: str = ""
+    credential: str = ""   # "service account token" | "bootstrap token"
+
+    @property
+    def ok(self) -> bool:
+        return not self.code
+
+
+def check_service_account(proxy_id: str, review: TokenReviewResult, audience: str = TOKEN_AUDIENCE) -> BootstrapVerdict:
+    """May a reviewed ServiceAccount token bootstrap `proxy_id`? (Pure.)
+
+    The token must be authenticated by the proxy's own cluster (the caller asked that one), for
+    our audience, of the proxy's service account (`meshfed-system/ztunnel` for node proxies,
+    `meshfed-system/eastwest-gateway` for gateways), bound to a pod; and a node proxy's token must
+    have been issued for a pod on the node its id names: a ztunnel on node-1 cannot bootstrap as
+    node-2's, whose workloads' identities it would then be entitled to."""
+    what = "service account token"
+    if not review.authenticated:
+        return BootstrapVerdict("unauthenticated", "the ServiceAccount token was not accepted by the API server of "
+                                f"the proxy's cluster ({review.error or 'no reason given'})", what)
+    if review.audiences and audience not in review.audiences:
+        return BootstrapVerdict("unauthenticated", f"the ServiceAccount token is for {', '.join(review.audiences)}, "
+                                f"not {audience!r} (set the projected token's audience)", what)
+    try:
+        pid = ProxyId.parse(proxy_id)
+    except IdentityError as e:
+        return BootstrapVerdict("permission_denied", str(e), what)
+    want = f"system:serviceaccount:{pid.service_account_namespace}:{pid.service_account}"
+    if review.username != want:
+        return BootstrapVerdict("permission_denied", f"the token is {review.username or 'nobody'}'s; proxy "
+                                f"{proxy_id} runs as {want}", what)
+    pods = list(review.extra.get(POD_NAME_EXTRA, ()))
+    if len(pods) != 1:
+        return BootstrapVerdict("permission_denied", "the token is not bound to a pod (mount a projected "
+                                "serviceAccountToken volume, not a Secret)", what)
+    if pid.is_node:
+        node = pid.node
+        nodes = list(review.extra.get(NODE_NAME_EXTRA, ()))
+        if nodes != [node]:
+            return BootstrapVerdict("permission_denied", f"the token was issued to pod {pods[0]} on node "
+                                    f"{nodes[0] if nodes else '<unknown>'}, but proxy {proxy_id} is the node proxy "
+                                    f"of {node} (a node proxy bootstraps only as its own node's)", what)
+    return BootstrapVerdict(credential=what)
 
 
 class Signer(Protocol):
@@ -85,6 +162,38 @@ class ProxyAuthorizer:
         return ""
 
 
+@dataclass(frozen=True, slots=True)
+class ServingCertificates:
+    """The controller's TLS material at one moment (immutable; replaced whole on renewal).
+
+    `pairs`: (key PEM, chain PEM), one per trust domain whose CA runs here, sorted by trust domain;
+    the first is what a client without SNI (or with a name we do not serve) gets. `client_roots_pem`:
+    every CA's authorities, the first gate for client certificates (the trust-domain-bound check
+    is `verify_client`). `generation` grows with every re-issue: the gRPC adapter's certificate
+    fetcher compares it to decide whether to swap."""
+
+    generation: int
+    pairs: tuple[tuple[bytes, bytes], ...]
+    client_roots_pem: bytes
+    identities: tuple[str, ...]
+    issued_at_s: float
+    not_after_s: float          # the earliest not-after of the set
+    material: tuple[str, ...]   # the CA material they were issued under (see `SigningPolicy._material`)
+
+    @property
+    def renew_at_s(self) -> float:
+        return self.issued_at_s + (self.not_after_s - self.issued_at_s) * SERVING_RENEW_FRACTION
+
+    def due(self, now_s: float, material: tuple[str, ...]) -> str:
+        """Why these must be re-issued now ("" when they need not): past half-life, or issued under
+        CA material that changed since (a root rotated: proxies may no longer trust the old chain)."""
+        if material != self.material:
+            return "the CA material changed"
+        if now_s >= self.renew_at_s:
+            return f"half of its life is over (renew at {self.renew_at_s:.0f}, now {now_s:.0f})"
+        return ""
+
+
 class LeafLedger(Protocol):
     """What the policy records in the store (`federation.controller.store.Store`)."""
 
@@ -110,6 +219,8 @@ class SigningPolicy:
         self.cas: dict[str, Any] = {}                    # trust domain -> federation.controller.ca.TrustDomainCA
         self.cluster_tds: dict[str, str] = {}
         self.trust_domains: dict[str, TrustDomain] = {}
+        self._serving: ServingCertificates | None = None
+        self.serving_renewals = 0
         # clusters removed from the fleet but still draining (`federation.core.removal`): their
         # proxies keep acting as themselves and renewing until the drain is over
         self.draining_tds: dict[str, str] = {}
@@ -179,7 +290,7 @@ class SigningPolicy:
         """What `who` may have certified: its own identity; plus, over mTLS only, the identities of
         the workloads its rendered config lists."""
         own = proxy_spiffe_id(trust_domain, who.proxy_id)
-        if who.bootstrap:  # a bootstrap token buys the proxy's own identity only
+        if who.bootstrap:  # a bootstrap credential buys the proxy's own identity only
             return {own}
         return {own, *self.rendered_identities(who.proxy_id)}
 
@@ -196,7 +307,7 @@ class SigningPolicy:
         allowed = self.entitled_identities(who, td)
         try:
             chain = ca.issue_from_csr(csr_pem, entitlement=Entitlement.of(who.proxy_id, allowed),
-                                      ttl_s=ttl_s or None)
+                                      ttl_s=ttl_s or None, now_s=self.clock())
         except CsrDenied as e:
             raise PermissionError(str(e)) from e
         leaf = x509.load_pem_x509_certificate(chain)
@@ -219,18 +330,55 @@ class SigningPolicy:
         root = ca.signing_root or (ca.roots[0].name if ca.roots else "")
         self.ledger.record_leaf_issued(td, root, not_after_s)
 
-    def server_tls(self) -> tuple[bytes, bytes, bytes]:
-        """(key PEM, chain PEM, client roots PEM) for the controller's TLS port."""
-        from ztunnel.api.identity import CONTROLLER_TLS_NAME
+    # --- the controller's own certificates ----------------------------------------------------
 
+    def _material(self) -> tuple[str, ...]:
+        """What the serving certificates depend on: per trust domain, its signing root and the
+        fingerprints of its authorities (a staged rotation changes one of them at each stage)."""
+        from cryptography.hazmat.primitives.hashes import SHA256
+
+        return tuple(f"{td}:{self.cas[td].signing_root}:" + ",".join(c.fingerprint(SHA256()).hex()
+                                                                     for c in self.cas[td].authorities)
+                     for td in sorted(self.cas))
+
+    @property
+    def current_serving(self) -> ServingCertificates | None:
+        """The serving certificates if issued yet (status; never issues)."""
+        return self._serving
+
+    def serving(self) -> ServingCertificates:
+        """The current serving certificates (issued on first use)."""
+        if self._serving is None:
+            self._serving = self._issue_serving(self.clock(), 1)
+        return self._serving
+
+    def renew_serving_if_due(self, now_s: float | None = None) -> str:
+        """Re-issue the serving certificates when `ServingCertificates.due` says so; the reason
+        ("" when nothing was done). Nothing is issued before the first `serving()`."""
+        cur = self._serving
+        if cur is None or not self.cas:
+            return ""
+        now = self.clock() if now_s is None else now_s
+        why = cur.due(now, self._material())
+        if why:
+            self._serving = self._issue_serving(now, cur.generation + 1)
+            self.serving_renewals += 1
+        return why
+
+    def _issue_serving(self, now_s: float, generation: int) -> ServingCertificates:
         if not self.cas:
             raise RuntimeError("TLS needs a CA: load the fleet's CAs first (no trust domain with a "
                                "meshfed-run CA in the fleet repo?)")
-        td = sorted(self.cas)[0]
-        svid = self.cas[td].issue_svid(f"spiffe://{td}/ns/{PROXY_NAMESPACE}/sa/meshfed-controller",
-                                       dns_names=[CONTROLLER_TLS_NAME])
-        self.record_leaf(td, self.cas[td], svid.not_after_s)  # proxies verify it: a live leaf of its root
-        return svid.key_pem, svid.chain_pem, self.roots_pem()
+        pairs, identities, not_after = [], [], []
+        for td in sorted(self.cas):
+            ca = self.cas[td]
+            svid = ca.issue_svid(controller_spiffe_id(td), now_s=now_s, dns_names=[controller_tls_name(td)])
+            self.record_leaf(td, ca, svid.not_after_s)  # proxies verify it: a live leaf of its root
+            pairs.append((svid.key_pem, svid.chain_pem))
+            identities.append(str(svid.identity))
+            not_after.append(svid.not_after_s)
+        return ServingCertificates(generation, tuple(pairs), self.roots_pem(), tuple(identities), now_s,
+                                   min(not_after), self._material())
 
 
 def _san_uris(cert: Any) -> list[str]:

@@ -62,7 +62,7 @@ from federation.core.events import (
     FailedOver,
     Provenance,
 )
-from federation.core.graph import EndpointGraph, EndpointNode, GraphChange
+from federation.core.graph import EndpointGraph, EndpointNode, GraphChange, gateway_identity
 from federation.core.health import HealthKey
 from federation.core.trust_graph import TrustGraph
 from gitops.model import (
@@ -811,7 +811,7 @@ class FailoverEngine:
                 workload_uid=uid, cluster=p.cluster, network=cv.network, address="", port=first.port,
                 hbone_address="", gateway=cv.gateway, identity=first.identity, tier=tier,
                 weight=weight or (healthy_n or len(p.members)), healthy=agg_ok,
-                region=cv.region, zone=cv.zone),)
+                region=cv.region, zone=cv.zone, gateway_identity=gateway_identity(cv.trust_domain)),)
         w = weight or 1
         if not ejected:
             return tuple(Endpoint(m.uid, m.cluster, m.network, m.address, m.port, m.hbone_address, "",

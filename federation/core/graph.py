@@ -33,6 +33,7 @@ from types import MappingProxyType
 
 from clusters.kube.observation import ClusterObservation, EndpointInfo, NodeInfo
 from gitops.model import GATEWAY_NAME_LABEL, Cluster, ConfigSnapshot, GlobalService, ServiceKey
+from ztunnel.api.identity import gateway_spiffe_id
 from ztunnel.api.ports import HBONE_PORT
 
 EMPTY_LABELS: Mapping[str, str] = MappingProxyType({})
@@ -50,8 +51,9 @@ def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
 
 
 def gateway_identity(trust_domain: str) -> str:
-    """The identity an east-west gateway presents (its own service account in meshfed-system)."""
-    return spiffe_id(trust_domain, "meshfed-system", "eastwest-gateway")
+    """The identity an east-west gateway presents (its own service account in meshfed-system; the
+    contract is `ztunnel.api.identity.gateway_spiffe_id`, which clients verify outer tunnels against)."""
+    return gateway_spiffe_id(trust_domain)
 
 
 @dataclass(frozen=True, slots=True)

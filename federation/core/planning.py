@@ -34,12 +34,14 @@ from ztunnel.api.config import ProxyConfig, ProxyMode, diff_configs
 
 
 def authz_allows(policies: Sequence[AuthorizationPolicy], namespace: str, labels: dict[str, str],
-                 identity: str, port: int) -> bool:
+                 identity: str, port: int, local_trust_domain: str) -> bool:
     """The decision a destination proxy would take: the policies rendered exactly as the renderer
     pushes them (`authorization_of`) and evaluated by the data plane's own evaluator
-    (`ztunnel.api.authz.evaluate`), so a plan can never predict "allow" where the proxy denies."""
+    (`ztunnel.api.authz.evaluate`) in the destination's trust domain, so a plan can never predict
+    "allow" where the proxy denies."""
     decision = evaluate([authorization_of(p) for p in policies], peer=peer_from_identity(identity),
-                        dest_namespace=namespace, dest_labels=labels, port=port)
+                        dest_namespace=namespace, dest_labels=labels, port=port,
+                        local_trust_domain=local_trust_domain)
     return decision.allowed
 
 
@@ -83,7 +85,8 @@ def _access(engine: FailoverEngine, idents: dict[tuple[str, str, str], str]) -> 
                 if client_cluster not in graph.clusters:
                     continue
                 td = identity_trust_domain(identity) or ""
-                ok = engine.trust.trusts(server_td, td) and authz_allows(policies, key.namespace, labels, identity, port)
+                ok = engine.trust.trusts(server_td, td) and authz_allows(policies, key.namespace, labels, identity, port,
+                                                                         server_td)
                 out[(server, svc.hostname, ck)] = ok
     return out
 

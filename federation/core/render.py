@@ -61,6 +61,7 @@ from ztunnel.api.config import (
     Workload,
     diff_configs,
 )
+from ztunnel.api.identity import ProxyId
 
 VIP_NETWORK = ipaddress.IPv4Network("240.240.0.0/16")
 _VIP_SLOTS = VIP_NETWORK.num_addresses - 2
@@ -184,9 +185,9 @@ class Renderer:
                 loc = Locality(cv.network, name, node.region or cv.region, node.zone or cv.zone,
                                tuple(sorted((k, v) for k, v in node.labels.items()
                                             if k in self.engine.relevant_labels)))
-                out.append(ProxySpec(f"ztunnel/{name}/{node_name}", ProxyMode.NODE, name, node_name, loc))
+                out.append(ProxySpec(str(ProxyId.node_proxy(name, node_name)), ProxyMode.NODE, name, node_name, loc))
             if cv.gateway:
-                out.append(ProxySpec(f"gateway/{name}", ProxyMode.GATEWAY, name, "",
+                out.append(ProxySpec(str(ProxyId.gateway(name)), ProxyMode.GATEWAY, name, "",
                                      Locality(cv.network, name, cv.region, cv.zone)))
             for gw in self.engine.snapshot.gateways.values():
                 if gw.runs_in(name):
@@ -411,7 +412,7 @@ class Renderer:
                 for st in members:
                     upserts.setdefault(st.spec.proxy_id, {}).setdefault("services", []).append(new)
             for cluster in sorted(self.engine.graph.exported_from(key)):
-                pid = f"gateway/{cluster}"
+                pid = str(ProxyId.gateway(cluster))
                 gw_state = self._proxies.get(pid)
                 if gw_state is None:
                     continue
@@ -420,7 +421,7 @@ class Renderer:
                     upserts.setdefault(pid, {}).setdefault("services", []).append(svc)
         removals: dict[str, dict[str, list[str]]] = removals_early
         for cluster, node in sorted(change.nodes if change is not None else ()):
-            pid = f"ztunnel/{cluster}/{node}"
+            pid = str(ProxyId.node_proxy(cluster, node))
             node_state = self._proxies.get(pid)
             if node_state is None:
                 continue

@@ -59,10 +59,13 @@ class ConfigServerHost:
     memory only, and the distributor (which is the loop's, unlocked) is only ever touched on the
     loop. The store is safe on any thread (it serializes on its own lock)."""
 
-    def __init__(self, state_dir: str, insecure: bool, history_retention_s: float | None = None) -> None:
+    def __init__(self, state_dir: str, insecure: bool, history_retention_s: float | None = None,
+                 kubeconfig: str | None = None) -> None:
         lock = StateDirLock(state_dir)
         lock.acquire(wait=True)
-        self.service = ConfigService(state_dir, insecure, lock=lock, history_retention_s=history_retention_s)
+        # kubeconfig: for the TokenReviews of proxies' ServiceAccount tokens (each in its own cluster)
+        self.service = ConfigService(state_dir, insecure, lock=lock, history_retention_s=history_retention_s,
+                                     kubeconfig=kubeconfig)
         self.server = config_server_for(self.service, on_health=self._forward_health)
         self.reconciler: Any = None
         self._files = asyncio.Lock()

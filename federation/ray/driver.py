@@ -161,7 +161,7 @@ class Controller:
         place = self.opts.placement
         self.state_node = current_node_id()
         self.config_server = ConfigServerActor.options(**state_owner_options(self.state_node)).remote(
-            self.state_dir, self.opts.insecure, self.opts.history_retention_s)
+            self.state_dir, self.opts.insecure, self.opts.history_retention_s, self.kubeconfig)
         self._store = RemoteStore(self.config_server)
         self.reconciler = ReconcilerActor.options(**place.options("reconciler")).remote(
             self.opts.debounce_after_s, self.opts.debounce_max_s, self.config_server)

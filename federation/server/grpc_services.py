@@ -19,10 +19,19 @@ Identity: with TLS, a proxy's SPIFFE ID comes from its client certificate and `a
 whether that identity may act as the proxy id it names (only the proxy's own identity,
 `ztunnel.api.identity.proxy_spiffe_id`, in its cluster's trust domain). The main port requires a
 client certificate (grpcio can only require one or not ask at all); the first certificate is
-requested with a bootstrap token on a second, server-authenticated port that serves the same
-services, where the config and health services refuse every peer for want of a certificate.
-The serving certificate carries the DNS name `ztunnel.api.identity.CONTROLLER_TLS_NAME` for clients to
-verify (SVIDs have no host name; see `secure_channel`).
+requested with a bootstrap credential (the proxy pod's ServiceAccount token, reviewed by its own
+cluster, or a single-use bootstrap token; see `ConfigService.authenticate_bootstrap`) on a second,
+server-authenticated port that serves the same services, where the config and health services
+refuse every peer for want of a certificate.
+
+One config stream per proxy: a proxy that reconnects with the certificate of its open stream
+replaces it (the old connection is dead, or about to be); a subscriber presenting another
+certificate, even one for the same identity, is refused with ALREADY_EXISTS while the stream is
+open, so a second holder of that identity cannot displace the connected proxy's config stream.
+The serving certificates (one per trust domain, picked by the SNI `controller_tls_name(td)`; see
+`federation.controller.signing.ServingCertificates`) come from a `TlsSource` asked on every new
+handshake (grpc's dynamic certificate configuration): a renewed or re-issued set is swapped in
+for new connections while open streams keep the handshake they made, so a renewal drops nothing.
 `insecure=True` (loopback tests and benchmarks only) trusts the proxy id in the request.
 
 Split brain: a proxy that already follows a newer epoch than ours is refused with
@@ -45,13 +54,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from federation.controller.distributor import ConfigDistributor, ProxyRemovedError, StaleEpochError
-from federation.controller.signing import Requester, Signer, cluster_named_by
+from federation.controller.signing import BootstrapVerdict, Requester, Signer, cluster_named_by
 from ztunnel.api.codec import PROXY_ID_METADATA, stamp_from_pb
 from ztunnel.api.proto import meshfed_pb2 as pb
 
@@ -80,8 +90,11 @@ def spiffe_id_from_pem(cert_pem: bytes) -> str:
     return uris[0] if uris else ""
 
 
-def no_bootstrap(_token: str) -> str | None:
-    return None
+def no_bootstrap(_proxy_id: str, _sa_token: str, _token: str) -> BootstrapVerdict:
+    return BootstrapVerdict("unauthenticated", "this controller accepts no bootstrap credentials")
+
+
+BootstrapCheck = Callable[[str, str, str], BootstrapVerdict]   # (proxy id, SA token, bootstrap token); may block
 
 
 KEEPALIVE_TIME_MS = 10_000             # ping a connection this often ...
@@ -115,13 +128,56 @@ def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
 HealthCallback = Callable[[str, Any], None]  # (authenticated proxy id, pb.HealthReport)
 
 
+class ServingTls(Protocol):
+    """What the server presents (`federation.controller.signing.ServingCertificates`)."""
+
+    @property
+    def generation(self) -> int: ...
+
+    @property
+    def pairs(self) -> tuple[tuple[bytes, bytes], ...]: ...    # (key PEM, chain PEM); first = default
+
+    @property
+    def client_roots_pem(self) -> bytes: ...
+
+
+TlsSource = Callable[[], ServingTls]
+
+
+def _dynamic_credentials(source: TlsSource, require_client_auth: bool) -> Any:
+    """Server credentials that ask `source` on every new connection and swap the certificate set
+    when its generation moved (grpc keeps the old one when the fetcher returns None). The fetcher
+    runs on a grpc thread: it only reads an immutable object and never raises."""
+    import grpc
+
+    def config(tls: ServingTls) -> Any:
+        return grpc.ssl_server_certificate_configuration(
+            list(tls.pairs), root_certificates=tls.client_roots_pem if require_client_auth else None)
+
+    first = source()
+    seen = [first.generation]
+
+    def fetch() -> Any:
+        try:
+            tls = source()
+            if tls.generation == seen[0]:
+                return None
+            seen[0] = tls.generation
+            return config(tls)
+        except Exception:  # keep serving the certificates we have; status shows the renewal error
+            return None
+
+    return grpc.dynamic_ssl_server_credentials(config(first), fetch, require_client_authentication=require_client_auth)
+
+
 class ConfigServer:
     """gRPC adapter around a ConfigDistributor, a Signer and a health callback."""
 
     def __init__(self, distributor: ConfigDistributor, *, signer: Signer | None = None,
                  on_health: HealthCallback | None = None,
                  authorize: Callable[[str, str], str] | None = None,
-                 bootstrap_cluster: Callable[[str], str | None] = no_bootstrap,  # token -> cluster
+                 authenticate_bootstrap: BootstrapCheck = no_bootstrap,
+                 consume_bootstrap: Callable[[str, str], bool] = lambda _p, _t: True,
                  verify_peer: Callable[[bytes], str] | None = None,
                  insecure: bool = False, write_timeout_s: float = 5.0,
                  max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS,
@@ -134,7 +190,8 @@ class ConfigServer:
         self.signer = signer
         self.on_health = on_health
         self.authorize = authorize or (lambda _p, _i: "")
-        self.bootstrap_cluster = bootstrap_cluster  # constant-time check (federation.controller.bootstrap)
+        self.authenticate_bootstrap = authenticate_bootstrap  # runs in a thread (a TokenReview is a request)
+        self.consume_bootstrap = consume_bootstrap
         self.insecure = insecure
         self.write_timeout_s = write_timeout_s
         self._server: Any = None
@@ -146,17 +203,20 @@ class ConfigServer:
         self.max_concurrent_rpcs = max_concurrent_rpcs
         self.max_health_reports_per_s = max_health_reports_per_s
         self._streams: dict[str, asyncio.Task[Any]] = {}
+        self._stream_certs: dict[str, str] = {}   # proxy -> SHA-256 of the client certificate of its stream
+        self.displacements_refused = 0
         self._writes: dict[asyncio.Future[Any], tuple[float, str]] = {}  # writer -> (write started, proxy)
         self._watchdog: asyncio.Task[None] | None = None
         self.starting = asyncio.Lock()   # `serve` is idempotent under concurrent calls
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    async def start(self, listen: str = "127.0.0.1:0", tls: tuple[bytes, bytes, bytes] | None = None,
+    async def start(self, listen: str = "127.0.0.1:0", tls: TlsSource | None = None,
                     bootstrap_listen: str | None = None) -> int:
-        """Listen on `listen` ("host:port"); `tls` = (server key PEM, server chain PEM, client roots PEM).
-        With TLS, `bootstrap_listen` adds the port without client authentication where proxies
-        get their first certificate with a bootstrap token (`bootstrap_port`)."""
+        """Listen on `listen` ("host:port"); `tls` gives the current serving certificates (asked on
+        every handshake, see `_dynamic_credentials`). With TLS, `bootstrap_listen` adds the port
+        without client authentication where proxies get their first certificate with a bootstrap
+        credential (`bootstrap_port`)."""
         import grpc
 
         if tls is None and not self.insecure:
@@ -189,12 +249,10 @@ class ConfigServer:
         if tls is None:
             port = self._server.add_insecure_port(listen)
         else:
-            key, chain, roots = tls
-            creds = grpc.ssl_server_credentials([(key, chain)], root_certificates=roots, require_client_auth=True)
-            port = self._server.add_secure_port(listen, creds)
+            port = self._server.add_secure_port(listen, _dynamic_credentials(tls, require_client_auth=True))
             if bootstrap_listen is not None:
                 bootstrap_port = self._server.add_secure_port(
-                    bootstrap_listen, grpc.ssl_server_credentials([(key, chain)]))
+                    bootstrap_listen, _dynamic_credentials(tls, require_client_auth=False))
                 if bootstrap_port == 0:
                     await self._abandon()
                     raise OSError(f"cannot listen on {bootstrap_listen} (bootstrap): address in use or not local")
@@ -214,7 +272,8 @@ class ConfigServer:
     def counters(self) -> dict[str, int]:
         """What the transport knows, for the config service's status."""
         return {"port": self.port, "bootstrap_port": self.bootstrap_port, "health_reports": self.health_reports,
-                "health_reports_dropped": self.health_reports_dropped, "slow_disconnects": self.slow_disconnects}
+                "health_reports_dropped": self.health_reports_dropped, "slow_disconnects": self.slow_disconnects,
+                "displacements_refused": self.displacements_refused}
 
     async def _write_watchdog(self) -> None:
         """Disconnect proxies that do not drain their stream: a write pending for longer than
@@ -267,6 +326,11 @@ class ConfigServer:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"client certificate rejected: {e}")
             raise
 
+    @staticmethod
+    def _peer_certificate_digest(context: Any) -> str:
+        pems = (context.auth_context() or {}).get("x509_pem_cert") or []
+        return hashlib.sha256(pems[0]).hexdigest() if pems else ""
+
     def _claimed_id(self, context: Any) -> str:
         for k, v in context.invocation_metadata() or ():
             if k == PROXY_ID_METADATA:
@@ -281,8 +345,8 @@ class ConfigServer:
         identity = await self._verified_peer_or_abort(context)
         if not identity:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                "no client certificate: request one from the certificate service with the "
-                                "cluster's bootstrap token first")
+                                "no client certificate: request one from the certificate service with a "
+                                "bootstrap credential first")
         reason = self.authorize(proxy_id, identity)
         if reason:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
@@ -302,6 +366,17 @@ class ConfigServer:
         if not proxy_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must name the proxy (proxy.proxy_id)")
         identity = await self._authenticate(context, proxy_id)
+        me = asyncio.current_task()
+        assert me is not None
+        cert = "" if self.insecure else self._peer_certificate_digest(context)
+        old = self._streams.get(proxy_id)
+        # decided before the session is touched: a refused subscriber must change nothing of it
+        if old is not None and old is not me and not old.done() and cert != self._stream_certs.get(proxy_id, cert):
+            self.displacements_refused += 1
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                                f"proxy {proxy_id} already has a config stream from another certificate; a second "
+                                "subscriber cannot take it over. If that proxy restarted with a new key, its old "
+                                "stream ends when its connection is found dead: retry")
         try:
             session = self.dist.attach(proxy_id, stamp_from_pb(hello.have) if hello.HasField("have") else None)
         except StaleEpochError as e:
@@ -310,12 +385,10 @@ class ConfigServer:
         except ProxyRemovedError as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
             raise
-        old = self._streams.get(proxy_id)
-        if old is not None and old is not asyncio.current_task():
-            old.cancel()  # a proxy has one stream; the newest wins
-        me = asyncio.current_task()
-        assert me is not None
+        if old is not None and old is not me:
+            old.cancel()  # the same certificate reconnecting: its previous connection is dead
         self._streams[proxy_id] = me
+        self._stream_certs[proxy_id] = cert
         session.peer_identity = identity
         session.wake = asyncio.Event()
         session.wake.set()
@@ -352,6 +425,7 @@ class ConfigServer:
             self._writes.pop(wr, None)
             if self._streams.get(proxy_id) is me:
                 del self._streams[proxy_id]
+                self._stream_certs.pop(proxy_id, None)
                 self.dist.detach(session)
 
     # --- certificates --------------------------------------------------------------------------
@@ -364,24 +438,22 @@ class ConfigServer:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this controller runs no CA")
             raise AssertionError("unreachable")
         identity = "" if self.insecure else await self._verified_peer_or_abort(context)
-        cluster = ""
-        bootstrap = False
+        token = ""  # a single-use bootstrap token to use up once the certificate is issued
         if not identity:
-            cluster = self.bootstrap_cluster(req.bootstrap_token) or ""
-            if not cluster and not self.insecure:
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, _denied(
-                    req.proxy_id, "neither a client certificate nor a valid bootstrap token; use the token "
-                                  "from the controller's state directory (bootstrap-tokens.json)"))
-            bootstrap = True
-            if cluster and cluster_named_by(req.proxy_id) != cluster:
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED, _denied(
-                    req.proxy_id, f"the bootstrap token of cluster {cluster} cannot request certificates "
-                                  f"for proxy {req.proxy_id}"))
+            if not self.insecure:
+                verdict = await asyncio.to_thread(self.authenticate_bootstrap, req.proxy_id,
+                                                  req.service_account_token, req.bootstrap_token)
+                if not verdict.ok:
+                    code = {"unavailable": grpc.StatusCode.UNAVAILABLE,
+                            "permission_denied": grpc.StatusCode.PERMISSION_DENIED}.get(
+                                verdict.code, grpc.StatusCode.UNAUTHENTICATED)
+                    await context.abort(code, _denied(req.proxy_id, f"{verdict.credential or 'bootstrap'}: {verdict.reason}"))
+                token = "" if req.service_account_token else req.bootstrap_token
         else:
             reason = self.authorize(req.proxy_id, identity)
             if reason:
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, _denied(req.proxy_id, reason))
-        who = Requester(req.proxy_id, identity, bootstrap, cluster or cluster_named_by(req.proxy_id))
+        who = Requester(req.proxy_id, identity, not identity, cluster_named_by(req.proxy_id))
         try:
             chain, roots, expires = signer.sign(who, bytes(req.csr_pem), float(req.ttl_s or 0))
         except PermissionError as e:
@@ -390,6 +462,11 @@ class ConfigServer:
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _denied(req.proxy_id, str(e)))
             raise
+        # the tokens file is locked and rewritten: off the event loop, like the state owner's other disk work
+        if token and not await asyncio.to_thread(self.consume_bootstrap, req.proxy_id, token):
+            # another request used the token between our check and now: it buys one certificate
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                f"the bootstrap token of {req.proxy_id} was used already (tokens are single-use)")
         resp = pb.CertificateResponse(expires_at_s=expires)
         resp.cert_chain_pem.extend(chain)
         resp.roots_pem.extend(roots)
@@ -444,24 +521,28 @@ def config_server_for(service: ConfigService, on_health: HealthCallback | None =
     tokens (`on_health` receives the authenticated proxy id and the `pb.HealthReport`)."""
     policy = service.signing
     return ConfigServer(service.dist, signer=policy, on_health=on_health, insecure=service.insecure,
-                        bootstrap_cluster=service.bootstrap.cluster_for, authorize=policy.authorize,
+                        authenticate_bootstrap=service.authenticate_bootstrap,
+                        consume_bootstrap=service.consume_bootstrap, authorize=policy.authorize,
                         verify_peer=policy.verify_client, write_timeout_s=write_timeout_s)
 
 
 async def serve(service: ConfigService, server: ConfigServer, listen: str,
                 bootstrap_listen: str | None = None) -> tuple[int, int]:
-    """Start `server` for `service`: TLS with the controller's certificate unless insecure, the
-    bootstrap port on the listen host (any port) unless given, and the service's ACK flusher.
+    """Start `server` for `service`: TLS with the controller's certificates unless insecure (and
+    their renewal), the bootstrap port on the listen host (any port) unless given, and the
+    service's ACK flusher.
     (config port, bootstrap port); the bootstrap port is 0 without TLS. Idempotent: a second
     call (two supervisors racing after a restart) returns the ports of the running server."""
     async with server.starting:   # a racing second call waits for the first, then sees its ports
         if server.port:
             return server.port, server.bootstrap_port
-        tls = None if service.insecure else service.signing.server_tls()
+        tls: TlsSource | None = None if service.insecure else service.signing.serving
         if tls is not None and bootstrap_listen is None:
             bootstrap_listen = listen.rsplit(":", 1)[0] + ":0"
         await server.start(listen, tls, bootstrap_listen if tls is not None else None)
         service.start_flushing()
+        if tls is not None:
+            service.start_renewing()
         return server.port, server.bootstrap_port
 
 

@@ -92,10 +92,13 @@ class Pod:
                         labels=dict(self.labels))
 
 
-def endpoint(p: Pod, port: int, hbone_port: int, *, via_gateway: str = "", tier: int = 0) -> Endpoint:
+def endpoint(p: Pod, port: int, hbone_port: int, *, via_gateway: str = "", tier: int = 0,
+             gateway_identity: str = "") -> Endpoint:
+    """`via_gateway`: reached through that gateway, whose outer tunnel must present `gateway_identity`."""
     if via_gateway:
         return Endpoint(workload_uid=p.workload().uid, cluster=p.cluster, network=p.network or p.cluster,
-                        address="", port=port, hbone_address="", gateway=via_gateway, identity="", tier=tier)
+                        address="", port=port, hbone_address="", gateway=via_gateway, identity="", tier=tier,
+                        gateway_identity=gateway_identity)
     return Endpoint(workload_uid=p.workload().uid, cluster=p.cluster, network=p.network or p.cluster,
                     address=p.address, port=port, hbone_address=f"{p.node_address}:{hbone_port}",
                     identity=p.identity, tier=tier)

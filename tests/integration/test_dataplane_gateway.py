@@ -33,15 +33,17 @@ def _opts(ip: str, port: int) -> ProxyOptions:
     return ProxyOptions(hbone_host=ip, hbone_port=port, socks_host=ip, socks_port=0, handshake_timeout_s=1.0)
 
 
-async def build(deny_client: bool = False, proxy_v2: bool = False,
-                ) -> tuple[NodeProxy, GatewayProxy, NodeProxy, topo.EchoServer]:
+async def build(deny_client: bool = False, proxy_v2: bool = False, gateway_presents: str = GW_ID,
+                gateway_identity: str = GW_ID) -> tuple[NodeProxy, GatewayProxy, NodeProxy, topo.EchoServer]:
+    """`gateway_presents`: the identity the gateway's certificate names; `gateway_identity`: the one
+    east's config says the gateway has ("" = none rendered)."""
     echo = await topo.EchoServer(SERVER.address, prefix=b"west:").start()
     port = topo.free_port(GW_IP)
     server = dataclasses.replace(SERVER, labels={"networking.meshfed.dev/inbound-proxy-protocol": "v2"}) \
         if proxy_v2 else SERVER
     wl = [CLIENT.workload(), server.workload()]
     local_ep = topo.endpoint(SERVER, echo.port, port)
-    remote_ep = topo.endpoint(SERVER, echo.port, port, via_gateway=f"{GW_IP}:{port}")
+    remote_ep = topo.endpoint(SERVER, echo.port, port, via_gateway=f"{GW_IP}:{port}", gateway_identity=gateway_identity)
     east_svc = topo.service(HOST, VIP, 80, echo.port, [remote_ep], sans=[SERVER.identity])
     west_svc = topo.service(HOST, "", 80, echo.port, [local_ep], sans=[SERVER.identity])
     rule = AuthzMatch(principals=(CLIENT.identity,))
@@ -49,12 +51,12 @@ async def build(deny_client: bool = False, proxy_v2: bool = False,
     ca = topo.proxy_config("ztunnel/east/a", "east", EAST, workloads=wl, services=[east_svc],
                            bundles=[EAST, WEST], local_identities=[CLIENT.identity])
     cg = topo.proxy_config("gateway/west", "west", WEST, mode=ProxyMode.GATEWAY, services=[west_svc],
-                           bundles=[EAST, WEST], local_identities=[GW_ID])
+                           bundles=[EAST, WEST], local_identities=[gateway_presents])
     cw = topo.proxy_config("ztunnel/west/w1", "west", WEST, workloads=wl, services=[west_svc],
                            authorizations=[pol], bundles=[EAST, WEST], local_identities=[SERVER.identity])
     proxies = []
     for cfg, ip, cls, ident in ((ca, CLIENT.node_address, NodeProxy, CLIENT.identity),
-                                (cg, GW_IP, GatewayProxy, GW_ID),
+                                (cg, GW_IP, GatewayProxy, gateway_presents),
                                 (cw, SERVER.node_address, NodeProxy, SERVER.identity)):
         st = ProxyState()
         assert st.apply(cfg).applied
@@ -142,6 +144,47 @@ async def test_finished_connections_release_everything_along_the_path() -> None:
         assert outer.usable and not outer.streams and outer.conn.open_stream_count == 0
         (gw_side,) = g.inbound_sessions
         assert not gw_side.streams
+    finally:
+        for p in (a, g, w):
+            await p.drain(0.1)
+        await echo.close()
+
+
+@pytest.mark.parametrize(("presents", "why"), [
+    # a west workload (trusted by east, federated) answering at the gateway's address
+    (topo.ident(WEST, "default", "server"), "wrong_identity"),
+    # east's own workload identity: trusted even more, still not the gateway
+    (topo.ident(EAST, "default", "client"), "wrong_identity"),
+])
+async def test_the_outer_tunnel_is_verified_against_the_gateways_identity(presents: str, why: str) -> None:
+    """The outer tunnel used to be dialled with no expected identity: any federated peer at the
+    gateway's address was accepted as the gateway (it sees the outer stream's metadata and decides
+    where the inner bytes go). Now only the identity the config names for the gateway is."""
+    a, g, w, echo = await build(gateway_presents=presents)
+    try:
+        with pytest.raises(ConnectionRefusedError):
+            await _roundtrip(a, b"hello")
+        assert echo.accepted == 0
+        for _ in range(100):  # the impostor's side of the aborted handshakes closes asynchronously
+            if not g.inbound_sessions:
+                break
+            await asyncio.sleep(0.02)
+        assert not g.inbound_sessions
+        refused = a.telemetry.render().decode()
+        assert 'outcome="ConnectFailure"' in refused
+    finally:
+        for p in (a, g, w):
+            await p.drain(0.1)
+        await echo.close()
+
+
+async def test_an_endpoint_behind_a_gateway_without_a_gateway_identity_is_never_dialled() -> None:
+    a, g, w, echo = await build(gateway_identity="")
+    try:
+        with pytest.raises(ConnectionRefusedError):
+            await _roundtrip(a, b"hello")
+        assert echo.accepted == 0
+        assert a.pool.count() == 0 and not g.inbound_sessions   # refused before any connection
     finally:
         for p in (a, g, w):
             await p.drain(0.1)

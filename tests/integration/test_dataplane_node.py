@@ -315,7 +315,7 @@ async def test_connect_to_own_port_is_refused(mesh: Mesh) -> None:
 async def test_rapid_reset_peer_does_not_starve_others(mesh: Mesh) -> None:
     """A peer that opens and cancels streams in a loop gets GOAWAY; other clients keep working."""
     sess = await mesh.a.dial_hbone(f"{SERVER.node_address}:{mesh.hbone_port}", CLIENT.identity,
-                                   "", None, 1.0)
+                                   "", (SERVER.identity,), 1.0)
     for _ in range(400):
         if not sess.usable:
             break
@@ -408,6 +408,32 @@ async def test_route_weights_split_connections_between_backend_services_and_fall
             await p.drain(0.1)
         await v1.close()
         await v2.close()
+
+
+async def test_an_endpoint_without_identity_is_refused_not_dialled_as_anyone() -> None:
+    """An endpoint with no identity (and a service without subjectAltNames) used to be dialled with
+    nothing expected: any federated peer at that address passed as the destination."""
+    echo = await topo.EchoServer(SERVER.address).start()
+    port = topo.free_port(CLIENT.node_address)
+    anonymous = replace(topo.endpoint(SERVER, echo.port, port), identity="")
+    svc = topo.service(HOST, VIP, 80, echo.port, [anonymous])     # no subjectAltNames either
+    wl = [CLIENT.workload(), SERVER.workload()]
+    ca = topo.proxy_config("ztunnel/east/a", "east", TD, workloads=wl, services=[svc], bundles=(TD,),
+                           local_identities=[CLIENT.identity])
+    cb = topo.proxy_config("ztunnel/east/b", "east", TD, workloads=wl, services=[svc], bundles=(TD,),
+                           local_identities=[SERVER.identity])
+    a = start_node(ca, CLIENT.node_address, port, {CLIENT.identity: topo.svid(CLIENT.identity)})
+    b = start_node(cb, SERVER.node_address, port, {SERVER.identity: topo.svid(SERVER.identity)})
+    await a.start()
+    await b.start()
+    try:
+        with pytest.raises(ConnectionRefusedError):
+            await roundtrip(Mesh(a, b, echo, port))
+        assert echo.accepted == 0 and a.pool.count() == 0 and not b.inbound_sessions
+    finally:
+        await a.drain(0.1)
+        await b.drain(0.1)
+        await echo.close()
 
 
 async def test_connection_pool_max_connections_at_l4() -> None:

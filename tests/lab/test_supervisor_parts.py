@@ -5,8 +5,9 @@
 - PID 1 (`processes.run_as_init`) reaps the sandbox's orphans while the supervisor's own
   `subprocess` calls keep their exit statuses (a reaper in the same process would steal them:
   `false` would report 0), and passes the supervisor's exit status on;
-- a proxy's bootstrap token comes from `meshfed controller bootstrap-token` (the controller's
-  module owns the tokens file) and is written 0600 without following a planted symlink.
+- a proxy's credential is its pod's projected ServiceAccount token, which the lab's kubelet
+  requests from the cluster's emulated API server (TokenRequest over HTTP) and writes 0600 without
+  following a planted symlink; that server's TokenReview then vouches for the pod and its node.
 """
 
 from __future__ import annotations
@@ -132,29 +133,36 @@ def test_pid_1_reaps_orphans_without_stealing_the_supervisors_exit_statuses() ->
     assert out["zombies"] == []
 
 
-def test_a_proxys_token_comes_from_the_controllers_command_and_is_written_safely(tmp_path: Path) -> None:
+def test_a_proxys_projected_token_comes_from_its_clusters_api_and_is_written_safely(tmp_path: Path) -> None:
+    from clusters.kube.auth import TokenReviewer
+    from clusters.lab.apiserver import EmulatedApiServer
+    from clusters.lab.kubelet import Kubelet, NodeState, TokenProjector, proxy_volumes
+
     clusters, labs, services = fleet(1, 1)
-    plane = DataPlane(tmp_path, plan_lab(clusters, labs, services), ProcessTable(), tmp_path, with_controller=True)
+    plan = plan_lab(clusters, labs, services)
+    plane = DataPlane(tmp_path, plan, ProcessTable(), tmp_path, with_controller=True)
     spec = next(s for s in plane.specs if s.proxy_id == "ztunnel/east/node-1")
     d = Path(plane.dirs()[spec.proxy_id])
     d.mkdir(parents=True)
     victim = tmp_path / "victim"
     victim.write_text("do not overwrite\n")
-    (d / "bootstrap-token").symlink_to(victim)  # planted: a writer that follows links would clobber victim
-    env_before = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = str(REPO)
-    try:
-        plane._provision_token(spec, d)
-    finally:
-        if env_before is None:
-            os.environ.pop("PYTHONPATH")
-        else:
-            os.environ["PYTHONPATH"] = env_before
-    token_file = d / "bootstrap-token"
-    st = os.lstat(token_file)
-    assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
-    token = token_file.read_text().strip()
-    # the controller's module wrote the tokens file; the lab wrote only the proxy's copy
-    tokens = json.loads((tmp_path / "controller" / "bootstrap-tokens.json").read_text())
-    assert tokens == {"east": token}
-    assert victim.read_text() == "do not overwrite\n"
+    (d / "sa-token").symlink_to(victim)  # planted: a writer that follows links would clobber victim
+    east = plan.clusters[0]
+    with EmulatedApiServer() as api:
+        kubelet = Kubelet(east, api, lambda: {}, lambda: {n.name: NodeState(True) for n in east.nodes},
+                          TokenProjector(api, proxy_volumes(east, plane.token_path)))
+        kubelet.sync()   # the proxy pods first, then their tokens
+        token_file = plane.token_path(spec.proxy_id)
+        assert token_file == d / "sa-token"
+        st = os.lstat(token_file)
+        assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+        assert victim.read_text() == "do not overwrite\n"
+        # the token is the cluster's, for the controller, bound to the proxy's pod on its node
+        api.write_kubeconfig(tmp_path / "kubeconfig", "lab-east")
+        review = TokenReviewer("east", str(tmp_path / "kubeconfig"), "lab-east").review(
+            token_file.read_text().strip(), ["meshfed-controller"])
+        assert review.authenticated and review.username == "system:serviceaccount:meshfed-system:ztunnel"
+        assert review.extra["authentication.kubernetes.io/node-name"] == ("node-1",)
+        assert review.extra["authentication.kubernetes.io/pod-name"] == ("ztunnel-node-1",)
+    # and nothing of the controller's was written: there is no shared bootstrap secret any more
+    assert not (tmp_path / "controller").exists()

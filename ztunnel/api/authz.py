@@ -31,6 +31,19 @@ an ALLOW or DENY policy with no rules matches nothing (Istio: an ALLOW with no r
 `*` is allowed as a whole value, as a prefix (`*/ns/shop/sa/*` is two wildcards: each `*` matches any
 run of characters) or a suffix, as in Istio.
 
+Source namespaces across trust domains. A namespace name means something only inside its trust
+domain: `shop` in west.mesh.local is not `shop` in east.mesh.local (another cluster, another
+team). Istio has one trust domain per mesh, so its `namespaces: [shop]` never had to say which;
+here it must, and the rule is:
+
+- `namespaces: [shop]` (a bare name, wildcards allowed) matches peers in namespace `shop` of the
+  *destination's own* trust domain only;
+- `namespaces: [west.mesh.local/ns/shop]` matches `shop` of west.mesh.local: the principal syntax
+  cut after the namespace, so a policy that means another trust domain says so the way its
+  `principals` would; `*/ns/shop` is `shop` of any trust domain (the old, federation-blind match).
+
+The same holds for `notNamespaces`. `principals` already name their trust domain and are unchanged.
+
 The decision carries a reason naming the policy, so a refused connection can tell the client (and
 the access log) why.
 """
@@ -52,6 +65,12 @@ class Peer:
 
     principal: str   # spiffe://td/ns/x/sa/y, or "" for a plaintext peer
     namespace: str
+    trust_domain: str = ""
+
+    @property
+    def qualified_namespace(self) -> str:
+        """`<td>/ns/<namespace>`: what a trust-domain-qualified `namespaces` entry is matched against."""
+        return f"{self.trust_domain}/ns/{self.namespace}" if self.namespace else ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +83,9 @@ class Decision:
 def peer_from_identity(identity: str) -> Peer:
     """Peer of a SPIFFE id string; the namespace is the `/ns/<ns>/` segment."""
     parts = identity.removeprefix("spiffe://").split("/")
-    ns = parts[2] if len(parts) >= 5 and parts[1] == "ns" else ""
-    return Peer(identity, ns)
+    if len(parts) >= 5 and parts[1] == "ns":
+        return Peer(identity, parts[2], parts[0])
+    return Peer(identity, "")
 
 
 def _istio_principal(principal: str) -> str:
@@ -83,13 +103,23 @@ def match_value(pattern: str, value: str) -> bool:
     return pattern == value
 
 
-def _any(patterns: Iterable[str], value: str) -> bool:
-    return any(match_value(p, value) for p in patterns)
-
-
 def _principal_match(patterns: Iterable[str], principal: str) -> bool:
     short = _istio_principal(principal)
     return any(match_value(_istio_principal(p), short) for p in patterns) if short else False
+
+
+def namespace_matches(pattern: str, peer: Peer, local_trust_domain: str) -> bool:
+    """One `namespaces` entry against a peer: a bare name means the local trust domain's namespace,
+    `<td>/ns/<namespace>` (wildcards allowed) names the trust domain (see the module docstring)."""
+    if not peer.namespace:
+        return False
+    if "/" in pattern:
+        return match_value(pattern, peer.qualified_namespace)
+    return peer.trust_domain == local_trust_domain and match_value(pattern, peer.namespace)
+
+
+def _any_namespace(patterns: Iterable[str], peer: Peer, local_trust_domain: str) -> bool:
+    return any(namespace_matches(p, peer, local_trust_domain) for p in patterns)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,17 +174,18 @@ def request_fields_match(rule: AuthzMatch, request: Request) -> bool:
     return all(_condition_matches(c.key, c.values, c.not_values, request) for c in rule.when)
 
 
-def rule_matches(rule: AuthzMatch, peer: Peer, port: int, request: Request | None = None,
+def rule_matches(rule: AuthzMatch, peer: Peer, port: int, local_trust_domain: str, request: Request | None = None,
                  action: str = "ALLOW") -> bool:
-    """Does `rule` match? Without a `request` (ztunnel), request-level fields make an ALLOW rule
-    never match and a DENY rule match on its connection-level fields (Istio's fail-closed reading)."""
+    """Does `rule` match? `local_trust_domain`: the destination's, against which bare namespace
+    names are read. Without a `request` (ztunnel), request-level fields make an ALLOW rule never
+    match and a DENY rule match on its connection-level fields (Istio's fail-closed reading)."""
     if rule.principals and not _principal_match(rule.principals, peer.principal):
         return False
     if rule.not_principals and _principal_match(rule.not_principals, peer.principal):
         return False
-    if rule.namespaces and not _any(rule.namespaces, peer.namespace):
+    if rule.namespaces and not _any_namespace(rule.namespaces, peer, local_trust_domain):
         return False
-    if rule.not_namespaces and _any(rule.not_namespaces, peer.namespace):
+    if rule.not_namespaces and _any_namespace(rule.not_namespaces, peer, local_trust_domain):
         return False
     if rule.ports and port not in rule.ports:
         return False
@@ -184,15 +215,15 @@ def applies_to_target(policy: Authorization, target: str) -> bool:
 
 
 def _decide(applicable: list[Authorization], peer: Peer, port: int, request: Request | None,
-            what: str) -> Decision:
+            what: str, local_trust_domain: str) -> Decision:
     for p in applicable:
         if p.action == "DENY":
             for i, r in enumerate(p.rules):
-                if rule_matches(r, peer, port, request, "DENY"):
+                if rule_matches(r, peer, port, local_trust_domain, request, "DENY"):
                     return Decision(False, f"denied by DENY policy {p.key} (rule {i}{_describe(r, request)})", p.key)
     allows = [p for p in applicable if p.action == "ALLOW"]
     for p in allows:
-        if any(rule_matches(r, peer, port, request, "ALLOW") for r in p.rules):
+        if any(rule_matches(r, peer, port, local_trust_domain, request, "ALLOW") for r in p.rules):
             return Decision(True, f"allowed by ALLOW policy {p.key}", p.key)
     if allows:
         names = ", ".join(p.key for p in allows)
@@ -219,18 +250,21 @@ def _describe(rule: AuthzMatch, request: Request | None) -> str:
 
 
 def evaluate(policies: Iterable[Authorization], *, peer: Peer, dest_namespace: str,
-             dest_labels: Mapping[str, str], port: int, root_namespace: str = ROOT_NAMESPACE) -> Decision:
+             dest_labels: Mapping[str, str], port: int, local_trust_domain: str,
+             root_namespace: str = ROOT_NAMESPACE) -> Decision:
     """ztunnel's decision for one connection: DENY first, then ALLOW, then allow by default. Pure;
-    `policies` may be in any order."""
+    `policies` may be in any order. `local_trust_domain` is the destination's (bare `namespaces`
+    entries name its namespaces)."""
     applicable = sorted((p for p in policies if applies_to(p, dest_namespace, dest_labels, root_namespace)),
                         key=lambda p: p.key)
-    return _decide(applicable, peer, port, None, f"on port {port}")
+    return _decide(applicable, peer, port, None, f"on port {port}", local_trust_domain)
 
 
 def evaluate_request(policies: Iterable[Authorization], *, peer: Peer, targets: Iterable[str], port: int,
-                     request: Request) -> Decision:
+                     request: Request, local_trust_domain: str) -> Decision:
     """A waypoint's or ingress gateway's decision for one request to `targets` (the destination
-    Service and the proxy's own Gateway): DENY first, then ALLOW, then allow by default."""
+    Service and the proxy's own Gateway): DENY first, then ALLOW, then allow by default.
+    `local_trust_domain`: the proxy's (its cluster's; bare `namespaces` entries name its namespaces)."""
     wanted = set(targets)
     applicable = sorted((p for p in policies if wanted.intersection(p.targets)), key=lambda p: p.key)
-    return _decide(applicable, peer, port, request, f"for {request.method} {request.path}")
+    return _decide(applicable, peer, port, request, f"for {request.method} {request.path}", local_trust_domain)

@@ -87,7 +87,9 @@ class Endpoint:
 
     Same network: dial `address:port` through HBONE to the node at `hbone_address`.
     Other network: `gateway` is the east-west gateway "ip:15008"; the inner tunnel's authority is
-    `<service hostname>:<port>` and the gateway picks the pod (double HBONE).
+    `<service hostname>:<port>` and the gateway picks the pod (double HBONE). The outer tunnel is
+    verified against `gateway_identity` (the gateway's SPIFFE ID in its cluster's trust domain),
+    the inner one against `identity`: a proxy refuses an endpoint that names neither it needs.
     """
 
     workload_uid: str
@@ -103,6 +105,7 @@ class Endpoint:
     healthy: bool = True  # the controller's global view (aggregated ejections, partitions)
     region: str = ""
     zone: str = ""
+    gateway_identity: str = ""  # who must answer at `gateway` (spiffe://<td>/ns/meshfed-system/sa/eastwest-gateway)
 
 
 @dataclass(frozen=True, slots=True)
@@ -490,7 +493,8 @@ def _build(cls: type[Any], data: Mapping[str, Any]) -> Any:
 # identity...): interned at parse time so a proxy holds each once (a JSON parser makes a new string
 # per occurrence). Unique values (uids, pod IPs) are not interned: that would only add a table entry.
 _REPEATED_FIELDS: dict[type[Any], frozenset[str]] = {
-    Endpoint: frozenset({"cluster", "network", "hbone_address", "gateway", "identity", "region", "zone"}),
+    Endpoint: frozenset({"cluster", "network", "hbone_address", "gateway", "identity", "region", "zone",
+                         "gateway_identity"}),
     Workload: frozenset({"namespace", "cluster", "network", "node", "identity", "service_account", "region", "zone",
                          "node_address"}),
 }

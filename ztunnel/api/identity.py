@@ -136,13 +136,59 @@ class SpiffeId:
 # --- the identities of the control plane -------------------------------------------------------
 
 PROXY_NAMESPACE = "meshfed-system"            # where proxies' own identities live
-# The controller's serving certificate carries this DNS name next to its SPIFFE ID: gRPC clients
-# verify a host name and cannot match a URI SAN, so they dial the controller's address and
-# override the name to verify (`grpc.ssl_target_name_override`), as Istio's istiod.istio-system.svc.
+# The Kubernetes service accounts the proxies run as (the DaemonSet's and the gateway Deployment's),
+# in PROXY_NAMESPACE: a projected token of one of them is what a proxy bootstraps with, and the
+# gateway's is also the identity it presents on HBONE (`gateway_spiffe_id`).
+NODE_PROXY_SERVICE_ACCOUNT = "ztunnel"
+GATEWAY_SERVICE_ACCOUNT = "eastwest-gateway"
+CONTROLLER_SERVICE_ACCOUNT = "meshfed-controller"
+# The audience of a proxy's projected ServiceAccount token (the pod spec's serviceAccountToken
+# `audience`): the controller's TokenReview asks for it, so a token minted for anything else (the
+# API server's default audience, another service) does not bootstrap a proxy.
+CONTROLLER_TOKEN_AUDIENCE = "meshfed-controller"
+# The controller serves one certificate per trust domain: `controller_spiffe_id(td)`, plus the DNS
+# name `controller_tls_name(td)` that a proxy of that trust domain sends as SNI to get it (gRPC
+# picks the certificate by SNI). The proxy then verifies the SPIFFE ID against its own trust
+# domain's bundle; the DNS name selects, it does not authenticate (an organisation's PKI may
+# well issue that name to anyone).
 CONTROLLER_TLS_NAME = "meshfed-controller.meshfed-system"
 
 
-# Proxy ids: the kind, then the cluster, then what names the proxy within it.
+def controller_spiffe_id(trust_domain: str) -> str:
+    """The controller's identity in `trust_domain`, the one proxies of that domain pin."""
+    return str(SpiffeId(trust_domain, PROXY_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT))
+
+
+def controller_tls_name(trust_domain: str) -> str:
+    """The TLS server name (SNI, DNS SAN) of the controller's certificate for `trust_domain`."""
+    return f"{CONTROLLER_TLS_NAME}.{check_trust_domain(trust_domain)}"
+
+
+def gateway_spiffe_id(trust_domain: str) -> str:
+    """The identity an east-west gateway presents on HBONE, and what a client verifies the outer
+    tunnel against: `spiffe://<td>/ns/meshfed-system/sa/eastwest-gateway`."""
+    return str(SpiffeId(trust_domain, PROXY_NAMESPACE, GATEWAY_SERVICE_ACCOUNT))
+
+
+# --- proxy ids ----------------------------------------------------------------------------------
+#
+# A proxy id names one proxy of the fleet: `ztunnel/<cluster>/<node>` (a node proxy),
+# `gateway/<cluster>` (a cluster's east-west gateway), `waypoint/<cluster>/<namespace>/<name>` and
+# `ingress/<cluster>/<namespace>/<name>` (the L7 proxies of a Gateway). It is what a CSR is entitled
+# by, what a bootstrap token is scoped to, what a ServiceAccount token's node claim is checked
+# against and what status reports, so it has one strict parser (`ProxyId.parse`) used by every place
+# that builds or reads one: two spellings must never name the same proxy, and one id must never be
+# read as two different proxies by two readers (a loose `split("/")` here and `rsplit` there did
+# exactly that: `ztunnel/east/a/b` was node `a` to one and `b` to another).
+#
+# The cluster and a namespace are DNS labels (the fleet validates them as such); a node and a
+# Gateway's name are Kubernetes object names (DNS subdomains: lowercase labels joined by dots).
+# Because the cluster and the namespace have no dot, the proxy's SPIFFE service account
+# (`ztunnel.<cluster>.<node>`, `gateway.<cluster>`, `waypoint.<cluster>.<ns>.<name>`) is injective
+# too: `ztunnel/a/b.c` and a would-be `ztunnel/a.b/c` cannot both exist.
+
+_DNS_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_DNS_SUBDOMAIN_MAX = 253
 PROXY_ID_SHAPES = {
     "ztunnel": "ztunnel/<cluster>/<node>",
     "gateway": "gateway/<cluster>",
@@ -150,24 +196,111 @@ PROXY_ID_SHAPES = {
     "ingress": "ingress/<cluster>/<namespace>/<name>",
 }
 _PROXY_ID_PARTS = {"ztunnel": 3, "gateway": 2, "waypoint": 4, "ingress": 4}
+PROXY_ID_USAGE = (f"a proxy id is one of {', '.join(PROXY_ID_SHAPES.values())}, with <cluster> and <namespace> "
+                  "DNS labels and <node>/<name> Kubernetes names (lowercase)")
+
+
+def _is_dns_subdomain(name: str) -> bool:
+    return 0 < len(name) <= _DNS_SUBDOMAIN_MAX and all(_DNS_LABEL_RE.fullmatch(p) for p in name.split("."))
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ProxyId:
+    """One proxy: `ProxyId.parse("ztunnel/east/node-1")` or `ProxyId.node_proxy("east", "node-1")`.
+    `str()` round-trips exactly; construction validates (IdentityError, a ValueError, naming the
+    accepted shapes)."""
+
+    kind: str            # "ztunnel" | "gateway" | "waypoint" | "ingress"
+    cluster: str         # DNS label
+    node: str = ""       # the node a node proxy runs on; "" otherwise
+    namespace: str = ""  # a waypoint's or ingress's Gateway namespace; "" otherwise
+    name: str = ""       # that Gateway's name; "" otherwise
+
+    def __post_init__(self) -> None:
+        shown = "/".join(p for p in (self.kind, self.cluster, self.node, self.namespace, self.name) if p)
+        if self.kind not in _PROXY_ID_PARTS:
+            raise IdentityError(f"proxy id {shown!r}: unknown kind {self.kind!r}; {PROXY_ID_USAGE}")
+        if not _DNS_LABEL_RE.fullmatch(self.cluster):
+            raise IdentityError(f"proxy id {shown!r}: cluster {self.cluster!r} is not a DNS label; {PROXY_ID_USAGE}")
+        l7 = self.kind in ("waypoint", "ingress")
+        if (self.kind == "ztunnel") != bool(self.node):
+            raise IdentityError(f"proxy id {shown!r}: only a node proxy names a node; {PROXY_ID_USAGE}")
+        if self.node and not _is_dns_subdomain(self.node):
+            raise IdentityError(f"proxy id {shown!r}: node {self.node!r} is not a Kubernetes node name; {PROXY_ID_USAGE}")
+        if l7 != bool(self.namespace) or l7 != bool(self.name):
+            raise IdentityError(f"proxy id {shown!r}: only a waypoint or ingress names a namespace and a name; "
+                                f"{PROXY_ID_USAGE}")
+        if self.namespace and not _DNS_LABEL_RE.fullmatch(self.namespace):
+            raise IdentityError(f"proxy id {shown!r}: namespace {self.namespace!r} is not a DNS label; {PROXY_ID_USAGE}")
+        if self.name and not _is_dns_subdomain(self.name):
+            raise IdentityError(f"proxy id {shown!r}: name {self.name!r} is not a Kubernetes name; {PROXY_ID_USAGE}")
+
+    @classmethod
+    def node_proxy(cls, cluster: str, node: str) -> ProxyId:
+        return cls("ztunnel", cluster, node)
+
+    @classmethod
+    def gateway(cls, cluster: str) -> ProxyId:
+        return cls("gateway", cluster)
+
+    @classmethod
+    def parse(cls, s: str) -> ProxyId:
+        """The proxy `s` names, or IdentityError: exactly the parts its kind has, nothing else."""
+        if not isinstance(s, str):
+            raise IdentityError(f"proxy id must be a string, got {type(s).__name__}")
+        parts = s.split("/")
+        if parts[0] not in _PROXY_ID_PARTS or len(parts) != _PROXY_ID_PARTS[parts[0]]:
+            raise IdentityError(f"proxy id {s[:80]!r} is malformed; {PROXY_ID_USAGE}")
+        if parts[0] == "ztunnel":
+            return cls(parts[0], parts[1], node=parts[2])
+        if parts[0] == "gateway":
+            return cls(parts[0], parts[1])
+        return cls(parts[0], parts[1], namespace=parts[2], name=parts[3])
+
+    def __str__(self) -> str:
+        return "/".join(p for p in (self.kind, self.cluster, self.node, self.namespace, self.name) if p)
+
+    @property
+    def is_node(self) -> bool:
+        return self.kind == "ztunnel"
+
+    @property
+    def service_account(self) -> str:
+        """The Kubernetes service account the proxy's pod runs as (in `service_account_namespace`):
+        the DaemonSet's, the east-west gateway's, or (as Istio's gateway controller deploys them) the
+        Gateway's name for a waypoint and `<name>-istio` for an ingress gateway."""
+        if self.kind == "ztunnel":
+            return NODE_PROXY_SERVICE_ACCOUNT
+        if self.kind == "gateway":
+            return GATEWAY_SERVICE_ACCOUNT
+        return self.name if self.kind == "waypoint" else f"{self.name}-istio"
+
+    @property
+    def service_account_namespace(self) -> str:
+        return self.namespace or PROXY_NAMESPACE
+
+    def spiffe_id(self, trust_domain: str) -> str:
+        """The identity the proxy presents to the controller (see `proxy_spiffe_id`)."""
+        return str(SpiffeId(trust_domain, PROXY_NAMESPACE, str(self).replace("/", ".")))
 
 
 def parse_proxy_id(proxy_id: str) -> tuple[str, str]:
-    """(kind, cluster) of a proxy id; ValueError naming the accepted shapes otherwise."""
-    parts = proxy_id.split("/")
-    if not parts or parts[0] not in _PROXY_ID_PARTS or len(parts) != _PROXY_ID_PARTS[parts[0]] or not all(parts):
-        raise ValueError(f"proxy id {proxy_id!r} is not one of: {', '.join(PROXY_ID_SHAPES.values())}")
-    return parts[0], parts[1]
+    """(kind, cluster) of a proxy id (`ProxyId.parse`); ValueError naming the accepted shapes."""
+    pid = ProxyId.parse(proxy_id)
+    return pid.kind, pid.cluster
+
+
+def proxy_service_account(proxy_id: str) -> str:
+    """The service account a proxy's pod runs as; ValueError (IdentityError) for anything
+    `ProxyId.parse` refuses."""
+    return ProxyId.parse(proxy_id).service_account
 
 
 def proxy_spiffe_id(trust_domain: str, proxy_id: str) -> str:
     """The identity a proxy presents to the controller; it names the proxy, so a proxy can
     subscribe as itself only: `ztunnel/east/node-1` in east.mesh.local ->
-    `spiffe://east.mesh.local/ns/meshfed-system/sa/ztunnel.east.node-1`."""
-    parts = proxy_id.split("/")
-    if len(parts) < 2 or not all(parts):
-        raise ValueError(f"proxy id {proxy_id!r} is not <kind>/<cluster>[/<node>]")
-    return f"spiffe://{trust_domain}/ns/{PROXY_NAMESPACE}/sa/{'.'.join(parts)}"
+    `spiffe://east.mesh.local/ns/meshfed-system/sa/ztunnel.east.node-1` (injective: see ProxyId)."""
+    return ProxyId.parse(proxy_id).spiffe_id(trust_domain)
 
 
 # --- keys and certificate requests ---------------------------------------------------------------

@@ -114,6 +114,7 @@ class _Entry:
     last_error: str = ""
     failing_since_s: float | None = None
     inflight: asyncio.Future[WorkloadCertificate] | None = None
+    forced: bool = False                # renew at the next tick even though the certificate is fresh
 
 
 class CertManager:
@@ -158,6 +159,29 @@ class CertManager:
     @property
     def identities(self) -> tuple[SpiffeId, ...]:
         return tuple(sorted(self._entries))
+
+    def request_renewal(self, identity: SpiffeId | str) -> None:
+        """Renew `identity` at the next `renew_due` although its certificate is still within its
+        validity: the relying party refused it (a rotated root, a controller rebuilt from nothing).
+        The cached certificate keeps being served until the new one arrives."""
+        e = self._entries.get(_sid(identity))
+        if e is None:
+            return
+        e.forced = True
+        e.next_attempt_s = min(e.next_attempt_s, self._clock())
+        self._wake.set()
+
+    def put(self, identity: SpiffeId | str, chain_pem: bytes, key_pem: bytes) -> WorkloadCertificate:
+        """Adopt a certificate obtained earlier (persisted across a restart) as if just fetched,
+        after the same checks a CA response gets (our identity, this key, valid now); raises
+        `CertificateResponseError` otherwise. Its refresh time follows from its validity."""
+        sid = _sid(identity)
+        nb, na = _check_response(sid, key_pem, chain_pem, self._clock())
+        cert = WorkloadCertificate(sid, chain_pem, key_pem, nb, na, self._refresh_at(nb, na))
+        entry = self._entries.setdefault(sid, _Entry(sid))
+        entry.cert, entry.next_attempt_s = cert, cert.refresh_at_s
+        self._wake.set()
+        return cert
 
     def forget(self, identity: SpiffeId | str) -> None:
         """Stop managing an identity (its workload left the node). The key is dropped with the entry."""
@@ -226,6 +250,7 @@ class CertManager:
                 entry.cert = cert
             entry.failures, entry.last_error, entry.failing_since_s = 0, "", None
             entry.next_attempt_s = cert.refresh_at_s
+            entry.forced = False
             fut.set_result(cert)
             return cert
         finally:
@@ -241,14 +266,15 @@ class CertManager:
 
     def next_due_s(self) -> float | None:
         """When the next renewal attempt is due (absolute, seconds), or None if nothing is managed."""
-        times = [max(e.next_attempt_s, e.cert.refresh_at_s if e.cert else 0.0) for e in self._entries.values()]
+        times = [max(e.next_attempt_s, e.cert.refresh_at_s if e.cert and not e.forced else 0.0)
+                 for e in self._entries.values()]
         return min(times) if times else None
 
     async def renew_due(self, now_s: float) -> list[tuple[SpiffeId, str | None]]:
         """Renew every identity whose refresh time (or retry time) has come; returns (identity, error)."""
         due = [e for e in self._entries.values()
                if e.inflight is None and now_s >= e.next_attempt_s
-               and (e.cert is None or now_s >= e.cert.refresh_at_s)]
+               and (e.forced or e.cert is None or now_s >= e.cert.refresh_at_s)]
         results: list[tuple[SpiffeId, str | None]] = []
 
         async def one(e: _Entry) -> None:

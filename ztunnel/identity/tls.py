@@ -106,3 +106,24 @@ def verify_connection(ssl_object: _HasPeerCert, store: TrustStore, now_s: float,
             "peer presented no certificate; mesh traffic is mutual TLS only (is the peer a mesh proxy, and is "
             "it dialing the HBONE port 15008?)", "no_certificate")
     return store.verify_peer(der, now_s, expected=expected, local_trust_domain=local_trust_domain)
+
+
+def controller_client_context(roots_pem: bytes, chain_pem: bytes | None = None,
+                              key_pem: bytes | None = None) -> ssl.SSLContext:
+    """Client side of a proxy's TLS to the controller (`ztunnel.xds.channel`): the first gate is
+    the controller trust domain's roots (no host-name check: the SPIFFE ID is pinned after the
+    handshake with `TrustStore.verify_peer`, which also judges validity with its skew tolerance);
+    ALPN h2 for gRPC; our SVID when we have one (the main port requires it)."""
+    if not roots_pem.strip():
+        raise ValueError("no roots to verify the controller with (is the controller's roots file empty?)")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.verify_flags |= X509_V_FLAG_NO_CHECK_TIME
+    ctx.load_verify_locations(cadata=roots_pem.decode("ascii"))
+    if chain_pem and key_pem:
+        with _pem_path(chain_pem, "chain.pem") as chain_path, _pem_path(key_pem, "key.pem") as key_path:
+            ctx.load_cert_chain(chain_path, key_path)
+    ctx.set_alpn_protocols(["h2"])
+    return ctx

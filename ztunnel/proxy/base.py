@@ -553,8 +553,13 @@ class ProxyBase:
             return True
         return made
 
-    async def dial_hbone(self, address: str, src_identity: str, sni: str, expected: tuple[str, ...] | None,
+    async def dial_hbone(self, address: str, src_identity: str, sni: str, expected: tuple[str, ...],
                          timeout_s: float) -> HboneSession:
+        """An HBONE session to `address` as `src_identity`, verified against `expected`: an outbound
+        dial always knows whom it wants (no expected identity would accept any federated peer)."""
+        if not expected:
+            raise PeerVerificationError(f"refusing to dial {address} without an expected peer identity",
+                                        "no_expected_identity")
         loop = asyncio.get_running_loop()
         host, port = parse_host_port(address)
         ctx = self.creds.client_ctx(src_identity)
@@ -576,6 +581,15 @@ class ProxyBase:
             raise failure[0]
         return session
 
+    @staticmethod
+    def _gateway_expected(ep: Endpoint) -> tuple[str, ...]:
+        if not ep.gateway_identity:
+            raise PeerVerificationError(
+                f"endpoint {ep.workload_uid} is reached through gateway {ep.gateway}, but the config names no "
+                "gateway identity to verify the outer tunnel against; refusing to dial it (a config from an "
+                "older controller? it re-renders on its next push)", "no_expected_identity")
+        return (ep.gateway_identity,)
+
     async def open_to_endpoint(self, src_identity: str, headers: tuple[tuple[str, str], ...], hostname: str,
                                port: int, ep: Endpoint, expected: tuple[str, ...] | None,
                                timeout_s: float) -> HboneStream:
@@ -583,7 +597,12 @@ class ProxyBase:
         per source identity, node and destination identity, as ztunnel pools them), or double HBONE
         through the destination network's east-west gateway (the outer tunnel's authority is
         `hostname:port`, the service the gateway routes; the inner mTLS is end to end). `headers`
-        travel on the CONNECT (the source workload; at a waypoint, also the caller's identity)."""
+        travel on the CONNECT (the source workload; at a waypoint, also the caller's identity).
+        `expected`: whom the destination must prove to be; without it the endpoint is refused, not
+        dialled (any federated peer would pass as it)."""
+        if not expected:
+            raise PeerVerificationError(f"endpoint {ep.workload_uid} has no identity to verify; refusing to connect "
+                                        "rather than accept any peer", "no_expected_identity")
         if not ep.gateway:
             key = ("direct", ep.hbone_address, src_identity, ep.identity)
             sni = sni_for_identity(ep.identity) if ep.identity else ""
@@ -596,8 +615,12 @@ class ProxyBase:
         # one round trip through the gateway fewer per new connection. A refusal by the gateway
         # aborts the inner handshake and is raised as the refusal it is.
         authority = f"{hostname}:{port}"
-        gw_key = ("gateway", ep.gateway, src_identity)
-        outer = await self.pool.get(gw_key, lambda: self.dial_hbone(ep.gateway, src_identity, "", None, timeout_s))
+        # the outer tunnel is verified against the gateway's own identity (rendered per endpoint):
+        # dialled with nothing expected, anyone at the gateway's address would carry our traffic
+        gw_expected = self._gateway_expected(ep)
+        gw_key = ("gateway", ep.gateway, src_identity, gw_expected)
+        outer = await self.pool.get(gw_key, lambda: self.dial_hbone(ep.gateway, src_identity, "", gw_expected,
+                                                                    timeout_s))
         started = mono_s()
         ostream = outer.open_stream(authority, headers, flush=False)  # leaves with the ClientHello
         loop = asyncio.get_running_loop()

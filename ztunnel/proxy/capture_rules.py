@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ztunnel.api.config import ProxyConfig, ProxyMode
+from ztunnel.api.identity import ProxyId
 from ztunnel.api.ports import DNS_PORT, OUTBOUND_CAPTURE_PORT
 
 OUTBOUND_CHAIN = "MESHFED_OUTBOUND"
@@ -73,7 +74,7 @@ def enrolled_addresses(cfg: ProxyConfig) -> frozenset[str]:
     """The IPv4 addresses of this node's workloads in the config: the pods to capture."""
     if cfg.mode is not ProxyMode.NODE:
         return frozenset()
-    node = cfg.proxy_id.rsplit("/", 1)[-1]
+    node = ProxyId.parse(cfg.proxy_id).node
     out = set()
     for w in cfg.workloads:
         if w.node != node or w.cluster != cfg.cluster:

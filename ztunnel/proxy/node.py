@@ -332,12 +332,18 @@ class NodeProxy(ProxyBase):
         raise ConnectFailed(f"could not reach {plan.description} after {len(tried)} endpoint(s): "
                             + "; ".join(errors[-3:]))
 
-    def _expected(self, plan: OutboundPlan, ep: Endpoint) -> tuple[str, ...] | None:
+    def _expected(self, plan: OutboundPlan, ep: Endpoint) -> tuple[str, ...]:
+        """Whom the destination must prove to be. An endpoint that names no identity (and a service
+        without subjectAltNames) is refused rather than dialled: with nothing expected, any peer
+        of any federated trust domain would pass the handshake as that endpoint."""
         if ep.identity:
             return (ep.identity,)
         if plan.service is not None and plan.service.subject_alt_names:
             return plan.service.subject_alt_names
-        return None
+        raise PeerVerificationError(
+            f"endpoint {ep.workload_uid} of {plan.description} has no identity to verify (and the service no "
+            "subjectAltNames); refusing to connect rather than accept any peer — check the controller's "
+            "rendering of that endpoint", "no_expected_identity")
 
     async def _attempt(self, src: Workload, plan: OutboundPlan, ep: Endpoint, timeout_s: float) -> HboneStream:
         assert plan.service is not None or not ep.gateway

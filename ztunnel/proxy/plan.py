@@ -100,7 +100,7 @@ def plan_inbound(cfg: ProxyConfig, ix: Any, authority: str, peer_identity: str,
         w, target_port = (pick or (lambda xs: xs[0]))(local)
     peer = authz.peer_from_identity(peer_identity)
     d = authz.evaluate(cfg.authorizations, peer=peer, dest_namespace=w.namespace, dest_labels=w.labels,
-                       port=target_port, root_namespace=root_namespace)
+                       port=target_port, local_trust_domain=cfg.trust_domain, root_namespace=root_namespace)
     if not d.allowed:
         return InboundPlan(None, w, 403, d.reason, d.policy)
     return InboundPlan((w.address, target_port), w, 200, d.reason, d.policy)

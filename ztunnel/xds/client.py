@@ -16,11 +16,10 @@ Three layers, decide-then-act:
 3. `XdsClient`, the asyncio adapter: connects, sends the hello with what it runs, pumps responses
    through the subscription into a `ConfigSink` (the data plane's apply hook), reconnects with
    exponential backoff and jitter, and streams health reports from a `HealthSource`.
-4. Identity: a proxy's own SPIFFE ID names it (`proxy_spiffe_id`); `bootstrap_svid` gets the
-   first certificate with the cluster's bootstrap token over server-authenticated TLS (the
-   controller's bootstrap port), `Svid.channel_factory` then gives mTLS channels for `XdsClient`.
-   Channels verify the controller as `CONTROLLER_TLS_NAME` (`grpc.ssl_target_name_override`),
-   because SVIDs carry no DNS name.
+4. Identity: a proxy's own SPIFFE ID names it (`proxy_spiffe_id`). Proxies reach the controller
+   through `ztunnel.xds.channel` (TLS made by the proxy, the controller's SPIFFE ID pinned against
+   the proxy's own trust domain's roots). `secure_channel` is gRPC's own TLS, which checks only a
+   DNS name against a root pool: kept for tests and tools that play a client, never for proxies.
 5. Liveness: channels ping the controller every `KEEPALIVE_TIME_MS` (also with no call open) and
    give up on a ping unanswered for `KEEPALIVE_TIMEOUT_MS`, so a link that silently stopped
    forwarding fails the config stream within ~20 s and the client reconnects (with backoff),
@@ -196,8 +195,10 @@ class XdsClient:
                  channel_factory: Callable[[], Any], metadata: Sequence[tuple[str, str]] = (),
                  health: HealthSource | None = None, health_interval_s: float = 1.0,
                  backoff: Backoff | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 on_error: Callable[[BaseException], None] | None = None) -> None:
         self.sub, self.sink, self.channel_factory = subscription, sink, channel_factory
+        self.on_error = on_error  # told of every session that ended in an error (e.g. UNAUTHENTICATED)
         self.metadata = tuple(metadata)
         self.health, self.health_interval_s = health, health_interval_s
         self.backoff = backoff or Backoff()
@@ -227,6 +228,8 @@ class XdsClient:
                     log.warning("config stream to the controller lost (%s); serving the last applied config, "
                                 "reconnecting with backoff", lost,
                                 extra={"fields": {"event": "ControllerLost", "error": lost}})
+                if self.on_error is not None:
+                    self.on_error(e)
             self.connected.clear()
             if self._stop.is_set():
                 break
@@ -352,9 +355,10 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
 def secure_channel(target: str, roots_pem: bytes, key_pem: bytes | None = None, chain_pem: bytes | None = None,
                    target_name: str = CONTROLLER_TLS_NAME,
                    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Any:
-    """A TLS channel to the controller at `target` ("host:port"), verified against `roots_pem`
-    under the name `target_name`; with `key_pem`/`chain_pem` (the proxy's SVID) it is mTLS.
-    Without them it only reaches the certificate service (on the controller's bootstrap port)."""
+    """gRPC's own TLS channel to the controller at `target` ("host:port"), verified against
+    `roots_pem` under the DNS name `target_name` (use `controller_tls_name(td)`: the controller
+    serves one certificate per trust domain by SNI); with `key_pem`/`chain_pem` it is mTLS. Tests
+    and tools only: it cannot pin the controller's SPIFFE ID (proxies use `ztunnel.xds.channel`)."""
     import grpc
     import grpc.aio
 
@@ -380,19 +384,21 @@ class Svid:
                                       max_message_bytes)
 
 
-async def bootstrap_svid(bootstrap_target: str, proxy_id: str, trust_domain: str, roots_pem: bytes, token: str,
-                         target_name: str = CONTROLLER_TLS_NAME, ttl_s: int = 0, timeout_s: float = 5.0) -> Svid:
-    """The first certificate: a CSR for `proxy_spiffe_id(...)` with the cluster's bootstrap token,
-    over server-authenticated TLS to the controller's bootstrap port. Raises grpc's AioRpcError
-    (UNAUTHENTICATED for a wrong token, PERMISSION_DENIED for a proxy of another cluster)."""
-    from ztunnel.api.identity import generate_key_and_csr
+async def bootstrap_svid(bootstrap_target: str, proxy_id: str, trust_domain: str, roots_pem: bytes, token: str = "",
+                         target_name: str = "", ttl_s: int = 0, timeout_s: float = 5.0,
+                         service_account_token: str = "") -> Svid:
+    """The first certificate (tests and tools): a CSR for `proxy_spiffe_id(...)` with a bootstrap
+    token or a service account token, over server-authenticated TLS to the controller's bootstrap
+    port (`target_name` defaults to the trust domain's `controller_tls_name`). Raises grpc's
+    AioRpcError (UNAUTHENTICATED for a wrong credential, PERMISSION_DENIED for another proxy's)."""
+    from ztunnel.api.identity import controller_tls_name, generate_key_and_csr
 
     identity = proxy_spiffe_id(trust_domain, proxy_id)
     kc = generate_key_and_csr(identity)
-    channel = secure_channel(bootstrap_target, roots_pem, target_name=target_name)
+    channel = secure_channel(bootstrap_target, roots_pem, target_name=target_name or controller_tls_name(trust_domain))
     try:
         resp = await request_certificate(channel, proxy_id, kc.csr_pem, bootstrap_token=token, ttl_s=ttl_s,
-                                         timeout_s=timeout_s)
+                                         timeout_s=timeout_s, service_account_token=service_account_token)
     finally:
         await channel.close()
     return Svid(identity, kc.key_pem, b"".join(resp.cert_chain_pem), b"".join(resp.roots_pem),
@@ -401,10 +407,11 @@ async def bootstrap_svid(bootstrap_target: str, proxy_id: str, trust_domain: str
 
 async def request_certificate(channel: Any, proxy_id: str, csr_pem: bytes, bootstrap_token: str = "",
                               ttl_s: int = 0, metadata: Sequence[tuple[str, str]] = (),
-                              timeout_s: float = 5.0) -> Any:
+                              timeout_s: float = 5.0, service_account_token: str = "") -> Any:
     """CSR in, SVID out (`CertificateResponse`). The private key never leaves the caller."""
     call: Callable[..., Awaitable[Any]] = channel.unary_unary(
         CERT_METHOD, request_serializer=pb.CertificateRequest.SerializeToString,
         response_deserializer=pb.CertificateResponse.FromString)
     return await call(pb.CertificateRequest(proxy_id=proxy_id, csr_pem=csr_pem, bootstrap_token=bootstrap_token,
-                                            ttl_s=ttl_s), metadata=tuple(metadata), timeout=timeout_s)
+                                            ttl_s=ttl_s, service_account_token=service_account_token),
+                      metadata=tuple(metadata), timeout=timeout_s)

@@ -37,7 +37,7 @@ from ztunnel.api.config import (
     proxy_config_to_dict,
     resource_to_dict,
 )
-from ztunnel.api.identity import IdentityError, SpiffeId, check_trust_domain
+from ztunnel.api.identity import IdentityError, ProxyId, SpiffeId, check_trust_domain
 from ztunnel.api.secret_files import make_private_dir, secret_writer
 
 
@@ -198,8 +198,9 @@ class Indexes:
 
 
 def node_name(cfg: ProxyConfig) -> str:
-    """`ztunnel/<cluster>/<node>` → `<node>`."""
-    return cfg.proxy_id.rsplit("/", 1)[-1]
+    """`ztunnel/<cluster>/<node>` → `<node>`; "" for a gateway (it runs on no node of ours).
+    IdentityError for a malformed id (`ProxyId.parse`, the one reader of proxy ids)."""
+    return ProxyId.parse(cfg.proxy_id).node
 
 
 def build_indexes(cfg: ProxyConfig) -> Indexes:

@@ -1,7 +1,7 @@
 """Issue 11 item 10, end to end over mTLS on loopback: the controller's state directory is lost.
 
 Two proxies run against controller A (real `XdsClient`s over mTLS with SVIDs from A's CA, verifying
-A with the controller roots). A's state directory is then deleted and A stops; traffic keeps
+A with their trust domain's roots). A's state directory is then deleted and A stops; traffic keeps
 flowing on the proxies' last good config. Then:
 
 - **rebuilt from a backup** (`meshfed controller backup` taken while A ran): the controller on the
@@ -32,11 +32,11 @@ import gitops
 from benchmarks.simproxy import SimProxy, make_config
 from federation.controller.backup import create_backup, restore_backup
 from federation.controller.checks import ORPHAN_GRACE_S, build_checks
-from federation.controller.config_service import CONTROLLER_ROOTS_FILE, ConfigService
+from federation.controller.config_service import TRUST_ANCHORS_DIR, ConfigService
 from federation.controller.statelock import StateDirLock
 from federation.server.grpc_services import ConfigServer, config_server_for, serve, wait_until
 from tests.integration.controller.conftest import free_port
-from ztunnel.api.identity import proxy_spiffe_id
+from ztunnel.api.identity import controller_tls_name, proxy_spiffe_id
 from ztunnel.xds.client import Svid
 
 EXAMPLE_FLEET = Path(__file__).resolve().parents[3] / "examples" / "fleet"
@@ -90,13 +90,13 @@ async def lost_state(tmp_path: Path) -> AsyncIterator[Fleet]:
     """Controller A with two synced proxies and a backup; then A's state directory is lost."""
     state, port = tmp_path / "state", free_port()
     a = await start(state, port)
-    roots = (state / CONTROLLER_ROOTS_FILE).read_bytes()
+    roots = (state / TRUST_ANCHORS_DIR / f"{EAST_TD}.pem").read_bytes()   # what a proxy of east is given
     proxies = []
     for pid in PROXIES:   # SVIDs A's CA issued (as the bootstrap path would have)
         issued = a.service.signing.cas[EAST_TD].issue_svid(proxy_spiffe_id(EAST_TD, pid))
         svid = Svid(str(issued.identity), issued.key_pem, issued.chain_pem, roots, issued.not_after_s)
         proxies.append(SimProxy(pid, f"127.0.0.1:{port}", cluster="east",
-                                channel_factory=svid.channel_factory(f"127.0.0.1:{port}")).start())
+                                channel_factory=svid.channel_factory(f"127.0.0.1:{port}", controller_tls_name(EAST_TD))).start())
     try:
         render(a, "rev1")
         assert await wait_until(lambda: synced(a), 10), a.service.dist.status()
@@ -144,7 +144,7 @@ async def test_a_controller_rebuilt_from_nothing_says_what_to_do_and_proxies_kee
         c = await start(f.state, f.port)
     try:
         logged = [r.getMessage() for r in caplog.records if "was empty" in r.getMessage()]
-        assert logged and "meshfed controller restore" in logged[0] and CONTROLLER_ROOTS_FILE in logged[0]
+        assert logged and "meshfed controller restore" in logged[0] and f"{TRUST_ANCHORS_DIR}/<trust-domain>.pem" in logged[0]
         assert c.service.epoch > f.epoch_a
         render(c, "rev-new")
         await asyncio.sleep(3.0)                               # several reconnect attempts (backoff <= 0.5 s)
@@ -158,6 +158,6 @@ async def test_a_controller_rebuilt_from_nothing_says_what_to_do_and_proxies_kee
         orphan = checks["proxies have connected to this controller's state"]
         assert not orphan["ok"] and "created new CA roots" in orphan["cause"]
         assert f"meshfed controller restore --state-dir {f.state}" in orphan["hint"]
-        assert f"{f.state}/{CONTROLLER_ROOTS_FILE}" in orphan["hint"]
+        assert f"{f.state}/{TRUST_ANCHORS_DIR}/<trust-domain>.pem" in orphan["hint"]
     finally:
         await c.stop()

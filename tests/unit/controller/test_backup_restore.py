@@ -50,6 +50,7 @@ def state_with_history(tmp_path: Path) -> tuple[Path, ConfigService]:
     svc.store.record_attempt("a" * 40, "first", ok=True, at_s=NOW_S)
     svc.store.record_acks([("ztunnel/east/node-1", svc.epoch, 3, "a" * 40)])
     svc.store.record_failover("checkout.shop.svc.clusterset.local", "FailedOver", from_cluster="east")
+    svc.bootstrap.create("ztunnel/east/node-7")   # a hand-provisioned proxy's bootstrap token, not used yet
     return state, svc
 
 
@@ -60,6 +61,7 @@ def files_of(d: Path) -> dict[str, bytes]:
 
 def test_a_backup_restores_the_ca_keys_store_and_credentials(tmp_path: Path) -> None:
     state, svc = state_with_history(tmp_path)
+    token = svc.bootstrap.create("gateway/east")
     archive = tmp_path / "out" / "b.tar.gz"
     summary = create_backup(state, archive, now_s=NOW_S)
     assert stat.S_IMODE(os.lstat(archive).st_mode) == 0o600
@@ -85,6 +87,7 @@ def test_a_backup_restores_the_ca_keys_store_and_credentials(tmp_path: Path) -> 
     again.ensure_cas(fleet())
     assert again.signing.roots_pem() == svc.signing.roots_pem() and again.epoch > svc.epoch
     assert not again.state_status()["fresh"]
+    assert again.bootstrap.check(token, "gateway/east") == ""   # an unused bootstrap token still works
 
 
 def test_restore_refuses_a_live_state_directory_and_names_its_holder(tmp_path: Path) -> None:
@@ -156,7 +159,7 @@ def test_a_controller_rebuilt_from_nothing_says_what_the_operator_has_to_do(tmp_
     late = {c["check"]: c for c in build_checks(st, NOW_S + ORPHAN_GRACE_S + 1)}
     check = late["proxies have connected to this controller's state"]
     assert not check["ok"] and "created new CA roots" in check["cause"]
-    assert "meshfed controller restore --state-dir" in check["hint"] and "controller-roots.pem" in check["hint"]
+    assert "meshfed controller restore --state-dir" in check["hint"] and "roots/<trust-domain>.pem" in check["hint"]
     # once a proxy acknowledged a config, the state is in use: no alarm
     svc.store.record_acks([("ztunnel/east/node-1", svc.epoch, 1, "r")])
     st["controller"]["state"] = svc.state_status()

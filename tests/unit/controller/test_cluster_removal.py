@@ -29,7 +29,9 @@ SOUTH_PROXIES = {"gateway/south", "ztunnel/south/node-1", "ztunnel/south/node-2"
 class Wired:
     def __init__(self, tmp_path: Path) -> None:
         self.now = 1000.0
-        self.cs = ConfigService(tmp_path / "state", clock=lambda: self.now)
+        # TokenReview clients are not called here: the fake records which clusters still have one
+        self.cs = ConfigService(tmp_path / "state", clock=lambda: self.now,
+                                token_reviewer=lambda cluster, kubeconfig, context: (cluster, context))
 
         def rollout(revision: str, ids: Sequence[str]) -> list[ProxyRollout]:
             return rollout_from_dict({"proxies": self.cs.rollout(revision, ids)})
@@ -83,7 +85,9 @@ def w(tmp_path: Path) -> Wired:
 
 
 def test_a_removed_cluster_is_drained_before_its_agent_and_credentials_go(w: Wired) -> None:
-    tokens_before = dict(w.cs.bootstrap._by_cluster)
+    south_node, east_node = "ztunnel/south/node-1", "ztunnel/east/node-1"
+    # hand-made bootstrap tokens not used yet (per proxy, single-use)
+    south_token, east_token = w.cs.bootstrap.create(south_node), w.cs.bootstrap.create(east_node)
     assert "south" in w.endpoints_seen_by("ztunnel/east/node-1")
     w.commit(WITHOUT_SOUTH)
     st = w.svc.status()
@@ -93,9 +97,12 @@ def test_a_removed_cluster_is_drained_before_its_agent_and_credentials_go(w: Wir
     # ...while south keeps its agent, its proxies their config and credentials
     assert st["fleet_clusters"]["south"]["draining"] is True and st["fleet_clusters"]["south"]["context"] == "lab-south"
     assert set(w.cs.dist.sessions) >= SOUTH_PROXIES and all(w.cs.dist.sessions[p].desired for p in SOUTH_PROXIES)
-    south_node = "ztunnel/south/node-1"
     assert w.cs.signing.authorize(south_node, proxy_spiffe_id("south.mesh.local", south_node)) == ""
-    assert w.cs.bootstrap._by_cluster.get("south") == tokens_before["south"]
+    # a draining cluster's proxies can still bootstrap: their tokens stay valid, their cluster
+    # still reviews their ServiceAccount tokens
+    assert w.cs.bootstrap.check(south_token, south_node) == ""
+    assert w.cs.authenticate_bootstrap(south_node, "", south_token).ok
+    assert w.cs._reviewer("south") == ("south", "lab-south")
     (drain,) = st["draining"]
     assert drain["cluster"] == "south" and drain["withdrawn_at_s"] is None
     kinds = [e["kind"] for e in w.events()]
@@ -115,7 +122,14 @@ def test_a_removed_cluster_is_drained_before_its_agent_and_credentials_go(w: Wir
     assert st["draining"] == [] and "south" not in st["fleet_clusters"]          # the agent stops
     assert not SOUTH_PROXIES & {p for p, s in w.cs.dist.sessions.items() if not s.removed}
     assert w.cs.signing.authorize(south_node, proxy_spiffe_id("south.mesh.local", south_node)) != ""
-    assert "south" not in w.cs.bootstrap._by_cluster and "south" not in w.cs.bootstrap._read()
+    # a removed cluster's proxies can no longer bootstrap: their unused tokens are revoked (in the
+    # file too) and no API reviews their ServiceAccount tokens; other clusters' tokens stay
+    assert w.cs.bootstrap.check(south_token, south_node) != "" and south_node not in w.cs.bootstrap._read()
+    assert not w.cs.authenticate_bootstrap(south_node, "", south_token).ok
+    assert w.cs._reviewer("south") is None
+    verdict = w.cs.authenticate_bootstrap(south_node, "a.b.c", "")
+    assert verdict.code == "permission_denied" and "not in the applied fleet" in verdict.reason
+    assert w.cs.bootstrap.check(east_token, east_node) == "" and east_node in w.cs.bootstrap.pending()
     assert not SOUTH_PROXIES & set(w.cs.store.proxy_acks())
     assert set(st["removed_clusters"][0]["proxies_forgotten"]) == SOUTH_PROXIES
     removed = [e for e in w.events() if e["kind"] == "ClusterRemoved"]
@@ -183,12 +197,13 @@ def test_a_restarted_reconciler_resumes_a_drain(w: Wired, tmp_path: Path) -> Non
 
 
 def test_a_restarted_config_service_is_told_again_which_clusters_drain(w: Wired, tmp_path: Path) -> None:
+    south_node = "ztunnel/south/node-1"
+    south_token = w.cs.bootstrap.create(south_node)
     w.commit(WITHOUT_SOUTH)
     fresh = ConfigService(tmp_path / "state", clock=lambda: w.now)        # the state owner restarted
     w.svc.rec.cluster_ops = fresh
     w.svc.outbox.send = fresh.apply_deltas
     w.svc.resync()
-    south_node = "ztunnel/south/node-1"
     fresh.ensure_cas(WITHOUT_SOUTH)
     assert fresh.signing.authorize(south_node, proxy_spiffe_id("south.mesh.local", south_node)) == ""
-    assert fresh.bootstrap.cluster_for(w.cs.bootstrap._by_cluster["south"]) == "south"
+    assert fresh.bootstrap.check(south_token, south_node) == ""   # its unused token survived the restart

@@ -3,17 +3,23 @@ reconciler, ACK/NACK records batched into the store, credentials written at CA l
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
 from benchmarks.simproxy import make_config
 from federation.controller.bootstrap import BOOTSTRAP_TOKENS_FILE
-from federation.controller.config_service import CONTROLLER_ROOTS_FILE, RECENT_ACK_LATENCIES, ConfigService
+from federation.controller.config_service import (
+    CONTROLLER_ROOTS_FILE,
+    RECENT_ACK_LATENCIES,
+    TRUST_ANCHORS_DIR,
+    ConfigService,
+)
 from federation.controller.distributor import AckEvent
 from federation.controller.store import Store
 from federation.controller.wire import REMOVE_NONCE, encode_config_deltas, pack
@@ -112,15 +118,165 @@ def test_a_failed_flush_is_counted_and_retried_with_the_next_batch(tmp_path: Pat
     assert st["ack_flush_failures"] == 1 and "disk full" in st["last_ack_flush_error"]
 
 
-def test_loading_cas_writes_the_controller_roots_and_private_bootstrap_tokens(tmp_path: Path) -> None:
+def test_loading_cas_writes_the_controller_roots_and_no_shared_bootstrap_secret(tmp_path: Path) -> None:
     svc = ConfigService(tmp_path, insecure=False)
     roots = svc.ensure_cas(fleet())
     assert set(roots) == {"east.mesh.local", "west.mesh.local", "south.mesh.local"}
     assert (tmp_path / CONTROLLER_ROOTS_FILE).read_bytes() == svc.signing.roots_pem()
+    # each trust domain's roots apart: what its proxies verify the controller with, and only that
+    for td, ca in svc.signing.cas.items():
+        assert (tmp_path / TRUST_ANCHORS_DIR / f"{td}.pem").read_bytes() == ca.roots_pem()
+    # no token per cluster any more: proxies bootstrap with their own ServiceAccount token
     tokens = tmp_path / BOOTSTRAP_TOKENS_FILE
+    assert not tokens.exists() or json.loads(tokens.read_text())["tokens"] == {}
+    made = svc.bootstrap.create("ztunnel/east/node-1")  # a hand-provisioned proxy's, on demand
     assert stat.S_IMODE(os.lstat(tokens).st_mode) == 0o600
-    assert svc.bootstrap.cluster_for("nope") is None
-    assert {svc.bootstrap.cluster_for(t) for t in svc.bootstrap._by_cluster.values()} == {"east", "west", "south"}
+    assert svc.authenticate_bootstrap("ztunnel/east/node-1", "", made).ok
+    assert not svc.authenticate_bootstrap("ztunnel/east/node-2", "", made).ok
+
+
+def jwt(payload: str) -> str:
+    return f"h.{payload}.s"
+
+
+class FakeReviewer:
+    """A cluster's TokenReview: a token `<cluster>:<sa>@<node>` is accepted by that cluster only."""
+
+    made: ClassVar[list[tuple[str, str | None, str]]] = []
+    reviewed: ClassVar[int] = 0
+
+    def __init__(self, cluster: str, kubeconfig: str | None, context: str) -> None:
+        self.cluster = cluster
+        FakeReviewer.made.append((cluster, kubeconfig, context))
+
+    def review(self, token: str, audiences: list[str]) -> Any:
+        from clusters.kube.auth import TokenReviewResult
+        from clusters.kube.discovery import DiscoveryError
+
+        assert audiences == ["meshfed-controller"]
+        FakeReviewer.reviewed += 1
+        token = token.split(".")[1]   # what the fake "JWT" carries: "<cluster>:<sa>@<node>"
+        if token == "api-down":
+            raise DiscoveryError(f"cluster {self.cluster}: connection refused")
+        who, _, node = token.partition("@")   # "<cluster>:<sa>@<node>": a token only its own cluster accepts
+        cluster, _, sa = who.partition(":")
+        if cluster != self.cluster:
+            return TokenReviewResult(False, error="invalid signature")
+        extra = {"authentication.kubernetes.io/pod-name": (f"{sa}-x",),
+                 **({"authentication.kubernetes.io/node-name": (node,)} if node else {})}
+        return TokenReviewResult(True, f"system:serviceaccount:meshfed-system:{sa}", extra=extra,
+                                 audiences=("meshfed-controller",))
+
+
+@pytest.mark.parametrize(("proxy_id", "token", "code"), [
+    ("ztunnel/east/node-1", "east:ztunnel@node-1", ""),
+    ("gateway/east", "east:eastwest-gateway", ""),
+    # reviewed by the proxy's own cluster only: west's API server does not know east's token
+    ("ztunnel/west/node-1", "east:ztunnel@node-1", "unauthenticated"),
+    # the node claim must be the proxy id's node: node-1's pod cannot bootstrap as node-2's proxy
+    ("ztunnel/east/node-2", "east:ztunnel@node-1", "permission_denied"),
+    # the proxy's own service account: a gateway's token is not a node proxy's, a workload's neither
+    ("ztunnel/east/node-1", "east:eastwest-gateway@node-1", "permission_denied"),
+    ("gateway/east", "east:checkout@node-1", "permission_denied"),
+    ("ztunnel/north/node-1", "north:ztunnel@node-1", "permission_denied"),   # not in the fleet
+    ("ztunnel/east/node-1", "api-down", "unavailable"),                      # ask again later
+])
+def test_service_account_tokens_are_reviewed_by_the_proxys_own_cluster(tmp_path: Path, proxy_id: str, token: str,
+                                                                       code: str) -> None:
+    svc = ConfigService(tmp_path, kubeconfig="/kc", token_reviewer=FakeReviewer)
+    svc.ensure_cas(fleet())
+    verdict = svc.authenticate_bootstrap(proxy_id, jwt(token), "")
+    assert verdict.code == code, verdict.reason
+    assert verdict.credential == "service account token"
+
+
+def test_one_token_reviewer_per_cluster_from_its_api_spec(tmp_path: Path) -> None:
+    FakeReviewer.made.clear()
+    svc = ConfigService(tmp_path, kubeconfig="/kc", token_reviewer=FakeReviewer)
+    svc.ensure_cas(fleet())
+    for _ in range(3):
+        svc.authenticate_bootstrap("ztunnel/east/node-1", jwt("east:ztunnel@node-1"), "")
+    svc.authenticate_bootstrap("ztunnel/west/node-1", jwt("west:ztunnel@node-1"), "")
+    assert FakeReviewer.made == [("east", "/kc", "lab-east"), ("west", "/kc", "lab-west")]
+
+
+def test_what_is_not_shaped_like_a_service_account_token_never_reaches_the_api_server(tmp_path: Path) -> None:
+    svc = ConfigService(tmp_path, kubeconfig="/kc", token_reviewer=FakeReviewer)
+    svc.ensure_cas(fleet())
+    before = FakeReviewer.reviewed
+    for junk in ("east:ztunnel@node-1", "a.b", "x." * 9000 + "y"):
+        assert svc.authenticate_bootstrap("ztunnel/east/node-1", junk, "").code == "unauthenticated"
+    assert FakeReviewer.reviewed == before
+
+
+def test_no_credential_at_all_is_unauthenticated_with_the_fix(tmp_path: Path) -> None:
+    svc = ConfigService(tmp_path, token_reviewer=FakeReviewer)
+    svc.ensure_cas(fleet())
+    v = svc.authenticate_bootstrap("ztunnel/east/node-1", "", "")
+    assert v.code == "unauthenticated" and "ServiceAccount token" in v.reason
+
+
+class Clock:
+    def __init__(self, now_s: float) -> None:
+        self.now_s = now_s
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+def test_the_serving_certificates_renew_at_half_life_by_the_injected_clock(tmp_path: Path) -> None:
+    """Before: one certificate minted at start with the workload TTL and never renewed."""
+    import time
+
+    clock = Clock(time.time())
+    svc = ConfigService(tmp_path, clock=clock)
+    svc.ensure_cas(fleet())
+    first = svc.signing.serving()
+    ttl_s = first.not_after_s - first.issued_at_s
+    assert ttl_s == pytest.approx(24 * 3600, abs=5)
+    assert len(first.pairs) == 3 and first.identities == tuple(
+        f"spiffe://{td}/ns/meshfed-system/sa/meshfed-controller" for td in sorted(svc.signing.cas))
+    clock.now_s += 0.49 * ttl_s
+    assert svc.renew_serving_certificates() == "" and svc.signing.serving() is first
+    clock.now_s += 0.02 * ttl_s                      # past half of its life
+    assert "half of its life" in svc.renew_serving_certificates()
+    second = svc.signing.serving()
+    assert second.generation == first.generation + 1 and second.pairs != first.pairs
+    assert second.not_after_s == pytest.approx(clock.now_s + ttl_s, abs=5)
+    st = svc.status({})["serving_certificate"]
+    assert st["renewals"] == 1 and st["not_after_s"] == second.not_after_s and st["renew_at_s"] == second.renew_at_s
+    # long-running: a month of renewals at the injected clock, none missed, each at half-life
+    for _ in range(60):
+        clock.now_s = svc.signing.serving().renew_at_s
+        assert svc.renew_serving_certificates()
+    assert svc.signing.serving_renewals == 61
+    assert clock.now_s - first.issued_at_s > 30 * 86400
+
+
+def test_the_serving_certificates_are_reissued_when_a_root_rotates(tmp_path: Path) -> None:
+    """A rotated signing root: new handshakes must get a chain from the new root at once."""
+    from cryptography import x509
+
+    from gitops.model import CaRoot
+
+    svc = ConfigService(tmp_path)
+    snap = fleet()
+    svc.ensure_cas(snap)
+    first = svc.signing.serving()
+    td = snap.trust_domains["east.mesh.local"]
+    published = replace(snap, trust_domains={**snap.trust_domains, "east.mesh.local": replace(
+        td, ca=replace(td.ca, roots=(*td.ca.roots, CaRoot("root-2", False))))})
+    svc.ensure_cas(published)                       # publish: the bundle changes
+    assert svc.signing.serving().generation == first.generation + 1
+    switched = replace(published, trust_domains={**published.trust_domains, "east.mesh.local": replace(
+        td, ca=replace(td.ca, roots=(CaRoot("root-1", False), CaRoot("root-2", True))))})
+    svc.ensure_cas(switched)                        # switch: east's certificate now chains to root-2
+    cur = svc.signing.serving()
+    east = cur.identities.index("spiffe://east.mesh.local/ns/meshfed-system/sa/meshfed-controller")
+    leaf = x509.load_pem_x509_certificate(cur.pairs[east][1])
+    root2 = next(r.cert for r in svc.signing.cas["east.mesh.local"].roots if r.name == "root-2")
+    leaf.verify_directly_issued_by(root2)
+    assert svc.renew_serving_certificates() == ""   # nothing changed since: no churn
 
 
 def test_status_joins_the_distributor_and_the_transport(tmp_path: Path) -> None:

@@ -117,6 +117,15 @@ def test_checks_name_the_unsynced_proxies_and_split_brain() -> None:
     assert not checks["no split brain"]["ok"] and "stop this one" in checks["no split brain"]["hint"]
 
 
+@pytest.mark.parametrize(("now_s", "ok"), [(1000.0, True), (1599.0, True), (1700.0, False), (2100.0, False)])
+def test_meshfed_check_reports_a_serving_certificate_that_is_not_being_renewed(now_s: float, ok: bool) -> None:
+    st = {"config_server": {"serving_certificate": {"not_after_s": 2000.0, "renew_at_s": 1000.0,
+                                                    "last_renewal": "failed: CaError: expired"}}}
+    (check,) = [c for c in build_checks(st, now_s) if c["check"] == "serving certificates renewed in time"]
+    assert check["ok"] is ok
+    assert ok or "failed: CaError" in check["cause"]
+
+
 @pytest.mark.parametrize(("listen", "loopback"), [
     ("127.0.0.1:15010", True), ("127.9.9.9:1", True), ("[::1]:15010", True), ("localhost:15010", True),
     ("localhost.evil.com:15010", False), ("127.example.com:1", False), ("0.0.0.0:15010", False), ("10.0.0.1:1", False),

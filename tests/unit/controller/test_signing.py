@@ -80,21 +80,65 @@ def test_every_leaf_is_recorded_against_its_signing_root(policy: SigningPolicy, 
     assert {r["trust_domain"] for r in store.ca_roots()} == {EAST_TD, "west.mesh.local", "south.mesh.local"}
 
 
-def test_the_serving_certificate_is_a_recorded_leaf_with_the_controller_name(policy: SigningPolicy,
-                                                                              store: Store) -> None:
-    from ztunnel.api.identity import CONTROLLER_TLS_NAME
+def test_the_serving_certificates_are_recorded_leaves_one_per_trust_domain(policy: SigningPolicy,
+                                                                           store: Store) -> None:
+    """One per trust domain, each signed by that domain's CA and named for SNI, so a proxy of any
+    trust domain verifies the controller against its own trust domain's bundle."""
+    from ztunnel.api.identity import controller_spiffe_id, controller_tls_name
 
-    key, chain, roots = policy.server_tls()
-    assert b"PRIVATE KEY" in key and roots == policy.roots_pem()
-    leaf = x509.load_pem_x509_certificate(chain)
-    names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert CONTROLLER_TLS_NAME in names.get_values_for_type(x509.DNSName)
-    assert store.leaf_not_after(EAST_TD)  # the first trust domain's root signed it
+    tls = policy.serving()
+    assert tls.client_roots_pem == policy.roots_pem() and tls.generation == 1
+    assert len(tls.pairs) == len(policy.cas) == 3
+    for td, (key, chain) in zip(sorted(policy.cas), tls.pairs, strict=True):
+        assert b"PRIVATE KEY" in key
+        leaf = x509.load_pem_x509_certificate(chain)
+        names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert names.get_values_for_type(x509.DNSName) == [controller_tls_name(td)]
+        assert names.get_values_for_type(x509.UniformResourceIdentifier) == [controller_spiffe_id(td)]
+        leaf.verify_directly_issued_by(policy.cas[td].roots[0].cert)
+        assert store.leaf_not_after(td)  # a live leaf of its root: the rotation gate waits for it
 
 
 def test_server_tls_without_a_ca_says_what_is_missing(tmp_path: Path, store: Store) -> None:
     with pytest.raises(RuntimeError, match="load the fleet's CAs first"):
-        SigningPolicy(tmp_path / "state", store).server_tls()
+        SigningPolicy(tmp_path / "state", store).serving()
+
+
+@pytest.mark.parametrize(("proxy_id", "username", "extra", "code"), [
+    (NODE1, "system:serviceaccount:meshfed-system:ztunnel", {"pod-name": ["ztunnel-a"], "node-name": ["node-1"]}, ""),
+    ("gateway/east", "system:serviceaccount:meshfed-system:eastwest-gateway", {"pod-name": ["gw-a"]}, ""),
+    # another node's pod
+    (NODE1, "system:serviceaccount:meshfed-system:ztunnel", {"pod-name": ["ztunnel-b"], "node-name": ["node-2"]},
+     "permission_denied"),
+    # a token that names no node cannot bind a node proxy
+    (NODE1, "system:serviceaccount:meshfed-system:ztunnel", {"pod-name": ["ztunnel-a"]}, "permission_denied"),
+    # not bound to a pod (a legacy Secret token)
+    (NODE1, "system:serviceaccount:meshfed-system:ztunnel", {"node-name": ["node-1"]}, "permission_denied"),
+    # another service account, or the same name in another namespace
+    (NODE1, "system:serviceaccount:shop:ztunnel", {"pod-name": ["x"], "node-name": ["node-1"]}, "permission_denied"),
+    (NODE1, "system:serviceaccount:meshfed-system:eastwest-gateway", {"pod-name": ["x"], "node-name": ["node-1"]},
+     "permission_denied"),
+    ("gateway/east", "system:serviceaccount:meshfed-system:ztunnel", {"pod-name": ["x"]}, "permission_denied"),
+])
+def test_service_account_token_binding(proxy_id: str, username: str, extra: dict[str, list[str]], code: str) -> None:
+    from clusters.kube.auth import TokenReviewResult
+    from federation.controller.signing import check_service_account
+
+    review = TokenReviewResult(True, username, extra={f"authentication.kubernetes.io/{k}": tuple(v)
+                                                      for k, v in extra.items()}, audiences=("meshfed-controller",))
+    assert check_service_account(proxy_id, review).code == code
+
+
+def test_a_token_not_authenticated_or_for_another_audience_is_refused() -> None:
+    from clusters.kube.auth import TokenReviewResult
+    from federation.controller.signing import check_service_account
+
+    v = check_service_account(NODE1, TokenReviewResult(False, error="token has expired"))
+    assert v.code == "unauthenticated" and "token has expired" in v.reason
+    good_but_for_the_api_server = TokenReviewResult(
+        True, "system:serviceaccount:meshfed-system:ztunnel", audiences=("https://kubernetes.default.svc",),
+        extra={"authentication.kubernetes.io/pod-name": ("z",), "authentication.kubernetes.io/node-name": ("node-1",)})
+    assert check_service_account(NODE1, good_but_for_the_api_server).code == "unauthenticated"
 
 
 def test_client_verification_is_bound_to_the_trust_domain(policy: SigningPolicy) -> None:
@@ -114,6 +158,18 @@ def test_authorize_uses_the_loaded_fleets_clusters(policy: SigningPolicy) -> Non
 
 
 @pytest.mark.parametrize(("proxy_id", "cluster"), [("ztunnel/east/node-1", "east"), ("gateway/west", "west"),
-                                                    ("ztunnel", ""), ("", "")])
+                                                    ("ztunnel", ""), ("", ""),
+                                                    # read one way here and another elsewhere: no cluster
+                                                    ("ztunnel/east/node-1/x", ""), ("ztunnel/East/node-1", "")])
 def test_cluster_named_by(proxy_id: str, cluster: str) -> None:
     assert cluster_named_by(proxy_id) == cluster
+
+
+def test_a_csr_asking_for_2_to_the_32_seconds_gets_the_workload_cert_ttl(policy: SigningPolicy) -> None:
+    """The proto's ttl_s is a uint32: the most a proxy can ask for is ~136 years; it gets the trust
+    domain's workloadCertTTL (24 h in the example fleet), not a leaf as old as the root."""
+    who = Requester(NODE1, OWN, False, "east")
+    before = time.time()
+    _chain, _roots, not_after_s = policy.sign(who, generate_key_and_csr(OWN).csr_pem, float(2 ** 32 - 1))
+    ttl_s = policy.trust_domains[EAST_TD].ca.workload_cert_ttl_s
+    assert before + ttl_s - 5 <= not_after_s <= time.time() + ttl_s + 5

@@ -112,8 +112,8 @@ def test_plan_trust_and_gateway_changes() -> None:
 ])
 def test_authz_allows(identity: str, port: int, allowed: bool) -> None:
     policies = f.fleet().authorization_policies
-    assert authz_allows(policies, "shop", {"app": "checkout"}, identity, port) is allowed
-    assert authz_allows(policies, "shop", {"app": "cart"}, identity, port) is True   # selector does not apply
+    assert authz_allows(policies, "shop", {"app": "checkout"}, identity, port, "east.mesh.local") is allowed
+    assert authz_allows(policies, "shop", {"app": "cart"}, identity, port, "east.mesh.local") is True  # selector does not apply
 
 
 def test_graph_exports() -> None:

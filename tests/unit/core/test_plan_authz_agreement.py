@@ -45,7 +45,7 @@ def proxy_decides(snap: ConfigSnapshot, identity: str) -> list[tuple[str, bool]]
 
 
 def planning_decides(snap: ConfigSnapshot, identity: str) -> bool:
-    return authz_allows(snap.authorization_policies, "shop", {"app": "checkout"}, identity, 8080)
+    return authz_allows(snap.authorization_policies, "shop", {"app": "checkout"}, identity, 8080, "east.mesh.local")
 
 
 def policy(ns: str, action: AuthzAction, principals: tuple[str, ...] = (), namespaces: tuple[str, ...] = (),
@@ -61,6 +61,18 @@ def test_a_mesh_wide_deny_in_the_root_namespace_is_predicted() -> None:
     assert planning_decides(snap, debug) is False
 
 
+def test_a_namespace_of_another_trust_domain_is_not_the_local_namespace_in_plan_or_proxy() -> None:
+    """`namespaces: [shop]` on east's checkout means east's shop: west's shop/frontend is another
+    team's namespace of the same name. Plan and proxy agree, and say so the same way."""
+    west = "spiffe://west.mesh.local/ns/shop/sa/frontend"
+    snap = f.fleet(authz=[policy("shop", AuthzAction.ALLOW, namespaces=("shop",), name="shop-only")])
+    assert all(ok for _, ok in proxy_decides(snap, FRONTEND)) and planning_decides(snap, FRONTEND) is True
+    assert all(not ok for _, ok in proxy_decides(snap, west)) and planning_decides(snap, west) is False
+    qualified = f.fleet(authz=[policy("shop", AuthzAction.ALLOW, namespaces=("shop", "west.mesh.local/ns/shop"),
+                                      name="shop-and-west-shop")])
+    assert all(ok for _, ok in proxy_decides(qualified, west)) and planning_decides(qualified, west) is True
+
+
 def test_brackets_in_a_principal_are_literal_not_a_character_class() -> None:
     # `[ef]` would match "frontend"'s "f" as a glob class; Istio compares it literally
     snap = f.fleet(authz=[policy("shop", AuthzAction.ALLOW, principals=("east.mesh.local/ns/shop/sa/[ef]rontend",))])
@@ -70,7 +82,8 @@ def test_brackets_in_a_principal_are_literal_not_a_character_class() -> None:
 
 PATTERNS = st.sampled_from(["*", "east.mesh.local/*", "*/ns/shop/sa/frontend", "*/sa/[c]art", "west.mesh.local/ns/shop/sa/frontend",
                             "spiffe://east.mesh.local/ns/ops/sa/debug", "*frontend", "south*"])
-NAMESPACES = st.sampled_from(["shop", "ops", "*", "sh*", "[s]hop"])
+NAMESPACES = st.sampled_from(["shop", "ops", "*", "sh*", "[s]hop", "west.mesh.local/ns/shop", "*/ns/shop",
+                              "east.mesh.local/ns/*"])
 POLICIES = st.lists(st.builds(
     lambda ns, action, principals, namespaces, i: policy(ns, action, tuple(principals), tuple(namespaces), f"p{i}"),
     st.sampled_from(["shop", "istio-system", "ops"]), st.sampled_from(list(AuthzAction)),

@@ -11,6 +11,8 @@ from ztunnel.api.config import Authorization, AuthzMatch
 
 CALLER = "spiffe://east.mesh/ns/shop/sa/frontend"
 OTHER = "spiffe://east.mesh/ns/ops/sa/debug"
+WEST_SHOP = "spiffe://west.mesh/ns/shop/sa/frontend"   # another trust domain's namespace of the same name
+LOCAL_TD = "east.mesh"                                  # the destination's trust domain
 
 
 def pol(action: str, *rules: AuthzMatch, name: str = "p", namespace: str = "shop",
@@ -21,7 +23,7 @@ def pol(action: str, *rules: AuthzMatch, name: str = "p", namespace: str = "shop
 def decide(policies: list[Authorization], principal: str = CALLER, port: int = 8080,
            dest_ns: str = "shop", labels: dict[str, str] | None = None) -> authz.Decision:
     return authz.evaluate(policies, peer=authz.peer_from_identity(principal), dest_namespace=dest_ns,
-                          dest_labels=labels or {"app": "cart"}, port=port)
+                          dest_labels=labels or {"app": "cart"}, port=port, local_trust_domain=LOCAL_TD)
 
 
 @pytest.mark.parametrize(("rule", "principal", "port", "matches"), [
@@ -41,6 +43,20 @@ def decide(policies: list[Authorization], principal: str = CALLER, port: int = 8
     (AuthzMatch(namespaces=("sh*",)), CALLER, 8080, True),
     (AuthzMatch(not_namespaces=("shop",)), CALLER, 8080, False),
     (AuthzMatch(not_namespaces=("ops",)), CALLER, 8080, True),
+    # ... in the destination's trust domain: west's `shop` is not east's `shop` unless the rule says so
+    (AuthzMatch(namespaces=("shop",)), WEST_SHOP, 8080, False),
+    (AuthzMatch(namespaces=("sh*",)), WEST_SHOP, 8080, False),
+    (AuthzMatch(namespaces=("*",)), WEST_SHOP, 8080, False),
+    (AuthzMatch(namespaces=("west.mesh/ns/shop",)), WEST_SHOP, 8080, True),
+    (AuthzMatch(namespaces=("west.mesh/ns/*",)), WEST_SHOP, 8080, True),
+    (AuthzMatch(namespaces=("*/ns/shop",)), WEST_SHOP, 8080, True),
+    (AuthzMatch(namespaces=("*/ns/shop",)), CALLER, 8080, True),
+    (AuthzMatch(namespaces=("east.mesh/ns/shop",)), CALLER, 8080, True),
+    (AuthzMatch(namespaces=("east.mesh/ns/shop",)), WEST_SHOP, 8080, False),
+    (AuthzMatch(namespaces=("west.mesh/ns/shop",)), CALLER, 8080, False),
+    (AuthzMatch(not_namespaces=("shop",)), WEST_SHOP, 8080, True),
+    (AuthzMatch(not_namespaces=("*/ns/shop",)), WEST_SHOP, 8080, False),
+    (AuthzMatch(namespaces=("*/ns/*",)), "", 8080, False),  # a peer without identity has no namespace
     # ports
     (AuthzMatch(ports=(8080,)), CALLER, 8080, True),
     (AuthzMatch(ports=(9090,)), CALLER, 8080, False),
@@ -53,7 +69,7 @@ def decide(policies: list[Authorization], principal: str = CALLER, port: int = 8
     (AuthzMatch(), CALLER, 8080, True),
 ])
 def test_rule_matching(rule: AuthzMatch, principal: str, port: int, matches: bool) -> None:
-    assert authz.rule_matches(rule, authz.peer_from_identity(principal), port) is matches
+    assert authz.rule_matches(rule, authz.peer_from_identity(principal), port, LOCAL_TD) is matches
 
 
 ALLOW_CALLER = pol("ALLOW", AuthzMatch(principals=(CALLER,)), name="allow-frontend")
@@ -102,8 +118,15 @@ def test_deny_reason_for_unmatched_allow_names_the_peer_and_port() -> None:
     assert CALLER in d.reason and "8443" in d.reason
 
 
+def test_a_deny_on_a_namespace_does_not_reach_another_trust_domains_namespace_of_that_name() -> None:
+    deny_shop = pol("DENY", AuthzMatch(namespaces=("shop",)), name="deny-shop")
+    assert decide([deny_shop], WEST_SHOP).allowed
+    deny_any_shop = pol("DENY", AuthzMatch(namespaces=("*/ns/shop",)), name="deny-any-shop")
+    assert not decide([deny_any_shop], WEST_SHOP).allowed
+
+
 def test_peer_namespace_comes_from_the_identity() -> None:
-    assert authz.peer_from_identity(CALLER) == authz.Peer(CALLER, "shop")
+    assert authz.peer_from_identity(CALLER) == authz.Peer(CALLER, "shop", "east.mesh")
     assert authz.peer_from_identity("spiffe://td/not/a/workload").namespace == ""
 
 

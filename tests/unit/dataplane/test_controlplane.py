@@ -87,6 +87,9 @@ class _Certs:
     def identities(self) -> tuple[str, ...]:
         return tuple(self.managed)
 
+    def find_certificate(self, identity: str) -> None:
+        return None   # nothing held yet: the sink fetches (its stale-issuer check has nothing to judge)
+
     def forget(self, identity: str) -> None:
         self.forgotten.append(identity)
         self.managed.remove(identity)

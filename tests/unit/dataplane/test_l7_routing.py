@@ -308,10 +308,13 @@ def test_ztunnel_reads_request_fields_fail_closed() -> None:
     paths never matches (Istio's ztunnel)."""
     deny = Authorization("d", "shop", "DENY", (AuthzMatch(methods=("DELETE",)),))
     allow = Authorization("a", "shop", "ALLOW", (AuthzMatch(paths=("/x",)),))
-    assert not authz.evaluate([deny], peer=PEER, dest_namespace="shop", dest_labels={}, port=80).allowed
-    assert not authz.evaluate([allow], peer=PEER, dest_namespace="shop", dest_labels={}, port=80).allowed
+    assert not authz.evaluate([deny], peer=PEER, dest_namespace="shop", dest_labels={}, port=80,
+                          local_trust_domain="east.mesh").allowed
+    assert not authz.evaluate([allow], peer=PEER, dest_namespace="shop", dest_labels={}, port=80,
+                          local_trust_domain="east.mesh").allowed
     targeted = Authorization("t", "shop", "DENY", (AuthzMatch(),), targets=("Service/shop/checkout",))
-    assert authz.evaluate([targeted], peer=PEER, dest_namespace="shop", dest_labels={}, port=80).allowed
+    assert authz.evaluate([targeted], peer=PEER, dest_namespace="shop", dest_labels={}, port=80,
+                          local_trust_domain="east.mesh").allowed
 
 
 def test_paths_hosts_and_not_values() -> None:

@@ -116,6 +116,10 @@ CASES: list[Case] = [
                               "    - west.mesh.local\n    - east.mesh.local\n"),), "MF0403", "trust/east.mesh.local.yaml:8:7", 1),
     ("principal-with-scheme", (("replace", AUTHZ, "- east.mesh.local/ns", "- spiffe://east.mesh.local/ns"),),
      "MF0404", "policies/shop/checkout-allow-frontend.yaml:16:17", 1),
+    ("source-namespace-not-qualified-right", (("replace", AUTHZ, "            principals:\n",
+                                               "            namespaces:\n              - west.mesh.local/shop\n"
+                                               "            principals:\n"),),
+     "MF0404", "policies/shop/checkout-allow-frontend.yaml:16:17", 1),
     # --- traffic policy
     ("max-ejection-time-below-base", (("replace", DR, OD, OD + "      maxEjectionTime: 10s\n"),), "MF0501", "policies/shop/checkout.yaml:15:7", 1),
     ("failover-priority-repeated", (("replace", DR, "          - topology.kubernetes.io/region\n",

@@ -62,8 +62,26 @@ def test_ttl_configurable_and_capped_by_issuer() -> None:
     short = TrustDomainCA.create(EAST, now_s=NOW_S - 100, root_ttl_s=3600, workload_ttl_s=600)
     svid = short.issue_svid(API, now_s=NOW_S)
     assert svid.not_after_s == pytest.approx(NOW_S + 600)
-    capped = short.issue_svid(API, now_s=NOW_S, ttl_s=24 * 3600)
-    assert capped.not_after_s == pytest.approx(short.roots[0].cert.not_valid_after_utc.timestamp())
+    # a workload TTL longer than what is left of the root: the leaf ends with its issuer
+    long_lived = TrustDomainCA.create(EAST, now_s=NOW_S - 100, root_ttl_s=3600, workload_ttl_s=24 * 3600)
+    capped = long_lived.issue_svid(API, now_s=NOW_S, ttl_s=24 * 3600)
+    assert capped.not_after_s == pytest.approx(long_lived.roots[0].cert.not_valid_after_utc.timestamp())
+
+
+@pytest.mark.parametrize("asked_s", [2.0 ** 32, 10 * 365 * 86400.0, 601.0, float("inf")])
+def test_a_requested_ttl_never_exceeds_the_trust_domains_workload_cert_ttl(asked_s: float) -> None:
+    """A CSR asking for 2^32 s used to get a leaf valid as long as its root (ten years)."""
+    ca = TrustDomainCA.create(EAST, now_s=NOW_S - 100, workload_ttl_s=600)
+    _key, csr = generate_key_and_csr(API)
+    leaf = load_pem_certificates(ca.issue_from_csr(csr, entitlement=NODE, now_s=NOW_S, ttl_s=asked_s))[0]
+    assert leaf.not_valid_after_utc.timestamp() == pytest.approx(NOW_S + 600)
+
+
+def test_a_shorter_ttl_than_the_workload_cert_ttl_is_honoured() -> None:
+    ca = TrustDomainCA.create(EAST, now_s=NOW_S - 100, workload_ttl_s=600)
+    assert ca.issue_svid(API, now_s=NOW_S, ttl_s=60).not_after_s == pytest.approx(NOW_S + 60)
+    with pytest.raises(CaError, match="positive"):
+        ca.issue_svid(API, now_s=NOW_S, ttl_s=float("nan"))
 
 
 def _csr_with(uris: list[str], key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | None = None) -> bytes:

@@ -185,3 +185,41 @@ def test_csr_carries_exactly_the_identity() -> None:
     san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert [str(u) for u in san.get_values_for_type(x509.UniformResourceIdentifier)] == [API]
     assert csr.is_signature_valid and b"PRIVATE KEY" in key_pem
+
+
+async def test_a_refused_certificate_is_renewed_at_the_next_tick_though_still_fresh(
+        env: tuple[Clock, FakeCA, CertManager]) -> None:
+    """The relying party (the controller) refused it: waiting for half-life would keep a useless
+    certificate for hours. The old one is served until the new one arrives."""
+    clock, ca, cm = env
+    first = await cm.fetch_certificate(API)
+    assert await cm.renew_due(clock()) == []               # fresh: nothing due
+    ca.up = False
+    cm.request_renewal(API)
+    assert cm.next_due_s() == pytest.approx(clock())
+    assert [e for _, e in await cm.renew_due(clock())] == ["ConnectionError: controller unreachable"]
+    assert cm.find_certificate(API) is first                 # still served while the CA is away
+    ca.up = True
+    clock.now_s += 60                                        # after the failure backoff
+    assert await cm.renew_due(clock()) == [(SpiffeId.parse(API), None)]
+    renewed = cm.find_certificate(API)
+    assert renewed is not None and renewed is not first
+    assert await cm.renew_due(clock()) == []                 # and no longer forced
+
+
+async def test_a_persisted_certificate_is_adopted_only_if_ours_and_valid(env: tuple[Clock, FakeCA, CertManager]) -> None:
+    from ztunnel.identity.certmanager import CertificateResponseError
+
+    clock, ca, cm = env
+    issued = ca.ca.issue_svid(API, now_s=clock())
+    cert = cm.put(API, issued.chain_pem, issued.key_pem)
+    assert cm.find_certificate(API) is cert and cm.state(API) is CertState.VALID
+    assert cert.refresh_at_s < cert.not_after_s
+    other = ca.ca.issue_svid(WEB, now_s=clock())
+    with pytest.raises(CertificateResponseError, match="not " + API):
+        cm.put(API, other.chain_pem, other.key_pem)          # another identity's certificate
+    with pytest.raises(CertificateResponseError, match="different public key"):
+        cm.put(WEB, other.chain_pem, issued.key_pem)         # not the key it was issued for
+    clock.now_s = cert.not_after_s + 1
+    with pytest.raises(CertificateResponseError, match="already expired"):
+        cm.put(API, issued.chain_pem, issued.key_pem)

@@ -16,7 +16,6 @@ import pytest
 
 from clusters.lab import faults as F
 from clusters.lab.commands import (
-    bootstrap_token_argv,
     controller_argv,
     latency_relay_argv,
     pod_argv,
@@ -82,10 +81,13 @@ def test_a_node_ztunnel_without_config_joins_the_controller(tmp_path: Path) -> N
     assert a.config is None
     assert a.controller == f"{CONTROLLER_MGMT_ADDRESS}:{CONTROLLER_GRPC_PORT}"
     assert a.bootstrap == f"{CONTROLLER_MGMT_ADDRESS}:{CONTROLLER_BOOTSTRAP_PORT}"
-    assert a.bootstrap_token_file == tmp_path / "bootstrap-token"
+    # no shared secret: its pod's projected ServiceAccount token (the lab's kubelet writes it there)
+    assert a.sa_token_file == tmp_path / "sa-token" and a.bootstrap_token_file is None
     assert a.trust_domain == "east.mesh.local"
-    assert a.controller_roots == ctl / "controller-roots.pem"
+    # the controller is verified against the proxy's own trust domain's roots only
+    assert a.controller_roots == ctl / "roots" / "east.mesh.local.pem"
     assert a.proxy_id == "ztunnel/east/node-1"
+    assert a.state_dir == tmp_path / "state"  # where its keys and certificates survive a restart
 
 
 def test_a_gateway_has_no_socks_listener_and_no_capture(tmp_path: Path) -> None:
@@ -112,17 +114,19 @@ def test_the_controller_runs_with_flags_meshfed_controller_run_defines(tmp_path:
     assert p["standby"] is True     # a restarted lab controller waits for its killed predecessor
 
 
+def test_meshfed_controller_bootstrap_token_takes_a_proxy_id_and_a_ttl(tmp_path: Path) -> None:
+    """Hand-provisioned proxies (not the lab's) get their token from this command."""
+    argv = [*PY, "-m", "federation.cli.main", "controller", "bootstrap-token", "--state-dir",
+            str(tmp_path / "controller"), "--proxy-id", "gateway/east", "--ttl", "30m"]
+    p = meshfed_params(argv, "controller", "bootstrap-token")
+    assert p == {"state_dir": str(tmp_path / "controller"), "proxy_id": "gateway/east", "ttl": "30m"}
+
+
 def test_the_lab_and_the_controller_agree_on_the_token_file_name() -> None:
     from clusters.lab.layout import STATUS_API_TOKEN_FILE
     from federation.controller.api_token import STATUS_API_TOKEN_FILE as CONTROLLERS
 
     assert STATUS_API_TOKEN_FILE == CONTROLLERS
-
-
-def test_tokens_come_from_meshfed_controller_bootstrap_token(tmp_path: Path) -> None:
-    p = meshfed_params(bootstrap_token_argv(PY, tmp_path / "controller", "gateway/east"),
-                       "controller", "bootstrap-token")
-    assert p == {"state_dir": str(tmp_path / "controller"), "proxy_id": "gateway/east"}
 
 
 def test_pod_and_relay_argv_name_their_modules() -> None:

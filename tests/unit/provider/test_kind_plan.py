@@ -104,8 +104,9 @@ def test_metallb_pools_are_disjoint_slices_of_the_kind_network_s_top() -> None:
 
 
 def test_install_order_and_every_meshfed_step_parses(tmp_path: Path) -> None:
-    (tmp_path / "controller").mkdir()
-    (tmp_path / "controller" / "controller-roots.pem").write_text("roots")  # install checks the file exists
+    (tmp_path / "controller" / "roots").mkdir(parents=True)
+    for td in {str(c.trust_domain) for c in SNAP.clusters.values()}:   # install checks the files exist
+        (tmp_path / "controller" / "roots" / f"{td}.pem").write_text("roots")
     opts = replace(OPTS, state_dir=tmp_path)
     plan = plan_install(SNAP, opts, FACTS)
     whats = [c.what for c in plan.commands]
@@ -124,7 +125,9 @@ def test_install_order_and_every_meshfed_step_parses(tmp_path: Path) -> None:
     assert [p["context"] for _, p in installs] == ["kind-east", "kind-south", "kind-west"]
     for path, p in installs:
         assert path == ["install"] and p["controller"] == "172.18.0.1:15012" and p["bootstrap"] == "172.18.0.1:15013"
-        assert p["roots"] == f"{tmp_path}/controller/controller-roots.pem" and not p["print_only"]
+        td = SNAP.clusters[p["context"].removeprefix("kind-")].trust_domain  # type: ignore[index]
+        # each cluster's proxies get their own trust domain's roots, not every CA's pooled
+        assert p["roots"] == f"{tmp_path}/controller/roots/{td}.pem" and not p["print_only"]
     kubectl = [c.argv for c in plan.commands if c.argv[0] == "kubectl"]
     assert all(a[1:5] == ("--kubeconfig", f"{tmp_path}/kubeconfig", "--context", a[4]) and a[4].startswith("kind-")
                for a in kubectl)

@@ -16,6 +16,7 @@ import gitops
 from clusters.kind.manifests import (
     DEFAULT_IMAGE,
     GATEWAY_READY_FILE,
+    TOKEN_PATH,
     InstallOptions,
     ManifestError,
     cluster_for_context,
@@ -120,8 +121,11 @@ def test_no_shared_secret_each_proxy_presents_its_own_projected_token() -> None:
         [token] = [s["serviceAccountToken"] for s in projected["sources"] if "serviceAccountToken" in s]
         assert token["audience"] == "meshfed-controller" and token["expirationSeconds"] == 3600
         assert not any("secret" in v for v in pod["volumes"])
-        args = pod["containers"][0]["args"]
-        assert args[args.index("--bootstrap-token-file") + 1] == "/var/run/secrets/meshfed/token"
+        # through the proxy's real argument parser: the flag the manifest passes is the one the
+        # proxy reads its projected token from (re-read at every bootstrap, reviewed by this cluster)
+        parsed = ztunnel(pod["containers"][0]["args"])
+        assert parsed.sa_token_file == Path("/var/run/secrets/meshfed/token") == Path(TOKEN_PATH)
+        assert parsed.bootstrap_token_file is None
 
 
 def ztunnel(args: list[str]) -> Any:

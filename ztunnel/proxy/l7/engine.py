@@ -35,6 +35,7 @@ from ztunnel.api.config import (
     RetryPolicy,
     Service,
 )
+from ztunnel.api.identity import ProxyId
 from ztunnel.proxy.l7.routing import (
     RequestHead,
     RuleChoice,
@@ -61,12 +62,13 @@ class L7Index:
     pools: dict[str, InferencePool] = field(default_factory=dict)
     authorizations: tuple[Authorization, ...] = ()
     targeted: frozenset[str] = frozenset()                  # every target some policy names
+    trust_domain: str = ""                                  # this proxy's: bare `namespaces` entries name its
 
     @classmethod
     def build(cls, cfg: ProxyConfig) -> L7Index:
-        parts = cfg.proxy_id.split("/")
-        gateway = "/".join(parts[2:4]) if len(parts) == 4 else ""
-        ix = cls(gateway=gateway)
+        pid = ProxyId.parse(cfg.proxy_id)
+        gateway = f"{pid.namespace}/{pid.name}" if pid.namespace else ""
+        ix = cls(gateway=gateway, trust_domain=cfg.trust_domain)
         for s in cfg.services:
             ix.services_by_host[s.hostname] = s
             if s.vip:
@@ -144,7 +146,8 @@ def plan_request(ix: L7Index, arrival: Arrival, peer: authz.Peer, req: RequestHe
         for k, v in req.headers:
             headers[k] = f"{headers[k]},{v}" if k in headers else v
         decision = authz.evaluate_request(ix.authorizations, peer=peer, targets=targets, port=port,
-                                          request=authz.Request(req.method, req.path, req.host, headers))
+                                          request=authz.Request(req.method, req.path, req.host, headers),
+                                          local_trust_domain=ix.trust_domain)
     if not decision.allowed:
         return Refuse(403, decision.reason, decision.policy, RBAC_DENIED_BODY)
     if arrival.service is not None:
