@@ -51,11 +51,24 @@ from chaos.expect import (
 )
 from chaos.junit import ERROR, FAILED, PASSED, XFAIL, XPASS, CaseResult
 from chaos.report import ReportPaths, write_report
-from chaos.validate import Fleet, client_workload, fault_request, load_fleet, resolve_service
+from chaos.validate import (
+    Fleet,
+    client_workload,
+    client_workload_pods,
+    fault_request,
+    load_fleet,
+    resolve_service,
+)
 from clusters.lab.layout import LabError
 from gitops.experiment import HEAL_ALL, Experiment, FaultSpec, Step, Traffic
 
 POLL_S = 0.5
+OBSERVER_SHARE = 0.5   # of a traffic's rate, sent by each other replica of its client workload
+
+
+def observer_loads(t: Traffic, pods: list[str]) -> list[tuple[str, str]]:
+    """(load name, pod) for the replicas after the first (the measured one) of `t`'s client workload."""
+    return [(f"{t.client}~{i}", pod) for i, pod in enumerate(pods[1:], start=1)]
 CONVERGE_TIMEOUT_S = 180.0
 PUSH_APPLIED, PUSH_REJECTED = "push_applied", "push_rejected"
 STEP_EVENT = "step"
@@ -165,6 +178,7 @@ class Engine:
                 "map onto kind")
         self.opts = options
         self._base_sha = ""
+        self._observers: list[str] = []   # load names of the replicas that send beside the measured pod
         self.narrator = narrator or Narrator()
         self.clock = clock
         self.sleep = sleep
@@ -419,8 +433,16 @@ class Engine:
             raise ExperimentError(f"{t.pos}: traffic from {t.client}: unknown service or no client workload "
                                   "(run `meshfed chaos validate`)")
         port = svc.ports[0].port if svc.ports else 80
-        fed.start_load(t.client, t.rate_per_s, t.timeout_s, url=f"http://{svc.hostname}:{port}/", pod=pod,
-                       keep_alive_max_requests=t.max_requests_per_connection if t.keep_alive else 0)
+        keep = t.max_requests_per_connection if t.keep_alive else 0
+        url = f"http://{svc.hostname}:{port}/"
+        fed.start_load(t.client, t.rate_per_s, t.timeout_s, url=url, pod=pod, keep_alive_max_requests=keep)
+        # The workload's other replicas send too, as a Deployment's do, at OBSERVER_SHARE of the rate:
+        # their node proxies see a fault as well, and the controller ejects mesh-wide only when two
+        # proxies that route to an endpoint agree (federation.core.health). Only the first pod is measured.
+        for name, other in observer_loads(t, client_workload_pods(fleet.plan, t.client, t.workload)):
+            fed.start_load(t.client, max(1.0, t.rate_per_s * OBSERVER_SHARE), t.timeout_s, url=url, pod=other,
+                           keep_alive_max_requests=keep, name=name)
+            self._observers.append(name)
 
     def _steady_verdicts(self, fed: LabFederation, exp: Experiment, when: str) -> list[Verdict]:
         now = self.clock()
@@ -473,9 +495,10 @@ class Engine:
                 fed.wait_converged(timeout_s=self.opts.converge_timeout_s)
             except DemoError as err:
                 first = first or f"clean-up: the controller did not come back: {err}"
-        for t in exp.traffic:
+        observers, self._observers = self._observers, []
+        for name in [t.client for t in exp.traffic] + observers:
             try:
-                fed.stop_load(t.client)
+                fed.stop_load(name)
             except LabError:
                 pass  # never started (the failure was before the traffic)
         try:

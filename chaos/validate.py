@@ -101,6 +101,16 @@ def client_workload(plan: LabPlan, cluster: str, workload: str | None) -> str | 
     return None
 
 
+def client_workload_pods(plan: LabPlan, cluster: str, workload: str | None) -> list[str]:
+    """Every pod of the client workload `client_workload` picks, that one first."""
+    first = client_workload(plan, cluster, workload)
+    if first is None:
+        return []
+    name = next(p.workload for p in plan.cluster(cluster).pods if f"{p.cluster}/{p.namespace}/{p.name}" == first)
+    return [first] + [f"{p.cluster}/{p.namespace}/{p.name}" for p in plan.cluster(cluster).pods
+                      if p.role == "client" and p.workload == name and f"{p.cluster}/{p.namespace}/{p.name}" != first]
+
+
 def fault_request(f: FaultSpec) -> FaultRequest:
     """The lab's request for a fault step (what the engine sends, what validation dry-runs)."""
     return FaultRequest(f.kind, f.target, tuple(f.names), f.mode, f.delay_ms, f.rate_kbit, f.skew_s, f.behaviour)

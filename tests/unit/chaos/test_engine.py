@@ -60,6 +60,8 @@ class FakeFed:
         self.calls: list[str] = []
         self.serving: dict[str, list[tuple[float, str]]] = {}
         self.loads: dict[str, tuple[float, float]] = {}
+        self.observers: dict[str, tuple[str | None, float]] = {}   # name -> (pod, rate) of the other replicas
+        self.observers_stopped: list[str] = []
         self.runner = FakeRunner(self)
         self.refuse_faults = False
         self.broken = set(broken_clients)
@@ -83,11 +85,17 @@ class FakeFed:
         return self.tree / f"{source.replace('/', '-')}.log"
 
     def start_load(self, cluster: str, rate: float, timeout_s: float = 2.0, **kw: Any) -> Path:
+        if kw.get("name", cluster) not in ("", cluster):   # another replica's (unmeasured) load
+            self.observers[kw["name"]] = (kw.get("pod"), rate)
+            return self.tree / "x"
         self.calls.append(f"load {cluster}")
         self.loads[cluster] = (self.now(), rate)
         return self.tree / "x"
 
     def stop_load(self, cluster: str) -> list[dict[str, Any]]:
+        if cluster in self.observers:
+            self.observers_stopped.append(cluster)
+            return []
         self.calls.append(f"stop {cluster}")
         return self.records(cluster)
 
@@ -211,6 +219,8 @@ def test_a_crash_runs_in_order_passes_and_reports(env: tuple[Engine, FakeFed, li
     assert res.status == "passed", [v.message() for v in res.failed] or res.error
     assert fed.calls == ["converged None", "load east", "fault kill pod east/shop/checkout-*",
                          "heal pod east/shop/checkout-*", "heal all", "stop east"]   # no push: nothing to restore
+    # east's frontend's other replica sends too (a second observer for the health vote), unmeasured
+    assert fed.observers == {"east~1": ("east/shop/frontend-1", 10.0)} and fed.observers_stopped == ["east~1"]
     names = [v.name for v in res.verdicts]
     assert names[:2] == ["steadyState (before)", "steadyState (after)"]
     assert {"failoverWithin", "failbackWithin", "maxFailed", "servedBy", "eventsInclude"} <= set(names)

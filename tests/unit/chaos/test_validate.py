@@ -181,3 +181,24 @@ def test_cli_validate_on_kind_names_the_experiments_that_map() -> None:
     res = CliRunner().invoke(cli, ["chaos", "validate", "--provider", "kind", str(REPO / "examples" / "chaos")])
     assert res.exit_code == 0 and "on kind, every fault maps for " in res.output
     assert "  clock-skew-2m: skew (clock-skew node east/node-2 +120s): `clock-skew node` has no kind" in res.output
+
+
+def test_traffic_comes_from_every_replica_of_its_client_workload_and_only_the_first_is_measured(
+        tmp_path: Path) -> None:
+    """east's frontend has two replicas (node-1, node-2): both send, so two node proxies see a fault,
+    which a mesh-wide ejection needs (federation.core.health); south's single frontend has no observer."""
+    from chaos.engine import observer_loads
+    from chaos.validate import client_workload, client_workload_pods, load_fleet
+
+    fleet, probs = load_fleet(FLEET)
+    assert fleet is not None, probs
+    east = client_workload_pods(fleet.plan, "east", None)
+    assert east == ["east/shop/frontend-0", "east/shop/frontend-1"]
+    assert east[0] == client_workload(fleet.plan, "east", None)
+    assert client_workload_pods(fleet.plan, "south", None) == ["south/shop/frontend-0"]
+    assert client_workload_pods(fleet.plan, "east", "nope") == []
+    (tmp_path / "probe.yaml").write_text(BASE.format(fleet=FLEET))
+    (exp,) = load_experiments([tmp_path / "probe.yaml"]).experiments
+    (t,) = exp.traffic
+    assert observer_loads(t, east) == [(f"{t.client}~1", "east/shop/frontend-1")]
+    assert observer_loads(t, east[:1]) == []
