@@ -24,7 +24,7 @@ import pytest
 from benchmarks.simproxy import SimProxy, make_config
 from federation.controller.distributor import ConfigDistributor
 from federation.server.grpc_services import ConfigServer, wait_until
-from tests.integration.controller.test_mtls import Ctl, ctl  # noqa: F401  (the mTLS controller fixture)
+from tests.integration.controller.test_mtls import EAST_NAME, Ctl, ctl  # noqa: F401  (the mTLS controller fixture)
 from ztunnel.api.codec import HEALTH_METHOD, PROXY_ID_METADATA
 from ztunnel.api.proto import meshfed_pb2 as pb
 from ztunnel.xds.client import secure_channel
@@ -89,7 +89,7 @@ async def test_a_silently_dead_link_is_noticed_by_both_ends_within_30_s(ctl: Ctl
     ctl.service.dist.set_desired({pid: make_config(pid, "rev1", cluster="east")})
     relay = await FreezableRelay(ctl.server.port).start()
     target = f"127.0.0.1:{relay.port}"
-    proxy = SimProxy(pid, target, cluster="east", channel_factory=svid.channel_factory(target)).start()
+    proxy = SimProxy(pid, target, cluster="east", channel_factory=svid.channel_factory(target, EAST_NAME)).start()
     try:
         assert await wait_until(lambda: proxy.revision == "rev1", 10), proxy.client.last_error
 
@@ -119,7 +119,7 @@ async def test_a_silently_dead_link_is_noticed_by_both_ends_within_30_s(ctl: Ctl
 
 
 async def test_the_bootstrap_port_refuses_health_streams_at_once(ctl: Ctl) -> None:  # noqa: F811
-    async with secure_channel(ctl.bootstrap, ctl.roots) as ch:   # no client certificate
+    async with secure_channel(ctl.bootstrap, ctl.roots, target_name=EAST_NAME) as ch:   # no client certificate
         for send in (False, True):
             call = ch.stream_unary(HEALTH_METHOD, request_serializer=pb.HealthReport.SerializeToString,
                                    response_deserializer=pb.HealthSummary.FromString)(timeout=10)
