@@ -68,7 +68,7 @@ OBSERVER_SHARE = 0.5   # of a traffic's rate, sent by each other replica of its 
 
 def observer_loads(t: Traffic, pods: list[str]) -> list[tuple[str, str]]:
     """(load name, pod) for the replicas after the first (the measured one) of `t`'s client workload."""
-    return [(f"{t.client}~{i}", pod) for i, pod in enumerate(pods[1:], start=1)]
+    return [(f"{t.client}.replica-{i}", pod) for i, pod in enumerate(pods[1:], start=1)]
 CONVERGE_TIMEOUT_S = 180.0
 PUSH_APPLIED, PUSH_REJECTED = "push_applied", "push_rejected"
 STEP_EVENT = "step"

@@ -220,7 +220,8 @@ def test_a_crash_runs_in_order_passes_and_reports(env: tuple[Engine, FakeFed, li
     assert fed.calls == ["converged None", "load east", "fault kill pod east/shop/checkout-*",
                          "heal pod east/shop/checkout-*", "heal all", "stop east"]   # no push: nothing to restore
     # east's frontend's other replica sends too (a second observer for the health vote), unmeasured
-    assert fed.observers == {"east~1": ("east/shop/frontend-1", 10.0)} and fed.observers_stopped == ["east~1"]
+    assert fed.observers == {"east.replica-1": ("east/shop/frontend-1", 10.0)}
+    assert fed.observers_stopped == ["east.replica-1"]
     names = [v.name for v in res.verdicts]
     assert names[:2] == ["steadyState (before)", "steadyState (after)"]
     assert {"failoverWithin", "failbackWithin", "maxFailed", "servedBy", "eventsInclude"} <= set(names)

@@ -200,5 +200,7 @@ def test_traffic_comes_from_every_replica_of_its_client_workload_and_only_the_fi
     (tmp_path / "probe.yaml").write_text(BASE.format(fleet=FLEET))
     (exp,) = load_experiments([tmp_path / "probe.yaml"]).experiments
     (t,) = exp.traffic
-    assert observer_loads(t, east) == [(f"{t.client}~1", "east/shop/frontend-1")]
+    assert observer_loads(t, east) == [(f"{t.client}.replica-1", "east/shop/frontend-1")]
     assert observer_loads(t, east[:1]) == []
+    from clusters.lab.supervisor import JOB_NAME_CHARS
+    assert all(set(f"load-{name}") <= JOB_NAME_CHARS for name, _ in observer_loads(t, east))  # a lab job's name
