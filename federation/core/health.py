@@ -34,6 +34,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ztunnel.api.config import ProxyConfig
+from ztunnel.api.identity import ProxyId
+
+
+def is_l7_proxy(proxy_id: str) -> bool:
+    """A waypoint or ingress: it sees HTTP status codes; node proxies and gateways see connections."""
+    try:
+        return ProxyId.parse(proxy_id).kind in ("waypoint", "ingress")
+    except ValueError:
+        return False
 
 HealthKey = tuple[str, str]   # (service hostname, workload uid: a pod, or `<cluster>/<ns>/<svc>@gateway`)
 
@@ -155,17 +164,26 @@ class HealthAggregator:
             touched.add(key)
         return touched
 
-    def needed(self, key: HealthKey) -> int:
+    def needed(self, key: HealthKey, l7: bool | None = None) -> int:
         """How many observers must eject `key`: `min_observers`, or every observer there is when
-        fewer proxies route to it (at least one)."""
-        return max(1, min(self.min_observers, len(self.observers.get(key, ()))))
+        fewer proxies route to it (at least one). `l7`: among the observers of that layer only."""
+        obs = self.observers.get(key, ())
+        n = len(obs) if l7 is None else sum(1 for p in obs if is_l7_proxy(p) == l7)
+        return max(1, min(self.min_observers, n))
 
-    def _fresh(self, key: HealthKey, now_s: float) -> list[Vote]:
-        return [v for v in self.views.get(key, {}).values() if v.fresh(now_s, self.report_ttl_s)]
+    def _fresh(self, key: HealthKey, now_s: float) -> dict[str, Vote]:
+        return {p: v for p, v in self.views.get(key, {}).items() if v.fresh(now_s, self.report_ttl_s)}
 
-    def _ejects(self, key: HealthKey, fresh: Sequence[Vote]) -> bool:
-        ejecting = sum(1 for v in fresh if v.ejected)
-        return ejecting >= self.needed(key) and ejecting >= self.quorum_fraction * len(fresh)
+    def _ejects(self, key: HealthKey, fresh: Mapping[str, Vote]) -> bool:
+        """The vote, per layer: a waypoint sees HTTP 5xx that node proxies and gateways (L4) cannot,
+        so L4 observers answering "healthy" must not outvote it, nor be needed to confirm it; each
+        layer's observers decide among themselves, by the same quorum rule."""
+        for l7 in (False, True):
+            layer = [v for p, v in fresh.items() if is_l7_proxy(p) == l7]
+            ejecting = sum(1 for v in layer if v.ejected)
+            if ejecting and ejecting >= self.needed(key, l7) and ejecting >= self.quorum_fraction * len(layer):
+                return True
+        return False
 
     def unhealthy(self, now_s: float) -> frozenset[HealthKey]:
         out = set()
@@ -175,7 +193,7 @@ class HealthAggregator:
                 del self.views[key]
                 continue
             self.views[key] = fresh
-            if self._ejects(key, list(fresh.values())):
+            if self._ejects(key, fresh):
                 out.add(key)
         return frozenset(out)
 
@@ -185,7 +203,7 @@ class HealthAggregator:
 
     def describe(self, key: HealthKey, now_s: float) -> str:
         """Why `key` is (or is not) globally unhealthy: the vote, for the failover history."""
-        fresh = self._fresh(key, now_s)
+        fresh = list(self._fresh(key, now_s).values())
         failed = sum(v.failed for v in fresh)
         return (f"health reports: {sum(v.ejected for v in fresh)} of {len(fresh)} proxies observing {key[1]} eject "
                 f"it (quorum {self.quorum_fraction:.0%}, at least {self.needed(key)}; {failed} failed requests "

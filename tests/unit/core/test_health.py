@@ -148,3 +148,27 @@ def test_bad_settings_are_refused() -> None:
         HealthAggregator(min_observers=0)
     with pytest.raises(ValueError, match="quorum_fraction"):
         HealthAggregator(quorum_fraction=0.0)
+
+
+def test_the_only_waypoint_decides_an_l7_failure_that_node_proxies_cannot_see() -> None:
+    """A waypoint sees 503s; the node proxies and the gateway that also route to east/p1 see healthy
+    connections. They must not outvote it nor be needed to confirm it: each layer votes among itself.
+    Two waypoints: it takes both, as it takes two node proxies for an L4 failure."""
+    agg = HealthAggregator()
+    observers = ["ztunnel/east/node-1", "ztunnel/east/node-2", "gateway/east", "waypoint/east/shop/waypoint"]
+    for p in observers:
+        agg.set_view(p, [P1])
+    for p in observers[:3]:
+        agg.report(p, [EndpointReport("checkout", "east/p1", "east", 9, 0, False)], now_s=0)
+    agg.report("waypoint/east/shop/waypoint", [EndpointReport("checkout", "east/p1", "east", 0, 9, True)], now_s=0)
+    assert agg.unhealthy(now_s=1) == {P1}
+    agg.set_view("waypoint/west/shop/waypoint", [P1])   # a second L7 observer: now it takes two
+    assert agg.unhealthy_among([P1], now_s=1) == frozenset()
+    agg.report("waypoint/west/shop/waypoint", [EndpointReport("checkout", "east/p1", "east", 0, 3, True)], now_s=1)
+    assert agg.unhealthy(now_s=2) == {P1}
+    # and one L4 proxy alone still cannot eject for the mesh
+    l4 = HealthAggregator()
+    for p in observers[:3]:
+        l4.set_view(p, [P1])
+    l4.report("ztunnel/east/node-1", [EndpointReport("checkout", "east/p1", "east", 0, 9, True)], now_s=0)
+    assert l4.unhealthy(now_s=1) == frozenset()
