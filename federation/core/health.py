@@ -1,19 +1,34 @@
 """Health aggregation: the proxies' local outlier verdicts in, one verdict per endpoint out.
 
-Every node proxy and gateway runs Envoy-style outlier detection on what it dials
-(`ztunnel.api.outlier`) and reports, per (service, endpoint), whether it currently ejects it
-(`EndpointReport`). One proxy's view is local: it knows only the endpoints it used, and a confused,
+Every proxy (node proxies, gateways, waypoints, ingresses) runs Envoy-style outlier detection on
+what it dials (`ztunnel.api.outlier`; at L7 on HTTP status too) and reports, per (service,
+endpoint), whether it currently ejects it (`EndpointReport`). One proxy's view is local: it knows only the endpoints it used, and a confused,
 partitioned or compromised proxy (or whoever holds its credentials) must not eject for the whole
 mesh. The vote here turns those local views into a global one:
 
-- only an *observer* votes: a proxy whose rendered config contains the endpoint (`set_view`, fed by
-  the reconciler with what it rendered for that proxy). A report on anything else is dropped and
+- only an *observer* votes: a proxy whose rendered config routes to the endpoint (`observable`;
+  `set_view`, fed by the reconciler with what it rendered for that proxy). A report on anything else is dropped and
   counted (`ignored_reports`): a proxy cannot vote on endpoints it never routes to;
 - an endpoint is globally unhealthy when at least `quorum_fraction` of the observers that reported
   on it within `report_ttl_s` eject it, and at least `min_observers` of them do — or every
   observer there is, when fewer than `min_observers` proxies route to it at all (then there is no
   second opinion to be had: the only proxy that uses it is the only one it could hurt). With the
   default of 2, a single proxy never ejects an endpoint that another proxy also routes to;
+- the vote is per layer. Node proxies and gateways (L4) see connections; waypoints and ingress
+  gateways (L7) see HTTP status too. A 503-answering pod accepts every connection, so L4 observers
+  answering "healthy" must not outvote an L7 ejection, nor be needed to confirm it: each layer
+  decides among its own fresh observers, by the rule above, and either layer's quorum ejects;
+- what a waypoint's vote means: "the requests I forward to this endpoint fail" — a vote on the
+  endpoints it sends requests to (`l7_reach`: the services it is the waypoint of and its routes'
+  Service backends; for an ingress, its routes' backends), not on everything its config carries.
+  A cluster's L7 proxies share its service table, so counting config membership made every
+  waypoint and ingress of a cluster an observer of every endpoint there: two observers needed, one
+  (the waypoint in the path) able to see, and a 5xx ejection never reached the engine. With one
+  waypoint per namespace and cluster, that waypoint is usually the endpoint's only L7 observer and
+  decides alone — by the same rule as the only node proxy that routes to an endpoint: all of that
+  service's traffic from its cluster already depends on it. Where several L7 proxies send to the
+  same endpoint (a waypoint and an ingress routing to one backend, or waypoints of two namespaces),
+  one of them alone still cannot eject it: it takes the quorum of those that can see it;
 - a report older than `report_ttl_s` no longer counts; an endpoint nobody reported on within the
   TTL is forgotten (healthy), so a proxy that goes away cannot pin an ejection;
 - `describe` gives the vote in words: the trigger of the ejection events.
@@ -82,9 +97,28 @@ class Vote:
 
 
 def observable(config: ProxyConfig) -> frozenset[HealthKey]:
-    """The (service, endpoint) keys a proxy may vote on: every endpoint its config routes to,
-    healthy or not (an ejected endpoint stays in the config, so its observers can clear it)."""
-    return frozenset((s.hostname, e.workload_uid) for s in config.services for e in s.endpoints)
+    """The (service, endpoint) keys a proxy may vote on: every endpoint its traffic can reach, healthy
+    or not (an ejected endpoint stays in the config, so its observers can clear it). A node proxy or
+    a gateway dials any endpoint of its config; an L7 proxy only those of `l7_reach`."""
+    services = config.services
+    if is_l7_proxy(config.proxy_id):
+        reach = l7_reach(config)
+        services = tuple(s for s in services if s.hostname in reach)
+    return frozenset((s.hostname, e.workload_uid) for s in services for e in s.endpoints)
+
+
+def l7_reach(config: ProxyConfig) -> frozenset[str]:
+    """The service hostnames a waypoint or ingress sends requests to. Its config carries its
+    cluster's whole service table (it shares the node proxies' rendered views), but requests reach a
+    waypoint only for the services that name it as their waypoint, and leave either for those or
+    for the Service backends of its routes; an ingress fronts nothing and sends only to its routes'
+    backends. Counting the rest as observed would make every L7 proxy of a cluster an observer of
+    every endpoint there, none of which but the one in the path could ever see it fail."""
+    pid = ProxyId.parse(config.proxy_id)
+    fronted = {s.hostname for s in config.services if pid.kind == "waypoint" and s.waypoint is not None
+               and (s.waypoint.namespace, s.waypoint.name) == (pid.namespace, pid.name)}
+    backends = {b.target for r in config.http_routes for rule in r.rules for b in rule.backends if b.kind == "Service"}
+    return frozenset(fronted | backends)
 
 
 @dataclass
@@ -164,11 +198,11 @@ class HealthAggregator:
             touched.add(key)
         return touched
 
-    def needed(self, key: HealthKey, l7: bool | None = None) -> int:
-        """How many observers must eject `key`: `min_observers`, or every observer there is when
-        fewer proxies route to it (at least one). `l7`: among the observers of that layer only."""
-        obs = self.observers.get(key, ())
-        n = len(obs) if l7 is None else sum(1 for p in obs if is_l7_proxy(p) == l7)
+    def needed(self, key: HealthKey, l7: bool) -> int:
+        """How many observers of one layer (`l7`: waypoints and ingresses; else node proxies and
+        gateways) must eject `key`: `min_observers`, or every observer of that layer there is when
+        fewer route to it (at least one)."""
+        n = sum(1 for p in self.observers.get(key, ()) if is_l7_proxy(p) == l7)
         return max(1, min(self.min_observers, n))
 
     def _fresh(self, key: HealthKey, now_s: float) -> dict[str, Vote]:
@@ -202,12 +236,21 @@ class HealthAggregator:
         return frozenset(k for k in keys if self._ejects(k, self._fresh(k, now_s)))
 
     def describe(self, key: HealthKey, now_s: float) -> str:
-        """Why `key` is (or is not) globally unhealthy: the vote, for the failover history."""
-        fresh = list(self._fresh(key, now_s).values())
-        failed = sum(v.failed for v in fresh)
-        return (f"health reports: {sum(v.ejected for v in fresh)} of {len(fresh)} proxies observing {key[1]} eject "
-                f"it (quorum {self.quorum_fraction:.0%}, at least {self.needed(key)}; {failed} failed requests "
-                f"reported)")
+        """Why `key` is (or is not) globally unhealthy: the vote, for the failover history. With L7
+        votes, each layer's count and threshold (they decide separately)."""
+        fresh = self._fresh(key, now_s)
+        failed = sum(v.failed for v in fresh.values())
+        layers = [[v for p, v in fresh.items() if is_l7_proxy(p) == l7] for l7 in (False, True)]
+        l4, l7 = layers
+        if not l7:
+            counted = (f"{sum(v.ejected for v in l4)} of {len(l4)} proxies observing {key[1]} eject it "
+                       f"(quorum {self.quorum_fraction:.0%}, at least {self.needed(key, False)}")
+        else:
+            counted = (f"{sum(v.ejected for v in l4)} of {len(l4)} L4 proxies and {sum(v.ejected for v in l7)} of "
+                       f"{len(l7)} L7 proxies (waypoints, ingresses) observing {key[1]} eject it (each layer by "
+                       f"itself: quorum {self.quorum_fraction:.0%}, at least {self.needed(key, False)} and "
+                       f"{self.needed(key, True)}")
+        return f"health reports: {counted}; {failed} failed requests reported)"
 
     def verdict(self, now_s: float, also: Iterable[HealthKey] = ()) -> HealthVerdict:
         """`unhealthy(now_s)` with the vote described for each unhealthy key and for `also` (e.g.

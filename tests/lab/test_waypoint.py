@@ -120,9 +120,6 @@ def test_a_503_version_is_ejected_and_fails_over_to_west_through_the_waypoint(fe
     assert f.failed == 0, f   # retries on the other hosts hid the 503s before the ejection too
     # the controller: the waypoint's health reports -> the vote -> the failover engine
     ejected = [e for e in f.history if e["kind"] == "EndpointEjected"]
-    if not f.history:
-        pytest.xfail("known regression since issue 11 part C (health vote from rendered views): the waypoint ejects and "
-                    "fails over (asserted above) but its health reports no longer reach the failover history")
     over = next((e for e in f.history if (e["kind"], e["from_cluster"], e["to_cluster"]) == ("FailedOver", "east", "west")),
                 None)
     assert ejected and over is not None, f.kinds
@@ -144,9 +141,6 @@ def test_the_guides_destination_rule_ejects_a_503_pod(fed: LabFederation) -> Non
     records = fed.records("east-my-service")
     assert not [r for r in between(records, float(line["ts"]) + 0.5, f.heal_at_s) if r.get("pod") == "my-service-0"]
     ejected = [e for e in f.history if e["kind"] == "EndpointEjected"]
-    if not f.history:
-        pytest.xfail("known regression since issue 11 part C (health vote from rendered views): the waypoint ejects and "
-                    "fails over (asserted above) but its health reports no longer reach the failover history")
     assert ejected and ejected[0]["policy_file"].startswith("policies/my-app/my-service-multicluster.yaml:"), f.kinds
 
 

@@ -6,7 +6,25 @@ from __future__ import annotations
 
 import pytest
 
-from federation.core.health import EndpointReport, HealthAggregator, HealthKey, HealthVerdict
+from federation.core.health import (
+    EndpointReport,
+    HealthAggregator,
+    HealthKey,
+    HealthVerdict,
+    l7_reach,
+    observable,
+)
+from ztunnel.api.config import (
+    Endpoint,
+    HttpBackend,
+    HttpRoute,
+    HttpRouteRule,
+    ProxyConfig,
+    ProxyMode,
+    Service,
+    Stamp,
+    WaypointRef,
+)
 
 P1: HealthKey = ("checkout", "east/p1")
 
@@ -172,3 +190,74 @@ def test_the_only_waypoint_decides_an_l7_failure_that_node_proxies_cannot_see() 
         l4.set_view(p, [P1])
     l4.report("ztunnel/east/node-1", [EndpointReport("checkout", "east/p1", "east", 0, 9, True)], now_s=0)
     assert l4.unhealthy(now_s=1) == frozenset()
+
+
+# --- what an L7 proxy observes: what it sends requests to, not its whole config ------------------
+
+
+def _svc(name: str, ns: str, waypoint: str | None, pods: tuple[str, ...]) -> Service:
+    ref = WaypointRef(waypoint, ns, f"spiffe://east.mesh.local/ns/{ns}/sa/{waypoint}") if waypoint else None
+    return Service(f"{name}.{ns}.svc.clusterset.local", ns, name, "", (),
+                   tuple(Endpoint(f"east/{ns}/{p}", "east", "net", "10.0.0.1", 8080, "10.0.0.9:15008") for p in pods),
+                   waypoint=ref)
+
+
+# east's service table, as every proxy of east gets it: checkout behind shop's waypoint, my-service
+# behind my-app's, llm without a waypoint
+TABLE = (_svc("checkout", "shop", "waypoint", ("checkout-0",)), _svc("my-service", "my-app", "waypoint", ("ms-0",)),
+         _svc("llm", "ai", None, ("llm-0",)))
+CO: HealthKey = ("checkout.shop.svc.clusterset.local", "east/shop/checkout-0")
+
+
+def _l7(pid: str, routes_to: tuple[str, ...] = ()) -> ProxyConfig:
+    route = HttpRoute("ns", "r", "HTTPRoute", ("Service/x:80",),
+                      (HttpRouteRule(backends=tuple(HttpBackend("Service", h, 80) for h in routes_to)),))
+    mode = ProxyMode.WAYPOINT if pid.startswith("waypoint/") else ProxyMode.INGRESS
+    return ProxyConfig(pid, mode, "east", "net", "east.mesh.local", Stamp(1, "a" * 40, 0), services=TABLE,
+                       http_routes=(route,) if routes_to else ())
+
+
+def test_an_l7_proxy_observes_what_it_fronts_and_its_routes_backends_only() -> None:
+    shop = _l7("waypoint/east/shop/waypoint")
+    my_app = _l7("waypoint/east/my-app/waypoint", routes_to=("llm.ai.svc.clusterset.local",))
+    ingress = _l7("ingress/east/ai/gw", routes_to=("llm.ai.svc.clusterset.local",))
+    assert l7_reach(shop) == {"checkout.shop.svc.clusterset.local"}
+    assert l7_reach(my_app) == {"my-service.my-app.svc.clusterset.local", "llm.ai.svc.clusterset.local"}
+    assert l7_reach(ingress) == {"llm.ai.svc.clusterset.local"}
+    assert observable(shop) == {CO}
+    # a node proxy with the same table observes all of it (it dials any endpoint it routes to)
+    node = ProxyConfig("ztunnel/east/n1", ProxyMode.NODE, "east", "net", "east.mesh.local", Stamp(1, "a" * 40, 0),
+                       services=TABLE)
+    assert len(observable(node)) == 3
+
+
+def test_the_waypoint_in_the_path_ejects_although_every_l7_proxy_of_its_cluster_carries_the_service() -> None:
+    """Issue 14's regression, at the core: east's shop waypoint sees checkout-0 answer 503 and
+    ejects it; the my-app waypoint and the ingress carry checkout too but never send to it. Counted
+    as observers they made two L7 votes necessary where one proxy could see: no ejection, ever."""
+    configs = [_l7("waypoint/east/shop/waypoint"), _l7("waypoint/east/my-app/waypoint"), _l7("ingress/east/ai/gw")]
+    agg = HealthAggregator()
+    for cfg in configs:
+        agg.set_view(cfg.proxy_id, observable(cfg))
+    agg.report("waypoint/east/shop/waypoint", [EndpointReport(CO[0], CO[1], "east", 0, 3, True)], now_s=0)
+    assert agg.unhealthy(now_s=1) == {CO}
+    # and the others' reports on it are not votes
+    for cfg in configs[1:]:
+        assert agg.report(cfg.proxy_id, [EndpointReport(CO[0], CO[1], "east", 0, 3, True)], now_s=1) == set()
+
+
+def test_two_l7_proxies_that_send_to_an_endpoint_need_both_one_confused_cannot_eject() -> None:
+    """The ingress routes to llm, and so does my-app's waypoint: two L7 observers of llm-0. One of
+    them ejecting it is not a quorum; both are."""
+    agg = HealthAggregator()
+    for cfg in (_l7("waypoint/east/my-app/waypoint", routes_to=("llm.ai.svc.clusterset.local",)),
+                _l7("ingress/east/ai/gw", routes_to=("llm.ai.svc.clusterset.local",))):
+        agg.set_view(cfg.proxy_id, observable(cfg))
+    llm: HealthKey = ("llm.ai.svc.clusterset.local", "east/ai/llm-0")
+    agg.report("ingress/east/ai/gw", [EndpointReport(llm[0], llm[1], "east", 0, 30, True)], now_s=0)
+    assert agg.unhealthy(now_s=1) == frozenset()
+    assert agg.describe(llm, now_s=1).startswith(
+        "health reports: 0 of 0 L4 proxies and 1 of 1 L7 proxies (waypoints, ingresses) observing east/ai/llm-0 "
+        "eject it (each layer by itself: quorum 50%, at least 1 and 2;")
+    agg.report("waypoint/east/my-app/waypoint", [EndpointReport(llm[0], llm[1], "east", 0, 3, True)], now_s=1)
+    assert agg.unhealthy(now_s=2) == {llm}
