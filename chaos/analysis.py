@@ -33,6 +33,9 @@ Requests are ordered by (start_s, seq); "end" of a request is start_s + latency_
 - `time_to_failback_ms`: H → the start of the first run of N consecutive ok requests served by the
   preferred cluster, among requests started at or after H.
 - `served_by`: ok requests per cluster per phase; `ok_pct`: percent of requests that were ok.
+- HTTP figures (whole run): `statuses`, requests per response status (0: no response); and
+  `answered_by`, ok requests per answering workload (the pod's name without its ordinal: the share
+  each version of a per-request canary split got at a waypoint).
 
 A figure that cannot be determined is None, and `reasons[figure]` says why, in words an operator
 can act on (which cluster traffic went to instead, which event is missing).
@@ -58,6 +61,12 @@ DEFAULT_RUN_LENGTH = 5
 
 PHASE_BEFORE, PHASE_DURING, PHASE_AFTER = "before fault", "during fault", "after heal"
 PHASES = (PHASE_BEFORE, PHASE_DURING, PHASE_AFTER)
+
+
+def workload_of(pod: str) -> str:
+    """'checkout-v2-0' → 'checkout-v2'; 'checkout-1' → 'checkout' (the lab names pods <workload>-<n>)."""
+    head, sep, tail = pod.rpartition("-")
+    return head if sep and tail.isdigit() else pod
 
 
 class ChaosInputError(ValueError):
@@ -88,6 +97,8 @@ class RequestRecord:
     latency_ms: float
     outcome: str
     cluster: str = ""
+    status: int = 0      # the response's status (0: none came)
+    pod: str = ""        # the pod that answered (the demo server names itself)
 
     @property
     def end_s(self) -> float:
@@ -106,9 +117,11 @@ class RequestRecord:
             if isinstance(raw, Mapping):
                 seq, start_s, latency_ms = raw["seq"], raw["start_s"], raw.get("latency_ms", 0.0)
                 outcome, cluster = raw["outcome"], raw.get("cluster", "") or ""
+                status, pod = raw.get("status", 0) or 0, raw.get("pod", "") or ""
             else:
                 seq, start_s, latency_ms = raw.seq, raw.start_s, raw.latency_ms
                 outcome, cluster = raw.outcome, raw.cluster or ""
+                status, pod = getattr(raw, "status", 0) or 0, getattr(raw, "pod", "") or ""
         except (KeyError, AttributeError) as e:
             raise ChaosInputError(
                 f"request record {raw!r} lacks {e}; records must carry seq, start_s, latency_ms, outcome "
@@ -120,7 +133,7 @@ class RequestRecord:
                 "was the file written by an older load generator?"
             )
         return cls(seq=int(seq), start_s=float(start_s), latency_ms=float(latency_ms),
-                   outcome=str(outcome), cluster=str(cluster))
+                   outcome=str(outcome), cluster=str(cluster), status=int(status), pod=str(pod))
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +214,17 @@ class ChaosFigures:
     phases: tuple[PhaseCounts, ...]
     reasons: tuple[tuple[str, str], ...] = ()
     notes: tuple[str, ...] = field(default=())
+    statuses: tuple[tuple[int, int], ...] = ()       # (status, requests), status 0 = no response
+    answered_by: tuple[tuple[str, int], ...] = ()    # (workload, ok requests), most first
+
+    @property
+    def statuses_text(self) -> str:
+        return ", ".join(f"{s or 'none'} ×{n}" for s, n in self.statuses) or "none"
+
+    @property
+    def answered_by_text(self) -> str:
+        total = sum(n for _, n in self.answered_by)
+        return ", ".join(f"{w} {100.0 * n / total:.1f}% ({n})" for w, n in self.answered_by) or "nobody"
 
     @property
     def ok_pct(self) -> float | None:
@@ -234,6 +258,7 @@ class ChaosFigures:
             "time_to_failback_ms": self.time_to_failback_ms,
             "phases": [p.as_dict() for p in self.phases],
             "reasons": dict(self.reasons), "notes": list(self.notes),
+            "statuses": {str(s): n for s, n in self.statuses}, "answered_by": dict(self.answered_by),
         }
 
 
@@ -351,6 +376,8 @@ def summarize(records: Iterable[RequestLike | Mapping[str, Any]],
             failed_before_shift=None, indeterminate_before_shift=None, flaps=None,
             time_to_failback_ms=None,
             phases=(_phase(PHASE_BEFORE, recs), _phase(PHASE_DURING, ()), _phase(PHASE_AFTER, ())),
+            statuses=tuple(sorted(Counter(r.status for r in recs).items())),
+            answered_by=tuple(Counter(workload_of(r.pod) for r in recs if r.ok and r.pod).most_common()),
         )
         base.update(kw)
         return ChaosFigures(**base, reasons=tuple(reasons.items()), notes=tuple(notes))

@@ -28,6 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from chaos.analysis import (
+    workload_of as workload_of,  # re-exported: the demo CLI and chaos.waypoint use it from here
+)
+
 SERVICE_HOST = "checkout.shop.svc.clusterset.local"
 SERVICE_URL = f"http://{SERVICE_HOST}:80/"
 _GET = """
@@ -191,11 +195,13 @@ class LabFederation:
     # --- load -------------------------------------------------------------------------------------
 
     def start_load(self, cluster: str, rate_per_s: float, timeout_s: float = 2.0, *, url: str = SERVICE_URL,
-                   pod: str | None = None, keep_alive_max_requests: int = 0, name: str = "") -> Path:
+                   pod: str | None = None, keep_alive_max_requests: int = 0, name: str = "",
+                   method: str = "GET", ok_status: int = 0) -> Path:
         """Open-loop load from `cluster`'s client pod (or `pod`: CLUSTER/NS/NAME or pod:CLUSTER/NS/NAME) to `url`; the
         records go to a JSONL file (returned). `keep_alive_max_requests` > 0 reuses connections;
         `name` tells several loads of one cluster apart (records, stop_load take it; default: the
-        cluster's name)."""
+        cluster's name). `method` and `ok_status` (the one right status, 0: any 2xx) are the load
+        generator's."""
         key = name or cluster
         out = self.state_dir / "demo" / f"load-{key}.jsonl"
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -204,6 +210,10 @@ class LabFederation:
                 "--timeout-s", str(timeout_s), "--out", str(out)]
         if keep_alive_max_requests > 0:
             argv += ["--keep-alive", "--max-requests-per-connection", str(keep_alive_max_requests)]
+        if method != "GET":
+            argv += ["--method", method]
+        if ok_status:
+            argv += ["--ok-status", str(ok_status)]
         self.runner.spawn(f"load-{key}", (pod if pod.startswith("pod:") else f"pod:{pod}") if pod else self.client_pod(cluster), argv)
         self.loads[key] = out
         return out
@@ -364,12 +374,6 @@ def first_served_by(records: Sequence[Mapping[str, Any]], cluster: str, after_s:
 
 CANARY_WORKLOAD = "checkout-v2"   # the canary of checkout (policies/shop/checkout-canary.yaml)
 CANARY_ROUTE = "policies/shop/checkout-canary.yaml"
-
-
-def workload_of(pod: str) -> str:
-    """'checkout-v2-0' → 'checkout-v2'; 'checkout-1' → 'checkout' (the lab names pods <workload>-<n>)."""
-    head, sep, tail = pod.rpartition("-")
-    return head if sep and tail.isdigit() else pod
 
 
 def backend_split(records: Sequence[Mapping[str, Any]]) -> dict[str, int]:

@@ -434,14 +434,16 @@ class Engine:
                                   "(run `meshfed chaos validate`)")
         port = svc.ports[0].port if svc.ports else 80
         keep = t.max_requests_per_connection if t.keep_alive else 0
-        url = f"http://{svc.hostname}:{port}/"
-        fed.start_load(t.client, t.rate_per_s, t.timeout_s, url=url, pod=pod, keep_alive_max_requests=keep)
+        url = f"http://{svc.hostname}:{port}{t.path}"
+        ok_status = t.expect_status or 0
+        fed.start_load(t.client, t.rate_per_s, t.timeout_s, url=url, pod=pod, keep_alive_max_requests=keep,
+                       method=t.method, ok_status=ok_status)
         # The workload's other replicas send too, as a Deployment's do, at OBSERVER_SHARE of the rate:
         # their node proxies see a fault as well, and the controller ejects mesh-wide only when two
         # proxies that route to an endpoint agree (federation.core.health). Only the first pod is measured.
         for name, other in observer_loads(t, client_workload_pods(fleet.plan, t.client, t.workload)):
             fed.start_load(t.client, max(1.0, t.rate_per_s * OBSERVER_SHARE), t.timeout_s, url=url, pod=other,
-                           keep_alive_max_requests=keep, name=name)
+                           keep_alive_max_requests=keep, name=name, method=t.method, ok_status=ok_status)
             self._observers.append(name)
 
     def _steady_verdicts(self, fed: LabFederation, exp: Experiment, when: str) -> list[Verdict]:
@@ -451,7 +453,7 @@ class Engine:
             recs = without_workloads(fed.records(t.client), t.ignore_workloads)
             window = hypothesis_window(recs, now, exp.hypothesis, t.timeout_s)
             min_n = max(1, int(t.rate_per_s * exp.hypothesis.window_s * 0.5))
-            out.append(check_hypothesis(t.client, window, exp.hypothesis, when, min_n))
+            out.append(check_hypothesis(t.client, window, exp.hypothesis, when, min_n, t.expects_refusal))
         return out
 
     def _until_steady(self, fed: LabFederation, exp: Experiment, limit_s: float) -> bool:

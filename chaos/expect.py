@@ -18,7 +18,9 @@ Definitions used here (the rest are `chaos.analysis`'s):
   expired) does not make a segment. Failed and indeterminate requests neither start nor break one.
 - *steady state*: over the hypothesis window (ending one request timeout ago, so every request in
   it has finished), at least `minOkPercent` of the requests were ok *and* served by the expected
-  cluster (the client's own for `local`).
+  cluster (the client's own for `local`). For traffic whose right answer is a refusal (`expectStatus`
+  403: the mesh answers, no workload), ok alone: no cluster served it.
+- *split*: a workload's share of the client's ok answers over the measured window (`answered_by`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from chaos.analysis import FAIL, INDETERMINATE, OK, ChaosFigures
+from chaos.analysis import FAIL, INDETERMINATE, OK, ChaosFigures, workload_of
 from gitops.experiment import EventMatch, Expectation, Hypothesis, LogMatch
 from gitops.problems import SourcePos
 
@@ -92,12 +94,6 @@ class ClientRun:
 
 def ordered(records: Iterable[Record]) -> list[Record]:
     return sorted(records, key=lambda r: (float(r.get("start_s", 0.0)), int(r.get("seq", 0))))
-
-
-def workload_of(pod: str) -> str:
-    """'checkout-v2-0' → 'checkout-v2' (the lab names pods <workload>-<n>)."""
-    head, sep, tail = pod.rpartition("-")
-    return head if sep and tail.isdigit() else pod
 
 
 def without_workloads(records: Iterable[Record], workloads: Sequence[str]) -> list[Record]:
@@ -181,10 +177,14 @@ def hypothesis_window(records: Iterable[Record], end_s: float, h: Hypothesis, ti
 
 
 def check_hypothesis(client: str, window: Sequence[Record], h: Hypothesis, when: str,
-                     min_requests: int = 1) -> Verdict:
+                     min_requests: int = 1, refusal: bool = False) -> Verdict:
+    """`refusal`: the traffic's right answer comes from the mesh (e.g. 403 from a waypoint's
+    policy), so an ok request is the whole measure: no cluster served it."""
     want = client if h.served_by == LOCAL else h.served_by
     n = len(window)
-    good = [r for r in window if r.get("outcome") == OK and r.get("cluster") == want]
+    good = [r for r in window if r.get("outcome") == OK and (refusal or r.get("cluster") == want)]
+    if refusal:
+        want = "the mesh (expected status)"
     pct = 100.0 * len(good) / n if n else 0.0
     served = Counter(str(r.get("cluster")) for r in window if r.get("outcome") == OK)
     bad = Counter(str(r.get("outcome")) for r in window if r.get("outcome") != OK)
@@ -313,6 +313,14 @@ def check_expectation(e: Expectation, run: ClientRun, t0: float, events: Sequenc
                            tuple(describe_event(x, t0) for x in hits[:MAX_EVIDENCE]), at(f"eventsExclude[{i}]")))
     for i, lm in enumerate(e.logs_include):
         out.append(_check_log(c, lm, logs, at(f"logsInclude[{i}]")))
+    total = sum(n for _, n in run.figures.answered_by)
+    answered = dict(run.figures.answered_by)
+    for i, sp in enumerate(e.split):
+        share = 100.0 * answered.get(sp.workload, 0) / total if total else None
+        ok = share is not None and abs(share - sp.percent) <= sp.tolerance
+        measured = "n/a (no ok answer)" if share is None else f"{share:.1f}% of {total} ok answers"
+        out.append(Verdict(c, "split", sp.describe(), measured, ok,
+                           (f"ok answers by workload: {run.figures.answered_by_text}",), at(f"split[{i}]")))
     return out
 
 

@@ -63,6 +63,8 @@ FIGURE_ROWS: tuple[tuple[str, str, str], ...] = (
     ("failed (whole run)", "failed_requests", ""),
     ("indeterminate (whole run)", "indeterminate_requests", ""),
     ("ok", "ok_pct", "%"),
+    ("HTTP statuses (whole run)", "statuses_text", ""),
+    ("ok answers by workload", "answered_by_text", ""),
 )
 
 

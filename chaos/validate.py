@@ -5,7 +5,8 @@ the fleet repo it names and the lab that fleet lays out, with the same codes and
 
 - the fleet repo loads (MF0707);
 - every cluster it names exists, traffic comes from a client workload, the service exists, log
-  sources are proxies of the lab or the controller (MF0706);
+  sources are proxies of the lab (waypoints and ingresses included) or the controller, a split
+  names a workload of the lab (MF0706);
 - every fault applies: the lab's own planner (`clusters.lab.faults.plan_fault`, pure) is asked with
   the fault exactly as the run will send it, so "no pod matches" and "latency on a node" are the
   lab's words, decided in one place (MF0701);
@@ -54,6 +55,7 @@ class Fleet:
             out += [f"ztunnel/{c.name}/{n.name}" for n in c.nodes]
             if c.gateway is not None:
                 out.append(f"gateway/{c.name}")
+            out += [p.proxy_id for p in c.proxy_pods()]   # waypoints, ingress gateways
         return out
 
 
@@ -73,7 +75,9 @@ def load_fleet(path: Path) -> tuple[Fleet | None, list[Problem]]:
         return None, [problem("MF0707", f"the fleet repo {path} does not validate ({len(res.errors)} error(s); first: "
                               f"{first})", pos, hint=f"run `meshfed validate {path}`")]
     try:
-        plan = plan_lab(res.snapshot.clusters, res.snapshot.lab_clusters, res.snapshot.services)
+        # the lab exactly as the runner lays it out (`clusters.lab.runner`): its Gateways run pods too
+        plan = plan_lab(res.snapshot.clusters, res.snapshot.lab_clusters, res.snapshot.services,
+                        gateways=res.snapshot.gateways)
     except PlanError as e:
         return None, [problem("MF0707", f"the fleet repo {path} cannot be laid out as a lab: {e}", pos,
                               hint="add lab/<cluster>.yaml (LabCluster) for the clusters the lab should run")]
@@ -169,6 +173,12 @@ def check_against(exp: Experiment, fleet: Fleet) -> list[Problem]:
             for named in (m.from_cluster, m.to_cluster):
                 if named:
                     unknown(named, where, f"expectation of {e.client}: event {m.kind}")
+        workloads = sorted({p.workload for c in fleet.plan.clusters for p in c.pods if not p.is_proxy})
+        for j, sp in enumerate(e.split):
+            if sp.workload not in workloads:
+                out.append(problem("MF0706", f"expectation of {e.client}: split names no workload {sp.workload!r} "
+                                   "of the lab", e.field_pos.get(f"split[{j}]", e.pos), obj=ref,
+                                   hint=f"one of: {', '.join(workloads)}"))
         for lm in e.logs_include:
             if lm.source not in sources:
                 out.append(problem("MF0706", f"expectation of {e.client}: no log {lm.source!r} in this lab",

@@ -17,7 +17,10 @@ LitmusChaos (probes as SLOs):
                                                    is reported as expected, not as a failure)
       steadyState:
         traffic: [{from: CLUSTER, workload, service, rate, connections: New|KeepAlive,
-                   maxRequestsPerConnection, timeout, ignoreWorkloads: [...]}]
+                   maxRequestsPerConnection, timeout, ignoreWorkloads: [...],
+                   method: GET|HEAD|POST|PUT|PATCH|DELETE|OPTIONS, path: /PATH,
+                   expectStatus: CODE}]   # the answer this traffic must get (default: any 2xx);
+                                          # e.g. 403 for a method a policy denies at a waypoint
         hypothesis: {minOkPercent, servedBy: local|CLUSTER, window}
         settleTimeout
       setup:  [steps]     # before the steady state is checked; not measured (e.g. shorten leaseTTL)
@@ -35,7 +38,10 @@ LitmusChaos (probes as SLOs):
           servedBy: [east, south, west|north, east]
           servedDuringFault / notServedDuringFault: [CLUSTER/POD]   # who answered while the fault lasted
           eventsInclude / eventsExclude: [{kind, from, to, policy, service}]
-          logsInclude: [{source: ztunnel/east/node-2 | gateway/south | controller, contains: TEXT}]
+          logsInclude: [{source: ztunnel/east/node-2 | gateway/south | waypoint/east/shop/waypoint | controller,
+                         contains: TEXT}]
+          split: [{workload: checkout-v2, percent: 20, tolerance: 3}]   # share of the ok answers per
+                                    # workload (a per-request canary split at a waypoint), ± tolerance points
 
 What is checked here is what the file alone can tell (shape, types, ranges, step structure,
 fault ids, which figures can be measured). Whether the clusters, workloads and pods exist, whether
@@ -146,6 +152,17 @@ def _served_by_element(v: str) -> str:
     return v
 
 
+_PATH = re.compile(r"/[!-~]{0,1023}")   # printable ASCII, no spaces: one request-target
+
+
+def _request_path(v: str) -> str:
+    if not _PATH.fullmatch(v):
+        raise PydanticCustomError("MF0102", "a path is an absolute request path of printable ASCII without spaces, "
+                                  "e.g. /orders/7 (got {value})", {"value": repr(v)[:80]})
+    return v
+
+
+RequestPath = Annotated[str, AfterValidator(_request_path)]
 RateKbit = Annotated[float, BeforeValidator(_rate_kbit)]
 SignedDuration = Annotated[float, BeforeValidator(_signed_duration_s)]
 PercentF = Annotated[float, AfterValidator(_percent_f)]
@@ -166,6 +183,9 @@ class TrafficS(_Base):
     max_requests_per_connection: CountIn(1, 100_000) = 100  # type: ignore[valid-type]
     timeout: DurationIn(0.05, 60.0) = 3.0  # type: ignore[valid-type]
     ignore_workloads: list[DnsLabel] = Field(default_factory=list)
+    method: Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"] = "GET"
+    path: RequestPath = "/"
+    expect_status: CountIn(100, 599) | None = None  # type: ignore[valid-type]
 
 
 class HypothesisS(_Base):
@@ -230,6 +250,12 @@ class LogMatchS(_Base):
     contains: str
 
 
+class SplitS(_Base):
+    workload: DnsLabel
+    percent: PercentF
+    tolerance: PercentF = 3.0
+
+
 class ExpectationS(_Base):
     client: DnsLabel
     fault: DnsLabel | None = None
@@ -246,6 +272,7 @@ class ExpectationS(_Base):
     events_include: list[EventMatchS] = Field(default_factory=list)
     events_exclude: list[EventMatchS] = Field(default_factory=list)
     logs_include: list[LogMatchS] = Field(default_factory=list)
+    split: list[SplitS] = Field(default_factory=list)
 
 
 class ChaosExperimentSpec(_Base):
@@ -275,6 +302,15 @@ class Traffic:
     timeout_s: float
     ignore_workloads: tuple[str, ...]
     pos: SourcePos
+    method: str = "GET"
+    path: str = "/"
+    expect_status: int | None = None   # None: any 2xx is the right answer
+
+    @property
+    def expects_refusal(self) -> bool:
+        """The right answer is not a 2xx: the mesh (a waypoint's policy) answers, no workload does,
+        so which cluster served it is not part of the measure."""
+        return self.expect_status is not None and not 200 <= self.expect_status < 300
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,6 +406,18 @@ class EventMatch:
 
 
 @dataclass(frozen=True, slots=True)
+class SplitExpect:
+    """`percent` ± `tolerance` points of a client's ok answers come from `workload`."""
+
+    workload: str
+    percent: float
+    tolerance: float
+
+    def describe(self) -> str:
+        return f"{self.workload} {self.percent:g}% ± {self.tolerance:g}"
+
+
+@dataclass(frozen=True, slots=True)
 class LogMatch:
     source: str                  # ztunnel/<cluster>/<node> | gateway/<cluster> | controller
     contains: str
@@ -393,6 +441,7 @@ class Expectation:
     events_include: tuple[EventMatch, ...] = ()
     events_exclude: tuple[EventMatch, ...] = ()
     logs_include: tuple[LogMatch, ...] = ()
+    split: tuple[SplitExpect, ...] = ()
     field_pos: Mapping[str, SourcePos] = field(default_factory=lambda: MappingProxyType({}))
 
 
@@ -693,6 +742,19 @@ def _convert(doc: Doc, meta: Metadata, s: ChaosExperimentSpec, ref: ObjectRef) -
             if pods and not method_faults:
                 probs.append(problem("MF0705", f"{where}.{field_name}: the method injects no fault", ctx.at(where),
                                      obj=ref, hint="add a fault step, or drop this expectation"))
+        traffic_of = next((t for t in s.steady_state.traffic if t.from_ == e.client), None)
+        refused = traffic_of is not None and traffic_of.expect_status is not None and \
+            not 200 <= traffic_of.expect_status < 300
+        if e.split and refused:
+            probs.append(problem("MF0705", f"{where}.split: {e.client}'s traffic expects status "
+                                 f"{traffic_of.expect_status if traffic_of else '?'}, which no workload answers",
+                                 ctx.at(f"{where}.split"), obj=ref,
+                                 hint="measure a split on traffic that gets 2xx answers"))
+        split_names = [x.workload for x in e.split]
+        for j, w in enumerate(split_names):
+            if w in split_names[:j]:
+                probs.append(problem("MF0705", f"{where}.split[{j}]: workload {w!r} is listed twice",
+                                     ctx.at(f"{where}.split[{j}]"), obj=ref, hint="one entry per workload"))
         alternatives = {frozenset(x.split("|")) for x in e.served_by or ()}
         shared = sorted({c for a in alternatives for b in alternatives if a != b for c in a & b})
         if shared:
@@ -709,6 +771,7 @@ def _convert(doc: Doc, meta: Metadata, s: ChaosExperimentSpec, ref: ObjectRef) -
             events_include=tuple(_event(x) for x in e.events_include),
             events_exclude=tuple(_event(x) for x in e.events_exclude),
             logs_include=tuple(LogMatch(x.source, x.contains) for x in e.logs_include),
+            split=tuple(SplitExpect(x.workload, x.percent, x.tolerance) for x in e.split),
             field_pos=MappingProxyType({k[len(where) + 1:]: v for k, v in fp.items() if k.startswith(where + ".")})))
     if probs:
         return None, probs
@@ -717,7 +780,8 @@ def _convert(doc: Doc, meta: Metadata, s: ChaosExperimentSpec, ref: ObjectRef) -
     suites = tuple(x.strip() for x in meta.labels.get(SUITE_LABEL, "").split(",") if x.strip())
     traffic = tuple(Traffic(t.from_, t.workload, t.service, t.rate, t.connections == "KeepAlive",
                             t.max_requests_per_connection, t.timeout, tuple(t.ignore_workloads),
-                            ctx.at(f"spec.steadyState.traffic[{i}]")) for i, t in enumerate(s.steady_state.traffic))
+                            ctx.at(f"spec.steadyState.traffic[{i}]"), t.method, t.path, t.expect_status)
+                    for i, t in enumerate(s.steady_state.traffic))
     h = s.steady_state.hypothesis
     return Experiment(
         name=meta.name, file=doc.file, fleet_dir=str(fleet), description=" ".join(s.description.split()),
@@ -729,5 +793,5 @@ def _convert(doc: Doc, meta: Metadata, s: ChaosExperimentSpec, ref: ObjectRef) -
 
 
 __all__ = ["BEHAVIOURS", "FAULT_KINDS", "HEAL_ALL", "KIND", "SUITE_LABEL", "TARGET_KINDS", "Edit", "EventMatch",
-           "Expectation", "Experiment", "ExperimentSet", "FaultSpec", "Hypothesis", "LogMatch", "PushSpec", "Step",
-           "Traffic", "experiment_files", "load_experiments", "parse_experiment"]
+           "Expectation", "Experiment", "ExperimentSet", "FaultSpec", "Hypothesis", "LogMatch", "PushSpec",
+           "SplitExpect", "Step", "Traffic", "experiment_files", "load_experiments", "parse_experiment"]

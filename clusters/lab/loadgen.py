@@ -11,9 +11,10 @@ failover and failback happen as connections break or retire (`reused` says which
 an old connection).
 
 Outcomes, as the chaos figures count them:
-- `ok`: a complete 2xx response;
+- `ok`: a complete 2xx response — or, with `--ok-status CODE`, a response with exactly that status
+  (a probe of a method a policy denies is right when it gets 403; a 2xx would be the failure);
 - `fail`: the request provably was not served — connect refused/reset/unreachable or timed out
-  before the request was written, or a non-2xx response (the server said no);
+  before the request was written, or any other response (the server said no);
 - `indeterminate`: the request was written but no complete answer came (reset or timeout
   after sending): it may or may not have been served.
 
@@ -51,10 +52,12 @@ class RequestResult:
     reused: bool = False   # sent on a connection an earlier request opened (--keep-alive)
 
 
-def classify(connected: bool, request_sent: bool, status: int, error: str) -> str:
-    """ok / fail / indeterminate from what the client saw (see the module docstring)."""
+def classify(connected: bool, request_sent: bool, status: int, error: str, ok_status: int = 0) -> str:
+    """ok / fail / indeterminate from what the client saw (see the module docstring). `ok_status`:
+    the one status that is right (0: any 2xx)."""
     if status:
-        return OK if 200 <= status < 300 else FAIL
+        right = status == ok_status if ok_status else 200 <= status < 300
+        return OK if right else FAIL
     if not connected or not request_sent:
         return FAIL
     return INDETERMINATE if error else FAIL
@@ -124,8 +127,12 @@ async def _open(host: str, port: int, socks: tuple[str, int] | None) -> Conn:
     return Conn(reader, writer)
 
 
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
 async def one_request(seq: int, host: str, port: int, path: str, timeout_s: float,
-                      socks: tuple[str, int] | None = None, pool: Pool | None = None) -> RequestResult:
+                      socks: tuple[str, int] | None = None, pool: Pool | None = None, method: str = "GET",
+                      ok_status: int = 0) -> RequestResult:
     due = time.time()
     t0 = time.monotonic()
     connected = sent = reused = False
@@ -143,7 +150,10 @@ async def one_request(seq: int, host: str, port: int, path: str, timeout_s: floa
             connected = True
             conn.requests += 1
             header = "keep-alive" if pool is not None else "close"
-            conn.writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: {header}\r\n\r\n".encode())
+            # a body-carrying method says its (empty) body's length: a server must not wait for one
+            length_header = "Content-Length: 0\r\n" if method in ("POST", "PUT", "PATCH") else ""
+            conn.writer.write(f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: {header}\r\n"
+                              f"{length_header}\r\n".encode())
             await conn.writer.drain()
             sent = True
             head = await conn.reader.readuntil(b"\r\n\r\n")
@@ -156,7 +166,7 @@ async def one_request(seq: int, host: str, port: int, path: str, timeout_s: floa
                     length = int(line.split(b":", 1)[1])
                 elif line.lower().replace(b" ", b"") == b"connection:close":
                     closing = True
-            raw = await conn.reader.readexactly(length) if length else b""
+            raw = await conn.reader.readexactly(length) if length and method != "HEAD" else b""
             status = code
             keep = pool is not None and not closing
             with contextlib.suppress(ValueError):
@@ -173,7 +183,7 @@ async def one_request(seq: int, host: str, port: int, path: str, timeout_s: floa
                 conn.writer.close()
     return RequestResult(
         seq=seq, start_s=due, latency_ms=(time.monotonic() - t0) * 1000.0,
-        outcome=classify(connected, sent, status, error), status=status,
+        outcome=classify(connected, sent, status, error, ok_status), status=status,
         cluster=str(body.get("cluster", "")), pod=str(body.get("pod", "")),
         peer_identity=str(body.get("peer_identity", "")), error=error, reused=reused,
     )
@@ -181,7 +191,7 @@ async def one_request(seq: int, host: str, port: int, path: str, timeout_s: floa
 
 async def run(host: str, port: int, rate_per_s: float, duration_s: float, out: IO[str], path: str = "/",
               timeout_s: float = 2.0, socks: tuple[str, int] | None = None,
-              keep_alive_max_requests: int = 0) -> int:
+              keep_alive_max_requests: int = 0, method: str = "GET", ok_status: int = 0) -> int:
     """Fire requests open-loop until `duration_s` (<= 0: until SIGTERM); returns requests fired.
     `keep_alive_max_requests` > 0 reuses connections, each for at most that many requests."""
     pool = Pool(keep_alive_max_requests) if keep_alive_max_requests > 0 else None
@@ -206,7 +216,7 @@ async def run(host: str, port: int, rate_per_s: float, duration_s: float, out: I
                     break
 
             async def fire(n: int) -> None:
-                o = await one_request(n, host, port, path, timeout_s, socks, pool)
+                o = await one_request(n, host, port, path, timeout_s, socks, pool, method, ok_status)
                 out.write(json.dumps(asdict(o)) + "\n")
                 out.flush()
 
@@ -228,6 +238,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--keep-alive", action="store_true", help="reuse connections (default: one per request)")
     ap.add_argument("--max-requests-per-connection", type=int, default=100,
                     help="with --keep-alive: retire a connection after this many requests")
+    ap.add_argument("--method", default="GET", choices=METHODS, help="the request method (default GET)")
+    ap.add_argument("--ok-status", type=int, default=0,
+                    help="the one status that counts as ok (default 0: any 2xx), e.g. 403 for a denied method")
     a = ap.parse_args(argv)
     rest = a.url.split("://", 1)[-1]
     hostport, _, path = rest.partition("/")
@@ -239,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     out = sys.stdout if a.out == "-" else open(a.out, "a", buffering=1)  # noqa: SIM115
     try:
         asyncio.run(run(host, int(port_s or 80), a.rate, a.duration_s, out, "/" + path, a.timeout_s, socks,
-                        a.max_requests_per_connection if a.keep_alive else 0))
+                        a.max_requests_per_connection if a.keep_alive else 0, a.method, a.ok_status))
     finally:
         if out is not sys.stdout:
             out.close()

@@ -233,3 +233,44 @@ def test_which_pods_answered_while_the_fault_lasted() -> None:
     e = expect(not_served_during_fault=("east/checkout-1",))
     (v,) = verdicts(e, recs)
     assert not v.ok and v.measured == "100 ok answers" and "t=+4.000s to t=+12.000s" in v.evidence[0]
+
+
+# --- HTTP-level figures: a waypoint's per-request split, a refused method ------------------------------
+
+
+def answered(pods: list[str], status: int = 200, outcome: str = "ok") -> list[dict[str, Any]]:
+    return [{"seq": n, "start_s": T0 + n * STEP_S, "latency_ms": 3.0, "outcome": outcome, "status": status,
+             "cluster": "east" if status == 200 else "", "pod": pod, "error": ""} for n, pod in enumerate(pods)]
+
+
+def test_split_is_each_workloads_share_of_the_ok_answers() -> None:
+    from gitops.experiment import SplitExpect
+
+    recs = answered(["checkout-0", "checkout-1", "checkout-0", "checkout-v2-0"] * 50)   # 75 / 25
+    recs += [{**recs[0], "seq": 999, "outcome": "fail", "status": 503, "pod": ""}]      # not an answer
+    fig = summarize(recs, [], ["east"], "east")
+    assert fig.answered_by == (("checkout", 150), ("checkout-v2", 50))
+    assert fig.statuses == ((200, 200), (503, 1))
+    assert fig.as_dict()["answered_by"] == {"checkout": 150, "checkout-v2": 50}
+    run = ClientRun("east", tuple(recs), fig)
+    e = Expectation(client="east", pos=POS, split=(SplitExpect("checkout-v2", 20.0, 3.0),
+                                                    SplitExpect("checkout", 80.0, 5.0)))
+    v2, v1 = check_expectation(e, run, T0, [], {}, 5)
+    assert (v2.name, v2.expected, v2.measured, v2.ok) == ("split", "checkout-v2 20% ± 3", "25.0% of 200 ok answers",
+                                                          False)
+    assert v2.evidence == ("ok answers by workload: checkout 75.0% (150), checkout-v2 25.0% (50)",)
+    assert v1.ok    # 75 % is within 80 ± 5
+    (none,) = check_expectation(Expectation(client="east", pos=POS, split=(SplitExpect("checkout", 80.0, 5.0),)),
+                                ClientRun("east", (), summarize([], [], ["east"], "east")), T0, [], {}, 5)
+    assert not none.ok and none.measured == "n/a (no ok answer)"
+
+
+def test_a_refusal_the_traffic_expects_holds_the_steady_state_without_a_serving_cluster() -> None:
+    """DELETE denied at a waypoint: 403 is the right answer (the load generator counts it ok) and no
+    workload, hence no cluster, answered it."""
+    window = answered([""] * 20, status=403)
+    h = Hypothesis(99.0, "local", 4.0)
+    assert check_hypothesis("west", window, h, "before", refusal=True).ok
+    assert not check_hypothesis("west", window, h, "before").ok          # as served traffic: nobody served it
+    leaked = window[:19] + answered(["checkout-0"], status=200, outcome="fail")   # a DELETE that got through
+    assert not check_hypothesis("west", leaked, Hypothesis(100.0, "local", 4.0), "before", refusal=True).ok

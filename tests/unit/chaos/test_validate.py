@@ -204,3 +204,36 @@ def test_traffic_comes_from_every_replica_of_its_client_workload_and_only_the_fi
     assert observer_loads(t, east[:1]) == []
     from clusters.lab.supervisor import JOB_NAME_CHARS
     assert all(set(f"load-{name}") <= JOB_NAME_CHARS for name, _ in observer_loads(t, east))  # a lab job's name
+
+
+L7_FLEET = REPO / "examples" / "l7"
+L7_PROBE = f"""\
+apiVersion: meshfed.dev/v1alpha1
+kind: ChaosExperiment
+metadata:
+  name: l7-probe
+spec:
+  description: a probe
+  fleet: {L7_FLEET}
+  steadyState:
+    traffic:
+      - from: east
+        service: checkout.shop.svc.clusterset.local
+  method:
+    - pause: 1s
+  expect:
+    - client: east
+      split: [{{workload: checkout-v2, percent: 20}}]
+      logsInclude: [{{source: waypoint/east/shop/waypoint, contains: EndpointEjected}}]
+"""
+
+
+def test_waypoint_logs_and_split_workloads_are_the_labs(tmp_path: Path) -> None:
+    """The lab validation lays out the same lab as the runner, its Gateways' pods included: a
+    waypoint's log is a source; a split names a workload of the lab."""
+    p = tmp_path / "l7-probe.yaml"
+    p.write_text(L7_PROBE)
+    assert problems(p) == []
+    p.write_text(L7_PROBE.replace("workload: checkout-v2", "workload: checkout-v9")
+                 .replace("waypoint/east/shop/waypoint", "waypoint/east/shop/nowhere"))
+    assert problems(p) == [("MF0706", "l7-probe.yaml:16:15"), ("MF0706", "l7-probe.yaml:15:7")]

@@ -202,3 +202,62 @@ def test_fleet_messages_quote_the_value_too(tmp_path: Path) -> None:
     (prob,) = [x for x in gitops.validate_tree(fleet) if x.code == "MF0106"]
     assert prob.message.endswith("'Net_East' is not a DNS-1123 label (lower-case letters, digits and '-', at most "
                                  "63 characters, alphanumeric at both ends)")
+
+
+# --- HTTP-level traffic and figures (waypoints) ------------------------------------------------------
+
+HTTP = """\
+apiVersion: meshfed.dev/v1alpha1
+kind: ChaosExperiment
+metadata:
+  name: canary
+spec:
+  description: a waypoint's canary and a denied method
+  fleet: ../l7
+  steadyState:
+    traffic:
+      - from: east
+        service: checkout
+      - from: west
+        service: checkout
+        method: DELETE
+        path: /orders/7
+        expectStatus: 403
+  method:
+    - pause: 1s
+  expect:
+    - client: east
+      split:
+        - {workload: checkout, percent: 80}
+        - {workload: checkout-v2, percent: 20, tolerance: 4}
+    - client: west
+      minOkPercent: 100
+"""
+
+
+def test_http_traffic_and_a_split_read_into_the_model() -> None:
+    exp, probs = parse_experiment("chaos/canary.yaml", HTTP.encode())
+    assert probs == [] and exp is not None
+    east, west = exp.traffic
+    assert (east.method, east.path, east.expect_status, east.expects_refusal) == ("GET", "/", None, False)
+    assert (west.method, west.path, west.expect_status, west.expects_refusal) == ("DELETE", "/orders/7", 403, True)
+    assert [s.describe() for s in exp.expect[0].split] == ["checkout 80% ± 3", "checkout-v2 20% ± 4"]
+
+
+@pytest.mark.parametrize(("case", "old", "new", "code", "loc"), [
+    ("unknown method", "method: DELETE", "method: FETCH", "MF0102", "14:17"),
+    ("a relative path", "path: /orders/7", "path: orders/7", "MF0102", "15:15"),
+    ("a path with a space", "path: /orders/7", "path: /orders 7", "MF0102", "15:15"),
+    ("a status that is none", "expectStatus: 403", "expectStatus: 999", "MF0109", "16:23"),
+    ("a split of refused traffic", "  - client: west\n      minOkPercent: 100",
+     "  - client: west\n      split: [{workload: checkout, percent: 100}]", "MF0705", "25:7"),
+    ("a workload split twice", "{workload: checkout-v2, percent: 20, tolerance: 4}",
+     "{workload: checkout, percent: 20}", "MF0705", "23:11"),
+], ids=lambda x: x if isinstance(x, str) and " " in x else "")
+def test_bad_http_input(case: str, old: str, new: str, code: str, loc: str) -> None:
+    assert old in HTTP, old
+    exp, probs = parse_experiment("chaos/canary.yaml", HTTP.replace(old, new, 1).encode())
+    hits = [p for p in probs if p.code == code]
+    assert exp is None and hits, f"{case}: expected {code}, got {[p.render() for p in probs]}"
+    assert str(hits[0].pos) == f"chaos/canary.yaml:{loc}", hits[0].render()
+    assert hits[0].message and hits[0].hint

@@ -95,3 +95,13 @@ def test_a_kubelet_pass_that_raises_does_not_end_the_kubelet() -> None:
     assert k.failed_passes == 1 and "probe raced a restart" in k.last_error
     slices = [o for o in written if o["kind"] == "EndpointSlice"]
     assert slices and all(e["conditions"]["ready"] for s in slices for e in s["endpoints"])
+
+
+@pytest.mark.parametrize("status, ok_status, expected", [
+    (403, 403, OK),      # a denied method probe: the refusal is the right answer
+    (200, 403, FAIL),    # ... and a 2xx means the policy let it through
+    (503, 403, FAIL),
+    (204, 0, OK),        # default: any 2xx
+])
+def test_an_expected_status_is_the_one_ok_answer(status: int, ok_status: int, expected: str) -> None:
+    assert classify(True, True, status, "", ok_status) == expected
