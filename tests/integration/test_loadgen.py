@@ -85,3 +85,29 @@ async def test_requests_on_kept_connections_to_a_backend_that_stops_answering_ar
     assert OK in outcomes and (INDETERMINATE in outcomes or FAIL in outcomes), outcomes
     late = [r for r in recs if r["outcome"] != OK]
     assert all(r["error"] for r in late)
+
+
+async def test_a_method_probe_counts_only_the_expected_status_as_ok() -> None:
+    """DELETE with `ok_status=403` (a method a waypoint denies): the refusal is ok, a 2xx a failure;
+    the request line carries the method and the path."""
+    seen: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        seen.append(head.split(b"\r\n", 1)[0])
+        status = b"403 Forbidden" if len(seen) % 2 else b"200 OK"   # every other one gets through
+        writer.write(b"HTTP/1.1 " + status + b"\r\ncontent-length: 19\r\n\r\nRBAC: access denied")
+        await writer.drain()
+        writer.close()
+
+    s = await asyncio.start_server(answer, "127.0.0.1", 0, family=socket.AF_INET)
+    port = s.sockets[0].getsockname()[1]
+    try:
+        out = io.StringIO()
+        await run("127.0.0.1", port, 50.0, 0.2, out, path="/orders/7", timeout_s=1.0, method="DELETE", ok_status=403)
+    finally:
+        s.close()
+    recs = _records(out)
+    assert len(recs) >= 6 and set(seen) == {b"DELETE /orders/7 HTTP/1.1"}
+    by_status = {st: {r["outcome"] for r in recs if r["status"] == st} for st in {r["status"] for r in recs}}
+    assert by_status == {403: {OK}, 200: {FAIL}}
