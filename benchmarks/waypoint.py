@@ -46,6 +46,20 @@ REQUEST = b"GET /bench HTTP/1.1\r\nHost: echo.bench.svc.clusterset.local\r\n\r\n
 BODY = b"x" * 64
 
 
+def child_env() -> dict[str, str]:
+    """The proxies' and the server's environment: this tree first, then whatever the caller's
+    PYTHONPATH adds (e.g. a directory with uvloop, which `python -m ztunnel` uses when importable)."""
+    extra = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "PYTHONPATH": str(ROOT) + (os.pathsep + extra if extra else "")}
+
+
+def event_loop() -> str:
+    """The event loop the proxies run: uvloop when importable here (the same path), else asyncio's."""
+    import importlib.util
+
+    return "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
+
+
 # --- the HTTP server (a child process) --------------------------------------------------------------
 
 
@@ -224,7 +238,7 @@ def waypoint_chain(tmp: Path, server: tuple[str, int], logs: Path | None
                "--hbone", f"{ips[k]}:{hb}", "--socks", f"{ips[k]}:{socks_port}" if k == "a" else "",
                "--admin", f"127.0.0.1:{admins[k]}", "--access-log", "stderr" if logs else "off"]
         log = (logs / f"{k}.log").open("wb") if logs else subprocess.DEVNULL
-        procs[k] = subprocess.Popen(cmd, cwd=ROOT, stderr=log, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        procs[k] = subprocess.Popen(cmd, cwd=ROOT, stderr=log, env=child_env())
     for k, p in procs.items():
         wait_admin(admins[k], p)
     return procs, (ips["a"], socks_port), vip, client.address
@@ -252,6 +266,7 @@ def main() -> None:
         args.logs.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(ROOT))
     t_start = time.monotonic()
+    load_start = os.getloadavg()[0]   # the machine is shared: every figure comes with its load
     tmp = Path(tempfile.mkdtemp(prefix="meshfed-bench-wp-"))
     procs: list[subprocess.Popen[bytes]] = []
     results: dict[str, Any] = {}
@@ -259,7 +274,7 @@ def main() -> None:
         srv_ip = "127.58.0.100"
         srv_port = _free_port(srv_ip)
         sp = subprocess.Popen([sys.executable, "-m", "benchmarks.waypoint", "--serve", srv_ip, str(srv_port)],
-                              cwd=ROOT, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                              cwd=ROOT, stdout=subprocess.PIPE, env=child_env())
         procs.append(sp)
         assert sp.stdout is not None and sp.stdout.readline().strip() == b"ready"
         zt, socks, vip, client_ip = waypoint_chain(tmp, (srv_ip, srv_port), args.logs)
@@ -302,6 +317,7 @@ def main() -> None:
                        "requests/s measures the sum of per-request CPU of the chain"),
             "clients": args.clients, "seconds": seconds, "rounds": rounds, "latency_requests": n_lat,
             "cpus": os.cpu_count(), "wall_s": round(time.monotonic() - t_start, 1),
+            "event_loop": event_loop(), "load_avg_1m": {"start": round(load_start, 1), "end": round(os.getloadavg()[0], 1)},
         }
     finally:
         for p in procs:

@@ -28,6 +28,7 @@ only when its last exchange ended cleanly and neither side asked to close.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import deque
 from dataclasses import dataclass
@@ -77,20 +78,29 @@ ClientEvent = ResponseReady | ProtocolFailure | PeerClosed
 
 def forwardable(headers: Headers) -> Headers:
     """Drop hop-by-hop headers (and those `connection` names), plus Host, Content-Length and Expect,
-    which the sender sets or has dealt with."""
+    which the sender sets or has dealt with. (One pass; the names `connection` lists are looked
+    for only when there is one: it runs twice per proxied request.)"""
+    kept = [(k, v) for k, v in headers if k not in HOP_BY_HOP]
+    if len(kept) == len(headers):
+        return headers if isinstance(headers, tuple) else tuple(headers)
     named = {t.strip().lower() for k, v in headers if k == "connection" for t in v.split(",")}
-    return tuple((k, v) for k, v in headers if k not in HOP_BY_HOP and k not in named)
+    return tuple((k, v) for k, v in kept if k not in named) if named else tuple(kept)
+
+
+@functools.lru_cache(maxsize=1024)   # bounded: names come from peers; the common few are hits
+def _is_token(name: str) -> bool:
+    return _TOKEN.fullmatch(name) is not None
 
 
 def _header_lines(headers: Headers) -> list[str]:
-    return [f"{k}: {v}\r\n" for k, v in headers if _TOKEN.fullmatch(k) and not _BAD_VALUE.search(v)]
+    return [f"{k}: {v}\r\n" for k, v in headers if _is_token(k) and not _BAD_VALUE.search(v)]
+
+
+_PHRASES = {s.value: s.phrase for s in HTTPStatus}
 
 
 def _reason(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Unknown"
+    return _PHRASES.get(status, "Unknown")
 
 
 class _Message:
