@@ -62,6 +62,7 @@ class FakeFed:
         self.loads: dict[str, tuple[float, float]] = {}
         self.observers: dict[str, tuple[str | None, float]] = {}   # name -> (pod, rate) of the other replicas
         self.observers_stopped: list[str] = []
+        self.load_kw: dict[str, dict[str, Any]] = {}   # load name -> what start_load was given
         self.runner = FakeRunner(self)
         self.refuse_faults = False
         self.broken = set(broken_clients)
@@ -85,6 +86,7 @@ class FakeFed:
         return self.tree / f"{source.replace('/', '-')}.log"
 
     def start_load(self, cluster: str, rate: float, timeout_s: float = 2.0, **kw: Any) -> Path:
+        self.load_kw[kw.get("name") or cluster] = kw
         if kw.get("name", cluster) not in ("", cluster):   # another replica's (unmeasured) load
             self.observers[kw["name"]] = (kw.get("pod"), rate)
             return self.tree / "x"
@@ -112,6 +114,10 @@ class FakeFed:
                 if start >= t:
                     where = c
             ok = cluster not in self.broken
+            if self.load_kw.get(cluster, {}).get("ok_status") == 403:   # a denied method: the mesh answers
+                out.append({"seq": seq, "start_s": start, "latency_ms": 5.0, "outcome": "ok", "status": 403,
+                            "cluster": "", "pod": "", "error": ""})
+                continue
             out.append({"seq": seq, "start_s": start, "latency_ms": 5.0, "outcome": "ok" if ok else "fail",
                         "cluster": where if ok else "", "pod": "checkout-0", "error": "" if ok else "refused"})
         return out
@@ -418,3 +424,29 @@ def test_failover_and_failback_are_measured_without_the_ignored_canary(
     if status == "failed":
         # the canary's answers in east hide the move: never five in a row from south
         assert {v.name for v in res.failed} == {"failoverWithin", "servedBy"}, [v.message() for v in res.failed]
+
+
+def test_http_traffic_reaches_the_load_generator_and_a_refusal_holds_the_steady_state(
+        env: tuple[Engine, FakeFed, list[float], Any]) -> None:
+    """A DELETE probe expecting 403: the client's load sends that method to that path and counts
+    only 403 as ok (another replica's load gets its own traffic's method); answered by the mesh, by no cluster, it still
+    holds the steady state; the split of the GET traffic is measured from the pods that answered."""
+    engine, fed, _, fleet = env
+    text = (HEAD.format(name="probe", fleet=FLEET, extra="").replace(
+        "    hypothesis:", "      - from: west\n        service: checkout.shop.svc.clusterset.local\n        rate: 20\n"
+        "        method: DELETE\n        path: /orders/7\n        expectStatus: 403\n    hypothesis:")
+        + CRASH + "      split: [{workload: checkout, percent: 100}]\n    - client: west\n      minOkPercent: 100\n")
+    exp, probs = parse_experiment("x.yaml", text.encode())
+    assert exp is not None, [p.render() for p in probs]
+    res = engine.run_one(fed, fleet, exp)  # type: ignore[arg-type]
+    assert res.status == "passed", [v.message() for v in res.failed] or res.error
+    assert fed.load_kw["west"]["url"] == "http://checkout.shop.svc.clusterset.local:80/orders/7"
+    assert (fed.load_kw["west"]["method"], fed.load_kw["west"]["ok_status"]) == ("DELETE", 403)
+    assert (fed.load_kw["east.replica-1"]["method"], fed.load_kw["east.replica-1"]["ok_status"]) == ("GET", 0)
+    assert (fed.load_kw["east"]["method"], fed.load_kw["east"]["ok_status"]) == ("GET", 0)
+    west = [v for v in res.verdicts if v.client == "west"]
+    assert [v.name for v in west] == ["steadyState (before)", "steadyState (after)", "minOkPercent"]
+    assert all(v.ok for v in west) and "the mesh (expected status)" in west[0].expected
+    (split,) = [v for v in res.verdicts if v.name == "split"]
+    assert split.ok and split.measured.startswith("100.0% of ")
+    assert res.figures["west"].statuses[0][0] == 403
