@@ -25,6 +25,7 @@ Definitions used here (the rest are `chaos.analysis`'s):
 
 from __future__ import annotations
 
+import fnmatch
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -186,7 +187,7 @@ def check_hypothesis(client: str, window: Sequence[Record], h: Hypothesis, when:
     if refusal:
         want = "the mesh (expected status)"
     pct = 100.0 * len(good) / n if n else 0.0
-    served = Counter(str(r.get("cluster")) for r in window if r.get("outcome") == OK)
+    served = Counter(str(r.get("cluster") or "the mesh") for r in window if r.get("outcome") == OK)
     bad = Counter(str(r.get("outcome")) for r in window if r.get("outcome") != OK)
     measured = (f"{pct:.1f}% ok by {want} of {n} requests (ok by " +
                 (", ".join(f"{c} {k}" for c, k in served.most_common()) or "nobody") + "; " +
@@ -326,7 +327,9 @@ def check_expectation(e: Expectation, run: ClientRun, t0: float, events: Sequenc
 
 def _pods_during_fault(e: Expectation, fig: ChaosFigures, recs: Sequence[Record], t0: float,
                        at: Any) -> list[Verdict]:
-    """Which pods answered between the fault and its heal (ok requests, by `cluster/pod`)."""
+    """Which pods answered between the fault and its heal (ok requests, by `cluster/pod`). A pod may
+    be a glob (`west/checkout-*`: any of them; which one a pooled upstream connection lands on is
+    not the point)."""
     if fig.fault_at_s is None:
         return [Verdict(e.client, name, ", ".join(pods), "n/a", False, (f"why n/a: {fig.reason('time_to_detect_ms')}",),
                         at(name)) for name, pods in (("servedDuringFault", e.served_during_fault),
@@ -337,13 +340,18 @@ def _pods_during_fault(e: Expectation, fig: ChaosFigures, recs: Sequence[Record]
     window = (f"while {fig.fault} lasted (t={lo - t0:+.3f}s to "
               + (f"t={hi - t0:+.3f}s)" if hi != float("inf") else "the end)"))
     seen = "ok answers by pod " + window + ": " + (", ".join(f"{p} {n}" for p, n in by_pod.most_common()) or "none")
+    def answers(pattern: str) -> int:
+        return sum(n for p, n in by_pod.items() if fnmatch.fnmatchcase(p, pattern))
+
     out = []
     for pod in e.served_during_fault:
-        out.append(Verdict(e.client, "servedDuringFault", pod, f"{by_pod.get(pod, 0)} ok answers", by_pod.get(pod, 0) > 0,
-                           (seen,), at("servedDuringFault")))
+        n = answers(pod)
+        out.append(Verdict(e.client, "servedDuringFault", pod, f"{n} ok answers", n > 0, (seen,),
+                           at("servedDuringFault")))
     for pod in e.not_served_during_fault:
-        out.append(Verdict(e.client, "notServedDuringFault", pod, f"{by_pod.get(pod, 0)} ok answers",
-                           by_pod.get(pod, 0) == 0, (seen,), at("notServedDuringFault")))
+        n = answers(pod)
+        out.append(Verdict(e.client, "notServedDuringFault", pod, f"{n} ok answers", n == 0, (seen,),
+                           at("notServedDuringFault")))
     return out
 
 

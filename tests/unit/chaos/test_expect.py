@@ -274,3 +274,15 @@ def test_a_refusal_the_traffic_expects_holds_the_steady_state_without_a_serving_
     assert not check_hypothesis("west", window, h, "before").ok          # as served traffic: nobody served it
     leaked = window[:19] + answered(["checkout-0"], status=200, outcome="fail")   # a DELETE that got through
     assert not check_hypothesis("west", leaked, Hypothesis(100.0, "local", 4.0), "before", refusal=True).ok
+
+
+def test_pods_served_during_a_fault_may_be_a_glob() -> None:
+    recs = build((100, "ok", "east"), (200, "ok", "south"), (100, "ok", "east"))
+    for r in recs:
+        if r["cluster"] == "south":
+            r["pod"] = "checkout-1"
+    v1, v2, v3 = verdicts(expect(served_during_fault=("south/checkout-*", "south/checkout-0"),
+                                 not_served_during_fault=("east/*",)), recs)
+    assert (v1.ok, v1.measured) == (True, "200 ok answers")
+    assert (v2.ok, v2.measured) == (False, "0 ok answers")
+    assert v3.ok
