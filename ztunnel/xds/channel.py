@@ -37,12 +37,12 @@ import secrets
 import socket
 import ssl
 import struct
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ztunnel.api.bundle import certificates_to_pem, fingerprint_sha256, load_pem_certificates
+from ztunnel.api.clock import calendar_now
 from ztunnel.api.codec import DEFAULT_MAX_MESSAGE_BYTES
 from ztunnel.api.identity import SpiffeId, controller_spiffe_id, controller_tls_name
 from ztunnel.api.verify import PeerVerificationError, TrustStore
@@ -153,7 +153,7 @@ class ControllerBridge:
 
     def __init__(self, target: str, trust: ControllerTrust,
                  client_svid: Callable[[], tuple[bytes, bytes] | None] = lambda: None, *,
-                 clock: Callable[[], float] = time.time, connect_timeout_s: float = 5.0,
+                 clock: Callable[[], float] = calendar_now, connect_timeout_s: float = 5.0,
                  on_rejected: Callable[[str], None] | None = None) -> None:
         self.host, self.port = parse_host_port(target)
         self.target = target
