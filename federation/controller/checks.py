@@ -45,7 +45,7 @@ def build_checks(st: Mapping[str, Any], now_s: float, elapsed_now_s: float | Non
             "another controller could start on the same state directory; restart this one")
     state = ctl.get("state") or {}
     rec = st.get("reconciler") or {}
-    age_s = now_s - float(state.get("created_at_s") or now_s)
+    age_s = elapsed_now - float(state.get("created_at_s") or elapsed_now)   # a history stamp (wall clock)
     add("state", "proxies have connected to this controller's state",
         not (state.get("fresh") and not state.get("ever_acked") and rec.get("proxies_rendered")
              and age_s >= ORPHAN_GRACE_S),

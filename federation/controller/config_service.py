@@ -135,7 +135,7 @@ class ConfigService:
         self.flush_interval_s = flush_interval_s
         self.lock = lock
         self.store = store if store is not None else Store.in_state_dir(self.state_dir, clock=clock)
-        self.epoch = self.store.bump_epoch(clock())
+        self.epoch = self.store.bump_epoch(history_clock())   # orders incarnations in real time, not on the calendar
         self.origin = self.store.origin()
         self.dist = ConfigDistributor(self.epoch)
         self.dist.first_epoch = self.origin["first_epoch"] or self.epoch

@@ -1,0 +1,405 @@
+"""THE SOAK — weeks in minutes (issue 11): a three-cluster lab federation under steady traffic while
+its calendar advances more than 30 days.
+
+How time travels: every process of the lab (controller and its Ray workers, proxies, gateways,
+agents) reads its *calendar* — certificate and token validity, renewal schedules, the root
+rotation gate — through `ztunnel.api.clock`, which adds the offset in the file named by
+`$MESHFED_CALENDAR_OFFSET_FILE`. This test sets that variable before the lab starts (every process
+inherits it; the controller also hands it to its Ray actors) and rewrites the file in steps of
+`STEP_S` simulated seconds, about one real second apart. Leases, debounce, keepalives, backoff
+and timeouts run on monotonic clocks and never see the jumps. libfaketime is not used: with the
+monotonic clock left alone Python's sleeps fail (EINVAL), and moving it too fires every timeout.
+
+What happens on the simulated calendar (workload certificates live 24 h, renewed at half-life;
+the controller's serving certificates likewise):
+- day 2: root-2 of east.mesh.local is published through Git; day 4: east switches to root-2; six
+  simulated hours later a commit retiring root-1 is refused (its leaves are still live); day 6,
+  when they have expired, the retirement is pushed again and applied. Each stage is applied by
+  every proxy (SYNCED) before the next;
+- day 8 and day 16: the controller is killed and restarted (its state directory survives);
+- day 10 to day 12: west's east-west gateway is offline, longer than a certificate's lifetime;
+  meanwhile `meshfed check` flags its expired certificate; when it comes back it finds its
+  persisted certificate expired, obtains a new one with its ServiceAccount token and re-syncs;
+- the calendar does not move while the controller is down (proxies renew through it; an outage
+  longer than a certificate's remaining life would fail every proxy closed, which is the design).
+
+Asserted at the end: every proxy SYNCED at the last revision; 0 failed requests outside the
+injected faults (in fact none inside either: the load is served in each client's own cluster and
+the killed gateway carries none of it); every workload certificate was renewed many times and the
+serving certificates renewed; open file descriptors and RSS of each proxy within `FD_GROWTH_MAX`
+and `RSS_GROWTH_MAX` from start to end (the restarted gateway excluded), and of the controller's
+process tree (the `meshfed controller run` process, Ray's processes and actors) from its last
+restart to the end. The figures are printed (`-s`) for the lead to quote.
+
+A limitation, by construction: OpenSSL (Python `ssl`, grpcio) checks validity on the real clock.
+Under a simulated calendar the CA starts certificates at the real clock (`ztunnel.api.clock`
+`not_before_anchor_s`), so they are valid for both; an expired certificate is therefore detected
+by meshfed's own checks on the calendar (the certificate manager, the peer verifier, the
+controller's client verification), not by OpenSSL. The gateway offline across a lifetime proves
+the recovery path those checks drive (defect 5), not OpenSSL's refusal.
+
+Wall time: about six minutes on the shared 2-core machine (lab up and convergence ≈ 1 min, 186
+steps ≈ 3.5 min, two controller restarts, four pushes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chaos.demo import DemoError, LabFederation, replace_in, served_summary
+from ztunnel.api.clock import CALENDAR_OFFSET_ENV, write_offset
+
+REPO = Path(__file__).resolve().parents[2]
+STATE_DIR = Path(os.environ.get("MESHFED_SOAK_STATE_DIR", "/tmp/meshfed-soak"))
+OFFSET_FILE = STATE_DIR.with_name(STATE_DIR.name + ".calendar-offset")
+
+HOUR_S = 3600.0
+DAY_S = 24 * HOUR_S
+STEP_S = 4 * HOUR_S          # a third of the half-life renewal interval: no certificate ages past 19 h
+STEP_REAL_S = 1.0            # the proxies notice a jump within a second (`calendar_wait_s`) and renew
+SIMULATED_DAYS = 31
+LOAD_RATE_PER_S = 4.0        # per cluster
+ROTATED_TD = "east.mesh.local"
+OFFLINE = ("gateway", "west")   # the proxy offline across a certificate's lifetime
+FD_GROWTH_MAX = 20
+RSS_GROWTH_MAX = 0.25        # of the starting RSS
+RSS_GROWTH_FLOOR_KIB = 8 * 1024   # small processes: allocator noise is not a leak
+
+
+def _print(*parts: Any) -> None:
+    print("[soak]", *parts, flush=True)
+
+
+# --- processes: fds and RSS from the host's /proc ----------------------------------------------
+
+
+def _proc_table() -> dict[int, tuple[int, list[str]]]:
+    """pid -> (parent pid, argv) of every process on the host."""
+    out = {}
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            argv = (p / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            ppid = int(next(line.split()[1] for line in (p / "status").read_text().splitlines()
+                            if line.startswith("PPid:")))
+        except (OSError, StopIteration, ValueError):
+            continue
+        out[int(p.name)] = (ppid, argv)
+    return out
+
+
+def _tree(root: int, table: Mapping[int, tuple[int, list[str]]]) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _argv) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def _usage(pids: Sequence[int]) -> tuple[int, int]:
+    """(fds, RSS KiB) summed over `pids` (processes gone meanwhile count nothing)."""
+    fds = rss = 0
+    for pid in pids:
+        try:
+            fds += len(os.listdir(f"/proc/{pid}/fd"))
+            rss += int(next(line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                            if line.startswith("VmRSS:")))
+        except (OSError, StopIteration, ValueError):
+            continue
+    return fds, rss
+
+
+def _lab_processes(state_dir: Path) -> dict[str, list[int]]:
+    """'controller' -> the controller's process tree; proxy id -> its process tree."""
+    table = _proc_table()
+    sd = str(state_dir)
+    mine = {pid: argv for pid, (_pp, argv) in table.items()
+            if any(a == sd or a.startswith(sd + "/") for a in argv)}
+    out: dict[str, list[int]] = {}
+    for pid, argv in mine.items():
+        if "controller" in argv and "run" in argv and table[pid][0] not in mine:
+            out["controller"] = _tree(pid, table)
+        elif "ztunnel" in argv and "--proxy-id" in argv and table[pid][0] not in mine:
+            out[argv[argv.index("--proxy-id") + 1]] = _tree(pid, table)
+    return out
+
+
+def _sample(state_dir: Path) -> dict[str, tuple[int, int]]:
+    return {name: _usage(pids) for name, pids in _lab_processes(state_dir).items()}
+
+
+# --- the calendar and the federation -------------------------------------------------------------
+
+
+@dataclass
+class Soak:
+    fed: LabFederation
+    offset_s: float = 0.0
+    steps: int = 0
+    fault_windows: list[tuple[str, float, float]] = field(default_factory=list)   # (what, real start, end)
+    serving_renewals: int = 0        # summed over the controller's incarnations
+    _renewals_seen: tuple[int, int] = (0, 0)   # (epoch, renewals) of the incarnation last seen
+
+    def advance(self, days: float) -> None:
+        """Move the calendar `days` forward in steps, ~STEP_REAL_S of real time each."""
+        target = self.offset_s + days * DAY_S
+        while self.offset_s < target - 1.0:
+            self.offset_s = min(target, self.offset_s + STEP_S)
+            write_offset(OFFSET_FILE, self.offset_s)
+            self.steps += 1
+            time.sleep(STEP_REAL_S)
+        self.note_renewals()
+
+    @property
+    def day(self) -> float:
+        return self.offset_s / DAY_S
+
+    def status(self) -> dict[str, Any]:
+        st = self.fed.status()
+        if st is None:
+            raise DemoError("the controller's status API does not answer")
+        return st
+
+    def note_renewals(self) -> None:
+        """Serving-certificate renewals of the running controller (its counter restarts with it)."""
+        st = self.fed.status() or {}
+        epoch = int((st.get("controller") or {}).get("epoch") or 0)
+        n = int(((st.get("config_server") or {}).get("serving_certificate") or {}).get("renewals") or 0)
+        seen_epoch, seen = self._renewals_seen
+        self.serving_renewals += n - (seen if epoch == seen_epoch else 0)
+        self._renewals_seen = (epoch, n)
+
+    def check(self) -> dict[str, dict[str, Any]]:
+        return {c["check"].split(" (")[0]: c for c in self.fed.api("/api/v1/check", timeout_s=10.0)}
+
+    def push_trust(self, roots: str, message: str) -> str:
+        """Replace east.mesh.local's roots list with `roots` (YAML lines) and push."""
+        def edit(wt: Path) -> str:
+            path = wt / "trust" / f"{ROTATED_TD}.yaml"
+            text = path.read_text()
+            start = text.index("    roots:\n")
+            end = text.index("    workloadCertTTL:")
+            path.write_text(text[:start] + "    roots:\n" + roots + text[end:])
+            return message
+
+        return self.fed.push(edit)
+
+    def wait_synced(self, revision: str, timeout_s: float = 120.0) -> float:
+        """Until `revision` is applied and every proxy ACKed it (SYNCED); seconds taken."""
+        t0 = time.monotonic()
+        last: dict[str, Any] = {}
+        while time.monotonic() - t0 < timeout_s:
+            st = self.fed.status()
+            if st is not None:
+                last = st
+                ps = st.get("proxies") or []
+                if ((st.get("applied") or {}).get("revision") == revision and len(ps) >= self.fed.proxy_count()
+                        and all(p.get("sync") == "SYNCED" and p.get("acked_revision") == revision for p in ps)):
+                    return time.monotonic() - t0
+            time.sleep(0.25)
+        behind = [f"{p['proxy']} {p['sync']} {str(p.get('acked_revision'))[:8]}" for p in last.get("proxies") or []
+                  if p.get("sync") != "SYNCED" or p.get("acked_revision") != revision]
+        raise DemoError(f"revision {revision[:8]} not applied and SYNCED everywhere within {timeout_s:.0f} s "
+                        f"(applied {str((last.get('applied') or {}).get('revision'))[:8]}; behind: {behind}); see "
+                        f"{STATE_DIR}/logs")
+
+    def restart_controller(self, revision: str) -> float:
+        self.note_renewals()
+        t0 = time.time()
+        self.fed.runner.fault("kill", "controller", [])
+        assert self.fed.status() is None
+        time.sleep(3.0)
+        self.fed.runner.heal()   # (no other fault is active at a restart)
+        took_s = self.wait_synced(revision, timeout_s=180.0)
+        self.fault_windows.append(("controller restart", t0, time.time()))
+        return took_s
+
+
+ROOTS_1 = "      - name: root-1\n        signing: true\n"
+ROOTS_PUBLISHED = "      - name: root-1\n        signing: true\n      - name: root-2\n        signing: false\n"
+ROOTS_SWITCHED = "      - name: root-1\n        signing: false\n      - name: root-2\n        signing: true\n"
+ROOTS_RETIRED = "      - name: root-2\n        signing: true\n"
+
+
+@pytest.fixture(scope="module")
+def soak() -> Iterator[Soak]:
+    from clusters.lab.layout import LabError
+
+    before = os.environ.get(CALENDAR_OFFSET_ENV)
+    write_offset(OFFSET_FILE, 0.0)
+    os.environ[CALENDAR_OFFSET_ENV] = str(OFFSET_FILE)   # inherited by the sandbox and everything in it
+    f = LabFederation(REPO / "examples" / "fleet", STATE_DIR)
+    try:
+        try:
+            lab = f.up()
+        except LabError as e:
+            if "already running" in str(e):  # someone else's lab: never tear it down
+                pytest.fail(f"{e} (or set MESHFED_SOAK_STATE_DIR to run beside it)")
+            f.down()
+            raise
+        except BaseException:
+            f.down()
+            raise
+        try:
+            _, took_s = f.wait_converged(timeout_s=180)
+            _print(f"lab up in {lab.get('up_wall_s')} s, converged {took_s:.1f} s later")
+            yield Soak(f)
+        finally:
+            f.down()
+    finally:
+        if before is None:
+            os.environ.pop(CALENDAR_OFFSET_ENV, None)
+        else:
+            os.environ[CALENDAR_OFFSET_ENV] = before
+        OFFSET_FILE.unlink(missing_ok=True)
+
+
+def _count(logs: Path, pattern: str, glob: str) -> int:
+    rx = re.compile(pattern)
+    return sum(len(rx.findall(p.read_text(errors="replace"))) for p in logs.glob(glob))
+
+
+def _growth_ok(start: tuple[int, int], end: tuple[int, int]) -> bool:
+    return (end[0] <= start[0] + FD_GROWTH_MAX
+            and end[1] <= start[1] + max(start[1] * RSS_GROWTH_MAX, RSS_GROWTH_FLOOR_KIB))
+
+
+def test_thirty_days_of_rotations_restarts_and_an_offline_proxy_under_steady_traffic(soak: Soak) -> None:
+    fed = soak.fed
+    wall0 = time.monotonic()
+    head0 = fed.head()
+    for c in fed.clusters:
+        fed.start_load(c, LOAD_RATE_PER_S)
+    soak.advance(0.5)                                   # warm: first renewals, load running
+    start_usage = _sample(STATE_DIR)
+    assert "controller" in start_usage and len(start_usage) == fed.proxy_count() + 1, sorted(start_usage)
+
+    # --- staged root rotation of east.mesh.local through Git -------------------------------------
+    soak.advance(2.0 - soak.day)
+    published = soak.push_trust(ROOTS_PUBLISHED, "soak: publish root-2 of east.mesh.local")
+    soak.wait_synced(published)
+    soak.advance(4.0 - soak.day)
+    switched = soak.push_trust(ROOTS_SWITCHED, "soak: east.mesh.local signs with root-2")
+    soak.wait_synced(switched)
+    switched_day = soak.day
+    soak.advance(0.25)
+    early = soak.push_trust(ROOTS_RETIRED, "soak: retire root-1 (too early: its leaves are live)")
+    st = fed.wait_attempted(early)
+    assert st["desired"]["ok"] is False and (st.get("applied") or {}).get("revision") == switched
+    assert any("would invalidate live certificates" in p.get("message", "") for p in st["problems"]), st["problems"]
+    soak.advance(6.0 - soak.day)                        # root-1's last leaf (24 h) expired long ago
+
+    def retire_again(wt: Path) -> str:                  # the same tree as the refused commit, re-attempted
+        replace_in(wt / "trust" / f"{ROTATED_TD}.yaml", "  ca:\n", "  ca:  # root-1 retired after its leaves expired\n")
+        return "soak: retire root-1 (its leaves expired)"
+
+    retired = fed.push(retire_again)
+    soak.wait_synced(retired)
+    roots = {(r["trust_domain"], r["root"]) for r in soak.status().get("trust") or []}
+    assert (ROTATED_TD, "root-2") in roots, roots
+
+    # --- the controller killed and restarted ----------------------------------------------------
+    soak.advance(8.0 - soak.day)
+    restart_1_s = soak.restart_controller(retired)
+
+    # --- one proxy offline across a whole certificate lifetime ----------------------------------
+    soak.advance(10.0 - soak.day)
+    kind, name = OFFLINE
+    proxy = f"{kind}/{name}"
+    t_off = time.time()
+    fed.runner.fault("kill", kind, [name])
+    soak.advance(1.5)
+    flagged = soak.check()["proxy certificates valid and renewed in time"]
+    assert not flagged["ok"] and f"{proxy} (" in flagged["cause"] and "expired" in flagged["cause"], flagged
+    cli = subprocess.run([sys.executable, "-m", "federation.cli.main", "check", "--controller", fed.controller_url,
+                          "-o", "json"], capture_output=True, text=True, timeout=60, check=False, cwd=REPO)
+    assert cli.returncode == 1 and proxy in cli.stdout, (cli.returncode, cli.stdout[-2000:], cli.stderr[-2000:])
+    soak.advance(12.0 - soak.day)
+    fed.runner.heal(kind, [name])
+    back_s = soak.wait_synced(retired, timeout_s=120.0)
+    soak.fault_windows.append((f"{proxy} offline", t_off, time.time()))
+    gw_log = (STATE_DIR / "logs" / f"{kind}-{name}.log").read_text(errors="replace")
+    assert '"event":"credential_dropped"' in gw_log and "already expired" in gw_log   # its persisted one
+    assert soak.check()["proxy certificates valid and renewed in time"]["ok"]
+
+    # --- the controller again, then the rest of the month ---------------------------------------
+    soak.advance(16.0 - soak.day)
+    restart_2_s = soak.restart_controller(retired)
+    soak.advance(1.0)                                   # the new incarnation warmed up (Ray workers, imports)
+    restarted_usage = _sample(STATE_DIR)
+    soak.advance(SIMULATED_DAYS - soak.day)
+
+    # --- the end ---------------------------------------------------------------------------------
+    end_usage = _sample(STATE_DIR)
+    records = {c: fed.stop_load(c) for c in fed.clusters}
+    soak.wait_synced(retired, timeout_s=60.0)
+    final = soak.status()
+    checks = soak.check()
+    soak.note_renewals()
+    wall_s = time.monotonic() - wall0
+
+    def in_fault(r: Mapping[str, Any]) -> bool:
+        t = float(r.get("start_s", 0.0))
+        return any(t0 <= t < t1 for _what, t0, t1 in soak.fault_windows)
+
+    every = [r for recs in records.values() for r in recs]
+    failed = [r for r in every if r.get("outcome") != "ok"]
+    failed_outside = [r for r in failed if not in_fault(r)]
+    logs = STATE_DIR / "logs"
+    rotated = _count(logs, r"certmanager: certificate rotated for", "*.log")
+    issued = _count(logs, r"certmanager: certificate issued for", "*.log")
+
+    _print(f"simulated {soak.day:.1f} days in {soak.steps} steps of {STEP_S / HOUR_S:.0f} h; wall "
+           f"{wall_s:.0f} s for the scenario")
+    _print(f"revisions: publish {published[:8]}, switch {switched[:8]} (day {switched_day:.2f}), early retire "
+           f"{early[:8]} refused, retire {retired[:8]} applied; started at {head0[:8]}")
+    _print(f"workload certificates rotated {rotated} times (+{issued} first issues and bootstraps) across "
+           f"{fed.proxy_count()} proxies; controller serving certificates renewed {soak.serving_renewals} times")
+    _print(f"controller restarts: 2 (re-SYNCED in {restart_1_s:.1f} s and {restart_2_s:.1f} s); {proxy} offline "
+           f"{(soak.fault_windows[1][2] - soak.fault_windows[1][1]):.0f} s real = 2 simulated days, re-SYNCED "
+           f"{back_s:.1f} s after it came back")
+    for c, recs in records.items():
+        _print(f"load from {c}: {len(recs)} requests: {served_summary(recs)}")
+    _print(f"requests {len(every)}, failed {len(failed)} ({len(failed_outside)} outside the injected faults)")
+    for name_ in sorted(end_usage):
+        s, e = start_usage.get(name_), end_usage[name_]
+        r = restarted_usage.get(name_) if name_ == "controller" else None
+        _print(f"{name_}: fds {s[0] if s else '-'} -> {e[0]}, RSS {s[1] // 1024 if s else '-'} -> {e[1] // 1024} MiB"
+               + (f" (a simulated day after its last restart: fds {r[0]}, RSS {r[1] // 1024} MiB)" if r else ""))
+
+    # every proxy SYNCED at the last revision, and the month's checks green
+    assert {p["sync"] for p in final["proxies"]} == {"SYNCED"}
+    assert {p["acked_revision"] for p in final["proxies"]} == {retired} and len(final["proxies"]) == fed.proxy_count()
+    assert checks["proxy certificates valid and renewed in time"]["ok"], checks["proxy certificates valid and renewed in time"]
+    assert checks["serving certificates renewed in time"]["ok"]
+    # traffic: nothing failed outside the injected faults
+    assert len(every) >= LOAD_RATE_PER_S * len(records) * 120
+    assert not failed_outside, failed_outside[:5]
+    # rotation: every identity renewed at half-life for a month (≥ 2 per simulated day each)
+    identities = sum(int((p.get("certificate") or {}).get("identities") or 0) for p in final["proxies"])
+    assert rotated >= identities * (SIMULATED_DAYS - 4) * 1.5, (rotated, identities)
+    assert soak.serving_renewals >= 2 * (SIMULATED_DAYS - 16) - 2
+    # resources: no fd or memory growth beyond the bounds
+    grown = {n: (start_usage[n], end_usage[n]) for n in end_usage
+             if n not in ("controller", f"{kind}/{name}") and n in start_usage
+             and not _growth_ok(start_usage[n], end_usage[n])}
+    assert not grown, grown
+    assert _growth_ok(restarted_usage["controller"], end_usage["controller"]), \
+        (restarted_usage["controller"], end_usage["controller"])
+    assert json.dumps(final)   # the status stayed serialisable (a smoke check of the document)
