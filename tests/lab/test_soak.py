@@ -131,12 +131,19 @@ def _lab_processes(state_dir: Path) -> dict[str, list[int]]:
     sd = str(state_dir)
     mine = {pid: argv for pid, (_pp, argv) in table.items()
             if any(a == sd or a.startswith(sd + "/") for a in argv)}
+
+    def name_of(argv: Sequence[str]) -> str:
+        if "controller" in argv and "run" in argv:
+            return "controller"
+        return argv[argv.index("--proxy-id") + 1] if "ztunnel" in argv and "--proxy-id" in argv else ""
+
     out: dict[str, list[int]] = {}
     for pid, argv in mine.items():
-        if "controller" in argv and "run" in argv and table[pid][0] not in mine:
-            out["controller"] = _tree(pid, table)
-        elif "ztunnel" in argv and "--proxy-id" in argv and table[pid][0] not in mine:
-            out[argv[argv.index("--proxy-id") + 1]] = _tree(pid, table)
+        name = name_of(argv)
+        parent = table[pid][0]
+        # the outermost process of that name (a wrapper that execs, e.g. `env`, is the same process)
+        if name and (parent not in mine or name_of(mine[parent]) != name):
+            out[name] = _tree(pid, table)
     return out
 
 
