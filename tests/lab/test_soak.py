@@ -60,6 +60,9 @@ import pytest
 from chaos.demo import DemoError, LabFederation, replace_in, served_summary
 from ztunnel.api.clock import CALENDAR_OFFSET_ENV, write_offset
 
+# the soak is the whole module: bring-up, 31 simulated days, teardown (CI: < 10 minutes of wall time)
+pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.soak, pytest.mark.timeout(900)]
+
 REPO = Path(__file__).resolve().parents[2]
 STATE_DIR = Path(os.environ.get("MESHFED_SOAK_STATE_DIR", "/tmp/meshfed-soak"))
 OFFSET_FILE = STATE_DIR.with_name(STATE_DIR.name + ".calendar-offset")
@@ -300,10 +303,10 @@ def test_thirty_days_of_rotations_restarts_and_an_offline_proxy_under_steady_tra
     # --- staged root rotation of east.mesh.local through Git -------------------------------------
     soak.advance(2.0 - soak.day)
     published = soak.push_trust(ROOTS_PUBLISHED, "soak: publish root-2 of east.mesh.local")
-    soak.wait_synced(published)
+    _print(f"day {soak.day:.2f}: root-2 published, applied and SYNCED in {soak.wait_synced(published):.1f} s")
     soak.advance(4.0 - soak.day)
     switched = soak.push_trust(ROOTS_SWITCHED, "soak: east.mesh.local signs with root-2")
-    soak.wait_synced(switched)
+    _print(f"day {soak.day:.2f}: switched to root-2, applied and SYNCED in {soak.wait_synced(switched):.1f} s")
     switched_day = soak.day
     soak.advance(0.25)
     early = soak.push_trust(ROOTS_RETIRED, "soak: retire root-1 (too early: its leaves are live)")
@@ -317,13 +320,14 @@ def test_thirty_days_of_rotations_restarts_and_an_offline_proxy_under_steady_tra
         return "soak: retire root-1 (its leaves expired)"
 
     retired = fed.push(retire_again)
-    soak.wait_synced(retired)
+    _print(f"day {soak.day:.2f}: root-1 retired, applied and SYNCED in {soak.wait_synced(retired):.1f} s")
     roots = {(r["trust_domain"], r["root"]) for r in soak.status().get("trust") or []}
     assert (ROTATED_TD, "root-2") in roots, roots
 
     # --- the controller killed and restarted ----------------------------------------------------
     soak.advance(8.0 - soak.day)
     restart_1_s = soak.restart_controller(retired)
+    _print(f"day {soak.day:.2f}: controller restarted, every proxy re-SYNCED in {restart_1_s:.1f} s")
 
     # --- one proxy offline across a whole certificate lifetime ----------------------------------
     soak.advance(10.0 - soak.day)
@@ -340,6 +344,7 @@ def test_thirty_days_of_rotations_restarts_and_an_offline_proxy_under_steady_tra
     soak.advance(12.0 - soak.day)
     fed.runner.heal(kind, [name])
     back_s = soak.wait_synced(retired, timeout_s=120.0)
+    _print(f"day {soak.day:.2f}: {proxy} back after 2 simulated days, SYNCED in {back_s:.1f} s")
     soak.fault_windows.append((f"{proxy} offline", t_off, time.time()))
     gw_log = (STATE_DIR / "logs" / f"{kind}-{name}.log").read_text(errors="replace")
     assert '"event":"credential_dropped"' in gw_log and "already expired" in gw_log   # its persisted one
@@ -348,6 +353,7 @@ def test_thirty_days_of_rotations_restarts_and_an_offline_proxy_under_steady_tra
     # --- the controller again, then the rest of the month ---------------------------------------
     soak.advance(16.0 - soak.day)
     restart_2_s = soak.restart_controller(retired)
+    _print(f"day {soak.day:.2f}: controller restarted again, every proxy re-SYNCED in {restart_2_s:.1f} s")
     soak.advance(1.0)                                   # the new incarnation warmed up (Ray workers, imports)
     restarted_usage = _sample(STATE_DIR)
     soak.advance(SIMULATED_DAYS - soak.day)
