@@ -185,10 +185,15 @@ class ControllerBridge:
             raise RuntimeError("start() the bridge before asking it for channels")
         from ztunnel.xds.client import keepalive_options
 
-        # the bridge relays HTTP/2 as is: keepalive pings reach the controller and tell a dead link
+        # the bridge relays HTTP/2 as is: keepalive pings reach the controller and tell a dead link.
+        # A channel of its own connections (not gRPC's process-wide subchannel pool): a new channel
+        # dials anew and presents the certificate we hold *now*. Shared, a CSR or a reconnecting
+        # session rode the connection an earlier certificate opened, and once that one expired the
+        # controller refused every new call on it (found by the soak: renewals stopped a day in).
         opts = [("grpc.max_receive_message_length", max_message_bytes + 65536),
                 ("grpc.max_send_message_length", max_message_bytes + 65536),
-                ("grpc.default_authority", self.trust.server_name), *keepalive_options()]
+                ("grpc.default_authority", self.trust.server_name), ("grpc.use_local_subchannel_pool", 1),
+                *keepalive_options()]
         return grpc.aio.insecure_channel(f"unix-abstract:{self.name}", options=opts)
 
     async def close(self) -> None:
