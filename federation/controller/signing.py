@@ -21,6 +21,9 @@ keys in the state directory). `SigningPolicy` decides, the gRPC adapter
 - **Leaves issued** (`record_leaf`): the latest not-after per (trust domain, signing root), the
   staged root rotation's input (`federation.core.rotation_gate`), recorded *before* a chain
   leaves: a leaf we could not record could later be broken by retiring its root.
+- **Certificates per proxy** (`proxy_certificates`): when and until when each identity's latest
+  certificate was issued to each proxy (in the store too, across restarts): `meshfed check`
+  judges each proxy's expiry by the first to expire among the identities it needs now.
 - **The controller's serving certificates** (`serving`, `renew_serving_if_due`): one per trust
   domain whose CA runs here, `spiffe://<td>/ns/meshfed-system/sa/meshfed-controller` with the DNS
   name `controller_tls_name(td)` that the proxies of that trust domain send as SNI, so each proxy
