@@ -164,8 +164,8 @@ def proxy_certificates_check(proxies: Sequence[Mapping[str, Any]], now_s: float)
     shown = "; ".join(f"{pid} ({c['identity']}) {why}" for pid, c, why in bad[:PROXY_CERT_EXAMPLES])
     more = f"; and {len(bad) - PROXY_CERT_EXAMPLES} more" if len(bad) > PROXY_CERT_EXAMPLES else ""
     return {"group": "proxies", "check": "proxy certificates valid and renewed in time", "ok": False,
-            "cause": f"{expired} of {len(held)} proxies hold an expired certificate, {len(bad) - expired} one near "
-                     f"expiry: {shown}{more}",
+            "cause": f"of {len(held)} proxies, {expired} hold an expired certificate and {len(bad) - expired} one "
+                     f"near expiry: {shown}{more}",
             "hint": "a proxy renews at half-life over its connection to the controller: check that it is connected "
                     "(`meshfed status -o wide`) and its log (renewal_failed); a proxy whose certificate expired "
                     "refuses its workloads' connections (fail closed) until it obtains a new one with its bootstrap "

@@ -189,11 +189,11 @@ def test_meshfed_check_reports_proxy_certificates_expired_or_near_expiry() -> No
     (ok,) = [c for c in build_checks(st, 0.4 * day) if c["check"].startswith("proxy certificates")]
     assert ok["ok"] and "first to expire: ztunnel/east/node-1, not after 1970-01-02T00:00:00Z" in ok["check"]
     (near,) = [c for c in build_checks(st, 0.8 * day) if c["check"].startswith("proxy certificates")]
-    assert not near["ok"] and near["cause"].startswith("0 of 2 proxies hold an expired certificate, 1 one near expiry")
+    assert not near["ok"] and near["cause"].startswith("of 2 proxies, 0 hold an expired certificate and 1 one near expiry")
     assert "ztunnel/east/node-1 (spiffe://east.mesh.local/ns/meshfed-system/sa/node-1) expires in 17280 s" in near["cause"]
     assert "bootstrap credential" in near["hint"] and "renewal_failed" in near["hint"]
     (gone,) = [c for c in build_checks(st, 1.6 * day) if c["check"].startswith("proxy certificates")]
-    assert gone["cause"].startswith("1 of 2 proxies hold an expired certificate, 1 one near expiry")
+    assert gone["cause"].startswith("of 2 proxies, 1 hold an expired certificate and 1 one near expiry")
     assert "ztunnel/east/node-1 (spiffe://east.mesh.local/ns/meshfed-system/sa/node-1) expired 51840 s ago" in gone["cause"]
 
 
