@@ -174,6 +174,7 @@ def _sample(state_dir: Path) -> dict[str, dict[int, tuple[int, int]]]:
 @dataclass
 class Soak:
     fed: LabFederation
+    started_at_s: float = field(default_factory=time.time)   # (before the lab came up)
     offset_s: float = 0.0
     steps: int = 0
     fault_windows: list[tuple[str, float, float]] = field(default_factory=list)   # (what, real start, end)
@@ -291,13 +292,14 @@ ROOTS_RETIRED = "      - name: root-2\n        signing: true\n"
 
 @pytest.fixture(scope="module")
 def soak() -> Iterator[Soak]:
+    started_at_s = time.time()
     before = os.environ.get(CALENDAR_OFFSET_ENV)
     write_offset(OFFSET_FILE, 0.0)
     os.environ[CALENDAR_OFFSET_ENV] = str(OFFSET_FILE)   # inherited by the sandbox and everything in it
     try:
         with converged_federation(REPO / "examples" / "fleet", STATE_DIR, state_dir_env="MESHFED_SOAK_STATE_DIR",
                                   converge_timeout_s=180, say=_print) as f:
-            yield Soak(f)
+            yield Soak(f, started_at_s)
     finally:
         if before is None:
             os.environ.pop(CALENDAR_OFFSET_ENV, None)
@@ -306,9 +308,13 @@ def soak() -> Iterator[Soak]:
         OFFSET_FILE.unlink(missing_ok=True)
 
 
-def _count(logs: Path, pattern: str, glob: str) -> int:
+def _count(logs: Path, pattern: str, glob: str, since_s: float) -> int:
+    """Lines matching `pattern` logged at or after `since_s` (a lab's logs are appended to across
+    runs in one state directory; every line starts with its UTC timestamp)."""
+    since = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(since_s))
     rx = re.compile(pattern)
-    return sum(len(rx.findall(p.read_text(errors="replace"))) for p in logs.glob(glob))
+    return sum(1 for p in logs.glob(glob) for line in p.read_text(errors="replace").splitlines()
+               if line[:19] >= since and rx.search(line))
 
 
 def _growth_ok(start: tuple[int, int], end: tuple[int, int]) -> bool:
@@ -405,8 +411,8 @@ def test_thirty_days_of_rotations_restarts_and_an_offline_proxy_under_steady_tra
     failed = [r for r in every if r.get("outcome") != "ok"]
     failed_outside = [r for r in failed if not in_fault(r)]
     logs = STATE_DIR / "logs"
-    rotated = _count(logs, r"certmanager: certificate rotated for", "*.log")
-    issued = _count(logs, r"certmanager: certificate issued for", "*.log")
+    rotated = _count(logs, r"certmanager: certificate rotated for", "*.log", soak.started_at_s)
+    issued = _count(logs, r"certmanager: certificate issued for", "*.log", soak.started_at_s)
 
     _print(f"simulated {soak.day:.1f} days in {soak.steps} steps of {STEP_S / HOUR_S:.0f} h; wall "
            f"{wall_s:.0f} s for the scenario")
