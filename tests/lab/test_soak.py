@@ -44,8 +44,9 @@ by meshfed's own checks on the calendar (the certificate manager, the peer verif
 controller's client verification), not by OpenSSL. The gateway offline across a lifetime proves
 the recovery path those checks drive (defect 5), not OpenSSL's refusal.
 
-Wall time: about six minutes on the shared 2-core machine (lab up and convergence ≈ 1 min, 186
-steps ≈ 3.5 min, two controller restarts, four pushes).
+Wall time measured on the shared 2-core machine with load averages of 40-70 from other runs: 6 min
+53 s and 8 min 23 s (lab up and convergence 1-2.5 min, 187 steps with their settling and two
+controller restarts ≈ 5.7 min, four pushes).
 """
 
 from __future__ import annotations
