@@ -81,6 +81,7 @@ STEP_S = 4 * HOUR_S          # a third of the half-life renewal interval: no cer
 STEP_REAL_S = 0.8            # the proxies notice a jump within a second (`calendar_wait_s`) and renew
 SETTLE_MAX_S = 20.0          # after a step, wait at most this long for the renewals it made due
 REQUEST_TIMEOUT_S = 10.0     # a request slower than this failed; a busy shared machine stalls for seconds
+REST_S = 10.0                # resources are read with the calendar at rest: no renewal's connection in flight
 SIMULATED_DAYS = 31
 LOAD_RATE_PER_S = 4.0        # per cluster
 ROTATED_TD = "east.mesh.local"
@@ -165,8 +166,20 @@ def _lab_processes(state_dir: Path) -> dict[str, list[int]]:
     return out
 
 
-def _sample(state_dir: Path) -> dict[str, dict[int, tuple[int, int]]]:
-    return {name: _usage(pids) for name, pids in _lab_processes(state_dir).items()}
+def _sample(state_dir: Path, samples: int = 3, every_s: float = 1.0) -> dict[str, dict[int, tuple[int, int]]]:
+    """Per process, the least fds and RSS of `samples` readings `every_s` apart: a connection in
+    flight (a CSR, a request) at one instant is not growth."""
+    out: dict[str, dict[int, tuple[int, int]]] = {}
+    for i in range(samples):
+        if i:
+            time.sleep(every_s)
+        for name, pids in _lab_processes(state_dir).items():
+            now = _usage(pids)
+            have = out.setdefault(name, now)
+            for pid, (fds, rss) in now.items():
+                if pid in have:
+                    have[pid] = (min(have[pid][0], fds), min(have[pid][1], rss))
+    return out
 
 
 # --- the calendar and the federation -------------------------------------------------------------
@@ -358,6 +371,7 @@ def test_thirty_days_of_rotations_restarts_and_an_offline_proxy_under_steady_tra
 
     # --- the controller killed and restarted ----------------------------------------------------
     soak.advance(8.0 - soak.day)
+    time.sleep(REST_S)
     start_usage = _sample(STATE_DIR)                    # warm: a week of rotations, pools and caches filled
     restart_1_s = soak.restart_controller(retired)
     _print(f"day {soak.day:.2f}: controller restarted, every proxy re-SYNCED in {restart_1_s:.1f} s")
@@ -392,10 +406,12 @@ def test_thirty_days_of_rotations_restarts_and_an_offline_proxy_under_steady_tra
     restart_2_s = soak.restart_controller(retired)
     _print(f"day {soak.day:.2f}: controller restarted again, every proxy re-SYNCED in {restart_2_s:.1f} s")
     soak.advance(1.0)                                   # the new incarnation warmed up (Ray workers, imports)
+    time.sleep(REST_S)
     restarted_usage = _sample(STATE_DIR)
     soak.advance(SIMULATED_DAYS - soak.day)
 
     # --- the end ---------------------------------------------------------------------------------
+    time.sleep(REST_S)
     end_usage = _sample(STATE_DIR)
     records = {c: fed.stop_load(c) for c in fed.clusters}
     soak.wait_synced(retired, timeout_s=60.0)
