@@ -44,9 +44,9 @@ by meshfed's own checks on the calendar (the certificate manager, the peer verif
 controller's client verification), not by OpenSSL. The gateway offline across a lifetime proves
 the recovery path those checks drive (defect 5), not OpenSSL's refusal.
 
-Wall time measured on the shared 2-core machine with load averages of 40-70 from other runs: 6 min
-53 s and 8 min 23 s (lab up and convergence 1-2.5 min, 187 steps with their settling and two
-controller restarts ≈ 5.7 min, four pushes).
+Wall time measured on the shared 2-core machine: 4 min 15 s at a quiet moment, 8 min 23 s with a
+load average of 50-70 from other runs (lab up and convergence 15 s to 2.5 min; 187 steps with
+their settling, two controller restarts and four pushes 4 to 6 min).
 """
 
 from __future__ import annotations
