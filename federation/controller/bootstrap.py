@@ -32,13 +32,13 @@ import json
 import math
 import os
 import secrets
-import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ztunnel.api.clock import calendar_now
 from ztunnel.api.identity import ProxyId
 from ztunnel.api.secret_files import SecretFileError, make_private_dir, read_secret, write_secret
 
@@ -85,7 +85,7 @@ class BootstrapTokens:
     """Invariants: at most one token per proxy id; only digests are stored; an entry is removed
     when its token is used or expires; only this class writes the file."""
 
-    def __init__(self, state_dir: str | os.PathLike[str], clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, state_dir: str | os.PathLike[str], clock: Callable[[], float] = calendar_now) -> None:
         self.state_dir = Path(state_dir)
         self.path = self.state_dir / BOOTSTRAP_TOKENS_FILE
         self.clock = clock

@@ -19,7 +19,8 @@ belongs to this CA's trust domain; the requester is entitled to it (a node proxy
 workloads scheduled on its node, a gateway only its own — the controller computes the
 `Entitlement`); the key is ECDSA P-256/P-384 or RSA >= 2048. The leaf: exactly that URI SAN
 (critical, empty subject), cA=false, keyUsage digitalSignature (critical), extendedKeyUsage
-serverAuth+clientAuth, NotBefore backdated `backdate_s` for clock skew, TTL the trust domain's
+serverAuth+clientAuth, NotBefore backdated `backdate_s` for clock skew (from the earlier of the
+calendar and the real clock when the calendar is simulated: `ztunnel.api.clock`), TTL the trust domain's
 `workloadCertTTL` (24 h by default): a request may ask for less, never for more, and never beyond
 the issuer's own not-after.
 
@@ -45,7 +46,6 @@ import os
 import re
 import secrets
 import stat
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -69,6 +69,7 @@ from ztunnel.api.bundle import (
     load_pem_certificates,
     parse_bundle,
 )
+from ztunnel.api.clock import calendar, calendar_now
 from ztunnel.api.config import TrustBundle
 from ztunnel.api.identity import IdentityError, SpiffeId, check_trust_domain, generate_key_and_csr
 from ztunnel.api.secret_files import SecretFileError, fsync_dir, read_secret, write_secret
@@ -142,7 +143,7 @@ def generate_root(trust_domain: str, name: str, *, now_s: float | None = None,
     """A self-signed ECDSA P-256 root for `trust_domain` (path length 0: it signs leaves only)."""
     check_trust_domain(trust_domain)
     _check_root_name(name)
-    now = time.time() if now_s is None else now_s
+    now = calendar_now() if now_s is None else now_s
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([
         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshfed"),
@@ -155,7 +156,7 @@ def generate_root(trust_domain: str, name: str, *, now_s: float | None = None,
         .subject_name(subject).issuer_name(subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(_dt(now - DEFAULT_BACKDATE_S))
+        .not_valid_before(_dt(calendar().not_before_anchor_s(now) - DEFAULT_BACKDATE_S))
         .not_valid_after(_dt(now + ttl_s))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
@@ -229,7 +230,7 @@ class TrustDomainCA:
                     now_s: float | None = None,
                     workload_ttl_s: float = DEFAULT_WORKLOAD_TTL_S) -> TrustDomainCA:
         """A plug-in CA: the user's root (certificate only) and an intermediate with its key."""
-        now = time.time() if now_s is None else now_s
+        now = calendar_now() if now_s is None else now_s
         roots = load_pem_certificates(root_cert_pem)
         inter_chain = load_pem_certificates(ca_cert_pem)
         if len(roots) != 1 or not inter_chain:
@@ -303,7 +304,7 @@ class TrustDomainCA:
     def issue_from_csr(self, csr_pem: bytes, *, entitlement: Entitlement, now_s: float | None = None,
                        ttl_s: float | None = None) -> bytes:
         """Check a CSR (see module docstring) and return the PEM chain: leaf, then intermediates."""
-        now = time.time() if now_s is None else now_s
+        now = calendar_now() if now_s is None else now_s
         try:
             csr = x509.load_pem_x509_csr(csr_pem)
         except ValueError as e:
@@ -349,7 +350,7 @@ class TrustDomainCA:
         if dns_names:
             csr = x509.load_pem_x509_csr(csr_pem)
             _check_key_strength(csr.public_key(), f"key for {sid}")
-            chain = self._sign_leaf(sid, csr.public_key(), time.time() if now_s is None else now_s, ttl_s,
+            chain = self._sign_leaf(sid, csr.public_key(), calendar_now() if now_s is None else now_s, ttl_s,
                                     tuple(dns_names))
         else:
             chain = self.issue_from_csr(csr_pem, entitlement=Entitlement.of("local", [sid]), now_s=now_s,
@@ -380,7 +381,7 @@ class TrustDomainCA:
             .issuer_name(self._signer_cert.subject)
             .public_key(public_key)
             .serial_number(int.from_bytes(secrets.token_bytes(16), "big") >> 1 | 1)
-            .not_valid_before(_dt(now_s - self.backdate_s))
+            .not_valid_before(_dt(calendar().not_before_anchor_s(now_s) - self.backdate_s))
             .not_valid_after(_dt(not_after))
             .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(identity)),
                                                         *(x509.DNSName(d) for d in dns_names)]),

@@ -34,7 +34,8 @@ its distributor and signing policy to proxies.
   its bootstrap credentials (the unused tokens of its proxies, its TokenReview client).
 - **Status**: the distributor's per-proxy sync states and counters plus what the transport
   reports (ports, health reports, slow disconnects), the lock holder, the state's origin, history,
-  and the serving certificates' expiry.
+  the serving certificates' expiry, and per proxy the certificate issued to it that expires first
+  (`signing.ProxyCertificates`).
 - **Serving certificates** (`signing.ServingCertificates`): checked every `SERVING_CHECK_MAX_S`
   (sooner when due) and whenever the CAs are (re)loaded; re-issued at half-life or when the CA
   material changed. The gRPC adapter swaps them in for new handshakes; open streams keep theirs.
@@ -70,6 +71,7 @@ from federation.controller.statelock import StateDirLock
 from federation.controller.store import DEFAULT_RETENTION_S, ORIGIN_FRESH, Store
 from federation.controller.wire import decode_config_deltas
 from gitops.model import ConfigSnapshot
+from ztunnel.api.clock import calendar_now, calendar_wait_s
 from ztunnel.api.config import ProxyConfig, apply_delta
 from ztunnel.api.secret_files import write_secret
 
@@ -110,16 +112,20 @@ class ConfigService:
     proxy; a CA's keys never leave `signing`."""
 
     def __init__(self, state_dir: str | Path, insecure: bool = False, store: Store | None = None,
-                 clock: Callable[[], float] = time.time, flush_interval_s: float = FLUSH_INTERVAL_S,
+                 clock: Callable[[], float] = calendar_now, flush_interval_s: float = FLUSH_INTERVAL_S,
                  lock: StateDirLock | None = None, history_retention_s: float | None = None,
                  prune_interval_s: float = PRUNE_INTERVAL_S, kubeconfig: str | None = None,
-                 token_reviewer: Callable[..., Any] | None = None) -> None:
+                 token_reviewer: Callable[..., Any] | None = None,
+                 history_clock: Callable[[], float] = time.time) -> None:
         """`lock`: the state directory's lock, held (the host takes it first); `history_retention_s`
         overrides the Federation's `historyRetention`; `kubeconfig`: where the clusters' contexts are
-        (for the TokenReviews of proxies' ServiceAccount tokens)."""
+        (for the TokenReviews of proxies' ServiceAccount tokens). `clock` is the calendar (certificates,
+        bootstrap tokens: `ztunnel.api.clock`); `history_clock` stamps and prunes the history."""
         self.state_dir = str(state_dir)
         self.insecure = insecure
-        self.clock = clock
+        self.clock = clock   # the calendar: certificates, bootstrap tokens (`ztunnel.api.clock`)
+        # the history (ACKs, revisions, failover events) is stamped on the wall clock, and pruned on it
+        self.history_clock = history_clock
         # cluster -> (kubeconfig, context) of the applied fleet, and a TokenReview client per cluster
         # (`token_reviewer(cluster, kubeconfig, context)` makes one; tests give a fake)
         self.kubeconfig = kubeconfig
@@ -129,7 +135,7 @@ class ConfigService:
         self.flush_interval_s = flush_interval_s
         self.lock = lock
         self.store = store if store is not None else Store.in_state_dir(self.state_dir, clock=clock)
-        self.epoch = self.store.bump_epoch(clock())
+        self.epoch = self.store.bump_epoch(history_clock())   # orders incarnations in real time, not on the calendar
         self.origin = self.store.origin()
         self.dist = ConfigDistributor(self.epoch)
         self.dist.first_epoch = self.origin["first_epoch"] or self.epoch
@@ -210,6 +216,7 @@ class ConfigService:
         forgotten = list(forgotten)
         gone = [p for p in self.store.proxy_acks() if p.split("/")[1:2] == [cluster]]
         self.store.forget_proxies(sorted(set(gone) | set(forgotten)))
+        self.signing.forget_proxies(set(gone) | set(forgotten))
         revoked = self.bootstrap.revoke([cluster])
         log.info("meshfed controller: cluster %s removed: forgot %d proxies, revoked %d unused bootstrap tokens (%s)",
                  cluster, len(forgotten), len(revoked), why)
@@ -268,7 +275,8 @@ class ConfigService:
             except Exception as e:  # a CA that cannot sign now: say so in status, try again
                 self.last_serving_renewal = f"failed: {type(e).__name__}: {e}"
                 left_s = SERVING_CHECK_MAX_S
-            await asyncio.sleep(min(SERVING_CHECK_MAX_S, max(1.0, left_s)))
+            # a simulated calendar may jump past the renewal time: look again within a second then
+            await asyncio.sleep(calendar_wait_s(min(SERVING_CHECK_MAX_S, max(1.0, left_s))))
 
     # --- bootstrap credentials ------------------------------------------------------------------
 
@@ -402,12 +410,12 @@ class ConfigService:
                 self._flush_failing = False
 
     def prune_due(self) -> bool:
-        return self.clock() - self.last_prune_s >= self.prune_interval_s
+        return self.history_clock() - self.last_prune_s >= self.prune_interval_s
 
     def prune(self) -> None:
         """Delete history older than the retention (see the store); failures are logged and retried
         at the next interval."""
-        now = self.clock()
+        now = self.history_clock()
         self.last_prune_s = now
         try:
             deleted = self.store.prune(now, self.retention_s)
@@ -480,6 +488,9 @@ class ConfigService:
         health_reports, health_reports_dropped, slow_disconnects); `disk`: `disk_facts()` (read here when not given)."""
         disk = self.disk_facts() if disk is None else disk
         st = self.dist.status()
+        for p in st:   # what `meshfed check` judges each proxy's certificate expiry by
+            certs = self.signing.proxy_certificates(p["proxy"])
+            p["certificate"] = certs.as_dict() if certs is not None else None
         return {
             "epoch": self.epoch, "port": transport.get("port", 0), "bootstrap_port": transport.get("bootstrap_port", 0),
             "counts": self.dist.counts(), "proxies": st,

@@ -48,6 +48,7 @@ from federation.controller.reconciler import (
 )
 from federation.controller.wire import encode_config_deltas, encode_removals
 from gitops.model import ConfigSnapshot
+from ztunnel.api.clock import calendar_now, steady_wall_clock
 from ztunnel.api.config import ProxyConfig
 
 log = logging.getLogger(__name__)
@@ -99,17 +100,21 @@ class DeltaOutbox:
 class ReconcileService:
     def __init__(self, store: Any, push_deltas: PushDeltas, bundle_roots: BundleRoots | None = None,
                  debounce_after_s: float = 0.1, debounce_max_s: float = 10.0,
-                 clock: Callable[[], float] = time.time, tick_interval_s: float = TICK_INTERVAL_S,
+                 clock: Callable[[], float] | None = None, tick_interval_s: float = TICK_INTERVAL_S,
                  render: RenderFn | None = None, rollout: RolloutFn | None = None,
-                 cluster_ops: ClusterOps | None = None) -> None:
-        """`render` defaults to the core (`CoreRender`, which loads the CAs through `bundle_roots`)."""
-        self.clock = clock
+                 cluster_ops: ClusterOps | None = None, calendar: Callable[[], float] = calendar_now) -> None:
+        """`render` defaults to the core (`CoreRender`, which loads the CAs through `bundle_roots`).
+        `clock` is the elapsed clock (leases, debounce, ejections, backoff; default
+        `steady_wall_clock()`: a wall-clock step must not expire every lease), `calendar` the
+        dates (the root rotation gate compares leaves' not-after with it)."""
+        self.clock = clock = clock if clock is not None else steady_wall_clock()
         self.tick_interval_s = tick_interval_s
         self._lock = threading.RLock()
         self.outbox = DeltaOutbox(push_deltas)
         self.render: RenderFn = render if render is not None else CoreRender(bundle_roots=bundle_roots)
         self.rec = Reconciler(self.render, self._push, store, Debouncer(debounce_after_s, debounce_max_s),
-                              clock=clock, forget=self.outbox.remove, rollout=rollout, cluster_ops=cluster_ops)
+                              clock=clock, forget=self.outbox.remove, rollout=rollout, cluster_ops=cluster_ops,
+                              calendar=calendar)
         self.ejections_detected = 0
         self.ejections_enforced = 0
         self._last_run_s = 0.0

@@ -81,6 +81,7 @@ from federation.core.rollout import APPLY_TIMEOUT_S, ProxyRollout, RolloutDecisi
 from federation.core.rotation_gate import ca_spec_from_dict, ca_spec_to_dict, ca_specs_of, gate_commit
 from gitops.model import CaSpec, ConfigSnapshot
 from gitops.problems import Problem
+from ztunnel.api.clock import steady_wall_clock
 from ztunnel.api.config import ProxyConfig, ProxyMode
 
 DEBOUNCE_AFTER_S = 0.1
@@ -193,10 +194,16 @@ class Reconciler:
 
     def __init__(self, render: RenderFn, push: PushFn, store: Any = None,
                  debounce: Debouncer | None = None, aggregator: HealthAggregator | None = None,
-                 clock: Callable[[], float] = time.time, warmup_max_s: float = WARMUP_MAX_S, *,
+                 clock: Callable[[], float] | None = None, warmup_max_s: float = WARMUP_MAX_S, *,
                  forget: ForgetFn | None = None, rollout: RolloutFn | None = None,
-                 cluster_ops: ClusterOps | None = None, apply_timeout_s: float = APPLY_TIMEOUT_S) -> None:
-        """`rollout` None: nobody to ask, a revision is applied once pushed (tests, benchmarks)."""
+                 cluster_ops: ClusterOps | None = None, apply_timeout_s: float = APPLY_TIMEOUT_S,
+                 calendar: Callable[[], float] | None = None) -> None:
+        """`rollout` None: nobody to ask, a revision is applied once pushed (tests, benchmarks).
+        Two clocks (`ztunnel.api.clock`): `now_s` and `clock` are elapsed time on the wall scale
+        (default `steady_wall_clock()`): leases, debounce, ejections, backoff, timeouts, and the
+        stamps of events; `calendar` is the date, for the one decision about certificates here
+        (the root rotation gate: has the old root's last leaf expired?). `calendar` None: one clock
+        for both, `now_s` (tests drive time that way; `ReconcileService` passes the calendar)."""
         self.render, self.push, self.store = render, push, store
         self.forget, self.rollout, self.cluster_ops = forget, rollout, cluster_ops
         self.apply_timeout_s = apply_timeout_s
@@ -205,7 +212,8 @@ class Reconciler:
         self.warm = False
         self.debounce = debounce or Debouncer()
         self.aggregator = aggregator or HealthAggregator()
-        self.clock = clock
+        self.clock = clock if clock is not None else steady_wall_clock()
+        self.calendar = calendar
         self.snapshot: ConfigSnapshot | None = None          # last rendered (good) snapshot
         self.pending_snapshot: ConfigSnapshot | None = None
         self.observations: dict[str, ClusterObservation] = {}
@@ -445,8 +453,12 @@ class Reconciler:
         def live(td: str) -> Mapping[str, float]:
             return dict(self.store.leaf_not_after(td)) if self.store is not None else {}
 
+        # leaves' not-after are dates: compared on the calendar, which a wall-clock step moves and
+        # the elapsed `now_s` does not
+        today_s = self.calendar() if self.calendar is not None else now_s
+
         problems: Any = self._guard("gate", lambda: [p.as_dict() for p in gate_commit(self.applied_ca, candidate,
-                                                                                         live, now_s)], None, now_s)
+                                                                                         live, today_s)], None, now_s)
         if problems is None:
             problems = [{"code": "MF-GATE", "message": "could not check the CA root rotation of this commit: "
                                                        + self.failures[-1].error,
@@ -455,7 +467,7 @@ class Reconciler:
         elif problems and self.applying is not None and self.applying.revision != candidate.revision.sha:
             ahead = ca_specs_of(self.applying.snapshot)
             overdue = self.rollout_decision is not None and self.rollout_decision.overdue
-            if not overdue and not self._guard("gate", lambda: gate_commit(ahead, candidate, live, now_s), [0], now_s):
+            if not overdue and not self._guard("gate", lambda: gate_commit(ahead, candidate, live, today_s), [0], now_s):
                 if self.waiting.get("revision") != candidate.revision.sha:
                     log.info("commit %s (%s) waits for %s to be applied: its CA root rotation is safe only after "
                              "that revision reached the proxies", candidate.revision.sha[:8],

@@ -21,6 +21,9 @@ keys in the state directory). `SigningPolicy` decides, the gRPC adapter
 - **Leaves issued** (`record_leaf`): the latest not-after per (trust domain, signing root), the
   staged root rotation's input (`federation.core.rotation_gate`), recorded *before* a chain
   leaves: a leaf we could not record could later be broken by retiring its root.
+- **Certificates per proxy** (`proxy_certificates`): when and until when each identity's latest
+  certificate was issued to each proxy (in the store too, across restarts): `meshfed check`
+  judges each proxy's expiry by the first to expire among the identities it needs now.
 - **The controller's serving certificates** (`serving`, `renew_serving_if_due`): one per trust
   domain whose CA runs here, `spiffe://<td>/ns/meshfed-system/sa/meshfed-controller` with the DNS
   name `controller_tls_name(td)` that the proxies of that trust domain send as SNI, so each proxy
@@ -36,14 +39,14 @@ owner; see `federation.ray.placement`).
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from clusters.kube.auth import NODE_NAME_EXTRA, POD_NAME_EXTRA, TokenReviewResult
 from gitops.model import ConfigSnapshot, TrustDomain
+from ztunnel.api.clock import calendar_now
 from ztunnel.api.identity import (
     CONTROLLER_TOKEN_AUDIENCE,
     PROXY_NAMESPACE,
@@ -203,6 +206,37 @@ class LeafLedger(Protocol):
     def record_ca_root(self, trust_domain: str, root_name: str, fingerprint: str, not_after_s: float,
                        key_path: str = "", signing: bool = False) -> None: ...
 
+    def record_proxy_certificate(self, proxy_id: str, identity: str, issued_at_s: float,
+                                 not_after_s: float) -> None: ...
+
+    def proxy_certificates(self) -> dict[str, dict[str, tuple[float, float]]]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyCertificates:
+    """What a proxy was issued and still needs (`meshfed check`): of the identities it is entitled
+    to now, the certificate that expires first. A certificate of an identity the proxy no longer
+    serves (its workload left the node) is not renewed and does not count."""
+
+    identity: str           # the one that expires first
+    issued_at_s: float
+    not_after_s: float
+    identities: int         # how many of its current identities it holds a certificate for
+    missing: int            # current identities never issued to it (a workload not served yet)
+
+    @classmethod
+    def of(cls, held: Mapping[str, tuple[float, float]], wanted: Iterable[str]) -> ProxyCertificates | None:
+        wanted = sorted(set(wanted))
+        mine = [(held[i][1], held[i][0], i) for i in wanted if i in held]
+        if not mine:
+            return None
+        not_after, issued, identity = min(mine)
+        return cls(identity, issued, not_after, len(mine), len(wanted) - len(mine))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"identity": self.identity, "issued_at_s": self.issued_at_s, "not_after_s": self.not_after_s,
+                "identities": self.identities, "missing": self.missing}
+
 
 class SigningPolicy:
     """The CAs of the applied fleet and the rules above. Invariants: `cas` holds a CA only for
@@ -211,7 +245,7 @@ class SigningPolicy:
 
     def __init__(self, state_dir: str | Path, ledger: LeafLedger,
                  rendered_identities: Callable[[str], Iterable[str]] = lambda _proxy_id: (),
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = calendar_now) -> None:
         self.state_dir = str(state_dir)
         self.ledger = ledger
         self.rendered_identities = rendered_identities   # proxy id -> identities of its rendered workloads
@@ -224,6 +258,9 @@ class SigningPolicy:
         # clusters removed from the fleet but still draining (`federation.core.removal`): their
         # proxies keep acting as themselves and renewing until the drain is over
         self.draining_tds: dict[str, str] = {}
+        # proxy -> identity -> (issued, not after): bounded by the proxies and identities rendered
+        # (a forgotten proxy's go with it, `forget_proxies`); kept in the store across restarts
+        self.proxy_certs: dict[str, dict[str, tuple[float, float]]] = ledger.proxy_certificates()
 
     # --- CAs -----------------------------------------------------------------------------------
 
@@ -286,6 +323,23 @@ class SigningPolicy:
 
     # --- issuance ----------------------------------------------------------------------------
 
+    def proxy_certificates(self, proxy_id: str) -> ProxyCertificates | None:
+        """The certificate `proxy_id` holds that expires first, among the identities it needs now
+        (its own and its rendered workloads'); None if it was never issued one here."""
+        td = self.member_tds().get(cluster_named_by(proxy_id))
+        held = self.proxy_certs.get(proxy_id)
+        if td is None or not held:
+            return None
+        try:
+            own = str(proxy_spiffe_id(td, proxy_id))
+        except IdentityError:
+            return None
+        return ProxyCertificates.of(held, [own, *self.rendered_identities(proxy_id)])
+
+    def forget_proxies(self, proxy_ids: Iterable[str]) -> None:
+        for pid in proxy_ids:
+            self.proxy_certs.pop(pid, None)
+
     def entitled_identities(self, who: Requester, trust_domain: str) -> set[str]:
         """What `who` may have certified: its own identity; plus, over mTLS only, the identities of
         the workloads its rendered config lists."""
@@ -315,6 +369,10 @@ class SigningPolicy:
         # before the chain leaves: a leaf we could not record could later be broken by retiring its root
         self.record_leaf(td, ca, not_after_s)
         ids = _san_uris(leaf)
+        issued_at_s = self.clock()
+        for sid in ids:
+            self.ledger.record_proxy_certificate(who.proxy_id, sid, issued_at_s, not_after_s)
+            self.proxy_certs.setdefault(who.proxy_id, {})[sid] = (issued_at_s, not_after_s)
         how = "bootstrap token" if who.bootstrap else "its own certificate"
         log.info("certificate issued to %s (%s) for %s, valid %.0f s, signed by %s/%s", who.proxy_id, how,
                  ", ".join(ids), not_after_s - self.clock(), td, ca.signing_root or "plug-in CA",

@@ -32,6 +32,7 @@ from typing import Any
 from clusters.kube.observation import ClusterObservation
 from federation.controller.wire import encode_observation
 from gitops.model import ClusterApiKind, ConfigSnapshot
+from ztunnel.api.clock import steady_wall_clock
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ class GitSource:
 
 @dataclass
 class Lease:
-    """Renewed by successful watches; valid for `ttl_s` after the last renewal (wall clock)."""
+    """Renewed by successful watches; valid for `ttl_s` after the last renewal (the agent's elapsed clock)."""
 
     ttl_s: float
     renewed_at_s: float | None = None
@@ -279,11 +280,13 @@ class ClusterAgent:
 
     def __init__(self, cluster: str, kubeconfig: str | None, context: str, api_kind: str = ClusterApiKind.KUBECONFIG.value,
                  lease_ttl_s: float = 30.0, namespace_selector: str = "", watch_timeout_s: int = 30,
-                 clock: Callable[[], float] = time.time, heartbeat_interval_s: float | None = None) -> None:
+                 clock: Callable[[], float] | None = None, heartbeat_interval_s: float | None = None) -> None:
+        """`clock`: elapsed time for the lease and heartbeats (default `steady_wall_clock()`: a wall
+        clock stepped by NTP must not make the lease look expired or renewed)."""
         from clusters.kube.discovery import KubeDiscovery
 
         self.cluster, self.api_kind = cluster, api_kind
-        self.clock = clock
+        self.clock = clock = clock if clock is not None else steady_wall_clock()
         self.discovery = KubeDiscovery(cluster, kubeconfig, context, namespace_selector=namespace_selector,
                                        watch_timeout_s=watch_timeout_s, clock=clock)
         self.lease = Lease(lease_ttl_s)

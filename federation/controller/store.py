@@ -83,6 +83,10 @@ CREATE TABLE IF NOT EXISTS ca_leaves (
     max_not_after_s REAL NOT NULL,     -- the latest not-after of any leaf that root signed
     issued INTEGER NOT NULL DEFAULT 0, last_issued_at_s REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (trust_domain, root_name));
+CREATE TABLE IF NOT EXISTS proxy_certificates (
+    proxy_id TEXT NOT NULL, identity TEXT NOT NULL,   -- the latest certificate issued to a proxy per identity
+    issued_at_s REAL NOT NULL, not_after_s REAL NOT NULL,   -- calendar dates (`ztunnel.api.clock`)
+    PRIMARY KEY (proxy_id, identity));
 """
 
 
@@ -274,6 +278,7 @@ class Store:
         """Drop the records of proxies that are no longer rendered (a removed cluster's)."""
         with self._tx() as db:
             db.executemany("DELETE FROM proxy_acks WHERE proxy_id=?", [(p,) for p in proxy_ids])
+            db.executemany("DELETE FROM proxy_certificates WHERE proxy_id=?", [(p,) for p in proxy_ids])
 
     def ever_acked(self) -> bool:
         """Has any proxy ever acknowledged a config recorded in this store?"""
@@ -376,6 +381,21 @@ class Store:
                        "max_not_after_s=max(max_not_after_s, excluded.max_not_after_s), issued=issued+1, "
                        "last_issued_at_s=excluded.last_issued_at_s",
                        (trust_domain, root_name, not_after_s, now))
+
+    def record_proxy_certificate(self, proxy_id: str, identity: str, issued_at_s: float, not_after_s: float) -> None:
+        """The latest certificate issued to `proxy_id` for `identity` (`meshfed check`: expiry per proxy)."""
+        with self._tx() as db:
+            db.execute("INSERT INTO proxy_certificates(proxy_id, identity, issued_at_s, not_after_s) VALUES (?,?,?,?) "
+                       "ON CONFLICT(proxy_id, identity) DO UPDATE SET issued_at_s=excluded.issued_at_s, "
+                       "not_after_s=excluded.not_after_s", (proxy_id, identity, issued_at_s, not_after_s))
+
+    def proxy_certificates(self) -> dict[str, dict[str, tuple[float, float]]]:
+        """proxy id -> identity -> (issued at, not after) of the latest certificate issued to it."""
+        out: dict[str, dict[str, tuple[float, float]]] = {}
+        for pid, identity, issued, not_after in self._query(
+                "SELECT proxy_id, identity, issued_at_s, not_after_s FROM proxy_certificates"):
+            out.setdefault(str(pid), {})[str(identity)] = (float(issued), float(not_after))
+        return out
 
     def leaf_not_after(self, trust_domain: str) -> dict[str, float]:
         """Root name -> latest not-after of the leaves it signed, for one trust domain."""

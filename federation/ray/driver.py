@@ -51,6 +51,7 @@ from federation.ray.placement import (
 )
 from federation.ray.remote import RemoteStore
 from ztunnel.api import logsetup
+from ztunnel.api.clock import CALENDAR_OFFSET_ENV, calendar_now
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,10 @@ def init_ray(address: str | None, num_cpus: int = 2) -> None:
         return
     os.environ.setdefault("RAY_USE_UVLOOP", "0")
     opts = _logging_options()
+    offset_file = os.environ.get(CALENDAR_OFFSET_ENV)
+    if offset_file:   # a simulated calendar (the lab's soak): every actor reads the same one
+        runtime_env = opts.setdefault("runtime_env", {})
+        runtime_env.setdefault("env_vars", {})[CALENDAR_OFFSET_ENV] = offset_file
     if address:
         ray.init(address=address, include_dashboard=False, **opts)
     else:
@@ -167,7 +172,7 @@ class Controller:
             self.opts.debounce_after_s, self.opts.debounce_max_s, self.config_server)
         if not self.opts.insecure:
             # TLS needs the CAs before the server starts: load the fleet once here, synchronously
-            snap = snapshot_for_cas(str(self.opts.repo), self.opts.branch, self._store, time.time(),
+            snap = snapshot_for_cas(str(self.opts.repo), self.opts.branch, self._store, calendar_now(),
                                     self.opts.git_policy)
             if snap is not None:
                 ray.get(self.config_server.ensure_cas.remote(encode_snapshot(snap)), timeout=START_TIMEOUT_S)
@@ -236,7 +241,7 @@ class Controller:
 
     def _log_checks(self, st: dict[str, Any]) -> None:
         """Log, once each, the checks that mean the operator must act on the controller's state."""
-        for c in build_checks(st, time.time()):
+        for c in build_checks(st, calendar_now(), time.time()):
             if c["group"] == "state" and not c["ok"] and c["check"] not in self._logged:
                 self._logged.add(c["check"])
                 log.error("meshfed controller: %s: %s; what to do: %s", c["check"], c["cause"], c["hint"],
@@ -322,7 +327,7 @@ class Controller:
         return dict(decode_json(ray.get(self.reconciler.explain.remote(service, from_cluster, zone), timeout=10)))
 
     def checks(self) -> list[dict[str, Any]]:
-        return build_checks(self.status(), time.time())
+        return build_checks(self.status(), calendar_now(), time.time())
 
     def graph(self) -> dict[str, Any]:
         return dict(decode_json(ray.get(self.reconciler.graph.remote(), timeout=10)))

@@ -12,8 +12,12 @@ Lifecycle of one identity (explicit states, `CertState`):
                          |                      v
                          +------ok------- (still VALID until not_after) --not_after--> EXPIRED
 
-- `refresh_at` = not_before + lifetime × (0.5 ± jitter): half-life rotation like Istio/SPIRE,
-  jittered so a node's certificates (and a fleet of nodes) do not all renew in the same second.
+- `refresh_at` = issued + lifetime × (0.5 ± jitter), lifetime = not_after − issued: half-life
+  rotation like Istio/SPIRE, jittered so a node's certificates (and a fleet of nodes) do not all
+  renew in the same second. *Issued* is when the certificate arrived here, not its not-before: a
+  CA backdates not-before for clock skew, and under a simulated calendar by the whole simulated
+  offset (`ztunnel.api.clock`), which would put "half-life" in the past at once. A certificate
+  adopted from disk (`put`) has no arrival time: its not-before stands in (renewing early is safe).
 - While the CA is unreachable the current certificate keeps being served until its not-after;
   after that `fetch_certificate` raises `CertificateUnavailableError` (fail closed: the proxy
   refuses the connection — it never falls back to plaintext).
@@ -31,7 +35,6 @@ import asyncio
 import enum
 import logging
 import random
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -39,6 +42,7 @@ from datetime import UTC, datetime
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from ztunnel.api.clock import calendar_now, calendar_wait_s
 from ztunnel.api.identity import SpiffeId, generate_key_and_csr
 from ztunnel.api.verify import peer_spiffe_ids
 
@@ -121,7 +125,7 @@ class CertManager:
     """Certificates per identity. Invariants: at most one CSR in flight per identity; a cached
     certificate is served until its not-after, never after; keys are created here and only here."""
 
-    def __init__(self, sign: Signer, *, clock: Callable[[], float] = time.time,
+    def __init__(self, sign: Signer, *, clock: Callable[[], float] = calendar_now,
                  rng: random.Random | None = None,
                  rotate_fraction: float = DEFAULT_ROTATE_FRACTION,
                  jitter_fraction: float = DEFAULT_JITTER_FRACTION,
@@ -226,7 +230,8 @@ class CertManager:
             chain_pem = await asyncio.wait_for(self._sign(csr_pem), self._sign_timeout_s)
             now = self._clock()
             nb, na = _check_response(entry.identity, key_pem, chain_pem, now)
-            cert = WorkloadCertificate(entry.identity, chain_pem, key_pem, nb, na, self._refresh_at(nb, na))
+            cert = WorkloadCertificate(entry.identity, chain_pem, key_pem, nb, na,
+                                       self._refresh_at(max(nb, min(now, na)), na))
         except Exception as e:
             now = self._clock()
             entry.failures += 1
@@ -258,9 +263,9 @@ class CertManager:
             if not fut.done():  # cancelled while signing: release the waiters too
                 fut.cancel()
 
-    def _refresh_at(self, not_before_s: float, not_after_s: float) -> float:
+    def _refresh_at(self, issued_s: float, not_after_s: float) -> float:
         jitter = self._rng.uniform(-self._jitter_fraction, self._jitter_fraction)
-        return not_before_s + (not_after_s - not_before_s) * (self._rotate_fraction + jitter)
+        return issued_s + (not_after_s - issued_s) * (self._rotate_fraction + jitter)
 
     # --- rotation loop ------------------------------------------------------------------------
 
@@ -295,7 +300,7 @@ class CertManager:
             now = self._clock()
             await self.renew_due(now)
             nxt = self.next_due_s()
-            delay = idle_s if nxt is None else min(idle_s, max(0.05, nxt - self._clock()))
+            delay = calendar_wait_s(idle_s if nxt is None else min(idle_s, max(0.05, nxt - self._clock())))
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), delay)

@@ -37,6 +37,7 @@ from typing import Any, Protocol
 from cryptography import x509
 
 from ztunnel.api import authz
+from ztunnel.api.clock import calendar_now
 from ztunnel.api.config import Endpoint, ProxyConfig, ProxyMode
 from ztunnel.api.identity import SpiffeId
 from ztunnel.api.outlier import EndpointEjected, EndpointUnejected, Outcome, OutlierDetector
@@ -66,7 +67,8 @@ SOURCE_HEADER = "x-meshfed-source"
 
 
 def wall_s() -> float:
-    return time.time()
+    """The calendar (`ztunnel.api.clock`): peer certificates are judged valid on it."""
+    return calendar_now()
 
 
 def mono_s() -> float:

@@ -37,12 +37,12 @@ import secrets
 import socket
 import ssl
 import struct
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ztunnel.api.bundle import certificates_to_pem, fingerprint_sha256, load_pem_certificates
+from ztunnel.api.clock import calendar_now
 from ztunnel.api.codec import DEFAULT_MAX_MESSAGE_BYTES
 from ztunnel.api.identity import SpiffeId, controller_spiffe_id, controller_tls_name
 from ztunnel.api.verify import PeerVerificationError, TrustStore
@@ -153,7 +153,7 @@ class ControllerBridge:
 
     def __init__(self, target: str, trust: ControllerTrust,
                  client_svid: Callable[[], tuple[bytes, bytes] | None] = lambda: None, *,
-                 clock: Callable[[], float] = time.time, connect_timeout_s: float = 5.0,
+                 clock: Callable[[], float] = calendar_now, connect_timeout_s: float = 5.0,
                  on_rejected: Callable[[str], None] | None = None) -> None:
         self.host, self.port = parse_host_port(target)
         self.target = target
@@ -185,10 +185,15 @@ class ControllerBridge:
             raise RuntimeError("start() the bridge before asking it for channels")
         from ztunnel.xds.client import keepalive_options
 
-        # the bridge relays HTTP/2 as is: keepalive pings reach the controller and tell a dead link
+        # the bridge relays HTTP/2 as is: keepalive pings reach the controller and tell a dead link.
+        # A channel of its own connections (not gRPC's process-wide subchannel pool): a new channel
+        # dials anew and presents the certificate we hold *now*. Shared, a CSR or a reconnecting
+        # session rode the connection an earlier certificate opened, and once that one expired the
+        # controller refused every new call on it (found by the soak: renewals stopped a day in).
         opts = [("grpc.max_receive_message_length", max_message_bytes + 65536),
                 ("grpc.max_send_message_length", max_message_bytes + 65536),
-                ("grpc.default_authority", self.trust.server_name), *keepalive_options()]
+                ("grpc.default_authority", self.trust.server_name), ("grpc.use_local_subchannel_pool", 1),
+                *keepalive_options()]
         return grpc.aio.insecure_channel(f"unix-abstract:{self.name}", options=opts)
 
     async def close(self) -> None:

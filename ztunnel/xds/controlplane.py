@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from ztunnel.api.clock import calendar_now, calendar_wait_s
 from ztunnel.api.config import ProxyConfig, ProxyMode, Stamp
 from ztunnel.api.identity import IdentityError, ProxyId, check_trust_domain, proxy_spiffe_id
 from ztunnel.api.outlier import EndpointEjected, EndpointUnejected
@@ -321,7 +322,7 @@ class ControllerLink:
 
     def __init__(self, opts: LinkOptions, state: ProxyState, creds: CredentialTarget,
                  health: HealthReporter, log: Callable[..., None] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = calendar_now) -> None:
         from ztunnel.api.logsetup import event_log
 
         self.opts = opts
@@ -553,7 +554,8 @@ class ControllerLink:
                     self.creds.put(str(sid), c.chain_pem, c.key_pem)
             self.persist()
             nxt = self.certs.next_due_s()
-            delay_s = 30.0 if nxt is None else min(30.0, max(0.5, nxt - self.clock()))
+            # with a simulated calendar the date may jump past `nxt` meanwhile: look again within a second
+            delay_s = calendar_wait_s(30.0 if nxt is None else min(30.0, max(0.5, nxt - self.clock())))
             try:
                 await asyncio.wait_for(self._kick.wait(), delay_s)
             except TimeoutError:
@@ -566,7 +568,7 @@ class ControllerLink:
 
 
 async def join_controller(opts: LinkOptions, state: ProxyState, creds: CredentialTarget,
-                          log: Callable[..., None] | None = None, clock: Callable[[], float] = time.time,
+                          log: Callable[..., None] | None = None, clock: Callable[[], float] = calendar_now,
                           ) -> tuple[ControllerLink, list[asyncio.Task[Any]]]:
     """Return once the proxy can serve: it has a config and the certificates of its identities.
 

@@ -515,3 +515,51 @@ async def test_a_hand_provisioned_proxy_joins_with_its_single_use_token_then_ren
         assert link.bootstraps == 1
     finally:
         await leave(link, tasks)
+
+
+async def test_a_calendar_days_ahead_of_the_real_clock_keeps_the_proxy_renewing(
+        tmp_path: Path, apis: tuple[dict[str, EmulatedApiServer], Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The soak's time travel on loopback (`ztunnel.api.clock`): the controller and the proxy read
+    one calendar that runs days ahead of the real clock through an offset file, and moves in
+    4-hour steps a second apart. The certificates are valid on the calendar and on the TLS layers'
+    real clock (they start at the real clock); each identity renews at half its life *after it
+    arrived* (not from its backdated not-before, which would renew on every tick); the controller's
+    serving certificates renew the same way; the proxy stays SYNCED throughout."""
+    from ztunnel.api import clock as calendar_mod
+
+    offset = tmp_path / "calendar-offset"
+    calendar = calendar_mod.CalendarClock(offset)
+    monkeypatch.setattr(calendar_mod, "_calendar", calendar)
+    ahead_s = 3 * 86400.0
+    calendar_mod.write_offset(offset, ahead_s)
+    service = ConfigService(tmp_path / "state", clock=calendar.now, kubeconfig=str(apis[1]))
+    snap = gitops.load_worktree(EXAMPLE_FLEET)
+    service.ensure_cas(snap)
+    server = config_server_for(service)
+    await serve(service, server, "127.0.0.1:0")
+    w = World(tmp_path, Clock(), apis[0], service, server, snap)
+    w.desire("rev1")
+    creds = Credentials({})
+    link, tasks = await asyncio.wait_for(join_controller(
+        w.options(sa_token=w.sa_token()), ProxyState(tmp_path / "proxy" / "last-good.json"), creds,
+        lambda **_kw: None, calendar.now), 20)
+    try:
+        assert await wait_until(lambda: w.synced("rev1"), 10)
+        first = link.certs.find_certificate(link.own)
+        assert first is not None and first.not_before_s <= time.time() < calendar.now() < first.not_after_s
+        serving_before = service.signing.serving().generation
+        seen: dict[str, set[float]] = {link.own: set(), CHECKOUT: set()}
+        for step in range(1, 13):                   # two simulated days
+            calendar_mod.write_offset(offset, ahead_s + step * 4 * 3600.0)
+            await asyncio.sleep(1.0)
+            for sid, not_afters in seen.items():
+                c = link.certs.find_certificate(sid)
+                assert c is not None, f"{sid} has no valid certificate at step {step}"
+                not_afters.add(c.not_after_s)
+        assert all(3 <= len(v) <= 6 for v in seen.values()), {k: len(v) for k, v in seen.items()}
+        assert service.signing.serving().generation - serving_before >= 3
+        assert w.synced("rev1") and link.bootstraps == 1
+    finally:
+        await leave(link, tasks)
+        await server.stop(0)
+        await service.stop()

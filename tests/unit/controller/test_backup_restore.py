@@ -150,7 +150,7 @@ def test_the_cli_backs_up_and_restores(tmp_path: Path) -> None:
 
 
 def test_a_controller_rebuilt_from_nothing_says_what_the_operator_has_to_do(tmp_path: Path) -> None:
-    svc = ConfigService(tmp_path / "state", clock=lambda: NOW_S)
+    svc = ConfigService(tmp_path / "state", clock=lambda: NOW_S, history_clock=lambda: NOW_S)
     state = svc.state_status()
     assert state["fresh"] and not state["ever_acked"]
     st = {"controller": {"state": state, "state_dir": str(tmp_path / "state")}, "reconciler": {"proxies_rendered": 9}}
@@ -169,7 +169,7 @@ def test_a_controller_rebuilt_from_nothing_says_what_the_operator_has_to_do(tmp_
 def test_proxies_that_followed_a_lost_controller_are_reported(tmp_path: Path) -> None:
     from ztunnel.api.config import Stamp
 
-    svc = ConfigService(tmp_path / "state", clock=lambda: NOW_S)
+    svc = ConfigService(tmp_path / "state", clock=lambda: NOW_S, history_clock=lambda: NOW_S)
     svc.dist.attach("ztunnel/east/node-1", Stamp(int((NOW_S - 86400) * 1000), "r", 4))   # yesterday's controller
     svc.dist.attach("ztunnel/east/node-2", Stamp(svc.epoch, "r", 1))                    # ours
     state = svc.state_status()

@@ -172,3 +172,35 @@ def test_revisions_carry_the_problems_of_a_rejected_commit() -> None:
     assert rows == [{"revision": "b" * 40, "subject": "break cart", "attempted_at_s": 2.0, "ok": False,
                      "problems": [{"code": "MF0101"}]},
                     {"revision": "a" * 40, "subject": "canary", "attempted_at_s": 1.0, "ok": True, "problems": []}]
+
+
+def _proxy(pid: str, issued_s: float, not_after_s: float) -> dict[str, Any]:
+    return {"proxy": pid, "sync": "SYNCED", "certificate": {
+        "identity": f"spiffe://east.mesh.local/ns/meshfed-system/sa/{pid.split('/')[-1]}", "issued_at_s": issued_s,
+        "not_after_s": not_after_s, "identities": 1, "missing": 0}}
+
+
+def test_meshfed_check_reports_proxy_certificates_expired_or_near_expiry() -> None:
+    """Per proxy, the certificate issued to it that expires first: renewed at half-life, so one
+    past three quarters of its life missed its renewal (near expiry), and one past its not-after
+    fails closed; the passing line names the first to expire."""
+    day = 86400.0
+    st: dict[str, Any] = {"proxies": [_proxy("ztunnel/east/node-1", 0.0, day), _proxy("gateway/east", 0.0, 2 * day)]}
+    (ok,) = [c for c in build_checks(st, 0.4 * day) if c["check"].startswith("proxy certificates")]
+    assert ok["ok"] and "first to expire: ztunnel/east/node-1, not after 1970-01-02T00:00:00Z" in ok["check"]
+    (near,) = [c for c in build_checks(st, 0.8 * day) if c["check"].startswith("proxy certificates")]
+    assert not near["ok"] and near["cause"].startswith("of 2 proxies, 0 hold an expired certificate and 1 one near expiry")
+    assert "ztunnel/east/node-1 (spiffe://east.mesh.local/ns/meshfed-system/sa/node-1) expires in 17280 s" in near["cause"]
+    assert "bootstrap credential" in near["hint"] and "renewal_failed" in near["hint"]
+    (gone,) = [c for c in build_checks(st, 1.6 * day) if c["check"].startswith("proxy certificates")]
+    assert gone["cause"].startswith("of 2 proxies, 1 hold an expired certificate and 1 one near expiry")
+    assert "ztunnel/east/node-1 (spiffe://east.mesh.local/ns/meshfed-system/sa/node-1) expired 51840 s ago" in gone["cause"]
+
+
+def test_meshfed_check_judges_the_loop_on_the_elapsed_clock_and_certificates_on_the_calendar() -> None:
+    """Under a simulated calendar (the soak) the calendar runs days ahead of the clock the
+    reconcile loop stamps its steps with: a loop that stepped a second ago is running."""
+    st = {"reconciler": {"loop": {"alive": True, "last_step_at_s": 1000.0}},
+          "config_server": {"serving_certificate": {"not_after_s": 1000.0 + 20 * 86400, "renew_at_s": 1000.0 + 10 * 86400}}}
+    checks = {c["check"]: c for c in build_checks(st, 1000.0 + 9 * 86400, elapsed_now_s=1001.0)}
+    assert checks["reconcile loop running"]["ok"] and checks["serving certificates renewed in time"]["ok"]

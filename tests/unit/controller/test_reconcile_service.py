@@ -373,3 +373,29 @@ def test_the_git_feed_delivers_a_fallback_before_the_failure_of_the_head() -> No
     assert sink.got == [("snapshot", "a"), ("error", "e")]
     feed.resend()
     assert sink.got[-1] == ("snapshot", "a")
+
+
+def test_a_wall_clock_step_does_not_age_the_leases(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before, the service judged leases and debounce on `time.time`: a wall clock stepped a day
+    forward (NTP, or the soak's simulated calendar) made every cluster's last heartbeat a day old,
+    so every lease expired at the next tick (→ Withdraw). By default it now runs on the steady
+    clock (`ztunnel.api.clock.steady_wall_clock`): only monotonic time ages a lease."""
+    wall, mono = [1_000_000.0], [50.0]
+    monkeypatch.setattr(time, "time", lambda: wall[0])
+    monkeypatch.setattr(time, "monotonic", lambda: mono[0])
+    seen: list[tuple[float, dict[str, float]]] = []
+
+    class LeaseRender(Render):
+        def __call__(self, inp: RenderInput) -> RenderOutput:
+            seen.append((inp.now_s, dict(inp.leases)))
+            return super().__call__(inp)
+
+    svc = ReconcileService(None, Sent(), debounce_after_s=0.0, tick_interval_s=1.0, render=LeaseRender())
+    svc.on_snapshot(snap("a" * 40))
+    svc.on_lease("east", 0.0)          # the API answered just now
+    wall[0] += 86400.0                 # the wall clock steps a day forward; two seconds really pass
+    mono[0] += 2.0
+    assert svc.step(svc.clock())
+    now_s, leases = seen[-1]
+    assert now_s - leases["east"] == pytest.approx(2.0)
+    assert now_s == pytest.approx(1_000_002.0)   # still on the wall scale (events and history are stamped with it)

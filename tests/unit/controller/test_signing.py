@@ -173,3 +173,28 @@ def test_a_csr_asking_for_2_to_the_32_seconds_gets_the_workload_cert_ttl(policy:
     _chain, _roots, not_after_s = policy.sign(who, generate_key_and_csr(OWN).csr_pem, float(2 ** 32 - 1))
     ttl_s = policy.trust_domains[EAST_TD].ca.workload_cert_ttl_s
     assert before + ttl_s - 5 <= not_after_s <= time.time() + ttl_s + 5
+
+
+def test_the_certificates_issued_to_each_proxy_are_kept_across_restarts(tmp_path: Path, policy: SigningPolicy,
+                                                                       store: Store) -> None:
+    """`meshfed check` judges each proxy's certificate expiry by what was issued to it: of the
+    identities it needs now (its own, its rendered workloads'), the one that expires first."""
+    assert policy.proxy_certificates(NODE1) is None
+    policy.sign(Requester(NODE1, "", True, "east"), generate_key_and_csr(OWN).csr_pem, 7200.0)
+    _c, _r, checkout_na = policy.sign(Requester(NODE1, OWN, False, "east"),
+                                      generate_key_and_csr(CHECKOUT).csr_pem, 600.0)
+    got = policy.proxy_certificates(NODE1)
+    assert got is not None and (got.identity, got.not_after_s) == (CHECKOUT, checkout_na)
+    assert (got.identities, got.missing) == (2, 0)
+    # the controller restarts: the same from the store
+    again = SigningPolicy(tmp_path / "state", store, lambda pid: (CHECKOUT,) if pid == NODE1 else ())
+    again.load_cas(fleet())
+    assert again.proxy_certificates(NODE1) == got
+    # checkout leaves the node: its certificate is not renewed and no longer counts
+    later = SigningPolicy(tmp_path / "state", store, lambda pid: ())
+    later.load_cas(fleet())
+    moved = later.proxy_certificates(NODE1)
+    assert moved is not None and moved.identity == OWN and moved.identities == 1
+    later.forget_proxies([NODE1])
+    store.forget_proxies([NODE1])
+    assert later.proxy_certificates(NODE1) is None and store.proxy_certificates() == {}

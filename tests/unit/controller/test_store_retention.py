@@ -118,7 +118,7 @@ def test_prune_caps_each_table_newest_first(tmp_path: Path) -> None:
 
 def test_the_config_service_prunes_with_the_federations_retention_or_the_flag(tmp_path: Path) -> None:
     now = [NOW_S]
-    svc = ConfigService(tmp_path / "a", clock=lambda: now[0], prune_interval_s=600.0)
+    svc = ConfigService(tmp_path / "a", clock=lambda: now[0], history_clock=lambda: now[0], prune_interval_s=600.0)
     fill(svc.store)
     snap = fleet()
     snap = replace(snap, federation=replace(snap.federation, history_retention_s=10 * DAY_S))
@@ -129,7 +129,8 @@ def test_the_config_service_prunes_with_the_federations_retention_or_the_flag(tm
     assert not svc.prune_due()
     now[0] += 601
     assert svc.prune_due()
-    flagged = ConfigService(tmp_path / "b", clock=lambda: now[0], history_retention_s=40 * DAY_S)
+    flagged = ConfigService(tmp_path / "b", clock=lambda: now[0], history_clock=lambda: now[0],
+                            history_retention_s=40 * DAY_S)
     flagged.ensure_cas(snap)
     assert flagged.retention_s == 40 * DAY_S             # the flag wins over the Federation
     st = svc.status({})

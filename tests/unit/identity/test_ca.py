@@ -258,3 +258,30 @@ def test_rotation_roots_created_and_bundle_sequence(tmp_path: Path) -> None:
     assert store.publish_bundle(switched).sequence == 2  # same authorities, only the signer moved
     read = store.read_bundle(EAST)
     assert read is not None and read.same_authorities(b2)
+
+
+def test_under_a_simulated_calendar_certificates_are_valid_on_both_the_calendar_and_the_real_clock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenSSL (Python `ssl`, grpcio) checks validity on the real clock, meshfed on the calendar:
+    when the calendar runs ahead (the lab's soak), roots and leaves start at the real clock (minus
+    the backdate) and end at the calendar's now plus their lifetime — valid for both."""
+    from ztunnel.api import clock
+
+    offset_s = 20 * 86400.0
+    (tmp_path / "offset").write_text(f"{offset_s}\n")
+    real_s = NOW_S
+    monkeypatch.setattr(clock, "_calendar", clock.CalendarClock(tmp_path / "offset", wall=lambda: real_s))
+    sim_s = clock.calendar_now()
+    assert sim_s == real_s + offset_s
+    sim_ca = TrustDomainCA.create(EAST, now_s=sim_s, root_name="root-2")
+    root = sim_ca.roots[0].cert
+    assert root.not_valid_before_utc.timestamp() <= real_s and root.not_valid_after_utc.timestamp() > sim_s
+    leaf = x509.load_pem_x509_certificate(sim_ca.issue_from_csr(generate_key_and_csr(API).csr_pem, entitlement=NODE,
+                                                                now_s=sim_s))
+    assert real_s - 3600 < leaf.not_valid_before_utc.timestamp() <= real_s
+    assert leaf.not_valid_after_utc.timestamp() == pytest.approx(sim_s + 86400.0)
+    # with the real calendar nothing moves: not-before is the backdated now
+    monkeypatch.setattr(clock, "_calendar", clock.CalendarClock(None, wall=lambda: real_s))
+    plain = x509.load_pem_x509_certificate(sim_ca.issue_from_csr(generate_key_and_csr(API).csr_pem, entitlement=NODE,
+                                                                 now_s=sim_s))
+    assert plain.not_valid_before_utc.timestamp() == pytest.approx(sim_s - sim_ca.backdate_s)

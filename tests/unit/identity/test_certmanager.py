@@ -80,10 +80,24 @@ async def test_refresh_at_half_life_with_jitter() -> None:
         ca = FakeCA(clock)
         mgr = CertManager(ca.sign, clock=clock, rng=random.Random(seed))
         cert = await mgr.fetch_certificate(API)
-        life = cert.not_after_s - cert.not_before_s
-        refresh_points.append((cert.refresh_at_s - cert.not_before_s) / life)
+        life = cert.not_after_s - NOW_S   # from its arrival: not-before is backdated for clock skew
+        refresh_points.append((cert.refresh_at_s - NOW_S) / life)
     assert all(0.4 <= f <= 0.6 for f in refresh_points)
     assert len({round(f, 4) for f in refresh_points}) > 10  # actually jittered
+
+
+async def test_renewal_is_planned_from_arrival_not_from_a_backdated_not_before() -> None:
+    """Under a simulated calendar the CA starts certificates at the real clock, days before the
+    calendar's now (so OpenSSL accepts them): half of not-after − not-before would lie in the past,
+    and the proxy would renew on every tick. Half-life counts from when the certificate arrived."""
+    clock = Clock(NOW_S)
+    ca = FakeCA(clock)
+    ca.ca.backdate_s = 10 * 86400.0
+    mgr = CertManager(ca.sign, clock=clock, rng=random.Random(3))
+    cert = await mgr.fetch_certificate(API)
+    assert cert.not_before_s == pytest.approx(NOW_S - 10 * 86400.0)
+    assert NOW_S + 0.4 * TTL_S <= cert.refresh_at_s <= NOW_S + 0.6 * TTL_S
+    assert await mgr.renew_due(NOW_S + 1.0) == [] and ca.calls == 1
 
 
 async def test_rotation_renews_with_a_fresh_key(env: tuple[Clock, FakeCA, CertManager]) -> None:
