@@ -42,6 +42,9 @@ from ztunnel.hbone.framer import ErrorCode, HboneConnection, HboneSettings, Role
 HIGH_WATER_BYTES = 1024 * 1024
 READ_CHUNK_BYTES = 256 * 1024
 EARLY_BUFFER_BYTES = 256 * 1024   # an application's bytes held while its tunnel is being set up
+# On a 503: the proxy answering is saturated and shed this tunnel (it says nothing about the
+# endpoint; `ztunnel.proxy.plan.judge_failed_attempt`). Envoy's equivalent is `x-envoy-overloaded`.
+OVERLOADED_HEADER = "x-meshfed-overloaded"
 
 
 def now_s() -> float:
@@ -56,11 +59,13 @@ class StreamHandler(Protocol):
 
 
 class TunnelRefused(Exception):
-    """The peer answered the CONNECT with a non-2xx status (`status`, `reason` from the peer)."""
+    """The peer answered the CONNECT with a non-2xx status (`status`, `reason` from the peer;
+    `overloaded`: it shed the tunnel because it is saturated, see `OVERLOADED_HEADER`)."""
 
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(f"tunnel refused with {status}: {reason or 'no reason given'}")
-        self.status, self.reason = status, reason
+    def __init__(self, status: int, reason: str, overloaded: bool = False) -> None:
+        super().__init__(f"tunnel refused with {status}{' (overloaded)' if overloaded else ''}: "
+                         f"{reason or 'no reason given'}")
+        self.status, self.reason, self.overloaded = status, reason, overloaded
 
 
 class TunnelReset(Exception):
@@ -140,8 +145,10 @@ class HboneStream:
     def buffered_bytes(self) -> int:
         return self.session.conn.buffered_bytes(self.stream_id)
 
-    def respond(self, status: int, reason: str = "") -> None:
+    def respond(self, status: int, reason: str = "", overloaded: bool = False) -> None:
         headers = [("x-meshfed-reason", reason)] if reason else []
+        if overloaded:
+            headers.append((OVERLOADED_HEADER, "true"))
         self.session.conn.respond(self.stream_id, status, headers)
         if not 200 <= status < 300:
             self.session.streams.pop(self.stream_id, None)
@@ -242,7 +249,8 @@ class HboneSession(asyncio.Protocol):
                 assert isinstance(ev, hbone.StreamRejected)
                 st = streams.pop(ev.stream_id, None)
                 if st is not None and not st.response.done():
-                    st.response.set_exception(TunnelRefused(ev.status, ev.reason))
+                    st.response.set_exception(TunnelRefused(
+                        ev.status, ev.reason, ev.status == 503 and (OVERLOADED_HEADER, "true") in ev.headers))
             elif t is hbone.StreamReset:
                 assert isinstance(ev, hbone.StreamReset)
                 st = streams.pop(ev.stream_id, None)
