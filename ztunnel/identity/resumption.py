@@ -15,13 +15,18 @@ What a ticket may be used for — the invariants `SessionTickets` keeps:
   check (`ProxyBase.verify_peer`) on the certificate the session carries, against the identities
   expected now; a mismatch refuses the connection and drops the ticket (tests:
   `test_a_resumed_session_with_another_peer_identity_is_refused`);
-- a chain of resumptions never outlives `RESUMPTION_MAX_AGE_S` from the full handshake that
-  authenticated the peer (`authenticated_at_s` is carried forward from ticket to ticket), so a
-  rotated certificate is seen again within that time; the server side keeps the same bound by
-  building a new server context, hence new ticket keys, at least that often
-  (`ProxyBase._inbound_context`);
-- bounded: at most `max_entries` keys (the oldest is dropped), one ticket per key (the newest;
-  TLS 1.3 tickets are issued after every handshake, resumed ones included).
+- a ticket is used until `RESUMPTION_MAX_AGE_S` after the full handshake that earned it, then a
+  full handshake shows the peer's certificate again (a rotated one is seen within that time); the
+  server side keeps the same bound by building a new server context, hence new ticket keys, at
+  least that often (`ProxyBase._inbound_context`);
+- the ticket of a full handshake is reused for every resumption until then (not replaced by the
+  tickets resumed handshakes bring): TLS 1.3 stateless tickets allow it (0-RTT, where reuse would
+  matter, is off), a chain of resumptions cannot stretch the age bound, and fetching a session
+  from Python's `ssl` costs ~0.2 ms (it re-serializes it) — as much as the resumption saves on one
+  side. What reuse gives away is unlinkability: the inner ClientHello (seen by the gateway that
+  relays it) carries the same ticket each time, which links connections the outer tunnel's
+  identity already names as ours;
+- bounded: at most `max_entries` keys (the oldest is dropped), one ticket per key.
 
 Pure bookkeeping: no I/O, the clock is passed in.
 """
@@ -73,18 +78,14 @@ class SessionTickets:
         self.offered += 1
         return t.session
 
-    def authenticated_at(self, key: TicketKey, resumed: bool, now_s: float) -> float:
-        """When the peer of a just-verified session last showed its certificate: now for a full
-        handshake, the time carried by the ticket it resumed otherwise."""
-        t = self._tickets.get(key)
-        if resumed and t is not None:
-            self.resumed += 1
-            return t.authenticated_at_s
-        return now_s
+    def note_resumed(self) -> None:
+        """The peer took the ticket `find` returned (and then passed the identity check)."""
+        self.resumed += 1
 
     def remember(self, key: TicketKey, session: ssl.SSLSession | None, context: ssl.SSLContext, store: object,
                  authenticated_at_s: float) -> None:
-        """Keep `session` (of a handshake whose peer passed the identity check) for the next dial."""
+        """Keep `session` (of a full handshake, at `authenticated_at_s`, whose peer passed the identity
+        check) for the next dials."""
         if session is None or not session.has_ticket:
             return
         if key not in self._tickets and len(self._tickets) >= self.max_entries:

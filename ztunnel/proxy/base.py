@@ -726,12 +726,12 @@ class ProxyBase:
         except BaseException:
             adapter.abort()
             raise
-        if self.opts.tls_resumption:
+        if resumed:
+            self.tickets.note_resumed()
+        elif self.opts.tls_resumption:
             # the destination's ticket came with its first flight after the handshake, before this
-            # answer; the peer passed the identity check above, resumed or not
-            now = mono_s()
-            self.tickets.remember(ticket_key, adapter.sslobj.session, ctx, store,
-                                  self.tickets.authenticated_at(ticket_key, resumed, now))
+            # answer; the peer passed the identity check above
+            self.tickets.remember(ticket_key, adapter.sslobj.session, ctx, store, mono_s())
         stream.inner_session = inner  # type: ignore[attr-defined]
         return stream
 

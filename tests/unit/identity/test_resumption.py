@@ -38,16 +38,15 @@ def test_a_ticket_is_offered_only_to_its_own_key_context_and_store() -> None:
     assert t.find(KEY, ctx, object(), 101.0) is None       # a new trust store likewise
 
 
-def test_a_chain_of_resumptions_ends_at_the_max_age_of_its_full_handshake() -> None:
+def test_a_ticket_serves_until_the_max_age_of_its_full_handshake() -> None:
     t, ctx, store = SessionTickets(max_age_s=300.0), _ctx(), object()
-    _remember(t, ctx, store, 100.0)
-    assert t.find(KEY, ctx, store, 250.0) is not None
-    at = t.authenticated_at(KEY, resumed=True, now_s=250.0)
-    assert at == 100.0 and t.resumed == 1                  # carried forward, not renewed
-    _remember(t, ctx, store, at)
-    assert t.find(KEY, ctx, store, 399.0) is not None
+    s = _remember(t, ctx, store, 100.0)
+    assert t.find(KEY, ctx, store, 250.0) is s
+    t.note_resumed()
+    assert t.find(KEY, ctx, store, 399.0) is s
+    assert (t.offered, t.resumed) == (2, 1)
     assert t.find(KEY, ctx, store, 400.0) is None          # 300 s after the full handshake
-    assert t.authenticated_at(KEY, resumed=False, now_s=500.0) == 500.0
+    assert len(t) == 0
 
 
 def test_sessions_without_a_ticket_are_not_kept_and_the_map_is_bounded() -> None:
