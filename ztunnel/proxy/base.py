@@ -562,7 +562,8 @@ class ProxyBase:
         if stream_gone(stream):
             return False  # reset (or its connection ended) before we got to it: nothing to dial for
         try:
-            await asyncio.wait_for(loop.create_connection(lambda: relay, *target), timeout_s)
+            async with asyncio.timeout(timeout_s):  # not wait_for: no task (and loop turn) per connection
+                await loop.create_connection(lambda: relay, *target)
         except (OSError, TimeoutError) as e:
             reason = (f"connect to {target[0]}:{target[1]} failed: "
                       f"{'timed out' if isinstance(e, TimeoutError) else e.strerror or e!r}")
@@ -705,7 +706,8 @@ class ProxyBase:
             await ostream.response  # arrived before the server's first byte (same stream, in order)
 
         try:
-            await asyncio.wait_for(handshake(), max(0.001, timeout_s - (mono_s() - started)))
+            async with asyncio.timeout(max(0.001, timeout_s - (mono_s() - started))):
+                await handshake()
         except BaseException as e:
             adapter.abort()
             resp = ostream.response

@@ -82,8 +82,8 @@ class GatewayProxy(ProxyBase):
             relay = PlainRelay(None, done)
             node_host, node_port = parse_host_port(ep.hbone_address)
             try:
-                await asyncio.wait_for(loop.create_connection(lambda relay=relay: relay, node_host, node_port),  # type: ignore[misc]
-                                       min(timeout_s, max(0.001, deadline - mono_s())))
+                async with asyncio.timeout(min(timeout_s, max(0.001, deadline - mono_s()))):  # no task per dial
+                    await loop.create_connection(lambda relay=relay: relay, node_host, node_port)  # type: ignore[misc]
             except (OSError, TimeoutError) as e:
                 errors.append(f"{ep.workload_uid}: {e!r}")
                 self.record_outcome(host, ep.workload_uid,
