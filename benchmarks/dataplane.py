@@ -1,17 +1,33 @@
 """Data-plane benchmark: raw TCP, raw TLS, an HAProxy mTLS pair, a ztunnel pair, and the
-double-HBONE gateway path, side by side in one run, on loopback.
+double-HBONE gateway path, side by side in one run, on loopback; then a capacity sweep.
 
-    python -m benchmarks.dataplane [--quick] [--rounds 3] [--profile DIR]
+    python -m benchmarks.dataplane [--quick] [--rounds 3] [--profile DIR] [--sweep 100,200,400,800]
+                                   [--sweep-s 3] [--max-setups-in-flight N]
 
 Per path: `gbps` (one stream, median of runs), `rr_1k_us_p50`/`rr_1k_us_p99` (1 KB request,
 1 KB response on an open connection), `conn_us_p50` (new connection + first byte back; for the
 ztunnel paths this includes the SOCKS5 exchange the application does). The echo/sink server runs
 in its own process; proxies run as real processes (`python -m ztunnel`, `haproxy`); the client is
-blocking sockets in this process. Also: proxy RSS idle and per endpoint in config (a node loaded
-with 5000 extra endpoints), and the framer micro-benchmark (our HBONE framer vs the `h2` library,
-in memory). The last line of output is one JSON object; its `summary` holds the ratios against
-HAProxy's pair (`ztunnel_pair_added_latency_ratio`, `ztunnel_pair_throughput_ratio`,
-`ztunnel_gateway_conn_ratio`) and the RSS figures, next to the targets of issue 5.
+blocking sockets in this process. `ztunnel_gateway_full_handshake` is the gateway path again from
+a second copy of node A started with `--no-tls-resumption` (new connections only): the before and
+after of TLS session resumption, measured in the same rounds. Also: proxy RSS idle and per
+endpoint in config (a node loaded with 10000 extra endpoints), and the framer micro-benchmark (our
+HBONE framer vs the `h2` library, in memory).
+
+Capacity (`capacity`): an open-loop sweep of new connections per second through node A's SOCKS5
+listener (each: connect, 64 bytes echoed, close; 2 s timeout), within the cluster (`pair`) and
+through the gateway (`gateway`). Per rate: the share ok / refused (explicitly and at once) /
+timed out, p50/p99 of the successful ones and p99 of the refusals; the knee is the highest rate
+that held (>= 99 % ok at p99 <= 50 ms). `ejections_during_sweep` counts outlier ejections the sweep
+caused at node A and the gateway (saturation must cause none) and `overload_refusals` the
+connections each proxy shed.
+
+The last line of output is one JSON object; its `summary` holds the ratios against HAProxy's pair
+(`ztunnel_pair_added_latency_ratio`, `ztunnel_pair_throughput_ratio`, `ztunnel_gateway_conn_ratio`,
+`ztunnel_gateway_conn_ratio_full_handshake`, `ztunnel_gateway_throughput_ratio`), the knees, the
+RSS figures, the load average at start and end, and the targets of issue 16. `event_loop` says
+whether the ztunnels ran on uvloop (`python -m ztunnel` uses it when it can import it; put a
+directory holding it on PYTHONPATH to compare).
 
 The machine is shared, so every path is measured once per *round*, rounds interleaved, and each
 figure is the median over rounds; a ratio is computed within a round (against HAProxy measured
@@ -23,6 +39,7 @@ functions by self time.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -447,10 +464,13 @@ def main() -> None:
     from ztunnel.api.config import ProxyMode
 
     tmp = Path(tempfile.mkdtemp(prefix="meshfed-bench-"))
+    # the ztunnels import this tree first, then whatever PYTHONPATH adds (e.g. a directory with uvloop,
+    # which `python -m ztunnel` runs on when it can import it: the JSON says which loop they ran)
+    zt_env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
     procs: list[subprocess.Popen[bytes]] = []
     per_round: dict[str, list[dict[str, float]]] = {}
     extra: dict[str, dict[str, Any]] = {}
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = {"event_loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"}
     try:
         td = "east.mesh"
         ca = TrustDomainCA.create(td)
@@ -579,7 +599,7 @@ listen sink
             if args.max_setups_in_flight is not None:
                 cmd += ["--max-setups-in-flight", str(args.max_setups_in_flight)]
             log = (args.logs / f"ztunnel-{k}.log").open("wb") if args.logs else subprocess.DEVNULL
-            p = subprocess.Popen(cmd, cwd=ROOT, stderr=log, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            p = subprocess.Popen(cmd, cwd=ROOT, stderr=log, env=zt_env)
             procs.append(p)
             zt[k] = p
         for k in zt:
@@ -642,7 +662,7 @@ listen sink
             p = subprocess.Popen([sys.executable, "-m", "ztunnel", "--config", str(cfg_file), "--cert-dir",
                                   str(tmp / "a"), "--hbone", f"{hb_ip}:{hb}", "--socks", "",
                                   "--admin", f"127.0.0.1:{adm}", "--access-log", "off"], cwd=ROOT,
-                                 stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                 stderr=subprocess.PIPE, env=zt_env)
             procs.append(p)
             rss_procs[label] = (p, adm)
         for p, adm in rss_procs.values():
