@@ -37,10 +37,10 @@ def _opts(ip: str, port: int, resumption: bool = True, max_setups: int = 64) -> 
 
 async def build(deny_client: bool = False, proxy_v2: bool = False, gateway_presents: str = GW_ID,
                 gateway_identity: str = GW_ID, resumption: bool = True, gateway_max_setups: int = 64,
-                fallback_tier: bool = False) -> tuple[NodeProxy, GatewayProxy, NodeProxy, topo.EchoServer]:
+                fallback_tier: bool = False, source_max_setups: int = 64) -> tuple[NodeProxy, GatewayProxy, NodeProxy, topo.EchoServer]:
     """`gateway_presents`: the identity the gateway's certificate names; `gateway_identity`: the one
     east's config says the gateway has ("" = none rendered); `gateway_max_setups`: the gateway's
-    `max_setups_in_flight` (0: saturated for good); `fallback_tier`: east also has the server as a
+    `max_setups_in_flight` (0: saturated for good), `source_max_setups` east's; `fallback_tier`: east also has the server as a
     tier-1 endpoint reached directly (a stand-in for another cluster to fail over to), and an
     outlier policy that ejects on the first local-origin failure."""
     echo = await topo.EchoServer(SERVER.address, prefix=b"west:").start()
@@ -73,7 +73,8 @@ async def build(deny_client: bool = False, proxy_v2: bool = False, gateway_prese
         st = ProxyState()
         assert st.apply(cfg).applied
         p = cls(st, Credentials({ident: topo.svid(ident)}),
-                _opts(ip, port, resumption, gateway_max_setups if cls is GatewayProxy else 64))
+                _opts(ip, port, resumption, gateway_max_setups if cls is GatewayProxy
+                      else source_max_setups if cfg is ca else 64))
         await p.start()
         proxies.append(p)
     a, g, w = proxies
@@ -302,6 +303,24 @@ async def test_a_failing_gateway_path_still_fails_over() -> None:
         assert echo.accepted == 1
         assert 'outcome="ConnectFailure"' in a.telemetry.render().decode()
         assert a.ejected(HOST)
+    finally:
+        for p in (a, g, w):
+            await p.drain(0.1)
+        await echo.close()
+
+
+async def test_a_saturated_source_proxy_refuses_at_once_and_dials_nothing() -> None:
+    """East's own proxy past its setup cap refuses the application at once (a SOCKS failure) and
+    dials nothing: its saturation is no endpoint's failure, so it reaches no outlier detector."""
+    a, g, w, echo = await build(source_max_setups=0, fallback_tier=True)
+    try:
+        with pytest.raises(ConnectionRefusedError) as refused:
+            await _roundtrip(a, b"hello")
+        assert refused.value.args[0] == 1                     # SOCKS "general failure"
+        assert echo.accepted == 0 and a.pool.count() == 0     # nothing dialled
+        east = a.telemetry.render().decode()
+        assert 'meshfed_connections_refused_total{reason="overloaded",reporter="source"}' in east, [x for x in east.splitlines() if "refused" in x]
+        assert "meshfed_endpoint_outcomes_total{" not in east and not a.ejected(HOST)
     finally:
         for p in (a, g, w):
             await p.drain(0.1)
