@@ -2,7 +2,7 @@
 double-HBONE gateway path, side by side in one run, on loopback; then a capacity sweep.
 
     python -m benchmarks.dataplane [--quick] [--rounds 3] [--profile DIR] [--sweep 100,200,400,800]
-                                   [--sweep-s 3] [--max-setups-in-flight N]
+                                   [--sweep-s 3] [--max-setups-in-flight N] [--shed-at-loop-lag-ms MS]
 
 Per path: `gbps` (one stream, median of runs), `rr_1k_us_p50`/`rr_1k_us_p99` (1 KB request,
 1 KB response on an open connection), `conn_us_p50` (new connection + first byte back; for the
@@ -447,6 +447,8 @@ def main() -> None:
     ap.add_argument("--sweep-s", type=float, default=3.0, help="seconds per rate of the sweep (default 3)")
     ap.add_argument("--max-setups-in-flight", type=int, default=None,
                     help="the ztunnels' --max-setups-in-flight (default: theirs)")
+    ap.add_argument("--shed-at-loop-lag-ms", type=float, default=None,
+                    help="the ztunnels' --shed-at-loop-lag-ms (default: theirs)")
     ap.add_argument("--serve", nargs=7, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.logs:
@@ -598,6 +600,8 @@ listen sink
                 cmd.append("--no-tls-resumption")
             if args.max_setups_in_flight is not None:
                 cmd += ["--max-setups-in-flight", str(args.max_setups_in_flight)]
+            if args.shed_at_loop_lag_ms is not None:
+                cmd += ["--shed-at-loop-lag-ms", str(args.shed_at_loop_lag_ms)]
             log = (args.logs / f"ztunnel-{k}.log").open("wb") if args.logs else subprocess.DEVNULL
             p = subprocess.Popen(cmd, cwd=ROOT, stderr=log, env=zt_env)
             procs.append(p)

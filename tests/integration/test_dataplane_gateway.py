@@ -30,17 +30,18 @@ HOST = "echo.default.svc.clusterset.local"
 VIP = "127.55.201.1"
 
 
-def _opts(ip: str, port: int, resumption: bool = True, max_setups: int = 64) -> ProxyOptions:
+def _opts(ip: str, port: int, resumption: bool = True, max_setups: int = 64, shed_lag_ms: float = 0.0) -> ProxyOptions:
     return ProxyOptions(hbone_host=ip, hbone_port=port, socks_host=ip, socks_port=0, handshake_timeout_s=1.0,
-                        tls_resumption=resumption, max_setups_in_flight=max_setups)
+                        tls_resumption=resumption, max_setups_in_flight=max_setups, shed_at_loop_lag_ms=shed_lag_ms)
 
 
 async def build(deny_client: bool = False, proxy_v2: bool = False, gateway_presents: str = GW_ID,
                 gateway_identity: str = GW_ID, resumption: bool = True, gateway_max_setups: int = 64,
-                fallback_tier: bool = False, source_max_setups: int = 64) -> tuple[NodeProxy, GatewayProxy, NodeProxy, topo.EchoServer]:
+                fallback_tier: bool = False, source_max_setups: int = 64, gateway_shed_lag_ms: float = 0.0) -> tuple[NodeProxy, GatewayProxy, NodeProxy, topo.EchoServer]:
     """`gateway_presents`: the identity the gateway's certificate names; `gateway_identity`: the one
     east's config says the gateway has ("" = none rendered); `gateway_max_setups`: the gateway's
-    `max_setups_in_flight` (0: saturated for good), `source_max_setups` east's; `fallback_tier`: east also has the server as a
+    `max_setups_in_flight` (0: saturated for good), `source_max_setups` east's, `gateway_shed_lag_ms`
+    the gateway's `shed_at_loop_lag_ms`; `fallback_tier`: east also has the server as a
     tier-1 endpoint reached directly (a stand-in for another cluster to fail over to), and an
     outlier policy that ejects on the first local-origin failure."""
     echo = await topo.EchoServer(SERVER.address, prefix=b"west:").start()
@@ -74,7 +75,8 @@ async def build(deny_client: bool = False, proxy_v2: bool = False, gateway_prese
         assert st.apply(cfg).applied
         p = cls(st, Credentials({ident: topo.svid(ident)}),
                 _opts(ip, port, resumption, gateway_max_setups if cls is GatewayProxy
-                      else source_max_setups if cfg is ca else 64))
+                      else source_max_setups if cfg is ca else 64,
+                      gateway_shed_lag_ms if cls is GatewayProxy else 0.0))
         await p.start()
         proxies.append(p)
     a, g, w = proxies
@@ -321,6 +323,32 @@ async def test_a_saturated_source_proxy_refuses_at_once_and_dials_nothing() -> N
         east = a.telemetry.render().decode()
         assert 'meshfed_connections_refused_total{reason="overloaded",reporter="source"}' in east, [x for x in east.splitlines() if "refused" in x]
         assert "meshfed_endpoint_outcomes_total{" not in east and not a.ejected(HOST)
+    finally:
+        for p in (a, g, w):
+            await p.drain(0.1)
+        await echo.close()
+
+
+async def test_a_gateway_whose_loop_runs_late_sheds_until_it_recovers() -> None:
+    """Lag-based shedding: the gateway's event loop blocked for 150 ms (saturation, as the loop sees
+    it) puts it in SHEDDING: the next connection is refused at once as overloaded, with no outcome
+    and no failover at the source; once the loop is calm again, connections are admitted."""
+    a, g, w, echo = await build(gateway_shed_lag_ms=20, fallback_tier=True)
+    try:
+        assert await _roundtrip(a, b"before") == b"west:before"
+        time.sleep(0.15)            # blocks the loop all three proxies share here: only the gateway sheds
+        await asyncio.sleep(0.02)   # its lag probe runs (late)
+        assert g.shedder is not None and g.shedder.shedding
+        with pytest.raises(ConnectionRefusedError):
+            await _roundtrip(a, b"during")
+        assert echo.accepted == 1                       # tier 1 untried: no failover
+        east = a.telemetry.render().decode()
+        assert 'reason="upstream_overloaded"' in east and 'outcome="ConnectFailure"' not in east
+        for _ in range(250):
+            if not g.shedder.shedding:
+                break
+            await asyncio.sleep(0.02)
+        assert await _roundtrip(a, b"after") == b"west:after"
     finally:
         for p in (a, g, w):
             await p.drain(0.1)

@@ -47,6 +47,7 @@ from ztunnel.identity.resumption import RESUMPTION_MAX_AGE_S, SessionTickets
 from ztunnel.identity.tls import client_context, server_context, verify_connection
 from ztunnel.identity.tls_transport import TlsAdapter
 from ztunnel.proxy.admin import ConnLabels, Telemetry
+from ztunnel.proxy.overload import LagShedder, LoadState
 from ztunnel.proxy.plan import sni_for_identity
 from ztunnel.proxy.relay import (
     HboneSession,
@@ -75,6 +76,7 @@ def mono_s() -> float:
 
 
 MAX_SETUPS_IN_FLIGHT = 64
+LAG_PROBE_INTERVAL_S = 0.01   # how often the loop's lag is sampled when lag-based shedding is on
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +102,9 @@ class ProxyOptions:
     # with an explicit refusal (a 503 marked overloaded, a SOCKS failure) rather than queueing them
     # into timeouts; see `ztunnel.proxy.plan.judge_failed_attempt` for why that is not an endpoint failure
     max_setups_in_flight: int = MAX_SETUPS_IN_FLIGHT
+    # shed new connection setups while the event loop runs this late (ms; 0: off): saturation itself,
+    # measured (`ztunnel.proxy.overload`)
+    shed_at_loop_lag_ms: float = 0.0
     # resume the inner end-to-end mTLS of double HBONE with TLS 1.3 tickets (and issue tickets as a
     # server); the peer's identity is checked on resumed sessions as on full ones
     tls_resumption: bool = True
@@ -291,6 +296,8 @@ class ProxyBase:
         self._per_peer: dict[str, int] = {}
         self.handshakes = HandshakeGate(self.opts.max_handshakes_per_peer, self.opts.max_handshakes_total)
         self.setups = HandshakeGate(self.opts.max_setups_in_flight, self.opts.max_setups_in_flight, "setups")
+        self.shedder = LagShedder(self.opts.shed_at_loop_lag_ms / 1000) if self.opts.shed_at_loop_lag_ms > 0 else None
+        self._lag_probe: asyncio.TimerHandle | None = None
         self.own_addresses: list[tuple[str, int]] = []
         self.ready = asyncio.Event()
         self.draining = False
@@ -432,6 +439,8 @@ class ProxyBase:
     async def start_inbound(self) -> None:
         loop = asyncio.get_running_loop()
         self._inbound_context()  # fail at start, not at the first connection, when there is no SVID
+        if self.shedder is not None and self._lag_probe is None:
+            self._lag_probe = loop.call_later(LAG_PROBE_INTERVAL_S, self._probe_lag, loop.time() + LAG_PROBE_INTERVAL_S)
 
         def accepted() -> TlsAdapter:
             session = HboneSession(Role.SERVER, loop, self.opts.hbone, on_connect=self._on_connect,
@@ -528,11 +537,30 @@ class ProxyBase:
         task = self.spawn(self.handle_inbound(session, stream))
         task.add_done_callback(lambda _t: self.setups.release(peer_ip))
 
+    def _probe_lag(self, due: float) -> None:
+        """How late this timer ran is how late everything on the loop runs (`LagShedder`)."""
+        assert self.shedder is not None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        t = self.shedder.observe(max(0.0, now - due), mono_s())
+        if t is not None:
+            log.warning("%s: event loop %.0f ms late; %s", self.cfg.proxy_id if self.state.config else "proxy",
+                        t.lag_s * 1000, "saturated, shedding new connection setups" if t.state is LoadState.SHEDDING
+                        else "recovered, admitting new connection setups",
+                        extra={"fields": {"kind": "load", "state": t.state.value, "lag_ms": round(t.lag_s * 1000, 1)}})
+        if not self.draining:
+            self._lag_probe = loop.call_later(LAG_PROBE_INTERVAL_S, self._probe_lag, now + LAG_PROBE_INTERVAL_S)
+
     def admit_setup(self, peer_ip: str, reporter: str) -> bool:
         """A new connection may be set up (dial, handshakes, answer) unless `max_setups_in_flight`
         are already in flight from `peer_ip` or in total: past that the proxy is saturated, and a
         setup it admitted would only queue behind the others into a timeout. The caller refuses
         at once, marked as overload, and releases `self.setups` when an admitted setup is over."""
+        if self.shedder is not None and self.shedder.shedding:
+            self.telemetry.refusal(reporter, "overloaded")
+            self.telemetry.log(kind="refused", peer=peer_ip, reason=(
+                f"event loop over {self.opts.shed_at_loop_lag_ms:g} ms late: saturated; shed"))
+            return False
         why = self.setups.admit(peer_ip)
         if why:
             self.telemetry.refusal(reporter, "overloaded")
@@ -754,6 +782,8 @@ class ProxyBase:
         """Stop accepting, GOAWAY every session, let connections finish until the deadline, then close."""
         self.draining = True
         self.ready.clear()
+        if self._lag_probe is not None:
+            self._lag_probe.cancel()
         for srv in self.servers:
             srv.close()
         for s in list(self.inbound_sessions) + self.pool.all():
