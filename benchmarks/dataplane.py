@@ -321,7 +321,7 @@ def rate_sweep(socks: tuple[str, int], src: str, dest: tuple[str, int], rates: l
         def pct(xs: list[float], q: float) -> float | None:
             return round(xs[min(len(xs) - 1, int(len(xs) * q))] * 1000, 1) if xs else None
 
-        return {"rate": rate, "sent": n, "achieved_rate": round(n / (time.perf_counter() - t0), 1),
+        return {"rate": rate, "sent": n, "completed_per_s": round(n / (time.perf_counter() - t0), 1),
                 "ok": round(len(ok) / n, 3), "refused": round(len(refused) / n, 3),
                 "timeout": round(len(by.get("timeout", [])) / n, 3), "error": round(len(by.get("error", [])) / n, 3),
                 "ok_p50_ms": pct(ok, 0.5), "ok_p99_ms": pct(ok, 0.99), "refused_p99_ms": pct(refused, 0.99)}
@@ -334,8 +334,12 @@ def rate_sweep(socks: tuple[str, int], src: str, dest: tuple[str, int], rates: l
         return out
 
     steps = asyncio.run(sweep())
-    held = [s["rate"] for s in steps if s["ok"] >= SWEEP_OK_MIN and (s["ok_p99_ms"] or 1e9) <= SWEEP_P99_MS_MAX]
-    return {"steps": steps, "knee_rate": max(held) if held else 0}
+    knee = 0
+    for s in sorted(steps, key=lambda s: s["rate"]):  # the last rate that held before the first that did not
+        if s["ok"] < SWEEP_OK_MIN or (s["ok_p99_ms"] or 1e9) > SWEEP_P99_MS_MAX:
+            break
+        knee = s["rate"]
+    return {"steps": steps, "knee_rate": knee}
 
 
 def metric_total(admin_port: int, name: str, label: str = "") -> float:
