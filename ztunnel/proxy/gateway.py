@@ -97,7 +97,12 @@ class GatewayProxy(ProxyBase):
             self.relays.add(relay)
             relay._on_done = _chain(relay, self.relays, done)
             self.telemetry.conn_opened(labels)
-            stream.respond(200)
+            if stream.peer_spoke_first:
+                # the source pipelined its inner ClientHello and waits for the node's answer: the 200
+                # leaves with that answer, one message through the outer tunnel instead of two
+                relay.answer_with_first_reply()
+            else:
+                stream.respond(200)
             relay.bind(stream)
             return
         reason = (f"no healthy node for {host} reachable from gateway {cfg.proxy_id}"

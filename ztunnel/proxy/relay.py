@@ -14,6 +14,8 @@ is written with one `transport.write` per batch. No task per connection on the d
   session's own transport is (`HboneSession.write_paused`: the peer is not reading what we send).
   Bytes that arrive before the tunnel is up are kept, up to `EARLY_BUFFER_BYTES`; beyond that
   the socket is not read until the tunnel is bound.
+  For a peer that pipelines (sent data before the answer: the gateway's inner ClientHello), the
+  200 can wait for the socket's first bytes and leave with them (`answer_with_first_reply`).
   Half-close maps to END_STREAM and back; a reset maps to RST_STREAM and back — the socket is aborted
   with SO_LINGER 0 so the application sees ECONNRESET, never a clean close.
 - `StreamTransport` — an `asyncio.Transport` over a stream, so a `tlsproto.TlsAdapter` can run the
@@ -145,14 +147,21 @@ class HboneStream:
     def buffered_bytes(self) -> int:
         return self.session.conn.buffered_bytes(self.stream_id)
 
-    def respond(self, status: int, reason: str = "", overloaded: bool = False) -> None:
+    @property
+    def peer_spoke_first(self) -> bool:
+        """The peer sent data before we answered its CONNECT (it pipelines: a double-HBONE source
+        sends its inner ClientHello right behind the outer CONNECT)."""
+        return any(kind == "data" for kind, _, _ in self._backlog)
+
+    def respond(self, status: int, reason: str = "", overloaded: bool = False, flush: bool = True) -> None:
         headers = [("x-meshfed-reason", reason)] if reason else []
         if overloaded:
             headers.append((OVERLOADED_HEADER, "true"))
         self.session.conn.respond(self.stream_id, status, headers)
         if not 200 <= status < 300:
             self.session.streams.pop(self.stream_id, None)
-        self.session.flush()
+        if flush:
+            self.session.flush()
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:
@@ -431,6 +440,7 @@ class PlainRelay(asyncio.Protocol):
         self._early: list[bytes] = []
         self._early_bytes = 0
         self._early_eof = False
+        self._answer_pending = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -442,8 +452,23 @@ class PlainRelay(asyncio.Protocol):
             except OSError:
                 pass
 
+    def answer_with_first_reply(self) -> None:
+        """Send the stream's 200 with the socket's first bytes (or its EOF) instead of on its own,
+        for a peer that already spoke (`HboneStream.peer_spoke_first`): it waits for our socket's
+        answer, not for the 200, so the two leave as one message. Call before `bind`."""
+        self._answer_pending = True
+
+    def _answer(self, st: HboneStream) -> None:
+        if self._answer_pending:
+            self._answer_pending = False
+            try:
+                st.respond(200, flush=False)  # leaves with what the caller writes next
+            except hbone.HboneError:
+                pass  # the peer reset the tunnel meanwhile: that reset closes our socket (`on_reset`)
+
     def bind(self, stream: HboneStream) -> None:
-        """Attach the stream (after the tunnel was accepted); replays bytes that arrived early."""
+        """Attach the stream (after the tunnel was accepted, or with `answer_with_first_reply` while
+        it is); replays bytes that arrived early."""
         self.stream = stream
         early, self._early, self._early_bytes = self._early, [], 0
         for chunk in early:
@@ -465,6 +490,7 @@ class PlainRelay(asyncio.Protocol):
                 self.transport.pause_reading()
             return
         self.stats.bytes_from_plain += len(data)
+        self._answer(st)
         st.write(data)
         if not self._reading_paused and (st.buffered_bytes > HIGH_WATER_BYTES or st.session.write_paused) \
                 and self.transport is not None:
@@ -477,6 +503,7 @@ class PlainRelay(asyncio.Protocol):
             return True
         if not self._sent_eof:
             self._sent_eof = True
+            self._answer(self.stream)
             self.stream.write_eof()
         self._maybe_finish()
         return True  # keep the socket open for the other direction
