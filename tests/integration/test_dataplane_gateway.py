@@ -336,7 +336,7 @@ async def test_a_gateway_whose_loop_runs_late_sheds_until_it_recovers() -> None:
     a, g, w, echo = await build(gateway_shed_lag_ms=20, fallback_tier=True)
     try:
         assert await _roundtrip(a, b"before") == b"west:before"
-        time.sleep(0.15)            # blocks the loop all three proxies share here: only the gateway sheds
+        time.sleep(0.15)  # noqa: ASYNC251 -- blocking on purpose: the loop all three proxies share runs late; only the gateway sheds
         await asyncio.sleep(0.02)   # its lag probe runs (late)
         assert g.shedder is not None and g.shedder.shedding
         with pytest.raises(ConnectionRefusedError):
