@@ -449,6 +449,8 @@ def main() -> None:
     ap.add_argument("--sweep", default="100,200,400,800",
                     help="new connections per second for the open-loop capacity sweep, comma-separated ('' skips it)")
     ap.add_argument("--sweep-s", type=float, default=3.0, help="seconds per rate of the sweep (default 3)")
+    ap.add_argument("--only-sweep", action="store_true",
+                    help="the capacity sweep alone (no latency/throughput rounds, no RSS): to compare shedding settings")
     ap.add_argument("--max-setups-in-flight", type=int, default=None,
                     help="the ztunnels' --max-setups-in-flight (default: theirs)")
     ap.add_argument("--shed-at-loop-lag-ms", type=float, default=None,
@@ -629,7 +631,7 @@ listen sink
         for d_ in (args.profile / "pair", args.profile / "gateway") if args.profile else ():
             d_.mkdir(parents=True, exist_ok=True)
         # interleaved rounds: every path once per round, so load from other users hits all alike
-        for r in range(rounds):
+        for r in range(0 if args.only_sweep else rounds):
             for name, (echo_c, sink_c) in paths.items():
                 prof = profilers.get(name) if r == rounds - 1 else None
                 per_round.setdefault(name, []).append(
@@ -654,66 +656,75 @@ listen sink
         extra["ztunnel_gateway"] = {"rss_kb_idle_gateway": rss_kb(zt["g"].pid)}
         for name, runs in per_round.items():
             results[name] = {**_median_metrics(runs), **extra.get(name, {})}
-        # per-endpoint RSS: two fresh node processes started side by side, one with the benchmark's
-        # config and one with N endpoints more; the difference of their RSS divided by N (fresh
-        # processes on both sides: the traffic-carrying node's heap is not a baseline)
-        n_eps = 10_000
-        big = dataclasses.replace(svcs_a[0], hostname="big.bench.svc.clusterset.local", vip="127.56.4.1",
-                                  endpoints=tuple(dataclasses.replace(svcs_a[0].endpoints[0],
-                                                                      workload_uid=f"east/bench/p{i}",
-                                                                      address=f"127.57.{i // 250}.{i % 250 + 1}")
-                                                  for i in range(n_eps)))
-        topo.write_config(tmp / "big.json", dataclasses.replace(cfg_a, services=(*cfg_a.services, big)))
-        rss_procs: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
-        for label, cfg_file, hb_ip in (("small", tmp / "a.json", "127.56.1.22"), ("big", tmp / "big.json", "127.56.1.21")):
-            adm = _free_port("127.0.0.1")
-            p = subprocess.Popen([sys.executable, "-m", "ztunnel", "--config", str(cfg_file), "--cert-dir",
-                                  str(tmp / "a"), "--hbone", f"{hb_ip}:{hb}", "--socks", "",
-                                  "--admin", f"127.0.0.1:{adm}", "--access-log", "off"], cwd=ROOT,
-                                 stderr=subprocess.PIPE, env=zt_env)
-            procs.append(p)
-            rss_procs[label] = (p, adm)
-        for p, adm in rss_procs.values():
-            wait_admin(adm, p)
-        time.sleep(0.3)
-        small_kb, big_kb = rss_kb(rss_procs["small"][0].pid), rss_kb(rss_procs["big"][0].pid)
-        results["rss"] = {"ztunnel_idle_kb": small_kb, "node_a_before_traffic_kb": idle_rss,
-                          "endpoints_added": n_eps, "ztunnel_big_kb": big_kb,
-                          "bytes_per_endpoint": round((big_kb - small_kb) * 1024 / n_eps)}
-        results["framer"] = framer_microbench()
-        if "haproxy_pair" in per_round:
-            fh = [f["conn_us_p50"] / h["conn_us_p50"]
-                  for h, f in zip(per_round["haproxy_pair"], per_round["ztunnel_gateway_full_handshake"], strict=True)]
-            results["ztunnel_gateway_full_handshake"]["vs_haproxy"] = {"conn_ratio": round(statistics.median(fh), 2)}
-            for k in ("ztunnel_pair", "ztunnel_gateway"):
-                rs = [ratios(h, raw, z) for h, raw, z in zip(per_round["haproxy_pair"], per_round["raw_tcp"],
-                                                             per_round[k], strict=True)]
-                results[k]["vs_haproxy"] = {m: round(statistics.median(x[m] for x in rs), 2) for m in rs[0]}
-            pair, gw = results["ztunnel_pair"]["vs_haproxy"], results["ztunnel_gateway"]["vs_haproxy"]
-            results["summary"] = {
-                "ztunnel_pair_added_latency_ratio": pair["added_p50_ratio"],
-                "ztunnel_pair_throughput_ratio": pair["gbps_ratio"],
-                "ztunnel_gateway_conn_ratio": gw["conn_ratio"],
-                "ztunnel_gateway_conn_ratio_full_handshake": round(statistics.median(fh), 2),
-                "ztunnel_gateway_throughput_ratio": gw["gbps_ratio"],
-                "ztunnel_pair_conn_ratio": pair["conn_ratio"],
-                "ztunnel_rss_idle_mb": round(results["rss"]["ztunnel_idle_kb"] / 1024, 1),
-                "ztunnel_rss_bytes_per_endpoint": results["rss"]["bytes_per_endpoint"],
-                **({"knee_rate_pair": results["capacity"]["pair"]["knee_rate"],
-                    "knee_rate_gateway": results["capacity"]["gateway"]["knee_rate"],
-                    "ejections_during_sweep": results["capacity"]["ejections_during_sweep"]}
-                   if "capacity" in results else {}),
-                # issue 16's targets (issue 5's were 2.0 / 0.6 / 1.5)
-                "targets": {"pair_added_latency_ratio_max": 1.25, "pair_throughput_ratio_min": 0.8,
-                            "gateway_throughput_ratio_min": 0.6, "gateway_conn_ratio_max": 1.5,
-                            "gateway_conn_ratio_stretch": 1.0, "knee_rate_gateway_min": 400,
-                            "knee_p99_ms_max": SWEEP_P99_MS_MAX, "ejections_during_sweep": 0,
-                            "rss_idle_mb_max": 40, "rss_bytes_per_endpoint_max": 400},
-                "rounds": rounds,
-                "loadavg_start": [round(x, 2) for x in load_start],
-                "loadavg_end": [round(x, 2) for x in os.getloadavg()],
-                "wall_s": round(time.monotonic() - t_start, 1),
-            }
+        if args.only_sweep:
+            if "capacity" in results:
+                cap = results["capacity"]
+                results["summary"] = {"knee_rate_pair": cap["pair"]["knee_rate"],
+                                      "knee_rate_gateway": cap["gateway"]["knee_rate"],
+                                      "ejections_during_sweep": cap["ejections_during_sweep"],
+                                      "loadavg_start": [round(x, 2) for x in load_start],
+                                      "loadavg_end": [round(x, 2) for x in os.getloadavg()]}
+        else:
+            # per-endpoint RSS: two fresh node processes started side by side, one with the benchmark's
+            # config and one with N endpoints more; the difference of their RSS divided by N (fresh
+            # processes on both sides: the traffic-carrying node's heap is not a baseline)
+            n_eps = 10_000
+            big = dataclasses.replace(svcs_a[0], hostname="big.bench.svc.clusterset.local", vip="127.56.4.1",
+                                      endpoints=tuple(dataclasses.replace(svcs_a[0].endpoints[0],
+                                                                          workload_uid=f"east/bench/p{i}",
+                                                                          address=f"127.57.{i // 250}.{i % 250 + 1}")
+                                                      for i in range(n_eps)))
+            topo.write_config(tmp / "big.json", dataclasses.replace(cfg_a, services=(*cfg_a.services, big)))
+            rss_procs: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+            for label, cfg_file, hb_ip in (("small", tmp / "a.json", "127.56.1.22"), ("big", tmp / "big.json", "127.56.1.21")):
+                adm = _free_port("127.0.0.1")
+                p = subprocess.Popen([sys.executable, "-m", "ztunnel", "--config", str(cfg_file), "--cert-dir",
+                                      str(tmp / "a"), "--hbone", f"{hb_ip}:{hb}", "--socks", "",
+                                      "--admin", f"127.0.0.1:{adm}", "--access-log", "off"], cwd=ROOT,
+                                     stderr=subprocess.PIPE, env=zt_env)
+                procs.append(p)
+                rss_procs[label] = (p, adm)
+            for p, adm in rss_procs.values():
+                wait_admin(adm, p)
+            time.sleep(0.3)
+            small_kb, big_kb = rss_kb(rss_procs["small"][0].pid), rss_kb(rss_procs["big"][0].pid)
+            results["rss"] = {"ztunnel_idle_kb": small_kb, "node_a_before_traffic_kb": idle_rss,
+                              "endpoints_added": n_eps, "ztunnel_big_kb": big_kb,
+                              "bytes_per_endpoint": round((big_kb - small_kb) * 1024 / n_eps)}
+            results["framer"] = framer_microbench()
+            if "haproxy_pair" in per_round:
+                fh = [f["conn_us_p50"] / h["conn_us_p50"]
+                      for h, f in zip(per_round["haproxy_pair"], per_round["ztunnel_gateway_full_handshake"], strict=True)]
+                results["ztunnel_gateway_full_handshake"]["vs_haproxy"] = {"conn_ratio": round(statistics.median(fh), 2)}
+                for k in ("ztunnel_pair", "ztunnel_gateway"):
+                    rs = [ratios(h, raw, z) for h, raw, z in zip(per_round["haproxy_pair"], per_round["raw_tcp"],
+                                                                 per_round[k], strict=True)]
+                    results[k]["vs_haproxy"] = {m: round(statistics.median(x[m] for x in rs), 2) for m in rs[0]}
+                pair, gw = results["ztunnel_pair"]["vs_haproxy"], results["ztunnel_gateway"]["vs_haproxy"]
+                results["summary"] = {
+                    "ztunnel_pair_added_latency_ratio": pair["added_p50_ratio"],
+                    "ztunnel_pair_throughput_ratio": pair["gbps_ratio"],
+                    "ztunnel_gateway_conn_ratio": gw["conn_ratio"],
+                    "ztunnel_gateway_conn_ratio_full_handshake": round(statistics.median(fh), 2),
+                    "ztunnel_gateway_throughput_ratio": gw["gbps_ratio"],
+                    "ztunnel_pair_conn_ratio": pair["conn_ratio"],
+                    "ztunnel_rss_idle_mb": round(results["rss"]["ztunnel_idle_kb"] / 1024, 1),
+                    "ztunnel_rss_bytes_per_endpoint": results["rss"]["bytes_per_endpoint"],
+                    **({"knee_rate_pair": results["capacity"]["pair"]["knee_rate"],
+                        "knee_rate_gateway": results["capacity"]["gateway"]["knee_rate"],
+                        "ejections_during_sweep": results["capacity"]["ejections_during_sweep"]}
+                       if "capacity" in results else {}),
+                    # issue 16's targets (issue 5's were 2.0 / 0.6 / 1.5)
+                    "targets": {"pair_added_latency_ratio_max": 1.25, "pair_throughput_ratio_min": 0.8,
+                                "gateway_throughput_ratio_min": 0.6, "gateway_conn_ratio_max": 1.5,
+                                "gateway_conn_ratio_stretch": 1.0, "knee_rate_gateway_min": 400,
+                                "knee_p99_ms_max": SWEEP_P99_MS_MAX, "ejections_during_sweep": 0,
+                                "rss_idle_mb_max": 40, "rss_bytes_per_endpoint_max": 400},
+                    "rounds": rounds,
+                    "loadavg_start": [round(x, 2) for x in load_start],
+                    "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+                    "wall_s": round(time.monotonic() - t_start, 1),
+                }
     finally:
         for p in procs:
             if p.poll() is None:
