@@ -47,7 +47,7 @@ from ztunnel.identity.resumption import RESUMPTION_MAX_AGE_S, SessionTickets
 from ztunnel.identity.tls import client_context, server_context, verify_connection
 from ztunnel.identity.tls_transport import TlsAdapter
 from ztunnel.proxy.admin import ConnLabels, Telemetry
-from ztunnel.proxy.overload import LagShedder, LoadState
+from ztunnel.proxy.overload import LagHistory, LagShedder, LoadState
 from ztunnel.proxy.plan import sni_for_identity
 from ztunnel.proxy.relay import (
     HboneSession,
@@ -76,7 +76,10 @@ def mono_s() -> float:
 
 
 MAX_SETUPS_IN_FLIGHT = 64
-LAG_PROBE_INTERVAL_S = 0.01   # how often the loop's lag is sampled when lag-based shedding is on
+LAG_PROBE_INTERVAL_S = 0.02   # how often the loop's lag is sampled (50 Hz: ~1 ms of CPU per second)
+# A connect attempt that times out while our loop ran at least this share of its timeout late
+# timed out in our own queue, not at the endpoint (`judge_failed_attempt(self_saturated=...)`)
+SELF_SATURATION_LAG_SHARE = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,6 +301,7 @@ class ProxyBase:
         self.setups = HandshakeGate(self.opts.max_setups_in_flight, self.opts.max_setups_in_flight, "setups")
         self.shedder = LagShedder(self.opts.shed_at_loop_lag_ms / 1000) if self.opts.shed_at_loop_lag_ms > 0 else None
         self._lag_probe: asyncio.TimerHandle | None = None
+        self.lag_history = LagHistory()
         self.own_addresses: list[tuple[str, int]] = []
         self.ready = asyncio.Event()
         self.draining = False
@@ -439,7 +443,7 @@ class ProxyBase:
     async def start_inbound(self) -> None:
         loop = asyncio.get_running_loop()
         self._inbound_context()  # fail at start, not at the first connection, when there is no SVID
-        if self.shedder is not None and self._lag_probe is None:
+        if self._lag_probe is None:
             self._lag_probe = loop.call_later(LAG_PROBE_INTERVAL_S, self._probe_lag, loop.time() + LAG_PROBE_INTERVAL_S)
 
         def accepted() -> TlsAdapter:
@@ -538,11 +542,12 @@ class ProxyBase:
         task.add_done_callback(lambda _t: self.setups.release(peer_ip))
 
     def _probe_lag(self, due: float) -> None:
-        """How late this timer ran is how late everything on the loop runs (`LagShedder`)."""
-        assert self.shedder is not None
+        """How late this timer ran is how late everything on the loop runs (`LagHistory`, `LagShedder`)."""
         loop = asyncio.get_running_loop()
         now = loop.time()
-        t = self.shedder.observe(max(0.0, now - due), mono_s())
+        lag_s, at_s = max(0.0, now - due), mono_s()
+        self.lag_history.observe(lag_s, at_s)
+        t = self.shedder.observe(lag_s, at_s) if self.shedder is not None else None
         if t is not None:
             log.warning("%s: event loop %.0f ms late; %s", self.cfg.proxy_id if self.state.config else "proxy",
                         t.lag_s * 1000, "saturated, shedding new connection setups" if t.state is LoadState.SHEDDING

@@ -46,6 +46,7 @@ from ztunnel.api.verify import PeerVerificationError
 from ztunnel.proxy import proxyproto
 from ztunnel.proxy.admin import ConnLabels
 from ztunnel.proxy.base import (
+    SELF_SATURATION_LAG_SHARE,
     SOURCE_HEADER,
     ConnectFailed,
     ProxyBase,
@@ -321,6 +322,7 @@ class NodeProxy(ProxyBase):
                 break
             tried.append(ep.workload_uid)
             attempt_timeout_s = min(timeout_s, remaining)
+            attempt_started = mono_s()
             final: Exception
             try:
                 stream = await self._attempt(src, plan, ep, attempt_timeout_s)
@@ -328,7 +330,9 @@ class NodeProxy(ProxyBase):
                 verdict = judge_failed_attempt(FailedAttempt.REFUSED, e.status, e.overloaded)
                 error, final = f"{ep.workload_uid}: {e}", e
             except TimeoutError as e:
-                verdict = judge_failed_attempt(FailedAttempt.TIMEOUT)
+                late_s = self.lag_history.max_since(attempt_started)
+                verdict = judge_failed_attempt(
+                    FailedAttempt.TIMEOUT, self_saturated=late_s >= SELF_SATURATION_LAG_SHARE * attempt_timeout_s)
                 error, final = f"{ep.workload_uid}: timed out after {attempt_timeout_s:g}s", e
             except (OSError, TunnelReset, PeerVerificationError, ssl.SSLError, ConnectionError) as e:
                 verdict = judge_failed_attempt(FailedAttempt.CONNECT_ERROR)
@@ -344,9 +348,14 @@ class NodeProxy(ProxyBase):
             if verdict.outcome is not None:
                 self.record_outcome(name, ep.workload_uid, verdict.outcome)
             if not verdict.try_next:
+                # a decision, or a saturated proxy on the path (ours included): none is the endpoint's failure
+                if verdict.why == "self_saturated":
+                    self.telemetry.refusal("source", "overloaded")
+                    raise ConnectFailed(f"{error}, while this proxy was saturated (its event loop ran up to "
+                                        f"{late_s * 1000:.0f} ms late): not counted against the endpoint")
                 if verdict.why == "overloaded":
                     self.telemetry.refusal("source", "upstream_overloaded")
-                raise final  # a decision, or a saturated proxy on the path: neither is the endpoint's failure
+                raise final
             errors.append(error)
         if not tried:
             raise ConnectFailed(f"no healthy endpoint for {plan.description} (all ejected or none configured)")

@@ -19,6 +19,7 @@ proxy does not flap between admitting a burst and shedding it.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from enum import Enum
 
@@ -68,3 +69,24 @@ class LagShedder:
             self.state, self._calm_since_s = LoadState.NORMAL, None
             return LoadTransition(LoadState.NORMAL, lag_s, now_s)
         return None
+
+
+class LagHistory:
+    """Recent loop-lag samples (bounded), to ask how late the loop ran while something was waiting.
+
+    Why: a connect attempt that times out while *this* proxy's loop ran late timed out in our own
+    queue; it says nothing about the endpoint (`ztunnel.proxy.plan.judge_failed_attempt`)."""
+
+    def __init__(self, keep_s: float = 30.0, max_samples: int = 1024, floor_s: float = 0.005) -> None:
+        self.keep_s, self.floor_s = keep_s, floor_s
+        self._samples: deque[tuple[float, float]] = deque(maxlen=max_samples)  # (at_s, lag_s), lag >= floor
+
+    def observe(self, lag_s: float, now_s: float) -> None:
+        if lag_s >= self.floor_s:
+            self._samples.append((now_s, lag_s))
+        while self._samples and now_s - self._samples[0][0] > self.keep_s:
+            self._samples.popleft()
+
+    def max_since(self, since_s: float) -> float:
+        """The largest lag observed at or after `since_s` (0 when none was above the floor)."""
+        return max((lag for at, lag in self._samples if at >= since_s), default=0.0)

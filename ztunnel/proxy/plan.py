@@ -37,14 +37,17 @@ class AttemptVerdict:
     why: str
 
 
-def judge_failed_attempt(kind: FailedAttempt, status: int = 0, overloaded: bool = False) -> AttemptVerdict:
+def judge_failed_attempt(kind: FailedAttempt, status: int = 0, overloaded: bool = False,
+                         self_saturated: bool = False) -> AttemptVerdict:
     """The one decision of what a failed connect attempt says about its endpoint.
 
     A refusal a proxy makes because it is *saturated* (it sheds load: too many connection setups in
     flight, `x-meshfed-overloaded` on its 503) says nothing about the endpoint's health: it feeds no
     outlier detector — no ejection — and is not retried on another endpoint or tier — no failover,
     which would move load to a cluster whose endpoints did not fail and, behind the same gateway,
-    meet the same saturation. The client sees the refusal at once. A refusal that is a decision
+    meet the same saturation. The client sees the refusal at once. Likewise a timeout while *this*
+    proxy was saturated (`self_saturated`: its own event loop ran late during the attempt, see
+    `ztunnel.proxy.overload.LagHistory`): the time went to our own queue. A refusal that is a decision
     (400 bad request, 403 denied, 404 no route) is final as well. Everything else is the endpoint's
     failure: counted, and the next endpoint is tried."""
     if kind is FailedAttempt.REFUSED:
@@ -54,6 +57,8 @@ def judge_failed_attempt(kind: FailedAttempt, status: int = 0, overloaded: bool 
             return AttemptVerdict(None, False, "decision")
         return AttemptVerdict(Outcome.CONNECT_FAILURE, True, "endpoint_failure")
     if kind is FailedAttempt.TIMEOUT:
+        if self_saturated:
+            return AttemptVerdict(None, False, "self_saturated")
         return AttemptVerdict(Outcome.TIMEOUT, True, "endpoint_failure")
     if kind is FailedAttempt.CONNECT_ERROR:
         return AttemptVerdict(Outcome.CONNECT_FAILURE, True, "endpoint_failure")

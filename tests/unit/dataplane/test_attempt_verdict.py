@@ -33,3 +33,12 @@ def test_saturation_refusal_is_not_an_endpoint_failure() -> None:
     failed = judge_failed_attempt(FailedAttempt.REFUSED, 503, overloaded=False)
     assert shed.why == "overloaded" and shed.outcome is None and not shed.try_next
     assert failed.why == "endpoint_failure" and failed.outcome is Outcome.CONNECT_FAILURE and failed.try_next
+
+
+def test_a_timeout_while_this_proxy_was_saturated_is_not_the_endpoints() -> None:
+    own = judge_failed_attempt(FailedAttempt.TIMEOUT, self_saturated=True)
+    theirs = judge_failed_attempt(FailedAttempt.TIMEOUT, self_saturated=False)
+    assert (own.outcome, own.try_next, own.why) == (None, False, "self_saturated")
+    assert (theirs.outcome, theirs.try_next) == (Outcome.TIMEOUT, True)
+    # only a timeout can be ours: a refused or reset connection was answered by the far side
+    assert judge_failed_attempt(FailedAttempt.CONNECT_ERROR, self_saturated=True).outcome is Outcome.CONNECT_FAILURE

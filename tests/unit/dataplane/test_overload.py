@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from ztunnel.proxy.overload import LagShedder, LoadState
+from ztunnel.proxy.overload import LagHistory, LagShedder, LoadState
 
 
 def test_one_late_sample_sheds_and_a_calm_stretch_recovers() -> None:
@@ -32,3 +32,16 @@ def test_between_the_thresholds_nothing_changes() -> None:
 def test_off_is_no_shedder() -> None:
     with pytest.raises(ValueError, match="no lag-based shedding"):
         LagShedder(0.0)
+
+
+def test_lag_history_answers_how_late_the_loop_ran_since_a_moment() -> None:
+    h = LagHistory(keep_s=10.0, max_samples=4, floor_s=0.005)
+    h.observe(0.001, 1.0)              # below the floor: not kept
+    h.observe(0.300, 2.0)
+    h.observe(0.020, 3.0)
+    assert h.max_since(0.0) == 0.300 and h.max_since(2.5) == 0.020 and h.max_since(3.5) == 0.0
+    h.observe(0.010, 13.0)             # older than keep_s: the 0.3 s sample is gone
+    assert h.max_since(0.0) == 0.020
+    for i in range(10):                # bounded
+        h.observe(0.05, 14.0 + i)
+    assert len(h._samples) == 4
