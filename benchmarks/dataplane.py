@@ -1,17 +1,33 @@
 """Data-plane benchmark: raw TCP, raw TLS, an HAProxy mTLS pair, a ztunnel pair, and the
-double-HBONE gateway path, side by side in one run, on loopback.
+double-HBONE gateway path, side by side in one run, on loopback; then a capacity sweep.
 
-    python -m benchmarks.dataplane [--quick] [--rounds 3] [--profile DIR]
+    python -m benchmarks.dataplane [--quick] [--rounds 3] [--profile DIR] [--sweep 100,200,400,800]
+                                   [--sweep-s 3] [--max-setups-in-flight N] [--shed-at-loop-lag-ms MS]
 
 Per path: `gbps` (one stream, median of runs), `rr_1k_us_p50`/`rr_1k_us_p99` (1 KB request,
 1 KB response on an open connection), `conn_us_p50` (new connection + first byte back; for the
 ztunnel paths this includes the SOCKS5 exchange the application does). The echo/sink server runs
 in its own process; proxies run as real processes (`python -m ztunnel`, `haproxy`); the client is
-blocking sockets in this process. Also: proxy RSS idle and per endpoint in config (a node loaded
-with 5000 extra endpoints), and the framer micro-benchmark (our HBONE framer vs the `h2` library,
-in memory). The last line of output is one JSON object; its `summary` holds the ratios against
-HAProxy's pair (`ztunnel_pair_added_latency_ratio`, `ztunnel_pair_throughput_ratio`,
-`ztunnel_gateway_conn_ratio`) and the RSS figures, next to the targets of issue 5.
+blocking sockets in this process. `ztunnel_gateway_full_handshake` is the gateway path again from
+a second copy of node A started with `--no-tls-resumption` (new connections only): the before and
+after of TLS session resumption, measured in the same rounds. Also: proxy RSS idle and per
+endpoint in config (a node loaded with 10000 extra endpoints), and the framer micro-benchmark (our
+HBONE framer vs the `h2` library, in memory).
+
+Capacity (`capacity`): an open-loop sweep of new connections per second through node A's SOCKS5
+listener (each: connect, 64 bytes echoed, close; 2 s timeout), within the cluster (`pair`) and
+through the gateway (`gateway`). Per rate: the share ok / refused (explicitly and at once) /
+timed out, p50/p99 of the successful ones and p99 of the refusals; the knee is the highest rate
+that held (>= 99 % ok at p99 <= 50 ms). `ejections_during_sweep` counts outlier ejections the sweep
+caused at node A and the gateway (saturation must cause none) and `overload_refusals` the
+connections each proxy shed.
+
+The last line of output is one JSON object; its `summary` holds the ratios against HAProxy's pair
+(`ztunnel_pair_added_latency_ratio`, `ztunnel_pair_throughput_ratio`, `ztunnel_gateway_conn_ratio`,
+`ztunnel_gateway_conn_ratio_full_handshake`, `ztunnel_gateway_throughput_ratio`), the knees, the
+RSS figures, the load average at start and end, and the targets of issue 16. `event_loop` says
+whether the ztunnels ran on uvloop (`python -m ztunnel` uses it when it can import it; put a
+directory holding it on PYTHONPATH to compare).
 
 The machine is shared, so every path is measured once per *round*, rounds interleaved, and each
 figure is the median over rounds; a ratio is computed within a round (against HAProxy measured
@@ -23,6 +39,7 @@ functions by self time.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -181,8 +198,11 @@ def _short_frame(frame: str) -> str:
     return f"{name} ({where.split(':')[0].rsplit('/', 1)[-1]})"
 
 
-def measure(connect_echo: Any, connect_sink: Any, quick: bool, prof: Profiler | None = None) -> dict[str, float]:
+def measure(connect_echo: Any, connect_sink: Any, quick: bool, prof: Profiler | None = None,
+            conn_only: bool = False) -> dict[str, float]:
     prof = prof or Profiler(None, {})
+    if conn_only:
+        return {"conn_us_p50": measure_conn(connect_echo, quick, prof)}
     # request/response 1 KB
     prof.start("rr")
     s = connect_echo()
@@ -199,17 +219,7 @@ def measure(connect_echo: Any, connect_sink: Any, quick: bool, prof: Profiler | 
     s.close()
     prof.stop()
     lat.sort()
-    # new connection + first byte
-    prof.start("conn")
-    conn = []
-    for _ in range(30 if quick else 80):
-        t0 = time.perf_counter()
-        c = connect_echo()
-        c.sendall(b"!")
-        recv_exact(c, 1)
-        conn.append(time.perf_counter() - t0)
-        c.close()
-    prof.stop()
+    conn_us_p50 = measure_conn(connect_echo, quick, prof)
     # throughput, single stream
     prof.start("bulk")
     total = (64 if quick else 128) * 1024 * 1024
@@ -234,8 +244,111 @@ def measure(connect_echo: Any, connect_sink: Any, quick: bool, prof: Profiler | 
         "gbps": round(statistics.median(runs), 3),
         "rr_1k_us_p50": round(lat[len(lat) // 2] * 1e6, 1),
         "rr_1k_us_p99": round(lat[int(len(lat) * 0.99)] * 1e6, 1),
-        "conn_us_p50": round(statistics.median(conn) * 1e6, 1),
+        "conn_us_p50": conn_us_p50,
     }
+
+
+def measure_conn(connect_echo: Any, quick: bool, prof: Profiler) -> float:
+    """Median µs of a new connection + first byte back."""
+    prof.start("conn")
+    conn = []
+    for _ in range(30 if quick else 80):
+        t0 = time.perf_counter()
+        c = connect_echo()
+        c.sendall(b"!")
+        recv_exact(c, 1)
+        conn.append(time.perf_counter() - t0)
+        c.close()
+    prof.stop()
+    return round(statistics.median(conn) * 1e6, 1)
+
+
+# --- capacity: open-loop rate sweep ---------------------------------------------------------------
+
+SWEEP_P99_MS_MAX = 50.0      # issue 16: across clusters >= 400/s at p99 <= 50 ms
+SWEEP_OK_MIN = 0.99
+SWEEP_TIMEOUT_S = 2.0
+
+
+def rate_sweep(socks: tuple[str, int], src: str, dest: tuple[str, int], rates: list[int],
+               seconds: float) -> dict[str, Any]:
+    """Open-loop load: `rate` new connections per second (a schedule, not a closed loop: a slow proxy
+    does not slow the offered load down), each a SOCKS5 CONNECT through the node proxy, 64 bytes
+    echoed, closed. Per rate: the share that succeeded, was refused (an explicit, immediate
+    refusal: a SOCKS failure reply or a reset before it), timed out or failed otherwise, and p50/p99
+    of the successful ones and of the refusals. The knee is the highest rate that still held
+    (>= 99 % ok, p99 <= 50 ms)."""
+    import asyncio
+
+    async def one(started_at: float) -> tuple[str, float]:
+        w = None
+        try:
+            async with asyncio.timeout(SWEEP_TIMEOUT_S):
+                r, w = await asyncio.open_connection(*socks, local_addr=(src, 0))
+                w.write(b"\x05\x01\x00\x05\x01\x00\x01" + socket.inet_aton(dest[0]) + dest[1].to_bytes(2, "big"))
+                rep = await r.readexactly(12)
+                if rep[3] != 0:
+                    return "refused", time.perf_counter() - started_at
+                w.write(b"p" * 64)
+                await r.readexactly(64)
+                return "ok", time.perf_counter() - started_at
+        except TimeoutError:
+            return "timeout", time.perf_counter() - started_at
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return "refused", time.perf_counter() - started_at
+        except OSError:
+            return "error", time.perf_counter() - started_at
+        finally:
+            if w is not None:
+                w.close()
+
+    async def at_rate(rate: int) -> dict[str, Any]:
+        n = max(1, int(rate * seconds))
+        t0 = time.perf_counter()
+        tasks = []
+        for i in range(n):
+            delay = t0 + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(one(time.perf_counter())))
+        done = await asyncio.gather(*tasks)
+        by: dict[str, list[float]] = {}
+        for kind, dt in done:
+            by.setdefault(kind, []).append(dt)
+        ok = sorted(by.get("ok", []))
+        refused = sorted(by.get("refused", []))
+
+        def pct(xs: list[float], q: float) -> float | None:
+            return round(xs[min(len(xs) - 1, int(len(xs) * q))] * 1000, 1) if xs else None
+
+        return {"rate": rate, "sent": n, "completed_per_s": round(n / (time.perf_counter() - t0), 1),
+                "ok": round(len(ok) / n, 3), "refused": round(len(refused) / n, 3),
+                "timeout": round(len(by.get("timeout", [])) / n, 3), "error": round(len(by.get("error", [])) / n, 3),
+                "ok_p50_ms": pct(ok, 0.5), "ok_p99_ms": pct(ok, 0.99), "refused_p99_ms": pct(refused, 0.99)}
+
+    async def sweep() -> list[dict[str, Any]]:
+        out = []
+        for rate in rates:
+            out.append(await at_rate(rate))
+            await asyncio.sleep(1.0)  # let the proxies drain what the last rate left
+        return out
+
+    steps = asyncio.run(sweep())
+    knee = 0
+    for s in sorted(steps, key=lambda s: s["rate"]):  # the last rate that held before the first that did not
+        if s["ok"] < SWEEP_OK_MIN or (s["ok_p99_ms"] or 1e9) > SWEEP_P99_MS_MAX:
+            break
+        knee = s["rate"]
+    return {"steps": steps, "knee_rate": knee}
+
+
+def metric_total(admin_port: int, name: str, label: str = "") -> float:
+    """The sum of a Prometheus counter's series on a proxy's admin port (those with `label`, e.g.
+    'reason="overloaded"', when given)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if (line.startswith(name + "{") or line.startswith(name + " ")) and label in line)
 
 
 def rss_kb(pid: int) -> int:
@@ -333,6 +446,15 @@ def main() -> None:
     ap.add_argument("--profile", type=Path, default=None,
                     help="directory: py-spy record the ztunnels during each phase and print the top functions")
     ap.add_argument("--logs", type=Path, default=None, help="directory: keep the ztunnels' access logs there")
+    ap.add_argument("--sweep", default="100,200,400,800",
+                    help="new connections per second for the open-loop capacity sweep, comma-separated ('' skips it)")
+    ap.add_argument("--sweep-s", type=float, default=3.0, help="seconds per rate of the sweep (default 3)")
+    ap.add_argument("--only-sweep", action="store_true",
+                    help="the capacity sweep alone (no latency/throughput rounds, no RSS): to compare shedding settings")
+    ap.add_argument("--max-setups-in-flight", type=int, default=None,
+                    help="the ztunnels' --max-setups-in-flight (default: theirs)")
+    ap.add_argument("--shed-at-loop-lag-ms", type=float, default=None,
+                    help="the ztunnels' --shed-at-loop-lag-ms (default: theirs)")
     ap.add_argument("--serve", nargs=7, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.logs:
@@ -343,16 +465,20 @@ def main() -> None:
         return
     rounds = 1 if args.quick else max(1, args.rounds)
     t_start = time.monotonic()
+    load_start = os.getloadavg()
     sys.path.insert(0, str(ROOT))
     from federation.controller.ca import TrustDomainCA
     from tests.integration import dataplane_topology as topo
     from ztunnel.api.config import ProxyMode
 
     tmp = Path(tempfile.mkdtemp(prefix="meshfed-bench-"))
+    # the ztunnels import this tree first, then whatever PYTHONPATH adds (e.g. a directory with uvloop,
+    # which `python -m ztunnel` runs on when it can import it: the JSON says which loop they ran)
+    zt_env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
     procs: list[subprocess.Popen[bytes]] = []
     per_round: dict[str, list[dict[str, float]]] = {}
     extra: dict[str, dict[str, Any]] = {}
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = {"event_loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"}
     try:
         td = "east.mesh"
         ca = TrustDomainCA.create(td)
@@ -460,22 +586,30 @@ listen sink
                                     services=tuple(svcs))
         cfg_g = dataclasses.replace(cfg_a, proxy_id="gateway/east", mode=ProxyMode.GATEWAY, workloads=(),
                                     services=tuple(svcs), local_identities=(gw_id,))
-        ids = {"a": client_pod.identity, "b": server_pod.identity, "g": gw_id}
-        ips = {"a": client_pod.node_address, "b": server_pod.node_address, "g": gw_ip}
+        # "f": node A again, with --no-tls-resumption: the full-handshake gateway path, measured in the
+        # same rounds as the resumed one (the before/after of resumption in one run)
+        ids = {"a": client_pod.identity, "b": server_pod.identity, "g": gw_id, "f": client_pod.identity}
+        ips = {"a": client_pod.node_address, "b": server_pod.node_address, "g": gw_ip, "f": "127.56.1.13"}
         admin = {}
         zt: dict[str, subprocess.Popen[bytes]] = {}
         socks_port = _free_port(ips["a"])
-        for k, cfg in (("a", cfg_a), ("b", cfg_b), ("g", cfg_g)):
+        for k, cfg in (("a", cfg_a), ("b", cfg_b), ("g", cfg_g), ("f", cfg_a)):
             d = tmp / k
             iss = ca.issue_svid(ids[k])
             topo.write_cert_dir(d, {ids[k]: (iss.chain_pem, iss.key_pem)})
             topo.write_config(tmp / f"{k}.json", cfg)
             admin[k] = _free_port("127.0.0.1")
             cmd = [sys.executable, "-m", "ztunnel", "--config", str(tmp / f"{k}.json"), "--cert-dir", str(d),
-                   "--hbone", f"{ips[k]}:{hb}", "--socks", f"{ips[k]}:{socks_port}" if k == "a" else "",
+                   "--hbone", f"{ips[k]}:{hb}", "--socks", f"{ips[k]}:{socks_port}" if k in ("a", "f") else "",
                    "--admin", f"127.0.0.1:{admin[k]}", "--access-log", "stderr" if args.logs else "off"]
+            if k == "f":
+                cmd.append("--no-tls-resumption")
+            if args.max_setups_in_flight is not None:
+                cmd += ["--max-setups-in-flight", str(args.max_setups_in_flight)]
+            if args.shed_at_loop_lag_ms is not None:
+                cmd += ["--shed-at-loop-lag-ms", str(args.shed_at_loop_lag_ms)]
             log = (args.logs / f"ztunnel-{k}.log").open("wb") if args.logs else subprocess.DEVNULL
-            p = subprocess.Popen(cmd, cwd=ROOT, stderr=log, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            p = subprocess.Popen(cmd, cwd=ROOT, stderr=log, env=zt_env)
             procs.append(p)
             zt[k] = p
         for k in zt:
@@ -483,11 +617,12 @@ listen sink
         time.sleep(0.3)
         idle_rss = rss_kb(zt["a"].pid)
 
-        def zs(vip: str, port: int) -> Any:
-            return lambda: socks_open((ips["a"], socks_port), vip, port, client_pod.address)
+        def zs(vip: str, port: int, node: str = "a") -> Any:
+            return lambda: socks_open((ips[node], socks_port), vip, port, client_pod.address)
 
         paths["ztunnel_pair"] = (zs("127.56.3.1", echo_p), zs("127.56.3.2", sink_p))
         paths["ztunnel_gateway"] = (zs("127.56.2.1", echo_p), zs("127.56.2.2", sink_p))
+        paths["ztunnel_gateway_full_handshake"] = (zs("127.56.2.1", echo_p, "f"), zs("127.56.2.2", sink_p, "f"))
         profilers = {
             "ztunnel_pair": Profiler(args.profile and args.profile / "pair", {"a": zt["a"].pid, "b": zt["b"].pid}),
             "ztunnel_gateway": Profiler(args.profile and args.profile / "gateway",
@@ -496,59 +631,100 @@ listen sink
         for d_ in (args.profile / "pair", args.profile / "gateway") if args.profile else ():
             d_.mkdir(parents=True, exist_ok=True)
         # interleaved rounds: every path once per round, so load from other users hits all alike
-        for r in range(rounds):
+        for r in range(0 if args.only_sweep else rounds):
             for name, (echo_c, sink_c) in paths.items():
                 prof = profilers.get(name) if r == rounds - 1 else None
-                per_round.setdefault(name, []).append(measure(echo_c, sink_c, args.quick, prof))
+                per_round.setdefault(name, []).append(
+                    measure(echo_c, sink_c, args.quick, prof, conn_only=name == "ztunnel_gateway_full_handshake"))
+        # capacity: open-loop sweep of new connections per second, within the cluster and through the
+        # gateway; whether the proxies' own saturation fed outlier detection (it must not)
+        rates = [int(x) for x in args.sweep.split(",") if x.strip()]
+        if rates:
+            ejections_before = sum(metric_total(admin[k], "meshfed_endpoint_ejections_total") for k in ("a", "g"))
+            results["capacity"] = {
+                "pair": rate_sweep((ips["a"], socks_port), client_pod.address, ("127.56.3.1", echo_p), rates,
+                                   args.sweep_s),
+                "gateway": rate_sweep((ips["a"], socks_port), client_pod.address, ("127.56.2.1", echo_p), rates,
+                                      args.sweep_s),
+            }
+            results["capacity"]["ejections_during_sweep"] = sum(
+                metric_total(admin[k], "meshfed_endpoint_ejections_total") for k in ("a", "g")) - ejections_before
+            results["capacity"]["overload_refusals"] = {
+                k: metric_total(admin[k], "meshfed_connections_refused_total", 'reason="overloaded"')
+                for k in ("a", "g", "b")}
         extra["ztunnel_pair"] = {"rss_kb_idle": idle_rss}
         extra["ztunnel_gateway"] = {"rss_kb_idle_gateway": rss_kb(zt["g"].pid)}
         for name, runs in per_round.items():
             results[name] = {**_median_metrics(runs), **extra.get(name, {})}
-        # per-endpoint RSS: two fresh node processes started side by side, one with the benchmark's
-        # config and one with N endpoints more; the difference of their RSS divided by N (fresh
-        # processes on both sides: the traffic-carrying node's heap is not a baseline)
-        n_eps = 10_000
-        big = dataclasses.replace(svcs_a[0], hostname="big.bench.svc.clusterset.local", vip="127.56.4.1",
-                                  endpoints=tuple(dataclasses.replace(svcs_a[0].endpoints[0],
-                                                                      workload_uid=f"east/bench/p{i}",
-                                                                      address=f"127.57.{i // 250}.{i % 250 + 1}")
-                                                  for i in range(n_eps)))
-        topo.write_config(tmp / "big.json", dataclasses.replace(cfg_a, services=(*cfg_a.services, big)))
-        rss_procs: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
-        for label, cfg_file, hb_ip in (("small", tmp / "a.json", "127.56.1.22"), ("big", tmp / "big.json", "127.56.1.21")):
-            adm = _free_port("127.0.0.1")
-            p = subprocess.Popen([sys.executable, "-m", "ztunnel", "--config", str(cfg_file), "--cert-dir",
-                                  str(tmp / "a"), "--hbone", f"{hb_ip}:{hb}", "--socks", "",
-                                  "--admin", f"127.0.0.1:{adm}", "--access-log", "off"], cwd=ROOT,
-                                 stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
-            procs.append(p)
-            rss_procs[label] = (p, adm)
-        for p, adm in rss_procs.values():
-            wait_admin(adm, p)
-        time.sleep(0.3)
-        small_kb, big_kb = rss_kb(rss_procs["small"][0].pid), rss_kb(rss_procs["big"][0].pid)
-        results["rss"] = {"ztunnel_idle_kb": small_kb, "node_a_before_traffic_kb": idle_rss,
-                          "endpoints_added": n_eps, "ztunnel_big_kb": big_kb,
-                          "bytes_per_endpoint": round((big_kb - small_kb) * 1024 / n_eps)}
-        results["framer"] = framer_microbench()
-        if "haproxy_pair" in per_round:
-            for k in ("ztunnel_pair", "ztunnel_gateway"):
-                rs = [ratios(h, raw, z) for h, raw, z in zip(per_round["haproxy_pair"], per_round["raw_tcp"],
-                                                             per_round[k], strict=True)]
-                results[k]["vs_haproxy"] = {m: round(statistics.median(x[m] for x in rs), 2) for m in rs[0]}
-            pair, gw = results["ztunnel_pair"]["vs_haproxy"], results["ztunnel_gateway"]["vs_haproxy"]
-            results["summary"] = {
-                "ztunnel_pair_added_latency_ratio": pair["added_p50_ratio"],
-                "ztunnel_pair_throughput_ratio": pair["gbps_ratio"],
-                "ztunnel_gateway_conn_ratio": gw["conn_ratio"],
-                "ztunnel_pair_conn_ratio": pair["conn_ratio"],
-                "ztunnel_rss_idle_mb": round(results["rss"]["ztunnel_idle_kb"] / 1024, 1),
-                "ztunnel_rss_bytes_per_endpoint": results["rss"]["bytes_per_endpoint"],
-                "targets": {"added_latency_ratio_max": 2.0, "throughput_ratio_min": 0.6, "gateway_conn_ratio_max": 1.5,
-                            "rss_idle_mb_max": 40, "rss_bytes_per_endpoint_max": 400},
-                "rounds": rounds,
-                "wall_s": round(time.monotonic() - t_start, 1),
-            }
+        if args.only_sweep:
+            if "capacity" in results:
+                cap = results["capacity"]
+                results["summary"] = {"knee_rate_pair": cap["pair"]["knee_rate"],
+                                      "knee_rate_gateway": cap["gateway"]["knee_rate"],
+                                      "ejections_during_sweep": cap["ejections_during_sweep"],
+                                      "loadavg_start": [round(x, 2) for x in load_start],
+                                      "loadavg_end": [round(x, 2) for x in os.getloadavg()]}
+        else:
+            # per-endpoint RSS: two fresh node processes started side by side, one with the benchmark's
+            # config and one with N endpoints more; the difference of their RSS divided by N (fresh
+            # processes on both sides: the traffic-carrying node's heap is not a baseline)
+            n_eps = 10_000
+            big = dataclasses.replace(svcs_a[0], hostname="big.bench.svc.clusterset.local", vip="127.56.4.1",
+                                      endpoints=tuple(dataclasses.replace(svcs_a[0].endpoints[0],
+                                                                          workload_uid=f"east/bench/p{i}",
+                                                                          address=f"127.57.{i // 250}.{i % 250 + 1}")
+                                                      for i in range(n_eps)))
+            topo.write_config(tmp / "big.json", dataclasses.replace(cfg_a, services=(*cfg_a.services, big)))
+            rss_procs: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+            for label, cfg_file, hb_ip in (("small", tmp / "a.json", "127.56.1.22"), ("big", tmp / "big.json", "127.56.1.21")):
+                adm = _free_port("127.0.0.1")
+                p = subprocess.Popen([sys.executable, "-m", "ztunnel", "--config", str(cfg_file), "--cert-dir",
+                                      str(tmp / "a"), "--hbone", f"{hb_ip}:{hb}", "--socks", "",
+                                      "--admin", f"127.0.0.1:{adm}", "--access-log", "off"], cwd=ROOT,
+                                     stderr=subprocess.PIPE, env=zt_env)
+                procs.append(p)
+                rss_procs[label] = (p, adm)
+            for p, adm in rss_procs.values():
+                wait_admin(adm, p)
+            time.sleep(0.3)
+            small_kb, big_kb = rss_kb(rss_procs["small"][0].pid), rss_kb(rss_procs["big"][0].pid)
+            results["rss"] = {"ztunnel_idle_kb": small_kb, "node_a_before_traffic_kb": idle_rss,
+                              "endpoints_added": n_eps, "ztunnel_big_kb": big_kb,
+                              "bytes_per_endpoint": round((big_kb - small_kb) * 1024 / n_eps)}
+            results["framer"] = framer_microbench()
+            if "haproxy_pair" in per_round:
+                fh = [f["conn_us_p50"] / h["conn_us_p50"]
+                      for h, f in zip(per_round["haproxy_pair"], per_round["ztunnel_gateway_full_handshake"], strict=True)]
+                results["ztunnel_gateway_full_handshake"]["vs_haproxy"] = {"conn_ratio": round(statistics.median(fh), 2)}
+                for k in ("ztunnel_pair", "ztunnel_gateway"):
+                    rs = [ratios(h, raw, z) for h, raw, z in zip(per_round["haproxy_pair"], per_round["raw_tcp"],
+                                                                 per_round[k], strict=True)]
+                    results[k]["vs_haproxy"] = {m: round(statistics.median(x[m] for x in rs), 2) for m in rs[0]}
+                pair, gw = results["ztunnel_pair"]["vs_haproxy"], results["ztunnel_gateway"]["vs_haproxy"]
+                results["summary"] = {
+                    "ztunnel_pair_added_latency_ratio": pair["added_p50_ratio"],
+                    "ztunnel_pair_throughput_ratio": pair["gbps_ratio"],
+                    "ztunnel_gateway_conn_ratio": gw["conn_ratio"],
+                    "ztunnel_gateway_conn_ratio_full_handshake": round(statistics.median(fh), 2),
+                    "ztunnel_gateway_throughput_ratio": gw["gbps_ratio"],
+                    "ztunnel_pair_conn_ratio": pair["conn_ratio"],
+                    "ztunnel_rss_idle_mb": round(results["rss"]["ztunnel_idle_kb"] / 1024, 1),
+                    "ztunnel_rss_bytes_per_endpoint": results["rss"]["bytes_per_endpoint"],
+                    **({"knee_rate_pair": results["capacity"]["pair"]["knee_rate"],
+                        "knee_rate_gateway": results["capacity"]["gateway"]["knee_rate"],
+                        "ejections_during_sweep": results["capacity"]["ejections_during_sweep"]}
+                       if "capacity" in results else {}),
+                    # issue 16's targets (issue 5's were 2.0 / 0.6 / 1.5)
+                    "targets": {"pair_added_latency_ratio_max": 1.25, "pair_throughput_ratio_min": 0.8,
+                                "gateway_throughput_ratio_min": 0.6, "gateway_conn_ratio_max": 1.5,
+                                "gateway_conn_ratio_stretch": 1.0, "knee_rate_gateway_min": 400,
+                                "knee_p99_ms_max": SWEEP_P99_MS_MAX, "ejections_during_sweep": 0,
+                                "rss_idle_mb_max": 40, "rss_bytes_per_endpoint_max": 400},
+                    "rounds": rounds,
+                    "loadavg_start": [round(x, 2) for x in load_start],
+                    "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+                    "wall_s": round(time.monotonic() - t_start, 1),
+                }
     finally:
         for p in procs:
             if p.poll() is None:

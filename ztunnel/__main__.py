@@ -37,7 +37,7 @@ from ztunnel.api import logsetup
 from ztunnel.api.config import ProxyMode, proxy_config_to_dict
 from ztunnel.api.identity import ProxyId
 from ztunnel.proxy.admin import AdminServer, Telemetry
-from ztunnel.proxy.base import Credentials, HealthSink, ProxyBase, ProxyOptions
+from ztunnel.proxy.base import MAX_SETUPS_IN_FLIGHT, Credentials, HealthSink, ProxyBase, ProxyOptions
 from ztunnel.proxy.gateway import GatewayProxy
 from ztunnel.proxy.node import NodeProxy
 from ztunnel.proxy.waypoint import L7Proxy
@@ -98,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin", default="127.0.0.1:15021")
     p.add_argument("--drain-timeout-s", type=float, default=10.0)
     p.add_argument("--handshake-timeout-s", type=float, default=5.0)
+    p.add_argument("--max-setups-in-flight", type=int, default=MAX_SETUPS_IN_FLIGHT, metavar="N",
+                   help="connection setups in flight (per peer and in total) past which new ones are shed at "
+                        "once with an explicit overload refusal (default %(default)s)")
+    p.add_argument("--shed-at-loop-lag-ms", type=float, default=0.0, metavar="MS",
+                   help="shed new connection setups while the event loop runs this late: saturation, measured "
+                        "(default 0: off)")
+    p.add_argument("--no-tls-resumption", dest="tls_resumption", action="store_false",
+                   help="full TLS handshake for every inner end-to-end session (no session tickets)")
     p.add_argument("--access-log", choices=("stderr", "off"), default="stderr",
                    help="one JSON line per connection (and per ejection) on stderr, Envoy's access log; off: "
                         "connections go to the log at --log-level debug")
@@ -180,7 +188,9 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
     tr_host, tr_port = parse_host_port(args.transparent) if args.transparent else (None, 0)
     opts = ProxyOptions(hbone_host=hb_host, hbone_port=hb_port, socks_host=socks_host, socks_port=socks_port,
                         transparent_host=tr_host, transparent_port=tr_port,
-                        handshake_timeout_s=args.handshake_timeout_s, drain_timeout_s=args.drain_timeout_s)
+                        handshake_timeout_s=args.handshake_timeout_s, drain_timeout_s=args.drain_timeout_s,
+                        max_setups_in_flight=args.max_setups_in_flight, tls_resumption=args.tls_resumption,
+                        shed_at_loop_lag_ms=args.shed_at_loop_lag_ms)
     cls: type[ProxyBase] = {ProxyMode.GATEWAY: GatewayProxy, ProxyMode.WAYPOINT: L7Proxy,
                             ProxyMode.INGRESS: L7Proxy}.get(cfg.mode, NodeProxy)
     proxy = cls(state, creds, opts, telemetry, health)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 
 import pytest
 
 from tests.integration import dataplane_topology as topo
-from ztunnel.api.config import Authorization, AuthzMatch, ProxyMode
+from ztunnel.api.config import Authorization, AuthzMatch, OutlierPolicy, ProxyMode
 from ztunnel.proxy.base import Credentials, ProxyOptions
 from ztunnel.proxy.gateway import GatewayProxy
 from ztunnel.proxy.node import NodeProxy
@@ -29,14 +30,20 @@ HOST = "echo.default.svc.clusterset.local"
 VIP = "127.55.201.1"
 
 
-def _opts(ip: str, port: int) -> ProxyOptions:
-    return ProxyOptions(hbone_host=ip, hbone_port=port, socks_host=ip, socks_port=0, handshake_timeout_s=1.0)
+def _opts(ip: str, port: int, resumption: bool = True, max_setups: int = 64, shed_lag_ms: float = 0.0) -> ProxyOptions:
+    return ProxyOptions(hbone_host=ip, hbone_port=port, socks_host=ip, socks_port=0, handshake_timeout_s=1.0,
+                        tls_resumption=resumption, max_setups_in_flight=max_setups, shed_at_loop_lag_ms=shed_lag_ms)
 
 
 async def build(deny_client: bool = False, proxy_v2: bool = False, gateway_presents: str = GW_ID,
-                gateway_identity: str = GW_ID) -> tuple[NodeProxy, GatewayProxy, NodeProxy, topo.EchoServer]:
+                gateway_identity: str = GW_ID, resumption: bool = True, gateway_max_setups: int = 64,
+                fallback_tier: bool = False, source_max_setups: int = 64, gateway_shed_lag_ms: float = 0.0) -> tuple[NodeProxy, GatewayProxy, NodeProxy, topo.EchoServer]:
     """`gateway_presents`: the identity the gateway's certificate names; `gateway_identity`: the one
-    east's config says the gateway has ("" = none rendered)."""
+    east's config says the gateway has ("" = none rendered); `gateway_max_setups`: the gateway's
+    `max_setups_in_flight` (0: saturated for good), `source_max_setups` east's, `gateway_shed_lag_ms`
+    the gateway's `shed_at_loop_lag_ms`; `fallback_tier`: east also has the server as a
+    tier-1 endpoint reached directly (a stand-in for another cluster to fail over to), and an
+    outlier policy that ejects on the first local-origin failure."""
     echo = await topo.EchoServer(SERVER.address, prefix=b"west:").start()
     port = topo.free_port(GW_IP)
     server = dataclasses.replace(SERVER, labels={"networking.meshfed.dev/inbound-proxy-protocol": "v2"}) \
@@ -44,7 +51,13 @@ async def build(deny_client: bool = False, proxy_v2: bool = False, gateway_prese
     wl = [CLIENT.workload(), server.workload()]
     local_ep = topo.endpoint(SERVER, echo.port, port)
     remote_ep = topo.endpoint(SERVER, echo.port, port, via_gateway=f"{GW_IP}:{port}", gateway_identity=gateway_identity)
-    east_svc = topo.service(HOST, VIP, 80, echo.port, [remote_ep], sans=[SERVER.identity])
+    east_eps = [remote_ep]
+    outlier = None
+    if fallback_tier:
+        east_eps.append(dataclasses.replace(local_ep, workload_uid="west/default/server-direct", tier=1))
+        outlier = OutlierPolicy(consecutive_5xx_errors=None, consecutive_local_origin_failures=1,
+                                split_external_local_origin_errors=True, max_ejection_percent=100)
+    east_svc = topo.service(HOST, VIP, 80, echo.port, east_eps, sans=[SERVER.identity], outlier=outlier)
     west_svc = topo.service(HOST, "", 80, echo.port, [local_ep], sans=[SERVER.identity])
     rule = AuthzMatch(principals=(CLIENT.identity,))
     pol = Authorization("only-east-client", "default", "DENY" if deny_client else "ALLOW", (rule,))
@@ -60,7 +73,10 @@ async def build(deny_client: bool = False, proxy_v2: bool = False, gateway_prese
                                 (cw, SERVER.node_address, NodeProxy, SERVER.identity)):
         st = ProxyState()
         assert st.apply(cfg).applied
-        p = cls(st, Credentials({ident: topo.svid(ident)}), _opts(ip, port))
+        p = cls(st, Credentials({ident: topo.svid(ident)}),
+                _opts(ip, port, resumption, gateway_max_setups if cls is GatewayProxy
+                      else source_max_setups if cfg is ca else 64,
+                      gateway_shed_lag_ms if cls is GatewayProxy else 0.0))
         await p.start()
         proxies.append(p)
     a, g, w = proxies
@@ -185,6 +201,154 @@ async def test_an_endpoint_behind_a_gateway_without_a_gateway_identity_is_never_
             await _roundtrip(a, b"hello")
         assert echo.accepted == 0
         assert a.pool.count() == 0 and not g.inbound_sessions   # refused before any connection
+    finally:
+        for p in (a, g, w):
+            await p.drain(0.1)
+        await echo.close()
+
+
+async def test_the_inner_session_is_resumed_and_still_carries_the_clients_identity() -> None:
+    """The second connection through the gateway resumes the inner end-to-end mTLS session with
+    the ticket the destination issued on the first (no certificates exchanged again); the
+    destination still authorizes the client's own identity, taken from the resumed session."""
+    a, g, w, echo = await build()
+    try:
+        assert await _roundtrip(a, b"one") == b"west:one"
+        assert (a.tickets.offered, a.tickets.resumed, len(a.tickets)) == (0, 0, 1)
+        assert await _roundtrip(a, b"two") == b"west:two"
+        assert await _roundtrip(a, b"three") == b"west:three"
+        assert (a.tickets.offered, a.tickets.resumed, len(a.tickets)) == (2, 2, 1)
+        dest = w.telemetry.render().decode()
+        assert f'source_principal="{CLIENT.identity}"' in dest
+    finally:
+        for p in (a, g, w):
+            await p.drain(0.1)
+        await echo.close()
+
+
+async def test_a_resumed_session_with_another_peer_identity_is_refused() -> None:
+    """Resumption skips the certificate exchange, never the identity check: a ticket earned from
+    the server identity, offered on a dial that expects another identity (the config now names
+    `other` for the endpoint, and the ticket is filed under that dial's key as a cache mix-up
+    would), is resumed by the destination — and then refused by the check, the ticket dropped."""
+    a, g, w, echo = await build()
+    try:
+        assert await _roundtrip(a, b"one") == b"west:one"
+        (key,) = a.tickets._tickets
+        other = topo.ident(WEST, "default", "other")
+        cfg = a.cfg
+        (svc,) = cfg.services
+        moved = dataclasses.replace(svc, subject_alt_names=(other,))
+        assert a.state.apply(topo.with_version(dataclasses.replace(cfg, services=(moved,)), 2)).applied
+        a.on_config_applied()
+        ctx, store = a.creds.client_ctx(CLIENT.identity), a.creds.store
+        other_key = (*key[:3], (other,), key[4])
+        now = time.monotonic()
+        a.tickets.remember(other_key, a.tickets.find(key, ctx, store, now), ctx, store, now)
+        accepted_before = echo.accepted
+        with pytest.raises(ConnectionRefusedError):
+            await _roundtrip(a, b"two")
+        assert a.tickets.resumed == 0 and a.tickets.refused_after_resume == 1
+        assert other_key not in a.tickets._tickets
+        assert echo.accepted == accepted_before
+        assert 'outcome="ConnectFailure"' in a.telemetry.render().decode()
+    finally:
+        for p in (a, g, w):
+            await p.drain(0.1)
+        await echo.close()
+
+
+async def test_resumption_can_be_switched_off() -> None:
+    a, g, w, echo = await build(resumption=False)
+    try:
+        for i in range(3):
+            assert await _roundtrip(a, b"n%d" % i) == b"west:n%d" % i
+        assert (a.tickets.offered, len(a.tickets)) == (0, 0)
+    finally:
+        for p in (a, g, w):
+            await p.drain(0.1)
+        await echo.close()
+
+
+async def test_a_saturated_gateway_sheds_at_once_and_nothing_fails_over() -> None:
+    """A gateway past its setup cap answers 503 marked overloaded. The source refuses the client
+    at once and takes it as what it is — the gateway's saturation, not the endpoint's failure: no
+    outcome for the endpoint (so no ejection) and no attempt on the tier-1 endpoint (no failover)."""
+    a, g, w, echo = await build(gateway_max_setups=0, fallback_tier=True)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ConnectionRefusedError):
+            await _roundtrip(a, b"hello")
+        assert time.monotonic() - started < 0.5   # not after the 0.5 s connect timeout: at once
+        assert echo.accepted == 0                  # the tier-1 endpoint was not tried
+        east, gw = a.telemetry.render().decode(), g.telemetry.render().decode()
+        assert 'reason="upstream_overloaded"' in east and 'reason="overloaded"' in gw
+        assert "ConnectFailure" not in east and "meshfed_endpoint_ejections_total{" not in east
+        assert not a.ejected(HOST)
+    finally:
+        for p in (a, g, w):
+            await p.drain(0.1)
+        await echo.close()
+
+
+async def test_a_failing_gateway_path_still_fails_over() -> None:
+    """The control of the test above: the same topology with the gateway path *failing* (the
+    gateway cannot reach the node: a real endpoint failure) ejects and fails over to tier 1."""
+    a, g, w, echo = await build(fallback_tier=True)
+    try:
+        (svc,) = g.cfg.services
+        dead = dataclasses.replace(svc.endpoints[0], hbone_address=f"{SERVER.node_address}:1")
+        assert g.state.apply(topo.with_version(dataclasses.replace(g.cfg, services=(
+            dataclasses.replace(svc, endpoints=(dead,)),)), 2)).applied
+        g.on_config_applied()
+        assert await _roundtrip(a, b"hello") == b"west:hello"   # served by the tier-1 endpoint
+        assert echo.accepted == 1
+        assert 'outcome="ConnectFailure"' in a.telemetry.render().decode()
+        assert a.ejected(HOST)
+    finally:
+        for p in (a, g, w):
+            await p.drain(0.1)
+        await echo.close()
+
+
+async def test_a_saturated_source_proxy_refuses_at_once_and_dials_nothing() -> None:
+    """East's own proxy past its setup cap refuses the application at once (a SOCKS failure) and
+    dials nothing: its saturation is no endpoint's failure, so it reaches no outlier detector."""
+    a, g, w, echo = await build(source_max_setups=0, fallback_tier=True)
+    try:
+        with pytest.raises(ConnectionRefusedError) as refused:
+            await _roundtrip(a, b"hello")
+        assert refused.value.args[0] == 1                     # SOCKS "general failure"
+        assert echo.accepted == 0 and a.pool.count() == 0     # nothing dialled
+        east = a.telemetry.render().decode()
+        assert 'meshfed_connections_refused_total{reason="overloaded",reporter="source"}' in east, [x for x in east.splitlines() if "refused" in x]
+        assert "meshfed_endpoint_outcomes_total{" not in east and not a.ejected(HOST)
+    finally:
+        for p in (a, g, w):
+            await p.drain(0.1)
+        await echo.close()
+
+
+async def test_a_gateway_whose_loop_runs_late_sheds_until_it_recovers() -> None:
+    """Lag-based shedding: the gateway's event loop blocked for 600 ms (saturation, as the loop sees
+    it; the threshold is 300 ms so that a loaded CI machine's own lag does not trigger it) puts it in SHEDDING: the next connection is refused at once as overloaded, with no outcome
+    and no failover at the source; once the loop is calm again, connections are admitted."""
+    a, g, w, echo = await build(gateway_shed_lag_ms=300, fallback_tier=True)
+    try:
+        assert await _roundtrip(a, b"before") == b"west:before"
+        time.sleep(0.6)  # noqa: ASYNC251 -- blocking on purpose: the loop all three proxies share runs late; only the gateway sheds
+        await asyncio.sleep(0.02)   # its lag probe runs (late)
+        assert g.shedder is not None and g.shedder.shedding
+        with pytest.raises(ConnectionRefusedError):
+            await _roundtrip(a, b"during")
+        assert echo.accepted == 1                       # tier 1 untried: no failover
+        east = a.telemetry.render().decode()
+        assert 'reason="upstream_overloaded"' in east and 'outcome="ConnectFailure"' not in east
+        for _ in range(250):
+            if not g.shedder.shedding:
+                break
+            await asyncio.sleep(0.02)
+        assert await _roundtrip(a, b"after") == b"west:after"
     finally:
         for p in (a, g, w):
             await p.drain(0.1)

@@ -12,10 +12,14 @@ issuer's validity are checked in `verify_peer` with an explicit clock-skew toler
 ±90 s skew between nodes is tolerated consistently and an expired certificate is reported with a
 message that says what to do. `verify_connection` is therefore mandatory, not an extra.
 
-Session resumption is disabled (no TLS 1.3 tickets, no TLS <= 1.2): every connection performs a
-full handshake with a fresh certificate exchange, so `verify_connection` always judges the
-certificate of *this* handshake at *this* time, and a rotated or revoked identity cannot ride on
-a resumed session.
+Session resumption: servers issue TLS 1.3 tickets (stateless, one per handshake) and clients
+offer them only for the inner end-to-end session of double HBONE (`ztunnel.identity.resumption`
+says which ticket may be offered to whom). A resumed session is verified like a full one:
+`verify_connection` judges the certificate the session carries (the one the full handshake
+proved) at *this* time, against the trust store and the identities expected *now*. How long a
+chain of resumptions may stand in for a full handshake is bounded on both sides by
+`RESUMPTION_MAX_AGE_S` (clients by the age they carry per ticket; servers by renewing their
+context, hence their ticket keys). TLS <= 1.2 stays off, and so does 0-RTT early data.
 
 Key material is handed to OpenSSL through an anonymous in-memory file (`memfd_create`), so private
 keys never touch the filesystem; where memfd is unavailable a 0600 file in a private 0700 temporary
@@ -70,7 +74,6 @@ def _base_context(server_side: bool, cert_chain_pem: bytes, key_pem: bytes, stor
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.options |= ssl.OP_NO_TICKET
     # Time is judged by verify_connection alone, with its clock-skew tolerance; OpenSSL's own
     # check has none and would make the tolerance dead letter for the first gate.
     ctx.verify_flags |= X509_V_FLAG_NO_CHECK_TIME
@@ -84,10 +87,13 @@ def _base_context(server_side: bool, cert_chain_pem: bytes, key_pem: bytes, stor
     return ctx
 
 
-def server_context(cert_chain_pem: bytes, key_pem: bytes, store: TrustStore) -> ssl.SSLContext:
-    """Server side of mesh mTLS: requires a client certificate; no session tickets."""
+def server_context(cert_chain_pem: bytes, key_pem: bytes, store: TrustStore, tickets: bool = True) -> ssl.SSLContext:
+    """Server side of mesh mTLS: requires a client certificate; issues one TLS 1.3 session ticket
+    per handshake (`tickets=False`: none, every client does a full handshake)."""
     ctx = _base_context(True, cert_chain_pem, key_pem, store)
-    ctx.num_tickets = 0
+    ctx.num_tickets = 1 if tickets else 0
+    if not tickets:
+        ctx.options |= ssl.OP_NO_TICKET
     return ctx
 
 

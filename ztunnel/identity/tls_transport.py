@@ -12,6 +12,8 @@ on both the request/response and the bulk paths. This adapter does only what HBO
   *one* plaintext chunk per read — an HTTP/2 framer wants batches, not records.
 - `TlsTransport` is what the application protocol (an `HboneSession`) writes to: `write` encrypts
   into the memory BIO and passes the ciphertext to the raw transport in one write.
+- `session`: a TLS 1.3 session to offer for resumption (client side; whether the peer took it:
+  `sslobj.session_reused`). The peer is verified the same way either way.
 - `handshake` is a future: result = None when the handshake completed (the app protocol's
   `connection_made` has run by then), exception = why it failed (`ssl.SSLError`, `TimeoutError`,
   `ConnectionResetError`). Verification of the peer's SPIFFE identity is the app protocol's job, in
@@ -115,7 +117,7 @@ class TlsAdapter(asyncio.Protocol):
                  handshake_timeout_s: float = 10.0,
                  admit: Callable[[asyncio.BaseTransport], bool] | None = None,
                  on_handshake_over: Callable[[], None] | None = None,
-                 max_unsent_bytes: int | None = None) -> None:
+                 max_unsent_bytes: int | None = None, session: ssl.SSLSession | None = None) -> None:
         self.loop = loop
         self._admit = admit
         self._on_handshake_over = on_handshake_over
@@ -127,7 +129,7 @@ class TlsAdapter(asyncio.Protocol):
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self.sslobj = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side,
-                                       server_hostname=server_hostname or None)
+                                       server_hostname=server_hostname or None, session=session)
         self.raw: asyncio.BaseTransport | None = None
         self.transport = TlsTransport(self)
         self.handshake: asyncio.Future[None] = loop.create_future()

@@ -44,9 +44,11 @@ from ztunnel.api.outlier import EndpointEjected, EndpointUnejected, Outcome, Out
 from ztunnel.api.ports import HBONE_PORT, OUTBOUND_CAPTURE_PORT, SOCKS5_PORT
 from ztunnel.api.verify import PeerVerificationError, TrustStore
 from ztunnel.hbone.framer import ErrorCode, HboneSettings, Role, StreamState
+from ztunnel.identity.resumption import RESUMPTION_MAX_AGE_S, SessionTickets
 from ztunnel.identity.tls import client_context, server_context, verify_connection
 from ztunnel.identity.tls_transport import TlsAdapter
 from ztunnel.proxy.admin import ConnLabels, Telemetry
+from ztunnel.proxy.overload import LagHistory, LagShedder, LoadState
 from ztunnel.proxy.plan import sni_for_identity
 from ztunnel.proxy.relay import (
     HboneSession,
@@ -75,6 +77,13 @@ def mono_s() -> float:
     return time.monotonic()
 
 
+MAX_SETUPS_IN_FLIGHT = 64
+LAG_PROBE_INTERVAL_S = 0.02   # how often the loop's lag is sampled (50 Hz: ~1 ms of CPU per second)
+# A connect attempt that times out while our loop ran at least this share of its timeout late
+# timed out in our own queue, not at the endpoint (`judge_failed_attempt(self_saturated=...)`)
+SELF_SATURATION_LAG_SHARE = 0.25
+
+
 @dataclass(frozen=True, slots=True)
 class ProxyOptions:
     hbone_host: str = "0.0.0.0"
@@ -93,6 +102,17 @@ class ProxyOptions:
     max_handshakes_per_peer: int = 256
     max_handshakes_total: int = 1024
     max_unsent_bytes: int = 8 * 1024 * 1024  # ciphertext a peer leaves unread before we cut it off
+    # connection setups in flight (outbound: capture → tunnel established; inbound: CONNECT →
+    # answered), per peer IP and in total: past it the proxy is saturated and sheds new ones at once
+    # with an explicit refusal (a 503 marked overloaded, a SOCKS failure) rather than queueing them
+    # into timeouts; see `ztunnel.proxy.plan.judge_failed_attempt` for why that is not an endpoint failure
+    max_setups_in_flight: int = MAX_SETUPS_IN_FLIGHT
+    # shed new connection setups while the event loop runs this late (ms; 0: off): saturation itself,
+    # measured (`ztunnel.proxy.overload`)
+    shed_at_loop_lag_ms: float = 0.0
+    # resume the inner end-to-end mTLS of double HBONE with TLS 1.3 tickets (and issue tickets as a
+    # server); the peer's identity is checked on resumed sessions as on full ones
+    tls_resumption: bool = True
     drain_timeout_s: float = 10.0
     hbone: HboneSettings = field(default_factory=HboneSettings)
     root_namespace: str = authz.ROOT_NAMESPACE
@@ -181,23 +201,23 @@ class ConnectFailed(Exception):
 
 
 class HandshakeGate:
-    """Handshakes in flight, per peer IP and in total. `admit` before any work on a new connection
-    (False: drop it), `release` exactly once per admitted connection when its handshake is over.
-    Invariant: `per_peer` holds only peers with at least one handshake in flight; `total` is the
-    sum of its values."""
+    """Handshakes (or, named `setups`, connection setups) in flight, per peer IP and in total.
+    `admit` before any work on a new connection (False: drop it), `release` exactly once per
+    admitted connection when its handshake is over. Invariant: `per_peer` holds only peers with
+    at least one handshake in flight; `total` is the sum of its values."""
 
-    def __init__(self, per_peer_max: int, total_max: int) -> None:
-        self.per_peer_max, self.total_max = per_peer_max, total_max
+    def __init__(self, per_peer_max: int, total_max: int, name: str = "handshakes") -> None:
+        self.per_peer_max, self.total_max, self.name = per_peer_max, total_max, name
         self.per_peer: dict[str, int] = {}
         self.total = 0
 
     def admit(self, peer: str) -> str:
         """"" when admitted, else why not (a refusal reason code)."""
         if self.total >= self.total_max:
-            return "handshakes_total_cap"
+            return f"{self.name}_total_cap"
         n = self.per_peer.get(peer, 0)
         if n >= self.per_peer_max:
-            return "handshakes_per_peer_cap"
+            return f"{self.name}_per_peer_cap"
         self.per_peer[peer] = n + 1
         self.total += 1
         return ""
@@ -280,11 +300,17 @@ class ProxyBase:
         self.relays: set[PlainRelay] = set()
         self._per_peer: dict[str, int] = {}
         self.handshakes = HandshakeGate(self.opts.max_handshakes_per_peer, self.opts.max_handshakes_total)
+        self.setups = HandshakeGate(self.opts.max_setups_in_flight, self.opts.max_setups_in_flight, "setups")
+        self.shedder = LagShedder(self.opts.shed_at_loop_lag_ms / 1000) if self.opts.shed_at_loop_lag_ms > 0 else None
+        self._lag_probe: asyncio.TimerHandle | None = None
+        self.lag_history = LagHistory()
         self.own_addresses: list[tuple[str, int]] = []
         self.ready = asyncio.Event()
         self.draining = False
         self._bundles_seen: tuple[Any, ...] | None = None
         self._verified: dict[bytes, tuple[TrustStore, SpiffeId, float]] = {}
+        self.tickets = SessionTickets()
+        self._inbound_ctx: tuple[ssl.SSLContext, TrustStore, float] | None = None
         # called with each applied config (e.g. the capture rules follow the node's workloads)
         self.config_listeners: list[Callable[[ProxyConfig], None]] = []
         self.on_config_applied()
@@ -401,13 +427,26 @@ class ProxyBase:
         ids = self.creds.identities
         if not ids:
             raise RuntimeError("no local identity has a certificate; pass --cert-dir with the proxy's SVIDs")
-        base = server_context(*self.creds._svids[ids[0]], self.creds.store)
+        base = server_context(*self.creds._svids[ids[0]], self.creds.store, tickets=self.opts.tls_resumption)
         base.sni_callback = self._sni_callback
         return base
 
+    def _inbound_context(self) -> ssl.SSLContext:
+        """The context a new inbound connection starts with (the SNI callback then switches to the
+        identity's own). Rebuilt when the trust store changed and at least every
+        `RESUMPTION_MAX_AGE_S`: its ticket keys are the ones resumption tickets are sealed with, so
+        no ticket of ours — nor a chain of resumptions from it — outlives that age."""
+        now, store = mono_s(), self.creds.store
+        cur = self._inbound_ctx
+        if cur is None or cur[1] is not store or now - cur[2] >= RESUMPTION_MAX_AGE_S:
+            cur = self._inbound_ctx = (self._server_context(), store, now)
+        return cur[0]
+
     async def start_inbound(self) -> None:
         loop = asyncio.get_running_loop()
-        ctx = self._server_context()
+        self._inbound_context()  # fail at start, not at the first connection, when there is no SVID
+        if self._lag_probe is None:
+            self._lag_probe = loop.call_later(LAG_PROBE_INTERVAL_S, self._probe_lag, loop.time() + LAG_PROBE_INTERVAL_S)
 
         def accepted() -> TlsAdapter:
             session = HboneSession(Role.SERVER, loop, self.opts.hbone, on_connect=self._on_connect,
@@ -418,7 +457,8 @@ class ProxyBase:
                 peer.append((transport.get_extra_info("peername") or ("?", 0))[0])
                 return self.admit_handshake(peer[0], "destination")
 
-            return TlsAdapter(loop, ctx, session, server_side=True, handshake_timeout_s=self.opts.handshake_timeout_s,
+            return TlsAdapter(loop, self._inbound_context(), session, server_side=True,
+                              handshake_timeout_s=self.opts.handshake_timeout_s,
                               admit=admit, on_handshake_over=lambda: self.handshakes.release(peer[0]),
                               max_unsent_bytes=self.opts.max_unsent_bytes)
 
@@ -495,7 +535,46 @@ class ProxyBase:
         if self.draining:
             stream.respond(503, "proxy is draining")
             return
-        self.spawn(self.handle_inbound(session, stream))
+        peer_ip = getattr(session, "peer_ip", "?")
+        if not self.admit_setup(peer_ip, "destination"):
+            stream.respond(503, f"{self.cfg.proxy_id} is saturated ({self.opts.max_setups_in_flight} connection "
+                                "setups in flight): shed, try again", overloaded=True)
+            return
+        task = self.spawn(self.handle_inbound(session, stream))
+        task.add_done_callback(lambda _t: self.setups.release(peer_ip))
+
+    def _probe_lag(self, due: float) -> None:
+        """How late this timer ran is how late everything on the loop runs (`LagHistory`, `LagShedder`)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        lag_s, at_s = max(0.0, now - due), mono_s()
+        self.lag_history.observe(lag_s, at_s)
+        t = self.shedder.observe(lag_s, at_s) if self.shedder is not None else None
+        if t is not None:
+            log.warning("%s: event loop %.0f ms late; %s", self.cfg.proxy_id if self.state.config else "proxy",
+                        t.lag_s * 1000, "saturated, shedding new connection setups" if t.state is LoadState.SHEDDING
+                        else "recovered, admitting new connection setups",
+                        extra={"fields": {"kind": "load", "state": t.state.value, "lag_ms": round(t.lag_s * 1000, 1)}})
+        if not self.draining:
+            self._lag_probe = loop.call_later(LAG_PROBE_INTERVAL_S, self._probe_lag, now + LAG_PROBE_INTERVAL_S)
+
+    def admit_setup(self, peer_ip: str, reporter: str) -> bool:
+        """A new connection may be set up (dial, handshakes, answer) unless `max_setups_in_flight`
+        are already in flight from `peer_ip` or in total: past that the proxy is saturated, and a
+        setup it admitted would only queue behind the others into a timeout. The caller refuses
+        at once, marked as overload, and releases `self.setups` when an admitted setup is over."""
+        if self.shedder is not None and self.shedder.shedding:
+            self.telemetry.refusal(reporter, "overloaded")
+            self.telemetry.log(kind="refused", peer=peer_ip, reason=(
+                f"event loop over {self.opts.shed_at_loop_lag_ms:g} ms late: saturated; shed"))
+            return False
+        why = self.setups.admit(peer_ip)
+        if why:
+            self.telemetry.refusal(reporter, "overloaded")
+            self.telemetry.log(kind="refused", peer=peer_ip, reason=f"{why}: over {self.opts.max_setups_in_flight} "
+                               "connection setups in flight; shed")
+            return False
+        return True
 
     async def handle_inbound(self, session: HboneSession, stream: HboneStream) -> None:
         raise NotImplementedError
@@ -518,7 +597,8 @@ class ProxyBase:
         if stream_gone(stream):
             return False  # reset (or its connection ended) before we got to it: nothing to dial for
         try:
-            await asyncio.wait_for(loop.create_connection(lambda: relay, *target), timeout_s)
+            async with asyncio.timeout(timeout_s):  # not wait_for: no task (and loop turn) per connection
+                await loop.create_connection(lambda: relay, *target)
         except (OSError, TimeoutError) as e:
             reason = (f"connect to {target[0]}:{target[1]} failed: "
                       f"{'timed out' if isinstance(e, TimeoutError) else e.strerror or e!r}")
@@ -638,8 +718,12 @@ class ProxyBase:
         inner = HboneSession(Role.CLIENT, loop, _replace_hbone(self.opts.hbone), on_made=made, on_ready=ready)
         inner.local_identity = src_identity
         sni = sni_for_identity(ep.identity) if ep.identity else hostname
-        adapter = TlsAdapter(loop, self.creds.client_ctx(src_identity), inner, server_side=False,
-                             server_hostname=sni, handshake_timeout_s=timeout_s)
+        ctx, store = self.creds.client_ctx(src_identity), self.creds.store
+        # a ticket is offered only to the dial that earned it (`ztunnel.identity.resumption`)
+        ticket_key = (src_identity, ep.hbone_address, ep.gateway, expected, sni)
+        ticket = self.tickets.find(ticket_key, ctx, store, mono_s()) if self.opts.tls_resumption else None
+        adapter = TlsAdapter(loop, ctx, inner, server_side=False, server_hostname=sni, handshake_timeout_s=timeout_s,
+                             session=ticket)
         transport = StreamTransport(ostream)
         transport.set_protocol(adapter)
         adapter.connection_made(transport)  # the ClientHello: flushes the CONNECT with it, one write
@@ -657,7 +741,8 @@ class ProxyBase:
             await ostream.response  # arrived before the server's first byte (same stream, in order)
 
         try:
-            await asyncio.wait_for(handshake(), max(0.001, timeout_s - (mono_s() - started)))
+            async with asyncio.timeout(max(0.001, timeout_s - (mono_s() - started))):
+                await handshake()
         except BaseException as e:
             adapter.abort()
             resp = ostream.response
@@ -666,8 +751,11 @@ class ProxyBase:
             if isinstance(e, TimeoutError):
                 ostream.reset(ErrorCode.CANCEL)
             raise
+        resumed = adapter.sslobj.session_reused
         if failure or not opened:
             adapter.abort()
+            if failure and ticket is not None:
+                self.tickets.forget(ticket_key, refused_after_resume=resumed)
             raise failure[0] if failure else ConnectionResetError("inner HBONE session closed before its tunnel opened")
         stream = opened[0]
         try:
@@ -675,6 +763,12 @@ class ProxyBase:
         except BaseException:
             adapter.abort()
             raise
+        if resumed:
+            self.tickets.note_resumed()
+        elif self.opts.tls_resumption:
+            # the destination's ticket came with its first flight after the handshake, before this
+            # answer; the peer passed the identity check above
+            self.tickets.remember(ticket_key, adapter.sslobj.session, ctx, store, mono_s())
         stream.inner_session = inner  # type: ignore[attr-defined]
         return stream
 
@@ -695,6 +789,8 @@ class ProxyBase:
         """Stop accepting, GOAWAY every session, let connections finish until the deadline, then close."""
         self.draining = True
         self.ready.clear()
+        if self._lag_probe is not None:
+            self._lag_probe.cancel()
         for srv in self.servers:
             srv.close()
         for s in list(self.inbound_sessions) + self.pool.all():

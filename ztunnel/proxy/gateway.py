@@ -19,7 +19,8 @@ from ztunnel.api.config import Endpoint, ProxyMode
 from ztunnel.api.lb import choose_endpoint
 from ztunnel.api.outlier import Outcome
 from ztunnel.proxy.admin import ConnLabels
-from ztunnel.proxy.base import ProxyBase, mono_s, stream_gone, with_options
+from ztunnel.proxy.base import SELF_SATURATION_LAG_SHARE, ProxyBase, mono_s, stream_gone, with_options
+from ztunnel.proxy.plan import FailedAttempt, judge_failed_attempt
 from ztunnel.proxy.relay import HboneSession, HboneStream, PlainRelay, RelayStats
 from ztunnel.xds.state import parse_host_port
 
@@ -82,12 +83,22 @@ class GatewayProxy(ProxyBase):
             relay = PlainRelay(None, done)
             node_host, node_port = parse_host_port(ep.hbone_address)
             try:
-                await asyncio.wait_for(loop.create_connection(lambda relay=relay: relay, node_host, node_port),  # type: ignore[misc]
-                                       min(timeout_s, max(0.001, deadline - mono_s())))
+                async with asyncio.timeout(min(timeout_s, max(0.001, deadline - mono_s()))):  # no task per dial
+                    await loop.create_connection(lambda relay=relay: relay, node_host, node_port)  # type: ignore[misc]
             except (OSError, TimeoutError) as e:
                 errors.append(f"{ep.workload_uid}: {e!r}")
-                self.record_outcome(host, ep.workload_uid,
-                                    Outcome.TIMEOUT if isinstance(e, TimeoutError) else Outcome.CONNECT_FAILURE)
+                timed_out = isinstance(e, TimeoutError)
+                verdict = judge_failed_attempt(
+                    FailedAttempt.TIMEOUT if timed_out else FailedAttempt.CONNECT_ERROR,
+                    self_saturated=timed_out and self.lag_history.max_since(started)
+                    >= SELF_SATURATION_LAG_SHARE * timeout_s)
+                if verdict.outcome is not None:
+                    self.record_outcome(host, ep.workload_uid, verdict.outcome)
+                if not verdict.try_next:  # our own queue made it time out: shed, as overloaded
+                    self.telemetry.refusal("gateway", "overloaded")
+                    with contextlib.suppress(Exception):
+                        stream.respond(503, f"gateway {cfg.proxy_id} is saturated: shed, try again", overloaded=True)
+                    return
                 continue
             if stream_gone(stream):
                 if relay.transport is not None:
@@ -97,7 +108,12 @@ class GatewayProxy(ProxyBase):
             self.relays.add(relay)
             relay._on_done = _chain(relay, self.relays, done)
             self.telemetry.conn_opened(labels)
-            stream.respond(200)
+            if stream.peer_spoke_first:
+                # the source pipelined its inner ClientHello and waits for the node's answer: the 200
+                # leaves with that answer, one message through the outer tunnel instead of two
+                relay.answer_with_first_reply()
+            else:
+                stream.respond(200)
             relay.bind(stream)
             return
         reason = (f"no healthy node for {host} reachable from gateway {cfg.proxy_id}"

@@ -46,6 +46,7 @@ from ztunnel.api.verify import PeerVerificationError
 from ztunnel.proxy import proxyproto
 from ztunnel.proxy.admin import ConnLabels
 from ztunnel.proxy.base import (
+    SELF_SATURATION_LAG_SHARE,
     SOURCE_HEADER,
     ConnectFailed,
     ProxyBase,
@@ -53,7 +54,14 @@ from ztunnel.proxy.base import (
     with_options,
 )
 from ztunnel.proxy.capture import CaptureProtocol
-from ztunnel.proxy.plan import OutboundPlan, plan_inbound, plan_outbound, sni_for_identity
+from ztunnel.proxy.plan import (
+    FailedAttempt,
+    OutboundPlan,
+    judge_failed_attempt,
+    plan_inbound,
+    plan_outbound,
+    sni_for_identity,
+)
 from ztunnel.proxy.relay import (
     HboneSession,
     HboneStream,
@@ -156,6 +164,14 @@ class NodeProxy(ProxyBase):
                                status=503, reason=reason)
             cap.refuse(reason, 5)
             return
+        if not self.admit_setup(src_ip, "source"):
+            reason = (f"{plan.description}: this node's proxy is saturated ({self.opts.max_setups_in_flight} "
+                      "connection setups in flight): refused at once, try again")
+            self.telemetry.log(kind="access", direction="outbound", src=src.identity, dst=plan.description,
+                               status=503, reason=reason, overloaded=True)
+            cap.refuse(reason, 1)
+            self._release_connection(cap_key)
+            return
         try:
             stream, ep, plan, route = await self.connect_routed(src, plan)
         except (ConnectFailed, TunnelRefused) as e:
@@ -165,6 +181,8 @@ class NodeProxy(ProxyBase):
             cap.refuse(reason, 2 if isinstance(e, TunnelRefused) and e.status == 403 else 5)
             self._release_connection(cap_key)
             return
+        finally:
+            self.setups.release(src_ip)
         svc_name = plan.service.hostname if plan.service else "unknown"  # the backend actually used
         labels = ConnLabels(reporter="source", source_workload=src.name, source_principal=src.identity,
                             destination_service=svc_name,
@@ -303,30 +321,42 @@ class NodeProxy(ProxyBase):
             if ep is None:
                 break
             tried.append(ep.workload_uid)
+            attempt_timeout_s = min(timeout_s, remaining)
+            attempt_started = mono_s()
+            final: Exception
             try:
-                stream = await self._attempt(src, plan, ep, min(timeout_s, remaining))
+                stream = await self._attempt(src, plan, ep, attempt_timeout_s)
             except TunnelRefused as e:
-                if e.status in (403, 400, 404):
-                    raise  # a decision, not a failure: do not retry elsewhere
-                errors.append(f"{ep.workload_uid}: {e}")
-                self.record_outcome(name, ep.workload_uid, Outcome.CONNECT_FAILURE)
-                continue
-            except TimeoutError:
-                errors.append(f"{ep.workload_uid}: timed out after {min(timeout_s, remaining):g}s")
-                self.record_outcome(name, ep.workload_uid, Outcome.TIMEOUT)
-                continue
+                verdict = judge_failed_attempt(FailedAttempt.REFUSED, e.status, e.overloaded)
+                error, final = f"{ep.workload_uid}: {e}", e
+            except TimeoutError as e:
+                late_s = self.lag_history.max_since(attempt_started)
+                verdict = judge_failed_attempt(
+                    FailedAttempt.TIMEOUT, self_saturated=late_s >= SELF_SATURATION_LAG_SHARE * attempt_timeout_s)
+                error, final = f"{ep.workload_uid}: timed out after {attempt_timeout_s:g}s", e
             except (OSError, TunnelReset, PeerVerificationError, ssl.SSLError, ConnectionError) as e:
-                errors.append(f"{ep.workload_uid}: {e}")
-                self.record_outcome(name, ep.workload_uid, Outcome.CONNECT_FAILURE)
-                continue
+                verdict = judge_failed_attempt(FailedAttempt.CONNECT_ERROR)
+                error, final = f"{ep.workload_uid}: {e}", e
             except Exception as e:  # a bug must cost one endpoint attempt, not hang the client
-                errors.append(f"{ep.workload_uid}: internal error {e!r}")
+                verdict = judge_failed_attempt(FailedAttempt.INTERNAL_ERROR)
+                error, final = f"{ep.workload_uid}: internal error {e!r}", e
                 log.error("internal error dialing %s (a bug; the client tries the next endpoint): %r",
                           ep.workload_uid, e, exc_info=True)
-                self.record_outcome(name, ep.workload_uid, Outcome.LOCAL_ORIGIN_FAILURE)
-                continue
-            self.record_outcome(name, ep.workload_uid, Outcome.SUCCESS)
-            return stream, ep
+            else:
+                self.record_outcome(name, ep.workload_uid, Outcome.SUCCESS)
+                return stream, ep
+            if verdict.outcome is not None:
+                self.record_outcome(name, ep.workload_uid, verdict.outcome)
+            if not verdict.try_next:
+                # a decision, or a saturated proxy on the path (ours included): none is the endpoint's failure
+                if verdict.why == "self_saturated":
+                    self.telemetry.refusal("source", "overloaded")
+                    raise ConnectFailed(f"{error}, while this proxy was saturated (its event loop ran up to "
+                                        f"{late_s * 1000:.0f} ms late): not counted against the endpoint")
+                if verdict.why == "overloaded":
+                    self.telemetry.refusal("source", "upstream_overloaded")
+                raise final
+            errors.append(error)
         if not tried:
             raise ConnectFailed(f"no healthy endpoint for {plan.description} (all ejected or none configured)")
         raise ConnectFailed(f"could not reach {plan.description} after {len(tried)} endpoint(s): "

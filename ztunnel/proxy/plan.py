@@ -10,13 +10,59 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 from ztunnel.api import authz
 from ztunnel.api.config import Endpoint, ProxyConfig, Service, Workload
 from ztunnel.api.identity import SpiffeId
+from ztunnel.api.outlier import Outcome
 from ztunnel.api.ports import ADMIN_PORT, HBONE_PORT, OUTBOUND_CAPTURE_PORT, SOCKS5_PORT
 from ztunnel.xds.state import parse_host_port
+
+
+class FailedAttempt(Enum):
+    """How one attempt to open a tunnel to an endpoint failed (the adapter's exception, classified)."""
+
+    REFUSED = "refused"              # a proxy on the path answered the CONNECT with a non-2xx status
+    TIMEOUT = "timeout"              # no tunnel within the connect timeout
+    CONNECT_ERROR = "connect_error"  # refused/reset socket, TLS failure, identity check failed
+    INTERNAL_ERROR = "internal"      # a bug on our side
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptVerdict:
+    outcome: Outcome | None   # what the endpoint's outlier detector is told; None: nothing
+    try_next: bool            # try another endpoint (possibly in the next tier: a failover)
+    why: str
+
+
+def judge_failed_attempt(kind: FailedAttempt, status: int = 0, overloaded: bool = False,
+                         self_saturated: bool = False) -> AttemptVerdict:
+    """The one decision of what a failed connect attempt says about its endpoint.
+
+    A refusal a proxy makes because it is *saturated* (it sheds load: too many connection setups in
+    flight, `x-meshfed-overloaded` on its 503) says nothing about the endpoint's health: it feeds no
+    outlier detector — no ejection — and is not retried on another endpoint or tier — no failover,
+    which would move load to a cluster whose endpoints did not fail and, behind the same gateway,
+    meet the same saturation. The client sees the refusal at once. Likewise a timeout while *this*
+    proxy was saturated (`self_saturated`: its own event loop ran late during the attempt, see
+    `ztunnel.proxy.overload.LagHistory`): the time went to our own queue. A refusal that is a decision
+    (400 bad request, 403 denied, 404 no route) is final as well. Everything else is the endpoint's
+    failure: counted, and the next endpoint is tried."""
+    if kind is FailedAttempt.REFUSED:
+        if overloaded:
+            return AttemptVerdict(None, False, "overloaded")
+        if status in (400, 403, 404):
+            return AttemptVerdict(None, False, "decision")
+        return AttemptVerdict(Outcome.CONNECT_FAILURE, True, "endpoint_failure")
+    if kind is FailedAttempt.TIMEOUT:
+        if self_saturated:
+            return AttemptVerdict(None, False, "self_saturated")
+        return AttemptVerdict(Outcome.TIMEOUT, True, "endpoint_failure")
+    if kind is FailedAttempt.CONNECT_ERROR:
+        return AttemptVerdict(Outcome.CONNECT_FAILURE, True, "endpoint_failure")
+    return AttemptVerdict(Outcome.LOCAL_ORIGIN_FAILURE, True, "internal_error")
 
 
 def sni_for_identity(identity: str) -> str:

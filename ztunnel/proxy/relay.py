@@ -14,6 +14,8 @@ is written with one `transport.write` per batch. No task per connection on the d
   session's own transport is (`HboneSession.write_paused`: the peer is not reading what we send).
   Bytes that arrive before the tunnel is up are kept, up to `EARLY_BUFFER_BYTES`; beyond that
   the socket is not read until the tunnel is bound.
+  For a peer that pipelines (sent data before the answer: the gateway's inner ClientHello), the
+  200 can wait for the socket's first bytes and leave with them (`answer_with_first_reply`).
   Half-close maps to END_STREAM and back; a reset maps to RST_STREAM and back — the socket is aborted
   with SO_LINGER 0 so the application sees ECONNRESET, never a clean close.
 - `StreamTransport` — an `asyncio.Transport` over a stream, so a `tlsproto.TlsAdapter` can run the
@@ -42,6 +44,9 @@ from ztunnel.hbone.framer import ErrorCode, HboneConnection, HboneSettings, Role
 HIGH_WATER_BYTES = 1024 * 1024
 READ_CHUNK_BYTES = 256 * 1024
 EARLY_BUFFER_BYTES = 256 * 1024   # an application's bytes held while its tunnel is being set up
+# On a 503: the proxy answering is saturated and shed this tunnel (it says nothing about the
+# endpoint; `ztunnel.proxy.plan.judge_failed_attempt`). Envoy's equivalent is `x-envoy-overloaded`.
+OVERLOADED_HEADER = "x-meshfed-overloaded"
 
 
 def now_s() -> float:
@@ -56,11 +61,13 @@ class StreamHandler(Protocol):
 
 
 class TunnelRefused(Exception):
-    """The peer answered the CONNECT with a non-2xx status (`status`, `reason` from the peer)."""
+    """The peer answered the CONNECT with a non-2xx status (`status`, `reason` from the peer;
+    `overloaded`: it shed the tunnel because it is saturated, see `OVERLOADED_HEADER`)."""
 
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(f"tunnel refused with {status}: {reason or 'no reason given'}")
-        self.status, self.reason = status, reason
+    def __init__(self, status: int, reason: str, overloaded: bool = False) -> None:
+        super().__init__(f"tunnel refused with {status}{' (overloaded)' if overloaded else ''}: "
+                         f"{reason or 'no reason given'}")
+        self.status, self.reason, self.overloaded = status, reason, overloaded
 
 
 class TunnelReset(Exception):
@@ -140,12 +147,21 @@ class HboneStream:
     def buffered_bytes(self) -> int:
         return self.session.conn.buffered_bytes(self.stream_id)
 
-    def respond(self, status: int, reason: str = "") -> None:
+    @property
+    def peer_spoke_first(self) -> bool:
+        """The peer sent data before we answered its CONNECT (it pipelines: a double-HBONE source
+        sends its inner ClientHello right behind the outer CONNECT)."""
+        return any(kind == "data" for kind, _, _ in self._backlog)
+
+    def respond(self, status: int, reason: str = "", overloaded: bool = False, flush: bool = True) -> None:
         headers = [("x-meshfed-reason", reason)] if reason else []
+        if overloaded:
+            headers.append((OVERLOADED_HEADER, "true"))
         self.session.conn.respond(self.stream_id, status, headers)
         if not 200 <= status < 300:
             self.session.streams.pop(self.stream_id, None)
-        self.session.flush()
+        if flush:
+            self.session.flush()
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:
@@ -242,7 +258,8 @@ class HboneSession(asyncio.Protocol):
                 assert isinstance(ev, hbone.StreamRejected)
                 st = streams.pop(ev.stream_id, None)
                 if st is not None and not st.response.done():
-                    st.response.set_exception(TunnelRefused(ev.status, ev.reason))
+                    st.response.set_exception(TunnelRefused(
+                        ev.status, ev.reason, ev.status == 503 and (OVERLOADED_HEADER, "true") in ev.headers))
             elif t is hbone.StreamReset:
                 assert isinstance(ev, hbone.StreamReset)
                 st = streams.pop(ev.stream_id, None)
@@ -423,6 +440,7 @@ class PlainRelay(asyncio.Protocol):
         self._early: list[bytes] = []
         self._early_bytes = 0
         self._early_eof = False
+        self._answer_pending = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -434,8 +452,23 @@ class PlainRelay(asyncio.Protocol):
             except OSError:
                 pass
 
+    def answer_with_first_reply(self) -> None:
+        """Send the stream's 200 with the socket's first bytes (or its EOF) instead of on its own,
+        for a peer that already spoke (`HboneStream.peer_spoke_first`): it waits for our socket's
+        answer, not for the 200, so the two leave as one message. Call before `bind`."""
+        self._answer_pending = True
+
+    def _answer(self, st: HboneStream) -> None:
+        if self._answer_pending:
+            self._answer_pending = False
+            try:
+                st.respond(200, flush=False)  # leaves with what the caller writes next
+            except hbone.HboneError:
+                pass  # the peer reset the tunnel meanwhile: that reset closes our socket (`on_reset`)
+
     def bind(self, stream: HboneStream) -> None:
-        """Attach the stream (after the tunnel was accepted); replays bytes that arrived early."""
+        """Attach the stream (after the tunnel was accepted, or with `answer_with_first_reply` while
+        it is); replays bytes that arrived early."""
         self.stream = stream
         early, self._early, self._early_bytes = self._early, [], 0
         for chunk in early:
@@ -457,6 +490,7 @@ class PlainRelay(asyncio.Protocol):
                 self.transport.pause_reading()
             return
         self.stats.bytes_from_plain += len(data)
+        self._answer(st)
         st.write(data)
         if not self._reading_paused and (st.buffered_bytes > HIGH_WATER_BYTES or st.session.write_paused) \
                 and self.transport is not None:
@@ -469,6 +503,7 @@ class PlainRelay(asyncio.Protocol):
             return True
         if not self._sent_eof:
             self._sent_eof = True
+            self._answer(self.stream)
             self.stream.write_eof()
         self._maybe_finish()
         return True  # keep the socket open for the other direction

@@ -108,3 +108,32 @@ async def test_open_stream_without_flush_leaves_with_the_next_write() -> None:
     assert len(t.writes) == 1
     assert [k for k, _f in kinds(t.writes[0])] == [HEADERS, hbone.DATA]
     c.abort()
+
+
+async def test_a_pipelining_peers_200_leaves_with_the_sockets_first_answer() -> None:
+    """A peer that sent data behind its CONNECT (the gateway's inner ClientHello) gets the 200 with
+    the relayed socket's first bytes, in one write; a peer that did not gets it at once."""
+    from ztunnel.proxy.relay import PlainRelay
+
+    streams: list[HboneStream] = []
+    s, t = server(lambda _s, st: streams.append(st))
+    await settle()
+    c = HboneConnection(Role.CLIENT)
+    c.initiate(0.0)
+    sid = c.open_stream("10.0.0.1:15008")
+    c.send_data(sid, b"client hello")
+    c.open_stream("10.0.0.1:15009")
+    s.data_received(c.data_to_send())
+    pipelined, silent = streams
+    assert pipelined.peer_spoke_first and not silent.peer_spoke_first
+    t.writes.clear()
+    relay = PlainRelay()
+    sock = Recorder()
+    relay.connection_made(sock)
+    relay.answer_with_first_reply()
+    relay.bind(pipelined)
+    assert sock.writes == [b"client hello"] and t.writes == []     # relayed; nothing answered yet
+    relay.data_received(b"server hello")
+    assert len(t.writes) == 1
+    assert [k for k, _f in kinds(t.writes[0])] == [HEADERS, hbone.DATA]
+    s.abort()

@@ -279,7 +279,11 @@ def test_server_context_settings(live: tuple[dict[str, TrustDomainCA], TrustStor
     ctx = tls.server_context(srv.chain_pem, srv.key_pem, store)
     assert ctx.verify_mode == ssl.CERT_REQUIRED and not ctx.check_hostname
     assert ctx.minimum_version == ssl.TLSVersion.TLSv1_3
-    assert ctx.num_tickets == 0 and ctx.options & ssl.OP_NO_TICKET
+    # one TLS 1.3 ticket per handshake (resumption of the inner end-to-end session, issue 16);
+    # TLS <= 1.2 stays off, so no session ids and no 1.2 tickets
+    assert ctx.num_tickets == 1 and not ctx.options & ssl.OP_NO_TICKET
+    off = tls.server_context(srv.chain_pem, srv.key_pem, store, tickets=False)
+    assert off.num_tickets == 0 and off.options & ssl.OP_NO_TICKET
 
 
 def test_unknown_root_fails_the_first_gate(live: tuple[dict[str, TrustDomainCA], TrustStore, float]) -> None:
