@@ -171,7 +171,10 @@ async def run_lite_fleet(target: str, proxy_ids: list[str], stop: asyncio.Event,
     0.1 s when a stream ends, until `stop` is set."""
     import grpc.aio
 
-    opts = [("grpc.max_receive_message_length", max_message_bytes + 65536)]
+    # a local subchannel pool per channel: its own TCP connection, as a real proxy has. With the
+    # global pool every channel of this process shared one connection, and the controller's limit
+    # of 16 streams per connection left all but 16 of them waiting for ever
+    opts = [("grpc.max_receive_message_length", max_message_bytes + 65536), ("grpc.use_local_subchannel_pool", 1)]
     proxies = [LiteProxy(pid, pid.split("/")[1] if pid.count("/") >= 1 else "a") for pid in proxy_ids]
 
     async def keep(p: LiteProxy) -> None:
