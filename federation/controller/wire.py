@@ -8,8 +8,14 @@ So each producer encodes once, here, and each consumer decodes, here:
   same trust), never for input from a network peer. Snapshots hold read-only maps
   (MappingProxyType), which plain pickle refuses: they travel as their dict and come back
   read-only;
-- configs, reconciler -> config service: per-proxy deltas in the protocol's own protobuf encoding
-  (`ztunnel.api.codec`), framed by `pack`/`unpack` (a 4-byte big-endian length before each);
+- configs, reconciler -> config service (or its shards, `federation.controller.shard`): per-proxy
+  deltas in the protocol's own protobuf encoding (`ztunnel.api.codec`), framed by `pack`/`unpack`
+  (a 4-byte big-endian length before each). The renderer shares resource objects between proxies
+  with the same view, and the distributor's fan-out (one diff and one encode per distinct view
+  transition) depends on that sharing; decoding each proxy's copy on its own would give every
+  proxy its own objects and turn the fan-out back into one encode per proxy. So the decoder
+  interns resources by (kind, body bytes) (`_ResourceIntern`): equal bodies become one object,
+  within a blob and across blobs while the entry lives;
 - health reports, config service -> reconciler: the proxy's `HealthReport` protobuf as received;
 - status documents: JSON.
 """
@@ -21,7 +27,7 @@ import json
 import pickle
 import struct
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -29,7 +35,7 @@ from clusters.kube.observation import ClusterObservation
 from federation.controller.reconciler import EndpointReport
 from gitops.model import ConfigSnapshot
 from ztunnel.api.codec import decode_delta, encode_delta, header_to_pb, template_from_header
-from ztunnel.api.config import ConfigDelta, ProxyConfig, diff_configs
+from ztunnel.api.config import RESOURCE_TYPES, ConfigDelta, ProxyConfig, diff_configs, parse_resources
 from ztunnel.api.proto import meshfed_pb2 as pb
 
 UNLIMITED_BYTES = 1 << 40     # between actors a delta is never split into chunks
@@ -117,13 +123,50 @@ def encode_removals(proxy_ids: Iterable[str], known: Mapping[str, ProxyConfig]) 
     return pack(msgs)
 
 
+class _ResourceIntern:
+    """Decoded resources by (kind, body): one object per distinct body, so that the proxies sharing
+    a view share its objects on the receiving side too. Bounded: cleared when full (a miss only
+    costs a parse). Only our own reconciler's bodies come here, never a proxy's."""
+
+    def __init__(self, max_entries: int = 200_000) -> None:
+        self.max_entries = max_entries
+        self._d: dict[tuple[str, bytes], Any] = {}
+        self.hits = self.misses = 0
+
+    def get(self, kind: str, key: str, body: bytes) -> Any:
+        hit = self._d.get((kind, body))
+        if hit is not None:
+            self.hits += 1
+            return hit
+        self.misses += 1
+        if kind not in RESOURCE_TYPES:
+            raise ValueError(f"config delta for an unknown resource type {kind!r} ({key}): reconciler and config "
+                             "service run different versions")
+        good, bad = parse_resources(kind, [json.loads(body)])
+        if bad:
+            raise ValueError(f"config delta with a resource that does not parse: {bad[0]}")
+        if len(self._d) >= self.max_entries:
+            self._d.clear()
+        self._d[(kind, body)] = good[0]
+        return good[0]
+
+
+_INTERN = _ResourceIntern()
+
+
 def decode_config_deltas(blob: bytes) -> list[ProxyDelta]:
     out = []
     for raw in unpack(blob):
         msg = pb.ConfigResponse.FromString(raw)
+        bodies = [(r.type, r.key, r.body) for r in msg.upserts]
+        msg.ClearField("upserts")   # the codec decodes the rest (stamp, base, removals, identities, header)
         dec = decode_delta([msg])
-        remove = dec.delta.base_version == 0 and not any(dec.delta.upserts.values()) and msg.nonce == REMOVE_NONCE
-        out.append(ProxyDelta(dec.delta.proxy_id, dec.delta, template_from_header(dec.header), remove))
+        upserts: dict[str, list[Any]] = {kind: [] for kind in RESOURCE_TYPES}
+        for kind, key, body in bodies:
+            upserts.setdefault(kind, []).append(_INTERN.get(kind, key, body))
+        delta = replace(dec.delta, upserts={kind: tuple(items) for kind, items in upserts.items()})
+        remove = delta.base_version == 0 and not bodies and msg.nonce == REMOVE_NONCE
+        out.append(ProxyDelta(delta.proxy_id, delta, template_from_header(dec.header), remove))
     return out
 
 

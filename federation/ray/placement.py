@@ -26,7 +26,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-ROLES = ("reconciler", "git", "agent")
+ROLES = ("reconciler", "git", "agent", "shard")
 
 
 def current_node_id() -> str:
@@ -73,6 +73,14 @@ def agent_node(cluster: str, clusters: list[str], node_ids: list[str]) -> str | 
         return None
     nodes = sorted(node_ids)
     return nodes[sorted(clusters).index(cluster) % len(nodes)]
+
+
+def shard_node(index: int, node_ids: list[str]) -> str | None:
+    """The node a config shard should prefer: shards dealt over the alive nodes in id order (pure),
+    as a soft affinity like the agents' (Ray's SPREAD may stack zero-CPU actors on one node)."""
+    if not node_ids:
+        return None
+    return sorted(node_ids)[index % len(node_ids)]
 
 
 def alive_node_ids() -> list[str]:
