@@ -32,13 +32,13 @@ from types import MappingProxyType
 from typing import Any
 
 from clusters.kube.observation import ClusterObservation
+from federation.controller.distributor import SegmentCache, content_of, encode_change, kind_segments
 from federation.controller.reconciler import EndpointReport
 from gitops.model import ConfigSnapshot
-from ztunnel.api.codec import decode_delta, encode_delta, header_to_pb, template_from_header
-from ztunnel.api.config import RESOURCE_TYPES, ConfigDelta, ProxyConfig, diff_configs, parse_resources
+from ztunnel.api.codec import decode_delta, header_to_pb, template_from_header
+from ztunnel.api.config import RESOURCE_TYPES, ConfigDelta, ProxyConfig, parse_resources
 from ztunnel.api.proto import meshfed_pb2 as pb
 
-UNLIMITED_BYTES = 1 << 40     # between actors a delta is never split into chunks
 REMOVE_NONCE = "remove"       # an empty full-state delta with this nonce: forget the proxy
 
 
@@ -105,11 +105,19 @@ class ProxyDelta:
     remove: bool = False       # the proxy is no longer rendered: forget it
 
 
+# the reconciler's own cache of encoded changes (the config service's distributor has its own)
+_SEGMENTS = SegmentCache()
+
+
 def encode_config_deltas(changes: Iterable[tuple[ProxyConfig | None, ProxyConfig]]) -> bytes:
-    """(what the receiver has, what it should have) per proxy -> one blob of deltas."""
+    """(what the receiver has, what it should have) per proxy -> one blob of deltas. Encoded like
+    a push (`distributor.encode_change`): proxies with the same view transition share one diff
+    and one encode of it (after a commit every Service is a new object, and a diff per proxy
+    compared every one of them by value)."""
     msgs: list[bytes] = []
     for old, new in changes:
-        msgs.extend(m.SerializeToString() for m in encode_delta(diff_configs(old, new), new, "", UNLIMITED_BYTES))
+        old_c = content_of(old) if old is not None else None
+        msgs.append(encode_change(old, new, "", kind_segments(_SEGMENTS, old_c, content_of(new))))
     return pack(msgs)
 
 

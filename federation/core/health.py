@@ -114,9 +114,9 @@ class HealthAggregator:
     def set_view(self, proxy_id: str, keys: Iterable[HealthKey]) -> None:
         """`proxy_id`'s rendered config now routes to `keys`: it may vote on them and nothing else;
         its votes on keys it no longer routes to are dropped."""
-        new = frozenset(keys)
+        new = frozenset(keys)   # (the same object when `keys` is a frozenset)
         old = self.proxy_views.get(proxy_id, frozenset())
-        if new == old:
+        if new is old or new == old:
             return
         for key in old - new:
             self._unobserve(proxy_id, key)

@@ -92,3 +92,17 @@ def test_a_resource_that_does_not_parse_is_refused_with_its_key() -> None:
     bad_kind.upserts.add(type="gadgets", key="g", body=b"{}")
     with pytest.raises(ValueError, match="unknown resource type 'gadgets'"):
         decode_config_deltas(pack([bad_kind.SerializeToString()]))
+
+
+def test_config_deltas_say_what_diff_configs_says() -> None:
+    """The blob is encoded like a push (shared per-kind segments): decoded, each proxy's delta is
+    the codec's `diff_configs` of its pair — upserts, removals, base, identities."""
+    from ztunnel.api.config import diff_configs
+
+    v1 = replace(make_config("ztunnel/a/n1", "rev1", services=4), stamp=Stamp(1, "rev1", 1),
+                 local_identities=("spiffe://a.example/ns/x/sa/y",))
+    v2 = replace(make_config("ztunnel/a/n1", "rev2", services=2, seed=1), stamp=Stamp(1, "rev2", 2))
+    v3 = replace(v2, stamp=Stamp(1, "rev3", 3))
+    for old, new in [(None, v1), (v1, v2), (v2, v3), (v1, v1)]:
+        (got,) = decode_config_deltas(encode_config_deltas([(old, new)]))
+        assert got.delta == diff_configs(old, new)
