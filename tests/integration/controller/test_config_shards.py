@@ -57,7 +57,11 @@ def test_shards_serve_their_proxies_and_a_dead_shard_loses_no_push(ray_session: 
             assert sum(m for _at, m, _w in settled) == len(IDS)
             assert all(p.sub.current is not None and p.sub.current.stamp.epoch == 5 for p in proxies.values())
 
-            ray.kill(handles[1], no_restart=True)          # shard 1 dies
+            ray.kill(handles[1], no_restart=True)          # shard 1 dies (ray.kill returns before it is dead)
+            with pytest.raises(ray.exceptions.RayActorError):
+                for _ in range(100):
+                    ray.get(handles[1].where.remote(), timeout=10)
+                    await asyncio.sleep(0.05)
             with pytest.raises(ray.exceptions.RayActorError):
                 box.push({pid: cfg(pid, "r2", 2, 3) for pid in IDS})
             # shard 0's proxies got r2 all the same
