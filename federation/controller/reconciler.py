@@ -81,7 +81,7 @@ from federation.core.rollout import APPLY_TIMEOUT_S, ProxyRollout, RolloutDecisi
 from federation.core.rotation_gate import ca_spec_from_dict, ca_spec_to_dict, ca_specs_of, gate_commit
 from gitops.model import CaSpec, ConfigSnapshot
 from gitops.problems import Problem
-from ztunnel.api.config import ProxyConfig, ProxyMode
+from ztunnel.api.config import ProxyConfig
 
 DEBOUNCE_AFTER_S = 0.1
 DEBOUNCE_MAX_S = 10.0
@@ -887,8 +887,7 @@ class CoreRender:
         stopped (FailedOver) or resumed (FailedBack) taking all of that locality's traffic."""
         if not services:
             return []
-        localities = sorted({spec.locality for spec in self._renderer.proxy_specs()
-                             if spec.mode is ProxyMode.NODE}, key=repr)
+        localities = sorted(self._renderer.node_localities(), key=repr)
         events: list[Any] = []
         for key in sorted(services, key=str):
             if key not in self._engine.policies:
