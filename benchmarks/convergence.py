@@ -320,23 +320,26 @@ class ShardBench:
         await reconcile_until(self.rec, stop)
 
 
-def spawn_proxy_workers(port: int | list[int], chunks: list[list[str]], client: str) -> list[subprocess.Popen[bytes]]:
-    """One process per chunk; `port` per chunk when a list (the chunk's shard)."""
-    ports = port if isinstance(port, list) else [port] * len(chunks)
+def spawn_proxy_workers(ports: Mapping[str, int], processes: int, client: str) -> list[subprocess.Popen[bytes]]:
+    """The simulated proxies in `processes` processes (the same number however many shards: the
+    fleet's share of the 2 cores stays the same); each proxy dials its port (its shard's)."""
+    ids = list(ports)
+    chunks = [ids[w::processes] for w in range(max(1, min(processes, len(ids))))]
     return [subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.convergence", "--serve-proxies", client, f"127.0.0.1:{p}", *chunk],
-        stdin=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.getcwd()}) for p, chunk in zip(ports, chunks, strict=True)
-        if chunk]
+        [sys.executable, "-m", "benchmarks.convergence", "--serve-proxies", client, "127.0.0.1",
+         *(f"{ports[pid]}@{pid}" for pid in chunk)],
+        stdin=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.getcwd()}) for chunk in chunks]
 
 
-async def serve_proxies(client: str, target: str, ids: list[str]) -> None:
-    """A worker process: run `ids` until the parent closes our stdin."""
+async def serve_proxies(client: str, host: str, entries: list[str]) -> None:
+    """A worker process: run the proxies of `entries` ("PORT@PROXY_ID") until the parent closes our stdin."""
     stop = asyncio.Event()
     asyncio.get_running_loop().add_reader(sys.stdin.fileno(), stop.set)
+    targets = {pid: f"{host}:{port}" for port, _, pid in (e.partition("@") for e in entries)}
     if client == "lite":
-        await run_lite_fleet(target, ids, stop)
+        await run_lite_fleet("", list(targets), stop, targets=targets)
         return
-    proxies = [SimProxy(p, target, p.split("/")[1]).start() for p in ids]
+    proxies = [SimProxy(p, t, p.split("/")[1]).start() for p, t in targets.items()]
     await stop.wait()
     for p in proxies:
         p.client.stop()
@@ -350,25 +353,21 @@ def cpu_s(who: int) -> float:
 
 async def bench(scenario: Scenario, rounds: int, client: str = "lite", workers: int = 1,
                 shards: int = 0) -> dict[str, Any]:
-    """`workers`: processes running the simulated proxies (per shard when sharded); `shards`: config
+    """`workers`: processes running the simulated proxies; `shards`: config
     shards on Ray (0: the distributor in this process)."""
     n = len(scenario.ids)
     handles: list[Any] = []
     b: Bench | ShardBench
     if shards:
-        from federation.controller.shard import partition
+        from federation.controller.shard import shard_of
 
         handles, ports, placed = await start_shards(shards)
         b = ShardBench(scenario, handles)
-        per_shard = partition(scenario.ids, shards)
-        chunks = [part[w::workers] for part in per_shard for w in range(workers)]
-        chunk_ports = [ports[k] for k in range(shards) for _w in range(workers)]
-        procs = spawn_proxy_workers(chunk_ports, chunks, client)
+        procs = spawn_proxy_workers({pid: ports[shard_of(pid, shards)] for pid in scenario.ids}, workers, client)
     else:
         b = Bench(scenario)
         port = await b.server.start("127.0.0.1:0")
-        workers = max(1, min(workers, n))
-        procs = spawn_proxy_workers(port, [scenario.ids[w::workers] for w in range(workers)], client)
+        procs = spawn_proxy_workers(dict.fromkeys(scenario.ids, port), workers, client)
     stop = asyncio.Event()
     loop_task = asyncio.ensure_future(b.reconcile_loop(stop))
     try:

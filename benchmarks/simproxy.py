@@ -166,9 +166,10 @@ class LiteProxy:
 
 
 async def run_lite_fleet(target: str, proxy_ids: list[str], stop: asyncio.Event,
-                         max_message_bytes: int = 4 * 1024 * 1024) -> list[LiteProxy]:
-    """Run one LiteProxy per id on this event loop, each on its own channel, reconnecting after
-    0.1 s when a stream ends, until `stop` is set."""
+                         max_message_bytes: int = 4 * 1024 * 1024,
+                         targets: dict[str, str] | None = None) -> list[LiteProxy]:
+    """Run one LiteProxy per id on this event loop, each on its own channel (to `targets[id]`, else
+    `target`), reconnecting after 0.1 s when a stream ends, until `stop` is set."""
     import grpc.aio
 
     # a local subchannel pool per channel: its own TCP connection, as a real proxy has. With the
@@ -179,7 +180,7 @@ async def run_lite_fleet(target: str, proxy_ids: list[str], stop: asyncio.Event,
 
     async def keep(p: LiteProxy) -> None:
         while not stop.is_set():
-            channel = grpc.aio.insecure_channel(target, options=opts)
+            channel = grpc.aio.insecure_channel((targets or {}).get(p.proxy_id, target), options=opts)
             try:
                 await p.run(channel)
             except Exception:  # a lost stream: reconnect, as a proxy would
