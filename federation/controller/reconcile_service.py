@@ -17,7 +17,8 @@ goes on after `LOOP_FAILURE_BACKOFF_S`. `last_step_at_s` moves only when a step 
 loop completes one at least every `IDLE_WAIT_S`), so a loop that is stuck or failing every turn
 shows in status as an old `last_step_at_s`, which `meshfed check` reports (`checks.LOOP_STALL_S`).
 
-`DeltaOutbox` keeps, per proxy, the config the config service accepted and sends only
+`ShardedOutbox` (one config service: `DeltaOutbox`, its one-shard case; several:
+`federation.controller.shard`) keeps, per proxy, the config its service accepted and sends only
 differences (`wire.encode_config_deltas`), and a removal for a proxy no longer rendered (the
 service forgets it). A send that raises changes nothing of that record (the reconciler retries
 with backoff); when the service answers "resync" (it restarted and holds nothing, or our idea of

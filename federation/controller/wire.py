@@ -9,8 +9,9 @@ So each producer encodes once, here, and each consumer decodes, here:
   (MappingProxyType), which plain pickle refuses: they travel as their dict and come back
   read-only;
 - configs, reconciler -> config service (or its shards, `federation.controller.shard`): per-proxy
-  deltas in the protocol's own protobuf encoding (`ztunnel.api.codec`), framed by `pack`/`unpack`
-  (a 4-byte big-endian length before each). The renderer shares resource objects between proxies
+  deltas in the protocol's own protobuf encoding, framed by `pack`/`unpack` (a 4-byte big-endian
+  length before each), encoded the way the distributor encodes a push (`distributor.encode_change`:
+  one diff and one encode per distinct view transition, shared by the proxies that make it). The renderer shares resource objects between proxies
   with the same view, and the distributor's fan-out (one diff and one encode per distinct view
   transition) depends on that sharing; decoding each proxy's copy on its own would give every
   proxy its own objects and turn the fan-out back into one encode per proxy. So the decoder
