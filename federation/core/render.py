@@ -368,8 +368,9 @@ class Renderer:
         if state.config is None:
             spec = state.spec
             cv = self.engine.graph.clusters[spec.cluster]
-            kinds = {kind: tuple(state.resources[kind][k] for k in sorted(state.resources[kind]))
-                     for kind in RESOURCE_TYPES}
+            # (map over the sorted keys: this runs for every proxy of a full render)
+            kinds = {kind: tuple(map(items.__getitem__, sorted(items)))
+                     for kind in RESOURCE_TYPES for items in (state.resources[kind],)}
             state.config = ProxyConfig(
                 proxy_id=spec.proxy_id, mode=spec.mode, cluster=spec.cluster, network=cv.network,
                 trust_domain=cv.trust_domain, stamp=Stamp(self.epoch, self.revision, state.version),
