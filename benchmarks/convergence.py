@@ -54,6 +54,7 @@ import contextlib
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -429,10 +430,12 @@ async def bench(scenario: Scenario, rounds: int, client: str = "lite", workers: 
 async def start_shards(shards: int) -> tuple[list[Any], list[int], list[str]]:
     """`shards` ConfigShardActors dealt over the Ray nodes: (handles, ports, node id per shard)."""
     from federation.ray.actors import ConfigShardActor
-    from federation.ray.placement import Placement, alive_node_ids, shard_node
+    from federation.ray.placement import alive_node_ids, on_node, shard_node
 
+    # a hard affinity here (the controller's is soft): Ray's soft one stacked both shards of a
+    # two-node run on one node, and the figure is about the shards being dealt over both
     nodes = alive_node_ids()
-    handles = [ConfigShardActor.options(**Placement().options("shard", shard_node(k, nodes)))  # type: ignore[attr-defined]
+    handles = [ConfigShardActor.options(**on_node(str(shard_node(k, nodes)), soft=False))  # type: ignore[attr-defined]
                .remote(k, shards, 1, True) for k in range(shards)]
     ports = [int(p) for p in await asyncio.gather(*(h.start.remote("127.0.0.1:0") for h in handles))]
     placed = [str(w["node_id"])[:8] for w in await asyncio.gather(*(h.where.remote() for h in handles))]
@@ -448,7 +451,7 @@ async def stop_shards(handles: list[Any]) -> None:
         ray.kill(h, no_restart=True)
 
 
-def start_ray(nodes: int) -> Any:
+def start_ray(nodes: int) -> tuple[Any, str]:
     """A private local Ray of `nodes` raylets on this machine (one CPU each when 2) for the shards.
     Like `tests/integration/controller/two_node.py`, it never writes /tmp/ray/ray_current_cluster
     (`Cluster` would, and delete it on shutdown: that would hijack or break every other
@@ -463,7 +466,7 @@ def start_ray(nodes: int) -> Any:
     temp_dir = tempfile.mkdtemp(prefix="meshfed-bench-ray-", dir="/tmp")
     if nodes <= 1:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp_dir)
-        return None
+        return None, temp_dir
     from ray.cluster_utils import Cluster
 
     ray._private.utils.write_ray_address = lambda *_a, **_k: None   # type: ignore[assignment]
@@ -474,7 +477,7 @@ def start_ray(nodes: int) -> Any:
         cluster.add_node(**node_args)
     ray.init(address=cluster.address, log_to_driver=False)
     cluster.wait_for_nodes()
-    return cluster
+    return cluster, temp_dir
 
 
 async def full_resync(endpoints: int = 100_000) -> dict[str, Any]:
@@ -538,7 +541,7 @@ def main() -> None:
     shard_counts = [int(x) for x in args.workers.split(",")]
     results: dict[str, Any] = {"benchmark": "convergence", "renderer": args.renderer, "runs": [],
                                "ray_nodes": args.ray_nodes if any(shard_counts) else 0}
-    cluster = start_ray(args.ray_nodes) if any(shard_counts) else None
+    cluster, temp_dir = start_ray(args.ray_nodes) if any(shard_counts) else (None, "")
     try:
         for n in [int(x) for x in args.proxies.split(",")]:
             for shards in shard_counts:
@@ -555,6 +558,7 @@ def main() -> None:
             ray.shutdown()
             if cluster is not None:
                 cluster.shutdown()
+            shutil.rmtree(temp_dir, ignore_errors=True)
     if args.resync_endpoints:
         results["resync"] = asyncio.run(full_resync(args.resync_endpoints))
         print(json.dumps(results["resync"]), file=sys.stderr, flush=True)

@@ -38,9 +38,14 @@ def here() -> dict[str, Any]:
     return {"pid": os.getpid(), "node_id": current_node_id()}
 
 
+def on_node(node_id: str, soft: bool) -> dict[str, Any]:
+    """Actor options for a node affinity (`soft`: Ray may place it elsewhere when it must)."""
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node_id, soft=soft)}
+
+
 def state_owner_options(node_id: str) -> dict[str, Any]:
     """Actor options for the state owner: on `node_id` (the driver's), and only there."""
-    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)}
+    return on_node(node_id, soft=False)
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,7 @@ class Placement:
         if wanted:
             return {"resources": dict(wanted)}
         if node_id is not None:
-            return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node_id, soft=True)}
+            return on_node(node_id, soft=True)
         return {"scheduling_strategy": "SPREAD"}
 
 
