@@ -171,10 +171,18 @@ class CoreScenario(Scenario):
             rec.on_observation(replace(o, observed_at_s=now_s), now_s)
         rec.on_snapshot(self._snapshot(0), now_s)
 
+    def _heartbeats(self, rec: Reconciler, now_s: float) -> None:
+        """What the cluster agents' lease heartbeats do: a 10,000-proxy run outlasts the 30 s
+        lease, and expired clusters are frozen (and logged) by every render."""
+        for cluster in self.full.clusters:
+            rec.on_lease(cluster, now_s)
+
     def commit(self, rec: Reconciler, r: int, now_s: float) -> None:
+        self._heartbeats(rec, now_s)
         rec.on_snapshot(self._snapshot(r), now_s)
 
     def endpoint_change(self, rec: Reconciler, r: int, now_s: float) -> None:
+        self._heartbeats(rec, now_s)
         e = replace(self.flip_ep, ready=r % 2 == 0)  # odd rounds: not ready; even: ready again
         rec.on_observation(ClusterObservation(self.flip_obs.cluster, now_s, False, endpoints=(e,)), now_s)
 

@@ -48,7 +48,7 @@ from federation.controller.reconciler import (
     RolloutFn,
 )
 from federation.controller.shard import shard_of
-from federation.controller.wire import encode_config_deltas, encode_removals
+from federation.controller.wire import encode_config_deltas, encode_removals, encode_shard_configs
 from gitops.model import ConfigSnapshot
 from ztunnel.api.config import ProxyConfig
 
@@ -78,8 +78,9 @@ class ShardedOutbox:
     Invariant: `sent[k][p]` is what shard k accepted for proxy p (it holds that config unless it
     restarted since, which its "resync" answer reveals), and p belongs to shard k. One push sends
     every shard its part at once (`send_all`: the Ray adapter issues the calls together and waits
-    for all), then settles each shard on its own answer: "ok" records what it took; "resync" sends
-    it everything in full; a failure (an exception as its answer) records nothing for that shard,
+    for all), then settles each shard on its own answer: "ok" records what it took; "resync" (it
+    restarted and holds nothing) sends it everything in full, as the first send to a shard is
+    (`in_sync`); a failure (an exception as its answer) records nothing for that shard,
     and the push raises after the others were recorded, so the reconciler's retry (with backoff)
     sends the failed shard the same deltas and the others nothing (their proxies' configs are the
     ones recorded: skipped by identity). A failed shard never loses a push, and never holds up
@@ -91,6 +92,7 @@ class ShardedOutbox:
         self.send_all = send_all
         self.shards = shards
         self.sent: list[dict[str, ProxyConfig]] = [{} for _ in range(shards)]
+        self.in_sync: set[int] = set()    # shards that took a complete set (the first send to one is)
         self.resyncs = 0
 
     @property
@@ -105,6 +107,14 @@ class ShardedOutbox:
                 continue   # this shard already took exactly this (a retry after another shard failed)
             groups.setdefault(k, {})[pid] = cfg
         return groups
+
+    def _encode(self, k: int, configs: Mapping[str, ProxyConfig], full: bool) -> bytes:
+        """A shard takes its proxies' configs whole, shared objects written once
+        (`wire.encode_shard_configs`: no per-proxy copies of a shared view)."""
+        return encode_shard_configs(configs, full=full)
+
+    def _encode_removals(self, k: int, proxy_ids: Sequence[str]) -> bytes:
+        return encode_shard_configs({}, proxy_ids)
 
     def _exchange(self, blobs: Mapping[int, bytes]) -> dict[int, str | BaseException]:
         if not blobs:
@@ -130,8 +140,8 @@ class ShardedOutbox:
         """Send `changed` as deltas from what each shard was last sent. Raises if a shard did not
         take its part (nothing recorded for that shard); a shard answering "resync" gets everything."""
         groups = self._groups(changed, skip_sent=True)
-        answers = self._exchange({k: encode_config_deltas((self.sent[k].get(pid), cfg) for pid, cfg in g.items())
-                                  for k, g in groups.items()})
+        first = {k: {**self.sent[k], **g} for k, g in groups.items() if k not in self.in_sync}
+        answers = self._exchange({k: self._encode(k, g, full=False) for k, g in groups.items() if k in self.in_sync})
         failed: dict[int, BaseException] = {}
         full: dict[int, dict[str, ProxyConfig]] = {}
         for k, answer in answers.items():
@@ -141,23 +151,24 @@ class ShardedOutbox:
                 full[k] = {**self.sent[k], **groups[k]}
             else:
                 self.sent[k].update(groups[k])
-        failed.update(self._send_full(full))
+        if full:
+            self.resyncs += 1
+        failed.update(self._send_full({**first, **full}))
         self._raise(failed)
 
     def _send_full(self, current: Mapping[int, Mapping[str, ProxyConfig]]) -> dict[int, BaseException]:
         if not current:
             return {}
-        self.resyncs += 1
-        log.info("sending %d proxy configs in full to %d config service(s) (resync #%d)",
+        log.info("sending %d proxy configs in full to %d config service(s) (resyncs so far: %d)",
                  sum(len(c) for c in current.values()), len(current), self.resyncs)
-        answers = self._exchange({k: encode_config_deltas((None, cfg) for cfg in c.values())
-                                  for k, c in current.items()})
+        answers = self._exchange({k: self._encode(k, c, full=True) for k, c in current.items()})
         failed: dict[int, BaseException] = {}
         for k, answer in answers.items():
             if isinstance(answer, BaseException):
                 failed[k] = answer
             else:
                 self.sent[k] = dict(current[k])
+                self.in_sync.add(k)
         return failed
 
     def remove(self, proxy_ids: Collection[str]) -> None:
@@ -165,7 +176,7 @@ class ShardedOutbox:
         groups: dict[int, list[str]] = {}
         for pid in proxy_ids:
             groups.setdefault(shard_of(pid, self.shards), []).append(pid)
-        answers = self._exchange({k: encode_removals(ids, self.sent[k]) for k, ids in groups.items()})
+        answers = self._exchange({k: self._encode_removals(k, ids) for k, ids in groups.items()})
         failed = {k: a for k, a in answers.items() if isinstance(a, BaseException)}
         for k, ids in groups.items():
             if k not in failed:
@@ -178,6 +189,7 @@ class ShardedOutbox:
         groups = self._groups(current, skip_sent=False)
         for k in range(self.shards):
             groups.setdefault(k, {})   # a shard with no proxy left: it holds nothing either
+        self.resyncs += 1
         self._raise(self._send_full(groups))
 
 
@@ -187,9 +199,17 @@ class DeltaOutbox(ShardedOutbox):
     def __init__(self, send: PushDeltas) -> None:
         super().__init__(self._send_one, 1)
         self.send = send
+        self.in_sync = {0}   # a delta from nothing is a full state: the service answers "resync" if it needs one
 
     def _send_one(self, blobs: Mapping[int, bytes]) -> dict[int, str | BaseException]:
         return {k: self.send(blob) for k, blob in blobs.items()}
+
+    def _encode(self, k: int, configs: Mapping[str, ProxyConfig], full: bool) -> bytes:
+        """The state owner takes per-proxy deltas from what it was last sent (or everything in full)."""
+        return encode_config_deltas((None if full else self.sent[k].get(pid), cfg) for pid, cfg in configs.items())
+
+    def _encode_removals(self, k: int, proxy_ids: Sequence[str]) -> bytes:
+        return encode_removals(proxy_ids, self.sent[k])
 
 
 class ReconcileService:

@@ -16,8 +16,9 @@ shard serves a fixed part of the proxies — their sessions, deltas, encoding an
   records of what each took, a failed shard retried on its own (a push is never lost, and the
   distributor's per-proxy retry/backoff still decides SYNCED within a shard).
 - `ConfigShard` is one shard as a plain class: a `ConfigDistributor` (the controller's epoch,
-  handed over by the state owner), `apply_deltas` (the same code path as the state owner's,
-  `apply_config_deltas`), the rollout facts of its proxies (`rollout_facts`, the same as the state
+  handed over by the state owner), `apply` (configs in full, shared objects written once:
+  `wire.encode_shard_configs`; per-proxy protobuf deltas copied every body into every proxy's
+  message, ~10 GB for a full state to 10,000 proxies), the rollout facts of its proxies (`rollout_facts`, the same as the state
   owner's), and the proxies it is still waiting on since the last delivery (`waiting`), which a
   host can wait for (`settled`). CA keys, the store and the bootstrap credentials stay with the
   state owner, pinned to its node (`federation.ray.placement`).
@@ -33,7 +34,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from federation.controller.distributor import AckEvent, ConfigDistributor, SyncState
-from federation.controller.wire import decode_config_deltas
+from federation.controller.wire import decode_config_deltas, decode_shard_configs
 from ztunnel.api.config import ProxyConfig, apply_delta
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ def rollout_facts(dist: ConfigDistributor, revision: str, proxy_ids: Iterable[st
 
 class ConfigShard:
     """One shard. Invariants: `dist` holds only proxies with `shard_of(p, shards) == index` (a
-    delta for another one is refused: the reconciler and this shard disagree on the partition);
+    config for another one is refused: the reconciler and this shard disagree on the partition);
     `waiting` holds the proxies whose desired content changed and that have not ACKed it since;
     `last_settled_at_s` is when the last of them did (the clock's time)."""
 
@@ -131,17 +132,29 @@ class ConfigShard:
         self.dist = ConfigDistributor(epoch, clock=clock)
         self.dist.listeners.append(self._on_reply)
         self.waiting: set[str] = set()
+        self.complete = False      # took a complete set of its proxies' configs since it started
         self.last_settled_at_s = 0.0
         self.moved_since_taken = 0
         self.nacks = 0
 
-    def apply_deltas(self, blob: bytes) -> str:
-        answer, changed = apply_config_deltas(self.dist, blob)
-        strangers = [pid for pid in changed if shard_of(pid, self.shards) != self.index]
+    def apply(self, blob: bytes) -> str:
+        """Configs and removals from the reconciler (`wire.encode_shard_configs`): "ok", or "resync"
+        (nothing taken) when this shard holds no complete set yet (it started or restarted since)
+        and the message is not one: the reconciler then sends all of its proxies."""
+        msg = decode_shard_configs(blob)
+        if not msg.full and not self.complete:
+            return "resync"
+        strangers = [pid for pid in (*msg.configs, *msg.removed) if shard_of(pid, self.shards) != self.index]
         if strangers:
             raise ValueError(f"shard {self.index} of {self.shards} got configs of proxies it does not serve "
                              f"({', '.join(sorted(strangers)[:3])}): the reconciler partitions for another "
                              f"number of shards; restart the controller with one --workers value")
+        gone = [*msg.removed, *(p for p in self.dist.sessions if msg.full and p not in msg.configs)]
+        if gone:
+            self.dist.forget(gone)
+            self.waiting.difference_update(gone)
+        self.complete = self.complete or msg.full
+        changed = msg.configs
         before = {pid: s.desired_content if (s := self.dist.sessions.get(pid)) else None for pid in changed}
         self.dist.set_desired(changed)
         moved = {pid for pid in changed if self.dist.sessions[pid].desired_content is not before[pid]}
@@ -149,7 +162,7 @@ class ConfigShard:
         self.moved_since_taken += len(moved)
         if moved and not self.waiting:
             self.last_settled_at_s = self.clock()
-        return answer
+        return "ok"
 
     def _on_reply(self, ev: AckEvent) -> None:
         if ev.nack:

@@ -247,8 +247,8 @@ class ConfigShardHost:
         self._settled = asyncio.Event()
         return await self.server.start(listen)
 
-    def apply_deltas(self, blob: bytes) -> str:
-        answer = self.shard.apply_deltas(blob)     # the distributor is the loop's: on the loop
+    def apply(self, blob: bytes) -> str:
+        answer = self.shard.apply(blob)            # the distributor is the loop's: on the loop
         self._wake_waiters()
         return answer
 

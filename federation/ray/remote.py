@@ -160,7 +160,7 @@ class RemoteShards:
         self.timeout_s = timeout_s
 
     def send_all(self, blobs: Mapping[int, bytes]) -> dict[int, str | BaseException]:
-        refs = {k: self.handles[k].apply_deltas.remote(blob) for k, blob in blobs.items()}
+        refs = {k: self.handles[k].apply.remote(blob) for k, blob in blobs.items()}
         out: dict[int, str | BaseException] = {}
         for k, ref in refs.items():
             try:

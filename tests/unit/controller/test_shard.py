@@ -10,10 +10,10 @@ from dataclasses import replace
 import pytest
 
 from benchmarks.simproxy import make_config
-from federation.controller.distributor import SyncState
+from federation.controller.distributor import ConfigDistributor, SyncState
 from federation.controller.reconcile_service import DeltaOutbox, ShardDeliveryError, ShardedOutbox
-from federation.controller.shard import ConfigShard, partition, shard_of
-from federation.controller.wire import decode_config_deltas, encode_config_deltas
+from federation.controller.shard import ConfigShard, apply_config_deltas, partition, shard_of
+from federation.controller.wire import decode_shard_configs, encode_shard_configs
 from ztunnel.api.config import ProxyConfig, Stamp
 from ztunnel.api.proto import meshfed_pb2 as pb
 
@@ -65,7 +65,7 @@ def test_a_shard_waits_for_the_proxies_whose_content_moved_until_they_ack_it() -
     now = [10.0]
     shard = ConfigShard(1, 3, epoch=7, clock=lambda: now[0])
     a, b = mine(3, 1, 2)
-    assert shard.apply_deltas(encode_config_deltas([(None, cfg(a, "r1", 1)), (None, cfg(b, "r1", 1))])) == "ok"
+    assert shard.apply(encode_shard_configs({a: cfg(a, "r1", 1), b: cfg(b, "r1", 1)}, full=True)) == "ok"
     assert shard.waiting == {a, b} and not shard.settled()
     sa = shard.dist.attach(a, None)
     push = shard.dist.build(sa)
@@ -85,7 +85,7 @@ def test_a_shard_waits_for_the_proxies_whose_content_moved_until_they_ack_it() -
     shard.dist.on_reply(sb, reply(sb.in_flight.nonce))
     assert shard.settled() and shard.take_settled() == (now[0], 2) and shard.take_settled() == (now[0], 0)
     # the same content again (a newer revision of it) moves nothing: nothing to wait for
-    assert shard.apply_deltas(encode_config_deltas([(cfg(a, "r1", 1), cfg(a, "r1", 1))])) == "ok"
+    assert shard.apply(encode_shard_configs({a: cfg(a, "r1", 1)})) == "ok"
     assert shard.settled() and shard.take_settled()[1] == 0
     assert [f["state"] for f in shard.rollout("r1", [a, b])] == ["acked", "acked"]
     assert shard.dist.sessions[a].sync is SyncState.SYNCED
@@ -95,14 +95,17 @@ def test_a_shard_refuses_configs_of_proxies_it_does_not_serve() -> None:
     shard = ConfigShard(0, 2, epoch=1)
     stranger = mine(2, 1, 1)[0]
     with pytest.raises(ValueError, match="does not serve"):
-        shard.apply_deltas(encode_config_deltas([(None, cfg(stranger, "r1", 1))]))
+        shard.apply(encode_shard_configs({stranger: cfg(stranger, "r1", 1)}, full=True))
     assert stranger not in shard.dist.sessions
 
 
-def test_a_restarted_shard_asks_for_everything_in_full() -> None:
+def test_a_restarted_shard_asks_for_everything_in_full_and_a_full_set_forgets_the_rest() -> None:
     shard = ConfigShard(0, 1, epoch=2)
-    assert shard.apply_deltas(encode_config_deltas([(cfg(IDS[0], "r1", 1), cfg(IDS[0], "r2", 2))])) == "resync"
+    assert shard.apply(encode_shard_configs({IDS[0]: cfg(IDS[0], "r2", 2)})) == "resync"
     assert not shard.dist.sessions
+    assert shard.apply(encode_shard_configs({p: cfg(p, "r2", 2) for p in IDS[:3]}, full=True)) == "ok"
+    assert shard.apply(encode_shard_configs({p: cfg(p, "r3", 3) for p in IDS[1:3]}, full=True)) == "ok"
+    assert set(shard.dist.sessions) == set(IDS[1:3])
 
 
 # --- the sharded outbox ------------------------------------------------------------------------------
@@ -117,8 +120,8 @@ class Shards:
         self.calls: list[dict[int, int]] = []   # per exchange: shard -> proxies in its blob
 
     def send_all(self, blobs: Mapping[int, bytes]) -> dict[int, str | BaseException]:
-        self.calls.append({k: len(decode_config_deltas(b)) for k, b in blobs.items()})
-        return {k: ConnectionError(f"shard {k} died") if k in self.down else self.shards[k].apply_deltas(b)
+        self.calls.append({k: len(decode_shard_configs(b).configs) for k, b in blobs.items()})
+        return {k: ConnectionError(f"shard {k} died") if k in self.down else self.shards[k].apply(b)
                 for k, b in blobs.items()}
 
     def desired(self, pid: str) -> ProxyConfig | None:
@@ -190,7 +193,28 @@ def test_removals_go_to_the_proxies_shards() -> None:
 
 
 def test_the_single_service_outbox_is_the_one_shard_case() -> None:
-    shard = ConfigShard(0, 1, epoch=1)
-    box = DeltaOutbox(shard.apply_deltas)
+    dist = ConfigDistributor(1)
+
+    def send(blob: bytes) -> str:
+        answer, changed = apply_config_deltas(dist, blob)
+        dist.set_desired(changed)
+        return answer
+
+    box = DeltaOutbox(send)
     box.push({IDS[0]: cfg(IDS[0], "r1", 1)})
-    assert box.sent == [box.last_sent] and shard.dist.sessions[IDS[0]].desired is not None
+    assert box.sent == [box.last_sent] and dist.sessions[IDS[0]].desired is not None
+
+
+def test_a_shard_shares_the_objects_of_a_shared_view_after_the_hop() -> None:
+    """Proxies with the same view get the same Service objects on the shard (one copy in the
+    blob), so the shard's distributor encodes the view once for all of them."""
+    shared = cfg(IDS[0], "r1", 1, services=5)
+    ids = [p for p in IDS if shard_of(p, 1) == 0][:50]
+    blob = encode_shard_configs({p: replace(shared, proxy_id=p) for p in ids}, full=True)
+    shard = ConfigShard(0, 1, epoch=1)
+    assert shard.apply(blob) == "ok"
+    first = shard.dist.sessions[ids[0]].desired
+    assert first is not None and all(
+        s.desired is not None and all(x is y for x, y in zip(s.desired.services, first.services, strict=True))
+        for s in shard.dist.sessions.values())
+    assert len(blob) < 3 * len(encode_shard_configs({ids[0]: shared}))
