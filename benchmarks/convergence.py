@@ -1,7 +1,7 @@
 """Convergence of the config push path: trigger -> every affected proxy has ACKed.
 
-`python -m benchmarks.convergence [--proxies 100,1000] [--rounds 10] [--renderer core|synthetic]`
-prints progress lines and, as its last line, one JSON object: per proxy count (`runs`),
+`python -m benchmarks.convergence [--proxies 100,1000] [--rounds 10] [--renderer core|synthetic]
+[--workers 0,1,2,4] [--ray-nodes 1|2]` prints progress lines and, as its last line, one JSON object: per proxy count (`runs`),
 `commit_to_all_acked_ms_p50/p99`, `endpoint_change_to_all_acked_ms_p50/p99`,
 `controller_rss_mib`, and (`resync`) a full resync of 100k endpoints to one proxy. p50 is the
 median over `--rounds` rounds; the top-level keys repeat the first size's figures.
@@ -30,6 +30,17 @@ The clock starts when the trigger arrives at the reconciler (a new snapshot for 
 new observation for an "endpoint change") and stops at the last ACK of a proxy whose desired
 content changed; the 100 ms debounce is included. Git (~4 ms per diff) is measured elsewhere.
 
+Sharded (`--workers N`, N >= 1): the reconciler still renders every proxy here, in one place,
+but the proxies' sessions, deltas, encoding, streams and ACKs are split over N config shards
+(`federation.controller.shard`, `ConfigShardActor`s on Ray, placed round-robin over the Ray
+nodes), each with its own gRPC server; each proxy connects to the shard `shard_of` gives it. The
+reconciler hands each shard its part (`ShardedOutbox`: per-proxy deltas, resources shared between
+proxies encoded once per blob and interned on decode); the clock stops at the last ACK of any
+shard (the shards run on this machine: one monotonic clock). `--workers 0` is the single-process
+controller. `--ray-nodes 2` runs a two-node Ray cluster on this machine (two raylets,
+`ray.cluster_utils.Cluster`, one CPU each), the shards dealt over both. A comma list of workers
+runs each size once per value, in one run (ratios from one run).
+
 The full resync: one real `XdsClient` proxy goes from nothing to a config of 100 services with
 100k endpoints; `full_resync_ms` is the trigger to its ACK (the proxy parses every endpoint),
 `full_resync_encode_ms` the controller's share (diff and encode of the push).
@@ -39,9 +50,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -152,16 +165,26 @@ class CoreScenario(Scenario):
                                                     if r else "initial"), services=MappingProxyType(svcs))
 
     def initial(self, rec: Reconciler, now_s: float) -> None:
+        # observed now, on the reconciler's clock (monotonic here): observations stamped with the
+        # wall clock made every cluster's lease look 11 hours old, and the core froze them all
         for o in self.observations:
-            rec.on_observation(o, now_s)
+            rec.on_observation(replace(o, observed_at_s=now_s), now_s)
         rec.on_snapshot(self._snapshot(0), now_s)
 
+    def _heartbeats(self, rec: Reconciler, now_s: float) -> None:
+        """What the cluster agents' lease heartbeats do: a 10,000-proxy run outlasts the 30 s
+        lease, and expired clusters are frozen (and logged) by every render."""
+        for cluster in self.full.clusters:
+            rec.on_lease(cluster, now_s)
+
     def commit(self, rec: Reconciler, r: int, now_s: float) -> None:
+        self._heartbeats(rec, now_s)
         rec.on_snapshot(self._snapshot(r), now_s)
 
     def endpoint_change(self, rec: Reconciler, r: int, now_s: float) -> None:
+        self._heartbeats(rec, now_s)
         e = replace(self.flip_ep, ready=r % 2 == 0)  # odd rounds: not ready; even: ready again
-        rec.on_observation(ClusterObservation(self.flip_obs.cluster, time.time(), False, endpoints=(e,)), now_s)
+        rec.on_observation(ClusterObservation(self.flip_obs.cluster, now_s, False, endpoints=(e,)), now_s)
 
 
 class SyntheticScenario(Scenario):
@@ -200,6 +223,15 @@ def pct(values: list[float], q: float) -> float:
         return float("nan")
     s = sorted(values)
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+async def reconcile_until(rec: Reconciler, stop: asyncio.Event) -> None:
+    """The reconcile loop of the controller side: reconcile whenever the debouncer is due."""
+    while not stop.is_set():
+        d = rec.debounce.deadline_s()
+        await asyncio.sleep(0.002 if d is None else max(0.0, d - time.monotonic()))
+        if rec.due(time.monotonic()):
+            rec.reconcile(time.monotonic())
 
 
 class Bench:
@@ -252,27 +284,71 @@ class Bench:
         return (self.done_at_s - t0) * 1000, self.affected
 
     async def reconcile_loop(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            d = self.rec.debounce.deadline_s()
-            await asyncio.sleep(0.002 if d is None else max(0.0, d - time.monotonic()))
-            if self.rec.due(time.monotonic()):
-                self.rec.reconcile(time.monotonic())
+        await reconcile_until(self.rec, stop)
 
 
-def spawn_proxy_workers(port: int, chunks: list[list[str]], client: str) -> list[subprocess.Popen[bytes]]:
+class ShardBench:
+    """`Bench` for a sharded controller: the reconciler here pushes through a `ShardedOutbox` to
+    the shard actors; a round is over when every shard whose proxies' content moved has seen the
+    last of them ACK (`ConfigShardHost.wait_settled`)."""
+
+    def __init__(self, scenario: Scenario, handles: list[Any]) -> None:
+        from federation.controller.reconcile_service import ShardedOutbox
+        from federation.ray.remote import RemoteShards
+
+        self.scenario = scenario
+        self.handles = handles
+        self.outbox = ShardedOutbox(RemoteShards(handles).send_all, len(handles))
+        self.rec = Reconciler(scenario.render, self._push, None, Debouncer(0.1, 10.0), clock=time.monotonic)
+        self.waits: list[Any] = []
+        self.pushed_at_s = 0.0
+        self.pushed = asyncio.Event()
+        self.timeout_s = 60.0
+
+    def _push(self, changed: Mapping[str, ProxyConfig]) -> None:
+        self.outbox.push(changed)
+        self.pushed_at_s = time.monotonic()
+        self.waits = [h.wait_settled.remote(self.timeout_s) for h in self.handles]
+        self.pushed.set()
+
+    async def converge(self, trigger: Callable[[float], None], timeout_s: float = 60) -> tuple[float, int]:
+        self.pushed.clear()
+        self.timeout_s = timeout_s
+        t0 = time.monotonic()
+        trigger(t0)
+        await asyncio.wait_for(self.pushed.wait(), timeout_s)
+        results = await asyncio.gather(*self.waits)
+        waiting = sum(w for _at, _moved, w in results)
+        if waiting:
+            raise AssertionError(f"{waiting} proxies did not ACK within {timeout_s} s")
+        moved = sum(m for _at, m, _w in results)
+        done_s = max([at for at, m, _w in results if m], default=self.pushed_at_s)
+        return (done_s - t0) * 1000, moved
+
+    async def reconcile_loop(self, stop: asyncio.Event) -> None:
+        await reconcile_until(self.rec, stop)
+
+
+def spawn_proxy_workers(ports: Mapping[str, int], processes: int, client: str) -> list[subprocess.Popen[bytes]]:
+    """The simulated proxies in `processes` processes (the same number however many shards: the
+    fleet's share of the 2 cores stays the same); each proxy dials its port (its shard's)."""
+    ids = list(ports)
+    chunks = [ids[w::processes] for w in range(max(1, min(processes, len(ids))))]
     return [subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.convergence", "--serve-proxies", client, f"127.0.0.1:{port}", *chunk],
+        [sys.executable, "-m", "benchmarks.convergence", "--serve-proxies", client, "127.0.0.1",
+         *(f"{ports[pid]}@{pid}" for pid in chunk)],
         stdin=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.getcwd()}) for chunk in chunks]
 
 
-async def serve_proxies(client: str, target: str, ids: list[str]) -> None:
-    """A worker process: run `ids` until the parent closes our stdin."""
+async def serve_proxies(client: str, host: str, entries: list[str]) -> None:
+    """A worker process: run the proxies of `entries` ("PORT@PROXY_ID") until the parent closes our stdin."""
     stop = asyncio.Event()
     asyncio.get_running_loop().add_reader(sys.stdin.fileno(), stop.set)
+    targets = {pid: f"{host}:{port}" for port, _, pid in (e.partition("@") for e in entries)}
     if client == "lite":
-        await run_lite_fleet(target, ids, stop)
+        await run_lite_fleet("", list(targets), stop, targets=targets)
         return
-    proxies = [SimProxy(p, target, p.split("/")[1]).start() for p in ids]
+    proxies = [SimProxy(p, t, p.split("/")[1]).start() for p, t in targets.items()]
     await stop.wait()
     for p in proxies:
         p.client.stop()
@@ -284,20 +360,32 @@ def cpu_s(who: int) -> float:
     return r.ru_utime + r.ru_stime
 
 
-async def bench(scenario: Scenario, rounds: int, client: str = "lite", workers: int = 1) -> dict[str, Any]:
-    b = Bench(scenario)
+async def bench(scenario: Scenario, rounds: int, client: str = "lite", workers: int = 1,
+                shards: int = 0) -> dict[str, Any]:
+    """`workers`: processes running the simulated proxies; `shards`: config
+    shards on Ray (0: the distributor in this process)."""
     n = len(scenario.ids)
-    port = await b.server.start("127.0.0.1:0")
-    workers = max(1, min(workers, n))
-    procs = spawn_proxy_workers(port, [scenario.ids[w::workers] for w in range(workers)], client)
+    handles: list[Any] = []
+    b: Bench | ShardBench
+    if shards:
+        from federation.controller.shard import shard_of
+
+        handles, ports, placed = await start_shards(shards)
+        b = ShardBench(scenario, handles)
+        procs = spawn_proxy_workers({pid: ports[shard_of(pid, shards)] for pid in scenario.ids}, workers, client)
+    else:
+        b = Bench(scenario)
+        port = await b.server.start("127.0.0.1:0")
+        procs = spawn_proxy_workers(dict.fromkeys(scenario.ids, port), workers, client)
     stop = asyncio.Event()
     loop_task = asyncio.ensure_future(b.reconcile_loop(stop))
     try:
         t0 = time.monotonic()
-        _, synced = await b.converge(lambda now: scenario.initial(b.rec, now), 180)
-        print(f"# {n} proxies connected and synced ({synced} configs) in {time.monotonic() - t0:.1f} s",
-              file=sys.stderr, flush=True)
+        _, synced = await b.converge(lambda now: scenario.initial(b.rec, now), 300)
+        print(f"# {n} proxies connected and synced ({synced} configs) in {time.monotonic() - t0:.1f} s"
+              f"{f' over {shards} shards' if shards else ''}", file=sys.stderr, flush=True)
         cpu0 = cpu_s(resource.RUSAGE_SELF)
+        load0 = os.getloadavg()[0]
         commit_ms, change_ms, commit_n, change_n, render_ms = [], [], [], [], []
         for r in range(1, rounds + 1):  # a one-service commit
             ms, affected = await b.converge(lambda now: scenario.commit(b.rec, r, now))  # noqa: B023
@@ -311,8 +399,8 @@ async def bench(scenario: Scenario, rounds: int, client: str = "lite", workers: 
             change_n.append(affected)
             await asyncio.sleep(0.05)
         cpu = cpu_s(resource.RUSAGE_SELF) - cpu0
-        return {
-            "proxies": n, "rounds": rounds, "client": client,
+        out = {
+            "proxies": n, "rounds": rounds, "client": client, "workers": shards,
             "commit_to_all_acked_ms_p50": round(pct(commit_ms, 0.5), 1),
             "commit_to_all_acked_ms_p99": round(pct(commit_ms, 0.99), 1),
             "commit_proxies_acked": int(pct([float(x) for x in commit_n], 0.5)),
@@ -323,8 +411,13 @@ async def bench(scenario: Scenario, rounds: int, client: str = "lite", workers: 
             "debounce_ms": 100,
             "controller_cpu_ms_per_round": round(cpu * 1000 / (2 * rounds), 1),
             "controller_rss_mib": round(rss_mib(), 1),
-            "shared_segments": {"hits": b.dist.segments.hits, "misses": b.dist.segments.misses},
+            "load_average_1m": round((load0 + os.getloadavg()[0]) / 2, 2),
         }
+        if isinstance(b, Bench):
+            out["shared_segments"] = {"hits": b.dist.segments.hits, "misses": b.dist.segments.misses}
+        else:
+            out["shard_nodes"] = placed
+        return out
     finally:
         stop.set()
         await loop_task
@@ -336,7 +429,63 @@ async def bench(scenario: Scenario, rounds: int, client: str = "lite", workers: 
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
-        await b.server.stop(0)
+        if isinstance(b, Bench):
+            await b.server.stop(0)
+        else:
+            await stop_shards(handles)
+
+
+async def start_shards(shards: int) -> tuple[list[Any], list[int], list[str]]:
+    """`shards` ConfigShardActors dealt over the Ray nodes: (handles, ports, node id per shard)."""
+    from federation.ray.actors import ConfigShardActor
+    from federation.ray.placement import alive_node_ids, on_node, shard_node
+
+    # a hard affinity here (the controller's is soft): Ray's soft one stacked both shards of a
+    # two-node run on one node, and the figure is about the shards being dealt over both
+    nodes = alive_node_ids()
+    handles = [ConfigShardActor.options(**on_node(str(shard_node(k, nodes)), soft=False))  # type: ignore[attr-defined]
+               .remote(k, shards, 1, True) for k in range(shards)]
+    ports = [int(p) for p in await asyncio.gather(*(h.start.remote("127.0.0.1:0") for h in handles))]
+    placed = [str(w["node_id"])[:8] for w in await asyncio.gather(*(h.where.remote() for h in handles))]
+    return handles, ports, placed
+
+
+async def stop_shards(handles: list[Any]) -> None:
+    import ray
+
+    for h in handles:
+        with contextlib.suppress(Exception):
+            await h.stop.remote()
+        ray.kill(h, no_restart=True)
+
+
+def start_ray(nodes: int) -> tuple[Any, str]:
+    """A private local Ray of `nodes` raylets on this machine (one CPU each when 2) for the shards.
+    Like `tests/integration/controller/two_node.py`, it never writes /tmp/ray/ray_current_cluster
+    (`Cluster` would, and delete it on shutdown: that would hijack or break every other
+    `ray.init()` on this shared machine) and keeps its files in its own temp directory."""
+    import tempfile
+
+    os.environ.setdefault("RAY_USE_UVLOOP", "0")
+    import ray
+    import ray._common.utils
+    import ray._private.utils
+
+    temp_dir = tempfile.mkdtemp(prefix="meshfed-bench-ray-", dir="/tmp")
+    if nodes <= 1:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp_dir)
+        return None, temp_dir
+    from ray.cluster_utils import Cluster
+
+    ray._private.utils.write_ray_address = lambda *_a, **_k: None   # type: ignore[assignment]
+    ray._common.utils.reset_ray_address = lambda *_a, **_k: None    # type: ignore[assignment]
+    node_args = {"num_cpus": 1, "temp_dir": temp_dir, "include_dashboard": False}
+    cluster = Cluster(initialize_head=True, head_node_args=node_args)
+    for _ in range(nodes - 1):
+        cluster.add_node(**node_args)
+    ray.init(address=cluster.address, log_to_driver=False)
+    cluster.wait_for_nodes()
+    return cluster, temp_dir
 
 
 async def full_resync(endpoints: int = 100_000) -> dict[str, Any]:
@@ -389,19 +538,35 @@ def main() -> None:
     ap.add_argument("--endpoints-per-service", type=int, default=10, help="core renderer")
     ap.add_argument("--client", choices=("lite", "xds"), default="lite", help="simulated proxies (see docstring)")
     ap.add_argument("--proxy-workers", type=int, default=1, help="processes running the simulated proxies")
+    ap.add_argument("--workers", default="0", help="config shards on Ray, a comma list (0: in this process)")
+    ap.add_argument("--ray-nodes", type=int, default=1, help="raylets on this machine when sharded (1 or 2)")
     ap.add_argument("--resync-endpoints", type=int, default=100_000, help="0: skip the full resync")
     ap.add_argument("--serve-proxies", nargs="+", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_proxies:
         asyncio.run(serve_proxies(args.serve_proxies[0], args.serve_proxies[1], args.serve_proxies[2:]))
         return
-    results: dict[str, Any] = {"benchmark": "convergence", "renderer": args.renderer, "runs": []}
-    for n in [int(x) for x in args.proxies.split(",")]:
-        scenario: Scenario = (CoreScenario(n, args.clusters, args.services, args.endpoints_per_service, args.rounds)
-                              if args.renderer == "core" else SyntheticScenario(n, args.services))
-        r = asyncio.run(bench(scenario, args.rounds, args.client, args.proxy_workers))
-        print(json.dumps(r), file=sys.stderr, flush=True)
-        results["runs"].append(r)
+    shard_counts = [int(x) for x in args.workers.split(",")]
+    results: dict[str, Any] = {"benchmark": "convergence", "renderer": args.renderer, "runs": [],
+                               "ray_nodes": args.ray_nodes if any(shard_counts) else 0}
+    cluster, temp_dir = start_ray(args.ray_nodes) if any(shard_counts) else (None, "")
+    try:
+        for n in [int(x) for x in args.proxies.split(",")]:
+            for shards in shard_counts:
+                scenario: Scenario = (CoreScenario(n, args.clusters, args.services, args.endpoints_per_service,
+                                                   args.rounds)
+                                      if args.renderer == "core" else SyntheticScenario(n, args.services))
+                r = asyncio.run(bench(scenario, args.rounds, args.client, args.proxy_workers, shards))
+                print(json.dumps(r), file=sys.stderr, flush=True)
+                results["runs"].append(r)
+    finally:
+        if any(shard_counts):
+            import ray
+
+            ray.shutdown()
+            if cluster is not None:
+                cluster.shutdown()
+            shutil.rmtree(temp_dir, ignore_errors=True)
     if args.resync_endpoints:
         results["resync"] = asyncio.run(full_resync(args.resync_endpoints))
         print(json.dumps(results["resync"]), file=sys.stderr, flush=True)

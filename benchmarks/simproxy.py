@@ -166,17 +166,21 @@ class LiteProxy:
 
 
 async def run_lite_fleet(target: str, proxy_ids: list[str], stop: asyncio.Event,
-                         max_message_bytes: int = 4 * 1024 * 1024) -> list[LiteProxy]:
-    """Run one LiteProxy per id on this event loop, each on its own channel, reconnecting after
-    0.1 s when a stream ends, until `stop` is set."""
+                         max_message_bytes: int = 4 * 1024 * 1024,
+                         targets: dict[str, str] | None = None) -> list[LiteProxy]:
+    """Run one LiteProxy per id on this event loop, each on its own channel (to `targets[id]`, else
+    `target`), reconnecting after 0.1 s when a stream ends, until `stop` is set."""
     import grpc.aio
 
-    opts = [("grpc.max_receive_message_length", max_message_bytes + 65536)]
+    # a local subchannel pool per channel: its own TCP connection, as a real proxy has. With the
+    # global pool every channel of this process shared one connection, and the controller's limit
+    # of 16 streams per connection left all but 16 of them waiting for ever
+    opts = [("grpc.max_receive_message_length", max_message_bytes + 65536), ("grpc.use_local_subchannel_pool", 1)]
     proxies = [LiteProxy(pid, pid.split("/")[1] if pid.count("/") >= 1 else "a") for pid in proxy_ids]
 
     async def keep(p: LiteProxy) -> None:
         while not stop.is_set():
-            channel = grpc.aio.insecure_channel(target, options=opts)
+            channel = grpc.aio.insecure_channel((targets or {}).get(p.proxy_id, target), options=opts)
             try:
                 await p.run(channel)
             except Exception:  # a lost stream: reconnect, as a proxy would

@@ -8,6 +8,8 @@
   policy (`signing`: CSR entitlement, who may act as which proxy), bootstrap credentials
   (`bootstrap`, their one owner and writer), and the `distributor` (per-proxy desired/ACKed
   state, versions);
+- `shard`: the push half of the config service partitioned by proxy (`shard_of`, the one
+  partition decision; `ConfigShard`), fed by `reconcile_service.ShardedOutbox`;
 - `queries` (status document, services, endpoints, explain, trust view) and `checks`;
 - `wire`: every encoding used between the parts when they run as separate actors.
 

@@ -59,7 +59,8 @@ from typing import Any
 
 from federation.controller.api_token import ensure_api_token
 from federation.controller.bootstrap import BootstrapTokens
-from federation.controller.distributor import AckEvent, ConfigDistributor, SyncState
+from federation.controller.distributor import AckEvent, ConfigDistributor
+from federation.controller.shard import apply_config_deltas, rollout_facts
 from federation.controller.signing import (
     TOKEN_AUDIENCE,
     BootstrapVerdict,
@@ -69,10 +70,8 @@ from federation.controller.signing import (
 )
 from federation.controller.statelock import StateDirLock
 from federation.controller.store import DEFAULT_RETENTION_S, ORIGIN_FRESH, Store
-from federation.controller.wire import decode_config_deltas
 from gitops.model import ConfigSnapshot
 from ztunnel.api.clock import calendar_now, calendar_wait_s
-from ztunnel.api.config import ProxyConfig, apply_delta
 from ztunnel.api.secret_files import write_secret
 
 CONTROLLER_ROOTS_FILE = "controller-roots.pem"    # public: every CA's authorities, pooled (tools)
@@ -225,26 +224,8 @@ class ConfigService:
     # --- rollout --------------------------------------------------------------------------------
 
     def rollout(self, revision: str, proxy_ids: Iterable[str]) -> list[dict[str, Any]]:
-        """Per rendered proxy: its cluster, whether it is connected, and whether it runs `revision`
-        ("acked"), refused it ("nacked"), has it on the way ("pending") or has another revision
-        as desired ("other"): the facts of `federation.core.rollout.decide_rollout`."""
-        out = []
-        for pid in proxy_ids:
-            s = self.dist.sessions.get(pid)
-            cluster = pid.split("/")[1] if pid.count("/") >= 1 else ""
-            if s is None or s.desired is None:
-                out.append({"proxy": pid, "cluster": cluster, "connected": bool(s and s.connected), "state": "other"})
-                continue
-            if s.desired.stamp.revision != revision:
-                state = "other"
-            elif s.sync is SyncState.SYNCED:
-                state = "acked"
-            elif s.in_flight is None and s.nacked_content is not None and s.nacked_content is s.desired_content:
-                state = "nacked"
-            else:
-                state = "pending"
-            out.append({"proxy": pid, "cluster": cluster, "connected": s.connected, "state": state})
-        return out
+        """Per rendered proxy, whether it runs `revision` (`shard.rollout_facts`)."""
+        return rollout_facts(self.dist, revision, proxy_ids)
 
     def _write_trust_anchors(self) -> None:
         """Public, but written atomically like secrets: a proxy never reads a torn roots file."""
@@ -338,19 +319,9 @@ class ConfigService:
         """Per-proxy deltas from the reconciler (`wire.encode_config_deltas`). "resync" when one
         does not apply to what we hold (then nothing of the blob but removals took effect, and the
         reconciler sends everything in full), else "ok"."""
-        changed: dict[str, ProxyConfig] = {}
-        for d in decode_config_deltas(blob):
-            if d.remove:
-                self.dist.forget([d.proxy_id])
-                continue
-            sess = self.dist.sessions.get(d.proxy_id)
-            base = sess.desired if sess is not None else None
-            try:
-                changed[d.proxy_id] = apply_delta(base, d.delta, d.template)
-            except ValueError:
-                log.info("a config delta does not apply to what this service holds (restarted?): asking the "
-                         "reconciler for every config in full")
-                return "resync"
+        answer, changed = apply_config_deltas(self.dist, blob)
+        if answer != "ok":
+            return answer
         woken = self.dist.set_desired(changed)
         if woken:
             revs = sorted({c.stamp.revision[:8] for c in changed.values()})

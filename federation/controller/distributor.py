@@ -43,7 +43,7 @@ resource objects between proxies (one Service view per locality), so:
   element, which is a pointer comparison for shared objects: no copies;
 - `build()` canonicalises each resource tuple by the identities of its elements (`_Canon`), diffs
   per kind between canonical tuples, and caches the encoded bytes of each (kind, old, new) change
-  (`_SegmentCache`): N proxies with the same view transition cost one diff and one encode; each
+  (`SegmentCache`): N proxies with the same view transition cost one diff and one encode; each
   proxy then gets its own small head (stamp, version, nonce, header) concatenated with the shared
   segments. Protobuf repeated fields may be split over concatenated fragments, so the message a
   proxy decodes is exactly what `ztunnel.api.codec.encode_delta` would have produced (a unit test
@@ -357,7 +357,7 @@ class AckEvent:
     trigger_to_ack_s: float
 
 
-class _SegmentCache:
+class SegmentCache:
     """Encoded changes of one resource kind between two canonical tuples: the `upserts` and
     `removals` fields of a ConfigResponse, as bytes to concatenate. Bounded by entries and bytes."""
 
@@ -396,6 +396,31 @@ def _encode_kind_change(kind: str, old: tuple[Any, ...], new: tuple[Any, ...]) -
     return bytes(msg.SerializeToString())
 
 
+def kind_segments(segments: SegmentCache, old_c: Content | None, new_c: Content) -> list[bytes]:
+    """The encoded changes, kind by kind, from content `old_c` (None: nothing) to `new_c`: shared
+    between every pair of contents with the same canonical tuples (see "Fan-out")."""
+    out: list[bytes] = []
+    for i, kind in enumerate(_KINDS):
+        new_t = new_c[i]
+        old_t = old_c[i] if old_c is not None else ()
+        if new_t is not old_t and not (old_t and _EQUAL(old_t, new_t)):
+            out.append(segments.get(kind, old_t, new_t))
+    return out
+
+
+def encode_change(old: ProxyConfig | None, new: ProxyConfig, nonce: str, segments: list[bytes]) -> bytes:
+    """One serialized `ConfigResponse` from `old` to `new`: its own head (stamp, base version,
+    nonce, header, identities when they changed) and the shared `kind_segments`. Equal to what
+    `ztunnel.api.codec.encode_delta(diff_configs(old, new), new, nonce)` gives in one chunk."""
+    ids = None if old is not None and old.local_identities == new.local_identities else new.local_identities
+    head = pb.ConfigResponse(stamp=stamp_to_pb(new.stamp), base_version=old.stamp.version if old else 0,
+                             nonce=nonce, chunk=0, chunks=1, proxy=header_to_pb(new))
+    if ids is not None:
+        head.identities_set = True
+        head.local_identities.extend(ids)
+    return bytes(head.SerializeToString()) + b"".join(segments)
+
+
 class ConfigDistributor:
     """All proxies' sessions for one controller epoch; pure bookkeeping plus wake-ups."""
 
@@ -408,7 +433,7 @@ class ConfigDistributor:
         self._nonces = itertools.count(1)
         self.stale_epoch_refusals = 0
         self.listeners: list[Callable[[AckEvent], None]] = []
-        self.segments = _SegmentCache()
+        self.segments = SegmentCache()
         self.ack_timeout_s = ACK_TIMEOUT_S
         self.forgotten: OrderedDict[str, tuple[str, float]] = OrderedDict()   # proxy -> (why, when), bounded
         self.first_epoch = epoch          # the first epoch of this state: older hellos followed another controller
@@ -514,26 +539,11 @@ class ConfigDistributor:
         if push is None:
             return []
         old, new = s.acked, push.config
-        segments: list[bytes] = []
-        size = 0
-        new_c = push.content
         old_c = s.acked_content if old is not None else None
-        for i, kind in enumerate(_KINDS):
-            new_t = new_c[i]
-            old_t = old_c[i] if old_c is not None else ()
-            if new_t is not old_t and not (old_t and _EQUAL(old_t, new_t)):
-                seg = self.segments.get(kind, old_t, new_t)
-                segments.append(seg)
-                size += len(seg)
-        if size <= self.max_message_bytes - CHUNK_OVERHEAD_BYTES:
-            ids = None if old is not None and old.local_identities == new.local_identities else new.local_identities
-            head = pb.ConfigResponse(stamp=stamp_to_pb(new.stamp), base_version=old.stamp.version if old else 0,
-                                     nonce=push.nonce, chunk=0, chunks=1, proxy=header_to_pb(new))
-            if ids is not None:
-                head.identities_set = True
-                head.local_identities.extend(ids)
+        segments = kind_segments(self.segments, old_c, push.content)
+        if sum(map(len, segments)) <= self.max_message_bytes - CHUNK_OVERHEAD_BYTES:
             s.oversize_error = ""
-            return [head.SerializeToString() + b"".join(segments)]
+            return [encode_change(old, new, push.nonce, segments)]
         try:  # over one message: let the codec split it (or refuse a resource that cannot fit)
             msgs = encode_delta(diff_configs(old, new), new, push.nonce, self.max_message_bytes)
         except OversizeError as e:

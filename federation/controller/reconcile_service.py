@@ -17,7 +17,8 @@ goes on after `LOOP_FAILURE_BACKOFF_S`. `last_step_at_s` moves only when a step 
 loop completes one at least every `IDLE_WAIT_S`), so a loop that is stuck or failing every turn
 shows in status as an old `last_step_at_s`, which `meshfed check` reports (`checks.LOOP_STALL_S`).
 
-`DeltaOutbox` keeps, per proxy, the config the config service accepted and sends only
+`ShardedOutbox` (one config service: `DeltaOutbox`, its one-shard case; several:
+`federation.controller.shard`) keeps, per proxy, the config its service accepted and sends only
 differences (`wire.encode_config_deltas`), and a removal for a proxy no longer rendered (the
 service forgets it). A send that raises changes nothing of that record (the reconciler retries
 with backoff); when the service answers "resync" (it restarted and holds nothing, or our idea of
@@ -46,7 +47,8 @@ from federation.controller.reconciler import (
     RenderFn,
     RolloutFn,
 )
-from federation.controller.wire import encode_config_deltas, encode_removals
+from federation.controller.shard import shard_of
+from federation.controller.wire import encode_config_deltas, encode_removals, encode_shard_configs
 from gitops.model import ConfigSnapshot
 from ztunnel.api.clock import calendar_now, steady_wall_clock
 from ztunnel.api.config import ProxyConfig
@@ -63,38 +65,152 @@ PushDeltas = Callable[[bytes], str]                                  # blob -> "
 BundleRoots = Callable[[ConfigSnapshot], Mapping[str, tuple[str, ...]]]
 
 
-class DeltaOutbox:
-    """Invariant: `last_sent[p]` is what the config service accepted for proxy p (it holds that
-    config unless it restarted since, which its "resync" answer reveals)."""
+SendAll = Callable[[Mapping[int, bytes]], Mapping[int, "str | BaseException"]]   # shard -> blob => answer
 
-    def __init__(self, send: PushDeltas) -> None:
-        self.send = send
-        self.last_sent: dict[str, ProxyConfig] = {}
+
+class ShardDeliveryError(RuntimeError):
+    """Some shards did not take their deltas (the others did: only the failed ones are retried)."""
+
+
+class ShardedOutbox:
+    """The outbox over `shards` config services, each serving a partition of the proxies
+    (`federation.controller.shard.shard_of`, the one partition decision).
+
+    Invariant: `sent[k][p]` is what shard k accepted for proxy p (it holds that config unless it
+    restarted since, which its "resync" answer reveals), and p belongs to shard k. One push sends
+    every shard its part at once (`send_all`: the Ray adapter issues the calls together and waits
+    for all), then settles each shard on its own answer: "ok" records what it took; "resync" (it
+    restarted and holds nothing) sends it everything in full, as the first send to a shard is
+    (`in_sync`); a failure (an exception as its answer) records nothing for that shard,
+    and the push raises after the others were recorded, so the reconciler's retry (with backoff)
+    sends the failed shard the same deltas and the others nothing (their proxies' configs are the
+    ones recorded: skipped by identity). A failed shard never loses a push, and never holds up
+    the others' proxies."""
+
+    def __init__(self, send_all: SendAll, shards: int = 1) -> None:
+        if shards < 1:
+            raise ValueError(f"an outbox needs at least one shard, not {shards}")
+        self.send_all = send_all
+        self.shards = shards
+        self.sent: list[dict[str, ProxyConfig]] = [{} for _ in range(shards)]
+        self.in_sync: set[int] = set()    # shards that took a complete set (the first send to one is)
         self.resyncs = 0
 
-    def push(self, changed: Mapping[str, ProxyConfig]) -> None:
-        """Send `changed` as deltas from what was last sent. Raises if the service did not take
-        them (nothing recorded: the caller retries); on "resync" sends everything in full."""
-        blob = encode_config_deltas((self.last_sent.get(pid), cfg) for pid, cfg in changed.items())
-        answer = self.send(blob)
-        if answer == "resync":
-            self.resync({**self.last_sent, **changed})
+    @property
+    def last_sent(self) -> dict[str, ProxyConfig]:
+        return {pid: cfg for part in self.sent for pid, cfg in part.items()}
+
+    def _groups(self, configs: Mapping[str, ProxyConfig], skip_sent: bool) -> dict[int, dict[str, ProxyConfig]]:
+        groups: dict[int, dict[str, ProxyConfig]] = {}
+        for pid, cfg in configs.items():
+            k = shard_of(pid, self.shards)
+            if skip_sent and self.sent[k].get(pid) is cfg:
+                continue   # this shard already took exactly this (a retry after another shard failed)
+            groups.setdefault(k, {})[pid] = cfg
+        return groups
+
+    def _encode(self, k: int, configs: Mapping[str, ProxyConfig], full: bool) -> bytes:
+        """A shard takes its proxies' configs whole, shared objects written once
+        (`wire.encode_shard_configs`: no per-proxy copies of a shared view)."""
+        return encode_shard_configs(configs, full=full)
+
+    def _encode_removals(self, k: int, proxy_ids: Sequence[str]) -> bytes:
+        return encode_shard_configs({}, proxy_ids)
+
+    def _exchange(self, blobs: Mapping[int, bytes]) -> dict[int, str | BaseException]:
+        if not blobs:
+            return {}
+        try:
+            answers = dict(self.send_all(blobs))
+        except Exception as e:   # the adapter itself failed: every shard of this exchange failed
+            return {k: e for k in blobs}
+        return {k: answers.get(k, RuntimeError(f"shard {k} gave no answer")) for k in blobs}
+
+    @staticmethod
+    def _raise(failed: Mapping[int, BaseException]) -> None:
+        if not failed:
             return
-        self.last_sent.update(changed)
+        if len(failed) == 1:
+            raise next(iter(failed.values()))
+        first = next(iter(failed.values()))
+        raise ShardDeliveryError(f"{len(failed)} config shards did not take their configs: "
+                                 + "; ".join(f"shard {k}: {type(e).__name__}: {e}" for k, e in sorted(failed.items()))
+                                 ) from first
+
+    def push(self, changed: Mapping[str, ProxyConfig]) -> None:
+        """Send `changed` as deltas from what each shard was last sent. Raises if a shard did not
+        take its part (nothing recorded for that shard); a shard answering "resync" gets everything."""
+        groups = self._groups(changed, skip_sent=True)
+        first = {k: {**self.sent[k], **g} for k, g in groups.items() if k not in self.in_sync}
+        answers = self._exchange({k: self._encode(k, g, full=False) for k, g in groups.items() if k in self.in_sync})
+        failed: dict[int, BaseException] = {}
+        full: dict[int, dict[str, ProxyConfig]] = {}
+        for k, answer in answers.items():
+            if isinstance(answer, BaseException):
+                failed[k] = answer
+            elif answer == "resync":
+                full[k] = {**self.sent[k], **groups[k]}
+            else:
+                self.sent[k].update(groups[k])
+        if full:
+            self.resyncs += 1
+        failed.update(self._send_full({**first, **full}))
+        self._raise(failed)
+
+    def _send_full(self, current: Mapping[int, Mapping[str, ProxyConfig]]) -> dict[int, BaseException]:
+        if not current:
+            return {}
+        log.info("sending %d proxy configs in full to %d config service(s) (resyncs so far: %d)",
+                 sum(len(c) for c in current.values()), len(current), self.resyncs)
+        answers = self._exchange({k: self._encode(k, c, full=True) for k, c in current.items()})
+        failed: dict[int, BaseException] = {}
+        for k, answer in answers.items():
+            if isinstance(answer, BaseException):
+                failed[k] = answer
+            else:
+                self.sent[k] = dict(current[k])
+                self.in_sync.add(k)
+        return failed
 
     def remove(self, proxy_ids: Collection[str]) -> None:
-        """The proxies are no longer rendered: the service forgets them."""
-        self.send(encode_removals(proxy_ids, self.last_sent))
+        """The proxies are no longer rendered: their shards forget them."""
+        groups: dict[int, list[str]] = {}
         for pid in proxy_ids:
-            self.last_sent.pop(pid, None)
+            groups.setdefault(shard_of(pid, self.shards), []).append(pid)
+        answers = self._exchange({k: self._encode_removals(k, ids) for k, ids in groups.items()})
+        failed = {k: a for k, a in answers.items() if isinstance(a, BaseException)}
+        for k, ids in groups.items():
+            if k not in failed:
+                for pid in ids:
+                    self.sent[k].pop(pid, None)
+        self._raise(failed)
 
     def resync(self, current: Mapping[str, ProxyConfig]) -> None:
+        """Send every config of `current` in full (config services that restarted)."""
+        groups = self._groups(current, skip_sent=False)
+        for k in range(self.shards):
+            groups.setdefault(k, {})   # a shard with no proxy left: it holds nothing either
         self.resyncs += 1
-        log.info("sending all %d proxy configs in full to the config service (resync #%d)", len(current),
-                 self.resyncs)
-        blob = encode_config_deltas((None, cfg) for cfg in current.values())
-        self.send(blob)
-        self.last_sent = dict(current)
+        self._raise(self._send_full(groups))
+
+
+class DeltaOutbox(ShardedOutbox):
+    """The outbox to one config service (the state owner): `send(blob) -> "ok" | "resync"`."""
+
+    def __init__(self, send: PushDeltas) -> None:
+        super().__init__(self._send_one, 1)
+        self.send = send
+        self.in_sync = {0}   # a delta from nothing is a full state: the service answers "resync" if it needs one
+
+    def _send_one(self, blobs: Mapping[int, bytes]) -> dict[int, str | BaseException]:
+        return {k: self.send(blob) for k, blob in blobs.items()}
+
+    def _encode(self, k: int, configs: Mapping[str, ProxyConfig], full: bool) -> bytes:
+        """The state owner takes per-proxy deltas from what it was last sent (or everything in full)."""
+        return encode_config_deltas((None if full else self.sent[k].get(pid), cfg) for pid, cfg in configs.items())
+
+    def _encode_removals(self, k: int, proxy_ids: Sequence[str]) -> bytes:
+        return encode_removals(proxy_ids, self.sent[k])
 
 
 class ReconcileService:

@@ -82,7 +82,7 @@ from federation.core.rotation_gate import ca_spec_from_dict, ca_spec_to_dict, ca
 from gitops.model import CaSpec, ConfigSnapshot
 from gitops.problems import Problem
 from ztunnel.api.clock import steady_wall_clock
-from ztunnel.api.config import ProxyConfig, ProxyMode
+from ztunnel.api.config import ProxyConfig
 
 DEBOUNCE_AFTER_S = 0.1
 DEBOUNCE_MAX_S = 10.0
@@ -90,6 +90,7 @@ WARMUP_MAX_S = 30.0
 DELIVERY_RETRY_INITIAL_S = 0.2
 DELIVERY_RETRY_MAX_S = 10.0
 MAX_LISTED_UNDELIVERED = 100
+MAX_OBSERVABLE_MEMO = 10_000     # distinct services tuples whose observable keys are remembered
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +241,7 @@ class Reconciler:
         self.events: list[Any] = []
         self.applied_ca: dict[str, CaSpec] = {}              # CA specs of the applied revision (the gate's reference)
         self._viewed: dict[str, ProxyConfig] = {}            # the configs the vote's views were taken from
+        self._observable_memo: dict[tuple[int, ...], tuple[tuple[Any, ...], frozenset[HealthKey]]] = {}
         self.drains: dict[str, Drain] = {}
         self.removed_clusters: list[dict[str, Any]] = []     # the last few drains that finished
         self._recover_from_store()
@@ -331,10 +333,21 @@ class Reconciler:
         for pid in [p for p in seen if p not in configs]:
             del seen[pid]
             self.aggregator.forget_proxy(pid)
+        memo = self._observable_memo
+        if len(memo) > MAX_OBSERVABLE_MEMO:
+            memo.clear()
         for pid, cfg in configs.items():
             if seen.get(pid) is not cfg:
                 seen[pid] = cfg
-                self.aggregator.set_view(pid, observable(cfg))
+                # node proxies of one locality share their Service objects: one walk over the
+                # endpoints per distinct services tuple, not one per proxy (the entry holds the
+                # tuple, so its ids stay its own); a proxy keeps the same frozenset object, which
+                # `set_view` then recognises without comparing
+                key = tuple(map(id, cfg.services))
+                hit = memo.get(key)
+                if hit is None or hit[0] != cfg.services:
+                    hit = memo[key] = (cfg.services, observable(cfg))
+                self.aggregator.set_view(pid, hit[1])
 
     # --- the loop --------------------------------------------------------------------------------
 
@@ -886,8 +899,7 @@ class CoreRender:
         stopped (FailedOver) or resumed (FailedBack) taking all of that locality's traffic."""
         if not services:
             return []
-        localities = sorted({spec.locality for spec in self._renderer.proxy_specs()
-                             if spec.mode is ProxyMode.NODE}, key=repr)
+        localities = sorted(self._renderer.node_localities(), key=repr)
         events: list[Any] = []
         for key in sorted(services, key=str):
             if key not in self._engine.policies:

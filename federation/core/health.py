@@ -136,6 +136,8 @@ class HealthAggregator:
     proxy_views: dict[str, frozenset[HealthKey]] = field(default_factory=dict)
     observers: dict[HealthKey, set[str]] = field(default_factory=dict)
     ignored_reports: int = 0   # reports on endpoints outside the reporter's view (dropped)
+    _last_pair: tuple[frozenset[HealthKey], frozenset[HealthKey], frozenset[HealthKey], frozenset[HealthKey]] | None = field(
+        default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.quorum_fraction <= 1.0:
@@ -148,18 +150,32 @@ class HealthAggregator:
     def set_view(self, proxy_id: str, keys: Iterable[HealthKey]) -> None:
         """`proxy_id`'s rendered config now routes to `keys`: it may vote on them and nothing else;
         its votes on keys it no longer routes to are dropped."""
-        new = frozenset(keys)
+        new = frozenset(keys)   # (the same object when `keys` is a frozenset)
         old = self.proxy_views.get(proxy_id, frozenset())
-        if new == old:
+        if new is old:
             return
-        for key in old - new:
+        gone, added = self._difference(old, new)
+        if not gone and not added:
+            return
+        for key in gone:
             self._unobserve(proxy_id, key)
-        for key in new - old:
+        for key in added:
             self.observers.setdefault(key, set()).add(proxy_id)
         if new:
             self.proxy_views[proxy_id] = new
         else:
             self.proxy_views.pop(proxy_id, None)
+
+    def _difference(self, old: frozenset[HealthKey],
+                    new: frozenset[HealthKey]) -> tuple[frozenset[HealthKey], frozenset[HealthKey]]:
+        """(old - new, new - old), remembered for the last pair: proxies sharing a view hand in the
+        same two sets one after the other (after a commit, every view is a new set)."""
+        last = self._last_pair
+        if last is not None and last[0] is old and last[1] is new:
+            return last[2], last[3]
+        gone, added = old - new, new - old
+        self._last_pair = (old, new, gone, added)
+        return gone, added
 
     def forget_proxy(self, proxy_id: str) -> None:
         """The proxy left the render: it observes nothing any more."""

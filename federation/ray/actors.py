@@ -5,6 +5,7 @@
   ReconcilerActor    ReconcileService                       debounce, render (core), deltas out
   GitSourceActor     GitFeed (GitSource)                    follows the branch, snapshots in
   ClusterAgentActor  ClusterAgent                           one per cluster: discovery + lease
+  ConfigShardActor   ConfigShard + a gRPC ConfigServer       a partition of the proxies: deltas, pushes, ACKs
 
 A host decodes what arrives (`federation.controller.wire`), calls its plain object, and encodes
 the answer; calls to other actors go through `federation.ray.remote`. Only the config server
@@ -24,6 +25,7 @@ removed while we were down.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import ray
@@ -31,6 +33,7 @@ import ray
 from federation.controller.config_service import ConfigService
 from federation.controller.git_feed import GitFeed
 from federation.controller.reconcile_service import ReconcileService
+from federation.controller.shard import ConfigShard
 from federation.controller.sources import ClusterAgent, GitPolicy
 from federation.controller.statelock import StateDirLock
 from federation.controller.wire import (
@@ -43,7 +46,7 @@ from federation.controller.wire import (
 )
 from federation.ray import placement
 from federation.ray.remote import RemoteConfigServer, RemoteReconciler, RemoteStore, call_store
-from federation.server.grpc_services import config_server_for, serve
+from federation.server.grpc_services import ConfigServer, config_server_for, serve
 
 
 class ConfigServerHost:
@@ -221,8 +224,61 @@ class ClusterAgentHost:
         self.agent.stop()
 
 
+class ConfigShardHost:
+    """One config shard (`federation.controller.shard`): its proxies' sessions and gRPC streams,
+    on this actor's event loop. Holds no credential: the CA keys and the store stay with the
+    state owner. Plaintext only for now (`insecure`, loopback benchmarks and tests): serving mTLS
+    from a shard needs a serving certificate issued to it by the state owner, which is not built."""
+
+    def __init__(self, index: int, shards: int, epoch: int, insecure: bool, write_timeout_s: float = 10.0) -> None:
+        if not insecure:
+            raise ValueError("config shards serve plaintext only (insecure=True, loopback): mTLS for shards "
+                             "needs serving certificates from the state owner, not built yet")
+        self.shard = ConfigShard(index, shards, epoch)
+        self.server = ConfigServer(self.shard.dist, insecure=True, write_timeout_s=write_timeout_s)
+        self._settled: asyncio.Event | None = None
+        self.shard.dist.listeners.append(lambda _ev: self._wake_waiters())
+
+    def _wake_waiters(self) -> None:
+        if self._settled is not None and self.shard.settled():
+            self._settled.set()
+
+    async def start(self, listen: str) -> int:
+        self._settled = asyncio.Event()
+        return await self.server.start(listen)
+
+    def apply(self, blob: bytes) -> str:
+        answer = self.shard.apply(blob)            # the distributor is the loop's: on the loop
+        self._wake_waiters()
+        return answer
+
+    async def wait_settled(self, timeout_s: float) -> tuple[float, int, int]:
+        """Wait until every proxy whose content moved has ACKed it: (when the last did, on the
+        machine's monotonic clock; proxies moved since the last call; proxies still waiting)."""
+        assert self._settled is not None, "start() first"
+        if not self.shard.settled():
+            self._settled.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._settled.wait(), timeout_s)
+        at_s, moved = self.shard.take_settled()
+        return at_s, moved, len(self.shard.waiting)
+
+    def rollout(self, revision: str, proxy_ids: list[str]) -> list[dict[str, Any]]:
+        return self.shard.rollout(revision, proxy_ids)
+
+    def counts(self) -> dict[str, int]:
+        return self.shard.counts()
+
+    def where(self) -> dict[str, Any]:
+        return placement.here()
+
+    async def stop(self) -> None:
+        await self.server.stop(0)
+
+
 _RESTART = {"max_restarts": -1, "max_task_retries": 0}
 ConfigServerActor = ray.remote(num_cpus=0, **_RESTART)(ConfigServerHost)
 ReconcilerActor = ray.remote(num_cpus=0, max_concurrency=16, **_RESTART)(ReconcilerHost)
 GitSourceActor = ray.remote(num_cpus=0, max_concurrency=4, **_RESTART)(GitSourceHost)
 ClusterAgentActor = ray.remote(num_cpus=0, max_concurrency=4, **_RESTART)(ClusterAgentHost)
+ConfigShardActor = ray.remote(num_cpus=0, **_RESTART)(ConfigShardHost)

@@ -26,7 +26,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-ROLES = ("reconciler", "git", "agent")
+ROLES = ("reconciler", "git", "agent", "shard")
 
 
 def current_node_id() -> str:
@@ -38,9 +38,14 @@ def here() -> dict[str, Any]:
     return {"pid": os.getpid(), "node_id": current_node_id()}
 
 
+def on_node(node_id: str, soft: bool) -> dict[str, Any]:
+    """Actor options for a node affinity (`soft`: Ray may place it elsewhere when it must)."""
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node_id, soft=soft)}
+
+
 def state_owner_options(node_id: str) -> dict[str, Any]:
     """Actor options for the state owner: on `node_id` (the driver's), and only there."""
-    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)}
+    return on_node(node_id, soft=False)
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,7 @@ class Placement:
         if wanted:
             return {"resources": dict(wanted)}
         if node_id is not None:
-            return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node_id, soft=True)}
+            return on_node(node_id, soft=True)
         return {"scheduling_strategy": "SPREAD"}
 
 
@@ -73,6 +78,14 @@ def agent_node(cluster: str, clusters: list[str], node_ids: list[str]) -> str | 
         return None
     nodes = sorted(node_ids)
     return nodes[sorted(clusters).index(cluster) % len(nodes)]
+
+
+def shard_node(index: int, node_ids: list[str]) -> str | None:
+    """The node a config shard should prefer: shards dealt over the alive nodes in id order (pure),
+    as a soft affinity like the agents' (Ray's SPREAD may stack zero-CPU actors on one node)."""
+    if not node_ids:
+        return None
+    return sorted(node_ids)[index % len(node_ids)]
 
 
 def alive_node_ids() -> list[str]:

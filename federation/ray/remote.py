@@ -149,3 +149,22 @@ class RemoteConfigServer:
 
     def remove_cluster(self, cluster: str, why: str) -> list[str]:
         return list(ray.get(self.handle.remove_cluster.remote(cluster, why), timeout=CONFIG_CALL_TIMEOUT_S))
+
+
+class RemoteShards:
+    """The config shards (`federation.ray.actors.ConfigShardActor`) as the `ShardedOutbox` sees
+    them: every shard's blob sent at once, each answer (or the failure of that one call) apart."""
+
+    def __init__(self, handles: Sequence[Any], timeout_s: float = CONFIG_CALL_TIMEOUT_S) -> None:
+        self.handles = list(handles)
+        self.timeout_s = timeout_s
+
+    def send_all(self, blobs: Mapping[int, bytes]) -> dict[int, str | BaseException]:
+        refs = {k: self.handles[k].apply.remote(blob) for k, blob in blobs.items()}
+        out: dict[int, str | BaseException] = {}
+        for k, ref in refs.items():
+            try:
+                out[k] = str(ray.get(ref, timeout=self.timeout_s))
+            except Exception as e:   # this shard failed (died, timed out, refused): the others stand
+                out[k] = e
+        return out
