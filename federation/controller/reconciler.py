@@ -68,7 +68,7 @@ from federation.controller import queries
 from federation.core.health import (
     EndpointReport as EndpointReport,  # re-exported: federation.ray imports it here
 )
-from federation.core.health import HealthAggregator, HealthKey, HealthVerdict, observable
+from federation.core.health import HealthAggregator, HealthKey, HealthVerdict, is_l7_proxy, observable
 from federation.core.removal import (
     Drain,
     guard_removal,
@@ -343,6 +343,10 @@ class Reconciler:
                 # endpoints per distinct services tuple, not one per proxy (the entry holds the
                 # tuple, so its ids stay its own); a proxy keeps the same frozenset object, which
                 # `set_view` then recognises without comparing
+                # an L7 proxy's view also depends on its id and routes (`l7_reach`): not shared
+                if is_l7_proxy(pid):
+                    self.aggregator.set_view(pid, observable(cfg))
+                    continue
                 key = tuple(map(id, cfg.services))
                 hit = memo.get(key)
                 if hit is None or hit[0] != cfg.services:
