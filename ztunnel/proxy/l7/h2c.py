@@ -43,8 +43,9 @@ from ztunnel.proxy.l7.routing import Headers, RequestHead
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # --- bounds (the HTTP/1.1 ones, `http1`, apply per stream: body, head bytes, header count, timeouts)
 # Concurrent streams: RFC 9113 §6.5.2 recommends no less than 100, and Envoy's edge guidance uses
-# 100. Advertised, and enforced by us too (h2 applies the setting only once the client acked it):
-# a stream beyond it is refused with RST_STREAM(REFUSED_STREAM), which a client may retry.
+# 100. Advertised, and enforced by h2 from the first frame (it is h2's initial local setting): a
+# client opening one more gets GOAWAY(PROTOCOL_ERROR). Counted again here over the streams this
+# codec holds (read or at the engine), refused with RST_STREAM(REFUSED_STREAM) if h2 ever lets one by.
 MAX_STREAMS = 100
 # Request bodies buffered on one connection, all streams together: two whole maximum bodies, so
 # one large upload never waits on another, while 100 streams x 8 MiB (800 MiB) cannot be asked for.

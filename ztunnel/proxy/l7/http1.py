@@ -240,6 +240,11 @@ class Http1Server:
         return Phase.BUSY if self.awaiting_response else self._reading
 
     @property
+    def failed(self) -> bool:
+        """A failure was decided: its answer is queued, nothing more is parsed."""
+        return self._failed
+
+    @property
     def wants_data(self) -> bool:
         """False while the backlog is past its pause mark: the adapter should stop reading."""
         return len(self.backlog) < PIPELINE_PAUSE_BYTES
