@@ -176,3 +176,12 @@ async def test_slow_and_idle_clients_lose_their_connection_slot(mesh: Mesh, monk
     assert mesh.ingress.downstream_connections == before
     metrics = mesh.ingress.telemetry.render().decode()
     assert 'reason="request_timeout"' in metrics and 'reason="idle_timeout"' in metrics
+
+
+async def test_pipelined_requests_then_a_half_close_are_all_answered(mesh: Mesh) -> None:
+    r, w = await asyncio.open_connection(INGRESS_IP, mesh.port)
+    w.write(b"".join(b"GET /p%d HTTP/1.1\r\nHost: other.example.com\r\n\r\n" % i for i in range(3)))
+    w.write_eof()
+    raw = await asyncio.wait_for(r.read(), 15)
+    w.close()
+    assert raw.count(b"HTTP/1.1 ") == 3 and b"connection: close" not in raw.split(b"HTTP/1.1 ")[1]

@@ -153,9 +153,9 @@ class Downstream:
 
     def eof(self) -> None:
         self._eof = True
-        if self.h1 is not None:
+        if self.h1 is not None:  # closes once the requests sent before the EOF are answered (`PeerClosed`)
             self._h1_events(self.h1.receive(b"", mono_s()))
-        if self.busy == 0:
+        elif self.busy == 0:
             self.close()
 
     def close(self) -> None:
@@ -250,7 +250,7 @@ class Downstream:
         self.busy -= 1
         self._write_h1(reply, close=not ev.keep_alive or self.proxy.draining)
         if self.h1 is not None and not self.closed:
-            if self.h1.must_close or (self._eof and self.busy == 0):
+            if self.h1.must_close:
                 self.close()
             elif not self.sink.write_blocked():  # else `writable` continues once the peer reads
                 self._h1_events(self.h1.pending(mono_s()))

@@ -29,6 +29,7 @@ from ztunnel.proxy.l7.http1 import (
     Http1Client,
     Http1Server,
     IdleTimeout,
+    PeerClosed,
     Phase,
     ProtocolFailure,
     RequestReady,
@@ -331,3 +332,20 @@ async def test_a_pipelining_caller_is_held_back_by_the_hbone_window() -> None:
     td.conn.close()
     for t in proxy.tasks:
         t.cancel()
+
+
+def test_requests_pipelined_before_a_half_close_are_all_served_first() -> None:
+    s = Http1Server()
+    [a] = s.receive(post(1, b"/1"), 0.0)
+    assert s.receive(post(1, b"/2") + post(1, b"/3"), 0.0) == []   # kept in the backlog
+    assert s.receive(b"", 0.0) == []                               # EOF: told after /2 and /3
+    assert isinstance(a, RequestReady)
+    order: list[str] = []
+    while True:
+        s.respond(200, (), b"", 1.0)
+        [ev] = s.pending(1.0)
+        if not isinstance(ev, RequestReady):
+            assert isinstance(ev, PeerClosed)
+            break
+        order.append(ev.head.target)
+    assert order == ["/2", "/3"]

@@ -188,6 +188,8 @@ class Http1Server:
                                     # is buffered by httptools before `on_header`: bounded here)
         self.backlog = bytearray()
         self._now = now
+        self._peer_closed = False   # the peer half-closed (EOF)
+        self._closed_told = False   # ... and `PeerClosed` was handed out, after every request before it
 
     # --- parser callbacks -------------------------------------------------------------------------
 
@@ -256,7 +258,7 @@ class Http1Server:
             return []
         self._now = now
         if not data:
-            self._queue.append(PeerClosed())
+            self._peer_closed = True   # told by `pending` once the requests sent before it are served
         elif self.awaiting_response or self._queue or self.backlog:
             self.backlog += data   # not parsed until the request at the engine is answered
             if len(self.backlog) > MAX_PIPELINE_BACKLOG_BYTES:
@@ -301,6 +303,9 @@ class Http1Server:
             data, self.backlog = bytes(self.backlog), bytearray()
             self._feed(data)
         if not self._queue:
+            if self._peer_closed and not self._closed_told:
+                self._closed_told = True
+                return [PeerClosed()]
             return []
         ev = self._queue.popleft()
         if isinstance(ev, RequestReady):
@@ -319,8 +324,7 @@ class Http1Server:
             lines.append("connection: close\r\n")
         self.awaiting_response = False
         self._now = now
-        if self._reading is Phase.IDLE:
-            self._since = now   # the idle wait starts with the answer
+        self._since = now   # the idle wait, or the next request's time to arrive, starts with the answer
         return ("".join(lines) + "\r\n").encode("latin-1") + body
 
     def deadline(self) -> float | None:
