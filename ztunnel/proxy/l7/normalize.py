@@ -45,6 +45,7 @@ upper-case: `methods: [DELETE]` must not miss `delete`); CONNECT is 501.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -113,7 +114,7 @@ def normalize_request(req: RequestHead) -> RequestHead | Malformed:
     if isinstance(parsed, Malformed):
         return parsed
     authority = parsed
-    for other in [*hosts, req.host]:
+    for other in {*hosts, req.host}:
         seen = normalize_host(other) if other else authority
         if isinstance(seen, Malformed):
             return seen
@@ -121,9 +122,11 @@ def normalize_request(req: RequestHead) -> RequestHead | Malformed:
                                            and seen.port != authority.port):
             return Malformed(400, f"the request names two hosts ({authority} and {seen})")
     host = str(authority)
-    headers = tuple((k, host) if k == "host" else (k, v) for k, v in req.headers)
+    headers = req.headers
+    if any(v != host for v in hosts):
+        headers = tuple((k, host) if k == "host" else (k, v) for k, v in req.headers)
     new_target = path + (f"?{query}" if query else "") if path != "*" else "*"
-    if new_target == req.target and host == req.host and headers == req.headers:
+    if new_target == req.target and host == req.host and headers is req.headers:
         return req
     return RequestHead(req.method, new_target, host, headers)
 
@@ -198,6 +201,7 @@ def remove_dot_segments(path: str) -> str:
     return "/" + "/".join(out)
 
 
+@functools.lru_cache(maxsize=1024)  # bounded: hosts come from peers; a mesh's few names are hits
 def normalize_host(host: str) -> Authority | Malformed:
     """A Host value's normal form: lower-case name without its trailing dot, and the port."""
     h = host.lower()
