@@ -142,3 +142,46 @@ async def test_service_backend_and_hostnames(mesh: Mesh) -> None:
     status, body = await post(mesh, "/v1/completions", {"prompt": "x"})
     assert status == 200 and body["model"] == "llm-v1"
     assert mesh.ingress.requests_served >= 2
+
+
+async def test_slow_and_idle_clients_lose_their_connection_slot(mesh: Mesh, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Security review finding 2 (slowloris at an ingress gateway), over real sockets: a head dripped
+    byte by byte gets 408, a connection that says nothing and one left idle after its answer are
+    closed, and their slots come back. The timeouts are shortened for the test (same code path)."""
+    from ztunnel.proxy import waypoint
+    from ztunnel.proxy.l7 import http1
+    monkeypatch.setattr(http1, "REQUEST_HEADERS_TIMEOUT_S", 0.4)
+    monkeypatch.setattr(http1, "IDLE_TIMEOUT_S", 0.4)
+    monkeypatch.setattr(waypoint, "IDLE_TIMEOUT_S", 0.4)
+    before = mesh.ingress.downstream_connections
+    drip_r, drip_w = await asyncio.open_connection(INGRESS_IP, mesh.port)
+    silent_r, _silent_w = await asyncio.open_connection(INGRESS_IP, mesh.port)
+    idle_r, idle_w = await asyncio.open_connection(INGRESS_IP, mesh.port)
+    idle_w.write(b"GET /v1/models HTTP/1.1\r\nHost: other.example.com\r\n\r\n")
+    drip_w.write(b"GET / HTTP/1.1\r\nX-a: ")
+
+    async def drip() -> None:
+        for _ in range(20):
+            await asyncio.sleep(0.1)
+            drip_w.write(b"a")
+
+    dripping = asyncio.ensure_future(drip())
+    answer = await asyncio.wait_for(drip_r.read(), 5)
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"connection: close" in answer
+    assert await asyncio.wait_for(silent_r.read(), 5) == b""
+    idle_answer = await asyncio.wait_for(idle_r.read(), 5)       # the answer, then EOF when idle
+    assert idle_answer.startswith(b"HTTP/1.1 ") and b"content-length" in idle_answer
+    dripping.cancel()
+    await asyncio.sleep(0.05)
+    assert mesh.ingress.downstream_connections == before
+    metrics = mesh.ingress.telemetry.render().decode()
+    assert 'reason="request_timeout"' in metrics and 'reason="idle_timeout"' in metrics
+
+
+async def test_pipelined_requests_then_a_half_close_are_all_answered(mesh: Mesh) -> None:
+    r, w = await asyncio.open_connection(INGRESS_IP, mesh.port)
+    w.write(b"".join(b"GET /p%d HTTP/1.1\r\nHost: other.example.com\r\n\r\n" % i for i in range(3)))
+    w.write_eof()
+    raw = await asyncio.wait_for(r.read(), 15)
+    w.close()
+    assert raw.count(b"HTTP/1.1 ") == 3 and b"connection: close" not in raw.split(b"HTTP/1.1 ")[1]

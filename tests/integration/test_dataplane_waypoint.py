@@ -323,3 +323,39 @@ async def test_idle_upstream_connections_to_removed_endpoints_are_closed() -> No
         assert m.wp.budgets[HOST].active == 0
     finally:
         await stop_mesh(m)
+
+
+async def test_path_and_host_spellings_cannot_bypass_a_deny_and_the_pod_sees_the_normalized_request() -> None:
+    """Security review finding 1, through real processes: the waypoint decides on the normalized
+    request and forwards exactly that (the demo pod echoes the path and Host it received)."""
+    deny = (Authorization("no-admin", NS, "DENY", (AuthzMatch(paths=("/admin*",)),), targets=(f"Service/{NS}/checkout",)),
+            Authorization("no-internal", NS, "DENY", (AuthzMatch(hosts=("internal.example.com",)),),
+                          targets=(f"Service/{NS}/checkout",)))
+    m = await start_mesh(topo.free_port(CLIENT.node_address), authz=deny)
+    try:
+        c = await Client.open(m)
+        for target in ("/admin/users", "//admin/users", "/./admin", "/x/../admin", "/%61dmin", "/%2e/admin",
+                       f"http://{HOST}/admin"):
+            status, _h, body = await c.request(path=target)
+            assert (status, body) == (403, b"RBAC: access denied"), target
+        status, _h, body = await c.request(path="/public//a/./b/../c?q=%2F")
+        info = json.loads(body)
+        assert status == 200 and info["path"] == "/public/a/c?q=%2F"
+        c.close()
+        for raw, want in ((f"GET /%2Fadmin HTTP/1.1\r\nHost: {HOST}\r\n\r\n", 400),
+                          ("GET / HTTP/1.1\r\nHost: INTERNAL.example.com.:80\r\n\r\n", 403),
+                          (f"GET / HTTP/1.1\r\nHost: {HOST}\r\nHost: internal.example.com\r\n\r\n", 400),
+                          (f"GET / HTTP/1.1\r\nHost: {HOST.upper()}.\r\n\r\n", 200)):
+            r, w = await topo.socks_connect(m.socks, HOST, 80, CLIENT.address)
+            w.write(raw.encode())
+            head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+            assert int(head.split()[1]) == want, raw
+            if want == 200:
+                length = int(next(ln.split(b":")[1] for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length")))
+                assert json.loads(await r.readexactly(length))["headers"]["host"] == HOST
+            w.close()
+        refused = [r for r in m.requests_logged() if r.get("status") == 400]
+        assert any("encoded slash" in str(r.get("reason")) for r in refused)
+        assert sum(s.served for s in m.servers.values()) == 2   # only the two allowed requests reached a pod
+    finally:
+        await stop_mesh(m)

@@ -145,9 +145,17 @@ def _path_match(pattern: str, path: str) -> bool:
 
 
 def _host_match(pattern: str, host: str) -> bool:
+    """An L7 proxy hands the normalized host (`ztunnel.proxy.l7.normalize`: lower-case, no trailing
+    dot); the same canonical reading is applied to both sides here so a pattern written
+    `Internal.Example.com.` or a host from elsewhere cannot miss by spelling."""
     p, h = pattern.lower(), host.lower()
     bare = h.rsplit(":", 1)[0] if ":" in h and not h.endswith("]") else h
-    return any(_path_match(p, x) for x in (h, bare))
+    if p.endswith(".") and p != "*.":
+        p = p[:-1]
+    candidates = {h, bare, bare.removesuffix(".")}
+    if bare.endswith("."):
+        candidates.add(bare[:-1] + h[len(bare):])
+    return any(_path_match(p, x) for x in candidates)
 
 
 def _condition_matches(key: str, values: tuple[str, ...], not_values: tuple[str, ...], request: Request) -> bool:

@@ -49,17 +49,20 @@ from ztunnel.proxy.l7 import picker, retry
 from ztunnel.proxy.l7.engine import Arrival, Forward, L7Index, Refuse, plan_request
 from ztunnel.proxy.l7.h2c import PREFACE, ConnectionEnded, H2Server, StreamRequest
 from ztunnel.proxy.l7.http1 import (
+    IDLE_TIMEOUT_S,
     Http1Client,
     Http1Server,
+    IdleTimeout,
     PeerClosed,
     ProtocolFailure,
     RequestReady,
     ResponseReady,
+    UnsafeRequestLine,
 )
 from ztunnel.proxy.l7.pool import Admission, UpstreamBudget
 from ztunnel.proxy.l7.routing import Headers, RequestHead, modify_headers
 from ztunnel.proxy.node import CALLER_HEADER
-from ztunnel.proxy.relay import HboneSession, HboneStream, TunnelRefused, TunnelReset
+from ztunnel.proxy.relay import HIGH_WATER_BYTES, HboneSession, HboneStream, TunnelRefused, TunnelReset
 from ztunnel.xds.state import parse_host_port
 
 SCRAPE_INTERVAL_S = 0.25
@@ -96,17 +99,25 @@ class Reply:
 
 
 class Sink:
-    """Where a downstream connection's bytes go: an HBONE tunnel or a TCP transport."""
+    """Where a downstream connection's bytes go, and its flow control: an HBONE tunnel or a TCP
+    transport. `write_blocked()`: the peer is not reading what we wrote (stop producing answers);
+    `pause_reading`/`resume_reading`: stop taking its bytes (TCP: the socket; HBONE: the window)."""
 
-    def __init__(self, write: Callable[[bytes], None], close: Callable[[], None], abort: Callable[[], None]) -> None:
+    def __init__(self, write: Callable[[bytes], None], close: Callable[[], None], abort: Callable[[], None],
+                 write_blocked: Callable[[], bool] = lambda: False, pause_reading: Callable[[], None] = lambda: None,
+                 resume_reading: Callable[[], None] = lambda: None) -> None:
         self.write, self.close, self.abort = write, close, abort
+        self.write_blocked, self.pause_reading, self.resume_reading = write_blocked, pause_reading, resume_reading
 
 
 class Downstream:
     """One downstream connection: HTTP/1.1 or h2c, requests handed to the proxy, answers written.
 
-    Invariants: HTTP/1.1 requests are answered in order, one at a time (the codec hands out the next only then);
-    h2c streams are served concurrently; once closed nothing more is written."""
+    Invariants: HTTP/1.1 requests are answered in order, one at a time (the codec hands out the next only then,
+    and only while the peer reads its answers: `Sink.write_blocked`); h2c streams are served concurrently; the
+    codec's deadline (head, request, idle timeouts) is always armed; once closed nothing more is written.
+    The codecs bound what the peer can make us hold (`ztunnel.proxy.l7.http1`, `.h2c`); this adapter applies
+    their back-pressure (`wants_data`) and their timers, and logs every limit hit."""
 
     def __init__(self, proxy: L7Proxy, sink: Sink, ctx: Context) -> None:
         self.proxy, self.sink, self.ctx = proxy, sink, ctx
@@ -116,36 +127,103 @@ class Downstream:
         self.closed = False
         self.busy = 0
         self._eof = False
+        self.reading_paused = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._arm(mono_s() + IDLE_TIMEOUT_S)  # the first request must begin in time too
 
     def feed(self, data: bytes) -> None:
         if self.closed:
             return
+        now = mono_s()
         if self.h1 is None and self.h2 is None:
             self._first += data
             if len(self._first) < len(PREFACE) and PREFACE.startswith(self._first) and data:
                 return  # could still be the h2c preface
             data, self._first = self._first, b""
             if data.startswith(PREFACE):
-                self.h2 = H2Server()
+                self.h2 = H2Server(now=now)
             else:
-                self.h1 = Http1Server()
+                self.h1 = Http1Server(now=now)
         if self.h2 is not None:
-            self._h2_events(self.h2.receive(data))
+            self._h2_events(self.h2.receive(data, now))
         elif self.h1 is not None:
-            self._h1_events(self.h1.receive(data))
+            self._h1_events(self.h1.receive(data, now))
+            self._read_flow()
+        self._rearm()
 
     def eof(self) -> None:
         self._eof = True
-        if self.h1 is not None:
-            self._h1_events(self.h1.receive(b""))
-        if self.busy == 0:
+        if self.h1 is not None:  # closes once the requests sent before the EOF are answered (`PeerClosed`)
+            self._h1_events(self.h1.receive(b"", mono_s()))
+        elif self.busy == 0:
             self.close()
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            if self._timer is not None:
+                self._timer.cancel()
             with contextlib.suppress(Exception):
                 self.sink.close()
+
+    # timers and flow control
+    def _arm(self, deadline: float | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None and not self.closed:
+            self._timer = asyncio.get_running_loop().call_later(max(0.0, deadline - mono_s()), self._on_timer)
+
+    def _rearm(self) -> None:
+        codec = self.h1 or self.h2
+        if codec is not None:
+            self._arm(codec.deadline())
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.closed:
+            return
+        now = mono_s()
+        codec = self.h1 or self.h2
+        if codec is None:
+            self._limit("idle_timeout", f"no request for {IDLE_TIMEOUT_S:g} s")
+            self.close()
+            return
+        if self.h1 is not None:
+            self._h1_events(self.h1.on_timer(now))
+        elif self.h2 is not None:
+            self._h2_events(self.h2.on_timer(now))
+        self._rearm()
+
+    def _read_flow(self) -> None:
+        """HTTP/1.1 back-pressure: stop reading while the codec's pipelining backlog is full."""
+        if self.h1 is None or self.closed:
+            return
+        if not self.h1.wants_data and not self.reading_paused:
+            self.reading_paused = True
+            self.sink.pause_reading()
+        elif self.h1.wants_data and self.reading_paused:
+            self.reading_paused = False
+            self.sink.resume_reading()
+
+    def writable(self) -> None:
+        """The peer read what we wrote: hand out the next pipelined request, send waiting h2 data."""
+        if self.closed:
+            return
+        if self.h1 is not None and self.busy == 0 and not self.h1.awaiting_response:
+            self._h1_events(self.h1.pending(mono_s()))
+            self._read_flow()
+            self._rearm()
+        elif self.h2 is not None:
+            self.h2.resume_writing()
+            self._flush_h2()
+
+    def _limit(self, code: str, reason: str) -> None:
+        """A bound was hit: counted, and one log line naming it (`kind: "downstream_limit"`)."""
+        reporter = "waypoint" if self.ctx.arrival.service is not None else "gateway"
+        self.proxy.telemetry.refusal(reporter, code)
+        self.proxy.telemetry.log(kind="downstream_limit", src=self.ctx.caller or "unauthenticated", limit=code,
+                                 reason=reason)
 
     # HTTP/1.1
     def _h1_events(self, events: list[Any]) -> None:
@@ -154,7 +232,12 @@ class Downstream:
                 self.busy += 1
                 self.proxy.spawn(self._serve_h1(ev))
             elif isinstance(ev, ProtocolFailure):
+                if ev.status in LIMIT_STATUSES:
+                    self._limit(LIMIT_STATUSES[ev.status], ev.reason)
                 self._write_h1(Reply(ev.status, (), ev.reason.encode()), close=True)
+            elif isinstance(ev, IdleTimeout):
+                self._limit("idle_timeout", ev.reason)
+                self.close()
             elif isinstance(ev, PeerClosed) and self.busy == 0:
                 self.close()
 
@@ -167,15 +250,17 @@ class Downstream:
         self.busy -= 1
         self._write_h1(reply, close=not ev.keep_alive or self.proxy.draining)
         if self.h1 is not None and not self.closed:
-            if self.h1.must_close or (self._eof and self.busy == 0):
+            if self.h1.must_close:
                 self.close()
-            else:
-                self._h1_events(self.h1.pending())
+            elif not self.sink.write_blocked():  # else `writable` continues once the peer reads
+                self._h1_events(self.h1.pending(mono_s()))
+                self._read_flow()
+            self._rearm()
 
     def _write_h1(self, reply: Reply, close: bool) -> None:
         if self.closed or self.h1 is None:
             return
-        data = self.h1.respond(reply.status, reply.headers, reply.body, close=close)
+        data = self.h1.respond(reply.status, reply.headers, reply.body, mono_s(), close=close)
         if data:
             self.sink.write(data)
         if close or self.h1.must_close:
@@ -189,6 +274,8 @@ class Downstream:
                 self.busy += 1
                 self.proxy.spawn(self._serve_h2(ev))
             elif isinstance(ev, ConnectionEnded):
+                if ev.reason.startswith("idle"):
+                    self._limit("idle_timeout", ev.reason)
                 self._flush_h2()
                 self.close()
                 return
@@ -206,33 +293,59 @@ class Downstream:
             self._flush_h2()
             if self._eof and self.busy == 0:
                 self.close()
+            self._rearm()
 
     def _flush_h2(self) -> None:
         if self.h2 is not None and not self.closed:
+            for why in self.h2.refusals:
+                self._limit("h2_stream_refused", why)
+            self.h2.refusals.clear()
             data = self.h2.data_to_send()
             if data:
                 self.sink.write(data)
+            self.h2.write_blocked = self.sink.write_blocked()
+
+
+# HTTP statuses a codec answers when a bound is hit, and the refusal code they are counted under
+LIMIT_STATUSES = {408: "request_timeout", 413: "request_body_too_large", 429: "pipelining_limit",
+                  431: "request_head_too_large"}
 
 
 class TunnelDownstream:
-    """A downstream connection carried by an HBONE tunnel (waypoint)."""
+    """A downstream connection carried by an HBONE tunnel (waypoint). Received data is acknowledged
+    (HBONE window credit) only while the codec wants more: a pipelining caller is held back by flow
+    control, at most one stream window ahead."""
 
     def __init__(self, proxy: L7Proxy, stream: HboneStream, ctx: Context) -> None:
         self.stream = stream
-        self.conn = Downstream(proxy, Sink(stream.write, stream.write_eof, lambda: stream.reset()), ctx)
+        self._unacked = 0
+        self.conn = Downstream(proxy, Sink(stream.write, stream.write_eof, lambda: stream.reset(),
+                                           write_blocked=self._write_blocked, resume_reading=self._resume), ctx)
+
+    def _write_blocked(self) -> bool:
+        return self.stream.buffered_bytes > HIGH_WATER_BYTES or self.stream.session.write_paused
+
+    def _resume(self) -> None:
+        n, self._unacked = self._unacked, 0
+        if n:
+            self.stream.ack(n)
 
     def on_data(self, data: bytes, flow_bytes: int) -> None:
-        self.stream.ack(flow_bytes)  # bounded by the codecs (head and body limits)
         self.conn.feed(data)
+        if self.conn.reading_paused:
+            self._unacked += flow_bytes   # credited back by `_resume`
+        else:
+            self.stream.ack(flow_bytes)
 
     def on_end(self) -> None:
         self.conn.eof()
 
     def on_reset(self, error_code: int) -> None:
-        self.conn.closed = True
+        self.conn.close()
 
     def on_writable(self) -> None:
-        pass
+        if not self._write_blocked():
+            self.conn.writable()
 
 
 class TcpDownstream(asyncio.Protocol):
@@ -242,6 +355,7 @@ class TcpDownstream(asyncio.Protocol):
         self.proxy, self.listener = proxy, listener
         self.conn: Downstream | None = None
         self.counted = False
+        self._write_paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -252,7 +366,8 @@ class TcpDownstream(asyncio.Protocol):
             return
         self.proxy.downstream_connections += 1
         self.counted = True
-        self.conn = Downstream(self.proxy, Sink(t.write, t.close, t.abort),
+        self.conn = Downstream(self.proxy, Sink(t.write, t.close, t.abort, write_blocked=lambda: self._write_paused,
+                                                pause_reading=t.pause_reading, resume_reading=t.resume_reading),
                                Context.of(Arrival(listener=self.listener), ""))
 
     def data_received(self, data: bytes) -> None:
@@ -264,9 +379,17 @@ class TcpDownstream(asyncio.Protocol):
             self.conn.eof()
         return True
 
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self.conn is not None:
+            self.conn.writable()
+
     def connection_lost(self, exc: Exception | None) -> None:
         if self.conn is not None:
-            self.conn.closed = True
+            self.conn.close()
         if self.counted:
             self.counted = False
             self.proxy.downstream_connections -= 1
@@ -473,6 +596,8 @@ class L7Proxy(ProxyBase):
             return Reply(plan.status, (("content-type", "text/plain"),), plan.body or plan.reason.encode())
         if logging:
             log.update(route=plan.route_name, backend=plan.backend.target)
+            if plan.request.target != head.target:  # normalized and/or rewritten: what the backend sees
+                log["upstream_target"] = plan.request.target
             if plan.allowed_by:
                 log["policy"] = plan.allowed_by
         reply, attempts = await self._forward(ctx, plan, body, log)
@@ -572,6 +697,9 @@ class L7Proxy(ProxyBase):
         self.in_flight[uid] = self.in_flight.get(uid, 0) + 1
         try:
             result = await conn.exchange(plan.request, body, timeout_s)
+        except UnsafeRequestLine:
+            self._release(conn, svc_host)  # nothing was written: the connection and its slot stay good
+            raise
         finally:
             n = self.in_flight.get(uid, 1) - 1
             if n > 0:

@@ -6,6 +6,10 @@ waypoint), the request head and one random float, and returns either a `Refuse` 
 the deciding policy) or a `Forward`: the rule chosen, the rewritten request, the backend drawn by
 weight, and the timeouts and retry policy in force. In order:
 
+0. normalization (`normalize.normalize_request`): the method, target and host get their one normal
+   form, or the request is refused (400, 501); everything below, and the upstream request line,
+   sees only the normalized request, so authorization and routing cannot disagree with the backend
+   about which resource is asked for;
 1. authorization (`ztunnel.api.authz.evaluate_request`, the evaluator ztunnel and `meshfed plan`
    use): policies targeting the destination Service and those targeting the proxy's own Gateway;
    DENY before ALLOW; a denial is 403 with Envoy's body `RBAC: access denied` and the reason in
@@ -36,6 +40,7 @@ from ztunnel.api.config import (
     Service,
 )
 from ztunnel.api.identity import ProxyId
+from ztunnel.proxy.l7.normalize import Malformed, normalize_request
 from ztunnel.proxy.l7.routing import (
     RequestHead,
     RuleChoice,
@@ -137,7 +142,10 @@ def _targets(ix: L7Index, arrival: Arrival) -> list[str]:
     return out
 
 
-def plan_request(ix: L7Index, arrival: Arrival, peer: authz.Peer, req: RequestHead, rand: float) -> Forward | Refuse:
+def plan_request(ix: L7Index, arrival: Arrival, peer: authz.Peer, raw: RequestHead, rand: float) -> Forward | Refuse:
+    req = normalize_request(raw)
+    if isinstance(req, Malformed):
+        return Refuse(req.status, req.reason)
     port = arrival.port or (arrival.listener.port if arrival.listener is not None else 0)
     targets = _targets(ix, arrival)
     decision = authz.Decision(True, "allowed: no policy applies")

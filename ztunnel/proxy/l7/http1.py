@@ -12,9 +12,12 @@ token.
 waypoint, a TCP connection at an ingress gateway) and writes responses; `Http1Client` writes
 requests to an upstream connection (a tunnel to the destination's node) and reads responses.
 Bodies are buffered whole, bounded (`MAX_BODY_BYTES`; beyond it the request gets 413, the
-response 502), and so are heads (`MAX_HEAD_BYTES`: 431) and pipelined requests waiting for their
-turn (`MAX_PIPELINED`): a retry must be able to send the request again, and the retry decision is
-taken on the response's status before anything reaches the client.
+response 502): a retry must be able to send the request again, and the retry decision is taken on
+the response's status before anything reaches the client. Every other thing a peer can make the
+server hold is bounded too, with the protocol's answer and a reason for the log: the head
+(`MAX_HEAD_BYTES`, `MAX_HEADERS`: 431), pipelined requests (parsed one ahead at most, the rest kept
+as a bounded backlog with back-pressure: `Http1Server`), and the time a request may take to arrive
+or a connection may sit idle (408; close). Why each value: next to its constant.
 
 Proxying rules (RFC 9110 §7.6.1): hop-by-hop headers (`connection` and the headers it names,
 `keep-alive`, `proxy-connection`, `te`, `trailer`, `transfer-encoding`, `upgrade`) are not
@@ -32,19 +35,43 @@ import functools
 import re
 from collections import deque
 from dataclasses import dataclass
+from enum import Enum
 from http import HTTPStatus
 
 import httptools
 
 from ztunnel.proxy.l7.routing import Headers, RequestHead
 
+# --- bounds: what one peer can make this proxy hold, and for how long ----------------------------
+# Bodies are buffered whole (a retry must resend them; the status decides before anything reaches
+# the client): 8 MiB covers the APIs and model prompts the mesh carries; larger uploads want L4.
 MAX_BODY_BYTES = 8 * 1024 * 1024
-MAX_HEAD_BYTES = 64 * 1024
+# Envoy's defaults (`max_request_headers_kb: 60`, `max_headers_count: 100`): what clients already
+# live within behind Istio, and a cap on the per-header tuples a flood of `a:\r\n` would create.
+MAX_HEAD_BYTES = 60 * 1024
+MAX_HEADERS = 100
+# Pipelining: requests parsed ahead of the one at the engine. With the backlog below they hold at
+# most its bytes; the count caps the per-request objects a flood of tiny requests would make.
 MAX_PIPELINED = 32
+# Bytes received behind a request in progress are kept unparsed; past the pause mark the adapter
+# stops reading the socket / withholds the HBONE window (back-pressure), so a client that obeys
+# flow control stays under the hard cap: 8 MiB is above the 4 MiB HBONE stream window plus one
+# socket read. Beyond it the peer ignored flow control: 429 and close.
+PIPELINE_PAUSE_BYTES = 256 * 1024
+MAX_PIPELINE_BACKLOG_BYTES = 8 * 1024 * 1024
+# Slow senders (slowloris): a head must arrive within 15 s of its first byte (nginx and Go servers
+# use 10-60 s; a real client sends its head in one write), a whole request within 60 s (8 MiB at
+# ~1.1 Mbit/s); a connection with nothing in progress is closed after 60 s (an ingress gateway has
+# `MAX_DOWNSTREAM_CONNECTIONS` slots for everyone: idle ones must not keep them; browsers reuse a
+# keep-alive connection within seconds).
+REQUEST_HEADERS_TIMEOUT_S = 15.0
+REQUEST_READ_TIMEOUT_S = 60.0
+IDLE_TIMEOUT_S = 60.0
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
                         "upgrade", "content-length", "host", "expect"})
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _BAD_VALUE = re.compile(r"[\r\n\x00]")
+_TARGET = re.compile(r"[\x21-\x7e]+")  # a request target: visible ASCII, no spaces
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +99,21 @@ class PeerClosed:
     pass
 
 
-ServerEvent = RequestReady | ProtocolFailure | PeerClosed
+@dataclass(frozen=True, slots=True)
+class IdleTimeout:
+    """Nothing was in progress for the idle timeout: close the connection without a response."""
+
+    reason: str
+
+
+class Phase(Enum):
+    IDLE = "idle"      # between requests
+    HEAD = "head"      # a request's head is arriving
+    BODY = "body"      # its body is arriving
+    BUSY = "busy"      # a request is at the engine
+
+
+ServerEvent = RequestReady | ProtocolFailure | PeerClosed | IdleTimeout
 ClientEvent = ResponseReady | ProtocolFailure | PeerClosed
 
 
@@ -119,7 +160,21 @@ class _Message:
 
 
 class Http1Server:
-    def __init__(self, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+    """The downstream side. Sans-IO: `receive(data, now)` and `respond(..., now)` take the time,
+    `deadline()` says when `on_timer(now)` must run; nothing here reads a clock.
+
+    Explicit read state (`phase`): IDLE (between requests) → HEAD (a request began) → BODY (its
+    head is complete) → back to IDLE when it is complete; BUSY while a request is at the engine
+    (`awaiting_response`). Bytes that arrive while BUSY are not parsed but kept (`backlog`, at most
+    `MAX_PIPELINE_BACKLOG_BYTES`), and `wants_data` turns False past `PIPELINE_PAUSE_BYTES` so the
+    adapter stops reading (TCP) or withholds the HBONE window: a pipelining client holds at most one
+    request at the engine plus a bounded backlog, never a queue of 8 MiB bodies.
+
+    Timers: a request's head must be complete `REQUEST_HEADERS_TIMEOUT_S` after its first byte and
+    the whole request `REQUEST_READ_TIMEOUT_S` after it (408, then close); an IDLE connection is
+    closed after `IDLE_TIMEOUT_S` (`IdleTimeout`, no response: nothing was asked)."""
+
+    def __init__(self, max_body_bytes: int = MAX_BODY_BYTES, now: float = 0.0) -> None:
         self.parser = httptools.HttpRequestParser(self)
         self.max_body_bytes = max_body_bytes
         self._msg = _Message()
@@ -127,11 +182,22 @@ class Http1Server:
         self._failed = False
         self._closing = False      # the last response asked to close
         self.awaiting_response = False
+        self._reading = Phase.IDLE  # the parser's side: IDLE, HEAD or BODY
+        self._since = now           # when `_reading` (or the idle wait) began
+        self._head_raw = 0          # bytes fed while a head was incomplete (a single header's value
+                                    # is buffered by httptools before `on_header`: bounded here)
+        self.backlog = bytearray()
+        self._now = now
+        self._peer_closed = False   # the peer half-closed (EOF)
+        self._closed_told = False   # ... and `PeerClosed` was handed out, after every request before it
 
     # --- parser callbacks -------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
         self._msg = _Message()
+        if len(self._queue) >= MAX_PIPELINED:  # before any of its body is buffered
+            raise _Refused(ProtocolFailure(429, f"more than {MAX_PIPELINED} pipelined requests"))
+        self._reading, self._since, self._head_raw = Phase.HEAD, self._now, 0
 
     def on_url(self, url: bytes) -> None:
         self._msg.url += url
@@ -139,7 +205,9 @@ class Http1Server:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._msg.headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
-        self._head_grew(len(name) + len(value))
+        if len(self._msg.headers) > MAX_HEADERS:
+            raise _Refused(ProtocolFailure(431, f"more than {MAX_HEADERS} request headers"))
+        self._head_grew(len(name) + len(value) + 4)  # + ": " and CRLF: the bytes on the wire
 
     def _head_grew(self, n: int) -> None:
         self._msg.head_bytes += n
@@ -147,6 +215,7 @@ class Http1Server:
             raise _Refused(ProtocolFailure(431, f"request head over {MAX_HEAD_BYTES} bytes"))
 
     def on_headers_complete(self) -> None:
+        self._reading = Phase.BODY
         if self.parser.should_upgrade():
             raise _Refused(ProtocolFailure(501, "upgrades (WebSocket) are not proxied by the L7 engine"))
 
@@ -162,40 +231,81 @@ class Http1Server:
         host = next((v for k, v in headers if k == "host"), "")
         head = RequestHead(self.parser.get_method().decode("ascii", "replace"), m.url.decode("latin-1"), host,
                            headers)
-        if len(self._queue) >= MAX_PIPELINED:
-            raise _Refused(ProtocolFailure(429, f"more than {MAX_PIPELINED} pipelined requests"))
         self._queue.append(RequestReady(head, b"".join(m.body), self.parser.should_keep_alive()))
+        self._msg = _Message()
+        self._reading, self._since = Phase.IDLE, self._now
 
     # --- API --------------------------------------------------------------------------------------
 
-    def receive(self, data: bytes) -> list[ServerEvent]:
+    @property
+    def phase(self) -> Phase:
+        return Phase.BUSY if self.awaiting_response else self._reading
+
+    @property
+    def failed(self) -> bool:
+        """A failure was decided: its answer is queued, nothing more is parsed."""
+        return self._failed
+
+    @property
+    def wants_data(self) -> bool:
+        """False while the backlog is past its pause mark: the adapter should stop reading."""
+        return len(self.backlog) < PIPELINE_PAUSE_BYTES
+
+    def receive(self, data: bytes, now: float) -> list[ServerEvent]:
         """Feed bytes (b"" at end of stream); returns at most one request: the next one is handed out
         by `pending()` once this one is answered."""
         if self._failed:
             return []
+        self._now = now
         if not data:
-            self._queue.append(PeerClosed())
+            self._peer_closed = True   # told by `pending` once the requests sent before it are served
+        elif self.awaiting_response or self._queue or self.backlog:
+            self.backlog += data   # not parsed until the request at the engine is answered
+            if len(self.backlog) > MAX_PIPELINE_BACKLOG_BYTES:
+                self.backlog.clear()
+                self._fail(ProtocolFailure(429, f"over {MAX_PIPELINE_BACKLOG_BYTES} bytes pipelined behind "
+                                                "a request in progress (flow control ignored)"))
         else:
-            try:
-                self.parser.feed_data(data)
-            except _Refused as e:
-                self._fail(e.failure)
-            except httptools.HttpParserUpgrade:
-                self._fail(ProtocolFailure(501, "upgrades (WebSocket) are not proxied by the L7 engine"))
-            except httptools.HttpParserCallbackError as e:
-                cause = e.__context__
-                self._fail(cause.failure if isinstance(cause, _Refused) else ProtocolFailure(400, f"bad request: {e}"))
-            except httptools.HttpParserError as e:
-                self._fail(ProtocolFailure(400, f"bad request: {e}"))
-        return self.pending()
+            self._feed(data)
+        return self.pending(now)
+
+    def _feed(self, data: bytes) -> None:
+        if self._reading is Phase.HEAD:
+            self._head_raw += len(data)
+        try:
+            self.parser.feed_data(data)
+        except _Refused as e:
+            self._fail(e.failure)
+        except httptools.HttpParserUpgrade:
+            self._fail(ProtocolFailure(501, "upgrades (WebSocket) are not proxied by the L7 engine"))
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__context__
+            self._fail(cause.failure if isinstance(cause, _Refused) else ProtocolFailure(400, f"bad request: {e}"))
+        except httptools.HttpParserError as e:
+            self._fail(ProtocolFailure(400, f"bad request: {e}"))
+        else:
+            if self._reading is Phase.HEAD and self._head_raw > MAX_HEAD_BYTES:
+                self._fail(ProtocolFailure(431, f"request head over {MAX_HEAD_BYTES} bytes"))
 
     def _fail(self, failure: ProtocolFailure) -> None:
         self._failed = True
+        self._reading = Phase.IDLE
         self._queue.append(failure)
 
-    def pending(self) -> list[ServerEvent]:
-        """The next event, unless a request is waiting for its response."""
-        if self.awaiting_response or not self._queue:
+    def pending(self, now: float | None = None) -> list[ServerEvent]:
+        """The next event, unless a request is waiting for its response. The backlog is parsed only
+        when nothing is queued, so at most its bytes are ever held twice."""
+        if self.awaiting_response:
+            return []
+        if now is not None:
+            self._now = now
+        if not self._queue and self.backlog and not self._failed:
+            data, self.backlog = bytes(self.backlog), bytearray()
+            self._feed(data)
+        if not self._queue:
+            if self._peer_closed and not self._closed_told:
+                self._closed_told = True
+                return [PeerClosed()]
             return []
         ev = self._queue.popleft()
         if isinstance(ev, RequestReady):
@@ -204,7 +314,7 @@ class Http1Server:
                 self._closing = True
         return [ev]
 
-    def respond(self, status: int, headers: Headers, body: bytes, close: bool = False) -> bytes:
+    def respond(self, status: int, headers: Headers, body: bytes, now: float, close: bool = False) -> bytes:
         """The bytes of one whole response. `close`: this is the connection's last response."""
         if close:
             self._closing = True
@@ -213,12 +323,40 @@ class Http1Server:
         if self._closing:
             lines.append("connection: close\r\n")
         self.awaiting_response = False
+        self._now = now
+        self._since = now   # the idle wait, or the next request's time to arrive, starts with the answer
         return ("".join(lines) + "\r\n").encode("latin-1") + body
+
+    def deadline(self) -> float | None:
+        """When `on_timer` must run next (None: no timer; the engine's own timeouts govern BUSY)."""
+        if self._failed or self.awaiting_response:
+            return None
+        if self._reading is Phase.HEAD:
+            return self._since + REQUEST_HEADERS_TIMEOUT_S
+        if self._reading is Phase.BODY:
+            return self._since + REQUEST_READ_TIMEOUT_S
+        return self._since + IDLE_TIMEOUT_S
+
+    def on_timer(self, now: float) -> list[ServerEvent]:
+        due = self.deadline()
+        if due is None or now < due:
+            return []
+        if self._reading is Phase.IDLE:
+            self._failed = True
+            return [IdleTimeout(f"no request for {IDLE_TIMEOUT_S:g} s")]
+        what = ("request head" if self._reading is Phase.HEAD else "request")
+        limit = REQUEST_HEADERS_TIMEOUT_S if self._reading is Phase.HEAD else REQUEST_READ_TIMEOUT_S
+        self._fail(ProtocolFailure(408, f"{what} not received within {limit:g} s"))
+        return self.pending(now)
 
     @property
     def must_close(self) -> bool:
         """Nothing more can be read or answered on this connection."""
         return self._closing or (self._failed and not self._queue)
+
+
+class UnsafeRequestLine(ValueError):
+    """A request line that would not be one request on the wire (a bug upstream of the codec)."""
 
 
 class _Refused(Exception):
@@ -249,7 +387,9 @@ class Http1Client:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._msg.headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
-        self._msg.head_bytes += len(name) + len(value)
+        self._msg.head_bytes += len(name) + len(value) + 4
+        if len(self._msg.headers) > MAX_HEADERS:
+            raise _Refused(ProtocolFailure(502, f"upstream response has more than {MAX_HEADERS} headers"))
         if self._msg.head_bytes > MAX_HEAD_BYTES:
             raise _Refused(ProtocolFailure(502, f"upstream response head over {MAX_HEAD_BYTES} bytes"))
 
@@ -279,6 +419,14 @@ class Http1Client:
     # --- API --------------------------------------------------------------------------------------
 
     def request(self, head: RequestHead, body: bytes) -> bytes:
+        """The bytes of one request. The engine hands only normalized requests
+        (`ztunnel.proxy.l7.normalize`); the request line is checked again here because it is written
+        raw: a method that is not a token, a target with a space or control byte, or a host with CR,
+        LF or NUL would split or smuggle a request (`UnsafeRequestLine`)."""
+        if not _is_token(head.method) or not _TARGET.fullmatch(head.target) or _BAD_VALUE.search(head.host) \
+                or " " in head.host:
+            raise UnsafeRequestLine(f"refusing to write request line {head.method!r} {head.target!r} "
+                                    f"host {head.host!r}")
         self.requests += 1
         self._msg = _Message()
         self._head_only = head.method == "HEAD"

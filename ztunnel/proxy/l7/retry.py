@@ -11,6 +11,9 @@ HTTPRoute's `retry` (Gateway API) replaces the count (`attempts`), the retriable
   it: the pod is not there) and a response whose status is in the retriable set;
 - not retried: a reset after the request was sent, a per-try timeout, any other status (Envoy
   would need `reset`, `5xx` or `gateway-error` in retryOn, which Istio's default leaves out);
+- the method does not matter, as in Envoy's `retriable-status-codes`: a POST answered 503 is sent
+  again (a 503 normally means "not processed"; a backend that fails after a side effect needs
+  `attempts: 0` on its route). A connect failure is always safe: nothing was sent;
 - each retry goes to a host not tried yet while the pool has one (`previous_hosts`), and waits
   `backoff_s(...)` first; the whole request, retries included, stays within the route's
   `timeouts.request`, each try within `timeouts.backendRequest`;
