@@ -249,7 +249,10 @@ class Engine:
     # --- one experiment ----------------------------------------------------------------------------
 
     def run_one(self, fed: LabFederation, fleet: Fleet, exp: Experiment) -> ExperimentResult:
-        out = self.opts.out_dir / exp.name if self.opts.per_experiment_dirs else self.opts.out_dir
+        try:
+            out = report_dir(self.opts.out_dir, exp.name) if self.opts.per_experiment_dirs else self.opts.out_dir
+        except ExperimentError as err:  # nothing runs, nothing is written
+            return ExperimentResult(exp, ERROR, error=str(err), started_at_s=self.clock())
         res = ExperimentResult(exp, started_at_s=self.clock(), out_dir=out,
                                load=(_load(), 0.0))
         self.narrator.experiment_start(exp)
@@ -650,6 +653,17 @@ def _from_baseline(records: Sequence[dict[str, Any]] | Sequence[Any], prio: list
     return prio[prio.index(serving):] if serving in prio else prio
 
 
+def report_dir(out_dir: Path, name: str) -> Path:
+    """Where an experiment's reports go: `out_dir/<name>/`, never outside `out_dir` (a name is a
+    DNS-1123 label once loaded — MF0106 —; this holds for any `Experiment` handed to the engine)."""
+    out = out_dir / name
+    if not name or out.resolve().parent != out_dir.resolve():
+        raise ExperimentError(f"experiment name {name[:80]!r} would put its reports outside {out_dir}, not in a "
+                              f"directory of its own there; name it with lower-case letters, digits and '-', e.g. "
+                              "'cert-expiry'")
+    return out
+
+
 def _apply(wt: Path, st: Step) -> str:
     """Apply a push step's edits or patch to a clone of the fleet repo; the commit message."""
     import subprocess
@@ -657,9 +671,10 @@ def _apply(wt: Path, st: Step) -> str:
     p = st.push
     assert p is not None
     for e in p.edits:
-        path = wt / e.file
-        if not path.is_file():
-            raise ExperimentError(f"{e.pos}: edit of {e.file}: no such file in the lab's fleet repo")
+        path = e.path_in(wt)
+        if path is None:  # `chaos validate` refuses it first; the engine does not rely on that
+            raise ExperimentError(f"{e.pos}: edit of {e.file}: no such file in the lab's fleet repo (name a file "
+                                  "relative to its root, e.g. policies/shop/checkout.yaml)")
         text = path.read_text()
         if text.count(e.replace) != 1:
             raise ExperimentError(f"{e.pos}: edit of {e.file}: the text to replace occurs {text.count(e.replace)} "

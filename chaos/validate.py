@@ -256,8 +256,8 @@ def _replay(st: Step, work: Path, reset: Callable[[], None], ref: ObjectRef) -> 
         return []
     out: list[Problem] = []
     for e in push.edits:
-        path = work / e.file
-        if not path.is_file() or not path.resolve().is_relative_to(work.resolve()):
+        path = e.path_in(work)
+        if path is None:
             out.append(problem("MF0704", f"edit of {e.file}: no such file in the fleet repo", e.pos, obj=ref,
                                hint="name a file relative to the fleet repo's root, e.g. policies/shop/checkout.yaml"))
             continue

@@ -69,6 +69,7 @@ from gitops import model as m
 from gitops.codes import problem
 from gitops.problems import ObjectRef, Problem, SourcePos
 from gitops.schema import (
+    _DNS_LABEL,
     CountIn,
     DnsLabel,
     DurationIn,
@@ -350,6 +351,15 @@ class Edit:
     with_: str
     pos: SourcePos
 
+    def path_in(self, repo: Path) -> Path | None:
+        """The file this edit names inside the checkout `repo`, or None when there is no such file
+        or it lies outside `repo` ('../x', an absolute path, a symlink out): an experiment edits
+        the fleet repo and nothing else. (`chaos validate` and the engine both ask here.)"""
+        path = repo / self.file
+        if not path.is_file() or not path.resolve().is_relative_to(repo.resolve()):
+            return None
+        return path
+
 
 @dataclass(frozen=True, slots=True)
 class PushSpec:
@@ -576,6 +586,13 @@ def parse_experiment(file: str, data: bytes) -> tuple[Experiment | None, list[Pr
     if meta.namespace:
         return None, [problem("MF0101", f"{KIND} is not namespaced: remove metadata.namespace",
                               doc.pos(("metadata", "namespace")), obj=ref, hint="keep name, labels, annotations")]
+    if not _DNS_LABEL.fullmatch(meta.name):
+        # the name is a path component of the reports (`--out DIR/<name>/`) and the JUnit test's
+        # name: '../x' or '/x' would write reports outside DIR
+        return None, [problem("MF0106", f"experiment name {meta.name[:80]!r} is not a DNS-1123 label",
+                              doc.value_at(("metadata", "name")), obj=ref,
+                              hint="the name becomes the report directory (--out DIR/<name>/): use lower-case "
+                                   "letters, digits and '-', at most 63 characters, e.g. 'cert-expiry'")]
     return _convert(doc, meta, spec, ref)
 
 

@@ -3,7 +3,9 @@
 Protocol: one JSON request per connection (the client half-closes after sending it), one JSON
 answer, then the server closes. `{"ok": true, …}` or `{"ok": false, "error": "…"}`. A Unix socket
 crosses network namespaces, so the host reaches the supervisor without entering the sandbox; the
-socket is 0600 (only the lab's owner may fault it).
+socket is 0600 (only the lab's owner may fault it). Inside the sandbox it is no boundary: every lab
+process (pods and proxies too) is (mapped) root in the same mount namespace and can reach it, and
+`spawn` runs any argv — the lab is a test bed, not an isolation of its processes from each other.
 
 Each connection is handled on its own thread, and the server holds no lock of its own while a
 handler runs: a slow request (a fault that waits for a process to die, starting proxies) never

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from tests.integration import dataplane_topology as topo
+from ztunnel.api.bundle import load_pem_certificates
 from ztunnel.api.config import Authorization, AuthzMatch, OutlierPolicy, ProxyMode
 from ztunnel.proxy.base import Credentials, ProxyOptions
 from ztunnel.proxy.gateway import GatewayProxy
@@ -252,6 +253,32 @@ async def test_a_resumed_session_with_another_peer_identity_is_refused() -> None
         assert other_key not in a.tickets._tickets
         assert echo.accepted == accepted_before
         assert 'outcome="ConnectFailure"' in a.telemetry.render().decode()
+    finally:
+        for p in (a, g, w):
+            await p.drain(0.1)
+        await echo.close()
+
+
+async def test_a_resumed_session_whose_peer_certificate_has_since_expired_is_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ticket outlives nothing: the calendar moves past the destination's not-after (+ skew)
+    after the full handshake that earned the ticket; the next dial resumes (no certificate sent)
+    and the source still judges the certificate the session carries on today's date — refused,
+    ticket dropped, nothing reaches the server. (The verified-peer cache must not answer either:
+    its entries end at the leaf's not-after.)"""
+    a, g, w, echo = await build()
+    try:
+        assert await _roundtrip(a, b"one") == b"west:one"
+        assert len(a.tickets) == 1
+        chain_pem, _key = w.creds._svids[SERVER.identity]
+        not_after = load_pem_certificates(chain_pem)[0].not_valid_after_utc.timestamp()
+        later = not_after + 3600.0
+        monkeypatch.setattr("ztunnel.proxy.base.wall_s", lambda: later)
+        accepted_before = echo.accepted
+        with pytest.raises(ConnectionRefusedError):
+            await _roundtrip(a, b"two")
+        assert a.tickets.resumed == 0 and a.tickets.refused_after_resume == 1 and len(a.tickets) == 0
+        assert echo.accepted == accepted_before
     finally:
         for p in (a, g, w):
             await p.drain(0.1)

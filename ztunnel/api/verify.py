@@ -35,6 +35,8 @@ stable `code` for metrics and a message naming the likely cause and fix):
  9. `issuer_validity`  that authority is itself within its validity window (with skew);
 10. `not_yet_valid` / `expired`  the leaf's validity window contains `now` give or take
                        `clock_skew_s` (default 120 s);
+                       (9 and 10 word their messages "… certificate is not yet valid: …" /
+                       "… certificate has expired: …", see `validity_problem`)
 11. `wrong_identity`   if the caller expected identities (the destination's SANs), the peer's
                        SPIFFE ID is one of them.
 """
@@ -79,6 +81,44 @@ def _ts(dt: datetime) -> float:
 
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# Why a certificate's validity window does not contain now, in the words X.509 stacks log
+# (OpenSSL's X509_V_ERR_CERT_NOT_YET_VALID / _HAS_EXPIRED): operators grep and alert on them, and
+# the chaos catalogue (examples/chaos/cert-expiry.yaml, clock-skew-beyond-tolerance.yaml) expects
+# them in the proxy's log. Each message starts "<whose> certificate is not yet valid: ..." or
+# "<whose> certificate has expired: ..." and goes on with the dates and what to do.
+NOT_YET_VALID = "not yet valid"
+EXPIRED = "expired"
+
+
+def validity_problem(not_before_s: float, not_after_s: float, now_s: float, skew_s: float) -> str | None:
+    """`NOT_YET_VALID`, `EXPIRED`, or None when `now_s` is inside the window widened by `skew_s`
+    on both sides (the clocks of issuer and verifier may disagree by that much)."""
+    if now_s < not_before_s - skew_s:
+        return NOT_YET_VALID
+    if now_s > not_after_s + skew_s:
+        return EXPIRED
+    return None
+
+
+def _outside_validity(whose: str, subject: str, cert: x509.Certificate, now_s: float, skew_s: float, *,
+                      not_yet: str, expired: str, code: str = "") -> PeerVerificationError | None:
+    """The refusal of a certificate whose window (give or take `skew_s`) misses `now_s`, worded
+    "<whose> certificate is not yet valid: <subject> starts at …: <not_yet>" or "<whose>
+    certificate has expired: <subject> ended at …: <expired>"; None if it is valid. `code`:
+    the error's code (default: `not_yet_valid` / `expired`)."""
+    nb, na = _ts(cert.not_valid_before_utc), _ts(cert.not_valid_after_utc)
+    problem = validity_problem(nb, na, now_s, skew_s)
+    if problem == NOT_YET_VALID:
+        return PeerVerificationError(
+            f"{whose} certificate is not yet valid: {subject} starts at {_iso(nb)}, {nb - now_s:.0f} s from now "
+            f"(more than the {skew_s:.0f} s skew allowed): {not_yet}", code or "not_yet_valid")
+    if problem == EXPIRED:
+        return PeerVerificationError(
+            f"{whose} certificate has expired: {subject} ended at {_iso(na)}, {now_s - na:.0f} s ago: {expired}",
+            code or "expired")
+    return None
 
 
 def peer_spiffe_ids(cert: x509.Certificate) -> list[str]:
@@ -258,22 +298,23 @@ class TrustStore:
                 f"check `meshfed trust` for the roots of {td!r} and the proxy's config sync", "untrusted_issuer")
         # 9. the issuing authority is valid now
         skew = self.clock_skew_s
-        if not (_ts(issuer.not_valid_before_utc) - skew <= now_s <= _ts(issuer.not_valid_after_utc) + skew):
-            raise PeerVerificationError(
-                f"the authority that signed {peer} ({issuer.subject.rfc4514_string()}) is valid only from "
-                f"{_iso(_ts(issuer.not_valid_before_utc))} to {_iso(_ts(issuer.not_valid_after_utc))}; "
-                f"rotate the root of {td!r}", "issuer_validity")
+        refusal = _outside_validity(
+            "issuer", f"the authority that signed {peer} ({issuer.subject.rfc4514_string()})", issuer, now_s, skew,
+            # a root is valid from its creation: seeing it from the future is a clock error, not a
+            # reason to rotate it
+            not_yet="this node's clock is behind the CA's (or the CA's is ahead) — check NTP on both",
+            expired=f"rotate the root of {td!r} (publish, switch, retire), or check NTP if this node's clock is "
+                    "ahead", code="issuer_validity")
+        if refusal is not None:
+            raise refusal
         # 10. leaf validity with skew tolerance
-        nb, na = _ts(leaf.not_valid_before_utc), _ts(leaf.not_valid_after_utc)
-        if now_s < nb - skew:
-            raise PeerVerificationError(
-                f"peer certificate of {peer} is not valid until {_iso(nb)} ({nb - now_s:.0f} s from now, more than "
-                f"the {skew:.0f} s skew allowed): one of the two clocks is wrong — check NTP on both nodes",
-                "not_yet_valid")
-        if now_s > na + skew:
-            raise PeerVerificationError(
-                f"peer certificate of {peer} expired at {_iso(na)} ({now_s - na:.0f} s ago): the peer could not "
-                "renew it — its CA (the controller) is probably unreachable, or its clock is wrong", "expired")
+        refusal = _outside_validity(
+            "peer", str(peer), leaf, now_s, skew,
+            not_yet="one of the two clocks is wrong — check NTP on both nodes",
+            expired="the peer could not renew it — its CA (the controller) is probably unreachable, or its clock "
+                    "is wrong")
+        if refusal is not None:
+            raise refusal
         # 11. expected identity
         wanted = {str(e) for e in expected} if expected else set()  # accept SpiffeId objects too
         if wanted and str(peer) not in wanted:

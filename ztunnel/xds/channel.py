@@ -172,6 +172,14 @@ class ControllerBridge:
         self.last_error = ""
         self.last_peer = ""
 
+    def explain(self, detail: str) -> str:
+        """`detail` (what gRPC says about a failed call or stream) with why this bridge's last
+        connection failed: when the bridge refuses the controller's certificate (expired, not yet
+        valid, not the controller), gRPC only sees the local socket close."""
+        if self.last_error and self.last_error not in detail:
+            return f"{detail} ({self.last_error})"
+        return detail
+
     async def start(self) -> ControllerBridge:
         if self._server is None:
             self._server = await asyncio.start_unix_server(self._accept, path="\0" + self.name)
@@ -236,6 +244,7 @@ class ControllerBridge:
                 self.last_error = f"controller at {self.target} failed verification: {e.reason}"
                 return
             self.last_peer = str(peer)
+            self.last_error = ""   # this connection is good: an older failure no longer explains anything
             await self._pipe_both(local_r, local_w, remote_r, remote, presented=svid is not None)
         except (OSError, TimeoutError, ssl.SSLError, ValueError) as e:
             self.last_error = f"{self.target}: {type(e).__name__}: {e}"

@@ -189,6 +189,8 @@ class XdsClient:
 
     `channel_factory()` returns a fresh `grpc.aio.Channel` (secure with the proxy's SVID, or
     insecure for loopback tests); `metadata` is sent on every call (insecure mode: the proxy id).
+    `explain` adds what the layer under the channel knows to gRPC's description of a lost stream
+    (`ControllerBridge.explain`: why it refused the controller's certificate).
     """
 
     def __init__(self, subscription: Subscription, sink: ConfigSink,
@@ -196,8 +198,10 @@ class XdsClient:
                  health: HealthSource | None = None, health_interval_s: float = 1.0,
                  backoff: Backoff | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 on_error: Callable[[BaseException], None] | None = None) -> None:
+                 on_error: Callable[[BaseException], None] | None = None,
+                 explain: Callable[[str], str] = lambda detail: detail) -> None:
         self.sub, self.sink, self.channel_factory = subscription, sink, channel_factory
+        self.explain = explain
         self.on_error = on_error  # told of every session that ended in an error (e.g. UNAUTHENTICATED)
         self.metadata = tuple(metadata)
         self.health, self.health_interval_s = health, health_interval_s
@@ -220,14 +224,17 @@ class XdsClient:
                 await self._session()
                 self.backoff.reset()
             except Exception as e:  # any transport error: back off and reconnect
-                self.last_error = describe_error(e)
-                if "split brain" in self.last_error:
+                detail = describe_error(e)
+                self.last_error = self.explain(detail)
+                if "split brain" in detail:
                     self.stale_controller = True
-                if self.last_error != lost:   # once per distinct error, not once per retry
-                    lost = self.last_error
+                # once per distinct error, not once per retry (the explanation's "N s ago" changes
+                # every time: gRPC's part decides)
+                if detail != lost:
+                    lost = detail
                     log.warning("config stream to the controller lost (%s); serving the last applied config, "
-                                "reconnecting with backoff", lost,
-                                extra={"fields": {"event": "ControllerLost", "error": lost}})
+                                "reconnecting with backoff", self.last_error,
+                                extra={"fields": {"event": "ControllerLost", "error": self.last_error}})
                 if self.on_error is not None:
                     self.on_error(e)
             self.connected.clear()

@@ -512,9 +512,7 @@ class ControllerLink:
                 self.persist()
                 return
             except Exception as e:
-                detail = describe_error(e)
-                if self.boot.last_error and self.boot.last_error not in detail:
-                    detail += f" ({self.boot.last_error})"
+                detail = self.boot.explain(describe_error(e))
                 self.log(kind="controller", event="bootstrap_failed", error=detail, retry_s=delay_s)
                 self.certs.forget(self.own)   # drop the failure backoff: we pace retries here
                 await asyncio.sleep(delay_s)
@@ -532,7 +530,7 @@ class ControllerLink:
         header = header_for(self.opts.proxy_id, self.opts.trust_domain, self.opts.network)
         self.xds = XdsClient(Subscription(header, self.state.config), self.sink, self.main.channel,
                              health=self.health, health_interval_s=self.opts.health_interval_s,
-                             on_error=self._on_session_error)
+                             on_error=self._on_session_error, explain=self.main.explain)
         return self.xds
 
     async def run(self) -> None:

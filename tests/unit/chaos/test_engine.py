@@ -10,6 +10,7 @@ clean-up still done, and how statuses follow from verdicts and `expectedFailure`
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -450,3 +451,34 @@ def test_http_traffic_reaches_the_load_generator_and_a_refusal_holds_the_steady_
     (split,) = [v for v in res.verdicts if v.name == "split"]
     assert split.ok and split.measured.startswith("100.0% of ")
     assert res.figures["west"].statuses[0][0] == 403
+
+
+@pytest.mark.parametrize("name", ["../escaped", "/tmp/escaped-absolute", "a/b", ""])
+def test_a_name_that_would_write_reports_outside_out_is_refused_before_anything_runs(
+        env: tuple[Engine, FakeFed, list[float], Any], name: str) -> None:
+    """The loader refuses such names (MF0106); the engine does not rely on it (review finding 7)."""
+    engine, fed, _, fleet = env
+    exp = dataclasses.replace(experiment(CRASH), name=name)
+    res = engine.run_one(fed, fleet, exp)  # type: ignore[arg-type]
+    assert res.status == "error" and "outside" in res.error and "lower-case letters" in res.error
+    assert fed.calls == [] and res.report is None and res.out_dir is None
+    assert not (engine.opts.out_dir.parent / "escaped").exists()
+
+
+def test_an_edit_of_a_file_outside_the_fleet_repo_is_refused(env: tuple[Engine, FakeFed, list[float], Any]) -> None:
+    """`chaos validate` refuses it first (MF0704); the engine checks again before it writes."""
+    engine, fed, _, fleet = env
+    outside = fed.tree / "outside.yaml"
+    outside.write_text("maxEjectionPercent: 100\n")
+    body = """\
+  method:
+    - push:
+        message: climbs out
+        edits: [{file: ../outside.yaml, replace: "maxEjectionPercent: 100", with: "pwned"}]
+  expect:
+    - client: east
+      maxFailed: 0
+"""
+    res = engine.run_one(fed, fleet, experiment(body))  # type: ignore[arg-type]
+    assert res.status == "error" and "edit of ../outside.yaml: no such file in the lab's fleet repo" in res.error
+    assert outside.read_text() == "maxEjectionPercent: 100\n"

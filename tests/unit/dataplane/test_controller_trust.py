@@ -15,7 +15,7 @@ from tests.unit.identity.forge import NOW_S
 from ztunnel.api.bundle import load_pem_certificates
 from ztunnel.api.identity import controller_spiffe_id, controller_tls_name
 from ztunnel.api.verify import PeerVerificationError
-from ztunnel.xds.channel import ControllerTrust, rejected_our_certificate
+from ztunnel.xds.channel import ControllerBridge, ControllerTrust, rejected_our_certificate
 
 EAST, WEST = "east.mesh", "west.mesh"
 
@@ -108,3 +108,18 @@ def test_a_leaf_is_not_a_root(cas: dict[str, TrustDomainCA]) -> None:
 ])
 def test_a_tls_alert_about_our_certificate_is_told_from_other_failures(err: BaseException, rejected: bool) -> None:
     assert rejected_our_certificate(err) is rejected
+
+
+def test_a_lost_stream_is_explained_by_the_bridges_last_refusal(tmp_path: Path,
+                                                                cas: dict[str, TrustDomainCA]) -> None:
+    """gRPC only sees the bridge's local socket close ("Socket closed") when the bridge refused the
+    controller's certificate; the proxy's log line must carry the bridge's reason (say, "peer
+    certificate is not yet valid" on a node whose clock is an hour behind), once."""
+    bridge = ControllerBridge("100.64.0.1:15012", anchored(tmp_path, cas, EAST))
+    grpc_says = "UNAVAILABLE: failed to connect to all addresses; last error: Socket closed"
+    assert bridge.explain(grpc_says) == grpc_says              # nothing failed yet: nothing to add
+    bridge.last_error = ("controller at 100.64.0.1:15012 failed verification: peer certificate is not yet valid: "
+                         "spiffe://east.mesh/ns/meshfed-system/sa/meshfed-controller's starts at …")
+    explained = bridge.explain(grpc_says)
+    assert explained.startswith(grpc_says) and "certificate is not yet valid" in explained
+    assert bridge.explain(explained) == explained              # not twice

@@ -135,6 +135,11 @@ CASES = [
     ("servedBy with overlapping alternatives", _replace("[east, south|west, east]", "[east, south|west, west]"),
      "MF0705", "48:7"),
     ("not an experiment", _replace("kind: ChaosExperiment", "kind: Experiment"), "MF0008", "2:7"),
+    # the name is the report directory under --out: no way out of it (review finding 7)
+    ("a name that climbs out of --out", _replace("name: crash", "name: ../../../../tmp/rv/ESCAPED"), "MF0106",
+     "4:9"),
+    ("an absolute name", _replace("name: crash", "name: /tmp/escaped"), "MF0106", "4:9"),
+    ("a name that is not a DNS label", _replace("name: crash", "name: Crash_Test"), "MF0106", "4:9"),
 ]
 
 

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import ssl
+import time
 from typing import Any
 
+import pytest
+
+from federation.controller.ca import TrustDomainCA
+from tests.unit.identity.forge import key_pem, leaf, memory_handshake, pem
+from ztunnel.api.verify import PeerVerificationError, TrustStore
+from ztunnel.identity import tls
 from ztunnel.identity.resumption import SessionTickets
 
 
@@ -17,6 +24,7 @@ def _ctx() -> ssl.SSLContext:
     return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 
 
+SERVER, CLIENT = "spiffe://east.mesh/ns/shop/sa/api", "spiffe://west.mesh/ns/web/sa/front"
 KEY = ("spiffe://e/ns/a/sa/c", "", "gw:15008", ("spiffe://w/ns/a/sa/s",), "s.a.sa.w")
 
 
@@ -64,3 +72,47 @@ def test_forget_after_a_refused_resumption_counts_it() -> None:
     _remember(t, ctx, store, 0.0)
     t.forget(KEY, refused_after_resume=True)
     assert len(t) == 0 and t.refused_after_resume == 1
+
+
+# --- what a resumed session proves, through real TLS 1.3 resumption (memory BIOs) -----------------
+# A resumed handshake exchanges no certificates: each side's SSLObject carries the peer certificate
+# of the full handshake the ticket came from. `verify_connection` (run by the proxy on every
+# session, full or resumed: `ProxyBase.verify_peer`) must judge that certificate's dates at *this*
+# time, so a peer whose certificate expired (or is not valid yet, for a clock gone back) since the
+# ticket was issued cannot keep connecting on the ticket.
+
+def _resumed_pair() -> tuple[ssl.SSLObject, ssl.SSLObject, TrustStore, float, float, float]:
+    now = time.time()  # OpenSSL's own checks run on the real clock (time itself is ours: NO_CHECK_TIME)
+    east = TrustDomainCA.create("east.mesh", now_s=now - 3600)
+    west = TrustDomainCA.create("west.mesh", now_s=now - 3600)
+    store = TrustStore.from_bundles(east.trust_bundle(), west.trust_bundle())
+    nb, na = now - 60, now + 600
+    srv, srv_key = leaf(east.roots[0], [SERVER], not_before_s=nb, not_after_s=na)
+    cli, cli_key = leaf(west.roots[0], [CLIENT], not_before_s=nb, not_after_s=na)
+    client = tls.client_context(pem(cli), key_pem(cli_key), store)
+    server = tls.server_context(pem(srv), key_pem(srv_key), store)
+    first_c, _ = memory_handshake(client, server)
+    assert not first_c.session_reused and first_c.session is not None and first_c.session.has_ticket
+    c, s = memory_handshake(client, server, session=first_c.session)
+    assert c.session_reused and s.session_reused  # no certificate was sent this time
+    return c, s, store, now, nb, na
+
+
+def test_a_resumed_session_carries_the_peer_certificates_and_verifies_now() -> None:
+    c, s, store, now, _, _ = _resumed_pair()
+    assert str(tls.verify_connection(c, store, now, expected=[SERVER])) == SERVER
+    assert str(tls.verify_connection(s, store, now)) == CLIENT    # the client's, from the ticket
+
+
+@pytest.mark.parametrize("when", ["expired", "not_yet_valid"])
+def test_a_resumed_session_is_refused_once_the_peer_certificate_is_outside_its_dates(when: str) -> None:
+    """Both sides: the client judging the server's certificate from its session, the server the
+    client's from the ticket it sealed. Past not-after (+ skew) or before not-before (- skew)."""
+    c, s, store, _, nb, na = _resumed_pair()
+    skew = store.clock_skew_s
+    at = na + skew + 1 if when == "expired" else nb - skew - 1
+    words = "certificate has expired" if when == "expired" else "certificate is not yet valid"
+    for obj, expected in ((c, [SERVER]), (s, None)):
+        with pytest.raises(PeerVerificationError, match=words) as e:
+            tls.verify_connection(obj, store, at, expected=expected)
+        assert e.value.code == when

@@ -11,9 +11,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from federation.controller.ca import TrustDomainCA, generate_root
-from tests.unit.identity.forge import NOW_S, der, key_pem, key_usage, leaf, pem
+from tests.unit.identity.forge import NOW_S, der, key_pem, key_usage, leaf, memory_handshake, pem
 from ztunnel.api.bundle import load_pem_certificates
-from ztunnel.api.verify import PeerVerificationError, TrustStore
+from ztunnel.api.verify import EXPIRED, NOT_YET_VALID, PeerVerificationError, TrustStore, validity_problem
 from ztunnel.identity import tls
 
 EAST, WEST, SOUTH = "east.mesh", "west.mesh", "south.mesh"
@@ -164,6 +164,45 @@ def test_expired_issuer_rejected() -> None:
     assert _code(TrustStore({EAST: [old.cert]}), der(cert)) == "issuer_validity"
 
 
+@pytest.mark.parametrize(("not_before", "not_after", "words", "advice"), [
+    (NOW_S - 7200, NOW_S - 3600, "peer certificate has expired: ", "could not renew it"),
+    (NOW_S + 3600, NOW_S + 7200, "peer certificate is not yet valid: ", "check NTP on both nodes"),
+])
+def test_leaf_validity_is_reported_in_the_x509_words(east_root: object, east_store: TrustStore, not_before: float,
+                                                     not_after: float, words: str, advice: str) -> None:
+    """Operators (and the chaos catalogue's cert-expiry and clock-skew experiments) grep a proxy's
+    log for the words every X.509 stack uses; the message then names the peer and what to do."""
+    cert, _ = leaf(east_root, [API], not_before_s=not_before, not_after_s=not_after)  # type: ignore[arg-type]
+    with pytest.raises(PeerVerificationError) as e:
+        east_store.verify_peer(der(cert), NOW_S)
+    assert str(e.value).startswith(words) and API in str(e.value) and advice in str(e.value)
+
+
+def test_an_authority_seen_from_the_future_is_a_clock_error_not_a_rotation() -> None:
+    """A verifier an hour behind sees a fresh root as not yet valid: the fix is its clock (NTP);
+    rotating the root would not help. An expired root is the one to rotate."""
+    young = generate_root(EAST, "root-1", now_s=NOW_S, ttl_s=86400)
+    cert, _ = leaf(young, [API], not_before_s=NOW_S, not_after_s=NOW_S + 3600)
+    with pytest.raises(PeerVerificationError) as e:
+        TrustStore({EAST: [young.cert]}).verify_peer(der(cert), NOW_S - 3600)
+    assert e.value.code == "issuer_validity"
+    assert str(e.value).startswith("issuer certificate is not yet valid: ") and "NTP" in str(e.value)
+    assert "rotate" not in str(e.value)
+    old = generate_root(EAST, "root-1", now_s=NOW_S - 7200, ttl_s=3600)
+    cert, _ = leaf(old, [API], not_before_s=NOW_S - 7000, not_after_s=NOW_S + 3600)
+    with pytest.raises(PeerVerificationError) as e:
+        TrustStore({EAST: [old.cert]}).verify_peer(der(cert), NOW_S)
+    assert str(e.value).startswith("issuer certificate has expired: ") and "rotate the root of 'east.mesh'" in str(
+        e.value)
+
+
+@pytest.mark.parametrize(("now_s", "problem"), [
+    (1000.0 - 121, NOT_YET_VALID), (1000.0 - 120, None), (2000.0 + 120, None), (2000.0 + 121, EXPIRED),
+])
+def test_validity_window_is_widened_by_the_skew_on_both_sides(now_s: float, problem: str | None) -> None:
+    assert validity_problem(1000.0, 2000.0, now_s, 120.0) == problem
+
+
 def test_issuer_name_must_match_as_well_as_signature(east_root: object, east_store: TrustStore) -> None:
     cert, _ = leaf(east_root, [API], issuer_name=x509.Name([]))  # type: ignore[arg-type]
     assert _code(east_store, der(cert)) == "untrusted_issuer"
@@ -201,31 +240,6 @@ def live() -> tuple[dict[str, TrustDomainCA], TrustStore, float]:
     return cas, store, now
 
 
-def _handshake(client: ssl.SSLContext, server: ssl.SSLContext) -> tuple[ssl.SSLObject, ssl.SSLObject]:
-    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
-    c = client.wrap_bio(c_in, c_out, server_side=False)
-    s = server.wrap_bio(s_in, s_out, server_side=True)
-    done_c = done_s = False
-    for _ in range(10):
-        if not done_c:
-            try:
-                c.do_handshake()
-                done_c = True
-            except ssl.SSLWantReadError:
-                pass
-        s_in.write(c_out.read())
-        if not done_s:
-            try:
-                s.do_handshake()
-                done_s = True
-            except ssl.SSLWantReadError:
-                pass
-        c_in.write(s_out.read())
-        if done_c and done_s:
-            return c, s
-    raise AssertionError("handshake did not finish")
-
-
 def test_pooled_ca_forgery_passes_ssl_but_not_verify_connection(
         live: tuple[dict[str, TrustDomainCA], TrustStore, float]) -> None:
     cas, store, now = live
@@ -233,7 +247,7 @@ def test_pooled_ca_forgery_passes_ssl_but_not_verify_connection(
     client_id = cas[WEST].issue_svid(FRONT, now_s=now)
     server = tls.server_context(pem(forged), key_pem(forged_key), store)
     client = tls.client_context(client_id.chain_pem, client_id.key_pem, store)
-    c, s = _handshake(client, server)                     # the pooled first gate lets it through…
+    c, s = memory_handshake(client, server)               # the pooled first gate lets it through…
     assert c.selected_alpn_protocol() == "h2" and c.version() == "TLSv1.3"
     with pytest.raises(PeerVerificationError, match="forgery"):  # …the trust-domain binding does not
         tls.verify_connection(c, store, now, expected=[API], local_trust_domain=WEST)
@@ -244,7 +258,7 @@ def test_genuine_handshake_verifies_both_ways(live: tuple[dict[str, TrustDomainC
     cas, store, now = live
     srv = cas[EAST].issue_svid(API, now_s=now)
     cli = cas[WEST].issue_svid(FRONT, now_s=now)
-    c, s = _handshake(tls.client_context(cli.chain_pem, cli.key_pem, store),
+    c, s = memory_handshake(tls.client_context(cli.chain_pem, cli.key_pem, store),
                       tls.server_context(srv.chain_pem, srv.key_pem, store))
     assert str(tls.verify_connection(c, store, now, expected=[API], local_trust_domain=WEST)) == API
     assert str(tls.verify_connection(s, store, now, local_trust_domain=EAST)) == FRONT
@@ -263,7 +277,7 @@ def test_skew_through_the_handshake(live: tuple[dict[str, TrustDomainCA], TrustS
         nb, na = now + offset_s - 3600, now + offset_s
     srv, srv_key = leaf(cas[EAST].roots[0], [API], not_before_s=nb, not_after_s=na)
     cli = cas[WEST].issue_svid(FRONT, now_s=now)
-    c, _s = _handshake(tls.client_context(cli.chain_pem, cli.key_pem, store),
+    c, _s = memory_handshake(tls.client_context(cli.chain_pem, cli.key_pem, store),
                        tls.server_context(pem(srv), key_pem(srv_key), store))
     if code is None:
         assert str(tls.verify_connection(c, store, time.time(), expected=[API])) == API
@@ -295,7 +309,7 @@ def test_unknown_root_fails_the_first_gate(live: tuple[dict[str, TrustDomainCA],
         cas[EAST].trust_bundle(), cas[SOUTH].trust_bundle()))
     server = tls.server_context(srv.chain_pem, srv.key_pem, only_east)
     with pytest.raises(ssl.SSLError):
-        c, _s = _handshake(client, server)
+        c, _s = memory_handshake(client, server)
         c.read(1)  # TLS 1.3: the client learns of the rejected certificate on its first read
 
 
