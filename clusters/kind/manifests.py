@@ -390,6 +390,12 @@ def l7_gateway_objects(snapshot: ConfigSnapshot, cluster_name: str, opts: Instal
 # --- a controller inside a cluster ------------------------------------------------------------------
 
 
+def status_service_names() -> tuple[str, ...]:
+    """The names in-cluster clients reach the controller's status API by (its Service `<CONTROLLER>-status`)."""
+    svc = f"{CONTROLLER}-status"
+    return (svc, f"{svc}.{MESH_NAMESPACE}", f"{svc}.{MESH_NAMESPACE}.svc", f"{svc}.{MESH_NAMESPACE}.svc.cluster.local")
+
+
 def controller_objects(snapshot: ConfigSnapshot, cluster_name: str, repo: str, opts: InstallOptions = InstallOptions(),
                        branch: str = "main") -> list[dict[str, Any]]:
     """`meshfed controller run --in-cluster CLUSTER` as a Deployment in `cluster_name`: its own cluster
@@ -404,7 +410,10 @@ def controller_objects(snapshot: ConfigSnapshot, cluster_name: str, repo: str, o
     args = ["controller", "run", "--repo", repo, "--branch", branch, "--in-cluster", cluster_name,
             "--kubeconfig", "/etc/meshfed/remote/kubeconfig", "--state-dir", "/var/lib/meshfed/controller",
             "--listen", f"0.0.0.0:{CONTROLLER_GRPC_PORT}", "--bootstrap-listen", f"0.0.0.0:{CONTROLLER_BOOTSTRAP_PORT}",
-            "--status-listen", f"0.0.0.0:{CONTROLLER_HTTP_PORT}"]
+            "--status-listen", f"0.0.0.0:{CONTROLLER_HTTP_PORT}",
+            # the status API answers to its Service's names (and to IP literals: the kubelet's probe
+            # sends the pod IP); any other Host is refused (DNS rebinding, see federation.server.status_api)
+            *(a for name in status_service_names() for a in ("--status-allowed-host", name))]
     deployment = {
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(CONTROLLER),
         "spec": {"replicas": 1, "strategy": {"type": "Recreate"},  # one state owner at a time
