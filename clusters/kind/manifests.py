@@ -48,7 +48,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from clusters.kind.plan import LAB_NODE_LABEL  # which LabCluster node a kind worker plays
+from clusters.kind.plan import (  # LAB_NODE_LABEL: which LabCluster node a kind worker plays
+    KIND_POD_SUBNET,
+    LAB_NODE_LABEL,
+)
 from clusters.kube.observation import GATEWAY_SERVICE, MESH_NAMESPACE
 from gitops.model import (
     AMBIENT_LABEL,
@@ -153,9 +156,13 @@ def _proxy_args(proxy_id: str, cluster: Cluster, opts: InstallOptions, node: boo
     if node:
         # DNS: the enrolled pods' udp/tcp 53 is redirected (REDIRECT: to the address of the interface
         # it came in on, the pod's veth) to the responder on every address; names the mesh does not
-        # know go to the cluster's DNS (the container's resolv.conf, dnsPolicy ClusterFirstWithHostNet)
+        # know go to the cluster's DNS (the container's resolv.conf, dnsPolicy ClusterFirstWithHostNet).
+        # Listening on every address of the node, it answers only its captured pods and this cluster's
+        # pod network (`ztunnel.dns.clients`): never the node network or the LAN (an open resolver)
+        pod_cidrs = list(cluster.pod_cidrs) or [KIND_POD_SUBNET]
         return [*args, "--socks", "", "--transparent", f"0.0.0.0:{OUTBOUND_CAPTURE_PORT}", "--capture",
-                "--dns", f"0.0.0.0:{DNS_CAPTURE_PORT}", "--dns-upstream", "resolv.conf"]
+                "--dns", f"0.0.0.0:{DNS_CAPTURE_PORT}", "--dns-upstream", "resolv.conf",
+                *(a for cidr in pod_cidrs for a in ("--dns-allow-from", str(cidr)))]
     return [*args, "--socks", ""]
 
 
