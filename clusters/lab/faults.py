@@ -37,6 +37,7 @@ import argparse
 import asyncio
 import contextlib
 import fnmatch
+import math
 import socket
 import struct
 from collections.abc import Mapping
@@ -196,7 +197,10 @@ def _check_params(req: FaultRequest) -> None:
         raise FaultError(f"latency needs a delay in (0, 10000] ms, got {req.delay_ms:g}")
     if req.kind == "bandwidth" and not 8 <= req.rate_kbit <= 10_000_000:
         raise FaultError(f"bandwidth needs a rate in 8..10000000 kbit/s, got {req.rate_kbit:g}")
-    if req.kind == "clock-skew" and (req.skew_s == 0 or abs(req.skew_s) > 400 * 86400):
+    # NaN compares false to everything: `nan == 0` and `abs(nan) > limit` would both let it through
+    # (to FAKETIME=+nan), so finiteness is checked first; the other kinds' `not lo < x <= hi` refuse NaN
+    if req.kind == "clock-skew" and (not math.isfinite(req.skew_s) or req.skew_s == 0
+                                     or abs(req.skew_s) > 400 * 86400):
         raise FaultError(f"clock-skew needs a non-zero skew of at most 400 days, got {req.skew_s:g} s")
     if req.kind == "behaviour" and req.behaviour not in BEHAVIOURS:
         raise FaultError(f"behaviour {req.behaviour!r}: one of {', '.join(BEHAVIOURS)}")

@@ -103,6 +103,10 @@ def test_behaviour_sets_each_matching_pod_and_remembers_what_to_restore(plan: La
     (FaultRequest("bandwidth", "gateway", ("east",)), "rate in 8"),
     (FaultRequest("clock-skew", "wan", ("east", "west"), skew_s=60), "one process's clock"),
     (FaultRequest("clock-skew", "node", ("east/node-1",)), "non-zero skew"),
+    # review finding 11: NaN passed both `== 0` and `abs() >` (and reached FAKETIME=+nan)
+    (FaultRequest("clock-skew", "node", ("east/node-1",), skew_s=float("nan")), "non-zero skew"),
+    (FaultRequest("clock-skew", "node", ("east/node-1",), skew_s=float("-inf")), "non-zero skew"),
+    (FaultRequest("latency", "gateway", ("east",), delay_ms=float("nan")), "delay in"),
     (FaultRequest("latency", "gateway", ("east",)), "delay in"),
 ])
 def test_new_faults_say_why_they_cannot_be(plan: LabPlan, req: FaultRequest, message: str) -> None:
