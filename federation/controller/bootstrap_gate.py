@@ -4,8 +4,8 @@ A request on the bootstrap port has no client certificate: anyone who can reach 
 one, and one carrying a JWT-shaped string makes the controller ask a cluster's API server for a
 TokenReview (an HTTP request, on a worker thread). Unbounded, a single client floods both the
 controller's log and the API server, and slow reviews pin the threads that the state owner's disk
-work shares. Three bounds, decided here (pure: the caller passes `now_s`), enforced by the gRPC
-adapter (`federation.server.grpc_services.ConfigServer`) and the config service:
+work shares. The bounds, decided here (pure: the caller passes `now_s`), enforced by the gRPC
+adapter (`federation.server.grpc_services.ConfigServer`):
 
 - `BootstrapAdmission`: per source address, a token bucket (`rate_per_s`, `burst`); across all
   sources, at most `max_in_flight` checks at once (the adapter runs them on an executor of that
@@ -13,31 +13,24 @@ adapter (`federation.server.grpc_services.ConfigServer`) and the config service:
   retry; a real proxy retries every few seconds anyway, so a node restart storm behind one NAT
   address is slowed, not lost. The bucket map is bounded (`max_sources`, least recently seen
   evicted: an evicted source starts with a full bucket again, which the in-flight cap still bounds).
-- `ReviewCache`: the API server's answer for a (cluster, token) pair, kept `ttl_s` and at most
-  `max_entries` (least recently used evicted), keyed by the token's SHA-256 (never the token). A
-  client repeating one token (a retry loop, or a flood of one junk JWT) costs one review per TTL.
-  A positive answer is reused for at most `ttl_s`: a token revoked within that window could still
-  buy its own proxy's first certificate, which is what a proxy holding it could have done a moment
-  earlier; the pod and node checks are run again on every use.
 
-Invariants: `BootstrapAdmission.in_flight` equals admitted minus released; both maps never exceed
-their bound.
+No cache of the API servers' answers: a reused answer is stale both ways (a deleted pod's token
+would still be accepted for the cache's lifetime, a token refused by a skewed API-server clock
+still refused after it is fixed), and the two bounds above already cap what a flood costs the API
+server (`max_in_flight` reviews at once, and `burst` then `rate_per_s` per source address).
+
+Invariants: `in_flight` equals admitted minus released; the bucket map never exceeds `max_sources`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
 
 BOOTSTRAP_RATE_PER_S = 5.0        # per source address: a proxy retries every <= 2 s
 BOOTSTRAP_BURST = 20              # a few proxies behind one address bootstrapping together
 BOOTSTRAP_MAX_IN_FLIGHT = 8       # checks at once, all sources (the adapter's executor threads)
 BOOTSTRAP_MAX_SOURCES = 4096
-REVIEW_CACHE_TTL_S = 10.0
-REVIEW_CACHE_MAX_ENTRIES = 1024
 
 
 @dataclass
@@ -78,45 +71,3 @@ class BootstrapAdmission:
     @property
     def sources(self) -> int:
         return len(self._buckets)
-
-
-V = TypeVar("V")
-
-
-class ReviewCache(Generic[V]):
-    """Recent TokenReview answers by (cluster, token digest). Thread-safe: reviews run on worker
-    threads."""
-
-    def __init__(self, ttl_s: float = REVIEW_CACHE_TTL_S, max_entries: int = REVIEW_CACHE_MAX_ENTRIES) -> None:
-        self.ttl_s, self.max_entries = ttl_s, max_entries
-        self._entries: OrderedDict[tuple[str, str], tuple[V, float]] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = 0
-
-    @staticmethod
-    def _key(cluster: str, token: str) -> tuple[str, str]:
-        return cluster, hashlib.sha256(token.encode()).hexdigest()
-
-    def find(self, cluster: str, token: str, now_s: float) -> V | None:
-        key = self._key(cluster, token)
-        with self._lock:
-            hit = self._entries.get(key)
-            if hit is None:
-                return None
-            if now_s >= hit[1]:
-                del self._entries[key]
-                return None
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return hit[0]
-
-    def put(self, cluster: str, token: str, answer: V, now_s: float) -> None:
-        key = self._key(cluster, token)
-        with self._lock:
-            self._entries[key] = (answer, now_s + self.ttl_s)
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._entries)

@@ -57,10 +57,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from clusters.kube.auth import TokenReviewResult
 from federation.controller.api_token import ensure_api_token
 from federation.controller.bootstrap import BootstrapTokens
-from federation.controller.bootstrap_gate import ReviewCache
 from federation.controller.distributor import AckEvent, ConfigDistributor
 from federation.controller.shard import apply_config_deltas, rollout_facts
 from federation.controller.signing import (
@@ -134,9 +132,6 @@ class ConfigService:
         self._reviewer_factory = token_reviewer
         self._cluster_apis: dict[str, tuple[str | None, str]] = {}
         self._reviewers: dict[str, tuple[tuple[str | None, str], Any]] = {}
-        # the API servers' recent answers (`bootstrap_gate.ReviewCache`: a repeated token costs one
-        # review per TTL); its TTL runs on the monotonic clock, not on the (simulated) calendar
-        self.review_cache: ReviewCache[TokenReviewResult] = ReviewCache()
         self.flush_interval_s = flush_interval_s
         self.lock = lock
         self.store = store if store is not None else Store.in_state_dir(self.state_dir, clock=clock)
@@ -285,9 +280,8 @@ class ConfigService:
     def authenticate_bootstrap(self, proxy_id: str, service_account_token: str, bootstrap_token: str) -> BootstrapVerdict:
         """May these credentials buy `proxy_id` its own certificate? A ServiceAccount token is
         reviewed by the proxy's own cluster (blocking: an HTTP request; the gRPC adapter calls this
-        on its bounded executor, `bootstrap_gate.BootstrapAdmission` deciding who may; the answer is
-        kept a few seconds in `review_cache`), then judged by `signing.check_service_account`; a bootstrap token is checked
-        against the tokens file (`consume_bootstrap` uses it up once a certificate was issued)."""
+        on its bounded executor, `bootstrap_gate.BootstrapAdmission` deciding who may), then judged
+        by `signing.check_service_account`; a bootstrap token is checked against the tokens file (`consume_bootstrap` uses it up once a certificate was issued)."""
         if service_account_token:
             from clusters.kube.discovery import DiscoveryError
 
@@ -300,13 +294,10 @@ class ConfigService:
             if reviewer is None:
                 return BootstrapVerdict("permission_denied", f"proxy {proxy_id} names cluster {cluster!r}, which is "
                                         "not in the applied fleet", "service account token")
-            review = self.review_cache.find(cluster, service_account_token, time.monotonic())
-            if review is None:
-                try:
-                    review = reviewer.review(service_account_token, [TOKEN_AUDIENCE])
-                except DiscoveryError as e:   # not cached: the next attempt asks again
-                    return BootstrapVerdict("unavailable", str(e), "service account token")
-                self.review_cache.put(cluster, service_account_token, review, time.monotonic())
+            try:
+                review = reviewer.review(service_account_token, [TOKEN_AUDIENCE])
+            except DiscoveryError as e:
+                return BootstrapVerdict("unavailable", str(e), "service account token")
             return check_service_account(proxy_id, review)
         if bootstrap_token:
             why = self.bootstrap.check(bootstrap_token, proxy_id)

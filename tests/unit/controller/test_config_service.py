@@ -317,18 +317,3 @@ def test_rollout_facts_say_which_proxies_run_a_revision(tmp_path: Path) -> None:
         "ztunnel/a/inflight": ("a", True, "pending"), "ztunnel/a/away": ("a", False, "pending"),
         "ztunnel/b/older": ("b", True, "other"), "ztunnel/a/new": ("a", False, "other")}
 
-
-def test_a_repeated_service_account_token_is_reviewed_once_per_ttl(tmp_path: Path) -> None:
-    """Review finding 6: one JWT-shaped string sent again and again (a retry loop, or a flood of one
-    junk token) costs its cluster's API server one TokenReview per `ReviewCache` TTL, not one each."""
-    svc = ConfigService(tmp_path, kubeconfig="/kc", token_reviewer=FakeReviewer)
-    svc.ensure_cas(fleet())
-    before = FakeReviewer.reviewed
-    for _ in range(5):
-        assert svc.authenticate_bootstrap("ztunnel/east/node-1", jwt("west:ztunnel@node-1"), "").code == \
-            "unauthenticated"
-        assert svc.authenticate_bootstrap("ztunnel/east/node-1", jwt("east:ztunnel@node-1"), "").ok
-    assert FakeReviewer.reviewed == before + 2
-    for _ in range(2):   # an API server that could not be asked is asked again next time: nothing cached
-        assert svc.authenticate_bootstrap("ztunnel/east/node-1", jwt("api-down"), "").code == "unavailable"
-    assert FakeReviewer.reviewed == before + 4
