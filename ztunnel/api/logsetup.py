@@ -221,8 +221,14 @@ def configure_from_env(default_level: str = "info", default_format: str = "text"
     return configure(level if level in LEVELS else default_level, fmt if fmt in FORMATS else default_format, stream)
 
 
+KV_MAX_CHARS = 4096   # one field of an event's text rendering (its JSON rendering keeps it whole)
+
+
 def _kv(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, default=str, separators=(",", ":"))
+    # an event's string fields are often a peer's (an SNI, a client address, a proxy id): escaped
+    # like every peer string; other values are JSON, which escapes its strings itself
+    text = printable(value, KV_MAX_CHARS) if isinstance(value, str) else json.dumps(value, default=str,
+                                                                                    separators=(",", ":"))
     return f'"{text}"' if (" " in text or not text) else text
 
 

@@ -157,3 +157,14 @@ def test_text_lines_never_carry_a_raw_cr_or_escape_sequence() -> None:
     logging.getLogger("federation.server.status_api.access").info("GET %s 404", "/x\r\x1b[2Kfake-line")
     out = buf.getvalue()
     assert "\r" not in out and "\x1b" not in out and "/x\\r\\x1b[2Kfake-line" in out
+
+
+def test_an_events_text_rendering_escapes_its_string_fields() -> None:
+    """The proxies' events (`event_log`) carry peers' strings (an SNI, a client address): their
+    text rendering goes through `printable`, so a field cannot end the line."""
+    buf = io.StringIO()
+    logsetup.configure("info", "text", buf)
+    emit = logsetup.event_log(logging.getLogger("ztunnel.proxy.node"))
+    emit(kind="connection", sni="a.example\n2026-12-03T00:00:00.000Z INFO fake", port=15008)
+    (line,) = lines(buf)
+    assert 'sni="a.example\\n2026-12-03T00:00:00.000Z INFO fake"' in line and "port=15008" in line
