@@ -452,7 +452,6 @@ def test_a_bad_argument_is_400_and_a_failure_is_500_without_its_detail(caplog: p
 def test_the_request_log_escapes_what_the_client_wrote() -> None:
     """Finding 6/8 (status_api.py case 3): a path with ESC sequences and a CR was logged raw."""
     import io
-    import logging
 
     from federation.server import status_api
     from ztunnel.api import logsetup
@@ -470,5 +469,5 @@ def test_the_request_log_escapes_what_the_client_wrote() -> None:
     try:
         status_api._log_request({**entry, "status": 404})
     finally:
-        logging.getLogger().handlers.clear()
+        logsetup.reset()
     assert "\x1b" not in buf.getvalue() and "fake-line" in buf.getvalue()

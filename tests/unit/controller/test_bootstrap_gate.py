@@ -4,7 +4,8 @@ review finding 6): checks per source and in flight, refusals logged escaped and 
 from __future__ import annotations
 
 import io
-import logging
+
+import pytest
 
 from federation.controller.bootstrap_gate import BootstrapAdmission
 
@@ -41,25 +42,27 @@ def test_the_map_of_sources_is_bounded_least_recently_seen_first() -> None:
     assert gate.admit("10.0.0.0", 10.0) == ""          # forgotten (evicted): a full bucket again
 
 
-def test_a_refused_proxy_id_cannot_forge_a_log_line_and_refusals_are_rate_limited() -> None:
+def test_a_refused_proxy_id_cannot_forge_a_log_line_and_refusals_are_rate_limited(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """The reviewer's grpc_log.py: a proxy id carrying a newline and a fake record."""
     from federation.server import grpc_services
     from ztunnel.api import logsetup
 
     buf = io.StringIO()
     logsetup.configure("info", "text", buf)
-    grpc_services._refusals = grpc_services._RefusalLog(rate_per_s=0.001, burst=2)
-    forged = ("ztunnel/east/node-1\n2026-12-03T00:00:00.000Z INFO    federation.controller.signing: certificate "
-              "issued to gateway/east")
-    grpc_services._denied(forged, "bootstrap token: not a valid bootstrap token for " + forged)
-    (line,) = [ln for ln in buf.getvalue().splitlines() if ln]
-    assert "node-1\\n2026-12-03" in line and "certificate issued" in line   # on the one line, escaped
-    for _ in range(5):
-        grpc_services._denied("ztunnel/east/node-2", "no")
-    lines = [ln for ln in buf.getvalue().splitlines() if ln]
-    assert len(lines) == 2 and grpc_services._refusals.suppressed == 4
-    logging.getLogger().handlers.clear()
-    grpc_services._refusals = grpc_services._RefusalLog()
+    monkeypatch.setattr(grpc_services, "_refusals", grpc_services._RefusalLog(rate_per_s=0.001, burst=2))
+    try:
+        forged = ("ztunnel/east/node-1\n2026-12-03T00:00:00.000Z INFO    federation.controller.signing: "
+                  "certificate issued to gateway/east")
+        grpc_services._denied(forged, "bootstrap token: not a valid bootstrap token for " + forged)
+        (line,) = [ln for ln in buf.getvalue().splitlines() if ln]
+        assert "node-1\\n2026-12-03" in line and "certificate issued" in line   # on the one line, escaped
+        for _ in range(5):
+            grpc_services._denied("ztunnel/east/node-2", "no")
+        lines = [ln for ln in buf.getvalue().splitlines() if ln]
+        assert len(lines) == 2 and grpc_services._refusals.suppressed == 4
+    finally:
+        logsetup.reset()
 
 
 def test_the_source_of_a_grpc_peer_is_its_address_without_the_port() -> None:
