@@ -204,7 +204,7 @@ def host_refusal(hosts: list[str], http_version: str, admitted: frozenset[str], 
     if name in admitted:
         return 0, ""
     if _is_ip(name) and (any_ip_literal or str(ipaddress.ip_address(name)) in admitted):
-        return 0, ""   # (`::0001` is `::1`)
+        return 0, ""   # an IP literal, or another spelling of an admitted address (`::0001` for `::1`)
     return 421, (f"this status API does not serve the name in Host ({printable(name, 100)}): use "
                  f"{' or '.join(sorted(admitted))}, or start the controller with --status-allowed-host NAME")
 
@@ -279,7 +279,9 @@ class StatusServer:
 
             def setup(self) -> None:
                 super().setup()
-                # reads against the request's deadline, writes with their own timeout (module doc)
+                # reads against the request's deadline, writes with their own timeout (module doc);
+                # the stdlib's file objects are closed (each holds a reference on the socket)
+                self.rfile.close()
                 self.rfile = io.BufferedReader(_DeadlineReader(self.connection, lambda: self._deadline_s))
                 self.wfile = _TimedWriter(self.connection)
 
