@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dns-unanswered", choices=DNS_UNANSWERED, default=DNS_UNANSWERED[0],
                    help="the answer for a name the mesh does not know when there is no upstream")
     d.add_argument("--dns-ttl-s", type=int, default=DNS_TTL_S, help="TTL of the answers for global names")
+    d.add_argument("--dns-allow-from", action="append", metavar="CIDR", default=[],
+                   help="a network whose clients the responder answers besides the node's captured pods and "
+                        "loopback (repeatable; e.g. the cluster's pod CIDR); anyone else gets no answer")
     c = p.add_argument_group("controller mode (config, certificates and health through the controller)")
     c.add_argument("--controller", default="", help="HOST:PORT of the controller's gRPC services")
     c.add_argument("--bootstrap", default="", help="HOST:PORT of the controller's bootstrap port (first certificate)")
@@ -259,19 +262,36 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
 async def _start_dns(args: argparse.Namespace, state: ProxyState, telemetry: Telemetry) -> DnsServer:
     """The DNS responder for global names, answering from whatever config `state` holds now."""
     from ztunnel.dns.answer import Unanswered
+    from ztunnel.dns.clients import DnsClients, parse_networks
     from ztunnel.dns.server import DnsConfigError, DnsOptions, DnsServer, upstreams_from_flags
 
     try:
         opts = DnsOptions(upstreams=upstreams_from_flags(args.dns_upstream), unanswered=Unanswered(args.dns_unanswered),
-                          ttl_s=args.dns_ttl_s)
+                          ttl_s=args.dns_ttl_s, allow_from=DnsClients(parse_networks(args.dns_allow_from)))
         host, port = parse_host_port(args.dns)
     except (DnsConfigError, ValueError) as e:
         raise SystemExit(f"ztunnel: --dns: {e}") from None
-    server = DnsServer(table_of(state), opts, count=telemetry.dns_query)
+    server = DnsServer(table_of(state), opts, count=telemetry.dns_query, enrolled=enrolled_of(state))
     await server.start(host, port)
     emit(kind="dns", listening=f"{host}:{server.port}", upstreams=[f"{h}:{p}" for h, p in opts.upstreams],
-         unanswered=opts.unanswered.value)
+         unanswered=opts.unanswered.value, allow_from=[str(n) for n in opts.allow_from.allowed])
     return server
+
+
+def enrolled_of(state: ProxyState) -> Callable[[], frozenset[str]]:
+    """The captured pods of the config `state` holds (the DNS responder's clients): the same set the
+    capture rules redirect (`capture_rules.enrolled_addresses`), recomputed only when the config
+    object changes."""
+    from ztunnel.proxy.capture_rules import enrolled_addresses
+
+    built: list[Any] = [None, frozenset()]
+
+    def current() -> frozenset[str]:
+        cfg = state.config
+        if cfg is not built[0]:
+            built[:] = [cfg, enrolled_addresses(cfg) if cfg is not None else frozenset()]
+        return built[1]  # type: ignore[no-any-return]
+    return current
 
 
 def table_of(state: ProxyState) -> Callable[[], DnsTable]:

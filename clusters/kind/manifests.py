@@ -48,7 +48,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from clusters.kind.plan import LAB_NODE_LABEL  # which LabCluster node a kind worker plays
+from clusters.kind.plan import (  # LAB_NODE_LABEL: which LabCluster node a kind worker plays
+    KIND_POD_SUBNET,
+    LAB_NODE_LABEL,
+)
 from clusters.kube.observation import GATEWAY_SERVICE, MESH_NAMESPACE
 from gitops.model import (
     AMBIENT_LABEL,
@@ -153,9 +156,13 @@ def _proxy_args(proxy_id: str, cluster: Cluster, opts: InstallOptions, node: boo
     if node:
         # DNS: the enrolled pods' udp/tcp 53 is redirected (REDIRECT: to the address of the interface
         # it came in on, the pod's veth) to the responder on every address; names the mesh does not
-        # know go to the cluster's DNS (the container's resolv.conf, dnsPolicy ClusterFirstWithHostNet)
+        # know go to the cluster's DNS (the container's resolv.conf, dnsPolicy ClusterFirstWithHostNet).
+        # Listening on every address of the node, it answers only its captured pods and this cluster's
+        # pod network (`ztunnel.dns.clients`): never the node network or the LAN (an open resolver)
+        pod_cidrs = list(cluster.pod_cidrs) or [KIND_POD_SUBNET]
         return [*args, "--socks", "", "--transparent", f"0.0.0.0:{OUTBOUND_CAPTURE_PORT}", "--capture",
-                "--dns", f"0.0.0.0:{DNS_CAPTURE_PORT}", "--dns-upstream", "resolv.conf"]
+                "--dns", f"0.0.0.0:{DNS_CAPTURE_PORT}", "--dns-upstream", "resolv.conf",
+                *(a for cidr in pod_cidrs for a in ("--dns-allow-from", str(cidr)))]
     return [*args, "--socks", ""]
 
 
@@ -390,6 +397,12 @@ def l7_gateway_objects(snapshot: ConfigSnapshot, cluster_name: str, opts: Instal
 # --- a controller inside a cluster ------------------------------------------------------------------
 
 
+def status_service_names() -> tuple[str, ...]:
+    """The names in-cluster clients reach the controller's status API by (its Service `<CONTROLLER>-status`)."""
+    svc = f"{CONTROLLER}-status"
+    return (svc, f"{svc}.{MESH_NAMESPACE}", f"{svc}.{MESH_NAMESPACE}.svc", f"{svc}.{MESH_NAMESPACE}.svc.cluster.local")
+
+
 def controller_objects(snapshot: ConfigSnapshot, cluster_name: str, repo: str, opts: InstallOptions = InstallOptions(),
                        branch: str = "main") -> list[dict[str, Any]]:
     """`meshfed controller run --in-cluster CLUSTER` as a Deployment in `cluster_name`: its own cluster
@@ -404,7 +417,10 @@ def controller_objects(snapshot: ConfigSnapshot, cluster_name: str, repo: str, o
     args = ["controller", "run", "--repo", repo, "--branch", branch, "--in-cluster", cluster_name,
             "--kubeconfig", "/etc/meshfed/remote/kubeconfig", "--state-dir", "/var/lib/meshfed/controller",
             "--listen", f"0.0.0.0:{CONTROLLER_GRPC_PORT}", "--bootstrap-listen", f"0.0.0.0:{CONTROLLER_BOOTSTRAP_PORT}",
-            "--status-listen", f"0.0.0.0:{CONTROLLER_HTTP_PORT}"]
+            "--status-listen", f"0.0.0.0:{CONTROLLER_HTTP_PORT}",
+            # the status API answers to its Service's names (and to IP literals: the kubelet's probe
+            # sends the pod IP); any other Host is refused (DNS rebinding, see federation.server.status_api)
+            *(a for name in status_service_names() for a in ("--status-allowed-host", name))]
     deployment = {
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(CONTROLLER),
         "spec": {"replicas": 1, "strategy": {"type": "Recreate"},  # one state owner at a time

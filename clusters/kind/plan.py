@@ -245,8 +245,10 @@ def plan_install(snapshot: ConfigSnapshot, opts: KindOptions, facts: KindFacts) 
     controller_dir = opts.state_dir / "controller"
     cmds.append(Command(
         (*meshfed, "controller", "run", "--repo", str(opts.fleet_dir), "--state-dir", str(controller_dir),
-         "--kubeconfig", str(opts.kubeconfig), "--listen", f"0.0.0.0:{CONTROLLER_GRPC_PORT}",
-         "--bootstrap-listen", f"0.0.0.0:{CONTROLLER_BOOTSTRAP_PORT}",
+         # the kind network's gateway (this machine on that network) is where the proxies dial it:
+         # not 0.0.0.0, which would offer the unauthenticated bootstrap port to the whole LAN
+         "--kubeconfig", str(opts.kubeconfig), "--listen", f"{facts.gateway}:{CONTROLLER_GRPC_PORT}",
+         "--bootstrap-listen", f"{facts.gateway}:{CONTROLLER_BOOTSTRAP_PORT}",
          "--status-listen", f"127.0.0.1:{CONTROLLER_HTTP_PORT}"),
         "start the controller on this machine", background=True, log=str(opts.state_dir / "controller.log"),
         creates=("process", "controller")))

@@ -197,7 +197,8 @@ def _check_params(req: FaultRequest) -> None:
         raise FaultError(f"latency needs a delay in (0, 10000] ms, got {req.delay_ms:g}")
     if req.kind == "bandwidth" and not 8 <= req.rate_kbit <= 10_000_000:
         raise FaultError(f"bandwidth needs a rate in 8..10000000 kbit/s, got {req.rate_kbit:g}")
-    # NaN passes both comparisons (and would reach libfaketime as FAKETIME=+nan): finite first
+    # NaN compares false to everything: `nan == 0` and `abs(nan) > limit` would both let it through
+    # (to FAKETIME=+nan), so finiteness is checked first; the other kinds' `not lo < x <= hi` refuse NaN
     if req.kind == "clock-skew" and (not math.isfinite(req.skew_s) or req.skew_s == 0
                                      or abs(req.skew_s) > 400 * 86400):
         raise FaultError(f"clock-skew needs a non-zero skew of at most 400 days, got {req.skew_s:g} s")

@@ -144,6 +144,12 @@ def register(group: click.Group) -> None:
     @click.option("--state-dir", default=".meshfed", show_default=True, help="sqlite records and CA keys (0600)")
     @click.option("--listen", default="127.0.0.1:15010", show_default=True, help="gRPC config/CA/health")
     @click.option("--status-listen", default="127.0.0.1:15014", show_default=True, help="status API and /metrics")
+    @click.option("--status-reads-need-token", "status_reads_need_token", is_flag=True,
+                  help="the status API wants its token for reads on loopback too (beyond loopback it always "
+                       "does): for a machine other users share; the console takes it as /console/#token=...")
+    @click.option("--status-allowed-host", "status_allowed_hosts", multiple=True, metavar="NAME[:PORT]",
+                  help="a name the status API answers to in Host, besides localhost and its listen address "
+                       "(repeatable; e.g. the Service name behind which it runs); other names get 421")
     @click.option("--bootstrap-listen", default=None,
                   help="certificate service for proxies' first certificate (bootstrap credential, no client "
                        "certificate); default: the --listen host, any free port (shown in status)")
@@ -171,8 +177,15 @@ def register(group: click.Group) -> None:
     def run(repo: str, branch: str, state_dir: str, listen: str, status_listen: str, bootstrap_listen: str | None,
             ray_address: str | None, kubeconfig: str | None, in_cluster: str | None, insecure: bool,
             git_poll_s: float | None, require_signed_commits: bool, allowed_signers: str | None,
-            gnupg_home: str | None, allow_force_push: bool, standby: bool, retention: str | None) -> None:
+            gnupg_home: str | None, allow_force_push: bool, standby: bool, retention: str | None,
+            status_reads_need_token: bool, status_allowed_hosts: tuple[str, ...]) -> None:
         """Follow the fleet repo, watch every cluster, push config to every proxy."""
+        from federation.server.status_api import admitted_host_names
+
+        try:
+            admitted_host_names(status_listen.rpartition(":")[0], status_allowed_hosts)
+        except ValueError as e:
+            fail(f"--status-allowed-host: {e}", code=64)
         if insecure and not is_loopback_listen(listen):
             fail("--insecure serves plaintext gRPC: only on a loopback --listen address (127.0.0.0/8 or [::1])",
                  code=64)
@@ -191,6 +204,8 @@ def register(group: click.Group) -> None:
                                              insecure=insecure,
                                              git_poll_interval_s=git_poll_s, standby=standby,
                                              history_retention_s=retention_s,
+                                             status_reads_need_token=status_reads_need_token,
+                                             status_allowed_hosts=status_allowed_hosts,
                                              git_policy=git_policy(require_signed_commits, allowed_signers,
                                                                    gnupg_home, allow_force_push)))
         except StateDirLocked as e:

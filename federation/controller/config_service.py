@@ -72,6 +72,7 @@ from federation.controller.statelock import StateDirLock
 from federation.controller.store import DEFAULT_RETENTION_S, ORIGIN_FRESH, Store
 from gitops.model import ConfigSnapshot
 from ztunnel.api.clock import calendar_now, calendar_wait_s
+from ztunnel.api.logsetup import printable
 from ztunnel.api.secret_files import write_secret
 
 CONTROLLER_ROOTS_FILE = "controller-roots.pem"    # public: every CA's authorities, pooled (tools)
@@ -279,8 +280,8 @@ class ConfigService:
     def authenticate_bootstrap(self, proxy_id: str, service_account_token: str, bootstrap_token: str) -> BootstrapVerdict:
         """May these credentials buy `proxy_id` its own certificate? A ServiceAccount token is
         reviewed by the proxy's own cluster (blocking: an HTTP request; the gRPC adapter calls this
-        in a thread), then judged by `signing.check_service_account`; a bootstrap token is checked
-        against the tokens file (`consume_bootstrap` uses it up once a certificate was issued)."""
+        on its bounded executor, `bootstrap_gate.BootstrapAdmission` deciding who may), then judged
+        by `signing.check_service_account`; a bootstrap token is checked against the tokens file (`consume_bootstrap` uses it up once a certificate was issued)."""
         if service_account_token:
             from clusters.kube.discovery import DiscoveryError
 
@@ -338,7 +339,7 @@ class ConfigService:
         if ev.nack:
             self._nacks[ev.proxy_id] = (seq, ev.error)
             log.warning("proxy %s NACKed version %d.%d of revision %s: %s (it keeps running its previous config)",
-                        ev.proxy_id, ev.stamp.epoch, ev.stamp.version, ev.stamp.revision[:8], ev.error,
+                        ev.proxy_id, ev.stamp.epoch, ev.stamp.version, ev.stamp.revision[:8], printable(ev.error, 2048),
                         extra={"fields": {"event": "ConfigNacked", "proxy": ev.proxy_id, "revision": ev.stamp.revision,
                                           "version": f"{ev.stamp.epoch}.{ev.stamp.version}", "error": ev.error}})
         else:

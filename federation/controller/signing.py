@@ -86,7 +86,8 @@ class Requester:
 class BootstrapVerdict:
     """Whether a bootstrap credential may buy a proxy's own certificate. `code`: "" (yes),
     "unauthenticated" (not a valid credential), "permission_denied" (valid, but not this proxy's),
-    "unavailable" (the cluster could not be asked: retry later)."""
+    "unavailable" (the cluster could not be asked: retry later), "resource_exhausted" (this source
+    asked too often, or too many checks run already: `bootstrap_gate.BootstrapAdmission`; retry later)."""
 
     code: str = ""
     reason: str = ""
@@ -109,7 +110,17 @@ def check_service_account(proxy_id: str, review: TokenReviewResult, audience: st
     if not review.authenticated:
         return BootstrapVerdict("unauthenticated", "the ServiceAccount token was not accepted by the API server of "
                                 f"the proxy's cluster ({review.error or 'no reason given'})", what)
-    if review.audiences and audience not in review.audiences:
+    # We always name our audience in the review (`spec.audiences`). Kubernetes documents
+    # (TokenReviewStatus.audiences) that such a client should find a compatible audience in
+    # `status.audiences`, and that an *empty* `status.audiences` with authenticated=true means "valid
+    # for the API server's own audience": an API-server token (or an authenticator that is not
+    # audience-aware), not one minted for us. So empty is a refusal, not a pass.
+    if audience not in review.audiences:
+        if not review.audiences:
+            return BootstrapVerdict("unauthenticated", f"the API server did not confirm the audience {audience!r} "
+                                    "(its TokenReview answer names none, which means the token is for the API "
+                                    "server itself): mount a projected serviceAccountToken with audience "
+                                    f"{audience!r}", what)
         return BootstrapVerdict("unauthenticated", f"the ServiceAccount token is for {', '.join(review.audiences)}, "
                                 f"not {audience!r} (set the projected token's audience)", what)
     try:

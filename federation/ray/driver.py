@@ -63,6 +63,8 @@ class ControllerOptions:
     state_dir: str = ".meshfed"
     listen: str = "127.0.0.1:15010"
     status_listen: str = "127.0.0.1:15014"
+    status_reads_need_token: bool = False   # reads need the token on loopback too (beyond it they always do)
+    status_allowed_hosts: tuple[str, ...] = ()   # Host names besides localhost and the listen address
     bootstrap_listen: str | None = None    # certificate service without client auth; None: listen host, any port
     ray_address: str | None = None
     kubeconfig: str | None = None
@@ -188,7 +190,9 @@ class Controller:
 
         # the state owner writes the token file (the driver opens nothing in the state directory)
         token = str(ray.get(self.config_server.status_api_token.remote(), timeout=30))
-        self.status_server = StatusServer(self, self.opts.status_listen, token=token).start()
+        self.status_server = StatusServer(self, self.opts.status_listen, token=token,
+                                          reads_need_token=True if self.opts.status_reads_need_token else None,
+                                          allowed_hosts=self.opts.status_allowed_hosts).start()
         self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
         self._supervisor.start()
         return self

@@ -53,6 +53,7 @@ its health streams are refused at once), reports for one proxy only, and at most
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hashlib
 import logging
@@ -60,9 +61,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from federation.controller.bootstrap_gate import BootstrapAdmission
 from federation.controller.distributor import ConfigDistributor, ProxyRemovedError, StaleEpochError
 from federation.controller.signing import BootstrapVerdict, Requester, Signer, cluster_named_by
 from ztunnel.api.codec import PROXY_ID_METADATA, stamp_from_pb
+from ztunnel.api.identity import IdentityError, ProxyId
+from ztunnel.api.logsetup import printable
 from ztunnel.api.proto import meshfed_pb2 as pb
 
 if TYPE_CHECKING:
@@ -71,11 +75,56 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+REFUSAL_LOG_PER_S = 5.0     # refused certificate requests logged at WARNING at most this often ...
+REFUSAL_LOG_BURST = 20.0    # ... after a burst of this many; the rest are counted into the next line
+
+
+class _RefusalLog:
+    """Refusals come from unauthenticated peers on the bootstrap port: log them, but at a bounded
+    rate (a token bucket), saying how many were not logged since the last line."""
+
+    def __init__(self, rate_per_s: float = REFUSAL_LOG_PER_S, burst: float = REFUSAL_LOG_BURST) -> None:
+        self.rate_per_s, self.burst = rate_per_s, burst
+        self._tokens, self._at_s = burst, time.monotonic()
+        self.suppressed = 0
+
+    def allow(self, now_s: float) -> int:
+        """-1 when this refusal is not to be logged; else how many were suppressed before it."""
+        self._tokens = min(self.burst, self._tokens + (now_s - self._at_s) * self.rate_per_s)
+        self._at_s = now_s
+        if self._tokens < 1.0:
+            self.suppressed += 1
+            return -1
+        self._tokens -= 1.0
+        suppressed, self.suppressed = self.suppressed, 0
+        return suppressed
+
+
+_refusals = _RefusalLog()
+
+
 def _denied(proxy_id: str, why: str) -> str:
-    """Log a refused certificate request (the requester learns why from the gRPC status)."""
-    log.warning("certificate request for proxy %s refused: %s", proxy_id, why,
-                extra={"fields": {"event": "CertificateRefused", "proxy": proxy_id, "reason": why}})
+    """Log a refused certificate request (the requester learns why from the gRPC status). Both the
+    proxy id and the reason (which may quote it, or an API server's error) are the peer's words:
+    escaped (`printable`), so a proxy id with a newline cannot forge a log record."""
+    suppressed = _refusals.allow(time.monotonic())
+    if suppressed >= 0:
+        more = f" ({suppressed} more refusals not logged)" if suppressed else ""
+        log.warning("certificate request for proxy %s refused: %s%s", printable(proxy_id), printable(why), more,
+                    extra={"fields": {"event": "CertificateRefused", "proxy": printable(proxy_id),
+                                      "reason": printable(why), "suppressed": suppressed}})
     return why
+
+
+def peer_address(peer: str) -> str:
+    """The address of a gRPC peer string (`ipv4:10.0.0.1:5000`, `ipv6:[::1]:5000`, `unix:...`): the
+    source a bootstrap rate limit is kept for (the port changes with every connection)."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv6" and rest.startswith("["):
+        return rest[1:].partition("]")[0]
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    return peer
 
 
 def spiffe_id_from_pem(cert_pem: bytes) -> str:
@@ -181,7 +230,8 @@ class ConfigServer:
                  verify_peer: Callable[[bytes], str] | None = None,
                  insecure: bool = False, write_timeout_s: float = 5.0,
                  max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS,
-                 max_health_reports_per_s: float = MAX_HEALTH_REPORTS_PER_S) -> None:
+                 max_health_reports_per_s: float = MAX_HEALTH_REPORTS_PER_S,
+                 bootstrap_admission: BootstrapAdmission | None = None) -> None:
         # `verify_peer(client leaf PEM) -> SPIFFE ID` must bind the leaf's issuer to the trust
         # domain its SAN names (ztunnel.api.verify.TrustStore): gRPC only checks the chain against the
         # pooled roots of every CA, and with a pool trust domain A's CA could mint B's identities.
@@ -190,7 +240,10 @@ class ConfigServer:
         self.signer = signer
         self.on_health = on_health
         self.authorize = authorize or (lambda _p, _i: "")
-        self.authenticate_bootstrap = authenticate_bootstrap  # runs in a thread (a TokenReview is a request)
+        self.authenticate_bootstrap = authenticate_bootstrap  # blocks (a TokenReview is a request): on _bootstrap_pool
+        # who may have a bootstrap credential checked now (per source, and in flight: the pool's size)
+        self.bootstrap_admission = bootstrap_admission or BootstrapAdmission()
+        self._bootstrap_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.consume_bootstrap = consume_bootstrap
         self.insecure = insecure
         self.write_timeout_s = write_timeout_s
@@ -303,6 +356,9 @@ class ConfigServer:
         if self._server is not None:
             await self._server.stop(grace_s)
             self._server = None
+        if self._bootstrap_pool is not None:
+            self._bootstrap_pool.shutdown(wait=False, cancel_futures=True)
+            self._bootstrap_pool = None
 
     # --- identity ----------------------------------------------------------------------------
 
@@ -437,14 +493,20 @@ class ConfigServer:
         if signer is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this controller runs no CA")
             raise AssertionError("unreachable")
+        try:   # before anything is logged or reviewed: a proxy id has a known shape
+            ProxyId.parse(req.proxy_id)
+        except IdentityError:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _denied(
+                req.proxy_id, "not a proxy id: use ztunnel/<cluster>/<node>, gateway/<cluster>, "
+                "waypoint/<cluster>/<ns>/<name> or ingress/<cluster>/<ns>/<name>"))
         identity = "" if self.insecure else await self._verified_peer_or_abort(context)
         token = ""  # a single-use bootstrap token to use up once the certificate is issued
         if not identity:
             if not self.insecure:
-                verdict = await asyncio.to_thread(self.authenticate_bootstrap, req.proxy_id,
-                                                  req.service_account_token, req.bootstrap_token)
+                verdict = await self._check_bootstrap(req, context)
                 if not verdict.ok:
                     code = {"unavailable": grpc.StatusCode.UNAVAILABLE,
+                            "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
                             "permission_denied": grpc.StatusCode.PERMISSION_DENIED}.get(
                                 verdict.code, grpc.StatusCode.UNAUTHENTICATED)
                     await context.abort(code, _denied(req.proxy_id, f"{verdict.credential or 'bootstrap'}: {verdict.reason}"))
@@ -471,6 +533,25 @@ class ConfigServer:
         resp.cert_chain_pem.extend(chain)
         resp.roots_pem.extend(roots)
         return resp
+
+    async def _check_bootstrap(self, req: Any, context: Any) -> BootstrapVerdict:
+        """The bootstrap credential's verdict, if this source may have one checked now
+        (`bootstrap_gate.BootstrapAdmission`); the check runs on a pool of `max_in_flight` threads of
+        its own, so slow TokenReviews never hold the event loop's default executor (the state
+        owner's disk work, `consume_bootstrap`) and never queue up behind each other."""
+        gate = self.bootstrap_admission
+        why = gate.admit(peer_address(str(context.peer() or "")), time.monotonic())
+        if why:
+            return BootstrapVerdict("resource_exhausted", why)
+        if self._bootstrap_pool is None:
+            self._bootstrap_pool = concurrent.futures.ThreadPoolExecutor(gate.max_in_flight,
+                                                                         thread_name_prefix="bootstrap-check")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._bootstrap_pool, self.authenticate_bootstrap, req.proxy_id, req.service_account_token,
+                req.bootstrap_token)
+        finally:
+            gate.release()
 
     # --- health ----------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import dns.asyncquery
+import dns.exception
 import dns.flags
 import dns.message
 import dns.rcode
@@ -271,3 +272,72 @@ async def test_tcp_clients_are_bounded_and_idle_ones_closed(servers: list[DnsSer
     w1.close()
     w2.close()
     assert s.stats["tcp_refused"] == 1
+
+
+async def test_a_source_that_is_not_a_captured_pod_or_the_node_gets_no_answer(servers: list[DnsServer]) -> None:
+    """Review finding 4 (dns_open.py): the responder answered (and forwarded for) any source. From
+    127.0.0.2 (neither a captured pod, nor an allowed network, nor the node's 127.0.0.1) a UDP query
+    gets silence and a TCP connection is closed at once; once the config lists that address as a
+    captured pod it is answered."""
+    pods: set[str] = set()
+    s = DnsServer(lambda: TABLE, DnsOptions(), enrolled=lambda: frozenset(pods))
+    await s.start(LO, 0)
+    servers.append(s)
+    query = dns.message.make_query("checkout.shop.svc.clusterset.local", "A")
+    with pytest.raises(dns.exception.Timeout):
+        await dns.asyncquery.udp(query, LO, timeout=0.5, port=s.port, source="127.0.0.2")
+    r, w = await asyncio.open_connection(LO, s.port, local_addr=("127.0.0.2", 0))
+    w.write(len(query.to_wire()).to_bytes(2, "big") + query.to_wire())
+    try:   # closed with our query unread: the kernel may say so with a reset
+        assert await asyncio.wait_for(r.read(), 2) == b"", "an outsider's TCP connection is closed unanswered"
+    except ConnectionResetError:
+        pass
+    w.close()
+    assert s.stats["refused_source"] == 2 and s.stats["mesh"] == 0
+    assert addresses(await udp(s, "checkout.shop.svc.clusterset.local")) == [VIP]   # the node itself
+    pods.add("127.0.0.2")
+    got = await dns.asyncquery.udp(query, LO, timeout=2, port=s.port, source="127.0.0.2")
+    assert addresses(got) == [VIP]
+
+
+async def test_a_tcp_client_that_never_reads_its_answers_is_dropped(servers: list[DnsServer]) -> None:
+    """Review finding 4: a client that pipelines queries and never reads kept the responder stuck in
+    `drain()` past the idle timeout, holding one of `max_tcp_connections` slots for ever (128 such
+    clients shut TCP DNS out for every pod of the node)."""
+    import socket
+
+    s = await start(servers, tcp_idle_timeout_s=0.5)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)   # a small window: the answers back up fast
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, (LO, s.port))
+    wire = dns.message.make_query("checkout.shop.svc.clusterset.local", "A").to_wire()
+    batch = (len(wire).to_bytes(2, "big") + wire) * 256
+    try:
+        # send until the server stops taking queries (it is blocked writing answers nobody reads)
+        stuck_since = None
+        deadline = loop.time() + 20
+        while loop.time() < deadline and not (stuck_since is not None and loop.time() - stuck_since > 1.0):
+            try:
+                sock.send(batch)
+                stuck_since = None
+            except BlockingIOError:
+                stuck_since = stuck_since or loop.time()
+            except OSError:
+                break   # already dropped
+            await asyncio.sleep(0.001)
+        assert await wait_for_condition(lambda: not s._writers, 5.0), "the non-reading client still holds its slot"
+        assert s.stats["tcp_write_timeout"] == 1
+    finally:
+        sock.close()
+
+
+async def wait_for_condition(pred: Callable[[], bool], timeout_s: float) -> bool:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    while loop.time() < end:
+        if pred():
+            return True
+        await asyncio.sleep(0.05)
+    return pred()

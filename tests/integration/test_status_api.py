@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -66,7 +67,7 @@ TOKEN = "t0ken-for-the-status-api-tests"
 def _post(port: int, content_length: str, body: bytes = b"", token: str | None = TOKEN) -> bytes:
     auth = f"Authorization: Bearer {token}\r\n" if token is not None else ""
     with socket.create_connection(("127.0.0.1", port), timeout=3) as s:
-        s.sendall(f"POST /api/v1/reconcile HTTP/1.1\r\nHost: x\r\nContent-Length: {content_length}\r\n{auth}"
+        s.sendall(f"POST /api/v1/reconcile HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {content_length}\r\n{auth}"
                   "Connection: close\r\n\r\n".encode() + body)
         out = b""
         while chunk := s.recv(4096):
@@ -280,3 +281,193 @@ def test_the_lab_push_hook_notifies_with_the_token(tmp_path: Path) -> None:
         assert src.triggered == 1
     finally:
         srv.stop()
+
+
+# --- the review's findings 3, 5, 8 (/work/tools/review-scripts: status_api.py, slowloris.py) ---------
+
+def _raw(port: int, data: bytes, timeout_s: float = 3.0) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as s:
+        s.sendall(data)
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except TimeoutError:
+            pass
+        return out
+
+
+class FailingSource(Source):
+    def trust(self) -> list[dict[str, Any]]:
+        raise RuntimeError("the CA key at /var/lib/meshfed/ca-east.key is unreadable")
+
+
+def test_a_rebinding_page_is_misdirected_and_the_names_of_this_server_are_served() -> None:
+    """Finding 3: the reviewer's page on attacker.example:15014, rebound to 127.0.0.1, read the
+    trust roots as a same-origin request. Now its Host is answered 421 (reads and writes alike);
+    localhost, the listen address and a configured name are served."""
+    src = Source()
+    srv = StatusServer(src, "127.0.0.1:0", token=TOKEN, log=lambda e: None, allowed_hosts=["status.example"]).start()
+    p = srv.port
+    try:
+        evil = _raw(p, b"GET /api/v1/trust HTTP/1.1\r\nHost: attacker.example:%d\r\nOrigin: "
+                       b"http://attacker.example:%d\r\nConnection: close\r\n\r\n" % (p, p))
+        assert evil.startswith(b"HTTP/1.0 421") and b"--status-allowed-host" in evil
+        post = _raw(p, f"POST /api/v1/reconcile HTTP/1.1\r\nHost: attacker.example\r\nAuthorization: Bearer {TOKEN}"
+                       "\r\nContent-Length: 0\r\n\r\n".encode())
+        assert post.startswith(b"HTTP/1.0 421") and src.triggered == 0
+        for host in (b"localhost:%d" % p, b"127.0.0.1:%d" % p, b"status.example"):
+            ok = _raw(p, b"GET /api/v1/trust HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+            assert ok.startswith(b"HTTP/1.0 200"), (host, ok[:60])
+        assert _raw(p, b"GET /api/v1/trust HTTP/1.1\r\nConnection: close\r\n\r\n").startswith(b"HTTP/1.0 400")
+    finally:
+        srv.stop()
+
+
+def test_reads_need_the_token_on_loopback_when_the_controller_is_told_so(tmp_path: Path) -> None:
+    """Finding 3: `controller run --status-reads-need-token` reaches the status server (a shared
+    machine: every local user could read the fleet's state on loopback)."""
+    from click.testing import CliRunner
+
+    from federation.cli.main import cli
+
+    captured: list[Any] = []
+    import federation.ray.driver as driver
+
+    real_run = driver.run
+    driver.run = lambda opts: captured.append(opts)   # type: ignore[assignment]
+    try:
+        out = CliRunner().invoke(cli, ["controller", "run", "--repo", str(tmp_path), "--state-dir",
+                                       str(tmp_path / "s"), "--status-reads-need-token",
+                                       "--status-allowed-host", "status.example"])
+        assert out.exit_code == 0, out.output
+        bad = CliRunner().invoke(cli, ["controller", "run", "--repo", str(tmp_path), "--status-allowed-host", "a b"])
+        assert bad.exit_code == 64 and "--status-allowed-host" in bad.output
+    finally:
+        driver.run = real_run   # type: ignore[assignment]
+    (opts,) = captured
+    assert opts.status_reads_need_token and opts.status_allowed_hosts == ("status.example",)
+    srv = StatusServer(Source(), "127.0.0.1:0", token=TOKEN, log=lambda e: None,
+                       reads_need_token=True if opts.status_reads_need_token else None,
+                       allowed_hosts=opts.status_allowed_hosts).start()
+    try:
+        assert _get(srv.port, "/api/v1/status")[0] == 401
+        assert _get(srv.port, "/api/v1/status", token=TOKEN)[0] == 200
+    finally:
+        srv.stop()
+
+
+def test_a_client_trickling_its_request_is_dropped_at_the_whole_request_deadline() -> None:
+    """Finding 5 (slowloris.py): a byte every 0.3 s kept a per-read timeout of 1 s from ever firing;
+    the whole request must arrive within the deadline, so the server closes the connection."""
+    srv = StatusServer(Source(), "127.0.0.1:0", log=lambda e: None, request_deadline_s=1.0).start()
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-a: ")
+            t0 = time.monotonic()
+            closed_after_s = None
+            while time.monotonic() - t0 < 6:
+                time.sleep(0.3)
+                try:
+                    s.sendall(b"a")
+                except OSError:
+                    closed_after_s = time.monotonic() - t0
+                    break
+                s.setblocking(False)
+                try:
+                    if s.recv(1) == b"":
+                        closed_after_s = time.monotonic() - t0
+                        break
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    closed_after_s = time.monotonic() - t0
+                    break
+                finally:
+                    s.setblocking(True)
+            assert closed_after_s is not None, "the trickling client was still served after 6 s"
+        # a whole request within the deadline is served as before
+        assert _raw(srv.port, b"GET /healthz HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 200")
+    finally:
+        srv.stop()
+
+
+def test_connections_over_the_cap_get_503_at_once_and_the_backlog_holds_a_burst() -> None:
+    """Finding 5: every connection held a thread with no cap, and the listen backlog was 5 (a burst
+    was refused by the kernel: `meshfed status` and the Git hook too). Over `max_connections` the
+    answer is an immediate 503; a burst waits in a backlog of LISTEN_BACKLOG."""
+    from federation.server.status_api import LISTEN_BACKLOG
+
+    srv = StatusServer(Source(), "127.0.0.1:0", log=lambda e: None, max_connections=3).start()
+    held = []
+    try:
+        for _ in range(3):
+            s = socket.create_connection(("127.0.0.1", srv.port), timeout=3)
+            s.sendall(b"GET /healthz HTTP/1.1\r\nX-a: ")
+            held.append(s)
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        busy = _raw(srv.port, b"GET /healthz HTTP/1.0\r\n\r\n")
+        assert busy.startswith(b"HTTP/1.0 503") and b"busy" in busy and time.monotonic() - t0 < 2
+        for s in held:
+            s.close()
+        time.sleep(0.2)
+        assert _raw(srv.port, b"GET /healthz HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 200")
+    finally:
+        for s in held:
+            s.close()
+        srv.stop()
+    # nobody accepts: 100 connections at once must still complete their handshake (backlog 5 would
+    # drop the SYNs of all but ~6 of them, and their connects time out)
+    idle = StatusServer(Source(), "127.0.0.1:0", log=lambda e: None)
+    burst = []
+    try:
+        assert LISTEN_BACKLOG >= 100
+        for _ in range(100):
+            burst.append(socket.create_connection(("127.0.0.1", idle.port), timeout=1.5))
+    finally:
+        for s in burst:
+            s.close()
+        idle.httpd.server_close()
+
+
+def test_a_bad_argument_is_400_and_a_failure_is_500_without_its_detail(caplog: pytest.LogCaptureFixture) -> None:
+    """Finding 8: `?since_s=abc` was a 500 quoting `ValueError: could not convert...`, and every 500
+    echoed the exception to the client. Now: 400 naming the argument; 500 with a generic body, the
+    detail in the controller's log."""
+    import logging
+
+    srv = StatusServer(FailingSource(), "127.0.0.1:0", log=lambda e: None).start()
+    try:
+        code, _, body = _fetch(srv.url + "/api/v1/failover-history?since_s=abc")
+        assert code == 400 and "since_s" in json.loads(body)["error"]
+        with caplog.at_level(logging.ERROR, logger="federation.server.status_api"):
+            code, _, body = _fetch(srv.url + "/api/v1/trust")
+        assert code == 500 and b"ca-east.key" not in body and b"RuntimeError" not in body
+        assert any("ca-east.key" in (r.exc_text or "") or "ca-east.key" in str(r.exc_info) for r in caplog.records)
+    finally:
+        srv.stop()
+
+
+def test_the_request_log_escapes_what_the_client_wrote() -> None:
+    """Finding 6/8 (status_api.py case 3): a path with ESC sequences and a CR was logged raw."""
+    import io
+
+    from federation.server import status_api
+    from ztunnel.api import logsetup
+
+    entries: list[dict[str, Any]] = []
+    srv = StatusServer(Source(), "127.0.0.1:0", log=entries.append).start()
+    try:
+        _raw(srv.port, b"GET /x\x1b[2K\x1b[1Gfake-line?q=\r HTTP/1.0\r\n\r\n")
+    finally:
+        srv.stop()
+    (entry,) = entries
+    assert entry["path"] == "/x\\x1b[2K\\x1b[1Gfake-line" and "\x1b" not in json.dumps(entry)
+    buf = io.StringIO()
+    logsetup.configure("debug", "text", buf)
+    try:
+        status_api._log_request({**entry, "status": 404})
+    finally:
+        logsetup.reset()
+    assert "\x1b" not in buf.getvalue() and "fake-line" in buf.getvalue()

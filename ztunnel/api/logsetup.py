@@ -20,6 +20,15 @@ Secrets never reach a log line: every rendered line (message, fields, traceback)
 `redact`, which masks PEM private keys, bearer tokens, and values of `token=`/`password=`-style
 pairs. It is a safety net, not a licence: code must not pass secrets to the logger at all.
 
+Peers never write our log lines: every string a peer chose (a proxy id in a refused request, a
+request path, a NACK's error text) goes through `printable` before it reaches a message, so a
+newline cannot start a forged record and an escape sequence cannot rewrite an operator's
+terminal; it is also cut to `PRINTABLE_MAX_CHARS`, so one request cannot write megabytes. As a
+net under that rule, `TextFormatter` escapes the control characters other than newline and tab in
+every message (a CR or an ESC is never ours); a newline it must keep (tracebacks, our multi-line
+messages), so for those the call sites' `printable` is the defence. JSON lines are escaped by the
+encoder.
+
 Third-party libraries that log at DEBUG on every frame or request (h2/hpack: O(payload) per frame;
 urllib3, kubernetes, aiohttp.access, asyncio) are held at WARNING whatever the level: `--log-level
 debug` is for our code.
@@ -58,6 +67,32 @@ _SECRET_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"(?i)\b((?:[a-z_-]*token|password|passwd|secret|api[_-]?key|authorization)\"?\s*[=:]\s*\"?)"
                 r"[^\s\"',;&]+"), r"\1[REDACTED]"),
 )
+
+
+PRINTABLE_MAX_CHARS = 256
+# C0 and C1 controls, DEL, and the Unicode line/paragraph separators and bidi overrides that make a
+# terminal or an editor show something other than what was written
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069\\]")
+_CONTROL_BUT_NEWLINE_AND_TAB = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
+
+
+def _escape_char(m: re.Match[str]) -> str:
+    ch = m.group()
+    return _SHORT_ESCAPES.get(ch) or (f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+
+
+def printable(value: object, max_chars: int = PRINTABLE_MAX_CHARS) -> str:
+    """A peer-supplied value as one safe piece of a log line: control characters (newline, CR,
+    ESC...), line separators and bidi overrides as backslash escapes (a backslash doubled, so the
+    escaped text reads back unambiguously), cut to `max_chars` with the size of what was cut.
+    Every string a peer chose goes through here before it reaches a log message."""
+    text = value if isinstance(value, str) else str(value)
+    cut = len(text) - max_chars
+    if cut > 0:
+        text = text[:max_chars]
+    text = _UNPRINTABLE.sub(_escape_char, text)
+    return text + f"...({cut} more characters)" if cut > 0 else text
 
 
 def redact(text: str) -> str:
@@ -99,7 +134,8 @@ class TextFormatter(logging.Formatter):
     """`<UTC time> <LEVEL> <logger>: <message>` (+ the traceback), one record per line."""
 
     def format(self, record: logging.LogRecord) -> str:
-        line = f"{_timestamp(record.created)} {record.levelname:<7} {record.name}: {record.getMessage()}"
+        message = _CONTROL_BUT_NEWLINE_AND_TAB.sub(_escape_char, record.getMessage())
+        line = f"{_timestamp(record.created)} {record.levelname:<7} {record.name}: {message}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return redact(line)
@@ -185,8 +221,14 @@ def configure_from_env(default_level: str = "info", default_format: str = "text"
     return configure(level if level in LEVELS else default_level, fmt if fmt in FORMATS else default_format, stream)
 
 
+KV_MAX_CHARS = 4096   # one field of an event's text rendering (its JSON rendering keeps it whole)
+
+
 def _kv(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, default=str, separators=(",", ":"))
+    # an event's string fields are often a peer's (an SNI, a client address, a proxy id): escaped
+    # like every peer string; other values are JSON, which escapes its strings itself
+    text = printable(value, KV_MAX_CHARS) if isinstance(value, str) else json.dumps(value, default=str,
+                                                                                    separators=(",", ":"))
     return f'"{text}"' if (" " in text or not text) else text
 
 

@@ -13,10 +13,17 @@ so that is kube-dns), or none — then a name the mesh does not know gets `--dns
 The proxy's own upstream queries leave from the node's namespace, which the pod capture rules do
 not touch, so they are never redirected back to the proxy.
 
+Who is answered (`ztunnel.dns.clients`): the node's captured pods (`enrolled()`, the addresses the
+capture rules redirect), the networks of `DnsOptions.allow_from` (`--dns-allow-from`), and the
+node itself on loopback; any other source gets silence over UDP and a closed connection over TCP,
+counted as `refused_source` (and logged, the 1st, 2nd, 4th, 8th... time).
+
 Bounds on what peers can make us hold: a UDP datagram is one read of at most 64 KiB; a TCP
 message at most 65535 bytes (its prefix); at most `max_inflight` forwarded UDP queries wait for an
 upstream (more get SERVFAIL at once) and at most `max_tcp_connections` TCP clients are served
-(more are closed), each closed after `tcp_idle_timeout_s` without a query.
+(more are closed), each closed after `tcp_idle_timeout_s` without a query, and as soon as an answer
+cannot be written within `tcp_idle_timeout_s` (a client that pipelines queries and never reads
+would otherwise hold its slot for ever).
 
 Ownership: every task this server starts is in `_tasks` and cancelled by `close()`; `ready` is
 set once both listeners are bound.
@@ -45,6 +52,7 @@ from ztunnel.dns.answer import (
     failure_reply,
     upstream_reply,
 )
+from ztunnel.dns.clients import DnsClients
 
 RESOLV_CONF = Path("/etc/resolv.conf")
 MAX_NAMESERVERS = 3          # glibc reads at most three (MAXNS)
@@ -65,6 +73,7 @@ class DnsOptions:
     max_inflight: int = 256
     max_tcp_connections: int = 128
     tcp_idle_timeout_s: float = 10.0
+    allow_from: DnsClients = DnsClients()   # networks answered besides the captured pods and loopback
 
 
 def parse_upstream(text: str) -> tuple[str, int]:
@@ -125,9 +134,12 @@ def upstreams_from_flags(values: list[str] | None, resolv_conf: Path = RESOLV_CO
 
 class DnsServer:
     def __init__(self, table: Callable[[], DnsTable], options: DnsOptions,
-                 log: Callable[..., None] | None = None, count: Callable[[str], None] | None = None) -> None:
+                 log: Callable[..., None] | None = None, count: Callable[[str], None] | None = None,
+                 enrolled: Callable[[], frozenset[str]] = frozenset) -> None:
+        """`enrolled()`: the addresses of the node's captured pods now (from the proxy's config)."""
         self.table = table
         self.options = options
+        self.enrolled = enrolled
         if log is None:
             from ztunnel.api.logsetup import event_log
 
@@ -183,6 +195,18 @@ class DnsServer:
         self._count(d)
         return d
 
+    def _admits(self, addr: Any) -> bool:
+        """May this source be answered? (`ztunnel.dns.clients`.) A refusal is counted and logged."""
+        ip = str(addr[0]) if isinstance(addr, tuple) and addr else ""
+        if self.options.allow_from.admits(ip, self.enrolled()):
+            return True
+        self._note("refused_source")
+        n = self.stats["refused_source"]
+        if n & (n - 1) == 0:   # the 1st, 2nd, 4th, 8th… refusal
+            self.log(kind="dns_client_refused", client=ip, refused=n,
+                     hint="only the node's captured pods, --dns-allow-from networks and loopback are answered")
+        return False
+
     def _note(self, outcome: str) -> None:
         self.stats[outcome] += 1
         self.count(outcome)
@@ -198,6 +222,8 @@ class DnsServer:
     # --- UDP ------------------------------------------------------------------------------------
 
     def on_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
+        if not self._admits(addr):
+            return   # silence: a refusal would still be a reflected packet to a maybe spoofed source
         d = self._decide(data, over_tcp=False)
         if isinstance(d, Reply):
             self._send_udp(d.wire, addr)
@@ -228,6 +254,9 @@ class DnsServer:
             self._note("tcp_refused")
             writer.close()
             return
+        if not self._admits(writer.get_extra_info("peername")):
+            writer.close()
+            return
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
@@ -245,7 +274,12 @@ class DnsServer:
                     return
                 reply = d if isinstance(d, Reply) else await self._ask_upstreams(d, over_tcp=True)
                 writer.write(len(reply.wire).to_bytes(2, "big") + reply.wire)
-                await writer.drain()
+                # a client that pipelines queries and never reads would hold its slot in drain() for ever
+                await asyncio.wait_for(writer.drain(), idle)
+        except TimeoutError:
+            self._note("tcp_write_timeout")
+            writer.transport.abort()   # its unread answers are dropped, not flushed: close() would wait on them
+            return
         except OSError:
             return
         finally:

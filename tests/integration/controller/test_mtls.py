@@ -352,3 +352,66 @@ async def test_ports_are_published_only_once_every_listener_bound(tmp_path: Path
     finally:
         await server.stop(0)
         await service.stop()
+
+
+class SlowReviewer:
+    """A cluster's API server that takes its time: counts the reviews asked and how many ran at once."""
+
+    lock = __import__("threading").Lock()
+    running = peak = calls = 0
+
+    def __init__(self, cluster: str, kubeconfig: str | None, context: str) -> None:
+        self.cluster = cluster
+
+    def review(self, token: str, audiences: list[str]) -> Any:
+        from clusters.kube.auth import TokenReviewResult
+
+        cls = SlowReviewer
+        with cls.lock:
+            cls.calls += 1
+            cls.running += 1
+            cls.peak = max(cls.peak, cls.running)
+        time.sleep(0.5)
+        with cls.lock:
+            cls.running -= 1
+        return TokenReviewResult(False, error="invalid signature")
+
+
+async def test_token_reviews_are_bounded_per_source_and_in_flight_and_junk_ids_never_reach_them(
+        tmp_path: Path) -> None:
+    """Review finding 6: anyone who reaches the bootstrap port can make the controller ask an API
+    server for a TokenReview. A flood of distinct JWT-shaped tokens from one address gets at most
+    `burst` reviews, never more than `max_in_flight` at once (the excess is refused at once with
+    RESOURCE_EXHAUSTED, not queued), and a request whose proxy id is not a proxy id is refused before
+    any review or log line quotes it."""
+    from federation.controller.bootstrap_gate import BootstrapAdmission
+
+    service = ConfigService(tmp_path / "state", insecure=False, kubeconfig="/kc", token_reviewer=SlowReviewer)
+    service.ensure_cas(gitops.load_worktree(EXAMPLE_FLEET))
+    server = ConfigServer(service.dist, signer=service.signing, authenticate_bootstrap=service.authenticate_bootstrap,
+                          consume_bootstrap=service.consume_bootstrap, authorize=service.signing.authorize,
+                          verify_peer=service.signing.verify_client,
+                          bootstrap_admission=BootstrapAdmission(rate_per_s=0.01, burst=6, max_in_flight=3))
+    await serve(service, server, "127.0.0.1:0")
+    roots = (tmp_path / "state" / TRUST_ANCHORS_DIR / f"{EAST_TD}.pem").read_bytes()
+    boot = f"127.0.0.1:{server.bootstrap_port}"
+    try:
+        async def attempt(i: int, proxy_id: str = "ztunnel/east/node-1") -> grpc.StatusCode:
+            err = await refused(bootstrap_svid(boot, proxy_id, EAST_TD, roots, service_account_token=f"h.junk{i}.s"))
+            return err.code()
+
+        codes = await asyncio.gather(*(attempt(i) for i in range(10)))
+        assert SlowReviewer.peak <= 3, SlowReviewer.peak
+        assert SlowReviewer.calls <= 6, SlowReviewer.calls
+        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 4, codes
+        assert set(codes) <= {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAUTHENTICATED}, codes
+        calls = SlowReviewer.calls
+        forged = "ztunnel/east/node-1\n2026-12-03T00:00:00.000Z INFO    federation.controller.signing: issued"
+        kc = generate_key_and_csr(proxy_spiffe_id(EAST_TD, "ztunnel/east/node-1"))
+        async with secure_channel(boot, roots, target_name=EAST_NAME) as ch:
+            err = await refused(request_certificate(ch, forged, kc.csr_pem, service_account_token="h.junk99.s"))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a proxy id" in (err.details() or "")
+        assert SlowReviewer.calls == calls
+    finally:
+        await server.stop(0)
+        await service.stop()

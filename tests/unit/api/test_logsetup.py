@@ -130,3 +130,41 @@ def test_event_log_turns_kind_and_fields_into_a_line() -> None:
     a, b = (json.loads(ln) for ln in lines(buf))
     assert a["msg"] == "config: source=controller applied=true revision=abc" and a["kind"] == "config"
     assert b["level"] == "WARNING" and b["msg"] == 'capture: applied=false error="iptables: Permission denied"'
+
+
+def test_printable_escapes_what_a_peer_could_forge_a_line_or_a_terminal_with() -> None:
+    """Review finding 6: a peer-chosen string (a proxy id, a request path) must not start a new log
+    record, move a terminal's cursor, or flip the text's direction; a backslash is doubled so the
+    escape is unambiguous, and a huge value is cut (one request cannot write megabytes)."""
+    p = logsetup.printable
+    assert p("ztunnel/east/node-1") == "ztunnel/east/node-1"
+    assert p("a\nb\r\nc") == "a\\nb\\r\\nc"
+    assert p("/x\x1b[2K\x1b[1Gfake") == "/x\\x1b[2K\\x1b[1Gfake"
+    assert p("line\u2028sep\u202egnp.exe") == "line\\u2028sep\\u202egnp.exe"
+    assert p("a\\nb") == "a\\\\nb"            # a literal backslash-n stays distinguishable from a newline
+    assert p("\x00\x7f\x85") == "\\x00\\x7f\\x85"
+    long = p("x" * 10_000)
+    assert long.startswith("x" * logsetup.PRINTABLE_MAX_CHARS) and long.endswith(
+        f"...({10_000 - logsetup.PRINTABLE_MAX_CHARS} more characters)")
+    assert "\n" not in p("é ünïcode ok\n") and p("é ünïcode ok") == "é ünïcode ok"
+
+
+def test_text_lines_never_carry_a_raw_cr_or_escape_sequence() -> None:
+    """The formatter's net under `printable`: whatever a call site forgot, CR and ESC are escaped
+    (a newline is kept: tracebacks and our own multi-line messages need it)."""
+    buf = io.StringIO()
+    logsetup.configure("info", "text", buf)
+    logging.getLogger("federation.server.status_api.access").info("GET %s 404", "/x\r\x1b[2Kfake-line")
+    out = buf.getvalue()
+    assert "\r" not in out and "\x1b" not in out and "/x\\r\\x1b[2Kfake-line" in out
+
+
+def test_an_events_text_rendering_escapes_its_string_fields() -> None:
+    """The proxies' events (`event_log`) carry peers' strings (an SNI, a client address): their
+    text rendering goes through `printable`, so a field cannot end the line."""
+    buf = io.StringIO()
+    logsetup.configure("info", "text", buf)
+    emit = logsetup.event_log(logging.getLogger("ztunnel.proxy.node"))
+    emit(kind="connection", sni="a.example\n2026-12-03T00:00:00.000Z INFO fake", port=15008)
+    (line,) = lines(buf)
+    assert 'sni="a.example\\n2026-12-03T00:00:00.000Z INFO fake"' in line and "port=15008" in line

@@ -316,3 +316,4 @@ def test_rollout_facts_say_which_proxies_run_a_revision(tmp_path: Path) -> None:
         "ztunnel/a/acked": ("a", True, "acked"), "ztunnel/a/nacked": ("a", True, "nacked"),
         "ztunnel/a/inflight": ("a", True, "pending"), "ztunnel/a/away": ("a", False, "pending"),
         "ztunnel/b/older": ("b", True, "other"), "ztunnel/a/new": ("a", False, "other")}
+

@@ -141,6 +141,22 @@ def test_a_token_not_authenticated_or_for_another_audience_is_refused() -> None:
     assert check_service_account(NODE1, good_but_for_the_api_server).code == "unauthenticated"
 
 
+def test_an_empty_audience_list_in_the_review_is_a_refusal() -> None:
+    """Review finding 9: we name our audience in every TokenReview, and Kubernetes documents an empty
+    `status.audiences` (with authenticated=true) as "valid for the API server's own audience": an
+    API-server token, which must not buy a proxy certificate. The same review naming our audience passes."""
+    from clusters.kube.auth import TokenReviewResult
+    from federation.controller.signing import check_service_account
+
+    bound = {"authentication.kubernetes.io/pod-name": ("z",), "authentication.kubernetes.io/node-name": ("node-1",)}
+    no_audience = TokenReviewResult(True, "system:serviceaccount:meshfed-system:ztunnel", audiences=(), extra=bound)
+    v = check_service_account(NODE1, no_audience)
+    assert v.code == "unauthenticated" and "meshfed-controller" in v.reason and "API server" in v.reason
+    ours = TokenReviewResult(True, "system:serviceaccount:meshfed-system:ztunnel", audiences=("meshfed-controller",),
+                             extra=bound)
+    assert check_service_account(NODE1, ours).ok
+
+
 def test_client_verification_is_bound_to_the_trust_domain(policy: SigningPolicy) -> None:
     own = policy.cas[EAST_TD].issue_svid(OWN)
     assert policy.verify_client(own.chain_pem) == OWN

@@ -106,6 +106,7 @@ def test_behaviour_sets_each_matching_pod_and_remembers_what_to_restore(plan: La
     # the control socket's JSON can carry NaN and infinities; neither reaches libfaketime
     (FaultRequest("clock-skew", "node", ("east/node-1",), skew_s=float("nan")), "non-zero skew .* got nan"),
     (FaultRequest("clock-skew", "node", ("east/node-1",), skew_s=float("-inf")), "non-zero skew .* got -inf"),
+    (FaultRequest("latency", "gateway", ("east",), delay_ms=float("nan")), "delay in"),
     (FaultRequest("latency", "gateway", ("east",)), "delay in"),
 ])
 def test_new_faults_say_why_they_cannot_be(plan: LabPlan, req: FaultRequest, message: str) -> None:

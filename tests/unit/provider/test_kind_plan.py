@@ -121,6 +121,8 @@ def test_install_order_and_every_meshfed_step_parses(tmp_path: Path) -> None:
     path, p = meshfed_params(controller.argv)
     assert path == ["controller", "run"] and p["kubeconfig"] == f"{tmp_path}/kubeconfig" and p["repo"] == "/fleet"
     assert controller.creates == ("process", "controller")
+    # review finding 6: the bootstrap port (no client certificate) on the kind network only, not the LAN
+    assert p["listen"] == "172.18.0.1:15012" and p["bootstrap_listen"] == "172.18.0.1:15013"
     installs = [meshfed_params(c.argv) for c in plan.commands if c.what.startswith("install meshfed")]
     assert [p["context"] for _, p in installs] == ["kind-east", "kind-south", "kind-west"]
     for path, p in installs:
