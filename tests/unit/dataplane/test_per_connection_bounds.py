@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from tests.unit.dataplane.test_hbone import open_tunnel, pair
-from tests.unit.dataplane.test_tlsproto import Echo, PipeTransport
+from tests.unit.dataplane.test_tlsproto import echo_pair
 from ztunnel.hbone.framer import DATA, DataReceived, ErrorCode, HboneConnection, HboneSettings, Role
 from ztunnel.identity import tls_transport as tlsproto
 from ztunnel.proxy.base import ProxyOptions
@@ -63,26 +63,9 @@ def test_a_peer_cannot_make_us_hold_more_than_the_connection_window() -> None:
 
 @pytest.mark.parametrize("cap", ["adapter default", "proxy options default"])
 async def test_a_peer_that_does_not_read_is_cut_off_at_the_default_unsent_cap(cap: str) -> None:
-    from federation.controller.ca import TrustDomainCA
-    from ztunnel.api.verify import TrustStore
-    from ztunnel.identity import tls
-
-    loop = asyncio.get_running_loop()
-    td = "east.mesh"
-    ca = TrustDomainCA.create(td)
-    store = TrustStore.from_bundles(ca.trust_bundle())
-    srv, cli = ca.issue_svid(f"spiffe://{td}/ns/a/sa/srv"), ca.issue_svid(f"spiffe://{td}/ns/a/sa/cli")
-    server_app, client_app = Echo(), Echo()
     limit = {"adapter default": None, "proxy options default": ProxyOptions().max_unsent_bytes}[cap]
-    server = tlsproto.TlsAdapter(loop, tls.server_context(srv.chain_pem, srv.key_pem, store), server_app,
-                                 server_side=True, max_unsent_bytes=limit)
-    client = tlsproto.TlsAdapter(loop, tls.client_context(cli.chain_pem, cli.key_pem, store), client_app,
-                                 server_side=False)
-    to_server, to_client = PipeTransport(loop), PipeTransport(loop)
-    to_server.peer, to_client.peer = server, client
-    server.connection_made(to_client)
-    client.connection_made(to_server)
-    await asyncio.wait_for(asyncio.gather(server.handshake, client.handshake), 5)
+    p = await echo_pair(server_max_unsent_bytes=limit)
+    client, to_client, server_app = p.client, p.to_client, p.server_app
     to_client.stalled = True            # the client's socket buffer is full: it reads nothing more
     block = b"x" * (256 * 1024)         # what the client sends, the server echoes back unread
 
