@@ -27,11 +27,8 @@ from typing import Any
 
 import pytest
 
-import gitops
-from benchmarks.simproxy import SimProxy, make_config
-from federation.controller.config_service import ConfigService
-from federation.server.grpc_services import ConnectionLimits, config_server_for, serve, wait_until
-from tests.integration.controller.test_mtls import EAST_NAME, EXAMPLE_FLEET, Clock, Ctl
+from federation.server.grpc_services import ConnectionLimits, wait_until
+from tests.integration.controller.test_mtls import EAST_NAME, Ctl, serving_controller
 from ztunnel.api.codec import HEALTH_METHOD
 from ztunnel.api.proto import meshfed_pb2 as pb
 
@@ -50,17 +47,8 @@ PARTIAL_CLIENT_HELLO = bytes.fromhex("1603010200") + bytes.fromhex("010001fc0303
 
 @pytest.fixture()
 async def ctl(tmp_path: Path) -> AsyncIterator[Ctl]:
-    state = tmp_path / "state"
-    clock = Clock()
-    service = ConfigService(state, insecure=False, clock=clock)
-    service.ensure_cas(gitops.load_worktree(EXAMPLE_FLEET))
-    server = config_server_for(service, limits=LIMITS)
-    await serve(service, server, "127.0.0.1:0")
-    try:
-        yield Ctl(service, server, state, clock)
-    finally:
-        await server.stop(0)
-        await service.stop()
+    async with serving_controller(tmp_path, LIMITS) as c:
+        yield c
 
 
 async def seconds_until_closed(reader: asyncio.StreamReader) -> tuple[float, bytes]:
@@ -131,17 +119,10 @@ async def test_a_connection_without_rpcs_is_sent_goaway_and_closed_after_the_idl
 
 async def test_an_open_config_stream_outlives_the_idle_limit(ctl: Ctl) -> None:
     """The idle limit closes connections without RPCs, never a proxy's long-lived config stream."""
-    pid = "ztunnel/east/node-1"
-    svid = await ctl.svid(pid)
-    ctl.service.dist.set_desired({pid: make_config(pid, "rev1", cluster="east")})
-    proxy = SimProxy(pid, ctl.target, cluster="east", channel_factory=svid.channel_factory(ctl.target, EAST_NAME)).start()
-    try:
-        assert await wait_until(lambda: proxy.revision == "rev1", 10), proxy.client.last_error
+    async with ctl.synced_proxy("ztunnel/east/node-1") as (proxy, _svid):
         connects = proxy.client.connects
         await asyncio.sleep(2.5 * LIMITS.max_connection_idle_ms / 1000)
         assert proxy.client.connected.is_set() and proxy.client.connects == connects
-    finally:
-        await proxy.stop()
 
 
 async def test_each_connection_is_told_its_stream_cap(ctl: Ctl) -> None:
