@@ -1,6 +1,6 @@
 """The status API compares the bearer token in constant time (issue 11, item 3), on loopback: the
 server's check goes through `federation.controller.api_token.token_matches`, whose comparison is
-`hmac.compare_digest`. The `hmac` that module sees is swapped for one that records what it
+`hmac.compare_digest` of SHA-256 digests. The `hmac` that module sees is swapped for one that records what it
 compares, so a server that compared the header any other way (`==`, `startswith`) would leave no
 record. Wrong tokens of the right length and of another length are both refused.
 
@@ -17,7 +17,7 @@ import pytest
 from federation.controller import api_token
 from federation.server.status_api import StatusServer
 from tests.integration.test_status_api import TOKEN, Source
-from tests.unit.controller.test_constant_time_tokens import RecordingCompare, same_length_wrong
+from tests.unit.controller.test_constant_time_tokens import RecordingCompare, same_length_wrong, sha256
 
 
 def post_reconcile(port: int, token: str) -> int:
@@ -42,5 +42,5 @@ def test_the_server_checks_the_bearer_token_with_compare_digest(monkeypatch: pyt
         assert post_reconcile(srv.port, TOKEN) == 202 and src.triggered == 1
     finally:
         srv.stop()
-    assert [b for _a, b in rec.calls] == [t.encode() for t in (*wrong, TOKEN)]
-    assert all(a == TOKEN.encode() for a, _b in rec.calls)
+    assert [b for _a, b in rec.calls] == [sha256(t) for t in (*wrong, TOKEN)]
+    assert all(a == sha256(TOKEN) for a, _b in rec.calls)

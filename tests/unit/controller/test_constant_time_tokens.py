@@ -4,14 +4,15 @@ stops at the first byte that differs, so how long a refusal takes would tell an 
 of a guess is right.
 
 The tests swap the `hmac` the module under test sees for one whose `compare_digest` records its
-arguments (and still compares): a comparison written any other way leaves no record and fails
-them. Bootstrap tokens are compared as SHA-256 digests, so even a guess of another length is
-compared as two strings of one length; a proxy id with no token is compared too, so the time
-taken does not say which proxies have one.
+arguments (and still compares): a comparison written any other way leaves no record and fails them.
+Both kinds of token are compared as SHA-256 digests, so even a guess of another length is compared
+as two strings of one length (`compare_digest` returns at once on a length mismatch); a proxy id
+with no token is compared too, so the time taken does not say which proxies have one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from pathlib import Path
 from types import SimpleNamespace
@@ -42,6 +43,10 @@ def record_comparisons(monkeypatch: pytest.MonkeyPatch, module: object) -> Recor
     return rec
 
 
+def sha256(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
 def same_length_wrong(token: str) -> str:
     return token[:-1] + ("A" if token[-1] != "A" else "B")
 
@@ -58,9 +63,9 @@ def test_the_status_api_token_is_compared_with_compare_digest(monkeypatch: pytes
     assert not token_matches(expected, "")
     assert token_matches(expected, expected)
     presented = [b for _a, b in rec.calls]
-    assert presented == [wrong_same_length.encode(), wrong_length.encode(), expected[:-1].encode(), b"",
-                         expected.encode()]
-    assert all(a == expected.encode() for a, _b in rec.calls)
+    assert presented == [sha256(t) for t in (wrong_same_length, wrong_length, expected[:-1], "", expected)]
+    # digests: the same length whatever was presented, so even the length is not timed
+    assert all(a == sha256(expected) for a, _b in rec.calls)
 
 
 def test_a_bootstrap_token_is_checked_with_compare_digest_on_digests(
