@@ -48,6 +48,7 @@ Isolation invariants (the lab's point, checked by the lab tests):
 from __future__ import annotations
 
 import ipaddress
+import re
 import subprocess
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -634,31 +635,54 @@ class ExecError(RuntimeError):
     """A network command failed; the message carries the command and its stderr."""
 
 
-def _ip_line(a: Action) -> tuple[NetnsName, str] | None:
-    """The `ip -batch` line for an action, and the namespace whose batch it belongs to."""
+# `ip -batch` reads one command per line and splits it into words at blanks, honouring quotes,
+# backslashes and `#` comments. A name holding a newline would end our command and start one of
+# its own (`netns add x\nnetns del victim`); a blank, a quote or a `#` would change the arguments.
+# Every word of a batch line is therefore one of these characters, or the action is refused before
+# any `ip` runs (fleet validation refuses such names earlier; this holds whatever built the plan).
+_BATCH_WORD = re.compile(r"[A-Za-z0-9._:/@%+=,-]+")
+
+
+def _batch_word(word: str, a: Action) -> str:
+    if not _BATCH_WORD.fullmatch(word):
+        raise PlanError(f"{type(a).__name__}: {word!r} cannot be written to `ip -batch` (one command per line, "
+                        "words split at blanks): names and addresses may use letters, digits and . _ : / @ % + = , - "
+                        f"only; fix the name in the fleet's lab description ({a!r})")
+    return word
+
+
+def _ip_words(a: Action) -> tuple[NetnsName, list[str]] | None:
+    """The words of the `ip -batch` command for an action, and the namespace whose batch runs it."""
     if isinstance(a, AddNetns):
-        return ROOT_NS, f"netns add {a.name}"
+        return ROOT_NS, ["netns", "add", a.name]
     if isinstance(a, AddBridge):
-        return a.netns, f"link add {a.name} type bridge"
+        return a.netns, ["link", "add", a.name, "type", "bridge"]
     if isinstance(a, AddVeth):
-        here = f" netns {a.netns}" if a.netns else ""
-        there = f" netns {a.peer_netns}" if a.peer_netns else ""
+        here = ["netns", a.netns] if a.netns else []
+        there = ["netns", a.peer_netns] if a.peer_netns else []
         # Created from the root ns and placed at once: both names may exist elsewhere already.
-        return ROOT_NS, f"link add {a.name}{here} type veth peer name {a.peer}{there}"
+        return ROOT_NS, ["link", "add", a.name, *here, "type", "veth", "peer", "name", a.peer, *there]
     if isinstance(a, SetMaster):
-        return a.netns, f"link set {a.dev} master {a.bridge}"
+        return a.netns, ["link", "set", a.dev, "master", a.bridge]
     if isinstance(a, AddAddress):
-        return a.netns, f"addr add {a.cidr} dev {a.dev}"
+        return a.netns, ["addr", "add", a.cidr, "dev", a.dev]
     if isinstance(a, LinkUp):
-        return a.netns, f"link set {a.dev} up"
+        return a.netns, ["link", "set", a.dev, "up"]
     if isinstance(a, AddRoute):
-        line = f"route add {a.dst}"
-        if a.via:
-            line += f" via {a.via}"
-        if a.dev:
-            line += f" dev {a.dev}"
-        return a.netns, line
+        return a.netns, ["route", "add", a.dst, *(["via", a.via] if a.via else []), *(["dev", a.dev] if a.dev else [])]
     return None
+
+
+def ip_batch_line(a: Action) -> tuple[NetnsName, str] | None:
+    """The `ip -batch` line for an action and the namespace whose batch it belongs to (None: the
+    action is not an `ip` command). PlanError when a word would not stay one word on one line."""
+    words = _ip_words(a)
+    if words is None:
+        return None
+    netns, args = words
+    if netns:
+        _batch_word(netns, a)   # `ip -n <netns>`: argv, but the same name is a batch word elsewhere
+    return netns, " ".join(_batch_word(w, a) for w in args)
 
 
 def _stages(actions: Sequence[Action]) -> list[list[Action]]:
@@ -716,17 +740,19 @@ def set_sysctl(netns: NetnsName, key: str, value: str) -> None:
 
 
 def execute(actions: Sequence[Action]) -> float:
-    """Apply `actions` with as few `ip` processes as possible; returns the seconds it took."""
+    """Apply `actions` with as few `ip` processes as possible; returns the seconds it took. Every
+    `ip -batch` line is built (and checked, `ip_batch_line`) before the first command runs, so a
+    plan with one unusable name changes nothing."""
     t0 = time.monotonic()
-    for stage in _stages(actions):
+    stages = [[(a, ip_batch_line(a)) for a in stage] for stage in _stages(actions)]
+    for stage in stages:
         by_ns: dict[NetnsName, list[str]] = {}
-        for a in stage:
+        for a, line in stage:
             if isinstance(a, Sysctl):
                 set_sysctl(a.netns, a.key, a.value)
             elif isinstance(a, Iptables):
                 run_iptables(a.netns, a.args)
             else:
-                line = _ip_line(a)
                 assert line is not None
                 by_ns.setdefault(line[0], []).append(line[1])
         # The root batch first: it creates the links the per-namespace batches configure.

@@ -9,6 +9,7 @@ an operator's `meshfed ... --token-file`, the lab's Git push hook — reads the 
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import secrets
 from pathlib import Path
@@ -47,5 +48,7 @@ def read_api_token(path: str | Path) -> str:
 
 
 def token_matches(expected: str, presented: str) -> bool:
-    """Constant-time comparison (the time taken does not depend on where they differ)."""
-    return hmac.compare_digest(expected.encode(), presented.encode())
+    """Constant-time comparison: the SHA-256 digests of both are compared (`hmac.compare_digest`),
+    so the time taken depends neither on where they differ nor on how long the presented one is
+    (compare_digest returns at once on a length mismatch)."""
+    return hmac.compare_digest(hashlib.sha256(expected.encode()).digest(), hashlib.sha256(presented.encode()).digest())

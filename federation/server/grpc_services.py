@@ -44,7 +44,8 @@ the same way (`ztunnel.xds.client.channel_options`), and the server accepts thei
 every `MIN_CLIENT_PING_INTERVAL_MS`. In-flight RPCs are capped server-wide
 (`max_concurrent_rpcs`: the excess gets RESOURCE_EXHAUSTED) and per connection
 (`MAX_STREAMS_PER_CONNECTION`; a proxy needs three); a TLS handshake must finish within
-`HANDSHAKE_TIMEOUT_MS`; a connection without any RPC for `MAX_CONNECTION_IDLE_MS` is closed.
+`HANDSHAKE_TIMEOUT_MS`; a connection without any RPC for `MAX_CONNECTION_IDLE_MS` is closed
+(these three per-connection limits: `ConnectionLimits`).
 A health stream authenticates when it opens (the bootstrap port has no client certificate, so
 its health streams are refused at once), reports for one proxy only, and at most
 `MAX_HEALTH_REPORTS_PER_S` reports a second are taken (the excess is dropped and counted).
@@ -59,6 +60,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from federation.controller.bootstrap_gate import BootstrapAdmission
@@ -156,7 +158,19 @@ MAX_CONCURRENT_RPCS = 10_000           # server-wide; the excess is refused with
 MAX_HEALTH_REPORTS_PER_S = 10.0        # a proxy reports every second (tests: every 0.2 s)
 
 
-def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """What one connection may hold of the server: how long it may take to finish its TLS handshake
+    (and send the HTTP/2 preface), how long it may stay open without an RPC, how many RPCs it may
+    have open at once (advertised as SETTINGS_MAX_CONCURRENT_STREAMS; a client queues the excess).
+    The defaults are the module's constants; tests shorten them."""
+
+    handshake_timeout_ms: int = HANDSHAKE_TIMEOUT_MS
+    max_connection_idle_ms: int = MAX_CONNECTION_IDLE_MS
+    max_streams_per_connection: int = MAX_STREAMS_PER_CONNECTION
+
+
+def server_options(max_message_bytes: int, limits: ConnectionLimits = ConnectionLimits()) -> list[tuple[str, Any]]:
     """grpc.aio server options: message sizes, keepalive, handshake and idle limits (module doc).
     A keepalive ping's ack deadline is `grpc.http2.ping_timeout_ms` in grpcio 1.85 (with
     `keepalive_timeout_ms` alone a frozen link was not noticed within a minute)."""
@@ -169,9 +183,9 @@ def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_recv_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
             ("grpc.http2.max_ping_strikes", 2),
-            ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
-            ("grpc.max_connection_idle_ms", MAX_CONNECTION_IDLE_MS),
-            ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION)]
+            ("grpc.server_handshake_timeout_ms", limits.handshake_timeout_ms),
+            ("grpc.max_connection_idle_ms", limits.max_connection_idle_ms),
+            ("grpc.max_concurrent_streams", limits.max_streams_per_connection)]
 
 
 HealthCallback = Callable[[str, Any], None]  # (authenticated proxy id, pb.HealthReport)
@@ -229,6 +243,7 @@ class ConfigServer:
                  consume_bootstrap: Callable[[str, str], bool] = lambda _p, _t: True,
                  verify_peer: Callable[[bytes], str] | None = None,
                  insecure: bool = False, write_timeout_s: float = 5.0,
+                 limits: ConnectionLimits = ConnectionLimits(),
                  max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS,
                  max_health_reports_per_s: float = MAX_HEALTH_REPORTS_PER_S,
                  bootstrap_admission: BootstrapAdmission | None = None) -> None:
@@ -247,6 +262,7 @@ class ConfigServer:
         self.consume_bootstrap = consume_bootstrap
         self.insecure = insecure
         self.write_timeout_s = write_timeout_s
+        self.limits = limits
         self._server: Any = None
         self.port = 0
         self.bootstrap_port = 0
@@ -277,7 +293,7 @@ class ConfigServer:
         if tls is not None and self.verify_peer is None:
             raise ValueError("a TLS config server needs verify_peer: a trust-domain-bound check of client "
                              "certificates (pooled roots alone let one trust domain's CA mint another's identities)")
-        self._server = grpc.aio.server(options=server_options(self.dist.max_message_bytes),
+        self._server = grpc.aio.server(options=server_options(self.dist.max_message_bytes, self.limits),
                                        maximum_concurrent_rpcs=self.max_concurrent_rpcs)
         handlers = {
             "StreamConfig": grpc.stream_stream_rpc_method_handler(
@@ -597,14 +613,14 @@ class ConfigServer:
 
 
 def config_server_for(service: ConfigService, on_health: HealthCallback | None = None,
-                      write_timeout_s: float = 5.0) -> ConfigServer:
+                      write_timeout_s: float = 5.0, limits: ConnectionLimits = ConnectionLimits()) -> ConfigServer:
     """The gRPC adapter bound to a config service: its distributor, signing policy and bootstrap
     tokens (`on_health` receives the authenticated proxy id and the `pb.HealthReport`)."""
     policy = service.signing
     return ConfigServer(service.dist, signer=policy, on_health=on_health, insecure=service.insecure,
                         authenticate_bootstrap=service.authenticate_bootstrap,
                         consume_bootstrap=service.consume_bootstrap, authorize=policy.authorize,
-                        verify_peer=policy.verify_client, write_timeout_s=write_timeout_s)
+                        verify_peer=policy.verify_client, write_timeout_s=write_timeout_s, limits=limits)
 
 
 async def serve(service: ConfigService, server: ConfigServer, listen: str,

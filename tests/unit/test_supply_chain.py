@@ -70,3 +70,10 @@ def test_the_environment_is_what_the_lock_pins() -> None:
         if have != version:
             differ[name] = (version, have)
     assert differ == {}, f"the virtualenv differs from requirements.lock (locked, installed): {differ}; run `make venv`"
+
+
+def test_the_readme_says_how_to_refresh_the_lock() -> None:
+    """The refresh command is documented where installation is (not only in the Makefile)."""
+    readme = (ROOT / "README.md").read_text()
+    install = readme[: readme.index("\n## ")]   # the opening section: set-up and dependencies
+    assert "`make lock`" in install and "requirements.lock" in install

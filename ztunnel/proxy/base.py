@@ -15,7 +15,23 @@ what peers send or how many sockets they open:
   one that opens no tunnel within `first_stream_timeout_s` is closed;
 - per connection: the receive windows (`hbone.connection_window_bytes`: what a peer may send
   before we read it), at most `max_unsent_bytes` of ciphertext it does not read (with
-  back-pressure to the relays before that), one frame of partial input;
+  back-pressure to the relays before that), one frame of partial input. Worst case per inbound
+  connection, with the defaults, for a peer that sends all it may and reads nothing:
+    its data not yet taken by backends  16 MiB    `hbone.connection_window_bytes`, the window we
+                                                  advertise: DATA past it is a connection error
+                                                  (FLOW_CONTROL_ERROR), and a relay returns window
+                                                  only while its backend socket is below its
+                                                  high-water mark (asyncio's 64 KiB)
+    + per tunnel, taken, not yet sent   ~80 KiB   that backend socket: its mark + one DATA frame
+    + per tunnel, for the peer          ~1.25 MiB `relay.HIGH_WATER_BYTES` + one read: the relay
+                                                  stops reading its backend above the mark, and
+                                                  the peer's window decides when it drains
+    + ciphertext the peer leaves unread  8 MiB    `max_unsent_bytes`, then the connection is cut
+    + before/while handshaking          ~80 KiB   `MAX_HANDSHAKE_BYTES` + one partial frame
+  = about 24 MiB + 1.3 MiB per open tunnel: about 155 MiB at `hbone.max_concurrent_streams` (100).
+  Per peer IP that is multiplied by `max_conns_per_peer` and in total by `max_inbound_conns`: the
+  caps bound the number of connections, not a memory budget, so the product is a bound, not a
+  small one (most of it is what a legitimate bulk transfer is allowed to use);
 - per outbound capture: `ztunnel.proxy.capture` (SOCKS5 handshake timeout, bounded early bytes);
 - metric label sets and outlier state per endpoint live as long as the endpoint is in the config
   (`on_config_applied` removes them with the endpoint).
@@ -46,7 +62,7 @@ from ztunnel.api.verify import PeerVerificationError, TrustStore
 from ztunnel.hbone.framer import ErrorCode, HboneSettings, Role, StreamState
 from ztunnel.identity.resumption import RESUMPTION_MAX_AGE_S, SessionTickets
 from ztunnel.identity.tls import client_context, server_context, verify_connection
-from ztunnel.identity.tls_transport import TlsAdapter
+from ztunnel.identity.tls_transport import MAX_UNSENT_BYTES, TlsAdapter
 from ztunnel.proxy.admin import ConnLabels, Telemetry
 from ztunnel.proxy.overload import LagHistory, LagShedder, LoadState
 from ztunnel.proxy.plan import sni_for_identity
@@ -101,7 +117,7 @@ class ProxyOptions:
     # its cluster's east-west gateway, one address (measured in the lab: 32 refused a busy gateway)
     max_handshakes_per_peer: int = 256
     max_handshakes_total: int = 1024
-    max_unsent_bytes: int = 8 * 1024 * 1024  # ciphertext a peer leaves unread before we cut it off
+    max_unsent_bytes: int = MAX_UNSENT_BYTES  # ciphertext a peer leaves unread before we cut it off
     # connection setups in flight (outbound: capture → tunnel established; inbound: CONNECT →
     # answered), per peer IP and in total: past it the proxy is saturated and sheds new ones at once
     # with an explicit refusal (a 503 marked overloaded, a SOCKS failure) rather than queueing them

@@ -11,6 +11,7 @@ how a proxy pins the controller's SPIFFE ID is tests/integration/controller/test
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -25,7 +26,13 @@ import gitops
 from benchmarks.simproxy import SimProxy, make_config
 from federation.controller.ca import TrustDomainCA
 from federation.controller.config_service import TRUST_ANCHORS_DIR, ConfigService
-from federation.server.grpc_services import ConfigServer, config_server_for, serve, wait_until
+from federation.server.grpc_services import (
+    ConfigServer,
+    ConnectionLimits,
+    config_server_for,
+    serve,
+    wait_until,
+)
 from ztunnel.api.codec import CONFIG_METHOD, HEALTH_METHOD
 from ztunnel.api.identity import controller_tls_name, generate_key_and_csr, proxy_spiffe_id
 from ztunnel.api.proto import meshfed_pb2 as pb
@@ -61,20 +68,41 @@ class Ctl:
     def channel(self, key: bytes | None = None, chain: bytes | None = None, target: str = "") -> Any:
         return secure_channel(target or self.target, self.roots, key, chain, target_name=EAST_NAME)
 
+    @contextlib.asynccontextmanager
+    async def synced_proxy(self, proxy_id: str) -> AsyncIterator[tuple[SimProxy, Svid]]:
+        """A proxy of east with its first certificate (from its bootstrap token), subscribed over
+        mTLS and holding its config at revision "rev1"; stopped at the end."""
+        svid = await self.svid(proxy_id)
+        self.service.dist.set_desired({proxy_id: make_config(proxy_id, "rev1", cluster="east")})
+        proxy = SimProxy(proxy_id, self.target, cluster="east",
+                         channel_factory=svid.channel_factory(self.target, EAST_NAME)).start()
+        try:
+            assert await wait_until(lambda: proxy.revision == "rev1", 10), proxy.client.last_error
+            yield proxy, svid
+        finally:
+            await proxy.stop()
 
-@pytest.fixture()
-async def ctl(tmp_path: Path) -> AsyncIterator[Ctl]:
+
+@contextlib.asynccontextmanager
+async def serving_controller(tmp_path: Path, limits: ConnectionLimits = ConnectionLimits()) -> AsyncIterator[Ctl]:
+    """The example fleet's config service, served with TLS on loopback (`limits`: per connection)."""
     state = tmp_path / "state"
     clock = Clock()
     service = ConfigService(state, insecure=False, clock=clock)
     service.ensure_cas(gitops.load_worktree(EXAMPLE_FLEET))
-    server = config_server_for(service)
+    server = config_server_for(service, limits=limits)
     await serve(service, server, "127.0.0.1:0")
     try:
         yield Ctl(service, server, state, clock)
     finally:
         await server.stop(0)
         await service.stop()
+
+
+@pytest.fixture()
+async def ctl(tmp_path: Path) -> AsyncIterator[Ctl]:
+    async with serving_controller(tmp_path) as c:
+        yield c
 
 
 async def first_response(channel: Any, proxy_id: str, timeout_s: float = 5.0) -> Any:
@@ -283,11 +311,7 @@ async def test_the_serving_certificate_is_renewed_at_half_life_without_dropping_
     ctl.service.signing._serving = None
     first = ctl.service.signing.serving()
     pid = "ztunnel/east/node-1"
-    svid = await ctl.svid(pid)
-    ctl.service.dist.set_desired({pid: make_config(pid, "rev1", cluster="east")})
-    proxy = SimProxy(pid, ctl.target, cluster="east", channel_factory=svid.channel_factory(ctl.target, EAST_NAME)).start()
-    try:
-        assert await wait_until(lambda: proxy.revision == "rev1", 10), proxy.client.last_error
+    async with ctl.synced_proxy(pid) as (proxy, svid):
         connects = proxy.client.connects
         old_leaf = _served_certificate(ctl.target, ctl.roots, EAST_NAME)
         ctl.clock.offset_s = 61.0                       # past half of 120 s
@@ -306,8 +330,6 @@ async def test_the_serving_certificate_is_renewed_at_half_life_without_dropping_
         async with svid.channel_factory(ctl.target, EAST_NAME)() as ch:
             kc = generate_key_and_csr(svid.identity)
             assert (await request_certificate(ch, pid, kc.csr_pem)).cert_chain_pem
-    finally:
-        await proxy.stop()
 
 
 async def test_each_trust_domain_gets_its_own_controller_certificate_by_sni(ctl: Ctl, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -58,15 +59,29 @@ class Echo(asyncio.Protocol):
         self.lost.append(exc)
 
 
-async def test_a_peer_that_stops_reading_is_cut_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tlsproto, "MAX_UNSENT_BYTES", 256 * 1024)
+@dataclass
+class EchoPair:
+    """A TLS server whose app echoes, and its client, over in-memory pipes (`to_client` carries
+    what the server writes)."""
+
+    server: tlsproto.TlsAdapter
+    client: tlsproto.TlsAdapter
+    server_app: Echo
+    client_app: Echo
+    to_server: PipeTransport
+    to_client: PipeTransport
+
+
+async def echo_pair(server_max_unsent_bytes: int | None = None) -> EchoPair:
+    """An `EchoPair` with its handshake done; the server's cap on unsent bytes is its default
+    unless given."""
     loop = asyncio.get_running_loop()
     ca = TrustDomainCA.create(TD)
     store = TrustStore.from_bundles(ca.trust_bundle())
     srv, cli = ca.issue_svid(f"spiffe://{TD}/ns/a/sa/srv"), ca.issue_svid(f"spiffe://{TD}/ns/a/sa/cli")
     server_app, client_app = Echo(), Echo()
     server = tlsproto.TlsAdapter(loop, tls.server_context(srv.chain_pem, srv.key_pem, store), server_app,
-                                 server_side=True)
+                                 server_side=True, max_unsent_bytes=server_max_unsent_bytes)
     client = tlsproto.TlsAdapter(loop, tls.client_context(cli.chain_pem, cli.key_pem, store), client_app,
                                  server_side=False)
     to_server, to_client = PipeTransport(loop), PipeTransport(loop)
@@ -74,6 +89,13 @@ async def test_a_peer_that_stops_reading_is_cut_off(monkeypatch: pytest.MonkeyPa
     server.connection_made(to_client)
     client.connection_made(to_server)
     await asyncio.wait_for(asyncio.gather(server.handshake, client.handshake), 5)
+    return EchoPair(server, client, server_app, client_app, to_server, to_client)
+
+
+async def test_a_peer_that_stops_reading_is_cut_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tlsproto, "MAX_UNSENT_BYTES", 256 * 1024)
+    p = await echo_pair()
+    client, client_app, to_client, server_app = p.client, p.client_app, p.to_client, p.server_app
     client_app.data_received = lambda data: None  # type: ignore[method-assign]  # the client reads nothing…
     to_client.stalled = True                      # …and its socket buffer is full
     for _ in range(40):                           # 40 × 16 KiB echoed back = 640 KiB unsent
