@@ -457,7 +457,7 @@ class ConfigService:
 
     def status(self, transport: Mapping[str, Any], disk: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The service's status; `transport` adds what the gRPC server knows (port, bootstrap_port,
-        health_reports, health_reports_dropped, slow_disconnects); `disk`: `disk_facts()` (read here when not given)."""
+        health_reports, health_reports_dropped, slow_disconnects, displacements_refused, streams_expired); `disk`: `disk_facts()` (read here when not given)."""
         disk = self.disk_facts() if disk is None else disk
         st = self.dist.status()
         for p in st:   # what `meshfed check` judges each proxy's certificate expiry by
@@ -472,6 +472,7 @@ class ConfigService:
             "health_reports_dropped": transport.get("health_reports_dropped", 0),
             "slow_disconnects": transport.get("slow_disconnects", 0),
             "displacements_refused": transport.get("displacements_refused", 0),
+            "streams_expired": transport.get("streams_expired", 0),
             "ack_flush_failures": self.flush_failures, "last_ack_flush_error": self.last_flush_error,
             "recent_ack_latencies_s": list(self.recent_latencies_s)[-200:],
             "lock": disk["lock"],

@@ -17,6 +17,11 @@ Split decide-then-act (the gRPC adapter is `federation.server.grpc_services.Conf
   proxy runs, and the retry is a full state). A new desired content resets the backoff and is
   sent at once. Only a config too large for the protocol (`OversizeError`) is not retried: it
   waits for a change. `tick(now_s)` finds the sessions due and the adapter wakes their streams.
+- **Resuming.** A stream that reconnects says what the proxy runs (`have`). When that is what
+  it ACKed, nothing is resent (a stream cut on purpose, e.g. because the certificate that
+  opened it expired, costs no resync); when it is the push that was in flight as the stream
+  ended, the hello settles that push as ACKed (`unanswered`: the proxy's `have` moves only once
+  its data plane applied a config); anything else is unknown content, and a full state follows.
 - **SYNCED** means the proxy ACKed the latest desired content (the same content under a newer
   revision needs no push and counts as that revision); anything else is STALE, or NOT SENT
   before anything was sent. Whether the desired config itself is the latest the reconciler
@@ -217,6 +222,7 @@ class ProxySession:
     retries: int = 0
     ack_timeouts: int = 0
     removed: bool = False                   # forgotten while connected: the stream is being closed
+    unanswered: PushRecord | None = None    # in flight when the stream ended: the next hello may settle it
 
     # --- decisions ---------------------------------------------------------------------------
 
@@ -231,20 +237,30 @@ class ProxySession:
         self.failures, self.retry_at_s = 0, 0.0  # new content: no backoff
         return True
 
-    def attach(self, have: Stamp | None) -> None:
-        """A stream (re)connected and says what it runs. Only a matching stamp lets us send deltas."""
+    def attach(self, have: Stamp | None, now_s: float = 0.0) -> PushRecord | None:
+        """A stream (re)connected and says what it runs. Only a matching stamp lets us send deltas
+        (a reconnect resumes: nothing is resent while the proxy runs what it ACKed). Returns the
+        push in flight that the hello settles: a stream cut between the proxy applying a push and
+        its ACK reaching us (a certificate-expiry cut, a dropped link) reconnects with that push's
+        stamp, and since a proxy's `have` moves only once its data plane applied the config, the
+        hello is its ACK; without this the proxy would get a full state it already runs."""
         self.connected = True
-        self.in_flight = None
+        push, self.in_flight, self.unanswered = self.unanswered, None, None
+        if push is not None and have is not None and push.config.stamp == have:
+            self.last_ack_latency_s = now_s - push.sent_at_s
+            self._acked(push)
+            return push
         if have is not None and self.acked is not None and self.acked.stamp == have:
-            return
+            return None
         self.acked = self.acked_content = None  # unknown content: the next push is a full state
         self.acked_stamp = have
         if have is not None and have.epoch == self.epoch:
             self.version = max(self.version, have.version)
+        return None
 
     def detach(self) -> None:
         self.connected = False
-        self.in_flight = None
+        self.in_flight, self.unanswered = None, self.in_flight
 
     def _failed(self, now_s: float, why: str) -> None:
         self.failures += 1
@@ -305,11 +321,14 @@ class ProxySession:
                 self.nacked_content = push.content
                 self._failed(now_s, f"NACK: {error}")
         else:
-            self.acks += 1
-            self.acked, self.acked_content, self.acked_stamp = push.config, push.content, push.config.stamp
-            self.nacked_content, self.last_nack = None, ""
-            self.failures, self.retry_at_s, self.last_failure = 0, 0.0, ""
+            self._acked(push)
         return push
+
+    def _acked(self, push: PushRecord) -> None:
+        self.acks += 1
+        self.acked, self.acked_content, self.acked_stamp = push.config, push.content, push.config.stamp
+        self.nacked_content, self.last_nack = None, ""
+        self.failures, self.retry_at_s, self.last_failure = 0, 0.0, ""
 
     @property
     def sync(self) -> SyncState:
@@ -503,7 +522,9 @@ class ConfigDistributor:
             while len(self.foreign_hellos) > MAX_FORGOTTEN:
                 self.foreign_hellos.popitem(last=False)
         s = self.session(proxy_id)
-        s.attach(have)
+        settled = s.attach(have, self.clock())
+        if settled is not None:
+            self._announce(s, settled, nack=False, error="")
         runs = f"runs {have.epoch}.{have.version} of revision {have.revision[:8]}" if have is not None else "runs nothing yet"
         log.info("proxy %s connected (%s)", proxy_id, runs,
                  extra={"fields": {"event": "ProxyConnected", "proxy": proxy_id,
@@ -558,10 +579,12 @@ class ConfigDistributor:
 
     def on_reply(self, s: ProxySession, req: Any) -> None:
         push = s.on_reply(req.response_nonce, req.nack, req.error_detail, self.clock())
-        if push is None:
-            return
-        ev = AckEvent(s.proxy_id, push.config.stamp, bool(req.nack), str(req.error_detail),
-                      s.last_ack_latency_s, self.clock() - push.trigger_at_s)
+        if push is not None:
+            self._announce(s, push, bool(req.nack), str(req.error_detail))
+
+    def _announce(self, s: ProxySession, push: PushRecord, nack: bool, error: str) -> None:
+        ev = AckEvent(s.proxy_id, push.config.stamp, nack, error, s.last_ack_latency_s,
+                      self.clock() - push.trigger_at_s)
         for listener in self.listeners:
             listener(ev)
 

@@ -49,6 +49,20 @@ every `MIN_CLIENT_PING_INTERVAL_MS`. In-flight RPCs are capped server-wide
 A health stream authenticates when it opens (the bootstrap port has no client certificate, so
 its health streams are refused at once), reports for one proxy only, and at most
 `MAX_HEALTH_REPORTS_PER_S` reports a second are taken (the excess is dropped and counted).
+
+Streams live no longer than the certificate that opened them
+(`federation.controller.stream_authorization`): TLS checks a client certificate only in the
+handshake, so a config or health stream is bound to the not-after of the certificate that
+authenticated it and ended, judged on the calendar (`clock`), when that passes; a certificate
+already past its not-after cannot open one. The status of the cut is UNAVAILABLE ("reconnect"),
+not UNAUTHENTICATED: the proxy's link (`ztunnel.xds.controlplane.ControllerLink`) takes
+UNAUTHENTICATED to mean "your certificate is refused" and falls back to its bootstrap credential,
+while a proxy cut here normally holds a certificate renewed at half-life, which its reconnect (a
+new channel, a new handshake) presents. Should that one have expired too, the reconnect is refused
+with UNAUTHENTICATED, and the bootstrap path follows. The reconnect costs no resync: the hello says
+what the proxy runs (`have`), and a session whose ACKed stamp matches sends nothing until the next
+change (`federation.controller.distributor.ProxySession.attach`). Unary certificate requests need
+no binding: each call is verified on its own (`verify_peer`, on the calendar).
 """
 
 from __future__ import annotations
@@ -60,12 +74,14 @@ import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from federation.controller.bootstrap_gate import BootstrapAdmission
 from federation.controller.distributor import ConfigDistributor, ProxyRemovedError, StaleEpochError
 from federation.controller.signing import BootstrapVerdict, Requester, Signer, cluster_named_by
+from federation.controller.stream_authorization import StreamExpiries, stream_expired
+from ztunnel.api.clock import calendar_now
 from ztunnel.api.codec import PROXY_ID_METADATA, stamp_from_pb
 from ztunnel.api.identity import IdentityError, ProxyId
 from ztunnel.api.logsetup import printable
@@ -141,6 +157,17 @@ def spiffe_id_from_pem(cert_pem: bytes) -> str:
     return uris[0] if uris else ""
 
 
+def not_after_from_pem(cert_pem: bytes) -> float:
+    """A certificate's not-after, in seconds since the epoch."""
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc.timestamp()
+
+
+def _utc(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
 def no_bootstrap(_proxy_id: str, _sa_token: str, _token: str) -> BootstrapVerdict:
     return BootstrapVerdict("unauthenticated", "this controller accepts no bootstrap credentials")
 
@@ -185,6 +212,15 @@ def server_options(max_message_bytes: int, limits: ConnectionLimits = Connection
             ("grpc.http2.max_ping_strikes", 2),
             ("grpc.server_handshake_timeout_ms", limits.handshake_timeout_ms),
             ("grpc.max_connection_idle_ms", limits.max_connection_idle_ms),
+            # No `grpc.max_connection_age_ms`: a fixed age is not the credential's life. Short enough
+            # to matter (below the workload TTL) it would recycle every proxy's connection on a timer
+            # whether or not its certificate changed, and still leave a stream authorised up to an
+            # age (plus `max_connection_age_grace_ms`) past its certificate's expiry; it also runs on
+            # the real clock, not the calendar. Each stream is instead ended exactly when its own
+            # certificate expires (`StreamLease`), about once per half-TTL per proxy, and that
+            # reconnect resumes from the proxy's ACKed version: no full-state resync (README's
+            # figures: a full resync of 100k endpoints costs one proxy 2.4 s, 0.72 s of it encoding
+            # on the controller; per proxy per hour, for a fleet, it would be a standing load).
             ("grpc.max_concurrent_streams", limits.max_streams_per_connection)]
 
 
@@ -233,6 +269,15 @@ def _dynamic_credentials(source: TlsSource, require_client_auth: bool) -> Any:
     return grpc.dynamic_ssl_server_credentials(config(first), fetch, require_client_authentication=require_client_auth)
 
 
+@dataclass(eq=False)   # a key by identity: one per open stream
+class StreamLease:
+    """An authenticated stream's authorisation: until `not_after_s`, the not-after of the client
+    certificate that opened it; `ended` is set when the calendar passes it."""
+
+    not_after_s: float
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 class ConfigServer:
     """gRPC adapter around a ConfigDistributor, a Signer and a health callback."""
 
@@ -246,7 +291,8 @@ class ConfigServer:
                  limits: ConnectionLimits = ConnectionLimits(),
                  max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS,
                  max_health_reports_per_s: float = MAX_HEALTH_REPORTS_PER_S,
-                 bootstrap_admission: BootstrapAdmission | None = None) -> None:
+                 bootstrap_admission: BootstrapAdmission | None = None,
+                 clock: Callable[[], float] = calendar_now) -> None:
         # `verify_peer(client leaf PEM) -> SPIFFE ID` must bind the leaf's issuer to the trust
         # domain its SAN names (ztunnel.api.verify.TrustStore): gRPC only checks the chain against the
         # pooled roots of every CA, and with a pool trust domain A's CA could mint B's identities.
@@ -274,6 +320,10 @@ class ConfigServer:
         self._streams: dict[str, asyncio.Task[Any]] = {}
         self._stream_certs: dict[str, str] = {}   # proxy -> SHA-256 of the client certificate of its stream
         self.displacements_refused = 0
+        self.clock = clock   # the calendar: when a stream's certificate expires
+        # open authenticated streams -> the not-after of their certificate; the Event ends the stream
+        self._expiries: StreamExpiries[StreamLease] = StreamExpiries()
+        self.streams_expired = 0
         self._writes: dict[asyncio.Future[Any], tuple[float, str]] = {}  # writer -> (write started, proxy)
         self._watchdog: asyncio.Task[None] | None = None
         self.starting = asyncio.Lock()   # `serve` is idempotent under concurrent calls
@@ -342,7 +392,7 @@ class ConfigServer:
         """What the transport knows, for the config service's status."""
         return {"port": self.port, "bootstrap_port": self.bootstrap_port, "health_reports": self.health_reports,
                 "health_reports_dropped": self.health_reports_dropped, "slow_disconnects": self.slow_disconnects,
-                "displacements_refused": self.displacements_refused}
+                "displacements_refused": self.displacements_refused, "streams_expired": self.streams_expired}
 
     async def _write_watchdog(self) -> None:
         """Disconnect proxies that do not drain their stream: a write pending for longer than
@@ -350,7 +400,8 @@ class ConfigServer:
         when it returns). One periodic sweep instead of a timer per write (measured: the per-write
         `asyncio.timeout` was the largest Python cost of a push after encoding was shared). The
         same sweep ticks the distributor: pushes unanswered too long fail, and the streams of
-        failed pushes whose backoff is over are woken to retry."""
+        failed pushes whose backoff is over are woken to retry; and it ends the streams whose
+        certificate expired (within a sweep, at most a second, of the calendar passing it)."""
         while True:
             await asyncio.sleep(min(self.write_timeout_s / 4, 1.0))
             now = time.monotonic()
@@ -362,6 +413,8 @@ class ConfigServer:
             for session in self.dist.tick():
                 if session.wake is not None:
                     session.wake.set()
+            for lease in self._expiries.due(self.clock()):
+                lease.ended.set()
 
     async def stop(self, grace_s: float = 1.0) -> None:
         if self._watchdog is not None:
@@ -424,6 +477,38 @@ class ConfigServer:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
         return identity
 
+    async def _bind_to_certificate(self, context: Any, what: str) -> StreamLease | None:
+        """Bind an authenticated stream to its client certificate's not-after: the lease's `ended`
+        is set (by `_write_watchdog`) when the calendar passes it, and the stream must then end
+        with `_end_expired`. A certificate already past it is refused (UNAUTHENTICATED: the proxy
+        renews). None without TLS (insecure mode: nothing to expire). The caller releases the
+        lease (`_expiries.release`) when the stream ends."""
+        import grpc
+
+        pems = [] if self.insecure else (context.auth_context() or {}).get("x509_pem_cert") or []
+        if not pems:
+            return None
+        not_after_s = not_after_from_pem(pems[0])
+        if stream_expired(not_after_s, self.clock()):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                f"client certificate expired at {_utc(not_after_s)} (controller calendar): "
+                                f"a {what} stream needs a valid one; renew it with the bootstrap credential")
+        lease = StreamLease(not_after_s)
+        self._expiries.bind(lease, not_after_s)
+        return lease
+
+    async def _end_expired(self, context: Any, who: str, what: str, lease: StreamLease) -> None:
+        """End the `what` stream of `who` (proxy id or identity) whose certificate expired, with the
+        status the proxy retries at once."""
+        import grpc
+
+        self.streams_expired += 1
+        log.info("%s stream of %s ended: the client certificate that opened it expired", what, who,
+                 extra={"fields": {"event": "StreamCertificateExpired", "peer": who, "stream": what}})
+        await context.abort(grpc.StatusCode.UNAVAILABLE,
+                            f"the client certificate that authenticated this {what} stream expired at {_utc(lease.not_after_s)} "
+                            "(controller calendar): reconnect with your current (renewed) certificate")
+
     # --- config stream -----------------------------------------------------------------------
 
     async def _stream_config(self, request_iterator: Any, context: Any) -> None:
@@ -438,6 +523,19 @@ class ConfigServer:
         if not proxy_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must name the proxy (proxy.proxy_id)")
         identity = await self._authenticate(context, proxy_id)
+        lease = await self._bind_to_certificate(context, "config")
+        try:
+            await self._follow(it, hello, context, identity, lease)
+        finally:
+            if lease is not None:
+                self._expiries.release(lease)
+
+    async def _follow(self, it: Any, hello: Any, context: Any, identity: str, lease: StreamLease | None) -> None:
+        """One authenticated config stream until it ends: pushes out, ACK/NACK in; cut when the
+        certificate that authenticated it expires (`lease.ended`)."""
+        import grpc
+
+        proxy_id = hello.proxy.proxy_id
         me = asyncio.current_task()
         assert me is not None
         cert = "" if self.insecure else self._peer_certificate_digest(context)
@@ -484,15 +582,19 @@ class ConfigServer:
                     await context.write(msg)
                     del self._writes[me_w]
 
+        expiry = asyncio.ensure_future(lease.ended.wait()) if lease is not None else None
         try:
             rd = asyncio.ensure_future(reader())
             wr = me_w = asyncio.ensure_future(writer())
-            _done, pending = await asyncio.wait({rd, wr}, return_when=asyncio.FIRST_COMPLETED)
+            done, pending = await asyncio.wait({rd, wr} | ({expiry} if expiry is not None else set()),
+                                               return_when=asyncio.FIRST_COMPLETED)
             for t in pending:
                 t.cancel()
             for t in pending:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
+            if lease is not None and expiry in done:
+                await self._end_expired(context, proxy_id, "config", lease)
         finally:
             self._writes.pop(wr, None)
             if self._streams.get(proxy_id) is me:
@@ -575,15 +677,40 @@ class ConfigServer:
         """One proxy's health reports. The peer is authenticated before anything is read (no client
         certificate: refused at once, as on the bootstrap port), every report must name the same
         proxy, which the certificate may act as; reports beyond `max_health_reports_per_s` are
-        dropped (a token bucket per stream), so a flood costs the reconciler nothing."""
+        dropped (a token bucket per stream), so a flood costs the reconciler nothing. The stream
+        ends when the certificate that opened it expires (module docstring)."""
         import grpc
 
+        identity = ""
         if not self.insecure:
             identity = await self._verified_peer_or_abort(context)
             if not identity:
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                                     "health reports need the proxy's client certificate: report on the config "
                                     "port (the bootstrap port serves first certificates only)")
+        lease = await self._bind_to_certificate(context, "health")
+        consume = asyncio.ensure_future(self._take_reports(request_iterator, context))
+        if lease is None:
+            return await consume
+        expiry = asyncio.ensure_future(lease.ended.wait())
+        try:
+            await asyncio.wait({consume, expiry}, return_when=asyncio.FIRST_COMPLETED)
+            if consume.done():
+                return consume.result()
+            consume.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await consume
+            await self._end_expired(context, identity, "health", lease)
+            raise AssertionError("unreachable: abort raises")
+        finally:
+            expiry.cancel()
+            consume.cancel()
+            self._expiries.release(lease)
+
+    async def _take_reports(self, request_iterator: Any, context: Any) -> Any:
+        """The reports of one authenticated health stream (see `_health`)."""
+        import grpc
+
         n = 0
         proxy_id = ""
         rate = self.max_health_reports_per_s
@@ -620,7 +747,8 @@ def config_server_for(service: ConfigService, on_health: HealthCallback | None =
     return ConfigServer(service.dist, signer=policy, on_health=on_health, insecure=service.insecure,
                         authenticate_bootstrap=service.authenticate_bootstrap,
                         consume_bootstrap=service.consume_bootstrap, authorize=policy.authorize,
-                        verify_peer=policy.verify_client, write_timeout_s=write_timeout_s, limits=limits)
+                        verify_peer=policy.verify_client, write_timeout_s=write_timeout_s, limits=limits,
+                        clock=service.clock)
 
 
 async def serve(service: ConfigService, server: ConfigServer, listen: str,

@@ -168,12 +168,18 @@ class HealthSource(Protocol):
 
 @dataclass
 class Backoff:
-    """Exponential backoff with full jitter (decide here; the client sleeps)."""
+    """Exponential backoff with full jitter (decide here; the client sleeps).
+
+    A session that lasted `stable_s` or more was a working connection, not a failing dial: its
+    end starts the backoff over (`session_ended`), so a stream the controller ends on purpose
+    (its certificate expired, a restart) is reconnected at once, not after the longest delay that
+    earlier, unrelated failures in the proxy's life had climbed to."""
 
     initial_s: float = 0.1
     max_s: float = 5.0
     attempt: int = 0
     rng: random.Random = field(default_factory=random.Random)
+    stable_s: float = 10.0
 
     def next_delay_s(self) -> float:
         cap = min(self.max_s, self.initial_s * (2 ** self.attempt))
@@ -182,6 +188,10 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempt = 0
+
+    def session_ended(self, lasted_s: float) -> None:
+        if lasted_s >= self.stable_s:
+            self.reset()
 
 
 class XdsClient:
@@ -220,6 +230,7 @@ class XdsClient:
     async def run(self) -> None:
         lost = ""   # what the log last said about the stream ("" = connected or never tried)
         while not self._stop.is_set():
+            started_s = time.monotonic()
             try:
                 await self._session()
                 self.backoff.reset()
@@ -237,6 +248,7 @@ class XdsClient:
                                 extra={"fields": {"event": "ControllerLost", "error": self.last_error}})
                 if self.on_error is not None:
                     self.on_error(e)
+                self.backoff.session_ended(time.monotonic() - started_s)
             self.connected.clear()
             if self._stop.is_set():
                 break

@@ -437,3 +437,48 @@ async def test_token_reviews_are_bounded_per_source_and_in_flight_and_junk_ids_n
     finally:
         await server.stop(0)
         await service.stop()
+
+
+async def test_a_stream_ends_when_the_certificate_that_opened_it_expires(ctl: Ctl) -> None:
+    """Before: TLS checked the client certificate only in the handshake, so config and health
+    streams opened with a certificate stayed authorised after it expired (a stolen proxy key with
+    a stream open received config for as long as the connection lived). Now each stream is bound
+    to its certificate's not-after on the calendar and ended there, with UNAVAILABLE ("reconnect");
+    a reconnect with the same, expired, certificate is refused."""
+    from federation.server.grpc_services import not_after_from_pem
+
+    pid = "ztunnel/east/node-1"
+    stolen = await ctl.svid(pid)          # never renewed: what a thief with the key holds
+    not_after_s = not_after_from_pem(stolen.chain_pem)
+    ctl.service.dist.set_desired({pid: make_config(pid, "rev1", cluster="east")})
+    proxy = SimProxy(pid, ctl.target, cluster="east",
+                     channel_factory=stolen.channel_factory(ctl.target, EAST_NAME)).start()
+    health_channel = stolen.channel_factory(ctl.target, EAST_NAME)()
+    health = health_channel.stream_unary(HEALTH_METHOD, request_serializer=pb.HealthReport.SerializeToString,
+                                         response_deserializer=pb.HealthSummary.FromString)()
+    try:
+        await health.write(pb.HealthReport(proxy_id=pid))
+        assert await wait_until(lambda: proxy.revision == "rev1", 10), proxy.client.last_error
+        assert await wait_until(lambda: ctl.server.health_reports == 1, 5)
+        ctl.clock.offset_s = not_after_s - time.time() - 30.0          # 30 s to go: the streams go on
+        ctl.service.dist.set_desired({pid: make_config(pid, "rev2", cluster="east", seed=1)})
+        assert await wait_until(lambda: proxy.revision == "rev2", 10), proxy.client.last_error
+        assert ctl.server.counters()["streams_expired"] == 0
+        connects = proxy.client.connects
+        ctl.clock.offset_s = not_after_s - time.time() + 1.0           # the calendar passes its not-after
+        assert await wait_until(lambda: ctl.server.counters()["streams_expired"] == 2, 5)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await health
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "certificate that authenticated this health stream expired" in (err.value.details() or "")
+        # the holder of the expired certificate reconnects, and is refused: no more config
+        assert await wait_until(lambda: "UNAUTHENTICATED" in proxy.client.last_error, 10), proxy.client.last_error
+        assert "expired" in proxy.client.last_error and proxy.client.connects > connects
+        ctl.service.dist.set_desired({pid: make_config(pid, "rev3", cluster="east", seed=2)})
+        await asyncio.sleep(1.0)
+        assert proxy.revision == "rev2"
+        st = {s["proxy"]: s for s in ctl.service.dist.status()}[pid]
+        assert not st["connected"] and st["sync"] == "STALE"
+    finally:
+        await proxy.stop()
+        await health_channel.close()

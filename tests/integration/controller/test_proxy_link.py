@@ -563,3 +563,58 @@ async def test_a_calendar_days_ahead_of_the_real_clock_keeps_the_proxy_renewing(
         await leave(link, tasks)
         await server.stop(0)
         await service.stop()
+
+
+async def test_a_stream_is_cut_at_its_certificates_expiry_and_the_renewed_certificate_keeps_config_flowing(
+        world: World) -> None:
+    """Before: the config stream, authenticated once in the TLS handshake, stayed authorised for
+    as long as its connection lived, whatever happened to the certificate that opened it. Now it is
+    ended when the calendar passes that certificate's not-after. A proxy renews at half-life, so
+    it holds a valid certificate when its old stream is cut: it reconnects at once with the renewed
+    one (a new handshake), is not mistaken for a refused certificate (no bootstrap), resumes from
+    the version it ACKed (no push, no full state), and the next config reaches it with no failed
+    delivery (no NACK, retry or ACK timeout)."""
+    from federation.server.grpc_services import not_after_from_pem
+
+    world.desire("rev1")
+    link, tasks, _creds = await joined(world, world.options(sa_token=world.sa_token()))
+    try:
+        assert await wait_until(lambda: world.synced("rev1"), 10)
+        assert link.xds is not None
+        first = link.certs.find_certificate(link.own)
+        assert first is not None and link.bootstraps == 1
+        session = world.service.dist.sessions[NODE1]
+        connects = link.xds.connects
+        # past half-life, before expiry: the proxy renews; its stream goes on on the old connection
+        world.clock.offset_s = first.not_after_s - time.time() - 30.0
+        link.wake()
+        assert await wait_until(lambda: (c := link.certs.find_certificate(link.own)) is not None
+                                and c.not_after_s > first.not_after_s, 10)
+        renewed = link.certs.find_certificate(link.own)
+        assert renewed is not None
+        world.desire("rev2", seed=1)
+        assert await wait_until(lambda: world.synced("rev2"), 10)
+        assert link.xds.connects == connects and world.server.counters()["streams_expired"] == 0
+        pushes = session.pushes
+        # the calendar passes the first certificate's not-after: its stream is cut ...
+        world.clock.offset_s = first.not_after_s - time.time() + 1.0
+        assert await wait_until(lambda: world.server.counters()["streams_expired"] >= 1, 5)
+        # ... and the proxy is back at once, with the renewed certificate, on the version it runs
+        assert await wait_until(lambda: link.xds is not None and link.xds.connects > connects
+                                and session.connected, 5), link.xds.last_error
+        assert "certificate that authenticated this config stream expired" in link.xds.last_error
+        import hashlib
+
+        assert not_after_from_pem(renewed.chain_pem) == renewed.not_after_s
+        leaf = renewed.chain_pem[:renewed.chain_pem.index(b"-----END CERTIFICATE-----") + 26]
+        assert world.server._stream_certs[NODE1] == hashlib.sha256(leaf).hexdigest()
+        await asyncio.sleep(0.5)
+        assert session.pushes == pushes and world.synced("rev2")        # resumed: nothing resent
+        assert link.bootstraps == 1                                     # not taken for a refusal
+        world.desire("rev3", seed=2)
+        assert await wait_until(lambda: world.synced("rev3"), 10)
+        assert session.pushes == pushes + 1
+        assert (session.nacks, session.retries, session.ack_timeouts, session.failures) == (0, 0, 0, 0)
+        assert world.server.counters()["streams_expired"] <= 2          # config and health, once
+    finally:
+        await leave(link, tasks)

@@ -18,6 +18,7 @@ from federation.controller import queries
 from federation.controller.distributor import (
     ACK_TIMEOUT_S,
     RETRY_MAX_S,
+    AckEvent,
     ConfigDistributor,
     ProxySession,
     SyncState,
@@ -184,3 +185,43 @@ def test_metrics_count_sync_states_as_status_shows_them() -> None:
     text = metrics.render(metrics.make_registry(lambda: st)).decode()
     assert 'meshfed_proxy_sync{state="SYNCED"} 0.0' in text and 'meshfed_proxy_sync{state="STALE"} 1.0' in text
     assert "meshfed_configs_undelivered 1.0" in text
+
+
+def test_a_reconnect_on_the_acked_version_resumes_without_a_push() -> None:
+    """A stream ended on purpose (its certificate expired) reconnects saying what it runs: nothing
+    is resent, the proxy stays SYNCED, and the next change is a delta."""
+    d = ConfigDistributor(epoch=1, clock=lambda: 0.0)
+    d.set_desired({PID: make_config(PID, "r1")})
+    s = d.attach(PID, None)
+    s.on_reply(sent(s, 0.0, itertools.count()), False, "", 0.0)
+    runs = s.acked_stamp
+    d.detach(s)
+    assert d.attach(PID, runs) is s and s.sync is SyncState.SYNCED and d.build(s) == []
+    d.set_desired({PID: make_config(PID, "r2", services=3)})
+    assert d.build(s) and s.in_flight is not None and s.acked is not None   # a delta from r1
+
+
+def test_a_hello_naming_the_push_in_flight_is_its_ack() -> None:
+    """Before: a stream cut after the proxy applied a push but before its ACK arrived reconnected
+    naming that push's stamp, which matched nothing we knew, and got a full state it already ran
+    (at 100k endpoints, seconds of work on both sides). The proxy's `have` moves only once its data
+    plane applied a config, so the hello settles the push as ACKed (and announces it)."""
+    acks: list[AckEvent] = []
+    d = ConfigDistributor(epoch=1, clock=lambda: 0.0)
+    d.listeners.append(acks.append)
+    d.set_desired({PID: make_config(PID, "r1")})
+    s = d.attach(PID, None)
+    s.on_reply(sent(s, 0.0, itertools.count()), False, "", 0.0)
+    d.set_desired({PID: make_config(PID, "r2", services=3)})
+    assert d.build(s) and s.in_flight is not None
+    applied = s.in_flight.config.stamp
+    d.detach(s)                                                           # cut before the ACK came
+    assert d.attach(PID, applied) is s
+    assert s.in_flight is None and s.acked_stamp == applied and s.sync is SyncState.SYNCED
+    assert d.build(s) == [] and [(e.stamp, e.nack) for e in acks][-1] == (applied, False)
+    # a hello naming anything else is not an ACK: the proxy's content is unknown, a full state follows
+    d.set_desired({PID: make_config(PID, "r3", services=4)})
+    assert d.build(s) and s.in_flight is not None
+    d.detach(s)
+    d.attach(PID, Stamp(1, "r-other", 99))
+    assert s.acked is None and s.sync is SyncState.STALE
