@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import dns.asyncquery
 import dns.exception
@@ -341,3 +342,34 @@ async def wait_for_condition(pred: Callable[[], bool], timeout_s: float) -> bool
             return True
         await asyncio.sleep(0.05)
     return pred()
+
+
+async def test_port_zero_finds_a_port_free_for_udp_and_tcp(servers: list[DnsServer],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Port 0 lets the kernel pick a free UDP port; that number may already be taken for TCP (CI
+    once failed on EADDRINUSE that way). The first UDP port handed out here is one whose TCP twin is
+    held: the server moves on to another pair instead of failing."""
+    import socket
+
+    held = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    held.bind((LO, 0))
+    held.listen()
+    taken = held.getsockname()[1]
+    loop = asyncio.get_running_loop()
+    real = loop.create_datagram_endpoint
+    calls: list[int] = []
+
+    async def first_on_the_taken_port(factory: Any, local_addr: tuple[str, int] | None = None, **kw: Any) -> Any:
+        if local_addr is None or local_addr[1] != 0:      # the test's own queries: untouched
+            return await real(factory, local_addr=local_addr, **kw)
+        calls.append(local_addr[1])
+        return await real(factory, local_addr=(local_addr[0], taken) if len(calls) == 1 else local_addr, **kw)
+
+    monkeypatch.setattr(loop, "create_datagram_endpoint", first_on_the_taken_port)
+    try:
+        s = await start(servers)
+        assert len(calls) == 2 and s.port != taken
+        assert addresses(await udp(s, "checkout.shop.svc.clusterset.local.")) and \
+            addresses(await tcp(s, "checkout.shop.svc.clusterset.local."))
+    finally:
+        held.close()

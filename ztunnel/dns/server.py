@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 from collections import Counter
@@ -55,6 +56,7 @@ from ztunnel.dns.answer import (
 from ztunnel.dns.clients import DnsClients
 
 RESOLV_CONF = Path("/etc/resolv.conf")
+PORT_PAIR_ATTEMPTS = 8       # port 0: free UDP ports tried until one is free for TCP too
 MAX_NAMESERVERS = 3          # glibc reads at most three (MAXNS)
 
 logger = logging.getLogger(__name__)
@@ -157,18 +159,25 @@ class DnsServer:
         self._replies = ReplyCache()
 
     async def start(self, host: str, port: int) -> int:
-        """Bind UDP and TCP on `host:port` (port 0: one free port for both); returns the port."""
+        """Bind UDP and TCP on `host:port` (port 0: one free port for both); returns the port.
+        With port 0 the kernel picks a free UDP port, which may be taken for TCP by someone else:
+        then another UDP port is tried (a few times), since both must share one number."""
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(lambda: _UdpListener(self), local_addr=(host, port))
-        self._udp = transport
-        self.port = int(transport.get_extra_info("sockname")[1])
-        try:
-            self._tcp = await asyncio.start_server(self._serve_tcp, host, self.port, reuse_address=True)
-        except OSError:
-            transport.close()
-            raise
-        self.ready.set()
-        return self.port
+        attempts = PORT_PAIR_ATTEMPTS if port == 0 else 1
+        for attempt in range(attempts):
+            transport, _ = await loop.create_datagram_endpoint(lambda: _UdpListener(self), local_addr=(host, port))
+            bound = int(transport.get_extra_info("sockname")[1])
+            try:
+                self._tcp = await asyncio.start_server(self._serve_tcp, host, bound, reuse_address=True)
+            except OSError as e:
+                transport.close()
+                if e.errno != errno.EADDRINUSE or attempt == attempts - 1:
+                    raise
+                continue
+            self._udp, self.port = transport, bound
+            self.ready.set()
+            return self.port
+        raise AssertionError("unreachable: the last attempt raises or returns")
 
     async def close(self) -> None:
         self.ready.clear()
