@@ -45,6 +45,7 @@ from federation.ray.actors import ClusterAgentActor, ConfigServerActor, GitSourc
 from federation.ray.placement import (
     Placement,
     agent_node,
+    agents_on_departed_nodes,
     alive_node_ids,
     current_node_id,
     state_owner_options,
@@ -150,6 +151,7 @@ class Controller:
         self.kubeconfig = opts.kubeconfig or os.environ.get("KUBECONFIG")
         self.agents: dict[str, Any] = {}
         self.agent_specs: dict[str, AgentSpec] = {}
+        self.agent_nodes: dict[str, str | None] = {}   # the node each agent is pinned to
         self._cache: dict[str, Any] = {}
         self._cache_lock = threading.Lock()
         self._stop = threading.Event()
@@ -273,23 +275,28 @@ class Controller:
 
     def _ensure_agents(self, fleet_clusters: dict[str, Any]) -> None:
         wanted = agent_specs(fleet_clusters, self.kubeconfig, self.opts.watch_timeout_s, self.opts.in_cluster)
-        nodes = alive_node_ids() if any(self.agent_specs.get(n) != s for n, s in wanted.items()) else []
+        nodes = alive_node_ids()
+        departed = set(agents_on_departed_nodes(self.agent_nodes, nodes))
         for name, spec in wanted.items():
-            if self.agent_specs.get(name) != spec:
+            if self.agent_specs.get(name) != spec or name in departed:
                 old = self.agents.pop(name, None)
                 if old is not None:
                     old.stop.remote()
                     ray.kill(old)
-                log.info("cluster %s: %s discovery agent (context %s)", name,
-                         "starting its" if old is None else "replacing its (spec changed)", spec.context)
-                prefer = agent_node(name, list(wanted), nodes)
+                why = ("starting its" if old is None else
+                       "replacing its (its node left the Ray cluster)" if name in departed else
+                       "replacing its (spec changed)")
+                log.info("cluster %s: %s discovery agent (context %s)", name, why, spec.context)
+                prefer = None if self.opts.placement.resources.get("agent") else agent_node(name, list(wanted), nodes)
                 self.agents[name] = ClusterAgentActor.options(**self.opts.placement.options("agent", prefer)).remote(
                     *spec.args(), self.reconciler)
                 self.agent_specs[name] = spec
+                self.agent_nodes[name] = prefer
         for name in set(self.agents) - set(wanted):
             log.info("cluster %s left the fleet: stopping its discovery agent", name)
             a = self.agents.pop(name)
             self.agent_specs.pop(name, None)
+            self.agent_nodes.pop(name, None)
             a.stop.remote()
             ray.kill(a)
 

@@ -8,10 +8,13 @@ directory: the reconciler, the Git source and the driver reach the store through
 (`federation.ray.remote.RemoteStore`).
 
 Every other actor may run anywhere. By default the reconciler and the Git source are spread
-(`SPREAD`, best effort) and the cluster agents are dealt round-robin over the alive nodes with a
-*soft* node affinity (`agent_node`): Ray's SPREAD puts zero-CPU actors wherever it likes — all on
-one node, seen in CI — while the agents are exactly the load worth spreading (one watch set per
-cluster), and a soft affinity still lets Ray place an agent elsewhere when its node goes away.
+(`SPREAD`, best effort) and the cluster agents are dealt round-robin over the alive nodes
+(`agent_node`) with a *hard* node affinity: the agents are exactly the load worth spreading (one
+watch set per cluster), and neither SPREAD nor a soft affinity spreads them — Ray 2.60 places a
+zero-CPU actor with a soft affinity on either node about as often as not (measured: 11 of 24 on
+the preferred node), which stacked all three agents on one node in CI. A hard affinity cannot
+move by itself when its node goes away, so the driver replaces an agent whose node has left
+(`agents_on_departed_nodes`), dealing it over the nodes still alive.
 `Placement.resources` pins a role to nodes offering a custom resource instead
 (`{"reconciler": {"big-node": 0.01}}`).
 """
@@ -61,13 +64,13 @@ class Placement:
                              f"(the state owner is always pinned to the driver's node)")
 
     def options(self, role: str, node_id: str | None = None) -> dict[str, Any]:
-        """Actor options for `role`; `node_id` (agents: `agent_node`) is a soft preference."""
+        """Actor options for `role`; `node_id` (agents: `agent_node`) pins it to that node."""
         assert role in ROLES, role
         wanted = self.resources.get(role)
         if wanted:
             return {"resources": dict(wanted)}
         if node_id is not None:
-            return on_node(node_id, soft=True)
+            return on_node(node_id, soft=False)
         return {"scheduling_strategy": "SPREAD"}
 
 
@@ -81,11 +84,18 @@ def agent_node(cluster: str, clusters: list[str], node_ids: list[str]) -> str | 
 
 
 def shard_node(index: int, node_ids: list[str]) -> str | None:
-    """The node a config shard should prefer: shards dealt over the alive nodes in id order (pure),
-    as a soft affinity like the agents' (Ray's SPREAD may stack zero-CPU actors on one node)."""
+    """The node a config shard is pinned to: shards dealt over the alive nodes in id order (pure),
+    like the agents (Ray's SPREAD and soft affinities may stack zero-CPU actors on one node)."""
     if not node_ids:
         return None
     return sorted(node_ids)[index % len(node_ids)]
+
+
+def agents_on_departed_nodes(pinned: Mapping[str, str | None], alive: list[str]) -> list[str]:
+    """The agents pinned to a node that is no longer alive (pure): Ray cannot restart them there,
+    so the driver replaces them on a node that is. An agent placed by resource (`None`) is Ray's."""
+    up = set(alive)
+    return sorted(name for name, node in pinned.items() if node is not None and node not in up)
 
 
 def alive_node_ids() -> list[str]:
