@@ -26,8 +26,7 @@ The last line of output is one JSON object; its `summary` holds the ratios again
 (`ztunnel_pair_added_latency_ratio`, `ztunnel_pair_throughput_ratio`, `ztunnel_gateway_conn_ratio`,
 `ztunnel_gateway_conn_ratio_full_handshake`, `ztunnel_gateway_throughput_ratio`), the knees, the
 RSS figures, the load average at start and end, and the targets of issue 16. `event_loop` says
-whether the ztunnels ran on uvloop (`python -m ztunnel` uses it when it can import it; put a
-directory holding it on PYTHONPATH to compare).
+which loop the ztunnels ran (`--event-loop`, passed to them: auto runs uvloop, a dependency).
 
 The machine is shared, so every path is measured once per *round*, rounds interleaved, and each
 figure is the median over rounds; a ratio is computed within a round (against HAProxy measured
@@ -451,6 +450,8 @@ def main() -> None:
     ap.add_argument("--sweep-s", type=float, default=3.0, help="seconds per rate of the sweep (default 3)")
     ap.add_argument("--only-sweep", action="store_true",
                     help="the capacity sweep alone (no latency/throughput rounds, no RSS): to compare shedding settings")
+    ap.add_argument("--event-loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+                    help="the ztunnels' --event-loop (default auto: uvloop when installed)")
     ap.add_argument("--max-setups-in-flight", type=int, default=None,
                     help="the ztunnels' --max-setups-in-flight (default: theirs)")
     ap.add_argument("--shed-at-loop-lag-ms", type=float, default=None,
@@ -472,13 +473,14 @@ def main() -> None:
     from ztunnel.api.config import ProxyMode
 
     tmp = Path(tempfile.mkdtemp(prefix="meshfed-bench-"))
-    # the ztunnels import this tree first, then whatever PYTHONPATH adds (e.g. a directory with uvloop,
-    # which `python -m ztunnel` runs on when it can import it: the JSON says which loop they ran)
+    # the ztunnels import this tree first, then whatever PYTHONPATH adds
     zt_env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
     procs: list[subprocess.Popen[bytes]] = []
     per_round: dict[str, list[dict[str, float]]] = {}
     extra: dict[str, dict[str, Any]] = {}
-    results: dict[str, Any] = {"event_loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"}
+    uvloop_here = importlib.util.find_spec("uvloop") is not None
+    results: dict[str, Any] = {"event_loop": "uvloop" if args.event_loop == "uvloop" or (
+        args.event_loop == "auto" and uvloop_here) else "asyncio"}
     try:
         td = "east.mesh"
         ca = TrustDomainCA.create(td)
@@ -601,7 +603,8 @@ listen sink
             admin[k] = _free_port("127.0.0.1")
             cmd = [sys.executable, "-m", "ztunnel", "--config", str(tmp / f"{k}.json"), "--cert-dir", str(d),
                    "--hbone", f"{ips[k]}:{hb}", "--socks", f"{ips[k]}:{socks_port}" if k in ("a", "f") else "",
-                   "--admin", f"127.0.0.1:{admin[k]}", "--access-log", "stderr" if args.logs else "off"]
+                   "--admin", f"127.0.0.1:{admin[k]}", "--access-log", "stderr" if args.logs else "off",
+                   "--event-loop", args.event_loop]
             if k == "f":
                 cmd.append("--no-tls-resumption")
             if args.max_setups_in_flight is not None:
@@ -680,7 +683,8 @@ listen sink
                 adm = _free_port("127.0.0.1")
                 p = subprocess.Popen([sys.executable, "-m", "ztunnel", "--config", str(cfg_file), "--cert-dir",
                                       str(tmp / "a"), "--hbone", f"{hb_ip}:{hb}", "--socks", "",
-                                      "--admin", f"127.0.0.1:{adm}", "--access-log", "off"], cwd=ROOT,
+                                      "--admin", f"127.0.0.1:{adm}", "--access-log", "off",
+                                      "--event-loop", args.event_loop], cwd=ROOT,
                                      stderr=subprocess.PIPE, env=zt_env)
                 procs.append(p)
                 rss_procs[label] = (p, adm)

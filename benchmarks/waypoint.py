@@ -47,16 +47,17 @@ BODY = b"x" * 64
 
 
 def child_env() -> dict[str, str]:
-    """The proxies' and the server's environment: this tree first, then whatever the caller's
-    PYTHONPATH adds (e.g. a directory with uvloop, which `python -m ztunnel` uses when importable)."""
+    """The proxies' and the server's environment: this tree first, then the caller's PYTHONPATH."""
     extra = os.environ.get("PYTHONPATH", "")
     return {**os.environ, "PYTHONPATH": str(ROOT) + (os.pathsep + extra if extra else "")}
 
 
-def event_loop() -> str:
-    """The event loop the proxies run: uvloop when importable here (the same path), else asyncio's."""
+def event_loop(choice: str) -> str:
+    """The event loop the proxies run for `--event-loop choice`: auto is uvloop when installed."""
     import importlib.util
 
+    if choice != "auto":
+        return choice
     return "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
 
 
@@ -190,7 +191,7 @@ def haproxy_chain(tmp: Path, server: tuple[str, int]) -> tuple[list[subprocess.P
     return procs, (a, pa)
 
 
-def waypoint_chain(tmp: Path, server: tuple[str, int], logs: Path | None
+def waypoint_chain(tmp: Path, server: tuple[str, int], logs: Path | None, loop: str = "auto"
                    ) -> tuple[dict[str, subprocess.Popen[bytes]], tuple[str, int], str, str]:
     """Node ztunnel a (client) → waypoint w → node ztunnel b (server), as processes from files."""
     from federation.controller.ca import TrustDomainCA
@@ -236,7 +237,7 @@ def waypoint_chain(tmp: Path, server: tuple[str, int], logs: Path | None
         admins[k] = _free_port("127.0.0.1")
         cmd = [sys.executable, "-m", "ztunnel", "--config", str(tmp / f"{k}.json"), "--cert-dir", str(tmp / k),
                "--hbone", f"{ips[k]}:{hb}", "--socks", f"{ips[k]}:{socks_port}" if k == "a" else "",
-               "--admin", f"127.0.0.1:{admins[k]}", "--access-log", "stderr" if logs else "off"]
+               "--admin", f"127.0.0.1:{admins[k]}", "--access-log", "stderr" if logs else "off", "--event-loop", loop]
         log = (logs / f"{k}.log").open("wb") if logs else subprocess.DEVNULL
         procs[k] = subprocess.Popen(cmd, cwd=ROOT, stderr=log, env=child_env())
     for k, p in procs.items():
@@ -252,6 +253,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8, help="concurrent keep-alive connections for requests/s")
     ap.add_argument("--requests", type=int, default=2000, help="sequential requests for the latency figures")
     ap.add_argument("--logs", type=Path, default=None, help="keep the proxies' access logs in this directory")
+    ap.add_argument("--event-loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+                    help="the proxies' --event-loop (default auto: uvloop when installed)")
     ap.add_argument("--serve", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
@@ -277,7 +280,7 @@ def main() -> None:
                               cwd=ROOT, stdout=subprocess.PIPE, env=child_env())
         procs.append(sp)
         assert sp.stdout is not None and sp.stdout.readline().strip() == b"ready"
-        zt, socks, vip, client_ip = waypoint_chain(tmp, (srv_ip, srv_port), args.logs)
+        zt, socks, vip, client_ip = waypoint_chain(tmp, (srv_ip, srv_port), args.logs, args.event_loop)
         procs += list(zt.values())
         hap, hap_addr = haproxy_chain(tmp, (srv_ip, srv_port))
         procs += hap
@@ -317,7 +320,7 @@ def main() -> None:
                        "requests/s measures the sum of per-request CPU of the chain"),
             "clients": args.clients, "seconds": seconds, "rounds": rounds, "latency_requests": n_lat,
             "cpus": os.cpu_count(), "wall_s": round(time.monotonic() - t_start, 1),
-            "event_loop": event_loop(), "load_avg_1m": {"start": round(load_start, 1), "end": round(os.getloadavg()[0], 1)},
+            "event_loop": event_loop(args.event_loop), "load_avg_1m": {"start": round(load_start, 1), "end": round(os.getloadavg()[0], 1)},
         }
     finally:
         for p in procs:

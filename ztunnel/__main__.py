@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=logsetup.LEVELS, type=str.lower,
                    default=env_level if env_level in logsetup.LEVELS else "info",
                    help=f"default info, or ${logsetup.ENV_LEVEL}")
+    p.add_argument("--event-loop", choices=EVENT_LOOPS, default="auto",
+                   help="uvloop (libuv: fewer syscalls and cheaper callbacks per hop), asyncio (the standard "
+                        "library's), or auto: uvloop when it is installed (default)")
     p.add_argument("--log-format", choices=logsetup.FORMATS, type=str.lower,
                    default=env_format if env_format in logsetup.FORMATS else "text",
                    help=f"text or json (one object per line); default text, or ${logsetup.ENV_FORMAT}")
@@ -357,14 +360,22 @@ def _release_startup_heap() -> None:
         pass
 
 
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logsetup.configure(args.log_level, args.log_format)
-    try:
-        import uvloop  # type: ignore[import-not-found,unused-ignore]  # optional, faster loop
-    except ImportError:
-        return asyncio.run(run(args))
-    return uvloop.run(run(args))  # type: ignore[no-any-return]
+    if args.event_loop != "asyncio":
+        try:
+            import uvloop  # type: ignore[import-not-found,unused-ignore]  # a dependency; optional for auto
+        except ImportError:
+            if args.event_loop == "uvloop":
+                raise SystemExit("--event-loop uvloop: uvloop is not installed in this Python "
+                                 "(pip install uvloop, or --event-loop asyncio)") from None
+        else:
+            return uvloop.run(run(args))  # type: ignore[no-any-return]
+    return asyncio.run(run(args))
 
 
 if __name__ == "__main__":

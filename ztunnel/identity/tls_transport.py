@@ -43,7 +43,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeGuard
 
 READ_BYTES = 256 * 1024
 # Ciphertext we may hold for a peer that does not read. The app is paused (`pause_writing`) once
@@ -59,6 +59,12 @@ WRITE_LOW_WATER_BYTES = 512 * 1024
 # What a peer may send before the handshake completes (its flights are a few KiB: a hello, a
 # certificate chain, a Finished, and the application data that may ride with the last flight).
 MAX_HANDSHAKE_BYTES = 64 * 1024
+
+
+def is_write_transport(t: object) -> TypeGuard[asyncio.WriteTransport]:
+    """A transport with a write buffer (asyncio's, uvloop's — whose classes are not asyncio's, so
+    `isinstance` says no — or ours), not a test's in-memory pipe."""
+    return callable(getattr(t, "get_write_buffer_size", None)) and callable(getattr(t, "set_write_buffer_limits", None))
 
 
 class TlsTransport(asyncio.Transport):
@@ -95,7 +101,7 @@ class TlsTransport(asyncio.Transport):
 
     def get_write_buffer_size(self) -> int:
         raw = self._adapter.raw
-        return raw.get_write_buffer_size() if isinstance(raw, asyncio.WriteTransport) else 0
+        return raw.get_write_buffer_size() if is_write_transport(raw) else 0
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         self._adapter.app = protocol  # type: ignore[assignment]
@@ -153,7 +159,7 @@ class TlsAdapter(asyncio.Protocol):
             transport.abort()  # type: ignore[attr-defined]
             return
         self._admitted = True
-        if isinstance(transport, asyncio.WriteTransport):
+        if is_write_transport(transport):
             try:
                 transport.set_write_buffer_limits(high=WRITE_HIGH_WATER_BYTES, low=WRITE_LOW_WATER_BYTES)
             except NotImplementedError:
@@ -314,7 +320,7 @@ class TlsAdapter(asyncio.Protocol):
         raw = self.raw
         if self._outgoing.pending and raw is not None and not raw.is_closing():
             raw.write(self._outgoing.read())  # type: ignore[attr-defined]
-            if (self._app_connected and isinstance(raw, asyncio.WriteTransport)
+            if (self._app_connected and is_write_transport(raw)
                     and raw.get_write_buffer_size() > self.max_unsent_bytes):
                 # not from inside the app's own call stack: let it finish, then tear down
                 self.loop.call_soon(self._abort_with, ConnectionError(

@@ -19,7 +19,7 @@ import asyncio
 import ipaddress
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from ztunnel.hbone.framer import ErrorCode
 from ztunnel.proxy.relay import HboneStream, PlainRelay, RelayStats, abort_with_reset
@@ -60,7 +60,7 @@ class CaptureProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)   # uvloop's transports are not asyncio's classes
         self.transport = transport
         self.peer_ip = (transport.get_extra_info("peername") or ("", 0))[0]
         if self.proxy.draining:

@@ -36,7 +36,7 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from ztunnel.hbone import framer as hbone
 from ztunnel.hbone.framer import ErrorCode, HboneConnection, HboneSettings, Role
@@ -443,7 +443,7 @@ class PlainRelay(asyncio.Protocol):
         self._answer_pending = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)   # uvloop's transports are not asyncio's classes
         self.transport = transport
         sock = transport.get_extra_info("socket")
         if sock is not None:

@@ -38,7 +38,7 @@ import ssl
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from ztunnel.api import authz
 from ztunnel.api.config import Endpoint, InferencePool, Listener, ProxyMode
@@ -358,7 +358,7 @@ class TcpDownstream(asyncio.Protocol):
         self._write_paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)   # uvloop's transports are not asyncio's classes
         t = transport
         if self.proxy.downstream_connections >= MAX_DOWNSTREAM_CONNECTIONS:
             self.proxy.telemetry.refusal("gateway", "too_many_connections")
