@@ -100,31 +100,44 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Debouncer:
-    """Quiet period `after_s` since the last change, bounded by `max_s` since the first one."""
+    """Quiet period `after_s` since the last change, bounded by `max_s` since the first one.
+
+    A change noted `at_once` (a Git commit: one revision is already a whole batch, and nothing
+    that follows belongs to it) is due immediately — unless the last render was less than
+    `after_s` ago, when it waits like any other change: commits pushed in a burst still render
+    once per quiet period, not once each. Endpoint and health changes come in bursts (a rollout,
+    a node going away) and keep the trailing quiet period."""
 
     after_s: float = DEBOUNCE_AFTER_S
     max_s: float = DEBOUNCE_MAX_S
     first_s: float | None = None
     last_s: float | None = None
     changes: int = 0
+    at_once_s: float | None = None      # when a change noted `at_once` made the pending set due
+    taken_s: float | None = None        # when the pending set was last taken (a render started)
 
-    def note(self, now_s: float) -> None:
+    def note(self, now_s: float, at_once: bool = False) -> None:
         if self.first_s is None:
             self.first_s = now_s
         self.last_s = now_s
         self.changes += 1
+        if at_once and self.at_once_s is None and (self.taken_s is None or now_s - self.taken_s >= self.after_s):
+            self.at_once_s = now_s
 
     def deadline_s(self) -> float | None:
         if self.first_s is None or self.last_s is None:
             return None
+        if self.at_once_s is not None:
+            return self.at_once_s
         return min(self.last_s + self.after_s, self.first_s + self.max_s)
 
     def due(self, now_s: float) -> bool:
         d = self.deadline_s()
         return d is not None and now_s >= d
 
-    def take(self) -> int:
-        n, self.first_s, self.last_s, self.changes = self.changes, None, None, 0
+    def take(self, now_s: float | None = None) -> int:
+        n, self.first_s, self.last_s, self.changes, self.at_once_s = self.changes, None, None, 0, None
+        self.taken_s = now_s
         return n
 
 
@@ -269,7 +282,7 @@ class Reconciler:
     def on_snapshot(self, snapshot: ConfigSnapshot, now_s: float | None = None) -> None:
         self.pending_snapshot = snapshot
         self.waiting = {}
-        self.debounce.note(self.clock() if now_s is None else now_s)
+        self.debounce.note(self.clock() if now_s is None else now_s, at_once=True)
 
     def on_fallback_snapshot(self, snapshot: ConfigSnapshot) -> None:
         """The last applied revision, reloaded from Git after a restart because the branch head
@@ -377,7 +390,7 @@ class Reconciler:
             self._advance_rollout(now)
             return True
         started = time.perf_counter()
-        self.debounce.take()
+        self.debounce.take(now)
         self.reconciles += 1
         events: list[Any] = []
         # 1. take inputs

@@ -66,13 +66,31 @@ def store(tmp_path: Path) -> Store:
 def test_burst_of_changes_becomes_one_push(store: Store) -> None:
     pushes = Pushes()
     r = Reconciler(fake_render, pushes, store)
+    r.on_observation(obs("east", ["p0"]), now_s=0.0)
     r.on_snapshot(snap("a" * 40), now_s=0.0)
-    for i in range(50):  # 50 endpoint changes within 50 ms
+    assert r.reconcile(now_s=0.0) and len(pushes.calls) == 1   # the commit: at once
+    for i in range(1, 50):  # 49 endpoint changes within 50 ms
         r.on_observation(obs("east", [f"p{j}" for j in range(i + 1)]), now_s=0.001 * i)
     assert not r.reconcile(now_s=0.1)          # still within 100 ms of the last change
     assert r.reconcile(now_s=0.15)
-    assert len(pushes.calls) == 1 and pushes.calls[0]["ztunnel/east/n1"].network == "n50"
+    assert len(pushes.calls) == 2 and pushes.calls[1]["ztunnel/east/n1"].network == "n50"
     assert not r.reconcile(now_s=1.0)          # nothing new
+
+
+def test_a_commit_is_due_at_once_but_a_burst_of_commits_waits_for_a_quiet_period() -> None:
+    d = Debouncer(after_s=0.1, max_s=10.0)
+    d.note(5.0, at_once=True)                  # a commit after a quiet period: no one to wait for
+    assert d.due(5.0)
+    d.take(5.0)
+    d.note(5.02, at_once=True)                 # the next commit 20 ms after that render
+    assert not d.due(5.1) and d.due(5.12)      # waits the quiet period like any change
+    d.take(5.12)
+    d.note(6.0)                                # an endpoint change: trailing, as before
+    d.note(6.05, at_once=True)                 # a commit joins it: the pending set goes at once
+    assert d.deadline_s() == 6.05
+    d.take(6.05)
+    d.note(7.0)
+    assert d.deadline_s() == pytest.approx(7.1)
 
 
 def test_debounce_is_bounded_by_max_delay() -> None:
