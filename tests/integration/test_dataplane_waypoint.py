@@ -68,6 +68,7 @@ class Mesh:
     wp: L7Proxy
     servers: dict[str, DemoServer]
     log: io.StringIO
+    a_log: io.StringIO       # the client's node ztunnel's access log
 
     @property
     def socks(self) -> tuple[str, int]:
@@ -117,13 +118,15 @@ async def start_mesh(hbone: int, **kw: object) -> Mesh:
         servers[p.name] = s
     ca, cb, cw = configs(hbone, **kw)  # type: ignore[arg-type]
 
-    def node(cfg: ProxyConfig, ip: str, ident: str) -> NodeProxy:
+    def node(cfg: ProxyConfig, ip: str, ident: str, access_log: io.StringIO | None = None) -> NodeProxy:
         st = ProxyState()
         assert st.apply(cfg).applied
         return NodeProxy(st, Credentials({ident: topo.svid(ident)}),
-                         ProxyOptions(hbone_host=ip, hbone_port=hbone, socks_host=ip, socks_port=0, handshake_timeout_s=1.0))
+                         ProxyOptions(hbone_host=ip, hbone_port=hbone, socks_host=ip, socks_port=0, handshake_timeout_s=1.0),
+                         Telemetry(cfg.proxy_id, access_log) if access_log is not None else None)
 
-    a = node(ca, CLIENT.node_address, CLIENT.identity)
+    a_log = io.StringIO()
+    a = node(ca, CLIENT.node_address, CLIENT.identity, a_log)
     b = node(cb, V1[0].node_address, V1[0].identity)
     st = ProxyState()
     assert st.apply(cw).applied
@@ -133,7 +136,7 @@ async def start_mesh(hbone: int, **kw: object) -> Mesh:
                  Telemetry(cw.proxy_id, log))
     for p in (a, b, wp):
         await p.start()  # type: ignore[attr-defined]
-    return Mesh(a, b, wp, servers, log)
+    return Mesh(a, b, wp, servers, log, a_log)
 
 
 async def stop_mesh(m: Mesh) -> None:
@@ -176,6 +179,30 @@ class Client:
 
     def close(self) -> None:
         self.w.close()
+
+
+async def test_a_connection_sent_to_the_waypoint_closes_cleanly_and_is_logged(mesh: Mesh) -> None:
+    """The source's access log names the waypoint and its address (`via`). Its `via` was once
+    passed twice (the endpoint's and the route's), which raised in the relay's close callback: no
+    access log line, the inner session never drained, and the client's socket reset by asyncio."""
+    errors: list[dict[str, object]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+    try:
+        c = await Client.open(mesh)
+        status, _, _ = await c.request()
+        assert status == 200
+        c.close()
+        for _ in range(100):
+            if '"direction":"outbound"' in mesh.a_log.getvalue():
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        loop.set_exception_handler(None)
+    lines = [json.loads(ln) for ln in mesh.a_log.getvalue().splitlines()]
+    out = [ln for ln in lines if ln.get("kind") == "access" and ln.get("direction") == "outbound"]
+    assert [(ln["waypoint"], ln["via"]) for ln in out] == [(f"{NS}/waypoint", f"{WP_ADDR}:{mesh.wp.opts.hbone_port}")], lines
+    assert errors == []
 
 
 async def test_per_request_split_caller_identity_and_policy(mesh: Mesh) -> None:

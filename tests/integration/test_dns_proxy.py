@@ -20,7 +20,7 @@ import pytest
 
 from ztunnel.api.config import Service, ServicePortMap
 from ztunnel.dns.answer import DnsTable, Unanswered
-from ztunnel.dns.server import DnsOptions, DnsServer
+from ztunnel.dns.server import DnsOptions, DnsServer, bind_udp_and_tcp
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -54,7 +54,6 @@ class FakeUpstream:
         return r.to_wire()
 
     async def start(self) -> FakeUpstream:
-        loop = asyncio.get_running_loop()
         up = self
 
         class Udp(asyncio.DatagramProtocol):
@@ -80,9 +79,6 @@ class FakeUpstream:
 
                 asyncio.ensure_future(later())  # noqa: RUF006 - the fake lives as long as the test loop
 
-        self._udp, _ = await loop.create_datagram_endpoint(Udp, local_addr=(LO, 0))
-        self.port = self._udp.get_extra_info("sockname")[1]
-
         async def tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             n = int.from_bytes(await reader.readexactly(2), "big")
             data = await reader.readexactly(n)
@@ -92,7 +88,7 @@ class FakeUpstream:
             await writer.drain()
             writer.close()
 
-        self._tcp = await asyncio.start_server(tcp, LO, self.port)
+        self._udp, self._tcp, self.port = await bind_udp_and_tcp(LO, 0, Udp, tcp)   # port 0: a free pair
         return self
 
     def close(self) -> None:

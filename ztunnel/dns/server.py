@@ -37,7 +37,7 @@ import errno
 import ipaddress
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,28 @@ PORT_PAIR_ATTEMPTS = 8       # port 0: free UDP ports tried until one is free fo
 MAX_NAMESERVERS = 3          # glibc reads at most three (MAXNS)
 
 logger = logging.getLogger(__name__)
+
+
+async def bind_udp_and_tcp(host: str, port: int, udp: Callable[[], asyncio.DatagramProtocol],
+                           tcp: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+                           ) -> tuple[asyncio.DatagramTransport, asyncio.Server, int]:
+    """A DNS server's two sockets on one port: UDP, then TCP on the same number. With port 0 the
+    kernel picks a free UDP port, which may be taken for TCP by someone else (seen in CI): then
+    another UDP port is tried, `PORT_PAIR_ATTEMPTS` times in all."""
+    loop = asyncio.get_running_loop()
+    attempts = PORT_PAIR_ATTEMPTS if port == 0 else 1
+    for attempt in range(attempts):
+        transport, _ = await loop.create_datagram_endpoint(udp, local_addr=(host, port))
+        bound = int(transport.get_extra_info("sockname")[1])
+        try:
+            server = await asyncio.start_server(tcp, host, bound, reuse_address=True)
+        except OSError as e:
+            transport.close()
+            if e.errno != errno.EADDRINUSE or attempt == attempts - 1:
+                raise
+            continue
+        return transport, server, bound
+    raise AssertionError("unreachable: the last attempt raises or returns")
 
 
 class DnsConfigError(ValueError):
@@ -159,25 +181,11 @@ class DnsServer:
         self._replies = ReplyCache()
 
     async def start(self, host: str, port: int) -> int:
-        """Bind UDP and TCP on `host:port` (port 0: one free port for both); returns the port.
-        With port 0 the kernel picks a free UDP port, which may be taken for TCP by someone else:
-        then another UDP port is tried (a few times), since both must share one number."""
-        loop = asyncio.get_running_loop()
-        attempts = PORT_PAIR_ATTEMPTS if port == 0 else 1
-        for attempt in range(attempts):
-            transport, _ = await loop.create_datagram_endpoint(lambda: _UdpListener(self), local_addr=(host, port))
-            bound = int(transport.get_extra_info("sockname")[1])
-            try:
-                self._tcp = await asyncio.start_server(self._serve_tcp, host, bound, reuse_address=True)
-            except OSError as e:
-                transport.close()
-                if e.errno != errno.EADDRINUSE or attempt == attempts - 1:
-                    raise
-                continue
-            self._udp, self.port = transport, bound
-            self.ready.set()
-            return self.port
-        raise AssertionError("unreachable: the last attempt raises or returns")
+        """Bind UDP and TCP on `host:port` (port 0: one free port for both); returns the port."""
+        self._udp, self._tcp, self.port = await bind_udp_and_tcp(
+            host, port, lambda: _UdpListener(self), self._serve_tcp)
+        self.ready.set()
+        return self.port
 
     async def close(self) -> None:
         self.ready.clear()

@@ -196,8 +196,9 @@ class NodeProxy(ProxyBase):
             self.telemetry.conn_closed(labels, stats.bytes_from_plain, stats.bytes_to_plain)
             if stats.reset_by_peer and stats.bytes_to_plain == 0 and "waypoint" not in route:
                 self.record_outcome(svc_name, ep.workload_uid, Outcome.RESET_BEFORE_RESPONSE)
+            # `route` names the waypoint (and its address as `via`) when the service has one
             self.telemetry.log(kind="access", direction="outbound", src=src.identity, dst=plan.description,
-                               endpoint=ep.workload_uid, via=ep.gateway or ep.hbone_address, **route,
+                               endpoint=ep.workload_uid, **{"via": ep.gateway or ep.hbone_address, **route},
                                bytes_sent=stats.bytes_from_plain, bytes_received=stats.bytes_to_plain,
                                reset=stats.reset, duration_ms=round((mono_s() - started) * 1000, 3))
             inner = getattr(stream, "inner_session", None)
