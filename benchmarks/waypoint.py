@@ -313,7 +313,7 @@ def main() -> None:
             "targets": {"added_latency_ratio_max": 2.0, "rps_ratio_min": 0.5},
             "met": {"added_p50": summary["added_p50_ratio"] <= 2.0, "added_p99": summary["added_p99_ratio"] <= 2.0,
                     "rps": summary["rps_ratio"] >= 0.5},
-            "limits": ("the waypoint chain is three single-threaded Python processes (asyncio, one core each at "
+            "limits": ("the waypoint chain is three single-threaded Python processes (one event loop, one core each at "
                        "most) against three HAProxies in C; per request the waypoint parses and writes HTTP/1.1 "
                        "twice (llhttp) and frames HBONE twice, and every hop pays a TLS record in and out; on this "
                        "2-core machine the clients, the server and all six proxies share the two cores, so "
