@@ -112,6 +112,7 @@ RELEASE_WAIT_S = 10.0        # stop() waits this long for the state owner to let
 # keeps the last status, which then shows the hang: see checks.LOOP_STALL_S)
 CALL_TIMEOUT_S = 10.0        # queries and triggers
 START_TIMEOUT_S = 120.0      # the first calls: actor creation, the state directory's lock, new CA roots
+NODE_CHECK_INTERVAL_S = 10.0  # how often the driver looks for agents whose node left the Ray cluster
 
 
 def claim_state_dir(state_dir: str, standby: bool) -> None:
@@ -152,6 +153,7 @@ class Controller:
         self.agents: dict[str, Any] = {}
         self.agent_specs: dict[str, AgentSpec] = {}
         self.agent_nodes: dict[str, str | None] = {}   # the node each agent is pinned to
+        self._nodes_checked_at = float("-inf")
         self._cache: dict[str, Any] = {}
         self._cache_lock = threading.Lock()
         self._stop = threading.Event()
@@ -275,8 +277,19 @@ class Controller:
 
     def _ensure_agents(self, fleet_clusters: dict[str, Any]) -> None:
         wanted = agent_specs(fleet_clusters, self.kubeconfig, self.opts.watch_timeout_s, self.opts.in_cluster)
-        nodes = alive_node_ids()
-        departed = set(agents_on_departed_nodes(self.agent_nodes, nodes))
+        changed = any(self.agent_specs.get(n) != s for n, s in wanted.items())
+        nodes: list[str] = []
+        departed: set[str] = set()
+        # the node list is a GCS call: asked when agents are placed, else every NODE_CHECK_INTERVAL_S,
+        # and a GCS that does not answer skips the check rather than the rest of the status refresh
+        now = time.monotonic()
+        if changed or now - self._nodes_checked_at >= NODE_CHECK_INTERVAL_S:
+            try:
+                nodes = alive_node_ids()
+                self._nodes_checked_at = now
+                departed = set(agents_on_departed_nodes(self.agent_nodes, nodes))
+            except Exception as e:   # the GCS restarting: agents placed now are spread by Ray
+                log.warning("the Ray node list is unavailable (%s): agents are not re-placed this round", e)
         for name, spec in wanted.items():
             if self.agent_specs.get(name) != spec or name in departed:
                 old = self.agents.pop(name, None)

@@ -14,7 +14,8 @@ watch set per cluster), and neither SPREAD nor a soft affinity spreads them — 
 zero-CPU actor with a soft affinity on either node about as often as not (measured: 11 of 24 on
 the preferred node), which stacked all three agents on one node in CI. A hard affinity cannot
 move by itself when its node goes away, so the driver replaces an agent whose node has left
-(`agents_on_departed_nodes`), dealing it over the nodes still alive.
+(`agents_on_departed_nodes`, checked every 10 s), dealing it over the nodes still alive. An agent
+dealt to a node that is alive but draining waits there until the node leaves.
 `Placement.resources` pins a role to nodes offering a custom resource instead
 (`{"reconciler": {"big-node": 0.01}}`).
 """

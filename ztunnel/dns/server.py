@@ -290,6 +290,8 @@ class DnsServer:
                 if isinstance(d, Drop):
                     return
                 reply = d if isinstance(d, Reply) else await self._ask_upstreams(d, over_tcp=True)
+                if writer.transport.is_closing():
+                    return   # the client left while upstream answered (uvloop raises on such a write)
                 writer.write(len(reply.wire).to_bytes(2, "big") + reply.wire)
                 # a client that pipelines queries and never reads would hold its slot in drain() for ever
                 await asyncio.wait_for(writer.drain(), idle)
@@ -316,7 +318,7 @@ class DnsServer:
                                                    self.options.upstream_timeout_s)
                 else:
                     reply = await self._udp_exchange(host, port, fwd)
-            except (OSError, TimeoutError, asyncio.IncompleteReadError) as e:
+            except (OSError, TimeoutError, asyncio.IncompleteReadError, RuntimeError) as e:   # uvloop: a reset write
                 errors.append(f"{host}:{port}: {type(e).__name__} {e}".strip())
                 continue
             if reply is not None:

@@ -232,8 +232,8 @@ class AdminServer:
             writer.write(f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
                          "Connection: close\r\n\r\n".encode() + body)
             await writer.drain()
-        except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError):
-            pass  # ValueError: a line over the reader's limit
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError, RuntimeError):
+            pass  # ValueError: a line over the reader's limit; RuntimeError: uvloop's write after a reset
         finally:
             writer.close()
 

@@ -628,8 +628,8 @@ class ProxyBase:
             return False
         self.relays.add(relay)
         self.telemetry.conn_opened(labels)
-        if preamble and relay.transport is not None:
-            relay.transport.write(preamble)
+        if preamble and relay.transport is not None and not relay.transport.is_closing():
+            relay.transport.write(preamble)   # closing: its relay finishes the stream (uvloop raises on a write)
         stream.respond(200)
         relay.bind(stream)
         return True

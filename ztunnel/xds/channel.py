@@ -246,7 +246,8 @@ class ControllerBridge:
             self.last_peer = str(peer)
             self.last_error = ""   # this connection is good: an older failure no longer explains anything
             await self._pipe_both(local_r, local_w, remote_r, remote, presented=svid is not None)
-        except (OSError, TimeoutError, ssl.SSLError, ValueError) as e:
+        except (OSError, TimeoutError, ssl.SSLError, ValueError, RuntimeError) as e:
+            # RuntimeError: uvloop's write to a connection the other end already reset
             self.last_error = f"{self.target}: {type(e).__name__}: {e}"
             if rejected_our_certificate(e):
                 self._rejected(self.last_error)
