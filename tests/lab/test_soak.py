@@ -140,6 +140,42 @@ def _usage(pids: Sequence[int]) -> dict[int, tuple[int, int]]:
     return out
 
 
+def _tcp_sockets(pid: int) -> dict[str, tuple[int, int]]:
+    """Socket inode -> (local port, remote port) of the TCP sockets in `pid`'s network namespace."""
+    out: dict[str, tuple[int, int]] = {}
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            out[f[9]] = (int(f[1].rsplit(":", 1)[1], 16), int(f[2].rsplit(":", 1)[1], 16))
+    return out
+
+
+def _describe(pid: int) -> str:
+    """A process for a failure message: its title (Ray names its workers `ray::<Actor>`), what its
+    file descriptors are (pipes, files...), and its TCP sockets by the local port they serve
+    (`:<port>`: accepted or listening there) or the remote port they dial (`-><port>`)."""
+    try:
+        title = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").replace("\0", " ").strip()
+        tcp = _tcp_sockets(pid)
+        listening = {lp for lp, rp in tcp.values() if rp == 0}
+        kinds: dict[str, int] = {}
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                lp, rp = tcp.get(target[8:-1], (0, 0))
+                kind = "unix/udp" if (lp, rp) == (0, 0) else f":{lp}" if lp in listening else f"->{rp}"
+            else:
+                kind = target.split(":", 1)[0] if ":" in target and not target.startswith("/") else "file"
+            kinds[kind] = kinds.get(kind, 0) + 1
+    except OSError as e:
+        return f"pid {pid}: gone ({e.strerror})"
+    return f"pid {pid} {title[:80]!r}: fds {dict(sorted(kinds.items()))}"
+
+
 def _total(usage: Mapping[int, tuple[int, int]]) -> tuple[int, int]:
     return sum(u[0] for u in usage.values()), sum(u[1] for u in usage.values())
 
@@ -408,6 +444,7 @@ def test_thirty_days_of_rotations_restarts_and_an_offline_proxy_under_steady_tra
     soak.advance(1.0)                                   # the new incarnation warmed up (Ray workers, imports)
     time.sleep(REST_S)
     restarted_usage = _sample(STATE_DIR)
+    restarted_described = {p: _describe(p) for p in restarted_usage["controller"]}
     soak.advance(SIMULATED_DAYS - soak.day)
 
     # --- the end ---------------------------------------------------------------------------------
@@ -456,7 +493,7 @@ def test_thirty_days_of_rotations_restarts_and_an_offline_proxy_under_steady_tra
     worst = max(ctl_both, key=lambda p: ctl_end[p][0] - ctl_start[p][0])
     _print(f"controller's processes that ran from a day after its last restart to the end ({len(ctl_both)}): "
            f"fds {ctl_s[0]} -> {ctl_e[0]}, RSS {ctl_s[1] // 1024} -> {ctl_e[1] // 1024} MiB; most fds gained by one "
-           f"process: {ctl_end[worst][0] - ctl_start[worst][0]:+d}")
+           f"process: {ctl_end[worst][0] - ctl_start[worst][0]:+d} ({restarted_described.get(worst)} -> {_describe(worst)})")
 
     # every proxy SYNCED at the last revision, and the month's checks green
     assert {p["sync"] for p in final["proxies"]} == {"SYNCED"}
@@ -474,5 +511,5 @@ def test_thirty_days_of_rotations_restarts_and_an_offline_proxy_under_steady_tra
     grown = {n: (_total(start_usage[n]), _total(end_usage[n])) for n in end_usage
              if n not in ("controller", proxy) and n in start_usage and not _growth_ok(_total(start_usage[n]), _total(end_usage[n]))}
     assert not grown, grown
-    assert not ctl_grown, ctl_grown   # per process, like the proxies (a tree of 16 is not one budget)
+    assert not ctl_grown, (ctl_grown, [(restarted_described.get(p), _describe(p)) for p in ctl_grown])  # per process
     assert json.dumps(final)   # the status stayed serialisable (a smoke check of the document)

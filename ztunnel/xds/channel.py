@@ -272,18 +272,26 @@ class ControllerBridge:
         — before a single byte came, and we `presented` a certificate, it refused that certificate:
         said at once (`on_rejected`), not when our side is closed too."""
         received = 0
+        local_ended = False
 
         def remote_ended() -> None:
-            if presented and not received:
+            if presented and not received and not local_ended:
                 self._rejected(f"{self.target} closed the connection right after the handshake, before a "
                                "byte: it refused our certificate")
 
         async def upward() -> None:
+            nonlocal local_ended
             while data := await local_r.read(PIPE_CHUNK_BYTES):
                 remote_w.write(data)
                 await remote_w.drain()
-            with contextlib.suppress(OSError, RuntimeError, NotImplementedError):
-                remote_w.write_eof()
+            # gRPC closed its connection (a channel closed, a session over). TLS cannot carry a
+            # half-close, and left open the controller's side stayed up until a keepalive ping
+            # found it: every stream cut at a certificate's expiry left one connection behind on
+            # both sides (the soak: +32 on the controller's config port in two simulated weeks).
+            # Aborted, not closed: a TLS close waits up to 30 s for the controller's close_notify
+            # (everything gRPC wrote was drained above; nothing is left to flush).
+            local_ended = True
+            remote_w.transport.abort()
 
         async def downward() -> None:
             nonlocal received

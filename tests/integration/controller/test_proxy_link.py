@@ -499,6 +499,28 @@ async def test_a_controller_that_hangs_up_right_after_the_handshake_refused_our_
         server.close()
 
 
+async def test_a_closed_channel_closes_its_connection_to_the_controller(world: World) -> None:
+    """A gRPC channel closed (each session and each certificate request closes its own) ends the
+    bridge's TLS connection to the controller at once: TLS cannot carry a half-close, and the
+    controller's side once stayed open until a keepalive ping found it, so connections piled up on
+    both sides at every stream cut and renewal (the soak: +32 on the controller's config port)."""
+    from ztunnel.xds.channel import ControllerBridge, ControllerTrust
+    from ztunnel.xds.client import request_certificate
+
+    bridge = ControllerBridge(world.bootstrap, ControllerTrust(EAST_TD, world.anchor()))
+    await bridge.start()
+    try:
+        for _ in range(3):
+            async with bridge.channel() as ch:
+                with pytest.raises(grpc.aio.AioRpcError):   # no token: refused, but answered
+                    await request_certificate(ch, NODE1, b"csr", timeout_s=5.0)
+                assert len(bridge._tasks) == 1
+            assert await wait_until(lambda: not bridge._tasks, 3.0), "the bridged connection is still open"
+        assert bridge.connections == 3 and bridge.rejections == 0
+    finally:
+        await bridge.close()
+
+
 async def test_a_hand_provisioned_proxy_joins_with_its_single_use_token_then_renews_over_mtls(world: World) -> None:
     world.desire("rev1")
     token_file = world.tmp / "bootstrap-token"
