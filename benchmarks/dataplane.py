@@ -38,7 +38,6 @@ functions by self time.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -53,6 +52,8 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from ztunnel.__main__ import EVENT_LOOPS, resolve_event_loop
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -450,7 +451,7 @@ def main() -> None:
     ap.add_argument("--sweep-s", type=float, default=3.0, help="seconds per rate of the sweep (default 3)")
     ap.add_argument("--only-sweep", action="store_true",
                     help="the capacity sweep alone (no latency/throughput rounds, no RSS): to compare shedding settings")
-    ap.add_argument("--event-loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+    ap.add_argument("--event-loop", choices=EVENT_LOOPS, default="auto",
                     help="the ztunnels' --event-loop (default auto: uvloop when installed)")
     ap.add_argument("--max-setups-in-flight", type=int, default=None,
                     help="the ztunnels' --max-setups-in-flight (default: theirs)")
@@ -478,9 +479,7 @@ def main() -> None:
     procs: list[subprocess.Popen[bytes]] = []
     per_round: dict[str, list[dict[str, float]]] = {}
     extra: dict[str, dict[str, Any]] = {}
-    uvloop_here = importlib.util.find_spec("uvloop") is not None
-    results: dict[str, Any] = {"event_loop": "uvloop" if args.event_loop == "uvloop" or (
-        args.event_loop == "auto" and uvloop_here) else "asyncio"}
+    results: dict[str, Any] = {"event_loop": resolve_event_loop(args.event_loop)}
     try:
         td = "east.mesh"
         ca = TrustDomainCA.create(td)

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.dataplane import _free_port, rss_kb, socks_open, wait_admin
+from ztunnel.__main__ import EVENT_LOOPS, resolve_event_loop
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUEST = b"GET /bench HTTP/1.1\r\nHost: echo.bench.svc.clusterset.local\r\n\r\n"
@@ -50,15 +51,6 @@ def child_env() -> dict[str, str]:
     """The proxies' and the server's environment: this tree first, then the caller's PYTHONPATH."""
     extra = os.environ.get("PYTHONPATH", "")
     return {**os.environ, "PYTHONPATH": str(ROOT) + (os.pathsep + extra if extra else "")}
-
-
-def event_loop(choice: str) -> str:
-    """The event loop the proxies run for `--event-loop choice`: auto is uvloop when installed."""
-    import importlib.util
-
-    if choice != "auto":
-        return choice
-    return "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
 
 
 # --- the HTTP server (a child process) --------------------------------------------------------------
@@ -253,7 +245,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8, help="concurrent keep-alive connections for requests/s")
     ap.add_argument("--requests", type=int, default=2000, help="sequential requests for the latency figures")
     ap.add_argument("--logs", type=Path, default=None, help="keep the proxies' access logs in this directory")
-    ap.add_argument("--event-loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+    ap.add_argument("--event-loop", choices=EVENT_LOOPS, default="auto",
                     help="the proxies' --event-loop (default auto: uvloop when installed)")
     ap.add_argument("--serve", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -320,7 +312,7 @@ def main() -> None:
                        "requests/s measures the sum of per-request CPU of the chain"),
             "clients": args.clients, "seconds": seconds, "rounds": rounds, "latency_requests": n_lat,
             "cpus": os.cpu_count(), "wall_s": round(time.monotonic() - t_start, 1),
-            "event_loop": event_loop(args.event_loop), "load_avg_1m": {"start": round(load_start, 1), "end": round(os.getloadavg()[0], 1)},
+            "event_loop": resolve_event_loop(args.event_loop), "load_avg_1m": {"start": round(load_start, 1), "end": round(os.getloadavg()[0], 1)},
         }
     finally:
         for p in procs:

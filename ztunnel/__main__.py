@@ -363,10 +363,20 @@ def _release_startup_heap() -> None:
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
 
+def resolve_event_loop(choice: str) -> str:
+    """The loop `--event-loop choice` runs: auto is uvloop when it is installed, else asyncio's
+    (the benchmarks ask this too, to say which loop their proxies ran)."""
+    if choice != "auto":
+        return choice
+    import importlib.util
+
+    return "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logsetup.configure(args.log_level, args.log_format)
-    if args.event_loop != "asyncio":
+    if resolve_event_loop(args.event_loop) == "uvloop":
         try:
             import uvloop  # type: ignore[import-not-found,unused-ignore]  # a dependency; optional for auto
         except ImportError:

@@ -300,7 +300,7 @@ class Controller:
                        "replacing its (its node left the Ray cluster)" if name in departed else
                        "replacing its (spec changed)")
                 log.info("cluster %s: %s discovery agent (context %s)", name, why, spec.context)
-                prefer = None if self.opts.placement.resources.get("agent") else agent_node(name, list(wanted), nodes)
+                prefer = None if self.opts.placement.by_resource("agent") else agent_node(name, list(wanted), nodes)
                 self.agents[name] = ClusterAgentActor.options(**self.opts.placement.options("agent", prefer)).remote(
                     *spec.args(), self.reconciler)
                 self.agent_specs[name] = spec

@@ -64,12 +64,15 @@ class Placement:
             raise ValueError(f"placement for unknown role(s) {sorted(unknown)}: the roles are {', '.join(ROLES)} "
                              f"(the state owner is always pinned to the driver's node)")
 
+    def by_resource(self, role: str) -> bool:
+        """`role` is pinned by a custom resource (its nodes are Ray's choice, not ours)."""
+        return bool(self.resources.get(role))
+
     def options(self, role: str, node_id: str | None = None) -> dict[str, Any]:
         """Actor options for `role`; `node_id` (agents: `agent_node`) pins it to that node."""
         assert role in ROLES, role
-        wanted = self.resources.get(role)
-        if wanted:
-            return {"resources": dict(wanted)}
+        if self.by_resource(role):
+            return {"resources": dict(self.resources[role])}
         if node_id is not None:
             return on_node(node_id, soft=False)
         return {"scheduling_strategy": "SPREAD"}
