@@ -35,7 +35,9 @@ of each proxy within `FD_GROWTH_MAX` and `RSS_GROWTH_MAX` from day 8 (a week of 
 pools and caches warm) to the end (the restarted gateway excluded), and of the controller's
 processes (the `meshfed controller run` process and Ray's, actors included), each, that ran from a
 day after its last restart to the end (Ray starts and retires idle workers: those are counted, not
-compared). The figures are printed (`-s`) for the lead to quote.
+compared); and at rest no more connections on the controller's config port than one per proxy
+(+ `CONFIG_CONNECTIONS_SLACK`): every cut stream and renewal once left one behind, which the fd
+bound caught only weeks later. The figures are printed (`-s`) for the lead to quote.
 
 A limitation, by construction: OpenSSL (Python `ssl`, grpcio) checks validity on the real clock.
 Under a simulated calendar the CA starts certificates at the real clock (`ztunnel.api.clock`
@@ -88,6 +90,7 @@ ROTATED_TD = "east.mesh.local"
 OFFLINE = ("gateway", "west")   # the proxy offline across a certificate's lifetime
 FD_GROWTH_MAX = 20
 RSS_GROWTH_MAX = 0.25        # of the starting RSS
+CONFIG_CONNECTIONS_SLACK = 2  # at rest: one connection per proxy, and a straggler or two being torn down
 RSS_GROWTH_FLOOR_KIB = 8 * 1024   # small processes: allocator noise is not a leak
 
 
@@ -174,6 +177,25 @@ def _describe(pid: int) -> str:
     except OSError as e:
         return f"pid {pid}: gone ({e.strerror})"
     return f"pid {pid} {title[:80]!r}: fds {dict(sorted(kinds.items()))}"
+
+
+def _connections_served(pids: Sequence[int], port: int) -> int:
+    """Connections accepted on `port` (not the listener) held by any of `pids`."""
+    n = 0
+    for pid in pids:
+        tcp = _tcp_sockets(pid)
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            lp, rp = tcp.get(target[8:-1], (0, 0)) if target.startswith("socket:[") else (0, 0)
+            n += lp == port and rp != 0
+    return n
 
 
 def _total(usage: Mapping[int, tuple[int, int]]) -> tuple[int, int]:
@@ -450,6 +472,8 @@ def test_thirty_days_of_rotations_restarts_and_an_offline_proxy_under_steady_tra
     # --- the end ---------------------------------------------------------------------------------
     time.sleep(REST_S)
     end_usage = _sample(STATE_DIR)
+    config_port = int(json.loads((STATE_DIR / "lab.json").read_text())["controller"]["grpc"].rsplit(":", 1)[1])
+    config_connections = _connections_served(sorted(end_usage["controller"]), config_port)
     records = {c: fed.stop_load(c) for c in fed.clusters}
     soak.wait_synced(retired, timeout_s=60.0)
     final = soak.status()
@@ -495,6 +519,9 @@ def test_thirty_days_of_rotations_restarts_and_an_offline_proxy_under_steady_tra
            f"fds {ctl_s[0]} -> {ctl_e[0]}, RSS {ctl_s[1] // 1024} -> {ctl_e[1] // 1024} MiB; most fds gained by one "
            f"process: {ctl_end[worst][0] - ctl_start[worst][0]:+d} ({restarted_described.get(worst)} -> {_describe(worst)})")
 
+    _print(f"connections on the controller's config port (:{config_port}) at rest: {config_connections} "
+           f"for {fed.proxy_count()} proxies")
+
     # every proxy SYNCED at the last revision, and the month's checks green
     assert {p["sync"] for p in final["proxies"]} == {"SYNCED"}
     assert {p["acked_revision"] for p in final["proxies"]} == {retired} and len(final["proxies"]) == fed.proxy_count()
@@ -512,4 +539,8 @@ def test_thirty_days_of_rotations_restarts_and_an_offline_proxy_under_steady_tra
              if n not in ("controller", proxy) and n in start_usage and not _growth_ok(_total(start_usage[n]), _total(end_usage[n]))}
     assert not grown, grown
     assert not ctl_grown, (ctl_grown, [(restarted_described.get(p), _describe(p)) for p in ctl_grown])  # per process
+    # at rest a proxy holds one connection to the config port (its config and health streams share
+    # it): a channel that outlives its use shows here long before it shows in the fd bound
+    assert config_connections <= fed.proxy_count() + CONFIG_CONNECTIONS_SLACK, \
+        (config_connections, [_describe(p) for p in end_usage["controller"]])
     assert json.dumps(final)   # the status stayed serialisable (a smoke check of the document)

@@ -26,6 +26,14 @@ still verifies the controller (publish), before the controller switches (see
 A connection the controller's TLS layer refuses because of our certificate (unknown issuer after a
 rotation, expired) is reported through `on_rejected`, so the proxy can fall back to its bootstrap
 credential instead of retrying the same certificate forever.
+
+Each channel owns its connections (`BridgedChannel`): it dials a listener of its own, and closing
+it closes that listener and aborts every connection made through it. gRPC alone does not: its core
+keeps a closed channel's connection for as long as any of the channel's call objects lives in
+Python, and a call the controller ended (a stream cut at its certificate's expiry) is often kept
+alive by a reference cycle (the exception's traceback holds the frame that holds the call) until
+the cycle collector happens to run. The soak found about 30 connections on the controller's config
+port at rest that way, one per cut stream, on both sides.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import socket
 import ssl
 import struct
 from collections.abc import Callable
+from itertools import count
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +59,7 @@ from ztunnel.identity.tls import controller_client_context
 from ztunnel.xds.state import parse_host_port
 
 PIPE_CHUNK_BYTES = 256 * 1024
+ROUTE_BACKLOG = 16             # a channel dials one connection at a time (again after a loss)
 MAX_ANCHOR_FILE_BYTES = 1024 * 1024
 # Alerts with which a TLS server says "your certificate": after a root rotation or an expiry the
 # controller's TLS layer refuses the client certificate before gRPC sees the call.
@@ -143,6 +153,66 @@ def rejected_our_certificate(err: BaseException) -> bool:
     return isinstance(err, ssl.SSLError) and "ALERT" in text and any(m in text for m in _CERT_REJECTED_MARKERS)
 
 
+class _Route:
+    """One channel's way into the bridge: a listener on an abstract address of its own, and the
+    tasks serving the connections made through it. The socket listens from the start (gRPC may dial
+    before the asyncio server is up: the backlog holds the connection)."""
+
+    def __init__(self, name: str, accept: Callable[[asyncio.StreamReader, asyncio.StreamWriter, _Route], None]) -> None:
+        self.name = name
+        self.tasks: set[asyncio.Task[None]] = set()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind("\0" + name)
+            sock.listen(ROUTE_BACKLOG)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self._serving = asyncio.ensure_future(
+            asyncio.start_unix_server(lambda r, w: accept(r, w, self), sock=sock))
+
+    async def close(self) -> None:
+        """Stop listening and end every connection of this route (each aborts its TLS side)."""
+        try:
+            server = await self._serving
+        except (OSError, asyncio.CancelledError):
+            server = None
+        if server is not None:
+            server.close()
+        for t in list(self.tasks):
+            t.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+class BridgedChannel:
+    """A `grpc.aio.Channel` through a `ControllerBridge` that owns its connections: `close()` closes
+    the gRPC channel, then aborts whatever connection gRPC left open (module docstring). Everything
+    else is the gRPC channel's (`unary_unary`, `stream_stream`, ...)."""
+
+    def __init__(self, channel: Any, route: _Route, on_closed: Callable[[_Route], None]) -> None:
+        self._channel = channel
+        self._route = route
+        self._on_closed = on_closed
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._channel, name)
+
+    async def close(self, grace: float | None = None) -> None:
+        try:
+            await self._channel.close(grace)
+        finally:
+            await self._route.close()
+            self._on_closed(self._route)
+
+    async def __aenter__(self) -> BridgedChannel:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
+
+
 class ControllerBridge:
     """One controller port (the mTLS port, or the bootstrap port), reachable by gRPC channels of
     this process only, over TLS connections that verify the controller before forwarding.
@@ -163,8 +233,10 @@ class ControllerBridge:
         self.connect_timeout_s = connect_timeout_s
         self.on_rejected = on_rejected
         self.name = f"meshfed-ctl-{os.getpid()}-{secrets.token_hex(8)}"
-        self._server: asyncio.AbstractServer | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._started = False
+        self._routes: set[_Route] = set()
+        self._route_ids = count(1)
+        self._tasks: set[asyncio.Task[None]] = set()   # every route's connections
         self.connections = 0
         self.refused_peers = 0          # local connections from another process
         self.verification_failures = 0
@@ -181,15 +253,15 @@ class ControllerBridge:
         return detail
 
     async def start(self) -> ControllerBridge:
-        if self._server is None:
-            self._server = await asyncio.start_unix_server(self._accept, path="\0" + self.name)
+        self._started = True
         return self
 
-    def channel(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Any:
-        """A gRPC channel through this bridge (each of its connections is a verified TLS one)."""
+    def channel(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> BridgedChannel:
+        """A gRPC channel through this bridge (each of its connections is a verified TLS one) that
+        owns its connections: see `BridgedChannel`."""
         import grpc.aio
 
-        if self._server is None:
+        if not self._started:
             raise RuntimeError("start() the bridge before asking it for channels")
         from ztunnel.xds.client import keepalive_options
 
@@ -202,23 +274,23 @@ class ControllerBridge:
                 ("grpc.max_send_message_length", max_message_bytes + 65536),
                 ("grpc.default_authority", self.trust.server_name), ("grpc.use_local_subchannel_pool", 1),
                 *keepalive_options()]
-        return grpc.aio.insecure_channel(f"unix-abstract:{self.name}", options=opts)
+        route = _Route(f"{self.name}-{next(self._route_ids)}", self._accept)
+        self._routes.add(route)
+        return BridgedChannel(grpc.aio.insecure_channel(f"unix-abstract:{route.name}", options=opts),
+                              route, self._routes.discard)
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        for t in list(self._tasks):
-            t.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._started = False
+        routes, self._routes = list(self._routes), set()
+        await asyncio.gather(*(r.close() for r in routes), return_exceptions=True)
 
     # --- one connection ------------------------------------------------------------------------
 
-    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, route: _Route) -> None:
         task = asyncio.ensure_future(self._serve(reader, writer))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        for tasks in (self._tasks, route.tasks):
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
 
     async def _serve(self, local_r: asyncio.StreamReader, local_w: asyncio.StreamWriter) -> None:
         remote_w: asyncio.StreamWriter | None = None
@@ -252,9 +324,11 @@ class ControllerBridge:
             if rejected_our_certificate(e):
                 self._rejected(self.last_error)
         finally:
-            for w in (local_w, remote_w):
-                if w is not None:
-                    w.close()
+            local_w.close()
+            if remote_w is not None:
+                # aborted, not closed: a TLS close waits up to 30 s for the controller's close_notify,
+                # and whatever gRPC wrote was drained already (or is being thrown away with its channel)
+                remote_w.transport.abort()
 
     def _rejected(self, why: str) -> None:
         self.last_error = why
