@@ -179,23 +179,30 @@ def _describe(pid: int) -> str:
     return f"pid {pid} {title[:80]!r}: fds {dict(sorted(kinds.items()))}"
 
 
-def _connections_served(pids: Sequence[int], port: int) -> int:
-    """Connections accepted on `port` (not the listener) held by any of `pids`."""
-    n = 0
-    for pid in pids:
-        tcp = _tcp_sockets(pid)
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
+def _connections_served(pids: Sequence[int], port: int, samples: int = 3, every_s: float = 1.0) -> int:
+    """Connections accepted on `port` (not the listener) held by `pids`: each socket once (a child
+    may share its parent's), the least of `samples` readings `every_s` apart (as `_sample`)."""
+    readings = []
+    for i in range(samples):
+        if i:
+            time.sleep(every_s)
+        inodes: set[str] = set()
+        for pid in pids:
+            tcp = _tcp_sockets(pid)
             try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                fds = os.listdir(f"/proc/{pid}/fd")
             except OSError:
                 continue
-            lp, rp = tcp.get(target[8:-1], (0, 0)) if target.startswith("socket:[") else (0, 0)
-            n += lp == port and rp != 0
-    return n
+            for fd in fds:
+                try:
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                lp, rp = tcp.get(target[8:-1], (0, 0)) if target.startswith("socket:[") else (0, 0)
+                if lp == port and rp != 0:
+                    inodes.add(target)
+        readings.append(len(inodes))
+    return min(readings)
 
 
 def _total(usage: Mapping[int, tuple[int, int]]) -> tuple[int, int]:

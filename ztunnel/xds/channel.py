@@ -45,8 +45,8 @@ import secrets
 import socket
 import ssl
 import struct
+import weakref
 from collections.abc import Callable
-from itertools import count
 from pathlib import Path
 from typing import Any
 
@@ -153,58 +153,88 @@ def rejected_our_certificate(err: BaseException) -> bool:
     return isinstance(err, ssl.SSLError) and "ALERT" in text and any(m in text for m in _CERT_REJECTED_MARKERS)
 
 
+def _listen_abstract(prefix: str) -> socket.socket:
+    """A listening abstract unix socket, non-blocking, under `prefix` and 128 random bits. Random,
+    not counted: every process of the network namespace reads bound names in /proc/net/unix, and
+    one that could predict the next name could bind it first and stop the proxy from opening
+    channels (binding first to redirect gRPC is not possible either way: a name taken makes our
+    bind fail, and gRPC is never pointed at a name we did not bind)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(f"\0{prefix}-{secrets.token_hex(16)}")
+        sock.listen(ROUTE_BACKLOG)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class _Route:
     """One channel's way into the bridge: a listener on an abstract address of its own, and the
     tasks serving the connections made through it. The socket listens from the start (gRPC may dial
     before the asyncio server is up: the backlog holds the connection)."""
 
-    def __init__(self, name: str, accept: Callable[[asyncio.StreamReader, asyncio.StreamWriter, _Route], None]) -> None:
-        self.name = name
+    def __init__(self, prefix: str, accept: Callable[[asyncio.StreamReader, asyncio.StreamWriter, _Route], None]) -> None:
         self.tasks: set[asyncio.Task[None]] = set()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind("\0" + name)
-            sock.listen(ROUTE_BACKLOG)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
-        self._serving = asyncio.ensure_future(
-            asyncio.start_unix_server(lambda r, w: accept(r, w, self), sock=sock))
+        self.closed = False
+        self._sock = _listen_abstract(prefix)
+        self.name = self._sock.getsockname()[1:].decode()
+        self._serving = asyncio.ensure_future(asyncio.start_unix_server(
+            lambda r, w: accept(r, w, self), sock=self._sock, backlog=ROUTE_BACKLOG))
 
-    async def close(self) -> None:
-        """Stop listening and end every connection of this route (each aborts its TLS side)."""
-        try:
-            server = await self._serving
-        except (OSError, asyncio.CancelledError):
-            server = None
-        if server is not None:
-            server.close()
+    def abandon(self) -> None:
+        """Stop listening and cancel this route's connections without waiting for them to end.
+        A connection accepted meanwhile is refused by the bridge (`closed`)."""
+        self.closed = True
+        if self._serving.done():
+            if not self._serving.cancelled() and self._serving.exception() is None:
+                self._serving.result().close()
+        else:
+            self._serving.cancel()
+        self._sock.close()      # the server's already, or never handed over: closing twice is harmless
         for t in list(self.tasks):
             t.cancel()
+
+    async def close(self) -> None:
+        """`abandon`, then wait until every connection of the route has ended (each aborts its TLS
+        side on the way out)."""
+        self.abandon()
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
+def _abandon_route(route: _Route, on_closed: Callable[[_Route], None]) -> None:
+    route.abandon()
+    on_closed(route)
+
+
 class BridgedChannel:
     """A `grpc.aio.Channel` through a `ControllerBridge` that owns its connections: `close()` closes
-    the gRPC channel, then aborts whatever connection gRPC left open (module docstring). Everything
-    else is the gRPC channel's (`unary_unary`, `stream_stream`, ...)."""
+    the gRPC channel, then aborts whatever connection gRPC left open (module docstring). A channel
+    dropped without `close()` abandons its route when it is collected (gRPC's own finalizer closes
+    only its side). Everything else is the gRPC channel's (`unary_unary`, `stream_stream`, ...)."""
 
     def __init__(self, channel: Any, route: _Route, on_closed: Callable[[_Route], None]) -> None:
         self._channel = channel
         self._route = route
         self._on_closed = on_closed
+        self._finalizer = weakref.finalize(self, _abandon_route, route, on_closed)
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):       # ours (never forwarded: no recursion before __init__ ran)
+            raise AttributeError(name)
         return getattr(self._channel, name)
 
     async def close(self, grace: float | None = None) -> None:
+        self._finalizer.detach()
         try:
             await self._channel.close(grace)
         finally:
-            await self._route.close()
-            self._on_closed(self._route)
+            try:
+                await self._route.close()
+            finally:
+                self._on_closed(self._route)
 
     async def __aenter__(self) -> BridgedChannel:
         return self
@@ -218,8 +248,8 @@ class ControllerBridge:
     this process only, over TLS connections that verify the controller before forwarding.
 
     `client_svid()` is asked at every new connection: (chain PEM, key PEM) to present, or None
-    (the bootstrap port needs none). Owns its listener and one task per connection; `close()`
-    ends them all."""
+    (the bootstrap port needs none). Owns a listener per open channel and a task per connection;
+    `close()` ends them all."""
 
     def __init__(self, target: str, trust: ControllerTrust,
                  client_svid: Callable[[], tuple[bytes, bytes] | None] = lambda: None, *,
@@ -235,7 +265,7 @@ class ControllerBridge:
         self.name = f"meshfed-ctl-{os.getpid()}-{secrets.token_hex(8)}"
         self._started = False
         self._routes: set[_Route] = set()
-        self._route_ids = count(1)
+        self._channels: weakref.WeakSet[BridgedChannel] = weakref.WeakSet()
         self._tasks: set[asyncio.Task[None]] = set()   # every route's connections
         self.connections = 0
         self.refused_peers = 0          # local connections from another process
@@ -274,19 +304,36 @@ class ControllerBridge:
                 ("grpc.max_send_message_length", max_message_bytes + 65536),
                 ("grpc.default_authority", self.trust.server_name), ("grpc.use_local_subchannel_pool", 1),
                 *keepalive_options()]
-        route = _Route(f"{self.name}-{next(self._route_ids)}", self._accept)
+        route = _Route(self.name, self._accept)
+        try:
+            channel = BridgedChannel(grpc.aio.insecure_channel(f"unix-abstract:{route.name}", options=opts),
+                                     route, self._routes.discard)
+        except BaseException:
+            route.abandon()
+            raise
         self._routes.add(route)
-        return BridgedChannel(grpc.aio.insecure_channel(f"unix-abstract:{route.name}", options=opts),
-                              route, self._routes.discard)
+        self._channels.add(channel)
+        return channel
 
     async def close(self) -> None:
+        """Close every channel still open (gRPC first: none may redial a name we gave up), then
+        whatever route or connection is left."""
         self._started = False
-        routes, self._routes = list(self._routes), set()
-        await asyncio.gather(*(r.close() for r in routes), return_exceptions=True)
+        await asyncio.gather(*(ch.close() for ch in list(self._channels)), return_exceptions=True)
+        for route in list(self._routes):
+            route.abandon()
+        self._routes.clear()
+        for t in list(self._tasks):
+            t.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     # --- one connection ------------------------------------------------------------------------
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, route: _Route) -> None:
+        if route.closed:            # accepted by the kernel just before its channel closed
+            writer.close()
+            return
         task = asyncio.ensure_future(self._serve(reader, writer))
         for tasks in (self._tasks, route.tasks):
             tasks.add(task)

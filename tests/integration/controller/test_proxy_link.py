@@ -14,6 +14,7 @@ Kubernetes API server per cluster (no Ray): how a proxy gets, keeps and gets bac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import stat
 import time
@@ -540,6 +541,48 @@ async def test_a_closed_channel_ends_its_connection_while_a_call_of_it_is_still_
         assert await wait_until(lambda: not bridge._tasks, 3.0), "the connection outlived its channel"
         assert call is not None                               # still referenced, on purpose
     finally:
+        await bridge.close()
+
+
+async def test_a_local_process_that_binds_names_next_to_the_bridge_cannot_stop_its_channels(world: World) -> None:
+    """Each channel listens on an abstract name of its own, and every process of the network
+    namespace can read bound names (/proc/net/unix). Names it could predict it could bind first,
+    and the proxy could open no channel again: they are random, so squatting the obvious
+    neighbours of a name in use changes nothing. A channel dropped without `close()` gives its
+    listener up when it is collected."""
+    import gc
+    import socket as socket_mod
+
+    from ztunnel.xds.channel import ControllerBridge, ControllerTrust
+    from ztunnel.xds.client import request_certificate
+
+    bridge = ControllerBridge(world.bootstrap, ControllerTrust(EAST_TD, world.anchor()))
+    await bridge.start()
+    squatters: list[socket_mod.socket] = []
+    try:
+        first = bridge.channel()
+        name = next(iter(bridge._routes)).name
+        assert name.startswith(bridge.name + "-") and len(name) >= len(bridge.name) + 33
+        for guess in [f"{bridge.name}-{i}" for i in range(1, 9)] + [f"{name[:-1]}{c}" for c in "0123456789abcdef"]:
+            sq = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_STREAM)
+            squatters.append(sq)
+            with contextlib.suppress(OSError):
+                sq.bind("\0" + guess)
+        async with bridge.channel() as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:   # no token: refused, but answered
+                await request_certificate(ch, NODE1, b"csr", timeout_s=5.0)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert len(bridge._routes) == 1
+        del first
+        gc.collect()
+        assert not bridge._routes
+        probe = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_STREAM)
+        squatters.append(probe)
+        with pytest.raises(ConnectionRefusedError):            # nobody listens there any more
+            probe.connect("\0" + name)
+    finally:
+        for sq in squatters:
+            sq.close()
         await bridge.close()
 
 
