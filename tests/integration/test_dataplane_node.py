@@ -277,7 +277,7 @@ async def test_dead_endpoint_is_retried_elsewhere_ejected_and_unejected() -> Non
     live = await topo.EchoServer(SERVER.address, prefix=b"live:").start()
     port = topo.free_port(CLIENT.node_address)
     dead_port = topo.free_port(SERVER2.address)  # nothing listens there: connection refused
-    # the ejection must outlast the eight round trips on a loaded machine (0.6 s did not, in CI)
+    # the ejection must outlast the six round trips after it on a loaded machine (0.6 s did not, in CI)
     policy = OutlierPolicy(consecutive_5xx_errors=2, base_ejection_time_s=2.5, max_ejection_percent=100,
                            interval_s=0.2)
     ca, cb = configs(live.port, port, endpoints=(SERVER, SERVER2), outlier=policy)
@@ -292,14 +292,19 @@ async def test_dead_endpoint_is_retried_elsewhere_ejected_and_unejected() -> Non
     c = start_node(cc, SERVER2.node_address, port, {SERVER.identity: topo.svid(SERVER.identity)})
     for p in (a, b, c):
         await p.start()
+    # the draw always lands on the dead endpoint while it is a candidate: it fails the first two
+    # connections (each retried on the live one) and is ejected by the second. Drawn at random, it
+    # came up fewer than twice in eight connections about one run in thirty (a CI failure).
+    a.rand = lambda: 0.9
     m = Mesh(a, b, live, port)
     try:
-        for _ in range(8):
+        for _ in range(2):
             assert await roundtrip(m) == b"live:ping"   # never a failed connection
-        ejected = a.ejected(HOST)
-        assert ejected == {SERVER2.workload().uid}
+        assert a.ejected(HOST) == {SERVER2.workload().uid}
         metrics = a.telemetry.render().decode()
         assert "meshfed_endpoint_ejections_total" in metrics and 'outcome="ConnectFailure"' in metrics
+        for _ in range(6):
+            assert await roundtrip(m) == b"live:ping"   # the ejected endpoint is not drawn
         await asyncio.sleep(3.0)   # ejection time + one interval, from the last round trip at the latest
         assert a.ejected(HOST) == frozenset()         # back after the ejection time
     finally:
