@@ -157,6 +157,18 @@ def _tcp_sockets(pid: int) -> dict[str, tuple[int, int]]:
     return out
 
 
+def _fd_targets(pid: int) -> list[str]:
+    """What each open file descriptor of `pid` points at (`socket:[<inode>]`, a path, `pipe:[...]`);
+    OSError when the process is gone. A descriptor closed while being read is skipped."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            continue
+    return out
+
+
 def _describe(pid: int) -> str:
     """A process for a failure message: its title (Ray names its workers `ray::<Actor>`), what its
     file descriptors are (pipes, files...), and its TCP sockets by the local port they serve
@@ -166,8 +178,7 @@ def _describe(pid: int) -> str:
         tcp = _tcp_sockets(pid)
         listening = {lp for lp, rp in tcp.values() if rp == 0}
         kinds: dict[str, int] = {}
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        for target in _fd_targets(pid):
             if target.startswith("socket:["):
                 lp, rp = tcp.get(target[8:-1], (0, 0))
                 kind = "unix/udp" if (lp, rp) == (0, 0) else f":{lp}" if lp in listening else f"->{rp}"
@@ -190,14 +201,10 @@ def _connections_served(pids: Sequence[int], port: int, samples: int = 3, every_
         for pid in pids:
             tcp = _tcp_sockets(pid)
             try:
-                fds = os.listdir(f"/proc/{pid}/fd")
+                targets = _fd_targets(pid)
             except OSError:
                 continue
-            for fd in fds:
-                try:
-                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                except OSError:
-                    continue
+            for target in targets:
                 lp, rp = tcp.get(target[8:-1], (0, 0)) if target.startswith("socket:[") else (0, 0)
                 if lp == port and rp != 0:
                     inodes.add(target)
