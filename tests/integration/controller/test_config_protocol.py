@@ -54,6 +54,8 @@ async def test_nack_keeps_previous_version_and_is_reported(server: ConfigServer)
         server.dist.set_desired({p: make_config(p, "rev2", services=2) for p in ("ztunnel/a/good", "ztunnel/a/bad")})
         assert await wait_until(lambda: server.dist.sessions["ztunnel/a/bad"].nacks == 1, 5)
         assert good.revision == "rev2" and nacker.revision == "rev1"
+        # the good proxy runs rev2 before its ACK reaches the controller: SYNCED follows the ACK
+        assert await wait_until(lambda: server.dist.sessions["ztunnel/a/good"].sync == SyncState.SYNCED, 5)
         st = {s["proxy"]: s for s in server.dist.status()}
         assert st["ztunnel/a/bad"]["sync"] == SyncState.STALE.value
         assert "unknown port" in st["ztunnel/a/bad"]["last_nack"]

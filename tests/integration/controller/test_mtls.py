@@ -132,8 +132,12 @@ async def test_bootstrap_then_subscribe_over_mtls(ctl: Ctl) -> None:
     proxy = SimProxy(pid, ctl.target, cluster="east", channel_factory=svid.channel_factory(ctl.target, EAST_NAME)).start()
     try:
         assert await wait_until(lambda: proxy.revision == "rev1", 10), proxy.client.last_error
-        st = {s["proxy"]: s for s in ctl.service.dist.status()}[pid]
-        assert st["sync"] == "SYNCED" and st["identity"] == svid.identity
+
+        def status() -> dict[str, Any]:
+            return {s["proxy"]: s for s in ctl.service.dist.status()}[pid]
+        # the proxy runs rev1 before its ACK reaches the controller: SYNCED follows the ACK
+        assert await wait_until(lambda: status()["sync"] == "SYNCED", 5), status()
+        assert status()["identity"] == svid.identity
         # renewal over mTLS: the proxy's own identity, no token needed
         kc = generate_key_and_csr(svid.identity)
         async with svid.channel_factory(ctl.target, EAST_NAME)() as ch:
