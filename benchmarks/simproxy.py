@@ -24,7 +24,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ztunnel.api.codec import CONFIG_METHOD, PROXY_ID_METADATA, header_to_pb, stamp_from_pb, stamp_to_pb
-from ztunnel.api.config import Endpoint, ProxyConfig, ProxyMode, Service, ServicePortMap, Stamp
+from ztunnel.api.config import (
+    ENDPOINT_TABLES,
+    Endpoint,
+    ProxyConfig,
+    ProxyMode,
+    Service,
+    ServicePortMap,
+    Stamp,
+)
 from ztunnel.api.proto import meshfed_pb2 as pb
 from ztunnel.xds.client import Backoff, Subscription, XdsClient, keepalive_options
 
@@ -112,7 +120,8 @@ class LiteProxy:
 
     def __init__(self, proxy_id: str, cluster: str = "a") -> None:
         self.proxy_id = proxy_id
-        self.hello = pb.ConfigRequest(proxy=header_to_pb(header(proxy_id, cluster)))
+        # announces what a current proxy announces (`ztunnel.xds.client.Subscription.hello`)
+        self.hello = pb.ConfigRequest(proxy=header_to_pb(header(proxy_id, cluster)), features=[ENDPOINT_TABLES])
         self.stamp: Stamp | None = None
         self.resources: dict[tuple[str, str], bytes] = {}
         self.acks = self.nacks = 0

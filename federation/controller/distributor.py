@@ -52,7 +52,8 @@ resource objects between proxies (one Service view per locality), so:
   proxy then gets its own small head (stamp, version, nonce, header) concatenated with the shared
   segments. Protobuf repeated fields may be split over concatenated fragments, so the message a
   proxy decodes is exactly what `ztunnel.api.codec.encode_delta` would have produced (a unit test
-  checks it). A delta over the message budget falls back to `encode_delta`, which splits it into
+  checks it). Segments are per wire form: a proxy that announced `ENDPOINT_TABLES` in its hello
+  (`ProxySession.tables`) gets services' endpoints as tables, any other the object form. A delta over the message budget falls back to `encode_delta`, which splits it into
   chunks or refuses it (`OversizeError`).
 The caches hold the objects whose ids key them, so an id is never reused while its entry lives;
 they are bounded and simply cleared when full (a miss only costs a diff).
@@ -80,7 +81,7 @@ from ztunnel.api.codec import (
     resource_body,
     stamp_to_pb,
 )
-from ztunnel.api.config import RESOURCE_TYPES, ProxyConfig, Stamp, diff_configs
+from ztunnel.api.config import ENDPOINT_TABLES, RESOURCE_TYPES, ProxyConfig, Stamp, diff_configs
 from ztunnel.api.proto import meshfed_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -216,6 +217,7 @@ class ProxySession:
     last_ack_latency_s: float = 0.0
     wake: asyncio.Event | None = None
     peer_identity: str = ""
+    tables: bool = False                    # the proxy reads endpoint tables (`ENDPOINT_TABLES` in its hello)
     failures: int = 0                       # consecutive failed pushes of the desired content
     retry_at_s: float = 0.0                 # when the failed content is sent again (0: not waiting)
     last_failure: str = ""
@@ -382,18 +384,18 @@ class SegmentCache:
 
     def __init__(self, max_entries: int = 4096, max_bytes: int = 64 << 20) -> None:
         self.max_entries, self.max_bytes = max_entries, max_bytes
-        self._d: dict[tuple[str, int, int], tuple[tuple[Any, ...], tuple[Any, ...], bytes]] = {}
+        self._d: dict[tuple[str, int, int, bool], tuple[tuple[Any, ...], tuple[Any, ...], bytes]] = {}
         self._bytes = 0
         self.hits = self.misses = 0
 
-    def get(self, kind: str, old: tuple[Any, ...], new: tuple[Any, ...]) -> bytes:
-        key = (kind, id(old), id(new))
+    def get(self, kind: str, old: tuple[Any, ...], new: tuple[Any, ...], tables: bool = False) -> bytes:
+        key = (kind, id(old), id(new), tables)
         hit = self._d.get(key)
         if hit is not None and hit[0] is old and hit[1] is new:
             self.hits += 1
             return hit[2]
         self.misses += 1
-        seg = _encode_kind_change(kind, old, new)
+        seg = _encode_kind_change(kind, old, new, tables)
         if len(self._d) >= self.max_entries or self._bytes + len(seg) > self.max_bytes:
             self._d.clear()
             self._bytes = 0
@@ -402,7 +404,7 @@ class SegmentCache:
         return seg
 
 
-def _encode_kind_change(kind: str, old: tuple[Any, ...], new: tuple[Any, ...]) -> bytes:
+def _encode_kind_change(kind: str, old: tuple[Any, ...], new: tuple[Any, ...], tables: bool) -> bytes:
     """`diff_configs` for one kind, encoded as `encode_delta` encodes it (upserts sorted by key)."""
     new_items = {r.key: r for r in new}
     old_items = {r.key: r for r in old}
@@ -410,20 +412,21 @@ def _encode_kind_change(kind: str, old: tuple[Any, ...], new: tuple[Any, ...]) -
     for k in sorted(new_items):
         r, o = new_items[k], old_items.get(k)
         if o is not r and o != r:
-            msg.upserts.append(pb.Resource(type=kind, key=k, body=resource_body(r)))
+            msg.upserts.append(pb.Resource(type=kind, key=k, body=resource_body(r, tables)))
     msg.removals.extend(pb.RemovedResource(type=kind, key=k) for k in sorted(old_items) if k not in new_items)
     return bytes(msg.SerializeToString())
 
 
-def kind_segments(segments: SegmentCache, old_c: Content | None, new_c: Content) -> list[bytes]:
+def kind_segments(segments: SegmentCache, old_c: Content | None, new_c: Content, tables: bool = False) -> list[bytes]:
     """The encoded changes, kind by kind, from content `old_c` (None: nothing) to `new_c`: shared
-    between every pair of contents with the same canonical tuples (see "Fan-out")."""
+    between every pair of contents with the same canonical tuples (see "Fan-out"); `tables`: the
+    wire form for a reader of `ENDPOINT_TABLES`."""
     out: list[bytes] = []
     for i, kind in enumerate(_KINDS):
         new_t = new_c[i]
         old_t = old_c[i] if old_c is not None else ()
         if new_t is not old_t and not (old_t and _EQUAL(old_t, new_t)):
-            out.append(segments.get(kind, old_t, new_t))
+            out.append(segments.get(kind, old_t, new_t, tables))
     return out
 
 
@@ -503,7 +506,7 @@ class ConfigDistributor:
         """Forget every proxy of `cluster` (`ztunnel/<cluster>/...`, `gateway/<cluster>`)."""
         return self.forget([p for p in self.sessions if p.split("/")[1:2] == [cluster]], why)
 
-    def attach(self, proxy_id: str, have: Stamp | None) -> ProxySession:
+    def attach(self, proxy_id: str, have: Stamp | None, features: Iterable[str] = ()) -> ProxySession:
         if have is not None and have.epoch > self.epoch:
             self.stale_epoch_refusals += 1
             err = StaleEpochError(
@@ -522,6 +525,7 @@ class ConfigDistributor:
             while len(self.foreign_hellos) > MAX_FORGOTTEN:
                 self.foreign_hellos.popitem(last=False)
         s = self.session(proxy_id)
+        s.tables = ENDPOINT_TABLES in features
         settled = s.attach(have, self.clock())
         if settled is not None:
             self._announce(s, settled, nack=False, error="")
@@ -561,12 +565,12 @@ class ConfigDistributor:
             return []
         old, new = s.acked, push.config
         old_c = s.acked_content if old is not None else None
-        segments = kind_segments(self.segments, old_c, push.content)
+        segments = kind_segments(self.segments, old_c, push.content, s.tables)
         if sum(map(len, segments)) <= self.max_message_bytes - CHUNK_OVERHEAD_BYTES:
             s.oversize_error = ""
             return [encode_change(old, new, push.nonce, segments)]
         try:  # over one message: let the codec split it (or refuse a resource that cannot fit)
-            msgs = encode_delta(diff_configs(old, new), new, push.nonce, self.max_message_bytes)
+            msgs = encode_delta(diff_configs(old, new), new, push.nonce, self.max_message_bytes, s.tables)
         except OversizeError as e:
             log.warning("config for %s not sent: %s", s.proxy_id, e,
                         extra={"fields": {"event": "ConfigOversize", "proxy": s.proxy_id}})

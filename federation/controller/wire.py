@@ -116,11 +116,12 @@ def encode_config_deltas(changes: Iterable[tuple[ProxyConfig | None, ProxyConfig
     """(what the receiver has, what it should have) per proxy -> one blob of deltas. Encoded like
     a push (`distributor.encode_change`): proxies with the same view transition share one diff
     and one encode of it (after a commit every Service is a new object, and a diff per proxy
-    compared every one of them by value)."""
+    compared every one of them by value). Endpoints travel as tables (`ENDPOINT_TABLES`): both
+    ends are this code."""
     msgs: list[bytes] = []
     for old, new in changes:
         old_c = content_of(old) if old is not None else None
-        msgs.append(encode_change(old, new, "", kind_segments(_SEGMENTS, old_c, content_of(new))))
+        msgs.append(encode_change(old, new, "", kind_segments(_SEGMENTS, old_c, content_of(new), tables=True)))
     return pack(msgs)
 
 

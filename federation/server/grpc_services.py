@@ -548,7 +548,8 @@ class ConfigServer:
                                 "subscriber cannot take it over. If that proxy restarted with a new key, its old "
                                 "stream ends when its connection is found dead: retry")
         try:
-            session = self.dist.attach(proxy_id, stamp_from_pb(hello.have) if hello.HasField("have") else None)
+            session = self.dist.attach(proxy_id, stamp_from_pb(hello.have) if hello.HasField("have") else None,
+                                       hello.features)
         except StaleEpochError as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
             raise  # unreachable: abort raises

@@ -2,7 +2,9 @@
 
 Shared by both ends (the controller encodes, proxies decode), so it lives in the contract. Each
 resource travels as its JSON form (`ztunnel.api.config.resource_to_dict`), the same form as
-standalone config files. A delta larger than `max_message_bytes` is split into chunks that share
+standalone config files, except that a proxy which announced `ENDPOINT_TABLES` in its hello gets
+a service's endpoints as one table instead of an object each (`resource_body(r, tables=True)`);
+the decoder reads both forms, so any proxy reads any controller. A delta larger than `max_message_bytes` is split into chunks that share
 one nonce; a single resource larger than the limit is refused with `OversizeError` naming it.
 """
 
@@ -15,6 +17,7 @@ from typing import Any
 
 from ztunnel.api.config import (
     RESOURCE_TYPES,
+    TABLED_TYPES,
     ConfigDelta,
     ProxyConfig,
     ProxyMode,
@@ -66,15 +69,16 @@ class _BodyCache:
     proxies (one Service view per locality), so a push to N proxies encodes each resource once.
     Entries hold the resource itself, so an id is never reused while its entry lives."""
 
-    def __init__(self, max_entries: int = 200_000) -> None:
+    def __init__(self, max_entries: int = 200_000, tables: bool = False) -> None:
         self.max_entries = max_entries
+        self.tables = tables
         self._d: dict[int, tuple[Any, bytes]] = {}
 
     def body(self, r: Any) -> bytes:
         hit = self._d.get(id(r))
         if hit is not None and hit[0] is r:
             return hit[1]
-        body = json.dumps(resource_to_dict(r), separators=(",", ":")).encode()
+        body = json.dumps(resource_to_dict(r, self.tables), separators=(",", ":")).encode()
         if len(self._d) >= self.max_entries:
             self._d.clear()
         self._d[id(r)] = (r, body)
@@ -82,21 +86,24 @@ class _BodyCache:
 
 
 _BODIES = _BodyCache()
+_TABLE_BODIES = _BodyCache(tables=True)
 
 
-def resource_body(r: Any) -> bytes:
-    """The JSON body of a resource on the wire (cached by object identity, see `_BodyCache`)."""
-    return _BODIES.body(r)
+def resource_body(r: Any, tables: bool = False) -> bytes:
+    """The JSON body of a resource on the wire (cached by object identity, see `_BodyCache`);
+    `tables`: for a reader that announced `ENDPOINT_TABLES` (only resources with endpoints differ)."""
+    return (_TABLE_BODIES if tables and type(r) in TABLED_TYPES else _BODIES).body(r)
 
 
 def encode_delta(delta: ConfigDelta, header: ProxyConfig, nonce: str,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[Any]:
-    """Split a delta into as few `ConfigResponse` messages as fit `max_message_bytes` each."""
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, tables: bool = False) -> list[Any]:
+    """Split a delta into as few `ConfigResponse` messages as fit `max_message_bytes` each
+    (`tables`: see `resource_body`)."""
     budget = max_message_bytes - _CHUNK_OVERHEAD_BYTES
     items: list[tuple[int, Any, bool]] = []  # (size, message, is_upsert)
     for kind in RESOURCE_TYPES:
         for r in delta.upserts.get(kind, ()):
-            body = _BODIES.body(r)
+            body = resource_body(r, tables)
             msg = pb.Resource(type=kind, key=r.key, body=body)
             size = len(body) + len(r.key) + 16
             if size > budget:

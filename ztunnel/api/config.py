@@ -436,31 +436,104 @@ def _jsonable(value: Any) -> Any:
 _FIELD_NAMES: dict[type[Any], tuple[str, ...]] = {}
 
 
-def _plain(value: Any) -> Any:
-    """`_jsonable(asdict(value))` without asdict's deep copies (and mapping proxies, which asdict
-    cannot copy, become plain dicts): the JSON form of a resource, 5-10x faster."""
-    names = _FIELD_NAMES.get(type(value))
-    if names is None and hasattr(type(value), "__dataclass_fields__"):
+def _field_names(cls: type[Any]) -> tuple[str, ...] | None:
+    """A dataclass's field names in declaration order (None: not a dataclass), computed once."""
+    names = _FIELD_NAMES.get(cls)
+    if names is None and hasattr(cls, "__dataclass_fields__"):
         from dataclasses import fields
 
-        names = _FIELD_NAMES[type(value)] = tuple(f.name for f in fields(value))
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in fields(cls))
+    return names
+
+
+def _plain(value: Any, tables: bool = False) -> Any:
+    """`_jsonable(asdict(value))` without asdict's deep copies (and mapping proxies, which asdict
+    cannot copy, become plain dicts): the JSON form of a resource, 5-10x faster. `tables`: the
+    fields of `_TABLED` take their table form (see `ENDPOINT_TABLES`)."""
+    names = _field_names(type(value))
     if names is not None:
         if type(value) in _FLAT:  # scalar fields only: no recursion (100k endpoints in a full state)
             return {n: getattr(value, n) for n in names}
-        return {n: _plain(getattr(value, n)) for n in names}
+        tabled = _TABLED.get(type(value), ()) if tables else ()
+        return {n: _table(getattr(value, n)) if n in tabled else _plain(getattr(value, n), tables) for n in names}
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value.value if isinstance(value, Enum) else value
     if isinstance(value, Enum):
         return value.value
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): _plain(v, tables) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [_plain(v, tables) for v in value]
     return value
 
 
-def resource_to_dict(resource: Any) -> dict[str, Any]:
-    return _plain(resource)  # type: ignore[no-any-return]
+def resource_to_dict(resource: Any, tables: bool = False) -> dict[str, Any]:
+    """The JSON form of a resource. `tables=True` gives the wire form for a reader that announced
+    `ENDPOINT_TABLES`; files and readers that did not keep one object per endpoint."""
+    return _plain(resource, tables)  # type: ignore[no-any-return]
+
+
+# The table form of a tuple of endpoints, a feature a proxy announces in its hello (`features` of
+# ConfigRequest): {"columns": [field names], "rows": [[values], ...]}. A full state brings 100k
+# endpoints; as objects, every endpoint repeats its 14 field names and each one is built from a
+# dict of them: as rows the body is half the bytes and it encodes ~3x and decodes ~4x faster.
+# Self-describing (the columns are named), so a reader builds rows of a writer with fewer fields;
+# a column it does not know rejects the resource, as an unknown field of an object does.
+ENDPOINT_TABLES = "endpoint-tables"
+_TABLE_KEYS = frozenset({"columns", "rows"})
+
+
+def _table(items: tuple[Any, ...]) -> dict[str, Any]:
+    if not items:
+        return {"columns": [], "rows": []}
+    cls = type(items[0])
+    names = _field_names(cls)
+    assert names is not None and cls in _FLAT and all(type(x) is cls for x in items), "a table holds one flat class"
+    row = _ROW_GETTERS.get(cls)
+    if row is None:
+        import operator
+
+        row = _ROW_GETTERS[cls] = operator.attrgetter(*names)
+    return {"columns": list(names), "rows": [row(x) for x in items]}
+
+
+_ROW_GETTERS: dict[type[Any], Any] = {}
+
+
+def _from_table(cls: type[Any], name: str, table: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The resources of a table (`ENDPOINT_TABLES`), checked as `_build` checks an object: known
+    columns, every required one, scalar values; repeated strings interned."""
+    if table.keys() != _TABLE_KEYS:
+        raise TypeError(f"{name}: expected a list or a table of exactly 'columns' and 'rows', got keys {sorted(table)}")
+    columns, rows = table["columns"], table["rows"]
+    if type(columns) is not list or not all(type(c) is str for c in columns) or len(set(columns)) != len(columns):
+        raise TypeError(f"{name}: a table's columns are distinct field names")
+    if type(rows) is not list:
+        raise TypeError(f"{name}: a table's rows are a list, got {type(rows).__name__}")
+    if not rows:
+        return ()
+    required, known = _field_sets(cls)
+    if not known.issuperset(columns):
+        raise TypeError(f"{name}: unknown field(s) {sorted(set(columns) - known)}; known: {sorted(known)}")
+    if not required.issubset(columns):
+        raise TypeError(f"{name}: missing field(s) {sorted(required - set(columns))}")
+    width = len(columns)
+    positional = tuple(columns) == _field_names(cls)   # this version's order: cls(*row)
+    repeated = _REPEATED_FIELDS.get(cls, frozenset())
+    intern_at = [i for i, c in enumerate(columns) if c in repeated]
+    intern = sys.intern
+    out = []
+    for i, row in enumerate(rows):
+        if type(row) is not list or len(row) != width:
+            raise TypeError(f"{name}: row {i} is not a list of {width} values")
+        if not _all_scalars(row):
+            raise TypeError(f"{name}: row {i} holds a list or an object; every value is a scalar")
+        for j in intern_at:
+            v = row[j]
+            if type(v) is str:
+                row[j] = intern(v)
+        out.append(cls(*row) if positional else cls(**dict(zip(columns, row, strict=True))))
+    return tuple(out)
 
 
 class ResourceError(ValueError):
@@ -535,6 +608,12 @@ _NESTED: dict[tuple[type[Any], str], type[Any]] = {
     (HttpRoute, "rules"): HttpRouteRule,
     (InferencePool, "endpoints"): Endpoint,
 }
+# fields that travel as a table for a reader of `ENDPOINT_TABLES` (tuples of a `_FLAT` class)
+_TABLED: dict[type[Any], frozenset[str]] = {
+    Service: frozenset({"endpoints"}),
+    InferencePool: frozenset({"endpoints"}),
+}
+TABLED_TYPES: frozenset[type[Any]] = frozenset(_TABLED)
 _ONE: dict[tuple[type[Any], str], type[Any]] = {
     (Service, "outlier"): OutlierPolicy,
     (Service, "waypoint"): WaypointRef,
@@ -550,6 +629,8 @@ _ONE: dict[tuple[type[Any], str], type[Any]] = {
 def _convert_field(cls: type[Any], name: str, value: Any) -> Any:
     nested = _NESTED.get((cls, name))
     if nested is not None:
+        if type(value) is dict and name in _TABLED.get(cls, ()):
+            return _from_table(nested, name, value)
         if not isinstance(value, (list, tuple)):
             raise TypeError(f"{name}: expected a list, got {type(value).__name__}")
         return tuple(v if type(v) is nested else _build(nested, v) for v in value)

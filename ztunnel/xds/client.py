@@ -53,6 +53,7 @@ from ztunnel.api.codec import (
     template_from_header,
 )
 from ztunnel.api.config import (
+    ENDPOINT_TABLES,
     ProxyConfig,
     Stamp,
     apply_delta,
@@ -96,7 +97,8 @@ class Subscription:
         return self.current.stamp if self.current is not None else None
 
     def hello(self) -> Any:
-        return pb.ConfigRequest(proxy=header_to_pb(self.header), have=stamp_to_pb(self.have))
+        return pb.ConfigRequest(proxy=header_to_pb(self.header), have=stamp_to_pb(self.have),
+                                features=[ENDPOINT_TABLES])
 
     def _reply(self, nonce: str, error: str, rejected: Sequence[str] = ()) -> Any:
         req = pb.ConfigRequest(response_nonce=nonce, nack=True, error_detail=error, applied=stamp_to_pb(self.have))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -194,3 +195,32 @@ async def test_oversize_config_is_split_or_refused() -> None:
     finally:
         await proxy.stop()
         await srv.stop(0)
+
+
+async def test_endpoints_travel_as_tables_only_to_a_proxy_that_announced_them(server: ConfigServer) -> None:
+    """A proxy of an earlier version announces no features and reads endpoints as objects; one
+    that announces `ENDPOINT_TABLES` gets tables; both build the same services."""
+    import grpc.aio
+
+    from ztunnel.api.codec import CONFIG_METHOD, PROXY_ID_METADATA, decode_delta, header_to_pb
+    from ztunnel.api.config import ENDPOINT_TABLES
+    from ztunnel.api.proto import meshfed_pb2 as pb
+
+    ids = {"ztunnel/a/old": [], "ztunnel/a/new": [ENDPOINT_TABLES]}
+    server.dist.set_desired({p: make_config(p, "rev1", services=2) for p in ids})
+    got: dict[str, Any] = {}
+    async with grpc.aio.insecure_channel(target(server)) as ch:
+        for pid, features in ids.items():
+            call = ch.stream_stream(CONFIG_METHOD, request_serializer=pb.ConfigRequest.SerializeToString,
+                                    response_deserializer=pb.ConfigResponse.FromString)(
+                metadata=[(PROXY_ID_METADATA, pid)], timeout=5)
+            await call.write(pb.ConfigRequest(proxy=header_to_pb(make_config(pid, "")), features=features))
+            got[pid] = await call.read()
+            call.cancel()
+    forms = {pid: {type(json.loads(r.body)["endpoints"]) for r in m.upserts if r.type == "services"}
+             for pid, m in got.items()}
+    assert forms == {"ztunnel/a/old": {list}, "ztunnel/a/new": {dict}}
+    services = {pid: decode_delta([m]).delta.upserts["services"] for pid, m in got.items()}
+    assert services["ztunnel/a/old"] == services["ztunnel/a/new"] and len(services["ztunnel/a/new"]) == 2
+    assert all(s.endpoints for s in services["ztunnel/a/new"])
+    assert server.dist.sessions["ztunnel/a/new"].tables and not server.dist.sessions["ztunnel/a/old"].tables

@@ -5,6 +5,7 @@ bytes were computed for this proxy or reused from another with the same view tra
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import replace
 
@@ -14,7 +15,7 @@ from benchmarks.simproxy import make_config
 from federation.controller.distributor import ConfigDistributor, SyncState
 from federation.server.grpc_services import ConfigServer
 from ztunnel.api.codec import decode_delta, encode_delta
-from ztunnel.api.config import Stamp, Workload, canonical, diff_configs
+from ztunnel.api.config import ENDPOINT_TABLES, Stamp, Workload, canonical, diff_configs
 from ztunnel.api.proto import meshfed_pb2 as pb
 from ztunnel.xds.client import Subscription
 
@@ -52,13 +53,18 @@ def test_shared_bytes_equal_the_per_proxy_codec(services_before: int, services_a
     for rev_cfg in (before, after):
         d.set_desired({p: desired(rev_cfg, i, p) for i, p in enumerate(pids)})  # type: ignore[misc]
         for p in pids:
-            s = d.attach(p, subs[p].have) if not d.sessions[p].connected else d.sessions[p]
+            # every other proxy reads endpoint tables (a fleet in the middle of an upgrade)
+            features = [ENDPOINT_TABLES] if pids.index(p) % 2 else []
+            s = d.attach(p, subs[p].have, features) if not d.sessions[p].connected else d.sessions[p]
             old = s.acked
             wire = d.build(s)
             assert s.in_flight is not None
-            expected = encode_delta(diff_configs(old, s.in_flight.config), s.in_flight.config, s.in_flight.nonce)
+            expected = encode_delta(diff_configs(old, s.in_flight.config), s.in_flight.config, s.in_flight.nonce,
+                                    tables=bool(features))
             got = [pb.ConfigResponse.FromString(b) for b in wire]
             assert got == expected                                  # the same messages, field for field
+            services = [json.loads(r.body) for m in got for r in m.upserts if r.type == "services"]
+            assert all(isinstance(svc["endpoints"], dict) is bool(features) for svc in services)
             out = None
             for m in got:
                 out = subs[p].on_response(m)
@@ -83,14 +89,16 @@ def test_equal_content_in_new_objects_is_not_pushed_again() -> None:
     assert s.desired is not None and s.desired.stamp.revision == "r2"
 
 
-def test_oversize_delta_falls_back_to_chunks() -> None:
-    d = ConfigDistributor(epoch=1, max_message_bytes=16 * 1024)
+@pytest.mark.parametrize("features", [[], [ENDPOINT_TABLES]])
+def test_oversize_delta_falls_back_to_chunks(features: list[str]) -> None:
+    limit = 8 * 1024 if features else 16 * 1024   # tables are about half the bytes
+    d = ConfigDistributor(epoch=1, max_message_bytes=limit)
     pid = "ztunnel/a/n1"
     cfg = make_config(pid, "r1", services=20, endpoints_per_service=20)
     d.set_desired({pid: cfg})
-    s = d.attach(pid, None)
+    s = d.attach(pid, None, features)
     wire = d.build(s)
-    assert len(wire) > 1 and all(len(b) <= 16 * 1024 for b in wire)
+    assert len(wire) > 1 and all(len(b) <= limit for b in wire)
     sub = Subscription(make_config(pid, ""))
     outs = [sub.on_response(pb.ConfigResponse.FromString(b)) for b in wire]
     assert outs[-1].apply is not None and canonical(outs[-1].apply) == canonical(replace(cfg, stamp=Stamp(1, "r1", 1)))

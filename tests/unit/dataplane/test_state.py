@@ -4,6 +4,7 @@ persisted last good config a restart serves from."""
 from __future__ import annotations
 
 import json
+import re
 import stat
 from dataclasses import replace
 from functools import cache
@@ -126,6 +127,51 @@ def test_an_endpoint_from_the_wire_is_the_same_on_the_fast_path_and_odd_values_t
     assert odd.region == ("a", "b") and odd.zone == {"z": 1}
     with pytest.raises(TypeError, match=r"unknown field\(s\) \['zonne'\]"):
         _build(Endpoint, {**wire, "zonne": "z1"})
+
+
+def test_a_service_whose_endpoints_travel_as_a_table_is_the_same_service() -> None:
+    """The table form (`ENDPOINT_TABLES`, for proxies that announce it) builds exactly the service
+    the object form builds, in about half the bytes, with repeated strings interned; a writer with
+    other columns (an older controller: fewer fields, another order) still builds."""
+    from ztunnel.api.config import parse_resources, resource_to_dict
+
+    svc = service(endpoints=tuple(endpoint(f"east/shop/cart-{i}", address=f"10.1.0.{i}", zone="z1")
+                                  for i in range(50)))
+    objects = json.dumps(resource_to_dict(svc))
+    table = json.dumps(resource_to_dict(svc, tables=True))
+    assert len(table) < 0.6 * len(objects)
+    good, bad = parse_resources("services", [json.loads(table)])
+    assert not bad and good == [svc] == parse_resources("services", [json.loads(objects)])[0]
+    assert all(e.cluster is good[0].endpoints[0].cluster for e in good[0].endpoints)
+    older = {"columns": ["port", "address", "workload_uid", "cluster", "network", "hbone_address"],
+             "rows": [[8080, "10.1.0.9", "east/shop/cart-9", "east", "east", "10.0.0.1:15008"]]}
+    good, bad = parse_resources("services", [{**json.loads(objects), "endpoints": older}])
+    assert not bad and good[0].endpoints == (endpoint("east/shop/cart-9", address="10.1.0.9", identity=""),)
+    empty = json.loads(json.dumps(resource_to_dict(service(endpoints=()), tables=True)))
+    assert parse_resources("services", [empty])[0][0].endpoints == ()
+
+
+@pytest.mark.parametrize(("endpoints", "reason"), [
+    ({"columns": ["workload_uid"], "rows": [], "extra": 1}, "exactly 'columns' and 'rows'"),
+    ({"columns": "workload_uid", "rows": [["x"]]}, "distinct field names"),
+    ({"columns": ["port", "port"], "rows": [[1, 2]]}, "distinct field names"),
+    ({"columns": ["workload_uid"], "rows": {"0": ["x"]}}, "rows are a list"),
+    ({"columns": ["workload_uid", "cluster", "network", "address", "port", "hbone_address", "zonne"],
+      "rows": [["u", "c", "n", "a", 1, "h", "z"]]}, r"unknown field\(s\) \['zonne'\]"),
+    ({"columns": ["workload_uid", "cluster"], "rows": [["u", "c"]]}, r"missing field\(s\)"),
+    ({"columns": ["workload_uid", "cluster", "network", "address", "port", "hbone_address"],
+      "rows": [["u", "c", "n", "a", 1]]}, "row 0 is not a list of 6 values"),
+    ({"columns": ["workload_uid", "cluster", "network", "address", "port", "hbone_address"],
+      "rows": [["u", "c", "n", "a", 1, "h"], ["u", "c", "n", "a", 1, {"h": 1}]]}, "row 1 holds a list or an object"),
+])
+def test_a_bad_endpoint_table_rejects_its_service_with_the_reason(endpoints: Any, reason: str) -> None:
+    from ztunnel.api.config import parse_resources, resource_to_dict
+
+    body = {**resource_to_dict(service()), "endpoints": endpoints}
+    good, bad = parse_resources("services", [resource_to_dict(service("b.shop.svc.clusterset.local")), body])
+    assert [s.hostname for s in good] == ["b.shop.svc.clusterset.local"]   # the other service applies
+    assert len(bad) == 1 and bad[0].key == "cart.shop.svc.clusterset.local"
+    assert "endpoints" in bad[0].reason and re.search(reason, bad[0].reason), bad[0].reason
 
 
 def test_validate_config_is_pure() -> None:

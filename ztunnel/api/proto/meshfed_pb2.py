@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rmeshfed.proto\x12\x10meshfed.v1alpha1\"9\n\x05Stamp\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\"3\n\x08Resource\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\",\n\x0fRemovedResource\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"e\n\x0bProxyHeader\x12\x10\n\x08proxy_id\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x0f\n\x07\x63luster\x18\x03 \x01(\t\x12\x0f\n\x07network\x18\x04 \x01(\t\x12\x14\n\x0ctrust_domain\x18\x05 \x01(\t\"\xe1\x01\n\rConfigRequest\x12,\n\x05proxy\x18\x01 \x01(\x0b\x32\x1d.meshfed.v1alpha1.ProxyHeader\x12%\n\x04have\x18\x02 \x01(\x0b\x32\x17.meshfed.v1alpha1.Stamp\x12\x16\n\x0eresponse_nonce\x18\x03 \x01(\t\x12\x0c\n\x04nack\x18\x04 \x01(\x08\x12\x14\n\x0c\x65rror_detail\x18\x05 \x01(\t\x12\x15\n\rrejected_keys\x18\x06 \x03(\t\x12(\n\x07\x61pplied\x18\x07 \x01(\x0b\x32\x17.meshfed.v1alpha1.Stamp\"\xbe\x02\n\x0e\x43onfigResponse\x12&\n\x05stamp\x18\x01 \x01(\x0b\x32\x17.meshfed.v1alpha1.Stamp\x12\x14\n\x0c\x62\x61se_version\x18\x02 \x01(\x04\x12\r\n\x05nonce\x18\x03 \x01(\t\x12\r\n\x05\x63hunk\x18\x04 \x01(\r\x12\x0e\n\x06\x63hunks\x18\x05 \x01(\r\x12,\n\x05proxy\x18\x06 \x01(\x0b\x32\x1d.meshfed.v1alpha1.ProxyHeader\x12+\n\x07upserts\x18\x07 \x03(\x0b\x32\x1a.meshfed.v1alpha1.Resource\x12\x33\n\x08removals\x18\x08 \x03(\x0b\x32!.meshfed.v1alpha1.RemovedResource\x12\x16\n\x0eidentities_set\x18\t \x01(\x08\x12\x18\n\x10local_identities\x18\n \x03(\t\"~\n\x12\x43\x65rtificateRequest\x12\x10\n\x08proxy_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x02 \x01(\x0c\x12\x17\n\x0f\x62ootstrap_token\x18\x03 \x01(\t\x12\r\n\x05ttl_s\x18\x04 \x01(\r\x12\x1d\n\x15service_account_token\x18\x05 \x01(\t\"V\n\x13\x43\x65rtificateResponse\x12\x16\n\x0e\x63\x65rt_chain_pem\x18\x01 \x03(\x0c\x12\x11\n\troots_pem\x18\x02 \x03(\x0c\x12\x14\n\x0c\x65xpires_at_s\x18\x03 \x01(\x01\"\x8f\x01\n\x0f\x45ndpointOutcome\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x14\n\x0cworkload_uid\x18\x02 \x01(\t\x12\x0f\n\x07\x63luster\x18\x03 \x01(\t\x12\n\n\x02ok\x18\x04 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x04\x12\x0f\n\x07\x65jected\x18\x06 \x01(\x08\x12\x17\n\x0f\x65jected_until_s\x18\x07 \x01(\x01\"h\n\x0cHealthReport\x12\x10\n\x08proxy_id\x18\x01 \x01(\t\x12\x11\n\tsent_at_s\x18\x02 \x01(\x01\x12\x33\n\x08outcomes\x18\x03 \x03(\x0b\x32!.meshfed.v1alpha1.EndpointOutcome\" \n\rHealthSummary\x12\x0f\n\x07reports\x18\x01 \x01(\x04\x32h\n\x0f\x43onfigDiscovery\x12U\n\x0cStreamConfig\x12\x1f.meshfed.v1alpha1.ConfigRequest\x1a .meshfed.v1alpha1.ConfigResponse(\x01\x30\x01\x32v\n\x14\x43\x65rtificateAuthority\x12^\n\x0fSignCertificate\x12$.meshfed.v1alpha1.CertificateRequest\x1a%.meshfed.v1alpha1.CertificateResponse2d\n\x0fHealthReporting\x12Q\n\x0cReportHealth\x12\x1e.meshfed.v1alpha1.HealthReport\x1a\x1f.meshfed.v1alpha1.HealthSummary(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rmeshfed.proto\x12\x10meshfed.v1alpha1\"9\n\x05Stamp\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\"3\n\x08Resource\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\",\n\x0fRemovedResource\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"e\n\x0bProxyHeader\x12\x10\n\x08proxy_id\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x0f\n\x07\x63luster\x18\x03 \x01(\t\x12\x0f\n\x07network\x18\x04 \x01(\t\x12\x14\n\x0ctrust_domain\x18\x05 \x01(\t\"\xf3\x01\n\rConfigRequest\x12,\n\x05proxy\x18\x01 \x01(\x0b\x32\x1d.meshfed.v1alpha1.ProxyHeader\x12%\n\x04have\x18\x02 \x01(\x0b\x32\x17.meshfed.v1alpha1.Stamp\x12\x16\n\x0eresponse_nonce\x18\x03 \x01(\t\x12\x0c\n\x04nack\x18\x04 \x01(\x08\x12\x14\n\x0c\x65rror_detail\x18\x05 \x01(\t\x12\x15\n\rrejected_keys\x18\x06 \x03(\t\x12(\n\x07\x61pplied\x18\x07 \x01(\x0b\x32\x17.meshfed.v1alpha1.Stamp\x12\x10\n\x08\x66\x65\x61tures\x18\x08 \x03(\t\"\xbe\x02\n\x0e\x43onfigResponse\x12&\n\x05stamp\x18\x01 \x01(\x0b\x32\x17.meshfed.v1alpha1.Stamp\x12\x14\n\x0c\x62\x61se_version\x18\x02 \x01(\x04\x12\r\n\x05nonce\x18\x03 \x01(\t\x12\r\n\x05\x63hunk\x18\x04 \x01(\r\x12\x0e\n\x06\x63hunks\x18\x05 \x01(\r\x12,\n\x05proxy\x18\x06 \x01(\x0b\x32\x1d.meshfed.v1alpha1.ProxyHeader\x12+\n\x07upserts\x18\x07 \x03(\x0b\x32\x1a.meshfed.v1alpha1.Resource\x12\x33\n\x08removals\x18\x08 \x03(\x0b\x32!.meshfed.v1alpha1.RemovedResource\x12\x16\n\x0eidentities_set\x18\t \x01(\x08\x12\x18\n\x10local_identities\x18\n \x03(\t\"~\n\x12\x43\x65rtificateRequest\x12\x10\n\x08proxy_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x02 \x01(\x0c\x12\x17\n\x0f\x62ootstrap_token\x18\x03 \x01(\t\x12\r\n\x05ttl_s\x18\x04 \x01(\r\x12\x1d\n\x15service_account_token\x18\x05 \x01(\t\"V\n\x13\x43\x65rtificateResponse\x12\x16\n\x0e\x63\x65rt_chain_pem\x18\x01 \x03(\x0c\x12\x11\n\troots_pem\x18\x02 \x03(\x0c\x12\x14\n\x0c\x65xpires_at_s\x18\x03 \x01(\x01\"\x8f\x01\n\x0f\x45ndpointOutcome\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x14\n\x0cworkload_uid\x18\x02 \x01(\t\x12\x0f\n\x07\x63luster\x18\x03 \x01(\t\x12\n\n\x02ok\x18\x04 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x04\x12\x0f\n\x07\x65jected\x18\x06 \x01(\x08\x12\x17\n\x0f\x65jected_until_s\x18\x07 \x01(\x01\"h\n\x0cHealthReport\x12\x10\n\x08proxy_id\x18\x01 \x01(\t\x12\x11\n\tsent_at_s\x18\x02 \x01(\x01\x12\x33\n\x08outcomes\x18\x03 \x03(\x0b\x32!.meshfed.v1alpha1.EndpointOutcome\" \n\rHealthSummary\x12\x0f\n\x07reports\x18\x01 \x01(\x04\x32h\n\x0f\x43onfigDiscovery\x12U\n\x0cStreamConfig\x12\x1f.meshfed.v1alpha1.ConfigRequest\x1a .meshfed.v1alpha1.ConfigResponse(\x01\x30\x01\x32v\n\x14\x43\x65rtificateAuthority\x12^\n\x0fSignCertificate\x12$.meshfed.v1alpha1.CertificateRequest\x1a%.meshfed.v1alpha1.CertificateResponse2d\n\x0fHealthReporting\x12Q\n\x0cReportHealth\x12\x1e.meshfed.v1alpha1.HealthReport\x1a\x1f.meshfed.v1alpha1.HealthSummary(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,23 +40,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROXYHEADER']._serialized_start=193
   _globals['_PROXYHEADER']._serialized_end=294
   _globals['_CONFIGREQUEST']._serialized_start=297
-  _globals['_CONFIGREQUEST']._serialized_end=522
-  _globals['_CONFIGRESPONSE']._serialized_start=525
-  _globals['_CONFIGRESPONSE']._serialized_end=843
-  _globals['_CERTIFICATEREQUEST']._serialized_start=845
-  _globals['_CERTIFICATEREQUEST']._serialized_end=971
-  _globals['_CERTIFICATERESPONSE']._serialized_start=973
-  _globals['_CERTIFICATERESPONSE']._serialized_end=1059
-  _globals['_ENDPOINTOUTCOME']._serialized_start=1062
-  _globals['_ENDPOINTOUTCOME']._serialized_end=1205
-  _globals['_HEALTHREPORT']._serialized_start=1207
-  _globals['_HEALTHREPORT']._serialized_end=1311
-  _globals['_HEALTHSUMMARY']._serialized_start=1313
-  _globals['_HEALTHSUMMARY']._serialized_end=1345
-  _globals['_CONFIGDISCOVERY']._serialized_start=1347
-  _globals['_CONFIGDISCOVERY']._serialized_end=1451
-  _globals['_CERTIFICATEAUTHORITY']._serialized_start=1453
-  _globals['_CERTIFICATEAUTHORITY']._serialized_end=1571
-  _globals['_HEALTHREPORTING']._serialized_start=1573
-  _globals['_HEALTHREPORTING']._serialized_end=1673
+  _globals['_CONFIGREQUEST']._serialized_end=540
+  _globals['_CONFIGRESPONSE']._serialized_start=543
+  _globals['_CONFIGRESPONSE']._serialized_end=861
+  _globals['_CERTIFICATEREQUEST']._serialized_start=863
+  _globals['_CERTIFICATEREQUEST']._serialized_end=989
+  _globals['_CERTIFICATERESPONSE']._serialized_start=991
+  _globals['_CERTIFICATERESPONSE']._serialized_end=1077
+  _globals['_ENDPOINTOUTCOME']._serialized_start=1080
+  _globals['_ENDPOINTOUTCOME']._serialized_end=1223
+  _globals['_HEALTHREPORT']._serialized_start=1225
+  _globals['_HEALTHREPORT']._serialized_end=1329
+  _globals['_HEALTHSUMMARY']._serialized_start=1331
+  _globals['_HEALTHSUMMARY']._serialized_end=1363
+  _globals['_CONFIGDISCOVERY']._serialized_start=1365
+  _globals['_CONFIGDISCOVERY']._serialized_end=1469
+  _globals['_CERTIFICATEAUTHORITY']._serialized_start=1471
+  _globals['_CERTIFICATEAUTHORITY']._serialized_end=1589
+  _globals['_HEALTHREPORTING']._serialized_start=1591
+  _globals['_HEALTHREPORTING']._serialized_end=1691
 # @@protoc_insertion_point(module_scope)
