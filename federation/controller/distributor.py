@@ -81,12 +81,13 @@ from ztunnel.api.codec import (
     resource_body,
     stamp_to_pb,
 )
-from ztunnel.api.config import ENDPOINT_TABLES, RESOURCE_TYPES, ProxyConfig, Stamp, diff_configs
+from ztunnel.api.config import ENDPOINT_TABLES, RESOURCE_TYPES, TABLED_TYPES, ProxyConfig, Stamp, diff_configs
 from ztunnel.api.proto import meshfed_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 _KINDS = tuple(RESOURCE_TYPES)
+_TABLED_KINDS = frozenset(k for k, cls in RESOURCE_TYPES.items() if cls in TABLED_TYPES)
 
 
 ACK_TIMEOUT_S = 30.0
@@ -426,14 +427,16 @@ def kind_segments(segments: SegmentCache, old_c: Content | None, new_c: Content,
         new_t = new_c[i]
         old_t = old_c[i] if old_c is not None else ()
         if new_t is not old_t and not (old_t and _EQUAL(old_t, new_t)):
-            out.append(segments.get(kind, old_t, new_t, tables))
+            # only kinds with endpoints differ between the forms: the others are encoded once for both
+            out.append(segments.get(kind, old_t, new_t, tables and kind in _TABLED_KINDS))
     return out
 
 
 def encode_change(old: ProxyConfig | None, new: ProxyConfig, nonce: str, segments: list[bytes]) -> bytes:
     """One serialized `ConfigResponse` from `old` to `new`: its own head (stamp, base version,
     nonce, header, identities when they changed) and the shared `kind_segments`. Equal to what
-    `ztunnel.api.codec.encode_delta(diff_configs(old, new), new, nonce)` gives in one chunk."""
+    `ztunnel.api.codec.encode_delta(diff_configs(old, new), new, nonce, tables=...)` gives in one
+    chunk, `tables` as the segments were made."""
     ids = None if old is not None and old.local_identities == new.local_identities else new.local_identities
     head = pb.ConfigResponse(stamp=stamp_to_pb(new.stamp), base_version=old.stamp.version if old else 0,
                              nonce=nonce, chunk=0, chunks=1, proxy=header_to_pb(new))
@@ -525,7 +528,11 @@ class ConfigDistributor:
             while len(self.foreign_hellos) > MAX_FORGOTTEN:
                 self.foreign_hellos.popitem(last=False)
         s = self.session(proxy_id)
-        s.tables = ENDPOINT_TABLES in features
+        tables = ENDPOINT_TABLES in features
+        if tables != s.tables and s.oversize_error:
+            # "does not fit" was said of the other wire form (tables are ~2.6x denser): try again
+            s.oversize_error, s.nacked_content, s.retry_at_s, s.last_failure = "", None, 0.0, ""
+        s.tables = tables
         settled = s.attach(have, self.clock())
         if settled is not None:
             self._announce(s, settled, nack=False, error="")

@@ -3,7 +3,7 @@
 Shared by both ends (the controller encodes, proxies decode), so it lives in the contract. Each
 resource travels as its JSON form (`ztunnel.api.config.resource_to_dict`), the same form as
 standalone config files, except that a proxy which announced `ENDPOINT_TABLES` in its hello gets
-a service's endpoints as one table instead of an object each (`resource_body(r, tables=True)`);
+the endpoints of a service (or an inference pool) as one table instead of an object each (`resource_body(r, tables=True)`);
 the decoder reads both forms, so any proxy reads any controller. A delta larger than `max_message_bytes` is split into chunks that share
 one nonce; a single resource larger than the limit is refused with `OversizeError` naming it.
 """
@@ -69,19 +69,24 @@ class _BodyCache:
     proxies (one Service view per locality), so a push to N proxies encodes each resource once.
     Entries hold the resource itself, so an id is never reused while its entry lives."""
 
-    def __init__(self, max_entries: int = 200_000, tables: bool = False) -> None:
-        self.max_entries = max_entries
+    def __init__(self, max_entries: int = 200_000, tables: bool = False, max_bytes: int = 64 << 20) -> None:
+        self.max_entries, self.max_bytes = max_entries, max_bytes
         self.tables = tables
         self._d: dict[int, tuple[Any, bytes]] = {}
+        self._bytes = 0
 
     def body(self, r: Any) -> bytes:
         hit = self._d.get(id(r))
         if hit is not None and hit[0] is r:
             return hit[1]
         body = json.dumps(resource_to_dict(r, self.tables), separators=(",", ":")).encode()
-        if len(self._d) >= self.max_entries:
+        # bounded by bytes too: services of 1,000s of endpoints, replaced on every commit, would
+        # otherwise fill 200k entries with bodies of the revisions before
+        if len(self._d) >= self.max_entries or self._bytes + len(body) > self.max_bytes:
             self._d.clear()
+            self._bytes = 0
         self._d[id(r)] = (r, body)
+        self._bytes += len(body)
         return body
 
 
@@ -159,7 +164,7 @@ def decode_delta(chunks: Sequence[Any]) -> DecodedDelta:
                 continue
             try:
                 raw[r.type].append(json.loads(r.body))
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:   # RecursionError: nested deeper than the parser goes
                 rejected.append(f"{r.type}/{r.key}: body is not JSON ({e})")
         for rm in c.removals:
             if rm.type in removals:

@@ -488,7 +488,8 @@ def _table(items: tuple[Any, ...]) -> dict[str, Any]:
         return {"columns": [], "rows": []}
     cls = type(items[0])
     names = _field_names(cls)
-    assert names is not None and cls in _FLAT and all(type(x) is cls for x in items), "a table holds one flat class"
+    if names is None or cls not in _FLAT or not all(type(x) is cls for x in items):
+        raise TypeError(f"a table holds resources of one flat class, got {sorted({type(x).__name__ for x in items})}")
     row = _ROW_GETTERS.get(cls)
     if row is None:
         import operator
@@ -501,8 +502,10 @@ _ROW_GETTERS: dict[type[Any], Any] = {}
 
 
 def _from_table(cls: type[Any], name: str, table: Mapping[str, Any]) -> tuple[Any, ...]:
-    """The resources of a table (`ENDPOINT_TABLES`), checked as `_build` checks an object: known
-    columns, every required one, scalar values; repeated strings interned."""
+    """The resources of a table (`ENDPOINT_TABLES`), checked as `_build` checks an object (known
+    columns, and every required one when there are rows) and more strictly: every value a scalar
+    (the object form turns a list or an object in a scalar field into a tuple or a dict, and
+    validation refuses it later); repeated strings interned."""
     if table.keys() != _TABLE_KEYS:
         raise TypeError(f"{name}: expected a list or a table of exactly 'columns' and 'rows', got keys {sorted(table)}")
     columns, rows = table["columns"], table["rows"]
@@ -510,11 +513,11 @@ def _from_table(cls: type[Any], name: str, table: Mapping[str, Any]) -> tuple[An
         raise TypeError(f"{name}: a table's columns are distinct field names")
     if type(rows) is not list:
         raise TypeError(f"{name}: a table's rows are a list, got {type(rows).__name__}")
-    if not rows:
-        return ()
     required, known = _field_sets(cls)
     if not known.issuperset(columns):
         raise TypeError(f"{name}: unknown field(s) {sorted(set(columns) - known)}; known: {sorted(known)}")
+    if not rows:
+        return ()
     if not required.issubset(columns):
         raise TypeError(f"{name}: missing field(s) {sorted(required - set(columns))}")
     width = len(columns)

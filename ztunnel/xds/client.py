@@ -4,7 +4,8 @@ Three layers, decide-then-act:
 
 1. The codec (`encode_delta` / `decode_delta`): a `ConfigDelta` <-> protobuf `ConfigResponse`
    chunks. Each resource travels as its JSON form (`ztunnel.api.config.resource_to_dict`), the same
-   form as standalone config files. A delta larger than `max_message_bytes` is split into chunks
+   form as standalone config files, but for endpoints, which come as tables because the hello
+   announces `ENDPOINT_TABLES` (the decoder reads both forms). A delta larger than `max_message_bytes` is split into chunks
    that share one nonce; a single resource larger than the limit is refused with `OversizeError`
    naming it. The controller (`federation.server.grpc_services`) uses the same codec.
 2. `Subscription`, a sans-IO state machine: responses in, (request to send, config to apply) out.

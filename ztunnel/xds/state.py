@@ -137,7 +137,7 @@ def validate_config(cfg: ProxyConfig) -> tuple[ProxyConfig, list[ResourceError]]
         for r in getattr(cfg, kind):
             try:
                 check(r)
-            except (ValueError, IdentityError) as e:
+            except (ValueError, TypeError, IdentityError) as e:   # TypeError: a null where a number belongs
                 errors.append(ResourceError(kind, r.key, str(e)))
             else:
                 good.append(r)

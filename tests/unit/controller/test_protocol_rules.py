@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import replace
 
 import pytest
@@ -143,3 +144,28 @@ def test_proxy_may_act_only_as_itself(proxy_id: str, identity: str, allowed: boo
     assert (reason == "") is allowed, reason
     if not allowed:
         assert proxy_id.split("/")[-1] in reason or "not in the fleet repo" in reason or "kind" in reason
+
+
+def test_a_body_nested_past_the_parser_is_rejected_not_raised() -> None:
+    """json raises RecursionError (not ValueError) on deep nesting: it must reject that resource
+    like any other body that is not JSON, never end the proxy's stream without a NACK."""
+    c1 = stamped(make_config(PID, "r1", services=2), 1, 1)
+    (msg,) = encode_delta(diff_configs(None, c1), c1, "n", tables=True)  # type: ignore[arg-type]
+    msg.upserts[0].body = b"[" * 200_000
+    dec = decode_delta([msg])
+    assert len(dec.rejected) == 1 and "body is not JSON" in dec.rejected[0]
+    assert len(dec.delta.upserts["services"]) == 1
+
+
+def test_a_null_where_a_number_belongs_rejects_that_service_only() -> None:
+    from ztunnel.xds.state import validate_config
+
+    c1 = stamped(make_config(PID, "r1", services=2), 1, 1)
+    (msg,) = encode_delta(diff_configs(None, c1), c1, "n", tables=True)  # type: ignore[arg-type]
+    body = json.loads(msg.upserts[0].body)
+    body["endpoints"]["rows"][0][body["endpoints"]["columns"].index("port")] = None
+    msg.upserts[0].body = json.dumps(body).encode()
+    out = Subscription(make_config(PID, "")).on_response(msg)
+    assert out.apply is not None
+    clean, errors = validate_config(out.apply)
+    assert len(clean.services) == 1 and [e.key for e in errors] == [body["hostname"]]

@@ -14,7 +14,7 @@ import pytest
 from benchmarks.simproxy import make_config
 from federation.controller.distributor import ConfigDistributor, SyncState
 from federation.server.grpc_services import ConfigServer
-from ztunnel.api.codec import decode_delta, encode_delta
+from ztunnel.api.codec import CHUNK_OVERHEAD_BYTES, decode_delta, encode_delta, resource_body
 from ztunnel.api.config import ENDPOINT_TABLES, Stamp, Workload, canonical, diff_configs
 from ztunnel.api.proto import meshfed_pb2 as pb
 from ztunnel.xds.client import Subscription
@@ -134,3 +134,28 @@ def test_nonces_stay_unique_across_shared_pushes() -> None:
             nonces.add(m.nonce)
             assert m.proxy.proxy_id == p and m.stamp.version == 1 and decode_delta([m]).delta.proxy_id == p
     assert len(nonces) == len(pids)
+
+
+def test_a_proxy_refused_as_oversize_is_tried_again_when_it_comes_back_reading_tables() -> None:
+    """"Does not fit" was said of the object form; the same proxy upgraded (it announces tables,
+    about 2.6x denser) gets its config at once, without waiting for new content."""
+    pid = "ztunnel/a/n1"
+    cfg = make_config(pid, "r1", services=1, endpoints_per_service=400)
+    objects, table = len(resource_body(cfg.services[0])), len(resource_body(cfg.services[0], tables=True))
+    d = ConfigDistributor(epoch=1, max_message_bytes=(objects + table) // 2 + CHUNK_OVERHEAD_BYTES)
+    d.set_desired({pid: cfg})
+    s = d.attach(pid, None)                       # an older proxy: objects, which do not fit
+    assert d.build(s) == [] and s.oversize_error and s.retry_at_s == float("inf")
+    d.detach(s)
+    s = d.attach(pid, None, [ENDPOINT_TABLES])    # upgraded, it reconnects
+    assert len(d.build(s)) == 1 and not s.oversize_error
+
+
+def test_kinds_without_endpoints_are_encoded_once_for_both_wire_forms() -> None:
+    d = ConfigDistributor(epoch=1)
+    base = _with_workload(make_config("ztunnel/a/old", "r1", services=2), 1)
+    d.set_desired({"ztunnel/a/old": base, "ztunnel/a/new": replace(base, proxy_id="ztunnel/a/new")})  # type: ignore[type-var]
+    d.build(d.attach("ztunnel/a/old", None))
+    misses = d.segments.misses
+    d.build(d.attach("ztunnel/a/new", None, [ENDPOINT_TABLES]))
+    assert d.segments.misses == misses + 1      # the services' table segment; the workloads' is shared

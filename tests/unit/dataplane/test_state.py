@@ -174,6 +174,26 @@ def test_a_bad_endpoint_table_rejects_its_service_with_the_reason(endpoints: Any
     assert "endpoints" in bad[0].reason and re.search(reason, bad[0].reason), bad[0].reason
 
 
+def test_an_empty_table_with_a_column_this_version_does_not_know_is_refused() -> None:
+    from ztunnel.api.config import parse_resources, resource_to_dict
+
+    body = {**resource_to_dict(service()), "endpoints": {"columns": ["bogus"], "rows": []}}
+    good, bad = parse_resources("services", [body])
+    assert not good and "unknown field(s) ['bogus']" in bad[0].reason
+
+
+def test_the_wire_body_cache_is_bounded_by_bytes() -> None:
+    from ztunnel.api.codec import _BodyCache
+
+    cache = _BodyCache(max_bytes=64 * 1024, tables=True)
+    services = [service(f"s{i}.shop.svc.clusterset.local",
+                        endpoints=tuple(endpoint(f"east/shop/p{i}-{j}") for j in range(50))) for i in range(40)]
+    for svc in services:
+        cache.body(svc)
+    assert cache._bytes <= 64 * 1024 and len(cache._d) < len(services)
+    assert cache.body(services[-1]) is cache.body(services[-1])   # the latest is still cached
+
+
 def test_validate_config_is_pure() -> None:
     cfg = config(services=(service(), service("x.shop.svc.clusterset.local", ports=())))
     clean, errors = validate_config(cfg)
