@@ -67,6 +67,7 @@ from benchmarks.graph import synthetic
 from benchmarks.simproxy import SimProxy, header, run_lite_fleet
 from clusters.kube.observation import ClusterObservation, EndpointInfo
 from federation.controller.distributor import AckEvent, ConfigDistributor, SyncState
+from federation.controller.gc_tuning import tune_collector
 from federation.controller.reconciler import (
     CoreRender,
     Debouncer,
@@ -541,6 +542,9 @@ def main() -> None:
     ap.add_argument("--workers", default="0", help="config shards on Ray, a comma list (0: in this process)")
     ap.add_argument("--ray-nodes", type=int, default=1, help="raylets on this machine when sharded (1 or 2)")
     ap.add_argument("--resync-endpoints", type=int, default=100_000, help="0: skip the full resync")
+    ap.add_argument("--gc", choices=("controller", "default"), default="controller",
+                    help="this process's collector: the controller's settings (federation.controller.gc_tuning) "
+                         "or CPython's defaults")
     ap.add_argument("--serve-proxies", nargs="+", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_proxies:
@@ -548,7 +552,9 @@ def main() -> None:
         return
     shard_counts = [int(x) for x in args.workers.split(",")]
     results: dict[str, Any] = {"benchmark": "convergence", "renderer": args.renderer, "runs": [],
-                               "ray_nodes": args.ray_nodes if any(shard_counts) else 0}
+                               "ray_nodes": args.ray_nodes if any(shard_counts) else 0, "gc": args.gc}
+    if args.gc == "controller":
+        tune_collector()    # as the controller's actors do
     cluster, temp_dir = start_ray(args.ray_nodes) if any(shard_counts) else (None, "")
     try:
         for n in [int(x) for x in args.proxies.split(",")]:

@@ -31,6 +31,7 @@ from typing import Any
 import ray
 
 from federation.controller.config_service import ConfigService
+from federation.controller.gc_tuning import tune_collector
 from federation.controller.git_feed import GitFeed
 from federation.controller.reconcile_service import ReconcileService
 from federation.controller.shard import ConfigShard
@@ -72,6 +73,7 @@ class ConfigServerHost:
         self.server = config_server_for(self.service, on_health=self._forward_health)
         self.reconciler: Any = None
         self._files = asyncio.Lock()
+        tune_collector()
 
     async def start(self, listen: str, reconciler: Any, bootstrap_listen: str | None = None) -> tuple[int, int]:
         """(config port, bootstrap port); see `federation.server.grpc_services.serve`."""
@@ -129,6 +131,7 @@ class ReconcilerHost:
         self.service = ReconcileService(RemoteStore(config_server), out.push_deltas, out.bundle_roots,
                                         debounce_after_s, debounce_max_s, rollout=out.rollout,
                                         cluster_ops=out).start()
+        tune_collector()
 
     def on_snapshot(self, blob: bytes) -> None:
         self.service.on_snapshot(decode_snapshot(blob))
@@ -238,6 +241,7 @@ class ConfigShardHost:
         self.server = ConfigServer(self.shard.dist, insecure=True, write_timeout_s=write_timeout_s)
         self._settled: asyncio.Event | None = None
         self.shard.dist.listeners.append(lambda _ev: self._wake_waiters())
+        tune_collector()
 
     def _wake_waiters(self) -> None:
         if self._settled is not None and self.shard.settled():

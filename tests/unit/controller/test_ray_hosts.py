@@ -61,6 +61,7 @@ async def test_the_state_owner_keeps_the_proxies_event_loop_free_while_the_disk_
     """Review note (a): the state owner's synchronous methods ran on the event loop that serves the
     proxies' gRPC streams, so a sqlite call waiting out a locked database (or a slow disk) stalled
     every stream and every ACK."""
+    monkeypatch.setattr(actors, "tune_collector", lambda: None)   # process-wide: not this test process's
     host = ConfigServerHost(str(tmp_path / "state"), insecure=True)
     release = threading.Event()
     target = host.service.store if blocking[0] == "store" else host.service
