@@ -469,7 +469,7 @@ def _plain(value: Any, tables: bool = False) -> Any:
 
 def resource_to_dict(resource: Any, tables: bool = False) -> dict[str, Any]:
     """The JSON form of a resource. `tables=True` gives the wire form for a reader that announced
-    `ENDPOINT_TABLES`; files and readers that did not keep one object per endpoint."""
+    `ENDPOINT_TABLES`; files, and readers that did not announce it, get one object per endpoint."""
     return _plain(resource, tables)  # type: ignore[no-any-return]
 
 
