@@ -8,7 +8,10 @@ median over `--rounds` rounds; the top-level keys repeat the first size's figure
 
 What runs: the controller side in this process — `Reconciler` (debounce 100 ms / 10 s, as istiod)
 with the real core renderer (`federation.controller.reconciler.CoreRender`: graph, failover engine, render)
-pushing into the `ConfigDistributor` of a real gRPC `ConfigServer` on loopback.
+pushing into the `ConfigDistributor` of a real gRPC `ConfigServer` on loopback. This process
+takes the controller's collector settings (`federation.controller.gc_tuning`, as the actors do;
+`--gc default` keeps CPython's, to compare), except for the full resync, whose proxy runs here
+too and is measured under CPython's settings, as proxies run.
 
 The fleet (`--renderer core`, the default): `benchmarks.graph.synthetic` with `--clusters`
 clusters of N nodes, one ztunnel per node and one east-west gateway per cluster, so that
@@ -51,6 +54,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import resource
@@ -67,7 +71,7 @@ from benchmarks.graph import synthetic
 from benchmarks.simproxy import SimProxy, header, run_lite_fleet
 from clusters.kube.observation import ClusterObservation, EndpointInfo
 from federation.controller.distributor import AckEvent, ConfigDistributor, SyncState
-from federation.controller.gc_tuning import tune_collector
+from federation.controller.gc_tuning import DEFAULT_GC_THRESHOLDS, tune_collector
 from federation.controller.reconciler import (
     CoreRender,
     Debouncer,
@@ -574,6 +578,9 @@ def main() -> None:
                 cluster.shutdown()
             shutil.rmtree(temp_dir, ignore_errors=True)
     if args.resync_endpoints:
+        # the resync's proxy runs in this process too, and proxies keep CPython's collector
+        # settings: measure the resync under those (for its controller side too: conservative)
+        gc.set_threshold(*DEFAULT_GC_THRESHOLDS)
         results["resync"] = asyncio.run(full_resync(args.resync_endpoints))
         print(json.dumps(results["resync"]), file=sys.stderr, flush=True)
     first = results["runs"][0] if results["runs"] else {}

@@ -25,6 +25,7 @@ from __future__ import annotations
 import gc
 
 CONTROLLER_GC_THRESHOLDS = (20_000, 20, 10)
+DEFAULT_GC_THRESHOLDS = (700, 10, 10)   # CPython's, which the proxies keep
 
 
 def tune_collector(thresholds: tuple[int, int, int] = CONTROLLER_GC_THRESHOLDS) -> None:
