@@ -413,6 +413,10 @@ class _ServiceCache:
     clusters: list[_ClusterEntry] = field(default_factory=list)
     endpoints: dict[tuple[object, ...], tuple[Endpoint, ...]] = field(default_factory=dict)
     views: dict[tuple[tuple[int, int, int], ...], tuple[int, tuple[Endpoint, ...]]] = field(default_factory=dict)
+    # the last view per source, with the source's routability it was built for: a commit's
+    # failover evaluation and its render ask for the same views (the cache goes with the service's
+    # invalidation, and `_sources` is rebuilt when routability changes)
+    by_source: dict[Locality, tuple[_SourceInfo, ServiceView]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -727,6 +731,9 @@ class FailoverEngine:
         policy = self.policies[key]
         cache = self._service_cache(key)
         src = self._source(source)
+        last = cache.by_source.get(source)
+        if last is not None and last[0] is src:
+            return last[1]
         tk = (self._sig_ids[key], src.source_id)
         table = self._rank_tables.get(tk)
         if table is None:
@@ -791,7 +798,9 @@ class FailoverEngine:
                 endpoints.extend(cached)
             self._view_ids += 1
             hit = cache.views[view_sig] = (self._view_ids, tuple(endpoints))
-        return ServiceView(policy.hostname, source, hit[1], tuple(pieces), tuple(tiers), tuple(excluded), hit[0])
+        view = ServiceView(policy.hostname, source, hit[1], tuple(pieces), tuple(tiers), tuple(excluded), hit[0])
+        cache.by_source[source] = (src, view)
+        return view
 
     def _endpoints_for(self, key: ServiceKey, p: Piece, tier: int, weight: int,
                        ejected: Mapping[str, Ejection]) -> tuple[Endpoint, ...]:

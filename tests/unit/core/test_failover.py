@@ -299,3 +299,28 @@ def test_partition_freeze_withdraw_and_fencing(mode: PartitionMode, visible_whil
     assert [type(x) for x in ev] == [ClusterRecovered]
     assert e.lease_state("west") is LeaseState.LIVE and f.CHECKOUT in change.services
     assert "west" in tiers_by_cluster(e.view(f.CHECKOUT, east))
+
+
+def test_a_view_is_built_once_until_what_it_depends_on_changes() -> None:
+    """A commit's failover evaluation and its render ask for the same views: the engine answers
+    the second time from its last view of that source, until the service's endpoints or ejections,
+    or the source's routability (leases), change."""
+    e = build_engine(snap := f.fleet(partition=PartitionMode.WITHDRAW, lease_ttl_s=30.0), offline_observations(snap))
+    east = src(e, "east")
+    first = e.view(f.CHECKOUT, east)
+    assert e.view(f.CHECKOUT, src(e, "east")) is first           # an equal source: the same view
+    eject_cluster(e, "east", 1.0)                                 # ejections
+    ejected = e.view(f.CHECKOUT, east)
+    assert ejected is not first and not any(ep.healthy for ep in ejected.endpoints if ep.cluster == "east")
+    for cluster in ("east", "south"):
+        e.renew_lease(cluster, 29.0)
+    e.tick(30.0)                                                  # west's lease expires: withdrawn
+    withdrawn = e.view(f.CHECKOUT, east)
+    assert "west" in tiers_by_cluster(ejected) and "west" not in tiers_by_cluster(withdrawn)
+    south_obs = next(o for o in offline_observations(snap) if o.cluster == "south")
+    checkout0 = next(i for i in south_obs.endpoints if i.pod == "checkout-0")
+    e.observe(f.observation("south", [flip(checkout0, False)], complete=False, at_s=31.0))   # endpoints
+
+    def south(v: ServiceView) -> list[int]:   # behind south's gateway: the aggregate weighs its ready pods
+        return [ep.weight for ep in v.endpoints if ep.cluster == "south"]
+    assert south(e.view(f.CHECKOUT, east)) == [south(withdrawn)[0] - 1]
