@@ -71,7 +71,7 @@ from benchmarks.graph import synthetic
 from benchmarks.simproxy import SimProxy, header, run_lite_fleet
 from clusters.kube.observation import ClusterObservation, EndpointInfo
 from federation.controller.distributor import AckEvent, ConfigDistributor, SyncState
-from federation.controller.gc_tuning import DEFAULT_GC_THRESHOLDS, tune_collector
+from federation.controller.gc_tuning import tune_collector
 from federation.controller.reconciler import (
     CoreRender,
     Debouncer,
@@ -557,8 +557,9 @@ def main() -> None:
     shard_counts = [int(x) for x in args.workers.split(",")]
     results: dict[str, Any] = {"benchmark": "convergence", "renderer": args.renderer, "runs": [],
                                "ray_nodes": args.ray_nodes if any(shard_counts) else 0, "gc": args.gc}
+    interpreter_gc = gc.get_threshold()
     if args.gc == "controller":
-        tune_collector()    # as the controller's actors do
+        interpreter_gc = tune_collector()    # as the controller's actors do
     cluster, temp_dir = start_ray(args.ray_nodes) if any(shard_counts) else (None, "")
     try:
         for n in [int(x) for x in args.proxies.split(",")]:
@@ -580,7 +581,7 @@ def main() -> None:
     if args.resync_endpoints:
         # the resync's proxy runs in this process too, and proxies keep CPython's collector
         # settings: measure the resync under those (for its controller side too: conservative)
-        gc.set_threshold(*DEFAULT_GC_THRESHOLDS)
+        gc.set_threshold(*interpreter_gc)
         results["resync"] = asyncio.run(full_resync(args.resync_endpoints))
         print(json.dumps(results["resync"]), file=sys.stderr, flush=True)
     first = results["runs"][0] if results["runs"] else {}

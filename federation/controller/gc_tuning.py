@@ -13,11 +13,13 @@ next commit replaces them), so scanning them again and again buys nothing.
 So the controller's processes collect less often: a young collection every 20,000 net
 allocations instead of 700 (a render allocates far more than 700 objects between two yields
 to the event loop anyway), and what exists when the process has finished starting (imported
-modules, the actor itself) is frozen out of every later pass (`gc.freeze()`, as the Python
-documentation advises for long-lived processes). Full collections still run, by CPython's own
-rule (only when the objects that survived since the last one are a quarter of the heap), so
-cyclic garbage is still found; it is found a little later. The proxies keep the defaults: their
-heap is small and their latency is per connection, not per commit.
+modules, the actor itself) is moved out of every later pass (`gc.freeze()`: those objects live
+as long as the process; a cycle among them that became garbage later would never be collected,
+and nothing the hosts build at start is replaced later). Full collections still run, by
+CPython's rules (after 20 x 10 young passes, and only when the objects that survived since the
+last one are a quarter of the heap), so cyclic garbage is still found, later. The proxies keep
+the interpreter's settings: their heap is small and their latency is per connection, not per
+commit.
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ from __future__ import annotations
 import gc
 
 CONTROLLER_GC_THRESHOLDS = (20_000, 20, 10)
-DEFAULT_GC_THRESHOLDS = (700, 10, 10)   # CPython's, which the proxies keep
 
 
-def tune_collector(thresholds: tuple[int, int, int] = CONTROLLER_GC_THRESHOLDS) -> None:
-    """Call once, when the process has finished starting (see the module docstring)."""
+def tune_collector(thresholds: tuple[int, int, int] = CONTROLLER_GC_THRESHOLDS) -> tuple[int, ...]:
+    """Call once, when the process has finished starting and before it starts threads (see the
+    module docstring). Returns the thresholds it replaced (the interpreter's)."""
+    before = gc.get_threshold()
     gc.collect()       # what is garbage already goes now, not frozen with the rest
     gc.freeze()
     gc.set_threshold(*thresholds)
+    return before

@@ -130,8 +130,9 @@ class ReconcilerHost:
         out = RemoteConfigServer(config_server)
         self.service = ReconcileService(RemoteStore(config_server), out.push_deltas, out.bundle_roots,
                                         debounce_after_s, debounce_max_s, rollout=out.rollout,
-                                        cluster_ops=out).start()
-        tune_collector()
+                                        cluster_ops=out)
+        tune_collector()      # before its thread starts: nothing of the thread's work is frozen
+        self.service.start()
 
     def on_snapshot(self, blob: bytes) -> None:
         self.service.on_snapshot(decode_snapshot(blob))
