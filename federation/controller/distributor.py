@@ -53,8 +53,9 @@ resource objects between proxies (one Service view per locality), so:
   segments. Protobuf repeated fields may be split over concatenated fragments, so the message a
   proxy decodes is exactly what `ztunnel.api.codec.encode_delta` would have produced (a unit test
   checks it). Segments are per wire form: a proxy that announced `ENDPOINT_TABLES` in its hello
-  (`ProxySession.tables`) gets services' endpoints as tables, any other the object form. A delta over the message budget falls back to `encode_delta`, which splits it into
-  chunks or refuses it (`OversizeError`).
+  (`ProxySession.tables`) gets services' endpoints as tables, any other the object form. A delta
+  over the message budget falls back to `encode_delta`, which splits it into chunks or refuses it
+  (`OversizeError`).
 The caches hold the objects whose ids key them, so an id is never reused while its entry lives;
 they are bounded and simply cleared when full (a miss only costs a diff).
 """

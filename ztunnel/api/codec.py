@@ -3,9 +3,10 @@
 Shared by both ends (the controller encodes, proxies decode), so it lives in the contract. Each
 resource travels as its JSON form (`ztunnel.api.config.resource_to_dict`), the same form as
 standalone config files, except that a proxy which announced `ENDPOINT_TABLES` in its hello gets
-the endpoints of a service (or an inference pool) as one table instead of an object each (`resource_body(r, tables=True)`);
-the decoder reads both forms, so any proxy reads any controller. A delta larger than `max_message_bytes` is split into chunks that share
-one nonce; a single resource larger than the limit is refused with `OversizeError` naming it.
+the endpoints of a service (or an inference pool) as one table instead of an object each
+(`resource_body(r, tables=True)`); the decoder reads both forms. A delta larger than
+`max_message_bytes` is split into chunks that share one nonce; a single resource larger than the
+limit is refused with `OversizeError` naming it.
 """
 
 from __future__ import annotations
