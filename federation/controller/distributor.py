@@ -286,25 +286,31 @@ class ProxySession:
     def retry_due(self, now_s: float) -> bool:
         return self.retry_at_s > 0 and now_s >= self.retry_at_s and self.connected and self.in_flight is None
 
-    def next_push(self, now_s: float, nonces: Iterable[int]) -> PushRecord | None:
+    def push_due(self, now_s: float) -> bool:
+        """Whether `next_push` would send something now; no side effects. A stream's reader asks
+        it after an ACK: most ACKs leave nothing to send, and waking the writer for nothing cost a
+        task step per proxy per push wave."""
         if not self.connected or self.in_flight is not None or self.desired is None or self.removed:
-            return None
+            return False
         want = self.desired_content
         if self.acked is not None and _same(self.acked_content, want):
-            return None
+            return False
         if self.retry_at_s and now_s < self.retry_at_s:
-            return None  # a failed push of this content: wait for the backoff (a new content resets it)
-        if self.nacked_content is not None and _same(self.nacked_content, want):
-            if self.retry_at_s == 0:
-                return None
-            self.retries += 1  # the proxy refused exactly this: try again now that the backoff passed
-        elif self.retry_at_s:
-            self.retries += 1
+            return False  # a failed push of this content: wait for the backoff (a new content resets it)
+        # the proxy refused exactly this and no backoff is running: nothing until the content changes
+        return not (self.retry_at_s == 0 and self.nacked_content is not None and _same(self.nacked_content, want))
+
+    def next_push(self, now_s: float, nonces: Iterable[int]) -> PushRecord | None:
+        desired = self.desired
+        if desired is None or not self.push_due(now_s):
+            return None
+        if self.retry_at_s:
+            self.retries += 1  # a failed push (a NACK, a timeout): try again now that the backoff passed
         self.retry_at_s = 0.0
         self.version += 1
-        cfg = replace(self.desired, stamp=Stamp(self.epoch, self.desired.stamp.revision, self.version))
+        cfg = replace(desired, stamp=Stamp(self.epoch, desired.stamp.revision, self.version))
         self.in_flight = PushRecord(f"{self.epoch}-{next(iter(nonces))}", cfg, now_s, self.desired_at_s,
-                                    want or content_of(cfg))
+                                    self.desired_content or content_of(cfg))
         self.pushes += 1
         self.ever_sent = True
         return self.in_flight
@@ -320,7 +326,9 @@ class ProxySession:
             self.nacks += 1
             self.last_nack, self.last_nack_stamp = error, push.config.stamp
             if error.startswith("resync"):
-                self.acked = self.acked_content = None  # our idea of its base was wrong: full state next
+                # our idea of its base was wrong: full state next. The proxy refused no content, so
+                # an earlier NACK of this content (retried since) must not hold the full state back
+                self.acked = self.acked_content = self.nacked_content = None
             else:
                 self.nacked_content = push.content
                 self._failed(now_s, f"NACK: {error}")
@@ -589,10 +597,15 @@ class ConfigDistributor:
         s.oversize_error = ""
         return [m.SerializeToString() for m in msgs]
 
-    def on_reply(self, s: ProxySession, req: Any) -> None:
-        push = s.on_reply(req.response_nonce, req.nack, req.error_detail, self.clock())
+    def on_reply(self, s: ProxySession, req: Any) -> bool:
+        """An ACK or NACK from `s`'s stream. True when the session has a push to make now (the
+        stream's writer needs waking: a resync NACK, or a desired content that moved while the
+        push was in flight)."""
+        now = self.clock()
+        push = s.on_reply(req.response_nonce, req.nack, req.error_detail, now)
         if push is not None:
             self._announce(s, push, bool(req.nack), str(req.error_detail))
+        return s.push_due(now)
 
     def _announce(self, s: ProxySession, push: PushRecord, nack: bool, error: str) -> None:
         ev = AckEvent(s.proxy_id, push.config.stamp, nack, error, s.last_ack_latency_s,

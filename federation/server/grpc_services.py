@@ -566,9 +566,9 @@ class ConfigServer:
 
         async def reader() -> None:
             async for req in it:
-                self.dist.on_reply(session, req)
-                assert session.wake is not None
-                session.wake.set()
+                if self.dist.on_reply(session, req):
+                    assert session.wake is not None
+                    session.wake.set()
 
         async def writer() -> None:
             assert session.wake is not None

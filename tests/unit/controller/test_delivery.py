@@ -162,6 +162,39 @@ def test_a_push_without_an_answer_times_out_and_the_retry_is_a_full_state() -> N
     assert pb.ConfigResponse.FromString(msg).base_version == 0         # a full state
 
 
+def test_a_reply_wakes_the_stream_only_when_it_leaves_a_push_to_make() -> None:
+    """`ConfigDistributor.on_reply` says whether the stream's writer must wake: not for an ACK of
+    the desired content, nor for a NACK whose retry waits for a backoff (`tick` wakes it then);
+    yes for a resync NACK (a full state follows at once) and for an ACK that arrives after the
+    desired content moved while the push was in flight."""
+    from ztunnel.api.proto import meshfed_pb2 as pb
+
+    d = ConfigDistributor(epoch=1, clock=lambda: 0.0)
+    d.set_desired({PID: make_config(PID, "r1")})
+    s = d.attach(PID, None)
+
+    def reply(nack: bool = False, error: str = "") -> bool:
+        assert s.in_flight is not None
+        return d.on_reply(s, pb.ConfigRequest(response_nonce=s.in_flight.nonce, nack=nack, error_detail=error))
+
+    assert d.build(s) and s.push_due(0.0) is False                      # in flight: nothing more
+    assert reply() is False and s.sync is SyncState.SYNCED              # ACKed what we want
+    d.set_desired({PID: make_config(PID, "r2", services=3)})
+    assert d.build(s)
+    d.set_desired({PID: make_config(PID, "r3", services=4)})            # moved while r2 is in flight
+    assert s.push_due(0.0) is False                                     # one push in flight at most
+    assert reply() is True                                              # r2 ACKed, r3 is due now
+    assert d.build(s)
+    assert reply(nack=True, error="bad route") is False                 # a backoff first: tick wakes it
+    assert s.retry_at_s > 0 and d.tick(s.retry_at_s) == [s] and s.push_due(s.retry_at_s)
+    d.clock = lambda: s.retry_at_s
+    assert d.build(s)
+    assert reply(nack=True, error="resync: unknown base version") is True   # a full state at once
+    assert s.acked is None
+    (msg,) = d.build(s)                                                 # earlier NACK or not
+    assert pb.ConfigResponse.FromString(msg).base_version == 0
+
+
 @pytest.mark.parametrize("proxy_id", ["ztunnel/a/n1", "gateway/b", "ztunnel/c/node-42"])
 def test_backoff_doubles_is_capped_and_spread_per_proxy(proxy_id: str) -> None:
     delays = [retry_delay_s(proxy_id, n) for n in range(1, 15)]
