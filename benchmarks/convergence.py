@@ -4,7 +4,11 @@
 [--workers 0,1,2,4] [--ray-nodes 1|2]` prints progress lines and, as its last line, one JSON object: per proxy count (`runs`),
 `commit_to_all_acked_ms_p50/p99`, `endpoint_change_to_all_acked_ms_p50/p99`,
 `controller_rss_mib`, and (`resync`) a full resync of 100k endpoints to one proxy. p50 is the
-median over `--rounds` rounds; the top-level keys repeat the first size's figures.
+median over `--rounds` rounds; the top-level keys repeat the first size's figures. Next to each
+size, its floor (`benchmarks.grpc_floor`, `--no-grpc-floor` skips it): the same round — one
+message to every proxy's stream, every ACK back — on a gRPC server that does nothing else, with
+the same worker processes; `commit_p99_over_grpc_floor_p99` is the controller's figure over it.
+`proxies_cpu_ms_per_round` is what the simulated proxies spent, on the same cores.
 
 What runs: the controller side in this process — `Reconciler` (debounce 100 ms / 10 s, as istiod)
 with the real core renderer (`federation.controller.reconciler.CoreRender`: graph, failover engine, render)
@@ -62,12 +66,15 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 from benchmarks.graph import synthetic
+from benchmarks.grpc_floor import measure as measure_grpc_floor
+from benchmarks.grpc_floor import pct
 from benchmarks.simproxy import SimProxy, header, run_lite_fleet
 from clusters.kube.observation import ClusterObservation, EndpointInfo
 from federation.controller.distributor import AckEvent, ConfigDistributor, SyncState
@@ -223,13 +230,6 @@ def rss_mib() -> float:
     return 0.0
 
 
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
-
-
 async def reconcile_until(rec: Reconciler, stop: asyncio.Event) -> None:
     """The reconcile loop of the controller side: reconcile whenever the debouncer is due."""
     while not stop.is_set():
@@ -365,6 +365,19 @@ def cpu_s(who: int) -> float:
     return r.ru_utime + r.ru_stime
 
 
+def proc_cpu_s(pids: Sequence[int]) -> float:
+    """User + system CPU seconds of running processes (the simulated proxies' workers), from
+    /proc/<pid>/stat; 0 for one that is gone."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])   # utime, stime (fields 14 and 15 of stat(5))
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 async def bench(scenario: Scenario, rounds: int, client: str = "lite", workers: int = 1,
                 shards: int = 0) -> dict[str, Any]:
     """`workers`: processes running the simulated proxies; `shards`: config
@@ -390,6 +403,7 @@ async def bench(scenario: Scenario, rounds: int, client: str = "lite", workers: 
         print(f"# {n} proxies connected and synced ({synced} configs) in {time.monotonic() - t0:.1f} s"
               f"{f' over {shards} shards' if shards else ''}", file=sys.stderr, flush=True)
         cpu0 = cpu_s(resource.RUSAGE_SELF)
+        proxies_cpu0 = proc_cpu_s([p.pid for p in procs])
         load0 = os.getloadavg()[0]
         commit_ms, change_ms, commit_n, change_n, render_ms = [], [], [], [], []
         for r in range(1, rounds + 1):  # a one-service commit
@@ -404,6 +418,7 @@ async def bench(scenario: Scenario, rounds: int, client: str = "lite", workers: 
             change_n.append(affected)
             await asyncio.sleep(0.05)
         cpu = cpu_s(resource.RUSAGE_SELF) - cpu0
+        proxies_cpu = proc_cpu_s([p.pid for p in procs]) - proxies_cpu0
         out = {
             "proxies": n, "rounds": rounds, "client": client, "workers": shards,
             "commit_to_all_acked_ms_p50": round(pct(commit_ms, 0.5), 1),
@@ -415,6 +430,9 @@ async def bench(scenario: Scenario, rounds: int, client: str = "lite", workers: 
             "endpoint_change_proxies_acked": int(pct([float(x) for x in change_n], 0.5)),
             "debounce_ms": 100,
             "controller_cpu_ms_per_round": round(cpu * 1000 / (2 * rounds), 1),
+            # the simulated proxies share the machine's cores with the controller: the two per round,
+            # summed and divided by the cores, are a floor for a round on an otherwise idle machine
+            "proxies_cpu_ms_per_round": round(proxies_cpu * 1000 / (2 * rounds), 1),
             "controller_rss_mib": round(rss_mib(), 1),
             "load_average_1m": round((load0 + os.getloadavg()[0]) / 2, 2),
         }
@@ -549,6 +567,9 @@ def main() -> None:
     ap.add_argument("--gc", choices=("controller", "default"), default="controller",
                     help="this process's collector: the controller's settings (federation.controller.gc_tuning) "
                          "or CPython's defaults")
+    ap.add_argument("--grpc-floor", action=argparse.BooleanOptionalAction, default=True,
+                    help="per proxy count, the same round on a gRPC server that does nothing else "
+                         "(benchmarks.grpc_floor): the floor under the figures")
     ap.add_argument("--serve-proxies", nargs="+", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_proxies:
@@ -563,11 +584,17 @@ def main() -> None:
     cluster, temp_dir = start_ray(args.ray_nodes) if any(shard_counts) else (None, "")
     try:
         for n in [int(x) for x in args.proxies.split(",")]:
+            floor = (asyncio.run(measure_grpc_floor(n, args.rounds, args.proxy_workers)) if args.grpc_floor
+                     else None)
             for shards in shard_counts:
                 scenario: Scenario = (CoreScenario(n, args.clusters, args.services, args.endpoints_per_service,
                                                    args.rounds)
                                       if args.renderer == "core" else SyntheticScenario(n, args.services))
                 r = asyncio.run(bench(scenario, args.rounds, args.client, args.proxy_workers, shards))
+                if floor is not None:
+                    r.update({k: v for k, v in floor.items() if k.startswith("grpc_floor")})
+                    r["commit_p99_over_grpc_floor_p99"] = round(r["commit_to_all_acked_ms_p99"]
+                                                                / floor["grpc_floor_ms_p99"], 2)
                 print(json.dumps(r), file=sys.stderr, flush=True)
                 results["runs"].append(r)
     finally:

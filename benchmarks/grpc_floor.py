@@ -1,0 +1,165 @@
+"""The floor under the convergence figures: gRPC alone, with nothing of the controller.
+
+A push wave is, per proxy, one message out on its config stream and one ACK back. This measures
+that and nothing else on the same machine and in the same shape as `benchmarks.convergence`: a
+`grpc.aio` server in this process with one bidirectional stream per simulated proxy, the clients
+in `workers` separate processes (one channel and TCP connection each), and per round one
+`message_bytes` message written to every stream and the clock stopped at the last ACK. The
+handlers do nothing else (identity serializers, no decode), so no controller on one event loop
+of this machine can push a round faster than this; `benchmarks.convergence` reports it next to
+its own figures (`grpc_floor_ms_p50/p99`).
+
+`python -m benchmarks.grpc_floor [--streams 1000] [--rounds 10] [--workers 2]` prints one JSON
+object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from typing import Any
+
+SERVICE, METHOD = "meshfed.bench.Floor", "Stream"
+
+
+def _same(b: bytes) -> bytes:
+    return b
+
+
+def pct(values: list[float], q: float) -> float:
+    """The q-quantile of `values`, nearest rank (`benchmarks.convergence` takes its figures with it)."""
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+async def _clients(port: int, streams: int, stop_fd: int) -> None:
+    """A worker process: `streams` channels, each ACKing every message, until `stop_fd` closes."""
+    import grpc.aio
+
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_reader(stop_fd, stop.set)
+    opts = [("grpc.use_local_subchannel_pool", 1)]   # a connection per channel, as a proxy has
+
+    async def one() -> None:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=opts) as channel:
+            call = channel.stream_stream(f"/{SERVICE}/{METHOD}", request_serializer=_same,
+                                         response_deserializer=_same)()
+            await call.write(b"hello")
+            async for _ in call:
+                await call.write(b"ack")
+
+    tasks = [asyncio.ensure_future(one()) for _ in range(streams)]
+    await stop.wait()
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _spawn_clients(port: int, streams: int, workers: int, stop_fd: int) -> list[subprocess.Popen[bytes]]:
+    shares = [streams // workers + (1 if w < streams % workers else 0) for w in range(workers)]
+    return [subprocess.Popen([sys.executable, "-m", "benchmarks.grpc_floor", "--clients", str(port), str(n),
+                              str(stop_fd)], pass_fds=(stop_fd,), env={**os.environ, "PYTHONPATH": os.getcwd()})
+            for n in shares if n]
+
+
+async def measure(streams: int, rounds: int = 10, workers: int = 2, message_bytes: int = 1024) -> dict[str, Any]:
+    """Per round: one message to each of `streams` streams, until every ACK is back."""
+    import grpc
+    import grpc.aio
+
+    wakes: list[asyncio.Event] = []
+    acked = asyncio.Event()
+    state = {"acks": 0, "want": 0}
+    message = b"\x00" * message_bytes
+
+    async def handler(requests: Any, context: Any) -> None:
+        wake = asyncio.Event()
+        await requests.__anext__()                      # the hello
+        wakes.append(wake)
+
+        async def read_acks() -> None:
+            async for _ in requests:
+                state["acks"] += 1
+                if state["acks"] == state["want"]:
+                    acked.set()
+
+        reader = asyncio.ensure_future(read_acks())
+        try:
+            while True:
+                await wake.wait()
+                wake.clear()
+                await context.write(message)
+        finally:
+            reader.cancel()
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
+        METHOD: grpc.stream_stream_rpc_method_handler(handler, request_deserializer=_same,
+                                                      response_serializer=_same)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    stop_r, stop_w = os.pipe()
+    procs = _spawn_clients(port, streams, workers, stop_r)
+    try:
+        deadline = time.monotonic() + 60 + streams / 50
+        while len(wakes) < streams:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(wakes)} of {streams} streams connected")
+            await asyncio.sleep(0.05)
+        times_ms = []
+        cpu0 = _cpu_s()
+        for _ in range(rounds):
+            state["acks"], state["want"] = 0, streams
+            acked.clear()
+            started = time.perf_counter()
+            for wake in wakes:
+                wake.set()
+            await asyncio.wait_for(acked.wait(), 60)
+            times_ms.append((time.perf_counter() - started) * 1000)
+            await asyncio.sleep(0.05)
+        cpu_ms = (_cpu_s() - cpu0) * 1000 / rounds
+    finally:
+        os.close(stop_w)
+        for p in procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        os.close(stop_r)
+        await server.stop(0)
+    return {"streams": streams, "rounds": rounds, "message_bytes": message_bytes,
+            "grpc_floor_ms_p50": round(pct(times_ms, 0.5), 1),
+            "grpc_floor_ms_p99": round(pct(times_ms, 0.99), 1),
+            "grpc_floor_server_cpu_ms_per_round": round(cpu_ms, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--streams", type=int, default=1000)
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--workers", type=int, default=2, help="processes running the clients")
+    ap.add_argument("--message-bytes", type=int, default=1024)
+    ap.add_argument("--clients", nargs=3, type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.clients:
+        port, streams, stop_fd = args.clients
+        asyncio.run(_clients(port, streams, stop_fd))
+        return
+    print(json.dumps(asyncio.run(measure(args.streams, args.rounds, args.workers, args.message_bytes))))
+
+
+if __name__ == "__main__":
+    main()
