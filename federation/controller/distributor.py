@@ -17,6 +17,9 @@ Split decide-then-act (the gRPC adapter is `federation.server.grpc_services.Conf
   proxy runs, and the retry is a full state). A new desired content resets the backoff and is
   sent at once. Only a config too large for the protocol (`OversizeError`) is not retried: it
   waits for a change. `tick(now_s)` finds the sessions due and the adapter wakes their streams.
+  A "resync" NACK (the proxy cannot apply a delta to what it runs) is answered with a full state
+  at once; a second one in a row waits for the backoff (a full state has no base to mismatch, so
+  that proxy is broken or hostile, and must not keep the controller encoding full states).
 - **Resuming.** A stream that reconnects says what the proxy runs (`have`). When that is what
   it ACKed, nothing is resent (a stream cut on purpose, e.g. because the certificate that
   opened it expired, costs no resync); when it is the push that was in flight as the stream
@@ -226,6 +229,7 @@ class ProxySession:
     retries: int = 0
     ack_timeouts: int = 0
     removed: bool = False                   # forgotten while connected: the stream is being closed
+    resyncs_in_a_row: int = 0               # "resync" NACKs since the last ACK or other NACK
     unanswered: PushRecord | None = None    # in flight when the stream ended: the next hello may settle it
 
     # --- decisions ---------------------------------------------------------------------------
@@ -295,16 +299,14 @@ class ProxySession:
         want = self.desired_content
         if self.acked is not None and _same(self.acked_content, want):
             return False
-        if self.retry_at_s and now_s < self.retry_at_s:
-            return False  # a failed push of this content: wait for the backoff (a new content resets it)
-        # the proxy refused exactly this and no backoff is running: nothing until the content changes
-        return not (self.retry_at_s == 0 and self.nacked_content is not None and _same(self.nacked_content, want))
+        # a failed push waits for its backoff (a new content resets it; an oversize one waits for ever)
+        return not (self.retry_at_s and now_s < self.retry_at_s)
 
     def next_push(self, now_s: float, nonces: Iterable[int]) -> PushRecord | None:
         desired = self.desired
         if desired is None or not self.push_due(now_s):
             return None
-        if self.retry_at_s:
+        if self.retry_at_s or (self.nacked_content is not None and _same(self.nacked_content, self.desired_content)):
             self.retries += 1  # a failed push (a NACK, a timeout): try again now that the backoff passed
         self.retry_at_s = 0.0
         self.version += 1
@@ -326,10 +328,15 @@ class ProxySession:
             self.nacks += 1
             self.last_nack, self.last_nack_stamp = error, push.config.stamp
             if error.startswith("resync"):
-                # our idea of its base was wrong: full state next. The proxy refused no content, so
-                # an earlier NACK of this content (retried since) must not hold the full state back
-                self.acked = self.acked_content = self.nacked_content = None
+                # our idea of its base was wrong: full state next. A full state has no base to be
+                # wrong about, so a proxy that asks again is broken (or hostile): from the second
+                # resync in a row, the full state waits for the backoff like any failed push
+                self.acked = self.acked_content = None
+                self.resyncs_in_a_row += 1
+                if self.resyncs_in_a_row > 1:
+                    self._failed(now_s, f"NACK: {error} ({self.resyncs_in_a_row} resyncs in a row)")
             else:
+                self.resyncs_in_a_row = 0
                 self.nacked_content = push.content
                 self._failed(now_s, f"NACK: {error}")
         else:
@@ -339,7 +346,7 @@ class ProxySession:
     def _acked(self, push: PushRecord) -> None:
         self.acks += 1
         self.acked, self.acked_content, self.acked_stamp = push.config, push.content, push.config.stamp
-        self.nacked_content, self.last_nack = None, ""
+        self.nacked_content, self.last_nack, self.resyncs_in_a_row = None, "", 0
         self.failures, self.retry_at_s, self.last_failure = 0, 0.0, ""
 
     @property

@@ -584,9 +584,9 @@ class ConfigServer:
                     del self._writes[me_w]
 
         expiry = asyncio.ensure_future(lease.ended.wait()) if lease is not None else None
+        rd = asyncio.ensure_future(reader())
+        wr = me_w = asyncio.ensure_future(writer())
         try:
-            rd = asyncio.ensure_future(reader())
-            wr = me_w = asyncio.ensure_future(writer())
             done, pending = await asyncio.wait({rd, wr} | ({expiry} if expiry is not None else set()),
                                                return_when=asyncio.FIRST_COMPLETED)
             for t in pending:
@@ -597,6 +597,12 @@ class ConfigServer:
             if lease is not None and expiry in done:
                 await self._end_expired(context, proxy_id, "config", lease)
         finally:
+            # this stream cancelled (the same proxy reconnected, the server stops): its reader and
+            # writer go with it, else the writer would wait for ever on a wake-up no one sets, or
+            # take the new stream's push and write it to this dead one
+            for t in (rd, wr, *((expiry,) if expiry is not None else ())):
+                if not t.done():
+                    t.cancel()
             self._writes.pop(wr, None)
             if self._streams.get(proxy_id) is me:
                 del self._streams[proxy_id]

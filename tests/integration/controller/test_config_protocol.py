@@ -224,3 +224,38 @@ async def test_endpoints_travel_as_tables_only_to_a_proxy_that_announced_them(se
     assert services["ztunnel/a/old"] == services["ztunnel/a/new"] and len(services["ztunnel/a/new"]) == 2
     assert all(s.endpoints for s in services["ztunnel/a/new"])
     assert server.dist.sessions["ztunnel/a/new"].tables and not server.dist.sessions["ztunnel/a/old"].tables
+
+
+async def test_a_proxy_that_reconnects_leaves_no_reader_or_writer_of_its_old_stream(server: ConfigServer) -> None:
+    """The same proxy (the same certificate) opening a second stream cancels the first; its reader
+    and writer tasks must go with it. Before, the old writer stayed for ever, waiting on a wake-up
+    no one set again (one task per reconnect, for the life of the controller)."""
+    import grpc.aio
+
+    from benchmarks.simproxy import LiteProxy
+
+    def live_writers() -> int:
+        return sum(1 for t in asyncio.all_tasks() if not t.done()
+                   and t.get_coro().__qualname__.endswith("_follow.<locals>.writer"))  # type: ignore[union-attr]
+
+    pid = "ztunnel/a/again"
+    server.dist.set_desired({pid: make_config(pid, "rev1")})
+    channels, tasks = [], []
+    try:
+        for _ in range(3):
+            channel = grpc.aio.insecure_channel(target(server), options=[("grpc.use_local_subchannel_pool", 1)])
+            channels.append(channel)
+            proxy = LiteProxy(pid, "a")
+            tasks.append(asyncio.ensure_future(proxy.run(channel)))
+            assert await wait_until(lambda proxy=proxy: proxy.acks >= 1, 5)   # type: ignore[misc]
+        assert await wait_until(lambda: live_writers() == 1, 5), live_writers()
+        # and the newest stream is the one served
+        server.dist.set_desired({pid: make_config(pid, "rev2", services=2)})
+        assert await wait_until(lambda: server.dist.sessions[pid].sync is SyncState.SYNCED
+                                and server.dist.sessions[pid].acked_stamp.revision == "rev2", 5)  # type: ignore[union-attr]
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for channel in channels:
+            await channel.close()

@@ -258,3 +258,64 @@ def test_a_hello_naming_the_push_in_flight_is_its_ack() -> None:
     d.detach(s)
     d.attach(PID, Stamp(1, "r-other", 99))
     assert s.acked is None and s.sync is SyncState.STALE
+
+
+def test_a_retry_lost_with_its_stream_is_sent_again_when_the_proxy_reconnects() -> None:
+    """Before: the proxy NACKed X, the retry of X was in flight when the stream dropped, and the
+    proxy reconnected on what it ACKed before X; nothing ever sent X again (STALE until the desired
+    content changed)."""
+    nonces = itertools.count()
+    s = ProxySession(PID, epoch=1)
+    s.set_desired(make_config(PID, "r1"), 0.0)
+    s.attach(None)
+    s.on_reply(sent(s, 0.0, nonces), False, "", 0.0)                     # runs r1
+    s.set_desired(make_config(PID, "r2", services=2), 1.0)
+    s.on_reply(sent(s, 1.0, nonces), True, "certificates not ready", 1.0)  # X = r2, NACKed
+    assert s.in_flight is None and not s.push_due(1.0)                   # the backoff runs
+    sent(s, s.retry_at_s, nonces)                                        # the retry leaves...
+    assert s.acked is not None
+    have = s.acked.stamp
+    s.detach()                                                           # ...and its stream drops
+    s.attach(have, 20.0)                                                 # back on r1
+    assert s.push_due(20.0)
+    push = s.next_push(20.0, nonces)
+    assert push is not None and push.config.stamp.revision == "r2" and s.retries == 2
+
+
+def test_a_nacked_content_that_comes_back_is_sent_again() -> None:
+    """Before: the proxy NACKed X, the desired content moved to Y and back to X before Y was
+    sent; X was never sent again."""
+    nonces = itertools.count()
+    s = ProxySession(PID, epoch=1)
+    x, y = make_config(PID, "x", services=2), make_config(PID, "y", services=3)
+    s.set_desired(x, 0.0)
+    s.attach(None)
+    s.on_reply(sent(s, 0.0, nonces), True, "bad", 0.0)
+    s.set_desired(y, 0.1)                  # a new content: the backoff is reset...
+    s.set_desired(x, 0.2)                  # ...and X is new again
+    assert s.push_due(0.2)
+    push = s.next_push(0.2, nonces)
+    assert push is not None and push.config.stamp.revision == "x"
+
+
+def test_resync_nacks_in_a_row_wait_for_the_backoff() -> None:
+    """A full state has no base to mismatch: a proxy that answers every push with "resync" is
+    broken or hostile, and gets one full state at once, then the backoff."""
+    from ztunnel.api.proto import meshfed_pb2 as pb
+
+    d = ConfigDistributor(epoch=1, clock=lambda: 0.0)
+    d.set_desired({PID: make_config(PID, "r1", services=3)})
+    s = d.attach(PID, None)
+
+    def resync() -> bool:
+        assert d.build(s) and s.in_flight is not None
+        return d.on_reply(s, pb.ConfigRequest(response_nonce=s.in_flight.nonce, nack=True,
+                                              error_detail="resync: delta is based on version 4"))
+
+    assert resync() is True and s.retry_at_s == 0.0                    # the first: a full state at once
+    assert resync() is False and s.retry_at_s > 0                     # the second: wait
+    assert d.build(s) == [] and d.tick(s.retry_at_s) == [s]
+    d.clock = lambda: s.retry_at_s
+    assert d.build(s)                                                  # then one more try
+    d.on_reply(s, pb.ConfigRequest(response_nonce=s.in_flight.nonce))  # type: ignore[union-attr]
+    assert s.sync is SyncState.SYNCED and s.resyncs_in_a_row == 0 and s.failures == 0
