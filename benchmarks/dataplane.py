@@ -12,7 +12,10 @@ blocking sockets in this process. `ztunnel_gateway_full_handshake` is the gatewa
 a second copy of node A started with `--no-tls-resumption` (new connections only): the before and
 after of TLS session resumption, measured in the same rounds. Also: proxy RSS idle and per
 endpoint in config (a node loaded with 10000 extra endpoints), and the framer micro-benchmark (our
-HBONE framer vs the `h2` library, in memory).
+HBONE framer vs the `h2` library, in memory). `python_tls_pair` is the floor under the ztunnel
+pair: a bare Python TLS relay pair (`benchmarks.tls_relay`: uvloop's TLS, mutual, a TLS connection
+per client connection, no HBONE and nothing of the mesh), measured in the same rounds; its ratios
+against HAProxy's pair are in the summary next to ours.
 
 Capacity (`capacity`): an open-loop sweep of new connections per second through node A's SOCKS5
 listener (each: connect, 64 bytes echoed, close; 2 s timeout), within the cluster (`pair`) and
@@ -559,6 +562,19 @@ listen sink
             extra["haproxy_pair"] = {"rss_kb_idle": rss_kb(hap[0].pid)}
         else:
             print("haproxy not installed (scripts/setup-system.sh installs it): no ratios", file=sys.stderr)
+        # the floor for any Python proxy pair on this path: a bare uvloop TLS relay pair (benchmarks.tls_relay)
+        py1, py2 = "127.56.0.3", "127.56.0.4"
+        py_ports = {name: (_free_port(py1), _free_port(py2)) for name in ("echo", "sink")}
+        for name, upstream in (("echo", echo_p), ("sink", sink_p)):
+            a_port, b_port = py_ports[name]
+            for mode, lh, lp, uh, up, who in (("server", py2, b_port, srv_ip, upstream, "hap2"),
+                                              ("client", py1, a_port, py2, b_port, "hap1")):
+                rp = subprocess.Popen([sys.executable, "-m", "benchmarks.tls_relay", mode, lh, str(lp), uh, str(up),
+                                       str(tmp / f"{who}.crt"), str(tmp / f"{who}.key"), str(tmp / "ca.pem")],
+                                      cwd=ROOT, stdout=subprocess.PIPE)
+                procs.append(rp)
+                assert rp.stdout is not None and rp.stdout.readline().strip() == b"ready"
+        paths["python_tls_pair"] = (tcp(py1, py_ports["echo"][0]), tcp(py1, py_ports["sink"][0]))
         # ztunnel pair and gateway
         client_pod = topo.Pod("east", "a", "client", "127.56.1.101", f"spiffe://{td}/ns/bench/sa/client",
                               node_address="127.56.1.11")
@@ -699,7 +715,7 @@ listen sink
                 fh = [f["conn_us_p50"] / h["conn_us_p50"]
                       for h, f in zip(per_round["haproxy_pair"], per_round["ztunnel_gateway_full_handshake"], strict=True)]
                 results["ztunnel_gateway_full_handshake"]["vs_haproxy"] = {"conn_ratio": round(statistics.median(fh), 2)}
-                for k in ("ztunnel_pair", "ztunnel_gateway"):
+                for k in ("ztunnel_pair", "ztunnel_gateway", "python_tls_pair"):
                     rs = [ratios(h, raw, z) for h, raw, z in zip(per_round["haproxy_pair"], per_round["raw_tcp"],
                                                                  per_round[k], strict=True)]
                     results[k]["vs_haproxy"] = {m: round(statistics.median(x[m] for x in rs), 2) for m in rs[0]}
@@ -711,6 +727,9 @@ listen sink
                     "ztunnel_gateway_conn_ratio_full_handshake": round(statistics.median(fh), 2),
                     "ztunnel_gateway_throughput_ratio": gw["gbps_ratio"],
                     "ztunnel_pair_conn_ratio": pair["conn_ratio"],
+                    # the floor: a bare Python TLS relay pair (no HBONE, no mesh) against the same HAProxy pair
+                    "python_tls_pair_added_latency_ratio": results["python_tls_pair"]["vs_haproxy"]["added_p50_ratio"],
+                    "python_tls_pair_throughput_ratio": results["python_tls_pair"]["vs_haproxy"]["gbps_ratio"],
                     "ztunnel_rss_idle_mb": round(results["rss"]["ztunnel_idle_kb"] / 1024, 1),
                     "ztunnel_rss_bytes_per_endpoint": results["rss"]["bytes_per_endpoint"],
                     **({"knee_rate_pair": results["capacity"]["pair"]["knee_rate"],

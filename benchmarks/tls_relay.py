@@ -1,0 +1,133 @@
+"""The floor under the ztunnel pair's figures: a bare Python TLS relay pair, nothing of the mesh.
+
+`benchmarks.dataplane` measures the ztunnel pair (plain → HBONE: mTLS + HTTP/2 CONNECT → plain)
+against an HAProxy pair (plain → mTLS → plain). This is the least any Python proxy pair built
+like ours has to do on that path: one process takes plain TCP and relays it over mutual TLS (a
+new TLS connection per client connection, the peer's certificate verified against the CA) to a
+second process, which relays it to the server. The TLS is the ztunnels' own
+(`ztunnel.identity.tls_transport.TlsAdapter` over `ssl`'s OpenSSL, measured faster than asyncio's
+and uvloop's TLS transports), the loop uvloop, one `write` per read with the transports' flow
+control. No HTTP/2, no identities, no policy, no metrics. What HAProxy's pair does beyond it, and
+what our ztunnel pair costs over it, are then two ratios from the same rounds (`python_tls_pair`
+in the benchmark's JSON).
+
+`python -m benchmarks.tls_relay client LISTEN_HOST LISTEN_PORT UPSTREAM_HOST UPSTREAM_PORT CERT KEY CA`
+(plain in, TLS out) or `... server ...` (TLS in, plain out); prints "ready" once listening.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import sys
+from typing import Any
+
+from ztunnel.identity.tls_transport import TlsAdapter, TlsTransport
+
+
+def _reading(transport: Any) -> Any:
+    """What to pause when the other side cannot keep up: the TCP socket under our TLS, else the transport."""
+    return transport._adapter.raw if isinstance(transport, TlsTransport) else transport
+
+
+class _Relay(asyncio.Protocol):
+    """One side of a relayed connection; `peer` is the other side's relay."""
+
+    def __init__(self) -> None:
+        self.transport: Any = None
+        self.peer: _Relay | None = None
+        self._early: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        if not isinstance(transport, TlsTransport):   # the TLS adapter sets its own marks on its socket
+            transport.set_write_buffer_limits(high=2 * 1024 * 1024, low=512 * 1024)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is None or peer.transport is None:
+            self._early.append(data)   # the upstream is still connecting: hold this, read no more
+            _reading(self.transport).pause_reading()
+            return
+        peer.transport.write(data)
+
+    def attach(self, peer: _Relay) -> None:
+        self.peer = peer
+        early, self._early = self._early, []
+        if early and peer.transport is not None:
+            peer.transport.write(b"".join(early))
+            _reading(self.transport).resume_reading()
+
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            _reading(self.peer.transport).pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            _reading(self.peer.transport).resume_reading()
+
+    def eof_received(self) -> bool:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.close()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.close()
+
+
+async def serve(mode: str, listen: tuple[str, int], upstream: tuple[str, int], cert: str, key: str, ca: str) -> None:
+    loop = asyncio.get_running_loop()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH if mode == "server" else ssl.Purpose.SERVER_AUTH,
+                                     cafile=ca)
+    ctx.load_cert_chain(cert, key)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED      # mutual TLS, as both other pairs
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+
+    dials: set[asyncio.Task[None]] = set()    # the loop keeps only weak references to tasks
+
+    def accepted() -> asyncio.Protocol:
+        downstream = _Relay()
+
+        async def dial() -> None:
+            try:
+                if mode == "client":   # TLS out: the handshake completes before bytes flow
+                    up = _Relay()
+                    adapter = TlsAdapter(loop, ctx, up, server_side=False)
+                    await loop.create_connection(lambda: adapter, *upstream)
+                    await adapter.handshake
+                else:
+                    _, plain = await loop.create_connection(_Relay, *upstream)
+                    assert isinstance(plain, _Relay)
+                    up = plain
+            except (OSError, ssl.SSLError, TimeoutError):
+                if downstream.transport is not None:
+                    downstream.transport.close()
+                return
+            up.attach(downstream)
+            downstream.attach(up)
+
+        task = loop.create_task(dial())
+        dials.add(task)
+        task.add_done_callback(dials.discard)
+        return TlsAdapter(loop, ctx, downstream, server_side=True) if mode == "server" else downstream
+
+    server = await loop.create_server(accepted, *listen, backlog=1024)
+    print("ready", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+def main() -> None:
+    mode, lh, lp, uh, up, cert, key, ca = sys.argv[1:9]
+    if mode not in ("client", "server"):
+        raise SystemExit("mode: client (plain in, TLS out) or server (TLS in, plain out)")
+    import uvloop
+
+    uvloop.install()
+    asyncio.run(serve(mode, (lh, int(lp)), (uh, int(up)), cert, key, ca))
+
+
+if __name__ == "__main__":
+    main()
