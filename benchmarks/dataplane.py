@@ -730,6 +730,7 @@ listen sink
                     # the floor: a bare Python TLS relay pair (no HBONE, no mesh) against the same HAProxy pair
                     "python_tls_pair_added_latency_ratio": results["python_tls_pair"]["vs_haproxy"]["added_p50_ratio"],
                     "python_tls_pair_throughput_ratio": results["python_tls_pair"]["vs_haproxy"]["gbps_ratio"],
+                    "python_tls_pair_conn_ratio": results["python_tls_pair"]["vs_haproxy"]["conn_ratio"],
                     "ztunnel_rss_idle_mb": round(results["rss"]["ztunnel_idle_kb"] / 1024, 1),
                     "ztunnel_rss_bytes_per_endpoint": results["rss"]["bytes_per_endpoint"],
                     **({"knee_rate_pair": results["capacity"]["pair"]["knee_rate"],

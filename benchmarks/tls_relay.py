@@ -4,7 +4,8 @@
 against an HAProxy pair (plain → mTLS → plain). This is the least any Python proxy pair built
 like ours has to do on that path: one process takes plain TCP and relays it over mutual TLS (a
 new TLS connection per client connection, the peer's certificate verified against the CA) to a
-second process, which relays it to the server. The TLS is the ztunnels' own
+second process, which relays it to the server, reusing TLS sessions towards it as HAProxy does
+for its servers. The TLS is the ztunnels' own
 (`ztunnel.identity.tls_transport.TlsAdapter` over `ssl`'s OpenSSL, measured faster than asyncio's
 and uvloop's TLS transports), the loop uvloop, one `write` per read with the transports' flow
 control. No HTTP/2, no identities, no policy, no metrics. What HAProxy's pair does beyond it, and
@@ -33,10 +34,11 @@ def _reading(transport: Any) -> Any:
 class _Relay(asyncio.Protocol):
     """One side of a relayed connection; `peer` is the other side's relay."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_first_data: Any = None) -> None:
         self.transport: Any = None
         self.peer: _Relay | None = None
         self._early: list[bytes] = []
+        self._on_first_data = on_first_data
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -44,6 +46,9 @@ class _Relay(asyncio.Protocol):
             transport.set_write_buffer_limits(high=2 * 1024 * 1024, low=512 * 1024)  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
+        if self._on_first_data is not None:
+            self._on_first_data(self)
+            self._on_first_data = None
         peer = self.peer
         if peer is None or peer.transport is None:
             self._early.append(data)   # the upstream is still connecting: hold this, read no more
@@ -86,6 +91,14 @@ async def serve(mode: str, listen: tuple[str, int], upstream: tuple[str, int], c
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
 
     dials: set[asyncio.Task[None]] = set()    # the loop keeps only weak references to tasks
+    # TLS session reuse towards the one upstream, as HAProxy does for its servers by default: the
+    # ticket arrives after the handshake, with the server's first bytes
+    tickets: dict[str, ssl.SSLSession] = {}
+
+    def keep_ticket(relay: _Relay) -> None:
+        session = relay.transport.get_extra_info("ssl_object").session
+        if session is not None and session.has_ticket:
+            tickets["last"] = session
 
     def accepted() -> asyncio.Protocol:
         downstream = _Relay()
@@ -93,8 +106,8 @@ async def serve(mode: str, listen: tuple[str, int], upstream: tuple[str, int], c
         async def dial() -> None:
             try:
                 if mode == "client":   # TLS out: the handshake completes before bytes flow
-                    up = _Relay()
-                    adapter = TlsAdapter(loop, ctx, up, server_side=False)
+                    up = _Relay(on_first_data=keep_ticket)
+                    adapter = TlsAdapter(loop, ctx, up, server_side=False, session=tickets.get("last"))
                     await loop.create_connection(lambda: adapter, *upstream)
                     await adapter.handshake
                 else:
