@@ -66,15 +66,14 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import replace
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 from benchmarks.graph import synthetic
 from benchmarks.grpc_floor import measure as measure_grpc_floor
-from benchmarks.grpc_floor import pct
+from benchmarks.grpc_floor import pct, proc_cpu_s
 from benchmarks.simproxy import SimProxy, header, run_lite_fleet
 from clusters.kube.observation import ClusterObservation, EndpointInfo
 from federation.controller.distributor import AckEvent, ConfigDistributor, SyncState
@@ -363,19 +362,6 @@ async def serve_proxies(client: str, host: str, entries: list[str]) -> None:
 def cpu_s(who: int) -> float:
     r = resource.getrusage(who)
     return r.ru_utime + r.ru_stime
-
-
-def proc_cpu_s(pids: Sequence[int]) -> float:
-    """User + system CPU seconds of running processes (the simulated proxies' workers), from
-    /proc/<pid>/stat; 0 for one that is gone."""
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])   # utime, stime (fields 14 and 15 of stat(5))
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 async def bench(scenario: Scenario, rounds: int, client: str = "lite", workers: int = 1,

@@ -13,9 +13,10 @@ a second copy of node A started with `--no-tls-resumption` (new connections only
 after of TLS session resumption, measured in the same rounds. Also: proxy RSS idle and per
 endpoint in config (a node loaded with 10000 extra endpoints), and the framer micro-benchmark (our
 HBONE framer vs the `h2` library, in memory). `python_tls_pair` is the floor under the ztunnel
-pair: a bare Python TLS relay pair (`benchmarks.tls_relay`: uvloop's TLS, mutual, a TLS connection
-per client connection, no HBONE and nothing of the mesh), measured in the same rounds; its ratios
-against HAProxy's pair are in the summary next to ours.
+pair: a bare Python TLS relay pair (`benchmarks.tls_relay`: the ztunnels' TLS adapter on uvloop,
+mutual TLS, a TLS connection per client connection with sessions reused as HAProxy reuses them,
+no HBONE and nothing of the mesh), measured in the same rounds; its ratios against HAProxy's pair
+are in the summary next to ours.
 
 Capacity (`capacity`): an open-loop sweep of new connections per second through node A's SOCKS5
 listener (each: connect, 64 bytes echoed, close; 2 s timeout), within the cluster (`pair`) and
@@ -562,7 +563,7 @@ listen sink
             extra["haproxy_pair"] = {"rss_kb_idle": rss_kb(hap[0].pid)}
         else:
             print("haproxy not installed (scripts/setup-system.sh installs it): no ratios", file=sys.stderr)
-        # the floor for any Python proxy pair on this path: a bare uvloop TLS relay pair (benchmarks.tls_relay)
+        # a floor for a Python proxy pair built as ours: a bare TLS relay pair (benchmarks.tls_relay)
         py1, py2 = "127.56.0.3", "127.56.0.4"
         py_ports = {name: (_free_port(py1), _free_port(py2)) for name in ("echo", "sink")}
         for name, upstream in (("echo", echo_p), ("sink", sink_p)):

@@ -5,9 +5,12 @@ that and nothing else on the same machine and in the same shape as `benchmarks.c
 `grpc.aio` server in this process with one bidirectional stream per simulated proxy, the clients
 in `workers` separate processes (one channel and TCP connection each), and per round one
 `message_bytes` message written to every stream and the clock stopped at the last ACK. The
-handlers do nothing else (identity serializers, no decode), so no controller on one event loop
-of this machine can push a round faster than this; `benchmarks.convergence` reports it next to
-its own figures (`grpc_floor_ms_p50/p99`).
+handlers do nothing else (identity serializers, no decode): a controller built as ours is (one
+`grpc.aio` event loop, `grpc.aio` proxies on the same cores) cannot push a round faster than this
+here; `benchmarks.convergence` reports it next to its own figures (`grpc_floor_ms_p50/p99`, p99
+being the slowest of few rounds), measured just before them (not interleaved). What it does not
+bound: a server split over processes, or proxies on other machines (the server's and the
+clients' CPU per round are reported apart for that).
 
 `python -m benchmarks.grpc_floor [--streams 1000] [--rounds 10] [--workers 2]` prints one JSON
 object.
@@ -23,6 +26,8 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 SERVICE, METHOD = "meshfed.bench.Floor", "Stream"
@@ -38,6 +43,19 @@ def pct(values: list[float], q: float) -> float:
         return float("nan")
     s = sorted(values)
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def proc_cpu_s(pids: Sequence[int]) -> float:
+    """User + system CPU seconds of running processes (simulated proxies, clients), from
+    /proc/<pid>/stat; 0 for one that is gone."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])   # utime, stime (fields 14 and 15 of stat(5))
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _cpu_s() -> float:
@@ -120,7 +138,7 @@ async def measure(streams: int, rounds: int = 10, workers: int = 2, message_byte
                 raise TimeoutError(f"only {len(wakes)} of {streams} streams connected")
             await asyncio.sleep(0.05)
         times_ms = []
-        cpu0 = _cpu_s()
+        cpu0, clients_cpu0 = _cpu_s(), proc_cpu_s([p.pid for p in procs])
         for _ in range(rounds):
             state["acks"], state["want"] = 0, streams
             acked.clear()
@@ -131,6 +149,7 @@ async def measure(streams: int, rounds: int = 10, workers: int = 2, message_byte
             times_ms.append((time.perf_counter() - started) * 1000)
             await asyncio.sleep(0.05)
         cpu_ms = (_cpu_s() - cpu0) * 1000 / rounds
+        clients_cpu_ms = (proc_cpu_s([p.pid for p in procs]) - clients_cpu0) * 1000 / rounds
     finally:
         os.close(stop_w)
         for p in procs:
@@ -143,7 +162,9 @@ async def measure(streams: int, rounds: int = 10, workers: int = 2, message_byte
     return {"streams": streams, "rounds": rounds, "message_bytes": message_bytes,
             "grpc_floor_ms_p50": round(pct(times_ms, 0.5), 1),
             "grpc_floor_ms_p99": round(pct(times_ms, 0.99), 1),
-            "grpc_floor_server_cpu_ms_per_round": round(cpu_ms, 1)}
+            "grpc_floor_server_cpu_ms_per_round": round(cpu_ms, 1),
+            # the clients run on the same cores: (server + clients) / cores bounds a round from below
+            "grpc_floor_clients_cpu_ms_per_round": round(clients_cpu_ms, 1)}
 
 
 def main() -> None:

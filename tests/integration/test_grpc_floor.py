@@ -12,7 +12,7 @@ def test_every_stream_gets_its_message_and_acks_it_in_each_round() -> None:
     assert out["streams"] == 30 and out["rounds"] == 3
     # a round ends at the 30th ACK: a positive, finite time, no faster at p99 than at p50
     assert 0 < out["grpc_floor_ms_p50"] <= out["grpc_floor_ms_p99"] < 60_000
-    assert out["grpc_floor_server_cpu_ms_per_round"] > 0
+    assert out["grpc_floor_server_cpu_ms_per_round"] > 0 and out["grpc_floor_clients_cpu_ms_per_round"] > 0
 
 
 def test_quantiles_are_nearest_rank() -> None:
