@@ -15,8 +15,9 @@ endpoint in config (a node loaded with 10000 extra endpoints), and the framer mi
 HBONE framer vs the `h2` library, in memory). `python_tls_pair` is the floor under the ztunnel
 pair: a bare Python TLS relay pair (`benchmarks.tls_relay`: the ztunnels' TLS adapter on uvloop,
 mutual TLS, a TLS connection per client connection with sessions reused as HAProxy reuses them,
-no HBONE and nothing of the mesh), measured in the same rounds; its ratios against HAProxy's pair
-are in the summary next to ours.
+no HBONE and nothing of the mesh), measured in the same rounds; `python_tls_pair_threaded` the
+same relay written with blocking `ssl` sockets and two threads per connection. Their ratios
+against HAProxy's pair are in the summary next to ours.
 
 Capacity (`capacity`): an open-loop sweep of new connections per second through node A's SOCKS5
 listener (each: connect, 64 bytes echoed, close; 2 s timeout), within the cluster (`pair`) and
@@ -563,19 +564,21 @@ listen sink
             extra["haproxy_pair"] = {"rss_kb_idle": rss_kb(hap[0].pid)}
         else:
             print("haproxy not installed (scripts/setup-system.sh installs it): no ratios", file=sys.stderr)
-        # a floor for a Python proxy pair built as ours: a bare TLS relay pair (benchmarks.tls_relay)
-        py1, py2 = "127.56.0.3", "127.56.0.4"
-        py_ports = {name: (_free_port(py1), _free_port(py2)) for name in ("echo", "sink")}
-        for name, upstream in (("echo", echo_p), ("sink", sink_p)):
-            a_port, b_port = py_ports[name]
-            for mode, lh, lp, uh, up, who in (("server", py2, b_port, srv_ip, upstream, "hap2"),
-                                              ("client", py1, a_port, py2, b_port, "hap1")):
-                rp = subprocess.Popen([sys.executable, "-m", "benchmarks.tls_relay", mode, lh, str(lp), uh, str(up),
-                                       str(tmp / f"{who}.crt"), str(tmp / f"{who}.key"), str(tmp / "ca.pem")],
-                                      cwd=ROOT, stdout=subprocess.PIPE)
-                procs.append(rp)
-                assert rp.stdout is not None and rp.stdout.readline().strip() == b"ready"
-        paths["python_tls_pair"] = (tcp(py1, py_ports["echo"][0]), tcp(py1, py_ports["sink"][0]))
+        # floors for a Python proxy pair: bare TLS relay pairs (benchmarks.tls_relay), built as ours
+        # (the ztunnels' TLS adapter on uvloop) and threaded (blocking ssl sockets)
+        for path, (py1, py2), flags in (("python_tls_pair", ("127.56.0.3", "127.56.0.4"), []),
+                                        ("python_tls_pair_threaded", ("127.56.0.5", "127.56.0.6"), ["--threads"])):
+            py_ports = {name: (_free_port(py1), _free_port(py2)) for name in ("echo", "sink")}
+            for name, upstream in (("echo", echo_p), ("sink", sink_p)):
+                a_port, b_port = py_ports[name]
+                for mode, lh, lp, uh, up, who in (("server", py2, b_port, srv_ip, upstream, "hap2"),
+                                                  ("client", py1, a_port, py2, b_port, "hap1")):
+                    rp = subprocess.Popen([sys.executable, "-m", "benchmarks.tls_relay", mode, lh, str(lp), uh,
+                                           str(up), str(tmp / f"{who}.crt"), str(tmp / f"{who}.key"),
+                                           str(tmp / "ca.pem"), *flags], cwd=ROOT, stdout=subprocess.PIPE)
+                    procs.append(rp)
+                    assert rp.stdout is not None and rp.stdout.readline().strip() == b"ready"
+            paths[path] = (tcp(py1, py_ports["echo"][0]), tcp(py1, py_ports["sink"][0]))
         # ztunnel pair and gateway
         client_pod = topo.Pod("east", "a", "client", "127.56.1.101", f"spiffe://{td}/ns/bench/sa/client",
                               node_address="127.56.1.11")
@@ -716,7 +719,7 @@ listen sink
                 fh = [f["conn_us_p50"] / h["conn_us_p50"]
                       for h, f in zip(per_round["haproxy_pair"], per_round["ztunnel_gateway_full_handshake"], strict=True)]
                 results["ztunnel_gateway_full_handshake"]["vs_haproxy"] = {"conn_ratio": round(statistics.median(fh), 2)}
-                for k in ("ztunnel_pair", "ztunnel_gateway", "python_tls_pair"):
+                for k in ("ztunnel_pair", "ztunnel_gateway", "python_tls_pair", "python_tls_pair_threaded"):
                     rs = [ratios(h, raw, z) for h, raw, z in zip(per_round["haproxy_pair"], per_round["raw_tcp"],
                                                                  per_round[k], strict=True)]
                     results[k]["vs_haproxy"] = {m: round(statistics.median(x[m] for x in rs), 2) for m in rs[0]}
@@ -732,6 +735,9 @@ listen sink
                     "python_tls_pair_added_latency_ratio": results["python_tls_pair"]["vs_haproxy"]["added_p50_ratio"],
                     "python_tls_pair_throughput_ratio": results["python_tls_pair"]["vs_haproxy"]["gbps_ratio"],
                     "python_tls_pair_conn_ratio": results["python_tls_pair"]["vs_haproxy"]["conn_ratio"],
+                    **{f"python_tls_pair_threaded_{m}": results["python_tls_pair_threaded"]["vs_haproxy"][r]
+                       for m, r in (("added_latency_ratio", "added_p50_ratio"), ("throughput_ratio", "gbps_ratio"),
+                                    ("conn_ratio", "conn_ratio"))},
                     "ztunnel_rss_idle_mb": round(results["rss"]["ztunnel_idle_kb"] / 1024, 1),
                     "ztunnel_rss_bytes_per_endpoint": results["rss"]["bytes_per_endpoint"],
                     **({"knee_rate_pair": results["capacity"]["pair"]["knee_rate"],

@@ -12,17 +12,25 @@ control. No HTTP/2, no identities, no policy, no metrics. What HAProxy's pair do
 what our ztunnel pair costs over it, are then two ratios from the same rounds (`python_tls_pair`
 in the benchmark's JSON).
 
-`python -m benchmarks.tls_relay client LISTEN_HOST LISTEN_PORT UPSTREAM_HOST UPSTREAM_PORT CERT KEY CA`
-(plain in, TLS out) or `... server ...` (TLS in, plain out); prints "ready" once listening.
+`--threads` (`python_tls_pair_threaded`): the same relay as a threaded program instead, blocking
+`ssl.SSLSocket`s and two threads per connection, the other way Python can be written.
+
+`python -m benchmarks.tls_relay client LISTEN_HOST LISTEN_PORT UPSTREAM_HOST UPSTREAM_PORT CERT KEY CA
+[--threads]` (plain in, TLS out) or `... server ...` (TLS in, plain out); prints "ready" once
+listening.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import ssl
 import sys
+import threading
 from typing import Any
 
+from ztunnel.identity.tls_transport import READ_BYTES as RELAY_READ_BYTES
 from ztunnel.identity.tls_transport import TlsAdapter, TlsTransport
 
 
@@ -81,14 +89,19 @@ class _Relay(asyncio.Protocol):
             self.peer.transport.close()
 
 
-async def serve(mode: str, listen: tuple[str, int], upstream: tuple[str, int], cert: str, key: str, ca: str) -> None:
-    loop = asyncio.get_running_loop()
+def tls_context(mode: str, cert: str, key: str, ca: str) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH if mode == "server" else ssl.Purpose.SERVER_AUTH,
                                      cafile=ca)
     ctx.load_cert_chain(cert, key)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_REQUIRED      # mutual TLS, as both other pairs
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    return ctx
+
+
+async def serve(mode: str, listen: tuple[str, int], upstream: tuple[str, int], cert: str, key: str, ca: str) -> None:
+    loop = asyncio.get_running_loop()
+    ctx = tls_context(mode, cert, key, ca)
 
     dials: set[asyncio.Task[None]] = set()    # the loop keeps only weak references to tasks
     # TLS session reuse towards the one upstream, as HAProxy does for its servers by default: the
@@ -132,10 +145,64 @@ async def serve(mode: str, listen: tuple[str, int], upstream: tuple[str, int], c
         await server.serve_forever()
 
 
+def serve_threaded(mode: str, listen: tuple[str, int], upstream: tuple[str, int], cert: str, key: str,
+                   ca: str) -> None:
+    """The same relay with blocking `ssl.SSLSocket`s and two threads per connection (one per
+    direction): no event loop, no memory BIO; each hop is recv, SSL and sendall in C, with the
+    GIL released around the system calls."""
+    ctx = tls_context(mode, cert, key, ca)
+    tickets: dict[str, ssl.SSLSession] = {}
+
+    def pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(RELAY_READ_BYTES)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s_ in (src, dst):
+                with contextlib.suppress(OSError):
+                    s_.shutdown(socket.SHUT_RDWR)
+
+    def relay(conn: socket.socket) -> None:
+        try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            raw = socket.create_connection(upstream)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if mode == "client":
+                up: socket.socket = ctx.wrap_socket(raw, session=tickets.get("last"))
+            else:
+                up, conn = raw, ctx.wrap_socket(conn, server_side=True)
+        except (OSError, ssl.SSLError):
+            conn.close()
+            return
+        back = threading.Thread(target=pipe, args=(up, conn), daemon=True)
+        back.start()
+        pipe(conn, up)
+        back.join()
+        if mode == "client" and isinstance(up, ssl.SSLSocket) and up.session is not None and up.session.has_ticket:
+            tickets["last"] = up.session    # the server's ticket came with its first bytes
+        conn.close()
+        up.close()
+
+    lsock = socket.create_server(listen, backlog=1024)
+    print("ready", flush=True)
+    while True:
+        conn, _ = lsock.accept()
+        threading.Thread(target=relay, args=(conn,), daemon=True).start()
+
+
 def main() -> None:
     mode, lh, lp, uh, up, cert, key, ca = sys.argv[1:9]
+    threaded = sys.argv[9:10] == ["--threads"]
     if mode not in ("client", "server"):
         raise SystemExit("mode: client (plain in, TLS out) or server (TLS in, plain out)")
+    if threaded:
+        serve_threaded(mode, (lh, int(lp)), (uh, int(up)), cert, key, ca)
+        return
     import uvloop
 
     uvloop.install()
