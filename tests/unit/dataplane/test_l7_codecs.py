@@ -57,6 +57,16 @@ def test_oversized_body_upgrade_and_garbage() -> None:
     assert isinstance(bad, ProtocolFailure) and bad.status == 400
 
 
+def test_an_http11_request_without_host_is_a_400_and_http10_may_omit_it() -> None:
+    """RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request that lacks a Host header."""
+    [bad] = Http1Server().receive(b"GET / HTTP/1.1\r\nAccept: */*\r\n\r\n", 0.0)
+    assert isinstance(bad, ProtocolFailure) and bad.status == 400 and "Host" in bad.reason
+    [old] = Http1Server().receive(b"GET / HTTP/1.0\r\n\r\n", 0.0)
+    assert isinstance(old, RequestReady) and old.head.host == ""
+    [ok] = Http1Server().receive(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", 0.0)
+    assert isinstance(ok, RequestReady) and ok.head.host == "a"
+
+
 def test_connection_close_is_not_reusable_and_eof_is_seen() -> None:
     client, server = Http1Client(), Http1Server()
     # the caller's Connection: close is hop-by-hop: the upstream connection stays reusable...

@@ -218,6 +218,9 @@ class Http1Server:
         self._reading = Phase.BODY
         if self.parser.should_upgrade():
             raise _Refused(ProtocolFailure(501, "upgrades (WebSocket) are not proxied by the L7 engine"))
+        if self.parser.get_http_version() != "1.0" and not any(k == "host" for k, _ in self._msg.headers):
+            # RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without Host (1.0 may omit it)
+            raise _Refused(ProtocolFailure(400, "HTTP/1.1 request without a Host header"))
 
     def on_body(self, body: bytes) -> None:
         self._msg.size += len(body)
