@@ -82,7 +82,12 @@ from federation.controller.distributor import ConfigDistributor, ProxyRemovedErr
 from federation.controller.signing import BootstrapVerdict, Requester, Signer, cluster_named_by
 from federation.controller.stream_authorization import StreamExpiries, stream_expired
 from ztunnel.api.clock import calendar_now
-from ztunnel.api.codec import PROXY_ID_METADATA, stamp_from_pb
+from ztunnel.api.codec import (
+    PROXY_ID_METADATA,
+    STREAM_END_CERTIFICATE_EXPIRED,
+    STREAM_END_METADATA,
+    stamp_from_pb,
+)
 from ztunnel.api.identity import IdentityError, ProxyId
 from ztunnel.api.logsetup import printable
 from ztunnel.api.proto import meshfed_pb2 as pb
@@ -507,7 +512,8 @@ class ConfigServer:
                  extra={"fields": {"event": "StreamCertificateExpired", "peer": who, "stream": what}})
         await context.abort(grpc.StatusCode.UNAVAILABLE,
                             f"the client certificate that authenticated this {what} stream expired at {_utc(lease.not_after_s)} "
-                            "(controller calendar): reconnect with your current (renewed) certificate")
+                            "(controller calendar): reconnect with your current (renewed) certificate",
+                            trailing_metadata=((STREAM_END_METADATA, STREAM_END_CERTIFICATE_EXPIRED),))
 
     # --- config stream -----------------------------------------------------------------------
 

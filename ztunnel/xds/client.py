@@ -48,6 +48,7 @@ from ztunnel.api.codec import (
     CONFIG_METHOD,
     DEFAULT_MAX_MESSAGE_BYTES,
     HEALTH_METHOD,
+    STREAM_END_METADATA,
     decode_delta,
     header_to_pb,
     stamp_to_pb,
@@ -242,9 +243,14 @@ class XdsClient:
                 self.last_error = self.explain(detail)
                 if "split brain" in detail:
                     self.stale_controller = True
+                planned = planned_stream_end(e)
+                if planned:   # the controller ended it on purpose (a rotated certificate): routine
+                    lost = ""
+                    log.info("config stream ended by the controller (%s); reconnecting at once", self.last_error,
+                             extra={"fields": {"event": "ControllerStreamEnded", "reason": planned}})
                 # once per distinct error, not once per retry (the explanation's "N s ago" changes
                 # every time: gRPC's part decides)
-                if detail != lost:
+                elif detail != lost:
                     lost = detail
                     log.warning("config stream to the controller lost (%s); serving the last applied config, "
                                 "reconnecting with backoff", self.last_error,
@@ -333,6 +339,19 @@ class XdsClient:
                     await call.write(report)
         finally:
             call.cancel()
+
+
+def planned_stream_end(e: BaseException) -> str:
+    """Why the controller ended a stream on purpose (`STREAM_END_METADATA` in its trailers), or ""."""
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:
+        e = e.exceptions[0]
+    trailers = getattr(e, "trailing_metadata", None)
+    if not callable(trailers):
+        return ""
+    for key, value in trailers() or ():
+        if key == STREAM_END_METADATA:
+            return str(value)[:64]   # the peer's words: bounded
+    return ""
 
 
 def describe_error(e: BaseException) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import stat
 import time
@@ -36,6 +37,7 @@ from gitops.model import CaRoot, ConfigSnapshot
 from ztunnel.api.codec import CERT_METHOD, CONFIG_METHOD
 from ztunnel.api.config import ProxyConfig
 from ztunnel.api.identity import controller_spiffe_id, controller_tls_name
+from ztunnel.api.logsetup import fields_of
 from ztunnel.api.proto import meshfed_pb2 as pb
 from ztunnel.proxy.base import Credentials
 from ztunnel.xds.controlplane import ControllerLink, HealthReporter, LinkOptions, join_controller
@@ -653,7 +655,7 @@ async def test_a_calendar_days_ahead_of_the_real_clock_keeps_the_proxy_renewing(
 
 
 async def test_a_stream_is_cut_at_its_certificates_expiry_and_the_renewed_certificate_keeps_config_flowing(
-        world: World) -> None:
+        world: World, caplog: pytest.LogCaptureFixture) -> None:
     """Before: the config stream, authenticated once in the TLS handshake, stayed authorised for
     as long as its connection lived, whatever happened to the certificate that opened it. Now it is
     ended when the calendar passes that certificate's not-after. A proxy renews at half-life, so
@@ -663,6 +665,7 @@ async def test_a_stream_is_cut_at_its_certificates_expiry_and_the_renewed_certif
     delivery (no NACK, retry or ACK timeout)."""
     from federation.server.grpc_services import not_after_from_pem
 
+    caplog.set_level(logging.INFO, logger="ztunnel.xds.client")
     world.desire("rev1")
     link, tasks, _creds = await joined(world, world.options(sa_token=world.sa_token()))
     try:
@@ -690,6 +693,10 @@ async def test_a_stream_is_cut_at_its_certificates_expiry_and_the_renewed_certif
         assert await wait_until(lambda: link.xds is not None and link.xds.connects > connects
                                 and session.connected, 5), link.xds.last_error
         assert "certificate that authenticated this config stream expired" in link.xds.last_error
+        # routine, not an outage: the proxy logs it at INFO, naming the reason the controller gave
+        events = [(r.levelname, fields_of(r)) for r in caplog.records]
+        assert ("INFO", {"event": "ControllerStreamEnded", "reason": "certificate-expired"}) in events, events
+        assert not [f for _, f in events if f.get("event") == "ControllerLost"]
         import hashlib
 
         assert not_after_from_pem(renewed.chain_pem) == renewed.not_after_s
