@@ -330,6 +330,24 @@ async def test_a_tcp_client_that_never_reads_its_answers_is_dropped(servers: lis
         sock.close()
 
 
+async def test_a_tcp_clients_kernel_send_buffer_is_bounded(servers: list[DnsServer]) -> None:
+    """A peer that never reads made us fill an autotuned send buffer (megabytes of answers per
+    connection, before the write timeout could even start); now it is capped."""
+    import socket
+
+    from ztunnel.dns.server import TCP_SEND_BUFFER_BYTES
+
+    s = await start(servers)
+    _reader, writer = await asyncio.open_connection(LO, s.port)
+    try:
+        assert await wait_for_condition(lambda: len(s._writers) == 1, 5.0)
+        (server_side,) = s._writers
+        sndbuf = server_side.get_extra_info("socket").getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        assert sndbuf <= 2 * TCP_SEND_BUFFER_BYTES      # Linux reports twice what was set
+    finally:
+        writer.close()
+
+
 async def wait_for_condition(pred: Callable[[], bool], timeout_s: float) -> bool:
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout_s

@@ -23,7 +23,10 @@ message at most 65535 bytes (its prefix); at most `max_inflight` forwarded UDP q
 upstream (more get SERVFAIL at once) and at most `max_tcp_connections` TCP clients are served
 (more are closed), each closed after `tcp_idle_timeout_s` without a query, and as soon as an answer
 cannot be written within `tcp_idle_timeout_s` (a client that pipelines queries and never reads
-would otherwise hold its slot for ever).
+would otherwise hold its slot for ever). The kernel's send buffer of a TCP client is capped at
+`TCP_SEND_BUFFER_BYTES` (DNS answers are small; autotuned it grows to megabytes, which a client
+that never reads makes us fill, and it took that many answers before the write timeout could
+start).
 
 Ownership: every task this server starts is in `_tasks` and cancelled by `close()`; `ready` is
 set once both listeners are bound.
@@ -36,6 +39,7 @@ import contextlib
 import errno
 import ipaddress
 import logging
+import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -58,6 +62,7 @@ from ztunnel.dns.clients import DnsClients
 RESOLV_CONF = Path("/etc/resolv.conf")
 PORT_PAIR_ATTEMPTS = 8       # port 0: free UDP ports tried until one is free for TCP too
 MAX_NAMESERVERS = 3          # glibc reads at most three (MAXNS)
+TCP_SEND_BUFFER_BYTES = 64 * 1024   # per TCP client: hundreds of answers (the kernel doubles it)
 
 logger = logging.getLogger(__name__)
 
@@ -278,6 +283,7 @@ class DnsServer:
         if task is not None:
             self._tasks.add(task)
         self._writers.add(writer)
+        _bound_send_buffer(writer)
         idle = self.options.tcp_idle_timeout_s
         try:
             while True:
@@ -351,6 +357,13 @@ class DnsServer:
             return upstream_reply(fwd, await reader.readexactly(size), over_tcp=True)
         finally:
             writer.close()
+
+
+def _bound_send_buffer(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, TCP_SEND_BUFFER_BYTES)
 
 
 class _UdpListener(asyncio.DatagramProtocol):
