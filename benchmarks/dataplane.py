@@ -16,7 +16,7 @@ HBONE framer vs the `h2` library, in memory). `python_tls_pair` is the floor und
 pair: a bare Python TLS relay pair (`benchmarks.tls_relay`: the ztunnels' TLS adapter on uvloop,
 mutual TLS, a TLS connection per client connection with sessions reused as HAProxy reuses them,
 no HBONE and nothing of the mesh), measured in the same rounds; `python_tls_pair_threaded` the
-same relay written with blocking `ssl` sockets and two threads per connection. Their ratios
+same relay written with blocking `ssl` sockets and a thread per connection. Their ratios
 against HAProxy's pair are in the summary next to ours.
 
 Capacity (`capacity`): an open-loop sweep of new connections per second through node A's SOCKS5

@@ -13,7 +13,7 @@ what our ztunnel pair costs over it, are then two ratios from the same rounds (`
 in the benchmark's JSON).
 
 `--threads` (`python_tls_pair_threaded`): the same relay as a threaded program instead, blocking
-`ssl.SSLSocket`s and two threads per connection, the other way Python can be written.
+`ssl.SSLSocket`s and a thread per connection, the other way Python can be written.
 
 `python -m benchmarks.tls_relay client LISTEN_HOST LISTEN_PORT UPSTREAM_HOST UPSTREAM_PORT CERT KEY CA
 [--threads]` (plain in, TLS out) or `... server ...` (TLS in, plain out); prints "ready" once
@@ -23,7 +23,7 @@ listening.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import select
 import socket
 import ssl
 import sys
@@ -147,46 +147,53 @@ async def serve(mode: str, listen: tuple[str, int], upstream: tuple[str, int], c
 
 def serve_threaded(mode: str, listen: tuple[str, int], upstream: tuple[str, int], cert: str, key: str,
                    ca: str) -> None:
-    """The same relay with blocking `ssl.SSLSocket`s and two threads per connection (one per
-    direction): no event loop, no memory BIO; each hop is recv, SSL and sendall in C, with the
-    GIL released around the system calls."""
+    """The same relay as a threaded program: a thread per connection over blocking `ssl.SSLSocket`s
+    (no event loop, no memory BIO; recv, SSL and sendall in C with the GIL released around the
+    system calls). One thread moves both directions, waiting in `select`: an OpenSSL connection
+    must not be read and written from two threads at once (tried: a TLS 1.3 connection hung)."""
     ctx = tls_context(mode, cert, key, ca)
     tickets: dict[str, ssl.SSLSession] = {}
 
-    def pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while True:
-                data = src.recv(RELAY_READ_BYTES)
+    def pump(a: socket.socket, b: socket.socket) -> None:
+        # reads never block (a TLS record may carry no application data: a session ticket), writes
+        # do (sendall on a blocking socket: the other side's back-pressure)
+        other = {a: b, b: a}
+        while True:
+            # decrypted bytes OpenSSL already holds are not visible to select
+            ready = [s_ for s_ in (a, b) if isinstance(s_, ssl.SSLSocket) and s_.pending()]
+            if not ready:
+                ready, _, _ = select.select([a, b], [], [])
+            for s_ in ready:
+                s_.setblocking(False)
+                try:
+                    data = s_.recv(RELAY_READ_BYTES)
+                except (ssl.SSLWantReadError, BlockingIOError):
+                    continue
+                finally:
+                    s_.setblocking(True)
                 if not data:
-                    break
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s_ in (src, dst):
-                with contextlib.suppress(OSError):
-                    s_.shutdown(socket.SHUT_RDWR)
+                    return
+                other[s_].sendall(data)
 
     def relay(conn: socket.socket) -> None:
+        up: socket.socket | None = None
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             raw = socket.create_connection(upstream)
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if mode == "client":
-                up: socket.socket = ctx.wrap_socket(raw, session=tickets.get("last"))
+                up = ctx.wrap_socket(raw, session=tickets.get("last"))
             else:
                 up, conn = raw, ctx.wrap_socket(conn, server_side=True)
+            pump(conn, up)
+            if isinstance(up, ssl.SSLSocket) and up.session is not None and up.session.has_ticket:
+                tickets["last"] = up.session    # the server's ticket came with its first bytes
         except (OSError, ssl.SSLError):
+            pass
+        finally:
             conn.close()
-            return
-        back = threading.Thread(target=pipe, args=(up, conn), daemon=True)
-        back.start()
-        pipe(conn, up)
-        back.join()
-        if mode == "client" and isinstance(up, ssl.SSLSocket) and up.session is not None and up.session.has_ticket:
-            tickets["last"] = up.session    # the server's ticket came with its first bytes
-        conn.close()
-        up.close()
+            if up is not None:
+                up.close()
 
     lsock = socket.create_server(listen, backlog=1024)
     print("ready", flush=True)
