@@ -24,10 +24,6 @@ from gitops.model import ConfigSnapshot
 
 STORE_CALL_TIMEOUT_S = 30.0
 CONFIG_CALL_TIMEOUT_S = 30.0
-# the reconciler's inputs only enqueue (the render runs on its own thread), so 30 s unanswered is a
-# hung or dead actor: the caller's loop (Git feed, cluster agent) logs it and sends again, instead
-# of waiting for ever with its thread
-RECONCILER_CALL_TIMEOUT_S = 30.0
 
 # what `RemoteStore` forwards; the owner refuses any other name
 STORE_METHODS = frozenset({
@@ -110,31 +106,26 @@ class RemoteStore:
 
 
 class RemoteReconciler:
-    """A `git_feed.FleetSink` (and the agents' way in) that calls the reconciler actor. Every call
-    waits at most `timeout_s` (`ray.exceptions.GetTimeoutError`: the caller retries)."""
+    """A `git_feed.FleetSink` (and the agents' way in) that calls the reconciler actor."""
 
-    def __init__(self, handle: Any, timeout_s: float = RECONCILER_CALL_TIMEOUT_S) -> None:
+    def __init__(self, handle: Any) -> None:
         self.handle = handle
-        self.timeout_s = timeout_s
-
-    def _call(self, ref: Any) -> None:
-        ray.get(ref, timeout=self.timeout_s)
 
     def on_snapshot(self, snap: ConfigSnapshot) -> None:
-        self._call(self.handle.on_snapshot.remote(encode_snapshot(snap)))
+        ray.get(self.handle.on_snapshot.remote(encode_snapshot(snap)))
 
     def on_fallback_snapshot(self, snap: ConfigSnapshot) -> None:
-        self._call(self.handle.on_fallback_snapshot.remote(encode_snapshot(snap)))
+        ray.get(self.handle.on_fallback_snapshot.remote(encode_snapshot(snap)))
 
     def on_fleet_error(self, sha: str, subject: str, problems: Sequence[dict[str, Any]]) -> None:
-        self._call(self.handle.on_fleet_error.remote(sha, subject, encode_json(list(problems))))
+        ray.get(self.handle.on_fleet_error.remote(sha, subject, encode_json(list(problems))))
 
     def on_observation(self, blob: bytes) -> None:
-        self._call(self.handle.on_observation.remote(blob))
+        ray.get(self.handle.on_observation.remote(blob))
 
     def on_lease(self, cluster: str, age_s: float) -> None:
         """A cluster agent's heartbeat (see `ClusterAgent`): the API answered `age_s` ago."""
-        self._call(self.handle.on_lease.remote(cluster, age_s))
+        ray.get(self.handle.on_lease.remote(cluster, age_s))
 
 
 class RemoteConfigServer:
