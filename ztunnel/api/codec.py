@@ -38,6 +38,7 @@ PROXY_ID_METADATA = "x-meshfed-proxy-id"      # insecure (loopback test) mode on
 # must not page anyone).
 STREAM_END_METADATA = "x-meshfed-stream-end"
 STREAM_END_CERTIFICATE_EXPIRED = "certificate-expired"
+PLANNED_STREAM_ENDS = frozenset({STREAM_END_CERTIFICATE_EXPIRED})   # any other value: not planned
 _CHUNK_OVERHEAD_BYTES = 4096                  # header, stamp, nonce, identities
 CHUNK_OVERHEAD_BYTES = _CHUNK_OVERHEAD_BYTES  # what a message keeps free of resources
 

@@ -48,6 +48,7 @@ from ztunnel.api.codec import (
     CONFIG_METHOD,
     DEFAULT_MAX_MESSAGE_BYTES,
     HEALTH_METHOD,
+    PLANNED_STREAM_ENDS,
     STREAM_END_METADATA,
     decode_delta,
     header_to_pb,
@@ -246,7 +247,7 @@ class XdsClient:
                 planned = planned_stream_end(e)
                 if planned:   # the controller ended it on purpose (a rotated certificate): routine
                     lost = ""
-                    log.info("config stream ended by the controller (%s); reconnecting at once", self.last_error,
+                    log.info("config stream ended by the controller (%s); reconnecting", self.last_error,
                              extra={"fields": {"event": "ControllerStreamEnded", "reason": planned}})
                 # once per distinct error, not once per retry (the explanation's "N s ago" changes
                 # every time: gRPC's part decides)
@@ -342,15 +343,16 @@ class XdsClient:
 
 
 def planned_stream_end(e: BaseException) -> str:
-    """Why the controller ended a stream on purpose (`STREAM_END_METADATA` in its trailers), or ""."""
+    """Why the controller ended a stream on purpose (`STREAM_END_METADATA` in its trailers, one of
+    the reasons we know), or ""."""
     while isinstance(e, BaseExceptionGroup) and e.exceptions:
         e = e.exceptions[0]
     trailers = getattr(e, "trailing_metadata", None)
     if not callable(trailers):
         return ""
     for key, value in trailers() or ():
-        if key == STREAM_END_METADATA:
-            return str(value)[:64]   # the peer's words: bounded
+        if key == STREAM_END_METADATA and value in PLANNED_STREAM_ENDS:
+            return str(value)
     return ""
 
 
