@@ -34,8 +34,8 @@ HEALTH_METHOD = "/meshfed.v1alpha1.HealthReporting/ReportHealth"
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's default receive limit
 PROXY_ID_METADATA = "x-meshfed-proxy-id"      # insecure (loopback test) mode only
 # Trailing metadata on a stream the controller ends on purpose, naming why: the proxy reconnects
-# at once and logs it as routine, not as a controller lost (a rotation every certificate lifetime
-# must not page anyone).
+# and logs it as routine, not as a controller lost (a rotation every certificate lifetime must not
+# page anyone).
 STREAM_END_METADATA = "x-meshfed-stream-end"
 STREAM_END_CERTIFICATE_EXPIRED = "certificate-expired"
 PLANNED_STREAM_ENDS = frozenset({STREAM_END_CERTIFICATE_EXPIRED})   # any other value: not planned
