@@ -137,6 +137,7 @@ class TlsAdapter(asyncio.Protocol):
         self.sslobj = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side,
                                        server_hostname=server_hostname or None, session=session)
         self.raw: asyncio.BaseTransport | None = None
+        self._raw_buffered = False
         self.transport = TlsTransport(self)
         self.handshake: asyncio.Future[None] = loop.create_future()
         self.handshake.add_done_callback(_retrieve)
@@ -160,6 +161,7 @@ class TlsAdapter(asyncio.Protocol):
             return
         self._admitted = True
         if is_write_transport(transport):
+            self._raw_buffered = True   # asked once, not per write
             try:
                 transport.set_write_buffer_limits(high=WRITE_HIGH_WATER_BYTES, low=WRITE_LOW_WATER_BYTES)
             except NotImplementedError:
@@ -309,10 +311,12 @@ class TlsAdapter(asyncio.Protocol):
     def write_app(self, data: bytes | bytearray | memoryview) -> None:
         if self.closing or not data:
             return
-        view = memoryview(data)
-        while view:
-            n = self.sslobj.write(view)
-            view = view[n:]
+        n = self.sslobj.write(data)
+        if n < len(data):   # OpenSSL took part of it (partial writes): the rest, record by record
+            view = memoryview(data)[n:]
+            while view:
+                n = self.sslobj.write(view)
+                view = view[n:]
         if not self._holding:
             self._flush()
 
@@ -320,11 +324,11 @@ class TlsAdapter(asyncio.Protocol):
         raw = self.raw
         if self._outgoing.pending and raw is not None and not raw.is_closing():
             raw.write(self._outgoing.read())  # type: ignore[attr-defined]
-            if (self._app_connected and is_write_transport(raw)
-                    and raw.get_write_buffer_size() > self.max_unsent_bytes):
+            if (self._raw_buffered and self._app_connected
+                    and raw.get_write_buffer_size() > self.max_unsent_bytes):  # type: ignore[attr-defined]
                 # not from inside the app's own call stack: let it finish, then tear down
                 self.loop.call_soon(self._abort_with, ConnectionError(
-                    f"peer has not read {raw.get_write_buffer_size()} bytes we sent (limit "
+                    f"peer has not read {raw.get_write_buffer_size()} bytes we sent (limit "  # type: ignore[attr-defined]
                     f"{self.max_unsent_bytes}); it is stalled or flooding us with frames that need answers — "
                     "connection aborted"))
 

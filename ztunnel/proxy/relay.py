@@ -49,8 +49,11 @@ EARLY_BUFFER_BYTES = 256 * 1024   # an application's bytes held while its tunnel
 OVERLOADED_HEADER = "x-meshfed-overloaded"
 
 
+_monotonic = time.monotonic
+
+
 def now_s() -> float:
-    return time.monotonic()
+    return _monotonic()
 
 
 class StreamHandler(Protocol):
@@ -117,13 +120,15 @@ class HboneStream:
 
     # --- writing -------------------------------------------------------------------------------
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes) -> int:
+        """Send `data`; returns the bytes the stream still holds for want of window (`buffered_bytes`)."""
         s = self.session
         try:
-            s.conn.send_data(self.stream_id, data)
+            held = s.conn.send_data(self.stream_id, data)
         except hbone.HboneError:
-            return  # stream already closed/reset: the reset path tells the handler
+            return 0  # stream already closed/reset: the reset path tells the handler
         s.flush()
+        return held
 
     def write_eof(self) -> None:
         s = self.session
@@ -226,16 +231,21 @@ class HboneSession(asyncio.Protocol):
         self._write_out()
 
     def _receive(self, data: bytes) -> None:
-        events = self.conn.receive_data(data, now_s())
+        events = self.conn.receive_data(data, _monotonic())
         streams = self.streams
         for ev in events:
             t = type(ev)
             if t is hbone.DataReceived:
                 st = streams.get(ev.stream_id)  # type: ignore[union-attr]
-                if st is not None:
-                    st._deliver("data", ev.data, ev.flow_controlled_bytes)  # type: ignore[union-attr]
-                else:
+                if st is None:
                     self.conn.acknowledge_received_data(ev.stream_id, ev.flow_controlled_bytes)  # type: ignore[union-attr]
+                elif st.handler is not None:   # the data path: straight to the handler
+                    try:
+                        st.handler.on_data(ev.data, ev.flow_controlled_bytes)  # type: ignore[union-attr]
+                    except Exception as e:  # as `_deliver`: only this stream fails
+                        self.stream_failed(st, "data", e)
+                else:
+                    st._deliver("data", ev.data, ev.flow_controlled_bytes)  # type: ignore[union-attr]
             elif t is hbone.StreamEnded:
                 st = streams.get(ev.stream_id)  # type: ignore[union-attr]
                 if st is not None:
@@ -490,9 +500,10 @@ class PlainRelay(asyncio.Protocol):
                 self.transport.pause_reading()
             return
         self.stats.bytes_from_plain += len(data)
-        self._answer(st)
-        st.write(data)
-        if not self._reading_paused and (st.buffered_bytes > HIGH_WATER_BYTES or st.session.write_paused) \
+        if self._answer_pending:
+            self._answer(st)
+        held = st.write(data)
+        if not self._reading_paused and (held > HIGH_WATER_BYTES or st.session.write_paused) \
                 and self.transport is not None:
             self._reading_paused = True
             self.transport.pause_reading()

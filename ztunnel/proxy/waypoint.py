@@ -103,7 +103,7 @@ class Sink:
     transport. `write_blocked()`: the peer is not reading what we wrote (stop producing answers);
     `pause_reading`/`resume_reading`: stop taking its bytes (TCP: the socket; HBONE: the window)."""
 
-    def __init__(self, write: Callable[[bytes], None], close: Callable[[], None], abort: Callable[[], None],
+    def __init__(self, write: Callable[[bytes], object], close: Callable[[], None], abort: Callable[[], None],
                  write_blocked: Callable[[], bool] = lambda: False, pause_reading: Callable[[], None] = lambda: None,
                  resume_reading: Callable[[], None] = lambda: None) -> None:
         self.write, self.close, self.abort = write, close, abort

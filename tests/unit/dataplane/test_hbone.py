@@ -285,3 +285,59 @@ def test_data_events_own_their_bytes_and_runs_are_merged() -> None:
         assert n_events <= 2          # one per read, not one per frame
         c.send_data(sid, payload)
         wire = c.data_to_send()
+
+
+def _frame(ftype: int, flags: int, sid: int, payload: bytes) -> bytes:
+    n = len(payload)
+    return bytes([n >> 16, (n >> 8) & 0xFF, n & 0xFF, ftype, flags]) + sid.to_bytes(4, "big") + payload
+
+
+@pytest.mark.parametrize("name, flags, payload, on_stream", [
+    ("plain", 0, b"request" * 100, "open"),
+    ("end of stream", hbone.FLAG_END_STREAM, b"last bytes", "open"),
+    ("padded", hbone.FLAG_PADDED, bytes([3]) + b"body" + b"\0\0\0", "open"),
+    ("padding past the payload", hbone.FLAG_PADDED, bytes([9]) + b"ab", "open"),
+    ("empty", 0, b"", "open"),
+    ("past the stream window", 0, b"x" * 16_000, "small window"),
+    ("on a stream the peer half-closed", 0, b"late", "half-closed"),
+    ("on a stream never opened", 0, b"who", "unknown"),
+])
+def test_a_read_of_one_data_frame_is_handled_as_the_parser_would(name: str, flags: int, payload: bytes,
+                                                                 on_stream: str) -> None:
+    """A read that is exactly one DATA frame takes a short path (no parse loop, no buffering); the
+    same bytes split over two reads take the general parser. Both must leave the same events, the
+    same answer on the wire and the same connection state, for good frames and for bad ones. (The
+    split case once raised BufferError for a bad frame instead of answering GOAWAY.)"""
+    outcomes = []
+    for split in (False, True):
+        settings_s = HboneSettings(stream_window_bytes=8_000) if on_stream == "small window" else None
+        c, s = pair(server_settings=settings_s)
+        sid = open_tunnel(c, s)
+        if on_stream == "half-closed":
+            c.end_stream(sid)
+            pump(c, s)
+        target = sid + 40 if on_stream == "unknown" else sid
+        wire = _frame(hbone.DATA, flags, target, payload)
+        reads = [wire[:4], wire[4:]] if split else [wire]
+        events = [ev for part in reads for ev in s.receive_data(part, 0.0)]
+        for ev in events:
+            if isinstance(ev, DataReceived):
+                assert type(ev.data) is bytes
+        outcomes.append((events, s.data_to_send(), s.closed, s.stream_state(sid)))
+    assert outcomes[0] == outcomes[1], name
+
+
+def test_a_small_write_leaves_as_one_frame_and_a_large_one_waits_for_window() -> None:
+    """A write that fits the windows is framed at once (the short path); one that does not is
+    queued and flushed by WINDOW_UPDATE; both arrive intact and in order."""
+    c, s = pair(server_settings=HboneSettings(stream_window_bytes=65_535, connection_window_bytes=65_535))
+    sid = open_tunnel(c, s)
+    assert c.send_data(sid, b"a" * 1000) == 0
+    frames = list(hbone.frames_of(c.data_to_send()))
+    assert frames == [(hbone.DATA, 0, sid, b"a" * 1000)]
+    big = bytes(range(256)) * 400                   # 102,400 bytes: more than the 64 KiB window
+    held = c.send_data(sid, big)
+    assert held > 0 and held == c.buffered_bytes(sid)
+    _, ev_s = pump(c, s)
+    assert received(ev_s, sid) == big
+    assert c.buffered_bytes(sid) == 0
