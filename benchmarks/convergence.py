@@ -73,7 +73,7 @@ from typing import Any
 
 from benchmarks.graph import synthetic
 from benchmarks.grpc_floor import measure as measure_grpc_floor
-from benchmarks.grpc_floor import pct, proc_cpu_s
+from benchmarks.measure import cpu_s, pct, proc_cpu_s
 from benchmarks.simproxy import SimProxy, header, run_lite_fleet
 from clusters.kube.observation import ClusterObservation, EndpointInfo
 from federation.controller.distributor import AckEvent, ConfigDistributor, SyncState
@@ -357,11 +357,6 @@ async def serve_proxies(client: str, host: str, entries: list[str]) -> None:
     for p in proxies:
         p.client.stop()
     await asyncio.gather(*(p.task for p in proxies if p.task), return_exceptions=True)
-
-
-def cpu_s(who: int) -> float:
-    r = resource.getrusage(who)
-    return r.ru_utime + r.ru_stime
 
 
 async def bench(scenario: Scenario, rounds: int, client: str = "lite", workers: int = 1,

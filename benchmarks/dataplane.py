@@ -58,6 +58,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from benchmarks.measure import pct, proc_run_s
 from ztunnel.__main__ import EVENT_LOOPS, resolve_event_loop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,10 +205,14 @@ def _short_frame(frame: str) -> str:
 
 
 def measure(connect_echo: Any, connect_sink: Any, quick: bool, prof: Profiler | None = None,
-            conn_only: bool = False) -> dict[str, float]:
+            conn_only: bool = False, cpu_pids: dict[str, int] | None = None) -> dict[str, float]:
+    """One round of a path. `cpu_pids` (the path's proxy processes by role): their CPU per 1 KB
+    request/response and per new connection is reported too (`rr_cpu_us_<role>`,
+    `conn_cpu_us_<role>`): what a latency or connection figure costs each hop, load or not."""
     prof = prof or Profiler(None, {})
+    cpu_pids = cpu_pids or {}
     if conn_only:
-        return {"conn_us_p50": measure_conn(connect_echo, quick, prof)}
+        return measure_conn(connect_echo, quick, prof, cpu_pids)
     # request/response 1 KB
     prof.start("rr")
     s = connect_echo()
@@ -216,15 +221,18 @@ def measure(connect_echo: Any, connect_sink: Any, quick: bool, prof: Profiler | 
         s.sendall(msg)
         recv_exact(s, 1024)
     lat = []
+    cpu0 = {role: proc_run_s(pid) for role, pid in cpu_pids.items()}
     for _ in range(300 if quick else 1000):
         t0 = time.perf_counter()
         s.sendall(msg)
         recv_exact(s, 1024)
         lat.append(time.perf_counter() - t0)
+    rr_cpu = {f"rr_cpu_us_{role}": round((proc_run_s(pid) - cpu0[role]) * 1e6 / len(lat), 1)
+              for role, pid in cpu_pids.items()}
     s.close()
     prof.stop()
     lat.sort()
-    conn_us_p50 = measure_conn(connect_echo, quick, prof)
+    conn = measure_conn(connect_echo, quick, prof, cpu_pids)
     # throughput, single stream
     prof.start("bulk")
     total = (64 if quick else 128) * 1024 * 1024
@@ -249,14 +257,17 @@ def measure(connect_echo: Any, connect_sink: Any, quick: bool, prof: Profiler | 
         "gbps": round(statistics.median(runs), 3),
         "rr_1k_us_p50": round(lat[len(lat) // 2] * 1e6, 1),
         "rr_1k_us_p99": round(lat[int(len(lat) * 0.99)] * 1e6, 1),
-        "conn_us_p50": conn_us_p50,
+        **rr_cpu,
+        **conn,
     }
 
 
-def measure_conn(connect_echo: Any, quick: bool, prof: Profiler) -> float:
-    """Median µs of a new connection + first byte back."""
+def measure_conn(connect_echo: Any, quick: bool, prof: Profiler, cpu_pids: dict[str, int]) -> dict[str, float]:
+    """Median µs of a new connection + first byte back (`conn_us_p50`), and the CPU µs each of
+    `cpu_pids` spent per connection (`conn_cpu_us_<role>`)."""
     prof.start("conn")
     conn = []
+    cpu0 = {role: proc_run_s(pid) for role, pid in cpu_pids.items()}
     for _ in range(30 if quick else 80):
         t0 = time.perf_counter()
         c = connect_echo()
@@ -264,8 +275,11 @@ def measure_conn(connect_echo: Any, quick: bool, prof: Profiler) -> float:
         recv_exact(c, 1)
         conn.append(time.perf_counter() - t0)
         c.close()
+    time.sleep(0.05)   # what the proxies do for the last close is part of a connection's cost
+    cpu = {f"conn_cpu_us_{role}": round((proc_run_s(pid) - cpu0[role]) * 1e6 / len(conn), 1)
+           for role, pid in cpu_pids.items()}
     prof.stop()
-    return round(statistics.median(conn) * 1e6, 1)
+    return {"conn_us_p50": round(statistics.median(conn) * 1e6, 1), **cpu}
 
 
 # --- capacity: open-loop rate sweep ---------------------------------------------------------------
@@ -323,13 +337,13 @@ def rate_sweep(socks: tuple[str, int], src: str, dest: tuple[str, int], rates: l
         ok = sorted(by.get("ok", []))
         refused = sorted(by.get("refused", []))
 
-        def pct(xs: list[float], q: float) -> float | None:
-            return round(xs[min(len(xs) - 1, int(len(xs) * q))] * 1000, 1) if xs else None
+        def ms(xs: list[float], q: float) -> float | None:
+            return round(pct(xs, q) * 1000, 1) if xs else None
 
         return {"rate": rate, "sent": n, "completed_per_s": round(n / (time.perf_counter() - t0), 1),
                 "ok": round(len(ok) / n, 3), "refused": round(len(refused) / n, 3),
                 "timeout": round(len(by.get("timeout", [])) / n, 3), "error": round(len(by.get("error", [])) / n, 3),
-                "ok_p50_ms": pct(ok, 0.5), "ok_p99_ms": pct(ok, 0.99), "refused_p99_ms": pct(refused, 0.99)}
+                "ok_p50_ms": ms(ok, 0.5), "ok_p99_ms": ms(ok, 0.99), "refused_p99_ms": ms(refused, 0.99)}
 
     async def sweep() -> list[dict[str, Any]]:
         out = []
@@ -517,6 +531,7 @@ def main() -> None:
         def tls(port: int) -> Any:
             return lambda: cctx.wrap_socket(tcp(srv_ip, port)())
 
+        cpu_pids: dict[str, dict[str, int]] = {}   # path → its proxies' pids by role (a: first hop)
         paths: dict[str, tuple[Any, Any]] = {
             "raw_tcp": (tcp(srv_ip, echo_p), tcp(srv_ip, sink_p)),
             "raw_tls": (tls(tls_p), tls(tls_p + 1)),
@@ -561,6 +576,7 @@ listen sink
                 hap.append(p)
             time.sleep(0.5)
             paths["haproxy_pair"] = (tcp(h1, p1), tcp(h1, p1s))
+            cpu_pids["haproxy_pair"] = {"a": hap[0].pid, "b": hap[1].pid}
             extra["haproxy_pair"] = {"rss_kb_idle": rss_kb(hap[0].pid)}
         else:
             print("haproxy not installed (scripts/setup-system.sh installs it): no ratios", file=sys.stderr)
@@ -578,6 +594,8 @@ listen sink
                                            str(tmp / "ca.pem"), *flags], cwd=ROOT, stdout=subprocess.PIPE)
                     procs.append(rp)
                     assert rp.stdout is not None and rp.stdout.readline().strip() == b"ready"
+                    if name == "echo":   # the relays the echo rounds go through
+                        cpu_pids.setdefault(path, {})["a" if mode == "client" else "b"] = rp.pid
             paths[path] = (tcp(py1, py_ports["echo"][0]), tcp(py1, py_ports["sink"][0]))
         # ztunnel pair and gateway
         client_pod = topo.Pod("east", "a", "client", "127.56.1.101", f"spiffe://{td}/ns/bench/sa/client",
@@ -643,6 +661,9 @@ listen sink
             return lambda: socks_open((ips[node], socks_port), vip, port, client_pod.address)
 
         paths["ztunnel_pair"] = (zs("127.56.3.1", echo_p), zs("127.56.3.2", sink_p))
+        cpu_pids["ztunnel_pair"] = {"a": zt["a"].pid, "b": zt["b"].pid}
+        cpu_pids["ztunnel_gateway"] = {"a": zt["a"].pid, "g": zt["g"].pid, "b": zt["b"].pid}
+        cpu_pids["ztunnel_gateway_full_handshake"] = {"a": zt["f"].pid, "g": zt["g"].pid, "b": zt["b"].pid}
         paths["ztunnel_gateway"] = (zs("127.56.2.1", echo_p), zs("127.56.2.2", sink_p))
         paths["ztunnel_gateway_full_handshake"] = (zs("127.56.2.1", echo_p, "f"), zs("127.56.2.2", sink_p, "f"))
         profilers = {
@@ -657,7 +678,8 @@ listen sink
             for name, (echo_c, sink_c) in paths.items():
                 prof = profilers.get(name) if r == rounds - 1 else None
                 per_round.setdefault(name, []).append(
-                    measure(echo_c, sink_c, args.quick, prof, conn_only=name == "ztunnel_gateway_full_handshake"))
+                    measure(echo_c, sink_c, args.quick, prof, conn_only=name == "ztunnel_gateway_full_handshake",
+                            cpu_pids=cpu_pids.get(name)))
         # capacity: open-loop sweep of new connections per second, within the cluster and through the
         # gateway; whether the proxies' own saturation fed outlier detection (it must not)
         rates = [int(x) for x in args.sweep.split(",") if x.strip()]

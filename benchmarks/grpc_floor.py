@@ -22,45 +22,18 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
+
+from benchmarks.measure import cpu_s, pct, proc_cpu_s
 
 SERVICE, METHOD = "meshfed.bench.Floor", "Stream"
 
 
 def _same(b: bytes) -> bytes:
     return b
-
-
-def pct(values: list[float], q: float) -> float:
-    """The q-quantile of `values`, nearest rank (`benchmarks.convergence` takes its figures with it)."""
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
-
-
-def proc_cpu_s(pids: Sequence[int]) -> float:
-    """User + system CPU seconds of running processes (simulated proxies, clients), from
-    /proc/<pid>/stat; 0 for one that is gone."""
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])   # utime, stime (fields 14 and 15 of stat(5))
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 async def _clients(port: int, streams: int, stop_fd: int) -> None:
@@ -138,7 +111,7 @@ async def measure(streams: int, rounds: int = 10, workers: int = 2, message_byte
                 raise TimeoutError(f"only {len(wakes)} of {streams} streams connected")
             await asyncio.sleep(0.05)
         times_ms = []
-        cpu0, clients_cpu0 = _cpu_s(), proc_cpu_s([p.pid for p in procs])
+        cpu0, clients_cpu0 = cpu_s(), proc_cpu_s([p.pid for p in procs])
         for _ in range(rounds):
             state["acks"], state["want"] = 0, streams
             acked.clear()
@@ -148,7 +121,7 @@ async def measure(streams: int, rounds: int = 10, workers: int = 2, message_byte
             await asyncio.wait_for(acked.wait(), 60)
             times_ms.append((time.perf_counter() - started) * 1000)
             await asyncio.sleep(0.05)
-        cpu_ms = (_cpu_s() - cpu0) * 1000 / rounds
+        cpu_ms = (cpu_s() - cpu0) * 1000 / rounds
         clients_cpu_ms = (proc_cpu_s([p.pid for p in procs]) - clients_cpu0) * 1000 / rounds
     finally:
         os.close(stop_w)

@@ -1,10 +1,12 @@
-"""The convergence benchmark's floor (`benchmarks.grpc_floor`) measures real round trips."""
+"""The benchmarks' measuring tools: the convergence floor (`benchmarks.grpc_floor`) measures real round
+trips; quantiles and CPU readings (`benchmarks.measure`)."""
 
 from __future__ import annotations
 
 import asyncio
 
-from benchmarks.grpc_floor import measure, pct
+from benchmarks.grpc_floor import measure
+from benchmarks.measure import pct
 
 
 def test_every_stream_gets_its_message_and_acks_it_in_each_round() -> None:
@@ -19,3 +21,31 @@ def test_quantiles_are_nearest_rank() -> None:
     assert pct([5.0, 1.0, 3.0], 0.5) == 3.0
     assert pct([float(x) for x in range(1, 11)], 0.99) == 10.0
     assert pct([], 0.5) != pct([], 0.5)     # NaN
+
+
+def test_a_processs_cpu_is_read_to_the_nanosecond_and_counts_only_running() -> None:
+    """`proc_run_s` (the data-plane benchmark's CPU per request and per connection) follows what
+    the process ran, not the wall clock: a busy spell shows, a sleep does not."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from benchmarks.measure import proc_cpu_s, proc_run_s
+
+    assert proc_run_s(2**22 + 12345) == 0.0            # no such process: nothing, not an error
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import time, sys\nt = time.time()\nwhile time.time() - t < 0.3: pass\n"
+                              "sys.stdout.write('busy\\n'); sys.stdout.flush(); time.sleep(30)"],
+                             stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"busy\n"
+        ran = proc_run_s(child.pid)
+        assert 0.25 < ran < 1.5                          # the busy spell (and the interpreter's start)
+        assert abs(ran - proc_cpu_s([child.pid])) < 0.05  # the clock-tick reading agrees
+        time.sleep(0.3)
+        assert proc_run_s(child.pid) - ran < 0.02        # asleep: no CPU
+        assert proc_run_s(os.getpid()) > 0
+    finally:
+        child.kill()
+        child.wait()
