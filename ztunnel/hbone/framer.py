@@ -29,8 +29,8 @@ Design notes:
   limit, a rapid-reset limit, keep-alive PINGs with a timeout. The rapid-reset limit counts every
   stream reset the peer causes, not only those it sends: its RST_STREAM (CVE-2023-44487) and the
   resets we must send because of its frames (CVE-2025-8671 "MadeYouReset": a WINDOW_UPDATE of 0,
-  DATA past the stream window, DATA on a stream it already half-closed, a malformed or excess
-  CONNECT). Either way a stream slot is freed at once, so the concurrency cap alone never stops a
+  DATA past the stream window, DATA or a header block on a stream it already half-closed, a
+  malformed or excess CONNECT). Either way a stream slot is freed at once, so the concurrency cap alone never stops a
   peer from opening (and making us dial) one backend per CONNECT: more than `rapid_reset_max` in
   `rapid_reset_window_s` → GOAWAY ENHANCE_YOUR_CALM. And a CONNECT that is reset within the read
   that announced it is never announced (`ConnectRequested` dropped): nothing to dial.
@@ -828,6 +828,13 @@ class HboneConnection:
         headers = self._decode(block)  # always decode: the HPACK state is connection-wide
         end_stream = bool(flags & FLAG_END_STREAM)
         st = self._streams.get(sid)
+        if st is not None and st.state is _HALF_CLOSED_REMOTE:
+            # the peer already ended this stream: a header block now (trailers after END_STREAM)
+            # is a stream error STREAM_CLOSED (RFC 9113 §5.1), answered as DATA there is
+            self.reset_stream(sid, ErrorCode.STREAM_CLOSED)
+            events.append(StreamReset(sid, ErrorCode.STREAM_CLOSED, remote=False))
+            self._count_reset(now_s, "HEADERS on a stream the peer had half-closed")
+            return
         if self.role is Role.SERVER:
             if st is not None:  # trailers
                 if end_stream:

@@ -3,6 +3,8 @@ limits, keep-alive, stale frames. No sockets, no clock: `now_s` is a number we c
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -319,11 +321,22 @@ def test_a_read_of_one_data_frame_is_handled_as_the_parser_would(name: str, flag
         target = sid + 40 if on_stream == "unknown" else sid
         wire = _frame(hbone.DATA, flags, target, payload)
         reads = [wire[:4], wire[4:]] if split else [wire]
+        parsed: list[int] = []
+
+        def counting_parse(*a: Any, parse: Any = s._parse, calls: list[int] = parsed) -> int:
+            calls.append(1)
+            return int(parse(*a))
+
+        s._parse = counting_parse  # type: ignore[method-assign]
         events = [ev for part in reads for ev in s.receive_data(part, 0.0)]
+        assert bool(parsed) == split, "the one-frame read must take the short path, the split one the parser"
         for ev in events:
             if isinstance(ev, DataReceived):
                 assert type(ev.data) is bytes
-        outcomes.append((events, s.data_to_send(), s.closed, s.stream_state(sid)))
+        st_ = s._streams.get(sid)
+        windows = (s._conn_recv_window, s._conn_recv_unacked,
+                   (st_.recv_window, st_.recv_unacked) if st_ is not None else None)
+        outcomes.append((events, s.data_to_send(), s.closed, s.stream_state(sid), windows, len(s._reset_times)))
     assert outcomes[0] == outcomes[1], name
 
 
@@ -341,3 +354,30 @@ def test_a_small_write_leaves_as_one_frame_and_a_large_one_waits_for_window() ->
     _, ev_s = pump(c, s)
     assert received(ev_s, sid) == big
     assert c.buffered_bytes(sid) == 0
+
+
+@pytest.mark.parametrize("role_sending", ["client", "server"])
+def test_a_header_block_after_the_peers_end_of_stream_resets_that_stream_only(role_sending: str) -> None:
+    """Trailers after END_STREAM (DATA with END_STREAM, then HEADERS): a stream error STREAM_CLOSED
+    on that stream, counted as a peer-caused reset, never an exception out of `receive_data` (it
+    once escaped as HboneError: no GOAWAY, a fatal-error traceback and every tunnel of the pooled
+    connection reset)."""
+    c, s = pair()
+    sid = open_tunnel(c, s)
+    other = open_tunnel(c, s)
+    sender, receiver = (c, s) if role_sending == "client" else (s, c)
+    sender.send_data(sid, b"bye", end_stream=True)
+    pump(c, s)
+    assert receiver.stream_state(sid) is StreamState.HALF_CLOSED_REMOTE
+    block = hbone.hpack.Encoder().encode([("x-trailer", "1")])
+    resets_before = len(receiver._reset_times)
+    events = receiver.receive_data(_frame(hbone.HEADERS, hbone.FLAG_END_HEADERS | hbone.FLAG_END_STREAM, sid, block),
+                                   0.0)
+    assert StreamReset(sid, ErrorCode.STREAM_CLOSED, remote=False) in events
+    assert not receiver.closed and receiver.stream_state(sid) is StreamState.CLOSED
+    assert (hbone.RST_STREAM, 0, sid, ErrorCode.STREAM_CLOSED.to_bytes(4, "big")) in list(
+        hbone.frames_of(receiver.data_to_send()))
+    assert len(receiver._reset_times) == resets_before + (1 if receiver is s else 0)   # the server counts
+    sender.send_data(other, b"still here")
+    _, ev_other = pump(c, s) if receiver is s else pump(s, c)
+    assert received(ev_other, other) == b"still here"
