@@ -342,11 +342,17 @@ class XdsClient:
             call.cancel()
 
 
+def _root_cause(e: BaseException) -> BaseException:
+    """The first leaf of nested exception groups (a task group's failure wraps the call's error)."""
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:
+        e = e.exceptions[0]
+    return e
+
+
 def planned_stream_end(e: BaseException) -> str:
     """Why the controller ended a stream on purpose (`STREAM_END_METADATA` in its trailers, one of
     the reasons we know), or ""."""
-    while isinstance(e, BaseExceptionGroup) and e.exceptions:
-        e = e.exceptions[0]
+    e = _root_cause(e)
     trailers = getattr(e, "trailing_metadata", None)
     if not callable(trailers):
         return ""
@@ -358,8 +364,7 @@ def planned_stream_end(e: BaseException) -> str:
 
 def describe_error(e: BaseException) -> str:
     """One line for status: the root cause out of exception groups, gRPC code and details."""
-    while isinstance(e, BaseExceptionGroup) and e.exceptions:
-        e = e.exceptions[0]
+    e = _root_cause(e)
     code, details = getattr(e, "code", None), getattr(e, "details", None)
     if callable(code) and callable(details):
         c = code()
