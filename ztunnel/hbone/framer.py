@@ -431,15 +431,6 @@ class HboneConnection:
         if st is None or not (st.state is _OPEN or st.state is _HALF_CLOSED_REMOTE) or st.pending_end:
             raise HboneError(f"stream {stream_id} cannot send (state {self.stream_state(stream_id).value})")
         if data and not st.pending and type(data) is bytes:
-            n = len(data)
-            # (no check against the peer's max frame size: it is never below 16 KiB > DATA_CHUNK_BYTES)
-            if not end_stream and n <= DATA_CHUNK_BYTES and n <= st.send_window and n <= self._conn_send_window:
-                # one frame that the windows allow (a request, a response): header and payload in
-                # one `bytes`, nothing queued, no state to move
-                self._out.append(_HDR.pack(n >> 16, n & 0xFFFF, DATA, 0, stream_id) + data)
-                st.send_window -= n
-                self._conn_send_window -= n
-                return 0
             data = self._send_direct(st, data)
         if data:
             st.pending += data
@@ -452,12 +443,19 @@ class HboneConnection:
         """Fast path while nothing is queued: frame straight out of the caller's (immutable) bytes,
         header and payload as two `_out` entries joined once by `data_to_send`: one copy fewer than
         going through the stream buffer. Returns what the windows did not allow (to be queued)."""
-        mv = memoryview(data)
         chunk_limit = min(self._peer_max_frame, DATA_CHUNK_BYTES)
+        end = len(data)
+        if end <= chunk_limit and end <= st.send_window and end <= self._conn_send_window:
+            # one frame (a request, a response): header and payload in one `bytes`, no view
+            self._out.append(_HDR.pack(end >> 16, end & 0xFFFF, DATA, 0, st.stream_id) + data)
+            st.send_window -= end
+            self._conn_send_window -= end
+            return b""
+        mv = memoryview(data)
         out = self._out
         pack = _HDR.pack
         sid = st.stream_id
-        pos, end = 0, len(mv)
+        pos = 0
         while pos < end:
             allowed = min(end - pos, st.send_window, self._conn_send_window, chunk_limit)
             if allowed <= 0:
@@ -573,11 +571,7 @@ class HboneConnection:
             self._in += memoryview(buf)[consumed:]
         if self._announced_in_batch:
             events = self._unannounce_cancelled(events)
-        if len(events) == 1:   # most reads: one frame (a request, a response, a window update)
-            ev = events[0]
-            if type(ev) is DataReceived and type(ev.data) is not bytes:
-                events[0] = DataReceived(ev.stream_id, bytes(ev.data), ev.flow_controlled_bytes)
-        elif events and (self._borrowed or len(events) > 1):
+        if self._borrowed or len(events) > 1:
             events = _own_data(events)
         return events
 
@@ -1004,6 +998,11 @@ def _own_data(events: list[Event]) -> list[Event]:
     socket in one call instead of sixteen 16 KiB ones (measured: the receiving side of a bulk
     transfer spent ~40% of its time in per-frame socket writes). Payloads that are still views into
     the read buffer are copied here, once per run (the join), so every event owns `bytes`."""
+    if len(events) <= 1:   # most reads: one frame (a request, a response, a window update)
+        only = events[0] if events else None
+        if type(only) is DataReceived and type(only.data) is not bytes:
+            return [DataReceived(only.stream_id, bytes(only.data), only.flow_controlled_bytes)]
+        return events
     out: list[Event] = []
     run: list[DataReceived] = []
 
