@@ -227,8 +227,7 @@ def measure(connect_echo: Any, connect_sink: Any, quick: bool, prof: Profiler | 
         s.sendall(msg)
         recv_exact(s, 1024)
         lat.append(time.perf_counter() - t0)
-    rr_cpu = {f"rr_cpu_us_{role}": round((proc_run_s(pid) - cpu0[role]) * 1e6 / len(lat), 1)
-              for role, pid in cpu_pids.items()}
+    rr_cpu = cpu_us_per_op("rr_cpu_us_", cpu_pids, cpu0, len(lat))
     s.close()
     prof.stop()
     lat.sort()
@@ -262,6 +261,11 @@ def measure(connect_echo: Any, connect_sink: Any, quick: bool, prof: Profiler | 
     }
 
 
+def cpu_us_per_op(prefix: str, cpu_pids: dict[str, int], cpu0: dict[str, float], ops: int) -> dict[str, float]:
+    """CPU µs each role's process spent per operation since `cpu0` (its `proc_run_s` readings)."""
+    return {f"{prefix}{role}": round((proc_run_s(pid) - cpu0[role]) * 1e6 / ops, 1) for role, pid in cpu_pids.items()}
+
+
 def measure_conn(connect_echo: Any, quick: bool, prof: Profiler, cpu_pids: dict[str, int]) -> dict[str, float]:
     """Median µs of a new connection + first byte back (`conn_us_p50`), and the CPU µs each of
     `cpu_pids` spent per connection (`conn_cpu_us_<role>`)."""
@@ -276,8 +280,7 @@ def measure_conn(connect_echo: Any, quick: bool, prof: Profiler, cpu_pids: dict[
         conn.append(time.perf_counter() - t0)
         c.close()
     time.sleep(0.05)   # what the proxies do for the last close is part of a connection's cost
-    cpu = {f"conn_cpu_us_{role}": round((proc_run_s(pid) - cpu0[role]) * 1e6 / len(conn), 1)
-           for role, pid in cpu_pids.items()}
+    cpu = cpu_us_per_op("conn_cpu_us_", cpu_pids, cpu0, len(conn))
     prof.stop()
     return {"conn_us_p50": round(statistics.median(conn) * 1e6, 1), **cpu}
 
