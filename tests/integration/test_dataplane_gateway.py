@@ -15,7 +15,7 @@ import pytest
 from tests.integration import dataplane_topology as topo
 from ztunnel.api.bundle import load_pem_certificates
 from ztunnel.api.config import Authorization, AuthzMatch, OutlierPolicy, ProxyMode
-from ztunnel.proxy.base import Credentials, ProxyOptions
+from ztunnel.proxy.base import LAG_PROBE_INTERVAL_S, Credentials, ProxyOptions
 from ztunnel.proxy.gateway import GatewayProxy
 from ztunnel.proxy.node import NodeProxy
 from ztunnel.xds.state import ProxyState
@@ -350,6 +350,36 @@ async def test_a_saturated_source_proxy_refuses_at_once_and_dials_nothing() -> N
         east = a.telemetry.render().decode()
         assert 'meshfed_connections_refused_total{reason="overloaded",reporter="source"}' in east, [x for x in east.splitlines() if "refused" in x]
         assert "meshfed_endpoint_outcomes_total{" not in east and not a.ejected(HOST)
+    finally:
+        for p in (a, g, w):
+            await p.drain(0.1)
+        await echo.close()
+
+
+async def test_the_lag_probe_idles_slowly_and_quickens_without_losing_a_late_sample() -> None:
+    """Idle, the loop-lag probe runs at its idle rate (its wakeups were most of an idle proxy's
+    CPU); the first setup admitted brings it back to the busy rate at once. A probe that is
+    already overdue (the loop is running late) is left to run rather than replaced, so the lag it
+    measures still reaches the history that judges failed attempts."""
+    a, g, w, echo = await build(fallback_tier=True)
+    loop = asyncio.get_running_loop()
+    try:
+        await asyncio.sleep(3 * LAG_PROBE_INTERVAL_S)      # a probe ran with nothing in flight
+        assert g._lag_probe_due - loop.time() > LAG_PROBE_INTERVAL_S
+        assert g.admit_setup("192.0.2.1", "destination")
+        assert g._lag_probe_due - loop.time() <= LAG_PROBE_INTERVAL_S
+        await asyncio.sleep(2 * LAG_PROBE_INTERVAL_S)      # still busy: the probe keeps the busy rate
+        assert g._lag_probe_due - loop.time() <= LAG_PROBE_INTERVAL_S
+        g.setups.release("192.0.2.1")
+        await asyncio.sleep(2 * LAG_PROBE_INTERVAL_S)
+        assert g._lag_probe_due - loop.time() > LAG_PROBE_INTERVAL_S   # idle again
+        before = time.monotonic()
+        time.sleep(g._lag_probe_due - loop.time() + 0.15)  # noqa: ASYNC251 -- the loop runs late on purpose
+        assert g.admit_setup("192.0.2.1", "destination")    # the overdue probe is not replaced ...
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert g.lag_history.max_since(before) >= 0.1       # ... and its late sample was kept
+        g.setups.release("192.0.2.1")
     finally:
         for p in (a, g, w):
             await p.drain(0.1)
