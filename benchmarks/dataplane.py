@@ -11,7 +11,8 @@ in its own process; proxies run as real processes (`python -m ztunnel`, `haproxy
 blocking sockets in this process. `ztunnel_gateway_full_handshake` is the gateway path again from
 a second copy of node A started with `--no-tls-resumption` (new connections only): the before and
 after of TLS session resumption, measured in the same rounds. Also: proxy RSS idle and per
-endpoint in config (a node loaded with 10000 extra endpoints), and the framer micro-benchmark (our
+endpoint in config (a node loaded with 10000 extra endpoints), an idle node proxy's CPU (ms per
+second, `ztunnel_idle_cpu_ms_per_s`), and the framer micro-benchmark (our
 HBONE framer vs the `h2` library, in memory). `python_tls_pair` is the floor under the ztunnel
 pair: a bare Python TLS relay pair (`benchmarks.tls_relay`: the ztunnels' TLS adapter on uvloop,
 mutual TLS, a TLS connection per client connection with sessions reused as HAProxy reuses them,
@@ -30,7 +31,7 @@ connections each proxy shed.
 The last line of output is one JSON object; its `summary` holds the ratios against HAProxy's pair
 (`ztunnel_pair_added_latency_ratio`, `ztunnel_pair_throughput_ratio`, `ztunnel_gateway_conn_ratio`,
 `ztunnel_gateway_conn_ratio_full_handshake`, `ztunnel_gateway_throughput_ratio`), the knees, the
-RSS figures, the load average at start and end, and the targets of issue 16. `event_loop` says
+RSS and idle CPU figures, the load average at start and end, and the targets of issue 16. `event_loop` says
 which loop the ztunnels ran (`--event-loop`, passed to them: auto runs uvloop, a dependency).
 
 The machine is shared, so every path is measured once per *round*, rounds interleaved, and each
@@ -62,6 +63,7 @@ from benchmarks.measure import pct, proc_run_s
 from ztunnel.__main__ import EVENT_LOOPS, resolve_event_loop
 
 ROOT = Path(__file__).resolve().parents[1]
+IDLE_CPU_WINDOW_S = 3.0     # how long an idle node proxy's CPU is sampled (its lag probe wakes at 4 Hz)
 
 
 # --- servers (run in a child process) -------------------------------------------------------------
@@ -736,9 +738,15 @@ listen sink
                 wait_admin(adm, p)
             time.sleep(0.3)
             small_kb, big_kb = rss_kb(rss_procs["small"][0].pid), rss_kb(rss_procs["big"][0].pid)
+            # idle CPU: what a node proxy with no traffic spends (timers, probes), a second after it is ready
+            time.sleep(1.0)
+            idle_pid, run0, t0 = rss_procs["small"][0].pid, proc_run_s(rss_procs["small"][0].pid), time.monotonic()
+            time.sleep(IDLE_CPU_WINDOW_S)
+            idle_cpu = (proc_run_s(idle_pid) - run0) / (time.monotonic() - t0) * 1000
             results["rss"] = {"ztunnel_idle_kb": small_kb, "node_a_before_traffic_kb": idle_rss,
                               "endpoints_added": n_eps, "ztunnel_big_kb": big_kb,
-                              "bytes_per_endpoint": round((big_kb - small_kb) * 1024 / n_eps)}
+                              "bytes_per_endpoint": round((big_kb - small_kb) * 1024 / n_eps),
+                              "ztunnel_idle_cpu_ms_per_s": round(idle_cpu, 2)}
             results["framer"] = framer_microbench()
             if "haproxy_pair" in per_round:
                 fh = [f["conn_us_p50"] / h["conn_us_p50"]
@@ -765,6 +773,7 @@ listen sink
                                     ("conn_ratio", "conn_ratio"))},
                     "ztunnel_rss_idle_mb": round(results["rss"]["ztunnel_idle_kb"] / 1024, 1),
                     "ztunnel_rss_bytes_per_endpoint": results["rss"]["bytes_per_endpoint"],
+                    "ztunnel_idle_cpu_ms_per_s": results["rss"]["ztunnel_idle_cpu_ms_per_s"],
                     **({"knee_rate_pair": results["capacity"]["pair"]["knee_rate"],
                         "knee_rate_gateway": results["capacity"]["gateway"]["knee_rate"],
                         "ejections_during_sweep": results["capacity"]["ejections_during_sweep"]}
