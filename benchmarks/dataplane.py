@@ -740,13 +740,17 @@ listen sink
             small_kb, big_kb = rss_kb(rss_procs["small"][0].pid), rss_kb(rss_procs["big"][0].pid)
             # idle CPU: what a node proxy with no traffic spends (timers, probes), a second after it is ready
             time.sleep(1.0)
-            idle_pid, run0, t0 = rss_procs["small"][0].pid, proc_run_s(rss_procs["small"][0].pid), time.monotonic()
+            idle_proc = rss_procs["small"][0]
+            run0, t0 = proc_run_s(idle_proc.pid), time.monotonic()
             time.sleep(IDLE_CPU_WINDOW_S)
-            idle_cpu = (proc_run_s(idle_pid) - run0) / (time.monotonic() - t0) * 1000
+            run1 = proc_run_s(idle_proc.pid)
+            # None rather than a figure that looks like a gain: the proxy exited, or no schedstat here
+            idle_cpu = (round((run1 - run0) / (time.monotonic() - t0) * 1000, 2)
+                        if idle_proc.poll() is None and run0 > 0 and run1 >= run0 else None)
             results["rss"] = {"ztunnel_idle_kb": small_kb, "node_a_before_traffic_kb": idle_rss,
                               "endpoints_added": n_eps, "ztunnel_big_kb": big_kb,
                               "bytes_per_endpoint": round((big_kb - small_kb) * 1024 / n_eps),
-                              "ztunnel_idle_cpu_ms_per_s": round(idle_cpu, 2)}
+                              "ztunnel_idle_cpu_ms_per_s": idle_cpu}
             results["framer"] = framer_microbench()
             if "haproxy_pair" in per_round:
                 fh = [f["conn_us_p50"] / h["conn_us_p50"]

@@ -15,7 +15,7 @@ import pytest
 from tests.integration import dataplane_topology as topo
 from ztunnel.api.bundle import load_pem_certificates
 from ztunnel.api.config import Authorization, AuthzMatch, OutlierPolicy, ProxyMode
-from ztunnel.proxy.base import LAG_PROBE_INTERVAL_S, Credentials, ProxyOptions
+from ztunnel.proxy.base import LAG_PROBE_IDLE_INTERVAL_S, LAG_PROBE_INTERVAL_S, Credentials, ProxyOptions
 from ztunnel.proxy.gateway import GatewayProxy
 from ztunnel.proxy.node import NodeProxy
 from ztunnel.xds.state import ProxyState
@@ -356,34 +356,82 @@ async def test_a_saturated_source_proxy_refuses_at_once_and_dials_nothing() -> N
         await echo.close()
 
 
+def _record_probe_intervals(p: GatewayProxy) -> list[float]:
+    """The interval of every loop-lag probe `p` schedules from now on (asserted on these, not on
+    wall time: a loaded machine may run the loop late at any point)."""
+    intervals: list[float] = []
+    schedule = p._schedule_lag_probe
+
+    def recording(loop: asyncio.AbstractEventLoop, now: float, interval_s: float) -> None:
+        intervals.append(interval_s)
+        schedule(loop, now, interval_s)
+
+    p._schedule_lag_probe = recording  # type: ignore[method-assign]
+    return intervals
+
+
+async def _probes(intervals: list[float], n: int) -> None:
+    """Until `n` more probes were scheduled."""
+    target = len(intervals) + n
+    for _ in range(500):
+        if len(intervals) >= target:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the lag probe stopped: {intervals}")
+
+
 async def test_the_lag_probe_idles_slowly_and_quickens_without_losing_a_late_sample() -> None:
     """Idle, the loop-lag probe runs at its idle rate (its wakeups were most of an idle proxy's
-    CPU); the first setup admitted brings it back to the busy rate at once. A probe that is
-    already overdue (the loop is running late) is left to run rather than replaced, so the lag it
-    measures still reaches the history that judges failed attempts."""
+    CPU); the first setup or handshake admitted brings it back to the busy rate at once, and it
+    stays there while one is in flight. A probe already overdue (the loop is running late) is left
+    to run rather than replaced, so the lag it measures still reaches the history that judges
+    failed attempts."""
     a, g, w, echo = await build(fallback_tier=True)
     loop = asyncio.get_running_loop()
+    intervals = _record_probe_intervals(g)
     try:
-        await asyncio.sleep(3 * LAG_PROBE_INTERVAL_S)      # a probe ran with nothing in flight
-        assert g._lag_probe_due - loop.time() > LAG_PROBE_INTERVAL_S
+        await _probes(intervals, 1)                          # nothing in flight
+        assert intervals[-1] == LAG_PROBE_IDLE_INTERVAL_S
+        n = len(intervals)
         assert g.admit_setup("192.0.2.1", "destination")
-        assert g._lag_probe_due - loop.time() <= LAG_PROBE_INTERVAL_S
-        await asyncio.sleep(2 * LAG_PROBE_INTERVAL_S)      # still busy: the probe keeps the busy rate
-        assert g._lag_probe_due - loop.time() <= LAG_PROBE_INTERVAL_S
+        assert intervals[n:] == [LAG_PROBE_INTERVAL_S]       # rescheduled at once, not at the idle due time
+        await _probes(intervals, 2)                          # still in flight: the busy rate
+        assert intervals[-2:] == [LAG_PROBE_INTERVAL_S] * 2
         g.setups.release("192.0.2.1")
-        await asyncio.sleep(2 * LAG_PROBE_INTERVAL_S)
-        assert g._lag_probe_due - loop.time() > LAG_PROBE_INTERVAL_S   # idle again
-        before = time.monotonic()
-        time.sleep(g._lag_probe_due - loop.time() + 0.15)  # noqa: ASYNC251 -- the loop runs late on purpose
-        assert g.admit_setup("192.0.2.1", "destination")    # the overdue probe is not replaced ...
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
+        await _probes(intervals, 1)
+        assert intervals[-1] == LAG_PROBE_IDLE_INTERVAL_S
+        n = len(intervals)
+        assert g.admit_handshake("192.0.2.2", "destination")  # a TLS handshake quickens it too
+        assert intervals[n:] == [LAG_PROBE_INTERVAL_S]
+        g.handshakes.release("192.0.2.2")
+        await _probes(intervals, 1)
+        assert intervals[-1] == LAG_PROBE_IDLE_INTERVAL_S
+        n, before = len(intervals), time.monotonic()
+        time.sleep(max(0.0, g._lag_probe_due - loop.time()) + 0.15)  # noqa: ASYNC251 -- the loop runs late on purpose
+        assert g.admit_setup("192.0.2.1", "destination")    # the overdue idle probe is not replaced ...
+        assert len(intervals) == n
+        await _probes(intervals, 1)
         assert g.lag_history.max_since(before) >= 0.1       # ... and its late sample was kept
         g.setups.release("192.0.2.1")
     finally:
         for p in (a, g, w):
             await p.drain(0.1)
         await echo.close()
+
+
+async def test_a_proxy_that_sheds_by_lag_probes_at_the_busy_rate_even_when_idle() -> None:
+    """Between two idle samples a short stall would go unseen (or be measured short by up to the
+    idle interval), and the shedder would admit what queued behind it."""
+    a, g, w, echo = await build(gateway_shed_lag_ms=300, fallback_tier=True)
+    intervals = _record_probe_intervals(g)
+    try:
+        await _probes(intervals, 3)
+        assert intervals[-3:] == [LAG_PROBE_INTERVAL_S] * 3
+    finally:
+        for p in (a, g, w):
+            await p.drain(0.1)
+        await echo.close()
+    assert g._lag_probe is None   # a drained proxy leaves no probe behind (it probed through the drain)
 
 
 async def test_a_gateway_whose_loop_runs_late_sheds_until_it_recovers() -> None:

@@ -95,10 +95,11 @@ def mono_s() -> float:
 
 MAX_SETUPS_IN_FLIGHT = 64
 # How often the loop's lag is sampled: 50 Hz while connections are being set up (their failed
-# attempts are judged by it, `LagHistory`) or the proxy sheds (it must see the calm to stop); 4 Hz
-# otherwise, still often enough to catch a loop saturated by established traffic before the next
-# setup arrives. Measured on this project's 2-core VM, an idle proxy probing at 50 Hz spent ~7 ms
-# of CPU per second on the wakeups; at 4 Hz, under 1.
+# attempts are judged by it, `LagHistory`) and always on a proxy that sheds by lag (a stall between
+# two idle samples would go unseen, or be measured short by up to the idle interval); 4 Hz on an
+# idle proxy that does not shed by lag, where nothing reads the lag until a setup comes (and the
+# first one admitted brings the probe back to 50 Hz). Measured on this project's 2-core VM, an
+# idle proxy probing at 50 Hz spent ~7 ms of CPU per second on the wakeups; at 4 Hz, under 1.
 LAG_PROBE_INTERVAL_S = 0.02
 LAG_PROBE_IDLE_INTERVAL_S = 0.25
 # A connect attempt that times out while our loop ran at least this share of its timeout late
@@ -573,7 +574,7 @@ class ProxyBase:
         self._lag_probe = loop.call_at(self._lag_probe_due, self._probe_lag, self._lag_probe_due)
 
     def _lag_probe_busy(self) -> bool:
-        return bool(self.setups.total or self.handshakes.total or (self.shedder is not None and self.shedder.shedding))
+        return bool(self.shedder is not None or self.setups.total or self.handshakes.total)
 
     def _quicken_lag_probe(self) -> None:
         """A setup or handshake was admitted: sample at the busy rate from now on. A probe already
@@ -600,9 +601,11 @@ class ProxyBase:
                         t.lag_s * 1000, "saturated, shedding new connection setups" if t.state is LoadState.SHEDDING
                         else "recovered, admitting new connection setups",
                         extra={"fields": {"kind": "load", "state": t.state.value, "lag_ms": round(t.lag_s * 1000, 1)}})
-        if not self.draining:
-            self._schedule_lag_probe(loop, now, LAG_PROBE_INTERVAL_S if self._lag_probe_busy()
-                                     else LAG_PROBE_IDLE_INTERVAL_S)
+        busy = self._lag_probe_busy()
+        if busy or not self.draining:   # draining: setups admitted before still get their samples
+            self._schedule_lag_probe(loop, now, LAG_PROBE_INTERVAL_S if busy else LAG_PROBE_IDLE_INTERVAL_S)
+        else:
+            self._lag_probe = None
 
     def admit_setup(self, peer_ip: str, reporter: str) -> bool:
         """A new connection may be set up (dial, handshakes, answer) unless `max_setups_in_flight`
@@ -837,8 +840,6 @@ class ProxyBase:
         """Stop accepting, GOAWAY every session, let connections finish until the deadline, then close."""
         self.draining = True
         self.ready.clear()
-        if self._lag_probe is not None:
-            self._lag_probe.cancel()
         for srv in self.servers:
             srv.close()
         for s in list(self.inbound_sessions) + self.pool.all():
@@ -855,6 +856,9 @@ class ProxyBase:
             t.cancel()
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self._lag_probe is not None:   # kept until now: a setup that times out while draining
+            self._lag_probe.cancel()      # is judged on the lag too
+            self._lag_probe = None
 
     # --- outlier reporting -----------------------------------------------------------------------
 
