@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from federation.server.grpc_services import wait_until
 from tests.integration import dataplane_topology as topo
 from ztunnel.api.bundle import load_pem_certificates
 from ztunnel.api.config import Authorization, AuthzMatch, OutlierPolicy, ProxyMode
@@ -373,11 +374,7 @@ def _record_probe_intervals(p: GatewayProxy) -> list[float]:
 async def _probes(intervals: list[float], n: int) -> None:
     """Until `n` more probes were scheduled."""
     target = len(intervals) + n
-    for _ in range(500):
-        if len(intervals) >= target:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"the lag probe stopped: {intervals}")
+    assert await wait_until(lambda: len(intervals) >= target, 5.0), f"the lag probe stopped: {intervals}"
 
 
 async def test_the_lag_probe_idles_slowly_and_quickens_without_losing_a_late_sample() -> None:
@@ -407,7 +404,8 @@ async def test_the_lag_probe_idles_slowly_and_quickens_without_losing_a_late_sam
         await _probes(intervals, 1)
         assert intervals[-1] == LAG_PROBE_IDLE_INTERVAL_S
         n, before = len(intervals), time.monotonic()
-        time.sleep(max(0.0, g._lag_probe_due - loop.time()) + 0.15)  # noqa: ASYNC251 -- the loop runs late on purpose
+        assert g._lag_probe is not None
+        time.sleep(max(0.0, g._lag_probe.when() - loop.time()) + 0.15)  # noqa: ASYNC251 -- the loop runs late on purpose
         assert g.admit_setup("192.0.2.1", "destination")    # the overdue idle probe is not replaced ...
         assert len(intervals) == n
         await _probes(intervals, 1)

@@ -326,7 +326,6 @@ class ProxyBase:
         self.setups = HandshakeGate(self.opts.max_setups_in_flight, self.opts.max_setups_in_flight, "setups")
         self.shedder = LagShedder(self.opts.shed_at_loop_lag_ms / 1000) if self.opts.shed_at_loop_lag_ms > 0 else None
         self._lag_probe: asyncio.TimerHandle | None = None
-        self._lag_probe_due = 0.0       # loop time the probe is due at
         self.lag_history = LagHistory()
         self.own_addresses: list[tuple[str, int]] = []
         self.ready = asyncio.Event()
@@ -570,8 +569,8 @@ class ProxyBase:
         task.add_done_callback(lambda _t: self.setups.release(peer_ip))
 
     def _schedule_lag_probe(self, loop: asyncio.AbstractEventLoop, now: float, interval_s: float) -> None:
-        self._lag_probe_due = now + interval_s
-        self._lag_probe = loop.call_at(self._lag_probe_due, self._probe_lag, self._lag_probe_due)
+        due = now + interval_s
+        self._lag_probe = loop.call_at(due, self._probe_lag, due)
 
     def _lag_probe_busy(self) -> bool:
         return bool(self.shedder is not None or self.setups.total or self.handshakes.total)
@@ -585,7 +584,7 @@ class ProxyBase:
             return
         loop = asyncio.get_running_loop()
         now = loop.time()
-        if self._lag_probe_due - now > LAG_PROBE_INTERVAL_S:
+        if probe.when() - now > LAG_PROBE_INTERVAL_S:
             probe.cancel()
             self._schedule_lag_probe(loop, now, LAG_PROBE_INTERVAL_S)
 
