@@ -36,23 +36,33 @@ def _same(b: bytes) -> bytes:
     return b
 
 
-async def _clients(port: int, streams: int, stop_fd: int) -> None:
-    """A worker process: `streams` channels, each ACKing every message, until `stop_fd` closes."""
+async def _client(port: int, stop: asyncio.Event) -> None:
+    """One simulated proxy: a channel of its own (a connection per channel, as a proxy has) and
+    one stream, ACKing every message, until `stop`. A stream that fails is opened again after
+    0.1 s, as the simulated proxies of `benchmarks.convergence` do: thousands of simultaneous
+    connects overflow the server's accept queue, and a channel left to gRPC's reconnect backoff
+    comes back minutes later (10,000 streams: 3,963 had connected after 260 s)."""
     import grpc.aio
 
+    opts = [("grpc.use_local_subchannel_pool", 1)]
+    while not stop.is_set():
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=opts) as channel:
+                call = channel.stream_stream(f"/{SERVICE}/{METHOD}", request_serializer=_same,
+                                             response_deserializer=_same)()
+                await call.write(b"hello")
+                async for _ in call:
+                    await call.write(b"ack")
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError):
+            pass
+        await asyncio.sleep(0.1)
+
+
+async def _clients(port: int, streams: int, stop_fd: int) -> None:
+    """A worker process: `streams` simulated proxies, until `stop_fd` closes."""
     stop = asyncio.Event()
     asyncio.get_running_loop().add_reader(stop_fd, stop.set)
-    opts = [("grpc.use_local_subchannel_pool", 1)]   # a connection per channel, as a proxy has
-
-    async def one() -> None:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=opts) as channel:
-            call = channel.stream_stream(f"/{SERVICE}/{METHOD}", request_serializer=_same,
-                                         response_deserializer=_same)()
-            await call.write(b"hello")
-            async for _ in call:
-                await call.write(b"ack")
-
-    tasks = [asyncio.ensure_future(one()) for _ in range(streams)]
+    tasks = [asyncio.ensure_future(_client(port, stop)) for _ in range(streams)]
     await stop.wait()
     for t in tasks:
         t.cancel()
@@ -71,7 +81,7 @@ async def measure(streams: int, rounds: int = 10, workers: int = 2, message_byte
     import grpc
     import grpc.aio
 
-    wakes: list[asyncio.Event] = []
+    wakes: set[asyncio.Event] = set()    # one per live stream
     acked = asyncio.Event()
     state = {"acks": 0, "want": 0}
     message = b"\x00" * message_bytes
@@ -79,7 +89,7 @@ async def measure(streams: int, rounds: int = 10, workers: int = 2, message_byte
     async def handler(requests: Any, context: Any) -> None:
         wake = asyncio.Event()
         await requests.__anext__()                      # the hello
-        wakes.append(wake)
+        wakes.add(wake)
 
         async def read_acks() -> None:
             async for _ in requests:
@@ -94,6 +104,7 @@ async def measure(streams: int, rounds: int = 10, workers: int = 2, message_byte
                 wake.clear()
                 await context.write(message)
         finally:
+            wakes.discard(wake)   # a stream that failed (its client reconnects with a new one)
             reader.cancel()
 
     server = grpc.aio.server()
