@@ -76,11 +76,23 @@ def _spawn_clients(port: int, streams: int, workers: int, stop_fd: int) -> list[
             for n in shares if n]
 
 
-async def measure(streams: int, rounds: int = 10, workers: int = 2, message_bytes: int = 1024) -> dict[str, Any]:
-    """Per round: one message to each of `streams` streams, until every ACK is back."""
+async def serve(handler: Any) -> tuple[Any, int]:
+    """A started `grpc.aio` server on a free loopback port whose one method is the bidirectional
+    stream `handler` (bytes in, bytes out): (server, port)."""
     import grpc
     import grpc.aio
 
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
+        METHOD: grpc.stream_stream_rpc_method_handler(handler, request_deserializer=_same,
+                                                      response_serializer=_same)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port
+
+
+async def measure(streams: int, rounds: int = 10, workers: int = 2, message_bytes: int = 1024) -> dict[str, Any]:
+    """Per round: one message to each of `streams` streams, until every ACK is back."""
     wakes: set[asyncio.Event] = set()    # one per live stream
     acked = asyncio.Event()
     state = {"acks": 0, "want": 0}
@@ -107,12 +119,7 @@ async def measure(streams: int, rounds: int = 10, workers: int = 2, message_byte
             wakes.discard(wake)   # a stream that failed (its client reconnects with a new one)
             reader.cancel()
 
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
-        METHOD: grpc.stream_stream_rpc_method_handler(handler, request_deserializer=_same,
-                                                      response_serializer=_same)}),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    server, port = await serve(handler)
     stop_r, stop_w = os.pipe()
     procs = _spawn_clients(port, streams, workers, stop_r)
     try:

@@ -55,9 +55,8 @@ def test_a_client_whose_stream_fails_opens_another() -> None:
     """The floor's clients come back when their stream fails (at 10,000 streams the accept queue
     overflows and gRPC's own reconnect backoff left 6,037 of them out for minutes)."""
     import grpc
-    import grpc.aio
 
-    from benchmarks.grpc_floor import METHOD, SERVICE, _client, _same
+    from benchmarks.grpc_floor import _client, serve
 
     async def run() -> int:
         hellos = 0
@@ -74,12 +73,7 @@ def test_a_client_whose_stream_fails_opens_another() -> None:
             async for _ in requests:
                 await asyncio.sleep(10)
 
-        server = grpc.aio.server()
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
-            METHOD: grpc.stream_stream_rpc_method_handler(handler, request_deserializer=_same,
-                                                          response_serializer=_same)}),))
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
+        server, port = await serve(handler)
         stop = asyncio.Event()
         client = asyncio.ensure_future(_client(port, stop))
         try:
