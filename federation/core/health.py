@@ -47,13 +47,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from ztunnel.api.config import ProxyConfig
 from ztunnel.api.identity import ProxyId
 
 
+@lru_cache(maxsize=65_536)
 def is_l7_proxy(proxy_id: str) -> bool:
-    """A waypoint or ingress: it sees HTTP status codes; node proxies and gateways see connections."""
+    """A waypoint or ingress: it sees HTTP status codes; node proxies and gateways see connections.
+    (Asked per proxy on every render and vote: parsing the id costs ~5 µs, the cache hit 0.1;
+    bounded, as reports name the ids.)"""
     try:
         return ProxyId.parse(proxy_id).kind in ("waypoint", "ingress")
     except ValueError:
