@@ -45,7 +45,14 @@ import ssl
 from collections.abc import Callable
 from typing import Any, TypeGuard
 
-READ_BYTES = 256 * 1024
+# What one `SSLObject.read` asks for. OpenSSL hands back one record (<= 16 KiB of plaintext) per
+# call, but Python allocates the whole request first and shrinks it afterwards: at 256 KiB, above
+# glibc's 128 KiB mmap and trim thresholds, every record cost an mmap/munmap or a heap grow and
+# trim, and the kernel zeroed the pages again. Measured: 256 KiB of ciphertext decrypted in memory,
+# 395 us with 256 KiB reads, 246 us with 64 or 16 KiB; one `benchmarks.dataplane` round, mmap +
+# munmap calls of all its processes 26,308 -> 5,703. 64 KiB leaves room for more than one record,
+# should OpenSSL ever return them together.
+READ_BYTES = 64 * 1024
 # Ciphertext we may hold for a peer that does not read. The app is paused (`pause_writing`) once
 # the raw transport's buffer passes its high-water mark, so legitimate traffic leaves at most one
 # read per active stream behind it; beyond this, the peer is flooding us with frames that need

@@ -42,7 +42,7 @@ from ztunnel.hbone import framer as hbone
 from ztunnel.hbone.framer import ErrorCode, HboneConnection, HboneSettings, Role
 
 HIGH_WATER_BYTES = 1024 * 1024
-READ_CHUNK_BYTES = 256 * 1024
+READ_CHUNK_BYTES = 256 * 1024   # the most one `data_received` brings (asyncio's and uvloop's socket reads)
 EARLY_BUFFER_BYTES = 256 * 1024   # an application's bytes held while its tunnel is being set up
 # On a 503: the proxy answering is saturated and shed this tunnel (it says nothing about the
 # endpoint; `ztunnel.proxy.plan.judge_failed_attempt`). Envoy's equivalent is `x-envoy-overloaded`.
