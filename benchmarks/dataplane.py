@@ -6,7 +6,9 @@ double-HBONE gateway path, side by side in one run, on loopback; then a capacity
 
 Per path: `gbps` (one stream, median of runs), `rr_1k_us_p50`/`rr_1k_us_p99` (1 KB request,
 1 KB response on an open connection), `conn_us_p50` (new connection + first byte back; for the
-ztunnel paths this includes the SOCKS5 exchange the application does). The echo/sink server runs
+ztunnel paths this includes the SOCKS5 exchange the application does); for the proxied paths, each
+proxy's CPU per operation (`rr_cpu_us_<role>`, `conn_cpu_us_<role>`, `bulk_cpu_us_per_mb_<role>`:
+steadier than the rates on a shared machine). The echo/sink server runs
 in its own process; proxies run as real processes (`python -m ztunnel`, `haproxy`); the client is
 blocking sockets in this process. `ztunnel_gateway_full_handshake` is the gateway path again from
 a second copy of node A started with `--no-tls-resumption` (new connections only): the before and
@@ -59,7 +61,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from benchmarks.measure import pct, proc_run_s
+from benchmarks.measure import pct, proc_cpu_s, proc_run_s
 from ztunnel.__main__ import EVENT_LOOPS, resolve_event_loop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,10 +209,13 @@ def _short_frame(frame: str) -> str:
 
 
 def measure(connect_echo: Any, connect_sink: Any, quick: bool, prof: Profiler | None = None,
-            conn_only: bool = False, cpu_pids: dict[str, int] | None = None) -> dict[str, float]:
+            conn_only: bool = False, cpu_pids: dict[str, int] | None = None,
+            bulk_pids: dict[str, int] | None = None) -> dict[str, float]:
     """One round of a path. `cpu_pids` (the path's proxy processes by role): their CPU per 1 KB
-    request/response and per new connection is reported too (`rr_cpu_us_<role>`,
-    `conn_cpu_us_<role>`): what a latency or connection figure costs each hop, load or not."""
+    request/response, per new connection and per MiB of the single stream is reported too
+    (`rr_cpu_us_<role>`, `conn_cpu_us_<role>`, `bulk_cpu_us_per_mb_<role>`): what a latency,
+    connection or throughput figure costs each hop, load or not. `bulk_pids`: the processes the
+    bulk stream goes through, when not those (the bare relays run one pair per upstream)."""
     prof = prof or Profiler(None, {})
     cpu_pids = cpu_pids or {}
     if conn_only:
@@ -239,6 +244,10 @@ def measure(connect_echo: Any, connect_sink: Any, quick: bool, prof: Profiler | 
     total = (64 if quick else 128) * 1024 * 1024
     chunk = b"\0" * (256 * 1024)
     runs = []
+    # clock ticks, not schedstat: a second or so is long enough, and the relays' per-connection
+    # threads have ended by the second reading (schedstat counts live threads only)
+    bulk_pids = bulk_pids or cpu_pids
+    cpu0 = {role: proc_cpu_s([pid]) for role, pid in bulk_pids.items()}
     for _ in range(2):
         c = connect_sink()
         t0 = time.perf_counter()
@@ -253,9 +262,13 @@ def measure(connect_echo: Any, connect_sink: Any, quick: bool, prof: Profiler | 
         if int(reply or b"0") != total:
             raise RuntimeError(f"sink got {reply!r}, expected {total}")
         runs.append(total * 8 / dt / 1e9)
+    mib = 2 * total // (1024 * 1024)
+    bulk_cpu = {f"bulk_cpu_us_per_mb_{role}": round((proc_cpu_s([pid]) - cpu0[role]) * 1e6 / mib, 1)
+                for role, pid in bulk_pids.items()}
     prof.stop()
     return {
         "gbps": round(statistics.median(runs), 3),
+        **bulk_cpu,
         "rr_1k_us_p50": round(lat[len(lat) // 2] * 1e6, 1),
         "rr_1k_us_p99": round(lat[int(len(lat) * 0.99)] * 1e6, 1),
         **rr_cpu,
@@ -537,6 +550,7 @@ def main() -> None:
             return lambda: cctx.wrap_socket(tcp(srv_ip, port)())
 
         cpu_pids: dict[str, dict[str, int]] = {}   # path → its proxies' pids by role (a: first hop)
+        bulk_pids: dict[str, dict[str, int]] = {}  # the same for the bulk stream where it differs
         paths: dict[str, tuple[Any, Any]] = {
             "raw_tcp": (tcp(srv_ip, echo_p), tcp(srv_ip, sink_p)),
             "raw_tls": (tls(tls_p), tls(tls_p + 1)),
@@ -599,8 +613,9 @@ listen sink
                                            str(tmp / "ca.pem"), *flags], cwd=ROOT, stdout=subprocess.PIPE)
                     procs.append(rp)
                     assert rp.stdout is not None and rp.stdout.readline().strip() == b"ready"
-                    if name == "echo":   # the relays the echo rounds go through
-                        cpu_pids.setdefault(path, {})["a" if mode == "client" else "b"] = rp.pid
+                    # the relays the echo rounds go through, and those the bulk stream does
+                    pids = cpu_pids if name == "echo" else bulk_pids
+                    pids.setdefault(path, {})["a" if mode == "client" else "b"] = rp.pid
             paths[path] = (tcp(py1, py_ports["echo"][0]), tcp(py1, py_ports["sink"][0]))
         # ztunnel pair and gateway
         client_pod = topo.Pod("east", "a", "client", "127.56.1.101", f"spiffe://{td}/ns/bench/sa/client",
@@ -684,7 +699,7 @@ listen sink
                 prof = profilers.get(name) if r == rounds - 1 else None
                 per_round.setdefault(name, []).append(
                     measure(echo_c, sink_c, args.quick, prof, conn_only=name == "ztunnel_gateway_full_handshake",
-                            cpu_pids=cpu_pids.get(name)))
+                            cpu_pids=cpu_pids.get(name), bulk_pids=bulk_pids.get(name)))
         # capacity: open-loop sweep of new connections per second, within the cluster and through the
         # gateway; whether the proxies' own saturation fed outlier detection (it must not)
         rates = [int(x) for x in args.sweep.split(",") if x.strip()]
