@@ -8,7 +8,8 @@ second process, which relays it to the server, reusing TLS sessions towards it a
 for its servers. The TLS is the ztunnels' own
 (`ztunnel.identity.tls_transport.TlsAdapter` over `ssl`'s OpenSSL, measured faster than asyncio's
 and uvloop's TLS transports), the loop uvloop, one `write` per read with the transports' flow
-control. No HTTP/2, no identities, no policy, no metrics. What HAProxy's pair does beyond it, and
+control, the proxies' allocator settings (`ztunnel.allocator`). No HTTP/2, no identities, no
+policy, no metrics. What HAProxy's pair does beyond it, and
 what our ztunnel pair costs over it, are then two ratios from the same rounds (`python_tls_pair`
 in the benchmark's JSON).
 
@@ -23,6 +24,7 @@ listening.
 from __future__ import annotations
 
 import asyncio
+import os
 import select
 import socket
 import ssl
@@ -30,6 +32,7 @@ import sys
 import threading
 from typing import Any
 
+from ztunnel.allocator import tune_allocator
 from ztunnel.identity.tls_transport import READ_BYTES as RELAY_READ_BYTES
 from ztunnel.identity.tls_transport import TlsAdapter, TlsTransport
 
@@ -207,6 +210,7 @@ def main() -> None:
     threaded = sys.argv[9:10] == ["--threads"]
     if mode not in ("client", "server"):
         raise SystemExit("mode: client (plain in, TLS out) or server (TLS in, plain out)")
+    tune_allocator(os.environ)   # as `python -m ztunnel` does: like for like
     if threaded:
         serve_threaded(mode, (lh, int(lp)), (uh, int(up)), cert, key, ca)
         return

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ztunnel.allocator import release_startup_heap, tune_allocator
 from ztunnel.api import logsetup
 from ztunnel.api.config import ProxyMode, proxy_config_to_dict
 from ztunnel.api.identity import ProxyId
@@ -238,7 +239,7 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
     if args.ready_file is not None:
         args.ready_file.parent.mkdir(parents=True, exist_ok=True)
         args.ready_file.write_text(f"{os.getpid()}\n")
-    _release_startup_heap()
+    release_startup_heap()
     emit(kind="listening", proxy=cfg.proxy_id, hbone=f"{hb_host}:{proxy.opts.hbone_port}",
          socks=f"{socks_host}:{proxy.opts.socks_port}" if socks_host else "",
          admin=f"{admin_host}:{admin.port}", pid=os.getpid())
@@ -358,19 +359,6 @@ def _start_capture(args: argparse.Namespace, mode: ProxyMode, proxy: ProxyBase, 
     return sync
 
 
-def _release_startup_heap() -> None:
-    """Hand the heap that start-up used transiently (config parsing, imports) back to the OS:
-    glibc keeps freed pages otherwise, and a node proxy's idle RSS is a budget (issue 5: <= 40 MB)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
-
-
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
 
@@ -387,6 +375,7 @@ def resolve_event_loop(choice: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logsetup.configure(args.log_level, args.log_format)
+    log.info("allocator: %s", tune_allocator(os.environ))   # before the first buffer of the bulk path
     if resolve_event_loop(args.event_loop) == "uvloop":
         try:
             import uvloop  # type: ignore[import-not-found,unused-ignore]  # a dependency; optional for auto

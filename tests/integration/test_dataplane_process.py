@@ -88,6 +88,11 @@ async def test_processes_serve_drain_and_restart_from_persisted_config(tmp_path:
         # SIGTERM: drain and exit 0
         b.send_signal(signal.SIGTERM)
         assert b.wait(10) == 0
+        # it started with the bulk path's allocator settings (ztunnel.allocator), and said so
+        assert b.stderr is not None
+        started = b.stderr.read().decode()
+        assert "allocator: {'mmap_threshold_bytes': 1048576, 'trim_threshold_bytes': 4194304}" in started or \
+            "allocator: kept the operator's" in started, started
         # restart B with no config source: it serves from the persisted last good config
         assert (b_dir / "state" / "last-good-config.json").exists()
         b_cfg.unlink()

@@ -1,0 +1,43 @@
+"""The proxy's allocator settings (`ztunnel.allocator`): whose setting wins, and when nothing is set."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from ztunnel import allocator
+
+
+@pytest.mark.parametrize("env, mine", [
+    ({"MALLOC_MMAP_THRESHOLD_": "131072"}, "MALLOC_MMAP_THRESHOLD_"),
+    ({"MALLOC_TRIM_THRESHOLD_": "0"}, "MALLOC_TRIM_THRESHOLD_"),
+    ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"}, "GLIBC_TUNABLES"),
+    ({"GLIBC_TUNABLES": "glibc.pthread.rseq=0"}, None),   # not an allocator setting: ours apply
+    ({}, None),
+])
+def test_the_operators_own_allocator_settings_are_recognised(env: dict[str, str], mine: str | None) -> None:
+    assert allocator.operator_settings(env) == mine
+
+
+def test_an_operators_setting_is_kept_and_glibc_is_not_touched(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_libc() -> Any:
+        raise AssertionError("the C library must not be asked")
+
+    monkeypatch.setattr(allocator, "_libc", no_libc)
+    assert allocator.tune_allocator({"MALLOC_TRIM_THRESHOLD_": "0"}) == "kept the operator's MALLOC_TRIM_THRESHOLD_"
+
+
+def test_another_c_library_keeps_its_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(allocator.platform, "libc_ver", lambda: ("", ""))
+    assert allocator.tune_allocator({}) == "not glibc: the C library's defaults are kept"
+    allocator.release_startup_heap()   # and trimming is skipped, not an error
+
+
+def test_glibc_refusing_a_threshold_is_reported_not_claimed(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(param: int, value: int) -> int:   # mallopt(3)'s failure
+        return 0
+
+    monkeypatch.setattr(allocator, "_libc", lambda: SimpleNamespace(mallopt=refuse))
+    assert allocator.tune_allocator({}) == "glibc refused the thresholds: its defaults are kept"
