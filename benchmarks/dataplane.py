@@ -7,7 +7,7 @@ double-HBONE gateway path, side by side in one run, on loopback; then a capacity
 Per path: `gbps` (one stream, median of runs), `rr_1k_us_p50`/`rr_1k_us_p99` (1 KB request,
 1 KB response on an open connection), `conn_us_p50` (new connection + first byte back; for the
 ztunnel paths this includes the SOCKS5 exchange the application does); for the proxied paths, each
-proxy's CPU per operation (`rr_cpu_us_<role>`, `conn_cpu_us_<role>`, `bulk_cpu_us_per_mb_<role>`:
+proxy's CPU per operation (`rr_cpu_us_<role>`, `conn_cpu_us_<role>`, `bulk_cpu_us_per_mib_<role>`:
 steadier than the rates on a shared machine). The echo/sink server runs
 in its own process; proxies run as real processes (`python -m ztunnel`, `haproxy`); the client is
 blocking sockets in this process. `ztunnel_gateway_full_handshake` is the gateway path again from
@@ -213,7 +213,7 @@ def measure(connect_echo: Any, connect_sink: Any, quick: bool, prof: Profiler | 
             bulk_pids: dict[str, int] | None = None) -> dict[str, float]:
     """One round of a path. `cpu_pids` (the path's proxy processes by role): their CPU per 1 KB
     request/response, per new connection and per MiB of the single stream is reported too
-    (`rr_cpu_us_<role>`, `conn_cpu_us_<role>`, `bulk_cpu_us_per_mb_<role>`): what a latency,
+    (`rr_cpu_us_<role>`, `conn_cpu_us_<role>`, `bulk_cpu_us_per_mib_<role>`): what a latency,
     connection or throughput figure costs each hop, load or not. `bulk_pids`: the processes the
     bulk stream goes through, when not those (the bare relays run one pair per upstream)."""
     prof = prof or Profiler(None, {})
@@ -262,8 +262,8 @@ def measure(connect_echo: Any, connect_sink: Any, quick: bool, prof: Profiler | 
         if int(reply or b"0") != total:
             raise RuntimeError(f"sink got {reply!r}, expected {total}")
         runs.append(total * 8 / dt / 1e9)
-    mib = 2 * total // (1024 * 1024)
-    bulk_cpu = {f"bulk_cpu_us_per_mb_{role}": round((proc_cpu_s([pid]) - cpu0[role]) * 1e6 / mib, 1)
+    mib = len(runs) * total // (1024 * 1024)
+    bulk_cpu = {f"bulk_cpu_us_per_mib_{role}": round((proc_cpu_s([pid]) - cpu0[role]) * 1e6 / mib, 1)
                 for role, pid in bulk_pids.items()}
     prof.stop()
     return {

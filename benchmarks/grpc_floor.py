@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -39,9 +40,10 @@ def _same(b: bytes) -> bytes:
 async def _client(port: int, stop: asyncio.Event) -> None:
     """One simulated proxy: a channel of its own (a connection per channel, as a proxy has) and
     one stream, ACKing every message, until `stop`. A stream that fails is opened again after
-    0.1 s, as the simulated proxies of `benchmarks.convergence` do: thousands of simultaneous
-    connects overflow the server's accept queue, and a channel left to gRPC's reconnect backoff
-    comes back minutes later (10,000 streams: 3,963 had connected after 260 s)."""
+    0.05-0.15 s (jittered, so they do not come back in step), as the simulated proxies of
+    `benchmarks.convergence` reconnect: thousands of simultaneous connects overflow the server's
+    accept queue, and a channel left to gRPC's reconnect backoff comes back minutes later (10,000
+    streams: 3,963 had connected after 260 s)."""
     import grpc.aio
 
     opts = [("grpc.use_local_subchannel_pool", 1)]
@@ -53,9 +55,9 @@ async def _client(port: int, stop: asyncio.Event) -> None:
                 await call.write(b"hello")
                 async for _ in call:
                     await call.write(b"ack")
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError):
+        except Exception:   # whatever ended the stream, a proxy would dial again
             pass
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(random.uniform(0.05, 0.15))   # not all in step: they overflowed the queue once
 
 
 async def _clients(port: int, streams: int, stop_fd: int) -> None:
@@ -94,20 +96,28 @@ async def serve(handler: Any) -> tuple[Any, int]:
 async def measure(streams: int, rounds: int = 10, workers: int = 2, message_bytes: int = 1024) -> dict[str, Any]:
     """Per round: one message to each of `streams` streams, until every ACK is back."""
     wakes: set[asyncio.Event] = set()    # one per live stream
-    acked = asyncio.Event()
-    state = {"acks": 0, "want": 0}
+    # a round: the streams woken and not yet answered; a stream that fails during the round is
+    # taken off (counted in `failed`), so the round ends without it instead of waiting for ever
+    outstanding: set[asyncio.Event] = set()
+    answered = asyncio.Event()
+    failed = 0
     message = b"\x00" * message_bytes
 
+    def settle(wake: asyncio.Event) -> None:
+        outstanding.discard(wake)
+        if not outstanding:
+            answered.set()
+
     async def handler(requests: Any, context: Any) -> None:
+        nonlocal failed
         wake = asyncio.Event()
         await requests.__anext__()                      # the hello
         wakes.add(wake)
 
         async def read_acks() -> None:
             async for _ in requests:
-                state["acks"] += 1
-                if state["acks"] == state["want"]:
-                    acked.set()
+                if wake in outstanding:
+                    settle(wake)
 
         reader = asyncio.ensure_future(read_acks())
         try:
@@ -117,26 +127,32 @@ async def measure(streams: int, rounds: int = 10, workers: int = 2, message_byte
                 await context.write(message)
         finally:
             wakes.discard(wake)   # a stream that failed (its client reconnects with a new one)
+            if wake in outstanding:
+                failed += 1
+                settle(wake)
             reader.cancel()
+
+    async def all_connected(deadline_s: float) -> None:
+        while len(wakes) < streams:
+            if time.monotonic() > deadline_s:
+                raise TimeoutError(f"only {len(wakes)} of {streams} streams connected")
+            await asyncio.sleep(0.05)
 
     server, port = await serve(handler)
     stop_r, stop_w = os.pipe()
     procs = _spawn_clients(port, streams, workers, stop_r)
     try:
-        deadline = time.monotonic() + 60 + streams / 50
-        while len(wakes) < streams:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"only {len(wakes)} of {streams} streams connected")
-            await asyncio.sleep(0.05)
+        await all_connected(time.monotonic() + 60 + streams / 50)
         times_ms = []
         cpu0, clients_cpu0 = cpu_s(), proc_cpu_s([p.pid for p in procs])
         for _ in range(rounds):
-            state["acks"], state["want"] = 0, streams
-            acked.clear()
+            await all_connected(time.monotonic() + 60)   # streams that failed are back
+            outstanding.update(wakes)
+            answered.clear()
             started = time.perf_counter()
-            for wake in wakes:
+            for wake in list(outstanding):
                 wake.set()
-            await asyncio.wait_for(acked.wait(), 60)
+            await asyncio.wait_for(answered.wait(), 60)
             times_ms.append((time.perf_counter() - started) * 1000)
             await asyncio.sleep(0.05)
         cpu_ms = (cpu_s() - cpu0) * 1000 / rounds
@@ -155,7 +171,9 @@ async def measure(streams: int, rounds: int = 10, workers: int = 2, message_byte
             "grpc_floor_ms_p99": round(pct(times_ms, 0.99), 1),
             "grpc_floor_server_cpu_ms_per_round": round(cpu_ms, 1),
             # the clients run on the same cores: (server + clients) / cores bounds a round from below
-            "grpc_floor_clients_cpu_ms_per_round": round(clients_cpu_ms, 1)}
+            "grpc_floor_clients_cpu_ms_per_round": round(clients_cpu_ms, 1),
+            # streams that failed during a round (their round ended without their ACK)
+            "grpc_floor_streams_failed": failed}
 
 
 def main() -> None:

@@ -33,8 +33,11 @@ import threading
 from typing import Any
 
 from ztunnel.allocator import tune_allocator
-from ztunnel.identity.tls_transport import READ_BYTES as RELAY_READ_BYTES
 from ztunnel.identity.tls_transport import TlsAdapter, TlsTransport
+
+# the threaded relay's reads: as much as one asyncio/uvloop socket read brings (its TLS side gets one
+# record per call whatever it asks)
+RELAY_READ_BYTES = 256 * 1024
 
 
 def _reading(transport: Any) -> Any:

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ztunnel.allocator import release_startup_heap, tune_allocator
+from ztunnel.allocator import release_free_heap_periodically, release_startup_heap, tune_allocator
 from ztunnel.api import logsetup
 from ztunnel.api.config import ProxyMode, proxy_config_to_dict
 from ztunnel.api.identity import ProxyId
@@ -119,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--event-loop", choices=EVENT_LOOPS, default="auto",
                    help="uvloop (libuv: fewer syscalls and cheaper callbacks per hop), asyncio (the standard "
                         "library's), or auto: uvloop when it is installed (default)")
+    p.add_argument("--allocator", choices=("tuned", "default"), default="tuned",
+                   help="tuned (default): glibc's mmap and trim thresholds raised for the bulk path's buffers, "
+                        "free heap pages returned every 30 s (ztunnel.allocator); default: glibc's own behaviour. "
+                        "Thresholds an operator set in MALLOC_*_THRESHOLD_ or GLIBC_TUNABLES are kept either way")
     p.add_argument("--log-format", choices=logsetup.FORMATS, type=str.lower,
                    default=env_format if env_format in logsetup.FORMATS else "text",
                    help=f"text or json (one object per line); default text, or ${logsetup.ENV_FORMAT}")
@@ -240,6 +244,7 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
         args.ready_file.parent.mkdir(parents=True, exist_ok=True)
         args.ready_file.write_text(f"{os.getpid()}\n")
     release_startup_heap()
+    trimming = asyncio.ensure_future(release_free_heap_periodically()) if args.allocator == "tuned" else None
     emit(kind="listening", proxy=cfg.proxy_id, hbone=f"{hb_host}:{proxy.opts.hbone_port}",
          socks=f"{socks_host}:{proxy.opts.socks_port}" if socks_host else "",
          admin=f"{admin_host}:{admin.port}", pid=os.getpid())
@@ -262,6 +267,8 @@ async def run(args: argparse.Namespace, health: HealthSink | None = None) -> int
         args.ready_file.unlink(missing_ok=True)
     for t in link_tasks:
         t.cancel()
+    if trimming is not None:
+        trimming.cancel()
     if link is not None:
         await link.close()
     if dns_server is not None:
@@ -375,7 +382,9 @@ def resolve_event_loop(choice: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logsetup.configure(args.log_level, args.log_format)
-    log.info("allocator: %s", tune_allocator(os.environ))   # before the first buffer of the bulk path
+    # before the first buffer of the bulk path
+    log.info("allocator: %s", tune_allocator(os.environ) if args.allocator == "tuned"
+             else "glibc's own behaviour (--allocator default)")
     if resolve_event_loop(args.event_loop) == "uvloop":
         try:
             import uvloop  # type: ignore[import-not-found,unused-ignore]  # a dependency; optional for auto

@@ -14,7 +14,9 @@ from ztunnel import allocator
     ({"MALLOC_MMAP_THRESHOLD_": "131072"}, "MALLOC_MMAP_THRESHOLD_"),
     ({"MALLOC_TRIM_THRESHOLD_": "0"}, "MALLOC_TRIM_THRESHOLD_"),
     ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"}, "GLIBC_TUNABLES"),
+    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.trim_threshold=0"}, "GLIBC_TUNABLES"),
     ({"GLIBC_TUNABLES": "glibc.pthread.rseq=0"}, None),   # not an allocator setting: ours apply
+    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, None),   # another malloc setting: not the thresholds
     ({}, None),
 ])
 def test_the_operators_own_allocator_settings_are_recognised(env: dict[str, str], mine: str | None) -> None:
@@ -41,3 +43,11 @@ def test_glibc_refusing_a_threshold_is_reported_not_claimed(monkeypatch: pytest.
 
     monkeypatch.setattr(allocator, "_libc", lambda: SimpleNamespace(mallopt=refuse))
     assert allocator.tune_allocator({}) == "glibc refused the thresholds: its defaults are kept"
+
+
+def test_a_threshold_glibc_refused_is_not_claimed(monkeypatch: pytest.MonkeyPatch) -> None:
+    def mmap_only(param: int, value: int) -> int:
+        return 1 if param == allocator.M_MMAP_THRESHOLD else 0
+
+    monkeypatch.setattr(allocator, "_libc", lambda: SimpleNamespace(mallopt=mmap_only))
+    assert allocator.tune_allocator({}) == {"mmap_threshold_bytes": allocator.MMAP_THRESHOLD_BYTES}
