@@ -16,8 +16,8 @@ What it does not bound is free space *below* a block still in use: after a burst
 under a live allocation stay mapped (glibc's own dynamic threshold does the same once it has risen,
 which it does after the first such buffer is freed). So `release_free_heap` (`malloc_trim(0)`:
 free pages anywhere in the heap go back to the kernel) runs every `TRIM_INTERVAL_S` while the
-proxy serves, and `release_startup_heap` once after start-up. Measured in a process of its own: 400 freed 256 KiB buffers
-under small live blocks held ~100 MiB; after `release_free_heap`, ~2 MiB
+proxy serves, and `release_startup_heap` once after start-up. Measured in a process of its own:
+400 freed 256 KiB buffers under small live blocks held ~100 MiB; after `release_free_heap`, ~2 MiB
 (`tests/integration/test_allocator.py`).
 
 Who decides: `python -m ztunnel --allocator default` keeps glibc's own behaviour (no thresholds,
@@ -31,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import platform
 from collections.abc import Mapping
+from functools import cache
 from typing import Any
 
 # mallopt(3) parameters (glibc's malloc.h)
@@ -39,14 +40,16 @@ M_MMAP_THRESHOLD = -3
 
 MMAP_THRESHOLD_BYTES = 1 << 20      # above the largest buffer of the bulk path (256 KiB reads)
 TRIM_THRESHOLD_BYTES = 4 << 20      # a few reads' worth of free heap kept between them
-TRIM_INTERVAL_S = 30.0              # free pages below live blocks go back this often (~1 ms a pass)
+TRIM_INTERVAL_S = 30.0              # free pages below live blocks go back this often
 
 OPERATOR_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 OPERATOR_TUNABLES = ("glibc.malloc.mmap_threshold", "glibc.malloc.trim_threshold")
 
 
+@cache
 def _libc() -> Any | None:
-    """glibc's handle, or None (another C library, or none that ctypes can load)."""
+    """glibc's handle, or None (another C library, or none that ctypes can load). Looked up once
+    (16 µs: the periodic trim asks for it)."""
     if platform.libc_ver()[0] != "glibc":
         return None
     try:
@@ -87,7 +90,8 @@ def tune_allocator(environ: Mapping[str, str]) -> dict[str, int] | str:
 
 def release_free_heap() -> None:
     """Give the heap's free pages back to the kernel, wherever they are (`malloc_trim(0)`: a walk
-    of the free lists, ~1 ms on a proxy's heap). Every `TRIM_INTERVAL_S` while the proxy serves."""
+    of the free lists; measured on a proxy's heap 25-200 µs, 61 µs giving back 100 MiB of a burst).
+    Every `TRIM_INTERVAL_S` while the proxy serves."""
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
