@@ -35,9 +35,9 @@ from typing import Any
 from ztunnel.allocator import tune_allocator
 from ztunnel.identity.tls_transport import TlsAdapter, TlsTransport
 
-# the threaded relay's reads: as much as one asyncio/uvloop socket read brings (its TLS side gets one
-# record per call whatever it asks)
-RELAY_READ_BYTES = 256 * 1024
+# the threaded relay's reads: as much as one asyncio/uvloop socket read brings the proxies (its TLS
+# side gets one record per call whatever it asks)
+from ztunnel.proxy.relay import READ_CHUNK_BYTES as RELAY_READ_BYTES
 
 
 def _reading(transport: Any) -> Any:

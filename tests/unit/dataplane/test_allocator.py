@@ -41,20 +41,17 @@ def test_another_c_library_keeps_its_defaults(monkeypatch: pytest.MonkeyPatch) -
         allocator._libc.cache_clear()
 
 
-def test_glibc_refusing_a_threshold_is_reported_not_claimed(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(param: int, value: int) -> int:   # mallopt(3)'s failure
-        return 0
+@pytest.mark.parametrize("accepted, said", [
+    ((), "glibc refused the thresholds: its defaults are kept"),
+    ((allocator.M_MMAP_THRESHOLD,), {"mmap_threshold_bytes": allocator.MMAP_THRESHOLD_BYTES}),
+])
+def test_a_threshold_glibc_refused_is_not_claimed(monkeypatch: pytest.MonkeyPatch, accepted: tuple[int, ...],
+                                                  said: object) -> None:
+    def mallopt(param: int, value: int) -> int:   # mallopt(3): 1 accepted, 0 refused
+        return 1 if param in accepted else 0
 
-    monkeypatch.setattr(allocator, "_libc", lambda: SimpleNamespace(mallopt=refuse))
-    assert allocator.tune_allocator({}) == "glibc refused the thresholds: its defaults are kept"
-
-
-def test_a_threshold_glibc_refused_is_not_claimed(monkeypatch: pytest.MonkeyPatch) -> None:
-    def mmap_only(param: int, value: int) -> int:
-        return 1 if param == allocator.M_MMAP_THRESHOLD else 0
-
-    monkeypatch.setattr(allocator, "_libc", lambda: SimpleNamespace(mallopt=mmap_only))
-    assert allocator.tune_allocator({}) == {"mmap_threshold_bytes": allocator.MMAP_THRESHOLD_BYTES}
+    monkeypatch.setattr(allocator, "_libc", lambda: SimpleNamespace(mallopt=mallopt))
+    assert allocator.tune_allocator({}) == said
 
 
 def test_the_free_heap_goes_back_at_every_interval_until_the_drain_cancels_it(monkeypatch: pytest.MonkeyPatch) -> None:
